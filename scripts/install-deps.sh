@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs what building, the demo and the tests need on Debian 12, and nothing
+# that is already there. Safe to run again; quiet when everything is present.
+set -euo pipefail
+
+# command-or-file  debian-package
+needs=(
+  "softhsm2-util softhsm2"
+  "pkcs11-tool opensc"
+  "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so libengine-pkcs11-openssl"
+  "p11tool gnutls-bin"
+  "osslsigncode osslsigncode"
+  "x86_64-w64-mingw32-gcc gcc-mingw-w64-x86-64"
+  "/usr/include/libudev.h libudev-dev"
+  "/usr/include/libusb-1.0/libusb.h libusb-1.0-0-dev"
+  "pkg-config pkg-config"
+  "openssl openssl"
+)
+
+missing=()
+for pair in "${needs[@]}"; do
+  probe=${pair% *}; pkg=${pair#* }
+  if [[ $probe == /* ]]; then
+    [[ -e $probe ]] || missing+=("$pkg")
+  else
+    command -v "$probe" >/dev/null 2>&1 || missing+=("$pkg")
+  fi
+done
+
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "install-deps: missing Debian packages: ${missing[*]}" >&2
+    echo "install-deps: run as root, or: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "install-deps: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "install-deps: cargo not found; install a Rust toolchain (rustup) first" >&2
+  exit 1
+fi

@@ -1,0 +1,258 @@
+//! Endpoint addresses: `vsock:CID:PORT`, `unix:PATH`, `tcp:HOST:PORT`.
+//!
+//! One syntax for every place an address is written: configuration files, command
+//! lines and error messages. `vsock:any:PORT` listens on every CID.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// The CID a vsock listener uses to accept from any peer (`VMADDR_CID_ANY`).
+pub const VSOCK_CID_ANY: u32 = u32::MAX;
+/// The CID of the host, as seen from a guest (`VMADDR_CID_HOST`).
+pub const VSOCK_CID_HOST: u32 = 2;
+/// The port `signetd` serves clients on.
+pub const DEFAULT_DAEMON_PORT: u32 = 7710;
+/// The port `signet-agent` serves the host daemon on.
+pub const DEFAULT_AGENT_PORT: u32 = 7711;
+
+/// Where to connect to, or listen on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// A virtio-vsock address; `cid` is [`VSOCK_CID_ANY`] for "listen on every CID".
+    Vsock { cid: u32, port: u32 },
+    /// A unix stream socket at a path.
+    Unix(PathBuf),
+    /// A TCP address; `host` is a name or an IP address (IPv6 without brackets).
+    Tcp { host: String, port: u16 },
+}
+
+/// Why an endpoint string was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    #[error("endpoint {0:?} has no scheme: write vsock:CID:PORT, unix:PATH or tcp:HOST:PORT")]
+    NoScheme(String),
+    #[error(
+        "endpoint {0:?} has an unknown scheme: write vsock:CID:PORT, unix:PATH or tcp:HOST:PORT"
+    )]
+    UnknownScheme(String),
+    #[error("endpoint {0:?}: a vsock address is vsock:CID:PORT, e.g. vsock:2:7710 (CID may be \"any\" when listening)")]
+    Vsock(String),
+    #[error(
+        "endpoint {0:?}: a unix endpoint needs a socket path, e.g. unix:/run/signet/signetd.sock"
+    )]
+    Unix(String),
+    #[error("endpoint {0:?}: a TCP address is tcp:HOST:PORT with a port from 1 to 65535, e.g. tcp:127.0.0.1:7710 or tcp:[::1]:7710")]
+    Tcp(String),
+}
+
+impl Endpoint {
+    /// The default endpoint a client in a build VM uses: the host's vsock port.
+    pub fn default_client() -> Self {
+        Endpoint::Vsock {
+            cid: VSOCK_CID_HOST,
+            port: DEFAULT_DAEMON_PORT,
+        }
+    }
+
+    /// The default endpoint of an agent in the signing VM with the given CID.
+    pub fn default_agent(signing_vm_cid: u32) -> Self {
+        Endpoint::Vsock {
+            cid: signing_vm_cid,
+            port: DEFAULT_AGENT_PORT,
+        }
+    }
+}
+
+impl FromStr for Endpoint {
+    type Err = EndpointError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (scheme, rest) = s
+            .split_once(':')
+            .ok_or_else(|| EndpointError::NoScheme(s.to_owned()))?;
+        match scheme {
+            "vsock" => {
+                let (cid, port) = rest
+                    .split_once(':')
+                    .ok_or_else(|| EndpointError::Vsock(s.to_owned()))?;
+                let cid = match cid {
+                    "any" => VSOCK_CID_ANY,
+                    c => c.parse().map_err(|_| EndpointError::Vsock(s.to_owned()))?,
+                };
+                let port = port
+                    .parse()
+                    .map_err(|_| EndpointError::Vsock(s.to_owned()))?;
+                Ok(Endpoint::Vsock { cid, port })
+            }
+            "unix" => {
+                if rest.is_empty() {
+                    return Err(EndpointError::Unix(s.to_owned()));
+                }
+                Ok(Endpoint::Unix(PathBuf::from(rest)))
+            }
+            "tcp" => {
+                let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+                    let (host, tail) = v6
+                        .split_once(']')
+                        .ok_or_else(|| EndpointError::Tcp(s.to_owned()))?;
+                    let port = tail
+                        .strip_prefix(':')
+                        .ok_or_else(|| EndpointError::Tcp(s.to_owned()))?;
+                    (host, port)
+                } else {
+                    rest.rsplit_once(':')
+                        .ok_or_else(|| EndpointError::Tcp(s.to_owned()))?
+                };
+                if host.is_empty()
+                    || host.contains(['[', ']'])
+                    || (host.contains(':') && !rest.starts_with('['))
+                {
+                    return Err(EndpointError::Tcp(s.to_owned()));
+                }
+                let port: u16 = port.parse().map_err(|_| EndpointError::Tcp(s.to_owned()))?;
+                Ok(Endpoint::Tcp {
+                    host: host.to_owned(),
+                    port,
+                })
+            }
+            _ if scheme.contains('/') => Err(EndpointError::NoScheme(s.to_owned())),
+            _ => Err(EndpointError::UnknownScheme(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Vsock { cid, port } if *cid == VSOCK_CID_ANY => write!(f, "vsock:any:{port}"),
+            Endpoint::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+            Endpoint::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            Endpoint::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+        }
+    }
+}
+
+impl serde::Serialize for Endpoint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Endpoint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(s: &str) -> Endpoint {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn parses_each_scheme_and_prints_it_back() {
+        for (text, want) in [
+            ("vsock:2:7710", Endpoint::Vsock { cid: 2, port: 7710 }),
+            (
+                "vsock:any:7711",
+                Endpoint::Vsock {
+                    cid: VSOCK_CID_ANY,
+                    port: 7711,
+                },
+            ),
+            (
+                "vsock:4294967295:1",
+                Endpoint::Vsock {
+                    cid: VSOCK_CID_ANY,
+                    port: 1,
+                },
+            ),
+            (
+                "unix:/run/signet/signetd.sock",
+                Endpoint::Unix("/run/signet/signetd.sock".into()),
+            ),
+            ("unix:rel/a:b.sock", Endpoint::Unix("rel/a:b.sock".into())),
+            (
+                "tcp:127.0.0.1:7710",
+                Endpoint::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: 7710,
+                },
+            ),
+            (
+                "tcp:localhost:0",
+                Endpoint::Tcp {
+                    host: "localhost".into(),
+                    port: 0,
+                },
+            ),
+            (
+                "tcp:[::1]:7710",
+                Endpoint::Tcp {
+                    host: "::1".into(),
+                    port: 7710,
+                },
+            ),
+        ] {
+            assert_eq!(ok(text), want, "{text}");
+            let printed = want.to_string();
+            assert_eq!(ok(&printed), want, "round trip of {printed}");
+        }
+        assert_eq!(ok("vsock:4294967295:1").to_string(), "vsock:any:1");
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ports() {
+        assert_eq!(Endpoint::default_client().to_string(), "vsock:2:7710");
+        assert_eq!(Endpoint::default_agent(105).to_string(), "vsock:105:7711");
+    }
+
+    #[test]
+    fn rejects_bad_addresses_with_the_syntax_in_the_message() {
+        for (text, variant) in [
+            ("/run/x.sock", "NoScheme"),
+            ("7710", "NoScheme"),
+            ("http://x", "UnknownScheme"),
+            ("vsok:2:7710", "UnknownScheme"),
+            ("vsock:2", "Vsock"),
+            ("vsock:two:7710", "Vsock"),
+            ("vsock:2:port", "Vsock"),
+            ("vsock:-1:7710", "Vsock"),
+            ("vsock:2:99999999999", "Vsock"),
+            ("unix:", "Unix"),
+            ("tcp:127.0.0.1", "Tcp"),
+            ("tcp::7710", "Tcp"),
+            ("tcp:127.0.0.1:65536", "Tcp"),
+            ("tcp:::1:7710", "Tcp"),
+            ("tcp:[::1]7710", "Tcp"),
+            ("tcp:[::1:7710", "Tcp"),
+        ] {
+            let err = text.parse::<Endpoint>().expect_err(text);
+            assert!(format!("{err:?}").starts_with(variant), "{text}: {err:?}");
+            let msg = err.to_string();
+            assert!(msg.contains(text), "{msg} names the input");
+            assert!(
+                msg.contains("e.g.") || msg.contains("write "),
+                "{msg} shows the syntax"
+            );
+        }
+    }
+
+    #[test]
+    fn deserializes_from_config_strings() {
+        #[derive(serde::Deserialize)]
+        struct C {
+            e: Endpoint,
+        }
+        let c: C = serde_json::from_str(r#"{"e":"tcp:127.0.0.1:1"}"#).unwrap();
+        assert_eq!(c.e.to_string(), "tcp:127.0.0.1:1");
+        let err = serde_json::from_str::<C>(r#"{"e":"nope"}"#).err().unwrap();
+        assert!(err.to_string().contains("vsock:CID:PORT"));
+    }
+}

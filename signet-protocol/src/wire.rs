@@ -1,0 +1,344 @@
+//! The JSON and query-string types on the wire, and the stable error codes.
+//!
+//! Client API (served by `signetd`):
+//! - `POST /v1/sign?profile=&filename=&description=&url=` — body: the file; answer:
+//!   the signed file, or an [`ErrorBody`].
+//! - `GET /v1/status` — [`DaemonStatus`].
+//!
+//! Agent API (served by `signet-agent`, called by `signetd` only):
+//! - `POST /agent/v1/sign?filename=&description=&url=&hash=` — body: the file.
+//! - `GET /agent/v1/health` — [`AgentHealth`].
+//!
+//! Every error answer is an [`ErrorBody`] whose `code` is stable across versions and
+//! decides the HTTP status ([`ErrorCode::http_status`]) and the client's exit code
+//! ([`ErrorCode::exit_code`]); `message` is for people and says what to do.
+
+use serde::{Deserialize, Serialize};
+
+/// Client → daemon path of the signing call.
+pub const SIGN_PATH: &str = "/v1/sign";
+/// Client → daemon path of the status call.
+pub const STATUS_PATH: &str = "/v1/status";
+/// Daemon → agent path of the signing call.
+pub const AGENT_SIGN_PATH: &str = "/agent/v1/sign";
+/// Daemon → agent path of the health call.
+pub const AGENT_HEALTH_PATH: &str = "/agent/v1/health";
+
+/// Exit codes of `signet`, one per outcome a build script acts on differently.
+pub mod exit {
+    /// The file was signed.
+    pub const SIGNED: i32 = 0;
+    /// The command line was wrong.
+    pub const USAGE: i32 = 2;
+    /// The appliance refused: unknown profile or caller not permitted.
+    pub const REFUSED: i32 = 3;
+    /// The input file cannot be signed: missing, empty, not a supported format.
+    pub const BAD_INPUT: i32 = 4;
+    /// The signer tried and failed on this file.
+    pub const SIGNING_FAILED: i32 = 5;
+    /// The appliance cannot sign now: daemon, agent or token unavailable, PIN problem.
+    pub const UNAVAILABLE: i32 = 6;
+}
+
+/// Query of `POST /v1/sign`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignQuery {
+    /// Signing profile; the daemon's default profile when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// The file's name, for the audit log and the signature's description default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    /// Description put into the signature (`-n`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// URL put into the signature (`-i`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// Message digest used for the signature.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DigestAlgorithm {
+    #[default]
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+impl DigestAlgorithm {
+    /// The name osslsigncode and signtool use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DigestAlgorithm::Sha256 => "sha256",
+            DigestAlgorithm::Sha384 => "sha384",
+            DigestAlgorithm::Sha512 => "sha512",
+        }
+    }
+}
+
+/// Query of `POST /agent/v1/sign`: the profile already resolved by the daemon.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSignQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub hash: DigestAlgorithm,
+}
+
+/// Stable machine-readable error classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request itself is malformed (query, method, headers).
+    BadRequest,
+    /// The named profile does not exist.
+    UnknownProfile,
+    /// The caller may not use this profile.
+    Forbidden,
+    /// The input is empty.
+    EmptyInput,
+    /// The input is not a format Signet signs.
+    UnsupportedFormat,
+    /// The input is larger than allowed.
+    InputTooLarge,
+    /// The upload ended before the announced length.
+    TruncatedInput,
+    /// The signer ran and failed on this input.
+    SigningFailed,
+    /// The token refused the configured PIN; it will not be tried again.
+    PinRejected,
+    /// The token is locked or one wrong PIN away from locking; Signet will not log in.
+    PinLocked,
+    /// The token is not present or was lost.
+    TokenUnavailable,
+    /// The signing agent cannot be reached.
+    AgentUnavailable,
+    /// A fault inside Signet; the message says where to look.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status that carries this error.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::UnknownProfile => 404,
+            ErrorCode::InputTooLarge => 413,
+            ErrorCode::UnsupportedFormat => 415,
+            ErrorCode::EmptyInput | ErrorCode::TruncatedInput => 422,
+            ErrorCode::SigningFailed | ErrorCode::Internal => 500,
+            ErrorCode::AgentUnavailable => 502,
+            ErrorCode::PinRejected | ErrorCode::PinLocked | ErrorCode::TokenUnavailable => 503,
+        }
+    }
+
+    /// The exit code `signet` ends with for this error.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ErrorCode::BadRequest => exit::USAGE,
+            ErrorCode::UnknownProfile | ErrorCode::Forbidden => exit::REFUSED,
+            ErrorCode::EmptyInput
+            | ErrorCode::UnsupportedFormat
+            | ErrorCode::InputTooLarge
+            | ErrorCode::TruncatedInput => exit::BAD_INPUT,
+            ErrorCode::SigningFailed | ErrorCode::Internal => exit::SIGNING_FAILED,
+            ErrorCode::PinRejected
+            | ErrorCode::PinLocked
+            | ErrorCode::TokenUnavailable
+            | ErrorCode::AgentUnavailable => exit::UNAVAILABLE,
+        }
+    }
+
+    /// The snake_case name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownProfile => "unknown_profile",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::EmptyInput => "empty_input",
+            ErrorCode::UnsupportedFormat => "unsupported_format",
+            ErrorCode::InputTooLarge => "input_too_large",
+            ErrorCode::TruncatedInput => "truncated_input",
+            ErrorCode::SigningFailed => "signing_failed",
+            ErrorCode::PinRejected => "pin_rejected",
+            ErrorCode::PinLocked => "pin_locked",
+            ErrorCode::TokenUnavailable => "token_unavailable",
+            ErrorCode::AgentUnavailable => "agent_unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Every code, for tests and documentation.
+    pub const ALL: [ErrorCode; 13] = [
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownProfile,
+        ErrorCode::Forbidden,
+        ErrorCode::EmptyInput,
+        ErrorCode::UnsupportedFormat,
+        ErrorCode::InputTooLarge,
+        ErrorCode::TruncatedInput,
+        ErrorCode::SigningFailed,
+        ErrorCode::PinRejected,
+        ErrorCode::PinLocked,
+        ErrorCode::TokenUnavailable,
+        ErrorCode::AgentUnavailable,
+        ErrorCode::Internal,
+    ];
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ErrorBody {}
+
+impl axum::response::IntoResponse for ErrorBody {
+    fn into_response(self) -> axum::response::Response {
+        let status = http::StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(self)).into_response()
+    }
+}
+
+/// What the agent's token and session look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    /// Logged in to the token; jobs are signed.
+    Ready,
+    /// No token matching the configuration is present.
+    TokenMissing,
+    /// The token refused the configured PIN; no further login is tried with it.
+    PinRejected,
+    /// The token is locked or on its final PIN try; no login is tried.
+    PinLocked,
+    /// The PKCS#11 module could not be loaded or initialised.
+    ModuleError,
+}
+
+/// A token as the agent sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenSummary {
+    pub label: String,
+    pub serial: String,
+    pub model: String,
+    pub manufacturer: String,
+}
+
+/// `GET /agent/v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentHealth {
+    pub version: String,
+    pub state: AgentState,
+    /// What the state means and, when it is not `ready`, what to do.
+    pub detail: String,
+    pub module: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<TokenSummary>,
+    /// The signing backend, e.g. "osslsigncode 2.9".
+    pub signer: String,
+}
+
+/// The agent as the daemon sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reachable")]
+pub enum AgentReport {
+    #[serde(rename = "yes")]
+    Reachable {
+        endpoint: String,
+        health: AgentHealth,
+    },
+    #[serde(rename = "no")]
+    Unreachable { endpoint: String, error: ErrorBody },
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub version: String,
+    /// True when a job sent now would be signed.
+    pub signing_works: bool,
+    pub default_profile: Option<String>,
+    pub profiles: Vec<String>,
+    pub agent: AgentReport,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_have_stable_names_statuses_and_exit_codes() {
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            let back: ErrorCode = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, code);
+            let status = code.http_status();
+            assert!((400..600).contains(&status), "{code}: {status}");
+            // Client-side faults are 4xx and never "unavailable"; 5xx never "bad input".
+            if status < 500 {
+                assert_ne!(code.exit_code(), exit::UNAVAILABLE, "{code}");
+            } else {
+                assert_ne!(code.exit_code(), exit::BAD_INPUT, "{code}");
+            }
+        }
+        assert_eq!(ErrorCode::Forbidden.exit_code(), 3);
+        assert_eq!(ErrorCode::UnknownProfile.exit_code(), 3);
+        assert_eq!(ErrorCode::UnsupportedFormat.exit_code(), 4);
+        assert_eq!(ErrorCode::EmptyInput.exit_code(), 4);
+        assert_eq!(ErrorCode::SigningFailed.exit_code(), 5);
+        assert_eq!(ErrorCode::AgentUnavailable.exit_code(), 6);
+        assert_eq!(ErrorCode::PinRejected.exit_code(), 6);
+    }
+
+    #[test]
+    fn sign_query_round_trips_through_a_query_string() {
+        let q = SignQuery {
+            profile: Some("release".into()),
+            filename: Some("my app & co.exe".into()),
+            description: None,
+            url: Some("https://example.invalid/?a=b".into()),
+        };
+        let s = serde_urlencoded::to_string(&q).unwrap();
+        assert!(!s.contains("description"), "{s}");
+        let back: SignQuery = serde_urlencoded::from_str(&s).unwrap();
+        assert_eq!(back, q);
+        let empty: SignQuery = serde_urlencoded::from_str("").unwrap();
+        assert_eq!(empty, SignQuery::default());
+        let a: AgentSignQuery = serde_urlencoded::from_str("hash=sha384").unwrap();
+        assert_eq!(a.hash, DigestAlgorithm::Sha384);
+        assert!(serde_urlencoded::from_str::<AgentSignQuery>("hash=md5").is_err());
+    }
+}

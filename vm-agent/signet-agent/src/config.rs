@@ -1,0 +1,229 @@
+//! The agent's TOML configuration, and errors that name the file, the key and the fix.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use signet_protocol::endpoint::{Endpoint, DEFAULT_AGENT_PORT, VSOCK_CID_ANY};
+
+/// Where the agent looks when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/signet/agent.toml";
+
+/// `agent.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the host daemon reaches the agent. Default: `vsock:any:7711`.
+    #[serde(default = "default_listen")]
+    pub listen: Endpoint,
+    /// Where uploads wait while they are signed. Default: the system temp dir.
+    #[serde(default)]
+    pub spool_dir: Option<PathBuf>,
+    pub token: TokenConfig,
+    #[serde(default)]
+    pub signer: SignerConfig,
+}
+
+/// `[token]`: which PKCS#11 token holds the key, and how to log in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Path of the PKCS#11 module (e.g. `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: PathBuf,
+    /// Token label; at least one of `label` and `serial` is required.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Token serial number.
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Label of the private key; when absent the token must hold exactly one.
+    #[serde(default)]
+    pub key_label: Option<String>,
+    /// A file holding the user PIN, readable by the agent's user only.
+    pub pin_file: PathBuf,
+}
+
+/// `[signer]`: the signing backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignerConfig {
+    /// The osslsigncode program. Default: `osslsigncode` from `PATH`.
+    #[serde(default = "default_osslsigncode")]
+    pub osslsigncode: PathBuf,
+    /// The signing certificate (PEM or DER) when it is not on the token. When absent,
+    /// the certificate on the token with the key's id is used.
+    #[serde(default)]
+    pub certificate: Option<PathBuf>,
+}
+
+impl Default for SignerConfig {
+    fn default() -> Self {
+        SignerConfig {
+            osslsigncode: default_osslsigncode(),
+            certificate: None,
+        }
+    }
+}
+
+fn default_listen() -> Endpoint {
+    Endpoint::Vsock {
+        cid: VSOCK_CID_ANY,
+        port: DEFAULT_AGENT_PORT,
+    }
+}
+
+fn default_osslsigncode() -> PathBuf {
+    PathBuf::from("osslsigncode")
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}; pass the agent's configuration with --config PATH (see packaging/agent.toml for an example)")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: key {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and checks the configuration at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and checks configuration text; `path` is used in messages and to
+    /// resolve relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', "\n  "),
+        })?;
+        let invalid = |key, message: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message: message.to_owned(),
+        };
+        if cfg.token.label.as_deref().unwrap_or("").is_empty()
+            && cfg.token.serial.as_deref().unwrap_or("").is_empty()
+        {
+            return Err(invalid(
+                "token.label",
+                "name the token by label or serial (token.label = \"...\" or token.serial = \"...\"); `signet-agent tokens` lists them",
+            ));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            Some(&mut cfg.token.module),
+            Some(&mut cfg.token.pin_file),
+            cfg.signer.certificate.as_mut(),
+            cfg.spool_dir.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() && p.components().count() > 1 {
+                *p = base.join(&*p);
+            }
+        }
+        if !cfg.token.module.is_absolute() {
+            return Err(invalid(
+                "token.module",
+                "give the PKCS#11 module as an absolute path, e.g. /usr/lib/softhsm/libsofthsm2.so",
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [token]
+        module = "/usr/lib/softhsm/libsofthsm2.so"
+        label = "signet-demo"
+        pin_file = "pin"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolves_relative_paths() {
+        let cfg = Config::parse(Path::new("/etc/signet/agent.toml"), MINIMAL).unwrap();
+        assert_eq!(cfg.listen.to_string(), "vsock:any:7711");
+        assert_eq!(cfg.signer.osslsigncode, PathBuf::from("osslsigncode"));
+        assert_eq!(
+            cfg.token.pin_file,
+            PathBuf::from("pin"),
+            "a bare name stays as written"
+        );
+        let cfg = Config::parse(
+            Path::new("/etc/signet/agent.toml"),
+            &MINIMAL.replace("\"pin\"", "\"secrets/pin\""),
+        )
+        .unwrap();
+        assert_eq!(cfg.token.pin_file, PathBuf::from("/etc/signet/secrets/pin"));
+    }
+
+    #[test]
+    fn errors_name_file_key_and_fix() {
+        let p = Path::new("/x/agent.toml");
+        let no_token = Config::parse(p, "listen = \"unix:/a\"")
+            .unwrap_err()
+            .to_string();
+        assert!(no_token.starts_with("/x/agent.toml: "), "{no_token}");
+        assert!(no_token.contains("token"), "{no_token}");
+
+        let bad_ep = Config::parse(p, &format!("listen = \"vsock:2\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad_ep.contains("listen") && bad_ep.contains("vsock:CID:PORT"),
+            "{bad_ep}"
+        );
+
+        let typo = Config::parse(p, &MINIMAL.replace("label =", "lable ="))
+            .unwrap_err()
+            .to_string();
+        assert!(typo.contains("lable"), "{typo}");
+
+        let neither = Config::parse(p, &MINIMAL.replace("label = \"signet-demo\"", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            neither.contains("key token.label") && neither.contains("serial"),
+            "{neither}"
+        );
+
+        let rel = Config::parse(
+            p,
+            &MINIMAL.replace("/usr/lib/softhsm/libsofthsm2.so", "libsofthsm2.so"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            rel.contains("token.module") && rel.contains("absolute"),
+            "{rel}"
+        );
+
+        let missing = Config::load(Path::new("/nonexistent/agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("/nonexistent/agent.toml") && missing.contains("--config"),
+            "{missing}"
+        );
+    }
+}
