@@ -1,12 +1,12 @@
 //! Everything the Signet pieces agree on, in one place.
 //!
-//! - [`endpoint`]: the `vsock:CID:PORT` / `unix:PATH` / `tcp:HOST:PORT` address syntax.
-//! - [`transport`]: connecting to and listening on an endpoint; the peer identity a
+//! - [`endpoint`] — the `vsock:CID:PORT` / `unix:PATH` / `tcp:HOST:PORT` address syntax.
+//! - [`transport`] — connecting to and listening on an endpoint; the peer identity a
 //!   listener learns from the kernel (vsock CID, `SO_PEERCRED`, TCP address).
-//! - [`client`]: HTTP/1.1 requests over any endpoint, bodies streamed both ways.
-//! - [`wire`]: the JSON types and query parameters of the client API (`/v1/...`) and
+//! - [`client`] — HTTP/1.1 requests over any endpoint, bodies streamed both ways.
+//! - [`wire`] — the JSON types and query parameters of the client API (`/v1/...`) and
 //!   the agent API (`/agent/v1/...`), the stable error codes and what each maps to.
-//! - [`format`]: recognising the file formats Signet signs from their first bytes.
+//! - [`format`] — recognising the file formats Signet signs from their first bytes.
 //!
 //! The host daemon, the signing-VM agent and the client all link this crate, so a
 //! change to the wire is a change in one file.

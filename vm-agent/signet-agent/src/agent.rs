@@ -131,7 +131,12 @@ impl Agent {
                     }
                     _ => {}
                 }
-                Err(ErrorBody::new(code, e.to_string()))
+                // The spool's paths mean nothing to the caller.
+                let spool_path = spool.dir.path().to_string_lossy().into_owned();
+                Err(ErrorBody::new(
+                    code,
+                    e.to_string().replace(&spool_path, "<job>"),
+                ))
             }
         }
     }

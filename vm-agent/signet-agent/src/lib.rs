@@ -1,11 +1,11 @@
 //! `signet-agent`: runs in the signing VM, owns the token, signs.
 //!
-//! - [`config`]: `agent.toml`.
-//! - [`token`]: the PKCS#11 session (cryptoki) and the PIN guard — the only code that
+//! - [`config`] — `agent.toml`.
+//! - [`token`] — the PKCS#11 session (cryptoki) and the PIN guard — the only code that
 //!   logs in to the token.
-//! - [`signer`]: osslsigncode with the token's PKCS#11 module; the PIN goes on stdin.
-//! - [`agent`]: the core commands (`sign`, `health`), one job at a time.
-//! - [`server`]: the HTTP front (`/agent/v1/...`) over vsock, unix or TCP.
+//! - [`signer`] — osslsigncode with the token's PKCS#11 module; the PIN goes on stdin.
+//! - [`agent`] — the core commands (`sign`, `health`), one job at a time.
+//! - [`server`] — the HTTP front (`/agent/v1/...`) over vsock, unix or TCP.
 //!
 //! Flow of a job: `server` spools the uploaded body → `agent::sign` checks the format,
 //! takes the job lock, makes sure the token session is logged in → `signer` runs

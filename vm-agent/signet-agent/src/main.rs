@@ -45,8 +45,16 @@ async fn main() -> anyhow::Result<()> {
             tracing::error!(state = ?health.state, detail = %health.detail, "token not ready; serving health and retrying on each job")
         }
     }
-    tracing::info!(endpoint = %listener.local_endpoint().context("local address")?, "listening");
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let local = listener.local_endpoint().context("local address")?;
+    tracing::info!(endpoint = %local, "listening");
+    let listening = format!("listening on {local}");
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Status(&listening),
+            sd_notify::NotifyState::Ready,
+        ],
+    );
     let app = signet_agent::server::router(agent);
     axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown())

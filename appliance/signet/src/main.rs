@@ -1,0 +1,172 @@
+//! `signet`: the client build VMs and host tools use to sign files.
+//!
+//! - `main`: the command line and exit codes.
+//! - [`config`] — the optional `/etc/signet/signet.toml` (endpoint, profile).
+//! - [`sign`] — one file: local checks, streamed upload with progress, atomic write of
+//!   the signed result.
+
+mod config;
+mod sign;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use signet_protocol::client;
+use signet_protocol::wire::{exit, AgentReport, DaemonStatus, STATUS_PATH};
+use signet_protocol::Endpoint;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  signed (every file)
+  2  usage: the command line is wrong
+  3  refused by policy: unknown profile, or this caller may not use it
+  4  bad input file: missing, empty, or not a format Signet signs
+  5  signing failed on the appliance
+  6  appliance unavailable: daemon, agent or token cannot be reached, or the PIN needs fixing
+
+Endpoints: vsock:CID:PORT (default vsock:2:7710, the Proxmox host), unix:PATH, tcp:HOST:PORT.";
+
+/// Sign Windows binaries with the code-signing token of a Signet appliance.
+///
+/// In a build VM on a Signet host nothing needs configuring: `signet sign app.exe`
+/// reaches the host over vsock, signs app.exe with the default profile and replaces
+/// it with the signed file.
+#[derive(Debug, Parser)]
+#[command(version, after_help = EXIT_CODES)]
+struct Cli {
+    /// Where the Signet daemon listens [default: from the config file, else vsock:2:7710].
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "SIGNET_ENDPOINT",
+        value_name = "ENDPOINT"
+    )]
+    endpoint: Option<Endpoint>,
+    /// Client configuration file (endpoint, profile).
+    #[arg(long, global = true, env = "SIGNET_CONFIG", default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Sign files, replacing each with its signed version (or writing to --output).
+    #[command(after_help = EXIT_CODES)]
+    Sign(sign::SignArgs),
+    /// Show whether the appliance can sign right now.
+    #[command(after_help = "Exit code 0 when signing works, 6 when it does not.")]
+    Status {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE as u8 } else { 0 });
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("signet: cannot start: {e}");
+            return ExitCode::from(exit::UNAVAILABLE as u8);
+        }
+    };
+    let code = rt.block_on(run(cli));
+    ExitCode::from(code as u8)
+}
+
+async fn run(cli: Cli) -> i32 {
+    let file_cfg = match config::ClientConfig::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("signet: {e}");
+            return exit::USAGE;
+        }
+    };
+    let endpoint = cli
+        .endpoint
+        .or(file_cfg.endpoint.clone())
+        .unwrap_or_else(Endpoint::default_client);
+    match cli.command {
+        Command::Sign(args) => sign::run(&endpoint, args, &file_cfg).await,
+        Command::Status { json } => status(&endpoint, json).await,
+    }
+}
+
+async fn status(endpoint: &Endpoint, json: bool) -> i32 {
+    let status: DaemonStatus = match client::get_json(endpoint, STATUS_PATH).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            eprintln!("signet: {}", e.message);
+            return e.code.exit_code();
+        }
+        Err(e) => {
+            eprintln!("signet: {}", sign::unreachable_message(endpoint, &e));
+            return exit::UNAVAILABLE;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).unwrap_or_default()
+        );
+    } else {
+        let color = std::io::stdout().is_terminal();
+        let verdict = if status.signing_works {
+            "signing works"
+        } else {
+            "signing does NOT work"
+        };
+        let verdict = match (color, status.signing_works) {
+            (true, true) => format!("\x1b[32m{verdict}\x1b[0m"),
+            (true, false) => format!("\x1b[31m{verdict}\x1b[0m"),
+            _ => verdict.to_owned(),
+        };
+        println!("Signet {} at {endpoint}: {verdict}", status.version);
+        println!(
+            "  profiles: {} (default {})",
+            status.profiles.join(", "),
+            status.default_profile.as_deref().unwrap_or("-")
+        );
+        match &status.agent {
+            AgentReport::Reachable { endpoint, health } => {
+                println!(
+                    "  agent:    {endpoint}, {}, {}",
+                    health.signer,
+                    serde_json::to_string(&health.state)
+                        .unwrap_or_default()
+                        .trim_matches('"')
+                );
+                if let Some(t) = &health.token {
+                    println!(
+                        "  token:    \"{}\" serial {} ({} {})",
+                        t.label, t.serial, t.manufacturer, t.model
+                    );
+                }
+                println!("            {}", health.detail);
+            }
+            AgentReport::Unreachable { endpoint, error } => {
+                println!("  agent:    {endpoint} unreachable");
+                println!("            {}", error.message);
+            }
+        }
+    }
+    if status.signing_works {
+        exit::SIGNED
+    } else {
+        exit::UNAVAILABLE
+    }
+}

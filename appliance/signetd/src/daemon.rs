@@ -1,0 +1,204 @@
+//! The daemon's core commands. Every front end (HTTP now; D-Bus and the CLI later)
+//! calls these and renders their results.
+//!
+//! In this first shape a job is relayed as it streams: the client's upload goes
+//! straight to the agent and the signed file straight back, in constant memory.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::{header, Request, Response};
+use hyper::body::{Body, Incoming};
+use signet_protocol::client::{self, ClientError};
+use signet_protocol::endpoint::Endpoint;
+use signet_protocol::transport::Peer;
+use signet_protocol::wire::{
+    AgentHealth, AgentReport, AgentSignQuery, AgentState, DaemonStatus, ErrorBody, ErrorCode,
+    SignQuery, AGENT_HEALTH_PATH, AGENT_SIGN_PATH,
+};
+
+use crate::config::Config;
+
+/// The running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    cfg: Config,
+    next_job: AtomicU64,
+}
+
+/// A signing job accepted for relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: String,
+    pub profile: String,
+    pub agent_query: AgentSignQuery,
+}
+
+impl Daemon {
+    pub fn new(cfg: Config) -> Self {
+        Daemon {
+            cfg,
+            next_job: AtomicU64::new(1),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Checks a signing request against the profiles and turns it into a job.
+    pub fn accept(&self, query: &SignQuery, peer: &Peer) -> Result<Job, ErrorBody> {
+        let name = query
+            .profile
+            .as_deref()
+            .unwrap_or(&self.cfg.default_profile);
+        let Some(profile) = self.cfg.profiles.get(name) else {
+            return Err(ErrorBody::new(
+                ErrorCode::UnknownProfile,
+                format!(
+                    "there is no signing profile {name:?}; profiles: {} (the default is {:?})",
+                    self.cfg
+                        .profiles
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    self.cfg.default_profile
+                ),
+            ));
+        };
+        let filename = match &query.filename {
+            Some(f) if f.contains(['/', '\\', '\0']) || f.len() > 255 => {
+                return Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    "filename must be a bare file name of at most 255 bytes, without directories",
+                ))
+            }
+            f => f.clone(),
+        };
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            self.next_job.fetch_add(1, Ordering::Relaxed)
+        );
+        tracing::info!(job = %id, %peer, profile = name, file = filename.as_deref().unwrap_or("-"), "job accepted");
+        Ok(Job {
+            id,
+            profile: name.to_owned(),
+            agent_query: AgentSignQuery {
+                filename,
+                description: query
+                    .description
+                    .clone()
+                    .or_else(|| profile.description.clone()),
+                url: query.url.clone().or_else(|| profile.url.clone()),
+                hash: profile.hash,
+            },
+        })
+    }
+
+    /// Sends the job to the agent with `body` as the file; answers with the agent's
+    /// streaming response, or the agent's error.
+    pub async fn relay<B>(
+        &self,
+        job: &Job,
+        body: B,
+        content_length: Option<u64>,
+    ) -> Result<Response<Incoming>, ErrorBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let query = serde_urlencoded::to_string(&job.agent_query).map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!("cannot encode the agent query: {e}"),
+            )
+        })?;
+        let mut req = Request::post(format!("{AGENT_SIGN_PATH}?{query}"))
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header("x-signet-job", &job.id);
+        if let Some(len) = content_length {
+            req = req.header(header::CONTENT_LENGTH, len);
+        }
+        let req = req.body(body).map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!("cannot build the agent request: {e}"),
+            )
+        })?;
+        let resp = client::send(&self.cfg.agent, req)
+            .await
+            .map_err(|e| self.agent_unreachable(&e))?;
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            Err(client_view(
+                &job.id,
+                client::error_body(&self.cfg.agent, resp).await,
+            ))
+        }
+    }
+
+    /// The appliance's status as the daemon sees it now.
+    pub async fn status(&self) -> DaemonStatus {
+        let agent = match client::get_json::<AgentHealth>(&self.cfg.agent, AGENT_HEALTH_PATH).await
+        {
+            Ok(Ok(health)) => AgentReport::Reachable {
+                endpoint: self.cfg.agent.to_string(),
+                health,
+            },
+            Ok(Err(error)) => AgentReport::Unreachable {
+                endpoint: self.cfg.agent.to_string(),
+                error,
+            },
+            Err(e) => AgentReport::Unreachable {
+                endpoint: self.cfg.agent.to_string(),
+                error: self.agent_unreachable(&e),
+            },
+        };
+        let signing_works = matches!(&agent, AgentReport::Reachable { health, .. } if health.state == AgentState::Ready);
+        DaemonStatus {
+            version: signet_protocol::VERSION.to_owned(),
+            signing_works,
+            default_profile: Some(self.cfg.default_profile.clone()),
+            profiles: self.cfg.profiles.keys().cloned().collect(),
+            agent,
+        }
+    }
+
+    fn agent_unreachable(&self, e: &ClientError) -> ErrorBody {
+        let hint = match &self.cfg.agent {
+            Endpoint::Vsock { cid, .. } => format!(
+                "check that the signing VM (vsock CID {cid}) is running with signet-agent started, and that `agent` in {} names it",
+                self.cfg.path.display()
+            ),
+            _ => format!(
+                "check that signet-agent is running and that `agent` in {} names its endpoint",
+                self.cfg.path.display()
+            ),
+        };
+        tracing::warn!(agent = %self.cfg.agent, error = %e, "the signing agent is not reachable; {hint}");
+        ErrorBody::new(
+            ErrorCode::AgentUnavailable,
+            "the signing VM's agent is not reachable; nothing was signed. The appliance's operator sees why in `signet status` on the host and in signetd's log",
+        )
+    }
+}
+
+/// What a caller is told about an agent-side error. Faults the caller can fix (its
+/// input) pass through; the appliance's own faults are told without its internals
+/// (paths, endpoints), which go to the log with the job id.
+pub fn client_view(job: &str, e: ErrorBody) -> ErrorBody {
+    let operator = format!("the appliance's operator sees details in `signet status` on the host and in signetd's log (job {job})");
+    let message = match e.code {
+        ErrorCode::PinRejected => format!("the appliance's token refused its configured PIN, which will not be tried again; nothing was signed. {operator}"),
+        ErrorCode::PinLocked => format!("the appliance's token PIN is locked or on its final try, so Signet does not log in; nothing was signed. {operator}"),
+        ErrorCode::TokenUnavailable => format!("the appliance's token is not available (unplugged, not passed to the signing VM, or lost); nothing was signed. {operator}"),
+        ErrorCode::AgentUnavailable => format!("the signing VM's agent is not reachable; nothing was signed. {operator}"),
+        ErrorCode::Internal => format!("the appliance failed internally; nothing was signed. {operator}"),
+        _ => return e,
+    };
+    tracing::warn!(job, code = %e.code, detail = %e.message, "job failed on the agent");
+    ErrorBody::new(e.code, message)
+}

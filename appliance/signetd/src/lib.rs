@@ -1,0 +1,10 @@
+//! `signetd`: the host daemon, the only door to the token.
+//!
+//! - [`config`] — `signetd.toml` — listen endpoints, the agent's endpoint, profiles.
+//! - [`daemon`] — the core commands (accept a job against the profiles, relay it to the
+//!   agent, status). Front ends call these and nothing else.
+//! - [`server`] — the HTTP front (`/v1/sign`, `/v1/status`) on vsock, unix and TCP.
+
+pub mod config;
+pub mod daemon;
+pub mod server;

@@ -1,0 +1,310 @@
+//! The harness of the end-to-end tests: a SoftHSM token per test, the real
+//! `signet-agent`, `signetd` and `signet` binaries as child processes, readiness
+//! through the systemd notify protocol, and cleanup of every child on drop.
+//!
+//! The binaries come from the workspace's target directory; `make test` builds them
+//! before the tests run.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Read;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use signet_protocol::Endpoint;
+
+/// SoftHSM's PKCS#11 module.
+pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// OpenSC's PKCS#11 call logger.
+pub const PKCS11_SPY: &str = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so";
+/// The PIN of the fixture token.
+pub const PIN: &str = "123456";
+/// The label of the fixture token.
+pub const TOKEN_LABEL: &str = "signet-demo";
+/// How long a child may take to say it is ready before the test fails.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Path of a workspace binary in the target directory the tests were built into.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/e2e-<hash>
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`; `make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A token made once per test process; each test gets its own copy.
+fn master_token() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("signet-master-token-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let out = Command::new("bash")
+            .arg(repo_root().join("tests/fixtures/make-token.sh"))
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "make-token.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+/// One test's world: a temp dir with its own copy of the token, and the children it
+/// started (stopped on drop).
+#[derive(Debug)]
+pub struct World {
+    pub dir: tempfile::TempDir,
+    children: Vec<(String, Child)>,
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl World {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("signet-test-")
+            .tempdir()
+            .unwrap();
+        let master = master_token();
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(master.join("tokens"))
+            .arg(dir.path().join("tokens"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        for f in ["cert.pem", "pin", "hello.exe", "token-serial"] {
+            std::fs::copy(master.join(f), dir.path().join(f)).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("softhsm2.conf"),
+            format!(
+                "directories.tokendir = {}/tokens\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        World {
+            dir,
+            children: Vec::new(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn softhsm_conf(&self) -> PathBuf {
+        self.path("softhsm2.conf")
+    }
+
+    /// A fresh copy of the fixture PE under `name`.
+    pub fn pe(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::copy(self.path("hello.exe"), &p).unwrap();
+        p
+    }
+
+    /// Writes the agent's configuration and starts it; returns the endpoint it serves.
+    /// `extra` is appended to the `[token]` table.
+    pub fn start_agent(
+        &mut self,
+        listen: &str,
+        module: &str,
+        pin_file: &Path,
+        envs: &[(&str, &str)],
+    ) -> Endpoint {
+        let cfg = self.path("agent.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"{listen}\"\nspool_dir = \"{}\"\n[token]\nmodule = \"{module}\"\nlabel = \"{TOKEN_LABEL}\"\npin_file = \"{}\"\n",
+                self.dir.path().display(),
+                pin_file.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(bin("signet-agent"));
+        cmd.arg("--config")
+            .arg(&cfg)
+            .env("SOFTHSM2_CONF", self.softhsm_conf());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        self.spawn_ready("signet-agent", cmd).remove(0)
+    }
+
+    /// Writes the daemon's configuration and starts it; returns the endpoints it serves.
+    pub fn start_daemon(&mut self, listen: &[&str], agent: &Endpoint) -> Vec<Endpoint> {
+        let cfg = self.path("signetd.toml");
+        let listen: Vec<String> = listen.iter().map(|l| format!("\"{l}\"")).collect();
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = [{}]\nagent = \"{agent}\"\n[profiles.release]\ndescription = \"Signet test\"\n",
+                listen.join(", ")
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(bin("signetd"));
+        cmd.arg("--config").arg(&cfg);
+        self.spawn_ready("signetd", cmd)
+    }
+
+    /// Starts `cmd` and waits for its systemd readiness notification; returns the
+    /// endpoints its `STATUS=listening on ...` line names.
+    fn spawn_ready(&mut self, name: &str, mut cmd: Command) -> Vec<Endpoint> {
+        let sock_path = self.path(&format!("{name}.notify"));
+        let _ = std::fs::remove_file(&sock_path);
+        let sock = UnixDatagram::bind(&sock_path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let log = std::fs::File::create(self.path(&format!("{name}.log"))).unwrap();
+        cmd.env("NOTIFY_SOCKET", &sock_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = cmd.spawn().unwrap();
+        self.children.push((name.to_owned(), child));
+        let started = Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            match sock.recv(&mut buf) {
+                Ok(n) => {
+                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    if msg.lines().any(|l| l == "READY=1") {
+                        let endpoints = msg
+                            .lines()
+                            .find_map(|l| l.strip_prefix("STATUS=listening on "))
+                            .unwrap_or_default()
+                            .split(' ')
+                            .filter(|s| !s.is_empty())
+                            .map(|s| s.parse().unwrap())
+                            .collect();
+                        return endpoints;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("notify socket: {e}"),
+            }
+            let (_, child) = self.children.last_mut().unwrap();
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "{name} exited before it was ready ({status}); its log:\n{}",
+                    self.log(name)
+                );
+            }
+            assert!(
+                started.elapsed() < READY_TIMEOUT,
+                "{name} not ready after {READY_TIMEOUT:?}; its log:\n{}",
+                self.log(name)
+            );
+        }
+    }
+
+    /// The log of a child started by this world.
+    pub fn log(&self, name: &str) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.path(&format!("{name}.log"))) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Stops a child by name (SIGTERM, then waits).
+    pub fn stop(&mut self, name: &str) {
+        if let Some(i) = self.children.iter().position(|(n, _)| n == name) {
+            let (_, mut child) = self.children.remove(i);
+            terminate(&mut child);
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            terminate(child);
+        }
+    }
+}
+
+fn terminate(child: &mut Child) {
+    // SIGTERM for a clean stop; SIGKILL if it does not stop in time.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs the `signet` client against `endpoint`.
+pub fn signet(endpoint: &Endpoint, args: &[&str]) -> Output {
+    Command::new(bin("signet"))
+        .env("SIGNET_ENDPOINT", endpoint.to_string())
+        .env_remove("SIGNET_CONFIG")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// `osslsigncode verify` of `file` against the fixture certificate; true when it passes.
+pub fn verify(world: &World, file: &Path) -> (bool, String) {
+    let out = Command::new("osslsigncode")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(world.path("cert.pem"))
+        .arg("-in")
+        .arg(file)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success() && text.contains("Succeeded"), text)
+}
+
+/// Counts PKCS#11 `C_Login` calls in a pkcs11-spy log.
+pub fn count_logins(spy_log: &Path) -> usize {
+    std::fs::read_to_string(spy_log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.ends_with(": C_Login"))
+        .count()
+}
