@@ -96,7 +96,7 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Stream, TransportError> {
             stream.set_nodelay(true).map_err(wrap)?;
             Ok(Stream::Tcp(stream))
         }
-        Endpoint::Vsock { cid, port } => VsockStream::connect(VsockAddr::new(*cid, *port))
+        Endpoint::Vsock { cid, port } => VsockStream::connect(vsock_addr(*cid, *port))
             .await
             .map(Stream::Vsock)
             .map_err(wrap),
@@ -129,7 +129,7 @@ impl Listener {
                 .await
                 .map(Listener::Tcp)
                 .map_err(wrap),
-            Endpoint::Vsock { cid, port } => VsockListener::bind(VsockAddr::new(*cid, *port))
+            Endpoint::Vsock { cid, port } => VsockListener::bind(vsock_addr(*cid, *port))
                 .map(Listener::Vsock)
                 .map_err(wrap),
         }
@@ -184,6 +184,11 @@ impl Listener {
             }
         }
     }
+}
+
+/// The kernel address of a vsock endpoint.
+fn vsock_addr(cid: u32, port: u32) -> VsockAddr {
+    VsockAddr::new(cid, port)
 }
 
 async fn remove_stale_socket(path: &Path) -> io::Result<()> {
@@ -326,6 +331,32 @@ impl AsyncWrite for Stream {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn vsock_endpoints_map_to_the_kernel_addresses() {
+        // Address handling only: nothing here opens an AF_VSOCK socket.
+        use crate::endpoint::{VSOCK_CID_ANY, VSOCK_CID_HOST};
+        assert_eq!(VSOCK_CID_ANY, tokio_vsock::VMADDR_CID_ANY);
+        assert_eq!(VSOCK_CID_HOST, tokio_vsock::VMADDR_CID_HOST);
+        for (text, cid, port) in [
+            ("vsock:2:7710", 2, 7710),
+            ("vsock:any:7711", u32::MAX, 7711),
+            ("vsock:105:7711", 105, 7711),
+        ] {
+            let Ok(Endpoint::Vsock { cid: c, port: p }) = text.parse::<Endpoint>() else {
+                panic!("{text}")
+            };
+            let addr = vsock_addr(c, p);
+            assert_eq!((addr.cid(), addr.port()), (cid, port), "{text}");
+        }
+        assert_eq!(
+            Endpoint::default_client(),
+            Endpoint::Vsock {
+                cid: tokio_vsock::VMADDR_CID_HOST,
+                port: 7710
+            }
+        );
+    }
 
     #[tokio::test]
     async fn unix_listener_reports_peer_credentials_and_replaces_stale_sockets() {

@@ -413,3 +413,41 @@ fn status_reports_the_token_when_signing_works() {
     assert_eq!(code(&human), 0);
     assert!(String::from_utf8_lossy(&human.stdout).contains("signing works"));
 }
+
+#[test]
+fn the_certificate_may_come_from_a_file_instead_of_the_token() {
+    let mut w = World::new();
+    // A second certificate for the same key would be needed to tell the two apart;
+    // instead, prove the file is used by pointing at it and checking osslsigncode
+    // was given -certs (the token's copy is identical).
+    let cert = w.path("cert.pem");
+    let pin = w.path("pin");
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+        &format!("[signer]\ncertificate = \"{}\"\n", cert.display()),
+    );
+    let ep = w
+        .start_daemon(
+            &[&format!("unix:{}", w.path("signetd.sock").display())],
+            &agent,
+        )
+        .remove(0);
+    let file = w.pe("app.exe");
+    let out = signet(&ep, &["sign", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&w, &file).0);
+
+    // With the file gone, signing fails on the file — so it was the file that was used.
+    std::fs::remove_file(&cert).unwrap();
+    let file2 = w.pe("app2.exe");
+    let out = signet(&ep, &["sign", file2.to_str().unwrap()]);
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("osslsigncode could not sign"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -132,7 +132,6 @@ impl World {
     }
 
     /// Writes the agent's configuration and starts it; returns the endpoint it serves.
-    /// `extra` is appended to the `[token]` table.
     pub fn start_agent(
         &mut self,
         listen: &str,
@@ -140,11 +139,24 @@ impl World {
         pin_file: &Path,
         envs: &[(&str, &str)],
     ) -> Endpoint {
+        self.start_agent_with(listen, module, pin_file, envs, "")
+    }
+
+    /// Like [`World::start_agent`], with `extra` appended to the configuration (after
+    /// the `[token]` table, so it may open tables of its own).
+    pub fn start_agent_with(
+        &mut self,
+        listen: &str,
+        module: &str,
+        pin_file: &Path,
+        envs: &[(&str, &str)],
+        extra: &str,
+    ) -> Endpoint {
         let cfg = self.path("agent.toml");
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"{listen}\"\nspool_dir = \"{}\"\n[token]\nmodule = \"{module}\"\nlabel = \"{TOKEN_LABEL}\"\npin_file = \"{}\"\n",
+                "listen = \"{listen}\"\nspool_dir = \"{}\"\n[token]\nmodule = \"{module}\"\nlabel = \"{TOKEN_LABEL}\"\npin_file = \"{}\"\n{extra}",
                 self.dir.path().display(),
                 pin_file.display()
             ),
