@@ -26,6 +26,8 @@ pub enum FormatError {
     Empty,
     #[error("the file is not a supported format ({seen}); Signet signs Windows PE files (EXE, DLL, SYS)")]
     Unsupported { seen: String },
+    #[error("digest mode expects the Authenticode data made by `osslsigncode extract-data`, and this is not it")]
+    NotDigestBlob,
 }
 
 /// Detects the format from the file's first bytes (at least [`HEAD_LEN`] of them, or
@@ -48,6 +50,26 @@ pub fn detect(head: &[u8]) -> Result<Format, FormatError> {
         };
     }
     Err(unsupported(describe(head)))
+}
+
+/// DER of the `SpcIndirectDataContent` OID (1.3.6.1.4.1.311.2.1.4), which every
+/// Authenticode data blob from `osslsigncode extract-data` carries.
+const SPC_INDIRECT_DATA_OID: &[u8] = b"\x06\x0a\x2b\x06\x01\x04\x01\x82\x37\x02\x01\x04";
+
+/// Checks that `head` is an Authenticode data blob (digest mode's input): a DER
+/// PKCS#7 structure carrying `SpcIndirectDataContent`.
+pub fn detect_digest_blob(head: &[u8]) -> Result<(), FormatError> {
+    if head.is_empty() {
+        return Err(FormatError::Empty);
+    }
+    if head[0] == 0x30
+        && head
+            .windows(SPC_INDIRECT_DATA_OID.len())
+            .any(|w| w == SPC_INDIRECT_DATA_OID)
+    {
+        return Ok(());
+    }
+    Err(FormatError::NotDigestBlob)
 }
 
 fn unsupported(seen: &str) -> FormatError {
@@ -93,6 +115,22 @@ mod tests {
             v[lfanew as usize..lfanew as usize + 4].copy_from_slice(b"PE\0\0");
         }
         v
+    }
+
+    #[test]
+    fn digest_blobs_are_recognised() {
+        let mut blob = vec![0x30, 0x81, 0x93, 0x06, 0x09];
+        blob.extend_from_slice(SPC_INDIRECT_DATA_OID);
+        assert_eq!(detect_digest_blob(&blob), Ok(()));
+        assert_eq!(detect_digest_blob(&[]), Err(FormatError::Empty));
+        assert_eq!(
+            detect_digest_blob(&pe(0x80, 512)),
+            Err(FormatError::NotDigestBlob)
+        );
+        assert_eq!(
+            detect_digest_blob(&[0x30, 0x03, 0x02, 0x01, 0x01]),
+            Err(FormatError::NotDigestBlob)
+        );
     }
 
     #[test]

@@ -40,6 +40,24 @@ pub mod exit {
     pub const UNAVAILABLE: i32 = 6;
 }
 
+/// What the request body is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignMode {
+    /// The whole file; the answer is the signed file.
+    #[default]
+    Whole,
+    /// Only the file's Authenticode data (`osslsigncode extract-data`, a few hundred
+    /// bytes); the answer is the PKCS#7 signature to attach (`attach-signature`).
+    Digest,
+}
+
+impl SignMode {
+    fn is_whole(&self) -> bool {
+        *self == SignMode::Whole
+    }
+}
+
 /// Query of `POST /v1/sign`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignQuery {
@@ -55,6 +73,9 @@ pub struct SignQuery {
     /// URL put into the signature (`-i`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// Whole file (default) or digest mode.
+    #[serde(default, skip_serializing_if = "SignMode::is_whole")]
+    pub mode: SignMode,
 }
 
 /// Message digest used for the signature.
@@ -89,6 +110,8 @@ pub struct AgentSignQuery {
     pub url: Option<String>,
     #[serde(default)]
     pub hash: DigestAlgorithm,
+    #[serde(default, skip_serializing_if = "SignMode::is_whole")]
+    pub mode: SignMode,
 }
 
 /// Stable machine-readable error classes.
@@ -330,6 +353,7 @@ mod tests {
             filename: Some("my app & co.exe".into()),
             description: None,
             url: Some("https://example.invalid/?a=b".into()),
+            mode: SignMode::Whole,
         };
         let s = serde_urlencoded::to_string(&q).unwrap();
         assert!(!s.contains("description"), "{s}");
@@ -340,5 +364,9 @@ mod tests {
         let a: AgentSignQuery = serde_urlencoded::from_str("hash=sha384").unwrap();
         assert_eq!(a.hash, DigestAlgorithm::Sha384);
         assert!(serde_urlencoded::from_str::<AgentSignQuery>("hash=md5").is_err());
+        let d: SignQuery = serde_urlencoded::from_str("mode=digest").unwrap();
+        assert_eq!(d.mode, SignMode::Digest);
+        assert_eq!(serde_urlencoded::to_string(&d).unwrap(), "mode=digest");
+        assert!(serde_urlencoded::from_str::<SignQuery>("mode=half").is_err());
     }
 }

@@ -451,3 +451,93 @@ fn the_certificate_may_come_from_a_file_instead_of_the_token() {
         stderr(&out)
     );
 }
+
+#[test]
+fn digest_mode_moves_only_the_authenticode_data_and_the_result_verifies() {
+    let mut w = World::new();
+    let ep = unix_appliance(&mut w);
+    let big = w.path("big.exe");
+    let made = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/make-pe.sh"))
+        .arg(&big)
+        .arg((4 << 20).to_string())
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let whole = w.path("whole.exe");
+    std::fs::copy(&big, &whole).unwrap();
+    let size = std::fs::metadata(&big).unwrap().len();
+    assert!(size >= 4 << 20);
+    let ca = w.path("cert.pem");
+
+    let out = signet(
+        &ep,
+        &[
+            "sign",
+            "--json",
+            "--digest",
+            "--ca-file",
+            ca.to_str().unwrap(),
+            big.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let digest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = signet(&ep, &["sign", "--json", whole.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let full: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let (ok, text) = verify(&w, &big);
+    assert!(ok, "{text}");
+    assert!(text.contains("Signet Demo Code Signing"), "{text}");
+    assert!(verify(&w, &whole).0);
+    let sent_digest = digest["bytes_sent"].as_u64().unwrap();
+    let recv_digest = digest["bytes_received"].as_u64().unwrap();
+    assert_eq!(full["bytes_sent"].as_u64().unwrap(), size);
+    assert!(full["bytes_received"].as_u64().unwrap() > size);
+    assert!(sent_digest < 4096, "digest mode sent {sent_digest} bytes");
+    assert!(
+        recv_digest < 16384,
+        "digest mode received {recv_digest} bytes"
+    );
+    // Both ways put a signature over the same file content.
+    assert_eq!(
+        std::fs::metadata(&big).unwrap().len(),
+        std::fs::metadata(&whole).unwrap().len(),
+        "same signed size either way"
+    );
+}
+
+#[test]
+fn digest_mode_says_how_to_trust_a_private_ca() {
+    let mut w = World::new();
+    let ep = unix_appliance(&mut w);
+    let file = w.pe("app.exe");
+    let before = std::fs::read(&file).unwrap();
+    let out = signet(&ep, &["sign", "--digest", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    assert!(stderr(&out).contains("--ca-file"), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        before,
+        "the file is untouched"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(w.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".signet-"))
+        .collect();
+    assert!(leftovers.is_empty(), "no work files are left behind");
+
+    // A digest-mode request whose body is not Authenticode data is refused by the appliance.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, body) = rt.block_on(post_sign(&ep, "mode=digest", before));
+    assert_eq!(status, 415, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("extract-data"),
+        "{body}"
+    );
+}

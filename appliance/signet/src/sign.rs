@@ -12,7 +12,7 @@ use hyper::body::Frame;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use signet_protocol::client::{self, ClientError};
 use signet_protocol::format;
-use signet_protocol::wire::{exit, ErrorBody, ErrorCode, SignQuery, SIGN_PATH};
+use signet_protocol::wire::{exit, ErrorBody, ErrorCode, SignMode, SignQuery, SIGN_PATH};
 use signet_protocol::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -38,6 +38,23 @@ pub struct SignArgs {
     /// Print one JSON object per file on stdout instead of a line of text.
     #[arg(long)]
     json: bool,
+    /// Digest mode: send only the file's Authenticode data (a few hundred bytes,
+    /// whatever the file's size) and attach the returned signature here. Needs
+    /// osslsigncode 2.6 or later on this machine.
+    #[arg(long)]
+    digest: bool,
+    /// CA certificate(s) the attached signature is verified against in digest mode
+    /// [default: the system's trusted roots].
+    #[arg(long, value_name = "PEM", requires = "digest")]
+    ca_file: Option<PathBuf>,
+    /// The osslsigncode program used in digest mode.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "osslsigncode",
+        env = "SIGNET_OSSLSIGNCODE"
+    )]
+    osslsigncode: PathBuf,
     /// Files to sign: Windows PE files (EXE, DLL, SYS).
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
@@ -195,6 +212,92 @@ async fn sign_inner(
     outcome: &mut Outcome,
 ) -> Result<(), Failure> {
     // Local checks first: a bad file never costs an upload.
+    let meta = check_input(file).await?;
+
+    // Work next to the target, so the result is renamed into place on one filesystem.
+    let dir = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let work = tempfile::Builder::new()
+        .prefix(".signet-")
+        .tempdir_in(&dir)
+        .map_err(|e| bad_input(format!("cannot write next to {}: {e}", target.display())))?;
+
+    let (upload, mode) = if args.digest {
+        let data = work.path().join("data.p7");
+        osslsigncode(
+            &args.osslsigncode,
+            &["extract-data", "-h", "sha256", "-in"],
+            file,
+            &data,
+        )
+        .await
+        .map_err(|e| Failure {
+            code: None,
+            exit_code: exit::USAGE,
+            message: format!("digest mode cannot extract the file's Authenticode data: {e}"),
+        })?;
+        (data, SignMode::Digest)
+    } else {
+        (file.to_owned(), SignMode::Whole)
+    };
+    let query = SignQuery {
+        profile: profile.map(str::to_owned),
+        filename: file.file_name().map(|n| n.to_string_lossy().into_owned()),
+        description: args.description.clone(),
+        url: args.url.clone(),
+        mode,
+    };
+    let received = work.path().join("received");
+    exchange(endpoint, &upload, &query, &received, file, outcome).await?;
+
+    let signed = match mode {
+        SignMode::Whole => received,
+        SignMode::Digest => {
+            let signed = work.path().join("signed");
+            let mut extra: Vec<&std::ffi::OsStr> = Vec::new();
+            if let Some(ca) = &args.ca_file {
+                extra.push("-CAfile".as_ref());
+                extra.push(ca.as_os_str());
+            }
+            let mut attach: Vec<&std::ffi::OsStr> = vec![
+                "attach-signature".as_ref(),
+                "-sigin".as_ref(),
+                received.as_os_str(),
+            ];
+            attach.extend(extra);
+            attach.push("-in".as_ref());
+            osslsigncode(&args.osslsigncode, &attach, file, &signed)
+                .await
+                .map_err(|e| {
+                    let hint = if e.contains("self-signed") || e.contains("local issuer") {
+                        "; the certificate does not chain to this machine's trusted roots: pass its CA with --ca-file"
+                    } else {
+                        ""
+                    };
+                    Failure {
+                        code: Some(ErrorCode::SigningFailed),
+                        exit_code: exit::SIGNING_FAILED,
+                        message: format!("the signature did not attach and verify: {e}{hint}"),
+                    }
+                })?;
+            signed
+        }
+    };
+    let perms = tokio::fs::metadata(target)
+        .await
+        .map(|m| m.permissions())
+        .unwrap_or(meta.permissions());
+    let _ = tokio::fs::set_permissions(&signed, perms).await;
+    tokio::fs::rename(&signed, target)
+        .await
+        .map_err(|e| bad_input(format!("cannot replace {}: {e}", target.display())))?;
+    Ok(())
+}
+
+/// Checks that `file` is a regular file in a format Signet signs.
+async fn check_input(file: &Path) -> Result<std::fs::Metadata, Failure> {
     let mut input = tokio::fs::File::open(file)
         .await
         .map_err(|e| bad_input(format!("cannot open it: {e}")))?;
@@ -205,7 +308,6 @@ async fn sign_inner(
     if !meta.is_file() {
         return Err(bad_input("not a regular file".to_owned()));
     }
-    let size = meta.len();
     let mut head = Vec::with_capacity(format::HEAD_LEN);
     (&mut input)
         .take(format::HEAD_LEN as u64)
@@ -213,21 +315,30 @@ async fn sign_inner(
         .await
         .map_err(|e| bad_input(format!("cannot read it: {e}")))?;
     format::detect(&head).map_err(|e| bad_input(e.to_string()))?;
-    // Re-open: the body is the whole file from its first byte.
-    let input = tokio::fs::File::open(file)
+    Ok(meta)
+}
+
+/// Uploads `upload` and writes the answer's body to `received` (fsync'd).
+async fn exchange(
+    endpoint: &Endpoint,
+    upload: &Path,
+    query: &SignQuery,
+    received: &Path,
+    shown_as: &Path,
+    outcome: &mut Outcome,
+) -> Result<(), Failure> {
+    let input = tokio::fs::File::open(upload)
         .await
         .map_err(|e| bad_input(format!("cannot open it: {e}")))?;
-
-    let query = SignQuery {
-        profile: profile.map(str::to_owned),
-        filename: file.file_name().map(|n| n.to_string_lossy().into_owned()),
-        description: args.description.clone(),
-        url: args.url.clone(),
-    };
-    let qs = serde_urlencoded::to_string(&query)
+    let size = input
+        .metadata()
+        .await
+        .map_err(|e| bad_input(format!("cannot read it: {e}")))?
+        .len();
+    let qs = serde_urlencoded::to_string(query)
         .map_err(|e| unavailable(format!("cannot encode the request: {e}")))?;
 
-    let progress = Progress::start(file, size);
+    let progress = Progress::start(shown_as, size);
     let counter = progress.bar.clone();
     let body = StreamBody::new(
         tokio_util::io::ReaderStream::with_capacity(input, 256 << 10).map_ok(
@@ -264,18 +375,9 @@ async fn sign_inner(
         progress.finish();
         return Err(client::error_body(endpoint, resp).await.into());
     }
-
-    // Write next to the target and rename over it: a failure never leaves half a file.
-    let dir = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = tempfile::Builder::new()
-        .prefix(".signet-")
-        .tempfile_in(&dir)
-        .map_err(|e| bad_input(format!("cannot write next to {}: {e}", target.display())))?;
-    let (std_file, tmp_path) = tmp.into_parts();
-    let mut out = tokio::fs::File::from_std(std_file);
+    let mut out = tokio::fs::File::create(received)
+        .await
+        .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
     let mut body = resp.into_body();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
@@ -295,16 +397,49 @@ async fn sign_inner(
     out.sync_all()
         .await
         .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
-    drop(out);
-    let perms = tokio::fs::metadata(target)
-        .await
-        .map(|m| m.permissions())
-        .unwrap_or(meta.permissions());
-    let _ = tokio::fs::set_permissions(&tmp_path, perms).await;
-    tmp_path
-        .persist(target)
-        .map_err(|e| bad_input(format!("cannot replace {}: {}", target.display(), e.error)))?;
     Ok(())
+}
+
+/// Runs `osslsigncode ARGS... INPUT -out OUTPUT`; on failure returns its stderr.
+async fn osslsigncode<S: AsRef<std::ffi::OsStr>>(
+    program: &Path,
+    args: &[S],
+    input: &Path,
+    output: &Path,
+) -> Result<(), String> {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .arg(input)
+        .arg("-out")
+        .arg(output)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {}: {e}; digest mode needs osslsigncode 2.6 or later on this machine (--osslsigncode PATH)", program.display()))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && (l.contains("rror")
+                    || l.contains("ailed")
+                    || l.contains("nknown")
+                    || l.contains("mismatch"))
+        })
+        .collect();
+    let mut msg = lines.join("; ");
+    if msg.is_empty() {
+        msg = format!("{} exited with {}", program.display(), out.status);
+    }
+    if text.contains("Unknown command") || text.contains("extract-data") && text.contains("Usage") {
+        msg.push_str("; digest mode needs osslsigncode 2.6 or later");
+    }
+    Err(msg)
 }
 
 /// The message for a daemon that cannot be reached, with the fix.

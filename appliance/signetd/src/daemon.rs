@@ -93,6 +93,7 @@ impl Daemon {
                     .or_else(|| profile.description.clone()),
                 url: query.url.clone().or_else(|| profile.url.clone()),
                 hash: profile.hash,
+                mode: query.mode,
             },
         })
     }

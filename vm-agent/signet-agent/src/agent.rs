@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use signet_protocol::format;
-use signet_protocol::wire::{AgentHealth, AgentSignQuery, ErrorBody, ErrorCode};
+use signet_protocol::wire::{AgentHealth, AgentSignQuery, ErrorBody, ErrorCode, SignMode};
 use tokio::io::AsyncReadExt;
 
 use crate::config::Config;
@@ -88,8 +88,17 @@ impl Agent {
     /// Signs the spooled input; on success the signed file is at `spool.output()`.
     pub async fn sign(&self, spool: &Spool, query: &AgentSignQuery) -> Result<(), ErrorBody> {
         let input = spool.input();
-        let fmt = detect(&input).await?;
-        tracing::info!(format = %fmt, "input accepted");
+        match query.mode {
+            SignMode::Whole => {
+                let fmt = detect(&input).await?;
+                tracing::info!(format = %fmt, "input accepted");
+            }
+            SignMode::Digest => {
+                let head = read_head(&input).await?;
+                format::detect_digest_blob(&head).map_err(format_error)?;
+                tracing::info!("digest-mode input accepted");
+            }
+        }
 
         let _job = self.jobs.lock().await;
         let (key, pin) = self
@@ -194,6 +203,21 @@ impl Agent {
 
 /// Reads the head of the spooled input and checks its format.
 async fn detect(input: &Path) -> Result<format::Format, ErrorBody> {
+    let head = read_head(input).await?;
+    format::detect(&head).map_err(format_error)
+}
+
+fn format_error(e: format::FormatError) -> ErrorBody {
+    let code = match e {
+        format::FormatError::Empty => ErrorCode::EmptyInput,
+        format::FormatError::Unsupported { .. } | format::FormatError::NotDigestBlob => {
+            ErrorCode::UnsupportedFormat
+        }
+    };
+    ErrorBody::new(code, e.to_string())
+}
+
+async fn read_head(input: &Path) -> Result<Vec<u8>, ErrorBody> {
     let mut head = Vec::with_capacity(format::HEAD_LEN);
     let file = tokio::fs::File::open(input).await.map_err(|e| {
         ErrorBody::new(
@@ -210,11 +234,5 @@ async fn detect(input: &Path) -> Result<format::Format, ErrorBody> {
                 format!("cannot read the spooled input: {e}"),
             )
         })?;
-    format::detect(&head).map_err(|e| {
-        let code = match e {
-            format::FormatError::Empty => ErrorCode::EmptyInput,
-            format::FormatError::Unsupported { .. } => ErrorCode::UnsupportedFormat,
-        };
-        ErrorBody::new(code, e.to_string())
-    })
+    Ok(head)
 }
