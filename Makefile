@@ -1,7 +1,7 @@
 # Signet — the two entry points are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: all deps build demo test lint unit clean
+.PHONY: all deps build demo test lint bench clean
 
 all: build
 
@@ -22,6 +22,12 @@ lint:
 # Everything CI checks: formatting, lints, unit and end-to-end tests.
 test: build lint
 	$(CARGO) test --workspace
+
+# Time per signature along the job path and memory on a 1 GiB input (docs/BENCHMARKS.md).
+bench: deps
+	@command -v hyperfine >/dev/null || apt-get install -y -qq --no-install-recommends hyperfine curl time >/dev/null
+	$(CARGO) build --release --workspace --bins
+	@bash scripts/bench.sh
 
 clean:
 	$(CARGO) clean

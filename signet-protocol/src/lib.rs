@@ -6,11 +6,13 @@
 //! - [`client`] — HTTP/1.1 requests over any endpoint, bodies streamed both ways.
 //! - [`wire`] — the JSON types and query parameters of the client API (`/v1/...`) and
 //!   the agent API (`/agent/v1/...`), the stable error codes and what each maps to.
+//! - [`batch`] — many files in one request: multipart framing streamed from disk.
 //! - [`format`] — recognising the file formats Signet signs from their first bytes.
 //!
 //! The host daemon, the signing-VM agent and the client all link this crate, so a
 //! change to the wire is a change in one file.
 
+pub mod batch;
 pub mod client;
 pub mod endpoint;
 pub mod format;

@@ -21,6 +21,10 @@ pub const SIGN_PATH: &str = "/v1/sign";
 pub const STATUS_PATH: &str = "/v1/status";
 /// Daemon → agent path of the signing call.
 pub const AGENT_SIGN_PATH: &str = "/agent/v1/sign";
+/// Client → daemon path of the batch call (many files, one request).
+pub const BATCH_PATH: &str = "/v1/batch";
+/// Daemon → agent path of the batch call.
+pub const AGENT_BATCH_PATH: &str = "/agent/v1/batch";
 /// Daemon → agent path of the health call.
 pub const AGENT_HEALTH_PATH: &str = "/agent/v1/health";
 

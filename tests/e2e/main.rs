@@ -541,3 +541,174 @@ fn digest_mode_says_how_to_trust_a_private_ca() {
         "{body}"
     );
 }
+
+#[test]
+fn several_files_go_in_one_batch_request_signed_in_order() {
+    let mut w = World::new();
+    let ep = unix_appliance(&mut w);
+    let files: Vec<_> = ["one.exe", "two.dll", "three.sys"]
+        .iter()
+        .map(|n| w.pe(n))
+        .collect();
+    let mut args = vec!["sign", "--json"];
+    args.extend(files.iter().map(|f| f.to_str().unwrap()));
+    let out = signet(&ep, &args);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (line, file) in lines.iter().zip(&files) {
+        assert_eq!(line["signed"], true, "{line}");
+        assert_eq!(line["file"], file.to_str().unwrap());
+        assert!(verify(&w, file).0, "{}", file.display());
+    }
+    let daemon_log = w.log("signetd");
+    assert_eq!(
+        daemon_log.matches("job accepted").count(),
+        1,
+        "one request:\n{daemon_log}"
+    );
+    let agent_log = w.log("signet-agent");
+    let order: Vec<usize> = ["one.exe", "two.dll", "three.sys"]
+        .iter()
+        .map(|n| {
+            agent_log
+                .find(&format!("file=\"{n}\""))
+                .unwrap_or_else(|| panic!("{n} in\n{agent_log}"))
+        })
+        .collect();
+    assert!(
+        order.windows(2).all(|p| p[0] < p[1]),
+        "signed in order:\n{agent_log}"
+    );
+}
+
+#[test]
+fn a_batch_in_digest_mode_signs_every_file() {
+    let mut w = World::new();
+    let ep = unix_appliance(&mut w);
+    let a = w.pe("a.exe");
+    let b = w.pe("b.exe");
+    let ca = w.path("cert.pem");
+    let out = signet(
+        &ep,
+        &[
+            "sign",
+            "--digest",
+            "--ca-file",
+            ca.to_str().unwrap(),
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&w, &a).0 && verify(&w, &b).0);
+}
+
+#[test]
+fn the_appliance_answers_each_part_of_a_batch_on_its_own() {
+    // A client that skips the local checks: the bad part gets its error, the good one
+    // is signed, in the order sent.
+    use futures_util::TryStreamExt;
+    use signet_protocol::batch::{self, Part, PartBody};
+    let mut w = World::new();
+    let ep = unix_appliance(&mut w);
+    let good = w.pe("good.exe");
+    let bad = w.path("bad.exe");
+    std::fs::write(&bad, "echo not a program").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let parts: Vec<(String, String, Vec<u8>)> = rt.block_on(async {
+        let boundary = batch::new_boundary();
+        let parts = vec![
+            Part {
+                filename: "bad.exe".into(),
+                headers: vec![],
+                content_type: "application/octet-stream",
+                body: PartBody::File(bad.clone()),
+            },
+            Part {
+                filename: "good.exe".into(),
+                headers: vec![],
+                content_type: "application/octet-stream",
+                body: PartBody::File(good.clone()),
+            },
+        ];
+        let body = http_body_util::StreamBody::new(
+            batch::body(boundary.clone(), parts).map_ok(hyper_frame),
+        );
+        let req = http::Request::post("/v1/batch")
+            .header(http::header::CONTENT_TYPE, batch::content_type(&boundary))
+            .body(body)
+            .unwrap();
+        let resp = signet_protocol::client::send(&ep, req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let ct = resp.headers()[http::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let mut mp = multer::Multipart::new(
+            http_body_util::BodyExt::into_data_stream(resp.into_body()),
+            multer::parse_boundary(ct).unwrap(),
+        );
+        let mut got = Vec::new();
+        while let Some(f) = mp.next_field().await.unwrap() {
+            let name = f.file_name().unwrap().to_owned();
+            let result = f.headers()[batch::RESULT_HEADER]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            got.push((name, result, f.bytes().await.unwrap().to_vec()));
+        }
+        got
+    });
+    assert_eq!(parts.len(), 2);
+    assert_eq!(
+        (parts[0].0.as_str(), parts[0].1.as_str()),
+        ("bad.exe", "error")
+    );
+    let err: serde_json::Value = serde_json::from_slice(&parts[0].2).unwrap();
+    assert_eq!(err["code"], "unsupported_format", "{err}");
+    assert_eq!(
+        (parts[1].0.as_str(), parts[1].1.as_str()),
+        ("good.exe", "signed")
+    );
+    let signed = w.path("good-signed.exe");
+    std::fs::write(&signed, &parts[1].2).unwrap();
+    assert!(verify(&w, &signed).0);
+
+    // Not multipart at all: a clear refusal.
+    let (status, body) = rt.block_on(post_batch_raw(&ep, b"plain".to_vec()));
+    assert_eq!(
+        (status, body["code"].as_str().unwrap()),
+        (400, "bad_request"),
+        "{body}"
+    );
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("multipart/form-data"));
+}
+
+fn hyper_frame(b: bytes::Bytes) -> hyper::body::Frame<bytes::Bytes> {
+    hyper::body::Frame::data(b)
+}
+
+async fn post_batch_raw(ep: &Endpoint, body: Vec<u8>) -> (u16, serde_json::Value) {
+    use http_body_util::{BodyExt, Full};
+    let req = http::Request::post("/v1/batch")
+        .header(http::header::CONTENT_TYPE, "application/octet-stream")
+        .body(Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = signet_protocol::client::send(ep, req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}

@@ -1,4 +1,5 @@
-//! `signet sign`: one file at a time, streamed both ways.
+//! `signet sign`: one file per request, or many in one batch request; streamed both
+//! ways, results written next to their targets and renamed into place.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -10,9 +11,12 @@ use http::{header, Request};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use signet_protocol::batch;
 use signet_protocol::client::{self, ClientError};
 use signet_protocol::format;
-use signet_protocol::wire::{exit, ErrorBody, ErrorCode, SignMode, SignQuery, SIGN_PATH};
+use signet_protocol::wire::{
+    exit, ErrorBody, ErrorCode, SignMode, SignQuery, BATCH_PATH, SIGN_PATH,
+};
 use signet_protocol::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -87,22 +91,103 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
         return exit::USAGE;
     }
     let profile = args.profile.clone().or_else(|| cfg.profile.clone());
-    let mut first_failure = exit::SIGNED;
-    for file in &args.files {
+    let started = Instant::now();
+    let mut outcomes: Vec<Outcome> = args.files.iter().map(|f| Outcome::new(f)).collect();
+
+    // Local work first: a bad file never costs an upload, and never stops the others.
+    let mut ready = Vec::new();
+    for (i, file) in args.files.iter().enumerate() {
         let target = args.output.clone().unwrap_or_else(|| file.clone());
-        let outcome = sign_one(endpoint, file, &target, profile.as_deref(), &args).await;
-        report(&outcome, args.json);
-        if outcome.exit_code != exit::SIGNED {
-            if first_failure == exit::SIGNED {
-                first_failure = outcome.exit_code;
-            }
-            // The same refusal or outage would meet every other file too.
-            if matches!(outcome.exit_code, exit::REFUSED | exit::UNAVAILABLE) {
-                break;
-            }
+        match prepare(file, &target, &args).await {
+            Ok(p) => ready.push((i, p)),
+            Err(f) => outcomes[i].failed(f),
+        }
+    }
+    let mode = if args.digest {
+        SignMode::Digest
+    } else {
+        SignMode::Whole
+    };
+    let query = |file: &Path| SignQuery {
+        profile: profile.clone(),
+        filename: file.file_name().map(|n| n.to_string_lossy().into_owned()),
+        description: args.description.clone(),
+        url: args.url.clone(),
+        mode,
+    };
+    if args.files.len() == 1 {
+        if let Some((i, p)) = ready.first() {
+            let o = &mut outcomes[*i];
+            let result = match exchange(
+                endpoint,
+                &p.upload,
+                &query(&p.file),
+                &p.received(),
+                &p.file,
+                o,
+            )
+            .await
+            {
+                Ok(()) => finish(p, &args).await,
+                Err(f) => Err(f),
+            };
+            o.done(result, &p.target);
+        }
+    } else if !ready.is_empty() {
+        batch(
+            endpoint,
+            &query(Path::new("")),
+            &ready,
+            &mut outcomes,
+            &args,
+        )
+        .await;
+    }
+
+    let mut first_failure = exit::SIGNED;
+    for o in &mut outcomes {
+        if o.seconds == 0.0 {
+            o.seconds = started.elapsed().as_secs_f64();
+        }
+        report(o, args.json);
+        if o.exit_code != exit::SIGNED && first_failure == exit::SIGNED {
+            first_failure = o.exit_code;
         }
     }
     first_failure
+}
+
+impl Outcome {
+    fn new(file: &Path) -> Self {
+        Outcome {
+            file: file.to_owned(),
+            signed: false,
+            output: None,
+            job: None,
+            code: None,
+            message: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            seconds: 0.0,
+            exit_code: exit::SIGNED,
+        }
+    }
+
+    fn failed(&mut self, f: Failure) {
+        self.code = f.code;
+        self.message = Some(f.message);
+        self.exit_code = f.exit_code;
+    }
+
+    fn done(&mut self, result: Result<(), Failure>, target: &Path) {
+        match result {
+            Ok(()) => {
+                self.signed = true;
+                self.output = Some(target.to_owned());
+            }
+            Err(f) => self.failed(f),
+        }
+    }
 }
 
 fn report(o: &Outcome, json: bool) {
@@ -131,46 +216,7 @@ fn report(o: &Outcome, json: bool) {
     }
 }
 
-async fn sign_one(
-    endpoint: &Endpoint,
-    file: &Path,
-    target: &Path,
-    profile: Option<&str>,
-    args: &SignArgs,
-) -> Outcome {
-    let started = Instant::now();
-    let mut outcome = Outcome {
-        file: file.to_owned(),
-        signed: false,
-        output: None,
-        job: None,
-        code: None,
-        message: None,
-        bytes_sent: 0,
-        bytes_received: 0,
-        seconds: 0.0,
-        exit_code: exit::SIGNED,
-    };
-    let result = sign_inner(endpoint, file, target, profile, args, &mut outcome).await;
-    outcome.seconds = started.elapsed().as_secs_f64();
-    match result {
-        Ok(()) => {
-            outcome.signed = true;
-            outcome.output = Some(target.to_owned());
-        }
-        Err(Failure {
-            code,
-            exit_code,
-            message,
-        }) => {
-            outcome.code = code;
-            outcome.message = Some(message);
-            outcome.exit_code = exit_code;
-        }
-    }
-    outcome
-}
-
+/// Why one file was not signed, and the exit code that says so.
 struct Failure {
     code: Option<ErrorCode>,
     exit_code: i32,
@@ -203,18 +249,25 @@ fn unavailable(message: String) -> Failure {
     }
 }
 
-async fn sign_inner(
-    endpoint: &Endpoint,
-    file: &Path,
-    target: &Path,
-    profile: Option<&str>,
-    args: &SignArgs,
-    outcome: &mut Outcome,
-) -> Result<(), Failure> {
-    // Local checks first: a bad file never costs an upload.
-    let meta = check_input(file).await?;
+/// A file checked and ready to go: its work dir (next to the target, so the result
+/// is renamed into place on one filesystem) and what is uploaded for it.
+struct Prepared {
+    file: PathBuf,
+    target: PathBuf,
+    meta: std::fs::Metadata,
+    work: tempfile::TempDir,
+    /// The file itself, or its Authenticode data in digest mode.
+    upload: PathBuf,
+}
 
-    // Work next to the target, so the result is renamed into place on one filesystem.
+impl Prepared {
+    fn received(&self) -> PathBuf {
+        self.work.path().join("received")
+    }
+}
+
+async fn prepare(file: &Path, target: &Path, args: &SignArgs) -> Result<Prepared, Failure> {
+    let meta = check_input(file).await?;
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
@@ -223,8 +276,7 @@ async fn sign_inner(
         .prefix(".signet-")
         .tempdir_in(&dir)
         .map_err(|e| bad_input(format!("cannot write next to {}: {e}", target.display())))?;
-
-    let (upload, mode) = if args.digest {
+    let upload = if args.digest {
         let data = work.path().join("data.p7");
         osslsigncode(
             &args.osslsigncode,
@@ -238,62 +290,234 @@ async fn sign_inner(
             exit_code: exit::USAGE,
             message: format!("digest mode cannot extract the file's Authenticode data: {e}"),
         })?;
-        (data, SignMode::Digest)
+        data
     } else {
-        (file.to_owned(), SignMode::Whole)
+        file.to_owned()
     };
-    let query = SignQuery {
-        profile: profile.map(str::to_owned),
-        filename: file.file_name().map(|n| n.to_string_lossy().into_owned()),
-        description: args.description.clone(),
-        url: args.url.clone(),
-        mode,
-    };
-    let received = work.path().join("received");
-    exchange(endpoint, &upload, &query, &received, file, outcome).await?;
+    Ok(Prepared {
+        file: file.to_owned(),
+        target: target.to_owned(),
+        meta,
+        work,
+        upload,
+    })
+}
 
-    let signed = match mode {
-        SignMode::Whole => received,
-        SignMode::Digest => {
-            let signed = work.path().join("signed");
-            let mut extra: Vec<&std::ffi::OsStr> = Vec::new();
-            if let Some(ca) = &args.ca_file {
-                extra.push("-CAfile".as_ref());
-                extra.push(ca.as_os_str());
-            }
-            let mut attach: Vec<&std::ffi::OsStr> = vec![
-                "attach-signature".as_ref(),
-                "-sigin".as_ref(),
-                received.as_os_str(),
-            ];
-            attach.extend(extra);
-            attach.push("-in".as_ref());
-            osslsigncode(&args.osslsigncode, &attach, file, &signed)
-                .await
-                .map_err(|e| {
-                    let hint = if e.contains("self-signed") || e.contains("local issuer") {
-                        "; the certificate does not chain to this machine's trusted roots: pass its CA with --ca-file"
-                    } else {
-                        ""
-                    };
-                    Failure {
-                        code: Some(ErrorCode::SigningFailed),
-                        exit_code: exit::SIGNING_FAILED,
-                        message: format!("the signature did not attach and verify: {e}{hint}"),
-                    }
-                })?;
-            signed
+/// Turns what came back into the signed target: attaches the signature in digest
+/// mode, then renames the result over the target.
+async fn finish(p: &Prepared, args: &SignArgs) -> Result<(), Failure> {
+    let signed = if args.digest {
+        let signed = p.work.path().join("signed");
+        let received = p.received();
+        let mut attach: Vec<&std::ffi::OsStr> = vec![
+            "attach-signature".as_ref(),
+            "-sigin".as_ref(),
+            received.as_os_str(),
+        ];
+        if let Some(ca) = &args.ca_file {
+            attach.push("-CAfile".as_ref());
+            attach.push(ca.as_os_str());
         }
+        attach.push("-in".as_ref());
+        osslsigncode(&args.osslsigncode, &attach, &p.file, &signed)
+            .await
+            .map_err(|e| {
+                let hint = if e.contains("self-signed") || e.contains("local issuer") {
+                    "; the certificate does not chain to this machine's trusted roots: pass its CA with --ca-file"
+                } else {
+                    ""
+                };
+                Failure {
+                    code: Some(ErrorCode::SigningFailed),
+                    exit_code: exit::SIGNING_FAILED,
+                    message: format!("the signature did not attach and verify: {e}{hint}"),
+                }
+            })?;
+        signed
+    } else {
+        p.received()
     };
-    let perms = tokio::fs::metadata(target)
+    let perms = tokio::fs::metadata(&p.target)
         .await
         .map(|m| m.permissions())
-        .unwrap_or(meta.permissions());
+        .unwrap_or(p.meta.permissions());
     let _ = tokio::fs::set_permissions(&signed, perms).await;
-    tokio::fs::rename(&signed, target)
+    tokio::fs::rename(&signed, &p.target)
         .await
-        .map_err(|e| bad_input(format!("cannot replace {}: {e}", target.display())))?;
-    Ok(())
+        .map_err(|e| bad_input(format!("cannot replace {}: {e}", p.target.display())))
+}
+
+/// Sends every prepared file in one request; the appliance signs them in order under
+/// one hold of the token and answers one part per file.
+async fn batch(
+    endpoint: &Endpoint,
+    query: &SignQuery,
+    ready: &[(usize, Prepared)],
+    outcomes: &mut [Outcome],
+    args: &SignArgs,
+) {
+    let started = Instant::now();
+    let mut query = query.clone();
+    query.filename = None;
+    let fail_all = |outcomes: &mut [Outcome], f: &Failure| {
+        for (i, _) in ready {
+            if outcomes[*i].message.is_none() && !outcomes[*i].signed {
+                outcomes[*i].failed(Failure {
+                    code: f.code,
+                    exit_code: f.exit_code,
+                    message: f.message.clone(),
+                });
+            }
+        }
+    };
+    let mut total = 0;
+    let mut parts = Vec::new();
+    for (i, p) in ready {
+        let size = tokio::fs::metadata(&p.upload)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
+        outcomes[*i].bytes_sent = size;
+        total += size;
+        parts.push(batch::Part {
+            filename: p
+                .file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            headers: Vec::new(),
+            content_type: "application/octet-stream",
+            body: batch::PartBody::File(p.upload.clone()),
+        });
+    }
+    let qs = match serde_urlencoded::to_string(&query) {
+        Ok(q) => q,
+        Err(e) => {
+            return fail_all(
+                outcomes,
+                &unavailable(format!("cannot encode the request: {e}")),
+            )
+        }
+    };
+    let boundary = batch::new_boundary();
+    let progress = Progress::start(Path::new(&format!("{} files", ready.len())), total);
+    let counter = progress.bar.clone();
+    let body = StreamBody::new(
+        batch::body(boundary.clone(), parts).map_ok(move |chunk: Bytes| {
+            counter.inc(chunk.len() as u64);
+            Frame::data(chunk)
+        }),
+    );
+    let req = match Request::post(format!("{BATCH_PATH}?{qs}"))
+        .header(header::CONTENT_TYPE, batch::content_type(&boundary))
+        .body(body)
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return fail_all(
+                outcomes,
+                &unavailable(format!("cannot build the request: {e}")),
+            )
+        }
+    };
+    let resp = match client::send(endpoint, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            progress.finish();
+            return fail_all(outcomes, &unavailable(unreachable_message(endpoint, &e)));
+        }
+    };
+    progress.bar.set_message("signing on the token");
+    let job = resp
+        .headers()
+        .get("x-signet-job")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if !resp.status().is_success() {
+        progress.finish();
+        let f: Failure = client::error_body(endpoint, resp).await.into();
+        return fail_all(outcomes, &f);
+    }
+    let boundary = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| multer::parse_boundary(ct).ok());
+    let Some(boundary) = boundary else {
+        progress.finish();
+        return fail_all(
+            outcomes,
+            &unavailable(format!("{endpoint} answered a batch without parts")),
+        );
+    };
+    let mut answer = multer::Multipart::new(resp.into_body().into_data_stream(), boundary);
+    for (i, p) in ready {
+        let o = &mut outcomes[*i];
+        o.job = job.clone();
+        let result = receive_part(&mut answer, p, o, endpoint).await;
+        let result = match result {
+            Ok(()) => finish(p, args).await,
+            Err(f) => Err(f),
+        };
+        o.seconds = started.elapsed().as_secs_f64();
+        o.done(result, &p.target);
+        if o.exit_code == exit::UNAVAILABLE && o.code.is_none() {
+            // The connection is gone: the rest share this file's fate.
+            let f = Failure {
+                code: None,
+                exit_code: exit::UNAVAILABLE,
+                message: o.message.clone().unwrap_or_default(),
+            };
+            progress.finish();
+            return fail_all(outcomes, &f);
+        }
+    }
+    progress.finish();
+}
+
+/// Reads the next answer part into `p`'s work dir, or its error.
+async fn receive_part(
+    answer: &mut multer::Multipart<'static>,
+    p: &Prepared,
+    o: &mut Outcome,
+    endpoint: &Endpoint,
+) -> Result<(), Failure> {
+    let broke = |e: multer::Error| {
+        unavailable(format!(
+            "the connection to {endpoint} broke while receiving the signed files: {e}"
+        ))
+    };
+    let Some(mut field) = answer.next_field().await.map_err(broke)? else {
+        return Err(unavailable(format!(
+            "{endpoint} answered fewer parts than files were sent"
+        )));
+    };
+    if field
+        .headers()
+        .get(batch::RESULT_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"error")
+    {
+        let bytes = field.bytes().await.map_err(broke)?;
+        let e = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                "the appliance sent an unreadable error",
+            )
+        });
+        return Err(e.into());
+    }
+    let mut out = tokio::fs::File::create(p.received())
+        .await
+        .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
+    while let Some(chunk) = field.chunk().await.map_err(broke)? {
+        o.bytes_received += chunk.len() as u64;
+        out.write_all(&chunk)
+            .await
+            .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
+    }
+    out.sync_all()
+        .await
+        .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))
 }
 
 /// Checks that `file` is a regular file in a format Signet signs.

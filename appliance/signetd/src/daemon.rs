@@ -14,7 +14,7 @@ use signet_protocol::endpoint::Endpoint;
 use signet_protocol::transport::Peer;
 use signet_protocol::wire::{
     AgentHealth, AgentReport, AgentSignQuery, AgentState, DaemonStatus, ErrorBody, ErrorCode,
-    SignQuery, AGENT_HEALTH_PATH, AGENT_SIGN_PATH,
+    SignQuery, AGENT_BATCH_PATH, AGENT_HEALTH_PATH, AGENT_SIGN_PATH,
 };
 
 use crate::config::Config;
@@ -110,14 +110,60 @@ impl Daemon {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        self.relay_to(
+            job,
+            AGENT_SIGN_PATH,
+            "application/octet-stream",
+            body,
+            content_length,
+        )
+        .await
+    }
+
+    /// Sends a batch (a multipart body with `content_type`) to the agent; answers with
+    /// the agent's multipart answer, whose error parts the caller passes through
+    /// [`client_view`] (see [`crate::server`]).
+    pub async fn relay_batch<B>(
+        &self,
+        job: &Job,
+        content_type: &str,
+        body: B,
+        content_length: Option<u64>,
+    ) -> Result<Response<Incoming>, ErrorBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if multer::parse_boundary(content_type).is_err() {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                "a batch is multipart/form-data with one part per file (curl -F file=@a.exe -F file=@b.dll)",
+            ));
+        }
+        self.relay_to(job, AGENT_BATCH_PATH, content_type, body, content_length)
+            .await
+    }
+
+    async fn relay_to<B>(
+        &self,
+        job: &Job,
+        path: &str,
+        content_type: &str,
+        body: B,
+        content_length: Option<u64>,
+    ) -> Result<Response<Incoming>, ErrorBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let query = serde_urlencoded::to_string(&job.agent_query).map_err(|e| {
             ErrorBody::new(
                 ErrorCode::Internal,
                 format!("cannot encode the agent query: {e}"),
             )
         })?;
-        let mut req = Request::post(format!("{AGENT_SIGN_PATH}?{query}"))
-            .header(header::CONTENT_TYPE, "application/octet-stream")
+        let mut req = Request::post(format!("{path}?{query}"))
+            .header(header::CONTENT_TYPE, content_type)
             .header("x-signet-job", &job.id);
         if let Some(len) = content_length {
             req = req.header(header::CONTENT_LENGTH, len);

@@ -12,10 +12,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use signet_protocol::transport::Peer;
-use signet_protocol::wire::{ErrorBody, ErrorCode, SignQuery, SIGN_PATH, STATUS_PATH};
+use signet_protocol::wire::{ErrorBody, ErrorCode, SignQuery, BATCH_PATH, SIGN_PATH, STATUS_PATH};
 use tracing::Instrument;
 
-use crate::daemon::Daemon;
+use crate::daemon::{client_view, Daemon};
+use signet_protocol::batch;
 
 /// How much of a refused upload is read and dropped so the client gets to read the
 /// error instead of a broken pipe.
@@ -24,6 +25,7 @@ const DRAIN_LIMIT: usize = 64 << 20;
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route(SIGN_PATH, post(sign))
+        .route(BATCH_PATH, post(sign_batch))
         .route(STATUS_PATH, get(status))
         .fallback(|| async {
             ErrorBody::new(
@@ -45,6 +47,27 @@ async fn sign(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    job(daemon, peer, query, headers, body, false).await
+}
+
+async fn sign_batch(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    query: Result<Query<SignQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    job(daemon, peer, query, headers, body, true).await
+}
+
+async fn job(
+    daemon: Arc<Daemon>,
+    peer: Peer,
+    query: Result<Query<SignQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+    is_batch: bool,
+) -> Response {
     let accepted = query
         .map_err(|e| {
             ErrorBody::new(
@@ -65,20 +88,56 @@ async fn sign(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let span = tracing::info_span!("job", job = %job.id, profile = %job.profile);
-    let result = daemon
-        .relay(&job, body, content_length)
-        .instrument(span.clone())
-        .await;
+    let result = if is_batch {
+        let ct = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        daemon
+            .relay_batch(&job, &ct, body, content_length)
+            .instrument(span.clone())
+            .await
+    } else {
+        daemon
+            .relay(&job, body, content_length)
+            .instrument(span.clone())
+            .await
+    };
     match result {
         Ok(agent_resp) => {
             span.in_scope(|| tracing::info!("signed; streaming the result"));
             let (parts, incoming) = agent_resp.into_parts();
-            let mut resp = Body::new(incoming).into_response();
-            for h in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
-                if let Some(v) = parts.headers.get(&h) {
-                    resp.headers_mut().insert(h, v.clone());
+            let mut resp = if is_batch {
+                let ct = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                let Ok(boundary) = multer::parse_boundary(ct) else {
+                    return ErrorBody::new(
+                        ErrorCode::Internal,
+                        "the agent answered a batch without parts",
+                    )
+                    .into_response();
+                };
+                let out = batch::new_boundary();
+                let mut r =
+                    Body::from_stream(reframe(incoming, boundary, out.clone(), job.id.clone()))
+                        .into_response();
+                if let Ok(v) = HeaderValue::from_str(&batch::content_type(&out)) {
+                    r.headers_mut().insert(header::CONTENT_TYPE, v);
                 }
-            }
+                r
+            } else {
+                let mut r = Body::new(incoming).into_response();
+                for h in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
+                    if let Some(v) = parts.headers.get(&h) {
+                        r.headers_mut().insert(h, v.clone());
+                    }
+                }
+                r
+            };
             if let Ok(v) = HeaderValue::from_str(&job.id) {
                 resp.headers_mut().insert("x-signet-job", v);
             }
@@ -89,6 +148,112 @@ async fn sign(
             e.into_response()
         }
     }
+}
+
+/// Re-frames the agent's batch answer for the caller, part by part as it streams:
+/// signed files pass through untouched, error parts go through [`client_view`].
+fn reframe(
+    incoming: hyper::body::Incoming,
+    boundary: String,
+    out_boundary: String,
+    job: String,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send {
+    use futures_util::stream;
+    let mp = multer::Multipart::new(Body::new(incoming).into_data_stream(), boundary);
+
+    // State: the parser, the part being copied (if any), whether a part was written.
+    stream::unfold(
+        (mp, None::<multer::Field<'static>>, false, false),
+        move |(mut mp, mut current, mut wrote, done)| {
+            let out_boundary = out_boundary.clone();
+            let job = job.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                if let Some(field) = current.as_mut() {
+                    match field.chunk().await {
+                        Ok(Some(chunk)) => return Some((Ok(chunk), (mp, current, wrote, false))),
+                        // multer hands out the next part only once this one is dropped.
+                        Ok(None) => drop(current.take()),
+                        Err(e) => {
+                            return Some((
+                                Err({
+                                    tracing::warn!(error = ?e, "batch answer from the agent broke off");
+                                    std::io::Error::other(e)
+                                }),
+                                (mp, None, wrote, true),
+                            ))
+                        }
+                    }
+                }
+                match mp.next_field().await {
+                    Ok(Some(field)) => {
+                        let filename = field.file_name().unwrap_or_default().to_owned();
+                        let is_error = field
+                            .headers()
+                            .get(batch::RESULT_HEADER)
+                            .is_some_and(|v| v.as_bytes() == b"error");
+                        let first = !wrote;
+                        wrote = true;
+                        if is_error {
+                            let bytes = match field.bytes().await {
+                                Ok(b) => b,
+                                Err(e) => {
+                                    return Some((
+                                        Err({
+                                            tracing::warn!(error = ?e, "batch answer from the agent broke off");
+                                            std::io::Error::other(e)
+                                        }),
+                                        (mp, None, wrote, true),
+                                    ))
+                                }
+                            };
+                            let e =
+                                serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| {
+                                    ErrorBody::new(
+                                        ErrorCode::Internal,
+                                        "the agent sent an unreadable error",
+                                    )
+                                });
+                            let e = client_view(&job, e);
+                            let json = serde_json::to_string(&e).unwrap_or_default();
+                            let mut part = batch::part_head(
+                                &out_boundary,
+                                &filename,
+                                "application/json",
+                                &[(batch::RESULT_HEADER.to_owned(), "error".to_owned())],
+                                first,
+                            )
+                            .to_vec();
+                            part.extend_from_slice(json.as_bytes());
+                            Some((Ok(bytes::Bytes::from(part)), (mp, None, wrote, false)))
+                        } else {
+                            let head = batch::part_head(
+                                &out_boundary,
+                                &filename,
+                                "application/octet-stream",
+                                &[(batch::RESULT_HEADER.to_owned(), "signed".to_owned())],
+                                first,
+                            );
+                            Some((Ok(head), (mp, Some(field), wrote, false)))
+                        }
+                    }
+                    Ok(None) => Some((
+                        Ok(batch::closing(&out_boundary, !wrote)),
+                        (mp, None, wrote, true),
+                    )),
+                    Err(e) => Some((
+                        Err({
+                            tracing::warn!(error = ?e, "batch answer from the agent broke off");
+                            std::io::Error::other(e)
+                        }),
+                        (mp, None, wrote, true),
+                    )),
+                }
+            }
+        },
+    )
 }
 
 async fn drain(body: Body) {

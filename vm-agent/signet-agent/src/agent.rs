@@ -87,6 +87,32 @@ impl Agent {
 
     /// Signs the spooled input; on success the signed file is at `spool.output()`.
     pub async fn sign(&self, spool: &Spool, query: &AgentSignQuery) -> Result<(), ErrorBody> {
+        self.check_input(spool, query).await?;
+        let _job = self.jobs.lock().await;
+        self.sign_locked(spool, query).await
+    }
+
+    /// Signs a batch in order under one hold of the token: no other job runs between
+    /// its files. Each file gets its own result; a bad file does not stop the others.
+    pub async fn sign_batch(
+        &self,
+        items: &[(Spool, AgentSignQuery)],
+    ) -> Vec<Result<(), ErrorBody>> {
+        let mut results = Vec::with_capacity(items.len());
+        for (spool, query) in items {
+            results.push(self.check_input(spool, query).await);
+        }
+        let _job = self.jobs.lock().await;
+        for ((spool, query), result) in items.iter().zip(results.iter_mut()) {
+            if result.is_ok() {
+                *result = self.sign_locked(spool, query).await;
+            }
+        }
+        results
+    }
+
+    /// Checks the spooled input is something this request may sign.
+    async fn check_input(&self, spool: &Spool, query: &AgentSignQuery) -> Result<(), ErrorBody> {
         let input = spool.input();
         match query.mode {
             SignMode::Whole => {
@@ -99,8 +125,12 @@ impl Agent {
                 tracing::info!("digest-mode input accepted");
             }
         }
+        Ok(())
+    }
 
-        let _job = self.jobs.lock().await;
+    /// Signs one checked input; the caller holds the job lock.
+    async fn sign_locked(&self, spool: &Spool, query: &AgentSignQuery) -> Result<(), ErrorBody> {
+        let input = spool.input();
         let (key, pin) = self
             .with_token(|t| t.ensure_ready())
             .await
@@ -126,7 +156,12 @@ impl Agent {
         let result = self.signer.sign(&key, &pin, &spec).await;
         match result {
             Ok(()) => {
-                tracing::info!(token = %key.token_serial, ms = started.elapsed().as_millis() as u64, "signed");
+                tracing::info!(
+                    file = query.filename.as_deref().unwrap_or("-"),
+                    token = %key.token_serial,
+                    ms = started.elapsed().as_millis() as u64,
+                    "signed"
+                );
                 Ok(())
             }
             Err(e) => {

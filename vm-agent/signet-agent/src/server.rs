@@ -11,8 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::TryStreamExt;
+use signet_protocol::batch::{self, Part, PartBody, RESULT_HEADER};
 use signet_protocol::wire::{
-    AgentSignQuery, ErrorBody, ErrorCode, AGENT_HEALTH_PATH, AGENT_SIGN_PATH,
+    AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_HEALTH_PATH, AGENT_SIGN_PATH,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -22,6 +23,7 @@ use crate::agent::{Agent, Spool};
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route(AGENT_SIGN_PATH, post(sign))
+        .route(AGENT_BATCH_PATH, post(batch))
         .route(AGENT_HEALTH_PATH, get(health))
         .fallback(|| async {
             ErrorBody::new(
@@ -57,6 +59,112 @@ async fn sign(
         agent.sign(&spool, &query).instrument(span.clone()).await?;
     }
     send(spool).await
+}
+
+/// The most files one batch may carry.
+const MAX_BATCH: usize = 1000;
+
+async fn batch(
+    State(agent): State<Arc<Agent>>,
+    query: Result<Query<AgentSignQuery>, QueryRejection>,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> Result<Response, ErrorBody> {
+    let Query(query) = query.map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("bad query: {}", e.body_text()),
+        )
+    })?;
+    let boundary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| multer::parse_boundary(ct).ok())
+        .ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::BadRequest,
+                "a batch is multipart/form-data with one part per file",
+            )
+        })?;
+    let mut parts = multer::Multipart::new(body.into_data_stream(), boundary);
+    let mut items = Vec::new();
+    loop {
+        let field = parts.next_field().await.map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::TruncatedInput,
+                format!("the batch upload is malformed or ended early ({e}); nothing was signed"),
+            )
+        })?;
+        let Some(mut field) = field else { break };
+        if items.len() == MAX_BATCH {
+            return Err(ErrorBody::new(
+                ErrorCode::InputTooLarge,
+                format!("a batch holds at most {MAX_BATCH} files; split it"),
+            ));
+        }
+        let spool = agent.spool()?;
+        let mut q = query.clone();
+        q.filename = field.file_name().map(str::to_owned);
+        let mut file = tokio::fs::File::create(spool.input())
+            .await
+            .map_err(spool_error)?;
+        loop {
+            match field.chunk().await {
+                Ok(Some(chunk)) => file.write_all(&chunk).await.map_err(spool_error)?,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::TruncatedInput,
+                        format!("the batch upload ended early ({e}); nothing was signed"),
+                    ))
+                }
+            }
+        }
+        file.flush().await.map_err(spool_error)?;
+        items.push((spool, q));
+    }
+    let span = tracing::info_span!("batch", files = items.len());
+    let results = {
+        use tracing::Instrument;
+        agent.sign_batch(&items).instrument(span).await
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for ((spool, q), result) in items.iter().zip(results) {
+        let filename = q.filename.clone().unwrap_or_default();
+        out.push(match result {
+            Ok(()) => Part {
+                filename,
+                headers: vec![(RESULT_HEADER.to_owned(), "signed".to_owned())],
+                content_type: "application/octet-stream",
+                body: PartBody::File(spool.output()),
+            },
+            Err(e) => Part {
+                filename,
+                headers: vec![(RESULT_HEADER.to_owned(), "error".to_owned())],
+                content_type: "application/json",
+                body: PartBody::Bytes(serde_json::to_vec(&e).unwrap_or_default().into()),
+            },
+        });
+    }
+    let boundary = batch::new_boundary();
+    let ct = batch::content_type(&boundary);
+    // The spools live until the answer has been streamed.
+    let stream = batch::body(boundary, out).map_ok(move |chunk| {
+        let _keep = &items;
+        chunk
+    });
+    let mut resp = Body::from_stream(stream).into_response();
+    if let Ok(v) = HeaderValue::from_str(&ct) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    Ok(resp)
+}
+
+fn spool_error(e: std::io::Error) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Internal,
+        format!("the agent cannot write its spool: {e}"),
+    )
 }
 
 /// Streams the request body into the spool, in constant memory.

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Signet's benchmark: time per signature along the job path, and memory on a 1 GiB input.
+#
+#   make bench            (or: bash scripts/bench.sh [--quick])
+#
+# One SoftHSM token (RSA-3072), one 1 MiB PE, three ways side by side with hyperfine:
+#   (a) osslsigncode sign, run directly      — the floor: module load, login, hash, sign
+#   (b) the agent alone (POST /agent/v1/sign over its unix socket, with curl)
+#   (c) the whole path: signet -> signetd -> signet-agent, unix sockets, in digest and
+#       whole-file mode
+# Then the peak RSS of signet, signetd and signet-agent while a 1 GiB PE goes through
+# the whole path. Results go to stdout and target/bench/ (markdown tables).
+set -euo pipefail
+root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+bin=${SIGNET_BIN_DIR:-$root/target/release}
+quick=0
+[[ ${1:-} == --quick ]] && quick=1
+for b in signet signetd signet-agent; do
+  [[ -x $bin/$b ]] || { echo "bench: $bin/$b missing; run 'make bench' (it builds first)" >&2; exit 1; }
+done
+for c in hyperfine curl /usr/bin/time; do
+  command -v "$c" >/dev/null || { echo "bench: $c missing (apt-get install hyperfine curl time)" >&2; exit 1; }
+done
+
+out=$root/target/bench
+mkdir -p "$out"
+W=$(mktemp -d "${TMPDIR:-/tmp}/signet-bench.XXXXXX")
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$W"
+}
+trap cleanup EXIT
+
+bash "$root/tests/fixtures/make-token.sh" "$W/token"
+bash "$root/tests/fixtures/make-pe.sh" "$W/in.exe" $((1 << 20))
+export SOFTHSM2_CONF=$W/token/softhsm2.conf
+MOD=/usr/lib/softhsm/libsofthsm2.so
+KEY="pkcs11:token=signet-demo;object=signkey;type=private"
+
+cat > "$W/agent.toml" <<CONF
+listen = "unix:$W/agent.sock"
+spool_dir = "$W"
+[token]
+module = "$MOD"
+label = "signet-demo"
+pin_file = "$W/token/pin"
+CONF
+cat > "$W/signetd.toml" <<CONF
+listen = ["unix:$W/signetd.sock"]
+agent = "unix:$W/agent.sock"
+CONF
+RUST_LOG=warn "$bin/signet-agent" --config "$W/agent.toml" 2>"$W/agent.log" &
+agent_pid=$!
+pids+=("$agent_pid")
+RUST_LOG=warn "$bin/signetd" --config "$W/signetd.toml" 2>"$W/signetd.log" &
+daemon_pid=$!
+pids+=("$daemon_pid")
+export SIGNET_ENDPOINT=unix:$W/signetd.sock
+for _ in $(seq 1 100); do "$bin/signet" status >/dev/null 2>&1 && break; sleep 0.1; done
+"$bin/signet" status >/dev/null
+
+runs=30
+((quick)) && runs=5
+echo "== time per signature, 1 MiB PE, $runs runs each"
+hyperfine --warmup 3 --runs "$runs" -N --export-markdown "$out/per-signature.md" \
+  --prepare "rm -f $W/a.exe" \
+  -n "(a) osslsigncode sign" \
+  "osslsigncode sign -pkcs11module $MOD -key $KEY -readpass $W/token/pin -certs $W/token/cert.pem -h sha256 -in $W/in.exe -out $W/a.exe" \
+  -n "(b) agent alone" \
+  "curl -sf --unix-socket $W/agent.sock --data-binary @$W/in.exe -o $W/b.exe http://signet/agent/v1/sign" \
+  -n "(c) signet -> signetd -> agent" \
+  "$bin/signet sign -o $W/c.exe $W/in.exe" \
+  -n "(c) same, digest mode" \
+  "$bin/signet sign --digest --ca-file $W/token/cert.pem -o $W/d.exe $W/in.exe"
+for f in a b c d; do
+  osslsigncode verify -CAfile "$W/token/cert.pem" -in "$W/$f.exe" >/dev/null || { echo "bench: $f.exe does not verify" >&2; exit 1; }
+done
+
+if ((quick)); then
+  echo "(--quick: skipping the 1 GiB memory run)"
+  exit 0
+fi
+echo "== memory while a 1 GiB PE goes through the whole path"
+bash "$root/tests/fixtures/make-pe.sh" "$W/big.exe" $((1 << 30))
+hwm() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+agent_before=$(hwm "$agent_pid")
+daemon_before=$(hwm "$daemon_pid")
+start=$(date +%s%N)
+/usr/bin/time -f "%M" -o "$W/client.rss" "$bin/signet" sign -o "$W/big-signed.exe" "$W/big.exe"
+ms=$((($(date +%s%N) - start) / 1000000))
+osslsigncode verify -CAfile "$W/token/cert.pem" -in "$W/big-signed.exe" >/dev/null
+{
+  echo "| process | peak RSS before | peak RSS after signing 1 GiB |"
+  echo "|---|---|---|"
+  echo "| signet-agent | $((agent_before / 1024)) MiB | $(($(hwm "$agent_pid") / 1024)) MiB |"
+  echo "| signetd | $((daemon_before / 1024)) MiB | $(($(hwm "$daemon_pid") / 1024)) MiB |"
+  echo "| signet (client) | — | $(($(cat "$W/client.rss") / 1024)) MiB |"
+  echo
+  echo "1 GiB PE signed and verified through the whole path in $ms ms."
+} | tee "$out/memory.md"
