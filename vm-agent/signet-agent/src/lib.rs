@@ -9,6 +9,8 @@
 //! - [`agent`] — the core commands (`sign`, `health`), one job at a time.
 //! - [`server`] — the HTTP front (`/agent/v1/...`) over vsock, unix or TCP.
 //! - [`modules`] — known PKCS#11 modules per platform and the tokens they serve.
+//! - [`doctor`] — `signet-agent doctor` and `tokens`: checks of the configuration, the
+//!   module, the tokens, the PIN file, osslsigncode and the certificate, without login.
 //!
 //! Flow of a job: `server` spools the uploaded body → `agent::sign` checks the format,
 //! takes the job lock, makes sure the token session is logged in → `signer` runs
@@ -16,6 +18,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod doctor;
 pub mod modules;
 pub mod server;
 pub mod signer;
