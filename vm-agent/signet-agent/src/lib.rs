@@ -4,8 +4,13 @@
 //! - [`token`] — the PKCS#11 session (cryptoki) and the PIN guard — the only code that
 //!   logs in to the token.
 //! - [`signer`] — osslsigncode with the token's PKCS#11 module; the PIN goes on stdin.
+//! - [`signtool`] — the Windows backend: signtool with the token's CSP, its command line
+//!   (the PIN only inside `/kc`, never shown) and its error texts classified.
 //! - [`agent`] — the core commands (`sign`, `health`), one job at a time.
 //! - [`server`] — the HTTP front (`/agent/v1/...`) over vsock, unix or TCP.
+//! - [`modules`] — known PKCS#11 modules per platform and the tokens they serve.
+//! - [`doctor`] — `signet-agent doctor` and `tokens`: checks of the configuration, the
+//!   module, the tokens, the PIN file, osslsigncode and the certificate, without login.
 //!
 //! Flow of a job: `server` spools the uploaded body → `agent::sign` checks the format,
 //! takes the job lock, makes sure the token session is logged in → `signer` runs
@@ -13,6 +18,9 @@
 
 pub mod agent;
 pub mod config;
+pub mod doctor;
+pub mod modules;
 pub mod server;
 pub mod signer;
+pub mod signtool;
 pub mod token;

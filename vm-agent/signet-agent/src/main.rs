@@ -2,9 +2,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use signet_agent::agent::Agent;
 use signet_agent::config::{self, Config};
+use signet_agent::doctor;
 use signet_protocol::transport::{Listener, Peer};
 use signet_protocol::wire::AgentState;
 
@@ -21,8 +22,41 @@ use signet_protocol::wire::AgentState;
 )]
 struct Cli {
     /// Configuration file.
-    #[arg(long, short, default_value = config::DEFAULT_PATH, env = "SIGNET_AGENT_CONFIG")]
+    #[arg(long, short, global = true, default_value = config::DEFAULT_PATH, env = "SIGNET_AGENT_CONFIG")]
     config: PathBuf,
+    /// Without a command, the agent runs.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Checks that this agent can sign, and says what to fix when it cannot.
+    ///
+    /// Checks the configuration, the PKCS#11 module (suggesting the known modules
+    /// present when it does not load), the tokens present, the configured token and
+    /// its PIN counter, the PIN file (present, not open to group or others),
+    /// osslsigncode (2.9 or later) and the signing certificate.
+    ///
+    /// It never logs in to the token: no PIN try is spent, whatever state the token is
+    /// in, and the PIN file's content is not read. Files are checked as the user running
+    /// the doctor; run it as the agent's user. Exit status: 0 when every check passes,
+    /// 1 otherwise.
+    Doctor {
+        /// One JSON object: every check with its status and fix, the tokens present.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists the tokens the PKCS#11 module sees (label, serial, model, manufacturer,
+    /// firmware, PIN counter flags), without logging in.
+    Tokens {
+        /// The PKCS#11 module; default: token.module from the configuration.
+        #[arg(long)]
+        module: Option<PathBuf>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[tokio::main]
@@ -35,6 +69,9 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Some(command) = cli.command {
+        std::process::exit(run_command(command, &cli.config)?);
+    }
     let cfg = Config::load(&cli.config)?;
     let listen = cfg.listen.clone();
     let agent = Arc::new(Agent::new(cfg).await?);
@@ -62,6 +99,47 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("serving")?;
     Ok(())
+}
+
+/// Runs a one-shot command; returns the exit status.
+fn run_command(command: Command, config_path: &std::path::Path) -> anyhow::Result<i32> {
+    match command {
+        Command::Doctor { json } => {
+            let report = doctor::run(config_path);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(if report.ok { 0 } else { 1 })
+        }
+        Command::Tokens { module, json } => {
+            let module = match module {
+                Some(m) => m,
+                None => match Config::load(config_path) {
+                    Ok(cfg) => cfg.token.module,
+                    Err(e) => doctor::lenient_module(config_path).ok_or(e).context(
+                        "no module to list the tokens of: pass --module PATH or fix the configuration",
+                    )?,
+                },
+            };
+            match doctor::list_tokens(&module) {
+                Ok(list) if json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Ok(list) => print!("{}", list.render()),
+                Err(check) => {
+                    eprintln!("signet-agent: {}", check.summary);
+                    for d in &check.details {
+                        eprintln!("  - {d}");
+                    }
+                    if let Some(fix) = &check.fix {
+                        eprintln!("  fix: {fix}");
+                    }
+                    return Ok(1);
+                }
+            }
+            Ok(0)
+        }
+    }
 }
 
 async fn shutdown() {
