@@ -78,6 +78,19 @@ for f in a b c d; do
   osslsigncode verify -CAfile "$W/token/cert.pem" -in "$W/$f.exe" >/dev/null || { echo "bench: $f.exe does not verify" >&2; exit 1; }
 done
 
+echo "== bytes on the wire for a 64 MiB PE, whole file vs digest mode"
+bash "$root/tests/fixtures/make-pe.sh" "$W/mid.exe" $((64 << 20))
+cp "$W/mid.exe" "$W/mid2.exe"
+whole=$("$bin/signet" sign --json -o "$W/mid-w.exe" "$W/mid.exe")
+digest=$("$bin/signet" sign --json --digest --ca-file "$W/token/cert.pem" -o "$W/mid-d.exe" "$W/mid2.exe")
+field() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p" <<<"$2"; }
+{
+  echo "| mode | bytes sent | bytes received | seconds |"
+  echo "|---|---|---|---|"
+  echo "| whole file | $(field bytes_sent "$whole") | $(field bytes_received "$whole") | $(field seconds "$whole") |"
+  echo "| digest | $(field bytes_sent "$digest") | $(field bytes_received "$digest") | $(field seconds "$digest") |"
+} | tee "$out/bytes.md"
+
 if ((quick)); then
   echo "(--quick: skipping the 1 GiB memory run)"
   exit 0

@@ -27,9 +27,9 @@ use crate::config::{Config, TokenConfig};
 use crate::modules::{self, Candidate, Platform};
 use crate::token::{ck, PinFlags};
 
-/// The oldest osslsigncode the agent works with: 2.9 reads the PIN from stdin
-/// (`-readpass -`).
-pub const OSSLSIGNCODE_MIN: (u32, u32) = (2, 9);
+/// The oldest osslsigncode the agent is known to work with (Debian 12's): it signs
+/// with a PKCS#11 module and reads the PIN from a file (`-readpass /dev/stdin`).
+pub const OSSLSIGNCODE_MIN: (u32, u32) = (2, 5);
 /// The first osslsigncode with `extract-data` (digest mode).
 pub const OSSLSIGNCODE_EXTRACT_DATA: (u32, u32) = (2, 8);
 
@@ -862,7 +862,7 @@ pub fn osslsigncode_version(output: &str) -> Option<(u32, u32)> {
 
 /// Judges osslsigncode from its `--version` run.
 pub fn judge_osslsigncode(program: &Path, probe: &Result<String, String>) -> Check {
-    let install = "install osslsigncode 2.9 or later (Debian 12 packages 2.5; build it from https://github.com/mtrojnar/osslsigncode), or set signer.osslsigncode to it";
+    let install = "install osslsigncode 2.8 or later for digest mode (Debian 12 has 2.5; bookworm-backports has 2.9), or set signer.osslsigncode to it";
     let output = match probe {
         Err(e) => {
             return Check::fail(
@@ -886,24 +886,22 @@ pub fn judge_osslsigncode(program: &Path, probe: &Result<String, String>) -> Che
     };
     let v = (major, minor);
     if v < OSSLSIGNCODE_MIN {
-        let digest = if v < OSSLSIGNCODE_EXTRACT_DATA {
-            "; it also lacks extract-data (2.8), which digest mode needs"
-        } else {
-            ""
-        };
         return Check::fail(
             "osslsigncode",
-            format!(
-                "osslsigncode {major}.{minor} is too old: the agent gives it the PIN on stdin (-readpass -), which needs 2.9{digest}"
-            ),
+            format!("osslsigncode {major}.{minor} is older than {}.{}, the oldest the agent is known to work with", OSSLSIGNCODE_MIN.0, OSSLSIGNCODE_MIN.1),
+            install,
+        );
+    }
+    if v < OSSLSIGNCODE_EXTRACT_DATA {
+        return Check::warn(
+            "osslsigncode",
+            format!("osslsigncode {major}.{minor} signs whole files, but lacks the detached signing digest mode needs (2.8)"),
             install,
         );
     }
     Check::ok(
         "osslsigncode",
-        format!(
-            "osslsigncode {major}.{minor}: PIN on stdin (-readpass -), extract-data and attach-signature (digest mode)"
-        ),
+        format!("osslsigncode {major}.{minor}: whole files, and digest mode (extract-data, attach-signature)"),
     )
 }
 
@@ -1207,13 +1205,12 @@ mod tests {
             Status::Ok
         );
         let c = judge_osslsigncode(p, &Ok("osslsigncode 2.8, using:".into()));
-        assert_eq!(c.status, Status::Fail);
-        assert!(
-            c.summary.contains("-readpass -") && !c.summary.contains("extract-data"),
-            "{c:?}"
-        );
+        assert_eq!(c.status, Status::Ok, "{c:?}");
         let c = judge_osslsigncode(p, &Ok("osslsigncode 2.5, using:".into()));
-        assert!(c.summary.contains("extract-data"), "{c:?}");
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(c.summary.contains("digest mode"), "{c:?}");
+        let c = judge_osslsigncode(p, &Ok("osslsigncode 2.4, using:".into()));
+        assert_eq!(c.status, Status::Fail, "{c:?}");
         let c = judge_osslsigncode(p, &Err("No such file or directory".into()));
         assert!(c.summary.contains("cannot run osslsigncode"), "{c:?}");
         assert!(

@@ -2,7 +2,9 @@
 //! stdin, and classifying how it failed.
 //!
 //! The PIN never appears on a command line, in the environment or in a log: it is
-//! written to the child's stdin (`-readpass -`) and the pipe is closed.
+//! written to the child's stdin and the pipe is closed. osslsigncode reads it with
+//! `-readpass /dev/stdin`, which works with every version that has `-readpass`
+//! (`-readpass -` needs 2.9).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -74,7 +76,7 @@ impl Osslsigncode {
             "-key".into(),
             key_uri(key, "private").into(),
             "-readpass".into(),
-            "-".into(),
+            "/dev/stdin".into(),
         ];
         match &self.certificate {
             Some(path) => {
@@ -293,7 +295,7 @@ mod tests {
             joined.starts_with("sign -pkcs11module /m.so -key pkcs11:"),
             "{joined}"
         );
-        assert!(joined.contains("-readpass -"), "{joined}");
+        assert!(joined.contains("-readpass /dev/stdin"), "{joined}");
         assert!(
             joined.contains(
                 "-pkcs11cert pkcs11:token=My%20Token%3B1;serial=a1b2c3;id=%01%AB;type=cert"
