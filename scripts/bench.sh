@@ -65,7 +65,7 @@ runs=30
 ((quick)) && runs=5
 echo "== time per signature, 1 MiB PE, $runs runs each"
 hyperfine --warmup 3 --runs "$runs" -N --export-markdown "$out/per-signature.md" \
-  --prepare "rm -f $W/a.exe" \
+  --prepare "rm -f $W/a.exe" --prepare true --prepare true --prepare true \
   -n "(a) osslsigncode sign" \
   "osslsigncode sign -pkcs11module $MOD -key $KEY -readpass $W/token/pin -certs $W/token/cert.pem -h sha256 -in $W/in.exe -out $W/a.exe" \
   -n "(b) agent alone" \
