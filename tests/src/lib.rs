@@ -312,6 +312,56 @@ pub fn verify(world: &World, file: &Path) -> (bool, String) {
     (out.status.success() && text.contains("Succeeded"), text)
 }
 
+/// Runs a script from `tests/fixtures/` with `args`; panics with its stderr when it fails.
+pub fn fixture(script: &str, args: &[&Path]) {
+    let out = Command::new("bash")
+        .arg(repo_root().join("tests/fixtures").join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl World {
+    /// A Windows Installer package (wixl) holding the fixture PE, under `name`.
+    pub fn msi(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        fixture("make-msi.sh", &[&p, &self.path("hello.exe")]);
+        p
+    }
+
+    /// A cabinet archive (gcab) holding the fixture PE and certificate, under `name`.
+    pub fn cab(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        fixture(
+            "make-cab.sh",
+            &[&p, &self.path("hello.exe"), &self.path("cert.pem")],
+        );
+        p
+    }
+
+    /// An unsigned security catalog listing the fixture PE and certificate, under `name`.
+    pub fn cat(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        fixture(
+            "make-cat.sh",
+            &[&p, &self.path("hello.exe"), &self.path("cert.pem")],
+        );
+        p
+    }
+
+    /// A file under `name` with `bytes` in it.
+    pub fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+}
+
 /// Counts PKCS#11 `C_Login` calls in a pkcs11-spy log.
 pub fn count_logins(spy_log: &Path) -> usize {
     std::fs::read_to_string(spy_log)

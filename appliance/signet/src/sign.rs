@@ -14,7 +14,7 @@ use signet_protocol::client::{self, ClientError};
 use signet_protocol::format;
 use signet_protocol::wire::{exit, ErrorBody, ErrorCode, SignQuery, SIGN_PATH};
 use signet_protocol::Endpoint;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::config::ClientConfig;
 
@@ -38,7 +38,9 @@ pub struct SignArgs {
     /// Print one JSON object per file on stdout instead of a line of text.
     #[arg(long)]
     json: bool,
-    /// Files to sign: Windows PE files (EXE, DLL, SYS).
+    /// Files to sign: Windows PE files (EXE, DLL, SYS), MSI packages, CAB archives,
+    /// security catalogs (CAT) and PowerShell scripts (.ps1, .psm1, .psd1, .ps1xml,
+    /// .psc1, .cdxml). The format is told from the content; a script's name counts too.
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
 }
@@ -194,33 +196,24 @@ async fn sign_inner(
     args: &SignArgs,
     outcome: &mut Outcome,
 ) -> Result<(), Failure> {
-    // Local checks first: a bad file never costs an upload.
-    let mut input = tokio::fs::File::open(file)
-        .await
-        .map_err(|e| bad_input(format!("cannot open it: {e}")))?;
-    let meta = input
+    // Local checks first: a bad file never costs an upload. The appliance checks the
+    // same way, from the content (and for text, the name).
+    let filename = file.file_name().map(|n| n.to_string_lossy().into_owned());
+    let local = std::fs::File::open(file).map_err(|e| bad_input(format!("cannot open it: {e}")))?;
+    let meta = local
         .metadata()
-        .await
         .map_err(|e| bad_input(format!("cannot read it: {e}")))?;
     if !meta.is_file() {
         return Err(bad_input("not a regular file".to_owned()));
     }
     let size = meta.len();
-    let mut head = Vec::with_capacity(format::HEAD_LEN);
-    (&mut input)
-        .take(format::HEAD_LEN as u64)
-        .read_to_end(&mut head)
-        .await
-        .map_err(|e| bad_input(format!("cannot read it: {e}")))?;
-    format::detect(&head).map_err(|e| bad_input(e.to_string()))?;
-    // Re-open: the body is the whole file from its first byte.
-    let input = tokio::fs::File::open(file)
-        .await
-        .map_err(|e| bad_input(format!("cannot open it: {e}")))?;
+    format::detect(&local, filename.as_deref()).map_err(|e| bad_input(e.to_string()))?;
+    // The body is the whole file from its first byte.
+    let input = tokio::fs::File::from_std(local);
 
     let query = SignQuery {
         profile: profile.map(str::to_owned),
-        filename: file.file_name().map(|n| n.to_string_lossy().into_owned()),
+        filename,
         description: args.description.clone(),
         url: args.url.clone(),
     };

@@ -1,12 +1,11 @@
 //! The agent's core: one token, one job at a time, and the commands the HTTP front
 //! calls (`sign`, `health`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use signet_protocol::format;
 use signet_protocol::wire::{AgentHealth, AgentSignQuery, ErrorBody, ErrorCode};
-use tokio::io::AsyncReadExt;
 
 use crate::config::Config;
 use crate::signer::{Osslsigncode, SignError, SignSpec};
@@ -26,6 +25,11 @@ impl Spool {
 
     pub fn output(&self) -> PathBuf {
         self.dir.path().join("signed")
+    }
+
+    /// The input's path once it carries the extension of its format.
+    fn input_with_extension(&self, extension: &str) -> PathBuf {
+        self.dir.path().join(format!("input.{extension}"))
     }
 }
 
@@ -87,9 +91,18 @@ impl Agent {
 
     /// Signs the spooled input; on success the signed file is at `spool.output()`.
     pub async fn sign(&self, spool: &Spool, query: &AgentSignQuery) -> Result<(), ErrorBody> {
-        let input = spool.input();
-        let fmt = detect(&input).await?;
-        tracing::info!(format = %fmt, "input accepted");
+        let detected = detect(spool.input(), query.filename.clone()).await?;
+        // osslsigncode may go by the extension (it does for PowerShell files).
+        let input = spool.input_with_extension(detected.extension);
+        tokio::fs::rename(spool.input(), &input)
+            .await
+            .map_err(|e| {
+                ErrorBody::new(
+                    ErrorCode::Internal,
+                    format!("the agent cannot rename its spooled input: {e}"),
+                )
+            })?;
+        tracing::info!(format = %detected.format, "input accepted");
 
         let _job = self.jobs.lock().await;
         let (key, pin) = self
@@ -192,29 +205,25 @@ impl Agent {
     }
 }
 
-/// Reads the head of the spooled input and checks its format.
-async fn detect(input: &Path) -> Result<format::Format, ErrorBody> {
-    let mut head = Vec::with_capacity(format::HEAD_LEN);
-    let file = tokio::fs::File::open(input).await.map_err(|e| {
-        ErrorBody::new(
-            ErrorCode::Internal,
-            format!("the spooled input is gone: {e}"),
-        )
-    })?;
-    file.take(format::HEAD_LEN as u64)
-        .read_to_end(&mut head)
-        .await
-        .map_err(|e| {
+/// Detects the spooled input's format from its content (and, for text, its name).
+async fn detect(input: PathBuf, filename: Option<String>) -> Result<format::Detected, ErrorBody> {
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&input).map_err(|e| {
             ErrorBody::new(
                 ErrorCode::Internal,
-                format!("cannot read the spooled input: {e}"),
+                format!("the spooled input is gone: {e}"),
             )
         })?;
-    format::detect(&head).map_err(|e| {
-        let code = match e {
-            format::FormatError::Empty => ErrorCode::EmptyInput,
-            format::FormatError::Unsupported { .. } => ErrorCode::UnsupportedFormat,
-        };
-        ErrorBody::new(code, e.to_string())
+        format::detect(&file, filename.as_deref()).map_err(|e| {
+            let code = match e {
+                format::FormatError::Empty => ErrorCode::EmptyInput,
+                format::FormatError::Unsupported { .. }
+                | format::FormatError::TextNotScript { .. } => ErrorCode::UnsupportedFormat,
+                format::FormatError::Unreadable(_) => ErrorCode::Internal,
+            };
+            ErrorBody::new(code, e.to_string())
+        })
     })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }

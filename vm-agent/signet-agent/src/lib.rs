@@ -7,8 +7,9 @@
 //! - [`agent`] — the core commands (`sign`, `health`), one job at a time.
 //! - [`server`] — the HTTP front (`/agent/v1/...`) over vsock, unix or TCP.
 //!
-//! Flow of a job: `server` spools the uploaded body → `agent::sign` checks the format,
-//! takes the job lock, makes sure the token session is logged in → `signer` runs
+//! Flow of a job: `server` spools the uploaded body → `agent::sign` detects the format
+//! from the content (`signet_protocol::format`), names the spooled file with the
+//! format's extension, takes the job lock, makes sure the token session is logged in → `signer` runs
 //! osslsigncode → `server` streams the signed file back and the spool is deleted.
 
 pub mod agent;
