@@ -8,6 +8,7 @@ use signet_protocol::format;
 use signet_protocol::wire::{AgentHealth, AgentSignQuery, ErrorBody, ErrorCode};
 
 use crate::config::Config;
+use crate::job;
 use crate::signer::{Osslsigncode, SignError, SignSpec};
 use crate::token::{Token, TokenError};
 
@@ -53,6 +54,7 @@ impl Agent {
             program: cfg.signer.osslsigncode.clone(),
             module: cfg.token.module.clone(),
             certificate: cfg.signer.certificate.clone(),
+            timeout: std::time::Duration::from_secs(cfg.signer.timeout_seconds),
         };
         let signer_version = signer.version().await?;
         Ok(Agent {
@@ -91,7 +93,8 @@ impl Agent {
 
     /// Signs the spooled input; on success the signed file is at `spool.output()`.
     pub async fn sign(&self, spool: &Spool, query: &AgentSignQuery) -> Result<(), ErrorBody> {
-        let detected = detect(spool.input(), query.filename.clone()).await?;
+        job::check_query(query)?;
+        let detected = job::admit(query, detect(spool.input(), query.filename.clone()).await?)?;
         // osslsigncode may go by the extension (it does for PowerShell files).
         let input = spool.input_with_extension(detected.extension);
         tokio::fs::rename(spool.input(), &input)
@@ -102,7 +105,7 @@ impl Agent {
                     format!("the agent cannot rename its spooled input: {e}"),
                 )
             })?;
-        tracing::info!(format = %detected.format, "input accepted");
+        tracing::info!(format = %detected.format, profile = query.profile.as_deref().unwrap_or("-"), "input accepted");
 
         let _job = self.jobs.lock().await;
         let (key, pin) = self
@@ -122,9 +125,13 @@ impl Agent {
         let spec = SignSpec {
             input: &input,
             output: &output,
+            format: detected.format,
             hash: query.hash,
             description: query.description.as_deref(),
             url: query.url.as_deref(),
+            page_hashes: query.page_hashes,
+            nested: query.nested,
+            timestamp: &query.timestamp,
         };
         let started = std::time::Instant::now();
         let result = self.signer.sign(&key, &pin, &spec).await;
@@ -206,7 +213,10 @@ impl Agent {
 }
 
 /// Detects the spooled input's format from its content (and, for text, its name).
-async fn detect(input: PathBuf, filename: Option<String>) -> Result<format::Detected, ErrorBody> {
+async fn detect(
+    input: PathBuf,
+    filename: Option<String>,
+) -> Result<Result<format::Detected, format::FormatError>, ErrorBody> {
     tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&input).map_err(|e| {
             ErrorBody::new(
@@ -214,15 +224,7 @@ async fn detect(input: PathBuf, filename: Option<String>) -> Result<format::Dete
                 format!("the spooled input is gone: {e}"),
             )
         })?;
-        format::detect(&file, filename.as_deref()).map_err(|e| {
-            let code = match e {
-                format::FormatError::Empty => ErrorCode::EmptyInput,
-                format::FormatError::Unsupported { .. }
-                | format::FormatError::TextNotScript { .. } => ErrorCode::UnsupportedFormat,
-                format::FormatError::Unreadable(_) => ErrorCode::Internal,
-            };
-            ErrorBody::new(code, e.to_string())
-        })
+        Ok(format::detect(&file, filename.as_deref()))
     })
     .await
     .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))

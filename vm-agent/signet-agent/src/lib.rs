@@ -4,16 +4,20 @@
 //! - [`token`] — the PKCS#11 session (cryptoki) and the PIN guard — the only code that
 //!   logs in to the token.
 //! - [`signer`] — osslsigncode with the token's PKCS#11 module; the PIN goes on stdin.
+//! - [`job`] — a job's options and format checked against its profile, before the
+//!   token is touched.
 //! - [`agent`] — the core commands (`sign`, `health`), one job at a time.
 //! - [`server`] — the HTTP front (`/agent/v1/...`) over vsock, unix or TCP.
 //!
 //! Flow of a job: `server` spools the uploaded body → `agent::sign` detects the format
-//! from the content (`signet_protocol::format`), names the spooled file with the
-//! format's extension, takes the job lock, makes sure the token session is logged in → `signer` runs
-//! osslsigncode → `server` streams the signed file back and the spool is deleted.
+//! from the content (`signet_protocol::format`), checks it and the profile's options
+//! with `job`, names the spooled file with the format's extension, takes the job lock,
+//! makes sure the token session is logged in → `signer` runs osslsigncode → `server`
+//! streams the signed file back and the spool is deleted.
 
 pub mod agent;
 pub mod config;
+pub mod job;
 pub mod server;
 pub mod signer;
 pub mod token;
