@@ -15,6 +15,9 @@ needs=(
   "/usr/include/libusb-1.0/libusb.h libusb-1.0-0-dev"
   "pkg-config pkg-config"
   "openssl openssl"
+  "wixl wixl"
+  "msiinfo msitools"
+  "gcab gcab"
 )
 
 missing=()

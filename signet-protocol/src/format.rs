@@ -1,22 +1,117 @@
-//! Recognising a file's format from its first bytes, never from its name.
+//! Recognising a file's format from its content, never from its name.
+//!
+//! Signet signs what osslsigncode signs, told apart by their bytes:
+//! - PE (EXE, DLL, SYS, ...): `MZ`, then `PE\0\0` where the DOS header points, with a
+//!   PE32 or PE32+ optional header;
+//! - MSI: an OLE compound file whose root storage has the class of a Windows Installer
+//!   package or patch (a Word 97 document is a compound file too);
+//! - CAB: `MSCF` with the cabinet format version 1.3;
+//! - CAT: a DER PKCS#7 signed-data structure whose content is a Microsoft certificate
+//!   trust list (OID 1.3.6.1.4.1.311.10.1), as `makecat` writes security catalogs;
+//! - PowerShell scripts: text (UTF-8, UTF-8 with BOM, UTF-16LE with BOM) *and* a
+//!   PowerShell extension in the file's name. Text says nothing about its language, and
+//!   osslsigncode picks the comment style of the signature block from the extension,
+//!   so for scripts, and only for them, the name counts.
+//!
+//! Detection reads the first [`HEAD_LEN`] bytes and, for PE and compound files, the
+//! headers wherever the file says they are, through [`Source`]. It is pure: the caller
+//! brings the bytes (a file, or a slice in tests).
 
-/// How many leading bytes [`detect`] wants to see.
+use std::io;
+
+/// How many leading bytes [`detect`] reads first.
 pub const HEAD_LEN: usize = 4096;
 
+/// The extensions of the PowerShell files osslsigncode signs, lower case, without dot.
+pub const POWERSHELL_EXTENSIONS: [&str; 6] = ["ps1", "psm1", "psd1", "ps1xml", "psc1", "cdxml"];
+
 /// A format Signet signs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// Windows Portable Executable: EXE, DLL, SYS, OCX...
     Pe,
+    /// Windows Installer package or patch (MSI, MSM, MSP).
+    Msi,
+    /// Cabinet archive.
+    Cab,
+    /// Security catalog.
+    Cat,
+    /// PowerShell script, module, manifest or XML file.
+    PowerShell,
+}
+
+impl Format {
+    /// Every format, in the order they are listed to people.
+    pub const ALL: [Format; 5] = [
+        Format::Pe,
+        Format::Msi,
+        Format::Cab,
+        Format::Cat,
+        Format::PowerShell,
+    ];
+
+    /// The name used in configuration files and on the wire (`pe`, `msi`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Pe => "pe",
+            Format::Msi => "msi",
+            Format::Cab => "cab",
+            Format::Cat => "cat",
+            Format::PowerShell => "powershell",
+        }
+    }
+
+    /// The extension a file of this format is given for the signer, which may rely
+    /// on it. PowerShell files keep their own (see [`Detected::extension`]).
+    fn extension(self) -> &'static str {
+        match self {
+            Format::Pe => "exe",
+            Format::Msi => "msi",
+            Format::Cab => "cab",
+            Format::Cat => "cat",
+            Format::PowerShell => "ps1",
+        }
+    }
 }
 
 impl std::fmt::Display for Format {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Format::Pe => "PE (EXE/DLL/SYS)",
+            Format::Msi => "MSI (Windows Installer package or patch)",
+            Format::Cab => "CAB (cabinet archive)",
+            Format::Cat => "CAT (security catalog)",
+            Format::PowerShell => "PowerShell script",
         })
     }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Format::ALL
+            .into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                format!(
+                    "unknown format {s:?}; the formats are {}",
+                    Format::ALL.map(Format::name).join(", ")
+                )
+            })
+    }
+}
+
+/// What [`detect`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detected {
+    pub format: Format,
+    /// The extension (lower case, no dot) to give the file when it is handed to the
+    /// signer: the format's own, or for PowerShell the one of the file's name.
+    pub extension: &'static str,
 }
 
 /// Why the bytes are not something Signet signs.
@@ -24,32 +119,97 @@ impl std::fmt::Display for Format {
 pub enum FormatError {
     #[error("the file is empty")]
     Empty,
-    #[error("the file is not a supported format ({seen}); Signet signs Windows PE files (EXE, DLL, SYS)")]
+    #[error(
+        "the file is not a supported format ({seen}); Signet signs {}",
+        supported()
+    )]
     Unsupported { seen: String },
     #[error("digest mode expects the Authenticode data made by `osslsigncode extract-data`, and this is not it")]
     NotDigestBlob,
+    #[error("the file is text, and Signet signs text only as a PowerShell script, which it knows by a name ending in .{} ({}); rename it if it is one", POWERSHELL_EXTENSIONS.join(", ."), name_note(.name))]
+    TextNotScript { name: Option<String> },
+    #[error("the file cannot be read: {0}")]
+    Unreadable(String),
 }
 
-/// Detects the format from the file's first bytes (at least [`HEAD_LEN`] of them, or
-/// the whole file when it is shorter).
-pub fn detect(head: &[u8]) -> Result<Format, FormatError> {
+fn supported() -> String {
+    "Windows PE files (EXE, DLL, SYS), MSI packages, CAB archives, security catalogs (CAT) and PowerShell scripts".to_owned()
+}
+
+fn name_note(name: &Option<String>) -> String {
+    match name {
+        Some(n) => format!("this one is named {n:?}"),
+        None => "no file name came with it".to_owned(),
+    }
+}
+
+/// Random access to the bytes being examined.
+pub trait Source {
+    /// Reads into `buf` from `offset`; fewer bytes than asked only at the end of the
+    /// data (none past it).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+impl Source for [u8] {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let Ok(start) = usize::try_from(offset) else {
+            return Ok(0);
+        };
+        let Some(rest) = self.get(start..) else {
+            return Ok(0);
+        };
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        Ok(n)
+    }
+}
+
+impl Source for std::fs::File {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let mut done = 0;
+        while done < buf.len() {
+            match FileExt::read_at(self, &mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// Detects the format of the bytes in `src`. `filename` (a bare name) is consulted
+/// only for text, to tell whether it is a PowerShell script.
+pub fn detect<S: Source + ?Sized>(
+    src: &S,
+    filename: Option<&str>,
+) -> Result<Detected, FormatError> {
+    // One byte more than the head tells whether the head is the whole file.
+    let mut head = read(src, 0, HEAD_LEN + 1)?;
+    let whole = head.len() <= HEAD_LEN;
+    head.truncate(HEAD_LEN);
     if head.is_empty() {
         return Err(FormatError::Empty);
     }
-    if head.starts_with(b"MZ") {
-        let Some(lfanew) = head.get(0x3c..0x40) else {
-            return Err(unsupported("an MZ header too short to be a PE file"));
-        };
-        let lfanew = u32::from_le_bytes([lfanew[0], lfanew[1], lfanew[2], lfanew[3]]) as usize;
-        return match head.get(lfanew..lfanew.saturating_add(4)) {
-            Some(b"PE\0\0") => Ok(Format::Pe),
-            Some(_) => Err(unsupported("an MZ (DOS) executable without a PE header")),
-            None => Err(unsupported(
-                "an MZ header whose PE header lies beyond the first 4 KiB or the end of the file",
-            )),
-        };
-    }
-    Err(unsupported(describe(head)))
+    let format = if head.starts_with(b"MZ") {
+        pe(src, &head)?
+    } else if head.starts_with(CFB_MAGIC) {
+        compound_file(src, &head)?
+    } else if head.starts_with(b"MSCF") {
+        cab(&head)?
+    } else if let Some(found) = pkcs7(&head) {
+        found?
+    } else if let Some(text) = text(&head, whole) {
+        return script(text, filename);
+    } else {
+        return Err(unsupported(describe(&head)));
+    };
+    Ok(Detected {
+        format,
+        extension: format.extension(),
+    })
 }
 
 /// DER of the `SpcIndirectDataContent` OID (1.3.6.1.4.1.311.2.1.4), which every
@@ -72,49 +232,385 @@ pub fn detect_digest_blob(head: &[u8]) -> Result<(), FormatError> {
     Err(FormatError::NotDigestBlob)
 }
 
-fn unsupported(seen: &str) -> FormatError {
-    FormatError::Unsupported {
-        seen: seen.to_owned(),
+fn unsupported(seen: impl Into<String>) -> FormatError {
+    FormatError::Unsupported { seen: seen.into() }
+}
+
+fn le16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn le32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn read<S: Source + ?Sized>(src: &S, offset: u64, len: usize) -> Result<Vec<u8>, FormatError> {
+    let mut buf = vec![0u8; len];
+    let n = src
+        .read_at(offset, &mut buf)
+        .map_err(|e| FormatError::Unreadable(e.to_string()))?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// `MZ` is there: the DOS header must point at a PE header with a PE32/PE32+
+/// optional header.
+fn pe<S: Source + ?Sized>(src: &S, head: &[u8]) -> Result<Format, FormatError> {
+    let Some(lfanew) = le32(head, 0x3c) else {
+        return Err(unsupported("an MZ header too short to be a PE file"));
+    };
+    // "PE\0\0", the 20-byte COFF header, then the optional header's magic.
+    let hdr = read(src, u64::from(lfanew), 26)?;
+    if hdr.len() < 4 {
+        return Err(unsupported(
+            "an MZ header whose PE header lies beyond the end of the file",
+        ));
+    }
+    if &hdr[..4] != b"PE\0\0" {
+        return Err(unsupported("an MZ (DOS) executable without a PE header"));
+    }
+    match le16(&hdr, 24) {
+        Some(0x10b | 0x20b) => Ok(Format::Pe),
+        Some(magic) => Err(unsupported(format!(
+            "a PE file of an unknown kind (optional header magic 0x{magic:04x})"
+        ))),
+        None => Err(unsupported("a PE file cut off in its headers")),
     }
 }
 
+const CFB_MAGIC: &[u8] = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1";
+/// Root storage class of a Windows Installer package (and merge module):
+/// {000C1084-0000-0000-C000-000000000046}, as stored (little-endian fields).
+const CLSID_MSI_PACKAGE: [u8; 16] =
+    *b"\x84\x10\x0c\x00\x00\x00\x00\x00\xc0\x00\x00\x00\x00\x00\x00\x46";
+/// ... of a Windows Installer patch: {000C1086-0000-0000-C000-000000000046}.
+const CLSID_MSI_PATCH: [u8; 16] =
+    *b"\x86\x10\x0c\x00\x00\x00\x00\x00\xc0\x00\x00\x00\x00\x00\x00\x46";
+
+/// An OLE compound file (MS-CFB): finds the root directory entry and checks its class.
+fn compound_file<S: Source + ?Sized>(src: &S, head: &[u8]) -> Result<Format, FormatError> {
+    let damaged = || unsupported("a damaged or truncated OLE compound file");
+    let (Some(major), Some(order), Some(shift), Some(first_dir)) = (
+        le16(head, 0x1a),
+        le16(head, 0x1c),
+        le16(head, 0x1e),
+        le32(head, 0x30),
+    ) else {
+        return Err(damaged());
+    };
+    if order != 0xfffe || !matches!((major, shift), (3, 9) | (4, 12)) || first_dir >= 0xffff_fffa {
+        return Err(damaged());
+    }
+    // Sector n starts at (n + 1) << shift: the header takes the place of sector -1.
+    let entry = read(src, (u64::from(first_dir) + 1) << shift, 128)?;
+    // Object type 5: the root storage.
+    if entry.len() < 128 || entry[0x42] != 5 {
+        return Err(damaged());
+    }
+    let clsid: [u8; 16] = entry[0x50..0x60].try_into().map_err(|_| damaged())?;
+    if clsid == CLSID_MSI_PACKAGE || clsid == CLSID_MSI_PATCH {
+        return Ok(Format::Msi);
+    }
+    Err(unsupported(format!(
+        "an OLE compound file that is not a Windows Installer package or patch: its root storage class is {}; Office 97-2003 documents and installer transforms look like this",
+        guid(&clsid)
+    )))
+}
+
+fn guid(b: &[u8; 16]) -> String {
+    format!(
+        "{{{:08X}-{:04X}-{:04X}-{}-{}}}",
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        u16::from_le_bytes([b[4], b[5]]),
+        u16::from_le_bytes([b[6], b[7]]),
+        hex(&b[8..10]),
+        hex(&b[10..16])
+    )
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02X}")).collect()
+}
+
+/// `MSCF`: a cabinet header with reserved fields zero and format version 1.3.
+fn cab(head: &[u8]) -> Result<Format, FormatError> {
+    match (le32(head, 4), le32(head, 8), head.get(24..26)) {
+        (Some(0), Some(size), Some([3, 1])) if size >= 36 => Ok(Format::Cab),
+        (Some(0), Some(size), Some(&[minor, major])) if size >= 36 => Err(unsupported(format!(
+            "a CAB archive of format version {major}.{minor}, not 1.3"
+        ))),
+        _ => Err(unsupported("a damaged or truncated CAB archive")),
+    }
+}
+
+/// 1.2.840.113549.1.7.2, PKCS#7 signed data.
+const OID_SIGNED_DATA: &[u8] = b"\x2a\x86\x48\x86\xf7\x0d\x01\x07\x02";
+/// 1.3.6.1.4.1.311.10.1, Microsoft certificate trust list (szOID_CTL).
+const OID_MS_CTL: &[u8] = b"\x2b\x06\x01\x04\x01\x82\x37\x0a\x01";
+
+/// One DER/BER header at `pos`: tag, where the content starts, and its length
+/// (`None`: indefinite). Only single-byte tags, as PKCS#7 uses.
+fn der_header(b: &[u8], pos: usize) -> Option<(u8, usize, Option<usize>)> {
+    let tag = *b.get(pos)?;
+    if tag & 0x1f == 0x1f {
+        return None;
+    }
+    let first = *b.get(pos + 1)?;
+    if first < 0x80 {
+        return Some((tag, pos + 2, Some(usize::from(first))));
+    }
+    if first == 0x80 {
+        return Some((tag, pos + 2, None));
+    }
+    let n = usize::from(first & 0x7f);
+    if n > 4 {
+        return None;
+    }
+    let len = b
+        .get(pos + 2..pos + 2 + n)?
+        .iter()
+        .fold(0usize, |acc, &x| (acc << 8) | usize::from(x));
+    Some((tag, pos + 2 + n, Some(len)))
+}
+
+/// A DER PKCS#7 signed-data structure: `None` when the head is not one at all, else
+/// whether its content is a certificate trust list (a catalog).
+fn pkcs7(head: &[u8]) -> Option<Result<Format, FormatError>> {
+    // ContentInfo ::= SEQUENCE { contentType OID, content [0] EXPLICIT ANY }
+    let (0x30, pos, _) = der_header(head, 0)? else {
+        return None;
+    };
+    let (0x06, oid_at, Some(oid_len)) = der_header(head, pos)? else {
+        return None;
+    };
+    if head.get(oid_at..oid_at + oid_len)? != OID_SIGNED_DATA {
+        return None;
+    }
+    Some(signed_data_content(head, oid_at + oid_len))
+}
+
+fn signed_data_content(head: &[u8], pos: usize) -> Result<Format, FormatError> {
+    let damaged = || unsupported("a damaged or truncated PKCS#7 signed-data file");
+    let step = |pos: usize, want: u8, enter: bool| -> Result<usize, FormatError> {
+        match der_header(head, pos) {
+            Some((tag, content, _)) if tag == want && enter => Ok(content),
+            Some((tag, content, Some(len))) if tag == want => Ok(content + len),
+            _ => Err(damaged()),
+        }
+    };
+    // [0] { SignedData ::= SEQUENCE { version INTEGER, digestAlgorithms SET,
+    //       encapContentInfo SEQUENCE { eContentType OID, ... }, ... } }
+    let pos = step(pos, 0xa0, true)?;
+    let pos = step(pos, 0x30, true)?;
+    let pos = step(pos, 0x02, false)?;
+    let pos = step(pos, 0x31, false)?;
+    let pos = step(pos, 0x30, true)?;
+    let Some((0x06, at, Some(len))) = der_header(head, pos) else {
+        return Err(damaged());
+    };
+    let oid = head.get(at..at + len).ok_or_else(damaged)?;
+    if oid == OID_MS_CTL {
+        return Ok(Format::Cat);
+    }
+    Err(unsupported(format!(
+        "a PKCS#7 signed-data file whose content is {} rather than a certificate trust list (1.3.6.1.4.1.311.10.1), so not a security catalog",
+        oid_text(oid)
+    )))
+}
+
+fn oid_text(der: &[u8]) -> String {
+    let Some((&first, rest)) = der.split_first() else {
+        return "an empty OID".to_owned();
+    };
+    let mut parts = vec![(first / 40).min(2).to_string()];
+    parts.push((u32::from(first) - 40 * u32::from((first / 40).min(2))).to_string());
+    let mut acc: u64 = 0;
+    for &b in rest {
+        acc = (acc << 7) | u64::from(b & 0x7f);
+        if b & 0x80 == 0 {
+            parts.push(acc.to_string());
+            acc = 0;
+        }
+    }
+    parts.join(".")
+}
+
+/// Text encodings a PowerShell script may be in, as osslsigncode reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Text {
+    Utf8,
+    Utf16Le,
+    Utf16Be,
+}
+
+fn is_text_char(c: char) -> bool {
+    !c.is_control() || matches!(c, '\t' | '\n' | '\r' | '\x0c' | '\x1b')
+}
+
+/// Whether the head is text, and in which encoding. `whole`: the head is the whole
+/// file, so a character cut off at its end is an error rather than the cut.
+fn text(head: &[u8], whole: bool) -> Option<Text> {
+    if let Some(body) = head.strip_prefix(b"\xff\xfe") {
+        return utf16(body, whole, u16::from_le_bytes).then_some(Text::Utf16Le);
+    }
+    if let Some(body) = head.strip_prefix(b"\xfe\xff") {
+        return utf16(body, whole, u16::from_be_bytes).then_some(Text::Utf16Be);
+    }
+    let body = head.strip_prefix(b"\xef\xbb\xbf").unwrap_or(head);
+    let valid = match std::str::from_utf8(body) {
+        Ok(s) => s,
+        Err(e) if e.error_len().is_none() && !whole => {
+            std::str::from_utf8(&body[..e.valid_up_to()]).ok()?
+        }
+        Err(_) => return None,
+    };
+    valid.chars().all(is_text_char).then_some(Text::Utf8)
+}
+
+fn utf16(body: &[u8], whole: bool, unit: fn([u8; 2]) -> u16) -> bool {
+    let chunks = body.chunks_exact(2);
+    if whole && !chunks.remainder().is_empty() {
+        return false;
+    }
+    let units: Vec<u16> = chunks.map(|c| unit([c[0], c[1]])).collect();
+    let n = units.len();
+    char::decode_utf16(units).enumerate().all(|(i, c)| match c {
+        Ok(c) => is_text_char(c),
+        // A surrogate pair cut by the end of the head.
+        Err(_) => !whole && i + 1 == n,
+    })
+}
+
+fn script(text: Text, filename: Option<&str>) -> Result<Detected, FormatError> {
+    if text == Text::Utf16Be {
+        return Err(unsupported(
+            "UTF-16 big-endian text, which osslsigncode cannot sign; save it as UTF-8 or UTF-16 little-endian",
+        ));
+    }
+    let ext = filename
+        .and_then(|n| std::path::Path::new(n).extension())
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match POWERSHELL_EXTENSIONS
+        .iter()
+        .find(|known| Some(**known) == ext.as_deref())
+    {
+        Some(extension) => Ok(Detected {
+            format: Format::PowerShell,
+            extension,
+        }),
+        None => Err(FormatError::TextNotScript {
+            name: filename.map(str::to_owned),
+        }),
+    }
+}
+
+/// Names what the bytes look like, for the refusal message.
 fn describe(head: &[u8]) -> &'static str {
     const KNOWN: &[(&[u8], &str)] = &[
         (
-            b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
-            "an OLE compound file such as MSI",
+            b"PK\x03\x04",
+            "a ZIP archive, such as APPX/MSIX, NuGet or JAR",
         ),
-        (b"MSCF", "a CAB archive"),
-        (b"PK\x03\x04", "a ZIP archive"),
         (b"\x7fELF", "a Linux ELF binary"),
         (b"\xcf\xfa\xed\xfe", "a macOS Mach-O binary"),
+        (
+            b"\xca\xfe\xba\xbe",
+            "a macOS universal binary or Java class",
+        ),
         (b"%PDF", "a PDF document"),
         (b"\x1f\x8b", "a gzip archive"),
+        (b"-----BEGIN", "a PEM file"),
     ];
-    for (magic, name) in KNOWN {
-        if head.starts_with(magic) {
-            return name;
-        }
-    }
-    if std::str::from_utf8(head).is_ok() {
-        "text"
-    } else {
-        "unrecognised binary data"
-    }
+    KNOWN
+        .iter()
+        .find(|(magic, _)| head.starts_with(magic))
+        .map_or("unrecognised binary data", |(_, name)| name)
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
-    fn pe(lfanew: u32, len: usize) -> Vec<u8> {
+    fn detect_bytes(bytes: &[u8], name: Option<&str>) -> Result<Format, FormatError> {
+        detect(bytes, name).map(|d| d.format)
+    }
+
+    fn pe(lfanew: u32, len: usize, magic: u16) -> Vec<u8> {
         let mut v = vec![0u8; len];
         v[..2].copy_from_slice(b"MZ");
         v[0x3c..0x40].copy_from_slice(&lfanew.to_le_bytes());
-        if (lfanew as usize) + 4 <= len {
-            v[lfanew as usize..lfanew as usize + 4].copy_from_slice(b"PE\0\0");
+        let at = lfanew as usize;
+        if at + 4 <= len {
+            v[at..at + 4].copy_from_slice(b"PE\0\0");
+        }
+        if at + 26 <= len {
+            v[at + 24..at + 26].copy_from_slice(&magic.to_le_bytes());
         }
         v
+    }
+
+    /// A compound file: header, then the first directory sector holding the root
+    /// entry with `clsid`, at sector `dir` (512-byte sectors, version 3).
+    fn cfb(clsid: [u8; 16], dir: u32) -> Vec<u8> {
+        let mut v = vec![0u8; 512 * (dir as usize + 2)];
+        v[..8].copy_from_slice(CFB_MAGIC);
+        v[0x18..0x1a].copy_from_slice(&0x3eu16.to_le_bytes());
+        v[0x1a..0x1c].copy_from_slice(&3u16.to_le_bytes());
+        v[0x1c..0x1e].copy_from_slice(&0xfffeu16.to_le_bytes());
+        v[0x1e..0x20].copy_from_slice(&9u16.to_le_bytes());
+        v[0x20..0x22].copy_from_slice(&6u16.to_le_bytes());
+        v[0x30..0x34].copy_from_slice(&dir.to_le_bytes());
+        let e = 512 * (dir as usize + 1);
+        for (i, u) in "Root Entry".encode_utf16().enumerate() {
+            v[e + 2 * i..e + 2 * i + 2].copy_from_slice(&u.to_le_bytes());
+        }
+        v[e + 0x40] = 22;
+        v[e + 0x42] = 5;
+        v[e + 0x50..e + 0x60].copy_from_slice(&clsid);
+        v
+    }
+
+    fn cab_header(major: u8, minor: u8) -> Vec<u8> {
+        let mut v = vec![0u8; 64];
+        v[..4].copy_from_slice(b"MSCF");
+        v[8..12].copy_from_slice(&64u32.to_le_bytes());
+        v[24] = minor;
+        v[25] = major;
+        v
+    }
+
+    /// DER of `tag` around `content` (short or long length form).
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        match content.len() {
+            n if n < 0x80 => v.push(n as u8),
+            n if n < 0x100 => v.extend([0x81, n as u8]),
+            n => v.extend([0x82, (n >> 8) as u8, n as u8]),
+        }
+        v.extend_from_slice(content);
+        v
+    }
+
+    /// A PKCS#7 signed-data ContentInfo with `content_type` and a dummy content.
+    fn signed_data(content_type: &[u8], digest_algs: &[u8]) -> Vec<u8> {
+        let encap = [
+            tlv(0x06, content_type),
+            tlv(0xa0, &tlv(0x30, &tlv(0x04, b"list"))),
+        ]
+        .concat();
+        let sd = [
+            tlv(0x02, &[1]),
+            tlv(0x31, digest_algs),
+            tlv(0x30, &encap),
+            tlv(0x31, &[]),
+        ]
+        .concat();
+        tlv(
+            0x30,
+            &[tlv(0x06, OID_SIGNED_DATA), tlv(0xa0, &tlv(0x30, &sd))].concat(),
+        )
     }
 
     #[test]
@@ -124,7 +620,7 @@ mod tests {
         assert_eq!(detect_digest_blob(&blob), Ok(()));
         assert_eq!(detect_digest_blob(&[]), Err(FormatError::Empty));
         assert_eq!(
-            detect_digest_blob(&pe(0x80, 512)),
+            detect_digest_blob(&pe(0x80, 512, 0x10b)),
             Err(FormatError::NotDigestBlob)
         );
         assert_eq!(
@@ -134,9 +630,146 @@ mod tests {
     }
 
     #[test]
-    fn pe_is_recognised() {
-        assert_eq!(detect(&pe(0x80, 512)), Ok(Format::Pe));
-        assert_eq!(detect(&pe(0x40, 0x44)), Ok(Format::Pe));
+    fn pe_is_recognised_wherever_its_header_is() {
+        assert_eq!(detect_bytes(&pe(0x80, 512, 0x10b), None), Ok(Format::Pe));
+        assert_eq!(detect_bytes(&pe(0x80, 512, 0x20b), None), Ok(Format::Pe));
+        assert_eq!(detect_bytes(&pe(0x40, 0x5a, 0x20b), None), Ok(Format::Pe));
+        // The PE header may lie beyond the first read.
+        assert_eq!(
+            detect_bytes(&pe(0x2000, 0x2100, 0x20b), None),
+            Ok(Format::Pe)
+        );
+        // The name never matters for binaries.
+        let d = detect(&pe(0x80, 512, 0x10b)[..], Some("setup.ps1")).unwrap();
+        assert_eq!((d.format, d.extension), (Format::Pe, "exe"));
+    }
+
+    #[test]
+    fn msi_is_a_compound_file_with_the_installer_class() {
+        for dir in [0, 3, 20] {
+            let d = detect(&cfb(CLSID_MSI_PACKAGE, dir)[..], Some("x.doc")).unwrap();
+            assert_eq!((d.format, d.extension), (Format::Msi, "msi"), "dir {dir}");
+        }
+        assert_eq!(
+            detect_bytes(&cfb(CLSID_MSI_PATCH, 1), None),
+            Ok(Format::Msi)
+        );
+        // Word 97: {00020906-0000-0000-C000-000000000046}
+        let word = *b"\x06\x09\x02\x00\x00\x00\x00\x00\xc0\x00\x00\x00\x00\x00\x00\x46";
+        let err = detect_bytes(&cfb(word, 0), None).unwrap_err().to_string();
+        assert!(
+            err.contains("not a Windows Installer package")
+                && err.contains("{00020906-0000-0000-C000-000000000046}"),
+            "{err}"
+        );
+        let mut cut = cfb(CLSID_MSI_PACKAGE, 5);
+        cut.truncate(512 * 6 + 64);
+        let err = detect_bytes(&cut, None).unwrap_err().to_string();
+        assert!(err.contains("damaged or truncated OLE"), "{err}");
+        let mut v4 = cfb(CLSID_MSI_PACKAGE, 0);
+        v4[0x1a] = 4; // version 4 wants 4096-byte sectors
+        assert!(detect_bytes(&v4, None).is_err());
+    }
+
+    #[test]
+    fn cab_needs_its_header_and_version() {
+        assert_eq!(detect_bytes(&cab_header(1, 3), None), Ok(Format::Cab));
+        let err = detect_bytes(&cab_header(2, 0), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("version 2.0"), "{err}");
+        let err = detect_bytes(b"MSCF\0\0\0\0", None).unwrap_err().to_string();
+        assert!(err.contains("damaged or truncated CAB"), "{err}");
+    }
+
+    #[test]
+    fn cat_is_signed_data_around_a_trust_list() {
+        let cat = signed_data(OID_MS_CTL, &[]);
+        assert_eq!(detect_bytes(&cat, None), Ok(Format::Cat));
+        // A signed catalog has digest algorithms, and a long one long lengths.
+        let sha256 = tlv(
+            0x30,
+            &[
+                tlv(0x06, b"\x60\x86\x48\x01\x65\x03\x04\x02\x01"),
+                vec![5, 0],
+            ]
+            .concat(),
+        );
+        let mut big = signed_data(OID_MS_CTL, &sha256);
+        assert_eq!(detect_bytes(&big, None), Ok(Format::Cat));
+        big.extend(vec![0u8; 70_000]);
+        assert_eq!(detect_bytes(&big, None), Ok(Format::Cat));
+
+        // PKCS#7 data (1.2.840.113549.1.7.1) is not a catalog.
+        let other = signed_data(b"\x2a\x86\x48\x86\xf7\x0d\x01\x07\x01", &[]);
+        let err = detect_bytes(&other, None).unwrap_err().to_string();
+        assert!(
+            err.contains("1.2.840.113549.1.7.1") && err.contains("not a security catalog"),
+            "{err}"
+        );
+        let err = detect_bytes(&cat[..cat.len() / 2], None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("damaged or truncated PKCS#7"), "{err}");
+        // DER that is not PKCS#7 at all: a certificate.
+        let cert = tlv(0x30, &tlv(0x30, &tlv(0x02, &[1])));
+        let err = detect_bytes(&cert, None).unwrap_err().to_string();
+        assert!(err.contains("unrecognised binary data"), "{err}");
+    }
+
+    #[test]
+    fn text_is_a_powershell_script_only_by_its_name() {
+        let utf8 = "Write-Host \"hi\"\r\n# é ü\n".as_bytes().to_vec();
+        let bom8 = [b"\xef\xbb\xbf".as_slice(), &utf8].concat();
+        let mut bom16 = b"\xff\xfe".to_vec();
+        for u in "Write-Host \"hi\" – ✓\r\n".encode_utf16() {
+            bom16.extend(u.to_le_bytes());
+        }
+        for bytes in [&utf8, &bom8, &bom16] {
+            for name in [
+                "a.ps1", "A.PS1", "m.psm1", "d.psd1", "t.ps1xml", "c.psc1", "x.cdxml",
+            ] {
+                let d = detect(&bytes[..], Some(name)).unwrap();
+                assert_eq!(d.format, Format::PowerShell, "{name}");
+                assert_eq!(
+                    d.extension,
+                    name.rsplit('.').next().unwrap().to_ascii_lowercase()
+                );
+            }
+            for name in [Some("notes.txt"), Some("ps1"), Some("a.ps1.txt"), None] {
+                let err = detect_bytes(bytes, name).unwrap_err();
+                assert!(matches!(err, FormatError::TextNotScript { .. }), "{err}");
+                let msg = err.to_string();
+                assert!(
+                    msg.contains(".ps1, .psm1") && msg.contains("Signet signs"),
+                    "{msg}"
+                );
+                match name {
+                    Some(n) => assert!(msg.contains(&format!("{n:?}")), "{msg}"),
+                    None => assert!(msg.contains("no file name"), "{msg}"),
+                }
+            }
+        }
+        let mut be = b"\xfe\xff".to_vec();
+        for u in "Write-Host".encode_utf16() {
+            be.extend(u.to_be_bytes());
+        }
+        let err = detect_bytes(&be, Some("a.ps1")).unwrap_err().to_string();
+        assert!(err.contains("big-endian"), "{err}");
+    }
+
+    #[test]
+    fn text_cut_by_the_head_is_still_text_but_a_cut_file_is_not() {
+        // A long script whose 4096th byte falls inside a two-byte character.
+        let mut long = vec![b'#'; HEAD_LEN - 1];
+        long.extend("é\n".as_bytes());
+        assert_eq!(detect_bytes(&long, Some("a.ps1")), Ok(Format::PowerShell));
+        let cut = &long[..HEAD_LEN];
+        assert!(detect_bytes(cut, Some("a.ps1")).is_err());
+        let mut nul = b"Write-Host".to_vec();
+        nul.push(0);
+        let err = detect_bytes(&nul, Some("a.ps1")).unwrap_err().to_string();
+        assert!(err.contains("unrecognised binary data"), "{err}");
     }
 
     #[test]
@@ -144,24 +777,49 @@ mod tests {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (vec![], "empty"),
             (b"MZ".to_vec(), "too short"),
-            (pe(0x1000, 0x200), "beyond"),
-            (pe(0xffff_fff0, 0x200), "beyond"),
+            (pe(0x1000, 0x200, 0x10b), "beyond"),
+            (pe(0xffff_fff0, 0x200, 0x10b), "beyond"),
             (
                 {
-                    let mut v = pe(0x80, 512);
+                    let mut v = pe(0x80, 512, 0x10b);
                     v[0x80] = b'N';
                     v
                 },
                 "without a PE header",
             ),
+            (pe(0x80, 512, 0x107), "magic 0x0107"),
+            (pe(0x80, 0x90, 0x10b), "cut off"),
             (b"\x7fELF\x02\x01\x01".to_vec(), "ELF"),
-            (b"MSCF\0\0\0\0".to_vec(), "CAB"),
-            (b"#!/bin/sh\necho hi\n".to_vec(), "text"),
-            (vec![0xff, 0xfe, 0x00, 0x80], "unrecognised"),
+            (b"PK\x03\x04rest".to_vec(), "ZIP"),
+            (vec![0xff, 0xfe, 0x00, 0xd8], "unrecognised"),
+            (vec![0x00, 0x01, 0x02], "unrecognised"),
         ];
         for (bytes, want) in cases {
-            let err = detect(&bytes).expect_err(want);
+            let err = detect_bytes(&bytes, Some("x.exe")).expect_err(want);
             assert!(err.to_string().contains(want), "{want}: {err}");
+            if !bytes.is_empty() {
+                assert!(err.to_string().contains("Signet signs Windows PE"), "{err}");
+            }
         }
+    }
+
+    #[test]
+    fn format_names_round_trip() {
+        for f in Format::ALL {
+            assert_eq!(f.name().parse::<Format>(), Ok(f));
+            let json = serde_json::to_string(&f).unwrap();
+            assert_eq!(json, format!("\"{}\"", f.name()));
+        }
+        let err = "exe".parse::<Format>().unwrap_err();
+        assert!(err.contains("pe, msi, cab, cat, powershell"), "{err}");
+    }
+
+    #[test]
+    fn files_are_read_through_the_same_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x");
+        std::fs::write(&p, cfb(CLSID_MSI_PACKAGE, 9)).unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        assert_eq!(detect(&f, None).map(|d| d.format), Ok(Format::Msi));
     }
 }

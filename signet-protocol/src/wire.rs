@@ -6,7 +6,8 @@
 //! - `GET /v1/status` — [`DaemonStatus`].
 //!
 //! Agent API (served by `signet-agent`, called by `signetd` only):
-//! - `POST /agent/v1/sign?filename=&description=&url=&hash=` — body: the file.
+//! - `POST /agent/v1/sign?profile=&filename=&description=&url=&hash=&page_hashes=&nested=&timestamp=&formats=`
+//!   — body: the file ([`AgentSignQuery`]).
 //! - `GET /agent/v1/health` — [`AgentHealth`].
 //!
 //! Every error answer is an [`ErrorBody`] whose `code` is stable across versions and
@@ -14,6 +15,8 @@
 //! ([`ErrorCode::exit_code`]); `message` is for people and says what to do.
 
 use serde::{Deserialize, Serialize};
+
+use crate::format::Format;
 
 /// Client → daemon path of the signing call.
 pub const SIGN_PATH: &str = "/v1/sign";
@@ -103,9 +106,16 @@ impl DigestAlgorithm {
     }
 }
 
+/// The most RFC 3161 timestamp servers one profile may list.
+pub const MAX_TIMESTAMP_SERVERS: usize = 8;
+
 /// Query of `POST /agent/v1/sign`: the profile already resolved by the daemon.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentSignQuery {
+    /// The profile's name, for messages and the agent's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// The file's bare name; it tells PowerShell scripts apart (see [`crate::format`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filename: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,6 +126,82 @@ pub struct AgentSignQuery {
     pub hash: DigestAlgorithm,
     #[serde(default, skip_serializing_if = "SignMode::is_whole")]
     pub mode: SignMode,
+    /// Add page hashes (PE files only; other formats are signed without).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub page_hashes: bool,
+    /// Keep a signature the file already has and add this one beside it, instead of
+    /// replacing it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub nested: bool,
+    /// RFC 3161 timestamp servers, tried in this order until one answers; none: no
+    /// timestamp. On the wire: the URLs separated by spaces.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "space_separated"
+    )]
+    pub timestamp: Vec<String>,
+    /// The formats the profile signs; empty: all. On the wire: names separated by
+    /// commas (`pe,msi`).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "comma_separated"
+    )]
+    pub formats: Vec<Format>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// A URL usable as an RFC 3161 timestamp server: `http://` or `https://`, a host,
+/// no whitespace. Returns what is wrong with it.
+pub fn check_timestamp_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("{url:?} names no host"));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{url:?} contains whitespace"));
+    }
+    Ok(())
+}
+
+/// `Vec<String>` as one space-separated string (URLs hold no spaces).
+mod space_separated {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.join(" "))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(s.split_whitespace().map(str::to_owned).collect())
+    }
+}
+
+/// `Vec<Format>` as one comma-separated string of format names.
+mod comma_separated {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::format::Format;
+
+    pub fn serialize<S: Serializer>(v: &[Format], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.iter().map(|f| f.name()).collect::<Vec<_>>().join(","))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Format>, D::Error> {
+        let s = String::deserialize(d)?;
+        s.split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| p.parse().map_err(serde::de::Error::custom))
+            .collect()
+    }
 }
 
 /// Stable machine-readable error classes.
@@ -372,5 +458,55 @@ mod tests {
         assert_eq!(d.mode, SignMode::Digest);
         assert_eq!(serde_urlencoded::to_string(&d).unwrap(), "mode=digest");
         assert!(serde_urlencoded::from_str::<SignQuery>("mode=half").is_err());
+    }
+
+    #[test]
+    fn agent_query_carries_the_profile_options() {
+        let q = AgentSignQuery {
+            profile: Some("release".into()),
+            filename: Some("setup.ps1".into()),
+            description: Some("App".into()),
+            url: None,
+            hash: DigestAlgorithm::Sha512,
+            page_hashes: true,
+            nested: true,
+            timestamp: vec![
+                "http://tsa.example/?a=1&b=2".into(),
+                "https://tsa2.example:8443/ts".into(),
+            ],
+            formats: vec![Format::Pe, Format::PowerShell],
+            mode: SignMode::Digest,
+        };
+        let s = serde_urlencoded::to_string(&q).unwrap();
+        assert!(s.contains("mode=digest"), "{s}");
+        assert!(s.contains("formats=pe%2Cpowershell"), "{s}");
+        let back: AgentSignQuery = serde_urlencoded::from_str(&s).unwrap();
+        assert_eq!(back, q);
+
+        // Defaults stay off the wire and come back as defaults.
+        let plain = AgentSignQuery::default();
+        let s = serde_urlencoded::to_string(&plain).unwrap();
+        assert_eq!(s, "hash=sha256");
+        assert_eq!(
+            serde_urlencoded::from_str::<AgentSignQuery>(&s).unwrap(),
+            plain
+        );
+        let err = serde_urlencoded::from_str::<AgentSignQuery>("formats=pe,exe").unwrap_err();
+        assert!(err.to_string().contains("unknown format \"exe\""), "{err}");
+    }
+
+    #[test]
+    fn timestamp_urls_are_checked() {
+        assert!(check_timestamp_url("http://timestamp.digicert.com").is_ok());
+        assert!(check_timestamp_url("https://127.0.0.1:8080/tsa").is_ok());
+        for bad in [
+            "ftp://x",
+            "timestamp.digicert.com",
+            "http://",
+            "http:///x",
+            "http://a b",
+        ] {
+            assert!(check_timestamp_url(bad).is_err(), "{bad}");
+        }
     }
 }

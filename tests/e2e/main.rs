@@ -9,6 +9,7 @@ use std::process::Output;
 use signet_tests::*;
 
 mod doctor;
+mod formats;
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

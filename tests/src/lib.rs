@@ -174,12 +174,27 @@ impl World {
 
     /// Writes the daemon's configuration and starts it; returns the endpoints it serves.
     pub fn start_daemon(&mut self, listen: &[&str], agent: &Endpoint) -> Vec<Endpoint> {
+        self.start_daemon_with(
+            listen,
+            agent,
+            "[profiles.release]\ndescription = \"Signet test\"\n",
+        )
+    }
+
+    /// Like [`World::start_daemon`], with `profiles` (TOML: `default_profile` and
+    /// `[profiles.NAME]` tables) instead of the one "release" profile.
+    pub fn start_daemon_with(
+        &mut self,
+        listen: &[&str],
+        agent: &Endpoint,
+        profiles: &str,
+    ) -> Vec<Endpoint> {
         let cfg = self.path("signetd.toml");
         let listen: Vec<String> = listen.iter().map(|l| format!("\"{l}\"")).collect();
         std::fs::write(
             &cfg,
             format!(
-                "listen = [{}]\nagent = \"{agent}\"\n[profiles.release]\ndescription = \"Signet test\"\n",
+                "listen = [{}]\nagent = \"{agent}\"\n{profiles}",
                 listen.join(", ")
             ),
         )
@@ -299,10 +314,16 @@ pub fn signet(endpoint: &Endpoint, args: &[&str]) -> Output {
 
 /// `osslsigncode verify` of `file` against the fixture certificate; true when it passes.
 pub fn verify(world: &World, file: &Path) -> (bool, String) {
+    verify_with(world, file, &[])
+}
+
+/// [`verify`] with more `osslsigncode verify` arguments (e.g. `-TSA-CAfile`).
+pub fn verify_with(world: &World, file: &Path, extra: &[&str]) -> (bool, String) {
     let out = Command::new("osslsigncode")
         .arg("verify")
         .arg("-CAfile")
         .arg(world.path("cert.pem"))
+        .args(extra)
         .arg("-in")
         .arg(file)
         .output()
@@ -310,6 +331,210 @@ pub fn verify(world: &World, file: &Path) -> (bool, String) {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success() && text.contains("Succeeded"), text)
+}
+
+/// Runs a script from `tests/fixtures/` with `args`; panics with its stderr when it fails.
+pub fn fixture(script: &str, args: &[&Path]) {
+    let out = Command::new("bash")
+        .arg(repo_root().join("tests/fixtures").join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl World {
+    /// A Windows Installer package (wixl) holding the fixture PE, under `name`.
+    pub fn msi(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        fixture("make-msi.sh", &[&p, &self.path("hello.exe")]);
+        p
+    }
+
+    /// A cabinet archive (gcab) holding the fixture PE and certificate, under `name`.
+    pub fn cab(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        fixture(
+            "make-cab.sh",
+            &[&p, &self.path("hello.exe"), &self.path("cert.pem")],
+        );
+        p
+    }
+
+    /// An unsigned security catalog listing the fixture PE and certificate, under `name`.
+    pub fn cat(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        fixture(
+            "make-cat.sh",
+            &[&p, &self.path("hello.exe"), &self.path("cert.pem")],
+        );
+        p
+    }
+
+    /// A file under `name` with `bytes` in it.
+    pub fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+}
+
+/// A URL on loopback where nothing listens: connections to it are refused.
+pub fn refused_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    format!("http://127.0.0.1:{port}/")
+}
+
+/// A server on loopback that accepts connections and never answers.
+#[derive(Debug)]
+pub struct SilentServer {
+    _listener: std::net::TcpListener,
+    pub url: String,
+}
+
+impl SilentServer {
+    pub fn start() -> Self {
+        // The kernel completes connections into the backlog; nobody ever reads them.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!(
+            "http://127.0.0.1:{}/",
+            listener.local_addr().unwrap().port()
+        );
+        SilentServer {
+            _listener: listener,
+            url,
+        }
+    }
+}
+
+/// A real RFC 3161 time-stamping authority on loopback: an HTTP server in this test
+/// process that answers `application/timestamp-query` POSTs with `openssl ts -reply`
+/// (key and certificate from `tests/fixtures/make-tsa.sh`). Stopped on drop.
+#[derive(Debug)]
+pub struct Tsa {
+    pub url: String,
+    /// The TSA's certificate, the trust anchor for `verify -TSA-CAfile`.
+    pub cert: PathBuf,
+    replies: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Tsa {
+    /// Makes a TSA in `dir` and starts serving it on 127.0.0.1, on a free port.
+    pub fn start(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        fixture("make-tsa.sh", &[dir]);
+        let replies = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let state = TsaState {
+            dir: dir.to_owned(),
+            replies: replies.clone(),
+            one_at_a_time: std::sync::Arc::new(tokio::sync::Mutex::new(())),
+        };
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let app = axum::Router::new()
+                    .route("/", axum::routing::post(tsa_reply))
+                    .with_state(state);
+                tokio::select! {
+                    r = axum::serve(listener, app) => r.unwrap(),
+                    _ = stopped => {}
+                }
+            });
+        });
+        let addr = addr_rx.recv().unwrap();
+        Tsa {
+            url: format!("http://{addr}/"),
+            cert: dir.join("tsa.pem"),
+            replies,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// How many timestamps it has handed out.
+    pub fn replies(&self) -> usize {
+        self.replies.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Tsa {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TsaState {
+    dir: PathBuf,
+    replies: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// `openssl ts -reply` keeps its serial number in a file.
+    one_at_a_time: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+async fn tsa_reply(
+    axum::extract::State(tsa): axum::extract::State<TsaState>,
+    headers: http::HeaderMap,
+    query: bytes::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if headers
+        .get(http::header::CONTENT_TYPE)
+        .is_none_or(|v| v != "application/timestamp-query")
+    {
+        return (
+            http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send application/timestamp-query",
+        )
+            .into_response();
+    }
+    let _one = tsa.one_at_a_time.lock().await;
+    let work = tempfile::tempdir_in(&tsa.dir).unwrap();
+    let (q, r) = (work.path().join("q.tsq"), work.path().join("r.tsr"));
+    std::fs::write(&q, &query).unwrap();
+    let out = tokio::process::Command::new("openssl")
+        .args(["ts", "-reply", "-config"])
+        .arg(tsa.dir.join("ts.cnf"))
+        .arg("-queryfile")
+        .arg(&q)
+        .arg("-out")
+        .arg(&r)
+        .output()
+        .await
+        .unwrap();
+    if !out.status.success() {
+        return (
+            http::StatusCode::BAD_REQUEST,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+            .into_response();
+    }
+    tsa.replies
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    (
+        [(http::header::CONTENT_TYPE, "application/timestamp-reply")],
+        std::fs::read(&r).unwrap(),
+    )
+        .into_response()
 }
 
 /// Counts PKCS#11 `C_Login` calls in a pkcs11-spy log.

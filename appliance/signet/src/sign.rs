@@ -18,7 +18,7 @@ use signet_protocol::wire::{
     exit, ErrorBody, ErrorCode, SignMode, SignQuery, BATCH_PATH, SIGN_PATH,
 };
 use signet_protocol::Endpoint;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::config::ClientConfig;
 
@@ -59,7 +59,9 @@ pub struct SignArgs {
         env = "SIGNET_OSSLSIGNCODE"
     )]
     osslsigncode: PathBuf,
-    /// Files to sign: Windows PE files (EXE, DLL, SYS).
+    /// Files to sign: Windows PE files (EXE, DLL, SYS), MSI packages, CAB archives,
+    /// security catalogs (CAT) and PowerShell scripts (.ps1, .psm1, .psd1, .ps1xml,
+    /// .psc1, .cdxml). The format is told from the content; a script's name counts too.
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
 }
@@ -520,25 +522,18 @@ async fn receive_part(
         .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))
 }
 
-/// Checks that `file` is a regular file in a format Signet signs.
+/// Checks that `file` is a regular file in a format Signet signs. The appliance
+/// checks the same way, from the content (and for text, the name).
 async fn check_input(file: &Path) -> Result<std::fs::Metadata, Failure> {
-    let mut input = tokio::fs::File::open(file)
-        .await
-        .map_err(|e| bad_input(format!("cannot open it: {e}")))?;
-    let meta = input
+    let filename = file.file_name().map(|n| n.to_string_lossy().into_owned());
+    let local = std::fs::File::open(file).map_err(|e| bad_input(format!("cannot open it: {e}")))?;
+    let meta = local
         .metadata()
-        .await
         .map_err(|e| bad_input(format!("cannot read it: {e}")))?;
     if !meta.is_file() {
         return Err(bad_input("not a regular file".to_owned()));
     }
-    let mut head = Vec::with_capacity(format::HEAD_LEN);
-    (&mut input)
-        .take(format::HEAD_LEN as u64)
-        .read_to_end(&mut head)
-        .await
-        .map_err(|e| bad_input(format!("cannot read it: {e}")))?;
-    format::detect(&head).map_err(|e| bad_input(e.to_string()))?;
+    format::detect(&local, filename.as_deref()).map_err(|e| bad_input(e.to_string()))?;
     Ok(meta)
 }
 

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use signet_protocol::endpoint::{Endpoint, DEFAULT_DAEMON_PORT, VSOCK_CID_ANY};
-use signet_protocol::wire::DigestAlgorithm;
+use signet_protocol::format::Format;
+use signet_protocol::wire::{check_timestamp_url, DigestAlgorithm, MAX_TIMESTAMP_SERVERS};
 
 /// Where the daemon looks when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/signet/signetd.toml";
@@ -39,6 +40,19 @@ pub struct Profile {
     /// URL put into signatures when the client gives none.
     #[serde(default)]
     pub url: Option<String>,
+    /// Add page hashes to PE signatures (`-ph`); other formats are signed without.
+    #[serde(default)]
+    pub page_hashes: bool,
+    /// Keep a signature the file already has and add this one beside it (`-nest`);
+    /// otherwise an existing signature is replaced. Unsigned files are signed either way.
+    #[serde(default)]
+    pub nested: bool,
+    /// RFC 3161 timestamp servers, tried in order until one answers; empty: no timestamp.
+    #[serde(default)]
+    pub timestamp: Vec<String>,
+    /// The formats this profile signs; absent: all of them.
+    #[serde(default)]
+    pub formats: Option<Vec<Format>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,7 +81,7 @@ pub enum ConfigError {
     #[error("{path}: key {key}: {message}")]
     Invalid {
         path: PathBuf,
-        key: &'static str,
+        key: String,
         message: String,
     },
 }
@@ -86,9 +100,9 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string().trim_end().replace('\n', "\n  "),
         })?;
-        let invalid = |key, message: String| ConfigError::Invalid {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: path.to_owned(),
-            key,
+            key: key.to_owned(),
             message,
         };
         let agent = raw.agent.ok_or_else(|| {
@@ -116,7 +130,7 @@ impl Config {
         if profiles.is_empty() {
             profiles.insert(IMPLICIT_PROFILE.to_owned(), Profile::default());
         }
-        for name in profiles.keys() {
+        for (name, profile) in &profiles {
             if name.is_empty()
                 || !name
                     .chars()
@@ -127,6 +141,8 @@ impl Config {
                     format!("profile name {name:?} may only use letters, digits, '-', '_' and '.'"),
                 ));
             }
+            check_profile(profile)
+                .map_err(|(key, message)| invalid(&format!("profiles.{name}.{key}"), message))?;
         }
         let default_profile = match raw.default_profile {
             Some(p) if profiles.contains_key(&p) => p,
@@ -158,6 +174,53 @@ impl Config {
             default_profile,
             profiles,
         })
+    }
+}
+
+/// What is wrong with a profile's options: the key and the message.
+fn check_profile(p: &Profile) -> Result<(), (&'static str, String)> {
+    if p.timestamp.len() > MAX_TIMESTAMP_SERVERS {
+        return Err((
+            "timestamp",
+            format!(
+                "list at most {MAX_TIMESTAMP_SERVERS} timestamp servers; {} are listed",
+                p.timestamp.len()
+            ),
+        ));
+    }
+    for url in &p.timestamp {
+        check_timestamp_url(url).map_err(|e| {
+            (
+                "timestamp",
+                format!("{e}; give RFC 3161 servers as URLs, e.g. timestamp = [\"http://timestamp.digicert.com\"]"),
+            )
+        })?;
+    }
+    if let Some(formats) = &p.formats {
+        if formats.is_empty() {
+            return Err((
+                "formats",
+                format!(
+                    "list the formats the profile signs ({}), or leave the key out to sign all of them",
+                    Format::ALL.map(Format::name).join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Profile {
+    /// The formats this profile signs, each once, in the order they are listed to
+    /// people; empty when it signs all of them.
+    pub fn allowed_formats(&self) -> Vec<Format> {
+        match &self.formats {
+            Some(list) if !Format::ALL.iter().all(|f| list.contains(f)) => Format::ALL
+                .into_iter()
+                .filter(|f| list.contains(f))
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -203,6 +266,60 @@ mod tests {
         assert_eq!(c.default_profile, "b");
         let err = parse(&format!("default_profile = \"c\"\n{two}")).unwrap_err();
         assert!(err.contains("no profile is named \"c\""), "{err}");
+    }
+
+    #[test]
+    fn profile_options() {
+        let c = parse(
+            r#"agent = "unix:/a"
+default_profile = "release"
+[profiles.release]
+page_hashes = true
+nested = true
+timestamp = ["http://tsa1.example/", "https://tsa2.example:8443/ts"]
+formats = ["msi", "pe", "msi"]
+[profiles.plain]
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let r = &c.profiles["release"];
+        assert!(r.page_hashes && r.nested);
+        assert_eq!(r.timestamp.len(), 2);
+        assert_eq!(r.allowed_formats(), [Format::Pe, Format::Msi]);
+        let p = &c.profiles["plain"];
+        assert!(!p.page_hashes && !p.nested && p.timestamp.is_empty());
+        assert!(p.allowed_formats().is_empty(), "absent: every format");
+        let all = parse(
+            "agent = \"unix:/a\"\n[profiles.a]\nformats = [\"pe\", \"msi\", \"cab\", \"cat\", \"powershell\"]\n",
+        )
+        .unwrap();
+        assert!(all.profiles["a"].allowed_formats().is_empty());
+    }
+
+    #[test]
+    fn bad_profile_options_name_the_profile_and_key() {
+        let err =
+            parse("agent = \"unix:/a\"\n[profiles.r]\ntimestamp = [\"tsa.example\"]").unwrap_err();
+        assert!(
+            err.contains("key profiles.r.timestamp") && err.contains("http://"),
+            "{err}"
+        );
+        let many = ["\"http://t/\""; MAX_TIMESTAMP_SERVERS + 1].join(", ");
+        let err = parse(&format!(
+            "agent = \"unix:/a\"\n[profiles.r]\ntimestamp = [{many}]"
+        ))
+        .unwrap_err();
+        assert!(err.contains("at most 8"), "{err}");
+        let err = parse("agent = \"unix:/a\"\n[profiles.r]\nformats = []").unwrap_err();
+        assert!(
+            err.contains("key profiles.r.formats") && err.contains("pe, msi, cab, cat, powershell"),
+            "{err}"
+        );
+        let err = parse("agent = \"unix:/a\"\n[profiles.r]\nformats = [\"exe\"]").unwrap_err();
+        assert!(err.contains("exe") && err.contains("powershell"), "{err}");
+        let err =
+            parse("agent = \"unix:/a\"\n[profiles.r]\ntimestamp = \"http://t/\"").unwrap_err();
+        assert!(err.contains("timestamp"), "{err}");
     }
 
     #[test]

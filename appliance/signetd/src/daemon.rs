@@ -86,6 +86,7 @@ impl Daemon {
             id,
             profile: name.to_owned(),
             agent_query: AgentSignQuery {
+                profile: Some(name.to_owned()),
                 filename,
                 description: query
                     .description
@@ -94,6 +95,10 @@ impl Daemon {
                 url: query.url.clone().or_else(|| profile.url.clone()),
                 hash: profile.hash,
                 mode: query.mode,
+                page_hashes: profile.page_hashes,
+                nested: profile.nested,
+                timestamp: profile.timestamp.clone(),
+                formats: profile.allowed_formats(),
             },
         })
     }

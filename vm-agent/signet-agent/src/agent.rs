@@ -9,6 +9,7 @@ use signet_protocol::wire::{AgentHealth, AgentSignQuery, ErrorBody, ErrorCode, S
 use tokio::io::AsyncReadExt;
 
 use crate::config::Config;
+use crate::job;
 use crate::signer::{Osslsigncode, SignError, SignSpec};
 use crate::token::{Token, TokenError};
 
@@ -26,6 +27,11 @@ impl Spool {
 
     pub fn output(&self) -> PathBuf {
         self.dir.path().join("signed")
+    }
+
+    /// The input's path once it carries the extension of its format.
+    fn input_with_extension(&self, extension: &str) -> PathBuf {
+        self.dir.path().join(format!("input.{extension}"))
     }
 }
 
@@ -49,6 +55,7 @@ impl Agent {
             program: cfg.signer.osslsigncode.clone(),
             module: cfg.token.module.clone(),
             certificate: cfg.signer.certificate.clone(),
+            timeout: std::time::Duration::from_secs(cfg.signer.timeout_seconds),
         };
         let signer_version = signer.version().await?;
         Ok(Agent {
@@ -87,9 +94,9 @@ impl Agent {
 
     /// Signs the spooled input; on success the signed file is at `spool.output()`.
     pub async fn sign(&self, spool: &Spool, query: &AgentSignQuery) -> Result<(), ErrorBody> {
-        self.check_input(spool, query).await?;
+        let input = self.check_input(spool, query).await?;
         let _job = self.jobs.lock().await;
-        self.sign_locked(spool, query).await
+        self.sign_locked(spool, &input, query).await
     }
 
     /// Signs a batch in order under one hold of the token: no other job runs between
@@ -98,39 +105,73 @@ impl Agent {
         &self,
         items: &[(Spool, AgentSignQuery)],
     ) -> Vec<Result<(), ErrorBody>> {
-        let mut results = Vec::with_capacity(items.len());
+        let mut checked = Vec::with_capacity(items.len());
         for (spool, query) in items {
-            results.push(self.check_input(spool, query).await);
+            checked.push(self.check_input(spool, query).await);
         }
         let _job = self.jobs.lock().await;
-        for ((spool, query), result) in items.iter().zip(results.iter_mut()) {
-            if result.is_ok() {
-                *result = self.sign_locked(spool, query).await;
-            }
+        let mut results = Vec::with_capacity(items.len());
+        for ((spool, query), input) in items.iter().zip(checked) {
+            results.push(match input {
+                Ok(input) => self.sign_locked(spool, &input, query).await,
+                Err(e) => Err(e),
+            });
         }
         results
     }
 
-    /// Checks the spooled input is something this request may sign.
-    async fn check_input(&self, spool: &Spool, query: &AgentSignQuery) -> Result<(), ErrorBody> {
-        let input = spool.input();
+    /// Checks the spooled input is something this request may sign, and names it
+    /// the way osslsigncode needs.
+    async fn check_input(
+        &self,
+        spool: &Spool,
+        query: &AgentSignQuery,
+    ) -> Result<Checked, ErrorBody> {
+        job::check_query(query)?;
         match query.mode {
             SignMode::Whole => {
-                let fmt = detect(&input).await?;
-                tracing::info!(format = %fmt, "input accepted");
+                let detected =
+                    job::admit(query, detect(spool.input(), query.filename.clone()).await?)?;
+                // osslsigncode may go by the extension (it does for PowerShell files).
+                let input = spool.input_with_extension(detected.extension);
+                tokio::fs::rename(spool.input(), &input)
+                    .await
+                    .map_err(|e| {
+                        ErrorBody::new(
+                            ErrorCode::Internal,
+                            format!("the agent cannot rename its spooled input: {e}"),
+                        )
+                    })?;
+                tracing::info!(format = %detected.format, profile = query.profile.as_deref().unwrap_or("-"), "input accepted");
+                Ok(Checked {
+                    input,
+                    format: Some(detected.format),
+                })
             }
             SignMode::Digest => {
-                let head = read_head(&input).await?;
-                format::detect_digest_blob(&head).map_err(format_error)?;
-                tracing::info!("digest-mode input accepted");
+                let head = read_head(&spool.input()).await?;
+                format::detect_digest_blob(&head)
+                    .map_err(|e| ErrorBody::new(ErrorCode::UnsupportedFormat, e.to_string()))?;
+                tracing::info!(
+                    profile = query.profile.as_deref().unwrap_or("-"),
+                    "digest-mode input accepted"
+                );
+                Ok(Checked {
+                    input: spool.input(),
+                    format: None,
+                })
             }
         }
-        Ok(())
     }
 
     /// Signs one checked input; the caller holds the job lock.
-    async fn sign_locked(&self, spool: &Spool, query: &AgentSignQuery) -> Result<(), ErrorBody> {
-        let input = spool.input();
+    async fn sign_locked(
+        &self,
+        spool: &Spool,
+        checked: &Checked,
+        query: &AgentSignQuery,
+    ) -> Result<(), ErrorBody> {
+        let input = &checked.input;
         let (key, pin) = self
             .with_token(|t| t.ensure_ready())
             .await
@@ -146,11 +187,15 @@ impl Agent {
         }
         let output = spool.output();
         let spec = SignSpec {
-            input: &input,
+            input,
             output: &output,
+            format: checked.format,
             hash: query.hash,
             description: query.description.as_deref(),
             url: query.url.as_deref(),
+            page_hashes: query.page_hashes,
+            nested: query.nested,
+            timestamp: &query.timestamp,
         };
         let started = std::time::Instant::now();
         let result = self.signer.sign(&key, &pin, &spec).await;
@@ -236,22 +281,25 @@ impl Agent {
     }
 }
 
-/// Reads the head of the spooled input and checks its format.
-async fn detect(input: &Path) -> Result<format::Format, ErrorBody> {
-    let head = read_head(input).await?;
-    format::detect(&head).map_err(format_error)
+/// Detects the spooled input's format from its content (and, for text, its name).
+async fn detect(
+    input: PathBuf,
+    filename: Option<String>,
+) -> Result<Result<format::Detected, format::FormatError>, ErrorBody> {
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&input).map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!("the spooled input is gone: {e}"),
+            )
+        })?;
+        Ok(format::detect(&file, filename.as_deref()))
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
-fn format_error(e: format::FormatError) -> ErrorBody {
-    let code = match e {
-        format::FormatError::Empty => ErrorCode::EmptyInput,
-        format::FormatError::Unsupported { .. } | format::FormatError::NotDigestBlob => {
-            ErrorCode::UnsupportedFormat
-        }
-    };
-    ErrorBody::new(code, e.to_string())
-}
-
+/// Reads the first bytes of the spooled input.
 async fn read_head(input: &Path) -> Result<Vec<u8>, ErrorBody> {
     let mut head = Vec::with_capacity(format::HEAD_LEN);
     let file = tokio::fs::File::open(input).await.map_err(|e| {
@@ -270,4 +318,12 @@ async fn read_head(input: &Path) -> Result<Vec<u8>, ErrorBody> {
             )
         })?;
     Ok(head)
+}
+
+/// A spooled input that passed its checks: where it is, and what it is (`None` for
+/// digest mode's Authenticode data).
+#[derive(Debug)]
+pub struct Checked {
+    input: PathBuf,
+    format: Option<signet_protocol::format::Format>,
 }

@@ -53,6 +53,10 @@ pub struct SignerConfig {
     /// the certificate on the token with the key's id is used.
     #[serde(default)]
     pub certificate: Option<PathBuf>,
+    /// The longest one signing run may take, timestamping included, before it is
+    /// stopped and the job fails. Default: 600.
+    #[serde(default = "default_timeout_seconds")]
+    pub timeout_seconds: u64,
 }
 
 impl Default for SignerConfig {
@@ -60,8 +64,13 @@ impl Default for SignerConfig {
         SignerConfig {
             osslsigncode: default_osslsigncode(),
             certificate: None,
+            timeout_seconds: default_timeout_seconds(),
         }
     }
+}
+
+fn default_timeout_seconds() -> u64 {
+    crate::signer::DEFAULT_TIMEOUT.as_secs()
 }
 
 fn default_listen() -> Endpoint {
@@ -138,6 +147,12 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        if cfg.signer.timeout_seconds == 0 {
+            return Err(invalid(
+                "signer.timeout_seconds",
+                "give the time limit of one signing run in seconds, at least 1 (default 600)",
+            ));
+        }
         if !cfg.token.module.is_absolute() {
             return Err(invalid(
                 "token.module",
@@ -164,6 +179,7 @@ mod tests {
         let cfg = Config::parse(Path::new("/etc/signet/agent.toml"), MINIMAL).unwrap();
         assert_eq!(cfg.listen.to_string(), "vsock:any:7711");
         assert_eq!(cfg.signer.osslsigncode, PathBuf::from("osslsigncode"));
+        assert_eq!(cfg.signer.timeout_seconds, 600);
         assert_eq!(
             cfg.token.pin_file,
             PathBuf::from("pin"),
@@ -217,6 +233,11 @@ mod tests {
             rel.contains("token.module") && rel.contains("absolute"),
             "{rel}"
         );
+
+        let zero = Config::parse(p, &format!("{MINIMAL}\n[signer]\ntimeout_seconds = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(zero.contains("key signer.timeout_seconds"), "{zero}");
 
         let missing = Config::load(Path::new("/nonexistent/agent.toml"))
             .unwrap_err()

@@ -6,19 +6,24 @@
 //! - [`signer`] — osslsigncode with the token's PKCS#11 module; the PIN goes on stdin.
 //! - [`signtool`] — the Windows backend: signtool with the token's CSP, its command line
 //!   (the PIN only inside `/kc`, never shown) and its error texts classified.
+//! - [`job`] — a job's options and format checked against its profile, before the
+//!   token is touched.
 //! - [`agent`] — the core commands (`sign`, `health`), one job at a time.
 //! - [`server`] — the HTTP front (`/agent/v1/...`) over vsock, unix or TCP.
 //! - [`modules`] — known PKCS#11 modules per platform and the tokens they serve.
 //! - [`doctor`] — `signet-agent doctor` and `tokens`: checks of the configuration, the
 //!   module, the tokens, the PIN file, osslsigncode and the certificate, without login.
 //!
-//! Flow of a job: `server` spools the uploaded body → `agent::sign` checks the format,
-//! takes the job lock, makes sure the token session is logged in → `signer` runs
-//! osslsigncode → `server` streams the signed file back and the spool is deleted.
+//! Flow of a job: `server` spools the uploaded body → `agent::sign` detects the format
+//! from the content (`signet_protocol::format`), checks it and the profile's options
+//! with `job`, names the spooled file with the format's extension, takes the job lock,
+//! makes sure the token session is logged in → `signer` runs osslsigncode → `server`
+//! streams the signed file back and the spool is deleted.
 
 pub mod agent;
 pub mod config;
 pub mod doctor;
+pub mod job;
 pub mod modules;
 pub mod server;
 pub mod signer;

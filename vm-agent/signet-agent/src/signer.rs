@@ -5,12 +5,21 @@
 //! written to the child's stdin and the pipe is closed. osslsigncode reads it with
 //! `-readpass /dev/stdin`, which works with every version that has `-readpass`
 //! (`-readpass -` needs 2.9).
+//!
+//! Profile options map to osslsigncode 2.9 flags: `-h` (hash), `-ph` (page hashes, PE
+//! only), `-nest` (keep an existing signature and add ours beside it), `-n`/`-i`
+//! (description, URL) and one `-ts URL` per RFC 3161 server. osslsigncode itself tries
+//! the `-ts` servers in the order given and stops at the first that returns a
+//! timestamp; when none does, it fails with "RFC 3161 timestamping failed" and writes
+//! nothing. Its HTTP client has no time limit, so a whole run has one ([`Osslsigncode::timeout`]).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use cryptoki::types::AuthPin;
+use signet_protocol::format::Format;
 use signet_protocol::wire::{DigestAlgorithm, ErrorCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -22,11 +31,21 @@ const STDERR_TAIL: usize = 2048;
 /// One signature to make.
 #[derive(Debug, Clone)]
 pub struct SignSpec<'a> {
+    /// The input, named with the extension of its format (osslsigncode tells
+    /// PowerShell files apart by it).
     pub input: &'a Path,
     pub output: &'a Path,
+    /// The input's format; `None` for digest mode's Authenticode data.
+    pub format: Option<Format>,
     pub hash: DigestAlgorithm,
     pub description: Option<&'a str>,
     pub url: Option<&'a str>,
+    /// Page hashes; applied to PE files only.
+    pub page_hashes: bool,
+    /// Keep an existing signature and add this one beside it.
+    pub nested: bool,
+    /// RFC 3161 timestamp servers, in the order to try them.
+    pub timestamp: &'a [String],
 }
 
 /// How a signing run failed.
@@ -42,6 +61,12 @@ pub enum SignError {
     PinRejected,
     #[error("the token was lost while signing: {0}")]
     TokenLost(String),
+    #[error("no timestamp server gave a timestamp (tried in this order: {}); nothing was signed. Check that the signing VM reaches them, or change the profile's timestamp list", .tried.join(", "))]
+    Timestamp { tried: Vec<String> },
+    #[error("the file has no signature to keep beside a nested one")]
+    NothingToNest,
+    #[error("osslsigncode did not finish within {} s and was stopped; nothing was signed. A timestamp server that accepts connections but never answers does this: check the profile's timestamp servers (signer.timeout_seconds in the agent's configuration sets the limit)", .0.as_secs())]
+    TimedOut(Duration),
     #[error("osslsigncode could not sign the file: {0}")]
     Failed(String),
 }
@@ -52,7 +77,10 @@ impl SignError {
             SignError::Spawn { .. } => ErrorCode::Internal,
             SignError::PinRejected => ErrorCode::PinRejected,
             SignError::TokenLost(_) => ErrorCode::TokenUnavailable,
-            SignError::Failed(_) => ErrorCode::SigningFailed,
+            SignError::Timestamp { .. }
+            | SignError::NothingToNest
+            | SignError::TimedOut(_)
+            | SignError::Failed(_) => ErrorCode::SigningFailed,
         }
     }
 }
@@ -64,7 +92,12 @@ pub struct Osslsigncode {
     pub module: PathBuf,
     /// Certificate file; `None` takes the certificate from the token.
     pub certificate: Option<PathBuf>,
+    /// The longest one run may take before it is stopped.
+    pub timeout: Duration,
 }
+
+/// The default of [`Osslsigncode::timeout`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Osslsigncode {
     /// The arguments of one `osslsigncode sign` run. Contains no secret.
@@ -98,6 +131,17 @@ impl Osslsigncode {
             a.push("-i".into());
             a.push(u.into());
         }
+        if spec.page_hashes && spec.format == Some(Format::Pe) {
+            a.push("-ph".into());
+        }
+        // osslsigncode 2.9 cannot nest in a catalog: it warns and replaces the signature.
+        if spec.nested && spec.format.is_some_and(|f| f != Format::Cat) {
+            a.push("-nest".into());
+        }
+        for url in spec.timestamp {
+            a.push("-ts".into());
+            a.push(url.into());
+        }
         a.push("-in".into());
         a.push(spec.input.into());
         a.push("-out".into());
@@ -105,44 +149,77 @@ impl Osslsigncode {
         a
     }
 
-    /// Runs osslsigncode once; the PIN goes to its stdin.
+    /// Signs as `spec` says; the PIN goes to osslsigncode's stdin. A nested signature
+    /// asked for on a file that has none becomes a plain one.
     pub async fn sign(
         &self,
         key: &KeyRef,
         pin: &AuthPin,
         spec: &SignSpec<'_>,
     ) -> Result<(), SignError> {
+        match self.run(self.args(key, spec), pin, spec.timestamp).await {
+            Err(SignError::NothingToNest) if spec.nested => {
+                tracing::info!("the file has no signature yet; signing it without nesting");
+                let _ = tokio::fs::remove_file(spec.output).await;
+                let plain = SignSpec {
+                    nested: false,
+                    ..spec.clone()
+                };
+                self.run(self.args(key, &plain), pin, spec.timestamp).await
+            }
+            other => other,
+        }
+    }
+
+    /// Runs osslsigncode once with `args`, the PIN on its stdin, within the time limit.
+    async fn run(
+        &self,
+        args: Vec<OsString>,
+        pin: &AuthPin,
+        timestamp: &[String],
+    ) -> Result<(), SignError> {
         use secrecy::ExposeSecret;
+        let spawn_error = |source| SignError::Spawn {
+            program: self.program.clone(),
+            source,
+        };
         let mut child = tokio::process::Command::new(&self.program)
-            .args(self.args(key, spec))
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| SignError::Spawn {
-                program: self.program.clone(),
-                source,
-            })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            // A child that exits before reading its PIN closes the pipe; its exit
-            // status and stderr say why, so a write error here is not the story.
-            let _ = stdin.write_all(pin.expose_secret().as_bytes()).await;
-            let _ = stdin.shutdown().await;
-        }
-        let mut stderr = Vec::new();
-        if let Some(mut err) = child.stderr.take() {
-            let _ = err.read_to_end(&mut stderr).await;
-        }
-        let status = child.wait().await.map_err(|source| SignError::Spawn {
-            program: self.program.clone(),
-            source,
-        })?;
+            .map_err(spawn_error)?;
+        let stdin = child.stdin.take();
+        let stderr_pipe = child.stderr.take();
+        let finished = tokio::time::timeout(self.timeout, async {
+            if let Some(mut stdin) = stdin {
+                // A child that exits before reading its PIN closes the pipe; its exit
+                // status and stderr say why, so a write error here is not the story.
+                let _ = stdin.write_all(pin.expose_secret().as_bytes()).await;
+                let _ = stdin.shutdown().await;
+            }
+            let mut stderr = Vec::new();
+            if let Some(mut err) = stderr_pipe {
+                let _ = err.read_to_end(&mut stderr).await;
+            }
+            child.wait().await.map(|status| (status, stderr))
+        })
+        .await;
+        let (status, stderr) = match finished {
+            Ok(done) => done.map_err(spawn_error)?,
+            Err(_elapsed) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(SignError::TimedOut(self.timeout));
+            }
+        };
         if status.success() {
             return Ok(());
         }
         let text = String::from_utf8_lossy(&stderr);
-        Err(classify(&text, status.code()))
+        Err(classify(&text, status.code(), timestamp))
     }
 
     /// `osslsigncode --version`'s first line, e.g. "osslsigncode 2.9, using:".
@@ -169,11 +246,20 @@ impl Osslsigncode {
     }
 }
 
-/// Classifies a failed run from osslsigncode's stderr.
-pub fn classify(stderr: &str, code: Option<i32>) -> SignError {
+/// Classifies a failed run from osslsigncode's stderr; `timestamp` are the servers
+/// the run was given.
+pub fn classify(stderr: &str, code: Option<i32>, timestamp: &[String]) -> SignError {
     let lower = stderr.to_ascii_lowercase();
     if lower.contains("pin_incorrect") || lower.contains("pin incorrect") {
         return SignError::PinRejected;
+    }
+    if lower.contains("rfc 3161 timestamping failed") {
+        return SignError::Timestamp {
+            tried: timestamp.to_vec(),
+        };
+    }
+    if lower.contains("unable to extract existing signature") {
+        return SignError::NothingToNest;
     }
     for marker in [
         "token_not_present",
@@ -271,26 +357,40 @@ mod tests {
         );
     }
 
-    #[test]
-    fn args_carry_no_pin_and_choose_the_certificate_source() {
-        let s = Osslsigncode {
+    fn signer(certificate: Option<&str>) -> Osslsigncode {
+        Osslsigncode {
             program: "osslsigncode".into(),
             module: "/m.so".into(),
-            certificate: None,
-        };
-        let spec = SignSpec {
-            input: Path::new("/s/in"),
+            certificate: certificate.map(PathBuf::from),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    fn spec(format: Format) -> SignSpec<'static> {
+        SignSpec {
+            input: Path::new("/s/in.exe"),
             output: Path::new("/s/out"),
+            format: Some(format),
             hash: DigestAlgorithm::Sha256,
             description: Some("App"),
             url: None,
-        };
-        let args: Vec<String> = s
-            .args(&key(), &spec)
+            page_hashes: false,
+            nested: false,
+            timestamp: &[],
+        }
+    }
+
+    fn joined(s: &Osslsigncode, spec: &SignSpec<'_>) -> String {
+        s.args(&key(), spec)
             .into_iter()
             .map(|a| a.into_string().unwrap())
-            .collect();
-        let joined = args.join(" ");
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn args_carry_no_pin_and_choose_the_certificate_source() {
+        let joined = joined(&signer(None), &spec(Format::Pe));
         assert!(
             joined.starts_with("sign -pkcs11module /m.so -key pkcs11:"),
             "{joined}"
@@ -303,7 +403,7 @@ mod tests {
             "{joined}"
         );
         assert!(
-            joined.ends_with("-h sha256 -n App -in /s/in -out /s/out"),
+            joined.ends_with("-h sha256 -n App -in /s/in.exe -out /s/out"),
             "{joined}"
         );
         assert!(
@@ -311,19 +411,157 @@ mod tests {
             "{joined}"
         );
 
-        let with_file = Osslsigncode {
-            certificate: Some("/c.pem".into()),
-            ..s
-        };
-        let joined = with_file
-            .args(&key(), &spec)
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let joined = self::joined(&signer(Some("/c.pem")), &spec(Format::Pe));
         assert!(
             joined.contains("-certs /c.pem") && !joined.contains("-pkcs11cert"),
             "{joined}"
         );
+    }
+
+    #[test]
+    fn profile_options_become_flags() {
+        let servers = [
+            "http://tsa1.example/".to_owned(),
+            "http://tsa2.example/ts".to_owned(),
+        ];
+        let full = SignSpec {
+            hash: DigestAlgorithm::Sha384,
+            url: Some("https://example.com/"),
+            page_hashes: true,
+            nested: true,
+            timestamp: &servers,
+            ..spec(Format::Pe)
+        };
+        let j = joined(&signer(None), &full);
+        assert!(
+            j.ends_with(
+                "-h sha384 -n App -i https://example.com/ -ph -nest \
+                 -ts http://tsa1.example/ -ts http://tsa2.example/ts -in /s/in.exe -out /s/out"
+            ),
+            "the servers in the profile's order: {j}"
+        );
+        // Page hashes exist for PE files only; the rest apply to every format.
+        for format in [Format::Msi, Format::Cab, Format::PowerShell] {
+            let j = joined(
+                &signer(None),
+                &SignSpec {
+                    format: Some(format),
+                    ..full.clone()
+                },
+            );
+            assert!(!j.contains("-ph"), "{format}: {j}");
+            assert!(
+                j.contains("-nest -ts http://tsa1.example/ -ts"),
+                "{format}: {j}"
+            );
+        }
+        // Catalogs hold one signature.
+        let j = joined(
+            &signer(None),
+            &SignSpec {
+                format: Some(Format::Cat),
+                ..full.clone()
+            },
+        );
+        assert!(!j.contains("-ph") && !j.contains("-nest"), "{j}");
+        assert!(j.contains("-ts http://tsa1.example/ -ts"), "{j}");
+        let j = joined(&signer(None), &spec(Format::Pe));
+        assert!(
+            !j.contains("-ph") && !j.contains("-nest") && !j.contains("-ts"),
+            "{j}"
+        );
+    }
+
+    #[test]
+    fn failures_are_classified_from_what_osslsigncode_prints() {
+        let servers = [
+            "http://127.0.0.1:9/".to_owned(),
+            "http://tsa.example/".to_owned(),
+        ];
+        // osslsigncode 2.9, every -ts server refusing the connection.
+        let ts = "HTTP failure: Failed to get data from http://127.0.0.1:9/\n\n\
+            HTTP failure: Failed to get data from http://tsa.example/\n\
+            RFC 3161 timestamping failed\n\
+            Use the \"-t\" option to add the Authenticode Time-Stamp Authority or choose another one RFC3161 Time-Stamp Authority\n\
+            Unable to set unauthenticated attributes\n\
+            4060D29CCA7F0000:error:8000006F:system library:BIO_connect:Connection refused:../crypto/bio/bio_sock2.c:117:calling connect()\n";
+        let e = classify(ts, Some(255), &servers);
+        assert!(
+            matches!(&e, SignError::Timestamp { tried } if tried == &servers),
+            "{e:?}"
+        );
+        assert_eq!(e.code(), ErrorCode::SigningFailed);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("tried in this order: http://127.0.0.1:9/, http://tsa.example/")
+                && msg.contains("nothing was signed"),
+            "{msg}"
+        );
+        // -nest on a file without a signature.
+        let nest = "No signature found\nUnable to extract existing signature\n40500A8B5F7F0000:error:1E08010C:DECODER routines::unsupported\n";
+        assert!(matches!(
+            classify(nest, Some(255), &[]),
+            SignError::NothingToNest
+        ));
+        let pin = "PKCS11_login:pin incorrect\nFailed to load private key\n";
+        assert!(matches!(
+            classify(pin, Some(255), &[]),
+            SignError::PinRejected
+        ));
+        let gone = "PKCS11_enumerate_slots:Failed to enumerate slots\n";
+        assert!(matches!(
+            classify(gone, Some(255), &[]),
+            SignError::TokenLost(_)
+        ));
+        let other = classify(
+            "Corrupt PE file - found unknown magic 0107\n",
+            Some(255),
+            &[],
+        );
+        assert!(
+            matches!(&other, SignError::Failed(m) if m.contains("unknown magic")),
+            "{other:?}"
+        );
+        assert!(
+            matches!(classify("", None, &[]), SignError::Failed(m) if m == "exit status signal")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_run_that_does_not_finish_in_time_is_stopped() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A signer that never finishes, as osslsigncode does waiting on a silent
+        // timestamp server; it records its pid so the test can see it is gone.
+        let prog = dir.path().join("hang");
+        let pidfile = dir.path().join("pid");
+        std::fs::write(
+            &prog,
+            format!(
+                "#!/bin/sh\necho $$ > {}\nexec sleep 600\n",
+                pidfile.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = Osslsigncode {
+            program: prog,
+            timeout: Duration::from_millis(300),
+            ..signer(None)
+        };
+        let pin = AuthPin::new("123456".into());
+        let err = s.sign(&key(), &pin, &spec(Format::Pe)).await.unwrap_err();
+        assert!(matches!(err, SignError::TimedOut(_)), "{err:?}");
+        assert_eq!(err.code(), ErrorCode::SigningFailed);
+        assert!(err.to_string().contains("timestamp server"), "{err}");
+        // Stopped and reaped: no such process any more, not even a zombie. (A loaded
+        // machine may stop it before it wrote its pid; then there is nothing to see.)
+        if let Ok(pid) = std::fs::read_to_string(&pidfile) {
+            let pid = pid.trim();
+            assert!(
+                !Path::new(&format!("/proc/{pid}")).exists(),
+                "pid {pid} still there"
+            );
+        }
     }
 }

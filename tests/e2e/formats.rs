@@ -1,0 +1,393 @@
+//! Formats and profile options through the whole path: every supported format signed
+//! by `signet` → `signetd` → `signet-agent` and verified with `osslsigncode verify`;
+//! page hashes, nested signatures, profiles limited to some formats, and RFC 3161
+//! timestamps from a real TSA on loopback, with failover.
+
+use std::path::Path;
+
+use signet_tests::*;
+
+use crate::{code, post_sign, stderr, unix_appliance};
+
+/// Agent and daemon on unix sockets, the daemon with `profiles`.
+fn appliance_with(w: &mut World, profiles: &str, agent_extra: &str) -> Endpoint {
+    let pin = w.path("pin");
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+        agent_extra,
+    );
+    w.start_daemon_with(
+        &[&format!("unix:{}", w.path("signetd.sock").display())],
+        &agent,
+        profiles,
+    )
+    .remove(0)
+}
+
+fn arg(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn utf16le_with_bom(text: &str) -> Vec<u8> {
+    let mut v = vec![0xff, 0xfe];
+    for u in text.encode_utf16() {
+        v.extend(u.to_le_bytes());
+    }
+    v
+}
+
+fn signatures(verify_output: &str) -> usize {
+    verify_output
+        .lines()
+        .filter(|l| l.starts_with("Signature Index: "))
+        .count()
+}
+
+#[test]
+fn every_supported_format_is_signed_through_the_appliance_and_verifies() {
+    let mut w = World::new();
+    let ep = unix_appliance(&mut w);
+    let script = "Write-Host \"Hello from Signet\"\r\n";
+    let files = [
+        w.pe("app.exe"),
+        w.msi("setup.msi"),
+        w.cab("payload.cab"),
+        w.cat("drivers.cat"),
+        w.file("hello.ps1", script.as_bytes()),
+        w.file(
+            "Module.PSM1",
+            &[b"\xef\xbb\xbf".as_slice(), script.as_bytes()].concat(),
+        ),
+        w.file(
+            "manifest.psd1",
+            &utf16le_with_bom("@{ ModuleVersion = '1.0' }\r\n"),
+        ),
+        w.file(
+            "types.ps1xml",
+            b"<?xml version=\"1.0\" encoding=\"utf-8\"?>\r\n<Types></Types>\r\n",
+        ),
+    ];
+    for f in &files {
+        assert!(!verify(&w, f).0, "{} starts unsigned", f.display());
+    }
+    let mut args = vec!["sign", "--json"];
+    args.extend(files.iter().map(|f| arg(f)));
+    let out = signet(&ep, &args);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let reports: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(reports.len(), files.len());
+    for (f, r) in files.iter().zip(&reports) {
+        assert_eq!(r["signed"], true, "{r}");
+        let (ok, text) = verify(&w, f);
+        assert!(ok, "{}: {text}", f.display());
+        assert!(
+            text.contains("Signet Demo Code Signing"),
+            "{}: {text}",
+            f.display()
+        );
+    }
+    // The scripts carry their signature block in the comment style of their kind.
+    let ps1 = std::fs::read_to_string(&files[4]).unwrap();
+    assert!(
+        ps1.starts_with(script) && ps1.contains("# SIG # Begin signature block"),
+        "{ps1}"
+    );
+    let xml = std::fs::read_to_string(&files[7]).unwrap();
+    assert!(
+        xml.contains("<!-- SIG # Begin signature block -->"),
+        "{xml}"
+    );
+    let psd1 = std::fs::read(&files[6]).unwrap();
+    let units: Vec<u16> = psd1[2..]
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    let psd1 = String::from_utf16(&units).unwrap();
+    assert!(
+        psd1.starts_with("@{ ModuleVersion") && psd1.contains("# SIG # Begin signature block"),
+        "the UTF-16 script stays UTF-16: {psd1}"
+    );
+    let log = w.log("signet-agent");
+    for format in [
+        "MSI (Windows Installer",
+        "CAB (cabinet",
+        "CAT (security",
+        "PowerShell script",
+    ] {
+        assert!(log.contains(format), "the agent logs {format}: {log}");
+    }
+}
+
+#[test]
+fn what_is_not_signed_is_refused_and_named_by_client_and_appliance() {
+    let mut w = World::new();
+    let ep = unix_appliance(&mut w);
+    let script = b"Write-Host hi\r\n";
+    let notes = w.file("notes.txt", script);
+    let mut doc = std::fs::read(w.msi("x.msi")).unwrap();
+    // The same compound file with a Word document's root storage class.
+    let shift = u16::from_le_bytes([doc[0x1e], doc[0x1f]]);
+    let dir = u32::from_le_bytes([doc[0x30], doc[0x31], doc[0x32], doc[0x33]]);
+    let root = ((dir as usize) + 1) << shift;
+    doc[root + 0x50..root + 0x54].copy_from_slice(&[0x06, 0x09, 0x02, 0x00]);
+    let doc = w.file("letter.doc", &doc);
+    let zip = w.file("app.msix", b"PK\x03\x04\x14\x00\x00\x00");
+    for (file, want) in [
+        (
+            &notes,
+            ".ps1, .psm1, .psd1, .ps1xml, .psc1, .cdxml (this one is named \"notes.txt\")",
+        ),
+        (&doc, "not a Windows Installer package"),
+        (&zip, "a ZIP archive"),
+    ] {
+        let out = signet(&ep, &["sign", arg(file)]);
+        assert_eq!(code(&out), 4, "{}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("Signet signs"),
+            "names what is supported: {}",
+            stderr(&out)
+        );
+    }
+    assert!(
+        !w.log("signetd").contains("job accepted"),
+        "refused before upload"
+    );
+
+    // The appliance applies the same rules to what reaches it, the name included.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, body) = rt.block_on(post_sign(&ep, "filename=notes.txt", script.to_vec()));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (415, Some("unsupported_format")),
+        "{body}"
+    );
+    assert!(body["message"].as_str().unwrap().contains(".ps1"), "{body}");
+    let (status, body) = rt.block_on(post_sign(&ep, "", script.to_vec()));
+    assert_eq!(status, 415, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("no file name came with it"),
+        "{body}"
+    );
+    let doc_bytes = std::fs::read(&doc).unwrap();
+    let (status, body) = rt.block_on(post_sign(&ep, "filename=setup.msi", doc_bytes));
+    assert_eq!(status, 415, "the name does not make it an MSI: {body}");
+}
+
+#[test]
+fn a_profile_signs_only_the_formats_it_lists() {
+    let mut w = World::new();
+    let ep = appliance_with(
+        &mut w,
+        "default_profile = \"drivers\"\n[profiles.drivers]\nformats = [\"pe\", \"cat\"]\n[profiles.any]\n",
+        "",
+    );
+    let msi = w.msi("setup.msi");
+    let exe = w.pe("driver.sys");
+    let out = signet(&ep, &["sign", "--json", arg(&msi), arg(&exe)]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["code"], "unsupported_format");
+    let msg = lines[0]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("MSI (Windows Installer package or patch)")
+            && msg.contains("\"drivers\"")
+            && msg.contains("PE (EXE/DLL/SYS), CAT (security catalog)"),
+        "{msg}"
+    );
+    assert_eq!(
+        lines[1]["signed"], true,
+        "the next file still goes: {}",
+        lines[1]
+    );
+    assert!(!verify(&w, &msi).0 && verify(&w, &exe).0);
+    let out = signet(&ep, &["sign", "--profile", "any", arg(&msi)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&w, &msi).0);
+}
+
+#[test]
+fn page_hashes_are_in_pe_signatures_when_the_profile_asks() {
+    let mut w = World::new();
+    let ep = appliance_with(
+        &mut w,
+        "default_profile = \"plain\"\n[profiles.plain]\n[profiles.paged]\npage_hashes = true\n",
+        "",
+    );
+    let plain = w.pe("plain.exe");
+    let paged = w.pe("paged.exe");
+    let msi = w.msi("setup.msi");
+    assert_eq!(code(&signet(&ep, &["sign", arg(&plain)])), 0);
+    let out = signet(&ep, &["sign", "-p", "paged", arg(&paged), arg(&msi)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let (ok, text) = verify(&w, &paged);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("Page hash algorithm  : SHA256") && text.contains("Calculated page hash"),
+        "{text}"
+    );
+    let (ok, text) = verify(&w, &plain);
+    assert!(ok && !text.contains("Page hash"), "{text}");
+    // Other formats have no pages; they are signed all the same.
+    let (ok, text) = verify(&w, &msi);
+    assert!(ok && !text.contains("Page hash"), "{text}");
+}
+
+#[test]
+fn a_nested_profile_keeps_the_signature_already_there() {
+    let mut w = World::new();
+    let ep = appliance_with(
+        &mut w,
+        "default_profile = \"first\"\n[profiles.first]\nhash = \"sha256\"\n\
+         [profiles.second]\nhash = \"sha512\"\nnested = true\n",
+        "",
+    );
+    let exe = w.pe("app.exe");
+    let ps1 = w.file("run.ps1", b"Write-Host hi\r\n");
+    let out = signet(&ep, &["sign", arg(&exe), arg(&ps1)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = signet(&ep, &["sign", "-p", "second", arg(&exe), arg(&ps1)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for f in [&exe, &ps1] {
+        let (ok, text) = verify(&w, f);
+        assert!(ok, "{text}");
+        assert_eq!(signatures(&text), 2, "{}: {text}", f.display());
+        assert!(text.contains("Number of verified signatures: 2"), "{text}");
+        assert!(
+            text.contains("SHA256") && text.contains("SHA512"),
+            "both digests: {text}"
+        );
+    }
+
+    // Without nesting an existing signature is replaced.
+    let out = signet(&ep, &["sign", arg(&exe)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let (ok, text) = verify(&w, &exe);
+    assert!(ok && signatures(&text) == 1, "{text}");
+
+    // A file with no signature yet gets a plain one from the nested profile.
+    let fresh = w.pe("fresh.exe");
+    let out = signet(&ep, &["sign", "-p", "second", arg(&fresh)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let (ok, text) = verify(&w, &fresh);
+    assert!(
+        ok && signatures(&text) == 1 && text.contains("SHA512"),
+        "{text}"
+    );
+}
+
+#[test]
+fn timestamps_come_from_the_first_server_that_answers() {
+    let mut w = World::new();
+    let tsa = Tsa::start(&w.path("tsa"));
+    let dead = refused_url();
+    let ep = appliance_with(
+        &mut w,
+        &format!(
+            "[profiles.release]\ntimestamp = [\"{dead}\", \"{}\"]\n",
+            tsa.url
+        ),
+        "",
+    );
+    let exe = w.pe("app.exe");
+    let msi = w.msi("setup.msi");
+    let out = signet(&ep, &["sign", arg(&exe), arg(&msi)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        tsa.replies(),
+        2,
+        "one timestamp per file, after the dead server"
+    );
+    let tsa_ca = tsa.cert.to_str().unwrap();
+    for f in [&exe, &msi] {
+        let (ok, text) = verify_with(&w, f, &["-TSA-CAfile", tsa_ca]);
+        assert!(ok, "{text}");
+        assert!(
+            text.contains("Timestamp Server Signature verification: ok")
+                && text.contains("Timestamp time:"),
+            "{}: {text}",
+            f.display()
+        );
+    }
+    // Without the TSA's certificate as trust anchor its signature does not verify: the
+    // timestamp really is that TSA's.
+    let (_, text) = verify(&w, &exe);
+    assert!(
+        text.contains("Timestamp Server Signature verification: failed"),
+        "{text}"
+    );
+}
+
+#[test]
+fn when_no_timestamp_server_answers_nothing_is_signed_and_the_message_names_them() {
+    let mut w = World::new();
+    let (dead1, dead2) = (refused_url(), refused_url());
+    let ep = appliance_with(
+        &mut w,
+        &format!(
+            "default_profile = \"stamped\"\n[profiles.stamped]\ntimestamp = [\"{dead1}\", \"{dead2}\"]\n[profiles.plain]\n"
+        ),
+        "",
+    );
+    let exe = w.pe("app.exe");
+    let before = std::fs::read(&exe).unwrap();
+    let out = signet(&ep, &["sign", "--json", arg(&exe)]);
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["code"], "signing_failed", "{report}");
+    let msg = report["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("tried in this order: {dead1}, {dead2}"))
+            && msg.contains("nothing was signed"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(&exe).unwrap(),
+        before,
+        "the file is untouched"
+    );
+    // The token is fine and the agent free: a profile without timestamps signs.
+    let out = signet(&ep, &["sign", "-p", "plain", arg(&exe)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&w, &exe).0);
+}
+
+#[test]
+fn a_timestamp_server_that_never_answers_cannot_hold_the_agent() {
+    let mut w = World::new();
+    let silent = SilentServer::start();
+    let ep = appliance_with(
+        &mut w,
+        &format!(
+            "default_profile = \"stamped\"\n[profiles.stamped]\ntimestamp = [\"{}\"]\n[profiles.plain]\n",
+            silent.url
+        ),
+        "[signer]\ntimeout_seconds = 3\n",
+    );
+    let exe = w.pe("app.exe");
+    let out = signet(&ep, &["sign", arg(&exe)]);
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("did not finish within 3 s"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!verify(&w, &exe).0);
+    let out = signet(&ep, &["sign", "-p", "plain", arg(&exe)]);
+    assert_eq!(code(&out), 0, "the job lock was released: {}", stderr(&out));
+}

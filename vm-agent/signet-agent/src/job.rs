@@ -1,0 +1,140 @@
+//! What one signing job asks for, checked before the token is touched: the profile's
+//! options as they arrive from the host, and whether the profile signs the format the
+//! input turned out to be. Pure; [`crate::agent`] calls it.
+
+use signet_protocol::format::{Detected, Format, FormatError};
+use signet_protocol::wire::{
+    check_timestamp_url, AgentSignQuery, ErrorBody, ErrorCode, MAX_TIMESTAMP_SERVERS,
+};
+
+/// Checks the options of a job. The daemon checked them in its configuration already;
+/// the agent does not take that on trust.
+pub fn check_query(query: &AgentSignQuery) -> Result<(), ErrorBody> {
+    let bad = |m: String| ErrorBody::new(ErrorCode::BadRequest, m);
+    if query.timestamp.len() > MAX_TIMESTAMP_SERVERS {
+        return Err(bad(format!(
+            "at most {MAX_TIMESTAMP_SERVERS} timestamp servers may be given, not {}",
+            query.timestamp.len()
+        )));
+    }
+    for url in &query.timestamp {
+        check_timestamp_url(url).map_err(|e| bad(format!("timestamp server: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Turns what detection found into the job's format, or the error the caller gets:
+/// not a format Signet signs, or not one this profile signs.
+pub fn admit(
+    query: &AgentSignQuery,
+    detected: Result<Detected, FormatError>,
+) -> Result<Detected, ErrorBody> {
+    let detected = detected.map_err(|e| {
+        let code = match e {
+            FormatError::Empty => ErrorCode::EmptyInput,
+            FormatError::Unsupported { .. }
+            | FormatError::TextNotScript { .. }
+            | FormatError::NotDigestBlob => ErrorCode::UnsupportedFormat,
+            FormatError::Unreadable(_) => ErrorCode::Internal,
+        };
+        ErrorBody::new(code, e.to_string())
+    })?;
+    if query.formats.is_empty() || query.formats.contains(&detected.format) {
+        return Ok(detected);
+    }
+    let profile = query.profile.as_deref().map_or_else(
+        || "this signing profile".to_owned(),
+        |p| format!("the signing profile {p:?}"),
+    );
+    let allowed: Vec<String> = Format::ALL
+        .iter()
+        .filter(|f| query.formats.contains(f))
+        .map(ToString::to_string)
+        .collect();
+    Err(ErrorBody::new(
+        ErrorCode::UnsupportedFormat,
+        format!(
+            "the file's format is {}, which {profile} does not sign; it signs: {}. Use a profile that signs this format",
+            detected.format,
+            allowed.join(", ")
+        ),
+    ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn detected(format: Format) -> Result<Detected, FormatError> {
+        Ok(Detected {
+            format,
+            extension: "x",
+        })
+    }
+
+    #[test]
+    fn a_profile_signs_only_the_formats_it_lists() {
+        let all = AgentSignQuery::default();
+        for f in Format::ALL {
+            assert_eq!(admit(&all, detected(f)).unwrap().format, f);
+        }
+        let some = AgentSignQuery {
+            profile: Some("drivers".into()),
+            formats: vec![Format::Pe, Format::Cat],
+            ..AgentSignQuery::default()
+        };
+        assert!(admit(&some, detected(Format::Cat)).is_ok());
+        let err = admit(&some, detected(Format::Msi)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::UnsupportedFormat);
+        assert!(
+            err.message
+                .contains("MSI (Windows Installer package or patch)")
+                && err.message.contains("\"drivers\"")
+                && err
+                    .message
+                    .contains("PE (EXE/DLL/SYS), CAT (security catalog)"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn detection_failures_keep_their_codes() {
+        let q = AgentSignQuery::default();
+        let cases = [
+            (FormatError::Empty, ErrorCode::EmptyInput),
+            (
+                FormatError::Unsupported { seen: "x".into() },
+                ErrorCode::UnsupportedFormat,
+            ),
+            (
+                FormatError::TextNotScript { name: None },
+                ErrorCode::UnsupportedFormat,
+            ),
+            (FormatError::Unreadable("x".into()), ErrorCode::Internal),
+        ];
+        for (e, code) in cases {
+            assert_eq!(admit(&q, Err(e)).unwrap_err().code, code);
+        }
+    }
+
+    #[test]
+    fn timestamp_servers_are_checked_again() {
+        let ok = AgentSignQuery {
+            timestamp: vec!["http://127.0.0.1:1/".into(), "https://tsa.example/".into()],
+            ..AgentSignQuery::default()
+        };
+        assert!(check_query(&ok).is_ok());
+        let bad = AgentSignQuery {
+            timestamp: vec!["file:///etc/passwd".into()],
+            ..AgentSignQuery::default()
+        };
+        assert_eq!(check_query(&bad).unwrap_err().code, ErrorCode::BadRequest);
+        let many = AgentSignQuery {
+            timestamp: vec!["http://t/".into(); MAX_TIMESTAMP_SERVERS + 1],
+            ..AgentSignQuery::default()
+        };
+        assert_eq!(check_query(&many).unwrap_err().code, ErrorCode::BadRequest);
+    }
+}
