@@ -8,6 +8,8 @@ use std::process::Output;
 
 use signet_tests::*;
 
+mod agent_token;
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
