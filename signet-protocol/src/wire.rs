@@ -9,6 +9,8 @@
 //! - `POST /agent/v1/sign?profile=&filename=&description=&url=&hash=&page_hashes=&nested=&timestamp=&formats=`
 //!   — body: the file ([`AgentSignQuery`]).
 //! - `GET /agent/v1/health` — [`AgentHealth`].
+//! - `POST /agent/v1/login` — body [`AgentLogin`]; answer [`AgentHealth`].
+//! - `GET /agent/v1/events` — server-sent events, each an [`AgentEvent`].
 //!
 //! Every error answer is an [`ErrorBody`] whose `code` is stable across versions and
 //! decides the HTTP status ([`ErrorCode::http_status`]) and the client's exit code
@@ -30,6 +32,10 @@ pub const BATCH_PATH: &str = "/v1/batch";
 pub const AGENT_BATCH_PATH: &str = "/agent/v1/batch";
 /// Daemon → agent path of the health call.
 pub const AGENT_HEALTH_PATH: &str = "/agent/v1/health";
+/// Daemon → agent path that hands the agent the token's PIN.
+pub const AGENT_LOGIN_PATH: &str = "/agent/v1/login";
+/// Daemon → agent path of the event stream (server-sent events).
+pub const AGENT_EVENTS_PATH: &str = "/agent/v1/events";
 
 /// Exit codes of `signet`, one per outcome a build script acts on differently.
 pub mod exit {
@@ -226,6 +232,8 @@ pub enum ErrorCode {
     SigningFailed,
     /// The token refused the configured PIN; it will not be tried again.
     PinRejected,
+    /// The agent has no PIN yet: none was sent by the host and no PIN file is set.
+    PinNeeded,
     /// The token is locked or one wrong PIN away from locking; Signet will not log in.
     PinLocked,
     /// The token is not present or was lost.
@@ -248,7 +256,10 @@ impl ErrorCode {
             ErrorCode::EmptyInput | ErrorCode::TruncatedInput => 422,
             ErrorCode::SigningFailed | ErrorCode::Internal => 500,
             ErrorCode::AgentUnavailable => 502,
-            ErrorCode::PinRejected | ErrorCode::PinLocked | ErrorCode::TokenUnavailable => 503,
+            ErrorCode::PinRejected
+            | ErrorCode::PinNeeded
+            | ErrorCode::PinLocked
+            | ErrorCode::TokenUnavailable => 503,
         }
     }
 
@@ -263,6 +274,7 @@ impl ErrorCode {
             | ErrorCode::TruncatedInput => exit::BAD_INPUT,
             ErrorCode::SigningFailed | ErrorCode::Internal => exit::SIGNING_FAILED,
             ErrorCode::PinRejected
+            | ErrorCode::PinNeeded
             | ErrorCode::PinLocked
             | ErrorCode::TokenUnavailable
             | ErrorCode::AgentUnavailable => exit::UNAVAILABLE,
@@ -281,6 +293,7 @@ impl ErrorCode {
             ErrorCode::TruncatedInput => "truncated_input",
             ErrorCode::SigningFailed => "signing_failed",
             ErrorCode::PinRejected => "pin_rejected",
+            ErrorCode::PinNeeded => "pin_needed",
             ErrorCode::PinLocked => "pin_locked",
             ErrorCode::TokenUnavailable => "token_unavailable",
             ErrorCode::AgentUnavailable => "agent_unavailable",
@@ -289,7 +302,7 @@ impl ErrorCode {
     }
 
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownProfile,
         ErrorCode::Forbidden,
@@ -299,6 +312,7 @@ impl ErrorCode {
         ErrorCode::TruncatedInput,
         ErrorCode::SigningFailed,
         ErrorCode::PinRejected,
+        ErrorCode::PinNeeded,
         ErrorCode::PinLocked,
         ErrorCode::TokenUnavailable,
         ErrorCode::AgentUnavailable,
@@ -317,6 +331,10 @@ impl std::fmt::Display for ErrorCode {
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
+    /// Nothing was signed and the same request may succeed later unchanged (e.g. the
+    /// token was lost mid-job and is being recovered). Absent means false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retryable: bool,
 }
 
 impl ErrorBody {
@@ -324,7 +342,14 @@ impl ErrorBody {
         ErrorBody {
             code,
             message: message.into(),
+            retryable: false,
         }
+    }
+
+    /// Marks the error as retryable: nothing was signed, try again later.
+    pub fn retryable(mut self, retryable: bool) -> Self {
+        self.retryable = retryable;
+        self
     }
 }
 
@@ -352,6 +377,12 @@ pub enum AgentState {
     Ready,
     /// No token matching the configuration is present.
     TokenMissing,
+    /// The token was in use and vanished; the agent re-initialises the module and logs
+    /// in again by itself when it returns.
+    TokenLost,
+    /// The token is present but the agent has no PIN: the host sends it with
+    /// `POST /agent/v1/login`, or `token.pin_file` names a file.
+    PinNeeded,
     /// The token refused the configured PIN; no further login is tried with it.
     PinRejected,
     /// The token is locked or on its final PIN try; no login is tried.
@@ -367,6 +398,42 @@ pub struct TokenSummary {
     pub serial: String,
     pub model: String,
     pub manufacturer: String,
+    /// Firmware version, e.g. "2.6".
+    #[serde(default)]
+    pub firmware: String,
+}
+
+/// The token's user-PIN counter flags (`CKF_USER_PIN_*`), as it reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinFlags {
+    /// `CKF_USER_PIN_COUNT_LOW`: a wrong PIN was entered since the last good login.
+    pub count_low: bool,
+    /// `CKF_USER_PIN_FINAL_TRY`: one more wrong PIN locks the token.
+    pub final_try: bool,
+    /// `CKF_USER_PIN_LOCKED`.
+    pub locked: bool,
+    /// `CKF_USER_PIN_TO_BE_CHANGED`.
+    pub to_be_changed: bool,
+}
+
+/// A certificate stored on the token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateSummary {
+    /// `CKA_LABEL`.
+    pub label: String,
+    /// `CKA_ID`, hex.
+    pub id: String,
+    /// Subject, RFC 4514 style ("CN=..., O=...").
+    pub subject: String,
+    pub issuer: String,
+    /// SHA-256 of the DER encoding, lowercase hex.
+    pub sha256: String,
+    /// notBefore, RFC 3339.
+    pub not_before: String,
+    /// notAfter, RFC 3339.
+    pub not_after: String,
+    /// Whole days from now until notAfter (negative once expired).
+    pub days_left: i64,
 }
 
 /// `GET /agent/v1/health`.
@@ -376,11 +443,105 @@ pub struct AgentHealth {
     pub state: AgentState,
     /// What the state means and, when it is not `ready`, what to do.
     pub detail: String,
+    /// Path of the PKCS#11 module.
     pub module: String,
+    /// The module is loaded and initialised.
+    #[serde(default)]
+    pub module_loaded: bool,
+    /// The PKCS#11 slot the token was last seen in (informational: tokens are selected
+    /// by label and serial, never by slot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u64>,
+    /// The configured token is present now.
+    #[serde(default)]
+    pub token_present: bool,
+    /// The token, as last seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<TokenSummary>,
+    /// The agent's session is logged in.
+    #[serde(default)]
+    pub logged_in: bool,
+    /// The PIN counter flags, read now (absent when the token is not present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<PinFlags>,
+    /// Certificates on the token (public objects: read without logging in).
+    #[serde(default)]
+    pub certificates: Vec<CertificateSummary>,
     /// The signing backend, e.g. "osslsigncode 2.9".
     pub signer: String,
+}
+
+/// Body of `POST /agent/v1/login`: the token's user PIN. Its `Debug` shows no secret.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentLogin {
+    #[serde(serialize_with = "expose_pin", deserialize_with = "secret_pin")]
+    pub pin: secrecy::SecretString,
+}
+
+fn expose_pin<S: serde::Serializer>(pin: &secrecy::SecretString, s: S) -> Result<S::Ok, S::Error> {
+    use secrecy::ExposeSecret;
+    s.serialize_str(pin.expose_secret())
+}
+
+fn secret_pin<'de, D: serde::Deserializer<'de>>(d: D) -> Result<secrecy::SecretString, D::Error> {
+    let plain = zeroize::Zeroizing::new(String::deserialize(d)?);
+    Ok(secrecy::SecretString::from(plain.as_str()))
+}
+
+/// One event of `GET /agent/v1/events`: `{"seq", "time", "type", "details"}`.
+/// The SSE `event:` field carries the type too, and `id:` the sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    /// Increases by one per event since the agent started; a gap means missed events.
+    pub seq: u64,
+    /// RFC 3339, UTC.
+    pub time: String,
+    #[serde(flatten)]
+    pub kind: AgentEventKind,
+}
+
+/// What happened. Details never carry a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "details", rename_all = "snake_case")]
+pub enum AgentEventKind {
+    /// The configured token was found (at start, or after it was lost).
+    TokenAppeared { label: String, serial: String },
+    /// The token vanished; the agent recovers by itself.
+    TokenLost { serial: String, detail: String },
+    /// The agent's session logged in to the token.
+    LoggedIn { label: String, serial: String },
+    /// A PIN problem: refused, locked, final try, or no PIN at all.
+    PinProblem { state: AgentState, detail: String },
+    /// A job reached the signer.
+    SigningStarted {
+        job: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        filename: Option<String>,
+    },
+    /// A job ended; `code` is set when it failed.
+    SigningFinished {
+        job: u64,
+        ok: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<ErrorCode>,
+        #[serde(default)]
+        retryable: bool,
+        ms: u64,
+    },
+}
+
+impl AgentEventKind {
+    /// The `type` name, also the SSE `event:` field.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AgentEventKind::TokenAppeared { .. } => "token_appeared",
+            AgentEventKind::TokenLost { .. } => "token_lost",
+            AgentEventKind::LoggedIn { .. } => "logged_in",
+            AgentEventKind::PinProblem { .. } => "pin_problem",
+            AgentEventKind::SigningStarted { .. } => "signing_started",
+            AgentEventKind::SigningFinished { .. } => "signing_finished",
+        }
+    }
 }
 
 /// The agent as the daemon sees it.
@@ -390,7 +551,7 @@ pub enum AgentReport {
     #[serde(rename = "yes")]
     Reachable {
         endpoint: String,
-        health: AgentHealth,
+        health: Box<AgentHealth>,
     },
     #[serde(rename = "no")]
     Unreachable { endpoint: String, error: ErrorBody },
@@ -508,5 +669,58 @@ mod tests {
         ] {
             assert!(check_timestamp_url(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn error_body_retryable_is_optional_on_the_wire() {
+        let old: ErrorBody =
+            serde_json::from_str(r#"{"code":"token_unavailable","message":"gone"}"#).unwrap();
+        assert!(!old.retryable, "absent means not retryable");
+        let plain = serde_json::to_value(ErrorBody::new(ErrorCode::SigningFailed, "x")).unwrap();
+        assert_eq!(
+            plain,
+            serde_json::json!({"code": "signing_failed", "message": "x"})
+        );
+        let retry = ErrorBody::new(ErrorCode::TokenUnavailable, "x").retryable(true);
+        let json = serde_json::to_value(&retry).unwrap();
+        assert_eq!(json["retryable"], true);
+        assert_eq!(serde_json::from_value::<ErrorBody>(json).unwrap(), retry);
+    }
+
+    #[test]
+    fn events_are_type_time_and_details() {
+        let e = AgentEvent {
+            seq: 7,
+            time: "2026-01-02T03:04:05Z".into(),
+            kind: AgentEventKind::SigningFinished {
+                job: 3,
+                ok: false,
+                code: Some(ErrorCode::TokenUnavailable),
+                retryable: true,
+                ms: 12,
+            },
+        };
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"seq": 7, "time": "2026-01-02T03:04:05Z", "type": "signing_finished",
+                "details": {"job": 3, "ok": false, "code": "token_unavailable", "retryable": true, "ms": 12}})
+        );
+        assert_eq!(serde_json::from_value::<AgentEvent>(json).unwrap(), e);
+        assert_eq!(e.kind.name(), "signing_finished");
+    }
+
+    #[test]
+    fn login_body_reads_the_pin_and_hides_it_from_debug() {
+        use secrecy::ExposeSecret;
+        let l: AgentLogin = serde_json::from_str(r#"{"pin":"123456"}"#).unwrap();
+        assert_eq!(l.pin.expose_secret(), "123456");
+        assert!(!format!("{l:?}").contains("123456"));
+        assert_eq!(serde_json::to_string(&l).unwrap(), r#"{"pin":"123456"}"#);
+        let old: AgentHealth = serde_json::from_str(
+            r#"{"version":"0.1.0","state":"ready","detail":"d","module":"/m.so","signer":"s"}"#,
+        )
+        .unwrap();
+        assert!(old.certificates.is_empty() && old.pin.is_none() && !old.logged_in);
     }
 }

@@ -11,6 +11,8 @@ use signet_tests::*;
 mod doctor;
 mod formats;
 
+mod agent_token;
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -414,7 +416,13 @@ fn status_reports_the_token_when_signing_works() {
     assert_eq!(s["agent"]["health"]["token"]["label"], TOKEN_LABEL);
     let human = signet(&ep, &["status"]);
     assert_eq!(code(&human), 0);
-    assert!(String::from_utf8_lossy(&human.stdout).contains("signing works"));
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains("signing works"), "{human}");
+    assert!(human.contains("PIN:      ok"), "{human}");
+    assert!(
+        human.contains("cert:     CN=Signet Demo Code Signing, O=Signet expires 20"),
+        "{human}"
+    );
 }
 
 #[test]

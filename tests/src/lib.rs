@@ -152,13 +152,28 @@ impl World {
         envs: &[(&str, &str)],
         extra: &str,
     ) -> Endpoint {
+        self.start_agent_config(listen, module, Some(pin_file), envs, extra)
+    }
+
+    /// Like [`World::start_agent_with`]; without a PIN file the agent waits for the
+    /// host to send the PIN.
+    pub fn start_agent_config(
+        &mut self,
+        listen: &str,
+        module: &str,
+        pin_file: Option<&Path>,
+        envs: &[(&str, &str)],
+        extra: &str,
+    ) -> Endpoint {
         let cfg = self.path("agent.toml");
+        let pin_line = pin_file
+            .map(|p| format!("pin_file = \"{}\"\n", p.display()))
+            .unwrap_or_default();
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"{listen}\"\nspool_dir = \"{}\"\n[token]\nmodule = \"{module}\"\nlabel = \"{TOKEN_LABEL}\"\npin_file = \"{}\"\n{extra}",
+                "listen = \"{listen}\"\nspool_dir = \"{}\"\n[token]\nmodule = \"{module}\"\nlabel = \"{TOKEN_LABEL}\"\n{pin_line}{extra}",
                 self.dir.path().display(),
-                pin_file.display()
             ),
         )
         .unwrap();
@@ -535,6 +550,142 @@ async fn tsa_reply(
         std::fs::read(&r).unwrap(),
     )
         .into_response()
+}
+
+/// One HTTP call with a JSON (or empty) body; answers the status and the JSON body
+/// (`Null` when the body is not JSON).
+pub fn call_json(
+    endpoint: &Endpoint,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    call(endpoint, method, path, body)
+}
+
+/// One HTTP call with a raw body; answers the status and the JSON body.
+pub fn call(
+    endpoint: &Endpoint,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
+    use http_body_util::{BodyExt, Full};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let resp = signet_protocol::client::send(endpoint, req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    })
+}
+
+/// How long a test waits for an event the agent should send, before it fails.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The agent's event stream (`GET /agent/v1/events`), read on a thread of its own.
+#[derive(Debug)]
+pub struct Events {
+    rx: std::sync::mpsc::Receiver<serde_json::Value>,
+    /// Every event received so far, for failure messages.
+    pub seen: Vec<serde_json::Value>,
+}
+
+impl Events {
+    /// Subscribes; returns once the agent has answered, so every event after this
+    /// call is received.
+    pub fn follow(agent: &Endpoint) -> Events {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let agent = agent.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                use http_body_util::BodyExt;
+                let req = http::Request::get("/agent/v1/events")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let resp = signet_protocol::client::send(&agent, req).await.unwrap();
+                assert_eq!(resp.status(), 200);
+                let _ = ready_tx.send(());
+                let mut body = resp.into_body();
+                let mut buf = String::new();
+                while let Some(Ok(frame)) = body.frame().await {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    buf.push_str(&String::from_utf8_lossy(&data));
+                    while let Some(end) = buf.find("\n\n") {
+                        let block: String = buf.drain(..end + 2).collect();
+                        let data: String = block
+                            .lines()
+                            .filter_map(|l| l.strip_prefix("data:"))
+                            .map(str::trim_start)
+                            .collect();
+                        if let Ok(v) = serde_json::from_str(&data) {
+                            if tx.send(v).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        });
+        ready_rx
+            .recv_timeout(READY_TIMEOUT)
+            .expect("the agent's event stream did not answer");
+        Events {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next event of type `kind`, skipping others; fails the test after
+    /// [`EVENT_TIMEOUT`].
+    pub fn wait_for(&mut self, kind: &str) -> serde_json::Value {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(e) => {
+                    self.seen.push(e.clone());
+                    if e["type"] == kind {
+                        return e;
+                    }
+                }
+                Err(_) => panic!(
+                    "no {kind} event within {EVENT_TIMEOUT:?}; seen: {:#?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// The next event, whatever it is.
+    pub fn next_event(&mut self) -> serde_json::Value {
+        match self.rx.recv_timeout(EVENT_TIMEOUT) {
+            Ok(e) => {
+                self.seen.push(e.clone());
+                e
+            }
+            Err(_) => panic!("no event within {EVENT_TIMEOUT:?}; seen: {:#?}", self.seen),
+        }
+    }
 }
 
 /// Counts PKCS#11 `C_Login` calls in a pkcs11-spy log.

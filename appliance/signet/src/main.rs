@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use signet_protocol::client;
-use signet_protocol::wire::{exit, AgentReport, DaemonStatus, STATUS_PATH};
+use signet_protocol::wire::{exit, AgentReport, DaemonStatus, PinFlags, STATUS_PATH};
 use signet_protocol::Endpoint;
 
 const EXIT_CODES: &str = "\
@@ -156,6 +156,20 @@ async fn status(endpoint: &Endpoint, json: bool) -> i32 {
                         t.label, t.serial, t.manufacturer, t.model
                     );
                 }
+                if let Some(pin) = &health.pin {
+                    println!("  PIN:      {}", pin_flags_text(pin));
+                }
+                for c in &health.certificates {
+                    println!(
+                        "  cert:     {} expires {} ({})",
+                        c.subject,
+                        c.not_after,
+                        match c.days_left {
+                            d if d < 0 => format!("EXPIRED {} days ago", -d),
+                            d => format!("in {d} days"),
+                        }
+                    );
+                }
                 println!("            {}", health.detail);
             }
             AgentReport::Unreachable { endpoint, error } => {
@@ -168,5 +182,26 @@ async fn status(endpoint: &Endpoint, json: bool) -> i32 {
         exit::SIGNED
     } else {
         exit::UNAVAILABLE
+    }
+}
+
+/// The token's PIN counter flags in words: "ok", or each flag that is set.
+fn pin_flags_text(f: &PinFlags) -> String {
+    let set: Vec<&str> = [
+        (f.locked, "LOCKED"),
+        (
+            f.final_try,
+            "FINAL TRY (one more wrong PIN locks the token)",
+        ),
+        (f.count_low, "count low (a wrong PIN was entered)"),
+        (f.to_be_changed, "to be changed"),
+    ]
+    .into_iter()
+    .filter_map(|(on, text)| on.then_some(text))
+    .collect();
+    if set.is_empty() {
+        "ok".to_owned()
+    } else {
+        set.join(", ")
     }
 }

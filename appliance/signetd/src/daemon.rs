@@ -198,7 +198,7 @@ impl Daemon {
         {
             Ok(Ok(health)) => AgentReport::Reachable {
                 endpoint: self.cfg.agent.to_string(),
-                health,
+                health: Box::new(health),
             },
             Ok(Err(error)) => AgentReport::Unreachable {
                 endpoint: self.cfg.agent.to_string(),
@@ -245,12 +245,14 @@ pub fn client_view(job: &str, e: ErrorBody) -> ErrorBody {
     let operator = format!("the appliance's operator sees details in `signet status` on the host and in signetd's log (job {job})");
     let message = match e.code {
         ErrorCode::PinRejected => format!("the appliance's token refused its configured PIN, which will not be tried again; nothing was signed. {operator}"),
+        ErrorCode::PinNeeded => format!("the appliance's signing agent has no token PIN yet; nothing was signed. {operator}"),
         ErrorCode::PinLocked => format!("the appliance's token PIN is locked or on its final try, so Signet does not log in; nothing was signed. {operator}"),
+        ErrorCode::TokenUnavailable if e.retryable => format!("the appliance's token is not available (unplugged, not passed to the signing VM, or lost); nothing was signed and the job may be sent again once it is back. {operator}"),
         ErrorCode::TokenUnavailable => format!("the appliance's token is not available (unplugged, not passed to the signing VM, or lost); nothing was signed. {operator}"),
         ErrorCode::AgentUnavailable => format!("the signing VM's agent is not reachable; nothing was signed. {operator}"),
         ErrorCode::Internal => format!("the appliance failed internally; nothing was signed. {operator}"),
         _ => return e,
     };
     tracing::warn!(job, code = %e.code, detail = %e.message, "job failed on the agent");
-    ErrorBody::new(e.code, message)
+    ErrorBody::new(e.code, message).retryable(e.retryable)
 }

@@ -1,17 +1,78 @@
 //! The agent's core: one token, one job at a time, and the commands the HTTP front
-//! calls (`sign`, `health`).
+//! calls (`sign`, `health`, `login`, `events`).
+//!
+//! [`Agent::watch`] runs beside the jobs: it checks the session between jobs and,
+//! when the token is lost or missing, re-opens it with backoff (re-initialising the
+//! module, finding the token by label and serial, logging in with the PIN in memory or
+//! the PIN file). Everything that happens to the token and the jobs is published as
+//! [`AgentEvent`]s on a broadcast channel ([`Agent::subscribe`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use cryptoki::types::AuthPin;
 use signet_protocol::format;
-use signet_protocol::wire::{AgentHealth, AgentSignQuery, ErrorBody, ErrorCode, SignMode};
+use signet_protocol::wire::{
+    AgentEvent, AgentEventKind, AgentHealth, AgentSignQuery, AgentState, ErrorBody, ErrorCode,
+    SignMode,
+};
 use tokio::io::AsyncReadExt;
+use tokio::sync::broadcast;
 
 use crate::config::Config;
 use crate::job;
+use crate::loss::{self, Backoff, Watch};
 use crate::signer::{Osslsigncode, SignError, SignSpec};
 use crate::token::{Token, TokenError};
+
+/// How often a ready session (or a token waiting for a person) is checked.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// First and longest wait between tries to re-open a lost or missing token.
+const REOPEN_MIN: Duration = Duration::from_millis(100);
+const REOPEN_MAX: Duration = Duration::from_secs(2);
+/// Events kept for a subscriber that reads slowly; it is told how many it missed.
+const EVENT_BUFFER: usize = 256;
+
+/// Publishes events in order, numbered.
+#[derive(Debug)]
+struct EventBus {
+    tx: broadcast::Sender<AgentEvent>,
+    seq: Mutex<u64>,
+}
+
+impl EventBus {
+    fn new() -> Self {
+        EventBus {
+            tx: broadcast::channel(EVENT_BUFFER).0,
+            seq: Mutex::new(0),
+        }
+    }
+
+    fn emit(&self, kind: AgentEventKind) {
+        let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+        *seq += 1;
+        tracing::debug!(event = kind.name(), seq = *seq, "event");
+        // Nobody listening is fine.
+        let _ = self.tx.send(AgentEvent {
+            seq: *seq,
+            time: now_rfc3339(),
+            kind,
+        });
+    }
+}
+
+/// The time now, RFC 3339 in UTC.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn token_error(e: TokenError) -> ErrorBody {
+    ErrorBody::new(e.code(), e.to_string()).retryable(e.retryable())
+}
 
 /// A job's working directory: the spooled input and, once signed, the output.
 /// Everything in it is deleted when it is dropped.
@@ -45,6 +106,10 @@ pub struct Agent {
     signer_version: String,
     module: PathBuf,
     spool_dir: PathBuf,
+    events: Arc<EventBus>,
+    next_job: AtomicU64,
+    /// Wakes the watcher at once (a job saw the token go).
+    wake: tokio::sync::Notify,
 }
 
 impl Agent {
@@ -65,14 +130,87 @@ impl Agent {
             signer,
             signer_version,
             spool_dir: cfg.spool_dir.unwrap_or_else(std::env::temp_dir),
+            events: Arc::new(EventBus::new()),
+            next_job: AtomicU64::new(1),
+            wake: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Follows what happens to the token and the jobs from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
+        self.events.tx.subscribe()
+    }
+
+    /// Takes the token's PIN from the host and logs in with it (see
+    /// [`Token::login`]); answers the resulting health.
+    pub async fn login(&self, pin: AuthPin) -> Result<AgentHealth, ErrorBody> {
+        {
+            let _job = self.jobs.lock().await;
+            self.with_token(move |t| t.login(pin))
+                .await
+                .map_err(token_error)?;
+        }
+        self.wake.notify_one();
+        Ok(self.health().await)
+    }
+
+    /// Watches the token for the agent's life: checks a ready session between jobs,
+    /// re-opens a lost or missing token with backoff, and never logs in where that
+    /// would spend a PIN try a person has not supplied.
+    pub async fn watch(self: Arc<Self>) {
+        let mut backoff = Backoff::new(REOPEN_MIN, REOPEN_MAX);
+        let mut attempts = 0u32;
+        loop {
+            let plan = self.watch_plan().await;
+            let delay = match plan {
+                Watch::Reopen => backoff.next_delay(),
+                Watch::Check | Watch::Wait => {
+                    backoff.reset();
+                    attempts = 0;
+                    CHECK_INTERVAL
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.wake.notified() => backoff.reset(),
+            }
+            let _job = self.jobs.lock().await;
+            // A job may have changed the state while the watcher waited.
+            match self.watch_plan().await {
+                Watch::Check | Watch::Wait => {
+                    self.with_token_quiet(|t| {
+                        t.check();
+                    })
+                    .await
+                }
+                Watch::Reopen => {
+                    attempts += 1;
+                    let result = self.with_token(|t| t.ensure_ready().map(|_| ())).await;
+                    match result {
+                        Ok(()) => tracing::info!(attempts, "the token is ready again"),
+                        Err(e) => {
+                            tracing::debug!(attempts, error = %e, "the token is not back yet")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn watch_plan(&self) -> Watch {
+        let (state, worth) = self
+            .with_token_quiet(|t| (t.state().0, t.retry_worth_it()))
+            .await;
+        loss::watch(state, worth)
     }
 
     /// Tries to open and log in to the token now; returns the resulting state.
     pub async fn open_token(&self) -> AgentHealth {
-        let _job = self.jobs.lock().await;
-        let _ = self.with_token(|t| t.ensure_ready().map(|_| ())).await;
-        self.health_now().await
+        {
+            let _job = self.jobs.lock().await;
+            let _ = self.with_token(|t| t.ensure_ready().map(|_| ())).await;
+        }
+        self.health().await
     }
 
     /// A fresh working directory for one job.
@@ -175,7 +313,7 @@ impl Agent {
         let (key, pin) = self
             .with_token(|t| t.ensure_ready())
             .await
-            .map_err(|e| ErrorBody::new(e.code(), e.to_string()))?;
+            .map_err(token_error)?;
         if self.signer.certificate.is_none() && !key.cert_on_token {
             return Err(ErrorBody::new(
                 ErrorCode::SigningFailed,
@@ -197,9 +335,14 @@ impl Agent {
             nested: query.nested,
             timestamp: &query.timestamp,
         };
+        let job = self.next_job.fetch_add(1, Ordering::Relaxed);
+        self.events.emit(AgentEventKind::SigningStarted {
+            job,
+            filename: query.filename.clone(),
+        });
         let started = std::time::Instant::now();
         let result = self.signer.sign(&key, &pin, &spec).await;
-        match result {
+        let result = match result {
             Ok(()) => {
                 tracing::info!(
                     file = query.filename.as_deref().unwrap_or("-"),
@@ -211,50 +354,75 @@ impl Agent {
             }
             Err(e) => {
                 tracing::warn!(token = %key.token_serial, error = %e, "signing failed");
-                let code = e.code();
-                match &e {
-                    SignError::PinRejected => self.with_token_quiet(move |t| t.refused(&pin)).await,
-                    SignError::TokenLost(d) => {
-                        let d = d.clone();
-                        self.with_token_quiet(move |t| t.lost(d)).await
-                    }
-                    _ => {}
-                }
-                // The spool's paths mean nothing to the caller.
-                let spool_path = spool.dir.path().to_string_lossy().into_owned();
-                Err(ErrorBody::new(
-                    code,
-                    e.to_string().replace(&spool_path, "<job>"),
-                ))
+                Err(self.signer_failed(e, pin, spool).await)
             }
-        }
+        };
+        self.events.emit(AgentEventKind::SigningFinished {
+            job,
+            ok: result.is_ok(),
+            code: result.as_ref().err().map(|e| e.code),
+            retryable: result.as_ref().is_err_and(|e| e.retryable),
+            ms: started.elapsed().as_millis() as u64,
+        });
+        result
     }
 
-    /// The agent's health, without waiting for a running job.
+    /// What a failed signer run means. A token that went away during the run makes
+    /// the job retryable, whatever the signer's words were: the agent checks its own
+    /// session before calling it a failed signature.
+    async fn signer_failed(&self, e: SignError, pin: AuthPin, spool: &Spool) -> ErrorBody {
+        let lost = match &e {
+            SignError::PinRejected => {
+                self.with_token_quiet(move |t| t.refused(&pin)).await;
+                false
+            }
+            SignError::TokenLost(d) => {
+                let d = d.clone();
+                self.with_token_quiet(move |t| t.lost(d)).await;
+                true
+            }
+            _ => {
+                self.with_token_quiet(|t| {
+                    t.check();
+                    t.state().0 == AgentState::TokenLost
+                })
+                .await
+            }
+        };
+        // The spool's paths mean nothing to the caller.
+        let spool_path = spool.dir.path().to_string_lossy().into_owned();
+        let detail = e.to_string().replace(&spool_path, "<job>");
+        if lost {
+            self.wake.notify_one();
+            return ErrorBody::new(
+                ErrorCode::TokenUnavailable,
+                format!("the token was lost while signing; nothing was signed and the job may be sent again once the token is back ({detail})"),
+            )
+            .retryable(true);
+        }
+        ErrorBody::new(e.code(), detail)
+    }
+
+    /// The agent's health, without waiting for a running job. Between jobs the
+    /// session is checked and the token's flags are read (no login, no PIN try);
+    /// during a job the last known state is told.
     pub async fn health(&self) -> AgentHealth {
-        match self.jobs.try_lock() {
-            // Idle: a token that is not open yet gets a try (the PIN guard still rules).
-            Ok(_idle) => {
-                let _ = self.with_token(|t| t.ensure_ready().map(|_| ())).await;
-                self.health_now().await
-            }
-            Err(_) => self.health_now().await,
-        }
-    }
-
-    async fn health_now(&self) -> AgentHealth {
-        let (state, detail, token) = self
-            .with_token_quiet(|t| {
-                let (s, d) = t.state();
-                (s, d, t.summary())
-            })
-            .await;
+        let t = match self.jobs.try_lock() {
+            Ok(_idle) => self.with_token_quiet(|t| t.health()).await,
+            Err(_) => self.with_token_quiet(|t| t.known_health()).await,
+        };
         AgentHealth {
             version: signet_protocol::VERSION.to_owned(),
-            state,
-            detail,
+            state: t.state,
+            detail: t.detail,
             module: self.module.display().to_string(),
-            token,
+            module_loaded: t.module_loaded,
+            slot: t.slot,
+            token_present: t.present,
+            token: t.token,
+            logged_in: t.logged_in,
+            pin: t.pin,
+            certificates: t.certificates,
             signer: self.signer_version.clone(),
         }
     }
@@ -272,9 +440,14 @@ impl Agent {
         f: impl FnOnce(&mut Token) -> T + Send + 'static,
     ) -> T {
         let token = self.token.clone();
+        let events = self.events.clone();
         tokio::task::spawn_blocking(move || {
             let mut t = token.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut t)
+            let out = f(&mut t);
+            for e in t.take_events() {
+                events.emit(e);
+            }
+            out
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))

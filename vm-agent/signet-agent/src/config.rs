@@ -38,8 +38,11 @@ pub struct TokenConfig {
     /// Label of the private key; when absent the token must hold exactly one.
     #[serde(default)]
     pub key_label: Option<String>,
-    /// A file holding the user PIN, readable by the agent's user only.
-    pub pin_file: PathBuf,
+    /// A file holding the user PIN, readable by the agent's user only. Optional: the
+    /// host may send the PIN instead (`POST /agent/v1/login`); a PIN sent that way and
+    /// accepted by the token is used first.
+    #[serde(default)]
+    pub pin_file: Option<PathBuf>,
 }
 
 /// `[signer]`: the signing backend.
@@ -136,7 +139,7 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
             Some(&mut cfg.token.module),
-            Some(&mut cfg.token.pin_file),
+            cfg.token.pin_file.as_mut(),
             cfg.signer.certificate.as_mut(),
             cfg.spool_dir.as_mut(),
         ]
@@ -182,7 +185,7 @@ mod tests {
         assert_eq!(cfg.signer.timeout_seconds, 600);
         assert_eq!(
             cfg.token.pin_file,
-            PathBuf::from("pin"),
+            Some(PathBuf::from("pin")),
             "a bare name stays as written"
         );
         let cfg = Config::parse(
@@ -190,7 +193,19 @@ mod tests {
             &MINIMAL.replace("\"pin\"", "\"secrets/pin\""),
         )
         .unwrap();
-        assert_eq!(cfg.token.pin_file, PathBuf::from("/etc/signet/secrets/pin"));
+        assert_eq!(
+            cfg.token.pin_file,
+            Some(PathBuf::from("/etc/signet/secrets/pin"))
+        );
+        let no_file = Config::parse(
+            Path::new("/etc/signet/agent.toml"),
+            &MINIMAL.replace("pin_file = \"pin\"", ""),
+        )
+        .unwrap();
+        assert_eq!(
+            no_file.token.pin_file, None,
+            "the PIN may come from the host"
+        );
     }
 
     #[test]

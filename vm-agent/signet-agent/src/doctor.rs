@@ -25,7 +25,8 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Config, TokenConfig};
 use crate::modules::{self, Candidate, Platform};
-use crate::token::{ck, PinFlags};
+use crate::token::{ck, pin_flags};
+use signet_protocol::wire::PinFlags;
 
 /// The oldest osslsigncode the agent is known to work with (Debian 12's): it signs
 /// with a PKCS#11 module and reads the PIN from a file (`-readpass /dev/stdin`).
@@ -372,8 +373,13 @@ pub fn run(config_path: &Path) -> Report {
             }
         }
         Some(cfg) => {
-            let pin_file = &cfg.token.pin_file;
-            checks.push(judge_pin_file(pin_file, &probe_pin_file(pin_file)));
+            checks.push(match &cfg.token.pin_file {
+                Some(pin_file) => judge_pin_file(pin_file, &probe_pin_file(pin_file)),
+                None => Check::ok(
+                    "pin_file",
+                    "no PIN file: the PIN comes from the host (POST /agent/v1/login)",
+                ),
+            });
             let program = &cfg.signer.osslsigncode;
             checks.push(judge_osslsigncode(program, &probe_osslsigncode(program)));
             checks.push(match (&cfg.signer.certificate, &chosen, &ctx) {
@@ -520,7 +526,7 @@ fn probe_tokens(ctx: &Pkcs11) -> Result<Vec<(Slot, TokenFacts)>, String> {
                 manufacturer: info.manufacturer_id().trim_end().to_owned(),
                 firmware: info.firmware_version().to_string(),
                 initialized: info.token_initialized(),
-                pin_flags: PinFlags::from(&info).into(),
+                pin_flags: pin_flags(&info).into(),
             },
         ));
     }
@@ -999,7 +1005,7 @@ mod tests {
             label: label.map(Into::into),
             serial: serial.map(Into::into),
             key_label: None,
-            pin_file: "/p".into(),
+            pin_file: Some("/p".into()),
         }
     }
 

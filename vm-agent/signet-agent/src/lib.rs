@@ -1,15 +1,19 @@
 //! `signet-agent`: runs in the signing VM, owns the token, signs.
 //!
 //! - [`config`] — `agent.toml`.
-//! - [`token`] — the PKCS#11 session (cryptoki) and the PIN guard — the only code that
-//!   logs in to the token.
+//! - [`token`] — the PKCS#11 session (cryptoki), the PIN guard, health and certificates —
+//!   the only code that logs in to the token.
+//! - [`loss`] — pure decisions about token loss: classification, the watcher's plan,
+//!   backoff.
 //! - [`signer`] — osslsigncode with the token's PKCS#11 module; the PIN goes on stdin.
 //! - [`signtool`] — the Windows backend: signtool with the token's CSP, its command line
 //!   (the PIN only inside `/kc`, never shown) and its error texts classified.
 //! - [`job`] — a job's options and format checked against its profile, before the
 //!   token is touched.
-//! - [`agent`] — the core commands (`sign`, `health`), one job at a time.
-//! - [`server`] — the HTTP front (`/agent/v1/...`) over vsock, unix or TCP.
+//! - [`agent`] — the core commands (`sign`, `health`, `login`, events), one job at a
+//!   time, and the watcher that re-opens a lost token.
+//! - [`server`] — the HTTP front (`/agent/v1/...`, events as SSE) over vsock, unix or
+//!   TCP.
 //! - [`modules`] — known PKCS#11 modules per platform and the tokens they serve.
 //! - [`doctor`] — `signet-agent doctor` and `tokens`: checks of the configuration, the
 //!   module, the tokens, the PIN file, osslsigncode and the certificate, without login.
@@ -24,6 +28,7 @@ pub mod agent;
 pub mod config;
 pub mod doctor;
 pub mod job;
+pub mod loss;
 pub mod modules;
 pub mod server;
 pub mod signer;

@@ -13,8 +13,9 @@ use signet_protocol::wire::AgentState;
 /// and signs the jobs the host daemon relays.
 ///
 /// It listens on the endpoint in its configuration (default vsock:any:7711), logs in
-/// to the token once with the PIN from the configured PIN file, and never tries a PIN
-/// the token has refused again.
+/// to the token once with the PIN the host sends (or the configured PIN file), never
+/// tries a PIN the token has refused again, and re-opens the token by itself when it
+/// vanishes and returns.
 #[derive(Debug, Parser)]
 #[command(
     version,
@@ -80,9 +81,10 @@ async fn main() -> anyhow::Result<()> {
     match health.state {
         AgentState::Ready => tracing::info!(detail = %health.detail, "token ready"),
         _ => {
-            tracing::error!(state = ?health.state, detail = %health.detail, "token not ready; serving health and retrying on each job")
+            tracing::error!(state = ?health.state, detail = %health.detail, "token not ready; serving health and watching the token")
         }
     }
+    tokio::spawn(agent.clone().watch());
     let local = listener.local_endpoint().context("local address")?;
     tracing::info!(endpoint = %local, "listening");
     let listening = format!("listening on {local}");

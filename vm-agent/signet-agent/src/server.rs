@@ -1,21 +1,25 @@
 //! The agent's HTTP front: translates requests into [`Agent`] calls and results into
 //! answers. No logic of its own.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::TryStreamExt;
+use futures_util::{Stream, TryStreamExt};
 use signet_protocol::batch::{self, Part, PartBody, RESULT_HEADER};
 use signet_protocol::wire::{
-    AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_HEALTH_PATH, AGENT_SIGN_PATH,
+    AgentLogin, AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_EVENTS_PATH,
+    AGENT_HEALTH_PATH, AGENT_LOGIN_PATH, AGENT_SIGN_PATH,
 };
 use tokio::io::AsyncWriteExt;
+use tokio::sync::broadcast::error::RecvError;
 
 use crate::agent::{Agent, Spool};
 
@@ -25,6 +29,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(AGENT_SIGN_PATH, post(sign))
         .route(AGENT_BATCH_PATH, post(batch))
         .route(AGENT_HEALTH_PATH, get(health))
+        .route(AGENT_LOGIN_PATH, post(login))
+        .route(AGENT_EVENTS_PATH, get(events))
         .fallback(|| async {
             ErrorBody::new(
                 ErrorCode::BadRequest,
@@ -36,6 +42,55 @@ pub fn router(agent: Arc<Agent>) -> Router {
 
 async fn health(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
     Json(agent.health().await)
+}
+
+/// `{"pin": "..."}`. The body is wiped once read; the PIN lives on as a zeroizing
+/// secret only.
+async fn login(State(agent): State<Arc<Agent>>, body: Bytes) -> Result<Response, ErrorBody> {
+    let parsed = match body.try_into_mut() {
+        Ok(mut owned) => {
+            let parsed = serde_json::from_slice::<AgentLogin>(&owned);
+            zeroize::Zeroize::zeroize(owned.as_mut());
+            parsed
+        }
+        Err(shared) => serde_json::from_slice::<AgentLogin>(&shared),
+    };
+    // serde's message could quote the input: say only where it went wrong.
+    let login = parsed.map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!(
+                "the body must be JSON {{\"pin\": \"...\"}} (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    if secrecy::ExposeSecret::expose_secret(&login.pin).is_empty() {
+        return Err(ErrorBody::new(ErrorCode::BadRequest, "the PIN is empty"));
+    }
+    Ok(Json(agent.login(login.pin).await?).into_response())
+}
+
+/// Server-sent events: one `AgentEvent` per message, `event:` its type, `id:` its
+/// sequence number. A reader too slow to keep up is told how many it missed.
+async fn events(
+    State(agent): State<Arc<Agent>>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let rx = agent.subscribe();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let event = match rx.recv().await {
+            Ok(e) => Event::default()
+                .event(e.kind.name())
+                .id(e.seq.to_string())
+                .json_data(&e)
+                .unwrap_or_else(|_| Event::default().comment("unencodable event")),
+            Err(RecvError::Lagged(n)) => Event::default().event("lagged").data(n.to_string()),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok(event), rx))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 async fn sign(

@@ -1,22 +1,48 @@
 //! The PKCS#11 side of the agent: finding the token, logging in once, guarding the
-//! PIN retry counter, and reporting what the token says about itself.
+//! PIN retry counter, noticing when the token vanishes, and reporting what the token
+//! says about itself.
 //!
 //! [`PinGuard`] is pure: it decides whether a login may be tried. [`Token`] does the
-//! cryptoki calls and keeps one logged-in session for the agent's life, re-opening it
-//! when the token says the session is gone.
+//! cryptoki calls and keeps one logged-in session for the agent's life. Every failure
+//! goes through [`crate::loss::classify`]; on loss the session is closed and the module
+//! finalised, so the next [`Token::ensure_ready`] initialises it afresh and finds the
+//! token again by label and serial. `Token` queues what happened to it
+//! ([`Token::take_events`]); the agent publishes those events.
 
 use std::path::{Path, PathBuf};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
-use cryptoki::object::{Attribute, AttributeType, ObjectClass};
-use cryptoki::session::{Session, UserType};
-use cryptoki::slot::TokenInfo;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::{Slot, TokenInfo};
 use cryptoki::types::AuthPin;
+use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
-use signet_protocol::wire::{AgentState, ErrorCode, TokenSummary};
+use signet_protocol::wire::{
+    AgentEventKind, AgentState, CertificateSummary, ErrorCode, PinFlags, TokenSummary,
+};
 
 use crate::config::TokenConfig;
+use crate::loss::{classify, Call, Observation, Verdict};
+
+/// Where the PIN of a login came from; named in messages, never the PIN itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinSource {
+    /// `POST /agent/v1/login`.
+    Host,
+    /// `token.pin_file`.
+    File(PathBuf),
+}
+
+impl std::fmt::Display for PinSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PinSource::Host => f.write_str("the PIN sent by the host"),
+            PinSource::File(p) => write!(f, "the PIN in {}", p.display()),
+        }
+    }
+}
 
 /// Why the token cannot be used right now.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,8 +53,10 @@ pub enum TokenError {
     NotFound { wanted: String, found: String },
     #[error("cannot read the PIN file {path}: {detail}; write the token's user PIN into it (readable by the agent only)")]
     PinFile { path: PathBuf, detail: String },
-    #[error("the token refused the PIN from {path}; Signet will not try that PIN again: put the right PIN in {path}")]
-    PinRejected { path: PathBuf },
+    #[error("the agent has no PIN for the token: the host sends it (POST /agent/v1/login), or name a file with token.pin_file")]
+    PinNeeded,
+    #[error("the token refused {from}; Signet will not try that PIN again: supply the right PIN (host login or PIN file)")]
+    PinRejected { from: PinSource },
     #[error(
         "the token's user PIN is {why}; Signet does not log in to it, so no try is spent: {fix}"
     )]
@@ -38,7 +66,7 @@ pub enum TokenError {
     },
     #[error("{0}")]
     Key(String),
-    #[error("the token stopped answering ({0}); it is re-opened on the next job")]
+    #[error("the token was lost ({0}); the agent re-initialises the module and logs in again when it returns: retry the job then")]
     Lost(String),
 }
 
@@ -47,6 +75,7 @@ impl TokenError {
     pub fn code(&self) -> ErrorCode {
         match self {
             TokenError::PinRejected { .. } | TokenError::PinFile { .. } => ErrorCode::PinRejected,
+            TokenError::PinNeeded => ErrorCode::PinNeeded,
             TokenError::PinLocked { .. } => ErrorCode::PinLocked,
             TokenError::Module { .. }
             | TokenError::NotFound { .. }
@@ -55,39 +84,60 @@ impl TokenError {
         }
     }
 
+    /// Nothing was signed and the same job may succeed later without anyone acting.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            TokenError::Lost(_) | TokenError::NotFound { .. } | TokenError::PinNeeded
+        )
+    }
+
+    /// Whether trying to open the token again, unattended, can end this fault.
+    pub fn retry_worth_it(&self) -> bool {
+        matches!(
+            self,
+            TokenError::Module { .. } | TokenError::NotFound { .. } | TokenError::Lost(_)
+        )
+    }
+
     /// The agent state this failure leaves behind.
     pub fn state(&self) -> AgentState {
         match self {
             TokenError::Module { .. } => AgentState::ModuleError,
             TokenError::PinRejected { .. } | TokenError::PinFile { .. } => AgentState::PinRejected,
+            TokenError::PinNeeded => AgentState::PinNeeded,
             TokenError::PinLocked { .. } => AgentState::PinLocked,
-            TokenError::NotFound { .. } | TokenError::Lost(_) | TokenError::Key(_) => {
-                AgentState::TokenMissing
-            }
+            TokenError::Lost(_) => AgentState::TokenLost,
+            TokenError::NotFound { .. } | TokenError::Key(_) => AgentState::TokenMissing,
         }
+    }
+
+    fn is_pin_problem(&self) -> bool {
+        matches!(
+            self.state(),
+            AgentState::PinNeeded | AgentState::PinRejected | AgentState::PinLocked
+        )
     }
 }
 
-/// What the PIN counter flags of a token allow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct PinFlags {
-    pub count_low: bool,
-    pub final_try: bool,
-    pub locked: bool,
-    pub to_be_changed: bool,
-}
+const LOCKED: TokenError = TokenError::PinLocked {
+    why: "locked",
+    fix: "unlock it with the SO PIN (or the vendor's tool), then send the PIN again or restart the agent",
+};
+const FINAL_TRY: TokenError = TokenError::PinLocked {
+    why: "on its final try (one more wrong PIN locks it)",
+    fix: "log in once by hand with the right PIN to reset the counter, then send the PIN again or restart the agent",
+};
 
-impl From<&TokenInfo> for PinFlags {
-    fn from(t: &TokenInfo) -> Self {
-        PinFlags {
-            count_low: t.user_pin_count_low(),
-            final_try: t.user_pin_final_try(),
-            locked: t.user_pin_locked(),
-            to_be_changed: t.user_pin_to_be_changed(),
-        }
+/// The PIN counter flags a token reports.
+pub fn pin_flags(t: &TokenInfo) -> PinFlags {
+    PinFlags {
+        count_low: t.user_pin_count_low(),
+        final_try: t.user_pin_final_try(),
+        locked: t.user_pin_locked(),
+        to_be_changed: t.user_pin_to_be_changed(),
     }
 }
-
 /// Remembers the PIN the token refused, so automation never spends a second try on it.
 #[derive(Debug, Default)]
 pub struct PinGuard {
@@ -147,27 +197,65 @@ pub struct KeyRef {
     pub cert_on_token: bool,
 }
 
+/// The token as last found: where, what, and its certificates.
+#[derive(Debug, Clone)]
+struct Found {
+    slot: Slot,
+    summary: TokenSummary,
+    certificates: Vec<CertificateSummary>,
+}
+
+/// The logged-in session.
 struct Open {
-    ctx: Pkcs11,
     session: Session,
     key: KeyRef,
+    key_handle: ObjectHandle,
     pin: AuthPin,
+}
+
+/// What the token looks like now, for the health report.
+#[derive(Debug, Clone)]
+pub struct TokenHealth {
+    pub state: AgentState,
+    pub detail: String,
+    pub module_loaded: bool,
+    pub slot: Option<u64>,
+    pub present: bool,
+    pub token: Option<TokenSummary>,
+    pub logged_in: bool,
+    pub pin: Option<PinFlags>,
+    pub certificates: Vec<CertificateSummary>,
 }
 
 /// One token, one logged-in session.
 pub struct Token {
     cfg: TokenConfig,
     guard: PinGuard,
+    /// The module, loaded and initialised.
+    ctx: Option<Pkcs11>,
+    /// `C_WaitForSlotEvent` answered `CKR_FUNCTION_NOT_SUPPORTED` once: not asked again.
+    no_slot_events: bool,
+    found: Option<Found>,
+    /// The PIN counter flags as last read.
+    flags: Option<PinFlags>,
+    /// The configured token is present, as far as the agent knows.
+    present: bool,
     open: Option<Open>,
+    /// The PIN the host sent; used before the PIN file. Zeroed when dropped.
+    host_pin: Option<AuthPin>,
+    /// Why the token, which was there, is gone; cleared when it is found again.
+    lost: Option<String>,
     last_error: Option<TokenError>,
-    summary: Option<TokenSummary>,
+    events: Vec<AgentEventKind>,
 }
 
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Token")
             .field("module", &self.cfg.module)
+            .field("present", &self.present)
             .field("open", &self.open.is_some())
+            .field("lost", &self.lost)
             .field("last_error", &self.last_error)
             .finish_non_exhaustive()
     }
@@ -178,111 +266,341 @@ impl Token {
         Token {
             cfg,
             guard: PinGuard::default(),
+            ctx: None,
+            no_slot_events: false,
+            found: None,
+            flags: None,
+            present: false,
             open: None,
+            host_pin: None,
+            lost: None,
             last_error: None,
-            summary: None,
+            events: Vec::new(),
         }
     }
 
     /// The agent state and what it means.
     pub fn state(&self) -> (AgentState, String) {
-        match (&self.open, &self.last_error) {
-            (Some(_), _) => (
+        if self.open.is_some() {
+            return (
                 AgentState::Ready,
                 "logged in to the token; jobs are signed".to_owned(),
-            ),
-            (None, Some(e)) => (e.state(), e.to_string()),
-            (None, None) => (
+            );
+        }
+        if let Some(why) = &self.lost {
+            let e = TokenError::Lost(why.clone());
+            return (e.state(), e.to_string());
+        }
+        match &self.last_error {
+            Some(e) => (e.state(), e.to_string()),
+            None => (
                 AgentState::TokenMissing,
                 "the token has not been opened yet".to_owned(),
             ),
         }
     }
 
-    pub fn summary(&self) -> Option<TokenSummary> {
-        self.summary.clone()
+    /// Whether opening the token again, unattended, may end the current fault.
+    pub fn retry_worth_it(&self) -> bool {
+        self.lost.is_some() || self.last_error.as_ref().is_none_or(|e| e.retry_worth_it())
+    }
+
+    /// What happened since the last call, oldest first.
+    pub fn take_events(&mut self) -> Vec<AgentEventKind> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// The token as it is now. Reads the token's flags (no login, no PIN try) and, when
+    /// logged in, checks that the session and key still answer.
+    pub fn health(&mut self) -> TokenHealth {
+        self.check();
+        if let (Some(ctx), Some(found), true) = (&self.ctx, &self.found, self.present) {
+            match ctx.get_token_info(found.slot) {
+                Ok(info) => self.flags = Some(pin_flags(&info)),
+                Err(e) => self.failed(Call::Token, &e),
+            }
+        }
+        self.known_health()
+    }
+
+    /// The token as last seen, without asking it anything.
+    pub fn known_health(&self) -> TokenHealth {
+        let (state, detail) = self.state();
+        TokenHealth {
+            state,
+            detail,
+            module_loaded: self.ctx.is_some(),
+            slot: self.found.as_ref().map(|f| f.slot.id()),
+            present: self.present,
+            token: self.found.as_ref().map(|f| f.summary.clone()),
+            logged_in: self.open.is_some(),
+            pin: self.flags.filter(|_| self.present),
+            certificates: self
+                .found
+                .as_ref()
+                .map(|f| f.certificates.clone())
+                .unwrap_or_default(),
+        }
     }
 
     /// Makes sure there is a logged-in session and returns the key to sign with and the
-    /// PIN that logged in. Opens the module, finds the token and logs in as needed.
+    /// PIN that logged in. Checks a session it has (session and key handle still
+    /// valid); opens the module, finds the token and logs in as needed.
     pub fn ensure_ready(&mut self) -> Result<(KeyRef, AuthPin), TokenError> {
-        if let Some(open) = &self.open {
-            match open.session.get_session_info() {
-                Ok(_) => return Ok((open.key.clone(), open.pin.clone())),
-                Err(e) => {
-                    tracing::warn!(error = %ck(&e), "the token session is gone; re-opening");
-                    self.close();
-                }
+        if self.check() {
+            if let Some(open) = &self.open {
+                return Ok((open.key.clone(), open.pin.clone()));
             }
         }
-        let result = self.open();
-        match &result {
+        let result = self.open_and_login();
+        match result {
             Ok(open) => {
+                tracing::info!(token = %open.key.token_serial, label = %open.key.token_label, "logged in to the token");
+                self.events.push(AgentEventKind::LoggedIn {
+                    label: open.key.token_label.clone(),
+                    serial: open.key.token_serial.clone(),
+                });
                 self.last_error = None;
                 let out = (open.key.clone(), open.pin.clone());
-                tracing::info!(token = %open.key.token_serial, label = %open.key.token_label, "logged in to the token");
-                self.open = result.ok();
+                self.open = Some(open);
                 Ok(out)
             }
             Err(e) => {
+                if e.is_pin_problem() && self.last_error.as_ref() != Some(&e) {
+                    self.events.push(AgentEventKind::PinProblem {
+                        state: e.state(),
+                        detail: e.to_string(),
+                    });
+                }
+                if let TokenError::Lost(why) = &e {
+                    self.mark_lost(why.clone());
+                }
                 self.last_error = Some(e.clone());
-                Err(e.clone())
-            }
-        }
-    }
-
-    /// Forgets the session (after the token was lost).
-    pub fn close(&mut self) {
-        if let Some(open) = self.open.take() {
-            drop(open.session);
-            let _ = open.ctx.finalize();
-        }
-    }
-
-    /// The token refused `pin` outside our own login (the signer's): never again.
-    pub fn refused(&mut self, pin: &AuthPin) {
-        use secrecy::ExposeSecret;
-        self.guard.rejected(pin.expose_secret().as_bytes());
-        self.close();
-        self.last_error = Some(TokenError::PinRejected {
-            path: self.cfg.pin_file.clone(),
-        });
-    }
-
-    /// Records that a job saw the token vanish.
-    pub fn lost(&mut self, detail: String) {
-        self.close();
-        self.last_error = Some(TokenError::Lost(detail));
-    }
-
-    fn open(&mut self) -> Result<Open, TokenError> {
-        let module_err = |detail: String| TokenError::Module {
-            module: self.cfg.module.clone(),
-            detail,
-        };
-        let ctx = Pkcs11::new(&self.cfg.module).map_err(|e| module_err(ck(&e)))?;
-        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .map_err(|e| module_err(ck(&e)))?;
-        let result = self.open_in(&ctx);
-        match result {
-            Ok((session, key, pin)) => Ok(Open {
-                ctx,
-                session,
-                key,
-                pin,
-            }),
-            Err(e) => {
-                let _ = ctx.finalize();
                 Err(e)
             }
         }
     }
 
-    fn open_in(&mut self, ctx: &Pkcs11) -> Result<(Session, KeyRef, AuthPin), TokenError> {
-        let lost = |e: CkError| TokenError::Lost(ck(&e));
-        let mut found = Vec::new();
+    /// Takes the PIN sent by the host and logs in with it, unless the token refused
+    /// that PIN before (then no PKCS#11 call is made at all). A token that is not
+    /// present keeps the PIN for when it returns.
+    pub fn login(&mut self, pin: AuthPin) -> Result<(), TokenError> {
+        let secret = pin.expose_secret().as_bytes();
+        if self.guard.may_try(secret, PinFlags::default()) == Err(Refusal::SamePinRejected) {
+            tracing::warn!("the host sent a PIN the token refused before; not trying it");
+            return Err(TokenError::PinRejected {
+                from: PinSource::Host,
+            });
+        }
+        if self.check() {
+            if let Some(open) = &self.open {
+                if open.pin.expose_secret() != pin.expose_secret() {
+                    tracing::warn!("the host sent a different PIN while the agent is logged in; the PIN in use stays");
+                }
+                return Ok(());
+            }
+        }
+        self.host_pin = Some(pin);
+        match self.ensure_ready() {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_pin_problem() => Err(e),
+            // The token is not there (or the module is broken): the PIN waits for it.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// The token refused `pin` outside our own login (the signer's): never again.
+    pub fn refused(&mut self, pin: &AuthPin) {
+        self.guard.rejected(pin.expose_secret().as_bytes());
+        let source = self.forget_host_pin(pin);
+        self.close_session();
+        let e = TokenError::PinRejected { from: source };
+        self.events.push(AgentEventKind::PinProblem {
+            state: e.state(),
+            detail: e.to_string(),
+        });
+        self.last_error = Some(e);
+    }
+
+    /// A job saw the token vanish (the signer said so).
+    pub fn lost(&mut self, detail: String) {
+        self.mark_lost(detail);
+    }
+
+    /// Checks what the agent holds: with a session, that it is logged in and the key
+    /// handle still answers; without one, that the token is still listed. Loss is
+    /// recorded (and the module finalised). True when a logged-in session is usable.
+    pub fn check(&mut self) -> bool {
+        self.poll_slot_event();
+        if let Some(open) = &self.open {
+            let info = open.session.get_session_info();
+            match info {
+                Ok(i)
+                    if matches!(
+                        i.session_state(),
+                        SessionState::RoUser | SessionState::RwUser
+                    ) => {}
+                Ok(_) => {
+                    tracing::warn!("the token session is no longer logged in; logging in again");
+                    self.close_session();
+                    return false;
+                }
+                Err(e) => {
+                    self.failed(Call::Token, &e);
+                    return false;
+                }
+            }
+            let Some(open) = &self.open else { return false };
+            if let Err(e) = open
+                .session
+                .get_attributes(open.key_handle, &[AttributeType::Id])
+            {
+                self.failed(Call::KnownObject, &e);
+                return false;
+            }
+            return true;
+        }
+        if let (Some(ctx), Some(found), true) = (&self.ctx, &self.found, self.present) {
+            if let Err(e) = ctx.get_token_info(found.slot) {
+                self.failed(Call::Token, &e);
+            }
+        }
+        false
+    }
+
+    /// Asks the module for a slot event without blocking, where it supports that; an
+    /// event for the token's slot is logged (the check that follows tells what changed).
+    fn poll_slot_event(&mut self) {
+        if self.no_slot_events {
+            return;
+        }
+        let (Some(ctx), Some(found)) = (&self.ctx, &self.found) else {
+            return;
+        };
+        match ctx.get_slot_event() {
+            Ok(Some(slot)) if slot == found.slot => {
+                tracing::info!(
+                    slot = slot.id(),
+                    "the module reports an event on the token's slot"
+                )
+            }
+            Ok(_) => {}
+            Err(CkError::Pkcs11(RvError::FunctionNotSupported, _)) => self.no_slot_events = true,
+            Err(e) => tracing::debug!(error = %ck(&e), "C_WaitForSlotEvent"),
+        }
+    }
+
+    /// A PKCS#11 call failed outside a login attempt: record a loss if it is one.
+    fn failed(&mut self, call: Call, e: &CkError) {
+        let verdict = match e {
+            CkError::Pkcs11(rv, _) => classify(Observation::Returned(call, *rv), self.had_token()),
+            _ => Verdict::SigningFailed,
+        };
+        match verdict {
+            Verdict::TokenLost => self.mark_lost(ck(e)),
+            Verdict::LoggedOut => self.close_session(),
+            _ => tracing::warn!(error = %ck(e), "PKCS#11 call failed"),
+        }
+    }
+
+    fn had_token(&self) -> bool {
+        self.present || self.lost.is_some() || self.open.is_some()
+    }
+
+    /// The token is gone: forget the session and the module so both start afresh.
+    fn mark_lost(&mut self, detail: String) {
+        if self.present || self.open.is_some() {
+            let serial = self
+                .found
+                .as_ref()
+                .map(|f| f.summary.serial.clone())
+                .unwrap_or_default();
+            tracing::warn!(token = %serial, %detail, "the token was lost; re-initialising the module until it returns");
+            self.events.push(AgentEventKind::TokenLost {
+                serial,
+                detail: detail.clone(),
+            });
+        }
+        self.present = false;
+        self.lost = Some(detail);
+        self.close();
+    }
+
+    /// Forgets the session and finalises the module.
+    pub fn close(&mut self) {
+        self.close_session();
+        if let Some(ctx) = self.ctx.take() {
+            let _ = ctx.finalize();
+        }
+    }
+
+    fn close_session(&mut self) {
+        self.open = None;
+    }
+
+    fn forget_host_pin(&mut self, pin: &AuthPin) -> PinSource {
+        match &self.host_pin {
+            Some(h) if h.expose_secret() == pin.expose_secret() => {
+                self.host_pin = None;
+                PinSource::Host
+            }
+            _ => self.file_source(),
+        }
+    }
+
+    fn file_source(&self) -> PinSource {
+        match &self.cfg.pin_file {
+            Some(p) => PinSource::File(p.clone()),
+            None => PinSource::Host,
+        }
+    }
+
+    /// Loads and initialises the module if it is not, finds the token, reads its
+    /// certificates and logs in. On any failure but a PIN problem the module is
+    /// finalised, so the next try initialises it afresh (some modules only see a
+    /// returned token after that).
+    fn open_and_login(&mut self) -> Result<Open, TokenError> {
+        self.close_session();
+        let result = self.try_open();
+        if let Err(e) = &result {
+            if !e.is_pin_problem() {
+                self.close();
+            }
+        }
+        result
+    }
+
+    fn try_open(&mut self) -> Result<Open, TokenError> {
+        let ctx = match &self.ctx {
+            Some(ctx) => ctx.clone(),
+            None => {
+                let ctx = self.init_module()?;
+                self.ctx = Some(ctx.clone());
+                ctx
+            }
+        };
+        let had = self.had_token();
+        let module = self.cfg.module.clone();
+        // A failure that is not a loss is the module misbehaving.
+        let lost = |call: Call, e: CkError| -> TokenError {
+            match e {
+                CkError::Pkcs11(rv, _)
+                    if classify(Observation::Returned(call, rv), had) == Verdict::TokenLost =>
+                {
+                    TokenError::Lost(ck(&e))
+                }
+                _ => TokenError::Module {
+                    module: module.clone(),
+                    detail: ck(&e),
+                },
+            }
+        };
+        let slot_ids = ctx
+            .get_slots_with_token()
+            .map_err(|e| lost(Call::Token, e))?;
+        let mut listed = Vec::new();
         let mut chosen = None;
-        for slot in ctx.get_slots_with_token().map_err(lost)? {
+        for slot in slot_ids {
             let Ok(info) = ctx.get_token_info(slot) else {
                 continue;
             };
@@ -293,85 +611,132 @@ impl Token {
             let serial = info.serial_number().trim_end().to_owned();
             let matches = self.cfg.label.as_ref().is_none_or(|l| *l == label)
                 && self.cfg.serial.as_ref().is_none_or(|s| *s == serial);
-            found.push(format!("\"{label}\" (serial {serial})"));
+            listed.push(format!("\"{label}\" (serial {serial})"));
             if matches && chosen.is_none() {
                 chosen = Some((slot, info));
             }
         }
         let Some((slot, info)) = chosen else {
-            return Err(TokenError::NotFound {
-                wanted: self.wanted(),
-                found: if found.is_empty() {
-                    "none".to_owned()
-                } else {
-                    found.join(", ")
+            let found = if listed.is_empty() {
+                "none".to_owned()
+            } else {
+                listed.join(", ")
+            };
+            return Err(match classify(Observation::TokenNotListed, had) {
+                Verdict::TokenLost => TokenError::Lost(format!(
+                    "no slot holds {} any more; tokens present: {found}",
+                    self.wanted()
+                )),
+                _ => TokenError::NotFound {
+                    wanted: self.wanted(),
+                    found,
                 },
             });
         };
         let token_label = info.label().trim_end().to_owned();
         let token_serial = info.serial_number().trim_end().to_owned();
-        self.summary = Some(TokenSummary {
+        let summary = TokenSummary {
             label: token_label.clone(),
             serial: token_serial.clone(),
             model: info.model().trim_end().to_owned(),
             manufacturer: info.manufacturer_id().trim_end().to_owned(),
-        });
+            firmware: info.firmware_version().to_string(),
+        };
         let span = tracing::info_span!("token", token = %token_serial);
         let _g = span.enter();
 
-        let pin = read_pin(&self.cfg.pin_file)?;
-        let flags = PinFlags::from(&info);
-        match self.guard.may_try(pin.as_bytes(), flags) {
+        let session = ctx
+            .open_ro_session(slot)
+            .map_err(|e| lost(Call::Token, e))?;
+        let certificates = read_certificates(&session).map_err(|e| lost(Call::Token, e))?;
+        if !self.present {
+            tracing::info!(label = %token_label, "the token is present");
+            self.events.push(AgentEventKind::TokenAppeared {
+                label: token_label.clone(),
+                serial: token_serial.clone(),
+            });
+        }
+        self.present = true;
+        self.lost = None;
+        self.found = Some(Found {
+            slot,
+            summary,
+            certificates,
+        });
+
+        let flags = pin_flags(&info);
+        self.flags = Some(flags);
+        let (pin, source) = self.pin()?;
+        match self.guard.may_try(pin.expose_secret().as_bytes(), flags) {
             Ok(()) => {}
             Err(Refusal::Locked) => {
                 tracing::error!("the token's user PIN is locked; not logging in");
-                return Err(TokenError::PinLocked {
-                    why: "locked",
-                    fix: "unlock it with the SO PIN (or the vendor's tool), then restart the agent",
-                });
+                return Err(LOCKED);
             }
             Err(Refusal::FinalTry) => {
                 tracing::error!("the token is on its final PIN try; not logging in");
-                return Err(TokenError::PinLocked {
-                    why: "on its final try (one more wrong PIN locks it)",
-                    fix: "log in once by hand with the right PIN to reset the counter, then restart the agent",
-                });
+                return Err(FINAL_TRY);
             }
-            Err(Refusal::SamePinRejected) => {
-                return Err(TokenError::PinRejected {
-                    path: self.cfg.pin_file.clone(),
-                });
-            }
+            Err(Refusal::SamePinRejected) => return Err(TokenError::PinRejected { from: source }),
         }
-        let session = ctx.open_ro_session(slot).map_err(lost)?;
-        let auth = AuthPin::new(pin.clone().into());
-        match session.login(UserType::User, Some(&auth)) {
+        match session.login(UserType::User, Some(&pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => self.guard.accepted(),
             Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
-                self.guard.rejected(pin.as_bytes());
+                self.guard.rejected(pin.expose_secret().as_bytes());
+                if source == PinSource::Host {
+                    self.host_pin = None;
+                }
                 let after = ctx
                     .get_token_info(slot)
-                    .map(|i| PinFlags::from(&i))
+                    .map(|i| pin_flags(&i))
                     .unwrap_or_default();
-                tracing::error!(
-                    ?after,
-                    "the token refused the PIN; it will not be tried again"
-                );
-                return Err(TokenError::PinRejected {
-                    path: self.cfg.pin_file.clone(),
-                });
+                self.flags = Some(after);
+                tracing::error!(?after, %source, "the token refused the PIN; it will not be tried again");
+                return Err(TokenError::PinRejected { from: source });
             }
-            Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
-                return Err(TokenError::PinLocked {
-                    why: "locked",
-                    fix: "unlock it with the SO PIN (or the vendor's tool), then restart the agent",
-                });
-            }
-            Err(e) => return Err(lost(e)),
+            Err(CkError::Pkcs11(RvError::PinLocked, _)) => return Err(LOCKED),
+            Err(e) => return Err(lost(Call::Login, e)),
         }
-        drop(pin);
-        let key = self.find_key(&session, token_label, token_serial)?;
-        Ok((session, key, auth))
+        let (key, key_handle) = self.find_key(&session, token_label, token_serial, had)?;
+        Ok(Open {
+            session,
+            key,
+            key_handle,
+            pin,
+        })
+    }
+
+    fn init_module(&self) -> Result<Pkcs11, TokenError> {
+        let module_err = |detail: String| TokenError::Module {
+            module: self.cfg.module.clone(),
+            detail,
+        };
+        let ctx = Pkcs11::new(&self.cfg.module).map_err(|e| module_err(ck(&e)))?;
+        if let Err(e) = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            return Err(match &e {
+                CkError::Pkcs11(rv, _)
+                    if classify(
+                        Observation::Returned(Call::Initialize, *rv),
+                        self.had_token(),
+                    ) == Verdict::TokenLost =>
+                {
+                    TokenError::Lost(ck(&e))
+                }
+                _ => module_err(ck(&e)),
+            });
+        }
+        Ok(ctx)
+    }
+
+    /// The PIN to log in with: the host's, else the PIN file's.
+    fn pin(&self) -> Result<(AuthPin, PinSource), TokenError> {
+        if let Some(p) = &self.host_pin {
+            return Ok((p.clone(), PinSource::Host));
+        }
+        match &self.cfg.pin_file {
+            Some(path) => Ok((read_pin(path)?, PinSource::File(path.clone()))),
+            None => Err(TokenError::PinNeeded),
+        }
     }
 
     fn wanted(&self) -> String {
@@ -388,8 +753,16 @@ impl Token {
         session: &Session,
         token_label: String,
         token_serial: String,
-    ) -> Result<KeyRef, TokenError> {
-        let ckerr = |e: CkError| TokenError::Lost(ck(&e));
+        had: bool,
+    ) -> Result<(KeyRef, ObjectHandle), TokenError> {
+        let ckerr = |e: CkError| match e {
+            CkError::Pkcs11(rv, _)
+                if classify(Observation::Returned(Call::Other, rv), had) == Verdict::TokenLost =>
+            {
+                TokenError::Lost(ck(&e))
+            }
+            _ => TokenError::Key(format!("cannot read the token's keys: {}", ck(&e))),
+        };
         let mut template = vec![Attribute::Class(ObjectClass::PRIVATE_KEY)];
         if let Some(l) = &self.cfg.key_label {
             template.push(Attribute::Label(l.as_bytes().to_vec()));
@@ -409,9 +782,9 @@ impl Token {
                     _ => {}
                 }
             }
-            described.push((id, label));
+            described.push((k, id, label));
         }
-        let (id, label) = match (described.len(), &self.cfg.key_label) {
+        let (handle, id, label) = match (described.len(), &self.cfg.key_label) {
             (1, _) => described.remove(0),
             (0, Some(l)) => {
                 return Err(TokenError::Key(format!(
@@ -424,7 +797,7 @@ impl Token {
                 )))
             }
             (_, _) => {
-                let names: Vec<String> = described.iter().map(|(_, l)| format!("\"{l}\"")).collect();
+                let names: Vec<String> = described.iter().map(|(_, _, l)| format!("\"{l}\"")).collect();
                 return Err(TokenError::Key(format!(
                     "the token \"{token_label}\" holds several private keys ({}); choose one with token.key_label",
                     names.join(", ")
@@ -438,18 +811,87 @@ impl Token {
             ])
             .map_err(ckerr)?
             .is_empty();
-        Ok(KeyRef {
-            token_label,
-            token_serial,
-            id,
-            label,
-            cert_on_token,
-        })
+        Ok((
+            KeyRef {
+                token_label,
+                token_serial,
+                id,
+                label,
+                cert_on_token,
+            },
+            handle,
+        ))
     }
 }
 
+/// The X.509 certificates on the token: public objects, read without logging in.
+fn read_certificates(session: &Session) -> Result<Vec<CertificateSummary>, CkError> {
+    let handles = session.find_objects(&[
+        Attribute::Class(ObjectClass::CERTIFICATE),
+        Attribute::CertificateType(cryptoki::object::CertificateType::X_509),
+    ])?;
+    let mut out = Vec::new();
+    let now = time::OffsetDateTime::now_utc();
+    for h in handles {
+        let mut der = Vec::new();
+        let mut label = String::new();
+        let mut id = Vec::new();
+        for a in session.get_attributes(
+            h,
+            &[
+                AttributeType::Value,
+                AttributeType::Label,
+                AttributeType::Id,
+            ],
+        )? {
+            match a {
+                Attribute::Value(v) => der = v,
+                Attribute::Label(v) => label = String::from_utf8_lossy(&v).into_owned(),
+                Attribute::Id(v) => id = v,
+                _ => {}
+            }
+        }
+        match describe_certificate(&der, &label, &id, now) {
+            Ok(c) => out.push(c),
+            Err(e) => {
+                tracing::warn!(%label, error = %e, "a certificate on the token cannot be parsed")
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Subject, issuer, fingerprint and validity of a DER certificate.
+pub fn describe_certificate(
+    der: &[u8],
+    label: &str,
+    id: &[u8],
+    now: time::OffsetDateTime,
+) -> Result<CertificateSummary, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let rfc3339 = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let not_after = cert.validity().not_after.to_datetime();
+    Ok(CertificateSummary {
+        label: label.to_owned(),
+        id: hex(id),
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        sha256: hex(&Sha256::digest(der)),
+        not_before: rfc3339(cert.validity().not_before.to_datetime()),
+        not_after: rfc3339(not_after),
+        days_left: (not_after - now).whole_days(),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Reads the PIN file: the first line, without its line ending.
-fn read_pin(path: &Path) -> Result<String, TokenError> {
+fn read_pin(path: &Path) -> Result<AuthPin, TokenError> {
     let err = |detail: String| TokenError::PinFile {
         path: path.to_owned(),
         detail,
@@ -460,7 +902,8 @@ fn read_pin(path: &Path) -> Result<String, TokenError> {
     if line.is_empty() {
         return Err(err("the file is empty".to_owned()));
     }
-    let pin = String::from_utf8(line.to_vec())
+    let pin = std::str::from_utf8(line)
+        .map(AuthPin::from)
         .map_err(|_| err("the PIN is not UTF-8 text".to_owned()))?;
     {
         use std::os::unix::fs::PermissionsExt;
@@ -560,7 +1003,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pin");
         std::fs::write(&p, "123456\r\nignored").unwrap();
-        assert_eq!(read_pin(&p).unwrap(), "123456");
+        assert_eq!(read_pin(&p).unwrap().expose_secret(), "123456");
         std::fs::write(&p, "").unwrap();
         assert!(read_pin(&p).unwrap_err().to_string().contains("empty"));
         let missing = read_pin(&dir.path().join("nope")).unwrap_err().to_string();
@@ -568,5 +1011,51 @@ mod tests {
             missing.contains("nope") && missing.contains("write the token's user PIN"),
             "{missing}"
         );
+    }
+
+    /// A self-signed P-256 certificate made with `openssl req -x509 -subj
+    /// "/CN=Signet Unit Test/O=Signet" -days 1000`, as DER in hex.
+    const TEST_CERT: [&str; 9] = [
+        "308201ac30820153a003020102021418978cabca6ea4ff0700b6ffa2ee2d1bdad5720b300a06082a8648ce3d04030230",
+        "2c3119301706035504030c105369676e657420556e69742054657374310f300d060355040a0c065369676e6574301e17",
+        "0d3236313132333139343633335a170d3239303831393139343633335a302c3119301706035504030c105369676e6574",
+        "20556e69742054657374310f300d060355040a0c065369676e65743059301306072a8648ce3d020106082a8648ce3d03",
+        "0107034200049fa659a7290865534024b2c3ebee6ad820f40b56d0dd4286d8ce9ac41840bd52e34dfb10b6c164767321",
+        "b7e5d5548aa04f3717e3d222a748c5df4969e0baae09a3533051301d0603551d0e04160414df3d369ebd98198fe82340",
+        "4a8b7b0c397554f0cf301f0603551d23041830168014df3d369ebd98198fe823404a8b7b0c397554f0cf300f0603551d",
+        "130101ff040530030101ff300a06082a8648ce3d0403020347003044022048a7ad8c54446111eac19bb17a5d3352491e",
+        "6f0171effd0fbd68f1cc57b9da7902200f477a0c4fe138fec1c7702d8c38af753e96af7c93200be7bef00b8ba10ad3de",
+    ];
+
+    #[test]
+    fn certificates_are_described_by_subject_issuer_fingerprint_and_expiry() {
+        let hexed: String = TEST_CERT.concat();
+        let der: Vec<u8> = (0..hexed.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hexed[i..i + 2], 16).unwrap())
+            .collect();
+        // 2029-08-09T19:46:33Z, ten days before notAfter.
+        let now = time::OffsetDateTime::from_unix_timestamp(1_880_999_193).unwrap();
+        let c = describe_certificate(&der, "signkey", &[0x01], now).unwrap();
+        assert_eq!(c.subject, "CN=Signet Unit Test, O=Signet");
+        assert_eq!(c.issuer, c.subject, "self-signed");
+        assert_eq!(
+            c.sha256, "f538a807783556d934fe4f387a502571f3acd633b704dabaf063ce2934899f99",
+            "the same as `openssl x509 -fingerprint -sha256`"
+        );
+        assert_eq!(c.not_before, "2026-11-23T19:46:33Z");
+        assert_eq!(c.not_after, "2029-08-19T19:46:33Z");
+        assert_eq!(c.days_left, 10);
+        assert_eq!((c.label.as_str(), c.id.as_str()), ("signkey", "01"));
+        // 2029-08-21T19:46:34Z.
+        let later = time::OffsetDateTime::from_unix_timestamp(1_882_035_994).unwrap();
+        assert_eq!(
+            describe_certificate(&der, "", &[], later)
+                .unwrap()
+                .days_left,
+            -2,
+            "an expired certificate counts down below zero"
+        );
+        assert!(describe_certificate(b"not a certificate", "", &[], now).is_err());
     }
 }
