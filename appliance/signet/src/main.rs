@@ -137,7 +137,7 @@ async fn status(endpoint: &Endpoint, json: bool) -> i32 {
         };
         println!("Signet {} at {endpoint}: {verdict}", status.version);
         println!(
-            "  profiles: {} (default {})",
+            "  profiles: {} (default: {})",
             status.profiles.join(", "),
             status.default_profile.as_deref().unwrap_or("-")
         );
