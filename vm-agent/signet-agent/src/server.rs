@@ -116,6 +116,9 @@ async fn sign(
     send(spool).await
 }
 
+/// The block size of spool reads and writes.
+const IO_BLOCK: usize = 256 << 10;
+
 /// The most files one batch may carry.
 const MAX_BATCH: usize = 1000;
 
@@ -230,9 +233,13 @@ async fn receive(spool: &Spool, body: Body) -> Result<u64, ErrorBody> {
             format!("the agent cannot write its spool: {e}"),
         )
     };
-    let mut file = tokio::fs::File::create(spool.input())
-        .await
-        .map_err(internal)?;
+    // tokio's file writes each cost a trip to the blocking pool: write big blocks.
+    let mut file = tokio::io::BufWriter::with_capacity(
+        IO_BLOCK,
+        tokio::fs::File::create(spool.input())
+            .await
+            .map_err(internal)?,
+    );
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
     loop {
@@ -266,7 +273,7 @@ async fn send(spool: Spool) -> Result<Response, ErrorBody> {
         .await
         .map_err(internal)?;
     let len = file.metadata().await.map_err(internal)?.len();
-    let stream = tokio_util::io::ReaderStream::new(file).map_ok(move |chunk| {
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, IO_BLOCK).map_ok(move |chunk| {
         let _keep = &spool;
         chunk
     });
