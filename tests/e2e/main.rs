@@ -723,3 +723,31 @@ async fn post_batch_raw(ep: &Endpoint, body: Vec<u8>) -> (u16, serde_json::Value
         serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
     )
 }
+
+#[test]
+fn progress_shows_on_a_terminal_and_nowhere_else() {
+    let mut w = World::new();
+    let ep = unix_appliance(&mut w);
+    let file = w.pe("app.exe");
+    // Not a terminal: not a byte of progress.
+    let out = signet(&ep, &["sign", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(!stderr(&out).contains("app.exe ["), "{}", stderr(&out));
+    // A terminal (script(1) gives it a pty): the bar appears.
+    let typescript = w.path("typescript");
+    let cmd = format!("{} sign {}", bin("signet").display(), file.display());
+    let status = std::process::Command::new("script")
+        .args(["-qfec", &cmd])
+        .arg(&typescript)
+        .env("SIGNET_ENDPOINT", ep.to_string())
+        .env("SIGNET_PROGRESS_AFTER_MS", "0")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let screen = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
+    assert!(screen.contains("app.exe ["), "a progress bar: {screen}");
+    assert!(screen.contains("signed"), "{screen}");
+    assert!(verify(&w, &file).0);
+}

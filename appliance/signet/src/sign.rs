@@ -22,8 +22,17 @@ use tokio::io::AsyncWriteExt;
 
 use crate::config::ClientConfig;
 
-/// How long an upload runs before a progress bar appears.
+/// How long an upload runs before a progress bar appears; `SIGNET_PROGRESS_AFTER_MS`
+/// changes it (0: at once).
 const PROGRESS_AFTER: Duration = Duration::from_millis(300);
+
+fn progress_after() -> Duration {
+    std::env::var("SIGNET_PROGRESS_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(PROGRESS_AFTER)
+}
 
 #[derive(Debug, clap::Args)]
 pub struct SignArgs {
@@ -690,14 +699,24 @@ impl Progress {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         );
-        let timer = std::io::stderr().is_terminal().then(|| {
-            let bar = bar.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(PROGRESS_AFTER).await;
-                bar.set_draw_target(ProgressDrawTarget::stderr());
-                bar.enable_steady_tick(Duration::from_millis(200));
-            })
-        });
+        let show = |bar: &ProgressBar| {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar.tick();
+        };
+        let mut timer = None;
+        if std::io::stderr().is_terminal() {
+            let after = progress_after();
+            if after.is_zero() {
+                show(&bar);
+            } else {
+                let bar = bar.clone();
+                timer = Some(tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    show(&bar);
+                }));
+            }
+        }
         Progress { bar, timer }
     }
 
