@@ -42,6 +42,7 @@ CONF
 cat > "$W/signetd.toml" <<CONF
 listen = ["unix:$W/signetd.sock"]
 agent = "unix:$W/agent.sock"
+dbus = "none"
 [profiles.release]
 description = "Signet demo"
 CONF

@@ -15,6 +15,7 @@ needs=(
   "/usr/include/libusb-1.0/libusb.h libusb-1.0-0-dev"
   "pkg-config pkg-config"
   "openssl openssl"
+  "dbus-daemon dbus"
   "wixl wixl"
   "msiinfo msitools"
   "gcab gcab"

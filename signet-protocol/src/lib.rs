@@ -7,6 +7,7 @@
 //! - [`wire`] — the JSON types and query parameters of the client API (`/v1/...`) and
 //!   the agent API (`/agent/v1/...`), the stable error codes and what each maps to.
 //! - [`batch`] — many files in one request: multipart framing streamed from disk.
+//! - [`render`] — the status as text, the same in every front.
 //! - [`format`] — recognising the file formats Signet signs from their first bytes.
 //!
 //! The host daemon, the signing-VM agent and the client all link this crate, so a
@@ -16,6 +17,7 @@ pub mod batch;
 pub mod client;
 pub mod endpoint;
 pub mod format;
+pub mod render;
 pub mod transport;
 pub mod wire;
 

@@ -8,6 +8,7 @@ use std::process::Output;
 
 use signet_tests::*;
 
+mod dbus;
 mod doctor;
 mod formats;
 

@@ -76,6 +76,9 @@ fn master_token() -> &'static Path {
 #[derive(Debug)]
 pub struct World {
     pub dir: tempfile::TempDir,
+    /// The bus `signetd` serves its D-Bus front on; `None`: no bus (tests never touch
+    /// the machine's own buses).
+    pub dbus: Option<String>,
     children: Vec<(String, Child)>,
 }
 
@@ -112,6 +115,7 @@ impl World {
         .unwrap();
         World {
             dir,
+            dbus: None,
             children: Vec::new(),
         }
     }
@@ -209,8 +213,9 @@ impl World {
         std::fs::write(
             &cfg,
             format!(
-                "listen = [{}]\nagent = \"{agent}\"\n{profiles}",
-                listen.join(", ")
+                "listen = [{}]\nagent = \"{agent}\"\ndbus = \"{}\"\n{profiles}",
+                listen.join(", "),
+                self.dbus.as_deref().unwrap_or("none")
             ),
         )
         .unwrap();

@@ -14,7 +14,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use signet_protocol::client;
-use signet_protocol::wire::{exit, AgentReport, DaemonStatus, PinFlags, STATUS_PATH};
+use signet_protocol::render;
+use signet_protocol::wire::{exit, DaemonStatus, STATUS_PATH};
 use signet_protocol::Endpoint;
 
 const EXIT_CODES: &str = "\
@@ -125,83 +126,14 @@ async fn status(endpoint: &Endpoint, json: bool) -> i32 {
         );
     } else {
         let color = std::io::stdout().is_terminal();
-        let verdict = if status.signing_works {
-            "signing works"
-        } else {
-            "signing does NOT work"
-        };
-        let verdict = match (color, status.signing_works) {
-            (true, true) => format!("\x1b[32m{verdict}\x1b[0m"),
-            (true, false) => format!("\x1b[31m{verdict}\x1b[0m"),
-            _ => verdict.to_owned(),
-        };
-        println!("Signet {} at {endpoint}: {verdict}", status.version);
-        println!(
-            "  profiles: {} (default: {})",
-            status.profiles.join(", "),
-            status.default_profile.as_deref().unwrap_or("-")
+        print!(
+            "{}",
+            render::status_text(&status, &endpoint.to_string(), color)
         );
-        match &status.agent {
-            AgentReport::Reachable { endpoint, health } => {
-                println!(
-                    "  agent:    {endpoint}, {}, {}",
-                    health.signer,
-                    serde_json::to_string(&health.state)
-                        .unwrap_or_default()
-                        .trim_matches('"')
-                );
-                if let Some(t) = &health.token {
-                    println!(
-                        "  token:    \"{}\" serial {} ({} {})",
-                        t.label, t.serial, t.manufacturer, t.model
-                    );
-                }
-                if let Some(pin) = &health.pin {
-                    println!("  PIN:      {}", pin_flags_text(pin));
-                }
-                for c in &health.certificates {
-                    println!(
-                        "  cert:     {} expires {} ({})",
-                        c.subject,
-                        c.not_after,
-                        match c.days_left {
-                            d if d < 0 => format!("EXPIRED {} days ago", -d),
-                            d => format!("in {d} days"),
-                        }
-                    );
-                }
-                println!("            {}", health.detail);
-            }
-            AgentReport::Unreachable { endpoint, error } => {
-                println!("  agent:    {endpoint} unreachable");
-                println!("            {}", error.message);
-            }
-        }
     }
     if status.signing_works {
         exit::SIGNED
     } else {
         exit::UNAVAILABLE
-    }
-}
-
-/// The token's PIN counter flags in words: "ok", or each flag that is set.
-fn pin_flags_text(f: &PinFlags) -> String {
-    let set: Vec<&str> = [
-        (f.locked, "LOCKED"),
-        (
-            f.final_try,
-            "FINAL TRY (one more wrong PIN locks the token)",
-        ),
-        (f.count_low, "count low (a wrong PIN was entered)"),
-        (f.to_be_changed, "to be changed"),
-    ]
-    .into_iter()
-    .filter_map(|(on, text)| on.then_some(text))
-    .collect();
-    if set.is_empty() {
-        "ok".to_owned()
-    } else {
-        set.join(", ")
     }
 }

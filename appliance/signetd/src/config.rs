@@ -25,6 +25,9 @@ pub struct Config {
     pub agent: Endpoint,
     pub default_profile: String,
     pub profiles: BTreeMap<String, Profile>,
+    /// The bus the D-Bus front serves on: `system` (default), `session`, `none`, or an
+    /// address.
+    pub dbus: crate::dbus::Bus,
 }
 
 /// A signing profile: how files signed under its name are signed.
@@ -65,6 +68,8 @@ struct Raw {
     default_profile: Option<String>,
     #[serde(default)]
     profiles: BTreeMap<String, Profile>,
+    #[serde(default)]
+    dbus: Option<String>,
 }
 
 /// A configuration that cannot be used.
@@ -167,7 +172,12 @@ impl Config {
                 ))
             }
         };
+        let dbus = match raw.dbus.as_deref() {
+            None => crate::dbus::Bus::System,
+            Some(b) => b.parse().map_err(|m| invalid("dbus", m))?,
+        };
         Ok(Config {
+            dbus,
             path: path.to_owned(),
             listen,
             agent,

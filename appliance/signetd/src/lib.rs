@@ -3,8 +3,10 @@
 //! - [`config`] — `signetd.toml` — listen endpoints, the agent's endpoint, profiles.
 //! - [`daemon`] — the core commands (accept a job against the profiles, relay it to the
 //!   agent, status). Front ends call these and nothing else.
+//! - [`dbus`] — the D-Bus front (`org.signet.Signet1`) on the system bus, for `signetctl`.
 //! - [`server`] — the HTTP front (`/v1/sign`, `/v1/status`) on vsock, unix and TCP.
 
 pub mod config;
 pub mod daemon;
+pub mod dbus;
 pub mod server;

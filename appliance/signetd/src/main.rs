@@ -47,7 +47,20 @@ async fn main() -> anyhow::Result<()> {
         listeners.push(l);
     }
     tracing::info!(agent = %cfg.agent, default_profile = %cfg.default_profile, "relaying to the agent");
+    let bus = cfg.dbus.clone();
     let daemon = Arc::new(Daemon::new(cfg));
+    // The D-Bus front is for host tools; signing works without it.
+    let _bus = match signetd::dbus::serve(daemon.clone(), &bus).await {
+        Ok(Some(conn)) => {
+            tracing::info!(%bus, name = signetd::dbus::BUS_NAME, "serving on D-Bus");
+            Some(conn)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(%bus, error = %e, "the D-Bus front is not available, so signetctl cannot reach this daemon; set dbus = \"none\" in the configuration to silence this");
+            None
+        }
+    };
     let app = signetd::server::router(daemon);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();

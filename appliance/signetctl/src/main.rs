@@ -1,0 +1,145 @@
+//! `signetctl`: the host CLI. A thin client of `signetd`'s D-Bus front
+//! (`org.signet.Signet1`): it calls a method, gets the daemon's result type as JSON and
+//! renders it with the same code as `signet` (`signet_protocol::render`).
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use signet_protocol::render;
+use signet_protocol::wire::DaemonStatus;
+
+/// Exit codes, for monitoring.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  signing works (status) / the command succeeded
+  1  signing does not work right now (status shows why)
+  2  usage: the command line is wrong
+  3  the daemon cannot be reached on the bus, or the bus refused the call";
+
+/// Status and control of a Signet appliance on this Proxmox host, over D-Bus.
+///
+/// Talks to signetd on the system bus (org.signet.Signet1). Root and members of the
+/// `signet` group may read the status; see packaging/dbus/org.signet.Signet1.conf.
+#[derive(Debug, Parser)]
+#[command(version, after_help = EXIT_CODES)]
+struct Cli {
+    /// The bus: "system" (default), "session", or a D-Bus address.
+    #[arg(long, global = true, env = "SIGNET_DBUS", default_value = "system")]
+    bus: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Is signing working, and if not, why? One screen; --json for scripts.
+    #[command(after_help = EXIT_CODES)]
+    Status {
+        /// Print the status as JSON (the same document as GET /v1/status).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[zbus::proxy(
+    interface = "org.signet.Signet1.Manager",
+    default_service = "org.signet.Signet1",
+    default_path = "/org/signet/Signet1"
+)]
+trait Manager {
+    async fn status(&self) -> zbus::Result<String>;
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("signetctl: cannot start: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    ExitCode::from(rt.block_on(run(cli)))
+}
+
+async fn connect(bus: &str) -> zbus::Result<zbus::Connection> {
+    match bus {
+        "system" => zbus::Connection::system().await,
+        "session" => zbus::Connection::session().await,
+        address => zbus::connection::Builder::address(address).build().await,
+    }
+}
+
+async fn run(cli: Cli) -> u8 {
+    let conn = match connect(&cli.bus).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("signetctl: cannot connect to the {} bus: {e}", cli.bus);
+            return 3;
+        }
+    };
+    let proxy = match ManagerProxy::new(&conn).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("signetctl: {e}");
+            return 3;
+        }
+    };
+    match cli.command {
+        Command::Status { json } => {
+            let text = match proxy.status().await {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("signetctl: {}", call_error(&e));
+                    return 3;
+                }
+            };
+            let status: DaemonStatus = match serde_json::from_str(&text) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("signetctl: signetd answered a status this signetctl cannot read ({e}); are both the same version?");
+                    return 3;
+                }
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
+            } else {
+                let source = format!("{} bus", cli.bus);
+                print!(
+                    "{}",
+                    render::status_text(&status, &source, std::io::stdout().is_terminal())
+                );
+            }
+            if status.signing_works {
+                0
+            } else {
+                1
+            }
+        }
+    }
+}
+
+/// A failed call in words, with the fix for the usual causes.
+fn call_error(e: &zbus::Error) -> String {
+    let text = e.to_string();
+    if text.contains("ServiceUnknown") || text.contains("was not provided by any .service") {
+        "signetd is not running on this bus (systemctl status signetd)".to_owned()
+    } else if text.contains("AccessDenied") {
+        format!("the bus refused the call: {text}; run as root or as a member of the signet group")
+    } else {
+        text
+    }
+}

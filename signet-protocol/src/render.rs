@@ -1,0 +1,164 @@
+//! Text renderings of the wire types for people, shared by `signet` and `signetctl`
+//! so every front says the same thing the same way.
+
+use std::fmt::Write;
+
+use crate::wire::{AgentReport, DaemonStatus, PinFlags};
+
+/// `signet status` / `signetctl status` as text: a verdict line, then the profiles,
+/// the agent, the token, its PIN counter and certificates. `source` names where the
+/// status came from (an endpoint, a bus).
+pub fn status_text(status: &DaemonStatus, source: &str, color: bool) -> String {
+    let mut out = String::new();
+    let verdict = if status.signing_works {
+        "signing works"
+    } else {
+        "signing does NOT work"
+    };
+    let verdict = match (color, status.signing_works) {
+        (true, true) => format!("\x1b[32m{verdict}\x1b[0m"),
+        (true, false) => format!("\x1b[31m{verdict}\x1b[0m"),
+        _ => verdict.to_owned(),
+    };
+    let _ = writeln!(out, "Signet {} at {source}: {verdict}", status.version);
+    let _ = writeln!(
+        out,
+        "  profiles: {} (default: {})",
+        status.profiles.join(", "),
+        status.default_profile.as_deref().unwrap_or("-")
+    );
+    match &status.agent {
+        AgentReport::Reachable { endpoint, health } => {
+            let state = serde_json::to_string(&health.state).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  agent:    {endpoint}, {}, {}",
+                health.signer,
+                state.trim_matches('"')
+            );
+            if let Some(t) = &health.token {
+                let _ = writeln!(
+                    out,
+                    "  token:    \"{}\" serial {} ({} {})",
+                    t.label, t.serial, t.manufacturer, t.model
+                );
+            }
+            if let Some(pin) = &health.pin {
+                let _ = writeln!(out, "  PIN:      {}", pin_flags_text(pin));
+            }
+            for c in &health.certificates {
+                let left = match c.days_left {
+                    d if d < 0 => format!("EXPIRED {} days ago", -d),
+                    d => format!("in {d} days"),
+                };
+                let _ = writeln!(
+                    out,
+                    "  cert:     {} expires {} ({left})",
+                    c.subject, c.not_after
+                );
+            }
+            let _ = writeln!(out, "            {}", health.detail);
+        }
+        AgentReport::Unreachable { endpoint, error } => {
+            let _ = writeln!(out, "  agent:    {endpoint} unreachable");
+            let _ = writeln!(out, "            {}", error.message);
+        }
+    }
+    out
+}
+
+/// The token's PIN counter flags in words: "ok", or each flag that is set.
+pub fn pin_flags_text(f: &PinFlags) -> String {
+    let set: Vec<&str> = [
+        (f.locked, "LOCKED"),
+        (
+            f.final_try,
+            "FINAL TRY (one more wrong PIN locks the token)",
+        ),
+        (f.count_low, "count low (a wrong PIN was entered)"),
+        (f.to_be_changed, "to be changed"),
+    ]
+    .into_iter()
+    .filter_map(|(on, text)| on.then_some(text))
+    .collect();
+    if set.is_empty() {
+        "ok".to_owned()
+    } else {
+        set.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{AgentHealth, AgentState, ErrorBody, ErrorCode, TokenSummary};
+
+    fn healthy() -> DaemonStatus {
+        DaemonStatus {
+            version: "0.1.0".into(),
+            signing_works: true,
+            default_profile: Some("release".into()),
+            profiles: vec!["release".into(), "nightly".into()],
+            agent: AgentReport::Reachable {
+                endpoint: "vsock:105:7711".into(),
+                health: Box::new(AgentHealth {
+                    version: "0.1.0".into(),
+                    state: AgentState::Ready,
+                    detail: "logged in to the token; jobs are signed".into(),
+                    module: "/usr/lib/libeTPkcs11.so".into(),
+                    module_loaded: true,
+                    slot: Some(0),
+                    token_present: true,
+                    token: Some(TokenSummary {
+                        label: "Release".into(),
+                        serial: "0123ABCD".into(),
+                        model: "eToken".into(),
+                        manufacturer: "SafeNet".into(),
+                        firmware: "1.0".into(),
+                    }),
+                    logged_in: true,
+                    pin: Some(PinFlags {
+                        count_low: true,
+                        ..Default::default()
+                    }),
+                    certificates: vec![],
+                    signer: "osslsigncode 2.9".into(),
+                }),
+            },
+        }
+    }
+
+    #[test]
+    fn healthy_and_broken_status_read_as_expected() {
+        let text = status_text(&healthy(), "unix:/run/signet/signetd.sock", false);
+        assert_eq!(
+            text,
+            "Signet 0.1.0 at unix:/run/signet/signetd.sock: signing works
+  profiles: release, nightly (default: release)
+  agent:    vsock:105:7711, osslsigncode 2.9, ready
+  token:    \"Release\" serial 0123ABCD (SafeNet eToken)
+  PIN:      count low (a wrong PIN was entered)
+            logged in to the token; jobs are signed
+"
+        );
+        let broken = DaemonStatus {
+            signing_works: false,
+            agent: AgentReport::Unreachable {
+                endpoint: "vsock:105:7711".into(),
+                error: ErrorBody::new(ErrorCode::AgentUnavailable, "the agent is not reachable"),
+            },
+            ..healthy()
+        };
+        let text = status_text(&broken, "system bus", true);
+        assert!(
+            text.starts_with("Signet 0.1.0 at system bus: \x1b[31msigning does NOT work\x1b[0m\n"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                "  agent:    vsock:105:7711 unreachable\n            the agent is not reachable\n"
+            ),
+            "{text}"
+        );
+    }
+}

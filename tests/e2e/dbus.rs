@@ -1,0 +1,158 @@
+//! The D-Bus front and `signetctl` against a private system-style `dbus-daemon` that
+//! loads Signet's real policy file.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+
+use signet_tests::*;
+
+/// A private bus, stopped on drop.
+struct Bus {
+    address: String,
+    pid: i32,
+}
+
+impl Bus {
+    fn start(w: &World) -> Bus {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_owned();
+        let conf = std::fs::read_to_string(root.join("tests/fixtures/dbus-system.conf.in"))
+            .unwrap()
+            .replace("@SOCKET@", w.path("bus.sock").to_str().unwrap())
+            .replace(
+                "@POLICY@",
+                root.join("packaging/dbus/org.signet.Signet1.conf")
+                    .to_str()
+                    .unwrap(),
+            );
+        std::fs::write(w.path("bus.conf"), conf).unwrap();
+        let out = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", w.path("bus.conf").display()))
+            .args([
+                "--fork",
+                "--print-address=1",
+                "--print-pid=1",
+                "--nopidfile",
+            ])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "dbus-daemon: {out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut lines = text.lines();
+        let address = lines.next().unwrap().to_owned();
+        let pid = lines.next().unwrap().trim().parse().unwrap();
+        Bus { address, pid }
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+}
+
+fn signetctl(bus: &Bus, args: &[&str], uid: Option<u32>) -> Output {
+    let mut cmd = Command::new(bin("signetctl"));
+    cmd.env("SIGNET_DBUS", &bus.address)
+        .args(args)
+        .stdin(Stdio::null());
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    cmd.output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn signetctl_status_over_the_system_style_bus_with_the_real_policy() {
+    let mut w = World::new();
+    let bus = Bus::start(&w);
+    w.dbus = Some(bus.address.clone());
+    let pin = w.path("pin");
+    let agent = w.start_agent(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+    );
+    let http = w
+        .start_daemon(
+            &[&format!("unix:{}", w.path("signetd.sock").display())],
+            &agent,
+        )
+        .remove(0);
+
+    // Root may call: the same document as GET /v1/status.
+    let out = signetctl(&bus, &["status", "--json"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let over_dbus: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let over_http = signet(&http, &["status", "--json"]);
+    let over_http: serde_json::Value = serde_json::from_slice(&over_http.stdout).unwrap();
+    assert_eq!(over_dbus, over_http, "one command, two fronts, one result");
+    assert_eq!(over_dbus["signing_works"], true);
+
+    let out = signetctl(&bus, &["status"], None);
+    assert_eq!(out.status.code(), Some(0));
+    let screen = text(&out.stdout);
+    assert!(
+        screen.contains("signing works") && screen.contains("token:"),
+        "{screen}"
+    );
+
+    // Anyone else is refused by the bus, with the fix.
+    let out = signetctl(&bus, &["status"], Some(65534));
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("refused") && err.contains("signet group"),
+        "{err}"
+    );
+
+    // Broken state: the agent stops; status says so and exits non-zero.
+    w.stop("signet-agent");
+    let out = signetctl(&bus, &["status"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains("signing does NOT work"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn signetctl_says_when_signetd_is_not_on_the_bus() {
+    let w = World::new();
+    let bus = Bus::start(&w);
+    let out = signetctl(&bus, &["status"], None);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        text(&out.stderr).contains("signetd is not running"),
+        "{}",
+        text(&out.stderr)
+    );
+    // No bus at all.
+    let out = Command::new(bin("signetctl"))
+        .env(
+            "SIGNET_DBUS",
+            format!("unix:path={}", w.path("nobus.sock").display()),
+        )
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        text(&out.stderr).contains("cannot connect"),
+        "{}",
+        text(&out.stderr)
+    );
+}
