@@ -161,18 +161,14 @@ fn what_is_not_signed_is_refused_and_named_by_client_and_appliance() {
     );
 
     // The appliance applies the same rules to what reaches it, the name included.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (status, body) = rt.block_on(post_sign(&ep, "filename=notes.txt", script.to_vec()));
+    let (status, body) = post_sign(&ep, "filename=notes.txt", script.to_vec());
     assert_eq!(
         (status, body["code"].as_str()),
         (415, Some("unsupported_format")),
         "{body}"
     );
     assert!(body["message"].as_str().unwrap().contains(".ps1"), "{body}");
-    let (status, body) = rt.block_on(post_sign(&ep, "", script.to_vec()));
+    let (status, body) = post_sign(&ep, "", script.to_vec());
     assert_eq!(status, 415, "{body}");
     assert!(
         body["message"]
@@ -182,7 +178,7 @@ fn what_is_not_signed_is_refused_and_named_by_client_and_appliance() {
         "{body}"
     );
     let doc_bytes = std::fs::read(&doc).unwrap();
-    let (status, body) = rt.block_on(post_sign(&ep, "filename=setup.msi", doc_bytes));
+    let (status, body) = post_sign(&ep, "filename=setup.msi", doc_bytes);
     assert_eq!(status, 415, "the name does not make it an MSI: {body}");
 }
 

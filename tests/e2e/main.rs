@@ -191,15 +191,11 @@ fn the_appliance_refuses_bad_input_that_reaches_it() {
     // on the appliance.
     let mut w = World::new();
     let ep = unix_appliance(&mut w);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     for (body, code_want, status) in [
         (b"#!/bin/sh\n".to_vec(), "unsupported_format", 415),
         (Vec::new(), "empty_input", 422),
     ] {
-        let err = rt.block_on(post_sign(&ep, "filename=x.exe", body));
+        let err = post_sign(&ep, "filename=x.exe", body);
         assert_eq!(err.0, status);
         assert_eq!(err.1["code"], code_want, "{}", err.1);
         assert!(
@@ -207,17 +203,17 @@ fn the_appliance_refuses_bad_input_that_reaches_it() {
                 || code_want == "empty_input"
         );
     }
-    let (status, body) = rt.block_on(post_sign(
+    let (status, body) = post_sign(
         &ep,
         "profile=release&filename=a/b.exe",
         std::fs::read(w.path("hello.exe")).unwrap(),
-    ));
+    );
     assert_eq!(
         (status, body["code"].as_str().unwrap()),
         (400, "bad_request"),
         "{body}"
     );
-    let (status, body) = rt.block_on(post_sign(&ep, "profile=a&profile=b", Vec::new()));
+    let (status, body) = post_sign(&ep, "profile=a&profile=b", Vec::new());
     assert_eq!(
         (status, body["code"].as_str().unwrap()),
         (400, "bad_request"),
@@ -225,18 +221,9 @@ fn the_appliance_refuses_bad_input_that_reaches_it() {
     );
 }
 
-async fn post_sign(ep: &Endpoint, query: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
-    use http_body_util::{BodyExt, Full};
-    let req = http::Request::post(format!("/v1/sign?{query}"))
-        .body(Full::new(bytes::Bytes::from(body)))
-        .unwrap();
-    let resp = signet_protocol::client::send(ep, req).await.unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-    )
+/// `POST /v1/sign?QUERY` with `body`, as a client that skips the local checks.
+pub fn post_sign(ep: &Endpoint, query: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+    call(ep, "POST", &format!("/v1/sign?{query}"), body)
 }
 
 #[test]
@@ -542,11 +529,7 @@ fn digest_mode_says_how_to_trust_a_private_ca() {
     assert!(leftovers.is_empty(), "no work files are left behind");
 
     // A digest-mode request whose body is not Authenticode data is refused by the appliance.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (status, body) = rt.block_on(post_sign(&ep, "mode=digest", before));
+    let (status, body) = post_sign(&ep, "mode=digest", before);
     assert_eq!(status, 415, "{body}");
     assert!(
         body["message"].as_str().unwrap().contains("extract-data"),
@@ -694,7 +677,13 @@ fn the_appliance_answers_each_part_of_a_batch_on_its_own() {
     assert!(verify(&w, &signed).0);
 
     // Not multipart at all: a clear refusal.
-    let (status, body) = rt.block_on(post_batch_raw(&ep, b"plain".to_vec()));
+    let (status, body) = call_as(
+        &ep,
+        "POST",
+        "/v1/batch",
+        Some("application/octet-stream"),
+        b"plain".to_vec(),
+    );
     assert_eq!(
         (status, body["code"].as_str().unwrap()),
         (400, "bad_request"),
@@ -708,21 +697,6 @@ fn the_appliance_answers_each_part_of_a_batch_on_its_own() {
 
 fn hyper_frame(b: bytes::Bytes) -> hyper::body::Frame<bytes::Bytes> {
     hyper::body::Frame::data(b)
-}
-
-async fn post_batch_raw(ep: &Endpoint, body: Vec<u8>) -> (u16, serde_json::Value) {
-    use http_body_util::{BodyExt, Full};
-    let req = http::Request::post("/v1/batch")
-        .header(http::header::CONTENT_TYPE, "application/octet-stream")
-        .body(Full::new(bytes::Bytes::from(body)))
-        .unwrap();
-    let resp = signet_protocol::client::send(ep, req).await.unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-    )
 }
 
 #[test]

@@ -576,17 +576,28 @@ pub fn call(
     path: &str,
     body: Vec<u8>,
 ) -> (u16, serde_json::Value) {
+    call_as(endpoint, method, path, None, body)
+}
+
+/// [`call`] with a `Content-Type`.
+pub fn call_as(
+    endpoint: &Endpoint,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
     use http_body_util::{BodyExt, Full};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .body(Full::new(bytes::Bytes::from(body)))
-            .unwrap();
+        let mut req = http::Request::builder().method(method).uri(path);
+        if let Some(ct) = content_type {
+            req = req.header(http::header::CONTENT_TYPE, ct);
+        }
+        let req = req.body(Full::new(bytes::Bytes::from(body))).unwrap();
         let resp = signet_protocol::client::send(endpoint, req).await.unwrap();
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
