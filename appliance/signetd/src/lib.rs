@@ -4,7 +4,9 @@
 //! - [`daemon`] — the core commands (accept a job against the profiles, relay it to the
 //!   agent, status). Front ends call these and nothing else.
 //! - [`server`] — the HTTP front (`/v1/sign`, `/v1/status`) on vsock, unix and TCP.
+//! - [`usb`] — which USB devices on the host are tokens, by serial, and what holds them.
 
 pub mod config;
 pub mod daemon;
 pub mod server;
+pub mod usb;
