@@ -4,11 +4,14 @@
 //! - [`daemon`] — the core commands (accept a job against the profiles, relay it to the
 //!   agent, status). Front ends call these and nothing else.
 //! - [`server`] — the HTTP front (`/v1/sign`, `/v1/status`) on vsock, unix and TCP.
+//! - [`passthrough`] — each token's place (absent, on host, attaching, attached to VM N, conflict):
+//!   a pure state machine answering udev and QMP events with QMP actions.
 //! - [`qmp`] — QMP client for the signing VM's QEMU: commands, events, USB hot-plug, reconnect.
 //! - [`usb`] — which USB devices on the host are tokens, by serial, and what holds them.
 
 pub mod config;
 pub mod daemon;
+pub mod passthrough;
 pub mod qmp;
 pub mod server;
 pub mod usb;
