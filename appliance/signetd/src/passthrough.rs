@@ -648,7 +648,10 @@ mod tests {
             t(4),
         );
         assert_eq!(k.state, attaching(true));
-        assert!(k.last_change.reason.contains("waiting for QEMU to claim it"));
+        assert!(k
+            .last_change
+            .reason
+            .contains("waiting for QEMU to claim it"));
     }
 
     #[test]

@@ -22,6 +22,8 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::passthrough::{Action, Input};
+
 /// How long any answer from QEMU may take unless configured otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -389,6 +391,65 @@ impl Qmp {
                 timeout: self.timeout,
             })?,
             _ = self.closed() => Err(QmpError::Disconnected),
+        }
+    }
+}
+
+impl Qmp {
+    /// Carries out one passthrough action on this VM (`usb_bus`: the VM's USB bus,
+    /// `xhci.0` on Proxmox) and says what came of it, for the token's state machine.
+    pub async fn perform(&self, usb_bus: &str, action: &Action) -> Option<Input> {
+        match action {
+            Action::Attach {
+                vmid,
+                id,
+                hostbus,
+                hostport,
+            } => Some(
+                match self.attach_usb_host(id, usb_bus, *hostbus, hostport).await {
+                    Ok(()) => Input::Accepted(*vmid),
+                    Err(AttachError::DuplicateId { .. }) => Input::Duplicate(*vmid),
+                    Err(e) => Input::Refused {
+                        vmid: *vmid,
+                        reason: e.to_string(),
+                    },
+                },
+            ),
+            Action::Detach { id, .. } => {
+                if let Err(e) = self.detach(id).await {
+                    tracing::warn!(error = %e, id, "detaching a token failed");
+                }
+                None
+            }
+            Action::Check { vmid, id } => match self.attached(id).await {
+                Ok(attached) => Some(Input::Checked {
+                    vmid: *vmid,
+                    attached,
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, id, "checking a token's device failed");
+                    None
+                }
+            },
+        }
+    }
+}
+
+impl MonitorEvent {
+    /// What this event means to the token whose device id is `id` in VM `vmid`.
+    pub fn to_input(&self, vmid: u32, id: &str) -> Option<Input> {
+        match self {
+            MonitorEvent::Connected => Some(Input::VmUp(vmid)),
+            MonitorEvent::Disconnected | MonitorEvent::Qmp(QmpEvent::Shutdown { .. }) => {
+                Some(Input::VmDown(vmid))
+            }
+            MonitorEvent::Qmp(QmpEvent::Reset { .. }) => Some(Input::VmReset(vmid)),
+            MonitorEvent::Qmp(QmpEvent::DeviceDeleted { device, .. })
+                if device.as_deref() == Some(id) =>
+            {
+                Some(Input::Deleted(vmid))
+            }
+            MonitorEvent::Qmp(_) => None,
         }
     }
 }

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use std::time::SystemTime;
+
+use signetd::passthrough::{Input, State, Token};
 use signetd::qmp::{device_id, AttachError, Monitor, MonitorEvent, Qmp, QmpEvent};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -220,4 +223,98 @@ async fn reset_stop_resume_and_restart_are_observed() {
         *e == MonitorEvent::Disconnected
     })
     .await;
+}
+
+/// The token's state machine driven by a real QEMU: each action carried out over QMP,
+/// each result and monitor event fed back, until nothing is left to do.
+struct Driver {
+    token: Token,
+    monitor: Monitor,
+}
+
+const VMID: u32 = 105;
+
+impl Driver {
+    async fn feed(&mut self, input: Input) {
+        let mut queue =
+            std::collections::VecDeque::from(self.token.handle(input, SystemTime::now()));
+        while let Some(action) = queue.pop_front() {
+            let qmp = self.monitor.qmp().expect("QEMU up while acting");
+            if let Some(result) = qmp.perform("xhci.0", &action).await {
+                queue.extend(self.token.handle(result, SystemTime::now()));
+            }
+        }
+    }
+
+    /// Feeds monitor events until one maps to `want`.
+    async fn until(&mut self, want: Input) {
+        let id = self.token.device_id();
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let ev = self.monitor.next().await.expect("monitor task ended");
+                if let Some(input) = ev.to_input(VMID, &id) {
+                    let done = input == want;
+                    self.feed(input).await;
+                    if done {
+                        return;
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {want:?} from the monitor"));
+    }
+}
+
+#[tokio::test]
+async fn the_token_is_kept_in_its_vm_across_drops_resets_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut qemu = Qemu::start(dir.path());
+    let mut d = Driver {
+        token: Token::new("0123ABCD", Some(VMID), SystemTime::now()),
+        monitor: Monitor::start(sock(dir.path(), "signet.sock"), TIMEOUT),
+    };
+    let id = d.token.device_id();
+    d.feed(Input::Seen {
+        bus: 1,
+        port: "2".into(),
+        conflicts: vec![],
+    })
+    .await;
+    assert_eq!(d.token.state, State::OnHost);
+
+    d.until(Input::VmUp(VMID)).await;
+    // Accepted, and QEMU has no real device to claim here.
+    let accepted = State::Attaching {
+        vmid: VMID,
+        accepted: true,
+    };
+    assert_eq!(d.token.state, accepted);
+    let q = d.monitor.qmp().unwrap();
+    assert_eq!(q.attached(&id).await.unwrap(), Some(false));
+
+    // Removed behind our back: put back.
+    let (_m2, other) = other(dir.path()).await;
+    other
+        .execute("device_del", Some(serde_json::json!({"id": id})))
+        .await
+        .unwrap();
+    d.until(Input::Deleted(VMID)).await;
+    assert_eq!(d.token.state, accepted);
+    assert_eq!(q.attached(&id).await.unwrap(), Some(false));
+
+    // A reset keeps it.
+    other.execute("system_reset", None).await.unwrap();
+    d.until(Input::VmReset(VMID)).await;
+    assert_eq!(q.attached(&id).await.unwrap(), Some(false));
+
+    // QEMU restarts: the new one gets the token too.
+    qemu.kill();
+    d.until(Input::VmDown(VMID)).await;
+    assert_eq!(d.token.state, State::OnHost);
+    let _qemu2 = Qemu::start(dir.path());
+    d.until(Input::VmUp(VMID)).await;
+    assert_eq!(d.token.state, accepted);
+    let q2 = d.monitor.qmp().unwrap();
+    assert_eq!(q2.attached(&id).await.unwrap(), Some(false));
 }
