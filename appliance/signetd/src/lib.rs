@@ -6,12 +6,15 @@
 //! - [`server`] — the HTTP front (`/v1/sign`, `/v1/status`) on vsock, unix and TCP.
 //! - [`passthrough`] — each token's place (absent, on host, attaching, attached to VM N, conflict):
 //!   a pure state machine answering udev and QMP events with QMP actions.
+//! - [`proxmox`] — VM configuration through `qm`: USB slot, vsock device and Signet's monitor
+//!   in `args:`, for `signetd enroll`.
 //! - [`qmp`] — QMP client for the signing VM's QEMU: commands, events, USB hot-plug, reconnect.
 //! - [`usb`] — which USB devices on the host are tokens, by serial, and what holds them.
 
 pub mod config;
 pub mod daemon;
 pub mod passthrough;
+pub mod proxmox;
 pub mod qmp;
 pub mod server;
 pub mod usb;

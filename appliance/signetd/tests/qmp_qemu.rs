@@ -3,6 +3,8 @@
 //! `signet.sock` is the one Signet adds to the VM's `args:` and holds. There is no USB
 //! on these machines, so `usb-host` devices are accepted but never attached.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;

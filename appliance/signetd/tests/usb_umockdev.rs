@@ -2,6 +2,8 @@
 //! inside a umockdev testbed (`umockdev-run` for fixed devices, `hotplug.py` for a
 //! scenario of plug, unplug and re-plug) and asserts inside it.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;

@@ -279,6 +279,51 @@ impl TokenSighting {
     }
 }
 
+/// The token with this serial among the devices, or an error listing those there are.
+pub fn find_token(
+    catalog: &Catalog,
+    devices: &[UsbDevice],
+    serial: &str,
+) -> Result<TokenSighting, NotFound> {
+    let tokens: Vec<TokenSighting> = devices
+        .iter()
+        .filter_map(|d| TokenSighting::of(catalog, d.clone()))
+        .collect();
+    if let Some(t) = tokens
+        .iter()
+        .find(|t| t.device.serial.as_deref() == Some(serial))
+    {
+        return Ok(t.clone());
+    }
+    let present = tokens
+        .iter()
+        .map(|t| {
+            format!(
+                "{} at {} ({})",
+                t.device.serial.as_deref().unwrap_or("(no serial)"),
+                t.device.host_port(),
+                t.device.id
+            )
+        })
+        .collect::<Vec<_>>();
+    Err(NotFound {
+        serial: serial.to_owned(),
+        present: if present.is_empty() {
+            "none".into()
+        } else {
+            present.join(", ")
+        },
+    })
+}
+
+/// No token with the asked serial is plugged in.
+#[derive(Debug, thiserror::Error)]
+#[error("no token with serial {serial} is plugged into this host (tokens seen: {present}); plug it in, or check the serial with lsusb -v")]
+pub struct NotFound {
+    pub serial: String,
+    pub present: String,
+}
+
 /// Could not watch the host's USB devices.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {

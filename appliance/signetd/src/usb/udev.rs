@@ -73,15 +73,7 @@ impl Drop for UdevWatcher {
 
 impl TokenWatcher for UdevWatcher {
     fn enumerate(&mut self) -> Result<Vec<UsbDevice>, WatchError> {
-        let mut e = udev::Enumerator::new().map_err(WatchError::Udev)?;
-        e.match_subsystem("usb").map_err(WatchError::Udev)?;
-        let mut found = Vec::new();
-        for d in e.scan_devices().map_err(WatchError::Udev)? {
-            if let Some(u) = read_device(&d) {
-                found.push(u);
-            }
-        }
-        found.sort_by(|a, b| a.syspath.cmp(&b.syspath));
+        let found = enumerate()?;
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         for u in &found {
             seen.insert(u.syspath.clone(), u.clone());
@@ -92,6 +84,20 @@ impl TokenWatcher for UdevWatcher {
     async fn next_event(&mut self) -> Option<UsbEvent> {
         self.rx.recv().await
     }
+}
+
+/// Every USB device present now, without following changes.
+pub fn enumerate() -> Result<Vec<UsbDevice>, WatchError> {
+    let mut e = udev::Enumerator::new().map_err(WatchError::Udev)?;
+    e.match_subsystem("usb").map_err(WatchError::Udev)?;
+    let mut found = Vec::new();
+    for d in e.scan_devices().map_err(WatchError::Udev)? {
+        if let Some(u) = read_device(&d) {
+            found.push(u);
+        }
+    }
+    found.sort_by(|a, b| a.syspath.cmp(&b.syspath));
+    Ok(found)
 }
 
 fn follow(
