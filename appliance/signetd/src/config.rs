@@ -25,6 +25,8 @@ pub struct Config {
     pub agent: Endpoint,
     pub default_profile: String,
     pub profiles: BTreeMap<String, Profile>,
+    /// Token models beyond the built-in table (`[[known_tokens]]`).
+    pub known_tokens: Vec<crate::usb::KnownToken>,
 }
 
 /// A signing profile: how files signed under its name are signed.
@@ -65,6 +67,8 @@ struct Raw {
     default_profile: Option<String>,
     #[serde(default)]
     profiles: BTreeMap<String, Profile>,
+    #[serde(default)]
+    known_tokens: Vec<crate::usb::KnownToken>,
 }
 
 /// A configuration that cannot be used.
@@ -173,6 +177,7 @@ impl Config {
             agent,
             default_profile,
             profiles,
+            known_tokens: raw.known_tokens,
         })
     }
 }
@@ -230,6 +235,24 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, String> {
         Config::parse(Path::new("/etc/signet/signetd.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn extra_known_tokens() {
+        let c = parse(
+            "agent = \"unix:/a\"\n[[known_tokens]]\nid = \"1234:abcd\"\nmodel = \"In-house token\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.known_tokens.len(), 1);
+        assert_eq!(c.known_tokens[0].id.to_string(), "1234:abcd");
+        assert_eq!(c.known_tokens[0].model, "In-house token");
+        let e = parse("agent = \"unix:/a\"\n[[known_tokens]]\nid = \"1234\"\nmodel = \"x\"\n")
+            .unwrap_err();
+        assert!(e.contains("write it as VID:PID"), "{e}");
+        assert!(parse("agent = \"unix:/a\"")
+            .unwrap()
+            .known_tokens
+            .is_empty());
     }
 
     #[test]

@@ -19,8 +19,9 @@ use serde::{Deserialize, Serialize};
 /// USB interface class of smart-card readers (CCID).
 pub const CLASS_CCID: u8 = 0x0b;
 
-/// A USB vendor and product id pair.
+/// A USB vendor and product id pair, written `VID:PID` in hex (`0529:0620`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct VidPid {
     pub vendor: u16,
     pub product: u16,
@@ -29,6 +30,19 @@ pub struct VidPid {
 impl fmt::Display for VidPid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:04x}:{:04x}", self.vendor, self.product)
+    }
+}
+
+impl TryFrom<String> for VidPid {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<VidPid> for String {
+    fn from(v: VidPid) -> String {
+        v.to_string()
     }
 }
 
@@ -89,8 +103,9 @@ impl UsbDevice {
     }
 }
 
-/// A known token model.
+/// A known token model (`[[known_tokens]]` in `signetd.toml`: `id = "VID:PID"`, `model`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KnownToken {
     pub id: VidPid,
     pub model: String,
