@@ -266,6 +266,31 @@ pub fn interface_classes(descriptors: &[u8]) -> Vec<u8> {
     classes
 }
 
+/// Host programs that take smart-card readers for themselves: `pcscd` claims every
+/// CCID device it sees (through libusb), so a token not yet in its VM is grabbed by the
+/// host. Given the names of the running programs, the warning with its fix.
+pub fn host_program_conflict<S: AsRef<str>>(running: &[S]) -> Option<String> {
+    running.iter().any(|p| p.as_ref() == "pcscd").then(|| {
+        "pcscd is running on the host and claims smart-card tokens before QEMU can; stop it and keep it from coming back: `systemctl disable --now pcscd.socket pcscd.service`".to_owned()
+    })
+}
+
+/// The names of the programs running on this host (`/proc/*/comm`).
+pub fn running_programs() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+        .map(|c| c.trim_end().to_owned())
+        .collect()
+}
+
 /// A change seen on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UsbEvent {
@@ -475,6 +500,16 @@ mod tests {
         assert_eq!(interface_classes(&raw), vec![CLASS_CCID]);
         assert_eq!(interface_classes(&raw[..20]), Vec::<u8>::new());
         assert_eq!(interface_classes(&[0, 4, 1]), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn pcscd_on_the_host_is_a_conflict() {
+        assert_eq!(host_program_conflict(&["sshd", "pvedaemon"]), None);
+        let w = host_program_conflict(&["sshd", "pcscd"]).unwrap();
+        assert!(w.contains("systemctl disable --now pcscd.socket"), "{w}");
+        // This test's own process is among those running.
+        let me = std::fs::read_to_string("/proc/self/comm").unwrap();
+        assert!(running_programs().contains(&me.trim_end().to_owned()));
     }
 
     #[test]
