@@ -9,6 +9,8 @@
 //! - [`proxmox`] — VM configuration through `qm`: USB slot, vsock device and Signet's monitor
 //!   in `args:`, for `signetd enroll`.
 //! - [`qmp`] — QMP client for the signing VM's QEMU: commands, events, USB hot-plug, reconnect.
+//! - [`tokens`] — the token service: udev, the VMs' monitors and the tokens' state machines
+//!   together, each token's state published for the status API.
 //! - [`usb`] — which USB devices on the host are tokens, by serial, and what holds them.
 
 pub mod config;
@@ -17,4 +19,5 @@ pub mod passthrough;
 pub mod proxmox;
 pub mod qmp;
 pub mod server;
+pub mod tokens;
 pub mod usb;

@@ -8,6 +8,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use tokio::sync::watch;
+
+use signetd::passthrough::State;
+use signetd::qmp::{device_id, Monitor, MonitorEvent};
+use signetd::tokens::{Setup, Status, TokenService};
 use signetd::usb::udev::UdevWatcher;
 use signetd::usb::{Catalog, TokenKind, TokenSighting, TokenWatcher, UsbEvent};
 
@@ -179,5 +184,125 @@ async fn follows_a_token_unplugged_and_replugged_and_a_second_one() {
         .filter_map(|t| t.device.serial)
         .collect();
     assert_eq!(now, ["0123ABCD", "0456CDEF"]);
+    say("second");
+}
+
+/// A QEMU for the service test, outside the testbed (no fake sysfs for it), killed by
+/// its PID and reaped when dropped.
+struct Qemu(std::process::Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn until(rx: &mut watch::Receiver<Status>, what: &str, want: impl Fn(&Status) -> bool) {
+    // Bounds a hang only.
+    let waited = tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|s| want(s)))
+        .await
+        .map(|r| r.map(drop));
+    match waited {
+        Ok(r) => r.expect("service ended"),
+        Err(_) => panic!(
+            "token state never became: {what}; last: {:#?}",
+            *rx.borrow()
+        ),
+    }
+}
+
+#[tokio::test]
+async fn the_service_keeps_a_replugged_token_in_its_vm() {
+    if !inside() {
+        let script = data("hotplug.py");
+        rerun(
+            "the_service_keeps_a_replugged_token_in_its_vm",
+            &[
+                "umockdev-wrapper",
+                "/usr/bin/python3",
+                script.to_str().unwrap(),
+            ],
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let signet = dir.path().join("signet.sock");
+    let other = dir.path().join("qmp.sock");
+    let _qemu = Qemu(
+        std::process::Command::new("qemu-system-x86_64")
+            .args([
+                "-accel",
+                "tcg",
+                "-machine",
+                "q35",
+                "-nodefaults",
+                "-nographic",
+            ])
+            .args(["-display", "none", "-S", "-device", "qemu-xhci,id=xhci"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", other.display()))
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=signet,path={},server=on,wait=off",
+                signet.display()
+            ))
+            .args(["-mon", "chardev=signet,mode=control"])
+            .env_remove("LD_PRELOAD")
+            .env_remove("UMOCKDEV_DIR")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64"),
+    );
+    let setup = Setup {
+        catalog: Catalog::default(),
+        assignments: [("0123ABCD".to_owned(), 105)].into(),
+        monitors: vec![(105, signet)],
+        usb_bus: "xhci.0".into(),
+        qmp_timeout: Duration::from_secs(10),
+    };
+    let (service, mut status) = TokenService::new(UdevWatcher::start().unwrap(), setup);
+    let task = tokio::spawn(service.run());
+    // Another monitor to look into the VM with.
+    let mut look = Monitor::start(other, Duration::from_secs(10));
+    while look.next().await != Some(MonitorEvent::Connected) {}
+    let vm = look.qmp().unwrap();
+    let id = device_id("0123ABCD");
+    let in_vm = |s: &Status| {
+        s.get("0123ABCD").map(|t| t.state.clone())
+            == Some(State::Attaching {
+                vmid: 105,
+                accepted: true,
+            })
+    };
+    say("ready");
+
+    until(&mut status, "in VM 105", in_vm).await;
+    // QEMU has the device (no real USB here, so it is not claimed).
+    assert_eq!(vm.attached(&id).await.unwrap(), Some(false));
+    say("added");
+
+    until(&mut status, "absent", |s| {
+        s.get("0123ABCD").map(|t| t.state.clone()) == Some(State::Absent)
+    })
+    .await;
+    say("removed");
+
+    // Back at a new device number: the old device goes, a new one comes.
+    until(&mut status, "in VM 105 again", in_vm).await;
+    assert_eq!(vm.attached(&id).await.unwrap(), Some(false));
+    say("readded");
+
+    // The same model, unassigned: stays on the host, never in the VM.
+    until(&mut status, "second token on the host", |s| {
+        s.get("0456CDEF").map(|t| t.state.clone()) == Some(State::OnHost)
+    })
+    .await;
+    let reason = status.borrow()["0456CDEF"].last_change.reason.clone();
+    assert!(reason.contains("not assigned"), "{reason}");
+    assert_eq!(vm.attached(&device_id("0456CDEF")).await.unwrap(), None);
+    assert!(in_vm(&status.borrow()));
+    task.abort();
     say("second");
 }
