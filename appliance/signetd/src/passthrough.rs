@@ -13,6 +13,8 @@
 //! - The token is re-attached when it re-enumerates (a remove then an add, maybe at a
 //!   new port), when QEMU drops it (`DEVICE_DELETED` not asked for by us), when its VM
 //!   starts or restarts, and checked again when the VM resets.
+//! - A device QEMU accepted but has not claimed is checked again on each tick, since
+//!   QEMU claims it by itself when it can and sends no event.
 //! - Events may come twice or late (enumeration racing the udev monitor, a QMP answer
 //!   after an unplug): handling the same event again changes nothing.
 
@@ -46,8 +48,17 @@ pub enum State {
 /// The last change and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Change {
+    #[serde(serialize_with = "rfc3339")]
     pub at: SystemTime,
     pub reason: String,
+}
+
+fn rfc3339<S: serde::Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let t = time::OffsetDateTime::from(*at);
+    let text = t
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(serde::ser::Error::custom)?;
+    s.serialize_str(&text)
 }
 
 /// What happened, as the adapters report it.
@@ -77,6 +88,9 @@ pub enum Input {
     Checked { vmid: u32, attached: Option<bool> },
     /// QMP: `DEVICE_DELETED` for this token's id.
     Deleted(u32),
+    /// Time passed: a device QEMU accepted but had not claimed is checked again (QEMU
+    /// claims a host device by itself when it can, and says nothing).
+    Tick,
 }
 
 /// What to do over QMP, in order.
@@ -372,6 +386,16 @@ impl Token {
                     }
                 }
             }
+            Input::Tick => match self.state {
+                State::Attaching {
+                    vmid,
+                    accepted: true,
+                } => vec![Action::Check {
+                    vmid,
+                    id: self.device_id(),
+                }],
+                _ => Vec::new(),
+            },
             Input::Deleted(vmid) => {
                 // Only a device we knew to be there can be lost; a late or repeated
                 // event about an earlier one is not.
@@ -655,6 +679,30 @@ mod tests {
     }
 
     #[test]
+    fn ticks_check_only_an_accepted_device_not_yet_claimed() {
+        let mut k = Token::new("TOK1", Some(VM), t(0));
+        assert_eq!(k.handle(Input::Tick, t(1)), vec![]);
+        k.handle(Input::VmUp(VM), t(1));
+        k.handle(seen("2"), t(2));
+        assert_eq!(
+            k.handle(Input::Tick, t(3)),
+            vec![],
+            "device_add not answered yet"
+        );
+        k.handle(Input::Accepted(VM), t(3));
+        assert_eq!(k.handle(Input::Tick, t(4)), vec![check()]);
+        k.handle(
+            Input::Checked {
+                vmid: VM,
+                attached: Some(true),
+            },
+            t(5),
+        );
+        assert_eq!(k.state, State::Attached { vmid: VM });
+        assert_eq!(k.handle(Input::Tick, t(6)), vec![]);
+    }
+
+    #[test]
     fn refusal_leaves_it_on_the_host_with_the_reason() {
         let mut k = Token::new("TOK1", Some(VM), t(0));
         k.handle(Input::VmUp(VM), t(1));
@@ -741,5 +789,6 @@ mod tests {
         assert_eq!(v["vmid"], VM);
         assert_eq!(v["serial"], "TOK1");
         assert_eq!(v["last_change"]["reason"], "attached to VM 105");
+        assert_eq!(v["last_change"]["at"], "1970-01-01T00:00:04Z");
     }
 }

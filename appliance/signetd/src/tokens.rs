@@ -31,6 +31,10 @@ pub struct Setup {
     pub qmp_timeout: Duration,
 }
 
+/// How often a device QEMU accepted but has not claimed is checked again (QEMU itself
+/// rescans for host devices every 2 s).
+pub const TICK: Duration = Duration::from_secs(2);
+
 type VmEvent = (u32, MonitorEvent, Option<Arc<Qmp>>);
 
 /// The running service.
@@ -91,8 +95,11 @@ impl<W: TokenWatcher> TokenService<W> {
         for d in self.watcher.enumerate()? {
             self.on_usb(UsbEvent::Added(d)).await;
         }
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = tick.tick() => self.on_tick().await,
                 ev = self.watcher.next_event() => match ev {
                     Some(ev) => self.on_usb(ev).await,
                     None => return Ok(()),
@@ -144,6 +151,19 @@ impl<W: TokenWatcher> TokenService<W> {
             None => Vec::new(),
         };
         self.carry_out(&serial, actions).await;
+    }
+
+    async fn on_tick(&mut self) {
+        let serials: Vec<String> = self.tokens.keys().cloned().collect();
+        for serial in serials {
+            let actions = match self.tokens.get_mut(&serial) {
+                Some(t) => t.handle(Input::Tick, SystemTime::now()),
+                None => continue,
+            };
+            if !actions.is_empty() {
+                self.carry_out(&serial, actions).await;
+            }
+        }
     }
 
     async fn on_vm(&mut self, vmid: u32, ev: MonitorEvent, qmp: Option<Arc<Qmp>>) {
