@@ -158,6 +158,14 @@ pub struct Qmp {
     events: broadcast::Sender<QmpEvent>,
     closed: watch::Receiver<bool>,
     timeout: Duration,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Qmp {
+    /// The reader goes with the connection (the socket closes with it).
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl Qmp {
@@ -188,61 +196,66 @@ impl Qmp {
         let pending: Pending = Arc::default();
         let (events, _) = broadcast::channel(256);
         let (closed_tx, closed) = watch::channel(false);
+        let reader = {
+            let pending = pending.clone();
+            let events = events.clone();
+            tokio::spawn(async move {
+                loop {
+                    let line = match lines.next_line().await {
+                        Ok(Some(l)) => l,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading the VM's monitor failed");
+                            break;
+                        }
+                    };
+                    let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+                        tracing::warn!(line, "the VM's monitor sent a line that is not JSON");
+                        continue;
+                    };
+                    if let Some(ev) = QmpEvent::parse(&msg) {
+                        let _ = events.send(ev);
+                        continue;
+                    }
+                    let Some(id) = msg.get("id").and_then(Value::as_u64) else {
+                        continue;
+                    };
+                    let answer = match (msg.get("return"), msg.get("error")) {
+                        (Some(r), _) => Ok(r.clone()),
+                        (None, Some(e)) => Err((
+                            e.get("class")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_owned(),
+                            e.get("desc")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_owned(),
+                        )),
+                        (None, None) => continue,
+                    };
+                    let waiter = pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                    if let Some(w) = waiter {
+                        let _ = w.send(answer);
+                    }
+                }
+                // Closed first, then the waiters dropped (answering them `Disconnected`):
+                // a command registered after the clear sees the flag.
+                let _ = closed_tx.send(true);
+                pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            })
+        };
         let qmp = Arc::new(Qmp {
             writer: tokio::sync::Mutex::new(writer),
-            pending: pending.clone(),
+            pending,
             next_id: AtomicU64::new(1),
-            events: events.clone(),
+            events,
             closed,
             timeout,
-        });
-        tokio::spawn(async move {
-            loop {
-                let line = match lines.next_line().await {
-                    Ok(Some(l)) => l,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading the VM's monitor failed");
-                        break;
-                    }
-                };
-                let Ok(msg) = serde_json::from_str::<Value>(&line) else {
-                    tracing::warn!(line, "the VM's monitor sent a line that is not JSON");
-                    continue;
-                };
-                if let Some(ev) = QmpEvent::parse(&msg) {
-                    let _ = events.send(ev);
-                    continue;
-                }
-                let Some(id) = msg.get("id").and_then(Value::as_u64) else {
-                    continue;
-                };
-                let answer = match (msg.get("return"), msg.get("error")) {
-                    (Some(r), _) => Ok(r.clone()),
-                    (None, Some(e)) => Err((
-                        e.get("class")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_owned(),
-                        e.get("desc")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_owned(),
-                    )),
-                    (None, None) => continue,
-                };
-                let waiter = pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                if let Some(w) = waiter {
-                    let _ = w.send(answer);
-                }
-            }
-            // Closed first, then the waiters dropped (answering them `Disconnected`):
-            // a command registered after the clear sees the flag.
-            let _ = closed_tx.send(true);
-            pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            reader,
         });
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)
