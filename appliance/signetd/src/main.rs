@@ -27,6 +27,13 @@ enum Cmd {
     /// Configure a Proxmox VM for Signet (runs `qm` as root; see docs/ENROLL.md).
     #[command(subcommand)]
     Enroll(Enroll),
+    /// List the tokens plugged into this host, with what on the host would keep them
+    /// from a VM and the fix.
+    Tokens {
+        /// One JSON array, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +70,45 @@ struct PveArgs {
     /// Proxmox's qm program.
     #[arg(long, env = "SIGNETD_QM", default_value = "qm")]
     qm: PathBuf,
+}
+
+fn tokens(json: bool) -> anyhow::Result<()> {
+    use signetd::usb::{self, Catalog, TokenKind, TokenSighting};
+    let catalog = Catalog::default();
+    let found: Vec<TokenSighting> = usb::udev::enumerate()?
+        .into_iter()
+        .filter_map(|d| TokenSighting::of(&catalog, d))
+        .collect();
+    let host = usb::host_program_conflict(&usb::running_programs());
+    if json {
+        let v = serde_json::json!({"tokens": found, "host_conflict": host});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if found.is_empty() {
+        println!("no tokens plugged into this host");
+    }
+    for t in &found {
+        let d = &t.device;
+        let what = match &t.kind {
+            TokenKind::Known { model } => model.clone(),
+            TokenKind::Candidate => "unknown smart-card device (CCID): a candidate".to_owned(),
+        };
+        println!(
+            "{serial}  {what}  {id} at {port} (device {devnum})",
+            serial = d.serial.as_deref().unwrap_or("(no serial)"),
+            id = d.id,
+            port = d.host_port(),
+            devnum = d.devnum,
+        );
+        for c in &t.conflicts {
+            println!("  conflict: {c}");
+        }
+    }
+    if let Some(h) = host {
+        println!("conflict: {h}");
+    }
+    Ok(())
 }
 
 fn enroll(cmd: Enroll) -> anyhow::Result<()> {
@@ -125,8 +171,10 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    if let Some(Cmd::Enroll(cmd)) = cli.command {
-        return enroll(cmd);
+    match cli.command {
+        Some(Cmd::Enroll(cmd)) => return enroll(cmd),
+        Some(Cmd::Tokens { json }) => return tokens(json),
+        None => {}
     }
     let cfg = Config::load(&cli.config)?;
     let mut listeners = Vec::new();

@@ -1,6 +1,6 @@
 //! `signetd enroll` as a process, against `tests/fixtures/fake-qm` (a stand-in for
 //! Proxmox's `qm` keeping VM configurations in a temp dir) and, for the signing VM, a
-//! token in a umockdev testbed.
+//! token in a umockdev testbed; `signetd tokens` in a testbed with two tokens.
 
 #![allow(clippy::unwrap_used)]
 
@@ -167,4 +167,45 @@ fn signing_vm_refusals_change_nothing() {
     let (_, err) = text(&o);
     assert!(!o.status.success());
     assert!(err.contains("999.conf' does not exist"), "{err}");
+}
+
+#[test]
+fn tokens_lists_identical_tokens_by_serial_with_conflicts() {
+    let a = manifest("tests/data/umockdev/safenet-5110-a.umockdev");
+    let b = manifest("tests/data/umockdev/safenet-5110-b.umockdev");
+    let run = |json: bool| {
+        let mut c = Command::new("umockdev-run");
+        c.arg("--device").arg(&a).arg("--device").arg(&b);
+        c.arg("--").arg(env!("CARGO_BIN_EXE_signetd")).arg("tokens");
+        if json {
+            c.arg("--json");
+        }
+        c.output().unwrap()
+    };
+    let o = run(false);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(
+        out.contains("0123ABCD  SafeNet eToken 5110  0529:0620 at 1-2 (device 5)\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("0456CDEF  SafeNet eToken 5110  0529:0620 at 1-3 (device 7)\n  conflict: interface 1-3:1.0 is held by the host driver usbfs; "),
+        "{out}"
+    );
+    assert!(
+        out.contains("systemctl disable --now pcscd.socket"),
+        "{out}"
+    );
+
+    let o = run(true);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tokens = v["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 2);
+    assert_eq!(tokens[0]["device"]["serial"], "0123ABCD");
+    assert_eq!(tokens[0]["device"]["id"], "0529:0620");
+    assert_eq!(tokens[0]["kind"]["kind"], "known");
+    assert_eq!(tokens[1]["conflicts"][0]["driver"], "usbfs");
 }
