@@ -19,6 +19,11 @@ needs=(
   "wixl wixl"
   "msiinfo msitools"
   "gcab gcab"
+  "umockdev-run umockdev"
+  "/usr/lib/x86_64-linux-gnu/girepository-1.0/UMockdev-1.0.typelib gir1.2-umockdev-1.0"
+  "/usr/lib/python3/dist-packages/gi/__init__.py python3-gi"
+  "lsusb usbutils"
+  "qemu-system-x86_64 qemu-system-x86"
 )
 
 missing=()
@@ -40,7 +45,14 @@ if ((${#missing[@]})); then
   echo "install-deps: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  extra=()
+  if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]] && dpkg -s qemu-utils >/dev/null 2>&1; then
+    # A qemu-utils from elsewhere (newer than Debian 12's) conflicts with Debian's
+    # qemu-system-x86; without this pin apt would remove qemu-utils instead.
+    utils=$(apt-cache madison qemu-utils | awk -F'|' '/bookworm\/main/{gsub(/ /,"",$2);print $2;exit}')
+    [[ -n $utils ]] && extra=(--allow-downgrades "qemu-utils=$utils")
+  fi
+  apt-get install -y -qq --no-install-recommends "${extra[@]}" "${missing[@]}" >/dev/null
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

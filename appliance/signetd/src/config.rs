@@ -28,6 +28,8 @@ pub struct Config {
     /// The bus the D-Bus front serves on: `system` (default), `session`, `none`, or an
     /// address.
     pub dbus: crate::dbus::Bus,
+    /// Token models beyond the built-in table (`[[known_tokens]]`).
+    pub known_tokens: Vec<crate::usb::KnownToken>,
 }
 
 /// A signing profile: how files signed under its name are signed.
@@ -70,6 +72,8 @@ struct Raw {
     profiles: BTreeMap<String, Profile>,
     #[serde(default)]
     dbus: Option<String>,
+    #[serde(default)]
+    known_tokens: Vec<crate::usb::KnownToken>,
 }
 
 /// A configuration that cannot be used.
@@ -183,6 +187,7 @@ impl Config {
             agent,
             default_profile,
             profiles,
+            known_tokens: raw.known_tokens,
         })
     }
 }
@@ -240,6 +245,24 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, String> {
         Config::parse(Path::new("/etc/signet/signetd.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn extra_known_tokens() {
+        let c = parse(
+            "agent = \"unix:/a\"\n[[known_tokens]]\nid = \"1234:abcd\"\nmodel = \"In-house token\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.known_tokens.len(), 1);
+        assert_eq!(c.known_tokens[0].id.to_string(), "1234:abcd");
+        assert_eq!(c.known_tokens[0].model, "In-house token");
+        let e = parse("agent = \"unix:/a\"\n[[known_tokens]]\nid = \"1234\"\nmodel = \"x\"\n")
+            .unwrap_err();
+        assert!(e.contains("write it as VID:PID"), "{e}");
+        assert!(parse("agent = \"unix:/a\"")
+            .unwrap()
+            .known_tokens
+            .is_empty());
     }
 
     #[test]

@@ -5,8 +5,21 @@
 //!   agent, status). Front ends call these and nothing else.
 //! - [`dbus`] — the D-Bus front (`org.signet.Signet1`) on the system bus, for `signetctl`.
 //! - [`server`] — the HTTP front (`/v1/sign`, `/v1/status`) on vsock, unix and TCP.
+//! - [`passthrough`] — each token's place (absent, on host, attaching, attached to VM N, conflict):
+//!   a pure state machine answering udev and QMP events with QMP actions.
+//! - [`proxmox`] — VM configuration through `qm`: USB slot, vsock device and Signet's monitor
+//!   in `args:`, for `signetd enroll`.
+//! - [`qmp`] — QMP client for the signing VM's QEMU: commands, events, USB hot-plug, reconnect.
+//! - [`tokens`] — the token service: udev, the VMs' monitors and the tokens' state machines
+//!   together, each token's state published for the status API.
+//! - [`usb`] — which USB devices on the host are tokens, by serial, and what holds them.
 
 pub mod config;
 pub mod daemon;
 pub mod dbus;
+pub mod passthrough;
+pub mod proxmox;
+pub mod qmp;
 pub mod server;
+pub mod tokens;
+pub mod usb;

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use signet_protocol::transport::{Listener, Peer};
 use signetd::config::{self, Config};
 use signetd::daemon::Daemon;
@@ -18,6 +18,147 @@ struct Cli {
     /// Configuration file.
     #[arg(long, short, default_value = config::DEFAULT_PATH, env = "SIGNETD_CONFIG")]
     config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Configure a Proxmox VM for Signet (runs `qm` as root; see docs/ENROLL.md).
+    #[command(subcommand)]
+    Enroll(Enroll),
+    /// List the tokens plugged into this host, with what on the host would keep them
+    /// from a VM and the fix.
+    Tokens {
+        /// One JSON array, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Enroll {
+    /// The VM that holds the token: its USB port as usbN, the vsock device and Signet's
+    /// monitor in args:.
+    SigningVm {
+        vmid: u32,
+        /// Serial number of the token (plugged in now) to give this VM.
+        #[arg(long)]
+        token: String,
+        /// Show the exact change and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        pve: PveArgs,
+        /// Directory of Signet's monitor sockets (QEMU creates vm-VMID.qmp in it).
+        #[arg(long, default_value = "/run/signet")]
+        monitor_dir: PathBuf,
+    },
+    /// A VM that asks for signatures: the vsock device in args:.
+    BuildVm {
+        vmid: u32,
+        /// Show the exact change and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        pve: PveArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct PveArgs {
+    /// Proxmox's qm program.
+    #[arg(long, env = "SIGNETD_QM", default_value = "qm")]
+    qm: PathBuf,
+}
+
+fn tokens(json: bool) -> anyhow::Result<()> {
+    use signetd::usb::{self, Catalog, TokenKind, TokenSighting};
+    let catalog = Catalog::default();
+    let found: Vec<TokenSighting> = usb::udev::enumerate()?
+        .into_iter()
+        .filter_map(|d| TokenSighting::of(&catalog, d))
+        .collect();
+    let host = usb::host_program_conflict(&usb::running_programs());
+    if json {
+        let v = serde_json::json!({"tokens": found, "host_conflict": host});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if found.is_empty() {
+        println!("no tokens plugged into this host");
+    }
+    for t in &found {
+        let d = &t.device;
+        let what = match &t.kind {
+            TokenKind::Known { model } => model.clone(),
+            TokenKind::Candidate => "unknown smart-card device (CCID): a candidate".to_owned(),
+        };
+        println!(
+            "{serial}  {what}  {id} at {port} (device {devnum})",
+            serial = d.serial.as_deref().unwrap_or("(no serial)"),
+            id = d.id,
+            port = d.host_port(),
+            devnum = d.devnum,
+        );
+        for c in &t.conflicts {
+            println!("  conflict: {c}");
+        }
+    }
+    if let Some(h) = host {
+        println!("conflict: {h}");
+    }
+    Ok(())
+}
+
+fn enroll(cmd: Enroll) -> anyhow::Result<()> {
+    use signetd::proxmox::{self, Qm};
+    let (vmid, dry_run, qm, plan) = match cmd {
+        Enroll::SigningVm {
+            vmid,
+            token,
+            dry_run,
+            pve,
+            monitor_dir,
+        } => {
+            let devices = signetd::usb::udev::enumerate()?;
+            let catalog = signetd::usb::Catalog::default();
+            let found = signetd::usb::find_token(&catalog, &devices, &token)?;
+            let qm = Qm { program: pve.qm };
+            let monitor = proxmox::monitor_path(&monitor_dir, vmid);
+            let monitor = monitor.to_string_lossy().into_owned();
+            let host_port = found.device.host_port();
+            let plan = proxmox::enroll(
+                &qm,
+                vmid,
+                |cfg| proxmox::plan_signing_vm(vmid, cfg, &host_port, &monitor),
+                dry_run,
+            )?;
+            (vmid, dry_run, qm, plan)
+        }
+        Enroll::BuildVm { vmid, dry_run, pve } => {
+            let qm = Qm { program: pve.qm };
+            let plan =
+                proxmox::enroll(&qm, vmid, |cfg| proxmox::plan_build_vm(vmid, cfg), dry_run)?;
+            (vmid, dry_run, qm, plan)
+        }
+    };
+    print!("{plan}");
+    if plan.changes.is_empty() {
+        return Ok(());
+    }
+    let line = qm.shell_line(&Qm::set_args(&plan));
+    if dry_run {
+        println!("would run: {line}");
+    } else {
+        println!("ran: {line}");
+        if plan.changes.iter().any(|c| c.key == "args") {
+            println!(
+                "args: takes effect when VM {vmid} next starts (qm stop {vmid} && qm start {vmid})"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -30,6 +171,11 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    match cli.command {
+        Some(Cmd::Enroll(cmd)) => return enroll(cmd),
+        Some(Cmd::Tokens { json }) => return tokens(json),
+        None => {}
+    }
     let cfg = Config::load(&cli.config)?;
     let mut listeners = Vec::new();
     let mut bound = Vec::new();

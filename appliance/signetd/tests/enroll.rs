@@ -1,0 +1,211 @@
+//! `signetd enroll` as a process, against `tests/fixtures/fake-qm` (a stand-in for
+//! Proxmox's `qm` keeping VM configurations in a temp dir) and, for the signing VM, a
+//! token in a umockdev testbed; `signetd tokens` in a testbed with two tokens.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn manifest(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+struct Pve {
+    dir: tempfile::TempDir,
+}
+
+impl Pve {
+    fn with(vmid: u32, recorded: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            manifest("tests/data/qm-config").join(recorded),
+            dir.path().join(format!("{vmid}.conf")),
+        )
+        .unwrap();
+        Pve { dir }
+    }
+
+    fn config(&self, vmid: u32) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{vmid}.conf"))).unwrap()
+    }
+
+    fn calls(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("calls")).unwrap_or_default()
+    }
+
+    /// `signetd enroll ARGS`, optionally inside a umockdev testbed with `devices`.
+    fn enroll(&self, args: &[&str], devices: &[&Path]) -> Output {
+        let signetd = env!("CARGO_BIN_EXE_signetd");
+        let mut cmd = if devices.is_empty() {
+            Command::new(signetd)
+        } else {
+            let mut c = Command::new("umockdev-run");
+            for d in devices {
+                c.arg("--device").arg(d);
+            }
+            c.arg("--").arg(signetd);
+            c
+        };
+        cmd.arg("enroll")
+            .args(args)
+            .env("SIGNETD_QM", manifest("tests/fixtures/fake-qm"))
+            .env("FAKE_QM_DIR", self.dir.path())
+            .output()
+            .unwrap()
+    }
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn build_vm_dry_run_then_apply_then_nothing_left() {
+    let pve = Pve::with(200, "with-args.conf");
+    let before = pve.config(200);
+
+    let o = pve.enroll(&["build-vm", "200", "--dry-run"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(
+        out.contains("  - args: -cpu host,+aes -smbios type=0,vendor=ACME\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  + args: -cpu host,+aes -smbios type=0,vendor=ACME -device vhost-vsock-pci,guest-cid=200\n"),
+        "{out}"
+    );
+    assert!(out.contains("would run: "), "{out}");
+    assert_eq!(pve.config(200), before, "a dry run changes nothing");
+    assert!(!pve.calls().contains("set"), "{}", pve.calls());
+
+    let o = pve.enroll(&["build-vm", "200"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    let after = pve.config(200);
+    assert!(
+        after.contains("args: -cpu host,+aes -smbios type=0,vendor=ACME -device vhost-vsock-pci,guest-cid=200\n"),
+        "{after}"
+    );
+    assert!(
+        after.contains("usb0: host=046d:c52b\n"),
+        "the rest is kept: {after}"
+    );
+
+    let o = pve.enroll(&["build-vm", "200"], &[]);
+    let (out, _) = text(&o);
+    assert!(o.status.success());
+    assert!(out.contains("already enrolled"), "{out}");
+}
+
+#[test]
+fn signing_vm_gets_the_tokens_port_vsock_and_monitor() {
+    let pve = Pve::with(105, "with-args.conf");
+    let token = manifest("tests/data/umockdev/safenet-5110-a.umockdev");
+    let o = pve.enroll(
+        &[
+            "signing-vm",
+            "105",
+            "--token",
+            "0123ABCD",
+            "--monitor-dir",
+            "/run/signet",
+        ],
+        &[&token],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    let cfg = pve.config(105);
+    // usb0 is the user's; the token (at 1-2 in the testbed) takes usb1.
+    assert!(cfg.contains("usb0: host=046d:c52b\n"), "{cfg}");
+    assert!(cfg.contains("usb1: host=1-2\n"), "{cfg}");
+    assert!(
+        cfg.contains("args: -cpu host,+aes -smbios type=0,vendor=ACME -device vhost-vsock-pci,guest-cid=105 -chardev socket,id=signet,path=/run/signet/vm-105.qmp,server=on,wait=off -mon chardev=signet,mode=control\n"),
+        "{cfg}"
+    );
+    assert!(
+        out.contains("takes effect when VM 105 next starts"),
+        "{out}"
+    );
+    // Enrolled already: a second run changes nothing.
+    let o = pve.enroll(&["signing-vm", "105", "--token", "0123ABCD"], &[&token]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("already enrolled"), "{out}");
+}
+
+#[test]
+fn signing_vm_refusals_change_nothing() {
+    let token = manifest("tests/data/umockdev/safenet-5110-a.umockdev");
+    let pve = Pve::with(106, "q35-6.0-win7.conf");
+    let before = pve.config(106);
+    let o = pve.enroll(&["signing-vm", "106", "--token", "0123ABCD"], &[&token]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        err.contains("VM 106 cannot hot-plug USB devices: ostype win7"),
+        "{err}"
+    );
+    assert_eq!(pve.config(106), before);
+
+    let pve = Pve::with(105, "simple1.conf");
+    let o = pve.enroll(&["signing-vm", "105", "--token", "FFFF0000"], &[&token]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("no token with serial FFFF0000")
+            && err.contains("0123ABCD at 1-2 (0529:0620)"),
+        "{err}"
+    );
+    assert!(!pve.calls().contains("set"));
+
+    let o = pve.enroll(&["build-vm", "999"], &[]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("999.conf' does not exist"), "{err}");
+}
+
+#[test]
+fn tokens_lists_identical_tokens_by_serial_with_conflicts() {
+    let a = manifest("tests/data/umockdev/safenet-5110-a.umockdev");
+    let b = manifest("tests/data/umockdev/safenet-5110-b.umockdev");
+    let run = |json: bool| {
+        let mut c = Command::new("umockdev-run");
+        c.arg("--device").arg(&a).arg("--device").arg(&b);
+        c.arg("--").arg(env!("CARGO_BIN_EXE_signetd")).arg("tokens");
+        if json {
+            c.arg("--json");
+        }
+        c.output().unwrap()
+    };
+    let o = run(false);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(
+        out.contains("0123ABCD  SafeNet eToken 5110  0529:0620 at 1-2 (device 5)\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("0456CDEF  SafeNet eToken 5110  0529:0620 at 1-3 (device 7)\n  conflict: interface 1-3:1.0 is held by the host driver usbfs; "),
+        "{out}"
+    );
+    assert!(
+        out.contains("systemctl disable --now pcscd.socket"),
+        "{out}"
+    );
+
+    let o = run(true);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tokens = v["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 2);
+    assert_eq!(tokens[0]["device"]["serial"], "0123ABCD");
+    assert_eq!(tokens[0]["device"]["id"], "0529:0620");
+    assert_eq!(tokens[0]["kind"]["kind"], "known");
+    assert_eq!(tokens[1]["conflicts"][0]["driver"], "usbfs");
+}
