@@ -123,6 +123,7 @@ fn code_for_status(status: StatusCode) -> ErrorCode {
         403 => ErrorCode::Forbidden,
         404 => ErrorCode::UnknownProfile,
         413 => ErrorCode::InputTooLarge,
+        429 => ErrorCode::TooManyJobs,
         415 => ErrorCode::UnsupportedFormat,
         400..=499 => ErrorCode::BadRequest,
         502..=504 => ErrorCode::AgentUnavailable,

@@ -226,8 +226,10 @@ pub enum ErrorCode {
     UnsupportedFormat,
     /// The input is larger than allowed.
     InputTooLarge,
-    /// The upload ended before the announced length.
+    /// The upload ended before the announced length, or stalled.
     TruncatedInput,
+    /// The caller already has as many jobs running as it may; retry when one ends.
+    TooManyJobs,
     /// The signer ran and failed on this input.
     SigningFailed,
     /// The token refused the configured PIN; it will not be tried again.
@@ -254,6 +256,7 @@ impl ErrorCode {
             ErrorCode::InputTooLarge => 413,
             ErrorCode::UnsupportedFormat => 415,
             ErrorCode::EmptyInput | ErrorCode::TruncatedInput => 422,
+            ErrorCode::TooManyJobs => 429,
             ErrorCode::SigningFailed | ErrorCode::Internal => 500,
             ErrorCode::AgentUnavailable => 502,
             ErrorCode::PinRejected
@@ -277,7 +280,8 @@ impl ErrorCode {
             | ErrorCode::PinNeeded
             | ErrorCode::PinLocked
             | ErrorCode::TokenUnavailable
-            | ErrorCode::AgentUnavailable => exit::UNAVAILABLE,
+            | ErrorCode::AgentUnavailable
+            | ErrorCode::TooManyJobs => exit::UNAVAILABLE,
         }
     }
 
@@ -291,6 +295,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedFormat => "unsupported_format",
             ErrorCode::InputTooLarge => "input_too_large",
             ErrorCode::TruncatedInput => "truncated_input",
+            ErrorCode::TooManyJobs => "too_many_jobs",
             ErrorCode::SigningFailed => "signing_failed",
             ErrorCode::PinRejected => "pin_rejected",
             ErrorCode::PinNeeded => "pin_needed",
@@ -302,7 +307,7 @@ impl ErrorCode {
     }
 
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownProfile,
         ErrorCode::Forbidden,
@@ -310,6 +315,7 @@ impl ErrorCode {
         ErrorCode::UnsupportedFormat,
         ErrorCode::InputTooLarge,
         ErrorCode::TruncatedInput,
+        ErrorCode::TooManyJobs,
         ErrorCode::SigningFailed,
         ErrorCode::PinRejected,
         ErrorCode::PinNeeded,
@@ -581,8 +587,11 @@ mod tests {
             assert_eq!(back, code);
             let status = code.http_status();
             assert!((400..600).contains(&status), "{code}: {status}");
-            // Client-side faults are 4xx and never "unavailable"; 5xx never "bad input".
-            if status < 500 {
+            // Client-side faults are 4xx and never "unavailable" (429 "busy, retry" is
+            // the one 4xx that is); 5xx never "bad input".
+            if code == ErrorCode::TooManyJobs {
+                assert_eq!((status, code.exit_code()), (429, exit::UNAVAILABLE));
+            } else if status < 500 {
                 assert_ne!(code.exit_code(), exit::UNAVAILABLE, "{code}");
             } else {
                 assert_ne!(code.exit_code(), exit::BAD_INPUT, "{code}");

@@ -12,6 +12,7 @@ mod doctor;
 mod formats;
 
 mod agent_token;
+mod policy;
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -18,12 +18,14 @@ use signet_protocol::wire::{
 };
 
 use crate::config::Config;
+use crate::policy::{self, Caller, Slot, Slots};
 
 /// The running daemon.
 #[derive(Debug)]
 pub struct Daemon {
     cfg: Config,
     next_job: AtomicU64,
+    slots: std::sync::Arc<Slots>,
 }
 
 /// A signing job accepted for relay.
@@ -31,23 +33,69 @@ pub struct Daemon {
 pub struct Job {
     pub id: String,
     pub profile: String,
+    pub caller: Caller,
+    /// The largest input the profile takes, in bytes.
+    pub max_input_size: u64,
     pub agent_query: AgentSignQuery,
 }
 
 impl Daemon {
     pub fn new(cfg: Config) -> Self {
+        let slots = Slots::new(cfg.limits.max_jobs_per_caller);
         Daemon {
             cfg,
             next_job: AtomicU64::new(1),
+            slots,
         }
+    }
+
+    /// Who is calling, as far as the connection's transport vouches for it.
+    pub fn identify(&self, peer: &Peer) -> Caller {
+        match peer {
+            Peer::Vsock { cid, .. } => Caller::Vm {
+                cid: *cid,
+                vmid: policy::vmid_for_cid(&self.cfg.cid_to_vmid, *cid),
+            },
+            Peer::Unix { uid, gid, pid } => Caller::Local {
+                uid: *uid,
+                gid: *gid,
+                // The process may be gone already; then only its primary group counts.
+                groups: pid
+                    .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+                    .map(|s| policy::parse_proc_groups(&s))
+                    .unwrap_or_default(),
+            },
+            Peer::Tcp { addr } => match &self.cfg.insecure_tcp_as {
+                Some(name) => Caller::Client { name: name.clone() },
+                None => Caller::Anonymous {
+                    addr: addr.to_string(),
+                },
+            },
+        }
+    }
+
+    /// Takes one of the caller's job slots for as long as the [`Slot`] lives.
+    pub fn start(&self, job: &Job) -> Result<Slot, ErrorBody> {
+        self.slots.take(&job.caller.key()).ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::TooManyJobs,
+                format!(
+                    "{} already has {} jobs running, as many as one caller may; nothing was signed. Send this one again when one of them has ended",
+                    job.caller,
+                    self.slots.max()
+                ),
+            )
+            .retryable(true)
+        })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
     }
 
-    /// Checks a signing request against the profiles and turns it into a job.
-    pub fn accept(&self, query: &SignQuery, peer: &Peer) -> Result<Job, ErrorBody> {
+    /// Checks a signing request against the profiles and the grants and turns it into a
+    /// job.
+    pub fn accept(&self, query: &SignQuery, caller: &Caller) -> Result<Job, ErrorBody> {
         let name = query
             .profile
             .as_deref()
@@ -67,6 +115,11 @@ impl Daemon {
                 ),
             ));
         };
+        if let Err(refusal) = self.cfg.policy.decide(caller, name) {
+            // The audit record of a refusal goes here once the audit log exists.
+            tracing::warn!(caller = %refusal.caller, key = %caller.key(), profile = name, "refused: the caller has no grant for this profile");
+            return Err(ErrorBody::new(ErrorCode::Forbidden, refusal.to_string()));
+        }
         let filename = match &query.filename {
             Some(f) if f.contains(['/', '\\', '\0']) || f.len() > 255 => {
                 return Err(ErrorBody::new(
@@ -81,10 +134,12 @@ impl Daemon {
             std::process::id(),
             self.next_job.fetch_add(1, Ordering::Relaxed)
         );
-        tracing::info!(job = %id, %peer, profile = name, file = filename.as_deref().unwrap_or("-"), "job accepted");
+        tracing::info!(job = %id, %caller, profile = name, file = filename.as_deref().unwrap_or("-"), "job accepted");
         Ok(Job {
             id,
             profile: name.to_owned(),
+            caller: caller.clone(),
+            max_input_size: self.cfg.max_input_size(profile),
             agent_query: AgentSignQuery {
                 profile: Some(name.to_owned()),
                 filename,

@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use signet_protocol::transport::{Listener, Peer};
+use signet_protocol::transport::Listener;
 use signetd::config::{self, Config};
 use signetd::daemon::Daemon;
 
@@ -47,20 +47,15 @@ async fn main() -> anyhow::Result<()> {
         listeners.push(l);
     }
     tracing::info!(agent = %cfg.agent, default_profile = %cfg.default_profile, "relaying to the agent");
+    let header_timeout = std::time::Duration::from_secs(cfg.limits.header_timeout_seconds);
     let daemon = Arc::new(Daemon::new(cfg));
     let app = signetd::server::router(daemon);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     for l in listeners {
         let app = app.clone();
-        let mut stop = stop_rx.clone();
-        servers.spawn(async move {
-            axum::serve(l, app.into_make_service_with_connect_info::<Peer>())
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        });
+        let stop = stop_rx.clone();
+        servers.spawn(signetd::serve::serve(l, app, header_timeout, stop));
     }
     let listening = format!("listening on {}", bound.join(" "));
     let _ = sd_notify::notify(
@@ -73,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
     shutdown().await;
     let _ = stop_tx.send(true);
     while let Some(r) = servers.join_next().await {
-        r.context("server task")?.context("serving")?;
+        r.context("server task")?;
     }
     Ok(())
 }

@@ -15,7 +15,10 @@ use signet_protocol::transport::Peer;
 use signet_protocol::wire::{ErrorBody, ErrorCode, SignQuery, BATCH_PATH, SIGN_PATH, STATUS_PATH};
 use tracing::Instrument;
 
+use std::time::Duration;
+
 use crate::daemon::{client_view, Daemon};
+use crate::limits;
 use signet_protocol::batch;
 
 /// How much of a refused upload is read and dropped so the client gets to read the
@@ -68,6 +71,7 @@ async fn job(
     body: Body,
     is_batch: bool,
 ) -> Response {
+    let caller = daemon.identify(&peer);
     let accepted = query
         .map_err(|e| {
             ErrorBody::new(
@@ -75,18 +79,26 @@ async fn job(
                 format!("bad query: {}", e.body_text()),
             )
         })
-        .and_then(|Query(q)| daemon.accept(&q, &peer));
-    let job = match accepted {
-        Ok(job) => job,
+        .and_then(|Query(q)| daemon.accept(&q, &caller));
+    let content_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let started = accepted.and_then(|job| {
+        if content_length.is_some_and(|n| n > job.max_input_size) {
+            return Err(limits::too_large(job.max_input_size));
+        }
+        daemon.start(&job).map(|slot| (job, slot))
+    });
+    let (job, slot) = match started {
+        Ok(started) => started,
         Err(e) => {
             drain(body).await;
             return e.into_response();
         }
     };
-    let content_length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let idle = Duration::from_secs(daemon.config().limits.body_idle_timeout_seconds);
+    let (body, tripped) = limits::limit(body, job.max_input_size, idle);
     let span = tracing::info_span!("job", job = %job.id, profile = %job.profile);
     let result = if is_batch {
         let ct = headers
@@ -141,9 +153,10 @@ async fn job(
             if let Ok(v) = HeaderValue::from_str(&job.id) {
                 resp.headers_mut().insert("x-signet-job", v);
             }
-            resp
+            hold_until_sent(resp, slot)
         }
         Err(e) => {
+            let e = tripped.error(job.max_input_size, idle).unwrap_or(e);
             span.in_scope(|| tracing::warn!(code = %e.code, message = %e.message, "job failed"));
             e.into_response()
         }
@@ -254,6 +267,16 @@ fn reframe(
             }
         },
     )
+}
+
+/// Keeps the caller's job slot until the answer has been streamed out.
+fn hold_until_sent(resp: Response, slot: crate::policy::Slot) -> Response {
+    let (parts, body) = resp.into_parts();
+    let stream = body.into_data_stream().map(move |chunk| {
+        let _slot = &slot;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
 }
 
 async fn drain(body: Body) {
