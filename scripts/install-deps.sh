@@ -18,6 +18,7 @@ needs=(
   "wixl wixl"
   "msiinfo msitools"
   "gcab gcab"
+  "curl curl"
 )
 
 missing=()

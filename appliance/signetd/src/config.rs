@@ -35,6 +35,25 @@ pub struct Config {
     /// listener is on loopback (tests, a local reverse proxy).
     pub insecure_tcp_as: Option<String>,
     pub limits: Limits,
+    /// Where the daemon keeps its state (`signet.db`).
+    pub state_dir: PathBuf,
+    /// TLS listeners for remote clients.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The default `state_dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/signet";
+
+/// `[tls]`: endpoints served with TLS, for remote clients with a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// TCP endpoints, e.g. `tcp:0.0.0.0:7443`.
+    pub listen: Vec<Endpoint>,
+    /// The server's certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// The server's private key (PEM).
+    pub key: PathBuf,
 }
 
 /// Request limits (`[limits]`).
@@ -119,6 +138,10 @@ struct Raw {
     insecure_tcp_as: Option<String>,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    tls: Option<TlsConfig>,
 }
 
 /// A configuration that cannot be used.
@@ -272,6 +295,19 @@ impl Config {
                 ));
             }
         }
+        if let Some(tls) = &raw.tls {
+            if tls.listen.is_empty()
+                || tls
+                    .listen
+                    .iter()
+                    .any(|e| !matches!(e, Endpoint::Tcp { .. }))
+            {
+                return Err(invalid(
+                    "tls.listen",
+                    "list the TCP endpoints to serve with TLS, e.g. listen = [\"tcp:0.0.0.0:7443\"]".to_owned(),
+                ));
+            }
+        }
         if raw.limits.max_jobs_per_caller == 0
             || raw.limits.header_timeout_seconds == 0
             || raw.limits.body_idle_timeout_seconds == 0
@@ -291,6 +327,10 @@ impl Config {
             cid_to_vmid,
             insecure_tcp_as: raw.insecure_tcp_as,
             limits: raw.limits,
+            state_dir: raw
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            tls: raw.tls,
         })
     }
 
@@ -503,6 +543,7 @@ profiles = ["*"]
         assert!(c.policy.decide(&root_group, "release").is_ok());
         let lo = Caller::Client {
             name: "loopback".into(),
+            granted: vec![],
         };
         assert!(c.policy.decide(&lo, "test").is_ok());
     }
@@ -547,6 +588,13 @@ profiles = ["*"]
         );
         let err = parse("agent = \"unix:/a\"\n[limits]\nmax_jobs_per_caller = 0").unwrap_err();
         assert!(err.contains("key limits"), "{err}");
+        let err =
+            parse("agent = \"unix:/a\"\n[tls]\nlisten = [\"unix:/x\"]\ncert = \"c\"\nkey = \"k\"")
+                .unwrap_err();
+        assert!(err.contains("key tls.listen"), "{err}");
+        let c = parse("agent = \"unix:/a\"\nstate_dir = \"/tmp/s\"\n[tls]\nlisten = [\"tcp:0.0.0.0:7443\"]\ncert = \"c.pem\"\nkey = \"k.pem\"").unwrap();
+        assert_eq!(c.tls.unwrap().listen[0].to_string(), "tcp:0.0.0.0:7443");
+        assert_eq!(c.state_dir, Path::new("/tmp/s"));
         let err = parse("agent = \"unix:/a\"\n[cid_to_vmid]\nx = 1").unwrap_err();
         assert!(err.contains("key cid_to_vmid"), "{err}");
     }

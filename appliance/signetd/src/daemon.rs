@@ -26,6 +26,8 @@ pub struct Daemon {
     cfg: Config,
     next_job: AtomicU64,
     slots: std::sync::Arc<Slots>,
+    /// The client database, when remote clients are served (`[tls]`).
+    clients: Option<std::sync::Mutex<rusqlite::Connection>>,
 }
 
 /// A signing job accepted for relay.
@@ -46,6 +48,61 @@ impl Daemon {
             cfg,
             next_job: AtomicU64::new(1),
             slots,
+            clients: None,
+        }
+    }
+
+    /// The daemon with remote clients checked against `conn` (see [`crate::clients`]).
+    pub fn with_clients(mut self, conn: rusqlite::Connection) -> Self {
+        self.clients = Some(std::sync::Mutex::new(conn));
+        self
+    }
+
+    /// Who is calling: over TLS the client named by HTTP Basic credentials
+    /// (`authorization`), which must be valid; otherwise what the transport vouches
+    /// for ([`Daemon::identify`]).
+    pub fn authenticate(
+        &self,
+        peer: &Peer,
+        over_tls: bool,
+        authorization: Option<&str>,
+    ) -> Result<Caller, ErrorBody> {
+        if !over_tls {
+            return Ok(self.identify(peer));
+        }
+        let refused = |why: &str| {
+            ErrorBody::new(
+                ErrorCode::Forbidden,
+                format!("{why}; send the client's name and secret with HTTP Basic authentication (curl -u NAME:SECRET). The appliance's operator adds clients with `signetd client add`"),
+            )
+        };
+        let Some((name, secret)) = authorization.and_then(crate::clients::parse_basic) else {
+            return Err(refused("no client credentials were sent"));
+        };
+        let Some(db) = &self.clients else {
+            return Err(refused("this appliance has no client database"));
+        };
+        let now = unix_now();
+        let checked = {
+            let conn = db.lock().unwrap_or_else(|e| e.into_inner());
+            crate::clients::authenticate(&conn, &name, &secret, now)
+        };
+        match checked {
+            Ok(Ok(granted)) => Ok(Caller::Client { name, granted }),
+            Ok(Err(why)) => {
+                // Which of unknown / wrong / expired it was is for the log only.
+                tracing::warn!(%peer, client = %name, reason = %why, "refused client credentials");
+                Err(refused(&format!(
+                    "the credentials of client {name:?} are not valid (unknown name, wrong secret, or an expired secret)"
+                )))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "client database");
+                Err(ErrorBody::new(
+                    ErrorCode::Internal,
+                    "the appliance could not check client credentials; its operator sees why in signetd's log",
+                ))
+            }
         }
     }
 
@@ -66,7 +123,10 @@ impl Daemon {
                     .unwrap_or_default(),
             },
             Peer::Tcp { addr } => match &self.cfg.insecure_tcp_as {
-                Some(name) => Caller::Client { name: name.clone() },
+                Some(name) => Caller::Client {
+                    name: name.clone(),
+                    granted: Vec::new(),
+                },
                 None => Caller::Anonymous {
                     addr: addr.to_string(),
                 },
@@ -291,6 +351,14 @@ impl Daemon {
             "the signing VM's agent is not reachable; nothing was signed. The appliance's operator sees why in `signet status` on the host and in signetd's log",
         )
     }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// What a caller is told about an agent-side error. Faults the caller can fix (its

@@ -29,8 +29,13 @@ pub enum Caller {
         gid: u32,
         groups: Vec<u32>,
     },
-    /// A remote client that authenticated with its secret.
-    Client { name: String },
+    /// A remote client that authenticated with its secret; `granted` are the profiles
+    /// it was added for (`signetd client add NAME --profile P`).
+    Client {
+        name: String,
+        #[serde(skip)]
+        granted: Vec<String>,
+    },
     /// A TCP peer that proved nothing.
     Anonymous { addr: String },
 }
@@ -41,7 +46,7 @@ impl Caller {
         match self {
             Caller::Vm { vmid, .. } => format!("vm:{vmid}"),
             Caller::Local { uid, .. } => format!("uid:{uid}"),
-            Caller::Client { name } => format!("client:{name}"),
+            Caller::Client { name, .. } => format!("client:{name}"),
             Caller::Anonymous { addr } => format!("tcp:{addr}"),
         }
     }
@@ -53,7 +58,7 @@ impl fmt::Display for Caller {
             Caller::Vm { cid, vmid } if cid == vmid => write!(f, "VM {vmid}"),
             Caller::Vm { cid, vmid } => write!(f, "VM {vmid} (vsock CID {cid})"),
             Caller::Local { uid, gid, .. } => write!(f, "local uid {uid} (gid {gid})"),
-            Caller::Client { name } => write!(f, "client {name:?}"),
+            Caller::Client { name, .. } => write!(f, "client {name:?}"),
             Caller::Anonymous { addr } => write!(f, "unauthenticated TCP peer {addr}"),
         }
     }
@@ -144,7 +149,7 @@ impl CallerPattern {
             (CallerPattern::Gid(want), Caller::Local { gid, groups, .. }) => {
                 want == gid || groups.contains(want)
             }
-            (CallerPattern::Client(want), Caller::Client { name }) => {
+            (CallerPattern::Client(want), Caller::Client { name, .. }) => {
                 want.as_deref().is_none_or(|w| w == name)
             }
             _ => false,
@@ -196,9 +201,11 @@ impl Policy {
         Policy { grants }
     }
 
-    /// Whether `caller` may sign with `profile`.
+    /// Whether `caller` may sign with `profile`: a grant names both, or the caller is a
+    /// client added for that profile.
     pub fn decide(&self, caller: &Caller, profile: &str) -> Result<(), Refusal> {
-        if self.grants.iter().any(|g| g.allows(caller, profile)) {
+        let own = matches!(caller, Caller::Client { granted, .. } if granted.iter().any(|p| p == profile));
+        if own || self.grants.iter().any(|g| g.allows(caller, profile)) {
             Ok(())
         } else {
             Err(Refusal {
@@ -325,7 +332,10 @@ mod tests {
             cid: 104,
             vmid: 104,
         };
-        let client = Caller::Client { name: "ci".into() };
+        let client = Caller::Client {
+            name: "ci".into(),
+            granted: vec![],
+        };
         let anon = Caller::Anonymous {
             addr: "10.0.0.1:5000".into(),
         };
@@ -399,8 +409,17 @@ mod tests {
             p.decide(&local(0, 0, &[]), "release").is_err(),
             "root is not implicit once grants are configured"
         );
-        let ci = Caller::Client { name: "ci".into() };
+        let ci = Caller::Client {
+            name: "ci".into(),
+            granted: vec![],
+        };
         assert!(p.decide(&ci, "release").is_ok() && p.decide(&ci, "test").is_ok());
+        let cd = Caller::Client {
+            name: "cd".into(),
+            granted: vec!["test".into()],
+        };
+        assert!(p.decide(&cd, "test").is_ok(), "added for it");
+        assert!(p.decide(&cd, "release").is_err());
     }
 
     #[test]
