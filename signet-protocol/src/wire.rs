@@ -71,6 +71,24 @@ impl SignMode {
     }
 }
 
+/// What a whole-file job answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignResponse {
+    /// The signed file.
+    #[default]
+    Complete,
+    /// Only the file's new PKCS#7 signature (DER), as `osslsigncode extract-signature`
+    /// takes it from the signed file.
+    Pkcs7,
+}
+
+impl SignResponse {
+    fn is_complete(&self) -> bool {
+        *self == SignResponse::Complete
+    }
+}
+
 /// Query of `POST /v1/sign`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignQuery {
@@ -89,6 +107,9 @@ pub struct SignQuery {
     /// Whole file (default) or digest mode.
     #[serde(default, skip_serializing_if = "SignMode::is_whole")]
     pub mode: SignMode,
+    /// The signed file (default) or only its signature.
+    #[serde(default, skip_serializing_if = "SignResponse::is_complete")]
+    pub response: SignResponse,
 }
 
 /// Message digest used for the signature.
@@ -132,6 +153,8 @@ pub struct AgentSignQuery {
     pub hash: DigestAlgorithm,
     #[serde(default, skip_serializing_if = "SignMode::is_whole")]
     pub mode: SignMode,
+    #[serde(default, skip_serializing_if = "SignResponse::is_complete")]
+    pub response: SignResponse,
     /// Add page hashes (PE files only; other formats are signed without).
     #[serde(default, skip_serializing_if = "is_false")]
     pub page_hashes: bool,
@@ -614,9 +637,11 @@ mod tests {
             description: None,
             url: Some("https://example.invalid/?a=b".into()),
             mode: SignMode::Whole,
+            response: SignResponse::Pkcs7,
         };
         let s = serde_urlencoded::to_string(&q).unwrap();
         assert!(!s.contains("description"), "{s}");
+        assert!(s.contains("response=pkcs7"), "{s}");
         let back: SignQuery = serde_urlencoded::from_str(&s).unwrap();
         assert_eq!(back, q);
         let empty: SignQuery = serde_urlencoded::from_str("").unwrap();
@@ -628,6 +653,7 @@ mod tests {
         assert_eq!(d.mode, SignMode::Digest);
         assert_eq!(serde_urlencoded::to_string(&d).unwrap(), "mode=digest");
         assert!(serde_urlencoded::from_str::<SignQuery>("mode=half").is_err());
+        assert!(serde_urlencoded::from_str::<SignQuery>("response=zip").is_err());
     }
 
     #[test]
@@ -646,6 +672,7 @@ mod tests {
             ],
             formats: vec![Format::Pe, Format::PowerShell],
             mode: SignMode::Digest,
+            response: SignResponse::Complete,
         };
         let s = serde_urlencoded::to_string(&q).unwrap();
         assert!(s.contains("mode=digest"), "{s}");

@@ -161,6 +161,46 @@ fn handtokening_clients_sign_with_curl_over_tls() {
         "the job names the client"
     );
 
+    // response-type=pkcs7: only the signature, which attaches to the unsigned file
+    // and verifies there.
+    let sig = r.w.path("x.p7");
+    let o = Command::new("curl")
+        .args(["-sS", "--max-time", "300", "--cacert"])
+        .arg(&r.cert)
+        .args(["-u", &ci, "--data-binary"])
+        .arg(format!("@{}", file.display()))
+        .args(["-H", "Content-Disposition: attachment; filename=\"x.dll\""])
+        .arg("-o")
+        .arg(&sig)
+        .args(["-w", "%{http_code} %{content_type}"])
+        .arg(format!(
+            "{}/api/sign?signing-profile=release&response-type=pkcs7",
+            r.base
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "200 application/pkcs7-signature",
+        "{}",
+        r.w.log("signetd")
+    );
+    let attached = r.w.path("x-attached.dll");
+    let out = Command::new("osslsigncode")
+        .args(["attach-signature", "-CAfile"])
+        .arg(r.w.path("cert.pem"))
+        .arg("-sigin")
+        .arg(&sig)
+        .arg("-in")
+        .arg(&file)
+        .arg("-out")
+        .arg(&attached)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (ok, text) = verify(&r.w, &attached);
+    assert!(ok && text.contains("Signet Demo Code Signing"), "{text}");
+
     // The /v1 API over TLS takes the same credentials.
     let out2 = r.w.path("x-signed-v1.dll");
     let (status, _) = r.curl(Some(&ci), &file, "/v1/sign?filename=x.dll", &out2);

@@ -210,6 +210,7 @@ impl Daemon {
                 url: query.url.clone().or_else(|| profile.url.clone()),
                 hash: profile.hash,
                 mode: query.mode,
+                response: query.response,
                 page_hashes: profile.page_hashes,
                 nested: profile.nested,
                 timestamp: profile.timestamp.clone(),

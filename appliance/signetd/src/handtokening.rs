@@ -4,7 +4,7 @@
 //! Pure: the HTTP handler in [`crate::server`] does the I/O.
 
 use serde::Deserialize;
-use signet_protocol::wire::{ErrorBody, ErrorCode, SignQuery};
+use signet_protocol::wire::{ErrorBody, ErrorCode, SignQuery, SignResponse};
 
 /// Where Handtokening's clients send files.
 pub const PATH: &str = "/api/sign";
@@ -30,22 +30,18 @@ pub fn sign_query(query: &str, disposition: Option<&str>) -> Result<SignQuery, E
             format!("bad query: {e}; the parameters are signing-profile, description, url and response-type"),
         )
     })?;
-    match q.response_type.as_deref() {
-        None | Some("complete") => {}
-        Some("pkcs7") => {
-            return Err(ErrorBody::new(
-                ErrorCode::BadRequest,
-                "response-type=pkcs7 is not served by this appliance yet; ask for response-type=complete (the signed file)",
-            ))
-        }
+    let response = match q.response_type.as_deref() {
+        None | Some("complete") => SignResponse::Complete,
+        Some("pkcs7") => SignResponse::Pkcs7,
         Some(other) => {
             return Err(ErrorBody::new(
                 ErrorCode::BadRequest,
                 format!("response-type {other:?} is not known; use complete or pkcs7"),
             ))
         }
-    }
+    };
     Ok(SignQuery {
+        response,
         profile: q.signing_profile,
         filename: disposition.and_then(filename),
         description: q.description,
@@ -94,6 +90,9 @@ mod tests {
         assert_eq!(q.description.as_deref(), Some("My App"));
         assert_eq!(q.url.as_deref(), Some("https://x.example/"));
         assert_eq!(q.filename.as_deref(), Some("app.dll"));
+        assert_eq!(q.response, SignResponse::Complete);
+        let q = sign_query("response-type=pkcs7", None).unwrap();
+        assert_eq!(q.response, SignResponse::Pkcs7);
         let q = sign_query("", None).unwrap();
         assert_eq!(q, SignQuery::default());
     }
@@ -103,7 +102,6 @@ mod tests {
         for (query, needle) in [
             ("signing-profil=x", "signing-profile, description"),
             ("response-type=zip", "complete or pkcs7"),
-            ("response-type=pkcs7", "response-type=complete"),
         ] {
             let e = sign_query(query, None).unwrap_err();
             assert_eq!(e.code, ErrorCode::BadRequest);

@@ -13,7 +13,9 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use futures_util::StreamExt;
 use signet_protocol::transport::Peer;
-use signet_protocol::wire::{ErrorBody, ErrorCode, SignQuery, BATCH_PATH, SIGN_PATH, STATUS_PATH};
+use signet_protocol::wire::{
+    ErrorBody, ErrorCode, SignQuery, SignResponse, BATCH_PATH, SIGN_PATH, STATUS_PATH,
+};
 use tracing::Instrument;
 
 use std::time::Duration;
@@ -203,6 +205,12 @@ async fn job(
                     if let Some(v) = parts.headers.get(&h) {
                         r.headers_mut().insert(h, v.clone());
                     }
+                }
+                if job.agent_query.response == SignResponse::Pkcs7 {
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/pkcs7-signature"),
+                    );
                 }
                 r
             };
