@@ -10,6 +10,7 @@ use super::*;
 struct Remote {
     w: World,
     cfg: PathBuf,
+    /// The CA that issued the server's certificate.
     cert: PathBuf,
     /// `https://127.0.0.1:PORT`
     base: String,
@@ -17,21 +18,24 @@ struct Remote {
 
 fn remote() -> Remote {
     let mut w = World::new();
-    let (cert, key) = (w.path("tls-cert.pem"), w.path("tls-key.pem"));
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
+    // A CA, and a server certificate for 127.0.0.1 it issued (rustls, rightly, does
+    // not accept a CA certificate as a server's own).
+    let (ca, cert, key) = (
+        w.path("tls-ca.pem"),
+        w.path("tls-cert.pem"),
+        w.path("tls-key.pem"),
+    );
+    let out = Command::new("bash")
+        .arg("-ec")
+        .arg(
+            r#"cd "$1"
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=Signet Test CA" -keyout tls-ca-key.pem -out tls-ca.pem
+openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout tls-key.pem -out tls.csr
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > tls.ext
+openssl x509 -req -in tls.csr -CA tls-ca.pem -CAkey tls-ca-key.pem -CAcreateserial -days 1 -extfile tls.ext -out tls-cert.pem"#,
+        )
+        .arg("make-tls")
+        .arg(w.path(""))
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
@@ -65,7 +69,12 @@ description = "Signet test"
     };
     let base = format!("https://127.0.0.1:{port}");
     let cfg = w.path("signetd.toml");
-    Remote { w, cfg, cert, base }
+    Remote {
+        w,
+        cfg,
+        cert: ca,
+        base,
+    }
 }
 
 impl Remote {
@@ -283,4 +292,37 @@ fn an_expired_secret_is_refused() {
     ]);
     assert_eq!(code(&bad), 2);
     assert!(stderr(&bad).contains("4h"), "{}", stderr(&bad));
+}
+
+#[test]
+fn signet_signs_as_a_remote_client_over_tls() {
+    let r = remote();
+    let secret = r.add_client("ci", "release", "1d");
+    let endpoint = format!("tls:127.0.0.1:{}", r.base.rsplit(':').next().unwrap());
+    let signet_tls = |secret: Option<&str>, file: &Path| {
+        let mut cmd = Command::new(bin("signet"));
+        cmd.args(["--endpoint", &endpoint, "--client", "ci", "--tls-ca"])
+            .arg(&r.cert)
+            .env_remove("SIGNET_CONFIG")
+            .arg("sign")
+            .arg(file)
+            .env_remove("SIGNET_SECRET");
+        if let Some(s) = secret {
+            cmd.env("SIGNET_SECRET", s);
+        }
+        cmd.output().unwrap()
+    };
+    let file = r.w.pe("remote.exe");
+    let out = signet_tls(Some(&secret), &file);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&r.w, &file).0);
+
+    let other = r.w.pe("other.exe");
+    let out = signet_tls(None, &other);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("SIGNET_SECRET"), "{}", stderr(&out));
+    let out = signet_tls(Some("0000000000000000000000000000000000000000"), &other);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(stderr(&out).contains("not valid"), "{}", stderr(&out));
+    assert!(!verify(&r.w, &other).0, "nothing was signed");
 }

@@ -197,6 +197,12 @@ impl Config {
                 },
             ]
         });
+        if let Some(ep) = listen.iter().find(|e| matches!(e, Endpoint::Tls { .. })) {
+            return Err(invalid(
+                "listen",
+                format!("{ep} is served with TLS, so it goes in [tls] listen with the certificate and key"),
+            ));
+        }
         if listen.is_empty() {
             return Err(invalid(
                 "listen",
@@ -300,7 +306,7 @@ impl Config {
                 || tls
                     .listen
                     .iter()
-                    .any(|e| !matches!(e, Endpoint::Tcp { .. }))
+                    .any(|e| !matches!(e, Endpoint::Tcp { .. } | Endpoint::Tls { .. }))
             {
                 return Err(invalid(
                     "tls.listen",
@@ -612,6 +618,8 @@ profiles = ["*"]
             err.contains("agent") && err.contains("vsock:CID:PORT"),
             "{err}"
         );
+        let err = parse("agent = \"unix:/a\"\nlisten = [\"tls:0.0.0.0:7443\"]").unwrap_err();
+        assert!(err.contains("key listen") && err.contains("[tls]"), "{err}");
         let err = parse("agent = \"unix:/a\"\nlisten = []").unwrap_err();
         assert!(err.contains("key listen"), "{err}");
         let err = parse("agent = \"unix:/a\"\n[profiles.release]\nhash = \"md5\"").unwrap_err();
