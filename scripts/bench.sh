@@ -50,6 +50,9 @@ CONF
 cat > "$W/signetd.toml" <<CONF
 listen = ["unix:$W/signetd.sock"]
 agent = "unix:$W/agent.sock"
+[[grants]]
+callers = ["uid:$(id -u)"]
+profiles = ["*"]
 CONF
 RUST_LOG=warn "$bin/signet-agent" --config "$W/agent.toml" 2>"$W/agent.log" &
 agent_pid=$!

@@ -44,6 +44,9 @@ listen = ["unix:$W/signetd.sock"]
 agent = "unix:$W/agent.sock"
 [profiles.release]
 description = "Signet demo"
+[[grants]]
+callers = ["uid:$(id -u)"]
+profiles = ["*"]
 CONF
 
 SOFTHSM2_CONF=$W/token/softhsm2.conf "$bin/signet-agent" --config "$W/agent.toml" >"$W/agent.log" 2>&1 &
