@@ -90,7 +90,9 @@ impl Daemon {
         match checked {
             Ok(Ok(granted)) => Ok(Caller::Client { name, granted }),
             Ok(Err(why)) => {
-                // Which of unknown / wrong / expired it was is for the log only.
+                // Which of unknown / wrong / expired it was is for the log only. The
+                // audit record of a refused credential goes here once the audit log
+                // exists.
                 tracing::warn!(%peer, client = %name, reason = %why, "refused client credentials");
                 Err(refused(&format!(
                     "the credentials of client {name:?} are not valid (unknown name, wrong secret, or an expired secret)"

@@ -3,6 +3,7 @@
 //! It translates requests into [`Daemon`] commands and results into answers.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
@@ -17,8 +18,6 @@ use signet_protocol::wire::{
     ErrorBody, ErrorCode, SignQuery, SignResponse, BATCH_PATH, SIGN_PATH, STATUS_PATH,
 };
 use tracing::Instrument;
-
-use std::time::Duration;
 
 use crate::daemon::{client_view, Daemon};
 use crate::handtokening;
