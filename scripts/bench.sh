@@ -51,6 +51,9 @@ cat > "$W/signetd.toml" <<CONF
 listen = ["unix:$W/signetd.sock"]
 agent = "unix:$W/agent.sock"
 dbus = "none"
+[[grants]]
+callers = ["uid:$(id -u)"]
+profiles = ["*"]
 CONF
 RUST_LOG=warn "$bin/signet-agent" --config "$W/agent.toml" 2>"$W/agent.log" &
 agent_pid=$!

@@ -45,6 +45,9 @@ agent = "unix:$W/agent.sock"
 dbus = "none"
 [profiles.release]
 description = "Signet demo"
+[[grants]]
+callers = ["uid:$(id -u)"]
+profiles = ["*"]
 CONF
 
 SOFTHSM2_CONF=$W/token/softhsm2.conf "$bin/signet-agent" --config "$W/agent.toml" >"$W/agent.log" 2>&1 &

@@ -24,6 +24,7 @@ needs=(
   "/usr/lib/python3/dist-packages/gi/__init__.py python3-gi"
   "lsusb usbutils"
   "qemu-system-x86_64 qemu-system-x86"
+  "curl curl"
 )
 
 missing=()

@@ -60,7 +60,9 @@ where
     });
     if !req.headers().contains_key(header::HOST) {
         let host = match endpoint {
-            Endpoint::Tcp { host, port } => format!("{host}:{port}"),
+            Endpoint::Tcp { host, port } | Endpoint::Tls { host, port } => {
+                format!("{host}:{port}")
+            }
             _ => "signet".to_owned(),
         };
         req.headers_mut().insert(
@@ -68,6 +70,15 @@ where
             header::HeaderValue::from_str(&host)
                 .unwrap_or(header::HeaderValue::from_static("signet")),
         );
+    }
+    if matches!(endpoint, Endpoint::Tls { .. })
+        && !req.headers().contains_key(header::AUTHORIZATION)
+    {
+        if let Some(v) =
+            crate::tls::basic_authorization().and_then(|v| header::HeaderValue::from_str(&v).ok())
+        {
+            req.headers_mut().insert(header::AUTHORIZATION, v);
+        }
     }
     sender.send_request(req).await.map_err(http_err)
 }
@@ -123,6 +134,7 @@ fn code_for_status(status: StatusCode) -> ErrorCode {
         403 => ErrorCode::Forbidden,
         404 => ErrorCode::UnknownProfile,
         413 => ErrorCode::InputTooLarge,
+        429 => ErrorCode::TooManyJobs,
         415 => ErrorCode::UnsupportedFormat,
         400..=499 => ErrorCode::BadRequest,
         502..=504 => ErrorCode::AgentUnavailable,

@@ -1,4 +1,4 @@
-//! Endpoint addresses: `vsock:CID:PORT`, `unix:PATH`, `tcp:HOST:PORT`.
+//! Endpoint addresses: `vsock:CID:PORT`, `unix:PATH`, `tcp:HOST:PORT`, `tls:HOST:PORT`.
 //!
 //! One syntax for every place an address is written: configuration files, command
 //! lines and error messages. `vsock:any:PORT` listens on every CID.
@@ -25,15 +25,18 @@ pub enum Endpoint {
     Unix(PathBuf),
     /// A TCP address; `host` is a name or an IP address (IPv6 without brackets).
     Tcp { host: String, port: u16 },
+    /// A TCP address spoken to with TLS; the server's certificate must name `host`.
+    /// Listening on it binds plain TCP: the server adds TLS (signetd's `[tls]`).
+    Tls { host: String, port: u16 },
 }
 
 /// Why an endpoint string was not understood.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EndpointError {
-    #[error("endpoint {0:?} has no scheme: write vsock:CID:PORT, unix:PATH or tcp:HOST:PORT")]
+    #[error("endpoint {0:?} has no scheme: write vsock:CID:PORT, unix:PATH, tcp:HOST:PORT or tls:HOST:PORT")]
     NoScheme(String),
     #[error(
-        "endpoint {0:?} has an unknown scheme: write vsock:CID:PORT, unix:PATH or tcp:HOST:PORT"
+        "endpoint {0:?} has an unknown scheme: write vsock:CID:PORT, unix:PATH, tcp:HOST:PORT or tls:HOST:PORT"
     )]
     UnknownScheme(String),
     #[error("endpoint {0:?}: a vsock address is vsock:CID:PORT, e.g. vsock:2:7710 (CID may be \"any\" when listening)")]
@@ -44,6 +47,8 @@ pub enum EndpointError {
     Unix(String),
     #[error("endpoint {0:?}: a TCP address is tcp:HOST:PORT with a port from 1 to 65535, e.g. tcp:127.0.0.1:7710 or tcp:[::1]:7710")]
     Tcp(String),
+    #[error("endpoint {0:?}: a TLS address is tls:HOST:PORT with a port from 1 to 65535, e.g. tls:signet.example:7443")]
+    Tls(String),
 }
 
 impl Endpoint {
@@ -92,34 +97,36 @@ impl FromStr for Endpoint {
                 Ok(Endpoint::Unix(PathBuf::from(rest)))
             }
             "tcp" => {
-                let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-                    let (host, tail) = v6
-                        .split_once(']')
-                        .ok_or_else(|| EndpointError::Tcp(s.to_owned()))?;
-                    let port = tail
-                        .strip_prefix(':')
-                        .ok_or_else(|| EndpointError::Tcp(s.to_owned()))?;
-                    (host, port)
-                } else {
-                    rest.rsplit_once(':')
-                        .ok_or_else(|| EndpointError::Tcp(s.to_owned()))?
-                };
-                if host.is_empty()
-                    || host.contains(['[', ']'])
-                    || (host.contains(':') && !rest.starts_with('['))
-                {
-                    return Err(EndpointError::Tcp(s.to_owned()));
-                }
-                let port: u16 = port.parse().map_err(|_| EndpointError::Tcp(s.to_owned()))?;
-                Ok(Endpoint::Tcp {
-                    host: host.to_owned(),
-                    port,
-                })
+                let (host, port) =
+                    host_port(rest).ok_or_else(|| EndpointError::Tcp(s.to_owned()))?;
+                Ok(Endpoint::Tcp { host, port })
+            }
+            "tls" => {
+                let (host, port) =
+                    host_port(rest).ok_or_else(|| EndpointError::Tls(s.to_owned()))?;
+                Ok(Endpoint::Tls { host, port })
             }
             _ if scheme.contains('/') => Err(EndpointError::NoScheme(s.to_owned())),
             _ => Err(EndpointError::UnknownScheme(s.to_owned())),
         }
     }
+}
+
+/// `HOST:PORT` or `[IPV6]:PORT`.
+fn host_port(rest: &str) -> Option<(String, u16)> {
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, tail) = v6.split_once(']')?;
+        (host, tail.strip_prefix(':')?)
+    } else {
+        rest.rsplit_once(':')?
+    };
+    if host.is_empty()
+        || host.contains(['[', ']'])
+        || (host.contains(':') && !rest.starts_with('['))
+    {
+        return None;
+    }
+    Some((host.to_owned(), port.parse().ok()?))
 }
 
 impl fmt::Display for Endpoint {
@@ -130,6 +137,8 @@ impl fmt::Display for Endpoint {
             Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
             Endpoint::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
             Endpoint::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            Endpoint::Tls { host, port } if host.contains(':') => write!(f, "tls:[{host}]:{port}"),
+            Endpoint::Tls { host, port } => write!(f, "tls:{host}:{port}"),
         }
     }
 }
@@ -193,6 +202,20 @@ mod tests {
                 },
             ),
             (
+                "tls:signet.example:7443",
+                Endpoint::Tls {
+                    host: "signet.example".into(),
+                    port: 7443,
+                },
+            ),
+            (
+                "tls:[::1]:7443",
+                Endpoint::Tls {
+                    host: "::1".into(),
+                    port: 7443,
+                },
+            ),
+            (
                 "tcp:[::1]:7710",
                 Endpoint::Tcp {
                     host: "::1".into(),
@@ -232,6 +255,8 @@ mod tests {
             ("tcp:::1:7710", "Tcp"),
             ("tcp:[::1]7710", "Tcp"),
             ("tcp:[::1:7710", "Tcp"),
+            ("tls:host", "Tls"),
+            ("tls:host:x", "Tls"),
         ] {
             let err = text.parse::<Endpoint>().expect_err(text);
             assert!(format!("{err:?}").starts_with(variant), "{text}: {err:?}");

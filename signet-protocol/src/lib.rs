@@ -1,9 +1,11 @@
 //! Everything the Signet pieces agree on, in one place.
 //!
-//! - [`endpoint`] — the `vsock:CID:PORT` / `unix:PATH` / `tcp:HOST:PORT` address syntax.
+//! - [`endpoint`] — the `vsock:CID:PORT` / `unix:PATH` / `tcp:HOST:PORT` /
+//!   `tls:HOST:PORT` address syntax.
 //! - [`transport`] — connecting to and listening on an endpoint; the peer identity a
 //!   listener learns from the kernel (vsock CID, `SO_PEERCRED`, TCP address).
 //! - [`client`] — HTTP/1.1 requests over any endpoint, bodies streamed both ways.
+//! - [`tls`] — the client side of `tls:` endpoints: trusted CAs, client credentials.
 //! - [`wire`] — the JSON types and query parameters of the client API (`/v1/...`) and
 //!   the agent API (`/agent/v1/...`), the stable error codes and what each maps to.
 //! - [`batch`] — many files in one request: multipart framing streamed from disk.
@@ -18,6 +20,7 @@ pub mod client;
 pub mod endpoint;
 pub mod format;
 pub mod render;
+pub mod tls;
 pub mod transport;
 pub mod wire;
 

@@ -48,6 +48,8 @@ pub enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
     Vsock(VsockStream),
+    /// A TLS client connection ([`crate::tls`]).
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// Why a connection or a listener could not be made.
@@ -100,6 +102,17 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Stream, TransportError> {
             .await
             .map(Stream::Vsock)
             .map_err(wrap),
+        Endpoint::Tls { host, port } => {
+            let connector = crate::tls::connector().map_err(|e| wrap(io::Error::other(e)))?;
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| wrap(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+            let stream = TcpStream::connect((host.as_str(), *port))
+                .await
+                .map_err(wrap)?;
+            stream.set_nodelay(true).map_err(wrap)?;
+            let tls = connector.connect(name, stream).await.map_err(wrap)?;
+            Ok(Stream::Tls(Box::new(tls)))
+        }
     }
 }
 
@@ -125,10 +138,12 @@ impl Listener {
                 let listener = UnixListener::bind(path).map_err(wrap)?;
                 Ok(Listener::Unix(listener, path.clone()))
             }
-            Endpoint::Tcp { host, port } => TcpListener::bind((host.as_str(), *port))
-                .await
-                .map(Listener::Tcp)
-                .map_err(wrap),
+            Endpoint::Tcp { host, port } | Endpoint::Tls { host, port } => {
+                TcpListener::bind((host.as_str(), *port))
+                    .await
+                    .map(Listener::Tcp)
+                    .map_err(wrap)
+            }
             Endpoint::Vsock { cid, port } => VsockListener::bind(vsock_addr(*cid, *port))
                 .map(Listener::Vsock)
                 .map_err(wrap),
@@ -279,6 +294,7 @@ macro_rules! delegate {
             Stream::Unix($s) => $e,
             Stream::Tcp($s) => $e,
             Stream::Vsock($s) => $e,
+            Stream::Tls($s) => $e,
         }
     };
 }
@@ -323,6 +339,7 @@ impl AsyncWrite for Stream {
             Stream::Unix(s) => s.is_write_vectored(),
             Stream::Tcp(s) => s.is_write_vectored(),
             Stream::Vsock(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
         }
     }
 }

@@ -71,6 +71,24 @@ impl SignMode {
     }
 }
 
+/// What a whole-file job answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignResponse {
+    /// The signed file.
+    #[default]
+    Complete,
+    /// Only the file's new PKCS#7 signature (DER), as `osslsigncode extract-signature`
+    /// takes it from the signed file.
+    Pkcs7,
+}
+
+impl SignResponse {
+    fn is_complete(&self) -> bool {
+        *self == SignResponse::Complete
+    }
+}
+
 /// Query of `POST /v1/sign`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignQuery {
@@ -89,6 +107,9 @@ pub struct SignQuery {
     /// Whole file (default) or digest mode.
     #[serde(default, skip_serializing_if = "SignMode::is_whole")]
     pub mode: SignMode,
+    /// The signed file (default) or only its signature.
+    #[serde(default, skip_serializing_if = "SignResponse::is_complete")]
+    pub response: SignResponse,
 }
 
 /// Message digest used for the signature.
@@ -132,6 +153,8 @@ pub struct AgentSignQuery {
     pub hash: DigestAlgorithm,
     #[serde(default, skip_serializing_if = "SignMode::is_whole")]
     pub mode: SignMode,
+    #[serde(default, skip_serializing_if = "SignResponse::is_complete")]
+    pub response: SignResponse,
     /// Add page hashes (PE files only; other formats are signed without).
     #[serde(default, skip_serializing_if = "is_false")]
     pub page_hashes: bool,
@@ -226,8 +249,10 @@ pub enum ErrorCode {
     UnsupportedFormat,
     /// The input is larger than allowed.
     InputTooLarge,
-    /// The upload ended before the announced length.
+    /// The upload ended before the announced length, or stalled.
     TruncatedInput,
+    /// The caller already has as many jobs running as it may; retry when one ends.
+    TooManyJobs,
     /// The signer ran and failed on this input.
     SigningFailed,
     /// The token refused the configured PIN; it will not be tried again.
@@ -254,6 +279,7 @@ impl ErrorCode {
             ErrorCode::InputTooLarge => 413,
             ErrorCode::UnsupportedFormat => 415,
             ErrorCode::EmptyInput | ErrorCode::TruncatedInput => 422,
+            ErrorCode::TooManyJobs => 429,
             ErrorCode::SigningFailed | ErrorCode::Internal => 500,
             ErrorCode::AgentUnavailable => 502,
             ErrorCode::PinRejected
@@ -277,7 +303,8 @@ impl ErrorCode {
             | ErrorCode::PinNeeded
             | ErrorCode::PinLocked
             | ErrorCode::TokenUnavailable
-            | ErrorCode::AgentUnavailable => exit::UNAVAILABLE,
+            | ErrorCode::AgentUnavailable
+            | ErrorCode::TooManyJobs => exit::UNAVAILABLE,
         }
     }
 
@@ -291,6 +318,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedFormat => "unsupported_format",
             ErrorCode::InputTooLarge => "input_too_large",
             ErrorCode::TruncatedInput => "truncated_input",
+            ErrorCode::TooManyJobs => "too_many_jobs",
             ErrorCode::SigningFailed => "signing_failed",
             ErrorCode::PinRejected => "pin_rejected",
             ErrorCode::PinNeeded => "pin_needed",
@@ -302,7 +330,7 @@ impl ErrorCode {
     }
 
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownProfile,
         ErrorCode::Forbidden,
@@ -310,6 +338,7 @@ impl ErrorCode {
         ErrorCode::UnsupportedFormat,
         ErrorCode::InputTooLarge,
         ErrorCode::TruncatedInput,
+        ErrorCode::TooManyJobs,
         ErrorCode::SigningFailed,
         ErrorCode::PinRejected,
         ErrorCode::PinNeeded,
@@ -581,8 +610,11 @@ mod tests {
             assert_eq!(back, code);
             let status = code.http_status();
             assert!((400..600).contains(&status), "{code}: {status}");
-            // Client-side faults are 4xx and never "unavailable"; 5xx never "bad input".
-            if status < 500 {
+            // Client-side faults are 4xx and never "unavailable" (429 "busy, retry" is
+            // the one 4xx that is); 5xx never "bad input".
+            if code == ErrorCode::TooManyJobs {
+                assert_eq!((status, code.exit_code()), (429, exit::UNAVAILABLE));
+            } else if status < 500 {
                 assert_ne!(code.exit_code(), exit::UNAVAILABLE, "{code}");
             } else {
                 assert_ne!(code.exit_code(), exit::BAD_INPUT, "{code}");
@@ -605,9 +637,11 @@ mod tests {
             description: None,
             url: Some("https://example.invalid/?a=b".into()),
             mode: SignMode::Whole,
+            response: SignResponse::Pkcs7,
         };
         let s = serde_urlencoded::to_string(&q).unwrap();
         assert!(!s.contains("description"), "{s}");
+        assert!(s.contains("response=pkcs7"), "{s}");
         let back: SignQuery = serde_urlencoded::from_str(&s).unwrap();
         assert_eq!(back, q);
         let empty: SignQuery = serde_urlencoded::from_str("").unwrap();
@@ -619,6 +653,7 @@ mod tests {
         assert_eq!(d.mode, SignMode::Digest);
         assert_eq!(serde_urlencoded::to_string(&d).unwrap(), "mode=digest");
         assert!(serde_urlencoded::from_str::<SignQuery>("mode=half").is_err());
+        assert!(serde_urlencoded::from_str::<SignQuery>("response=zip").is_err());
     }
 
     #[test]
@@ -637,6 +672,7 @@ mod tests {
             ],
             formats: vec![Format::Pe, Format::PowerShell],
             mode: SignMode::Digest,
+            response: SignResponse::Complete,
         };
         let s = serde_urlencoded::to_string(&q).unwrap();
         assert!(s.contains("mode=digest"), "{s}");

@@ -13,6 +13,8 @@ mod doctor;
 mod formats;
 
 mod agent_token;
+mod policy;
+mod remote;
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -201,24 +201,27 @@ impl World {
     }
 
     /// Like [`World::start_daemon`], with `profiles` (TOML: `default_profile` and
-    /// `[profiles.NAME]` tables) instead of the one "release" profile.
+    /// `[profiles.NAME]` tables) instead of the one "release" profile. Local root and
+    /// plain loopback TCP callers (taken for client "loopback") may use every profile.
     pub fn start_daemon_with(
         &mut self,
         listen: &[&str],
         agent: &Endpoint,
         profiles: &str,
     ) -> Vec<Endpoint> {
-        let cfg = self.path("signetd.toml");
         let listen: Vec<String> = listen.iter().map(|l| format!("\"{l}\"")).collect();
-        std::fs::write(
-            &cfg,
-            format!(
-                "listen = [{}]\nagent = \"{agent}\"\ndbus = \"{}\"\n{profiles}",
-                listen.join(", "),
-                self.dbus.as_deref().unwrap_or("none")
-            ),
-        )
-        .unwrap();
+        self.start_daemon_config(&format!(
+            "listen = [{}]\nagent = \"{agent}\"\ndbus = \"{}\"\ninsecure_tcp_as = \"loopback\"\n{profiles}\n\
+             [[grants]]\ncallers = [\"uid:0\", \"client:loopback\"]\nprofiles = [\"*\"]\n",
+            listen.join(", "),
+            self.dbus.as_deref().unwrap_or("none")
+        ))
+    }
+
+    /// Starts the daemon with `config` as its whole `signetd.toml`.
+    pub fn start_daemon_config(&mut self, config: &str) -> Vec<Endpoint> {
+        let cfg = self.path("signetd.toml");
+        std::fs::write(&cfg, config).unwrap();
         let mut cmd = Command::new(bin("signetd"));
         cmd.arg("--config").arg(&cfg);
         self.spawn_ready("signetd", cmd)

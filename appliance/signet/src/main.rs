@@ -27,7 +27,8 @@ Exit codes:
   5  signing failed on the appliance
   6  appliance unavailable: daemon, agent or token cannot be reached, or the PIN needs fixing
 
-Endpoints: vsock:CID:PORT (default vsock:2:7710, the Proxmox host), unix:PATH, tcp:HOST:PORT.";
+Endpoints: vsock:CID:PORT (default vsock:2:7710, the Proxmox host), unix:PATH, tcp:HOST:PORT,
+tls:HOST:PORT (a remote appliance: --client NAME with SIGNET_SECRET, --tls-ca).";
 
 /// Sign Windows binaries with the code-signing token of a Signet appliance.
 ///
@@ -49,6 +50,14 @@ struct Cli {
     /// Client configuration file (endpoint, profile).
     #[arg(long, global = true, env = "SIGNET_CONFIG", default_value = config::DEFAULT_PATH)]
     config: PathBuf,
+    /// On a tls: endpoint, sign as this remote client; its secret is read from the
+    /// environment variable SIGNET_SECRET, never from the command line.
+    #[arg(long, global = true, env = "SIGNET_CLIENT", value_name = "NAME")]
+    client: Option<String>,
+    /// On a tls: endpoint, trust this CA certificate (PEM) for the server's certificate
+    /// [default: the system's CA bundle].
+    #[arg(long, global = true, env = "SIGNET_TLS_CA", value_name = "PATH")]
+    tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -101,6 +110,17 @@ async fn run(cli: Cli) -> i32 {
         .endpoint
         .or(file_cfg.endpoint.clone())
         .unwrap_or_else(Endpoint::default_client);
+    let credentials = match cli.client {
+        Some(name) => match std::env::var("SIGNET_SECRET") {
+            Ok(secret) if !secret.is_empty() => Some((name, secret.into())),
+            _ => {
+                eprintln!("signet: --client {name} needs the client's secret in the environment variable SIGNET_SECRET");
+                return exit::USAGE;
+            }
+        },
+        None => None,
+    };
+    signet_protocol::tls::configure(cli.tls_ca, credentials);
     match cli.command {
         Command::Sign(args) => sign::run(&endpoint, args, &file_cfg).await,
         Command::Status { json } => status(&endpoint, json).await,

@@ -125,6 +125,7 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
         description: args.description.clone(),
         url: args.url.clone(),
         mode,
+        ..SignQuery::default()
     };
     if args.files.len() == 1 {
         if let Some((i, p)) = ready.first() {

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::policy::{CallerPattern, Grant, NameKind, Policy};
 use signet_protocol::endpoint::{Endpoint, DEFAULT_DAEMON_PORT, VSOCK_CID_ANY};
 use signet_protocol::format::Format;
 use signet_protocol::wire::{check_timestamp_url, DigestAlgorithm, MAX_TIMESTAMP_SERVERS};
@@ -30,6 +32,59 @@ pub struct Config {
     pub dbus: crate::dbus::Bus,
     /// Token models beyond the built-in table (`[[known_tokens]]`).
     pub known_tokens: Vec<crate::usb::KnownToken>,
+    /// Who may use which profile (`[[grants]]`).
+    pub policy: Policy,
+    /// vsock CID → Proxmox VMID, for VMs whose CID is not their VMID.
+    pub cid_to_vmid: BTreeMap<u32, u32>,
+    /// The client name plain-TCP callers are taken for; only allowed when every TCP
+    /// listener is on loopback (tests, a local reverse proxy).
+    pub insecure_tcp_as: Option<String>,
+    pub limits: Limits,
+    /// Where the daemon keeps its state (`signet.db`).
+    pub state_dir: PathBuf,
+    /// TLS listeners for remote clients.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The default `state_dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/signet";
+
+/// `[tls]`: endpoints served with TLS, for remote clients with a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// TCP endpoints, e.g. `tcp:0.0.0.0:7443`.
+    pub listen: Vec<Endpoint>,
+    /// The server's certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// The server's private key (PEM).
+    pub key: PathBuf,
+}
+
+/// Request limits (`[limits]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Jobs one caller may have running at once; more are refused `too_many_jobs`.
+    pub max_jobs_per_caller: usize,
+    /// Largest input in bytes, unless the profile says otherwise.
+    pub max_input_size: u64,
+    /// A connection that has not sent a request's headers within this many seconds
+    /// is closed.
+    pub header_timeout_seconds: u64,
+    /// An upload that sends nothing for this many seconds is abandoned.
+    pub body_idle_timeout_seconds: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_jobs_per_caller: 4,
+            max_input_size: 4 << 30,
+            header_timeout_seconds: 30,
+            body_idle_timeout_seconds: 60,
+        }
+    }
 }
 
 /// A signing profile: how files signed under its name are signed.
@@ -58,6 +113,16 @@ pub struct Profile {
     /// The formats this profile signs; absent: all of them.
     #[serde(default)]
     pub formats: Option<Vec<Format>>,
+    /// Largest input in bytes; absent: `limits.max_input_size`.
+    #[serde(default)]
+    pub max_input_size: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    callers: Vec<String>,
+    profiles: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +139,18 @@ struct Raw {
     dbus: Option<String>,
     #[serde(default)]
     known_tokens: Vec<crate::usb::KnownToken>,
+    #[serde(default)]
+    grants: Vec<RawGrant>,
+    #[serde(default)]
+    cid_to_vmid: BTreeMap<String, u32>,
+    #[serde(default)]
+    insecure_tcp_as: Option<String>,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    tls: Option<TlsConfig>,
 }
 
 /// A configuration that cannot be used.
@@ -129,6 +206,12 @@ impl Config {
                 },
             ]
         });
+        if let Some(ep) = listen.iter().find(|e| matches!(e, Endpoint::Tls { .. })) {
+            return Err(invalid(
+                "listen",
+                format!("{ep} is served with TLS, so it goes in [tls] listen with the certificate and key"),
+            ));
+        }
         if listen.is_empty() {
             return Err(invalid(
                 "listen",
@@ -180,6 +263,79 @@ impl Config {
             None => crate::dbus::Bus::System,
             Some(b) => b.parse().map_err(|m| invalid("dbus", m))?,
         };
+        let mut grants = Vec::new();
+        for (i, g) in raw.grants.iter().enumerate() {
+            let key = format!("grants[{i}]");
+            if g.callers.is_empty() || g.profiles.is_empty() {
+                return Err(invalid(&key, "a grant lists callers and profiles, e.g. callers = [\"vm:104\", \"group:signet\"] profiles = [\"release\"]".to_owned()));
+            }
+            let callers = g
+                .callers
+                .iter()
+                .map(|c| CallerPattern::parse(c, &resolve_name))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(&format!("{key}.callers"), e.to_string()))?;
+            if let Some(p) = g
+                .profiles
+                .iter()
+                .find(|p| *p != "*" && !profiles.contains_key(*p))
+            {
+                return Err(invalid(
+                    &format!("{key}.profiles"),
+                    format!(
+                        "no profile is named {p:?}; defined: {} (\"*\" grants all of them)",
+                        profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+            grants.push(Grant {
+                callers,
+                profiles: g.profiles.clone(),
+            });
+        }
+        let mut cid_to_vmid = BTreeMap::new();
+        for (cid, vmid) in &raw.cid_to_vmid {
+            let cid = cid.parse::<u32>().map_err(|_| {
+                invalid(
+                    "cid_to_vmid",
+                    format!("{cid:?} is not a vsock CID; write CID = VMID, e.g. 1042 = 104"),
+                )
+            })?;
+            cid_to_vmid.insert(cid, *vmid);
+        }
+        if let Some(name) = &raw.insecure_tcp_as {
+            if let Some(ep) = listen.iter().find(|ep| {
+                matches!(ep, Endpoint::Tcp { host, .. }
+                    if !(host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())))
+            }) {
+                return Err(invalid(
+                    "insecure_tcp_as",
+                    format!("plain TCP callers are taken for client {name:?} only when every TCP listener is on loopback, and {ep} is not; remote clients use tls: with a client secret"),
+                ));
+            }
+        }
+        if let Some(tls) = &raw.tls {
+            if tls.listen.is_empty()
+                || tls
+                    .listen
+                    .iter()
+                    .any(|e| !matches!(e, Endpoint::Tcp { .. } | Endpoint::Tls { .. }))
+            {
+                return Err(invalid(
+                    "tls.listen",
+                    "list the TCP endpoints to serve with TLS, e.g. listen = [\"tcp:0.0.0.0:7443\"]".to_owned(),
+                ));
+            }
+        }
+        if raw.limits.max_jobs_per_caller == 0
+            || raw.limits.header_timeout_seconds == 0
+            || raw.limits.body_idle_timeout_seconds == 0
+        {
+            return Err(invalid(
+                "limits",
+                "max_jobs_per_caller, header_timeout_seconds and body_idle_timeout_seconds must be at least 1".to_owned(),
+            ));
+        }
         Ok(Config {
             dbus,
             path: path.to_owned(),
@@ -188,7 +344,32 @@ impl Config {
             default_profile,
             profiles,
             known_tokens: raw.known_tokens,
+            policy: Policy::new(grants),
+            cid_to_vmid,
+            insecure_tcp_as: raw.insecure_tcp_as,
+            limits: raw.limits,
+            state_dir: raw
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            tls: raw.tls,
         })
+    }
+
+    /// The largest input `profile` takes.
+    pub fn max_input_size(&self, profile: &Profile) -> u64 {
+        profile.max_input_size.unwrap_or(self.limits.max_input_size)
+    }
+}
+
+/// A user or group name on this host, as an id.
+fn resolve_name(kind: NameKind, name: &str) -> Option<u32> {
+    use nix::unistd::{Group, User};
+    match kind {
+        NameKind::User => User::from_name(name).ok().flatten().map(|u| u.uid.as_raw()),
+        NameKind::Group => Group::from_name(name)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw()),
     }
 }
 
@@ -356,6 +537,108 @@ formats = ["msi", "pe", "msi"]
     }
 
     #[test]
+    fn grants_limits_and_vm_ids() {
+        let c = parse(
+            r#"agent = "unix:/a"
+listen = ["tcp:127.0.0.1:0", "unix:/s"]
+insecure_tcp_as = "loopback"
+default_profile = "release"
+[cid_to_vmid]
+1042 = 104
+[limits]
+max_jobs_per_caller = 2
+[profiles.release]
+max_input_size = 1000
+[profiles.test]
+[[grants]]
+callers = ["vm:104", "uid:1000", "group:root"]
+profiles = ["release"]
+[[grants]]
+callers = ["client:loopback"]
+profiles = ["*"]
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        use crate::policy::Caller;
+        assert_eq!(c.cid_to_vmid[&1042], 104);
+        assert_eq!(c.limits.max_jobs_per_caller, 2);
+        assert_eq!(
+            c.limits.header_timeout_seconds, 30,
+            "defaults fill the rest"
+        );
+        assert_eq!(c.max_input_size(&c.profiles["release"]), 1000);
+        assert_eq!(c.max_input_size(&c.profiles["test"]), 4 << 30);
+        let vm = Caller::Vm {
+            cid: 1042,
+            vmid: 104,
+        };
+        assert!(c.policy.decide(&vm, "release").is_ok());
+        assert!(c.policy.decide(&vm, "test").is_err());
+        let root_group = Caller::Local {
+            uid: 5,
+            gid: 7,
+            groups: vec![0],
+        };
+        assert!(c.policy.decide(&root_group, "release").is_ok());
+        let lo = Caller::Client {
+            name: "loopback".into(),
+            granted: vec![],
+        };
+        assert!(c.policy.decide(&lo, "test").is_ok());
+    }
+
+    #[test]
+    fn bad_grants_and_limits_name_the_key() {
+        let base = "agent = \"unix:/a\"\n[profiles.release]\n";
+        let err = parse(&format!(
+            "{base}[[grants]]\ncallers = [\"vm:x\"]\nprofiles = [\"release\"]"
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("key grants[0].callers") && err.contains("vm:VMID"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{base}[[grants]]\ncallers = [\"vm:1\"]\nprofiles = [\"relaese\"]"
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("key grants[0].profiles")
+                && err.contains("\"relaese\"")
+                && err.contains("release"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{base}[[grants]]\ncallers = []\nprofiles = [\"*\"]"
+        ))
+        .unwrap_err();
+        assert!(err.contains("key grants[0]"), "{err}");
+        let err = parse(&format!(
+            "{base}[[grants]]\ncallers = [\"group:no-such-group-here\"]\nprofiles = [\"*\"]"
+        ))
+        .unwrap_err();
+        assert!(err.contains("does not have"), "{err}");
+        let err =
+            parse("agent = \"unix:/a\"\nlisten = [\"tcp:0.0.0.0:7710\"]\ninsecure_tcp_as = \"x\"")
+                .unwrap_err();
+        assert!(
+            err.contains("key insecure_tcp_as") && err.contains("tcp:0.0.0.0:7710"),
+            "{err}"
+        );
+        let err = parse("agent = \"unix:/a\"\n[limits]\nmax_jobs_per_caller = 0").unwrap_err();
+        assert!(err.contains("key limits"), "{err}");
+        let err =
+            parse("agent = \"unix:/a\"\n[tls]\nlisten = [\"unix:/x\"]\ncert = \"c\"\nkey = \"k\"")
+                .unwrap_err();
+        assert!(err.contains("key tls.listen"), "{err}");
+        let c = parse("agent = \"unix:/a\"\nstate_dir = \"/tmp/s\"\n[tls]\nlisten = [\"tcp:0.0.0.0:7443\"]\ncert = \"c.pem\"\nkey = \"k.pem\"").unwrap();
+        assert_eq!(c.tls.unwrap().listen[0].to_string(), "tcp:0.0.0.0:7443");
+        assert_eq!(c.state_dir, Path::new("/tmp/s"));
+        let err = parse("agent = \"unix:/a\"\n[cid_to_vmid]\nx = 1").unwrap_err();
+        assert!(err.contains("key cid_to_vmid"), "{err}");
+    }
+
+    #[test]
     fn errors_name_the_file_key_and_fix() {
         let err = parse("").unwrap_err();
         assert!(
@@ -368,6 +651,8 @@ formats = ["msi", "pe", "msi"]
             err.contains("agent") && err.contains("vsock:CID:PORT"),
             "{err}"
         );
+        let err = parse("agent = \"unix:/a\"\nlisten = [\"tls:0.0.0.0:7443\"]").unwrap_err();
+        assert!(err.contains("key listen") && err.contains("[tls]"), "{err}");
         let err = parse("agent = \"unix:/a\"\nlisten = []").unwrap_err();
         assert!(err.contains("key listen"), "{err}");
         let err = parse("agent = \"unix:/a\"\n[profiles.release]\nhash = \"md5\"").unwrap_err();

@@ -18,12 +18,16 @@ use signet_protocol::wire::{
 };
 
 use crate::config::Config;
+use crate::policy::{self, Caller, Slot, Slots};
 
 /// The running daemon.
 #[derive(Debug)]
 pub struct Daemon {
     cfg: Config,
     next_job: AtomicU64,
+    slots: std::sync::Arc<Slots>,
+    /// The client database, when remote clients are served (`[tls]`).
+    clients: Option<std::sync::Mutex<rusqlite::Connection>>,
 }
 
 /// A signing job accepted for relay.
@@ -31,23 +35,129 @@ pub struct Daemon {
 pub struct Job {
     pub id: String,
     pub profile: String,
+    pub caller: Caller,
+    /// The largest input the profile takes, in bytes.
+    pub max_input_size: u64,
     pub agent_query: AgentSignQuery,
 }
 
 impl Daemon {
     pub fn new(cfg: Config) -> Self {
+        let slots = Slots::new(cfg.limits.max_jobs_per_caller);
         Daemon {
             cfg,
             next_job: AtomicU64::new(1),
+            slots,
+            clients: None,
         }
+    }
+
+    /// The daemon with remote clients checked against `conn` (see [`crate::clients`]).
+    pub fn with_clients(mut self, conn: rusqlite::Connection) -> Self {
+        self.clients = Some(std::sync::Mutex::new(conn));
+        self
+    }
+
+    /// Who is calling: over TLS the client named by HTTP Basic credentials
+    /// (`authorization`), which must be valid; otherwise what the transport vouches
+    /// for ([`Daemon::identify`]).
+    pub fn authenticate(
+        &self,
+        peer: &Peer,
+        over_tls: bool,
+        authorization: Option<&str>,
+    ) -> Result<Caller, ErrorBody> {
+        if !over_tls {
+            return Ok(self.identify(peer));
+        }
+        let refused = |why: &str| {
+            ErrorBody::new(
+                ErrorCode::Forbidden,
+                format!("{why}; send the client's name and secret with HTTP Basic authentication (curl -u NAME:SECRET). The appliance's operator adds clients with `signetd client add`"),
+            )
+        };
+        let Some((name, secret)) = authorization.and_then(crate::clients::parse_basic) else {
+            return Err(refused("no client credentials were sent"));
+        };
+        let Some(db) = &self.clients else {
+            return Err(refused("this appliance has no client database"));
+        };
+        let now = unix_now();
+        let checked = {
+            let conn = db.lock().unwrap_or_else(|e| e.into_inner());
+            crate::clients::authenticate(&conn, &name, &secret, now)
+        };
+        match checked {
+            Ok(Ok(granted)) => Ok(Caller::Client { name, granted }),
+            Ok(Err(why)) => {
+                // Which of unknown / wrong / expired it was is for the log only. The
+                // audit record of a refused credential goes here once the audit log
+                // exists.
+                tracing::warn!(%peer, client = %name, reason = %why, "refused client credentials");
+                Err(refused(&format!(
+                    "the credentials of client {name:?} are not valid (unknown name, wrong secret, or an expired secret)"
+                )))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "client database");
+                Err(ErrorBody::new(
+                    ErrorCode::Internal,
+                    "the appliance could not check client credentials; its operator sees why in signetd's log",
+                ))
+            }
+        }
+    }
+
+    /// Who is calling, as far as the connection's transport vouches for it.
+    pub fn identify(&self, peer: &Peer) -> Caller {
+        match peer {
+            Peer::Vsock { cid, .. } => Caller::Vm {
+                cid: *cid,
+                vmid: policy::vmid_for_cid(&self.cfg.cid_to_vmid, *cid),
+            },
+            Peer::Unix { uid, gid, pid } => Caller::Local {
+                uid: *uid,
+                gid: *gid,
+                // The process may be gone already; then only its primary group counts.
+                groups: pid
+                    .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+                    .map(|s| policy::parse_proc_groups(&s))
+                    .unwrap_or_default(),
+            },
+            Peer::Tcp { addr } => match &self.cfg.insecure_tcp_as {
+                Some(name) => Caller::Client {
+                    name: name.clone(),
+                    granted: Vec::new(),
+                },
+                None => Caller::Anonymous {
+                    addr: addr.to_string(),
+                },
+            },
+        }
+    }
+
+    /// Takes one of the caller's job slots for as long as the [`Slot`] lives.
+    pub fn start(&self, job: &Job) -> Result<Slot, ErrorBody> {
+        self.slots.take(&job.caller.key()).ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::TooManyJobs,
+                format!(
+                    "{} already has {} jobs running, as many as one caller may; nothing was signed. Send this one again when one of them has ended",
+                    job.caller,
+                    self.slots.max()
+                ),
+            )
+            .retryable(true)
+        })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
     }
 
-    /// Checks a signing request against the profiles and turns it into a job.
-    pub fn accept(&self, query: &SignQuery, peer: &Peer) -> Result<Job, ErrorBody> {
+    /// Checks a signing request against the profiles and the grants and turns it into a
+    /// job.
+    pub fn accept(&self, query: &SignQuery, caller: &Caller) -> Result<Job, ErrorBody> {
         let name = query
             .profile
             .as_deref()
@@ -67,6 +177,11 @@ impl Daemon {
                 ),
             ));
         };
+        if let Err(refusal) = self.cfg.policy.decide(caller, name) {
+            // The audit record of a refusal goes here once the audit log exists.
+            tracing::warn!(caller = %refusal.caller, key = %caller.key(), profile = name, "refused: the caller has no grant for this profile");
+            return Err(ErrorBody::new(ErrorCode::Forbidden, refusal.to_string()));
+        }
         let filename = match &query.filename {
             Some(f) if f.contains(['/', '\\', '\0']) || f.len() > 255 => {
                 return Err(ErrorBody::new(
@@ -81,10 +196,12 @@ impl Daemon {
             std::process::id(),
             self.next_job.fetch_add(1, Ordering::Relaxed)
         );
-        tracing::info!(job = %id, %peer, profile = name, file = filename.as_deref().unwrap_or("-"), "job accepted");
+        tracing::info!(job = %id, %caller, profile = name, file = filename.as_deref().unwrap_or("-"), "job accepted");
         Ok(Job {
             id,
             profile: name.to_owned(),
+            caller: caller.clone(),
+            max_input_size: self.cfg.max_input_size(profile),
             agent_query: AgentSignQuery {
                 profile: Some(name.to_owned()),
                 filename,
@@ -95,6 +212,7 @@ impl Daemon {
                 url: query.url.clone().or_else(|| profile.url.clone()),
                 hash: profile.hash,
                 mode: query.mode,
+                response: query.response,
                 page_hashes: profile.page_hashes,
                 nested: profile.nested,
                 timestamp: profile.timestamp.clone(),
@@ -236,6 +354,14 @@ impl Daemon {
             "the signing VM's agent is not reachable; nothing was signed. The appliance's operator sees why in `signet status` on the host and in signetd's log",
         )
     }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// What a caller is told about an agent-side error. Faults the caller can fix (its

@@ -1,10 +1,10 @@
 //! `signetd`: the host daemon, the only door to the token.
 //!
+//! - [`clients`] — remote clients (name, hashed secret, profiles, expiry) in SQLite.
 //! - [`config`] — `signetd.toml` — listen endpoints, the agent's endpoint, profiles.
 //! - [`daemon`] — the core commands (accept a job against the profiles, relay it to the
 //!   agent, status). Front ends call these and nothing else.
 //! - [`dbus`] — the D-Bus front (`org.signet.Signet1`) on the system bus, for `signetctl`.
-//! - [`server`] — the HTTP front (`/v1/sign`, `/v1/status`) on vsock, unix and TCP.
 //! - [`passthrough`] — each token's place (absent, on host, attaching, attached to VM N, conflict):
 //!   a pure state machine answering udev and QMP events with QMP actions.
 //! - [`proxmox`] — VM configuration through `qm`: USB slot, vsock device and Signet's monitor
@@ -13,13 +13,29 @@
 //! - [`tokens`] — the token service: udev, the VMs' monitors and the tokens' state machines
 //!   together, each token's state published for the status API.
 //! - [`usb`] — which USB devices on the host are tokens, by serial, and what holds them.
+//! - [`handtokening`] — `POST /api/sign` as Handtokening speaks it: query, file name,
+//!   `{"detail"}` errors. Pure.
+//! - [`policy`] — who is calling (VM, local user, client) and whether the grants let it
+//!   use a profile; per-caller job slots. Pure.
+//! - [`limits`] — an upload's size limit and idle timeout, as it streams.
+//! - [`serve`] — the connection loop: HTTP/1.1 with a header timeout, the peer as
+//!   `ConnectInfo`.
+//! - [`server`] — the HTTP front (`/v1/sign`, `/v1/status`, the Handtokening-compatible
+//!   `/api/sign`) on vsock, unix, TCP and TLS.
+//! - [`tls`] — the TLS acceptor for remote clients.
 
+pub mod clients;
 pub mod config;
 pub mod daemon;
 pub mod dbus;
+pub mod handtokening;
+pub mod limits;
 pub mod passthrough;
+pub mod policy;
 pub mod proxmox;
 pub mod qmp;
+pub mod serve;
 pub mod server;
+pub mod tls;
 pub mod tokens;
 pub mod usb;

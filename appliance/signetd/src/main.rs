@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use signet_protocol::transport::{Listener, Peer};
+use signet_protocol::transport::Listener;
 use signetd::config::{self, Config};
 use signetd::daemon::Daemon;
 
@@ -16,7 +16,7 @@ use signetd::daemon::Daemon;
 )]
 struct Cli {
     /// Configuration file.
-    #[arg(long, short, default_value = config::DEFAULT_PATH, env = "SIGNETD_CONFIG")]
+    #[arg(long, short, default_value = config::DEFAULT_PATH, env = "SIGNETD_CONFIG", global = true)]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -34,6 +34,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remote clients that sign over TLS with a secret (HTTP Basic: name and secret).
+    #[command(subcommand)]
+    Client(ClientCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +73,65 @@ struct PveArgs {
     /// Proxmox's qm program.
     #[arg(long, env = "SIGNETD_QM", default_value = "qm")]
     qm: PathBuf,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ClientCommand {
+    /// Adds a client and prints its secret, once: it is stored only as a hash.
+    Add {
+        name: String,
+        /// A profile the client may use (repeat for more); grants may give it more.
+        #[arg(long = "profile", short)]
+        profiles: Vec<String>,
+        /// How long the secret works: 90s, 30m, 4h, 7d, 2w.
+        #[arg(long, value_parser = signetd::clients::parse_validity)]
+        valid: std::time::Duration,
+    },
+    /// Lists the clients, their profiles and when their secrets expire.
+    List,
+    /// Removes a client; its secret stops working at once.
+    Remove { name: String },
+}
+
+fn client_command(cfg: &Config, cmd: ClientCommand) -> anyhow::Result<()> {
+    use signetd::clients;
+    let conn = clients::open(&cfg.state_dir)?;
+    match cmd {
+        ClientCommand::Add {
+            name,
+            profiles,
+            valid,
+        } => {
+            if let Some(p) = profiles.iter().find(|p| !cfg.profiles.contains_key(*p)) {
+                anyhow::bail!(
+                    "no profile is named {p:?}; profiles: {}",
+                    cfg.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+            let secret = clients::add(&conn, &name, &profiles, valid, signetd::daemon::unix_now())?;
+            eprintln!(
+                "client {name:?} added; its secret is shown only now. Give it to the client as SIGNET_SECRET (or curl -u {name}:SECRET):"
+            );
+            println!("{secret}");
+        }
+        ClientCommand::List => {
+            let now = signetd::daemon::unix_now();
+            for c in clients::list(&conn)? {
+                let left = c.expires - now;
+                let state = if left > 0 {
+                    format!("expires in {}h{:02}m", left / 3600, (left % 3600) / 60)
+                } else {
+                    "expired".to_owned()
+                };
+                println!("{}\t{}\t{state}", c.name, c.profiles.join(","));
+            }
+        }
+        ClientCommand::Remove { name } => {
+            clients::remove(&conn, &name)?;
+            eprintln!("client {name:?} removed");
+        }
+    }
+    Ok(())
 }
 
 fn tokens(json: bool) -> anyhow::Result<()> {
@@ -174,6 +236,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Cmd::Enroll(cmd)) => return enroll(cmd),
         Some(Cmd::Tokens { json }) => return tokens(json),
+        Some(Cmd::Client(cmd)) => return client_command(&Config::load(&cli.config)?, cmd),
         None => {}
     }
     let cfg = Config::load(&cli.config)?;
@@ -190,11 +253,24 @@ async fn main() -> anyhow::Result<()> {
         let local = l.local_endpoint().context("local address")?;
         tracing::info!(endpoint = %local, "listening");
         bound.push(local.to_string());
-        listeners.push(l);
+        listeners.push((l, None));
+    }
+    let mut daemon = Daemon::new(cfg.clone());
+    if let Some(tls) = &cfg.tls {
+        let acceptor = signetd::tls::acceptor(&tls.cert, &tls.key)?;
+        for ep in &tls.listen {
+            let l = Listener::bind(ep).await?;
+            let local = l.local_endpoint().context("local address")?;
+            tracing::info!(endpoint = %local, "listening with TLS");
+            bound.push(local.to_string());
+            listeners.push((l, Some(acceptor.clone())));
+        }
+        daemon = daemon.with_clients(signetd::clients::open(&cfg.state_dir)?);
     }
     tracing::info!(agent = %cfg.agent, default_profile = %cfg.default_profile, "relaying to the agent");
+    let header_timeout = std::time::Duration::from_secs(cfg.limits.header_timeout_seconds);
     let bus = cfg.dbus.clone();
-    let daemon = Arc::new(Daemon::new(cfg));
+    let daemon = Arc::new(daemon);
     // The D-Bus front is for host tools; signing works without it.
     let _bus = match signetd::dbus::serve(daemon.clone(), &bus).await {
         Ok(Some(conn)) => {
@@ -210,16 +286,10 @@ async fn main() -> anyhow::Result<()> {
     let app = signetd::server::router(daemon);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
-    for l in listeners {
+    for (l, tls) in listeners {
         let app = app.clone();
-        let mut stop = stop_rx.clone();
-        servers.spawn(async move {
-            axum::serve(l, app.into_make_service_with_connect_info::<Peer>())
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        });
+        let stop = stop_rx.clone();
+        servers.spawn(signetd::serve::serve(l, app, header_timeout, tls, stop));
     }
     let listening = format!("listening on {}", bound.join(" "));
     let _ = sd_notify::notify(
@@ -232,7 +302,7 @@ async fn main() -> anyhow::Result<()> {
     shutdown().await;
     let _ = stop_tx.send(true);
     while let Some(r) = servers.join_next().await {
-        r.context("server task")?.context("serving")?;
+        r.context("server task")?;
     }
     Ok(())
 }

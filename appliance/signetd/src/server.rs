@@ -1,21 +1,29 @@
-//! The daemon's HTTP front (`/v1/...`), served on every configured endpoint.
+//! The daemon's HTTP front (`/v1/...`, and `/api/sign` for Handtokening's clients),
+//! served on every configured endpoint.
 //! It translates requests into [`Daemon`] commands and results into answers.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use futures_util::StreamExt;
 use signet_protocol::transport::Peer;
-use signet_protocol::wire::{ErrorBody, ErrorCode, SignQuery, BATCH_PATH, SIGN_PATH, STATUS_PATH};
+use signet_protocol::wire::{
+    ErrorBody, ErrorCode, SignQuery, SignResponse, BATCH_PATH, SIGN_PATH, STATUS_PATH,
+};
 use tracing::Instrument;
 
 use crate::daemon::{client_view, Daemon};
+use crate::handtokening;
+use crate::limits;
+use crate::policy::Caller;
+use crate::serve::OverTls;
 use signet_protocol::batch;
 
 /// How much of a refused upload is read and dropped so the client gets to read the
@@ -26,11 +34,12 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route(SIGN_PATH, post(sign))
         .route(BATCH_PATH, post(sign_batch))
+        .route(handtokening::PATH, post(api_sign))
         .route(STATUS_PATH, get(status))
         .fallback(|| async {
             ErrorBody::new(
                 ErrorCode::BadRequest,
-                "no such API path; the API is POST /v1/sign and GET /v1/status",
+                "no such API path; the API is POST /v1/sign, POST /v1/batch, GET /v1/status and POST /api/sign",
             )
         })
         .with_state(daemon)
@@ -43,50 +52,110 @@ async fn status(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
 async fn sign(
     State(daemon): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
     query: Result<Query<SignQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    job(daemon, peer, query, headers, body, false).await
+    let caller = authenticate(&daemon, &peer, tls.is_some(), &headers);
+    job(daemon, caller, v1_query(query), headers, body, false).await
 }
 
 async fn sign_batch(
     State(daemon): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
     query: Result<Query<SignQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    job(daemon, peer, query, headers, body, true).await
+    let caller = authenticate(&daemon, &peer, tls.is_some(), &headers);
+    job(daemon, caller, v1_query(query), headers, body, true).await
 }
 
+/// `POST /api/sign`, the Handtokening-compatible front: the same job, its query
+/// names and its `{"detail"}` errors.
+async fn api_sign(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let caller = authenticate(&daemon, &peer, tls.is_some(), &headers);
+    let disposition = headers
+        .get(header::CONTENT_DISPOSITION)
+        .and_then(|v| v.to_str().ok());
+    let query = handtokening::sign_query(query.as_deref().unwrap_or(""), disposition);
+    let resp = job(daemon, caller, query, headers, body, false).await;
+    if resp.status().is_success() {
+        return resp;
+    }
+    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 10)
+        .await
+        .unwrap_or_default();
+    let e = serde_json::from_slice::<ErrorBody>(&bytes)
+        .unwrap_or_else(|_| ErrorBody::new(ErrorCode::Internal, "the job failed"));
+    let (status, body) = handtokening::detail(&e);
+    (
+        axum::http::StatusCode::from_u16(status)
+            .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
+        Json(body),
+    )
+        .into_response()
+}
+
+fn authenticate(
+    daemon: &Daemon,
+    peer: &Peer,
+    over_tls: bool,
+    headers: &HeaderMap,
+) -> Result<Caller, ErrorBody> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    daemon.authenticate(peer, over_tls, authorization)
+}
+
+fn v1_query(query: Result<Query<SignQuery>, QueryRejection>) -> Result<SignQuery, ErrorBody> {
+    query.map(|Query(q)| q).map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("bad query: {}", e.body_text()),
+        )
+    })
+}
+
+/// A job from any front: who is calling (or why they are refused), what they ask.
 async fn job(
     daemon: Arc<Daemon>,
-    peer: Peer,
-    query: Result<Query<SignQuery>, QueryRejection>,
+    caller: Result<Caller, ErrorBody>,
+    query: Result<SignQuery, ErrorBody>,
     headers: HeaderMap,
     body: Body,
     is_batch: bool,
 ) -> Response {
-    let accepted = query
-        .map_err(|e| {
-            ErrorBody::new(
-                ErrorCode::BadRequest,
-                format!("bad query: {}", e.body_text()),
-            )
-        })
-        .and_then(|Query(q)| daemon.accept(&q, &peer));
-    let job = match accepted {
-        Ok(job) => job,
+    let accepted = caller.and_then(|caller| query.and_then(|q| daemon.accept(&q, &caller)));
+    let content_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let started = accepted.and_then(|job| {
+        if content_length.is_some_and(|n| n > job.max_input_size) {
+            return Err(limits::too_large(job.max_input_size));
+        }
+        daemon.start(&job).map(|slot| (job, slot))
+    });
+    let (job, slot) = match started {
+        Ok(started) => started,
         Err(e) => {
             drain(body).await;
             return e.into_response();
         }
     };
-    let content_length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let idle = Duration::from_secs(daemon.config().limits.body_idle_timeout_seconds);
+    let (body, tripped) = limits::limit(body, job.max_input_size, idle);
     let span = tracing::info_span!("job", job = %job.id, profile = %job.profile);
     let result = if is_batch {
         let ct = headers
@@ -136,14 +205,21 @@ async fn job(
                         r.headers_mut().insert(h, v.clone());
                     }
                 }
+                if job.agent_query.response == SignResponse::Pkcs7 {
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/pkcs7-signature"),
+                    );
+                }
                 r
             };
             if let Ok(v) = HeaderValue::from_str(&job.id) {
                 resp.headers_mut().insert("x-signet-job", v);
             }
-            resp
+            hold_until_sent(resp, slot)
         }
         Err(e) => {
+            let e = tripped.error(job.max_input_size, idle).unwrap_or(e);
             span.in_scope(|| tracing::warn!(code = %e.code, message = %e.message, "job failed"));
             e.into_response()
         }
@@ -254,6 +330,16 @@ fn reframe(
             }
         },
     )
+}
+
+/// Keeps the caller's job slot until the answer has been streamed out.
+fn hold_until_sent(resp: Response, slot: crate::policy::Slot) -> Response {
+    let (parts, body) = resp.into_parts();
+    let stream = body.into_data_stream().map(move |chunk| {
+        let _slot = &slot;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
 }
 
 async fn drain(body: Body) {

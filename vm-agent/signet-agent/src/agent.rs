@@ -16,7 +16,7 @@ use cryptoki::types::AuthPin;
 use signet_protocol::format;
 use signet_protocol::wire::{
     AgentEvent, AgentEventKind, AgentHealth, AgentSignQuery, AgentState, ErrorBody, ErrorCode,
-    SignMode,
+    SignMode, SignResponse,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::broadcast;
@@ -341,7 +341,17 @@ impl Agent {
             filename: query.filename.clone(),
         });
         let started = std::time::Instant::now();
-        let result = self.signer.sign(&key, &pin, &spec).await;
+        let mut result = self.signer.sign(&key, &pin, &spec).await;
+        if result.is_ok() && query.response == SignResponse::Pkcs7 && checked.format.is_some() {
+            // Only the new signature is answered: it replaces the signed file.
+            let sig = spool.dir.path().join("signature.p7");
+            result = match self.signer.extract_signature(&output, &sig).await {
+                Ok(()) => tokio::fs::rename(&sig, &output).await.map_err(|e| {
+                    SignError::Failed(format!("cannot keep the extracted signature: {e}"))
+                }),
+                Err(e) => Err(e),
+            };
+        }
         let result = match result {
             Ok(()) => {
                 tracing::info!(

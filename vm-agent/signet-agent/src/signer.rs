@@ -171,6 +171,36 @@ impl Osslsigncode {
         }
     }
 
+    /// Writes the signature of the signed file `signed` to `out` (DER PKCS#7), with
+    /// `osslsigncode extract-signature`. Needs no token and no PIN.
+    pub async fn extract_signature(&self, signed: &Path, out: &Path) -> Result<(), SignError> {
+        let run = tokio::process::Command::new(&self.program)
+            .arg("extract-signature")
+            .arg("-in")
+            .arg(signed)
+            .arg("-out")
+            .arg(out)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(self.timeout, run)
+            .await
+            .map_err(|_| SignError::TimedOut(self.timeout))?
+            .map_err(|source| SignError::Spawn {
+                program: self.program.clone(),
+                source,
+            })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(SignError::Failed(format!(
+            "extract-signature: {}",
+            tail(&String::from_utf8_lossy(&out.stderr))
+        )))
+    }
+
     /// Runs osslsigncode once with `args`, the PIN on its stdin, within the time limit.
     async fn run(
         &self,

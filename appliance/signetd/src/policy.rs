@@ -1,0 +1,458 @@
+//! Who is calling, and may they use this profile. Pure: no I/O here.
+//!
+//! A [`Caller`] is what a transport can vouch for: the vsock CID of a VM (assigned by
+//! the host, a guest cannot forge it; mapped to its VMID by `[cid_to_vmid]`), the
+//! `SO_PEERCRED` uid/gid and supplementary groups of a local process, or the name of
+//! a remote client that proved a secret over TLS. A plain TCP peer proves nothing and
+//! is [`Caller::Anonymous`] unless the configuration names it (`insecure_tcp_as`, for
+//! loopback tests).
+//!
+//! [`Policy::decide`] checks a caller against the `[[grants]]`; with none configured
+//! only local root may sign (the safe default: VMs and clients need a grant).
+//! [`Slots`] counts each caller's running jobs against `limits.max_jobs_per_caller`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+/// A caller as identified by its transport.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Caller {
+    /// A VM over vsock.
+    Vm { cid: u32, vmid: u32 },
+    /// A local process over the unix socket.
+    Local {
+        uid: u32,
+        gid: u32,
+        groups: Vec<u32>,
+    },
+    /// A remote client that authenticated with its secret; `granted` are the profiles
+    /// it was added for (`signetd client add NAME --profile P`).
+    Client {
+        name: String,
+        #[serde(skip)]
+        granted: Vec<String>,
+    },
+    /// A TCP peer that proved nothing.
+    Anonymous { addr: String },
+}
+
+impl Caller {
+    /// The key its running jobs are counted under, and its audit identity.
+    pub fn key(&self) -> String {
+        match self {
+            Caller::Vm { vmid, .. } => format!("vm:{vmid}"),
+            Caller::Local { uid, .. } => format!("uid:{uid}"),
+            Caller::Client { name, .. } => format!("client:{name}"),
+            Caller::Anonymous { addr } => format!("tcp:{addr}"),
+        }
+    }
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Vm { cid, vmid } if cid == vmid => write!(f, "VM {vmid}"),
+            Caller::Vm { cid, vmid } => write!(f, "VM {vmid} (vsock CID {cid})"),
+            Caller::Local { uid, gid, .. } => write!(f, "local uid {uid} (gid {gid})"),
+            Caller::Client { name, .. } => write!(f, "client {name:?}"),
+            Caller::Anonymous { addr } => write!(f, "unauthenticated TCP peer {addr}"),
+        }
+    }
+}
+
+/// The VMID of a vsock CID: from the map, else the CID itself (Proxmox's convention).
+pub fn vmid_for_cid(map: &std::collections::BTreeMap<u32, u32>, cid: u32) -> u32 {
+    map.get(&cid).copied().unwrap_or(cid)
+}
+
+/// The supplementary groups in a `/proc/PID/status` text (`Groups:` line).
+pub fn parse_proc_groups(status: &str) -> Vec<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One entry of a grant's `callers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallerPattern {
+    /// `vm:VMID`, or `vm:*` (`None`) for every VM.
+    Vm(Option<u32>),
+    /// `uid:N` or `user:NAME`.
+    Uid(u32),
+    /// `gid:N` or `group:NAME`: the primary or a supplementary group.
+    Gid(u32),
+    /// `client:NAME`, or `client:*` (`None`) for every authenticated client.
+    Client(Option<String>),
+}
+
+/// Why a `callers` entry was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("caller {0:?} is not understood; write vm:VMID, vm:*, uid:N, user:NAME, gid:N, group:NAME, client:NAME or client:*")]
+    Syntax(String),
+    #[error("caller {0:?} names a user or group this host does not have")]
+    Unknown(String),
+}
+
+/// Which name a resolver is asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameKind {
+    User,
+    Group,
+}
+
+impl CallerPattern {
+    /// Parses one pattern; `resolve` turns user and group names into ids.
+    pub fn parse(
+        s: &str,
+        resolve: &dyn Fn(NameKind, &str) -> Option<u32>,
+    ) -> Result<Self, PatternError> {
+        let syntax = || PatternError::Syntax(s.to_owned());
+        let (kind, rest) = s.split_once(':').ok_or_else(syntax)?;
+        if rest.is_empty() {
+            return Err(syntax());
+        }
+        let num = |r: &str| r.parse::<u32>().map_err(|_| syntax());
+        Ok(match kind {
+            "vm" if rest == "*" => CallerPattern::Vm(None),
+            "vm" => CallerPattern::Vm(Some(num(rest)?)),
+            "uid" => CallerPattern::Uid(num(rest)?),
+            "gid" => CallerPattern::Gid(num(rest)?),
+            "user" => CallerPattern::Uid(
+                resolve(NameKind::User, rest).ok_or_else(|| PatternError::Unknown(s.to_owned()))?,
+            ),
+            "group" => CallerPattern::Gid(
+                resolve(NameKind::Group, rest)
+                    .ok_or_else(|| PatternError::Unknown(s.to_owned()))?,
+            ),
+            "client" if rest == "*" => CallerPattern::Client(None),
+            "client" => CallerPattern::Client(Some(rest.to_owned())),
+            _ => return Err(syntax()),
+        })
+    }
+
+    /// Whether `caller` is one of the callers this pattern names.
+    pub fn matches(&self, caller: &Caller) -> bool {
+        match (self, caller) {
+            (CallerPattern::Vm(want), Caller::Vm { vmid, .. }) => want.is_none_or(|w| w == *vmid),
+            (CallerPattern::Uid(want), Caller::Local { uid, .. }) => want == uid,
+            (CallerPattern::Gid(want), Caller::Local { gid, groups, .. }) => {
+                want == gid || groups.contains(want)
+            }
+            (CallerPattern::Client(want), Caller::Client { name, .. }) => {
+                want.as_deref().is_none_or(|w| w == name)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Callers and the profiles they may use (`"*"`: all of them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub callers: Vec<CallerPattern>,
+    pub profiles: Vec<String>,
+}
+
+impl Grant {
+    fn allows(&self, caller: &Caller, profile: &str) -> bool {
+        self.callers.iter().any(|c| c.matches(caller))
+            && self.profiles.iter().any(|p| p == "*" || p == profile)
+    }
+}
+
+/// The grants in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    grants: Vec<Grant>,
+}
+
+/// A refusal: the caller may not use the profile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{caller} may not sign with profile {profile:?}; the appliance's operator grants profiles to callers in signetd.toml ([[grants]] callers = [\"{key}\"] profiles = [\"{profile}\"])")]
+pub struct Refusal {
+    pub caller: Caller,
+    pub key: String,
+    pub profile: String,
+}
+
+impl Policy {
+    /// The policy of `grants`; with none, local root may use every profile and nobody
+    /// else any.
+    pub fn new(grants: Vec<Grant>) -> Self {
+        if grants.is_empty() {
+            return Policy {
+                grants: vec![Grant {
+                    callers: vec![CallerPattern::Uid(0)],
+                    profiles: vec!["*".to_owned()],
+                }],
+            };
+        }
+        Policy { grants }
+    }
+
+    /// Whether `caller` may sign with `profile`: a grant names both, or the caller is a
+    /// client added for that profile.
+    pub fn decide(&self, caller: &Caller, profile: &str) -> Result<(), Refusal> {
+        let own = matches!(caller, Caller::Client { granted, .. } if granted.iter().any(|p| p == profile));
+        if own || self.grants.iter().any(|g| g.allows(caller, profile)) {
+            Ok(())
+        } else {
+            Err(Refusal {
+                caller: caller.clone(),
+                key: match caller {
+                    // An anonymous peer cannot be granted anything; name what could.
+                    Caller::Anonymous { .. } => "client:NAME".to_owned(),
+                    c => c.key(),
+                },
+                profile: profile.to_owned(),
+            })
+        }
+    }
+}
+
+/// Running jobs per caller, bounded.
+#[derive(Debug)]
+pub struct Slots {
+    max: usize,
+    running: Mutex<HashMap<String, usize>>,
+}
+
+/// One running job of a caller; the slot is free again when this is dropped.
+#[derive(Debug)]
+pub struct Slot {
+    slots: Arc<Slots>,
+    key: String,
+}
+
+impl Slots {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Slots {
+            max,
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes a slot for `key`, or `None` when it already runs `max` jobs.
+    pub fn take(self: &Arc<Self>, key: &str) -> Option<Slot> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let n = running.entry(key.to_owned()).or_default();
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            slots: Arc::clone(self),
+            key: key.to_owned(),
+        })
+    }
+
+    /// How many jobs `key` runs now.
+    pub fn running(&self, key: &str) -> usize {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.get(key).copied().unwrap_or(0)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut running = self.slots.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = running.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                running.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn resolve(kind: NameKind, name: &str) -> Option<u32> {
+        match (kind, name) {
+            (NameKind::User, "builder") => Some(1001),
+            (NameKind::Group, "signet") => Some(990),
+            _ => None,
+        }
+    }
+
+    fn pat(s: &str) -> CallerPattern {
+        CallerPattern::parse(s, &resolve).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    fn local(uid: u32, gid: u32, groups: &[u32]) -> Caller {
+        Caller::Local {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+        }
+    }
+
+    #[test]
+    fn patterns_parse_and_name_the_syntax_when_wrong() {
+        assert_eq!(pat("vm:104"), CallerPattern::Vm(Some(104)));
+        assert_eq!(pat("vm:*"), CallerPattern::Vm(None));
+        assert_eq!(pat("uid:0"), CallerPattern::Uid(0));
+        assert_eq!(pat("user:builder"), CallerPattern::Uid(1001));
+        assert_eq!(pat("gid:5"), CallerPattern::Gid(5));
+        assert_eq!(pat("group:signet"), CallerPattern::Gid(990));
+        assert_eq!(pat("client:ci"), CallerPattern::Client(Some("ci".into())));
+        assert_eq!(pat("client:*"), CallerPattern::Client(None));
+        for bad in ["vm", "vm:", "vm:x", "uid:-1", "host:1", "104", "gid:g"] {
+            let e = CallerPattern::parse(bad, &resolve).unwrap_err();
+            assert_eq!(e, PatternError::Syntax(bad.into()));
+            assert!(e.to_string().contains("vm:VMID"), "{e}");
+        }
+        for unknown in ["user:nobody-here", "group:nope"] {
+            let e = CallerPattern::parse(unknown, &resolve).unwrap_err();
+            assert_eq!(e, PatternError::Unknown(unknown.into()));
+        }
+    }
+
+    #[test]
+    fn patterns_match_only_their_kind_of_caller() {
+        let vm = Caller::Vm {
+            cid: 104,
+            vmid: 104,
+        };
+        let client = Caller::Client {
+            name: "ci".into(),
+            granted: vec![],
+        };
+        let anon = Caller::Anonymous {
+            addr: "10.0.0.1:5000".into(),
+        };
+        assert!(pat("vm:104").matches(&vm));
+        assert!(!pat("vm:105").matches(&vm));
+        assert!(pat("vm:*").matches(&vm));
+        assert!(!pat("uid:104").matches(&vm), "a CID is not a uid");
+        assert!(pat("uid:1001").matches(&local(1001, 100, &[])));
+        assert!(pat("group:signet").matches(&local(1001, 100, &[4, 990])));
+        assert!(pat("gid:100").matches(&local(1001, 100, &[])), "primary");
+        assert!(!pat("group:signet").matches(&local(1001, 100, &[4])));
+        assert!(pat("client:ci").matches(&client));
+        assert!(!pat("client:cd").matches(&client));
+        assert!(pat("client:*").matches(&client));
+        for p in ["vm:*", "client:*", "uid:0", "gid:0"] {
+            assert!(
+                !pat(p).matches(&anon),
+                "{p} does not match an anonymous peer"
+            );
+        }
+    }
+
+    #[test]
+    fn without_grants_only_local_root_signs() {
+        let p = Policy::new(vec![]);
+        assert!(p.decide(&local(0, 0, &[]), "release").is_ok());
+        assert!(p.decide(&local(1000, 1000, &[0]), "release").is_err());
+        let vm = Caller::Vm {
+            cid: 104,
+            vmid: 104,
+        };
+        let e = p.decide(&vm, "release").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "VM 104 may not sign with profile \"release\"; the appliance's operator grants \
+             profiles to callers in signetd.toml ([[grants]] callers = [\"vm:104\"] profiles = [\"release\"])"
+        );
+        let e = p
+            .decide(
+                &Caller::Anonymous {
+                    addr: "1.2.3.4:9".into(),
+                },
+                "x",
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("unauthenticated TCP peer 1.2.3.4:9")
+                && e.to_string().contains("client:NAME"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn grants_name_callers_and_profiles() {
+        let p = Policy::new(vec![
+            Grant {
+                callers: vec![pat("vm:104"), pat("group:signet")],
+                profiles: vec!["release".into()],
+            },
+            Grant {
+                callers: vec![pat("client:ci")],
+                profiles: vec!["*".into()],
+            },
+        ]);
+        let vm = |vmid| Caller::Vm { cid: vmid, vmid };
+        assert!(p.decide(&vm(104), "release").is_ok());
+        assert!(p.decide(&vm(104), "test").is_err());
+        assert!(p.decide(&vm(105), "release").is_err());
+        assert!(p.decide(&local(1001, 100, &[990]), "release").is_ok());
+        assert!(
+            p.decide(&local(0, 0, &[]), "release").is_err(),
+            "root is not implicit once grants are configured"
+        );
+        let ci = Caller::Client {
+            name: "ci".into(),
+            granted: vec![],
+        };
+        assert!(p.decide(&ci, "release").is_ok() && p.decide(&ci, "test").is_ok());
+        let cd = Caller::Client {
+            name: "cd".into(),
+            granted: vec!["test".into()],
+        };
+        assert!(p.decide(&cd, "test").is_ok(), "added for it");
+        assert!(p.decide(&cd, "release").is_err());
+    }
+
+    #[test]
+    fn cids_map_to_vmids_or_are_their_own() {
+        let map = [(1042, 104)].into_iter().collect();
+        assert_eq!(vmid_for_cid(&map, 1042), 104);
+        assert_eq!(vmid_for_cid(&map, 105), 105);
+        let c = Caller::Vm {
+            cid: 1042,
+            vmid: 104,
+        };
+        assert_eq!(c.to_string(), "VM 104 (vsock CID 1042)");
+        assert_eq!(c.key(), "vm:104");
+    }
+
+    #[test]
+    fn supplementary_groups_come_from_proc_status() {
+        let status = "Name:\tsh\nUid:\t1000\t1000\t1000\t1000\nGroups:\t4 24 990 \nNgid:\t0\n";
+        assert_eq!(parse_proc_groups(status), [4, 24, 990]);
+        assert_eq!(parse_proc_groups("Groups:\t\n"), Vec::<u32>::new());
+        assert_eq!(parse_proc_groups(""), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn slots_bound_running_jobs_per_caller_and_free_on_drop() {
+        let slots = Slots::new(2);
+        let a1 = slots.take("vm:1").unwrap();
+        let _a2 = slots.take("vm:1").unwrap();
+        assert!(slots.take("vm:1").is_none(), "a third job waits");
+        let _b = slots.take("vm:2").expect("another caller is not affected");
+        assert_eq!(slots.running("vm:1"), 2);
+        drop(a1);
+        assert_eq!(slots.running("vm:1"), 1);
+        assert!(slots.take("vm:1").is_some());
+    }
+}
