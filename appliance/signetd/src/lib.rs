@@ -9,6 +9,8 @@
 //!   a pure state machine answering udev and QMP events with QMP actions.
 //! - [`proxmox`] — VM configuration through `qm`: USB slot, vsock device and Signet's monitor
 //!   in `args:`, for `signetd enroll`.
+//! - [`recovery`] — the escalation ladder for a lost token (agent re-init → re-attach →
+//!   USB port reset → VM reset): cool-downs, rate limits, one alert, never a loop. Pure.
 //! - [`qmp`] — QMP client for the signing VM's QEMU: commands, events, USB hot-plug, reconnect.
 //! - [`tokens`] — the token service: udev, the VMs' monitors and the tokens' state machines
 //!   together, each token's state published for the status API.
@@ -34,6 +36,7 @@ pub mod passthrough;
 pub mod policy;
 pub mod proxmox;
 pub mod qmp;
+pub mod recovery;
 pub mod serve;
 pub mod server;
 pub mod tls;
