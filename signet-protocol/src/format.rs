@@ -216,20 +216,55 @@ pub fn detect<S: Source + ?Sized>(
 /// Authenticode data blob from `osslsigncode extract-data` carries.
 const SPC_INDIRECT_DATA_OID: &[u8] = b"\x06\x0a\x2b\x06\x01\x04\x01\x82\x37\x02\x01\x04";
 
+/// DER of the Authenticode OIDs under 1.3.6.1.4.1.311.2.1, without the last arc.
+const SPC_ARC: &[u8] = b"\x06\x0a\x2b\x06\x01\x04\x01\x82\x37\x02\x01";
+/// Last arcs of the `SpcIndirectDataContent` data types.
+const SPC_PE_IMAGE_DATA: u8 = 15;
+const SPC_CAB_DATA: u8 = 25;
+const SPC_SIPINFO: u8 = 30;
+/// Subject interface packages named in `SpcSipInfo`, as stored (GUID, little-endian).
+const SIP_MSI: [u8; 16] = *b"\xf1\x10\x0c\x00\x00\x00\x00\x00\xc0\x00\x00\x00\x00\x00\x00\x46";
+const SIP_POWERSHELL: [u8; 16] =
+    *b"\x1f\xcc\x3b\x60\x59\x4b\x08\x4e\xb7\x24\xd2\xc6\x29\x7e\xf3\x51";
+
 /// Checks that `head` is an Authenticode data blob (digest mode's input): a DER
-/// PKCS#7 structure carrying `SpcIndirectDataContent`.
-pub fn detect_digest_blob(head: &[u8]) -> Result<(), FormatError> {
+/// PKCS#7 structure carrying `SpcIndirectDataContent`. Answers the kind of file it
+/// was extracted from when the blob says (`None`: a kind this does not know).
+pub fn detect_digest_blob(head: &[u8]) -> Result<Option<Format>, FormatError> {
     if head.is_empty() {
         return Err(FormatError::Empty);
     }
-    if head[0] == 0x30
-        && head
-            .windows(SPC_INDIRECT_DATA_OID.len())
-            .any(|w| w == SPC_INDIRECT_DATA_OID)
-    {
-        return Ok(());
-    }
-    Err(FormatError::NotDigestBlob)
+    let at = head
+        .windows(SPC_INDIRECT_DATA_OID.len())
+        .position(|w| w == SPC_INDIRECT_DATA_OID);
+    let (0x30, Some(at)) = (head[0], at) else {
+        return Err(FormatError::NotDigestBlob);
+    };
+    // The data's type is the next Authenticode OID after SpcIndirectDataContent's.
+    let rest = &head[at + SPC_INDIRECT_DATA_OID.len()..];
+    let Some(t) = rest
+        .windows(SPC_ARC.len() + 1)
+        .position(|w| w.starts_with(SPC_ARC))
+    else {
+        return Ok(None);
+    };
+    let after = &rest[t + SPC_ARC.len() + 1..];
+    Ok(match rest[t + SPC_ARC.len()] {
+        SPC_PE_IMAGE_DATA => Some(Format::Pe),
+        SPC_CAB_DATA => Some(Format::Cab),
+        SPC_SIPINFO => {
+            let sip = after
+                .windows(16)
+                .take(32)
+                .find(|w| *w == SIP_MSI || *w == SIP_POWERSHELL);
+            match sip {
+                Some(w) if w == SIP_MSI => Some(Format::Msi),
+                Some(_) => Some(Format::PowerShell),
+                None => None,
+            }
+        }
+        _ => None,
+    })
 }
 
 fn unsupported(seen: impl Into<String>) -> FormatError {
@@ -614,10 +649,46 @@ mod tests {
     }
 
     #[test]
+    fn digest_blobs_say_which_kind_of_file_they_came_from() {
+        // Heads of real `osslsigncode extract-data` outputs (up to the data's type).
+        let hex = |s: &str| -> Vec<u8> {
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let indirect = "300906052b0e03021a0500060a2b060104018237020104";
+        let pe = hex(&format!(
+            "3081930609{indirect}a06b3069060a2b06010401823702010fa05b"
+        ));
+        assert_eq!(detect_digest_blob(&pe), Ok(Some(Format::Pe)));
+        let cab = hex(&format!(
+            "3081930609{indirect}a06b3069060a2b060104018237020119a05b"
+        ));
+        assert_eq!(detect_digest_blob(&cab), Ok(Some(Format::Cab)));
+        let msi = hex(&format!(
+            "3081930609{indirect}3064060a2b06010401823702011e3056020101 0410f1100c0000000000c000000000000046"
+        ).replace(' ', ""));
+        assert_eq!(detect_digest_blob(&msi), Ok(Some(Format::Msi)));
+        let ps1 = hex(&format!(
+            "3081930609{indirect}3064060a2b06010401823702011e30560201020410 1fcc3b60594b084eb724d2c6297ef351"
+        ).replace(' ', ""));
+        assert_eq!(detect_digest_blob(&ps1), Ok(Some(Format::PowerShell)));
+        let other_sip = hex(&format!(
+            "3081930609{indirect}3064060a2b06010401823702011e305602010204100000000000000000000000000000000000"
+        ));
+        assert_eq!(detect_digest_blob(&other_sip), Ok(None));
+    }
+
+    #[test]
     fn digest_blobs_are_recognised() {
         let mut blob = vec![0x30, 0x81, 0x93, 0x06, 0x09];
         blob.extend_from_slice(SPC_INDIRECT_DATA_OID);
-        assert_eq!(detect_digest_blob(&blob), Ok(()));
+        assert_eq!(
+            detect_digest_blob(&blob),
+            Ok(None),
+            "no data type: unknown kind"
+        );
         assert_eq!(detect_digest_blob(&[]), Err(FormatError::Empty));
         assert_eq!(
             detect_digest_blob(&pe(0x80, 512, 0x10b)),

@@ -728,3 +728,57 @@ fn progress_shows_on_a_terminal_and_nowhere_else() {
     assert!(screen.contains("signed"), "{screen}");
     assert!(verify(&w, &file).0);
 }
+
+#[test]
+fn digest_mode_keeps_the_profiles_format_list() {
+    // The agent sees only Authenticode data in digest mode; that data says which kind
+    // of file it came from, and the profile's formats hold.
+    let mut w = World::new();
+    let pin = w.path("pin");
+    let agent = w.start_agent(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+    );
+    let ep = w
+        .start_daemon_with(
+            &[&format!("unix:{}", w.path("signetd.sock").display())],
+            &agent,
+            "default_profile = \"release\"\n[profiles.release]\n[profiles.installers]\nformats = [\"msi\"]\n",
+        )
+        .remove(0);
+    let file = w.pe("app.exe");
+    let ca = w.path("cert.pem");
+    let out = signet(
+        &ep,
+        &[
+            "sign",
+            "--digest",
+            "--ca-file",
+            ca.to_str().unwrap(),
+            "--profile",
+            "installers",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("PE") && stderr(&out).contains("\"installers\" does not sign"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!verify(&w, &file).0);
+    let out = signet(
+        &ep,
+        &[
+            "sign",
+            "--digest",
+            "--ca-file",
+            ca.to_str().unwrap(),
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&w, &file).0);
+}

@@ -288,10 +288,14 @@ impl Agent {
             }
             SignMode::Digest => {
                 let head = read_head(&spool.input()).await?;
-                format::detect_digest_blob(&head)
+                let kind = format::detect_digest_blob(&head)
                     .map_err(|e| ErrorBody::new(ErrorCode::UnsupportedFormat, e.to_string()))?;
+                // The profile's formats hold in digest mode too: the blob says what
+                // kind of file it came from.
+                job::allowed(query, kind)?;
                 tracing::info!(
                     profile = query.profile.as_deref().unwrap_or("-"),
+                    kind = kind.map_or("unknown".to_owned(), |k| k.to_string()),
                     "digest-mode input accepted"
                 );
                 Ok(Checked {

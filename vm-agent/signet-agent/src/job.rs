@@ -39,8 +39,15 @@ pub fn admit(
         };
         ErrorBody::new(code, e.to_string())
     })?;
-    if query.formats.is_empty() || query.formats.contains(&detected.format) {
-        return Ok(detected);
+    allowed(query, Some(detected.format))?;
+    Ok(detected)
+}
+
+/// Whether the profile signs `format` (`None`: a digest whose file type cannot be
+/// told, which only a profile without a format list signs).
+pub fn allowed(query: &AgentSignQuery, format: Option<Format>) -> Result<(), ErrorBody> {
+    if query.formats.is_empty() || format.is_some_and(|f| query.formats.contains(&f)) {
+        return Ok(());
     }
     let profile = query.profile.as_deref().map_or_else(
         || "this signing profile".to_owned(),
@@ -51,11 +58,14 @@ pub fn admit(
         .filter(|f| query.formats.contains(f))
         .map(ToString::to_string)
         .collect();
+    let what = match format {
+        Some(f) => format!("the file's format is {f}"),
+        None => "the digest does not say which kind of file it is".to_owned(),
+    };
     Err(ErrorBody::new(
         ErrorCode::UnsupportedFormat,
         format!(
-            "the file's format is {}, which {profile} does not sign; it signs: {}. Use a profile that signs this format",
-            detected.format,
+            "{what}, which {profile} does not sign; it signs: {}. Use a profile that signs this format",
             allowed.join(", ")
         ),
     ))
