@@ -10,6 +10,7 @@ use signet_tests::*;
 
 mod doctor;
 mod formats;
+mod queue;
 
 mod agent_token;
 

@@ -209,14 +209,40 @@ impl World {
         std::fs::write(
             &cfg,
             format!(
-                "listen = [{}]\nagent = \"{agent}\"\n{profiles}",
-                listen.join(", ")
+                "listen = [{}]\nagent = \"{agent}\"\nstate_dir = \"{}\"\n{profiles}",
+                listen.join(", "),
+                self.path("state").display()
             ),
         )
         .unwrap();
+        self.restart_daemon()
+    }
+
+    /// Starts `signetd` again with the configuration the last `start_daemon*` wrote
+    /// (same state directory, same endpoints when they are unix sockets).
+    pub fn restart_daemon(&mut self) -> Vec<Endpoint> {
         let mut cmd = Command::new(bin("signetd"));
-        cmd.arg("--config").arg(&cfg);
+        cmd.arg("--config").arg(self.path("signetd.toml"));
         self.spawn_ready("signetd", cmd)
+    }
+
+    /// Runs `signetd SUBCOMMAND...` against the configuration `start_daemon*` wrote.
+    pub fn signetd(&self, args: &[&str]) -> Output {
+        Command::new(bin("signetd"))
+            .arg("--config")
+            .arg(self.path("signetd.toml"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Kills a child by name with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self, name: &str) {
+        if let Some(i) = self.children.iter().position(|(n, _)| n == name) {
+            let (_, mut child) = self.children.remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Starts `cmd` and waits for its systemd readiness notification; returns the

@@ -12,6 +12,14 @@ use signet_protocol::wire::{check_timestamp_url, DigestAlgorithm, MAX_TIMESTAMP_
 pub const DEFAULT_PATH: &str = "/etc/signet/signetd.toml";
 /// The unix socket host tools use by default.
 pub const DEFAULT_UNIX_SOCKET: &str = "/run/signet/signetd.sock";
+/// Where the daemon keeps its database and spool when `state_dir` is not set.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/signet";
+/// The spool quota when `queue.spool_quota_mb` is not set.
+pub const DEFAULT_SPOOL_QUOTA_MB: u64 = 2048;
+/// How long results are kept when `queue.result_ttl_seconds` is not set.
+pub const DEFAULT_RESULT_TTL_SECONDS: u64 = 3600;
+/// How long a job may wait for a lost token when `queue.job_deadline_seconds` is not set.
+pub const DEFAULT_JOB_DEADLINE_SECONDS: u64 = 600;
 /// The profile that exists when none is configured.
 pub const IMPLICIT_PROFILE: &str = "default";
 
@@ -25,6 +33,45 @@ pub struct Config {
     pub agent: Endpoint,
     pub default_profile: String,
     pub profiles: BTreeMap<String, Profile>,
+    /// The database (`signet.db`) and the spool live here.
+    pub state_dir: PathBuf,
+    pub queue: QueueConfig,
+}
+
+/// `[queue]`: the spool and the job queue.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Room for spooled inputs and results, in MiB; uploads that do not fit are refused.
+    #[serde(default = "default_spool_quota_mb")]
+    pub spool_quota_mb: u64,
+    /// How long a finished job's result can be fetched again.
+    #[serde(default = "default_result_ttl")]
+    pub result_ttl_seconds: u64,
+    /// How long after it was sent a job may still be retried when the token is lost
+    /// (the agent answers retryable); past it the job fails. 0: never retried.
+    #[serde(default = "default_job_deadline")]
+    pub job_deadline_seconds: u64,
+}
+
+fn default_spool_quota_mb() -> u64 {
+    DEFAULT_SPOOL_QUOTA_MB
+}
+fn default_result_ttl() -> u64 {
+    DEFAULT_RESULT_TTL_SECONDS
+}
+fn default_job_deadline() -> u64 {
+    DEFAULT_JOB_DEADLINE_SECONDS
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            spool_quota_mb: DEFAULT_SPOOL_QUOTA_MB,
+            result_ttl_seconds: DEFAULT_RESULT_TTL_SECONDS,
+            job_deadline_seconds: DEFAULT_JOB_DEADLINE_SECONDS,
+        }
+    }
 }
 
 /// A signing profile: how files signed under its name are signed.
@@ -65,6 +112,10 @@ struct Raw {
     default_profile: Option<String>,
     #[serde(default)]
     profiles: BTreeMap<String, Profile>,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    queue: QueueConfig,
 }
 
 /// A configuration that cannot be used.
@@ -167,12 +218,28 @@ impl Config {
                 ))
             }
         };
+        let state_dir = raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        if !state_dir.is_absolute() {
+            return Err(invalid(
+                "state_dir",
+                format!("give an absolute path, e.g. state_dir = \"{DEFAULT_STATE_DIR}\""),
+            ));
+        }
+        if raw.queue.spool_quota_mb == 0 {
+            return Err(invalid(
+                "queue.spool_quota_mb",
+                "give the spool's room in MiB, at least the largest file you sign (e.g. 2048)"
+                    .to_owned(),
+            ));
+        }
         Ok(Config {
             path: path.to_owned(),
             listen,
             agent,
             default_profile,
             profiles,
+            state_dir,
+            queue: raw.queue,
         })
     }
 }
@@ -242,6 +309,31 @@ mod tests {
         );
         assert_eq!(c.default_profile, "default");
         assert_eq!(c.profiles["default"].hash, DigestAlgorithm::Sha256);
+        assert_eq!(c.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert_eq!(c.queue, QueueConfig::default());
+    }
+
+    #[test]
+    fn state_dir_and_queue() {
+        let c = parse(
+            "agent = \"unix:/a\"\nstate_dir = \"/srv/signet\"\n[queue]\nspool_quota_mb = 10\nresult_ttl_seconds = 60\njob_deadline_seconds = 0\n",
+        )
+        .unwrap();
+        assert_eq!(c.state_dir, Path::new("/srv/signet"));
+        assert_eq!(
+            (
+                c.queue.spool_quota_mb,
+                c.queue.result_ttl_seconds,
+                c.queue.job_deadline_seconds
+            ),
+            (10, 60, 0)
+        );
+        let err = parse("agent = \"unix:/a\"\nstate_dir = \"rel\"").unwrap_err();
+        assert!(err.contains("key state_dir"), "{err}");
+        let err = parse("agent = \"unix:/a\"\n[queue]\nspool_quota_mb = 0").unwrap_err();
+        assert!(err.contains("key queue.spool_quota_mb"), "{err}");
+        let err = parse("agent = \"unix:/a\"\n[queue]\nspool = 1").unwrap_err();
+        assert!(err.contains("spool"), "{err}");
     }
 
     #[test]
