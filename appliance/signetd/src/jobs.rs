@@ -34,6 +34,8 @@ use crate::store::{self, Inserted, JobRow, Kind, NewJob, Store, StoreError};
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// How often expired results are removed, at most.
 const JANITOR_PERIOD: Duration = Duration::from_secs(60);
+/// How much of a repeated request's body is read and dropped.
+const DRAIN_LIMIT: usize = 64 << 20;
 /// The longest idempotency key accepted.
 const MAX_KEY_LEN: usize = 200;
 
@@ -286,6 +288,15 @@ impl Daemon {
             Ok(Inserted::New(id)) => id,
             Ok(Inserted::Existing(id)) => {
                 store.release(reserved);
+                // Not needed; read (up to a limit) so the client gets to read the answer.
+                let mut stream = body.into_data_stream();
+                let mut seen = 0usize;
+                while let Some(Ok(chunk)) = stream.next().await {
+                    seen += chunk.len();
+                    if seen > DRAIN_LIMIT {
+                        break;
+                    }
+                }
                 tracing::info!(job = %id, caller = %caller.id, "idempotency key seen before: same job");
                 return Ok(id);
             }
