@@ -27,6 +27,14 @@ pub fn status_text(status: &DaemonStatus, source: &str, color: bool) -> String {
         status.profiles.join(", "),
         status.default_profile.as_deref().unwrap_or("-")
     );
+    if let Some(q) = &status.queue {
+        let running = q
+            .running
+            .as_ref()
+            .map(|j| format!(", job {j} at the token"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  queue:    {} waiting{running}", q.waiting);
+    }
     match &status.agent {
         AgentReport::Reachable { endpoint, health } => {
             let state = serde_json::to_string(&health.state).unwrap_or_default();
@@ -125,6 +133,7 @@ mod tests {
                     signer: "osslsigncode 2.9".into(),
                 }),
             },
+            queue: None,
         }
     }
 

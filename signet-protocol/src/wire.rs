@@ -26,6 +26,15 @@ pub const SIGN_PATH: &str = "/v1/sign";
 pub const STATUS_PATH: &str = "/v1/status";
 /// Daemon → agent path of the signing call.
 pub const AGENT_SIGN_PATH: &str = "/agent/v1/sign";
+/// Client → daemon path of one job (`GET`: its state; `DELETE`: cancel), with `{id}`.
+pub const JOB_PATH: &str = "/v1/jobs/{id}";
+/// Client → daemon path of a finished job's result, with `{id}`.
+pub const JOB_RESULT_PATH: &str = "/v1/jobs/{id}/result";
+/// Request header: a key the client picks per file; a retried request with the same
+/// key (from the same caller) gets the same job, never a second signature.
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+/// Response header: the job's id.
+pub const JOB_HEADER: &str = "x-signet-job";
 /// Client → daemon path of the batch call (many files, one request).
 pub const BATCH_PATH: &str = "/v1/batch";
 /// Daemon → agent path of the batch call.
@@ -267,6 +276,14 @@ pub enum ErrorCode {
     AgentUnavailable,
     /// A fault inside Signet; the message says where to look.
     Internal,
+    /// The daemon's spool has no room for the upload now; try again later.
+    SpoolFull,
+    /// No job with this id (or not the caller's).
+    UnknownJob,
+    /// The job's result was kept for the configured time and is gone.
+    ResultExpired,
+    /// The job was cancelled before it was signed.
+    Cancelled,
 }
 
 impl ErrorCode {
@@ -286,6 +303,10 @@ impl ErrorCode {
             | ErrorCode::PinNeeded
             | ErrorCode::PinLocked
             | ErrorCode::TokenUnavailable => 503,
+            ErrorCode::SpoolFull => 507,
+            ErrorCode::UnknownJob => 404,
+            ErrorCode::ResultExpired => 410,
+            ErrorCode::Cancelled => 409,
         }
     }
 
@@ -304,7 +325,11 @@ impl ErrorCode {
             | ErrorCode::PinLocked
             | ErrorCode::TokenUnavailable
             | ErrorCode::AgentUnavailable
-            | ErrorCode::TooManyJobs => exit::UNAVAILABLE,
+            | ErrorCode::TooManyJobs
+            | ErrorCode::SpoolFull => exit::UNAVAILABLE,
+            ErrorCode::UnknownJob | ErrorCode::ResultExpired | ErrorCode::Cancelled => {
+                exit::REFUSED
+            }
         }
     }
 
@@ -326,11 +351,15 @@ impl ErrorCode {
             ErrorCode::TokenUnavailable => "token_unavailable",
             ErrorCode::AgentUnavailable => "agent_unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::SpoolFull => "spool_full",
+            ErrorCode::UnknownJob => "unknown_job",
+            ErrorCode::ResultExpired => "result_expired",
+            ErrorCode::Cancelled => "cancelled",
         }
     }
 
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownProfile,
         ErrorCode::Forbidden,
@@ -346,6 +375,10 @@ impl ErrorCode {
         ErrorCode::TokenUnavailable,
         ErrorCode::AgentUnavailable,
         ErrorCode::Internal,
+        ErrorCode::SpoolFull,
+        ErrorCode::UnknownJob,
+        ErrorCode::ResultExpired,
+        ErrorCode::Cancelled,
     ];
 }
 
@@ -595,6 +628,106 @@ pub struct DaemonStatus {
     pub default_profile: Option<String>,
     pub profiles: Vec<String>,
     pub agent: AgentReport,
+    /// The job queue (absent from daemons before the queue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueStatus>,
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Recorded; its input is being uploaded.
+    Receiving,
+    /// Spooled; waiting for its turn.
+    Queued,
+    /// At the agent.
+    Running,
+    /// Done; the result can be fetched until it expires.
+    Signed,
+    /// Ended with an error; nothing was signed.
+    Failed,
+    /// Cancelled before it ran.
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Receiving => "receiving",
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Signed => "signed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        [
+            JobState::Receiving,
+            JobState::Queued,
+            JobState::Running,
+            JobState::Signed,
+            JobState::Failed,
+            JobState::Cancelled,
+        ]
+        .into_iter()
+        .find(|j| j.as_str() == s)
+    }
+
+    /// The job has ended and will not change again.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Signed | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// `GET /v1/jobs/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: String,
+    pub state: JobState,
+    pub profile: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    /// RFC 3339, UTC.
+    pub created: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<String>,
+    /// Jobs that run before this one (0: next); only while queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    /// Seconds until it is likely done, from recent jobs; only while queued or running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate_seconds: Option<u64>,
+    /// How many times it went to the agent.
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+    /// A signed job's result can still be fetched (`GET /v1/jobs/{id}/result`).
+    #[serde(default)]
+    pub result_available: bool,
+}
+
+/// The queue in `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStatus {
+    /// The job at the agent now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<String>,
+    /// Jobs waiting.
+    pub waiting: u64,
+    /// Jobs waiting per caller.
+    #[serde(default)]
+    pub by_caller: std::collections::BTreeMap<String, u64>,
+    /// Mean duration of recent jobs, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recent_job_ms: Option<u64>,
+    pub spool_used_bytes: u64,
+    pub spool_quota_bytes: u64,
 }
 
 #[cfg(test)]
@@ -627,6 +760,18 @@ mod tests {
         assert_eq!(ErrorCode::SigningFailed.exit_code(), 5);
         assert_eq!(ErrorCode::AgentUnavailable.exit_code(), 6);
         assert_eq!(ErrorCode::PinRejected.exit_code(), 6);
+        assert_eq!(ErrorCode::SpoolFull.http_status(), 507);
+        assert_eq!(ErrorCode::SpoolFull.exit_code(), 6);
+        for s in [
+            "receiving",
+            "queued",
+            "running",
+            "signed",
+            "failed",
+            "cancelled",
+        ] {
+            assert_eq!(JobState::parse(s).unwrap().as_str(), s);
+        }
     }
 
     #[test]

@@ -254,8 +254,13 @@ fn a_lost_token_is_recovered_by_the_agent_itself() {
     let mut w = World::new();
     let pin = w.path("pin");
     let agent = w.start_agent(&unix(&w, "agent.sock"), SOFTHSM, &pin, &[]);
+    // No retries: the test sees the agent's own answer to a job while the token is away.
     let ep = w
-        .start_daemon(&[&unix(&w, "signetd.sock")], &agent)
+        .start_daemon_with(
+            &[&unix(&w, "signetd.sock")],
+            &agent,
+            "[queue]\njob_deadline_seconds = 0\n[profiles.release]\ndescription = \"Signet test\"\n",
+        )
         .remove(0);
     let mut events = Events::follow(&agent);
     let tokens = TokenDir::of(&w);
@@ -334,8 +339,13 @@ fn a_job_in_flight_when_the_token_vanishes_is_reported_retryable() {
         &[],
         &format!("[signer]\nosslsigncode = \"{}\"\n", wrapper.display()),
     );
+    // No retries: the test sees the agent's own answer to a job while the token is away.
     let ep = w
-        .start_daemon(&[&unix(&w, "signetd.sock")], &agent)
+        .start_daemon_with(
+            &[&unix(&w, "signetd.sock")],
+            &agent,
+            "[queue]\njob_deadline_seconds = 0\n[profiles.release]\ndescription = \"Signet test\"\n",
+        )
         .remove(0);
     let mut events = Events::follow(&agent);
     let tokens = TokenDir::of(&w);

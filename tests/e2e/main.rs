@@ -11,6 +11,7 @@ use signet_tests::*;
 mod dbus;
 mod doctor;
 mod formats;
+mod queue;
 
 mod agent_token;
 mod policy;

@@ -218,13 +218,43 @@ impl World {
         ))
     }
 
-    /// Starts the daemon with `config` as its whole `signetd.toml`.
+    /// Starts the daemon with `config` as its whole `signetd.toml`; a `state_dir` in
+    /// the test's directory is added when the config names none.
     pub fn start_daemon_config(&mut self, config: &str) -> Vec<Endpoint> {
-        let cfg = self.path("signetd.toml");
-        std::fs::write(&cfg, config).unwrap();
+        let config = if config.contains("state_dir") {
+            config.to_owned()
+        } else {
+            format!("state_dir = \"{}\"\n{config}", self.path("state").display())
+        };
+        std::fs::write(self.path("signetd.toml"), config).unwrap();
+        self.restart_daemon()
+    }
+
+    /// Starts `signetd` again with the configuration the last `start_daemon*` wrote
+    /// (same state directory, same endpoints when they are unix sockets).
+    pub fn restart_daemon(&mut self) -> Vec<Endpoint> {
         let mut cmd = Command::new(bin("signetd"));
-        cmd.arg("--config").arg(&cfg);
+        cmd.arg("--config").arg(self.path("signetd.toml"));
         self.spawn_ready("signetd", cmd)
+    }
+
+    /// Runs `signetd SUBCOMMAND...` against the configuration `start_daemon*` wrote.
+    pub fn signetd(&self, args: &[&str]) -> Output {
+        Command::new(bin("signetd"))
+            .arg("--config")
+            .arg(self.path("signetd.toml"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Kills a child by name with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self, name: &str) {
+        if let Some(i) = self.children.iter().position(|(n, _)| n == name) {
+            let (_, mut child) = self.children.remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Starts `cmd` and waits for its systemd readiness notification; returns the

@@ -14,6 +14,14 @@ use signet_protocol::wire::{check_timestamp_url, DigestAlgorithm, MAX_TIMESTAMP_
 pub const DEFAULT_PATH: &str = "/etc/signet/signetd.toml";
 /// The unix socket host tools use by default.
 pub const DEFAULT_UNIX_SOCKET: &str = "/run/signet/signetd.sock";
+/// Where the daemon keeps its database and spool when `state_dir` is not set.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/signet";
+/// The spool quota when `queue.spool_quota_mb` is not set.
+pub const DEFAULT_SPOOL_QUOTA_MB: u64 = 2048;
+/// How long results are kept when `queue.result_ttl_seconds` is not set.
+pub const DEFAULT_RESULT_TTL_SECONDS: u64 = 3600;
+/// How long a job may wait for a lost token when `queue.job_deadline_seconds` is not set.
+pub const DEFAULT_JOB_DEADLINE_SECONDS: u64 = 600;
 /// The profile that exists when none is configured.
 pub const IMPLICIT_PROFILE: &str = "default";
 
@@ -44,10 +52,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// TLS listeners for remote clients.
     pub tls: Option<TlsConfig>,
+    pub queue: QueueConfig,
 }
-
-/// The default `state_dir`.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/signet";
 
 /// `[tls]`: endpoints served with TLS, for remote clients with a secret.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -83,6 +89,42 @@ impl Default for Limits {
             max_input_size: 4 << 30,
             header_timeout_seconds: 30,
             body_idle_timeout_seconds: 60,
+        }
+    }
+}
+
+/// `[queue]`: the spool and the job queue.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Room for spooled inputs and results, in MiB; uploads that do not fit are refused.
+    #[serde(default = "default_spool_quota_mb")]
+    pub spool_quota_mb: u64,
+    /// How long a finished job's result can be fetched again.
+    #[serde(default = "default_result_ttl")]
+    pub result_ttl_seconds: u64,
+    /// How long after it was sent a job may still be retried when the token is lost
+    /// (the agent answers retryable); past it the job fails. 0: never retried.
+    #[serde(default = "default_job_deadline")]
+    pub job_deadline_seconds: u64,
+}
+
+fn default_spool_quota_mb() -> u64 {
+    DEFAULT_SPOOL_QUOTA_MB
+}
+fn default_result_ttl() -> u64 {
+    DEFAULT_RESULT_TTL_SECONDS
+}
+fn default_job_deadline() -> u64 {
+    DEFAULT_JOB_DEADLINE_SECONDS
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            spool_quota_mb: DEFAULT_SPOOL_QUOTA_MB,
+            result_ttl_seconds: DEFAULT_RESULT_TTL_SECONDS,
+            job_deadline_seconds: DEFAULT_JOB_DEADLINE_SECONDS,
         }
     }
 }
@@ -151,6 +193,8 @@ struct Raw {
     state_dir: Option<PathBuf>,
     #[serde(default)]
     tls: Option<TlsConfig>,
+    #[serde(default)]
+    queue: QueueConfig,
 }
 
 /// A configuration that cannot be used.
@@ -336,6 +380,20 @@ impl Config {
                 "max_jobs_per_caller, header_timeout_seconds and body_idle_timeout_seconds must be at least 1".to_owned(),
             ));
         }
+        let state_dir = raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        if !state_dir.is_absolute() {
+            return Err(invalid(
+                "state_dir",
+                format!("give an absolute path, e.g. state_dir = \"{DEFAULT_STATE_DIR}\""),
+            ));
+        }
+        if raw.queue.spool_quota_mb == 0 {
+            return Err(invalid(
+                "queue.spool_quota_mb",
+                "give the spool's room in MiB, at least the largest file you sign (e.g. 2048)"
+                    .to_owned(),
+            ));
+        }
         Ok(Config {
             dbus,
             path: path.to_owned(),
@@ -348,10 +406,9 @@ impl Config {
             cid_to_vmid,
             insecure_tcp_as: raw.insecure_tcp_as,
             limits: raw.limits,
-            state_dir: raw
-                .state_dir
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            state_dir,
             tls: raw.tls,
+            queue: raw.queue,
         })
     }
 
@@ -456,6 +513,31 @@ mod tests {
         );
         assert_eq!(c.default_profile, "default");
         assert_eq!(c.profiles["default"].hash, DigestAlgorithm::Sha256);
+        assert_eq!(c.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert_eq!(c.queue, QueueConfig::default());
+    }
+
+    #[test]
+    fn state_dir_and_queue() {
+        let c = parse(
+            "agent = \"unix:/a\"\nstate_dir = \"/srv/signet\"\n[queue]\nspool_quota_mb = 10\nresult_ttl_seconds = 60\njob_deadline_seconds = 0\n",
+        )
+        .unwrap();
+        assert_eq!(c.state_dir, Path::new("/srv/signet"));
+        assert_eq!(
+            (
+                c.queue.spool_quota_mb,
+                c.queue.result_ttl_seconds,
+                c.queue.job_deadline_seconds
+            ),
+            (10, 60, 0)
+        );
+        let err = parse("agent = \"unix:/a\"\nstate_dir = \"rel\"").unwrap_err();
+        assert!(err.contains("key state_dir"), "{err}");
+        let err = parse("agent = \"unix:/a\"\n[queue]\nspool_quota_mb = 0").unwrap_err();
+        assert!(err.contains("key queue.spool_quota_mb"), "{err}");
+        let err = parse("agent = \"unix:/a\"\n[queue]\nspool = 1").unwrap_err();
+        assert!(err.contains("spool"), "{err}");
     }
 
     #[test]

@@ -1,10 +1,9 @@
 //! The daemon's core commands. Every front end (HTTP now; D-Bus and the CLI later)
 //! calls these and renders their results.
 //!
-//! In this first shape a job is relayed as it streams: the client's upload goes
-//! straight to the agent and the signed file straight back, in constant memory.
-
-use std::sync::atomic::{AtomicU64, Ordering};
+//! A job goes through the durable queue ([`crate::jobs`]): recorded, spooled, queued,
+//! sent to the agent by the token's worker ([`Daemon::relay_to`]), its result spooled
+//! and streamed to the caller.
 
 use bytes::Bytes;
 use http::{header, Request, Response};
@@ -14,26 +13,27 @@ use signet_protocol::endpoint::Endpoint;
 use signet_protocol::transport::Peer;
 use signet_protocol::wire::{
     AgentHealth, AgentReport, AgentSignQuery, AgentState, DaemonStatus, ErrorBody, ErrorCode,
-    SignQuery, AGENT_BATCH_PATH, AGENT_HEALTH_PATH, AGENT_SIGN_PATH,
+    SignQuery, AGENT_HEALTH_PATH,
 };
 
 use crate::config::Config;
+use crate::jobs::Engine;
 use crate::policy::{self, Caller, Slot, Slots};
+use crate::store::StoreError;
 
 /// The running daemon.
 #[derive(Debug)]
 pub struct Daemon {
     cfg: Config,
-    next_job: AtomicU64,
     slots: std::sync::Arc<Slots>,
     /// The client database, when remote clients are served (`[tls]`).
     clients: Option<std::sync::Mutex<rusqlite::Connection>>,
+    engine: Engine,
 }
 
-/// A signing job accepted for relay.
+/// A signing request accepted against its profile, not yet recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
-    pub id: String,
     pub profile: String,
     pub caller: Caller,
     /// The largest input the profile takes, in bytes.
@@ -42,14 +42,28 @@ pub struct Job {
 }
 
 impl Daemon {
-    pub fn new(cfg: Config) -> Self {
+    /// Opens the job database and spool under `state_dir` and resumes what a previous
+    /// run left queued.
+    pub fn open(cfg: Config) -> Result<Self, StoreError> {
+        let quota = cfg.queue.spool_quota_mb.saturating_mul(1 << 20);
+        let engine = Engine::open(&cfg.state_dir, quota)?;
         let slots = Slots::new(cfg.limits.max_jobs_per_caller);
-        Daemon {
+        Ok(Daemon {
             cfg,
-            next_job: AtomicU64::new(1),
             slots,
             clients: None,
-        }
+            engine,
+        })
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The job database, for modules that keep their own tables in it (and for the
+    /// audit log: [`crate::audit::record_refusal`]).
+    pub fn store(&self) -> &std::sync::Arc<crate::store::Store> {
+        self.engine.store()
     }
 
     /// The daemon with remote clients checked against `conn` (see [`crate::clients`]).
@@ -191,14 +205,8 @@ impl Daemon {
             }
             f => f.clone(),
         };
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            self.next_job.fetch_add(1, Ordering::Relaxed)
-        );
-        tracing::info!(job = %id, %caller, profile = name, file = filename.as_deref().unwrap_or("-"), "job accepted");
+        tracing::info!(%caller, profile = name, file = filename.as_deref().unwrap_or("-"), "request accepted");
         Ok(Job {
-            id,
             profile: name.to_owned(),
             caller: caller.clone(),
             max_input_size: self.cfg.max_input_size(profile),
@@ -221,56 +229,13 @@ impl Daemon {
         })
     }
 
-    /// Sends the job to the agent with `body` as the file; answers with the agent's
-    /// streaming response, or the agent's error.
-    pub async fn relay<B>(
+    /// Sends job `id` to the agent at `path?query` with `body` as its body; answers the
+    /// agent's streaming response, or the agent's error as the caller may see it.
+    pub async fn relay_to<B>(
         &self,
-        job: &Job,
-        body: B,
-        content_length: Option<u64>,
-    ) -> Result<Response<Incoming>, ErrorBody>
-    where
-        B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        self.relay_to(
-            job,
-            AGENT_SIGN_PATH,
-            "application/octet-stream",
-            body,
-            content_length,
-        )
-        .await
-    }
-
-    /// Sends a batch (a multipart body with `content_type`) to the agent; answers with
-    /// the agent's multipart answer, whose error parts the caller passes through
-    /// [`client_view`] (see [`crate::server`]).
-    pub async fn relay_batch<B>(
-        &self,
-        job: &Job,
-        content_type: &str,
-        body: B,
-        content_length: Option<u64>,
-    ) -> Result<Response<Incoming>, ErrorBody>
-    where
-        B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        if multer::parse_boundary(content_type).is_err() {
-            return Err(ErrorBody::new(
-                ErrorCode::BadRequest,
-                "a batch is multipart/form-data with one part per file (curl -F file=@a.exe -F file=@b.dll)",
-            ));
-        }
-        self.relay_to(job, AGENT_BATCH_PATH, content_type, body, content_length)
-            .await
-    }
-
-    async fn relay_to<B>(
-        &self,
-        job: &Job,
+        id: &str,
         path: &str,
+        query: &str,
         content_type: &str,
         body: B,
         content_length: Option<u64>,
@@ -279,15 +244,9 @@ impl Daemon {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let query = serde_urlencoded::to_string(&job.agent_query).map_err(|e| {
-            ErrorBody::new(
-                ErrorCode::Internal,
-                format!("cannot encode the agent query: {e}"),
-            )
-        })?;
         let mut req = Request::post(format!("{path}?{query}"))
             .header(header::CONTENT_TYPE, content_type)
-            .header("x-signet-job", &job.id);
+            .header("x-signet-job", id);
         if let Some(len) = content_length {
             req = req.header(header::CONTENT_LENGTH, len);
         }
@@ -304,7 +263,7 @@ impl Daemon {
             Ok(resp)
         } else {
             Err(client_view(
-                &job.id,
+                id,
                 client::error_body(&self.cfg.agent, resp).await,
             ))
         }
@@ -334,6 +293,7 @@ impl Daemon {
             default_profile: Some(self.cfg.default_profile.clone()),
             profiles: self.cfg.profiles.keys().cloned().collect(),
             agent,
+            queue: Some(self.queue_status()),
         }
     }
 

@@ -25,20 +25,29 @@
 //! - [`server`] — the HTTP front (`/v1/sign`, `/v1/status`, the Handtokening-compatible
 //!   `/api/sign`) on vsock, unix, TCP and TLS.
 //! - [`tls`] — the TLS acceptor for remote clients.
+//! - [`store`] — `state_dir/signet.db` (SQLite, WAL) and the spool: jobs as rows, inputs
+//!   and results as fsync'd files.
+//! - [`queue`] — pure: the per-token queue, callers taking turns, positions, estimates.
+//! - [`jobs`] — the job path: record, spool, queue, the token's worker, results.
+//! - [`audit`] — the hash-chained audit log, `signetd audit verify|export`.
 
+pub mod audit;
 pub mod clients;
 pub mod config;
 pub mod daemon;
 pub mod dbus;
 pub mod handtokening;
+pub mod jobs;
 pub mod limits;
 pub mod passthrough;
 pub mod policy;
 pub mod proxmox;
 pub mod qmp;
+pub mod queue;
 pub mod recovery;
 pub mod serve;
 pub mod server;
+pub mod store;
 pub mod tls;
 pub mod tokens;
 pub mod usb;

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use signet_protocol::transport::Listener;
+use signetd::audit;
 use signetd::config::{self, Config};
 use signetd::daemon::Daemon;
 
@@ -37,6 +38,9 @@ enum Cmd {
     /// Remote clients that sign over TLS with a secret (HTTP Basic: name and secret).
     #[command(subcommand)]
     Client(ClientCommand),
+    /// The audit log in `state_dir/signet.db`.
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -223,6 +227,67 @@ fn enroll(cmd: Enroll) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum AuditCommand {
+    /// Walks the hash chain; names the first record that was changed, deleted or
+    /// reordered, and exits 1 if there is one.
+    Verify {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes the records as JSON lines to stdout.
+    Export {
+        /// Only records from this time on (RFC 3339, e.g. 2026-11-23T08:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+/// Runs an `audit` subcommand; answers the exit code.
+fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
+    let db = cfg.state_dir.join(signetd::store::DB_FILE);
+    let conn =
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| {
+                format!(
+                    "opening {}; is `state_dir` in {} right?",
+                    db.display(),
+                    cfg.path.display()
+                )
+            })?;
+    match cmd {
+        AuditCommand::Verify { json } => {
+            let result = audit::verify(&conn);
+            if let Err(e @ audit::AuditError::Db(_)) = &result {
+                anyhow::bail!("{e}");
+            }
+            if *json {
+                let v = match &result {
+                    Ok(v) => serde_json::json!({"ok": true, "records": v.records, "head": v.head}),
+                    Err(e) => {
+                        serde_json::json!({"ok": false, "kind": e.kind(), "record": e.record(), "message": e.to_string()})
+                    }
+                };
+                println!("{v}");
+            } else {
+                match &result {
+                    Ok(v) => println!("audit log intact: {} records, head {}", v.records, v.head),
+                    Err(e) => println!("audit log broken: {e}"),
+                }
+            }
+            Ok(if result.is_ok() { 0 } else { 1 })
+        }
+        AuditCommand::Export { since } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            audit::export(&conn, since.as_deref(), &mut out)?;
+            std::io::Write::flush(&mut out)?;
+            Ok(0)
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -237,6 +302,10 @@ async fn main() -> anyhow::Result<()> {
         Some(Cmd::Enroll(cmd)) => return enroll(cmd),
         Some(Cmd::Tokens { json }) => return tokens(json),
         Some(Cmd::Client(cmd)) => return client_command(&Config::load(&cli.config)?, cmd),
+        Some(Cmd::Audit(cmd)) => {
+            let code = audit_command(&Config::load(&cli.config)?, &cmd)?;
+            std::process::exit(code);
+        }
         None => {}
     }
     let cfg = Config::load(&cli.config)?;
@@ -255,7 +324,9 @@ async fn main() -> anyhow::Result<()> {
         bound.push(local.to_string());
         listeners.push((l, None));
     }
-    let mut daemon = Daemon::new(cfg.clone());
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
+    let mut daemon = Daemon::open(cfg.clone())?;
     if let Some(tls) = &cfg.tls {
         let acceptor = signetd::tls::acceptor(&tls.cert, &tls.key)?;
         for ep in &tls.listen {
@@ -271,6 +342,8 @@ async fn main() -> anyhow::Result<()> {
     let header_timeout = std::time::Duration::from_secs(cfg.limits.header_timeout_seconds);
     let bus = cfg.dbus.clone();
     let daemon = Arc::new(daemon);
+    tokio::spawn(daemon.clone().run_worker());
+    tokio::spawn(daemon.clone().run_janitor());
     // The D-Bus front is for host tools; signing works without it.
     let _bus = match signetd::dbus::serve(daemon.clone(), &bus).await {
         Ok(Some(conn)) => {

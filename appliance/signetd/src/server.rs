@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{ConnectInfo, Query, RawQuery, State};
+use axum::extract::{ConnectInfo, Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,15 +15,16 @@ use axum::{Extension, Json, Router};
 use futures_util::StreamExt;
 use signet_protocol::transport::Peer;
 use signet_protocol::wire::{
-    ErrorBody, ErrorCode, SignQuery, SignResponse, BATCH_PATH, SIGN_PATH, STATUS_PATH,
+    ErrorBody, ErrorCode, SignQuery, SignResponse, BATCH_PATH, IDEMPOTENCY_HEADER, JOB_HEADER,
+    JOB_PATH, JOB_RESULT_PATH, SIGN_PATH, STATUS_PATH,
 };
-use tracing::Instrument;
 
 use crate::daemon::{client_view, Daemon};
 use crate::handtokening;
 use crate::limits;
 use crate::policy::Caller;
 use crate::serve::OverTls;
+use crate::store::Kind;
 use signet_protocol::batch;
 
 /// How much of a refused upload is read and dropped so the client gets to read the
@@ -36,10 +37,12 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(BATCH_PATH, post(sign_batch))
         .route(handtokening::PATH, post(api_sign))
         .route(STATUS_PATH, get(status))
+        .route(JOB_PATH, get(get_job).delete(cancel_job))
+        .route(JOB_RESULT_PATH, get(job_result))
         .fallback(|| async {
             ErrorBody::new(
                 ErrorCode::BadRequest,
-                "no such API path; the API is POST /v1/sign, POST /v1/batch, GET /v1/status and POST /api/sign",
+                "no such API path; the API is POST /v1/sign, POST /v1/batch, GET /v1/status, GET|DELETE /v1/jobs/{id}, GET /v1/jobs/{id}/result and POST /api/sign",
             )
         })
         .with_state(daemon)
@@ -58,7 +61,7 @@ async fn sign(
     body: Body,
 ) -> Response {
     let caller = authenticate(&daemon, &peer, tls.is_some(), &headers);
-    job(daemon, caller, v1_query(query), headers, body, false).await
+    job(daemon, peer, caller, v1_query(query), headers, body, false).await
 }
 
 async fn sign_batch(
@@ -70,7 +73,7 @@ async fn sign_batch(
     body: Body,
 ) -> Response {
     let caller = authenticate(&daemon, &peer, tls.is_some(), &headers);
-    job(daemon, caller, v1_query(query), headers, body, true).await
+    job(daemon, peer, caller, v1_query(query), headers, body, true).await
 }
 
 /// `POST /api/sign`, the Handtokening-compatible front: the same job, its query
@@ -88,7 +91,7 @@ async fn api_sign(
         .get(header::CONTENT_DISPOSITION)
         .and_then(|v| v.to_str().ok());
     let query = handtokening::sign_query(query.as_deref().unwrap_or(""), disposition);
-    let resp = job(daemon, caller, query, headers, body, false).await;
+    let resp = job(daemon, peer, caller, query, headers, body, false).await;
     if resp.status().is_success() {
         return resp;
     }
@@ -130,17 +133,26 @@ fn v1_query(query: Result<Query<SignQuery>, QueryRejection>) -> Result<SignQuery
 /// A job from any front: who is calling (or why they are refused), what they ask.
 async fn job(
     daemon: Arc<Daemon>,
+    peer: Peer,
     caller: Result<Caller, ErrorBody>,
     query: Result<SignQuery, ErrorBody>,
     headers: HeaderMap,
     body: Body,
     is_batch: bool,
 ) -> Response {
+    let (profile, filename) = query
+        .as_ref()
+        .map(|q| (q.profile.clone(), q.filename.clone()))
+        .unwrap_or_default();
+    let header_str = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let content_length: Option<u64> =
+        header_str(header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok());
     let accepted = caller.and_then(|caller| query.and_then(|q| daemon.accept(&q, &caller)));
-    let content_length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
     let started = accepted.and_then(|job| {
         if content_length.is_some_and(|n| n > job.max_input_size) {
             return Err(limits::too_large(job.max_input_size));
@@ -150,92 +162,156 @@ async fn job(
     let (job, slot) = match started {
         Ok(started) => started,
         Err(e) => {
+            daemon.refuse(&peer, profile.as_deref(), filename.as_deref(), &e);
             drain(body).await;
             return e.into_response();
         }
     };
     let idle = Duration::from_secs(daemon.config().limits.body_idle_timeout_seconds);
     let (body, tripped) = limits::limit(body, job.max_input_size, idle);
-    let span = tracing::info_span!("job", job = %job.id, profile = %job.profile);
-    let result = if is_batch {
-        let ct = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        daemon
-            .relay_batch(&job, &ct, body, content_length)
-            .instrument(span.clone())
-            .await
+    let content_type = if is_batch {
+        header_str(header::CONTENT_TYPE.as_str()).unwrap_or_default()
     } else {
-        daemon
-            .relay(&job, body, content_length)
-            .instrument(span.clone())
-            .await
+        "application/octet-stream".to_owned()
     };
-    match result {
-        Ok(agent_resp) => {
-            span.in_scope(|| tracing::info!("signed; streaming the result"));
-            let (parts, incoming) = agent_resp.into_parts();
-            let mut resp = if is_batch {
-                let ct = parts
-                    .headers
-                    .get(header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                let Ok(boundary) = multer::parse_boundary(ct) else {
-                    return ErrorBody::new(
-                        ErrorCode::Internal,
-                        "the agent answered a batch without parts",
-                    )
-                    .into_response();
-                };
-                let out = batch::new_boundary();
-                let mut r =
-                    Body::from_stream(reframe(incoming, boundary, out.clone(), job.id.clone()))
-                        .into_response();
-                if let Ok(v) = HeaderValue::from_str(&batch::content_type(&out)) {
-                    r.headers_mut().insert(header::CONTENT_TYPE, v);
-                }
-                r
-            } else {
-                let mut r = Body::new(incoming).into_response();
-                for h in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
-                    if let Some(v) = parts.headers.get(&h) {
-                        r.headers_mut().insert(h, v.clone());
-                    }
-                }
-                if job.agent_query.response == SignResponse::Pkcs7 {
-                    r.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/pkcs7-signature"),
-                    );
-                }
-                r
-            };
-            if let Ok(v) = HeaderValue::from_str(&job.id) {
-                resp.headers_mut().insert("x-signet-job", v);
-            }
-            hold_until_sent(resp, slot)
-        }
+    let kind = if is_batch { Kind::Batch } else { Kind::Sign };
+    let submitted = daemon
+        .submit(
+            &job,
+            &peer,
+            kind,
+            header_str(IDEMPOTENCY_HEADER),
+            &content_type,
+            content_length,
+            body,
+        )
+        .await;
+    let id = match submitted {
+        Ok(id) => id,
         Err(e) => {
             let e = tripped.error(job.max_input_size, idle).unwrap_or(e);
-            span.in_scope(|| tracing::warn!(code = %e.code, message = %e.message, "job failed"));
-            e.into_response()
+            return e.into_response();
         }
+    };
+    let respond_async = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|p| p.trim() == "respond-async"));
+    if respond_async {
+        // RFC 7240: answer now with the job; the result is fetched later.
+        let mut resp = match daemon.job(&id, &peer) {
+            Ok(v) => (http::StatusCode::ACCEPTED, Json(v)).into_response(),
+            Err(e) => e.into_response(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            resp.headers_mut().insert(JOB_HEADER, v);
+        }
+        return resp;
     }
+    daemon.wait(&id).await;
+    let mut resp = deliver(&daemon, &id, &peer).await;
+    if resp.status().is_success() && !is_batch && job.agent_query.response == SignResponse::Pkcs7 {
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/pkcs7-signature"),
+        );
+    }
+    hold_until_sent(resp, slot)
+}
+
+/// The result of job `id` as an answer: the signed file (a batch's parts re-framed),
+/// or the job's error; both carry the job id.
+async fn deliver(daemon: &Daemon, id: &str, peer: &Peer) -> Response {
+    let mut resp = match daemon.result(id, peer).await {
+        Ok(d) => {
+            let stream = tokio_util::io::ReaderStream::new(d.file);
+            match d.kind {
+                Kind::Batch => {
+                    let Ok(boundary) = multer::parse_boundary(&d.content_type) else {
+                        return ErrorBody::new(
+                            ErrorCode::Internal,
+                            "the agent answered a batch without parts",
+                        )
+                        .into_response();
+                    };
+                    let out = batch::new_boundary();
+                    let mut r = Body::from_stream(reframe(
+                        Body::from_stream(stream),
+                        boundary,
+                        out.clone(),
+                        d.id.clone(),
+                    ))
+                    .into_response();
+                    if let Ok(v) = HeaderValue::from_str(&batch::content_type(&out)) {
+                        r.headers_mut().insert(header::CONTENT_TYPE, v);
+                    }
+                    r
+                }
+                Kind::Sign => {
+                    let mut r = Body::from_stream(stream).into_response();
+                    if let Ok(v) = HeaderValue::from_str(&d.content_type) {
+                        r.headers_mut().insert(header::CONTENT_TYPE, v);
+                    }
+                    r.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(d.len));
+                    r
+                }
+            }
+        }
+        Err(e) => e.into_response(),
+    };
+    if let Ok(v) = HeaderValue::from_str(id) {
+        resp.headers_mut().insert(JOB_HEADER, v);
+    }
+    resp
+}
+
+async fn get_job(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(id): Path<String>,
+) -> Response {
+    match daemon.job(&id, &peer) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn cancel_job(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(id): Path<String>,
+) -> Response {
+    match daemon.cancel(&id, &peer) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn job_result(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(id): Path<String>,
+) -> Response {
+    // Known to the caller: wait for it to end, then answer as POST /v1/sign would have.
+    if let Err(e) = daemon.job(&id, &peer) {
+        return e.into_response();
+    }
+    daemon.wait(&id).await;
+    deliver(&daemon, &id, &peer).await
 }
 
 /// Re-frames the agent's batch answer for the caller, part by part as it streams:
 /// signed files pass through untouched, error parts go through [`client_view`].
 fn reframe(
-    incoming: hyper::body::Incoming,
+    incoming: Body,
     boundary: String,
     out_boundary: String,
     job: String,
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send {
     use futures_util::stream;
-    let mp = multer::Multipart::new(Body::new(incoming).into_data_stream(), boundary);
+    let mp = multer::Multipart::new(incoming.into_data_stream(), boundary);
 
     // State: the parser, the part being copied (if any), whether a part was written.
     stream::unfold(

@@ -1,0 +1,616 @@
+//! The audit log: one record per request that reached policy (signed, refused,
+//! failed, cancelled), hash-chained in SQLite.
+//!
+//! Each record stores the hash of the one before it (`prev`; the first record's is 64
+//! zeros) and its own `hash` = SHA-256 of `signet-audit-v1\n` followed by its
+//! **canonical serialisation**: the JSON object of [`Canonical`] — the keys `seq`,
+//! `time`, `job`, `caller`, `transport`, `profile`, `token_serial`, `cert_sha256`,
+//! `filename`, `input_sha256`, `input_bytes`, `output_sha256`, `output_bytes`,
+//! `duration_ms`, `result`, `error`, `prev`, in that order, no whitespace, absent values
+//! as `null`, strings escaped as serde_json does. Rows are walked in insertion order
+//! (`id`); `seq` counts up by one from 1. [`verify`] names the first record that was
+//! changed (its hash does not match its content), deleted (a `seq` is missing) or
+//! reordered (a `seq` appears out of place). Deleting the newest records is not
+//! visible from the chain alone: compare `signetd audit verify`'s head with a copy kept
+//! elsewhere (the export).
+//!
+//! Records are appended with [`append`] inside the caller's transaction, so a job's
+//! state change and its record commit together; [`record_refusal`] is the entry for a
+//! request refused before it became a job.
+
+use std::io::Write;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const DOMAIN: &[u8] = b"signet-audit-v1\n";
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Creates the audit table on `conn` if it does not exist.
+pub fn init(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS audit (
+            id INTEGER PRIMARY KEY,
+            seq INTEGER NOT NULL,
+            time TEXT NOT NULL,
+            job TEXT,
+            caller TEXT NOT NULL,
+            transport TEXT NOT NULL,
+            profile TEXT,
+            token_serial TEXT,
+            cert_sha256 TEXT,
+            filename TEXT,
+            input_sha256 TEXT,
+            input_bytes INTEGER,
+            output_sha256 TEXT,
+            output_bytes INTEGER,
+            duration_ms INTEGER,
+            result TEXT NOT NULL,
+            error TEXT,
+            prev TEXT NOT NULL,
+            hash TEXT NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS audit_time ON audit(time);",
+    )
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Signed,
+    Refused,
+    Failed,
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Signed => "signed",
+            Outcome::Refused => "refused",
+            Outcome::Failed => "failed",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What is known about a request when its record is written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Entry {
+    pub job: Option<String>,
+    /// Who asked: today the transport identity (`uid:0`, `cid:105`, `ip:10.0.0.5`); a
+    /// richer identity (VMID, client name) fits the same string, or JSON.
+    pub caller: String,
+    /// `vsock`, `unix` or `tcp`.
+    pub transport: String,
+    pub profile: Option<String>,
+    pub token_serial: Option<String>,
+    pub cert_sha256: Option<String>,
+    pub filename: Option<String>,
+    pub input_sha256: Option<String>,
+    pub input_bytes: Option<u64>,
+    pub output_sha256: Option<String>,
+    pub output_bytes: Option<u64>,
+    pub duration_ms: Option<u64>,
+    /// `None` only until [`append`] is called; see [`Outcome`].
+    pub result: Option<Outcome>,
+    /// The error class (`ErrorCode` name), for refused and failed requests.
+    pub error: Option<String>,
+}
+
+/// A record as stored and exported. Field order is the canonical order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    pub time: String,
+    pub job: Option<String>,
+    pub caller: String,
+    pub transport: String,
+    pub profile: Option<String>,
+    pub token_serial: Option<String>,
+    pub cert_sha256: Option<String>,
+    pub filename: Option<String>,
+    pub input_sha256: Option<String>,
+    pub input_bytes: Option<u64>,
+    pub output_sha256: Option<String>,
+    pub output_bytes: Option<u64>,
+    pub duration_ms: Option<u64>,
+    pub result: String,
+    pub error: Option<String>,
+    pub prev: String,
+    pub hash: String,
+}
+
+/// The hashed part of a record: every field but `hash`, in this order.
+#[derive(Serialize)]
+struct Canonical<'a> {
+    seq: u64,
+    time: &'a str,
+    job: &'a Option<String>,
+    caller: &'a str,
+    transport: &'a str,
+    profile: &'a Option<String>,
+    token_serial: &'a Option<String>,
+    cert_sha256: &'a Option<String>,
+    filename: &'a Option<String>,
+    input_sha256: &'a Option<String>,
+    input_bytes: Option<u64>,
+    output_sha256: &'a Option<String>,
+    output_bytes: Option<u64>,
+    duration_ms: Option<u64>,
+    result: &'a str,
+    error: &'a Option<String>,
+    prev: &'a str,
+}
+
+impl Record {
+    /// The canonical serialisation (see the module docs).
+    pub fn canonical(&self) -> String {
+        serde_json::to_string(&Canonical {
+            seq: self.seq,
+            time: &self.time,
+            job: &self.job,
+            caller: &self.caller,
+            transport: &self.transport,
+            profile: &self.profile,
+            token_serial: &self.token_serial,
+            cert_sha256: &self.cert_sha256,
+            filename: &self.filename,
+            input_sha256: &self.input_sha256,
+            input_bytes: self.input_bytes,
+            output_sha256: &self.output_sha256,
+            output_bytes: self.output_bytes,
+            duration_ms: self.duration_ms,
+            result: &self.result,
+            error: &self.error,
+            prev: &self.prev,
+        })
+        .unwrap_or_default()
+    }
+
+    /// The hash this record should carry.
+    pub fn compute_hash(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(DOMAIN);
+        h.update(self.canonical().as_bytes());
+        hex(&h.finalize())
+    }
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The audit log cannot be read, or its chain is broken.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("the audit log cannot be read or written: {0}; check the state directory's disk and permissions")]
+    Db(#[from] rusqlite::Error),
+    #[error("audit record {seq} (row {row}) was changed: its hash does not match its content")]
+    Changed { seq: u64, row: i64 },
+    #[error(
+        "audit record {seq} was deleted: row {row} holds record {found} where record {seq} belongs"
+    )]
+    Deleted { seq: u64, row: i64, found: u64 },
+    #[error(
+        "audit records were reordered: row {row} holds record {found} where record {seq} belongs"
+    )]
+    Reordered { seq: u64, row: i64, found: u64 },
+    #[error("cannot write the export: {0}")]
+    Write(#[from] std::io::Error),
+    #[error("--since {0:?} is not a time; give RFC 3339, e.g. 2026-11-23T08:00:00Z")]
+    BadTime(String),
+}
+
+impl AuditError {
+    /// The `seq` of the first bad record, when the chain is broken.
+    pub fn record(&self) -> Option<u64> {
+        match self {
+            AuditError::Changed { seq, .. }
+            | AuditError::Deleted { seq, .. }
+            | AuditError::Reordered { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
+    /// `changed`, `deleted` or `reordered` for a broken chain.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuditError::Changed { .. } => "changed",
+            AuditError::Deleted { .. } => "deleted",
+            AuditError::Reordered { .. } => "reordered",
+            _ => "error",
+        }
+    }
+}
+
+/// Now, as the records write it: RFC 3339, UTC, milliseconds (sorts as it reads).
+pub fn now_rfc3339() -> String {
+    format_time(time::OffsetDateTime::now_utc())
+}
+
+fn format_time(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+/// Appends one record after the newest; call inside the transaction that changes the
+/// job's state. Answers the record written.
+pub fn append(conn: &Connection, entry: &Entry) -> Result<Record, AuditError> {
+    let last: Option<(u64, String)> = conn
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let (seq, prev) = last.map_or((1, GENESIS.to_owned()), |(s, h)| (s + 1, h));
+    let mut rec = Record {
+        seq,
+        time: now_rfc3339(),
+        job: entry.job.clone(),
+        caller: entry.caller.clone(),
+        transport: entry.transport.clone(),
+        profile: entry.profile.clone(),
+        token_serial: entry.token_serial.clone(),
+        cert_sha256: entry.cert_sha256.clone(),
+        filename: entry.filename.clone(),
+        input_sha256: entry.input_sha256.clone(),
+        input_bytes: entry.input_bytes,
+        output_sha256: entry.output_sha256.clone(),
+        output_bytes: entry.output_bytes,
+        duration_ms: entry.duration_ms,
+        result: entry.result.unwrap_or(Outcome::Failed).as_str().to_owned(),
+        error: entry.error.clone(),
+        prev,
+        hash: String::new(),
+    };
+    rec.hash = rec.compute_hash();
+    conn.execute(
+        "INSERT INTO audit (seq, time, job, caller, transport, profile, token_serial,
+            cert_sha256, filename, input_sha256, input_bytes, output_sha256, output_bytes,
+            duration_ms, result, error, prev, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+        params![
+            rec.seq,
+            rec.time,
+            rec.job,
+            rec.caller,
+            rec.transport,
+            rec.profile,
+            rec.token_serial,
+            rec.cert_sha256,
+            rec.filename,
+            rec.input_sha256,
+            rec.input_bytes,
+            rec.output_sha256,
+            rec.output_bytes,
+            rec.duration_ms,
+            rec.result,
+            rec.error,
+            rec.prev,
+            rec.hash
+        ],
+    )?;
+    Ok(rec)
+}
+
+/// Records a request refused before it became a job (unknown profile, not permitted,
+/// bad input), in a transaction of its own. `entry.result` is set to refused.
+pub fn record_refusal(conn: &Connection, entry: &Entry) -> Result<Record, AuditError> {
+    let tx = conn.unchecked_transaction()?;
+    let mut e = entry.clone();
+    e.result = Some(Outcome::Refused);
+    let rec = append(&tx, &e)?;
+    tx.commit()?;
+    Ok(rec)
+}
+
+fn rows(conn: &Connection, since: Option<&str>) -> Result<Vec<(i64, Record)>, AuditError> {
+    let mut stmt = conn.prepare(
+        "SELECT id, seq, time, job, caller, transport, profile, token_serial, cert_sha256,
+            filename, input_sha256, input_bytes, output_sha256, output_bytes, duration_ms,
+            result, error, prev, hash
+         FROM audit WHERE ?1 IS NULL OR time >= ?1 ORDER BY id",
+    )?;
+    let rows = stmt.query_map([since], |r| {
+        Ok((
+            r.get(0)?,
+            Record {
+                seq: r.get(1)?,
+                time: r.get(2)?,
+                job: r.get(3)?,
+                caller: r.get(4)?,
+                transport: r.get(5)?,
+                profile: r.get(6)?,
+                token_serial: r.get(7)?,
+                cert_sha256: r.get(8)?,
+                filename: r.get(9)?,
+                input_sha256: r.get(10)?,
+                input_bytes: r.get(11)?,
+                output_sha256: r.get(12)?,
+                output_bytes: r.get(13)?,
+                duration_ms: r.get(14)?,
+                result: r.get(15)?,
+                error: r.get(16)?,
+                prev: r.get(17)?,
+                hash: r.get(18)?,
+            },
+        ))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A chain that verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verified {
+    pub records: u64,
+    /// The newest record's hash (64 zeros when the log is empty).
+    pub head: String,
+}
+
+/// Walks the whole chain; the error names the first record that was changed, deleted
+/// or reordered.
+pub fn verify(conn: &Connection) -> Result<Verified, AuditError> {
+    check_chain(&rows(conn, None)?)
+}
+
+/// The pure walk behind [`verify`].
+fn check_chain(rows: &[(i64, Record)]) -> Result<Verified, AuditError> {
+    let seqs: std::collections::HashSet<u64> = rows.iter().map(|(_, r)| r.seq).collect();
+    let mut prev = GENESIS.to_owned();
+    for (i, (row, rec)) in rows.iter().enumerate() {
+        let expected = i as u64 + 1;
+        if rec.compute_hash() != rec.hash {
+            return Err(AuditError::Changed {
+                seq: rec.seq,
+                row: *row,
+            });
+        }
+        if rec.seq != expected {
+            // The expected record is elsewhere: moved; nowhere: deleted.
+            return Err(if seqs.contains(&expected) {
+                AuditError::Reordered {
+                    seq: expected,
+                    row: *row,
+                    found: rec.seq,
+                }
+            } else {
+                AuditError::Deleted {
+                    seq: expected,
+                    row: *row,
+                    found: rec.seq,
+                }
+            });
+        }
+        if rec.prev != prev {
+            // Right place, intact content, wrong link: the link itself was rewritten.
+            return Err(AuditError::Changed {
+                seq: rec.seq,
+                row: *row,
+            });
+        }
+        prev = rec.hash.clone();
+    }
+    Ok(Verified {
+        records: rows.len() as u64,
+        head: prev,
+    })
+}
+
+/// Writes the records since `since` (RFC 3339; all when `None`) as JSON lines; answers
+/// how many.
+pub fn export(
+    conn: &Connection,
+    since: Option<&str>,
+    out: &mut dyn Write,
+) -> Result<u64, AuditError> {
+    let since = since
+        .map(|s| {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map(format_time)
+                .map_err(|_| AuditError::BadTime(s.to_owned()))
+        })
+        .transpose()?;
+    let rows = rows(conn, since.as_deref())?;
+    for (_, rec) in &rows {
+        serde_json::to_writer(&mut *out, rec).map_err(std::io::Error::from)?;
+        out.write_all(b"\n")?;
+    }
+    Ok(rows.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db_with(n: usize) -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        init(&conn).unwrap();
+        for i in 0..n {
+            let tx = conn.unchecked_transaction().unwrap();
+            append(
+                &tx,
+                &Entry {
+                    job: Some(format!("{}", i + 1)),
+                    caller: format!("uid:{i}"),
+                    transport: "unix".into(),
+                    filename: Some("app.exe".into()),
+                    input_bytes: Some(10),
+                    result: Some(Outcome::Signed),
+                    ..Entry::default()
+                },
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        conn
+    }
+
+    #[test]
+    fn the_canonical_form_is_fixed() {
+        let rec = Record {
+            seq: 1,
+            time: "2026-11-23T08:00:00.000Z".into(),
+            job: Some("7".into()),
+            caller: "uid:0".into(),
+            transport: "unix".into(),
+            profile: None,
+            token_serial: None,
+            cert_sha256: None,
+            filename: Some("a\"b.exe".into()),
+            input_sha256: None,
+            input_bytes: Some(3),
+            output_sha256: None,
+            output_bytes: None,
+            duration_ms: None,
+            result: "signed".into(),
+            error: None,
+            prev: GENESIS.into(),
+            hash: "ignored".into(),
+        };
+        assert_eq!(
+            rec.canonical(),
+            format!(
+                r#"{{"seq":1,"time":"2026-11-23T08:00:00.000Z","job":"7","caller":"uid:0","transport":"unix","profile":null,"token_serial":null,"cert_sha256":null,"filename":"a\"b.exe","input_sha256":null,"input_bytes":3,"output_sha256":null,"output_bytes":null,"duration_ms":null,"result":"signed","error":null,"prev":"{GENESIS}"}}"#
+            )
+        );
+        assert_eq!(rec.compute_hash().len(), 64);
+    }
+
+    #[test]
+    fn an_intact_chain_verifies_and_links() {
+        let conn = db_with(5);
+        let v = verify(&conn).unwrap();
+        assert_eq!(v.records, 5);
+        let all = rows(&conn, None).unwrap();
+        assert_eq!(all[0].1.prev, GENESIS);
+        for w in all.windows(2) {
+            assert_eq!(w[1].1.prev, w[0].1.hash);
+        }
+        assert_eq!(v.head, all[4].1.hash);
+        let refused = record_refusal(
+            &conn,
+            &Entry {
+                caller: "cid:9".into(),
+                transport: "vsock".into(),
+                error: Some("forbidden".into()),
+                ..Entry::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((refused.seq, refused.result.as_str()), (6, "refused"));
+        assert_eq!(verify(&conn).unwrap().records, 6);
+        assert_eq!(verify(&db_with(0)).unwrap().head, GENESIS);
+    }
+
+    #[test]
+    fn a_changed_record_is_named() {
+        let conn = db_with(5);
+        conn.execute("UPDATE audit SET filename = 'evil.exe' WHERE seq = 3", [])
+            .unwrap();
+        let e = verify(&conn).unwrap_err();
+        assert!(matches!(e, AuditError::Changed { seq: 3, .. }), "{e}");
+        assert!(e.to_string().contains("record 3"), "{e}");
+    }
+
+    #[test]
+    fn a_rewritten_link_is_named() {
+        let conn = db_with(4);
+        // Record 3 rehashed over a forged link: its own hash matches, the link does not.
+        let mut all = rows(&conn, None).unwrap();
+        let rec = &mut all[2].1;
+        rec.prev = GENESIS.into();
+        rec.hash = rec.compute_hash();
+        conn.execute(
+            "UPDATE audit SET prev = ?1, hash = ?2 WHERE seq = 3",
+            params![rec.prev, rec.hash],
+        )
+        .unwrap();
+        assert!(matches!(
+            verify(&conn).unwrap_err(),
+            AuditError::Changed { seq: 3, .. }
+        ));
+    }
+
+    #[test]
+    fn a_deleted_record_is_named() {
+        let conn = db_with(5);
+        conn.execute("DELETE FROM audit WHERE seq = 2", []).unwrap();
+        let e = verify(&conn).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AuditError::Deleted {
+                    seq: 2,
+                    found: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn swapped_records_are_named() {
+        let conn = db_with(5);
+        conn.execute_batch(
+            "UPDATE audit SET id = -1 WHERE seq = 2;
+             UPDATE audit SET id = 2 WHERE seq = 4;
+             UPDATE audit SET id = 4 WHERE seq = 2;",
+        )
+        .unwrap();
+        let e = verify(&conn).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AuditError::Reordered {
+                    seq: 2,
+                    found: 4,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!((e.record(), e.kind()), (Some(2), "reordered"));
+    }
+
+    #[test]
+    fn export_writes_json_lines_since_a_time() {
+        let conn = db_with(3);
+        let mut out = Vec::new();
+        assert_eq!(export(&conn, None, &mut out).unwrap(), 3);
+        let lines: Vec<Record> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[2].compute_hash(), lines[2].hash);
+        let mut out = Vec::new();
+        assert_eq!(
+            export(&conn, Some("2999-01-01T00:00:00Z"), &mut out).unwrap(),
+            0
+        );
+        assert!(matches!(
+            export(&conn, Some("yesterday"), &mut out),
+            Err(AuditError::BadTime(_))
+        ));
+    }
+}

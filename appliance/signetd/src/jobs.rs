@@ -1,0 +1,783 @@
+//! The durable job path: a request is recorded, its input spooled, the job queued;
+//! one worker per token takes the next job ([`crate::queue`]), streams the spooled
+//! input to the agent, spools the result and ends the job with its audit record; the
+//! request that is waiting (or any later `GET /v1/jobs/{id}/result`) streams the result.
+//!
+//! These are [`Daemon`] commands; the HTTP front calls them and renders the results.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use futures_util::StreamExt;
+use http::header;
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use signet_protocol::client;
+use signet_protocol::transport::Peer;
+use signet_protocol::wire::{
+    AgentHealth, ErrorBody, ErrorCode, JobState, JobView, QueueStatus, AGENT_BATCH_PATH,
+    AGENT_HEALTH_PATH, AGENT_SIGN_PATH,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{watch, Notify};
+use tracing::Instrument;
+
+use crate::audit::{self, Entry, Outcome};
+use crate::daemon::{Daemon, Job};
+use crate::queue::Queue;
+use crate::store::{self, Inserted, JobRow, Kind, NewJob, Store, StoreError};
+
+/// How long the worker waits before it sends a job back to a token that was lost.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// How often expired results are removed, at most.
+const JANITOR_PERIOD: Duration = Duration::from_secs(60);
+/// How much of a repeated request's body is read and dropped.
+const DRAIN_LIMIT: usize = 64 << 20;
+/// The longest idempotency key accepted.
+const MAX_KEY_LEN: usize = 200;
+
+/// Who sent a request, as the queue and the audit log name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// `cid:105`, `uid:1000` or `ip:10.0.0.5`: the lane the caller's jobs wait in.
+    pub id: String,
+    /// `vsock`, `unix` or `tcp`.
+    pub transport: &'static str,
+}
+
+impl Caller {
+    /// The identity the transport proves: the vsock CID, the unix uid, the TCP address
+    /// (without the port, so one machine is one caller).
+    pub fn of(peer: &Peer) -> Caller {
+        match peer {
+            Peer::Vsock { cid, .. } => Caller {
+                id: format!("cid:{cid}"),
+                transport: "vsock",
+            },
+            Peer::Unix { uid, .. } => Caller {
+                id: format!("uid:{uid}"),
+                transport: "unix",
+            },
+            Peer::Tcp { addr } => Caller {
+                id: format!("ip:{}", addr.ip()),
+                transport: "tcp",
+            },
+        }
+    }
+}
+
+/// The queue's in-memory half (the durable half is the `jobs` table).
+#[derive(Debug, Default)]
+pub(crate) struct Sched {
+    queue: Queue,
+    running: Option<String>,
+}
+
+/// The job engine's state inside [`Daemon`].
+#[derive(Debug)]
+pub(crate) struct Engine {
+    store: Arc<Store>,
+    sched: Mutex<Sched>,
+    wake: Notify,
+    done: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// The token's serial and certificate fingerprint, from the agent's health.
+    token: Mutex<Option<(Option<String>, Option<String>)>>,
+}
+
+/// A finished job's result, ready to stream.
+#[derive(Debug)]
+pub struct Delivery {
+    pub id: String,
+    pub kind: Kind,
+    pub content_type: String,
+    pub len: u64,
+    pub file: tokio::fs::File,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn internal(job: &str, what: &str, e: &dyn std::fmt::Display) -> ErrorBody {
+    tracing::error!(job, error = %e, "{what}");
+    ErrorBody::new(
+        ErrorCode::Internal,
+        format!("the appliance failed internally ({what}); the appliance's operator sees details in signetd's log (job {job})"),
+    )
+}
+
+impl Engine {
+    /// Opens the store under the configured state directory and recovers what a crash
+    /// left: uploads cut short fail, jobs queued or at the agent are queued again.
+    pub(crate) fn open(state_dir: &Path, quota: u64) -> Result<Engine, StoreError> {
+        let store = Arc::new(Store::open(state_dir, quota)?);
+        let engine = Engine {
+            store,
+            sched: Mutex::default(),
+            wake: Notify::new(),
+            done: Mutex::default(),
+            token: Mutex::default(),
+        };
+        engine.recover()?;
+        Ok(engine)
+    }
+
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn recover(&self) -> Result<(), StoreError> {
+        for row in self.store.in_state(JobState::Receiving)? {
+            let e = ErrorBody::new(
+                ErrorCode::TruncatedInput,
+                "signetd restarted while this file was being uploaded; nothing was signed, send it again",
+            );
+            self.store.finish(
+                &row.id,
+                JobState::Failed,
+                None,
+                Some(&e),
+                &entry(&row, Outcome::Failed, Some(e.code)),
+            )?;
+            self.store.remove_spooled(&self.store.input_path(&row.id));
+        }
+        let mut pending = self.store.in_state(JobState::Running)?;
+        pending.extend(self.store.in_state(JobState::Queued)?);
+        pending.sort_by_key(|r| r.id.parse::<u64>().unwrap_or(0));
+        let mut sched = lock(&self.sched);
+        for row in &pending {
+            if row.state == JobState::Running {
+                tracing::info!(job = %row.id, "the job was at the agent when signetd stopped; it runs again");
+                self.store.requeue(&row.id)?;
+            }
+            sched.queue.push(&row.caller, &row.id);
+        }
+        drop(sched);
+        if !pending.is_empty() {
+            tracing::info!(jobs = pending.len(), "queued jobs resumed");
+        }
+        // Spool files of no live job (a crash between the commit and the removal).
+        let live = self.store.live_ids()?;
+        let pending: std::collections::HashSet<&str> =
+            pending.iter().map(|r| r.id.as_str()).collect();
+        for e in std::fs::read_dir(self.store.spool_dir())? {
+            let path = e?.path();
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+            let is_input = path.extension().is_some_and(|x| x == "in");
+            if !live.contains(stem) || (is_input && !pending.contains(stem)) {
+                self.store.remove_spooled(&path);
+            }
+        }
+        Ok(())
+    }
+
+    fn notify_done(&self, id: &str) {
+        if let Some(tx) = lock(&self.done).remove(id) {
+            tx.send_replace(true);
+        }
+    }
+}
+
+/// The audit entry of a job, as far as the row knows it.
+fn entry(row: &JobRow, result: Outcome, error: Option<ErrorCode>) -> Entry {
+    Entry {
+        job: Some(row.id.clone()),
+        caller: row.caller.clone(),
+        transport: row.transport.clone(),
+        profile: Some(row.profile.clone()),
+        filename: row.filename.clone(),
+        input_sha256: row.input_sha256.clone(),
+        input_bytes: row.input_bytes,
+        result: Some(result),
+        error: error.map(|c| c.as_str().to_owned()),
+        ..Entry::default()
+    }
+}
+
+impl Daemon {
+    /// Records a request refused before it became a job (unknown profile, bad name).
+    pub fn refuse(
+        &self,
+        peer: &Peer,
+        profile: Option<&str>,
+        filename: Option<&str>,
+        e: &ErrorBody,
+    ) {
+        let caller = Caller::of(peer);
+        let entry = Entry {
+            caller: caller.id,
+            transport: caller.transport.to_owned(),
+            profile: profile.map(str::to_owned),
+            filename: filename.map(str::to_owned),
+            error: Some(e.code.as_str().to_owned()),
+            ..Entry::default()
+        };
+        if let Err(err) = audit::record_refusal(&self.engine().store.conn(), &entry) {
+            tracing::error!(error = %err, "a refusal could not be recorded in the audit log");
+        }
+    }
+
+    /// Records the job and spools its input (`body`); answers the job's id once it is
+    /// queued. A request with the idempotency key of one of the caller's jobs gets that
+    /// job, and its body is not read.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn submit(
+        &self,
+        job: &Job,
+        peer: &Peer,
+        kind: Kind,
+        key: Option<String>,
+        content_type: &str,
+        content_length: Option<u64>,
+        body: Body,
+    ) -> Result<String, ErrorBody> {
+        let engine = self.engine();
+        let store = &engine.store;
+        let caller = Caller::of(peer);
+        if let Some(k) = &key {
+            if k.is_empty() || k.len() > MAX_KEY_LEN || !k.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} printable ASCII characters, e.g. a UUID"),
+                ));
+            }
+        }
+        if kind == Kind::Batch && multer::parse_boundary(content_type).is_err() {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                "a batch is multipart/form-data with one part per file (curl -F file=@a.exe -F file=@b.dll)",
+            ));
+        }
+        let full = |what: String| {
+            let (used, quota) = store.spool_usage();
+            ErrorBody::new(
+                ErrorCode::SpoolFull,
+                format!("the appliance's spool has no room for {what} now ({} of {} MiB in use); nothing was uploaded or signed, send it again later", used >> 20, quota >> 20),
+            )
+        };
+        let mut reserved = 0u64;
+        if let Some(len) = content_length {
+            if !store.reserve(len) {
+                let e = full(format!("this {len}-byte upload"));
+                self.refuse(
+                    peer,
+                    Some(&job.profile),
+                    job.agent_query.filename.as_deref(),
+                    &e,
+                );
+                return Err(e);
+            }
+            reserved = len;
+        }
+        let agent_query = serde_urlencoded::to_string(&job.agent_query)
+            .map_err(|e| internal("-", "encoding the agent query", &e))?;
+        let inserted = store.insert(&NewJob {
+            caller: caller.id.clone(),
+            transport: caller.transport.to_owned(),
+            idempotency_key: key,
+            kind,
+            profile: job.profile.clone(),
+            filename: job.agent_query.filename.clone(),
+            agent_query,
+            content_type: content_type.to_owned(),
+        });
+        let id = match inserted {
+            Ok(Inserted::New(id)) => id,
+            Ok(Inserted::Existing(id)) => {
+                store.release(reserved);
+                // Not needed; read (up to a limit) so the client gets to read the answer.
+                let mut stream = body.into_data_stream();
+                let mut seen = 0usize;
+                while let Some(Ok(chunk)) = stream.next().await {
+                    seen += chunk.len();
+                    if seen > DRAIN_LIMIT {
+                        break;
+                    }
+                }
+                tracing::info!(job = %id, caller = %caller.id, "idempotency key seen before: same job");
+                return Ok(id);
+            }
+            Err(e) => {
+                store.release(reserved);
+                return Err(internal("-", "recording the job", &e));
+            }
+        };
+        tracing::info!(job = %id, caller = %caller.id, profile = %job.profile, file = job.agent_query.filename.as_deref().unwrap_or("-"), "job accepted");
+        let path = store.input_path(&id);
+        let spooled = spool(store, &path, body, &mut reserved).await;
+        store.release(reserved);
+        let (sha, n) = match spooled {
+            Ok(done) => done,
+            Err(fault) => {
+                store.remove_spooled(&path);
+                let e = match fault {
+                    Spool::Full => full("this upload".to_owned()),
+                    Spool::Broken(e) => ErrorBody::new(
+                        ErrorCode::TruncatedInput,
+                        format!("the upload broke off before the end ({e}); nothing was signed, send it again"),
+                    ),
+                    Spool::Disk(e) => internal(&id, "spooling the input", &e),
+                };
+                if let Ok(Some(row)) = store.get(&id) {
+                    let _ = store.finish(
+                        &id,
+                        JobState::Failed,
+                        None,
+                        Some(&e),
+                        &entry(&row, Outcome::Failed, Some(e.code)),
+                    );
+                }
+                return Err(e);
+            }
+        };
+        store
+            .queued(&id, &sha, n)
+            .map_err(|e| internal(&id, "queueing the job", &e))?;
+        lock(&engine.sched).queue.push(&caller.id, &id);
+        engine.wake.notify_one();
+        Ok(id)
+    }
+
+    /// Waits until the job has ended.
+    pub async fn wait(&self, id: &str) {
+        let engine = self.engine();
+        let mut rx = lock(&engine.done)
+            .entry(id.to_owned())
+            .or_insert_with(|| watch::channel(false).0)
+            .subscribe();
+        let ended = |engine: &Engine| {
+            engine
+                .store
+                .get(id)
+                .ok()
+                .flatten()
+                .is_none_or(|r| r.state.is_final())
+        };
+        if !ended(engine) {
+            let _ = rx.wait_for(|d| *d).await;
+        }
+        if ended(engine) {
+            lock(&engine.done).remove(id);
+        }
+    }
+
+    fn caller_job(&self, id: &str, peer: &Peer) -> Result<JobRow, ErrorBody> {
+        match self.engine().store.get(id) {
+            Ok(Some(row)) if row.caller == Caller::of(peer).id => Ok(row),
+            Ok(_) => Err(ErrorBody::new(
+                ErrorCode::UnknownJob,
+                format!("there is no job {id:?} of yours; job ids are in the x-signet-job header of the answer to the request that sent it"),
+            )),
+            Err(e) => Err(internal(id, "reading the job", &e)),
+        }
+    }
+
+    /// A job's state, its place in the queue and an estimate.
+    pub fn job(&self, id: &str, peer: &Peer) -> Result<JobView, ErrorBody> {
+        let row = self.caller_job(id, peer)?;
+        Ok(self.view(&row))
+    }
+
+    fn view(&self, row: &JobRow) -> JobView {
+        let sched = lock(&self.engine().sched);
+        let position = (row.state == JobState::Queued)
+            .then(|| sched.queue.position(&row.id))
+            .flatten();
+        let estimate = match row.state {
+            JobState::Queued => sched
+                .queue
+                .estimate_ms(position.unwrap_or(0), sched.running.is_some()),
+            JobState::Running => sched.queue.estimate_ms(0, false),
+            _ => None,
+        };
+        JobView {
+            id: row.id.clone(),
+            state: row.state,
+            profile: row.profile.clone(),
+            filename: row.filename.clone(),
+            created: rfc3339(row.created_ms),
+            finished: row.finished_ms.map(rfc3339),
+            position: position.map(|p| p as u64),
+            estimate_seconds: estimate.map(|ms| ms.div_ceil(1000)),
+            attempts: row.attempts,
+            error: row.error.clone(),
+            result_available: row.state == JobState::Signed && !row.result_gone,
+        }
+    }
+
+    /// Cancels a job that waits for its turn.
+    pub fn cancel(&self, id: &str, peer: &Peer) -> Result<JobView, ErrorBody> {
+        let engine = self.engine();
+        let row = self.caller_job(id, peer)?;
+        let removed = lock(&engine.sched).queue.cancel(id);
+        if removed {
+            let e = ErrorBody::new(
+                ErrorCode::Cancelled,
+                format!("job {id} was cancelled before it was signed"),
+            );
+            engine
+                .store
+                .finish(
+                    id,
+                    JobState::Cancelled,
+                    None,
+                    Some(&e),
+                    &entry(&row, Outcome::Cancelled, None),
+                )
+                .map_err(|e| internal(id, "cancelling the job", &e))?;
+            engine.store.remove_spooled(&engine.store.input_path(id));
+            engine.notify_done(id);
+            tracing::info!(job = id, "cancelled");
+        } else if !row.state.is_final() {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!("job {id} is {} and can no longer be cancelled; only a job waiting in the queue can", row.state.as_str()),
+            ));
+        }
+        let row = self.caller_job(id, peer)?;
+        Ok(self.view(&row))
+    }
+
+    /// The result of an ended job: the signed file, or the job's error.
+    pub async fn result(&self, id: &str, peer: &Peer) -> Result<Delivery, ErrorBody> {
+        let row = self.caller_job(id, peer)?;
+        match row.state {
+            JobState::Signed => {
+                let expired = || {
+                    ErrorBody::new(
+                        ErrorCode::ResultExpired,
+                        format!("job {id} was signed, but its result was kept for {} s and is gone; sign the file again", self.config().queue.result_ttl_seconds),
+                    )
+                };
+                if row.result_gone {
+                    return Err(expired());
+                }
+                let file = tokio::fs::File::open(self.engine().store.output_path(id))
+                    .await
+                    .map_err(|_| expired())?;
+                Ok(Delivery {
+                    id: row.id,
+                    kind: row.kind,
+                    content_type: row
+                        .output_type
+                        .unwrap_or_else(|| "application/octet-stream".to_owned()),
+                    len: row.output_bytes.unwrap_or(0),
+                    file,
+                })
+            }
+            JobState::Failed | JobState::Cancelled => Err(row.error.unwrap_or_else(|| {
+                ErrorBody::new(ErrorCode::Internal, format!("job {id} failed"))
+            })),
+            state => Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!("job {id} is {} and has no result yet", state.as_str()),
+            )),
+        }
+    }
+
+    /// The queue, for `GET /v1/status`.
+    pub fn queue_status(&self) -> QueueStatus {
+        let engine = self.engine();
+        let sched = lock(&engine.sched);
+        let (used, quota) = engine.store.spool_usage();
+        QueueStatus {
+            running: sched.running.clone(),
+            waiting: sched.queue.len() as u64,
+            by_caller: sched
+                .queue
+                .by_caller()
+                .into_iter()
+                .map(|(c, n)| (c, n as u64))
+                .collect(),
+            recent_job_ms: sched.queue.estimate_ms(0, false),
+            spool_used_bytes: used,
+            spool_quota_bytes: quota,
+        }
+    }
+
+    /// The token's worker: one job at a time, the next by the queue's turns. Runs for
+    /// the daemon's life.
+    pub async fn run_worker(self: Arc<Self>) {
+        loop {
+            let engine = self.engine();
+            let next = {
+                let mut s = lock(&engine.sched);
+                let n = s.queue.take();
+                s.running = n.as_ref().map(|(_, id)| id.clone());
+                n
+            };
+            let Some((caller, id)) = next else {
+                engine.wake.notified().await;
+                continue;
+            };
+            let again = self.run_job(&id).await;
+            {
+                let mut s = lock(&engine.sched);
+                s.running = None;
+                if again {
+                    s.queue.push_front(&caller, &id);
+                }
+            }
+            if again {
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+    }
+
+    /// Removes expired results now and then. Runs for the daemon's life.
+    pub async fn run_janitor(self: Arc<Self>) {
+        let ttl = self.config().queue.result_ttl_seconds;
+        let period = JANITOR_PERIOD.min(Duration::from_secs(ttl.max(1)));
+        loop {
+            let store = &self.engine().store;
+            match store.expire(store::now_ms().saturating_sub(ttl * 1000)) {
+                Ok(ids) => {
+                    for id in ids {
+                        store.remove_spooled(&store.output_path(&id));
+                        store.remove_spooled(&store.input_path(&id));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "expired results could not be removed"),
+            }
+            tokio::time::sleep(period).await;
+        }
+    }
+
+    async fn token_facts(&self) -> (Option<String>, Option<String>) {
+        if let Some(f) = lock(&self.engine().token).clone() {
+            return f;
+        }
+        match client::get_json::<AgentHealth>(&self.config().agent, AGENT_HEALTH_PATH).await {
+            Ok(Ok(h)) if h.token.is_some() => {
+                let f = (
+                    h.token.map(|t| t.serial),
+                    h.certificates.first().map(|c| c.sha256.clone()),
+                );
+                *lock(&self.engine().token) = Some(f.clone());
+                f
+            }
+            _ => (None, None),
+        }
+    }
+
+    /// Runs one job at the agent; true when it goes back to the head of its lane.
+    async fn run_job(&self, id: &str) -> bool {
+        let engine = self.engine();
+        let store = &engine.store;
+        let row = match store.get(id) {
+            Ok(Some(row)) if row.state == JobState::Queued => row,
+            Ok(_) => return false,
+            Err(e) => {
+                tracing::error!(job = id, error = %e, "the job cannot be read");
+                return false;
+            }
+        };
+        let attempt = match store.running(id) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(job = id, error = %e, "the job cannot be marked running");
+                return false;
+            }
+        };
+        let span = tracing::info_span!("job", job = %id, profile = %row.profile, attempt);
+        let (token_serial, cert) = self.token_facts().await;
+        let started = Instant::now();
+        let out_path = store.output_path(id);
+        let answer = async {
+            let file = tokio::fs::File::open(store.input_path(id))
+                .await
+                .map_err(|e| internal(id, "opening the spooled input", &e))?;
+            let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+            let path = match row.kind {
+                Kind::Sign => AGENT_SIGN_PATH,
+                Kind::Batch => AGENT_BATCH_PATH,
+            };
+            let resp = self
+                .relay_to(id, path, &row.agent_query, &row.content_type, body, row.input_bytes)
+                .await?;
+            let ct = resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("application/octet-stream")
+                .to_owned();
+            let (sha, n) = save(resp.into_body(), &out_path).await.map_err(|e| match e {
+                Saved::Broken(e) => {
+                    tracing::warn!(job = id, error = %e, "the agent's answer broke off");
+                    ErrorBody::new(ErrorCode::AgentUnavailable, "the signing VM's agent stopped answering mid-job; nothing was delivered").retryable(true)
+                }
+                Saved::Disk(e) => internal(id, "spooling the result", &e),
+            })?;
+            Ok::<_, ErrorBody>((sha, n, ct))
+        }
+        .instrument(span)
+        .await;
+        let ms = started.elapsed().as_millis() as u64;
+        match answer {
+            Ok((sha, n, ct)) => {
+                store.charge(n);
+                let mut e = entry(&row, Outcome::Signed, None);
+                e.token_serial = token_serial;
+                e.cert_sha256 = cert;
+                e.output_sha256 = Some(sha.clone());
+                e.output_bytes = Some(n);
+                e.duration_ms = Some(ms);
+                match store.finish(id, JobState::Signed, Some((&sha, n, &ct)), None, &e) {
+                    Ok(_) => {
+                        store.remove_spooled(&store.input_path(id));
+                        lock(&engine.sched).queue.record_duration(ms);
+                        tracing::info!(job = id, ms, bytes = n, "signed");
+                    }
+                    Err(err) => {
+                        tracing::error!(job = id, error = %err, "the signed job could not be recorded; it runs again after a restart")
+                    }
+                }
+                engine.notify_done(id);
+                false
+            }
+            Err(e) => {
+                store.remove_spooled(&out_path);
+                let deadline = row.created_ms + self.config().queue.job_deadline_seconds * 1000;
+                *lock(&engine.token) = None;
+                // Only a lost token comes back by itself; a missing PIN needs the operator.
+                if e.retryable
+                    && e.code == ErrorCode::TokenUnavailable
+                    && store::now_ms() < deadline
+                {
+                    tracing::warn!(job = id, code = %e.code, "not signed now; the job goes back to the head of its queue");
+                    if let Err(err) = store.requeue(id) {
+                        tracing::error!(job = id, error = %err, "the job cannot be queued again");
+                    }
+                    return true;
+                }
+                let mut en = entry(&row, Outcome::Failed, Some(e.code));
+                en.token_serial = token_serial;
+                en.cert_sha256 = cert;
+                en.duration_ms = Some(ms);
+                if let Err(err) = store.finish(id, JobState::Failed, None, Some(&e), &en) {
+                    tracing::error!(job = id, error = %err, "the failed job could not be recorded");
+                }
+                store.remove_spooled(&store.input_path(id));
+                tracing::warn!(job = id, code = %e.code, "job failed");
+                engine.notify_done(id);
+                false
+            }
+        }
+    }
+}
+
+fn rfc3339(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        })
+        .unwrap_or_default()
+}
+
+enum Spool {
+    Full,
+    Broken(axum::Error),
+    Disk(std::io::Error),
+}
+
+/// Streams `body` to `path` (fsync'd, with its directory), hashing as it goes; space
+/// beyond `reserved` is reserved chunk by chunk. Answers the SHA-256 and the length.
+async fn spool(
+    store: &Store,
+    path: &Path,
+    body: Body,
+    reserved: &mut u64,
+) -> Result<(String, u64), Spool> {
+    let mut file = tokio::fs::File::create(path).await.map_err(Spool::Disk)?;
+    let mut hash = Sha256::new();
+    let mut n = 0u64;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(Spool::Broken)?;
+        let len = chunk.len() as u64;
+        if n + len > *reserved {
+            let more = n + len - *reserved;
+            if !store.reserve(more) {
+                return Err(Spool::Full);
+            }
+            *reserved += more;
+        }
+        hash.update(&chunk);
+        file.write_all(&chunk).await.map_err(Spool::Disk)?;
+        n += len;
+    }
+    file.sync_all().await.map_err(Spool::Disk)?;
+    if let Some(dir) = path.parent() {
+        store::sync_dir(dir).map_err(Spool::Disk)?;
+    }
+    // The file's bytes are counted from now on; the reservation is given back.
+    store.charge(n);
+    Ok((audit::hex(&hash.finalize()), n))
+}
+
+enum Saved {
+    Broken(hyper::Error),
+    Disk(std::io::Error),
+}
+
+/// Streams the agent's answer to `path` (fsync'd), hashing as it goes.
+async fn save(mut body: hyper::body::Incoming, path: &Path) -> Result<(String, u64), Saved> {
+    let mut file = tokio::fs::File::create(path).await.map_err(Saved::Disk)?;
+    let mut hash = Sha256::new();
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(Saved::Broken)?;
+        if let Ok(data) = frame.into_data() {
+            hash.update(&data);
+            file.write_all(&data).await.map_err(Saved::Disk)?;
+            n += data.len() as u64;
+        }
+    }
+    file.sync_all().await.map_err(Saved::Disk)?;
+    if let Some(dir) = path.parent() {
+        store::sync_dir(dir).map_err(Saved::Disk)?;
+    }
+    Ok((audit::hex(&hash.finalize()), n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callers_are_named_by_what_the_transport_proves() {
+        let c = Caller::of(&Peer::Vsock { cid: 105, port: 1 });
+        assert_eq!((c.id.as_str(), c.transport), ("cid:105", "vsock"));
+        let c = Caller::of(&Peer::Unix {
+            uid: 1000,
+            gid: 1000,
+            pid: Some(4),
+        });
+        assert_eq!((c.id.as_str(), c.transport), ("uid:1000", "unix"));
+        let a = Caller::of(&Peer::Tcp {
+            addr: "10.0.0.5:4000".parse().unwrap(),
+        });
+        let b = Caller::of(&Peer::Tcp {
+            addr: "10.0.0.5:4001".parse().unwrap(),
+        });
+        assert_eq!(a, b, "one machine is one caller, whatever its port");
+        assert_eq!(a.id, "ip:10.0.0.5");
+    }
+
+    #[test]
+    fn times_read_as_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_000_000_123), "2026-11-18T11:06:40Z");
+    }
+}

@@ -1,0 +1,594 @@
+//! The durable queue and the audit log, end to end: many callers at once through the
+//! real agent and SoftHSM, `kill -9` of the daemon mid-queue and mid-job, and a
+//! tampered audit log.
+//!
+//! Callers are told apart by their source address (`ip:127.0.0.N`): each caller's
+//! connections are bound to its own loopback address.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+use signet_tests::*;
+
+/// How long a test waits for the daemon to reach a state, before it fails.
+const STATE_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn unix(w: &World, name: &str) -> String {
+    format!("unix:{}", w.path(name).display())
+}
+
+/// The token directory goes away (as an unplugged token does) and comes back.
+struct TokenDir {
+    here: PathBuf,
+    away: PathBuf,
+}
+
+impl TokenDir {
+    fn of(w: &World) -> Self {
+        TokenDir {
+            here: w.path("tokens"),
+            away: w.path("tokens.away"),
+        }
+    }
+    fn vanish(&self) {
+        std::fs::rename(&self.here, &self.away).unwrap();
+    }
+    fn restore(&self) {
+        std::fs::rename(&self.away, &self.here).unwrap();
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    job: Option<String>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+fn addr(ep: &Endpoint) -> SocketAddr {
+    match ep {
+        Endpoint::Tcp { host, port } => format!("{host}:{port}").parse().unwrap(),
+        other => panic!("not a TCP endpoint: {other}"),
+    }
+}
+
+/// One HTTP request from `source` (a loopback address: the caller's identity).
+async fn request(
+    daemon: SocketAddr,
+    source: Ipv4Addr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<Reply, String> {
+    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    sock.bind(SocketAddr::from((source, 0)))
+        .map_err(|e| e.to_string())?;
+    let stream = sock.connect(daemon).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "signetd");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let job = resp
+        .headers()
+        .get("x-signet-job")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes()
+        .to_vec();
+    Ok(Reply { status, job, body })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Waits until `cond` holds for the daemon's status (polled), or fails.
+fn wait_status(ep: &Endpoint, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let (_, s) = call_json(ep, "GET", "/v1/status", None);
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            started.elapsed() < STATE_TIMEOUT,
+            "the daemon never reached: {what}; last status: {s:#}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Jobs at the daemon that are not finished: waiting plus the one at the agent.
+fn pending(s: &Value) -> u64 {
+    s["queue"]["waiting"].as_u64().unwrap_or(0) + u64::from(!s["queue"]["running"].is_null())
+}
+
+/// Signatures the agent made, from its log.
+fn agent_signatures(w: &World) -> usize {
+    w.log("signet-agent")
+        .lines()
+        .filter(|l| l.contains(": signed file="))
+        .count()
+}
+
+/// The audit log, exported.
+fn audit_records(w: &World) -> Vec<Value> {
+    let out = w.signetd(&["audit", "export"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn audit_verifies(w: &World) -> Value {
+    let out = w.signetd(&["audit", "verify", "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "audit verify: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn eight_callers_fifty_jobs_each_signed_once_in_turns() {
+    const CALLERS: u8 = 8;
+    const JOBS: usize = 50;
+    let mut w = World::new();
+    let pin = w.path("pin");
+    let agent = w.start_agent(&unix(&w, "agent.sock"), SOFTHSM, &pin, &[]);
+    // Every loopback address is the one test client for the policy, so its job limit
+    // must fit the whole crowd; the queue still tells the addresses apart.
+    let ep = w
+        .start_daemon_with(
+            &["tcp:127.0.0.1:0"],
+            &agent,
+            "[profiles.release]\ndescription = \"Signet test\"\n[limits]\nmax_jobs_per_caller = 1000\n",
+        )
+        .remove(0);
+    let daemon = addr(&ep);
+    let mut events = Events::follow(&agent);
+    // The token is away while the jobs arrive, so all of them are queued before the
+    // first is signed and the order is the queue's alone.
+    let tokens = TokenDir::of(&w);
+    tokens.vanish();
+    events.wait_for("token_lost");
+
+    let pe = std::fs::read(w.path("hello.exe")).unwrap();
+    let rt = runtime();
+    let mut tasks = Vec::new();
+    for c in 0..CALLERS {
+        for i in 0..JOBS {
+            let pe = pe.clone();
+            tasks.push((
+                c,
+                i,
+                rt.spawn(async move {
+                    let path = format!("/v1/sign?filename=c{c}-{i}.exe");
+                    let key = format!("c{c}-{i}");
+                    request(
+                        daemon,
+                        Ipv4Addr::new(127, 0, 0, 2 + c),
+                        "POST",
+                        &path,
+                        &[("idempotency-key", &key)],
+                        pe,
+                    )
+                    .await
+                }),
+            ));
+        }
+    }
+    let all = (usize::from(CALLERS) * JOBS) as u64;
+    let s = wait_status(&ep, "every job queued", |s| pending(s) == all);
+    assert_eq!(
+        s["queue"]["by_caller"].as_object().unwrap().len(),
+        8,
+        "{s:#}"
+    );
+    tokens.restore();
+
+    let mut ids = HashSet::new();
+    for (c, i, task) in tasks {
+        let reply = rt.block_on(task).unwrap().unwrap();
+        assert_eq!(reply.status, 200, "c{c}-{i}: {}", reply.json());
+        assert!(
+            ids.insert(reply.job.clone().unwrap()),
+            "one job per request"
+        );
+        if i == c as usize {
+            // A sample, one per caller: the answer is a signed file that verifies.
+            let f = w.file(&format!("c{c}-{i}.exe"), &reply.body);
+            let (ok, text) = verify(&w, &f);
+            assert!(ok, "c{c}-{i}: {text}");
+        }
+    }
+    rt.shutdown_background();
+
+    // Signed exactly once each: the agent made one signature per job.
+    assert_eq!(agent_signatures(&w), ids.len());
+    let records = audit_records(&w);
+    assert_eq!(records.len(), ids.len(), "one audit record per job");
+    let audited: HashSet<String> = records
+        .iter()
+        .map(|r| {
+            assert_eq!(r["result"], "signed", "{r}");
+            assert_eq!(r["output_sha256"].as_str().unwrap().len(), 64, "{r}");
+            r["job"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(audited, ids);
+    // In turns: every run of eight consecutive signatures has all eight callers.
+    let order: Vec<&str> = records
+        .iter()
+        .map(|r| r["caller"].as_str().unwrap())
+        .collect();
+    for (n, round) in order.chunks(usize::from(CALLERS)).enumerate() {
+        let callers: HashSet<&&str> = round.iter().collect();
+        assert_eq!(callers.len(), 8, "round {n}: {round:?}");
+    }
+    let v = audit_verifies(&w);
+    assert_eq!(
+        (&v["ok"], &v["records"]),
+        (&Value::Bool(true), &Value::from(all))
+    );
+}
+
+#[test]
+fn a_daemon_killed_mid_job_and_mid_queue_loses_nothing_and_signs_once() {
+    let mut w = World::new();
+    // osslsigncode's first run waits until the test releases it, once the daemon is dead.
+    let held = w.path("held");
+    let release = w.path("release");
+    let wrapper = w.path("osslsigncode-held");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = sign ] && [ ! -e '{h}' ]; then : > '{h}'; while [ ! -e '{r}' ]; do sleep 0.05; done; fi\nexec osslsigncode \"$@\"\n",
+            h = held.display(),
+            r = release.display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let pin = w.path("pin");
+    let agent = w.start_agent_with(
+        &unix(&w, "agent.sock"),
+        SOFTHSM,
+        &pin,
+        &[],
+        &format!("[signer]\nosslsigncode = \"{}\"\n", wrapper.display()),
+    );
+    // Every loopback address is the one test client for the policy, so its job limit
+    // must fit the whole crowd; the queue still tells the addresses apart.
+    let ep = w
+        .start_daemon_with(
+            &["tcp:127.0.0.1:0"],
+            &agent,
+            "[profiles.release]\ndescription = \"Signet test\"\n[limits]\nmax_jobs_per_caller = 1000\n",
+        )
+        .remove(0);
+    let mut events = Events::follow(&agent);
+    let pe = std::fs::read(w.path("hello.exe")).unwrap();
+    let me = Ipv4Addr::LOCALHOST;
+    let rt = runtime();
+
+    // Three jobs sent asynchronously (their ids come back at once), three that wait
+    // for their result with an idempotency key.
+    let daemon = addr(&ep);
+    let mut async_ids = Vec::new();
+    for i in 0..3 {
+        let r = rt
+            .block_on(request(
+                daemon,
+                me,
+                "POST",
+                &format!("/v1/sign?filename=a{i}.exe"),
+                &[("prefer", "respond-async")],
+                pe.clone(),
+            ))
+            .unwrap();
+        assert_eq!(r.status, 202, "{}", r.json());
+        assert_eq!(r.json()["id"].as_str(), r.job.as_deref());
+        async_ids.push(r.job.unwrap());
+    }
+    let waiting: Vec<_> = (0..3)
+        .map(|i| {
+            let pe = pe.clone();
+            rt.spawn(async move {
+                request(
+                    daemon,
+                    me,
+                    "POST",
+                    &format!("/v1/sign?filename=k{i}.exe"),
+                    &[("idempotency-key", &format!("key-{i}"))],
+                    pe,
+                )
+                .await
+            })
+        })
+        .collect();
+    // The first job is at the agent (held before it signs), five wait in the queue. (Not
+    // `GET /v1/status`: the agent's health waits for the token the held job uses.)
+    // Ids count up from 1 in a fresh state directory.
+    events.wait_for("signing_started");
+    let started = Instant::now();
+    let states = loop {
+        let states: Vec<Value> = (1..=6)
+            .map(|id| call_json(&ep, "GET", &format!("/v1/jobs/{id}"), None).1["state"].clone())
+            .collect();
+        if states[0] == "running" && states[1..].iter().all(|s| s == "queued") {
+            break states;
+        }
+        assert!(started.elapsed() < STATE_TIMEOUT, "{states:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(states.len(), 6);
+    assert_eq!(async_ids, ["1", "2", "3"]);
+    let (status, view) = call_json(&ep, "GET", &format!("/v1/jobs/{}", async_ids[2]), None);
+    assert_eq!(
+        (status, &view["state"]),
+        (200, &Value::from("queued")),
+        "{view}"
+    );
+    assert_eq!(view["position"], 1, "{view}");
+
+    w.kill("signetd");
+    for t in waiting {
+        assert!(
+            rt.block_on(t).unwrap().is_err(),
+            "the connection died with the daemon"
+        );
+    }
+    // Release the first signer, if the agent did not drop the job with its caller's
+    // connection (and kill the signer) already.
+    std::fs::write(&release, b"").unwrap();
+
+    let ep = w.restart_daemon().remove(0);
+    let daemon = addr(&ep);
+    let mut results = BTreeMap::new();
+    for id in &async_ids {
+        let r = rt
+            .block_on(request(
+                daemon,
+                me,
+                "GET",
+                &format!("/v1/jobs/{id}/result"),
+                &[],
+                vec![],
+            ))
+            .unwrap();
+        assert_eq!(r.status, 200, "job {id}: {}", r.json());
+        results.insert(id.clone(), r.body);
+    }
+    for i in 0..3 {
+        let r = rt
+            .block_on(request(
+                daemon,
+                me,
+                "POST",
+                &format!("/v1/sign?filename=k{i}.exe"),
+                &[("idempotency-key", &format!("key-{i}"))],
+                pe.clone(),
+            ))
+            .unwrap();
+        assert_eq!(r.status, 200, "key-{i}: {}", r.json());
+        let id = r.job.unwrap();
+        assert!(!results.contains_key(&id), "one job per key");
+        results.insert(id, r.body);
+    }
+    rt.shutdown_background();
+    assert_eq!(results.len(), 6);
+    for (id, body) in &results {
+        let f = w.file(&format!("job-{id}.exe"), body);
+        let (ok, text) = verify(&w, &f);
+        assert!(ok, "job {id}: {text}");
+    }
+    // Every job signed once as far as anyone can see: one audit record each. Only the
+    // job that was at the agent when the daemon died may have been signed twice (a
+    // first signature that was never delivered); no other job was.
+    let records = audit_records(&w);
+    let jobs: Vec<&str> = records.iter().map(|r| r["job"].as_str().unwrap()).collect();
+    assert_eq!(
+        jobs.iter().copied().collect::<HashSet<_>>(),
+        results.keys().map(String::as_str).collect::<HashSet<_>>()
+    );
+    assert_eq!(jobs.len(), 6, "{records:#?}");
+    assert!(
+        records.iter().all(|r| r["result"] == "signed"),
+        "{records:#?}"
+    );
+    let made = agent_signatures(&w);
+    assert!((6..=7).contains(&made), "{made} signatures for 6 jobs");
+    assert_eq!(audit_verifies(&w)["ok"], true);
+    // The spool holds results only, no inputs.
+    let spool: Vec<String> = std::fs::read_dir(w.path("state/spool"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(spool.iter().all(|f| f.ends_with(".out")), "{spool:?}");
+}
+
+/// Copies the stopped daemon's state to `name/` and answers a configuration for it.
+fn copy_state(w: &World, name: &str) -> PathBuf {
+    let dir = w.path(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["signet.db", "signet.db-wal", "signet.db-shm"] {
+        let from = w.path("state").join(f);
+        if from.exists() {
+            std::fs::copy(&from, dir.join(f)).unwrap();
+        }
+    }
+    let cfg = dir.join("signetd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "agent = \"unix:/nonexistent\"\nstate_dir = \"{}\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn verify_copy(cfg: &Path) -> (i32, Value, String) {
+    let run = |json: bool| {
+        let mut cmd = std::process::Command::new(bin("signetd"));
+        cmd.arg("--config").arg(cfg).args(["audit", "verify"]);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(true);
+    let text = run(false);
+    (
+        out.status.code().unwrap_or(-1),
+        serde_json::from_slice(&out.stdout).unwrap(),
+        String::from_utf8_lossy(&text.stdout).into_owned(),
+    )
+}
+
+fn tamper(cfg: &Path, sql: &str) {
+    let db = cfg.parent().unwrap().join("signet.db");
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .execute_batch(sql)
+        .unwrap();
+}
+
+#[test]
+fn audit_verify_names_a_changed_a_deleted_and_swapped_records() {
+    let mut w = World::new();
+    let pin = w.path("pin");
+    let agent = w.start_agent(&unix(&w, "agent.sock"), SOFTHSM, &pin, &[]);
+    let ep = w
+        .start_daemon(&[&unix(&w, "signetd.sock")], &agent)
+        .remove(0);
+    for i in 0..4 {
+        let f = w.pe(&format!("f{i}.exe"));
+        let out = signet(&ep, &["sign", f.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0));
+    }
+    // A refusal is recorded too.
+    let f = w.pe("refused.exe");
+    let out = signet(&ep, &["sign", "--profile", "nope", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    w.stop("signetd");
+    let records = audit_records(&w);
+    assert_eq!(records.len(), 5);
+    assert!(
+        records[0]["token_serial"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()),
+        "{:#}",
+        records[0]
+    );
+    assert_eq!(
+        records[0]["cert_sha256"].as_str().map(str::len),
+        Some(64),
+        "{:#}",
+        records[0]
+    );
+    assert_eq!(
+        (
+            &records[4]["result"],
+            &records[4]["error"],
+            &records[4]["profile"]
+        ),
+        (
+            &Value::from("refused"),
+            &Value::from("unknown_profile"),
+            &Value::from("nope")
+        )
+    );
+
+    let intact = copy_state(&w, "intact");
+    let (code, v, _) = verify_copy(&intact);
+    assert_eq!(
+        (code, &v["ok"], &v["records"]),
+        (0, &Value::Bool(true), &Value::from(5))
+    );
+
+    let changed = copy_state(&w, "changed");
+    tamper(
+        &changed,
+        "UPDATE audit SET filename = 'other.exe' WHERE seq = 3;",
+    );
+    let (code, v, text) = verify_copy(&changed);
+    assert_eq!(
+        (code, &v["kind"], &v["record"]),
+        (1, &Value::from("changed"), &Value::from(3)),
+        "{v}"
+    );
+    assert!(text.contains("record 3"), "{text}");
+
+    let deleted = copy_state(&w, "deleted");
+    tamper(&deleted, "DELETE FROM audit WHERE seq = 2;");
+    let (code, v, text) = verify_copy(&deleted);
+    assert_eq!(
+        (code, &v["kind"], &v["record"]),
+        (1, &Value::from("deleted"), &Value::from(2)),
+        "{v}"
+    );
+    assert!(text.contains("record 2 was deleted"), "{text}");
+
+    let swapped = copy_state(&w, "swapped");
+    tamper(
+        &swapped,
+        "UPDATE audit SET id = -1 WHERE seq = 2;
+         UPDATE audit SET id = 2 WHERE seq = 4;
+         UPDATE audit SET id = 4 WHERE seq = 2;",
+    );
+    let (code, v, text) = verify_copy(&swapped);
+    assert_eq!(
+        (code, &v["kind"], &v["record"]),
+        (1, &Value::from("reordered"), &Value::from(2)),
+        "{v}"
+    );
+    assert!(text.contains("reordered"), "{text}");
+}
