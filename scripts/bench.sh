@@ -51,6 +51,7 @@ cat > "$W/signetd.toml" <<CONF
 listen = ["unix:$W/signetd.sock"]
 agent = "unix:$W/agent.sock"
 dbus = "none"
+state_dir = "$W/state"
 [[grants]]
 callers = ["uid:$(id -u)"]
 profiles = ["*"]

@@ -43,6 +43,7 @@ cat > "$W/signetd.toml" <<CONF
 listen = ["unix:$W/signetd.sock"]
 agent = "unix:$W/agent.sock"
 dbus = "none"
+state_dir = "$W/state"
 [profiles.release]
 description = "Signet demo"
 [[grants]]
