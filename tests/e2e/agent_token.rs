@@ -1,7 +1,6 @@
 //! The agent's token life with a real SoftHSM token: health, the PIN sent by the host,
 //! the event stream, and a token that vanishes and returns while the agent runs.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::json;
@@ -29,28 +28,6 @@ fn openssl_x509(w: &World, args: &[&str]) -> String {
     text.split_once('=')
         .map(|(_, v)| v.to_owned())
         .unwrap_or(text)
-}
-
-/// The token directory goes away (as a token does when it is unplugged or an RDP
-/// session grabs it) and comes back.
-struct TokenDir {
-    here: PathBuf,
-    away: PathBuf,
-}
-
-impl TokenDir {
-    fn of(w: &World) -> Self {
-        TokenDir {
-            here: w.path("tokens"),
-            away: w.path("tokens.away"),
-        }
-    }
-    fn vanish(&self) {
-        std::fs::rename(&self.here, &self.away).unwrap();
-    }
-    fn restore(&self) {
-        std::fs::rename(&self.away, &self.here).unwrap();
-    }
 }
 
 #[test]

@@ -22,27 +22,6 @@ fn unix(w: &World, name: &str) -> String {
     format!("unix:{}", w.path(name).display())
 }
 
-/// The token directory goes away (as an unplugged token does) and comes back.
-struct TokenDir {
-    here: PathBuf,
-    away: PathBuf,
-}
-
-impl TokenDir {
-    fn of(w: &World) -> Self {
-        TokenDir {
-            here: w.path("tokens"),
-            away: w.path("tokens.away"),
-        }
-    }
-    fn vanish(&self) {
-        std::fs::rename(&self.here, &self.away).unwrap();
-    }
-    fn restore(&self) {
-        std::fs::rename(&self.away, &self.here).unwrap();
-    }
-}
-
 #[derive(Debug)]
 struct Reply {
     status: u16,

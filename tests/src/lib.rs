@@ -356,6 +356,31 @@ fn terminate(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// The test's token directory going away (as a token does when it is unplugged or an
+/// RDP session grabs it) and coming back.
+#[derive(Debug)]
+pub struct TokenDir {
+    here: PathBuf,
+    away: PathBuf,
+}
+
+impl TokenDir {
+    pub fn of(w: &World) -> Self {
+        TokenDir {
+            here: w.path("tokens"),
+            away: w.path("tokens.away"),
+        }
+    }
+
+    pub fn vanish(&self) {
+        std::fs::rename(&self.here, &self.away).unwrap();
+    }
+
+    pub fn restore(&self) {
+        std::fs::rename(&self.away, &self.here).unwrap();
+    }
+}
+
 /// Runs the `signet` client against `endpoint`.
 pub fn signet(endpoint: &Endpoint, args: &[&str]) -> Output {
     Command::new(bin("signet"))
