@@ -2,11 +2,11 @@
 //! real agent and SoftHSM, `kill -9` of the daemon mid-queue and mid-job, and a
 //! tampered audit log.
 //!
-//! Callers are told apart by their source address (`ip:127.0.0.N`): each caller's
-//! connections are bound to its own loopback address.
+//! The many callers are remote clients, each with its own secret over TLS: the queue
+//! and the audit log know them by name (`client:cN`).
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -42,30 +42,84 @@ fn addr(ep: &Endpoint) -> SocketAddr {
     }
 }
 
-/// One HTTP request from `source` (a loopback address: the caller's identity).
+/// A remote client: TLS to the daemon, its name and secret in every request.
+#[derive(Clone)]
+struct Client {
+    tls: tokio_rustls::TlsConnector,
+    authorization: String,
+}
+
+impl Client {
+    fn new(ca: &Path, name: &str, secret: &str) -> Client {
+        use base64::Engine;
+        use tokio_rustls::rustls;
+        let mut roots = rustls::RootCertStore::empty();
+        use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
+        for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Client {
+            tls: tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+            authorization: format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{name}:{secret}"))
+            ),
+        }
+    }
+}
+
+/// One HTTP request to the daemon at `daemon`: over plain TCP, or over TLS as `client`.
 async fn request(
     daemon: SocketAddr,
-    source: Ipv4Addr,
+    client: Option<&Client>,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> Result<Reply, String> {
-    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
-    sock.bind(SocketAddr::from((source, 0)))
+    let stream = tokio::net::TcpStream::connect(daemon)
+        .await
         .map_err(|e| e.to_string())?;
-    let stream = sock.connect(daemon).await.map_err(|e| e.to_string())?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
+    let mut sender = match client {
+        None => {
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            sender
+        }
+        Some(c) => {
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1")
+                .map_err(|e| e.to_string())?;
+            let stream = c
+                .tls
+                .connect(name, stream)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            sender
+        }
+    };
     let mut req = http::Request::builder()
         .method(method)
         .uri(path)
         .header("host", "signetd");
     for (k, v) in headers {
         req = req.header(*k, *v);
+    }
+    if let Some(c) = client {
+        req = req.header("authorization", &c.authorization);
     }
     let resp = sender
         .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
@@ -157,16 +211,38 @@ fn eight_callers_fifty_jobs_each_signed_once_in_turns() {
     let mut w = World::new();
     let pin = w.path("pin");
     let agent = w.start_agent(&unix(&w, "agent.sock"), SOFTHSM, &pin, &[]);
-    // Every loopback address is the one test client for the policy, so its job limit
-    // must fit the whole crowd; the queue still tells the addresses apart.
-    let ep = w
-        .start_daemon_with(
-            &["tcp:127.0.0.1:0"],
-            &agent,
-            "[profiles.release]\ndescription = \"Signet test\"\n[limits]\nmax_jobs_per_caller = 1000\n",
-        )
-        .remove(0);
-    let daemon = addr(&ep);
+    // Status over plain TCP; the callers are remote clients over TLS, each its own
+    // lane, each with room for all its jobs at once.
+    let (ca, cert, key) = make_tls(&w.path(""));
+    let eps = w.start_daemon_config(&format!(
+        "listen = [\"tcp:127.0.0.1:0\"]\nagent = \"{agent}\"\nstate_dir = \"{state}\"\ndbus = \"none\"\n\
+         default_profile = \"release\"\n[tls]\nlisten = [\"tcp:127.0.0.1:0\"]\ncert = \"{cert}\"\nkey = \"{key}\"\n\
+         [profiles.release]\ndescription = \"Signet test\"\n[limits]\nmax_jobs_per_caller = {JOBS}\n",
+        state = w.path("state").display(),
+        cert = cert.display(),
+        key = key.display(),
+    ));
+    let (ep, daemon) = (eps[0].clone(), addr(&eps[1]));
+    let clients: Vec<Client> = (0..CALLERS)
+        .map(|c| {
+            let name = format!("c{c}");
+            let out = w.signetd(&[
+                "client",
+                "add",
+                &name,
+                "--profile",
+                "release",
+                "--valid",
+                "1h",
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Client::new(&ca, &name, String::from_utf8(out.stdout).unwrap().trim())
+        })
+        .collect();
     let mut events = Events::follow(&agent);
     // The token is away while the jobs arrive, so all of them are queued before the
     // first is signed and the order is the queue's alone.
@@ -180,6 +256,7 @@ fn eight_callers_fifty_jobs_each_signed_once_in_turns() {
     for c in 0..CALLERS {
         for i in 0..JOBS {
             let pe = pe.clone();
+            let client = clients[usize::from(c)].clone();
             tasks.push((
                 c,
                 i,
@@ -188,7 +265,7 @@ fn eight_callers_fifty_jobs_each_signed_once_in_turns() {
                     let key = format!("c{c}-{i}");
                     request(
                         daemon,
-                        Ipv4Addr::new(127, 0, 0, 2 + c),
+                        Some(&client),
                         "POST",
                         &path,
                         &[("idempotency-key", &key)],
@@ -201,10 +278,17 @@ fn eight_callers_fifty_jobs_each_signed_once_in_turns() {
     }
     let all = (usize::from(CALLERS) * JOBS) as u64;
     let s = wait_status(&ep, "every job queued", |s| pending(s) == all);
+    let lanes: HashSet<&str> = s["queue"]["by_caller"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let names: Vec<String> = (0..CALLERS).map(|c| format!("client:c{c}")).collect();
     assert_eq!(
-        s["queue"]["by_caller"].as_object().unwrap().len(),
-        8,
-        "{s:#}"
+        lanes,
+        names.iter().map(String::as_str).collect(),
+        "one lane per client: {s:#}"
     );
     tokens.restore();
 
@@ -233,6 +317,8 @@ fn eight_callers_fifty_jobs_each_signed_once_in_turns() {
         .iter()
         .map(|r| {
             assert_eq!(r["result"], "signed", "{r}");
+            assert_eq!(r["transport"], "tls", "{r}");
+            assert!(names.iter().any(|n| r["caller"] == n.as_str()), "{r}");
             assert_eq!(r["output_sha256"].as_str().unwrap().len(), 64, "{r}");
             r["job"].as_str().unwrap().to_owned()
         })
@@ -258,42 +344,25 @@ fn eight_callers_fifty_jobs_each_signed_once_in_turns() {
 fn a_daemon_killed_mid_job_and_mid_queue_loses_nothing_and_signs_once() {
     let mut w = World::new();
     // osslsigncode's first run waits until the test releases it, once the daemon is dead.
-    let held = w.path("held");
-    let release = w.path("release");
-    let wrapper = w.path("osslsigncode-held");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nif [ \"$1\" = sign ] && [ ! -e '{h}' ]; then : > '{h}'; while [ ! -e '{r}' ]; do sleep 0.05; done; fi\nexec osslsigncode \"$@\"\n",
-            h = held.display(),
-            r = release.display()
-        ),
-    )
-    .unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    let signer = HeldSigner::new(&w);
     let pin = w.path("pin");
     let agent = w.start_agent_with(
         &unix(&w, "agent.sock"),
         SOFTHSM,
         &pin,
         &[],
-        &format!("[signer]\nosslsigncode = \"{}\"\n", wrapper.display()),
+        &signer.agent_config(),
     );
-    // Every loopback address is the one test client for the policy, so its job limit
-    // must fit the whole crowd; the queue still tells the addresses apart.
     let ep = w
         .start_daemon_with(
             &["tcp:127.0.0.1:0"],
             &agent,
-            "[profiles.release]\ndescription = \"Signet test\"\n[limits]\nmax_jobs_per_caller = 1000\n",
+            "[profiles.release]\ndescription = \"Signet test\"\n[limits]\nmax_jobs_per_caller = 10\n",
         )
         .remove(0);
     let mut events = Events::follow(&agent);
     let pe = std::fs::read(w.path("hello.exe")).unwrap();
-    let me = Ipv4Addr::LOCALHOST;
+    let me = None;
     let rt = runtime();
 
     // Three jobs sent asynchronously (their ids come back at once), three that wait
@@ -331,10 +400,13 @@ fn a_daemon_killed_mid_job_and_mid_queue_loses_nothing_and_signs_once() {
             })
         })
         .collect();
-    // The first job is at the agent (held before it signs), five wait in the queue. (Not
-    // `GET /v1/status`: the agent's health waits for the token the held job uses.)
+    // The first job is at the agent (held before it signs), five wait in the queue.
     // Ids count up from 1 in a fresh state directory.
     events.wait_for("signing_started");
+    // The status answers while a job signs, with the agent's last known state.
+    let (status, s) = call_json(&ep, "GET", "/v1/status", None);
+    assert_eq!(status, 200, "{s:#}");
+    assert_eq!(s["agent"]["reachable"], "yes", "{s:#}");
     let started = Instant::now();
     let states = loop {
         let states: Vec<Value> = (1..=6)
@@ -365,7 +437,7 @@ fn a_daemon_killed_mid_job_and_mid_queue_loses_nothing_and_signs_once() {
     }
     // Release the first signer, if the agent did not drop the job with its caller's
     // connection (and kill the signer) already.
-    std::fs::write(&release, b"").unwrap();
+    signer.release();
 
     let ep = w.restart_daemon().remove(0);
     let daemon = addr(&ep);

@@ -18,27 +18,7 @@ struct Remote {
 
 fn remote() -> Remote {
     let mut w = World::new();
-    // A CA, and a server certificate for 127.0.0.1 it issued (rustls, rightly, does
-    // not accept a CA certificate as a server's own).
-    let (ca, cert, key) = (
-        w.path("tls-ca.pem"),
-        w.path("tls-cert.pem"),
-        w.path("tls-key.pem"),
-    );
-    let out = Command::new("bash")
-        .arg("-ec")
-        .arg(
-            r#"cd "$1"
-openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=Signet Test CA" -keyout tls-ca-key.pem -out tls-ca.pem
-openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout tls-key.pem -out tls.csr
-printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > tls.ext
-openssl x509 -req -in tls.csr -CA tls-ca.pem -CAkey tls-ca-key.pem -CAcreateserial -days 1 -extfile tls.ext -out tls-cert.pem"#,
-        )
-        .arg("make-tls")
-        .arg(w.path(""))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let (ca, cert, key) = make_tls(&w.path(""));
     let pin = w.path("pin");
     let agent = w.start_agent(
         &format!("unix:{}", w.path("agent.sock").display()),
@@ -247,6 +227,63 @@ fn handtokening_clients_sign_with_curl_over_tls() {
     let (status, body) = r.curl(Some(&ci), &text, "/api/sign?signing-profile=release", &junk);
     assert_eq!(status, 415, "{body}");
     assert!(!detail(&body).is_empty());
+
+    // A job belongs to the client that sent it: over TLS, /v1/jobs/* wants the same
+    // credentials, and another client does not see it. Job 1 is the first signature.
+    let get_job = |user: Option<&str>| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "60", "--cacert"])
+            .arg(&r.cert)
+            .args(["-w", "\n%{http_code}"]);
+        if let Some(u) = user {
+            cmd.args(["-u", u]);
+        }
+        let o = cmd.arg(format!("{}/v1/jobs/1", r.base)).output().unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap();
+        (status.to_owned(), body.to_owned())
+    };
+    let (status, body) = get_job(Some(&ci));
+    assert_eq!(status, "200", "{body}");
+    assert!(body.contains("\"state\":\"signed\""), "{body}");
+    let (status, body) = get_job(None);
+    assert_eq!(status, "403", "{body}");
+    let cd = format!("cd:{}", r.add_client("cd", "release", "1h"));
+    let (status, body) = get_job(Some(&cd));
+    assert_eq!(status, "404", "{body}");
+    assert!(body.contains("unknown_job"), "{body}");
+
+    // The audit log names the client and the transport; a refused credential is
+    // recorded under the peer's address.
+    let out = r.signetd(&["audit", "export"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let records: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let signed: Vec<_> = records.iter().filter(|r| r["result"] == "signed").collect();
+    assert_eq!(signed.len(), 3, "{records:#?}");
+    for rec in &signed {
+        assert_eq!(
+            (&rec["caller"], &rec["transport"]),
+            (&"client:ci".into(), &"tls".into()),
+            "{rec}"
+        );
+    }
+    let refused_creds = records
+        .iter()
+        .filter(|r| {
+            r["error"] == "forbidden" && r["caller"].as_str().unwrap().starts_with("tcp:127.0.0.1:")
+        })
+        .count();
+    assert_eq!(refused_creds, 3, "{records:#?}");
+    assert!(
+        records.iter().any(|r| r["error"] == "forbidden"
+            && r["caller"] == "client:ci"
+            && r["profile"] == "other"),
+        "{records:#?}"
+    );
 
     // Removed: its secret stops working at once.
     assert!(r.signetd(&["client", "remove", "ci"]).status.success());

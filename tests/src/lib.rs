@@ -381,6 +381,53 @@ impl TokenDir {
     }
 }
 
+/// An osslsigncode that holds its first signing run until the test releases it, so a
+/// job stays at the agent for as long as the test needs: give the agent
+/// `[signer] osslsigncode = "<program>"` ([`HeldSigner::agent_config`]).
+#[derive(Debug)]
+pub struct HeldSigner {
+    pub program: PathBuf,
+    /// Exists once the first run is being held.
+    pub held: PathBuf,
+    release: PathBuf,
+}
+
+impl HeldSigner {
+    pub fn new(w: &World) -> Self {
+        let (program, held, release) = (
+            w.path("osslsigncode-held"),
+            w.path("held"),
+            w.path("release"),
+        );
+        std::fs::write(
+            &program,
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = sign ] && [ ! -e '{h}' ]; then : > '{h}'; while [ ! -e '{r}' ]; do sleep 0.05; done; fi\nexec osslsigncode \"$@\"\n",
+                h = held.display(),
+                r = release.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        HeldSigner {
+            program,
+            held,
+            release,
+        }
+    }
+
+    /// The agent's configuration that uses this signer.
+    pub fn agent_config(&self) -> String {
+        format!("[signer]\nosslsigncode = \"{}\"\n", self.program.display())
+    }
+
+    /// Lets the held run (and every later one) go on.
+    pub fn release(&self) {
+        std::fs::write(&self.release, b"").unwrap();
+    }
+}
+
 /// Runs the `signet` client against `endpoint`.
 pub fn signet(endpoint: &Endpoint, args: &[&str]) -> Output {
     Command::new(bin("signet"))
@@ -771,4 +818,33 @@ pub fn count_logins(spy_log: &Path) -> usize {
         .lines()
         .filter(|l| l.ends_with(": C_Login"))
         .count()
+}
+
+/// A test CA and a server certificate for 127.0.0.1 it issued (rustls, rightly, does
+/// not accept a CA certificate as a server's own), in `dir`: answers the CA's, the
+/// certificate's and the key's paths.
+pub fn make_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let out = Command::new("bash")
+        .arg("-ec")
+        .arg(
+            r#"cd "$1"
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=Signet Test CA" -keyout tls-ca-key.pem -out tls-ca.pem
+openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout tls-key.pem -out tls.csr
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > tls.ext
+openssl x509 -req -in tls.csr -CA tls-ca.pem -CAkey tls-ca-key.pem -CAcreateserial -days 1 -extfile tls.ext -out tls-cert.pem"#,
+        )
+        .arg("make-tls")
+        .arg(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        dir.join("tls-ca.pem"),
+        dir.join("tls-cert.pem"),
+        dir.join("tls-key.pem"),
+    )
 }

@@ -80,10 +80,10 @@ impl Outcome {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Entry {
     pub job: Option<String>,
-    /// Who asked: today the transport identity (`uid:0`, `cid:105`, `ip:10.0.0.5`); a
-    /// richer identity (VMID, client name) fits the same string, or JSON.
+    /// Who asked: the VM (`vm:105`), the local user (`uid:1000`), the remote client
+    /// (`client:ci`), or, when credentials failed, the TCP peer (`tcp:10.0.0.5:4711`).
     pub caller: String,
-    /// `vsock`, `unix` or `tcp`.
+    /// `vsock`, `unix`, `tcp` or `tls`.
     pub transport: String,
     pub profile: Option<String>,
     pub token_serial: Option<String>,
@@ -508,7 +508,7 @@ mod tests {
         let refused = record_refusal(
             &conn,
             &Entry {
-                caller: "cid:9".into(),
+                caller: "vm:9".into(),
                 transport: "vsock".into(),
                 error: Some("forbidden".into()),
                 ..Entry::default()

@@ -158,6 +158,15 @@ pub struct Profile {
     /// Largest input in bytes; absent: `limits.max_input_size`.
     #[serde(default)]
     pub max_input_size: Option<u64>,
+    /// The serial number of the token this profile signs with; absent: the token the
+    /// signing VM has.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The SHA-256 fingerprint of the certificate this profile signs with, as
+    /// `openssl x509 -noout -fingerprint -sha256` prints it (colons optional); absent:
+    /// the token's.
+    #[serde(default)]
+    pub certificate: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -432,6 +441,22 @@ fn resolve_name(kind: NameKind, name: &str) -> Option<u32> {
 
 /// What is wrong with a profile's options: the key and the message.
 fn check_profile(p: &Profile) -> Result<(), (&'static str, String)> {
+    if let Some(c) = &p.certificate {
+        let f = fingerprint(c);
+        if f.len() != 64 || !f.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err((
+                "certificate",
+                format!("{c:?} is not a SHA-256 fingerprint; give the one `openssl x509 -noout -fingerprint -sha256 -in cert.pem` prints, or `signet status` shows"),
+            ));
+        }
+    }
+    if p.token.as_deref().is_some_and(str::is_empty) {
+        return Err((
+            "token",
+            "give the token's serial number as `signet status` shows it, or leave the key out"
+                .to_owned(),
+        ));
+    }
     if p.timestamp.len() > MAX_TIMESTAMP_SERVERS {
         return Err((
             "timestamp",
@@ -463,7 +488,43 @@ fn check_profile(p: &Profile) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
+/// A SHA-256 fingerprint as the agent writes it: hex digits, lower case, no colons.
+pub fn fingerprint(s: &str) -> String {
+    s.chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
 impl Profile {
+    /// Whether the signing VM's token (`serial`) and certificate (`cert`, a SHA-256
+    /// fingerprint) are the ones profile `name` signs with; why not, otherwise.
+    pub fn check_token(
+        &self,
+        name: &str,
+        serial: Option<&str>,
+        cert: Option<&str>,
+    ) -> Result<(), String> {
+        if let Some(want) = &self.token {
+            if serial != Some(want.as_str()) {
+                return Err(format!(
+                    "profile {name:?} signs only with token {want:?}, and the signing VM has {}; plug in that token, or change `token` of [profiles.{name}]",
+                    serial.map_or("no token".to_owned(), |s| format!("token {s:?}"))
+                ));
+            }
+        }
+        if let Some(want) = &self.certificate {
+            let want = fingerprint(want);
+            if cert.map(fingerprint).as_deref() != Some(want.as_str()) {
+                return Err(format!(
+                    "profile {name:?} signs only with the certificate of SHA-256 fingerprint {want}, and the token's is {}; put that certificate's token in, or change `certificate` of [profiles.{name}]",
+                    cert.unwrap_or("unknown")
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The formats this profile signs, each once, in the order they are listed to
     /// people; empty when it signs all of them.
     pub fn allowed_formats(&self) -> Vec<Format> {
@@ -483,6 +544,69 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, String> {
         Config::parse(Path::new("/etc/signet/signetd.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_shipped_example_configuration_is_valid() {
+        // The example grants group "signet", which the package creates; not this host.
+        let text = include_str!("../../../packaging/signetd.toml").replace("group:signet", "gid:0");
+        let text = text.as_str();
+        let c = parse(text).unwrap();
+        assert!(c.profiles.contains_key("release"));
+        // With its commented keys in force, too.
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.starts_with("token = ") => rest.to_owned(),
+                _ => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = parse(&uncommented).unwrap();
+        assert_eq!(
+            c.profiles["release"].token.as_deref(),
+            Some("0123456789abcdef")
+        );
+    }
+
+    #[test]
+    fn a_profile_pins_its_token_and_certificate() {
+        let fp = "F5:38:A8:07:78:35:56:D9:34:FE:4F:38:7A:50:25:71:F3:AC:D6:33:B7:04:DA:BA:F0:63:CE:29:34:89:9F:99";
+        let c = parse(&format!(
+            "agent = \"unix:/a\"\n[profiles.release]\ntoken = \"a1b2\"\ncertificate = \"{fp}\"\n"
+        ))
+        .unwrap();
+        let p = &c.profiles["release"];
+        let agent_fp = "f538a807783556d934fe4f387a502571f3acd633b704dabaf063ce2934899f99";
+        assert_eq!(
+            p.check_token("release", Some("a1b2"), Some(agent_fp)),
+            Ok(())
+        );
+        let e = p
+            .check_token("release", Some("ffff"), Some(agent_fp))
+            .unwrap_err();
+        assert!(
+            e.contains("only with token \"a1b2\"") && e.contains("token \"ffff\""),
+            "{e}"
+        );
+        let e = p.check_token("release", None, None).unwrap_err();
+        assert!(e.contains("has no token"), "{e}");
+        let e = p
+            .check_token("release", Some("a1b2"), Some("00"))
+            .unwrap_err();
+        assert!(
+            e.contains("certificate of SHA-256 fingerprint f538a807"),
+            "{e}"
+        );
+        let any = Profile::default();
+        assert_eq!(any.check_token("x", None, None), Ok(()));
+        let e = parse("agent = \"unix:/a\"\n[profiles.release]\ncertificate = \"abc\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("certificate") && e.contains("-fingerprint -sha256"),
+            "{e}"
+        );
     }
 
     #[test]

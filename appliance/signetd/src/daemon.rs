@@ -21,6 +21,10 @@ use crate::jobs::Engine;
 use crate::policy::{self, Caller, Slot, Slots};
 use crate::store::StoreError;
 
+/// How long the status waits for the agent's health: status must answer even when the
+/// signing VM hangs.
+const STATUS_AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The running daemon.
 #[derive(Debug)]
 pub struct Daemon {
@@ -104,9 +108,8 @@ impl Daemon {
         match checked {
             Ok(Ok(granted)) => Ok(Caller::Client { name, granted }),
             Ok(Err(why)) => {
-                // Which of unknown / wrong / expired it was is for the log only. The
-                // audit record of a refused credential goes here once the audit log
-                // exists.
+                // Which of unknown / wrong / expired it was is for the log only; the
+                // front records the refusal in the audit log (`Daemon::refuse`).
                 tracing::warn!(%peer, client = %name, reason = %why, "refused client credentials");
                 Err(refused(&format!(
                     "the credentials of client {name:?} are not valid (unknown name, wrong secret, or an expired secret)"
@@ -192,7 +195,6 @@ impl Daemon {
             ));
         };
         if let Err(refusal) = self.cfg.policy.decide(caller, name) {
-            // The audit record of a refusal goes here once the audit log exists.
             tracing::warn!(caller = %refusal.caller, key = %caller.key(), profile = name, "refused: the caller has no grant for this profile");
             return Err(ErrorBody::new(ErrorCode::Forbidden, refusal.to_string()));
         }
@@ -271,8 +273,21 @@ impl Daemon {
 
     /// The appliance's status as the daemon sees it now.
     pub async fn status(&self) -> DaemonStatus {
-        let agent = match client::get_json::<AgentHealth>(&self.cfg.agent, AGENT_HEALTH_PATH).await
-        {
+        let health = tokio::time::timeout(
+            STATUS_AGENT_TIMEOUT,
+            client::get_json::<AgentHealth>(&self.cfg.agent, AGENT_HEALTH_PATH),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Ok(Err(ErrorBody::new(
+                ErrorCode::AgentUnavailable,
+                format!(
+                    "the signing agent did not answer within {} s; check that the signing VM is not hung (its console, `qm status VMID`) and see signet-agent's log",
+                    STATUS_AGENT_TIMEOUT.as_secs()
+                ),
+            )))
+        });
+        let agent = match health {
             Ok(Ok(health)) => AgentReport::Reachable {
                 endpoint: self.cfg.agent.to_string(),
                 health: Box::new(health),

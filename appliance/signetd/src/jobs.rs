@@ -27,6 +27,7 @@ use tracing::Instrument;
 
 use crate::audit::{self, Entry, Outcome};
 use crate::daemon::{Daemon, Job};
+use crate::policy::Caller;
 use crate::queue::Queue;
 use crate::store::{self, Inserted, JobRow, Kind, NewJob, Store, StoreError};
 
@@ -39,33 +40,14 @@ const DRAIN_LIMIT: usize = 64 << 20;
 /// The longest idempotency key accepted.
 const MAX_KEY_LEN: usize = 200;
 
-/// Who sent a request, as the queue and the audit log name it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    /// `cid:105`, `uid:1000` or `ip:10.0.0.5`: the lane the caller's jobs wait in.
-    pub id: String,
-    /// `vsock`, `unix` or `tcp`.
-    pub transport: &'static str,
-}
-
-impl Caller {
-    /// The identity the transport proves: the vsock CID, the unix uid, the TCP address
-    /// (without the port, so one machine is one caller).
-    pub fn of(peer: &Peer) -> Caller {
-        match peer {
-            Peer::Vsock { cid, .. } => Caller {
-                id: format!("cid:{cid}"),
-                transport: "vsock",
-            },
-            Peer::Unix { uid, .. } => Caller {
-                id: format!("uid:{uid}"),
-                transport: "unix",
-            },
-            Peer::Tcp { addr } => Caller {
-                id: format!("ip:{}", addr.ip()),
-                transport: "tcp",
-            },
-        }
+/// The transport a request came over, as the audit log names it: `vsock`, `unix`,
+/// `tcp`, or `tls` (TCP with TLS).
+pub fn transport(peer: &Peer, over_tls: bool) -> &'static str {
+    match peer {
+        Peer::Vsock { .. } => "vsock",
+        Peer::Unix { .. } => "unix",
+        Peer::Tcp { .. } if over_tls => "tls",
+        Peer::Tcp { .. } => "tcp",
     }
 }
 
@@ -198,18 +180,20 @@ fn entry(row: &JobRow, result: Outcome, error: Option<ErrorCode>) -> Entry {
 }
 
 impl Daemon {
-    /// Records a request refused before it became a job (unknown profile, bad name).
+    /// Records a request refused before it became a job (credentials, grant, unknown
+    /// profile, bad name, limits). `caller` is the audit identity: the authenticated
+    /// caller's [`Caller::key`], or what the transport saw when authentication failed.
     pub fn refuse(
         &self,
-        peer: &Peer,
+        caller: &str,
+        transport: &str,
         profile: Option<&str>,
         filename: Option<&str>,
         e: &ErrorBody,
     ) {
-        let caller = Caller::of(peer);
         let entry = Entry {
-            caller: caller.id,
-            transport: caller.transport.to_owned(),
+            caller: caller.to_owned(),
+            transport: transport.to_owned(),
             profile: profile.map(str::to_owned),
             filename: filename.map(str::to_owned),
             error: Some(e.code.as_str().to_owned()),
@@ -222,12 +206,13 @@ impl Daemon {
 
     /// Records the job and spools its input (`body`); answers the job's id once it is
     /// queued. A request with the idempotency key of one of the caller's jobs gets that
-    /// job, and its body is not read.
+    /// job, and its body is not read. The job's lane in the queue and its owner is
+    /// `job.caller` ([`Caller::key`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn submit(
         &self,
         job: &Job,
-        peer: &Peer,
+        transport: &str,
         kind: Kind,
         key: Option<String>,
         content_type: &str,
@@ -236,7 +221,7 @@ impl Daemon {
     ) -> Result<String, ErrorBody> {
         let engine = self.engine();
         let store = &engine.store;
-        let caller = Caller::of(peer);
+        let caller = job.caller.key();
         if let Some(k) = &key {
             if k.is_empty() || k.len() > MAX_KEY_LEN || !k.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(ErrorBody::new(
@@ -263,7 +248,8 @@ impl Daemon {
             if !store.reserve(len) {
                 let e = full(format!("this {len}-byte upload"));
                 self.refuse(
-                    peer,
+                    &caller,
+                    transport,
                     Some(&job.profile),
                     job.agent_query.filename.as_deref(),
                     &e,
@@ -275,8 +261,8 @@ impl Daemon {
         let agent_query = serde_urlencoded::to_string(&job.agent_query)
             .map_err(|e| internal("-", "encoding the agent query", &e))?;
         let inserted = store.insert(&NewJob {
-            caller: caller.id.clone(),
-            transport: caller.transport.to_owned(),
+            caller: caller.clone(),
+            transport: transport.to_owned(),
             idempotency_key: key,
             kind,
             profile: job.profile.clone(),
@@ -297,7 +283,7 @@ impl Daemon {
                         break;
                     }
                 }
-                tracing::info!(job = %id, caller = %caller.id, "idempotency key seen before: same job");
+                tracing::info!(job = %id, %caller, "idempotency key seen before: same job");
                 return Ok(id);
             }
             Err(e) => {
@@ -305,7 +291,7 @@ impl Daemon {
                 return Err(internal("-", "recording the job", &e));
             }
         };
-        tracing::info!(job = %id, caller = %caller.id, profile = %job.profile, file = job.agent_query.filename.as_deref().unwrap_or("-"), "job accepted");
+        tracing::info!(job = %id, %caller, profile = %job.profile, file = job.agent_query.filename.as_deref().unwrap_or("-"), "job accepted");
         let path = store.input_path(&id);
         let spooled = spool(store, &path, body, &mut reserved).await;
         store.release(reserved);
@@ -336,7 +322,7 @@ impl Daemon {
         store
             .queued(&id, &sha, n)
             .map_err(|e| internal(&id, "queueing the job", &e))?;
-        lock(&engine.sched).queue.push(&caller.id, &id);
+        lock(&engine.sched).queue.push(&caller, &id);
         engine.wake.notify_one();
         Ok(id)
     }
@@ -364,9 +350,10 @@ impl Daemon {
         }
     }
 
-    fn caller_job(&self, id: &str, peer: &Peer) -> Result<JobRow, ErrorBody> {
+    /// Job `id`, if `caller` sent it: a caller sees and acts on its own jobs only.
+    fn caller_job(&self, id: &str, caller: &Caller) -> Result<JobRow, ErrorBody> {
         match self.engine().store.get(id) {
-            Ok(Some(row)) if row.caller == Caller::of(peer).id => Ok(row),
+            Ok(Some(row)) if row.caller == caller.key() => Ok(row),
             Ok(_) => Err(ErrorBody::new(
                 ErrorCode::UnknownJob,
                 format!("there is no job {id:?} of yours; job ids are in the x-signet-job header of the answer to the request that sent it"),
@@ -376,8 +363,8 @@ impl Daemon {
     }
 
     /// A job's state, its place in the queue and an estimate.
-    pub fn job(&self, id: &str, peer: &Peer) -> Result<JobView, ErrorBody> {
-        let row = self.caller_job(id, peer)?;
+    pub fn job(&self, id: &str, caller: &Caller) -> Result<JobView, ErrorBody> {
+        let row = self.caller_job(id, caller)?;
         Ok(self.view(&row))
     }
 
@@ -409,9 +396,9 @@ impl Daemon {
     }
 
     /// Cancels a job that waits for its turn.
-    pub fn cancel(&self, id: &str, peer: &Peer) -> Result<JobView, ErrorBody> {
+    pub fn cancel(&self, id: &str, caller: &Caller) -> Result<JobView, ErrorBody> {
         let engine = self.engine();
-        let row = self.caller_job(id, peer)?;
+        let row = self.caller_job(id, caller)?;
         let removed = lock(&engine.sched).queue.cancel(id);
         if removed {
             let e = ErrorBody::new(
@@ -437,13 +424,13 @@ impl Daemon {
                 format!("job {id} is {} and can no longer be cancelled; only a job waiting in the queue can", row.state.as_str()),
             ));
         }
-        let row = self.caller_job(id, peer)?;
+        let row = self.caller_job(id, caller)?;
         Ok(self.view(&row))
     }
 
     /// The result of an ended job: the signed file, or the job's error.
-    pub async fn result(&self, id: &str, peer: &Peer) -> Result<Delivery, ErrorBody> {
-        let row = self.caller_job(id, peer)?;
+    pub async fn result(&self, id: &str, caller: &Caller) -> Result<Delivery, ErrorBody> {
+        let row = self.caller_job(id, caller)?;
         match row.state {
             JobState::Signed => {
                 let expired = || {
@@ -586,7 +573,24 @@ impl Daemon {
         let (token_serial, cert) = self.token_facts().await;
         let started = Instant::now();
         let out_path = store.output_path(id);
+        let pinned = match self.config().profiles.get(&row.profile) {
+            // The right token may be put in before the job's deadline: retryable.
+            Some(p) => p
+                .check_token(&row.profile, token_serial.as_deref(), cert.as_deref())
+                .map_err(|why| {
+                    tracing::warn!(job = id, "{why}");
+                    ErrorBody::new(ErrorCode::TokenUnavailable, why).retryable(true)
+                }),
+            None => Err(ErrorBody::new(
+                ErrorCode::UnknownProfile,
+                format!(
+                    "profile {:?} was removed from the configuration while the job waited; nothing was signed",
+                    row.profile
+                ),
+            )),
+        };
         let answer = async {
+            pinned?;
             let file = tokio::fs::File::open(store.input_path(id))
                 .await
                 .map_err(|e| internal(id, "opening the spooled input", &e))?;
@@ -756,23 +760,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn callers_are_named_by_what_the_transport_proves() {
-        let c = Caller::of(&Peer::Vsock { cid: 105, port: 1 });
-        assert_eq!((c.id.as_str(), c.transport), ("cid:105", "vsock"));
-        let c = Caller::of(&Peer::Unix {
+    fn transports_are_named_for_the_audit() {
+        let tcp = Peer::Tcp {
+            addr: "10.0.0.5:4000".parse().unwrap(),
+        };
+        assert_eq!(transport(&tcp, false), "tcp");
+        assert_eq!(transport(&tcp, true), "tls");
+        assert_eq!(
+            transport(&Peer::Vsock { cid: 105, port: 1 }, false),
+            "vsock"
+        );
+        let unix = Peer::Unix {
             uid: 1000,
             gid: 1000,
             pid: Some(4),
-        });
-        assert_eq!((c.id.as_str(), c.transport), ("uid:1000", "unix"));
-        let a = Caller::of(&Peer::Tcp {
-            addr: "10.0.0.5:4000".parse().unwrap(),
-        });
-        let b = Caller::of(&Peer::Tcp {
-            addr: "10.0.0.5:4001".parse().unwrap(),
-        });
-        assert_eq!(a, b, "one machine is one caller, whatever its port");
-        assert_eq!(a.id, "ip:10.0.0.5");
+        };
+        assert_eq!(transport(&unix, false), "unix");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use signet_protocol::wire::{
 
 use crate::daemon::{client_view, Daemon};
 use crate::handtokening;
+use crate::jobs;
 use crate::limits;
 use crate::policy::Caller;
 use crate::serve::OverTls;
@@ -60,8 +61,20 @@ async fn sign(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let caller = authenticate(&daemon, &peer, tls.is_some(), &headers);
-    job(daemon, peer, caller, v1_query(query), headers, body, false).await
+    let over_tls = tls.is_some();
+    let caller = authenticate(&daemon, &peer, over_tls, &headers);
+    let transport = jobs::transport(&peer, over_tls);
+    job(
+        daemon,
+        &peer,
+        transport,
+        caller,
+        v1_query(query),
+        headers,
+        body,
+        false,
+    )
+    .await
 }
 
 async fn sign_batch(
@@ -72,8 +85,20 @@ async fn sign_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let caller = authenticate(&daemon, &peer, tls.is_some(), &headers);
-    job(daemon, peer, caller, v1_query(query), headers, body, true).await
+    let over_tls = tls.is_some();
+    let caller = authenticate(&daemon, &peer, over_tls, &headers);
+    let transport = jobs::transport(&peer, over_tls);
+    job(
+        daemon,
+        &peer,
+        transport,
+        caller,
+        v1_query(query),
+        headers,
+        body,
+        true,
+    )
+    .await
 }
 
 /// `POST /api/sign`, the Handtokening-compatible front: the same job, its query
@@ -86,12 +111,17 @@ async fn api_sign(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let caller = authenticate(&daemon, &peer, tls.is_some(), &headers);
+    let over_tls = tls.is_some();
+    let caller = authenticate(&daemon, &peer, over_tls, &headers);
+    let transport = jobs::transport(&peer, over_tls);
     let disposition = headers
         .get(header::CONTENT_DISPOSITION)
         .and_then(|v| v.to_str().ok());
     let query = handtokening::sign_query(query.as_deref().unwrap_or(""), disposition);
-    let resp = job(daemon, peer, caller, query, headers, body, false).await;
+    let resp = job(
+        daemon, &peer, transport, caller, query, headers, body, false,
+    )
+    .await;
     if resp.status().is_success() {
         return resp;
     }
@@ -131,9 +161,11 @@ fn v1_query(query: Result<Query<SignQuery>, QueryRejection>) -> Result<SignQuery
 }
 
 /// A job from any front: who is calling (or why they are refused), what they ask.
+#[allow(clippy::too_many_arguments)]
 async fn job(
     daemon: Arc<Daemon>,
-    peer: Peer,
+    peer: &Peer,
+    transport: &'static str,
     caller: Result<Caller, ErrorBody>,
     query: Result<SignQuery, ErrorBody>,
     headers: HeaderMap,
@@ -152,6 +184,16 @@ async fn job(
     };
     let content_length: Option<u64> =
         header_str(header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok());
+    // The audit's name for the caller: who it proved to be, else what the transport saw.
+    let who = match (&caller, peer) {
+        (Ok(c), _) => c.key(),
+        // Only credentials over TLS can fail: the peer is a TCP address.
+        (Err(_), Peer::Tcp { addr }) => Caller::Anonymous {
+            addr: addr.to_string(),
+        }
+        .key(),
+        (Err(_), other) => daemon.identify(other).key(),
+    };
     let accepted = caller.and_then(|caller| query.and_then(|q| daemon.accept(&q, &caller)));
     let started = accepted.and_then(|job| {
         if content_length.is_some_and(|n| n > job.max_input_size) {
@@ -162,7 +204,7 @@ async fn job(
     let (job, slot) = match started {
         Ok(started) => started,
         Err(e) => {
-            daemon.refuse(&peer, profile.as_deref(), filename.as_deref(), &e);
+            daemon.refuse(&who, transport, profile.as_deref(), filename.as_deref(), &e);
             drain(body).await;
             return e.into_response();
         }
@@ -178,7 +220,7 @@ async fn job(
     let submitted = daemon
         .submit(
             &job,
-            &peer,
+            transport,
             kind,
             header_str(IDEMPOTENCY_HEADER),
             &content_type,
@@ -200,7 +242,7 @@ async fn job(
         .any(|v| v.split(',').any(|p| p.trim() == "respond-async"));
     if respond_async {
         // RFC 7240: answer now with the job; the result is fetched later.
-        let mut resp = match daemon.job(&id, &peer) {
+        let mut resp = match daemon.job(&id, &job.caller) {
             Ok(v) => (http::StatusCode::ACCEPTED, Json(v)).into_response(),
             Err(e) => e.into_response(),
         };
@@ -210,7 +252,7 @@ async fn job(
         return resp;
     }
     daemon.wait(&id).await;
-    let mut resp = deliver(&daemon, &id, &peer).await;
+    let mut resp = deliver(&daemon, &id, &job.caller).await;
     if resp.status().is_success() && !is_batch && job.agent_query.response == SignResponse::Pkcs7 {
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -222,8 +264,8 @@ async fn job(
 
 /// The result of job `id` as an answer: the signed file (a batch's parts re-framed),
 /// or the job's error; both carry the job id.
-async fn deliver(daemon: &Daemon, id: &str, peer: &Peer) -> Response {
-    let mut resp = match daemon.result(id, peer).await {
+async fn deliver(daemon: &Daemon, id: &str, caller: &Caller) -> Response {
+    let mut resp = match daemon.result(id, caller).await {
         Ok(d) => {
             let stream = tokio_util::io::ReaderStream::new(d.file);
             match d.kind {
@@ -270,9 +312,13 @@ async fn deliver(daemon: &Daemon, id: &str, peer: &Peer) -> Response {
 async fn get_job(
     State(daemon): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    match daemon.job(&id, &peer) {
+    let view = authenticate(&daemon, &peer, tls.is_some(), &headers)
+        .and_then(|caller| daemon.job(&id, &caller));
+    match view {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
@@ -281,9 +327,13 @@ async fn get_job(
 async fn cancel_job(
     State(daemon): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    match daemon.cancel(&id, &peer) {
+    let view = authenticate(&daemon, &peer, tls.is_some(), &headers)
+        .and_then(|caller| daemon.cancel(&id, &caller));
+    match view {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
@@ -292,14 +342,20 @@ async fn cancel_job(
 async fn job_result(
     State(daemon): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
+    let caller = match authenticate(&daemon, &peer, tls.is_some(), &headers) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
     // Known to the caller: wait for it to end, then answer as POST /v1/sign would have.
-    if let Err(e) = daemon.job(&id, &peer) {
+    if let Err(e) = daemon.job(&id, &caller) {
         return e.into_response();
     }
     daemon.wait(&id).await;
-    deliver(&daemon, &id, &peer).await
+    deliver(&daemon, &id, &caller).await
 }
 
 /// Re-frames the agent's batch answer for the caller, part by part as it streams:
