@@ -284,6 +284,8 @@ pub enum ErrorCode {
     ResultExpired,
     /// The job was cancelled before it was signed.
     Cancelled,
+    /// The host is shutting down or rebooting; the daemon takes jobs again after it.
+    ShuttingDown,
 }
 
 impl ErrorCode {
@@ -304,6 +306,7 @@ impl ErrorCode {
             | ErrorCode::PinLocked
             | ErrorCode::TokenUnavailable => 503,
             ErrorCode::SpoolFull => 507,
+            ErrorCode::ShuttingDown => 503,
             ErrorCode::UnknownJob => 404,
             ErrorCode::ResultExpired => 410,
             ErrorCode::Cancelled => 409,
@@ -326,7 +329,8 @@ impl ErrorCode {
             | ErrorCode::TokenUnavailable
             | ErrorCode::AgentUnavailable
             | ErrorCode::TooManyJobs
-            | ErrorCode::SpoolFull => exit::UNAVAILABLE,
+            | ErrorCode::SpoolFull
+            | ErrorCode::ShuttingDown => exit::UNAVAILABLE,
             ErrorCode::UnknownJob | ErrorCode::ResultExpired | ErrorCode::Cancelled => {
                 exit::REFUSED
             }
@@ -355,11 +359,12 @@ impl ErrorCode {
             ErrorCode::UnknownJob => "unknown_job",
             ErrorCode::ResultExpired => "result_expired",
             ErrorCode::Cancelled => "cancelled",
+            ErrorCode::ShuttingDown => "shutting_down",
         }
     }
 
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownProfile,
         ErrorCode::Forbidden,
@@ -379,6 +384,7 @@ impl ErrorCode {
         ErrorCode::UnknownJob,
         ErrorCode::ResultExpired,
         ErrorCode::Cancelled,
+        ErrorCode::ShuttingDown,
     ];
 }
 

@@ -13,6 +13,7 @@ mod doctor;
 mod formats;
 mod jobs_api;
 mod queue;
+mod shutdown;
 
 mod agent_token;
 mod policy;

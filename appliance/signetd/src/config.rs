@@ -53,6 +53,26 @@ pub struct Config {
     /// TLS listeners for remote clients.
     pub tls: Option<TlsConfig>,
     pub queue: QueueConfig,
+    /// `[shutdown]`: logind's bus and the grace for the job at the token.
+    pub shutdown: Shutdown,
+}
+
+/// `[shutdown]`: host shutdowns and reboots, announced by logind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shutdown {
+    /// The bus logind is on: `system` (default), `none`, or an address.
+    pub logind: crate::dbus::Bus,
+    /// How long the job at the token may take to end once a shutdown is announced.
+    pub grace: std::time::Duration,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    #[serde(default)]
+    logind: Option<String>,
+    #[serde(default)]
+    grace_seconds: Option<u64>,
 }
 
 /// `[tls]`: endpoints served with TLS, for remote clients with a secret.
@@ -204,6 +224,8 @@ struct Raw {
     tls: Option<TlsConfig>,
     #[serde(default)]
     queue: QueueConfig,
+    #[serde(default)]
+    shutdown: RawShutdown,
 }
 
 /// A configuration that cannot be used.
@@ -403,7 +425,19 @@ impl Config {
                     .to_owned(),
             ));
         }
+        let shutdown = Shutdown {
+            logind: match raw.shutdown.logind.as_deref() {
+                None => crate::dbus::Bus::System,
+                Some(b) => b.parse().map_err(|m| invalid("shutdown.logind", m))?,
+            },
+            grace: std::time::Duration::from_secs(
+                raw.shutdown
+                    .grace_seconds
+                    .unwrap_or(crate::shutdown::DEFAULT_GRACE.as_secs()),
+            ),
+        };
         Ok(Config {
+            shutdown,
             dbus,
             path: path.to_owned(),
             listen,

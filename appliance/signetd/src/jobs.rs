@@ -67,6 +67,10 @@ pub(crate) struct Engine {
     done: Mutex<HashMap<String, watch::Sender<bool>>>,
     /// The token's serial and certificate fingerprint, from the agent's health.
     token: Mutex<Option<(Option<String>, Option<String>)>>,
+    /// Set while the host shuts down: no new jobs, the worker starts none.
+    draining: std::sync::atomic::AtomicBool,
+    /// Notified whenever the worker ends a job.
+    idle: Notify,
 }
 
 /// A finished job's result, ready to stream.
@@ -102,6 +106,8 @@ impl Engine {
             wake: Notify::new(),
             done: Mutex::default(),
             token: Mutex::default(),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            idle: Notify::new(),
         };
         engine.recover()?;
         Ok(engine)
@@ -243,6 +249,21 @@ impl Daemon {
                 format!("the appliance's spool has no room for {what} now ({} of {} MiB in use); nothing was uploaded or signed, send it again later", used >> 20, quota >> 20),
             )
         };
+        if engine.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            let e = ErrorBody::new(
+                ErrorCode::ShuttingDown,
+                "the appliance's host is shutting down or rebooting; nothing was uploaded or signed, send it again in a few minutes",
+            )
+            .retryable(true);
+            self.refuse(
+                &caller,
+                transport,
+                Some(&job.profile),
+                job.agent_query.filename.as_deref(),
+                &e,
+            );
+            return Err(e);
+        }
         let mut reserved = 0u64;
         if let Some(len) = content_length {
             if !store.reserve(len) {
@@ -485,11 +506,56 @@ impl Daemon {
         }
     }
 
+    /// Stops taking jobs (new requests get `shutting_down`; queued jobs stay queued, on
+    /// disk) and waits up to `grace` for the job at the agent, if any, to end. Answers
+    /// whether no job is at the agent any more; one still there is run again after the
+    /// restart, as after a crash.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        let engine = self.engine();
+        engine
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!("taking no new jobs");
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let ended = engine.idle.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if lock(&engine.sched).running.is_none() {
+                return true;
+            }
+            tokio::select! {
+                _ = ended => {}
+                _ = tokio::time::sleep_until(deadline) => return lock(&engine.sched).running.is_none(),
+            }
+        }
+    }
+
+    /// Takes jobs again after [`Daemon::drain`] (a shutdown that was cancelled).
+    pub fn resume(&self) {
+        let engine = self.engine();
+        engine
+            .draining
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        engine.wake.notify_one();
+    }
+
+    /// Whether the daemon is draining for a host shutdown.
+    pub fn draining(&self) -> bool {
+        self.engine()
+            .draining
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The token's worker: one job at a time, the next by the queue's turns. Runs for
     /// the daemon's life.
     pub async fn run_worker(self: Arc<Self>) {
         loop {
             let engine = self.engine();
+            if self.draining() {
+                engine.wake.notified().await;
+                continue;
+            }
             let next = {
                 let mut s = lock(&engine.sched);
                 let n = s.queue.take();
@@ -508,6 +574,7 @@ impl Daemon {
                     s.queue.push_front(&caller, &id);
                 }
             }
+            engine.idle.notify_waiters();
             if again {
                 tokio::time::sleep(RETRY_PAUSE).await;
             }

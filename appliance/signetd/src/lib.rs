@@ -47,6 +47,7 @@ pub mod queue;
 pub mod recovery;
 pub mod serve;
 pub mod server;
+pub mod shutdown;
 pub mod store;
 pub mod tls;
 pub mod tokens;

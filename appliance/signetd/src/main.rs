@@ -356,6 +356,15 @@ async fn main() -> anyhow::Result<()> {
             None
         }
     };
+    // Host shutdowns: a logind delay inhibitor, and a drain when one is announced.
+    {
+        let (daemon, shutdown) = (daemon.clone(), cfg.shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = signetd::shutdown::run(daemon, shutdown.logind, shutdown.grace).await {
+                tracing::info!(error = %e, "host shutdowns are not delayed for the job at the token (queued jobs still survive them); set [shutdown] logind = \"none\" to silence this");
+            }
+        });
+    }
     let app = signetd::server::router(daemon);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
