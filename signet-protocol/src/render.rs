@@ -65,6 +65,10 @@ pub fn status_text(status: &DaemonStatus, source: &str, color: bool) -> String {
                     c.subject, c.not_after
                 );
             }
+            if let Some((why, fix)) = health.windows.as_ref().and_then(|w| w.problem()) {
+                let _ = writeln!(out, "  RDP:      {why}");
+                let _ = writeln!(out, "            fix: {fix}");
+            }
             let _ = writeln!(out, "            {}", health.detail);
         }
         AgentReport::Unreachable { endpoint, error } => {
@@ -131,6 +135,7 @@ mod tests {
                     }),
                     certificates: vec![],
                     signer: "osslsigncode 2.9".into(),
+                    windows: None,
                 }),
             },
             queue: None,
@@ -169,5 +174,26 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn remote_desktop_that_would_hide_the_token_is_shown_with_the_fix() {
+        let with = |disabled: bool| {
+            let mut s = healthy();
+            if let AgentReport::Reachable { health, .. } = &mut s.agent {
+                health.windows = Some(crate::wire::WindowsSessions {
+                    remote_desktop_active: true,
+                    smart_card_redirection_disabled: Some(disabled),
+                });
+            }
+            status_text(&s, "system bus", false)
+        };
+        let text = with(false);
+        assert!(
+            text.contains("  RDP:      a Remote Desktop session is connected")
+                && text.contains("fix: in the signing VM, turn smart-card redirection off"),
+            "{text}"
+        );
+        assert!(!with(true).contains("RDP:"));
     }
 }

@@ -537,6 +537,43 @@ pub struct AgentHealth {
     pub certificates: Vec<CertificateSummary>,
     /// The signing backend, e.g. "osslsigncode 2.9".
     pub signer: String,
+    /// On a Windows signing VM: Remote Desktop and smart-card redirection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<WindowsSessions>,
+}
+
+/// Remote Desktop on a Windows signing VM. When someone connects with Remote Desktop
+/// and smart-card redirection is allowed, Windows gives the session the client's smart
+/// cards and hides the VM's own token from the agent: the token "vanishes".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowsSessions {
+    /// A Remote Desktop session is connected now.
+    pub remote_desktop_active: bool,
+    /// The policy `fEnableSmartCard` = 0 (Group Policy "Do not allow smart card device
+    /// redirection") is set; `None` when it could not be read.
+    pub smart_card_redirection_disabled: Option<bool>,
+}
+
+/// The registry key of the Remote Desktop policies.
+pub const TERMINAL_SERVICES_POLICY_KEY: &str =
+    r"HKLM\SOFTWARE\Policies\Microsoft\Windows NT\Terminal Services";
+
+impl WindowsSessions {
+    /// What is wrong, and the fix; `None` when the token is safe from Remote Desktop.
+    pub fn problem(&self) -> Option<(String, String)> {
+        if self.smart_card_redirection_disabled == Some(true) {
+            return None;
+        }
+        let fix = format!(
+            "in the signing VM, turn smart-card redirection off: Group Policy \"Do not allow smart card device redirection\" = Enabled, or `reg add \"{TERMINAL_SERVICES_POLICY_KEY}\" /v fEnableSmartCard /t REG_DWORD /d 0 /f`, then `gpupdate /force`; until then, do not use Remote Desktop on it"
+        );
+        let why = if self.remote_desktop_active {
+            "a Remote Desktop session is connected and smart-card redirection is allowed: Windows hides the token from the signing agent now"
+        } else {
+            "smart-card redirection is allowed: the token will vanish from the signing agent whenever someone connects with Remote Desktop"
+        };
+        Some((why.to_owned(), fix))
+    }
 }
 
 /// Body of `POST /agent/v1/login`: the token's user PIN. Its `Debug` shows no secret.
@@ -909,5 +946,34 @@ mod tests {
         )
         .unwrap();
         assert!(old.certificates.is_empty() && old.pin.is_none() && !old.logged_in);
+    }
+
+    #[test]
+    fn remote_desktop_is_a_problem_until_redirection_is_off() {
+        let safe = WindowsSessions {
+            remote_desktop_active: true,
+            smart_card_redirection_disabled: Some(true),
+        };
+        assert_eq!(safe.problem(), None);
+        let (why, fix) = WindowsSessions {
+            remote_desktop_active: true,
+            smart_card_redirection_disabled: Some(false),
+        }
+        .problem()
+        .unwrap();
+        assert!(
+            why.contains("hides the token") && why.contains("now"),
+            "{why}"
+        );
+        assert!(
+            fix.contains("/v fEnableSmartCard /t REG_DWORD /d 0"),
+            "{fix}"
+        );
+        assert!(
+            fix.contains(r"HKLM\SOFTWARE\Policies\Microsoft\Windows NT\Terminal Services"),
+            "{fix}"
+        );
+        let (why, _) = WindowsSessions::default().problem().unwrap();
+        assert!(why.contains("whenever someone connects"), "{why}");
     }
 }

@@ -438,6 +438,10 @@ impl Agent {
             pin: t.pin,
             certificates: t.certificates,
             signer: self.signer_version.clone(),
+            windows: tokio::task::spawn_blocking(crate::rdp::probe)
+                .await
+                .ok()
+                .flatten(),
         }
     }
 

@@ -61,7 +61,7 @@ impl Status {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Check {
     /// Stable name for scripts: `config`, `module`, `tokens`, `token`, `pin_state`,
-    /// `pin_file`, `osslsigncode`, `certificate`.
+    /// `pin_file`, `osslsigncode`, `certificate`, and on Windows `remote_desktop`.
     pub name: &'static str,
     pub status: Status,
     pub summary: String,
@@ -396,6 +396,10 @@ pub fn run(config_path: &Path) -> Report {
     if let Some(ctx) = ctx {
         let _ = ctx.finalize();
     }
+    // Windows signing VMs only: Remote Desktop would hide the token.
+    if let Some(sessions) = crate::rdp::probe() {
+        checks.push(judge_remote_desktop(&sessions));
+    }
 
     report.ok = checks.iter().all(Check::passed);
     report.checks = checks;
@@ -666,6 +670,24 @@ fn suggestions(configured: &Path, present: &[Candidate]) -> Vec<String> {
 }
 
 /// Judges the module: present, loadable, initializable.
+/// Remote Desktop on a Windows signing VM: a connected session with smart-card
+/// redirection allowed has taken the token (fail); redirection allowed is a token lost
+/// at the next connection (warn).
+pub fn judge_remote_desktop(s: &signet_protocol::wire::WindowsSessions) -> Check {
+    match s.problem() {
+        None if s.remote_desktop_active => Check::ok(
+            "remote_desktop",
+            "a Remote Desktop session is connected; smart-card redirection is off, so the token stays with the agent",
+        ),
+        None => Check::ok(
+            "remote_desktop",
+            "smart-card redirection is off: Remote Desktop leaves the token with the agent",
+        ),
+        Some((why, fix)) if s.remote_desktop_active => Check::fail("remote_desktop", why, fix),
+        Some((why, fix)) => Check::warn("remote_desktop", why, fix),
+    }
+}
+
 pub fn judge_module(path: &Path, probe: &ModuleProbe, present: &[Candidate]) -> Check {
     let shown = path.display();
     let others = suggestions(path, present);
@@ -1321,5 +1343,27 @@ mod tests {
         assert_eq!(json["checks"][1]["status"], "fail");
         assert_eq!(json["checks"][1]["fix"], "chmod 600 /p");
         assert!(json["checks"][0].get("fix").is_none());
+    }
+
+    #[test]
+    fn remote_desktop_fails_when_it_holds_the_token_and_warns_before() {
+        use signet_protocol::wire::WindowsSessions;
+        let c = judge_remote_desktop(&WindowsSessions {
+            remote_desktop_active: true,
+            smart_card_redirection_disabled: Some(false),
+        });
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.fix.unwrap().contains("fEnableSmartCard"));
+        let c = judge_remote_desktop(&WindowsSessions {
+            remote_desktop_active: false,
+            smart_card_redirection_disabled: None,
+        });
+        assert_eq!(c.status, Status::Warn);
+        let c = judge_remote_desktop(&WindowsSessions {
+            remote_desktop_active: true,
+            smart_card_redirection_disabled: Some(true),
+        });
+        assert_eq!(c.status, Status::Ok);
+        assert!(c.summary.contains("stays with the agent"), "{}", c.summary);
     }
 }

@@ -30,6 +30,7 @@ pub mod doctor;
 pub mod job;
 pub mod loss;
 pub mod modules;
+pub mod rdp;
 pub mod server;
 pub mod signer;
 pub mod signtool;
