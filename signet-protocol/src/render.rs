@@ -76,6 +76,17 @@ pub fn status_text(status: &DaemonStatus, source: &str, color: bool) -> String {
             let _ = writeln!(out, "            {}", error.message);
         }
     }
+    if let Some(e) = status.recovery.last() {
+        let took = e
+            .duration_ms
+            .map(|ms| format!(" ({:.1} s)", ms as f64 / 1000.0))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  recovery: {} {}{took}: {}",
+            e.time, e.event, e.detail
+        );
+    }
     out
 }
 
@@ -139,6 +150,7 @@ mod tests {
                 }),
             },
             queue: None,
+            recovery: vec![],
         }
     }
 
@@ -174,6 +186,22 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_last_recovery_step_is_shown_with_its_duration() {
+        let s = DaemonStatus {
+            recovery: vec![crate::wire::TimelineEntry {
+                time: "2026-11-23T10:42:00Z".into(),
+                event: "token_back".into(),
+                detail: "the agent re-initialised PKCS#11 and found the token again".into(),
+                duration_ms: Some(3_250),
+            }],
+            ..healthy()
+        };
+        assert!(status_text(&s, "x", false).ends_with(
+            "  recovery: 2026-11-23T10:42:00Z token_back (3.2 s): the agent re-initialised PKCS#11 and found the token again\n"
+        ));
     }
 
     #[test]

@@ -674,6 +674,26 @@ pub struct DaemonStatus {
     /// The job queue (absent from daemons before the queue).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueStatus>,
+    /// The newest entries of the recovery timeline, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recovery: Vec<TimelineEntry>,
+}
+
+/// One entry of the recovery timeline: what was seen or done about the agent and the
+/// token, and for a return how long signing was unavailable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// `agent_unreachable`, `agent_back`, `token_lost`, `token_back`, `logged_in`,
+    /// `pin_delivered`, `pin_rejected`, `first_job_signed`, `shutdown_drain`,
+    /// `shutdown_released`.
+    pub event: String,
+    pub detail: String,
+    /// For `agent_back` / `token_back`: how long it was away; for `first_job_signed`:
+    /// how long after the return the first job was signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 /// Where a job is in its life.

@@ -13,6 +13,7 @@ mod doctor;
 mod formats;
 mod jobs_api;
 mod queue;
+mod recovery;
 mod shutdown;
 
 mod agent_token;
@@ -322,10 +323,13 @@ fn a_wrong_pin_is_tried_once_and_never_again_until_it_changes() {
 fn agent_not_running_gives_exit_6_with_the_reason() {
     let mut w = World::new();
     let nowhere = Endpoint::Unix(w.path("no-agent.sock"));
+    // A job waits for an unreachable agent (a rebooting signing VM) until its
+    // deadline, here a short one.
     let ep = w
-        .start_daemon(
+        .start_daemon_with(
             &[&format!("unix:{}", w.path("signetd.sock").display())],
             &nowhere,
+            "[profiles.release]\n[queue]\njob_deadline_seconds = 2\n",
         )
         .remove(0);
     let file = w.pe("app.exe");

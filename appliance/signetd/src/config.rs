@@ -55,6 +55,9 @@ pub struct Config {
     pub queue: QueueConfig,
     /// `[shutdown]`: logind's bus and the grace for the job at the token.
     pub shutdown: Shutdown,
+    /// The token's PIN, given to the agent whenever it needs one (after a signing-VM
+    /// reboot or an agent restart). A file readable by root only.
+    pub pin_file: Option<PathBuf>,
 }
 
 /// `[shutdown]`: host shutdowns and reboots, announced by logind.
@@ -226,6 +229,8 @@ struct Raw {
     queue: QueueConfig,
     #[serde(default)]
     shutdown: RawShutdown,
+    #[serde(default)]
+    pin_file: Option<PathBuf>,
 }
 
 /// A configuration that cannot be used.
@@ -436,7 +441,17 @@ impl Config {
                     .unwrap_or(crate::shutdown::DEFAULT_GRACE.as_secs()),
             ),
         };
+        if let Some(p) = &raw.pin_file {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    "pin_file",
+                    "give an absolute path, e.g. pin_file = \"/etc/signet/token.pin\" (mode 0600)"
+                        .to_owned(),
+                ));
+            }
+        }
         Ok(Config {
+            pin_file: raw.pin_file,
             shutdown,
             dbus,
             path: path.to_owned(),

@@ -25,6 +25,9 @@ use crate::store::StoreError;
 /// signing VM hangs.
 const STATUS_AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How many of the newest timeline entries the status carries.
+const STATUS_TIMELINE_ENTRIES: usize = 10;
+
 /// The running daemon.
 #[derive(Debug)]
 pub struct Daemon {
@@ -33,6 +36,9 @@ pub struct Daemon {
     /// The client database, when remote clients are served (`[tls]`).
     clients: Option<std::sync::Mutex<rusqlite::Connection>>,
     engine: Engine,
+    timeline: crate::timeline::Timeline,
+    /// The token refused the PIN in the host's `pin_file` (until another is given).
+    host_pin_rejected: std::sync::atomic::AtomicBool,
 }
 
 /// A signing request accepted against its profile, not yet recorded.
@@ -51,17 +57,36 @@ impl Daemon {
     pub fn open(cfg: Config) -> Result<Self, StoreError> {
         let quota = cfg.queue.spool_quota_mb.saturating_mul(1 << 20);
         let engine = Engine::open(&cfg.state_dir, quota)?;
+        let timeline = crate::timeline::Timeline::new(engine.store().clone())?;
         let slots = Slots::new(cfg.limits.max_jobs_per_caller);
         Ok(Daemon {
             cfg,
             slots,
             clients: None,
             engine,
+            timeline,
+            host_pin_rejected: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     pub(crate) fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Whether the token refused the host's PIN (see [`crate::agent_watch`]).
+    pub fn host_pin_rejected(&self) -> bool {
+        self.host_pin_rejected
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_host_pin_rejected(&self, rejected: bool) {
+        self.host_pin_rejected
+            .store(rejected, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The recovery timeline.
+    pub fn timeline(&self) -> &crate::timeline::Timeline {
+        &self.timeline
     }
 
     /// The job database, for modules that keep their own tables in it (and for the
@@ -309,6 +334,7 @@ impl Daemon {
             profiles: self.cfg.profiles.keys().cloned().collect(),
             agent,
             queue: Some(self.queue_status()),
+            recovery: self.timeline.recent(STATUS_TIMELINE_ENTRIES),
         }
     }
 
@@ -328,6 +354,8 @@ impl Daemon {
             ErrorCode::AgentUnavailable,
             "the signing VM's agent is not reachable; nothing was signed. The appliance's operator sees why in `signet status` on the host and in signetd's log",
         )
+        // A signing VM that reboots comes back: jobs wait for it until their deadline.
+        .retryable(true)
     }
 }
 

@@ -26,10 +26,11 @@ use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
 use crate::audit::{self, Entry, Outcome};
-use crate::daemon::{Daemon, Job};
+use crate::daemon::{client_view, Daemon, Job};
 use crate::policy::Caller;
 use crate::queue::Queue;
 use crate::store::{self, Inserted, JobRow, Kind, NewJob, Store, StoreError};
+use crate::timeline::Seen;
 
 /// How long the worker waits before it sends a job back to a token that was lost.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
@@ -540,6 +541,11 @@ impl Daemon {
         engine.wake.notify_one();
     }
 
+    /// Wakes the token's worker: the token or the agent may be back.
+    pub fn wake_worker(&self) {
+        self.engine().wake.notify_one();
+    }
+
     /// Whether the daemon is draining for a host shutdown.
     pub fn draining(&self) -> bool {
         self.engine()
@@ -576,7 +582,11 @@ impl Daemon {
             }
             engine.idle.notify_waiters();
             if again {
-                tokio::time::sleep(RETRY_PAUSE).await;
+                // Sooner when the agent watcher sees the token or the agent come back.
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_PAUSE) => {}
+                    _ = engine.wake.notified() => {}
+                }
             }
         }
     }
@@ -701,6 +711,7 @@ impl Daemon {
                         store.remove_spooled(&store.input_path(id));
                         lock(&engine.sched).queue.record_duration(ms);
                         tracing::info!(job = id, ms, bytes = n, "signed");
+                        self.timeline().saw(Seen::JobSigned(id.to_owned()));
                     }
                     Err(err) => {
                         tracing::error!(job = id, error = %err, "the signed job could not be recorded; it runs again after a restart")
@@ -713,11 +724,26 @@ impl Daemon {
                 store.remove_spooled(&out_path);
                 let deadline = row.created_ms + self.config().queue.job_deadline_seconds * 1000;
                 *lock(&engine.token) = None;
-                // Only a lost token comes back by itself; a missing PIN needs the operator.
-                if e.retryable
-                    && e.code == ErrorCode::TokenUnavailable
-                    && store::now_ms() < deadline
-                {
+                // A lost token and a restarting agent come back by themselves, and so
+                // does a missing PIN when the host has one to give; a wrong PIN needs
+                // the operator.
+                let transient = match e.code {
+                    ErrorCode::TokenUnavailable | ErrorCode::AgentUnavailable => e.retryable,
+                    ErrorCode::PinNeeded => {
+                        self.config().pin_file.is_some() && !self.host_pin_rejected()
+                    }
+                    _ => false,
+                };
+                // The agent has no PIN because the token refused the host's: say that.
+                let e = if e.code == ErrorCode::PinNeeded && self.host_pin_rejected() {
+                    client_view(
+                        id,
+                        ErrorBody::new(ErrorCode::PinRejected, "the host's PIN was refused"),
+                    )
+                } else {
+                    e
+                };
+                if transient && store::now_ms() < deadline {
                     tracing::warn!(job = id, code = %e.code, "not signed now; the job goes back to the head of its queue");
                     if let Err(err) = store.requeue(id) {
                         tracing::error!(job = id, error = %err, "the job cannot be queued again");
@@ -740,7 +766,8 @@ impl Daemon {
     }
 }
 
-fn rfc3339(ms: u64) -> String {
+/// Milliseconds since the epoch as RFC 3339 (UTC, whole seconds).
+pub fn rfc3339(ms: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .map(|t| {
             format!(

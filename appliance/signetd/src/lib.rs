@@ -31,6 +31,7 @@
 //! - [`jobs`] — the job path: record, spool, queue, the token's worker, results.
 //! - [`audit`] — the hash-chained audit log, `signetd audit verify|export`.
 
+pub mod agent_watch;
 pub mod audit;
 pub mod clients;
 pub mod config;
@@ -49,6 +50,7 @@ pub mod serve;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod timeline;
 pub mod tls;
 pub mod tokens;
 pub mod usb;

@@ -356,6 +356,8 @@ async fn main() -> anyhow::Result<()> {
             None
         }
     };
+    // The agent: its events and health, the timeline, the PIN when it needs one.
+    tokio::spawn(signetd::agent_watch::run(daemon.clone()));
     // Host shutdowns: a logind delay inhibitor, and a drain when one is announced.
     {
         let (daemon, shutdown) = (daemon.clone(), cfg.shutdown.clone());

@@ -100,17 +100,11 @@ pub async fn run(daemon: Arc<Daemon>, bus: Bus, grace: Duration) -> Result<(), S
         };
         match decide(start, daemon.draining()) {
             Step::Drain => {
-                tracing::info!(
-                    grace_s = grace.as_secs(),
-                    "the host is shutting down: no new jobs; waiting for the job at the token"
-                );
-                if daemon.drain(grace).await {
-                    tracing::info!("no job at the token; queued jobs run after the boot");
-                } else {
-                    tracing::warn!(
-                        "the job at the token did not end in time; it runs again after the boot"
-                    );
-                }
+                daemon.timeline().saw(crate::timeline::Seen::ShutdownDrain);
+                let job_ended = daemon.drain(grace).await;
+                daemon
+                    .timeline()
+                    .saw(crate::timeline::Seen::ShutdownReleased { job_ended });
                 drop(inhibitor.take());
                 tracing::info!("logind inhibitor released");
             }

@@ -165,6 +165,7 @@ impl Store {
             CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);",
         )?;
         audit::init(&conn)?;
+        crate::timeline::init(&conn)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let used = dir_size(&spool)?;
         Ok(Store {

@@ -1,0 +1,294 @@
+//! The recovery timeline: what the daemon saw happen to the agent and the token, what
+//! it did about it, and how long signing was unavailable — kept in `state_dir/signet.db`
+//! (table `timeline`) and shown by the status.
+//!
+//! [`Clock`] is pure: it turns what was seen into entries, pairing each loss with its
+//! return (the time between is the entry's `duration_ms`) and the return with the first
+//! job signed after it (the time to recover, from the field's point of view). Events
+//! that arrive twice or out of order make no entry. [`Timeline`] keeps the clock and
+//! writes its entries.
+
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection};
+use signet_protocol::wire::TimelineEntry;
+
+use crate::store::{self, Store};
+
+/// Something the daemon saw or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// The agent cannot be reached (why).
+    AgentDown(String),
+    AgentUp,
+    /// The agent reports the token gone (its detail).
+    TokenLost(String),
+    TokenBack,
+    /// The agent's session logged in to the token.
+    LoggedIn,
+    /// The daemon gave the agent the PIN from its PIN file.
+    PinDelivered,
+    /// The token refused the host's PIN (what to do).
+    PinRejected(String),
+    /// A job was signed.
+    JobSigned(String),
+    /// A host shutdown was announced; the daemon drains.
+    ShutdownDrain,
+    /// The drain ended (whether the job at the token ended in time).
+    ShutdownReleased {
+        job_ended: bool,
+    },
+}
+
+/// One entry before it is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub time_ms: u64,
+    pub event: &'static str,
+    pub detail: String,
+    pub duration_ms: Option<u64>,
+}
+
+/// The pairing state.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Clock {
+    agent_down_since: Option<u64>,
+    token_lost_since: Option<u64>,
+    /// When signing came back, waiting for the first job signed after it.
+    back_at: Option<u64>,
+}
+
+impl Clock {
+    /// The entry for `seen` at `now` (ms), if it makes one.
+    pub fn on(&mut self, seen: Seen, now: u64) -> Option<Entry> {
+        let entry = |event, detail: String, duration_ms| {
+            Some(Entry {
+                time_ms: now,
+                event,
+                detail,
+                duration_ms,
+            })
+        };
+        match seen {
+            Seen::AgentDown(why) => {
+                if self.agent_down_since.is_some() {
+                    return None;
+                }
+                self.agent_down_since = Some(now);
+                self.back_at = None;
+                entry("agent_unreachable", why, None)
+            }
+            Seen::AgentUp => {
+                let since = self.agent_down_since.take()?;
+                self.back_at = Some(now);
+                entry(
+                    "agent_back",
+                    "the signing agent answers again".to_owned(),
+                    Some(now.saturating_sub(since)),
+                )
+            }
+            Seen::TokenLost(detail) => {
+                if self.token_lost_since.is_some() {
+                    return None;
+                }
+                self.token_lost_since = Some(now);
+                self.back_at = None;
+                entry("token_lost", detail, None)
+            }
+            Seen::TokenBack => {
+                let since = self.token_lost_since.take()?;
+                self.back_at = Some(now);
+                entry(
+                    "token_back",
+                    "the agent re-initialised PKCS#11 and found the token again".to_owned(),
+                    Some(now.saturating_sub(since)),
+                )
+            }
+            Seen::LoggedIn => entry(
+                "logged_in",
+                "the agent logged in to the token".to_owned(),
+                None,
+            ),
+            Seen::PinDelivered => entry(
+                "pin_delivered",
+                "the host gave the agent the PIN from its PIN file".to_owned(),
+                None,
+            ),
+            Seen::PinRejected(fix) => entry("pin_rejected", fix, None),
+            Seen::JobSigned(job) => {
+                let back = self.back_at.take()?;
+                let ms = now.saturating_sub(back);
+                entry(
+                    "first_job_signed",
+                    format!("job {job}, the first signed since signing came back"),
+                    Some(ms),
+                )
+            }
+            Seen::ShutdownDrain => entry(
+                "shutdown_drain",
+                "the host is shutting down: no new jobs, waiting for the job at the token"
+                    .to_owned(),
+                None,
+            ),
+            Seen::ShutdownReleased { job_ended } => entry(
+                "shutdown_released",
+                if job_ended {
+                    "no job at the token; the shutdown goes on, queued jobs run after the boot"
+                } else {
+                    "the job at the token did not end in time; it runs again after the boot"
+                }
+                .to_owned(),
+                None,
+            ),
+        }
+    }
+}
+
+/// Creates the timeline table on `conn` if it does not exist.
+pub fn init(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS timeline (
+            id INTEGER PRIMARY KEY,
+            time_ms INTEGER NOT NULL,
+            event TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            duration_ms INTEGER
+        );",
+    )
+}
+
+/// The daemon's timeline.
+#[derive(Debug)]
+pub struct Timeline {
+    store: Arc<Store>,
+    clock: Mutex<Clock>,
+}
+
+impl Timeline {
+    pub fn new(store: Arc<Store>) -> rusqlite::Result<Self> {
+        init(&store.conn())?;
+        Ok(Timeline {
+            store,
+            clock: Mutex::default(),
+        })
+    }
+
+    /// Records what was seen, if it makes an entry.
+    pub fn saw(&self, seen: Seen) {
+        let entry = self
+            .clock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .on(seen, store::now_ms());
+        let Some(e) = entry else { return };
+        tracing::info!(event = e.event, duration_ms = e.duration_ms, "{}", e.detail);
+        let written = self.store.conn().execute(
+            "INSERT INTO timeline (time_ms, event, detail, duration_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                e.time_ms as i64,
+                e.event,
+                e.detail,
+                e.duration_ms.map(|d| d as i64)
+            ],
+        );
+        if let Err(err) = written {
+            tracing::error!(error = %err, "a timeline entry could not be written");
+        }
+    }
+
+    /// The newest `n` entries, oldest first.
+    pub fn recent(&self, n: usize) -> Vec<TimelineEntry> {
+        let conn = self.store.conn();
+        let rows = conn
+            .prepare(
+                "SELECT time_ms, event, detail, duration_ms FROM
+                 (SELECT * FROM timeline ORDER BY id DESC LIMIT ?1) ORDER BY id",
+            )
+            .and_then(|mut st| {
+                st.query_map([n as i64], |r| {
+                    Ok(TimelineEntry {
+                        time: crate::jobs::rfc3339(r.get::<_, i64>(0)? as u64),
+                        event: r.get(1)?,
+                        detail: r.get(2)?,
+                        duration_ms: r.get::<_, Option<i64>>(3)?.map(|d| d as u64),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            });
+        rows.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the timeline cannot be read");
+            Vec::new()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loss_is_paired_with_its_return_and_the_first_job_after_it() {
+        let mut c = Clock::default();
+        let lost = c
+            .on(Seen::TokenLost("CKR_DEVICE_REMOVED".into()), 1_000)
+            .unwrap();
+        assert_eq!((lost.event, lost.duration_ms), ("token_lost", None));
+        assert_eq!(c.on(Seen::TokenLost("again".into()), 1_500), None, "twice");
+        let back = c.on(Seen::TokenBack, 4_000).unwrap();
+        assert_eq!((back.event, back.duration_ms), ("token_back", Some(3_000)));
+        let first = c.on(Seen::JobSigned("7".into()), 4_250).unwrap();
+        assert_eq!(
+            (first.event, first.duration_ms),
+            ("first_job_signed", Some(250))
+        );
+        assert!(first.detail.contains("job 7"));
+        assert_eq!(
+            c.on(Seen::JobSigned("8".into()), 4_300),
+            None,
+            "only the first"
+        );
+    }
+
+    #[test]
+    fn returns_without_a_loss_and_jobs_without_a_return_make_no_entry() {
+        let mut c = Clock::default();
+        assert_eq!(c.on(Seen::TokenBack, 10), None);
+        assert_eq!(c.on(Seen::AgentUp, 10), None);
+        assert_eq!(c.on(Seen::JobSigned("1".into()), 20), None);
+        assert!(c.on(Seen::LoggedIn, 30).is_some());
+    }
+
+    #[test]
+    fn an_agent_restart_is_timed_from_the_first_time_it_was_unreachable() {
+        let mut c = Clock::default();
+        assert!(c.on(Seen::AgentDown("refused".into()), 100).is_some());
+        assert_eq!(c.on(Seen::AgentDown("refused".into()), 200), None);
+        let up = c.on(Seen::AgentUp, 2_100).unwrap();
+        assert_eq!(up.duration_ms, Some(2_000));
+        // A loss after the return restarts the wait for the first job.
+        c.on(Seen::TokenLost("gone".into()), 2_200);
+        assert_eq!(c.on(Seen::JobSigned("1".into()), 2_300), None);
+        c.on(Seen::TokenBack, 3_000);
+        assert_eq!(
+            c.on(Seen::JobSigned("2".into()), 3_100)
+                .unwrap()
+                .duration_ms,
+            Some(100)
+        );
+    }
+
+    #[test]
+    fn entries_are_stored_and_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+        let t = Timeline::new(store).unwrap();
+        t.saw(Seen::AgentDown("connection refused".into()));
+        t.saw(Seen::AgentUp);
+        t.saw(Seen::PinDelivered);
+        let r = t.recent(2);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].event, "agent_back");
+        assert!(r[0].duration_ms.is_some());
+        assert_eq!(r[1].event, "pin_delivered");
+    }
+}
