@@ -55,6 +55,8 @@ pub struct Config {
     pub queue: QueueConfig,
     /// `[shutdown]`: logind's bus and the grace for the job at the token.
     pub shutdown: Shutdown,
+    /// `[doctor]`: where `signetctl doctor` looks at the host.
+    pub doctor: crate::doctor::DoctorConfig,
 }
 
 /// `[shutdown]`: host shutdowns and reboots, announced by logind.
@@ -226,6 +228,8 @@ struct Raw {
     queue: QueueConfig,
     #[serde(default)]
     shutdown: RawShutdown,
+    #[serde(default)]
+    doctor: crate::doctor::DoctorConfig,
 }
 
 /// A configuration that cannot be used.
@@ -438,6 +442,7 @@ impl Config {
         };
         Ok(Config {
             shutdown,
+            doctor: raw.doctor,
             dbus,
             path: path.to_owned(),
             listen,

@@ -40,6 +40,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(STATUS_PATH, get(status))
         .route(JOB_PATH, get(get_job).delete(cancel_job))
         .route(JOB_RESULT_PATH, get(job_result))
+        .merge(crate::server_ops::routes())
         .fallback(|| async {
             ErrorBody::new(
                 ErrorCode::BadRequest,

@@ -361,6 +361,16 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The `limit` jobs that ended last, newest first.
+    pub fn ended(&self, limit: u64) -> Result<Vec<JobRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&select(
+            "WHERE finished_ms IS NOT NULL ORDER BY finished_ms DESC, seq DESC LIMIT ?1",
+        ))?;
+        let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Marks the results of jobs that ended before `before_ms` as gone; answers their ids.
     pub fn expire(&self, before_ms: u64) -> Result<Vec<String>, StoreError> {
         let conn = self.conn();
