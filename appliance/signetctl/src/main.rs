@@ -121,7 +121,8 @@ async fn run(cli: Cli) -> u8 {
     match &cli.command {
         Command::Man { dir } => {
             let written = match dir {
-                Some(dir) => clap_mangen::generate_to(Cli::command(), dir),
+                Some(dir) => std::fs::create_dir_all(dir)
+                    .and_then(|()| clap_mangen::generate_to(Cli::command(), dir)),
                 None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
             };
             return match written {

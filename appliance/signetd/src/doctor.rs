@@ -335,7 +335,7 @@ fn agent_checks(status: Option<&DaemonStatus>) -> Vec<DoctorCheck> {
         }
         Some(AgentReport::Unreachable { endpoint, error }) => fail(
             "agent",
-            format!("the agent at {endpoint} does not answer: {}", error.message),
+            format!("the agent at {endpoint} does not answer ({})", error.code),
             "start the signing VM and signet-agent in it (qm start VMID; systemctl status signet-agent), and check `agent` in signetd.toml",
         ),
         None => fail("agent", "the daemon's status is not known", "systemctl status signetd"),

@@ -154,7 +154,18 @@ impl Daemon {
             }
             AgentReport::Unreachable { .. } => None,
         }
-        .or_else(|| cfg.profiles.values().find_map(|p| p.token.clone()));
+        .or_else(|| cfg.profiles.values().find_map(|p| p.token.clone()))
+        .or_else(|| {
+            // The token that signed last, while the agent does not answer.
+            self.store()
+                .conn()
+                .query_row(
+                    "SELECT token_serial FROM audit WHERE token_serial IS NOT NULL ORDER BY id DESC LIMIT 1",
+                    [],
+                    |r| r.get::<_, String>(0),
+                )
+                .ok()
+        });
         let (used, quota) = self.store().spool_usage();
         facts.spool = (used, quota, doctor::free_bytes(&cfg.state_dir));
         facts.now = crate::daemon::unix_now();
