@@ -42,8 +42,9 @@ pub struct JobSummary {
     pub error: Option<ErrorCode>,
 }
 
-/// The jobs: the one at the agent, those waiting (in the order they will run) and the
-/// most recent that ended (newest first).
+/// The jobs: those being uploaded or at the agent (`running`), those waiting in the
+/// order they will run (`queued`) and the most recent that ended, newest first
+/// (`recent`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct JobList {
     pub running: Vec<JobSummary>,

@@ -880,6 +880,34 @@ mod tests {
         assert_eq!(find(&checks, "usb_hotplug").status, CheckStatus::Skip);
     }
 
+    #[test]
+    fn the_doctor_section_is_read_from_signetd_toml() {
+        let path = Path::new("signetd.toml");
+        let cfg = crate::config::Config::parse(path, "agent = \"vsock:105:7711\"\n").unwrap();
+        assert_eq!(cfg.doctor, DoctorConfig::default());
+        assert_eq!(cfg.doctor.host_root, Path::new("/"));
+        let cfg = crate::config::Config::parse(
+            path,
+            "agent = \"vsock:105:7711\"\n[doctor]\nhost_root = \"/tmp/host\"\nqm = \"/usr/local/bin/qm\"\nsigning_vm = 107\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.doctor,
+            DoctorConfig {
+                host_root: "/tmp/host".into(),
+                qm: "/usr/local/bin/qm".into(),
+                signing_vm: Some(107),
+            }
+        );
+        let err = crate::config::Config::parse(
+            path,
+            "agent = \"vsock:105:7711\"\n[doctor]\nroot = \"/\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("root"), "{err}");
+    }
+
     /// The readers against a fixture tree: a token with a driver on its interface,
     /// programs, the module list and the device node.
     #[test]

@@ -346,6 +346,7 @@ impl Daemon {
                         &entry(&row, Outcome::Failed, Some(e.code)),
                     );
                 }
+                engine.notify_done(&id);
                 return Err(e);
             }
         };
