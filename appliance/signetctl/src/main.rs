@@ -56,7 +56,7 @@ enum Command {
     #[command(after_help = EXIT_CODES)]
     Cancel(ops::CancelArgs),
     /// The hash-chained audit log: tail, verify, export.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = EXIT_CODES)]
     Audit(ops::AuditCommand),
     /// Check this host for signing: vsock, the signing VM's configuration, the token,
     /// the agent, the PIN, the certificate, the spool, the clock; each failure with its

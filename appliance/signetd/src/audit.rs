@@ -672,4 +672,35 @@ mod tests {
             Err(AuditError::BadTime(_))
         ));
     }
+
+    #[test]
+    fn a_tail_is_the_newest_records_oldest_first_even_after_the_clock_went_back() {
+        let conn = db_with(5);
+        let seqs = |v: Vec<Record>| v.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(tail(&conn, 2).unwrap()), [4, 5]);
+        assert_eq!(seqs(tail(&conn, 50).unwrap()), [1, 2, 3, 4, 5]);
+        assert!(tail(&conn, 0).unwrap().is_empty());
+        assert!(tail(&db_with(0), 3).unwrap().is_empty());
+        // Record 5 written by a clock set back a year: still in the tail.
+        conn.execute(
+            "UPDATE audit SET time = '2000-01-01T00:00:00.000Z' WHERE seq = 5",
+            [],
+        )
+        .unwrap();
+        assert_eq!(seqs(tail(&conn, 3).unwrap()), [3, 4, 5]);
+        // since() reads by time; check() answers what verify() finds.
+        assert_eq!(
+            seqs(since(&conn, Some("1999-01-01T00:00:00Z")).unwrap()).len(),
+            5
+        );
+        assert!(matches!(
+            since(&conn, Some("soon")),
+            Err(AuditError::BadTime(_))
+        ));
+        let c = check(&conn).unwrap();
+        assert!(!c.ok);
+        assert_eq!((c.kind.as_deref(), c.record), (Some("changed"), Some(5)));
+        let c = check(&db_with(2)).unwrap();
+        assert!(c.ok && c.records == Some(2) && c.head.as_deref().is_some_and(|h| h.len() == 64));
+    }
 }
