@@ -60,3 +60,13 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "install-deps: cargo not found; install a Rust toolchain (rustup) first" >&2
   exit 1
 fi
+
+# The "signet" group: the D-Bus policy (packaging/dbus/) lets it use signetctl, and
+# the D-Bus tests run signetctl as a member of it. A package creates it the same way.
+if ! getent group signet >/dev/null; then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "install-deps: the signet group is missing; run as root, or: sudo groupadd --system signet" >&2
+    exit 1
+  fi
+  groupadd --system signet
+fi

@@ -8,6 +8,8 @@
 //! - [`tls`] — the client side of `tls:` endpoints: trusted CAs, client credentials.
 //! - [`wire`] — the JSON types and query parameters of the client API (`/v1/...`) and
 //!   the agent API (`/agent/v1/...`), the stable error codes and what each maps to.
+//! - [`operator`] — the operator's result types (job list, audit, host checks) and
+//!   their text, the same over HTTP, D-Bus and `signetctl`.
 //! - [`batch`] — many files in one request: multipart framing streamed from disk.
 //! - [`render`] — the status as text, the same in every front.
 //! - [`format`] — recognising the file formats Signet signs from their first bytes.
@@ -19,6 +21,7 @@ pub mod batch;
 pub mod client;
 pub mod endpoint;
 pub mod format;
+pub mod operator;
 pub mod render;
 pub mod tls;
 pub mod transport;

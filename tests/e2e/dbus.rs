@@ -7,13 +7,13 @@ use std::process::{Command, Output, Stdio};
 use signet_tests::*;
 
 /// A private bus, stopped on drop.
-struct Bus {
-    address: String,
+pub(crate) struct Bus {
+    pub(crate) address: String,
     pid: i32,
 }
 
 impl Bus {
-    fn start(w: &World) -> Bus {
+    pub(crate) fn start(w: &World) -> Bus {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .unwrap()
@@ -69,7 +69,7 @@ fn signetctl(bus: &Bus, args: &[&str], uid: Option<u32>) -> Output {
     cmd.output().unwrap()
 }
 
-fn text(b: &[u8]) -> String {
+pub(crate) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 

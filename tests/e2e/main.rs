@@ -12,6 +12,7 @@ mod dbus;
 mod doctor;
 mod formats;
 mod jobs_api;
+mod operator;
 mod queue;
 mod recovery;
 mod shutdown;

@@ -1,26 +1,34 @@
 //! `signetctl`: the host CLI. A thin client of `signetd`'s D-Bus front
 //! (`org.signet.Signet1`): it calls a method, gets the daemon's result type as JSON and
-//! renders it with the same code as `signet` (`signet_protocol::render`).
+//! renders it with the same code as `signet` (`signet_protocol::render`). The
+//! operator's commands (`jobs`, `cancel`, `audit`, `doctor`) are in [`ops`]. The man
+//! page and shell completions are generated from these definitions (`signetctl man`,
+//! `signetctl completions SHELL`).
+
+mod ops;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use signet_protocol::render;
 use signet_protocol::wire::DaemonStatus;
 
 /// Exit codes, for monitoring.
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  signing works (status) / the command succeeded
-  1  signing does not work right now (status shows why)
+  0  signing works (status) / all checks passed (doctor) / the command succeeded
+  1  signing does not work right now (status), a check failed (doctor), the audit
+     chain is broken (audit verify)
   2  usage: the command line is wrong
-  3  the daemon cannot be reached on the bus, or the bus refused the call";
+  3  the daemon cannot be reached on the bus, or the bus refused the call
+  4  the daemon refused the command: no such job, a job that can no longer be
+     cancelled, a time that is not RFC 3339";
 
 /// Status and control of a Signet appliance on this Proxmox host, over D-Bus.
 ///
 /// Talks to signetd on the system bus (org.signet.Signet1). Root and members of the
-/// `signet` group may read the status; see packaging/dbus/org.signet.Signet1.conf.
+/// `signet` group may use every command; see packaging/dbus/org.signet.Signet1.conf.
 #[derive(Debug, Parser)]
 #[command(version, after_help = EXIT_CODES)]
 struct Cli {
@@ -39,6 +47,35 @@ enum Command {
         /// Print the status as JSON (the same document as GET /v1/status).
         #[arg(long)]
         json: bool,
+    },
+    /// Every caller's jobs: running, queued (in the order they will run), recently
+    /// ended. --watch follows them.
+    #[command(after_help = EXIT_CODES)]
+    Jobs(ops::JobsArgs),
+    /// Cancel any caller's job that waits in the queue.
+    #[command(after_help = EXIT_CODES)]
+    Cancel(ops::CancelArgs),
+    /// The hash-chained audit log: tail, verify, export.
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Audit(ops::AuditCommand),
+    /// Check this host for signing: vsock, the signing VM's configuration, the token,
+    /// the agent, the PIN, the certificate, the spool, the clock; each failure with its
+    /// fix.
+    #[command(after_help = EXIT_CODES)]
+    Doctor(ops::DoctorArgs),
+    /// Print the man page (roff) to stdout, or write every page (signetctl.1,
+    /// signetctl-jobs.1, ...) to --dir.
+    #[command(hide = true)]
+    Man {
+        /// Write all pages into this directory.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
+    /// Print shell completions to stdout.
+    #[command(hide = true)]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -81,6 +118,32 @@ async fn connect(bus: &str) -> zbus::Result<zbus::Connection> {
 }
 
 async fn run(cli: Cli) -> u8 {
+    match &cli.command {
+        Command::Man { dir } => {
+            let written = match dir {
+                Some(dir) => std::fs::create_dir_all(dir)
+                    .and_then(|()| clap_mangen::generate_to(Cli::command(), dir)),
+                None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
+            };
+            return match written {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("signetctl: {e}");
+                    3
+                }
+            };
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "signetctl",
+                &mut std::io::stdout(),
+            );
+            return 0;
+        }
+        _ => {}
+    }
     let conn = match connect(&cli.bus).await {
         Ok(c) => c,
         Err(e) => {
@@ -95,7 +158,19 @@ async fn run(cli: Cli) -> u8 {
             return 3;
         }
     };
+    let operator = match ops::OperatorProxy::new(&conn).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("signetctl: {e}");
+            return 3;
+        }
+    };
     match cli.command {
+        Command::Jobs(args) => ops::jobs(&operator, &args).await,
+        Command::Cancel(args) => ops::cancel(&operator, &args).await,
+        Command::Audit(cmd) => ops::audit(&operator, &cmd).await,
+        Command::Doctor(args) => ops::doctor(&operator, &args).await,
+        Command::Man { .. } | Command::Completions { .. } => 0,
         Command::Status { json } => {
             let text = match proxy.status().await {
                 Ok(t) => t,

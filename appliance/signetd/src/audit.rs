@@ -23,6 +23,7 @@ use std::io::Write;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use signet_protocol::operator::AuditCheck;
 
 const DOMAIN: &[u8] = b"signet-audit-v1\n";
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -100,28 +101,9 @@ pub struct Entry {
     pub error: Option<String>,
 }
 
-/// A record as stored and exported. Field order is the canonical order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    pub seq: u64,
-    pub time: String,
-    pub job: Option<String>,
-    pub caller: String,
-    pub transport: String,
-    pub profile: Option<String>,
-    pub token_serial: Option<String>,
-    pub cert_sha256: Option<String>,
-    pub filename: Option<String>,
-    pub input_sha256: Option<String>,
-    pub input_bytes: Option<u64>,
-    pub output_sha256: Option<String>,
-    pub output_bytes: Option<u64>,
-    pub duration_ms: Option<u64>,
-    pub result: String,
-    pub error: Option<String>,
-    pub prev: String,
-    pub hash: String,
-}
+/// A record as stored and exported ([`signet_protocol::operator::AuditRecord`], the
+/// type every front carries). Field order is the canonical order.
+pub use signet_protocol::operator::AuditRecord as Record;
 
 /// The hashed part of a record: every field but `hash`, in this order.
 #[derive(Serialize)]
@@ -145,9 +127,16 @@ struct Canonical<'a> {
     prev: &'a str,
 }
 
-impl Record {
+/// The chain's view of a [`Record`]: its canonical form and the hash it should carry.
+pub trait Chained {
     /// The canonical serialisation (see the module docs).
-    pub fn canonical(&self) -> String {
+    fn canonical(&self) -> String;
+    /// The hash this record should carry.
+    fn compute_hash(&self) -> String;
+}
+
+impl Chained for Record {
+    fn canonical(&self) -> String {
         serde_json::to_string(&Canonical {
             seq: self.seq,
             time: &self.time,
@@ -170,8 +159,7 @@ impl Record {
         .unwrap_or_default()
     }
 
-    /// The hash this record should carry.
-    pub fn compute_hash(&self) -> String {
+    fn compute_hash(&self) -> String {
         let mut h = Sha256::new();
         h.update(DOMAIN);
         h.update(self.canonical().as_bytes());
@@ -371,6 +359,83 @@ pub fn verify(conn: &Connection) -> Result<Verified, AuditError> {
     check_chain(&rows(conn, None)?)
 }
 
+/// [`verify`] as the fronts answer it; `Err` only when the log cannot be read.
+pub fn check(conn: &Connection) -> Result<AuditCheck, AuditError> {
+    Ok(match verify(conn) {
+        Ok(v) => AuditCheck {
+            ok: true,
+            records: Some(v.records),
+            head: Some(v.head),
+            kind: None,
+            record: None,
+            message: None,
+        },
+        Err(e @ AuditError::Db(_)) => return Err(e),
+        Err(e) => AuditCheck {
+            ok: false,
+            records: None,
+            head: None,
+            kind: Some(e.kind().to_owned()),
+            record: e.record(),
+            message: Some(e.to_string()),
+        },
+    })
+}
+
+/// The newest `n` records, oldest first.
+pub fn tail(conn: &Connection, n: u64) -> Result<Vec<Record>, AuditError> {
+    let first: Option<(i64, String)> = conn
+        .query_row(
+            "SELECT id, time FROM (SELECT id, time FROM audit ORDER BY id DESC LIMIT ?1)
+             ORDER BY id LIMIT 1",
+            [i64::try_from(n).unwrap_or(i64::MAX)],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((first, time)) = first else {
+        return Ok(Vec::new());
+    };
+    // Times only grow along the chain (unless the clock went back): read from the
+    // first record's time, keep from its row.
+    let from = if rows_before_time(conn, first, &time)? {
+        None
+    } else {
+        Some(time)
+    };
+    Ok(rows(conn, from.as_deref())?
+        .into_iter()
+        .filter(|(id, _)| *id >= first)
+        .map(|(_, r)| r)
+        .collect())
+}
+
+/// The records since `since` (RFC 3339; all when `None`), oldest first.
+pub fn since(conn: &Connection, since: Option<&str>) -> Result<Vec<Record>, AuditError> {
+    let since = since.map(normalise_time).transpose()?;
+    Ok(rows(conn, since.as_deref())?
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect())
+}
+
+/// Whether a record after row `id` has a time before `time` (the clock went back).
+fn rows_before_time(conn: &Connection, id: i64, time: &str) -> Result<bool, AuditError> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM audit WHERE id > ?1 AND time < ?2 LIMIT 1",
+            params![id, time],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+fn normalise_time(s: &str) -> Result<String, AuditError> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(format_time)
+        .map_err(|_| AuditError::BadTime(s.to_owned()))
+}
+
 /// The pure walk behind [`verify`].
 fn check_chain(rows: &[(i64, Record)]) -> Result<Verified, AuditError> {
     let seqs: std::collections::HashSet<u64> = rows.iter().map(|(_, r)| r.seq).collect();
@@ -421,13 +486,7 @@ pub fn export(
     since: Option<&str>,
     out: &mut dyn Write,
 ) -> Result<u64, AuditError> {
-    let since = since
-        .map(|s| {
-            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                .map(format_time)
-                .map_err(|_| AuditError::BadTime(s.to_owned()))
-        })
-        .transpose()?;
+    let since = since.map(normalise_time).transpose()?;
     let rows = rows(conn, since.as_deref())?;
     for (_, rec) in &rows {
         serde_json::to_writer(&mut *out, rec).map_err(std::io::Error::from)?;
@@ -612,5 +671,36 @@ mod tests {
             export(&conn, Some("yesterday"), &mut out),
             Err(AuditError::BadTime(_))
         ));
+    }
+
+    #[test]
+    fn a_tail_is_the_newest_records_oldest_first_even_after_the_clock_went_back() {
+        let conn = db_with(5);
+        let seqs = |v: Vec<Record>| v.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(tail(&conn, 2).unwrap()), [4, 5]);
+        assert_eq!(seqs(tail(&conn, 50).unwrap()), [1, 2, 3, 4, 5]);
+        assert!(tail(&conn, 0).unwrap().is_empty());
+        assert!(tail(&db_with(0), 3).unwrap().is_empty());
+        // Record 5 written by a clock set back a year: still in the tail.
+        conn.execute(
+            "UPDATE audit SET time = '2000-01-01T00:00:00.000Z' WHERE seq = 5",
+            [],
+        )
+        .unwrap();
+        assert_eq!(seqs(tail(&conn, 3).unwrap()), [3, 4, 5]);
+        // since() reads by time; check() answers what verify() finds.
+        assert_eq!(
+            seqs(since(&conn, Some("1999-01-01T00:00:00Z")).unwrap()).len(),
+            5
+        );
+        assert!(matches!(
+            since(&conn, Some("soon")),
+            Err(AuditError::BadTime(_))
+        ));
+        let c = check(&conn).unwrap();
+        assert!(!c.ok);
+        assert_eq!((c.kind.as_deref(), c.record), (Some("changed"), Some(5)));
+        let c = check(&db_with(2)).unwrap();
+        assert!(c.ok && c.records == Some(2) && c.head.as_deref().is_some_and(|h| h.len() == 64));
     }
 }

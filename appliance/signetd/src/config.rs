@@ -58,6 +58,8 @@ pub struct Config {
     /// The token's PIN, given to the agent whenever it needs one (after a signing-VM
     /// reboot or an agent restart). A file readable by root only.
     pub pin_file: Option<PathBuf>,
+    /// `[doctor]`: where `signetctl doctor` looks at the host.
+    pub doctor: crate::doctor::DoctorConfig,
 }
 
 /// `[shutdown]`: host shutdowns and reboots, announced by logind.
@@ -231,6 +233,8 @@ struct Raw {
     shutdown: RawShutdown,
     #[serde(default)]
     pin_file: Option<PathBuf>,
+    #[serde(default)]
+    doctor: crate::doctor::DoctorConfig,
 }
 
 /// A configuration that cannot be used.
@@ -453,6 +457,7 @@ impl Config {
         Ok(Config {
             pin_file: raw.pin_file,
             shutdown,
+            doctor: raw.doctor,
             dbus,
             path: path.to_owned(),
             listen,

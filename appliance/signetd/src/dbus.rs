@@ -3,11 +3,16 @@
 //! [`Daemon`] command and returns its result type as JSON, the same JSON the HTTP API
 //! gives, so every front renders the same types.
 //!
+//! Errors are named after their code (`org.signet.Signet1.Error.UnknownJob`) and carry
+//! the message HTTP gives. The `JobFinished` signal follows every job that ends.
+//!
 //! Well-known name [`BUS_NAME`], object [`OBJECT_PATH`], interface [`INTERFACE`] (the
 //! version is in the names). Who may call what is the bus's policy:
 //! `packaging/dbus/org.signet.Signet1.conf`.
 
 use std::sync::Arc;
+
+use signet_protocol::wire::{ErrorBody, ErrorCode};
 
 use crate::daemon::Daemon;
 
@@ -80,10 +85,155 @@ impl Manager {
         serde_json::to_string(&self.daemon.status().await).unwrap_or_default()
     }
 
+    /// Every caller's jobs as JSON: the `JobList` of `GET /v1/operator/jobs`; `recent`
+    /// ended jobs (0: the default).
+    async fn jobs(&self, recent: u32) -> Result<String, Error> {
+        let n = if recent == 0 {
+            crate::ops::RECENT_JOBS
+        } else {
+            u64::from(recent)
+        };
+        json(self.daemon.jobs(n))
+    }
+
+    /// Cancels any caller's queued job; answers its `JobView` as JSON.
+    async fn cancel(&self, id: &str) -> Result<String, Error> {
+        json(self.daemon.cancel_any(id))
+    }
+
+    /// The newest `n` audit records (0: the default), a JSON array of `AuditRecord`.
+    async fn audit_tail(&self, n: u32) -> Result<String, Error> {
+        let n = if n == 0 {
+            crate::ops::AUDIT_TAIL
+        } else {
+            u64::from(n)
+        };
+        json(self.daemon.audit_tail(n))
+    }
+
+    /// The audit records since an RFC 3339 time ("": all), a JSON array.
+    async fn audit_export(&self, since: &str) -> Result<String, Error> {
+        json(
+            self.daemon
+                .audit_since((!since.is_empty()).then_some(since)),
+        )
+    }
+
+    /// The audit chain's check, an `AuditCheck` as JSON.
+    async fn audit_verify(&self) -> Result<String, Error> {
+        json(self.daemon.audit_verify())
+    }
+
+    /// The host checks, a `DoctorReport` as JSON.
+    async fn doctor(&self) -> String {
+        serde_json::to_string(&self.daemon.doctor().await).unwrap_or_default()
+    }
+
+    /// A job ended (signed, failed or cancelled): its id, its state and its
+    /// `JobSummary` as JSON.
+    #[zbus(signal)]
+    async fn job_finished(
+        emitter: &zbus::object_server::SignalEmitter<'_>,
+        id: &str,
+        state: &str,
+        job: &str,
+    ) -> zbus::Result<()>;
+
     /// The daemon's version.
     #[zbus(property)]
     async fn version(&self) -> String {
         signet_protocol::VERSION.to_owned()
+    }
+}
+
+/// A command's error on the bus: named `org.signet.Signet1.Error.<Code>` after its
+/// [`ErrorCode`] (`unknown_job` → `UnknownJob`), with the message HTTP gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    name: zbus::names::OwnedErrorName,
+    message: String,
+}
+
+/// The D-Bus error name of an error code.
+pub fn error_name(code: ErrorCode) -> String {
+    let camel: String = code
+        .as_str()
+        .split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    format!("{ERROR_PREFIX}.{camel}")
+}
+
+/// The prefix of Signet's error names.
+pub const ERROR_PREFIX: &str = "org.signet.Signet1.Error";
+
+impl From<ErrorBody> for Error {
+    fn from(e: ErrorBody) -> Self {
+        let name = zbus::names::ErrorName::try_from(error_name(e.code))
+            .map(Into::into)
+            .unwrap_or_else(|_| {
+                zbus::names::OwnedErrorName::from(
+                    zbus::names::ErrorName::from_static_str_unchecked(
+                        "org.signet.Signet1.Error.Internal",
+                    ),
+                )
+            });
+        Error {
+            name,
+            message: e.message,
+        }
+    }
+}
+
+impl zbus::DBusError for Error {
+    fn create_reply(&self, call: &zbus::message::Header<'_>) -> zbus::Result<zbus::Message> {
+        zbus::Message::error(call, self.name.as_ref()).build(&(self.message.as_str(),))
+    }
+
+    fn name(&self) -> zbus::names::ErrorName<'_> {
+        self.name.as_ref()
+    }
+
+    fn description(&self) -> Option<&str> {
+        Some(&self.message)
+    }
+}
+
+fn json<T: serde::Serialize>(r: Result<T, ErrorBody>) -> Result<String, Error> {
+    let v = r?;
+    Ok(serde_json::to_string(&v).unwrap_or_default())
+}
+
+/// Emits `JobFinished` for every job that ends, for as long as `conn` is open.
+async fn forward_job_finished(conn: zbus::Connection, daemon: Arc<Daemon>) {
+    let mut ended = daemon.job_finished();
+    let Ok(emitter) = zbus::object_server::SignalEmitter::new(&conn, OBJECT_PATH) else {
+        return;
+    };
+    loop {
+        let id = match ended.recv().await {
+            Ok(id) => id,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    missed = n,
+                    "JobFinished signals were dropped: the bus was slower than the jobs"
+                );
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        let Some(job) = daemon.job_summary(&id) else {
+            continue;
+        };
+        let text = serde_json::to_string(&job).unwrap_or_default();
+        if let Err(e) = Manager::job_finished(&emitter, &id, job.state.as_str(), &text).await {
+            tracing::warn!(job = %id, error = %e, "the JobFinished signal could not be sent");
+        }
     }
 }
 
@@ -95,9 +245,15 @@ pub async fn serve(daemon: Arc<Daemon>, bus: &Bus) -> zbus::Result<Option<zbus::
     };
     let conn = builder
         .name(BUS_NAME)
-        .serve_at(OBJECT_PATH, Manager { daemon })
+        .serve_at(
+            OBJECT_PATH,
+            Manager {
+                daemon: daemon.clone(),
+            },
+        )
         .build()
         .await?;
+    tokio::spawn(forward_job_finished(conn.clone(), daemon));
     Ok(Some(conn))
 }
 
@@ -115,5 +271,18 @@ mod tests {
         );
         let err = "sytem".parse::<Bus>().unwrap_err();
         assert!(err.contains("\"sytem\"") && err.contains("system"), "{err}");
+    }
+
+    #[test]
+    fn every_error_code_has_a_valid_dbus_name() {
+        assert_eq!(
+            error_name(ErrorCode::UnknownJob),
+            "org.signet.Signet1.Error.UnknownJob"
+        );
+        for code in ErrorCode::ALL {
+            let e = Error::from(ErrorBody::new(code, "m"));
+            assert_eq!(e.name.as_str(), error_name(code));
+            assert_eq!(zbus::DBusError::description(&e), Some("m"));
+        }
     }
 }

@@ -72,6 +72,8 @@ pub(crate) struct Engine {
     draining: std::sync::atomic::AtomicBool,
     /// Notified whenever the worker ends a job.
     idle: Notify,
+    /// The id of every job that ends (signed, failed, cancelled), for D-Bus signals.
+    finished: tokio::sync::broadcast::Sender<String>,
 }
 
 /// A finished job's result, ready to stream.
@@ -109,6 +111,7 @@ impl Engine {
             token: Mutex::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             idle: Notify::new(),
+            finished: tokio::sync::broadcast::channel(256).0,
         };
         engine.recover()?;
         Ok(engine)
@@ -163,7 +166,13 @@ impl Engine {
         Ok(())
     }
 
+    /// The ids of jobs as they end.
+    pub(crate) fn finished(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.finished.subscribe()
+    }
+
     fn notify_done(&self, id: &str) {
+        let _ = self.finished.send(id.to_owned());
         if let Some(tx) = lock(&self.done).remove(id) {
             tx.send_replace(true);
         }
@@ -338,6 +347,7 @@ impl Daemon {
                         &entry(&row, Outcome::Failed, Some(e.code)),
                     );
                 }
+                engine.notify_done(&id);
                 return Err(e);
             }
         };
@@ -390,7 +400,7 @@ impl Daemon {
         Ok(self.view(&row))
     }
 
-    fn view(&self, row: &JobRow) -> JobView {
+    pub(crate) fn view(&self, row: &JobRow) -> JobView {
         let sched = lock(&self.engine().sched);
         let position = (row.state == JobState::Queued)
             .then(|| sched.queue.position(&row.id))
@@ -419,8 +429,15 @@ impl Daemon {
 
     /// Cancels a job that waits for its turn.
     pub fn cancel(&self, id: &str, caller: &Caller) -> Result<JobView, ErrorBody> {
-        let engine = self.engine();
         let row = self.caller_job(id, caller)?;
+        self.cancel_row(row)
+    }
+
+    /// Cancels `row`'s job, whoever sent it: the front has checked who may.
+    pub(crate) fn cancel_row(&self, row: JobRow) -> Result<JobView, ErrorBody> {
+        let engine = self.engine();
+        let id = row.id.clone();
+        let id = id.as_str();
         let removed = lock(&engine.sched).queue.cancel(id);
         if removed {
             let e = ErrorBody::new(
@@ -446,7 +463,11 @@ impl Daemon {
                 format!("job {id} is {} and can no longer be cancelled; only a job waiting in the queue can", row.state.as_str()),
             ));
         }
-        let row = self.caller_job(id, caller)?;
+        let row = match engine.store.get(id) {
+            Ok(Some(row)) => row,
+            Ok(None) => row,
+            Err(e) => return Err(internal(id, "reading the job", &e)),
+        };
         Ok(self.view(&row))
     }
 

@@ -4,6 +4,10 @@
 //! - [`config`] — `signetd.toml` — listen endpoints, the agent's endpoint, profiles.
 //! - [`daemon`] — the core commands (accept a job against the profiles, relay it to the
 //!   agent, status). Front ends call these and nothing else.
+//! - [`doctor`] — the host checks behind `signetctl doctor`: facts read under a root
+//!   directory, judged by pure functions, each failure with its fix.
+//! - [`ops`] — the operator's commands: every caller's jobs, cancel any job, the audit
+//!   log's tail, check and export, doctor; the job-finished events for D-Bus signals.
 //! - [`dbus`] — the D-Bus front (`org.signet.Signet1`) on the system bus, for `signetctl`.
 //! - [`passthrough`] — each token's place (absent, on host, attaching, attached to VM N, conflict):
 //!   a pure state machine answering udev and QMP events with QMP actions.
@@ -24,6 +28,7 @@
 //!   `ConnectInfo`.
 //! - [`server`] — the HTTP front (`/v1/sign`, `/v1/status`, the Handtokening-compatible
 //!   `/api/sign`) on vsock, unix, TCP and TLS.
+//! - [`server_ops`] — the operator's HTTP routes (`/v1/operator/...`, local root).
 //! - [`tls`] — the TLS acceptor for remote clients.
 //! - [`store`] — `state_dir/signet.db` (SQLite, WAL) and the spool: jobs as rows, inputs
 //!   and results as fsync'd files.
@@ -37,9 +42,11 @@ pub mod clients;
 pub mod config;
 pub mod daemon;
 pub mod dbus;
+pub mod doctor;
 pub mod handtokening;
 pub mod jobs;
 pub mod limits;
+pub mod ops;
 pub mod passthrough;
 pub mod policy;
 pub mod proxmox;
@@ -48,6 +55,7 @@ pub mod queue;
 pub mod recovery;
 pub mod serve;
 pub mod server;
+pub mod server_ops;
 pub mod shutdown;
 pub mod store;
 pub mod timeline;

@@ -258,25 +258,14 @@ fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
             })?;
     match cmd {
         AuditCommand::Verify { json } => {
-            let result = audit::verify(&conn);
-            if let Err(e @ audit::AuditError::Db(_)) = &result {
-                anyhow::bail!("{e}");
-            }
+            // The same AuditCheck the D-Bus and HTTP fronts answer.
+            let check = audit::check(&conn)?;
             if *json {
-                let v = match &result {
-                    Ok(v) => serde_json::json!({"ok": true, "records": v.records, "head": v.head}),
-                    Err(e) => {
-                        serde_json::json!({"ok": false, "kind": e.kind(), "record": e.record(), "message": e.to_string()})
-                    }
-                };
-                println!("{v}");
+                println!("{}", serde_json::to_string(&check)?);
             } else {
-                match &result {
-                    Ok(v) => println!("audit log intact: {} records, head {}", v.records, v.head),
-                    Err(e) => println!("audit log broken: {e}"),
-                }
+                print!("{}", signet_protocol::operator::audit_check_text(&check));
             }
-            Ok(if result.is_ok() { 0 } else { 1 })
+            Ok(if check.ok { 0 } else { 1 })
         }
         AuditCommand::Export { since } => {
             let stdout = std::io::stdout();

@@ -40,10 +40,11 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(STATUS_PATH, get(status))
         .route(JOB_PATH, get(get_job).delete(cancel_job))
         .route(JOB_RESULT_PATH, get(job_result))
+        .merge(crate::server_ops::routes())
         .fallback(|| async {
             ErrorBody::new(
                 ErrorCode::BadRequest,
-                "no such API path; the API is POST /v1/sign, POST /v1/batch, GET /v1/status, GET|DELETE /v1/jobs/{id}, GET /v1/jobs/{id}/result and POST /api/sign",
+                "no such API path; the API is POST /v1/sign, POST /v1/batch, GET /v1/status, GET|DELETE /v1/jobs/{id}, GET /v1/jobs/{id}/result and POST /api/sign; root on the host also has /v1/operator/...",
             )
         })
         .with_state(daemon)

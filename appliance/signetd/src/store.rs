@@ -162,7 +162,8 @@ impl Store {
             );
             CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency
                 ON jobs(caller, idempotency_key) WHERE idempotency_key IS NOT NULL;
-            CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);",
+            CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+            CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_ms);",
         )?;
         audit::init(&conn)?;
         crate::timeline::init(&conn)?;
@@ -362,6 +363,16 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The `limit` jobs that ended last, newest first.
+    pub fn ended(&self, limit: u64) -> Result<Vec<JobRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&select(
+            "WHERE finished_ms IS NOT NULL ORDER BY finished_ms DESC, seq DESC LIMIT ?1",
+        ))?;
+        let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Marks the results of jobs that ended before `before_ms` as gone; answers their ids.
     pub fn expire(&self, before_ms: u64) -> Result<Vec<String>, StoreError> {
         let conn = self.conn();
@@ -546,6 +557,51 @@ mod tests {
         std::fs::write(&f, [0u8; 10]).unwrap();
         store.remove_spooled(&f);
         assert_eq!(store.spool_usage().0, 80);
+    }
+
+    #[test]
+    fn ended_jobs_come_newest_first_and_live_ones_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            let Inserted::New(id) = store.insert(&job("uid:0", None)).unwrap() else {
+                panic!()
+            };
+            ids.push(id);
+        }
+        let end = |id: &str| {
+            store
+                .finish(
+                    id,
+                    JobState::Failed,
+                    None,
+                    None,
+                    &Entry {
+                        job: Some(id.to_owned()),
+                        caller: "uid:0".into(),
+                        transport: "unix".into(),
+                        result: Some(audit::Outcome::Failed),
+                        ..Entry::default()
+                    },
+                )
+                .unwrap();
+        };
+        // Ended out of order: 3, then 1, then 2 (4 still receiving), a second apart.
+        for (t, i) in [2, 0, 1].into_iter().enumerate() {
+            end(&ids[i]);
+            store
+                .conn()
+                .execute(
+                    "UPDATE jobs SET finished_ms = ?1 WHERE seq = ?2",
+                    params![1_000 * (t as i64 + 1), ids[i]],
+                )
+                .unwrap();
+        }
+        let got: Vec<String> = store.ended(10).unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(got, [ids[1].clone(), ids[0].clone(), ids[2].clone()]);
+        assert!(!got.contains(&ids[3]));
+        assert_eq!(store.ended(1).unwrap().len(), 1);
     }
 
     #[test]

@@ -1,0 +1,120 @@
+//! The operator's HTTP routes (`/v1/operator/...`), for root on the host's unix
+//! socket. Thin: each authenticates the caller, checks it is an operator
+//! ([`crate::ops::check_operator`]) and calls one [`Daemon`] command.
+
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use signet_protocol::operator::{
+    AUDIT_PATH, AUDIT_VERIFY_PATH, CANCEL_PATH, DOCTOR_PATH, JOBS_PATH,
+};
+use signet_protocol::transport::Peer;
+use signet_protocol::wire::ErrorBody;
+
+use crate::daemon::Daemon;
+use crate::ops::{self, check_operator};
+use crate::serve::OverTls;
+
+pub fn routes() -> Router<Arc<Daemon>> {
+    Router::new()
+        .route(JOBS_PATH, get(jobs))
+        .route(CANCEL_PATH, axum::routing::delete(cancel))
+        .route(AUDIT_PATH, get(audit))
+        .route(AUDIT_VERIFY_PATH, get(audit_verify))
+        .route(DOCTOR_PATH, get(doctor))
+}
+
+fn operator(
+    daemon: &Daemon,
+    peer: &Peer,
+    tls: Option<Extension<OverTls>>,
+    headers: &HeaderMap,
+) -> Result<(), ErrorBody> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let caller = daemon.authenticate(peer, tls.is_some(), authorization)?;
+    check_operator(&caller)
+}
+
+fn answer<T: serde::Serialize>(r: Result<T, ErrorBody>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct JobsQuery {
+    recent: Option<u64>,
+}
+
+async fn jobs(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+    Query(q): Query<JobsQuery>,
+) -> Response {
+    answer(
+        operator(&daemon, &peer, tls, &headers)
+            .and_then(|()| daemon.jobs(q.recent.unwrap_or(ops::RECENT_JOBS))),
+    )
+}
+
+async fn cancel(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    answer(operator(&daemon, &peer, tls, &headers).and_then(|()| daemon.cancel_any(&id)))
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    n: Option<u64>,
+    since: Option<String>,
+}
+
+async fn audit(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Response {
+    answer(
+        operator(&daemon, &peer, tls, &headers).and_then(|()| match (&q.since, q.n) {
+            (Some(since), _) => daemon.audit_since(Some(since)),
+            (None, n) => daemon.audit_tail(n.unwrap_or(ops::AUDIT_TAIL)),
+        }),
+    )
+}
+
+async fn audit_verify(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+) -> Response {
+    answer(operator(&daemon, &peer, tls, &headers).and_then(|()| daemon.audit_verify()))
+}
+
+async fn doctor(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+) -> Response {
+    match operator(&daemon, &peer, tls, &headers) {
+        Ok(()) => Json(daemon.doctor().await).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
