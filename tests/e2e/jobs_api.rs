@@ -34,41 +34,6 @@ fn appliance(w: &mut World, agent_config: &str, extra: &str) -> (Endpoint, Endpo
     (eps.remove(0), tcp)
 }
 
-/// `POST /v1/sign` with `Prefer: respond-async`: the job's id.
-fn sign_async(ep: &Endpoint, name: &str, pe: Vec<u8>) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let req = http::Request::post(format!("/v1/sign?filename={name}"))
-            .header("prefer", "respond-async")
-            .body(http_body_util::Full::new(bytes::Bytes::from(pe)))
-            .unwrap();
-        let resp = signet_protocol::client::send(ep, req).await.unwrap();
-        assert_eq!(resp.status(), 202);
-        resp.headers()["x-signet-job"].to_str().unwrap().to_owned()
-    })
-}
-
-/// `GET` of a path that answers a file or an error: the status and the body's bytes.
-fn fetch(ep: &Endpoint, path: &str) -> (u16, Vec<u8>) {
-    use http_body_util::BodyExt;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let req = http::Request::get(path)
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = signet_protocol::client::send(ep, req).await.unwrap();
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, body.to_vec())
-    })
-}
-
 /// Polls `GET /v1/jobs/{id}` until `cond` holds for the job, or fails.
 fn wait_job(ep: &Endpoint, id: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
     let started = Instant::now();
@@ -112,13 +77,13 @@ fn a_queued_job_is_cancelled_by_its_caller_and_no_other() {
     let pe = std::fs::read(w.pe("c.exe")).unwrap();
 
     // Job 1 is held at the agent; job 2 waits behind it, its result awaited.
-    let first = sign_async(&unix, "first.exe", pe.clone());
+    let first = sign_async(&unix, "first.exe", &pe);
     let started = Instant::now();
     while !signer.held.exists() {
         assert!(started.elapsed() < STATE_TIMEOUT, "the first job never ran");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let second = sign_async(&unix, "second.exe", pe);
+    let second = sign_async(&unix, "second.exe", &pe);
     let view = wait_job(&unix, &second, "queued", |v| v["state"] == "queued");
     assert_eq!(view["position"], 0, "{view:#}");
     let awaited = {
@@ -192,7 +157,7 @@ fn a_signed_result_is_kept_for_its_time_then_expires() {
     let mut w = World::new();
     let (unix, _) = appliance(&mut w, "", "[queue]\nresult_ttl_seconds = 1\n");
     let pe = std::fs::read(w.pe("e.exe")).unwrap();
-    let id = sign_async(&unix, "e.exe", pe);
+    let id = sign_async(&unix, "e.exe", &pe);
     wait_job(&unix, &id, "signed", |v| v["state"] == "signed");
     wait_job(&unix, &id, "its result removed", |v| {
         v["result_available"] == false

@@ -84,23 +84,6 @@ fn http<T: serde::de::DeserializeOwned>(ep: &Endpoint, method: &str, path: &str)
     (status, t)
 }
 
-/// `POST /v1/sign` with `Prefer: respond-async`: the job's id.
-fn sign_async(ep: &Endpoint, name: &str, pe: Vec<u8>) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let req = http::Request::post(format!("/v1/sign?filename={name}"))
-            .header("prefer", "respond-async")
-            .body(http_body_util::Full::new(bytes::Bytes::from(pe)))
-            .unwrap();
-        let resp = signet_protocol::client::send(ep, req).await.unwrap();
-        assert_eq!(resp.status(), 202);
-        resp.headers()["x-signet-job"].to_str().unwrap().to_owned()
-    })
-}
-
 /// A raw D-Bus call of `method` on Signet's interface with `body`: the reply's
 /// string, or the error's name and message.
 fn dbus_call<B>(bus: &Bus, method: &str, body: &B) -> Result<String, (String, String)>
@@ -294,10 +277,10 @@ fn jobs_and_cancel_over_dbus_follow_the_policy_and_signal_each_ended_job() {
     let pe = std::fs::read(w.pe("a.exe")).unwrap();
 
     // Job 1 held at the agent, jobs 2 and 3 waiting behind it.
-    let first = sign_async(&unix, "first.exe", pe.clone());
+    let first = sign_async(&unix, "first.exe", &pe);
     wait_for("the first job at the agent", || signer.held.exists());
-    let second = sign_async(&unix, "second.exe", pe.clone());
-    let third = sign_async(&unix, "third.exe", pe.clone());
+    let second = sign_async(&unix, "second.exe", &pe);
+    let third = sign_async(&unix, "third.exe", &pe);
 
     // The list: the same JobList over D-Bus (signetctl) and HTTP.
     let out = ctl(&bus, As::Root, &["jobs", "--json"]);
@@ -624,7 +607,10 @@ fn doctor_over_dbus_on_a_healthy_and_a_broken_host() {
         {
             break;
         }
-        assert!(started.elapsed() < std::time::Duration::from_secs(120), "{s:#}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "{s:#}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let out = ctl(&bus, As::SignetGroup, &["doctor"]);

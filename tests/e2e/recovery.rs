@@ -44,39 +44,6 @@ fn wait_timeline(ep: &Endpoint, event: &str) -> Value {
     }
 }
 
-fn sign_async(ep: &Endpoint, pe: &[u8]) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let req = http::Request::post("/v1/sign")
-            .header("prefer", "respond-async")
-            .body(http_body_util::Full::new(bytes::Bytes::from(pe.to_vec())))
-            .unwrap();
-        let resp = signet_protocol::client::send(ep, req).await.unwrap();
-        assert_eq!(resp.status(), 202);
-        resp.headers()["x-signet-job"].to_str().unwrap().to_owned()
-    })
-}
-
-fn result(ep: &Endpoint, id: &str) -> (u16, Vec<u8>) {
-    use http_body_util::BodyExt;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let req = http::Request::get(format!("/v1/jobs/{id}/result"))
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = signet_protocol::client::send(ep, req).await.unwrap();
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, body.to_vec())
-    })
-}
-
 fn audit_of(w: &World, job: &str) -> Vec<Value> {
     let out = w.signetd(&["audit", "export"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -111,7 +78,7 @@ fn an_agent_restarted_mid_job_gets_the_pin_from_the_host_and_the_job_is_signed_o
     wait_timeline(&ep, "pin_delivered");
 
     let pe = std::fs::read(w.pe("r.exe")).unwrap();
-    let id = sign_async(&ep, &pe);
+    let id = sign_async(&ep, "s.exe", &pe);
     let started = Instant::now();
     while !signer.held.exists() {
         assert!(
@@ -126,7 +93,7 @@ fn an_agent_restarted_mid_job_gets_the_pin_from_the_host_and_the_job_is_signed_o
     signer.release();
     w.start_agent_config(&agent_sock(&w), SOFTHSM, None, &[], &signer.agent_config());
 
-    let (status, body) = result(&ep, &id);
+    let (status, body) = fetch(&ep, &format!("/v1/jobs/{id}/result"));
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let f = w.file("r-signed.exe", &body);
     assert!(verify(&w, &f).0);
@@ -178,7 +145,7 @@ fn a_token_lost_mid_job_is_on_the_timeline_and_the_job_is_signed_once() {
         .remove(0);
     let mut events = Events::follow(&agent);
     let pe = std::fs::read(w.pe("t.exe")).unwrap();
-    let id = sign_async(&ep, &pe);
+    let id = sign_async(&ep, "s.exe", &pe);
     events.wait_for("signing_started");
     // The token goes while osslsigncode holds the job; then the signer goes on.
     let tokens = TokenDir::of(&w);
@@ -187,7 +154,7 @@ fn a_token_lost_mid_job_is_on_the_timeline_and_the_job_is_signed_once() {
     wait_timeline(&ep, "token_lost");
     tokens.restore();
 
-    let (status, body) = result(&ep, &id);
+    let (status, body) = fetch(&ep, &format!("/v1/jobs/{id}/result"));
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert!(verify(&w, &w.file("t-signed.exe", &body)).0);
     assert_eq!(audit_of(&w, &id).len(), 1);

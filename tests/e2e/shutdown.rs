@@ -104,39 +104,6 @@ fn wait_until(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
-fn sign_async(ep: &Endpoint, pe: &[u8]) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let req = http::Request::post("/v1/sign")
-            .header("prefer", "respond-async")
-            .body(http_body_util::Full::new(bytes::Bytes::from(pe.to_vec())))
-            .unwrap();
-        let resp = signet_protocol::client::send(ep, req).await.unwrap();
-        assert_eq!(resp.status(), 202);
-        resp.headers()["x-signet-job"].to_str().unwrap().to_owned()
-    })
-}
-
-fn result(ep: &Endpoint, id: &str) -> (u16, Vec<u8>) {
-    use http_body_util::BodyExt;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let req = http::Request::get(format!("/v1/jobs/{id}/result"))
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = signet_protocol::client::send(ep, req).await.unwrap();
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, body.to_vec())
-    })
-}
-
 #[test]
 fn a_host_shutdown_drains_the_token_then_releases_logind_and_the_queue_survives() {
     let mut w = World::new();
@@ -190,9 +157,9 @@ fn a_host_shutdown_drains_the_token_then_releases_logind_and_the_queue_survives(
 
     // Job 1 at the token (held), job 2 waiting behind it.
     let pe = std::fs::read(w.pe("s.exe")).unwrap();
-    let first = sign_async(&ep, &pe);
+    let first = sign_async(&ep, "s.exe", &pe);
     wait_until("the first job runs", || signer.held.exists());
-    let second = sign_async(&ep, &pe);
+    let second = sign_async(&ep, "s.exe", &pe);
 
     rt.block_on(conn.emit_signal(
         None::<()>,
@@ -237,7 +204,7 @@ fn a_host_shutdown_drains_the_token_then_releases_logind_and_the_queue_survives(
     w.kill("signetd");
     let ep = w.restart_daemon().remove(0);
     for id in [&first, &second] {
-        let (status, body) = result(&ep, id);
+        let (status, body) = fetch(&ep, &format!("/v1/jobs/{id}/result"));
         assert_eq!(status, 200, "job {id}: {}", String::from_utf8_lossy(&body));
         let f = w.file(&format!("job-{id}.exe"), &body);
         assert!(verify(&w, &f).0, "job {id}");

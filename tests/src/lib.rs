@@ -848,3 +848,38 @@ openssl x509 -req -in tls.csr -CA tls-ca.pem -CAkey tls-ca-key.pem -CAcreateseri
         dir.join("tls-key.pem"),
     )
 }
+
+/// `POST /v1/sign?filename=NAME` with `Prefer: respond-async`: the job's id.
+pub fn sign_async(ep: &Endpoint, name: &str, pe: &[u8]) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let req = http::Request::post(format!("/v1/sign?filename={name}"))
+            .header("prefer", "respond-async")
+            .body(http_body_util::Full::new(bytes::Bytes::from(pe.to_vec())))
+            .unwrap();
+        let resp = signet_protocol::client::send(ep, req).await.unwrap();
+        assert_eq!(resp.status(), 202);
+        resp.headers()["x-signet-job"].to_str().unwrap().to_owned()
+    })
+}
+
+/// `GET path` of an answer that is a file or an error: the status and the body.
+pub fn fetch(ep: &Endpoint, path: &str) -> (u16, Vec<u8>) {
+    use http_body_util::BodyExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let req = http::Request::get(path)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = signet_protocol::client::send(ep, req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, body.to_vec())
+    })
+}
