@@ -16,6 +16,7 @@ mod queue;
 mod agent_token;
 mod policy;
 mod remote;
+mod web;
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -53,6 +53,8 @@ pub struct Config {
     /// TLS listeners for remote clients.
     pub tls: Option<TlsConfig>,
     pub queue: QueueConfig,
+    /// The web UI (`[web]`); off when the section is absent.
+    pub web: Option<crate::web::WebConfig>,
 }
 
 /// `[tls]`: endpoints served with TLS, for remote clients with a secret.
@@ -195,6 +197,8 @@ struct Raw {
     tls: Option<TlsConfig>,
     #[serde(default)]
     queue: QueueConfig,
+    #[serde(default)]
+    web: Option<crate::web::WebConfig>,
 }
 
 /// A configuration that cannot be used.
@@ -394,7 +398,12 @@ impl Config {
                     .to_owned(),
             ));
         }
+        if let Some(web) = &raw.web {
+            web.check()
+                .map_err(|(key, message)| invalid(&format!("web.{key}"), message))?;
+        }
         Ok(Config {
+            web: raw.web,
             dbus,
             path: path.to_owned(),
             listen,

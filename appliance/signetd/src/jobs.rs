@@ -381,7 +381,7 @@ impl Daemon {
         Ok(self.view(&row))
     }
 
-    fn view(&self, row: &JobRow) -> JobView {
+    pub(crate) fn view(&self, row: &JobRow) -> JobView {
         let sched = lock(&self.engine().sched);
         let position = (row.state == JobState::Queued)
             .then(|| sched.queue.position(&row.id))
@@ -439,6 +439,46 @@ impl Daemon {
         }
         let row = self.caller_job(id, peer)?;
         Ok(self.view(&row))
+    }
+
+    /// Cancels any caller's job that waits for its turn: the operator's cancel (the
+    /// web UI checks the operator's rights before it calls this). The job's audit
+    /// record says `cancelled`, as when its caller cancels it.
+    pub fn cancel_as_operator(&self, id: &str, by: &str) -> Result<JobView, ErrorBody> {
+        let engine = self.engine();
+        let unknown = || ErrorBody::new(ErrorCode::UnknownJob, format!("there is no job {id:?}"));
+        let row = match engine.store.get(id) {
+            Ok(Some(row)) => row,
+            Ok(None) => return Err(unknown()),
+            Err(e) => return Err(internal(id, "reading the job", &e)),
+        };
+        if !lock(&engine.sched).queue.cancel(id) {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!("job {id} is {} and can no longer be cancelled; only a job waiting in the queue can", row.state.as_str()),
+            ));
+        }
+        let e = ErrorBody::new(
+            ErrorCode::Cancelled,
+            format!("job {id} was cancelled by the appliance's operator before it was signed"),
+        );
+        engine
+            .store
+            .finish(
+                id,
+                JobState::Cancelled,
+                None,
+                Some(&e),
+                &entry(&row, Outcome::Cancelled, None),
+            )
+            .map_err(|e| internal(id, "cancelling the job", &e))?;
+        engine.store.remove_spooled(&engine.store.input_path(id));
+        engine.notify_done(id);
+        tracing::info!(job = id, by, "cancelled by the operator");
+        match engine.store.get(id) {
+            Ok(Some(row)) => Ok(self.view(&row)),
+            _ => Err(unknown()),
+        }
     }
 
     /// The result of an ended job: the signed file, or the job's error.

@@ -356,9 +356,27 @@ async fn main() -> anyhow::Result<()> {
             None
         }
     };
+    let web = match &cfg.web {
+        Some(web) => Some(signetd::web::start(daemon.clone(), web).await?),
+        None => None,
+    };
     let app = signetd::server::router(daemon);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
+    if let Some(web) = web {
+        for (l, local) in web.listeners {
+            tracing::info!(endpoint = %local, "serving the web UI with TLS");
+            let stop = stop_rx.clone();
+            let tls = Some(web.acceptor.clone());
+            servers.spawn(signetd::serve::serve(
+                l,
+                web.app.clone(),
+                header_timeout,
+                tls,
+                stop,
+            ));
+        }
+    }
     for (l, tls) in listeners {
         let app = app.clone();
         let stop = stop_rx.clone();
