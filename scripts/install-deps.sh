@@ -26,6 +26,7 @@ needs=(
   "qemu-system-x86_64 qemu-system-x86"
   "curl curl"
   "chromium chromium"
+  "node nodejs"
 )
 
 missing=()

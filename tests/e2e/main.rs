@@ -14,6 +14,7 @@ mod formats;
 mod queue;
 
 mod agent_token;
+mod plugin;
 mod policy;
 mod remote;
 mod web;
