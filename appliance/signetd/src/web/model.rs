@@ -23,6 +23,14 @@ pub struct Verdict {
     pub fix: String,
 }
 
+/// `text` with its first letter in upper case, to follow a full stop.
+fn sentence(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |c| {
+        c.to_uppercase().chain(chars).collect::<String>()
+    })
+}
+
 /// The verdict on `status`.
 pub fn verdict(status: &DaemonStatus) -> Verdict {
     let v = |key: &str, level, headline: &str, fix: String| Verdict {
@@ -42,6 +50,7 @@ pub fn verdict(status: &DaemonStatus) -> Verdict {
         }
         AgentReport::Reachable { health, .. } => health,
     };
+    let detail = sentence(&health.detail);
     match health.state {
         AgentState::Ready => {
             let soonest = health.certificates.iter().map(|c| c.days_left).min();
@@ -65,37 +74,37 @@ pub fn verdict(status: &DaemonStatus) -> Verdict {
             "token_missing",
             "bad",
             "Token unplugged",
-            format!("Plug the token in and pass it to the signing VM. {}", health.detail),
+            format!("Plug the token in and pass it to the signing VM. {detail}"),
         ),
         AgentState::TokenLost => v(
             "token_lost",
             "bad",
             "Token lost",
-            format!("Signet is waiting for the token to come back and logs in again by itself; jobs wait in the queue. {}", health.detail),
+            format!("Signet is waiting for the token to come back and logs in again by itself; jobs wait in the queue. {detail}"),
         ),
         AgentState::PinNeeded => v(
             "pin_needed",
             "bad",
             "No PIN yet",
-            format!("Give the agent the token's PIN (its token.pin_file, or POST /agent/v1/login from the host). {}", health.detail),
+            format!("Give the agent the token's PIN (its token.pin_file, or POST /agent/v1/login from the host). {detail}"),
         ),
         AgentState::PinRejected => v(
             "pin_rejected",
             "bad",
             "PIN rejected",
-            format!("The token refused the configured PIN, and Signet will not try it again: set the right PIN in the agent's PIN file. {}", health.detail),
+            format!("The token refused the configured PIN, and Signet will not try it again: set the right PIN in the agent's PIN file. {detail}"),
         ),
         AgentState::PinLocked => v(
             "pin_locked",
             "bad",
             "PIN locked",
-            format!("The token's PIN is locked or on its final try; unlock it with the token's administration tool, then set the PIN again. {}", health.detail),
+            format!("The token's PIN is locked or on its final try; unlock it with the token's administration tool, then set the PIN again. {detail}"),
         ),
         AgentState::ModuleError => v(
             "module_error",
             "bad",
             "The token's PKCS#11 module does not load",
-            format!("Check the agent's token.module setting and that the module is installed in the signing VM. {}", health.detail),
+            format!("Check the agent's token.module setting and that the module is installed in the signing VM. {detail}"),
         ),
     }
 }
@@ -130,6 +139,8 @@ pub struct Overview {
     pub certificates: Vec<CertLine>,
     pub running: Option<String>,
     pub waiting: u64,
+    /// Jobs not ended: waiting plus the one at the agent.
+    pub pending: u64,
     pub by_caller: Vec<(String, u64)>,
     pub spool: String,
     pub signed_last_hour: u64,
@@ -215,6 +226,7 @@ impl Overview {
             certificates: certs,
             running: q.and_then(|q| q.running.clone()),
             waiting: q.map_or(0, |q| q.waiting),
+            pending: q.map_or(0, |q| q.waiting + u64::from(q.running.is_some())),
             by_caller: q
                 .map(|q| q.by_caller.clone().into_iter().collect())
                 .unwrap_or_default(),
@@ -377,7 +389,7 @@ mod tests {
                 (key, "bad", headline)
             );
             assert!(
-                v.fix.contains("the agent's own words"),
+                v.fix.ends_with(". The agent's own words"),
                 "{state:?}: {}",
                 v.fix
             );
@@ -397,7 +409,10 @@ mod tests {
         assert!(!o.logged_in);
         assert!(o.pin.contains("count low"), "{}", o.pin);
         assert!(o.certificates[0].warn);
-        assert_eq!((o.running.as_deref(), o.waiting), (Some("7"), 2));
+        assert_eq!(
+            (o.running.as_deref(), o.waiting, o.pending),
+            (Some("7"), 2, 3)
+        );
         assert_eq!(o.by_caller, vec![("vm:105".to_owned(), 2)]);
         assert_eq!(o.spool, "3.0 MiB of 2.0 GiB used");
         assert_eq!(o.signed_last_hour, 9);

@@ -419,7 +419,10 @@ async fn cancel(
     let s = authorize(&web, &headers, Need::Act, Some(&form.csrf)).await?;
     match web.daemon.cancel_as_operator(&id, &s.user) {
         Ok(_) => {
-            web.live.refresh(&web.daemon).await;
+            // Watchers of the overview see the shorter queue now; the answer does not
+            // wait for the agent's health.
+            let w = web.clone();
+            tokio::spawn(async move { w.live.refresh(&w.daemon).await });
             Ok(Redirect::to(&format!("/jobs?cancelled={id}")).into_response())
         }
         Err(e) => Err(problem(
