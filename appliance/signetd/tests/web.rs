@@ -458,6 +458,29 @@ async fn static_files_need_no_login_and_pages_may_be_framed_only_by_pve() {
         "{csp}"
     );
     assert_eq!(f.get("/nope", None).await.0, StatusCode::NOT_FOUND);
+    // Behind a reverse proxy, its origin is added.
+    let proxied = Web::framed_by(
+        f.daemon.clone(),
+        Arc::new(PveApi {
+            base: f.api.url().parse().unwrap(),
+            pin_file: f.dir.path().join("pve-ssl.pem"),
+            timeout: Duration::from_secs(10),
+        }),
+        NODE.into(),
+        &["https://pve.example.com".to_owned()],
+    );
+    let resp = pages::router(proxied)
+        .oneshot(
+            Request::get("/static/signet.css")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()[header::CONTENT_SECURITY_POLICY],
+        "default-src 'self'; frame-ancestors 'self' https://pve.example.com; form-action 'self'"
+    );
 }
 
 #[tokio::test]

@@ -34,15 +34,19 @@ impl Live {
     pub async fn refresh(&self, daemon: &Daemon) -> Arc<Overview> {
         let status = daemon.status().await;
         let signed = signed_last_hour(daemon).await;
-        let mut overview = Overview::of(&status, signed);
-        let now = crate::store::now_ms();
+        self.publish(Overview::of(&status, signed), crate::store::now_ms())
+    }
+
+    /// Takes `overview` as read at `now_ms`: notes since when its verdict holds and
+    /// tells the watchers when anything changed.
+    pub fn publish(&self, mut overview: Overview, now_ms: u64) -> Arc<Overview> {
         let since_ms = {
             let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
             match &*since {
                 Some((key, at)) if *key == overview.verdict.key => *at,
                 _ => {
-                    *since = Some((overview.verdict.key.clone(), now));
-                    now
+                    *since = Some((overview.verdict.key.clone(), now_ms));
+                    now_ms
                 }
             }
         };
@@ -101,5 +105,74 @@ pub async fn run(web: Arc<Web>, period: Duration) {
         if web.live.watchers() > 0 {
             web.live.refresh(&web.daemon).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use signet_protocol::wire::{AgentReport, DaemonStatus, ErrorBody, ErrorCode};
+
+    fn overview(reachable: bool, signed: u64) -> Overview {
+        let agent = if reachable {
+            AgentReport::Reachable {
+                endpoint: "unix:/a".into(),
+                health: Box::new(
+                    serde_json::from_value(serde_json::json!({
+                        "version": "0.1.0", "state": "token_missing", "detail": "no token",
+                        "module": "/m.so", "signer": "osslsigncode 2.9"
+                    }))
+                    .unwrap(),
+                ),
+            }
+        } else {
+            AgentReport::Unreachable {
+                endpoint: "unix:/a".into(),
+                error: ErrorBody::new(ErrorCode::AgentUnavailable, "down"),
+            }
+        };
+        Overview::of(
+            &DaemonStatus {
+                version: "0.1.0".into(),
+                signing_works: false,
+                default_profile: None,
+                profiles: vec![],
+                agent,
+                queue: None,
+            },
+            signed,
+        )
+    }
+
+    const T0: u64 = 1_795_430_520_000; // 2026-11-23 10:42 UTC
+
+    #[test]
+    fn the_verdict_keeps_its_since_time_until_it_changes_and_watchers_see_changes_only() {
+        let live = Live::default();
+        let mut rx = live.subscribe();
+        let first = live.publish(overview(true, 0), T0);
+        assert_eq!(first.verdict.headline, "Token unplugged");
+        assert_eq!(first.since.as_deref(), Some("10:42 UTC"));
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        // The same state later: still since 10:42, and nothing new for the watchers.
+        let same = live.publish(overview(true, 0), T0 + 600_000);
+        assert_eq!(same.since.as_deref(), Some("10:42 UTC"));
+        assert!(!rx.has_changed().unwrap());
+        // Something else changed (a signature counted): sent, since kept.
+        live.publish(overview(true, 1), T0 + 700_000);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(
+            rx.borrow_and_update().as_ref().unwrap().since.as_deref(),
+            Some("10:42 UTC")
+        );
+        // Another verdict starts its own time.
+        let down = live.publish(overview(false, 1), T0 + 900_000);
+        assert_eq!(down.verdict.key, "agent_unreachable");
+        assert_eq!(down.since.as_deref(), Some("10:57 UTC"));
+        assert!(rx.has_changed().unwrap());
+        // A new watcher gets the current state first.
+        let fresh = live.subscribe();
+        assert!(fresh.has_changed().unwrap());
     }
 }

@@ -75,6 +75,10 @@ pub struct WebConfig {
     /// How often the overview is read again while someone watches it.
     #[serde(default = "default_refresh")]
     pub refresh_seconds: u64,
+    /// Origins that may show the pages in a frame (CSP `frame-ancestors`): PVE's UI
+    /// on port 8006 by default; add the address of a reverse proxy in front of PVE.
+    #[serde(default = "default_frame_ancestors")]
+    pub frame_ancestors: Vec<String>,
 }
 
 fn default_listen() -> Vec<Endpoint> {
@@ -92,6 +96,12 @@ fn default_pve_local_dir() -> PathBuf {
 fn default_refresh() -> u64 {
     DEFAULT_REFRESH_SECONDS
 }
+fn default_frame_ancestors() -> Vec<String> {
+    vec![DEFAULT_FRAME_ANCESTOR.into()]
+}
+
+/// Who may frame the pages when `frame_ancestors` is not given: PVE's UI on any host.
+pub const DEFAULT_FRAME_ANCESTOR: &str = "https://*:8006";
 
 impl WebConfig {
     /// Checks the section; the error names the key and the fix.
@@ -137,6 +147,14 @@ impl WebConfig {
                 ));
             }
         }
+        if let Some(bad) = self.frame_ancestors.iter().find(|a| {
+            a.is_empty() || a.contains(|c: char| c.is_whitespace() || ";,'\"".contains(c))
+        }) {
+            return Err((
+                "frame_ancestors",
+                format!("{bad:?} is not a CSP source; write origins such as \"https://pve.example.com\" or \"{DEFAULT_FRAME_ANCESTOR}\""),
+            ));
+        }
         if self.refresh_seconds == 0 {
             return Err(("refresh_seconds", "give at least 1".into()));
         }
@@ -164,11 +182,31 @@ pub struct Web {
     pub node: String,
     csrf_key: [u8; 32],
     pub live: live::Live,
+    /// The pages' `Content-Security-Policy`.
+    csp: http::HeaderValue,
 }
 
 impl Web {
-    /// The UI over `daemon`, checking logins through `auth` against `node`.
+    /// The UI over `daemon`, checking logins through `auth` against `node`, framed
+    /// only by PVE's UI ([`DEFAULT_FRAME_ANCESTOR`]).
     pub fn new(daemon: Arc<Daemon>, auth: Arc<dyn auth::PveAuth>, node: String) -> Arc<Web> {
+        Web::framed_by(daemon, auth, node, &[DEFAULT_FRAME_ANCESTOR.to_owned()])
+    }
+
+    /// [`Web::new`] with the origins that may frame the pages.
+    pub fn framed_by(
+        daemon: Arc<Daemon>,
+        auth: Arc<dyn auth::PveAuth>,
+        node: String,
+        frame_ancestors: &[String],
+    ) -> Arc<Web> {
+        let csp = format!(
+            "default-src 'self'; frame-ancestors 'self' {}; form-action 'self'",
+            frame_ancestors.join(" ")
+        );
+        let csp = http::HeaderValue::from_str(&csp).unwrap_or_else(|_| {
+            http::HeaderValue::from_static("default-src 'self'; frame-ancestors 'self'")
+        });
         let mut csrf_key = [0u8; 32];
         if getrandom::fill(&mut csrf_key).is_err() {
             // Without randomness no form would be safe; refuse them all instead.
@@ -180,7 +218,12 @@ impl Web {
             node,
             csrf_key,
             live: live::Live::default(),
+            csp,
         })
+    }
+
+    pub(crate) fn csp(&self) -> &http::HeaderValue {
+        &self.csp
     }
 
     pub(crate) fn csrf_key(&self) -> Option<&[u8; 32]> {
@@ -248,7 +291,7 @@ pub async fn start(daemon: Arc<Daemon>, cfg: &WebConfig) -> Result<Started, WebE
             .unwrap_or_else(|| certs::pve_api_pin(&cfg.pve_local_dir, exists)),
         timeout: Duration::from_secs(5),
     };
-    let web = Web::new(daemon, Arc::new(api), node);
+    let web = Web::framed_by(daemon, Arc::new(api), node, &cfg.frame_ancestors);
     tokio::spawn(live::run(
         web.clone(),
         Duration::from_secs(cfg.refresh_seconds),
@@ -278,6 +321,8 @@ mod tests {
         assert_eq!(cfg.pve_api, "https://127.0.0.1:8006");
         assert_eq!(cfg.pve_local_dir, Path::new("/etc/pve/local"));
         assert!(parse("node = \"pve-1\"").is_ok());
+        assert_eq!(cfg.frame_ancestors, ["https://*:8006"]);
+        assert!(parse("frame_ancestors = [\"https://pve.example.com\"]").is_ok());
         for (text, key) in [
             ("listen = [\"unix:/run/x.sock\"]", "listen"),
             ("listen = []", "listen"),
@@ -286,10 +331,31 @@ mod tests {
             ("pve_api = \"not a url\"", "pve_api"),
             ("node = \"a/b\"", "node"),
             ("refresh_seconds = 0", "refresh_seconds"),
+            (
+                "frame_ancestors = [\"https://a; script-src *\"]",
+                "frame_ancestors",
+            ),
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.starts_with(key), "{text}: {e}");
         }
         assert!(parse("colour = \"blue\"").is_err());
+    }
+
+    #[test]
+    fn signetd_toml_names_the_web_key_that_is_wrong() {
+        let path = Path::new("/etc/signet/signetd.toml");
+        let base = "agent = \"unix:/run/a.sock\"\ndbus = \"none\"\n";
+        let cfg = crate::config::Config::parse(path, base).unwrap();
+        assert!(cfg.web.is_none(), "off without [web]");
+        let cfg = crate::config::Config::parse(path, &format!("{base}[web]\n")).unwrap();
+        assert_eq!(cfg.web.unwrap().listen, default_listen());
+        let e = crate::config::Config::parse(
+            path,
+            &format!("{base}[web]\nlisten = [\"vsock:any:7720\"]\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("key web.listen"), "{e}");
     }
 }

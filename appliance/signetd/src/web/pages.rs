@@ -68,19 +68,17 @@ pub fn router(web: Arc<Web>) -> Router {
                 None,
             )
         })
-        .layer(axum::middleware::map_response(security_headers))
+        .layer(axum::middleware::map_response_with_state(
+            web.clone(),
+            security_headers,
+        ))
         .with_state(web)
 }
 
-/// Pages may be framed by the node's PVE UI (port 8006) and nobody else.
-async fn security_headers(mut resp: Response) -> Response {
+/// Pages may be framed by PVE's UI (port 8006, or `frame_ancestors`) and nobody else.
+async fn security_headers(State(web): State<Arc<Web>>, mut resp: Response) -> Response {
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'self'; frame-ancestors 'self' https://*:8006; form-action 'self'",
-        ),
-    );
+    h.insert(header::CONTENT_SECURITY_POLICY, web.csp().clone());
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
