@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use signetd::config::Config;
 use signetd::daemon::Daemon;
 use signetd::store::{Inserted, Kind, NewJob, Store};
-use signetd::web::auth::PveApi;
+use signetd::web::auth::{Cached, PveApi};
 use signetd::web::standin::{encode_ticket, StandInPveApi};
 use signetd::web::{pages, Web};
 use tower::ServiceExt;
@@ -531,4 +531,55 @@ async fn a_pve_api_that_does_not_answer_or_shows_another_certificate_is_unavaila
     );
     let resp = pages::router(gone).oneshot(req(&t)).await.unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn pves_answers_are_remembered_briefly_and_refusals_not_at_all() {
+    let f = fixture(0).await;
+    let cached = |ttl| {
+        let web = Web::new(
+            f.daemon.clone(),
+            Arc::new(Cached::new(
+                PveApi {
+                    base: f.api.url().parse().unwrap(),
+                    pin_file: f.dir.path().join("pve-ssl.pem"),
+                    timeout: Duration::from_secs(10),
+                },
+                ttl,
+            )),
+            NODE.into(),
+        );
+        pages::router(web)
+    };
+    let get = |app: Router, uri: &str, ticket: &str| {
+        let req = Request::get(uri)
+            .header(
+                header::COOKIE,
+                format!("PVEAuthCookie={}", encode_ticket(ticket)),
+            )
+            .body(Body::empty())
+            .unwrap();
+        async move { app.oneshot(req).await.unwrap().status() }
+    };
+    let t = f.auditor();
+    let app = cached(Duration::from_secs(3600));
+    for page in ["/", "/jobs", "/audit"] {
+        assert_eq!(get(app.clone(), page, &t).await, StatusCode::OK, "{page}");
+    }
+    assert_eq!(f.api.calls().len(), 1, "one call to PVE for three pages");
+    // A refusal is asked again each time.
+    let stranger = "PVE:eve@pve:6571A1B2::forged";
+    for _ in 0..2 {
+        assert_eq!(
+            get(app.clone(), "/", stranger).await,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_eq!(f.api.calls().len(), 3);
+    // Without a time to live nothing is remembered.
+    let app = cached(Duration::ZERO);
+    for _ in 0..2 {
+        assert_eq!(get(app.clone(), "/", &t).await, StatusCode::OK);
+    }
+    assert_eq!(f.api.calls().len(), 5);
 }

@@ -291,7 +291,8 @@ pub async fn start(daemon: Arc<Daemon>, cfg: &WebConfig) -> Result<Started, WebE
             .unwrap_or_else(|| certs::pve_api_pin(&cfg.pve_local_dir, exists)),
         timeout: Duration::from_secs(5),
     };
-    let web = Web::framed_by(daemon, Arc::new(api), node, &cfg.frame_ancestors);
+    let auth = auth::Cached::new(api, auth::DEFAULT_CACHE_TTL);
+    let web = Web::framed_by(daemon, Arc::new(auth), node, &cfg.frame_ancestors);
     tokio::spawn(live::run(
         web.clone(),
         Duration::from_secs(cfg.refresh_seconds),
