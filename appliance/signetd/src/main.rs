@@ -363,6 +363,7 @@ async fn main() -> anyhow::Result<()> {
     let app = signetd::server::router(daemon);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
+    let web_ui = web.as_ref().map(|w| w.web.clone());
     if let Some(web) = web {
         for (l, local) in web.listeners {
             tracing::info!(endpoint = %local, "serving the web UI with TLS");
@@ -391,6 +392,9 @@ async fn main() -> anyhow::Result<()> {
         ],
     );
     shutdown().await;
+    if let Some(web) = &web_ui {
+        web.close();
+    }
     let _ = stop_tx.send(true);
     while let Some(r) = servers.join_next().await {
         r.context("server task")?;

@@ -583,3 +583,40 @@ async fn pves_answers_are_remembered_briefly_and_refusals_not_at_all() {
     }
     assert_eq!(f.api.calls().len(), 5);
 }
+
+#[tokio::test]
+async fn event_streams_end_when_signetd_stops() {
+    let f = fixture(0).await;
+    let web = Web::new(
+        f.daemon.clone(),
+        Arc::new(PveApi {
+            base: f.api.url().parse().unwrap(),
+            pin_file: f.dir.path().join("pve-ssl.pem"),
+            timeout: Duration::from_secs(10),
+        }),
+        NODE.into(),
+    );
+    let t = f.admin();
+    let req = Request::get("/events")
+        .header(
+            header::COOKIE,
+            format!("PVEAuthCookie={}", encode_ticket(&t)),
+        )
+        .body(Body::empty())
+        .unwrap();
+    let resp = pages::router(web.clone()).oneshot(req).await.unwrap();
+    let mut body = resp.into_body();
+    assert!(next_event(&mut body).await.starts_with("event: overview"));
+    web.close();
+    // The stream ends (a keep-alive comment may come first), so a graceful shutdown
+    // does not wait for the browser.
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(frame) => {
+                let data = frame.unwrap().into_data().unwrap_or_default();
+                assert!(data.starts_with(b":"), "{data:?}");
+            }
+        }
+    }
+}

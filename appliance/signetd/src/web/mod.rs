@@ -184,6 +184,9 @@ pub struct Web {
     pub live: live::Live,
     /// The pages' `Content-Security-Policy`.
     csp: http::HeaderValue,
+    /// Turns true when signetd stops: event streams end, so the server's graceful
+    /// shutdown does not wait for them.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl Web {
@@ -219,7 +222,17 @@ impl Web {
             csrf_key,
             live: live::Live::default(),
             csp,
+            closing: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    /// Ends the event streams: signetd is stopping.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    pub(crate) fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 
     pub(crate) fn csp(&self) -> &http::HeaderValue {

@@ -289,15 +289,17 @@ async fn events(State(web): State<Arc<Web>>, headers: HeaderMap) -> Result<Respo
     // Read now, so the first event is current.
     web.live.refresh(&web.daemon).await;
     let deadline = tokio::time::Instant::now() + EVENT_STREAM_LIFETIME;
-    let stream = futures_util::stream::unfold(rx, move |mut rx| async move {
-        tokio::time::timeout_at(deadline, rx.changed())
-            .await
-            .ok()?
-            .ok()?;
-        let o = rx.borrow_and_update().clone()?;
-        let event = Event::default().event("overview").data(live_fragment(&o));
-        Some((Ok::<_, Infallible>(event), rx))
-    });
+    let closing = web.closing();
+    let stream =
+        futures_util::stream::unfold((rx, closing), move |(mut rx, mut closing)| async move {
+            tokio::select! {
+                changed = tokio::time::timeout_at(deadline, rx.changed()) => changed.ok()?.ok()?,
+                _ = closing.wait_for(|c| *c) => return None,
+            }
+            let o = rx.borrow_and_update().clone()?;
+            let event = Event::default().event("overview").data(live_fragment(&o));
+            Some((Ok::<_, Infallible>(event), (rx, closing)))
+        });
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
