@@ -445,3 +445,32 @@ fn in_a_browser_an_operator_cancels_a_job_and_the_overview_follows_the_token_liv
     );
     b.screenshot("audit.png");
 }
+
+#[test]
+fn a_web_ui_that_cannot_start_does_not_stop_signing() {
+    let mut w = World::new();
+    let pin = w.path("pin");
+    let agent = w.start_agent(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+    );
+    let ep = w
+        .start_daemon_with(
+            &[&format!("unix:{}", w.path("signetd.sock").display())],
+            &agent,
+            &format!(
+                "[profiles.release]\n[web]\nlisten = [\"tcp:127.0.0.1:0\"]\ncert = \"{0}/missing.pem\"\nkey = \"{0}/missing.key\"\n",
+                w.dir.path().display()
+            ),
+        )
+        .remove(0);
+    let log = w.log("signetd");
+    assert!(log.contains("the web UI is not served"), "{log}");
+    assert!(log.contains("web.cert"), "the log says what to fix: {log}");
+    let file = w.pe("app.exe");
+    let out = signet(&ep, &["sign", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&w, &file).0);
+}

@@ -356,8 +356,15 @@ async fn main() -> anyhow::Result<()> {
             None
         }
     };
+    // The web UI is for people; signing works without it.
     let web = match &cfg.web {
-        Some(web) => Some(signetd::web::start(daemon.clone(), web).await?),
+        Some(web) => match signetd::web::start(daemon.clone(), web).await {
+            Ok(started) => Some(started),
+            Err(e) => {
+                tracing::error!(error = %e, "the web UI is not served; signing goes on without it");
+                None
+            }
+        },
         None => None,
     };
     let app = signetd::server::router(daemon);
