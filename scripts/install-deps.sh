@@ -25,6 +25,8 @@ needs=(
   "lsusb usbutils"
   "qemu-system-x86_64 qemu-system-x86"
   "curl curl"
+  "chromium chromium"
+  "node nodejs"
 )
 
 missing=()

@@ -18,8 +18,10 @@ mod recovery;
 mod shutdown;
 
 mod agent_token;
+mod plugin;
 mod policy;
 mod remote;
+mod web;
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

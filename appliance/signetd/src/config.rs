@@ -60,6 +60,8 @@ pub struct Config {
     pub pin_file: Option<PathBuf>,
     /// `[doctor]`: where `signetctl doctor` looks at the host.
     pub doctor: crate::doctor::DoctorConfig,
+    /// The web UI (`[web]`); off when the section is absent.
+    pub web: Option<crate::web::WebConfig>,
 }
 
 /// `[shutdown]`: host shutdowns and reboots, announced by logind.
@@ -235,6 +237,7 @@ struct Raw {
     pin_file: Option<PathBuf>,
     #[serde(default)]
     doctor: crate::doctor::DoctorConfig,
+    web: Option<crate::web::WebConfig>,
 }
 
 /// A configuration that cannot be used.
@@ -454,7 +457,12 @@ impl Config {
                 ));
             }
         }
+        if let Some(web) = &raw.web {
+            web.check()
+                .map_err(|(key, message)| invalid(&format!("web.{key}"), message))?;
+        }
         Ok(Config {
+            web: raw.web,
             pin_file: raw.pin_file,
             shutdown,
             doctor: raw.doctor,

@@ -35,6 +35,8 @@
 //! - [`queue`] — pure: the per-token queue, callers taking turns, positions, estimates.
 //! - [`jobs`] — the job path: record, spool, queue, the token's worker, results.
 //! - [`audit`] — the hash-chained audit log, `signetd audit verify|export`.
+//! - [`web`] — the web UI (overview, queue, audit) for browsers, behind the Proxmox VE
+//!   login; the stand-in PVE API its tests use.
 
 pub mod agent_watch;
 pub mod audit;
@@ -62,3 +64,4 @@ pub mod timeline;
 pub mod tls;
 pub mod tokens;
 pub mod usb;
+pub mod web;

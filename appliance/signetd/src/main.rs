@@ -356,9 +356,35 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
+    // The web UI is for people; signing works without it.
+    let web = match &cfg.web {
+        Some(web) => match signetd::web::start(daemon.clone(), web).await {
+            Ok(started) => Some(started),
+            Err(e) => {
+                tracing::error!(error = %e, "the web UI is not served; signing goes on without it");
+                None
+            }
+        },
+        None => None,
+    };
     let app = signetd::server::router(daemon);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
+    let web_ui = web.as_ref().map(|w| w.web.clone());
+    if let Some(web) = web {
+        for (l, local) in web.listeners {
+            tracing::info!(endpoint = %local, "serving the web UI with TLS");
+            let stop = stop_rx.clone();
+            let tls = Some(web.acceptor.clone());
+            servers.spawn(signetd::serve::serve(
+                l,
+                web.app.clone(),
+                header_timeout,
+                tls,
+                stop,
+            ));
+        }
+    }
     for (l, tls) in listeners {
         let app = app.clone();
         let stop = stop_rx.clone();
@@ -373,6 +399,9 @@ async fn main() -> anyhow::Result<()> {
         ],
     );
     shutdown().await;
+    if let Some(web) = &web_ui {
+        web.close();
+    }
     let _ = stop_tx.send(true);
     while let Some(r) = servers.join_next().await {
         r.context("server task")?;

@@ -1,0 +1,446 @@
+//! What the pages show, made from the daemon's status and the database: pure.
+//!
+//! [`verdict`] says in one line whether signing works and, when it does not, what to
+//! do; [`Overview::of`] puts the status into the shape the overview template reads.
+
+use serde::Serialize;
+use signet_protocol::render::pin_flags_text;
+use signet_protocol::wire::{AgentReport, AgentState, DaemonStatus};
+
+/// Days before a certificate's expiry from which the overview warns.
+pub const CERT_WARN_DAYS: i64 = 30;
+
+/// The overview's headline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    /// A stable name of the situation (`ready`, `token_missing`, `agent_unreachable`,
+    /// ...): when it changes, the "since" time starts again.
+    pub key: String,
+    /// `ok`, `warn` or `bad`: the colour.
+    pub level: &'static str,
+    pub headline: String,
+    /// What to do about it; empty when nothing needs doing.
+    pub fix: String,
+}
+
+/// `text` with its first letter in upper case, to follow a full stop.
+fn sentence(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |c| {
+        c.to_uppercase().chain(chars).collect::<String>()
+    })
+}
+
+/// The verdict on `status`.
+pub fn verdict(status: &DaemonStatus) -> Verdict {
+    let v = |key: &str, level, headline: &str, fix: String| Verdict {
+        key: key.to_owned(),
+        level,
+        headline: headline.to_owned(),
+        fix,
+    };
+    let health = match &status.agent {
+        AgentReport::Unreachable { .. } => {
+            return v(
+                "agent_unreachable",
+                "bad",
+                "The signing VM's agent is not reachable",
+                "Start the signing VM and check that signet-agent runs in it (systemctl status signet-agent); signetd's log says what failed.".into(),
+            )
+        }
+        AgentReport::Reachable { health, .. } => health,
+    };
+    let detail = sentence(&health.detail);
+    match health.state {
+        AgentState::Ready => {
+            let soonest = health.certificates.iter().map(|c| c.days_left).min();
+            match soonest {
+                Some(d) if d < 0 => v(
+                    "cert_expired",
+                    "bad",
+                    "The signing certificate has expired",
+                    "Signatures made now do not verify without a timestamp from before the expiry; put a renewed certificate on the token.".into(),
+                ),
+                Some(d) if d <= CERT_WARN_DAYS => v(
+                    "cert_expiring",
+                    "warn",
+                    "Signing works",
+                    format!("The signing certificate expires in {d} days; order its renewal now."),
+                ),
+                _ => v("ready", "ok", "Signing works", String::new()),
+            }
+        }
+        AgentState::TokenMissing => v(
+            "token_missing",
+            "bad",
+            "Token unplugged",
+            format!("Plug the token in and pass it to the signing VM. {detail}"),
+        ),
+        AgentState::TokenLost => v(
+            "token_lost",
+            "bad",
+            "Token lost",
+            format!("Signet is waiting for the token to come back and logs in again by itself; jobs wait in the queue. {detail}"),
+        ),
+        AgentState::PinNeeded => v(
+            "pin_needed",
+            "bad",
+            "No PIN yet",
+            format!("Give the agent the token's PIN (its token.pin_file, or POST /agent/v1/login from the host). {detail}"),
+        ),
+        AgentState::PinRejected => v(
+            "pin_rejected",
+            "bad",
+            "PIN rejected",
+            format!("The token refused the configured PIN, and Signet will not try it again: set the right PIN in the agent's PIN file. {detail}"),
+        ),
+        AgentState::PinLocked => v(
+            "pin_locked",
+            "bad",
+            "PIN locked",
+            format!("The token's PIN is locked or on its final try; unlock it with the token's administration tool, then set the PIN again. {detail}"),
+        ),
+        AgentState::ModuleError => v(
+            "module_error",
+            "bad",
+            "The token's PKCS#11 module does not load",
+            format!("Check the agent's token.module setting and that the module is installed in the signing VM. {detail}"),
+        ),
+    }
+}
+
+/// A certificate as the overview shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CertLine {
+    pub subject: String,
+    pub issuer: String,
+    pub not_after: String,
+    pub days_left: i64,
+    pub sha256: String,
+    pub warn: bool,
+}
+
+/// The overview page's content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Overview {
+    pub verdict: Verdict,
+    /// When the verdict's situation began, as this daemon saw it (`HH:MM UTC`).
+    pub since: Option<String>,
+    pub version: String,
+    pub agent_reachable: bool,
+    pub agent_endpoint: String,
+    /// The agent's state and its own words, or why it is unreachable.
+    pub agent_state: String,
+    pub agent_detail: String,
+    pub signer: String,
+    pub token: Option<TokenLine>,
+    pub logged_in: bool,
+    pub pin: String,
+    pub certificates: Vec<CertLine>,
+    pub running: Option<String>,
+    pub waiting: u64,
+    /// Jobs not ended: waiting plus the one at the agent.
+    pub pending: u64,
+    pub by_caller: Vec<(String, u64)>,
+    pub spool: String,
+    pub signed_last_hour: u64,
+    pub default_profile: String,
+    pub profiles: String,
+}
+
+/// The token as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenLine {
+    pub label: String,
+    pub serial: String,
+    pub model: String,
+    pub manufacturer: String,
+    pub present: bool,
+}
+
+impl Overview {
+    /// The overview of `status`, with `signed_last_hour` from the audit log.
+    pub fn of(status: &DaemonStatus, signed_last_hour: u64) -> Overview {
+        let (reachable, endpoint, state, detail, signer, token, logged_in, pin, certs) =
+            match &status.agent {
+                AgentReport::Unreachable { endpoint, error } => (
+                    false,
+                    endpoint.clone(),
+                    "unreachable".to_owned(),
+                    error.message.clone(),
+                    String::new(),
+                    None,
+                    false,
+                    "unknown".to_owned(),
+                    Vec::new(),
+                ),
+                AgentReport::Reachable { endpoint, health } => (
+                    true,
+                    endpoint.clone(),
+                    serde_json::to_value(health.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    health.detail.clone(),
+                    health.signer.clone(),
+                    health.token.as_ref().map(|t| TokenLine {
+                        label: t.label.clone(),
+                        serial: t.serial.clone(),
+                        model: t.model.clone(),
+                        manufacturer: t.manufacturer.clone(),
+                        present: health.token_present,
+                    }),
+                    health.logged_in,
+                    health
+                        .pin
+                        .as_ref()
+                        .map_or_else(|| "unknown (token absent)".to_owned(), pin_flags_text),
+                    health
+                        .certificates
+                        .iter()
+                        .map(|c| CertLine {
+                            subject: c.subject.clone(),
+                            issuer: c.issuer.clone(),
+                            not_after: c.not_after.clone(),
+                            days_left: c.days_left,
+                            sha256: c.sha256.clone(),
+                            warn: c.days_left <= CERT_WARN_DAYS,
+                        })
+                        .collect(),
+                ),
+            };
+        let queue = status.queue.clone();
+        let q = queue.as_ref();
+        Overview {
+            verdict: verdict(status),
+            since: None,
+            version: status.version.clone(),
+            agent_reachable: reachable,
+            agent_endpoint: endpoint,
+            agent_state: state,
+            agent_detail: detail,
+            signer,
+            token,
+            logged_in,
+            pin,
+            certificates: certs,
+            running: q.and_then(|q| q.running.clone()),
+            waiting: q.map_or(0, |q| q.waiting),
+            pending: q.map_or(0, |q| q.waiting + u64::from(q.running.is_some())),
+            by_caller: q
+                .map(|q| q.by_caller.clone().into_iter().collect())
+                .unwrap_or_default(),
+            spool: q.map_or_else(String::new, |q| {
+                format!(
+                    "{} of {} used",
+                    bytes(q.spool_used_bytes),
+                    bytes(q.spool_quota_bytes)
+                )
+            }),
+            signed_last_hour,
+            default_profile: status.default_profile.clone().unwrap_or_default(),
+            profiles: status.profiles.join(", "),
+        }
+    }
+}
+
+/// `1 record`, `2 records`.
+pub fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// A byte count for people: `512 B`, `3.4 MiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` UTC.
+pub fn time_ms(ms: u64) -> String {
+    let Ok(t) = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) else {
+        return String::new();
+    };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// How long ago `then_ms` was, at `now_ms`: `42 s`, `5 min`, `3 h`, `2 d`.
+pub fn age(now_ms: u64, then_ms: u64) -> String {
+    let s = now_ms.saturating_sub(then_ms) / 1000;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min", s / 60),
+        3600..86400 => format!("{} h", s / 3600),
+        _ => format!("{} d", s / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use signet_protocol::wire::{
+        AgentHealth, CertificateSummary, ErrorBody, ErrorCode, PinFlags, QueueStatus, TokenSummary,
+    };
+
+    fn health(state: AgentState, days_left: i64) -> AgentHealth {
+        AgentHealth {
+            version: "0.1.0".into(),
+            state,
+            detail: "the agent's own words".into(),
+            module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+            module_loaded: true,
+            slot: Some(0),
+            token_present: state != AgentState::TokenMissing,
+            token: Some(TokenSummary {
+                label: "signet".into(),
+                serial: "abc123".into(),
+                model: "SoftHSM v2".into(),
+                manufacturer: "SoftHSM project".into(),
+                firmware: "2.6".into(),
+            }),
+            logged_in: state == AgentState::Ready,
+            pin: Some(PinFlags {
+                count_low: state == AgentState::PinRejected,
+                ..PinFlags::default()
+            }),
+            certificates: vec![CertificateSummary {
+                subject: "CN=Signet Demo Code Signing".into(),
+                not_after: "2027-11-23T00:00:00Z".into(),
+                days_left,
+                ..CertificateSummary::default()
+            }],
+            signer: "osslsigncode 2.9".into(),
+            windows: None,
+        }
+    }
+
+    fn status(agent: AgentReport) -> DaemonStatus {
+        DaemonStatus {
+            version: "0.1.0".into(),
+            signing_works: false,
+            default_profile: Some("release".into()),
+            profiles: vec!["release".into(), "nightly".into()],
+            agent,
+            queue: Some(QueueStatus {
+                running: Some("7".into()),
+                waiting: 2,
+                by_caller: [("vm:105".to_owned(), 2)].into(),
+                recent_job_ms: None,
+                spool_used_bytes: 3 << 20,
+                spool_quota_bytes: 2 << 30,
+            }),
+            recovery: vec![],
+        }
+    }
+
+    fn reachable(state: AgentState, days_left: i64) -> DaemonStatus {
+        status(AgentReport::Reachable {
+            endpoint: "unix:/run/agent.sock".into(),
+            health: Box::new(health(state, days_left)),
+        })
+    }
+
+    #[test]
+    fn every_agent_state_has_a_plain_verdict_with_a_fix() {
+        let ready = verdict(&reachable(AgentState::Ready, 300));
+        assert_eq!(
+            (ready.key.as_str(), ready.level, ready.headline.as_str()),
+            ("ready", "ok", "Signing works")
+        );
+        assert!(ready.fix.is_empty());
+        let soon = verdict(&reachable(AgentState::Ready, 12));
+        assert_eq!((soon.key.as_str(), soon.level), ("cert_expiring", "warn"));
+        assert!(soon.fix.contains("12 days"), "{}", soon.fix);
+        let gone = verdict(&reachable(AgentState::Ready, -1));
+        assert_eq!((gone.key.as_str(), gone.level), ("cert_expired", "bad"));
+        for (state, key, headline) in [
+            (AgentState::TokenMissing, "token_missing", "Token unplugged"),
+            (AgentState::TokenLost, "token_lost", "Token lost"),
+            (AgentState::PinNeeded, "pin_needed", "No PIN yet"),
+            (AgentState::PinRejected, "pin_rejected", "PIN rejected"),
+            (AgentState::PinLocked, "pin_locked", "PIN locked"),
+            (
+                AgentState::ModuleError,
+                "module_error",
+                "The token's PKCS#11 module does not load",
+            ),
+        ] {
+            let v = verdict(&reachable(state, 300));
+            assert_eq!(
+                (v.key.as_str(), v.level, v.headline.as_str()),
+                (key, "bad", headline)
+            );
+            assert!(
+                v.fix.ends_with(". The agent's own words"),
+                "{state:?}: {}",
+                v.fix
+            );
+        }
+        let unreachable = verdict(&status(AgentReport::Unreachable {
+            endpoint: "vsock:105:7711".into(),
+            error: ErrorBody::new(ErrorCode::AgentUnavailable, "not reachable"),
+        }));
+        assert_eq!(unreachable.key, "agent_unreachable");
+        assert!(unreachable.fix.contains("signing VM"));
+    }
+
+    #[test]
+    fn the_overview_carries_token_pin_certificate_and_queue() {
+        let o = Overview::of(&reachable(AgentState::PinRejected, 20), 9);
+        assert_eq!(o.token.as_ref().unwrap().serial, "abc123");
+        assert!(!o.logged_in);
+        assert!(o.pin.contains("count low"), "{}", o.pin);
+        assert!(o.certificates[0].warn);
+        assert_eq!(
+            (o.running.as_deref(), o.waiting, o.pending),
+            (Some("7"), 2, 3)
+        );
+        assert_eq!(o.by_caller, vec![("vm:105".to_owned(), 2)]);
+        assert_eq!(o.spool, "3.0 MiB of 2.0 GiB used");
+        assert_eq!(o.signed_last_hour, 9);
+        assert_eq!(o.profiles, "release, nightly");
+        let down = Overview::of(
+            &status(AgentReport::Unreachable {
+                endpoint: "vsock:105:7711".into(),
+                error: ErrorBody::new(ErrorCode::AgentUnavailable, "not reachable"),
+            }),
+            0,
+        );
+        assert!(!down.agent_reachable && down.token.is_none());
+        assert_eq!(down.agent_state, "unreachable");
+    }
+
+    #[test]
+    fn times_ages_and_sizes_read_well() {
+        assert_eq!(time_ms(0), "1970-01-01 00:00:00");
+        assert_eq!(time_ms(1_795_392_000_000), "2026-11-23 00:00:00");
+        assert_eq!(age(61_000, 0), "1 min");
+        assert_eq!(age(5_000, 0), "5 s");
+        assert_eq!(age(7_200_000, 0), "2 h");
+        assert_eq!(age(0, 5_000), "0 s");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(count(1, "record"), "1 record");
+        assert_eq!(count(0, "record"), "0 records");
+        assert_eq!(bytes(1536), "1.5 KiB");
+    }
+}

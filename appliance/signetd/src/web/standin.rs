@@ -1,0 +1,247 @@
+//! `StandInPveApi`: a stand-in for the Proxmox VE API, for tests and demos on machines
+//! without PVE. It is **not** PVE: it knows only the tickets it issued
+//! ([`StandInPveApi::login`]) and answers the one call the web UI makes,
+//! `GET /api2/json/access/permissions?path=PATH`, as PVE does (`{"data": {PATH:
+//! {PRIV: 1}}}`, 401 with `{"data":null}` for an unknown ticket). It speaks HTTPS on
+//! loopback with a self-signed certificate ([`StandInPveApi::cert_pem`], which the
+//! web UI pins as it pins the node's certificate).
+//!
+//! `GET /standin/login?ticket=T&next=URL` plays PVE's login page for a browser: it
+//! sets the `PVEAuthCookie` (percent-encoded, as PVE's UI does) for the host and
+//! sends the browser on to `next`. Cookies are per host, not per port, so the browser
+//! sends it to the web UI on its own port too — as it does on a real node.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use http::{header, HeaderMap, StatusCode};
+use serde::Deserialize;
+use signet_protocol::endpoint::Endpoint;
+use signet_protocol::transport::Listener;
+
+use super::auth::{ticket_from_cookies, COOKIE};
+
+/// A request the stand-in received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// The `PVEAuthCookie` value sent, as sent.
+    pub cookie: Option<String>,
+    /// The `path` query parameter.
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// ticket → (user, ACL path → privileges)
+    tickets: BTreeMap<String, (String, BTreeMap<String, BTreeSet<String>>)>,
+    calls: Vec<Call>,
+    issued: u64,
+}
+
+/// The stand-in PVE API, serving until dropped.
+#[derive(Debug)]
+pub struct StandInPveApi {
+    addr: SocketAddr,
+    cert_pem: String,
+    inner: Arc<Mutex<Inner>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl StandInPveApi {
+    /// Starts it on `127.0.0.1`, on a free port, in the current tokio runtime.
+    pub async fn start() -> std::io::Result<StandInPveApi> {
+        let (cert_pem, key_pem) =
+            super::certs::self_signed(&["127.0.0.1".into()]).map_err(std::io::Error::other)?;
+        let acceptor = super::certs::acceptor_from_pem(cert_pem.as_bytes(), key_pem.as_bytes())
+            .map_err(std::io::Error::other)?;
+        let listener = Listener::bind(&Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: 0,
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let addr = match listener.local_endpoint()? {
+            Endpoint::Tcp { host, port } => {
+                SocketAddr::new(host.parse().map_err(std::io::Error::other)?, port)
+            }
+            other => return Err(std::io::Error::other(format!("bound {other}"))),
+        };
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let app = Router::new()
+            .route("/api2/json/access/permissions", get(permissions))
+            .route("/standin/login", get(browser_login))
+            .with_state(inner.clone());
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(crate::serve::serve(
+            listener,
+            app,
+            Duration::from_secs(10),
+            Some(acceptor),
+            stop_rx,
+        ));
+        Ok(StandInPveApi {
+            addr,
+            cert_pem,
+            inner,
+            stop,
+        })
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Its certificate (PEM), for the web UI's `pve_api_cert`.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a ticket for `user` with `privileges` on `path`; answers the ticket as
+    /// PVE writes it (`PVE:USER:HEXTIME::SIGNATURE`).
+    pub fn login(&self, user: &str, path: &str, privileges: &[&str]) -> String {
+        let mut inner = lock(&self.inner);
+        inner.issued += 1;
+        let ticket = format!(
+            "PVE:{user}:{:08X}::standin{}+sig==",
+            1_700_000_000 + inner.issued,
+            inner.issued
+        );
+        let privs = BTreeMap::from([(
+            path.to_owned(),
+            privileges.iter().map(|p| (*p).to_owned()).collect(),
+        )]);
+        inner
+            .tickets
+            .insert(ticket.clone(), (user.to_owned(), privs));
+        ticket
+    }
+
+    /// Makes a ticket invalid, as its expiry would.
+    pub fn expire(&self, ticket: &str) {
+        lock(&self.inner).tickets.remove(ticket);
+    }
+
+    /// The requests received so far.
+    pub fn calls(&self) -> Vec<Call> {
+        lock(&self.inner).calls.clone()
+    }
+}
+
+impl Drop for StandInPveApi {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// A ticket as the browser stores it: percent-encoded like PVE's UI (`escape()`).
+pub fn encode_ticket(ticket: &str) -> String {
+    ticket
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(&format!("t={}", s.replace('+', "%2B")))
+        .ok()
+        .and_then(|v| v.into_iter().next())
+        .map(|(_, v)| v)
+        .unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+struct PathQuery {
+    path: Option<String>,
+}
+
+async fn permissions(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    Query(q): Query<PathQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(ticket_from_cookies)
+        .map(str::to_owned);
+    let mut inner = lock(&inner);
+    inner.calls.push(Call {
+        cookie: cookie.clone(),
+        path: q.path.clone(),
+    });
+    let Some((_, privs)) = cookie.and_then(|c| inner.tickets.get(&decode(&c)).cloned()) else {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "application/json;charset=UTF-8")],
+            r#"{"data":null}"#,
+        )
+            .into_response();
+    };
+    let data: BTreeMap<String, BTreeMap<String, u8>> = match &q.path {
+        Some(path) => BTreeMap::from([(
+            path.clone(),
+            privs
+                .get(path)
+                .map(|p| p.iter().map(|p| (p.clone(), 1)).collect())
+                .unwrap_or_default(),
+        )]),
+        None => privs
+            .iter()
+            .map(|(path, p)| (path.clone(), p.iter().map(|p| (p.clone(), 1)).collect()))
+            .collect(),
+    };
+    axum::Json(serde_json::json!({ "data": data })).into_response()
+}
+
+#[derive(Deserialize)]
+struct LoginQuery {
+    ticket: String,
+    next: String,
+}
+
+async fn browser_login(Query(q): Query<LoginQuery>) -> Response {
+    let cookie = format!(
+        "{COOKIE}={}; Path=/; Secure; SameSite=Lax",
+        encode_ticket(&q.ticket)
+    );
+    (
+        StatusCode::FOUND,
+        [(header::SET_COOKIE, cookie), (header::LOCATION, q.next)],
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_survive_the_browsers_encoding() {
+        let t = "PVE:root@pam:6571A1B2::standin1+sig==";
+        let e = encode_ticket(t);
+        assert!(
+            !e.contains(':') && !e.contains('+') && !e.contains('='),
+            "{e}"
+        );
+        assert_eq!(decode(&e), t);
+        assert_eq!(decode(t), t);
+    }
+}

@@ -1,0 +1,202 @@
+//! `proxmox-plugin/install.sh` against a copy of pve-manager's `index.html.tpl`:
+//! idempotent, put back by its apt hook after a simulated pve-manager upgrade, and
+//! uninstalled to the exact bytes pve-manager shipped. The installed panel script runs
+//! under node with a stand-in for ExtJS (`proxmox-plugin/tests/panel.test.js`).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const PLUGIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../proxmox-plugin");
+const MARKER: &str = "<!-- signet-pve-plugin -->";
+
+struct Node {
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// A pretend PVE node: pve-manager's template from `fixture`, an empty js dir.
+    fn new(fixture: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let n = Node { dir };
+        std::fs::create_dir_all(n.tpl().parent().unwrap()).unwrap();
+        std::fs::copy(Path::new(PLUGIN).join("tests").join(fixture), n.tpl()).unwrap();
+        std::fs::set_permissions(n.tpl(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        n
+    }
+    fn tpl(&self) -> PathBuf {
+        self.dir.path().join("usr/share/pve-manager/index.html.tpl")
+    }
+    fn js_dir(&self) -> PathBuf {
+        self.dir.path().join("usr/share/pve-manager/js")
+    }
+    fn hook(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("etc/apt/apt.conf.d/80signet-pve-plugin")
+    }
+    fn env(&self, cmd: &mut Command) {
+        cmd.env("PVE_INDEX_TPL", self.tpl())
+            .env("PVE_JS_DIR", self.js_dir())
+            .env("SIGNET_APT_HOOK", self.hook())
+            .env("SIGNET_WEB_PORT", "7721");
+    }
+    fn run(&self, action: &str) -> Output {
+        let mut cmd = Command::new(Path::new(PLUGIN).join("install.sh"));
+        cmd.arg(action);
+        self.env(&mut cmd);
+        cmd.output().unwrap()
+    }
+    fn ok(&self, action: &str) {
+        let out = self.run(action);
+        assert!(
+            out.status.success(),
+            "install.sh {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    fn bytes(&self) -> Vec<u8> {
+        std::fs::read(self.tpl()).unwrap()
+    }
+    /// What apt runs after dpkg: the command in the hook file, through a shell.
+    fn run_apt_hook(&self) {
+        let hook = std::fs::read_to_string(self.hook()).unwrap();
+        let line = hook
+            .lines()
+            .find(|l| l.starts_with("DPkg::Post-Invoke"))
+            .unwrap_or_else(|| panic!("a Post-Invoke hook in:\n{hook}"));
+        let start = line.find("{ \"").unwrap() + 3;
+        let end = line.rfind("\"; };").unwrap();
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(&line[start..end])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(PLUGIN).join("tests").join(name)).unwrap()
+}
+
+/// `original` with the plugin's line after its pvemanagerlib.js line.
+fn with_line(original: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8(original.to_vec()).unwrap();
+    let mut out = String::new();
+    for line in text.split_inclusive('\n') {
+        out.push_str(line);
+        if line.contains("/pve2/js/pvemanagerlib.js") {
+            out.push_str("    <script type=\"text/javascript\" src=\"/pve2/js/signet-panel.js\"></script><!-- signet-pve-plugin -->\n");
+        }
+    }
+    out.into_bytes()
+}
+
+#[test]
+fn the_installer_is_idempotent_survives_an_upgrade_and_restores_the_template_exactly() {
+    let node = Node::new("index.html.tpl");
+    let original = fixture("index.html.tpl");
+    assert_eq!(node.run("status").status.code(), Some(1));
+
+    node.ok("install");
+    let installed = node.bytes();
+    assert_eq!(installed, with_line(&original), "one line, in its place");
+    assert_eq!(
+        std::fs::metadata(node.tpl()).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    let js = std::fs::read_to_string(node.js_dir().join("signet-panel.js")).unwrap();
+    assert!(js.contains("signetPort: '7721'"), "the port is filled in");
+    assert!(node.hook().exists());
+    node.ok("status");
+
+    // Again and again: nothing changes.
+    node.ok("install");
+    node.ok("reapply");
+    assert_eq!(node.bytes(), installed);
+    assert_eq!(
+        String::from_utf8(node.bytes())
+            .unwrap()
+            .matches(MARKER)
+            .count(),
+        1
+    );
+
+    // pve-manager is upgraded: its new template replaces the patched one; apt's hook
+    // puts the line back.
+    std::fs::copy(
+        Path::new(PLUGIN).join("tests/index.html.tpl.upgraded"),
+        node.tpl(),
+    )
+    .unwrap();
+    assert_eq!(node.run("status").status.code(), Some(1));
+    node.run_apt_hook();
+    let upgraded = fixture("index.html.tpl.upgraded");
+    assert_eq!(node.bytes(), with_line(&upgraded));
+    node.ok("status");
+    // The hook runs after every dpkg call; with the line there it changes nothing.
+    node.run_apt_hook();
+    assert_eq!(node.bytes(), with_line(&upgraded));
+
+    // Uninstalled: the template pve-manager shipped, byte for byte, and nothing else
+    // of the plugin left.
+    node.ok("uninstall");
+    assert_eq!(node.bytes(), upgraded);
+    assert!(!node.js_dir().join("signet-panel.js").exists());
+    assert!(!node.hook().exists());
+    node.ok("uninstall");
+    assert_eq!(node.bytes(), upgraded);
+    let leftovers: Vec<_> = std::fs::read_dir(node.tpl().parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("signet"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // And on the first template too.
+    let node = Node::new("index.html.tpl");
+    node.ok("install");
+    node.ok("uninstall");
+    assert_eq!(node.bytes(), original);
+}
+
+#[test]
+fn a_template_it_does_not_know_is_left_alone() {
+    let node = Node::new("index.html.tpl");
+    std::fs::write(node.tpl(), "<html><body>not pve-manager</body></html>\n").unwrap();
+    let out = node.run("install");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing was changed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(node.bytes(), b"<html><body>not pve-manager</body></html>\n");
+    // Without pve-manager the hook does nothing, quietly.
+    std::fs::remove_file(node.tpl()).unwrap();
+    node.ok("reapply");
+    assert!(!node.tpl().exists());
+}
+
+#[test]
+fn the_installed_panel_adds_the_signing_tab_to_the_node_view() {
+    let node = Node::new("index.html.tpl");
+    node.ok("install");
+    let out = Command::new("node")
+        .arg(Path::new(PLUGIN).join("tests/panel.test.js"))
+        .arg(node.js_dir().join("signet-panel.js"))
+        .output()
+        .expect("node is installed (scripts/install-deps.sh)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("https://pve1.example.com:7721/"),
+        "the tab frames signetd on the node's host: {stdout}"
+    );
+    assert!(stdout.contains("panel ok"), "{stdout}");
+}

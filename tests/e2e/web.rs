@@ -1,0 +1,476 @@
+//! The web UI in a real browser: headless Chromium against `signetd` on loopback with
+//! a SoftHSM-backed agent, logged in through `StandInPveApi` as a PVE user is (the
+//! login sets `PVEAuthCookie` for the host; the browser sends it to the UI's port).
+//! Screenshots of each page, in each state the tests reach, go to
+//! `target/web-screenshots/` for people to look at.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use signetd::web::standin::StandInPveApi;
+
+use super::*;
+
+const CHROMIUM: &str = "chromium";
+
+struct Ui {
+    _rt: tokio::runtime::Runtime,
+    api: StandInPveApi,
+    /// `https://127.0.0.1:PORT` of the web UI.
+    url: String,
+}
+
+/// Agent (SoftHSM) and daemon with `[web]` on a free loopback port, its logins checked
+/// by a stand-in PVE API.
+fn appliance_with_web(w: &mut World) -> Ui {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = rt.block_on(StandInPveApi::start()).unwrap();
+    let pin_file = w.path("pve-api.pem");
+    std::fs::write(&pin_file, api.cert_pem()).unwrap();
+    let pin = w.path("pin");
+    let agent = w.start_agent(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+    );
+    std::fs::create_dir_all(w.path("pve-local")).unwrap();
+    w.start_daemon_with(
+        &[&format!("unix:{}", w.path("signetd.sock").display())],
+        &agent,
+        &format!(
+            "[profiles.release]\ndescription = \"Signet test\"\n\
+             [web]\nlisten = [\"tcp:127.0.0.1:0\"]\nnode = \"pve1\"\npve_api = \"{}\"\n\
+             pve_api_cert = \"{}\"\npve_local_dir = \"{}\"\nrefresh_seconds = 1\n",
+            api.url(),
+            pin_file.display(),
+            w.path("pve-local").display()
+        ),
+    );
+    // signetd logs the web UI's endpoint before it says it is ready.
+    let log = w.log("signetd");
+    let ep = log
+        .lines()
+        .find_map(|l| l.split("serving the web UI with TLS endpoint=").nth(1))
+        .unwrap_or_else(|| panic!("the web UI's endpoint in the log:\n{log}"))
+        .trim();
+    let Endpoint::Tcp { host, port } = ep.parse::<Endpoint>().unwrap() else {
+        panic!("{ep}")
+    };
+    assert!(
+        log.contains("self-signed"),
+        "no PVE certificate here: {log}"
+    );
+    Ui {
+        _rt: rt,
+        api,
+        url: format!("https://{host}:{port}"),
+    }
+}
+
+fn screenshots() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("web-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl Ui {
+    /// The URL that logs the browser in as `ticket` at the PVE stand-in, then opens
+    /// `page` of the web UI.
+    fn via_login(&self, ticket: &str, page: &str) -> String {
+        let q = serde_urlencoded_pair("ticket", ticket)
+            + "&"
+            + &serde_urlencoded_pair("next", &format!("{}{page}", self.url));
+        format!("{}/standin/login?{q}", self.api.url())
+    }
+}
+
+fn serde_urlencoded_pair(k: &str, v: &str) -> String {
+    let enc: String = v
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    format!("{k}={enc}")
+}
+
+/// Runs headless Chromium with its profile in the test's `profile` directory on `url`
+/// with `what` (`--dump-dom` or `--screenshot=PATH`); answers its stdout.
+fn chromium(w: &World, profile: &str, url: &str, what: &str) -> String {
+    let profile = w.path(profile);
+    let child = Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--disable-breakpad",
+            "--ignore-certificate-errors",
+            "--window-size=1280,900",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(what)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chromium is installed (scripts/install-deps.sh)");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "chromium {what} {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_overview_says_signing_works_in_a_real_browser_and_every_page_renders() {
+    let mut w = World::new();
+    let ui = appliance_with_web(&mut w);
+    let admin = ui
+        .api
+        .login("root@pam", "/nodes/pve1", &["Sys.Audit", "Sys.Modify"]);
+
+    // One signature, so the queue and audit pages have something to show.
+    let file = w.pe("app.exe");
+    let ep = Endpoint::Unix(w.path("signetd.sock"));
+    let out = signet(&ep, &["sign", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+
+    let dom = chromium(&w, "browser", &ui.via_login(&admin, "/"), "--dump-dom");
+    assert!(dom.contains("Signing works"), "{dom}");
+    assert!(dom.contains("root@pam on pve1"), "{dom}");
+    let serial = std::fs::read_to_string(w.path("token-serial")).unwrap();
+    assert!(dom.contains(serial.trim()), "the token's serial: {dom}");
+    assert!(dom.contains("CN=Signet Demo Code Signing"), "{dom}");
+    assert!(dom.contains("data-events=\"/events\""), "{dom}");
+
+    let dom = chromium(&w, "browser", &ui.via_login(&admin, "/audit"), "--dump-dom");
+    assert!(dom.contains("The hash chain is intact: 1 record,"), "{dom}");
+    assert!(dom.contains("app.exe"), "{dom}");
+    let dom = chromium(&w, "browser", &ui.via_login(&admin, "/jobs"), "--dump-dom");
+    assert!(dom.contains("<td>signed</td>"), "{dom}");
+
+    // Without the login the browser is sent to PVE's.
+    let dom = chromium(&w, "stranger", &format!("{}/", ui.url), "--dump-dom");
+    assert!(dom.contains("Log in to Proxmox VE"), "{dom}");
+}
+
+/// Headless Chromium driven over the DevTools protocol on a pipe
+/// (`--remote-debugging-pipe`: the browser reads commands on fd 3 and writes answers
+/// and events on fd 4, each a JSON message ended by a NUL byte).
+struct Browser {
+    child: std::process::Child,
+    input: std::process::ChildStdin,
+    output: std::sync::mpsc::Receiver<serde_json::Value>,
+    events: std::collections::VecDeque<serde_json::Value>,
+    next_id: u64,
+    session: String,
+}
+
+/// How long one browser step may take before the test fails (a guard, not a pace).
+const BROWSER_STEP: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Browser {
+    fn start(w: &World) -> Browser {
+        use std::io::Read;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            // The pipe's ends become fds 3 and 4; Chromium's own output goes nowhere.
+            .arg("exec \"$0\" \"$@\" 3<&0 4>&1 </dev/null >/dev/null")
+            .arg(CHROMIUM)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--disable-breakpad",
+                "--ignore-certificate-errors",
+                "--window-size=1280,900",
+                "--hide-scrollbars",
+                "--remote-debugging-pipe",
+            ])
+            .arg(format!(
+                "--user-data-dir={}",
+                w.path("cdp-profile").display()
+            ))
+            .arg("about:blank")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromium is installed (scripts/install-deps.sh)");
+        let input = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let (tx, output) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 65536];
+            while let Ok(n) = stdout.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some(end) = buf.iter().position(|b| *b == 0) {
+                    let msg: Vec<u8> = buf.drain(..=end).collect();
+                    if let Ok(v) = serde_json::from_slice(&msg[..msg.len() - 1]) {
+                        if tx.send(v).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let mut b = Browser {
+            child,
+            input,
+            output,
+            events: Default::default(),
+            next_id: 0,
+            session: String::new(),
+        };
+        let target = b.call(
+            "Target.createTarget",
+            serde_json::json!({"url": "about:blank"}),
+        );
+        let attached = b.call(
+            "Target.attachToTarget",
+            serde_json::json!({"targetId": target["targetId"], "flatten": true}),
+        );
+        b.session = attached["sessionId"].as_str().unwrap().to_owned();
+        b.call("Page.enable", serde_json::json!({}));
+        b
+    }
+
+    /// Sends a command (to the page once attached) and answers its result.
+    fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        use std::io::Write;
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut msg = serde_json::json!({"id": id, "method": method, "params": params});
+        if !self.session.is_empty() {
+            msg["sessionId"] = self.session.clone().into();
+        }
+        let mut bytes = serde_json::to_vec(&msg).unwrap();
+        bytes.push(0);
+        self.input.write_all(&bytes).unwrap();
+        loop {
+            let v = self
+                .output
+                .recv_timeout(BROWSER_STEP)
+                .unwrap_or_else(|e| panic!("{method}: no answer from chromium: {e}"));
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+            self.events.push_back(v);
+        }
+    }
+
+    /// Opens `url` and waits for its page (after any HTTP redirects) to load.
+    fn open(&mut self, url: &str) {
+        self.events.clear();
+        self.call("Page.navigate", serde_json::json!({"url": url}));
+        self.wait_event("Page.loadEventFired");
+    }
+
+    fn wait_event(&mut self, method: &str) -> serde_json::Value {
+        if let Some(i) = self.events.iter().position(|e| e["method"] == method) {
+            return self.events.remove(i).unwrap();
+        }
+        loop {
+            let v = self
+                .output
+                .recv_timeout(BROWSER_STEP)
+                .unwrap_or_else(|e| panic!("no {method} from chromium: {e}"));
+            if v["method"] == method {
+                return v;
+            }
+            self.events.push_back(v);
+        }
+    }
+
+    /// Evaluates `expr` in the page, awaiting it when it is a promise.
+    fn eval(&mut self, expr: &str) -> serde_json::Value {
+        let r = self.call(
+            "Runtime.evaluate",
+            serde_json::json!({"expression": expr, "awaitPromise": true, "returnByValue": true}),
+        );
+        assert!(r.get("exceptionDetails").is_none(), "{expr}: {r}");
+        r["result"]["value"].clone()
+    }
+
+    /// Waits until `cond` (a JavaScript expression) is true on the page, checking it
+    /// whenever the page's content changes; answers the page's text then.
+    fn wait_until(&mut self, cond: &str) -> String {
+        self.eval(&format!(
+            "new Promise(resolve => {{
+                const check = () => {{ if ({cond}) {{ observer.disconnect(); resolve(document.body.innerText); }} }};
+                const observer = new MutationObserver(check);
+                observer.observe(document.body, {{subtree: true, childList: true, characterData: true, attributes: true}});
+                check();
+            }})"
+        ))
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+    }
+
+    fn screenshot(&mut self, name: &str) {
+        use base64::Engine;
+        let shot = self.call(
+            "Page.captureScreenshot",
+            serde_json::json!({"format": "png"}),
+        );
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().unwrap())
+            .unwrap();
+        assert!(png.starts_with(b"\x89PNG"));
+        std::fs::write(screenshots().join(name), png).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn in_a_browser_an_operator_cancels_a_job_and_the_overview_follows_the_token_live() {
+    let mut w = World::new();
+    let ui = appliance_with_web(&mut w);
+    let admin = ui
+        .api
+        .login("root@pam", "/nodes/pve1", &["Sys.Audit", "Sys.Modify"]);
+    let agent = Endpoint::Unix(w.path("agent.sock"));
+    let ep = Endpoint::Unix(w.path("signetd.sock"));
+    let mut events = Events::follow(&agent);
+    let tokens = TokenDir::of(&w);
+    tokens.vanish();
+    events.wait_for("token_lost");
+
+    let mut b = Browser::start(&w);
+    b.open(&ui.via_login(&admin, "/"));
+    let text = b.wait_until("document.getElementById('verdict').innerText.includes('Token')");
+    assert!(text.contains("Token lost"), "{text}");
+    b.screenshot("overview-token-lost.png");
+
+    // Two jobs while the token is away: the first goes to the agent and back, the
+    // second waits behind it.
+    let pe = std::fs::read(w.path("hello.exe")).unwrap();
+    let send = |name: &str| {
+        let (ep, pe, path) = (ep.clone(), pe.clone(), format!("/v1/sign?filename={name}"));
+        std::thread::spawn(move || call(&ep, "POST", &path, pe))
+    };
+    let first = send("first.exe");
+    b.wait_until("document.getElementById('queue').dataset.pending === '1'");
+    let second = send("second.exe");
+    // The overview counts it without a reload.
+    b.eval("window.signetSamePage = true");
+    b.wait_until("document.getElementById('queue').dataset.pending === '2'");
+    assert_eq!(b.eval("window.signetSamePage === true"), true, "no reload");
+
+    // The operator cancels the waiting one from the queue page, confirming.
+    b.open(&format!("{}/jobs", ui.url));
+    let row = b.eval(
+        "(() => { const row = [...document.querySelectorAll('tbody tr')]
+             .find(r => r.innerText.includes('second.exe'));
+           return row ? row.id : null; })()",
+    );
+    let id = row
+        .as_str()
+        .expect("second.exe is listed")
+        .trim_start_matches("job-")
+        .to_owned();
+    b.eval("window.confirm = () => true");
+    b.screenshot("jobs.png");
+    b.events.clear();
+    b.eval(&format!(
+        "document.querySelector('#job-{id} form button').click()"
+    ));
+    b.wait_event("Page.loadEventFired");
+    let text = b.wait_until("document.body.innerText.includes('was cancelled')");
+    assert!(text.contains(&format!("Job {id} was cancelled.")), "{text}");
+    let (status, body) = second.join().unwrap();
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("cancelled")),
+        "{body}"
+    );
+    let audit = w.signetd(&["audit", "export"]);
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&audit.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["job"] == id.as_str() && r["result"] == "cancelled"),
+        "{records:?}"
+    );
+
+    // The token comes back: the overview says so by itself, and the first job is signed.
+    b.open(&format!("{}/", ui.url));
+    b.eval("window.signetSamePage = true");
+    tokens.restore();
+    let text = b.wait_until(
+        "document.getElementById('verdict').innerText.includes('Signing works')
+         && document.getElementById('signed-last-hour').innerText === '1'",
+    );
+    assert!(text.contains("Signing works"), "{text}");
+    assert_eq!(b.eval("window.signetSamePage === true"), true, "no reload");
+    b.screenshot("overview-live.png");
+    let (status, _) = first.join().unwrap();
+    assert_eq!(status, 200);
+    b.open(&format!("{}/audit", ui.url));
+    let text = b.wait_until("document.getElementById('chain') !== null");
+    assert!(
+        text.contains("The hash chain is intact: 2 records"),
+        "{text}"
+    );
+    b.screenshot("audit.png");
+}
+
+#[test]
+fn a_web_ui_that_cannot_start_does_not_stop_signing() {
+    let mut w = World::new();
+    let pin = w.path("pin");
+    let agent = w.start_agent(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+    );
+    let ep = w
+        .start_daemon_with(
+            &[&format!("unix:{}", w.path("signetd.sock").display())],
+            &agent,
+            &format!(
+                "[profiles.release]\n[web]\nlisten = [\"tcp:127.0.0.1:0\"]\ncert = \"{0}/missing.pem\"\nkey = \"{0}/missing.key\"\n",
+                w.dir.path().display()
+            ),
+        )
+        .remove(0);
+    let log = w.log("signetd");
+    assert!(log.contains("the web UI is not served"), "{log}");
+    assert!(log.contains("web.cert"), "the log says what to fix: {log}");
+    let file = w.pe("app.exe");
+    let out = signet(&ep, &["sign", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&w, &file).0);
+}
