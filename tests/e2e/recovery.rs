@@ -223,3 +223,48 @@ fn a_wrong_pin_on_the_host_is_tried_once_and_jobs_say_so_until_it_is_fixed() {
     // The refused try, the agent's session with the right PIN, the signer's own.
     assert_eq!(count_logins(&spy_log), 3);
 }
+
+#[test]
+fn recovery_steps_are_signalled_on_the_bus() {
+    let mut w = World::new();
+    let bus = super::dbus::Bus::start(&w);
+    w.dbus = Some(bus.address.clone());
+    let pin = w.path("pin");
+    let agent = w.start_agent(&agent_sock(&w), SOFTHSM, &pin, &[]);
+    w.start_daemon(
+        &[&format!("unix:{}", w.path("signetd.sock").display())],
+        &agent,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (event, entry) = rt.block_on(async {
+        use futures_util::StreamExt;
+        let conn = zbus::connection::Builder::address(bus.address.as_str())
+            .build()
+            .await
+            .unwrap();
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .interface("org.signet.Signet1.Manager")
+            .member("RecoveryStep")
+            .build()
+            .unwrap();
+        let mut signals = zbus::MessageStream::for_match_rule(rule, &conn, None)
+            .await
+            .unwrap();
+        // The signing VM's agent goes away.
+        w.stop("signet-agent");
+        let msg = tokio::time::timeout(TIMEOUT, signals.next())
+            .await
+            .expect("a RecoveryStep signal")
+            .unwrap()
+            .unwrap();
+        msg.body().deserialize::<(String, String)>().unwrap()
+    });
+    assert_eq!(event, "agent_unreachable");
+    let entry: Value = serde_json::from_str(&entry).unwrap();
+    assert_eq!(entry["event"], "agent_unreachable", "{entry}");
+    assert!(entry["detail"].is_string(), "{entry}");
+}

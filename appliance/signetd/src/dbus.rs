@@ -139,6 +139,15 @@ impl Manager {
         job: &str,
     ) -> zbus::Result<()>;
 
+    /// A step of recovery was seen or taken: the `TimelineEntry` as JSON (its
+    /// `event`, `detail` and, for a return, `duration_ms`).
+    #[zbus(signal)]
+    async fn recovery_step(
+        emitter: &zbus::object_server::SignalEmitter<'_>,
+        event: &str,
+        entry: &str,
+    ) -> zbus::Result<()>;
+
     /// The daemon's version.
     #[zbus(property)]
     async fn version(&self) -> String {
@@ -237,6 +246,28 @@ async fn forward_job_finished(conn: zbus::Connection, daemon: Arc<Daemon>) {
     }
 }
 
+/// Emits `RecoveryStep` for every timeline entry, for as long as `conn` is open.
+async fn forward_recovery_steps(conn: zbus::Connection, daemon: Arc<Daemon>) {
+    let mut steps = daemon.timeline().subscribe();
+    let Ok(emitter) = zbus::object_server::SignalEmitter::new(&conn, OBJECT_PATH) else {
+        return;
+    };
+    loop {
+        let entry = match steps.recv().await {
+            Ok(e) => e,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "RecoveryStep signals were dropped");
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        let text = serde_json::to_string(&entry).unwrap_or_default();
+        if let Err(e) = Manager::recovery_step(&emitter, &entry.event, &text).await {
+            tracing::warn!(error = %e, "the RecoveryStep signal could not be sent");
+        }
+    }
+}
+
 /// Serves the daemon on `bus` under [`BUS_NAME`]; the connection lives as long as the
 /// returned value. `Ok(None)` when the bus is [`Bus::None`].
 pub async fn serve(daemon: Arc<Daemon>, bus: &Bus) -> zbus::Result<Option<zbus::Connection>> {
@@ -253,7 +284,8 @@ pub async fn serve(daemon: Arc<Daemon>, bus: &Bus) -> zbus::Result<Option<zbus::
         )
         .build()
         .await?;
-    tokio::spawn(forward_job_finished(conn.clone(), daemon));
+    tokio::spawn(forward_job_finished(conn.clone(), daemon.clone()));
+    tokio::spawn(forward_recovery_steps(conn.clone(), daemon));
     Ok(Some(conn))
 }
 

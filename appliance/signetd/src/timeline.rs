@@ -162,6 +162,8 @@ pub fn init(conn: &Connection) -> rusqlite::Result<()> {
 pub struct Timeline {
     store: Arc<Store>,
     clock: Mutex<Clock>,
+    /// Every entry as it is written (for the D-Bus `RecoveryStep` signal).
+    steps: tokio::sync::broadcast::Sender<TimelineEntry>,
 }
 
 impl Timeline {
@@ -170,6 +172,7 @@ impl Timeline {
         Ok(Timeline {
             store,
             clock: Mutex::default(),
+            steps: tokio::sync::broadcast::channel(64).0,
         })
     }
 
@@ -194,6 +197,17 @@ impl Timeline {
         if let Err(err) = written {
             tracing::error!(error = %err, "a timeline entry could not be written");
         }
+        let _ = self.steps.send(TimelineEntry {
+            time: crate::jobs::rfc3339(e.time_ms),
+            event: e.event.to_owned(),
+            detail: e.detail,
+            duration_ms: e.duration_ms,
+        });
+    }
+
+    /// Every entry from now on, as it is written.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<TimelineEntry> {
+        self.steps.subscribe()
     }
 
     /// The newest `n` entries, oldest first.
@@ -282,7 +296,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
         let t = Timeline::new(store).unwrap();
+        let mut steps = t.subscribe();
         t.saw(Seen::AgentDown("connection refused".into()));
+        assert_eq!(steps.try_recv().unwrap().event, "agent_unreachable");
         t.saw(Seen::AgentUp);
         t.saw(Seen::PinDelivered);
         let r = t.recent(2);
