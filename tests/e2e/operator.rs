@@ -303,6 +303,18 @@ fn jobs_and_cancel_over_dbus_follow_the_policy_and_signal_each_ended_job() {
     let out = ctl(&bus, As::Root, &["jobs"]);
     assert_eq!(code(&out), 0);
     golden("jobs-busy.txt", &text(&out.stdout), &w);
+    // The one-screen status lists them too (its JSON stays the status alone).
+    let out = ctl(&bus, As::SignetGroup, &["status"]);
+    let screen = text(&out.stdout);
+    assert!(screen.contains("\n  jobs:\n    JOB "), "{screen}");
+    for (id, state) in [(&first, "running"), (&second, "queued"), (&third, "queued")] {
+        assert!(
+            screen
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{id} ")) && l.contains(state)),
+            "job {id} {state}: {screen}"
+        );
+    }
 
     // Everyone outside root and the signet group is refused by the bus, and nothing
     // happens to the job.

@@ -11,6 +11,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use signet_protocol::operator::JobList;
 use signet_protocol::render;
 use signet_protocol::wire::DaemonStatus;
 
@@ -197,6 +198,20 @@ async fn run(cli: Cli) -> u8 {
                     "{}",
                     render::status_text(&status, &source, std::io::stdout().is_terminal())
                 );
+                // The last jobs, for the one screen (the JSON stays the status alone).
+                let jobs = operator
+                    .jobs(STATUS_RECENT_JOBS)
+                    .await
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<JobList>(&t).ok());
+                if let Some(list) = jobs.filter(|l| {
+                    !(l.running.is_empty() && l.queued.is_empty() && l.recent.is_empty())
+                }) {
+                    println!("  jobs:");
+                    for line in signet_protocol::operator::jobs_text(&list).lines() {
+                        println!("    {line}");
+                    }
+                }
             }
             if status.signing_works {
                 0
@@ -206,6 +221,9 @@ async fn run(cli: Cli) -> u8 {
         }
     }
 }
+
+/// How many ended jobs `signetctl status` shows.
+const STATUS_RECENT_JOBS: u32 = 5;
 
 /// A failed call in words, with the fix for the usual causes.
 fn call_error(e: &zbus::Error) -> String {
