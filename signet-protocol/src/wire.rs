@@ -4,6 +4,7 @@
 //! - `POST /v1/sign?profile=&filename=&description=&url=` — body: the file; answer:
 //!   the signed file, or an [`ErrorBody`].
 //! - `GET /v1/status` — [`DaemonStatus`].
+//! - `GET /v1/tokens` — [`TokensReport`].
 //!
 //! Agent API (served by `signet-agent`, called by `signetd` only):
 //! - `POST /agent/v1/sign?profile=&filename=&description=&url=&hash=&page_hashes=&nested=&timestamp=&formats=`
@@ -19,6 +20,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::format::Format;
+
+mod tokens;
+pub use tokens::*;
 
 /// Client → daemon path of the signing call.
 pub const SIGN_PATH: &str = "/v1/sign";
@@ -284,6 +288,8 @@ pub enum ErrorCode {
     ResultExpired,
     /// The job was cancelled before it was signed.
     Cancelled,
+    /// No token with this serial is plugged in or configured.
+    UnknownToken,
 }
 
 impl ErrorCode {
@@ -307,6 +313,7 @@ impl ErrorCode {
             ErrorCode::UnknownJob => 404,
             ErrorCode::ResultExpired => 410,
             ErrorCode::Cancelled => 409,
+            ErrorCode::UnknownToken => 404,
         }
     }
 
@@ -327,9 +334,10 @@ impl ErrorCode {
             | ErrorCode::AgentUnavailable
             | ErrorCode::TooManyJobs
             | ErrorCode::SpoolFull => exit::UNAVAILABLE,
-            ErrorCode::UnknownJob | ErrorCode::ResultExpired | ErrorCode::Cancelled => {
-                exit::REFUSED
-            }
+            ErrorCode::UnknownJob
+            | ErrorCode::ResultExpired
+            | ErrorCode::Cancelled
+            | ErrorCode::UnknownToken => exit::REFUSED,
         }
     }
 
@@ -355,11 +363,12 @@ impl ErrorCode {
             ErrorCode::UnknownJob => "unknown_job",
             ErrorCode::ResultExpired => "result_expired",
             ErrorCode::Cancelled => "cancelled",
+            ErrorCode::UnknownToken => "unknown_token",
         }
     }
 
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownProfile,
         ErrorCode::Forbidden,
@@ -379,6 +388,7 @@ impl ErrorCode {
         ErrorCode::UnknownJob,
         ErrorCode::ResultExpired,
         ErrorCode::Cancelled,
+        ErrorCode::UnknownToken,
     ];
 }
 
@@ -631,6 +641,10 @@ pub struct DaemonStatus {
     /// The job queue (absent from daemons before the queue).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueStatus>,
+    /// The host's tokens and where each one is (absent from daemons before the token
+    /// service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokensReport>,
 }
 
 /// Where a job is in its life.

@@ -53,6 +53,10 @@ pub struct Config {
     /// TLS listeners for remote clients.
     pub tls: Option<TlsConfig>,
     pub queue: QueueConfig,
+    /// `[passthrough]`: how the daemon keeps tokens in their signing VMs.
+    pub passthrough: crate::tokens::PassthroughConfig,
+    /// `[[tokens]]`: which token (by serial) belongs to which signing VM.
+    pub tokens: Vec<crate::tokens::Assignment>,
 }
 
 /// `[tls]`: endpoints served with TLS, for remote clients with a secret.
@@ -195,6 +199,10 @@ struct Raw {
     tls: Option<TlsConfig>,
     #[serde(default)]
     queue: QueueConfig,
+    #[serde(default)]
+    passthrough: crate::tokens::PassthroughConfig,
+    #[serde(default)]
+    tokens: Vec<crate::tokens::Assignment>,
 }
 
 /// A configuration that cannot be used.
@@ -394,6 +402,8 @@ impl Config {
                     .to_owned(),
             ));
         }
+        crate::tokens::check_config(&raw.passthrough, &raw.tokens)
+            .map_err(|(key, message)| invalid(&key, message))?;
         Ok(Config {
             dbus,
             path: path.to_owned(),
@@ -409,6 +419,8 @@ impl Config {
             state_dir,
             tls: raw.tls,
             queue: raw.queue,
+            passthrough: raw.passthrough,
+            tokens: raw.tokens,
         })
     }
 
@@ -501,6 +513,39 @@ mod tests {
             .unwrap()
             .known_tokens
             .is_empty());
+    }
+
+    #[test]
+    fn tokens_and_passthrough() {
+        let c = parse(
+            "agent = \"unix:/a\"\n[passthrough]\nmonitor_dir = \"/tmp/m\"\n[[tokens]]\nserial = \"0123ABCD\"\nvm = 105\n[[tokens]]\nserial = \"0456CDEF\"\nvm = 106\n",
+        )
+        .unwrap();
+        assert_eq!(c.tokens.len(), 2);
+        assert_eq!(
+            (c.tokens[1].serial.as_str(), c.tokens[1].vm),
+            ("0456CDEF", 106)
+        );
+        assert_eq!(c.passthrough.monitor_dir, Path::new("/tmp/m"));
+        assert_eq!(c.passthrough.usb_bus, "xhci.0");
+        assert!(c.passthrough.enabled);
+        let setup = crate::tokens::Setup::from_config(&c);
+        assert_eq!(setup.monitors[0], (105, "/tmp/m/vm-105.qmp".into()));
+        assert_eq!(setup.assignments["0123ABCD"], 105);
+        let plain = parse("agent = \"unix:/a\"").unwrap();
+        assert_eq!(plain.passthrough.monitor_dir, Path::new("/run/signet"));
+        assert!(plain.tokens.is_empty());
+        let err = parse("agent = \"unix:/a\"\n[[tokens]]\nserial = \"A\"\nvm = 1\n[[tokens]]\nserial = \"A\"\nvm = 2\n").unwrap_err();
+        assert!(
+            err.contains("key tokens[1]") && err.contains("already assigned in tokens[0]"),
+            "{err}"
+        );
+        let err = parse("agent = \"unix:/a\"\n[[tokens]]\nserial = \"\"\nvm = 1\n").unwrap_err();
+        assert!(err.contains("key tokens[0]"), "{err}");
+        let err = parse("agent = \"unix:/a\"\n[passthrough]\nmonitor_dir = \"rel\"\n").unwrap_err();
+        assert!(err.contains("key passthrough.monitor_dir"), "{err}");
+        let err = parse("agent = \"unix:/a\"\n[[tokens]]\nserial = \"A\"\nvmid = 1\n").unwrap_err();
+        assert!(err.contains("vmid"), "{err}");
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct Daemon {
     /// The client database, when remote clients are served (`[tls]`).
     clients: Option<std::sync::Mutex<rusqlite::Connection>>,
     engine: Engine,
+    /// The token service's door ([`crate::tokens`]), or why it is not running.
+    tokens: crate::tokens::Handle,
 }
 
 /// A signing request accepted against its profile, not yet recorded.
@@ -53,6 +55,7 @@ impl Daemon {
             slots,
             clients: None,
             engine,
+            tokens: crate::tokens::Handle::off("signetd was started without the token service"),
         })
     }
 
@@ -70,6 +73,17 @@ impl Daemon {
     pub fn with_clients(mut self, conn: rusqlite::Connection) -> Self {
         self.clients = Some(std::sync::Mutex::new(conn));
         self
+    }
+
+    /// The daemon with the token service behind `handle` ([`crate::tokens::start`]).
+    pub fn with_tokens(mut self, handle: crate::tokens::Handle) -> Self {
+        self.tokens = handle;
+        self
+    }
+
+    /// The token service's door, for the token commands ([`crate::tokens`]).
+    pub fn token_service(&self) -> &crate::tokens::Handle {
+        &self.tokens
     }
 
     /// Who is calling: over TLS the client named by HTTP Basic credentials
@@ -294,6 +308,7 @@ impl Daemon {
             profiles: self.cfg.profiles.keys().cloned().collect(),
             agent,
             queue: Some(self.queue_status()),
+            tokens: Some(self.tokens()),
         }
     }
 

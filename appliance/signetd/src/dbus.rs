@@ -6,8 +6,16 @@
 //! Well-known name [`BUS_NAME`], object [`OBJECT_PATH`], interface [`INTERFACE`] (the
 //! version is in the names). Who may call what is the bus's policy:
 //! `packaging/dbus/org.signet.Signet1.conf`.
+//!
+//! A refused command answers a named error, `org.signet.Signet1.Error.<Code>` (the
+//! `ErrorCode` in CamelCase, e.g. `...Error.UnknownToken`), whose message is the one the
+//! HTTP API gives ([`CodedError`]). `TokenChanged` carries a token's new state (the
+//! JSON of one entry of `GET /v1/tokens`) whenever it changes.
 
 use std::sync::Arc;
+
+use signet_protocol::wire::{ErrorBody, ErrorCode};
+use zbus::object_server::SignalEmitter;
 
 use crate::daemon::Daemon;
 
@@ -80,6 +88,32 @@ impl Manager {
         serde_json::to_string(&self.daemon.status().await).unwrap_or_default()
     }
 
+    /// Every token and where it is: the `TokensReport` of `GET /v1/tokens`.
+    async fn tokens(&self) -> String {
+        serde_json::to_string(&self.daemon.tokens()).unwrap_or_default()
+    }
+
+    /// Puts a token into its signing VM; `vmid` 0 means its assigned VM, another VM
+    /// than the assigned one is refused. Answers the token (JSON).
+    async fn attach(&self, serial: &str, vmid: u32) -> Result<String, CodedError> {
+        let vm = (vmid != 0).then_some(vmid);
+        answer(self.daemon.attach(serial, vm).await)
+    }
+
+    /// Takes a token out of its VM and keeps it on the host until attached again.
+    async fn detach(&self, serial: &str) -> Result<String, CodedError> {
+        answer(self.daemon.detach(serial).await)
+    }
+
+    /// Detaches a token from its VM and attaches it anew.
+    async fn reattach(&self, serial: &str) -> Result<String, CodedError> {
+        answer(self.daemon.reattach(serial).await)
+    }
+
+    /// A token's state changed: the token as `Tokens` lists it (JSON).
+    #[zbus(signal)]
+    async fn token_changed(emitter: &SignalEmitter<'_>, token: &str) -> zbus::Result<()>;
+
     /// The daemon's version.
     #[zbus(property)]
     async fn version(&self) -> String {
@@ -93,12 +127,99 @@ pub async fn serve(daemon: Arc<Daemon>, bus: &Bus) -> zbus::Result<Option<zbus::
     let Some(builder) = builder(bus) else {
         return Ok(None);
     };
+    let tokens = daemon.token_service().subscribe();
     let conn = builder
         .name(BUS_NAME)
         .serve_at(OBJECT_PATH, Manager { daemon })
         .build()
         .await?;
+    if let Some(rx) = tokens {
+        let emitter = SignalEmitter::new(&conn, OBJECT_PATH)?.into_owned();
+        tokio::spawn(announce_tokens(rx, emitter));
+    }
     Ok(Some(conn))
+}
+
+/// Sends `TokenChanged` for every token whose state changes, until the service ends.
+async fn announce_tokens(
+    mut rx: tokio::sync::watch::Receiver<crate::tokens::Status>,
+    emitter: SignalEmitter<'static>,
+) {
+    let mut last = rx.borrow_and_update().clone();
+    while rx.changed().await.is_ok() {
+        let now = rx.borrow_and_update().clone();
+        for t in crate::tokens::changed(&last, &now) {
+            let json = serde_json::to_string(&t).unwrap_or_default();
+            if let Err(e) = Manager::token_changed(&emitter, &json).await {
+                tracing::warn!(error = %e, "sending TokenChanged on D-Bus failed");
+            }
+        }
+        last = now;
+    }
+}
+
+fn answer<T: serde::Serialize>(r: Result<T, ErrorBody>) -> Result<String, CodedError> {
+    match r {
+        Ok(v) => Ok(serde_json::to_string(&v).unwrap_or_default()),
+        Err(e) => Err(CodedError::new(&e)),
+    }
+}
+
+/// The prefix of Signet's named D-Bus errors.
+pub const ERROR_PREFIX: &str = "org.signet.Signet1.Error";
+
+/// An [`ErrorBody`] as a named D-Bus error: `org.signet.Signet1.Error.<Code>`, with the
+/// message the HTTP API gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodedError {
+    name: String,
+    message: String,
+}
+
+impl CodedError {
+    pub fn new(e: &ErrorBody) -> Self {
+        CodedError {
+            name: error_name(e.code),
+            message: e.message.clone(),
+        }
+    }
+}
+
+/// `unknown_token` → `org.signet.Signet1.Error.UnknownToken`.
+pub fn error_name(code: ErrorCode) -> String {
+    let camel: String = code
+        .as_str()
+        .split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    format!("{ERROR_PREFIX}.{camel}")
+}
+
+/// The [`ErrorCode`] a named error stands for, if it is one of Signet's.
+pub fn error_code(name: &str) -> Option<ErrorCode> {
+    ErrorCode::ALL.into_iter().find(|c| error_name(*c) == name)
+}
+
+impl zbus::DBusError for CodedError {
+    fn create_reply(
+        &self,
+        call: &zbus::message::Header<'_>,
+    ) -> zbus::Result<zbus::message::Message> {
+        zbus::message::Message::error(call, self.name.as_str()).build(&(self.message.as_str(),))
+    }
+
+    fn name(&self) -> zbus::names::ErrorName<'_> {
+        zbus::names::ErrorName::from_str_unchecked(&self.name)
+    }
+
+    fn description(&self) -> Option<&str> {
+        Some(&self.message)
+    }
 }
 
 #[cfg(test)]
@@ -115,5 +236,24 @@ mod tests {
         );
         let err = "sytem".parse::<Bus>().unwrap_err();
         assert!(err.contains("\"sytem\"") && err.contains("system"), "{err}");
+    }
+
+    #[test]
+    fn error_codes_are_named_errors_and_back() {
+        assert_eq!(
+            error_name(ErrorCode::UnknownToken),
+            "org.signet.Signet1.Error.UnknownToken"
+        );
+        for code in ErrorCode::ALL {
+            let name = error_name(code);
+            assert!(
+                zbus::names::ErrorName::try_from(name.as_str()).is_ok(),
+                "{name}"
+            );
+            assert_eq!(error_code(&name), Some(code));
+        }
+        assert_eq!(error_code("org.freedesktop.DBus.Error.AccessDenied"), None);
+        let e = CodedError::new(&ErrorBody::new(ErrorCode::Forbidden, "not yours"));
+        assert_eq!(zbus::DBusError::description(&e), Some("not yours"));
     }
 }

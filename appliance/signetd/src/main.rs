@@ -138,9 +138,22 @@ fn client_command(cfg: &Config, cmd: ClientCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tokens(json: bool) -> anyhow::Result<()> {
-    use signetd::usb::{self, Catalog, TokenKind, TokenSighting};
-    let catalog = Catalog::default();
+/// The known-token table: the built-in one plus `known_tokens` from the configuration,
+/// when there is one (`signetd tokens` also runs before signetd is configured).
+fn catalog(path: &std::path::Path) -> anyhow::Result<signetd::usb::Catalog> {
+    match Config::load(path) {
+        Ok(cfg) => Ok(signetd::usb::Catalog::new(cfg.known_tokens)),
+        Err(config::ConfigError::Read { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(signetd::usb::Catalog::default())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn tokens(json: bool, catalog: signetd::usb::Catalog) -> anyhow::Result<()> {
+    use signetd::usb::{self, TokenKind, TokenSighting};
     let found: Vec<TokenSighting> = usb::udev::enumerate()?
         .into_iter()
         .filter_map(|d| TokenSighting::of(&catalog, d))
@@ -177,7 +190,7 @@ fn tokens(json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn enroll(cmd: Enroll) -> anyhow::Result<()> {
+fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
     use signetd::proxmox::{self, Qm};
     let (vmid, dry_run, qm, plan) = match cmd {
         Enroll::SigningVm {
@@ -188,7 +201,7 @@ fn enroll(cmd: Enroll) -> anyhow::Result<()> {
             monitor_dir,
         } => {
             let devices = signetd::usb::udev::enumerate()?;
-            let catalog = signetd::usb::Catalog::default();
+            let catalog = catalog(config)?;
             let found = signetd::usb::find_token(&catalog, &devices, &token)?;
             let qm = Qm { program: pve.qm };
             let monitor = proxmox::monitor_path(&monitor_dir, vmid);
@@ -299,8 +312,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Some(Cmd::Enroll(cmd)) => return enroll(cmd),
-        Some(Cmd::Tokens { json }) => return tokens(json),
+        Some(Cmd::Enroll(cmd)) => return enroll(cmd, &cli.config),
+        Some(Cmd::Tokens { json }) => return tokens(json, catalog(&cli.config)?),
         Some(Cmd::Client(cmd)) => return client_command(&Config::load(&cli.config)?, cmd),
         Some(Cmd::Audit(cmd)) => {
             let code = audit_command(&Config::load(&cli.config)?, &cmd)?;
@@ -338,6 +351,8 @@ async fn main() -> anyhow::Result<()> {
         }
         daemon = daemon.with_clients(signetd::clients::open(&cfg.state_dir)?);
     }
+    // Tokens: followed through udev and kept in their VMs (or status says why not).
+    daemon = daemon.with_tokens(signetd::tokens::start(&cfg));
     tracing::info!(agent = %cfg.agent, default_profile = %cfg.default_profile, "relaying to the agent");
     let header_timeout = std::time::Duration::from_secs(cfg.limits.header_timeout_seconds);
     let bus = cfg.dbus.clone();
