@@ -7,13 +7,13 @@ use std::process::{Command, Output, Stdio};
 use signet_tests::*;
 
 /// A private bus, stopped on drop.
-struct Bus {
-    address: String,
+pub(crate) struct Bus {
+    pub(crate) address: String,
     pid: i32,
 }
 
 impl Bus {
-    fn start(w: &World) -> Bus {
+    pub(crate) fn start(w: &World) -> Bus {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .unwrap()
@@ -58,7 +58,7 @@ impl Drop for Bus {
     }
 }
 
-fn signetctl(bus: &Bus, args: &[&str], uid: Option<u32>) -> Output {
+pub(crate) fn signetctl(bus: &Bus, args: &[&str], uid: Option<u32>) -> Output {
     let mut cmd = Command::new(bin("signetctl"));
     cmd.env("SIGNET_DBUS", &bus.address)
         .args(args)

@@ -11,6 +11,7 @@ use signet_tests::*;
 mod dbus;
 mod doctor;
 mod formats;
+mod passthrough;
 mod queue;
 
 mod agent_token;

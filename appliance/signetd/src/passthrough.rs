@@ -517,14 +517,16 @@ impl Token {
                 self.place("re-attach asked by the operator", now)
             }
             Input::Deleted(vmid) => {
+                // Our own device_del: its event comes after the device we added in
+                // its place was accepted, and says nothing about that one.
+                if std::mem::take(&mut self.detaching) {
+                    return Vec::new();
+                }
                 // Only a device we knew to be there can be lost; a late or repeated
                 // event about an earlier one is not.
                 let had = self.in_vm == Some(vmid);
                 if had {
                     self.in_vm = None;
-                }
-                if std::mem::take(&mut self.detaching) {
-                    return Vec::new();
                 }
                 if had && self.mine(vmid) && self.in_flight(vmid) {
                     return self.place(&format!("VM {vmid} dropped the device"), now);
@@ -685,9 +687,15 @@ mod tests {
         // Back at another port: the old device (old port) goes, the new one comes.
         assert_eq!(k.handle(seen("3"), t(6)), vec![detach(), attach("3")]);
         assert_eq!(k.state, attaching(false));
-        // Our own device_del's DEVICE_DELETED is not a loss.
-        assert_eq!(k.handle(Input::Deleted(VM), t(7)), vec![]);
-        assert_eq!(k.handle(Input::Accepted(VM), t(8)), vec![check()]);
+        // Our own device_del's DEVICE_DELETED is not a loss, even when it comes
+        // after the new device was accepted (QMP events queue behind the answers).
+        assert_eq!(k.handle(Input::Accepted(VM), t(7)), vec![check()]);
+        assert_eq!(k.handle(Input::Deleted(VM), t(8)), vec![]);
+        // The new device is known to be there: losing it is noticed, detaching
+        // removes it.
+        assert_eq!(k.handle(Input::Deleted(VM), t(9)), vec![attach("3")]);
+        k.handle(Input::Accepted(VM), t(10));
+        assert_eq!(k.handle(Input::Hold, t(11)), vec![detach()]);
     }
 
     #[test]
