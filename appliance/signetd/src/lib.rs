@@ -4,6 +4,8 @@
 //! - [`config`] — `signetd.toml` — listen endpoints, the agent's endpoint, profiles.
 //! - [`daemon`] — the core commands (accept a job against the profiles, relay it to the
 //!   agent, status). Front ends call these and nothing else.
+//! - [`enroll_config`] — what `signetd enroll` appends to `signetd.toml`: a build VM's
+//!   grant, a signing VM's `[[tokens]]` entry.
 //! - [`dbus`] — the D-Bus front (`org.signet.Signet1`) on the system bus, for `signetctl`.
 //! - [`passthrough`] — each token's place (absent, on host, attaching, attached to VM N, conflict):
 //!   a pure state machine answering udev and QMP events with QMP actions.
@@ -36,6 +38,7 @@ pub mod clients;
 pub mod config;
 pub mod daemon;
 pub mod dbus;
+pub mod enroll_config;
 pub mod handtokening;
 pub mod jobs;
 pub mod limits;
