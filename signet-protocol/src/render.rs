@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::wire::{AgentReport, DaemonStatus, PinFlags};
+use crate::wire::{AgentReport, DaemonStatus, HostToken, PinFlags, TokenPlace, TokensReport};
 
 /// `signet status` / `signetctl status` as text: a verdict line, then the profiles,
 /// the agent, the token, its PIN counter and certificates. `source` names where the
@@ -76,6 +76,9 @@ pub fn status_text(status: &DaemonStatus, source: &str, color: bool) -> String {
             let _ = writeln!(out, "            {}", error.message);
         }
     }
+    if let Some(t) = &status.tokens {
+        out.push_str(&passthrough_lines(t, "  usb:      "));
+    }
     if let Some(e) = status.recovery.last() {
         let took = e
             .duration_ms
@@ -88,6 +91,64 @@ pub fn status_text(status: &DaemonStatus, source: &str, color: bool) -> String {
         );
     }
     out
+}
+
+/// `signetctl tokens` as text: one block per token (serial, model, host port, place,
+/// the last change and why), or why tokens are not followed.
+pub fn tokens_text(report: &TokensReport) -> String {
+    passthrough_lines(report, "")
+}
+
+fn passthrough_lines(report: &TokensReport, lead: &str) -> String {
+    let mut out = String::new();
+    let pad = " ".repeat(lead.len());
+    if !report.watching {
+        let _ = writeln!(out, "{lead}tokens are not followed on this host");
+    }
+    if let Some(d) = &report.detail {
+        let _ = writeln!(out, "{pad}{d}");
+    }
+    if report.watching && report.tokens.is_empty() {
+        let _ = writeln!(out, "{lead}no tokens plugged in or configured");
+    }
+    for (i, t) in report.tokens.iter().enumerate() {
+        let first = if i == 0 { lead } else { pad.as_str() };
+        let _ = writeln!(out, "{first}{}", token_line(t));
+        let _ = writeln!(
+            out,
+            "{pad}  since {}: {}",
+            t.last_change.at, t.last_change.reason
+        );
+        if let TokenPlace::Conflict { conflicts } = &t.place {
+            for c in conflicts {
+                let _ = writeln!(out, "{pad}  conflict: {c}");
+            }
+        }
+    }
+    out
+}
+
+/// `SERIAL  MODEL  at BUS-PORT  PLACE  (assigned to VM N)`.
+fn token_line(t: &HostToken) -> String {
+    let mut line = t.serial.clone();
+    if let Some(m) = &t.model {
+        let _ = write!(line, "  {m}");
+    } else if let Some(id) = &t.usb_id {
+        let _ = write!(line, "  smart-card device {id} (not a known model)");
+    }
+    if let Some(p) = &t.host_port {
+        let _ = write!(line, "  at {p}");
+    }
+    let _ = write!(line, "  {}", t.place.words());
+    match t.assigned_vm {
+        Some(vm) if !matches!(t.place, TokenPlace::Attached { vmid } | TokenPlace::Attaching { vmid, .. } if vmid == vm) =>
+        {
+            let _ = write!(line, " (belongs to VM {vm})");
+        }
+        Some(_) => {}
+        None => line.push_str(" (not assigned to a VM)"),
+    }
+    line
 }
 
 /// The token's PIN counter flags in words: "ok", or each flag that is set.
@@ -114,7 +175,7 @@ pub fn pin_flags_text(f: &PinFlags) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{AgentHealth, AgentState, ErrorBody, ErrorCode, TokenSummary};
+    use crate::wire::{AgentHealth, AgentState, ErrorBody, ErrorCode, TokenChange, TokenSummary};
 
     fn healthy() -> DaemonStatus {
         DaemonStatus {
@@ -151,6 +212,7 @@ mod tests {
             },
             queue: None,
             recovery: vec![],
+            tokens: None,
         }
     }
 
@@ -223,5 +285,84 @@ mod tests {
             "{text}"
         );
         assert!(!with(true).contains("RDP:"));
+    }
+
+    #[test]
+    fn tokens_read_as_expected() {
+        let change = |reason: &str| TokenChange {
+            at: "2026-11-23T22:00:00Z".into(),
+            reason: reason.into(),
+        };
+        let report = TokensReport {
+            watching: true,
+            detail: None,
+            tokens: vec![
+                HostToken {
+                    serial: "0123ABCD".into(),
+                    model: Some("SafeNet eToken 5110".into()),
+                    usb_id: Some("0529:0620".into()),
+                    host_port: Some("1-2".into()),
+                    assigned_vm: Some(105),
+                    place: TokenPlace::Attached { vmid: 105 },
+                    last_change: change("attached to VM 105"),
+                },
+                HostToken {
+                    serial: "0456CDEF".into(),
+                    model: None,
+                    usb_id: Some("1234:5678".into()),
+                    host_port: Some("1-3".into()),
+                    assigned_vm: None,
+                    place: TokenPlace::Conflict {
+                        conflicts: vec!["pcscd holds it; stop pcscd".into()],
+                    },
+                    last_change: change("held on the host"),
+                },
+                HostToken {
+                    serial: "0789".into(),
+                    model: None,
+                    usb_id: None,
+                    host_port: None,
+                    assigned_vm: Some(106),
+                    place: TokenPlace::Absent,
+                    last_change: change("not seen on the host yet"),
+                },
+            ],
+        };
+        assert_eq!(
+            tokens_text(&report),
+            "0123ABCD  SafeNet eToken 5110  at 1-2  attached to VM 105
+  since 2026-11-23T22:00:00Z: attached to VM 105
+0456CDEF  smart-card device 1234:5678 (not a known model)  at 1-3  conflict (not assigned to a VM)
+  since 2026-11-23T22:00:00Z: held on the host
+  conflict: pcscd holds it; stop pcscd
+0789  absent (belongs to VM 106)
+  since 2026-11-23T22:00:00Z: not seen on the host yet
+"
+        );
+        let status = DaemonStatus {
+            tokens: Some(TokensReport {
+                tokens: report.tokens[..1].to_vec(),
+                ..report.clone()
+            }),
+            ..healthy()
+        };
+        let text = status_text(&status, "system bus", false);
+        assert!(
+            text.ends_with(
+                "  usb:      0123ABCD  SafeNet eToken 5110  at 1-2  attached to VM 105
+              since 2026-11-23T22:00:00Z: attached to VM 105
+"
+            ),
+            "{text}"
+        );
+        let off = TokensReport {
+            watching: false,
+            detail: Some("udev is not available: run signetd on the Proxmox host".into()),
+            tokens: vec![],
+        };
+        assert_eq!(
+            tokens_text(&off),
+            "tokens are not followed on this host\nudev is not available: run signetd on the Proxmox host\n"
+        );
     }
 }

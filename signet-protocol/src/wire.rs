@@ -4,6 +4,7 @@
 //! - `POST /v1/sign?profile=&filename=&description=&url=` — body: the file; answer:
 //!   the signed file, or an [`ErrorBody`].
 //! - `GET /v1/status` — [`DaemonStatus`].
+//! - `GET /v1/tokens` — [`TokensReport`].
 //!
 //! Agent API (served by `signet-agent`, called by `signetd` only):
 //! - `POST /agent/v1/sign?profile=&filename=&description=&url=&hash=&page_hashes=&nested=&timestamp=&formats=`
@@ -19,6 +20,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::format::Format;
+
+mod tokens;
+pub use tokens::*;
 
 /// Client → daemon path of the signing call.
 pub const SIGN_PATH: &str = "/v1/sign";
@@ -286,6 +290,8 @@ pub enum ErrorCode {
     Cancelled,
     /// The host is shutting down or rebooting; the daemon takes jobs again after it.
     ShuttingDown,
+    /// No token with this serial is plugged in or configured.
+    UnknownToken,
 }
 
 impl ErrorCode {
@@ -310,6 +316,7 @@ impl ErrorCode {
             ErrorCode::UnknownJob => 404,
             ErrorCode::ResultExpired => 410,
             ErrorCode::Cancelled => 409,
+            ErrorCode::UnknownToken => 404,
         }
     }
 
@@ -331,9 +338,10 @@ impl ErrorCode {
             | ErrorCode::TooManyJobs
             | ErrorCode::SpoolFull
             | ErrorCode::ShuttingDown => exit::UNAVAILABLE,
-            ErrorCode::UnknownJob | ErrorCode::ResultExpired | ErrorCode::Cancelled => {
-                exit::REFUSED
-            }
+            ErrorCode::UnknownJob
+            | ErrorCode::ResultExpired
+            | ErrorCode::Cancelled
+            | ErrorCode::UnknownToken => exit::REFUSED,
         }
     }
 
@@ -360,11 +368,12 @@ impl ErrorCode {
             ErrorCode::ResultExpired => "result_expired",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::UnknownToken => "unknown_token",
         }
     }
 
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownProfile,
         ErrorCode::Forbidden,
@@ -385,6 +394,7 @@ impl ErrorCode {
         ErrorCode::ResultExpired,
         ErrorCode::Cancelled,
         ErrorCode::ShuttingDown,
+        ErrorCode::UnknownToken,
     ];
 }
 
@@ -677,6 +687,10 @@ pub struct DaemonStatus {
     /// The newest entries of the recovery timeline, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recovery: Vec<TimelineEntry>,
+    /// The host's tokens and where each one is (absent from daemons before the token
+    /// service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokensReport>,
 }
 
 /// One entry of the recovery timeline: what was seen or done about the agent and the

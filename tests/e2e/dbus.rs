@@ -58,7 +58,7 @@ impl Drop for Bus {
     }
 }
 
-fn signetctl(bus: &Bus, args: &[&str], uid: Option<u32>) -> Output {
+pub(crate) fn signetctl(bus: &Bus, args: &[&str], uid: Option<u32>) -> Output {
     let mut cmd = Command::new(bin("signetctl"));
     cmd.env("SIGNET_DBUS", &bus.address)
         .args(args)

@@ -13,6 +13,7 @@ mod doctor;
 mod formats;
 mod jobs_api;
 mod operator;
+mod passthrough;
 mod queue;
 mod recovery;
 mod shutdown;

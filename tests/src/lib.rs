@@ -221,20 +221,39 @@ impl World {
     /// Starts the daemon with `config` as its whole `signetd.toml`; a `state_dir` in
     /// the test's directory is added when the config names none.
     pub fn start_daemon_config(&mut self, config: &str) -> Vec<Endpoint> {
+        self.write_daemon_config(config);
+        self.restart_daemon()
+    }
+
+    /// Writes `config` as `signetd.toml` (with a `state_dir` in the test's directory
+    /// unless it names one), for [`World::restart_daemon`] and
+    /// [`World::restart_daemon_under`].
+    pub fn write_daemon_config(&self, config: &str) {
         let config = if config.contains("state_dir") {
             config.to_owned()
         } else {
             format!("state_dir = \"{}\"\n{config}", self.path("state").display())
         };
         std::fs::write(self.path("signetd.toml"), config).unwrap();
-        self.restart_daemon()
     }
 
     /// Starts `signetd` again with the configuration the last `start_daemon*` wrote
     /// (same state directory, same endpoints when they are unix sockets).
     pub fn restart_daemon(&mut self) -> Vec<Endpoint> {
-        let mut cmd = Command::new(bin("signetd"));
-        cmd.arg("--config").arg(self.path("signetd.toml"));
+        self.restart_daemon_under(&[])
+    }
+
+    /// Like [`World::restart_daemon`], with `signetd` started by `wrapper` (a program
+    /// and its arguments, e.g. a umockdev testbed), which must pass on its environment
+    /// and stop `signetd` when it gets SIGTERM.
+    pub fn restart_daemon_under(&mut self, wrapper: &[&std::ffi::OsStr]) -> Vec<Endpoint> {
+        let signetd = bin("signetd");
+        let mut argv: Vec<&std::ffi::OsStr> = wrapper.to_vec();
+        argv.push(signetd.as_os_str());
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..])
+            .arg("--config")
+            .arg(self.path("signetd.toml"));
         self.spawn_ready("signetd", cmd)
     }
 

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 use signet_protocol::operator::JobList;
 use signet_protocol::render;
-use signet_protocol::wire::DaemonStatus;
+use signet_protocol::wire::{DaemonStatus, ErrorBody, ErrorCode, HostToken, TokensReport};
 
 /// Exit codes, for monitoring.
 const EXIT_CODES: &str = "\
@@ -23,8 +23,8 @@ Exit codes:
      chain is broken (audit verify)
   2  usage: the command line is wrong
   3  the daemon cannot be reached on the bus, or the bus refused the call
-  4  the daemon refused the command: no such job, a job that can no longer be
-     cancelled, a time that is not RFC 3339";
+  4  the daemon refused the command or could not carry it out: no such job or
+     token, a job that can no longer be cancelled, a time that is not RFC 3339";
 
 /// Status and control of a Signet appliance on this Proxmox host, over D-Bus.
 ///
@@ -46,6 +46,38 @@ enum Command {
     #[command(after_help = EXIT_CODES)]
     Status {
         /// Print the status as JSON (the same document as GET /v1/status).
+        #[arg(long)]
+        json: bool,
+    },
+    /// The host's tokens: serial, model, host port, where each one is and why.
+    Tokens {
+        /// Print the list as JSON (the same document as GET /v1/tokens).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a token into its signing VM (Signet attaches a token only to the VM it is
+    /// assigned to).
+    Attach {
+        /// The token's serial number (`signetctl tokens` lists them).
+        serial: String,
+        /// The VM you expect it to go to; refused when the token belongs to another.
+        #[arg(long)]
+        vm: Option<u32>,
+        /// Print the token as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a token out of its VM and keep it on the host until `attach`.
+    Detach {
+        serial: String,
+        /// Print the token as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach a token from its VM and attach it again (e.g. when the guest lost it).
+    Reattach {
+        serial: String,
+        /// Print the token as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -87,6 +119,10 @@ enum Command {
 )]
 trait Manager {
     async fn status(&self) -> zbus::Result<String>;
+    async fn tokens(&self) -> zbus::Result<String>;
+    async fn attach(&self, serial: &str, vmid: u32) -> zbus::Result<String>;
+    async fn detach(&self, serial: &str) -> zbus::Result<String>;
+    async fn reattach(&self, serial: &str) -> zbus::Result<String>;
 }
 
 fn main() -> ExitCode {
@@ -219,11 +255,101 @@ async fn run(cli: Cli) -> u8 {
                 1
             }
         }
+        Command::Tokens { json } => {
+            let report: TokensReport = match read(proxy.tokens().await, json) {
+                Ok(r) => r,
+                Err(code) => return code,
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", render::tokens_text(&report));
+            }
+            0
+        }
+        Command::Attach { serial, vm, json } => token_done(
+            read(proxy.attach(&serial, vm.unwrap_or(0)).await, json),
+            json,
+        ),
+        Command::Detach { serial, json } => {
+            token_done(read(proxy.detach(&serial).await, json), json)
+        }
+        Command::Reattach { serial, json } => {
+            token_done(read(proxy.reattach(&serial).await, json), json)
+        }
     }
 }
 
 /// How many ended jobs `signetctl status` shows.
 const STATUS_RECENT_JOBS: u32 = 5;
+/// A token command's answer: the token, as text or JSON.
+fn token_done(r: Result<HostToken, u8>, json: bool) -> u8 {
+    match r {
+        Ok(t) if json => {
+            println!("{}", serde_json::to_string_pretty(&t).unwrap_or_default());
+            0
+        }
+        Ok(t) => {
+            let report = TokensReport {
+                watching: true,
+                detail: None,
+                tokens: vec![t],
+            };
+            print!("{}", render::tokens_text(&report));
+            0
+        }
+        Err(code) => code,
+    }
+}
+
+/// A method's JSON answer as `T`; on failure, says why (as JSON too with `--json`) and
+/// answers the exit code.
+fn read<T: serde::de::DeserializeOwned>(answer: zbus::Result<String>, json: bool) -> Result<T, u8> {
+    let text = match answer {
+        Ok(t) => t,
+        Err(zbus::Error::MethodError(name, desc, _))
+            if name.starts_with("org.signet.Signet1.Error.") =>
+        {
+            let message = desc.unwrap_or_default();
+            let code = ErrorCode::ALL
+                .into_iter()
+                .find(|c| name.ends_with(&format!(".{}", camel(c.as_str()))))
+                .unwrap_or(ErrorCode::Internal);
+            if json {
+                let body = ErrorBody::new(code, message.clone());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&body).unwrap_or_default()
+                );
+            }
+            eprintln!("signetctl: {message}");
+            return Err(4);
+        }
+        Err(e) => {
+            eprintln!("signetctl: {}", call_error(&e));
+            return Err(3);
+        }
+    };
+    serde_json::from_str(&text).map_err(|e| {
+        eprintln!("signetctl: signetd answered something this signetctl cannot read ({e}); are both the same version?");
+        3
+    })
+}
+
+/// `unknown_token` → `UnknownToken`, as signetd names its D-Bus errors.
+fn camel(code: &str) -> String {
+    code.split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
 
 /// A failed call in words, with the fix for the usual causes.
 fn call_error(e: &zbus::Error) -> String {

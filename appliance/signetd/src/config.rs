@@ -62,6 +62,10 @@ pub struct Config {
     pub doctor: crate::doctor::DoctorConfig,
     /// The web UI (`[web]`); off when the section is absent.
     pub web: Option<crate::web::WebConfig>,
+    /// `[passthrough]`: how the daemon keeps tokens in their signing VMs.
+    pub passthrough: crate::tokens::PassthroughConfig,
+    /// `[[tokens]]`: which token (by serial) belongs to which signing VM.
+    pub tokens: Vec<crate::tokens::Assignment>,
 }
 
 /// `[shutdown]`: host shutdowns and reboots, announced by logind.
@@ -238,6 +242,10 @@ struct Raw {
     #[serde(default)]
     doctor: crate::doctor::DoctorConfig,
     web: Option<crate::web::WebConfig>,
+    #[serde(default)]
+    passthrough: crate::tokens::PassthroughConfig,
+    #[serde(default)]
+    tokens: Vec<crate::tokens::Assignment>,
 }
 
 /// A configuration that cannot be used.
@@ -461,6 +469,8 @@ impl Config {
             web.check()
                 .map_err(|(key, message)| invalid(&format!("web.{key}"), message))?;
         }
+        crate::tokens::check_config(&raw.passthrough, &raw.tokens)
+            .map_err(|(key, message)| invalid(&key, message))?;
         Ok(Config {
             web: raw.web,
             pin_file: raw.pin_file,
@@ -480,6 +490,8 @@ impl Config {
             state_dir,
             tls: raw.tls,
             queue: raw.queue,
+            passthrough: raw.passthrough,
+            tokens: raw.tokens,
         })
     }
 
@@ -687,6 +699,39 @@ mod tests {
             .unwrap()
             .known_tokens
             .is_empty());
+    }
+
+    #[test]
+    fn tokens_and_passthrough() {
+        let c = parse(
+            "agent = \"unix:/a\"\n[passthrough]\nmonitor_dir = \"/tmp/m\"\n[[tokens]]\nserial = \"0123ABCD\"\nvm = 105\n[[tokens]]\nserial = \"0456CDEF\"\nvm = 106\n",
+        )
+        .unwrap();
+        assert_eq!(c.tokens.len(), 2);
+        assert_eq!(
+            (c.tokens[1].serial.as_str(), c.tokens[1].vm),
+            ("0456CDEF", 106)
+        );
+        assert_eq!(c.passthrough.monitor_dir, Path::new("/tmp/m"));
+        assert_eq!(c.passthrough.usb_bus, "xhci.0");
+        assert!(c.passthrough.enabled);
+        let setup = crate::tokens::Setup::from_config(&c);
+        assert_eq!(setup.monitors[0], (105, "/tmp/m/vm-105.qmp".into()));
+        assert_eq!(setup.assignments["0123ABCD"], 105);
+        let plain = parse("agent = \"unix:/a\"").unwrap();
+        assert_eq!(plain.passthrough.monitor_dir, Path::new("/run/signet"));
+        assert!(plain.tokens.is_empty());
+        let err = parse("agent = \"unix:/a\"\n[[tokens]]\nserial = \"A\"\nvm = 1\n[[tokens]]\nserial = \"A\"\nvm = 2\n").unwrap_err();
+        assert!(
+            err.contains("key tokens[1]") && err.contains("already assigned in tokens[0]"),
+            "{err}"
+        );
+        let err = parse("agent = \"unix:/a\"\n[[tokens]]\nserial = \"\"\nvm = 1\n").unwrap_err();
+        assert!(err.contains("key tokens[0]"), "{err}");
+        let err = parse("agent = \"unix:/a\"\n[passthrough]\nmonitor_dir = \"rel\"\n").unwrap_err();
+        assert!(err.contains("key passthrough.monitor_dir"), "{err}");
+        let err = parse("agent = \"unix:/a\"\n[[tokens]]\nserial = \"A\"\nvmid = 1\n").unwrap_err();
+        assert!(err.contains("vmid"), "{err}");
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub struct Daemon {
     timeline: crate::timeline::Timeline,
     /// The token refused the PIN in the host's `pin_file` (until another is given).
     host_pin_rejected: std::sync::atomic::AtomicBool,
+    /// The token service's door ([`crate::tokens`]), or why it is not running.
+    tokens: crate::tokens::Handle,
 }
 
 /// A signing request accepted against its profile, not yet recorded.
@@ -66,6 +68,7 @@ impl Daemon {
             engine,
             timeline,
             host_pin_rejected: std::sync::atomic::AtomicBool::new(false),
+            tokens: crate::tokens::Handle::off("signetd was started without the token service"),
         })
     }
 
@@ -99,6 +102,17 @@ impl Daemon {
     pub fn with_clients(mut self, conn: rusqlite::Connection) -> Self {
         self.clients = Some(std::sync::Mutex::new(conn));
         self
+    }
+
+    /// The daemon with the token service behind `handle` ([`crate::tokens::start`]).
+    pub fn with_tokens(mut self, handle: crate::tokens::Handle) -> Self {
+        self.tokens = handle;
+        self
+    }
+
+    /// The token service's door, for the token commands ([`crate::tokens`]).
+    pub fn token_service(&self) -> &crate::tokens::Handle {
+        &self.tokens
     }
 
     /// Who is calling: over TLS the client named by HTTP Basic credentials
@@ -335,6 +349,7 @@ impl Daemon {
             agent,
             queue: Some(self.queue_status()),
             recovery: self.timeline.recent(STATUS_TIMELINE_ENTRIES),
+            tokens: Some(self.tokens()),
         }
     }
 

@@ -3,16 +3,22 @@
 //! [`Daemon`] command and returns its result type as JSON, the same JSON the HTTP API
 //! gives, so every front renders the same types.
 //!
-//! Errors are named after their code (`org.signet.Signet1.Error.UnknownJob`) and carry
-//! the message HTTP gives. The `JobFinished` signal follows every job that ends.
+//! The `JobFinished` signal follows every job that ends, `RecoveryStep` every entry of
+//! the recovery timeline.
 //!
 //! Well-known name [`BUS_NAME`], object [`OBJECT_PATH`], interface [`INTERFACE`] (the
 //! version is in the names). Who may call what is the bus's policy:
 //! `packaging/dbus/org.signet.Signet1.conf`.
+//!
+//! A refused command answers a named error, `org.signet.Signet1.Error.<Code>` (the
+//! `ErrorCode` in CamelCase, e.g. `...Error.UnknownToken`), whose message is the one the
+//! HTTP API gives ([`Error`]). `TokenChanged` carries a token's new state (the
+//! JSON of one entry of `GET /v1/tokens`) whenever it changes.
 
 use std::sync::Arc;
 
 use signet_protocol::wire::{ErrorBody, ErrorCode};
+use zbus::object_server::SignalEmitter;
 
 use crate::daemon::Daemon;
 
@@ -148,6 +154,32 @@ impl Manager {
         entry: &str,
     ) -> zbus::Result<()>;
 
+    /// Every token and where it is: the `TokensReport` of `GET /v1/tokens`.
+    async fn tokens(&self) -> String {
+        serde_json::to_string(&self.daemon.tokens()).unwrap_or_default()
+    }
+
+    /// Puts a token into its signing VM; `vmid` 0 means its assigned VM, another VM
+    /// than the assigned one is refused. Answers the token (JSON).
+    async fn attach(&self, serial: &str, vmid: u32) -> Result<String, Error> {
+        let vm = (vmid != 0).then_some(vmid);
+        json(self.daemon.attach(serial, vm).await)
+    }
+
+    /// Takes a token out of its VM and keeps it on the host until attached again.
+    async fn detach(&self, serial: &str) -> Result<String, Error> {
+        json(self.daemon.detach(serial).await)
+    }
+
+    /// Detaches a token from its VM and attaches it anew.
+    async fn reattach(&self, serial: &str) -> Result<String, Error> {
+        json(self.daemon.reattach(serial).await)
+    }
+
+    /// A token's state changed: the token as `Tokens` lists it (JSON).
+    #[zbus(signal)]
+    async fn token_changed(emitter: &SignalEmitter<'_>, token: &str) -> zbus::Result<()>;
+
     /// The daemon's version.
     #[zbus(property)]
     async fn version(&self) -> String {
@@ -274,6 +306,7 @@ pub async fn serve(daemon: Arc<Daemon>, bus: &Bus) -> zbus::Result<Option<zbus::
     let Some(builder) = builder(bus) else {
         return Ok(None);
     };
+    let tokens = daemon.token_service().subscribe();
     let conn = builder
         .name(BUS_NAME)
         .serve_at(
@@ -286,7 +319,34 @@ pub async fn serve(daemon: Arc<Daemon>, bus: &Bus) -> zbus::Result<Option<zbus::
         .await?;
     tokio::spawn(forward_job_finished(conn.clone(), daemon.clone()));
     tokio::spawn(forward_recovery_steps(conn.clone(), daemon));
+    if let Some(rx) = tokens {
+        let emitter = SignalEmitter::new(&conn, OBJECT_PATH)?.into_owned();
+        tokio::spawn(announce_tokens(rx, emitter));
+    }
     Ok(Some(conn))
+}
+
+/// Sends `TokenChanged` for every token whose state changes, until the service ends.
+async fn announce_tokens(
+    mut rx: tokio::sync::watch::Receiver<crate::tokens::Status>,
+    emitter: SignalEmitter<'static>,
+) {
+    let mut last = rx.borrow_and_update().clone();
+    while rx.changed().await.is_ok() {
+        let now = rx.borrow_and_update().clone();
+        for t in crate::tokens::changed(&last, &now) {
+            let json = serde_json::to_string(&t).unwrap_or_default();
+            if let Err(e) = Manager::token_changed(&emitter, &json).await {
+                tracing::warn!(error = %e, "sending TokenChanged on D-Bus failed");
+            }
+        }
+        last = now;
+    }
+}
+
+/// The [`ErrorCode`] a named error stands for, if it is one of Signet's.
+pub fn error_code(name: &str) -> Option<ErrorCode> {
+    ErrorCode::ALL.into_iter().find(|c| error_name(*c) == name)
 }
 
 #[cfg(test)]
@@ -316,5 +376,24 @@ mod tests {
             assert_eq!(e.name.as_str(), error_name(code));
             assert_eq!(zbus::DBusError::description(&e), Some("m"));
         }
+    }
+
+    #[test]
+    fn error_codes_are_named_errors_and_back() {
+        assert_eq!(
+            error_name(ErrorCode::UnknownToken),
+            "org.signet.Signet1.Error.UnknownToken"
+        );
+        for code in ErrorCode::ALL {
+            let name = error_name(code);
+            assert!(
+                zbus::names::ErrorName::try_from(name.as_str()).is_ok(),
+                "{name}"
+            );
+            assert_eq!(error_code(&name), Some(code));
+        }
+        assert_eq!(error_code("org.freedesktop.DBus.Error.AccessDenied"), None);
+        let e = Error::from(ErrorBody::new(ErrorCode::Forbidden, "not yours"));
+        assert_eq!(zbus::DBusError::description(&e), Some("not yours"));
     }
 }

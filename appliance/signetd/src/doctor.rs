@@ -640,6 +640,7 @@ mod tests {
             agent,
             queue: None,
             recovery: vec![],
+            tokens: None,
         }
     }
 

@@ -8,6 +8,8 @@
 //!   directory, judged by pure functions, each failure with its fix.
 //! - [`ops`] — the operator's commands: every caller's jobs, cancel any job, the audit
 //!   log's tail, check and export, doctor; the job-finished events for D-Bus signals.
+//! - [`enroll_config`] — what `signetd enroll` appends to `signetd.toml`: a build VM's
+//!   grant, a signing VM's `[[tokens]]` entry.
 //! - [`dbus`] — the D-Bus front (`org.signet.Signet1`) on the system bus, for `signetctl`.
 //! - [`passthrough`] — each token's place (absent, on host, attaching, attached to VM N, conflict):
 //!   a pure state machine answering udev and QMP events with QMP actions.
@@ -45,6 +47,7 @@ pub mod config;
 pub mod daemon;
 pub mod dbus;
 pub mod doctor;
+pub mod enroll_config;
 pub mod handtokening;
 pub mod jobs;
 pub mod limits;

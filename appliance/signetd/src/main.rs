@@ -57,13 +57,22 @@ enum Enroll {
         dry_run: bool,
         #[command(flatten)]
         pve: PveArgs,
-        /// Directory of Signet's monitor sockets (QEMU creates vm-VMID.qmp in it).
-        #[arg(long, default_value = "/run/signet")]
-        monitor_dir: PathBuf,
+        /// Directory of Signet's monitor sockets (QEMU creates vm-VMID.qmp in it);
+        /// default: `[passthrough] monitor_dir` of signetd.toml, else /run/signet.
+        #[arg(long)]
+        monitor_dir: Option<PathBuf>,
     },
-    /// A VM that asks for signatures: the vsock device in args:.
+    /// A VM that asks for signatures: the vsock device in args:, and a grant for it in
+    /// signetd.toml.
     BuildVm {
         vmid: u32,
+        /// A profile the VM may use (repeat for more; "*" for all); default: the
+        /// default profile.
+        #[arg(long = "profile", short)]
+        profiles: Vec<String>,
+        /// Leave signetd.toml alone (grant the VM by hand).
+        #[arg(long)]
+        no_grant: bool,
         /// Show the exact change and change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -138,9 +147,17 @@ fn client_command(cfg: &Config, cmd: ClientCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tokens(json: bool) -> anyhow::Result<()> {
-    use signetd::usb::{self, Catalog, TokenKind, TokenSighting};
-    let catalog = Catalog::default();
+/// The known-token table: the built-in one plus `known_tokens` from the configuration,
+/// when there is one (`signetd tokens` also runs before signetd is configured).
+fn catalog(path: &std::path::Path) -> anyhow::Result<signetd::usb::Catalog> {
+    Ok(match config_if_any(path)? {
+        Some(cfg) => signetd::usb::Catalog::new(cfg.known_tokens),
+        None => signetd::usb::Catalog::default(),
+    })
+}
+
+fn tokens(json: bool, catalog: signetd::usb::Catalog) -> anyhow::Result<()> {
+    use signetd::usb::{self, TokenKind, TokenSighting};
     let found: Vec<TokenSighting> = usb::udev::enumerate()?
         .into_iter()
         .filter_map(|d| TokenSighting::of(&catalog, d))
@@ -177,9 +194,25 @@ fn tokens(json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn enroll(cmd: Enroll) -> anyhow::Result<()> {
+/// signetd.toml, or `None` when there is none yet (enrolling may come first).
+fn config_if_any(path: &std::path::Path) -> anyhow::Result<Option<Config>> {
+    match Config::load(path) {
+        Ok(cfg) => Ok(Some(cfg)),
+        Err(config::ConfigError::Read { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
+    use signetd::enroll_config;
     use signetd::proxmox::{self, Qm};
-    let (vmid, dry_run, qm, plan) = match cmd {
+    let cfg = config_if_any(config)?;
+    // What goes into signetd.toml, decided (and refused) before the VM is changed.
+    let (vmid, dry_run, qm, plan, stanza) = match cmd {
         Enroll::SigningVm {
             vmid,
             token,
@@ -188,8 +221,19 @@ fn enroll(cmd: Enroll) -> anyhow::Result<()> {
             monitor_dir,
         } => {
             let devices = signetd::usb::udev::enumerate()?;
-            let catalog = signetd::usb::Catalog::default();
+            let catalog = match &cfg {
+                Some(c) => signetd::usb::Catalog::new(c.known_tokens.clone()),
+                None => signetd::usb::Catalog::default(),
+            };
             let found = signetd::usb::find_token(&catalog, &devices, &token)?;
+            let stanza = match &cfg {
+                Some(c) => enroll_config::assignment(c, &token, vmid)?,
+                None => None,
+            };
+            let monitor_dir = monitor_dir.unwrap_or_else(|| match &cfg {
+                Some(c) => c.passthrough.monitor_dir.clone(),
+                None => signetd::tokens::DEFAULT_MONITOR_DIR.into(),
+            });
             let qm = Qm { program: pve.qm };
             let monitor = proxmox::monitor_path(&monitor_dir, vmid);
             let monitor = monitor.to_string_lossy().into_owned();
@@ -200,27 +244,82 @@ fn enroll(cmd: Enroll) -> anyhow::Result<()> {
                 |cfg| proxmox::plan_signing_vm(vmid, cfg, &host_port, &monitor),
                 dry_run,
             )?;
-            (vmid, dry_run, qm, plan)
+            if cfg.is_none() {
+                println!(
+                    "{} does not exist yet; give it this entry so signetd keeps the token in VM {vmid}:\n[[tokens]]\nserial = {token:?}\nvm = {vmid}",
+                    config.display()
+                );
+            }
+            (vmid, dry_run, qm, plan, stanza)
         }
-        Enroll::BuildVm { vmid, dry_run, pve } => {
+        Enroll::BuildVm {
+            vmid,
+            profiles,
+            no_grant,
+            dry_run,
+            pve,
+        } => {
+            let stanza = match (&cfg, no_grant) {
+                (_, true) => None,
+                (Some(c), false) => {
+                    let wanted = if profiles.is_empty() {
+                        vec![c.default_profile.clone()]
+                    } else {
+                        profiles
+                    };
+                    let missing = enroll_config::missing(c, vmid, &wanted)?;
+                    if missing.is_empty() {
+                        println!(
+                            "VM {vmid} may use {} already: no grant to add",
+                            wanted.join(", ")
+                        );
+                        None
+                    } else {
+                        Some(enroll_config::stanza(vmid, &missing))
+                    }
+                }
+                (None, false) => {
+                    let wanted = if profiles.is_empty() {
+                        vec![config::IMPLICIT_PROFILE.to_owned()]
+                    } else {
+                        profiles
+                    };
+                    println!(
+                        "{} does not exist yet; give it this grant so VM {vmid} may sign:\n{}",
+                        config.display(),
+                        enroll_config::stanza(vmid, &wanted)
+                    );
+                    None
+                }
+            };
             let qm = Qm { program: pve.qm };
             let plan =
                 proxmox::enroll(&qm, vmid, |cfg| proxmox::plan_build_vm(vmid, cfg), dry_run)?;
-            (vmid, dry_run, qm, plan)
+            (vmid, dry_run, qm, plan, stanza)
         }
     };
     print!("{plan}");
-    if plan.changes.is_empty() {
-        return Ok(());
+    if !plan.changes.is_empty() {
+        let line = qm.shell_line(&Qm::set_args(&plan));
+        if dry_run {
+            println!("would run: {line}");
+        } else {
+            println!("ran: {line}");
+            if plan.changes.iter().any(|c| c.key == "args") {
+                println!(
+                    "args: takes effect when VM {vmid} next starts (qm stop {vmid} && qm start {vmid})"
+                );
+            }
+        }
     }
-    let line = qm.shell_line(&Qm::set_args(&plan));
-    if dry_run {
-        println!("would run: {line}");
-    } else {
-        println!("ran: {line}");
-        if plan.changes.iter().any(|c| c.key == "args") {
+    if let Some(stanza) = stanza {
+        if dry_run {
+            println!("would add to {}:\n{stanza}", config.display());
+        } else {
+            enroll_config::append(config, &stanza)?;
             println!(
-                "args: takes effect when VM {vmid} next starts (qm stop {vmid} && qm start {vmid})"
+                "added to {}:\n{stanza}restart signetd to apply it (systemctl restart signetd)",
+                config.display()
             );
         }
     }
@@ -288,8 +387,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Some(Cmd::Enroll(cmd)) => return enroll(cmd),
-        Some(Cmd::Tokens { json }) => return tokens(json),
+        Some(Cmd::Enroll(cmd)) => return enroll(cmd, &cli.config),
+        Some(Cmd::Tokens { json }) => return tokens(json, catalog(&cli.config)?),
         Some(Cmd::Client(cmd)) => return client_command(&Config::load(&cli.config)?, cmd),
         Some(Cmd::Audit(cmd)) => {
             let code = audit_command(&Config::load(&cli.config)?, &cmd)?;
@@ -327,6 +426,8 @@ async fn main() -> anyhow::Result<()> {
         }
         daemon = daemon.with_clients(signetd::clients::open(&cfg.state_dir)?);
     }
+    // Tokens: followed through udev and kept in their VMs (or status says why not).
+    daemon = daemon.with_tokens(signetd::tokens::start(&cfg));
     tracing::info!(agent = %cfg.agent, default_profile = %cfg.default_profile, "relaying to the agent");
     let header_timeout = std::time::Duration::from_secs(cfg.limits.header_timeout_seconds);
     let bus = cfg.dbus.clone();

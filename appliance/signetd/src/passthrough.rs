@@ -17,6 +17,11 @@
 //!   QEMU claims it by itself when it can and sends no event.
 //! - Events may come twice or late (enumeration racing the udev monitor, a QMP answer
 //!   after an unplug): handling the same event again changes nothing.
+//! - The operator may take a token out of its VM ([`Input::Hold`]: it stays on the host,
+//!   whatever happens, until [`Input::Release`]) and put it in again, or have it
+//!   detached and attached anew ([`Input::Replace`]). [`Token::may_attach`] says
+//!   beforehand why such a request cannot be carried out (not assigned, assigned to
+//!   another VM, unplugged, held by the host, its VM not running).
 
 use std::time::SystemTime;
 
@@ -91,6 +96,31 @@ pub enum Input {
     /// Time passed: a device QEMU accepted but had not claimed is checked again (QEMU
     /// claims a host device by itself when it can, and says nothing).
     Tick,
+    /// The operator: take the token out of its VM and keep it on the host.
+    Hold,
+    /// The operator: let the token go to its VM again (undoes [`Input::Hold`]).
+    Release,
+    /// The operator: detach the token from its VM and attach it anew.
+    Replace,
+}
+
+/// Why the operator's attach cannot be carried out now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("token {serial} is not assigned to a signing VM, and Signet attaches a token only to its own VM; assign it in signetd.toml ([[tokens]] serial = \"{serial}\", vm = VMID) and restart signetd, or enroll the VM with `signetd enroll signing-vm VMID --token {serial}`")]
+    NotAssigned { serial: String },
+    #[error("token {serial} belongs to VM {assigned}, not VM {asked}, and Signet never attaches a token to a VM it is not assigned to; to move it, change its [[tokens]] entry in signetd.toml to vm = {asked} and restart signetd")]
+    OtherVm {
+        serial: String,
+        assigned: u32,
+        asked: u32,
+    },
+    #[error("token {serial} is not plugged into this host; plug it in and it goes to VM {vmid} by itself")]
+    Absent { serial: String, vmid: u32 },
+    #[error("token {serial} is held on the host: {conflicts}")]
+    Held { serial: String, conflicts: String },
+    #[error("VM {vmid} is not running (or its Signet monitor is not reachable); start it and token {serial} goes to it by itself")]
+    VmDown { serial: String, vmid: u32 },
 }
 
 /// What to do over QMP, in order.
@@ -130,6 +160,9 @@ pub struct Token {
     /// Whether the assigned VM's QEMU is up.
     #[serde(skip)]
     vm_up: bool,
+    /// The operator took it out of its VM: it stays on the host until released.
+    #[serde(skip)]
+    held: bool,
 }
 
 impl Token {
@@ -146,7 +179,47 @@ impl Token {
             in_vm: None,
             detaching: false,
             vm_up: false,
+            held: false,
         }
+    }
+
+    /// Where it is on the host while plugged in: `BUS`, `PORT`.
+    pub fn position(&self) -> Option<(u8, &str)> {
+        self.position.as_ref().map(|(b, p)| (*b, p.as_str()))
+    }
+
+    /// Whether the operator holds it on the host ([`Input::Hold`]).
+    pub fn held(&self) -> bool {
+        self.held
+    }
+
+    /// Whether an operator's attach (to `asked`, or to its own VM) can be carried out
+    /// now; the VM it goes to.
+    pub fn may_attach(&self, asked: Option<u32>) -> Result<u32, Refusal> {
+        let serial = self.serial.clone();
+        let Some(vmid) = self.assigned else {
+            return Err(Refusal::NotAssigned { serial });
+        };
+        if let Some(asked) = asked.filter(|a| *a != vmid) {
+            return Err(Refusal::OtherVm {
+                serial,
+                assigned: vmid,
+                asked,
+            });
+        }
+        if self.position.is_none() {
+            return Err(Refusal::Absent { serial, vmid });
+        }
+        if let State::Conflict { conflicts } = &self.state {
+            return Err(Refusal::Held {
+                serial,
+                conflicts: conflicts.join("; "),
+            });
+        }
+        if !self.vm_up {
+            return Err(Refusal::VmDown { serial, vmid });
+        }
+        Ok(vmid)
     }
 
     /// The QMP id of this token's device.
@@ -175,6 +248,17 @@ impl Token {
             );
             return Vec::new();
         };
+        if self.held {
+            self.set(
+                State::OnHost,
+                format!(
+                    "{why}; kept on the host by the operator (signetctl attach {} gives it back to VM {vmid})",
+                    self.serial
+                ),
+                now,
+            );
+            return Vec::new();
+        }
         if !self.vm_up {
             self.set(
                 State::OnHost,
@@ -396,15 +480,53 @@ impl Token {
                 }],
                 _ => Vec::new(),
             },
+            Input::Hold => {
+                self.held = true;
+                let mut actions = Vec::new();
+                if let Some(vmid) = self.in_vm.take() {
+                    actions.push(Action::Detach {
+                        vmid,
+                        id: self.device_id(),
+                    });
+                    self.detaching = true;
+                }
+                if self.position.is_some() {
+                    self.place("detached by the operator", now);
+                }
+                actions
+            }
+            Input::Release => {
+                let was_held = std::mem::take(&mut self.held);
+                if self.position.is_none() || matches!(self.state, State::Conflict { .. }) {
+                    return Vec::new();
+                }
+                if !was_held && self.assigned.is_some_and(|v| self.in_flight(v)) {
+                    return Vec::new();
+                }
+                self.place("attach asked by the operator", now)
+            }
+            Input::Replace => {
+                self.held = false;
+                if self.position.is_none() || matches!(self.state, State::Conflict { .. }) {
+                    return Vec::new();
+                }
+                if let Some(vmid) = self.assigned.filter(|_| self.vm_up) {
+                    // Whatever is under our id goes first (removing nothing is fine).
+                    self.in_vm = Some(vmid);
+                }
+                self.place("re-attach asked by the operator", now)
+            }
             Input::Deleted(vmid) => {
+                // Our own device_del: its event comes after the device we added in
+                // its place was accepted, and says nothing about that one.
+                if std::mem::take(&mut self.detaching) {
+                    return Vec::new();
+                }
                 // Only a device we knew to be there can be lost; a late or repeated
                 // event about an earlier one is not.
                 let had = self.in_vm == Some(vmid);
                 if had {
                     self.in_vm = None;
-                }
-                if std::mem::take(&mut self.detaching) {
-                    return Vec::new();
                 }
                 if had && self.mine(vmid) && self.in_flight(vmid) {
                     return self.place(&format!("VM {vmid} dropped the device"), now);
@@ -565,9 +687,15 @@ mod tests {
         // Back at another port: the old device (old port) goes, the new one comes.
         assert_eq!(k.handle(seen("3"), t(6)), vec![detach(), attach("3")]);
         assert_eq!(k.state, attaching(false));
-        // Our own device_del's DEVICE_DELETED is not a loss.
-        assert_eq!(k.handle(Input::Deleted(VM), t(7)), vec![]);
-        assert_eq!(k.handle(Input::Accepted(VM), t(8)), vec![check()]);
+        // Our own device_del's DEVICE_DELETED is not a loss, even when it comes
+        // after the new device was accepted (QMP events queue behind the answers).
+        assert_eq!(k.handle(Input::Accepted(VM), t(7)), vec![check()]);
+        assert_eq!(k.handle(Input::Deleted(VM), t(8)), vec![]);
+        // The new device is known to be there: losing it is noticed, detaching
+        // removes it.
+        assert_eq!(k.handle(Input::Deleted(VM), t(9)), vec![attach("3")]);
+        k.handle(Input::Accepted(VM), t(10));
+        assert_eq!(k.handle(Input::Hold, t(11)), vec![detach()]);
     }
 
     #[test]
@@ -790,5 +918,92 @@ mod tests {
         assert_eq!(v["serial"], "TOK1");
         assert_eq!(v["last_change"]["reason"], "attached to VM 105");
         assert_eq!(v["last_change"]["at"], "1970-01-01T00:00:04Z");
+    }
+
+    #[test]
+    fn the_operator_holds_releases_and_replaces() {
+        let mut k = attached();
+        assert_eq!(k.handle(Input::Hold, t(5)), vec![detach()]);
+        assert_eq!(k.state, State::OnHost);
+        assert!(k.held());
+        assert!(
+            k.last_change.reason.contains("signetctl attach TOK1"),
+            "{}",
+            k.last_change.reason
+        );
+        // Our own device_del is no loss, and nothing puts it back while held: not a
+        // re-plug, not the VM restarting.
+        assert_eq!(k.handle(Input::Deleted(VM), t(6)), vec![]);
+        assert_eq!(k.handle(Input::Gone, t(7)), vec![]);
+        assert_eq!(k.handle(seen("3"), t(8)), vec![]);
+        assert_eq!(k.handle(Input::VmDown(VM), t(9)), vec![]);
+        assert_eq!(k.handle(Input::VmUp(VM), t(10)), vec![]);
+        assert_eq!(k.state, State::OnHost);
+        // Released: back to its VM at its current port.
+        assert_eq!(k.handle(Input::Release, t(11)), vec![attach("3")]);
+        assert_eq!(k.state, attaching(false));
+        assert!(k.last_change.reason.contains("operator"));
+        // Attach on a token already there changes nothing.
+        let mut a = attached();
+        assert_eq!(a.handle(Input::Release, t(5)), vec![]);
+        assert_eq!(a.state, State::Attached { vmid: VM });
+        // Replace: out and in again, even when we did not know it was there.
+        assert_eq!(a.handle(Input::Replace, t(6)), vec![detach(), attach("2")]);
+        assert_eq!(
+            a.handle(Input::Deleted(VM), t(7)),
+            vec![],
+            "our own device_del"
+        );
+        assert_eq!(a.state, attaching(false));
+        // Nothing to do for a token that is not plugged in.
+        let mut gone = Token::new("TOK1", Some(VM), t(0));
+        assert_eq!(gone.handle(Input::Replace, t(1)), vec![]);
+        assert_eq!(gone.handle(Input::Release, t(1)), vec![]);
+        assert_eq!(gone.handle(Input::Hold, t(1)), vec![]);
+        assert_eq!(gone.state, State::Absent);
+    }
+
+    #[test]
+    fn the_operator_cannot_attach_where_a_token_does_not_belong() {
+        let k = attached();
+        assert_eq!(k.may_attach(None), Ok(VM));
+        assert_eq!(k.may_attach(Some(VM)), Ok(VM));
+        let e = k.may_attach(Some(OTHER)).unwrap_err();
+        assert!(matches!(
+            e,
+            Refusal::OtherVm {
+                assigned: VM,
+                asked: OTHER,
+                ..
+            }
+        ));
+        assert!(e.to_string().contains("vm = 106"), "{e}");
+        let mut free = Token::new("TOK1", None, t(0));
+        free.handle(seen("2"), t(1));
+        let e = free.may_attach(Some(VM)).unwrap_err();
+        assert!(
+            e.to_string().contains("[[tokens]]") && e.to_string().contains("enroll signing-vm"),
+            "{e}"
+        );
+        let absent = Token::new("TOK1", Some(VM), t(0));
+        assert!(matches!(
+            absent.may_attach(None),
+            Err(Refusal::Absent { .. })
+        ));
+        let mut down = Token::new("TOK1", Some(VM), t(0));
+        down.handle(seen("2"), t(1));
+        assert!(matches!(down.may_attach(None), Err(Refusal::VmDown { .. })));
+        let mut held = Token::new("TOK1", Some(VM), t(0));
+        held.handle(Input::VmUp(VM), t(1));
+        held.handle(
+            Input::Seen {
+                bus: 1,
+                port: "2".into(),
+                conflicts: vec!["pcscd holds it".into()],
+            },
+            t(2),
+        );
+        let e = held.may_attach(None).unwrap_err();
+        assert!(e.to_string().contains("pcscd holds it"), "{e}");
     }
 }

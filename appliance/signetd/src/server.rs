@@ -38,6 +38,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(BATCH_PATH, post(sign_batch))
         .route(handtokening::PATH, post(api_sign))
         .route(STATUS_PATH, get(status))
+        .route(signet_protocol::wire::TOKENS_PATH, get(tokens))
         .route(JOB_PATH, get(get_job).delete(cancel_job))
         .route(JOB_RESULT_PATH, get(job_result))
         .merge(crate::server_ops::routes())
@@ -52,6 +53,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
 
 async fn status(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
     Json(daemon.status().await)
+}
+
+async fn tokens(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
+    Json(daemon.tokens())
 }
 
 async fn sign(

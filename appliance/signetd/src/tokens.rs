@@ -3,21 +3,108 @@
 //! together. It feeds every udev and QMP event to the tokens it concerns, carries
 //! their actions out over QMP, and publishes every token's state on a watch channel
 //! (for the status API). One loop does all of it, so the tokens' state machines see
-//! events one at a time and in order.
+//! events one at a time and in order; the operator's commands (attach, detach,
+//! re-attach) reach the same loop over a channel ([`Handle`]).
+//!
+//! [`start`] runs the service for the daemon from its configuration (`[[tokens]]`:
+//! which token serial belongs to which signing VM; `[passthrough]`: where the VMs'
+//! Signet monitors are). Without udev the daemon runs on and its status says why
+//! tokens are not followed. The core commands [`Daemon::tokens`], [`Daemon::attach`],
+//! [`Daemon::detach`] and [`Daemon::reattach`] are what the HTTP, D-Bus and CLI fronts
+//! call.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, watch};
+use serde::Deserialize;
+use signet_protocol::wire::{
+    ErrorBody, ErrorCode, HostToken, TokenChange, TokenPlace, TokensReport,
+};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::passthrough::{Action, Input, Token};
+use crate::daemon::Daemon;
+use crate::passthrough::{Action, Input, Refusal, State, Token};
 use crate::qmp::{Monitor, MonitorEvent, Qmp};
-use crate::usb::{self, Catalog, TokenSighting, TokenWatcher, UsbEvent, WatchError};
+use crate::usb::{
+    self, Catalog, TokenKind, TokenSighting, TokenWatcher, UsbEvent, VidPid, WatchError,
+};
 
-/// Every token's state, by serial.
-pub type Status = BTreeMap<String, Token>;
+/// Every token's state as the status API shows it, by serial.
+pub type Status = BTreeMap<String, HostToken>;
+
+/// `[passthrough]` in `signetd.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassthroughConfig {
+    /// Follow the host's tokens and keep them in their VMs (on by default).
+    pub enabled: bool,
+    /// Where each signing VM's QEMU makes Signet's monitor socket, `vm-VMID.qmp`
+    /// (`signetd enroll signing-vm --monitor-dir`).
+    pub monitor_dir: PathBuf,
+    /// The VMs' USB bus (`xhci.0` on Proxmox).
+    pub usb_bus: String,
+    /// How long QEMU may take to answer.
+    pub qmp_timeout_seconds: u64,
+}
+
+/// Where Signet's monitor sockets are unless configured otherwise.
+pub const DEFAULT_MONITOR_DIR: &str = "/run/signet";
+
+impl Default for PassthroughConfig {
+    fn default() -> Self {
+        PassthroughConfig {
+            enabled: true,
+            monitor_dir: DEFAULT_MONITOR_DIR.into(),
+            usb_bus: "xhci.0".into(),
+            qmp_timeout_seconds: crate::qmp::DEFAULT_TIMEOUT.as_secs(),
+        }
+    }
+}
+
+/// `[[tokens]]` in `signetd.toml`: the token with this serial belongs to signing VM
+/// `vm`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Assignment {
+    pub serial: String,
+    pub vm: u32,
+}
+
+/// What is wrong with `[passthrough]` and `[[tokens]]`: the key and the message.
+pub fn check_config(p: &PassthroughConfig, tokens: &[Assignment]) -> Result<(), (String, String)> {
+    if !p.monitor_dir.is_absolute() {
+        return Err((
+            "passthrough.monitor_dir".into(),
+            format!("give an absolute path, e.g. monitor_dir = \"{DEFAULT_MONITOR_DIR}\""),
+        ));
+    }
+    if p.usb_bus.is_empty() || p.qmp_timeout_seconds == 0 {
+        return Err((
+            "passthrough".into(),
+            "usb_bus names the VMs' USB bus (e.g. \"xhci.0\") and qmp_timeout_seconds is at least 1".into(),
+        ));
+    }
+    for (i, t) in tokens.iter().enumerate() {
+        if t.serial.trim().is_empty() || t.vm == 0 {
+            return Err((
+                format!("tokens[{i}]"),
+                "give the token's serial and its signing VM, e.g. serial = \"0123ABCD\" vm = 105 (signetd tokens lists the serials)".into(),
+            ));
+        }
+        if let Some(j) = tokens[..i].iter().position(|o| o.serial == t.serial) {
+            return Err((
+                format!("tokens[{i}]"),
+                format!(
+                    "token {} is already assigned in tokens[{j}]; a token belongs to one VM",
+                    t.serial
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// Which VM each token (by serial) belongs to, and where each VM's Signet monitor is.
 #[derive(Debug, Clone)]
@@ -31,6 +118,254 @@ pub struct Setup {
     pub qmp_timeout: Duration,
 }
 
+impl Setup {
+    /// The setup `signetd.toml` describes.
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        let mut vms: Vec<u32> = cfg.tokens.iter().map(|t| t.vm).collect();
+        vms.sort_unstable();
+        vms.dedup();
+        Setup {
+            catalog: Catalog::new(cfg.known_tokens.clone()),
+            assignments: cfg
+                .tokens
+                .iter()
+                .map(|t| (t.serial.clone(), t.vm))
+                .collect(),
+            monitors: vms
+                .into_iter()
+                .map(|vm| {
+                    (
+                        vm,
+                        crate::proxmox::monitor_path(&cfg.passthrough.monitor_dir, vm),
+                    )
+                })
+                .collect(),
+            usb_bus: cfg.passthrough.usb_bus.clone(),
+            qmp_timeout: Duration::from_secs(cfg.passthrough.qmp_timeout_seconds),
+        }
+    }
+}
+
+/// An operator's command for one token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Into its VM (`Some`: the VM the operator expects it to go to).
+    Attach(Option<u32>),
+    /// Out of its VM, kept on the host until attached again.
+    Detach,
+    /// Out of its VM and in again.
+    Reattach,
+}
+
+#[derive(Debug)]
+struct Command {
+    serial: String,
+    op: Op,
+    reply: oneshot::Sender<Result<HostToken, TokenError>>,
+}
+
+/// Why a token command was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("no token with serial {serial} is plugged into this host or assigned in signetd.toml (tokens known: {known}); `signetctl tokens` lists them")]
+    Unknown { serial: String, known: String },
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("signetd does not follow the host's tokens: {0}")]
+    NotRunning(String),
+    #[error("the token service did not answer in time; signetd's log says why")]
+    NoAnswer,
+}
+
+impl TokenError {
+    /// The error as every front gives it.
+    pub fn to_body(&self) -> ErrorBody {
+        let code = match self {
+            TokenError::Unknown { .. } => ErrorCode::UnknownToken,
+            TokenError::Refused(Refusal::NotAssigned { .. } | Refusal::OtherVm { .. }) => {
+                ErrorCode::Forbidden
+            }
+            TokenError::Refused(_) | TokenError::NotRunning(_) => ErrorCode::TokenUnavailable,
+            TokenError::NoAnswer => ErrorCode::Internal,
+        };
+        ErrorBody::new(code, self.to_string())
+    }
+}
+
+/// The door to the running token service (or the reason it is not running).
+#[derive(Debug, Clone)]
+pub struct Handle {
+    running: Option<(watch::Receiver<Status>, mpsc::Sender<Command>)>,
+    /// Why the service is not running, or stopped.
+    stopped: Arc<Mutex<Option<String>>>,
+    timeout: Duration,
+}
+
+impl Handle {
+    /// No service, for this reason (said with the fix).
+    pub fn off(why: impl Into<String>) -> Self {
+        Handle {
+            running: None,
+            stopped: Arc::new(Mutex::new(Some(why.into()))),
+            timeout: Duration::ZERO,
+        }
+    }
+
+    fn stopped(&self) -> Option<String> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every token the service knows and whether it is following the host.
+    pub fn report(&self) -> TokensReport {
+        let stopped = self.stopped();
+        TokensReport {
+            watching: self.running.is_some() && stopped.is_none(),
+            detail: stopped,
+            tokens: self
+                .running
+                .as_ref()
+                .map(|(s, _)| s.borrow().values().cloned().collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The tokens' states as they change; `None` when the service is not running.
+    pub fn subscribe(&self) -> Option<watch::Receiver<Status>> {
+        self.running.as_ref().map(|(s, _)| s.clone())
+    }
+
+    /// Runs an operator's command in the service's loop; answers the token's state
+    /// once QEMU has answered.
+    pub async fn ask(&self, serial: &str, op: Op) -> Result<HostToken, TokenError> {
+        let Some((_, commands)) = &self.running else {
+            return Err(TokenError::NotRunning(self.stopped().unwrap_or_default()));
+        };
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command {
+            serial: serial.to_owned(),
+            op,
+            reply,
+        };
+        let stopped =
+            || TokenError::NotRunning(self.stopped().unwrap_or_else(|| "it stopped".into()));
+        commands.send(cmd).await.map_err(|_| stopped())?;
+        match tokio::time::timeout(self.timeout, answer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err(TokenError::NoAnswer),
+        }
+    }
+}
+
+/// Starts the token service for the daemon, as `signetd.toml` says; the daemon runs
+/// without it when it is switched off or udev is not there, and says why.
+pub fn start(cfg: &crate::config::Config) -> Handle {
+    if !cfg.passthrough.enabled {
+        return Handle::off(
+            "token passthrough is switched off ([passthrough] enabled = false in signetd.toml)",
+        );
+    }
+    let watcher = match crate::usb::udev::UdevWatcher::start() {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "tokens are not followed");
+            return Handle::off(e.to_string());
+        }
+    };
+    let (service, _) = TokenService::new(watcher, Setup::from_config(cfg));
+    let handle = service.handle();
+    let stopped = handle.stopped.clone();
+    tokio::spawn(async move {
+        let why = match service.run().await {
+            Ok(()) => "the udev watcher stopped; restart signetd".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(reason = %why, "the token service stopped");
+        *stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    });
+    handle
+}
+
+/// The tokens whose view differs between `old` and `new` (changed or new), for the
+/// token-changed signal.
+pub fn changed(old: &Status, new: &Status) -> Vec<HostToken> {
+    new.iter()
+        .filter(|(serial, t)| old.get(*serial) != Some(*t))
+        .map(|(_, t)| t.clone())
+        .collect()
+}
+
+/// A token's view for the status API: its state, with the model and port it was last
+/// seen with.
+pub fn view(t: &Token, seen: Option<&(VidPid, TokenKind)>) -> HostToken {
+    let place = match &t.state {
+        State::Absent => TokenPlace::Absent,
+        State::OnHost => TokenPlace::OnHost,
+        State::Attaching { vmid, accepted } => TokenPlace::Attaching {
+            vmid: *vmid,
+            accepted: *accepted,
+        },
+        State::Attached { vmid } => TokenPlace::Attached { vmid: *vmid },
+        State::Conflict { conflicts } => TokenPlace::Conflict {
+            conflicts: conflicts.clone(),
+        },
+    };
+    let at = time::OffsetDateTime::from(t.last_change.at)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    HostToken {
+        serial: t.serial.clone(),
+        model: seen.and_then(|(_, k)| match k {
+            TokenKind::Known { model } => Some(model.clone()),
+            TokenKind::Candidate => None,
+        }),
+        usb_id: seen.map(|(id, _)| id.to_string()),
+        host_port: t.position().map(|(bus, port)| format!("{bus}-{port}")),
+        assigned_vm: t.assigned,
+        place,
+        last_change: TokenChange {
+            at,
+            reason: t.last_change.reason.clone(),
+        },
+    }
+}
+
+impl Daemon {
+    /// Every token the daemon knows and where it is.
+    pub fn tokens(&self) -> TokensReport {
+        self.token_service().report()
+    }
+
+    /// Puts the token into its signing VM (`vm`: the VM the operator expects; another
+    /// one is refused, never attached to).
+    pub async fn attach(&self, serial: &str, vm: Option<u32>) -> Result<HostToken, ErrorBody> {
+        self.token_command(serial, Op::Attach(vm)).await
+    }
+
+    /// Takes the token out of its VM and keeps it on the host until it is attached
+    /// again.
+    pub async fn detach(&self, serial: &str) -> Result<HostToken, ErrorBody> {
+        self.token_command(serial, Op::Detach).await
+    }
+
+    /// Detaches the token from its VM and attaches it anew.
+    pub async fn reattach(&self, serial: &str) -> Result<HostToken, ErrorBody> {
+        self.token_command(serial, Op::Reattach).await
+    }
+
+    async fn token_command(&self, serial: &str, op: Op) -> Result<HostToken, ErrorBody> {
+        let r = self.token_service().ask(serial, op).await;
+        match &r {
+            Ok(t) => tracing::info!(serial, ?op, place = %t.place.words(), "token command"),
+            Err(e) => tracing::warn!(serial, ?op, error = %e, "token command refused"),
+        }
+        r.map_err(|e| e.to_body())
+    }
+}
+
 /// How often a device QEMU accepted but has not claimed is checked again (QEMU itself
 /// rescans for host devices every 2 s).
 pub const TICK: Duration = Duration::from_secs(2);
@@ -42,11 +377,15 @@ type VmEvent = (u32, MonitorEvent, Option<Arc<Qmp>>);
 pub struct TokenService<W> {
     watcher: W,
     setup: Setup,
-    tokens: Status,
+    tokens: BTreeMap<String, Token>,
     vms: HashMap<u32, Arc<Qmp>>,
     events: mpsc::Receiver<VmEvent>,
     monitors: Vec<tokio::task::JoinHandle<()>>,
     status: watch::Sender<Status>,
+    /// What each token (by serial) was last seen as.
+    seen: HashMap<String, (VidPid, TokenKind)>,
+    commands: mpsc::Receiver<Command>,
+    command_tx: mpsc::Sender<Command>,
 }
 
 impl<W> Drop for TokenService<W> {
@@ -77,16 +416,38 @@ impl<W: TokenWatcher> TokenService<W> {
             })
             .collect();
         let (status, rx) = watch::channel(Status::new());
+        let (command_tx, commands) = mpsc::channel(16);
+        // Assigned tokens are listed (absent) before they are seen.
+        let now = SystemTime::now();
+        let tokens = setup
+            .assignments
+            .iter()
+            .map(|(serial, vm)| (serial.clone(), Token::new(serial, Some(*vm), now)))
+            .collect();
         let service = TokenService {
             watcher,
             setup,
-            tokens: Status::new(),
+            tokens,
             vms: HashMap::new(),
             events,
             monitors,
             status,
+            seen: HashMap::new(),
+            commands,
+            command_tx,
         };
+        service.publish();
         (service, rx)
+    }
+
+    /// The door for the daemon's commands and status.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            running: Some((self.status.subscribe(), self.command_tx.clone())),
+            stopped: Arc::default(),
+            // An operator's command runs at most a detach, an attach and a check.
+            timeout: self.setup.qmp_timeout * 4,
+        }
     }
 
     /// Enumerates the tokens present, then follows udev and the monitors until the
@@ -105,8 +466,41 @@ impl<W: TokenWatcher> TokenService<W> {
                     None => return Ok(()),
                 },
                 Some((vmid, ev, qmp)) = self.events.recv() => self.on_vm(vmid, ev, qmp).await,
+                Some(cmd) = self.commands.recv() => {
+                    let result = self.command(&cmd.serial, cmd.op).await;
+                    let _ = cmd.reply.send(result);
+                }
             }
         }
+    }
+
+    async fn command(&mut self, serial: &str, op: Op) -> Result<HostToken, TokenError> {
+        let Some(t) = self.tokens.get_mut(serial) else {
+            let known: Vec<&str> = self.tokens.keys().map(String::as_str).collect();
+            return Err(TokenError::Unknown {
+                serial: serial.to_owned(),
+                known: if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                },
+            });
+        };
+        let input = match op {
+            Op::Attach(vm) => {
+                t.may_attach(vm)?;
+                Input::Release
+            }
+            Op::Reattach => {
+                t.may_attach(None)?;
+                Input::Replace
+            }
+            Op::Detach => Input::Hold,
+        };
+        let actions = t.handle(input, SystemTime::now());
+        self.carry_out(serial, actions).await;
+        let t = self.tokens.get(serial).ok_or(TokenError::NoAnswer)?;
+        Ok(view(t, self.seen.get(serial)))
     }
 
     async fn on_usb(&mut self, ev: UsbEvent) {
@@ -123,6 +517,8 @@ impl<W: TokenWatcher> TokenService<W> {
             return;
         };
         let now = SystemTime::now();
+        self.seen
+            .insert(serial.clone(), (sighting.device.id, sighting.kind.clone()));
         if gone {
             if let Some(t) = self.tokens.get_mut(&serial) {
                 let actions = t.handle(Input::Gone, now);
@@ -213,6 +609,92 @@ impl<W: TokenWatcher> TokenService<W> {
     }
 
     fn publish(&self) {
-        self.status.send_replace(self.tokens.clone());
+        let view: Status = self
+            .tokens
+            .iter()
+            .map(|(serial, t)| (serial.clone(), view(t, self.seen.get(serial))))
+            .collect();
+        self.status.send_if_modified(|s| {
+            let changed = *s != view;
+            *s = view;
+            changed
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tokens_view_and_what_changed() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(4);
+        let mut t = Token::new("0123ABCD", Some(105), at);
+        let absent = view(&t, None);
+        assert_eq!(absent.place, TokenPlace::Absent);
+        assert_eq!((&absent.model, &absent.host_port), (&None, &None));
+        assert_eq!(absent.last_change.at, "1970-01-01T00:00:04Z");
+        assert_eq!(absent.assigned_vm, Some(105));
+        t.handle(
+            Input::Seen {
+                bus: 1,
+                port: "2.4".into(),
+                conflicts: vec![],
+            },
+            at,
+        );
+        let seen = (
+            "0529:0620".parse().unwrap(),
+            TokenKind::Known {
+                model: "SafeNet eToken 5110".into(),
+            },
+        );
+        let v = view(&t, Some(&seen));
+        assert_eq!(v.place, TokenPlace::OnHost);
+        assert_eq!(v.model.as_deref(), Some("SafeNet eToken 5110"));
+        assert_eq!(v.usb_id.as_deref(), Some("0529:0620"));
+        assert_eq!(v.host_port.as_deref(), Some("1-2.4"));
+        let candidate = view(
+            &t,
+            Some(&("1234:5678".parse().unwrap(), TokenKind::Candidate)),
+        );
+        assert_eq!(candidate.model, None);
+
+        let before: Status = [("0123ABCD".to_owned(), absent.clone())].into();
+        let after: Status = [
+            ("0123ABCD".to_owned(), v.clone()),
+            ("0456".to_owned(), absent.clone()),
+        ]
+        .into();
+        let c = changed(&before, &after);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0], v);
+        assert!(changed(&after, &after).is_empty());
+    }
+
+    #[test]
+    fn errors_reach_clients_with_their_codes() {
+        let unknown = TokenError::Unknown {
+            serial: "X".into(),
+            known: "none".into(),
+        };
+        assert_eq!(unknown.to_body().code, ErrorCode::UnknownToken);
+        let other = TokenError::Refused(Refusal::OtherVm {
+            serial: "X".into(),
+            assigned: 105,
+            asked: 106,
+        });
+        assert_eq!(other.to_body().code, ErrorCode::Forbidden);
+        assert!(other.to_body().message.contains("VM 105, not VM 106"));
+        let off = Handle::off("udev is not there");
+        let report = off.report();
+        assert!(!report.watching);
+        assert_eq!(report.detail.as_deref(), Some("udev is not there"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let e = rt.block_on(off.ask("X", Op::Detach)).unwrap_err();
+        assert_eq!(e.to_body().code, ErrorCode::TokenUnavailable);
+        assert!(e.to_string().contains("udev is not there"), "{e}");
     }
 }

@@ -30,6 +30,11 @@ impl Pve {
         std::fs::read_to_string(self.dir.path().join(format!("{vmid}.conf"))).unwrap()
     }
 
+    /// The daemon's configuration for this test (absent until a test writes it).
+    fn signetd_toml(&self) -> PathBuf {
+        self.dir.path().join("signetd.toml")
+    }
+
     fn calls(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("calls")).unwrap_or_default()
     }
@@ -49,6 +54,7 @@ impl Pve {
         };
         cmd.arg("enroll")
             .args(args)
+            .env("SIGNETD_CONFIG", self.signetd_toml())
             .env("SIGNETD_QM", manifest("tests/fixtures/fake-qm"))
             .env("FAKE_QM_DIR", self.dir.path())
             .output()
@@ -177,6 +183,7 @@ fn tokens_lists_identical_tokens_by_serial_with_conflicts() {
         let mut c = Command::new("umockdev-run");
         c.arg("--device").arg(&a).arg("--device").arg(&b);
         c.arg("--").arg(env!("CARGO_BIN_EXE_signetd")).arg("tokens");
+        c.env("SIGNETD_CONFIG", "/nonexistent/signetd.toml");
         if json {
             c.arg("--json");
         }
@@ -208,4 +215,134 @@ fn tokens_lists_identical_tokens_by_serial_with_conflicts() {
     assert_eq!(tokens[0]["device"]["id"], "0529:0620");
     assert_eq!(tokens[0]["kind"]["kind"], "known");
     assert_eq!(tokens[1]["conflicts"][0]["driver"], "usbfs");
+}
+
+#[test]
+fn build_vm_gets_its_grant_in_signetd_toml() {
+    let pve = Pve::with(200, "simple1.conf");
+    let toml = pve.signetd_toml();
+    let base = "# the operator's file\nagent = \"vsock:105:7711\"\ndefault_profile = \"release\"\n[profiles.release]\n[profiles.nightly]\n";
+    std::fs::write(&toml, base).unwrap();
+
+    let o = pve.enroll(&["build-vm", "200", "--dry-run"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(
+        out.contains("would add to")
+            && out.contains("[[grants]]\ncallers = [\"vm:200\"]\nprofiles = [\"release\"]\n"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&toml).unwrap(),
+        base,
+        "a dry run changes nothing"
+    );
+
+    // An unknown profile: refused before anything changes, VM included.
+    let o = pve.enroll(&["build-vm", "200", "--profile", "relaese"], &[]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("no profile is named \"relaese\"") && err.contains("nightly, release"),
+        "{err}"
+    );
+    assert!(!pve.calls().contains("set"), "{}", pve.calls());
+
+    let o = pve.enroll(&["build-vm", "200", "-p", "release", "-p", "nightly"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("restart signetd"), "{out}");
+    let after = std::fs::read_to_string(&toml).unwrap();
+    assert!(after.starts_with(base), "{after}");
+    assert!(
+        after.ends_with(
+            "[[grants]]\ncallers = [\"vm:200\"]\nprofiles = [\"release\", \"nightly\"]\n"
+        ),
+        "{after}"
+    );
+    assert!(pve.config(200).contains("vhost-vsock-pci,guest-cid=200"));
+    // Again, with the file as it is now: it parses, and nothing is left to add.
+    let check = Command::new(env!("CARGO_BIN_EXE_signetd"))
+        .args([
+            "--config",
+            toml.to_str().unwrap(),
+            "enroll",
+            "build-vm",
+            "200",
+            "--dry-run",
+        ])
+        .env("SIGNETD_QM", manifest("tests/fixtures/fake-qm"))
+        .env("FAKE_QM_DIR", pve.dir.path())
+        .output()
+        .unwrap();
+    let (out, err) = text(&check);
+    assert!(check.status.success(), "{out}{err}");
+    assert!(out.contains("VM 200 may use release already"), "{out}");
+    assert!(out.contains("already enrolled"), "{out}");
+}
+
+#[test]
+fn signing_vm_gets_its_token_assignment_in_signetd_toml() {
+    let pve = Pve::with(105, "simple1.conf");
+    let token = manifest("tests/data/umockdev/safenet-5110-a.umockdev");
+    let toml = pve.signetd_toml();
+    std::fs::write(
+        &toml,
+        "agent = \"vsock:105:7711\"\n[passthrough]\nmonitor_dir = \"/srv/signet-monitors\"\n",
+    )
+    .unwrap();
+    let o = pve.enroll(&["signing-vm", "105", "--token", "0123ABCD"], &[&token]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    let cfg = std::fs::read_to_string(&toml).unwrap();
+    assert!(
+        cfg.ends_with("[[tokens]]\nserial = \"0123ABCD\"\nvm = 105\n"),
+        "{cfg}"
+    );
+    assert!(
+        pve.config(105)
+            .contains("path=/srv/signet-monitors/vm-105.qmp"),
+        "the monitor goes where signetd looks for it: {}",
+        pve.config(105)
+    );
+    // The same token for another VM: refused, nothing changes.
+    let other = Pve::with(106, "simple1.conf");
+    std::fs::copy(&toml, other.signetd_toml()).unwrap();
+    let o = other.enroll(&["signing-vm", "106", "--token", "0123ABCD"], &[&token]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("assigned to VM 105") && err.contains("not VM 106"),
+        "{err}"
+    );
+    assert!(!other.calls().contains("set"));
+    assert_eq!(std::fs::read_to_string(other.signetd_toml()).unwrap(), cfg);
+}
+
+#[test]
+fn tokens_uses_the_configured_known_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("signetd.toml");
+    std::fs::write(
+        &toml,
+        "agent = \"vsock:105:7711\"\n[[known_tokens]]\nid = \"0529:0620\"\nmodel = \"Lab eToken\"\n",
+    )
+    .unwrap();
+    let a = manifest("tests/data/umockdev/safenet-5110-a.umockdev");
+    let o = Command::new("umockdev-run")
+        .arg("--device")
+        .arg(&a)
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_signetd"))
+        .arg("--config")
+        .arg(&toml)
+        .arg("tokens")
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(
+        out.contains("0123ABCD  Lab eToken  0529:0620 at 1-2"),
+        "{out}"
+    );
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use signetd::passthrough::State;
+use signet_protocol::wire::TokenPlace as State;
 use signetd::qmp::{device_id, Monitor, MonitorEvent};
 use signetd::tokens::{Setup, Status, TokenService};
 use signetd::usb::udev::UdevWatcher;
@@ -270,7 +270,7 @@ async fn the_service_keeps_a_replugged_token_in_its_vm() {
     let vm = look.qmp().unwrap();
     let id = device_id("0123ABCD");
     let in_vm = |s: &Status| {
-        s.get("0123ABCD").map(|t| t.state.clone())
+        s.get("0123ABCD").map(|t| t.place.clone())
             == Some(State::Attaching {
                 vmid: 105,
                 accepted: true,
@@ -284,7 +284,7 @@ async fn the_service_keeps_a_replugged_token_in_its_vm() {
     say("added");
 
     until(&mut status, "absent", |s| {
-        s.get("0123ABCD").map(|t| t.state.clone()) == Some(State::Absent)
+        s.get("0123ABCD").map(|t| t.place.clone()) == Some(State::Absent)
     })
     .await;
     say("removed");
@@ -296,7 +296,7 @@ async fn the_service_keeps_a_replugged_token_in_its_vm() {
 
     // The same model, unassigned: stays on the host, never in the VM.
     until(&mut status, "second token on the host", |s| {
-        s.get("0456CDEF").map(|t| t.state.clone()) == Some(State::OnHost)
+        s.get("0456CDEF").map(|t| t.place.clone()) == Some(State::OnHost)
     })
     .await;
     let reason = status.borrow()["0456CDEF"].last_change.reason.clone();

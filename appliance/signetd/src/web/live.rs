@@ -140,6 +140,7 @@ mod tests {
                 agent,
                 queue: None,
                 recovery: vec![],
+                tokens: None,
             },
             signed,
         )

@@ -350,6 +350,7 @@ mod tests {
                 spool_quota_bytes: 2 << 30,
             }),
             recovery: vec![],
+            tokens: None,
         }
     }
 
