@@ -58,6 +58,107 @@ impl Drop for Bus {
     }
 }
 
+/// Signet's signals of one kind (`TokenChanged`, `RecoveryStep`), read on a thread of
+/// their own; each as the JSON document it carries (its last argument).
+pub(crate) struct Signals {
+    rx: std::sync::mpsc::Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+}
+
+/// How long a test waits for a signal.
+const SIGNAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Signals {
+    /// Subscribes to `member`; returns once the bus has the match rule, so no later
+    /// signal is missed.
+    pub(crate) fn follow(address: &str, member: &'static str) -> Signals {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let address = address.to_owned();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                use futures_util::StreamExt;
+                let conn = zbus::connection::Builder::address(address.as_str())
+                    .build()
+                    .await
+                    .unwrap();
+                let rule = zbus::MatchRule::builder()
+                    .msg_type(zbus::message::Type::Signal)
+                    .interface("org.signet.Signet1.Manager")
+                    .member(member)
+                    .build()
+                    .unwrap();
+                let mut stream = zbus::MessageStream::for_match_rule(rule, &conn, None)
+                    .await
+                    .unwrap();
+                ready_tx.send(()).unwrap();
+                while let Some(Ok(msg)) = stream.next().await {
+                    let body = msg.body();
+                    // `(s document)`, or `(s name, s document)`: the name joins the
+                    // document as `signal_arg0`.
+                    let document = match body.deserialize::<(String, String)>() {
+                        Ok((name, doc)) => {
+                            let mut v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+                            v["signal_arg0"] = name.into();
+                            v
+                        }
+                        Err(_) => {
+                            serde_json::from_str(&body.deserialize::<String>().unwrap()).unwrap()
+                        }
+                    };
+                    if tx.send(document).is_err() {
+                        return;
+                    }
+                }
+            });
+        });
+        ready_rx
+            .recv_timeout(SIGNAL_TIMEOUT)
+            .expect("subscribing on the bus");
+        Signals {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next signal that `want` accepts; others are skipped.
+    pub(crate) fn wait(
+        &mut self,
+        what: &str,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + SIGNAL_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(t) => {
+                    self.seen.push(t.clone());
+                    if want(&t) {
+                        return t;
+                    }
+                }
+                Err(_) => panic!("never signalled: {what}; signals: {:#?}", self.seen),
+            }
+        }
+    }
+
+    /// The next `TokenChanged` for `serial` that `want` accepts.
+    pub(crate) fn wait_token(
+        &mut self,
+        serial: &str,
+        what: &str,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        self.wait(&format!("token {serial} {what}"), |t| {
+            t["serial"] == serial && want(t)
+        })
+    }
+}
+
 pub(crate) fn signetctl(bus: &Bus, args: &[&str], uid: Option<u32>) -> Output {
     let mut cmd = Command::new(bin("signetctl"));
     cmd.env("SIGNET_DBUS", &bus.address)

@@ -78,11 +78,7 @@ fn a_queued_job_is_cancelled_by_its_caller_and_no_other() {
 
     // Job 1 is held at the agent; job 2 waits behind it, its result awaited.
     let first = sign_async(&unix, "first.exe", &pe);
-    let started = Instant::now();
-    while !signer.held.exists() {
-        assert!(started.elapsed() < STATE_TIMEOUT, "the first job never ran");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the first job runs", || signer.held.exists());
     let second = sign_async(&unix, "second.exe", &pe);
     let view = wait_job(&unix, &second, "queued", |v| v["state"] == "queued");
     assert_eq!(view["position"], 0, "{view:#}");

@@ -19,7 +19,7 @@ use serde_json::Value;
 use signet_tests::*;
 use signetd::qmp::{device_id, Monitor, MonitorEvent, Qmp};
 
-use super::dbus::{signetctl, Bus};
+use super::dbus::{signetctl, Bus, Signals};
 
 const SERIAL: &str = "0123ABCD";
 const OTHER_SERIAL: &str = "0456CDEF";
@@ -71,75 +71,6 @@ impl Testbed {
         let mut answer = String::new();
         self.0.read_line(&mut answer).unwrap();
         assert_eq!(answer.trim(), "ok", "testbed: {line}");
-    }
-}
-
-/// `TokenChanged` signals, read on a thread of its own.
-struct Signals {
-    rx: std::sync::mpsc::Receiver<Value>,
-    seen: Vec<Value>,
-}
-
-impl Signals {
-    /// Subscribes; returns once the bus has the match rule, so no later signal is missed.
-    fn follow(address: &str) -> Signals {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let address = address.to_owned();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                use futures_util::StreamExt;
-                let conn = zbus::connection::Builder::address(address.as_str())
-                    .build()
-                    .await
-                    .unwrap();
-                let rule = zbus::MatchRule::builder()
-                    .msg_type(zbus::message::Type::Signal)
-                    .interface("org.signet.Signet1.Manager")
-                    .member("TokenChanged")
-                    .build()
-                    .unwrap();
-                let mut stream = zbus::MessageStream::for_match_rule(rule, &conn, None)
-                    .await
-                    .unwrap();
-                ready_tx.send(()).unwrap();
-                while let Some(Ok(msg)) = stream.next().await {
-                    let body: String = msg.body().deserialize().unwrap();
-                    if tx.send(serde_json::from_str(&body).unwrap()).is_err() {
-                        return;
-                    }
-                }
-            });
-        });
-        ready_rx.recv_timeout(HANG).expect("subscribing on the bus");
-        Signals {
-            rx,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The next `TokenChanged` for `serial` that `want` accepts; others are skipped.
-    fn wait(&mut self, serial: &str, what: &str, want: impl Fn(&Value) -> bool) -> Value {
-        let deadline = std::time::Instant::now() + HANG;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(t) => {
-                    self.seen.push(t.clone());
-                    if t["serial"] == serial && want(&t) {
-                        return t;
-                    }
-                }
-                Err(_) => panic!(
-                    "token {serial} never became {what}; signals: {:#?}",
-                    self.seen
-                ),
-            }
-        }
     }
 }
 
@@ -201,7 +132,7 @@ fn signetd_keeps_its_token_in_its_vm_and_reports_it_everywhere() {
     ));
     let driver =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/umockdev-driver.py");
-    let mut signals = Signals::follow(&bus.address);
+    let mut signals = Signals::follow(&bus.address, "TokenChanged");
     let ep = w
         .restart_daemon_under(&[
             "umockdev-wrapper".as_ref(),
@@ -224,7 +155,7 @@ fn signetd_keeps_its_token_in_its_vm_and_reports_it_everywhere() {
 
     // Plugged in: it goes to its VM by itself, at the port udev reported.
     testbed.ask(&format!("add 2 5 {SERIAL}"));
-    let t = signals.wait(SERIAL, "in VM 105", in_vm);
+    let t = signals.wait_token(SERIAL, "in VM 105", in_vm);
     assert_eq!(t["host_port"], "1-2");
     assert_eq!(t["model"], "SafeNet eToken 5110");
     assert_eq!(t["usb_id"], "0529:0620");
@@ -258,7 +189,7 @@ fn signetd_keeps_its_token_in_its_vm_and_reports_it_everywhere() {
     let before = t["last_change"]["at"].clone();
     rt.block_on(vm.execute("device_del", Some(serde_json::json!({"id": id}))))
         .unwrap();
-    let t = signals.wait(SERIAL, "back in VM 105", |t| {
+    let t = signals.wait_token(SERIAL, "back in VM 105", |t| {
         in_vm(t) && t["last_change"]["at"] != before
     });
     assert!(
@@ -273,9 +204,9 @@ fn signetd_keeps_its_token_in_its_vm_and_reports_it_everywhere() {
     // Unplugged, then back at another port with a new device number: re-attached
     // there.
     testbed.ask("remove 2");
-    signals.wait(SERIAL, "absent", |t| t["state"] == "absent");
+    signals.wait_token(SERIAL, "absent", |t| t["state"] == "absent");
     testbed.ask(&format!("add 3 6 {SERIAL}"));
-    let t = signals.wait(SERIAL, "in VM 105 at 1-3", in_vm);
+    let t = signals.wait_token(SERIAL, "in VM 105 at 1-3", in_vm);
     assert_eq!(t["host_port"], "1-3");
     assert_eq!(
         hostport(&vm).as_deref(),
@@ -350,7 +281,7 @@ fn signetd_keeps_its_token_in_its_vm_and_reports_it_everywhere() {
 
     // The same model, not assigned: stays on the host, and cannot be attached.
     testbed.ask(&format!("add 4 7 {OTHER_SERIAL}"));
-    let t = signals.wait(OTHER_SERIAL, "on the host", |t| t["state"] == "on_host");
+    let t = signals.wait_token(OTHER_SERIAL, "on the host", |t| t["state"] == "on_host");
     assert!(
         t["last_change"]["reason"]
             .as_str()

@@ -79,14 +79,7 @@ fn an_agent_restarted_mid_job_gets_the_pin_from_the_host_and_the_job_is_signed_o
 
     let pe = std::fs::read(w.pe("r.exe")).unwrap();
     let id = sign_async(&ep, "s.exe", &pe);
-    let started = Instant::now();
-    while !signer.held.exists() {
-        assert!(
-            started.elapsed() < TIMEOUT,
-            "the job never reached the signer"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the job reaches the signer", || signer.held.exists());
     // The signing VM's agent dies mid-job and comes back, without a PIN.
     w.kill("signet-agent");
     wait_timeline(&ep, "agent_unreachable");
@@ -235,36 +228,11 @@ fn recovery_steps_are_signalled_on_the_bus() {
         &[&format!("unix:{}", w.path("signetd.sock").display())],
         &agent,
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (event, entry) = rt.block_on(async {
-        use futures_util::StreamExt;
-        let conn = zbus::connection::Builder::address(bus.address.as_str())
-            .build()
-            .await
-            .unwrap();
-        let rule = zbus::MatchRule::builder()
-            .msg_type(zbus::message::Type::Signal)
-            .interface("org.signet.Signet1.Manager")
-            .member("RecoveryStep")
-            .build()
-            .unwrap();
-        let mut signals = zbus::MessageStream::for_match_rule(rule, &conn, None)
-            .await
-            .unwrap();
-        // The signing VM's agent goes away.
-        w.stop("signet-agent");
-        let msg = tokio::time::timeout(TIMEOUT, signals.next())
-            .await
-            .expect("a RecoveryStep signal")
-            .unwrap()
-            .unwrap();
-        msg.body().deserialize::<(String, String)>().unwrap()
-    });
-    assert_eq!(event, "agent_unreachable");
-    let entry: Value = serde_json::from_str(&entry).unwrap();
+    let mut signals = super::dbus::Signals::follow(&bus.address, "RecoveryStep");
+    // The signing VM's agent goes away.
+    w.stop("signet-agent");
+    let entry = signals.wait("a recovery step", |_| true);
+    assert_eq!(entry["signal_arg0"], "agent_unreachable", "{entry}");
     assert_eq!(entry["event"], "agent_unreachable", "{entry}");
     assert!(entry["detail"].is_string(), "{entry}");
 }

@@ -10,7 +10,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::*;
 
@@ -93,14 +93,6 @@ impl StandInLogind {
             released,
         });
         Ok(zbus::OwnedFd::from(w))
-    }
-}
-
-fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < TIMEOUT, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

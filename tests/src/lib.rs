@@ -902,3 +902,15 @@ pub fn fetch(ep: &Endpoint, path: &str) -> (u16, Vec<u8>) {
         (status, body.to_vec())
     })
 }
+
+/// How long [`wait_until`] waits before it fails.
+pub const WAIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Polls `cond` until it holds, or fails naming `what` (a condition, not a timer).
+pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < WAIT_TIMEOUT, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
