@@ -47,6 +47,9 @@ pub const AGENT_BATCH_PATH: &str = "/agent/v1/batch";
 pub const AGENT_HEALTH_PATH: &str = "/agent/v1/health";
 /// Daemon → agent path that hands the agent the token's PIN.
 pub const AGENT_LOGIN_PATH: &str = "/agent/v1/login";
+/// Daemon → agent path that makes the agent finalise and re-initialise its PKCS#11
+/// module now (the first step of the recovery ladder); answers the health after.
+pub const AGENT_REINIT_PATH: &str = "/agent/v1/reinit";
 /// Daemon → agent path of the event stream (server-sent events).
 pub const AGENT_EVENTS_PATH: &str = "/agent/v1/events";
 

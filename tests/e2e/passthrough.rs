@@ -21,18 +21,18 @@ use signetd::qmp::{device_id, Monitor, MonitorEvent, Qmp};
 
 use super::dbus::{signetctl, Bus, Signals};
 
-const SERIAL: &str = "0123ABCD";
+pub(crate) const SERIAL: &str = "0123ABCD";
 const OTHER_SERIAL: &str = "0456CDEF";
-const VM: u32 = 105;
+pub(crate) const VM: u32 = 105;
 /// Bounds a hang only: every wait below ends on an event.
 const HANG: Duration = Duration::from_secs(60);
 
 /// The signing VM's QEMU: Signet's monitor at `monitor_dir/vm-105.qmp` (where
 /// `[passthrough] monitor_dir` says) and another monitor; killed by PID on drop.
-struct Qemu(Child);
+pub(crate) struct Qemu(Child);
 
 impl Qemu {
-    fn start(signet: &std::path::Path, other: &std::path::Path) -> Qemu {
+    pub(crate) fn start(signet: &std::path::Path, other: &std::path::Path) -> Qemu {
         let child = Command::new("qemu-system-x86_64")
             .args(["-accel", "tcg", "-machine", "q35", "-nodefaults"])
             .args(["-nographic", "-display", "none", "-S"])
@@ -61,10 +61,10 @@ impl Drop for Qemu {
 }
 
 /// The testbed's door: plug and unplug fake tokens.
-struct Testbed(BufReader<UnixStream>);
+pub(crate) struct Testbed(pub(crate) BufReader<UnixStream>);
 
 impl Testbed {
-    fn ask(&mut self, line: &str) {
+    pub(crate) fn ask(&mut self, line: &str) {
         let s = self.0.get_mut();
         writeln!(s, "{line}").unwrap();
         s.flush().unwrap();
@@ -74,7 +74,7 @@ impl Testbed {
     }
 }
 
-fn in_vm(t: &Value) -> bool {
+pub(crate) fn in_vm(t: &Value) -> bool {
     t["state"] == "attaching" && t["vmid"] == VM && t["accepted"] == true
 }
 

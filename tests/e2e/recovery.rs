@@ -145,6 +145,16 @@ fn a_token_lost_mid_job_is_on_the_timeline_and_the_job_is_signed_once() {
     tokens.vanish();
     signer.release();
     wait_timeline(&ep, "token_lost");
+    // No USB passthrough for this token: the ladder's first step, the agent's
+    // re-initialisation, is all Signet can do.
+    let step = wait_timeline(&ep, "recovery_step");
+    assert!(
+        step["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("agent_reinit: "),
+        "{step}"
+    );
     tokens.restore();
 
     let (status, body) = fetch(&ep, &format!("/v1/jobs/{id}/result"));
@@ -152,6 +162,8 @@ fn a_token_lost_mid_job_is_on_the_timeline_and_the_job_is_signed_once() {
     assert!(verify(&w, &w.file("t-signed.exe", &body)).0);
     assert_eq!(audit_of(&w, &id).len(), 1);
     let back = wait_timeline(&ep, "token_back");
+    let recovered = wait_timeline(&ep, "recovered");
+    assert!(recovered["duration_ms"].is_u64(), "{recovered}");
     let first = wait_timeline(&ep, "first_job_signed");
     eprintln!(
         "measure: token loss: away {} ms, first job signed {} ms after it was back",
@@ -235,4 +247,273 @@ fn recovery_steps_are_signalled_on_the_bus() {
     assert_eq!(entry["signal_arg0"], "agent_unreachable", "{entry}");
     assert_eq!(entry["event"], "agent_unreachable", "{entry}");
     assert!(entry["detail"].is_string(), "{entry}");
+}
+
+/// The signing VM's world for the ladder: a real QEMU with Signet's monitor and a
+/// second one (qemu-server's, and whoever works behind Signet's back), a fake SafeNet
+/// token in a umockdev testbed that `signetd` keeps in that QEMU, a SoftHSM-backed
+/// agent without a PIN of its own, and the host's PIN file.
+struct VmWorld {
+    w: World,
+    bus: super::dbus::Bus,
+    other: std::path::PathBuf,
+    qemu: Option<super::passthrough::Qemu>,
+    testbed: Option<super::passthrough::Testbed>,
+    ep: Option<Endpoint>,
+    tokens_signals: super::dbus::Signals,
+}
+
+impl VmWorld {
+    fn start(recovery: &str) -> VmWorld {
+        use super::passthrough::{Qemu, SERIAL, VM};
+        let mut w = World::new();
+        let bus = super::dbus::Bus::start(&w);
+        let monitors = w.path("monitors");
+        std::fs::create_dir(&monitors).unwrap();
+        let signet_monitor = signetd::proxmox::monitor_path(&monitors, VM);
+        let other = w.path("qemu-server.qmp");
+        let qemu = Qemu::start(&signet_monitor, &other);
+        w.start_agent_config(&agent_sock(&w), SOFTHSM, None, &[], "");
+        let pin_file = host_pin(&w, PIN);
+        w.write_daemon_config(&format!(
+            "listen = [\"unix:{}\"]\nagent = \"{}\"\ndbus = \"{}\"\npin_file = \"{}\"\n\
+             [profiles.release]\ndescription = \"Signet test\"\n\
+             [[grants]]\ncallers = [\"uid:0\"]\nprofiles = [\"*\"]\n\
+             [passthrough]\nmonitor_dir = \"{}\"\n[[tokens]]\nserial = \"{SERIAL}\"\nvm = {VM}\n{recovery}",
+            w.path("signetd.sock").display(),
+            agent_sock(&w),
+            bus.address,
+            pin_file.display(),
+            monitors.display(),
+        ));
+        let tokens_signals = super::dbus::Signals::follow(&bus.address, "TokenChanged");
+        let mut vm = VmWorld {
+            w,
+            bus,
+            other,
+            qemu: Some(qemu),
+            testbed: None,
+            ep: None,
+            tokens_signals,
+        };
+        vm.start_daemon();
+        vm
+    }
+
+    /// Starts `signetd` in its umockdev testbed (again: the token is plugged in anew).
+    fn start_daemon(&mut self) {
+        use super::passthrough::{in_vm, Testbed, SERIAL};
+        let sock = self.w.path("testbed.sock");
+        let _ = std::fs::remove_file(&sock);
+        let driver =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/umockdev-driver.py");
+        let ep = self
+            .w
+            .restart_daemon_under(&[
+                "umockdev-wrapper".as_ref(),
+                "/usr/bin/python3".as_ref(),
+                driver.as_os_str(),
+                sock.as_os_str(),
+            ])
+            .remove(0);
+        let mut testbed = Testbed(std::io::BufReader::new(
+            std::os::unix::net::UnixStream::connect(&sock).unwrap(),
+        ));
+        testbed.ask(&format!("add 2 5 {SERIAL}"));
+        self.tokens_signals.wait_token(SERIAL, "in its VM", in_vm);
+        self.testbed = Some(testbed);
+        self.ep = Some(ep);
+    }
+
+    fn ep(&self) -> &Endpoint {
+        self.ep.as_ref().unwrap()
+    }
+
+    /// The second monitor, for what happens behind Signet's back.
+    fn other_monitor(&self, command: &str) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut m = signetd::qmp::Monitor::start(self.other.clone(), TIMEOUT);
+            tokio::time::timeout(TIMEOUT, async {
+                while m.next().await != Some(signetd::qmp::MonitorEvent::Connected) {}
+            })
+            .await
+            .expect("QEMU's other monitor");
+            m.qmp().unwrap().execute(command, None).await.unwrap();
+        });
+    }
+
+    fn sign_and_verify(&self, name: &str) {
+        let pe = std::fs::read(self.w.pe(name)).unwrap();
+        let id = sign_async(self.ep(), name, &pe);
+        let (status, body) = fetch(self.ep(), &format!("/v1/jobs/{id}/result"));
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        assert!(verify(&self.w, &self.w.file(&format!("signed-{name}"), &body)).0);
+        assert_eq!(audit_of(&self.w, &id).len(), 1, "signed once");
+    }
+}
+
+/// The timeline entries `event` from the status, newest last.
+fn timeline_details(ep: &Endpoint, event: &str) -> Vec<String> {
+    let (_, s) = call_json(ep, "GET", "/v1/status", None);
+    s["recovery"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == event)
+        .map(|e| e["detail"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn the_ladder_reattaches_a_token_the_agent_lost_while_the_host_has_it_in_the_vm() {
+    use super::passthrough::{in_vm, SERIAL};
+    // Short cool-downs: the agent gets half a second, the re-attach a minute (the
+    // test brings the token back long before).
+    let mut vm = VmWorld::start(
+        "[recovery.agent_reinit]\ncooldown_seconds = 0.5\n[recovery.reattach]\ncooldown_seconds = 60\n",
+    );
+    let mut steps = super::dbus::Signals::follow(&vm.bus.address, "RecoveryStep");
+    wait_timeline(vm.ep(), "pin_delivered");
+    vm.sign_and_verify("before.exe");
+
+    // The token goes in the guest (an RDP session took it, a driver hung) while QEMU
+    // still holds the USB device.
+    let (_, s) = call_json(vm.ep(), "GET", "/v1/status", None);
+    let attached_at = s["tokens"]["tokens"][0]["last_change"]["at"].clone();
+    let tokens = TokenDir::of(&vm.w);
+    tokens.vanish();
+    let lost = Instant::now();
+    steps.wait("the loss", |e| e["event"] == "token_lost");
+    let first = steps.wait("the first step", |e| e["event"] == "recovery_step");
+    assert!(
+        first["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("agent_reinit: "),
+        "{first}"
+    );
+    let second = steps.wait("the second step", |e| e["event"] == "recovery_step");
+    assert!(
+        second["detail"].as_str().unwrap().starts_with("reattach: "),
+        "{second}"
+    );
+    // The re-attach took the device out of QEMU and put it back.
+    vm.tokens_signals
+        .wait_token(SERIAL, "back in the VM after the re-attach", |t| {
+            in_vm(t) && t["last_change"]["at"] != attached_at
+        });
+    // A job sent now waits for the token.
+    let pe = std::fs::read(vm.w.pe("during.exe")).unwrap();
+    let id = sign_async(vm.ep(), "during.exe", &pe);
+    tokens.restore();
+    let recovered = steps.wait("the recovery", |e| e["event"] == "recovered");
+    assert!(
+        recovered["detail"].as_str().unwrap().contains("reattach"),
+        "{recovered}"
+    );
+    let (status, body) = fetch(vm.ep(), &format!("/v1/jobs/{id}/result"));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(verify(&vm.w, &vm.w.file("signed-during.exe", &body)).0);
+    assert_eq!(audit_of(&vm.w, &id).len(), 1, "signed once");
+    let first_job = wait_timeline(vm.ep(), "first_job_signed");
+    eprintln!(
+        "measure: token lost in the guest, ladder to re-attach: back after {} ms, first job signed {} ms after that ({} ms in all)",
+        recovered["duration_ms"],
+        first_job["duration_ms"],
+        lost.elapsed().as_millis()
+    );
+    assert!(
+        timeline_details(vm.ep(), "recovery_exhausted").is_empty(),
+        "no alert: the second step brought it back"
+    );
+}
+
+#[test]
+fn a_signing_vm_reset_gets_the_pin_again_and_the_queue_goes_on() {
+    let mut vm = VmWorld::start("");
+    let mut steps = super::dbus::Signals::follow(&vm.bus.address, "RecoveryStep");
+    wait_timeline(vm.ep(), "pin_delivered");
+
+    // The VM reboots: QEMU resets it, and the agent inside goes down with it and
+    // comes back without a PIN.
+    vm.other_monitor("system_reset");
+    let reset = Instant::now();
+    steps.wait("the reset", |e| e["event"] == "vm_reset");
+    vm.w.kill("signet-agent");
+    steps.wait("the agent gone", |e| e["event"] == "agent_unreachable");
+    // A job sent while the VM boots waits for it.
+    let pe = std::fs::read(vm.w.pe("boot.exe")).unwrap();
+    let id = sign_async(vm.ep(), "boot.exe", &pe);
+    vm.w.start_agent_config(&agent_sock(&vm.w), SOFTHSM, None, &[], "");
+    steps.wait("the agent back", |e| e["event"] == "agent_back");
+    steps.wait("the PIN given again", |e| e["event"] == "pin_delivered");
+    let (status, body) = fetch(vm.ep(), &format!("/v1/jobs/{id}/result"));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(verify(&vm.w, &vm.w.file("signed-boot.exe", &body)).0);
+    assert_eq!(audit_of(&vm.w, &id).len(), 1, "signed once");
+    let first = wait_timeline(vm.ep(), "first_job_signed");
+    eprintln!(
+        "measure: signing VM reset: first job signed {} ms after the agent was back ({} ms after the reset)",
+        first["duration_ms"],
+        reset.elapsed().as_millis()
+    );
+    // The token stayed in the VM across the reset.
+    let (_, s) = call_json(vm.ep(), "GET", "/v1/status", None);
+    let t = &s["tokens"]["tokens"][0];
+    assert!(super::passthrough::in_vm(t), "{s:#}");
+}
+
+#[test]
+fn signetd_killed_mid_recovery_takes_it_up_again_after_its_restart() {
+    // The ladder's second step waits a long time, so the daemon dies while climbing.
+    let mut vm = VmWorld::start("[recovery.agent_reinit]\ncooldown_seconds = 600\n");
+    wait_timeline(vm.ep(), "pin_delivered");
+    let tokens = TokenDir::of(&vm.w);
+    tokens.vanish();
+    wait_timeline(vm.ep(), "recovery_step");
+    let pe = std::fs::read(vm.w.pe("mid.exe")).unwrap();
+    let id = sign_async(vm.ep(), "mid.exe", &pe);
+
+    // kill -9 of signetd itself (inside its testbed), then of the testbed.
+    vm.testbed.take().unwrap().ask("crash");
+    vm.w.kill("signetd");
+    // Back up: the agent still misses the token, so the ladder starts again — its
+    // first step, whose rate limit (none by default) allows it.
+    let mut steps = super::dbus::Signals::follow(&vm.bus.address, "RecoveryStep");
+    let restarted = Instant::now();
+    vm.start_daemon();
+    let again = loop {
+        let e = steps.wait("the ladder again", |e| {
+            e["event"] == "recovery_started" || e["event"] == "recovery_step"
+        });
+        if e["event"] == "recovery_step" {
+            break e;
+        }
+    };
+    assert!(
+        again["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("agent_reinit: "),
+        "{again}"
+    );
+    tokens.restore();
+    steps.wait("the recovery", |e| e["event"] == "recovered");
+    let (status, body) = fetch(vm.ep(), &format!("/v1/jobs/{id}/result"));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(verify(&vm.w, &vm.w.file("signed-mid.exe", &body)).0);
+    assert_eq!(
+        audit_of(&vm.w, &id).len(),
+        1,
+        "signed once, across the restart"
+    );
+    eprintln!(
+        "measure: signetd killed mid-recovery: the job signed {} ms after the restart began",
+        restarted.elapsed().as_millis()
+    );
+    let _ = vm.qemu.take();
 }

@@ -1,20 +1,26 @@
 //! The daemon follows the signing agent for its life: its event stream
-//! (`GET /agent/v1/events`) and its health. It records in the [timeline] when the
-//! agent becomes unreachable and comes back and when the token is lost and comes back,
-//! and it gives the agent the token's PIN from the host's `pin_file` whenever the agent
-//! needs one — after a signing-VM reboot or an agent restart — so no person types it.
+//! (`GET /agent/v1/events`) and its health, the host's view of the agent VM's tokens
+//! (the token service's status) and that VM's QEMU (resets, shutdowns). All of it is
+//! fed, one event at a time, to the token's life ([`life::Life`], pure), and its
+//! actions are carried out here: timeline entries ([timeline]), the PIN from the
+//! host's `pin_file` given to the agent whenever it needs one — after a signing-VM
+//! reboot or an agent restart — so no person types it, the worker woken when signing
+//! can work again, and the steps of the escalation ladder when the agent has lost a
+//! token the host still has in the VM: the agent re-initialises PKCS#11
+//! (`POST /agent/v1/reinit`), the token is re-attached, its USB port reset, the VM
+//! reset (through the token service), then an alert.
 //!
 //! A PIN the token refused is never sent again (the agent would not present it either):
 //! the timeline says "PIN rejected — operator action needed" and jobs fail with
 //! `pin_rejected` until the PIN file holds another PIN.
 //!
-//! [`react`] (pure) decides what an agent event calls for; [`run`] does the I/O.
+//! [`react`] (pure) turns an agent event into the life's event; [`run`] does the I/O.
 //!
 //! [timeline]: crate::timeline
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -22,12 +28,16 @@ use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 use signet_protocol::client;
 use signet_protocol::wire::{
-    AgentEvent, AgentEventKind, AgentHealth, AgentLogin, AgentState, ErrorCode, AGENT_EVENTS_PATH,
-    AGENT_HEALTH_PATH, AGENT_LOGIN_PATH,
+    AgentEvent, AgentEventKind, AgentHealth, AgentLogin, AgentState, ErrorCode, TokenPlace,
+    AGENT_EVENTS_PATH, AGENT_HEALTH_PATH, AGENT_LOGIN_PATH, AGENT_REINIT_PATH,
 };
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::daemon::Daemon;
+use crate::life::{Action, Event, Host, Life};
+use crate::recovery::Step;
 use crate::timeline::Seen;
+use crate::tokens::{Op, Status, VmSignal};
 
 /// The shortest and longest wait before connecting to the agent again.
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
@@ -35,29 +45,66 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// How often the health is read while the agent waits for a PIN (the PIN file may
 /// have been fixed).
 const PIN_RECHECK: Duration = Duration::from_secs(10);
+/// How often the ladder's cool-downs are looked at.
+const TICK: Duration = Duration::from_millis(250);
+/// How long the agent may take to re-initialise PKCS#11 (it waits for the job at the
+/// token first).
+const REINIT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// What an agent event calls for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reaction {
-    Record(Seen),
-    /// Give the agent the host's PIN.
-    DeliverPin,
-    Nothing,
-}
-
-/// The reaction to `event`.
-pub fn react(event: &AgentEventKind) -> Reaction {
+/// The token's life event an agent event is, if any.
+pub fn react(event: &AgentEventKind) -> Option<Event> {
     match event {
-        AgentEventKind::TokenLost { detail, .. } => {
-            Reaction::Record(Seen::TokenLost(detail.clone()))
-        }
-        AgentEventKind::TokenAppeared { .. } => Reaction::Record(Seen::TokenBack),
-        AgentEventKind::LoggedIn { .. } => Reaction::Record(Seen::LoggedIn),
+        AgentEventKind::TokenLost { detail, .. } => Some(Event::TokenLost(detail.clone())),
+        AgentEventKind::TokenAppeared { .. } => Some(Event::TokenBack),
+        AgentEventKind::LoggedIn { .. } => Some(Event::LoggedIn),
         AgentEventKind::PinProblem {
             state: AgentState::PinNeeded,
             ..
-        } => Reaction::DeliverPin,
-        _ => Reaction::Nothing,
+        } => Some(Event::PinNeeded),
+        _ => None,
+    }
+}
+
+/// What the agent's health, read when the daemon connects, says of the token.
+pub fn health_event(h: &AgentHealth) -> Option<Event> {
+    match h.state {
+        AgentState::Ready => Some(Event::TokenBack),
+        AgentState::TokenLost | AgentState::TokenMissing => {
+            Some(Event::TokenLost(h.detail.clone()))
+        }
+        AgentState::PinNeeded => Some(Event::PinNeeded),
+        _ => None,
+    }
+}
+
+/// Where the host has the agent VM's tokens: in the VM when one of them is; away when
+/// none is on the host (absent, or in conflict); else on its way.
+pub fn host_of(status: &Status, serials: &[String], vm: u32) -> Host {
+    let mine: Vec<_> = status
+        .values()
+        .filter(|t| serials.contains(&t.serial))
+        .collect();
+    let in_vm = mine.iter().any(|t| {
+        matches!(
+            t.place,
+            TokenPlace::Attached { vmid } | TokenPlace::Attaching { vmid, accepted: true } if vmid == vm
+        )
+    });
+    if in_vm {
+        return Host::InVm;
+    }
+    let why = mine
+        .iter()
+        .map(|t| format!("{}: {}", t.serial, t.place.words()))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let away = mine
+        .iter()
+        .all(|t| matches!(t.place, TokenPlace::Absent | TokenPlace::Conflict { .. }));
+    if away {
+        Host::Away(why)
+    } else {
+        Host::Elsewhere(why)
     }
 }
 
@@ -95,15 +142,16 @@ struct PinMemory {
     complaint: Option<String>,
 }
 
-/// Follows the agent for the daemon's life.
+/// Follows the agent and the token's life for the daemon's life.
 pub async fn run(daemon: Arc<Daemon>) {
-    let mut pins = PinMemory::default();
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(live(daemon.clone(), rx));
     let mut wait = RECONNECT_MIN;
     loop {
-        match follow(&daemon, &mut pins).await {
+        match follow(&daemon, &tx).await {
             Ok(()) => wait = RECONNECT_MIN,
             Err(why) => {
-                daemon.timeline().saw(Seen::AgentDown(why));
+                let _ = tx.send(Event::AgentDown(why)).await;
             }
         }
         tokio::time::sleep(wait).await;
@@ -111,9 +159,171 @@ pub async fn run(daemon: Arc<Daemon>) {
     }
 }
 
+/// The agent VM's tokens, and whether Signet can act on the host for them.
+struct Scope {
+    vm: Option<u32>,
+    serials: Vec<String>,
+}
+
+/// The token's life: owns [`Life`], feeds it the agent's events (from [`follow`]),
+/// the host's view of the tokens, the VM's resets and time, and carries out what it
+/// asks.
+async fn live(daemon: Arc<Daemon>, mut agent: mpsc::Receiver<Event>) {
+    let cfg = daemon.config();
+    let vm = cfg.agent_vm();
+    let scope = Scope {
+        vm,
+        serials: vm
+            .map(|vm| {
+                cfg.tokens
+                    .iter()
+                    .filter(|t| t.vm == vm)
+                    .map(|t| t.serial.clone())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let service = daemon.token_service();
+    let mut status = service.subscribe();
+    let mut vm_signals = service.vm_signals();
+    // The host steps need the token service and the VM's monitor (its VM in
+    // [[tokens]]).
+    let followed = status.is_some() && !scope.serials.is_empty();
+    let mut life = Life::new(
+        cfg.recovery.policy(),
+        cfg.recovery.enabled,
+        followed,
+        followed,
+    );
+    let now = Instant::now();
+    let now_ms = crate::store::now_ms();
+    for (step, at_ms) in daemon.timeline().last_steps() {
+        let ago = Duration::from_millis(now_ms.saturating_sub(at_ms));
+        if let Some(at) = now.checked_sub(ago) {
+            life.remember(step, at);
+        }
+    }
+    let mut pins = PinMemory::default();
+    let first = match (&status, scope.vm) {
+        (Some(s), Some(vm)) if followed => {
+            Some(Event::Host(host_of(&s.borrow(), &scope.serials, vm)))
+        }
+        _ => None,
+    };
+    if let Some(ev) = first {
+        for a in life.on(ev, Instant::now()) {
+            act(&daemon, &scope, &mut pins, a).await;
+        }
+    }
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            ev = agent.recv() => match ev {
+                Some(ev) => ev,
+                None => return,
+            },
+            _ = tick.tick() => Event::Tick,
+            s = next_status(&mut status), if followed => match scope.vm {
+                Some(vm) => Event::Host(host_of(&s, &scope.serials, vm)),
+                None => continue,
+            },
+            sig = next_signal(&mut vm_signals) => match sig {
+                (id, VmSignal::Reset) if Some(id) == scope.vm => Event::VmReset,
+                (id, VmSignal::Down) if Some(id) == scope.vm => Event::VmDown,
+                _ => continue,
+            },
+        };
+        for a in life.on(event, Instant::now()) {
+            act(&daemon, &scope, &mut pins, a).await;
+        }
+    }
+}
+
+async fn next_status(rx: &mut Option<watch::Receiver<Status>>) -> Status {
+    if let Some(r) = rx {
+        if r.changed().await.is_ok() {
+            return r.borrow_and_update().clone();
+        }
+    }
+    std::future::pending().await
+}
+
+async fn next_signal(rx: &mut Option<broadcast::Receiver<(u32, VmSignal)>>) -> (u32, VmSignal) {
+    loop {
+        match rx {
+            Some(r) => match r.recv().await {
+                Ok(s) => return s,
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => *rx = None,
+            },
+            None => return std::future::pending().await,
+        }
+    }
+}
+
+/// Carries out one of the life's actions.
+async fn act(daemon: &Arc<Daemon>, scope: &Scope, pins: &mut PinMemory, action: Action) {
+    match action {
+        Action::Record(seen) => daemon.timeline().saw(seen),
+        Action::ResumeQueue => daemon.wake_worker(),
+        Action::DeliverPin => deliver_pin(daemon, pins).await,
+        Action::Alert(why) => tracing::error!(alert = true, "{why}"),
+        Action::Run(step) => {
+            // A step takes a while (the agent waits for the job at the token, QEMU
+            // answers in its time): it runs beside the loop, which goes on hearing.
+            let daemon = daemon.clone();
+            let serials = scope.serials.clone();
+            tokio::spawn(async move {
+                if let Err(why) = run_step(&daemon, &serials, step).await {
+                    tracing::warn!(step = step.name(), error = %why, "a recovery step failed");
+                    daemon
+                        .timeline()
+                        .saw(Seen::StepFailed(format!("{}: {why}", step.name())));
+                }
+            });
+        }
+    }
+}
+
+async fn run_step(daemon: &Daemon, serials: &[String], step: Step) -> Result<(), String> {
+    tracing::warn!(step = step.name(), "recovery: {}", step.words());
+    let host = |op: Op| async move {
+        let Some(serial) = serials.first() else {
+            return Err("no token of the agent's VM is in [[tokens]]".to_owned());
+        };
+        daemon
+            .token_service()
+            .ask(serial, op)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    match step {
+        Step::AgentReinit => {
+            let agent = &daemon.config().agent;
+            let req = http::Request::post(AGENT_REINIT_PATH)
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| e.to_string())?;
+            let resp = tokio::time::timeout(REINIT_TIMEOUT, client::send(agent, req))
+                .await
+                .map_err(|_| "the agent did not answer in time".to_owned())?
+                .map_err(|e| e.to_string())?;
+            if resp.status().is_success() {
+                Ok(())
+            } else {
+                Err(client::error_body(agent, resp).await.message)
+            }
+        }
+        Step::Reattach => host(Op::Reattach).await,
+        Step::UsbPortReset => host(Op::ResetPort).await,
+        Step::VmReset => host(Op::ResetVm).await,
+    }
+}
+
 /// One connection to the agent's event stream, until it ends. `Err` when the agent
 /// could not be reached (why, for the timeline).
-async fn follow(daemon: &Daemon, pins: &mut PinMemory) -> Result<(), String> {
+async fn follow(daemon: &Daemon, life: &mpsc::Sender<Event>) -> Result<(), String> {
     let agent = &daemon.config().agent;
     let req = http::Request::get(AGENT_EVENTS_PATH)
         .header(http::header::ACCEPT, "text/event-stream")
@@ -126,11 +336,10 @@ async fn follow(daemon: &Daemon, pins: &mut PinMemory) -> Result<(), String> {
             resp.status()
         ));
     }
-    daemon.timeline().saw(Seen::AgentUp);
-    daemon.wake_worker();
+    let _ = life.send(Event::AgentUp).await;
     if let Ok(Ok(h)) = client::get_json::<AgentHealth>(agent, AGENT_HEALTH_PATH).await {
-        if h.state == AgentState::PinNeeded {
-            deliver_pin(daemon, pins).await;
+        if let Some(ev) = health_event(&h) {
+            let _ = life.send(ev).await;
         }
     }
     let mut body = resp.into_body();
@@ -146,23 +355,15 @@ async fn follow(daemon: &Daemon, pins: &mut PinMemory) -> Result<(), String> {
                 let Ok(data) = frame.into_data() else { continue };
                 buf.extend_from_slice(&data);
                 for event in take_events(&mut buf) {
-                    match react(&event.kind) {
-                        Reaction::Record(seen) => {
-                            let back = matches!(seen, Seen::TokenBack | Seen::LoggedIn);
-                            daemon.timeline().saw(seen);
-                            if back {
-                                daemon.wake_worker();
-                            }
-                        }
-                        Reaction::DeliverPin => deliver_pin(daemon, pins).await,
-                        Reaction::Nothing => {}
+                    if let Some(ev) = react(&event.kind) {
+                        let _ = life.send(ev).await;
                     }
                 }
             }
             _ = recheck.tick(), if daemon.config().pin_file.is_some() => {
                 if let Ok(Ok(h)) = client::get_json::<AgentHealth>(agent, AGENT_HEALTH_PATH).await {
                     if matches!(h.state, AgentState::PinNeeded | AgentState::PinRejected) {
-                        deliver_pin(daemon, pins).await;
+                        let _ = life.send(Event::PinNeeded).await;
                     }
                 }
             }
@@ -265,35 +466,100 @@ mod tests {
     use super::*;
 
     #[test]
-    fn agent_events_become_timeline_entries_or_a_pin() {
+    fn agent_events_and_health_become_life_events() {
         let lost = AgentEventKind::TokenLost {
             serial: "a1".into(),
             detail: "CKR_DEVICE_REMOVED".into(),
         };
         assert_eq!(
             react(&lost),
-            Reaction::Record(Seen::TokenLost("CKR_DEVICE_REMOVED".into()))
+            Some(Event::TokenLost("CKR_DEVICE_REMOVED".into()))
         );
         let back = AgentEventKind::TokenAppeared {
             label: "l".into(),
             serial: "a1".into(),
         };
-        assert_eq!(react(&back), Reaction::Record(Seen::TokenBack));
+        assert_eq!(react(&back), Some(Event::TokenBack));
         let needed = AgentEventKind::PinProblem {
             state: AgentState::PinNeeded,
             detail: String::new(),
         };
-        assert_eq!(react(&needed), Reaction::DeliverPin);
+        assert_eq!(react(&needed), Some(Event::PinNeeded));
         let rejected = AgentEventKind::PinProblem {
             state: AgentState::PinRejected,
             detail: String::new(),
         };
-        assert_eq!(react(&rejected), Reaction::Nothing, "never on a rejection");
+        assert_eq!(react(&rejected), None, "never on a rejection");
         let started = AgentEventKind::SigningStarted {
             job: 1,
             filename: None,
         };
-        assert_eq!(react(&started), Reaction::Nothing);
+        assert_eq!(react(&started), None);
+
+        let mut h: AgentHealth = serde_json::from_value(serde_json::json!({
+            "version": "1", "state": "token_missing", "detail": "no token labelled x",
+            "module": "/m.so", "signer": "osslsigncode 2.9"
+        }))
+        .unwrap();
+        assert_eq!(
+            health_event(&h),
+            Some(Event::TokenLost("no token labelled x".into()))
+        );
+        h.state = AgentState::Ready;
+        assert_eq!(health_event(&h), Some(Event::TokenBack));
+        h.state = AgentState::PinLocked;
+        assert_eq!(health_event(&h), None);
+    }
+
+    #[test]
+    fn the_host_has_the_token_in_the_vm_when_one_of_its_tokens_is() {
+        use signet_protocol::wire::{HostToken, TokenChange};
+        let t = |serial: &str, place| HostToken {
+            serial: serial.into(),
+            model: None,
+            usb_id: None,
+            host_port: None,
+            assigned_vm: Some(105),
+            place,
+            last_change: TokenChange {
+                at: "t".into(),
+                reason: "r".into(),
+            },
+        };
+        let serials = vec!["A".to_owned()];
+        let mut status = Status::new();
+        status.insert("A".into(), t("A", TokenPlace::Absent));
+        status.insert("B".into(), t("B", TokenPlace::Attached { vmid: 105 }));
+        assert!(matches!(host_of(&status, &serials, 105), Host::Away(w) if w.starts_with("A: ")));
+        status.insert(
+            "A".into(),
+            t(
+                "A",
+                TokenPlace::Attaching {
+                    vmid: 105,
+                    accepted: false,
+                },
+            ),
+        );
+        assert!(
+            matches!(host_of(&status, &serials, 105), Host::Elsewhere(_)),
+            "not yet accepted"
+        );
+        status.insert(
+            "A".into(),
+            t(
+                "A",
+                TokenPlace::Attaching {
+                    vmid: 105,
+                    accepted: true,
+                },
+            ),
+        );
+        assert_eq!(host_of(&status, &serials, 105), Host::InVm);
+        assert!(
+            matches!(host_of(&status, &serials, 106), Host::Elsewhere(_)),
+            "another VM"
+        );
     }
 
     #[test]

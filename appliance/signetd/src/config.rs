@@ -64,6 +64,8 @@ pub struct Config {
     pub web: Option<crate::web::WebConfig>,
     /// `[passthrough]`: how the daemon keeps tokens in their signing VMs.
     pub passthrough: crate::tokens::PassthroughConfig,
+    /// `[recovery]`: the escalation ladder for a token lost in its signing VM.
+    pub recovery: crate::recovery::RecoveryConfig,
     /// `[[tokens]]`: which token (by serial) belongs to which signing VM.
     pub tokens: Vec<crate::tokens::Assignment>,
 }
@@ -246,6 +248,8 @@ struct Raw {
     passthrough: crate::tokens::PassthroughConfig,
     #[serde(default)]
     tokens: Vec<crate::tokens::Assignment>,
+    #[serde(default)]
+    recovery: crate::recovery::RecoveryConfig,
 }
 
 /// A configuration that cannot be used.
@@ -471,6 +475,9 @@ impl Config {
         }
         crate::tokens::check_config(&raw.passthrough, &raw.tokens)
             .map_err(|(key, message)| invalid(&key, message))?;
+        raw.recovery
+            .check()
+            .map_err(|(key, message)| invalid(&key, message))?;
         Ok(Config {
             web: raw.web,
             pin_file: raw.pin_file,
@@ -492,7 +499,22 @@ impl Config {
             queue: raw.queue,
             passthrough: raw.passthrough,
             tokens: raw.tokens,
+            recovery: raw.recovery,
         })
+    }
+
+    /// The signing VM the agent runs in: a vsock agent's CID (through `cid_to_vmid`),
+    /// else `[recovery] agent_vm`, else the one VM `[[tokens]]` names.
+    pub fn agent_vm(&self) -> Option<u32> {
+        if let Endpoint::Vsock { cid, .. } = &self.agent {
+            return Some(self.cid_to_vmid.get(cid).copied().unwrap_or(*cid));
+        }
+        if let Some(vm) = self.recovery.agent_vm {
+            return Some(vm);
+        }
+        let mut vms = self.tokens.iter().map(|t| t.vm);
+        let first = vms.next()?;
+        vms.all(|v| v == first).then_some(first)
     }
 
     /// The largest input `profile` takes.
@@ -720,6 +742,29 @@ mod tests {
         assert_eq!(setup.assignments["0123ABCD"], 105);
         let plain = parse("agent = \"unix:/a\"").unwrap();
         assert_eq!(plain.passthrough.monitor_dir, Path::new("/run/signet"));
+        assert_eq!(plain.agent_vm(), None, "no tokens, no vsock agent");
+        assert_eq!(c.agent_vm(), None, "two signing VMs: say which");
+        let one = parse("agent = \"unix:/a\"\n[[tokens]]\nserial = \"A\"\nvm = 105\n").unwrap();
+        assert_eq!(one.agent_vm(), Some(105));
+        let vsock = parse("agent = \"vsock:107:7711\"\n[recovery]\nagent_vm = 105\n").unwrap();
+        assert_eq!(vsock.agent_vm(), Some(107), "a vsock agent's CID is its VM");
+        let named = parse(
+            "agent = \"unix:/a\"\n[recovery]\nagent_vm = 106\n[recovery.reattach]\ncooldown_seconds = 0.5\n",
+        )
+        .unwrap();
+        assert_eq!(named.agent_vm(), Some(106));
+        let p = named.recovery.policy();
+        assert_eq!(p.reattach.cooldown, std::time::Duration::from_millis(500));
+        assert_eq!(
+            p.reattach.min_interval,
+            crate::recovery::LadderPolicy::default()
+                .reattach
+                .min_interval,
+            "what is left out keeps its default"
+        );
+        let e =
+            parse("agent = \"unix:/a\"\n[recovery.vm_reset]\ncooldown_seconds = -1\n").unwrap_err();
+        assert!(e.contains("recovery.vm_reset.cooldown_seconds"), "{e}");
         assert!(plain.tokens.is_empty());
         let err = parse("agent = \"unix:/a\"\n[[tokens]]\nserial = \"A\"\nvm = 1\n[[tokens]]\nserial = \"A\"\nvm = 2\n").unwrap_err();
         assert!(

@@ -50,6 +50,7 @@ pub mod doctor;
 pub mod enroll_config;
 pub mod handtokening;
 pub mod jobs;
+pub mod life;
 pub mod limits;
 pub mod ops;
 pub mod passthrough;

@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 /// One rung of the ladder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
     /// The agent finalises and re-initialises its PKCS#11 module.
@@ -27,6 +27,31 @@ pub enum Step {
 }
 
 impl Step {
+    /// The step's name in the timeline and in `[recovery]`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::AgentReinit => "agent_reinit",
+            Step::Reattach => "reattach",
+            Step::UsbPortReset => "usb_port_reset",
+            Step::VmReset => "vm_reset",
+        }
+    }
+
+    /// The step by its name.
+    pub fn from_name(name: &str) -> Option<Step> {
+        Step::LADDER.into_iter().find(|s| s.name() == name)
+    }
+
+    /// What the step does, in words.
+    pub fn words(self) -> &'static str {
+        match self {
+            Step::AgentReinit => "the agent re-initialises PKCS#11",
+            Step::Reattach => "the host re-attaches the token's USB device to the signing VM",
+            Step::UsbPortReset => "the host resets the token's USB port",
+            Step::VmReset => "the signing VM is reset",
+        }
+    }
+
     /// The ladder, gentlest first.
     pub const LADDER: [Step; 4] = [
         Step::AgentReinit,
@@ -67,6 +92,98 @@ impl Default for LadderPolicy {
             // A signing VM takes a while to boot and its agent to log in again.
             vm_reset: s(180, 1800),
         }
+    }
+}
+
+/// One step's timing in `[recovery]` (`[recovery.reattach]` …); what is left out
+/// keeps its default.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepConfig {
+    pub cooldown_seconds: Option<f64>,
+    pub min_interval_seconds: Option<f64>,
+}
+
+/// `[recovery]` in `signetd.toml`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoveryConfig {
+    /// Climb the ladder when the agent loses a token the host has in the VM (on by
+    /// default; off, losses are only recorded and jobs wait).
+    pub enabled: bool,
+    /// The signing VM the agent runs in, when `agent` is not a vsock address (a vsock
+    /// agent's VM is its CID); default: the one VM in `[[tokens]]`.
+    pub agent_vm: Option<u32>,
+    pub agent_reinit: StepConfig,
+    pub reattach: StepConfig,
+    pub usb_port_reset: StepConfig,
+    pub vm_reset: StepConfig,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            enabled: true,
+            agent_vm: None,
+            agent_reinit: StepConfig::default(),
+            reattach: StepConfig::default(),
+            usb_port_reset: StepConfig::default(),
+            vm_reset: StepConfig::default(),
+        }
+    }
+}
+
+impl RecoveryConfig {
+    /// The ladder's timing: the defaults, with what the configuration changes.
+    pub fn policy(&self) -> LadderPolicy {
+        let d = LadderPolicy::default();
+        let merge = |c: &StepConfig, d: &StepPolicy| StepPolicy {
+            cooldown: c
+                .cooldown_seconds
+                .map(Duration::from_secs_f64)
+                .unwrap_or(d.cooldown),
+            min_interval: c
+                .min_interval_seconds
+                .map(Duration::from_secs_f64)
+                .unwrap_or(d.min_interval),
+        };
+        LadderPolicy {
+            agent_reinit: merge(&self.agent_reinit, &d.agent_reinit),
+            reattach: merge(&self.reattach, &d.reattach),
+            usb_port_reset: merge(&self.usb_port_reset, &d.usb_port_reset),
+            vm_reset: merge(&self.vm_reset, &d.vm_reset),
+        }
+    }
+
+    /// What is wrong, as (key, message).
+    pub fn check(&self) -> Result<(), (String, String)> {
+        for (name, c) in [
+            ("agent_reinit", &self.agent_reinit),
+            ("reattach", &self.reattach),
+            ("usb_port_reset", &self.usb_port_reset),
+            ("vm_reset", &self.vm_reset),
+        ] {
+            for (key, v) in [
+                ("cooldown_seconds", c.cooldown_seconds),
+                ("min_interval_seconds", c.min_interval_seconds),
+            ] {
+                if let Some(v) = v {
+                    if !(v.is_finite() && (0.0..=86_400.0).contains(&v)) {
+                        return Err((
+                            format!("recovery.{name}.{key}"),
+                            "give a number of seconds from 0 to 86400".into(),
+                        ));
+                    }
+                }
+            }
+        }
+        if self.agent_vm == Some(0) {
+            return Err((
+                "recovery.agent_vm".into(),
+                "give the signing VM's id, e.g. agent_vm = 105".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -120,6 +237,8 @@ pub enum Record {
         step: Step,
         ran_ago: Duration,
     },
+    /// The step cannot run for this token (no USB passthrough, no monitor).
+    Unavailable(Step),
     Exhausted,
     /// The token came back after `after` (`step`: the last step run, if any).
     Recovered {
@@ -144,12 +263,49 @@ enum State {
     },
 }
 
+impl Record {
+    /// The timeline's event name and detail for this record.
+    pub fn describe(&self) -> (&'static str, String) {
+        match self {
+            Record::Lost { reason } => (
+                "recovery_started",
+                format!("the token is lost in the signing VM while the host has it attached ({reason}); recovery starts"),
+            ),
+            Record::Ran(step) => ("recovery_step", format!("{}: {}", step.name(), step.words())),
+            Record::Skipped { step, ran_ago } => (
+                "recovery_step_skipped",
+                format!(
+                    "{}: skipped, it ran {} s ago (its rate limit)",
+                    step.name(),
+                    ran_ago.as_secs()
+                ),
+            ),
+            Record::Unavailable(step) => (
+                "recovery_step_skipped",
+                format!("{}: skipped, not possible for this token (no USB passthrough or no monitor for its VM)", step.name()),
+            ),
+            Record::Exhausted => (
+                "recovery_exhausted",
+                "every recovery step was tried and the token is still lost; jobs wait until their deadline — operator action needed".to_owned(),
+            ),
+            Record::Recovered { step, .. } => (
+                "recovered",
+                match step {
+                    Some(s) => format!("the token is back after {}", s.name()),
+                    None => "the token is back".to_owned(),
+                },
+            ),
+        }
+    }
+}
+
 /// The ladder for one token.
 #[derive(Debug, Clone)]
 pub struct Ladder {
     policy: LadderPolicy,
     state: State,
     last_run: Vec<(Step, Instant)>,
+    unavailable: Vec<Step>,
 }
 
 impl Ladder {
@@ -158,6 +314,25 @@ impl Ladder {
             policy,
             state: State::Idle,
             last_run: Vec::new(),
+            unavailable: Vec::new(),
+        }
+    }
+
+    /// Which steps can run for this token (the host steps need USB passthrough and
+    /// the VM's monitor); the others are skipped and say so.
+    pub fn set_available(&mut self, available: &[Step]) {
+        self.unavailable = Step::LADDER
+            .into_iter()
+            .filter(|s| !available.contains(s))
+            .collect();
+    }
+
+    /// That `step` ran at `at` (before a restart: its rate limit holds across one).
+    pub fn remember(&mut self, step: Step, at: Instant) {
+        match self.last_run.iter_mut().find(|(s, _)| *s == step) {
+            Some(run) if run.1 >= at => {}
+            Some(run) => run.1 = at,
+            None => self.last_run.push((step, at)),
         }
     }
 
@@ -232,6 +407,13 @@ impl Ladder {
         };
         while let Some(&step) = Step::LADDER.get(next) {
             next += 1;
+            if self.unavailable.contains(&step) {
+                entries.push(Entry {
+                    at: now,
+                    what: Record::Unavailable(step),
+                });
+                continue;
+            }
             let ran = self
                 .last_run
                 .iter()
@@ -400,6 +582,57 @@ mod tests {
             ),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn steps_that_cannot_run_are_skipped_and_said() {
+        let (mut l, t0) = ladder();
+        l.set_available(&[Step::AgentReinit, Step::VmReset]);
+        l.on(lost(), t0);
+        let (a, e) = l.on(Event::Tick, t0 + secs(10));
+        assert_eq!(a, vec![Action::Run(Step::VmReset)]);
+        assert_eq!(
+            e.iter().map(|e| e.what.clone()).collect::<Vec<_>>(),
+            vec![
+                Record::Unavailable(Step::Reattach),
+                Record::Unavailable(Step::UsbPortReset),
+                Record::Ran(Step::VmReset)
+            ]
+        );
+        assert_eq!(e[0].what.describe().0, "recovery_step_skipped");
+        // Nothing available at all: the loss alerts at once.
+        let (mut l, t0) = ladder();
+        l.set_available(&[]);
+        let (a, _) = l.on(lost(), t0);
+        assert!(matches!(&a[..], [Action::Alert(_)]), "{a:?}");
+    }
+
+    #[test]
+    fn a_step_remembered_from_before_a_restart_keeps_its_rate_limit() {
+        let (mut l, t0) = ladder();
+        let t1 = t0 + secs(1000);
+        l.remember(Step::VmReset, t1 - secs(60));
+        l.remember(Step::VmReset, t1 - secs(600));
+        l.on(lost(), t1);
+        let (a, _) = l.on(Event::Tick, t1 + secs(10));
+        assert_eq!(a, vec![Action::Run(Step::Reattach)]);
+        let (a, _) = l.on(Event::Tick, t1 + secs(25));
+        assert_eq!(a, vec![Action::Run(Step::UsbPortReset)]);
+        let (a, e) = l.on(Event::Tick, t1 + secs(45));
+        assert!(matches!(&a[..], [Action::Alert(_)]), "{a:?}");
+        assert!(
+            matches!(
+                e[0].what,
+                Record::Skipped {
+                    step: Step::VmReset,
+                    ..
+                }
+            ),
+            "the newest run counts: {e:?}"
+        );
+        for s in Step::LADDER {
+            assert_eq!(Step::from_name(s.name()), Some(s));
+        }
     }
 
     #[test]

@@ -38,6 +38,16 @@ pub enum Seen {
     ShutdownReleased {
         job_ended: bool,
     },
+    /// A step of the escalation ladder for a token lost in the signing VM.
+    Ladder(crate::recovery::Record),
+    /// The ladder stopped without the token back (why).
+    RecoveryStopped(String),
+    /// A step of the ladder could not be carried out (which, why).
+    StepFailed(String),
+    /// The signing VM's QEMU reset it.
+    VmReset,
+    /// The signing VM shut down, or its QEMU went away.
+    VmDown,
 }
 
 /// One entry before it is stored.
@@ -140,6 +150,33 @@ impl Clock {
                 .to_owned(),
                 None,
             ),
+            Seen::Ladder(record) => {
+                let (event, detail) = record.describe();
+                let duration = match &record {
+                    crate::recovery::Record::Recovered { after, .. } => {
+                        Some(after.as_millis() as u64)
+                    }
+                    _ => None,
+                };
+                if matches!(record, crate::recovery::Record::Recovered { .. }) {
+                    self.back_at = Some(now);
+                }
+                entry(event, detail, duration)
+            }
+            Seen::RecoveryStopped(why) => entry("recovery_stopped", why, None),
+            Seen::StepFailed(why) => entry("recovery_step_failed", why, None),
+            Seen::VmReset => entry(
+                "vm_reset",
+                "the signing VM was reset (a reboot): its agent comes back and gets the PIN from the host"
+                    .to_owned(),
+                None,
+            ),
+            Seen::VmDown => entry(
+                "vm_down",
+                "the signing VM shut down or its QEMU stopped; the token waits on the host"
+                    .to_owned(),
+                None,
+            ),
         }
     }
 }
@@ -205,6 +242,34 @@ impl Timeline {
         });
     }
 
+    /// When each step of the escalation ladder last ran (ms since the epoch), read
+    /// back from the stored timeline: a step's rate limit holds across a restart.
+    pub fn last_steps(&self) -> Vec<(crate::recovery::Step, u64)> {
+        let conn = self.store.conn();
+        let rows = conn
+            .prepare(
+                "SELECT detail, MAX(time_ms) FROM timeline WHERE event = 'recovery_step'
+                 GROUP BY substr(detail, 1, instr(detail, ':'))",
+            )
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            });
+        match rows {
+            Ok(rows) => rows
+                .into_iter()
+                .filter_map(|(detail, at)| {
+                    let name = detail.split(':').next()?;
+                    Some((crate::recovery::Step::from_name(name)?, at as u64))
+                })
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "the timeline cannot be read");
+                Vec::new()
+            }
+        }
+    }
+
     /// Every entry from now on, as it is written.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<TimelineEntry> {
         self.steps.subscribe()
@@ -264,6 +329,30 @@ mod tests {
     }
 
     #[test]
+    fn ladder_steps_are_entries_and_a_recovery_waits_for_the_first_job() {
+        use crate::recovery::{Record, Step};
+        let mut c = Clock::default();
+        let ran = c.on(Seen::Ladder(Record::Ran(Step::Reattach)), 10).unwrap();
+        assert_eq!(ran.event, "recovery_step");
+        assert!(ran.detail.starts_with("reattach: "), "{}", ran.detail);
+        let back = c
+            .on(
+                Seen::Ladder(Record::Recovered {
+                    after: std::time::Duration::from_millis(900),
+                    step: Some(Step::Reattach),
+                }),
+                20,
+            )
+            .unwrap();
+        assert_eq!((back.event, back.duration_ms), ("recovered", Some(900)));
+        assert_eq!(
+            c.on(Seen::JobSigned("3".into()), 70).unwrap().duration_ms,
+            Some(50)
+        );
+        assert_eq!(c.on(Seen::VmReset, 80).unwrap().event, "vm_reset");
+    }
+
+    #[test]
     fn returns_without_a_loss_and_jobs_without_a_return_make_no_entry() {
         let mut c = Clock::default();
         assert_eq!(c.on(Seen::TokenBack, 10), None);
@@ -306,5 +395,17 @@ mod tests {
         assert_eq!(r[0].event, "agent_back");
         assert!(r[0].duration_ms.is_some());
         assert_eq!(r[1].event, "pin_delivered");
+
+        use crate::recovery::{Record, Step};
+        t.saw(Seen::Ladder(Record::Ran(Step::AgentReinit)));
+        t.saw(Seen::Ladder(Record::Ran(Step::Reattach)));
+        t.saw(Seen::Ladder(Record::Ran(Step::AgentReinit)));
+        let mut last = t.last_steps();
+        last.sort();
+        assert_eq!(
+            last.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![Step::AgentReinit, Step::Reattach]
+        );
+        assert!(last[0].1 >= last[1].1, "the newest run of each step");
     }
 }

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use signet_protocol::wire::{
     ErrorBody, ErrorCode, HostToken, TokenChange, TokenPlace, TokensReport,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::daemon::Daemon;
 use crate::passthrough::{Action, Input, Refusal, State, Token};
@@ -47,6 +47,9 @@ pub struct PassthroughConfig {
     pub usb_bus: String,
     /// How long QEMU may take to answer.
     pub qmp_timeout_seconds: u64,
+    /// Where the host's sysfs is (`/sys`): a USB port reset writes the device's
+    /// `authorized` there.
+    pub sysfs: PathBuf,
 }
 
 /// Where Signet's monitor sockets are unless configured otherwise.
@@ -59,6 +62,7 @@ impl Default for PassthroughConfig {
             monitor_dir: DEFAULT_MONITOR_DIR.into(),
             usb_bus: "xhci.0".into(),
             qmp_timeout_seconds: crate::qmp::DEFAULT_TIMEOUT.as_secs(),
+            sysfs: "/sys".into(),
         }
     }
 }
@@ -116,6 +120,8 @@ pub struct Setup {
     /// The VMs' USB bus (`xhci.0` on Proxmox).
     pub usb_bus: String,
     pub qmp_timeout: Duration,
+    /// The host's sysfs (`/sys`), for USB port resets.
+    pub sysfs: PathBuf,
 }
 
 impl Setup {
@@ -142,6 +148,7 @@ impl Setup {
                 .collect(),
             usb_bus: cfg.passthrough.usb_bus.clone(),
             qmp_timeout: Duration::from_secs(cfg.passthrough.qmp_timeout_seconds),
+            sysfs: cfg.passthrough.sysfs.clone(),
         }
     }
 }
@@ -155,6 +162,35 @@ pub enum Op {
     Detach,
     /// Out of its VM and in again.
     Reattach,
+    /// The host resets the token's USB port (recovery).
+    ResetPort,
+    /// The token's signing VM is reset (recovery).
+    ResetVm,
+}
+
+/// What a signing VM's QEMU did, for those following the token's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmSignal {
+    /// QEMU's monitor is up (QEMU started).
+    Up,
+    /// QEMU shut the VM down or went away.
+    Down,
+    /// QEMU reset the VM (a reboot).
+    Reset,
+}
+
+impl VmSignal {
+    fn of(ev: &MonitorEvent) -> Option<VmSignal> {
+        use crate::qmp::QmpEvent;
+        match ev {
+            MonitorEvent::Connected => Some(VmSignal::Up),
+            MonitorEvent::Disconnected | MonitorEvent::Qmp(QmpEvent::Shutdown { .. }) => {
+                Some(VmSignal::Down)
+            }
+            MonitorEvent::Qmp(QmpEvent::Reset { .. }) => Some(VmSignal::Reset),
+            MonitorEvent::Qmp(_) => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -175,6 +211,16 @@ pub enum TokenError {
     NotRunning(String),
     #[error("the token service did not answer in time; signetd's log says why")]
     NoAnswer,
+    #[error("token {serial} is not on the host (its state: {state}); plug it in")]
+    NotOnHost { serial: String, state: String },
+    #[error("the USB port of token {serial} could not be reset: {why}")]
+    PortReset { serial: String, why: String },
+    #[error("token {serial} has no signing VM in signetd.toml ([[tokens]] vm = ...)")]
+    NoVm { serial: String },
+    #[error("signing VM {vmid} is not running or Signet's monitor for it is not connected; start it (`qm start {vmid}`)")]
+    VmNotConnected { vmid: u32 },
+    #[error("signing VM {vmid} could not be reset: {why}")]
+    VmReset { vmid: u32, why: String },
 }
 
 impl TokenError {
@@ -185,8 +231,14 @@ impl TokenError {
             TokenError::Refused(Refusal::NotAssigned { .. } | Refusal::OtherVm { .. }) => {
                 ErrorCode::Forbidden
             }
-            TokenError::Refused(_) | TokenError::NotRunning(_) => ErrorCode::TokenUnavailable,
-            TokenError::NoAnswer => ErrorCode::Internal,
+            TokenError::Refused(_)
+            | TokenError::NotRunning(_)
+            | TokenError::NotOnHost { .. }
+            | TokenError::NoVm { .. }
+            | TokenError::VmNotConnected { .. } => ErrorCode::TokenUnavailable,
+            TokenError::NoAnswer | TokenError::PortReset { .. } | TokenError::VmReset { .. } => {
+                ErrorCode::Internal
+            }
         };
         ErrorBody::new(code, self.to_string())
     }
@@ -196,6 +248,8 @@ impl TokenError {
 #[derive(Debug, Clone)]
 pub struct Handle {
     running: Option<(watch::Receiver<Status>, mpsc::Sender<Command>)>,
+    /// The signing VMs' resets, shutdowns and starts.
+    vm_signals: Option<broadcast::Sender<(u32, VmSignal)>>,
     /// Why the service is not running, or stopped.
     stopped: Arc<Mutex<Option<String>>>,
     timeout: Duration,
@@ -206,6 +260,7 @@ impl Handle {
     pub fn off(why: impl Into<String>) -> Self {
         Handle {
             running: None,
+            vm_signals: None,
             stopped: Arc::new(Mutex::new(Some(why.into()))),
             timeout: Duration::ZERO,
         }
@@ -235,6 +290,12 @@ impl Handle {
     /// The tokens' states as they change; `None` when the service is not running.
     pub fn subscribe(&self) -> Option<watch::Receiver<Status>> {
         self.running.as_ref().map(|(s, _)| s.clone())
+    }
+
+    /// The signing VMs' resets, shutdowns and starts from now on; `None` when the
+    /// service is not running.
+    pub fn vm_signals(&self) -> Option<broadcast::Receiver<(u32, VmSignal)>> {
+        self.vm_signals.as_ref().map(broadcast::Sender::subscribe)
     }
 
     /// Runs an operator's command in the service's loop; answers the token's state
@@ -386,6 +447,7 @@ pub struct TokenService<W> {
     seen: HashMap<String, (VidPid, TokenKind)>,
     commands: mpsc::Receiver<Command>,
     command_tx: mpsc::Sender<Command>,
+    vm_signals: broadcast::Sender<(u32, VmSignal)>,
 }
 
 impl<W> Drop for TokenService<W> {
@@ -435,6 +497,7 @@ impl<W: TokenWatcher> TokenService<W> {
             seen: HashMap::new(),
             commands,
             command_tx,
+            vm_signals: broadcast::channel(64).0,
         };
         service.publish();
         (service, rx)
@@ -444,6 +507,7 @@ impl<W: TokenWatcher> TokenService<W> {
     pub fn handle(&self) -> Handle {
         Handle {
             running: Some((self.status.subscribe(), self.command_tx.clone())),
+            vm_signals: Some(self.vm_signals.clone()),
             stopped: Arc::default(),
             // An operator's command runs at most a detach, an attach and a check.
             timeout: self.setup.qmp_timeout * 4,
@@ -496,6 +560,43 @@ impl<W: TokenWatcher> TokenService<W> {
                 Input::Replace
             }
             Op::Detach => Input::Hold,
+            Op::ResetPort => {
+                let Some((bus, port)) = t.position().map(|(b, p)| (b, p.to_owned())) else {
+                    return Err(TokenError::NotOnHost {
+                        serial: serial.to_owned(),
+                        state: format!("{:?}", t.state),
+                    });
+                };
+                let sysfs = self.setup.sysfs.clone();
+                tracing::warn!(serial, bus, port, "resetting the token's USB port");
+                tokio::task::spawn_blocking(move || usb::reset_port(&sysfs, bus, &port))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .map_err(|why| TokenError::PortReset {
+                        serial: serial.to_owned(),
+                        why,
+                    })?;
+                return Ok(view(t, self.seen.get(serial)));
+            }
+            Op::ResetVm => {
+                let vmid = t.assigned.ok_or_else(|| TokenError::NoVm {
+                    serial: serial.to_owned(),
+                })?;
+                let qmp = self
+                    .vms
+                    .get(&vmid)
+                    .cloned()
+                    .ok_or(TokenError::VmNotConnected { vmid })?;
+                tracing::warn!(serial, vmid, "resetting the signing VM");
+                qmp.execute("system_reset", None)
+                    .await
+                    .map_err(|e| TokenError::VmReset {
+                        vmid,
+                        why: e.to_string(),
+                    })?;
+                return Ok(view(t, self.seen.get(serial)));
+            }
         };
         let actions = t.handle(input, SystemTime::now());
         self.carry_out(serial, actions).await;
@@ -563,6 +664,9 @@ impl<W: TokenWatcher> TokenService<W> {
     }
 
     async fn on_vm(&mut self, vmid: u32, ev: MonitorEvent, qmp: Option<Arc<Qmp>>) {
+        if let Some(signal) = VmSignal::of(&ev) {
+            let _ = self.vm_signals.send((vmid, signal));
+        }
         match qmp {
             Some(q) => self.vms.insert(vmid, q),
             None => self.vms.remove(&vmid),

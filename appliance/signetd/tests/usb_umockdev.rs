@@ -261,6 +261,7 @@ async fn the_service_keeps_a_replugged_token_in_its_vm() {
         monitors: vec![(105, signet)],
         usb_bus: "xhci.0".into(),
         qmp_timeout: Duration::from_secs(10),
+        sysfs: "/sys".into(),
     };
     let (service, mut status) = TokenService::new(UdevWatcher::start().unwrap(), setup);
     let task = tokio::spawn(service.run());

@@ -204,6 +204,24 @@ impl Agent {
         loss::watch(state, worth)
     }
 
+    /// Finalises the PKCS#11 module and opens the token anew now, logging in with the
+    /// PIN it holds (the host's recovery ladder asks for this first when the token is
+    /// lost); returns the resulting state. Waits for the job at the token.
+    pub async fn reinit(&self) -> AgentHealth {
+        {
+            let _job = self.jobs.lock().await;
+            tracing::info!("re-initialising PKCS#11, as the host asked");
+            let _ = self
+                .with_token(|t| {
+                    t.close();
+                    t.ensure_ready().map(|_| ())
+                })
+                .await;
+        }
+        self.wake.notify_one();
+        self.health().await
+    }
+
     /// Tries to open and log in to the token now; returns the resulting state.
     pub async fn open_token(&self) -> AgentHealth {
         {

@@ -16,7 +16,7 @@ use futures_util::{Stream, TryStreamExt};
 use signet_protocol::batch::{self, Part, PartBody, RESULT_HEADER};
 use signet_protocol::wire::{
     AgentLogin, AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_EVENTS_PATH,
-    AGENT_HEALTH_PATH, AGENT_LOGIN_PATH, AGENT_SIGN_PATH,
+    AGENT_HEALTH_PATH, AGENT_LOGIN_PATH, AGENT_REINIT_PATH, AGENT_SIGN_PATH,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast::error::RecvError;
@@ -30,6 +30,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(AGENT_BATCH_PATH, post(batch))
         .route(AGENT_HEALTH_PATH, get(health))
         .route(AGENT_LOGIN_PATH, post(login))
+        .route(AGENT_REINIT_PATH, post(reinit))
         .route(AGENT_EVENTS_PATH, get(events))
         .fallback(|| async {
             ErrorBody::new(
@@ -42,6 +43,11 @@ pub fn router(agent: Arc<Agent>) -> Router {
 
 async fn health(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
     Json(agent.health().await)
+}
+
+/// Finalise and re-initialise the PKCS#11 module now; the health after it.
+async fn reinit(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
+    Json(agent.reinit().await)
 }
 
 /// `{"pin": "..."}`. The body is wiped once read; the PIN lives on as a zeroizing

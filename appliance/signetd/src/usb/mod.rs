@@ -291,6 +291,23 @@ pub fn running_programs() -> Vec<String> {
         .collect()
 }
 
+/// Resets the USB device at `bus`-`port` the way the kernel offers to root: it is
+/// de-authorised (the kernel disconnects it, and QEMU loses it) and authorised again
+/// (the device enumerates anew, udev reports it, and the token service puts it back
+/// into its VM). `sysfs` is `/sys` on a host.
+pub fn reset_port(sysfs: &std::path::Path, bus: u8, port: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = sysfs
+        .join("bus/usb/devices")
+        .join(format!("{bus}-{port}"))
+        .join("authorized");
+    for value in [b"0", b"1"] {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path)?;
+        f.write_all(value)?;
+    }
+    Ok(())
+}
+
 /// A change seen on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UsbEvent {
@@ -382,6 +399,32 @@ pub trait TokenWatcher: Send {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_reset_deauthorises_then_authorises_the_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("bus/usb/devices/1-2.4");
+        std::fs::create_dir_all(&dev).unwrap();
+        let fifo = dev.join("authorized");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // The kernel's side, held open for reading and writing so that neither end
+        // waits for the other: the values in the order written.
+        let mut kernel = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .unwrap();
+        reset_port(dir.path(), 1, "2.4").unwrap();
+        let mut written = [0u8; 2];
+        std::io::Read::read_exact(&mut kernel, &mut written).unwrap();
+        assert_eq!(&written, b"01");
+        let e = reset_port(dir.path(), 1, "9").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    }
 
     fn dev(vendor: u16, product: u16, classes: &[u8]) -> UsbDevice {
         UsbDevice {
