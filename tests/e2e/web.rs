@@ -23,6 +23,11 @@ struct Ui {
 /// Agent (SoftHSM) and daemon with `[web]` on a free loopback port, its logins checked
 /// by a stand-in PVE API.
 fn appliance_with_web(w: &mut World) -> Ui {
+    appliance_with_web_and(w, "")
+}
+
+/// [`appliance_with_web`] with more of `signetd.toml`.
+fn appliance_with_web_and(w: &mut World, extra_toml: &str) -> Ui {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let api = rt.block_on(StandInPveApi::start()).unwrap();
     let pin_file = w.path("pve-api.pem");
@@ -41,7 +46,7 @@ fn appliance_with_web(w: &mut World) -> Ui {
         &format!(
             "[profiles.release]\ndescription = \"Signet test\"\n\
              [web]\nlisten = [\"tcp:127.0.0.1:0\"]\nnode = \"pve1\"\npve_api = \"{}\"\n\
-             pve_api_cert = \"{}\"\npve_local_dir = \"{}\"\nrefresh_seconds = 1\n",
+             pve_api_cert = \"{}\"\npve_local_dir = \"{}\"\nrefresh_seconds = 1\n{extra_toml}",
             api.url(),
             pin_file.display(),
             w.path("pve-local").display()
@@ -423,6 +428,14 @@ fn in_a_browser_an_operator_cancels_a_job_and_the_overview_follows_the_token_liv
             .any(|r| r["job"] == id.as_str() && r["result"] == "cancelled"),
         "{records:?}"
     );
+    // And the operator's own record: who cancelled it, from where.
+    assert!(
+        records.iter().any(|r| r["job"] == id.as_str()
+            && r["result"] == "cancel"
+            && r["caller"] == "pve:root@pam"
+            && r["transport"] == "web"),
+        "{records:?}"
+    );
 
     // The token comes back: the overview says so by itself, and the first job is signed.
     b.open(&format!("{}/", ui.url));
@@ -439,11 +452,121 @@ fn in_a_browser_an_operator_cancels_a_job_and_the_overview_follows_the_token_liv
     assert_eq!(status, 200);
     b.open(&format!("{}/audit", ui.url));
     let text = b.wait_until("document.getElementById('chain') !== null");
+    // The signature, the cancelled job and the operator's cancel.
     assert!(
-        text.contains("The hash chain is intact: 2 records"),
+        text.contains("The hash chain is intact: 3 records"),
         "{text}"
     );
     b.screenshot("audit.png");
+}
+
+#[test]
+fn in_a_browser_the_recovery_page_follows_a_token_loss_and_an_operator_enrolls_a_vm() {
+    let mut w = World::new();
+    // fake-qm (the stand-in for Proxmox's qm) keeps VM 200's configuration here.
+    let pve = w.path("pve");
+    std::fs::create_dir_all(&pve).unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../appliance/signetd/tests");
+    std::fs::copy(
+        fixtures.join("data/qm-config/with-args.conf"),
+        pve.join("200.conf"),
+    )
+    .unwrap();
+    let qm = w.path("qm");
+    std::fs::write(
+        &qm,
+        format!(
+            "#!/bin/sh\nFAKE_QM_DIR='{}' exec '{}' \"$@\"\n",
+            pve.display(),
+            fixtures.join("fixtures/fake-qm").display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&qm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let ui = appliance_with_web_and(&mut w, &format!("[doctor]\nqm = \"{}\"\n", qm.display()));
+    let admin = ui
+        .api
+        .login("root@pam", "/nodes/pve1", &["Sys.Audit", "Sys.Modify"]);
+    let agent = Endpoint::Unix(w.path("agent.sock"));
+    let ep = Endpoint::Unix(w.path("signetd.sock"));
+
+    // One signature before, so the chart has a latency to show.
+    let file = w.pe("before.exe");
+    let out = signet(&ep, &["sign", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+
+    let mut b = Browser::start(&w);
+    b.open(&ui.via_login(&admin, "/timeline"));
+    let text = b.wait_until("document.getElementById('jobs-signed') !== null");
+    assert!(text.contains("Recovery"), "{text}");
+    b.eval("window.signetSamePage = true");
+
+    // The token goes away and comes back: the page shows both without a reload.
+    let mut events = Events::follow(&agent);
+    let tokens = TokenDir::of(&w);
+    tokens.vanish();
+    events.wait_for("token_lost");
+    tokens.restore();
+    events.wait_for("logged_in");
+    let text = b.wait_until(
+        "document.getElementById('timeline') !== null
+         && document.getElementById('timeline').innerText.includes('Token back')",
+    );
+    assert!(text.contains("Token lost"), "{text}");
+    assert_eq!(b.eval("window.signetSamePage === true"), true, "no reload");
+    assert_eq!(
+        b.eval("document.querySelectorAll('svg.chart rect.down.token').length"),
+        1
+    );
+    assert_eq!(
+        b.eval("document.querySelectorAll('svg.chart circle.job').length"),
+        1
+    );
+    b.screenshot("timeline.png");
+
+    // Enroll build VM 200: the dry run first, then the change, confirmed.
+    b.open(&format!("{}/enroll", ui.url));
+    b.eval("document.querySelector('input[name=vmid]').value = '200'");
+    b.screenshot("enroll.png");
+    b.events.clear();
+    b.eval("document.querySelector('#enroll-form button[type=submit]').click()");
+    b.wait_event("Page.loadEventFired");
+    let text = b.wait_until("document.getElementById('preview') !== null");
+    assert!(text.contains("Enroll VM 200 as build VM?"), "{text}");
+    assert!(text.contains("guest-cid=200"), "{text}");
+    let before = std::fs::read_to_string(pve.join("200.conf")).unwrap();
+    assert!(
+        !before.contains("guest-cid=200"),
+        "the dry run changed nothing"
+    );
+    b.screenshot("enroll-preview.png");
+    b.eval("window.confirm = () => true");
+    b.events.clear();
+    b.eval("document.querySelector('form[action=\"/enroll\"] button').click()");
+    b.wait_event("Page.loadEventFired");
+    let text = b.wait_until("document.getElementById('done') !== null");
+    assert!(text.contains("VM 200 enrolled as build VM"), "{text}");
+    b.screenshot("enroll-done.png");
+    let after = std::fs::read_to_string(pve.join("200.conf")).unwrap();
+    assert!(after.contains("guest-cid=200"), "{after}");
+    let audit = w.signetd(&["audit", "export"]);
+    let records = String::from_utf8_lossy(&audit.stdout).into_owned();
+    assert!(
+        records
+            .lines()
+            .any(|l| l.contains("\"result\":\"enroll\"")
+                && l.contains("\"caller\":\"pve:root@pam\"")),
+        "{records}"
+    );
+
+    // The overview with the host's tokens, as this host has them (none plugged in).
+    b.open(&format!("{}/", ui.url));
+    let text = b.wait_until("document.getElementById('host-tokens') !== null");
+    assert!(text.contains("Tokens on this host"), "{text}");
+    b.screenshot("overview-tokens.png");
 }
 
 #[test]
