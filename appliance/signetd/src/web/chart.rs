@@ -245,7 +245,7 @@ pub fn svg(data: &Data) -> String {
         s,
         r#"<text class="label" x="{}" y="{}" text-anchor="end">Latency</text>"#,
         LEFT - 8.0,
-        PLOT_TOP - 8.0
+        PLOT_TOP - 14.0
     );
     for v in [0, top / 2, top] {
         let gy = y(v);

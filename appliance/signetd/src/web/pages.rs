@@ -501,6 +501,8 @@ struct AuditPageT<'a> {
     chain: String,
     /// How the chain was walked for this page.
     chain_walk: String,
+    /// Only the records added since the last whole walk were checked.
+    chain_partial: bool,
     /// "N records", for the count line.
     records: String,
 }
@@ -523,7 +525,7 @@ fn check_chain(
     web: &Web,
     conn: &rusqlite::Connection,
     whole: bool,
-) -> Result<(crate::audit::Verified, String), crate::audit::AuditError> {
+) -> Result<(crate::audit::Verified, String, bool), crate::audit::AuditError> {
     let now = crate::store::now_ms();
     let mut cache = web.chain.lock().unwrap_or_else(|p| p.into_inner());
     let fresh = cache.as_ref().filter(|c| {
@@ -531,7 +533,7 @@ fn check_chain(
     });
     match crate::audit::verify_after(conn, fresh.map(|c| &c.mark)) {
         Ok((v, mark, walk)) => {
-            let (whole_at_ms, words) = match (walk, fresh) {
+            let (whole_at_ms, words, partial) = match (walk, fresh) {
                 (crate::audit::Walk::Appended(n), Some(c)) => (
                     c.whole_at_ms,
                     format!(
@@ -540,11 +542,12 @@ fn check_chain(
                         model::count(n, "record"),
                         if n == 1 { "was" } else { "were" }
                     ),
+                    true,
                 ),
-                _ => (now, "Every record was checked now.".to_owned()),
+                _ => (now, "Every record was checked now.".to_owned(), false),
             };
             *cache = Some(ChainCache { mark, whole_at_ms });
-            Ok((v, words))
+            Ok((v, words, partial))
         }
         Err(e) => {
             *cache = None;
@@ -583,8 +586,8 @@ async fn audit(
                 .unwrap_or_default()
         )
     };
-    let (chain_ok, chain, chain_walk) = match verified {
-        Ok((v, walk)) => (
+    let (chain_ok, chain, chain_walk, chain_partial) = match verified {
+        Ok((v, walk, partial)) => (
             true,
             format!(
                 "The hash chain is intact: {}, head {}.",
@@ -592,11 +595,13 @@ async fn audit(
                 v.head
             ),
             walk,
+            partial,
         ),
         Err(e) => (
             false,
             format!("The hash chain is broken: {e}."),
             "Every record was checked now.".to_owned(),
+            false,
         ),
     };
     Ok(render(&AuditPageT {
@@ -614,6 +619,7 @@ async fn audit(
         next: (page < pages).then(|| link(page + 1)),
         chain_ok,
         chain,
+        chain_partial,
         chain_walk,
         records: model::count(found.total, "record"),
     }))
@@ -756,6 +762,8 @@ struct DonePage<'a> {
     nav: Nav<'a>,
     title: &'a str,
     lines: Vec<String>,
+    /// A block shown as written (what was added to a file), with its title.
+    block: Option<(String, String)>,
     back: &'a str,
     back_label: &'a str,
 }
@@ -859,6 +867,7 @@ async fn token_action(
             format!("Now: {} — {}", t.place.words(), t.last_change.reason),
             format!("The action is in the audit log under pve:{}.", s.user),
         ],
+        block: None,
         back: "/",
         back_label: "Back to the overview",
     }))
@@ -1042,9 +1051,6 @@ async fn enroll_apply(
         Some(c) => lines.push(format!("Ran: {c}")),
         None => lines.push(format!("VM {} had Signet's settings already.", r.vmid)),
     }
-    if let Some(stanza) = &r.config_stanza {
-        lines.push(format!("Added to {}: {}", r.config_path, stanza.trim()));
-    }
     lines.extend(r.notes.iter().cloned());
     lines.push(format!(
         "The action is in the audit log under pve:{}.",
@@ -1058,6 +1064,10 @@ async fn enroll_apply(
         },
         title: &format!("VM {} enrolled as {}", r.vmid, r.role),
         lines,
+        block: r
+            .config_stanza
+            .as_ref()
+            .map(|s| (format!("Added to {}:", r.config_path), s.clone())),
         back: "/enroll",
         back_label: "Enroll another VM",
     }))

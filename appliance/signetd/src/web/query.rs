@@ -121,7 +121,7 @@ pub struct AuditPage {
     pub total: u64,
 }
 
-/// Records matching `search` (in caller, file name, profile, result, error, job id or
+/// Records matching `search` (in caller, file name, profile, result, error, token, job id or
 /// a hash prefix; all when empty), `per_page` from `offset`, newest first.
 pub fn audit_page(
     conn: &Connection,
@@ -147,6 +147,7 @@ pub fn audit_page(
     );
     let filter = "(?1 = '' OR caller LIKE ?2 ESCAPE '\\' OR filename LIKE ?2 ESCAPE '\\'
         OR profile LIKE ?2 ESCAPE '\\' OR result LIKE ?2 ESCAPE '\\' OR error LIKE ?2 ESCAPE '\\'
+        OR token_serial LIKE ?2 ESCAPE '\\'
         OR job = ?1 OR input_sha256 LIKE ?3 ESCAPE '\\' OR output_sha256 LIKE ?3 ESCAPE '\\')";
     let total: u64 = conn.query_row(
         &format!("SELECT COUNT(*) FROM audit WHERE {filter}"),
