@@ -410,6 +410,34 @@ fn jobs_and_cancel_over_dbus_follow_the_policy_and_signal_each_ended_job() {
     assert_eq!(message, body["message"].as_str().unwrap());
     assert!(message.contains("can no longer be cancelled"), "{message}");
 
+    // Every cancel is in the audit log under who asked, through which front, refusals
+    // with their code: the group member's uid and root's as the bus reports them.
+    let out = w.signetd(&["audit", "export"]);
+    let actions: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["result"] == "cancel")
+        .collect();
+    let took = |job: &str, caller: &str, via: &str, error: Option<&str>| {
+        actions.iter().any(|r| {
+            r["job"] == job
+                && r["caller"] == caller
+                && r["transport"] == via
+                && r["error"].as_str() == error
+        })
+    };
+    assert!(took(&third, "uid:65534", "dbus", None), "{actions:#?}");
+    assert!(took(&second, "uid:0", "dbus", None), "{actions:#?}");
+    assert!(took(&second, "uid:0", "unix", None), "{actions:#?}");
+    assert!(
+        took("99", "uid:0", "dbus", Some("unknown_job")),
+        "{actions:#?}"
+    );
+    assert!(
+        took(&first, "uid:0", "dbus", Some("bad_request")),
+        "{actions:#?}"
+    );
+
     signer.release();
     wait_until("the first job signed", || {
         let (_, l): (u16, JobList) = http(&unix, "GET", "/v1/operator/jobs");
