@@ -667,6 +667,47 @@ fn doctor_over_dbus_on_a_healthy_and_a_broken_host() {
         ]
     );
     golden("doctor-broken.json", &text(&out.stdout), &w);
+
+    // Enrolling over D-Bus, through the same `qm`: the dry run changes nothing, then
+    // the change is made and audited under the caller's uid.
+    std::fs::write(host.qm_dir.join("200.conf"), "ostype: l26\nmachine: q35\n").unwrap();
+    let profiles: Vec<String> = Vec::new();
+    let dry: serde_json::Value = serde_json::from_str(
+        &dbus_call(&bus, "Enroll", &("build-vm", 200u32, "", &profiles, false)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dry["applied"], false);
+    assert_eq!(dry["changes"][0]["key"], "args", "{dry}");
+    assert_eq!(
+        dry["changes"][0]["new"], "-device vhost-vsock-pci,guest-cid=200",
+        "{dry}"
+    );
+    let conf = || std::fs::read_to_string(host.qm_dir.join("200.conf")).unwrap();
+    assert!(!conf().contains("args:"), "the dry run changed nothing");
+    let done: serde_json::Value = serde_json::from_str(
+        &dbus_call(&bus, "Enroll", &("build-vm", 200u32, "", &profiles, true)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(done["applied"], true);
+    assert!(
+        conf().contains("args: -device vhost-vsock-pci,guest-cid=200"),
+        "{}",
+        conf()
+    );
+    let (name, _) =
+        dbus_call(&bus, "Enroll", &("printer", 200u32, "", &profiles, false)).unwrap_err();
+    assert_eq!(name, "org.signet.Signet1.Error.BadRequest");
+    let out = w.signetd(&["audit", "export"]);
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.contains("\"result\":\"enroll\"")
+                && l.contains("\"caller\":\"uid:0\"")
+                && l.contains("\"transport\":\"dbus\"")
+                && l.contains("\"filename\":\"VM 200 as build VM\"")),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 /// Every core command answers the same result type through each front: HTTP, D-Bus

@@ -3,7 +3,7 @@
 //! [`Daemon`] command and returns its result type as JSON, the same JSON the HTTP API
 //! gives, so every front renders the same types.
 //!
-//! The operator's actions (`Cancel`, `Attach`, `Detach`, `Reattach`) go through
+//! The operator's actions (`Cancel`, `Attach`, `Detach`, `Reattach`, `Enroll`) go through
 //! [`crate::operate`] and are audited with the caller's uid as the bus reports it.
 //!
 //! The `JobFinished` signal follows every job that ends, `RecoveryStep` every entry of
@@ -204,6 +204,39 @@ impl Manager {
     ) -> Result<String, Error> {
         let op = operator(conn, &header).await;
         json(self.daemon.reattach_by(&op, serial).await)
+    }
+
+    /// Enrolls a VM: `role` `build-vm` (with `profiles`; none: the default profile)
+    /// or `signing-vm` (with the token `serial`, plugged into this host); without
+    /// `apply` a dry run that changes nothing. Answers the change (`EnrollReport`,
+    /// JSON); an applied enrolment is audited with the caller's uid.
+    #[allow(clippy::too_many_arguments)]
+    async fn enroll(
+        &self,
+        role: &str,
+        vmid: u32,
+        serial: &str,
+        profiles: Vec<String>,
+        apply: bool,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, Error> {
+        let req = match role {
+            "build-vm" => crate::operate::EnrollRequest::BuildVm { vmid, profiles },
+            "signing-vm" => crate::operate::EnrollRequest::SigningVm {
+                vmid,
+                serial: serial.to_owned(),
+            },
+            other => {
+                return Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    format!("{other:?} is not a role: give \"build-vm\" or \"signing-vm\""),
+                )
+                .into())
+            }
+        };
+        let op = operator(conn, &header).await;
+        json(self.daemon.enroll(&op, &req, apply).await)
     }
 
     /// A token's state changed: the token as `Tokens` lists it (JSON).

@@ -1231,6 +1231,8 @@ async fn timeline_events(
                 }
                 _ = closing.wait_for(|c| *c) => return None,
             }
+            // One page for a burst of entries and ended jobs.
+            while steps.try_recv().is_ok() || finished.try_recv().is_ok() {}
             let html = timeline_fragment(&web).await.ok()?;
             let event = Event::default().event("timeline").data(html);
             Some((Ok::<_, Infallible>(event), (web, steps, finished, closing)))
