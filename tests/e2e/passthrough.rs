@@ -29,10 +29,10 @@ const HANG: Duration = Duration::from_secs(60);
 
 /// The signing VM's QEMU: Signet's monitor at `monitor_dir/vm-105.qmp` (where
 /// `[passthrough] monitor_dir` says) and another monitor; killed by PID on drop.
-struct Qemu(Child);
+pub(super) struct Qemu(Child);
 
 impl Qemu {
-    fn start(signet: &std::path::Path, other: &std::path::Path) -> Qemu {
+    pub(super) fn start(signet: &std::path::Path, other: &std::path::Path) -> Qemu {
         let child = Command::new("qemu-system-x86_64")
             .args(["-accel", "tcg", "-machine", "q35", "-nodefaults"])
             .args(["-nographic", "-display", "none", "-S"])
@@ -61,10 +61,10 @@ impl Drop for Qemu {
 }
 
 /// The testbed's door: plug and unplug fake tokens.
-struct Testbed(BufReader<UnixStream>);
+pub(super) struct Testbed(pub(super) BufReader<UnixStream>);
 
 impl Testbed {
-    fn ask(&mut self, line: &str) {
+    pub(super) fn ask(&mut self, line: &str) {
         let s = self.0.get_mut();
         writeln!(s, "{line}").unwrap();
         s.flush().unwrap();

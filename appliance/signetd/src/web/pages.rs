@@ -748,6 +748,8 @@ struct ConfirmPage<'a> {
     nav: Nav<'a>,
     question: &'a str,
     explain: &'a str,
+    /// Where things stand now.
+    now: &'a str,
     action: &'a str,
     button: &'a str,
     csrf: &'a str,
@@ -826,11 +828,8 @@ async fn confirm_token(
             user: &s.user,
         },
         question: &question,
-        explain: &format!(
-            "{explain} Now: {} — {}",
-            t.place.words(),
-            t.last_change.reason
-        ),
+        explain: &explain,
+        now: &format!("Now: {} — {}", t.place.words(), t.last_change.reason),
         action: &path,
         button,
         csrf: &s.csrf,
