@@ -99,10 +99,11 @@ fn signetd_keeps_its_token_in_its_vm_and_reports_it_everywhere() {
     let monitors = w.path("monitors");
     std::fs::create_dir(&monitors).unwrap();
     let other = w.path("qemu-server.qmp");
-    let _qemu = Qemu::start(&signetd::proxmox::monitor_path(&monitors, VM), &other);
+    let signet_monitor = signetd::proxmox::monitor_path(&monitors, VM);
+    let qemu = Qemu::start(&signet_monitor, &other);
     let rt = tokio::runtime::Runtime::new().unwrap();
     // The second monitor, to look into the VM and act behind signetd's back.
-    let (_look, vm): (Monitor, Arc<Qmp>) = rt.block_on(async {
+    let (mut look, vm): (Monitor, Arc<Qmp>) = rt.block_on(async {
         let mut m = Monitor::start(other.clone(), Duration::from_secs(10));
         tokio::time::timeout(HANG, async {
             while m.next().await != Some(MonitorEvent::Connected) {}
@@ -299,6 +300,29 @@ fn signetd_keeps_its_token_in_its_vm_and_reports_it_everywhere() {
     let other_id = device_id(OTHER_SERIAL);
     assert_eq!(rt.block_on(vm.attached(&other_id)).unwrap(), None);
     assert_eq!(hostport(&vm).as_deref(), Some("3"), "ours is still there");
+
+    // QEMU stops and a new one starts (`qm stop` / `qm start`, a crash): the token
+    // waits on the host, then goes into the new QEMU by itself.
+    drop(qemu);
+    signals.wait_token(SERIAL, "on the host while the VM is down", |t| {
+        t["state"] == "on_host"
+    });
+    let _qemu = Qemu::start(&signet_monitor, &other);
+    let t = signals.wait_token(SERIAL, "in the new QEMU", in_vm);
+    assert_eq!(t["host_port"], "1-3");
+    let vm = rt.block_on(async {
+        tokio::time::timeout(HANG, async {
+            while look.next().await != Some(MonitorEvent::Connected) {}
+        })
+        .await
+        .expect("the new QEMU's monitor");
+        look.qmp().unwrap()
+    });
+    assert_eq!(
+        hostport(&vm).as_deref(),
+        Some("3"),
+        "the new QEMU holds the token"
+    );
 }
 
 #[test]

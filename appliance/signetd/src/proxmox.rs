@@ -55,6 +55,8 @@ impl VmConfig {
 pub enum EnrollError {
     #[error("VM {vmid} cannot hot-plug USB devices: {why}")]
     NoUsbHotplug { vmid: u32, why: String },
+    #[error("VM {vmid} cannot reach Signet over virtio-vsock: {why}")]
+    NoVsockGuest { vmid: u32, why: String },
     #[error("VM {vmid} has no free USB slot (usb0..usb{MAX_USB} are all set); remove one with `qm set {vmid} --delete usbN`")]
     NoFreeUsb { vmid: u32 },
     #[error("VM {vmid}'s args: already has a vhost-vsock-pci device with guest-cid={found}; Signet maps vsock CIDs to VMs one to one (guest-cid={vmid}): change it by hand or remove it")]
@@ -256,8 +258,27 @@ pub fn plan_signing_vm(
     Ok(Plan { vmid, changes })
 }
 
+/// Whether a build VM's guest can speak virtio-vsock to the host: Linux (`l26`, whose
+/// kernels have the driver since 4.8) or Windows 10/11 and their servers (`win10`,
+/// `win11`, the guests virtio-win's `viosock` driver supports). The machine version
+/// does not matter: `vhost-vsock-pci` plugs into every PCI machine. An older or unknown
+/// ostype is refused, because `signet sign` would find no way to the host.
+pub fn check_vsock_guest(vmid: u32, cfg: &VmConfig) -> Result<(), EnrollError> {
+    let ostype = cfg.get("ostype").unwrap_or("other");
+    if matches!(ostype, "l26" | "win10" | "win11") {
+        return Ok(());
+    }
+    Err(EnrollError::NoVsockGuest {
+        vmid,
+        why: format!(
+            "ostype {ostype} has no virtio-vsock driver Signet knows of (Linux, or Windows 10/11 with virtio-win's viosock); if the guest is one, say so: `qm set {vmid} --ostype l26` (Linux) or win10/win11"
+        ),
+    })
+}
+
 /// A build VM's change: Signet's vsock device in `args:`.
 pub fn plan_build_vm(vmid: u32, cfg: &VmConfig) -> Result<Plan, EnrollError> {
+    check_vsock_guest(vmid, cfg)?;
     let mut changes = Vec::new();
     if let Some(args) = merge_args(vmid, cfg.get("args"), None)? {
         changes.push(Change {
@@ -581,7 +602,13 @@ mod tests {
 
         let refused = plan_signing_vm(105, &recorded("q35-6.0-win7.conf"), "1-2", "/run/x");
         assert!(matches!(refused, Err(EnrollError::NoUsbHotplug { .. })));
-        let build = plan_build_vm(200, &recorded("q35-6.0-win7.conf")).unwrap();
+        let old = plan_build_vm(200, &recorded("q35-6.0-win7.conf")).unwrap_err();
+        assert!(
+            old.to_string()
+                .contains("VM 200 cannot reach Signet over virtio-vsock: ostype win7"),
+            "{old}"
+        );
+        let build = plan_build_vm(200, &recorded("q35-win10.conf")).unwrap();
         assert_eq!(build.changes.len(), 1);
         assert_eq!(
             Qm::set_args(&build),

@@ -145,6 +145,24 @@ fn signing_vm_gets_the_tokens_port_vsock_and_monitor() {
 }
 
 #[test]
+fn build_vm_without_a_vsock_driver_is_refused_unchanged() {
+    let pve = Pve::with(107, "q35-6.0-win7.conf");
+    let before = pve.config(107);
+    for args in [&["build-vm", "107"][..], &["build-vm", "107", "--dry-run"]] {
+        let o = pve.enroll(args, &[]);
+        let (out, err) = text(&o);
+        assert!(!o.status.success(), "{out}");
+        assert!(
+            err.contains("VM 107 cannot reach Signet over virtio-vsock: ostype win7")
+                && err.contains("qm set 107 --ostype l26"),
+            "{err}"
+        );
+    }
+    assert_eq!(pve.config(107), before);
+    assert!(!pve.calls().contains("set"), "{}", pve.calls());
+}
+
+#[test]
 fn signing_vm_refusals_change_nothing() {
     let token = manifest("tests/data/umockdev/safenet-5110-a.umockdev");
     let pve = Pve::with(106, "q35-6.0-win7.conf");
