@@ -125,16 +125,34 @@ pub fn verdict(status: &DaemonStatus) -> Verdict {
     }
 }
 
-/// The token the verdict is about: the agent's (by serial), else the one assigned to
-/// a VM, else the only one.
+/// The host token the agent sees in the signing VM: the one with the agent's token
+/// serial, else — a token's USB serial need not be its PKCS#11 serial — the only one the
+/// host has in a VM, when the agent sees a token at all.
+pub fn agents_token(status: &DaemonStatus) -> Option<&HostToken> {
+    let tokens = &status.tokens.as_ref()?.tokens;
+    let AgentReport::Reachable { health, .. } = &status.agent else {
+        return None;
+    };
+    let serial = &health.token.as_ref()?.serial;
+    tokens.iter().find(|t| &t.serial == serial).or_else(|| {
+        let mut in_vm = tokens.iter().filter(|t| {
+            matches!(
+                t.place,
+                TokenPlace::Attached { .. } | TokenPlace::Attaching { .. }
+            )
+        });
+        match (in_vm.next(), in_vm.next()) {
+            (Some(only), None) => Some(only),
+            _ => None,
+        }
+    })
+}
+
+/// The token the verdict is about: the agent's, else the one assigned to a VM, else
+/// the only one.
 pub fn main_token(status: &DaemonStatus) -> Option<&HostToken> {
     let tokens = &status.tokens.as_ref()?.tokens;
-    let agents = match &status.agent {
-        AgentReport::Reachable { health, .. } => health.token.as_ref().map(|t| t.serial.as_str()),
-        AgentReport::Unreachable { .. } => None,
-    };
-    agents
-        .and_then(|s| tokens.iter().find(|t| t.serial == s))
+    agents_token(status)
         .or_else(|| tokens.iter().find(|t| t.assigned_vm.is_some()))
         .or_else(|| (tokens.len() == 1).then(|| &tokens[0]))
 }
@@ -240,9 +258,10 @@ fn state_name(p: &TokenPlace) -> &'static str {
 }
 
 impl HostTokenLine {
-    /// The line for `t`, with the agent's view when the agent's token is `t`.
+    /// The line for `t`, with `agent`'s view when `t` is the agent's token
+    /// ([`agents_token`]).
     pub fn of(t: &HostToken, agent: Option<&signet_protocol::wire::AgentHealth>) -> Self {
-        let agents = agent.filter(|h| h.token.as_ref().is_some_and(|a| a.serial == t.serial));
+        let agents = agent;
         let assigned = t.assigned_vm.map_or_else(
             || "assigned to no VM".to_owned(),
             |v| format!("belongs to VM {v}"),
@@ -469,9 +488,12 @@ impl Overview {
                     AgentReport::Reachable { health, .. } => Some(&**health),
                     AgentReport::Unreachable { .. } => None,
                 };
+                let agents = agents_token(status).map(|t| t.serial.as_str());
                 r.tokens
                     .iter()
-                    .map(|t| HostTokenLine::of(t, health))
+                    .map(|t| {
+                        HostTokenLine::of(t, health.filter(|_| agents == Some(t.serial.as_str())))
+                    })
                     .collect()
             }),
             tokens_note: match &status.tokens {
@@ -800,5 +822,30 @@ mod tests {
         );
         assert!(!t.can_attach && !t.can_detach && !t.can_reattach);
         assert!(o.tokens_note.unwrap().ends_with("no udev"));
+    }
+
+    #[test]
+    fn a_token_whose_usb_serial_is_not_its_pkcs11_serial_is_the_agents_when_it_is_the_only_one_in_a_vm(
+    ) {
+        let mut s = with_host_token(AgentState::Ready, TokenPlace::Attached { vmid: 105 });
+        if let Some(r) = s.tokens.as_mut() {
+            r.tokens[0].serial = "USB-0123".into();
+        }
+        let o = Overview::of(&s, 0);
+        assert_eq!(o.host_tokens[0].logged_in, "yes");
+        // With a second token in a VM, which one the agent sees is not known.
+        if let Some(r) = s.tokens.as_mut() {
+            let mut other = r.tokens[0].clone();
+            other.serial = "USB-0456".into();
+            r.tokens.push(other);
+        }
+        let o = Overview::of(&s, 0);
+        assert!(o.host_tokens.iter().all(|t| t.logged_in == "—"));
+        // A token on the host is not the one in the guest.
+        let mut s = with_host_token(AgentState::Ready, TokenPlace::OnHost);
+        if let Some(r) = s.tokens.as_mut() {
+            r.tokens[0].serial = "USB-0123".into();
+        }
+        assert_eq!(Overview::of(&s, 0).host_tokens[0].in_guest, "—");
     }
 }
