@@ -410,6 +410,34 @@ fn jobs_and_cancel_over_dbus_follow_the_policy_and_signal_each_ended_job() {
     assert_eq!(message, body["message"].as_str().unwrap());
     assert!(message.contains("can no longer be cancelled"), "{message}");
 
+    // Every cancel is in the audit log under who asked, through which front, refusals
+    // with their code: the group member's uid and root's as the bus reports them.
+    let out = w.signetd(&["audit", "export"]);
+    let actions: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["result"] == "cancel")
+        .collect();
+    let took = |job: &str, caller: &str, via: &str, error: Option<&str>| {
+        actions.iter().any(|r| {
+            r["job"] == job
+                && r["caller"] == caller
+                && r["transport"] == via
+                && r["error"].as_str() == error
+        })
+    };
+    assert!(took(&third, "uid:65534", "dbus", None), "{actions:#?}");
+    assert!(took(&second, "uid:0", "dbus", None), "{actions:#?}");
+    assert!(took(&second, "uid:0", "unix", None), "{actions:#?}");
+    assert!(
+        took("99", "uid:0", "dbus", Some("unknown_job")),
+        "{actions:#?}"
+    );
+    assert!(
+        took(&first, "uid:0", "dbus", Some("bad_request")),
+        "{actions:#?}"
+    );
+
     signer.release();
     wait_until("the first job signed", || {
         let (_, l): (u16, JobList) = http(&unix, "GET", "/v1/operator/jobs");
@@ -639,6 +667,47 @@ fn doctor_over_dbus_on_a_healthy_and_a_broken_host() {
         ]
     );
     golden("doctor-broken.json", &text(&out.stdout), &w);
+
+    // Enrolling over D-Bus, through the same `qm`: the dry run changes nothing, then
+    // the change is made and audited under the caller's uid.
+    std::fs::write(host.qm_dir.join("200.conf"), "ostype: l26\nmachine: q35\n").unwrap();
+    let profiles: Vec<String> = Vec::new();
+    let dry: serde_json::Value = serde_json::from_str(
+        &dbus_call(&bus, "Enroll", &("build-vm", 200u32, "", &profiles, false)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dry["applied"], false);
+    assert_eq!(dry["changes"][0]["key"], "args", "{dry}");
+    assert_eq!(
+        dry["changes"][0]["new"], "-device vhost-vsock-pci,guest-cid=200",
+        "{dry}"
+    );
+    let conf = || std::fs::read_to_string(host.qm_dir.join("200.conf")).unwrap();
+    assert!(!conf().contains("args:"), "the dry run changed nothing");
+    let done: serde_json::Value = serde_json::from_str(
+        &dbus_call(&bus, "Enroll", &("build-vm", 200u32, "", &profiles, true)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(done["applied"], true);
+    assert!(
+        conf().contains("args: -device vhost-vsock-pci,guest-cid=200"),
+        "{}",
+        conf()
+    );
+    let (name, _) =
+        dbus_call(&bus, "Enroll", &("printer", 200u32, "", &profiles, false)).unwrap_err();
+    assert_eq!(name, "org.signet.Signet1.Error.BadRequest");
+    let out = w.signetd(&["audit", "export"]);
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.contains("\"result\":\"enroll\"")
+                && l.contains("\"caller\":\"uid:0\"")
+                && l.contains("\"transport\":\"dbus\"")
+                && l.contains("\"filename\":\"VM 200 as build VM\"")),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 /// Every core command answers the same result type through each front: HTTP, D-Bus

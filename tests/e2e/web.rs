@@ -23,10 +23,13 @@ struct Ui {
 /// Agent (SoftHSM) and daemon with `[web]` on a free loopback port, its logins checked
 /// by a stand-in PVE API.
 fn appliance_with_web(w: &mut World) -> Ui {
+    appliance_with_web_and(w, "")
+}
+
+/// [`appliance_with_web`] with more of `signetd.toml`.
+fn appliance_with_web_and(w: &mut World, extra_toml: &str) -> Ui {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let api = rt.block_on(StandInPveApi::start()).unwrap();
-    let pin_file = w.path("pve-api.pem");
-    std::fs::write(&pin_file, api.cert_pem()).unwrap();
     let pin = w.path("pin");
     let agent = w.start_agent(
         &format!("unix:{}", w.path("agent.sock").display()),
@@ -34,19 +37,31 @@ fn appliance_with_web(w: &mut World) -> Ui {
         &pin,
         &[],
     );
-    std::fs::create_dir_all(w.path("pve-local")).unwrap();
+    let web = web_section(w, &api);
     w.start_daemon_with(
         &[&format!("unix:{}", w.path("signetd.sock").display())],
         &agent,
-        &format!(
-            "[profiles.release]\ndescription = \"Signet test\"\n\
-             [web]\nlisten = [\"tcp:127.0.0.1:0\"]\nnode = \"pve1\"\npve_api = \"{}\"\n\
-             pve_api_cert = \"{}\"\npve_local_dir = \"{}\"\nrefresh_seconds = 1\n",
-            api.url(),
-            pin_file.display(),
-            w.path("pve-local").display()
-        ),
+        &format!("[profiles.release]\ndescription = \"Signet test\"\n{web}{extra_toml}"),
     );
+    web_ui(w, rt, api)
+}
+
+/// The `[web]` section for a UI checking logins with `api`.
+fn web_section(w: &World, api: &StandInPveApi) -> String {
+    let pin_file = w.path("pve-api.pem");
+    std::fs::write(&pin_file, api.cert_pem()).unwrap();
+    std::fs::create_dir_all(w.path("pve-local")).unwrap();
+    format!(
+        "[web]\nlisten = [\"tcp:127.0.0.1:0\"]\nnode = \"pve1\"\npve_api = \"{}\"\n\
+         pve_api_cert = \"{}\"\npve_local_dir = \"{}\"\nrefresh_seconds = 1\n",
+        api.url(),
+        pin_file.display(),
+        w.path("pve-local").display()
+    )
+}
+
+/// The running daemon's web UI, found in its log.
+fn web_ui(w: &World, rt: tokio::runtime::Runtime, api: StandInPveApi) -> Ui {
     // signetd logs the web UI's endpoint before it says it is ready.
     let log = w.log("signetd");
     let ep = log
@@ -423,6 +438,14 @@ fn in_a_browser_an_operator_cancels_a_job_and_the_overview_follows_the_token_liv
             .any(|r| r["job"] == id.as_str() && r["result"] == "cancelled"),
         "{records:?}"
     );
+    // And the operator's own record: who cancelled it, from where.
+    assert!(
+        records.iter().any(|r| r["job"] == id.as_str()
+            && r["result"] == "cancel"
+            && r["caller"] == "pve:root@pam"
+            && r["transport"] == "web"),
+        "{records:?}"
+    );
 
     // The token comes back: the overview says so by itself, and the first job is signed.
     b.open(&format!("{}/", ui.url));
@@ -439,11 +462,121 @@ fn in_a_browser_an_operator_cancels_a_job_and_the_overview_follows_the_token_liv
     assert_eq!(status, 200);
     b.open(&format!("{}/audit", ui.url));
     let text = b.wait_until("document.getElementById('chain') !== null");
+    // The signature, the cancelled job and the operator's cancel.
     assert!(
-        text.contains("The hash chain is intact: 2 records"),
+        text.contains("The hash chain is intact: 3 records"),
         "{text}"
     );
     b.screenshot("audit.png");
+}
+
+#[test]
+fn in_a_browser_the_recovery_page_follows_a_token_loss_and_an_operator_enrolls_a_vm() {
+    let mut w = World::new();
+    // fake-qm (the stand-in for Proxmox's qm) keeps VM 200's configuration here.
+    let pve = w.path("pve");
+    std::fs::create_dir_all(&pve).unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../appliance/signetd/tests");
+    std::fs::copy(
+        fixtures.join("data/qm-config/with-args.conf"),
+        pve.join("200.conf"),
+    )
+    .unwrap();
+    let qm = w.path("qm");
+    std::fs::write(
+        &qm,
+        format!(
+            "#!/bin/sh\nFAKE_QM_DIR='{}' exec '{}' \"$@\"\n",
+            pve.display(),
+            fixtures.join("fixtures/fake-qm").display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&qm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let ui = appliance_with_web_and(&mut w, &format!("[doctor]\nqm = \"{}\"\n", qm.display()));
+    let admin = ui
+        .api
+        .login("root@pam", "/nodes/pve1", &["Sys.Audit", "Sys.Modify"]);
+    let agent = Endpoint::Unix(w.path("agent.sock"));
+    let ep = Endpoint::Unix(w.path("signetd.sock"));
+
+    // One signature before, so the chart has a latency to show.
+    let file = w.pe("before.exe");
+    let out = signet(&ep, &["sign", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+
+    let mut b = Browser::start(&w);
+    b.open(&ui.via_login(&admin, "/timeline"));
+    let text = b.wait_until("document.getElementById('jobs-signed') !== null");
+    assert!(text.contains("Recovery"), "{text}");
+    b.eval("window.signetSamePage = true");
+
+    // The token goes away and comes back: the page shows both without a reload.
+    let mut events = Events::follow(&agent);
+    let tokens = TokenDir::of(&w);
+    tokens.vanish();
+    events.wait_for("token_lost");
+    tokens.restore();
+    events.wait_for("logged_in");
+    let text = b.wait_until(
+        "document.getElementById('timeline') !== null
+         && document.getElementById('timeline').innerText.includes('Token back')",
+    );
+    assert!(text.contains("Token lost"), "{text}");
+    assert_eq!(b.eval("window.signetSamePage === true"), true, "no reload");
+    assert_eq!(
+        b.eval("document.querySelectorAll('svg.chart rect.down.token').length"),
+        1
+    );
+    assert_eq!(
+        b.eval("document.querySelectorAll('svg.chart circle.job').length"),
+        1
+    );
+    b.screenshot("timeline.png");
+
+    // Enroll build VM 200: the dry run first, then the change, confirmed.
+    b.open(&format!("{}/enroll", ui.url));
+    b.eval("document.querySelector('input[name=vmid]').value = '200'");
+    b.screenshot("enroll.png");
+    b.events.clear();
+    b.eval("document.querySelector('#enroll-form button[type=submit]').click()");
+    b.wait_event("Page.loadEventFired");
+    let text = b.wait_until("document.getElementById('preview') !== null");
+    assert!(text.contains("Enroll VM 200 as build VM?"), "{text}");
+    assert!(text.contains("guest-cid=200"), "{text}");
+    let before = std::fs::read_to_string(pve.join("200.conf")).unwrap();
+    assert!(
+        !before.contains("guest-cid=200"),
+        "the dry run changed nothing"
+    );
+    b.screenshot("enroll-preview.png");
+    b.eval("window.confirm = () => true");
+    b.events.clear();
+    b.eval("document.querySelector('form[action=\"/enroll\"] button').click()");
+    b.wait_event("Page.loadEventFired");
+    let text = b.wait_until("document.getElementById('done') !== null");
+    assert!(text.contains("VM 200 enrolled as build VM"), "{text}");
+    b.screenshot("enroll-done.png");
+    let after = std::fs::read_to_string(pve.join("200.conf")).unwrap();
+    assert!(after.contains("guest-cid=200"), "{after}");
+    let audit = w.signetd(&["audit", "export"]);
+    let records = String::from_utf8_lossy(&audit.stdout).into_owned();
+    assert!(
+        records
+            .lines()
+            .any(|l| l.contains("\"result\":\"enroll\"")
+                && l.contains("\"caller\":\"pve:root@pam\"")),
+        "{records}"
+    );
+
+    // The overview with the host's tokens, as this host has them (none plugged in).
+    b.open(&format!("{}/", ui.url));
+    let text = b.wait_until("document.getElementById('host-tokens') !== null");
+    assert!(text.contains("Tokens on this host"), "{text}");
+    b.screenshot("overview-tokens.png");
 }
 
 #[test]
@@ -473,4 +606,126 @@ fn a_web_ui_that_cannot_start_does_not_stop_signing() {
     let out = signet(&ep, &["sign", file.to_str().unwrap()]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(verify(&w, &file).0);
+}
+
+#[test]
+fn in_a_browser_an_operator_detaches_and_attaches_a_token_the_host_keeps_in_its_vm() {
+    use super::passthrough::{Qemu, Testbed};
+    use std::io::BufReader;
+    const SERIAL: &str = "0123ABCD";
+    let mut w = World::new();
+    // The signing VM's QEMU with Signet's monitor; signetd in a umockdev testbed that
+    // plugs in a fake SafeNet token when asked (as in e2e/passthrough.rs).
+    let monitors = w.path("monitors");
+    std::fs::create_dir(&monitors).unwrap();
+    let _qemu = Qemu::start(
+        &signetd::proxmox::monitor_path(&monitors, 105),
+        &w.path("qemu-server.qmp"),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = rt.block_on(StandInPveApi::start()).unwrap();
+    let sock = w.path("testbed.sock");
+    let http = w.path("signetd.sock");
+    w.write_daemon_config(&format!(
+        "listen = [\"unix:{}\"]\nagent = \"unix:{}\"\ndbus = \"none\"\n\
+         [passthrough]\nmonitor_dir = \"{}\"\n[[tokens]]\nserial = \"{SERIAL}\"\nvm = 105\n{}",
+        http.display(),
+        w.path("no-agent.sock").display(),
+        monitors.display(),
+        web_section(&w, &api)
+    ));
+    let driver = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/umockdev-driver.py");
+    let ep = w
+        .restart_daemon_under(&[
+            "umockdev-wrapper".as_ref(),
+            "/usr/bin/python3".as_ref(),
+            driver.as_os_str(),
+            sock.as_os_str(),
+        ])
+        .remove(0);
+    let ui = web_ui(&w, rt, api);
+    let mut testbed = Testbed(BufReader::new(
+        std::os::unix::net::UnixStream::connect(&sock).unwrap(),
+    ));
+    let place = || {
+        let (_, r) = call(&ep, "GET", "/v1/tokens", Vec::new());
+        r["tokens"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["serial"] == SERIAL).cloned())
+            .unwrap_or_default()
+    };
+    let in_vm = |t: &serde_json::Value| t["state"] == "attaching" && t["accepted"] == true;
+    testbed.ask(&format!("add 2 5 {SERIAL}"));
+    wait_until("the token in VM 105", || in_vm(&place()));
+
+    let admin = ui
+        .api
+        .login("root@pam", "/nodes/pve1", &["Sys.Audit", "Sys.Modify"]);
+    let mut b = Browser::start(&w);
+    b.open(&ui.via_login(&admin, "/"));
+    let text = b.wait_until(
+        "document.getElementById('token-0123ABCD') !== null
+         && document.getElementById('token-0123ABCD').innerText.includes('VM 105')",
+    );
+    assert!(text.contains("SafeNet eToken 5110"), "{text}");
+    assert!(text.contains("port 1-2"), "{text}");
+    b.screenshot("overview-host-token.png");
+
+    // Detach: the link asks first, the confirmed form does it.
+    b.events.clear();
+    b.eval("document.querySelector('#token-0123ABCD a[href$=\"/detach\"]').click()");
+    b.wait_event("Page.loadEventFired");
+    let text = b.wait_until("document.querySelector('button.primary') !== null");
+    assert!(
+        text.contains("Detach token 0123ABCD from VM 105?"),
+        "{text}"
+    );
+    assert!(in_vm(&place()), "asking changed nothing");
+    b.screenshot("token-confirm-detach.png");
+    b.events.clear();
+    b.eval("document.querySelector('button.primary').click()");
+    b.wait_event("Page.loadEventFired");
+    let text = b.wait_until("document.getElementById('done') !== null");
+    assert!(text.contains("Token 0123ABCD detached"), "{text}");
+    assert!(text.contains("Now: on host"), "{text}");
+    b.screenshot("token-detached.png");
+    assert_eq!(place()["state"], "on_host");
+
+    // The overview offers to attach it again; confirmed, it goes back into VM 105.
+    b.open(&format!("{}/", ui.url));
+    b.wait_until("document.querySelector('#token-0123ABCD a[href$=\"/attach\"]') !== null");
+    b.events.clear();
+    b.eval("document.querySelector('#token-0123ABCD a[href$=\"/attach\"]').click()");
+    b.wait_event("Page.loadEventFired");
+    b.wait_until("document.querySelector('button.primary') !== null");
+    b.events.clear();
+    b.eval("document.querySelector('button.primary').click()");
+    b.wait_event("Page.loadEventFired");
+    let text = b.wait_until("document.getElementById('done') !== null");
+    assert!(text.contains("Token 0123ABCD attached"), "{text}");
+    wait_until("the token back in VM 105", || in_vm(&place()));
+
+    // Both actions are in the audit log under the PVE user.
+    let audit = w.signetd(&["audit", "export"]);
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&audit.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let actions: Vec<(&str, &str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["result"].as_str().unwrap_or(""),
+                r["caller"].as_str().unwrap_or(""),
+                r["token_serial"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("detach", "pve:root@pam", SERIAL),
+            ("attach", "pve:root@pam", SERIAL)
+        ]
+    );
 }

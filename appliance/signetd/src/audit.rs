@@ -17,6 +17,18 @@
 //! Records are appended with [`append`] inside the caller's transaction, so a job's
 //! state change and its record commit together; [`record_refusal`] is the entry for a
 //! request refused before it became a job.
+//!
+//! An operator's action (attach, detach or re-attach a token, cancel a job, enroll a
+//! VM) is a record of the same chain, written by [`record_action`]: its `result` is the
+//! action's name, `caller` the operator (`pve:USER@REALM` from the web UI, `uid:N` over
+//! D-Bus or the operator's HTTP routes), `transport` the front (`web`, `dbus`, `unix`),
+//! `job` and `token_serial` what it acted on, `filename` any other target (`VM 105 as
+//! signing VM`), and `error` the error code when the action was refused or failed.
+//!
+//! [`verify_after`] goes on from a [`Mark`] left by an earlier walk, checking only the
+//! records appended since; a trigger counts every `UPDATE` and `DELETE` on the table
+//! (`audit_edits`), and a mark is only used while that count, the row count before it and
+//! the hash at it are what they were (otherwise the whole chain is walked again).
 
 use std::io::Write;
 
@@ -52,7 +64,13 @@ pub fn init(conn: &Connection) -> rusqlite::Result<()> {
             prev TEXT NOT NULL,
             hash TEXT NOT NULL
         );
-        CREATE INDEX IF NOT EXISTS audit_time ON audit(time);",
+        CREATE INDEX IF NOT EXISTS audit_time ON audit(time);
+        CREATE TABLE IF NOT EXISTS audit_edits (n INTEGER NOT NULL);
+        INSERT INTO audit_edits (n) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM audit_edits);
+        CREATE TRIGGER IF NOT EXISTS audit_updated AFTER UPDATE ON audit
+            BEGIN UPDATE audit_edits SET n = n + 1; END;
+        CREATE TRIGGER IF NOT EXISTS audit_deleted AFTER DELETE ON audit
+            BEGIN UPDATE audit_edits SET n = n + 1; END;",
     )
 }
 
@@ -241,6 +259,15 @@ fn format_time(t: time::OffsetDateTime) -> String {
 /// Appends one record after the newest; call inside the transaction that changes the
 /// job's state. Answers the record written.
 pub fn append(conn: &Connection, entry: &Entry) -> Result<Record, AuditError> {
+    append_as(
+        conn,
+        entry,
+        entry.result.unwrap_or(Outcome::Failed).as_str(),
+    )
+}
+
+/// [`append`] with `result` written as given.
+fn append_as(conn: &Connection, entry: &Entry, result: &str) -> Result<Record, AuditError> {
     let last: Option<(u64, String)> = conn
         .query_row(
             "SELECT seq, hash FROM audit ORDER BY id DESC LIMIT 1",
@@ -264,7 +291,7 @@ pub fn append(conn: &Connection, entry: &Entry) -> Result<Record, AuditError> {
         output_sha256: entry.output_sha256.clone(),
         output_bytes: entry.output_bytes,
         duration_ms: entry.duration_ms,
-        result: entry.result.unwrap_or(Outcome::Failed).as_str().to_owned(),
+        result: result.to_owned(),
         error: entry.error.clone(),
         prev,
         hash: String::new(),
@@ -310,14 +337,57 @@ pub fn record_refusal(conn: &Connection, entry: &Entry) -> Result<Record, AuditE
     Ok(rec)
 }
 
+/// An operator's action, for its record (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Action {
+    /// `attach`, `detach`, `reattach`, `cancel`, `enroll`.
+    pub action: &'static str,
+    /// Who: `pve:root@pam`, `uid:0`.
+    pub operator: String,
+    /// The front: `web`, `dbus`, `unix`.
+    pub transport: String,
+    pub job: Option<String>,
+    pub token_serial: Option<String>,
+    /// Any other target, in words.
+    pub target: Option<String>,
+    /// The error code when the action was refused or failed.
+    pub error: Option<String>,
+}
+
+/// Records an operator's action in a transaction of its own.
+pub fn record_action(conn: &Connection, a: &Action) -> Result<Record, AuditError> {
+    let tx = conn.unchecked_transaction()?;
+    let entry = Entry {
+        job: a.job.clone(),
+        caller: a.operator.clone(),
+        transport: a.transport.clone(),
+        token_serial: a.token_serial.clone(),
+        filename: a.target.clone(),
+        error: a.error.clone(),
+        ..Entry::default()
+    };
+    let rec = append_as(&tx, &entry, a.action)?;
+    tx.commit()?;
+    Ok(rec)
+}
+
 fn rows(conn: &Connection, since: Option<&str>) -> Result<Vec<(i64, Record)>, AuditError> {
+    rows_from(conn, since, i64::MIN)
+}
+
+/// The rows after row `after` (since `since` when given), in order.
+fn rows_from(
+    conn: &Connection,
+    since: Option<&str>,
+    after: i64,
+) -> Result<Vec<(i64, Record)>, AuditError> {
     let mut stmt = conn.prepare(
         "SELECT id, seq, time, job, caller, transport, profile, token_serial, cert_sha256,
             filename, input_sha256, input_bytes, output_sha256, output_bytes, duration_ms,
             result, error, prev, hash
-         FROM audit WHERE ?1 IS NULL OR time >= ?1 ORDER BY id",
+         FROM audit WHERE (?1 IS NULL OR time >= ?1) AND id > ?2 ORDER BY id",
     )?;
-    let rows = stmt.query_map([since], |r| {
+    let rows = stmt.query_map(params![since, after], |r| {
         Ok((
             r.get(0)?,
             Record {
@@ -357,6 +427,89 @@ pub struct Verified {
 /// or reordered.
 pub fn verify(conn: &Connection) -> Result<Verified, AuditError> {
     check_chain(&rows(conn, None)?)
+}
+
+/// Where a walk of the chain ended, to go on from there ([`verify_after`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    /// The newest record's row (0 for an empty log).
+    pub row: i64,
+    pub records: u64,
+    pub head: String,
+    /// `audit_edits` when the mark was made: any `UPDATE` or `DELETE` since voids it.
+    pub edits: i64,
+}
+
+/// How [`verify_after`] checked the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Walk {
+    /// Every record.
+    Whole,
+    /// Only the records after the mark (this many).
+    Appended(u64),
+}
+
+fn edits(conn: &Connection) -> Result<i64, AuditError> {
+    Ok(conn
+        .query_row("SELECT n FROM audit_edits", [], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// Whether `mark` still describes the start of the chain: no record changed or deleted
+/// since (the edit count), as many rows up to it, and its head where it was.
+fn mark_holds(conn: &Connection, mark: &Mark) -> Result<bool, AuditError> {
+    if edits(conn)? != mark.edits {
+        return Ok(false);
+    }
+    let (count, head): (u64, Option<String>) = conn.query_row(
+        "SELECT (SELECT COUNT(*) FROM audit WHERE id <= ?1),
+                (SELECT hash FROM audit WHERE id = ?1)",
+        [mark.row],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(count == mark.records
+        && (mark.row == 0 && head.is_none() || head.as_deref() == Some(mark.head.as_str())))
+}
+
+/// Verifies the chain going on from `from` when that mark still holds (only the
+/// records appended since are walked), else the whole chain; a break found after the
+/// mark is named by walking the whole chain again. Answers the result, the new mark and
+/// how the chain was walked.
+pub fn verify_after(
+    conn: &Connection,
+    from: Option<&Mark>,
+) -> Result<(Verified, Mark, Walk), AuditError> {
+    let edits_now = edits(conn)?;
+    if let Some(m) = from {
+        if mark_holds(conn, m)? {
+            let after = rows_after(conn, m.row)?;
+            let n = after.len() as u64;
+            if let Ok(v) = check_chain_from(&after, m.records, &m.head) {
+                let row = after.last().map_or(m.row, |(id, _)| *id);
+                let mark = Mark {
+                    row,
+                    records: v.records,
+                    head: v.head.clone(),
+                    edits: edits_now,
+                };
+                return Ok((v, mark, Walk::Appended(n)));
+            }
+        }
+    }
+    let all = rows(conn, None)?;
+    let v = check_chain(&all)?;
+    let mark = Mark {
+        row: all.last().map_or(0, |(id, _)| *id),
+        records: v.records,
+        head: v.head.clone(),
+        edits: edits_now,
+    };
+    Ok((v, mark, Walk::Whole))
+}
+
+fn rows_after(conn: &Connection, row: i64) -> Result<Vec<(i64, Record)>, AuditError> {
+    rows_from(conn, None, row)
 }
 
 /// [`verify`] as the fronts answer it; `Err` only when the log cannot be read.
@@ -438,10 +591,19 @@ fn normalise_time(s: &str) -> Result<String, AuditError> {
 
 /// The pure walk behind [`verify`].
 fn check_chain(rows: &[(i64, Record)]) -> Result<Verified, AuditError> {
+    check_chain_from(rows, 0, GENESIS)
+}
+
+/// The walk of `rows` following `before` verified records whose head is `head`.
+fn check_chain_from(
+    rows: &[(i64, Record)],
+    before: u64,
+    head: &str,
+) -> Result<Verified, AuditError> {
     let seqs: std::collections::HashSet<u64> = rows.iter().map(|(_, r)| r.seq).collect();
-    let mut prev = GENESIS.to_owned();
+    let mut prev = head.to_owned();
     for (i, (row, rec)) in rows.iter().enumerate() {
-        let expected = i as u64 + 1;
+        let expected = before + i as u64 + 1;
         if rec.compute_hash() != rec.hash {
             return Err(AuditError::Changed {
                 seq: rec.seq,
@@ -474,7 +636,7 @@ fn check_chain(rows: &[(i64, Record)]) -> Result<Verified, AuditError> {
         prev = rec.hash.clone();
     }
     Ok(Verified {
-        records: rows.len() as u64,
+        records: before + rows.len() as u64,
         head: prev,
     })
 }
@@ -702,5 +864,71 @@ mod tests {
         assert_eq!((c.kind.as_deref(), c.record), (Some("changed"), Some(5)));
         let c = check(&db_with(2)).unwrap();
         assert!(c.ok && c.records == Some(2) && c.head.as_deref().is_some_and(|h| h.len() == 64));
+    }
+
+    #[test]
+    fn the_walk_goes_on_from_its_mark_and_starts_over_when_anything_changed() {
+        let conn = db_with(4);
+        let (v, mark, walk) = verify_after(&conn, None).unwrap();
+        assert_eq!((v.records, walk), (4, Walk::Whole));
+        assert_eq!(v, verify(&conn).unwrap());
+        // Two more: only those are walked, and the result is the whole walk's.
+        for i in 0..2 {
+            record_action(
+                &conn,
+                &Action {
+                    action: "detach",
+                    operator: format!("pve:op{i}@pve"),
+                    transport: "web".into(),
+                    token_serial: Some("0123ABCD".into()),
+                    ..Action::default()
+                },
+            )
+            .unwrap();
+        }
+        let (v, mark2, walk) = verify_after(&conn, Some(&mark)).unwrap();
+        assert_eq!((v.records, walk), (6, Walk::Appended(2)));
+        assert_eq!(v, verify(&conn).unwrap());
+        let (_, mark3, walk) = verify_after(&conn, Some(&mark2)).unwrap();
+        assert_eq!((walk, &mark3), (Walk::Appended(0), &mark2));
+        // A record before the mark changed: the whole chain is walked and the change named.
+        conn.execute("UPDATE audit SET filename = 'evil.exe' WHERE seq = 2", [])
+            .unwrap();
+        let e = verify_after(&conn, Some(&mark3)).unwrap_err();
+        assert_eq!((e.kind(), e.record()), ("changed", Some(2)));
+        // Changed back (the trigger still counts it): a whole walk, intact.
+        conn.execute("UPDATE audit SET filename = 'app.exe' WHERE seq = 2", [])
+            .unwrap();
+        let (_, _, walk) = verify_after(&conn, Some(&mark3)).unwrap();
+        assert_eq!(walk, Walk::Whole);
+        // The newest records deleted behind the mark's back: walked whole.
+        let (_, mark, _) = verify_after(&conn, None).unwrap();
+        conn.execute_batch("DROP TRIGGER audit_deleted; DELETE FROM audit WHERE seq = 6;")
+            .unwrap();
+        let (v, _, walk) = verify_after(&conn, Some(&mark)).unwrap();
+        assert_eq!((v.records, walk), (5, Walk::Whole));
+    }
+
+    #[test]
+    fn an_operators_action_is_a_record_of_the_chain() {
+        let conn = db_with(1);
+        let rec = record_action(
+            &conn,
+            &Action {
+                action: "enroll",
+                operator: "uid:0".into(),
+                transport: "dbus".into(),
+                target: Some("VM 105 as signing VM".into()),
+                error: Some("forbidden".into()),
+                ..Action::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (rec.seq, rec.result.as_str(), rec.caller.as_str()),
+            (2, "enroll", "uid:0")
+        );
+        assert_eq!(rec.filename.as_deref(), Some("VM 105 as signing VM"));
+        assert_eq!(verify(&conn).unwrap().records, 2);
     }
 }

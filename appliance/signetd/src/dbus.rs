@@ -3,6 +3,9 @@
 //! [`Daemon`] command and returns its result type as JSON, the same JSON the HTTP API
 //! gives, so every front renders the same types.
 //!
+//! The operator's actions (`Cancel`, `Attach`, `Detach`, `Reattach`, `Enroll`) go through
+//! [`crate::operate`] and are audited with the caller's uid as the bus reports it.
+//!
 //! The `JobFinished` signal follows every job that ends, `RecoveryStep` every entry of
 //! the recovery timeline.
 //!
@@ -21,6 +24,7 @@ use signet_protocol::wire::{ErrorBody, ErrorCode};
 use zbus::object_server::SignalEmitter;
 
 use crate::daemon::Daemon;
+use crate::operate::Operator;
 
 /// The daemon's well-known name on the bus.
 pub const BUS_NAME: &str = "org.signet.Signet1";
@@ -102,9 +106,16 @@ impl Manager {
         json(self.daemon.jobs(n))
     }
 
-    /// Cancels any caller's queued job; answers its `JobView` as JSON.
-    async fn cancel(&self, id: &str) -> Result<String, Error> {
-        json(self.daemon.cancel_any(id))
+    /// Cancels any caller's queued job; answers its `JobView` as JSON. Audited with
+    /// the caller's uid.
+    async fn cancel(
+        &self,
+        id: &str,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, Error> {
+        let op = operator(conn, &header).await;
+        json(self.daemon.cancel_by(&op, id))
     }
 
     /// The newest `n` audit records (0: the default), a JSON array of `AuditRecord`.
@@ -161,19 +172,71 @@ impl Manager {
 
     /// Puts a token into its signing VM; `vmid` 0 means its assigned VM, another VM
     /// than the assigned one is refused. Answers the token (JSON).
-    async fn attach(&self, serial: &str, vmid: u32) -> Result<String, Error> {
+    async fn attach(
+        &self,
+        serial: &str,
+        vmid: u32,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, Error> {
         let vm = (vmid != 0).then_some(vmid);
-        json(self.daemon.attach(serial, vm).await)
+        let op = operator(conn, &header).await;
+        json(self.daemon.attach_by(&op, serial, vm).await)
     }
 
     /// Takes a token out of its VM and keeps it on the host until attached again.
-    async fn detach(&self, serial: &str) -> Result<String, Error> {
-        json(self.daemon.detach(serial).await)
+    async fn detach(
+        &self,
+        serial: &str,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, Error> {
+        let op = operator(conn, &header).await;
+        json(self.daemon.detach_by(&op, serial).await)
     }
 
     /// Detaches a token from its VM and attaches it anew.
-    async fn reattach(&self, serial: &str) -> Result<String, Error> {
-        json(self.daemon.reattach(serial).await)
+    async fn reattach(
+        &self,
+        serial: &str,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, Error> {
+        let op = operator(conn, &header).await;
+        json(self.daemon.reattach_by(&op, serial).await)
+    }
+
+    /// Enrolls a VM: `role` `build-vm` (with `profiles`; none: the default profile)
+    /// or `signing-vm` (with the token `serial`, plugged into this host); without
+    /// `apply` a dry run that changes nothing. Answers the change (`EnrollReport`,
+    /// JSON); an applied enrolment is audited with the caller's uid.
+    #[allow(clippy::too_many_arguments)]
+    async fn enroll(
+        &self,
+        role: &str,
+        vmid: u32,
+        serial: &str,
+        profiles: Vec<String>,
+        apply: bool,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, Error> {
+        let req = match role {
+            "build-vm" => crate::operate::EnrollRequest::BuildVm { vmid, profiles },
+            "signing-vm" => crate::operate::EnrollRequest::SigningVm {
+                vmid,
+                serial: serial.to_owned(),
+            },
+            other => {
+                return Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    format!("{other:?} is not a role: give \"build-vm\" or \"signing-vm\""),
+                )
+                .into())
+            }
+        };
+        let op = operator(conn, &header).await;
+        json(self.daemon.enroll(&op, &req, apply).await)
     }
 
     /// A token's state changed: the token as `Tokens` lists it (JSON).
@@ -185,6 +248,22 @@ impl Manager {
     async fn version(&self) -> String {
         signet_protocol::VERSION.to_owned()
     }
+}
+
+/// Who called: the uid the bus daemon reports for the message's sender, for the
+/// audit record of an operator's action.
+async fn operator(conn: &zbus::Connection, header: &zbus::message::Header<'_>) -> Operator {
+    let uid = match header.sender() {
+        Some(sender) => match zbus::fdo::DBusProxy::new(conn).await {
+            Ok(bus) => bus
+                .get_connection_unix_user(sender.clone().into())
+                .await
+                .ok(),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    Operator::dbus(uid)
 }
 
 /// A command's error on the bus: named `org.signet.Signet1.Error.<Code>` after its

@@ -31,7 +31,7 @@ pub const CLOCK_SLACK_SECONDS: i64 = 60;
 pub struct DoctorConfig {
     /// Where the host's `/proc`, `/sys` and `/dev` are (`/`; a fixture tree in tests).
     pub host_root: PathBuf,
-    /// Proxmox's `qm`.
+    /// Proxmox's `qm`, also for enrolling VMs from the web UI ([`crate::operate`]).
     pub qm: PathBuf,
     /// The signing VM; default: the agent's vsock CID, as a VMID.
     pub signing_vm: Option<u32>,

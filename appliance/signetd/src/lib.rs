@@ -8,6 +8,8 @@
 //!   directory, judged by pure functions, each failure with its fix.
 //! - [`ops`] — the operator's commands: every caller's jobs, cancel any job, the audit
 //!   log's tail, check and export, doctor; the job-finished events for D-Bus signals.
+//! - [`operate`] — the operator's actions, audited with who did them: attach, detach,
+//!   re-attach a token, cancel a job, enroll a VM (its dry run first).
 //! - [`enroll_config`] — what `signetd enroll` appends to `signetd.toml`: a build VM's
 //!   grant, a signing VM's `[[tokens]]` entry.
 //! - [`dbus`] — the D-Bus front (`org.signet.Signet1`) on the system bus, for `signetctl`.
@@ -52,6 +54,7 @@ pub mod handtokening;
 pub mod jobs;
 pub mod life;
 pub mod limits;
+pub mod operate;
 pub mod ops;
 pub mod passthrough;
 pub mod policy;

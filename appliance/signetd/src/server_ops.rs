@@ -34,12 +34,13 @@ fn operator(
     peer: &Peer,
     tls: Option<Extension<OverTls>>,
     headers: &HeaderMap,
-) -> Result<(), ErrorBody> {
+) -> Result<crate::operate::Operator, ErrorBody> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let caller = daemon.authenticate(peer, tls.is_some(), authorization)?;
-    check_operator(&caller)
+    check_operator(&caller)?;
+    Ok(crate::operate::Operator::local(&caller))
 }
 
 fn answer<T: serde::Serialize>(r: Result<T, ErrorBody>) -> Response {
@@ -63,7 +64,7 @@ async fn jobs(
 ) -> Response {
     answer(
         operator(&daemon, &peer, tls, &headers)
-            .and_then(|()| daemon.jobs(q.recent.unwrap_or(ops::RECENT_JOBS))),
+            .and_then(|_| daemon.jobs(q.recent.unwrap_or(ops::RECENT_JOBS))),
     )
 }
 
@@ -74,7 +75,7 @@ async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    answer(operator(&daemon, &peer, tls, &headers).and_then(|()| daemon.cancel_any(&id)))
+    answer(operator(&daemon, &peer, tls, &headers).and_then(|op| daemon.cancel_by(&op, &id)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,7 +92,7 @@ async fn audit(
     Query(q): Query<AuditQuery>,
 ) -> Response {
     answer(
-        operator(&daemon, &peer, tls, &headers).and_then(|()| match (&q.since, q.n) {
+        operator(&daemon, &peer, tls, &headers).and_then(|_| match (&q.since, q.n) {
             (Some(since), _) => daemon.audit_since(Some(since)),
             (None, n) => daemon.audit_tail(n.unwrap_or(ops::AUDIT_TAIL)),
         }),
@@ -104,7 +105,7 @@ async fn audit_verify(
     tls: Option<Extension<OverTls>>,
     headers: HeaderMap,
 ) -> Response {
-    answer(operator(&daemon, &peer, tls, &headers).and_then(|()| daemon.audit_verify()))
+    answer(operator(&daemon, &peer, tls, &headers).and_then(|_| daemon.audit_verify()))
 }
 
 async fn doctor(
@@ -114,7 +115,7 @@ async fn doctor(
     headers: HeaderMap,
 ) -> Response {
     match operator(&daemon, &peer, tls, &headers) {
-        Ok(()) => Json(daemon.doctor().await).into_response(),
+        Ok(_) => Json(daemon.doctor().await).into_response(),
         Err(e) => e.into_response(),
     }
 }

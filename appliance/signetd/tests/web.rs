@@ -33,7 +33,16 @@ struct Fixture {
 /// A daemon with `queued` jobs waiting (no agent, no worker: they stay queued), its
 /// web UI, and the stand-in PVE API it asks.
 async fn fixture(queued: usize) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
+    fixture_with(queued, "", None, tempfile::tempdir().unwrap()).await
+}
+
+/// [`fixture`] with more of `signetd.toml` and the token service behind `tokens`.
+async fn fixture_with(
+    queued: usize,
+    extra_toml: &str,
+    tokens: Option<signetd::tokens::Handle>,
+    dir: tempfile::TempDir,
+) -> Fixture {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     {
@@ -57,18 +66,22 @@ async fn fixture(queued: usize) -> Fixture {
             store.queued(&id, "ab", 3).unwrap();
         }
     }
-    let cfg = Config::parse(
-        &dir.path().join("signetd.toml"),
-        &format!(
-            "agent = \"unix:{}/no-agent.sock\"\nstate_dir = \"{}\"\ndbus = \"none\"\nlisten = [\"unix:{}/s.sock\"]\n[profiles.release]\n[web]\nnode = \"{NODE}\"\n",
-            dir.path().display(),
-            state.display(),
-            dir.path().display()
-        ),
-    )
-    .unwrap();
+    // Written too: enrolling reads the file as it is and adds to it.
+    let text = format!(
+        "agent = \"unix:{}/no-agent.sock\"\nstate_dir = \"{}\"\ndbus = \"none\"\nlisten = [\"unix:{}/s.sock\"]\n[profiles.release]\n[web]\nnode = \"{NODE}\"\n{extra_toml}",
+        dir.path().display(),
+        state.display(),
+        dir.path().display()
+    );
+    let toml = dir.path().join("signetd.toml");
+    std::fs::write(&toml, &text).unwrap();
+    let cfg = Config::parse(&toml, &text).unwrap();
     assert!(cfg.web.is_some());
-    let daemon = Arc::new(Daemon::open(cfg).unwrap());
+    let mut daemon = Daemon::open(cfg).unwrap();
+    if let Some(handle) = tokens {
+        daemon = daemon.with_tokens(handle);
+    }
+    let daemon = Arc::new(daemon);
     let api = StandInPveApi::start().await.unwrap();
     let pin = dir.path().join("pve-ssl.pem");
     std::fs::write(&pin, api.cert_pem()).unwrap();
@@ -155,9 +168,9 @@ impl Fixture {
         )
     }
 
-    /// The CSRF token in the queue page's forms, as a browser would send it back.
+    /// The CSRF token in the enroll page's form, as a browser would send it back.
     async fn csrf(&self, ticket: &str) -> String {
-        let (status, page) = self.get("/jobs", Some(ticket)).await;
+        let (status, page) = self.get("/enroll", Some(ticket)).await;
         assert_eq!(status, StatusCode::OK, "{page}");
         let at = page.find("name=\"csrf\" value=\"").expect("a form") + 19;
         page[at..at + 64].to_owned()
@@ -318,30 +331,57 @@ async fn an_operator_cancels_a_waiting_job_and_it_is_audited() {
     let (_, page) = f.get("/audit?q=cancelled", Some(&t)).await;
     assert!(page.contains("1 record matches"), "{page}");
     assert!(
-        page.contains("The hash chain is intact: 1 record,"),
+        page.contains("The hash chain is intact: 2 records,"),
         "{page}"
     );
     let (status, export) = f.get("/audit/export", Some(&t)).await;
     assert_eq!(status, StatusCode::OK);
-    let rec: serde_json::Value = serde_json::from_str(export.lines().next().unwrap()).unwrap();
+    let records = |export: &str| -> Vec<serde_json::Value> {
+        export
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let recs = records(&export);
+    // The job's own record names its caller; the operator's names the PVE user.
     assert_eq!(
-        (rec["job"].as_str(), rec["result"].as_str()),
+        (recs[0]["job"].as_str(), recs[0]["result"].as_str()),
         (Some("1"), Some("cancelled"))
     );
-    assert_eq!(rec["caller"], "vm:105");
+    assert_eq!(recs[0]["caller"], "vm:105");
+    assert_eq!(
+        (
+            recs[1]["job"].as_str(),
+            recs[1]["result"].as_str(),
+            recs[1]["caller"].as_str(),
+            recs[1]["transport"].as_str()
+        ),
+        (Some("1"), Some("cancel"), Some("pve:root@pam"), Some("web"))
+    );
+    assert!(recs[1]["error"].is_null());
 
     // Cancelling an ended job again changes nothing (as DELETE /v1/jobs/{id} and
-    // signetctl cancel answer it): no second record; an unknown job is not found.
+    // signetctl cancel answer it): no second `cancelled`, though the operator's try is
+    // recorded; an unknown job is not found, and the refusal recorded with its code.
     let (status, _, body) = f
         .post("/jobs/1/cancel", Some(&t), &format!("csrf={csrf}"))
         .await;
     assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
-    let (_, export) = f.get("/audit/export", Some(&t)).await;
-    assert_eq!(export.lines().count(), 1, "{export}");
     let (status, _, _) = f
         .post("/jobs/99/cancel", Some(&t), &format!("csrf={csrf}"))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, export) = f.get("/audit/export", Some(&t)).await;
+    let recs = records(&export);
+    assert_eq!(recs.len(), 4, "{export}");
+    assert_eq!(
+        recs.iter().filter(|r| r["result"] == "cancelled").count(),
+        1
+    );
+    assert_eq!(
+        (recs[3]["job"].as_str(), recs[3]["error"].as_str()),
+        (Some("99"), Some("unknown_job"))
+    );
 }
 
 #[tokio::test]
@@ -359,13 +399,14 @@ async fn the_audit_page_searches_and_pages() {
             .await;
         assert_eq!(status, StatusCode::SEE_OTHER, "{id}: {body}");
     }
+    // Each cancel is two records: the job's and the operator's.
     let (_, page) = f.get("/audit", Some(&t)).await;
-    assert!(page.contains("55 records; page 1 of 2"), "{page}");
+    assert!(page.contains("110 records; page 1 of 3"), "{page}");
     assert!(page.contains("rel=\"next\""), "{page}");
-    let (_, page2) = f.get("/audit?q=&page=2", Some(&t)).await;
-    assert!(page2.contains("page 2 of 2") && page2.contains("rel=\"prev\""));
+    let (_, page3) = f.get("/audit?q=&page=3", Some(&t)).await;
+    assert!(page3.contains("page 3 of 3") && page3.contains("rel=\"prev\""));
     assert!(
-        page2.contains("<td>app0.exe</td>"),
+        page3.contains("<td>app0.exe</td>"),
         "the oldest is on the last page"
     );
     let (_, found) = f.get("/audit?q=app7.exe", Some(&t)).await;
@@ -377,7 +418,25 @@ async fn the_audit_page_searches_and_pages() {
         "{xss}"
     );
 
-    // A changed record shows as a broken chain.
+    // The chain was walked whole for the first page; after that only what was added.
+    assert!(page.contains("Every record was checked now."), "{page}");
+    let (status, _, _) = f
+        .post("/jobs/56/cancel", Some(&t), &format!("csrf={csrf}"))
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, page) = f.get("/audit", Some(&t)).await;
+    assert!(
+        page.contains("The hash chain is intact: 112 records,"),
+        "{page}"
+    );
+    assert!(
+        page.contains("the 2 records added since then were checked now."),
+        "{page}"
+    );
+    let (_, page) = f.get("/audit?verify=full", Some(&t)).await;
+    assert!(page.contains("Every record was checked now."), "{page}");
+
+    // A changed record shows as a broken chain, though it is older than the last walk.
     let db = f.dir.path().join("state/signet.db");
     rusqlite::Connection::open(db)
         .unwrap()
@@ -621,4 +680,431 @@ async fn event_streams_end_when_signetd_stops() {
             }
         }
     }
+}
+
+/// The token watcher standing in for udev here: one SafeNet eToken 5110 (serial
+/// 0123ABCD) plugged in at 1-2 from the start, never unplugged.
+struct StandInWatcher(Option<signetd::usb::UsbDevice>);
+
+impl signetd::usb::TokenWatcher for StandInWatcher {
+    fn enumerate(&mut self) -> Result<Vec<signetd::usb::UsbDevice>, signetd::usb::WatchError> {
+        Ok(self.0.take().into_iter().collect())
+    }
+    fn next_event(
+        &mut self,
+    ) -> impl std::future::Future<Output = Option<signetd::usb::UsbEvent>> + Send + '_ {
+        std::future::pending()
+    }
+}
+
+const SERIAL: &str = "0123ABCD";
+
+/// The token service with [`StandInWatcher`]'s token assigned to VM 105, whose QEMU is
+/// not running (no monitor socket); answers once the token is seen on the host.
+async fn token_service(dir: &std::path::Path) -> signetd::tokens::Handle {
+    use signetd::usb::{Catalog, UsbDevice, VidPid};
+    let device = UsbDevice {
+        syspath: "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2".into(),
+        id: VidPid {
+            vendor: 0x0529,
+            product: 0x0620,
+        },
+        bus: 1,
+        devnum: 5,
+        port: "2".into(),
+        serial: Some(SERIAL.into()),
+        manufacturer: Some("SafeNet".into()),
+        product: Some("eToken".into()),
+        interfaces: vec![],
+    };
+    let setup = signetd::tokens::Setup {
+        catalog: Catalog::new(vec![]),
+        assignments: [(SERIAL.to_owned(), 105)].into(),
+        monitors: vec![(105, dir.join("vm-105.qmp"))],
+        usb_bus: "xhci.0".into(),
+        qmp_timeout: Duration::from_secs(2),
+        sysfs: "/sys".into(),
+    };
+    let (service, mut status) =
+        signetd::tokens::TokenService::new(StandInWatcher(Some(device)), setup);
+    let handle = service.handle();
+    tokio::spawn(service.run());
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        status.wait_for(|s| s.get(SERIAL).is_some_and(|t| t.host_port.is_some())),
+    )
+    .await
+    .expect("the token is seen on the host")
+    .unwrap();
+    handle
+}
+
+/// The pages and actions added for operators, for each kind of visitor.
+const ACTION_PAGES: [&str; 3] = [
+    "/enroll",
+    "/tokens/0123ABCD/detach",
+    "/tokens/0123ABCD/attach",
+];
+const ACTION_POSTS: [&str; 4] = [
+    "/tokens/0123ABCD/detach",
+    "/tokens/0123ABCD/reattach",
+    "/enroll/preview",
+    "/enroll",
+];
+
+#[tokio::test]
+async fn actions_and_the_timeline_need_a_login_the_privilege_and_the_forms_token() {
+    let f = fixture(0).await;
+    for page in ACTION_PAGES
+        .iter()
+        .chain(&["/timeline", "/timeline/events"])
+    {
+        let (status, body) = f.get(page, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{page}: {body}");
+    }
+    for post in ACTION_POSTS {
+        let (status, _, body) = f.post(post, None, "csrf=x&role=build-vm&vmid=200").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{post}: {body}");
+    }
+    // Elsewhere: nothing here.
+    let (status, _) = f.get("/timeline", Some(&f.elsewhere())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // An auditor reads the timeline but is not even asked to confirm an action.
+    let auditor = f.auditor();
+    let (status, page) = f.get("/timeline", Some(&auditor)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    for page in ACTION_PAGES {
+        let (status, body) = f.get(page, Some(&auditor)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{page}");
+        assert!(
+            body.contains("alice@pve needs the privilege Sys.Modify on /nodes/pve1"),
+            "{page}: {body}"
+        );
+    }
+    let admin = f.admin();
+    let csrf = f.csrf(&admin).await;
+    for post in ACTION_POSTS {
+        let form = format!("csrf={csrf}&role=build-vm&vmid=200");
+        let (status, _, body) = f.post(post, Some(&auditor), &form).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{post}: {body}");
+        assert!(body.contains("needs the privilege Sys.Modify"), "{body}");
+        // The admin without the form's token, or with another user's.
+        for bad in ["", "csrf=", &format!("csrf={}", "0".repeat(64))] {
+            let form = format!("{bad}&role=build-vm&vmid=200");
+            let (status, _, body) = f.post(post, Some(&admin), &form).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{post} {bad:?}: {body}");
+            assert!(body.contains("form has expired"), "{body}");
+        }
+    }
+    let other = f
+        .csrf(
+            &f.api
+                .login("carol@pve", NODE_PATH, &["Sys.Audit", "Sys.Modify"]),
+        )
+        .await;
+    let (status, _, _) = f
+        .post(
+            "/tokens/0123ABCD/detach",
+            Some(&admin),
+            &format!("csrf={other}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Nothing was done, so nothing was audited.
+    let (_, export) = f.get("/audit/export", Some(&admin)).await;
+    assert!(export.is_empty(), "{export}");
+    // Without the token service a token action is refused, saying why, and audited.
+    let (status, page) = f.get("/tokens/0123ABCD/detach", Some(&admin)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(page.contains("without the token service"), "{page}");
+    let (status, _, page) = f
+        .post(
+            "/tokens/0123ABCD/detach",
+            Some(&admin),
+            &format!("csrf={csrf}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{page}");
+    assert!(
+        page.contains("does not follow the host&#39;s tokens"),
+        "{page}"
+    );
+    let (_, export) = f.get("/audit/export", Some(&admin)).await;
+    let rec: serde_json::Value = serde_json::from_str(export.trim()).unwrap();
+    assert_eq!(
+        (
+            rec["result"].as_str(),
+            rec["error"].as_str(),
+            rec["caller"].as_str()
+        ),
+        (
+            Some("detach"),
+            Some("token_unavailable"),
+            Some("pve:root@pam")
+        )
+    );
+    assert_eq!(
+        f.get("/tokens/0123ABCD/eject", Some(&admin)).await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn the_overview_shows_where_the_token_is_and_an_operator_detaches_it_after_confirming() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = token_service(dir.path()).await;
+    let f = fixture_with(0, "", Some(tokens), dir).await;
+    let admin = f.admin();
+    let (status, page) = f.get("/", Some(&admin)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("id=\"token-0123ABCD\""), "{page}");
+    assert!(page.contains("SafeNet eToken 5110"), "{page}");
+    assert!(page.contains("port 1-2 (0529:0620)"), "{page}");
+    assert!(page.contains("in no VM (belongs to VM 105)"), "{page}");
+    assert!(page.contains("href=\"/tokens/0123ABCD/attach\""), "{page}");
+    assert!(
+        !page.contains("/tokens/0123ABCD/detach"),
+        "not in a VM: {page}"
+    );
+    // An auditor sees the token but no actions.
+    let (_, page) = f.get("/", Some(&f.auditor())).await;
+    assert!(
+        page.contains("port 1-2") && !page.contains("/tokens/0123ABCD/"),
+        "{page}"
+    );
+
+    // The confirmation says what will happen and carries the form's token.
+    let (status, page) = f.get("/tokens/0123ABCD/detach", Some(&admin)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(
+        page.contains("Detach token 0123ABCD from VM 105?"),
+        "{page}"
+    );
+    assert!(
+        page.contains("action=\"/tokens/0123ABCD/detach\""),
+        "{page}"
+    );
+    let csrf = f.csrf(&admin).await;
+    assert!(page.contains(&csrf));
+    let (status, _, page) = f
+        .post(
+            "/tokens/0123ABCD/detach",
+            Some(&admin),
+            &format!("csrf={csrf}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("Token 0123ABCD detached"), "{page}");
+    assert!(page.contains("Now: on host"), "{page}");
+    // Attaching needs VM 105 running: refused with the fix, and audited as refused.
+    let (status, _, page) = f
+        .post(
+            "/tokens/0123ABCD/attach",
+            Some(&admin),
+            &format!("csrf={csrf}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{page}");
+    assert!(page.contains("VM 105 is not running"), "{page}");
+    let (_, export) = f.get("/audit/export", Some(&admin)).await;
+    let recs: Vec<serde_json::Value> = export
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 2, "{export}");
+    for (r, (action, error)) in recs
+        .iter()
+        .zip([("detach", None), ("attach", Some("token_unavailable"))])
+    {
+        assert_eq!(r["result"].as_str(), Some(action));
+        assert_eq!(r["error"].as_str(), error);
+        assert_eq!(r["token_serial"], SERIAL);
+        assert_eq!(r["caller"], "pve:root@pam");
+        assert_eq!(r["transport"], "web");
+    }
+    // A token nobody knows.
+    let (status, page) = f.get("/tokens/FFFF0000/reattach", Some(&admin)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(page.contains("tokens known: 0123ABCD"), "{page}");
+}
+
+#[tokio::test]
+async fn an_operator_enrolls_a_build_vm_after_seeing_the_dry_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let pve = dir.path().join("pve");
+    std::fs::create_dir_all(&pve).unwrap();
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(
+        manifest.join("tests/data/qm-config/with-args.conf"),
+        pve.join("200.conf"),
+    )
+    .unwrap();
+    // fake-qm keeps its VMs in FAKE_QM_DIR: a wrapper gives it this test's.
+    let qm = dir.path().join("qm");
+    std::fs::write(
+        &qm,
+        format!(
+            "#!/bin/sh\nFAKE_QM_DIR='{}' exec '{}' \"$@\"\n",
+            pve.display(),
+            manifest.join("tests/fixtures/fake-qm").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&qm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let f = fixture_with(
+        0,
+        &format!("[doctor]\nqm = \"{}\"\n", qm.display()),
+        None,
+        dir,
+    )
+    .await;
+    let admin = f.admin();
+    let (status, page) = f.get("/enroll", Some(&admin)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(
+        page.contains("No token is plugged into this host now"),
+        "{page}"
+    );
+    let csrf = f.csrf(&admin).await;
+    let before = std::fs::read_to_string(pve.join("200.conf")).unwrap();
+    let toml = f.dir.path().join("signetd.toml");
+    let toml_before = std::fs::read_to_string(&toml).unwrap();
+
+    let form = format!("csrf={csrf}&role=build-vm&vmid=200&profiles=release");
+    let (status, _, page) = f.post("/enroll/preview", Some(&admin), &form).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("Enroll VM 200 as build VM?"), "{page}");
+    assert!(
+        page.contains(
+            "-cpu host,+aes -smbios type=0,vendor=ACME -device vhost-vsock-pci,guest-cid=200"
+        ),
+        "{page}"
+    );
+    assert!(page.contains("Signet would run: <code>"), "{page}");
+    assert!(page.contains("callers = [&#34;vm:200&#34;]"), "{page}");
+    assert!(page.contains("name=\"vmid\" value=\"200\""), "{page}");
+    // The dry run changed nothing and is no action to audit.
+    assert_eq!(
+        std::fs::read_to_string(pve.join("200.conf")).unwrap(),
+        before
+    );
+    assert_eq!(std::fs::read_to_string(&toml).unwrap(), toml_before);
+    assert!(!std::fs::read_to_string(pve.join("calls"))
+        .unwrap()
+        .contains("set"));
+    assert!(f.get("/audit/export", Some(&admin)).await.1.is_empty());
+
+    let (status, _, page) = f.post("/enroll", Some(&admin), &form).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("VM 200 enrolled as build VM"), "{page}");
+    assert!(
+        page.contains("takes effect when VM 200 next starts"),
+        "{page}"
+    );
+    let after = std::fs::read_to_string(pve.join("200.conf")).unwrap();
+    assert!(after.contains("guest-cid=200"), "{after}");
+    let toml_after = std::fs::read_to_string(&toml).unwrap();
+    assert!(
+        toml_after.starts_with(&toml_before) && toml_after.contains("callers = [\"vm:200\"]"),
+        "{toml_after}"
+    );
+    let (_, export) = f.get("/audit/export", Some(&admin)).await;
+    let rec: serde_json::Value = serde_json::from_str(export.trim()).unwrap();
+    assert_eq!(
+        (
+            rec["result"].as_str(),
+            rec["filename"].as_str(),
+            rec["caller"].as_str()
+        ),
+        (
+            Some("enroll"),
+            Some("VM 200 as build VM"),
+            Some("pve:root@pam")
+        )
+    );
+    // Enrolled: a second preview has nothing left to change.
+    let (_, _, page) = f.post("/enroll/preview", Some(&admin), &form).await;
+    assert!(page.contains("has Signet's settings already"), "{page}");
+    assert!(page.contains("Nothing to add."), "{page}");
+    // Refusals say why: a signing VM needs its token plugged in; a VM qm does not know.
+    let (status, _, page) = f
+        .post(
+            "/enroll/preview",
+            Some(&admin),
+            &format!("csrf={csrf}&role=signing-vm&vmid=105&serial=0123ABCD"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{page}");
+    assert!(
+        page.contains("token 0123ABCD is not plugged into this host"),
+        "{page}"
+    );
+    let (status, _, page) = f
+        .post(
+            "/enroll/preview",
+            Some(&admin),
+            &format!("csrf={csrf}&role=build-vm&vmid=999"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{page}");
+    assert!(page.contains("999.conf&#39; does not exist"), "{page}");
+    let (status, _, _) = f
+        .post(
+            "/enroll/preview",
+            Some(&admin),
+            &format!("csrf={csrf}&role=build-vm&vmid=abc"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn the_timeline_page_charts_the_last_day_and_follows_new_entries() {
+    use signetd::timeline::Seen;
+    let f = fixture(0).await;
+    let t = f.auditor();
+    let (status, page) = f.get("/timeline", Some(&t)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("<svg"), "{page}");
+    assert!(page.contains("No job signed in these 24 hours"), "{page}");
+    assert!(
+        page.contains("<dd id=\"token-available\">100.0 %</dd>"),
+        "{page}"
+    );
+    assert!(page.contains("id=\"timeline-empty\""), "{page}");
+
+    f.daemon
+        .timeline()
+        .saw(Seen::TokenLost("CKR_DEVICE_REMOVED".into()));
+    f.daemon.timeline().saw(Seen::TokenBack);
+    f.daemon.timeline().saw(Seen::PinDelivered);
+    let (_, page) = f.get("/timeline", Some(&t)).await;
+    assert!(
+        page.contains("<td>Token lost</td><td>CKR_DEVICE_REMOVED</td>"),
+        "{page}"
+    );
+    assert!(page.contains("<td>Token back</td>"), "{page}");
+    assert!(page.contains("<td>away "), "{page}");
+    assert!(page.contains("<tr class=\"done\">"), "{page}");
+    assert!(page.contains("class=\"down token\""), "{page}");
+
+    // Live: a new entry arrives on the event stream.
+    let req = Request::get("/timeline/events")
+        .header(
+            header::COOKIE,
+            format!("PVEAuthCookie={}", encode_ticket(&t)),
+        )
+        .body(Body::empty())
+        .unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    f.daemon
+        .timeline()
+        .saw(Seen::AgentDown("connection refused".into()));
+    let event = next_event(&mut body).await;
+    assert!(event.starts_with("event: timeline\n"), "{event}");
+    assert!(event.contains("Agent unreachable"), "{event}");
+    assert!(event.contains("class=\"down agent\""), "{event}");
 }

@@ -50,7 +50,8 @@ impl Live {
                 }
             }
         };
-        overview.since = Some(hh_mm(since_ms));
+        // The host knows better when a token's situation began (its last change).
+        overview.since = Some(hh_mm(overview.verdict.since_ms.unwrap_or(since_ms)));
         let overview = Arc::new(overview);
         self.tx.send_if_modified(|cur| {
             if cur.as_deref() == Some(&*overview) {

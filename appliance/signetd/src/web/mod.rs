@@ -11,18 +11,22 @@
 //! - [`auth`] — the `PveAuth` port (who is looking, through PVE's login), its HTTPS
 //!   adapter, CSRF tokens.
 //! - [`certs`] — the served certificate; the pinned trust of the local PVE API.
-//! - [`model`] — pure: the verdict in plain words, the overview's content.
-//! - [`query`] — read-only queries on `signet.db` (recent jobs, audit pages).
-//! - [`pages`] — the handlers: overview, queue and jobs, cancel, audit, export, events.
+//! - [`model`] — pure: the verdict in plain words (from the agent's health and where the
+//!   host sees the token), the overview's content.
+//! - [`chart`] — pure: the recovery page's 24-hour chart as SVG.
+//! - [`query`] — read-only queries on `signet.db` (recent jobs, audit pages, the
+//!   timeline, signing latencies).
+//! - [`pages`] — the handlers: overview, queue and jobs, cancel, token actions, enroll,
+//!   recovery timeline, audit (its chain walked on from the last walk), export, events.
 //! - [`live`] — the overview's state, re-read while someone watches, sent on change.
 //! - [`standin`] — `StandInPveApi`, the stand-in PVE API for tests and demos.
 //!
-//! Handlers are thin: reading goes through [`Daemon::status`] and the database,
-//! cancelling through [`Daemon::cancel_any`], the same core commands as the
-//! other fronts.
+//! Handlers are thin: reading goes through [`Daemon::status`] and the database, actions
+//! through the audited commands of [`crate::operate`], the same as the other fronts.
 
 pub mod auth;
 pub mod certs;
+pub mod chart;
 pub mod live;
 pub mod model;
 pub mod pages;
@@ -182,6 +186,8 @@ pub struct Web {
     pub node: String,
     csrf_key: [u8; 32],
     pub live: live::Live,
+    /// The audit page's last walk of the hash chain.
+    pub chain: std::sync::Mutex<Option<pages::ChainCache>>,
     /// The pages' `Content-Security-Policy`.
     csp: http::HeaderValue,
     /// Turns true when signetd stops: event streams end, so the server's graceful
@@ -221,6 +227,7 @@ impl Web {
             node,
             csrf_key,
             live: live::Live::default(),
+            chain: std::sync::Mutex::new(None),
             csp,
             closing: tokio::sync::watch::channel(false).0,
         })

@@ -1,11 +1,15 @@
 //! What the pages show, made from the daemon's status and the database: pure.
 //!
 //! [`verdict`] says in one line whether signing works and, when it does not, what to
-//! do; [`Overview::of`] puts the status into the shape the overview template reads.
+//! do — from the agent's health and, when the token is not in the signing VM, from
+//! where the host sees it (unplugged, held on the host, on its way in); [`Overview::of`]
+//! puts the status into the shape the overview template reads, one line per token
+//! ([`HostTokenLine`]: where it is on the host and in which VM, with the agent's view
+//! of it when it is the agent's token).
 
 use serde::Serialize;
 use signet_protocol::render::pin_flags_text;
-use signet_protocol::wire::{AgentReport, AgentState, DaemonStatus};
+use signet_protocol::wire::{AgentReport, AgentState, DaemonStatus, HostToken, TokenPlace};
 
 /// Days before a certificate's expiry from which the overview warns.
 pub const CERT_WARN_DAYS: i64 = 30;
@@ -21,6 +25,9 @@ pub struct Verdict {
     pub headline: String,
     /// What to do about it; empty when nothing needs doing.
     pub fix: String,
+    /// When the situation began, when the host knows it (ms since the epoch): a
+    /// token's last change of place. Otherwise the overview counts from when it saw it.
+    pub since_ms: Option<u64>,
 }
 
 /// `text` with its first letter in upper case, to follow a full stop.
@@ -38,6 +45,7 @@ pub fn verdict(status: &DaemonStatus) -> Verdict {
         level,
         headline: headline.to_owned(),
         fix,
+        since_ms: None,
     };
     let health = match &status.agent {
         AgentReport::Unreachable { .. } => {
@@ -51,6 +59,14 @@ pub fn verdict(status: &DaemonStatus) -> Verdict {
         AgentReport::Reachable { health, .. } => health,
     };
     let detail = sentence(&health.detail);
+    if matches!(
+        health.state,
+        AgentState::TokenMissing | AgentState::TokenLost
+    ) {
+        if let Some(host) = host_verdict(status) {
+            return host;
+        }
+    }
     match health.state {
         AgentState::Ready => {
             let soonest = health.certificates.iter().map(|c| c.days_left).min();
@@ -109,6 +125,229 @@ pub fn verdict(status: &DaemonStatus) -> Verdict {
     }
 }
 
+/// The host token the agent sees in the signing VM: the one with the agent's token
+/// serial, else — a token's USB serial need not be its PKCS#11 serial — the only one the
+/// host has in a VM, when the agent sees a token at all.
+pub fn agents_token(status: &DaemonStatus) -> Option<&HostToken> {
+    let tokens = &status.tokens.as_ref()?.tokens;
+    let AgentReport::Reachable { health, .. } = &status.agent else {
+        return None;
+    };
+    let serial = &health.token.as_ref()?.serial;
+    tokens.iter().find(|t| &t.serial == serial).or_else(|| {
+        let mut in_vm = tokens.iter().filter(|t| {
+            matches!(
+                t.place,
+                TokenPlace::Attached { .. } | TokenPlace::Attaching { .. }
+            )
+        });
+        match (in_vm.next(), in_vm.next()) {
+            (Some(only), None) => Some(only),
+            _ => None,
+        }
+    })
+}
+
+/// The token the verdict is about: the agent's, else the one assigned to a VM, else
+/// the only one.
+pub fn main_token(status: &DaemonStatus) -> Option<&HostToken> {
+    let tokens = &status.tokens.as_ref()?.tokens;
+    agents_token(status)
+        .or_else(|| tokens.iter().find(|t| t.assigned_vm.is_some()))
+        .or_else(|| (tokens.len() == 1).then(|| &tokens[0]))
+}
+
+/// An RFC 3339 time in ms since the epoch.
+pub fn parse_ms(at: &str) -> Option<u64> {
+    let t = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// The verdict when the signing VM has no token and the host says why: unplugged, held
+/// on the host, or on its way in. `None` when the host has it in the VM (or does not
+/// follow tokens): then the agent's own words stand.
+fn host_verdict(status: &DaemonStatus) -> Option<Verdict> {
+    let t = main_token(status)?;
+    let since_ms = parse_ms(&t.last_change.at);
+    let vm = t
+        .assigned_vm
+        .map_or_else(|| "its signing VM".to_owned(), |v| format!("VM {v}"));
+    let serial = &t.serial;
+    let (key, level, headline, fix) = match &t.place {
+        TokenPlace::Absent => (
+            "token_unplugged",
+            "bad",
+            "Token unplugged".to_owned(),
+            format!("Plug token {serial} into the host; Signet passes it to {vm} by itself."),
+        ),
+        TokenPlace::Conflict { conflicts } => (
+            "token_conflict",
+            "bad",
+            "Token held on the host".to_owned(),
+            format!(
+                "Something on the host keeps token {serial} from {vm}: {}",
+                conflicts.join("; ")
+            ),
+        ),
+        TokenPlace::OnHost => (
+            "token_on_host",
+            "bad",
+            format!("Token on the host, not in {vm}"),
+            format!(
+                "{}. Attach it to {vm} (Attach below, or signetctl attach {serial}).",
+                sentence(t.last_change.reason.trim_end_matches('.'))
+            ),
+        ),
+        TokenPlace::Attaching { vmid, .. } => (
+            "token_attaching",
+            "warn",
+            format!("Token on its way into VM {vmid}"),
+            format!(
+                "QEMU takes the device as soon as the host lets go of it; if this lasts, re-attach token {serial}. {}",
+                sentence(&t.last_change.reason)
+            ),
+        ),
+        TokenPlace::Attached { .. } => return None,
+    };
+    Some(Verdict {
+        key: key.to_owned(),
+        level,
+        headline,
+        fix,
+        since_ms,
+    })
+}
+
+/// One of the host's tokens as the overview lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostTokenLine {
+    pub serial: String,
+    /// The model, or what is known instead.
+    pub model: String,
+    /// `absent`, `on_host`, `attaching`, `attached`, `conflict`: the colour.
+    pub state: &'static str,
+    /// Where it is on the host: `port 1-2`, `not plugged in`.
+    pub host: String,
+    /// Which VM has it, and which one it belongs to.
+    pub vm: String,
+    pub conflicts: Vec<String>,
+    /// The last change, `HH:MM UTC`, and why.
+    pub changed: String,
+    pub reason: String,
+    /// What the signing VM's agent sees of it: `present` / `not present` / `—` (another
+    /// token, or the agent does not answer).
+    pub in_guest: String,
+    pub logged_in: String,
+    pub pin: String,
+    /// The token's certificates, one line each, with their expiry.
+    pub certificates: Vec<String>,
+    /// Whether an operator's attach, detach or re-attach makes sense now.
+    pub can_attach: bool,
+    pub can_detach: bool,
+    pub can_reattach: bool,
+}
+
+fn state_name(p: &TokenPlace) -> &'static str {
+    match p {
+        TokenPlace::Absent => "absent",
+        TokenPlace::OnHost => "on_host",
+        TokenPlace::Attaching { .. } => "attaching",
+        TokenPlace::Attached { .. } => "attached",
+        TokenPlace::Conflict { .. } => "conflict",
+    }
+}
+
+impl HostTokenLine {
+    /// The line for `t`, with `agent`'s view when `t` is the agent's token
+    /// ([`agents_token`]).
+    pub fn of(t: &HostToken, agent: Option<&signet_protocol::wire::AgentHealth>) -> Self {
+        let agents = agent;
+        let assigned = t.assigned_vm.map_or_else(
+            || "assigned to no VM".to_owned(),
+            |v| format!("belongs to VM {v}"),
+        );
+        let vm = match &t.place {
+            TokenPlace::Attached { vmid } => format!("in VM {vmid} ({assigned})"),
+            TokenPlace::Attaching { vmid, accepted } => format!(
+                "attaching to VM {vmid}{} ({assigned})",
+                if *accepted {
+                    ", accepted, not claimed yet"
+                } else {
+                    ""
+                }
+            ),
+            _ => format!("in no VM ({assigned})"),
+        };
+        let host = match (&t.place, &t.host_port) {
+            (TokenPlace::Absent, _) => "not plugged in".to_owned(),
+            (_, Some(port)) => format!(
+                "port {port}{}",
+                t.usb_id
+                    .as_ref()
+                    .map(|id| format!(" ({id})"))
+                    .unwrap_or_default()
+            ),
+            (_, None) => "plugged in".to_owned(),
+        };
+        let changed = parse_ms(&t.last_change.at)
+            .map(|ms| format!("{} UTC", time_ms(ms).get(0..16).unwrap_or_default()))
+            .unwrap_or_else(|| t.last_change.at.clone());
+        let plugged = !matches!(t.place, TokenPlace::Absent);
+        let attached = matches!(
+            t.place,
+            TokenPlace::Attached { .. } | TokenPlace::Attaching { .. }
+        );
+        HostTokenLine {
+            serial: t.serial.clone(),
+            model: t.model.clone().unwrap_or_else(|| {
+                if t.usb_id.is_some() {
+                    "smart-card device (model not in the known-token table)".into()
+                } else {
+                    "not seen yet".into()
+                }
+            }),
+            state: state_name(&t.place),
+            host,
+            vm,
+            conflicts: match &t.place {
+                TokenPlace::Conflict { conflicts } => conflicts.clone(),
+                _ => Vec::new(),
+            },
+            changed,
+            reason: t.last_change.reason.clone(),
+            in_guest: match agents {
+                Some(h) if h.token_present => "present".into(),
+                Some(_) => "not present".into(),
+                None => "—".into(),
+            },
+            logged_in: match agents {
+                Some(h) if h.logged_in => "yes".into(),
+                Some(_) => "no".into(),
+                None => "—".into(),
+            },
+            pin: agents
+                .and_then(|h| h.pin.as_ref())
+                .map_or_else(|| "—".into(), pin_flags_text),
+            certificates: agents
+                .map(|h| {
+                    h.certificates
+                        .iter()
+                        .map(|c| {
+                            format!(
+                                "{}, expires {} ({} days)",
+                                c.subject, c.not_after, c.days_left
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            can_attach: plugged && !attached && t.assigned_vm.is_some(),
+            can_detach: attached,
+            can_reattach: plugged && t.assigned_vm.is_some(),
+        }
+    }
+}
+
 /// A certificate as the overview shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CertLine {
@@ -146,6 +385,10 @@ pub struct Overview {
     pub signed_last_hour: u64,
     pub default_profile: String,
     pub profiles: String,
+    /// The host's tokens; empty when the daemon does not follow them (`tokens_note`
+    /// says why).
+    pub host_tokens: Vec<HostTokenLine>,
+    pub tokens_note: Option<String>,
 }
 
 /// The token as the agent sees it.
@@ -240,6 +483,27 @@ impl Overview {
             signed_last_hour,
             default_profile: status.default_profile.clone().unwrap_or_default(),
             profiles: status.profiles.join(", "),
+            host_tokens: status.tokens.as_ref().map_or_else(Vec::new, |r| {
+                let health = match &status.agent {
+                    AgentReport::Reachable { health, .. } => Some(&**health),
+                    AgentReport::Unreachable { .. } => None,
+                };
+                let agents = agents_token(status).map(|t| t.serial.as_str());
+                r.tokens
+                    .iter()
+                    .map(|t| {
+                        HostTokenLine::of(t, health.filter(|_| agents == Some(t.serial.as_str())))
+                    })
+                    .collect()
+            }),
+            tokens_note: match &status.tokens {
+                None => Some("signetd does not report the host's tokens.".into()),
+                Some(r) if !r.watching => Some(format!(
+                    "signetd does not follow the host's tokens: {}",
+                    r.detail.clone().unwrap_or_default()
+                )),
+                Some(r) => r.detail.clone(),
+            },
         }
     }
 }
@@ -443,5 +707,145 @@ mod tests {
         assert_eq!(count(1, "record"), "1 record");
         assert_eq!(count(0, "record"), "0 records");
         assert_eq!(bytes(1536), "1.5 KiB");
+    }
+
+    fn with_host_token(state: AgentState, place: TokenPlace) -> DaemonStatus {
+        let mut s = reachable(state, 300);
+        s.tokens = Some(signet_protocol::wire::TokensReport {
+            watching: true,
+            detail: None,
+            tokens: vec![HostToken {
+                serial: "abc123".into(),
+                model: Some("SafeNet eToken 5110".into()),
+                usb_id: Some("0529:0620".into()),
+                host_port: (place != TokenPlace::Absent).then(|| "1-2".to_owned()),
+                assigned_vm: Some(105),
+                place,
+                last_change: signet_protocol::wire::TokenChange {
+                    at: "2026-11-23T10:42:00Z".into(),
+                    reason: "unplugged".into(),
+                },
+            }],
+        });
+        s
+    }
+
+    #[test]
+    fn the_hosts_view_of_the_token_explains_a_missing_token_and_dates_it() {
+        let v = verdict(&with_host_token(
+            AgentState::TokenMissing,
+            TokenPlace::Absent,
+        ));
+        assert_eq!(
+            (v.key.as_str(), v.headline.as_str()),
+            ("token_unplugged", "Token unplugged")
+        );
+        assert!(
+            v.fix.contains("Plug token abc123 into the host"),
+            "{}",
+            v.fix
+        );
+        assert!(v.fix.contains("VM 105"), "{}", v.fix);
+        assert_eq!(v.since_ms, Some(T0_10_42));
+        let held = verdict(&with_host_token(
+            AgentState::TokenLost,
+            TokenPlace::Conflict {
+                conflicts: vec!["interface 1-2:1.0 is held by pcscd; stop it".into()],
+            },
+        ));
+        assert_eq!(held.key, "token_conflict");
+        assert!(held.fix.ends_with("held by pcscd; stop it"), "{}", held.fix);
+        let on_host = verdict(&with_host_token(
+            AgentState::TokenMissing,
+            TokenPlace::OnHost,
+        ));
+        assert_eq!(on_host.headline, "Token on the host, not in VM 105");
+        assert!(
+            on_host.fix.contains("signetctl attach abc123"),
+            "{}",
+            on_host.fix
+        );
+        let coming = verdict(&with_host_token(
+            AgentState::TokenMissing,
+            TokenPlace::Attaching {
+                vmid: 105,
+                accepted: true,
+            },
+        ));
+        assert_eq!(
+            (coming.key.as_str(), coming.level),
+            ("token_attaching", "warn")
+        );
+        // In the VM, the agent's words stand; a ready agent is not second-guessed.
+        let inside = verdict(&with_host_token(
+            AgentState::TokenLost,
+            TokenPlace::Attached { vmid: 105 },
+        ));
+        assert_eq!(inside.key, "token_lost");
+        let ready = verdict(&with_host_token(AgentState::Ready, TokenPlace::OnHost));
+        assert_eq!(ready.key, "ready");
+    }
+
+    const T0_10_42: u64 = 1_795_430_520_000;
+
+    #[test]
+    fn each_host_token_is_a_line_with_the_agents_view_when_it_is_the_agents() {
+        let o = Overview::of(
+            &with_host_token(AgentState::Ready, TokenPlace::Attached { vmid: 105 }),
+            0,
+        );
+        let t = &o.host_tokens[0];
+        assert_eq!(t.state, "attached");
+        assert_eq!(t.host, "port 1-2 (0529:0620)");
+        assert_eq!(t.vm, "in VM 105 (belongs to VM 105)");
+        assert_eq!(
+            (t.in_guest.as_str(), t.logged_in.as_str()),
+            ("present", "yes")
+        );
+        assert_eq!(t.pin, "ok");
+        assert!(t.certificates[0].starts_with("CN=Signet Demo Code Signing, expires 2027-11-23"));
+        assert_eq!(t.changed, "2026-11-23 10:42 UTC");
+        assert!(!t.can_attach && t.can_detach && t.can_reattach);
+        assert_eq!(o.tokens_note, None);
+        // Another token than the agent's: nothing from the agent.
+        let mut s = with_host_token(AgentState::Ready, TokenPlace::Absent);
+        if let Some(r) = s.tokens.as_mut() {
+            r.tokens[0].serial = "other".into();
+            r.watching = false;
+            r.detail = Some("no udev".into());
+        }
+        let o = Overview::of(&s, 0);
+        let t = &o.host_tokens[0];
+        assert_eq!(
+            (t.host.as_str(), t.in_guest.as_str()),
+            ("not plugged in", "—")
+        );
+        assert!(!t.can_attach && !t.can_detach && !t.can_reattach);
+        assert!(o.tokens_note.unwrap().ends_with("no udev"));
+    }
+
+    #[test]
+    fn a_token_whose_usb_serial_is_not_its_pkcs11_serial_is_the_agents_when_it_is_the_only_one_in_a_vm(
+    ) {
+        let mut s = with_host_token(AgentState::Ready, TokenPlace::Attached { vmid: 105 });
+        if let Some(r) = s.tokens.as_mut() {
+            r.tokens[0].serial = "USB-0123".into();
+        }
+        let o = Overview::of(&s, 0);
+        assert_eq!(o.host_tokens[0].logged_in, "yes");
+        // With a second token in a VM, which one the agent sees is not known.
+        if let Some(r) = s.tokens.as_mut() {
+            let mut other = r.tokens[0].clone();
+            other.serial = "USB-0456".into();
+            r.tokens.push(other);
+        }
+        let o = Overview::of(&s, 0);
+        assert!(o.host_tokens.iter().all(|t| t.logged_in == "—"));
+        // A token on the host is not the one in the guest.
+        let mut s = with_host_token(AgentState::Ready, TokenPlace::OnHost);
+        if let Some(r) = s.tokens.as_mut() {
+            r.tokens[0].serial = "USB-0123".into();
+        }
+        assert_eq!(Overview::of(&s, 0).host_tokens[0].in_guest, "—");
     }
 }

@@ -51,6 +51,52 @@ pub fn signed_since(conn: &Connection, since: &str) -> rusqlite::Result<u64> {
     )
 }
 
+/// One entry of the recovery timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TimelineRow {
+    pub time_ms: u64,
+    pub event: String,
+    pub detail: String,
+    pub duration_ms: Option<u64>,
+}
+
+/// The timeline's entries since `from_ms`, oldest first.
+pub fn timeline_since(conn: &Connection, from_ms: u64) -> rusqlite::Result<Vec<TimelineRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT time_ms, event, detail, duration_ms FROM timeline WHERE time_ms >= ?1
+         ORDER BY time_ms, id",
+    )?;
+    let rows = stmt.query_map([i64::try_from(from_ms).unwrap_or(i64::MAX)], |r| {
+        Ok(TimelineRow {
+            time_ms: r.get(0)?,
+            event: r.get(1)?,
+            detail: r.get(2)?,
+            duration_ms: r.get(3)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// The jobs signed since `from_ms`: id, when each ended and how long its caller waited
+/// (from the request to the signature), oldest first.
+pub fn signed_since_ms(
+    conn: &Connection,
+    from_ms: u64,
+) -> rusqlite::Result<Vec<(String, u64, u64)>> {
+    let mut stmt = conn.prepare(
+        "SELECT seq, finished_ms, finished_ms - created_ms FROM jobs
+         WHERE state = 'signed' AND finished_ms >= ?1 ORDER BY finished_ms",
+    )?;
+    let rows = stmt.query_map([i64::try_from(from_ms).unwrap_or(i64::MAX)], |r| {
+        Ok((
+            r.get::<_, i64>(0)?.to_string(),
+            r.get::<_, u64>(1)?,
+            r.get::<_, i64>(2)?.max(0) as u64,
+        ))
+    })?;
+    rows.collect()
+}
+
 /// One audit record as the audit page shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditRow {
@@ -75,7 +121,7 @@ pub struct AuditPage {
     pub total: u64,
 }
 
-/// Records matching `search` (in caller, file name, profile, result, error, job id or
+/// Records matching `search` (in caller, file name, profile, result, error, token, job id or
 /// a hash prefix; all when empty), `per_page` from `offset`, newest first.
 pub fn audit_page(
     conn: &Connection,
@@ -101,6 +147,7 @@ pub fn audit_page(
     );
     let filter = "(?1 = '' OR caller LIKE ?2 ESCAPE '\\' OR filename LIKE ?2 ESCAPE '\\'
         OR profile LIKE ?2 ESCAPE '\\' OR result LIKE ?2 ESCAPE '\\' OR error LIKE ?2 ESCAPE '\\'
+        OR token_serial LIKE ?2 ESCAPE '\\'
         OR job = ?1 OR input_sha256 LIKE ?3 ESCAPE '\\' OR output_sha256 LIKE ?3 ESCAPE '\\')";
     let total: u64 = conn.query_row(
         &format!("SELECT COUNT(*) FROM audit WHERE {filter}"),

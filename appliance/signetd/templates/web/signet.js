@@ -6,7 +6,7 @@ document.addEventListener("DOMContentLoaded", function () {
   var state = document.getElementById("live-state");
   if (live && live.dataset.events && window.EventSource) {
     var source = new EventSource(live.dataset.events);
-    source.addEventListener("overview", function (e) {
+    source.addEventListener(live.dataset.event || "overview", function (e) {
       live.innerHTML = e.data;
       live.dataset.updated = String(Number(live.dataset.updated || "0") + 1);
       if (state) { state.textContent = "Live: updated " + new Date().toLocaleTimeString() + "."; }
@@ -15,9 +15,11 @@ document.addEventListener("DOMContentLoaded", function () {
       if (state) { state.textContent = "Live updates paused; reconnecting…"; }
     });
   }
-  document.querySelectorAll("form[data-confirm]").forEach(function (form) {
-    form.addEventListener("submit", function (e) {
-      if (!window.confirm(form.dataset.confirm)) { e.preventDefault(); }
-    });
+  // On the document, so forms that arrive with a live update ask too.
+  document.addEventListener("submit", function (e) {
+    var form = e.target;
+    if (form.dataset && form.dataset.confirm && !window.confirm(form.dataset.confirm)) {
+      e.preventDefault();
+    }
   });
 });
