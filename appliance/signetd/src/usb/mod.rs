@@ -9,6 +9,7 @@
 //! on every re-enumeration. The [`TokenWatcher`] trait is the narrow door to the host;
 //! [`udev::UdevWatcher`] is its real adapter (enumerate at start, then follow udev).
 
+pub mod strings;
 pub mod udev;
 
 use std::fmt;

@@ -203,8 +203,12 @@ pub fn read_device(d: &udev::Device) -> Option<UsbDevice> {
         bus,
         devnum,
         port,
-        serial: text(d.attribute_value("serial"))
-            .or_else(|| text(d.property_value("ID_SERIAL_SHORT"))),
+        serial: super::strings::serial_or_ask(
+            text(d.attribute_value("serial")).or_else(|| text(d.property_value("ID_SERIAL_SHORT"))),
+            bus,
+            devnum,
+            &super::strings::Rusb,
+        ),
         manufacturer: text(d.attribute_value("manufacturer")),
         product: text(d.attribute_value("product")),
         interfaces: interfaces(d),

@@ -1101,6 +1101,15 @@ pub fn event_words(event: &str) -> (&'static str, String) {
         "pin_delivered" => ("done", "PIN given to the agent"),
         "shutdown_drain" => ("done", "Host shutting down: draining"),
         "shutdown_released" => ("done", "Shutdown let go"),
+        "recovery_started" => ("seen", "Recovery started"),
+        "recovery_step" => ("done", "Recovery step"),
+        "recovery_step_skipped" => ("done", "Recovery step skipped"),
+        "recovery_step_failed" => ("seen", "Recovery step failed"),
+        "recovery_exhausted" => ("seen", "Every step tried: operator action needed"),
+        "recovery_stopped" => ("seen", "Recovery stopped"),
+        "recovered" => ("seen", "Recovered"),
+        "vm_reset" => ("seen", "Signing VM reset"),
+        "vm_down" => ("seen", "Signing VM down"),
         other => return ("done", other.replace('_', " ")),
     };
     (kind, words.to_owned())
