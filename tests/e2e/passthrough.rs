@@ -64,6 +64,25 @@ impl Drop for Qemu {
 pub(crate) struct Testbed(pub(crate) BufReader<UnixStream>);
 
 impl Testbed {
+    /// Starts `signetd` (with the configuration `w` holds) inside a umockdev testbed
+    /// whose door is `w`'s `testbed.sock`; answers its endpoint and the door.
+    pub(crate) fn start_daemon(w: &mut World) -> (Endpoint, Testbed) {
+        let sock = w.path("testbed.sock");
+        let _ = std::fs::remove_file(&sock);
+        let driver =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/umockdev-driver.py");
+        let ep = w
+            .restart_daemon_under(&[
+                "umockdev-wrapper".as_ref(),
+                "/usr/bin/python3".as_ref(),
+                driver.as_os_str(),
+                sock.as_os_str(),
+            ])
+            .remove(0);
+        let door = UnixStream::connect(&sock).unwrap();
+        (ep, Testbed(BufReader::new(door)))
+    }
+
     pub(crate) fn ask(&mut self, line: &str) {
         let s = self.0.get_mut();
         writeln!(s, "{line}").unwrap();
@@ -121,7 +140,6 @@ fn signetd_keeps_its_token_in_its_vm_and_reports_it_everywhere() {
             .and_then(|v| v.as_str().map(str::to_owned))
     };
 
-    let sock = w.path("testbed.sock");
     let http = w.path("signetd.sock");
     w.write_daemon_config(&format!(
         "listen = [\"unix:{}\"]\nagent = \"unix:{}\"\ndbus = \"{}\"\n\
@@ -131,18 +149,8 @@ fn signetd_keeps_its_token_in_its_vm_and_reports_it_everywhere() {
         bus.address,
         monitors.display(),
     ));
-    let driver =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/umockdev-driver.py");
     let mut signals = Signals::follow(&bus.address, "TokenChanged");
-    let ep = w
-        .restart_daemon_under(&[
-            "umockdev-wrapper".as_ref(),
-            "/usr/bin/python3".as_ref(),
-            driver.as_os_str(),
-            sock.as_os_str(),
-        ])
-        .remove(0);
-    let mut testbed = Testbed(BufReader::new(UnixStream::connect(&sock).unwrap()));
+    let (ep, mut testbed) = Testbed::start_daemon(&mut w);
 
     // Configured, not plugged in: listed as absent, with its VM.
     let (status, s) = call(&ep, "GET", "/v1/status", Vec::new());

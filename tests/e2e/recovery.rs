@@ -303,22 +303,7 @@ impl VmWorld {
     /// Starts `signetd` in its umockdev testbed (again: the token is plugged in anew).
     fn start_daemon(&mut self) {
         use super::passthrough::{in_vm, Testbed, SERIAL};
-        let sock = self.w.path("testbed.sock");
-        let _ = std::fs::remove_file(&sock);
-        let driver =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/umockdev-driver.py");
-        let ep = self
-            .w
-            .restart_daemon_under(&[
-                "umockdev-wrapper".as_ref(),
-                "/usr/bin/python3".as_ref(),
-                driver.as_os_str(),
-                sock.as_os_str(),
-            ])
-            .remove(0);
-        let mut testbed = Testbed(std::io::BufReader::new(
-            std::os::unix::net::UnixStream::connect(&sock).unwrap(),
-        ));
+        let (ep, mut testbed) = Testbed::start_daemon(&mut self.w);
         testbed.ask(&format!("add 2 5 {SERIAL}"));
         self.tokens_signals.wait_token(SERIAL, "in its VM", in_vm);
         self.testbed = Some(testbed);

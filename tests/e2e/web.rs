@@ -611,7 +611,6 @@ fn a_web_ui_that_cannot_start_does_not_stop_signing() {
 #[test]
 fn in_a_browser_an_operator_detaches_and_attaches_a_token_the_host_keeps_in_its_vm() {
     use super::passthrough::{Qemu, Testbed};
-    use std::io::BufReader;
     const SERIAL: &str = "0123ABCD";
     let mut w = World::new();
     // The signing VM's QEMU with Signet's monitor; signetd in a umockdev testbed that
@@ -624,7 +623,6 @@ fn in_a_browser_an_operator_detaches_and_attaches_a_token_the_host_keeps_in_its_
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let api = rt.block_on(StandInPveApi::start()).unwrap();
-    let sock = w.path("testbed.sock");
     let http = w.path("signetd.sock");
     w.write_daemon_config(&format!(
         "listen = [\"unix:{}\"]\nagent = \"unix:{}\"\ndbus = \"none\"\n\
@@ -634,19 +632,8 @@ fn in_a_browser_an_operator_detaches_and_attaches_a_token_the_host_keeps_in_its_
         monitors.display(),
         web_section(&w, &api)
     ));
-    let driver = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/umockdev-driver.py");
-    let ep = w
-        .restart_daemon_under(&[
-            "umockdev-wrapper".as_ref(),
-            "/usr/bin/python3".as_ref(),
-            driver.as_os_str(),
-            sock.as_os_str(),
-        ])
-        .remove(0);
+    let (ep, mut testbed) = Testbed::start_daemon(&mut w);
     let ui = web_ui(&w, rt, api);
-    let mut testbed = Testbed(BufReader::new(
-        std::os::unix::net::UnixStream::connect(&sock).unwrap(),
-    ));
     let place = || {
         let (_, r) = call(&ep, "GET", "/v1/tokens", Vec::new());
         r["tokens"]
