@@ -207,6 +207,7 @@ mod tests {
                     }),
                     certificates: vec![],
                     signer: "osslsigncode 2.9".into(),
+                    signer_features: None,
                     windows: None,
                 }),
             },

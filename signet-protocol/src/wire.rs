@@ -547,9 +547,29 @@ pub struct AgentHealth {
     pub certificates: Vec<CertificateSummary>,
     /// The signing backend, e.g. "osslsigncode 2.9".
     pub signer: String,
+    /// What that backend can do, detected at the agent's start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer_features: Option<SignerFeatures>,
     /// On a Windows signing VM: Remote Desktop and smart-card redirection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub windows: Option<WindowsSessions>,
+}
+
+/// What the signing VM's osslsigncode can do, detected when the agent starts
+/// (`osslsigncode --version` and `--help`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignerFeatures {
+    /// `MAJOR.MINOR`, e.g. "2.9"; empty when the version could not be read.
+    pub version: String,
+    /// The modes the agent serves with it: `whole` always, `digest` when osslsigncode
+    /// signs the data blob of `extract-data` (2.8 and later).
+    pub modes: Vec<SignMode>,
+    /// It has `extract-data` (make a digest-mode blob).
+    pub extract_data: bool,
+    /// It has `attach-signature` (put a detached signature into a file).
+    pub attach_signature: bool,
+    /// It signs PowerShell files (2.8 and later).
+    pub powershell: bool,
 }
 
 /// Remote Desktop on a Windows signing VM. When someone connects with Remote Desktop

@@ -627,6 +627,7 @@ mod tests {
                 days_left,
             }],
             signer: "osslsigncode 2.9".into(),
+            signer_features: None,
             windows: None,
         }
     }

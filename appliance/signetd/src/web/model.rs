@@ -330,6 +330,7 @@ mod tests {
                 ..CertificateSummary::default()
             }],
             signer: "osslsigncode 2.9".into(),
+            signer_features: None,
             windows: None,
         }
     }
