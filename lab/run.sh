@@ -69,6 +69,7 @@ qemu-system-x86_64 -name signet-lab -accel tcg,tb-size=64 -machine q35 -cpu max 
   -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem -m 512M \
   -chardev "socket,id=vsk,path=$W/vhost.sock" -device vhost-user-vsock-pci,chardev=vsk \
   -chardev "socket,id=signet,path=$W/monitors/vm-$VM.qmp,server=on,wait=off" -mon chardev=signet,mode=control \
+  -qmp "unix:$W/test.qmp,server=on,wait=off" \
   </dev/null >"$W/qemu.log" 2>&1 &
 pids+=($!)
 wait_for "GUEST-READY on the console" 240 grep -q GUEST-READY "$W/console.log"
@@ -119,7 +120,7 @@ osslsigncode verify -CAfile "$W/nssdb/lab-codesign.pem" -in "$W/hello-signed.exe
   { cat "$W/verify.log" >&2; exit 1; }
 step verify "osslsigncode verify on the host: $(grep -m1 -o 'Signature verification: ok' "$W/verify.log" || echo ok)"
 if [[ ${LAB_KEEP:-0} == 1 ]]; then
-  echo "lab: running; signetd: SIGNET_ENDPOINT=unix:$W/signetd.sock; Ctrl-C stops it all"
+  echo "lab: running; signetd: SIGNET_ENDPOINT=unix:$W/signetd.sock; a QMP monitor of your own: $W/test.qmp; Ctrl-C stops it all"
   wait "${pids[0]}"
 fi
 echo "lab: OK"

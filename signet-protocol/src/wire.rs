@@ -518,6 +518,10 @@ pub struct CertificateSummary {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentHealth {
     pub version: String,
+    /// Names this agent process (new at every start): the host tells a restarted
+    /// agent, or a reset signing VM, from a silent one by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     pub state: AgentState,
     /// What the state means and, when it is not `ready`, what to do.
     pub detail: String,

@@ -32,7 +32,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use signet_tests::*;
 use signetd::qmp::{Monitor, MonitorEvent, Qmp};
 
@@ -90,111 +90,127 @@ fn vhost_device_vsock() -> PathBuf {
 
 /// A child process killed by its PID with SIGKILL on drop (QEMU may hang in a
 /// `device_del`; nothing here waits on it politely).
-struct Proc(Child);
+struct Proc(Option<Child>);
+
+impl Proc {
+    fn none() -> Proc {
+        Proc(None)
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
 fn spawn(what: &str, cmd: &mut Command, log: &Path) -> Proc {
     let log = std::fs::File::create(log).unwrap();
-    Proc(
+    Proc(Some(
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {what}: {e}")),
-    )
+    ))
 }
 
 /// The signing VM: QEMU with the guest, its vsock backend, Signet's monitor in
 /// `monitors/` and the test's own monitor.
 struct Guest {
     qemu: Proc,
-    _vhost: Proc,
+    vhost: Proc,
     run: PathBuf,
+    signet_monitor: PathBuf,
     rt: tokio::runtime::Runtime,
-    _look: Monitor,
+    look: Monitor,
     qmp: Arc<Qmp>,
+}
+
+/// Starts `vhost-device-vsock` and QEMU for the guest in `run`; QEMU's console log,
+/// agent log (its second serial port) and stderr go to `run`.
+fn launch(run: &Path, signet_monitor: &Path, test_monitor: &Path) -> (Proc, Proc) {
+    let img = image().to_owned();
+    let vhost_sock = run.join("vhost.sock");
+    let vhost = spawn(
+        "vhost-device-vsock",
+        Command::new(vhost_device_vsock()).arg("--vm").arg(format!(
+            "guest-cid={VM},socket={},uds-path={}",
+            vhost_sock.display(),
+            run.join("vm.vsock").display()
+        )),
+        &run.join("vhost.log"),
+    );
+    wait_until_within(
+        "vhost-device-vsock's socket",
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        || vhost_sock.exists(),
+    );
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-name", "signet-lab", "-accel", "tcg,tb-size=64"])
+        .args(["-machine", "q35", "-cpu", "max", "-smp", "1"])
+        .args(["-nodefaults", "-nographic", "-display", "none"])
+        .arg("-kernel")
+        .arg(img.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(img.join("initrd.cpio"))
+        .args(["-append", "console=ttyS0 rdinit=/init panic=-1 loglevel=4"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=con,path={},server=on,wait=off,logfile={}",
+            run.join("console.sock").display(),
+            run.join("console.log").display()
+        ))
+        .args(["-serial", "chardev:con"])
+        .arg("-chardev")
+        .arg(format!(
+            "file,id=agentlog,path={}",
+            run.join("agent.log").display()
+        ))
+        .args(["-serial", "chardev:agentlog"])
+        .args(["-device", "piix3-usb-uhci,id=uhci"])
+        .args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "-numa",
+            "node,memdev=mem",
+            "-m",
+            "512M",
+        ])
+        .arg("-chardev")
+        .arg(format!("socket,id=vsk,path={}", vhost_sock.display()))
+        .args(["-device", "vhost-user-vsock-pci,chardev=vsk"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=signet,path={},server=on,wait=off",
+            signet_monitor.display()
+        ))
+        .args(["-mon", "chardev=signet,mode=control"])
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            test_monitor.display()
+        ));
+    let qemu = spawn(
+        "qemu-system-x86_64 (scripts/install-deps.sh installs it)",
+        &mut cmd,
+        &run.join("qemu.log"),
+    );
+    (qemu, vhost)
 }
 
 impl Guest {
     fn start(w: &World) -> Guest {
-        let img = image().to_owned();
         let run = w.path("vm");
         std::fs::create_dir_all(&run).unwrap();
         std::fs::create_dir_all(w.path("monitors")).unwrap();
-        let vhost_sock = run.join("vhost.sock");
-        let vhost = spawn(
-            "vhost-device-vsock",
-            Command::new(vhost_device_vsock()).arg("--vm").arg(format!(
-                "guest-cid={VM},socket={},uds-path={}",
-                vhost_sock.display(),
-                run.join("vm.vsock").display()
-            )),
-            &run.join("vhost.log"),
-        );
-        wait_until_within(
-            "vhost-device-vsock's socket",
-            Duration::from_secs(30),
-            Duration::from_millis(20),
-            || vhost_sock.exists(),
-        );
         let signet_monitor = signetd::proxmox::monitor_path(&w.path("monitors"), VM);
         let test_monitor = run.join("test.qmp");
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-name", "signet-lab", "-accel", "tcg,tb-size=64"])
-            .args(["-machine", "q35", "-cpu", "max", "-smp", "1"])
-            .args(["-nodefaults", "-nographic", "-display", "none"])
-            .arg("-kernel")
-            .arg(img.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(img.join("initrd.cpio"))
-            .args(["-append", "console=ttyS0 rdinit=/init panic=-1 loglevel=4"])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=con,path={},server=on,wait=off,logfile={}",
-                run.join("console.sock").display(),
-                run.join("console.log").display()
-            ))
-            .args(["-serial", "chardev:con"])
-            .arg("-chardev")
-            .arg(format!(
-                "file,id=agentlog,path={}",
-                run.join("agent.log").display()
-            ))
-            .args(["-serial", "chardev:agentlog"])
-            .args(["-device", "piix3-usb-uhci,id=uhci"])
-            .args([
-                "-object",
-                "memory-backend-memfd,id=mem,size=512M,share=on",
-                "-numa",
-                "node,memdev=mem",
-                "-m",
-                "512M",
-            ])
-            .arg("-chardev")
-            .arg(format!("socket,id=vsk,path={}", vhost_sock.display()))
-            .args(["-device", "vhost-user-vsock-pci,chardev=vsk"])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=signet,path={},server=on,wait=off",
-                signet_monitor.display()
-            ))
-            .args(["-mon", "chardev=signet,mode=control"])
-            .arg("-qmp")
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                test_monitor.display()
-            ));
-        let qemu = spawn(
-            "qemu-system-x86_64 (scripts/install-deps.sh installs it)",
-            &mut cmd,
-            &run.join("qemu.log"),
-        );
+        let (qemu, vhost) = launch(&run, &signet_monitor, &test_monitor);
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (look, qmp) = rt.block_on(async {
             let mut m = Monitor::start(test_monitor, Duration::from_secs(10));
@@ -213,14 +229,43 @@ impl Guest {
         });
         let mut guest = Guest {
             qemu,
-            _vhost: vhost,
+            vhost,
             run,
+            signet_monitor,
             rt,
-            _look: look,
+            look,
             qmp,
         };
         guest.wait_console("GUEST-READY", 1);
         guest
+    }
+
+    /// Kills QEMU and its vsock backend (SIGKILL, as a crashed host process) and starts
+    /// both again with the same sockets, as `qm stop` + `qm start` would; the emulated
+    /// reader is gone with the old QEMU. Returns once the guest is up again.
+    fn restart(&mut self) {
+        drop(std::mem::replace(&mut self.qemu, Proc::none()));
+        drop(std::mem::replace(&mut self.vhost, Proc::none()));
+        for f in ["vhost.sock", "vm.vsock"] {
+            let _ = std::fs::remove_file(self.run.join(f));
+        }
+        let (qemu, vhost) = launch(&self.run, &self.signet_monitor, &self.run.join("test.qmp"));
+        self.qemu = qemu;
+        self.vhost = vhost;
+        // The test's monitor reconnects by itself; take its new connection.
+        let look = &mut self.look;
+        self.qmp = self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(60), async {
+                loop {
+                    if look.next().await == Some(MonitorEvent::Connected) {
+                        return look.qmp().unwrap();
+                    }
+                }
+            })
+            .await
+            .expect("QEMU's monitor after the restart")
+        });
+        self.wait_console("GUEST-READY", 1);
     }
 
     /// Waits until `marker` has appeared `count` times on the guest's console.
@@ -233,7 +278,7 @@ impl Guest {
             if text.matches(marker).count() >= count {
                 return started.elapsed();
             }
-            if let Some(status) = qemu.0.try_wait().unwrap() {
+            if let Some(status) = qemu.0.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 panic!(
                     "QEMU exited ({status}) before {marker}; console:\n{text}\nqemu.log:\n{}",
                     std::fs::read_to_string(self.run.join("qemu.log")).unwrap_or_default()
@@ -245,13 +290,6 @@ impl Guest {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-    }
-
-    /// One QMP command on the test's own monitor.
-    fn qmp(&self, command: &str, args: Option<Value>) -> Value {
-        self.rt
-            .block_on(self.qmp.execute(command, args))
-            .unwrap_or_else(|e| panic!("{command}: {e}"))
     }
 
     /// Whether the token's reader is in the VM, as QEMU says (`qom-get … attached`).
@@ -281,7 +319,7 @@ impl Guest {
         let mut s = UnixStream::connect(self.run.join("console.sock")).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let tag = format!("{}x{}", std::process::id(), self.rt.metrics().num_workers());
-        writeln!(s, "{command}; echo __END{tag}__$?").unwrap();
+        writeln!(s, "{command}\necho __END{tag}__$?").unwrap();
         let mut r = BufReader::new(s);
         let mut out = String::new();
         loop {
@@ -430,8 +468,9 @@ device = {{ kind = "emulated-ccid", db = "sql:{nssdb}", certs = ["lab-id", "lab-
         wait_until_within(what, LONG, EVERY, || self.status()["signing_works"] == true)
     }
 
+    /// A job's state, asked by its owner (the build VM).
     fn job_state(&self, id: &str) -> Value {
-        call_json(&self.daemon, "GET", &format!("/v1/jobs/{id}"), None).1["state"].clone()
+        call_json(&self.build, "GET", &format!("/v1/jobs/{id}"), None).1["state"].clone()
     }
 
     /// Sends `n` jobs from the build VM without waiting for them; their ids.
@@ -492,6 +531,34 @@ device = {{ kind = "emulated-ccid", db = "sql:{nssdb}", certs = ["lab-id", "lab-
                 Some(&["signed".to_owned()][..]),
                 "job {id} in the audit log: {audited:?}"
             );
+        }
+    }
+}
+
+impl Drop for Lab {
+    /// A failed scenario shows the end of every log it made.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let run = &self.guest.run;
+        for (name, path) in [
+            ("agent (guest)", run.join("agent.log")),
+            ("console (guest)", run.join("console.log")),
+            ("qemu", run.join("qemu.log")),
+            ("vhost-device-vsock", run.join("vhost.log")),
+            ("signetd", self.w.path("signetd.log")),
+        ] {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            // The status polls' complaints would hide the rest.
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("the signing agent is not reachable"))
+                .collect();
+            eprintln!("--- {name}, last lines of {}:", path.display());
+            for l in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{l}");
+            }
         }
     }
 }
@@ -603,8 +670,12 @@ fn token_pulled_mid_queue_is_put_back_and_every_job_is_signed_once() {
         },
     );
     let pulled = Instant::now();
+    // device_del and QEMU's DEVICE_DELETED for it, on the test's monitor.
     let id = signetd::qmp::device_id(SERIAL);
-    lab.guest.qmp("device_del", Some(json!({ "id": id })));
+    lab.guest
+        .rt
+        .block_on(lab.guest.qmp.detach(&id))
+        .expect("the reader removed");
     wait_until_within("the reader put back", LONG, EVERY, || {
         lab.guest.reader_attached()
     });
@@ -627,47 +698,79 @@ fn token_pulled_mid_queue_is_put_back_and_every_job_is_signed_once() {
     );
 }
 
-/// Scenario 4: the signing VM is reset; the agent comes back with the guest, the host
-/// gives it the PIN again, and the queue goes on without anyone.
+/// Scenario 4: the signing VM goes down and up again with jobs queued (QEMU killed and
+/// started again, as `qm stop` + `qm start` or a crashed QEMU): signetd puts the token
+/// back into the new QEMU, the agent comes back with the guest, the host gives it the
+/// PIN again, and the queue goes on without anyone. (`system_reset` is not used here:
+/// vhost-device-vsock 0.3.0 stops answering host connections after a guest reset —
+/// see docs/LAB.md; the kernel's vhost-vsock on Proxmox does not.)
 #[test]
-fn signing_vm_reset_agent_back_pin_redelivered_queue_resumes() {
+fn signing_vm_restarted_agent_back_pin_redelivered_queue_resumes() {
     let mut lab = Lab::start();
     lab.plug_token();
     lab.wait_signing_works("the token in the VM, logged in");
-    let ids = lab.submit(3, "reset");
-    let reset = Instant::now();
-    lab.guest.qmp("system_reset", None);
-    lab.guest.wait_console("GUEST-READY", 2);
-    timing("4 VM reset", "system_reset -> guest ready", reset.elapsed());
-    lab.wait_signing_works("the agent back and logged in after the reset");
+    let ids = lab.submit(3, "restart");
+    wait_until_within(
+        "a job at the agent",
+        LONG,
+        Duration::from_millis(20),
+        || {
+            ids.iter()
+                .any(|id| matches!(lab.job_state(id).as_str(), Some("running" | "signed")))
+        },
+    );
+    let before = lab.guest.signatures();
+    let down = Instant::now();
+    lab.guest.restart();
     timing(
-        "4 VM reset",
-        "system_reset -> signing works",
-        reset.elapsed(),
+        "4 VM restart",
+        "QEMU killed -> guest ready again",
+        down.elapsed(),
+    );
+    wait_until_within("the reader back in the new QEMU", LONG, EVERY, || {
+        lab.guest.reader_attached()
+    });
+    timing(
+        "4 VM restart",
+        "QEMU killed -> token back in the VM",
+        down.elapsed(),
+    );
+    lab.wait_signing_works("the agent back and logged in after the restart");
+    timing(
+        "4 VM restart",
+        "QEMU killed -> signing works",
+        down.elapsed(),
     );
     lab.collect(&ids);
     timing(
-        "4 VM reset",
-        "system_reset -> 3 queued jobs signed",
-        reset.elapsed(),
+        "4 VM restart",
+        "QEMU killed -> 3 queued jobs signed",
+        down.elapsed(),
     );
     lab.assert_signed_once(&ids);
+    let made = before + lab.guest.signatures();
+    assert!((3..=4).contains(&made), "{made} signatures for 3 jobs");
+    // In the timeline: the agent lost with its VM, back, given the PIN, logged in.
     let s = lab.status();
-    let delivered = s["recovery"]
+    let events: Vec<&str> = s["recovery"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["event"] == "pin_delivered")
-        .count();
-    assert!(delivered >= 2, "the PIN given again after the reset: {s:#}");
-    assert!(
-        lab.guest
-            .agent_log()
-            .matches("LAB: starting signet-agent")
-            .count()
-            >= 2,
-        "the agent started again with the guest"
-    );
+        .filter_map(|e| e["event"].as_str())
+        .collect();
+    let lost = events
+        .iter()
+        .rposition(|e| *e == "agent_unreachable")
+        .unwrap_or_else(|| panic!("the agent's loss in the timeline: {events:?}"));
+    let after = &events[lost..];
+    for e in [
+        "agent_back",
+        "pin_delivered",
+        "logged_in",
+        "first_job_signed",
+    ] {
+        assert!(after.contains(&e), "{e} after the restart: {events:?}");
+    }
 }
 
 /// Scenario 5: `signetd` is killed with SIGKILL while a job is at the agent and
@@ -724,28 +827,45 @@ fn signetd_pid(config: &Path) -> Option<i32> {
     })
 }
 
-/// Scenario 3 (pcscd killed in the guest, the token "lost" while still attached): the
-/// agent reports the loss and, once the guest's smart-card service is back, logs in
-/// again by itself. Escalation by the daemon's recovery ladder (re-attach, port reset,
-/// VM reset) is not wired into the daemon yet; see docs/LAB.md.
+/// Scenario 3 (pcscd killed in the guest, the token "lost" while still attached, the
+/// way an RDP redirect or a driver hang looks): nothing notices until a job needs the
+/// token; the job then finds it gone, waits instead of failing, and is signed once the
+/// guest's smart-card service is back — the agent logs in again by itself. Escalation
+/// by the daemon's recovery ladder (re-attach, USB port reset, VM reset) is not wired
+/// into the daemon yet, so the test starts pcscd again itself; see docs/LAB.md.
 #[test]
-fn token_lost_in_guest_comes_back_when_pcscd_returns() {
+fn token_lost_in_guest_jobs_wait_and_are_signed_when_pcscd_returns() {
     let mut lab = Lab::start();
     lab.plug_token();
     lab.wait_signing_works("the token in the VM, logged in");
     let lost = Instant::now();
     lab.guest.shell("killall pcscd");
-    wait_until_within("the loss seen by signetd", LONG, EVERY, || {
+    let ids = lab.submit(2, "lost");
+    wait_until_within("the loss seen by the job", LONG, EVERY, || {
         lab.status()["signing_works"] == false
     });
-    let ids = lab.submit(2, "lost");
+    timing(
+        "3 lost in guest",
+        "pcscd killed -> loss seen (by a job)",
+        lost.elapsed(),
+    );
+    assert!(
+        ids.iter().all(|id| lab.job_state(id) != "failed"),
+        "a lost token is a wait, not a failure"
+    );
+    let back = Instant::now();
     lab.guest.shell("pcscd --foreground >/tmp/pcscd.log 2>&1 &");
     lab.wait_signing_works("the token back after pcscd returned");
     timing(
         "3 lost in guest",
-        "pcscd killed -> signing works again",
-        lost.elapsed(),
+        "pcscd started again -> signing works",
+        back.elapsed(),
     );
     lab.collect(&ids);
+    timing(
+        "3 lost in guest",
+        "pcscd started again -> 2 waiting jobs signed",
+        back.elapsed(),
+    );
     lab.assert_signed_once(&ids);
 }

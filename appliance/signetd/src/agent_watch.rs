@@ -32,9 +32,13 @@ use crate::timeline::Seen;
 /// The shortest and longest wait before connecting to the agent again.
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
-/// How often the health is read while the agent waits for a PIN (the PIN file may
-/// have been fixed).
+/// How often the health is read while the event stream is open: the agent may wait for
+/// a PIN (the PIN file may have been fixed), or may be another process than the one
+/// whose stream this is — a guest reset behind a hybrid-vsock backend leaves the old
+/// stream open on the host's side, silent for ever.
 const PIN_RECHECK: Duration = Duration::from_secs(10);
+/// How long one of those health reads may take.
+const HEALTH_LIMIT: Duration = Duration::from_secs(10);
 
 /// What an agent event calls for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,8 +103,9 @@ struct PinMemory {
 pub async fn run(daemon: Arc<Daemon>) {
     let mut pins = PinMemory::default();
     let mut wait = RECONNECT_MIN;
+    let mut instance = None;
     loop {
-        match follow(&daemon, &mut pins).await {
+        match follow(&daemon, &mut pins, &mut instance).await {
             Ok(()) => wait = RECONNECT_MIN,
             Err(why) => {
                 daemon.timeline().saw(Seen::AgentDown(why));
@@ -113,7 +118,11 @@ pub async fn run(daemon: Arc<Daemon>) {
 
 /// One connection to the agent's event stream, until it ends. `Err` when the agent
 /// could not be reached (why, for the timeline).
-async fn follow(daemon: &Daemon, pins: &mut PinMemory) -> Result<(), String> {
+async fn follow(
+    daemon: &Daemon,
+    pins: &mut PinMemory,
+    instance: &mut Option<String>,
+) -> Result<(), String> {
     let agent = &daemon.config().agent;
     let req = http::Request::get(AGENT_EVENTS_PATH)
         .header(http::header::ACCEPT, "text/event-stream")
@@ -128,7 +137,8 @@ async fn follow(daemon: &Daemon, pins: &mut PinMemory) -> Result<(), String> {
     }
     daemon.timeline().saw(Seen::AgentUp);
     daemon.wake_worker();
-    if let Ok(Ok(h)) = client::get_json::<AgentHealth>(agent, AGENT_HEALTH_PATH).await {
+    if let Some(Ok(h)) = health(agent).await {
+        seen_instance(daemon, instance, &h);
         if h.state == AgentState::PinNeeded {
             deliver_pin(daemon, pins).await;
         }
@@ -159,15 +169,53 @@ async fn follow(daemon: &Daemon, pins: &mut PinMemory) -> Result<(), String> {
                     }
                 }
             }
-            _ = recheck.tick(), if daemon.config().pin_file.is_some() => {
-                if let Ok(Ok(h)) = client::get_json::<AgentHealth>(agent, AGENT_HEALTH_PATH).await {
-                    if matches!(h.state, AgentState::PinNeeded | AgentState::PinRejected) {
-                        deliver_pin(daemon, pins).await;
+            _ = recheck.tick() => {
+                match health(agent).await {
+                    Some(Ok(h)) => {
+                        if seen_instance(daemon, instance, &h) {
+                            return Err("the agent restarted; following its new event stream".to_owned());
+                        }
+                        if daemon.config().pin_file.is_some()
+                            && matches!(h.state, AgentState::PinNeeded | AgentState::PinRejected)
+                        {
+                            deliver_pin(daemon, pins).await;
+                        }
                     }
+                    Some(Err(_)) => {}
+                    None => return Err("the agent stopped answering".to_owned()),
                 }
             }
         }
     }
+}
+
+/// The agent's health within [`HEALTH_LIMIT`]: `None` when it did not answer.
+async fn health(agent: &signet_protocol::Endpoint) -> Option<Result<AgentHealth, ()>> {
+    match tokio::time::timeout(
+        HEALTH_LIMIT,
+        client::get_json::<AgentHealth>(agent, AGENT_HEALTH_PATH),
+    )
+    .await
+    {
+        Ok(Ok(Ok(h))) => Some(Ok(h)),
+        Ok(Ok(Err(_))) => Some(Err(())),
+        Ok(Err(_)) | Err(_) => None,
+    }
+}
+
+/// Notes which agent process answered; true (and the job at the old one abandoned:
+/// [`Daemon::agent_restarted`]) when it is another than before.
+fn seen_instance(daemon: &Daemon, known: &mut Option<String>, h: &AgentHealth) -> bool {
+    let Some(now) = &h.instance else {
+        return false;
+    };
+    let changed = known.as_ref().is_some_and(|k| k != now);
+    *known = Some(now.clone());
+    if changed {
+        tracing::info!(instance = %now, "the agent is a new process (its VM was reset, or it restarted)");
+        daemon.agent_restarted();
+    }
+    changed
 }
 
 /// Takes the complete server-sent events out of `buf` (their `data:` lines as JSON).

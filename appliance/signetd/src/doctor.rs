@@ -607,6 +607,7 @@ mod tests {
     fn health(state: AgentState, logged_in: bool, days_left: i64) -> AgentHealth {
         AgentHealth {
             version: "0.1.0".into(),
+            instance: None,
             state,
             detail: "d".into(),
             module: "m".into(),

@@ -96,6 +96,14 @@ impl Spool {
     }
 }
 
+/// A name for this agent process, different at every start: its pid and start time.
+fn new_instance() -> String {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}-{:x}", std::process::id(), since.as_nanos())
+}
+
 /// The running agent.
 #[derive(Debug)]
 pub struct Agent {
@@ -106,6 +114,8 @@ pub struct Agent {
     signer_version: String,
     /// What the osslsigncode can do (detected at start).
     signer_features: SignerFeatures,
+    /// Names this process for the host (`instance` in health).
+    instance: String,
     module: PathBuf,
     spool_dir: PathBuf,
     events: Arc<EventBus>,
@@ -150,6 +160,7 @@ impl Agent {
             signer,
             signer_version,
             signer_features,
+            instance: new_instance(),
             spool_dir: cfg.spool_dir.unwrap_or_else(std::env::temp_dir),
             events: Arc::new(EventBus::new()),
             next_job: AtomicU64::new(1),
@@ -458,6 +469,7 @@ impl Agent {
         };
         AgentHealth {
             version: signet_protocol::VERSION.to_owned(),
+            instance: Some(self.instance.clone()),
             state: t.state,
             detail: t.detail,
             module: self.module.display().to_string(),
