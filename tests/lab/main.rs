@@ -869,3 +869,90 @@ fn token_lost_in_guest_jobs_wait_and_are_signed_when_pcscd_returns() {
     );
     lab.assert_signed_once(&ids);
 }
+
+/// Debian 12's own osslsigncode (2.5, from the package the image build downloads) in
+/// the agent: it serves whole files — a PE is signed and verifies — and refuses digest
+/// mode with the fix, and its health says which modes it serves. No guest needed.
+#[test]
+fn an_agent_with_debian_osslsigncode_2_5_signs_whole_files_and_refuses_digest_mode() {
+    image(); // downloads the packages, bookworm's osslsigncode among them
+    let deb = std::fs::read_dir(repo().join("target/lab/debs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("osslsigncode_2.5"))
+        })
+        .expect("bookworm's osslsigncode 2.5 in target/lab/debs");
+    let mut w = World::new();
+    let x = w.path("ossl25");
+    let out = Command::new("dpkg")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&x)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ossl = x.join("usr/bin/osslsigncode");
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &w.path("pin"),
+        &[],
+        &format!("[signer]\nosslsigncode = \"{}\"\n", ossl.display()),
+    );
+    let (code, health) = call_json(&agent, "GET", "/agent/v1/health", None);
+    assert_eq!(code, 200, "{health:#}");
+    assert_eq!(health["signer"], "osslsigncode 2.5", "{health:#}");
+    assert_eq!(
+        health["signer_features"]["modes"],
+        serde_json::json!(["whole"]),
+        "{health:#}"
+    );
+    assert!(
+        w.log("signet-agent").contains("serving modes: whole file"),
+        "the agent says so at start"
+    );
+    let ep = w
+        .start_daemon(
+            &[&format!("unix:{}", w.path("signetd.sock").display())],
+            &agent,
+        )
+        .remove(0);
+
+    let pe = w.pe("app.exe");
+    let out = signet(&ep, &["sign", pe.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, text) = verify(&w, &pe);
+    assert!(ok, "signed by osslsigncode 2.5: {text}");
+
+    let other = w.pe("digest.exe");
+    let before = std::fs::read(&other).unwrap();
+    let out = signet(&ep, &["sign", "--digest", other.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "bad input for this appliance: {err}"
+    );
+    assert!(
+        err.contains("osslsigncode 2.5 cannot sign digest-mode data")
+            && err.contains("send the whole file"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&other).unwrap(),
+        before,
+        "the file is untouched"
+    );
+}
