@@ -6,7 +6,7 @@
 #
 #   lab/build-image.sh [AGENT_BINARY]      (default: target/debug/signet-agent)
 #
-# The image is cached under target/lab/image-<key>, the key being a hash of the
+# The image is cached under target/lab/image-<key> (older ones are removed), the key being a hash of the
 # packages' versions (apt's candidates; bookworm's osslsigncode), the agent binary,
 # the host's osslsigncode and the lab scripts. Packages come from Debian's archive
 # with `apt-get download` and are unpacked with `dpkg -x` (cached in target/lab/debs).
@@ -152,5 +152,7 @@ cp "$k/boot/vmlinuz-$kver" "$img.tmp/vmlinuz"
 } >"$img.tmp/manifest"
 rm -rf "$img"
 mv "$img.tmp" "$img"
+# Older images are of no use any more (each is ~60 MB).
+find "$out" -maxdepth 1 -name 'image-*' ! -path "$img" -exec rm -rf {} +
 echo "build-image: $img ($(du -sh "$img/initrd.cpio" | cut -f1) initramfs, $ossl)" >&2
 echo "$img"
