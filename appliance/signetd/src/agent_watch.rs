@@ -145,7 +145,9 @@ async fn follow(
     }
     let mut body = resp.into_body();
     let mut buf = Vec::new();
-    let mut recheck = tokio::time::interval(PIN_RECHECK);
+    // The first check one period from now: the health was just read.
+    let mut recheck =
+        tokio::time::interval_at(tokio::time::Instant::now() + PIN_RECHECK, PIN_RECHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -170,19 +172,16 @@ async fn follow(
                 }
             }
             _ = recheck.tick() => {
-                match health(agent).await {
-                    Some(Ok(h)) => {
-                        if seen_instance(daemon, instance, &h) {
-                            return Err("the agent restarted; following its new event stream".to_owned());
-                        }
-                        if daemon.config().pin_file.is_some()
-                            && matches!(h.state, AgentState::PinNeeded | AgentState::PinRejected)
-                        {
-                            deliver_pin(daemon, pins).await;
-                        }
+                // Not answering now: the stream (or the next check) tells more.
+                if let Some(Ok(h)) = health(agent).await {
+                    if seen_instance(daemon, instance, &h) {
+                        return Err("the agent restarted; following its new event stream".to_owned());
                     }
-                    Some(Err(_)) => {}
-                    None => return Err("the agent stopped answering".to_owned()),
+                    if daemon.config().pin_file.is_some()
+                        && matches!(h.state, AgentState::PinNeeded | AgentState::PinRejected)
+                    {
+                        deliver_pin(daemon, pins).await;
+                    }
                 }
             }
         }
