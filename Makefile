@@ -1,7 +1,7 @@
 # Signet — the two entry points are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: all deps build demo test lint bench clean
+.PHONY: all deps build demo test lint bench clean lab lab-test
 
 all: build
 
@@ -18,6 +18,7 @@ demo: build
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p signet-tests --test lab -- -D warnings
 
 # Everything CI checks: formatting, lints, unit and end-to-end tests.
 test: build lint
@@ -28,6 +29,17 @@ bench: deps
 	@command -v hyperfine >/dev/null || apt-get install -y -qq --no-install-recommends hyperfine curl time >/dev/null
 	$(CARGO) build --release --workspace --bins
 	@bash scripts/bench.sh
+
+# The full-system lab (docs/LAB.md): a TCG signing VM built from Debian packages with
+# signet-agent, an emulated smart card hot-plugged by signetd, guest vsock through
+# vhost-device-vsock; signs a PE through it and verifies it.
+lab: build
+	@bash lab/run.sh
+
+# The lab's scenarios as tests (cold start, token pulled, VM reset, signetd killed,
+# token lost in the guest), one guest at a time; .ci/run runs them after `make test`.
+lab-test: build
+	$(CARGO) test -p signet-tests --test lab -- --test-threads=1 --nocapture
 
 clean:
 	$(CARGO) clean

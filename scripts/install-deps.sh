@@ -27,6 +27,11 @@ needs=(
   "curl curl"
   "chromium chromium"
   "node nodejs"
+  # the lab (lab/build-image.sh, make lab): certutil for the emulated card's NSS
+  # database, cpio and objcopy for the signing VM's initramfs
+  "certutil libnss3-tools"
+  "cpio cpio"
+  "objcopy binutils"
 )
 
 missing=()
@@ -61,6 +66,15 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "install-deps: cargo not found; install a Rust toolchain (rustup) first" >&2
   exit 1
+fi
+
+# The lab's vsock backend for the signing VM (vhost-user-vsock over unix sockets, the
+# hybrid-vsock handshake on the host side); built once into target/lab/vhost.
+root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+vhost=$root/target/lab/vhost
+if [[ ! -x $vhost/bin/vhost-device-vsock ]]; then
+  echo "install-deps: building vhost-device-vsock 0.3.0 into $vhost (about a minute)" >&2
+  nice -n 10 cargo install vhost-device-vsock --version 0.3.0 --locked --root "$vhost" --quiet
 fi
 
 # The "signet" group: the D-Bus policy (packaging/dbus/) lets it use signetctl, and

@@ -1,7 +1,15 @@
-//! Endpoint addresses: `vsock:CID:PORT`, `unix:PATH`, `tcp:HOST:PORT`, `tls:HOST:PORT`.
+//! Endpoint addresses: `vsock:CID:PORT`, `vsock-uds:PATH:PORT[,cid=CID]`, `unix:PATH`,
+//! `tcp:HOST:PORT`, `tls:HOST:PORT`.
 //!
 //! One syntax for every place an address is written: configuration files, command
 //! lines and error messages. `vsock:any:PORT` listens on every CID.
+//!
+//! `vsock-uds:` is a guest's vsock reached through the unix socket of a hybrid-vsock
+//! backend (Firecracker, Cloud Hypervisor, `vhost-device-vsock`): `PATH` is the
+//! backend's `uds-path`. Connecting speaks the `CONNECT PORT` handshake to the guest's
+//! port; listening binds `PATH_PORT`, where the backend delivers the guest's
+//! connections to the host (CID 2) port `PORT`. `cid=` names the guest's CID: a
+//! listener needs it (it is the caller's identity), a client may give it for messages.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -21,6 +29,13 @@ pub const DEFAULT_AGENT_PORT: u32 = 7711;
 pub enum Endpoint {
     /// A virtio-vsock address; `cid` is [`VSOCK_CID_ANY`] for "listen on every CID".
     Vsock { cid: u32, port: u32 },
+    /// A guest's vsock port behind a hybrid-vsock backend's unix socket `path`
+    /// (its `uds-path`); `cid` is the guest's CID, when known.
+    VsockUds {
+        path: PathBuf,
+        port: u32,
+        cid: Option<u32>,
+    },
     /// A unix stream socket at a path.
     Unix(PathBuf),
     /// A TCP address; `host` is a name or an IP address (IPv6 without brackets).
@@ -33,14 +48,16 @@ pub enum Endpoint {
 /// Why an endpoint string was not understood.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EndpointError {
-    #[error("endpoint {0:?} has no scheme: write vsock:CID:PORT, unix:PATH, tcp:HOST:PORT or tls:HOST:PORT")]
+    #[error("endpoint {0:?} has no scheme: write vsock:CID:PORT, vsock-uds:PATH:PORT, unix:PATH, tcp:HOST:PORT or tls:HOST:PORT")]
     NoScheme(String),
     #[error(
-        "endpoint {0:?} has an unknown scheme: write vsock:CID:PORT, unix:PATH, tcp:HOST:PORT or tls:HOST:PORT"
+        "endpoint {0:?} has an unknown scheme: write vsock:CID:PORT, vsock-uds:PATH:PORT, unix:PATH, tcp:HOST:PORT or tls:HOST:PORT"
     )]
     UnknownScheme(String),
     #[error("endpoint {0:?}: a vsock address is vsock:CID:PORT, e.g. vsock:2:7710 (CID may be \"any\" when listening)")]
     Vsock(String),
+    #[error("endpoint {0:?}: a hybrid-vsock address is vsock-uds:PATH:PORT or vsock-uds:PATH:PORT,cid=CID with PATH the backend's uds-path, e.g. vsock-uds:/run/signet/vm105.vsock:7711,cid=105")]
+    VsockUds(String),
     #[error(
         "endpoint {0:?}: a unix endpoint needs a socket path, e.g. unix:/run/signet/signetd.sock"
     )]
@@ -90,6 +107,7 @@ impl FromStr for Endpoint {
                     .map_err(|_| EndpointError::Vsock(s.to_owned()))?;
                 Ok(Endpoint::Vsock { cid, port })
             }
+            "vsock-uds" => vsock_uds(rest).ok_or_else(|| EndpointError::VsockUds(s.to_owned())),
             "unix" => {
                 if rest.is_empty() {
                     return Err(EndpointError::Unix(s.to_owned()));
@@ -108,6 +126,34 @@ impl FromStr for Endpoint {
             }
             _ if scheme.contains('/') => Err(EndpointError::NoScheme(s.to_owned())),
             _ => Err(EndpointError::UnknownScheme(s.to_owned())),
+        }
+    }
+}
+
+/// `PATH:PORT` or `PATH:PORT,cid=CID`; the port is after the last `:`.
+fn vsock_uds(rest: &str) -> Option<Endpoint> {
+    let (path, tail) = rest.rsplit_once(':')?;
+    let (port, cid) = match tail.split_once(',') {
+        Some((port, opt)) => (port, Some(opt.strip_prefix("cid=")?.parse().ok()?)),
+        None => (tail, None),
+    };
+    if path.is_empty() || cid == Some(VSOCK_CID_ANY) {
+        return None;
+    }
+    Some(Endpoint::VsockUds {
+        path: PathBuf::from(path),
+        port: port.parse().ok()?,
+        cid,
+    })
+}
+
+impl Endpoint {
+    /// The vsock CID of the VM this endpoint reaches, when it names one.
+    pub fn vsock_cid(&self) -> Option<u32> {
+        match self {
+            Endpoint::Vsock { cid, .. } if *cid != VSOCK_CID_ANY => Some(*cid),
+            Endpoint::VsockUds { cid, .. } => *cid,
+            _ => None,
         }
     }
 }
@@ -134,6 +180,13 @@ impl fmt::Display for Endpoint {
         match self {
             Endpoint::Vsock { cid, port } if *cid == VSOCK_CID_ANY => write!(f, "vsock:any:{port}"),
             Endpoint::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Endpoint::VsockUds { path, port, cid } => {
+                write!(f, "vsock-uds:{}:{port}", path.display())?;
+                match cid {
+                    Some(cid) => write!(f, ",cid={cid}"),
+                    None => Ok(()),
+                }
+            }
             Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
             Endpoint::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
             Endpoint::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
@@ -180,6 +233,22 @@ mod tests {
                 Endpoint::Vsock {
                     cid: VSOCK_CID_ANY,
                     port: 1,
+                },
+            ),
+            (
+                "vsock-uds:/run/lab/vm3.vsock:7711",
+                Endpoint::VsockUds {
+                    path: "/run/lab/vm3.vsock".into(),
+                    port: 7711,
+                    cid: None,
+                },
+            ),
+            (
+                "vsock-uds:/run/a:b/vm3.vsock:7710,cid=3",
+                Endpoint::VsockUds {
+                    path: "/run/a:b/vm3.vsock".into(),
+                    port: 7710,
+                    cid: Some(3),
                 },
             ),
             (
@@ -231,6 +300,15 @@ mod tests {
     }
 
     #[test]
+    fn the_vm_cid_an_endpoint_names() {
+        assert_eq!(ok("vsock:105:7711").vsock_cid(), Some(105));
+        assert_eq!(ok("vsock:any:7710").vsock_cid(), None);
+        assert_eq!(ok("vsock-uds:/v.vsock:7711,cid=3").vsock_cid(), Some(3));
+        assert_eq!(ok("vsock-uds:/v.vsock:7711").vsock_cid(), None);
+        assert_eq!(ok("unix:/a").vsock_cid(), None);
+    }
+
+    #[test]
     fn defaults_are_the_documented_ports() {
         assert_eq!(Endpoint::default_client().to_string(), "vsock:2:7710");
         assert_eq!(Endpoint::default_agent(105).to_string(), "vsock:105:7711");
@@ -249,6 +327,12 @@ mod tests {
             ("vsock:-1:7710", "Vsock"),
             ("vsock:2:99999999999", "Vsock"),
             ("unix:", "Unix"),
+            ("vsock-uds:/x.vsock", "VsockUds"),
+            ("vsock-uds::7711", "VsockUds"),
+            ("vsock-uds:/x.vsock:port", "VsockUds"),
+            ("vsock-uds:/x.vsock:7711,cid=", "VsockUds"),
+            ("vsock-uds:/x.vsock:7711,guest=3", "VsockUds"),
+            ("vsock-uds:/x.vsock:7711,cid=4294967295", "VsockUds"),
             ("tcp:127.0.0.1", "Tcp"),
             ("tcp::7710", "Tcp"),
             ("tcp:127.0.0.1:65536", "Tcp"),

@@ -187,6 +187,7 @@ mod tests {
                 endpoint: "vsock:105:7711".into(),
                 health: Box::new(AgentHealth {
                     version: "0.1.0".into(),
+                    instance: None,
                     state: AgentState::Ready,
                     detail: "logged in to the token; jobs are signed".into(),
                     module: "/usr/lib/libeTPkcs11.so".into(),
@@ -207,6 +208,7 @@ mod tests {
                     }),
                     certificates: vec![],
                     signer: "osslsigncode 2.9".into(),
+                    signer_features: None,
                     windows: None,
                 }),
             },

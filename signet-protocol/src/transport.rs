@@ -4,6 +4,13 @@
 //! `axum::serve::Listener`, so the same router serves vsock, unix sockets and TCP.
 //! Each accepted stream carries a [`Peer`]: the identity the kernel vouches for
 //! (vsock CID, `SO_PEERCRED` uid/gid/pid) or the TCP address.
+//!
+//! `vsock-uds:` endpoints reach a guest's vsock through a hybrid-vsock backend's unix
+//! socket: [`connect`] sends `CONNECT PORT\n` and waits for `OK …\n`; a [`Listener`]
+//! binds `PATH_PORT` and vouches for the guest's CID given in the endpoint, only for
+//! connections the backend (a process of our own uid, or root) makes. The hybrid vsock
+//! has no half-close — the backend turns a write shutdown into a full vsock shutdown —
+//! so [`Stream::VsockUds`] never shuts down its write side: it closes when dropped.
 
 use std::io;
 use std::path::Path;
@@ -48,6 +55,9 @@ pub enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
     Vsock(VsockStream),
+    /// A guest's vsock port through a hybrid-vsock backend's unix socket; shutting down
+    /// only flushes (no half-close on this transport).
+    VsockUds(UnixStream),
     /// A TLS client connection ([`crate::tls`]).
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
@@ -102,6 +112,22 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Stream, TransportError> {
             .await
             .map(Stream::Vsock)
             .map_err(wrap),
+        Endpoint::VsockUds { path, port, .. } => {
+            let mut stream = UnixStream::connect(path).await.map_err(wrap)?;
+            tokio::time::timeout(HANDSHAKE_LIMIT, hybrid_handshake(&mut stream, *port))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the hybrid-vsock backend did not answer CONNECT {port} within {} s; check that its process (vhost-device-vsock, Firecracker, Cloud Hypervisor) serves this socket",
+                            HANDSHAKE_LIMIT.as_secs()
+                        ),
+                    ))
+                })
+                .map_err(wrap)?;
+            Ok(Stream::VsockUds(stream))
+        }
         Endpoint::Tls { host, port } => {
             let connector = crate::tls::connector().map_err(|e| wrap(io::Error::other(e)))?;
             let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.clone())
@@ -116,12 +142,81 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Stream, TransportError> {
     }
 }
 
+/// How long a hybrid-vsock backend may take to answer `CONNECT`.
+const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest handshake answer line read (`OK 4294967295\n` is 14 bytes).
+const MAX_HANDSHAKE_LINE: usize = 64;
+
+/// The hybrid-vsock handshake: `CONNECT PORT\n`, answered `OK <n>\n`. The answer is
+/// read a byte at a time so that nothing of the stream after it is consumed.
+async fn hybrid_handshake<S>(stream: &mut S, port: u32) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
+    stream.flush().await?;
+    let mut line = Vec::new();
+    loop {
+        let mut byte = [0u8; 1];
+        if stream.read(&mut byte).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                if line.is_empty() {
+                    format!("no listener on port {port} in the guest (the backend closed the connection after CONNECT {port}); start the service in the VM, or check the port")
+                } else {
+                    format!(
+                        "the hybrid-vsock backend closed the connection in the middle of its answer {:?}; check that the socket is a hybrid-vsock backend's uds-path",
+                        String::from_utf8_lossy(&line)
+                    )
+                },
+            ));
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+        if line.len() > MAX_HANDSHAKE_LINE {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&line);
+    match text.strip_prefix("OK ") {
+        Some(n) if n.trim().parse::<u32>().is_ok() => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the socket answered {:?} to CONNECT {port} instead of \"OK <port>\"; the path must be a hybrid-vsock backend's uds-path (vhost-device-vsock, Firecracker, Cloud Hypervisor)",
+                text.chars().take(MAX_HANDSHAKE_LINE).collect::<String>()
+            ),
+        )),
+    }
+}
+
 /// A bound listener on any transport.
 #[derive(Debug)]
 pub enum Listener {
     Unix(UnixListener, std::path::PathBuf),
     Tcp(TcpListener),
     Vsock(VsockListener),
+    /// `PATH_PORT` of a hybrid-vsock backend: the guest `cid`'s connections to the
+    /// host's port `port`.
+    VsockUds {
+        listener: UnixListener,
+        uds: std::path::PathBuf,
+        port: u32,
+        cid: u32,
+    },
+}
+
+/// The unix socket a hybrid-vsock backend connects to for the guest's connections to
+/// the host's `port`: `PATH_PORT`.
+pub fn hybrid_listen_path(uds_path: &Path, port: u32) -> std::path::PathBuf {
+    let mut s = uds_path.as_os_str().to_owned();
+    s.push(format!("_{port}"));
+    s.into()
 }
 
 impl Listener {
@@ -147,6 +242,26 @@ impl Listener {
             Endpoint::Vsock { cid, port } => VsockListener::bind(vsock_addr(*cid, *port))
                 .map(Listener::Vsock)
                 .map_err(wrap),
+            Endpoint::VsockUds { path, port, cid } => {
+                let cid = cid.ok_or_else(|| {
+                    wrap(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "a vsock-uds listener vouches for one guest: add its CID (the backend's guest-cid), e.g. vsock-uds:{}:{port},cid=105",
+                            path.display()
+                        ),
+                    ))
+                })?;
+                let uds = hybrid_listen_path(path, *port);
+                remove_stale_socket(&uds).await.map_err(wrap)?;
+                let listener = UnixListener::bind(&uds).map_err(wrap)?;
+                Ok(Listener::VsockUds {
+                    listener,
+                    uds,
+                    port: *port,
+                    cid,
+                })
+            }
         }
     }
 
@@ -166,6 +281,18 @@ impl Listener {
                 Endpoint::Vsock {
                     cid: addr.cid(),
                     port: addr.port(),
+                }
+            }
+            Listener::VsockUds { uds, port, cid, .. } => {
+                let base = uds.to_string_lossy();
+                let path = base
+                    .strip_suffix(&format!("_{port}"))
+                    .unwrap_or(&base)
+                    .to_owned();
+                Endpoint::VsockUds {
+                    path: path.into(),
+                    port: *port,
+                    cid: Some(*cid),
                 }
             }
         })
@@ -196,6 +323,27 @@ impl Listener {
                     port: addr.port(),
                 };
                 Ok((Stream::Vsock(stream), peer))
+            }
+            Listener::VsockUds {
+                listener, uds, cid, ..
+            } => {
+                let (stream, _) = listener.accept().await?;
+                // Only the backend speaks for the guest: a process of our own uid or root.
+                let cred = stream.peer_cred()?;
+                if cred.uid() != 0 && cred.uid() != nix_uid() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!(
+                            "uid {} connected to {} but only the hybrid-vsock backend (uid {} or root) speaks for guest CID {cid}; make the socket's directory private to that user",
+                            cred.uid(),
+                            uds.display(),
+                            nix_uid()
+                        ),
+                    ));
+                }
+                // The backend does not tell the guest's source port.
+                let peer = Peer::Vsock { cid: *cid, port: 0 };
+                Ok((Stream::VsockUds(stream), peer))
             }
         }
     }
@@ -241,6 +389,7 @@ impl axum::serve::Listener for Listener {
                     if !matches!(
                         e.kind(),
                         io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::PermissionDenied
                             | io::ErrorKind::ConnectionReset
                             | io::ErrorKind::ConnectionRefused
                             | io::ErrorKind::NotConnected
@@ -270,6 +419,10 @@ impl axum::serve::Listener for Listener {
                     port: a.port(),
                 }
             }
+            Listener::VsockUds { port, .. } => Peer::Vsock {
+                cid: crate::endpoint::VSOCK_CID_HOST,
+                port: *port,
+            },
         })
     }
 }
@@ -294,6 +447,7 @@ macro_rules! delegate {
             Stream::Unix($s) => $e,
             Stream::Tcp($s) => $e,
             Stream::Vsock($s) => $e,
+            Stream::VsockUds($s) => $e,
             Stream::Tls($s) => $e,
         }
     };
@@ -323,7 +477,12 @@ impl AsyncWrite for Stream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => Pin::new(s).poll_shutdown(cx))
+        match self.get_mut() {
+            // No half-close over a hybrid vsock: the backend would shut the whole vsock
+            // connection down and the peer's answer would be lost. Close by dropping.
+            Stream::VsockUds(s) => Pin::new(s).poll_flush(cx),
+            s => Pin::new(s).poll_shutdown_inner(cx),
+        }
     }
 
     fn poll_write_vectored(
@@ -339,8 +498,15 @@ impl AsyncWrite for Stream {
             Stream::Unix(s) => s.is_write_vectored(),
             Stream::Tcp(s) => s.is_write_vectored(),
             Stream::Vsock(s) => s.is_write_vectored(),
+            Stream::VsockUds(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
         }
+    }
+}
+
+impl Stream {
+    fn poll_shutdown_inner(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_shutdown(cx))
     }
 }
 
@@ -460,5 +626,148 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("not a socket"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"data");
+    }
+
+    /// A stand-in for a hybrid-vsock backend (the host side of `vhost-device-vsock`):
+    /// answers `CONNECT 7711` with `OK 7711` and relays to `guest`, closes the
+    /// connection for any other port, and — like the real one, which has no half-close
+    /// — ends the whole connection as soon as the host side stops writing.
+    async fn fake_backend(uds: std::path::PathBuf, guest: Endpoint) {
+        let listener = UnixListener::bind(&uds).unwrap();
+        loop {
+            let (mut host, _) = listener.accept().await.unwrap();
+            let guest = guest.clone();
+            tokio::spawn(async move {
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while host.read(&mut b).await.unwrap() == 1 && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                match line.as_slice() {
+                    b"CONNECT 7711" => host.write_all(b"OK 7711\n").await.unwrap(),
+                    b"CONNECT 7799" => {
+                        return host.write_all(b"HTTP/1.1 400 Bad\r\n\r\n").await.unwrap()
+                    }
+                    _ => return,
+                }
+                let inner = connect(&guest).await.unwrap();
+                let (mut hr, mut hw) = tokio::io::split(host);
+                let (mut gr, mut gw) = tokio::io::split(inner);
+                tokio::select! {
+                    // The host side's EOF ends the whole connection.
+                    _ = tokio::io::copy(&mut hr, &mut gw) => {}
+                    _ = tokio::io::copy(&mut gr, &mut hw) => {}
+                }
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn vsock_uds_speaks_the_handshake_and_carries_http() {
+        use axum::{routing::post, Router};
+        let dir = tempfile::tempdir().unwrap();
+        let guest_ep = Endpoint::Unix(dir.path().join("guest.sock"));
+        let guest = Listener::bind(&guest_ep).await.unwrap();
+        let app = Router::new().route("/echo", post(|body: String| async move { body }));
+        let server = tokio::spawn(async move { axum::serve(guest, app).await });
+        let uds = dir.path().join("vm3.vsock");
+        let backend = tokio::spawn(fake_backend(uds.clone(), guest_ep));
+        while !uds.exists() {
+            tokio::task::yield_now().await;
+        }
+
+        let ep: Endpoint = format!("vsock-uds:{}:7711,cid=3", uds.display())
+            .parse()
+            .unwrap();
+        for size in [5usize, 1 << 20] {
+            let body = "x".repeat(size);
+            let req = http::Request::post("/echo")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+                .unwrap();
+            let resp = crate::client::send(&ep, req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            use http_body_util::BodyExt;
+            let got = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(got.len(), size, "the whole answer arrived");
+        }
+
+        // No listener on the guest's port: the backend closes; the error says so.
+        let none: Endpoint = format!("vsock-uds:{}:7712", uds.display()).parse().unwrap();
+        let err = connect(&none).await.unwrap_err().to_string();
+        assert!(
+            err.contains("no listener on port 7712 in the guest"),
+            "{err}"
+        );
+        // Something that is not a hybrid-vsock backend.
+        let other: Endpoint = format!("vsock-uds:{}:7799", uds.display()).parse().unwrap();
+        let err = connect(&other).await.unwrap_err().to_string();
+        assert!(err.contains("instead of \"OK <port>\""), "{err}");
+        // No backend at all.
+        let gone: Endpoint = format!("vsock-uds:{}:7711", dir.path().join("no.vsock").display())
+            .parse()
+            .unwrap();
+        let err = connect(&gone).await.unwrap_err();
+        assert_eq!(err.io().kind(), io::ErrorKind::NotFound);
+        backend.abort();
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn vsock_uds_streams_never_half_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("b.vsock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        let ep: Endpoint = format!("vsock-uds:{}:5", uds.display()).parse().unwrap();
+        let client = tokio::spawn(async move {
+            let mut s = connect(&ep).await.unwrap();
+            s.write_all(b"x").await.unwrap();
+            s.shutdown().await.unwrap();
+            s
+        });
+        let (mut backend, _) = listener.accept().await.unwrap();
+        let mut line = [0u8; 10];
+        backend.read_exact(&mut line).await.unwrap();
+        assert_eq!(&line, b"CONNECT 5\n");
+        backend.write_all(b"OK 5\n").await.unwrap();
+        let s = client.await.unwrap();
+        let mut b = [0u8; 1];
+        backend.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"x", "nothing of the stream went to the handshake");
+        // The client's shutdown() has returned: a write shutdown would be an EOF now.
+        match backend.try_read(&mut b) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => panic!("the backend saw {other:?}: a half-close"),
+        }
+        drop(s);
+        assert_eq!(backend.read(&mut b).await.unwrap(), 0, "dropping closes");
+    }
+
+    #[tokio::test]
+    async fn vsock_uds_listener_binds_path_port_and_vouches_for_the_guest_cid() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vm3.vsock");
+        let no_cid: Endpoint = format!("vsock-uds:{}:7710", uds.display()).parse().unwrap();
+        let err = Listener::bind(&no_cid).await.unwrap_err().to_string();
+        assert!(err.contains("add its CID"), "{err}");
+
+        let ep: Endpoint = format!("vsock-uds:{}:7710,cid=3", uds.display())
+            .parse()
+            .unwrap();
+        let mut listener = Listener::bind(&ep).await.unwrap();
+        assert_eq!(listener.local_endpoint().unwrap(), ep);
+        let path = hybrid_listen_path(&uds, 7710);
+        assert_eq!(path, dir.path().join("vm3.vsock_7710"));
+        // What the backend does for a guest connecting to CID 2 port 7710.
+        let c = tokio::spawn(async move {
+            let mut s = UnixStream::connect(path).await.unwrap();
+            s.write_all(b"ping").await.unwrap();
+            s
+        });
+        let (mut stream, peer) = listener.accept_peer().await.unwrap();
+        assert_eq!(peer, Peer::Vsock { cid: 3, port: 0 });
+        let mut got = [0u8; 4];
+        stream.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        drop(c.await.unwrap());
     }
 }

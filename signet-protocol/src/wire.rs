@@ -521,6 +521,10 @@ pub struct CertificateSummary {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentHealth {
     pub version: String,
+    /// Names this agent process (new at every start): the host tells a restarted
+    /// agent, or a reset signing VM, from a silent one by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     pub state: AgentState,
     /// What the state means and, when it is not `ready`, what to do.
     pub detail: String,
@@ -550,9 +554,29 @@ pub struct AgentHealth {
     pub certificates: Vec<CertificateSummary>,
     /// The signing backend, e.g. "osslsigncode 2.9".
     pub signer: String,
+    /// What that backend can do, detected at the agent's start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer_features: Option<SignerFeatures>,
     /// On a Windows signing VM: Remote Desktop and smart-card redirection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub windows: Option<WindowsSessions>,
+}
+
+/// What the signing VM's osslsigncode can do, detected when the agent starts
+/// (`osslsigncode --version` and `--help`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignerFeatures {
+    /// `MAJOR.MINOR`, e.g. "2.9"; empty when the version could not be read.
+    pub version: String,
+    /// The modes the agent serves with it: `whole` always, `digest` when osslsigncode
+    /// signs the data blob of `extract-data` (2.8 and later).
+    pub modes: Vec<SignMode>,
+    /// It has `extract-data` (make a digest-mode blob).
+    pub extract_data: bool,
+    /// It has `attach-signature` (put a detached signature into a file).
+    pub attach_signature: bool,
+    /// It signs PowerShell files (2.8 and later).
+    pub powershell: bool,
 }
 
 /// Remote Desktop on a Windows signing VM. When someone connects with Remote Desktop

@@ -908,9 +908,24 @@ pub const WAIT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Polls `cond` until it holds, or fails naming `what` (a condition, not a timer).
 pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    wait_until_within(what, WAIT_TIMEOUT, Duration::from_millis(20), cond);
+}
+
+/// [`wait_until`] with its own deadline and polling interval (for conditions that cost
+/// something to ask, like a guest under TCG); answers how long it took.
+pub fn wait_until_within(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    cond: impl Fn() -> bool,
+) -> Duration {
     let started = Instant::now();
     while !cond() {
-        assert!(started.elapsed() < WAIT_TIMEOUT, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            started.elapsed() < timeout,
+            "never happened within {timeout:?}: {what}"
+        );
+        std::thread::sleep(every);
     }
+    started.elapsed()
 }

@@ -675,6 +675,7 @@ async fn osslsigncode<S: AsRef<std::ffi::OsStr>>(
 pub fn unreachable_message(endpoint: &Endpoint, e: &ClientError) -> String {
     let hint = match endpoint {
         Endpoint::Vsock { .. } => "is signetd running on the host, and does this VM have a vsock device (args: -device vhost-vsock-pci,guest-cid=<VMID>)? Choose another endpoint with --endpoint or SIGNET_ENDPOINT",
+        Endpoint::VsockUds { .. } => "is the VM's hybrid-vsock backend (vhost-device-vsock, Firecracker, Cloud Hypervisor) running with that uds-path, and signetd listening on the port? Choose another endpoint with --endpoint or SIGNET_ENDPOINT",
         _ => "is signetd running there? Choose another endpoint with --endpoint or SIGNET_ENDPOINT",
     };
     format!("cannot reach the Signet daemon at {endpoint} ({e}); {hint}")

@@ -42,9 +42,13 @@ use crate::tokens::{Op, Status, VmSignal};
 /// The shortest and longest wait before connecting to the agent again.
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
-/// How often the health is read while the agent waits for a PIN (the PIN file may
-/// have been fixed).
+/// How often the health is read while the event stream is open: the agent may wait for
+/// a PIN (the PIN file may have been fixed), or may be another process than the one
+/// whose stream this is — a guest reset behind a hybrid-vsock backend leaves the old
+/// stream open on the host's side, silent for ever.
 const PIN_RECHECK: Duration = Duration::from_secs(10);
+/// How long one of those health reads may take.
+const HEALTH_LIMIT: Duration = Duration::from_secs(10);
 /// How often the ladder's cool-downs are looked at.
 const TICK: Duration = Duration::from_millis(250);
 /// How long the agent may take to re-initialise PKCS#11 (it waits for the job at the
@@ -147,8 +151,9 @@ pub async fn run(daemon: Arc<Daemon>) {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(live(daemon.clone(), rx));
     let mut wait = RECONNECT_MIN;
+    let mut instance = None;
     loop {
-        match follow(&daemon, &tx).await {
+        match follow(&daemon, &tx, &mut instance).await {
             Ok(()) => wait = RECONNECT_MIN,
             Err(why) => {
                 let _ = tx.send(Event::AgentDown(why)).await;
@@ -323,7 +328,11 @@ async fn run_step(daemon: &Daemon, serials: &[String], step: Step) -> Result<(),
 
 /// One connection to the agent's event stream, until it ends. `Err` when the agent
 /// could not be reached (why, for the timeline).
-async fn follow(daemon: &Daemon, life: &mpsc::Sender<Event>) -> Result<(), String> {
+async fn follow(
+    daemon: &Daemon,
+    life: &mpsc::Sender<Event>,
+    instance: &mut Option<String>,
+) -> Result<(), String> {
     let agent = &daemon.config().agent;
     let req = http::Request::get(AGENT_EVENTS_PATH)
         .header(http::header::ACCEPT, "text/event-stream")
@@ -337,14 +346,17 @@ async fn follow(daemon: &Daemon, life: &mpsc::Sender<Event>) -> Result<(), Strin
         ));
     }
     let _ = life.send(Event::AgentUp).await;
-    if let Ok(Ok(h)) = client::get_json::<AgentHealth>(agent, AGENT_HEALTH_PATH).await {
+    if let Some(Ok(h)) = health(agent).await {
+        seen_instance(daemon, instance, &h);
         if let Some(ev) = health_event(&h) {
             let _ = life.send(ev).await;
         }
     }
     let mut body = resp.into_body();
     let mut buf = Vec::new();
-    let mut recheck = tokio::time::interval(PIN_RECHECK);
+    // The first check one period from now: the health was just read.
+    let mut recheck =
+        tokio::time::interval_at(tokio::time::Instant::now() + PIN_RECHECK, PIN_RECHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -360,15 +372,50 @@ async fn follow(daemon: &Daemon, life: &mpsc::Sender<Event>) -> Result<(), Strin
                     }
                 }
             }
-            _ = recheck.tick(), if daemon.config().pin_file.is_some() => {
-                if let Ok(Ok(h)) = client::get_json::<AgentHealth>(agent, AGENT_HEALTH_PATH).await {
-                    if matches!(h.state, AgentState::PinNeeded | AgentState::PinRejected) {
+            _ = recheck.tick() => {
+                // Not answering now: the stream (or the next check) tells more.
+                if let Some(Ok(h)) = health(agent).await {
+                    if seen_instance(daemon, instance, &h) {
+                        return Err("the agent restarted; following its new event stream".to_owned());
+                    }
+                    if daemon.config().pin_file.is_some()
+                        && matches!(h.state, AgentState::PinNeeded | AgentState::PinRejected)
+                    {
                         let _ = life.send(Event::PinNeeded).await;
                     }
                 }
             }
         }
     }
+}
+
+/// The agent's health within [`HEALTH_LIMIT`]: `None` when it did not answer.
+async fn health(agent: &signet_protocol::Endpoint) -> Option<Result<AgentHealth, ()>> {
+    match tokio::time::timeout(
+        HEALTH_LIMIT,
+        client::get_json::<AgentHealth>(agent, AGENT_HEALTH_PATH),
+    )
+    .await
+    {
+        Ok(Ok(Ok(h))) => Some(Ok(h)),
+        Ok(Ok(Err(_))) => Some(Err(())),
+        Ok(Err(_)) | Err(_) => None,
+    }
+}
+
+/// Notes which agent process answered; true (and the job at the old one abandoned:
+/// [`Daemon::agent_restarted`]) when it is another than before.
+fn seen_instance(daemon: &Daemon, known: &mut Option<String>, h: &AgentHealth) -> bool {
+    let Some(now) = &h.instance else {
+        return false;
+    };
+    let changed = known.as_ref().is_some_and(|k| k != now);
+    *known = Some(now.clone());
+    if changed {
+        tracing::info!(instance = %now, "the agent is a new process (its VM was reset, or it restarted)");
+        daemon.agent_restarted();
+    }
+    changed
 }
 
 /// Takes the complete server-sent events out of `buf` (their `data:` lines as JSON).

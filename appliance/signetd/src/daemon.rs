@@ -9,7 +9,6 @@ use bytes::Bytes;
 use http::{header, Request, Response};
 use hyper::body::{Body, Incoming};
 use signet_protocol::client::{self, ClientError};
-use signet_protocol::endpoint::Endpoint;
 use signet_protocol::transport::Peer;
 use signet_protocol::wire::{
     AgentHealth, AgentReport, AgentSignQuery, AgentState, DaemonStatus, ErrorBody, ErrorCode,
@@ -354,8 +353,8 @@ impl Daemon {
     }
 
     fn agent_unreachable(&self, e: &ClientError) -> ErrorBody {
-        let hint = match &self.cfg.agent {
-            Endpoint::Vsock { cid, .. } => format!(
+        let hint = match self.cfg.agent.vsock_cid() {
+            Some(cid) => format!(
                 "check that the signing VM (vsock CID {cid}) is running with signet-agent started, and that `agent` in {} names it",
                 self.cfg.path.display()
             ),

@@ -607,6 +607,7 @@ mod tests {
     fn health(state: AgentState, logged_in: bool, days_left: i64) -> AgentHealth {
         AgentHealth {
             version: "0.1.0".into(),
+            instance: None,
             state,
             detail: "d".into(),
             module: "m".into(),
@@ -627,6 +628,7 @@ mod tests {
                 days_left,
             }],
             signer: "osslsigncode 2.9".into(),
+            signer_features: None,
             windows: None,
         }
     }

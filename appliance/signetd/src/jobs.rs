@@ -74,6 +74,9 @@ pub(crate) struct Engine {
     idle: Notify,
     /// The id of every job that ends (signed, failed, cancelled), for D-Bus signals.
     finished: tokio::sync::broadcast::Sender<String>,
+    /// Counts the agent's restarts seen ([`Daemon::agent_restarted`]): a job at the
+    /// agent when it changes will never be answered.
+    agent_epoch: watch::Sender<u64>,
 }
 
 /// A finished job's result, ready to stream.
@@ -112,6 +115,7 @@ impl Engine {
             draining: std::sync::atomic::AtomicBool::new(false),
             idle: Notify::new(),
             finished: tokio::sync::broadcast::channel(256).0,
+            agent_epoch: watch::channel(0).0,
         };
         engine.recover()?;
         Ok(engine)
@@ -567,6 +571,15 @@ impl Daemon {
         self.engine().wake.notify_one();
     }
 
+    /// The agent is another process than before (its VM was reset, it restarted): the
+    /// job at it, if any, will never be answered — over a hybrid vsock a guest reset
+    /// does not even close the host's side of the connection — so it goes back to the
+    /// head of its lane and runs again (safe: its result was never delivered).
+    pub fn agent_restarted(&self) {
+        self.engine().agent_epoch.send_modify(|e| *e += 1);
+        self.wake_worker();
+    }
+
     /// Whether the daemon is draining for a host shutdown.
     pub fn draining(&self) -> bool {
         self.engine()
@@ -687,6 +700,8 @@ impl Daemon {
                 ),
             )),
         };
+        let mut epoch = self.engine().agent_epoch.subscribe();
+        epoch.mark_unchanged();
         let answer = async {
             pinned?;
             let file = tokio::fs::File::open(store.input_path(id))
@@ -715,8 +730,18 @@ impl Daemon {
             })?;
             Ok::<_, ErrorBody>((sha, n, ct))
         }
-        .instrument(span)
-        .await;
+        .instrument(span);
+        let answer = tokio::select! {
+            a = answer => a,
+            _ = epoch.changed() => {
+                tracing::warn!(job = id, "the agent restarted while it had the job; the job runs again");
+                Err(ErrorBody::new(
+                    ErrorCode::AgentUnavailable,
+                    "the signing VM's agent restarted mid-job; nothing was delivered",
+                )
+                .retryable(true))
+            }
+        };
         let ms = started.elapsed().as_millis() as u64;
         match answer {
             Ok((sha, n, ct)) => {

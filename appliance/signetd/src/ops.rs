@@ -4,7 +4,6 @@
 //! ([`crate::server_ops`], local root only) and `signetctl` — call these and render
 //! their results ([`signet_protocol::operator`]).
 
-use signet_protocol::endpoint::Endpoint;
 use signet_protocol::operator::{AuditCheck, AuditRecord, DoctorReport, JobList, JobSummary};
 use signet_protocol::wire::{AgentReport, ErrorBody, ErrorCode, JobState, JobView};
 
@@ -130,10 +129,7 @@ impl Daemon {
     pub async fn doctor(&self) -> DoctorReport {
         let cfg = self.config();
         let status = self.status().await;
-        let agent_cid = match &cfg.agent {
-            Endpoint::Vsock { cid, .. } => Some(*cid),
-            _ => None,
-        };
+        let agent_cid = cfg.agent.vsock_cid();
         let signing_vm = cfg
             .doctor
             .signing_vm

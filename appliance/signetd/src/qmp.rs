@@ -7,7 +7,10 @@
 //! connection up across QEMU restarts and reports `Connected` / `Disconnected` beside
 //! QEMU's events. The USB helpers ([`Qmp::attach_usb_host`], [`Qmp::attached`],
 //! [`Qmp::detach`]) hot-plug a host USB device by bus and port under an id derived from
-//! the token's serial ([`device_id`]). QMP is JSON lines; `serde_json` by hand is
+//! the token's serial ([`device_id`]). A token's [`DeviceKind`] says which devices
+//! stand for it in the VM: `usb-host` for a real token, or — for a lab without a
+//! physical token — QEMU's emulated smart card (`usb-ccid` reader + `ccid-card-emulated`);
+//! only the `device_add` arguments differ ([`attach_commands`]). QMP is JSON lines; `serde_json` by hand is
 //! shorter here than a generated schema crate.
 
 use std::collections::HashMap;
@@ -118,6 +121,48 @@ pub enum AttachError {
     NoBus { bus: String },
     #[error(transparent)]
     Qmp(#[from] QmpError),
+}
+
+/// Which QEMU devices stand for a token in its VM (`[[tokens]] device` in
+/// `signetd.toml`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum DeviceKind {
+    /// The host's USB device passed through (`usb-host`, by host bus and port).
+    #[default]
+    UsbHost,
+    /// QEMU's emulated CAC smart card in an emulated CCID reader (`usb-ccid` +
+    /// `ccid-card-emulated,backend=certificates`): the card holds the three
+    /// certificates `certs` (NSS nicknames) and their keys from the NSS database `db`
+    /// (`sql:DIR`); its PIN is that database's password. One database per QEMU process.
+    /// The reader carries the token's id, so removing it takes the card along.
+    EmulatedCcid { db: String, certs: [String; 3] },
+}
+
+/// The `device_add` arguments that put a token into the VM, in order: one `usb-host`,
+/// or the emulated reader then its card on the reader's CCID bus (`ID.0`). The
+/// host's bus and port only matter to `usb-host`.
+pub fn attach_commands(
+    kind: &DeviceKind,
+    id: &str,
+    bus: &str,
+    hostbus: u8,
+    hostport: &str,
+) -> Vec<Value> {
+    match kind {
+        DeviceKind::UsbHost => vec![json!({
+            "driver": "usb-host", "id": id, "bus": bus,
+            "hostbus": hostbus, "hostport": hostport,
+        })],
+        DeviceKind::EmulatedCcid { db, certs } => vec![
+            json!({"driver": "usb-ccid", "id": id, "bus": bus}),
+            json!({
+                "driver": "ccid-card-emulated", "id": format!("{id}-card"),
+                "bus": format!("{id}.0"), "backend": "certificates", "db": db,
+                "cert1": certs[0], "cert2": certs[1], "cert3": certs[2],
+            }),
+        ],
+    }
 }
 
 /// The QMP id of a token's `usb-host` device: stable for a serial, valid as a QMP id
@@ -343,10 +388,36 @@ impl Qmp {
         hostbus: u8,
         hostport: &str,
     ) -> Result<(), AttachError> {
-        let args = json!({
-            "driver": "usb-host", "id": id, "bus": bus,
-            "hostbus": hostbus, "hostport": hostport,
-        });
+        self.attach(&DeviceKind::UsbHost, id, bus, hostbus, hostport)
+            .await
+    }
+
+    /// Puts the token's devices ([`attach_commands`]) into the VM. When a later device
+    /// is refused, the ones added before it are taken out again.
+    pub async fn attach(
+        &self,
+        kind: &DeviceKind,
+        id: &str,
+        bus: &str,
+        hostbus: u8,
+        hostport: &str,
+    ) -> Result<(), AttachError> {
+        for (i, args) in attach_commands(kind, id, bus, hostbus, hostport)
+            .into_iter()
+            .enumerate()
+        {
+            let added = self.device_add(args, id, bus).await;
+            if i > 0 && added.is_err() {
+                if let Err(e) = self.detach(id).await {
+                    tracing::warn!(error = %e, id, "taking out a half-attached token failed");
+                }
+            }
+            added?;
+        }
+        Ok(())
+    }
+
+    async fn device_add(&self, args: Value, id: &str, bus: &str) -> Result<(), AttachError> {
         match self.execute("device_add", Some(args)).await {
             Ok(_) => Ok(()),
             Err(QmpError::Command { desc, .. }) if desc.contains("Duplicate") => {
@@ -411,7 +482,12 @@ impl Qmp {
 impl Qmp {
     /// Carries out one passthrough action on this VM (`usb_bus`: the VM's USB bus,
     /// `xhci.0` on Proxmox) and says what came of it, for the token's state machine.
-    pub async fn perform(&self, usb_bus: &str, action: &Action) -> Option<Input> {
+    pub async fn perform(
+        &self,
+        usb_bus: &str,
+        kind: &DeviceKind,
+        action: &Action,
+    ) -> Option<Input> {
         match action {
             Action::Attach {
                 vmid,
@@ -419,7 +495,7 @@ impl Qmp {
                 hostbus,
                 hostport,
             } => Some(
-                match self.attach_usb_host(id, usb_bus, *hostbus, hostport).await {
+                match self.attach(kind, id, usb_bus, *hostbus, hostport).await {
                     Ok(()) => Input::Accepted(*vmid),
                     Err(AttachError::DuplicateId { .. }) => Input::Duplicate(*vmid),
                     Err(e) => Input::Refused {
@@ -582,6 +658,47 @@ mod tests {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')));
             assert!(id.len() < 64);
         }
+    }
+
+    #[test]
+    fn attach_arguments_per_device_kind() {
+        assert_eq!(
+            attach_commands(&DeviceKind::UsbHost, "signet-A", "xhci.0", 3, "1.2"),
+            vec![
+                json!({"driver": "usb-host", "id": "signet-A", "bus": "xhci.0",
+                        "hostbus": 3, "hostport": "1.2"})
+            ]
+        );
+        let lab = DeviceKind::EmulatedCcid {
+            db: "sql:/lab/nssdb".into(),
+            certs: ["lab-id".into(), "lab-codesign".into(), "lab-enc".into()],
+        };
+        assert_eq!(
+            attach_commands(&lab, "signet-A", "uhci.0", 3, "1.2"),
+            vec![
+                json!({"driver": "usb-ccid", "id": "signet-A", "bus": "uhci.0"}),
+                json!({"driver": "ccid-card-emulated", "id": "signet-A-card",
+                       "bus": "signet-A.0", "backend": "certificates",
+                       "db": "sql:/lab/nssdb", "cert1": "lab-id",
+                       "cert2": "lab-codesign", "cert3": "lab-enc"}),
+            ]
+        );
+        // From signetd.toml.
+        #[derive(serde::Deserialize)]
+        struct T {
+            device: DeviceKind,
+        }
+        let t: T = toml::from_str(
+            "device = { kind = \"emulated-ccid\", db = \"sql:/lab/nssdb\", certs = [\"lab-id\", \"lab-codesign\", \"lab-enc\"] }",
+        )
+        .unwrap();
+        assert_eq!(t.device, lab);
+        let t: T = toml::from_str("device = { kind = \"usb-host\" }").unwrap();
+        assert_eq!(t.device, DeviceKind::UsbHost);
+        assert!(toml::from_str::<T>(
+            "device = { kind = \"emulated-ccid\", db = \"x\", certs = [\"a\"] }"
+        )
+        .is_err());
     }
 
     #[test]

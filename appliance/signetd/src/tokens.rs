@@ -74,6 +74,10 @@ impl Default for PassthroughConfig {
 pub struct Assignment {
     pub serial: String,
     pub vm: u32,
+    /// Which devices stand for the token in the VM (`usb-host` unless a lab says
+    /// `device = { kind = "emulated-ccid", … }`).
+    #[serde(default)]
+    pub device: crate::qmp::DeviceKind,
 }
 
 /// What is wrong with `[passthrough]` and `[[tokens]]`: the key and the message.
@@ -115,6 +119,8 @@ pub fn check_config(p: &PassthroughConfig, tokens: &[Assignment]) -> Result<(), 
 pub struct Setup {
     pub catalog: Catalog,
     pub assignments: HashMap<String, u32>,
+    /// The devices that stand for each token in its VM, by serial (`usb-host` when absent).
+    pub devices: HashMap<String, crate::qmp::DeviceKind>,
     /// Signet's monitor socket per VM (`proxmox::monitor_path`).
     pub monitors: Vec<(u32, PathBuf)>,
     /// The VMs' USB bus (`xhci.0` on Proxmox).
@@ -136,6 +142,11 @@ impl Setup {
                 .tokens
                 .iter()
                 .map(|t| (t.serial.clone(), t.vm))
+                .collect(),
+            devices: cfg
+                .tokens
+                .iter()
+                .map(|t| (t.serial.clone(), t.device.clone()))
                 .collect(),
             monitors: vms
                 .into_iter()
@@ -703,7 +714,8 @@ impl<W: TokenWatcher> TokenService<W> {
                 continue;
             };
             tracing::info!(serial, ?action, "passthrough");
-            if let Some(result) = qmp.perform(&self.setup.usb_bus, &action).await {
+            let kind = self.setup.devices.get(serial).cloned().unwrap_or_default();
+            if let Some(result) = qmp.perform(&self.setup.usb_bus, &kind, &action).await {
                 if let Some(t) = self.tokens.get_mut(serial) {
                     queue.extend(t.handle(result, SystemTime::now()));
                 }

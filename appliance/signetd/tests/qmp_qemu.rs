@@ -242,7 +242,10 @@ impl Driver {
             std::collections::VecDeque::from(self.token.handle(input, SystemTime::now()));
         while let Some(action) = queue.pop_front() {
             let qmp = self.monitor.qmp().expect("QEMU up while acting");
-            if let Some(result) = qmp.perform("xhci.0", &action).await {
+            if let Some(result) = qmp
+                .perform("xhci.0", &signetd::qmp::DeviceKind::UsbHost, &action)
+                .await
+            {
                 queue.extend(self.token.handle(result, SystemTime::now()));
             }
         }

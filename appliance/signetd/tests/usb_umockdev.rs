@@ -258,6 +258,7 @@ async fn the_service_keeps_a_replugged_token_in_its_vm() {
     let setup = Setup {
         catalog: Catalog::default(),
         assignments: [("0123ABCD".to_owned(), 105)].into(),
+        devices: Default::default(),
         monitors: vec![(105, signet)],
         usb_bus: "xhci.0".into(),
         qmp_timeout: Duration::from_secs(10),

@@ -16,7 +16,7 @@ use cryptoki::types::AuthPin;
 use signet_protocol::format;
 use signet_protocol::wire::{
     AgentEvent, AgentEventKind, AgentHealth, AgentSignQuery, AgentState, ErrorBody, ErrorCode,
-    SignMode, SignResponse,
+    SignMode, SignResponse, SignerFeatures,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::broadcast;
@@ -96,6 +96,14 @@ impl Spool {
     }
 }
 
+/// A name for this agent process, different at every start: its pid and start time.
+fn new_instance() -> String {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}-{:x}", std::process::id(), since.as_nanos())
+}
+
 /// The running agent.
 #[derive(Debug)]
 pub struct Agent {
@@ -104,6 +112,10 @@ pub struct Agent {
     jobs: tokio::sync::Mutex<()>,
     signer: Osslsigncode,
     signer_version: String,
+    /// What the osslsigncode can do (detected at start).
+    signer_features: SignerFeatures,
+    /// Names this process for the host (`instance` in health).
+    instance: String,
     module: PathBuf,
     spool_dir: PathBuf,
     events: Arc<EventBus>,
@@ -122,13 +134,33 @@ impl Agent {
             certificate: cfg.signer.certificate.clone(),
             timeout: std::time::Duration::from_secs(cfg.signer.timeout_seconds),
         };
-        let signer_version = signer.version().await?;
+        let (signer_version, signer_features) = signer.version().await?;
+        let modes = signer_features
+            .modes
+            .iter()
+            .map(|m| match m {
+                SignMode::Whole => "whole file",
+                SignMode::Digest => "digest",
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::info!(
+            signer = %signer_version,
+            program = %cfg.signer.osslsigncode.display(),
+            modes = %modes,
+            extract_data = signer_features.extract_data,
+            attach_signature = signer_features.attach_signature,
+            powershell = signer_features.powershell,
+            "signing backend detected; serving modes: {modes}"
+        );
         Ok(Agent {
             module: cfg.token.module.clone(),
             token: Arc::new(Mutex::new(Token::new(cfg.token))),
             jobs: tokio::sync::Mutex::new(()),
             signer,
             signer_version,
+            signer_features,
+            instance: new_instance(),
             spool_dir: cfg.spool_dir.unwrap_or_else(std::env::temp_dir),
             events: Arc::new(EventBus::new()),
             next_job: AtomicU64::new(1),
@@ -284,10 +316,20 @@ impl Agent {
         query: &AgentSignQuery,
     ) -> Result<Checked, ErrorBody> {
         job::check_query(query)?;
+        if let Some(why) = crate::signer::unsupported(&self.signer_features, query.mode, None) {
+            return Err(ErrorBody::new(ErrorCode::UnsupportedFormat, why));
+        }
         match query.mode {
             SignMode::Whole => {
                 let detected =
                     job::admit(query, detect(spool.input(), query.filename.clone()).await?)?;
+                if let Some(why) = crate::signer::unsupported(
+                    &self.signer_features,
+                    query.mode,
+                    Some(detected.format),
+                ) {
+                    return Err(ErrorBody::new(ErrorCode::UnsupportedFormat, why));
+                }
                 // osslsigncode may go by the extension (it does for PowerShell files).
                 let input = spool.input_with_extension(detected.extension);
                 tokio::fs::rename(spool.input(), &input)
@@ -445,6 +487,7 @@ impl Agent {
         };
         AgentHealth {
             version: signet_protocol::VERSION.to_owned(),
+            instance: Some(self.instance.clone()),
             state: t.state,
             detail: t.detail,
             module: self.module.display().to_string(),
@@ -456,6 +499,7 @@ impl Agent {
             pin: t.pin,
             certificates: t.certificates,
             signer: self.signer_version.clone(),
+            signer_features: Some(self.signer_features.clone()),
             windows: tokio::task::spawn_blocking(crate::rdp::probe)
                 .await
                 .ok()

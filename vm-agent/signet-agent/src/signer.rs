@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use cryptoki::types::AuthPin;
 use signet_protocol::format::Format;
-use signet_protocol::wire::{DigestAlgorithm, ErrorCode};
+use signet_protocol::wire::{DigestAlgorithm, ErrorCode, SignMode, SignerFeatures};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::token::KeyRef;
@@ -252,28 +252,106 @@ impl Osslsigncode {
         Err(classify(&text, status.code(), timestamp))
     }
 
-    /// `osslsigncode --version`'s first line, e.g. "osslsigncode 2.9, using:".
-    pub async fn version(&self) -> Result<String, SignError> {
-        let out = tokio::process::Command::new(&self.program)
-            .arg("--version")
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|source| SignError::Spawn {
-                program: self.program.clone(),
-                source,
-            })?;
+    /// `osslsigncode --version`'s first line, e.g. "osslsigncode 2.9, using:", and
+    /// what this osslsigncode can do ([`features`], from `--version` and `--help`).
+    pub async fn version(&self) -> Result<(String, SignerFeatures), SignError> {
+        let run = |arg: &'static str| {
+            tokio::process::Command::new(&self.program)
+                .arg(arg)
+                .stdin(Stdio::null())
+                .output()
+        };
+        let spawn = |source| SignError::Spawn {
+            program: self.program.clone(),
+            source,
+        };
+        let out = run("--version").await.map_err(spawn)?;
+        let help = run("--help").await.map_err(spawn)?;
+        // 2.9 prints to stdout, older ones partly to stderr: read both.
+        let help_text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&help.stdout),
+            String::from_utf8_lossy(&help.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout);
+        let features = features(&text, &help_text);
         let first = text
             .lines()
             .next()
             .unwrap_or("osslsigncode (unknown version)");
-        Ok(first
+        let first = first
             .trim_end_matches([',', ' '])
             .trim_end_matches("using:")
             .trim_end_matches([',', ' '])
-            .to_owned())
+            .to_owned();
+        Ok((first, features))
     }
+}
+
+/// What an osslsigncode can do, from its `--version` and `--help` outputs (pure).
+///
+/// Debian 12's osslsigncode is 2.5: it signs PE, MSI, CAB and CAT files and has
+/// `attach-signature`, but no `extract-data` and no PowerShell. 2.8 added both, and
+/// `sign` of the `extract-data` blob, which is what digest mode needs.
+pub fn features(version_output: &str, help_output: &str) -> SignerFeatures {
+    let version = parse_version(version_output);
+    let at_least = |want: (u32, u32)| version.is_some_and(|v| v >= want);
+    let has_command = |name: &str| {
+        help_output.lines().any(|l| {
+            let l = l.trim_start();
+            l.split_whitespace().next() == Some(name)
+        })
+    };
+    let extract_data = has_command("extract-data");
+    let mut modes = vec![SignMode::Whole];
+    if extract_data {
+        modes.push(SignMode::Digest);
+    }
+    SignerFeatures {
+        version: version.map_or_else(String::new, |(a, b)| format!("{a}.{b}")),
+        modes,
+        extract_data,
+        attach_signature: has_command("attach-signature"),
+        powershell: at_least((2, 8)),
+    }
+}
+
+/// `MAJOR.MINOR` from "osslsigncode 2.9, using:" (the first line of `--version`).
+fn parse_version(output: &str) -> Option<(u32, u32)> {
+    let first = output.lines().next()?;
+    let rest = first.trim().strip_prefix("osslsigncode")?.trim_start();
+    let number: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let mut parts = number.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+    Some((major, minor))
+}
+
+/// Why a signing request cannot be served by this osslsigncode; `None` when it can.
+pub fn unsupported(
+    features: &SignerFeatures,
+    mode: SignMode,
+    format: Option<Format>,
+) -> Option<String> {
+    let version = if features.version.is_empty() {
+        "of unknown version".to_owned()
+    } else {
+        features.version.clone()
+    };
+    if !features.modes.contains(&mode) {
+        return Some(format!(
+            "this signing VM's osslsigncode {version} cannot sign digest-mode data (it has no extract-data; 2.8 or later does): send the whole file instead, or install osslsigncode 2.8 or later in the signing VM"
+        ));
+    }
+    if format == Some(Format::PowerShell) && !features.powershell {
+        return Some(format!(
+            "this signing VM's osslsigncode {version} cannot sign PowerShell files (2.8 or later can): install osslsigncode 2.8 or later in the signing VM"
+        ));
+    }
+    None
 }
 
 /// Classifies a failed run from osslsigncode's stderr; `timestamp` are the servers
@@ -359,6 +437,76 @@ fn pct(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    macro_rules! recorded {
+        ($name:literal) => {
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/data/osslsigncode/",
+                $name
+            ))
+        };
+    }
+
+    #[test]
+    fn features_of_recorded_osslsigncode_2_5_and_2_9() {
+        let old = features(recorded!("2.5-version.txt"), recorded!("2.5-help.txt"));
+        assert_eq!(
+            old,
+            SignerFeatures {
+                version: "2.5".into(),
+                modes: vec![SignMode::Whole],
+                extract_data: false,
+                attach_signature: true,
+                powershell: false,
+            }
+        );
+        let new = features(recorded!("2.9-version.txt"), recorded!("2.9-help.txt"));
+        assert_eq!(
+            new,
+            SignerFeatures {
+                version: "2.9".into(),
+                modes: vec![SignMode::Whole, SignMode::Digest],
+                extract_data: true,
+                attach_signature: true,
+                powershell: true,
+            }
+        );
+        // Words in descriptions are not commands.
+        let none = features(
+            "osslsigncode 2.10\n",
+            "  sign  = digitally sign\nuse extract-data later\n",
+        );
+        assert_eq!(none.version, "2.10");
+        assert!(!none.extract_data && !none.attach_signature);
+        assert!(none.powershell, "2.10 is after 2.8");
+        let unknown = features("something else\n", "");
+        assert_eq!(unknown.version, "");
+        assert_eq!(unknown.modes, vec![SignMode::Whole]);
+    }
+
+    #[test]
+    fn requests_an_osslsigncode_cannot_serve_are_refused_with_the_fix() {
+        let old = features(recorded!("2.5-version.txt"), recorded!("2.5-help.txt"));
+        let new = features(recorded!("2.9-version.txt"), recorded!("2.9-help.txt"));
+        let msg = unsupported(&old, SignMode::Digest, None).unwrap();
+        assert!(
+            msg.contains("osslsigncode 2.5 cannot sign digest-mode data"),
+            "{msg}"
+        );
+        assert!(msg.contains("send the whole file"), "{msg}");
+        let msg = unsupported(&old, SignMode::Whole, Some(Format::PowerShell)).unwrap();
+        assert!(
+            msg.contains("PowerShell") && msg.contains("2.8 or later"),
+            "{msg}"
+        );
+        assert_eq!(unsupported(&old, SignMode::Whole, Some(Format::Pe)), None);
+        assert_eq!(unsupported(&new, SignMode::Digest, None), None);
+        assert_eq!(
+            unsupported(&new, SignMode::Whole, Some(Format::PowerShell)),
+            None
+        );
+    }
     use super::*;
 
     fn key() -> KeyRef {

@@ -569,6 +569,7 @@ mod tests {
     fn health(state: AgentState, days_left: i64) -> AgentHealth {
         AgentHealth {
             version: "0.1.0".into(),
+            instance: None,
             state,
             detail: "the agent's own words".into(),
             module: "/usr/lib/softhsm/libsofthsm2.so".into(),
@@ -594,6 +595,7 @@ mod tests {
                 ..CertificateSummary::default()
             }],
             signer: "osslsigncode 2.9".into(),
+            signer_features: None,
             windows: None,
         }
     }
