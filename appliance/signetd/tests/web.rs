@@ -720,6 +720,7 @@ async fn token_service(dir: &std::path::Path) -> signetd::tokens::Handle {
     let setup = signetd::tokens::Setup {
         catalog: Catalog::new(vec![]),
         assignments: [(SERIAL.to_owned(), 105)].into(),
+        devices: Default::default(),
         monitors: vec![(105, dir.join("vm-105.qmp"))],
         usb_bus: "xhci.0".into(),
         qmp_timeout: Duration::from_secs(2),
