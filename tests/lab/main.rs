@@ -829,12 +829,13 @@ fn signetd_pid(config: &Path) -> Option<i32> {
 
 /// Scenario 3 (pcscd killed in the guest, the token "lost" while still attached, the
 /// way an RDP redirect or a driver hang looks): nothing notices until a job needs the
-/// token; the job then finds it gone, waits instead of failing, and is signed once the
-/// guest's smart-card service is back — the agent logs in again by itself. Escalation
-/// by the daemon's recovery ladder (re-attach, USB port reset, VM reset) is not wired
-/// into the daemon yet, so the test starts pcscd again itself; see docs/LAB.md.
+/// token; the job then finds it gone and waits instead of failing; `signetd` sees the
+/// agent's loss while the token is in the VM and climbs its recovery ladder, whose first
+/// step — the agent re-initialises PKCS#11, running its `token.reinit_command`, which in
+/// the lab's image starts pcscd again — brings the token back; the jobs are signed once.
+/// Nobody touches the guest after killing pcscd.
 #[test]
-fn token_lost_in_guest_jobs_wait_and_are_signed_when_pcscd_returns() {
+fn token_lost_in_guest_is_brought_back_by_the_recovery_ladder() {
     let mut lab = Lab::start();
     lab.plug_token();
     lab.wait_signing_works("the token in the VM, logged in");
@@ -842,7 +843,9 @@ fn token_lost_in_guest_jobs_wait_and_are_signed_when_pcscd_returns() {
     lab.guest.shell("killall pcscd");
     let ids = lab.submit(2, "lost");
     wait_until_within("the loss seen by the job", LONG, EVERY, || {
-        lab.status()["signing_works"] == false
+        lab.status()["recovery"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|e| e["event"] == "token_lost"))
     });
     timing(
         "3 lost in guest",
@@ -854,20 +857,43 @@ fn token_lost_in_guest_jobs_wait_and_are_signed_when_pcscd_returns() {
         "a lost token is a wait, not a failure"
     );
     let back = Instant::now();
-    lab.guest.shell("pcscd --foreground >/tmp/pcscd.log 2>&1 &");
-    lab.wait_signing_works("the token back after pcscd returned");
+    lab.wait_signing_works("the token back through the ladder");
     timing(
         "3 lost in guest",
-        "pcscd started again -> signing works",
+        "loss seen -> signing works (the ladder's agent re-init restarted pcscd)",
         back.elapsed(),
     );
     lab.collect(&ids);
     timing(
         "3 lost in guest",
-        "pcscd started again -> 2 waiting jobs signed",
+        "loss seen -> 2 waiting jobs signed",
         back.elapsed(),
     );
     lab.assert_signed_once(&ids);
+    let s = lab.status();
+    let entries = s["recovery"].as_array().unwrap();
+    let step = entries
+        .iter()
+        .find(|e| e["event"] == "recovery_step")
+        .unwrap_or_else(|| panic!("no ladder step in {entries:#?}"));
+    assert!(
+        step["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("agent_reinit: "),
+        "{step}"
+    );
+    let recovered = entries
+        .iter()
+        .find(|e| e["event"] == "recovered")
+        .unwrap_or_else(|| panic!("not recovered in {entries:#?}"));
+    assert!(
+        recovered["detail"]
+            .as_str()
+            .unwrap()
+            .contains("agent_reinit"),
+        "{recovered}"
+    );
 }
 
 /// Debian 12's own osslsigncode (2.5, from the package the image build downloads) in

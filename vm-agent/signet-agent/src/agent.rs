@@ -122,6 +122,8 @@ pub struct Agent {
     next_job: AtomicU64,
     /// Wakes the watcher at once (a job saw the token go).
     wake: tokio::sync::Notify,
+    /// Run before a re-initialisation the host asks for (`token.reinit_command`).
+    reinit_command: Option<Vec<String>>,
 }
 
 impl Agent {
@@ -154,6 +156,7 @@ impl Agent {
             "signing backend detected; serving modes: {modes}"
         );
         Ok(Agent {
+            reinit_command: cfg.token.reinit_command.clone(),
             module: cfg.token.module.clone(),
             token: Arc::new(Mutex::new(Token::new(cfg.token))),
             jobs: tokio::sync::Mutex::new(()),
@@ -243,6 +246,9 @@ impl Agent {
         {
             let _job = self.jobs.lock().await;
             tracing::info!("re-initialising PKCS#11, as the host asked");
+            if let Some(cmd) = &self.reinit_command {
+                run_reinit_command(cmd).await;
+            }
             let _ = self
                 .with_token(|t| {
                     t.close();
@@ -579,4 +585,36 @@ async fn read_head(input: &Path) -> Result<Vec<u8>, ErrorBody> {
 pub struct Checked {
     input: PathBuf,
     format: Option<signet_protocol::format::Format>,
+}
+
+/// How long `token.reinit_command` may take.
+const REINIT_COMMAND_LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs `token.reinit_command` (program and arguments), logging how it ended; a
+/// failure is logged, not fatal: the re-initialisation goes on.
+async fn run_reinit_command(cmd: &[String]) {
+    let Some((program, args)) = cmd.split_first() else {
+        return;
+    };
+    let mut c = tokio::process::Command::new(program);
+    c.args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    match tokio::time::timeout(REINIT_COMMAND_LIMIT, c.output()).await {
+        Ok(Ok(out)) if out.status.success() => {
+            tracing::info!(command = ?cmd, "token.reinit_command ran")
+        }
+        Ok(Ok(out)) => tracing::warn!(
+            command = ?cmd,
+            status = %out.status,
+            stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+            "token.reinit_command failed; re-initialising PKCS#11 anyway"
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(command = ?cmd, error = %e, "token.reinit_command could not run; fix it in the agent's configuration")
+        }
+        Err(_) => {
+            tracing::warn!(command = ?cmd, "token.reinit_command took longer than 60 s; stopped")
+        }
+    }
 }

@@ -43,6 +43,13 @@ pub struct TokenConfig {
     /// accepted by the token is used first.
     #[serde(default)]
     pub pin_file: Option<PathBuf>,
+    /// A command (program and arguments) the agent runs when the host asks it to
+    /// re-initialise PKCS#11 (the first step of the host's recovery ladder), before it
+    /// does: restart what stands between the module and the token, e.g.
+    /// `["systemctl", "restart", "pcscd"]` on Linux or
+    /// `["powershell", "-Command", "Restart-Service SCardSvr"]` on Windows. Optional.
+    #[serde(default)]
+    pub reinit_command: Option<Vec<String>>,
 }
 
 /// `[signer]`: the signing backend.
@@ -156,6 +163,17 @@ impl Config {
                 "give the time limit of one signing run in seconds, at least 1 (default 600)",
             ));
         }
+        if cfg
+            .token
+            .reinit_command
+            .as_ref()
+            .is_some_and(|c| c.first().is_none_or(|p| p.is_empty()))
+        {
+            return Err(invalid(
+                "token.reinit_command",
+                "give the program and its arguments, e.g. reinit_command = [\"systemctl\", \"restart\", \"pcscd\"], or leave it out",
+            ));
+        }
         if !cfg.token.module.is_absolute() {
             return Err(invalid(
                 "token.module",
@@ -261,5 +279,24 @@ mod tests {
             missing.contains("/nonexistent/agent.toml") && missing.contains("--config"),
             "{missing}"
         );
+    }
+
+    #[test]
+    fn a_reinit_command_names_a_program() {
+        let cfg = Config::parse(
+            Path::new("/etc/signet/agent.toml"),
+            &format!("{MINIMAL}reinit_command = [\"pcscd\", \"--hotplug\"]\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.token.reinit_command.as_deref(),
+            Some(&["pcscd".to_owned(), "--hotplug".to_owned()][..])
+        );
+        let e = Config::parse(
+            Path::new("/etc/signet/agent.toml"),
+            &format!("{MINIMAL}reinit_command = []\n"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("token.reinit_command"), "{e}");
     }
 }

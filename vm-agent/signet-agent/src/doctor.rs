@@ -1028,6 +1028,7 @@ mod tests {
             serial: serial.map(Into::into),
             key_label: None,
             pin_file: Some("/p".into()),
+            reinit_command: None,
         }
     }
 
