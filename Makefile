@@ -20,11 +20,9 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p signet-tests --test lab -- -D warnings
 
-# Everything CI checks: formatting, lints, unit and end-to-end tests, then the lab's
-# scenarios against a real signing VM.
+# Everything CI checks: formatting, lints, unit and end-to-end tests.
 test: build lint
 	$(CARGO) test --workspace
-	$(MAKE) lab-test
 
 # Time per signature along the job path and memory on a 1 GiB input (docs/BENCHMARKS.md).
 bench: deps
@@ -39,7 +37,8 @@ lab: build
 	@bash lab/run.sh
 
 # The lab's scenarios as tests (cold start, token pulled, VM reset, signetd killed,
-# token lost in the guest), one guest at a time; the last part of `make test`.
+# token lost in the guest), one guest at a time. Not yet part of `make test`: see
+# docs/LAB.md ("Not in CI yet").
 lab-test: build
 	$(CARGO) test -p signet-tests --test lab -- --test-threads=1 --nocapture
 
