@@ -9,8 +9,6 @@
 //! and keeps trying to claim it, so "in the VM" here is QEMU holding the device
 //! (`attaching`, `accepted`), checked with `qom-get` on the second monitor.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,39 +55,6 @@ impl Drop for Qemu {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// The testbed's door: plug and unplug fake tokens.
-pub(crate) struct Testbed(pub(crate) BufReader<UnixStream>);
-
-impl Testbed {
-    /// Starts `signetd` (with the configuration `w` holds) inside a umockdev testbed
-    /// whose door is `w`'s `testbed.sock`; answers its endpoint and the door.
-    pub(crate) fn start_daemon(w: &mut World) -> (Endpoint, Testbed) {
-        let sock = w.path("testbed.sock");
-        let _ = std::fs::remove_file(&sock);
-        let driver =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/umockdev-driver.py");
-        let ep = w
-            .restart_daemon_under(&[
-                "umockdev-wrapper".as_ref(),
-                "/usr/bin/python3".as_ref(),
-                driver.as_os_str(),
-                sock.as_os_str(),
-            ])
-            .remove(0);
-        let door = UnixStream::connect(&sock).unwrap();
-        (ep, Testbed(BufReader::new(door)))
-    }
-
-    pub(crate) fn ask(&mut self, line: &str) {
-        let s = self.0.get_mut();
-        writeln!(s, "{line}").unwrap();
-        s.flush().unwrap();
-        let mut answer = String::new();
-        self.0.read_line(&mut answer).unwrap();
-        assert_eq!(answer.trim(), "ok", "testbed: {line}");
     }
 }
 

@@ -258,7 +258,7 @@ struct VmWorld {
     bus: super::dbus::Bus,
     other: std::path::PathBuf,
     qemu: Option<super::passthrough::Qemu>,
-    testbed: Option<super::passthrough::Testbed>,
+    testbed: Option<Testbed>,
     ep: Option<Endpoint>,
     tokens_signals: super::dbus::Signals,
 }
@@ -302,7 +302,7 @@ impl VmWorld {
 
     /// Starts `signetd` in its umockdev testbed (again: the token is plugged in anew).
     fn start_daemon(&mut self) {
-        use super::passthrough::{in_vm, Testbed, SERIAL};
+        use super::passthrough::{in_vm, SERIAL};
         let (ep, mut testbed) = Testbed::start_daemon(&mut self.w);
         testbed.ask(&format!("add 2 5 {SERIAL}"));
         self.tokens_signals.wait_token(SERIAL, "in its VM", in_vm);

@@ -610,7 +610,7 @@ fn a_web_ui_that_cannot_start_does_not_stop_signing() {
 
 #[test]
 fn in_a_browser_an_operator_detaches_and_attaches_a_token_the_host_keeps_in_its_vm() {
-    use super::passthrough::{Qemu, Testbed};
+    use super::passthrough::Qemu;
     const SERIAL: &str = "0123ABCD";
     let mut w = World::new();
     // The signing VM's QEMU with Signet's monitor; signetd in a umockdev testbed that

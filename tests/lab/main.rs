@@ -338,24 +338,6 @@ impl Guest {
     }
 }
 
-/// The testbed around `signetd`: plugs and unplugs the host-side token.
-struct Testbed(BufReader<UnixStream>);
-
-impl Testbed {
-    fn connect(sock: &Path) -> Testbed {
-        Testbed(BufReader::new(UnixStream::connect(sock).unwrap()))
-    }
-
-    fn ask(&mut self, line: &str) {
-        let s = self.0.get_mut();
-        writeln!(s, "{line}").unwrap();
-        s.flush().unwrap();
-        let mut answer = String::new();
-        self.0.read_line(&mut answer).unwrap();
-        assert_eq!(answer.trim(), "ok", "testbed: {line}");
-    }
-}
-
 /// The lab: one world, its signing VM, `signetd` in a testbed.
 struct Lab {
     w: World,
@@ -437,16 +419,8 @@ device = {{ kind = "emulated-ccid", db = "sql:{nssdb}", certs = ["lab-id", "lab-
 
     /// Starts `signetd` inside a fresh testbed (the host's token unplugged).
     fn start_daemon(&mut self) {
-        let sock = self.w.path("testbed.sock");
-        let _ = std::fs::remove_file(&sock);
-        let driver = repo().join("tests/fixtures/umockdev-driver.py");
-        self.w.restart_daemon_under(&[
-            "umockdev-wrapper".as_ref(),
-            "/usr/bin/python3".as_ref(),
-            driver.as_os_str(),
-            sock.as_os_str(),
-        ]);
-        self.testbed = Some(Testbed::connect(&sock));
+        let (_, testbed) = Testbed::start_daemon(&mut self.w);
+        self.testbed = Some(testbed);
     }
 
     /// Plugs the token into the host (as udev would report it).

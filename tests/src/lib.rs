@@ -929,3 +929,39 @@ pub fn wait_until_within(
     }
     started.elapsed()
 }
+
+/// The door of a umockdev testbed around `signetd` (`tests/fixtures/umockdev-driver.py`):
+/// plugs and unplugs fake SafeNet tokens when the test asks, and can crash `signetd`.
+#[derive(Debug)]
+pub struct Testbed(std::io::BufReader<std::os::unix::net::UnixStream>);
+
+impl Testbed {
+    /// Starts `signetd` (with the configuration `w` holds) inside a fresh testbed whose
+    /// door is `w`'s `testbed.sock`; answers its first endpoint and the door.
+    pub fn start_daemon(w: &mut World) -> (Endpoint, Testbed) {
+        let sock = w.path("testbed.sock");
+        let _ = std::fs::remove_file(&sock);
+        let driver = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/umockdev-driver.py");
+        let ep = w
+            .restart_daemon_under(&[
+                "umockdev-wrapper".as_ref(),
+                "/usr/bin/python3".as_ref(),
+                driver.as_os_str(),
+                sock.as_os_str(),
+            ])
+            .remove(0);
+        let door = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        (ep, Testbed(std::io::BufReader::new(door)))
+    }
+
+    /// One request (`add PORT DEVNUM SERIAL`, `remove PORT`, `crash`), answered "ok".
+    pub fn ask(&mut self, line: &str) {
+        use std::io::{BufRead, Write};
+        let s = self.0.get_mut();
+        writeln!(s, "{line}").unwrap();
+        s.flush().unwrap();
+        let mut answer = String::new();
+        self.0.read_line(&mut answer).unwrap();
+        assert_eq!(answer.trim(), "ok", "testbed: {line}");
+    }
+}

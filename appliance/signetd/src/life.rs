@@ -90,8 +90,6 @@ pub struct Life {
     agent_up: Option<bool>,
     guest: Guest,
     host: Host,
-    /// The VM reset and its agent has not answered since.
-    rebooting: bool,
 }
 
 impl Life {
@@ -118,7 +116,6 @@ impl Life {
             } else {
                 Host::NotFollowed
             },
-            rebooting: false,
         }
     }
 
@@ -139,7 +136,6 @@ impl Life {
             Event::AgentUp => {
                 if self.agent_up != Some(true) {
                     self.agent_up = Some(true);
-                    self.rebooting = false;
                     out.push(Action::Record(Seen::AgentUp));
                     out.push(Action::ResumeQueue);
                 }
@@ -205,10 +201,7 @@ impl Life {
                     _ => {}
                 }
             }
-            Event::VmReset => {
-                self.rebooting = true;
-                out.push(Action::Record(Seen::VmReset));
-            }
+            Event::VmReset => out.push(Action::Record(Seen::VmReset)),
             Event::VmDown => out.push(Action::Record(Seen::VmDown)),
             // While the token is on its way into the VM the cool-downs wait.
             Event::Tick if self.ladder_applies() => {
@@ -237,11 +230,6 @@ impl Life {
                 recovery::Action::Alert(why) => Action::Alert(why),
             });
         }
-    }
-
-    /// True after a VM reset until its agent answers again.
-    pub fn rebooting(&self) -> bool {
-        self.rebooting
     }
 }
 
@@ -431,7 +419,6 @@ mod tests {
         let (mut l, t) = ready();
         let a = l.on(Event::VmReset, t);
         assert_eq!(records(&a), vec![Seen::VmReset]);
-        assert!(l.rebooting());
         let a = l.on(Event::AgentDown("connection refused".into()), t + secs(1));
         assert_eq!(
             records(&a),
@@ -439,7 +426,6 @@ mod tests {
         );
         let a = l.on(Event::AgentUp, t + secs(8));
         assert_eq!(a, vec![Action::Record(Seen::AgentUp), Action::ResumeQueue]);
-        assert!(!l.rebooting());
         assert_eq!(
             l.on(Event::PinNeeded, t + secs(8)),
             vec![Action::DeliverPin]

@@ -182,8 +182,6 @@ pub enum Op {
 /// What a signing VM's QEMU did, for those following the token's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmSignal {
-    /// QEMU's monitor is up (QEMU started).
-    Up,
     /// QEMU shut the VM down or went away.
     Down,
     /// QEMU reset the VM (a reboot).
@@ -194,12 +192,11 @@ impl VmSignal {
     fn of(ev: &MonitorEvent) -> Option<VmSignal> {
         use crate::qmp::QmpEvent;
         match ev {
-            MonitorEvent::Connected => Some(VmSignal::Up),
             MonitorEvent::Disconnected | MonitorEvent::Qmp(QmpEvent::Shutdown { .. }) => {
                 Some(VmSignal::Down)
             }
             MonitorEvent::Qmp(QmpEvent::Reset { .. }) => Some(VmSignal::Reset),
-            MonitorEvent::Qmp(_) => None,
+            MonitorEvent::Connected | MonitorEvent::Qmp(_) => None,
         }
     }
 }
@@ -259,7 +256,7 @@ impl TokenError {
 #[derive(Debug, Clone)]
 pub struct Handle {
     running: Option<(watch::Receiver<Status>, mpsc::Sender<Command>)>,
-    /// The signing VMs' resets, shutdowns and starts.
+    /// The signing VMs' resets and shutdowns.
     vm_signals: Option<broadcast::Sender<(u32, VmSignal)>>,
     /// Why the service is not running, or stopped.
     stopped: Arc<Mutex<Option<String>>>,
@@ -303,7 +300,7 @@ impl Handle {
         self.running.as_ref().map(|(s, _)| s.clone())
     }
 
-    /// The signing VMs' resets, shutdowns and starts from now on; `None` when the
+    /// The signing VMs' resets and shutdowns from now on; `None` when the
     /// service is not running.
     pub fn vm_signals(&self) -> Option<broadcast::Receiver<(u32, VmSignal)>> {
         self.vm_signals.as_ref().map(broadcast::Sender::subscribe)
