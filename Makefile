@@ -20,9 +20,11 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p signet-tests --test lab -- -D warnings
 
-# Everything CI checks: formatting, lints, unit and end-to-end tests.
+# Everything CI checks: formatting, lints, unit and end-to-end tests, then the lab's
+# scenarios against a real signing VM (about 5 minutes more).
 test: build lint
 	$(CARGO) test --workspace
+	$(MAKE) lab-test
 
 # Time per signature along the job path and memory on a 1 GiB input (docs/BENCHMARKS.md).
 bench: deps
@@ -36,9 +38,8 @@ bench: deps
 lab: build
 	@bash lab/run.sh
 
-# The lab's scenarios as tests (cold start, token pulled, VM reset, signetd killed,
-# token lost in the guest), one guest at a time. Not yet part of `make test`: see
-# docs/LAB.md ("Not in CI yet").
+# The lab's scenarios as tests (cold start, token pulled, token lost in the guest, VM
+# reset, VM restarted, signetd killed), one guest at a time; the end of `make test`.
 lab-test: build
 	$(CARGO) test -p signet-tests --test lab -- --test-threads=1 --nocapture
 

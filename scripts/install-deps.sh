@@ -69,13 +69,10 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 # The lab's vsock backend for the signing VM (vhost-user-vsock over unix sockets, the
-# hybrid-vsock handshake on the host side); built once into target/lab/vhost.
+# hybrid-vsock handshake on the host side): vhost-device-vsock with a fix for guest
+# resets, built once into target/lab/vhost (lab/build-vhost.sh says what and why).
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
-vhost=$root/target/lab/vhost
-if [[ ! -x $vhost/bin/vhost-device-vsock ]]; then
-  echo "install-deps: building vhost-device-vsock 0.3.0 into $vhost (about a minute)" >&2
-  nice -n 10 cargo install vhost-device-vsock --version 0.3.0 --locked --root "$vhost" --quiet
-fi
+bash "$root/lab/build-vhost.sh"
 
 # The "signet" group: the D-Bus policy (packaging/dbus/) lets it use signetctl, and
 # the D-Bus tests run signetctl as a member of it. A package creates it the same way.

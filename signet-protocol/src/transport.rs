@@ -113,20 +113,11 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Stream, TransportError> {
             .map(Stream::Vsock)
             .map_err(wrap),
         Endpoint::VsockUds { path, port, .. } => {
-            let mut stream = UnixStream::connect(path).await.map_err(wrap)?;
-            tokio::time::timeout(HANDSHAKE_LIMIT, hybrid_handshake(&mut stream, *port))
+            let stream = UnixStream::connect(path).await.map_err(wrap)?;
+            hybrid_connect(stream, *port)
                 .await
-                .unwrap_or_else(|_| {
-                    Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "the hybrid-vsock backend did not answer CONNECT {port} within {} s; check that its process (vhost-device-vsock, Firecracker, Cloud Hypervisor) serves this socket",
-                            HANDSHAKE_LIMIT.as_secs()
-                        ),
-                    ))
-                })
-                .map_err(wrap)?;
-            Ok(Stream::VsockUds(stream))
+                .map(Stream::VsockUds)
+                .map_err(wrap)
         }
         Endpoint::Tls { host, port } => {
             let connector = crate::tls::connector().map_err(|e| wrap(io::Error::other(e)))?;
@@ -142,6 +133,43 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Stream, TransportError> {
     }
 }
 
+/// Sends `CONNECT port` on a fresh connection to a hybrid-vsock backend and waits up to
+/// [`HANDSHAKE_LIMIT`] for its answer.
+///
+/// Once `CONNECT` is sent, the connection is not closed before the backend answers,
+/// even when the caller stops waiting (its time limit, or a dropped future): the
+/// handshake runs in a task of its own that holds the connection until `OK`, a
+/// refusal or [`PENDING_CONNECT_HOLD`]. A guest may accept long after the request
+/// (a booting or busy TCG guest); `vhost-device-vsock` 0.3.0 then writes `OK` to our
+/// socket and panics if it is closed, which kills the guest's vsock until the
+/// backend restarts. An answered connection nobody waits for any more is closed,
+/// which the backend handles like any other close.
+async fn hybrid_connect(stream: UnixStream, port: u32) -> io::Result<UnixStream> {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut stream = stream;
+        if let Ok(result) =
+            tokio::time::timeout(PENDING_CONNECT_HOLD, hybrid_handshake(&mut stream, port)).await
+        {
+            // A caller that stopped waiting drops the stream here, after the answer.
+            let _ = answer.send(result.map(|()| stream));
+        }
+    });
+    match tokio::time::timeout(HANDSHAKE_LIMIT, answered).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) | Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the hybrid-vsock backend did not answer CONNECT {port} within {} s; check that its process (vhost-device-vsock, Firecracker, Cloud Hypervisor) serves this socket and that the guest is running",
+                HANDSHAKE_LIMIT.as_secs()
+            ),
+        )),
+    }
+}
+
+/// How long a `CONNECT` nobody waits for any more is held open for the backend's
+/// late answer before it is closed after all.
+const PENDING_CONNECT_HOLD: std::time::Duration = std::time::Duration::from_secs(300);
 /// How long a hybrid-vsock backend may take to answer `CONNECT`.
 const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The longest handshake answer line read (`OK 4294967295\n` is 14 bytes).
@@ -740,6 +768,42 @@ mod tests {
         }
         drop(s);
         assert_eq!(backend.read(&mut b).await.unwrap(), 0, "dropping closes");
+    }
+
+    /// A caller that gives up while `CONNECT` is unanswered (its own time limit, a
+    /// dropped future) leaves the connection open until the backend answers: a late
+    /// `OK` is written without error, and only then is the connection closed.
+    #[tokio::test]
+    async fn an_abandoned_connect_stays_open_until_the_backend_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("slow.vsock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        let ep: Endpoint = format!("vsock-uds:{}:7711", uds.display()).parse().unwrap();
+        let caller = tokio::spawn(async move { connect(&ep).await.map(drop) });
+        let (mut backend, _) = listener.accept().await.unwrap();
+        let mut line = [0u8; 13];
+        backend.read_exact(&mut line).await.unwrap();
+        assert_eq!(&line, b"CONNECT 7711\n");
+        // The caller stops waiting before the guest has accepted.
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        // The guest accepts late: the answer still has a reader...
+        backend.write_all(b"OK 7711\n").await.unwrap();
+        // ...which then closes the connection nobody wants any more.
+        let mut b = [0u8; 1];
+        assert_eq!(backend.read(&mut b).await.unwrap(), 0);
+        // Nobody waiting for a refusal either: the close follows the backend's own.
+        let ep: Endpoint = format!("vsock-uds:{}:7712", uds.display()).parse().unwrap();
+        let caller = tokio::spawn(async move { connect(&ep).await.map(drop) });
+        let (mut backend, _) = listener.accept().await.unwrap();
+        backend.read_exact(&mut line).await.unwrap();
+        caller.abort();
+        let _ = caller.await;
+        match backend.try_read(&mut b) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => panic!("the abandoned CONNECT was closed unanswered: {other:?}"),
+        }
+        drop(backend);
     }
 
     #[tokio::test]

@@ -681,29 +681,34 @@ impl Daemon {
             }
         };
         let span = tracing::info_span!("job", job = %id, profile = %row.profile, attempt);
-        let (token_serial, cert) = self.token_facts().await;
         let started = Instant::now();
         let out_path = store.output_path(id);
-        let pinned = match self.config().profiles.get(&row.profile) {
-            // The right token may be put in before the job's deadline: retryable.
-            Some(p) => p
-                .check_token(&row.profile, token_serial.as_deref(), cert.as_deref())
-                .map_err(|why| {
-                    tracing::warn!(job = id, "{why}");
-                    ErrorBody::new(ErrorCode::TokenUnavailable, why).retryable(true)
-                }),
-            None => Err(ErrorBody::new(
-                ErrorCode::UnknownProfile,
-                format!(
-                    "profile {:?} was removed from the configuration while the job waited; nothing was signed",
-                    row.profile
-                ),
-            )),
-        };
+        // From here on a new agent process abandons the job: the old one will never
+        // answer what it was asked (its health for the token's facts, or the job).
         let mut epoch = self.engine().agent_epoch.subscribe();
         epoch.mark_unchanged();
+        let mut facts: (Option<String>, Option<String>) = (None, None);
         let answer = async {
-            pinned?;
+            facts = self.token_facts().await;
+            let (token_serial, cert) = &facts;
+            match self.config().profiles.get(&row.profile) {
+                // The right token may be put in before the job's deadline: retryable.
+                Some(p) => p
+                    .check_token(&row.profile, token_serial.as_deref(), cert.as_deref())
+                    .map_err(|why| {
+                        tracing::warn!(job = id, "{why}");
+                        ErrorBody::new(ErrorCode::TokenUnavailable, why).retryable(true)
+                    })?,
+                None => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::UnknownProfile,
+                        format!(
+                            "profile {:?} was removed from the configuration while the job waited; nothing was signed",
+                            row.profile
+                        ),
+                    ))
+                }
+            };
             let file = tokio::fs::File::open(store.input_path(id))
                 .await
                 .map_err(|e| internal(id, "opening the spooled input", &e))?;
@@ -742,6 +747,7 @@ impl Daemon {
                 .retryable(true))
             }
         };
+        let (token_serial, cert) = facts;
         let ms = started.elapsed().as_millis() as u64;
         match answer {
             Ok((sha, n, ct)) => {
