@@ -433,6 +433,29 @@ device = {{ kind = "emulated-ccid", db = "sql:{nssdb}", certs = ["lab-id", "lab-
         lab
     }
 
+    /// A lab whose token is in the VM and whose agent is logged in.
+    fn signing() -> Lab {
+        let mut lab = Lab::start();
+        lab.plug_token();
+        lab.wait_signing_works("the token in the VM, logged in");
+        lab
+    }
+
+    /// Sends `n` jobs and returns once one of them is at the agent (or done).
+    fn queue_with_one_at_agent(&self, n: usize, tag: &str) -> Vec<String> {
+        let ids = self.submit(n, tag);
+        wait_until_within(
+            "a job at the agent",
+            LONG,
+            Duration::from_millis(20),
+            || {
+                ids.iter()
+                    .any(|id| matches!(self.job_state(id).as_str(), Some("running" | "signed")))
+            },
+        );
+        ids
+    }
+
     /// Starts `signetd` inside a fresh testbed (the host's token unplugged).
     fn start_daemon(&mut self) {
         let (_, testbed) = Testbed::start_daemon(&mut self.w);
@@ -512,23 +535,43 @@ device = {{ kind = "emulated-ccid", db = "sql:{nssdb}", certs = ["lab-id", "lab-
         by_job
     }
 
-    /// The recovery timeline's events after the last `from` (the newest entries in
-    /// the status), each of `then` among them.
-    fn assert_timeline_after(&self, from: &str, then: &[&str]) {
-        let s = self.status();
-        let events: Vec<&str> = s["recovery"]
+    /// Waits for every job of `ids` to be signed and verified (timed as `what`, from
+    /// `since`), checks each is in the audit log once, and that the agent made at most
+    /// one signature more than there are jobs — for the job a fault cut off — counting
+    /// `earlier` ones from a log a restart wiped.
+    fn drained(&self, ids: &[String], scenario: &str, what: &str, since: Instant, earlier: usize) {
+        self.collect(ids);
+        timing(scenario, what, since.elapsed());
+        self.assert_signed_once(ids);
+        let made = earlier + self.guest.signatures();
+        assert!(
+            (ids.len()..=ids.len() + 1).contains(&made),
+            "{made} signatures for {} jobs (only one cut off by the fault may be made twice)",
+            ids.len()
+        );
+    }
+
+    /// The events of the recovery timeline's newest entries (in the status).
+    fn timeline_events(&self) -> Vec<String> {
+        self.status()["recovery"]
             .as_array()
             .unwrap()
             .iter()
-            .filter_map(|e| e["event"].as_str())
-            .collect();
+            .filter_map(|e| e["event"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// The recovery timeline's events after the last `from` (the newest entries in
+    /// the status), each of `then` among them.
+    fn assert_timeline_after(&self, from: &str, then: &[&str]) {
+        let events = self.timeline_events();
         let start = events
             .iter()
-            .rposition(|e| *e == from)
+            .rposition(|e| e == from)
             .unwrap_or_else(|| panic!("{from} in the timeline: {events:?}"));
         let after = &events[start..];
         for e in then {
-            assert!(after.contains(e), "{e} after {from}: {events:?}");
+            assert!(after.iter().any(|a| a == e), "{e} after {from}: {events:?}");
         }
     }
 
@@ -609,15 +652,11 @@ fn cold_start_token_plugged_after_boot_signs_in_the_guest() {
         "token plugged -> signing works",
         plugged.elapsed(),
     );
+    let events = lab.timeline_events();
+    for e in ["pin_delivered", "logged_in"] {
+        assert!(events.iter().any(|x| x == e), "{e}: {events:?}");
+    }
     let s = lab.status();
-    let events: Vec<&str> = s["recovery"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["event"].as_str())
-        .collect();
-    assert!(events.contains(&"pin_delivered"), "{events:?}");
-    assert!(events.contains(&"logged_in"), "{events:?}");
     let health = &s["agent"]["health"];
     assert_eq!(health["token"]["serial"], "000058bd002c19b5", "{health:#}");
     assert!(
@@ -665,20 +704,9 @@ fn cold_start_token_plugged_after_boot_signs_in_the_guest() {
 /// signed exactly once.
 #[test]
 fn token_pulled_mid_queue_is_put_back_and_every_job_is_signed_once() {
-    let mut lab = Lab::start();
-    lab.plug_token();
-    lab.wait_signing_works("the token in the VM, logged in");
-    let ids = lab.submit(4, "pull");
+    let lab = Lab::signing();
     // Pull it while the first job is at the agent or about to be.
-    wait_until_within(
-        "a job at the agent",
-        LONG,
-        Duration::from_millis(50),
-        || {
-            ids.iter()
-                .any(|id| matches!(lab.job_state(id).as_str(), Some("running" | "signed")))
-        },
-    );
+    let ids = lab.queue_with_one_at_agent(4, "pull");
     let pulled = Instant::now();
     // device_del and QEMU's DEVICE_DELETED for it, on the test's monitor.
     let id = signetd::qmp::device_id(SERIAL);
@@ -694,17 +722,12 @@ fn token_pulled_mid_queue_is_put_back_and_every_job_is_signed_once() {
         "device_del -> reader back in the VM",
         pulled.elapsed(),
     );
-    lab.collect(&ids);
-    timing(
+    lab.drained(
+        &ids,
         "2 token pulled",
         "device_del -> 4 queued jobs signed",
-        pulled.elapsed(),
-    );
-    lab.assert_signed_once(&ids);
-    let made = lab.guest.signatures();
-    assert!(
-        (4..=5).contains(&made),
-        "{made} signatures for 4 jobs (one may have been cut off by the pull)"
+        pulled,
+        0,
     );
 }
 
@@ -715,20 +738,8 @@ fn token_pulled_mid_queue_is_put_back_and_every_job_is_signed_once() {
 /// queue goes on without anyone; every job audited once.
 #[test]
 fn signing_vm_reset_agent_back_pin_redelivered_queue_resumes() {
-    let mut lab = Lab::start();
-    lab.plug_token();
-    lab.wait_signing_works("the token in the VM, logged in");
-    let ids = lab.submit(3, "reset");
-    wait_until_within(
-        "a job at the agent",
-        LONG,
-        Duration::from_millis(20),
-        || {
-            ids.iter()
-                .any(|id| matches!(lab.job_state(id).as_str(), Some("running" | "signed")))
-        },
-    );
-    let before = lab.guest.signatures();
+    let mut lab = Lab::signing();
+    let ids = lab.queue_with_one_at_agent(3, "reset");
     let down = Instant::now();
     lab.guest.reset();
     timing(
@@ -746,18 +757,13 @@ fn signing_vm_reset_agent_back_pin_redelivered_queue_resumes() {
         lab.guest.reader_attached(),
         "the reader stays through a reset"
     );
-    lab.collect(&ids);
-    timing(
+    // The agent's log runs on across the reset (the same serial port).
+    lab.drained(
+        &ids,
         "4 VM reset",
         "system_reset -> 3 queued jobs signed",
-        down.elapsed(),
-    );
-    lab.assert_signed_once(&ids);
-    // The agent's log runs on across the reset (the same serial port).
-    let made = lab.guest.signatures();
-    assert!(
-        (3..=4).contains(&made),
-        "{made} signatures for 3 jobs ({before} before the reset)"
+        down,
+        0,
     );
     lab.assert_timeline_after(
         "vm_reset",
@@ -771,19 +777,8 @@ fn signing_vm_reset_agent_back_pin_redelivered_queue_resumes() {
 /// guest, the host gives it the PIN again, and the queue goes on without anyone.
 #[test]
 fn signing_vm_restarted_agent_back_pin_redelivered_queue_resumes() {
-    let mut lab = Lab::start();
-    lab.plug_token();
-    lab.wait_signing_works("the token in the VM, logged in");
-    let ids = lab.submit(3, "restart");
-    wait_until_within(
-        "a job at the agent",
-        LONG,
-        Duration::from_millis(20),
-        || {
-            ids.iter()
-                .any(|id| matches!(lab.job_state(id).as_str(), Some("running" | "signed")))
-        },
-    );
+    let mut lab = Lab::signing();
+    let ids = lab.queue_with_one_at_agent(3, "restart");
     let before = lab.guest.signatures();
     let down = Instant::now();
     lab.guest.restart();
@@ -806,15 +801,14 @@ fn signing_vm_restarted_agent_back_pin_redelivered_queue_resumes() {
         "QEMU killed -> signing works",
         down.elapsed(),
     );
-    lab.collect(&ids);
-    timing(
+    // The new QEMU writes a new agent log.
+    lab.drained(
+        &ids,
         "4 VM restart",
         "QEMU killed -> 3 queued jobs signed",
-        down.elapsed(),
+        down,
+        before,
     );
-    lab.assert_signed_once(&ids);
-    let made = before + lab.guest.signatures();
-    assert!((3..=4).contains(&made), "{made} signatures for 3 jobs");
     // In the timeline: the agent lost with its VM, back, given the PIN, logged in.
     lab.assert_timeline_after(
         "agent_unreachable",
@@ -831,9 +825,7 @@ fn signing_vm_restarted_agent_back_pin_redelivered_queue_resumes() {
 /// others wait, then started again: no job lost, none signed twice in the audit log.
 #[test]
 fn signetd_killed_mid_job_and_restarted_loses_and_repeats_nothing() {
-    let mut lab = Lab::start();
-    lab.plug_token();
-    lab.wait_signing_works("the token in the VM, logged in");
+    let mut lab = Lab::signing();
     let ids = lab.submit(4, "crash");
     wait_until_within(
         "a job at the agent",
@@ -852,17 +844,12 @@ fn signetd_killed_mid_job_and_restarted_loses_and_repeats_nothing() {
     lab.w.kill("signetd"); // the testbed around it
     lab.start_daemon();
     lab.plug_token();
-    lab.collect(&ids);
-    timing(
+    lab.drained(
+        &ids,
         "5 signetd kill -9",
         "kill -> 4 jobs signed after the restart",
-        killed.elapsed(),
-    );
-    lab.assert_signed_once(&ids);
-    let made = lab.guest.signatures();
-    assert!(
-        (4..=5).contains(&made),
-        "{made} signatures for 4 jobs (only the one at the agent may be made twice)"
+        killed,
+        0,
     );
     // The token stayed in its VM through the restart.
     assert!(lab.guest.reader_attached());
@@ -890,9 +877,7 @@ fn signetd_pid(config: &Path) -> Option<i32> {
 /// Nobody touches the guest after killing pcscd.
 #[test]
 fn token_lost_in_guest_is_brought_back_by_the_recovery_ladder() {
-    let mut lab = Lab::start();
-    lab.plug_token();
-    lab.wait_signing_works("the token in the VM, logged in");
+    let lab = Lab::signing();
     let lost = Instant::now();
     lab.guest.shell("killall pcscd");
     let ids = lab.submit(2, "lost");
@@ -917,13 +902,13 @@ fn token_lost_in_guest_is_brought_back_by_the_recovery_ladder() {
         "loss seen -> signing works (the ladder's agent re-init restarted pcscd)",
         back.elapsed(),
     );
-    lab.collect(&ids);
-    timing(
+    lab.drained(
+        &ids,
         "3 lost in guest",
         "loss seen -> 2 waiting jobs signed",
-        back.elapsed(),
+        back,
+        0,
     );
-    lab.assert_signed_once(&ids);
     let s = lab.status();
     let entries = s["recovery"].as_array().unwrap();
     let step = entries
