@@ -149,15 +149,16 @@ struct PinMemory {
 /// Follows the agent and the token's life for the daemon's life.
 pub async fn run(daemon: Arc<Daemon>) {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(live(daemon.clone(), rx));
+    let (refollow, mut gone) = watch::channel(0u64);
+    tokio::spawn(live(daemon.clone(), rx, refollow));
     let mut wait = RECONNECT_MIN;
     let mut instance = None;
     loop {
-        match follow(&daemon, &tx, &mut instance).await {
-            Ok(()) => wait = RECONNECT_MIN,
-            Err(why) => {
-                let _ = tx.send(Event::AgentDown(why)).await;
-            }
+        let mut connected = false;
+        let why = follow(&daemon, &tx, &mut instance, &mut gone, &mut connected).await;
+        let _ = tx.send(Event::AgentDown(why)).await;
+        if connected {
+            wait = RECONNECT_MIN;
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(RECONNECT_MAX);
@@ -173,7 +174,7 @@ struct Scope {
 /// The token's life: owns [`Life`], feeds it the agent's events (from [`follow`]),
 /// the host's view of the tokens, the VM's resets and time, and carries out what it
 /// asks.
-async fn live(daemon: Arc<Daemon>, mut agent: mpsc::Receiver<Event>) {
+async fn live(daemon: Arc<Daemon>, mut agent: mpsc::Receiver<Event>, refollow: watch::Sender<u64>) {
     let cfg = daemon.config();
     let vm = cfg.agent_vm();
     let scope = Scope {
@@ -217,7 +218,7 @@ async fn live(daemon: Arc<Daemon>, mut agent: mpsc::Receiver<Event>) {
     };
     if let Some(ev) = first {
         for a in life.on(ev, Instant::now()) {
-            act(&daemon, &scope, &mut pins, a).await;
+            act(&daemon, &scope, &mut pins, &refollow, a).await;
         }
     }
     let mut tick = tokio::time::interval(TICK);
@@ -240,7 +241,7 @@ async fn live(daemon: Arc<Daemon>, mut agent: mpsc::Receiver<Event>) {
             },
         };
         for a in life.on(event, Instant::now()) {
-            act(&daemon, &scope, &mut pins, a).await;
+            act(&daemon, &scope, &mut pins, &refollow, a).await;
         }
     }
 }
@@ -268,8 +269,15 @@ async fn next_signal(rx: &mut Option<broadcast::Receiver<(u32, VmSignal)>>) -> (
 }
 
 /// Carries out one of the life's actions.
-async fn act(daemon: &Arc<Daemon>, scope: &Scope, pins: &mut PinMemory, action: Action) {
+async fn act(
+    daemon: &Arc<Daemon>,
+    scope: &Scope,
+    pins: &mut PinMemory,
+    refollow: &watch::Sender<u64>,
+    action: Action,
+) {
     match action {
+        Action::Refollow => refollow.send_modify(|n| *n += 1),
         Action::Record(seen) => daemon.timeline().saw(seen),
         Action::ResumeQueue => daemon.wake_worker(),
         Action::DeliverPin => deliver_pin(daemon, pins).await,
@@ -326,13 +334,53 @@ async fn run_step(daemon: &Daemon, serials: &[String], step: Step) -> Result<(),
     }
 }
 
-/// One connection to the agent's event stream, until it ends. `Err` when the agent
-/// could not be reached (why, for the timeline).
+/// One connection to the agent's event stream, until it ends; why it ended, for the
+/// timeline. `connected` tells whether the stream was open. `gone` changes when the
+/// agent went away with its VM (reset, shut down): the stream is dropped at once.
 async fn follow(
     daemon: &Daemon,
     life: &mpsc::Sender<Event>,
     instance: &mut Option<String>,
-) -> Result<(), String> {
+    gone: &mut watch::Receiver<u64>,
+    connected: &mut bool,
+) -> String {
+    match follow_once(daemon, life, instance, gone, connected).await {
+        Ok(never) => match never {},
+        Err(why) => why,
+    }
+}
+
+/// The agent the daemon followed went away with its VM: the job at it runs again,
+/// and the next agent seen is not taken for another restart.
+fn agent_gone(daemon: &Daemon, instance: &mut Option<String>) {
+    *instance = None;
+    daemon.agent_restarted();
+}
+
+/// True once the agent was gone since this was last asked.
+fn went_away(gone: &mut watch::Receiver<u64>) -> bool {
+    let changed = gone.has_changed().unwrap_or(false);
+    gone.mark_unchanged();
+    changed
+}
+
+/// The next time the agent goes away with its VM.
+async fn goes_away(gone: &mut watch::Receiver<u64>) {
+    if gone.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn follow_once(
+    daemon: &Daemon,
+    life: &mpsc::Sender<Event>,
+    instance: &mut Option<String>,
+    gone: &mut watch::Receiver<u64>,
+    connected: &mut bool,
+) -> Result<std::convert::Infallible, String> {
+    if went_away(gone) {
+        agent_gone(daemon, instance);
+    }
     let agent = &daemon.config().agent;
     let req = http::Request::get(AGENT_EVENTS_PATH)
         .header(http::header::ACCEPT, "text/event-stream")
@@ -345,8 +393,14 @@ async fn follow(
             resp.status()
         ));
     }
+    *connected = true;
     let _ = life.send(Event::AgentUp).await;
-    if let Some(Ok(h)) = health(agent).await {
+    let health_now = health(agent).await;
+    // Gone while connecting: this is already the next agent, or none.
+    if went_away(gone) {
+        agent_gone(daemon, instance);
+    }
+    if let Some(Ok(h)) = health_now {
         seen_instance(daemon, instance, &h);
         if let Some(ev) = health_event(&h) {
             let _ = life.send(ev).await;
@@ -371,6 +425,10 @@ async fn follow(
                         let _ = life.send(ev).await;
                     }
                 }
+            }
+            _ = goes_away(gone) => {
+                agent_gone(daemon, instance);
+                return Err("the signing VM was reset or stopped; following the agent that comes next".to_owned());
             }
             _ = recheck.tick() => {
                 // Not answering now: the stream (or the next check) tells more.

@@ -72,6 +72,10 @@ pub enum Action {
     ResumeQueue,
     /// Tell a person (the log, the status, the timeline already has it).
     Alert(String),
+    /// The agent the daemon follows is gone with its VM's reset or shutdown: drop the
+    /// connections to it (behind a hybrid vsock they would stay open, silent), give up
+    /// the job it had, and follow the agent that comes next.
+    Refollow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,8 +205,8 @@ impl Life {
                     _ => {}
                 }
             }
-            Event::VmReset => out.push(Action::Record(Seen::VmReset)),
-            Event::VmDown => out.push(Action::Record(Seen::VmDown)),
+            Event::VmReset => out.extend([Action::Record(Seen::VmReset), Action::Refollow]),
+            Event::VmDown => out.extend([Action::Record(Seen::VmDown), Action::Refollow]),
             // While the token is on its way into the VM the cool-downs wait.
             Event::Tick if self.ladder_applies() => {
                 self.ladder(recovery::Event::Tick, now, &mut out)
@@ -419,6 +423,7 @@ mod tests {
         let (mut l, t) = ready();
         let a = l.on(Event::VmReset, t);
         assert_eq!(records(&a), vec![Seen::VmReset]);
+        assert!(a.contains(&Action::Refollow), "{a:?}");
         let a = l.on(Event::AgentDown("connection refused".into()), t + secs(1));
         assert_eq!(
             records(&a),
@@ -434,6 +439,15 @@ mod tests {
         assert!(records(&a).contains(&Seen::LoggedIn));
         assert!(a.contains(&Action::ResumeQueue));
         assert!(!l.recovering(), "a reboot is not a loss");
+    }
+
+    #[test]
+    fn a_vm_down_drops_the_agent_it_had() {
+        let (mut l, t) = ready();
+        let a = l.on(Event::VmDown, t);
+        assert_eq!(records(&a), vec![Seen::VmDown]);
+        assert!(a.contains(&Action::Refollow), "{a:?}");
+        assert!(!l.recovering(), "a VM shut down is not a lost token");
     }
 
     #[test]
