@@ -172,6 +172,39 @@ pub fn pin_flags_text(f: &PinFlags) -> String {
     }
 }
 
+/// What a job sent now waits for, in a few words for a progress line (`signet sign`
+/// while its answer is due): `None` when signing works.
+pub fn waiting_for(status: &DaemonStatus) -> Option<String> {
+    use crate::wire::AgentState;
+    if status.signing_works {
+        return None;
+    }
+    let why = match &status.agent {
+        AgentReport::Unreachable { .. } => "the signing VM's agent does not answer".to_owned(),
+        AgentReport::Reachable { health, .. } => match health.state {
+            AgentState::TokenMissing | AgentState::TokenLost => {
+                let away = status.tokens.as_ref().and_then(|t| {
+                    t.tokens
+                        .iter()
+                        .find(|t| !matches!(t.place, TokenPlace::Attached { .. }))
+                        .map(|t| format!("token {} is {}", t.serial, t.place.words()))
+                });
+                away.unwrap_or_else(|| "the signing VM's agent sees no token".to_owned())
+            }
+            AgentState::PinNeeded => "the token waits for its PIN".to_owned(),
+            AgentState::PinRejected => {
+                "the token refused the PIN; an operator must fix it".to_owned()
+            }
+            AgentState::PinLocked => "the token is locked; an operator must unlock it".to_owned(),
+            AgentState::ModuleError => {
+                "the agent cannot load its PKCS#11 module; an operator must fix it".to_owned()
+            }
+            AgentState::Ready => "the token".to_owned(),
+        },
+    };
+    Some(format!("waiting: {why}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,6 +283,42 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_waiting_job_says_what_it_waits_for() {
+        assert_eq!(waiting_for(&healthy()), None);
+        let unreachable = DaemonStatus {
+            signing_works: false,
+            agent: AgentReport::Unreachable {
+                endpoint: "vsock:105:7711".into(),
+                error: ErrorBody::new(ErrorCode::AgentUnavailable, "refused"),
+            },
+            ..healthy()
+        };
+        assert_eq!(
+            waiting_for(&unreachable).as_deref(),
+            Some("waiting: the signing VM's agent does not answer")
+        );
+        let with_state = |state| {
+            let mut s = healthy();
+            s.signing_works = false;
+            if let AgentReport::Reachable { health, .. } = &mut s.agent {
+                health.state = state;
+            }
+            s
+        };
+        assert_eq!(
+            waiting_for(&with_state(AgentState::PinNeeded)).as_deref(),
+            Some("waiting: the token waits for its PIN")
+        );
+        assert_eq!(
+            waiting_for(&with_state(AgentState::TokenLost)).as_deref(),
+            Some("waiting: the signing VM's agent sees no token")
+        );
+        assert!(waiting_for(&with_state(AgentState::PinRejected))
+            .unwrap()
+            .contains("an operator must fix it"));
     }
 
     #[test]

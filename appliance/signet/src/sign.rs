@@ -15,7 +15,8 @@ use signet_protocol::batch;
 use signet_protocol::client::{self, ClientError};
 use signet_protocol::format;
 use signet_protocol::wire::{
-    exit, ErrorBody, ErrorCode, SignMode, SignQuery, BATCH_PATH, SIGN_PATH,
+    exit, DaemonStatus, ErrorBody, ErrorCode, SignMode, SignQuery, BATCH_PATH, SIGN_PATH,
+    STATUS_PATH,
 };
 use signet_protocol::Endpoint;
 use tokio::io::AsyncWriteExt;
@@ -27,11 +28,20 @@ use crate::config::ClientConfig;
 const PROGRESS_AFTER: Duration = Duration::from_millis(300);
 
 fn progress_after() -> Duration {
-    std::env::var("SIGNET_PROGRESS_AFTER_MS")
+    env_ms("SIGNET_PROGRESS_AFTER_MS").unwrap_or(PROGRESS_AFTER)
+}
+
+/// How often the progress line asks the appliance what a sent job waits for;
+/// `SIGNET_STATUS_EVERY_MS` changes it.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// How long one of those questions may take.
+const STATUS_LIMIT: Duration = Duration::from_secs(6);
+
+fn env_ms(name: &str) -> Option<Duration> {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .map(Duration::from_millis)
-        .unwrap_or(PROGRESS_AFTER)
 }
 
 #[derive(Debug, clap::Args)]
@@ -412,7 +422,8 @@ async fn batch(
         }
     };
     let boundary = batch::new_boundary();
-    let progress = Progress::start(Path::new(&format!("{} files", ready.len())), total);
+    let mut progress = Progress::start(Path::new(&format!("{} files", ready.len())), total);
+    progress.watch_waiting(endpoint);
     let counter = progress.bar.clone();
     let body = StreamBody::new(
         batch::body(boundary.clone(), parts).map_ok(move |chunk: Bytes| {
@@ -567,7 +578,8 @@ async fn exchange(
     let qs = serde_urlencoded::to_string(query)
         .map_err(|e| unavailable(format!("cannot encode the request: {e}")))?;
 
-    let progress = Progress::start(shown_as, size);
+    let mut progress = Progress::start(shown_as, size);
+    progress.watch_waiting(endpoint);
     let counter = progress.bar.clone();
     let body = StreamBody::new(
         tokio_util::io::ReaderStream::with_capacity(input, 256 << 10).map_ok(
@@ -686,6 +698,7 @@ pub fn unreachable_message(endpoint: &Endpoint, e: &ClientError) -> String {
 struct Progress {
     bar: ProgressBar,
     timer: Option<tokio::task::JoinHandle<()>>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Progress {
@@ -719,14 +732,57 @@ impl Progress {
                 }));
             }
         }
-        Progress { bar, timer }
+        Progress {
+            bar,
+            timer,
+            watcher: None,
+        }
+    }
+
+    /// Once the upload is sent and while the bar is shown, asks the appliance now and
+    /// then what the job waits for — the signing VM's agent, the token, its PIN — and
+    /// says it on the bar instead of "signing on the token".
+    fn watch_waiting(&mut self, endpoint: &Endpoint) {
+        let bar = self.bar.clone();
+        let endpoint = endpoint.clone();
+        let every = env_ms("SIGNET_STATUS_EVERY_MS").unwrap_or(STATUS_EVERY);
+        self.watcher = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if bar.is_hidden() || bar.position() < bar.length().unwrap_or(0) {
+                    continue;
+                }
+                let asked = tokio::time::timeout(
+                    STATUS_LIMIT,
+                    client::get_json::<DaemonStatus>(&endpoint, STATUS_PATH),
+                )
+                .await;
+                if let Ok(Ok(Ok(status))) = asked {
+                    bar.set_message(
+                        signet_protocol::render::waiting_for(&status)
+                            .unwrap_or_else(|| "signing on the token".to_owned()),
+                    );
+                }
+            }
+        }));
     }
 
     fn finish(&self) {
         if let Some(t) = &self.timer {
             t.abort();
         }
+        if let Some(t) = &self.watcher {
+            t.abort();
+        }
         self.bar.finish_and_clear();
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(t) = &self.watcher {
+            t.abort();
+        }
     }
 }
 
