@@ -58,7 +58,7 @@ impl Drop for Bus {
     }
 }
 
-/// Signet's signals of one kind (`TokenChanged`, `RecoveryStep`), read on a thread of
+/// Signet's signals of one kind (`TokenChanged`, `RecoveryStep`, `JobFinished`), read on a thread of
 /// their own; each as the JSON document it carries (its last argument).
 pub(crate) struct Signals {
     rx: std::sync::mpsc::Receiver<serde_json::Value>,
@@ -98,17 +98,22 @@ impl Signals {
                 ready_tx.send(()).unwrap();
                 while let Some(Ok(msg)) = stream.next().await {
                     let body = msg.body();
-                    // `(s document)`, or `(s name, s document)`: the name joins the
-                    // document as `signal_arg0`.
-                    let document = match body.deserialize::<(String, String)>() {
-                        Ok((name, doc)) => {
-                            let mut v: serde_json::Value = serde_json::from_str(&doc).unwrap();
-                            v["signal_arg0"] = name.into();
-                            v
-                        }
-                        Err(_) => {
-                            serde_json::from_str(&body.deserialize::<String>().unwrap()).unwrap()
-                        }
+                    // `(s document)`, `(s name, s document)` or `(s id, s state,
+                    // s document)`: the leading strings join the document as
+                    // `signal_arg0`, `signal_arg1`.
+                    let document = if let Ok((id, state, doc)) =
+                        body.deserialize::<(String, String, String)>()
+                    {
+                        let mut v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+                        v["signal_arg0"] = id.into();
+                        v["signal_arg1"] = state.into();
+                        v
+                    } else if let Ok((name, doc)) = body.deserialize::<(String, String)>() {
+                        let mut v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+                        v["signal_arg0"] = name.into();
+                        v
+                    } else {
+                        serde_json::from_str(&body.deserialize::<String>().unwrap()).unwrap()
                     };
                     if tx.send(document).is_err() {
                         return;

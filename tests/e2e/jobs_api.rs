@@ -240,8 +240,10 @@ fn a_full_spool_refuses_uploads_before_they_start_and_while_they_stream() {
 }
 
 #[test]
-fn a_daemon_killed_during_an_upload_fails_that_job_and_signs_the_next() {
+fn a_daemon_killed_during_an_upload_fails_that_job_says_so_on_the_bus_and_signs_the_next() {
     let mut w = World::new();
+    let bus = super::dbus::Bus::start(&w);
+    w.dbus = Some(bus.address.clone());
     let (_, tcp) = appliance(&mut w, "", "");
     let pe = std::fs::read(w.pe("cut.exe")).unwrap();
     let mut s = std::net::TcpStream::connect(match &tcp {
@@ -263,7 +265,11 @@ fn a_daemon_killed_during_an_upload_fails_that_job_and_signs_the_next() {
     w.kill("signetd");
     drop(s);
 
+    // Whoever follows the jobs on the bus hears of the one the restart ended.
+    let mut finished = super::dbus::Signals::follow(&bus.address, "JobFinished");
     let tcp = w.restart_daemon().remove(1);
+    let signal = finished.wait("job 1 ended by the restart", |j| j["signal_arg0"] == "1");
+    assert_eq!(signal["signal_arg1"], "failed", "{signal}");
     let view = wait_job(&tcp, "1", "failed", |v| v["state"] == "failed");
     assert_eq!(view["error"]["code"], "truncated_input", "{view:#}");
     assert!(

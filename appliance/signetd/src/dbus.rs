@@ -329,13 +329,19 @@ fn json<T: serde::Serialize>(r: Result<T, ErrorBody>) -> Result<String, Error> {
     Ok(serde_json::to_string(&v).unwrap_or_default())
 }
 
-/// Emits `JobFinished` for every job that ends, for as long as `conn` is open.
+/// Emits `JobFinished` for every job that ends, for as long as `conn` is open: first
+/// for those the crash recovery at start ended, then as they end.
 async fn forward_job_finished(conn: zbus::Connection, daemon: Arc<Daemon>) {
     let mut ended = daemon.job_finished();
     let Ok(emitter) = zbus::object_server::SignalEmitter::new(&conn, OBJECT_PATH) else {
         return;
     };
+    let mut at_start = daemon.jobs_ended_at_start().into_iter();
     loop {
+        if let Some(id) = at_start.next() {
+            announce_job(&emitter, &daemon, &id).await;
+            continue;
+        }
         let id = match ended.recv().await {
             Ok(id) => id,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -347,13 +353,18 @@ async fn forward_job_finished(conn: zbus::Connection, daemon: Arc<Daemon>) {
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         };
-        let Some(job) = daemon.job_summary(&id) else {
-            continue;
-        };
-        let text = serde_json::to_string(&job).unwrap_or_default();
-        if let Err(e) = Manager::job_finished(&emitter, &id, job.state.as_str(), &text).await {
-            tracing::warn!(job = %id, error = %e, "the JobFinished signal could not be sent");
-        }
+        announce_job(&emitter, &daemon, &id).await;
+    }
+}
+
+/// `JobFinished` for job `id`.
+async fn announce_job(emitter: &zbus::object_server::SignalEmitter<'_>, daemon: &Daemon, id: &str) {
+    let Some(job) = daemon.job_summary(id) else {
+        return;
+    };
+    let text = serde_json::to_string(&job).unwrap_or_default();
+    if let Err(e) = Manager::job_finished(emitter, id, job.state.as_str(), &text).await {
+        tracing::warn!(job = %id, error = %e, "the JobFinished signal could not be sent");
     }
 }
 

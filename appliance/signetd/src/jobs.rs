@@ -77,6 +77,9 @@ pub(crate) struct Engine {
     /// Counts the agent's restarts seen ([`Daemon::agent_restarted`]): a job at the
     /// agent when it changes will never be answered.
     agent_epoch: watch::Sender<u64>,
+    /// Jobs that ended in the crash recovery at start (uploads cut short), before
+    /// anything could listen to `finished`: the D-Bus front announces them first.
+    ended_at_start: Vec<String>,
 }
 
 /// A finished job's result, ready to stream.
@@ -116,16 +119,22 @@ impl Engine {
             idle: Notify::new(),
             finished: tokio::sync::broadcast::channel(256).0,
             agent_epoch: watch::channel(0).0,
+            ended_at_start: Vec::new(),
         };
-        engine.recover()?;
-        Ok(engine)
+        let ended = engine.recover()?;
+        Ok(Engine {
+            ended_at_start: ended,
+            ..engine
+        })
     }
 
     pub(crate) fn store(&self) -> &Arc<Store> {
         &self.store
     }
 
-    fn recover(&self) -> Result<(), StoreError> {
+    /// Recovers what a crash left; the ids of the jobs that this ended.
+    fn recover(&self) -> Result<Vec<String>, StoreError> {
+        let mut ended = Vec::new();
         for row in self.store.in_state(JobState::Receiving)? {
             let e = ErrorBody::new(
                 ErrorCode::TruncatedInput,
@@ -139,6 +148,7 @@ impl Engine {
                 &entry(&row, Outcome::Failed, Some(e.code)),
             )?;
             self.store.remove_spooled(&self.store.input_path(&row.id));
+            ended.push(row.id.clone());
         }
         let mut pending = self.store.in_state(JobState::Running)?;
         pending.extend(self.store.in_state(JobState::Queued)?);
@@ -167,7 +177,12 @@ impl Engine {
                 self.store.remove_spooled(&path);
             }
         }
-        Ok(())
+        Ok(ended)
+    }
+
+    /// The jobs the crash recovery at start ended.
+    pub(crate) fn ended_at_start(&self) -> &[String] {
+        &self.ended_at_start
     }
 
     /// The ids of jobs as they end.

@@ -182,6 +182,12 @@ impl Daemon {
         self.engine().finished()
     }
 
+    /// The jobs that ended when signetd started (their uploads were cut short by its
+    /// stop), before anyone could hear of them.
+    pub fn jobs_ended_at_start(&self) -> Vec<String> {
+        self.engine().ended_at_start().to_vec()
+    }
+
     /// Job `id` as the operator sees it, for the job-finished signal.
     pub fn job_summary(&self, id: &str) -> Option<JobSummary> {
         let row = self.store().get(id).ok().flatten()?;
