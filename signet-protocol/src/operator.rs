@@ -251,6 +251,91 @@ pub fn doctor_text(r: &DoctorReport) -> String {
     out
 }
 
+/// An enrolment's change (`signetd enroll`, D-Bus `Enroll`, the web UI): shown before
+/// it is made, reported after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollReport {
+    pub vmid: u32,
+    /// `signing VM` or `build VM`.
+    pub role: String,
+    /// The VM's configuration change, key by key (`qm config` before and after).
+    pub changes: Vec<KeyChange>,
+    /// The `qm set` command that makes it; `None` when the VM has it already.
+    pub qm_command: Option<String>,
+    /// What goes into `signetd.toml`; `None` when it has it already.
+    pub config_stanza: Option<String>,
+    pub config_path: String,
+    /// False for the dry run.
+    pub applied: bool,
+    /// What is left to do by hand (restart the VM or signetd).
+    pub notes: Vec<String>,
+}
+
+/// One key of a VM's configuration, before and after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyChange {
+    pub key: String,
+    pub old: Option<String>,
+    pub new: String,
+}
+
+/// An enrolment as text: what changes (or changed), the `qm set` and the
+/// `signetd.toml` stanza, and what is left to do by hand.
+pub fn enroll_text(r: &EnrollReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let head = if r.applied {
+        format!("VM {} enrolled as {}", r.vmid, r.role)
+    } else {
+        format!(
+            "VM {} as {}: a dry run, nothing was changed",
+            r.vmid, r.role
+        )
+    };
+    let _ = writeln!(out, "{head}");
+    if r.changes.is_empty() && r.config_stanza.is_none() {
+        let _ = writeln!(
+            out,
+            "  nothing to change: the VM and signetd.toml have it already"
+        );
+    }
+    for c in &r.changes {
+        let _ = writeln!(
+            out,
+            "  {}: {} -> {}",
+            c.key,
+            c.old.as_deref().unwrap_or("(unset)"),
+            c.new
+        );
+    }
+    if let Some(qm) = &r.qm_command {
+        let _ = writeln!(
+            out,
+            "  {}: {qm}",
+            if r.applied { "ran" } else { "would run" }
+        );
+    }
+    if let Some(stanza) = &r.config_stanza {
+        let _ = writeln!(
+            out,
+            "  {} {}:",
+            if r.applied {
+                "added to"
+            } else {
+                "would add to"
+            },
+            r.config_path
+        );
+        for line in stanza.lines() {
+            let _ = writeln!(out, "    {line}");
+        }
+    }
+    for n in &r.notes {
+        let _ = writeln!(out, "  then: {n}");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,5 +389,36 @@ mod tests {
             text.contains("failed:signing_failed") && text.contains("vm:104"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_enrolment_reads_as_what_changes_and_what_is_left() {
+        let r = EnrollReport {
+            vmid: 200,
+            role: "build VM".into(),
+            changes: vec![KeyChange {
+                key: "args".into(),
+                old: None,
+                new: "-device vhost-vsock-pci,guest-cid=200".into(),
+            }],
+            qm_command: Some("qm set 200 --args '-device vhost-vsock-pci,guest-cid=200'".into()),
+            config_stanza: Some("[[grants]]\ncallers = [\"vm:200\"]".into()),
+            config_path: "/etc/signet/signetd.toml".into(),
+            applied: false,
+            notes: vec!["restart VM 200".into()],
+        };
+        assert_eq!(
+            enroll_text(&r),
+            "VM 200 as build VM: a dry run, nothing was changed
+  args: (unset) -> -device vhost-vsock-pci,guest-cid=200
+  would run: qm set 200 --args '-device vhost-vsock-pci,guest-cid=200'
+  would add to /etc/signet/signetd.toml:
+    [[grants]]
+    callers = [\"vm:200\"]
+  then: restart VM 200
+"
+        );
+        let done = EnrollReport { applied: true, ..r };
+        assert!(enroll_text(&done).starts_with("VM 200 enrolled as build VM\n"));
     }
 }

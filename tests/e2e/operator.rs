@@ -668,31 +668,65 @@ fn doctor_over_dbus_on_a_healthy_and_a_broken_host() {
     );
     golden("doctor-broken.json", &text(&out.stdout), &w);
 
-    // Enrolling over D-Bus, through the same `qm`: the dry run changes nothing, then
-    // the change is made and audited under the caller's uid.
+    // Enrolling with signetctl (D-Bus `Enroll`), through the same `qm`: the dry run
+    // changes nothing, then the change is made and audited under the caller's uid.
     std::fs::write(host.qm_dir.join("200.conf"), "ostype: l26\nmachine: q35\n").unwrap();
     let profiles: Vec<String> = Vec::new();
-    let dry: serde_json::Value = serde_json::from_str(
-        &dbus_call(&bus, "Enroll", &("build-vm", 200u32, "", &profiles, false)).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(dry["applied"], false);
-    assert_eq!(dry["changes"][0]["key"], "args", "{dry}");
+    let out = ctl(
+        &bus,
+        As::Root,
+        &["enroll", "build-vm", "200", "--dry-run", "--json"],
+    );
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let dry: signet_protocol::operator::EnrollReport = json(&out);
+    assert!(!dry.applied);
+    assert_eq!(dry.changes[0].key, "args", "{dry:?}");
     assert_eq!(
-        dry["changes"][0]["new"], "-device vhost-vsock-pci,guest-cid=200",
-        "{dry}"
+        dry.changes[0].new, "-device vhost-vsock-pci,guest-cid=200",
+        "{dry:?}"
     );
     let conf = || std::fs::read_to_string(host.qm_dir.join("200.conf")).unwrap();
     assert!(!conf().contains("args:"), "the dry run changed nothing");
-    let done: serde_json::Value = serde_json::from_str(
-        &dbus_call(&bus, "Enroll", &("build-vm", 200u32, "", &profiles, true)).unwrap(),
+    // The same over raw D-Bus.
+    let raw: signet_protocol::operator::EnrollReport = serde_json::from_str(
+        &dbus_call(&bus, "Enroll", &("build-vm", 200u32, "", &profiles, false)).unwrap(),
     )
     .unwrap();
-    assert_eq!(done["applied"], true);
+    assert_eq!(raw, dry);
+    let out = ctl(&bus, As::Root, &["enroll", "build-vm", "200"]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("VM 200 enrolled as build VM\n")
+            && text(&out.stdout).contains("args: (unset) -> -device vhost-vsock-pci,guest-cid=200"),
+        "{}",
+        text(&out.stdout)
+    );
     assert!(
         conf().contains("args: -device vhost-vsock-pci,guest-cid=200"),
         "{}",
         conf()
+    );
+    // Only root and the signet group may enroll; a token that is not plugged in is
+    // refused with the daemon's message.
+    let out = ctl(&bus, As::Nobody, &["enroll", "build-vm", "200"]);
+    assert_eq!(code(&out), 3, "{}", text(&out.stderr));
+    let out = ctl(
+        &bus,
+        As::Root,
+        &[
+            "enroll",
+            "signing-vm",
+            "201",
+            "--token",
+            "NOSUCHTOKEN",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(code(&out), 4, "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        text(&out.stderr).starts_with("signetctl: "),
+        "{}",
+        text(&out.stderr)
     );
     let (name, _) =
         dbus_call(&bus, "Enroll", &("printer", 200u32, "", &profiles, false)).unwrap_err();

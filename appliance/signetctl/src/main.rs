@@ -11,7 +11,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use signet_protocol::operator::JobList;
+use signet_protocol::operator::{EnrollReport, JobList};
 use signet_protocol::render;
 use signet_protocol::wire::{DaemonStatus, ErrorBody, ErrorCode, HostToken, TokensReport};
 
@@ -91,6 +91,11 @@ enum Command {
     /// The hash-chained audit log: tail, verify, export.
     #[command(subcommand, after_help = EXIT_CODES)]
     Audit(ops::AuditCommand),
+    /// Prepare a VM for Signet through Proxmox's qm: the signing VM that holds a token,
+    /// or a build VM that asks for signatures. Shows the exact change; --dry-run
+    /// changes nothing. Audited with your uid.
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Enroll(EnrollCommand),
     /// Check this host for signing: vsock, the signing VM's configuration, the token,
     /// the agent, the PIN, the certificate, the spool, the clock; each failure with its
     /// fix.
@@ -112,6 +117,39 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum EnrollCommand {
+    /// The VM that holds the token: its USB port as usbN, the vsock device and Signet's
+    /// monitor in args:, and the token's [[tokens]] entry in signetd.toml.
+    SigningVm {
+        vmid: u32,
+        /// Serial number of the token (plugged in now; `signetctl tokens` lists them).
+        #[arg(long)]
+        token: String,
+        /// Show the exact change and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the change as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A VM that asks for signatures: the vsock device in args:, and a grant for it in
+    /// signetd.toml.
+    BuildVm {
+        vmid: u32,
+        /// A profile the VM may use (repeat for more; "*" for all); default: the
+        /// default profile.
+        #[arg(long = "profile", short)]
+        profiles: Vec<String>,
+        /// Show the exact change and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the change as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[zbus::proxy(
     interface = "org.signet.Signet1.Manager",
     default_service = "org.signet.Signet1",
@@ -123,6 +161,14 @@ trait Manager {
     async fn attach(&self, serial: &str, vmid: u32) -> zbus::Result<String>;
     async fn detach(&self, serial: &str) -> zbus::Result<String>;
     async fn reattach(&self, serial: &str) -> zbus::Result<String>;
+    async fn enroll(
+        &self,
+        role: &str,
+        vmid: u32,
+        serial: &str,
+        profiles: Vec<String>,
+        apply: bool,
+    ) -> zbus::Result<String>;
 }
 
 fn main() -> ExitCode {
@@ -279,6 +325,34 @@ async fn run(cli: Cli) -> u8 {
         }
         Command::Reattach { serial, json } => {
             token_done(read(proxy.reattach(&serial).await, json), json)
+        }
+        Command::Enroll(cmd) => {
+            let (role, vmid, serial, profiles, dry_run, json) = match cmd {
+                EnrollCommand::SigningVm {
+                    vmid,
+                    token,
+                    dry_run,
+                    json,
+                } => ("signing-vm", vmid, token, Vec::new(), dry_run, json),
+                EnrollCommand::BuildVm {
+                    vmid,
+                    profiles,
+                    dry_run,
+                    json,
+                } => ("build-vm", vmid, String::new(), profiles, dry_run, json),
+            };
+            let answer = proxy.enroll(role, vmid, &serial, profiles, !dry_run).await;
+            match read::<EnrollReport>(answer, json) {
+                Ok(r) if json => {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    0
+                }
+                Ok(r) => {
+                    print!("{}", signet_protocol::operator::enroll_text(&r));
+                    0
+                }
+                Err(code) => code,
+            }
         }
     }
 }

@@ -10,7 +10,6 @@
 //! run that changes nothing and is not audited), then applied; `signetd.toml` gets the
 //! build VM's grant or the signing VM's `[[tokens]]` entry ([`crate::enroll_config`]).
 
-use serde::Serialize;
 use signet_protocol::wire::{ErrorBody, ErrorCode, HostToken, JobView};
 
 use crate::audit::Action;
@@ -79,31 +78,7 @@ impl EnrollRequest {
     }
 }
 
-/// An enrolment's change: shown before it is made, reported after.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct EnrollReport {
-    pub vmid: u32,
-    pub role: &'static str,
-    /// The VM's configuration change, key by key (`qm config` before and after).
-    pub changes: Vec<KeyChange>,
-    /// The `qm set` command that makes it; `None` when the VM has it already.
-    pub qm_command: Option<String>,
-    /// What goes into `signetd.toml`; `None` when it has it already.
-    pub config_stanza: Option<String>,
-    pub config_path: String,
-    /// False for the dry run.
-    pub applied: bool,
-    /// What is left to do by hand (restart the VM or signetd).
-    pub notes: Vec<String>,
-}
-
-/// One key of a VM's configuration, before and after.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct KeyChange {
-    pub key: String,
-    pub old: Option<String>,
-    pub new: String,
-}
+pub use signet_protocol::operator::{EnrollReport, KeyChange};
 
 fn internal(what: &str, e: &dyn std::fmt::Display) -> ErrorBody {
     tracing::error!(error = %e, "{what}");
@@ -308,7 +283,7 @@ impl Daemon {
         }
         Ok(EnrollReport {
             vmid,
-            role: req.role(),
+            role: req.role().to_owned(),
             qm_command: (!plan.changes.is_empty()).then(|| qm.shell_line(&Qm::set_args(&plan))),
             changes: plan
                 .changes
