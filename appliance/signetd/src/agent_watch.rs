@@ -42,6 +42,10 @@ use crate::tokens::{Op, Status, VmSignal};
 /// The shortest and longest wait before connecting to the agent again.
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// The wait between tries while the agent's VM boots after a reset or shutdown ...
+const RECONNECT_BOOTING: Duration = Duration::from_secs(1);
+/// ... for this long after it.
+const VM_BOOT: Duration = Duration::from_secs(180);
 /// How often the health is read while the event stream is open: the agent may wait for
 /// a PIN (the PIN file may have been fixed), or may be another process than the one
 /// whose stream this is — a guest reset behind a hybrid-vsock backend leaves the old
@@ -151,17 +155,36 @@ pub async fn run(daemon: Arc<Daemon>) {
     let (tx, rx) = mpsc::channel(64);
     let (refollow, mut gone) = watch::channel(0u64);
     tokio::spawn(live(daemon.clone(), rx, refollow));
-    let mut wait = RECONNECT_MIN;
+    let mut last = None;
     let mut instance = None;
+    let mut vm_went = None;
+    let mut resets = *gone.borrow();
     loop {
         let mut connected = false;
         let why = follow(&daemon, &tx, &mut instance, &mut gone, &mut connected).await;
         let _ = tx.send(Event::AgentDown(why)).await;
-        if connected {
-            wait = RECONNECT_MIN;
+        let now = *gone.borrow();
+        if now != resets {
+            resets = now;
+            vm_went = Some(Instant::now());
         }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(RECONNECT_MAX);
+        let booting = vm_went.is_some_and(|at| at.elapsed() < VM_BOOT);
+        let pause = next_wait(last, connected, booting);
+        last = Some(pause);
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// The wait before the next try to reach the agent, after one that ended (`connected`:
+/// the stream had been open; `last`: the wait before this try). It doubles from
+/// [`RECONNECT_MIN`] up to [`RECONNECT_MAX`]; while the agent's VM boots after a reset
+/// or shutdown (`booting`) it stays at [`RECONNECT_BOOTING`], so the new agent is found
+/// soon after it listens.
+fn next_wait(last: Option<Duration>, connected: bool, booting: bool) -> Duration {
+    match last {
+        _ if booting => RECONNECT_BOOTING,
+        Some(last) if !connected => (last * 2).min(RECONNECT_MAX),
+        _ => RECONNECT_MIN,
     }
 }
 
@@ -568,6 +591,22 @@ async fn deliver_pin(daemon: &Daemon, pins: &mut PinMemory) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reconnects_back_off_but_not_while_the_vm_boots() {
+        let ms = Duration::from_millis;
+        let mut last = None;
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            let w = next_wait(last, false, false);
+            waits.push(w.as_millis());
+            last = Some(w);
+        }
+        assert_eq!(waits, [250, 500, 1000, 2000, 4000, 5000, 5000]);
+        assert_eq!(next_wait(Some(ms(5000)), true, false), RECONNECT_MIN);
+        assert_eq!(next_wait(Some(ms(5000)), false, true), RECONNECT_BOOTING);
+        assert_eq!(next_wait(Some(ms(250)), true, true), RECONNECT_BOOTING);
+    }
+
     use super::*;
 
     #[test]
