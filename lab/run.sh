@@ -22,8 +22,10 @@ done
 VM=105 BUILD=106 SERIAL=LAB0TOKEN1 PIN=123456
 W=$(mktemp -d "${TMPDIR:-/tmp}/signet-lab.XXXXXX")
 pids=()
+groups=() # process groups of our own (signetd under its testbed's wrapper and driver)
 cleanup() {
   local rc=$?
+  for g in "${groups[@]}"; do kill -9 -- "-$g" 2>/dev/null || true; done
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   if ((rc != 0)); then
@@ -96,9 +98,11 @@ serial = "$SERIAL"
 vm = $VM
 device = { kind = "emulated-ccid", db = "sql:$W/nssdb", certs = ["lab-id", "lab-codesign", "lab-enc"] }
 CONF
-RUST_LOG=info umockdev-wrapper /usr/bin/python3 "$root/tests/fixtures/umockdev-driver.py" "$W/testbed.sock" \
+# In a process group of its own: killing the wrapper alone would leave signetd running.
+RUST_LOG=info setsid umockdev-wrapper /usr/bin/python3 "$root/tests/fixtures/umockdev-driver.py" "$W/testbed.sock" \
   "$bin/signetd" --config "$W/signetd.toml" >"$W/signetd.log" 2>&1 &
 pids+=($!)
+groups+=($!)
 wait_for "signetd" 60 test -S "$W/signetd.sock"
 step signetd "agent vsock-uds:$W/vm.vsock:7711, build VM on $W/build.vsock_7710"
 
