@@ -199,7 +199,9 @@ pub fn waiting_for(status: &DaemonStatus) -> Option<String> {
             AgentState::ModuleError => {
                 "the agent cannot load its PKCS#11 module; an operator must fix it".to_owned()
             }
-            AgentState::Ready => "the token".to_owned(),
+            // The agent is fine; the daemon is not (a drain, another token than the
+            // profile pins): its status names it.
+            AgentState::Ready => "the appliance; `signet status` says why".to_owned(),
         },
     };
     Some(format!("waiting: {why}"))
@@ -315,6 +317,10 @@ mod tests {
         assert_eq!(
             waiting_for(&with_state(AgentState::TokenLost)).as_deref(),
             Some("waiting: the signing VM's agent sees no token")
+        );
+        assert_eq!(
+            waiting_for(&with_state(AgentState::Ready)).as_deref(),
+            Some("waiting: the appliance; `signet status` says why")
         );
         assert!(waiting_for(&with_state(AgentState::PinRejected))
             .unwrap()
