@@ -105,8 +105,10 @@ impl SignResponse {
     }
 }
 
-/// Query of `POST /v1/sign`.
+/// Query of `POST /v1/sign`. An unknown parameter (a typo such as `profil=`) is an
+/// error, never ignored.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SignQuery {
     /// Signing profile; the daemon's default profile when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -295,6 +297,9 @@ pub enum ErrorCode {
     ShuttingDown,
     /// No token with this serial is plugged in or configured.
     UnknownToken,
+    /// The `Idempotency-Key` was used before for a different request (another file,
+    /// profile or options); a key names one request.
+    IdempotencyKeyReused,
 }
 
 impl ErrorCode {
@@ -306,7 +311,9 @@ impl ErrorCode {
             ErrorCode::UnknownProfile => 404,
             ErrorCode::InputTooLarge => 413,
             ErrorCode::UnsupportedFormat => 415,
-            ErrorCode::EmptyInput | ErrorCode::TruncatedInput => 422,
+            ErrorCode::EmptyInput | ErrorCode::TruncatedInput | ErrorCode::IdempotencyKeyReused => {
+                422
+            }
             ErrorCode::TooManyJobs => 429,
             ErrorCode::SigningFailed | ErrorCode::Internal => 500,
             ErrorCode::AgentUnavailable => 502,
@@ -344,7 +351,8 @@ impl ErrorCode {
             ErrorCode::UnknownJob
             | ErrorCode::ResultExpired
             | ErrorCode::Cancelled
-            | ErrorCode::UnknownToken => exit::REFUSED,
+            | ErrorCode::UnknownToken
+            | ErrorCode::IdempotencyKeyReused => exit::REFUSED,
         }
     }
 
@@ -372,11 +380,12 @@ impl ErrorCode {
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::UnknownToken => "unknown_token",
+            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
         }
     }
 
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownProfile,
         ErrorCode::Forbidden,
@@ -398,6 +407,7 @@ impl ErrorCode {
         ErrorCode::Cancelled,
         ErrorCode::ShuttingDown,
         ErrorCode::UnknownToken,
+        ErrorCode::IdempotencyKeyReused,
     ];
 }
 
@@ -898,6 +908,8 @@ mod tests {
         let a: AgentSignQuery = serde_urlencoded::from_str("hash=sha384").unwrap();
         assert_eq!(a.hash, DigestAlgorithm::Sha384);
         assert!(serde_urlencoded::from_str::<AgentSignQuery>("hash=md5").is_err());
+        let typo = serde_urlencoded::from_str::<SignQuery>("profil=nested").unwrap_err();
+        assert!(typo.to_string().contains("profil"), "{typo}");
         let d: SignQuery = serde_urlencoded::from_str("mode=digest").unwrap();
         assert_eq!(d.mode, SignMode::Digest);
         assert_eq!(serde_urlencoded::to_string(&d).unwrap(), "mode=digest");

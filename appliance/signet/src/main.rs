@@ -4,7 +4,10 @@
 //! - [`config`] — the optional `/etc/signet/signet.toml` (endpoint, profile).
 //! - [`sign`] — one file: local checks, streamed upload with progress, atomic write of
 //!   the signed result.
+//! - [`collect`] — a job's idempotency key, and its result collected across a
+//!   restarting appliance.
 
+mod collect;
 mod config;
 mod sign;
 

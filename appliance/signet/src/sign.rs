@@ -21,6 +21,7 @@ use signet_protocol::wire::{
 use signet_protocol::Endpoint;
 use tokio::io::AsyncWriteExt;
 
+use crate::collect;
 use crate::config::ClientConfig;
 
 /// How long an upload runs before a progress bar appears; `SIGNET_PROGRESS_AFTER_MS`
@@ -78,6 +79,16 @@ pub struct SignArgs {
         env = "SIGNET_OSSLSIGNCODE"
     )]
     osslsigncode: PathBuf,
+    /// How long to wait for an appliance that went away (restarting) before giving up:
+    /// the job stays queued there and is collected when it is back, and the request is
+    /// sent again with the same idempotency key, never signed twice.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 600,
+        env = "SIGNET_RECONNECT_FOR"
+    )]
+    reconnect_for: u64,
     /// Files to sign: Windows PE files (EXE, DLL, SYS), MSI packages, CAB archives,
     /// security catalogs (CAT) and PowerShell scripts (.ps1, .psm1, .psd1, .ps1xml,
     /// .psc1, .cdxml). The format is told from the content; a script's name counts too.
@@ -118,7 +129,10 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
     // Local work first: a bad file never costs an upload, and never stops the others.
     let mut ready = Vec::new();
     for (i, file) in args.files.iter().enumerate() {
-        let target = args.output.clone().unwrap_or_else(|| file.clone());
+        let target = match &args.output {
+            Some(out) => out.clone(),
+            None => in_place_target(file),
+        };
         match prepare(file, &target, &args).await {
             Ok(p) => ready.push((i, p)),
             Err(f) => outcomes[i].failed(f),
@@ -147,6 +161,7 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
                 &p.received(),
                 &p.file,
                 o,
+                Duration::from_secs(args.reconnect_for),
             )
             .await
             {
@@ -235,6 +250,27 @@ fn report(o: &Outcome, json: bool) {
             o.file.display(),
             o.message.as_deref().unwrap_or("failed")
         );
+    }
+}
+
+/// Where signing `file` in place writes: the file itself, or for a symbolic link the
+/// file it points to (the link stays a link).
+fn in_place_target(file: &Path) -> PathBuf {
+    match std::fs::symlink_metadata(file) {
+        Ok(m) if m.file_type().is_symlink() => {
+            std::fs::canonicalize(file).unwrap_or_else(|_| file.to_owned())
+        }
+        _ => file.to_owned(),
+    }
+}
+
+/// The message for an appliance that went away and did not come back in time.
+fn gone_message(endpoint: &Endpoint, job: Option<&str>, e: &ClientError) -> String {
+    match job {
+        Some(id) => format!(
+            "the Signet daemon at {endpoint} went away and did not come back in time ({e}); job {id} stays queued there: run the same command again to collect it (it is not signed twice), or wait longer with --reconnect-for SECONDS"
+        ),
+        None => unreachable_message(endpoint, e),
     }
 }
 
@@ -421,46 +457,70 @@ async fn batch(
             )
         }
     };
-    let boundary = batch::new_boundary();
-    let mut progress = Progress::start(Path::new(&format!("{} files", ready.len())), total);
+    let mut hashed = Vec::new();
+    for (_, p) in ready {
+        let name = p
+            .file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match collect::file_sha256(&p.upload).await {
+            Ok(sha) => hashed.push((name, sha)),
+            Err(e) => {
+                return fail_all(outcomes, &bad_input(format!("cannot read it: {e}")));
+            }
+        }
+    }
+    let key = collect::idempotency_key("batch", &query, &hashed);
+    // The body is the same bytes each time it is sent: the appliance binds the key
+    // to the body's SHA-256.
+    let boundary = format!("signet-{}", &key[key.len() - 32..]);
+    let label = format!("{} files", ready.len());
+    let mut progress = Progress::start(Path::new(&label), total);
     progress.watch_waiting(endpoint);
     let counter = progress.bar.clone();
-    let body = StreamBody::new(
-        batch::body(boundary.clone(), parts).map_ok(move |chunk: Bytes| {
-            counter.inc(chunk.len() as u64);
-            Frame::data(chunk)
-        }),
-    );
-    let req = match Request::post(format!("{BATCH_PATH}?{qs}"))
-        .header(header::CONTENT_TYPE, batch::content_type(&boundary))
-        .body(body)
-    {
-        Ok(r) => r,
-        Err(e) => {
-            return fail_all(
-                outcomes,
-                &unavailable(format!("cannot build the request: {e}")),
-            )
+    let uri = format!("{BATCH_PATH}?{qs}");
+    let make = move || {
+        counter.set_position(0);
+        let counter = counter.clone();
+        let body = StreamBody::new(batch::body(boundary.clone(), parts.clone()).map_ok(
+            move |chunk: Bytes| {
+                counter.inc(chunk.len() as u64);
+                Frame::data(chunk)
+            },
+        ));
+        let mut req = Request::new(body);
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = uri.parse().unwrap_or_default();
+        if let Ok(v) = header::HeaderValue::from_str(&batch::content_type(&boundary)) {
+            req.headers_mut().insert(header::CONTENT_TYPE, v);
         }
+        req
     };
-    let resp = match client::send(endpoint, req).await {
-        Ok(r) => r,
+    let mut collector = collect::Collector::new(
+        endpoint,
+        key,
+        label,
+        progress.bar.clone(),
+        Duration::from_secs(args.reconnect_for),
+    );
+    let answer = collector.run(make).await;
+    let job = collector.job.clone();
+    let resp = match answer {
+        Ok(collect::Answer::Result(r)) => r,
+        Ok(collect::Answer::Error(e)) => {
+            progress.finish();
+            return fail_all(outcomes, &e.into());
+        }
         Err(e) => {
             progress.finish();
-            return fail_all(outcomes, &unavailable(unreachable_message(endpoint, &e)));
+            return fail_all(
+                outcomes,
+                &unavailable(gone_message(endpoint, job.as_deref(), &e)),
+            );
         }
     };
     progress.bar.set_message("signing on the token");
-    let job = resp
-        .headers()
-        .get("x-signet-job")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    if !resp.status().is_success() {
-        progress.finish();
-        let f: Failure = client::error_body(endpoint, resp).await.into();
-        return fail_all(outcomes, &f);
-    }
     let boundary = resp
         .headers()
         .get(header::CONTENT_TYPE)
@@ -558,7 +618,10 @@ async fn check_input(file: &Path) -> Result<std::fs::Metadata, Failure> {
     Ok(meta)
 }
 
-/// Uploads `upload` and writes the answer's body to `received` (fsync'd).
+/// Uploads `upload` and writes the answer's body to `received` (fsync'd). The job
+/// goes through a [`collect::Collector`]: when the appliance restarts on the way, the
+/// job is collected (or sent again with the same key) once it is back.
+#[allow(clippy::too_many_arguments)]
 async fn exchange(
     endpoint: &Endpoint,
     upload: &Path,
@@ -566,79 +629,141 @@ async fn exchange(
     received: &Path,
     shown_as: &Path,
     outcome: &mut Outcome,
+    reconnect_for: Duration,
 ) -> Result<(), Failure> {
-    let input = tokio::fs::File::open(upload)
-        .await
-        .map_err(|e| bad_input(format!("cannot open it: {e}")))?;
-    let size = input
-        .metadata()
+    let size = tokio::fs::metadata(upload)
         .await
         .map_err(|e| bad_input(format!("cannot read it: {e}")))?
         .len();
+    let sha = collect::file_sha256(upload)
+        .await
+        .map_err(|e| bad_input(format!("cannot read it: {e}")))?;
+    let name = query.filename.clone().unwrap_or_default();
+    let key = collect::idempotency_key("sign", query, &[(name, sha)]);
     let qs = serde_urlencoded::to_string(query)
         .map_err(|e| unavailable(format!("cannot encode the request: {e}")))?;
 
     let mut progress = Progress::start(shown_as, size);
     progress.watch_waiting(endpoint);
     let counter = progress.bar.clone();
-    let body = StreamBody::new(
-        tokio_util::io::ReaderStream::with_capacity(input, 256 << 10).map_ok(
-            move |chunk: Bytes| {
-                counter.inc(chunk.len() as u64);
-                if counter.position() >= counter.length().unwrap_or(u64::MAX) {
-                    counter.set_message("signing on the token");
-                }
-                Frame::data(chunk)
-            },
-        ),
-    );
-    let req = Request::post(format!("{SIGN_PATH}?{qs}"))
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CONTENT_LENGTH, size)
-        .body(body)
-        .map_err(|e| unavailable(format!("cannot build the request: {e}")))?;
-
-    let resp = client::send(endpoint, req).await;
-    outcome.bytes_sent = progress.bar.position();
-    let resp = match resp {
-        Ok(r) => r,
-        Err(e) => {
-            progress.finish();
-            return Err(unavailable(unreachable_message(endpoint, &e)));
-        }
+    let uri = format!("{SIGN_PATH}?{qs}");
+    let path = upload.to_owned();
+    let make = move || {
+        counter.set_position(0);
+        let counter = counter.clone();
+        let body = match std::fs::File::open(&path) {
+            Ok(f) => StreamBody::new(
+                tokio_util::io::ReaderStream::with_capacity(
+                    tokio::fs::File::from_std(f),
+                    256 << 10,
+                )
+                .map_ok(move |chunk: Bytes| {
+                    counter.inc(chunk.len() as u64);
+                    if counter.position() >= counter.length().unwrap_or(u64::MAX) {
+                        counter.set_message("signing on the token");
+                    }
+                    Frame::data(chunk)
+                }),
+            )
+            .boxed(),
+            Err(e) => StreamBody::new(futures_util::stream::once(async move {
+                Err::<Frame<Bytes>, _>(e)
+            }))
+            .boxed(),
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = uri.parse().unwrap_or_default();
+        req.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/octet-stream"),
+        );
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, header::HeaderValue::from(size));
+        req
     };
-    outcome.job = resp
-        .headers()
-        .get("x-signet-job")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    if !resp.status().is_success() {
-        progress.finish();
-        return Err(client::error_body(endpoint, resp).await.into());
-    }
-    let mut out = tokio::fs::File::create(received)
-        .await
-        .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
-    let mut body = resp.into_body();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            progress.finish();
-            unavailable(format!(
-                "the connection to {endpoint} broke while receiving the signed file: {e}"
-            ))
-        })?;
-        if let Ok(data) = frame.into_data() {
-            outcome.bytes_received += data.len() as u64;
-            out.write_all(&data)
-                .await
-                .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
+    let mut collector = collect::Collector::new(
+        endpoint,
+        key,
+        shown_as.display().to_string(),
+        progress.bar.clone(),
+        reconnect_for,
+    );
+    let mut answer = collector.run(make).await;
+    loop {
+        outcome.bytes_sent = progress.bar.position();
+        outcome.job = collector.job.clone();
+        let resp = match answer {
+            Ok(collect::Answer::Result(r)) => r,
+            Ok(collect::Answer::Error(e)) => {
+                progress.finish();
+                return Err(e.into());
+            }
+            Err(e) => {
+                progress.finish();
+                return Err(unavailable(gone_message(
+                    endpoint,
+                    outcome.job.as_deref(),
+                    &e,
+                )));
+            }
+        };
+        outcome.bytes_received = 0;
+        match receive(resp, received, outcome).await {
+            Ok(()) => break,
+            Err(Received::Local(f)) => {
+                progress.finish();
+                return Err(f);
+            }
+            Err(Received::Broke(e)) => {
+                let broke = ClientError::Protocol {
+                    endpoint: endpoint.clone(),
+                    detail: format!("the connection broke while receiving the signed file: {e}"),
+                };
+                if !collector.may_retry() {
+                    progress.finish();
+                    return Err(unavailable(format!(
+                        "the connection to {endpoint} broke while receiving the signed file: {e}"
+                    )));
+                }
+                answer = match collector.away(&broke).await {
+                    Ok(()) => collector.collect().await,
+                    Err(e) => Err(e),
+                };
+            }
         }
     }
     progress.finish();
-    out.sync_all()
-        .await
-        .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
     Ok(())
+}
+
+/// Why a result was not received.
+enum Received {
+    /// The connection broke: the result may be collected again.
+    Broke(String),
+    /// It cannot be written here.
+    Local(Failure),
+}
+
+/// Writes a result's body to `received` (fsync'd).
+async fn receive(
+    resp: http::Response<hyper::body::Incoming>,
+    received: &Path,
+    outcome: &mut Outcome,
+) -> Result<(), Received> {
+    let local = |e: std::io::Error| {
+        Received::Local(bad_input(format!("cannot write the signed file: {e}")))
+    };
+    let mut out = tokio::fs::File::create(received).await.map_err(local)?;
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Received::Broke(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            outcome.bytes_received += data.len() as u64;
+            out.write_all(&data).await.map_err(local)?;
+        }
+    }
+    out.sync_all().await.map_err(local)
 }
 
 /// Runs `osslsigncode ARGS... INPUT -out OUTPUT`; on failure returns its stderr.

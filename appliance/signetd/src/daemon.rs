@@ -50,6 +50,9 @@ pub struct Job {
     /// The largest input the profile takes, in bytes.
     pub max_input_size: u64,
     pub agent_query: AgentSignQuery,
+    /// The request as the caller asked it, its profile resolved: what an
+    /// idempotency key is bound to, with the body.
+    pub asked: SignQuery,
 }
 
 impl Daemon {
@@ -247,6 +250,10 @@ impl Daemon {
         };
         tracing::info!(%caller, profile = name, file = filename.as_deref().unwrap_or("-"), "request accepted");
         Ok(Job {
+            asked: SignQuery {
+                profile: Some(name.to_owned()),
+                ..query.clone()
+            },
             profile: name.to_owned(),
             caller: caller.clone(),
             max_input_size: self.cfg.max_input_size(profile),

@@ -28,10 +28,6 @@ use crate::serve::OverTls;
 use crate::store::Kind;
 use signet_protocol::batch;
 
-/// How much of a refused upload is read and dropped so the client gets to read the
-/// error instead of a broken pipe.
-const DRAIN_LIMIT: usize = 64 << 20;
-
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route(SIGN_PATH, post(sign))
@@ -161,7 +157,10 @@ fn v1_query(query: Result<Query<SignQuery>, QueryRejection>) -> Result<SignQuery
     query.map(|Query(q)| q).map_err(|e| {
         ErrorBody::new(
             ErrorCode::BadRequest,
-            format!("bad query: {}", e.body_text()),
+            format!(
+                "bad query: {}; the parameters are profile, filename, description, url, mode (whole|digest) and response (complete|pkcs7)",
+                e.body_text()
+            ),
         )
     })
 }
@@ -211,7 +210,10 @@ async fn job(
         Ok(started) => started,
         Err(e) => {
             daemon.refuse(&who, transport, profile.as_deref(), filename.as_deref(), &e);
-            drain(body).await;
+            // Answered at once, from the headers: the body is not read first. The
+            // connection then reads and drops what the client still sends before it
+            // closes (`serve`), so the client reads this answer, not a reset.
+            drop(body);
             return e.into_response();
         }
     };
@@ -238,6 +240,7 @@ async fn job(
         Ok(id) => id,
         Err(e) => {
             let e = tripped.error(job.max_input_size, idle).unwrap_or(e);
+            tracing::info!(caller = %job.caller.key(), transport, profile = %job.profile, code = %e.code, "upload refused part-way: {}", e.message);
             return e.into_response();
         }
     };
@@ -478,15 +481,4 @@ fn hold_until_sent(resp: Response, slot: crate::policy::Slot) -> Response {
         chunk
     });
     Response::from_parts(parts, Body::from_stream(stream))
-}
-
-async fn drain(body: Body) {
-    let mut stream = body.into_data_stream();
-    let mut seen = 0usize;
-    while let Some(Ok(chunk)) = stream.next().await {
-        seen += chunk.len();
-        if seen > DRAIN_LIMIT {
-            break;
-        }
-    }
 }
