@@ -10,6 +10,7 @@ use signet_tests::*;
 
 mod dbus;
 mod doctor;
+mod exactly_once;
 mod formats;
 mod jobs_api;
 mod operator;
