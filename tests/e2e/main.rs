@@ -341,8 +341,11 @@ fn agent_not_running_gives_exit_6_with_the_reason() {
     let out = signet(&ep, &["sign", file.to_str().unwrap()]);
     assert_eq!(code(&out), 6, "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("agent is not reachable"),
-        "{}",
+        stderr(&out).contains("agent is not reachable")
+            && stderr(&out).contains("signet-agent is not running")
+            && stderr(&out).contains("signetd's log")
+            && !stderr(&out).contains("signet status"),
+        "says what is down and where to look: {}",
         stderr(&out)
     );
     assert!(
@@ -373,6 +376,22 @@ fn daemon_not_running_gives_exit_6_with_the_fix() {
     );
     let out = signet(&ep, &["status"]);
     assert_eq!(code(&out), 6);
+    // --json prints a document even then.
+    let out = signet(&ep, &["status", "--json"]);
+    assert_eq!(code(&out), 6);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&doc["reachable"], &doc["signing_works"]),
+        (&false.into(), &false.into()),
+        "{doc}"
+    );
+    assert!(
+        doc["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach the Signet daemon"),
+        "{doc}"
+    );
 }
 
 #[test]

@@ -810,6 +810,12 @@ async fn osslsigncode<S: AsRef<std::ffi::OsStr>>(
 
 /// The message for a daemon that cannot be reached, with the fix.
 pub fn unreachable_message(endpoint: &Endpoint, e: &ClientError) -> String {
+    if let ClientError::Connect(t) = e {
+        if t.io().kind() == std::io::ErrorKind::InvalidData {
+            // The daemon answered; its certificate is the problem, and the error says how.
+            return format!("cannot use the Signet daemon at {endpoint}: {}", t.io());
+        }
+    }
     let hint = match endpoint {
         Endpoint::Vsock { .. } => "is signetd running on the host, and does this VM have a vsock device (args: -device vhost-vsock-pci,guest-cid=<VMID>)? Choose another endpoint with --endpoint or SIGNET_ENDPOINT",
         Endpoint::VsockUds { .. } => "is the VM's hybrid-vsock backend (vhost-device-vsock, Firecracker, Cloud Hypervisor) running with that uds-path, and signetd listening on the port? Choose another endpoint with --endpoint or SIGNET_ENDPOINT",

@@ -373,7 +373,7 @@ impl Daemon {
         tracing::warn!(agent = %self.cfg.agent, error = %e, "the signing agent is not reachable; {hint}");
         ErrorBody::new(
             ErrorCode::AgentUnavailable,
-            "the signing VM's agent is not reachable; nothing was signed. The appliance's operator sees why in `signet status` on the host and in signetd's log",
+            "the signing VM's agent is not reachable (the signing VM is down or signet-agent is not running in it); nothing is signed until it is back. Why is in signetd's log on the Proxmox host (journalctl -u signetd)",
         )
         // A signing VM that reboots comes back: jobs wait for it until their deadline.
         .retryable(true)
@@ -392,7 +392,7 @@ pub fn unix_now() -> i64 {
 /// input) pass through; the appliance's own faults are told without its internals
 /// (paths, endpoints), which go to the log with the job id.
 pub fn client_view(job: &str, e: ErrorBody) -> ErrorBody {
-    let operator = format!("the appliance's operator sees details in `signet status` on the host and in signetd's log (job {job})");
+    let operator = format!("the appliance's operator finds the details in signetd's log on the Proxmox host (journalctl -u signetd, job {job})");
     let message = match e.code {
         ErrorCode::PinRejected => format!("the appliance's token refused its configured PIN, which will not be tried again; nothing was signed. {operator}"),
         ErrorCode::PinNeeded => format!("the appliance's signing agent has no token PIN yet; nothing was signed. {operator}"),
