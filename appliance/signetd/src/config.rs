@@ -653,7 +653,9 @@ mod tests {
         let uncommented: String = text
             .lines()
             .map(|l| match l.strip_prefix("# ") {
-                Some(rest) if rest.starts_with("token = ") => rest.to_owned(),
+                Some(rest) if rest.starts_with("token = ") || rest.starts_with("pin_file = ") => {
+                    rest.to_owned()
+                }
                 _ => l.to_owned(),
             })
             .collect::<Vec<_>>()
@@ -662,6 +664,11 @@ mod tests {
         assert_eq!(
             c.profiles["release"].token.as_deref(),
             Some("0123456789abcdef")
+        );
+        // pin_file is a top-level key: uncommented where it stands, it is signetd's.
+        assert_eq!(
+            c.pin_file.as_deref(),
+            Some(Path::new("/etc/signet/token.pin"))
         );
     }
 
