@@ -17,6 +17,7 @@ mod passthrough;
 mod queue;
 mod recovery;
 mod shutdown;
+mod state;
 
 mod agent_token;
 mod plugin;

@@ -413,6 +413,14 @@ impl Daemon {
         }
     }
 
+    /// Job `id`'s result was streamed out whole: it stops counting against the spool
+    /// quota (a copy stays for a retry while there is room, see [`crate::store`]).
+    pub fn delivered(&self, id: &str) {
+        if self.engine().store.delivered(id) {
+            tracing::debug!(job = id, "result delivered");
+        }
+    }
+
     /// A job's state, its place in the queue and an estimate.
     pub fn job(&self, id: &str, caller: &Caller) -> Result<JobView, ErrorBody> {
         let row = self.caller_job(id, caller)?;
@@ -504,9 +512,17 @@ impl Daemon {
                 if row.result_gone {
                     return Err(expired());
                 }
-                let file = tokio::fs::File::open(self.engine().store.output_path(id))
-                    .await
-                    .map_err(|_| expired())?;
+                let store = &self.engine().store;
+                let file = match tokio::fs::File::open(store.output_path(id)).await {
+                    Ok(f) => f,
+                    // Delivered once already: the copy kept for a retry, while it lasts.
+                    Err(_) => tokio::fs::File::open(store.delivered_path(id)).await.map_err(|_| {
+                        ErrorBody::new(
+                            ErrorCode::ResultExpired,
+                            format!("job {id} was signed and its result delivered; the copy kept for a retry is gone (kept at most {} s, and dropped sooner when the spool needs the room); sign the file again", self.config().queue.result_ttl_seconds),
+                        )
+                    })?,
+                };
                 Ok(Delivery {
                     id: row.id,
                     kind: row.kind,
@@ -651,6 +667,7 @@ impl Daemon {
                     for id in ids {
                         store.remove_spooled(&store.output_path(&id));
                         store.remove_spooled(&store.input_path(&id));
+                        store.remove_spooled(&store.delivered_path(&id));
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "expired results could not be removed"),

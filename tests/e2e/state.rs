@@ -1,0 +1,82 @@
+//! The appliance's own state under stress: the spool quota counts what waits, a full
+//! disk is `spool_full`, stopping is bounded, the state database and the audit chain
+//! are checked at start, a refused PIN stays refused across restarts, and the agent's
+//! job directories do not outlive a crash.
+
+use super::*;
+
+/// Agent and daemon on unix sockets, with `extra` after the one profile.
+fn appliance(w: &mut World, agent_config: &str, extra: &str) -> Endpoint {
+    let pin = w.path("pin");
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+        agent_config,
+    );
+    w.start_daemon_with(
+        &[&format!("unix:{}", w.path("signetd.sock").display())],
+        &agent,
+        &format!("[profiles.release]\ndescription = \"Signet test\"\n{extra}"),
+    )
+    .remove(0)
+}
+
+/// The fixture PE grown to `len` bytes (data after the image, which Authenticode covers).
+fn pe_of(w: &World, len: usize) -> Vec<u8> {
+    let mut pe = std::fs::read(w.path("hello.exe")).unwrap();
+    pe.resize(len.max(pe.len()), 0);
+    pe
+}
+
+/// `POST path` with `body`; answers the status, the job id and the whole answer.
+fn post_file(ep: &Endpoint, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    use http_body_util::{BodyExt, Full};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let req = http::Request::post(path)
+            .body(Full::new(bytes::Bytes::copy_from_slice(body)))
+            .unwrap();
+        let resp = signet_protocol::client::send(ep, req).await.unwrap();
+        let status = resp.status().as_u16();
+        let id = resp
+            .headers()
+            .get("x-signet-job")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, id, body.to_vec())
+    })
+}
+
+#[test]
+fn delivered_results_do_not_fill_the_spool() {
+    let mut w = World::new();
+    let ep = appliance(&mut w, "", "[queue]\nspool_quota_mb = 3\n");
+    // Five in a row, each 0.9 MiB in and out: 9 MiB through a 3 MiB spool.
+    let pe = pe_of(&w, 943_718);
+    let mut last = String::new();
+    for i in 0..5 {
+        let name = format!("big{i}.exe");
+        let (status, id, signed) = post_file(&ep, &format!("/v1/sign?filename={name}"), &pe);
+        assert_eq!(
+            status,
+            200,
+            "job {i}: {}",
+            String::from_utf8_lossy(&signed[..signed.len().min(400)])
+        );
+        let f = w.file(&name, &signed);
+        assert!(verify(&w, &f).0, "job {i}");
+        last = id;
+    }
+    // The newest result is still there for a client that lost it.
+    let (status, again) = fetch(&ep, &format!("/v1/jobs/{last}/result"));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&again));
+    let (_, st) = call_json(&ep, "GET", "/v1/status", None);
+    assert_eq!(st["queue"]["spool_used_bytes"], 0, "{st:#}");
+}
