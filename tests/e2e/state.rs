@@ -80,3 +80,94 @@ fn delivered_results_do_not_fill_the_spool() {
     let (_, st) = call_json(&ep, "GET", "/v1/status", None);
     assert_eq!(st["queue"]["spool_used_bytes"], 0, "{st:#}");
 }
+
+/// A small tmpfs mounted for one test, lazily unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// `None` when this test does not run as root (mounting needs it).
+    fn mount(at: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("not root: no tmpfs to fill, the disk-full path is left to the unit tests");
+            return None;
+        }
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {}", stderr(&out));
+        Some(SmallDisk(at.to_owned()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Sends `body` with its `Content-Length` over a plain unix stream, writing on even
+/// when the daemon answers early; answers the daemon's whole answer as text.
+fn raw_post(ep: &Endpoint, path: &str, body: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let Endpoint::Unix(sock) = ep else {
+        panic!("{ep}")
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: signet\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    if s.write_all(head.as_bytes()).is_ok() {
+        for chunk in body.chunks(64 << 10) {
+            if s.write_all(chunk).is_err() {
+                break;
+            }
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn a_full_disk_is_spool_full_and_says_so() {
+    let mut w = World::new();
+    let state = w.path("state");
+    let Some(_disk) = SmallDisk::mount(&state, "3m") else {
+        return;
+    };
+    let ep = appliance(&mut w, "", "");
+    // 6 MiB through a 3 MiB disk, with the quota far above it.
+    let answer = raw_post(&ep, "/v1/sign?filename=big.exe", &pe_of(&w, 6 << 20));
+    assert!(
+        answer.starts_with("HTTP/1.1 507") && answer.contains("\"spool_full\""),
+        "{answer}"
+    );
+    assert!(answer.contains("disk is full"), "{answer}");
+    assert!(!answer.contains("database or disk"), "{answer}");
+    assert!(
+        w.log("signetd")
+            .contains("the disk of the state directory is full"),
+        "{}",
+        w.log("signetd")
+    );
+    // The room is given back: a file that fits signs.
+    let f = w.pe("small.exe");
+    let out = signet(&ep, &["sign", f.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&w, &f).0);
+}

@@ -104,6 +104,17 @@ fn internal(job: &str, what: &str, e: &dyn std::fmt::Display) -> ErrorBody {
     )
 }
 
+/// The disk under the state directory is full: the caller may send again later; the
+/// operator is told where.
+fn disk_full(state_dir: &Path, job: &str, e: &dyn std::fmt::Display) -> ErrorBody {
+    tracing::error!(job, error = %e, state_dir = %state_dir.display(), "the disk of the state directory is full; free space on it (old logs, other files) or move state_dir to a bigger disk");
+    ErrorBody::new(
+        ErrorCode::SpoolFull,
+        "the appliance's disk is full, so this upload cannot be spooled; nothing was signed, send it again later. The appliance's operator sees where in signetd's log",
+    )
+    .retryable(true)
+}
+
 impl Engine {
     /// Opens the store under the configured state directory and recovers what a crash
     /// left: uploads cut short fail, jobs queued or at the agent are queued again.
@@ -338,7 +349,11 @@ impl Daemon {
             }
             Err(e) => {
                 store.release(reserved);
-                return Err(internal("-", "recording the job", &e));
+                return Err(if e.disk_full() {
+                    disk_full(&self.config().state_dir, "-", &e)
+                } else {
+                    internal("-", "recording the job", &e)
+                });
             }
         };
         tracing::info!(job = %id, %caller, profile = %job.profile, file = job.agent_query.filename.as_deref().unwrap_or("-"), "job accepted");
@@ -355,6 +370,9 @@ impl Daemon {
                         ErrorCode::TruncatedInput,
                         format!("the upload broke off before the end ({e}); nothing was signed, send it again"),
                     ),
+                    Spool::Disk(e) if store::io_disk_full(&e) => {
+                        disk_full(&self.config().state_dir, &id, &e)
+                    }
                     Spool::Disk(e) => internal(&id, "spooling the input", &e),
                 };
                 if let Ok(Some(row)) = store.get(&id) {
@@ -370,9 +388,13 @@ impl Daemon {
                 return Err(e);
             }
         };
-        store
-            .queued(&id, &sha, n)
-            .map_err(|e| internal(&id, "queueing the job", &e))?;
+        store.queued(&id, &sha, n).map_err(|e| {
+            if e.disk_full() {
+                disk_full(&self.config().state_dir, &id, &e)
+            } else {
+                internal(&id, "queueing the job", &e)
+            }
+        })?;
         lock(&engine.sched).queue.push(&caller, &id);
         engine.wake.notify_one();
         Ok(id)

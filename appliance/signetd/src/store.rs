@@ -37,6 +37,30 @@ pub enum StoreError {
     Audit(#[from] audit::AuditError),
 }
 
+impl StoreError {
+    /// Whether the disk under the state directory is full (SQLite's `SQLITE_FULL`,
+    /// or `ENOSPC`/`EDQUOT` from a file).
+    pub fn disk_full(&self) -> bool {
+        match self {
+            StoreError::Db(e) | StoreError::Audit(audit::AuditError::Db(e)) => db_disk_full(e),
+            StoreError::Io(e) => io_disk_full(e),
+            _ => false,
+        }
+    }
+}
+
+/// Whether SQLite said the disk is full.
+pub fn db_disk_full(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+}
+
+/// Whether a file operation failed for want of space (`ENOSPC`, or `EDQUOT`: a quota).
+pub fn io_disk_full(e: &std::io::Error) -> bool {
+    /// Linux's `EDQUOT`.
+    const EDQUOT: i32 = 122;
+    e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(EDQUOT)
+}
+
 /// What a job asks of the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
@@ -709,6 +733,23 @@ mod tests {
         assert_eq!(got, [ids[1].clone(), ids[0].clone(), ids[2].clone()]);
         assert!(!got.contains(&ids[3]));
         assert_eq!(store.ended(1).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_full_disk_is_told_apart_from_other_faults() {
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        );
+        assert!(StoreError::Db(full).disk_full());
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        assert!(!StoreError::Db(busy).disk_full());
+        assert!(io_disk_full(&std::io::Error::from_raw_os_error(28)));
+        assert!(io_disk_full(&std::io::Error::from_raw_os_error(122)));
+        assert!(!io_disk_full(&std::io::Error::from_raw_os_error(13)));
     }
 
     #[test]
