@@ -171,3 +171,45 @@ fn a_full_disk_is_spool_full_and_says_so() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(verify(&w, &f).0);
 }
+
+/// The agent's job directories in its spool directory (the test's directory).
+fn job_dirs(w: &World) -> Vec<String> {
+    std::fs::read_dir(w.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("signet-job-"))
+        .collect()
+}
+
+#[test]
+fn an_agent_killed_mid_job_leaves_no_job_directory_after_its_restart() {
+    let mut w = World::new();
+    let signer = HeldSigner::new(&w);
+    let ep = appliance(&mut w, &signer.agent_config(), "");
+    let pe = std::fs::read(w.pe("k.exe")).unwrap();
+    let id = sign_async(&ep, "k.exe", &pe);
+    wait_until("the job is at the signer", || signer.held.exists());
+    assert_eq!(job_dirs(&w).len(), 1, "the job's directory");
+    w.kill("signet-agent");
+    assert_eq!(job_dirs(&w).len(), 1, "left by the crash");
+
+    signer.release();
+    w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &w.path("pin"),
+        &[],
+        &signer.agent_config(),
+    );
+    assert!(
+        w.log("signet-agent")
+            .contains("removed the job directories a previous run left"),
+        "{}",
+        w.log("signet-agent")
+    );
+    // The host runs the job again, in a directory that goes when it ends.
+    let (status, body) = fetch(&ep, &format!("/v1/jobs/{id}/result"));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(verify(&w, &w.file("k-signed.exe", &body)).0);
+    wait_until("no job directory is left", || job_dirs(&w).is_empty());
+}

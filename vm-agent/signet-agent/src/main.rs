@@ -76,6 +76,13 @@ async fn main() -> anyhow::Result<()> {
     let cfg = Config::load(&cli.config)?;
     let listen = cfg.listen.clone();
     let agent = Arc::new(Agent::new(cfg).await?);
+    let left = agent.clean_spool();
+    if left > 0 {
+        tracing::warn!(
+            directories = left,
+            "removed the job directories a previous run left (it stopped mid-job; they may have held signed copies without an audit record, and the host runs those jobs again)"
+        );
+    }
     let listener = Listener::bind(&listen).await?;
     let health = agent.open_token().await;
     match health.state {
