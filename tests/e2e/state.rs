@@ -213,3 +213,167 @@ fn an_agent_killed_mid_job_leaves_no_job_directory_after_its_restart() {
     assert!(verify(&w, &w.file("k-signed.exe", &body)).0);
     wait_until("no job directory is left", || job_dirs(&w).is_empty());
 }
+
+/// A request sent on a thread of its own: the answer's status and body as text.
+fn in_background(
+    ep: &Endpoint,
+    method: &'static str,
+    path: String,
+    body: Vec<u8>,
+) -> std::thread::JoinHandle<(u16, String)> {
+    let ep = ep.clone();
+    std::thread::spawn(move || {
+        let (status, v) = call(&ep, method, &path, body);
+        (status, v.to_string())
+    })
+}
+
+#[test]
+fn sigterm_stops_signetd_within_its_bound_and_the_queue_survives() {
+    let mut w = World::new();
+    let signer = HeldSigner::new(&w);
+    let ep = appliance(
+        &mut w,
+        &signer.agent_config(),
+        "[shutdown]\nlogind = \"none\"\nstop_seconds = 3\n",
+    );
+    let pe = std::fs::read(w.pe("t.exe")).unwrap();
+    // Job A at the token (held: it will not end before the bound), job B behind it
+    // with its caller waiting, and a big upload that is still coming.
+    let a = sign_async(&ep, "a.exe", &pe);
+    wait_until("job A is at the signer", || signer.held.exists());
+    let b = sign_async(&ep, "b.exe", &pe);
+    let waiting = in_background(&ep, "GET", format!("/v1/jobs/{b}/result"), Vec::new());
+    let Endpoint::Unix(sock) = &ep else { panic!() };
+    let mut upload = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    {
+        use std::io::Write;
+        upload
+            .write_all(b"POST /v1/sign?filename=huge.exe HTTP/1.1\r\nHost: signet\r\nContent-Length: 314572800\r\n\r\n")
+            .unwrap();
+        upload.write_all(&vec![b'M'; 1 << 20]).unwrap();
+    }
+    wait_until("the upload is being spooled", || {
+        w.log("signetd").contains("huge.exe")
+    });
+
+    // Stopped while the token is busy and a client is mid-upload: within the bound.
+    let status = w.sigterm("signetd", STOP_WAIT);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "signetd did not stop by itself ({status:?}); its log:\n{}",
+        w.log("signetd")
+    );
+    let log = w.log("signetd");
+    assert!(
+        log.contains(&format!("job = {a}")) || log.contains(&format!("job={a}")),
+        "{log}"
+    );
+    assert!(
+        log.contains("stopping with a job still at the agent"),
+        "{log}"
+    );
+    // The waiting caller was told its job stays queued; the upload got an answer.
+    let (status, body) = waiting.join().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("shutting_down") && body.contains(&format!("job {b} stays queued")),
+        "{body}"
+    );
+    let mut answer = String::new();
+    {
+        use std::io::Read;
+        let _ = upload.read_to_string(&mut answer);
+    }
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 503") && answer.contains("shutting_down"),
+        "{answer}"
+    );
+
+    // After the restart both jobs are signed.
+    let ep = w.restart_daemon().remove(0);
+    signer.release();
+    for id in [&a, &b] {
+        let (status, body) = fetch(&ep, &format!("/v1/jobs/{id}/result"));
+        assert_eq!(status, 200, "job {id}: {}", String::from_utf8_lossy(&body));
+        assert!(
+            verify(&w, &w.file(&format!("job-{id}.exe"), &body)).0,
+            "job {id}"
+        );
+    }
+}
+
+#[test]
+fn while_stopping_new_work_is_refused_at_once() {
+    let mut w = World::new();
+    let signer = HeldSigner::new(&w);
+    let ep = appliance(
+        &mut w,
+        &signer.agent_config(),
+        "[shutdown]\nlogind = \"none\"\nstop_seconds = 60\n",
+    );
+    let pe = std::fs::read(w.pe("t.exe")).unwrap();
+    let a = sign_async(&ep, "a.exe", &pe);
+    wait_until("job A is at the signer", || signer.held.exists());
+    let pid = signetd_pid(&w);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until("signetd stops taking work", || {
+        w.log("signetd").contains("taking no new jobs")
+    });
+    // signetd waits for job A (up to its bound) and meanwhile refuses new work.
+    let (status, body) = call(&ep, "POST", "/v1/sign?filename=n.exe", pe.clone());
+    assert_eq!(
+        (status, &body["code"]),
+        (503, &"shutting_down".into()),
+        "{body}"
+    );
+    // Job A ends: signetd stops at once, its result kept.
+    signer.release();
+    let status = w.sigterm("signetd", STOP_WAIT);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let ep = w.restart_daemon().remove(0);
+    let (_, view) = call_json(&ep, "GET", &format!("/v1/jobs/{a}"), None);
+    assert_eq!(view["state"], "signed", "{view}");
+}
+
+/// The longest a test waits for a process told to stop, before it fails: far above
+/// any bound the tests set.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// signetd's pid, from the test's process table (the world started one).
+fn signetd_pid(w: &World) -> nix::unistd::Pid {
+    let conf = w.path("signetd.toml");
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        if args.first().is_some_and(|a| a.ends_with(b"signetd"))
+            && args
+                .iter()
+                .any(|a| *a == conf.as_os_str().as_encoded_bytes())
+        {
+            return nix::unistd::Pid::from_raw(e.file_name().to_str().unwrap().parse().unwrap());
+        }
+    }
+    panic!("signetd is not running")
+}
+
+#[test]
+fn the_agent_stops_promptly_with_the_hosts_event_stream_open() {
+    let mut w = World::new();
+    let ep = appliance(&mut w, "", "");
+    // signetd follows the agent's events; a test reader holds a second stream.
+    let agent = Endpoint::Unix(w.path("agent.sock"));
+    let _events = Events::follow(&agent);
+    wait_until("signetd follows the agent", || {
+        let (_, st) = call_json(&ep, "GET", "/v1/status", None);
+        st["signing_works"] == true
+    });
+    let status = w.sigterm("signet-agent", STOP_WAIT);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the agent did not stop by itself ({status:?}); its log:\n{}",
+        w.log("signet-agent")
+    );
+}

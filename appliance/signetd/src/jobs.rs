@@ -70,6 +70,9 @@ pub(crate) struct Engine {
     token: Mutex<Option<(Option<String>, Option<String>)>>,
     /// Set while the host shuts down: no new jobs, the worker starts none.
     draining: std::sync::atomic::AtomicBool,
+    /// signetd is stopping ([`Daemon::stop`]): uploads are cut, waiting requests are
+    /// told their job stays queued — all but the job at the token's until `Closing`.
+    stopping: watch::Sender<Stopping>,
     /// Notified whenever the worker ends a job.
     idle: Notify,
     /// The id of every job that ends (signed, failed, cancelled), for D-Bus signals.
@@ -80,6 +83,16 @@ pub(crate) struct Engine {
     /// Jobs that ended in the crash recovery at start (uploads cut short), before
     /// anything could listen to `finished`: the D-Bus front announces them first.
     ended_at_start: Vec<String>,
+}
+
+/// Where signetd is in stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Stopping {
+    No,
+    /// New work is refused; the job at the token may end.
+    Draining,
+    /// Every waiting request is answered; the process ends.
+    Closing,
 }
 
 /// A finished job's result, ready to stream.
@@ -127,6 +140,7 @@ impl Engine {
             done: Mutex::default(),
             token: Mutex::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            stopping: watch::channel(Stopping::No).0,
             idle: Notify::new(),
             finished: tokio::sync::broadcast::channel(256).0,
             agent_epoch: watch::channel(0).0,
@@ -292,7 +306,7 @@ impl Daemon {
         if engine.draining.load(std::sync::atomic::Ordering::SeqCst) {
             let e = ErrorBody::new(
                 ErrorCode::ShuttingDown,
-                "the appliance's host is shutting down or rebooting; nothing was uploaded or signed, send it again in a few minutes",
+                "the appliance is stopping (signetd restarts, or its host shuts down or reboots); nothing was uploaded or signed, send it again in a few minutes",
             )
             .retryable(true);
             self.refuse(
@@ -358,7 +372,13 @@ impl Daemon {
         };
         tracing::info!(job = %id, %caller, profile = %job.profile, file = job.agent_query.filename.as_deref().unwrap_or("-"), "job accepted");
         let path = store.input_path(&id);
-        let spooled = spool(store, &path, body, &mut reserved).await;
+        let spooled = {
+            let mut stop = engine.stopping.subscribe();
+            tokio::select! {
+                s = spool(store, &path, body, &mut reserved) => s,
+                _ = stop.wait_for(|s| *s != Stopping::No) => Err(Spool::Stopped),
+            }
+        };
         store.release(reserved);
         let (sha, n) = match spooled {
             Ok(done) => done,
@@ -370,6 +390,11 @@ impl Daemon {
                         ErrorCode::TruncatedInput,
                         format!("the upload broke off before the end ({e}); nothing was signed, send it again"),
                     ),
+                    Spool::Stopped => ErrorBody::new(
+                        ErrorCode::ShuttingDown,
+                        "signetd is stopping (a restart, or the host's shutdown) and this upload was cut short; nothing was signed, send it again in a few minutes",
+                    )
+                    .retryable(true),
                     Spool::Disk(e) if store::io_disk_full(&e) => {
                         disk_full(&self.config().state_dir, &id, &e)
                     }
@@ -415,11 +440,24 @@ impl Daemon {
                 .flatten()
                 .is_none_or(|r| r.state.is_final())
         };
-        if !ended(engine) {
-            let _ = rx.wait_for(|d| *d).await;
-        }
-        if ended(engine) {
-            lock(&engine.done).remove(id);
+        let mut stop = engine.stopping.subscribe();
+        loop {
+            if ended(engine) {
+                lock(&engine.done).remove(id);
+                return;
+            }
+            // Stopping: only the job at the token is waited for, and only while it
+            // may still end.
+            let at_token = lock(&engine.sched).running.as_deref() == Some(id);
+            match *stop.borrow_and_update() {
+                Stopping::No => {}
+                Stopping::Draining if at_token => {}
+                _ => return,
+            }
+            tokio::select! {
+                _ = rx.wait_for(|d| *d) => {}
+                r = stop.changed() => if r.is_err() { return },
+            }
         }
     }
 
@@ -558,6 +596,11 @@ impl Daemon {
             JobState::Failed | JobState::Cancelled => Err(row.error.unwrap_or_else(|| {
                 ErrorBody::new(ErrorCode::Internal, format!("job {id} failed"))
             })),
+            JobState::Queued | JobState::Running if self.stopping() => Err(ErrorBody::new(
+                ErrorCode::ShuttingDown,
+                format!("signetd is stopping (a restart, or the host's shutdown); job {id} stays queued and is signed once it is back: collect it then with GET /v1/jobs/{id}/result"),
+            )
+            .retryable(true)),
             state => Err(ErrorBody::new(
                 ErrorCode::BadRequest,
                 format!("job {id} is {} and has no result yet", state.as_str()),
@@ -608,6 +651,33 @@ impl Daemon {
                 _ = tokio::time::sleep_until(deadline) => return lock(&engine.sched).running.is_none(),
             }
         }
+    }
+
+    /// Stops signetd's work within `bound` (SIGTERM): new work is refused at once
+    /// (`shutting_down`), uploads in progress are cut, requests waiting for a queued
+    /// job are told it stays queued, the job at the token gets until `bound` to end;
+    /// then every waiting request is answered. Queued jobs stay on disk and run after
+    /// the restart; a job still at the agent runs again then. Answers whether the job
+    /// at the token (if any) ended.
+    pub async fn stop(&self, bound: Duration) -> bool {
+        let engine = self.engine();
+        engine.stopping.send_replace(Stopping::Draining);
+        let ended = self.drain(bound).await;
+        let running = lock(&engine.sched).running.clone();
+        engine.stopping.send_replace(Stopping::Closing);
+        let waiting = lock(&engine.sched).queue.len();
+        match running {
+            Some(id) if !ended => {
+                tracing::warn!(job = %id, bound_seconds = bound.as_secs(), waiting, "stopping with a job still at the agent; it runs again after the restart, as do the queued jobs")
+            }
+            _ => tracing::info!(waiting, "stopping; the queued jobs run after the restart"),
+        }
+        ended
+    }
+
+    /// Whether signetd is stopping ([`Daemon::stop`]).
+    pub fn stopping(&self) -> bool {
+        *self.engine().stopping.borrow() != Stopping::No
     }
 
     /// Takes jobs again after [`Daemon::drain`] (a shutdown that was cancelled).
@@ -891,6 +961,7 @@ pub fn rfc3339(ms: u64) -> String {
 
 enum Spool {
     Full,
+    Stopped,
     Broken(axum::Error),
     Disk(std::io::Error),
 }

@@ -127,6 +127,8 @@ pub struct Agent {
     wake: tokio::sync::Notify,
     /// Run before a re-initialisation the host asks for (`token.reinit_command`).
     reinit_command: Option<Vec<String>>,
+    /// Set when the agent stops: open event streams end.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Agent {
@@ -171,7 +173,22 @@ impl Agent {
             events: Arc::new(EventBus::new()),
             next_job: AtomicU64::new(1),
             wake: tokio::sync::Notify::new(),
+            stopping: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    /// The agent stops: event streams end (so a graceful stop does not wait for the
+    /// host's stream, which never ends by itself).
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once [`Agent::stop`] was called.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopping.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
     }
 
     /// Follows what happens to the token and the jobs from now on.

@@ -102,13 +102,32 @@ async fn main() -> anyhow::Result<()> {
             sd_notify::NotifyState::Ready,
         ],
     );
-    let app = signet_agent::server::router(agent);
-    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown())
-        .await
-        .context("serving")?;
-    Ok(())
+    let app = signet_agent::server::router(agent.clone());
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let serving = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown({
+            let agent = agent.clone();
+            async move {
+                shutdown().await;
+                agent.stop();
+                stop_tx.send_replace(true);
+            }
+        });
+    // A job in flight may end within the bound; a connection that stays open after it
+    // (a host that does not close) does not hold the agent.
+    tokio::select! {
+        r = serving => r.context("serving")?,
+        _ = async {
+            let _ = stop_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(STOP_BOUND).await;
+        } => tracing::info!("stopped with connections still open"),
+    }
+    tracing::info!("stopped");
+    std::process::exit(0)
 }
+
+/// How long the agent waits for requests in flight once told to stop.
+const STOP_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs a one-shot command; returns the exit status.
 fn run_command(command: Command, config_path: &std::path::Path) -> anyhow::Result<i32> {
