@@ -18,6 +18,7 @@ mod passthrough;
 mod queue;
 mod recovery;
 mod shutdown;
+mod state;
 
 mod agent_token;
 mod plugin;

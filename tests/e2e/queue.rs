@@ -496,12 +496,17 @@ fn a_daemon_killed_mid_job_and_mid_queue_loses_nothing_and_signs_once() {
     let made = agent_signatures(&w);
     assert!((6..=7).contains(&made), "{made} signatures for 6 jobs");
     assert_eq!(audit_verifies(&w)["ok"], true);
-    // The spool holds results only, no inputs.
+    // The spool holds results only (delivered or not), no inputs.
     let spool: Vec<String> = std::fs::read_dir(w.path("state/spool"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(spool.iter().all(|f| f.ends_with(".out")), "{spool:?}");
+    assert!(
+        spool
+            .iter()
+            .all(|f| f.ends_with(".out") || f.ends_with(".delivered")),
+        "{spool:?}"
+    );
 }
 
 /// Copies the stopped daemon's state to `name/` and answers a configuration for it.

@@ -343,6 +343,25 @@ impl World {
         s
     }
 
+    /// Sends SIGTERM to a child by name and waits up to `within` for it to exit;
+    /// answers its exit status, or `None` when it had not exited by then (it is killed).
+    pub fn sigterm(&mut self, name: &str, within: Duration) -> Option<std::process::ExitStatus> {
+        let i = self.children.iter().position(|(n, _)| n == name)?;
+        let (_, mut child) = self.children.remove(i);
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
     /// Stops a child by name (SIGTERM, then waits).
     pub fn stop(&mut self, name: &str) {
         if let Some(i) = self.children.iter().position(|(n, _)| n == name) {

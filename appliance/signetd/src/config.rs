@@ -77,6 +77,9 @@ pub struct Shutdown {
     pub logind: crate::dbus::Bus,
     /// How long the job at the token may take to end once a shutdown is announced.
     pub grace: std::time::Duration,
+    /// How long signetd may take to stop on SIGTERM (`stop_seconds`): the job at the
+    /// token gets most of it, then waiting clients are told their job stays queued.
+    pub stop: std::time::Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +89,8 @@ struct RawShutdown {
     logind: Option<String>,
     #[serde(default)]
     grace_seconds: Option<u64>,
+    #[serde(default)]
+    stop_seconds: Option<u64>,
 }
 
 /// `[tls]`: endpoints served with TLS, for remote clients with a secret.
@@ -459,6 +464,16 @@ impl Config {
                     .grace_seconds
                     .unwrap_or(crate::shutdown::DEFAULT_GRACE.as_secs()),
             ),
+            stop: match raw.shutdown.stop_seconds {
+                None => crate::shutdown::DEFAULT_STOP,
+                Some(s @ 1..=80) => std::time::Duration::from_secs(s),
+                Some(_) => {
+                    return Err(invalid(
+                        "shutdown.stop_seconds",
+                        "give 1 to 80 seconds, under systemd's 90 s before it kills signetd (default 15)".to_owned(),
+                    ))
+                }
+            },
         };
         if let Some(p) = &raw.pin_file {
             if !p.is_absolute() {
@@ -653,7 +668,9 @@ mod tests {
         let uncommented: String = text
             .lines()
             .map(|l| match l.strip_prefix("# ") {
-                Some(rest) if rest.starts_with("token = ") => rest.to_owned(),
+                Some(rest) if rest.starts_with("token = ") || rest.starts_with("pin_file = ") => {
+                    rest.to_owned()
+                }
                 _ => l.to_owned(),
             })
             .collect::<Vec<_>>()
@@ -662,6 +679,11 @@ mod tests {
         assert_eq!(
             c.profiles["release"].token.as_deref(),
             Some("0123456789abcdef")
+        );
+        // pin_file is a top-level key: uncommented where it stands, it is signetd's.
+        assert_eq!(
+            c.pin_file.as_deref(),
+            Some(Path::new("/etc/signet/token.pin"))
         );
     }
 

@@ -68,6 +68,9 @@ pub(crate) struct Engine {
     token: Mutex<Option<(Option<String>, Option<String>)>>,
     /// Set while the host shuts down: no new jobs, the worker starts none.
     draining: std::sync::atomic::AtomicBool,
+    /// signetd is stopping ([`Daemon::stop`]): uploads are cut, waiting requests are
+    /// told their job stays queued — all but the job at the token's until `Closing`.
+    stopping: watch::Sender<Stopping>,
     /// Notified whenever the worker ends a job.
     idle: Notify,
     /// The id of every job that ends (signed, failed, cancelled), for D-Bus signals.
@@ -78,6 +81,16 @@ pub(crate) struct Engine {
     /// Jobs that ended in the crash recovery at start (uploads cut short), before
     /// anything could listen to `finished`: the D-Bus front announces them first.
     ended_at_start: Vec<String>,
+}
+
+/// Where signetd is in stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Stopping {
+    No,
+    /// New work is refused; the job at the token may end.
+    Draining,
+    /// Every waiting request is answered; the process ends.
+    Closing,
 }
 
 /// A finished job's result, ready to stream.
@@ -102,6 +115,17 @@ fn internal(job: &str, what: &str, e: &dyn std::fmt::Display) -> ErrorBody {
     )
 }
 
+/// The disk under the state directory is full: the caller may send again later; the
+/// operator is told where.
+fn disk_full(state_dir: &Path, job: &str, e: &dyn std::fmt::Display) -> ErrorBody {
+    tracing::error!(job, error = %e, state_dir = %state_dir.display(), "the disk of the state directory is full; free space on it (old logs, other files) or move state_dir to a bigger disk");
+    ErrorBody::new(
+        ErrorCode::SpoolFull,
+        "the appliance's disk is full, so this upload cannot be spooled; nothing was signed, send it again later. The appliance's operator sees where in signetd's log",
+    )
+    .retryable(true)
+}
+
 impl Engine {
     /// Opens the store under the configured state directory and recovers what a crash
     /// left: uploads cut short fail, jobs queued or at the agent are queued again.
@@ -114,6 +138,7 @@ impl Engine {
             done: Mutex::default(),
             token: Mutex::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            stopping: watch::channel(Stopping::No).0,
             idle: Notify::new(),
             finished: tokio::sync::broadcast::channel(256).0,
             agent_epoch: watch::channel(0).0,
@@ -299,7 +324,7 @@ impl Daemon {
         if engine.draining.load(std::sync::atomic::Ordering::SeqCst) {
             let e = ErrorBody::new(
                 ErrorCode::ShuttingDown,
-                "the appliance's host is shutting down or rebooting; nothing was uploaded or signed, send it again in a few minutes",
+                "the appliance is stopping (signetd restarts, or its host shuts down or reboots); nothing was uploaded or signed, send it again in a few minutes",
             )
             .retryable(true);
             self.refuse(
@@ -362,12 +387,22 @@ impl Daemon {
             }
             Err(e) => {
                 store.release(reserved);
-                return Err(internal("-", "recording the job", &e));
+                return Err(if e.disk_full() {
+                    disk_full(&self.config().state_dir, "-", &e)
+                } else {
+                    internal("-", "recording the job", &e)
+                });
             }
         };
         tracing::info!(job = %id, %caller, profile = %job.profile, file = job.agent_query.filename.as_deref().unwrap_or("-"), "job accepted");
         let path = store.input_path(&id);
-        let spooled = spool(store, &path, body, &mut reserved).await;
+        let spooled = {
+            let mut stop = engine.stopping.subscribe();
+            tokio::select! {
+                s = spool(store, &path, body, &mut reserved) => s,
+                _ = stop.wait_for(|s| *s != Stopping::No) => Err(Spool::Stopped),
+            }
+        };
         store.release(reserved);
         let (sha, n) = match spooled {
             Ok(done) => done,
@@ -379,6 +414,14 @@ impl Daemon {
                         ErrorCode::TruncatedInput,
                         format!("the upload broke off before the end ({e}); nothing was signed, send it again"),
                     ),
+                    Spool::Stopped => ErrorBody::new(
+                        ErrorCode::ShuttingDown,
+                        "signetd is stopping (a restart, or the host's shutdown) and this upload was cut short; nothing was signed, send it again in a few minutes",
+                    )
+                    .retryable(true),
+                    Spool::Disk(e) if store::io_disk_full(&e) => {
+                        disk_full(&self.config().state_dir, &id, &e)
+                    }
                     Spool::Disk(e) => internal(&id, "spooling the input", &e),
                 };
                 if let Ok(Some(row)) = store.get(&id) {
@@ -394,9 +437,13 @@ impl Daemon {
                 return Err(e);
             }
         };
-        store
-            .queued(&id, &sha, n)
-            .map_err(|e| internal(&id, "queueing the job", &e))?;
+        store.queued(&id, &sha, n).map_err(|e| {
+            if e.disk_full() {
+                disk_full(&self.config().state_dir, &id, &e)
+            } else {
+                internal(&id, "queueing the job", &e)
+            }
+        })?;
         lock(&engine.sched).queue.push(&caller, &id);
         engine.wake.notify_one();
         Ok(id)
@@ -467,11 +514,24 @@ impl Daemon {
                 .flatten()
                 .is_none_or(|r| r.state.is_final())
         };
-        if !ended(engine) {
-            let _ = rx.wait_for(|d| *d).await;
-        }
-        if ended(engine) {
-            lock(&engine.done).remove(id);
+        let mut stop = engine.stopping.subscribe();
+        loop {
+            if ended(engine) {
+                lock(&engine.done).remove(id);
+                return;
+            }
+            // Stopping: only the job at the token is waited for, and only while it
+            // may still end.
+            let at_token = lock(&engine.sched).running.as_deref() == Some(id);
+            match *stop.borrow_and_update() {
+                Stopping::No => {}
+                Stopping::Draining if at_token => {}
+                _ => return,
+            }
+            tokio::select! {
+                _ = rx.wait_for(|d| *d) => {}
+                r = stop.changed() => if r.is_err() { return },
+            }
         }
     }
 
@@ -484,6 +544,14 @@ impl Daemon {
                 format!("there is no job {id:?} of yours; job ids are in the x-signet-job header of the answer to the request that sent it"),
             )),
             Err(e) => Err(internal(id, "reading the job", &e)),
+        }
+    }
+
+    /// Job `id`'s result was streamed out whole: it stops counting against the spool
+    /// quota (a copy stays for a retry while there is room, see [`crate::store`]).
+    pub fn delivered(&self, id: &str) {
+        if self.engine().store.delivered(id) {
+            tracing::debug!(job = id, "result delivered");
         }
     }
 
@@ -578,9 +646,17 @@ impl Daemon {
                 if row.result_gone {
                     return Err(expired());
                 }
-                let file = tokio::fs::File::open(self.engine().store.output_path(id))
-                    .await
-                    .map_err(|_| expired())?;
+                let store = &self.engine().store;
+                let file = match tokio::fs::File::open(store.output_path(id)).await {
+                    Ok(f) => f,
+                    // Delivered once already: the copy kept for a retry, while it lasts.
+                    Err(_) => tokio::fs::File::open(store.delivered_path(id)).await.map_err(|_| {
+                        ErrorBody::new(
+                            ErrorCode::ResultExpired,
+                            format!("job {id} was signed and its result delivered; the copy kept for a retry is gone (kept at most {} s, and dropped sooner when the spool needs the room); sign the file again", self.config().queue.result_ttl_seconds),
+                        )
+                    })?,
+                };
                 Ok(Delivery {
                     id: row.id,
                     kind: row.kind,
@@ -594,6 +670,11 @@ impl Daemon {
             JobState::Failed | JobState::Cancelled => Err(row.error.unwrap_or_else(|| {
                 ErrorBody::new(ErrorCode::Internal, format!("job {id} failed"))
             })),
+            JobState::Queued | JobState::Running if self.stopping() => Err(ErrorBody::new(
+                ErrorCode::ShuttingDown,
+                format!("signetd is stopping (a restart, or the host's shutdown); job {id} stays queued and is signed once it is back: collect it then with GET /v1/jobs/{id}/result"),
+            )
+            .retryable(true)),
             state => Err(ErrorBody::new(
                 ErrorCode::BadRequest,
                 format!("job {id} is {} and has no result yet", state.as_str()),
@@ -644,6 +725,33 @@ impl Daemon {
                 _ = tokio::time::sleep_until(deadline) => return lock(&engine.sched).running.is_none(),
             }
         }
+    }
+
+    /// Stops signetd's work within `bound` (SIGTERM): new work is refused at once
+    /// (`shutting_down`), uploads in progress are cut, requests waiting for a queued
+    /// job are told it stays queued, the job at the token gets until `bound` to end;
+    /// then every waiting request is answered. Queued jobs stay on disk and run after
+    /// the restart; a job still at the agent runs again then. Answers whether the job
+    /// at the token (if any) ended.
+    pub async fn stop(&self, bound: Duration) -> bool {
+        let engine = self.engine();
+        engine.stopping.send_replace(Stopping::Draining);
+        let ended = self.drain(bound).await;
+        let running = lock(&engine.sched).running.clone();
+        engine.stopping.send_replace(Stopping::Closing);
+        let waiting = lock(&engine.sched).queue.len();
+        match running {
+            Some(id) if !ended => {
+                tracing::warn!(job = %id, bound_seconds = bound.as_secs(), waiting, "stopping with a job still at the agent; it runs again after the restart, as do the queued jobs")
+            }
+            _ => tracing::info!(waiting, "stopping; the queued jobs run after the restart"),
+        }
+        ended
+    }
+
+    /// Whether signetd is stopping ([`Daemon::stop`]).
+    pub fn stopping(&self) -> bool {
+        *self.engine().stopping.borrow() != Stopping::No
     }
 
     /// Takes jobs again after [`Daemon::drain`] (a shutdown that was cancelled).
@@ -725,6 +833,7 @@ impl Daemon {
                     for id in ids {
                         store.remove_spooled(&store.output_path(&id));
                         store.remove_spooled(&store.input_path(&id));
+                        store.remove_spooled(&store.delivered_path(&id));
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "expired results could not be removed"),
@@ -926,6 +1035,7 @@ pub fn rfc3339(ms: u64) -> String {
 
 enum Spool {
     Full,
+    Stopped,
     Broken(axum::Error),
     Disk(std::io::Error),
 }

@@ -514,7 +514,7 @@ async fn main() -> anyhow::Result<()> {
         },
         None => None,
     };
-    let app = signetd::server::router(daemon);
+    let app = signetd::server::router(daemon.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     let web_ui = web.as_ref().map(|w| w.web.clone());
@@ -546,14 +546,30 @@ async fn main() -> anyhow::Result<()> {
         ],
     );
     shutdown().await;
+    // Bounded: new work is refused while the job at the token ends (or not), then
+    // the servers close and whatever is still open is cut.
+    let bound = cfg.shutdown.stop;
+    let close = std::time::Duration::from_secs(1).min(bound / 2);
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    daemon.stop(bound.saturating_sub(close)).await;
     if let Some(web) = &web_ui {
         web.close();
     }
     let _ = stop_tx.send(true);
-    while let Some(r) = servers.join_next().await {
-        r.context("server task")?;
+    let joined = tokio::time::timeout(close, async {
+        while let Some(r) = servers.join_next().await {
+            r.context("server task")?;
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    match joined {
+        Ok(r) => r?,
+        Err(_) => tracing::info!("closing the connections still open"),
     }
-    Ok(())
+    tracing::info!("stopped");
+    // The runtime's threads (a request at the agent, udev) are not waited for.
+    std::process::exit(0)
 }
 
 async fn shutdown() {
@@ -562,5 +578,5 @@ async fn shutdown() {
         _ = tokio::signal::ctrl_c() => {}
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
     }
-    tracing::info!("stopping");
+    tracing::info!("stopping: taking no new work");
 }

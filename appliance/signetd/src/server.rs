@@ -273,7 +273,7 @@ async fn job(
 
 /// The result of job `id` as an answer: the signed file (a batch's parts re-framed),
 /// or the job's error; both carry the job id.
-async fn deliver(daemon: &Daemon, id: &str, caller: &Caller) -> Response {
+async fn deliver(daemon: &Arc<Daemon>, id: &str, caller: &Caller) -> Response {
     let mut resp = match daemon.result(id, caller).await {
         Ok(d) => {
             let stream = tokio_util::io::ReaderStream::new(d.file);
@@ -312,6 +312,15 @@ async fn deliver(daemon: &Daemon, id: &str, caller: &Caller) -> Response {
         }
         Err(e) => e.into_response(),
     };
+    if resp.status().is_success() {
+        let len = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        resp =
+            resp.map(|b| Body::from_stream(when_streamed(b.into_data_stream(), len, daemon, id)));
+    }
     if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert(JOB_HEADER, v);
     }
@@ -467,6 +476,47 @@ fn reframe(
                         }),
                         (mp, None, wrote, true),
                     )),
+                }
+            }
+        },
+    )
+}
+
+/// `stream`, telling the daemon once it has been read to its end without an error
+/// ([`Daemon::delivered`]); a stream dropped before (the client went away) tells nothing.
+fn when_streamed<S, E>(
+    stream: S,
+    len: Option<u64>,
+    daemon: &Arc<Daemon>,
+    id: &str,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, E>> + Send + 'static
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Send + Unpin + 'static,
+    E: Send + 'static,
+{
+    let done = Some((daemon.clone(), id.to_owned()));
+    futures_util::stream::unfold(
+        (stream, done, 0u64),
+        move |(mut stream, mut done, mut sent)| async move {
+            let told = |done: &mut Option<(Arc<Daemon>, String)>| {
+                if let Some((daemon, id)) = done.take() {
+                    daemon.delivered(&id);
+                }
+            };
+            match stream.next().await {
+                Some(Ok(b)) => {
+                    sent += b.len() as u64;
+                    // hyper stops polling once a known length is sent: the last byte
+                    // is the end.
+                    if len.is_some_and(|l| sent >= l) {
+                        told(&mut done);
+                    }
+                    Some((Ok(b), (stream, done, sent)))
+                }
+                Some(Err(e)) => Some((Err(e), (stream, None, sent))),
+                None => {
+                    told(&mut done);
+                    None
                 }
             }
         },

@@ -21,6 +21,10 @@ use crate::dbus::{builder, Bus};
 /// goes on without us.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(4);
 
+/// How long signetd may take to stop on SIGTERM, unless configured
+/// (`[shutdown] stop_seconds`): well under systemd's 90 s before it kills.
+pub const DEFAULT_STOP: Duration = Duration::from_secs(15);
+
 /// What the daemon tells logind it is waiting for.
 const WHO: &str = "Signet";
 const WHY: &str = "letting the signing job at the token end and keeping the job queue";

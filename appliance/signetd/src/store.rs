@@ -37,6 +37,30 @@ pub enum StoreError {
     Audit(#[from] audit::AuditError),
 }
 
+impl StoreError {
+    /// Whether the disk under the state directory is full (SQLite's `SQLITE_FULL`,
+    /// or `ENOSPC`/`EDQUOT` from a file).
+    pub fn disk_full(&self) -> bool {
+        match self {
+            StoreError::Db(e) | StoreError::Audit(audit::AuditError::Db(e)) => db_disk_full(e),
+            StoreError::Io(e) => io_disk_full(e),
+            _ => false,
+        }
+    }
+}
+
+/// Whether SQLite said the disk is full.
+pub fn db_disk_full(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+}
+
+/// Whether a file operation failed for want of space (`ENOSPC`, or `EDQUOT`: a quota).
+pub fn io_disk_full(e: &std::io::Error) -> bool {
+    /// Linux's `EDQUOT`.
+    const EDQUOT: i32 = 122;
+    e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(EDQUOT)
+}
+
 /// What a job asks of the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
@@ -113,8 +137,16 @@ pub struct Store {
     conn: Mutex<Connection>,
     spool: PathBuf,
     quota: u64,
+    /// Inputs and undelivered results (reserved or written).
     used: AtomicU64,
+    /// Delivered results kept for a retry (`<id>.delivered`): dropped for room.
+    kept: AtomicU64,
+    /// One eviction of delivered results at a time.
+    evicting: Mutex<()>,
 }
+
+/// The extension of a delivered result's kept copy.
+const DELIVERED_EXT: &str = "delivered";
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -172,12 +204,14 @@ impl Store {
         audit::init(&conn)?;
         crate::timeline::init(&conn)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        let used = dir_size(&spool)?;
+        let (used, kept) = spool_sizes(&spool)?;
         Ok(Store {
             conn: Mutex::new(conn),
             spool,
             quota: spool_quota,
             used: AtomicU64::new(used),
+            kept: AtomicU64::new(kept),
+            evicting: Mutex::new(()),
         })
     }
 
@@ -194,6 +228,11 @@ impl Store {
         self.spool.join(format!("{id}.out"))
     }
 
+    /// Where a delivered result is kept for a retry.
+    pub fn delivered_path(&self, id: &str) -> PathBuf {
+        self.spool.join(format!("{id}.{DELIVERED_EXT}"))
+    }
+
     pub fn spool_dir(&self) -> &Path {
         &self.spool
     }
@@ -203,13 +242,64 @@ impl Store {
         (self.used.load(Ordering::Relaxed), self.quota)
     }
 
-    /// Reserves `n` bytes of spool; false when that would pass the quota.
+    /// Reserves `n` bytes of spool; false when that would pass the quota. Delivered
+    /// results kept for a retry make room: the oldest go first.
     pub fn reserve(&self, n: u64) -> bool {
-        self.used
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
-                u.checked_add(n).filter(|t| *t <= self.quota)
+        let fits = |kept: u64| {
+            self.used
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                    u.checked_add(n)
+                        .filter(|t| t.saturating_add(kept) <= self.quota)
+                })
+                .is_ok()
+        };
+        if fits(self.kept.load(Ordering::SeqCst)) {
+            return true;
+        }
+        // Not even without the kept copies: refused, and nothing is dropped for it.
+        if self.used.load(Ordering::SeqCst).saturating_add(n) > self.quota {
+            return false;
+        }
+        let _one = self.evicting.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, path) in self.kept_copies() {
+            if fits(self.kept.load(Ordering::SeqCst)) {
+                return true;
+            }
+            self.remove_spooled(&path);
+            tracing::info!(file = %path.display(), "a delivered result's kept copy dropped to make room in the spool");
+        }
+        fits(self.kept.load(Ordering::SeqCst))
+    }
+
+    /// The delivered results kept for a retry, oldest job first.
+    fn kept_copies(&self) -> Vec<(u64, PathBuf)> {
+        let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.spool)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == DELIVERED_EXT))
+            .filter_map(|p| {
+                let id = p.file_stem()?.to_str()?.parse().ok()?;
+                Some((id, p))
             })
-            .is_ok()
+            .collect();
+        found.sort();
+        found
+    }
+
+    /// Job `id`'s result was streamed out whole: its file becomes a kept copy, which no
+    /// longer counts against the quota. Answers whether there was a result to move.
+    pub fn delivered(&self, id: &str) -> bool {
+        let (out, kept) = (self.output_path(id), self.delivered_path(id));
+        let Ok(meta) = std::fs::metadata(&out) else {
+            return false;
+        };
+        if std::fs::rename(&out, &kept).is_err() {
+            return false;
+        }
+        self.release(meta.len());
+        self.kept.fetch_add(meta.len(), Ordering::SeqCst);
+        true
     }
 
     /// Counts `n` bytes of spool that must be kept whatever the quota (results).
@@ -230,7 +320,15 @@ impl Store {
     pub fn remove_spooled(&self, path: &Path) {
         if let Ok(meta) = std::fs::metadata(path) {
             if std::fs::remove_file(path).is_ok() {
-                self.release(meta.len());
+                if path.extension().is_some_and(|x| x == DELIVERED_EXT) {
+                    let _ = self
+                        .kept
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| {
+                            Some(k.saturating_sub(meta.len()))
+                        });
+                } else {
+                    self.release(meta.len());
+                }
             }
         }
     }
@@ -478,15 +576,21 @@ fn add_request_column(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn dir_size(dir: &Path) -> std::io::Result<u64> {
-    let mut total = 0;
+/// The spool's bytes: (inputs and undelivered results, delivered results kept).
+fn spool_sizes(dir: &Path) -> std::io::Result<(u64, u64)> {
+    let (mut used, mut kept) = (0, 0);
     for e in std::fs::read_dir(dir)? {
-        let meta = e?.metadata()?;
+        let e = e?;
+        let meta = e.metadata()?;
         if meta.is_file() {
-            total += meta.len();
+            if e.path().extension().is_some_and(|x| x == DELIVERED_EXT) {
+                kept += meta.len();
+            } else {
+                used += meta.len();
+            }
         }
     }
-    Ok(total)
+    Ok((used, kept))
 }
 
 /// Flushes a directory's entries (a created or renamed file's name) to disk.
@@ -643,6 +747,33 @@ mod tests {
     }
 
     #[test]
+    fn delivered_results_leave_the_quota_and_make_room_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 100).unwrap();
+        for id in ["1", "2"] {
+            assert!(store.reserve(40));
+            std::fs::write(store.output_path(id), [0u8; 40]).unwrap();
+        }
+        assert!(!store.reserve(40), "80 of 100 in use");
+        assert!(store.delivered("1") && store.delivered("2"));
+        assert!(!store.delivered("2"), "moved once");
+        assert_eq!(store.spool_usage().0, 0);
+        // 60 fits beside one kept copy: the oldest goes.
+        assert!(store.reserve(60));
+        assert!(!store.delivered_path("1").exists());
+        assert!(store.delivered_path("2").exists());
+        // More than the quota drops nothing.
+        assert!(!store.reserve(50));
+        assert!(store.delivered_path("2").exists());
+        // A reopen counts the kept copy apart.
+        drop(store);
+        let store = Store::open(dir.path(), 100).unwrap();
+        assert_eq!(store.spool_usage().0, 0);
+        assert!(store.reserve(100));
+        assert!(!store.delivered_path("2").exists());
+    }
+
+    #[test]
     fn ended_jobs_come_newest_first_and_live_ones_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
@@ -685,6 +816,23 @@ mod tests {
         assert_eq!(got, [ids[1].clone(), ids[0].clone(), ids[2].clone()]);
         assert!(!got.contains(&ids[3]));
         assert_eq!(store.ended(1).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_full_disk_is_told_apart_from_other_faults() {
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        );
+        assert!(StoreError::Db(full).disk_full());
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        assert!(!StoreError::Db(busy).disk_full());
+        assert!(io_disk_full(&std::io::Error::from_raw_os_error(28)));
+        assert!(io_disk_full(&std::io::Error::from_raw_os_error(122)));
+        assert!(!io_disk_full(&std::io::Error::from_raw_os_error(13)));
     }
 
     #[test]

@@ -104,6 +104,9 @@ fn new_instance() -> String {
     format!("{}-{:x}", std::process::id(), since.as_nanos())
 }
 
+/// The name of every job's working directory begins with this.
+const JOB_DIR_PREFIX: &str = "signet-job-";
+
 /// The running agent.
 #[derive(Debug)]
 pub struct Agent {
@@ -124,6 +127,8 @@ pub struct Agent {
     wake: tokio::sync::Notify,
     /// Run before a re-initialisation the host asks for (`token.reinit_command`).
     reinit_command: Option<Vec<String>>,
+    /// Set when the agent stops: open event streams end.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Agent {
@@ -168,7 +173,22 @@ impl Agent {
             events: Arc::new(EventBus::new()),
             next_job: AtomicU64::new(1),
             wake: tokio::sync::Notify::new(),
+            stopping: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    /// The agent stops: event streams end (so a graceful stop does not wait for the
+    /// host's stream, which never ends by itself).
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once [`Agent::stop`] was called.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopping.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
     }
 
     /// Follows what happens to the token and the jobs from now on.
@@ -269,10 +289,34 @@ impl Agent {
         self.health().await
     }
 
+    /// Removes the job directories a previous run of the agent left in the spool
+    /// directory (it was killed mid-job: they may hold signed copies that no audit
+    /// record covers; the host runs such a job again). Answers how many; call before
+    /// serving.
+    pub fn clean_spool(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.spool_dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let is_job = name.to_str().is_some_and(|n| n.starts_with(JOB_DIR_PREFIX));
+            if is_job && e.file_type().is_ok_and(|t| t.is_dir()) {
+                match std::fs::remove_dir_all(e.path()) {
+                    Ok(()) => removed += 1,
+                    Err(err) => {
+                        tracing::warn!(dir = %e.path().display(), error = %err, "a job directory left by a previous run cannot be removed; remove it by hand")
+                    }
+                }
+            }
+        }
+        removed
+    }
+
     /// A fresh working directory for one job.
     pub fn spool(&self) -> Result<Spool, ErrorBody> {
         tempfile::Builder::new()
-            .prefix("signet-job-")
+            .prefix(JOB_DIR_PREFIX)
             .tempdir_in(&self.spool_dir)
             .map(|dir| Spool { dir })
             .map_err(|e| {

@@ -76,6 +76,13 @@ async fn main() -> anyhow::Result<()> {
     let cfg = Config::load(&cli.config)?;
     let listen = cfg.listen.clone();
     let agent = Arc::new(Agent::new(cfg).await?);
+    let left = agent.clean_spool();
+    if left > 0 {
+        tracing::warn!(
+            directories = left,
+            "removed the job directories a previous run left (it stopped mid-job; they may have held signed copies without an audit record, and the host runs those jobs again)"
+        );
+    }
     let listener = Listener::bind(&listen).await?;
     let health = agent.open_token().await;
     match health.state {
@@ -95,13 +102,32 @@ async fn main() -> anyhow::Result<()> {
             sd_notify::NotifyState::Ready,
         ],
     );
-    let app = signet_agent::server::router(agent);
-    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown())
-        .await
-        .context("serving")?;
-    Ok(())
+    let app = signet_agent::server::router(agent.clone());
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let serving = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown({
+            let agent = agent.clone();
+            async move {
+                shutdown().await;
+                agent.stop();
+                stop_tx.send_replace(true);
+            }
+        });
+    // A job in flight may end within the bound; a connection that stays open after it
+    // (a host that does not close) does not hold the agent.
+    tokio::select! {
+        r = serving => r.context("serving")?,
+        _ = async {
+            let _ = stop_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(STOP_BOUND).await;
+        } => tracing::info!("stopped with connections still open"),
+    }
+    tracing::info!("stopped");
+    std::process::exit(0)
 }
+
+/// How long the agent waits for requests in flight once told to stop.
+const STOP_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs a one-shot command; returns the exit status.
 fn run_command(command: Command, config_path: &std::path::Path) -> anyhow::Result<i32> {

@@ -12,7 +12,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::{Stream, TryStreamExt};
+use futures_util::{Stream, StreamExt, TryStreamExt};
 use signet_protocol::batch::{self, Part, PartBody, RESULT_HEADER};
 use signet_protocol::wire::{
     AgentLogin, AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_EVENTS_PATH,
@@ -84,6 +84,7 @@ async fn events(
     State(agent): State<Arc<Agent>>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let rx = agent.subscribe();
+    let stopped = agent.stopped();
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         let event = match rx.recv().await {
             Ok(e) => Event::default()
@@ -95,7 +96,9 @@ async fn events(
             Err(RecvError::Closed) => return None,
         };
         Some((Ok(event), rx))
-    });
+    })
+    // The stream ends when the agent stops: the host follows the next agent.
+    .take_until(stopped);
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 

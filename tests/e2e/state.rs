@@ -1,0 +1,379 @@
+//! The appliance's own state under stress: the spool quota counts what waits, a full
+//! disk is `spool_full`, stopping is bounded, the state database and the audit chain
+//! are checked at start, a refused PIN stays refused across restarts, and the agent's
+//! job directories do not outlive a crash.
+
+use super::*;
+
+/// Agent and daemon on unix sockets, with `extra` after the one profile.
+fn appliance(w: &mut World, agent_config: &str, extra: &str) -> Endpoint {
+    let pin = w.path("pin");
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+        agent_config,
+    );
+    w.start_daemon_with(
+        &[&format!("unix:{}", w.path("signetd.sock").display())],
+        &agent,
+        &format!("[profiles.release]\ndescription = \"Signet test\"\n{extra}"),
+    )
+    .remove(0)
+}
+
+/// The fixture PE grown to `len` bytes (data after the image, which Authenticode covers).
+fn pe_of(w: &World, len: usize) -> Vec<u8> {
+    let mut pe = std::fs::read(w.path("hello.exe")).unwrap();
+    pe.resize(len.max(pe.len()), 0);
+    pe
+}
+
+/// `POST path` with `body`; answers the status, the job id and the whole answer.
+fn post_file(ep: &Endpoint, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    use http_body_util::{BodyExt, Full};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let req = http::Request::post(path)
+            .body(Full::new(bytes::Bytes::copy_from_slice(body)))
+            .unwrap();
+        let resp = signet_protocol::client::send(ep, req).await.unwrap();
+        let status = resp.status().as_u16();
+        let id = resp
+            .headers()
+            .get("x-signet-job")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, id, body.to_vec())
+    })
+}
+
+#[test]
+fn delivered_results_do_not_fill_the_spool() {
+    let mut w = World::new();
+    let ep = appliance(&mut w, "", "[queue]\nspool_quota_mb = 3\n");
+    // Five in a row, each 0.9 MiB in and out: 9 MiB through a 3 MiB spool.
+    let pe = pe_of(&w, 943_718);
+    let mut last = String::new();
+    for i in 0..5 {
+        let name = format!("big{i}.exe");
+        let (status, id, signed) = post_file(&ep, &format!("/v1/sign?filename={name}"), &pe);
+        assert_eq!(
+            status,
+            200,
+            "job {i}: {}",
+            String::from_utf8_lossy(&signed[..signed.len().min(400)])
+        );
+        let f = w.file(&name, &signed);
+        assert!(verify(&w, &f).0, "job {i}");
+        last = id;
+    }
+    // The newest result is still there for a client that lost it.
+    let (status, again) = fetch(&ep, &format!("/v1/jobs/{last}/result"));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&again));
+    let (_, st) = call_json(&ep, "GET", "/v1/status", None);
+    assert_eq!(st["queue"]["spool_used_bytes"], 0, "{st:#}");
+}
+
+/// A small tmpfs mounted for one test, lazily unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// `None` when this test does not run as root (mounting needs it).
+    fn mount(at: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("not root: no tmpfs to fill, the disk-full path is left to the unit tests");
+            return None;
+        }
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {}", stderr(&out));
+        Some(SmallDisk(at.to_owned()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Sends `body` with its `Content-Length` over a plain unix stream, writing on even
+/// when the daemon answers early; answers the daemon's whole answer as text.
+fn raw_post(ep: &Endpoint, path: &str, body: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let Endpoint::Unix(sock) = ep else {
+        panic!("{ep}")
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: signet\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    if s.write_all(head.as_bytes()).is_ok() {
+        for chunk in body.chunks(64 << 10) {
+            if s.write_all(chunk).is_err() {
+                break;
+            }
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn a_full_disk_is_spool_full_and_says_so() {
+    let mut w = World::new();
+    let state = w.path("state");
+    let Some(_disk) = SmallDisk::mount(&state, "3m") else {
+        return;
+    };
+    let ep = appliance(&mut w, "", "");
+    // 6 MiB through a 3 MiB disk, with the quota far above it.
+    let answer = raw_post(&ep, "/v1/sign?filename=big.exe", &pe_of(&w, 6 << 20));
+    assert!(
+        answer.starts_with("HTTP/1.1 507") && answer.contains("\"spool_full\""),
+        "{answer}"
+    );
+    assert!(answer.contains("disk is full"), "{answer}");
+    assert!(!answer.contains("database or disk"), "{answer}");
+    assert!(
+        w.log("signetd")
+            .contains("the disk of the state directory is full"),
+        "{}",
+        w.log("signetd")
+    );
+    // The room is given back: a file that fits signs.
+    let f = w.pe("small.exe");
+    let out = signet(&ep, &["sign", f.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&w, &f).0);
+}
+
+/// The agent's job directories in its spool directory (the test's directory).
+fn job_dirs(w: &World) -> Vec<String> {
+    std::fs::read_dir(w.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("signet-job-"))
+        .collect()
+}
+
+#[test]
+fn an_agent_killed_mid_job_leaves_no_job_directory_after_its_restart() {
+    let mut w = World::new();
+    let signer = HeldSigner::new(&w);
+    let ep = appliance(&mut w, &signer.agent_config(), "");
+    let pe = std::fs::read(w.pe("k.exe")).unwrap();
+    let id = sign_async(&ep, "k.exe", &pe);
+    wait_until("the job is at the signer", || signer.held.exists());
+    assert_eq!(job_dirs(&w).len(), 1, "the job's directory");
+    w.kill("signet-agent");
+    assert_eq!(job_dirs(&w).len(), 1, "left by the crash");
+
+    signer.release();
+    w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &w.path("pin"),
+        &[],
+        &signer.agent_config(),
+    );
+    assert!(
+        w.log("signet-agent")
+            .contains("removed the job directories a previous run left"),
+        "{}",
+        w.log("signet-agent")
+    );
+    // The host runs the job again, in a directory that goes when it ends.
+    let (status, body) = fetch(&ep, &format!("/v1/jobs/{id}/result"));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(verify(&w, &w.file("k-signed.exe", &body)).0);
+    wait_until("no job directory is left", || job_dirs(&w).is_empty());
+}
+
+/// A request sent on a thread of its own: the answer's status and body as text.
+fn in_background(
+    ep: &Endpoint,
+    method: &'static str,
+    path: String,
+    body: Vec<u8>,
+) -> std::thread::JoinHandle<(u16, String)> {
+    let ep = ep.clone();
+    std::thread::spawn(move || {
+        let (status, v) = call(&ep, method, &path, body);
+        (status, v.to_string())
+    })
+}
+
+#[test]
+fn sigterm_stops_signetd_within_its_bound_and_the_queue_survives() {
+    let mut w = World::new();
+    let signer = HeldSigner::new(&w);
+    let ep = appliance(
+        &mut w,
+        &signer.agent_config(),
+        "[shutdown]\nlogind = \"none\"\nstop_seconds = 3\n",
+    );
+    let pe = std::fs::read(w.pe("t.exe")).unwrap();
+    // Job A at the token (held: it will not end before the bound), job B behind it
+    // with its caller waiting, and a big upload that is still coming.
+    let a = sign_async(&ep, "a.exe", &pe);
+    wait_until("job A is at the signer", || signer.held.exists());
+    let b = sign_async(&ep, "b.exe", &pe);
+    let waiting = in_background(&ep, "GET", format!("/v1/jobs/{b}/result"), Vec::new());
+    let Endpoint::Unix(sock) = &ep else { panic!() };
+    let mut upload = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    {
+        use std::io::Write;
+        upload
+            .write_all(b"POST /v1/sign?filename=huge.exe HTTP/1.1\r\nHost: signet\r\nContent-Length: 314572800\r\n\r\n")
+            .unwrap();
+        upload.write_all(&vec![b'M'; 1 << 20]).unwrap();
+    }
+    wait_until("the upload is being spooled", || {
+        w.log("signetd").contains("huge.exe")
+    });
+
+    // Stopped while the token is busy and a client is mid-upload: within the bound.
+    let status = w.sigterm("signetd", STOP_WAIT);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "signetd did not stop by itself ({status:?}); its log:\n{}",
+        w.log("signetd")
+    );
+    let log = w.log("signetd");
+    assert!(
+        log.contains(&format!("job = {a}")) || log.contains(&format!("job={a}")),
+        "{log}"
+    );
+    assert!(
+        log.contains("stopping with a job still at the agent"),
+        "{log}"
+    );
+    // The waiting caller was told its job stays queued; the upload got an answer.
+    let (status, body) = waiting.join().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("shutting_down") && body.contains(&format!("job {b} stays queued")),
+        "{body}"
+    );
+    let mut answer = String::new();
+    {
+        use std::io::Read;
+        let _ = upload.read_to_string(&mut answer);
+    }
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 503") && answer.contains("shutting_down"),
+        "{answer}"
+    );
+
+    // After the restart both jobs are signed.
+    let ep = w.restart_daemon().remove(0);
+    signer.release();
+    for id in [&a, &b] {
+        let (status, body) = fetch(&ep, &format!("/v1/jobs/{id}/result"));
+        assert_eq!(status, 200, "job {id}: {}", String::from_utf8_lossy(&body));
+        assert!(
+            verify(&w, &w.file(&format!("job-{id}.exe"), &body)).0,
+            "job {id}"
+        );
+    }
+}
+
+#[test]
+fn while_stopping_new_work_is_refused_at_once() {
+    let mut w = World::new();
+    let signer = HeldSigner::new(&w);
+    let ep = appliance(
+        &mut w,
+        &signer.agent_config(),
+        "[shutdown]\nlogind = \"none\"\nstop_seconds = 60\n",
+    );
+    let pe = std::fs::read(w.pe("t.exe")).unwrap();
+    let a = sign_async(&ep, "a.exe", &pe);
+    wait_until("job A is at the signer", || signer.held.exists());
+    let pid = signetd_pid(&w);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until("signetd stops taking work", || {
+        w.log("signetd").contains("taking no new jobs")
+    });
+    // signetd waits for job A (up to its bound) and meanwhile refuses new work.
+    let (status, body) = call(&ep, "POST", "/v1/sign?filename=n.exe", pe.clone());
+    assert_eq!(
+        (status, &body["code"]),
+        (503, &"shutting_down".into()),
+        "{body}"
+    );
+    // Job A ends: signetd stops at once, its result kept.
+    signer.release();
+    let status = w.sigterm("signetd", STOP_WAIT);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let ep = w.restart_daemon().remove(0);
+    let (_, view) = call_json(&ep, "GET", &format!("/v1/jobs/{a}"), None);
+    assert_eq!(view["state"], "signed", "{view}");
+}
+
+/// The longest a test waits for a process told to stop, before it fails: far above
+/// any bound the tests set.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// signetd's pid, from the test's process table (the world started one).
+fn signetd_pid(w: &World) -> nix::unistd::Pid {
+    let conf = w.path("signetd.toml");
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        if args.first().is_some_and(|a| a.ends_with(b"signetd"))
+            && args
+                .iter()
+                .any(|a| *a == conf.as_os_str().as_encoded_bytes())
+        {
+            return nix::unistd::Pid::from_raw(e.file_name().to_str().unwrap().parse().unwrap());
+        }
+    }
+    panic!("signetd is not running")
+}
+
+#[test]
+fn the_agent_stops_promptly_with_the_hosts_event_stream_open() {
+    let mut w = World::new();
+    let ep = appliance(&mut w, "", "");
+    // signetd follows the agent's events; a test reader holds a second stream.
+    let agent = Endpoint::Unix(w.path("agent.sock"));
+    let _events = Events::follow(&agent);
+    wait_until("signetd follows the agent", || {
+        let (_, st) = call_json(&ep, "GET", "/v1/status", None);
+        st["signing_works"] == true
+    });
+    let status = w.sigterm("signet-agent", STOP_WAIT);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the agent did not stop by itself ({status:?}); its log:\n{}",
+        w.log("signet-agent")
+    );
+}
