@@ -14,8 +14,10 @@
 //!   so for scripts, and only for them, the name counts.
 //!
 //! Detection reads the first [`HEAD_LEN`] bytes and, for PE and compound files, the
-//! headers wherever the file says they are, through [`Source`]. It is pure: the caller
-//! brings the bytes (a file, or a slice in tests).
+//! headers wherever the file says they are, through [`Source`]. Then it checks that
+//! the file's structure holds together ([`crate::structure`]): a file cut short or
+//! damaged is [`FormatError::Damaged`]. It is pure: the caller brings the bytes (a
+//! file, or a slice in tests).
 
 use std::io;
 
@@ -128,6 +130,11 @@ pub enum FormatError {
     NotDigestBlob,
     #[error("the file is text, and Signet signs text only as a PowerShell script, which it knows by a name ending in .{} ({}); rename it if it is one", POWERSHELL_EXTENSIONS.join(", ."), name_note(.name))]
     TextNotScript { name: Option<String> },
+    #[error("this {format} file is damaged or cut short: {damage}; nothing was signed. Copy or build it again")]
+    Damaged {
+        format: Format,
+        damage: crate::structure::Damage,
+    },
     #[error("the file cannot be read: {0}")]
     Unreadable(String),
 }
@@ -148,9 +155,16 @@ pub trait Source {
     /// Reads into `buf` from `offset`; fewer bytes than asked only at the end of the
     /// data (none past it).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// How many bytes there are.
+    fn size(&self) -> io::Result<u64>;
 }
 
 impl Source for [u8] {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         let Ok(start) = usize::try_from(offset) else {
             return Ok(0);
@@ -165,6 +179,10 @@ impl Source for [u8] {
 }
 
 impl Source for std::fs::File {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         use std::os::unix::fs::FileExt;
         let mut done = 0;
@@ -206,6 +224,13 @@ pub fn detect<S: Source + ?Sized>(
     } else {
         return Err(unsupported(describe(&head)));
     };
+    let len = src
+        .size()
+        .map_err(|e| FormatError::Unreadable(e.to_string()))?;
+    crate::structure::check(src, len, format).map_err(|e| match e {
+        crate::structure::CheckError::Damaged(damage) => FormatError::Damaged { format, damage },
+        crate::structure::CheckError::Io(e) => FormatError::Unreadable(e.to_string()),
+    })?;
     Ok(Detected {
         format,
         extension: format.extension(),
@@ -309,7 +334,8 @@ fn pe<S: Source + ?Sized>(src: &S, head: &[u8]) -> Result<Format, FormatError> {
         Some(magic) => Err(unsupported(format!(
             "a PE file of an unknown kind (optional header magic 0x{magic:04x})"
         ))),
-        None => Err(unsupported("a PE file cut off in its headers")),
+        // A PE cut off in its headers: the structure check says where.
+        None => Ok(Format::Pe),
     }
 }
 
@@ -572,17 +598,27 @@ mod tests {
         detect(bytes, name).map(|d| d.format)
     }
 
+    /// A PE without sections: its headers, as long as the magic's kind has them
+    /// (16 data directories), where `lfanew` says, in `len` bytes.
     fn pe(lfanew: u32, len: usize, magic: u16) -> Vec<u8> {
         let mut v = vec![0u8; len];
         v[..2].copy_from_slice(b"MZ");
         v[0x3c..0x40].copy_from_slice(&lfanew.to_le_bytes());
         let at = lfanew as usize;
-        if at + 4 <= len {
-            v[at..at + 4].copy_from_slice(b"PE\0\0");
-        }
-        if at + 26 <= len {
-            v[at + 24..at + 26].copy_from_slice(&magic.to_le_bytes());
-        }
+        let (opt_size, directories): (u16, usize) = if magic == 0x20b {
+            (240, 108)
+        } else {
+            (224, 92)
+        };
+        let mut put = |off: usize, bytes: &[u8]| {
+            if let Some(dst) = v.get_mut(at + off..at + off + bytes.len()) {
+                dst.copy_from_slice(bytes);
+            }
+        };
+        put(0, b"PE\0\0");
+        put(20, &opt_size.to_le_bytes());
+        put(24, &magic.to_le_bytes());
+        put(24 + directories, &16u32.to_le_bytes());
         v
     }
 
@@ -704,10 +740,10 @@ mod tests {
     fn pe_is_recognised_wherever_its_header_is() {
         assert_eq!(detect_bytes(&pe(0x80, 512, 0x10b), None), Ok(Format::Pe));
         assert_eq!(detect_bytes(&pe(0x80, 512, 0x20b), None), Ok(Format::Pe));
-        assert_eq!(detect_bytes(&pe(0x40, 0x5a, 0x20b), None), Ok(Format::Pe));
+        assert_eq!(detect_bytes(&pe(0x40, 0x200, 0x20b), None), Ok(Format::Pe));
         // The PE header may lie beyond the first read.
         assert_eq!(
-            detect_bytes(&pe(0x2000, 0x2100, 0x20b), None),
+            detect_bytes(&pe(0x2000, 0x2200, 0x20b), None),
             Ok(Format::Pe)
         );
         // The name never matters for binaries.
@@ -859,7 +895,6 @@ mod tests {
                 "without a PE header",
             ),
             (pe(0x80, 512, 0x107), "magic 0x0107"),
-            (pe(0x80, 0x90, 0x10b), "cut off"),
             (b"\x7fELF\x02\x01\x01".to_vec(), "ELF"),
             (b"PK\x03\x04rest".to_vec(), "ZIP"),
             (vec![0xff, 0xfe, 0x00, 0xd8], "unrecognised"),
@@ -872,6 +907,32 @@ mod tests {
                 assert!(err.to_string().contains("Signet signs Windows PE"), "{err}");
             }
         }
+    }
+
+    #[test]
+    fn damaged_files_are_named_as_damaged_with_what_is_wrong() {
+        // Cut in its COFF header, in its optional header: a PE all the same, damaged.
+        for (bytes, want) in [
+            (pe(0x80, 0x90, 0x10b), "the PE (COFF) header ends at byte 152, past the end of the file (144 bytes)"),
+            (pe(0x80, 0x100, 0x20b), "the optional header (240 bytes) ends at byte 392, past the end of the file (256 bytes)"),
+        ] {
+            let err = detect_bytes(&bytes, Some("x.exe")).unwrap_err();
+            assert!(
+                matches!(err, FormatError::Damaged { format: Format::Pe, .. }),
+                "{err:?}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with("this PE (EXE/DLL/SYS) file is damaged or cut short: ")
+                    && msg.contains(want)
+                    && msg.ends_with("Copy or build it again"),
+                "{msg}"
+            );
+        }
+        let mut cut = cab_header(1, 3);
+        cut.truncate(40);
+        let err = detect_bytes(&cut, None).unwrap_err();
+        assert!(err.to_string().contains("cbCabinet"), "{err}");
     }
 
     #[test]

@@ -265,6 +265,9 @@ pub enum ErrorCode {
     EmptyInput,
     /// The input is not a format Signet signs.
     UnsupportedFormat,
+    /// The input is in a format Signet signs, but damaged or cut short: its headers
+    /// point past its end or contradict themselves.
+    BadInput,
     /// The input is larger than allowed.
     InputTooLarge,
     /// The upload ended before the announced length, or stalled.
@@ -311,9 +314,10 @@ impl ErrorCode {
             ErrorCode::UnknownProfile => 404,
             ErrorCode::InputTooLarge => 413,
             ErrorCode::UnsupportedFormat => 415,
-            ErrorCode::EmptyInput | ErrorCode::TruncatedInput | ErrorCode::IdempotencyKeyReused => {
-                422
-            }
+            ErrorCode::EmptyInput
+            | ErrorCode::TruncatedInput
+            | ErrorCode::BadInput
+            | ErrorCode::IdempotencyKeyReused => 422,
             ErrorCode::TooManyJobs => 429,
             ErrorCode::SigningFailed | ErrorCode::Internal => 500,
             ErrorCode::AgentUnavailable => 502,
@@ -337,6 +341,7 @@ impl ErrorCode {
             ErrorCode::UnknownProfile | ErrorCode::Forbidden => exit::REFUSED,
             ErrorCode::EmptyInput
             | ErrorCode::UnsupportedFormat
+            | ErrorCode::BadInput
             | ErrorCode::InputTooLarge
             | ErrorCode::TruncatedInput => exit::BAD_INPUT,
             ErrorCode::SigningFailed | ErrorCode::Internal => exit::SIGNING_FAILED,
@@ -364,6 +369,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::EmptyInput => "empty_input",
             ErrorCode::UnsupportedFormat => "unsupported_format",
+            ErrorCode::BadInput => "bad_input",
             ErrorCode::InputTooLarge => "input_too_large",
             ErrorCode::TruncatedInput => "truncated_input",
             ErrorCode::TooManyJobs => "too_many_jobs",
@@ -385,12 +391,13 @@ impl ErrorCode {
     }
 
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownProfile,
         ErrorCode::Forbidden,
         ErrorCode::EmptyInput,
         ErrorCode::UnsupportedFormat,
+        ErrorCode::BadInput,
         ErrorCode::InputTooLarge,
         ErrorCode::TruncatedInput,
         ErrorCode::TooManyJobs,

@@ -387,3 +387,143 @@ fn a_timestamp_server_that_never_answers_cannot_hold_the_agent() {
     let out = signet(&ep, &["sign", "-p", "plain", arg(&exe)]);
     assert_eq!(code(&out), 0, "the job lock was released: {}", stderr(&out));
 }
+
+/// The fixture PE's section table: (name, end of its raw data).
+fn pe_sections(pe: &[u8]) -> Vec<(String, usize)> {
+    let le16 = |at: usize| u16::from_le_bytes([pe[at], pe[at + 1]]) as usize;
+    let le32 = |at: usize| u32::from_le_bytes(pe[at..at + 4].try_into().unwrap()) as usize;
+    let at = le32(0x3c);
+    let table = at + 24 + le16(at + 20);
+    (0..le16(at + 6))
+        .map(|i| {
+            let e = table + 40 * i;
+            let name = String::from_utf8_lossy(&pe[e..e + 8])
+                .trim_end_matches('\0')
+                .to_owned();
+            (name, le32(e + 20) + le32(e + 16))
+        })
+        .filter(|(_, end)| *end > 0)
+        .collect()
+}
+
+#[test]
+fn damaged_files_are_refused_as_bad_input_naming_what_is_wrong() {
+    let mut w = World::new();
+    let ep = unix_appliance(&mut w);
+    let whole = std::fs::read(w.pe("whole.exe")).unwrap();
+    let sections = pe_sections(&whole);
+    // The first section whose data a cut at 7000 bytes leaves incomplete.
+    let (name, end) = sections
+        .iter()
+        .find(|(_, end)| *end > 7000)
+        .unwrap()
+        .clone();
+    let cut_7000 = w.file("cut7000.exe", &whole[..7000]);
+    let half = whole.len() / 2;
+    let cut_half = w.file("half.exe", &whole[..half]);
+    let headers = w.file("headers.exe", &whole[..300]);
+    let msi = std::fs::read(w.msi("setup.msi")).unwrap();
+    let cut_msi = w.file("cut.msi", &msi[..msi.len() - 512]);
+    let cab = std::fs::read(w.cab("payload.cab")).unwrap();
+    let cut_cab = w.file("cut.cab", &cab[..cab.len() - 100]);
+    let cat = std::fs::read(w.cat("drivers.cat")).unwrap();
+    let cut_cat = w.file("cut.cat", &cat[..cat.len() - 10]);
+
+    let expect = [
+        (
+            &cut_7000,
+            format!(
+                "section {name}'s data ends at byte {end}, past the end of the file (7000 bytes)"
+            ),
+        ),
+        (
+            &cut_half,
+            format!("past the end of the file ({half} bytes)"),
+        ),
+        (
+            &headers,
+            "the optional header (240 bytes) ends at byte".to_owned(),
+        ),
+        (
+            &cut_msi,
+            format!("past the end of the file ({} bytes)", msi.len() - 512),
+        ),
+        (
+            &cut_cab,
+            format!(
+                "the cabinet is {} bytes (cbCabinet), and the file has only {}",
+                cab.len(),
+                cab.len() - 100
+            ),
+        ),
+        (
+            &cut_cat,
+            format!(
+                "declares {} bytes, and the file has only {}",
+                cat.len(),
+                cat.len() - 10
+            ),
+        ),
+    ];
+    for (file, want) in &expect {
+        let before = std::fs::read(file).unwrap();
+        for digest in [false, true] {
+            let mut args = vec!["sign", "--json"];
+            if digest {
+                args.push("--digest");
+            }
+            args.push(arg(file));
+            let out = signet(&ep, &args);
+            assert_eq!(code(&out), 4, "{}: {}", file.display(), stderr(&out));
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let msg = report["message"].as_str().unwrap();
+            assert!(
+                msg.contains("damaged or cut short") && msg.contains(want.as_str()),
+                "{}: {msg}",
+                file.display()
+            );
+            assert_eq!(&std::fs::read(file).unwrap(), &before, "untouched");
+        }
+    }
+    assert!(
+        !w.log("signetd").contains("job accepted"),
+        "refused before any upload"
+    );
+
+    // A client that does not check: the agent refuses it as bad input, naming it.
+    let (status, body) = post_sign(&ep, "filename=cut7000.exe", whole[..7000].to_vec());
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("bad_input")),
+        "{body}"
+    );
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("section {name}'s data ends at byte {end}")),
+        "{msg}"
+    );
+    let agent_log = w.log("signet-agent");
+    assert!(
+        !agent_log
+            .lines()
+            .any(|l| l.contains("cut7000.exe") && l.contains(" signed ")),
+        "nothing signed: {agent_log}"
+    );
+
+    // In a batch the damaged file fails as bad input and the others are signed.
+    let a = w.pe("a.exe");
+    let b = w.msi("b.msi");
+    let out = signet(&ep, &["sign", "--json", arg(&a), arg(&cut_7000), arg(&b)]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[1]["signed"], false, "{}", lines[1]);
+    assert_eq!(lines[1]["exit_code"], 4, "{}", lines[1]);
+    assert!(
+        lines[0]["signed"] == true && lines[2]["signed"] == true,
+        "{lines:?}"
+    );
+    assert!(verify(&w, &a).0 && verify(&w, &b).0);
+}

@@ -1,6 +1,6 @@
 //! What one signing job asks for, checked before the token is touched: the profile's
 //! options as they arrive from the host, and whether the profile signs the format the
-//! input turned out to be. Pure; [`crate::agent`] calls it.
+//! input turned out to be (a damaged file of that format is `bad_input`). Pure; [`crate::agent`] calls it.
 
 use signet_protocol::format::{Detected, Format, FormatError};
 use signet_protocol::wire::{
@@ -35,6 +35,7 @@ pub fn admit(
             FormatError::Unsupported { .. }
             | FormatError::TextNotScript { .. }
             | FormatError::NotDigestBlob => ErrorCode::UnsupportedFormat,
+            FormatError::Damaged { .. } => ErrorCode::BadInput,
             FormatError::Unreadable(_) => ErrorCode::Internal,
         };
         ErrorBody::new(code, e.to_string())
@@ -123,6 +124,13 @@ mod tests {
                 ErrorCode::UnsupportedFormat,
             ),
             (FormatError::Unreadable("x".into()), ErrorCode::Internal),
+            (
+                FormatError::Damaged {
+                    format: Format::Pe,
+                    damage: signet_protocol::structure::Damage("cut".into()),
+                },
+                ErrorCode::BadInput,
+            ),
         ];
         for (e, code) in cases {
             assert_eq!(admit(&q, Err(e)).unwrap_err().code, code);
