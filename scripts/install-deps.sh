@@ -83,3 +83,12 @@ if ! getent group signet >/dev/null; then
   fi
   groupadd --system signet
 fi
+# The "signet-admin" group: the appliance's operators (attach, detach, cancel anyone's
+# job, the audit log); the D-Bus tests run signetctl as a member of it too.
+if ! getent group signet-admin >/dev/null; then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "install-deps: the signet-admin group is missing; run as root, or: sudo groupadd --system signet-admin" >&2
+    exit 1
+  fi
+  groupadd --system signet-admin
+fi

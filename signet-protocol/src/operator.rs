@@ -73,6 +73,10 @@ pub struct AuditRecord {
     /// `signed`, `refused`, `failed` or `cancelled`.
     pub result: String,
     pub error: Option<String>,
+    /// How many refusals of one caller for one reason the record stands for, when
+    /// more than one (refusals are coalesced per interval); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
     pub prev: String,
     pub hash: String,
 }

@@ -303,6 +303,9 @@ pub enum ErrorCode {
     /// The `Idempotency-Key` was used before for a different request (another file,
     /// profile or options); a key names one request.
     IdempotencyKeyReused,
+    /// Too many wrong client secrets came from this address; the next is not checked
+    /// before `Retry-After` seconds.
+    TooManyAttempts,
 }
 
 impl ErrorCode {
@@ -318,7 +321,7 @@ impl ErrorCode {
             | ErrorCode::TruncatedInput
             | ErrorCode::BadInput
             | ErrorCode::IdempotencyKeyReused => 422,
-            ErrorCode::TooManyJobs => 429,
+            ErrorCode::TooManyJobs | ErrorCode::TooManyAttempts => 429,
             ErrorCode::SigningFailed | ErrorCode::Internal => 500,
             ErrorCode::AgentUnavailable => 502,
             ErrorCode::PinRejected
@@ -351,6 +354,7 @@ impl ErrorCode {
             | ErrorCode::TokenUnavailable
             | ErrorCode::AgentUnavailable
             | ErrorCode::TooManyJobs
+            | ErrorCode::TooManyAttempts
             | ErrorCode::SpoolFull
             | ErrorCode::ShuttingDown => exit::UNAVAILABLE,
             ErrorCode::UnknownJob
@@ -387,11 +391,12 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::UnknownToken => "unknown_token",
             ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
+            ErrorCode::TooManyAttempts => "too_many_attempts",
         }
     }
 
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownProfile,
         ErrorCode::Forbidden,
@@ -415,6 +420,7 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::UnknownToken,
         ErrorCode::IdempotencyKeyReused,
+        ErrorCode::TooManyAttempts,
     ];
 }
 

@@ -262,6 +262,8 @@ fn a_wrong_pin_is_tried_once_and_never_again_until_it_changes() {
     let spy_log = w.path("spy.log");
     let pin = w.path("agent-pin");
     std::fs::write(&pin, "000000").unwrap();
+    // The agent uses a PIN file only its own user may read.
+    std::fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let agent = w.start_agent(
         &format!("unix:{}", w.path("agent.sock").display()),
         PKCS11_SPY,

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use secrecy::zeroize::Zeroizing;
 use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 use signet_protocol::client;
@@ -116,23 +117,61 @@ pub fn host_of(status: &Status, serials: &[String], vm: u32) -> Host {
     }
 }
 
-/// Why the PIN file cannot be used, with the fix.
-pub fn check_pin_file(path: &Path, mode: u32, is_file: bool) -> Result<(), String> {
+/// Why the PIN file cannot be used, with the fix: it must be a regular file owned by
+/// root (`owner`) that nobody else may read or write (mode 0600 or 0400).
+pub fn check_pin_file(path: &Path, mode: u32, is_file: bool, owner: u32) -> Result<(), String> {
     if !is_file {
         return Err(format!(
             "{} is not a regular file; put the token's PIN in it (one line)",
             path.display()
         ));
     }
-    if mode & 0o077 != 0 {
+    let fix = format!(
+        "`chown root:root {p} && chmod 600 {p}` so only root reads the PIN",
+        p = path.display()
+    );
+    if owner != 0 {
         return Err(format!(
-            "{} can be read by others (mode {:o}); `chmod 600 {}` so only root reads the PIN",
-            path.display(),
-            mode & 0o777,
+            "{} is owned by uid {owner}, not root; {fix}",
             path.display()
         ));
     }
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} is open to group or others (mode {:o}); {fix}",
+            path.display(),
+            mode & 0o777,
+        ));
+    }
     Ok(())
+}
+
+/// Checks the host's PIN file ([`check_pin_file`]) without reading it.
+pub fn check_pin_path(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read the PIN file {}: {e}", path.display()))?;
+    check_pin_file(path, meta.mode(), meta.is_file(), meta.uid())
+}
+
+/// Reads the host's PIN file, checked first, into memory that is wiped when dropped.
+pub fn read_pin_file(path: &Path) -> Result<Zeroizing<String>, String> {
+    use std::io::Read;
+    check_pin_path(path)?;
+    let cannot = |e: std::io::Error| format!("cannot read the PIN file {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let len = file.metadata().map_err(cannot)?.len();
+    // Room for all of it up front: growing the buffer would leave copies behind.
+    let mut text = Zeroizing::new(String::with_capacity(
+        usize::try_from(len)
+            .unwrap_or(0)
+            .saturating_add(1)
+            .min(1 << 16),
+    ));
+    file.take(1 << 16)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
+    Ok(text)
 }
 
 /// The PIN in the file's text: its first line, without the line end.
@@ -525,14 +564,7 @@ async fn deliver_pin(daemon: &Daemon, pins: &mut PinMemory) {
     };
     let read = tokio::task::spawn_blocking({
         let path = path.clone();
-        move || -> Result<String, String> {
-            use std::os::unix::fs::PermissionsExt;
-            let meta = std::fs::metadata(&path)
-                .map_err(|e| format!("cannot read the PIN file {}: {e}", path.display()))?;
-            check_pin_file(&path, meta.permissions().mode(), meta.is_file())?;
-            std::fs::read_to_string(&path)
-                .map_err(|e| format!("cannot read the PIN file {}: {e}", path.display()))
-        }
+        move || read_pin_file(&path)
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()));
@@ -709,10 +741,17 @@ mod tests {
     #[test]
     fn the_pin_file_must_be_private_and_the_pin_is_its_first_line() {
         let p = Path::new("/etc/signet/token.pin");
-        assert_eq!(check_pin_file(p, 0o100600, true), Ok(()));
-        let e = check_pin_file(p, 0o100644, true).unwrap_err();
+        assert_eq!(check_pin_file(p, 0o100600, true, 0), Ok(()));
+        assert_eq!(check_pin_file(p, 0o100400, true, 0), Ok(()));
+        let e = check_pin_file(p, 0o100600, true, 1000).unwrap_err();
+        assert!(
+            e.contains("uid 1000") && e.contains("chown root:root") && e.contains("chmod 600"),
+            "{e}"
+        );
+        assert!(check_pin_file(p, 0o100640, true, 0).is_err());
+        let e = check_pin_file(p, 0o100644, true, 0).unwrap_err();
         assert!(e.contains("chmod 600 /etc/signet/token.pin"), "{e}");
-        assert!(check_pin_file(p, 0o40700, false).is_err());
+        assert!(check_pin_file(p, 0o40700, false, 0).is_err());
         assert_eq!(pin_of("1234\n"), Some("1234"));
         assert_eq!(pin_of("12 34\r\nnext"), Some("12 34"));
         assert_eq!(pin_of("\n"), None);

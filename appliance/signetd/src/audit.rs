@@ -7,7 +7,9 @@
 //! `time`, `job`, `caller`, `transport`, `profile`, `token_serial`, `cert_sha256`,
 //! `filename`, `input_sha256`, `input_bytes`, `output_sha256`, `output_bytes`,
 //! `duration_ms`, `result`, `error`, `prev`, in that order, no whitespace, absent values
-//! as `null`, strings escaped as serde_json does. Rows are walked in insertion order
+//! as `null`, strings escaped as serde_json does; then `count` after `error`, only
+//! when the record stands for more than one refusal (so records without it hash as
+//! they always did). Rows are walked in insertion order
 //! (`id`); `seq` counts up by one from 1. [`verify`] names the first record that was
 //! changed (its hash does not match its content), deleted (a `seq` is missing) or
 //! reordered (a `seq` appears out of place). Deleting the newest records is not
@@ -16,7 +18,9 @@
 //!
 //! Records are appended with [`append`] inside the caller's transaction, so a job's
 //! state change and its record commit together; [`record_refusal`] is the entry for a
-//! request refused before it became a job.
+//! request refused before it became a job. Refusals are coalesced before they get
+//! here ([`crate::refusals`]): the first of a caller for one reason is recorded at
+//! once, the rest within the interval make one record whose `count` says how many.
 //!
 //! An operator's action (attach, detach or re-attach a token, cancel a job, enroll a
 //! VM) is a record of the same chain, written by [`record_action`]: its `result` is the
@@ -71,7 +75,16 @@ pub fn init(conn: &Connection) -> rusqlite::Result<()> {
             BEGIN UPDATE audit_edits SET n = n + 1; END;
         CREATE TRIGGER IF NOT EXISTS audit_deleted AFTER DELETE ON audit
             BEGIN UPDATE audit_edits SET n = n + 1; END;",
-    )
+    )?;
+    let has_count: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('audit') WHERE name = 'count'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_count {
+        conn.execute("ALTER TABLE audit ADD COLUMN count INTEGER", [])?;
+    }
+    Ok(())
 }
 
 /// How a request ended.
@@ -117,6 +130,8 @@ pub struct Entry {
     pub result: Option<Outcome>,
     /// The error class (`ErrorCode` name), for refused and failed requests.
     pub error: Option<String>,
+    /// How many refusals the record stands for, when more than one.
+    pub count: Option<u64>,
 }
 
 /// A record as stored and exported ([`signet_protocol::operator::AuditRecord`], the
@@ -142,6 +157,8 @@ struct Canonical<'a> {
     duration_ms: Option<u64>,
     result: &'a str,
     error: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u64>,
     prev: &'a str,
 }
 
@@ -172,6 +189,7 @@ impl Chained for Record {
             duration_ms: self.duration_ms,
             result: &self.result,
             error: &self.error,
+            count: self.count,
             prev: &self.prev,
         })
         .unwrap_or_default()
@@ -293,6 +311,7 @@ fn append_as(conn: &Connection, entry: &Entry, result: &str) -> Result<Record, A
         duration_ms: entry.duration_ms,
         result: result.to_owned(),
         error: entry.error.clone(),
+        count: entry.count,
         prev,
         hash: String::new(),
     };
@@ -300,8 +319,8 @@ fn append_as(conn: &Connection, entry: &Entry, result: &str) -> Result<Record, A
     conn.execute(
         "INSERT INTO audit (seq, time, job, caller, transport, profile, token_serial,
             cert_sha256, filename, input_sha256, input_bytes, output_sha256, output_bytes,
-            duration_ms, result, error, prev, hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+            duration_ms, result, error, prev, hash, count)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
         params![
             rec.seq,
             rec.time,
@@ -320,7 +339,8 @@ fn append_as(conn: &Connection, entry: &Entry, result: &str) -> Result<Record, A
             rec.result,
             rec.error,
             rec.prev,
-            rec.hash
+            rec.hash,
+            rec.count
         ],
     )?;
     Ok(rec)
@@ -384,7 +404,7 @@ fn rows_from(
     let mut stmt = conn.prepare(
         "SELECT id, seq, time, job, caller, transport, profile, token_serial, cert_sha256,
             filename, input_sha256, input_bytes, output_sha256, output_bytes, duration_ms,
-            result, error, prev, hash
+            result, error, prev, hash, count
          FROM audit WHERE (?1 IS NULL OR time >= ?1) AND id > ?2 ORDER BY id",
     )?;
     let rows = stmt.query_map(params![since, after], |r| {
@@ -409,6 +429,7 @@ fn rows_from(
                 error: r.get(16)?,
                 prev: r.get(17)?,
                 hash: r.get(18)?,
+                count: r.get(19)?,
             },
         ))
     })?;
@@ -703,6 +724,7 @@ mod tests {
             duration_ms: None,
             result: "signed".into(),
             error: None,
+            count: None,
             prev: GENESIS.into(),
             hash: "ignored".into(),
         };

@@ -68,6 +68,21 @@ pub struct Config {
     pub recovery: crate::recovery::RecoveryConfig,
     /// `[[tokens]]`: which token (by serial) belongs to which signing VM.
     pub tokens: Vec<crate::tokens::Assignment>,
+    /// The group of local signers (`socket_group`, default `signet`): owns the unix
+    /// sockets (mode 0660) and reads the status over D-Bus ([`crate::roles`]).
+    pub socket_group: String,
+    /// The group of the appliance's operators (`admin_group`, default `signet-admin`).
+    pub admin_group: String,
+}
+
+impl Config {
+    /// The ids of the role groups on this host (looked up now).
+    pub fn role_groups(&self) -> crate::roles::RoleGroups {
+        crate::roles::RoleGroups {
+            admin: crate::roles::gid_of(&self.admin_group),
+            signer: crate::roles::gid_of(&self.socket_group),
+        }
+    }
 }
 
 /// `[shutdown]`: host shutdowns and reboots, announced by logind.
@@ -118,6 +133,14 @@ pub struct Limits {
     pub header_timeout_seconds: u64,
     /// An upload that sends nothing for this many seconds is abandoned.
     pub body_idle_timeout_seconds: u64,
+    /// Connections one listener serves at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Refusals of one caller for one reason within this many seconds make one audit
+    /// record, with their count.
+    pub refusal_interval_seconds: u64,
+    /// Wrong client secrets one source address may send per minute over TLS; more are
+    /// answered 429 with Retry-After, without checking them.
+    pub auth_failures_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -127,6 +150,9 @@ impl Default for Limits {
             max_input_size: 4 << 30,
             header_timeout_seconds: 30,
             body_idle_timeout_seconds: 60,
+            max_connections: 256,
+            refusal_interval_seconds: 60,
+            auth_failures_per_minute: 10,
         }
     }
 }
@@ -255,6 +281,10 @@ struct Raw {
     tokens: Vec<crate::tokens::Assignment>,
     #[serde(default)]
     recovery: crate::recovery::RecoveryConfig,
+    #[serde(default)]
+    socket_group: Option<String>,
+    #[serde(default)]
+    admin_group: Option<String>,
 }
 
 /// A configuration that cannot be used.
@@ -515,6 +545,12 @@ impl Config {
             passthrough: raw.passthrough,
             tokens: raw.tokens,
             recovery: raw.recovery,
+            socket_group: raw
+                .socket_group
+                .unwrap_or_else(|| crate::roles::DEFAULT_SIGNER_GROUP.to_owned()),
+            admin_group: raw
+                .admin_group
+                .unwrap_or_else(|| crate::roles::DEFAULT_ADMIN_GROUP.to_owned()),
         })
     }
 

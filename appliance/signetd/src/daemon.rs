@@ -40,6 +40,10 @@ pub struct Daemon {
     host_pin_rejected: std::sync::atomic::AtomicBool,
     /// The token service's door ([`crate::tokens`]), or why it is not running.
     tokens: crate::tokens::Handle,
+    /// Refusals waiting to be recorded with their count ([`crate::refusals`]).
+    refusals: std::sync::Mutex<crate::refusals::Coalescer>,
+    /// Wrong client secrets per source address.
+    throttle: std::sync::Mutex<crate::refusals::Throttle>,
 }
 
 /// A signing request accepted against its profile, not yet recorded.
@@ -63,7 +67,13 @@ impl Daemon {
         let engine = Engine::open(&cfg.state_dir, quota)?;
         let timeline = crate::timeline::Timeline::new(engine.store().clone())?;
         let slots = Slots::new(cfg.limits.max_jobs_per_caller);
+        let refusals = crate::refusals::Coalescer::new(std::time::Duration::from_secs(
+            cfg.limits.refusal_interval_seconds,
+        ));
+        let throttle = crate::refusals::Throttle::new(cfg.limits.auth_failures_per_minute);
         Ok(Daemon {
+            refusals: std::sync::Mutex::new(refusals),
+            throttle: std::sync::Mutex::new(throttle),
             cfg,
             slots,
             clients: None,
@@ -138,6 +148,24 @@ impl Daemon {
         let Some((name, secret)) = authorization.and_then(crate::clients::parse_basic) else {
             return Err(refused("no client credentials were sent"));
         };
+        let source = match peer {
+            Peer::Tcp { addr } => Some(addr.ip()),
+            _ => None,
+        };
+        if let Some(ip) = source {
+            let now = std::time::Instant::now();
+            let throttle = self.throttle.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(wait) = throttle.check(ip, now) {
+                return Err(ErrorBody::new(
+                    ErrorCode::TooManyAttempts,
+                    format!(
+                        "too many wrong client secrets came from {ip}; the next one is checked in {} s (Retry-After). Check the client's name and SIGNET_SECRET",
+                        wait.as_secs().max(1)
+                    ),
+                )
+                .retryable(true));
+            }
+        }
         let Some(db) = &self.clients else {
             return Err(refused("this appliance has no client database"));
         };
@@ -149,6 +177,12 @@ impl Daemon {
         match checked {
             Ok(Ok(granted)) => Ok(Caller::Client { name, granted }),
             Ok(Err(why)) => {
+                if let Some(ip) = source {
+                    self.throttle
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .failed(ip, std::time::Instant::now());
+                }
                 // Which of unknown / wrong / expired it was is for the log only; the
                 // front records the refusal in the audit log (`Daemon::refuse`).
                 tracing::warn!(%peer, client = %name, reason = %why, "refused client credentials");
@@ -169,10 +203,7 @@ impl Daemon {
     /// Who is calling, as far as the connection's transport vouches for it.
     pub fn identify(&self, peer: &Peer) -> Caller {
         match peer {
-            Peer::Vsock { cid, .. } => Caller::Vm {
-                cid: *cid,
-                vmid: policy::vmid_for_cid(&self.cfg.cid_to_vmid, *cid),
-            },
+            Peer::Vsock { cid, .. } => Caller::of_vsock(&self.cfg.cid_to_vmid, *cid),
             Peer::Unix { uid, gid, pid } => Caller::Local {
                 uid: *uid,
                 gid: *gid,
@@ -211,6 +242,17 @@ impl Daemon {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// How long a throttled address waits at most for its next try, in seconds (the
+    /// `Retry-After` of `too_many_attempts`).
+    pub fn retry_after_seconds(&self) -> u64 {
+        60_u64.div_ceil(u64::from(self.cfg.limits.auth_failures_per_minute.max(1)))
+    }
+
+    /// The coalescer of refusals ([`crate::refusals`]), for the job path.
+    pub(crate) fn refusals(&self) -> std::sync::MutexGuard<'_, crate::refusals::Coalescer> {
+        self.refusals.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Checks a signing request against the profiles and the grants and turns it into a

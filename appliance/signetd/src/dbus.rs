@@ -10,8 +10,14 @@
 //! the recovery timeline.
 //!
 //! Well-known name [`BUS_NAME`], object [`OBJECT_PATH`], interface [`INTERFACE`] (the
-//! version is in the names). Who may call what is the bus's policy:
-//! `packaging/dbus/org.signet.Signet1.conf`.
+//! version is in the names). Who may call what is decided twice: by the bus's policy
+//! (`packaging/dbus/org.signet.Signet1.conf`: the `signet` group reaches the signer's
+//! methods, `signet-admin` and root every method) and here, per method, from the
+//! caller's uid and groups ([`crate::roles`]): `Status`, `Tokens`, `Jobs` (its own)
+//! and `Cancel` (its own jobs) for signers; `Jobs` (everyone's), `Cancel` (anyone's),
+//! `Attach`, `Detach`, `Reattach`, `AuditTail`, `AuditExport`, `AuditVerify` and
+//! `Doctor` for operators; `Enroll` for root alone. A refusal answers
+//! `org.signet.Signet1.Error.Forbidden` and is audited like any refusal.
 //!
 //! A refused command answers a named error, `org.signet.Signet1.Error.<Code>` (the
 //! `ErrorCode` in CamelCase, e.g. `...Error.UnknownToken`), whose message is the one the
@@ -25,6 +31,8 @@ use zbus::object_server::SignalEmitter;
 
 use crate::daemon::Daemon;
 use crate::operate::Operator;
+use crate::policy::Caller;
+use crate::roles::{LocalUser, Role};
 
 /// The daemon's well-known name on the bus.
 pub const BUS_NAME: &str = "org.signet.Signet1";
@@ -91,35 +99,74 @@ pub struct Manager {
 #[zbus::interface(name = "org.signet.Signet1.Manager")]
 impl Manager {
     /// The appliance's status as JSON: the `DaemonStatus` of `GET /v1/status`.
-    async fn status(&self) -> String {
-        serde_json::to_string(&self.daemon.status().await).unwrap_or_default()
+    async fn status(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, Error> {
+        self.allow(conn, &header, Role::Signer, "read the status")
+            .await?;
+        Ok(serde_json::to_string(&self.daemon.status().await).unwrap_or_default())
     }
 
-    /// Every caller's jobs as JSON: the `JobList` of `GET /v1/operator/jobs`; `recent`
-    /// ended jobs (0: the default).
-    async fn jobs(&self, recent: u32) -> Result<String, Error> {
+    /// The jobs as JSON: the `JobList` of `GET /v1/operator/jobs`, every caller's for
+    /// an operator, a signer's own for a signer; `recent` ended jobs (0: the default).
+    async fn jobs(
+        &self,
+        recent: u32,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, Error> {
+        let (user, role) = self.allow(conn, &header, Role::Signer, "list jobs").await?;
         let n = if recent == 0 {
             crate::ops::RECENT_JOBS
         } else {
             u64::from(recent)
         };
-        json(self.daemon.jobs(n))
+        let mut list = self.daemon.jobs(n)?;
+        if role < Role::Operator {
+            let own = format!("uid:{}", user.uid);
+            for v in [&mut list.running, &mut list.queued, &mut list.recent] {
+                v.retain(|j| j.caller == own);
+            }
+        }
+        json(Ok(list))
     }
 
-    /// Cancels any caller's queued job; answers its `JobView` as JSON. Audited with
-    /// the caller's uid.
+    /// Cancels a queued job (an operator: anyone's; a signer: its own); answers its
+    /// `JobView` as JSON. Audited with the caller's uid.
     async fn cancel(
         &self,
         id: &str,
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<String, Error> {
-        let op = operator(conn, &header).await;
-        json(self.daemon.cancel_by(&op, id))
+        let (user, role) = self
+            .allow(conn, &header, Role::Signer, "cancel jobs")
+            .await?;
+        if role >= Role::Operator {
+            let op = operator(conn, &header).await;
+            return json(self.daemon.cancel_by(&op, id));
+        }
+        // A signer's own job, as it would cancel it over the unix socket: another
+        // caller's job is unknown to it.
+        let caller = Caller::Local {
+            uid: user.uid,
+            gid: user.groups.first().copied().unwrap_or(u32::MAX),
+            groups: user.groups.clone(),
+        };
+        json(self.daemon.cancel(id, &caller))
     }
 
     /// The newest `n` audit records (0: the default), a JSON array of `AuditRecord`.
-    async fn audit_tail(&self, n: u32) -> Result<String, Error> {
+    async fn audit_tail(
+        &self,
+        n: u32,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, Error> {
+        self.allow(conn, &header, Role::Operator, "read the audit log")
+            .await?;
         let n = if n == 0 {
             crate::ops::AUDIT_TAIL
         } else {
@@ -129,7 +176,14 @@ impl Manager {
     }
 
     /// The audit records since an RFC 3339 time ("": all), a JSON array.
-    async fn audit_export(&self, since: &str) -> Result<String, Error> {
+    async fn audit_export(
+        &self,
+        since: &str,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, Error> {
+        self.allow(conn, &header, Role::Operator, "export the audit log")
+            .await?;
         json(
             self.daemon
                 .audit_since((!since.is_empty()).then_some(since)),
@@ -137,13 +191,26 @@ impl Manager {
     }
 
     /// The audit chain's check, an `AuditCheck` as JSON.
-    async fn audit_verify(&self) -> Result<String, Error> {
+    async fn audit_verify(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, Error> {
+        self.allow(conn, &header, Role::Operator, "check the audit log")
+            .await?;
         json(self.daemon.audit_verify())
     }
 
-    /// The host checks, a `DoctorReport` as JSON.
-    async fn doctor(&self) -> String {
-        serde_json::to_string(&self.daemon.doctor().await).unwrap_or_default()
+    /// The host checks, a `DoctorReport` as JSON (it shows the host's devices, paths
+    /// and processes: an operator's).
+    async fn doctor(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, Error> {
+        self.allow(conn, &header, Role::Operator, "run the host checks")
+            .await?;
+        Ok(serde_json::to_string(&self.daemon.doctor().await).unwrap_or_default())
     }
 
     /// A job ended (signed, failed or cancelled): its id, its state and its
@@ -166,8 +233,14 @@ impl Manager {
     ) -> zbus::Result<()>;
 
     /// Every token and where it is: the `TokensReport` of `GET /v1/tokens`.
-    async fn tokens(&self) -> String {
-        serde_json::to_string(&self.daemon.tokens()).unwrap_or_default()
+    async fn tokens(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, Error> {
+        self.allow(conn, &header, Role::Signer, "list the tokens")
+            .await?;
+        Ok(serde_json::to_string(&self.daemon.tokens()).unwrap_or_default())
     }
 
     /// Puts a token into its signing VM; `vmid` 0 means its assigned VM, another VM
@@ -179,6 +252,8 @@ impl Manager {
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<String, Error> {
+        self.allow(conn, &header, Role::Operator, "attach a token")
+            .await?;
         let vm = (vmid != 0).then_some(vmid);
         let op = operator(conn, &header).await;
         json(self.daemon.attach_by(&op, serial, vm).await)
@@ -191,6 +266,8 @@ impl Manager {
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<String, Error> {
+        self.allow(conn, &header, Role::Operator, "detach a token")
+            .await?;
         let op = operator(conn, &header).await;
         json(self.daemon.detach_by(&op, serial).await)
     }
@@ -202,6 +279,8 @@ impl Manager {
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<String, Error> {
+        self.allow(conn, &header, Role::Operator, "re-attach a token")
+            .await?;
         let op = operator(conn, &header).await;
         json(self.daemon.reattach_by(&op, serial).await)
     }
@@ -221,6 +300,15 @@ impl Manager {
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<String, Error> {
+        let user = self
+            .allow(conn, &header, Role::Signer, "enroll a VM")
+            .await?
+            .0;
+        if let Err(e) = crate::roles::may_enroll(&user) {
+            self.daemon
+                .refuse(&format!("uid:{}", user.uid), "dbus", None, None, &e);
+            return Err(e.into());
+        }
         let req = match role {
             "build-vm" => crate::operate::EnrollRequest::BuildVm { vmid, profiles },
             "signing-vm" => crate::operate::EnrollRequest::SigningVm {
@@ -248,6 +336,70 @@ impl Manager {
     async fn version(&self) -> String {
         signet_protocol::VERSION.to_owned()
     }
+}
+
+impl Manager {
+    /// The caller and its role, when it has at least `needed`; otherwise the refusal
+    /// (audited as a refusal of `uid:N` over `dbus`, coalesced like every refusal).
+    async fn allow(
+        &self,
+        conn: &zbus::Connection,
+        header: &zbus::message::Header<'_>,
+        needed: Role,
+        what: &str,
+    ) -> Result<(LocalUser, Role), Error> {
+        let cfg = self.daemon.config();
+        let groups = cfg.role_groups();
+        let Some(user) = local_user(conn, header).await else {
+            let e = ErrorBody::new(
+                ErrorCode::Forbidden,
+                format!("the bus did not say who is calling, so signetd may not {what} for it"),
+            );
+            return Err(e.into());
+        };
+        let role = user.role(groups);
+        match crate::roles::require(
+            &user,
+            groups,
+            needed,
+            what,
+            (&cfg.admin_group, &cfg.socket_group),
+        ) {
+            Ok(()) => Ok((user, role)),
+            Err(e) => {
+                self.daemon
+                    .refuse(&format!("uid:{}", user.uid), "dbus", None, None, &e);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// The caller as a local user: the uid the bus daemon reports for the message's sender,
+/// and its groups, both those the bus saw on its connection (the kernel's record of
+/// the process) and those the user database gives the uid.
+async fn local_user(
+    conn: &zbus::Connection,
+    header: &zbus::message::Header<'_>,
+) -> Option<LocalUser> {
+    let sender = header.sender()?;
+    let bus = zbus::fdo::DBusProxy::new(conn).await.ok()?;
+    let (uid, mut groups) = match bus.get_connection_credentials(sender.clone().into()).await {
+        Ok(c) => (
+            c.unix_user_id()?,
+            c.unix_group_ids().cloned().unwrap_or_default(),
+        ),
+        Err(_) => (
+            bus.get_connection_unix_user(sender.clone().into())
+                .await
+                .ok()?,
+            Vec::new(),
+        ),
+    };
+    groups.extend(crate::roles::groups_of(uid));
+    groups.sort_unstable();
+    groups.dedup();
+    Some(LocalUser { uid, groups })
 }
 
 /// Who called: the uid the bus daemon reports for the message's sender, for the

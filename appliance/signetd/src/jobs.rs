@@ -260,6 +260,19 @@ impl Daemon {
         filename: Option<&str>,
         e: &ErrorBody,
     ) {
+        let refused = crate::refusals::Refused {
+            caller: caller.to_owned(),
+            transport: transport.to_owned(),
+            profile: profile.map(str::to_owned),
+            filename: filename.map(str::to_owned),
+            code: e.code.as_str().to_owned(),
+        };
+        let out = self.refusals().refused(refused, std::time::Instant::now());
+        if out.is_empty() {
+            // Counted; recorded with the others of this caller when the interval ends.
+            tracing::debug!(%caller, transport, code = %e.code, "request refused again: {}", e.message);
+            return;
+        }
         tracing::info!(
             %caller,
             transport,
@@ -269,17 +282,46 @@ impl Daemon {
             "request refused: {}",
             e.message
         );
-        let entry = Entry {
-            caller: caller.to_owned(),
-            transport: transport.to_owned(),
-            profile: profile.map(str::to_owned),
-            filename: filename.map(str::to_owned),
-            error: Some(e.code.as_str().to_owned()),
-            ..Entry::default()
-        };
-        if let Err(err) = audit::record_refusal(&self.engine().store.conn(), &entry) {
-            tracing::error!(error = %err, "a refusal could not be recorded in the audit log");
+        self.record_refusals(out);
+    }
+
+    /// Writes coalesced refusals ([`crate::refusals`]) to the audit log.
+    fn record_refusals(&self, out: Vec<crate::refusals::ToRecord>) {
+        for t in out {
+            let entry = Entry {
+                caller: t.refused.caller,
+                transport: t.refused.transport,
+                profile: t.refused.profile,
+                filename: t.refused.filename,
+                error: Some(t.refused.code),
+                count: t.count,
+                ..Entry::default()
+            };
+            if let Some(n) = t.count {
+                tracing::info!(caller = %entry.caller, code = entry.error.as_deref().unwrap_or("-"), count = n, "more requests were refused in the last interval");
+            }
+            if let Err(err) = audit::record_refusal(&self.engine().store.conn(), &entry) {
+                tracing::error!(error = %err, "a refusal could not be recorded in the audit log");
+            }
         }
+    }
+
+    /// Records the counts of refusals whose interval has passed, for the daemon's
+    /// life (`[limits] refusal_interval_seconds`).
+    pub async fn run_refusal_flush(self: Arc<Self>) {
+        let interval = self.config().limits.refusal_interval_seconds.max(1);
+        let period = Duration::from_secs(interval.div_ceil(4).clamp(1, 15));
+        loop {
+            tokio::time::sleep(period).await;
+            let due = self.refusals().due(std::time::Instant::now());
+            self.record_refusals(due);
+        }
+    }
+
+    /// Records every refusal still counted (at shutdown).
+    pub fn flush_refusals(&self) {
+        let all = self.refusals().drain();
+        self.record_refusals(all);
     }
 
     /// Records the job and spools its input (`body`); answers the job's id once it is

@@ -27,6 +27,12 @@
 //!   `{"detail"}` errors. Pure.
 //! - [`policy`] — who is calling (VM, local user, client) and whether the grants let it
 //!   use a profile; per-caller job slots. Pure.
+//! - [`refusals`] — refusals that cannot flood: audit records coalesced per caller and
+//!   reason, wrong client secrets throttled per address. Pure.
+//! - [`roles`] — who may call what on the host: operators (root, `signet-admin`),
+//!   signers (`signet`), enrolling for root alone. Pure but for the group lookup.
+//! - [`private`] — state private whatever the umask (state dir 0700, files 0600), unix
+//!   sockets 0660 for root and the signer group.
 //! - [`limits`] — an upload's size limit and idle timeout, as it streams.
 //! - [`serve`] — the connection loop: HTTP/1.1 with a header timeout, the peer as
 //!   `ConnectInfo`.
@@ -58,10 +64,13 @@ pub mod operate;
 pub mod ops;
 pub mod passthrough;
 pub mod policy;
+pub mod private;
 pub mod proxmox;
 pub mod qmp;
 pub mod queue;
 pub mod recovery;
+pub mod refusals;
+pub mod roles;
 pub mod serve;
 pub mod server;
 pub mod server_ops;

@@ -423,6 +423,9 @@ fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // What signetd creates (database, spool, keys, exports) is its own whatever the
+    // umask it was started with.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -443,23 +446,54 @@ async fn main() -> anyhow::Result<()> {
         None => {}
     }
     let cfg = Config::load(&cli.config)?;
+    if let Some(pin_file) = &cfg.pin_file {
+        match std::fs::symlink_metadata(pin_file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => tracing::warn!(
+                path = %pin_file.display(),
+                "the PIN file does not exist yet; the agent waits for a PIN until it does"
+            ),
+            _ => signetd::agent_watch::check_pin_path(pin_file).map_err(|why| {
+                anyhow::anyhow!(
+                    "{why}; signetd does not start with a PIN file others could read or change"
+                )
+            })?,
+        }
+    }
     let mut listeners = Vec::new();
     let mut bound = Vec::new();
     for ep in &cfg.listen {
         if let signet_protocol::Endpoint::Unix(path) = ep {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)
+                signetd::private::socket_dir(dir, &cfg.socket_group)
                     .with_context(|| format!("creating {}", dir.display()))?;
             }
         }
         let l = Listener::bind(ep).await?;
+        if let signet_protocol::Endpoint::Unix(path) = ep {
+            use signetd::private::SocketAccess;
+            match signetd::private::open_socket(path, &cfg.socket_group)
+                .with_context(|| format!("setting who may connect to {}", path.display()))?
+            {
+                SocketAccess::Group { name, .. } => {
+                    tracing::info!(socket = %path.display(), group = %name, "root and the group may connect (0660)")
+                }
+                SocketAccess::OwnerOnly { missing_group } => tracing::warn!(
+                    socket = %path.display(),
+                    "this host has no group {missing_group:?}, so only root may connect (0600); create it (groupadd --system {missing_group}) or set socket_group in signetd.toml, then restart signetd"
+                ),
+            }
+        }
         let local = l.local_endpoint().context("local address")?;
         tracing::info!(endpoint = %local, "listening");
         bound.push(local.to_string());
         listeners.push((l, None));
     }
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
+    signetd::private::secure_tree(&cfg.state_dir).with_context(|| {
+        format!(
+            "making the state directory {} private (0700, its files 0600)",
+            cfg.state_dir.display()
+        )
+    })?;
     let mut daemon = Daemon::open(cfg.clone())?;
     if let Some(tls) = &cfg.tls {
         let acceptor = signetd::tls::acceptor(&tls.cert, &tls.key)?;
@@ -476,10 +510,12 @@ async fn main() -> anyhow::Result<()> {
     daemon = daemon.with_tokens(signetd::tokens::start(&cfg));
     tracing::info!(agent = %cfg.agent, default_profile = %cfg.default_profile, "relaying to the agent");
     let header_timeout = std::time::Duration::from_secs(cfg.limits.header_timeout_seconds);
+    let max_connections = cfg.limits.max_connections;
     let bus = cfg.dbus.clone();
     let daemon = Arc::new(daemon);
     tokio::spawn(daemon.clone().run_worker());
     tokio::spawn(daemon.clone().run_janitor());
+    tokio::spawn(daemon.clone().run_refusal_flush());
     // The D-Bus front is for host tools; signing works without it.
     let _bus = match signetd::dbus::serve(daemon.clone(), &bus).await {
         Ok(Some(conn)) => {
@@ -527,6 +563,7 @@ async fn main() -> anyhow::Result<()> {
                 l,
                 web.app.clone(),
                 header_timeout,
+                max_connections,
                 tls,
                 stop,
             ));
@@ -535,7 +572,14 @@ async fn main() -> anyhow::Result<()> {
     for (l, tls) in listeners {
         let app = app.clone();
         let stop = stop_rx.clone();
-        servers.spawn(signetd::serve::serve(l, app, header_timeout, tls, stop));
+        servers.spawn(signetd::serve::serve(
+            l,
+            app,
+            header_timeout,
+            max_connections,
+            tls,
+            stop,
+        ));
     }
     let listening = format!("listening on {}", bound.join(" "));
     let _ = sd_notify::notify(
@@ -552,6 +596,7 @@ async fn main() -> anyhow::Result<()> {
     let close = std::time::Duration::from_secs(1).min(bound / 2);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     daemon.stop(bound.saturating_sub(close)).await;
+    daemon.flush_refusals();
     if let Some(web) = &web_ui {
         web.close();
     }

@@ -38,7 +38,15 @@ pub enum Caller {
     },
     /// A TCP peer that proved nothing.
     Anonymous { addr: String },
+    /// A vsock peer with a CID reserved for the host side (0 hypervisor, 1 local, 2
+    /// host, see [`FIRST_GUEST_CID`]): any process on the host can connect from
+    /// these, so it is not a VM and no grant matches it.
+    HostVsock { cid: u32 },
 }
+
+/// The lowest vsock CID a guest can have; 0, 1 and 2 are the hypervisor, the local
+/// loopback and the host.
+pub const FIRST_GUEST_CID: u32 = 3;
 
 impl Caller {
     /// The key its running jobs are counted under, and its audit identity.
@@ -48,6 +56,19 @@ impl Caller {
             Caller::Local { uid, .. } => format!("uid:{uid}"),
             Caller::Client { name, .. } => format!("client:{name}"),
             Caller::Anonymous { addr } => format!("tcp:{addr}"),
+            Caller::HostVsock { cid } => format!("vsock-cid:{cid}"),
+        }
+    }
+
+    /// The caller behind a vsock connection from `cid`: a VM (its VMID from `map`, else
+    /// the CID itself), unless the CID is one of the host's.
+    pub fn of_vsock(map: &std::collections::BTreeMap<u32, u32>, cid: u32) -> Caller {
+        if cid < FIRST_GUEST_CID {
+            return Caller::HostVsock { cid };
+        }
+        Caller::Vm {
+            cid,
+            vmid: vmid_for_cid(map, cid),
         }
     }
 }
@@ -60,6 +81,9 @@ impl fmt::Display for Caller {
             Caller::Local { uid, gid, .. } => write!(f, "local uid {uid} (gid {gid})"),
             Caller::Client { name, .. } => write!(f, "client {name:?}"),
             Caller::Anonymous { addr } => write!(f, "unauthenticated TCP peer {addr}"),
+            Caller::HostVsock { cid } => {
+                write!(f, "vsock CID {cid} (the host's side, not a VM)")
+            }
         }
     }
 }
@@ -144,7 +168,9 @@ impl CallerPattern {
     /// Whether `caller` is one of the callers this pattern names.
     pub fn matches(&self, caller: &Caller) -> bool {
         match (self, caller) {
-            (CallerPattern::Vm(want), Caller::Vm { vmid, .. }) => want.is_none_or(|w| w == *vmid),
+            (CallerPattern::Vm(want), Caller::Vm { cid, vmid }) => {
+                *cid >= FIRST_GUEST_CID && want.is_none_or(|w| w == *vmid)
+            }
             (CallerPattern::Uid(want), Caller::Local { uid, .. }) => want == uid,
             (CallerPattern::Gid(want), Caller::Local { gid, groups, .. }) => {
                 want == gid || groups.contains(want)
@@ -212,7 +238,7 @@ impl Policy {
                 caller: caller.clone(),
                 key: match caller {
                     // An anonymous peer cannot be granted anything; name what could.
-                    Caller::Anonymous { .. } => "client:NAME".to_owned(),
+                    Caller::Anonymous { .. } | Caller::HostVsock { .. } => "client:NAME".to_owned(),
                     c => c.key(),
                 },
                 profile: profile.to_owned(),
@@ -433,6 +459,34 @@ mod tests {
         };
         assert_eq!(c.to_string(), "VM 104 (vsock CID 1042)");
         assert_eq!(c.key(), "vm:104");
+    }
+
+    #[test]
+    fn host_cids_are_never_a_vm_and_no_grant_matches_them() {
+        let map = [(1, 104), (2, 105)].into_iter().collect();
+        let p = Policy::new(vec![Grant {
+            callers: vec![pat("vm:*"), pat("vm:104"), pat("vm:105"), pat("vm:1")],
+            profiles: vec!["*".into()],
+        }]);
+        for cid in 0..FIRST_GUEST_CID {
+            let c = Caller::of_vsock(&map, cid);
+            assert_eq!(
+                c,
+                Caller::HostVsock { cid },
+                "even when [cid_to_vmid] maps it"
+            );
+            assert_eq!(c.key(), format!("vsock-cid:{cid}"));
+            assert!(!pat("vm:*").matches(&c));
+            let e = p.decide(&c, "release").unwrap_err();
+            assert!(e.to_string().contains("not a VM"), "{e}");
+            // Built by hand, a VM with a host CID is still not matched.
+            let forged = Caller::Vm { cid, vmid: 104 };
+            assert!(!pat("vm:*").matches(&forged) && !pat("vm:104").matches(&forged));
+        }
+        let vm = Caller::of_vsock(&map, 3);
+        assert_eq!(vm, Caller::Vm { cid: 3, vmid: 3 });
+        assert!(pat("vm:*").matches(&vm));
+        assert!(p.decide(&Caller::of_vsock(&map, 104), "release").is_ok());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The connection loop: accepts on a [`Listener`], serves each connection with HTTP/1.1
 //! and the router, and closes connections that do not send their request headers in
-//! time (no slow-loris). Each request carries its connection's
+//! time (no slow-loris). At most `max_connections` connections are served at once per
+//! listener (`[limits] max_connections`); the next is accepted when one closes, and
+//! until then waits in the kernel's backlog. Each request carries its connection's
 //! [`Peer`](signet_protocol::transport::Peer) as `ConnectInfo`, as `axum::serve` would
 //! set it, and [`OverTls`] when it came over TLS.
 //!
@@ -28,16 +30,25 @@ use tower::Service;
 pub struct OverTls;
 
 /// Serves `app` on `listener` (with TLS when `tls` is given) until `stop` turns true,
-/// then lets requests in flight finish.
+/// then lets requests in flight finish. At most `max_connections` at once.
 pub async fn serve(
     mut listener: Listener,
     app: Router,
     header_timeout: Duration,
+    max_connections: usize,
     tls: Option<TlsAcceptor>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
         let (io, peer) = tokio::select! {
             pair = axum::serve::Listener::accept(&mut listener) => pair,
             _ = stop.wait_for(|s| *s) => break,
@@ -46,11 +57,15 @@ pub async fn serve(
         let watcher = graceful.watcher();
         match &tls {
             None => {
-                tokio::spawn(connection(io, peer, app, header_timeout, false, watcher));
+                tokio::spawn(async move {
+                    connection(io, peer, app, header_timeout, false, watcher).await;
+                    drop(permit);
+                });
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     // The handshake is bounded like the headers that follow it.
                     match tokio::time::timeout(header_timeout, acceptor.accept(io)).await {
                         Ok(Ok(io)) => {

@@ -47,12 +47,69 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .with_state(daemon)
 }
 
-async fn status(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
-    Json(daemon.status().await)
+/// Over TLS the status and the tokens are for authenticated clients only (they name
+/// serials, certificates, the module and the profiles); other transports vouch for
+/// their peer already. A refusal is audited (coalesced) and answered without detail.
+fn tls_reader(
+    daemon: &Daemon,
+    peer: &Peer,
+    over_tls: bool,
+    headers: &HeaderMap,
+) -> Result<(), Box<Response>> {
+    if !over_tls {
+        return Ok(());
+    }
+    match authenticate(daemon, peer, true, headers) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let who = match peer {
+                Peer::Tcp { addr } => Caller::Anonymous {
+                    addr: addr.to_string(),
+                }
+                .key(),
+                other => daemon.identify(other).key(),
+            };
+            daemon.refuse(&who, "tls", None, None, &e);
+            Err(Box::new(error_response(daemon, e)))
+        }
+    }
 }
 
-async fn tokens(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
-    Json(daemon.tokens())
+/// An error's answer; `too_many_attempts` carries `Retry-After`.
+pub fn error_response(daemon: &Daemon, e: ErrorBody) -> Response {
+    let throttled = e.code == ErrorCode::TooManyAttempts;
+    let mut resp = e.into_response();
+    if throttled {
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(daemon.retry_after_seconds()),
+        );
+    }
+    resp
+}
+
+async fn status(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(resp) = tls_reader(&daemon, &peer, tls.is_some(), &headers) {
+        return *resp;
+    }
+    Json(daemon.status().await).into_response()
+}
+
+async fn tokens(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(resp) = tls_reader(&daemon, &peer, tls.is_some(), &headers) {
+        return *resp;
+    }
+    Json(daemon.tokens()).into_response()
 }
 
 async fn sign(
@@ -214,7 +271,7 @@ async fn job(
             // connection then reads and drops what the client still sends before it
             // closes (`serve`), so the client reads this answer, not a reset.
             drop(body);
-            return e.into_response();
+            return error_response(&daemon, e);
         }
     };
     let idle = Duration::from_secs(daemon.config().limits.body_idle_timeout_seconds);
@@ -338,7 +395,7 @@ async fn get_job(
         .and_then(|caller| daemon.job(&id, &caller));
     match view {
         Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
+        Err(e) => error_response(&daemon, e),
     }
 }
 
@@ -353,7 +410,7 @@ async fn cancel_job(
         .and_then(|caller| daemon.cancel(&id, &caller));
     match view {
         Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
+        Err(e) => error_response(&daemon, e),
     }
 }
 
@@ -366,7 +423,7 @@ async fn job_result(
 ) -> Response {
     let caller = match authenticate(&daemon, &peer, tls.is_some(), &headers) {
         Ok(c) => c,
-        Err(e) => return e.into_response(),
+        Err(e) => return error_response(&daemon, e),
     };
     // Known to the caller: wait for it to end, then answer as POST /v1/sign would have.
     if let Err(e) = daemon.job(&id, &caller) {

@@ -62,6 +62,9 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The spool and whatever else the agent writes are its own whatever the umask.
+    #[cfg(unix)]
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -74,6 +77,14 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(run_command(command, &cli.config)?);
     }
     let cfg = Config::load(&cli.config)?;
+    if let Some(pin_file) = cfg.token.pin_file.as_deref().filter(|p| p.exists()) {
+        signet_agent::token::check_pin_file(pin_file).map_err(|why| {
+            anyhow::anyhow!(
+                "the PIN file {}: {why}; signet-agent does not start with a PIN file others could read",
+                pin_file.display()
+            )
+        })?;
+    }
     let listen = cfg.listen.clone();
     let agent = Arc::new(Agent::new(cfg).await?);
     let left = agent.clean_spool();

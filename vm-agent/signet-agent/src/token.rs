@@ -896,6 +896,7 @@ fn read_pin(path: &Path) -> Result<AuthPin, TokenError> {
         path: path.to_owned(),
         detail,
     };
+    check_pin_file(path).map_err(err)?;
     let text = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
     let line = text.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -905,15 +906,28 @@ fn read_pin(path: &Path) -> Result<AuthPin, TokenError> {
     let pin = std::str::from_utf8(line)
         .map(AuthPin::from)
         .map_err(|_| err("the PIN is not UTF-8 text".to_owned()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path) {
-            if meta.permissions().mode() & 0o077 != 0 {
-                tracing::warn!(path = %path.display(), "the PIN file is readable by others; chmod 600 it");
-            }
-        }
-    }
     Ok(pin)
+}
+
+/// Refuses a PIN file that group or others may read or change (it is used only when
+/// mode is 0600 or 0400); the error says how to fix it. Nothing is read from it.
+pub fn check_pin_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(pin_file_open(path, mode));
+    }
+    Ok(())
+}
+
+/// The refusal of a PIN file open to group or others.
+pub fn pin_file_open(path: &Path, mode: u32) -> String {
+    format!(
+        "it is open to group or others (mode {:04o}), so the agent does not use it; `chmod 600 {}` (owned by the agent's user)",
+        mode & 0o7777,
+        path.display()
+    )
 }
 
 /// A cryptoki error as the PKCS#11 name people search for.
@@ -999,10 +1013,35 @@ mod tests {
     }
 
     #[test]
+    fn a_pin_file_others_can_read_is_refused_unread() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pin");
+        std::fs::write(&p, "123456\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_pin(&p).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("mode 0644") && text.contains(&format!("chmod 600 {}", p.display())),
+            "{text}"
+        );
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(read_pin(&p).is_err());
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_pin(&p).unwrap().expose_secret(), "123456");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(read_pin(&p).is_ok());
+    }
+
+    #[test]
     fn pin_file_first_line_without_line_ending() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pin");
         std::fs::write(&p, "123456\r\nignored").unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         assert_eq!(read_pin(&p).unwrap().expose_secret(), "123456");
         std::fs::write(&p, "").unwrap();
         assert!(read_pin(&p).unwrap_err().to_string().contains("empty"));

@@ -10,14 +10,18 @@
 //! | `POST /jobs/{id}/cancel` | `Sys.Modify` + CSRF | cancels a waiting job |
 //! | `GET /tokens/{serial}/{attach,detach,reattach}` | `Sys.Modify` | asks to confirm the token action |
 //! | `POST /tokens/{serial}/{attach,detach,reattach}` | `Sys.Modify` + CSRF | does it |
-//! | `GET /enroll` | `Sys.Modify` | the form to enroll a signing or build VM |
-//! | `POST /enroll/preview` | `Sys.Modify` + CSRF | the dry run: the exact change, to confirm |
-//! | `POST /enroll` | `Sys.Modify` + CSRF | makes the change |
+//! | `GET /enroll` | root@pam, `Sys.Modify` | the form to enroll a signing or build VM |
+//! | `POST /enroll/preview` | root@pam, `Sys.Modify` + CSRF | the dry run: the exact change, to confirm |
+//! | `POST /enroll` | root@pam, `Sys.Modify` + CSRF | makes the change |
 //! | `GET /timeline` | `Sys.Audit` | the recovery timeline and the 24-hour chart (SVG) |
 //! | `GET /timeline/events` | `Sys.Audit` | its live part as server-sent events (`timeline`) |
 //! | `GET /audit?q=&page=&verify=full` | `Sys.Audit` | the audit log, searched and paged; chain status |
 //! | `GET /audit/export` | `Sys.Audit` | the audit log as JSON lines |
 //! | `GET /static/*` | — | the style sheet and the script |
+//!
+//! Enrolling sets a VM's `args` (`qm set --args`), which Proxmox VE allows only
+//! root@pam, and adds grants to `signetd.toml`: only root@pam may enroll here
+//! ([`authorize_enroll`]), as only root may over D-Bus.
 //!
 //! Every action goes through [`crate::operate`] (the same audited commands as D-Bus
 //! and `signetctl`), as the PVE user who asked (`pve:USER@REALM`).
@@ -35,7 +39,7 @@ use axum::routing::{get, post};
 use axum::{Form, Router};
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde::Deserialize;
-use signet_protocol::wire::JobState;
+use signet_protocol::wire::{ErrorBody, ErrorCode, JobState};
 
 use super::auth::{self, AuthError, Need};
 use super::model::{self, Overview};
@@ -276,6 +280,34 @@ async fn authorize_to_ask(web: &Web, headers: &HeaderMap) -> Result<Session, Pro
         return Err(forbidden(&s.user, Need::Act, &web.node));
     }
     Ok(s)
+}
+
+/// The only PVE user who may enroll a VM: PVE allows `args` to root@pam alone.
+pub const ENROLL_USER: &str = "root@pam";
+
+/// [`authorize`] for enrolling: the visitor must be root@pam (checked before the form's
+/// CSRF token, so the refusal says why), then as `need` asks. A refusal is audited.
+async fn authorize_enroll(
+    web: &Web,
+    headers: &HeaderMap,
+    need: Need,
+    csrf: Option<&str>,
+) -> Result<Session, Problem> {
+    let s = authorize(web, headers, Need::Read, None).await?;
+    if s.user != ENROLL_USER {
+        let message = format!(
+            "{} may not enroll a VM: enrolling sets the VM's args (qm set --args), which Proxmox VE allows only root@pam, and adds grants to signetd.toml. Log in to Proxmox VE as root@pam to enroll; {} may still attach, detach and cancel with Sys.Modify.",
+            s.user, s.user
+        );
+        let e = ErrorBody::new(ErrorCode::Forbidden, message.clone());
+        web.daemon
+            .refuse(&format!("pve:{}", s.user), "web", None, None, &e);
+        return Err(problem(StatusCode::FORBIDDEN, "Not allowed", message, None));
+    }
+    match (need, csrf) {
+        (Need::Read, _) => authorize_to_ask(web, headers).await,
+        (Need::Act, csrf) => authorize(web, headers, Need::Act, csrf).await,
+    }
 }
 
 /// The navigation bar's facts.
@@ -966,7 +998,7 @@ struct EnrollPage<'a> {
 }
 
 async fn enroll_form(State(web): State<Arc<Web>>, headers: HeaderMap) -> Result<Response, Problem> {
-    let s = authorize_to_ask(&web, &headers).await?;
+    let s = authorize_enroll(&web, &headers, Need::Read, None).await?;
     let tokens = web
         .daemon
         .tokens()
@@ -1014,7 +1046,7 @@ async fn enroll_preview(
     headers: HeaderMap,
     Form(form): Form<EnrollForm>,
 ) -> Result<Response, Problem> {
-    let s = authorize(&web, &headers, Need::Act, Some(&form.csrf)).await?;
+    let s = authorize_enroll(&web, &headers, Need::Act, Some(&form.csrf)).await?;
     let req = form.request()?;
     let report = web
         .daemon
@@ -1038,7 +1070,7 @@ async fn enroll_apply(
     headers: HeaderMap,
     Form(form): Form<EnrollForm>,
 ) -> Result<Response, Problem> {
-    let s = authorize(&web, &headers, Need::Act, Some(&form.csrf)).await?;
+    let s = authorize_enroll(&web, &headers, Need::Act, Some(&form.csrf)).await?;
     let req = form.request()?;
     let r = web
         .daemon

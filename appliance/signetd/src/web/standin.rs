@@ -86,6 +86,7 @@ impl StandInPveApi {
             listener,
             app,
             Duration::from_secs(10),
+            64,
             Some(acceptor),
             stop_rx,
         ));
