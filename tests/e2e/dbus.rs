@@ -18,15 +18,19 @@ impl Bus {
             .parent()
             .unwrap()
             .to_owned();
+        Bus::start_with_policy(w, &root.join("packaging/dbus/org.signet.Signet1.conf"))
+    }
+
+    /// A private bus with `policy` in place of Signet's policy file.
+    pub(crate) fn start_with_policy(w: &World, policy: &std::path::Path) -> Bus {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_owned();
         let conf = std::fs::read_to_string(root.join("tests/fixtures/dbus-system.conf.in"))
             .unwrap()
             .replace("@SOCKET@", w.path("bus.sock").to_str().unwrap())
-            .replace(
-                "@POLICY@",
-                root.join("packaging/dbus/org.signet.Signet1.conf")
-                    .to_str()
-                    .unwrap(),
-            );
+            .replace("@POLICY@", policy.to_str().unwrap());
         std::fs::write(w.path("bus.conf"), conf).unwrap();
         let out = Command::new("dbus-daemon")
             .arg(format!("--config-file={}", w.path("bus.conf").display()))

@@ -24,6 +24,7 @@ mod agent_token;
 mod plugin;
 mod policy;
 mod remote;
+mod security;
 mod web;
 
 fn stderr(out: &Output) -> String {

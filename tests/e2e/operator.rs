@@ -1,6 +1,7 @@
 //! The operator's commands end to end: `signetctl jobs|cancel|audit|doctor` over a
 //! private system-style `dbus-daemon` with Signet's real policy file (root and the
-//! `signet` group allowed, anyone else refused), the `JobFinished` signal, named D-Bus
+//! `signet-admin` group operate, the `signet` group reads its own, anyone else is
+//! refused), the `JobFinished` signal, named D-Bus
 //! errors with the HTTP messages, golden files for the CLI's text and JSON in healthy
 //! and broken states, and the contract: each command answers the same result type over
 //! HTTP (`/v1/operator/...`, `/v1/status`), D-Bus and the CLI.
@@ -29,20 +30,30 @@ enum As {
     Root,
     /// An unprivileged uid (nobody) in no group Signet knows.
     Nobody,
-    /// Nobody, with the `signet` group as its group.
+    /// Nobody, with the `signet` group as its group: a signer.
     SignetGroup,
+    /// Nobody, with the `signet-admin` group as its group: an operator.
+    Admin,
 }
 
-fn signet_gid() -> u32 {
+pub(crate) fn signet_gid() -> u32 {
+    gid_of("signet")
+}
+
+pub(crate) fn admin_gid() -> u32 {
+    gid_of("signet-admin")
+}
+
+fn gid_of(group: &str) -> u32 {
     let out = Command::new("getent")
-        .args(["group", "signet"])
+        .args(["group", group])
         .output()
         .unwrap();
     let line = String::from_utf8_lossy(&out.stdout).into_owned();
     line.split(':')
         .nth(2)
         .and_then(|g| g.trim().parse().ok())
-        .expect("the signet group exists (scripts/install-deps.sh creates it)")
+        .unwrap_or_else(|| panic!("the {group} group exists (scripts/install-deps.sh creates it)"))
 }
 
 fn ctl(bus: &Bus, who: As, args: &[&str]) -> Output {
@@ -58,6 +69,9 @@ fn ctl(bus: &Bus, who: As, args: &[&str]) -> Output {
         As::SignetGroup => {
             // std drops the supplementary groups when it switches from root.
             cmd.uid(65534).gid(signet_gid());
+        }
+        As::Admin => {
+            cmd.uid(65534).gid(admin_gid());
         }
     }
     cmd.output().unwrap()
@@ -296,7 +310,7 @@ fn jobs_and_cancel_over_dbus_follow_the_policy_and_signal_each_ended_job() {
     assert_eq!(code(&out), 0);
     golden("jobs-busy.txt", &text(&out.stdout), &w);
     // The one-screen status lists them too (its JSON stays the status alone).
-    let out = ctl(&bus, As::SignetGroup, &["status"]);
+    let out = ctl(&bus, As::Admin, &["status"]);
     let screen = text(&out.stdout);
     assert!(screen.contains("\n  jobs:\n    JOB "), "{screen}");
     for (id, state) in [(&first, "running"), (&second, "queued"), (&third, "queued")] {
@@ -332,10 +346,19 @@ fn jobs_and_cancel_over_dbus_follow_the_policy_and_signal_each_ended_job() {
         "{body}"
     );
 
-    // A member of the signet group reads the list and follows it: `jobs --watch`
+    // A signer sees only its own jobs: none of root's.
+    let out = ctl(&bus, As::SignetGroup, &["jobs", "--json"]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let own: JobList = json(&out);
+    assert!(
+        own.running.is_empty() && own.queued.is_empty() && own.recent.is_empty(),
+        "{own:?}"
+    );
+
+    // A member of the signet-admin group reads the list and follows it: `jobs --watch`
     // prints it again when a job ends (JobFinished; the refresh interval is an hour).
     let mut watch = Command::new(bin("signetctl"));
-    let gid = signet_gid();
+    let gid = admin_gid();
     watch
         .env("SIGNET_DBUS", &bus.address)
         .args(["jobs", "--watch", "--json", "--interval", "3600"])
@@ -361,8 +384,13 @@ fn jobs_and_cancel_over_dbus_follow_the_policy_and_signal_each_ended_job() {
     let seen: JobList = serde_json::from_str(&line).unwrap();
     assert_eq!(ids(&seen.queued), [second.clone(), third.clone()]);
 
-    // The group may cancel any caller's job.
+    // A signer may not cancel another caller's job: to it, the job does not exist.
     let out = ctl(&bus, As::SignetGroup, &["cancel", &third]);
+    assert_eq!(code(&out), 4, "{}", text(&out.stderr));
+    let (_, still): (u16, JobList) = http(&unix, "GET", "/v1/operator/jobs");
+    assert_eq!(ids(&still.queued), [second.clone(), third.clone()]);
+    // The admin group may cancel any caller's job.
+    let out = ctl(&bus, As::Admin, &["cancel", &third]);
     assert_eq!(code(&out), 0, "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), format!("job {third} is cancelled\n"));
     let line = rx
@@ -636,7 +664,10 @@ fn doctor_over_dbus_on_a_healthy_and_a_broken_host() {
             .as_array()
             .is_some_and(|r| r.iter().any(|e| e["event"] == "agent_unreachable"))
     });
+    // The host checks show the host's detail: an operator's, not a signer's.
     let out = ctl(&bus, As::SignetGroup, &["doctor"]);
+    assert_eq!(code(&out), 3, "{}{}", text(&out.stdout), text(&out.stderr));
+    let out = ctl(&bus, As::Admin, &["doctor"]);
     assert_eq!(code(&out), 1, "{}{}", text(&out.stdout), text(&out.stderr));
     golden("doctor-broken.txt", &text(&out.stdout), &w);
     let out = ctl(&bus, As::SignetGroup, &["status"]);
@@ -706,10 +737,12 @@ fn doctor_over_dbus_on_a_healthy_and_a_broken_host() {
         "{}",
         conf()
     );
-    // Only root and the signet group may enroll; a token that is not plugged in is
-    // refused with the daemon's message.
-    let out = ctl(&bus, As::Nobody, &["enroll", "build-vm", "200"]);
-    assert_eq!(code(&out), 3, "{}", text(&out.stderr));
+    // Only root may enroll (the bus refuses the others); a token that is not plugged
+    // in is refused with the daemon's message.
+    for who in [As::Nobody, As::SignetGroup, As::Admin] {
+        let out = ctl(&bus, who, &["enroll", "build-vm", "200"]);
+        assert_eq!(code(&out), 3, "{who:?}: {}", text(&out.stderr));
+    }
     let out = ctl(
         &bus,
         As::Root,

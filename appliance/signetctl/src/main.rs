@@ -257,6 +257,13 @@ async fn run(cli: Cli) -> u8 {
         Command::Status { json } => {
             let text = match proxy.status().await {
                 Ok(t) => t,
+                // signetd's own refusal (the caller's role): its message, exit 4.
+                Err(zbus::Error::MethodError(name, message, _))
+                    if name.starts_with("org.signet.Signet1.Error.") =>
+                {
+                    eprintln!("signetctl: {}", message.as_deref().unwrap_or(name.as_str()));
+                    return 4;
+                }
                 Err(e) => {
                     eprintln!("signetctl: {}", call_error(&e));
                     return 3;
@@ -431,7 +438,7 @@ fn call_error(e: &zbus::Error) -> String {
     if text.contains("ServiceUnknown") || text.contains("was not provided by any .service") {
         "signetd is not running on this bus (systemctl status signetd)".to_owned()
     } else if text.contains("AccessDenied") {
-        format!("the bus refused the call: {text}; run as root or as a member of the signet group")
+        format!("the bus refused the call: {text}; run as root, as a member of the signet-admin group for the operator's commands, or of the signet group for the status and your own jobs")
     } else {
         text
     }
