@@ -716,3 +716,71 @@ fn in_a_browser_an_operator_detaches_and_attaches_a_token_the_host_keeps_in_its_
         ]
     );
 }
+
+/// `curl -k` against the web UI with `ticket` as the PVE cookie (encoded as a browser
+/// sends it): the status and the page.
+fn web_curl(ui: &Ui, ticket: &str, method: &str, page: &str, form: Option<&str>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sk",
+        "--max-time",
+        "60",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+    ])
+    .args(["-b", &serde_urlencoded_pair("PVEAuthCookie", ticket)]);
+    if let Some(f) = form {
+        cmd.args(["--data", f]);
+    }
+    let out = cmd.arg(format!("{}{page}", ui.url)).output().unwrap();
+    let all = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = all.rsplit_once('\n').unwrap_or(("", "0"));
+    (status.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[test]
+fn only_root_at_pam_may_enroll_from_the_web_ui() {
+    let mut w = World::new();
+    let ui = appliance_with_web(&mut w);
+    // A PVE administrator who is not root@pam: it may act, but PVE keeps a VM's args
+    // for root@pam, so it may not enroll.
+    let admin = ui
+        .api
+        .login("admin@pve", "/nodes/pve1", &["Sys.Audit", "Sys.Modify"]);
+    let (status, page) = web_curl(&ui, &admin, "GET", "/enroll", None);
+    assert_eq!(status, 403, "{page}");
+    assert!(
+        page.contains("admin@pve may not enroll a VM") && page.contains("root@pam"),
+        "{page}"
+    );
+    for path in ["/enroll/preview", "/enroll"] {
+        let (status, page) = web_curl(
+            &ui,
+            &admin,
+            "POST",
+            path,
+            Some("csrf=x&role=build-vm&vmid=200&serial=&profiles="),
+        );
+        assert_eq!(status, 403, "{path}: {page}");
+        assert!(page.contains("root@pam"), "{path}: {page}");
+    }
+    // root@pam gets the form.
+    let root = ui
+        .api
+        .login("root@pam", "/nodes/pve1", &["Sys.Audit", "Sys.Modify"]);
+    let (status, page) = web_curl(&ui, &root, "GET", "/enroll", None);
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("enroll-form"), "{page}");
+    // The refusal is in the audit log, under the PVE user.
+    let out = w.signetd(&["audit", "export"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("\"caller\":\"pve:admin@pve\"")
+                && l.contains("\"transport\":\"web\"")
+                && l.contains("\"error\":\"forbidden\"")),
+        "{text}"
+    );
+}

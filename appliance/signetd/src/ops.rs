@@ -1,6 +1,6 @@
 //! The operator's commands: every caller's jobs, cancelling any job, the audit log
 //! (tail, check, export) and the host checks. The fronts that carry them — D-Bus
-//! ([`crate::dbus`], for root and the `signet` group by the bus's policy), HTTP
+//! ([`crate::dbus`], for root and the `signet-admin` group: [`crate::roles`]), HTTP
 //! ([`crate::server_ops`], local root only) and `signetctl` — call these and render
 //! their results ([`signet_protocol::operator`]).
 
@@ -26,13 +26,13 @@ fn internal(what: &str, e: &dyn std::fmt::Display) -> ErrorBody {
 }
 
 /// Whether `caller` may use the operator's commands over HTTP: root on the host's unix
-/// socket. (On D-Bus the bus's policy decides: root and the `signet` group.)
+/// socket. (On D-Bus: root and the `signet-admin` group, [`crate::roles`].)
 pub fn check_operator(caller: &Caller) -> Result<(), ErrorBody> {
     match caller {
         Caller::Local { uid: 0, .. } => Ok(()),
         other => Err(ErrorBody::new(
             ErrorCode::Forbidden,
-            format!("{other} may not use the operator's commands; over HTTP they are for root on the host's unix socket, and members of the signet group use signetctl"),
+            format!("{other} may not use the operator's commands; over HTTP they are for root on the host's unix socket, and members of the signet-admin group use signetctl"),
         )),
     }
 }

@@ -184,18 +184,23 @@ async fn api_sign(
     if resp.status().is_success() {
         return resp;
     }
+    let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
     let bytes = axum::body::to_bytes(resp.into_body(), 64 << 10)
         .await
         .unwrap_or_default();
     let e = serde_json::from_slice::<ErrorBody>(&bytes)
         .unwrap_or_else(|_| ErrorBody::new(ErrorCode::Internal, "the job failed"));
     let (status, body) = handtokening::detail(&e);
-    (
+    let mut resp = (
         axum::http::StatusCode::from_u16(status)
             .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
         Json(body),
     )
-        .into_response()
+        .into_response();
+    if let Some(v) = retry_after {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
 }
 
 fn authenticate(
