@@ -271,13 +271,15 @@ fn handtokening_clients_sign_with_curl_over_tls() {
             "{rec}"
         );
     }
+    // Refusals from one address for one reason are coalesced: the first is a record
+    // at once, the others are counted into one record when the interval ends.
     let refused_creds = records
         .iter()
         .filter(|r| {
-            r["error"] == "forbidden" && r["caller"].as_str().unwrap().starts_with("tcp:127.0.0.1:")
+            r["error"] == "forbidden" && r["caller"].as_str().unwrap().starts_with("tcp:127.0.0.1")
         })
         .count();
-    assert_eq!(refused_creds, 3, "{records:#?}");
+    assert!(refused_creds >= 1, "{records:#?}");
     assert!(
         records.iter().any(|r| r["error"] == "forbidden"
             && r["caller"] == "client:ci"

@@ -150,7 +150,7 @@ impl Default for Limits {
             max_input_size: 4 << 30,
             header_timeout_seconds: 30,
             body_idle_timeout_seconds: 60,
-            max_connections: 256,
+            max_connections: 1024,
             refusal_interval_seconds: 60,
             auth_failures_per_minute: 10,
         }
@@ -950,6 +950,35 @@ formats = ["msi", "pe", "msi"]
         let err =
             parse("agent = \"unix:/a\"\n[profiles.r]\ntimestamp = \"http://t/\"").unwrap_err();
         assert!(err.contains("timestamp"), "{err}");
+    }
+
+    #[test]
+    fn role_groups_and_flood_limits_have_defaults_and_can_be_set() {
+        let c = parse("agent = \"vsock:105:7711\"\n").unwrap();
+        assert_eq!(
+            (c.socket_group.as_str(), c.admin_group.as_str()),
+            ("signet", "signet-admin")
+        );
+        assert_eq!(
+            (
+                c.limits.max_connections,
+                c.limits.refusal_interval_seconds,
+                c.limits.auth_failures_per_minute
+            ),
+            (1024, 60, 10)
+        );
+        let c = parse(
+            "agent = \"vsock:105:7711\"\nsocket_group = \"builders\"\nadmin_group = \"wheel\"\n\
+             [limits]\nmax_connections = 8\nrefusal_interval_seconds = 5\nauth_failures_per_minute = 2\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.socket_group.as_str(), c.admin_group.as_str()),
+            ("builders", "wheel")
+        );
+        assert_eq!(c.limits.max_connections, 8);
+        assert_eq!(c.limits.refusal_interval_seconds, 5);
+        assert_eq!(c.limits.auth_failures_per_minute, 2);
     }
 
     #[test]
