@@ -28,8 +28,9 @@ Exit codes:
 
 /// Status and control of a Signet appliance on this Proxmox host, over D-Bus.
 ///
-/// Talks to signetd on the system bus (org.signet.Signet1). Root and members of the
-/// `signet` group may use every command; see packaging/dbus/org.signet.Signet1.conf.
+/// Talks to signetd on the system bus (org.signet.Signet1). Root may use every
+/// command; members of the `signet-admin` group every command but enroll; members of
+/// the `signet` group status, tokens and their own jobs (docs/SECURITY.md).
 #[derive(Debug, Parser)]
 #[command(version, after_help = EXIT_CODES)]
 struct Cli {
