@@ -189,7 +189,7 @@ fn signetd_checks_roles_itself_when_the_bus_lets_everyone_through() {
         assert!(err.contains("signet-admin"), "{err}");
     }
     // Enrolling is root's, even for an operator.
-    for gid in [sg, ag] {
+    for gid in [NOBODY, sg, ag] {
         let err = refused(
             &ctl_as(
                 &bus,

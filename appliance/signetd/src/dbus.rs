@@ -300,10 +300,13 @@ impl Manager {
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<String, Error> {
-        let user = self
-            .allow(conn, &header, Role::Signer, "enroll a VM")
-            .await?
-            .0;
+        let Some(user) = local_user(conn, &header).await else {
+            return Err(ErrorBody::new(
+                ErrorCode::Forbidden,
+                "the bus did not say who is calling, so signetd may not enroll a VM for it",
+            )
+            .into());
+        };
         if let Err(e) = crate::roles::may_enroll(&user) {
             self.daemon
                 .refuse(&format!("uid:{}", user.uid), "dbus", None, None, &e);
