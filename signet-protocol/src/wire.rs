@@ -870,9 +870,9 @@ mod tests {
             assert_eq!(back, code);
             let status = code.http_status();
             assert!((400..600).contains(&status), "{code}: {status}");
-            // Client-side faults are 4xx and never "unavailable" (429 "busy, retry" is
-            // the one 4xx that is); 5xx never "bad input".
-            if code == ErrorCode::TooManyJobs {
+            // Client-side faults are 4xx and never "unavailable" (429 "busy, retry" or
+            // "wait, then retry" is the one 4xx that is); 5xx never "bad input".
+            if matches!(code, ErrorCode::TooManyJobs | ErrorCode::TooManyAttempts) {
                 assert_eq!((status, code.exit_code()), (429, exit::UNAVAILABLE));
             } else if status < 500 {
                 assert_ne!(code.exit_code(), exit::UNAVAILABLE, "{code}");
