@@ -718,6 +718,10 @@ pub struct DaemonStatus {
     /// service).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<TokensReport>,
+    /// What is wrong with the appliance itself — its state database, its audit log —
+    /// each with the fix (empty when nothing is).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub faults: Vec<String>,
 }
 
 /// One entry of the recovery timeline: what was seen or done about the agent and the

@@ -3,6 +3,8 @@
 //! are checked at start, a refused PIN stays refused across restarts, and the agent's
 //! job directories do not outlive a crash.
 
+use serde_json::Value;
+
 use super::*;
 
 /// Agent and daemon on unix sockets, with `extra` after the one profile.
@@ -165,11 +167,33 @@ fn a_full_disk_is_spool_full_and_says_so() {
         "{}",
         w.log("signetd")
     );
+    // A disk so full that jobs cannot be recorded: the status says signing does not
+    // work, and why, until there is room again.
+    let filler = state.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", filler.display()))
+        .output()
+        .unwrap();
+    let (status, body) = call(&ep, "POST", "/v1/sign?filename=x.exe", pe_of(&w, 4096));
+    assert_eq!(
+        (status, &body["code"]),
+        (507, &"spool_full".into()),
+        "{body}"
+    );
+    let (_, st) = call_json(&ep, "GET", "/v1/status", None);
+    assert_eq!(st["signing_works"], false, "{st:#}");
+    assert!(st["faults"].to_string().contains("disk"), "{st:#}");
+    std::fs::remove_file(&filler).unwrap();
+
     // The room is given back: a file that fits signs.
     let f = w.pe("small.exe");
     let out = signet(&ep, &["sign", f.to_str().unwrap()]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(verify(&w, &f).0);
+    let (_, st) = call_json(&ep, "GET", "/v1/status", None);
+    assert_eq!(st["signing_works"], true, "{st:#}");
+    assert!(st.get("faults").is_none(), "{st:#}");
 }
 
 /// The agent's job directories in its spool directory (the test's directory).
@@ -376,4 +400,245 @@ fn the_agent_stops_promptly_with_the_hosts_event_stream_open() {
         "the agent did not stop by itself ({status:?}); its log:\n{}",
         w.log("signet-agent")
     );
+}
+
+/// Starts signetd (no readiness expected) and waits for it to exit by itself:
+/// answers its exit status and its log. Fails when it keeps running.
+fn refused_start(w: &World, extra: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = std::process::Command::new(bin("signetd"))
+        .arg("--config")
+        .arg(w.path("signetd.toml"))
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + STOP_WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status, err);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("signetd started where it must refuse to");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The head signetd keeps in the state directory, once it names `records` records.
+fn wait_head(w: &World, records: u64) -> Value {
+    let path = w.path("state/signet.head");
+    wait_until("the audit head is kept", || {
+        std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|h| h["records"].as_u64() >= Some(records))
+    });
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+/// Signs one file and waits until its audit record is in the head.
+fn sign_one(w: &World, ep: &Endpoint, name: &str) {
+    let f = w.pe(name);
+    let out = signet(ep, &["sign", f.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+/// The database's WAL folded into the file, as after a clean close.
+fn checkpoint(w: &World) {
+    let db = rusqlite::Connection::open(w.path("state/signet.db")).unwrap();
+    db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+}
+
+fn remove_db(w: &World) {
+    for f in ["signet.db", "signet.db-wal", "signet.db-shm"] {
+        let _ = std::fs::remove_file(w.path("state").join(f));
+    }
+}
+
+#[test]
+fn a_lost_or_damaged_state_database_is_refused_until_the_operator_says_so() {
+    let mut w = World::new();
+    let ep = appliance(&mut w, "", "");
+    sign_one(&w, &ep, "one.exe");
+    sign_one(&w, &ep, "two.exe");
+    wait_head(&w, 2);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(w.path("state/signet.head"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    w.stop("signetd");
+    checkpoint(&w);
+    let saved = std::fs::read(w.path("state/signet.db")).unwrap();
+
+    // Deleted.
+    remove_db(&w);
+    let (status, err) = refused_start(&w, &[]);
+    assert!(!status.success());
+    assert!(
+        err.contains("signet.db is missing") && err.contains("signetd --reset-state"),
+        "{err}"
+    );
+    assert!(!w.path("state/signet.db").exists(), "nothing was created");
+
+    // Emptied.
+    std::fs::write(w.path("state/signet.db"), b"").unwrap();
+    let (status, err) = refused_start(&w, &[]);
+    assert!(!status.success());
+    assert!(err.contains("signet.db is empty"), "{err}");
+
+    // Replaced by a new database.
+    remove_db(&w);
+    {
+        let db = rusqlite::Connection::open(w.path("state/signet.db")).unwrap();
+        db.execute_batch("CREATE TABLE t (x); DROP TABLE t;")
+            .unwrap();
+    }
+    let (status, err) = refused_start(&w, &[]);
+    assert!(!status.success());
+    assert!(err.contains("without any audit record"), "{err}");
+
+    // Damaged pages.
+    remove_db(&w);
+    let mut damaged = saved.clone();
+    for b in &mut damaged[4096..3 * 4096] {
+        *b = 0x55;
+    }
+    std::fs::write(w.path("state/signet.db"), &damaged).unwrap();
+    let (status, err) = refused_start(&w, &[]);
+    assert!(!status.success());
+    assert!(
+        err.contains("is damaged") && err.contains("backup"),
+        "{err}"
+    );
+
+    // Restored from the copy: it starts and signs on.
+    remove_db(&w);
+    std::fs::write(w.path("state/signet.db"), &saved).unwrap();
+    let ep = w.restart_daemon().remove(0);
+    sign_one(&w, &ep, "three.exe");
+    w.stop("signetd");
+
+    // Lost again, and the operator starts afresh on purpose.
+    remove_db(&w);
+    let reset: Vec<&std::ffi::OsStr> = ["sh", "-c", "exec \"$0\" --reset-state \"$@\""]
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .collect();
+    let ep = w.restart_daemon_under(&reset).remove(0);
+    assert!(
+        w.log("signetd").contains("--reset-state"),
+        "{}",
+        w.log("signetd")
+    );
+    sign_one(&w, &ep, "four.exe");
+    let head = wait_head(&w, 1);
+    assert_eq!(head["records"], 1, "a new chain: {head}");
+}
+
+#[test]
+fn cutting_off_the_newest_audit_records_is_found() {
+    let mut w = World::new();
+    let ep = appliance(&mut w, "", "");
+    for i in 0..3 {
+        sign_one(&w, &ep, &format!("a{i}.exe"));
+    }
+    wait_head(&w, 3);
+    let out = w.signetd(&["audit", "head"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let exported = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(exported.ends_with(":3"), "{exported}");
+    // A head that is not this log's.
+    let wrong = format!("{}:3", "0".repeat(64));
+    let out = w.signetd(&["audit", "verify", "--json", "--head", &wrong]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&v["kind"], &v["record"]),
+        (&"changed".into(), &3.into()),
+        "{v}"
+    );
+
+    w.stop("signetd");
+    // The newest record goes, the trigger that counts edits with it.
+    {
+        let db = rusqlite::Connection::open(w.path("state/signet.db")).unwrap();
+        db.execute_batch(
+            "DROP TRIGGER audit_deleted; DELETE FROM audit WHERE seq = 3; UPDATE audit_edits SET n = 0;",
+        )
+        .unwrap();
+    }
+    // Against the head kept in the state directory, and against the exported one.
+    for args in [
+        vec!["audit", "verify", "--json"],
+        vec!["audit", "verify", "--json", "--head", &exported],
+    ] {
+        let out = w.signetd(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (&v["ok"], &v["kind"], &v["record"]),
+            (&false.into(), &"deleted".into(), &3.into()),
+            "{args:?}: {v}"
+        );
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .contains("newest audit records were deleted"),
+            "{v}"
+        );
+    }
+    // signetd starts, says so in its log and its status, and keeps the old head.
+    let ep = w.restart_daemon().remove(0);
+    assert!(
+        w.log("signetd").contains("the audit log is broken"),
+        "{}",
+        w.log("signetd")
+    );
+    let (_, st) = call_json(&ep, "GET", "/v1/status", None);
+    let faults = st["faults"].to_string();
+    assert!(
+        faults.contains("newest audit records were deleted"),
+        "{st:#}"
+    );
+    sign_one(&w, &ep, "after.exe");
+    let head: Value =
+        serde_json::from_slice(&std::fs::read(w.path("state/signet.head")).unwrap()).unwrap();
+    assert_eq!(head["records"], 3, "the evidence stays: {head}");
+}
+
+#[test]
+fn an_edit_by_hand_is_read_from_the_trigger_count() {
+    let mut w = World::new();
+    let ep = appliance(&mut w, "", "");
+    sign_one(&w, &ep, "e.exe");
+    wait_head(&w, 1);
+    w.stop("signetd");
+    // A record changed and changed back: the chain verifies, the count does not.
+    {
+        let db = rusqlite::Connection::open(w.path("state/signet.db")).unwrap();
+        db.execute_batch(
+            "UPDATE audit SET caller = 'uid:1000' WHERE seq = 1; UPDATE audit SET caller = 'uid:0' WHERE seq = 1;",
+        )
+        .unwrap();
+    }
+    let out = w.signetd(&["audit", "verify", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "edited", "{v}");
 }

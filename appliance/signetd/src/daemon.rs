@@ -40,6 +40,9 @@ pub struct Daemon {
     host_pin_rejected: std::sync::atomic::AtomicBool,
     /// The token service's door ([`crate::tokens`]), or why it is not running.
     tokens: crate::tokens::Handle,
+    /// The audit head kept outside the database, and the chain's check
+    /// ([`crate::head`]); `None` until [`Daemon::keep_head`].
+    head: std::sync::Mutex<Option<crate::head::Keeper>>,
 }
 
 /// A signing request accepted against its profile, not yet recorded.
@@ -68,7 +71,51 @@ impl Daemon {
             timeline,
             host_pin_rejected: std::sync::atomic::AtomicBool::new(false),
             tokens: crate::tokens::Handle::off("signetd was started without the token service"),
+            head: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Holds the database against `head` (read by [`crate::head::guard`] before it was
+    /// opened) and keeps the head from now on: refuses a database that lost its audit
+    /// records; a broken chain is logged and reported by the status.
+    pub fn keep_head(&self, head: Option<crate::head::Head>) -> Result<(), crate::head::HeadError> {
+        let dir = &self.cfg.state_dir;
+        crate::head::check_opened(dir, &self.store().conn(), head.as_ref())?;
+        let mut keeper = crate::head::Keeper::new(dir, head);
+        keeper.check(&self.store().conn());
+        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = Some(keeper);
+        Ok(())
+    }
+
+    /// Checks the audit chain's newest records and keeps its head, every second, for
+    /// the daemon's life.
+    pub async fn run_head_keeper(self: std::sync::Arc<Self>) {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            self.check_head();
+        }
+    }
+
+    /// One check of the chain from its last mark, and the head kept.
+    pub fn check_head(&self) {
+        let mut keeper = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = keeper.as_mut() {
+            k.check(&self.store().conn());
+        }
+    }
+
+    /// What is wrong with the appliance itself (its state database, its audit log),
+    /// each with the fix.
+    pub fn faults(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(f) = self.engine.store_fault() {
+            out.push(f);
+        }
+        let keeper = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = keeper.as_ref().and_then(|k| k.broken.clone()) {
+            out.push(why);
+        }
+        out
     }
 
     pub(crate) fn engine(&self) -> &Engine {
@@ -339,7 +386,8 @@ impl Daemon {
                 error: self.agent_unreachable(&e),
             },
         };
-        let signing_works = matches!(&agent, AgentReport::Reachable { health, .. } if health.state == AgentState::Ready);
+        let signing_works = matches!(&agent, AgentReport::Reachable { health, .. } if health.state == AgentState::Ready)
+            && self.engine.store_fault().is_none();
         DaemonStatus {
             version: signet_protocol::VERSION.to_owned(),
             signing_works,
@@ -349,6 +397,7 @@ impl Daemon {
             queue: Some(self.queue_status()),
             recovery: self.timeline.recent(STATUS_TIMELINE_ENTRIES),
             tokens: Some(self.tokens()),
+            faults: self.faults(),
         }
     }
 

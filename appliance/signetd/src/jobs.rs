@@ -83,6 +83,8 @@ pub(crate) struct Engine {
     /// Jobs that ended in the crash recovery at start (uploads cut short), before
     /// anything could listen to `finished`: the D-Bus front announces them first.
     ended_at_start: Vec<String>,
+    /// The job database failed the last time it was written, and why (for the status).
+    store_fault: Mutex<Option<String>>,
 }
 
 /// Where signetd is in stopping.
@@ -145,6 +147,7 @@ impl Engine {
             finished: tokio::sync::broadcast::channel(256).0,
             agent_epoch: watch::channel(0).0,
             ended_at_start: Vec::new(),
+            store_fault: Mutex::default(),
         };
         let ended = engine.recover()?;
         Ok(Engine {
@@ -203,6 +206,31 @@ impl Engine {
             }
         }
         Ok(ended)
+    }
+
+    /// Why the job database failed when last written, while it does.
+    pub(crate) fn store_fault(&self) -> Option<String> {
+        lock(&self.store_fault).clone()
+    }
+
+    /// Notes how the last write to the job database went.
+    fn store_wrote(&self, result: Result<(), &StoreError>) {
+        let mut fault = lock(&self.store_fault);
+        match result {
+            Ok(()) => {
+                if fault.take().is_some() {
+                    tracing::info!("the job database is written again");
+                }
+            }
+            Err(e) => {
+                let why = if e.disk_full() {
+                    "the disk of the state directory is full, so jobs cannot be recorded; free space on it".to_owned()
+                } else {
+                    format!("jobs cannot be recorded: {e}")
+                };
+                *fault = Some(why);
+            }
+        }
     }
 
     /// The jobs the crash recovery at start ended.
@@ -345,6 +373,7 @@ impl Daemon {
             agent_query,
             content_type: content_type.to_owned(),
         });
+        engine.store_wrote(inserted.as_ref().map(|_| ()));
         let id = match inserted {
             Ok(Inserted::New(id)) => id,
             Ok(Inserted::Existing(id)) => {
@@ -882,7 +911,9 @@ impl Daemon {
                 e.output_sha256 = Some(sha.clone());
                 e.output_bytes = Some(n);
                 e.duration_ms = Some(ms);
-                match store.finish(id, JobState::Signed, Some((&sha, n, &ct)), None, &e) {
+                let finished = store.finish(id, JobState::Signed, Some((&sha, n, &ct)), None, &e);
+                engine.store_wrote(finished.as_ref().map(|_| ()));
+                match finished {
                     Ok(_) => {
                         store.remove_spooled(&store.input_path(id));
                         lock(&engine.sched).queue.record_duration(ms);

@@ -19,6 +19,11 @@ struct Cli {
     /// Configuration file.
     #[arg(long, short, default_value = config::DEFAULT_PATH, env = "SIGNETD_CONFIG", global = true)]
     config: PathBuf,
+    /// Start on the state directory as it is, forgetting the audit head kept outside
+    /// the database (state_dir/signet.head): needed once after signet.db was lost,
+    /// emptied or replaced on purpose. The audit history before it is gone.
+    #[arg(long)]
+    reset_state: bool,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -329,12 +334,21 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
 #[derive(Debug, clap::Subcommand)]
 enum AuditCommand {
     /// Walks the hash chain; names the first record that was changed, deleted or
-    /// reordered, and exits 1 if there is one.
+    /// reordered, and exits 1 if there is one. Also holds the log against the head
+    /// kept outside the database (state_dir/signet.head) and the edit count its
+    /// trigger keeps, so newest records cut off are found too.
     Verify {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// A head exported earlier with `signetd audit head` (HASH:COUNT): the log
+        /// must still hold that record with that hash.
+        #[arg(long, value_name = "HASH:COUNT")]
+        head: Option<String>,
     },
+    /// Prints the chain's head as HASH:COUNT (after verifying it), to keep elsewhere
+    /// and give back to `audit verify --head`.
+    Head,
     /// Writes the records as JSON lines to stdout.
     Export {
         /// Only records from this time on (RFC 3339, e.g. 2026-11-23T08:00:00Z).
@@ -356,15 +370,27 @@ fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
                 )
             })?;
     match cmd {
-        AuditCommand::Verify { json } => {
-            // The same AuditCheck the D-Bus and HTTP fronts answer.
-            let check = audit::check(&conn)?;
+        AuditCommand::Verify { json, head } => {
+            // The same AuditCheck the D-Bus and HTTP fronts answer, also held against
+            // the head given, else the one kept in the state directory.
+            let known = match head {
+                Some(h) => Some(
+                    audit::KnownHead::parse(h, "given with --head").map_err(anyhow::Error::msg)?,
+                ),
+                None => signetd::head::read(&cfg.state_dir)?.map(|h| h.known(&cfg.state_dir)),
+            };
+            let check = audit::check_with(&conn, known.as_ref())?;
             if *json {
                 println!("{}", serde_json::to_string(&check)?);
             } else {
                 print!("{}", signet_protocol::operator::audit_check_text(&check));
             }
             Ok(if check.ok { 0 } else { 1 })
+        }
+        AuditCommand::Head => {
+            let v = audit::verify(&conn)?;
+            println!("{}:{}", v.head, v.records);
+            Ok(0)
         }
         AuditCommand::Export { since } => {
             let stdout = std::io::stdout();
@@ -414,7 +440,9 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
+    let head = signetd::head::guard(&cfg.state_dir, cli.reset_state)?;
     let mut daemon = Daemon::open(cfg.clone())?;
+    daemon.keep_head(head)?;
     if let Some(tls) = &cfg.tls {
         let acceptor = signetd::tls::acceptor(&tls.cert, &tls.key)?;
         for ep in &tls.listen {
@@ -434,6 +462,7 @@ async fn main() -> anyhow::Result<()> {
     let daemon = Arc::new(daemon);
     tokio::spawn(daemon.clone().run_worker());
     tokio::spawn(daemon.clone().run_janitor());
+    tokio::spawn(daemon.clone().run_head_keeper());
     // The D-Bus front is for host tools; signing works without it.
     let _bus = match signetd::dbus::serve(daemon.clone(), &bus).await {
         Ok(Some(conn)) => {
