@@ -642,3 +642,105 @@ fn an_edit_by_hand_is_read_from_the_trigger_count() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["kind"], "edited", "{v}");
 }
+
+/// The host's PIN file, as root keeps it.
+fn host_pin(w: &World, pin: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = w.path("host-token.pin");
+    std::fs::write(&path, format!("{pin}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// The agent without a PIN of its own, its PKCS#11 calls logged to `spy`.
+fn spied_agent(w: &mut World, spy: &std::path::Path) -> Endpoint {
+    w.start_agent_config(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        PKCS11_SPY,
+        None,
+        &[
+            ("PKCS11SPY", SOFTHSM),
+            ("PKCS11SPY_OUTPUT", spy.to_str().unwrap()),
+        ],
+        "",
+    )
+}
+
+/// Waits until the status' timeline has `n` entries `event`.
+fn wait_timeline_count(ep: &Endpoint, event: &str, n: usize) {
+    wait_until(&format!("{n} {event} in the timeline"), || {
+        let (_, s) = call_json(ep, "GET", "/v1/status", None);
+        s["recovery"]
+            .as_array()
+            .is_some_and(|r| r.iter().filter(|e| e["event"] == event).count() >= n)
+    });
+}
+
+#[test]
+fn a_refused_pin_stays_refused_across_restarts_and_a_new_one_reaches_the_agent() {
+    let mut w = World::new();
+    let pin_file = host_pin(&w, "000000");
+    let spy1 = w.path("spy1.log");
+    let agent = spied_agent(&mut w, &spy1);
+    let ep = w
+        .start_daemon_with(
+            &[&format!("unix:{}", w.path("signetd.sock").display())],
+            &agent,
+            &format!(
+                "pin_file = \"{}\"\n[profiles.release]\ndescription = \"Signet test\"\n",
+                pin_file.display()
+            ),
+        )
+        .remove(0);
+    wait_timeline_count(&ep, "pin_rejected", 1);
+    assert_eq!(count_logins(&spy1), 1, "one try with the wrong PIN");
+    let refused = w.path("state/pin.refused");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&refused).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(
+        !std::fs::read_to_string(&refused)
+            .unwrap()
+            .contains("000000"),
+        "only a keyed hash is kept"
+    );
+
+    // Both restarted together, the wrong PIN still in the file: no further try.
+    w.stop("signetd");
+    w.stop("signet-agent");
+    let spy2 = w.path("spy2.log");
+    spied_agent(&mut w, &spy2);
+    let ep = w.restart_daemon().remove(0);
+    wait_until("signetd recognises the refused PIN", || {
+        w.log("signetd").contains("is one the token refused before")
+    });
+    let f = w.pe("p.exe");
+    let out = signet(&ep, &["sign", f.to_str().unwrap()]);
+    assert_eq!(code(&out), 6, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refused its configured PIN"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(count_logins(&spy2), 0, "the refused PIN was not sent again");
+
+    // The operator puts the right PIN in the file: it reaches the waiting agent.
+    host_pin(&w, PIN);
+    wait_timeline_count(&ep, "pin_delivered", 1);
+    let out = signet(&ep, &["sign", f.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&w, &f).0);
+
+    // And it reaches an agent restarted later, signetd running on.
+    w.kill("signet-agent");
+    let spy3 = w.path("spy3.log");
+    spied_agent(&mut w, &spy3);
+    wait_timeline_count(&ep, "pin_delivered", 2);
+    let g = w.pe("q.exe");
+    let out = signet(&ep, &["sign", g.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // The agent's session with the right PIN, and the signer's own.
+    assert_eq!(count_logins(&spy3), 2);
+}

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use secrecy::SecretString;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use signet_protocol::client;
 use signet_protocol::wire::{
     AgentEvent, AgentEventKind, AgentHealth, AgentLogin, AgentState, ErrorCode, TokenPlace,
@@ -141,13 +141,121 @@ pub fn pin_of(text: &str) -> Option<&str> {
     (!pin.is_empty()).then_some(pin)
 }
 
-/// The watcher's memory across connections.
+/// The file in the state directory that remembers the PIN the token refused.
+pub const REFUSED_FILE: &str = "pin.refused";
+/// The per-install key of that memory's HMAC.
+pub const SALT_FILE: &str = "pin.salt";
+
+/// The watcher's memory across connections, and across restarts: the refused PIN's
+/// HMAC-SHA-256 (keyed with a random per-install salt) is kept in
+/// `state_dir/pin.refused` (0600), so a restart of signetd and the agent together does
+/// not cost the token another try.
 #[derive(Debug, Default)]
 struct PinMemory {
-    /// SHA-256 of the last PIN the token refused: never sent again.
+    /// The HMAC of the last PIN the token refused: never sent again.
     rejected: Option<[u8; 32]>,
     /// The last complaint about the PIN file, so it is logged once.
     complaint: Option<String>,
+    /// The state directory, where the memory is kept (none: in memory only).
+    dir: Option<std::path::PathBuf>,
+    /// The salt of the HMAC.
+    salt: Vec<u8>,
+    /// The PIN file as last seen (modified time, length, inode), to notice a change.
+    seen: Option<(std::time::SystemTime, u64, u64)>,
+    /// The refused PIN is in the file now: said once.
+    said_refused: bool,
+}
+
+impl PinMemory {
+    /// The memory kept under `dir`, created on first use (a fresh salt).
+    fn load(dir: &Path) -> PinMemory {
+        let mut m = PinMemory {
+            dir: Some(dir.to_owned()),
+            ..PinMemory::default()
+        };
+        let salt_path = dir.join(SALT_FILE);
+        m.salt = match std::fs::read(&salt_path) {
+            Ok(s) if s.len() >= 16 => s,
+            _ => {
+                let mut salt = vec![0u8; 32];
+                if getrandom::fill(&mut salt).is_err() || write_private(&salt_path, &salt).is_err()
+                {
+                    tracing::warn!(path = %salt_path.display(), "the refused-PIN memory cannot be kept on disk; a restart forgets it");
+                    m.dir = None;
+                }
+                salt
+            }
+        };
+        if m.dir.is_some() {
+            m.rejected = std::fs::read_to_string(dir.join(REFUSED_FILE))
+                .ok()
+                .and_then(|t| unhex32(t.trim()));
+        }
+        m
+    }
+
+    /// The PIN's fingerprint: HMAC-SHA-256 keyed with the salt.
+    fn fingerprint(&self, pin: &str) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<Sha256> as Mac>::new_from_slice(&self.salt)
+            .expect("HMAC takes keys of any length");
+        mac.update(b"signet-refused-pin\n");
+        mac.update(pin.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The token refused the PIN whose fingerprint is `hash`: kept, on disk too.
+    fn refused(&mut self, hash: [u8; 32]) {
+        self.rejected = Some(hash);
+        if let Some(dir) = &self.dir {
+            let path = dir.join(REFUSED_FILE);
+            if let Err(e) = write_private(&path, crate::audit::hex(&hash).as_bytes()) {
+                tracing::warn!(path = %path.display(), error = %e, "the refused PIN cannot be remembered on disk; a restart forgets it");
+            }
+        }
+    }
+
+    /// Whether the PIN file changed since last asked (the first look is a change).
+    fn file_changed(&mut self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let now = std::fs::metadata(path).ok().map(|m| {
+            (
+                m.modified().unwrap_or(std::time::UNIX_EPOCH),
+                m.len(),
+                m.ino(),
+            )
+        });
+        let changed = now.is_some() && now != self.seen;
+        self.seen = now;
+        changed
+    }
+}
+
+/// Writes `bytes` to `path` atomically, readable by its owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// Follows the agent and the token's life for the daemon's life.
@@ -232,7 +340,10 @@ async fn live(daemon: Arc<Daemon>, mut agent: mpsc::Receiver<Event>, refollow: w
             life.remember(step, at);
         }
     }
-    let mut pins = PinMemory::default();
+    let mut pins = PinMemory::load(&cfg.state_dir);
+    if let Some(p) = &cfg.pin_file {
+        pins.file_changed(p);
+    }
     let first = match (&status, scope.vm) {
         (Some(s), Some(vm)) if followed => {
             Some(Event::Host(host_of(&s.borrow(), &scope.serials, vm)))
@@ -263,8 +374,25 @@ async fn live(daemon: Arc<Daemon>, mut agent: mpsc::Receiver<Event>, refollow: w
                 _ => continue,
             },
         };
+        let tick = event == Event::Tick;
         for a in life.on(event, Instant::now()) {
             act(&daemon, &scope, &mut pins, &refollow, a).await;
+        }
+        // A changed PIN file reaches an agent that waits for a PIN at once.
+        let changed = tick
+            && cfg
+                .pin_file
+                .as_deref()
+                .is_some_and(|p| pins.file_changed(p));
+        if changed {
+            if let Some(Ok(h)) = health(&cfg.agent).await {
+                if matches!(h.state, AgentState::PinNeeded | AgentState::PinRejected) {
+                    tracing::info!("the PIN file changed; giving the agent its PIN");
+                    for a in life.on(Event::PinNeeded, Instant::now()) {
+                        act(&daemon, &scope, &mut pins, &refollow, a).await;
+                    }
+                }
+            }
         }
     }
 }
@@ -550,10 +678,17 @@ async fn deliver_pin(daemon: &Daemon, pins: &mut PinMemory) {
         tracing::error!(path = %path.display(), "the PIN file is empty; put the token's PIN in it");
         return;
     };
-    let hash: [u8; 32] = Sha256::digest(pin.as_bytes()).into();
+    let hash = pins.fingerprint(pin);
     if pins.rejected == Some(hash) {
+        // Refused before (perhaps before a restart): never sent again.
+        daemon.set_host_pin_rejected(true);
+        if !pins.said_refused {
+            pins.said_refused = true;
+            tracing::error!(path = %path.display(), "the PIN in the PIN file is one the token refused before; it is not sent again. Put the right PIN in that file (check the token's PIN counter with `signetctl status` first)");
+        }
         return;
     }
+    pins.said_refused = false;
     pins.complaint = None;
     let body = AgentLogin {
         pin: SecretString::from(pin.to_owned()),
@@ -575,7 +710,7 @@ async fn deliver_pin(daemon: &Daemon, pins: &mut PinMemory) {
             daemon.wake_worker();
         }
         Err(Some(e)) if e.code == ErrorCode::PinRejected => {
-            pins.rejected = Some(hash);
+            pins.refused(hash);
             daemon.set_host_pin_rejected(true);
             daemon.timeline().saw(Seen::PinRejected(format!(
                 "PIN rejected — operator action needed: the token refused the PIN in {}; it is not tried again. Put the right PIN in that file (check the token's PIN counter with `signetctl status` first)",
