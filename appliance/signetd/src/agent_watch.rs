@@ -582,8 +582,19 @@ async fn follow_once(
                 return Err("the signing VM was reset or stopped; following the agent that comes next".to_owned());
             }
             _ = recheck.tick() => {
-                // Not answering now: the stream (or the next check) tells more.
-                if let Some(Ok(h)) = health(agent).await {
+                let h = health(agent).await;
+                if h.is_none() {
+                    // A stream can stay open, silent, behind an agent that is gone
+                    // (a killed process behind a vsock backend): no answer is an
+                    // outage from now, whatever the stream says.
+                    daemon.timeline().saw(Seen::ContactFailed);
+                    return Err(format!(
+                        "the agent did not answer its health within {} s",
+                        HEALTH_LIMIT.as_secs()
+                    ));
+                }
+                daemon.timeline().saw(Seen::ContactOk);
+                if let Some(Ok(h)) = h {
                     if seen_instance(daemon, instance, &h) {
                         return Err("the agent restarted; following its new event stream".to_owned());
                     }

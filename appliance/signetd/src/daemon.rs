@@ -386,6 +386,14 @@ impl Daemon {
                 error: self.agent_unreachable(&e),
             },
         };
+        // Any read of the health is a contact: the timeline dates an outage from the
+        // first that failed.
+        self.timeline.saw(match &agent {
+            AgentReport::Unreachable { error, .. } if error.code == ErrorCode::AgentUnavailable => {
+                crate::timeline::Seen::ContactFailed
+            }
+            _ => crate::timeline::Seen::ContactOk,
+        });
         let signing_works = matches!(&agent, AgentReport::Reachable { health, .. } if health.state == AgentState::Ready)
             && self.engine.store_fault().is_none();
         DaemonStatus {

@@ -902,6 +902,14 @@ impl Daemon {
         };
         let (token_serial, cert) = facts;
         let ms = started.elapsed().as_millis() as u64;
+        // The timeline counts an outage from the first contact that failed.
+        match &answer {
+            Err(e) if e.code == ErrorCode::AgentUnavailable => {
+                self.timeline().saw(Seen::ContactFailed)
+            }
+            Err(_) => {}
+            Ok(_) => self.timeline().saw(Seen::ContactOk),
+        }
         match answer {
             Ok((sha, n, ct)) => {
                 store.charge(n);
