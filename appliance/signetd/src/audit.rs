@@ -68,6 +68,7 @@ pub fn init(conn: &Connection) -> rusqlite::Result<()> {
             hash TEXT NOT NULL
         );
         CREATE INDEX IF NOT EXISTS audit_time ON audit(time);
+        CREATE INDEX IF NOT EXISTS audit_seq ON audit(seq);
         CREATE TABLE IF NOT EXISTS audit_edits (n INTEGER NOT NULL);
         INSERT INTO audit_edits (n) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM audit_edits);
         CREATE TRIGGER IF NOT EXISTS audit_updated AFTER UPDATE ON audit
@@ -758,6 +759,52 @@ pub fn export(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_records_cut_off_are_found_against_a_head_kept_elsewhere() {
+        let conn = db_with(4);
+        let v = verify(&conn).unwrap();
+        let kept = KnownHead::parse(&format!("{}:{}", v.head, v.records), "given").unwrap();
+        assert!(check_all(&conn, None, Some(&kept)).is_ok());
+        // Cut off with the counting trigger dropped and the count reset: the chain
+        // alone verifies, the head does not.
+        conn.execute_batch(
+            "DROP TRIGGER audit_deleted; DELETE FROM audit WHERE seq >= 3; UPDATE audit_edits SET n = 0;",
+        )
+        .unwrap();
+        assert!(verify(&conn).is_ok());
+        let e = check_all(&conn, None, Some(&kept)).unwrap_err();
+        assert_eq!((e.kind(), e.record()), ("deleted", Some(3)), "{e}");
+        assert!(e.to_string().contains("ends at record 2"), "{e}");
+        // Another log's head of the same length.
+        let other = KnownHead::parse(&format!("{}:2", "0".repeat(64)), "given").unwrap();
+        let e = check_all(&conn, None, Some(&other)).unwrap_err();
+        assert_eq!((e.kind(), e.record()), ("changed", Some(2)));
+    }
+
+    #[test]
+    fn an_edit_by_hand_is_counted_even_when_undone() {
+        let conn = db_with(2);
+        conn.execute_batch(
+            "UPDATE audit SET caller = 'x' WHERE seq = 1; UPDATE audit SET caller = 'uid:0' WHERE seq = 1;",
+        )
+        .unwrap();
+        assert!(verify(&conn).is_ok());
+        let e = check_all(&conn, None, None).unwrap_err();
+        assert_eq!(e.kind(), "edited", "{e}");
+        let c = check(&conn).unwrap();
+        assert!(!c.ok && c.kind.as_deref() == Some("edited"));
+    }
+
+    #[test]
+    fn a_head_is_read_as_hash_colon_count() {
+        let h = "AB".repeat(32);
+        let k = KnownHead::parse(&format!("{h}:7"), "given").unwrap();
+        assert_eq!((k.records, k.hash), (7, h.to_ascii_lowercase()));
+        assert!(KnownHead::parse("abc:7", "given").is_err());
+        assert!(KnownHead::parse(&format!("{h}:x"), "given").is_err());
+        assert!(KnownHead::parse(&h, "given").is_err());
+    }
 
     fn db_with(n: usize) -> Connection {
         let conn = Connection::open_in_memory().unwrap();

@@ -82,7 +82,11 @@ impl Daemon {
         let dir = &self.cfg.state_dir;
         crate::head::check_opened(dir, &self.store().conn(), head.as_ref())?;
         let mut keeper = crate::head::Keeper::new(dir, head);
-        keeper.check(&self.store().conn());
+        if keeper.check(&self.store().conn()).is_none() {
+            if let Some(h) = keeper.head() {
+                tracing::info!(records = h.records, head = %format!("{}:{}", h.hash, h.records), "audit chain checked at start");
+            }
+        }
         *self.head.lock().unwrap_or_else(|p| p.into_inner()) = Some(keeper);
         Ok(())
     }

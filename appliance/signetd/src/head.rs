@@ -221,6 +221,11 @@ impl Keeper {
         }
     }
 
+    /// The head last kept.
+    pub fn head(&self) -> Option<&Head> {
+        self.last.as_ref()
+    }
+
     /// Checks the chain from the last mark (appended records only, while the mark
     /// holds) against the last head kept, then keeps the new head. Answers the fault
     /// when the chain is broken (logged once).
@@ -254,7 +259,7 @@ impl Keeper {
                 None
             }
             Err(e) => {
-                let why = format!("the audit log is broken: {e}");
+                let why = format!("the audit log is broken: {e}. If this signet.db is the one to keep (an older backup restored on purpose), run `signetd --reset-state` once to take it as it is");
                 tracing::error!(kind = e.kind(), record = ?e.record(), "{why}");
                 self.broken = Some(why);
                 self.broken.clone()
