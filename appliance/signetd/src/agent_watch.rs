@@ -235,7 +235,7 @@ impl PinMemory {
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    let tmp = std::path::PathBuf::from(format!("{}.tmp", path.display()));
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -340,10 +340,15 @@ async fn live(daemon: Arc<Daemon>, mut agent: mpsc::Receiver<Event>, refollow: w
             life.remember(step, at);
         }
     }
-    let mut pins = PinMemory::load(&cfg.state_dir);
-    if let Some(p) = &cfg.pin_file {
-        pins.file_changed(p);
-    }
+    // Without a PIN file there is no PIN to remember.
+    let mut pins = match &cfg.pin_file {
+        Some(p) => {
+            let mut m = PinMemory::load(&cfg.state_dir);
+            m.file_changed(p);
+            m
+        }
+        None => PinMemory::default(),
+    };
     let first = match (&status, scope.vm) {
         (Some(s), Some(vm)) if followed => {
             Some(Event::Host(host_of(&s.borrow(), &scope.serials, vm)))
@@ -737,6 +742,47 @@ async fn deliver_pin(daemon: &Daemon, pins: &mut PinMemory) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_refused_pin_is_remembered_on_disk_keyed_per_install() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = super::PinMemory::load(dir.path());
+        let wrong = m.fingerprint("000000");
+        assert_ne!(wrong, m.fingerprint("123456"));
+        m.refused(wrong);
+        for f in [super::REFUSED_FILE, super::SALT_FILE] {
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        let kept = std::fs::read_to_string(dir.path().join(super::REFUSED_FILE)).unwrap();
+        assert!(!kept.contains("000000"));
+        // After a restart: the same fingerprint, still refused.
+        let again = super::PinMemory::load(dir.path());
+        assert_eq!(again.rejected, Some(again.fingerprint("000000")));
+        // Another install keys it differently.
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(
+            super::PinMemory::load(other.path()).fingerprint("000000"),
+            wrong
+        );
+    }
+
+    #[test]
+    fn a_changed_pin_file_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pin");
+        let mut m = super::PinMemory::default();
+        assert!(!m.file_changed(&f), "no file yet");
+        std::fs::write(&f, "1").unwrap();
+        assert!(m.file_changed(&f));
+        assert!(!m.file_changed(&f), "unchanged");
+        std::fs::write(&f, "123456").unwrap();
+        assert!(m.file_changed(&f), "another length");
+    }
+
     #[test]
     fn reconnects_back_off_but_not_while_the_vm_boots() {
         let ms = Duration::from_millis;
