@@ -83,7 +83,7 @@ impl Daemon {
         crate::head::check_opened(dir, &self.store().conn(), head.as_ref())?;
         let mut keeper = crate::head::Keeper::new(dir, head);
         if keeper.check(&self.store().conn()).is_none() {
-            if let Some(h) = keeper.head() {
+            if let Some(h) = keeper.head().filter(|h| h.records > 0) {
                 tracing::info!(records = h.records, head = %format!("{}:{}", h.hash, h.records), "audit chain checked at start");
             }
         }
