@@ -490,7 +490,7 @@ fn a_lost_or_damaged_state_database_is_refused_until_the_operator_says_so() {
     let (status, err) = refused_start(&w, &[]);
     assert!(!status.success());
     assert!(
-        err.contains("signet.db is missing") && err.contains("signetd --reset-state"),
+        err.contains("signet.db is missing") && err.contains("signetd reset-state"),
         "{err}"
     );
     assert!(!w.path("state/signet.db").exists(), "nothing was created");
@@ -535,16 +535,15 @@ fn a_lost_or_damaged_state_database_is_refused_until_the_operator_says_so() {
 
     // Lost again, and the operator starts afresh on purpose.
     remove_db(&w);
-    let reset: Vec<&std::ffi::OsStr> = ["sh", "-c", "exec \"$0\" --reset-state \"$@\""]
-        .iter()
-        .map(std::ffi::OsStr::new)
-        .collect();
-    let ep = w.restart_daemon_under(&reset).remove(0);
+    let out = w.signetd(&["reset-state"]);
+    assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        w.log("signetd").contains("--reset-state"),
+        stderr(&out).contains("forgot the audit head"),
         "{}",
-        w.log("signetd")
+        stderr(&out)
     );
+    assert!(!w.path("state/signet.head").exists());
+    let ep = w.restart_daemon().remove(0);
     sign_one(&w, &ep, "four.exe");
     let head = wait_head(&w, 1);
     assert_eq!(head["records"], 1, "a new chain: {head}");

@@ -6,7 +6,7 @@
 //! Its presence says signetd has run on this state directory: a `signet.db` that is
 //! then missing, empty (0 bytes), or has lost every audit record makes signetd refuse
 //! to start ([`guard`], [`check_opened`]) unless the operator says `signetd
-//! --reset-state`. The daemon rewrites the file as records are appended ([`Keeper`]),
+//! reset-state`. The daemon rewrites the file as records are appended ([`Keeper`]),
 //! logs the head every [`LOG_EVERY`] records (a copy in the journal), and stops
 //! rewriting it once the chain is found broken, so the evidence stays.
 
@@ -69,7 +69,7 @@ impl Head {
 /// The state directory cannot be trusted as it is.
 #[derive(Debug, thiserror::Error)]
 pub enum HeadError {
-    #[error("{db} is {what}, but signetd has run on {dir} before ({HEAD_FILE} records {records} audit records, written {time}): starting afresh would lose the audit history and reuse job ids. Restore {db} from a backup, or, to start afresh on purpose, run `signetd --reset-state` once")]
+    #[error("{db} is {what}, but signetd has run on {dir} before ({HEAD_FILE} records {records} audit records, written {time}): starting afresh would lose the audit history and reuse job ids. Restore {db} from a backup, or, to start afresh on purpose, run `signetd reset-state`, then start signetd")]
     Lost {
         db: PathBuf,
         dir: PathBuf,
@@ -77,7 +77,7 @@ pub enum HeadError {
         records: u64,
         time: String,
     },
-    #[error("{path} cannot be read ({detail}); it holds the audit chain's head. Restore it from a backup, or run `signetd --reset-state` once to start a new one")]
+    #[error("{path} cannot be read ({detail}); it holds the audit chain's head. Restore it from a backup, or run `signetd reset-state` to start a new one")]
     Unreadable { path: PathBuf, detail: String },
     #[error(
         "{path} cannot be written: {source}; check the state directory's disk and permissions"
@@ -146,7 +146,7 @@ pub fn guard(state_dir: &Path, reset: bool) -> Result<Option<Head>, HeadError> {
             Ok(()) => tracing::warn!(
                 head = ?old.as_ref().map(|h| format!("{}:{}", h.hash, h.records)),
                 db = %db.display(),
-                "--reset-state: the audit head kept outside the database is forgotten; {} is taken as it is (a new one if it is missing)",
+                "reset-state: the audit head kept outside the database is forgotten; {} is taken as it is (a new one if it is missing)",
                 db.display()
             ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -259,7 +259,7 @@ impl Keeper {
                 None
             }
             Err(e) => {
-                let why = format!("the audit log is broken: {e}. If this signet.db is the one to keep (an older backup restored on purpose), run `signetd --reset-state` once to take it as it is");
+                let why = format!("the audit log is broken: {e}. If this signet.db is the one to keep (an older backup restored on purpose), run `signetd reset-state` and restart signetd to take it as it is");
                 tracing::error!(kind = e.kind(), record = ?e.record(), "{why}");
                 self.broken = Some(why);
                 self.broken.clone()
@@ -305,7 +305,7 @@ mod tests {
         write(dir.path(), &head(2)).unwrap();
         let e = guard(dir.path(), false).unwrap_err();
         assert!(
-            e.to_string().contains("is missing") && e.to_string().contains("--reset-state"),
+            e.to_string().contains("is missing") && e.to_string().contains("signetd reset-state"),
             "{e}"
         );
         std::fs::write(dir.path().join(crate::store::DB_FILE), b"").unwrap();

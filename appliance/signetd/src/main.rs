@@ -19,11 +19,6 @@ struct Cli {
     /// Configuration file.
     #[arg(long, short, default_value = config::DEFAULT_PATH, env = "SIGNETD_CONFIG", global = true)]
     config: PathBuf,
-    /// Start on the state directory as it is, forgetting the audit head kept outside
-    /// the database (state_dir/signet.head): needed once after signet.db was lost,
-    /// emptied or replaced on purpose. The audit history before it is gone.
-    #[arg(long)]
-    reset_state: bool,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -46,6 +41,11 @@ enum Cmd {
     /// The audit log in `state_dir/signet.db`.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Forgets the audit head kept outside the database (state_dir/signet.head), so
+    /// signetd starts on signet.db as it is — a new one when it is missing. For a
+    /// database lost, emptied or replaced on purpose (an older backup): the audit
+    /// history it lacks is gone. Then start signetd.
+    ResetState,
 }
 
 #[derive(Debug, Subcommand)]
@@ -416,6 +416,22 @@ async fn main() -> anyhow::Result<()> {
         Some(Cmd::Enroll(cmd)) => return enroll(cmd, &cli.config),
         Some(Cmd::Tokens { json }) => return tokens(json, catalog(&cli.config)?),
         Some(Cmd::Client(cmd)) => return client_command(&Config::load(&cli.config)?, cmd),
+        Some(Cmd::ResetState) => {
+            let cfg = Config::load(&cli.config)?;
+            let old = signetd::head::read(&cfg.state_dir).ok().flatten();
+            signetd::head::guard(&cfg.state_dir, true)?;
+            match old {
+                Some(h) => eprintln!(
+                    "forgot the audit head {}:{} of {}; signetd starts on {} as it is when it starts next",
+                    h.hash,
+                    h.records,
+                    cfg.state_dir.display(),
+                    cfg.state_dir.join(signetd::store::DB_FILE).display()
+                ),
+                None => eprintln!("no audit head was kept in {}; nothing to forget", cfg.state_dir.display()),
+            }
+            return Ok(());
+        }
         Some(Cmd::Audit(cmd)) => {
             let code = audit_command(&Config::load(&cli.config)?, &cmd)?;
             std::process::exit(code);
@@ -440,7 +456,7 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
-    let head = signetd::head::guard(&cfg.state_dir, cli.reset_state)?;
+    let head = signetd::head::guard(&cfg.state_dir, false)?;
     let mut daemon = Daemon::open(cfg.clone())?;
     daemon.keep_head(head)?;
     if let Some(tls) = &cfg.tls {

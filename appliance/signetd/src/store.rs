@@ -35,7 +35,7 @@ pub enum StoreError {
     Schema { found: i64 },
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
-    #[error("the job database {path} is damaged ({detail}); signetd does not start on it. Stop here, keep a copy of the state directory, then restore {DB_FILE} from a backup (or salvage it: sqlite3 {DB_FILE} .recover | sqlite3 {DB_FILE}.new, and move the new one in its place); `signetd --reset-state` starts afresh once the file is moved away")]
+    #[error("the job database {path} is damaged ({detail}); signetd does not start on it. Stop here, keep a copy of the state directory, then restore {DB_FILE} from a backup (or salvage it: sqlite3 {DB_FILE} .recover | sqlite3 {DB_FILE}.new, and move the new one in its place); `signetd reset-state` starts afresh once the file is moved away")]
     Damaged { path: PathBuf, detail: String },
 }
 
