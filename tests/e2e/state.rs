@@ -743,3 +743,81 @@ fn a_refused_pin_stays_refused_across_restarts_and_a_new_one_reaches_the_agent()
     // The agent's session with the right PIN, and the signer's own.
     assert_eq!(count_logins(&spy3), 2);
 }
+
+/// The pid of the process started from `program` with `config` on its command line.
+fn pid_of(program: &str, config: &std::path::Path) -> nix::unistd::Pid {
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        if args
+            .first()
+            .is_some_and(|a| a.ends_with(program.as_bytes()))
+            && args
+                .iter()
+                .any(|a| *a == config.as_os_str().as_encoded_bytes())
+        {
+            return nix::unistd::Pid::from_raw(e.file_name().to_str().unwrap().parse().unwrap());
+        }
+    }
+    panic!("{program} is not running")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The newest timeline entry `event`, if any.
+fn timeline_entry(ep: &Endpoint, event: &str) -> Option<Value> {
+    let (_, s) = call_json(ep, "GET", "/v1/status", None);
+    s["recovery"]
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|e| e["event"] == event)
+        .cloned()
+}
+
+#[test]
+fn an_agent_that_stops_answering_is_away_from_the_first_failed_contact() {
+    use nix::sys::signal::{kill, Signal};
+    let mut w = World::new();
+    let ep = appliance(&mut w, "", "");
+    wait_until("signing works", || {
+        call_json(&ep, "GET", "/v1/status", None).1["signing_works"] == true
+    });
+    // Frozen: its connections stay open and silent, as behind a guest that hangs.
+    let agent = pid_of("signet-agent", &w.path("agent.toml"));
+    kill(agent, Signal::SIGSTOP).unwrap();
+    // The status gets no answer from it: the first failed contact, known to be
+    // before `failed_by`.
+    let (_, st) = call_json(&ep, "GET", "/v1/status", None);
+    let failed_by = now_ms();
+    assert_eq!(st["signing_works"], false, "{st:#}");
+    wait_until("the outage is on the timeline", || {
+        timeline_entry(&ep, "agent_unreachable").is_some()
+    });
+    let down = timeline_entry(&ep, "agent_unreachable").unwrap();
+    // Whole seconds: at or before the time itself.
+    let down_ms =
+        signetd::doctor::parse_time(down["time"].as_str().unwrap()).unwrap() as u64 * 1000;
+    assert!(
+        down_ms <= failed_by,
+        "the outage starts at the first failed contact: {down} (failed by {failed_by})"
+    );
+    let continued = now_ms();
+    kill(agent, Signal::SIGCONT).unwrap();
+    wait_until("the agent is back on the timeline", || {
+        timeline_entry(&ep, "agent_back").is_some()
+    });
+    let back = timeline_entry(&ep, "agent_back").unwrap();
+    let away = back["duration_ms"].as_u64().unwrap();
+    assert!(
+        away >= continued - failed_by,
+        "away {away} ms, but it did not answer from {failed_by} to {continued}: {back}"
+    );
+}
