@@ -339,7 +339,7 @@ fn while_stopping_new_work_is_refused_at_once() {
     let pe = std::fs::read(w.pe("t.exe")).unwrap();
     let a = sign_async(&ep, "a.exe", &pe);
     wait_until("job A is at the signer", || signer.held.exists());
-    let pid = signetd_pid(&w);
+    let pid = pid_of("signetd", &w.path("signetd.toml"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     wait_until("signetd stops taking work", || {
         w.log("signetd").contains("taking no new jobs")
@@ -363,25 +363,6 @@ fn while_stopping_new_work_is_refused_at_once() {
 /// The longest a test waits for a process told to stop, before it fails: far above
 /// any bound the tests set.
 const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// signetd's pid, from the test's process table (the world started one).
-fn signetd_pid(w: &World) -> nix::unistd::Pid {
-    let conf = w.path("signetd.toml");
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        if args.first().is_some_and(|a| a.ends_with(b"signetd"))
-            && args
-                .iter()
-                .any(|a| *a == conf.as_os_str().as_encoded_bytes())
-        {
-            return nix::unistd::Pid::from_raw(e.file_name().to_str().unwrap().parse().unwrap());
-        }
-    }
-    panic!("signetd is not running")
-}
 
 #[test]
 fn the_agent_stops_promptly_with_the_hosts_event_stream_open() {
@@ -754,9 +735,7 @@ fn pid_of(program: &str, config: &std::path::Path) -> nix::unistd::Pid {
         if args
             .first()
             .is_some_and(|a| a.ends_with(program.as_bytes()))
-            && args
-                .iter()
-                .any(|a| *a == config.as_os_str().as_encoded_bytes())
+            && args.contains(&config.as_os_str().as_encoded_bytes())
         {
             return nix::unistd::Pid::from_raw(e.file_name().to_str().unwrap().parse().unwrap());
         }
