@@ -442,7 +442,9 @@ impl Daemon {
                 return Err(e);
             }
         };
-        store.queued(&id, &sha, n).map_err(|e| {
+        let queued = store.queued(&id, &sha, n);
+        engine.store_wrote(queued.as_ref().map(|_| ()));
+        queued.map_err(|e| {
             if e.disk_full() {
                 disk_full(&self.config().state_dir, &id, &e)
             } else {
