@@ -62,7 +62,7 @@ fn delivered_results_do_not_fill_the_spool() {
     let ep = appliance(&mut w, "", "[queue]\nspool_quota_mb = 3\n");
     // Five in a row, each 0.9 MiB in and out: 9 MiB through a 3 MiB spool.
     let pe = pe_of(&w, 943_718);
-    let mut last = String::new();
+    let mut ids = Vec::new();
     for i in 0..5 {
         let name = format!("big{i}.exe");
         let (status, id, signed) = post_file(&ep, &format!("/v1/sign?filename={name}"), &pe);
@@ -74,11 +74,27 @@ fn delivered_results_do_not_fill_the_spool() {
         );
         let f = w.file(&name, &signed);
         assert!(verify(&w, &f).0, "job {i}");
-        last = id;
+        ids.push(id);
     }
     // The newest result is still there for a client that lost it.
+    let last = ids.last().unwrap();
     let (status, again) = fetch(&ep, &format!("/v1/jobs/{last}/result"));
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&again));
+    // The oldest made room for the next ones, and says so.
+    let first = &ids[0];
+    let (_, view) = call_json(&ep, "GET", &format!("/v1/jobs/{first}"), None);
+    assert_eq!(
+        (&view["state"], &view["result_available"]),
+        (&"signed".into(), &false.into()),
+        "{view}"
+    );
+    let (status, body) = fetch(&ep, &format!("/v1/jobs/{first}/result"));
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (status, &body["code"]),
+        (410, &"result_expired".into()),
+        "{body}"
+    );
     let (_, st) = call_json(&ep, "GET", "/v1/status", None);
     assert_eq!(st["queue"]["spool_used_bytes"], 0, "{st:#}");
 }

@@ -597,7 +597,7 @@ impl Daemon {
                 let expired = || {
                     ErrorBody::new(
                         ErrorCode::ResultExpired,
-                        format!("job {id} was signed, but its result was kept for {} s and is gone; sign the file again", self.config().queue.result_ttl_seconds),
+                        format!("job {id} was signed, but its result is no longer kept (at most {} s, less for a result already delivered when the spool needs the room); sign the file again", self.config().queue.result_ttl_seconds),
                     )
                 };
                 if row.result_gone {

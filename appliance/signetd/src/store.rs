@@ -288,11 +288,18 @@ impl Store {
             return false;
         }
         let _one = self.evicting.lock().unwrap_or_else(|p| p.into_inner());
-        for (_, path) in self.kept_copies() {
+        for (id, path) in self.kept_copies() {
             if fits(self.kept.load(Ordering::SeqCst)) {
                 return true;
             }
             self.remove_spooled(&path);
+            // Its result is no longer available: the job says so.
+            if let Err(e) = self.conn().execute(
+                "UPDATE jobs SET result_gone = 1 WHERE seq = ?1",
+                [i64::try_from(id).unwrap_or(i64::MAX)],
+            ) {
+                tracing::warn!(job = id, error = %e, "a dropped result cannot be marked gone");
+            }
             tracing::info!(file = %path.display(), "a delivered result's kept copy dropped to make room in the spool");
         }
         fits(self.kept.load(Ordering::SeqCst))
@@ -699,6 +706,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 100).unwrap();
         for id in ["1", "2"] {
+            assert_eq!(
+                store.insert(&job("uid:0", None)).unwrap(),
+                Inserted::New(id.into())
+            );
             assert!(store.reserve(40));
             std::fs::write(store.output_path(id), [0u8; 40]).unwrap();
         }
@@ -709,7 +720,12 @@ mod tests {
         // 60 fits beside one kept copy: the oldest goes.
         assert!(store.reserve(60));
         assert!(!store.delivered_path("1").exists());
+        assert!(
+            store.get("1").unwrap().unwrap().result_gone,
+            "job 1 says so"
+        );
         assert!(store.delivered_path("2").exists());
+        assert!(!store.get("2").unwrap().unwrap().result_gone);
         // More than the quota drops nothing.
         assert!(!store.reserve(50));
         assert!(store.delivered_path("2").exists());
