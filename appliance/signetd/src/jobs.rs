@@ -486,7 +486,7 @@ impl Daemon {
                 _ => return,
             }
             tokio::select! {
-                _ = rx.wait_for(|d| *d) => {}
+                r = rx.wait_for(|d| *d) => if r.is_err() { return },
                 r = stop.changed() => if r.is_err() { return },
             }
         }
