@@ -444,8 +444,24 @@ fn compound_file<S: Source + ?Sized>(src: &S, head: &[u8]) -> Result<Format, For
     }
     // Sector n starts at (n + 1) << shift: the header takes the place of sector -1.
     let entry = read(src, (u64::from(first_dir) + 1) << shift, 128)?;
+    if entry.len() < 128 {
+        // Cut before its directory: the compound file's own structure says where,
+        // and an installer package is the compound file Signet signs.
+        let len = src
+            .size()
+            .map_err(|e| FormatError::Unreadable(e.to_string()))?;
+        if let Err(crate::structure::CheckError::Damaged(damage)) =
+            crate::structure::check(src, len, Format::Msi)
+        {
+            return Err(FormatError::Damaged {
+                format: Format::Msi,
+                damage,
+            });
+        }
+        return Err(damaged());
+    }
     // Object type 5: the root storage.
-    if entry.len() < 128 || entry[0x42] != 5 {
+    if entry[0x42] != 5 {
         return Err(damaged());
     }
     let clsid: [u8; 16] = entry[0x50..0x60].try_into().map_err(|_| damaged())?;
@@ -917,6 +933,13 @@ mod tests {
         let mut cut = cfb(CLSID_MSI_PACKAGE, 5);
         cut.truncate(512 * 6 + 64);
         let err = detect_bytes(&cut, None).unwrap_err().to_string();
+        assert!(
+            err.contains("MSI (Windows Installer package or patch) file is damaged or cut short: the directory (sector 5 of 512 bytes) ends at byte 3584, past the end of the file (3136 bytes)"),
+            "{err}"
+        );
+        let mut not_root = cfb(CLSID_MSI_PACKAGE, 1);
+        not_root[512 * 2 + 0x42] = 1;
+        let err = detect_bytes(&not_root, None).unwrap_err().to_string();
         assert!(err.contains("damaged or truncated OLE"), "{err}");
         let mut v4 = cfb(CLSID_MSI_PACKAGE, 0);
         v4[0x1a] = 4; // version 4 wants 4096-byte sectors

@@ -424,6 +424,7 @@ fn damaged_files_are_refused_as_bad_input_naming_what_is_wrong() {
     let headers = w.file("headers.exe", &whole[..300]);
     let msi = std::fs::read(w.msi("setup.msi")).unwrap();
     let cut_msi = w.file("cut.msi", &msi[..msi.len() - 512]);
+    let half_msi = w.file("half.msi", &msi[..msi.len() / 2]);
     let cab = std::fs::read(w.cab("payload.cab")).unwrap();
     let cut_cab = w.file("cut.cab", &cab[..cab.len() - 100]);
     let cat = std::fs::read(w.cat("drivers.cat")).unwrap();
@@ -447,6 +448,10 @@ fn damaged_files_are_refused_as_bad_input_naming_what_is_wrong() {
         (
             &cut_msi,
             format!("past the end of the file ({} bytes)", msi.len() - 512),
+        ),
+        (
+            &half_msi,
+            format!("past the end of the file ({} bytes)", msi.len() / 2),
         ),
         (
             &cut_cab,
