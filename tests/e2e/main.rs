@@ -541,13 +541,17 @@ fn digest_mode_says_how_to_trust_a_private_ca() {
         "{warning}"
     );
     assert!(verify(&w, &file).0, "signed and written");
+    // On a terminal's stream: the signed line first, then what was not checked.
     let out = signet(&ep, &["sign", "--digest", w.pe("b.exe").to_str().unwrap()]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = stderr(&out);
+    let lines: Vec<&str> = text.lines().collect();
     assert!(
-        stderr(&out).contains("pass the CA that issued it with --ca-file")
-            || stderr(&out).contains("--ca-file"),
-        "{}",
-        stderr(&out)
+        lines.len() == 2
+            && lines[0].starts_with("signet: signed ")
+            && lines[1].contains("not verified here")
+            && lines[1].contains("Pass the CA that issued it with --ca-file"),
+        "{text}"
     );
 
     // A --ca-file that is not the certificate's CA: nothing is attached.
