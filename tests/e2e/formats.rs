@@ -531,6 +531,23 @@ fn damaged_files_are_refused_as_bad_input_naming_what_is_wrong() {
         "{lines:?}"
     );
     assert!(verify(&w, &a).0 && verify(&w, &b).0);
+
+    // Told from the file alone: the same answer with the appliance away.
+    w.stop("signetd");
+    for digest in [false, true] {
+        let mut args = vec!["sign"];
+        if digest {
+            args.push("--digest");
+        }
+        args.push(arg(&cut_7000));
+        let out = signet(&ep, &args);
+        assert_eq!(code(&out), 4, "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("damaged or cut short"),
+            "{}",
+            stderr(&out)
+        );
+    }
 }
 
 #[test]

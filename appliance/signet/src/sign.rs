@@ -120,31 +120,36 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
     let started = Instant::now();
     let mut outcomes: Vec<Outcome> = args.files.iter().map(|f| Outcome::new(f)).collect();
 
-    // Digest mode signs as the profile says on this side too: ask how it signs.
-    let options = if args.digest {
-        match profile_options(endpoint, profile.as_deref()).await {
-            Ok(o) => Some(o),
-            Err(f) => {
-                for o in &mut outcomes {
-                    o.failed(Failure {
-                        code: f.code,
-                        exit_code: f.exit_code,
-                        message: f.message.clone(),
-                    });
-                    report(o, args.json);
-                }
-                return outcomes.first().map_or(exit::USAGE, |o| o.exit_code);
-            }
-        }
-    } else {
-        None
-    };
-
     // Local work first: a bad file never costs an upload, and never stops the others.
+    // Digest mode signs as the profile says on this side too: it asks how, once a file
+    // has passed its checks.
+    let mut options: Option<Result<ProfileOptions, Failure>> = None;
     let mut ready = Vec::new();
     for (i, file) in args.files.iter().enumerate() {
         let target = args.output.clone().unwrap_or_else(|| file.clone());
-        match prepare(file, &target, &args, options.as_ref()).await {
+        let checked = match check_input(file).await {
+            Ok(c) => c,
+            Err(f) => {
+                outcomes[i].failed(f);
+                continue;
+            }
+        };
+        let how = if args.digest {
+            if options.is_none() {
+                options = Some(profile_options(endpoint, profile.as_deref()).await);
+            }
+            match &options {
+                Some(Ok(o)) => Some(o),
+                Some(Err(f)) => {
+                    outcomes[i].failed(f.clone());
+                    continue;
+                }
+                None => None,
+            }
+        } else {
+            None
+        };
+        match prepare(file, &target, checked, how, &args).await {
             Ok(p) => ready.push((i, p)),
             Err(f) => outcomes[i].failed(f),
         }
@@ -268,6 +273,7 @@ fn report(o: &Outcome, json: bool) {
 }
 
 /// Why one file was not signed, and the exit code that says so.
+#[derive(Clone)]
 struct Failure {
     code: Option<ErrorCode>,
     exit_code: i32,
@@ -355,13 +361,15 @@ fn extract_args(profile: &ProfileOptions, format: format::Format) -> Vec<&'stati
     a
 }
 
+/// Makes the work dir for a checked file and, in digest mode, extracts its data as
+/// `profile` signs.
 async fn prepare(
     file: &Path,
     target: &Path,
-    args: &SignArgs,
+    (meta, detected): (std::fs::Metadata, format::Format),
     profile: Option<&ProfileOptions>,
+    args: &SignArgs,
 ) -> Result<Prepared, Failure> {
-    let (meta, detected) = check_input(file).await?;
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
