@@ -678,6 +678,26 @@ fn digest_mode_signs_as_the_profile_says_like_the_whole_file() {
         stderr(&out)
     );
 
+    // What the client asks: the profile's options, the default when none is named.
+    let (status, body) = call(&ep, "GET", "/v1/profile?profile=second", vec![]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"name": "second", "hash": "sha512", "page_hashes": false, "nested": true})
+    );
+    let (_, body) = call(&ep, "GET", "/v1/profile", vec![]);
+    assert_eq!(
+        (body["name"].as_str(), body["hash"].as_str()),
+        (Some("first"), Some("sha256")),
+        "{body}"
+    );
+    let (status, body) = call(&ep, "GET", "/v1/profile?profil=second", vec![]);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
+
     // The profile is checked before anything is extracted.
     let out = digest("nightly", &fresh);
     assert_eq!(code(&out), 3, "{}", stderr(&out));
