@@ -67,8 +67,10 @@ pub struct SignArgs {
     /// this machine; catalogs (CAT) are signed without it.
     #[arg(long)]
     digest: bool,
-    /// CA certificate(s) the attached signature is verified against in digest mode
-    /// [default: the system's trusted roots].
+    /// CA certificate(s) the attached signature is verified against in digest mode: a
+    /// signature that does not chain to them is not attached (exit 5). Without it the
+    /// system's trusted roots are tried, and a signature that does not chain to them is
+    /// attached with a warning that it was not verified here.
     #[arg(long, value_name = "PEM", requires = "digest")]
     ca_file: Option<PathBuf>,
     /// The osslsigncode program used in digest mode.
