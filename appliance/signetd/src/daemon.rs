@@ -12,10 +12,10 @@ use signet_protocol::client::{self, ClientError};
 use signet_protocol::transport::Peer;
 use signet_protocol::wire::{
     AgentHealth, AgentReport, AgentSignQuery, AgentState, DaemonStatus, ErrorBody, ErrorCode,
-    SignQuery, AGENT_HEALTH_PATH,
+    ProfileOptions, SignQuery, AGENT_HEALTH_PATH,
 };
 
-use crate::config::Config;
+use crate::config::{Config, Profile};
 use crate::jobs::Engine;
 use crate::policy::{self, Caller, Slot, Slots};
 use crate::store::StoreError;
@@ -213,13 +213,14 @@ impl Daemon {
         &self.cfg
     }
 
-    /// Checks a signing request against the profiles and the grants and turns it into a
-    /// job.
-    pub fn accept(&self, query: &SignQuery, caller: &Caller) -> Result<Job, ErrorBody> {
-        let name = query
-            .profile
-            .as_deref()
-            .unwrap_or(&self.cfg.default_profile);
+    /// The profile `name` (`None`: the default) if it exists and the caller has a
+    /// grant for it.
+    fn profile<'a>(
+        &'a self,
+        name: Option<&'a str>,
+        caller: &Caller,
+    ) -> Result<(&'a str, &'a Profile), ErrorBody> {
+        let name = name.unwrap_or(&self.cfg.default_profile);
         let Some(profile) = self.cfg.profiles.get(name) else {
             return Err(ErrorBody::new(
                 ErrorCode::UnknownProfile,
@@ -239,6 +240,30 @@ impl Daemon {
             tracing::warn!(caller = %refusal.caller, key = %caller.key(), profile = name, "refused: the caller has no grant for this profile");
             return Err(ErrorBody::new(ErrorCode::Forbidden, refusal.to_string()));
         }
+        Ok((name, profile))
+    }
+
+    /// How profile `name` (`None`: the default) signs, for a caller that may use it:
+    /// what digest mode applies on the client's side.
+    pub fn profile_options(
+        &self,
+        name: Option<&str>,
+        caller: &Caller,
+    ) -> Result<ProfileOptions, ErrorBody> {
+        let (name, profile) = self.profile(name, caller)?;
+        Ok(ProfileOptions {
+            name: name.to_owned(),
+            hash: profile.hash,
+            page_hashes: profile.page_hashes,
+            nested: profile.nested,
+            formats: profile.allowed_formats(),
+        })
+    }
+
+    /// Checks a signing request against the profiles and the grants and turns it into a
+    /// job.
+    pub fn accept(&self, query: &SignQuery, caller: &Caller) -> Result<Job, ErrorBody> {
+        let (name, profile) = self.profile(query.profile.as_deref(), caller)?;
         let filename = match &query.filename {
             Some(f) if f.contains(['/', '\\', '\0']) || f.len() > 255 => {
                 return Err(ErrorBody::new(
