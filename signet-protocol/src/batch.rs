@@ -19,7 +19,7 @@ pub const RESULT_HEADER: &str = "x-signet-result";
 pub const FIELD: &str = "file";
 
 /// One part to send.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Part {
     /// File name put in `Content-Disposition` (made safe for a quoted string).
     pub filename: String,
@@ -30,7 +30,7 @@ pub struct Part {
 }
 
 /// Where a part's bytes come from.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum PartBody {
     File(PathBuf),
     Bytes(Bytes),

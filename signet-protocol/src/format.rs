@@ -14,8 +14,10 @@
 //!   so for scripts, and only for them, the name counts.
 //!
 //! Detection reads the first [`HEAD_LEN`] bytes and, for PE and compound files, the
-//! headers wherever the file says they are, through [`Source`]. It is pure: the caller
-//! brings the bytes (a file, or a slice in tests).
+//! headers wherever the file says they are, through [`Source`]. Then it checks that
+//! the file's structure holds together ([`crate::structure`]): a file cut short or
+//! damaged is [`FormatError::Damaged`]. It is pure: the caller brings the bytes (a
+//! file, or a slice in tests).
 
 use std::io;
 
@@ -128,6 +130,11 @@ pub enum FormatError {
     NotDigestBlob,
     #[error("the file is text, and Signet signs text only as a PowerShell script, which it knows by a name ending in .{} ({}); rename it if it is one", POWERSHELL_EXTENSIONS.join(", ."), name_note(.name))]
     TextNotScript { name: Option<String> },
+    #[error("this {format} file is damaged or cut short: {damage}; nothing was signed. Copy or build it again")]
+    Damaged {
+        format: Format,
+        damage: crate::structure::Damage,
+    },
     #[error("the file cannot be read: {0}")]
     Unreadable(String),
 }
@@ -148,9 +155,16 @@ pub trait Source {
     /// Reads into `buf` from `offset`; fewer bytes than asked only at the end of the
     /// data (none past it).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// How many bytes there are.
+    fn size(&self) -> io::Result<u64>;
 }
 
 impl Source for [u8] {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         let Ok(start) = usize::try_from(offset) else {
             return Ok(0);
@@ -165,6 +179,10 @@ impl Source for [u8] {
 }
 
 impl Source for std::fs::File {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         use std::os::unix::fs::FileExt;
         let mut done = 0;
@@ -206,6 +224,13 @@ pub fn detect<S: Source + ?Sized>(
     } else {
         return Err(unsupported(describe(&head)));
     };
+    let len = src
+        .size()
+        .map_err(|e| FormatError::Unreadable(e.to_string()))?;
+    crate::structure::check(src, len, format).map_err(|e| match e {
+        crate::structure::CheckError::Damaged(damage) => FormatError::Damaged { format, damage },
+        crate::structure::CheckError::Io(e) => FormatError::Unreadable(e.to_string()),
+    })?;
     Ok(Detected {
         format,
         extension: format.extension(),
@@ -267,6 +292,86 @@ pub fn detect_digest_blob(head: &[u8]) -> Result<Option<Format>, FormatError> {
     })
 }
 
+/// How an Authenticode data blob was made: the file digest's algorithm and whether it
+/// carries page hashes (PE only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobOptions {
+    /// `None`: an algorithm Signet does not sign with (MD5, SHA-1).
+    pub hash: Option<crate::wire::DigestAlgorithm>,
+    pub page_hashes: bool,
+}
+
+/// The class of `SpcSerializedObject` that carries page hashes
+/// (a6b586d5-b4a1-2466-ae05-a217da8e60d6), as stored.
+const PAGE_HASHES_CLASS: [u8; 16] =
+    *b"\xa6\xb5\x86\xd5\xb4\xa1\x24\x66\xae\x05\xa2\x17\xda\x8e\x60\xd6";
+
+/// Reads the options of the Authenticode data blob in `src` (digest mode's input,
+/// already known to be one by [`detect_digest_blob`]): the algorithm of the
+/// `DigestInfo` that ends its `SpcIndirectDataContent`, and the page hashes' class
+/// in its data. Reads only the DER headers on the way, wherever they are (page hashes
+/// make a blob long).
+pub fn digest_blob_options<S: Source + ?Sized>(src: &S) -> Result<BlobOptions, FormatError> {
+    let head = read(src, 0, HEAD_LEN)?;
+    // ContentInfo { OID, [0] { SignedData { INTEGER, SET, encapContentInfo { OID,
+    // [0] { SpcIndirectDataContent { data, DigestInfo { AlgorithmIdentifier { OID }}}}}}}}
+    let mut pos = 0u64;
+    for (tag, enter) in [
+        (0x30, true),
+        (0x06, false),
+        (0xa0, true),
+        (0x30, true),
+        (0x02, false),
+        (0x31, false),
+        (0x30, true),
+        (0x06, false),
+        (0xa0, true),
+        (0x30, true),
+        (0x30, false),
+        (0x30, true),
+        (0x30, true),
+    ] {
+        pos = der_step(src, pos, tag, enter)?;
+    }
+    let oid = read(src, pos, 11)?;
+    let hash = match oid.get(..2) {
+        Some([0x06, 9]) => match oid.get(2..11) {
+            Some(b"\x60\x86\x48\x01\x65\x03\x04\x02\x01") => {
+                Some(crate::wire::DigestAlgorithm::Sha256)
+            }
+            Some(b"\x60\x86\x48\x01\x65\x03\x04\x02\x02") => {
+                Some(crate::wire::DigestAlgorithm::Sha384)
+            }
+            Some(b"\x60\x86\x48\x01\x65\x03\x04\x02\x03") => {
+                Some(crate::wire::DigestAlgorithm::Sha512)
+            }
+            _ => None,
+        },
+        Some([0x06, _]) => None,
+        _ => return Err(FormatError::NotDigestBlob),
+    };
+    let page_hashes = head.windows(16).any(|w| w == PAGE_HASHES_CLASS);
+    Ok(BlobOptions { hash, page_hashes })
+}
+
+/// One DER step from the header at `pos`, which must have `tag`: into its content
+/// (`enter`) or past it.
+fn der_step<S: Source + ?Sized>(
+    src: &S,
+    pos: u64,
+    tag: u8,
+    enter: bool,
+) -> Result<u64, FormatError> {
+    let h = read(src, pos, 6)?;
+    match der_header(&h, 0) {
+        Some((t, content, Some(len))) if t == tag => {
+            let content = pos + content as u64;
+            Ok(if enter { content } else { content + len as u64 })
+        }
+        _ => Err(FormatError::NotDigestBlob),
+    }
+}
+
 fn unsupported(seen: impl Into<String>) -> FormatError {
     FormatError::Unsupported { seen: seen.into() }
 }
@@ -309,7 +414,8 @@ fn pe<S: Source + ?Sized>(src: &S, head: &[u8]) -> Result<Format, FormatError> {
         Some(magic) => Err(unsupported(format!(
             "a PE file of an unknown kind (optional header magic 0x{magic:04x})"
         ))),
-        None => Err(unsupported("a PE file cut off in its headers")),
+        // A PE cut off in its headers: the structure check says where.
+        None => Ok(Format::Pe),
     }
 }
 
@@ -338,8 +444,24 @@ fn compound_file<S: Source + ?Sized>(src: &S, head: &[u8]) -> Result<Format, For
     }
     // Sector n starts at (n + 1) << shift: the header takes the place of sector -1.
     let entry = read(src, (u64::from(first_dir) + 1) << shift, 128)?;
+    if entry.len() < 128 {
+        // Cut before its directory: the compound file's own structure says where,
+        // and an installer package is the compound file Signet signs.
+        let len = src
+            .size()
+            .map_err(|e| FormatError::Unreadable(e.to_string()))?;
+        if let Err(crate::structure::CheckError::Damaged(damage)) =
+            crate::structure::check(src, len, Format::Msi)
+        {
+            return Err(FormatError::Damaged {
+                format: Format::Msi,
+                damage,
+            });
+        }
+        return Err(damaged());
+    }
     // Object type 5: the root storage.
-    if entry.len() < 128 || entry[0x42] != 5 {
+    if entry[0x42] != 5 {
         return Err(damaged());
     }
     let clsid: [u8; 16] = entry[0x50..0x60].try_into().map_err(|_| damaged())?;
@@ -572,17 +694,27 @@ mod tests {
         detect(bytes, name).map(|d| d.format)
     }
 
+    /// A PE without sections: its headers, as long as the magic's kind has them
+    /// (16 data directories), where `lfanew` says, in `len` bytes.
     fn pe(lfanew: u32, len: usize, magic: u16) -> Vec<u8> {
         let mut v = vec![0u8; len];
         v[..2].copy_from_slice(b"MZ");
         v[0x3c..0x40].copy_from_slice(&lfanew.to_le_bytes());
         let at = lfanew as usize;
-        if at + 4 <= len {
-            v[at..at + 4].copy_from_slice(b"PE\0\0");
-        }
-        if at + 26 <= len {
-            v[at + 24..at + 26].copy_from_slice(&magic.to_le_bytes());
-        }
+        let (opt_size, directories): (u16, usize) = if magic == 0x20b {
+            (240, 108)
+        } else {
+            (224, 92)
+        };
+        let mut put = |off: usize, bytes: &[u8]| {
+            if let Some(dst) = v.get_mut(at + off..at + off + bytes.len()) {
+                dst.copy_from_slice(bytes);
+            }
+        };
+        put(0, b"PE\0\0");
+        put(20, &opt_size.to_le_bytes());
+        put(24, &magic.to_le_bytes());
+        put(24 + directories, &16u32.to_le_bytes());
         v
     }
 
@@ -680,6 +812,71 @@ mod tests {
         assert_eq!(detect_digest_blob(&other_sip), Ok(None));
     }
 
+    /// A digest blob as `osslsigncode extract-data` lays it out, with `alg` (the DER
+    /// OID's content) and, for page hashes, the class and `pages` bytes of hashes.
+    fn blob(alg: &[u8], pages: Option<usize>) -> Vec<u8> {
+        let mut file = tlv(0x03, &[0]);
+        if let Some(n) = pages {
+            let moniker = [tlv(0x04, &PAGE_HASHES_CLASS), tlv(0x04, &vec![0x5a; n])].concat();
+            file.extend(tlv(0xa0, &tlv(0xa1, &moniker)));
+        }
+        let data = tlv(
+            0x30,
+            &[
+                tlv(0x06, b"\x2b\x06\x01\x04\x01\x82\x37\x02\x01\x0f"),
+                tlv(0x30, &file),
+            ]
+            .concat(),
+        );
+        let digest = tlv(
+            0x30,
+            &[
+                tlv(0x30, &[tlv(0x06, alg), vec![5, 0]].concat()),
+                tlv(0x04, &[1; 32]),
+            ]
+            .concat(),
+        );
+        let indirect = tlv(0x30, &[data, digest].concat());
+        let encap = tlv(
+            0x30,
+            &[tlv(0x06, &SPC_INDIRECT_DATA_OID[2..]), tlv(0xa0, &indirect)].concat(),
+        );
+        let sd = tlv(0x30, &[tlv(0x02, &[1]), tlv(0x31, &[]), encap].concat());
+        tlv(0x30, &[tlv(0x06, OID_SIGNED_DATA), tlv(0xa0, &sd)].concat())
+    }
+
+    #[test]
+    fn digest_blobs_say_how_they_were_made() {
+        use crate::wire::DigestAlgorithm::*;
+        let sha = |last: u8| [b"\x60\x86\x48\x01\x65\x03\x04\x02".as_slice(), &[last]].concat();
+        for (alg, want) in [(1, Sha256), (2, Sha384), (3, Sha512)] {
+            let b = blob(&sha(alg), None);
+            assert_eq!(detect_digest_blob(&b), Ok(Some(Format::Pe)));
+            assert_eq!(
+                digest_blob_options(&b[..]),
+                Ok(BlobOptions {
+                    hash: Some(want),
+                    page_hashes: false
+                })
+            );
+        }
+        // Page hashes make a blob longer than the head; its digest comes after them.
+        let paged = blob(&sha(3), Some(40_000));
+        assert!(paged.len() > HEAD_LEN * 9);
+        assert_eq!(
+            digest_blob_options(&paged[..]),
+            Ok(BlobOptions {
+                hash: Some(Sha512),
+                page_hashes: true
+            })
+        );
+        // SHA-1 is not one Signet signs with.
+        let sha1 = blob(b"\x2b\x0e\x03\x02\x1a", None);
+        assert_eq!(digest_blob_options(&sha1[..]).unwrap().hash, None);
+        let cut = &paged[..paged.len() / 2];
+        assert_eq!(digest_blob_options(cut), Err(FormatError::NotDigestBlob));
+    }
+
     #[test]
     fn digest_blobs_are_recognised() {
         let mut blob = vec![0x30, 0x81, 0x93, 0x06, 0x09];
@@ -704,10 +901,10 @@ mod tests {
     fn pe_is_recognised_wherever_its_header_is() {
         assert_eq!(detect_bytes(&pe(0x80, 512, 0x10b), None), Ok(Format::Pe));
         assert_eq!(detect_bytes(&pe(0x80, 512, 0x20b), None), Ok(Format::Pe));
-        assert_eq!(detect_bytes(&pe(0x40, 0x5a, 0x20b), None), Ok(Format::Pe));
+        assert_eq!(detect_bytes(&pe(0x40, 0x200, 0x20b), None), Ok(Format::Pe));
         // The PE header may lie beyond the first read.
         assert_eq!(
-            detect_bytes(&pe(0x2000, 0x2100, 0x20b), None),
+            detect_bytes(&pe(0x2000, 0x2200, 0x20b), None),
             Ok(Format::Pe)
         );
         // The name never matters for binaries.
@@ -736,6 +933,13 @@ mod tests {
         let mut cut = cfb(CLSID_MSI_PACKAGE, 5);
         cut.truncate(512 * 6 + 64);
         let err = detect_bytes(&cut, None).unwrap_err().to_string();
+        assert!(
+            err.contains("MSI (Windows Installer package or patch) file is damaged or cut short: the directory (sector 5 of 512 bytes) ends at byte 3584, past the end of the file (3136 bytes)"),
+            "{err}"
+        );
+        let mut not_root = cfb(CLSID_MSI_PACKAGE, 1);
+        not_root[512 * 2 + 0x42] = 1;
+        let err = detect_bytes(&not_root, None).unwrap_err().to_string();
         assert!(err.contains("damaged or truncated OLE"), "{err}");
         let mut v4 = cfb(CLSID_MSI_PACKAGE, 0);
         v4[0x1a] = 4; // version 4 wants 4096-byte sectors
@@ -859,7 +1063,6 @@ mod tests {
                 "without a PE header",
             ),
             (pe(0x80, 512, 0x107), "magic 0x0107"),
-            (pe(0x80, 0x90, 0x10b), "cut off"),
             (b"\x7fELF\x02\x01\x01".to_vec(), "ELF"),
             (b"PK\x03\x04rest".to_vec(), "ZIP"),
             (vec![0xff, 0xfe, 0x00, 0xd8], "unrecognised"),
@@ -872,6 +1075,32 @@ mod tests {
                 assert!(err.to_string().contains("Signet signs Windows PE"), "{err}");
             }
         }
+    }
+
+    #[test]
+    fn damaged_files_are_named_as_damaged_with_what_is_wrong() {
+        // Cut in its COFF header, in its optional header: a PE all the same, damaged.
+        for (bytes, want) in [
+            (pe(0x80, 0x90, 0x10b), "the PE (COFF) header ends at byte 152, past the end of the file (144 bytes)"),
+            (pe(0x80, 0x100, 0x20b), "the optional header (240 bytes) ends at byte 392, past the end of the file (256 bytes)"),
+        ] {
+            let err = detect_bytes(&bytes, Some("x.exe")).unwrap_err();
+            assert!(
+                matches!(err, FormatError::Damaged { format: Format::Pe, .. }),
+                "{err:?}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with("this PE (EXE/DLL/SYS) file is damaged or cut short: ")
+                    && msg.contains(want)
+                    && msg.ends_with("Copy or build it again"),
+                "{msg}"
+            );
+        }
+        let mut cut = cab_header(1, 3);
+        cut.truncate(40);
+        let err = detect_bytes(&cut, None).unwrap_err();
+        assert!(err.to_string().contains("cbCabinet"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - [`batch`] — many files in one request: multipart framing streamed from disk.
 //! - [`render`] — the status as text, the same in every front.
 //! - [`format`] — recognising the file formats Signet signs from their first bytes.
+//! - [`structure`] — whether a file's headers point only inside it (damaged or cut
+//!   short files are refused).
 //!
 //! The host daemon, the signing-VM agent and the client all link this crate, so a
 //! change to the wire is a change in one file.
@@ -23,6 +25,7 @@ pub mod endpoint;
 pub mod format;
 pub mod operator;
 pub mod render;
+pub mod structure;
 pub mod tls;
 pub mod transport;
 pub mod wire;

@@ -127,10 +127,45 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Stream, TransportError> {
                 .await
                 .map_err(wrap)?;
             stream.set_nodelay(true).map_err(wrap)?;
-            let tls = connector.connect(name, stream).await.map_err(wrap)?;
+            let tls = connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| wrap(explain_tls(e)))?;
             Ok(Stream::Tls(Box::new(tls)))
         }
     }
+}
+
+/// A TLS handshake's failure with what is wrong with the server's certificate and
+/// how to make a right one, when that is the cause (kind `InvalidData`).
+fn explain_tls(e: io::Error) -> io::Error {
+    use tokio_rustls::rustls::{CertificateError, Error as TlsError};
+    let Some(TlsError::InvalidCertificate(cert)) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<TlsError>())
+    else {
+        return e;
+    };
+    let make = "make a CA and a server certificate it issues on the appliance with `signetd tls init DIR --host HOST`, set the [tls] lines it prints, and pass its ca.pem here with --tls-ca";
+    let what = match cert {
+        CertificateError::Other(other) if format!("{other:?}").contains("CaUsedAsEndEntity") => {
+            format!("the server's certificate is a CA certificate (CA:TRUE) used as the server's own, which TLS clients refuse; {make}")
+        }
+        CertificateError::UnknownIssuer => format!(
+            "the server's certificate is not issued by a CA this client trusts; pass the CA that issued it with --tls-ca (SIGNET_TLS_CA), or {make}"
+        ),
+        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+            format!("the server's certificate is not made for the host name or address in the endpoint; connect with a name it holds, or {make}")
+        }
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            format!("the server's certificate has expired; {make}")
+        }
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => format!(
+            "the server's certificate is not valid yet (check both clocks); or {make}"
+        ),
+        other => format!("the server's certificate cannot be used ({other:?}); {make}"),
+    };
+    io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
 /// Sends `CONNECT port` on a fresh connection to a hybrid-vsock backend and waits up to

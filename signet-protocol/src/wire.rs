@@ -28,6 +28,9 @@ pub use tokens::*;
 pub const SIGN_PATH: &str = "/v1/sign";
 /// Client → daemon path of the status call.
 pub const STATUS_PATH: &str = "/v1/status";
+/// Client → daemon path of a profile's signing options (`?profile=NAME`; none: the
+/// default profile), which digest mode applies on the client's side.
+pub const PROFILE_PATH: &str = "/v1/profile";
 /// Daemon → agent path of the signing call.
 pub const AGENT_SIGN_PATH: &str = "/agent/v1/sign";
 /// Client → daemon path of one job (`GET`: its state; `DELETE`: cancel), with `{id}`.
@@ -105,8 +108,38 @@ impl SignResponse {
     }
 }
 
-/// Query of `POST /v1/sign`.
+/// Query of `GET /v1/profile`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileQuery {
+    /// The profile; absent: the daemon's default profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+}
+
+/// Answer of `GET /v1/profile`: how the profile signs, as far as the client takes part
+/// in it. Digest mode extracts the file's data with `hash` and `page_hashes` and
+/// attaches the signature with `nested`, so that it signs as the whole file would be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileOptions {
+    /// The profile's name (the default profile's, when none was asked for).
+    pub name: String,
+    pub hash: DigestAlgorithm,
+    /// Page hashes in PE signatures.
+    #[serde(default)]
+    pub page_hashes: bool,
+    /// Keep a signature the file has and add this one beside it.
+    #[serde(default)]
+    pub nested: bool,
+    /// The formats the profile signs; empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub formats: Vec<Format>,
+}
+
+/// Query of `POST /v1/sign`. An unknown parameter (a typo such as `profil=`) is an
+/// error, never ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SignQuery {
     /// Signing profile; the daemon's default profile when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -263,6 +296,9 @@ pub enum ErrorCode {
     EmptyInput,
     /// The input is not a format Signet signs.
     UnsupportedFormat,
+    /// The input is in a format Signet signs, but damaged or cut short: its headers
+    /// point past its end or contradict themselves.
+    BadInput,
     /// The input is larger than allowed.
     InputTooLarge,
     /// The upload ended before the announced length, or stalled.
@@ -295,6 +331,9 @@ pub enum ErrorCode {
     ShuttingDown,
     /// No token with this serial is plugged in or configured.
     UnknownToken,
+    /// The `Idempotency-Key` was used before for a different request (another file,
+    /// profile or options); a key names one request.
+    IdempotencyKeyReused,
 }
 
 impl ErrorCode {
@@ -306,7 +345,10 @@ impl ErrorCode {
             ErrorCode::UnknownProfile => 404,
             ErrorCode::InputTooLarge => 413,
             ErrorCode::UnsupportedFormat => 415,
-            ErrorCode::EmptyInput | ErrorCode::TruncatedInput => 422,
+            ErrorCode::EmptyInput
+            | ErrorCode::TruncatedInput
+            | ErrorCode::BadInput
+            | ErrorCode::IdempotencyKeyReused => 422,
             ErrorCode::TooManyJobs => 429,
             ErrorCode::SigningFailed | ErrorCode::Internal => 500,
             ErrorCode::AgentUnavailable => 502,
@@ -330,6 +372,7 @@ impl ErrorCode {
             ErrorCode::UnknownProfile | ErrorCode::Forbidden => exit::REFUSED,
             ErrorCode::EmptyInput
             | ErrorCode::UnsupportedFormat
+            | ErrorCode::BadInput
             | ErrorCode::InputTooLarge
             | ErrorCode::TruncatedInput => exit::BAD_INPUT,
             ErrorCode::SigningFailed | ErrorCode::Internal => exit::SIGNING_FAILED,
@@ -344,7 +387,8 @@ impl ErrorCode {
             ErrorCode::UnknownJob
             | ErrorCode::ResultExpired
             | ErrorCode::Cancelled
-            | ErrorCode::UnknownToken => exit::REFUSED,
+            | ErrorCode::UnknownToken
+            | ErrorCode::IdempotencyKeyReused => exit::REFUSED,
         }
     }
 
@@ -356,6 +400,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::EmptyInput => "empty_input",
             ErrorCode::UnsupportedFormat => "unsupported_format",
+            ErrorCode::BadInput => "bad_input",
             ErrorCode::InputTooLarge => "input_too_large",
             ErrorCode::TruncatedInput => "truncated_input",
             ErrorCode::TooManyJobs => "too_many_jobs",
@@ -372,16 +417,18 @@ impl ErrorCode {
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::UnknownToken => "unknown_token",
+            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
         }
     }
 
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownProfile,
         ErrorCode::Forbidden,
         ErrorCode::EmptyInput,
         ErrorCode::UnsupportedFormat,
+        ErrorCode::BadInput,
         ErrorCode::InputTooLarge,
         ErrorCode::TruncatedInput,
         ErrorCode::TooManyJobs,
@@ -398,6 +445,7 @@ impl ErrorCode {
         ErrorCode::Cancelled,
         ErrorCode::ShuttingDown,
         ErrorCode::UnknownToken,
+        ErrorCode::IdempotencyKeyReused,
     ];
 }
 
@@ -902,6 +950,8 @@ mod tests {
         let a: AgentSignQuery = serde_urlencoded::from_str("hash=sha384").unwrap();
         assert_eq!(a.hash, DigestAlgorithm::Sha384);
         assert!(serde_urlencoded::from_str::<AgentSignQuery>("hash=md5").is_err());
+        let typo = serde_urlencoded::from_str::<SignQuery>("profil=nested").unwrap_err();
+        assert!(typo.to_string().contains("profil"), "{typo}");
         let d: SignQuery = serde_urlencoded::from_str("mode=digest").unwrap();
         assert_eq!(d.mode, SignMode::Digest);
         assert_eq!(serde_urlencoded::to_string(&d).unwrap(), "mode=digest");

@@ -387,3 +387,319 @@ fn a_timestamp_server_that_never_answers_cannot_hold_the_agent() {
     let out = signet(&ep, &["sign", "-p", "plain", arg(&exe)]);
     assert_eq!(code(&out), 0, "the job lock was released: {}", stderr(&out));
 }
+
+/// The fixture PE's section table: (name, end of its raw data).
+fn pe_sections(pe: &[u8]) -> Vec<(String, usize)> {
+    let le16 = |at: usize| u16::from_le_bytes([pe[at], pe[at + 1]]) as usize;
+    let le32 = |at: usize| u32::from_le_bytes(pe[at..at + 4].try_into().unwrap()) as usize;
+    let at = le32(0x3c);
+    let table = at + 24 + le16(at + 20);
+    (0..le16(at + 6))
+        .map(|i| {
+            let e = table + 40 * i;
+            let name = String::from_utf8_lossy(&pe[e..e + 8])
+                .trim_end_matches('\0')
+                .to_owned();
+            (name, le32(e + 20) + le32(e + 16))
+        })
+        .filter(|(_, end)| *end > 0)
+        .collect()
+}
+
+#[test]
+fn damaged_files_are_refused_as_bad_input_naming_what_is_wrong() {
+    let mut w = World::new();
+    let ep = unix_appliance(&mut w);
+    let whole = std::fs::read(w.pe("whole.exe")).unwrap();
+    let sections = pe_sections(&whole);
+    // The first section whose data a cut at 7000 bytes leaves incomplete.
+    let (name, end) = sections
+        .iter()
+        .find(|(_, end)| *end > 7000)
+        .unwrap()
+        .clone();
+    let cut_7000 = w.file("cut7000.exe", &whole[..7000]);
+    let half = whole.len() / 2;
+    let cut_half = w.file("half.exe", &whole[..half]);
+    let headers = w.file("headers.exe", &whole[..300]);
+    let msi = std::fs::read(w.msi("setup.msi")).unwrap();
+    let cut_msi = w.file("cut.msi", &msi[..msi.len() - 512]);
+    let half_msi = w.file("half.msi", &msi[..msi.len() / 2]);
+    let cab = std::fs::read(w.cab("payload.cab")).unwrap();
+    let cut_cab = w.file("cut.cab", &cab[..cab.len() - 100]);
+    let cat = std::fs::read(w.cat("drivers.cat")).unwrap();
+    let cut_cat = w.file("cut.cat", &cat[..cat.len() - 10]);
+
+    let expect = [
+        (
+            &cut_7000,
+            format!(
+                "section {name}'s data ends at byte {end}, past the end of the file (7000 bytes)"
+            ),
+        ),
+        (
+            &cut_half,
+            format!("past the end of the file ({half} bytes)"),
+        ),
+        (
+            &headers,
+            "the optional header (240 bytes) ends at byte".to_owned(),
+        ),
+        (
+            &cut_msi,
+            format!("past the end of the file ({} bytes)", msi.len() - 512),
+        ),
+        (
+            &half_msi,
+            format!("past the end of the file ({} bytes)", msi.len() / 2),
+        ),
+        (
+            &cut_cab,
+            format!(
+                "the cabinet is {} bytes (cbCabinet), and the file has only {}",
+                cab.len(),
+                cab.len() - 100
+            ),
+        ),
+        (
+            &cut_cat,
+            format!(
+                "declares {} bytes, and the file has only {}",
+                cat.len(),
+                cat.len() - 10
+            ),
+        ),
+    ];
+    for (file, want) in &expect {
+        let before = std::fs::read(file).unwrap();
+        for digest in [false, true] {
+            let mut args = vec!["sign", "--json"];
+            if digest {
+                args.push("--digest");
+            }
+            args.push(arg(file));
+            let out = signet(&ep, &args);
+            assert_eq!(code(&out), 4, "{}: {}", file.display(), stderr(&out));
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let msg = report["message"].as_str().unwrap();
+            assert!(
+                msg.contains("damaged or cut short") && msg.contains(want.as_str()),
+                "{}: {msg}",
+                file.display()
+            );
+            assert_eq!(&std::fs::read(file).unwrap(), &before, "untouched");
+        }
+    }
+    assert!(
+        !w.log("signetd").contains("job accepted"),
+        "refused before any upload"
+    );
+
+    // A client that does not check: the agent refuses it as bad input, naming it.
+    let (status, body) = post_sign(&ep, "filename=cut7000.exe", whole[..7000].to_vec());
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("bad_input")),
+        "{body}"
+    );
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("section {name}'s data ends at byte {end}")),
+        "{msg}"
+    );
+    let agent_log = w.log("signet-agent");
+    assert!(
+        !agent_log
+            .lines()
+            .any(|l| l.contains("cut7000.exe") && l.contains(" signed ")),
+        "nothing signed: {agent_log}"
+    );
+
+    // In a batch the damaged file fails as bad input and the others are signed.
+    let a = w.pe("a.exe");
+    let b = w.msi("b.msi");
+    let out = signet(&ep, &["sign", "--json", arg(&a), arg(&cut_7000), arg(&b)]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[1]["signed"], false, "{}", lines[1]);
+    assert_eq!(lines[1]["exit_code"], 4, "{}", lines[1]);
+    assert!(
+        lines[0]["signed"] == true && lines[2]["signed"] == true,
+        "{lines:?}"
+    );
+    assert!(verify(&w, &a).0 && verify(&w, &b).0);
+
+    // Told from the file alone: the same answer with the appliance away.
+    w.stop("signetd");
+    for digest in [false, true] {
+        let mut args = vec!["sign"];
+        if digest {
+            args.push("--digest");
+        }
+        args.push(arg(&cut_7000));
+        let out = signet(&ep, &args);
+        assert_eq!(code(&out), 4, "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("damaged or cut short"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn digest_mode_signs_as_the_profile_says_like_the_whole_file() {
+    let mut w = World::new();
+    let ep = appliance_with(
+        &mut w,
+        "default_profile = \"first\"\n[profiles.first]\nhash = \"sha256\"\n\
+         [profiles.second]\nhash = \"sha512\"\nnested = true\n\
+         [profiles.paged]\nhash = \"sha384\"\npage_hashes = true\n",
+        "",
+    );
+    let ca = w.path("cert.pem");
+    let digest = |profile: &str, file: &Path| {
+        signet(
+            &ep,
+            &[
+                "sign",
+                "--digest",
+                "--ca-file",
+                arg(&ca),
+                "-p",
+                profile,
+                arg(file),
+            ],
+        )
+    };
+
+    // A signed PE and script, signed again in digest mode by a nested SHA-512 profile:
+    // the old signature stays and the new one is SHA-512, as in whole mode.
+    let exe = w.pe("app.exe");
+    let ps1 = w.file("run.ps1", b"Write-Host hi\r\n");
+    let out = signet(&ep, &["sign", arg(&exe), arg(&ps1)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for f in [&exe, &ps1] {
+        let out = digest("second", f);
+        assert_eq!(code(&out), 0, "{}: {}", f.display(), stderr(&out));
+        let (ok, text) = verify(&w, f);
+        assert!(ok, "{text}");
+        assert_eq!(signatures(&text), 2, "{}: {text}", f.display());
+        assert!(
+            text.contains("Message digest algorithm  : SHA256")
+                && text.contains("Message digest algorithm  : SHA512"),
+            "both digests: {text}"
+        );
+    }
+    let script = std::fs::read_to_string(&ps1).unwrap();
+    assert!(
+        script.starts_with("Write-Host hi\r\n") && script.contains("# SIG # Begin signature block"),
+        "{script}"
+    );
+
+    // A file without a signature gets a plain SHA-512 one from the nested profile.
+    let fresh = w.pe("fresh.exe");
+    let out = digest("second", &fresh);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let (ok, text) = verify(&w, &fresh);
+    assert!(
+        ok && signatures(&text) == 1 && text.contains("Message digest algorithm  : SHA512"),
+        "{text}"
+    );
+
+    // Page hashes, with the profile's hash, in both modes alike.
+    let paged = w.pe("paged.exe");
+    let whole = w.pe("whole.exe");
+    let out = digest("paged", &paged);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = signet(&ep, &["sign", "-p", "paged", arg(&whole)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for f in [&paged, &whole] {
+        let (ok, text) = verify(&w, f);
+        assert!(ok, "{text}");
+        assert!(
+            text.contains("Message digest algorithm  : SHA384")
+                && text.contains("Page hash algorithm  : SHA256")
+                && text.contains("Calculated page hash"),
+            "{}: {text}",
+            f.display()
+        );
+    }
+
+    // A digest-mode script without --ca-file is signed too (its name keeps its kind).
+    let plain = w.file("plain.ps1", b"Write-Host plain\r\n");
+    let out = signet(&ep, &["sign", "--digest", arg(&plain)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&w, &plain).0);
+
+    // Data made otherwise than the profile signs is refused by the agent, with the fix.
+    let blob = w.path("data.p7");
+    let made = std::process::Command::new("osslsigncode")
+        .args(["extract-data", "-h", "sha256", "-in"])
+        .arg(w.pe("raw.exe"))
+        .arg("-out")
+        .arg(&blob)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let (status, body) = post_sign(
+        &ep,
+        "mode=digest&profile=second",
+        std::fs::read(&blob).unwrap(),
+    );
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("-h sha512"),
+        "{body}"
+    );
+    let (status, body) = post_sign(
+        &ep,
+        "mode=digest&profile=paged",
+        std::fs::read(&blob).unwrap(),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = post_sign(&ep, "mode=digest", std::fs::read(&blob).unwrap());
+    assert_eq!(status, 200, "data made as the profile signs is signed");
+
+    // Catalogs have no Authenticode data to extract: said, with the fix.
+    let cat = w.cat("drivers.cat");
+    let out = digest("first", &cat);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("without --digest"),
+        "{}",
+        stderr(&out)
+    );
+
+    // What the client asks: the profile's options, the default when none is named.
+    let (status, body) = call(&ep, "GET", "/v1/profile?profile=second", vec![]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"name": "second", "hash": "sha512", "page_hashes": false, "nested": true})
+    );
+    let (_, body) = call(&ep, "GET", "/v1/profile", vec![]);
+    assert_eq!(
+        (body["name"].as_str(), body["hash"].as_str()),
+        (Some("first"), Some("sha256")),
+        "{body}"
+    );
+    let (status, body) = call(&ep, "GET", "/v1/profile?profil=second", vec![]);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
+
+    // The profile is checked before anything is extracted.
+    let out = digest("nightly", &fresh);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(stderr(&out).contains("\"nightly\""), "{}", stderr(&out));
+}

@@ -363,3 +363,139 @@ fn signet_signs_as_a_remote_client_over_tls() {
     assert!(stderr(&out).contains("not valid"), "{}", stderr(&out));
     assert!(!verify(&r.w, &other).0, "nothing was signed");
 }
+
+#[test]
+fn signetd_tls_init_makes_a_ca_and_server_certificate_and_signet_explains_a_ca_used_as_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut w = World::new();
+    let dir = w.path("tls");
+    let out = Command::new(bin("signetd"))
+        .args(["tls", "init"])
+        .arg(&dir)
+        .args(["--host", "127.0.0.1", "--listen", "tcp:127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    for line in [
+        "[tls]",
+        "listen = [\"tcp:127.0.0.1:0\"]",
+        &format!("cert = \"{}\"", dir.join("server.pem").display()),
+        &format!("key = \"{}\"", dir.join("server-key.pem").display()),
+        "--tls-ca ca.pem",
+    ] {
+        assert!(printed.contains(line), "{line:?} in:\n{printed}");
+    }
+    let mode = |name: &str| {
+        std::fs::metadata(dir.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!((mode("server-key.pem"), mode("ca-key.pem")), (0o600, 0o600));
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    // Run again, it leaves what it made alone.
+    let again = Command::new(bin("signetd"))
+        .args(["tls", "init"])
+        .arg(&dir)
+        .args(["--host", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("exists already"),
+        "{}",
+        stderr(&again)
+    );
+
+    // The printed lines are the configuration; signet trusts the CA and signs.
+    let pin = w.path("pin");
+    let agent = w.start_agent(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+    );
+    let sock = w.path("signetd.sock");
+    let config = |tls: &str| {
+        format!(
+            "listen = [\"unix:{}\"]\nagent = \"{agent}\"\ndefault_profile = \"release\"\n[profiles.release]\n{tls}",
+            sock.display()
+        )
+    };
+    let eps = w.start_daemon_config(&config(&printed));
+    let endpoint = eps[1].to_string().replace("tcp:", "tls:");
+    let add = w.signetd(&[
+        "client",
+        "add",
+        "ci",
+        "--profile",
+        "release",
+        "--valid",
+        "1d",
+    ]);
+    assert!(add.status.success(), "{}", stderr(&add));
+    let secret = String::from_utf8(add.stdout).unwrap().trim().to_owned();
+    let sign = |ca: &Path, file: &Path| {
+        Command::new(bin("signet"))
+            .args(["--endpoint", &endpoint, "--client", "ci", "--tls-ca"])
+            .arg(ca)
+            .env_remove("SIGNET_CONFIG")
+            .env("SIGNET_SECRET", &secret)
+            .arg("sign")
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let file = w.pe("remote.exe");
+    let out = sign(&dir.join("ca.pem"), &file);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&w, &file).0);
+
+    // A self-signed CA certificate served as the server's own: said, with the fix.
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(w.path("ca-as-server-key.pem"))
+        .arg("-out")
+        .arg(w.path("ca-as-server.pem"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    w.stop("signetd");
+    let eps = w.start_daemon_config(&config(&format!(
+        "[tls]\nlisten = [\"tcp:127.0.0.1:0\"]\ncert = \"{}\"\nkey = \"{}\"\n",
+        w.path("ca-as-server.pem").display(),
+        w.path("ca-as-server-key.pem").display()
+    )));
+    let endpoint_now = eps[1].to_string().replace("tcp:", "tls:");
+    let out = Command::new(bin("signet"))
+        .args(["--endpoint", &endpoint_now, "--client", "ci", "--tls-ca"])
+        .arg(w.path("ca-as-server.pem"))
+        .env_remove("SIGNET_CONFIG")
+        .env("SIGNET_SECRET", &secret)
+        .arg("sign")
+        .arg(w.pe("other.exe"))
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(code(&out), 6, "{err}");
+    assert!(
+        err.contains("CA certificate (CA:TRUE)")
+            && err.contains("signetd tls init")
+            && !err.contains("is signetd running"),
+        "{err}"
+    );
+}

@@ -4,7 +4,10 @@
 //! - [`config`] — the optional `/etc/signet/signet.toml` (endpoint, profile).
 //! - [`sign`] — one file: local checks, streamed upload with progress, atomic write of
 //!   the signed result.
+//! - [`collect`] — a job's idempotency key, and its result collected across a
+//!   restarting appliance.
 
+mod collect;
 mod config;
 mod sign;
 
@@ -128,15 +131,30 @@ async fn run(cli: Cli) -> i32 {
 }
 
 async fn status(endpoint: &Endpoint, json: bool) -> i32 {
+    // With --json, a document whatever happened: scripts parse stdout, not stderr.
+    let failed = |reachable: bool, error: serde_json::Value, message: &str, exit_code: i32| {
+        if json {
+            let doc = serde_json::json!({
+                "endpoint": endpoint.to_string(),
+                "reachable": reachable,
+                "signing_works": false,
+                "error": error,
+            });
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        }
+        eprintln!("signet: {message}");
+        exit_code
+    };
     let status: DaemonStatus = match client::get_json(endpoint, STATUS_PATH).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            eprintln!("signet: {}", e.message);
-            return e.code.exit_code();
+            let doc = serde_json::to_value(&e).unwrap_or_default();
+            return failed(true, doc, &e.message, e.code.exit_code());
         }
         Err(e) => {
-            eprintln!("signet: {}", sign::unreachable_message(endpoint, &e));
-            return exit::UNAVAILABLE;
+            let message = sign::unreachable_message(endpoint, &e);
+            let doc = serde_json::json!({ "message": message });
+            return failed(false, doc, &message, exit::UNAVAILABLE);
         }
     };
     if json {

@@ -15,12 +15,13 @@ use signet_protocol::batch;
 use signet_protocol::client::{self, ClientError};
 use signet_protocol::format;
 use signet_protocol::wire::{
-    exit, DaemonStatus, ErrorBody, ErrorCode, SignMode, SignQuery, BATCH_PATH, SIGN_PATH,
-    STATUS_PATH,
+    exit, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions, ProfileQuery, SignMode, SignQuery,
+    BATCH_PATH, PROFILE_PATH, SIGN_PATH, STATUS_PATH,
 };
 use signet_protocol::Endpoint;
 use tokio::io::AsyncWriteExt;
 
+use crate::collect;
 use crate::config::ClientConfig;
 
 /// How long an upload runs before a progress bar appears; `SIGNET_PROGRESS_AFTER_MS`
@@ -62,12 +63,15 @@ pub struct SignArgs {
     #[arg(long)]
     json: bool,
     /// Digest mode: send only the file's Authenticode data (a few hundred bytes,
-    /// whatever the file's size) and attach the returned signature here. Needs
-    /// osslsigncode 2.6 or later on this machine.
+    /// whatever the file's size) and attach the returned signature here, as the
+    /// profile signs (hash, page hashes, nested). Needs osslsigncode 2.8 or later on
+    /// this machine; catalogs (CAT) are signed without it.
     #[arg(long)]
     digest: bool,
-    /// CA certificate(s) the attached signature is verified against in digest mode
-    /// [default: the system's trusted roots].
+    /// CA certificate(s) the attached signature is verified against in digest mode: a
+    /// signature that does not chain to them is not attached (exit 5). Without it the
+    /// system's trusted roots are tried, and a signature that does not chain to them is
+    /// attached with a warning that it was not verified here.
     #[arg(long, value_name = "PEM", requires = "digest")]
     ca_file: Option<PathBuf>,
     /// The osslsigncode program used in digest mode.
@@ -78,6 +82,16 @@ pub struct SignArgs {
         env = "SIGNET_OSSLSIGNCODE"
     )]
     osslsigncode: PathBuf,
+    /// How long to wait for an appliance that went away (restarting) before giving up:
+    /// the job stays queued there and is collected when it is back, and the request is
+    /// sent again with the same idempotency key, never signed twice.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 600,
+        env = "SIGNET_RECONNECT_FOR"
+    )]
+    reconnect_for: u64,
     /// Files to sign: Windows PE files (EXE, DLL, SYS), MSI packages, CAB archives,
     /// security catalogs (CAT) and PowerShell scripts (.ps1, .psm1, .psd1, .ps1xml,
     /// .psc1, .cdxml). The format is told from the content; a script's name counts too.
@@ -98,6 +112,10 @@ struct Outcome {
     code: Option<ErrorCode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<String>,
+    /// Signed, with something the user should know (digest mode: the signature could
+    /// not be verified here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warning: Option<String>,
     bytes_sent: u64,
     bytes_received: u64,
     seconds: f64,
@@ -116,10 +134,38 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
     let mut outcomes: Vec<Outcome> = args.files.iter().map(|f| Outcome::new(f)).collect();
 
     // Local work first: a bad file never costs an upload, and never stops the others.
+    // Digest mode signs as the profile says on this side too: it asks how, once a file
+    // has passed its checks.
+    let mut options: Option<Result<ProfileOptions, Failure>> = None;
     let mut ready = Vec::new();
     for (i, file) in args.files.iter().enumerate() {
-        let target = args.output.clone().unwrap_or_else(|| file.clone());
-        match prepare(file, &target, &args).await {
+        let target = match &args.output {
+            Some(out) => out.clone(),
+            None => in_place_target(file),
+        };
+        let checked = match check_input(file).await {
+            Ok(c) => c,
+            Err(f) => {
+                outcomes[i].failed(f);
+                continue;
+            }
+        };
+        let how = if args.digest {
+            if options.is_none() {
+                options = Some(profile_options(endpoint, profile.as_deref()).await);
+            }
+            match &options {
+                Some(Ok(o)) => Some(o),
+                Some(Err(f)) => {
+                    outcomes[i].failed(f.clone());
+                    continue;
+                }
+                None => None,
+            }
+        } else {
+            None
+        };
+        match prepare(file, &target, checked, how, &args).await {
             Ok(p) => ready.push((i, p)),
             Err(f) => outcomes[i].failed(f),
         }
@@ -147,10 +193,11 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
                 &p.received(),
                 &p.file,
                 o,
+                Duration::from_secs(args.reconnect_for),
             )
             .await
             {
-                Ok(()) => finish(p, &args).await,
+                Ok(()) => finish(p, &args).await.map(|w| o.warning = w),
                 Err(f) => Err(f),
             };
             o.done(result, &p.target);
@@ -188,6 +235,7 @@ impl Outcome {
             job: None,
             code: None,
             message: None,
+            warning: None,
             bytes_sent: 0,
             bytes_received: 0,
             seconds: 0.0,
@@ -229,6 +277,9 @@ fn report(o: &Outcome, json: bool) {
                 .map(|j| format!(", job {j}"))
                 .unwrap_or_default()
         );
+        if let Some(w) = &o.warning {
+            eprintln!("signet: {}: {w}", o.file.display());
+        }
     } else {
         eprintln!(
             "signet: {}: {}",
@@ -238,7 +289,29 @@ fn report(o: &Outcome, json: bool) {
     }
 }
 
+/// Where signing `file` in place writes: the file itself, or for a symbolic link the
+/// file it points to (the link stays a link).
+fn in_place_target(file: &Path) -> PathBuf {
+    match std::fs::symlink_metadata(file) {
+        Ok(m) if m.file_type().is_symlink() => {
+            std::fs::canonicalize(file).unwrap_or_else(|_| file.to_owned())
+        }
+        _ => file.to_owned(),
+    }
+}
+
+/// The message for an appliance that went away and did not come back in time.
+fn gone_message(endpoint: &Endpoint, job: Option<&str>, e: &ClientError) -> String {
+    match job {
+        Some(id) => format!(
+            "the Signet daemon at {endpoint} went away and did not come back in time ({e}); job {id} stays queued there: run the same command again to collect it (it is not signed twice), or wait longer with --reconnect-for SECONDS"
+        ),
+        None => unreachable_message(endpoint, e),
+    }
+}
+
 /// Why one file was not signed, and the exit code that says so.
+#[derive(Clone)]
 struct Failure {
     code: Option<ErrorCode>,
     exit_code: i32,
@@ -277,6 +350,8 @@ struct Prepared {
     file: PathBuf,
     target: PathBuf,
     meta: std::fs::Metadata,
+    /// Digest mode: attach the signature beside the one the file has (`-nest`).
+    nest: bool,
     work: tempfile::TempDir,
     /// The file itself, or its Authenticode data in digest mode.
     upload: PathBuf,
@@ -288,8 +363,51 @@ impl Prepared {
     }
 }
 
-async fn prepare(file: &Path, target: &Path, args: &SignArgs) -> Result<Prepared, Failure> {
-    let meta = check_input(file).await?;
+/// How the profile signs (`GET /v1/profile`), which digest mode applies here.
+async fn profile_options(
+    endpoint: &Endpoint,
+    profile: Option<&str>,
+) -> Result<ProfileOptions, Failure> {
+    let query = ProfileQuery {
+        profile: profile.map(str::to_owned),
+    };
+    let qs = serde_urlencoded::to_string(&query)
+        .map_err(|e| unavailable(format!("cannot encode the request: {e}")))?;
+    match client::get_json::<ProfileOptions>(endpoint, &format!("{PROFILE_PATH}?{qs}")).await {
+        Ok(Ok(o)) => Ok(o),
+        Ok(Err(e)) if e.code == ErrorCode::BadRequest => Err(Failure {
+            code: Some(e.code),
+            exit_code: exit::USAGE,
+            message: format!(
+                "digest mode needs the profile's options from the appliance, and it answered: {}; a signetd older than this client lacks GET {PROFILE_PATH}: update signetd, or sign without --digest",
+                e.message
+            ),
+        }),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(unavailable(unreachable_message(endpoint, &e))),
+    }
+}
+
+/// The `osslsigncode extract-data` arguments that make the data `profile` signs, for
+/// a file of `format` (page hashes exist in PE files only). Pure.
+fn extract_args(profile: &ProfileOptions, format: format::Format) -> Vec<&'static str> {
+    let mut a = vec!["extract-data", "-h", profile.hash.as_str()];
+    if profile.page_hashes && format == format::Format::Pe {
+        a.push("-ph");
+    }
+    a.push("-in");
+    a
+}
+
+/// Makes the work dir for a checked file and, in digest mode, extracts its data as
+/// `profile` signs.
+async fn prepare(
+    file: &Path,
+    target: &Path,
+    (meta, detected): (std::fs::Metadata, format::Format),
+    profile: Option<&ProfileOptions>,
+    args: &SignArgs,
+) -> Result<Prepared, Failure> {
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
@@ -298,63 +416,99 @@ async fn prepare(file: &Path, target: &Path, args: &SignArgs) -> Result<Prepared
         .prefix(".signet-")
         .tempdir_in(&dir)
         .map_err(|e| bad_input(format!("cannot write next to {}: {e}", target.display())))?;
-    let upload = if args.digest {
-        let data = work.path().join("data.p7");
-        osslsigncode(
-            &args.osslsigncode,
-            &["extract-data", "-h", "sha256", "-in"],
-            file,
-            &data,
-        )
-        .await
-        .map_err(|e| Failure {
-            code: None,
-            exit_code: exit::USAGE,
-            message: format!("digest mode cannot extract the file's Authenticode data: {e}"),
-        })?;
-        data
-    } else {
-        file.to_owned()
+    let mut nest = false;
+    let upload = match profile {
+        Some(profile) => {
+            if detected == format::Format::Cat {
+                return Err(Failure {
+                    code: None,
+                    exit_code: exit::USAGE,
+                    message: "digest mode cannot sign a security catalog: osslsigncode extracts no Authenticode data from one. Sign it without --digest (catalogs are small)".to_owned(),
+                });
+            }
+            let data = work.path().join("data.p7");
+            osslsigncode(
+                &args.osslsigncode,
+                &extract_args(profile, detected),
+                file,
+                &data,
+            )
+            .await
+            .map_err(|e| Failure {
+                code: None,
+                exit_code: exit::USAGE,
+                message: format!(
+                    "digest mode cannot extract the file's Authenticode data: {}",
+                    e.summary
+                ),
+            })?;
+            nest = profile.nested;
+            data
+        }
+        None => file.to_owned(),
     };
     Ok(Prepared {
         file: file.to_owned(),
         target: target.to_owned(),
         meta,
+        nest,
         work,
         upload,
     })
 }
 
 /// Turns what came back into the signed target: attaches the signature in digest
-/// mode, then renames the result over the target.
-async fn finish(p: &Prepared, args: &SignArgs) -> Result<(), Failure> {
+/// mode, then renames the result over the target. Answers a warning for a file that is
+/// signed but could not be verified here.
+async fn finish(p: &Prepared, args: &SignArgs) -> Result<Option<String>, Failure> {
+    let mut warning = None;
     let signed = if args.digest {
-        let signed = p.work.path().join("signed");
+        // Named as the file is: osslsigncode knows a script's kind by its extension.
+        let signed = p
+            .work
+            .path()
+            .join(p.file.file_name().unwrap_or("signed".as_ref()));
         let received = p.received();
-        let mut attach: Vec<&std::ffi::OsStr> = vec![
-            "attach-signature".as_ref(),
-            "-sigin".as_ref(),
-            received.as_os_str(),
-        ];
-        if let Some(ca) = &args.ca_file {
-            attach.push("-CAfile".as_ref());
-            attach.push(ca.as_os_str());
+        let attach = |nest: bool| {
+            let mut a: Vec<&std::ffi::OsStr> = vec!["attach-signature".as_ref()];
+            a.push("-sigin".as_ref());
+            a.push(received.as_os_str());
+            if let Some(ca) = &args.ca_file {
+                a.push("-CAfile".as_ref());
+                a.push(ca.as_os_str());
+            }
+            if nest {
+                a.push("-nest".as_ref());
+            }
+            a.push("-in".as_ref());
+            a
+        };
+        let mut run = osslsigncode(&args.osslsigncode, &attach(p.nest), &p.file, &signed).await;
+        if p.nest
+            && run
+                .as_ref()
+                .is_err_and(|e| e.output.contains("Unable to extract existing signature"))
+        {
+            // A file without a signature is signed plainly, as the agent does.
+            let _ = tokio::fs::remove_file(&signed).await;
+            run = osslsigncode(&args.osslsigncode, &attach(false), &p.file, &signed).await;
         }
-        attach.push("-in".as_ref());
-        osslsigncode(&args.osslsigncode, &attach, &p.file, &signed)
-            .await
-            .map_err(|e| {
-                let hint = if e.contains("self-signed") || e.contains("local issuer") {
-                    "; the certificate does not chain to this machine's trusted roots: pass its CA with --ca-file"
-                } else {
-                    ""
-                };
-                Failure {
-                    code: Some(ErrorCode::SigningFailed),
-                    exit_code: exit::SIGNING_FAILED,
-                    message: format!("the signature did not attach and verify: {e}{hint}"),
+        if let Err(e) = run {
+            match attach_verdict(&e.output) {
+                AttachVerdict::Untrusted(why)
+                    if args.ca_file.is_none() && tokio::fs::metadata(&signed).await.is_ok() =>
+                {
+                    warning = Some(untrusted_warning(&why));
                 }
-            })?;
+                verdict => {
+                    return Err(Failure {
+                        code: Some(ErrorCode::SigningFailed),
+                        exit_code: exit::SIGNING_FAILED,
+                        message: attach_failure(&verdict, args.ca_file.as_deref(), &e.summary),
+                    })
+                }
+            }
+        }
         signed
     } else {
         p.received()
@@ -366,7 +520,67 @@ async fn finish(p: &Prepared, args: &SignArgs) -> Result<(), Failure> {
     let _ = tokio::fs::set_permissions(&signed, perms).await;
     tokio::fs::rename(&signed, &p.target)
         .await
-        .map_err(|e| bad_input(format!("cannot replace {}: {e}", p.target.display())))
+        .map_err(|e| bad_input(format!("cannot replace {}: {e}", p.target.display())))?;
+    Ok(warning)
+}
+
+/// What `osslsigncode attach-signature` found when it verified the attached signature
+/// and failed.
+#[derive(Debug, PartialEq, Eq)]
+enum AttachVerdict {
+    /// The signature matches the file (every digest it checked is the one it
+    /// calculated) and only its certificate chain did not verify: `why`.
+    Untrusted(String),
+    /// A digest differs: the signature is not the file's.
+    Mismatch,
+    /// Anything else.
+    Other,
+}
+
+/// Reads attach-signature's output (pure). osslsigncode 2.9 prints, per signature,
+/// "Current message digest" / "Calculated message digest" (MSI: "... DigitalSignature")
+/// with "MISMATCH!!!" after a calculated one that differs, then the chain's
+/// verification with "Error: <reason>".
+fn attach_verdict(output: &str) -> AttachVerdict {
+    let lines: Vec<&str> = output.lines().map(str::trim).collect();
+    if lines.iter().any(|l| l.contains("MISMATCH")) {
+        return AttachVerdict::Mismatch;
+    }
+    let compared = lines.iter().any(|l| l.starts_with("Current "))
+        && lines.iter().any(|l| l.starts_with("Calculated "));
+    let chain = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("Error: "))
+        .filter(|_| {
+            lines
+                .iter()
+                .any(|l| l.contains("certificate chain") || l.contains("PKCS7_verify"))
+        });
+    match (compared, chain) {
+        (true, Some(why)) => AttachVerdict::Untrusted(why.to_owned()),
+        _ => AttachVerdict::Other,
+    }
+}
+
+fn untrusted_warning(why: &str) -> String {
+    format!(
+        "signed, and the signature matches the file, but it was not verified here: its certificate does not chain to this machine's trusted roots ({why}). Pass the CA that issued it with --ca-file to check it here; Windows checks it against its own roots"
+    )
+}
+
+fn attach_failure(verdict: &AttachVerdict, ca_file: Option<&Path>, summary: &str) -> String {
+    match (verdict, ca_file) {
+        (AttachVerdict::Mismatch, _) => format!(
+            "the appliance signed, but the signature it sent does not match this file, so it was not attached and the file is untouched; sign it again, or without --digest (osslsigncode: {summary})"
+        ),
+        (AttachVerdict::Untrusted(why), Some(ca)) => format!(
+            "the appliance signed, but the signature's certificate does not chain to the CA in {} ({why}), so it was not attached and the file is untouched; pass the CA that issued the signing certificate with --ca-file",
+            ca.display()
+        ),
+        _ => format!(
+            "the appliance signed, but attaching the signature failed and the file is untouched (osslsigncode: {summary})"
+        ),
+    }
 }
 
 /// Sends every prepared file in one request; the appliance signs them in order under
@@ -421,46 +635,70 @@ async fn batch(
             )
         }
     };
-    let boundary = batch::new_boundary();
-    let mut progress = Progress::start(Path::new(&format!("{} files", ready.len())), total);
+    let mut hashed = Vec::new();
+    for (_, p) in ready {
+        let name = p
+            .file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match collect::file_sha256(&p.upload).await {
+            Ok(sha) => hashed.push((name, sha)),
+            Err(e) => {
+                return fail_all(outcomes, &bad_input(format!("cannot read it: {e}")));
+            }
+        }
+    }
+    let key = collect::idempotency_key("batch", &query, &hashed);
+    // The body is the same bytes each time it is sent: the appliance binds the key
+    // to the body's SHA-256.
+    let boundary = format!("signet-{}", &key[key.len() - 32..]);
+    let label = format!("{} files", ready.len());
+    let mut progress = Progress::start(Path::new(&label), total);
     progress.watch_waiting(endpoint);
     let counter = progress.bar.clone();
-    let body = StreamBody::new(
-        batch::body(boundary.clone(), parts).map_ok(move |chunk: Bytes| {
-            counter.inc(chunk.len() as u64);
-            Frame::data(chunk)
-        }),
-    );
-    let req = match Request::post(format!("{BATCH_PATH}?{qs}"))
-        .header(header::CONTENT_TYPE, batch::content_type(&boundary))
-        .body(body)
-    {
-        Ok(r) => r,
-        Err(e) => {
-            return fail_all(
-                outcomes,
-                &unavailable(format!("cannot build the request: {e}")),
-            )
+    let uri = format!("{BATCH_PATH}?{qs}");
+    let make = move || {
+        counter.set_position(0);
+        let counter = counter.clone();
+        let body = StreamBody::new(batch::body(boundary.clone(), parts.clone()).map_ok(
+            move |chunk: Bytes| {
+                counter.inc(chunk.len() as u64);
+                Frame::data(chunk)
+            },
+        ));
+        let mut req = Request::new(body);
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = uri.parse().unwrap_or_default();
+        if let Ok(v) = header::HeaderValue::from_str(&batch::content_type(&boundary)) {
+            req.headers_mut().insert(header::CONTENT_TYPE, v);
         }
+        req
     };
-    let resp = match client::send(endpoint, req).await {
-        Ok(r) => r,
+    let mut collector = collect::Collector::new(
+        endpoint,
+        key,
+        label,
+        progress.bar.clone(),
+        Duration::from_secs(args.reconnect_for),
+    );
+    let answer = collector.run(make).await;
+    let job = collector.job.clone();
+    let resp = match answer {
+        Ok(collect::Answer::Result(r)) => r,
+        Ok(collect::Answer::Error(e)) => {
+            progress.finish();
+            return fail_all(outcomes, &e.into());
+        }
         Err(e) => {
             progress.finish();
-            return fail_all(outcomes, &unavailable(unreachable_message(endpoint, &e)));
+            return fail_all(
+                outcomes,
+                &unavailable(gone_message(endpoint, job.as_deref(), &e)),
+            );
         }
     };
     progress.bar.set_message("signing on the token");
-    let job = resp
-        .headers()
-        .get("x-signet-job")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    if !resp.status().is_success() {
-        progress.finish();
-        let f: Failure = client::error_body(endpoint, resp).await.into();
-        return fail_all(outcomes, &f);
-    }
     let boundary = resp
         .headers()
         .get(header::CONTENT_TYPE)
@@ -479,7 +717,7 @@ async fn batch(
         o.job = job.clone();
         let result = receive_part(&mut answer, p, o, endpoint).await;
         let result = match result {
-            Ok(()) => finish(p, args).await,
+            Ok(()) => finish(p, args).await.map(|w| o.warning = w),
             Err(f) => Err(f),
         };
         o.seconds = started.elapsed().as_secs_f64();
@@ -545,7 +783,7 @@ async fn receive_part(
 
 /// Checks that `file` is a regular file in a format Signet signs. The appliance
 /// checks the same way, from the content (and for text, the name).
-async fn check_input(file: &Path) -> Result<std::fs::Metadata, Failure> {
+async fn check_input(file: &Path) -> Result<(std::fs::Metadata, format::Format), Failure> {
     let filename = file.file_name().map(|n| n.to_string_lossy().into_owned());
     let local = std::fs::File::open(file).map_err(|e| bad_input(format!("cannot open it: {e}")))?;
     let meta = local
@@ -554,11 +792,15 @@ async fn check_input(file: &Path) -> Result<std::fs::Metadata, Failure> {
     if !meta.is_file() {
         return Err(bad_input("not a regular file".to_owned()));
     }
-    format::detect(&local, filename.as_deref()).map_err(|e| bad_input(e.to_string()))?;
-    Ok(meta)
+    let detected =
+        format::detect(&local, filename.as_deref()).map_err(|e| bad_input(e.to_string()))?;
+    Ok((meta, detected.format))
 }
 
-/// Uploads `upload` and writes the answer's body to `received` (fsync'd).
+/// Uploads `upload` and writes the answer's body to `received` (fsync'd). The job
+/// goes through a [`collect::Collector`]: when the appliance restarts on the way, the
+/// job is collected (or sent again with the same key) once it is back.
+#[allow(clippy::too_many_arguments)]
 async fn exchange(
     endpoint: &Endpoint,
     upload: &Path,
@@ -566,88 +808,157 @@ async fn exchange(
     received: &Path,
     shown_as: &Path,
     outcome: &mut Outcome,
+    reconnect_for: Duration,
 ) -> Result<(), Failure> {
-    let input = tokio::fs::File::open(upload)
-        .await
-        .map_err(|e| bad_input(format!("cannot open it: {e}")))?;
-    let size = input
-        .metadata()
+    let size = tokio::fs::metadata(upload)
         .await
         .map_err(|e| bad_input(format!("cannot read it: {e}")))?
         .len();
+    let sha = collect::file_sha256(upload)
+        .await
+        .map_err(|e| bad_input(format!("cannot read it: {e}")))?;
+    let name = query.filename.clone().unwrap_or_default();
+    let key = collect::idempotency_key("sign", query, &[(name, sha)]);
     let qs = serde_urlencoded::to_string(query)
         .map_err(|e| unavailable(format!("cannot encode the request: {e}")))?;
 
     let mut progress = Progress::start(shown_as, size);
     progress.watch_waiting(endpoint);
     let counter = progress.bar.clone();
-    let body = StreamBody::new(
-        tokio_util::io::ReaderStream::with_capacity(input, 256 << 10).map_ok(
-            move |chunk: Bytes| {
-                counter.inc(chunk.len() as u64);
-                if counter.position() >= counter.length().unwrap_or(u64::MAX) {
-                    counter.set_message("signing on the token");
-                }
-                Frame::data(chunk)
-            },
-        ),
-    );
-    let req = Request::post(format!("{SIGN_PATH}?{qs}"))
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CONTENT_LENGTH, size)
-        .body(body)
-        .map_err(|e| unavailable(format!("cannot build the request: {e}")))?;
-
-    let resp = client::send(endpoint, req).await;
-    outcome.bytes_sent = progress.bar.position();
-    let resp = match resp {
-        Ok(r) => r,
-        Err(e) => {
-            progress.finish();
-            return Err(unavailable(unreachable_message(endpoint, &e)));
-        }
+    let uri = format!("{SIGN_PATH}?{qs}");
+    let path = upload.to_owned();
+    let make = move || {
+        counter.set_position(0);
+        let counter = counter.clone();
+        let body = match std::fs::File::open(&path) {
+            Ok(f) => StreamBody::new(
+                tokio_util::io::ReaderStream::with_capacity(
+                    tokio::fs::File::from_std(f),
+                    256 << 10,
+                )
+                .map_ok(move |chunk: Bytes| {
+                    counter.inc(chunk.len() as u64);
+                    if counter.position() >= counter.length().unwrap_or(u64::MAX) {
+                        counter.set_message("signing on the token");
+                    }
+                    Frame::data(chunk)
+                }),
+            )
+            .boxed(),
+            Err(e) => StreamBody::new(futures_util::stream::once(async move {
+                Err::<Frame<Bytes>, _>(e)
+            }))
+            .boxed(),
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = uri.parse().unwrap_or_default();
+        req.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/octet-stream"),
+        );
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, header::HeaderValue::from(size));
+        req
     };
-    outcome.job = resp
-        .headers()
-        .get("x-signet-job")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    if !resp.status().is_success() {
-        progress.finish();
-        return Err(client::error_body(endpoint, resp).await.into());
-    }
-    let mut out = tokio::fs::File::create(received)
-        .await
-        .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
-    let mut body = resp.into_body();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            progress.finish();
-            unavailable(format!(
-                "the connection to {endpoint} broke while receiving the signed file: {e}"
-            ))
-        })?;
-        if let Ok(data) = frame.into_data() {
-            outcome.bytes_received += data.len() as u64;
-            out.write_all(&data)
-                .await
-                .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
+    let mut collector = collect::Collector::new(
+        endpoint,
+        key,
+        shown_as.display().to_string(),
+        progress.bar.clone(),
+        reconnect_for,
+    );
+    let mut answer = collector.run(make).await;
+    loop {
+        outcome.bytes_sent = progress.bar.position();
+        outcome.job = collector.job.clone();
+        let resp = match answer {
+            Ok(collect::Answer::Result(r)) => r,
+            Ok(collect::Answer::Error(e)) => {
+                progress.finish();
+                return Err(e.into());
+            }
+            Err(e) => {
+                progress.finish();
+                return Err(unavailable(gone_message(
+                    endpoint,
+                    outcome.job.as_deref(),
+                    &e,
+                )));
+            }
+        };
+        outcome.bytes_received = 0;
+        match receive(resp, received, outcome).await {
+            Ok(()) => break,
+            Err(Received::Local(f)) => {
+                progress.finish();
+                return Err(f);
+            }
+            Err(Received::Broke(e)) => {
+                let broke = ClientError::Protocol {
+                    endpoint: endpoint.clone(),
+                    detail: format!("the connection broke while receiving the signed file: {e}"),
+                };
+                if !collector.may_retry() {
+                    progress.finish();
+                    return Err(unavailable(format!(
+                        "the connection to {endpoint} broke while receiving the signed file: {e}"
+                    )));
+                }
+                answer = match collector.away(&broke).await {
+                    Ok(()) => collector.collect().await,
+                    Err(e) => Err(e),
+                };
+            }
         }
     }
     progress.finish();
-    out.sync_all()
-        .await
-        .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
     Ok(())
 }
 
-/// Runs `osslsigncode ARGS... INPUT -out OUTPUT`; on failure returns its stderr.
+/// Why a result was not received.
+enum Received {
+    /// The connection broke: the result may be collected again.
+    Broke(String),
+    /// It cannot be written here.
+    Local(Failure),
+}
+
+/// Writes a result's body to `received` (fsync'd).
+async fn receive(
+    resp: http::Response<hyper::body::Incoming>,
+    received: &Path,
+    outcome: &mut Outcome,
+) -> Result<(), Received> {
+    let local = |e: std::io::Error| {
+        Received::Local(bad_input(format!("cannot write the signed file: {e}")))
+    };
+    let mut out = tokio::fs::File::create(received).await.map_err(local)?;
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Received::Broke(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            outcome.bytes_received += data.len() as u64;
+            out.write_all(&data).await.map_err(local)?;
+        }
+    }
+    out.sync_all().await.map_err(local)
+}
+
+/// How an osslsigncode run failed: its error lines, and all it printed.
+#[derive(Debug)]
+struct RunFailure {
+    summary: String,
+    output: String,
+}
+
+/// Runs `osslsigncode ARGS... INPUT -out OUTPUT`.
 async fn osslsigncode<S: AsRef<std::ffi::OsStr>>(
     program: &Path,
     args: &[S],
     input: &Path,
     output: &Path,
-) -> Result<(), String> {
+) -> Result<(), RunFailure> {
     let out = tokio::process::Command::new(program)
         .args(args)
         .arg(input)
@@ -656,7 +967,10 @@ async fn osslsigncode<S: AsRef<std::ffi::OsStr>>(
         .stdin(std::process::Stdio::null())
         .output()
         .await
-        .map_err(|e| format!("cannot run {}: {e}; digest mode needs osslsigncode 2.6 or later on this machine (--osslsigncode PATH)", program.display()))?;
+        .map_err(|e| RunFailure {
+            summary: format!("cannot run {}: {e}; digest mode needs osslsigncode 2.8 or later on this machine (--osslsigncode PATH)", program.display()),
+            output: String::new(),
+        })?;
     if out.status.success() {
         return Ok(());
     }
@@ -678,13 +992,22 @@ async fn osslsigncode<S: AsRef<std::ffi::OsStr>>(
         msg = format!("{} exited with {}", program.display(), out.status);
     }
     if text.contains("Unknown command") || text.contains("extract-data") && text.contains("Usage") {
-        msg.push_str("; digest mode needs osslsigncode 2.6 or later");
+        msg.push_str("; digest mode needs osslsigncode 2.8 or later");
     }
-    Err(msg)
+    Err(RunFailure {
+        summary: msg,
+        output: text,
+    })
 }
 
 /// The message for a daemon that cannot be reached, with the fix.
 pub fn unreachable_message(endpoint: &Endpoint, e: &ClientError) -> String {
+    if let ClientError::Connect(t) = e {
+        if t.io().kind() == std::io::ErrorKind::InvalidData {
+            // The daemon answered; its certificate is the problem, and the error says how.
+            return format!("cannot use the Signet daemon at {endpoint}: {}", t.io());
+        }
+    }
     let hint = match endpoint {
         Endpoint::Vsock { .. } => "is signetd running on the host, and does this VM have a vsock device (args: -device vhost-vsock-pci,guest-cid=<VMID>)? Choose another endpoint with --endpoint or SIGNET_ENDPOINT",
         Endpoint::VsockUds { .. } => "is the VM's hybrid-vsock backend (vhost-device-vsock, Firecracker, Cloud Hypervisor) running with that uds-path, and signetd listening on the port? Choose another endpoint with --endpoint or SIGNET_ENDPOINT",
@@ -798,5 +1121,98 @@ fn human(bytes: u64) -> String {
         format!("{bytes} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use signet_protocol::format::Format;
+    use signet_protocol::wire::DigestAlgorithm;
+
+    #[test]
+    fn digest_data_is_extracted_as_the_profile_signs() {
+        let mut p = ProfileOptions {
+            name: "release".into(),
+            hash: DigestAlgorithm::Sha512,
+            page_hashes: true,
+            nested: true,
+            formats: vec![],
+        };
+        assert_eq!(
+            extract_args(&p, Format::Pe),
+            ["extract-data", "-h", "sha512", "-ph", "-in"]
+        );
+        // Page hashes are for PE files only.
+        assert_eq!(
+            extract_args(&p, Format::PowerShell),
+            ["extract-data", "-h", "sha512", "-in"]
+        );
+        p.hash = DigestAlgorithm::Sha384;
+        p.page_hashes = false;
+        assert_eq!(
+            extract_args(&p, Format::Pe),
+            ["extract-data", "-h", "sha384", "-in"]
+        );
+    }
+
+    /// osslsigncode 2.9's attach-signature output, abridged, for a signature whose
+    /// certificate is self-signed (no -CAfile).
+    const UNTRUSTED: &str = "Signature Index: 0  (Primary Signature)\n\
+        Message digest algorithm  : SHA256\n\
+        Current message digest    : B602\n\
+        Calculated message digest : B602\n\
+        Signing certificate chain verified using:\n\
+        \tError: self-signed certificate\n\
+        PKCS7_verify error\n\
+        Failed signing certificate chain retrieved from the signature:\n\
+        Signature verification: failed\n\
+        Failed\n\
+        40A0ECCC277F0000:error:10800075:PKCS7 routines:PKCS7_verify:certificate verify error\n\
+        Signature mismatch\n";
+
+    #[test]
+    fn an_untrusted_chain_is_told_apart_from_a_signature_that_does_not_match() {
+        assert_eq!(
+            attach_verdict(UNTRUSTED),
+            AttachVerdict::Untrusted("self-signed certificate".into())
+        );
+        // MSI files name their digests "DigitalSignature".
+        let msi = "Current DigitalSignature    : FF86\nCalculated DigitalSignature : FF86\n\
+            Calculated message digest : E18D\n\tError: unable to get local issuer certificate\n\
+            Failed signing certificate chain retrieved from the signature:\n";
+        assert_eq!(
+            attach_verdict(msi),
+            AttachVerdict::Untrusted("unable to get local issuer certificate".into())
+        );
+        let mismatch = UNTRUSTED.replace(
+            "Calculated message digest : B602",
+            "Calculated message digest : 0000     MISMATCH!!!",
+        );
+        assert_eq!(attach_verdict(&mismatch), AttachVerdict::Mismatch);
+        // No digest compared: nothing is known about the signature.
+        assert_eq!(
+            attach_verdict("Unable to extract existing signature\nFailed\n"),
+            AttachVerdict::Other
+        );
+        let w = untrusted_warning("self-signed certificate");
+        assert!(
+            w.starts_with("signed, and the signature matches the file")
+                && w.contains("--ca-file")
+                && w.contains("(self-signed certificate)"),
+            "{w}"
+        );
+        let m = attach_failure(
+            &AttachVerdict::Untrusted("x".into()),
+            Some(Path::new("/ca.pem")),
+            "",
+        );
+        assert!(m.contains("does not chain to the CA in /ca.pem"), "{m}");
+        let m = attach_failure(&AttachVerdict::Mismatch, None, "raw");
+        assert!(
+            m.contains("does not match this file") && m.ends_with("(osslsigncode: raw)"),
+            "{m}"
+        );
     }
 }

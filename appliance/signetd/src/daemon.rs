@@ -12,10 +12,10 @@ use signet_protocol::client::{self, ClientError};
 use signet_protocol::transport::Peer;
 use signet_protocol::wire::{
     AgentHealth, AgentReport, AgentSignQuery, AgentState, DaemonStatus, ErrorBody, ErrorCode,
-    SignQuery, AGENT_HEALTH_PATH,
+    ProfileOptions, SignQuery, AGENT_HEALTH_PATH,
 };
 
-use crate::config::Config;
+use crate::config::{Config, Profile};
 use crate::jobs::Engine;
 use crate::policy::{self, Caller, Slot, Slots};
 use crate::store::StoreError;
@@ -53,6 +53,9 @@ pub struct Job {
     /// The largest input the profile takes, in bytes.
     pub max_input_size: u64,
     pub agent_query: AgentSignQuery,
+    /// The request as the caller asked it, its profile resolved: what an
+    /// idempotency key is bound to, with the body.
+    pub asked: SignQuery,
 }
 
 impl Daemon {
@@ -261,13 +264,14 @@ impl Daemon {
         &self.cfg
     }
 
-    /// Checks a signing request against the profiles and the grants and turns it into a
-    /// job.
-    pub fn accept(&self, query: &SignQuery, caller: &Caller) -> Result<Job, ErrorBody> {
-        let name = query
-            .profile
-            .as_deref()
-            .unwrap_or(&self.cfg.default_profile);
+    /// The profile `name` (`None`: the default) if it exists and the caller has a
+    /// grant for it.
+    fn profile<'a>(
+        &'a self,
+        name: Option<&'a str>,
+        caller: &Caller,
+    ) -> Result<(&'a str, &'a Profile), ErrorBody> {
+        let name = name.unwrap_or(&self.cfg.default_profile);
         let Some(profile) = self.cfg.profiles.get(name) else {
             return Err(ErrorBody::new(
                 ErrorCode::UnknownProfile,
@@ -287,6 +291,30 @@ impl Daemon {
             tracing::warn!(caller = %refusal.caller, key = %caller.key(), profile = name, "refused: the caller has no grant for this profile");
             return Err(ErrorBody::new(ErrorCode::Forbidden, refusal.to_string()));
         }
+        Ok((name, profile))
+    }
+
+    /// How profile `name` (`None`: the default) signs, for a caller that may use it:
+    /// what digest mode applies on the client's side.
+    pub fn profile_options(
+        &self,
+        name: Option<&str>,
+        caller: &Caller,
+    ) -> Result<ProfileOptions, ErrorBody> {
+        let (name, profile) = self.profile(name, caller)?;
+        Ok(ProfileOptions {
+            name: name.to_owned(),
+            hash: profile.hash,
+            page_hashes: profile.page_hashes,
+            nested: profile.nested,
+            formats: profile.allowed_formats(),
+        })
+    }
+
+    /// Checks a signing request against the profiles and the grants and turns it into a
+    /// job.
+    pub fn accept(&self, query: &SignQuery, caller: &Caller) -> Result<Job, ErrorBody> {
+        let (name, profile) = self.profile(query.profile.as_deref(), caller)?;
         let filename = match &query.filename {
             Some(f) if f.contains(['/', '\\', '\0']) || f.len() > 255 => {
                 return Err(ErrorBody::new(
@@ -298,6 +326,10 @@ impl Daemon {
         };
         tracing::info!(%caller, profile = name, file = filename.as_deref().unwrap_or("-"), "request accepted");
         Ok(Job {
+            asked: SignQuery {
+                profile: Some(name.to_owned()),
+                ..query.clone()
+            },
             profile: name.to_owned(),
             caller: caller.clone(),
             max_input_size: self.cfg.max_input_size(profile),
@@ -427,7 +459,7 @@ impl Daemon {
         tracing::warn!(agent = %self.cfg.agent, error = %e, "the signing agent is not reachable; {hint}");
         ErrorBody::new(
             ErrorCode::AgentUnavailable,
-            "the signing VM's agent is not reachable; nothing was signed. The appliance's operator sees why in `signet status` on the host and in signetd's log",
+            "the signing VM's agent is not reachable (the signing VM is down or signet-agent is not running in it); nothing is signed until it is back. Why is in signetd's log on the Proxmox host (journalctl -u signetd)",
         )
         // A signing VM that reboots comes back: jobs wait for it until their deadline.
         .retryable(true)
@@ -446,7 +478,7 @@ pub fn unix_now() -> i64 {
 /// input) pass through; the appliance's own faults are told without its internals
 /// (paths, endpoints), which go to the log with the job id.
 pub fn client_view(job: &str, e: ErrorBody) -> ErrorBody {
-    let operator = format!("the appliance's operator sees details in `signet status` on the host and in signetd's log (job {job})");
+    let operator = format!("the appliance's operator finds the details in signetd's log on the Proxmox host (journalctl -u signetd, job {job})");
     let message = match e.code {
         ErrorCode::PinRejected => format!("the appliance's token refused its configured PIN, which will not be tried again; nothing was signed. {operator}"),
         ErrorCode::PinNeeded => format!("the appliance's signing agent has no token PIN yet; nothing was signed. {operator}"),

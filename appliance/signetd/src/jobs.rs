@@ -36,8 +36,6 @@ use crate::timeline::Seen;
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// How often expired results are removed, at most.
 const JANITOR_PERIOD: Duration = Duration::from_secs(60);
-/// How much of a repeated request's body is read and dropped.
-const DRAIN_LIMIT: usize = 64 << 20;
 /// The longest idempotency key accepted.
 const MAX_KEY_LEN: usize = 200;
 
@@ -251,6 +249,17 @@ impl Engine {
     }
 }
 
+/// What an idempotency key is bound to besides the body: the SHA-256 (hex) of the
+/// job's kind and the request as the caller asked it.
+fn request_sha256(kind: &Kind, asked: &signet_protocol::wire::SignQuery) -> String {
+    let kind = match kind {
+        Kind::Sign => "sign",
+        Kind::Batch => "batch",
+    };
+    let query = serde_urlencoded::to_string(asked).unwrap_or_default();
+    audit::hex(&Sha256::digest(format!("{kind}?{query}").as_bytes()))
+}
+
 /// The audit entry of a job, as far as the row knows it.
 fn entry(row: &JobRow, result: Outcome, error: Option<ErrorCode>) -> Entry {
     Entry {
@@ -279,6 +288,15 @@ impl Daemon {
         filename: Option<&str>,
         e: &ErrorBody,
     ) {
+        tracing::info!(
+            %caller,
+            transport,
+            profile = profile.unwrap_or("-"),
+            file = filename.unwrap_or("-"),
+            code = %e.code,
+            "request refused: {}",
+            e.message
+        );
         let entry = Entry {
             caller: caller.to_owned(),
             transport: transport.to_owned(),
@@ -363,32 +381,38 @@ impl Daemon {
         }
         let agent_query = serde_urlencoded::to_string(&job.agent_query)
             .map_err(|e| internal("-", "encoding the agent query", &e))?;
+        let request = request_sha256(&kind, &job.asked);
         let inserted = store.insert(&NewJob {
             caller: caller.clone(),
             transport: transport.to_owned(),
-            idempotency_key: key,
+            idempotency_key: key.clone(),
             kind,
             profile: job.profile.clone(),
             filename: job.agent_query.filename.clone(),
             agent_query,
             content_type: content_type.to_owned(),
+            request_sha256: Some(request.clone()),
         });
         engine.store_wrote(inserted.as_ref().map(|_| ()));
         let id = match inserted {
             Ok(Inserted::New(id)) => id,
             Ok(Inserted::Existing(id)) => {
                 store.release(reserved);
-                // Not needed; read (up to a limit) so the client gets to read the answer.
-                let mut stream = body.into_data_stream();
-                let mut seen = 0usize;
-                while let Some(Ok(chunk)) = stream.next().await {
-                    seen += chunk.len();
-                    if seen > DRAIN_LIMIT {
-                        break;
-                    }
+                let same = self
+                    .same_request(&id, key.as_deref().unwrap_or_default(), &request, body)
+                    .await;
+                if let Err(e) = &same {
+                    self.refuse(
+                        &caller,
+                        transport,
+                        Some(&job.profile),
+                        job.agent_query.filename.as_deref(),
+                        e,
+                    );
+                } else {
+                    tracing::info!(job = %id, %caller, "idempotency key seen before, same request: same job");
                 }
-                tracing::info!(job = %id, %caller, "idempotency key seen before: same job");
-                return Ok(id);
+                return same;
             }
             Err(e) => {
                 store.release(reserved);
@@ -454,6 +478,56 @@ impl Daemon {
         lock(&engine.sched).queue.push(&caller, &id);
         engine.wake.notify_one();
         Ok(id)
+    }
+
+    /// Whether a request with job `id`'s idempotency key asks what that job was asked:
+    /// the same request (kind, profile, options) and the same body, whose SHA-256 is
+    /// taken as it is read. Answers `id` when it does, `idempotency_key_reused` when
+    /// not: a key never hands out another request's result.
+    async fn same_request(
+        &self,
+        id: &str,
+        key: &str,
+        request: &str,
+        body: Body,
+    ) -> Result<String, ErrorBody> {
+        let store = &self.engine().store;
+        let reused = |what: &str| {
+            ErrorBody::new(
+                ErrorCode::IdempotencyKeyReused,
+                format!("the Idempotency-Key {key:?} was used for job {id}, which asked for {what}; a key names one request: send a new key for another file, profile or options"),
+            )
+        };
+        let bound = store
+            .request_sha256(id)
+            .map_err(|e| internal(id, "reading the job", &e))?;
+        if bound.is_some_and(|b| b != request) {
+            return Err(reused("another profile or other options"));
+        }
+        let mut hasher = Sha256::new();
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                ErrorBody::new(
+                    ErrorCode::TruncatedInput,
+                    format!("the upload broke off before the end ({e}); send it again"),
+                )
+            })?;
+            hasher.update(&chunk);
+        }
+        let sha = audit::hex(&hasher.finalize());
+        let row = store
+            .get(id)
+            .map_err(|e| internal(id, "reading the job", &e))?;
+        match row.and_then(|r| r.input_sha256) {
+            Some(s) if s == sha => Ok(id.to_owned()),
+            Some(_) => Err(reused("another file")),
+            None => Err(ErrorBody::new(
+                ErrorCode::TooManyJobs,
+                format!("job {id}, sent with this Idempotency-Key, is still being uploaded; send this request again once that upload has ended"),
+            )
+            .retryable(true)),
+        }
     }
 
     /// Waits until the job has ended.

@@ -46,6 +46,51 @@ enum Cmd {
     /// database lost, emptied or replaced on purpose (an older backup): the audit
     /// history it lacks is gone. Then start signetd.
     ResetState,
+    /// TLS for remote clients.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCommand {
+    /// Makes a CA and a server certificate it issued in DIR (ca.pem, ca-key.pem,
+    /// server.pem, server-key.pem; keys 0600), and prints the `[tls]` lines for
+    /// signetd.toml and what clients pass to trust it.
+    Init {
+        /// The directory to write to (created 0700 if missing).
+        dir: PathBuf,
+        /// A DNS name or IP address clients connect to (repeat for more).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// The address `[tls] listen` gets.
+        #[arg(long, default_value = "tcp:0.0.0.0:7443")]
+        listen: String,
+    },
+}
+
+fn tls_command(cmd: TlsCommand) -> anyhow::Result<()> {
+    let TlsCommand::Init { dir, hosts, listen } = cmd;
+    let dir = std::path::absolute(&dir).unwrap_or(dir);
+    let made = signetd::tls::init(&dir, &hosts)?;
+    let port = listen.rsplit(':').next().unwrap_or("7443");
+    eprintln!(
+        "wrote {} (the CA clients trust), {} (the CA's key, 0600: keep it safe, only needed to issue another certificate), {} and {} (0600)",
+        made.ca.display(),
+        made.ca_key.display(),
+        made.cert.display(),
+        made.key.display()
+    );
+    println!(
+        "# signetd.toml:\n[tls]\nlisten = [\"{listen}\"]\ncert = \"{}\"\nkey = \"{}\"\n",
+        made.cert.display(),
+        made.key.display()
+    );
+    println!(
+        "# clients: copy {} to them, then\n#   signet --endpoint tls:{}:{port} --tls-ca ca.pem --client NAME sign FILE   (SIGNET_SECRET from `signetd client add NAME`)\n#   curl --cacert ca.pem -u NAME:SECRET ...",
+        made.ca.display(),
+        hosts[0]
+    );
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -432,6 +477,7 @@ async fn main() -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        Some(Cmd::Tls(cmd)) => return tls_command(cmd),
         Some(Cmd::Audit(cmd)) => {
             let code = audit_command(&Config::load(&cli.config)?, &cmd)?;
             std::process::exit(code);

@@ -3,7 +3,14 @@
 //! time (no slow-loris). Each request carries its connection's
 //! [`Peer`](signet_protocol::transport::Peer) as `ConnectInfo`, as `axum::serve` would
 //! set it, and [`OverTls`] when it came over TLS.
+//!
+//! A connection closes the lingering way ([`Linger`]): an answer given before the
+//! request's body was read (a refusal from the headers, a limit passed part-way)
+//! reaches the client, which is still sending, instead of a reset that would drop it.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -12,7 +19,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use signet_protocol::transport::{Listener, Peer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 use tower::Service;
 
@@ -81,8 +88,111 @@ async fn connection<I>(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
-        .serve_connection(TokioIo::new(io), svc);
+        .serve_connection(TokioIo::new(Linger::new(io)), svc);
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// How long a closing connection waits for more of what the client still sends.
+const LINGER_IDLE: Duration = Duration::from_secs(2);
+/// The most a closing connection reads and drops.
+const LINGER_MAX: u64 = 1 << 30;
+
+/// A connection's stream whose shutdown lingers: it closes its sending side (the
+/// answer is complete), then reads and drops what the client still sends — until
+/// the client closes, is silent for [`LINGER_IDLE`] or has sent [`LINGER_MAX`] —
+/// before it is dropped. Closing a socket with unread data makes the kernel send a
+/// reset, which can destroy the answer before the client reads it.
+pub struct Linger<I> {
+    io: I,
+    state: LingerState,
+}
+
+enum LingerState {
+    Open,
+    Draining {
+        seen: u64,
+        idle: Pin<Box<tokio::time::Sleep>>,
+    },
+    Closed,
+}
+
+impl<I> std::fmt::Debug for Linger<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Linger").finish_non_exhaustive()
+    }
+}
+
+impl<I> Linger<I> {
+    pub fn new(io: I) -> Self {
+        Linger {
+            io,
+            state: LingerState::Open,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Linger<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Linger<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                LingerState::Open => {
+                    if let Err(e) = ready!(Pin::new(&mut this.io).poll_shutdown(cx)) {
+                        this.state = LingerState::Closed;
+                        return Poll::Ready(Err(e));
+                    }
+                    this.state = LingerState::Draining {
+                        seen: 0,
+                        idle: Box::pin(tokio::time::sleep(LINGER_IDLE)),
+                    };
+                }
+                LingerState::Draining { seen, idle } => {
+                    let mut scratch = [0u8; 16 << 10];
+                    let mut buf = ReadBuf::new(&mut scratch);
+                    match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+                        Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                            *seen += buf.filled().len() as u64;
+                            if *seen > LINGER_MAX {
+                                this.state = LingerState::Closed;
+                            } else {
+                                idle.as_mut()
+                                    .reset(tokio::time::Instant::now() + LINGER_IDLE);
+                            }
+                        }
+                        // The client closed, or the connection broke: done.
+                        Poll::Ready(_) => this.state = LingerState::Closed,
+                        Poll::Pending => {
+                            ready!(idle.as_mut().poll(cx));
+                            this.state = LingerState::Closed;
+                        }
+                    }
+                }
+                LingerState::Closed => return Poll::Ready(Ok(())),
+            }
+        }
     }
 }

@@ -28,16 +28,13 @@ use crate::serve::OverTls;
 use crate::store::Kind;
 use signet_protocol::batch;
 
-/// How much of a refused upload is read and dropped so the client gets to read the
-/// error instead of a broken pipe.
-const DRAIN_LIMIT: usize = 64 << 20;
-
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route(SIGN_PATH, post(sign))
         .route(BATCH_PATH, post(sign_batch))
         .route(handtokening::PATH, post(api_sign))
         .route(STATUS_PATH, get(status))
+        .route(signet_protocol::wire::PROFILE_PATH, get(profile))
         .route(signet_protocol::wire::TOKENS_PATH, get(tokens))
         .route(JOB_PATH, get(get_job).delete(cancel_job))
         .route(JOB_RESULT_PATH, get(job_result))
@@ -45,7 +42,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .fallback(|| async {
             ErrorBody::new(
                 ErrorCode::BadRequest,
-                "no such API path; the API is POST /v1/sign, POST /v1/batch, GET /v1/status, GET|DELETE /v1/jobs/{id}, GET /v1/jobs/{id}/result and POST /api/sign; root on the host also has /v1/operator/...",
+                "no such API path; the API is POST /v1/sign, POST /v1/batch, GET /v1/status, GET /v1/profile, GET|DELETE /v1/jobs/{id}, GET /v1/jobs/{id}/result and POST /api/sign; root on the host also has /v1/operator/...",
             )
         })
         .with_state(daemon)
@@ -53,6 +50,30 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
 
 async fn status(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
     Json(daemon.status().await)
+}
+
+/// `GET /v1/profile?profile=NAME`: how a profile the caller may use signs.
+async fn profile(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    query: Result<Query<signet_protocol::wire::ProfileQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let query = query.map(|Query(q)| q).map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("bad query: {}", e.body_text()),
+        )
+    });
+    let options = query.and_then(|q| {
+        authenticate(&daemon, &peer, tls.is_some(), &headers)
+            .and_then(|caller| daemon.profile_options(q.profile.as_deref(), &caller))
+    });
+    match options {
+        Ok(o) => Json(o).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn tokens(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
@@ -161,7 +182,10 @@ fn v1_query(query: Result<Query<SignQuery>, QueryRejection>) -> Result<SignQuery
     query.map(|Query(q)| q).map_err(|e| {
         ErrorBody::new(
             ErrorCode::BadRequest,
-            format!("bad query: {}", e.body_text()),
+            format!(
+                "bad query: {}; the parameters are profile, filename, description, url, mode (whole|digest) and response (complete|pkcs7)",
+                e.body_text()
+            ),
         )
     })
 }
@@ -211,7 +235,10 @@ async fn job(
         Ok(started) => started,
         Err(e) => {
             daemon.refuse(&who, transport, profile.as_deref(), filename.as_deref(), &e);
-            drain(body).await;
+            // Answered at once, from the headers: the body is not read first. The
+            // connection then reads and drops what the client still sends before it
+            // closes (`serve`), so the client reads this answer, not a reset.
+            drop(body);
             return e.into_response();
         }
     };
@@ -238,6 +265,7 @@ async fn job(
         Ok(id) => id,
         Err(e) => {
             let e = tripped.error(job.max_input_size, idle).unwrap_or(e);
+            tracing::info!(caller = %job.caller.key(), transport, profile = %job.profile, code = %e.code, "upload refused part-way: {}", e.message);
             return e.into_response();
         }
     };
@@ -528,15 +556,4 @@ fn hold_until_sent(resp: Response, slot: crate::policy::Slot) -> Response {
         chunk
     });
     Response::from_parts(parts, Body::from_stream(stream))
-}
-
-async fn drain(body: Body) {
-    let mut stream = body.into_data_stream();
-    let mut seen = 0usize;
-    while let Some(Ok(chunk)) = stream.next().await {
-        seen += chunk.len();
-        if seen > DRAIN_LIMIT {
-            break;
-        }
-    }
 }

@@ -126,6 +126,9 @@ pub struct NewJob {
     pub filename: Option<String>,
     pub agent_query: String,
     pub content_type: String,
+    /// What the idempotency key is bound to: the SHA-256 of the request as the caller
+    /// asked it (kind, profile, options); the body's is `input_sha256`.
+    pub request_sha256: Option<String>,
 }
 
 /// The answer to [`Store::insert`].
@@ -228,6 +231,7 @@ impl Store {
             CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
             CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_ms);",
         )?;
+        add_request_column(&conn)?;
         audit::init(&conn)?;
         crate::timeline::init(&conn)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -368,22 +372,23 @@ impl Store {
     }
 
     /// Records a job in state `receiving`, or finds the caller's job with the same
-    /// idempotency key. A key whose job failed or was cancelled (nothing signed) is
-    /// given to the new job.
+    /// idempotency key. A key whose job failed or was cancelled (nothing signed), or
+    /// whose result is no longer kept, is given to the new job.
     pub fn insert(&self, job: &NewJob) -> Result<Inserted, StoreError> {
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
         if let Some(key) = &job.idempotency_key {
-            let existing: Option<(i64, String)> = tx
+            let existing: Option<(i64, String, bool)> = tx
                 .query_row(
-                    "SELECT seq, state FROM jobs WHERE caller = ?1 AND idempotency_key = ?2",
+                    "SELECT seq, state, result_gone FROM jobs WHERE caller = ?1 AND idempotency_key = ?2",
                     params![job.caller, key],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? != 0)),
                 )
                 .optional()?;
             match existing {
-                Some((seq, state))
-                    if state == state_name(JobState::Failed)
+                Some((seq, state, gone))
+                    if gone
+                        || state == state_name(JobState::Failed)
                         || state == state_name(JobState::Cancelled) =>
                 {
                     tx.execute(
@@ -391,14 +396,14 @@ impl Store {
                         [seq],
                     )?;
                 }
-                Some((seq, _)) => return Ok(Inserted::Existing(seq.to_string())),
+                Some((seq, _, _)) => return Ok(Inserted::Existing(seq.to_string())),
                 None => {}
             }
         }
         tx.execute(
             "INSERT INTO jobs (caller, transport, idempotency_key, kind, profile, filename,
-                agent_query, content_type, state, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                agent_query, content_type, state, created_ms, request_sha256)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 job.caller,
                 job.transport,
@@ -409,12 +414,27 @@ impl Store {
                 job.agent_query,
                 job.content_type,
                 state_name(JobState::Receiving),
-                now_ms()
+                now_ms(),
+                job.request_sha256
             ],
         )?;
         let id = tx.last_insert_rowid().to_string();
         tx.commit()?;
         Ok(Inserted::New(id))
+    }
+
+    /// The SHA-256 of the request job `id` was asked with (see
+    /// [`NewJob::request_sha256`]); `None` for jobs recorded before it was kept.
+    pub fn request_sha256(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT request_sha256 FROM jobs WHERE seq = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
     }
 
     /// The input is spooled: the job waits for its turn.
@@ -580,6 +600,20 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     })
 }
 
+/// Adds `jobs.request_sha256` (what an idempotency key is bound to) to a database
+/// written before it existed; its old rows keep NULL there.
+fn add_request_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'request_sha256'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has {
+        conn.execute("ALTER TABLE jobs ADD COLUMN request_sha256 TEXT", [])?;
+    }
+    Ok(())
+}
+
 /// The spool's bytes: (inputs and undelivered results, delivered results kept).
 fn spool_sizes(dir: &Path) -> std::io::Result<(u64, u64)> {
     let (mut used, mut kept) = (0, 0);
@@ -616,6 +650,7 @@ mod tests {
             filename: Some("app.exe".into()),
             agent_query: "profile=release".into(),
             content_type: "application/octet-stream".into(),
+            request_sha256: Some("r1".into()),
         }
     }
 
@@ -680,10 +715,58 @@ mod tests {
         store
             .finish(&a, JobState::Failed, None, None, &Entry::default())
             .unwrap();
+        let Inserted::New(b) = store.insert(&job("uid:0", Some("k"))).unwrap() else {
+            panic!("a failed job's key starts a new job")
+        };
+        assert_ne!(b, a);
+        assert_eq!(store.request_sha256(&b).unwrap().as_deref(), Some("r1"));
+        // Signed, then its result expires: the key is free again.
+        store
+            .finish(&b, JobState::Signed, None, None, &Entry::default())
+            .unwrap();
+        assert_eq!(
+            store.insert(&job("uid:0", Some("k"))).unwrap(),
+            Inserted::Existing(b.clone())
+        );
+        store.expire(u64::MAX).unwrap();
         assert!(matches!(
             store.insert(&job("uid:0", Some("k"))).unwrap(),
-            Inserted::New(b) if b != a
+            Inserted::New(c) if c != b
         ));
+    }
+
+    #[test]
+    fn a_database_from_before_the_request_binding_is_opened_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE jobs (
+                    seq INTEGER PRIMARY KEY AUTOINCREMENT, caller TEXT NOT NULL,
+                    transport TEXT NOT NULL, idempotency_key TEXT, kind TEXT NOT NULL,
+                    profile TEXT NOT NULL, filename TEXT, agent_query TEXT NOT NULL,
+                    content_type TEXT NOT NULL, state TEXT NOT NULL,
+                    created_ms INTEGER NOT NULL, started_ms INTEGER, finished_ms INTEGER,
+                    attempts INTEGER NOT NULL DEFAULT 0, input_sha256 TEXT,
+                    input_bytes INTEGER, output_sha256 TEXT, output_bytes INTEGER,
+                    output_type TEXT, error TEXT, result_gone INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO jobs (caller, transport, idempotency_key, kind, profile,
+                    agent_query, content_type, state, created_ms)
+                 VALUES ('uid:0', 'unix', 'old', 'sign', 'release', 'profile=release',
+                    'application/octet-stream', 'queued', 1);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.request_sha256("1").unwrap(), None);
+        assert_eq!(store.get("1").unwrap().unwrap().state, JobState::Queued);
+        drop(store);
+        // Opening again finds the column in place.
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let Inserted::New(id) = store.insert(&job("uid:0", Some("new"))).unwrap() else {
+            panic!()
+        };
+        assert_eq!(store.request_sha256(&id).unwrap().as_deref(), Some("r1"));
     }
 
     #[test]

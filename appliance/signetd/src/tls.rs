@@ -1,6 +1,7 @@
 //! TLS for remote clients: the server certificate and key from PEM files, as a
 //! `tokio_rustls` acceptor. Callers over TLS are nobody until they send a client's
-//! name and secret (HTTP Basic, see [`crate::clients`]).
+//! name and secret (HTTP Basic, see [`crate::clients`]). [`init`] makes a CA and a
+//! server certificate it issued (`signetd tls init`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,6 +20,106 @@ pub enum TlsError {
     Key { path: String, message: String },
     #[error("the TLS certificate and key do not go together: {0}")]
     Config(String),
+    #[error("{0}")]
+    Init(String),
+}
+
+/// The files [`init`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Made {
+    /// The CA's certificate: what clients trust (`signet --tls-ca`, `curl --cacert`).
+    pub ca: std::path::PathBuf,
+    /// The CA's private key (0600): only needed to issue another server certificate.
+    pub ca_key: std::path::PathBuf,
+    /// The server's certificate (`[tls] cert`).
+    pub cert: std::path::PathBuf,
+    /// The server's private key (0600, `[tls] key`).
+    pub key: std::path::PathBuf,
+}
+
+/// Makes, in `dir` (created 0700 if missing), a CA and a server certificate it
+/// issued for `hosts` (DNS names or IP addresses the clients connect to): a CA
+/// certificate is not accepted as a server's own by TLS clients. Private keys are
+/// written 0600; existing files are never overwritten.
+pub fn init(dir: &Path, hosts: &[String]) -> Result<Made, TlsError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let fail = |what: &str, e: &dyn std::fmt::Display| TlsError::Init(format!("{what}: {e}"));
+    if hosts.is_empty() {
+        return Err(TlsError::Init(
+            "name the host clients connect to with --host (a DNS name or an IP address; repeat for more)".to_owned(),
+        ));
+    }
+    let made = Made {
+        ca: dir.join("ca.pem"),
+        ca_key: dir.join("ca-key.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server-key.pem"),
+    };
+    for p in [&made.ca, &made.ca_key, &made.cert, &made.key] {
+        if p.exists() {
+            return Err(TlsError::Init(format!(
+                "{} exists already and is left alone; remove it or choose another directory",
+                p.display()
+            )));
+        }
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| fail(&format!("creating {}", dir.display()), &e))?;
+
+    let now = time::OffsetDateTime::now_utc();
+    let ca_key = rcgen::KeyPair::generate().map_err(|e| fail("making the CA's key", &e))?;
+    let mut ca = rcgen::CertificateParams::default();
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "Signet CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    ca.not_before = now - time::Duration::days(1);
+    ca.not_after = now + time::Duration::days(3650);
+    let ca_cert = ca
+        .self_signed(&ca_key)
+        .map_err(|e| fail("making the CA's certificate", &e))?;
+
+    let key = rcgen::KeyPair::generate().map_err(|e| fail("making the server's key", &e))?;
+    let mut server =
+        rcgen::CertificateParams::new(hosts.to_vec()).map_err(|e| fail("the host names", &e))?;
+    server
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, hosts[0].clone());
+    server.is_ca = rcgen::IsCa::ExplicitNoCa;
+    server.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyEncipherment,
+    ];
+    server.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    server.not_before = now - time::Duration::days(1);
+    server.not_after = now + time::Duration::days(825);
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let cert = server
+        .signed_by(&key, &issuer)
+        .map_err(|e| fail("making the server's certificate", &e))?;
+
+    let write = |path: &Path, text: &str, mode: u32| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            .map_err(|e| fail(&format!("writing {}", path.display()), &e))
+    };
+    write(&made.ca_key, &issuer.key().serialize_pem(), 0o600)?;
+    write(&made.key, &key.serialize_pem(), 0o600)?;
+    write(&made.ca, &ca_cert.pem(), 0o644)?;
+    write(&made.cert, &cert.pem(), 0o644)?;
+    // What was made must serve.
+    acceptor(&made.cert, &made.key)?;
+    Ok(made)
 }
 
 /// An acceptor serving `cert` (PEM chain, leaf first) with `key` (PEM).

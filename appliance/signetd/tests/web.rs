@@ -58,6 +58,7 @@ async fn fixture_with(
                     filename: Some(format!("app{i}.exe")),
                     agent_query: "profile=release".into(),
                     content_type: "application/octet-stream".into(),
+                    request_sha256: None,
                 })
                 .unwrap()
             else {

@@ -403,6 +403,9 @@ impl Agent {
                 // The profile's formats hold in digest mode too: the blob says what
                 // kind of file it came from.
                 job::allowed(query, kind)?;
+                // And its options: the data must be made with the profile's hash and
+                // page hashes, as the whole file would be signed.
+                job::digest_matches(query, kind, blob_options(spool.input()).await?)?;
                 tracing::info!(
                     profile = query.profile.as_deref().unwrap_or("-"),
                     kind = kind.map_or("unknown".to_owned(), |k| k.to_string()),
@@ -597,6 +600,22 @@ async fn detect(
             )
         })?;
         Ok(format::detect(&file, filename.as_deref()))
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// How the spooled Authenticode data was made (digest mode).
+async fn blob_options(input: PathBuf) -> Result<format::BlobOptions, ErrorBody> {
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&input).map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!("the spooled input is gone: {e}"),
+            )
+        })?;
+        format::digest_blob_options(&file)
+            .map_err(|e| ErrorBody::new(ErrorCode::UnsupportedFormat, e.to_string()))
     })
     .await
     .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))

@@ -118,11 +118,32 @@ async fn sign(
     drop(_g);
     let spool = agent.spool()?;
     receive(&spool, body).await?;
-    {
+    // Signing runs to its end in a task of its own, even when the host drops the
+    // request: killing a signing process mid-operation can leave the token (or
+    // SoftHSM's object store) half-written. A dropped request only drops the result.
+    let (spool, signed) = {
         use tracing::Instrument;
-        agent.sign(&spool, &query).instrument(span.clone()).await?;
-    }
+        let agent = agent.clone();
+        tokio::spawn(
+            async move {
+                let signed = agent.sign(&spool, &query).await;
+                (spool, signed)
+            }
+            .instrument(span),
+        )
+        .await
+        .map_err(task_ended)?
+    };
+    signed?;
     send(spool).await
+}
+
+/// A signing task that panicked or was cancelled.
+fn task_ended(e: tokio::task::JoinError) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Internal,
+        format!("the signing task ended before its answer: {e}"),
+    )
 }
 
 /// The block size of spool reads and writes.
@@ -191,9 +212,19 @@ async fn batch(
         items.push((spool, q));
     }
     let span = tracing::info_span!("batch", files = items.len());
-    let results = {
+    // As for one file: the batch is signed to its end even when the host goes away.
+    let (items, results) = {
         use tracing::Instrument;
-        agent.sign_batch(&items).instrument(span).await
+        let agent = agent.clone();
+        tokio::spawn(
+            async move {
+                let results = agent.sign_batch(&items).await;
+                (items, results)
+            }
+            .instrument(span),
+        )
+        .await
+        .map_err(task_ended)?
     };
     let mut out = Vec::with_capacity(items.len());
     for ((spool, q), result) in items.iter().zip(results) {

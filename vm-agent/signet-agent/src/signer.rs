@@ -67,6 +67,8 @@ pub enum SignError {
     NothingToNest,
     #[error("osslsigncode did not finish within {} s and was stopped; nothing was signed. A timestamp server that accepts connections but never answers does this: check the profile's timestamp servers (signer.timeout_seconds in the agent's configuration sets the limit)", .0.as_secs())]
     TimedOut(Duration),
+    #[error("osslsigncode found the file damaged or cut short, and signed nothing: {0}. Copy or build it again")]
+    Damaged(String),
     #[error("osslsigncode could not sign the file: {0}")]
     Failed(String),
 }
@@ -77,6 +79,7 @@ impl SignError {
             SignError::Spawn { .. } => ErrorCode::Internal,
             SignError::PinRejected => ErrorCode::PinRejected,
             SignError::TokenLost(_) => ErrorCode::TokenUnavailable,
+            SignError::Damaged(_) => ErrorCode::BadInput,
             SignError::Timestamp { .. }
             | SignError::NothingToNest
             | SignError::TimedOut(_)
@@ -379,6 +382,18 @@ pub fn classify(stderr: &str, code: Option<i32>, timestamp: &[String]) -> SignEr
         if lower.contains(marker) {
             return SignError::TokenLost(tail(stderr));
         }
+    }
+    // What osslsigncode says of a file whose structure is broken, past what
+    // `structure::check` looks at (warnings about timestamps aside).
+    let damaged = stderr.lines().map(str::trim).find(|l| {
+        let l = l.to_ascii_lowercase();
+        !l.starts_with("warning")
+            && (l.starts_with("corrupt")
+                || l.contains("file is too short")
+                || l.contains("unsupported input file type"))
+    });
+    if let Some(line) = damaged {
+        return SignError::Damaged(line.to_owned());
     }
     let mut msg = tail(stderr);
     if msg.is_empty() {
@@ -691,14 +706,32 @@ mod tests {
             classify(gone, Some(255), &[]),
             SignError::TokenLost(_)
         ));
-        let other = classify(
-            "Corrupt PE file - found unknown magic 0107\n",
+        // A file osslsigncode finds broken is bad input, not a failed signature.
+        let corrupt = classify(
+            "Corrupt PE file - found unknown magic 0107\nFailed\n",
             Some(255),
             &[],
         );
         assert!(
-            matches!(&other, SignError::Failed(m) if m.contains("unknown magic")),
-            "{other:?}"
+            matches!(&corrupt, SignError::Damaged(m) if m == "Corrupt PE file - found unknown magic 0107"),
+            "{corrupt:?}"
+        );
+        assert_eq!(corrupt.code(), ErrorCode::BadInput);
+        assert!(corrupt.to_string().contains("damaged or cut short"));
+        let short = classify(
+            "Unrecognized file type - file is too short: x.exe\nInitialization error or unsupported input file type.\n",
+            Some(1),
+            &[],
+        );
+        assert!(matches!(short, SignError::Damaged(_)), "{short:?}");
+        let warned = classify(
+            "Warning: Corrupt RFC3161 Timestamp embedded content\nsomething else failed\n",
+            Some(1),
+            &[],
+        );
+        assert!(
+            matches!(&warned, SignError::Failed(m) if m.contains("something else")),
+            "{warned:?}"
         );
         assert!(
             matches!(classify("", None, &[]), SignError::Failed(m) if m == "exit status signal")

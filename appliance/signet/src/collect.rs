@@ -1,0 +1,296 @@
+//! A job sent so that it is never lost and never signed twice: the request carries an
+//! idempotency key a re-run of the same command reproduces ([`idempotency_key`]) and
+//! `Prefer: respond-async`, so the client knows its job's id as soon as the appliance
+//! has queued it; the result is then collected with `GET /v1/jobs/{id}/result`. When
+//! the connection drops (the appliance restarts), the request is sent again with the
+//! same key, or the result collected again, until the appliance is back or the
+//! reconnect time runs out.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::{Body, Incoming};
+use indicatif::ProgressBar;
+use sha2::{Digest, Sha256};
+use signet_protocol::client::{self, ClientError};
+use signet_protocol::wire::{ErrorBody, ErrorCode, SignQuery, IDEMPOTENCY_HEADER, JOB_HEADER};
+use signet_protocol::Endpoint;
+
+/// The first pause before trying a restarting appliance again; it doubles up to
+/// [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+const MAX_PAUSE: Duration = Duration::from_secs(2);
+
+/// The key of a request: `signet1-` and the SHA-256 (hex) of what is asked — the
+/// kind of request, the profile and options as given on the command line, each file's
+/// name and the SHA-256 of what is uploaded for it. Running the same command on the
+/// same files gives the same key; the appliance scopes keys per caller and keeps one
+/// while it keeps the job's result.
+pub fn idempotency_key(kind: &str, query: &SignQuery, files: &[(String, String)]) -> String {
+    let mut h = Sha256::new();
+    h.update(kind.as_bytes());
+    h.update(b"\n");
+    h.update(serde_urlencoded::to_string(query).unwrap_or_default());
+    for (name, sha) in files {
+        h.update(b"\n");
+        h.update(name.as_bytes());
+        h.update(b"\0");
+        h.update(sha.as_bytes());
+    }
+    format!("signet1-{}", hex(&h.finalize()))
+}
+
+/// The SHA-256 (hex) of a file's content.
+pub async fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How one job's exchange ended.
+#[derive(Debug)]
+pub enum Answer {
+    /// The job's result, its body still streaming.
+    Result(Response<Incoming>),
+    /// The appliance's error answer.
+    Error(ErrorBody),
+}
+
+/// One job's way through a restarting appliance.
+#[derive(Debug)]
+pub struct Collector<'a> {
+    pub endpoint: &'a Endpoint,
+    pub key: String,
+    /// What the lines on stderr name: the file, or "N files".
+    pub shown_as: String,
+    pub bar: ProgressBar,
+    /// How long the appliance may be away before the client gives up.
+    pub reconnect_for: Duration,
+    /// The job's id, once the appliance has it.
+    pub job: Option<String>,
+    /// The last time the appliance answered (or the start).
+    last_contact: Instant,
+    /// The appliance was reached at least once.
+    reached: bool,
+    /// A line was printed for the outage now going on.
+    said: bool,
+    pause: Duration,
+}
+
+impl<'a> Collector<'a> {
+    pub fn new(
+        endpoint: &'a Endpoint,
+        key: String,
+        shown_as: String,
+        bar: ProgressBar,
+        reconnect_for: Duration,
+    ) -> Self {
+        Collector {
+            endpoint,
+            key,
+            shown_as,
+            bar,
+            reconnect_for,
+            job: None,
+            last_contact: Instant::now(),
+            reached: false,
+            said: false,
+            pause: FIRST_PAUSE,
+        }
+    }
+
+    /// Sends the request `make` builds (again, with the same key, while the appliance
+    /// restarts) and collects the job's result.
+    pub async fn run<B, F>(&mut self, make: F) -> Result<Answer, ClientError>
+    where
+        F: Fn() -> Request<B>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        loop {
+            let mut req = make();
+            req.headers_mut()
+                .insert("prefer", http::HeaderValue::from_static("respond-async"));
+            if let Ok(v) = http::HeaderValue::from_str(&self.key) {
+                req.headers_mut().insert(IDEMPOTENCY_HEADER, v);
+            }
+            match client::send(self.endpoint, req).await {
+                Ok(resp) => {
+                    self.contact();
+                    if let Some(id) = job_id(&resp) {
+                        self.job = Some(id);
+                    }
+                    if resp.status() == StatusCode::ACCEPTED {
+                        break;
+                    }
+                    if resp.status().is_success() {
+                        // A daemon that does not answer early: this is the result.
+                        return Ok(Answer::Result(resp));
+                    }
+                    let e = client::error_body(self.endpoint, resp).await;
+                    if e.code == ErrorCode::ShuttingDown {
+                        self.away(&ClientError::Protocol {
+                            endpoint: self.endpoint.clone(),
+                            detail: e.message,
+                        })
+                        .await?;
+                        continue;
+                    }
+                    return Ok(Answer::Error(e));
+                }
+                Err(e) => {
+                    // Nothing listening at all on the first try: a wrong endpoint or a
+                    // daemon that is not running, said at once.
+                    if !self.reached && matches!(e, ClientError::Connect(_)) {
+                        return Err(e);
+                    }
+                    self.away(&e).await?;
+                }
+            }
+        }
+        self.collect().await
+    }
+
+    /// `GET /v1/jobs/{id}/result`, again while the appliance restarts.
+    pub async fn collect(&mut self) -> Result<Answer, ClientError> {
+        let Some(id) = self.job.clone() else {
+            return Err(ClientError::Protocol {
+                endpoint: self.endpoint.clone(),
+                detail: "the appliance queued the job without naming it".to_owned(),
+            });
+        };
+        loop {
+            let req = Request::get(format!("/v1/jobs/{id}/result"))
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| ClientError::Protocol {
+                    endpoint: self.endpoint.clone(),
+                    detail: e.to_string(),
+                })?;
+            match client::send(self.endpoint, req).await {
+                Ok(resp) if resp.status().is_success() => {
+                    self.contact();
+                    return Ok(Answer::Result(resp));
+                }
+                Ok(resp) => {
+                    self.contact();
+                    let e = client::error_body(self.endpoint, resp).await;
+                    if e.code != ErrorCode::ShuttingDown {
+                        return Ok(Answer::Error(e));
+                    }
+                    self.away(&ClientError::Protocol {
+                        endpoint: self.endpoint.clone(),
+                        detail: e.message,
+                    })
+                    .await?;
+                }
+                Err(e) => self.away(&e).await?,
+            }
+        }
+    }
+
+    /// Whether the result may be collected again after its download broke off.
+    pub fn may_retry(&self) -> bool {
+        self.job.is_some() && self.last_contact.elapsed() < self.reconnect_for
+    }
+
+    fn contact(&mut self) {
+        self.reached = true;
+        self.last_contact = Instant::now();
+        self.pause = FIRST_PAUSE;
+        if self.said {
+            self.said = false;
+            self.bar.set_message("signing on the token");
+        }
+    }
+
+    /// The appliance is away: waits a little, or gives up with `e` once it has been
+    /// away longer than the reconnect time.
+    pub async fn away(&mut self, e: &ClientError) -> Result<(), ClientError> {
+        if self.last_contact.elapsed() >= self.reconnect_for {
+            return Err(clone_error(self.endpoint, e));
+        }
+        let msg = match &self.job {
+            Some(id) => format!("appliance restarting; job {id} stays queued"),
+            None => "appliance restarting; sending again".to_owned(),
+        };
+        if !self.said {
+            self.said = true;
+            self.bar.set_message(msg.clone());
+            if self.bar.is_hidden() || !std::io::stderr().is_terminal() {
+                eprintln!(
+                    "signet: {}: {msg}, waiting up to {} s for it ({e})",
+                    self.shown_as,
+                    self.reconnect_for.as_secs()
+                );
+            }
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(MAX_PAUSE);
+        Ok(())
+    }
+}
+
+fn job_id(resp: &Response<Incoming>) -> Option<String> {
+    resp.headers()
+        .get(JOB_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// `ClientError` holds sources that cannot be cloned; the error given up on is told
+/// as the connection's failure.
+fn clone_error(endpoint: &Endpoint, e: &ClientError) -> ClientError {
+    ClientError::Protocol {
+        endpoint: endpoint.clone(),
+        detail: format!("the appliance stayed away: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_follows_what_is_asked_and_nothing_else() {
+        let q = SignQuery {
+            profile: Some("release".into()),
+            ..SignQuery::default()
+        };
+        let files = [("a.exe".to_owned(), "aa".to_owned())];
+        let k = idempotency_key("sign", &q, &files);
+        assert_eq!(k, idempotency_key("sign", &q, &files), "a re-run finds it");
+        assert!(k.starts_with("signet1-") && k.len() == 8 + 64, "{k}");
+        assert!(k.bytes().all(|b| b.is_ascii_graphic()));
+        let other = SignQuery {
+            profile: Some("nested".into()),
+            ..SignQuery::default()
+        };
+        assert_ne!(k, idempotency_key("sign", &other, &files));
+        assert_ne!(k, idempotency_key("batch", &q, &files));
+        assert_ne!(
+            k,
+            idempotency_key("sign", &q, &[("a.exe".to_owned(), "ab".to_owned())])
+        );
+        assert_ne!(
+            k,
+            idempotency_key("sign", &q, &[("b.exe".to_owned(), "aa".to_owned())])
+        );
+    }
+}
