@@ -292,6 +292,86 @@ pub fn detect_digest_blob(head: &[u8]) -> Result<Option<Format>, FormatError> {
     })
 }
 
+/// How an Authenticode data blob was made: the file digest's algorithm and whether it
+/// carries page hashes (PE only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobOptions {
+    /// `None`: an algorithm Signet does not sign with (MD5, SHA-1).
+    pub hash: Option<crate::wire::DigestAlgorithm>,
+    pub page_hashes: bool,
+}
+
+/// The class of `SpcSerializedObject` that carries page hashes
+/// (a6b586d5-b4a1-2466-ae05-a217da8e60d6), as stored.
+const PAGE_HASHES_CLASS: [u8; 16] =
+    *b"\xa6\xb5\x86\xd5\xb4\xa1\x24\x66\xae\x05\xa2\x17\xda\x8e\x60\xd6";
+
+/// Reads the options of the Authenticode data blob in `src` (digest mode's input,
+/// already known to be one by [`detect_digest_blob`]): the algorithm of the
+/// `DigestInfo` that ends its `SpcIndirectDataContent`, and the page hashes' class
+/// in its data. Reads only the DER headers on the way, wherever they are (page hashes
+/// make a blob long).
+pub fn digest_blob_options<S: Source + ?Sized>(src: &S) -> Result<BlobOptions, FormatError> {
+    let head = read(src, 0, HEAD_LEN)?;
+    // ContentInfo { OID, [0] { SignedData { INTEGER, SET, encapContentInfo { OID,
+    // [0] { SpcIndirectDataContent { data, DigestInfo { AlgorithmIdentifier { OID }}}}}}}}
+    let mut pos = 0u64;
+    for (tag, enter) in [
+        (0x30, true),
+        (0x06, false),
+        (0xa0, true),
+        (0x30, true),
+        (0x02, false),
+        (0x31, false),
+        (0x30, true),
+        (0x06, false),
+        (0xa0, true),
+        (0x30, true),
+        (0x30, false),
+        (0x30, true),
+        (0x30, true),
+    ] {
+        pos = der_step(src, pos, tag, enter)?;
+    }
+    let oid = read(src, pos, 11)?;
+    let hash = match oid.get(..2) {
+        Some([0x06, 9]) => match oid.get(2..11) {
+            Some(b"\x60\x86\x48\x01\x65\x03\x04\x02\x01") => {
+                Some(crate::wire::DigestAlgorithm::Sha256)
+            }
+            Some(b"\x60\x86\x48\x01\x65\x03\x04\x02\x02") => {
+                Some(crate::wire::DigestAlgorithm::Sha384)
+            }
+            Some(b"\x60\x86\x48\x01\x65\x03\x04\x02\x03") => {
+                Some(crate::wire::DigestAlgorithm::Sha512)
+            }
+            _ => None,
+        },
+        Some([0x06, _]) => None,
+        _ => return Err(FormatError::NotDigestBlob),
+    };
+    let page_hashes = head.windows(16).any(|w| w == PAGE_HASHES_CLASS);
+    Ok(BlobOptions { hash, page_hashes })
+}
+
+/// One DER step from the header at `pos`, which must have `tag`: into its content
+/// (`enter`) or past it.
+fn der_step<S: Source + ?Sized>(
+    src: &S,
+    pos: u64,
+    tag: u8,
+    enter: bool,
+) -> Result<u64, FormatError> {
+    let h = read(src, pos, 6)?;
+    match der_header(&h, 0) {
+        Some((t, content, Some(len))) if t == tag => {
+            let content = pos + content as u64;
+            Ok(if enter { content } else { content + len as u64 })
+        }
+        _ => Err(FormatError::NotDigestBlob),
+    }
+}
+
 fn unsupported(seen: impl Into<String>) -> FormatError {
     FormatError::Unsupported { seen: seen.into() }
 }
@@ -364,8 +444,24 @@ fn compound_file<S: Source + ?Sized>(src: &S, head: &[u8]) -> Result<Format, For
     }
     // Sector n starts at (n + 1) << shift: the header takes the place of sector -1.
     let entry = read(src, (u64::from(first_dir) + 1) << shift, 128)?;
+    if entry.len() < 128 {
+        // Cut before its directory: the compound file's own structure says where,
+        // and an installer package is the compound file Signet signs.
+        let len = src
+            .size()
+            .map_err(|e| FormatError::Unreadable(e.to_string()))?;
+        if let Err(crate::structure::CheckError::Damaged(damage)) =
+            crate::structure::check(src, len, Format::Msi)
+        {
+            return Err(FormatError::Damaged {
+                format: Format::Msi,
+                damage,
+            });
+        }
+        return Err(damaged());
+    }
     // Object type 5: the root storage.
-    if entry.len() < 128 || entry[0x42] != 5 {
+    if entry[0x42] != 5 {
         return Err(damaged());
     }
     let clsid: [u8; 16] = entry[0x50..0x60].try_into().map_err(|_| damaged())?;
@@ -716,6 +812,71 @@ mod tests {
         assert_eq!(detect_digest_blob(&other_sip), Ok(None));
     }
 
+    /// A digest blob as `osslsigncode extract-data` lays it out, with `alg` (the DER
+    /// OID's content) and, for page hashes, the class and `pages` bytes of hashes.
+    fn blob(alg: &[u8], pages: Option<usize>) -> Vec<u8> {
+        let mut file = tlv(0x03, &[0]);
+        if let Some(n) = pages {
+            let moniker = [tlv(0x04, &PAGE_HASHES_CLASS), tlv(0x04, &vec![0x5a; n])].concat();
+            file.extend(tlv(0xa0, &tlv(0xa1, &moniker)));
+        }
+        let data = tlv(
+            0x30,
+            &[
+                tlv(0x06, b"\x2b\x06\x01\x04\x01\x82\x37\x02\x01\x0f"),
+                tlv(0x30, &file),
+            ]
+            .concat(),
+        );
+        let digest = tlv(
+            0x30,
+            &[
+                tlv(0x30, &[tlv(0x06, alg), vec![5, 0]].concat()),
+                tlv(0x04, &[1; 32]),
+            ]
+            .concat(),
+        );
+        let indirect = tlv(0x30, &[data, digest].concat());
+        let encap = tlv(
+            0x30,
+            &[tlv(0x06, &SPC_INDIRECT_DATA_OID[2..]), tlv(0xa0, &indirect)].concat(),
+        );
+        let sd = tlv(0x30, &[tlv(0x02, &[1]), tlv(0x31, &[]), encap].concat());
+        tlv(0x30, &[tlv(0x06, OID_SIGNED_DATA), tlv(0xa0, &sd)].concat())
+    }
+
+    #[test]
+    fn digest_blobs_say_how_they_were_made() {
+        use crate::wire::DigestAlgorithm::*;
+        let sha = |last: u8| [b"\x60\x86\x48\x01\x65\x03\x04\x02".as_slice(), &[last]].concat();
+        for (alg, want) in [(1, Sha256), (2, Sha384), (3, Sha512)] {
+            let b = blob(&sha(alg), None);
+            assert_eq!(detect_digest_blob(&b), Ok(Some(Format::Pe)));
+            assert_eq!(
+                digest_blob_options(&b[..]),
+                Ok(BlobOptions {
+                    hash: Some(want),
+                    page_hashes: false
+                })
+            );
+        }
+        // Page hashes make a blob longer than the head; its digest comes after them.
+        let paged = blob(&sha(3), Some(40_000));
+        assert!(paged.len() > HEAD_LEN * 9);
+        assert_eq!(
+            digest_blob_options(&paged[..]),
+            Ok(BlobOptions {
+                hash: Some(Sha512),
+                page_hashes: true
+            })
+        );
+        // SHA-1 is not one Signet signs with.
+        let sha1 = blob(b"\x2b\x0e\x03\x02\x1a", None);
+        assert_eq!(digest_blob_options(&sha1[..]).unwrap().hash, None);
+        let cut = &paged[..paged.len() / 2];
+        assert_eq!(digest_blob_options(cut), Err(FormatError::NotDigestBlob));
+    }
+
     #[test]
     fn digest_blobs_are_recognised() {
         let mut blob = vec![0x30, 0x81, 0x93, 0x06, 0x09];
@@ -772,6 +933,13 @@ mod tests {
         let mut cut = cfb(CLSID_MSI_PACKAGE, 5);
         cut.truncate(512 * 6 + 64);
         let err = detect_bytes(&cut, None).unwrap_err().to_string();
+        assert!(
+            err.contains("MSI (Windows Installer package or patch) file is damaged or cut short: the directory (sector 5 of 512 bytes) ends at byte 3584, past the end of the file (3136 bytes)"),
+            "{err}"
+        );
+        let mut not_root = cfb(CLSID_MSI_PACKAGE, 1);
+        not_root[512 * 2 + 0x42] = 1;
+        let err = detect_bytes(&not_root, None).unwrap_err().to_string();
         assert!(err.contains("damaged or truncated OLE"), "{err}");
         let mut v4 = cfb(CLSID_MSI_PACKAGE, 0);
         v4[0x1a] = 4; // version 4 wants 4096-byte sectors

@@ -92,7 +92,8 @@ pub struct AuditCheck {
     /// records being cut off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head: Option<String>,
-    /// `changed`, `deleted` or `reordered` (when broken).
+    /// `changed`, `deleted`, `reordered`, or `edited` (records changed or deleted by
+    /// hand, as the table's trigger counts them) when broken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     /// The first bad record's `seq` (when broken).

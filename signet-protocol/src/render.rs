@@ -21,6 +21,9 @@ pub fn status_text(status: &DaemonStatus, source: &str, color: bool) -> String {
         _ => verdict.to_owned(),
     };
     let _ = writeln!(out, "Signet {} at {source}: {verdict}", status.version);
+    for f in &status.faults {
+        let _ = writeln!(out, "  FAULT:    {f}");
+    }
     let _ = writeln!(
         out,
         "  profiles: {} (default: {})",
@@ -250,6 +253,7 @@ mod tests {
             queue: None,
             recovery: vec![],
             tokens: None,
+            faults: vec![],
         }
     }
 
@@ -325,6 +329,20 @@ mod tests {
         assert!(waiting_for(&with_state(AgentState::PinRejected))
             .unwrap()
             .contains("an operator must fix it"));
+    }
+
+    #[test]
+    fn the_appliances_own_faults_come_right_after_the_verdict() {
+        let s = DaemonStatus {
+            signing_works: false,
+            faults: vec!["jobs cannot be recorded: disk I/O error".into()],
+            ..healthy()
+        };
+        let text = status_text(&s, "system bus", false);
+        assert!(
+            text.starts_with("Signet 0.1.0 at system bus: signing does NOT work\n  FAULT:    jobs cannot be recorded: disk I/O error\n"),
+            "{text}"
+        );
     }
 
     #[test]

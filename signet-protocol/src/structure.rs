@@ -405,7 +405,7 @@ fn der<S: Source + ?Sized>(src: &S, len: u64) -> Result<(), CheckError> {
         let value = bytes.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
         (2 + n as u64, value)
     };
-    let end = content_at + content_len;
+    let end = content_at.saturating_add(content_len);
     if end > len {
         return damaged(format!(
             "the catalog's DER structure declares {end} bytes, and the file has only {len}"
@@ -762,6 +762,8 @@ mod tests {
         assert!(msg(checks(&long[..100], Format::Cat)).contains("declares 260 bytes"));
         assert!(checks(&[0x30, 0x80, 0, 0], Format::Cat).is_ok());
         assert!(msg(checks(&[0x30, 0x89, 0], Format::Cat)).contains("takes 9 bytes"));
+        let huge = [0x30, 0x88, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        assert!(msg(checks(&huge, Format::Cat)).contains("declares 18446744073709551615 bytes"));
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub use tokens::*;
 pub const SIGN_PATH: &str = "/v1/sign";
 /// Client → daemon path of the status call.
 pub const STATUS_PATH: &str = "/v1/status";
+/// Client → daemon path of a profile's signing options (`?profile=NAME`; none: the
+/// default profile), which digest mode applies on the client's side.
+pub const PROFILE_PATH: &str = "/v1/profile";
 /// Daemon → agent path of the signing call.
 pub const AGENT_SIGN_PATH: &str = "/agent/v1/sign";
 /// Client → daemon path of one job (`GET`: its state; `DELETE`: cancel), with `{id}`.
@@ -103,6 +106,34 @@ impl SignResponse {
     fn is_complete(&self) -> bool {
         *self == SignResponse::Complete
     }
+}
+
+/// Query of `GET /v1/profile`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileQuery {
+    /// The profile; absent: the daemon's default profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+}
+
+/// Answer of `GET /v1/profile`: how the profile signs, as far as the client takes part
+/// in it. Digest mode extracts the file's data with `hash` and `page_hashes` and
+/// attaches the signature with `nested`, so that it signs as the whole file would be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileOptions {
+    /// The profile's name (the default profile's, when none was asked for).
+    pub name: String,
+    pub hash: DigestAlgorithm,
+    /// Page hashes in PE signatures.
+    #[serde(default)]
+    pub page_hashes: bool,
+    /// Keep a signature the file has and add this one beside it.
+    #[serde(default)]
+    pub nested: bool,
+    /// The formats the profile signs; empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub formats: Vec<Format>,
 }
 
 /// Query of `POST /v1/sign`. An unknown parameter (a typo such as `profil=`) is an
@@ -741,6 +772,10 @@ pub struct DaemonStatus {
     /// service).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<TokensReport>,
+    /// What is wrong with the appliance itself — its state database, its audit log —
+    /// each with the fix (empty when nothing is).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub faults: Vec<String>,
 }
 
 /// One entry of the recovery timeline: what was seen or done about the agent and the

@@ -434,9 +434,20 @@ fn signet_survives_signetd_killed_9_five_times_nothing_lost_nothing_signed_twice
         stderr(&out),
         String::from_utf8_lossy(&out.stdout)
     );
+    // And the token signed each input once: a job signetd sent again after a kill got
+    // the result the agent kept for it, not a second signature.
+    let agent_log = w.log("signet-agent");
+    for f in files.iter().flatten() {
+        let name = f.file_name().unwrap().to_str().unwrap();
+        let n = agent_log
+            .matches(&format!(": signed file=\"{name}\""))
+            .count();
+        assert_eq!(n, 1, "the agent signed {name} {n} times:\n{agent_log}");
+    }
     eprintln!(
-        "{kills} kills, {runs} runs of signet for {} files",
-        hashes.len()
+        "{kills} kills, {runs} runs of signet for {} files, {} results the agent kept sent again",
+        hashes.len(),
+        agent_log.matches("its kept result goes back").count()
     );
 }
 

@@ -424,6 +424,7 @@ fn damaged_files_are_refused_as_bad_input_naming_what_is_wrong() {
     let headers = w.file("headers.exe", &whole[..300]);
     let msi = std::fs::read(w.msi("setup.msi")).unwrap();
     let cut_msi = w.file("cut.msi", &msi[..msi.len() - 512]);
+    let half_msi = w.file("half.msi", &msi[..msi.len() / 2]);
     let cab = std::fs::read(w.cab("payload.cab")).unwrap();
     let cut_cab = w.file("cut.cab", &cab[..cab.len() - 100]);
     let cat = std::fs::read(w.cat("drivers.cat")).unwrap();
@@ -447,6 +448,10 @@ fn damaged_files_are_refused_as_bad_input_naming_what_is_wrong() {
         (
             &cut_msi,
             format!("past the end of the file ({} bytes)", msi.len() - 512),
+        ),
+        (
+            &half_msi,
+            format!("past the end of the file ({} bytes)", msi.len() / 2),
         ),
         (
             &cut_cab,
@@ -526,4 +531,175 @@ fn damaged_files_are_refused_as_bad_input_naming_what_is_wrong() {
         "{lines:?}"
     );
     assert!(verify(&w, &a).0 && verify(&w, &b).0);
+
+    // Told from the file alone: the same answer with the appliance away.
+    w.stop("signetd");
+    for digest in [false, true] {
+        let mut args = vec!["sign"];
+        if digest {
+            args.push("--digest");
+        }
+        args.push(arg(&cut_7000));
+        let out = signet(&ep, &args);
+        assert_eq!(code(&out), 4, "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("damaged or cut short"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn digest_mode_signs_as_the_profile_says_like_the_whole_file() {
+    let mut w = World::new();
+    let ep = appliance_with(
+        &mut w,
+        "default_profile = \"first\"\n[profiles.first]\nhash = \"sha256\"\n\
+         [profiles.second]\nhash = \"sha512\"\nnested = true\n\
+         [profiles.paged]\nhash = \"sha384\"\npage_hashes = true\n",
+        "",
+    );
+    let ca = w.path("cert.pem");
+    let digest = |profile: &str, file: &Path| {
+        signet(
+            &ep,
+            &[
+                "sign",
+                "--digest",
+                "--ca-file",
+                arg(&ca),
+                "-p",
+                profile,
+                arg(file),
+            ],
+        )
+    };
+
+    // A signed PE and script, signed again in digest mode by a nested SHA-512 profile:
+    // the old signature stays and the new one is SHA-512, as in whole mode.
+    let exe = w.pe("app.exe");
+    let ps1 = w.file("run.ps1", b"Write-Host hi\r\n");
+    let out = signet(&ep, &["sign", arg(&exe), arg(&ps1)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for f in [&exe, &ps1] {
+        let out = digest("second", f);
+        assert_eq!(code(&out), 0, "{}: {}", f.display(), stderr(&out));
+        let (ok, text) = verify(&w, f);
+        assert!(ok, "{text}");
+        assert_eq!(signatures(&text), 2, "{}: {text}", f.display());
+        assert!(
+            text.contains("Message digest algorithm  : SHA256")
+                && text.contains("Message digest algorithm  : SHA512"),
+            "both digests: {text}"
+        );
+    }
+    let script = std::fs::read_to_string(&ps1).unwrap();
+    assert!(
+        script.starts_with("Write-Host hi\r\n") && script.contains("# SIG # Begin signature block"),
+        "{script}"
+    );
+
+    // A file without a signature gets a plain SHA-512 one from the nested profile.
+    let fresh = w.pe("fresh.exe");
+    let out = digest("second", &fresh);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let (ok, text) = verify(&w, &fresh);
+    assert!(
+        ok && signatures(&text) == 1 && text.contains("Message digest algorithm  : SHA512"),
+        "{text}"
+    );
+
+    // Page hashes, with the profile's hash, in both modes alike.
+    let paged = w.pe("paged.exe");
+    let whole = w.pe("whole.exe");
+    let out = digest("paged", &paged);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = signet(&ep, &["sign", "-p", "paged", arg(&whole)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for f in [&paged, &whole] {
+        let (ok, text) = verify(&w, f);
+        assert!(ok, "{text}");
+        assert!(
+            text.contains("Message digest algorithm  : SHA384")
+                && text.contains("Page hash algorithm  : SHA256")
+                && text.contains("Calculated page hash"),
+            "{}: {text}",
+            f.display()
+        );
+    }
+
+    // A digest-mode script without --ca-file is signed too (its name keeps its kind).
+    let plain = w.file("plain.ps1", b"Write-Host plain\r\n");
+    let out = signet(&ep, &["sign", "--digest", arg(&plain)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&w, &plain).0);
+
+    // Data made otherwise than the profile signs is refused by the agent, with the fix.
+    let blob = w.path("data.p7");
+    let made = std::process::Command::new("osslsigncode")
+        .args(["extract-data", "-h", "sha256", "-in"])
+        .arg(w.pe("raw.exe"))
+        .arg("-out")
+        .arg(&blob)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let (status, body) = post_sign(
+        &ep,
+        "mode=digest&profile=second",
+        std::fs::read(&blob).unwrap(),
+    );
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("-h sha512"),
+        "{body}"
+    );
+    let (status, body) = post_sign(
+        &ep,
+        "mode=digest&profile=paged",
+        std::fs::read(&blob).unwrap(),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = post_sign(&ep, "mode=digest", std::fs::read(&blob).unwrap());
+    assert_eq!(status, 200, "data made as the profile signs is signed");
+
+    // Catalogs have no Authenticode data to extract: said, with the fix.
+    let cat = w.cat("drivers.cat");
+    let out = digest("first", &cat);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("without --digest"),
+        "{}",
+        stderr(&out)
+    );
+
+    // What the client asks: the profile's options, the default when none is named.
+    let (status, body) = call(&ep, "GET", "/v1/profile?profile=second", vec![]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"name": "second", "hash": "sha512", "page_hashes": false, "nested": true})
+    );
+    let (_, body) = call(&ep, "GET", "/v1/profile", vec![]);
+    assert_eq!(
+        (body["name"].as_str(), body["hash"].as_str()),
+        (Some("first"), Some("sha256")),
+        "{body}"
+    );
+    let (status, body) = call(&ep, "GET", "/v1/profile?profil=second", vec![]);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
+
+    // The profile is checked before anything is extracted.
+    let out = digest("nightly", &fresh);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(stderr(&out).contains("\"nightly\""), "{}", stderr(&out));
 }

@@ -548,13 +548,76 @@ fn digest_mode_moves_only_the_authenticode_data_and_the_result_verifies() {
 fn digest_mode_says_how_to_trust_a_private_ca() {
     let mut w = World::new();
     let ep = unix_appliance(&mut w);
+    // Without --ca-file the demo certificate does not chain to the system's roots:
+    // the file is signed, and the client says it could not check it here and how to.
     let file = w.pe("app.exe");
     let before = std::fs::read(&file).unwrap();
-    let out = signet(&ep, &["sign", "--digest", file.to_str().unwrap()]);
+    let out = signet(&ep, &["sign", "--json", "--digest", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["signed"], true, "{report}");
+    let warning = report["warning"].as_str().unwrap();
+    assert!(
+        warning.starts_with(
+            "signed, and the signature matches the file, but it was not verified here"
+        ) && warning.contains("--ca-file")
+            && !warning.contains("PKCS7"),
+        "{warning}"
+    );
+    assert!(verify(&w, &file).0, "signed and written");
+    // On a terminal's stream: the signed line first, then what was not checked.
+    let out = signet(&ep, &["sign", "--digest", w.pe("b.exe").to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = stderr(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines.len() == 2
+            && lines[0].starts_with("signet: signed ")
+            && lines[1].contains("not verified here")
+            && lines[1].contains("Pass the CA that issued it with --ca-file"),
+        "{text}"
+    );
+
+    // A --ca-file that is not the certificate's CA: nothing is attached.
+    let other = w.path("other-ca.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=Other",
+            "-days",
+            "1",
+            "-keyout",
+        ])
+        .arg(w.path("other-key.pem"))
+        .arg("-out")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let untouched = w.pe("c.exe");
+    let out = signet(
+        &ep,
+        &[
+            "sign",
+            "--digest",
+            "--ca-file",
+            other.to_str().unwrap(),
+            untouched.to_str().unwrap(),
+        ],
+    );
     assert_eq!(code(&out), 5, "{}", stderr(&out));
-    assert!(stderr(&out).contains("--ca-file"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not chain to the CA in") && stderr(&out).contains("--ca-file"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(
-        std::fs::read(&file).unwrap(),
+        std::fs::read(&untouched).unwrap(),
         before,
         "the file is untouched"
     );

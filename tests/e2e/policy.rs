@@ -101,6 +101,25 @@ fn refused_callers_are_told_who_they_are_and_which_profile() {
         "{err}"
     );
     assert_eq!(std::fs::read(&file).unwrap(), before, "nothing was written");
+    // Digest mode asks for the profile's options first: refused the same way.
+    let out = signet(
+        &unix,
+        &[
+            "sign",
+            "--digest",
+            "--profile",
+            "release",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(stderr(&out).contains("\"release\""), "{}", stderr(&out));
+    let (status, body) = call(&unix, "GET", "/v1/profile?profile=release", vec![]);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
     assert!(
         w.log("signetd").contains("refused") && w.log("signetd").contains("key=uid:0"),
         "the refusal is recorded: {}",

@@ -15,8 +15,8 @@ use signet_protocol::batch;
 use signet_protocol::client::{self, ClientError};
 use signet_protocol::format;
 use signet_protocol::wire::{
-    exit, DaemonStatus, ErrorBody, ErrorCode, SignMode, SignQuery, BATCH_PATH, SIGN_PATH,
-    STATUS_PATH,
+    exit, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions, ProfileQuery, SignMode, SignQuery,
+    BATCH_PATH, PROFILE_PATH, SIGN_PATH, STATUS_PATH,
 };
 use signet_protocol::Endpoint;
 use tokio::io::AsyncWriteExt;
@@ -63,12 +63,15 @@ pub struct SignArgs {
     #[arg(long)]
     json: bool,
     /// Digest mode: send only the file's Authenticode data (a few hundred bytes,
-    /// whatever the file's size) and attach the returned signature here. Needs
-    /// osslsigncode 2.6 or later on this machine.
+    /// whatever the file's size) and attach the returned signature here, as the
+    /// profile signs (hash, page hashes, nested). Needs osslsigncode 2.8 or later on
+    /// this machine; catalogs (CAT) are signed without it.
     #[arg(long)]
     digest: bool,
-    /// CA certificate(s) the attached signature is verified against in digest mode
-    /// [default: the system's trusted roots].
+    /// CA certificate(s) the attached signature is verified against in digest mode: a
+    /// signature that does not chain to them is not attached (exit 5). Without it the
+    /// system's trusted roots are tried, and a signature that does not chain to them is
+    /// attached with a warning that it was not verified here.
     #[arg(long, value_name = "PEM", requires = "digest")]
     ca_file: Option<PathBuf>,
     /// The osslsigncode program used in digest mode.
@@ -109,6 +112,10 @@ struct Outcome {
     code: Option<ErrorCode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<String>,
+    /// Signed, with something the user should know (digest mode: the signature could
+    /// not be verified here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warning: Option<String>,
     bytes_sent: u64,
     bytes_received: u64,
     seconds: f64,
@@ -127,13 +134,38 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
     let mut outcomes: Vec<Outcome> = args.files.iter().map(|f| Outcome::new(f)).collect();
 
     // Local work first: a bad file never costs an upload, and never stops the others.
+    // Digest mode signs as the profile says on this side too: it asks how, once a file
+    // has passed its checks.
+    let mut options: Option<Result<ProfileOptions, Failure>> = None;
     let mut ready = Vec::new();
     for (i, file) in args.files.iter().enumerate() {
         let target = match &args.output {
             Some(out) => out.clone(),
             None => in_place_target(file),
         };
-        match prepare(file, &target, &args).await {
+        let checked = match check_input(file).await {
+            Ok(c) => c,
+            Err(f) => {
+                outcomes[i].failed(f);
+                continue;
+            }
+        };
+        let how = if args.digest {
+            if options.is_none() {
+                options = Some(profile_options(endpoint, profile.as_deref()).await);
+            }
+            match &options {
+                Some(Ok(o)) => Some(o),
+                Some(Err(f)) => {
+                    outcomes[i].failed(f.clone());
+                    continue;
+                }
+                None => None,
+            }
+        } else {
+            None
+        };
+        match prepare(file, &target, checked, how, &args).await {
             Ok(p) => ready.push((i, p)),
             Err(f) => outcomes[i].failed(f),
         }
@@ -165,7 +197,7 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
             )
             .await
             {
-                Ok(()) => finish(p, &args).await,
+                Ok(()) => finish(p, &args).await.map(|w| o.warning = w),
                 Err(f) => Err(f),
             };
             o.done(result, &p.target);
@@ -203,6 +235,7 @@ impl Outcome {
             job: None,
             code: None,
             message: None,
+            warning: None,
             bytes_sent: 0,
             bytes_received: 0,
             seconds: 0.0,
@@ -244,6 +277,9 @@ fn report(o: &Outcome, json: bool) {
                 .map(|j| format!(", job {j}"))
                 .unwrap_or_default()
         );
+        if let Some(w) = &o.warning {
+            eprintln!("signet: {}: {w}", o.file.display());
+        }
     } else {
         eprintln!(
             "signet: {}: {}",
@@ -275,6 +311,7 @@ fn gone_message(endpoint: &Endpoint, job: Option<&str>, e: &ClientError) -> Stri
 }
 
 /// Why one file was not signed, and the exit code that says so.
+#[derive(Clone)]
 struct Failure {
     code: Option<ErrorCode>,
     exit_code: i32,
@@ -313,6 +350,8 @@ struct Prepared {
     file: PathBuf,
     target: PathBuf,
     meta: std::fs::Metadata,
+    /// Digest mode: attach the signature beside the one the file has (`-nest`).
+    nest: bool,
     work: tempfile::TempDir,
     /// The file itself, or its Authenticode data in digest mode.
     upload: PathBuf,
@@ -324,8 +363,51 @@ impl Prepared {
     }
 }
 
-async fn prepare(file: &Path, target: &Path, args: &SignArgs) -> Result<Prepared, Failure> {
-    let meta = check_input(file).await?;
+/// How the profile signs (`GET /v1/profile`), which digest mode applies here.
+async fn profile_options(
+    endpoint: &Endpoint,
+    profile: Option<&str>,
+) -> Result<ProfileOptions, Failure> {
+    let query = ProfileQuery {
+        profile: profile.map(str::to_owned),
+    };
+    let qs = serde_urlencoded::to_string(&query)
+        .map_err(|e| unavailable(format!("cannot encode the request: {e}")))?;
+    match client::get_json::<ProfileOptions>(endpoint, &format!("{PROFILE_PATH}?{qs}")).await {
+        Ok(Ok(o)) => Ok(o),
+        Ok(Err(e)) if e.code == ErrorCode::BadRequest => Err(Failure {
+            code: Some(e.code),
+            exit_code: exit::USAGE,
+            message: format!(
+                "digest mode needs the profile's options from the appliance, and it answered: {}; a signetd older than this client lacks GET {PROFILE_PATH}: update signetd, or sign without --digest",
+                e.message
+            ),
+        }),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(unavailable(unreachable_message(endpoint, &e))),
+    }
+}
+
+/// The `osslsigncode extract-data` arguments that make the data `profile` signs, for
+/// a file of `format` (page hashes exist in PE files only). Pure.
+fn extract_args(profile: &ProfileOptions, format: format::Format) -> Vec<&'static str> {
+    let mut a = vec!["extract-data", "-h", profile.hash.as_str()];
+    if profile.page_hashes && format == format::Format::Pe {
+        a.push("-ph");
+    }
+    a.push("-in");
+    a
+}
+
+/// Makes the work dir for a checked file and, in digest mode, extracts its data as
+/// `profile` signs.
+async fn prepare(
+    file: &Path,
+    target: &Path,
+    (meta, detected): (std::fs::Metadata, format::Format),
+    profile: Option<&ProfileOptions>,
+    args: &SignArgs,
+) -> Result<Prepared, Failure> {
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
@@ -334,63 +416,99 @@ async fn prepare(file: &Path, target: &Path, args: &SignArgs) -> Result<Prepared
         .prefix(".signet-")
         .tempdir_in(&dir)
         .map_err(|e| bad_input(format!("cannot write next to {}: {e}", target.display())))?;
-    let upload = if args.digest {
-        let data = work.path().join("data.p7");
-        osslsigncode(
-            &args.osslsigncode,
-            &["extract-data", "-h", "sha256", "-in"],
-            file,
-            &data,
-        )
-        .await
-        .map_err(|e| Failure {
-            code: None,
-            exit_code: exit::USAGE,
-            message: format!("digest mode cannot extract the file's Authenticode data: {e}"),
-        })?;
-        data
-    } else {
-        file.to_owned()
+    let mut nest = false;
+    let upload = match profile {
+        Some(profile) => {
+            if detected == format::Format::Cat {
+                return Err(Failure {
+                    code: None,
+                    exit_code: exit::USAGE,
+                    message: "digest mode cannot sign a security catalog: osslsigncode extracts no Authenticode data from one. Sign it without --digest (catalogs are small)".to_owned(),
+                });
+            }
+            let data = work.path().join("data.p7");
+            osslsigncode(
+                &args.osslsigncode,
+                &extract_args(profile, detected),
+                file,
+                &data,
+            )
+            .await
+            .map_err(|e| Failure {
+                code: None,
+                exit_code: exit::USAGE,
+                message: format!(
+                    "digest mode cannot extract the file's Authenticode data: {}",
+                    e.summary
+                ),
+            })?;
+            nest = profile.nested;
+            data
+        }
+        None => file.to_owned(),
     };
     Ok(Prepared {
         file: file.to_owned(),
         target: target.to_owned(),
         meta,
+        nest,
         work,
         upload,
     })
 }
 
 /// Turns what came back into the signed target: attaches the signature in digest
-/// mode, then renames the result over the target.
-async fn finish(p: &Prepared, args: &SignArgs) -> Result<(), Failure> {
+/// mode, then renames the result over the target. Answers a warning for a file that is
+/// signed but could not be verified here.
+async fn finish(p: &Prepared, args: &SignArgs) -> Result<Option<String>, Failure> {
+    let mut warning = None;
     let signed = if args.digest {
-        let signed = p.work.path().join("signed");
+        // Named as the file is: osslsigncode knows a script's kind by its extension.
+        let signed = p
+            .work
+            .path()
+            .join(p.file.file_name().unwrap_or("signed".as_ref()));
         let received = p.received();
-        let mut attach: Vec<&std::ffi::OsStr> = vec![
-            "attach-signature".as_ref(),
-            "-sigin".as_ref(),
-            received.as_os_str(),
-        ];
-        if let Some(ca) = &args.ca_file {
-            attach.push("-CAfile".as_ref());
-            attach.push(ca.as_os_str());
+        let attach = |nest: bool| {
+            let mut a: Vec<&std::ffi::OsStr> = vec!["attach-signature".as_ref()];
+            a.push("-sigin".as_ref());
+            a.push(received.as_os_str());
+            if let Some(ca) = &args.ca_file {
+                a.push("-CAfile".as_ref());
+                a.push(ca.as_os_str());
+            }
+            if nest {
+                a.push("-nest".as_ref());
+            }
+            a.push("-in".as_ref());
+            a
+        };
+        let mut run = osslsigncode(&args.osslsigncode, &attach(p.nest), &p.file, &signed).await;
+        if p.nest
+            && run
+                .as_ref()
+                .is_err_and(|e| e.output.contains("Unable to extract existing signature"))
+        {
+            // A file without a signature is signed plainly, as the agent does.
+            let _ = tokio::fs::remove_file(&signed).await;
+            run = osslsigncode(&args.osslsigncode, &attach(false), &p.file, &signed).await;
         }
-        attach.push("-in".as_ref());
-        osslsigncode(&args.osslsigncode, &attach, &p.file, &signed)
-            .await
-            .map_err(|e| {
-                let hint = if e.contains("self-signed") || e.contains("local issuer") {
-                    "; the certificate does not chain to this machine's trusted roots: pass its CA with --ca-file"
-                } else {
-                    ""
-                };
-                Failure {
-                    code: Some(ErrorCode::SigningFailed),
-                    exit_code: exit::SIGNING_FAILED,
-                    message: format!("the signature did not attach and verify: {e}{hint}"),
+        if let Err(e) = run {
+            match attach_verdict(&e.output) {
+                AttachVerdict::Untrusted(why)
+                    if args.ca_file.is_none() && tokio::fs::metadata(&signed).await.is_ok() =>
+                {
+                    warning = Some(untrusted_warning(&why));
                 }
-            })?;
+                verdict => {
+                    return Err(Failure {
+                        code: Some(ErrorCode::SigningFailed),
+                        exit_code: exit::SIGNING_FAILED,
+                        message: attach_failure(&verdict, args.ca_file.as_deref(), &e.summary),
+                    })
+                }
+            }
+        }
         signed
     } else {
         p.received()
@@ -402,7 +520,67 @@ async fn finish(p: &Prepared, args: &SignArgs) -> Result<(), Failure> {
     let _ = tokio::fs::set_permissions(&signed, perms).await;
     tokio::fs::rename(&signed, &p.target)
         .await
-        .map_err(|e| bad_input(format!("cannot replace {}: {e}", p.target.display())))
+        .map_err(|e| bad_input(format!("cannot replace {}: {e}", p.target.display())))?;
+    Ok(warning)
+}
+
+/// What `osslsigncode attach-signature` found when it verified the attached signature
+/// and failed.
+#[derive(Debug, PartialEq, Eq)]
+enum AttachVerdict {
+    /// The signature matches the file (every digest it checked is the one it
+    /// calculated) and only its certificate chain did not verify: `why`.
+    Untrusted(String),
+    /// A digest differs: the signature is not the file's.
+    Mismatch,
+    /// Anything else.
+    Other,
+}
+
+/// Reads attach-signature's output (pure). osslsigncode 2.9 prints, per signature,
+/// "Current message digest" / "Calculated message digest" (MSI: "... DigitalSignature")
+/// with "MISMATCH!!!" after a calculated one that differs, then the chain's
+/// verification with "Error: <reason>".
+fn attach_verdict(output: &str) -> AttachVerdict {
+    let lines: Vec<&str> = output.lines().map(str::trim).collect();
+    if lines.iter().any(|l| l.contains("MISMATCH")) {
+        return AttachVerdict::Mismatch;
+    }
+    let compared = lines.iter().any(|l| l.starts_with("Current "))
+        && lines.iter().any(|l| l.starts_with("Calculated "));
+    let chain = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("Error: "))
+        .filter(|_| {
+            lines
+                .iter()
+                .any(|l| l.contains("certificate chain") || l.contains("PKCS7_verify"))
+        });
+    match (compared, chain) {
+        (true, Some(why)) => AttachVerdict::Untrusted(why.to_owned()),
+        _ => AttachVerdict::Other,
+    }
+}
+
+fn untrusted_warning(why: &str) -> String {
+    format!(
+        "signed, and the signature matches the file, but it was not verified here: its certificate does not chain to this machine's trusted roots ({why}). Pass the CA that issued it with --ca-file to check it here; Windows checks it against its own roots"
+    )
+}
+
+fn attach_failure(verdict: &AttachVerdict, ca_file: Option<&Path>, summary: &str) -> String {
+    match (verdict, ca_file) {
+        (AttachVerdict::Mismatch, _) => format!(
+            "the appliance signed, but the signature it sent does not match this file, so it was not attached and the file is untouched; sign it again, or without --digest (osslsigncode: {summary})"
+        ),
+        (AttachVerdict::Untrusted(why), Some(ca)) => format!(
+            "the appliance signed, but the signature's certificate does not chain to the CA in {} ({why}), so it was not attached and the file is untouched; pass the CA that issued the signing certificate with --ca-file",
+            ca.display()
+        ),
+        _ => format!(
+            "the appliance signed, but attaching the signature failed and the file is untouched (osslsigncode: {summary})"
+        ),
+    }
 }
 
 /// Sends every prepared file in one request; the appliance signs them in order under
@@ -539,7 +717,7 @@ async fn batch(
         o.job = job.clone();
         let result = receive_part(&mut answer, p, o, endpoint).await;
         let result = match result {
-            Ok(()) => finish(p, args).await,
+            Ok(()) => finish(p, args).await.map(|w| o.warning = w),
             Err(f) => Err(f),
         };
         o.seconds = started.elapsed().as_secs_f64();
@@ -605,7 +783,7 @@ async fn receive_part(
 
 /// Checks that `file` is a regular file in a format Signet signs. The appliance
 /// checks the same way, from the content (and for text, the name).
-async fn check_input(file: &Path) -> Result<std::fs::Metadata, Failure> {
+async fn check_input(file: &Path) -> Result<(std::fs::Metadata, format::Format), Failure> {
     let filename = file.file_name().map(|n| n.to_string_lossy().into_owned());
     let local = std::fs::File::open(file).map_err(|e| bad_input(format!("cannot open it: {e}")))?;
     let meta = local
@@ -614,8 +792,9 @@ async fn check_input(file: &Path) -> Result<std::fs::Metadata, Failure> {
     if !meta.is_file() {
         return Err(bad_input("not a regular file".to_owned()));
     }
-    format::detect(&local, filename.as_deref()).map_err(|e| bad_input(e.to_string()))?;
-    Ok(meta)
+    let detected =
+        format::detect(&local, filename.as_deref()).map_err(|e| bad_input(e.to_string()))?;
+    Ok((meta, detected.format))
 }
 
 /// Uploads `upload` and writes the answer's body to `received` (fsync'd). The job
@@ -766,13 +945,20 @@ async fn receive(
     out.sync_all().await.map_err(local)
 }
 
-/// Runs `osslsigncode ARGS... INPUT -out OUTPUT`; on failure returns its stderr.
+/// How an osslsigncode run failed: its error lines, and all it printed.
+#[derive(Debug)]
+struct RunFailure {
+    summary: String,
+    output: String,
+}
+
+/// Runs `osslsigncode ARGS... INPUT -out OUTPUT`.
 async fn osslsigncode<S: AsRef<std::ffi::OsStr>>(
     program: &Path,
     args: &[S],
     input: &Path,
     output: &Path,
-) -> Result<(), String> {
+) -> Result<(), RunFailure> {
     let out = tokio::process::Command::new(program)
         .args(args)
         .arg(input)
@@ -781,7 +967,10 @@ async fn osslsigncode<S: AsRef<std::ffi::OsStr>>(
         .stdin(std::process::Stdio::null())
         .output()
         .await
-        .map_err(|e| format!("cannot run {}: {e}; digest mode needs osslsigncode 2.6 or later on this machine (--osslsigncode PATH)", program.display()))?;
+        .map_err(|e| RunFailure {
+            summary: format!("cannot run {}: {e}; digest mode needs osslsigncode 2.8 or later on this machine (--osslsigncode PATH)", program.display()),
+            output: String::new(),
+        })?;
     if out.status.success() {
         return Ok(());
     }
@@ -803,9 +992,12 @@ async fn osslsigncode<S: AsRef<std::ffi::OsStr>>(
         msg = format!("{} exited with {}", program.display(), out.status);
     }
     if text.contains("Unknown command") || text.contains("extract-data") && text.contains("Usage") {
-        msg.push_str("; digest mode needs osslsigncode 2.6 or later");
+        msg.push_str("; digest mode needs osslsigncode 2.8 or later");
     }
-    Err(msg)
+    Err(RunFailure {
+        summary: msg,
+        output: text,
+    })
 }
 
 /// The message for a daemon that cannot be reached, with the fix.
@@ -929,5 +1121,98 @@ fn human(bytes: u64) -> String {
         format!("{bytes} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use signet_protocol::format::Format;
+    use signet_protocol::wire::DigestAlgorithm;
+
+    #[test]
+    fn digest_data_is_extracted_as_the_profile_signs() {
+        let mut p = ProfileOptions {
+            name: "release".into(),
+            hash: DigestAlgorithm::Sha512,
+            page_hashes: true,
+            nested: true,
+            formats: vec![],
+        };
+        assert_eq!(
+            extract_args(&p, Format::Pe),
+            ["extract-data", "-h", "sha512", "-ph", "-in"]
+        );
+        // Page hashes are for PE files only.
+        assert_eq!(
+            extract_args(&p, Format::PowerShell),
+            ["extract-data", "-h", "sha512", "-in"]
+        );
+        p.hash = DigestAlgorithm::Sha384;
+        p.page_hashes = false;
+        assert_eq!(
+            extract_args(&p, Format::Pe),
+            ["extract-data", "-h", "sha384", "-in"]
+        );
+    }
+
+    /// osslsigncode 2.9's attach-signature output, abridged, for a signature whose
+    /// certificate is self-signed (no -CAfile).
+    const UNTRUSTED: &str = "Signature Index: 0  (Primary Signature)\n\
+        Message digest algorithm  : SHA256\n\
+        Current message digest    : B602\n\
+        Calculated message digest : B602\n\
+        Signing certificate chain verified using:\n\
+        \tError: self-signed certificate\n\
+        PKCS7_verify error\n\
+        Failed signing certificate chain retrieved from the signature:\n\
+        Signature verification: failed\n\
+        Failed\n\
+        40A0ECCC277F0000:error:10800075:PKCS7 routines:PKCS7_verify:certificate verify error\n\
+        Signature mismatch\n";
+
+    #[test]
+    fn an_untrusted_chain_is_told_apart_from_a_signature_that_does_not_match() {
+        assert_eq!(
+            attach_verdict(UNTRUSTED),
+            AttachVerdict::Untrusted("self-signed certificate".into())
+        );
+        // MSI files name their digests "DigitalSignature".
+        let msi = "Current DigitalSignature    : FF86\nCalculated DigitalSignature : FF86\n\
+            Calculated message digest : E18D\n\tError: unable to get local issuer certificate\n\
+            Failed signing certificate chain retrieved from the signature:\n";
+        assert_eq!(
+            attach_verdict(msi),
+            AttachVerdict::Untrusted("unable to get local issuer certificate".into())
+        );
+        let mismatch = UNTRUSTED.replace(
+            "Calculated message digest : B602",
+            "Calculated message digest : 0000     MISMATCH!!!",
+        );
+        assert_eq!(attach_verdict(&mismatch), AttachVerdict::Mismatch);
+        // No digest compared: nothing is known about the signature.
+        assert_eq!(
+            attach_verdict("Unable to extract existing signature\nFailed\n"),
+            AttachVerdict::Other
+        );
+        let w = untrusted_warning("self-signed certificate");
+        assert!(
+            w.starts_with("signed, and the signature matches the file")
+                && w.contains("--ca-file")
+                && w.contains("(self-signed certificate)"),
+            "{w}"
+        );
+        let m = attach_failure(
+            &AttachVerdict::Untrusted("x".into()),
+            Some(Path::new("/ca.pem")),
+            "",
+        );
+        assert!(m.contains("does not chain to the CA in /ca.pem"), "{m}");
+        let m = attach_failure(&AttachVerdict::Mismatch, None, "raw");
+        assert!(
+            m.contains("does not match this file") && m.ends_with("(osslsigncode: raw)"),
+            "{m}"
+        );
     }
 }

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use secrecy::zeroize::Zeroizing;
 use secrecy::SecretString;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use signet_protocol::client;
 use signet_protocol::wire::{
     AgentEvent, AgentEventKind, AgentHealth, AgentLogin, AgentState, ErrorCode, TokenPlace,
@@ -180,13 +180,121 @@ pub fn pin_of(text: &str) -> Option<&str> {
     (!pin.is_empty()).then_some(pin)
 }
 
-/// The watcher's memory across connections.
+/// The file in the state directory that remembers the PIN the token refused.
+pub const REFUSED_FILE: &str = "pin.refused";
+/// The per-install key of that memory's HMAC.
+pub const SALT_FILE: &str = "pin.salt";
+
+/// The watcher's memory across connections, and across restarts: the refused PIN's
+/// HMAC-SHA-256 (keyed with a random per-install salt) is kept in
+/// `state_dir/pin.refused` (0600), so a restart of signetd and the agent together does
+/// not cost the token another try.
 #[derive(Debug, Default)]
 struct PinMemory {
-    /// SHA-256 of the last PIN the token refused: never sent again.
+    /// The HMAC of the last PIN the token refused: never sent again.
     rejected: Option<[u8; 32]>,
     /// The last complaint about the PIN file, so it is logged once.
     complaint: Option<String>,
+    /// The state directory, where the memory is kept (none: in memory only).
+    dir: Option<std::path::PathBuf>,
+    /// The salt of the HMAC.
+    salt: Vec<u8>,
+    /// The PIN file as last seen (modified time, length, inode), to notice a change.
+    seen: Option<(std::time::SystemTime, u64, u64)>,
+    /// The refused PIN is in the file now: said once.
+    said_refused: bool,
+}
+
+impl PinMemory {
+    /// The memory kept under `dir`, created on first use (a fresh salt).
+    fn load(dir: &Path) -> PinMemory {
+        let mut m = PinMemory {
+            dir: Some(dir.to_owned()),
+            ..PinMemory::default()
+        };
+        let salt_path = dir.join(SALT_FILE);
+        m.salt = match std::fs::read(&salt_path) {
+            Ok(s) if s.len() >= 16 => s,
+            _ => {
+                let mut salt = vec![0u8; 32];
+                if getrandom::fill(&mut salt).is_err() || write_private(&salt_path, &salt).is_err()
+                {
+                    tracing::warn!(path = %salt_path.display(), "the refused-PIN memory cannot be kept on disk; a restart forgets it");
+                    m.dir = None;
+                }
+                salt
+            }
+        };
+        if m.dir.is_some() {
+            m.rejected = std::fs::read_to_string(dir.join(REFUSED_FILE))
+                .ok()
+                .and_then(|t| unhex32(t.trim()));
+        }
+        m
+    }
+
+    /// The PIN's fingerprint: HMAC-SHA-256 keyed with the salt.
+    fn fingerprint(&self, pin: &str) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<Sha256> as Mac>::new_from_slice(&self.salt)
+            .expect("HMAC takes keys of any length");
+        mac.update(b"signet-refused-pin\n");
+        mac.update(pin.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The token refused the PIN whose fingerprint is `hash`: kept, on disk too.
+    fn refused(&mut self, hash: [u8; 32]) {
+        self.rejected = Some(hash);
+        if let Some(dir) = &self.dir {
+            let path = dir.join(REFUSED_FILE);
+            if let Err(e) = write_private(&path, crate::audit::hex(&hash).as_bytes()) {
+                tracing::warn!(path = %path.display(), error = %e, "the refused PIN cannot be remembered on disk; a restart forgets it");
+            }
+        }
+    }
+
+    /// Whether the PIN file changed since last asked (the first look is a change).
+    fn file_changed(&mut self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let now = std::fs::metadata(path).ok().map(|m| {
+            (
+                m.modified().unwrap_or(std::time::UNIX_EPOCH),
+                m.len(),
+                m.ino(),
+            )
+        });
+        let changed = now.is_some() && now != self.seen;
+        self.seen = now;
+        changed
+    }
+}
+
+/// Writes `bytes` to `path` atomically, readable by its owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = std::path::PathBuf::from(format!("{}.tmp", path.display()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// Follows the agent and the token's life for the daemon's life.
@@ -271,7 +379,15 @@ async fn live(daemon: Arc<Daemon>, mut agent: mpsc::Receiver<Event>, refollow: w
             life.remember(step, at);
         }
     }
-    let mut pins = PinMemory::default();
+    // Without a PIN file there is no PIN to remember.
+    let mut pins = match &cfg.pin_file {
+        Some(p) => {
+            let mut m = PinMemory::load(&cfg.state_dir);
+            m.file_changed(p);
+            m
+        }
+        None => PinMemory::default(),
+    };
     let first = match (&status, scope.vm) {
         (Some(s), Some(vm)) if followed => {
             Some(Event::Host(host_of(&s.borrow(), &scope.serials, vm)))
@@ -302,8 +418,25 @@ async fn live(daemon: Arc<Daemon>, mut agent: mpsc::Receiver<Event>, refollow: w
                 _ => continue,
             },
         };
+        let tick = event == Event::Tick;
         for a in life.on(event, Instant::now()) {
             act(&daemon, &scope, &mut pins, &refollow, a).await;
+        }
+        // A changed PIN file reaches an agent that waits for a PIN at once.
+        let changed = tick
+            && cfg
+                .pin_file
+                .as_deref()
+                .is_some_and(|p| pins.file_changed(p));
+        if changed {
+            if let Some(Ok(h)) = health(&cfg.agent).await {
+                if matches!(h.state, AgentState::PinNeeded | AgentState::PinRejected) {
+                    tracing::info!("the PIN file changed; giving the agent its PIN");
+                    for a in life.on(Event::PinNeeded, Instant::now()) {
+                        act(&daemon, &scope, &mut pins, &refollow, a).await;
+                    }
+                }
+            }
         }
     }
 }
@@ -493,8 +626,19 @@ async fn follow_once(
                 return Err("the signing VM was reset or stopped; following the agent that comes next".to_owned());
             }
             _ = recheck.tick() => {
-                // Not answering now: the stream (or the next check) tells more.
-                if let Some(Ok(h)) = health(agent).await {
+                let h = health(agent).await;
+                if h.is_none() {
+                    // A stream can stay open, silent, behind an agent that is gone
+                    // (a killed process behind a vsock backend): no answer is an
+                    // outage from now, whatever the stream says.
+                    daemon.timeline().saw(Seen::ContactFailed);
+                    return Err(format!(
+                        "the agent did not answer its health within {} s",
+                        HEALTH_LIMIT.as_secs()
+                    ));
+                }
+                daemon.timeline().saw(Seen::ContactOk);
+                if let Some(Ok(h)) = h {
                     if seen_instance(daemon, instance, &h) {
                         return Err("the agent restarted; following its new event stream".to_owned());
                     }
@@ -582,10 +726,17 @@ async fn deliver_pin(daemon: &Daemon, pins: &mut PinMemory) {
         tracing::error!(path = %path.display(), "the PIN file is empty; put the token's PIN in it");
         return;
     };
-    let hash: [u8; 32] = Sha256::digest(pin.as_bytes()).into();
+    let hash = pins.fingerprint(pin);
     if pins.rejected == Some(hash) {
+        // Refused before (perhaps before a restart): never sent again.
+        daemon.set_host_pin_rejected(true);
+        if !pins.said_refused {
+            pins.said_refused = true;
+            tracing::error!(path = %path.display(), "the PIN in the PIN file is one the token refused before; it is not sent again. Put the right PIN in that file (check the token's PIN counter with `signetctl status` first)");
+        }
         return;
     }
+    pins.said_refused = false;
     pins.complaint = None;
     let body = AgentLogin {
         pin: SecretString::from(pin.to_owned()),
@@ -607,7 +758,7 @@ async fn deliver_pin(daemon: &Daemon, pins: &mut PinMemory) {
             daemon.wake_worker();
         }
         Err(Some(e)) if e.code == ErrorCode::PinRejected => {
-            pins.rejected = Some(hash);
+            pins.refused(hash);
             daemon.set_host_pin_rejected(true);
             daemon.timeline().saw(Seen::PinRejected(format!(
                 "PIN rejected — operator action needed: the token refused the PIN in {}; it is not tried again. Put the right PIN in that file (check the token's PIN counter with `signetctl status` first)",
@@ -623,6 +774,47 @@ async fn deliver_pin(daemon: &Daemon, pins: &mut PinMemory) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_refused_pin_is_remembered_on_disk_keyed_per_install() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = super::PinMemory::load(dir.path());
+        let wrong = m.fingerprint("000000");
+        assert_ne!(wrong, m.fingerprint("123456"));
+        m.refused(wrong);
+        for f in [super::REFUSED_FILE, super::SALT_FILE] {
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        let kept = std::fs::read_to_string(dir.path().join(super::REFUSED_FILE)).unwrap();
+        assert!(!kept.contains("000000"));
+        // After a restart: the same fingerprint, still refused.
+        let again = super::PinMemory::load(dir.path());
+        assert_eq!(again.rejected, Some(again.fingerprint("000000")));
+        // Another install keys it differently.
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(
+            super::PinMemory::load(other.path()).fingerprint("000000"),
+            wrong
+        );
+    }
+
+    #[test]
+    fn a_changed_pin_file_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pin");
+        let mut m = super::PinMemory::default();
+        assert!(!m.file_changed(&f), "no file yet");
+        std::fs::write(&f, "1").unwrap();
+        assert!(m.file_changed(&f));
+        assert!(!m.file_changed(&f), "unchanged");
+        std::fs::write(&f, "123456").unwrap();
+        assert!(m.file_changed(&f), "another length");
+    }
+
     #[test]
     fn reconnects_back_off_but_not_while_the_vm_boots() {
         let ms = Duration::from_millis;

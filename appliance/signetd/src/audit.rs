@@ -13,8 +13,11 @@
 //! (`id`); `seq` counts up by one from 1. [`verify`] names the first record that was
 //! changed (its hash does not match its content), deleted (a `seq` is missing) or
 //! reordered (a `seq` appears out of place). Deleting the newest records is not
-//! visible from the chain alone: compare `signetd audit verify`'s head with a copy kept
-//! elsewhere (the export).
+//! visible from the chain alone: [`check_with`] also reads the edit count the
+//! `audit_edits` trigger keeps (the daemon never changes or deletes a record, so any
+//! count is an edit by hand) and holds the log against a head kept outside the
+//! database ([`crate::head`]: `state_dir/signet.head`, or one exported with `signetd
+//! audit head` and given back as `--head HASH:COUNT`).
 //!
 //! Records are appended with [`append`] inside the caller's transaction, so a job's
 //! state change and its record commit together; [`record_refusal`] is the entry for a
@@ -69,6 +72,7 @@ pub fn init(conn: &Connection) -> rusqlite::Result<()> {
             hash TEXT NOT NULL
         );
         CREATE INDEX IF NOT EXISTS audit_time ON audit(time);
+        CREATE INDEX IF NOT EXISTS audit_seq ON audit(seq);
         CREATE TABLE IF NOT EXISTS audit_edits (n INTEGER NOT NULL);
         INSERT INTO audit_edits (n) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM audit_edits);
         CREATE TRIGGER IF NOT EXISTS audit_updated AFTER UPDATE ON audit
@@ -231,6 +235,12 @@ pub enum AuditError {
     Write(#[from] std::io::Error),
     #[error("--since {0:?} is not a time; give RFC 3339, e.g. 2026-11-23T08:00:00Z")]
     BadTime(String),
+    #[error("the newest audit records were deleted: the log ends at record {found}, but record {head} was written (the head kept {at}); restore signet.db from a backup")]
+    Truncated { head: u64, found: u64, at: String },
+    #[error("audit record {seq} is not the one written: its hash is not the head kept {at}; restore signet.db from a backup")]
+    HeadMismatch { seq: u64, at: String },
+    #[error("the audit log was edited by hand {edits} times (changes or deletions counted by its trigger); the records that remain verify, but some may be gone. Compare with an export or backup")]
+    Edited { edits: i64 },
 }
 
 impl AuditError {
@@ -239,7 +249,9 @@ impl AuditError {
         match self {
             AuditError::Changed { seq, .. }
             | AuditError::Deleted { seq, .. }
-            | AuditError::Reordered { seq, .. } => Some(*seq),
+            | AuditError::Reordered { seq, .. }
+            | AuditError::HeadMismatch { seq, .. } => Some(*seq),
+            AuditError::Truncated { found, .. } => Some(found + 1),
             _ => None,
         }
     }
@@ -250,6 +262,9 @@ impl AuditError {
             AuditError::Changed { .. } => "changed",
             AuditError::Deleted { .. } => "deleted",
             AuditError::Reordered { .. } => "reordered",
+            AuditError::Truncated { .. } => "deleted",
+            AuditError::HeadMismatch { .. } => "changed",
+            AuditError::Edited { .. } => "edited",
             _ => "error",
         }
     }
@@ -470,7 +485,9 @@ pub enum Walk {
     Appended(u64),
 }
 
-fn edits(conn: &Connection) -> Result<i64, AuditError> {
+/// How many times the audit table was changed or deleted from (by hand: the daemon
+/// only appends).
+pub fn edits(conn: &Connection) -> Result<i64, AuditError> {
     Ok(conn
         .query_row("SELECT n FROM audit_edits", [], |r| r.get(0))
         .optional()?
@@ -533,9 +550,91 @@ fn rows_after(conn: &Connection, row: i64) -> Result<Vec<(i64, Record)>, AuditEr
     rows_from(conn, None, row)
 }
 
+/// A head kept outside the database: record `records` has hash `hash`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownHead {
+    pub records: u64,
+    pub hash: String,
+    /// Where it was kept, for the message (`in state_dir/signet.head`, `given`).
+    pub at: String,
+}
+
+impl KnownHead {
+    /// `HASH:COUNT` as `signetd audit head` prints it.
+    pub fn parse(s: &str, at: &str) -> Result<KnownHead, String> {
+        let (hash, count) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} is not HASH:COUNT; `signetd audit head` prints one"))?;
+        let records = count
+            .parse()
+            .map_err(|_| format!("{count:?} is not a record count; give HASH:COUNT as `signetd audit head` prints it"))?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "{hash:?} is not a SHA-256 in hex; give HASH:COUNT as `signetd audit head` prints it"
+            ));
+        }
+        Ok(KnownHead {
+            records,
+            hash: hash.to_ascii_lowercase(),
+            at: at.to_owned(),
+        })
+    }
+}
+
+/// Whether the log still holds `head`: the record it names, with that hash.
+pub fn holds(conn: &Connection, head: &KnownHead) -> Result<(), AuditError> {
+    if head.records == 0 {
+        return Ok(());
+    }
+    let found: u64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get(0))?;
+    let hash: Option<String> = conn
+        .query_row(
+            "SELECT hash FROM audit WHERE seq = ?1 ORDER BY id LIMIT 1",
+            [head.records],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match hash {
+        None => Err(AuditError::Truncated {
+            head: head.records,
+            found: found.min(head.records.saturating_sub(1)),
+            at: head.at.clone(),
+        }),
+        Some(h) if h != head.hash => Err(AuditError::HeadMismatch {
+            seq: head.records,
+            at: head.at.clone(),
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The whole check: the chain ([`verify_after`] from `mark`), the edit count, and
+/// `head` when one is known. Answers the verified chain and its new mark.
+pub fn check_all(
+    conn: &Connection,
+    mark: Option<&Mark>,
+    head: Option<&KnownHead>,
+) -> Result<(Verified, Mark), AuditError> {
+    let (v, m, _) = verify_after(conn, mark)?;
+    if let Some(h) = head {
+        holds(conn, h)?;
+    }
+    let n = edits(conn)?;
+    if n != 0 {
+        return Err(AuditError::Edited { edits: n });
+    }
+    Ok((v, m))
+}
+
 /// [`verify`] as the fronts answer it; `Err` only when the log cannot be read.
 pub fn check(conn: &Connection) -> Result<AuditCheck, AuditError> {
-    Ok(match verify(conn) {
+    check_with(conn, None)
+}
+
+/// [`check_all`] as the fronts answer it, against `head` when one is known; `Err`
+/// only when the log cannot be read.
+pub fn check_with(conn: &Connection, head: Option<&KnownHead>) -> Result<AuditCheck, AuditError> {
+    Ok(match check_all(conn, None, head).map(|(v, _)| v) {
         Ok(v) => AuditCheck {
             ok: true,
             records: Some(v.records),
@@ -681,6 +780,52 @@ pub fn export(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_records_cut_off_are_found_against_a_head_kept_elsewhere() {
+        let conn = db_with(4);
+        let v = verify(&conn).unwrap();
+        let kept = KnownHead::parse(&format!("{}:{}", v.head, v.records), "given").unwrap();
+        assert!(check_all(&conn, None, Some(&kept)).is_ok());
+        // Cut off with the counting trigger dropped and the count reset: the chain
+        // alone verifies, the head does not.
+        conn.execute_batch(
+            "DROP TRIGGER audit_deleted; DELETE FROM audit WHERE seq >= 3; UPDATE audit_edits SET n = 0;",
+        )
+        .unwrap();
+        assert!(verify(&conn).is_ok());
+        let e = check_all(&conn, None, Some(&kept)).unwrap_err();
+        assert_eq!((e.kind(), e.record()), ("deleted", Some(3)), "{e}");
+        assert!(e.to_string().contains("ends at record 2"), "{e}");
+        // Another log's head of the same length.
+        let other = KnownHead::parse(&format!("{}:2", "0".repeat(64)), "given").unwrap();
+        let e = check_all(&conn, None, Some(&other)).unwrap_err();
+        assert_eq!((e.kind(), e.record()), ("changed", Some(2)));
+    }
+
+    #[test]
+    fn an_edit_by_hand_is_counted_even_when_undone() {
+        let conn = db_with(2);
+        conn.execute_batch(
+            "UPDATE audit SET caller = 'x' WHERE seq = 1; UPDATE audit SET caller = 'uid:0' WHERE seq = 1;",
+        )
+        .unwrap();
+        assert!(verify(&conn).is_ok());
+        let e = check_all(&conn, None, None).unwrap_err();
+        assert_eq!(e.kind(), "edited", "{e}");
+        let c = check(&conn).unwrap();
+        assert!(!c.ok && c.kind.as_deref() == Some("edited"));
+    }
+
+    #[test]
+    fn a_head_is_read_as_hash_colon_count() {
+        let h = "AB".repeat(32);
+        let k = KnownHead::parse(&format!("{h}:7"), "given").unwrap();
+        assert_eq!((k.records, k.hash), (7, h.to_ascii_lowercase()));
+        assert!(KnownHead::parse("abc:7", "given").is_err());
+        assert!(KnownHead::parse(&format!("{h}:x"), "given").is_err());
+        assert!(KnownHead::parse(&h, "given").is_err());
+    }
 
     fn db_with(n: usize) -> Connection {
         let conn = Connection::open_in_memory().unwrap();

@@ -12,10 +12,10 @@ use signet_protocol::client::{self, ClientError};
 use signet_protocol::transport::Peer;
 use signet_protocol::wire::{
     AgentHealth, AgentReport, AgentSignQuery, AgentState, DaemonStatus, ErrorBody, ErrorCode,
-    SignQuery, AGENT_HEALTH_PATH,
+    ProfileOptions, SignQuery, AGENT_HEALTH_PATH,
 };
 
-use crate::config::Config;
+use crate::config::{Config, Profile};
 use crate::jobs::Engine;
 use crate::policy::{self, Caller, Slot, Slots};
 use crate::store::StoreError;
@@ -44,6 +44,9 @@ pub struct Daemon {
     refusals: std::sync::Mutex<crate::refusals::Coalescer>,
     /// Wrong client secrets per source address.
     throttle: std::sync::Mutex<crate::refusals::Throttle>,
+    /// The audit head kept outside the database, and the chain's check
+    /// ([`crate::head`]); `None` until [`Daemon::keep_head`].
+    head: std::sync::Mutex<Option<crate::head::Keeper>>,
 }
 
 /// A signing request accepted against its profile, not yet recorded.
@@ -81,7 +84,55 @@ impl Daemon {
             timeline,
             host_pin_rejected: std::sync::atomic::AtomicBool::new(false),
             tokens: crate::tokens::Handle::off("signetd was started without the token service"),
+            head: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Holds the database against `head` (read by [`crate::head::guard`] before it was
+    /// opened) and keeps the head from now on: refuses a database that lost its audit
+    /// records; a broken chain is logged and reported by the status.
+    pub fn keep_head(&self, head: Option<crate::head::Head>) -> Result<(), crate::head::HeadError> {
+        let dir = &self.cfg.state_dir;
+        crate::head::check_opened(dir, &self.store().conn(), head.as_ref())?;
+        let mut keeper = crate::head::Keeper::new(dir, head);
+        if keeper.check(&self.store().conn()).is_none() {
+            if let Some(h) = keeper.head().filter(|h| h.records > 0) {
+                tracing::info!(records = h.records, head = %format!("{}:{}", h.hash, h.records), "audit chain checked at start");
+            }
+        }
+        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = Some(keeper);
+        Ok(())
+    }
+
+    /// Checks the audit chain's newest records and keeps its head, every second, for
+    /// the daemon's life.
+    pub async fn run_head_keeper(self: std::sync::Arc<Self>) {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            self.check_head();
+        }
+    }
+
+    /// One check of the chain from its last mark, and the head kept.
+    pub fn check_head(&self) {
+        let mut keeper = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = keeper.as_mut() {
+            k.check(&self.store().conn());
+        }
+    }
+
+    /// What is wrong with the appliance itself (its state database, its audit log),
+    /// each with the fix.
+    pub fn faults(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(f) = self.engine.store_fault() {
+            out.push(f);
+        }
+        let keeper = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = keeper.as_ref().and_then(|k| k.broken.clone()) {
+            out.push(why);
+        }
+        out
     }
 
     pub(crate) fn engine(&self) -> &Engine {
@@ -255,13 +306,14 @@ impl Daemon {
         self.refusals.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Checks a signing request against the profiles and the grants and turns it into a
-    /// job.
-    pub fn accept(&self, query: &SignQuery, caller: &Caller) -> Result<Job, ErrorBody> {
-        let name = query
-            .profile
-            .as_deref()
-            .unwrap_or(&self.cfg.default_profile);
+    /// The profile `name` (`None`: the default) if it exists and the caller has a
+    /// grant for it.
+    fn profile<'a>(
+        &'a self,
+        name: Option<&'a str>,
+        caller: &Caller,
+    ) -> Result<(&'a str, &'a Profile), ErrorBody> {
+        let name = name.unwrap_or(&self.cfg.default_profile);
         let Some(profile) = self.cfg.profiles.get(name) else {
             return Err(ErrorBody::new(
                 ErrorCode::UnknownProfile,
@@ -281,6 +333,30 @@ impl Daemon {
             tracing::warn!(caller = %refusal.caller, key = %caller.key(), profile = name, "refused: the caller has no grant for this profile");
             return Err(ErrorBody::new(ErrorCode::Forbidden, refusal.to_string()));
         }
+        Ok((name, profile))
+    }
+
+    /// How profile `name` (`None`: the default) signs, for a caller that may use it:
+    /// what digest mode applies on the client's side.
+    pub fn profile_options(
+        &self,
+        name: Option<&str>,
+        caller: &Caller,
+    ) -> Result<ProfileOptions, ErrorBody> {
+        let (name, profile) = self.profile(name, caller)?;
+        Ok(ProfileOptions {
+            name: name.to_owned(),
+            hash: profile.hash,
+            page_hashes: profile.page_hashes,
+            nested: profile.nested,
+            formats: profile.allowed_formats(),
+        })
+    }
+
+    /// Checks a signing request against the profiles and the grants and turns it into a
+    /// job.
+    pub fn accept(&self, query: &SignQuery, caller: &Caller) -> Result<Job, ErrorBody> {
+        let (name, profile) = self.profile(query.profile.as_deref(), caller)?;
         let filename = match &query.filename {
             Some(f) if f.contains(['/', '\\', '\0']) || f.len() > 255 => {
                 return Err(ErrorBody::new(
@@ -388,7 +464,16 @@ impl Daemon {
                 error: self.agent_unreachable(&e),
             },
         };
-        let signing_works = matches!(&agent, AgentReport::Reachable { health, .. } if health.state == AgentState::Ready);
+        // Any read of the health is a contact: the timeline dates an outage from the
+        // first that failed.
+        self.timeline.saw(match &agent {
+            AgentReport::Unreachable { error, .. } if error.code == ErrorCode::AgentUnavailable => {
+                crate::timeline::Seen::ContactFailed
+            }
+            _ => crate::timeline::Seen::ContactOk,
+        });
+        let signing_works = matches!(&agent, AgentReport::Reachable { health, .. } if health.state == AgentState::Ready)
+            && self.engine.store_fault().is_none();
         DaemonStatus {
             version: signet_protocol::VERSION.to_owned(),
             signing_works,
@@ -398,6 +483,7 @@ impl Daemon {
             queue: Some(self.queue_status()),
             recovery: self.timeline.recent(STATUS_TIMELINE_ENTRIES),
             tokens: Some(self.tokens()),
+            faults: self.faults(),
         }
     }
 

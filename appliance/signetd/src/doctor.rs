@@ -108,7 +108,21 @@ pub fn judge(f: &Facts) -> Vec<DoctorCheck> {
     out.extend(agent_checks(f.status.as_ref()));
     out.push(spool(f.spool));
     out.push(clock(f.now, f.newest_audit));
+    out.push(own_state(f.status.as_ref()));
     out
+}
+
+/// signetd's own state: its job database written, its audit log whole.
+fn own_state(status: Option<&DaemonStatus>) -> DoctorCheck {
+    match status.map(|s| s.faults.as_slice()) {
+        None => skip("state", "the daemon's status is not known"),
+        Some([]) => pass("state", "the job database is written and the audit log is whole"),
+        Some(faults) => fail(
+            "state",
+            faults.join("; "),
+            "see signetd's log; restore state_dir/signet.db from a backup when the audit log was cut or edited (`signetd audit verify` names the record)",
+        ),
+    }
 }
 
 fn vhost_vsock(f: &Facts) -> DoctorCheck {
@@ -643,6 +657,7 @@ mod tests {
             queue: None,
             recovery: vec![],
             tokens: None,
+            faults: vec![],
         }
     }
 
@@ -694,6 +709,19 @@ mod tests {
     }
 
     #[test]
+    fn the_appliances_own_faults_fail_the_state_check() {
+        let mut f = healthy();
+        if let Some(s) = f.status.as_mut() {
+            s.faults = vec!["the audit log is broken: record 3 was deleted".into()];
+        }
+        let checks = judge(&f);
+        let c = find(&checks, "state");
+        assert_eq!(c.status, CheckStatus::Fail, "{c:?}");
+        assert!(c.summary.contains("record 3"), "{c:?}");
+        assert!(c.fix.as_deref().unwrap_or("").contains("backup"), "{c:?}");
+    }
+
+    #[test]
     fn a_healthy_host_passes_every_check() {
         let checks = judge(&healthy());
         for c in &checks {
@@ -716,7 +744,8 @@ mod tests {
                 "pin",
                 "certificate",
                 "spool",
-                "clock"
+                "clock",
+                "state"
             ]
         );
     }

@@ -81,6 +81,8 @@ pub(crate) struct Engine {
     /// Jobs that ended in the crash recovery at start (uploads cut short), before
     /// anything could listen to `finished`: the D-Bus front announces them first.
     ended_at_start: Vec<String>,
+    /// The job database failed the last time it was written, and why (for the status).
+    store_fault: Mutex<Option<String>>,
 }
 
 /// Where signetd is in stopping.
@@ -143,6 +145,7 @@ impl Engine {
             finished: tokio::sync::broadcast::channel(256).0,
             agent_epoch: watch::channel(0).0,
             ended_at_start: Vec::new(),
+            store_fault: Mutex::default(),
         };
         let ended = engine.recover()?;
         Ok(Engine {
@@ -201,6 +204,31 @@ impl Engine {
             }
         }
         Ok(ended)
+    }
+
+    /// Why the job database failed when last written, while it does.
+    pub(crate) fn store_fault(&self) -> Option<String> {
+        lock(&self.store_fault).clone()
+    }
+
+    /// Notes how the last write to the job database went.
+    fn store_wrote(&self, result: Result<(), &StoreError>) {
+        let mut fault = lock(&self.store_fault);
+        match result {
+            Ok(()) => {
+                if fault.take().is_some() {
+                    tracing::info!("the job database is written again");
+                }
+            }
+            Err(e) => {
+                let why = if e.disk_full() {
+                    "the disk of the state directory is full, so jobs cannot be recorded; free space on it".to_owned()
+                } else {
+                    format!("jobs cannot be recorded: {e}")
+                };
+                *fault = Some(why);
+            }
+        }
     }
 
     /// The jobs the crash recovery at start ended.
@@ -407,6 +435,7 @@ impl Daemon {
             content_type: content_type.to_owned(),
             request_sha256: Some(request.clone()),
         });
+        engine.store_wrote(inserted.as_ref().map(|_| ()));
         let id = match inserted {
             Ok(Inserted::New(id)) => id,
             Ok(Inserted::Existing(id)) => {
@@ -479,7 +508,9 @@ impl Daemon {
                 return Err(e);
             }
         };
-        store.queued(&id, &sha, n).map_err(|e| {
+        let queued = store.queued(&id, &sha, n);
+        engine.store_wrote(queued.as_ref().map(|_| ()));
+        queued.map_err(|e| {
             if e.disk_full() {
                 disk_full(&self.config().state_dir, &id, &e)
             } else {
@@ -571,7 +602,7 @@ impl Daemon {
                 _ => return,
             }
             tokio::select! {
-                _ = rx.wait_for(|d| *d) => {}
+                r = rx.wait_for(|d| *d) => if r.is_err() { return },
                 r = stop.changed() => if r.is_err() { return },
             }
         }
@@ -682,7 +713,7 @@ impl Daemon {
                 let expired = || {
                     ErrorBody::new(
                         ErrorCode::ResultExpired,
-                        format!("job {id} was signed, but its result was kept for {} s and is gone; sign the file again", self.config().queue.result_ttl_seconds),
+                        format!("job {id} was signed, but its result is no longer kept (at most {} s, less for a result already delivered when the spool needs the room); sign the file again", self.config().queue.result_ttl_seconds),
                     )
                 };
                 if row.result_gone {
@@ -989,6 +1020,14 @@ impl Daemon {
         };
         let (token_serial, cert) = facts;
         let ms = started.elapsed().as_millis() as u64;
+        // The timeline counts an outage from the first contact that failed.
+        match &answer {
+            Err(e) if e.code == ErrorCode::AgentUnavailable => {
+                self.timeline().saw(Seen::ContactFailed)
+            }
+            Err(_) => {}
+            Ok(_) => self.timeline().saw(Seen::ContactOk),
+        }
         match answer {
             Ok((sha, n, ct)) => {
                 store.charge(n);
@@ -998,7 +1037,9 @@ impl Daemon {
                 e.output_sha256 = Some(sha.clone());
                 e.output_bytes = Some(n);
                 e.duration_ms = Some(ms);
-                match store.finish(id, JobState::Signed, Some((&sha, n, &ct)), None, &e) {
+                let finished = store.finish(id, JobState::Signed, Some((&sha, n, &ct)), None, &e);
+                engine.store_wrote(finished.as_ref().map(|_| ()));
+                match finished {
                     Ok(_) => {
                         store.remove_spooled(&store.input_path(id));
                         lock(&engine.sched).queue.record_duration(ms);

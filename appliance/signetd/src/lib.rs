@@ -57,6 +57,7 @@ pub mod dbus;
 pub mod doctor;
 pub mod enroll_config;
 pub mod handtokening;
+pub mod head;
 pub mod jobs;
 pub mod life;
 pub mod limits;

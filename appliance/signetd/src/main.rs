@@ -41,6 +41,11 @@ enum Cmd {
     /// The audit log in `state_dir/signet.db`.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Forgets the audit head kept outside the database (state_dir/signet.head), so
+    /// signetd starts on signet.db as it is — a new one when it is missing. For a
+    /// database lost, emptied or replaced on purpose (an older backup): the audit
+    /// history it lacks is gone. Then start signetd.
+    ResetState,
     /// TLS for remote clients.
     #[command(subcommand)]
     Tls(TlsCommand),
@@ -374,12 +379,21 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
 #[derive(Debug, clap::Subcommand)]
 enum AuditCommand {
     /// Walks the hash chain; names the first record that was changed, deleted or
-    /// reordered, and exits 1 if there is one.
+    /// reordered, and exits 1 if there is one. Also holds the log against the head
+    /// kept outside the database (state_dir/signet.head) and the edit count its
+    /// trigger keeps, so newest records cut off are found too.
     Verify {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// A head exported earlier with `signetd audit head` (HASH:COUNT): the log
+        /// must still hold that record with that hash.
+        #[arg(long, value_name = "HASH:COUNT")]
+        head: Option<String>,
     },
+    /// Prints the chain's head as HASH:COUNT (after verifying it), to keep elsewhere
+    /// and give back to `audit verify --head`.
+    Head,
     /// Writes the records as JSON lines to stdout.
     Export {
         /// Only records from this time on (RFC 3339, e.g. 2026-11-23T08:00:00Z).
@@ -401,15 +415,27 @@ fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
                 )
             })?;
     match cmd {
-        AuditCommand::Verify { json } => {
-            // The same AuditCheck the D-Bus and HTTP fronts answer.
-            let check = audit::check(&conn)?;
+        AuditCommand::Verify { json, head } => {
+            // The same AuditCheck the D-Bus and HTTP fronts answer, also held against
+            // the head given, else the one kept in the state directory.
+            let known = match head {
+                Some(h) => Some(
+                    audit::KnownHead::parse(h, "given with --head").map_err(anyhow::Error::msg)?,
+                ),
+                None => signetd::head::read(&cfg.state_dir)?.map(|h| h.known(&cfg.state_dir)),
+            };
+            let check = audit::check_with(&conn, known.as_ref())?;
             if *json {
                 println!("{}", serde_json::to_string(&check)?);
             } else {
                 print!("{}", signet_protocol::operator::audit_check_text(&check));
             }
             Ok(if check.ok { 0 } else { 1 })
+        }
+        AuditCommand::Head => {
+            let v = audit::verify(&conn)?;
+            println!("{}:{}", v.head, v.records);
+            Ok(0)
         }
         AuditCommand::Export { since } => {
             let stdout = std::io::stdout();
@@ -438,6 +464,22 @@ async fn main() -> anyhow::Result<()> {
         Some(Cmd::Enroll(cmd)) => return enroll(cmd, &cli.config),
         Some(Cmd::Tokens { json }) => return tokens(json, catalog(&cli.config)?),
         Some(Cmd::Client(cmd)) => return client_command(&Config::load(&cli.config)?, cmd),
+        Some(Cmd::ResetState) => {
+            let cfg = Config::load(&cli.config)?;
+            let old = signetd::head::read(&cfg.state_dir).ok().flatten();
+            signetd::head::guard(&cfg.state_dir, true)?;
+            match old {
+                Some(h) => eprintln!(
+                    "forgot the audit head {}:{} of {}; signetd starts on {} as it is when it starts next",
+                    h.hash,
+                    h.records,
+                    cfg.state_dir.display(),
+                    cfg.state_dir.join(signetd::store::DB_FILE).display()
+                ),
+                None => eprintln!("no audit head was kept in {}; nothing to forget", cfg.state_dir.display()),
+            }
+            return Ok(());
+        }
         Some(Cmd::Tls(cmd)) => return tls_command(cmd),
         Some(Cmd::Audit(cmd)) => {
             let code = audit_command(&Config::load(&cli.config)?, &cmd)?;
@@ -494,7 +536,9 @@ async fn main() -> anyhow::Result<()> {
             cfg.state_dir.display()
         )
     })?;
+    let head = signetd::head::guard(&cfg.state_dir, false)?;
     let mut daemon = Daemon::open(cfg.clone())?;
+    daemon.keep_head(head)?;
     if let Some(tls) = &cfg.tls {
         let acceptor = signetd::tls::acceptor(&tls.cert, &tls.key)?;
         for ep in &tls.listen {
@@ -516,6 +560,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(daemon.clone().run_worker());
     tokio::spawn(daemon.clone().run_janitor());
     tokio::spawn(daemon.clone().run_refusal_flush());
+    tokio::spawn(daemon.clone().run_head_keeper());
     // The D-Bus front is for host tools; signing works without it.
     let _bus = match signetd::dbus::serve(daemon.clone(), &bus).await {
         Ok(Some(conn)) => {

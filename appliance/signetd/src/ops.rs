@@ -122,7 +122,10 @@ impl Daemon {
 
     /// Walks the audit chain.
     pub fn audit_verify(&self) -> Result<AuditCheck, ErrorBody> {
-        crate::audit::check(&self.store().conn()).map_err(|e| internal("reading the audit log", &e))
+        let dir = &self.config().state_dir;
+        let known = crate::head::read(dir).ok().flatten().map(|h| h.known(dir));
+        crate::audit::check_with(&self.store().conn(), known.as_ref())
+            .map_err(|e| internal("reading the audit log", &e))
     }
 
     /// The host checks (`signetctl doctor`).

@@ -34,6 +34,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(BATCH_PATH, post(sign_batch))
         .route(handtokening::PATH, post(api_sign))
         .route(STATUS_PATH, get(status))
+        .route(signet_protocol::wire::PROFILE_PATH, get(profile))
         .route(signet_protocol::wire::TOKENS_PATH, get(tokens))
         .route(JOB_PATH, get(get_job).delete(cancel_job))
         .route(JOB_RESULT_PATH, get(job_result))
@@ -41,7 +42,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .fallback(|| async {
             ErrorBody::new(
                 ErrorCode::BadRequest,
-                "no such API path; the API is POST /v1/sign, POST /v1/batch, GET /v1/status, GET|DELETE /v1/jobs/{id}, GET /v1/jobs/{id}/result and POST /api/sign; root on the host also has /v1/operator/...",
+                "no such API path; the API is POST /v1/sign, POST /v1/batch, GET /v1/status, GET /v1/profile, GET|DELETE /v1/jobs/{id}, GET /v1/jobs/{id}/result and POST /api/sign; root on the host also has /v1/operator/...",
             )
         })
         .with_state(daemon)
@@ -110,6 +111,30 @@ async fn tokens(
         return *resp;
     }
     Json(daemon.tokens()).into_response()
+}
+
+/// `GET /v1/profile?profile=NAME`: how a profile the caller may use signs.
+async fn profile(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    query: Result<Query<signet_protocol::wire::ProfileQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let query = query.map(|Query(q)| q).map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("bad query: {}", e.body_text()),
+        )
+    });
+    let options = query.and_then(|q| {
+        authenticate(&daemon, &peer, tls.is_some(), &headers)
+            .and_then(|caller| daemon.profile_options(q.profile.as_deref(), &caller))
+    });
+    match options {
+        Ok(o) => Json(o).into_response(),
+        Err(e) => error_response(&daemon, e),
+    }
 }
 
 async fn sign(

@@ -35,6 +35,8 @@ pub enum StoreError {
     Schema { found: i64 },
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
+    #[error("the job database {path} is damaged ({detail}); signetd does not start on it. Stop here, keep a copy of the state directory, then restore {DB_FILE} from a backup (or salvage it: sqlite3 {DB_FILE} .recover | sqlite3 {DB_FILE}.new, and move the new one in its place); `signetd reset-state` starts afresh once the file is moved away")]
+    Damaged { path: PathBuf, detail: String },
 }
 
 impl StoreError {
@@ -47,6 +49,12 @@ impl StoreError {
             _ => false,
         }
     }
+}
+
+/// Whether SQLite said the database file is damaged or not a database.
+pub fn db_damaged(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
 }
 
 /// Whether SQLite said the disk is full.
@@ -161,9 +169,32 @@ fn state_name(s: JobState) -> &'static str {
 impl Store {
     /// Opens (creating) the database and the spool under `state_dir`.
     pub fn open(state_dir: &Path, spool_quota: u64) -> Result<Store, StoreError> {
+        let db = state_dir.join(DB_FILE);
+        Self::open_unchecked(state_dir, spool_quota).map_err(|e| match e {
+            StoreError::Db(e) if db_damaged(&e) => StoreError::Damaged {
+                path: db,
+                detail: e.to_string(),
+            },
+            e => e,
+        })
+    }
+
+    fn open_unchecked(state_dir: &Path, spool_quota: u64) -> Result<Store, StoreError> {
         let spool = state_dir.join("spool");
         std::fs::create_dir_all(&spool)?;
         let conn = Connection::open(state_dir.join(DB_FILE))?;
+        // A damaged page is found now, not by the jobs that would fail on it.
+        let problems: Vec<String> = {
+            let mut stmt = conn.prepare("PRAGMA quick_check")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if problems.first().map(String::as_str) != Some("ok") {
+            return Err(StoreError::Damaged {
+                path: state_dir.join(DB_FILE),
+                detail: problems.into_iter().take(3).collect::<Vec<_>>().join("; "),
+            });
+        }
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -261,11 +292,18 @@ impl Store {
             return false;
         }
         let _one = self.evicting.lock().unwrap_or_else(|p| p.into_inner());
-        for (_, path) in self.kept_copies() {
+        for (id, path) in self.kept_copies() {
             if fits(self.kept.load(Ordering::SeqCst)) {
                 return true;
             }
             self.remove_spooled(&path);
+            // Its result is no longer available: the job says so.
+            if let Err(e) = self.conn().execute(
+                "UPDATE jobs SET result_gone = 1 WHERE seq = ?1",
+                [i64::try_from(id).unwrap_or(i64::MAX)],
+            ) {
+                tracing::warn!(job = id, error = %e, "a dropped result cannot be marked gone");
+            }
             tracing::info!(file = %path.display(), "a delivered result's kept copy dropped to make room in the spool");
         }
         fits(self.kept.load(Ordering::SeqCst))
@@ -751,6 +789,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 100).unwrap();
         for id in ["1", "2"] {
+            assert_eq!(
+                store.insert(&job("uid:0", None)).unwrap(),
+                Inserted::New(id.into())
+            );
             assert!(store.reserve(40));
             std::fs::write(store.output_path(id), [0u8; 40]).unwrap();
         }
@@ -761,7 +803,12 @@ mod tests {
         // 60 fits beside one kept copy: the oldest goes.
         assert!(store.reserve(60));
         assert!(!store.delivered_path("1").exists());
+        assert!(
+            store.get("1").unwrap().unwrap().result_gone,
+            "job 1 says so"
+        );
         assert!(store.delivered_path("2").exists());
+        assert!(!store.get("2").unwrap().unwrap().result_gone);
         // More than the quota drops nothing.
         assert!(!store.reserve(50));
         assert!(store.delivered_path("2").exists());

@@ -5,8 +5,11 @@
 //! [`Clock`] is pure: it turns what was seen into entries, pairing each loss with its
 //! return (the time between is the entry's `duration_ms`) and the return with the first
 //! job signed after it (the time to recover, from the field's point of view). Events
-//! that arrive twice or out of order make no entry. [`Timeline`] keeps the clock and
-//! writes its entries.
+//! that arrive twice or out of order make no entry. An outage of the agent counts from
+//! the first contact that failed (a health read, a job sent, the status) — not from
+//! when the daemon gave up on the stream, which can be much later — to the return;
+//! the `agent_unreachable` entry carries that first failure's time. [`Timeline`]
+//! keeps the clock and writes its entries.
 
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +21,11 @@ use crate::store::{self, Store};
 /// Something the daemon saw or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {
+    /// A contact with the agent failed (a health read or a job that got no answer):
+    /// the outage, if one follows, counts from the first such failure.
+    ContactFailed,
+    /// The agent answered a contact: a failure before it was a blip.
+    ContactOk,
     /// The agent cannot be reached (why).
     AgentDown(String),
     AgentUp,
@@ -63,6 +71,8 @@ pub struct Entry {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Clock {
     agent_down_since: Option<u64>,
+    /// The first failed contact since the agent last answered.
+    first_failure: Option<u64>,
     token_lost_since: Option<u64>,
     /// When signing came back, waiting for the first job signed after it.
     back_at: Option<u64>,
@@ -80,15 +90,34 @@ impl Clock {
             })
         };
         match seen {
+            Seen::ContactFailed => {
+                if self.agent_down_since.is_none() && self.first_failure.is_none() {
+                    self.first_failure = Some(now);
+                }
+                None
+            }
+            Seen::ContactOk => {
+                if self.agent_down_since.is_none() {
+                    self.first_failure = None;
+                }
+                None
+            }
             Seen::AgentDown(why) => {
                 if self.agent_down_since.is_some() {
                     return None;
                 }
-                self.agent_down_since = Some(now);
+                let since = self.first_failure.take().map_or(now, |f| f.min(now));
+                self.agent_down_since = Some(since);
                 self.back_at = None;
-                entry("agent_unreachable", why, None)
+                Some(Entry {
+                    time_ms: since,
+                    event: "agent_unreachable",
+                    detail: why,
+                    duration_ms: None,
+                })
             }
             Seen::AgentUp => {
+                self.first_failure = None;
                 let since = self.agent_down_since.take()?;
                 self.back_at = Some(now);
                 entry(
@@ -304,6 +333,32 @@ impl Timeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agent_outage_counts_from_the_first_failed_contact() {
+        let mut c = Clock::default();
+        // A blip: one failure, then an answer.
+        assert_eq!(c.on(Seen::ContactFailed, 500), None);
+        assert_eq!(c.on(Seen::ContactOk, 600), None);
+        // Killed at 1 s: jobs and health reads fail from then on, the silent stream is
+        // given up only at 30.7 s, the agent is back at 31 s.
+        assert_eq!(c.on(Seen::ContactFailed, 1_000), None);
+        assert_eq!(c.on(Seen::ContactFailed, 11_000), None);
+        let down = c.on(Seen::AgentDown("no answer".into()), 30_700).unwrap();
+        assert_eq!((down.event, down.time_ms), ("agent_unreachable", 1_000));
+        assert_eq!(c.on(Seen::ContactOk, 30_800), None, "not yet the return");
+        let back = c.on(Seen::AgentUp, 31_000).unwrap();
+        assert_eq!((back.event, back.duration_ms), ("agent_back", Some(30_000)));
+        // The next outage starts from its own first failure, not the old one.
+        assert_eq!(c.on(Seen::ContactFailed, 40_000), None);
+        let down = c.on(Seen::AgentDown("gone".into()), 40_100).unwrap();
+        assert_eq!(down.time_ms, 40_000);
+        let back = c.on(Seen::AgentUp, 41_100).unwrap();
+        assert_eq!(back.duration_ms, Some(1_100));
+        // Without a failure before it, the outage starts when it is seen.
+        let down = c.on(Seen::AgentDown("refused".into()), 50_000).unwrap();
+        assert_eq!(down.time_ms, 50_000);
+    }
 
     #[test]
     fn a_loss_is_paired_with_its_return_and_the_first_job_after_it() {

@@ -96,6 +96,87 @@ impl Spool {
     }
 }
 
+/// What makes a job the same job when the host sends it again: the host's job id,
+/// the request's options and the input's SHA-256. A job id alone is not enough (a
+/// host whose state was reset numbers its jobs from 1 again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobKey(String);
+
+impl JobKey {
+    pub fn new(job: &str, query: &str, input_sha256: [u8; 32]) -> Self {
+        let hex: String = input_sha256.iter().map(|b| format!("{b:02x}")).collect();
+        JobKey(format!("{job}\n{query}\n{hex}"))
+    }
+
+    /// The host's job id.
+    fn job(&self) -> &str {
+        self.0.split('\n').next().unwrap_or_default()
+    }
+}
+
+/// How many signed results are kept for a host that asks again, how many bytes they
+/// may take together (the newest is kept whatever its size), and for how long.
+const KEPT_RESULTS: usize = 8;
+const KEPT_BYTES: u64 = 2 << 30;
+const KEPT_FOR: Duration = Duration::from_secs(600);
+
+/// The newest signed results, each for the job that made it: a job the host sends
+/// again (it restarted, or lost the connection, while the agent signed) gets its
+/// result again instead of a second signature. Pure bookkeeping; the files live in
+/// the kept spools and go with them.
+#[derive(Debug)]
+struct Kept<T> {
+    results: std::collections::VecDeque<KeptResult<T>>,
+}
+
+#[derive(Debug)]
+struct KeptResult<T> {
+    key: JobKey,
+    at: std::time::Instant,
+    bytes: u64,
+    result: T,
+}
+
+impl<T> Default for Kept<T> {
+    fn default() -> Self {
+        Kept {
+            results: Default::default(),
+        }
+    }
+}
+
+impl<T: Clone> Kept<T> {
+    fn find(&mut self, key: &JobKey, now: std::time::Instant) -> Option<T> {
+        self.expire(now);
+        self.results
+            .iter()
+            .find(|r| r.key == *key)
+            .map(|r| r.result.clone())
+    }
+
+    fn keep(&mut self, key: JobKey, result: T, bytes: u64, now: std::time::Instant) {
+        self.expire(now);
+        self.results.retain(|r| r.key != key);
+        self.results.push_back(KeptResult {
+            key,
+            at: now,
+            bytes,
+            result,
+        });
+        while self.results.len() > KEPT_RESULTS
+            || (self.results.len() > 1
+                && self.results.iter().map(|r| r.bytes).sum::<u64>() > KEPT_BYTES)
+        {
+            self.results.pop_front();
+        }
+    }
+
+    fn expire(&mut self, now: std::time::Instant) {
+        self.results
+            .retain(|r| now.saturating_duration_since(r.at) < KEPT_FOR);
+    }
+}
+
 /// A name for this agent process, different at every start: its pid and start time.
 fn new_instance() -> String {
     let since = std::time::SystemTime::now()
@@ -129,6 +210,8 @@ pub struct Agent {
     reinit_command: Option<Vec<String>>,
     /// Set when the agent stops: open event streams end.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Results kept for a host that asks for the same job again.
+    kept: Mutex<Kept<Arc<Spool>>>,
 }
 
 impl Agent {
@@ -174,6 +257,7 @@ impl Agent {
             next_job: AtomicU64::new(1),
             wake: tokio::sync::Notify::new(),
             stopping: tokio::sync::watch::channel(false).0,
+            kept: Mutex::new(Kept::default()),
         })
     }
 
@@ -330,11 +414,41 @@ impl Agent {
             })
     }
 
-    /// Signs the spooled input; on success the signed file is at `spool.output()`.
-    pub async fn sign(&self, spool: &Spool, query: &AgentSignQuery) -> Result<(), ErrorBody> {
-        let input = self.check_input(spool, query).await?;
+    /// Signs the spooled input once per job: a job the host sent before (same job id,
+    /// options and input) whose result is still kept gets that result, and the token
+    /// signs nothing. Answers the spool that holds the signed file.
+    pub async fn sign_once(
+        &self,
+        key: Option<JobKey>,
+        spool: Spool,
+        query: &AgentSignQuery,
+    ) -> Result<Arc<Spool>, ErrorBody> {
+        let input = self.check_input(&spool, query).await?;
+        // Looked up under the token's lock: a second copy of a job that is signing now
+        // waits for the first and then takes its result.
         let _job = self.jobs.lock().await;
-        self.sign_locked(spool, &input, query).await
+        if let Some(key) = &key {
+            let found = self
+                .kept
+                .lock()
+                .ok()
+                .and_then(|mut k| k.find(key, std::time::Instant::now()));
+            if let Some(kept) = found {
+                tracing::info!(
+                    job = key.job(),
+                    "the host sent job {} again; its kept result goes back and nothing is signed twice",
+                    key.job()
+                );
+                return Ok(kept);
+            }
+        }
+        self.sign_locked(&spool, &input, query).await?;
+        let bytes = std::fs::metadata(spool.output()).map_or(0, |m| m.len());
+        let spool = Arc::new(spool);
+        if let (Some(key), Ok(mut kept)) = (key, self.kept.lock()) {
+            kept.keep(key, spool.clone(), bytes, std::time::Instant::now());
+        }
+        Ok(spool)
     }
 
     /// Signs a batch in order under one hold of the token: no other job runs between
@@ -403,6 +517,9 @@ impl Agent {
                 // The profile's formats hold in digest mode too: the blob says what
                 // kind of file it came from.
                 job::allowed(query, kind)?;
+                // And its options: the data must be made with the profile's hash and
+                // page hashes, as the whole file would be signed.
+                job::digest_matches(query, kind, blob_options(spool.input()).await?)?;
                 tracing::info!(
                     profile = query.profile.as_deref().unwrap_or("-"),
                     kind = kind.map_or("unknown".to_owned(), |k| k.to_string()),
@@ -602,6 +719,22 @@ async fn detect(
     .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
+/// How the spooled Authenticode data was made (digest mode).
+async fn blob_options(input: PathBuf) -> Result<format::BlobOptions, ErrorBody> {
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&input).map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!("the spooled input is gone: {e}"),
+            )
+        })?;
+        format::digest_blob_options(&file)
+            .map_err(|e| ErrorBody::new(ErrorCode::UnsupportedFormat, e.to_string()))
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
 /// Reads the first bytes of the spooled input.
 async fn read_head(input: &Path) -> Result<Vec<u8>, ErrorBody> {
     let mut head = Vec::with_capacity(format::HEAD_LEN);
@@ -660,5 +793,61 @@ async fn run_reinit_command(cmd: &[String]) {
         Err(_) => {
             tracing::warn!(command = ?cmd, "token.reinit_command took longer than 60 s; stopped")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn key(job: &str, query: &str, byte: u8) -> JobKey {
+        JobKey::new(job, query, [byte; 32])
+    }
+
+    #[test]
+    fn a_job_sent_again_finds_its_result_only_with_the_same_options_and_input() {
+        let now = Instant::now();
+        let mut kept = Kept::default();
+        kept.keep(key("7", "profile=a", 1), "signed-7", 10, now);
+        assert_eq!(kept.find(&key("7", "profile=a", 1), now), Some("signed-7"));
+        assert_eq!(
+            kept.find(&key("7", "profile=b", 1), now),
+            None,
+            "other options"
+        );
+        assert_eq!(
+            kept.find(&key("7", "profile=a", 2), now),
+            None,
+            "other input"
+        );
+        assert_eq!(kept.find(&key("8", "profile=a", 1), now), None, "other job");
+        assert_eq!(key("7", "q", 1).job(), "7");
+    }
+
+    #[test]
+    fn kept_results_are_bounded_by_count_bytes_and_age() {
+        let now = Instant::now();
+        let mut kept = Kept::default();
+        for i in 0..KEPT_RESULTS + 2 {
+            kept.keep(key(&i.to_string(), "", 0), i, 1, now);
+        }
+        assert_eq!(kept.results.len(), KEPT_RESULTS);
+        assert_eq!(
+            kept.find(&key("0", "", 0), now),
+            None,
+            "the oldest went first"
+        );
+        assert_eq!(kept.find(&key("9", "", 0), now), Some(9));
+
+        // One result over the byte budget is kept alone; the others make room.
+        kept.keep(key("big", "", 0), 100, KEPT_BYTES + 1, now);
+        assert_eq!(kept.results.len(), 1);
+        assert_eq!(kept.find(&key("big", "", 0), now), Some(100));
+
+        // And nothing outlives KEPT_FOR.
+        let later = now + KEPT_FOR;
+        assert_eq!(kept.find(&key("big", "", 0), later), None);
+        assert!(kept.results.is_empty());
     }
 }

@@ -2,7 +2,7 @@
 //! options as they arrive from the host, and whether the profile signs the format the
 //! input turned out to be (a damaged file of that format is `bad_input`). Pure; [`crate::agent`] calls it.
 
-use signet_protocol::format::{Detected, Format, FormatError};
+use signet_protocol::format::{BlobOptions, Detected, Format, FormatError};
 use signet_protocol::wire::{
     check_timestamp_url, AgentSignQuery, ErrorBody, ErrorCode, MAX_TIMESTAMP_SERVERS,
 };
@@ -42,6 +42,45 @@ pub fn admit(
     })?;
     allowed(query, Some(detected.format))?;
     Ok(detected)
+}
+
+/// Whether digest mode's Authenticode data was made as the profile signs: with its
+/// hash, and for a PE with page hashes exactly when it asks for them. Otherwise the
+/// signature would not be the one the whole file would get.
+pub fn digest_matches(
+    query: &AgentSignQuery,
+    kind: Option<Format>,
+    blob: BlobOptions,
+) -> Result<(), ErrorBody> {
+    let profile = query.profile.as_deref().map_or_else(
+        || "this signing profile".to_owned(),
+        |p| format!("the signing profile {p:?}"),
+    );
+    let fix = "signet does this itself from GET /v1/profile; update it if it did not";
+    let want = query.hash.as_str();
+    if blob.hash != Some(query.hash) {
+        let made = blob
+            .hash
+            .map_or("an algorithm Signet does not sign with", |h| h.as_str());
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!(
+                "the Authenticode data was extracted with {made}, and {profile} signs with {want}: extract it with `osslsigncode extract-data -h {want}` ({fix})"
+            ),
+        ));
+    }
+    if kind == Some(Format::Pe) && blob.page_hashes != query.page_hashes {
+        let (has, asks, flag) = if blob.page_hashes {
+            ("has page hashes", "signs without", "without -ph")
+        } else {
+            ("has no page hashes", "adds them", "with -ph")
+        };
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("the Authenticode data {has}, and {profile} {asks}: extract it {flag} ({fix})"),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the profile signs `format` (`None`: a digest whose file type cannot be
@@ -135,6 +174,42 @@ mod tests {
         for (e, code) in cases {
             assert_eq!(admit(&q, Err(e)).unwrap_err().code, code);
         }
+    }
+
+    #[test]
+    fn digest_data_must_be_made_as_the_profile_signs() {
+        use signet_protocol::wire::DigestAlgorithm::*;
+        let q = AgentSignQuery {
+            profile: Some("release".into()),
+            hash: Sha512,
+            page_hashes: true,
+            ..AgentSignQuery::default()
+        };
+        let blob = |hash, page_hashes| BlobOptions { hash, page_hashes };
+        assert!(digest_matches(&q, Some(Format::Pe), blob(Some(Sha512), true)).is_ok());
+        // Only PE files have pages.
+        assert!(digest_matches(&q, Some(Format::Msi), blob(Some(Sha512), false)).is_ok());
+        let e = digest_matches(&q, Some(Format::Pe), blob(Some(Sha256), true)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(
+            e.message.contains(
+                "extracted with sha256, and the signing profile \"release\" signs with sha512"
+            ) && e.message.contains("-h sha512"),
+            "{}",
+            e.message
+        );
+        let e = digest_matches(&q, Some(Format::Pe), blob(Some(Sha512), false)).unwrap_err();
+        assert!(
+            e.message.contains("has no page hashes") && e.message.contains("with -ph"),
+            "{}",
+            e.message
+        );
+        let e = digest_matches(&q, None, blob(None, false)).unwrap_err();
+        assert!(
+            e.message.contains("an algorithm Signet does not sign with"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

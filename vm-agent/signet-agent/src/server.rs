@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
-use axum::http::{header, HeaderValue};
+use axum::extract::{Query, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,12 +16,12 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use signet_protocol::batch::{self, Part, PartBody, RESULT_HEADER};
 use signet_protocol::wire::{
     AgentLogin, AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_EVENTS_PATH,
-    AGENT_HEALTH_PATH, AGENT_LOGIN_PATH, AGENT_REINIT_PATH, AGENT_SIGN_PATH,
+    AGENT_HEALTH_PATH, AGENT_LOGIN_PATH, AGENT_REINIT_PATH, AGENT_SIGN_PATH, JOB_HEADER,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::agent::{Agent, Spool};
+use crate::agent::{Agent, JobKey, Spool};
 
 /// The agent's router.
 pub fn router(agent: Arc<Agent>) -> Router {
@@ -104,6 +104,8 @@ async fn events(
 
 async fn sign(
     State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
+    RawQuery(raw_query): RawQuery,
     query: Result<Query<AgentSignQuery>, QueryRejection>,
     body: Body,
 ) -> Result<Response, ErrorBody> {
@@ -117,12 +119,33 @@ async fn sign(
     let _g = span.enter();
     drop(_g);
     let spool = agent.spool()?;
-    receive(&spool, body).await?;
-    {
+    let (_, input_sha256) = receive(&spool, body).await?;
+    // A job the host sends again (it was restarted, or lost the connection, while the
+    // agent signed) gets the result kept for it instead of a second signature: the
+    // host's job id, bound to the exact request and input.
+    let once = headers
+        .get(JOB_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|job| JobKey::new(job, raw_query.as_deref().unwrap_or(""), input_sha256));
+    // Signing runs to its end in a task of its own, even when the host drops the
+    // request: killing a signing process mid-operation can leave the token (or
+    // SoftHSM's object store) half-written. A dropped request only drops the result.
+    let signed = {
         use tracing::Instrument;
-        agent.sign(&spool, &query).instrument(span.clone()).await?;
-    }
-    send(spool).await
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.sign_once(once, spool, &query).await }.instrument(span))
+            .await
+            .map_err(task_ended)?
+    };
+    send(signed?).await
+}
+
+/// A signing task that panicked or was cancelled.
+fn task_ended(e: tokio::task::JoinError) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Internal,
+        format!("the signing task ended before its answer: {e}"),
+    )
 }
 
 /// The block size of spool reads and writes.
@@ -191,9 +214,19 @@ async fn batch(
         items.push((spool, q));
     }
     let span = tracing::info_span!("batch", files = items.len());
-    let results = {
+    // As for one file: the batch is signed to its end even when the host goes away.
+    let (items, results) = {
         use tracing::Instrument;
-        agent.sign_batch(&items).instrument(span).await
+        let agent = agent.clone();
+        tokio::spawn(
+            async move {
+                let results = agent.sign_batch(&items).await;
+                (items, results)
+            }
+            .instrument(span),
+        )
+        .await
+        .map_err(task_ended)?
     };
     let mut out = Vec::with_capacity(items.len());
     for ((spool, q), result) in items.iter().zip(results) {
@@ -234,8 +267,11 @@ fn spool_error(e: std::io::Error) -> ErrorBody {
     )
 }
 
-/// Streams the request body into the spool, in constant memory.
-async fn receive(spool: &Spool, body: Body) -> Result<u64, ErrorBody> {
+/// Streams the request body into the spool, in constant memory; answers its length
+/// and SHA-256.
+async fn receive(spool: &Spool, body: Body) -> Result<(u64, [u8; 32]), ErrorBody> {
+    use sha2::Digest;
+    let mut sha = sha2::Sha256::new();
     let internal = |e: std::io::Error| {
         ErrorBody::new(
             ErrorCode::Internal,
@@ -255,6 +291,7 @@ async fn receive(spool: &Spool, body: Body) -> Result<u64, ErrorBody> {
         match stream.try_next().await {
             Ok(Some(chunk)) => {
                 total += chunk.len() as u64;
+                sha.update(&chunk);
                 file.write_all(&chunk).await.map_err(internal)?;
             }
             Ok(None) => break,
@@ -267,11 +304,12 @@ async fn receive(spool: &Spool, body: Body) -> Result<u64, ErrorBody> {
         }
     }
     file.flush().await.map_err(internal)?;
-    Ok(total)
+    Ok((total, sha.finalize().into()))
 }
 
-/// Streams the signed file back; the spool is deleted when the stream ends.
-async fn send(spool: Spool) -> Result<Response, ErrorBody> {
+/// Streams the signed file back; the spool is deleted when the stream ends and no
+/// kept result holds it any more.
+async fn send(spool: Arc<Spool>) -> Result<Response, ErrorBody> {
     let internal = |e: std::io::Error| {
         ErrorBody::new(
             ErrorCode::Internal,

@@ -142,6 +142,7 @@ mod tests {
                 queue: None,
                 recovery: vec![],
                 tokens: None,
+                faults: vec![],
             },
             signed,
         )

@@ -617,6 +617,7 @@ mod tests {
             }),
             recovery: vec![],
             tokens: None,
+            faults: vec![],
         }
     }
 
