@@ -229,9 +229,10 @@ fn an_agent_killed_mid_job_leaves_no_job_directory_after_its_restart() {
     let pe = std::fs::read(w.pe("k.exe")).unwrap();
     let id = sign_async(&ep, "k.exe", &pe);
     wait_until("the job is at the signer", || signer.held.exists());
-    assert_eq!(job_dirs(&w).len(), 1, "the job's directory");
+    let left = job_dirs(&w);
+    assert_eq!(left.len(), 1, "the job's directory");
     w.kill("signet-agent");
-    assert_eq!(job_dirs(&w).len(), 1, "left by the crash");
+    assert_eq!(job_dirs(&w), left, "left by the crash");
 
     signer.release();
     w.start_agent_with(
@@ -247,11 +248,20 @@ fn an_agent_killed_mid_job_leaves_no_job_directory_after_its_restart() {
         "{}",
         w.log("signet-agent")
     );
-    // The host runs the job again, in a directory that goes when it ends.
+    assert!(
+        job_dirs(&w).iter().all(|d| !left.contains(d)),
+        "the crashed run's directory is gone"
+    );
+    // The host runs the job again, in a directory of its own that the agent keeps
+    // only as the job's result (for a host that asks again), nothing else.
     let (status, body) = fetch(&ep, &format!("/v1/jobs/{id}/result"));
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert!(verify(&w, &w.file("k-signed.exe", &body)).0);
-    wait_until("no job directory is left", || job_dirs(&w).is_empty());
+    let now = job_dirs(&w);
+    assert!(
+        now.len() <= 1 && now.iter().all(|d| !left.contains(d)),
+        "only the kept result of the job run again: {now:?} (left by the crash: {left:?})"
+    );
 }
 
 /// A request sent on a thread of its own: the answer's status and body as text.
