@@ -357,7 +357,7 @@ fn sign_as_ci(ep: &Endpoint, sock: &Path, file: &Path) -> usize {
 #[test]
 fn signet_survives_signetd_killed_9_five_times_nothing_lost_nothing_signed_twice() {
     const CALLERS: u32 = 3;
-    const FILES: u32 = 6;
+    const FILES: u32 = 8;
     const KILLS: usize = 5;
     let mut w = World::new();
     let ep = appliance(
@@ -383,17 +383,21 @@ fn signet_survives_signetd_killed_9_five_times_nothing_lost_nothing_signed_twice
         "every input differs"
     );
 
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let callers: Vec<_> = files
         .iter()
         .cloned()
         .map(|files| {
             let ep = ep.clone();
             let sock = sock.clone();
+            let done = done.clone();
             std::thread::spawn(move || {
-                files
+                let runs = files
                     .iter()
                     .map(|f| sign_as_ci(&ep, &sock, f))
-                    .sum::<usize>()
+                    .sum::<usize>();
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                runs
             })
         })
         .collect();
@@ -402,14 +406,22 @@ fn signet_survives_signetd_killed_9_five_times_nothing_lost_nothing_signed_twice
     // at once, until it was killed KILLS times.
     let mut kills = 0;
     while kills < KILLS {
+        let all_done = || done.load(std::sync::atomic::Ordering::SeqCst) == CALLERS;
         wait_until("a job accepted since the last start", || {
-            w.log("signetd").contains("job accepted")
+            all_done() || w.log("signetd").contains("job accepted")
         });
+        if all_done() {
+            break;
+        }
         w.kill("signetd");
         kills += 1;
         w.restart_daemon();
     }
     let runs: usize = callers.into_iter().map(|c| c.join().unwrap()).sum();
+    assert_eq!(
+        kills, KILLS,
+        "the callers were done before the daemon was killed {KILLS} times"
+    );
 
     // Nothing lost: every file is signed in place.
     for f in files.iter().flatten() {
@@ -457,4 +469,64 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[test]
+fn on_a_terminal_signet_says_its_job_stays_queued_while_signetd_restarts() {
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut w = World::new();
+    let ep = appliance(&mut w, "[profiles.release]\n");
+    // The job waits in the queue: the agent is away.
+    w.stop("signet-agent");
+    let file = w.pe("app.exe");
+    let typescript = w.path("typescript");
+    let cmd = format!("{} sign {}", bin("signet").display(), file.display());
+    let client = Reaped(
+        std::process::Command::new("script")
+            .args(["-qfec", &cmd])
+            .arg(&typescript)
+            .env("SIGNET_ENDPOINT", ep.to_string())
+            .env("SIGNET_PROGRESS_AFTER_MS", "0")
+            .env("SIGNET_STATUS_EVERY_MS", "100")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let screen =
+        || String::from_utf8_lossy(&std::fs::read(&typescript).unwrap_or_default()).into_owned();
+    wait_until("the job queued and waiting", || {
+        screen().contains("waiting:")
+    });
+    w.kill("signetd");
+    wait_until("the restart said on the progress line", || {
+        screen().contains("appliance restarting; job 1 stays queued")
+    });
+    w.restart_daemon();
+    let pin = w.path("pin");
+    w.start_agent(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+    );
+    let client = std::cell::RefCell::new(client);
+    wait_until("the client done", || {
+        client.borrow_mut().0.try_wait().unwrap().is_some()
+    });
+    assert!(
+        client.borrow_mut().0.wait().unwrap().success(),
+        "{}",
+        screen()
+    );
+    assert!(screen().contains("job 1"), "{}", screen());
+    assert!(verify(&w, &file).0);
+    let signed = audit(&w).iter().filter(|r| r["result"] == "signed").count();
+    assert_eq!(signed, 1);
 }

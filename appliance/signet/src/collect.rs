@@ -161,6 +161,8 @@ impl<'a> Collector<'a> {
                     if !self.reached && matches!(e, ClientError::Connect(_)) {
                         return Err(e);
                     }
+                    // Connected, then cut off: the daemon was there.
+                    self.reached = true;
                     self.away(&e).await?;
                 }
             }

@@ -113,11 +113,13 @@ async fn connection<I>(
 const LINGER_IDLE: Duration = Duration::from_secs(2);
 /// The most a closing connection reads and drops.
 const LINGER_MAX: u64 = 1 << 30;
+/// The longest a closing connection lingers, however the client trickles.
+const LINGER_MAX_TIME: Duration = Duration::from_secs(30);
 
 /// A connection's stream whose shutdown lingers: it closes its sending side (the
 /// answer is complete), then reads and drops what the client still sends — until
-/// the client closes, is silent for [`LINGER_IDLE`] or has sent [`LINGER_MAX`] —
-/// before it is dropped. Closing a socket with unread data makes the kernel send a
+/// the client closes, is silent for [`LINGER_IDLE`], has sent [`LINGER_MAX`] or
+/// [`LINGER_MAX_TIME`] has passed — before it is dropped. Closing a socket with unread data makes the kernel send a
 /// reset, which can destroy the answer before the client reads it.
 pub struct Linger<I> {
     io: I,
@@ -129,6 +131,7 @@ enum LingerState {
     Draining {
         seen: u64,
         idle: Pin<Box<tokio::time::Sleep>>,
+        until: tokio::time::Instant,
     },
     Closed,
 }
@@ -183,9 +186,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Linger<I> {
                     this.state = LingerState::Draining {
                         seen: 0,
                         idle: Box::pin(tokio::time::sleep(LINGER_IDLE)),
+                        until: tokio::time::Instant::now() + LINGER_MAX_TIME,
                     };
                 }
-                LingerState::Draining { seen, idle } => {
+                LingerState::Draining { seen, idle, until } => {
                     let mut scratch = [0u8; 16 << 10];
                     let mut buf = ReadBuf::new(&mut scratch);
                     match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
@@ -194,8 +198,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Linger<I> {
                             if *seen > LINGER_MAX {
                                 this.state = LingerState::Closed;
                             } else {
-                                idle.as_mut()
-                                    .reset(tokio::time::Instant::now() + LINGER_IDLE);
+                                let next = (tokio::time::Instant::now() + LINGER_IDLE).min(*until);
+                                idle.as_mut().reset(next);
                             }
                         }
                         // The client closed, or the connection broke: done.

@@ -149,3 +149,30 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_makes_a_ca_and_a_server_certificate_that_serves_and_overwrites_nothing() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("tls");
+        assert!(matches!(init(&dir, &[]), Err(TlsError::Init(m)) if m.contains("--host")));
+        let made = init(&dir, &["127.0.0.1".into(), "signet.example".into()]).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            (mode(&made.key), mode(&made.ca_key), mode(&dir)),
+            (0o600, 0o600, 0o700)
+        );
+        let ca = std::fs::read_to_string(&made.ca).unwrap();
+        let cert = std::fs::read_to_string(&made.cert).unwrap();
+        assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert_ne!(ca, cert, "the server's certificate is not the CA's");
+        assert!(acceptor(&made.cert, &made.key).is_ok());
+        let again = init(&dir, &["127.0.0.1".into()]).unwrap_err().to_string();
+        assert!(again.contains("exists already"), "{again}");
+        assert_eq!(std::fs::read_to_string(&made.ca).unwrap(), ca);
+    }
+}
