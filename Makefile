@@ -1,7 +1,7 @@
 # Signet — the two entry points are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: all deps build demo test lint bench clean lab lab-test
+.PHONY: all deps build demo test lint bench clean lab lab-test deb test-packaging
 
 all: build
 
@@ -42,6 +42,19 @@ lab: build
 # reset, VM restarted, signetd killed), one guest at a time; the end of `make test`.
 lab-test: build
 	$(CARGO) test -p signet-tests --test lab -- --test-threads=1 --nocapture
+
+# The Debian packages (packaging/README.md): signet for the Proxmox VE host,
+# signet-agent for the signing VM, signet-client for build VMs, in target/debian/,
+# checked with lintian. Needs debhelper and lintian (scripts/install-deps.sh).
+deb:
+	@bash packaging/build-debs.sh
+
+# The packages installed with dpkg in a Debian 12 guest booted with systemd under QEMU
+# (tests/packaging/): files and modes, the units' READY and security scores, a file
+# signed through the installed signetd and agent, restart, reinstall, upgrade, remove
+# and purge. About N minutes; the Debian image is cached under target/packaging/.
+test-packaging: deps deb
+	@bash tests/packaging/run.sh
 
 clean:
 	$(CARGO) clean

@@ -19,6 +19,8 @@
 
 pub mod batch;
 pub mod client;
+#[cfg(feature = "cli")]
+pub mod docs;
 pub mod endpoint;
 pub mod format;
 pub mod operator;

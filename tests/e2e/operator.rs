@@ -881,3 +881,41 @@ fn the_man_pages_and_completions_come_from_the_clap_definitions() {
         }
     }
 }
+
+/// The packages ship a man page and completions for every binary: signet, signetd and
+/// signet-agent generate them like signetctl (the shared `signet_protocol::docs`).
+#[test]
+fn every_binary_writes_its_man_pages_and_completions() {
+    let w = World::new();
+    for (binary, sub) in [
+        ("signet", "sign"),
+        ("signetd", "enroll-signing-vm"),
+        ("signet-agent", "doctor"),
+    ] {
+        let dir = w.path(&format!("man-{binary}"));
+        let out = Command::new(bin(binary))
+            .args(["man", "--dir", dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{binary}: {}", text(&out.stderr));
+        for page in [format!("{binary}.1"), format!("{binary}-{sub}.1")] {
+            let roff =
+                std::fs::read_to_string(dir.join(&page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+            assert!(roff.contains(".TH"), "{page}: {roff}");
+        }
+        let out = Command::new(bin(binary))
+            .args(["completions", "bash"])
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{binary}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        assert!(script.contains("complete -F"), "{binary}: {script}");
+        assert!(
+            script.contains(sub.split('-').next().unwrap()),
+            "{binary}: {script}"
+        );
+        // Hidden from --help: they are for packagers.
+        let help = Command::new(bin(binary)).arg("--help").output().unwrap();
+        assert!(!text(&help.stdout).contains("completions"), "{binary}");
+    }
+}

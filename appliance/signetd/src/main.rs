@@ -41,6 +41,8 @@ enum Cmd {
     /// The audit log in `state_dir/signet.db`.
     #[command(subcommand)]
     Audit(AuditCommand),
+    #[command(flatten)]
+    Docs(signet_protocol::docs::DocsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -390,6 +392,11 @@ async fn main() -> anyhow::Result<()> {
         Some(Cmd::Enroll(cmd)) => return enroll(cmd, &cli.config),
         Some(Cmd::Tokens { json }) => return tokens(json, catalog(&cli.config)?),
         Some(Cmd::Client(cmd)) => return client_command(&Config::load(&cli.config)?, cmd),
+        Some(Cmd::Docs(docs)) => {
+            return docs
+                .run(<Cli as clap::CommandFactory>::command())
+                .context("writing the documentation");
+        }
         Some(Cmd::Audit(cmd)) => {
             let code = audit_command(&Config::load(&cli.config)?, &cmd)?;
             std::process::exit(code);
@@ -407,6 +414,14 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         let l = Listener::bind(ep).await?;
+        if let signet_protocol::Endpoint::Unix(path) = ep {
+            // Who may sign is the grants' decision (peer credentials), not the socket's
+            // mode: open it to local callers whatever the umask (the unit's UMask=0077
+            // would leave it to root alone).
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+                .with_context(|| format!("opening {} to local callers", path.display()))?;
+        }
         let local = l.local_endpoint().context("local address")?;
         tracing::info!(endpoint = %local, "listening");
         bound.push(local.to_string());

@@ -58,6 +58,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Docs(signet_protocol::docs::DocsCommand),
 }
 
 #[tokio::main]
@@ -106,6 +108,11 @@ async fn main() -> anyhow::Result<()> {
 /// Runs a one-shot command; returns the exit status.
 fn run_command(command: Command, config_path: &std::path::Path) -> anyhow::Result<i32> {
     match command {
+        Command::Docs(docs) => {
+            docs.run(<Cli as clap::CommandFactory>::command())
+                .context("writing the documentation")?;
+            Ok(0)
+        }
         Command::Doctor { json } => {
             let report = doctor::run(config_path);
             if json {
