@@ -15,6 +15,10 @@ cargo_version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 [[ ${version%%[-+~]*} == "$cargo_version" ]] ||
   die "debian/changelog says $version but Cargo.toml says $cargo_version; add a changelog entry (dch -v $cargo_version)"
 rm -rf target/debian && mkdir -p target/debian
+# From scratch every time: dh skips the steps its stamps say are done, and would
+# package the binaries of the last build.
+rm -rf debian/.debhelper debian/signet debian/signet-agent debian/signet-client debian/tmp \
+  debian/files debian/*.substvars debian/*.debhelper debian/*.debhelper.log debian/debhelper-build-stamp
 debian/rules binary >target/debian-build.log 2>&1 || {
   tail -40 target/debian-build.log >&2
   die "debian/rules binary failed; the whole log is target/debian-build.log"

@@ -24,6 +24,7 @@ pub mod docs;
 pub mod endpoint;
 pub mod format;
 pub mod operator;
+pub mod pin_file;
 pub mod render;
 pub mod tls;
 pub mod transport;

@@ -34,6 +34,7 @@ upversion=$(cat "$P/upgrade-version")
 
 # --- install, as an admin would: apt with the packages' files (the dependencies are
 # already in the image; the guest has no archive to fetch from).
+dpkg-query -W -f '${Package}\n' | sort >/root/packages.before
 check "apt-get installs the three packages" \
   apt-get install -y --no-install-recommends /root/debs/signet_*.deb /root/debs/signet-agent_*.deb /root/debs/signet-client_*.deb
 for p in signet signet-agent signet-client; do
@@ -66,8 +67,11 @@ udev_test=$(udevadm test /sys/class/mem/null 2>&1)
 check "udev reads 60-signet.rules" grep -q 60-signet.rules <<<"$udev_test"
 check "udev finds nothing wrong in it" bash -c '! grep -Ei "60-signet.rules.*(invalid|error|unknown|fail)" <<<"$1"' _ "$udev_test"
 check "signetd and signet-agent are enabled" systemctl is-enabled signetd signet-agent
-check "nothing for tests came with them" \
-  bash -c '! dpkg-query -W -f "\${Package}\n" | grep -E "^(qemu|mingw|gcc|chromium|umockdev|wixl|msitools|gcab|nodejs|cargo|rustc)"'
+check "apt installed the three packages and nothing else" \
+  test "$(comm -13 /root/packages.before <(dpkg-query -W -f '${Package}\n' | sort) | tr '\n' ' ')" = "signet signet-agent signet-client "
+check "their dependencies name no test tooling" \
+  bash -c '! dpkg-query -W -f "\${Depends} \${Recommends}\n" signet signet-agent signet-client |
+    grep -Ei "qemu|mingw|softhsm|umockdev|chromium|wixl|msitools|gcab|nodejs|opensc|certutil|cargo"'
 
 # --- the units with the default configuration: signetd starts (READY), the agent
 # waits for /etc/signet/agent.toml.
@@ -161,6 +165,16 @@ check "/run/signet survives the restart (same directory)" test "$(stat -c %i /ru
 check "a VM's monitor socket in /run/signet survives it" test -e /run/signet/vm-999.qmp
 check "signetd is active after the restart" systemctl is-active signetd
 rm -f /run/signet/vm-999.qmp
+
+# --- check-config before each start: a PIN file open to others stops the agent's start
+check "signetd check-config passes the test configuration" signetd check-config
+check "signet-agent check-config passes its configuration" signet-agent check-config
+chmod 640 /etc/signet/private/pin
+check "a PIN file open to the group fails the agent's start" bash -c '! systemctl restart signet-agent'
+check "the journal says why and the fix" \
+  bash -c 'journalctl -b --no-pager -u signet-agent | grep -q "mode 0640); chmod 600 /etc/signet/private/pin"'
+chmod 600 /etc/signet/private/pin
+check "signet-agent starts again once it is fixed" systemctl start signet-agent
 
 # --- reinstall, then upgrade: the configuration and the state stay
 check "apt-get reinstalls the packages" apt-get install -y --reinstall /root/debs/*.deb

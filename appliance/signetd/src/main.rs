@@ -41,6 +41,11 @@ enum Cmd {
     /// The audit log in `state_dir/signet.db`.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Check the configuration file without starting (nothing is bound, nobody is
+    /// contacted): its syntax and values, and the PIN file's owner and mode. Exit 0
+    /// when it is good, 1 with the error and its fix. The unit runs it before signetd
+    /// starts.
+    CheckConfig,
     #[command(flatten)]
     Docs(signet_protocol::docs::DocsCommand),
 }
@@ -378,6 +383,26 @@ fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
     }
 }
 
+/// `signetd check-config`: the exit status; the verdict on stdout, the error on stderr.
+fn check_config(path: &std::path::Path) -> i32 {
+    let checked = Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|cfg| match &cfg.pin_file {
+            Some(pin) => signet_protocol::pin_file::check_own(pin),
+            None => Ok(()),
+        });
+    match checked {
+        Ok(()) => {
+            println!("{}: the configuration is valid", path.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("signetd: {e}");
+            1
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -392,6 +417,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Cmd::Enroll(cmd)) => return enroll(cmd, &cli.config),
         Some(Cmd::Tokens { json }) => return tokens(json, catalog(&cli.config)?),
         Some(Cmd::Client(cmd)) => return client_command(&Config::load(&cli.config)?, cmd),
+        Some(Cmd::CheckConfig) => std::process::exit(check_config(&cli.config)),
         Some(Cmd::Docs(docs)) => {
             return docs
                 .run(<Cli as clap::CommandFactory>::command())
