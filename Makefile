@@ -49,10 +49,11 @@ lab-test: build
 deb:
 	@bash packaging/build-debs.sh
 
-# The packages installed with dpkg in a Debian 12 guest booted with systemd under QEMU
+# The packages installed with apt in a Debian 12 guest booted with systemd under QEMU
 # (tests/packaging/): files and modes, the units' READY and security scores, a file
 # signed through the installed signetd and agent, restart, reinstall, upgrade, remove
-# and purge. About N minutes; the Debian image is cached under target/packaging/.
+# and purge. About 6 minutes (TCG) once the release build and the Debian image (cached
+# under target/packaging/, ~5 minutes to make) exist; .ci/run runs it after make test.
 test-packaging: deps deb
 	@bash tests/packaging/run.sh
 
