@@ -116,6 +116,14 @@ cat >/etc/systemd/system/signet-agent.service.d/softhsm.conf <<CONF
 Environment=SOFTHSM2_CONF=$tok/t/softhsm2.conf
 ReadWritePaths=$tok/t
 CONF
+# Enroll under the unit's sandbox: a stand-in for Proxmox's qm keeps the VMs'
+# configurations in /etc/pve (as qm writes pmxcfs there); signetd runs it and writes
+# the grant into /etc/signet/signetd.toml.
+mkdir -p /etc/pve/fake-qm
+install -m 0755 "$P/fake-qm" /usr/local/sbin/fake-qm
+cp "$P/simple1.conf" /etc/pve/fake-qm/104.conf
+mkdir -p /etc/systemd/system/signetd.service.d
+printf '[Service]\nEnvironment=FAKE_QM_DIR=/etc/pve/fake-qm\n' >/etc/systemd/system/signetd.service.d/fake-qm.conf
 cat >/etc/signet/signetd.toml <<CONF
 # the packaging test's configuration
 listen = ["unix:/run/signet/signetd.sock"]
@@ -123,13 +131,14 @@ agent = "unix:/run/signet-agent/agent.sock"
 default_profile = "test"
 [passthrough]
 enabled = false
+[doctor]
+qm = "/usr/local/sbin/fake-qm"
 [profiles.test]
 description = "Signet packaging test"
 [[grants]]
 callers = ["uid:0", "group:signet"]
 profiles = ["*"]
 CONF
-cp /etc/signet/signetd.toml /root/signetd.toml.test
 systemctl daemon-reload
 check "signet-agent starts (READY) with its configuration" systemctl start signet-agent
 [[ $(systemctl is-active signet-agent) == active ]] || journal signet-agent
@@ -154,6 +163,11 @@ sign_and_verify first
 check "signetctl status over the system bus" signetctl status
 check "the audit chain verifies" signetd audit verify
 records() { signetd audit export 2>/dev/null | wc -l; }
+check "signetctl enroll build-vm 104: qm run by the sandboxed signetd" signetctl enroll build-vm 104 --profile test
+check "qm wrote the VM's vsock device into /etc/pve" grep -q "^args: .*vhost-vsock-pci,guest-cid=104" /etc/pve/fake-qm/104.conf
+check "signetd wrote the VM's grant into /etc/signet/signetd.toml" grep -q '"vm:104"' /etc/signet/signetd.toml
+check "the changed configuration is still valid" signetd check-config
+cp /etc/signet/signetd.toml /root/signetd.toml.test
 r0=$(records)
 check "the audit log has records" test "$r0" -gt 0
 

@@ -7,8 +7,8 @@
 # /etc/signet and the state; remove keeps the state, purge removes it.
 #
 # The guest's system comes from build-image.sh (cached under target/packaging/); the
-# packages, the upgrade's packages (the same ones as version +upgrade1), the PE and
-# the token script travel on a second disk (ext4 made with mkfs.ext4 -d); the report
+# packages, the upgrade's packages (the same ones as version +upgrade1), the PE, the
+# token script and the stand-in for qm travel on a second disk (ext4 made with mkfs.ext4 -d); the report
 # comes back on the second serial port. The root disk is used with snapshot=on: every
 # run starts from the same image. Fails (never skips) when QEMU or debootstrap is
 # missing. Needs root.
@@ -50,6 +50,9 @@ for f in "${debs[@]}"; do
   dpkg-deb -b -Zxz "$x" "$pl/upgrade/" >/dev/null
 done
 cp "$root/tests/fixtures/make-token.sh" "$here/guest-test.sh" "$pl/"
+# Enroll in the guest runs the tests' stand-in for Proxmox's qm on a recorded VM.
+cp "$root/appliance/signetd/tests/fixtures/fake-qm" \
+  "$root/appliance/signetd/tests/data/qm-config/simple1.conf" "$pl/"
 bash "$root/tests/fixtures/make-pe.sh" "$pl/hello.exe"
 size=$(( $(du -sm "$pl" | cut -f1) + 64 ))
 mkfs.ext4 -q -F -L SIGNETTEST -d "$pl" "$w/payload.img" "${size}M" >/dev/null
