@@ -1,7 +1,7 @@
 # Signet — the two entry points are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: all deps build demo test lint bench clean lab lab-test
+.PHONY: all deps build demo test lint bench clean lab lab-test deb test-packaging
 
 all: build
 
@@ -21,10 +21,12 @@ lint:
 	$(CARGO) clippy -p signet-tests --test lab -- -D warnings
 
 # Everything CI checks: formatting, lints, unit and end-to-end tests, then the lab's
-# scenarios against a real signing VM (about 5 minutes more).
+# scenarios against a real signing VM (about 5 minutes more), then the Debian packages
+# installed and checked in a Debian 12 guest under systemd (make test-packaging).
 test: build lint
 	$(CARGO) test --workspace
 	$(MAKE) lab-test
+	$(MAKE) test-packaging
 
 # Time per signature along the job path and memory on a 1 GiB input (docs/BENCHMARKS.md).
 bench: deps
@@ -42,6 +44,20 @@ lab: build
 # reset, VM restarted, signetd killed), one guest at a time; the end of `make test`.
 lab-test: build
 	$(CARGO) test -p signet-tests --test lab -- --test-threads=1 --nocapture
+
+# The Debian packages (packaging/README.md): signet for the Proxmox VE host,
+# signet-agent for the signing VM, signet-client for build VMs, in target/debian/,
+# checked with lintian. Needs debhelper and lintian (scripts/install-deps.sh).
+deb:
+	@bash packaging/build-debs.sh
+
+# The packages installed with apt in a Debian 12 guest booted with systemd under QEMU
+# (tests/packaging/): files and modes, the units' READY and security scores, a file
+# signed through the installed signetd and agent, restart, reinstall, upgrade, remove
+# and purge. About 6 minutes (TCG) once the release build and the Debian image (cached
+# under target/packaging/, ~5 minutes to make) exist; the end of make test.
+test-packaging: deps deb
+	@bash tests/packaging/run.sh
 
 clean:
 	$(CARGO) clean

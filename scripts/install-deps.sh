@@ -32,6 +32,13 @@ needs=(
   "certutil libnss3-tools"
   "cpio cpio"
   "objcopy binutils"
+  # make deb (debhelper, lintian) and make test-packaging (a Debian 12 guest made with
+  # debootstrap and mkfs.ext4 -d)
+  "dh debhelper"
+  "dpkg-parsechangelog dpkg-dev"
+  "lintian lintian"
+  "debootstrap debootstrap"
+  "mkfs.ext4 e2fsprogs"
 )
 
 missing=()

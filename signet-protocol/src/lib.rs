@@ -21,9 +21,12 @@
 
 pub mod batch;
 pub mod client;
+#[cfg(feature = "cli")]
+pub mod docs;
 pub mod endpoint;
 pub mod format;
 pub mod operator;
+pub mod pin_file;
 pub mod render;
 pub mod structure;
 pub mod tls;

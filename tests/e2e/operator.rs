@@ -914,3 +914,105 @@ fn the_man_pages_and_completions_come_from_the_clap_definitions() {
         }
     }
 }
+
+/// The packages ship a man page and completions for every binary: signet, signetd and
+/// signet-agent generate them like signetctl (the shared `signet_protocol::docs`).
+#[test]
+fn every_binary_writes_its_man_pages_and_completions() {
+    let w = World::new();
+    for (binary, sub) in [
+        ("signet", "sign"),
+        ("signetd", "enroll-signing-vm"),
+        ("signet-agent", "doctor"),
+    ] {
+        let dir = w.path(&format!("man-{binary}"));
+        let out = Command::new(bin(binary))
+            .args(["man", "--dir", dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{binary}: {}", text(&out.stderr));
+        for page in [format!("{binary}.1"), format!("{binary}-{sub}.1")] {
+            let roff =
+                std::fs::read_to_string(dir.join(&page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+            assert!(roff.contains(".TH"), "{page}: {roff}");
+        }
+        let out = Command::new(bin(binary))
+            .args(["completions", "bash"])
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{binary}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        assert!(script.contains("complete -F"), "{binary}: {script}");
+        assert!(
+            script.contains(sub.split('-').next().unwrap()),
+            "{binary}: {script}"
+        );
+        // Hidden from --help: they are for packagers.
+        let help = Command::new(bin(binary)).arg("--help").output().unwrap();
+        assert!(!text(&help.stdout).contains("completions"), "{binary}");
+    }
+}
+
+/// `check-config` (the units' ExecStartPre) validates without binding anything: the
+/// PIN file's mode is caught with the fix, a good configuration passes, and the
+/// listening socket is never created.
+#[test]
+fn check_config_validates_without_binding_and_catches_an_open_pin_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new();
+    let pin = w.path("pin");
+    let sock = w.path("signetd.sock");
+    std::fs::write(
+        w.path("signetd.toml"),
+        format!(
+            "listen = [\"unix:{}\"]\nagent = \"unix:{}\"\npin_file = \"{}\"\n",
+            sock.display(),
+            w.path("agent.sock").display(),
+            pin.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        w.path("agent.toml"),
+        format!(
+            "listen = \"unix:{}\"\n[token]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\nlabel = \"signet-demo\"\npin_file = \"{}\"\n",
+            w.path("agent.sock").display(),
+            pin.display()
+        ),
+    )
+    .unwrap();
+    let run = |binary: &str, config: &str| {
+        Command::new(bin(binary))
+            .args(["--config", w.path(config).to_str().unwrap(), "check-config"])
+            .output()
+            .unwrap()
+    };
+    for (binary, config) in [("signetd", "signetd.toml"), ("signet-agent", "agent.toml")] {
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let out = run(binary, config);
+        assert_eq!(code(&out), 0, "{binary}: {}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("is valid"), "{binary}");
+
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = run(binary, config);
+        assert_eq!(code(&out), 1, "{binary}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("mode 0644") && err.contains(&format!("chmod 600 {}", pin.display())),
+            "{binary}: {err}"
+        );
+    }
+    std::fs::write(
+        w.path("signetd.toml"),
+        "agent = \"unix:/a\"\nlisten = [unix:/x]\n",
+    )
+    .unwrap();
+    let out = run("signetd", "signetd.toml");
+    assert_eq!(code(&out), 1);
+    assert!(
+        text(&out.stderr).contains("line 2"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!sock.exists(), "check-config bound {}", sock.display());
+}

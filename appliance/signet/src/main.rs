@@ -77,6 +77,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Docs(signet_protocol::docs::DocsCommand),
 }
 
 fn main() -> ExitCode {
@@ -102,6 +104,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> i32 {
+    if let Command::Docs(docs) = &cli.command {
+        return match docs.run(<Cli as clap::CommandFactory>::command()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("signet: {e}");
+                exit::UNAVAILABLE
+            }
+        };
+    }
     let file_cfg = match config::ClientConfig::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -127,6 +138,7 @@ async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Sign(args) => sign::run(&endpoint, args, &file_cfg).await,
         Command::Status { json } => status(&endpoint, json).await,
+        Command::Docs(_) => 0,
     }
 }
 

@@ -102,20 +102,8 @@ enum Command {
     /// fix.
     #[command(after_help = EXIT_CODES)]
     Doctor(ops::DoctorArgs),
-    /// Print the man page (roff) to stdout, or write every page (signetctl.1,
-    /// signetctl-jobs.1, ...) to --dir.
-    #[command(hide = true)]
-    Man {
-        /// Write all pages into this directory.
-        #[arg(long)]
-        dir: Option<std::path::PathBuf>,
-    },
-    /// Print shell completions to stdout.
-    #[command(hide = true)]
-    Completions {
-        /// bash, zsh, fish, elvish or powershell.
-        shell: clap_complete::Shell,
-    },
+    #[command(flatten)]
+    Docs(signet_protocol::docs::DocsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -202,31 +190,14 @@ async fn connect(bus: &str) -> zbus::Result<zbus::Connection> {
 }
 
 async fn run(cli: Cli) -> u8 {
-    match &cli.command {
-        Command::Man { dir } => {
-            let written = match dir {
-                Some(dir) => std::fs::create_dir_all(dir)
-                    .and_then(|()| clap_mangen::generate_to(Cli::command(), dir)),
-                None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
-            };
-            return match written {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("signetctl: {e}");
-                    3
-                }
-            };
-        }
-        Command::Completions { shell } => {
-            clap_complete::generate(
-                *shell,
-                &mut Cli::command(),
-                "signetctl",
-                &mut std::io::stdout(),
-            );
-            return 0;
-        }
-        _ => {}
+    if let Command::Docs(docs) = &cli.command {
+        return match docs.run(Cli::command()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("signetctl: {e}");
+                3
+            }
+        };
     }
     let conn = match connect(&cli.bus).await {
         Ok(c) => c,
@@ -254,7 +225,7 @@ async fn run(cli: Cli) -> u8 {
         Command::Cancel(args) => ops::cancel(&operator, &args).await,
         Command::Audit(cmd) => ops::audit(&operator, &cmd).await,
         Command::Doctor(args) => ops::doctor(&operator, &args).await,
-        Command::Man { .. } | Command::Completions { .. } => 0,
+        Command::Docs(_) => 0,
         Command::Status { json } => {
             let text = match proxy.status().await {
                 Ok(t) => t,

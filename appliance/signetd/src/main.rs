@@ -46,6 +46,13 @@ enum Cmd {
     /// database lost, emptied or replaced on purpose (an older backup): the audit
     /// history it lacks is gone. Then start signetd.
     ResetState,
+    /// Check the configuration file without starting (nothing is bound, nobody is
+    /// contacted): its syntax and values, and the PIN file's owner and mode. Exit 0
+    /// when it is good, 1 with the error and its fix. The unit runs it before signetd
+    /// starts.
+    CheckConfig,
+    #[command(flatten)]
+    Docs(signet_protocol::docs::DocsCommand),
     /// TLS for remote clients.
     #[command(subcommand)]
     Tls(TlsCommand),
@@ -447,6 +454,26 @@ fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
     }
 }
 
+/// `signetd check-config`: the exit status; the verdict on stdout, the error on stderr.
+fn check_config(path: &std::path::Path) -> i32 {
+    let checked = Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|cfg| match &cfg.pin_file {
+            Some(pin) => signet_protocol::pin_file::check_own(pin),
+            None => Ok(()),
+        });
+    match checked {
+        Ok(()) => {
+            println!("{}: the configuration is valid", path.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("signetd: {e}");
+            1
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // What signetd creates (database, spool, keys, exports) is its own whatever the
@@ -481,6 +508,12 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Cmd::Tls(cmd)) => return tls_command(cmd),
+        Some(Cmd::CheckConfig) => std::process::exit(check_config(&cli.config)),
+        Some(Cmd::Docs(docs)) => {
+            return docs
+                .run(<Cli as clap::CommandFactory>::command())
+                .context("writing the documentation");
+        }
         Some(Cmd::Audit(cmd)) => {
             let code = audit_command(&Config::load(&cli.config)?, &cmd)?;
             std::process::exit(code);

@@ -58,6 +58,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Checks the configuration file without starting (nothing is bound, the token is
+    /// not opened): its syntax and values, and the PIN file's owner and mode. Exit 0
+    /// when it is good, 1 with the error and its fix. The unit runs it before the agent
+    /// starts.
+    CheckConfig,
+    #[command(flatten)]
+    Docs(signet_protocol::docs::DocsCommand),
 }
 
 #[tokio::main]
@@ -143,6 +150,29 @@ const STOP_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
 /// Runs a one-shot command; returns the exit status.
 fn run_command(command: Command, config_path: &std::path::Path) -> anyhow::Result<i32> {
     match command {
+        Command::Docs(docs) => {
+            docs.run(<Cli as clap::CommandFactory>::command())
+                .context("writing the documentation")?;
+            Ok(0)
+        }
+        Command::CheckConfig => {
+            let checked = Config::load(config_path)
+                .map_err(|e| e.to_string())
+                .and_then(|cfg| match &cfg.token.pin_file {
+                    Some(pin) => signet_protocol::pin_file::check_own(pin),
+                    None => Ok(()),
+                });
+            Ok(match checked {
+                Ok(()) => {
+                    println!("{}: the configuration is valid", config_path.display());
+                    0
+                }
+                Err(e) => {
+                    eprintln!("signet-agent: {e}");
+                    1
+                }
+            })
+        }
         Command::Doctor { json } => {
             let report = doctor::run(config_path);
             if json {
