@@ -473,40 +473,20 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 #[test]
 fn on_a_terminal_signet_says_its_job_stays_queued_while_signetd_restarts() {
-    struct Reaped(std::process::Child);
-    impl Drop for Reaped {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut w = World::new();
     let ep = appliance(&mut w, "[profiles.release]\n");
     // The job waits in the queue: the agent is away.
     w.stop("signet-agent");
     let file = w.pe("app.exe");
-    let typescript = w.path("typescript");
-    let cmd = format!("{} sign {}", bin("signet").display(), file.display());
-    let client = Reaped(
-        std::process::Command::new("script")
-            .args(["-qfec", &cmd])
-            .arg(&typescript)
-            .env("SIGNET_ENDPOINT", ep.to_string())
-            .env("SIGNET_PROGRESS_AFTER_MS", "0")
-            .env("SIGNET_STATUS_EVERY_MS", "100")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let screen =
-        || String::from_utf8_lossy(&std::fs::read(&typescript).unwrap_or_default()).into_owned();
+    let mut client = OnTerminal::sign(&w, &ep, &file);
     wait_until("the job queued and waiting", || {
-        screen().contains("waiting:")
+        client.screen().contains("waiting:")
     });
     w.kill("signetd");
     wait_until("the restart said on the progress line", || {
-        screen().contains("appliance restarting; job 1 stays queued")
+        client
+            .screen()
+            .contains("appliance restarting; job 1 stays queued")
     });
     w.restart_daemon();
     let pin = w.path("pin");
@@ -516,16 +496,8 @@ fn on_a_terminal_signet_says_its_job_stays_queued_while_signetd_restarts() {
         &pin,
         &[],
     );
-    let client = std::cell::RefCell::new(client);
-    wait_until("the client done", || {
-        client.borrow_mut().0.try_wait().unwrap().is_some()
-    });
-    assert!(
-        client.borrow_mut().0.wait().unwrap().success(),
-        "{}",
-        screen()
-    );
-    assert!(screen().contains("job 1"), "{}", screen());
+    assert!(client.success(), "{}", client.screen());
+    assert!(client.screen().contains("job 1"), "{}", client.screen());
     assert!(verify(&w, &file).0);
     let signed = audit(&w).iter().filter(|r| r["result"] == "signed").count();
     assert_eq!(signed, 1);

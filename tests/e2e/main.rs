@@ -831,35 +831,15 @@ fn progress_shows_on_a_terminal_and_nowhere_else() {
 /// terminal says what for, and the job is signed once the agent is back.
 #[test]
 fn a_waiting_job_says_on_the_terminal_what_it_waits_for() {
-    struct Reaped(std::process::Child);
-    impl Drop for Reaped {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut w = World::new();
     let ep = unix_appliance(&mut w);
     w.stop("signet-agent");
     let file = w.pe("app.exe");
-    let typescript = w.path("typescript");
-    let cmd = format!("{} sign {}", bin("signet").display(), file.display());
-    let client = Reaped(
-        std::process::Command::new("script")
-            .args(["-qfec", &cmd])
-            .arg(&typescript)
-            .env("SIGNET_ENDPOINT", ep.to_string())
-            .env("SIGNET_PROGRESS_AFTER_MS", "0")
-            .env("SIGNET_STATUS_EVERY_MS", "100")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let screen =
-        || String::from_utf8_lossy(&std::fs::read(&typescript).unwrap_or_default()).into_owned();
+    let mut client = OnTerminal::sign(&w, &ep, &file);
     wait_until("the wait said on the progress line", || {
-        screen().contains("waiting: the signing VM's agent does not answer")
+        client
+            .screen()
+            .contains("waiting: the signing VM's agent does not answer")
     });
     let pin = w.path("pin");
     w.start_agent(
@@ -868,16 +848,8 @@ fn a_waiting_job_says_on_the_terminal_what_it_waits_for() {
         &pin,
         &[],
     );
-    let client = std::cell::RefCell::new(client);
-    wait_until("the client done", || {
-        client.borrow_mut().0.try_wait().unwrap().is_some()
-    });
-    assert!(
-        client.borrow_mut().0.wait().unwrap().success(),
-        "{}",
-        screen()
-    );
-    assert!(screen().contains("signed"), "{}", screen());
+    assert!(client.success(), "{}", client.screen());
+    assert!(client.screen().contains("signed"), "{}", client.screen());
     assert!(verify(&w, &file).0);
 }
 

@@ -984,3 +984,53 @@ impl Testbed {
         assert_eq!(answer.trim(), "ok", "testbed: {line}");
     }
 }
+
+/// `signet sign FILE` on a pseudo-terminal (`script`), as a person at a terminal runs
+/// it: the progress line shows after 0 ms and the status is asked every 100 ms. The
+/// screen is read from `script`'s typescript; the process is killed if still running
+/// when this is dropped.
+#[derive(Debug)]
+pub struct OnTerminal {
+    child: Child,
+    typescript: PathBuf,
+}
+
+impl OnTerminal {
+    pub fn sign(w: &World, endpoint: &impl std::fmt::Display, file: &Path) -> Self {
+        let typescript = w.path("typescript");
+        let cmd = format!("{} sign {}", bin("signet").display(), file.display());
+        let child = Command::new("script")
+            .args(["-qfec", &cmd])
+            .arg(&typescript)
+            .env("SIGNET_ENDPOINT", endpoint.to_string())
+            .env("SIGNET_PROGRESS_AFTER_MS", "0")
+            .env("SIGNET_STATUS_EVERY_MS", "100")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("script (bsdutils) runs signet on a pseudo-terminal");
+        OnTerminal { child, typescript }
+    }
+
+    /// What the terminal showed so far.
+    pub fn screen(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.typescript).unwrap_or_default()).into_owned()
+    }
+
+    /// Waits for `signet` to end; whether it succeeded.
+    pub fn success(&mut self) -> bool {
+        let child = std::cell::RefCell::new(&mut self.child);
+        wait_until("signet on the terminal is done", || {
+            child.borrow_mut().try_wait().unwrap().is_some()
+        });
+        let ok = child.borrow_mut().wait().unwrap().success();
+        ok
+    }
+}
+
+impl Drop for OnTerminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
