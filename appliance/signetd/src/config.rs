@@ -704,7 +704,16 @@ mod tests {
         let uncommented: String = text
             .lines()
             .map(|l| match l.strip_prefix("# ") {
-                Some(rest) if rest.starts_with("token = ") || rest.starts_with("pin_file = ") => {
+                Some(rest)
+                    if [
+                        "token = ",
+                        "pin_file = ",
+                        "socket_group = ",
+                        "admin_group = ",
+                    ]
+                    .iter()
+                    .any(|k| rest.starts_with(k)) =>
+                {
                     rest.to_owned()
                 }
                 _ => l.to_owned(),
@@ -720,6 +729,10 @@ mod tests {
         assert_eq!(
             c.pin_file.as_deref(),
             Some(Path::new("/etc/signet/token.pin"))
+        );
+        assert_eq!(
+            (c.socket_group.as_str(), c.admin_group.as_str()),
+            ("signet", "signet-admin")
         );
     }
 
