@@ -9,14 +9,23 @@
 #
 # Cached under target/packaging/image-<key> (older ones are removed); the key is a hash
 # of this script, the guest's test unit and the package list. Packages come from the
-# Debian mirror apt uses (deb.debian.org unless SIGNET_DEBIAN_MIRROR says otherwise).
+# Debian mirror this host's apt uses (SIGNET_DEBIAN_MIRROR=URL says another).
 # Needs root (debootstrap chroots), debootstrap and mkfs.ext4.
 set -euo pipefail
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd)
 here=$root/tests/packaging
 out=${SIGNET_PACKAGING_DIR:-$root/target/packaging}
-mirror=${SIGNET_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 die() { echo "packaging build-image: $*" >&2; exit 1; }
+# The first Debian archive (not its security suite) in apt's sources, deb822 or one-line.
+host_mirror() {
+  {
+    sed -n 's/^URIs:[[:space:]]*\([^[:space:]]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null
+    sed -n 's/^deb[[:space:]]\{1,\}\(\[[^]]*\][[:space:]]\{1,\}\)\{0,1\}\([^[:space:]]*\).*/\2/p' \
+      /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null
+  } | grep -v -e '-security' -e '^$' | head -1 || true
+}
+mirror=${SIGNET_DEBIAN_MIRROR:-$(host_mirror)}
+[[ -n $mirror ]] || die "apt's sources name no Debian archive; set SIGNET_DEBIAN_MIRROR=URL"
 [[ $(id -u) -eq 0 ]] || die "run as root: debootstrap needs it"
 for c in debootstrap mkfs.ext4 sha256sum; do
   command -v $c >/dev/null ||
