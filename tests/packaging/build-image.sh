@@ -76,7 +76,7 @@ rm -rf "$r"/var/cache/apt/archives/*.deb "$r"/var/lib/apt/lists/*_Packages
 mkdir -p "$img.tmp"
 cp "$(ls "$r"/boot/vmlinuz-* | head -1)" "$img.tmp/vmlinuz"
 cp "$(ls "$r"/boot/initrd.img-* | head -1)" "$img.tmp/initrd.img"
-mkfs.ext4 -q -F -L signet-root -d "$r" "$img.tmp/disk.raw" 3G ||
+mkfs.ext4 -q -F -L signet-root -d "$r" "$img.tmp/disk.raw" 3G >&2 ||
   die "mkfs.ext4 -d failed"
 {
   echo "built: $(date -u +%FT%TZ) from $mirror"

@@ -30,7 +30,9 @@ for p in signet signet-agent signet-client; do
   debs+=("$f")
 done
 
-img=$(bash "$here/build-image.sh")
+# Its last line is the image's directory (anything else it says goes to stderr).
+img=$(bash "$here/build-image.sh" | tail -1)
+[[ -d $img && -s $img/disk.raw ]] || die "build-image.sh gave no image (${img:-nothing}); see its messages above"
 
 w=$(mktemp -d "$root/target/packaging/run.XXXXXX")
 trap 'rm -rf "$w"' EXIT
