@@ -4,12 +4,13 @@
 
 use super::*;
 
-/// Profiles and the listeners; local root may use every profile. `extra` follows.
-fn config(w: &World, agent: &Endpoint, extra: &str) -> String {
+/// Profile "release" signing with `description`, and the listeners; local root may
+/// use every profile. `extra` follows.
+fn config(w: &World, agent: &Endpoint, description: &str, extra: &str) -> String {
     format!(
         "listen = [\"unix:{}\", \"tcp:127.0.0.1:0\"]\nagent = \"{agent}\"\ndbus = \"none\"\n\
          insecure_tcp_as = \"loopback\"\ndefault_profile = \"release\"\n\
-         [profiles.release]\ndescription = \"Signet test\"\n\
+         [profiles.release]\ndescription = \"{description}\"\n\
          [[grants]]\ncallers = [\"uid:0\"]\nprofiles = [\"*\"]\n{extra}",
         w.path("signetd.sock").display()
     )
@@ -20,13 +21,18 @@ fn count_in_log(w: &World, needle: &str) -> usize {
     w.log("signetd").matches(needle).count()
 }
 
-/// The result of job `id` is a signed file.
-fn signed_result(w: &World, ep: &Endpoint, id: &str) {
+/// The result of job `id` is a signed file with the profile as it was when the job
+/// was accepted ("Signet before"), not as the reload made it.
+fn signed_as_before(w: &World, ep: &Endpoint, id: &str) {
     let (status, body) = fetch(ep, &format!("/v1/jobs/{id}/result"));
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let out = w.path(&format!("{id}.exe"));
     std::fs::write(&out, body).unwrap();
-    assert!(verify(w, &out).0, "job {id} is signed");
+    let (ok, text) = verify(w, &out);
+    assert!(
+        ok && text.contains("Signet before") && !text.contains("Signet after"),
+        "job {id}: {text}"
+    );
 }
 
 #[test]
@@ -40,7 +46,7 @@ fn sighup_applies_a_new_grant_and_keeps_the_jobs_an_invalid_file_changes_nothing
         &[],
         &signer.agent_config(),
     );
-    let eps = w.start_daemon_config(&config(&w, &agent, ""));
+    let eps = w.start_daemon_config(&config(&w, &agent, "Signet before", ""));
     let (unix, tcp) = (eps[0].clone(), eps[1].clone());
     let file = w.pe("app.exe");
 
@@ -55,10 +61,12 @@ fn sighup_applies_a_new_grant_and_keeps_the_jobs_an_invalid_file_changes_nothing
     wait_until("the first job is at the signer", || signer.held.exists());
     let queued = sign_async(&unix, "queued.exe", &pe);
 
-    // The grant is added and signetd told to reload.
+    // The grant is added, the profile's description changed, and signetd told to
+    // reload.
     w.write_daemon_config(&config(
         &w,
         &agent,
+        "Signet after",
         "[[grants]]\ncallers = [\"client:loopback\"]\nprofiles = [\"release\"]\n",
     ));
     w.hangup("signetd");
@@ -66,7 +74,7 @@ fn sighup_applies_a_new_grant_and_keeps_the_jobs_an_invalid_file_changes_nothing
         count_in_log(&w, "configuration reloaded") == 1
     });
     assert!(
-        w.log("signetd").contains("applied: grants"),
+        w.log("signetd").contains("applied: grants, profiles"),
         "{}",
         w.log("signetd")
     );
@@ -74,13 +82,18 @@ fn sighup_applies_a_new_grant_and_keeps_the_jobs_an_invalid_file_changes_nothing
     let (status, body) = call(&tcp, "GET", "/v1/profile?profile=release", vec![]);
     assert_eq!(status, 200, "{body}");
 
-    // The jobs accepted before the reload are signed, then the new caller's.
+    // The jobs accepted before the reload are signed as they were asked, then the
+    // new caller's with the new profile.
     signer.release();
-    signed_result(&w, &unix, &running);
-    signed_result(&w, &unix, &queued);
+    signed_as_before(&w, &unix, &running);
+    signed_as_before(&w, &unix, &queued);
     let out = signet(&tcp, &["sign", file.to_str().unwrap()]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert!(verify(&w, &file).0);
+    let (ok, text) = verify(&w, &file);
+    assert!(
+        ok && text.contains("Signet after") && !text.contains("Signet before"),
+        "{text}"
+    );
 
     // A file that is not valid: refused with its error, the old configuration stays.
     std::fs::write(w.path("signetd.toml"), "agent = \n[[grants]\n").unwrap();
