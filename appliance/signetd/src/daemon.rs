@@ -310,20 +310,22 @@ impl Daemon {
             tracing::error!(config = %path.display(), error = %e, "the configuration was not reloaded: the file is not valid, so the configuration in force stays as it was; fix it (signetd check-config shows the error) and reload again");
             e
         })?;
-        let changes = {
+        let (limits, changes) = {
             let mut cfg = self.cfg.write().unwrap_or_else(|e| e.into_inner());
             let (merged, changes) = crate::reload::merge(&cfg, new);
-            self.slots.set_max(merged.limits.max_jobs_per_caller);
-            self.refusals().set_interval(std::time::Duration::from_secs(
-                merged.limits.refusal_interval_seconds,
-            ));
-            self.throttle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_per_minute(merged.limits.auth_failures_per_minute);
+            let limits = merged.limits.clone();
             *cfg = std::sync::Arc::new(merged);
-            changes
+            (limits, changes)
         };
+        // Outside the configuration's lock: no other lock is ever taken under it.
+        self.slots.set_max(limits.max_jobs_per_caller);
+        self.refusals().set_interval(std::time::Duration::from_secs(
+            limits.refusal_interval_seconds,
+        ));
+        self.throttle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_per_minute(limits.auth_failures_per_minute);
         tracing::info!(config = %path.display(), changes = %changes.summary(), "configuration reloaded");
         Ok(changes)
     }

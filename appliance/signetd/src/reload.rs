@@ -190,4 +190,31 @@ mod tests {
         std::fs::write(&path, BASE).unwrap();
         assert_eq!(check(&path).unwrap().default_profile, "release");
     }
+
+    #[test]
+    fn the_daemon_puts_a_valid_file_in_force_and_keeps_its_configuration_on_a_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("signetd.toml");
+        let base = format!(
+            "state_dir = \"{}\"\n{BASE}",
+            dir.path().join("state").display()
+        );
+        std::fs::write(&path, &base).unwrap();
+        let daemon = crate::daemon::Daemon::open(Config::load(&path).unwrap()).unwrap();
+        let vm = crate::policy::Caller::of_vsock(&Default::default(), 102);
+        assert!(daemon.config().policy.decide(&vm, "test").is_err());
+
+        let more = base.clone()
+            + "\n[[grants]]\ncallers = [\"vm:102\"]\nprofiles = [\"test\"]\n\n[limits]\nmax_jobs_per_caller = 1\n";
+        std::fs::write(&path, &more).unwrap();
+        let changes = daemon.reload().unwrap();
+        assert_eq!(changes.applied, vec!["grants", "limits"]);
+        assert!(daemon.config().policy.decide(&vm, "test").is_ok());
+        assert_eq!(daemon.config().limits.max_jobs_per_caller, 1);
+
+        std::fs::write(&path, "agent = \n").unwrap();
+        assert!(daemon.reload().is_err());
+        assert!(daemon.config().policy.decide(&vm, "test").is_ok());
+        assert_eq!(daemon.config().limits.max_jobs_per_caller, 1);
+    }
 }
