@@ -17,6 +17,7 @@ mod operator;
 mod passthrough;
 mod queue;
 mod recovery;
+mod reload;
 mod shutdown;
 mod state;
 

@@ -362,6 +362,17 @@ impl World {
         None
     }
 
+    /// Sends SIGHUP to a child by name (`systemctl reload`), without waiting.
+    pub fn hangup(&self, name: &str) {
+        let (_, child) = self
+            .children
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no child named {name}"));
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    }
+
     /// Stops a child by name (SIGTERM, then waits).
     pub fn stop(&mut self, name: &str) {
         if let Some(i) = self.children.iter().position(|(n, _)| n == name) {

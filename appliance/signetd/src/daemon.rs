@@ -30,7 +30,9 @@ const STATUS_TIMELINE_ENTRIES: usize = 10;
 /// The running daemon.
 #[derive(Debug)]
 pub struct Daemon {
-    cfg: Config,
+    /// The configuration in force: swapped whole by [`Daemon::reload`], read per
+    /// request (a reader keeps the `Arc` it took for as long as it needs it).
+    cfg: std::sync::RwLock<std::sync::Arc<Config>>,
     slots: std::sync::Arc<Slots>,
     /// The client database, when remote clients are served (`[tls]`).
     clients: Option<std::sync::Mutex<rusqlite::Connection>>,
@@ -77,7 +79,7 @@ impl Daemon {
         Ok(Daemon {
             refusals: std::sync::Mutex::new(refusals),
             throttle: std::sync::Mutex::new(throttle),
-            cfg,
+            cfg: std::sync::RwLock::new(std::sync::Arc::new(cfg)),
             slots,
             clients: None,
             engine,
@@ -92,7 +94,8 @@ impl Daemon {
     /// opened) and keeps the head from now on: refuses a database that lost its audit
     /// records; a broken chain is logged and reported by the status.
     pub fn keep_head(&self, head: Option<crate::head::Head>) -> Result<(), crate::head::HeadError> {
-        let dir = &self.cfg.state_dir;
+        let cfg = self.config();
+        let dir = &cfg.state_dir;
         crate::head::check_opened(dir, &self.store().conn(), head.as_ref())?;
         let mut keeper = crate::head::Keeper::new(dir, head);
         if keeper.check(&self.store().conn()).is_none() {
@@ -254,7 +257,7 @@ impl Daemon {
     /// Who is calling, as far as the connection's transport vouches for it.
     pub fn identify(&self, peer: &Peer) -> Caller {
         match peer {
-            Peer::Vsock { cid, .. } => Caller::of_vsock(&self.cfg.cid_to_vmid, *cid),
+            Peer::Vsock { cid, .. } => Caller::of_vsock(&self.config().cid_to_vmid, *cid),
             Peer::Unix { uid, gid, pid } => Caller::Local {
                 uid: *uid,
                 gid: *gid,
@@ -264,7 +267,7 @@ impl Daemon {
                     .map(|s| policy::parse_proc_groups(&s))
                     .unwrap_or_default(),
             },
-            Peer::Tcp { addr } => match &self.cfg.insecure_tcp_as {
+            Peer::Tcp { addr } => match &self.config().insecure_tcp_as {
                 Some(name) => Caller::Client {
                     name: name.clone(),
                     granted: Vec::new(),
@@ -291,14 +294,48 @@ impl Daemon {
         })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
+    /// The configuration in force now.
+    pub fn config(&self) -> std::sync::Arc<Config> {
+        std::sync::Arc::clone(&self.cfg.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Reads the configuration file again, checks it as `signetd check-config` does
+    /// and, when it is valid, puts its grants, profiles, default profile and limits in
+    /// force at once ([`crate::reload::merge`]); the rest keeps its old values until a
+    /// restart. A file that is not valid changes nothing. Jobs already accepted keep
+    /// their agent query. Logged either way.
+    pub fn reload(&self) -> Result<crate::reload::Changes, String> {
+        let path = self.config().path.clone();
+        let new = crate::reload::check(&path).map_err(|e| {
+            tracing::error!(config = %path.display(), error = %e, "the configuration was not reloaded: the file is not valid, so the configuration in force stays as it was; fix it (signetd check-config shows the error) and reload again");
+            e
+        })?;
+        let (limits, changes) = {
+            let mut cfg = self.cfg.write().unwrap_or_else(|e| e.into_inner());
+            let (merged, changes) = crate::reload::merge(&cfg, new);
+            let limits = merged.limits.clone();
+            *cfg = std::sync::Arc::new(merged);
+            (limits, changes)
+        };
+        // Outside the configuration's lock: no other lock is ever taken under it.
+        self.slots.set_max(limits.max_jobs_per_caller);
+        self.refusals().set_interval(std::time::Duration::from_secs(
+            limits.refusal_interval_seconds,
+        ));
+        self.throttle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_per_minute(limits.auth_failures_per_minute);
+        tracing::info!(config = %path.display(), changes = %changes.summary(), "configuration reloaded");
+        Ok(changes)
     }
 
     /// How long a throttled address waits at most for its next try, in seconds (the
     /// `Retry-After` of `too_many_attempts`).
     pub fn retry_after_seconds(&self) -> u64 {
-        60_u64.div_ceil(u64::from(self.cfg.limits.auth_failures_per_minute.max(1)))
+        60_u64.div_ceil(u64::from(
+            self.config().limits.auth_failures_per_minute.max(1),
+        ))
     }
 
     /// The coalescer of refusals ([`crate::refusals`]), for the job path.
@@ -308,32 +345,29 @@ impl Daemon {
 
     /// The profile `name` (`None`: the default) if it exists and the caller has a
     /// grant for it.
-    fn profile<'a>(
-        &'a self,
-        name: Option<&'a str>,
+    fn profile(
+        &self,
+        name: Option<&str>,
         caller: &Caller,
-    ) -> Result<(&'a str, &'a Profile), ErrorBody> {
-        let name = name.unwrap_or(&self.cfg.default_profile);
-        let Some(profile) = self.cfg.profiles.get(name) else {
+    ) -> Result<(String, Profile, std::sync::Arc<Config>), ErrorBody> {
+        let cfg = self.config();
+        let name = name.unwrap_or(&cfg.default_profile);
+        let Some(profile) = cfg.profiles.get(name) else {
             return Err(ErrorBody::new(
                 ErrorCode::UnknownProfile,
                 format!(
                     "there is no signing profile {name:?}; profiles: {} (the default is {:?})",
-                    self.cfg
-                        .profiles
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    self.cfg.default_profile
+                    cfg.profiles.keys().cloned().collect::<Vec<_>>().join(", "),
+                    cfg.default_profile
                 ),
             ));
         };
-        if let Err(refusal) = self.cfg.policy.decide(caller, name) {
+        if let Err(refusal) = cfg.policy.decide(caller, name) {
             tracing::warn!(caller = %refusal.caller, key = %caller.key(), profile = name, "refused: the caller has no grant for this profile");
             return Err(ErrorBody::new(ErrorCode::Forbidden, refusal.to_string()));
         }
-        Ok((name, profile))
+        let (name, profile) = (name.to_owned(), profile.clone());
+        Ok((name, profile, cfg))
     }
 
     /// How profile `name` (`None`: the default) signs, for a caller that may use it:
@@ -343,9 +377,9 @@ impl Daemon {
         name: Option<&str>,
         caller: &Caller,
     ) -> Result<ProfileOptions, ErrorBody> {
-        let (name, profile) = self.profile(name, caller)?;
+        let (name, profile, _) = self.profile(name, caller)?;
         Ok(ProfileOptions {
-            name: name.to_owned(),
+            name,
             hash: profile.hash,
             page_hashes: profile.page_hashes,
             nested: profile.nested,
@@ -356,7 +390,9 @@ impl Daemon {
     /// Checks a signing request against the profiles and the grants and turns it into a
     /// job.
     pub fn accept(&self, query: &SignQuery, caller: &Caller) -> Result<Job, ErrorBody> {
-        let (name, profile) = self.profile(query.profile.as_deref(), caller)?;
+        let (name, profile, cfg) = self.profile(query.profile.as_deref(), caller)?;
+        let name = name.as_str();
+        let profile = &profile;
         let filename = match &query.filename {
             Some(f) if f.contains(['/', '\\', '\0']) || f.len() > 255 => {
                 return Err(ErrorBody::new(
@@ -374,7 +410,7 @@ impl Daemon {
             },
             profile: name.to_owned(),
             caller: caller.clone(),
-            max_input_size: self.cfg.max_input_size(profile),
+            max_input_size: cfg.max_input_size(profile),
             agent_query: AgentSignQuery {
                 profile: Some(name.to_owned()),
                 filename,
@@ -421,24 +457,23 @@ impl Daemon {
                 format!("cannot build the agent request: {e}"),
             )
         })?;
-        let resp = client::send(&self.cfg.agent, req)
+        let cfg = self.config();
+        let resp = client::send(&cfg.agent, req)
             .await
             .map_err(|e| self.agent_unreachable(&e))?;
         if resp.status().is_success() {
             Ok(resp)
         } else {
-            Err(client_view(
-                id,
-                client::error_body(&self.cfg.agent, resp).await,
-            ))
+            Err(client_view(id, client::error_body(&cfg.agent, resp).await))
         }
     }
 
     /// The appliance's status as the daemon sees it now.
     pub async fn status(&self) -> DaemonStatus {
+        let cfg = self.config();
         let health = tokio::time::timeout(
             STATUS_AGENT_TIMEOUT,
-            client::get_json::<AgentHealth>(&self.cfg.agent, AGENT_HEALTH_PATH),
+            client::get_json::<AgentHealth>(&cfg.agent, AGENT_HEALTH_PATH),
         )
         .await
         .unwrap_or_else(|_| {
@@ -452,15 +487,15 @@ impl Daemon {
         });
         let agent = match health {
             Ok(Ok(health)) => AgentReport::Reachable {
-                endpoint: self.cfg.agent.to_string(),
+                endpoint: cfg.agent.to_string(),
                 health: Box::new(health),
             },
             Ok(Err(error)) => AgentReport::Unreachable {
-                endpoint: self.cfg.agent.to_string(),
+                endpoint: cfg.agent.to_string(),
                 error,
             },
             Err(e) => AgentReport::Unreachable {
-                endpoint: self.cfg.agent.to_string(),
+                endpoint: cfg.agent.to_string(),
                 error: self.agent_unreachable(&e),
             },
         };
@@ -477,8 +512,8 @@ impl Daemon {
         DaemonStatus {
             version: signet_protocol::VERSION.to_owned(),
             signing_works,
-            default_profile: Some(self.cfg.default_profile.clone()),
-            profiles: self.cfg.profiles.keys().cloned().collect(),
+            default_profile: Some(cfg.default_profile.clone()),
+            profiles: cfg.profiles.keys().cloned().collect(),
             agent,
             queue: Some(self.queue_status()),
             recovery: self.timeline.recent(STATUS_TIMELINE_ENTRIES),
@@ -488,17 +523,18 @@ impl Daemon {
     }
 
     fn agent_unreachable(&self, e: &ClientError) -> ErrorBody {
-        let hint = match self.cfg.agent.vsock_cid() {
+        let cfg = self.config();
+        let hint = match cfg.agent.vsock_cid() {
             Some(cid) => format!(
                 "check that the signing VM (vsock CID {cid}) is running with signet-agent started, and that `agent` in {} names it",
-                self.cfg.path.display()
+                cfg.path.display()
             ),
             _ => format!(
                 "check that signet-agent is running and that `agent` in {} names its endpoint",
-                self.cfg.path.display()
+                cfg.path.display()
             ),
         };
-        tracing::warn!(agent = %self.cfg.agent, error = %e, "the signing agent is not reachable; {hint}");
+        tracing::warn!(agent = %cfg.agent, error = %e, "the signing agent is not reachable; {hint}");
         ErrorBody::new(
             ErrorCode::AgentUnavailable,
             "the signing VM's agent is not reachable (the signing VM is down or signet-agent is not running in it); nothing is signed until it is back. Why is in signetd's log on the Proxmox host (journalctl -u signetd)",

@@ -337,9 +337,10 @@ impl Daemon {
     /// Records the counts of refusals whose interval has passed, for the daemon's
     /// life (`[limits] refusal_interval_seconds`).
     pub async fn run_refusal_flush(self: Arc<Self>) {
-        let interval = self.config().limits.refusal_interval_seconds.max(1);
-        let period = Duration::from_secs(interval.div_ceil(4).clamp(1, 15));
         loop {
+            // Read each time: a reload may change the interval.
+            let interval = self.config().limits.refusal_interval_seconds.max(1);
+            let period = Duration::from_secs(interval.div_ceil(4).clamp(1, 15));
             tokio::time::sleep(period).await;
             let due = self.refusals().due(std::time::Instant::now());
             self.record_refusals(due);

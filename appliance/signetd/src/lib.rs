@@ -71,6 +71,7 @@ pub mod qmp;
 pub mod queue;
 pub mod recovery;
 pub mod refusals;
+pub mod reload;
 pub mod roles;
 pub mod serve;
 pub mod server;

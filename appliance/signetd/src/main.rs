@@ -374,10 +374,17 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
             println!("would add to {}:\n{stanza}", config.display());
         } else {
             enroll_config::append(config, &stanza)?;
-            println!(
-                "added to {}:\n{stanza}restart signetd to apply it (systemctl restart signetd)",
-                config.display()
-            );
+            if stanza.contains("[[tokens]]") {
+                println!(
+                    "added to {}:\n{stanza}restart signetd to put the token assignment in force (systemctl restart signetd; queued jobs survive it)",
+                    config.display()
+                );
+            } else {
+                println!(
+                    "added to {}:\n{stanza}apply it with systemctl reload signetd (running and queued jobs are kept)",
+                    config.display()
+                );
+            }
         }
     }
     Ok(())
@@ -456,14 +463,9 @@ fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
 
 /// `signetd check-config`: the exit status; the verdict on stdout, the error on stderr.
 fn check_config(path: &std::path::Path) -> i32 {
-    let checked = Config::load(path)
-        .map_err(|e| e.to_string())
-        .and_then(|cfg| match &cfg.pin_file {
-            Some(pin) => signet_protocol::pin_file::check_own(pin),
-            None => Ok(()),
-        });
-    match checked {
-        Ok(()) => {
+    // The same check a reload (SIGHUP) makes before it applies anything.
+    match signetd::reload::check(path) {
+        Ok(_) => {
             println!("{}: the configuration is valid", path.display());
             0
         }
@@ -590,6 +592,23 @@ async fn main() -> anyhow::Result<()> {
     let max_connections = cfg.limits.max_connections;
     let bus = cfg.dbus.clone();
     let daemon = Arc::new(daemon);
+    // `systemctl reload signetd`: the configuration applied in place, jobs kept
+    // (handled before READY, so an early SIGHUP never ends the daemon).
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            let daemon = daemon.clone();
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    // Logged by reload, with what changed or why nothing did.
+                    let _ = daemon.reload();
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGHUP is not handled, so `systemctl reload signetd` does nothing; restart signetd to apply a changed configuration")
+        }
+    }
     tokio::spawn(daemon.clone().run_worker());
     tokio::spawn(daemon.clone().run_janitor());
     tokio::spawn(daemon.clone().run_refusal_flush());

@@ -270,10 +270,18 @@ impl Daemon {
         if apply {
             if let Some(s) = &stanza {
                 enroll_config::append(&path, s).map_err(edit_error)?;
-                notes.push(format!(
-                    "{} changed: restart signetd to apply it (systemctl restart signetd)",
-                    path.display()
-                ));
+                // Put in force at once, as `systemctl reload signetd` would.
+                notes.push(match self.reload() {
+                    Ok(changes) if changes.need_restart.contains(&"tokens") => format!(
+                        "{} changed: the token assignment ([[tokens]]) takes effect when signetd restarts (systemctl restart signetd); queued jobs survive the restart",
+                        path.display()
+                    ),
+                    Ok(_) => format!("{} changed and applied at once", path.display()),
+                    Err(e) => format!(
+                        "{} changed but not applied: {e}; fix the file, then systemctl reload signetd",
+                        path.display()
+                    ),
+                });
             }
             if plan.changes.iter().any(|c| c.key == "args") {
                 notes.push(format!(

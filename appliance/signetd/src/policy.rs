@@ -250,7 +250,8 @@ impl Policy {
 /// Running jobs per caller, bounded.
 #[derive(Debug)]
 pub struct Slots {
-    max: usize,
+    /// Changed by a reload; slots already taken stay taken.
+    max: std::sync::atomic::AtomicUsize,
     running: Mutex<HashMap<String, usize>>,
 }
 
@@ -264,7 +265,7 @@ pub struct Slot {
 impl Slots {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Slots {
-            max,
+            max: std::sync::atomic::AtomicUsize::new(max),
             running: Mutex::new(HashMap::new()),
         })
     }
@@ -273,7 +274,7 @@ impl Slots {
     pub fn take(self: &Arc<Self>, key: &str) -> Option<Slot> {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let n = running.entry(key.to_owned()).or_default();
-        if *n >= self.max {
+        if *n >= self.max() {
             return None;
         }
         *n += 1;
@@ -290,7 +291,12 @@ impl Slots {
     }
 
     pub fn max(&self) -> usize {
-        self.max
+        self.max.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Jobs one caller may run from now on (a reload of `[limits]`).
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

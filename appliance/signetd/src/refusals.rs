@@ -76,6 +76,11 @@ impl Coalescer {
         }
     }
 
+    /// The interval of the windows opened from now on (a reload of `[limits]`).
+    pub fn set_interval(&mut self, interval: Duration) {
+        self.interval = interval;
+    }
+
     /// A refusal at `now`: answers what to record now (nothing while its window is
     /// open; the refusal itself when it opens one, after the closed window's count).
     pub fn refused(&mut self, r: Refused, now: Instant) -> Vec<ToRecord> {
@@ -177,6 +182,11 @@ impl Throttle {
             per_minute: per_minute.max(1),
             buckets: HashMap::new(),
         }
+    }
+
+    /// The rate from now on (a reload of `[limits]`).
+    pub fn set_per_minute(&mut self, per_minute: u32) {
+        self.per_minute = per_minute.max(1);
     }
 
     fn rate(&self) -> f64 {

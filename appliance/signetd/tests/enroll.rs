@@ -269,7 +269,7 @@ fn build_vm_gets_its_grant_in_signetd_toml() {
     let o = pve.enroll(&["build-vm", "200", "-p", "release", "-p", "nightly"], &[]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}{err}");
-    assert!(out.contains("restart signetd"), "{out}");
+    assert!(out.contains("systemctl reload signetd"), "{out}");
     let after = std::fs::read_to_string(&toml).unwrap();
     assert!(after.starts_with(base), "{after}");
     assert!(

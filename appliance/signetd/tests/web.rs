@@ -1020,6 +1020,9 @@ async fn an_operator_enrolls_a_build_vm_after_seeing_the_dry_run() {
         .contains("set"));
     assert!(f.get("/audit/export", Some(&admin)).await.1.is_empty());
 
+    let vm200 = signetd::policy::Caller::of_vsock(&Default::default(), 200);
+    assert!(f.daemon.config().policy.decide(&vm200, "release").is_err());
+
     let (status, _, page) = f.post("/enroll", Some(&admin), &form).await;
     assert_eq!(status, StatusCode::OK, "{page}");
     assert!(page.contains("VM 200 enrolled as build VM"), "{page}");
@@ -1027,6 +1030,9 @@ async fn an_operator_enrolls_a_build_vm_after_seeing_the_dry_run() {
         page.contains("takes effect when VM 200 next starts"),
         "{page}"
     );
+    // The grant is in force at once: no restart of signetd.
+    assert!(page.contains("changed and applied at once"), "{page}");
+    assert!(f.daemon.config().policy.decide(&vm200, "release").is_ok());
     let after = std::fs::read_to_string(pve.join("200.conf")).unwrap();
     assert!(after.contains("guest-cid=200"), "{after}");
     let toml_after = std::fs::read_to_string(&toml).unwrap();

@@ -1,0 +1,118 @@
+//! `systemctl reload signetd` (SIGHUP): a grant added to signetd.toml takes effect
+//! without a restart, jobs accepted before it are signed all the same, and a file
+//! that is not valid changes nothing.
+
+use super::*;
+
+/// Profile "release" signing with `description`, and the listeners; local root may
+/// use every profile. `extra` follows.
+fn config(w: &World, agent: &Endpoint, description: &str, extra: &str) -> String {
+    format!(
+        "listen = [\"unix:{}\", \"tcp:127.0.0.1:0\"]\nagent = \"{agent}\"\ndbus = \"none\"\n\
+         insecure_tcp_as = \"loopback\"\ndefault_profile = \"release\"\n\
+         [profiles.release]\ndescription = \"{description}\"\n\
+         [[grants]]\ncallers = [\"uid:0\"]\nprofiles = [\"*\"]\n{extra}",
+        w.path("signetd.sock").display()
+    )
+}
+
+/// How many times the daemon's log has `needle`.
+fn count_in_log(w: &World, needle: &str) -> usize {
+    w.log("signetd").matches(needle).count()
+}
+
+/// The result of job `id` is a signed file with the profile as it was when the job
+/// was accepted ("Signet before"), not as the reload made it.
+fn signed_as_before(w: &World, ep: &Endpoint, id: &str) {
+    let (status, body) = fetch(ep, &format!("/v1/jobs/{id}/result"));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let out = w.path(&format!("{id}.exe"));
+    std::fs::write(&out, body).unwrap();
+    let (ok, text) = verify(w, &out);
+    assert!(
+        ok && text.contains("Signet before") && !text.contains("Signet after"),
+        "job {id}: {text}"
+    );
+}
+
+#[test]
+fn sighup_applies_a_new_grant_and_keeps_the_jobs_an_invalid_file_changes_nothing() {
+    let mut w = World::new();
+    let signer = HeldSigner::new(&w);
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &w.path("pin"),
+        &[],
+        &signer.agent_config(),
+    );
+    let eps = w.start_daemon_config(&config(&w, &agent, "Signet before", ""));
+    let (unix, tcp) = (eps[0].clone(), eps[1].clone());
+    let file = w.pe("app.exe");
+
+    // The TCP caller ("client:loopback") has no grant.
+    let out = signet(&tcp, &["sign", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(stderr(&out).contains("client:loopback"), "{}", stderr(&out));
+
+    // Before the reload: one job at the signer (held), one queued behind it.
+    let pe = std::fs::read(w.pe("q.exe")).unwrap();
+    let running = sign_async(&unix, "running.exe", &pe);
+    wait_until("the first job is at the signer", || signer.held.exists());
+    let queued = sign_async(&unix, "queued.exe", &pe);
+
+    // The grant is added, the profile's description changed, and signetd told to
+    // reload.
+    w.write_daemon_config(&config(
+        &w,
+        &agent,
+        "Signet after",
+        "[[grants]]\ncallers = [\"client:loopback\"]\nprofiles = [\"release\"]\n",
+    ));
+    w.hangup("signetd");
+    wait_until("the reload is logged", || {
+        count_in_log(&w, "configuration reloaded") == 1
+    });
+    assert!(
+        w.log("signetd").contains("applied: grants, profiles"),
+        "{}",
+        w.log("signetd")
+    );
+    // The TCP caller may now use the profile (asked while the signer is still held).
+    let (status, body) = call(&tcp, "GET", "/v1/profile?profile=release", vec![]);
+    assert_eq!(status, 200, "{body}");
+
+    // The jobs accepted before the reload are signed as they were asked, then the
+    // new caller's with the new profile.
+    signer.release();
+    signed_as_before(&w, &unix, &running);
+    signed_as_before(&w, &unix, &queued);
+    let out = signet(&tcp, &["sign", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let (ok, text) = verify(&w, &file);
+    assert!(
+        ok && text.contains("Signet after") && !text.contains("Signet before"),
+        "{text}"
+    );
+
+    // A file that is not valid: refused with its error, the old configuration stays.
+    std::fs::write(w.path("signetd.toml"), "agent = \n[[grants]\n").unwrap();
+    w.hangup("signetd");
+    wait_until("the refused reload is logged", || {
+        count_in_log(&w, "the configuration was not reloaded") == 1
+    });
+    let log = w.log("signetd");
+    let line = log
+        .lines()
+        .find(|l| l.contains("the configuration was not reloaded"))
+        .unwrap();
+    assert!(
+        line.contains("ERROR") && line.contains("signetd.toml"),
+        "{line}"
+    );
+    assert_eq!(count_in_log(&w, "configuration reloaded"), 1, "{log}");
+    let again = w.pe("again.exe");
+    let out = signet(&tcp, &["sign", again.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(verify(&w, &again).0);
+}
