@@ -83,7 +83,7 @@ check "signetd told systemd it is listening (sd_notify STATUS, READY)" \
 check "the agent waits for its configuration (condition not met, not failed)" \
   bash -c '[ "$(systemctl show -p ConditionResult --value signet-agent)" = no ] && ! systemctl is-failed -q signet-agent'
 mode 755 root:root /run/signet
-mode 666 root:root /run/signet/signetd.sock
+mode 660 root:signet /run/signet/signetd.sock
 
 # --- scores: signetd <= 4.0, signet-agent <= 2.0 (offline, the unit files as shipped)
 s=$(score --offline=true /lib/systemd/system/signetd.service)
