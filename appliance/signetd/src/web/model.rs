@@ -47,6 +47,16 @@ pub fn verdict(status: &DaemonStatus) -> Verdict {
         fix,
         since_ms: None,
     };
+    // The appliance's own faults (its database, its audit log) stop signing whatever
+    // the token does; each carries its fix.
+    if !status.faults.is_empty() {
+        return v(
+            "appliance_fault",
+            "bad",
+            "Signing does not work: the appliance has a fault",
+            status.faults.join(" "),
+        );
+    }
     let health = match &status.agent {
         AgentReport::Unreachable { .. } => {
             return v(
@@ -670,6 +680,17 @@ mod tests {
         }));
         assert_eq!(unreachable.key, "agent_unreachable");
         assert!(unreachable.fix.contains("signing VM"));
+        // The appliance's own fault comes first, even with a ready token.
+        let mut faulty = reachable(AgentState::Ready, 300);
+        faulty.faults = vec!["the disk under /var/lib/signet is full; free space".into()];
+        let f = verdict(&faulty);
+        assert_eq!((f.key.as_str(), f.level), ("appliance_fault", "bad"));
+        assert!(f.headline.contains("does not work"), "{}", f.headline);
+        assert!(
+            f.fix.contains("disk under /var/lib/signet is full"),
+            "{}",
+            f.fix
+        );
     }
 
     #[test]
