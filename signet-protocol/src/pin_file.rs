@@ -31,16 +31,24 @@ pub fn check(path: &Path, uid: u32) -> Result<(), String> {
     if meta.len() == 0 {
         return Err(format!("pin_file {shown} is empty; {write}"));
     }
+    // Root's PIN file (signetd's) is root:root; another reader's is its own.
+    let owner = if uid == 0 {
+        "root:root".to_owned()
+    } else {
+        uid.to_string()
+    };
+    let fix =
+        format!("`chown {owner} {shown} && chmod 600 {shown}` so only uid {uid} reads the PIN");
     if meta.uid() != uid {
         return Err(format!(
-            "pin_file {shown} belongs to uid {}, not to uid {uid} that reads it; chown {uid} {shown}",
+            "pin_file {shown} belongs to uid {}, not to uid {uid} that reads it; {fix}",
             meta.uid()
         ));
     }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(format!(
-            "pin_file {shown} is open to group or others (mode {mode:04o}); chmod 600 {shown}"
+            "pin_file {shown} is open to group or others (mode {mode:04o}); {fix}"
         ));
     }
     Ok(())
@@ -98,5 +106,22 @@ mod tests {
 
         let err = check(dir.path(), uid()).unwrap_err();
         assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn roots_pin_file_is_fixed_as_root_root_0600() {
+        // signetd's: owned by another uid or open to others, the fix names both steps.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pin");
+        std::fs::write(&p, "123456").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = check(&p, 0).unwrap_err();
+        let fix = format!("chown root:root {p} && chmod 600 {p}", p = p.display());
+        assert!(err.contains(&fix), "{err}");
+        let err = check(&p, 1000).unwrap_err();
+        assert!(
+            err.contains("uid 1000") && err.contains(&format!("chown 1000 {}", p.display())),
+            "{err}"
+        );
     }
 }

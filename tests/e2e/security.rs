@@ -564,7 +564,7 @@ fn pin_files_others_could_read_or_change_are_refused_at_start_with_the_fix() {
     let out = run_bounded(&bin("signetd"), &["--config", config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(
-        text(&out.stderr).contains(&fix) && text(&out.stderr).contains("mode 644"),
+        text(&out.stderr).contains(&fix) && text(&out.stderr).contains("mode 0644"),
         "{}",
         text(&out.stderr)
     );

@@ -202,7 +202,8 @@ check "signet-agent check-config passes its configuration" signet-agent check-co
 chmod 640 /etc/signet/private/pin
 check "a PIN file open to the group fails the agent's start" bash -c '! systemctl restart signet-agent'
 check "the journal says why and the fix" \
-  bash -c 'journalctl -b --no-pager -u signet-agent | grep -q "mode 0640); chmod 600 /etc/signet/private/pin"'
+  bash -c 'journalctl -b --no-pager -u signet-agent |
+    grep -q "mode 0640); .chown root:root /etc/signet/private/pin && chmod 600 /etc/signet/private/pin."'
 chmod 600 /etc/signet/private/pin
 check "signet-agent starts again once it is fixed" systemctl start signet-agent
 

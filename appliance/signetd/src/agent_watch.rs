@@ -117,41 +117,11 @@ pub fn host_of(status: &Status, serials: &[String], vm: u32) -> Host {
     }
 }
 
-/// Why the PIN file cannot be used, with the fix: it must be a regular file owned by
-/// root (`owner`) that nobody else may read or write (mode 0600 or 0400).
-pub fn check_pin_file(path: &Path, mode: u32, is_file: bool, owner: u32) -> Result<(), String> {
-    if !is_file {
-        return Err(format!(
-            "{} is not a regular file; put the token's PIN in it (one line)",
-            path.display()
-        ));
-    }
-    let fix = format!(
-        "`chown root:root {p} && chmod 600 {p}` so only root reads the PIN",
-        p = path.display()
-    );
-    if owner != 0 {
-        return Err(format!(
-            "{} is owned by uid {owner}, not root; {fix}",
-            path.display()
-        ));
-    }
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{} is open to group or others (mode {:o}); {fix}",
-            path.display(),
-            mode & 0o777,
-        ));
-    }
-    Ok(())
-}
-
-/// Checks the host's PIN file ([`check_pin_file`]) without reading it.
+/// Checks the host's PIN file without reading it: a regular file, not empty, owned by
+/// root and open to nobody else (`signet_protocol::pin_file::check`, as
+/// `signetd check-config` does).
 pub fn check_pin_path(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| format!("cannot read the PIN file {}: {e}", path.display()))?;
-    check_pin_file(path, meta.mode(), meta.is_file(), meta.uid())
+    signet_protocol::pin_file::check(path, 0)
 }
 
 /// Reads the host's PIN file, checked first, into memory that is wiped when dropped.
@@ -932,18 +902,6 @@ mod tests {
 
     #[test]
     fn the_pin_file_must_be_private_and_the_pin_is_its_first_line() {
-        let p = Path::new("/etc/signet/token.pin");
-        assert_eq!(check_pin_file(p, 0o100600, true, 0), Ok(()));
-        assert_eq!(check_pin_file(p, 0o100400, true, 0), Ok(()));
-        let e = check_pin_file(p, 0o100600, true, 1000).unwrap_err();
-        assert!(
-            e.contains("uid 1000") && e.contains("chown root:root") && e.contains("chmod 600"),
-            "{e}"
-        );
-        assert!(check_pin_file(p, 0o100640, true, 0).is_err());
-        let e = check_pin_file(p, 0o100644, true, 0).unwrap_err();
-        assert!(e.contains("chmod 600 /etc/signet/token.pin"), "{e}");
-        assert!(check_pin_file(p, 0o40700, false, 0).is_err());
         assert_eq!(pin_of("1234\n"), Some("1234"));
         assert_eq!(pin_of("12 34\r\nnext"), Some("12 34"));
         assert_eq!(pin_of("\n"), None);
