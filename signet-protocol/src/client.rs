@@ -34,9 +34,11 @@ pub enum ClientError {
 }
 
 /// Sends `req` to `endpoint` and returns the answer with its body still streaming.
+/// An endpoint with a registered [`crate::link`] (the agent, from `signetd`) is reached
+/// through it.
 pub async fn send<B>(
     endpoint: &Endpoint,
-    mut req: Request<B>,
+    req: Request<B>,
 ) -> Result<Response<Incoming>, ClientError>
 where
     B: Body + Send + 'static,
@@ -44,6 +46,42 @@ where
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     let stream = transport::connect(endpoint).await?;
+    match crate::link::registered(endpoint) {
+        Some(link) => {
+            let tls = link.handshake(endpoint, stream).await.map_err(|source| {
+                ClientError::Connect(TransportError::Connect {
+                    endpoint: endpoint.clone(),
+                    source,
+                })
+            })?;
+            send_over(tls, endpoint, req).await.map_err(|e| {
+                if crate::link::refused_by_peer(&e) {
+                    ClientError::Connect(TransportError::Connect {
+                        endpoint: endpoint.clone(),
+                        source: crate::link::refused_error(endpoint),
+                    })
+                } else {
+                    e
+                }
+            })
+        }
+        None => send_over(stream, endpoint, req).await,
+    }
+}
+
+/// Sends `req` over `io`, a stream already connected to `endpoint`.
+pub async fn send_over<S, B>(
+    io: S,
+    endpoint: &Endpoint,
+    mut req: Request<B>,
+) -> Result<Response<Incoming>, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let stream = io;
     let http_err = |source| ClientError::Http {
         endpoint: endpoint.clone(),
         source,
@@ -52,10 +90,14 @@ where
         .await
         .map_err(http_err)?;
     let span = tracing::debug_span!("http-client", %endpoint);
+    // The connection's own error says more than the request's "canceled" when the
+    // peer ends the connection (a TLS alert refusing our key, say).
+    let (conn_err_tx, conn_err_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             let _g = span.enter();
             tracing::debug!(error = %e, "connection ended with an error");
+            let _ = conn_err_tx.send(e);
         }
     });
     if !req.headers().contains_key(header::HOST) {
@@ -80,7 +122,16 @@ where
             req.headers_mut().insert(header::AUTHORIZATION, v);
         }
     }
-    sender.send_request(req).await.map_err(http_err)
+    match sender.send_request(req).await {
+        Ok(resp) => Ok(resp),
+        Err(e) => {
+            let conn_err = tokio::time::timeout(std::time::Duration::from_secs(1), conn_err_rx)
+                .await
+                .ok()
+                .and_then(Result::ok);
+            Err(http_err(conn_err.unwrap_or(e)))
+        }
+    }
 }
 
 /// `GET path` and decode a JSON answer; an error answer becomes `Err(Ok(ErrorBody))`.

@@ -20,7 +20,7 @@ pub const VSOCK_CID_ANY: u32 = u32::MAX;
 /// The CID of the host, as seen from a guest (`VMADDR_CID_HOST`).
 pub const VSOCK_CID_HOST: u32 = 2;
 /// The port `signetd` serves clients on.
-pub const DEFAULT_DAEMON_PORT: u32 = 7710;
+pub const DEFAULT_DAEMON_PORT: u32 = 771;
 /// The port `signet-agent` serves the host daemon on.
 pub const DEFAULT_AGENT_PORT: u32 = 7711;
 
@@ -54,7 +54,7 @@ pub enum EndpointError {
         "endpoint {0:?} has an unknown scheme: write vsock:CID:PORT, vsock-uds:PATH:PORT, unix:PATH, tcp:HOST:PORT or tls:HOST:PORT"
     )]
     UnknownScheme(String),
-    #[error("endpoint {0:?}: a vsock address is vsock:CID:PORT, e.g. vsock:2:7710 (CID may be \"any\" when listening)")]
+    #[error("endpoint {0:?}: a vsock address is vsock:CID:PORT, e.g. vsock:2:771 (CID may be \"any\" when listening)")]
     Vsock(String),
     #[error("endpoint {0:?}: a hybrid-vsock address is vsock-uds:PATH:PORT or vsock-uds:PATH:PORT,cid=CID with PATH the backend's uds-path, e.g. vsock-uds:/run/signet/vm105.vsock:7711,cid=105")]
     VsockUds(String),
@@ -310,7 +310,7 @@ mod tests {
 
     #[test]
     fn defaults_are_the_documented_ports() {
-        assert_eq!(Endpoint::default_client().to_string(), "vsock:2:7710");
+        assert_eq!(Endpoint::default_client().to_string(), "vsock:2:771");
         assert_eq!(Endpoint::default_agent(105).to_string(), "vsock:105:7711");
     }
 

@@ -5,6 +5,10 @@
 //! - [`transport`] — connecting to and listening on an endpoint; the peer identity a
 //!   listener learns from the kernel (vsock CID, `SO_PEERCRED`, TCP address).
 //! - [`client`] — HTTP/1.1 requests over any endpoint, bodies streamed both ways.
+//! - [`link`] — the authenticated link between `signetd` and `signet-agent`: each
+//!   side's key, the pinned peer key, TLS 1.3 with them on any transport, pairing.
+//! - [`serve`] — the connection loop both servers use (header timeout, connection
+//!   cap, TLS, lingering close); [`limits`] — an upload's size and idle limits.
 //! - [`tls`] — the client side of `tls:` endpoints: trusted CAs, client credentials.
 //! - [`wire`] — the JSON types and query parameters of the client API (`/v1/...`) and
 //!   the agent API (`/agent/v1/...`), the stable error codes and what each maps to.
@@ -25,9 +29,12 @@ pub mod client;
 pub mod docs;
 pub mod endpoint;
 pub mod format;
+pub mod limits;
+pub mod link;
 pub mod operator;
 pub mod pin_file;
 pub mod render;
+pub mod serve;
 pub mod structure;
 pub mod tls;
 pub mod transport;

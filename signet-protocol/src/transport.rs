@@ -599,7 +599,7 @@ mod tests {
             Endpoint::default_client(),
             Endpoint::Vsock {
                 cid: tokio_vsock::VMADDR_CID_HOST,
-                port: 7710
+                port: 771
             }
         );
     }

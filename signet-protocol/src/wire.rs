@@ -55,6 +55,9 @@ pub const AGENT_LOGIN_PATH: &str = "/agent/v1/login";
 pub const AGENT_REINIT_PATH: &str = "/agent/v1/reinit";
 /// Daemon → agent path of the event stream (server-sent events).
 pub const AGENT_EVENTS_PATH: &str = "/agent/v1/events";
+/// `POST`: the host's pairing proof (`link::PairRequest`), the agent's in the answer
+/// (`link::PairAnswer`); taken only while `signet-agent pair` holds a window open.
+pub const AGENT_PAIR_PATH: &str = "/agent/v1/pair";
 
 /// Exit codes of `signet`, one per outcome a build script acts on differently.
 pub mod exit {

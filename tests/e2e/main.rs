@@ -13,6 +13,7 @@ mod doctor;
 mod exactly_once;
 mod formats;
 mod jobs_api;
+mod link;
 mod operator;
 mod passthrough;
 mod queue;

@@ -151,6 +151,16 @@ s=$(score signet-agent.service)
 if le "$s" 2.0; then ok "signet-agent.service exposure as loaded $s <= 2.0"; else bad "signet-agent.service exposure as loaded '$s' <= 2.0"; fi
 mode 700 root:root /run/signet-agent
 mode 700 root:root /var/lib/signet-agent
+mode 600 root:root /var/lib/signet-agent/link.key
+mode 600 root:root /var/lib/signet/link.key
+# Pairing, as the operator does it: `signet-agent pair` in the signing VM shows a
+# one-time code, typed into `signetd pair` on the host; the running units take it.
+code=$(signet-agent --config /etc/signet/agent.toml pair | sed -n 's/^Pairing code: \([A-Z0-9-]*\).*/\1/p')
+check "signet-agent pair shows a one-time code" test -n "$code"
+check "signetd pair CODE pins the agent's key" signetd pair "$code"
+mode 600 root:root /var/lib/signet/agent.pin
+mode 600 root:root /var/lib/signet-agent/host.pin
+check "the code works once" bash -c "! signetd pair $code"
 export SIGNET_ENDPOINT=unix:/run/signet/signetd.sock
 # The agent logs in once signetd's first health poll reaches it: wait (bounded).
 for _ in $(seq 1 120); do signet status >/dev/null 2>&1 && break; sleep 1; done

@@ -176,8 +176,9 @@ impl World {
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"{listen}\"\nspool_dir = \"{}\"\n[token]\nmodule = \"{module}\"\nlabel = \"{TOKEN_LABEL}\"\n{pin_line}{extra}",
+                "listen = \"{listen}\"\nspool_dir = \"{}\"\nstate_dir = \"{}\"\n[token]\nmodule = \"{module}\"\nlabel = \"{TOKEN_LABEL}\"\n{pin_line}{extra}",
                 self.dir.path().display(),
+                self.path("agent-state").display(),
             ),
         )
         .unwrap();
@@ -188,7 +189,43 @@ impl World {
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        self.spawn_ready("signet-agent", cmd).remove(0)
+        let endpoint = self.spawn_ready("signet-agent", cmd).remove(0);
+        self.pair_agent(&endpoint);
+        endpoint
+    }
+
+    /// Pairs the agent at `agent` with this world's host key (`signetd`'s, in the
+    /// `state` directory), the operator's way: `signet-agent pair` shows a one-time
+    /// code, which the host's side of pairing (`signetd pair`'s code) proves it knows.
+    /// From then on this test process reaches `agent` through the link, as signetd does.
+    pub fn pair_agent(&self, agent: &Endpoint) {
+        let out = Command::new(bin("signet-agent"))
+            .arg("--config")
+            .arg(self.path("agent.toml"))
+            .args(["pair", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "signet-agent pair: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let link = std::sync::Arc::new(
+            signet_protocol::link::HostLink::open(&self.path("state")).unwrap(),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let agent_key = rt
+            .block_on(link.pair(agent, shown["code"].as_str().unwrap()))
+            .unwrap();
+        assert_eq!(
+            agent_key.to_string(),
+            shown["fingerprint"].as_str().unwrap()
+        );
+        signet_protocol::link::register(agent.clone(), link);
     }
 
     /// Writes the daemon's configuration and starts it; returns the endpoints it serves.
@@ -247,6 +284,7 @@ impl World {
     /// and its arguments, e.g. a umockdev testbed), which must pass on its environment
     /// and stop `signetd` when it gets SIGTERM.
     pub fn restart_daemon_under(&mut self, wrapper: &[&std::ffi::OsStr]) -> Vec<Endpoint> {
+        self.carry_link_key();
         let signetd = bin("signetd");
         let mut argv: Vec<&std::ffi::OsStr> = wrapper.to_vec();
         argv.push(signetd.as_os_str());
@@ -255,6 +293,37 @@ impl World {
             .arg("--config")
             .arg(self.path("signetd.toml"));
         self.spawn_ready("signetd", cmd)
+    }
+
+    /// A configuration with a `state_dir` of its own gets this world's host key and
+    /// pairing there (as if the host's state had moved), so it reaches the agent
+    /// [`World::pair_agent`] paired.
+    fn carry_link_key(&self) {
+        let config = std::fs::read_to_string(self.path("signetd.toml")).unwrap_or_default();
+        let Some(dir) = config.lines().find_map(|l| {
+            let v = l
+                .trim()
+                .strip_prefix("state_dir")?
+                .trim()
+                .strip_prefix('=')?;
+            Some(PathBuf::from(v.trim().trim_matches('"')))
+        }) else {
+            return;
+        };
+        let home = self.path("state");
+        if dir == home || dir.join(signet_protocol::link::KEY_FILE).exists() {
+            return;
+        }
+        for f in [
+            signet_protocol::link::KEY_FILE,
+            signet_protocol::link::CERT_FILE,
+            signet_protocol::link::AGENT_PIN_FILE,
+        ] {
+            if home.join(f).exists() {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::copy(home.join(f), dir.join(f)).unwrap();
+            }
+        }
     }
 
     /// Runs `signetd SUBCOMMAND...` against the configuration `start_daemon*` wrote.

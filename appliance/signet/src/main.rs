@@ -30,7 +30,7 @@ Exit codes:
   5  signing failed on the appliance
   6  appliance unavailable: daemon, agent or token cannot be reached, or the PIN needs fixing
 
-Endpoints: vsock:CID:PORT (default vsock:2:7710, the Proxmox host), unix:PATH, tcp:HOST:PORT,
+Endpoints: vsock:CID:PORT (default vsock:2:771, the Proxmox host), unix:PATH, tcp:HOST:PORT,
 tls:HOST:PORT (a remote appliance: --client NAME with SIGNET_SECRET, --tls-ca).";
 
 /// Sign Windows binaries with the code-signing token of a Signet appliance.
@@ -41,7 +41,7 @@ tls:HOST:PORT (a remote appliance: --client NAME with SIGNET_SECRET, --tls-ca)."
 #[derive(Debug, Parser)]
 #[command(version, after_help = EXIT_CODES)]
 struct Cli {
-    /// Where the Signet daemon listens [default: from the config file, else vsock:2:7710].
+    /// Where the Signet daemon listens [default: from the config file, else vsock:2:771].
     #[arg(
         long,
         short,

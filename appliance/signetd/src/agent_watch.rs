@@ -276,9 +276,16 @@ pub async fn run(daemon: Arc<Daemon>) {
     let mut instance = None;
     let mut vm_went = None;
     let mut resets = *gone.borrow();
+    let mut said: Option<String> = None;
     loop {
         let mut connected = false;
         let why = follow(&daemon, &tx, &mut instance, &mut gone, &mut connected).await;
+        // Each new reason once in the log (a refused key, a wrong agent, no agent),
+        // not every retry's.
+        if connected || said.as_deref() != Some(why.as_str()) {
+            tracing::warn!(reason = %why, "the agent cannot be followed; trying again");
+            said = (!connected).then(|| why.clone());
+        }
         let _ = tx.send(Event::AgentDown(why)).await;
         let now = *gone.borrow();
         if now != resets {

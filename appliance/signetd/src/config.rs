@@ -685,6 +685,16 @@ impl Profile {
     }
 }
 
+/// The vsock endpoints in `listen` whose port any user could bind (above 1023): on
+/// a port below 1024 only a process with `CAP_NET_BIND_SERVICE` can listen, so a build
+/// VM that reaches the host's port reaches root's signetd.
+pub fn unprivileged_vsock(listen: &[Endpoint]) -> Vec<&Endpoint> {
+    listen
+        .iter()
+        .filter(|e| matches!(e, Endpoint::Vsock { port, .. } if *port > 1023))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -856,7 +866,7 @@ mod tests {
         assert_eq!(c.agent.to_string(), "vsock:105:7711");
         assert_eq!(
             c.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            ["unix:/run/signet/signetd.sock", "vsock:any:7710"]
+            ["unix:/run/signet/signetd.sock", "vsock:any:771"]
         );
         assert_eq!(c.default_profile, "default");
         assert_eq!(c.profiles["default"].hash, DigestAlgorithm::Sha256);
@@ -1119,5 +1129,26 @@ profiles = ["*"]
         assert!(err.contains("\"a b\""), "{err}");
         let err = parse("agnet = \"unix:/a\"").unwrap_err();
         assert!(err.contains("agnet"), "{err}");
+    }
+
+    #[test]
+    fn vsock_ports_any_user_could_bind_are_named() {
+        let eps: Vec<Endpoint> = [
+            "vsock:any:771",
+            "vsock:any:7710",
+            "unix:/run/s.sock",
+            "tcp:127.0.0.1:7710",
+        ]
+        .iter()
+        .map(|e| e.parse().unwrap())
+        .collect();
+        let named: Vec<String> = unprivileged_vsock(&eps)
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(named, ["vsock:any:7710"]);
+        assert!(
+            unprivileged_vsock(&parse("agent = \"vsock:105:7711\"").unwrap().listen).is_empty()
+        );
     }
 }

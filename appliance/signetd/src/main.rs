@@ -35,6 +35,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Pairs this host with the signing VM's agent, with the one-time code that
+    /// `signet-agent pair` showed there.
+    ///
+    /// signetd and signet-agent answer only each other: each holds a key (made at its
+    /// first start, in its state directory) and pins the other's. Pairing sets the
+    /// pins, once: in the signing VM, as root, run `signet-agent pair`; here, as root,
+    /// within 10 minutes, `signetd pair CODE`. Both sides prove they know the code over
+    /// the very connection that carries their keys, so nothing in between can pair
+    /// instead. Check that the agent key printed here is the one the VM showed. A
+    /// running signetd takes the new pairing at its next contact with the agent (no
+    /// restart). Pair again after reinstalling either side.
+    Pair {
+        /// The code `signet-agent pair` showed (case, spaces and dashes do not matter).
+        code: String,
+        /// One JSON object: {"agent", "host", "endpoint"}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remote clients that sign over TLS with a secret (HTTP Basic: name and secret).
     #[command(subcommand)]
     Client(ClientCommand),
@@ -510,6 +528,26 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Cmd::Tls(cmd)) => return tls_command(cmd),
+        Some(Cmd::Pair { code, json }) => {
+            let cfg = Config::load(&cli.config)?;
+            let link = signet_protocol::link::HostLink::open(&cfg.state_dir)
+                .context("this host's link key")?;
+            let agent = link.pair(&cfg.agent, &code).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"agent": agent, "host": link.fingerprint(), "endpoint": cfg.agent.to_string()})
+                );
+            } else {
+                println!("Paired with the agent at {}.", cfg.agent);
+                println!("  agent key: {agent}  (check: `signet-agent pair` showed this key)");
+                println!("  this host's key: {}", link.fingerprint());
+                println!(
+                    "signetd takes it at its next contact with the agent; no restart is needed."
+                );
+            }
+            return Ok(());
+        }
         Some(Cmd::CheckConfig) => std::process::exit(check_config(&cli.config)),
         Some(Cmd::Docs(docs)) => {
             return docs
@@ -565,6 +603,13 @@ async fn main() -> anyhow::Result<()> {
         bound.push(local.to_string());
         listeners.push((l, None));
     }
+    for ep in signetd::config::unprivileged_vsock(&cfg.listen) {
+        tracing::warn!(
+            endpoint = %ep,
+            "this vsock port is above 1023: any user of this host can listen on it while signetd is down and pose as signetd to build VMs; use a port below 1024 (the default vsock:any:{})",
+            signet_protocol::endpoint::DEFAULT_DAEMON_PORT
+        );
+    }
     signetd::private::secure_tree(&cfg.state_dir).with_context(|| {
         format!(
             "making the state directory {} private (0700, its files 0600)",
@@ -572,6 +617,22 @@ async fn main() -> anyhow::Result<()> {
         )
     })?;
     let head = signetd::head::guard(&cfg.state_dir, false)?;
+    // Every request to the agent goes through the link: TLS with this host's key, to
+    // the agent key pinned by `signetd pair` only.
+    let host_link =
+        signet_protocol::link::HostLink::open(&cfg.state_dir).context("this host's link key")?;
+    match host_link.pinned() {
+        Ok(Some(agent)) => {
+            tracing::info!(key = %host_link.fingerprint(), %agent, "link key; paired with the agent")
+        }
+        Ok(None) => tracing::warn!(
+            key = %host_link.fingerprint(),
+            "not paired with the agent yet; {}",
+            signet_protocol::link::PAIR_FIX
+        ),
+        Err(e) => tracing::error!(error = %e, "the paired agent's key cannot be read"),
+    }
+    signet_protocol::link::register(cfg.agent.clone(), Arc::new(host_link));
     let mut daemon = Daemon::open(cfg.clone())?;
     daemon.keep_head(head)?;
     if let Some(tls) = &cfg.tls {

@@ -18,9 +18,66 @@ pub struct Config {
     /// Where uploads wait while they are signed. Default: the system temp dir.
     #[serde(default)]
     pub spool_dir: Option<PathBuf>,
+    /// The agent's own state, 0700: its link key (`link.key`, `link.crt`, made at the
+    /// first start), the paired host's key (`host.pin`) and an open pairing window.
+    /// Default: `/var/lib/signet-agent`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     pub token: TokenConfig,
     #[serde(default)]
     pub signer: SignerConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: what one connection from the host may cost the agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The largest upload (one file, or a whole batch), in bytes. Default: 4 GiB.
+    #[serde(default = "default_max_input_size")]
+    pub max_input_size: u64,
+    /// How long an upload may send nothing before it is abandoned. Default: 60.
+    #[serde(default = "default_idle_seconds")]
+    pub idle_seconds: u64,
+    /// How long a connection may take for its TLS handshake and then for each
+    /// request's headers. Default: 10.
+    #[serde(default = "default_header_timeout_seconds")]
+    pub header_timeout_seconds: u64,
+    /// Connections served at once; the next waits in the kernel's backlog. Default: 64.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_input_size: default_max_input_size(),
+            idle_seconds: default_idle_seconds(),
+            header_timeout_seconds: default_header_timeout_seconds(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+fn default_max_input_size() -> u64 {
+    4 << 30
+}
+fn default_idle_seconds() -> u64 {
+    60
+}
+fn default_header_timeout_seconds() -> u64 {
+    10
+}
+fn default_max_connections() -> usize {
+    64
+}
+
+/// Where the agent keeps its state when the configuration does not say.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/signet-agent";
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
 }
 
 /// `[token]`: which PKCS#11 token holds the key, and how to log in.
@@ -149,12 +206,29 @@ impl Config {
             cfg.token.pin_file.as_mut(),
             cfg.signer.certificate.as_mut(),
             cfg.spool_dir.as_mut(),
+            Some(&mut cfg.state_dir),
         ]
         .into_iter()
         .flatten()
         {
             if p.is_relative() && p.components().count() > 1 {
                 *p = base.join(&*p);
+            }
+        }
+        for (key, v) in [
+            ("limits.max_input_size", cfg.limits.max_input_size),
+            ("limits.idle_seconds", cfg.limits.idle_seconds),
+            (
+                "limits.header_timeout_seconds",
+                cfg.limits.header_timeout_seconds,
+            ),
+            ("limits.max_connections", cfg.limits.max_connections as u64),
+        ] {
+            if v == 0 {
+                return Err(invalid(
+                    key,
+                    "must be at least 1; leave it out for the default",
+                ));
             }
         }
         if cfg.signer.timeout_seconds == 0 {

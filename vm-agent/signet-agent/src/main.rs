@@ -6,7 +6,8 @@ use clap::{Parser, Subcommand};
 use signet_agent::agent::Agent;
 use signet_agent::config::{self, Config};
 use signet_agent::doctor;
-use signet_protocol::transport::{Listener, Peer};
+use signet_protocol::link;
+use signet_protocol::transport::Listener;
 use signet_protocol::wire::AgentState;
 
 /// Signet's signing agent: runs in the signing VM, holds the token's PKCS#11 session
@@ -58,6 +59,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Opens a pairing window: shows this agent's key and a one-time code for the host.
+    ///
+    /// The agent answers only the host it is paired with (TLS with pinned keys, on
+    /// every transport). Pairing is done once, by the operator, as root on both sides:
+    /// run this in the signing VM, then on the Proxmox host, within 10 minutes,
+    /// `signetd pair CODE` with the code shown. The code works once: a wrong code
+    /// closes the window (run this again). The agent need not be restarted, before or
+    /// after. Pairing again (a reinstalled host, a new host) replaces the host's key.
+    Pair {
+        /// One JSON object: {"fingerprint", "code", "expires_unix"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows this agent's key and the host key it is paired with, if any.
+    Key {
+        /// One JSON object: {"fingerprint", "host"}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Checks the configuration file without starting (nothing is bound, the token is
     /// not opened): its syntax and values, and the PIN file's owner and mode. Exit 0
     /// when it is good, 1 with the error and its fix. The unit runs it before the agent
@@ -93,6 +113,27 @@ async fn main() -> anyhow::Result<()> {
         })?;
     }
     let listen = cfg.listen.clone();
+    let identity = link::Identity::load_or_create(&cfg.state_dir, "signet-agent")
+        .context("the agent's link key")?;
+    let acceptor = link::acceptor(&identity, &cfg.state_dir).context("the agent's link key")?;
+    match link::read_pin(&cfg.state_dir.join(link::HOST_PIN_FILE)) {
+        Ok(Some(host)) => {
+            tracing::info!(key = %identity.fingerprint, %host, "link key; paired with the host")
+        }
+        Ok(None) => tracing::warn!(
+            key = %identity.fingerprint,
+            "not paired with a host yet: nothing is signed until the operator runs `signet-agent pair` here and `signetd pair CODE` on the host"
+        ),
+        Err(e) => tracing::error!(error = %e, "the paired host's key cannot be read"),
+    }
+    let gate = signet_agent::server::Gate {
+        state_dir: cfg.state_dir.clone(),
+        own: identity.fingerprint,
+        max_input_size: cfg.limits.max_input_size,
+        idle: std::time::Duration::from_secs(cfg.limits.idle_seconds),
+    };
+    let header_timeout = std::time::Duration::from_secs(cfg.limits.header_timeout_seconds);
+    let max_connections = cfg.limits.max_connections;
     let agent = Arc::new(Agent::new(cfg).await?);
     let left = agent.clean_spool();
     if left > 0 {
@@ -120,21 +161,28 @@ async fn main() -> anyhow::Result<()> {
             sd_notify::NotifyState::Ready,
         ],
     );
-    let app = signet_agent::server::router(agent.clone());
+    let app = signet_agent::server::router(agent.clone(), gate);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let serving = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown({
-            let agent = agent.clone();
-            async move {
-                shutdown().await;
-                agent.stop();
-                stop_tx.send_replace(true);
-            }
-        });
+    let serving = signet_protocol::serve::serve(
+        listener,
+        app,
+        header_timeout,
+        max_connections,
+        Some(acceptor),
+        stop_rx.clone(),
+    );
+    tokio::spawn({
+        let agent = agent.clone();
+        async move {
+            shutdown().await;
+            agent.stop();
+            stop_tx.send_replace(true);
+        }
+    });
     // A job in flight may end within the bound; a connection that stays open after it
     // (a host that does not close) does not hold the agent.
     tokio::select! {
-        r = serving => r.context("serving")?,
+        () = serving => {}
         _ = async {
             let _ = stop_rx.wait_for(|s| *s).await;
             tokio::time::sleep(STOP_BOUND).await;
@@ -153,6 +201,57 @@ fn run_command(command: Command, config_path: &std::path::Path) -> anyhow::Resul
         Command::Docs(docs) => {
             docs.run(<Cli as clap::CommandFactory>::command())
                 .context("writing the documentation")?;
+            Ok(0)
+        }
+        Command::Pair { json } => {
+            let cfg = Config::load(config_path)?;
+            let identity = link::Identity::load_or_create(&cfg.state_dir, "signet-agent")
+                .context("the agent's link key")?;
+            let window = link::Window::open(&cfg.state_dir).with_context(|| {
+                format!(
+                    "cannot open a pairing window in {}: run this as the agent's user (root)",
+                    cfg.state_dir.display()
+                )
+            })?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "fingerprint": identity.fingerprint,
+                        "code": window.code,
+                        "expires_unix": window.expires_unix,
+                    })
+                );
+            } else {
+                println!("This agent's key: {}", identity.fingerprint);
+                println!(
+                    "Pairing code: {} (valid {} minutes, for one attempt)",
+                    window.code,
+                    link::PAIRING_WINDOW.as_secs() / 60
+                );
+                println!("On the Proxmox host, as root, run:");
+                println!("  signetd pair {}", window.code);
+                println!("and check that it names the key above.");
+            }
+            Ok(0)
+        }
+        Command::Key { json } => {
+            let cfg = Config::load(config_path)?;
+            let identity = link::Identity::load_or_create(&cfg.state_dir, "signet-agent")
+                .context("the agent's link key")?;
+            let host = link::read_pin(&cfg.state_dir.join(link::HOST_PIN_FILE))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"fingerprint": identity.fingerprint, "host": host})
+                );
+            } else {
+                println!("This agent's key: {}", identity.fingerprint);
+                match host {
+                    Some(h) => println!("Paired with the host key: {h}"),
+                    None => println!("Not paired with a host: run `signet-agent pair`."),
+                }
+            }
             Ok(0)
         }
         Command::CheckConfig => {

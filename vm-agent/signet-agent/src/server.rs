@@ -1,5 +1,10 @@
 //! The agent's HTTP front: translates requests into [`Agent`] calls and results into
 //! answers. No logic of its own.
+//!
+//! Every route but pairing answers only the host this agent is paired with: the TLS
+//! link (`signet_protocol::link`) lets in the pinned host key, or any key while a
+//! pairing window is open, and [`Gate`] checks each request's key again against the
+//! pin, so a key let in for pairing reaches `POST /agent/v1/pair` and nothing else.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,18 +19,45 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use signet_protocol::batch::{self, Part, PartBody, RESULT_HEADER};
+use signet_protocol::limits;
+use signet_protocol::link::{self, Fingerprint};
+use signet_protocol::serve::PeerKey;
 use signet_protocol::wire::{
     AgentLogin, AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_EVENTS_PATH,
-    AGENT_HEALTH_PATH, AGENT_LOGIN_PATH, AGENT_REINIT_PATH, AGENT_SIGN_PATH, JOB_HEADER,
+    AGENT_HEALTH_PATH, AGENT_LOGIN_PATH, AGENT_PAIR_PATH, AGENT_REINIT_PATH, AGENT_SIGN_PATH,
+    JOB_HEADER,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::agent::{Agent, JobKey, Spool};
 
+/// Who may use the agent: the host whose key is pinned in the state directory, and
+/// the upload limits.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    /// The agent's state directory (`host.pin`, the pairing window).
+    pub state_dir: std::path::PathBuf,
+    /// The agent's own key.
+    pub own: Fingerprint,
+    /// The largest upload, in bytes.
+    pub max_input_size: u64,
+    /// How long an upload may stay silent.
+    pub idle: std::time::Duration,
+}
+
+impl Gate {
+    fn paired(&self, key: Option<&PeerKey>) -> bool {
+        let pinned = link::read_pin(&self.state_dir.join(link::HOST_PIN_FILE))
+            .ok()
+            .flatten();
+        matches!((key, pinned), (Some(k), Some(p)) if k.0 == p)
+    }
+}
+
 /// The agent's router.
-pub fn router(agent: Arc<Agent>) -> Router {
-    Router::new()
+pub fn router(agent: Arc<Agent>, gate: Gate) -> Router {
+    let paired_only = Router::new()
         .route(AGENT_SIGN_PATH, post(sign))
         .route(AGENT_BATCH_PATH, post(batch))
         .route(AGENT_HEALTH_PATH, get(health))
@@ -38,7 +70,87 @@ pub fn router(agent: Arc<Agent>) -> Router {
                 "no such agent API path; see /agent/v1/health",
             )
         })
-        .with_state(agent)
+        .layer(axum::middleware::from_fn_with_state(
+            gate.clone(),
+            require_paired,
+        ))
+        .layer(axum::Extension(gate.clone()))
+        .with_state(agent);
+    Router::new()
+        .route(AGENT_PAIR_PATH, post(pair))
+        .with_state(gate)
+        .merge(paired_only)
+}
+
+async fn require_paired(
+    State(gate): State<Gate>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if gate.paired(req.extensions().get::<PeerKey>()) {
+        next.run(req).await
+    } else {
+        ErrorBody::new(
+            ErrorCode::Forbidden,
+            format!(
+                "this agent answers only the host it is paired with; {}",
+                link::PAIR_FIX
+            ),
+        )
+        .into_response()
+    }
+}
+
+/// The host's half of pairing: its proof for the code of the open window, answered
+/// with the agent's. The window closes with this request, whatever its outcome.
+async fn pair(
+    State(gate): State<Gate>,
+    key: Option<axum::Extension<PeerKey>>,
+    body: Bytes,
+) -> Result<Json<link::PairAnswer>, ErrorBody> {
+    let Some(axum::Extension(PeerKey(host))) = key else {
+        return Err(ErrorBody::new(
+            ErrorCode::Forbidden,
+            "pairing takes the host's key: use `signetd pair CODE` on the host",
+        ));
+    };
+    let Some(window) = link::Window::take(&gate.state_dir) else {
+        tracing::warn!(host = %host, "a pairing request came while no pairing window was open");
+        return Err(ErrorBody::new(
+            ErrorCode::Forbidden,
+            "no pairing window is open on this agent (or it expired): run `signet-agent pair` in the signing VM again and use the new code within 10 minutes",
+        ));
+    };
+    let request: link::PairRequest = serde_json::from_slice(&body).map_err(|_| {
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            "the body must be JSON {\"proof\": \"...\"}; the pairing window is closed: run `signet-agent pair` again",
+        )
+    })?;
+    if !link::check_proof(
+        &window.code,
+        link::Side::Host,
+        &host,
+        &gate.own,
+        &request.proof,
+    ) {
+        tracing::warn!(host = %host, "a pairing attempt with a wrong code; the window is closed");
+        return Err(ErrorBody::new(
+            ErrorCode::Forbidden,
+            "the pairing code does not match; the window is closed: run `signet-agent pair` in the signing VM again and type the new code exactly",
+        ));
+    }
+    link::write_pin(&gate.state_dir.join(link::HOST_PIN_FILE), &host).map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::Internal,
+            format!("the agent cannot keep the host's key: {e}"),
+        )
+    })?;
+    tracing::info!(host = %host, "paired with the host; only this host's key is taken from now on");
+    Ok(Json(link::PairAnswer {
+        proof: link::proof(&window.code, link::Side::Agent, &gate.own, &host),
+        fingerprint: gate.own,
+    }))
 }
 
 async fn health(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
@@ -104,6 +216,7 @@ async fn events(
 
 async fn sign(
     State(agent): State<Arc<Agent>>,
+    axum::Extension(gate): axum::Extension<Gate>,
     headers: HeaderMap,
     RawQuery(raw_query): RawQuery,
     query: Result<Query<AgentSignQuery>, QueryRejection>,
@@ -118,8 +231,9 @@ async fn sign(
     let span = tracing::info_span!("job", file = query.filename.as_deref().unwrap_or("-"));
     let _g = span.enter();
     drop(_g);
+    let (body, limit) = limited(&gate, &headers, body)?;
     let spool = agent.spool()?;
-    let (_, input_sha256) = receive(&spool, body).await?;
+    let (_, input_sha256) = receive(&spool, body).await.map_err(|e| limit.explain(e))?;
     // A job the host sends again (it was restarted, or lost the connection, while the
     // agent signed) gets the result kept for it instead of a second signature: the
     // host's job id, bound to the exact request and input.
@@ -156,10 +270,12 @@ const MAX_BATCH: usize = 1000;
 
 async fn batch(
     State(agent): State<Arc<Agent>>,
+    axum::Extension(gate): axum::Extension<Gate>,
     query: Result<Query<AgentSignQuery>, QueryRejection>,
     headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, ErrorBody> {
+    let (body, limit) = limited(&gate, &headers, body)?;
     let Query(query) = query.map_err(|e| {
         ErrorBody::new(
             ErrorCode::BadRequest,
@@ -180,10 +296,10 @@ async fn batch(
     let mut items = Vec::new();
     loop {
         let field = parts.next_field().await.map_err(|e| {
-            ErrorBody::new(
+            limit.explain(ErrorBody::new(
                 ErrorCode::TruncatedInput,
                 format!("the batch upload is malformed or ended early ({e}); nothing was signed"),
-            )
+            ))
         })?;
         let Some(mut field) = field else { break };
         if items.len() == MAX_BATCH {
@@ -203,10 +319,10 @@ async fn batch(
                 Ok(Some(chunk)) => file.write_all(&chunk).await.map_err(spool_error)?,
                 Ok(None) => break,
                 Err(e) => {
-                    return Err(ErrorBody::new(
+                    return Err(limit.explain(ErrorBody::new(
                         ErrorCode::TruncatedInput,
                         format!("the batch upload ended early ({e}); nothing was signed"),
-                    ))
+                    )))
                 }
             }
         }
@@ -258,6 +374,42 @@ async fn batch(
         resp.headers_mut().insert(header::CONTENT_TYPE, v);
     }
     Ok(resp)
+}
+
+/// The upload within the agent's limits: a declared length above the limit is refused
+/// before the body is read; the body itself is cut off past the limit or when silent,
+/// and [`Limit::explain`] then says which.
+fn limited(gate: &Gate, headers: &HeaderMap, body: Body) -> Result<(Body, Limit), ErrorBody> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > gate.max_input_size) {
+        return Err(limits::too_large(gate.max_input_size));
+    }
+    let (body, tripped) = limits::limit(body, gate.max_input_size, gate.idle);
+    Ok((
+        body,
+        Limit {
+            tripped,
+            max: gate.max_input_size,
+            idle: gate.idle,
+        },
+    ))
+}
+
+/// The limits an upload runs under.
+struct Limit {
+    tripped: Arc<limits::Tripped>,
+    max: u64,
+    idle: std::time::Duration,
+}
+
+impl Limit {
+    /// The error of a failed upload: the limit it ran into, if it ran into one.
+    fn explain(&self, e: ErrorBody) -> ErrorBody {
+        self.tripped.error(self.max, self.idle).unwrap_or(e)
+    }
 }
 
 fn spool_error(e: std::io::Error) -> ErrorBody {

@@ -3,8 +3,9 @@
 //! time (no slow-loris). At most `max_connections` connections are served at once per
 //! listener (`[limits] max_connections`); the next is accepted when one closes, and
 //! until then waits in the kernel's backlog. Each request carries its connection's
-//! [`Peer`](signet_protocol::transport::Peer) as `ConnectInfo`, as `axum::serve` would
-//! set it, and [`OverTls`] when it came over TLS.
+//! [`Peer`] as `ConnectInfo`, as `axum::serve` would
+//! set it, [`OverTls`] when it came over TLS and [`PeerKey`] when the TLS client
+//! presented a key.
 //!
 //! A connection closes the lingering way ([`Linger`]): an answer given before the
 //! request's body was read (a refusal from the headers, a limit passed part-way)
@@ -15,12 +16,13 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use crate::link::Fingerprint;
+use crate::transport::{Listener, Peer};
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use signet_protocol::transport::{Listener, Peer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 use tower::Service;
@@ -28,6 +30,11 @@ use tower::Service;
 /// Marks a request that came over TLS (a request extension).
 #[derive(Debug, Clone, Copy)]
 pub struct OverTls;
+
+/// The key the TLS client presented, by fingerprint (a request extension, set when it
+/// presented one: the host's key on the agent's link).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerKey(pub Fingerprint);
 
 /// Serves `app` on `listener` (with TLS when `tls` is given) until `stop` turns true,
 /// then lets requests in flight finish. At most `max_connections` at once.
@@ -58,7 +65,7 @@ pub async fn serve(
         match &tls {
             None => {
                 tokio::spawn(async move {
-                    connection(io, peer, app, header_timeout, false, watcher).await;
+                    connection(io, peer, app, header_timeout, None, watcher).await;
                     drop(permit);
                 });
             }
@@ -69,7 +76,13 @@ pub async fn serve(
                     // The handshake is bounded like the headers that follow it.
                     match tokio::time::timeout(header_timeout, acceptor.accept(io)).await {
                         Ok(Ok(io)) => {
-                            connection(io, peer, app, header_timeout, true, watcher).await;
+                            let key = io
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| PeerKey(Fingerprint::of(c)));
+                            connection(io, peer, app, header_timeout, Some(key), watcher).await;
                         }
                         Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
@@ -86,7 +99,7 @@ async fn connection<I>(
     peer: Peer,
     app: Router,
     header_timeout: Duration,
-    over_tls: bool,
+    tls: Option<Option<PeerKey>>,
     watcher: Watcher,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -94,8 +107,11 @@ async fn connection<I>(
     let conn_peer = peer.clone();
     let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(conn_peer.clone()));
-        if over_tls {
+        if let Some(key) = tls {
             req.extensions_mut().insert(OverTls);
+            if let Some(key) = key {
+                req.extensions_mut().insert(key);
+            }
         }
         let mut app = app.clone();
         async move { app.call(req.map(axum::body::Body::new)).await }
