@@ -8,7 +8,12 @@
 //!
 //! [`start`] runs the service for the daemon from its configuration (`[[tokens]]`:
 //! which token serial belongs to which signing VM; `[passthrough]`: where the VMs'
-//! Signet monitors are). Without udev the daemon runs on and its status says why
+//! Signet monitors are). A reload hands it new `[[tokens]]` ([`Handle::reassign`]);
+//! the pure [`Setup::replan`] says what changes and the same loop carries it out: an
+//! added token goes to its VM, a moved one leaves its old VM for the new one, a
+//! removed one is no longer managed — one in a VM is left there, since taking it out
+//! could cut a job short — and the monitors of VMs new to `[[tokens]]` are followed.
+//! Jobs are not tied to a token (one agent, one worker), so none moves. Without udev the daemon runs on and its status says why
 //! tokens are not followed. The core commands [`Daemon::tokens`], [`Daemon::attach`],
 //! [`Daemon::detach`] and [`Daemon::reattach`] are what the HTTP, D-Bus and CLI fronts
 //! call.
