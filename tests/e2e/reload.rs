@@ -116,3 +116,132 @@ fn sighup_applies_a_new_grant_and_keeps_the_jobs_an_invalid_file_changes_nothing
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(verify(&w, &again).0);
 }
+
+/// The token `serial` in `/v1/status`, if listed.
+fn status_token(ep: &Endpoint, serial: &str) -> Option<serde_json::Value> {
+    let (status, s) = call(ep, "GET", "/v1/status", Vec::new());
+    assert_eq!(status, 200, "{s}");
+    s["tokens"]["tokens"]
+        .as_array()?
+        .iter()
+        .find(|t| t["serial"] == serial)
+        .cloned()
+}
+
+/// The host port QEMU holds for the token's device, asked on the VM's other monitor.
+fn qemu_hostport(other: &std::path::Path, serial: &str) -> Option<String> {
+    use signetd::qmp::{device_id, Monitor, MonitorEvent};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let timeout = std::time::Duration::from_secs(30);
+        let mut m = Monitor::start(other.to_owned(), timeout);
+        tokio::time::timeout(timeout, async {
+            while m.next().await != Some(MonitorEvent::Connected) {}
+        })
+        .await
+        .expect("QEMU's other monitor");
+        let path = format!("/machine/peripheral/{}", device_id(serial));
+        let args = serde_json::json!({"path": path, "property": "hostport"});
+        m.qmp()?
+            .execute("qom-get", Some(args))
+            .await
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+    })
+}
+
+#[test]
+fn sighup_puts_a_new_token_assignment_in_force_and_keeps_the_jobs() {
+    use super::passthrough::{in_vm, Qemu, SERIAL, VM};
+    let mut w = World::new();
+    let signer = HeldSigner::new(&w);
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &w.path("pin"),
+        &[],
+        &signer.agent_config(),
+    );
+    // The signing VM's QEMU is up, with Signet's monitor where [passthrough] says;
+    // signetd.toml assigns no token yet.
+    let monitors = w.path("monitors");
+    std::fs::create_dir(&monitors).unwrap();
+    let other = w.path("qemu-server.qmp");
+    let _qemu = Qemu::start(&signetd::proxmox::monitor_path(&monitors, VM), &other);
+    let passthrough = format!("[passthrough]\nmonitor_dir = \"{}\"\n", monitors.display());
+    w.write_daemon_config(&config(&w, &agent, "Signet before", &passthrough));
+    let (ep, mut testbed) = Testbed::start_daemon(&mut w);
+
+    // Plugged in, not assigned: on the host, where it stays.
+    testbed.ask(&format!("add 2 5 {SERIAL}"));
+    wait_until("the token is seen on the host", || {
+        status_token(&ep, SERIAL).is_some_and(|t| t["state"] == "on_host")
+    });
+    let t = status_token(&ep, SERIAL).unwrap();
+    assert_eq!(t["assigned_vm"], serde_json::Value::Null, "{t}");
+    assert_eq!(qemu_hostport(&other, SERIAL), None, "not in the VM");
+
+    // One job at the signer (held), one queued behind it.
+    let pe = std::fs::read(w.pe("q.exe")).unwrap();
+    let running = sign_async(&ep, "running.exe", &pe);
+    wait_until("the first job is at the signer", || signer.held.exists());
+    let queued = sign_async(&ep, "queued.exe", &pe);
+
+    // `signetd enroll signing-vm` appends this; then systemctl reload signetd.
+    let assigned = format!("{passthrough}[[tokens]]\nserial = \"{SERIAL}\"\nvm = {VM}\n");
+    w.write_daemon_config(&config(&w, &agent, "Signet before", &assigned));
+    testbed.ask("hangup");
+    wait_until("the reload is logged", || {
+        count_in_log(&w, "configuration reloaded") == 1
+    });
+    let log = w.log("signetd");
+    assert!(log.contains("applied: tokens"), "{log}");
+    // The agent's VM is now VM 105 (the one VM in [[tokens]]): the recovery ladder
+    // read its tokens at start, and the log says so.
+    assert!(log.contains("the recovery ladder's tokens"), "{log}");
+
+    // The token goes into its VM, without a restart: the same process (one start).
+    let t = {
+        wait_until("the token is in VM 105", || {
+            status_token(&ep, SERIAL).is_some_and(|t| in_vm(&t))
+        });
+        status_token(&ep, SERIAL).unwrap()
+    };
+    assert_eq!(t["assigned_vm"], VM, "{t}");
+    assert_eq!(qemu_hostport(&other, SERIAL).as_deref(), Some("2"));
+    assert_eq!(
+        count_in_log(&w, "relaying to the agent"),
+        1,
+        "signetd was not restarted"
+    );
+
+    // The jobs accepted before the reload are signed.
+    signer.release();
+    signed_as_before(&w, &ep, &running);
+    signed_as_before(&w, &ep, &queued);
+
+    // The entry removed and reloaded: the token is left in the VM (never yanked out
+    // mid-job) and no longer assigned.
+    w.write_daemon_config(&config(&w, &agent, "Signet before", &passthrough));
+    testbed.ask("hangup");
+    wait_until("the second reload is logged", || {
+        count_in_log(&w, "configuration reloaded") == 2
+    });
+    wait_until("the token is no longer assigned", || {
+        status_token(&ep, SERIAL).is_some_and(|t| t["assigned_vm"].is_null())
+    });
+    let t = status_token(&ep, SERIAL).unwrap();
+    assert!(in_vm(&t), "left where it was: {t}");
+    assert!(
+        t["last_change"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no longer in [[tokens]]; left in VM 105"),
+        "{t}"
+    );
+    assert_eq!(qemu_hostport(&other, SERIAL).as_deref(), Some("2"));
+    assert!(w.log("signetd").contains("left in VM 105"));
+}

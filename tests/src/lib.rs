@@ -1053,7 +1053,8 @@ impl Testbed {
         (ep, Testbed(std::io::BufReader::new(door)))
     }
 
-    /// One request (`add PORT DEVNUM SERIAL`, `remove PORT`, `crash`), answered "ok".
+    /// One request (`add PORT DEVNUM SERIAL`, `remove PORT`, `crash`, `hangup`: SIGHUP to
+    /// `signetd`), answered "ok".
     pub fn ask(&mut self, line: &str) {
         use std::io::{BufRead, Write};
         let s = self.0.get_mut();

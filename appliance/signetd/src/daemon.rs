@@ -300,24 +300,35 @@ impl Daemon {
     }
 
     /// Reads the configuration file again, checks it as `signetd check-config` does
-    /// and, when it is valid, puts its grants, profiles, default profile and limits in
-    /// force at once ([`crate::reload::merge`]); the rest keeps its old values until a
-    /// restart. A file that is not valid changes nothing. Jobs already accepted keep
-    /// their agent query. Logged either way.
+    /// and, when it is valid, puts its grants, profiles, default profile, limits and
+    /// token assignments in force at once ([`crate::reload::merge`]; the token service
+    /// takes the new `[[tokens]]` up next: [`crate::tokens::Handle::reassign`]); the
+    /// rest keeps its old values until a restart. A file that is not valid changes
+    /// nothing. Jobs already accepted keep their agent query, queued and running jobs
+    /// stay where they are. Logged either way.
     pub fn reload(&self) -> Result<crate::reload::Changes, String> {
         let path = self.config().path.clone();
         let new = crate::reload::check(&path).map_err(|e| {
             tracing::error!(config = %path.display(), error = %e, "the configuration was not reloaded: the file is not valid, so the configuration in force stays as it was; fix it (signetd check-config shows the error) and reload again");
             e
         })?;
-        let (limits, changes) = {
+        let (merged, changes) = {
             let mut cfg = self.cfg.write().unwrap_or_else(|e| e.into_inner());
             let (merged, changes) = crate::reload::merge(&cfg, new);
-            let limits = merged.limits.clone();
-            *cfg = std::sync::Arc::new(merged);
-            (limits, changes)
+            if changes.applied.contains(&"tokens") {
+                // The kept [passthrough] and [[known_tokens]] with the new assignments,
+                // handed over under the lock so two reloads reach the service in order
+                // (the hand-over takes only the watch channel's own lock).
+                self.tokens
+                    .reassign(crate::tokens::Setup::from_config(&merged));
+            }
+            let merged = std::sync::Arc::new(merged);
+            *cfg = merged.clone();
+            (merged, changes)
         };
-        // Outside the configuration's lock: no other lock is ever taken under it.
+        let limits = &merged.limits;
+        // Outside the configuration's lock: no other lock is taken under it but the
+        // token service's hand-over above.
         self.slots.set_max(limits.max_jobs_per_caller);
         self.refusals().set_interval(std::time::Duration::from_secs(
             limits.refusal_interval_seconds,

@@ -21,7 +21,8 @@
 //!   USB port reset → VM reset): cool-downs, rate limits, one alert, never a loop. Pure.
 //! - [`qmp`] — QMP client for the signing VM's QEMU: commands, events, USB hot-plug, reconnect.
 //! - [`tokens`] — the token service: udev, the VMs' monitors and the tokens' state machines
-//!   together, each token's state published for the status API.
+//!   together, each token's state published for the status API; new `[[tokens]]` from a
+//!   reload followed as they come.
 //! - [`usb`] — which USB devices on the host are tokens, by serial, and what holds them.
 //! - [`handtokening`] — `POST /api/sign` as Handtokening speaks it: query, file name,
 //!   `{"detail"}` errors. Pure.

@@ -394,7 +394,7 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
             enroll_config::append(config, &stanza)?;
             if stanza.contains("[[tokens]]") {
                 println!(
-                    "added to {}:\n{stanza}restart signetd to put the token assignment in force (systemctl restart signetd; queued jobs survive it)",
+                    "added to {}:\n{stanza}apply it with systemctl reload signetd: signetd then keeps the token in VM {vmid}; running and queued jobs are kept (the reload's log line names anything that waits for a restart)",
                     config.display()
                 );
             } else {

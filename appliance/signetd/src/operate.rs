@@ -272,10 +272,20 @@ impl Daemon {
                 enroll_config::append(&path, s).map_err(edit_error)?;
                 // Put in force at once, as `systemctl reload signetd` would.
                 notes.push(match self.reload() {
-                    Ok(changes) if changes.need_restart.contains(&"tokens") => format!(
-                        "{} changed: the token assignment ([[tokens]]) takes effect when signetd restarts (systemctl restart signetd); queued jobs survive the restart",
-                        path.display()
-                    ),
+                    Ok(changes) if changes.applied.contains(&"tokens") => {
+                        let serial = match req {
+                            EnrollRequest::SigningVm { serial, .. } => serial.as_str(),
+                            EnrollRequest::BuildVm { .. } => "",
+                        };
+                        let mut note = format!(
+                            "{} changed and applied at once: signetd keeps token {serial} in VM {vmid} from now on (running and queued jobs are kept)",
+                            path.display()
+                        );
+                        if changes.need_restart.contains(&crate::reload::LADDER_TOKENS) {
+                            note.push_str("; the recovery ladder's host steps for it (re-attach, USB port reset, VM reset) follow after a restart of signetd (systemctl restart signetd; queued jobs survive it)");
+                        }
+                        note
+                    }
                     Ok(_) => format!("{} changed and applied at once", path.display()),
                     Err(e) => format!(
                         "{} changed but not applied: {e}; fix the file, then systemctl reload signetd",

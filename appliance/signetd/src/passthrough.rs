@@ -17,6 +17,9 @@
 //!   QEMU claims it by itself when it can and sends no event.
 //! - Events may come twice or late (enumeration racing the udev monitor, a QMP answer
 //!   after an unplug): handling the same event again changes nothing.
+//! - A changed assignment ([`Token::assign`], `[[tokens]]` reloaded) moves the token
+//!   to its new VM; a token no longer assigned is left where it is (never taken out
+//!   of a VM mid-job) and followed there, never put back.
 //! - The operator may take a token out of its VM ([`Input::Hold`]: it stays on the host,
 //!   whatever happens, until [`Input::Release`]) and put it in again, or have it
 //!   detached and attached anew ([`Input::Replace`]). [`Token::may_attach`] says
@@ -107,9 +110,9 @@ pub enum Input {
 /// Why the operator's attach cannot be carried out now.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("token {serial} is not assigned to a signing VM, and Signet attaches a token only to its own VM; assign it in signetd.toml ([[tokens]] serial = \"{serial}\", vm = VMID) and restart signetd, or enroll the VM with `signetd enroll signing-vm VMID --token {serial}`")]
+    #[error("token {serial} is not assigned to a signing VM, and Signet attaches a token only to its own VM; assign it in signetd.toml ([[tokens]] serial = \"{serial}\", vm = VMID) and reload signetd (systemctl reload signetd), or enroll the VM with `signetd enroll signing-vm VMID --token {serial}`")]
     NotAssigned { serial: String },
-    #[error("token {serial} belongs to VM {assigned}, not VM {asked}, and Signet never attaches a token to a VM it is not assigned to; to move it, change its [[tokens]] entry in signetd.toml to vm = {asked} and restart signetd")]
+    #[error("token {serial} belongs to VM {assigned}, not VM {asked}, and Signet never attaches a token to a VM it is not assigned to; to move it, change its [[tokens]] entry in signetd.toml to vm = {asked} and reload signetd (systemctl reload signetd)")]
     OtherVm {
         serial: String,
         assigned: u32,
@@ -303,10 +306,47 @@ impl Token {
         matches!(self.state, State::Attaching { vmid: v, .. } | State::Attached { vmid: v } if v == vmid)
     }
 
-    /// Assigns the token to a VM (or none); detaches it from a VM it no longer
-    /// belongs to.
+    /// A token left in a VM it is no longer assigned to ([`Token::assign`] with
+    /// `None`): Signet follows where it is there but never puts it back.
+    fn left_in(&self, vmid: u32) -> bool {
+        self.assigned.is_none() && self.in_flight(vmid)
+    }
+
+    /// In `vmid` as its own VM, or left there.
+    fn follows(&self, vmid: u32) -> bool {
+        (self.mine(vmid) && self.in_flight(vmid)) || self.left_in(vmid)
+    }
+
+    /// Assigns the token to another VM, or to none (`[[tokens]]` changed and reloaded;
+    /// `vm_up`: whether that VM's QEMU is up). To another VM: it leaves the old one
+    /// and goes to the new one as soon as it can. To none: Signet no longer manages
+    /// it, and a token in a VM is left there — taken out, it could cut a job short —
+    /// until the operator detaches it, it is unplugged or its VM stops. Assigned again
+    /// to the VM it is in, it stays there.
     pub fn assign(&mut self, vmid: Option<u32>, vm_up: bool, now: SystemTime) -> Vec<Action> {
         if self.assigned == vmid {
+            return Vec::new();
+        }
+        self.assigned = vmid;
+        self.vm_up = vm_up;
+        let Some(new) = vmid else {
+            match self.state {
+                State::Attaching { vmid, .. } | State::Attached { vmid } => {
+                    self.last_change = Change {
+                        at: now,
+                        reason: format!(
+                            "no longer in [[tokens]]; left in VM {vmid} (signetctl detach {} takes it out)",
+                            self.serial
+                        ),
+                    };
+                }
+                State::OnHost => self.replace_on_host("no longer in [[tokens]]", now),
+                State::Absent | State::Conflict { .. } => {}
+            }
+            return Vec::new();
+        };
+        if self.in_flight(new) {
+            // Left there earlier, or already on its way: nothing to move.
             return Vec::new();
         }
         let mut actions = Vec::new();
@@ -317,12 +357,20 @@ impl Token {
             });
             self.detaching = true;
         }
-        self.assigned = vmid;
-        self.vm_up = vm_up;
-        if self.position.is_some() {
-            actions.extend(self.place("assignment changed", now));
+        if self.position.is_some() && !matches!(self.state, State::Conflict { .. }) {
+            if self.state == State::OnHost {
+                // Still on the host, for another reason: say the new one.
+                self.state = State::Absent;
+            }
+            actions.extend(self.place(&format!("assigned to VM {new}"), now));
         }
         actions
+    }
+
+    /// On the host, placed again for `why`: the reason is said even when it stays.
+    fn replace_on_host(&mut self, why: &str, now: SystemTime) {
+        self.state = State::Absent;
+        self.place(why, now);
     }
 
     /// Handles one input; returns the actions to carry out, in order.
@@ -375,6 +423,9 @@ impl Token {
                     self.in_vm = None;
                     self.detaching = false;
                 }
+                if self.left_in(vmid) {
+                    return self.place(&format!("VM {vmid} stopped"), now);
+                }
                 if !self.mine(vmid) {
                     return Vec::new();
                 }
@@ -385,7 +436,7 @@ impl Token {
                 Vec::new()
             }
             Input::VmReset(vmid) => {
-                if self.mine(vmid) && self.in_flight(vmid) {
+                if self.follows(vmid) {
                     // QEMU keeps its devices across a reset; make sure ours is there.
                     return vec![Action::Check {
                         vmid,
@@ -437,7 +488,7 @@ impl Token {
                 Vec::new()
             }
             Input::Checked { vmid, attached } => {
-                if !self.mine(vmid) || !self.in_flight(vmid) {
+                if !self.follows(vmid) {
                     return Vec::new();
                 }
                 match attached {
@@ -528,7 +579,8 @@ impl Token {
                 if had {
                     self.in_vm = None;
                 }
-                if had && self.mine(vmid) && self.in_flight(vmid) {
+                if had && self.follows(vmid) {
+                    // A token left there is not put back: it goes on the host.
                     return self.place(&format!("VM {vmid} dropped the device"), now);
                 }
                 Vec::new()
@@ -904,9 +956,113 @@ mod tests {
                 }
             ]
         );
-        let mut u = attached();
-        assert_eq!(u.assign(None, false, t(5)), vec![detach()]);
-        assert_eq!(u.state, State::OnHost);
+        // Assigned to the VM it is in: nothing moves.
+        assert_eq!(k.assign(Some(OTHER), true, t(6)), vec![]);
+    }
+
+    #[test]
+    fn a_token_newly_assigned_goes_to_its_vm() {
+        let mut k = Token::new("TOK1", None, t(0));
+        assert_eq!(k.handle(seen("2"), t(1)), vec![]);
+        assert_eq!(k.state, State::OnHost);
+        // Its VM is not up yet: it waits on the host, saying why.
+        assert_eq!(k.assign(Some(VM), false, t(2)), vec![]);
+        assert_eq!(k.state, State::OnHost);
+        assert!(
+            k.last_change.reason.contains("VM 105 is not running"),
+            "{}",
+            k.last_change.reason
+        );
+        assert_eq!(k.handle(Input::VmUp(VM), t(3)), vec![attach("2")]);
+
+        let mut up = Token::new("TOK1", None, t(0));
+        up.handle(seen("2"), t(1));
+        assert_eq!(up.assign(Some(VM), true, t(2)), vec![attach("2")]);
+        assert_eq!(up.state, attaching(false));
+        assert_eq!(
+            up.last_change.reason,
+            "assigned to VM 105; attaching 1-2 to VM 105"
+        );
+        // Not plugged in: assigned, nothing to do until it is.
+        let mut absent = Token::new("TOK1", None, t(0));
+        assert_eq!(absent.assign(Some(VM), true, t(1)), vec![]);
+        assert_eq!(absent.handle(seen("2"), t(2)), vec![attach("2")]);
+    }
+
+    #[test]
+    fn a_token_no_longer_assigned_is_left_in_its_vm_and_never_put_back() {
+        let mut k = attached();
+        assert_eq!(
+            k.assign(None, false, t(5)),
+            vec![],
+            "never yanked from its VM"
+        );
+        assert_eq!(k.state, State::Attached { vmid: VM });
+        assert_eq!(k.assigned, None);
+        assert_eq!(
+            k.last_change.reason,
+            "no longer in [[tokens]]; left in VM 105 (signetctl detach TOK1 takes it out)"
+        );
+        // Followed where it is: a reset checks it, a check keeps it.
+        assert_eq!(k.handle(Input::VmReset(VM), t(6)), vec![check()]);
+        let there = Input::Checked {
+            vmid: VM,
+            attached: Some(true),
+        };
+        assert_eq!(k.handle(there, t(7)), vec![]);
+        assert_eq!(k.state, State::Attached { vmid: VM });
+        // Dropped by QEMU: not put back, on the host.
+        assert_eq!(k.handle(Input::Deleted(VM), t(8)), vec![]);
+        assert_eq!(k.state, State::OnHost);
+        assert!(
+            k.last_change.reason.contains("not assigned"),
+            "{}",
+            k.last_change.reason
+        );
+        // Its VM coming up again does not take it either.
+        assert_eq!(k.handle(Input::VmUp(VM), t(9)), vec![]);
+        assert_eq!(k.state, State::OnHost);
+
+        // Left there, then its VM stops: on the host.
+        let mut s = attached();
+        s.assign(None, false, t(5));
+        assert_eq!(s.handle(Input::VmDown(VM), t(6)), vec![]);
+        assert_eq!(s.state, State::OnHost);
+
+        // Left there, then the operator detaches it.
+        let mut d = attached();
+        d.assign(None, false, t(5));
+        assert_eq!(
+            d.may_attach(None),
+            Err(Refusal::NotAssigned {
+                serial: "TOK1".into()
+            })
+        );
+        assert_eq!(d.handle(Input::Hold, t(6)), vec![detach()]);
+        assert_eq!(d.state, State::OnHost);
+
+        // Left there, then assigned to that VM again: it stays, nothing is sent.
+        let mut a = attached();
+        a.assign(None, false, t(5));
+        assert_eq!(a.assign(Some(VM), true, t(6)), vec![]);
+        assert_eq!(a.state, State::Attached { vmid: VM });
+        assert_eq!(
+            a.handle(Input::Deleted(VM), t(7)),
+            vec![attach("2")],
+            "its own again: put back"
+        );
+
+        // On the host when unassigned: says so.
+        let mut h = Token::new("TOK1", Some(VM), t(0));
+        h.handle(seen("2"), t(1));
+        assert_eq!(h.assign(None, false, t(2)), vec![]);
+        assert!(
+            h.last_change
+                .reason
+                .starts_with("no longer in [[tokens]]; not assigned"),
+            "{}",
+            h.last_change.reason
+        );
     }
 
     #[test]

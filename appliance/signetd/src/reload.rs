@@ -3,13 +3,27 @@
 //!
 //! [`check`] validates a file exactly as `signetd check-config` does; [`merge`] is
 //! pure: it takes what may change while jobs run from the new file — the grants, the
-//! profiles, the default profile and `[limits]` apart from the two the listeners were
-//! started with — keeps everything else as it was, and says what changed and what
-//! waits for a restart. Jobs already accepted keep the agent query they were given.
+//! profiles, the default profile, `[limits]` apart from the two the listeners were
+//! started with, and the token assignments (`[[tokens]]`, which the daemon hands to
+//! the token service: [`crate::tokens::Handle::reassign`]) — keeps everything else as
+//! it was, and says what changed and what waits for a restart. Jobs already accepted
+//! keep the agent query they were given; queued jobs are not tied to a token (the
+//! daemon has one agent and one worker), so a changed `[[tokens]]` moves no job.
+//!
+//! What still waits for a restart: `[passthrough]` (the udev watcher, the monitor
+//! directory, the VMs' USB bus, QMP's time limit and sysfs are taken at start),
+//! `[[known_tokens]]` (the catalog the watcher sorts devices with), and which tokens
+//! the recovery ladder acts on ([`LADDER_TOKENS`]: the agent's VM's, read once when
+//! the daemon starts following the agent).
 
 use std::path::Path;
 
 use crate::config::Config;
+
+/// The `need_restart` entry for a change to the agent's VM's tokens: the recovery
+/// ladder's host steps (re-attach, USB port reset, VM reset) act on the tokens it read
+/// at start; passthrough follows the new assignment at once.
+pub const LADDER_TOKENS: &str = "the recovery ladder's tokens ([[tokens]] of the agent's VM)";
 
 /// What a reload changed, and what changed in the file but waits for a restart.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -76,6 +90,13 @@ pub fn merge(old: &Config, new: Config) -> (Config, Changes) {
         changes.applied.push("limits");
         out.limits = limits;
     }
+    if new.tokens != old.tokens {
+        changes.applied.push("tokens");
+        out.tokens = new.tokens.clone();
+        if old.passthrough.enabled && ladder_tokens(old) != ladder_tokens(&out) {
+            changes.need_restart.push(LADDER_TOKENS);
+        }
+    }
     if new.limits.header_timeout_seconds != old.limits.header_timeout_seconds {
         changes.need_restart.push("limits.header_timeout_seconds");
     }
@@ -86,7 +107,7 @@ pub fn merge(old: &Config, new: Config) -> (Config, Changes) {
     // their debug form: not every section has an equality.
     let differs =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-    let fixed: [(&'static str, bool); 18] = [
+    let fixed: [(&'static str, bool); 17] = [
         ("listen", differs(&old.listen, &new.listen)),
         ("agent", differs(&old.agent, &new.agent)),
         ("dbus", differs(&old.dbus, &new.dbus)),
@@ -108,7 +129,6 @@ pub fn merge(old: &Config, new: Config) -> (Config, Changes) {
         ("web", differs(&old.web, &new.web)),
         ("passthrough", differs(&old.passthrough, &new.passthrough)),
         ("recovery", differs(&old.recovery, &new.recovery)),
-        ("tokens", differs(&old.tokens, &new.tokens)),
         (
             "socket_group",
             differs(&old.socket_group, &new.socket_group),
@@ -121,6 +141,19 @@ pub fn merge(old: &Config, new: Config) -> (Config, Changes) {
             .filter_map(|(name, changed)| changed.then_some(name)),
     );
     (out, changes)
+}
+
+/// The agent's VM and its tokens' serials, as the recovery ladder reads them.
+fn ladder_tokens(cfg: &Config) -> Option<(u32, Vec<&str>)> {
+    let vm = cfg.agent_vm()?;
+    let mut serials: Vec<&str> = cfg
+        .tokens
+        .iter()
+        .filter(|t| t.vm == vm)
+        .map(|t| t.serial.as_str())
+        .collect();
+    serials.sort_unstable();
+    Some((vm, serials))
 }
 
 #[cfg(test)]
@@ -178,6 +211,44 @@ mod tests {
         assert_eq!(changes.applied, vec!["profiles"]);
         assert!(changes.need_restart.is_empty());
         assert!(out.profiles.contains_key("extra"));
+    }
+
+    #[test]
+    fn tokens_apply_and_only_the_ladders_tokens_wait() {
+        let old = parse(BASE);
+        let one = BASE.to_owned() + "\n[[tokens]]\nserial = \"A\"\nvm = 105\n";
+        let (out, changes) = merge(&old, parse(&one));
+        assert_eq!(changes.applied, vec!["tokens"]);
+        // The unix agent's VM is now the one VM [[tokens]] names: the ladder read
+        // none at start.
+        assert_eq!(changes.need_restart, vec![LADDER_TOKENS]);
+        assert_eq!(out.tokens, parse(&one).tokens);
+        assert!(changes.summary().contains("applied: tokens; changed but kept until signetd restarts (systemctl restart signetd): the recovery ladder's tokens"), "{}", changes.summary());
+
+        // A token for another VM beside the agent's (named in [recovery]): applied,
+        // nothing waits.
+        let pinned = parse(&(one.clone() + "\n[recovery]\nagent_vm = 105\n"));
+        let mut two = pinned.clone();
+        two.tokens.push(crate::tokens::Assignment {
+            serial: "B".into(),
+            vm: 106,
+            device: Default::default(),
+        });
+        let (_, changes) = merge(&pinned, two.clone());
+        assert_eq!(changes.applied, vec!["tokens"]);
+        assert!(changes.need_restart.is_empty(), "{changes:?}");
+        // Moved from the agent's VM: the ladder's tokens change.
+        let mut moved = two.clone();
+        moved.tokens[0].vm = 107;
+        let (_, changes) = merge(&two, moved);
+        assert_eq!(changes.need_restart, vec![LADDER_TOKENS]);
+
+        // [passthrough] and [[known_tokens]] still wait for a restart.
+        let other = BASE.to_owned() + "\n[passthrough]\nmonitor_dir = \"/srv/m\"\n[[known_tokens]]\nid = \"1234:abcd\"\nmodel = \"x\"\n";
+        let (out, changes) = merge(&old, parse(&other));
+        assert!(changes.applied.is_empty());
+        assert_eq!(changes.need_restart, vec!["known_tokens", "passthrough"]);
+        assert_eq!(out.passthrough, old.passthrough);
     }
 
     #[test]

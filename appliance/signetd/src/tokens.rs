@@ -8,7 +8,12 @@
 //!
 //! [`start`] runs the service for the daemon from its configuration (`[[tokens]]`:
 //! which token serial belongs to which signing VM; `[passthrough]`: where the VMs'
-//! Signet monitors are). Without udev the daemon runs on and its status says why
+//! Signet monitors are). A reload hands it new `[[tokens]]` ([`Handle::reassign`]);
+//! the pure [`Setup::replan`] says what changes and the same loop carries it out: an
+//! added token goes to its VM, a moved one leaves its old VM for the new one, a
+//! removed one is no longer managed — one in a VM is left there, since taking it out
+//! could cut a job short — and the monitors of VMs new to `[[tokens]]` are followed.
+//! Jobs are not tied to a token (one agent, one worker), so none moves. Without udev the daemon runs on and its status says why
 //! tokens are not followed. The core commands [`Daemon::tokens`], [`Daemon::attach`],
 //! [`Daemon::detach`] and [`Daemon::reattach`] are what the HTTP, D-Bus and CLI fronts
 //! call.
@@ -164,6 +169,77 @@ impl Setup {
     }
 }
 
+/// What new token assignments change for the running service ([`Setup::replan`]):
+/// pure, worked out before anything is done.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replan {
+    /// Tokens assigned that were not: serial, VM. Each goes to its VM when it is
+    /// plugged in and the VM runs.
+    pub added: Vec<(String, u32)>,
+    /// Tokens assigned to another VM: serial, old VM, new VM. Each leaves the old VM
+    /// and goes to the new one.
+    pub moved: Vec<(String, u32, u32)>,
+    /// Tokens no longer assigned: serial, their VM. Signet stops managing them; one in
+    /// a VM is left there (taken out, it could cut a job short).
+    pub removed: Vec<(String, u32)>,
+    /// Tokens whose devices in the VM (`device = ...`) changed: used from their next
+    /// attach.
+    pub devices: Vec<String>,
+    /// VMs new to `[[tokens]]`: their Signet monitor is followed from now on.
+    pub start_monitors: Vec<(u32, PathBuf)>,
+    /// VMs no token is assigned to any more: their monitor is let go, unless a
+    /// token is left in them.
+    pub stop_monitors: Vec<u32>,
+}
+
+impl Replan {
+    /// Whether nothing changes.
+    pub fn is_empty(&self) -> bool {
+        *self == Replan::default()
+    }
+}
+
+impl Setup {
+    /// What replacing this setup's assignments with `new`'s changes (the catalog,
+    /// bus, time limit and sysfs stay as the service was started with).
+    pub fn replan(&self, new: &Setup) -> Replan {
+        let mut plan = Replan::default();
+        let sorted = |m: &HashMap<String, u32>| -> BTreeMap<String, u32> {
+            m.iter().map(|(s, v)| (s.clone(), *v)).collect()
+        };
+        let (old_a, new_a) = (sorted(&self.assignments), sorted(&new.assignments));
+        for (serial, vm) in &new_a {
+            match old_a.get(serial) {
+                None => plan.added.push((serial.clone(), *vm)),
+                Some(old) if old != vm => plan.moved.push((serial.clone(), *old, *vm)),
+                Some(_) => {
+                    if self.devices.get(serial) != new.devices.get(serial) {
+                        plan.devices.push(serial.clone());
+                    }
+                }
+            }
+        }
+        for (serial, vm) in &old_a {
+            if !new_a.contains_key(serial) {
+                plan.removed.push((serial.clone(), *vm));
+            }
+        }
+        let old_vms: BTreeMap<u32, &PathBuf> = self.monitors.iter().map(|(v, p)| (*v, p)).collect();
+        let new_vms: BTreeMap<u32, &PathBuf> = new.monitors.iter().map(|(v, p)| (*v, p)).collect();
+        plan.start_monitors = new_vms
+            .iter()
+            .filter(|(v, _)| !old_vms.contains_key(v))
+            .map(|(v, p)| (*v, (*p).clone()))
+            .collect();
+        plan.stop_monitors = old_vms
+            .keys()
+            .filter(|v| !new_vms.contains_key(v))
+            .copied()
+            .collect();
+        plan
+    }
+}
+
 /// An operator's command for one token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -256,6 +332,8 @@ impl TokenError {
 #[derive(Debug, Clone)]
 pub struct Handle {
     running: Option<(watch::Receiver<Status>, mpsc::Sender<Command>)>,
+    /// The assignments the service is to follow ([`Handle::reassign`]).
+    wanted: Option<Arc<watch::Sender<Setup>>>,
     /// The signing VMs' resets and shutdowns.
     vm_signals: Option<broadcast::Sender<(u32, VmSignal)>>,
     /// Why the service is not running, or stopped.
@@ -268,6 +346,7 @@ impl Handle {
     pub fn off(why: impl Into<String>) -> Self {
         Handle {
             running: None,
+            wanted: None,
             vm_signals: None,
             stopped: Arc::new(Mutex::new(Some(why.into()))),
             timeout: Duration::ZERO,
@@ -304,6 +383,19 @@ impl Handle {
     /// service is not running.
     pub fn vm_signals(&self) -> Option<broadcast::Receiver<(u32, VmSignal)>> {
         self.vm_signals.as_ref().map(broadcast::Sender::subscribe)
+    }
+
+    /// Puts new token assignments in force (`[[tokens]]` reloaded): the service's loop
+    /// takes them up next, as [`Setup::replan`] says, and logs what it did. Answers at
+    /// once; false when the service is not running (then there is nothing to move).
+    pub fn reassign(&self, setup: Setup) -> bool {
+        match &self.wanted {
+            Some(w) if self.stopped().is_none() => {
+                w.send_replace(setup);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Runs an operator's command in the service's loop; answers the token's state
@@ -449,42 +541,60 @@ pub struct TokenService<W> {
     tokens: BTreeMap<String, Token>,
     vms: HashMap<u32, Arc<Qmp>>,
     events: mpsc::Receiver<VmEvent>,
-    monitors: Vec<tokio::task::JoinHandle<()>>,
+    /// Where the monitors' tasks send their events (for monitors started later).
+    events_tx: mpsc::Sender<VmEvent>,
+    /// The task following each VM's monitor.
+    monitors: BTreeMap<u32, tokio::task::JoinHandle<()>>,
     status: watch::Sender<Status>,
     /// What each token (by serial) was last seen as.
     seen: HashMap<String, (VidPid, TokenKind)>,
     commands: mpsc::Receiver<Command>,
     command_tx: mpsc::Sender<Command>,
     vm_signals: broadcast::Sender<(u32, VmSignal)>,
+    /// The assignments wanted, as the last reload gave them.
+    wanted: watch::Receiver<Setup>,
+    wanted_tx: Arc<watch::Sender<Setup>>,
 }
 
 impl<W> Drop for TokenService<W> {
     fn drop(&mut self) {
-        for m in &self.monitors {
+        for m in self.monitors.values() {
             m.abort();
         }
     }
 }
 
+/// Follows VM `vmid`'s Signet monitor at `path`, sending its events to `tx`.
+fn follow_monitor(
+    vmid: u32,
+    path: PathBuf,
+    timeout: Duration,
+    tx: mpsc::Sender<VmEvent>,
+) -> tokio::task::JoinHandle<()> {
+    let mut m = Monitor::start(path, timeout);
+    tokio::spawn(async move {
+        while let Some(ev) = m.next().await {
+            if tx.send((vmid, ev, m.qmp())).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
 impl<W: TokenWatcher> TokenService<W> {
     /// Starts following the VMs' monitors; [`TokenService::run`] does the rest.
     pub fn new(watcher: W, setup: Setup) -> (Self, watch::Receiver<Status>) {
-        let (tx, events) = mpsc::channel(256);
+        let (events_tx, events) = mpsc::channel(256);
         let monitors = setup
             .monitors
             .iter()
             .map(|(vmid, path)| {
-                let (vmid, tx) = (*vmid, tx.clone());
-                let mut m = Monitor::start(path.clone(), setup.qmp_timeout);
-                tokio::spawn(async move {
-                    while let Some(ev) = m.next().await {
-                        if tx.send((vmid, ev, m.qmp())).await.is_err() {
-                            return;
-                        }
-                    }
-                })
+                let task =
+                    follow_monitor(*vmid, path.clone(), setup.qmp_timeout, events_tx.clone());
+                (*vmid, task)
             })
             .collect();
+        let (wanted_tx, wanted) = watch::channel(setup.clone());
         let (status, rx) = watch::channel(Status::new());
         let (command_tx, commands) = mpsc::channel(16);
         // Assigned tokens are listed (absent) before they are seen.
@@ -500,12 +610,15 @@ impl<W: TokenWatcher> TokenService<W> {
             tokens,
             vms: HashMap::new(),
             events,
+            events_tx,
             monitors,
             status,
             seen: HashMap::new(),
             commands,
             command_tx,
             vm_signals: broadcast::channel(64).0,
+            wanted,
+            wanted_tx: Arc::new(wanted_tx),
         };
         service.publish();
         (service, rx)
@@ -515,6 +628,7 @@ impl<W: TokenWatcher> TokenService<W> {
     pub fn handle(&self) -> Handle {
         Handle {
             running: Some((self.status.subscribe(), self.command_tx.clone())),
+            wanted: Some(self.wanted_tx.clone()),
             vm_signals: Some(self.vm_signals.clone()),
             stopped: Arc::default(),
             // An operator's command runs at most a detach, an attach and a check.
@@ -542,8 +656,129 @@ impl<W: TokenWatcher> TokenService<W> {
                     let result = self.command(&cmd.serial, cmd.op).await;
                     let _ = cmd.reply.send(result);
                 }
+                Ok(()) = self.wanted.changed() => {
+                    let setup = self.wanted.borrow_and_update().clone();
+                    self.reassign(setup).await;
+                }
             }
         }
+    }
+
+    /// Follows new assignments ([`Handle::reassign`]): starts the monitors of VMs new
+    /// to them, moves, adds and lets go of tokens as [`Setup::replan`] says, and lets
+    /// go of the monitors no token needs any more.
+    async fn reassign(&mut self, new: Setup) {
+        let plan = self.setup.replan(&new);
+        self.setup.assignments = new.assignments;
+        self.setup.devices = new.devices;
+        if plan.is_empty() {
+            return;
+        }
+        for (vmid, path) in &plan.start_monitors {
+            tracing::info!(vmid, monitor = %path.display(), "following the signing VM's monitor");
+            let task = follow_monitor(
+                *vmid,
+                path.clone(),
+                self.setup.qmp_timeout,
+                self.events_tx.clone(),
+            );
+            if let Some(old) = self.monitors.insert(*vmid, task) {
+                old.abort();
+            }
+        }
+        let now = SystemTime::now();
+        for (serial, vmid) in &plan.added {
+            let up = self.vms.contains_key(vmid);
+            tracing::info!(
+                serial,
+                vmid,
+                "token assigned: signetd keeps it in its VM from now on"
+            );
+            let actions = match self.tokens.get_mut(serial) {
+                Some(t) => t.assign(Some(*vmid), up, now),
+                None => {
+                    let mut t = Token::new(serial, Some(*vmid), now);
+                    if up {
+                        t.handle(Input::VmUp(*vmid), now);
+                    }
+                    self.tokens.insert(serial.clone(), t);
+                    Vec::new()
+                }
+            };
+            self.carry_out(serial, actions).await;
+        }
+        for (serial, from, to) in &plan.moved {
+            tracing::info!(
+                serial,
+                from,
+                to,
+                "token assigned to another VM: it leaves VM {from} for VM {to}"
+            );
+            let up = self.vms.contains_key(to);
+            let actions = match self.tokens.get_mut(serial) {
+                Some(t) => t.assign(Some(*to), up, now),
+                None => Vec::new(),
+            };
+            self.carry_out(serial, actions).await;
+        }
+        for (serial, vmid) in &plan.removed {
+            let Some(t) = self.tokens.get_mut(serial) else {
+                continue;
+            };
+            t.assign(None, false, now);
+            match t.state {
+                State::Attaching { vmid: there, .. } | State::Attached { vmid: there } => {
+                    tracing::warn!(serial, vmid = there, "token no longer in [[tokens]]: left in VM {there}, which may be signing with it; signetd no longer puts it back. `signetctl detach {serial}` takes it out")
+                }
+                State::Absent => {
+                    // Neither assigned nor plugged in: no longer listed.
+                    tracing::info!(
+                        serial,
+                        vmid,
+                        "token no longer in [[tokens]] and not plugged in: no longer listed"
+                    );
+                    self.tokens.remove(serial);
+                }
+                State::OnHost | State::Conflict { .. } => {
+                    tracing::info!(
+                        serial,
+                        vmid,
+                        "token no longer in [[tokens]]: kept on the host"
+                    )
+                }
+            }
+        }
+        for serial in &plan.devices {
+            tracing::info!(serial, "the token's devices in its VM changed: used from its next attach (signetctl reattach {serial})");
+        }
+        let mut monitors = new.monitors;
+        for vmid in &plan.stop_monitors {
+            let left = self.tokens.values().any(|t| {
+                matches!(t.state, State::Attaching { vmid: v, .. } | State::Attached { vmid: v } if v == *vmid)
+            });
+            if left {
+                tracing::info!(vmid, "no token is assigned to VM {vmid} any more; its monitor is still followed while a token is left in it");
+                // Asked again at the next reassignment.
+                monitors.extend(
+                    self.setup
+                        .monitors
+                        .iter()
+                        .filter(|(v, _)| v == vmid)
+                        .cloned(),
+                );
+                continue;
+            }
+            tracing::info!(
+                vmid,
+                "no token is assigned to VM {vmid} any more; its monitor is let go"
+            );
+            if let Some(task) = self.monitors.remove(vmid) {
+                task.abort();
+            }
+            self.vms.remove(vmid);
+        }
+        self.setup.monitors = monitors;
+        self.publish();
     }
 
     async fn command(&mut self, serial: &str, op: Op) -> Result<HostToken, TokenError> {
@@ -672,6 +907,10 @@ impl<W: TokenWatcher> TokenService<W> {
     }
 
     async fn on_vm(&mut self, vmid: u32, ev: MonitorEvent, qmp: Option<Arc<Qmp>>) {
+        if !self.monitors.contains_key(&vmid) {
+            // Sent before its monitor was let go.
+            return;
+        }
         if let Some(signal) = VmSignal::of(&ev) {
             let _ = self.vm_signals.send((vmid, signal));
         }
@@ -738,6 +977,147 @@ impl<W: TokenWatcher> TokenService<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn setup(tokens: &[(&str, u32)]) -> Setup {
+        let text = tokens
+            .iter()
+            .map(|(serial, vm)| format!("[[tokens]]\nserial = \"{serial}\"\nvm = {vm}\n"))
+            .collect::<String>();
+        let cfg = crate::config::Config::parse(
+            std::path::Path::new("/etc/signet/signetd.toml"),
+            &format!("agent = \"unix:/a\"\n[passthrough]\nmonitor_dir = \"/run/m\"\n{text}"),
+        )
+        .unwrap();
+        Setup::from_config(&cfg)
+    }
+
+    #[test]
+    fn a_replan_adds_moves_and_lets_go_of_tokens_and_their_vms_monitors() {
+        let old = setup(&[("A", 105), ("B", 106), ("C", 107)]);
+        assert!(old.replan(&old.clone()).is_empty());
+        let new = setup(&[("A", 105), ("B", 108), ("D", 105)]);
+        let plan = old.replan(&new);
+        assert_eq!(plan.added, vec![("D".to_owned(), 105)]);
+        assert_eq!(plan.moved, vec![("B".to_owned(), 106, 108)]);
+        assert_eq!(plan.removed, vec![("C".to_owned(), 107)]);
+        assert!(plan.devices.is_empty());
+        assert_eq!(
+            plan.start_monitors,
+            vec![(108, PathBuf::from("/run/m/vm-108.qmp"))]
+        );
+        assert_eq!(plan.stop_monitors, vec![106, 107]);
+
+        // From none: every token added, every VM's monitor started.
+        let plan = setup(&[]).replan(&old);
+        assert_eq!(plan.added.len(), 3);
+        assert_eq!(plan.start_monitors.len(), 3);
+        assert!(plan.removed.is_empty() && plan.stop_monitors.is_empty());
+
+        // Another device for the same token in the same VM: noted, nothing moves.
+        let mut lab = old.clone();
+        lab.devices.insert(
+            "A".into(),
+            crate::qmp::DeviceKind::EmulatedCcid {
+                db: "sql:/tmp/db".into(),
+                certs: ["a".into(), "b".into(), "c".into()],
+            },
+        );
+        let plan = old.replan(&lab);
+        assert_eq!(plan.devices, vec!["A".to_owned()]);
+        assert!(plan.added.is_empty() && plan.moved.is_empty() && plan.removed.is_empty());
+    }
+
+    /// A watcher that reports one device plugged in and nothing after.
+    struct OneDevice(Option<usb::UsbDevice>);
+
+    impl TokenWatcher for OneDevice {
+        fn enumerate(&mut self) -> Result<Vec<usb::UsbDevice>, WatchError> {
+            Ok(self.0.take().into_iter().collect())
+        }
+        fn next_event(
+            &mut self,
+        ) -> impl std::future::Future<Output = Option<UsbEvent>> + Send + '_ {
+            std::future::pending()
+        }
+    }
+
+    async fn until(
+        rx: &mut watch::Receiver<Status>,
+        what: &str,
+        cond: impl FnMut(&Status) -> bool,
+    ) -> Status {
+        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(cond))
+            .await
+            .unwrap_or_else(|_| panic!("never: {what}"))
+            .unwrap()
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn the_running_service_follows_new_assignments() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = usb::UsbDevice {
+            syspath: "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2".into(),
+            id: "0529:0620".parse().unwrap(),
+            bus: 1,
+            devnum: 5,
+            port: "2".into(),
+            serial: Some("TOK1".into()),
+            manufacturer: Some("SafeNet".into()),
+            product: Some("eToken".into()),
+            interfaces: vec![],
+        };
+        let at = |tokens: &[(&str, u32)]| {
+            let mut s = setup(tokens);
+            // No QEMU: the VMs' monitors are never there.
+            for (vm, path) in &mut s.monitors {
+                *path = crate::proxmox::monitor_path(dir.path(), *vm);
+            }
+            s
+        };
+        let (service, mut rx) = TokenService::new(OneDevice(Some(device)), at(&[]));
+        let handle = service.handle();
+        tokio::spawn(service.run());
+        until(&mut rx, "seen on the host, unassigned", |s| {
+            s.get("TOK1")
+                .is_some_and(|t| t.place == TokenPlace::OnHost && t.assigned_vm.is_none())
+        })
+        .await;
+
+        // Assigned, with another token that is not plugged in.
+        assert!(handle.reassign(at(&[("TOK1", 105), ("TOK2", 106)])));
+        let s = until(&mut rx, "assigned to VM 105", |s| {
+            s.get("TOK1").is_some_and(|t| t.assigned_vm == Some(105)) && s.contains_key("TOK2")
+        })
+        .await;
+        let t = &s["TOK1"];
+        assert_eq!(t.place, TokenPlace::OnHost);
+        assert!(
+            t.last_change.reason.contains("VM 105 is not running"),
+            "{t:?}"
+        );
+        assert_eq!(
+            (s["TOK2"].place.clone(), s["TOK2"].assigned_vm),
+            (TokenPlace::Absent, Some(106))
+        );
+        let refused = handle.ask("TOK1", Op::Attach(Some(106))).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("VM 105, not VM 106"),
+            "{refused}"
+        );
+
+        // Let go: the plugged-in token stays listed on the host, the absent one goes.
+        assert!(handle.reassign(at(&[])));
+        let s = until(&mut rx, "let go", |s| !s.contains_key("TOK2")).await;
+        assert_eq!(s["TOK1"].assigned_vm, None);
+        assert!(
+            s["TOK1"].last_change.reason.contains("not assigned"),
+            "{:?}",
+            s["TOK1"]
+        );
+
+        assert!(!Handle::off("switched off").reassign(at(&[])));
+    }
 
     #[test]
     fn a_tokens_view_and_what_changed() {
