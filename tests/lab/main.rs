@@ -729,15 +729,7 @@ fn pair(lab: &Lab) {
         .guest
         .shell_status("signet-agent --config /etc/signet/agent.toml pair --json");
     assert_eq!(status, 0, "signet-agent pair in the guest failed:\n{out}");
-    // The console's echo of the command line comes first, then the JSON document.
-    let json = out
-        .lines()
-        .position(|l| l.trim_start().starts_with('{'))
-        .map(|i| out.lines().skip(i).collect::<Vec<_>>().join("\n"))
-        .unwrap_or_else(|| panic!("no JSON from signet-agent pair --json:\n{out}"));
-    let json = &json[..json.rfind('}').map_or(json.len(), |i| i + 1)];
-    let window: Value = serde_json::from_str(json)
-        .unwrap_or_else(|e| panic!("signet-agent pair --json: {e}:\n{out}"));
+    let window = pairing_window(&out);
     let code = window["code"]
         .as_str()
         .unwrap_or_else(|| panic!("no code from signet-agent pair --json: {window:#}"));
@@ -779,6 +771,30 @@ fn pair(lab: &Lab) {
         );
     }
     timing("pairing", "agent up -> paired", started.elapsed());
+}
+
+/// The JSON document `signet-agent pair --json` printed, from what the console showed:
+/// the echo of the command line first (wrapped at the terminal's width), then the
+/// document, on one line or more.
+fn pairing_window(console: &str) -> Value {
+    let json = console
+        .lines()
+        .position(|l| l.trim_start().starts_with('{'))
+        .map(|i| console.lines().skip(i).collect::<Vec<_>>().join("\n"))
+        .unwrap_or_else(|| panic!("no JSON from signet-agent pair --json:\n{console}"));
+    let json = &json[..json.rfind('}').map_or(json.len(), |i| i + 1)];
+    serde_json::from_str(json)
+        .unwrap_or_else(|e| panic!("signet-agent pair --json: {e}:\n{console}"))
+}
+
+#[test]
+fn the_pairing_window_is_read_from_the_console() {
+    let one_line = "signet-agent --config /etc/signet/agent.toml pair --json\r\n\
+        {\"fingerprint\": \"ab:cd\", \"code\": \"K7QX-2M9D-Z4TB-8HJW\", \"expires_unix\": 1790000000}\r\n\
+        / # echo __END1x0__$?\r\n";
+    assert_eq!(pairing_window(one_line)["code"], "K7QX-2M9D-Z4TB-8HJW");
+    let pretty = "signet-agent --config /etc/signet/agent.toml pair --js\r\non\r\n{\r\n  \"code\": \"A-B\",\r\n  \"expires_unix\": 5\r\n}\r\n/ # ";
+    assert_eq!(pairing_window(pretty)["expires_unix"], 5);
 }
 
 fn timing(scenario: &str, what: &str, d: Duration) {
