@@ -2,7 +2,8 @@
 # Builds the lab's signing-VM image — a Debian 12 kernel and an initramfs made from
 # Debian packages (busybox, udev, pcscd, libccid, OpenSC, the libp11 engine,
 # osslsigncode) plus the freshly built signet-agent — and prints the directory that
-# holds it (vmlinuz, initrd.cpio, manifest).
+# holds it (vmlinuz, initrd.cpio, manifest). The initramfs is all in RAM; the agent's
+# state directory comes from the host over virtio-9p (lab/guest-init.sh).
 #
 #   lab/build-image.sh [AGENT_BINARY]      (default: target/debug/signet-agent)
 #
@@ -34,7 +35,8 @@ pkgs=(busybox-static libc6 libgcc-s1
   libkeyutils1 libidn2-0 libldap-2.5-0 libnghttp2-14 libpsl5 librtmp1 libsasl2-2 libssh2-1 libgnutls30
   libhogweed6 libnettle8 libgmp10 libp11-kit0 libtasn1-6 libunistring2 libffi8 libdb5.3 libsasl2-modules-db)
 modules=(usb-common usbcore uhci-hcd virtio virtio_ring virtio_pci vsock
-  vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport)
+  vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
+  netfs fscache 9pnet 9pnet_virtio 9p)
 
 # The versions apt would install from Debian 12 (osslsigncode: bookworm's own 2.5).
 kernel=$(apt-cache show --no-all-versions linux-image-amd64 2>/dev/null |
@@ -111,7 +113,7 @@ for m in "${modules[@]}"; do add_mod "$m"; done
 rm -rf "$r"/usr/share/{doc,man,locale,info,lintian,zsh,bash-completion,i18n} \
   "$r"/lib/systemd/system "$r"/usr/lib/systemd/system "$r"/usr/lib/x86_64-linux-gnu/gconv \
   "$r"/lib/udev/hwdb.d "$r"/bin/systemd-hwdb
-mkdir -p "$r"/{proc,sys,dev,run,tmp,root,etc/signet,usr/local/bin}
+mkdir -p "$r"/{proc,sys,dev,run,tmp,root,etc/signet,usr/local/bin,var/lib/signet-agent}
 echo "root:x:0:0:root:/root:/bin/sh" >"$r/etc/passwd"
 echo "root:x:0:" >"$r/etc/group"
 install -m 755 "$lab/guest-init.sh" "$r/init"

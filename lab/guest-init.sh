@@ -1,7 +1,10 @@
 #!/bin/busybox sh
 # /init of Signet's lab signing VM (lab/build-image.sh): mounts, kernel modules,
-# udevd (pcscd learns about hot-plugged readers only through udev), pcscd, then
-# signet-agent on the guest's vsock, restarted whenever it exits. The agent logs to
+# the agent's state directory, udevd (pcscd learns about hot-plugged readers only
+# through udev), pcscd, then signet-agent on the guest's vsock, restarted whenever it
+# exits. The state directory, /var/lib/signet-agent, is the host's RUN/agent-state
+# shared over virtio-9p (tag signetstate): the initramfs is unpacked afresh at every
+# reset, the share keeps the agent's key and pairing as a signing VM's disk would. The agent logs to
 # the second serial port (the host's RUN/agent.log); a root shell serves ttyS0.
 # Kernel command line knobs: lab.udev=0, lab.pcscd=0, lab.agent=0.
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin
@@ -21,6 +24,10 @@ mount -t tmpfs tmp /tmp
 ip link set lo up 2>/dev/null
 cmd=$(cat /proc/cmdline)
 for m in $(cat /lib/mod/order); do insmod /lib/mod/$m.ko || echo "LAB: insmod $m failed"; done
+mkdir -p /var/lib/signet-agent
+mount -t 9p -o trans=virtio,version=9p2000.L,cache=none signetstate /var/lib/signet-agent ||
+  echo "LAB: the agent's state share (9p tag signetstate) is missing: its state is lost at the next reset"
+chmod 700 /var/lib/signet-agent
 case "$cmd" in *lab.udev=0*) ;; *)
   mkdir -p /run/udev
   /lib/systemd/systemd-udevd --daemon 2>/tmp/udevd.log

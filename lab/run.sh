@@ -3,15 +3,21 @@
 #  1. the signing-VM image (lab/build-image.sh, cached) and the emulated card's NSS
 #     database (lab/mk-nssdb.sh);
 #  2. vhost-device-vsock for the guest's vsock, QEMU (TCG, q35, UHCI) with Signet's
-#     monitor socket, and the guest booting signet-agent on vsock port 7711;
+#     monitor socket, and the guest booting signet-agent on vsock port 7711; the
+#     agent's state directory in the guest is the work dir's agent-state, shared
+#     over virtio-9p (kept across resets, as a signing VM's disk);
 #  3. signetd inside a umockdev testbed (the one stand-in: host-side USB presence),
 #     configured for that VM: agent over vsock-uds, the token as an emulated card;
+#     with SIGNET_LAB_PAIRING=1, the operator's pairing step: `signet-agent pair` in
+#     the guest's root shell (over the console), `signetd pair CODE` on the host;
 #  4. the token "plugged in" on the host: signetd hot-plugs the card into the VM over
 #     QMP and gives the agent the PIN; then `signet sign` from the build VM's side
 #     (the socket vhost-device-vsock delivers guest connections to the host's port
 #     7710 on) and `osslsigncode verify` of the result on the host.
 # LAB_KEEP=1 leaves everything running until Ctrl-C (the work dir is printed).
 set -euo pipefail
+# Pair signetd with the agent after the guest's first boot (1), or not (0).
+PAIRING=${SIGNET_LAB_PAIRING:-0}
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 bin=${SIGNET_BIN_DIR:-$root/target/debug}
 vhost=$root/target/lab/vhost/bin/vhost-device-vsock
@@ -47,6 +53,25 @@ wait_for() { # WHAT SECONDS COMMAND...: poll until COMMAND succeeds
     sleep 0.2
   done
 }
+guest_sh() { # COMMAND: runs it in the guest's root shell on the console; prints what
+  # the console showed (the echo of the command line, then its output) and exits with
+  # its status.
+  python3 - "$W/console.sock" "$1" <<'PY'
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(120)
+tag = f"__END{os.getpid()}__"
+s.sendall(f"{sys.argv[2]}\necho {tag}$?\n".encode())
+for raw in s.makefile("rb"):
+    line = raw.decode(errors="replace").rstrip("\r\n")
+    status = line.split(tag, 1)[1] if tag in line else None
+    if status is not None and "$?" not in status:
+        sys.exit(int(status.strip() or 1))
+    print(line)
+sys.exit("lab: the guest's console closed")
+PY
+}
 echo "Signet lab (work dir $W)"
 
 t0=$(now)
@@ -57,6 +82,7 @@ echo "$PIN" >"$W/host.pin"
 chmod 600 "$W/host.pin"
 bash "$root/tests/fixtures/make-pe.sh" "$W/hello.exe"
 mkdir -p "$W/monitors"
+mkdir -m 700 "$W/agent-state"
 
 "$vhost" --vm "guest-cid=$VM,socket=$W/vhost.sock,uds-path=$W/vm.vsock" >"$W/vhost.log" 2>&1 &
 pids+=($!)
@@ -68,6 +94,7 @@ qemu-system-x86_64 -name signet-lab -accel tcg,tb-size=64 -machine q35 -cpu max 
   -chardev "socket,id=con,path=$W/console.sock,server=on,wait=off,logfile=$W/console.log" -serial chardev:con \
   -chardev "file,id=agentlog,path=$W/agent.log" -serial chardev:agentlog \
   -device piix3-usb-uhci,id=uhci \
+  -virtfs "local,path=$W/agent-state,mount_tag=signetstate,security_model=none,id=agentstate" \
   -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem -m 512M \
   -chardev "socket,id=vsk,path=$W/vhost.sock" -device vhost-user-vsock-pci,chardev=vsk \
   -chardev "socket,id=signet,path=$W/monitors/vm-$VM.qmp,server=on,wait=off" -mon chardev=signet,mode=control \
@@ -105,6 +132,19 @@ pids+=($!)
 groups+=($!)
 wait_for "signetd" 60 test -S "$W/signetd.sock"
 step signetd "agent vsock-uds:$W/vm.vsock:7711, build VM on $W/build.vsock_7710"
+
+if [[ $PAIRING == 1 ]]; then
+  wait_for "signet-agent listening in the guest" 120 grep -q listening "$W/agent.log"
+  t0=$(now)
+  # As the operator: in the signing VM as root, then on the host as root.
+  out=$(guest_sh "signet-agent --config /etc/signet/agent.toml pair --json") ||
+    { echo "$out" >&2; echo "lab: signet-agent pair in the guest failed" >&2; exit 1; }
+  code=$(sed -n 's/.*"code": *"\([0-9A-Za-z-]*\)".*/\1/p' <<<"$out" | head -1)
+  [[ -n $code ]] || { echo "$out" >&2; echo "lab: no pairing code from signet-agent pair --json" >&2; exit 1; }
+  "$bin/signetd" --config "$W/signetd.toml" pair "$code" >"$W/pair.log" 2>&1 ||
+    { cat "$W/pair.log" >&2; echo "lab: signetd pair $code failed" >&2; exit 1; }
+  step pair "signetd and the agent paired with code $code: $(ms "$t0") ms"
+fi
 
 t0=$(now)
 python3 - "$W/testbed.sock" "$SERIAL" <<'PY'

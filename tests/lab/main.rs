@@ -50,6 +50,23 @@ const BOOT: Duration = Duration::from_secs(240);
 const LONG: Duration = Duration::from_secs(180);
 /// How often the lab asks signetd how things are (each ask reaches into the guest).
 const EVERY: Duration = Duration::from_millis(250);
+/// The host's directory (in the VM's run directory) behind the guest's
+/// `/var/lib/signet-agent`, the agent's `state_dir`.
+const AGENT_STATE: &str = "agent-state";
+/// The agent's state directory in the guest (its default `state_dir`).
+const GUEST_STATE_DIR: &str = "/var/lib/signet-agent";
+/// Whether each scenario pairs `signetd` with the agent after the guest's first boot
+/// (the operator's `signet-agent pair` in the guest, `signetd pair CODE` on the host;
+/// see [`pair`]). `SIGNET_LAB_PAIRING=1` or `=0` overrides it for one run.
+const PAIRING: bool = false;
+
+fn pairing() -> bool {
+    match std::env::var("SIGNET_LAB_PAIRING").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => PAIRING,
+    }
+}
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -131,9 +148,14 @@ struct Guest {
 }
 
 /// Starts `vhost-device-vsock` and QEMU for the guest in `run`; QEMU's console log,
-/// agent log (its second serial port) and stderr go to `run`.
+/// agent log (its second serial port) and stderr go to `run`. The agent's state
+/// directory in the guest is `run/agent-state`, shared over virtio-9p: it stays across
+/// resets and restarts, as a signing VM's disk does.
 fn launch(run: &Path, signet_monitor: &Path, test_monitor: &Path) -> (Proc, Proc) {
     let img = image().to_owned();
+    let state = run.join(AGENT_STATE);
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let vhost_sock = run.join("vhost.sock");
     let vhost = spawn(
         "vhost-device-vsock",
@@ -173,6 +195,11 @@ fn launch(run: &Path, signet_monitor: &Path, test_monitor: &Path) -> (Proc, Proc
         ))
         .args(["-serial", "chardev:agentlog"])
         .args(["-device", "piix3-usb-uhci,id=uhci"])
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={},mount_tag=signetstate,security_model=none,id=agentstate",
+            state.display()
+        ))
         .args([
             "-object",
             "memory-backend-memfd,id=mem,size=512M,share=on",
@@ -332,10 +359,19 @@ impl Guest {
 
     /// Runs a shell command in the guest over its serial console; answers its output.
     fn shell(&self, command: &str) -> String {
+        self.shell_status(command).1
+    }
+
+    /// Runs a shell command in the guest's root shell over its serial console; answers
+    /// its exit status and what the console showed meanwhile (its output, stdout and
+    /// stderr, after the console's echo of the command line).
+    fn shell_status(&self, command: &str) -> (i32, String) {
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let mut s = UnixStream::connect(self.run.join("console.sock")).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let tag = format!("{}x{}", std::process::id(), self.rt.metrics().num_workers());
-        writeln!(s, "{command}\necho __END{tag}__$?").unwrap();
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("__END{}x{n}__", std::process::id());
+        writeln!(s, "{command}\necho {tag}$?").unwrap();
         let mut r = BufReader::new(s);
         let mut out = String::new();
         loop {
@@ -346,11 +382,71 @@ impl Guest {
                 "the guest's console closed during {command:?}"
             );
             // The console echoes the command line too (with `$?`, not a number).
-            if line.contains(&format!("__END{tag}__")) && !line.contains("$?") {
-                return out;
+            if let Some((_, status)) = line.split_once(&tag) {
+                if !status.contains("$?") {
+                    let status = status
+                        .trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("no exit status after {command:?} in {line:?}"));
+                    return (status, out);
+                }
             }
             out.push_str(&line);
         }
+    }
+
+    /// Runs a shell command in the guest; answers its output, or panics with it if the
+    /// command failed.
+    fn shell_ok(&self, command: &str) -> String {
+        let (status, out) = self.shell_status(command);
+        assert_eq!(status, 0, "{command:?} in the guest failed:\n{out}");
+        out
+    }
+
+    /// Writes a value of its own into the agent's state directory in the guest, checks
+    /// it reached the host's side of the share and that the directory is the share,
+    /// root's and 0700; answers the value for [`Guest::assert_state_kept`].
+    fn mark_state(&self) -> String {
+        let value = format!(
+            "kept-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        );
+        let out = self.shell_ok(&format!(
+            "echo {value} >{GUEST_STATE_DIR}/lab-mark && sync && \
+             grep ' {GUEST_STATE_DIR} 9p ' /proc/mounts && stat -c 'mode=%a owner=%U' {GUEST_STATE_DIR}"
+        ));
+        assert!(
+            out.contains("mode=700 owner=root"),
+            "{GUEST_STATE_DIR} in the guest is root's and 0700: {out}"
+        );
+        let host = self.run.join(AGENT_STATE).join("lab-mark");
+        assert_eq!(
+            std::fs::read_to_string(&host).unwrap_or_default().trim(),
+            value,
+            "the guest's {GUEST_STATE_DIR}/lab-mark is {} on the host",
+            host.display()
+        );
+        value
+    }
+
+    /// The value [`Guest::mark_state`] wrote is still in the guest's state directory
+    /// (after a reset or a restart).
+    fn assert_state_kept(&self, value: &str) {
+        let out = self.shell_ok(&format!(
+            "cat {GUEST_STATE_DIR}/lab-mark; stat -c 'mode=%a owner=%U' {GUEST_STATE_DIR}"
+        ));
+        assert!(
+            out.lines().any(|l| l.trim() == value),
+            "{GUEST_STATE_DIR}/lab-mark kept its {value}: {out}"
+        );
+        assert!(
+            out.contains("mode=700 owner=root"),
+            "{GUEST_STATE_DIR} in the guest is root's and 0700: {out}"
+        );
     }
 }
 
@@ -430,6 +526,9 @@ device = {{ kind = "emulated-ccid", db = "sql:{nssdb}", certs = ["lab-id", "lab-
             testbed: None,
         };
         lab.start_daemon();
+        if pairing() {
+            pair(&lab);
+        }
         lab
     }
 
@@ -616,6 +715,88 @@ impl Drop for Lab {
     }
 }
 
+/// The operator's pairing step, once after the signing VM's first boot: in the guest,
+/// as root, `signet-agent pair --json` opens a pairing window and shows its code; on
+/// the host, `signetd pair CODE` (with the lab's configuration) reaches the agent at its
+/// endpoint and completes it. The agent keeps its key and the paired host in its state
+/// directory, on the share that outlives resets and restarts.
+fn pair(lab: &Lab) {
+    let started = Instant::now();
+    wait_until_within("signet-agent listening in the guest", BOOT, EVERY, || {
+        lab.guest.agent_log().contains("listening")
+    });
+    let (status, out) = lab
+        .guest
+        .shell_status("signet-agent --config /etc/signet/agent.toml pair --json");
+    assert_eq!(status, 0, "signet-agent pair in the guest failed:\n{out}");
+    let window = pairing_window(&out);
+    let code = window["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no code from signet-agent pair --json: {window:#}"));
+    let groups: Vec<&str> = code.split('-').collect();
+    assert!(
+        groups.len() == 4 && groups.iter().all(|g| g.len() == 4),
+        "a pairing code is XXXX-XXXX-XXXX-XXXX: {window:#}"
+    );
+    assert!(
+        window["fingerprint"]
+            .as_str()
+            .is_some_and(|f| !f.is_empty()),
+        "{window:#}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        window["expires_unix"].as_u64().is_some_and(|t| t > now),
+        "the pairing window is open: {window:#}"
+    );
+    let host = lab.w.signetd(&["pair", code]);
+    assert!(
+        host.status.success(),
+        "signetd pair {code} on the host failed ({}):\n{}{}\nagent:\n{}",
+        host.status,
+        String::from_utf8_lossy(&host.stdout),
+        String::from_utf8_lossy(&host.stderr),
+        lab.guest.agent_log()
+    );
+    // The agent keeps its key and the host it paired with on the share.
+    let state = lab.guest.run.join(AGENT_STATE);
+    for f in ["link.key", "link.crt", "host.pin"] {
+        assert!(
+            state.join(f).exists(),
+            "the agent's {GUEST_STATE_DIR}/{f} is on the share ({})",
+            state.display()
+        );
+    }
+    timing("pairing", "agent up -> paired", started.elapsed());
+}
+
+/// The JSON document `signet-agent pair --json` printed, from what the console showed:
+/// the echo of the command line first (wrapped at the terminal's width), then the
+/// document, on one line or more.
+fn pairing_window(console: &str) -> Value {
+    let json = console
+        .lines()
+        .position(|l| l.trim_start().starts_with('{'))
+        .map(|i| console.lines().skip(i).collect::<Vec<_>>().join("\n"))
+        .unwrap_or_else(|| panic!("no JSON from signet-agent pair --json:\n{console}"));
+    let json = &json[..json.rfind('}').map_or(json.len(), |i| i + 1)];
+    serde_json::from_str(json)
+        .unwrap_or_else(|e| panic!("signet-agent pair --json: {e}:\n{console}"))
+}
+
+#[test]
+fn the_pairing_window_is_read_from_the_console() {
+    let one_line = "signet-agent --config /etc/signet/agent.toml pair --json\r\n\
+        {\"fingerprint\": \"ab:cd\", \"code\": \"K7QX-2M9D-Z4TB-8HJW\", \"expires_unix\": 1790000000}\r\n\
+        / # echo __END1x0__$?\r\n";
+    assert_eq!(pairing_window(one_line)["code"], "K7QX-2M9D-Z4TB-8HJW");
+    let pretty = "signet-agent --config /etc/signet/agent.toml pair --js\r\non\r\n{\r\n  \"code\": \"A-B\",\r\n  \"expires_unix\": 5\r\n}\r\n/ # ";
+    assert_eq!(pairing_window(pretty)["expires_unix"], 5);
+}
+
 fn timing(scenario: &str, what: &str, d: Duration) {
     println!("LAB-TIMING {scenario}: {what}: {:.1} s", d.as_secs_f64());
 }
@@ -739,6 +920,7 @@ fn token_pulled_mid_queue_is_put_back_and_every_job_is_signed_once() {
 #[test]
 fn signing_vm_reset_agent_back_pin_redelivered_queue_resumes() {
     let mut lab = Lab::signing();
+    let kept = lab.guest.mark_state();
     let ids = lab.queue_with_one_at_agent(3, "reset");
     let down = Instant::now();
     lab.guest.reset();
@@ -769,6 +951,8 @@ fn signing_vm_reset_agent_back_pin_redelivered_queue_resumes() {
         "vm_reset",
         &["pin_delivered", "logged_in", "first_job_signed"],
     );
+    // The agent's state directory outlived the reset (the initramfs did not).
+    lab.guest.assert_state_kept(&kept);
 }
 
 /// Scenario 4b: the signing VM goes down and up again with jobs queued (QEMU and its
@@ -778,6 +962,7 @@ fn signing_vm_reset_agent_back_pin_redelivered_queue_resumes() {
 #[test]
 fn signing_vm_restarted_agent_back_pin_redelivered_queue_resumes() {
     let mut lab = Lab::signing();
+    let kept = lab.guest.mark_state();
     let ids = lab.queue_with_one_at_agent(3, "restart");
     let before = lab.guest.signatures();
     let down = Instant::now();
@@ -819,6 +1004,8 @@ fn signing_vm_restarted_agent_back_pin_redelivered_queue_resumes() {
             "first_job_signed",
         ],
     );
+    // The agent's state directory outlived the QEMU process.
+    lab.guest.assert_state_kept(&kept);
 }
 
 /// Scenario 5: `signetd` is killed with SIGKILL while a job is at the agent and
