@@ -8,7 +8,7 @@
 #     over virtio-9p (kept across resets, as a signing VM's disk);
 #  3. signetd inside a umockdev testbed (the one stand-in: host-side USB presence),
 #     configured for that VM: agent over vsock-uds, the token as an emulated card;
-#     with SIGNET_LAB_PAIRING=1, the operator's pairing step: `signet-agent pair` in
+#     then the operator's pairing step: `signet-agent pair` in
 #     the guest's root shell (over the console), `signetd pair CODE` on the host;
 #  4. the token "plugged in" on the host: signetd hot-plugs the card into the VM over
 #     QMP and gives the agent the PIN; then `signet sign` from the build VM's side
@@ -16,8 +16,6 @@
 #     7710 on) and `osslsigncode verify` of the result on the host.
 # LAB_KEEP=1 leaves everything running until Ctrl-C (the work dir is printed).
 set -euo pipefail
-# Pair signetd with the agent after the guest's first boot (1), or not (0).
-PAIRING=${SIGNET_LAB_PAIRING:-0}
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 bin=${SIGNET_BIN_DIR:-$root/target/debug}
 vhost=$root/target/lab/vhost/bin/vhost-device-vsock
@@ -133,7 +131,7 @@ groups+=($!)
 wait_for "signetd" 60 test -S "$W/signetd.sock"
 step signetd "agent vsock-uds:$W/vm.vsock:7711, build VM on $W/build.vsock_7710"
 
-if [[ $PAIRING == 1 ]]; then
+{
   wait_for "signet-agent listening in the guest" 120 grep -q listening "$W/agent.log"
   t0=$(now)
   # As the operator: in the signing VM as root, then on the host as root.
@@ -144,7 +142,7 @@ if [[ $PAIRING == 1 ]]; then
   "$bin/signetd" --config "$W/signetd.toml" pair "$code" >"$W/pair.log" 2>&1 ||
     { cat "$W/pair.log" >&2; echo "lab: signetd pair $code failed" >&2; exit 1; }
   step pair "signetd and the agent paired with code $code: $(ms "$t0") ms"
-fi
+}
 
 t0=$(now)
 python3 - "$W/testbed.sock" "$SERIAL" <<'PY'

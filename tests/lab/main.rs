@@ -55,19 +55,6 @@ const EVERY: Duration = Duration::from_millis(250);
 const AGENT_STATE: &str = "agent-state";
 /// The agent's state directory in the guest (its default `state_dir`).
 const GUEST_STATE_DIR: &str = "/var/lib/signet-agent";
-/// Whether each scenario pairs `signetd` with the agent after the guest's first boot
-/// (the operator's `signet-agent pair` in the guest, `signetd pair CODE` on the host;
-/// see [`pair`]). `SIGNET_LAB_PAIRING=1` or `=0` overrides it for one run.
-const PAIRING: bool = false;
-
-fn pairing() -> bool {
-    match std::env::var("SIGNET_LAB_PAIRING").as_deref() {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => PAIRING,
-    }
-}
-
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -526,9 +513,7 @@ device = {{ kind = "emulated-ccid", db = "sql:{nssdb}", certs = ["lab-id", "lab-
             testbed: None,
         };
         lab.start_daemon();
-        if pairing() {
-            pair(&lab);
-        }
+        pair(&lab);
         lab
     }
 
