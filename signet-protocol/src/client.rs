@@ -60,6 +60,14 @@ where
                         endpoint: endpoint.clone(),
                         source: crate::link::refused_error(endpoint),
                     })
+                } else if crate::link::closed_by_peer(&e) {
+                    ClientError::Connect(TransportError::Connect {
+                        endpoint: endpoint.clone(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            format!("the agent at {endpoint} closed the link during the request ({e}); if it keeps doing so, it does not accept this host's key: {}", crate::link::PAIR_FIX),
+                        ),
+                    })
                 } else {
                     e
                 }

@@ -744,7 +744,7 @@ impl HostLink {
         let resp = crate::client::send_over(stream, endpoint, req)
             .await
             .map_err(|e| {
-                if refused_by_peer(&e) {
+                if refused_by_peer(&e) || closed_by_peer(&e) {
                     LinkError::Invalid(format!(
                         "the agent at {endpoint} refused this host's key: no pairing window is open there (none was opened, it expired after 10 minutes, or a wrong code closed it); run `signet-agent pair` in the signing VM and use its new code"
                     ))
@@ -837,6 +837,33 @@ pub fn refused_by_peer(e: &(dyn std::error::Error + 'static)) -> bool {
                 {
                     return true;
                 }
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Whether `e` says the peer closed the connection under the request (a reset, a
+/// broken pipe, a connection cut before the answer): how a refused key can also show,
+/// when the host's request crossed the agent's alert.
+pub fn closed_by_peer(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if matches!(
+                io.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_canceled() || h.is_incomplete_message() || h.is_closed() {
+                return true;
             }
         }
         cur = err.source();

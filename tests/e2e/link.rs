@@ -68,7 +68,8 @@ fn call_via(link: &HostLink, agent: &Endpoint, method: &str, path: &str) -> Resu
             .await
             .map(|r| r.status().as_u16())
             .map_err(|e| {
-                if link::refused_by_peer(&e) {
+                // The agent's alert, or (when the request crossed it) the link it cut.
+                if link::refused_by_peer(&e) || link::closed_by_peer(&e) {
                     link::refused_error(agent).to_string()
                 } else {
                     e.to_string()
