@@ -7,6 +7,7 @@
 //! - [`client`] — HTTP/1.1 requests over any endpoint, bodies streamed both ways.
 //! - [`link`] — the authenticated link between `signetd` and `signet-agent`: each
 //!   side's key, the pinned peer key, TLS 1.3 with them on any transport, pairing.
+//! - [`pairing`] — the host's half of pairing with an agent.
 //! - [`serve`] — the connection loop both servers use (header timeout, connection
 //!   cap, TLS, lingering close); [`limits`] — an upload's size and idle limits.
 //! - [`tls`] — the client side of `tls:` endpoints: trusted CAs, client credentials.
@@ -32,6 +33,7 @@ pub mod format;
 pub mod limits;
 pub mod link;
 pub mod operator;
+pub mod pairing;
 pub mod pin_file;
 pub mod render;
 pub mod serve;

@@ -309,7 +309,7 @@ pub fn write_pin(path: &Path, fp: &Fingerprint) -> Result<(), LinkError> {
 // Pairing codes and proofs.
 
 /// The letters of a pairing code: no 0/O or 1/I/L to mix up (31 of them).
-const CODE_ALPHABET: &[u8] = b"ABCDEFGHJKMNPQRSTUVWXYZ23456789";
+pub(crate) const CODE_ALPHABET: &[u8] = b"ABCDEFGHJKMNPQRSTUVWXYZ23456789";
 
 /// A fresh one-time code: 16 letters and digits (79 bits), shown in groups of four.
 pub fn new_code() -> Result<String, LinkError> {
@@ -465,7 +465,7 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// The agent's key as seen in the last handshake, and what the host expected.
 #[derive(Debug, Default)]
-struct Seen(Mutex<Option<Fingerprint>>);
+pub(crate) struct Seen(pub(crate) Mutex<Option<Fingerprint>>);
 
 #[derive(Debug)]
 struct PinnedServer {
@@ -625,7 +625,7 @@ pub fn acceptor(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-fn connector(
+pub(crate) fn connector(
     identity: &Identity,
     expect: Option<Fingerprint>,
 ) -> Result<(tokio_rustls::TlsConnector, Arc<Seen>), LinkError> {
@@ -709,82 +709,18 @@ impl HostLink {
         Ok(stream)
     }
 
-    /// Pairs with the agent at `endpoint` using the one-time `code` `signet-agent pair`
-    /// showed; on success pins the agent's key and returns it.
-    pub async fn pair(&self, endpoint: &Endpoint, code: &str) -> Result<Fingerprint, LinkError> {
-        use http_body_util::BodyExt;
-        let code = normalize_code(code);
-        if code.len() != 16 || !code.bytes().all(|b| CODE_ALPHABET.contains(&b)) {
-            return Err(LinkError::Invalid(format!(
-                "{code:?} is not a pairing code: `signet-agent pair` shows 16 letters and digits like ABCD-EFGH-JKMN-PQRS"
-            )));
-        }
-        let fail = |e: &dyn fmt::Display| {
-            LinkError::Invalid(format!("cannot reach the agent at {endpoint}: {e}"))
-        };
-        let raw = crate::transport::connect(endpoint)
-            .await
-            .map_err(|e| fail(&e))?;
-        let (tls, seen) = connector(&self.identity, None)?;
-        let stream = tls
-            .connect(server_name(), raw)
-            .await
-            .map_err(|e| fail(&explain(e, endpoint, None, &seen)))?;
-        let agent_fp = seen
-            .0
-            .lock()
-            .ok()
-            .and_then(|s| *s)
-            .ok_or_else(|| LinkError::Invalid("the agent showed no key".into()))?;
-        let body = PairRequest {
-            proof: proof(&code, Side::Host, &self.identity.fingerprint, &agent_fp),
-        };
-        let req =
-            crate::client::json_request(http::Method::POST, crate::wire::AGENT_PAIR_PATH, &body);
-        let resp = crate::client::send_over(stream, endpoint, req)
-            .await
-            .map_err(|e| {
-                if refused_by_peer(&e) || closed_by_peer(&e) {
-                    LinkError::Invalid(format!(
-                        "the agent at {endpoint} refused this host's key: no pairing window is open there (none was opened, it expired after 10 minutes, or a wrong code closed it); run `signet-agent pair` in the signing VM and use its new code"
-                    ))
-                } else {
-                    fail(&e)
-                }
-            })?;
-        if !resp.status().is_success() {
-            let err = crate::client::error_body(endpoint, resp).await;
-            return Err(LinkError::Invalid(format!(
-                "the agent refused the pairing: {}",
-                err.message
-            )));
-        }
-        let bytes = http_body_util::Limited::new(resp.into_body(), 64 << 10)
-            .collect()
-            .await
-            .map_err(|e| fail(&e))?
-            .to_bytes();
-        let answer: PairAnswer = serde_json::from_slice(&bytes)
-            .map_err(|e| LinkError::Invalid(format!("the agent's pairing answer: {e}")))?;
-        if answer.fingerprint != agent_fp
-            || !check_proof(
-                &code,
-                Side::Agent,
-                &agent_fp,
-                &self.identity.fingerprint,
-                &answer.proof,
-            )
-        {
-            return Err(LinkError::Invalid(format!(
-                "the peer at {endpoint} (key {agent_fp}) could not prove it holds the code: it is not the agent `signet-agent pair` ran in; nothing was pinned. Check what listens there, then pair again"
-            )));
-        }
-        write_pin(&self.pin_path, &agent_fp)?;
-        Ok(agent_fp)
+    /// This host's key, for pairing.
+    pub(crate) fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Where the agent's key is pinned.
+    pub(crate) fn pin_path(&self) -> &Path {
+        &self.pin_path
     }
 }
 
-fn server_name() -> ServerName<'static> {
+pub(crate) fn server_name() -> ServerName<'static> {
     ServerName::DnsName(
         rustls::pki_types::DnsName::try_from(SERVER_NAME).unwrap_or_else(|_| unreachable_name()),
     )
@@ -796,7 +732,7 @@ fn unreachable_name() -> rustls::pki_types::DnsName<'static> {
 }
 
 /// A handshake error in the operator's terms.
-fn explain(
+pub(crate) fn explain(
     e: io::Error,
     endpoint: &Endpoint,
     pinned: Option<Fingerprint>,

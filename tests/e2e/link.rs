@@ -128,7 +128,11 @@ fn the_agent_answers_only_the_host_it_is_paired_with() {
     }
     // A wrong code closes the window: one attempt per code.
     let e = rt()
-        .block_on(other.pair(&agent, "AAAA-BBBB-CCCC-DDDD"))
+        .block_on(signet_protocol::pairing::pair(
+            &other,
+            &agent,
+            "AAAA-BBBB-CCCC-DDDD",
+        ))
         .unwrap_err()
         .to_string();
     assert!(e.contains("does not match"), "{e}");

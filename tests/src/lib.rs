@@ -219,7 +219,11 @@ impl World {
             .build()
             .unwrap();
         let agent_key = rt
-            .block_on(link.pair(agent, shown["code"].as_str().unwrap()))
+            .block_on(signet_protocol::pairing::pair(
+                &link,
+                agent,
+                shown["code"].as_str().unwrap(),
+            ))
             .unwrap();
         assert_eq!(
             agent_key.to_string(),

@@ -532,7 +532,7 @@ async fn main() -> anyhow::Result<()> {
             let cfg = Config::load(&cli.config)?;
             let link = signet_protocol::link::HostLink::open(&cfg.state_dir)
                 .context("this host's link key")?;
-            let agent = link.pair(&cfg.agent, &code).await?;
+            let agent = signet_protocol::pairing::pair(&link, &cfg.agent, &code).await?;
             if json {
                 println!(
                     "{}",
