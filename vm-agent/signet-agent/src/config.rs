@@ -6,7 +6,11 @@ use serde::Deserialize;
 use signet_protocol::endpoint::{Endpoint, DEFAULT_AGENT_PORT, VSOCK_CID_ANY};
 
 /// Where the agent looks when `--config` is not given.
+#[cfg(not(windows))]
 pub const DEFAULT_PATH: &str = "/etc/signet/agent.toml";
+/// Where the agent looks when `--config` is not given.
+#[cfg(windows)]
+pub const DEFAULT_PATH: &str = r"C:\ProgramData\Signet\agent.toml";
 
 /// `agent.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -74,7 +78,11 @@ fn default_max_connections() -> usize {
 }
 
 /// Where the agent keeps its state when the configuration does not say.
+#[cfg(not(windows))]
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/signet-agent";
+/// Where the agent keeps its state when the configuration does not say.
+#[cfg(windows)]
+pub const DEFAULT_STATE_DIR: &str = r"C:\ProgramData\Signet\agent-state";
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from(DEFAULT_STATE_DIR)
@@ -211,7 +219,8 @@ impl Config {
         .into_iter()
         .flatten()
         {
-            if p.is_relative() && p.components().count() > 1 {
+            // A root-relative Windows path (`\dir\file`) is not resolved here either.
+            if p.is_relative() && !p.has_root() && p.components().count() > 1 {
                 *p = base.join(&*p);
             }
         }
@@ -269,9 +278,26 @@ mod tests {
         pin_file = "pin"
     "#;
 
+    /// `text` with the tests' module path made absolute on this platform (a path
+    /// without a drive letter is not absolute on Windows).
+    fn native(text: &str) -> String {
+        if cfg!(windows) {
+            text.replace(
+                "/usr/lib/softhsm/libsofthsm2.so",
+                "C:/SoftHSM2/lib/softhsm2-x64.dll",
+            )
+        } else {
+            text.to_owned()
+        }
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse(path, &native(text))
+    }
+
     #[test]
     fn minimal_config_gets_defaults_and_resolves_relative_paths() {
-        let cfg = Config::parse(Path::new("/etc/signet/agent.toml"), MINIMAL).unwrap();
+        let cfg = parse(Path::new("/etc/signet/agent.toml"), MINIMAL).unwrap();
         assert_eq!(cfg.listen.to_string(), "vsock:any:7711");
         assert_eq!(cfg.signer.osslsigncode, PathBuf::from("osslsigncode"));
         assert_eq!(cfg.signer.timeout_seconds, 600);
@@ -280,7 +306,7 @@ mod tests {
             Some(PathBuf::from("pin")),
             "a bare name stays as written"
         );
-        let cfg = Config::parse(
+        let cfg = parse(
             Path::new("/etc/signet/agent.toml"),
             &MINIMAL.replace("\"pin\"", "\"secrets/pin\""),
         )
@@ -289,7 +315,7 @@ mod tests {
             cfg.token.pin_file,
             Some(PathBuf::from("/etc/signet/secrets/pin"))
         );
-        let no_file = Config::parse(
+        let no_file = parse(
             Path::new("/etc/signet/agent.toml"),
             &MINIMAL.replace("pin_file = \"pin\"", ""),
         )
@@ -303,13 +329,11 @@ mod tests {
     #[test]
     fn errors_name_file_key_and_fix() {
         let p = Path::new("/x/agent.toml");
-        let no_token = Config::parse(p, "listen = \"unix:/a\"")
-            .unwrap_err()
-            .to_string();
+        let no_token = parse(p, "listen = \"unix:/a\"").unwrap_err().to_string();
         assert!(no_token.starts_with("/x/agent.toml: "), "{no_token}");
         assert!(no_token.contains("token"), "{no_token}");
 
-        let bad_ep = Config::parse(p, &format!("listen = \"vsock:2\"\n{MINIMAL}"))
+        let bad_ep = parse(p, &format!("listen = \"vsock:2\"\n{MINIMAL}"))
             .unwrap_err()
             .to_string();
         assert!(
@@ -317,12 +341,12 @@ mod tests {
             "{bad_ep}"
         );
 
-        let typo = Config::parse(p, &MINIMAL.replace("label =", "lable ="))
+        let typo = parse(p, &MINIMAL.replace("label =", "lable ="))
             .unwrap_err()
             .to_string();
         assert!(typo.contains("lable"), "{typo}");
 
-        let neither = Config::parse(p, &MINIMAL.replace("label = \"signet-demo\"", ""))
+        let neither = parse(p, &MINIMAL.replace("label = \"signet-demo\"", ""))
             .unwrap_err()
             .to_string();
         assert!(
@@ -330,7 +354,7 @@ mod tests {
             "{neither}"
         );
 
-        let rel = Config::parse(
+        let rel = parse(
             p,
             &MINIMAL.replace("/usr/lib/softhsm/libsofthsm2.so", "libsofthsm2.so"),
         )
@@ -341,7 +365,7 @@ mod tests {
             "{rel}"
         );
 
-        let zero = Config::parse(p, &format!("{MINIMAL}\n[signer]\ntimeout_seconds = 0\n"))
+        let zero = parse(p, &format!("{MINIMAL}\n[signer]\ntimeout_seconds = 0\n"))
             .unwrap_err()
             .to_string();
         assert!(zero.contains("key signer.timeout_seconds"), "{zero}");
@@ -357,7 +381,7 @@ mod tests {
 
     #[test]
     fn a_reinit_command_names_a_program() {
-        let cfg = Config::parse(
+        let cfg = parse(
             Path::new("/etc/signet/agent.toml"),
             &format!("{MINIMAL}reinit_command = [\"pcscd\", \"--hotplug\"]\n"),
         )
@@ -366,7 +390,7 @@ mod tests {
             cfg.token.reinit_command.as_deref(),
             Some(&["pcscd".to_owned(), "--hotplug".to_owned()][..])
         );
-        let e = Config::parse(
+        let e = parse(
             Path::new("/etc/signet/agent.toml"),
             &format!("{MINIMAL}reinit_command = []\n"),
         )

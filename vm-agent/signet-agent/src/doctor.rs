@@ -469,7 +469,8 @@ pub fn lenient_module(config_path: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string(config_path).ok()?;
     let table: toml::Table = toml::from_str(&text).ok()?;
     let module = PathBuf::from(table.get("token")?.get("module")?.as_str()?);
-    if module.is_relative() && module.components().count() > 1 {
+    // A root-relative Windows path (`\dir\m.dll`) is not the configuration's to resolve.
+    if module.is_relative() && !module.has_root() && module.components().count() > 1 {
         return Some(config_path.parent().unwrap_or(Path::new(".")).join(module));
     }
     Some(module)
@@ -579,11 +580,14 @@ pub enum PinFileProbe {
     Missing,
     NotAFile,
     Unreadable(String),
-    Present { mode: u32, len: u64 },
+    /// `mode`: the unix mode bits; `None` where files have none (Windows).
+    Present {
+        mode: Option<u32>,
+        len: u64,
+    },
 }
 
 fn probe_pin_file(path: &Path) -> PinFileProbe {
-    use std::os::unix::fs::PermissionsExt;
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return PinFileProbe::Missing,
@@ -597,7 +601,7 @@ fn probe_pin_file(path: &Path) -> PinFileProbe {
         return PinFileProbe::Unreadable(e.to_string());
     }
     PinFileProbe::Present {
-        mode: meta.permissions().mode() & 0o7777,
+        mode: crate::token::file_mode(&meta),
         len: meta.len(),
     }
 }
@@ -863,14 +867,22 @@ pub fn judge_pin_file(path: &Path, probe: &PinFileProbe) -> Check {
         PinFileProbe::Present { len: 0, .. } => {
             Check::fail("pin_file", format!("{shown} is empty"), write)
         }
-        PinFileProbe::Present { mode, .. } if mode & 0o077 != 0 => Check::fail(
+        PinFileProbe::Present {
+            mode: Some(mode), ..
+        } if mode & 0o077 != 0 => Check::fail(
             "pin_file",
             format!("{shown} is open to group or others (mode {mode:04o})"),
             format!("chmod 600 {shown}"),
         ),
-        PinFileProbe::Present { mode, .. } => Check::ok(
+        PinFileProbe::Present {
+            mode: Some(mode), ..
+        } => Check::ok(
             "pin_file",
             format!("{shown}: readable, mode {mode:04o} (its content is not read here)"),
+        ),
+        PinFileProbe::Present { mode: None, .. } => Check::ok(
+            "pin_file",
+            format!("{shown}: readable (its content is not read here; who else may read it is its ACL's matter: let only the agent's account read it)"),
         ),
     }
 }
@@ -1182,7 +1194,7 @@ mod tests {
         let st = |probe| judge_pin_file(p, &probe);
         assert_eq!(
             st(PinFileProbe::Present {
-                mode: 0o600,
+                mode: Some(0o600),
                 len: 6
             })
             .status,
@@ -1190,23 +1202,33 @@ mod tests {
         );
         assert_eq!(
             st(PinFileProbe::Present {
-                mode: 0o400,
+                mode: Some(0o400),
                 len: 6
             })
             .status,
             Status::Ok
         );
         for mode in [0o644, 0o640, 0o604, 0o620, 0o666] {
-            let c = st(PinFileProbe::Present { mode, len: 6 });
+            let c = st(PinFileProbe::Present {
+                mode: Some(mode),
+                len: 6,
+            });
             assert_eq!(c.status, Status::Fail, "{mode:o}");
             assert!(c.summary.contains(&format!("{mode:04o}")), "{c:?}");
             assert_eq!(c.fix.as_deref(), Some("chmod 600 /etc/signet/pin"));
         }
         let c = st(PinFileProbe::Present {
-            mode: 0o600,
+            mode: Some(0o600),
             len: 0,
         });
         assert!(c.summary.contains("empty"), "{c:?}");
+        let c = st(PinFileProbe::Present { mode: None, len: 6 });
+        assert_eq!(
+            c.status,
+            Status::Ok,
+            "no mode bits (Windows): its ACL is not judged"
+        );
+        assert!(c.summary.contains("ACL"), "{c:?}");
         assert_eq!(st(PinFileProbe::Missing).status, Status::Fail);
         assert_eq!(st(PinFileProbe::NotAFile).status, Status::Fail);
         let c = st(PinFileProbe::Unreadable("Permission denied".into()));

@@ -154,6 +154,8 @@ async fn main() -> anyhow::Result<()> {
     let local = listener.local_endpoint().context("local address")?;
     tracing::info!(endpoint = %local, "listening");
     let listening = format!("listening on {local}");
+    // systemd's Type=notify; a Windows service has no such protocol.
+    #[cfg(unix)]
     let _ = sd_notify::notify(
         false,
         &[
@@ -161,6 +163,8 @@ async fn main() -> anyhow::Result<()> {
             sd_notify::NotifyState::Ready,
         ],
     );
+    #[cfg(not(unix))]
+    let _ = listening;
     let app = signet_agent::server::router(agent.clone(), gate);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let serving = signet_protocol::serve::serve(
@@ -310,11 +314,27 @@ fn run_command(command: Command, config_path: &std::path::Path) -> anyhow::Resul
     }
 }
 
+/// Waits for SIGTERM (systemd's stop) or Ctrl-C; on Windows for Ctrl-C (or
+/// Ctrl-Break) only.
 async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
     }
+    #[cfg(windows)]
+    {
+        let mut brk = tokio::signal::windows::ctrl_break().ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match brk.as_mut() { Some(b) => { b.recv().await; } None => std::future::pending().await } } => {}
+        }
+    }
+    #[cfg(not(any(unix, windows)))]
+    let _ = tokio::signal::ctrl_c().await;
     tracing::info!("stopping");
 }

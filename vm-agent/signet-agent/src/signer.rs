@@ -738,6 +738,7 @@ mod tests {
         );
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn a_run_that_does_not_finish_in_time_is_stopped() {
         use std::os::unix::fs::PermissionsExt;
