@@ -117,10 +117,26 @@ pub struct TokenConfig {
     pub reinit_command: Option<Vec<String>>,
 }
 
+/// Which program signs: `backend = "osslsigncode"` (the default, every platform) or
+/// `"signtool"` (Windows only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// osslsigncode with the token's PKCS#11 module (`token.module`).
+    #[default]
+    Osslsigncode,
+    /// The Windows SDK's signtool with the token's CSP (`signer.csp`, `signer.container`)
+    /// and the certificate exported to a file (`signer.certificate`).
+    Signtool,
+}
+
 /// `[signer]`: the signing backend.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignerConfig {
+    /// The program that signs. Default: osslsigncode.
+    #[serde(default)]
+    pub backend: Backend,
     /// The osslsigncode program. Default: `osslsigncode` from `PATH`.
     #[serde(default = "default_osslsigncode")]
     pub osslsigncode: PathBuf,
@@ -132,14 +148,83 @@ pub struct SignerConfig {
     /// stopped and the job fails. Default: 600.
     #[serde(default = "default_timeout_seconds")]
     pub timeout_seconds: u64,
+    /// signtool: the program. Default: `signtool.exe` from `PATH`.
+    #[serde(default = "default_signtool")]
+    pub signtool: PathBuf,
+    /// signtool: the token's cryptographic service provider. Default: SafeNet's
+    /// "eToken Base Cryptographic Provider".
+    #[serde(default = "default_csp")]
+    pub csp: String,
+    /// signtool: the key container on the token ("Container name" in SafeNet
+    /// Authentication Client). Required with signtool.
+    #[serde(default)]
+    pub container: Option<String>,
+    /// signtool: the reader, when several tokens are plugged in. Optional.
+    #[serde(default)]
+    pub reader: Option<String>,
 }
 
 impl Default for SignerConfig {
     fn default() -> Self {
         SignerConfig {
+            backend: Backend::default(),
             osslsigncode: default_osslsigncode(),
             certificate: None,
             timeout_seconds: default_timeout_seconds(),
+            signtool: default_signtool(),
+            csp: default_csp(),
+            container: None,
+            reader: None,
+        }
+    }
+}
+
+fn default_signtool() -> PathBuf {
+    PathBuf::from("signtool.exe")
+}
+
+fn default_csp() -> String {
+    crate::signtool::SAFENET_CSP.to_owned()
+}
+
+impl SignerConfig {
+    /// Checks the backend's keys for a system that is Windows or not; the error names
+    /// the key and the fix. `windows` is a parameter so both cases are tested anywhere.
+    pub fn check_backend(&self, windows: bool) -> Result<(), (&'static str, String)> {
+        match self.backend {
+            Backend::Osslsigncode => {
+                for (key, set) in [
+                    ("signer.container", self.container.is_some()),
+                    ("signer.reader", self.reader.is_some()),
+                ] {
+                    if set {
+                        return Err((
+                            key,
+                            "only the signtool backend uses it: set backend = \"signtool\" (Windows), or remove it".to_owned(),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Backend::Signtool if !windows => Err((
+                "signer.backend",
+                "signtool runs on Windows only (it is part of the Windows SDK); on this system sign with backend = \"osslsigncode\" (the default), or run the agent in a Windows signing VM".to_owned(),
+            )),
+            Backend::Signtool => {
+                if self.container.as_deref().unwrap_or("").is_empty() {
+                    return Err((
+                        "signer.container",
+                        "signtool needs the token's key container: copy the \"Container name\" from SafeNet Authentication Client (Advanced View, the certificate) into container = \"...\"".to_owned(),
+                    ));
+                }
+                if self.certificate.is_none() {
+                    return Err((
+                        "signer.certificate",
+                        "signtool needs the token's certificate exported to a file (/f): export it from SafeNet Authentication Client and give its path".to_owned(),
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -245,6 +330,9 @@ impl Config {
                 "signer.timeout_seconds",
                 "give the time limit of one signing run in seconds, at least 1 (default 600)",
             ));
+        }
+        if let Err((key, message)) = cfg.signer.check_backend(cfg!(windows)) {
+            return Err(invalid(key, &message));
         }
         if cfg
             .token
@@ -396,5 +484,63 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("token.reinit_command"), "{e}");
+    }
+
+    #[test]
+    fn the_backend_is_osslsigncode_unless_signtool_is_chosen_on_windows() {
+        let p = Path::new("/etc/signet/agent.toml");
+        let cfg = parse(p, MINIMAL).unwrap();
+        assert_eq!(cfg.signer.backend, Backend::Osslsigncode);
+        let explicit = parse(
+            p,
+            &format!("{MINIMAL}\n[signer]\nbackend = \"osslsigncode\"\n"),
+        )
+        .unwrap();
+        assert_eq!(explicit.signer.backend, Backend::Osslsigncode);
+
+        let signtool = format!(
+            "{MINIMAL}\n[signer]\nbackend = \"signtool\"\ncertificate = \"codesign.cer\"\ncontainer = \"te-ee307152\"\n"
+        );
+        let chosen: Config = toml::from_str(&native(&signtool)).unwrap();
+        assert_eq!(chosen.signer.backend, Backend::Signtool);
+        assert_eq!(chosen.signer.signtool, PathBuf::from("signtool.exe"));
+        assert_eq!(chosen.signer.csp, crate::signtool::SAFENET_CSP);
+        assert_eq!(chosen.signer.check_backend(true), Ok(()));
+        let (key, fix) = chosen.signer.check_backend(false).unwrap_err();
+        assert_eq!(key, "signer.backend");
+        assert!(
+            fix.contains("Windows only") && fix.contains("backend = \"osslsigncode\""),
+            "{fix}"
+        );
+        // What this system says, through the whole parse.
+        let whole = parse(p, &signtool);
+        assert_eq!(whole.is_ok(), cfg!(windows), "{:?}", whole.as_ref().err());
+        if let Err(e) = whole {
+            assert!(e.to_string().contains("key signer.backend"), "{e}");
+        }
+
+        let mut no_container = chosen.signer.clone();
+        no_container.container = None;
+        let (key, fix) = no_container.check_backend(true).unwrap_err();
+        assert_eq!(key, "signer.container");
+        assert!(fix.contains("Container name"), "{fix}");
+        let mut no_cert = chosen.signer.clone();
+        no_cert.certificate = None;
+        assert_eq!(
+            no_cert.check_backend(true).unwrap_err().0,
+            "signer.certificate"
+        );
+
+        let stray = parse(p, &format!("{MINIMAL}\n[signer]\ncontainer = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            stray.contains("key signer.container") && stray.contains("signtool"),
+            "{stray}"
+        );
+        let typo = parse(p, &format!("{MINIMAL}\n[signer]\nbackend = \"signtol\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(typo.contains("signtol"), "{typo}");
     }
 }

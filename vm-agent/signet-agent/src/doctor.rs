@@ -61,7 +61,8 @@ impl Status {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Check {
     /// Stable name for scripts: `config`, `module`, `tokens`, `token`, `pin_state`,
-    /// `pin_file`, `osslsigncode`, `certificate`, and on Windows `remote_desktop`.
+    /// `pin_file`, `osslsigncode` (`signtool` with that backend), `certificate`, and on
+    /// Windows `remote_desktop`.
     pub name: &'static str,
     pub status: Status,
     pub summary: String,
@@ -380,8 +381,16 @@ pub fn run(config_path: &Path) -> Report {
                     "no PIN file: the PIN comes from the host (POST /agent/v1/login)",
                 ),
             });
-            let program = &cfg.signer.osslsigncode;
-            checks.push(judge_osslsigncode(program, &probe_osslsigncode(program)));
+            checks.push(match cfg.signer.backend {
+                crate::config::Backend::Osslsigncode => {
+                    let program = &cfg.signer.osslsigncode;
+                    judge_osslsigncode(program, &probe_osslsigncode(program))
+                }
+                crate::config::Backend::Signtool => {
+                    let program = &cfg.signer.signtool;
+                    judge_signtool(program, &probe_signtool(program))
+                }
+            });
             checks.push(match (&cfg.signer.certificate, &chosen, &ctx) {
                 (Some(file), _, _) => judge_file_cert(file, &probe_file_cert(file)),
                 (None, Some((slot, token)), Some(ctx)) => judge_token_certs(
@@ -615,6 +624,29 @@ fn probe_osslsigncode(program: &Path) -> Result<String, String> {
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     Ok(text)
+}
+
+/// Starts signtool without a command (it prints its usage): does it run at all.
+fn probe_signtool(program: &Path) -> Result<(), String> {
+    std::process::Command::new(program)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Judges signtool (`signer.backend = "signtool"`) from whether it runs.
+pub fn judge_signtool(program: &Path, probe: &Result<(), String>) -> Check {
+    match probe {
+        Ok(()) => Check::ok("signtool", format!("{} runs", program.display())),
+        Err(e) => Check::fail(
+            "signtool",
+            format!("cannot run {}: {e}", program.display()),
+            "install the Windows SDK's signing tools, or set signer.signtool to signtool.exe's path",
+        ),
+    }
 }
 
 /// What the certificate file looks like.
@@ -1233,6 +1265,23 @@ mod tests {
         assert_eq!(st(PinFileProbe::NotAFile).status, Status::Fail);
         let c = st(PinFileProbe::Unreadable("Permission denied".into()));
         assert!(c.summary.contains("Permission denied"), "{c:?}");
+    }
+
+    #[test]
+    fn signtool_passes_when_it_runs_and_names_the_fix_when_not() {
+        let p = Path::new("signtool.exe");
+        assert_eq!(judge_signtool(p, &Ok(())).status, Status::Ok);
+        let c = judge_signtool(p, &Err("program not found".into()));
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.summary.contains("program not found"), "{c:?}");
+        assert!(
+            c.fix.as_deref().unwrap().contains("signer.signtool"),
+            "{c:?}"
+        );
+        assert_eq!(
+            judge_signtool(p, &probe_signtool(Path::new("/nonexistent/signtool.exe"))).status,
+            Status::Fail
+        );
     }
 
     #[test]

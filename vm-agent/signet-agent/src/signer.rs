@@ -71,6 +71,9 @@ pub enum SignError {
     Damaged(String),
     #[error("osslsigncode could not sign the file: {0}")]
     Failed(String),
+    /// The signtool backend's failure ([`crate::backend`]), in signtool's words.
+    #[error(transparent)]
+    Signtool(crate::signtool::SigntoolError),
 }
 
 impl SignError {
@@ -80,6 +83,7 @@ impl SignError {
             SignError::PinRejected => ErrorCode::PinRejected,
             SignError::TokenLost(_) => ErrorCode::TokenUnavailable,
             SignError::Damaged(_) => ErrorCode::BadInput,
+            SignError::Signtool(e) => e.code(),
             SignError::Timestamp { .. }
             | SignError::NothingToNest
             | SignError::TimedOut(_)
