@@ -39,11 +39,10 @@ pub enum PartBody {
 /// A fresh boundary: 32 random hex digits, which no file is expected to contain
 /// after a CRLF and two dashes.
 pub fn new_boundary() -> String {
-    use std::io::Read;
     let mut raw = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut raw);
-    }
+    // The system's random source on every platform; the time below keeps two
+    // boundaries apart even if it failed.
+    let _ = getrandom::fill(&mut raw);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

@@ -184,10 +184,9 @@ impl Source for std::fs::File {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        use std::os::unix::fs::FileExt;
         let mut done = 0;
         while done < buf.len() {
-            match FileExt::read_at(self, &mut buf[done..], offset + done as u64) {
+            match positioned_read(self, &mut buf[done..], offset + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -196,6 +195,19 @@ impl Source for std::fs::File {
         }
         Ok(done)
     }
+}
+
+/// Reads at `offset` without using the file's cursor (unix: `pread`).
+#[cfg(unix)]
+fn positioned_read(file: &std::fs::File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    std::os::unix::fs::FileExt::read_at(file, buf, offset)
+}
+
+/// Reads at `offset` (Windows: an overlapped read; it moves the file's cursor, which
+/// no reader of a [`Source`] relies on).
+#[cfg(windows)]
+fn positioned_read(file: &std::fs::File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    std::os::windows::fs::FileExt::seek_read(file, buf, offset)
 }
 
 /// Detects the format of the bytes in `src`. `filename` (a bare name) is consulted

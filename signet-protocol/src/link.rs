@@ -897,6 +897,7 @@ mod tests {
         assert!(!check_proof(code, Side::Host, &host, &agent, ""));
     }
 
+    #[cfg(unix)]
     #[test]
     fn keys_are_made_once_private_and_refused_when_others_can_read_them() {
         use std::os::unix::fs::PermissionsExt;

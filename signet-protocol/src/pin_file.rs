@@ -2,22 +2,36 @@
 //! check-config` (run by their units' `ExecStartPre=`): it exists, is a regular file,
 //! is not empty, belongs to the user checking (the one the program runs as) and is
 //! open to no one else. Only its metadata is read, never the PIN.
+//!
+//! Owner and mode are unix notions: elsewhere (Windows) [`check_own`] checks that the
+//! file exists, is a regular file and is not empty; its ACL is the operator's to set.
 
+#[cfg(unix)]
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 /// Checks the PIN file at `path` for the user running this program.
+#[cfg(unix)]
 pub fn check_own(path: &Path) -> Result<(), String> {
     check(path, nix::unistd::getuid().as_raw())
 }
 
-/// Checks the PIN file at `path` for the user `uid`; the error says what is wrong and
-/// the fix.
-pub fn check(path: &Path, uid: u32) -> Result<(), String> {
+/// Checks the PIN file at `path`: it exists, is a regular file and is not empty.
+/// Windows has no owner uid and mode bits to check: restrict the file's ACL to the
+/// agent's account (`icacls FILE /inheritance:r /grant:r ACCOUNT:R`).
+#[cfg(not(unix))]
+pub fn check_own(path: &Path) -> Result<(), String> {
+    present(path).map(|_| ())
+}
+
+/// The PIN file's metadata when it exists, is a regular file and is not empty.
+fn present(path: &Path) -> Result<std::fs::Metadata, String> {
     let shown = path.display();
-    let write = format!(
-        "write the token's user PIN into {shown}: (umask 077; cat > {shown}), as the user the program runs as"
-    );
+    let write = if cfg!(unix) {
+        format!("write the token's user PIN into {shown}: (umask 077; cat > {shown}), as the user the program runs as")
+    } else {
+        format!("write the token's user PIN into {shown} and let only the account the program runs as read it (icacls {shown} /inheritance:r /grant:r ACCOUNT:R)")
+    };
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -31,6 +45,15 @@ pub fn check(path: &Path, uid: u32) -> Result<(), String> {
     if meta.len() == 0 {
         return Err(format!("pin_file {shown} is empty; {write}"));
     }
+    Ok(meta)
+}
+
+/// Checks the PIN file at `path` for the user `uid`; the error says what is wrong and
+/// the fix.
+#[cfg(unix)]
+pub fn check(path: &Path, uid: u32) -> Result<(), String> {
+    let shown = path.display();
+    let meta = present(path)?;
     // Root's PIN file (signetd's) is root:root; another reader's is its own.
     let owner = if uid == 0 {
         "root:root".to_owned()
@@ -54,7 +77,7 @@ pub fn check(path: &Path, uid: u32) -> Result<(), String> {
     Ok(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
 
@@ -123,5 +146,23 @@ mod tests {
             err.contains("uid 1000") && err.contains(&format!("chown 1000 {}", p.display())),
             "{err}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests_everywhere {
+    use super::*;
+
+    #[test]
+    fn a_missing_or_empty_pin_file_fails_check_own_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pin");
+        let err = check_own(&p).unwrap_err();
+        assert!(err.contains("does not exist"), "{err}");
+        std::fs::write(&p, "").unwrap();
+        let err = check_own(&p).unwrap_err();
+        assert!(err.contains("is empty"), "{err}");
+        let err = check_own(dir.path()).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 }

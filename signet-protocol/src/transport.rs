@@ -11,6 +11,11 @@
 //! connections the backend (a process of our own uid, or root) makes. The hybrid vsock
 //! has no half-close — the backend turns a write shutdown into a full vsock shutdown —
 //! so [`Stream::VsockUds`] never shuts down its write side: it closes when dropped.
+//!
+//! Platforms: unix sockets (`unix:`, `vsock-uds:`) exist on unix systems only and vsock
+//! (`vsock:`) on Linux only; elsewhere (Windows) those endpoints still parse, but
+//! connecting or listening fails with an error that says to use `tcp:` or `tls:`.
+//! Hyper-V sockets are not supported.
 
 use std::io;
 use std::path::Path;
@@ -18,7 +23,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream};
+#[cfg(unix)]
+use tokio::net::{UnixListener, UnixStream};
+#[cfg(target_os = "linux")]
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream};
 
 use crate::endpoint::Endpoint;
@@ -52,11 +60,14 @@ impl std::fmt::Display for Peer {
 /// A connected byte stream of any transport.
 #[derive(Debug)]
 pub enum Stream {
+    #[cfg(unix)]
     Unix(UnixStream),
     Tcp(TcpStream),
+    #[cfg(target_os = "linux")]
     Vsock(VsockStream),
     /// A guest's vsock port through a hybrid-vsock backend's unix socket; shutting down
     /// only flushes (no half-close on this transport).
+    #[cfg(unix)]
     VsockUds(UnixStream),
     /// A TLS client connection ([`crate::tls`]).
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
@@ -97,6 +108,7 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Stream, TransportError> {
         source,
     };
     match endpoint {
+        #[cfg(unix)]
         Endpoint::Unix(path) => UnixStream::connect(path)
             .await
             .map(Stream::Unix)
@@ -108,10 +120,12 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Stream, TransportError> {
             stream.set_nodelay(true).map_err(wrap)?;
             Ok(Stream::Tcp(stream))
         }
+        #[cfg(target_os = "linux")]
         Endpoint::Vsock { cid, port } => VsockStream::connect(vsock_addr(*cid, *port))
             .await
             .map(Stream::Vsock)
             .map_err(wrap),
+        #[cfg(unix)]
         Endpoint::VsockUds { path, port, .. } => {
             let stream = UnixStream::connect(path).await.map_err(wrap)?;
             hybrid_connect(stream, *port)
@@ -133,7 +147,30 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Stream, TransportError> {
                 .map_err(|e| wrap(explain_tls(e)))?;
             Ok(Stream::Tls(Box::new(tls)))
         }
+        #[cfg(not(target_os = "linux"))]
+        other => Err(wrap(unavailable(other))),
     }
+}
+
+/// Why `endpoint` cannot be used on this system: unix sockets need a unix system,
+/// vsock needs Linux. The error says what to use instead.
+#[cfg(any(test, not(target_os = "linux")))]
+fn unavailable(endpoint: &Endpoint) -> io::Error {
+    let what = match endpoint {
+        Endpoint::Vsock { .. } => {
+            "vsock is available on Linux only (Hyper-V sockets are not supported)"
+        }
+        Endpoint::Unix(_) | Endpoint::VsockUds { .. } => {
+            "unix sockets are available on unix systems only"
+        }
+        Endpoint::Tcp { .. } | Endpoint::Tls { .. } => {
+            "this endpoint is not available on this system"
+        }
+    };
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("{what}; use a tcp:HOST:PORT endpoint (the agent's link is TLS with pinned keys on every transport) or, for signetd's client port, tls:HOST:PORT"),
+    )
 }
 
 /// A TLS handshake's failure with what is wrong with the server's certificate and
@@ -179,6 +216,7 @@ fn explain_tls(e: io::Error) -> io::Error {
 /// socket and panics if it is closed, which kills the guest's vsock until the
 /// backend restarts. An answered connection nobody waits for any more is closed,
 /// which the backend handles like any other close.
+#[cfg(unix)]
 async fn hybrid_connect(stream: UnixStream, port: u32) -> io::Result<UnixStream> {
     let (answer, answered) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -204,14 +242,18 @@ async fn hybrid_connect(stream: UnixStream, port: u32) -> io::Result<UnixStream>
 
 /// How long a `CONNECT` nobody waits for any more is held open for the backend's
 /// late answer before it is closed after all.
+#[cfg(unix)]
 const PENDING_CONNECT_HOLD: std::time::Duration = std::time::Duration::from_secs(300);
 /// How long a hybrid-vsock backend may take to answer `CONNECT`.
+#[cfg(unix)]
 const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The longest handshake answer line read (`OK 4294967295\n` is 14 bytes).
+#[cfg(unix)]
 const MAX_HANDSHAKE_LINE: usize = 64;
 
 /// The hybrid-vsock handshake: `CONNECT PORT\n`, answered `OK <n>\n`. The answer is
 /// read a byte at a time so that nothing of the stream after it is consumed.
+#[cfg(unix)]
 async fn hybrid_handshake<S>(stream: &mut S, port: u32) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -261,11 +303,14 @@ where
 /// A bound listener on any transport.
 #[derive(Debug)]
 pub enum Listener {
+    #[cfg(unix)]
     Unix(UnixListener, std::path::PathBuf),
     Tcp(TcpListener),
+    #[cfg(target_os = "linux")]
     Vsock(VsockListener),
     /// `PATH_PORT` of a hybrid-vsock backend: the guest `cid`'s connections to the
     /// host's port `port`.
+    #[cfg(unix)]
     VsockUds {
         listener: UnixListener,
         uds: std::path::PathBuf,
@@ -291,6 +336,7 @@ impl Listener {
             source,
         };
         match endpoint {
+            #[cfg(unix)]
             Endpoint::Unix(path) => {
                 remove_stale_socket(path).await.map_err(wrap)?;
                 let listener = UnixListener::bind(path).map_err(wrap)?;
@@ -302,9 +348,11 @@ impl Listener {
                     .map(Listener::Tcp)
                     .map_err(wrap)
             }
+            #[cfg(target_os = "linux")]
             Endpoint::Vsock { cid, port } => VsockListener::bind(vsock_addr(*cid, *port))
                 .map(Listener::Vsock)
                 .map_err(wrap),
+            #[cfg(unix)]
             Endpoint::VsockUds { path, port, cid } => {
                 let cid = cid.ok_or_else(|| {
                     wrap(io::Error::new(
@@ -325,12 +373,15 @@ impl Listener {
                     cid,
                 })
             }
+            #[cfg(not(target_os = "linux"))]
+            other => Err(wrap(unavailable(other))),
         }
     }
 
     /// The endpoint actually bound (with the real port when TCP port 0 was asked for).
     pub fn local_endpoint(&self) -> io::Result<Endpoint> {
         Ok(match self {
+            #[cfg(unix)]
             Listener::Unix(_, path) => Endpoint::Unix(path.clone()),
             Listener::Tcp(l) => {
                 let addr = l.local_addr()?;
@@ -339,6 +390,7 @@ impl Listener {
                     port: addr.port(),
                 }
             }
+            #[cfg(target_os = "linux")]
             Listener::Vsock(l) => {
                 let addr = l.local_addr()?;
                 Endpoint::Vsock {
@@ -346,6 +398,7 @@ impl Listener {
                     port: addr.port(),
                 }
             }
+            #[cfg(unix)]
             Listener::VsockUds { uds, port, cid, .. } => {
                 let base = uds.to_string_lossy();
                 let path = base
@@ -364,6 +417,7 @@ impl Listener {
     /// Accepts one connection and learns who the peer is.
     pub async fn accept_peer(&mut self) -> io::Result<(Stream, Peer)> {
         match self {
+            #[cfg(unix)]
             Listener::Unix(l, _) => {
                 let (stream, _) = l.accept().await?;
                 let cred = stream.peer_cred()?;
@@ -379,6 +433,7 @@ impl Listener {
                 stream.set_nodelay(true)?;
                 Ok((Stream::Tcp(stream), Peer::Tcp { addr }))
             }
+            #[cfg(target_os = "linux")]
             Listener::Vsock(l) => {
                 let (stream, addr) = l.accept().await?;
                 let peer = Peer::Vsock {
@@ -387,6 +442,7 @@ impl Listener {
                 };
                 Ok((Stream::Vsock(stream), peer))
             }
+            #[cfg(unix)]
             Listener::VsockUds {
                 listener, uds, cid, ..
             } => {
@@ -413,10 +469,12 @@ impl Listener {
 }
 
 /// The kernel address of a vsock endpoint.
+#[cfg(target_os = "linux")]
 fn vsock_addr(cid: u32, port: u32) -> VsockAddr {
     VsockAddr::new(cid, port)
 }
 
+#[cfg(unix)]
 async fn remove_stale_socket(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let Ok(meta) = tokio::fs::symlink_metadata(path).await else {
@@ -470,11 +528,13 @@ impl axum::serve::Listener for Listener {
             Listener::Tcp(l) => Peer::Tcp {
                 addr: l.local_addr()?,
             },
+            #[cfg(unix)]
             Listener::Unix(..) => Peer::Unix {
                 uid: nix_uid(),
                 gid: nix_gid(),
                 pid: Some(std::process::id() as i32),
             },
+            #[cfg(target_os = "linux")]
             Listener::Vsock(l) => {
                 let a = l.local_addr()?;
                 Peer::Vsock {
@@ -482,6 +542,7 @@ impl axum::serve::Listener for Listener {
                     port: a.port(),
                 }
             }
+            #[cfg(unix)]
             Listener::VsockUds { port, .. } => Peer::Vsock {
                 cid: crate::endpoint::VSOCK_CID_HOST,
                 port: *port,
@@ -496,10 +557,12 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, List
     }
 }
 
+#[cfg(unix)]
 fn nix_uid() -> u32 {
     nix::unistd::getuid().as_raw()
 }
 
+#[cfg(unix)]
 fn nix_gid() -> u32 {
     nix::unistd::getgid().as_raw()
 }
@@ -507,9 +570,12 @@ fn nix_gid() -> u32 {
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {
+            #[cfg(unix)]
             Stream::Unix($s) => $e,
             Stream::Tcp($s) => $e,
+            #[cfg(target_os = "linux")]
             Stream::Vsock($s) => $e,
+            #[cfg(unix)]
             Stream::VsockUds($s) => $e,
             Stream::Tls($s) => $e,
         }
@@ -543,6 +609,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             // No half-close over a hybrid vsock: the backend would shut the whole vsock
             // connection down and the peer's answer would be lost. Close by dropping.
+            #[cfg(unix)]
             Stream::VsockUds(s) => Pin::new(s).poll_flush(cx),
             s => Pin::new(s).poll_shutdown_inner(cx),
         }
@@ -558,9 +625,12 @@ impl AsyncWrite for Stream {
 
     fn is_write_vectored(&self) -> bool {
         match self {
+            #[cfg(unix)]
             Stream::Unix(s) => s.is_write_vectored(),
             Stream::Tcp(s) => s.is_write_vectored(),
+            #[cfg(target_os = "linux")]
             Stream::Vsock(s) => s.is_write_vectored(),
+            #[cfg(unix)]
             Stream::VsockUds(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
         }
@@ -576,8 +646,48 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(unix)]
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    #[test]
+    fn endpoints_this_system_lacks_name_tcp_or_tls_instead() {
+        for (text, names) in [
+            ("vsock:2:771", "vsock is available on Linux only"),
+            ("unix:/run/signet/signetd.sock", "unix sockets"),
+            ("vsock-uds:/run/vm.vsock:771", "unix sockets"),
+        ] {
+            let err = unavailable(&text.parse().unwrap());
+            assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+            let msg = err.to_string();
+            assert!(
+                msg.contains(names)
+                    && msg.contains("tcp:HOST:PORT")
+                    && msg.contains("tls:HOST:PORT"),
+                "{msg}"
+            );
+        }
+    }
+
+    /// Where unix sockets or vsock do not exist (Windows), those endpoints fail to
+    /// connect and to listen with the error that names the fix.
+    #[cfg(not(target_os = "linux"))]
+    #[tokio::test]
+    async fn endpoints_this_system_lacks_fail_with_the_fix() {
+        let mut lacking = vec!["vsock:2:771"];
+        if cfg!(not(unix)) {
+            lacking.extend(["unix:signetd.sock", "vsock-uds:vm.vsock:771,cid=3"]);
+        }
+        for text in lacking {
+            let ep: Endpoint = text.parse().unwrap();
+            let err = connect(&ep).await.unwrap_err();
+            assert_eq!(err.io().kind(), io::ErrorKind::Unsupported, "{err}");
+            assert!(err.to_string().contains("tcp:HOST:PORT"), "{err}");
+            let err = Listener::bind(&ep).await.unwrap_err();
+            assert_eq!(err.io().kind(), io::ErrorKind::Unsupported, "{err}");
+        }
+    }
+
+    #[cfg(target_os = "linux")]
     #[test]
     fn vsock_endpoints_map_to_the_kernel_addresses() {
         // Address handling only: nothing here opens an AF_VSOCK socket.
@@ -604,6 +714,7 @@ mod tests {
         );
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn unix_listener_reports_peer_credentials_and_replaces_stale_sockets() {
         let dir = tempfile::tempdir().unwrap();
@@ -666,6 +777,7 @@ mod tests {
         );
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn connect_errors_name_the_endpoint() {
         let dir = tempfile::tempdir().unwrap();
@@ -679,6 +791,7 @@ mod tests {
         assert_eq!(err.io().kind(), io::ErrorKind::NotFound);
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn a_plain_file_in_the_way_is_not_deleted() {
         let dir = tempfile::tempdir().unwrap();
@@ -695,6 +808,7 @@ mod tests {
     /// answers `CONNECT 7711` with `OK 7711` and relays to `guest`, closes the
     /// connection for any other port, and — like the real one, which has no half-close
     /// — ends the whole connection as soon as the host side stops writing.
+    #[cfg(unix)]
     async fn fake_backend(uds: std::path::PathBuf, guest: Endpoint) {
         let listener = UnixListener::bind(&uds).unwrap();
         loop {
@@ -725,6 +839,7 @@ mod tests {
         }
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn vsock_uds_speaks_the_handshake_and_carries_http() {
         use axum::{routing::post, Router};
@@ -775,6 +890,7 @@ mod tests {
         server.abort();
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn vsock_uds_streams_never_half_close() {
         let dir = tempfile::tempdir().unwrap();
@@ -808,6 +924,7 @@ mod tests {
     /// A caller that gives up while `CONNECT` is unanswered (its own time limit, a
     /// dropped future) leaves the connection open until the backend answers: a late
     /// `OK` is written without error, and only then is the connection closed.
+    #[cfg(unix)]
     #[tokio::test]
     async fn an_abandoned_connect_stays_open_until_the_backend_answers() {
         let dir = tempfile::tempdir().unwrap();
@@ -841,6 +958,7 @@ mod tests {
         drop(backend);
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn vsock_uds_listener_binds_path_port_and_vouches_for_the_guest_cid() {
         let dir = tempfile::tempdir().unwrap();

@@ -6,7 +6,11 @@ use serde::Deserialize;
 use signet_protocol::Endpoint;
 
 /// Read when present; its absence is the common case.
+#[cfg(not(windows))]
 pub const DEFAULT_PATH: &str = "/etc/signet/signet.toml";
+/// Read when present; its absence is the common case.
+#[cfg(windows)]
+pub const DEFAULT_PATH: &str = r"C:\ProgramData\Signet\signet.toml";
 
 /// `signet.toml`.
 #[derive(Debug, Clone, Default, Deserialize)]

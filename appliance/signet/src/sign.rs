@@ -1007,6 +1007,13 @@ pub fn unreachable_message(endpoint: &Endpoint, e: &ClientError) -> String {
             // The daemon answered; its certificate is the problem, and the error says how.
             return format!("cannot use the Signet daemon at {endpoint}: {}", t.io());
         }
+        if t.io().kind() == std::io::ErrorKind::Unsupported {
+            // This system has no such transport (vsock or unix sockets on Windows).
+            return format!(
+                "cannot reach the Signet daemon at {endpoint}: {}; choose it with --endpoint or SIGNET_ENDPOINT (or endpoint in the configuration file)",
+                t.io()
+            );
+        }
     }
     let hint = match endpoint {
         Endpoint::Vsock { .. } => "is signetd running on the host, and does this VM have a vsock device (args: -device vhost-vsock-pci,guest-cid=<VMID>)? Choose another endpoint with --endpoint or SIGNET_ENDPOINT",
@@ -1130,6 +1137,25 @@ mod tests {
     use super::*;
     use signet_protocol::format::Format;
     use signet_protocol::wire::DigestAlgorithm;
+
+    #[test]
+    fn a_transport_this_system_lacks_is_named_with_the_way_to_choose_another() {
+        let endpoint: Endpoint = "vsock:2:771".parse().unwrap();
+        let e = ClientError::Connect(signet_protocol::transport::TransportError::Connect {
+            endpoint: endpoint.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "vsock is available on Linux only; use a tcp:HOST:PORT endpoint",
+            ),
+        });
+        let msg = unreachable_message(&endpoint, &e);
+        assert!(
+            msg.contains("Linux only")
+                && msg.contains("--endpoint")
+                && !msg.contains("vhost-vsock-pci"),
+            "{msg}"
+        );
+    }
 
     #[test]
     fn digest_data_is_extracted_as_the_profile_signs() {

@@ -21,10 +21,11 @@ use signet_protocol::wire::{
 use tokio::io::AsyncReadExt;
 use tokio::sync::broadcast;
 
+use crate::backend::Backend;
 use crate::config::Config;
 use crate::job;
 use crate::loss::{self, Backoff, Watch};
-use crate::signer::{Osslsigncode, SignError, SignSpec};
+use crate::signer::{SignError, SignSpec};
 use crate::token::{Token, TokenError};
 
 /// How often a ready session (or a token waiting for a person) is checked.
@@ -194,9 +195,9 @@ pub struct Agent {
     token: Arc<Mutex<Token>>,
     /// One job at a time touches the token.
     jobs: tokio::sync::Mutex<()>,
-    signer: Osslsigncode,
+    signer: Backend,
     signer_version: String,
-    /// What the osslsigncode can do (detected at start).
+    /// What the signing backend can do (detected at start).
     signer_features: SignerFeatures,
     /// Names this process for the host (`instance` in health).
     instance: String,
@@ -218,12 +219,7 @@ impl Agent {
     /// Builds the agent from its configuration. Checks the signer is runnable; the
     /// token is opened by [`Agent::open_token`], and its absence is a state, not an error.
     pub async fn new(cfg: Config) -> Result<Self, SignError> {
-        let signer = Osslsigncode {
-            program: cfg.signer.osslsigncode.clone(),
-            module: cfg.token.module.clone(),
-            certificate: cfg.signer.certificate.clone(),
-            timeout: std::time::Duration::from_secs(cfg.signer.timeout_seconds),
-        };
+        let signer = Backend::from_config(&cfg);
         let (signer_version, signer_features) = signer.version().await?;
         let modes = signer_features
             .modes
@@ -236,7 +232,7 @@ impl Agent {
             .join(", ");
         tracing::info!(
             signer = %signer_version,
-            program = %cfg.signer.osslsigncode.display(),
+            program = %signer.program().display(),
             modes = %modes,
             extract_data = signer_features.extract_data,
             attach_signature = signer_features.attach_signature,
@@ -480,17 +476,21 @@ impl Agent {
         query: &AgentSignQuery,
     ) -> Result<Checked, ErrorBody> {
         job::check_query(query)?;
-        if let Some(why) = crate::signer::unsupported(&self.signer_features, query.mode, None) {
+        if let Some(why) =
+            self.signer
+                .refuses(&self.signer_features, query.mode, None, query.response)
+        {
             return Err(ErrorBody::new(ErrorCode::UnsupportedFormat, why));
         }
         match query.mode {
             SignMode::Whole => {
                 let detected =
                     job::admit(query, detect(spool.input(), query.filename.clone()).await?)?;
-                if let Some(why) = crate::signer::unsupported(
+                if let Some(why) = self.signer.refuses(
                     &self.signer_features,
                     query.mode,
                     Some(detected.format),
+                    query.response,
                 ) {
                     return Err(ErrorBody::new(ErrorCode::UnsupportedFormat, why));
                 }
@@ -545,7 +545,7 @@ impl Agent {
             .with_token(|t| t.ensure_ready())
             .await
             .map_err(token_error)?;
-        if self.signer.certificate.is_none() && !key.cert_on_token {
+        if self.signer.certificate_file().is_none() && !key.cert_on_token {
             return Err(ErrorBody::new(
                 ErrorCode::SigningFailed,
                 format!(

@@ -6,7 +6,11 @@ use serde::Deserialize;
 use signet_protocol::endpoint::{Endpoint, DEFAULT_AGENT_PORT, VSOCK_CID_ANY};
 
 /// Where the agent looks when `--config` is not given.
+#[cfg(not(windows))]
 pub const DEFAULT_PATH: &str = "/etc/signet/agent.toml";
+/// Where the agent looks when `--config` is not given.
+#[cfg(windows)]
+pub const DEFAULT_PATH: &str = r"C:\ProgramData\Signet\agent.toml";
 
 /// `agent.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -74,7 +78,11 @@ fn default_max_connections() -> usize {
 }
 
 /// Where the agent keeps its state when the configuration does not say.
+#[cfg(not(windows))]
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/signet-agent";
+/// Where the agent keeps its state when the configuration does not say.
+#[cfg(windows)]
+pub const DEFAULT_STATE_DIR: &str = r"C:\ProgramData\Signet\agent-state";
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from(DEFAULT_STATE_DIR)
@@ -109,10 +117,26 @@ pub struct TokenConfig {
     pub reinit_command: Option<Vec<String>>,
 }
 
+/// Which program signs: `backend = "osslsigncode"` (the default, every platform) or
+/// `"signtool"` (Windows only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// osslsigncode with the token's PKCS#11 module (`token.module`).
+    #[default]
+    Osslsigncode,
+    /// The Windows SDK's signtool with the token's CSP (`signer.csp`, `signer.container`)
+    /// and the certificate exported to a file (`signer.certificate`).
+    Signtool,
+}
+
 /// `[signer]`: the signing backend.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignerConfig {
+    /// The program that signs. Default: osslsigncode.
+    #[serde(default)]
+    pub backend: Backend,
     /// The osslsigncode program. Default: `osslsigncode` from `PATH`.
     #[serde(default = "default_osslsigncode")]
     pub osslsigncode: PathBuf,
@@ -124,14 +148,83 @@ pub struct SignerConfig {
     /// stopped and the job fails. Default: 600.
     #[serde(default = "default_timeout_seconds")]
     pub timeout_seconds: u64,
+    /// signtool: the program. Default: `signtool.exe` from `PATH`.
+    #[serde(default = "default_signtool")]
+    pub signtool: PathBuf,
+    /// signtool: the token's cryptographic service provider. Default: SafeNet's
+    /// "eToken Base Cryptographic Provider".
+    #[serde(default = "default_csp")]
+    pub csp: String,
+    /// signtool: the key container on the token ("Container name" in SafeNet
+    /// Authentication Client). Required with signtool.
+    #[serde(default)]
+    pub container: Option<String>,
+    /// signtool: the reader, when several tokens are plugged in. Optional.
+    #[serde(default)]
+    pub reader: Option<String>,
 }
 
 impl Default for SignerConfig {
     fn default() -> Self {
         SignerConfig {
+            backend: Backend::default(),
             osslsigncode: default_osslsigncode(),
             certificate: None,
             timeout_seconds: default_timeout_seconds(),
+            signtool: default_signtool(),
+            csp: default_csp(),
+            container: None,
+            reader: None,
+        }
+    }
+}
+
+fn default_signtool() -> PathBuf {
+    PathBuf::from("signtool.exe")
+}
+
+fn default_csp() -> String {
+    crate::signtool::SAFENET_CSP.to_owned()
+}
+
+impl SignerConfig {
+    /// Checks the backend's keys for a system that is Windows or not; the error names
+    /// the key and the fix. `windows` is a parameter so both cases are tested anywhere.
+    pub fn check_backend(&self, windows: bool) -> Result<(), (&'static str, String)> {
+        match self.backend {
+            Backend::Osslsigncode => {
+                for (key, set) in [
+                    ("signer.container", self.container.is_some()),
+                    ("signer.reader", self.reader.is_some()),
+                ] {
+                    if set {
+                        return Err((
+                            key,
+                            "only the signtool backend uses it: set backend = \"signtool\" (Windows), or remove it".to_owned(),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Backend::Signtool if !windows => Err((
+                "signer.backend",
+                "signtool runs on Windows only (it is part of the Windows SDK); on this system sign with backend = \"osslsigncode\" (the default), or run the agent in a Windows signing VM".to_owned(),
+            )),
+            Backend::Signtool => {
+                if self.container.as_deref().unwrap_or("").is_empty() {
+                    return Err((
+                        "signer.container",
+                        "signtool needs the token's key container: copy the \"Container name\" from SafeNet Authentication Client (Advanced View, the certificate) into container = \"...\"".to_owned(),
+                    ));
+                }
+                if self.certificate.is_none() {
+                    return Err((
+                        "signer.certificate",
+                        "signtool needs the token's certificate exported to a file (/f): export it from SafeNet Authentication Client and give its path".to_owned(),
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -211,7 +304,8 @@ impl Config {
         .into_iter()
         .flatten()
         {
-            if p.is_relative() && p.components().count() > 1 {
+            // A root-relative Windows path (`\dir\file`) is not resolved here either.
+            if p.is_relative() && !p.has_root() && p.components().count() > 1 {
                 *p = base.join(&*p);
             }
         }
@@ -236,6 +330,9 @@ impl Config {
                 "signer.timeout_seconds",
                 "give the time limit of one signing run in seconds, at least 1 (default 600)",
             ));
+        }
+        if let Err((key, message)) = cfg.signer.check_backend(cfg!(windows)) {
+            return Err(invalid(key, &message));
         }
         if cfg
             .token
@@ -269,9 +366,26 @@ mod tests {
         pin_file = "pin"
     "#;
 
+    /// `text` with the tests' module path made absolute on this platform (a path
+    /// without a drive letter is not absolute on Windows).
+    fn native(text: &str) -> String {
+        if cfg!(windows) {
+            text.replace(
+                "/usr/lib/softhsm/libsofthsm2.so",
+                "C:/SoftHSM2/lib/softhsm2-x64.dll",
+            )
+        } else {
+            text.to_owned()
+        }
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse(path, &native(text))
+    }
+
     #[test]
     fn minimal_config_gets_defaults_and_resolves_relative_paths() {
-        let cfg = Config::parse(Path::new("/etc/signet/agent.toml"), MINIMAL).unwrap();
+        let cfg = parse(Path::new("/etc/signet/agent.toml"), MINIMAL).unwrap();
         assert_eq!(cfg.listen.to_string(), "vsock:any:7711");
         assert_eq!(cfg.signer.osslsigncode, PathBuf::from("osslsigncode"));
         assert_eq!(cfg.signer.timeout_seconds, 600);
@@ -280,7 +394,7 @@ mod tests {
             Some(PathBuf::from("pin")),
             "a bare name stays as written"
         );
-        let cfg = Config::parse(
+        let cfg = parse(
             Path::new("/etc/signet/agent.toml"),
             &MINIMAL.replace("\"pin\"", "\"secrets/pin\""),
         )
@@ -289,7 +403,7 @@ mod tests {
             cfg.token.pin_file,
             Some(PathBuf::from("/etc/signet/secrets/pin"))
         );
-        let no_file = Config::parse(
+        let no_file = parse(
             Path::new("/etc/signet/agent.toml"),
             &MINIMAL.replace("pin_file = \"pin\"", ""),
         )
@@ -303,13 +417,11 @@ mod tests {
     #[test]
     fn errors_name_file_key_and_fix() {
         let p = Path::new("/x/agent.toml");
-        let no_token = Config::parse(p, "listen = \"unix:/a\"")
-            .unwrap_err()
-            .to_string();
+        let no_token = parse(p, "listen = \"unix:/a\"").unwrap_err().to_string();
         assert!(no_token.starts_with("/x/agent.toml: "), "{no_token}");
         assert!(no_token.contains("token"), "{no_token}");
 
-        let bad_ep = Config::parse(p, &format!("listen = \"vsock:2\"\n{MINIMAL}"))
+        let bad_ep = parse(p, &format!("listen = \"vsock:2\"\n{MINIMAL}"))
             .unwrap_err()
             .to_string();
         assert!(
@@ -317,12 +429,12 @@ mod tests {
             "{bad_ep}"
         );
 
-        let typo = Config::parse(p, &MINIMAL.replace("label =", "lable ="))
+        let typo = parse(p, &MINIMAL.replace("label =", "lable ="))
             .unwrap_err()
             .to_string();
         assert!(typo.contains("lable"), "{typo}");
 
-        let neither = Config::parse(p, &MINIMAL.replace("label = \"signet-demo\"", ""))
+        let neither = parse(p, &MINIMAL.replace("label = \"signet-demo\"", ""))
             .unwrap_err()
             .to_string();
         assert!(
@@ -330,7 +442,7 @@ mod tests {
             "{neither}"
         );
 
-        let rel = Config::parse(
+        let rel = parse(
             p,
             &MINIMAL.replace("/usr/lib/softhsm/libsofthsm2.so", "libsofthsm2.so"),
         )
@@ -341,7 +453,7 @@ mod tests {
             "{rel}"
         );
 
-        let zero = Config::parse(p, &format!("{MINIMAL}\n[signer]\ntimeout_seconds = 0\n"))
+        let zero = parse(p, &format!("{MINIMAL}\n[signer]\ntimeout_seconds = 0\n"))
             .unwrap_err()
             .to_string();
         assert!(zero.contains("key signer.timeout_seconds"), "{zero}");
@@ -357,7 +469,7 @@ mod tests {
 
     #[test]
     fn a_reinit_command_names_a_program() {
-        let cfg = Config::parse(
+        let cfg = parse(
             Path::new("/etc/signet/agent.toml"),
             &format!("{MINIMAL}reinit_command = [\"pcscd\", \"--hotplug\"]\n"),
         )
@@ -366,11 +478,69 @@ mod tests {
             cfg.token.reinit_command.as_deref(),
             Some(&["pcscd".to_owned(), "--hotplug".to_owned()][..])
         );
-        let e = Config::parse(
+        let e = parse(
             Path::new("/etc/signet/agent.toml"),
             &format!("{MINIMAL}reinit_command = []\n"),
         )
         .unwrap_err();
         assert!(e.to_string().contains("token.reinit_command"), "{e}");
+    }
+
+    #[test]
+    fn the_backend_is_osslsigncode_unless_signtool_is_chosen_on_windows() {
+        let p = Path::new("/etc/signet/agent.toml");
+        let cfg = parse(p, MINIMAL).unwrap();
+        assert_eq!(cfg.signer.backend, Backend::Osslsigncode);
+        let explicit = parse(
+            p,
+            &format!("{MINIMAL}\n[signer]\nbackend = \"osslsigncode\"\n"),
+        )
+        .unwrap();
+        assert_eq!(explicit.signer.backend, Backend::Osslsigncode);
+
+        let signtool = format!(
+            "{MINIMAL}\n[signer]\nbackend = \"signtool\"\ncertificate = \"codesign.cer\"\ncontainer = \"te-ee307152\"\n"
+        );
+        let chosen: Config = toml::from_str(&native(&signtool)).unwrap();
+        assert_eq!(chosen.signer.backend, Backend::Signtool);
+        assert_eq!(chosen.signer.signtool, PathBuf::from("signtool.exe"));
+        assert_eq!(chosen.signer.csp, crate::signtool::SAFENET_CSP);
+        assert_eq!(chosen.signer.check_backend(true), Ok(()));
+        let (key, fix) = chosen.signer.check_backend(false).unwrap_err();
+        assert_eq!(key, "signer.backend");
+        assert!(
+            fix.contains("Windows only") && fix.contains("backend = \"osslsigncode\""),
+            "{fix}"
+        );
+        // What this system says, through the whole parse.
+        let whole = parse(p, &signtool);
+        assert_eq!(whole.is_ok(), cfg!(windows), "{:?}", whole.as_ref().err());
+        if let Err(e) = whole {
+            assert!(e.to_string().contains("key signer.backend"), "{e}");
+        }
+
+        let mut no_container = chosen.signer.clone();
+        no_container.container = None;
+        let (key, fix) = no_container.check_backend(true).unwrap_err();
+        assert_eq!(key, "signer.container");
+        assert!(fix.contains("Container name"), "{fix}");
+        let mut no_cert = chosen.signer.clone();
+        no_cert.certificate = None;
+        assert_eq!(
+            no_cert.check_backend(true).unwrap_err().0,
+            "signer.certificate"
+        );
+
+        let stray = parse(p, &format!("{MINIMAL}\n[signer]\ncontainer = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            stray.contains("key signer.container") && stray.contains("signtool"),
+            "{stray}"
+        );
+        let typo = parse(p, &format!("{MINIMAL}\n[signer]\nbackend = \"signtol\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(typo.contains("signtol"), "{typo}");
     }
 }

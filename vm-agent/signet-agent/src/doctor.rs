@@ -61,7 +61,8 @@ impl Status {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Check {
     /// Stable name for scripts: `config`, `module`, `tokens`, `token`, `pin_state`,
-    /// `pin_file`, `osslsigncode`, `certificate`, and on Windows `remote_desktop`.
+    /// `pin_file`, `osslsigncode` (`signtool` with that backend), `certificate`, and on
+    /// Windows `remote_desktop`.
     pub name: &'static str,
     pub status: Status,
     pub summary: String,
@@ -380,8 +381,16 @@ pub fn run(config_path: &Path) -> Report {
                     "no PIN file: the PIN comes from the host (POST /agent/v1/login)",
                 ),
             });
-            let program = &cfg.signer.osslsigncode;
-            checks.push(judge_osslsigncode(program, &probe_osslsigncode(program)));
+            checks.push(match cfg.signer.backend {
+                crate::config::Backend::Osslsigncode => {
+                    let program = &cfg.signer.osslsigncode;
+                    judge_osslsigncode(program, &probe_osslsigncode(program))
+                }
+                crate::config::Backend::Signtool => {
+                    let program = &cfg.signer.signtool;
+                    judge_signtool(program, &probe_signtool(program))
+                }
+            });
             checks.push(match (&cfg.signer.certificate, &chosen, &ctx) {
                 (Some(file), _, _) => judge_file_cert(file, &probe_file_cert(file)),
                 (None, Some((slot, token)), Some(ctx)) => judge_token_certs(
@@ -469,7 +478,8 @@ pub fn lenient_module(config_path: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string(config_path).ok()?;
     let table: toml::Table = toml::from_str(&text).ok()?;
     let module = PathBuf::from(table.get("token")?.get("module")?.as_str()?);
-    if module.is_relative() && module.components().count() > 1 {
+    // A root-relative Windows path (`\dir\m.dll`) is not the configuration's to resolve.
+    if module.is_relative() && !module.has_root() && module.components().count() > 1 {
         return Some(config_path.parent().unwrap_or(Path::new(".")).join(module));
     }
     Some(module)
@@ -579,11 +589,14 @@ pub enum PinFileProbe {
     Missing,
     NotAFile,
     Unreadable(String),
-    Present { mode: u32, len: u64 },
+    /// `mode`: the unix mode bits; `None` where files have none (Windows).
+    Present {
+        mode: Option<u32>,
+        len: u64,
+    },
 }
 
 fn probe_pin_file(path: &Path) -> PinFileProbe {
-    use std::os::unix::fs::PermissionsExt;
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return PinFileProbe::Missing,
@@ -597,7 +610,7 @@ fn probe_pin_file(path: &Path) -> PinFileProbe {
         return PinFileProbe::Unreadable(e.to_string());
     }
     PinFileProbe::Present {
-        mode: meta.permissions().mode() & 0o7777,
+        mode: crate::token::file_mode(&meta),
         len: meta.len(),
     }
 }
@@ -611,6 +624,29 @@ fn probe_osslsigncode(program: &Path) -> Result<String, String> {
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     Ok(text)
+}
+
+/// Starts signtool without a command (it prints its usage): does it run at all.
+fn probe_signtool(program: &Path) -> Result<(), String> {
+    std::process::Command::new(program)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Judges signtool (`signer.backend = "signtool"`) from whether it runs.
+pub fn judge_signtool(program: &Path, probe: &Result<(), String>) -> Check {
+    match probe {
+        Ok(()) => Check::ok("signtool", format!("{} runs", program.display())),
+        Err(e) => Check::fail(
+            "signtool",
+            format!("cannot run {}: {e}", program.display()),
+            "install the Windows SDK's signing tools, or set signer.signtool to signtool.exe's path",
+        ),
+    }
 }
 
 /// What the certificate file looks like.
@@ -863,14 +899,22 @@ pub fn judge_pin_file(path: &Path, probe: &PinFileProbe) -> Check {
         PinFileProbe::Present { len: 0, .. } => {
             Check::fail("pin_file", format!("{shown} is empty"), write)
         }
-        PinFileProbe::Present { mode, .. } if mode & 0o077 != 0 => Check::fail(
+        PinFileProbe::Present {
+            mode: Some(mode), ..
+        } if mode & 0o077 != 0 => Check::fail(
             "pin_file",
             format!("{shown} is open to group or others (mode {mode:04o})"),
             format!("chmod 600 {shown}"),
         ),
-        PinFileProbe::Present { mode, .. } => Check::ok(
+        PinFileProbe::Present {
+            mode: Some(mode), ..
+        } => Check::ok(
             "pin_file",
             format!("{shown}: readable, mode {mode:04o} (its content is not read here)"),
+        ),
+        PinFileProbe::Present { mode: None, .. } => Check::ok(
+            "pin_file",
+            format!("{shown}: readable (its content is not read here; who else may read it is its ACL's matter: let only the agent's account read it)"),
         ),
     }
 }
@@ -1182,7 +1226,7 @@ mod tests {
         let st = |probe| judge_pin_file(p, &probe);
         assert_eq!(
             st(PinFileProbe::Present {
-                mode: 0o600,
+                mode: Some(0o600),
                 len: 6
             })
             .status,
@@ -1190,27 +1234,54 @@ mod tests {
         );
         assert_eq!(
             st(PinFileProbe::Present {
-                mode: 0o400,
+                mode: Some(0o400),
                 len: 6
             })
             .status,
             Status::Ok
         );
         for mode in [0o644, 0o640, 0o604, 0o620, 0o666] {
-            let c = st(PinFileProbe::Present { mode, len: 6 });
+            let c = st(PinFileProbe::Present {
+                mode: Some(mode),
+                len: 6,
+            });
             assert_eq!(c.status, Status::Fail, "{mode:o}");
             assert!(c.summary.contains(&format!("{mode:04o}")), "{c:?}");
             assert_eq!(c.fix.as_deref(), Some("chmod 600 /etc/signet/pin"));
         }
         let c = st(PinFileProbe::Present {
-            mode: 0o600,
+            mode: Some(0o600),
             len: 0,
         });
         assert!(c.summary.contains("empty"), "{c:?}");
+        let c = st(PinFileProbe::Present { mode: None, len: 6 });
+        assert_eq!(
+            c.status,
+            Status::Ok,
+            "no mode bits (Windows): its ACL is not judged"
+        );
+        assert!(c.summary.contains("ACL"), "{c:?}");
         assert_eq!(st(PinFileProbe::Missing).status, Status::Fail);
         assert_eq!(st(PinFileProbe::NotAFile).status, Status::Fail);
         let c = st(PinFileProbe::Unreadable("Permission denied".into()));
         assert!(c.summary.contains("Permission denied"), "{c:?}");
+    }
+
+    #[test]
+    fn signtool_passes_when_it_runs_and_names_the_fix_when_not() {
+        let p = Path::new("signtool.exe");
+        assert_eq!(judge_signtool(p, &Ok(())).status, Status::Ok);
+        let c = judge_signtool(p, &Err("program not found".into()));
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.summary.contains("program not found"), "{c:?}");
+        assert!(
+            c.fix.as_deref().unwrap().contains("signer.signtool"),
+            "{c:?}"
+        );
+        assert_eq!(
+            judge_signtool(p, &probe_signtool(Path::new("/nonexistent/signtool.exe"))).status,
+            Status::Fail
+        );
     }
 
     #[test]

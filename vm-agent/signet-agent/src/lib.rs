@@ -5,6 +5,9 @@
 //!   the only code that logs in to the token.
 //! - [`loss`] — pure decisions about token loss: classification, the watcher's plan,
 //!   backoff.
+//! - [`backend`] — the signing backend `[signer] backend` chose: osslsigncode (the
+//!   default) or signtool (Windows only); one enum the agent calls, same specs and
+//!   errors for both.
 //! - [`signer`] — osslsigncode with the token's PKCS#11 module; the PIN goes on stdin.
 //! - [`signtool`] — the Windows backend: signtool with the token's CSP, its command line
 //!   (the PIN only inside `/kc`, never shown) and its error texts classified.
@@ -21,10 +24,12 @@
 //! Flow of a job: `server` spools the uploaded body → `agent::sign` detects the format
 //! from the content (`signet_protocol::format`), checks it and the profile's options
 //! with `job`, names the spooled file with the format's extension, takes the job lock,
-//! makes sure the token session is logged in → `signer` runs osslsigncode → `server`
+//! makes sure the token session is logged in → `backend` runs osslsigncode (`signer`)
+//! or signtool (`signtool`) → `server`
 //! streams the signed file back and the spool is deleted.
 
 pub mod agent;
+pub mod backend;
 pub mod config;
 pub mod doctor;
 pub mod job;

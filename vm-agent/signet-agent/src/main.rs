@@ -38,7 +38,8 @@ enum Command {
     /// Checks the configuration, the PKCS#11 module (suggesting the known modules
     /// present when it does not load), the tokens present, the configured token and
     /// its PIN counter, the PIN file (present, not open to group or others),
-    /// osslsigncode (2.9 or later) and the signing certificate.
+    /// osslsigncode (2.9 or later) or signtool (signer.backend = "signtool", Windows) and
+    /// the signing certificate.
     ///
     /// It never logs in to the token: no PIN try is spent, whatever state the token is
     /// in, and the PIN file's content is not read. Files are checked as the user running
@@ -154,6 +155,8 @@ async fn main() -> anyhow::Result<()> {
     let local = listener.local_endpoint().context("local address")?;
     tracing::info!(endpoint = %local, "listening");
     let listening = format!("listening on {local}");
+    // systemd's Type=notify; a Windows service has no such protocol.
+    #[cfg(unix)]
     let _ = sd_notify::notify(
         false,
         &[
@@ -161,6 +164,8 @@ async fn main() -> anyhow::Result<()> {
             sd_notify::NotifyState::Ready,
         ],
     );
+    #[cfg(not(unix))]
+    let _ = listening;
     let app = signet_agent::server::router(agent.clone(), gate);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let serving = signet_protocol::serve::serve(
@@ -310,11 +315,27 @@ fn run_command(command: Command, config_path: &std::path::Path) -> anyhow::Resul
     }
 }
 
+/// Waits for SIGTERM (systemd's stop) or Ctrl-C; on Windows for Ctrl-C (or
+/// Ctrl-Break) only.
 async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
     }
+    #[cfg(windows)]
+    {
+        let mut brk = tokio::signal::windows::ctrl_break().ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match brk.as_mut() { Some(b) => { b.recv().await; } None => std::future::pending().await } } => {}
+        }
+    }
+    #[cfg(not(any(unix, windows)))]
+    let _ = tokio::signal::ctrl_c().await;
     tracing::info!("stopping");
 }

@@ -71,6 +71,9 @@ pub enum SignError {
     Damaged(String),
     #[error("osslsigncode could not sign the file: {0}")]
     Failed(String),
+    /// The signtool backend's failure ([`crate::backend`]), in signtool's words.
+    #[error(transparent)]
+    Signtool(crate::signtool::SigntoolError),
 }
 
 impl SignError {
@@ -80,6 +83,7 @@ impl SignError {
             SignError::PinRejected => ErrorCode::PinRejected,
             SignError::TokenLost(_) => ErrorCode::TokenUnavailable,
             SignError::Damaged(_) => ErrorCode::BadInput,
+            SignError::Signtool(e) => e.code(),
             SignError::Timestamp { .. }
             | SignError::NothingToNest
             | SignError::TimedOut(_)
@@ -738,6 +742,7 @@ mod tests {
         );
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn a_run_that_does_not_finish_in_time_is_stopped() {
         use std::os::unix::fs::PermissionsExt;

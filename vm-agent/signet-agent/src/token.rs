@@ -911,14 +911,28 @@ fn read_pin(path: &Path) -> Result<AuthPin, TokenError> {
 
 /// Refuses a PIN file that group or others may read or change (it is used only when
 /// mode is 0600 or 0400); the error says how to fix it. Nothing is read from it.
+/// Windows has no mode bits: there the file's ACL is the operator's to restrict
+/// (`icacls FILE /inheritance:r /grant:r ACCOUNT:R`), and only its presence is checked.
 pub fn check_pin_file(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
-    let mode = meta.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(pin_file_open(path, mode));
+    match file_mode(&meta) {
+        Some(mode) if mode & 0o077 != 0 => Err(pin_file_open(path, mode)),
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// A file's unix mode bits; `None` where files have none (Windows).
+pub fn file_mode(meta: &std::fs::Metadata) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        Some(meta.permissions().mode() & 0o7777)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        None
+    }
 }
 
 /// The refusal of a PIN file open to group or others.
@@ -1012,6 +1026,7 @@ mod tests {
         assert_eq!(ckr_name(&RvError::TokenNotPresent), "CKR_TOKEN_NOT_PRESENT");
     }
 
+    #[cfg(unix)]
     #[test]
     fn a_pin_file_others_can_read_is_refused_unread() {
         use std::os::unix::fs::PermissionsExt;
@@ -1038,6 +1053,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pin");
         std::fs::write(&p, "123456\r\nignored").unwrap();
+        #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
