@@ -269,8 +269,13 @@ pub struct Started {
     pub web: Arc<Web>,
 }
 
-/// Binds the web UI's listeners with its certificate and starts the overview's watcher.
-pub async fn start(daemon: Arc<Daemon>, cfg: &WebConfig) -> Result<Started, WebError> {
+/// Binds the web UI's listeners with its certificate and starts the overview's watcher
+/// on `tasks`.
+pub async fn start(
+    daemon: Arc<Daemon>,
+    cfg: &WebConfig,
+    tasks: &mut crate::supervise::Supervisor,
+) -> Result<Started, WebError> {
     let node = cfg.node_name();
     let exists = |p: &Path| p.exists();
     let source = certs::choose(
@@ -313,10 +318,10 @@ pub async fn start(daemon: Arc<Daemon>, cfg: &WebConfig) -> Result<Started, WebE
     };
     let auth = auth::Cached::new(api, auth::DEFAULT_CACHE_TTL);
     let web = Web::framed_by(daemon, Arc::new(auth), node, &cfg.frame_ancestors);
-    tokio::spawn(live::run(
-        web.clone(),
-        Duration::from_secs(cfg.refresh_seconds),
-    ));
+    tasks.spawn(
+        "web UI overview watcher",
+        live::run(web.clone(), Duration::from_secs(cfg.refresh_seconds)),
+    );
     Ok(Started {
         listeners,
         acceptor,
