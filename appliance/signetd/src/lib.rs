@@ -49,7 +49,7 @@
 //! - [`supervise`] — the daemon's long-lived tasks, named; the first that panics or
 //!   ends before the stop stops the daemon with exit status 1, for systemd to restart.
 //! - [`web`] — the web UI (overview, queue, audit) for browsers, behind the Proxmox VE
-//!   login; the stand-in PVE API its tests use.
+//!   login.
 
 pub mod agent_watch;
 pub mod audit;

@@ -19,7 +19,6 @@
 //! - [`pages`] — the handlers: overview, queue and jobs, cancel, token actions, enroll,
 //!   recovery timeline, audit (its chain walked on from the last walk), export, events.
 //! - [`live`] — the overview's state, re-read while someone watches, sent on change.
-//! - [`standin`] — `StandInPveApi`, the stand-in PVE API for tests and demos.
 //!
 //! Handlers are thin: reading goes through [`Daemon::status`] and the database, actions
 //! through the audited commands of [`crate::operate`], the same as the other fronts.
@@ -31,7 +30,6 @@ pub mod live;
 pub mod model;
 pub mod pages;
 pub mod query;
-pub mod standin;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
