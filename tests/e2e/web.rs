@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use signetd::web::standin::StandInPveApi;
+use signet_test_support::StandInPveApi;
 
 use super::*;
 

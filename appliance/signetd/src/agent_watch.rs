@@ -267,11 +267,31 @@ fn unhex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Follows the agent and the token's life for the daemon's life.
+/// Follows the agent and the token's life for the daemon's life. Its two halves (the
+/// agent's stream here, the token's life in [`live`]) end together: a panic in either
+/// is this task's.
 pub async fn run(daemon: Arc<Daemon>) {
     let (tx, rx) = mpsc::channel(64);
-    let (refollow, mut gone) = watch::channel(0u64);
-    tokio::spawn(live(daemon.clone(), rx, refollow));
+    let (refollow, gone) = watch::channel(0u64);
+    let mut life = tokio::spawn(live(daemon.clone(), rx, refollow));
+    tokio::select! {
+        ended = &mut life => {
+            if let Err(e) = ended {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }
+        () = follow_agent(&daemon, tx, gone) => {}
+    }
+    life.abort();
+}
+
+async fn follow_agent(
+    daemon: &Arc<Daemon>,
+    tx: mpsc::Sender<Event>,
+    mut gone: watch::Receiver<u64>,
+) {
     let mut last = None;
     let mut instance = None;
     let mut vm_went = None;
@@ -279,7 +299,7 @@ pub async fn run(daemon: Arc<Daemon>) {
     let mut said: Option<String> = None;
     loop {
         let mut connected = false;
-        let why = follow(&daemon, &tx, &mut instance, &mut gone, &mut connected).await;
+        let why = follow(daemon, &tx, &mut instance, &mut gone, &mut connected).await;
         // Each new reason once in the log (a refused key, a wrong agent, no agent),
         // not every retry's.
         if connected || said.as_deref() != Some(why.as_str()) {

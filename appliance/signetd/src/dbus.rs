@@ -547,7 +547,11 @@ async fn forward_recovery_steps(conn: zbus::Connection, daemon: Arc<Daemon>) {
 
 /// Serves the daemon on `bus` under [`BUS_NAME`]; the connection lives as long as the
 /// returned value. `Ok(None)` when the bus is [`Bus::None`].
-pub async fn serve(daemon: Arc<Daemon>, bus: &Bus) -> zbus::Result<Option<zbus::Connection>> {
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    bus: &Bus,
+    tasks: &mut crate::supervise::Supervisor,
+) -> zbus::Result<Option<zbus::Connection>> {
     let Some(builder) = builder(bus) else {
         return Ok(None);
     };
@@ -562,11 +566,18 @@ pub async fn serve(daemon: Arc<Daemon>, bus: &Bus) -> zbus::Result<Option<zbus::
         )
         .build()
         .await?;
-    tokio::spawn(forward_job_finished(conn.clone(), daemon.clone()));
-    tokio::spawn(forward_recovery_steps(conn.clone(), daemon));
+    // Each ends when its source closes, which happens only as signetd exits.
+    tasks.spawn_may_end(
+        "D-Bus JobFinished signals",
+        forward_job_finished(conn.clone(), daemon.clone()),
+    );
+    tasks.spawn_may_end(
+        "D-Bus RecoveryStep signals",
+        forward_recovery_steps(conn.clone(), daemon),
+    );
     if let Some(rx) = tokens {
         let emitter = SignalEmitter::new(&conn, OBJECT_PATH)?.into_owned();
-        tokio::spawn(announce_tokens(rx, emitter));
+        tasks.spawn_may_end("D-Bus TokenChanged signals", announce_tokens(rx, emitter));
     }
     Ok(Some(conn))
 }

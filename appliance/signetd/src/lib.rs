@@ -46,8 +46,10 @@
 //! - [`queue`] — pure: the per-token queue, callers taking turns, positions, estimates.
 //! - [`jobs`] — the job path: record, spool, queue, the token's worker, results.
 //! - [`audit`] — the hash-chained audit log, `signetd audit verify|export`.
+//! - [`supervise`] — the daemon's long-lived tasks, named; the first that panics or
+//!   ends before the stop stops the daemon with exit status 1, for systemd to restart.
 //! - [`web`] — the web UI (overview, queue, audit) for browsers, behind the Proxmox VE
-//!   login; the stand-in PVE API its tests use.
+//!   login.
 
 pub mod agent_watch;
 pub mod audit;
@@ -79,6 +81,7 @@ pub mod server;
 pub mod server_ops;
 pub mod shutdown;
 pub mod store;
+pub mod supervise;
 pub mod timeline;
 pub mod tls;
 pub mod tokens;

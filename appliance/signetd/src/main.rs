@@ -7,6 +7,7 @@ use signet_protocol::transport::Listener;
 use signetd::audit;
 use signetd::config::{self, Config};
 use signetd::daemon::Daemon;
+use signetd::supervise::Supervisor;
 
 /// Signet's host daemon: takes signing jobs from build VMs (vsock), host tools (unix
 /// socket) and remote clients (TCP), and relays them to the agent in the signing VM.
@@ -646,8 +647,11 @@ async fn main() -> anyhow::Result<()> {
         }
         daemon = daemon.with_clients(signetd::clients::open(&cfg.state_dir)?);
     }
+    // Every long-lived task is supervised: the first that panics, or ends while it
+    // should run, stops signetd (exit status 1) for systemd to restart it.
+    let mut tasks = Supervisor::new();
     // Tokens: followed through udev and kept in their VMs (or status says why not).
-    daemon = daemon.with_tokens(signetd::tokens::start(&cfg));
+    daemon = daemon.with_tokens(signetd::tokens::start(&cfg, &mut tasks));
     tracing::info!(agent = %cfg.agent, default_profile = %cfg.default_profile, "relaying to the agent");
     let header_timeout = std::time::Duration::from_secs(cfg.limits.header_timeout_seconds);
     let max_connections = cfg.limits.max_connections;
@@ -658,7 +662,7 @@ async fn main() -> anyhow::Result<()> {
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(mut hup) => {
             let daemon = daemon.clone();
-            tokio::spawn(async move {
+            tasks.spawn("reload on SIGHUP", async move {
                 while hup.recv().await.is_some() {
                     tracing::info!("SIGHUP: reloading the configuration");
                     // Logged by reload, with what changed or why nothing did.
@@ -670,12 +674,12 @@ async fn main() -> anyhow::Result<()> {
             tracing::warn!(error = %e, "SIGHUP is not handled, so `systemctl reload signetd` does nothing; restart signetd to apply a changed configuration")
         }
     }
-    tokio::spawn(daemon.clone().run_worker());
-    tokio::spawn(daemon.clone().run_janitor());
-    tokio::spawn(daemon.clone().run_refusal_flush());
-    tokio::spawn(daemon.clone().run_head_keeper());
+    tasks.spawn("the token's worker", daemon.clone().run_worker());
+    tasks.spawn("result janitor", daemon.clone().run_janitor());
+    tasks.spawn("refusal records", daemon.clone().run_refusal_flush());
+    tasks.spawn("audit head keeper", daemon.clone().run_head_keeper());
     // The D-Bus front is for host tools; signing works without it.
-    let _bus = match signetd::dbus::serve(daemon.clone(), &bus).await {
+    let _bus = match signetd::dbus::serve(daemon.clone(), &bus, &mut tasks).await {
         Ok(Some(conn)) => {
             tracing::info!(%bus, name = signetd::dbus::BUS_NAME, "serving on D-Bus");
             Some(conn)
@@ -687,11 +691,12 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     // The agent: its events and health, the timeline, the PIN when it needs one.
-    tokio::spawn(signetd::agent_watch::run(daemon.clone()));
+    tasks.spawn("agent watcher", signetd::agent_watch::run(daemon.clone()));
     // Host shutdowns: a logind delay inhibitor, and a drain when one is announced.
     {
         let (daemon, shutdown) = (daemon.clone(), cfg.shutdown.clone());
-        tokio::spawn(async move {
+        // Ends by itself without logind; only a panic is a failure.
+        tasks.spawn_may_end("host-shutdown watcher", async move {
             if let Err(e) = signetd::shutdown::run(daemon, shutdown.logind, shutdown.grace).await {
                 tracing::info!(error = %e, "host shutdowns are not delayed for the job at the token (queued jobs still survive them); set [shutdown] logind = \"none\" to silence this");
             }
@@ -699,7 +704,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // The web UI is for people; signing works without it.
     let web = match &cfg.web {
-        Some(web) => match signetd::web::start(daemon.clone(), web).await {
+        Some(web) => match signetd::web::start(daemon.clone(), web, &mut tasks).await {
             Ok(started) => Some(started),
             Err(e) => {
                 tracing::error!(error = %e, "the web UI is not served; signing goes on without it");
@@ -710,34 +715,32 @@ async fn main() -> anyhow::Result<()> {
     };
     let app = signetd::server::router(daemon.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut servers = tokio::task::JoinSet::new();
     let web_ui = web.as_ref().map(|w| w.web.clone());
     if let Some(web) = web {
         for (l, local) in web.listeners {
             tracing::info!(endpoint = %local, "serving the web UI with TLS");
             let stop = stop_rx.clone();
             let tls = Some(web.acceptor.clone());
-            servers.spawn(signetd::serve::serve(
-                l,
-                web.app.clone(),
-                header_timeout,
-                max_connections,
-                tls,
-                stop,
-            ));
+            tasks.spawn_until_stop(
+                format!("web UI server on {local}"),
+                signetd::serve::serve(
+                    l,
+                    web.app.clone(),
+                    header_timeout,
+                    max_connections,
+                    tls,
+                    stop,
+                ),
+            );
         }
     }
-    for (l, tls) in listeners {
+    for ((l, tls), endpoint) in listeners.into_iter().zip(&bound) {
         let app = app.clone();
         let stop = stop_rx.clone();
-        servers.spawn(signetd::serve::serve(
-            l,
-            app,
-            header_timeout,
-            max_connections,
-            tls,
-            stop,
-        ));
+        tasks.spawn_until_stop(
+            format!("server on {endpoint}"),
+            signetd::serve::serve(l, app, header_timeout, max_connections, tls, stop),
+        );
     }
     let listening = format!("listening on {}", bound.join(" "));
     let _ = sd_notify::notify(
@@ -747,7 +750,12 @@ async fn main() -> anyhow::Result<()> {
             sd_notify::NotifyState::Ready,
         ],
     );
-    shutdown().await;
+    let mut failed = tasks.until(shutdown()).await;
+    if let Some(f) = &failed {
+        tracing::error!(task = f.task(), "{f}");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&f.to_string())]);
+        tracing::info!("stopping: taking no new work");
+    }
     // Bounded: new work is refused while the job at the token ends (or not), then
     // the servers close and whatever is still open is cut.
     let bound = cfg.shutdown.stop;
@@ -759,20 +767,28 @@ async fn main() -> anyhow::Result<()> {
         web.close();
     }
     let _ = stop_tx.send(true);
-    let joined = tokio::time::timeout(close, async {
-        while let Some(r) = servers.join_next().await {
-            r.context("server task")?;
+    match tasks.wind_down(close).await {
+        Ok(true) => {}
+        Ok(false) => tracing::info!("closing the connections still open"),
+        Err(f) => {
+            tracing::error!(task = f.task(), "{f}");
+            failed.get_or_insert(f);
         }
-        anyhow::Ok(())
-    })
-    .await;
-    match joined {
-        Ok(r) => r?,
-        Err(_) => tracing::info!("closing the connections still open"),
     }
-    tracing::info!("stopped");
     // The runtime's threads (a request at the agent, udev) are not waited for.
-    std::process::exit(0)
+    match failed {
+        None => {
+            tracing::info!("stopped");
+            std::process::exit(0)
+        }
+        Some(f) => {
+            tracing::error!(
+                task = f.task(),
+                "stopped after a task failed; exiting with status 1"
+            );
+            std::process::exit(1)
+        }
+    }
 }
 
 async fn shutdown() {

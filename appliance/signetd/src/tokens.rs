@@ -423,7 +423,9 @@ impl Handle {
 
 /// Starts the token service for the daemon, as `signetd.toml` says; the daemon runs
 /// without it when it is switched off or udev is not there, and says why.
-pub fn start(cfg: &crate::config::Config) -> Handle {
+/// The service's loop runs on `tasks`: its end is said in the status (the daemon
+/// signs on without it), its panic stops the daemon.
+pub fn start(cfg: &crate::config::Config, tasks: &mut crate::supervise::Supervisor) -> Handle {
     if !cfg.passthrough.enabled {
         return Handle::off(
             "token passthrough is switched off ([passthrough] enabled = false in signetd.toml)",
@@ -439,7 +441,7 @@ pub fn start(cfg: &crate::config::Config) -> Handle {
     let (service, _) = TokenService::new(watcher, Setup::from_config(cfg));
     let handle = service.handle();
     let stopped = handle.stopped.clone();
-    tokio::spawn(async move {
+    tasks.spawn_may_end("token service", async move {
         let why = match service.run().await {
             Ok(()) => "the udev watcher stopped; restart signetd".to_owned(),
             Err(e) => e.to_string(),

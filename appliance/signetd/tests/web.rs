@@ -12,11 +12,11 @@ use axum::body::Body;
 use axum::Router;
 use http::{header, Request, StatusCode};
 use http_body_util::BodyExt;
+use signet_test_support::{encode_ticket, StandInPveApi};
 use signetd::config::Config;
 use signetd::daemon::Daemon;
 use signetd::store::{Inserted, Kind, NewJob, Store};
 use signetd::web::auth::{Cached, PveApi};
-use signetd::web::standin::{encode_ticket, StandInPveApi};
 use signetd::web::{pages, Web};
 use tower::ServiceExt;
 

@@ -5,8 +5,8 @@
 //! asks the local PVE API which privileges the ticket's user has on the node
 //! (`GET /api2/json/access/permissions?path=/nodes/NODE`, the cookie forwarded), through
 //! the [`PveAuth`] port. [`PveApi`] is the real adapter (HTTPS to `127.0.0.1:8006`,
-//! the certificate pinned); tests run it against
-//! [`StandInPveApi`](super::standin::StandInPveApi).
+//! the certificate pinned); tests run it against `StandInPveApi` (in the
+//! `signet-test-support` crate, which nothing shipped contains).
 //!
 //! What each page needs ([`Need`]): `Sys.Audit` on `/nodes/NODE` to read, `Sys.Modify`
 //! on `/nodes/NODE` to act (cancel a job). PVE's own roles: `PVEAuditor` has

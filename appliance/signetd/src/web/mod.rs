@@ -19,7 +19,6 @@
 //! - [`pages`] — the handlers: overview, queue and jobs, cancel, token actions, enroll,
 //!   recovery timeline, audit (its chain walked on from the last walk), export, events.
 //! - [`live`] — the overview's state, re-read while someone watches, sent on change.
-//! - [`standin`] — `StandInPveApi`, the stand-in PVE API for tests and demos.
 //!
 //! Handlers are thin: reading goes through [`Daemon::status`] and the database, actions
 //! through the audited commands of [`crate::operate`], the same as the other fronts.
@@ -31,7 +30,6 @@ pub mod live;
 pub mod model;
 pub mod pages;
 pub mod query;
-pub mod standin;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -269,8 +267,13 @@ pub struct Started {
     pub web: Arc<Web>,
 }
 
-/// Binds the web UI's listeners with its certificate and starts the overview's watcher.
-pub async fn start(daemon: Arc<Daemon>, cfg: &WebConfig) -> Result<Started, WebError> {
+/// Binds the web UI's listeners with its certificate and starts the overview's watcher
+/// on `tasks`.
+pub async fn start(
+    daemon: Arc<Daemon>,
+    cfg: &WebConfig,
+    tasks: &mut crate::supervise::Supervisor,
+) -> Result<Started, WebError> {
     let node = cfg.node_name();
     let exists = |p: &Path| p.exists();
     let source = certs::choose(
@@ -313,10 +316,10 @@ pub async fn start(daemon: Arc<Daemon>, cfg: &WebConfig) -> Result<Started, WebE
     };
     let auth = auth::Cached::new(api, auth::DEFAULT_CACHE_TTL);
     let web = Web::framed_by(daemon, Arc::new(auth), node, &cfg.frame_ancestors);
-    tokio::spawn(live::run(
-        web.clone(),
-        Duration::from_secs(cfg.refresh_seconds),
-    ));
+    tasks.spawn(
+        "web UI overview watcher",
+        live::run(web.clone(), Duration::from_secs(cfg.refresh_seconds)),
+    );
     Ok(Started {
         listeners,
         acceptor,

@@ -1,5 +1,5 @@
-//! `StandInPveApi`: a stand-in for the Proxmox VE API, for tests and demos on machines
-//! without PVE. It is **not** PVE: it knows only the tickets it issued
+//! `StandInPveApi`: a stand-in for the Proxmox VE API, for tests on machines without
+//! PVE. It is **not** PVE: it knows only the tickets it issued
 //! ([`StandInPveApi::login`]) and answers the one call the web UI makes,
 //! `GET /api2/json/access/permissions?path=PATH`, as PVE does (`{"data": {PATH:
 //! {PRIV: 1}}}`, 401 with `{"data":null}` for an unknown ticket). It speaks HTTPS on
@@ -10,6 +10,9 @@
 //! sets the `PVEAuthCookie` (percent-encoded, as PVE's UI does) for the host and
 //! sends the browser on to `next`. Cookies are per host, not per port, so the browser
 //! sends it to the web UI on its own port too — as it does on a real node.
+//!
+//! It reads the cookie and makes its certificate on its own, as PVE does, not with
+//! the web UI's code under test.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -24,8 +27,45 @@ use http::{header, HeaderMap, StatusCode};
 use serde::Deserialize;
 use signet_protocol::endpoint::Endpoint;
 use signet_protocol::transport::Listener;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
 
-use super::auth::{ticket_from_cookies, COOKIE};
+/// PVE's login cookie.
+pub const COOKIE: &str = "PVEAuthCookie";
+
+/// The `PVEAuthCookie` value in a `Cookie` header, as PVE's API reads it.
+fn ticket_from_cookies(cookie_header: &str) -> Option<&str> {
+    cookie_header
+        .split(';')
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, v)| v.trim_matches('"'))
+        .filter(|v| !v.is_empty())
+}
+
+/// A self-signed certificate for `127.0.0.1` (PEM) and the acceptor serving it.
+fn certificate() -> std::io::Result<(String, TlsAcceptor)> {
+    let key = rcgen::KeyPair::generate().map_err(std::io::Error::other)?;
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .map_err(std::io::Error::other)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "stand-in PVE API");
+    let cert = params.self_signed(&key).map_err(std::io::Error::other)?;
+    let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
+        .map_err(std::io::Error::other)?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(std::io::Error::other)?
+    .with_no_client_auth()
+    .with_single_cert(vec![CertificateDer::from(cert.der().to_vec())], key)
+    .map_err(std::io::Error::other)?;
+    Ok((cert.pem(), TlsAcceptor::from(Arc::new(config))))
+}
 
 /// A request the stand-in received.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,10 +100,7 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
 impl StandInPveApi {
     /// Starts it on `127.0.0.1`, on a free port, in the current tokio runtime.
     pub async fn start() -> std::io::Result<StandInPveApi> {
-        let (cert_pem, key_pem) =
-            super::certs::self_signed(&["127.0.0.1".into()]).map_err(std::io::Error::other)?;
-        let acceptor = super::certs::acceptor_from_pem(cert_pem.as_bytes(), key_pem.as_bytes())
-            .map_err(std::io::Error::other)?;
+        let (cert_pem, acceptor) = certificate()?;
         let listener = Listener::bind(&Endpoint::Tcp {
             host: "127.0.0.1".into(),
             port: 0,
@@ -82,7 +119,7 @@ impl StandInPveApi {
             .route("/standin/login", get(browser_login))
             .with_state(inner.clone());
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(crate::serve::serve(
+        tokio::spawn(signet_protocol::serve::serve(
             listener,
             app,
             Duration::from_secs(10),
