@@ -333,35 +333,43 @@ fn next_wait(last: Option<Duration>, connected: bool, booting: bool) -> Duration
 }
 
 /// The agent VM's tokens, and whether Signet can act on the host for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Scope {
     vm: Option<u32>,
     serials: Vec<String>,
+}
+
+impl Scope {
+    /// The agent's VM and its tokens in `cfg` (`[[tokens]]`, which a reload changes).
+    fn of(cfg: &crate::config::Config) -> Scope {
+        let vm = cfg.agent_vm();
+        Scope {
+            vm,
+            serials: vm
+                .map(|vm| {
+                    cfg.tokens
+                        .iter()
+                        .filter(|t| t.vm == vm)
+                        .map(|t| t.serial.clone())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// The token's life: owns [`Life`], feeds it the agent's events (from [`follow`]),
 /// the host's view of the tokens, the VM's resets and time, and carries out what it
 /// asks.
 async fn live(daemon: Arc<Daemon>, mut agent: mpsc::Receiver<Event>, refollow: watch::Sender<u64>) {
-    let cfg = daemon.config();
-    let vm = cfg.agent_vm();
-    let scope = Scope {
-        vm,
-        serials: vm
-            .map(|vm| {
-                cfg.tokens
-                    .iter()
-                    .filter(|t| t.vm == vm)
-                    .map(|t| t.serial.clone())
-                    .collect()
-            })
-            .unwrap_or_default(),
-    };
+    let mut cfg = daemon.config();
+    let mut scope = Scope::of(&cfg);
     let service = daemon.token_service();
     let mut status = service.subscribe();
     let mut vm_signals = service.vm_signals();
     // The host steps need the token service and the VM's monitor (its VM in
     // [[tokens]]).
-    let followed = status.is_some() && !scope.serials.is_empty();
+    let mut followed = status.is_some() && !scope.serials.is_empty();
     let mut life = Life::new(
         cfg.recovery.policy(),
         cfg.recovery.enabled,
@@ -399,6 +407,25 @@ async fn live(daemon: Arc<Daemon>, mut agent: mpsc::Receiver<Event>, refollow: w
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // A reload ([[tokens]] of the agent's VM changed): the ladder acts on the new
+        // tokens from now on, and the host's view of them is read afresh.
+        let now_cfg = daemon.config();
+        if !Arc::ptr_eq(&now_cfg, &cfg) {
+            cfg = now_cfg;
+            let new_scope = Scope::of(&cfg);
+            if new_scope != scope {
+                scope = new_scope;
+                followed = status.is_some() && !scope.serials.is_empty();
+                life.rescope(followed, followed);
+                tracing::info!(vm = ?scope.vm, tokens = ?scope.serials, "the recovery ladder follows the agent VM's tokens as reloaded");
+                if let (Some(s), Some(vm), true) = (&status, scope.vm, followed) {
+                    let ev = Event::Host(host_of(&s.borrow(), &scope.serials, vm));
+                    for a in life.on(ev, Instant::now()) {
+                        act(&daemon, &scope, &mut pins, &refollow, a).await;
+                    }
+                }
+            }
+        }
         let event = tokio::select! {
             ev = agent.recv() => match ev {
                 Some(ev) => ev,

@@ -123,6 +123,28 @@ impl Life {
         }
     }
 
+    /// The token's scope changed (a reload gave the agent's VM other tokens): the
+    /// host steps are available as for [`Life::new`]; a token newly followed is "not
+    /// seen yet" until the host's view arrives, one no longer followed is forgotten.
+    pub fn rescope(&mut self, followed: bool, vm_reset: bool) {
+        let mut steps = vec![Step::AgentReinit];
+        if followed {
+            steps.extend([Step::Reattach, Step::UsbPortReset]);
+        }
+        if vm_reset {
+            steps.push(Step::VmReset);
+        }
+        self.ladder.set_available(&steps);
+        let was = !matches!(self.host, Host::NotFollowed);
+        if followed != was {
+            self.host = if followed {
+                Host::Away("not seen yet".into())
+            } else {
+                Host::NotFollowed
+            };
+        }
+    }
+
     /// That `step` ran at `at`, before a restart (its rate limit holds across one).
     pub fn remember(&mut self, step: Step, at: Instant) {
         self.ladder.remember(step, at);
@@ -383,6 +405,27 @@ mod tests {
         assert!(ran(&a).is_empty(), "no new incident: {a:?}");
         let a = l.on(Event::Tick, t + secs(42));
         assert_eq!(ran(&a), vec![Step::UsbPortReset]);
+    }
+
+    #[test]
+    fn a_reload_that_gives_the_agents_vm_its_token_opens_the_host_steps_and_back() {
+        let mut l = Life::new(policy(), true, false, false);
+        l.rescope(true, true);
+        let t = Instant::now();
+        l.on(Event::Host(Host::InVm), t);
+        l.on(Event::AgentUp, t);
+        l.on(Event::LoggedIn, t);
+        let a = l.on(Event::TokenLost("gone".into()), t);
+        assert_eq!(ran(&a), vec![Step::AgentReinit]);
+        let a = l.on(Event::Tick, t + secs(10));
+        assert_eq!(ran(&a), vec![Step::Reattach], "{a:?}");
+
+        // The token taken from the agent's VM again: only the agent's own step.
+        let (mut l, t) = ready();
+        l.rescope(false, false);
+        let a = l.on(Event::TokenLost("gone".into()), t);
+        assert_eq!(ran(&a), vec![Step::AgentReinit]);
+        assert!(ran(&l.on(Event::Tick, t + secs(10))).is_empty());
     }
 
     #[test]

@@ -277,14 +277,10 @@ impl Daemon {
                             EnrollRequest::SigningVm { serial, .. } => serial.as_str(),
                             EnrollRequest::BuildVm { .. } => "",
                         };
-                        let mut note = format!(
-                            "{} changed and applied at once: signetd keeps token {serial} in VM {vmid} from now on (running and queued jobs are kept)",
+                        format!(
+                            "{} changed and applied at once: signetd keeps token {serial} in VM {vmid} from now on, and its recovery ladder covers it (running and queued jobs are kept)",
                             path.display()
-                        );
-                        if changes.need_restart.contains(&crate::reload::LADDER_TOKENS) {
-                            note.push_str("; the recovery ladder's host steps for it (re-attach, USB port reset, VM reset) follow after a restart of signetd (systemctl restart signetd; queued jobs survive it)");
-                        }
-                        note
+                        )
                     }
                     Ok(_) => format!("{} changed and applied at once", path.display()),
                     Err(e) => format!(

@@ -12,18 +12,13 @@
 //!
 //! What still waits for a restart: `[passthrough]` (the udev watcher, the monitor
 //! directory, the VMs' USB bus, QMP's time limit and sysfs are taken at start),
-//! `[[known_tokens]]` (the catalog the watcher sorts devices with), and which tokens
-//! the recovery ladder acts on ([`LADDER_TOKENS`]: the agent's VM's, read once when
-//! the daemon starts following the agent).
+//! `[[known_tokens]]` (the catalog the watcher sorts devices with). The recovery
+//! ladder follows the agent VM's tokens as reloaded (the agent watcher reads them anew
+//! when the configuration changes).
 
 use std::path::Path;
 
 use crate::config::Config;
-
-/// The `need_restart` entry for a change to the agent's VM's tokens: the recovery
-/// ladder's host steps (re-attach, USB port reset, VM reset) act on the tokens it read
-/// at start; passthrough follows the new assignment at once.
-pub const LADDER_TOKENS: &str = "the recovery ladder's tokens ([[tokens]] of the agent's VM)";
 
 /// What a reload changed, and what changed in the file but waits for a restart.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -93,9 +88,6 @@ pub fn merge(old: &Config, new: Config) -> (Config, Changes) {
     if new.tokens != old.tokens {
         changes.applied.push("tokens");
         out.tokens = new.tokens.clone();
-        if old.passthrough.enabled && ladder_tokens(old) != ladder_tokens(&out) {
-            changes.need_restart.push(LADDER_TOKENS);
-        }
     }
     if new.limits.header_timeout_seconds != old.limits.header_timeout_seconds {
         changes.need_restart.push("limits.header_timeout_seconds");
@@ -141,19 +133,6 @@ pub fn merge(old: &Config, new: Config) -> (Config, Changes) {
             .filter_map(|(name, changed)| changed.then_some(name)),
     );
     (out, changes)
-}
-
-/// The agent's VM and its tokens' serials, as the recovery ladder reads them.
-fn ladder_tokens(cfg: &Config) -> Option<(u32, Vec<&str>)> {
-    let vm = cfg.agent_vm()?;
-    let mut serials: Vec<&str> = cfg
-        .tokens
-        .iter()
-        .filter(|t| t.vm == vm)
-        .map(|t| t.serial.as_str())
-        .collect();
-    serials.sort_unstable();
-    Some((vm, serials))
 }
 
 #[cfg(test)]
@@ -214,16 +193,15 @@ mod tests {
     }
 
     #[test]
-    fn tokens_apply_and_only_the_ladders_tokens_wait() {
+    fn tokens_apply_at_once_ladder_included() {
         let old = parse(BASE);
         let one = BASE.to_owned() + "\n[[tokens]]\nserial = \"A\"\nvm = 105\n";
         let (out, changes) = merge(&old, parse(&one));
         assert_eq!(changes.applied, vec!["tokens"]);
-        // The unix agent's VM is now the one VM [[tokens]] names: the ladder read
-        // none at start.
-        assert_eq!(changes.need_restart, vec![LADDER_TOKENS]);
+        // The unix agent's VM is now the one VM [[tokens]] names: the ladder follows
+        // it as reloaded, nothing waits.
+        assert!(changes.need_restart.is_empty(), "{changes:?}");
         assert_eq!(out.tokens, parse(&one).tokens);
-        assert!(changes.summary().contains("applied: tokens; changed but kept until signetd restarts (systemctl restart signetd): the recovery ladder's tokens"), "{}", changes.summary());
 
         // A token for another VM beside the agent's (named in [recovery]): applied,
         // nothing waits.
@@ -241,7 +219,8 @@ mod tests {
         let mut moved = two.clone();
         moved.tokens[0].vm = 107;
         let (_, changes) = merge(&two, moved);
-        assert_eq!(changes.need_restart, vec![LADDER_TOKENS]);
+        assert_eq!(changes.applied, vec!["tokens"]);
+        assert!(changes.need_restart.is_empty(), "{changes:?}");
 
         // [passthrough] and [[known_tokens]] still wait for a restart.
         let other = BASE.to_owned() + "\n[passthrough]\nmonitor_dir = \"/srv/m\"\n[[known_tokens]]\nid = \"1234:abcd\"\nmodel = \"x\"\n";
