@@ -42,6 +42,7 @@ KEY="pkcs11:token=signet-demo;object=signkey;type=private"
 cat > "$W/agent.toml" <<CONF
 listen = "unix:$W/agent.sock"
 spool_dir = "$W"
+state_dir = "$W/agent-state"
 [token]
 module = "$MOD"
 label = "signet-demo"
@@ -63,6 +64,9 @@ RUST_LOG=warn "$bin/signetd" --config "$W/signetd.toml" 2>"$W/signetd.log" &
 daemon_pid=$!
 pids+=("$daemon_pid")
 export SIGNET_ENDPOINT=unix:$W/signetd.sock
+for _ in $(seq 1 100); do test -S "$W/agent.sock" && break; sleep 0.1; done
+code=$("$bin/signet-agent" --config "$W/agent.toml" pair | sed -n 's/^Pairing code: \([A-Z0-9-]*\).*/\1/p')
+"$bin/signetd" --config "$W/signetd.toml" pair "$code" >/dev/null
 for _ in $(seq 1 100); do "$bin/signet" status >/dev/null 2>&1 && break; sleep 0.1; done
 "$bin/signet" status >/dev/null
 
@@ -74,7 +78,7 @@ hyperfine --warmup 3 --runs "$runs" -N --export-markdown "$out/per-signature.md"
   -n "(a) osslsigncode sign" \
   "osslsigncode sign -pkcs11module $MOD -key $KEY -readpass $W/token/pin -certs $W/token/cert.pem -h sha256 -in $W/in.exe -out $W/a.exe" \
   -n "(b) agent alone" \
-  "curl -sf --unix-socket $W/agent.sock --data-binary @$W/in.exe -o $W/b.exe http://signet/agent/v1/sign" \
+  "curl -sfk --unix-socket $W/agent.sock --cert $W/state/link.crt --key $W/state/link.key --data-binary @$W/in.exe -o $W/b.exe https://signet-agent/agent/v1/sign" \
   -n "(c) signet -> signetd -> agent" \
   "$bin/signet sign -o $W/c.exe $W/in.exe" \
   -n "(c) same, digest mode" \

@@ -34,6 +34,7 @@ step token "SoftHSM token \"signet-demo\" (serial $(cat "$W/token/token-serial")
 cat > "$W/agent.toml" <<CONF
 listen = "unix:$W/agent.sock"
 spool_dir = "$W"
+state_dir = "$W/agent-state"
 [token]
 module = "/usr/lib/softhsm/libsofthsm2.so"
 label = "signet-demo"
@@ -56,6 +57,14 @@ pids+=($!)
 "$bin/signetd" --config "$W/signetd.toml" >"$W/signetd.log" 2>&1 &
 pids+=($!)
 export SIGNET_ENDPOINT=unix:$W/signetd.sock
+
+# Pair them, as the operator does once: `signet-agent pair` in the signing VM shows a
+# one-time code, `signetd pair CODE` on the host proves it; from then on they answer
+# only each other (TLS with both keys pinned).
+for _ in $(seq 1 100); do test -S "$W/agent.sock" && break; sleep 0.1; done
+code=$("$bin/signet-agent" --config "$W/agent.toml" pair | sed -n 's/^Pairing code: \([A-Z0-9-]*\).*/\1/p')
+"$bin/signetd" --config "$W/signetd.toml" pair "$code" >"$W/pair.txt" 2>&1 || { cat "$W/pair.txt" >&2; exit 1; }
+step pair "signetd and signet-agent paired with the one-time code $code"
 
 # Wait (bounded) until the daemon answers and the agent reports the token ready.
 for _ in $(seq 1 100); do

@@ -169,7 +169,6 @@ impl Identity {
     /// others may read is refused with the fix.
     pub fn load_or_create(dir: &Path, name: &str) -> Result<Self, LinkError> {
         let key_path = dir.join(KEY_FILE);
-        let cert_path = dir.join(CERT_FILE);
         if !key_path.exists() {
             make_private_dir(dir)?;
             let key = rcgen::KeyPair::generate()
@@ -182,20 +181,33 @@ impl Identity {
             let cert = params
                 .self_signed(&key)
                 .map_err(|e| LinkError::Invalid(format!("the link certificate: {e}")))?;
-            // The certificate first: a key file is only ever there with its certificate.
-            write_private(&cert_path, cert.pem().as_bytes())?;
-            write_private(
-                &key_path,
-                zeroize::Zeroizing::new(key.serialize_pem()).as_bytes(),
-            )?;
+            // Key and certificate in one file, made whole and then linked into place
+            // only if no other process (the daemon starting beside `pair`) made one
+            // first: the first key made is the one every process uses.
+            let both = zeroize::Zeroizing::new(format!("{}{}", key.serialize_pem(), cert.pem()));
+            let tmp = write_private_tmp(&key_path, both.as_bytes())?;
+            let linked = std::fs::hard_link(&tmp, &key_path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => sync_dir(dir),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err(&key_path)(e)),
+            }
         }
-        Self::load(dir)
+        let identity = Self::load(dir)?;
+        // The certificate alone beside it, for tools (curl --cert); rewritten from the
+        // key file when it differs.
+        let cert_path = dir.join(CERT_FILE);
+        let pem = pem_of(&identity.cert);
+        if std::fs::read_to_string(&cert_path).ok().as_deref() != Some(pem.as_str()) {
+            write_private(&cert_path, pem.as_bytes())?;
+        }
+        Ok(identity)
     }
 
-    /// The key already in `dir`.
+    /// The key already in `dir` (`link.key`: the private key and its certificate).
     pub fn load(dir: &Path) -> Result<Self, LinkError> {
         let key_path = dir.join(KEY_FILE);
-        let cert_path = dir.join(CERT_FILE);
         check_private_file(&key_path)?;
         let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
             LinkError::Invalid(format!(
@@ -203,10 +215,9 @@ impl Identity {
                 key_path.display()
             ))
         })?;
-        let cert = CertificateDer::from_pem_file(&cert_path).map_err(|e| {
+        let cert = CertificateDer::from_pem_file(&key_path).map_err(|e| {
             LinkError::Invalid(format!(
-                "{}: not a certificate ({e}); move {} and it away and start again to make a new key (then pair again)",
-                cert_path.display(),
+                "{}: holds no certificate ({e}); move it away and start again to make a new key (then pair again)",
                 key_path.display()
             ))
         })?;
@@ -217,6 +228,19 @@ impl Identity {
             fingerprint,
         })
     }
+}
+
+/// A certificate as PEM.
+fn pem_of(cert: &CertificateDer<'_>) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
 }
 
 fn make_private_dir(dir: &Path) -> Result<(), LinkError> {
@@ -235,11 +259,21 @@ fn make_private_dir(dir: &Path) -> Result<(), LinkError> {
     }
 }
 
-/// Writes `bytes` to `path` atomically, readable by its owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), LinkError> {
+/// Writes `bytes` to a new temporary file beside `path` (a name of this process's own),
+/// readable by its owner only, synced; returns its path.
+fn write_private_tmp(path: &Path, bytes: &[u8]) -> Result<PathBuf, LinkError> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -247,11 +281,24 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), LinkError> {
     let mut f = opts.open(&tmp).map_err(io_err(&tmp))?;
     f.write_all(bytes).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok(tmp)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Writes `bytes` to `path` atomically, readable by its owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), LinkError> {
+    let tmp = write_private_tmp(path, bytes)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(path)(e));
+    }
     if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+        sync_dir(dir);
     }
     Ok(())
 }
@@ -913,6 +960,29 @@ mod tests {
             .unwrap();
         let e = Identity::load(&state).unwrap_err().to_string();
         assert!(e.contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn processes_making_the_key_at_once_all_get_the_first_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let made: Vec<Fingerprint> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| Identity::load_or_create(&state, "x").unwrap().fingerprint))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(made.iter().all(|f| *f == made[0]), "{made:?}");
+        assert_eq!(Identity::load(&state).unwrap().fingerprint, made[0]);
+        let crt = std::fs::read(state.join(CERT_FILE)).unwrap();
+        let cert = CertificateDer::from_pem_slice(&crt).unwrap();
+        assert_eq!(Fingerprint::of(&cert), made[0]);
+        let leftovers: Vec<_> = std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
     #[test]
