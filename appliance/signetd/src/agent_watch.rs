@@ -605,7 +605,19 @@ async fn follow_once(
         .header(http::header::ACCEPT, "text/event-stream")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let resp = client::send(agent, req).await.map_err(|e| e.to_string())?;
+    // An agent that accepts but never answers (a hung guest, a frozen process: the
+    // link's handshake and the answer both wait on it) is given up like a silent
+    // health read, so the outage is seen and the next try made.
+    let resp = match tokio::time::timeout(HEALTH_LIMIT, client::send(agent, req)).await {
+        Ok(r) => r.map_err(|e| e.to_string())?,
+        Err(_) => {
+            daemon.timeline().saw(Seen::ContactFailed);
+            return Err(format!(
+                "the agent did not answer its event stream within {} s",
+                HEALTH_LIMIT.as_secs()
+            ));
+        }
+    };
     if !resp.status().is_success() {
         return Err(format!(
             "the agent answered {} to its event stream",
