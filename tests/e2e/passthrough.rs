@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use signet_tests::*;
-use signetd::qmp::{device_id, Monitor, MonitorEvent, Qmp};
+use signetd::adapters::qmp::{Monitor, MonitorEvent, Qmp};
+use signetd::core::passthrough::device_id;
 
 use super::dbus::{signetctl, Bus, Signals};
 
@@ -83,7 +84,7 @@ fn signetd_keeps_its_token_in_its_vm_and_reports_it_everywhere() {
     let monitors = w.path("monitors");
     std::fs::create_dir(&monitors).unwrap();
     let other = w.path("qemu-server.qmp");
-    let signet_monitor = signetd::proxmox::monitor_path(&monitors, VM);
+    let signet_monitor = signetd::adapters::proxmox::monitor_path(&monitors, VM);
     let qemu = Qemu::start(&signet_monitor, &other);
     let rt = tokio::runtime::Runtime::new().unwrap();
     // The second monitor, to look into the VM and act behind signetd's back.

@@ -270,7 +270,7 @@ impl VmWorld {
         let bus = super::dbus::Bus::start(&w);
         let monitors = w.path("monitors");
         std::fs::create_dir(&monitors).unwrap();
-        let signet_monitor = signetd::proxmox::monitor_path(&monitors, VM);
+        let signet_monitor = signetd::adapters::proxmox::monitor_path(&monitors, VM);
         let other = w.path("qemu-server.qmp");
         let qemu = Qemu::start(&signet_monitor, &other);
         w.start_agent_config(&agent_sock(&w), SOFTHSM, None, &[], "");
@@ -321,9 +321,9 @@ impl VmWorld {
             .build()
             .unwrap();
         rt.block_on(async {
-            let mut m = signetd::qmp::Monitor::start(self.other.clone(), TIMEOUT);
+            let mut m = signetd::adapters::qmp::Monitor::start(self.other.clone(), TIMEOUT);
             tokio::time::timeout(TIMEOUT, async {
-                while m.next().await != Some(signetd::qmp::MonitorEvent::Connected) {}
+                while m.next().await != Some(signetd::adapters::qmp::MonitorEvent::Connected) {}
             })
             .await
             .expect("QEMU's other monitor");

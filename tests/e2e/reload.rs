@@ -130,7 +130,8 @@ fn status_token(ep: &Endpoint, serial: &str) -> Option<serde_json::Value> {
 
 /// The host port QEMU holds for the token's device, asked on the VM's other monitor.
 fn qemu_hostport(other: &std::path::Path, serial: &str) -> Option<String> {
-    use signetd::qmp::{device_id, Monitor, MonitorEvent};
+    use signetd::adapters::qmp::{Monitor, MonitorEvent};
+    use signetd::core::passthrough::device_id;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -170,7 +171,10 @@ fn sighup_puts_a_new_token_assignment_in_force_and_keeps_the_jobs() {
     let monitors = w.path("monitors");
     std::fs::create_dir(&monitors).unwrap();
     let other = w.path("qemu-server.qmp");
-    let _qemu = Qemu::start(&signetd::proxmox::monitor_path(&monitors, VM), &other);
+    let _qemu = Qemu::start(
+        &signetd::adapters::proxmox::monitor_path(&monitors, VM),
+        &other,
+    );
     let passthrough = format!("[passthrough]\nmonitor_dir = \"{}\"\n", monitors.display());
     w.write_daemon_config(&config(&w, &agent, "Signet before", &passthrough));
     let (ep, mut testbed) = Testbed::start_daemon(&mut w);

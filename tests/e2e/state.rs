@@ -808,8 +808,9 @@ fn an_agent_that_stops_answering_is_away_from_the_first_failed_contact() {
     });
     let down = timeline_entry(&ep, "agent_unreachable").unwrap();
     // Whole seconds: at or before the time itself.
-    let down_ms =
-        signetd::doctor::parse_time(down["time"].as_str().unwrap()).unwrap() as u64 * 1000;
+    let down_ms = signetd::services::doctor::parse_time(down["time"].as_str().unwrap()).unwrap()
+        as u64
+        * 1000;
     assert!(
         down_ms <= failed_by,
         "the outage starts at the first failed contact: {down} (failed by {failed_by})"

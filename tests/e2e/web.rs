@@ -618,7 +618,7 @@ fn in_a_browser_an_operator_detaches_and_attaches_a_token_the_host_keeps_in_its_
     let monitors = w.path("monitors");
     std::fs::create_dir(&monitors).unwrap();
     let _qemu = Qemu::start(
-        &signetd::proxmox::monitor_path(&monitors, 105),
+        &signetd::adapters::proxmox::monitor_path(&monitors, 105),
         &w.path("qemu-server.qmp"),
     );
     let rt = tokio::runtime::Runtime::new().unwrap();

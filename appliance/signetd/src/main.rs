@@ -4,10 +4,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use signet_protocol::transport::Listener;
-use signetd::audit;
+use signetd::adapters::audit;
 use signetd::config::{self, Config};
-use signetd::daemon::Daemon;
-use signetd::supervise::Supervisor;
+use signetd::services::daemon::Daemon;
+use signetd::services::supervise::Supervisor;
 
 /// Signet's host daemon: takes signing jobs from build VMs (vsock), host tools (unix
 /// socket) and remote clients (TCP), and relays them to the agent in the signing VM.
@@ -97,7 +97,7 @@ enum TlsCommand {
 fn tls_command(cmd: TlsCommand) -> anyhow::Result<()> {
     let TlsCommand::Init { dir, hosts, listen } = cmd;
     let dir = std::path::absolute(&dir).unwrap_or(dir);
-    let made = signetd::tls::init(&dir, &hosts)?;
+    let made = signetd::adapters::tls::init(&dir, &hosts)?;
     let port = listen.rsplit(':').next().unwrap_or("7443");
     eprintln!(
         "wrote {} (the CA clients trust), {} (the CA's key, 0600: keep it safe, only needed to issue another certificate), {} and {} (0600)",
@@ -173,7 +173,7 @@ enum ClientCommand {
         #[arg(long = "profile", short)]
         profiles: Vec<String>,
         /// How long the secret works: 90s, 30m, 4h, 7d, 2w.
-        #[arg(long, value_parser = signetd::clients::parse_validity)]
+        #[arg(long, value_parser = signetd::adapters::clients::parse_validity)]
         valid: std::time::Duration,
     },
     /// Lists the clients, their profiles and when their secrets expire.
@@ -183,7 +183,7 @@ enum ClientCommand {
 }
 
 fn client_command(cfg: &Config, cmd: ClientCommand) -> anyhow::Result<()> {
-    use signetd::clients;
+    use signetd::adapters::clients;
     let conn = clients::open(&cfg.state_dir)?;
     match cmd {
         ClientCommand::Add {
@@ -197,14 +197,20 @@ fn client_command(cfg: &Config, cmd: ClientCommand) -> anyhow::Result<()> {
                     cfg.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
                 );
             }
-            let secret = clients::add(&conn, &name, &profiles, valid, signetd::daemon::unix_now())?;
+            let secret = clients::add(
+                &conn,
+                &name,
+                &profiles,
+                valid,
+                signetd::services::daemon::unix_now(),
+            )?;
             eprintln!(
                 "client {name:?} added; its secret is shown only now. Give it to the client as SIGNET_SECRET (or curl -u {name}:SECRET):"
             );
             println!("{secret}");
         }
         ClientCommand::List => {
-            let now = signetd::daemon::unix_now();
+            let now = signetd::services::daemon::unix_now();
             for c in clients::list(&conn)? {
                 let left = c.expires - now;
                 let state = if left > 0 {
@@ -225,15 +231,15 @@ fn client_command(cfg: &Config, cmd: ClientCommand) -> anyhow::Result<()> {
 
 /// The known-token table: the built-in one plus `known_tokens` from the configuration,
 /// when there is one (`signetd tokens` also runs before signetd is configured).
-fn catalog(path: &std::path::Path) -> anyhow::Result<signetd::usb::Catalog> {
+fn catalog(path: &std::path::Path) -> anyhow::Result<signetd::adapters::usb::Catalog> {
     Ok(match config_if_any(path)? {
-        Some(cfg) => signetd::usb::Catalog::new(cfg.known_tokens),
-        None => signetd::usb::Catalog::default(),
+        Some(cfg) => signetd::adapters::usb::Catalog::new(cfg.known_tokens),
+        None => signetd::adapters::usb::Catalog::default(),
     })
 }
 
-fn tokens(json: bool, catalog: signetd::usb::Catalog) -> anyhow::Result<()> {
-    use signetd::usb::{self, TokenKind, TokenSighting};
+fn tokens(json: bool, catalog: signetd::adapters::usb::Catalog) -> anyhow::Result<()> {
+    use signetd::adapters::usb::{self, TokenKind, TokenSighting};
     let found: Vec<TokenSighting> = usb::udev::enumerate()?
         .into_iter()
         .filter_map(|d| TokenSighting::of(&catalog, d))
@@ -284,8 +290,8 @@ fn config_if_any(path: &std::path::Path) -> anyhow::Result<Option<Config>> {
 }
 
 fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
-    use signetd::enroll_config;
-    use signetd::proxmox::{self, Qm};
+    use signetd::adapters::proxmox::{self, Qm};
+    use signetd::config::edit;
     let cfg = config_if_any(config)?;
     // What goes into signetd.toml, decided (and refused) before the VM is changed.
     let (vmid, dry_run, qm, plan, stanza) = match cmd {
@@ -296,19 +302,19 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
             pve,
             monitor_dir,
         } => {
-            let devices = signetd::usb::udev::enumerate()?;
+            let devices = signetd::adapters::usb::udev::enumerate()?;
             let catalog = match &cfg {
-                Some(c) => signetd::usb::Catalog::new(c.known_tokens.clone()),
-                None => signetd::usb::Catalog::default(),
+                Some(c) => signetd::adapters::usb::Catalog::new(c.known_tokens.clone()),
+                None => signetd::adapters::usb::Catalog::default(),
             };
-            let found = signetd::usb::find_token(&catalog, &devices, &token)?;
+            let found = signetd::adapters::usb::find_token(&catalog, &devices, &token)?;
             let stanza = match &cfg {
-                Some(c) => enroll_config::assignment(c, &token, vmid)?,
+                Some(c) => edit::assignment(c, &token, vmid)?,
                 None => None,
             };
             let monitor_dir = monitor_dir.unwrap_or_else(|| match &cfg {
                 Some(c) => c.passthrough.monitor_dir.clone(),
-                None => signetd::tokens::DEFAULT_MONITOR_DIR.into(),
+                None => signetd::config::DEFAULT_MONITOR_DIR.into(),
             });
             let qm = Qm { program: pve.qm };
             let monitor = proxmox::monitor_path(&monitor_dir, vmid);
@@ -343,7 +349,7 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
                     } else {
                         profiles
                     };
-                    let missing = enroll_config::missing(c, vmid, &wanted)?;
+                    let missing = edit::missing(c, vmid, &wanted)?;
                     if missing.is_empty() {
                         println!(
                             "VM {vmid} may use {} already: no grant to add",
@@ -351,7 +357,7 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
                         );
                         None
                     } else {
-                        Some(enroll_config::stanza(vmid, &missing))
+                        Some(edit::stanza(vmid, &missing))
                     }
                 }
                 (None, false) => {
@@ -363,7 +369,7 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
                     println!(
                         "{} does not exist yet; give it this grant so VM {vmid} may sign:\n{}",
                         config.display(),
-                        enroll_config::stanza(vmid, &wanted)
+                        edit::stanza(vmid, &wanted)
                     );
                     None
                 }
@@ -392,7 +398,7 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
         if dry_run {
             println!("would add to {}:\n{stanza}", config.display());
         } else {
-            enroll_config::append(config, &stanza)?;
+            edit::append(config, &stanza)?;
             if stanza.contains("[[tokens]]") {
                 println!(
                     "added to {}:\n{stanza}apply it with systemctl reload signetd: signetd then keeps the token in VM {vmid}; running and queued jobs are kept (the reload's log line names anything that waits for a restart)",
@@ -437,7 +443,7 @@ enum AuditCommand {
 
 /// Runs an `audit` subcommand; answers the exit code.
 fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
-    let db = cfg.state_dir.join(signetd::store::DB_FILE);
+    let db = cfg.state_dir.join(signetd::adapters::store::DB_FILE);
     let conn =
         rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .with_context(|| {
@@ -455,7 +461,9 @@ fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
                 Some(h) => Some(
                     audit::KnownHead::parse(h, "given with --head").map_err(anyhow::Error::msg)?,
                 ),
-                None => signetd::head::read(&cfg.state_dir)?.map(|h| h.known(&cfg.state_dir)),
+                None => {
+                    signetd::adapters::head::read(&cfg.state_dir)?.map(|h| h.known(&cfg.state_dir))
+                }
             };
             let check = audit::check_with(&conn, known.as_ref())?;
             if *json {
@@ -483,7 +491,7 @@ fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
 /// `signetd check-config`: the exit status; the verdict on stdout, the error on stderr.
 fn check_config(path: &std::path::Path) -> i32 {
     // The same check a reload (SIGHUP) makes before it applies anything.
-    match signetd::reload::check(path) {
+    match signetd::config::reload::check(path) {
         Ok(_) => {
             println!("{}: the configuration is valid", path.display());
             0
@@ -514,15 +522,15 @@ async fn main() -> anyhow::Result<()> {
         Some(Cmd::Client(cmd)) => return client_command(&Config::load(&cli.config)?, cmd),
         Some(Cmd::ResetState) => {
             let cfg = Config::load(&cli.config)?;
-            let old = signetd::head::read(&cfg.state_dir).ok().flatten();
-            signetd::head::guard(&cfg.state_dir, true)?;
+            let old = signetd::adapters::head::read(&cfg.state_dir).ok().flatten();
+            signetd::adapters::head::guard(&cfg.state_dir, true)?;
             match old {
                 Some(h) => eprintln!(
                     "forgot the audit head {}:{} of {}; signetd starts on {} as it is when it starts next",
                     h.hash,
                     h.records,
                     cfg.state_dir.display(),
-                    cfg.state_dir.join(signetd::store::DB_FILE).display()
+                    cfg.state_dir.join(signetd::adapters::store::DB_FILE).display()
                 ),
                 None => eprintln!("no audit head was kept in {}; nothing to forget", cfg.state_dir.display()),
             }
@@ -568,7 +576,7 @@ async fn main() -> anyhow::Result<()> {
                 path = %pin_file.display(),
                 "the PIN file does not exist yet; the agent waits for a PIN until it does"
             ),
-            _ => signetd::agent_watch::check_pin_path(pin_file).map_err(|why| {
+            _ => signetd::services::agent_watch::check_pin_path(pin_file).map_err(|why| {
                 anyhow::anyhow!(
                     "{why}; signetd does not start with a PIN file others could read or change"
                 )
@@ -580,14 +588,14 @@ async fn main() -> anyhow::Result<()> {
     for ep in &cfg.listen {
         if let signet_protocol::Endpoint::Unix(path) = ep {
             if let Some(dir) = path.parent() {
-                signetd::private::socket_dir(dir, &cfg.socket_group)
+                signetd::adapters::private::socket_dir(dir, &cfg.socket_group)
                     .with_context(|| format!("creating {}", dir.display()))?;
             }
         }
         let l = Listener::bind(ep).await?;
         if let signet_protocol::Endpoint::Unix(path) = ep {
-            use signetd::private::SocketAccess;
-            match signetd::private::open_socket(path, &cfg.socket_group)
+            use signetd::adapters::private::SocketAccess;
+            match signetd::adapters::private::open_socket(path, &cfg.socket_group)
                 .with_context(|| format!("setting who may connect to {}", path.display()))?
             {
                 SocketAccess::Group { name, .. } => {
@@ -611,13 +619,13 @@ async fn main() -> anyhow::Result<()> {
             signet_protocol::endpoint::DEFAULT_DAEMON_PORT
         );
     }
-    signetd::private::secure_tree(&cfg.state_dir).with_context(|| {
+    signetd::adapters::private::secure_tree(&cfg.state_dir).with_context(|| {
         format!(
             "making the state directory {} private (0700, its files 0600)",
             cfg.state_dir.display()
         )
     })?;
-    let head = signetd::head::guard(&cfg.state_dir, false)?;
+    let head = signetd::adapters::head::guard(&cfg.state_dir, false)?;
     // Every request to the agent goes through the link: TLS with this host's key, to
     // the agent key pinned by `signetd pair` only.
     let host_link =
@@ -637,7 +645,7 @@ async fn main() -> anyhow::Result<()> {
     let mut daemon = Daemon::open(cfg.clone())?;
     daemon.keep_head(head)?;
     if let Some(tls) = &cfg.tls {
-        let acceptor = signetd::tls::acceptor(&tls.cert, &tls.key)?;
+        let acceptor = signetd::adapters::tls::acceptor(&tls.cert, &tls.key)?;
         for ep in &tls.listen {
             let l = Listener::bind(ep).await?;
             let local = l.local_endpoint().context("local address")?;
@@ -645,13 +653,13 @@ async fn main() -> anyhow::Result<()> {
             bound.push(local.to_string());
             listeners.push((l, Some(acceptor.clone())));
         }
-        daemon = daemon.with_clients(signetd::clients::open(&cfg.state_dir)?);
+        daemon = daemon.with_clients(signetd::adapters::clients::open(&cfg.state_dir)?);
     }
     // Every long-lived task is supervised: the first that panics, or ends while it
     // should run, stops signetd (exit status 1) for systemd to restart it.
     let mut tasks = Supervisor::new();
     // Tokens: followed through udev and kept in their VMs (or status says why not).
-    daemon = daemon.with_tokens(signetd::tokens::start(&cfg, &mut tasks));
+    daemon = daemon.with_tokens(signetd::services::tokens::start(&cfg, &mut tasks));
     tracing::info!(agent = %cfg.agent, default_profile = %cfg.default_profile, "relaying to the agent");
     let header_timeout = std::time::Duration::from_secs(cfg.limits.header_timeout_seconds);
     let max_connections = cfg.limits.max_connections;
@@ -679,9 +687,9 @@ async fn main() -> anyhow::Result<()> {
     tasks.spawn("refusal records", daemon.clone().run_refusal_flush());
     tasks.spawn("audit head keeper", daemon.clone().run_head_keeper());
     // The D-Bus front is for host tools; signing works without it.
-    let _bus = match signetd::dbus::serve(daemon.clone(), &bus, &mut tasks).await {
+    let _bus = match signetd::fronts::dbus::serve(daemon.clone(), &bus, &mut tasks).await {
         Ok(Some(conn)) => {
-            tracing::info!(%bus, name = signetd::dbus::BUS_NAME, "serving on D-Bus");
+            tracing::info!(%bus, name = signetd::fronts::dbus::BUS_NAME, "serving on D-Bus");
             Some(conn)
         }
         Ok(None) => None,
@@ -691,20 +699,23 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     // The agent: its events and health, the timeline, the PIN when it needs one.
-    tasks.spawn("agent watcher", signetd::agent_watch::run(daemon.clone()));
+    tasks.spawn(
+        "agent watcher",
+        signetd::services::agent_watch::run(daemon.clone()),
+    );
     // Host shutdowns: a logind delay inhibitor, and a drain when one is announced.
     {
         let (daemon, shutdown) = (daemon.clone(), cfg.shutdown.clone());
         // Ends by itself without logind; only a panic is a failure.
         tasks.spawn_may_end("host-shutdown watcher", async move {
-            if let Err(e) = signetd::shutdown::run(daemon, shutdown.logind, shutdown.grace).await {
+            if let Err(e) = signetd::services::shutdown::run(daemon, shutdown.logind, shutdown.grace).await {
                 tracing::info!(error = %e, "host shutdowns are not delayed for the job at the token (queued jobs still survive them); set [shutdown] logind = \"none\" to silence this");
             }
         });
     }
     // The web UI is for people; signing works without it.
     let web = match &cfg.web {
-        Some(web) => match signetd::web::start(daemon.clone(), web, &mut tasks).await {
+        Some(web) => match signetd::fronts::web::start(daemon.clone(), web, &mut tasks).await {
             Ok(started) => Some(started),
             Err(e) => {
                 tracing::error!(error = %e, "the web UI is not served; signing goes on without it");
@@ -713,7 +724,7 @@ async fn main() -> anyhow::Result<()> {
         },
         None => None,
     };
-    let app = signetd::server::router(daemon.clone());
+    let app = signetd::fronts::http::router(daemon.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let web_ui = web.as_ref().map(|w| w.web.clone());
     if let Some(web) = web {

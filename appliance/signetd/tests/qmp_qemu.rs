@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use std::time::SystemTime;
 
-use signetd::passthrough::{Input, State, Token};
-use signetd::qmp::{device_id, AttachError, Monitor, MonitorEvent, Qmp, QmpEvent};
+use signetd::adapters::qmp::{AttachError, Monitor, MonitorEvent, Qmp, QmpEvent};
+use signetd::core::passthrough::device_id;
+use signetd::core::passthrough::{Input, State, Token};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -243,7 +244,7 @@ impl Driver {
         while let Some(action) = queue.pop_front() {
             let qmp = self.monitor.qmp().expect("QEMU up while acting");
             if let Some(result) = qmp
-                .perform("xhci.0", &signetd::qmp::DeviceKind::UsbHost, &action)
+                .perform("xhci.0", &signetd::config::DeviceKind::UsbHost, &action)
                 .await
             {
                 queue.extend(self.token.handle(result, SystemTime::now()));

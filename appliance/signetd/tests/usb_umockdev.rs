@@ -11,10 +11,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use signet_protocol::wire::TokenPlace as State;
-use signetd::qmp::{device_id, Monitor, MonitorEvent};
-use signetd::tokens::{Setup, Status, TokenService};
-use signetd::usb::udev::UdevWatcher;
-use signetd::usb::{Catalog, TokenKind, TokenSighting, TokenWatcher, UsbEvent};
+use signetd::adapters::qmp::{Monitor, MonitorEvent};
+use signetd::adapters::usb::udev::UdevWatcher;
+use signetd::adapters::usb::{Catalog, TokenKind, TokenSighting, TokenWatcher, UsbEvent};
+use signetd::core::passthrough::device_id;
+use signetd::services::tokens::{Setup, Status, TokenService};
 
 /// Set in the copy of the test that runs inside the testbed.
 const INSIDE: &str = "SIGNET_UMOCKDEV_INSIDE";

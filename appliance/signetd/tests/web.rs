@@ -13,11 +13,11 @@ use axum::Router;
 use http::{header, Request, StatusCode};
 use http_body_util::BodyExt;
 use signet_test_support::{encode_ticket, StandInPveApi};
+use signetd::adapters::store::{Inserted, Kind, NewJob, Store};
 use signetd::config::Config;
-use signetd::daemon::Daemon;
-use signetd::store::{Inserted, Kind, NewJob, Store};
-use signetd::web::auth::{Cached, PveApi};
-use signetd::web::{pages, Web};
+use signetd::fronts::web::auth::{Cached, PveApi};
+use signetd::fronts::web::{pages, Web};
+use signetd::services::daemon::Daemon;
 use tower::ServiceExt;
 
 const NODE: &str = "pve1";
@@ -40,7 +40,7 @@ async fn fixture(queued: usize) -> Fixture {
 async fn fixture_with(
     queued: usize,
     extra_toml: &str,
-    tokens: Option<signetd::tokens::Handle>,
+    tokens: Option<signetd::services::tokens::Handle>,
     dir: tempfile::TempDir,
 ) -> Fixture {
     let state = dir.path().join("state");
@@ -685,15 +685,18 @@ async fn event_streams_end_when_signetd_stops() {
 
 /// The token watcher standing in for udev here: one SafeNet eToken 5110 (serial
 /// 0123ABCD) plugged in at 1-2 from the start, never unplugged.
-struct StandInWatcher(Option<signetd::usb::UsbDevice>);
+struct StandInWatcher(Option<signetd::adapters::usb::UsbDevice>);
 
-impl signetd::usb::TokenWatcher for StandInWatcher {
-    fn enumerate(&mut self) -> Result<Vec<signetd::usb::UsbDevice>, signetd::usb::WatchError> {
+impl signetd::adapters::usb::TokenWatcher for StandInWatcher {
+    fn enumerate(
+        &mut self,
+    ) -> Result<Vec<signetd::adapters::usb::UsbDevice>, signetd::adapters::usb::WatchError> {
         Ok(self.0.take().into_iter().collect())
     }
     fn next_event(
         &mut self,
-    ) -> impl std::future::Future<Output = Option<signetd::usb::UsbEvent>> + Send + '_ {
+    ) -> impl std::future::Future<Output = Option<signetd::adapters::usb::UsbEvent>> + Send + '_
+    {
         std::future::pending()
     }
 }
@@ -702,8 +705,9 @@ const SERIAL: &str = "0123ABCD";
 
 /// The token service with [`StandInWatcher`]'s token assigned to VM 105, whose QEMU is
 /// not running (no monitor socket); answers once the token is seen on the host.
-async fn token_service(dir: &std::path::Path) -> signetd::tokens::Handle {
-    use signetd::usb::{Catalog, UsbDevice, VidPid};
+async fn token_service(dir: &std::path::Path) -> signetd::services::tokens::Handle {
+    use signetd::adapters::usb::{Catalog, UsbDevice};
+    use signetd::config::VidPid;
     let device = UsbDevice {
         syspath: "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2".into(),
         id: VidPid {
@@ -718,7 +722,7 @@ async fn token_service(dir: &std::path::Path) -> signetd::tokens::Handle {
         product: Some("eToken".into()),
         interfaces: vec![],
     };
-    let setup = signetd::tokens::Setup {
+    let setup = signetd::services::tokens::Setup {
         catalog: Catalog::new(vec![]),
         assignments: [(SERIAL.to_owned(), 105)].into(),
         devices: Default::default(),
@@ -728,7 +732,7 @@ async fn token_service(dir: &std::path::Path) -> signetd::tokens::Handle {
         sysfs: "/sys".into(),
     };
     let (service, mut status) =
-        signetd::tokens::TokenService::new(StandInWatcher(Some(device)), setup);
+        signetd::services::tokens::TokenService::new(StandInWatcher(Some(device)), setup);
     let handle = service.handle();
     tokio::spawn(service.run());
     tokio::time::timeout(
@@ -1020,7 +1024,7 @@ async fn an_operator_enrolls_a_build_vm_after_seeing_the_dry_run() {
         .contains("set"));
     assert!(f.get("/audit/export", Some(&admin)).await.1.is_empty());
 
-    let vm200 = signetd::policy::Caller::of_vsock(&Default::default(), 200);
+    let vm200 = signetd::core::policy::Caller::of_vsock(&Default::default(), 200);
     assert!(f.daemon.config().policy.decide(&vm200, "release").is_err());
 
     let (status, _, page) = f.post("/enroll", Some(&admin), &form).await;
@@ -1093,7 +1097,7 @@ async fn an_operator_enrolls_a_build_vm_after_seeing_the_dry_run() {
 
 #[tokio::test]
 async fn the_timeline_page_charts_the_last_day_and_follows_new_entries() {
-    use signetd::timeline::Seen;
+    use signetd::core::timeline::Seen;
     let f = fixture(0).await;
     let t = f.auditor();
     let (status, page) = f.get("/timeline", Some(&t)).await;

@@ -1,0 +1,910 @@
+//! The daemon's durable state: `state_dir/signet.db` (SQLite) and `state_dir/spool/`.
+//!
+//! The database runs in WAL mode with `synchronous = FULL`: every commit is on disk
+//! when it returns, so a job the daemon said it accepted survives a power cut, not only
+//! a crash of the daemon. The schema carries its version in `PRAGMA user_version`.
+//!
+//! A job's row is written (state `receiving`) **before** its input is read; the input
+//! is spooled to `spool/<id>.in` and fsync'd with its directory before the job becomes
+//! `queued`; the result goes to `spool/<id>.out` and the job becomes `signed` in the
+//! same transaction as its audit record ([`crate::adapters::audit::append`]). Inputs are removed
+//! when the job ends, results when they expire.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use signet_protocol::wire::{ErrorBody, JobState};
+
+use crate::adapters::audit::{self, Entry};
+
+/// The schema this code reads and writes.
+pub const SCHEMA_VERSION: i64 = 1;
+/// The database's file name in the state directory.
+pub const DB_FILE: &str = "signet.db";
+
+/// The state directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the job database cannot be read or written: {0}; check the disk and the permissions of the state directory")]
+    Db(#[from] rusqlite::Error),
+    #[error("the state directory cannot be used: {0}; check `state_dir` in signetd.toml, the disk and its permissions")]
+    Io(#[from] std::io::Error),
+    #[error("the job database has schema version {found}, this signetd knows up to {SCHEMA_VERSION}; run the signetd that wrote it, or move {DB_FILE} away")]
+    Schema { found: i64 },
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    #[error("the job database {path} is damaged ({detail}); signetd does not start on it. Stop here, keep a copy of the state directory, then restore {DB_FILE} from a backup (or salvage it: sqlite3 {DB_FILE} .recover | sqlite3 {DB_FILE}.new, and move the new one in its place); `signetd reset-state` starts afresh once the file is moved away")]
+    Damaged { path: PathBuf, detail: String },
+}
+
+impl StoreError {
+    /// Whether the disk under the state directory is full (SQLite's `SQLITE_FULL`,
+    /// or `ENOSPC`/`EDQUOT` from a file).
+    pub fn disk_full(&self) -> bool {
+        match self {
+            StoreError::Db(e) | StoreError::Audit(audit::AuditError::Db(e)) => db_disk_full(e),
+            StoreError::Io(e) => io_disk_full(e),
+            _ => false,
+        }
+    }
+}
+
+/// Whether SQLite said the database file is damaged or not a database.
+pub fn db_damaged(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
+}
+
+/// Whether SQLite said the disk is full.
+pub fn db_disk_full(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+}
+
+/// Whether a file operation failed for want of space (`ENOSPC`, or `EDQUOT`: a quota).
+pub fn io_disk_full(e: &std::io::Error) -> bool {
+    /// Linux's `EDQUOT`.
+    const EDQUOT: i32 = 122;
+    e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(EDQUOT)
+}
+
+/// What a job asks of the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Sign,
+    Batch,
+}
+
+impl Kind {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Kind::Sign => "sign",
+            Kind::Batch => "batch",
+        }
+    }
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRow {
+    pub id: String,
+    pub caller: String,
+    pub transport: String,
+    pub idempotency_key: Option<String>,
+    pub kind: Kind,
+    pub profile: String,
+    pub filename: Option<String>,
+    /// The agent's query string.
+    pub agent_query: String,
+    /// The input's content type (a batch's carries its multipart boundary).
+    pub content_type: String,
+    pub state: JobState,
+    pub created_ms: u64,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    pub attempts: u32,
+    pub input_sha256: Option<String>,
+    pub input_bytes: Option<u64>,
+    pub output_sha256: Option<String>,
+    pub output_bytes: Option<u64>,
+    /// The result's content type.
+    pub output_type: Option<String>,
+    pub error: Option<ErrorBody>,
+    /// The result file was removed (expired).
+    pub result_gone: bool,
+}
+
+/// A job about to be recorded.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub caller: String,
+    pub transport: String,
+    pub idempotency_key: Option<String>,
+    pub kind: Kind,
+    pub profile: String,
+    pub filename: Option<String>,
+    pub agent_query: String,
+    pub content_type: String,
+    /// What the idempotency key is bound to: the SHA-256 of the request as the caller
+    /// asked it (kind, profile, options); the body's is `input_sha256`.
+    pub request_sha256: Option<String>,
+}
+
+/// The answer to [`Store::insert`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    New(String),
+    /// The caller already sent this idempotency key: its job.
+    Existing(String),
+}
+
+/// The database and the spool.
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+    spool: PathBuf,
+    quota: u64,
+    /// Inputs and undelivered results (reserved or written).
+    used: AtomicU64,
+    /// Delivered results kept for a retry (`<id>.delivered`): dropped for room.
+    kept: AtomicU64,
+    /// One eviction of delivered results at a time.
+    evicting: Mutex<()>,
+}
+
+/// The extension of a delivered result's kept copy.
+const DELIVERED_EXT: &str = "delivered";
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn state_name(s: JobState) -> &'static str {
+    s.as_str()
+}
+
+impl Store {
+    /// Opens (creating) the database and the spool under `state_dir`.
+    pub fn open(state_dir: &Path, spool_quota: u64) -> Result<Store, StoreError> {
+        let db = state_dir.join(DB_FILE);
+        Self::open_unchecked(state_dir, spool_quota).map_err(|e| match e {
+            StoreError::Db(e) if db_damaged(&e) => StoreError::Damaged {
+                path: db,
+                detail: e.to_string(),
+            },
+            e => e,
+        })
+    }
+
+    fn open_unchecked(state_dir: &Path, spool_quota: u64) -> Result<Store, StoreError> {
+        let spool = state_dir.join("spool");
+        std::fs::create_dir_all(&spool)?;
+        let conn = Connection::open(state_dir.join(DB_FILE))?;
+        // A damaged page is found now, not by the jobs that would fail on it.
+        let problems: Vec<String> = {
+            let mut stmt = conn.prepare("PRAGMA quick_check")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if problems.first().map(String::as_str) != Some("ok") {
+            return Err(StoreError::Damaged {
+                path: state_dir.join(DB_FILE),
+                detail: problems.into_iter().take(3).collect::<Vec<_>>().join("; "),
+            });
+        }
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Schema { found: version });
+        }
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS jobs (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                caller TEXT NOT NULL,
+                transport TEXT NOT NULL,
+                idempotency_key TEXT,
+                kind TEXT NOT NULL,
+                profile TEXT NOT NULL,
+                filename TEXT,
+                agent_query TEXT NOT NULL,
+                content_type TEXT NOT NULL,
+                state TEXT NOT NULL,
+                created_ms INTEGER NOT NULL,
+                started_ms INTEGER,
+                finished_ms INTEGER,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                input_sha256 TEXT,
+                input_bytes INTEGER,
+                output_sha256 TEXT,
+                output_bytes INTEGER,
+                output_type TEXT,
+                error TEXT,
+                result_gone INTEGER NOT NULL DEFAULT 0
+            );
+            CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency
+                ON jobs(caller, idempotency_key) WHERE idempotency_key IS NOT NULL;
+            CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+            CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_ms);",
+        )?;
+        add_request_column(&conn)?;
+        audit::init(&conn)?;
+        init_timeline(&conn)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        let (used, kept) = spool_sizes(&spool)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            spool,
+            quota: spool_quota,
+            used: AtomicU64::new(used),
+            kept: AtomicU64::new(kept),
+            evicting: Mutex::new(()),
+        })
+    }
+
+    /// The connection, for modules that keep tables of their own in the same database.
+    pub fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn input_path(&self, id: &str) -> PathBuf {
+        self.spool.join(format!("{id}.in"))
+    }
+
+    pub fn output_path(&self, id: &str) -> PathBuf {
+        self.spool.join(format!("{id}.out"))
+    }
+
+    /// Where a delivered result is kept for a retry.
+    pub fn delivered_path(&self, id: &str) -> PathBuf {
+        self.spool.join(format!("{id}.{DELIVERED_EXT}"))
+    }
+
+    pub fn spool_dir(&self) -> &Path {
+        &self.spool
+    }
+
+    /// Spool space: (used, quota) in bytes.
+    pub fn spool_usage(&self) -> (u64, u64) {
+        (self.used.load(Ordering::Relaxed), self.quota)
+    }
+
+    /// Reserves `n` bytes of spool; false when that would pass the quota. Delivered
+    /// results kept for a retry make room: the oldest go first.
+    pub fn reserve(&self, n: u64) -> bool {
+        let fits = |kept: u64| {
+            self.used
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                    u.checked_add(n)
+                        .filter(|t| t.saturating_add(kept) <= self.quota)
+                })
+                .is_ok()
+        };
+        if fits(self.kept.load(Ordering::SeqCst)) {
+            return true;
+        }
+        // Not even without the kept copies: refused, and nothing is dropped for it.
+        if self.used.load(Ordering::SeqCst).saturating_add(n) > self.quota {
+            return false;
+        }
+        let _one = self.evicting.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, path) in self.kept_copies() {
+            if fits(self.kept.load(Ordering::SeqCst)) {
+                return true;
+            }
+            self.remove_spooled(&path);
+            // Its result is no longer available: the job says so.
+            if let Err(e) = self.conn().execute(
+                "UPDATE jobs SET result_gone = 1 WHERE seq = ?1",
+                [i64::try_from(id).unwrap_or(i64::MAX)],
+            ) {
+                tracing::warn!(job = id, error = %e, "a dropped result cannot be marked gone");
+            }
+            tracing::info!(file = %path.display(), "a delivered result's kept copy dropped to make room in the spool");
+        }
+        fits(self.kept.load(Ordering::SeqCst))
+    }
+
+    /// The delivered results kept for a retry, oldest job first.
+    fn kept_copies(&self) -> Vec<(u64, PathBuf)> {
+        let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.spool)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == DELIVERED_EXT))
+            .filter_map(|p| {
+                let id = p.file_stem()?.to_str()?.parse().ok()?;
+                Some((id, p))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    /// Job `id`'s result was streamed out whole: its file becomes a kept copy, which no
+    /// longer counts against the quota. Answers whether there was a result to move.
+    pub fn delivered(&self, id: &str) -> bool {
+        let (out, kept) = (self.output_path(id), self.delivered_path(id));
+        let Ok(meta) = std::fs::metadata(&out) else {
+            return false;
+        };
+        if std::fs::rename(&out, &kept).is_err() {
+            return false;
+        }
+        self.release(meta.len());
+        self.kept.fetch_add(meta.len(), Ordering::SeqCst);
+        true
+    }
+
+    /// Counts `n` bytes of spool that must be kept whatever the quota (results).
+    pub fn charge(&self, n: u64) {
+        self.used.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// Gives back `n` bytes of spool.
+    pub fn release(&self, n: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
+
+    /// Removes a spool file and gives its space back.
+    pub fn remove_spooled(&self, path: &Path) {
+        if let Ok(meta) = std::fs::metadata(path) {
+            if std::fs::remove_file(path).is_ok() {
+                if path.extension().is_some_and(|x| x == DELIVERED_EXT) {
+                    let _ = self
+                        .kept
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| {
+                            Some(k.saturating_sub(meta.len()))
+                        });
+                } else {
+                    self.release(meta.len());
+                }
+            }
+        }
+    }
+
+    /// Records a job in state `receiving`, or finds the caller's job with the same
+    /// idempotency key. A key whose job failed or was cancelled (nothing signed), or
+    /// whose result is no longer kept, is given to the new job.
+    pub fn insert(&self, job: &NewJob) -> Result<Inserted, StoreError> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        if let Some(key) = &job.idempotency_key {
+            let existing: Option<(i64, String, bool)> = tx
+                .query_row(
+                    "SELECT seq, state, result_gone FROM jobs WHERE caller = ?1 AND idempotency_key = ?2",
+                    params![job.caller, key],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? != 0)),
+                )
+                .optional()?;
+            match existing {
+                Some((seq, state, gone))
+                    if gone
+                        || state == state_name(JobState::Failed)
+                        || state == state_name(JobState::Cancelled) =>
+                {
+                    tx.execute(
+                        "UPDATE jobs SET idempotency_key = NULL WHERE seq = ?1",
+                        [seq],
+                    )?;
+                }
+                Some((seq, _, _)) => return Ok(Inserted::Existing(seq.to_string())),
+                None => {}
+            }
+        }
+        tx.execute(
+            "INSERT INTO jobs (caller, transport, idempotency_key, kind, profile, filename,
+                agent_query, content_type, state, created_ms, request_sha256)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                job.caller,
+                job.transport,
+                job.idempotency_key,
+                job.kind.as_str(),
+                job.profile,
+                job.filename,
+                job.agent_query,
+                job.content_type,
+                state_name(JobState::Receiving),
+                now_ms(),
+                job.request_sha256
+            ],
+        )?;
+        let id = tx.last_insert_rowid().to_string();
+        tx.commit()?;
+        Ok(Inserted::New(id))
+    }
+
+    /// The SHA-256 of the request job `id` was asked with (see
+    /// [`NewJob::request_sha256`]); `None` for jobs recorded before it was kept.
+    pub fn request_sha256(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT request_sha256 FROM jobs WHERE seq = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    /// The input is spooled: the job waits for its turn.
+    pub fn queued(&self, id: &str, sha256: &str, bytes: u64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE jobs SET state = ?2, input_sha256 = ?3, input_bytes = ?4 WHERE seq = ?1",
+            params![id, state_name(JobState::Queued), sha256, bytes],
+        )?;
+        Ok(())
+    }
+
+    /// The job goes to the agent; answers its attempt number.
+    pub fn running(&self, id: &str) -> Result<u32, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "UPDATE jobs SET state = ?2, started_ms = ?3, attempts = attempts + 1 WHERE seq = ?1",
+            params![id, state_name(JobState::Running), now_ms()],
+        )?;
+        Ok(
+            conn.query_row("SELECT attempts FROM jobs WHERE seq = ?1", [id], |r| {
+                r.get(0)
+            })?,
+        )
+    }
+
+    /// The job goes back to waiting (a retryable failure, or a restart).
+    pub fn requeue(&self, id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE jobs SET state = ?2 WHERE seq = ?1",
+            params![id, state_name(JobState::Queued)],
+        )?;
+        Ok(())
+    }
+
+    /// Ends a job (signed, failed or cancelled) and appends its audit record, in one
+    /// transaction: there is no signed job without its record.
+    pub fn finish(
+        &self,
+        id: &str,
+        state: JobState,
+        output: Option<(&str, u64, &str)>,
+        error: Option<&ErrorBody>,
+        entry: &Entry,
+    ) -> Result<audit::Record, StoreError> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        let error_json = error.map(|e| serde_json::to_string(e).unwrap_or_default());
+        tx.execute(
+            "UPDATE jobs SET state = ?2, finished_ms = ?3, output_sha256 = ?4,
+                output_bytes = ?5, output_type = ?6, error = ?7
+             WHERE seq = ?1",
+            params![
+                id,
+                state_name(state),
+                now_ms(),
+                output.map(|o| o.0),
+                output.map(|o| o.1),
+                output.map(|o| o.2),
+                error_json
+            ],
+        )?;
+        let rec = audit::append(&tx, entry)?;
+        tx.commit()?;
+        Ok(rec)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
+        let Ok(seq) = id.parse::<i64>() else {
+            return Ok(None);
+        };
+        Ok(self
+            .conn()
+            .query_row(&select("WHERE seq = ?1"), [seq], row)
+            .optional()?)
+    }
+
+    /// Jobs in `state`, oldest first.
+    pub fn in_state(&self, state: JobState) -> Result<Vec<JobRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&select("WHERE state = ?1 ORDER BY seq"))?;
+        let rows = stmt.query_map([state_name(state)], row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The `limit` jobs that ended last, newest first.
+    pub fn ended(&self, limit: u64) -> Result<Vec<JobRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&select(
+            "WHERE finished_ms IS NOT NULL ORDER BY finished_ms DESC, seq DESC LIMIT ?1",
+        ))?;
+        let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Marks the results of jobs that ended before `before_ms` as gone; answers their ids.
+    pub fn expire(&self, before_ms: u64) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        let ids: Vec<i64> = {
+            let mut stmt = tx.prepare(
+                "SELECT seq FROM jobs WHERE result_gone = 0 AND finished_ms IS NOT NULL AND finished_ms < ?1",
+            )?;
+            let before = i64::try_from(before_ms).unwrap_or(i64::MAX);
+            let rows = stmt.query_map([before], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for id in &ids {
+            tx.execute("UPDATE jobs SET result_gone = 1 WHERE seq = ?1", [id])?;
+        }
+        tx.commit()?;
+        Ok(ids.iter().map(ToString::to_string).collect())
+    }
+
+    /// Job ids whose spool files may exist (not expired).
+    pub fn live_ids(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT seq FROM jobs WHERE result_gone = 0")?;
+        let rows = stmt.query_map([], |r| r.get::<_, i64>(0))?;
+        Ok(rows
+            .map(|r| r.map(|s| s.to_string()))
+            .collect::<Result<_, _>>()?)
+    }
+}
+
+fn select(filter: &str) -> String {
+    format!(
+        "SELECT seq, caller, transport, idempotency_key, kind, profile, filename, agent_query,
+            content_type, state, created_ms, started_ms, finished_ms, attempts, input_sha256,
+            input_bytes, output_sha256, output_bytes, output_type, error, result_gone
+         FROM jobs {filter}"
+    )
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    let state: String = r.get(9)?;
+    let error: Option<String> = r.get(19)?;
+    Ok(JobRow {
+        id: r.get::<_, i64>(0)?.to_string(),
+        caller: r.get(1)?,
+        transport: r.get(2)?,
+        idempotency_key: r.get(3)?,
+        kind: if r.get::<_, String>(4)? == "batch" {
+            Kind::Batch
+        } else {
+            Kind::Sign
+        },
+        profile: r.get(5)?,
+        filename: r.get(6)?,
+        agent_query: r.get(7)?,
+        content_type: r.get(8)?,
+        state: JobState::parse(&state).unwrap_or(JobState::Failed),
+        created_ms: r.get(10)?,
+        started_ms: r.get(11)?,
+        finished_ms: r.get(12)?,
+        attempts: r.get(13)?,
+        input_sha256: r.get(14)?,
+        input_bytes: r.get(15)?,
+        output_sha256: r.get(16)?,
+        output_bytes: r.get(17)?,
+        output_type: r.get(18)?,
+        error: error.and_then(|e| serde_json::from_str(&e).ok()),
+        result_gone: r.get::<_, i64>(20)? != 0,
+    })
+}
+
+/// Adds `jobs.request_sha256` (what an idempotency key is bound to) to a database
+/// written before it existed; its old rows keep NULL there.
+fn add_request_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'request_sha256'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has {
+        conn.execute("ALTER TABLE jobs ADD COLUMN request_sha256 TEXT", [])?;
+    }
+    Ok(())
+}
+
+/// The spool's bytes: (inputs and undelivered results, delivered results kept).
+fn spool_sizes(dir: &Path) -> std::io::Result<(u64, u64)> {
+    let (mut used, mut kept) = (0, 0);
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let meta = e.metadata()?;
+        if meta.is_file() {
+            if e.path().extension().is_some_and(|x| x == DELIVERED_EXT) {
+                kept += meta.len();
+            } else {
+                used += meta.len();
+            }
+        }
+    }
+    Ok((used, kept))
+}
+
+/// Flushes a directory's entries (a created or renamed file's name) to disk.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Creates the recovery timeline's table on `conn` if it does not exist
+/// (`services::timeline` writes it).
+fn init_timeline(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS timeline (
+            id INTEGER PRIMARY KEY,
+            time_ms INTEGER NOT NULL,
+            event TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            duration_ms INTEGER
+        );",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(caller: &str, key: Option<&str>) -> NewJob {
+        NewJob {
+            caller: caller.into(),
+            transport: "unix".into(),
+            idempotency_key: key.map(Into::into),
+            kind: Kind::Sign,
+            profile: "release".into(),
+            filename: Some("app.exe".into()),
+            agent_query: "profile=release".into(),
+            content_type: "application/octet-stream".into(),
+            request_sha256: Some("r1".into()),
+        }
+    }
+
+    #[test]
+    fn a_job_lives_through_its_states_and_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let Inserted::New(id) = store.insert(&job("uid:0", None)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(store.get(&id).unwrap().unwrap().state, JobState::Receiving);
+        store.queued(&id, "ab", 3).unwrap();
+        assert_eq!(store.running(&id).unwrap(), 1);
+        store.requeue(&id).unwrap();
+        assert_eq!(store.running(&id).unwrap(), 2);
+        drop(store);
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.in_state(JobState::Running).unwrap().len(), 1);
+        let rec = store
+            .finish(
+                &id,
+                JobState::Signed,
+                Some(("cd", 5, "application/octet-stream")),
+                None,
+                &Entry {
+                    job: Some(id.clone()),
+                    caller: "uid:0".into(),
+                    transport: "unix".into(),
+                    result: Some(audit::Outcome::Signed),
+                    ..Entry::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(rec.seq, 1);
+        let row = store.get(&id).unwrap().unwrap();
+        assert_eq!(
+            (row.state, row.output_bytes, row.input_bytes),
+            (JobState::Signed, Some(5), Some(3))
+        );
+        assert!(audit::verify(&store.conn()).is_ok());
+        assert_eq!(store.expire(u64::MAX).unwrap(), vec![id.clone()]);
+        assert!(store.get(&id).unwrap().unwrap().result_gone);
+        assert!(store.get("nope").unwrap().is_none());
+    }
+
+    #[test]
+    fn an_idempotency_key_finds_the_same_job_until_it_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let Inserted::New(a) = store.insert(&job("uid:0", Some("k"))).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            store.insert(&job("uid:0", Some("k"))).unwrap(),
+            Inserted::Existing(a.clone())
+        );
+        // Another caller's key is its own.
+        assert!(matches!(
+            store.insert(&job("uid:1", Some("k"))).unwrap(),
+            Inserted::New(_)
+        ));
+        store
+            .finish(&a, JobState::Failed, None, None, &Entry::default())
+            .unwrap();
+        let Inserted::New(b) = store.insert(&job("uid:0", Some("k"))).unwrap() else {
+            panic!("a failed job's key starts a new job")
+        };
+        assert_ne!(b, a);
+        assert_eq!(store.request_sha256(&b).unwrap().as_deref(), Some("r1"));
+        // Signed, then its result expires: the key is free again.
+        store
+            .finish(&b, JobState::Signed, None, None, &Entry::default())
+            .unwrap();
+        assert_eq!(
+            store.insert(&job("uid:0", Some("k"))).unwrap(),
+            Inserted::Existing(b.clone())
+        );
+        store.expire(u64::MAX).unwrap();
+        assert!(matches!(
+            store.insert(&job("uid:0", Some("k"))).unwrap(),
+            Inserted::New(c) if c != b
+        ));
+    }
+
+    #[test]
+    fn a_database_from_before_the_request_binding_is_opened_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE jobs (
+                    seq INTEGER PRIMARY KEY AUTOINCREMENT, caller TEXT NOT NULL,
+                    transport TEXT NOT NULL, idempotency_key TEXT, kind TEXT NOT NULL,
+                    profile TEXT NOT NULL, filename TEXT, agent_query TEXT NOT NULL,
+                    content_type TEXT NOT NULL, state TEXT NOT NULL,
+                    created_ms INTEGER NOT NULL, started_ms INTEGER, finished_ms INTEGER,
+                    attempts INTEGER NOT NULL DEFAULT 0, input_sha256 TEXT,
+                    input_bytes INTEGER, output_sha256 TEXT, output_bytes INTEGER,
+                    output_type TEXT, error TEXT, result_gone INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO jobs (caller, transport, idempotency_key, kind, profile,
+                    agent_query, content_type, state, created_ms)
+                 VALUES ('uid:0', 'unix', 'old', 'sign', 'release', 'profile=release',
+                    'application/octet-stream', 'queued', 1);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.request_sha256("1").unwrap(), None);
+        assert_eq!(store.get("1").unwrap().unwrap().state, JobState::Queued);
+        drop(store);
+        // Opening again finds the column in place.
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let Inserted::New(id) = store.insert(&job("uid:0", Some("new"))).unwrap() else {
+            panic!()
+        };
+        assert_eq!(store.request_sha256(&id).unwrap().as_deref(), Some("r1"));
+    }
+
+    #[test]
+    fn the_spool_quota_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 100).unwrap();
+        assert!(store.reserve(60));
+        assert!(!store.reserve(50));
+        store.release(20);
+        assert!(store.reserve(50));
+        assert_eq!(store.spool_usage(), (90, 100));
+        let f = store.input_path("1");
+        std::fs::write(&f, [0u8; 10]).unwrap();
+        store.remove_spooled(&f);
+        assert_eq!(store.spool_usage().0, 80);
+    }
+
+    #[test]
+    fn delivered_results_leave_the_quota_and_make_room_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 100).unwrap();
+        for id in ["1", "2"] {
+            assert_eq!(
+                store.insert(&job("uid:0", None)).unwrap(),
+                Inserted::New(id.into())
+            );
+            assert!(store.reserve(40));
+            std::fs::write(store.output_path(id), [0u8; 40]).unwrap();
+        }
+        assert!(!store.reserve(40), "80 of 100 in use");
+        assert!(store.delivered("1") && store.delivered("2"));
+        assert!(!store.delivered("2"), "moved once");
+        assert_eq!(store.spool_usage().0, 0);
+        // 60 fits beside one kept copy: the oldest goes.
+        assert!(store.reserve(60));
+        assert!(!store.delivered_path("1").exists());
+        assert!(
+            store.get("1").unwrap().unwrap().result_gone,
+            "job 1 says so"
+        );
+        assert!(store.delivered_path("2").exists());
+        assert!(!store.get("2").unwrap().unwrap().result_gone);
+        // More than the quota drops nothing.
+        assert!(!store.reserve(50));
+        assert!(store.delivered_path("2").exists());
+        // A reopen counts the kept copy apart.
+        drop(store);
+        let store = Store::open(dir.path(), 100).unwrap();
+        assert_eq!(store.spool_usage().0, 0);
+        assert!(store.reserve(100));
+        assert!(!store.delivered_path("2").exists());
+    }
+
+    #[test]
+    fn ended_jobs_come_newest_first_and_live_ones_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            let Inserted::New(id) = store.insert(&job("uid:0", None)).unwrap() else {
+                panic!()
+            };
+            ids.push(id);
+        }
+        let end = |id: &str| {
+            store
+                .finish(
+                    id,
+                    JobState::Failed,
+                    None,
+                    None,
+                    &Entry {
+                        job: Some(id.to_owned()),
+                        caller: "uid:0".into(),
+                        transport: "unix".into(),
+                        result: Some(audit::Outcome::Failed),
+                        ..Entry::default()
+                    },
+                )
+                .unwrap();
+        };
+        // Ended out of order: 3, then 1, then 2 (4 still receiving), a second apart.
+        for (t, i) in [2, 0, 1].into_iter().enumerate() {
+            end(&ids[i]);
+            store
+                .conn()
+                .execute(
+                    "UPDATE jobs SET finished_ms = ?1 WHERE seq = ?2",
+                    params![1_000 * (t as i64 + 1), ids[i]],
+                )
+                .unwrap();
+        }
+        let got: Vec<String> = store.ended(10).unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(got, [ids[1].clone(), ids[0].clone(), ids[2].clone()]);
+        assert!(!got.contains(&ids[3]));
+        assert_eq!(store.ended(1).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_full_disk_is_told_apart_from_other_faults() {
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        );
+        assert!(StoreError::Db(full).disk_full());
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        assert!(!StoreError::Db(busy).disk_full());
+        assert!(io_disk_full(&std::io::Error::from_raw_os_error(28)));
+        assert!(io_disk_full(&std::io::Error::from_raw_os_error(122)));
+        assert!(!io_disk_full(&std::io::Error::from_raw_os_error(13)));
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), 1).unwrap());
+        Connection::open(dir.path().join(DB_FILE))
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let e = Store::open(dir.path(), 1).unwrap_err();
+        assert!(matches!(e, StoreError::Schema { .. }), "{e}");
+    }
+}

@@ -1,0 +1,623 @@
+//! The daemon's HTTP front (`/v1/...`, and `/api/sign` for Handtokening's clients),
+//! served on every configured endpoint.
+//! It translates requests into [`Daemon`] commands and results into answers.
+
+pub mod handtokening;
+pub mod operator;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, Path, Query, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use futures_util::StreamExt;
+use signet_protocol::transport::Peer;
+use signet_protocol::wire::{
+    ErrorBody, ErrorCode, SignQuery, SignResponse, BATCH_PATH, IDEMPOTENCY_HEADER, JOB_HEADER,
+    JOB_PATH, JOB_RESULT_PATH, SIGN_PATH, STATUS_PATH,
+};
+
+use crate::adapters::store::Kind;
+use crate::core::policy::Caller;
+use crate::limits;
+use crate::serve::OverTls;
+use crate::services::daemon::{client_view, Daemon};
+use crate::services::jobs;
+use signet_protocol::batch;
+
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route(SIGN_PATH, post(sign))
+        .route(BATCH_PATH, post(sign_batch))
+        .route(handtokening::PATH, post(api_sign))
+        .route(STATUS_PATH, get(status))
+        .route(signet_protocol::wire::PROFILE_PATH, get(profile))
+        .route(signet_protocol::wire::TOKENS_PATH, get(tokens))
+        .route(JOB_PATH, get(get_job).delete(cancel_job))
+        .route(JOB_RESULT_PATH, get(job_result))
+        .merge(crate::fronts::http::operator::routes())
+        .fallback(|| async {
+            ErrorBody::new(
+                ErrorCode::BadRequest,
+                "no such API path; the API is POST /v1/sign, POST /v1/batch, GET /v1/status, GET /v1/profile, GET|DELETE /v1/jobs/{id}, GET /v1/jobs/{id}/result and POST /api/sign; root on the host also has /v1/operator/...",
+            )
+        })
+        .with_state(daemon)
+}
+
+/// Over TLS the status and the tokens are for authenticated clients only (they name
+/// serials, certificates, the module and the profiles); other transports vouch for
+/// their peer already. A refusal is audited (coalesced) and answered without detail.
+fn tls_reader(
+    daemon: &Daemon,
+    peer: &Peer,
+    over_tls: bool,
+    headers: &HeaderMap,
+) -> Result<(), Box<Response>> {
+    if !over_tls {
+        return Ok(());
+    }
+    match authenticate(daemon, peer, true, headers) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let who = match peer {
+                Peer::Tcp { addr } => Caller::Anonymous {
+                    addr: addr.to_string(),
+                }
+                .key(),
+                other => daemon.identify(other).key(),
+            };
+            daemon.refuse(&who, "tls", None, None, &e);
+            Err(Box::new(error_response(daemon, e)))
+        }
+    }
+}
+
+/// An error's answer; `too_many_attempts` carries `Retry-After`.
+pub fn error_response(daemon: &Daemon, e: ErrorBody) -> Response {
+    let throttled = e.code == ErrorCode::TooManyAttempts;
+    let mut resp = e.into_response();
+    if throttled {
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(daemon.retry_after_seconds()),
+        );
+    }
+    resp
+}
+
+async fn status(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(resp) = tls_reader(&daemon, &peer, tls.is_some(), &headers) {
+        return *resp;
+    }
+    Json(daemon.status().await).into_response()
+}
+
+async fn tokens(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(resp) = tls_reader(&daemon, &peer, tls.is_some(), &headers) {
+        return *resp;
+    }
+    Json(daemon.tokens()).into_response()
+}
+
+/// `GET /v1/profile?profile=NAME`: how a profile the caller may use signs.
+async fn profile(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    query: Result<Query<signet_protocol::wire::ProfileQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let query = query.map(|Query(q)| q).map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("bad query: {}", e.body_text()),
+        )
+    });
+    let options = query.and_then(|q| {
+        authenticate(&daemon, &peer, tls.is_some(), &headers)
+            .and_then(|caller| daemon.profile_options(q.profile.as_deref(), &caller))
+    });
+    match options {
+        Ok(o) => Json(o).into_response(),
+        Err(e) => error_response(&daemon, e),
+    }
+}
+
+async fn sign(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    query: Result<Query<SignQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let over_tls = tls.is_some();
+    let caller = authenticate(&daemon, &peer, over_tls, &headers);
+    let transport = jobs::transport(&peer, over_tls);
+    job(
+        daemon,
+        &peer,
+        transport,
+        caller,
+        v1_query(query),
+        headers,
+        body,
+        false,
+    )
+    .await
+}
+
+async fn sign_batch(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    query: Result<Query<SignQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let over_tls = tls.is_some();
+    let caller = authenticate(&daemon, &peer, over_tls, &headers);
+    let transport = jobs::transport(&peer, over_tls);
+    job(
+        daemon,
+        &peer,
+        transport,
+        caller,
+        v1_query(query),
+        headers,
+        body,
+        true,
+    )
+    .await
+}
+
+/// `POST /api/sign`, the Handtokening-compatible front: the same job, its query
+/// names and its `{"detail"}` errors.
+async fn api_sign(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let over_tls = tls.is_some();
+    let caller = authenticate(&daemon, &peer, over_tls, &headers);
+    let transport = jobs::transport(&peer, over_tls);
+    let disposition = headers
+        .get(header::CONTENT_DISPOSITION)
+        .and_then(|v| v.to_str().ok());
+    let query = handtokening::sign_query(query.as_deref().unwrap_or(""), disposition);
+    let resp = job(
+        daemon, &peer, transport, caller, query, headers, body, false,
+    )
+    .await;
+    if resp.status().is_success() {
+        return resp;
+    }
+    let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
+    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 10)
+        .await
+        .unwrap_or_default();
+    let e = serde_json::from_slice::<ErrorBody>(&bytes)
+        .unwrap_or_else(|_| ErrorBody::new(ErrorCode::Internal, "the job failed"));
+    let (status, body) = handtokening::detail(&e);
+    let mut resp = (
+        axum::http::StatusCode::from_u16(status)
+            .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
+        Json(body),
+    )
+        .into_response();
+    if let Some(v) = retry_after {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+fn authenticate(
+    daemon: &Daemon,
+    peer: &Peer,
+    over_tls: bool,
+    headers: &HeaderMap,
+) -> Result<Caller, ErrorBody> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    daemon.authenticate(peer, over_tls, authorization)
+}
+
+fn v1_query(query: Result<Query<SignQuery>, QueryRejection>) -> Result<SignQuery, ErrorBody> {
+    query.map(|Query(q)| q).map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!(
+                "bad query: {}; the parameters are profile, filename, description, url, mode (whole|digest) and response (complete|pkcs7)",
+                e.body_text()
+            ),
+        )
+    })
+}
+
+/// A job from any front: who is calling (or why they are refused), what they ask.
+#[allow(clippy::too_many_arguments)]
+async fn job(
+    daemon: Arc<Daemon>,
+    peer: &Peer,
+    transport: &'static str,
+    caller: Result<Caller, ErrorBody>,
+    query: Result<SignQuery, ErrorBody>,
+    headers: HeaderMap,
+    body: Body,
+    is_batch: bool,
+) -> Response {
+    let (profile, filename) = query
+        .as_ref()
+        .map(|q| (q.profile.clone(), q.filename.clone()))
+        .unwrap_or_default();
+    let header_str = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let content_length: Option<u64> =
+        header_str(header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok());
+    // The audit's name for the caller: who it proved to be, else what the transport saw.
+    let who = match (&caller, peer) {
+        (Ok(c), _) => c.key(),
+        // Only credentials over TLS can fail: the peer is a TCP address.
+        (Err(_), Peer::Tcp { addr }) => Caller::Anonymous {
+            addr: addr.to_string(),
+        }
+        .key(),
+        (Err(_), other) => daemon.identify(other).key(),
+    };
+    let accepted = caller.and_then(|caller| query.and_then(|q| daemon.accept(&q, &caller)));
+    let started = accepted.and_then(|job| {
+        if content_length.is_some_and(|n| n > job.max_input_size) {
+            return Err(limits::too_large(job.max_input_size));
+        }
+        daemon.start(&job).map(|slot| (job, slot))
+    });
+    let (job, slot) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            daemon.refuse(&who, transport, profile.as_deref(), filename.as_deref(), &e);
+            // Answered at once, from the headers: the body is not read first. The
+            // connection then reads and drops what the client still sends before it
+            // closes (`serve`), so the client reads this answer, not a reset.
+            drop(body);
+            return error_response(&daemon, e);
+        }
+    };
+    let idle = Duration::from_secs(daemon.config().limits.body_idle_timeout_seconds);
+    let (body, tripped) = limits::limit(body, job.max_input_size, idle);
+    let content_type = if is_batch {
+        header_str(header::CONTENT_TYPE.as_str()).unwrap_or_default()
+    } else {
+        "application/octet-stream".to_owned()
+    };
+    let kind = if is_batch { Kind::Batch } else { Kind::Sign };
+    let submitted = daemon
+        .submit(
+            &job,
+            transport,
+            kind,
+            header_str(IDEMPOTENCY_HEADER),
+            &content_type,
+            content_length,
+            body,
+        )
+        .await;
+    let id = match submitted {
+        Ok(id) => id,
+        Err(e) => {
+            let e = tripped.error(job.max_input_size, idle).unwrap_or(e);
+            tracing::info!(caller = %job.caller.key(), transport, profile = %job.profile, code = %e.code, "upload refused part-way: {}", e.message);
+            return e.into_response();
+        }
+    };
+    let respond_async = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|p| p.trim() == "respond-async"));
+    if respond_async {
+        // RFC 7240: answer now with the job; the result is fetched later.
+        let mut resp = match daemon.job(&id, &job.caller) {
+            Ok(v) => (http::StatusCode::ACCEPTED, Json(v)).into_response(),
+            Err(e) => e.into_response(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            resp.headers_mut().insert(JOB_HEADER, v);
+        }
+        return resp;
+    }
+    daemon.wait(&id).await;
+    let mut resp = deliver(&daemon, &id, &job.caller).await;
+    if resp.status().is_success() && !is_batch && job.agent_query.response == SignResponse::Pkcs7 {
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/pkcs7-signature"),
+        );
+    }
+    hold_until_sent(resp, slot)
+}
+
+/// The result of job `id` as an answer: the signed file (a batch's parts re-framed),
+/// or the job's error; both carry the job id.
+async fn deliver(daemon: &Arc<Daemon>, id: &str, caller: &Caller) -> Response {
+    let mut resp = match daemon.result(id, caller).await {
+        Ok(d) => {
+            let stream = tokio_util::io::ReaderStream::new(d.file);
+            match d.kind {
+                Kind::Batch => {
+                    let Ok(boundary) = multer::parse_boundary(&d.content_type) else {
+                        return ErrorBody::new(
+                            ErrorCode::Internal,
+                            "the agent answered a batch without parts",
+                        )
+                        .into_response();
+                    };
+                    let out = batch::new_boundary();
+                    let mut r = Body::from_stream(reframe(
+                        Body::from_stream(stream),
+                        boundary,
+                        out.clone(),
+                        d.id.clone(),
+                    ))
+                    .into_response();
+                    if let Ok(v) = HeaderValue::from_str(&batch::content_type(&out)) {
+                        r.headers_mut().insert(header::CONTENT_TYPE, v);
+                    }
+                    r
+                }
+                Kind::Sign => {
+                    let mut r = Body::from_stream(stream).into_response();
+                    if let Ok(v) = HeaderValue::from_str(&d.content_type) {
+                        r.headers_mut().insert(header::CONTENT_TYPE, v);
+                    }
+                    r.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(d.len));
+                    r
+                }
+            }
+        }
+        Err(e) => e.into_response(),
+    };
+    if resp.status().is_success() {
+        let len = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        resp =
+            resp.map(|b| Body::from_stream(when_streamed(b.into_data_stream(), len, daemon, id)));
+    }
+    if let Ok(v) = HeaderValue::from_str(id) {
+        resp.headers_mut().insert(JOB_HEADER, v);
+    }
+    resp
+}
+
+async fn get_job(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let view = authenticate(&daemon, &peer, tls.is_some(), &headers)
+        .and_then(|caller| daemon.job(&id, &caller));
+    match view {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error_response(&daemon, e),
+    }
+}
+
+async fn cancel_job(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let view = authenticate(&daemon, &peer, tls.is_some(), &headers)
+        .and_then(|caller| daemon.cancel(&id, &caller));
+    match view {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error_response(&daemon, e),
+    }
+}
+
+async fn job_result(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let caller = match authenticate(&daemon, &peer, tls.is_some(), &headers) {
+        Ok(c) => c,
+        Err(e) => return error_response(&daemon, e),
+    };
+    // Known to the caller: wait for it to end, then answer as POST /v1/sign would have.
+    if let Err(e) = daemon.job(&id, &caller) {
+        return e.into_response();
+    }
+    daemon.wait(&id).await;
+    deliver(&daemon, &id, &caller).await
+}
+
+/// Re-frames the agent's batch answer for the caller, part by part as it streams:
+/// signed files pass through untouched, error parts go through [`client_view`].
+fn reframe(
+    incoming: Body,
+    boundary: String,
+    out_boundary: String,
+    job: String,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send {
+    use futures_util::stream;
+    let mp = multer::Multipart::new(incoming.into_data_stream(), boundary);
+
+    // State: the parser, the part being copied (if any), whether a part was written.
+    stream::unfold(
+        (mp, None::<multer::Field<'static>>, false, false),
+        move |(mut mp, mut current, mut wrote, done)| {
+            let out_boundary = out_boundary.clone();
+            let job = job.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                if let Some(field) = current.as_mut() {
+                    match field.chunk().await {
+                        Ok(Some(chunk)) => return Some((Ok(chunk), (mp, current, wrote, false))),
+                        // multer hands out the next part only once this one is dropped.
+                        Ok(None) => drop(current.take()),
+                        Err(e) => {
+                            return Some((
+                                Err({
+                                    tracing::warn!(error = ?e, "batch answer from the agent broke off");
+                                    std::io::Error::other(e)
+                                }),
+                                (mp, None, wrote, true),
+                            ))
+                        }
+                    }
+                }
+                match mp.next_field().await {
+                    Ok(Some(field)) => {
+                        let filename = field.file_name().unwrap_or_default().to_owned();
+                        let is_error = field
+                            .headers()
+                            .get(batch::RESULT_HEADER)
+                            .is_some_and(|v| v.as_bytes() == b"error");
+                        let first = !wrote;
+                        wrote = true;
+                        if is_error {
+                            let bytes = match field.bytes().await {
+                                Ok(b) => b,
+                                Err(e) => {
+                                    return Some((
+                                        Err({
+                                            tracing::warn!(error = ?e, "batch answer from the agent broke off");
+                                            std::io::Error::other(e)
+                                        }),
+                                        (mp, None, wrote, true),
+                                    ))
+                                }
+                            };
+                            let e =
+                                serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| {
+                                    ErrorBody::new(
+                                        ErrorCode::Internal,
+                                        "the agent sent an unreadable error",
+                                    )
+                                });
+                            let e = client_view(&job, e);
+                            let json = serde_json::to_string(&e).unwrap_or_default();
+                            let mut part = batch::part_head(
+                                &out_boundary,
+                                &filename,
+                                "application/json",
+                                &[(batch::RESULT_HEADER.to_owned(), "error".to_owned())],
+                                first,
+                            )
+                            .to_vec();
+                            part.extend_from_slice(json.as_bytes());
+                            Some((Ok(bytes::Bytes::from(part)), (mp, None, wrote, false)))
+                        } else {
+                            let head = batch::part_head(
+                                &out_boundary,
+                                &filename,
+                                "application/octet-stream",
+                                &[(batch::RESULT_HEADER.to_owned(), "signed".to_owned())],
+                                first,
+                            );
+                            Some((Ok(head), (mp, Some(field), wrote, false)))
+                        }
+                    }
+                    Ok(None) => Some((
+                        Ok(batch::closing(&out_boundary, !wrote)),
+                        (mp, None, wrote, true),
+                    )),
+                    Err(e) => Some((
+                        Err({
+                            tracing::warn!(error = ?e, "batch answer from the agent broke off");
+                            std::io::Error::other(e)
+                        }),
+                        (mp, None, wrote, true),
+                    )),
+                }
+            }
+        },
+    )
+}
+
+/// `stream`, telling the daemon once it has been read to its end without an error
+/// ([`Daemon::delivered`]); a stream dropped before (the client went away) tells nothing.
+fn when_streamed<S, E>(
+    stream: S,
+    len: Option<u64>,
+    daemon: &Arc<Daemon>,
+    id: &str,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, E>> + Send + 'static
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Send + Unpin + 'static,
+    E: Send + 'static,
+{
+    let done = Some((daemon.clone(), id.to_owned()));
+    futures_util::stream::unfold(
+        (stream, done, 0u64),
+        move |(mut stream, mut done, mut sent)| async move {
+            let told = |done: &mut Option<(Arc<Daemon>, String)>| {
+                if let Some((daemon, id)) = done.take() {
+                    daemon.delivered(&id);
+                }
+            };
+            match stream.next().await {
+                Some(Ok(b)) => {
+                    sent += b.len() as u64;
+                    // hyper stops polling once a known length is sent: the last byte
+                    // is the end.
+                    if len.is_some_and(|l| sent >= l) {
+                        told(&mut done);
+                    }
+                    Some((Ok(b), (stream, done, sent)))
+                }
+                Some(Err(e)) => Some((Err(e), (stream, None, sent))),
+                None => {
+                    told(&mut done);
+                    None
+                }
+            }
+        },
+    )
+}
+
+/// Keeps the caller's job slot until the answer has been streamed out.
+fn hold_until_sent(resp: Response, slot: crate::core::policy::Slot) -> Response {
+    let (parts, body) = resp.into_parts();
+    let stream = body.into_data_stream().map(move |chunk| {
+        let _slot = &slot;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
+}

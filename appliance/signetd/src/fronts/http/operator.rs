@@ -1,0 +1,121 @@
+//! The operator's HTTP routes (`/v1/operator/...`), for root on the host's unix
+//! socket. Thin: each authenticates the caller, checks it is an operator
+//! ([`crate::services::ops::check_operator`]) and calls one [`Daemon`] command.
+
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use signet_protocol::operator::{
+    AUDIT_PATH, AUDIT_VERIFY_PATH, CANCEL_PATH, DOCTOR_PATH, JOBS_PATH,
+};
+use signet_protocol::transport::Peer;
+use signet_protocol::wire::ErrorBody;
+
+use crate::serve::OverTls;
+use crate::services::daemon::Daemon;
+use crate::services::ops::{self, check_operator};
+
+pub fn routes() -> Router<Arc<Daemon>> {
+    Router::new()
+        .route(JOBS_PATH, get(jobs))
+        .route(CANCEL_PATH, axum::routing::delete(cancel))
+        .route(AUDIT_PATH, get(audit))
+        .route(AUDIT_VERIFY_PATH, get(audit_verify))
+        .route(DOCTOR_PATH, get(doctor))
+}
+
+fn operator(
+    daemon: &Daemon,
+    peer: &Peer,
+    tls: Option<Extension<OverTls>>,
+    headers: &HeaderMap,
+) -> Result<crate::services::operate::Operator, ErrorBody> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let caller = daemon.authenticate(peer, tls.is_some(), authorization)?;
+    check_operator(&caller)?;
+    Ok(crate::services::operate::Operator::local(&caller))
+}
+
+fn answer<T: serde::Serialize>(r: Result<T, ErrorBody>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct JobsQuery {
+    recent: Option<u64>,
+}
+
+async fn jobs(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+    Query(q): Query<JobsQuery>,
+) -> Response {
+    answer(
+        operator(&daemon, &peer, tls, &headers)
+            .and_then(|_| daemon.jobs(q.recent.unwrap_or(ops::RECENT_JOBS))),
+    )
+}
+
+async fn cancel(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    answer(operator(&daemon, &peer, tls, &headers).and_then(|op| daemon.cancel_by(&op, &id)))
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    n: Option<u64>,
+    since: Option<String>,
+}
+
+async fn audit(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Response {
+    answer(
+        operator(&daemon, &peer, tls, &headers).and_then(|_| match (&q.since, q.n) {
+            (Some(since), _) => daemon.audit_since(Some(since)),
+            (None, n) => daemon.audit_tail(n.unwrap_or(ops::AUDIT_TAIL)),
+        }),
+    )
+}
+
+async fn audit_verify(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+) -> Response {
+    answer(operator(&daemon, &peer, tls, &headers).and_then(|_| daemon.audit_verify()))
+}
+
+async fn doctor(
+    State(daemon): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    tls: Option<Extension<OverTls>>,
+    headers: HeaderMap,
+) -> Response {
+    match operator(&daemon, &peer, tls, &headers) {
+        Ok(_) => Json(daemon.doctor().await).into_response(),
+        Err(e) => e.into_response(),
+    }
+}

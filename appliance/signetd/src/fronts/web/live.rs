@@ -1,0 +1,188 @@
+//! The overview's live state: read from the daemon while someone watches (a browser
+//! holding `GET /events` open), every `refresh_seconds` and right after an action, and
+//! sent to the watchers when it changed. It also remembers since when the verdict has
+//! been what it is ("Token unplugged since 10:42").
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::model::Overview;
+use super::Web;
+use crate::services::daemon::Daemon;
+
+/// The overview as last read.
+#[derive(Debug)]
+pub struct Live {
+    tx: watch::Sender<Option<Arc<Overview>>>,
+    /// The verdict's key and when it became that, in ms since the epoch.
+    since: Mutex<Option<(String, u64)>>,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Live {
+            tx: watch::channel(None).0,
+            since: Mutex::new(None),
+        }
+    }
+}
+
+impl Live {
+    /// Reads the overview now and tells the watchers if it changed.
+    pub async fn refresh(&self, daemon: &Daemon) -> Arc<Overview> {
+        let status = daemon.status().await;
+        let signed = signed_last_hour(daemon).await;
+        self.publish(
+            Overview::of(&status, signed),
+            crate::adapters::store::now_ms(),
+        )
+    }
+
+    /// Takes `overview` as read at `now_ms`: notes since when its verdict holds and
+    /// tells the watchers when anything changed.
+    pub fn publish(&self, mut overview: Overview, now_ms: u64) -> Arc<Overview> {
+        let since_ms = {
+            let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+            match &*since {
+                Some((key, at)) if *key == overview.verdict.key => *at,
+                _ => {
+                    *since = Some((overview.verdict.key.clone(), now_ms));
+                    now_ms
+                }
+            }
+        };
+        // The host knows better when a token's situation began (its last change).
+        overview.since = Some(hh_mm(overview.verdict.since_ms.unwrap_or(since_ms)));
+        let overview = Arc::new(overview);
+        self.tx.send_if_modified(|cur| {
+            if cur.as_deref() == Some(&*overview) {
+                false
+            } else {
+                *cur = Some(overview.clone());
+                true
+            }
+        });
+        overview
+    }
+
+    /// A receiver that sees the current overview first, then each change.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Overview>>> {
+        let mut rx = self.tx.subscribe();
+        rx.mark_changed();
+        rx
+    }
+
+    /// Browsers watching now.
+    pub fn watchers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+}
+
+/// `HH:MM UTC` of a time in ms since the epoch.
+fn hh_mm(ms: u64) -> String {
+    let t = super::model::time_ms(ms);
+    format!("{} UTC", t.get(11..16).unwrap_or(""))
+}
+
+async fn signed_last_hour(daemon: &Daemon) -> u64 {
+    // As the audit log writes times (RFC 3339, UTC, milliseconds), which sort as text.
+    let hour_ago = crate::adapters::store::now_ms().saturating_sub(3_600_000);
+    let since = format!("{}.000Z", super::model::time_ms(hour_ago).replace(' ', "T"));
+    let db = daemon
+        .config()
+        .state_dir
+        .join(crate::adapters::store::DB_FILE);
+    tokio::task::spawn_blocking(move || {
+        let conn = super::pages::open_read_only(&db).ok()?;
+        super::query::signed_since(&conn, &since).ok()
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or(0)
+}
+
+/// Re-reads the overview every `period` while anyone watches. Runs for the daemon's
+/// life.
+pub async fn run(web: Arc<Web>, period: Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+        if web.live.watchers() > 0 {
+            web.live.refresh(&web.daemon).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use signet_protocol::wire::{AgentReport, DaemonStatus, ErrorBody, ErrorCode};
+
+    fn overview(reachable: bool, signed: u64) -> Overview {
+        let agent = if reachable {
+            AgentReport::Reachable {
+                endpoint: "unix:/a".into(),
+                health: Box::new(
+                    serde_json::from_value(serde_json::json!({
+                        "version": "0.1.0", "state": "token_missing", "detail": "no token",
+                        "module": "/m.so", "signer": "osslsigncode 2.9"
+                    }))
+                    .unwrap(),
+                ),
+            }
+        } else {
+            AgentReport::Unreachable {
+                endpoint: "unix:/a".into(),
+                error: ErrorBody::new(ErrorCode::AgentUnavailable, "down"),
+            }
+        };
+        Overview::of(
+            &DaemonStatus {
+                version: "0.1.0".into(),
+                signing_works: false,
+                default_profile: None,
+                profiles: vec![],
+                agent,
+                queue: None,
+                recovery: vec![],
+                tokens: None,
+                faults: vec![],
+            },
+            signed,
+        )
+    }
+
+    const T0: u64 = 1_795_430_520_000; // 2026-11-23 10:42 UTC
+
+    #[test]
+    fn the_verdict_keeps_its_since_time_until_it_changes_and_watchers_see_changes_only() {
+        let live = Live::default();
+        let mut rx = live.subscribe();
+        let first = live.publish(overview(true, 0), T0);
+        assert_eq!(first.verdict.headline, "Token unplugged");
+        assert_eq!(first.since.as_deref(), Some("10:42 UTC"));
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        // The same state later: still since 10:42, and nothing new for the watchers.
+        let same = live.publish(overview(true, 0), T0 + 600_000);
+        assert_eq!(same.since.as_deref(), Some("10:42 UTC"));
+        assert!(!rx.has_changed().unwrap());
+        // Something else changed (a signature counted): sent, since kept.
+        live.publish(overview(true, 1), T0 + 700_000);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(
+            rx.borrow_and_update().as_ref().unwrap().since.as_deref(),
+            Some("10:42 UTC")
+        );
+        // Another verdict starts its own time.
+        let down = live.publish(overview(false, 1), T0 + 900_000);
+        assert_eq!(down.verdict.key, "agent_unreachable");
+        assert_eq!(down.since.as_deref(), Some("10:57 UTC"));
+        assert!(rx.has_changed().unwrap());
+        // A new watcher gets the current state first.
+        let fresh = live.subscribe();
+        assert!(fresh.has_changed().unwrap());
+    }
+}

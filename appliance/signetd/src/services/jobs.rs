@@ -1,0 +1,1215 @@
+//! The durable job path: a request is recorded, its input spooled, the job queued;
+//! one worker per token takes the next job ([`crate::core::queue`]), streams the spooled
+//! input to the agent, spools the result and ends the job with its audit record; the
+//! request that is waiting (or any later `GET /v1/jobs/{id}/result`) streams the result.
+//!
+//! These are [`Daemon`] commands; the HTTP front calls them and renders the results.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use futures_util::StreamExt;
+use http::header;
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use signet_protocol::client;
+use signet_protocol::transport::Peer;
+use signet_protocol::wire::{
+    AgentHealth, ErrorBody, ErrorCode, JobState, JobView, QueueStatus, AGENT_BATCH_PATH,
+    AGENT_HEALTH_PATH, AGENT_SIGN_PATH,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{watch, Notify};
+use tracing::Instrument;
+
+use crate::adapters::audit::{self, Entry, Outcome};
+use crate::adapters::store::{self, Inserted, JobRow, Kind, NewJob, Store, StoreError};
+use crate::core::policy::Caller;
+use crate::core::queue::Queue;
+use crate::core::timeline::Seen;
+use crate::services::daemon::{client_view, Daemon, Job};
+
+/// How long the worker waits before it sends a job back to a token that was lost.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// How often expired results are removed, at most.
+const JANITOR_PERIOD: Duration = Duration::from_secs(60);
+/// The longest idempotency key accepted.
+const MAX_KEY_LEN: usize = 200;
+
+/// The transport a request came over, as the audit log names it: `vsock`, `unix`,
+/// `tcp`, or `tls` (TCP with TLS).
+pub fn transport(peer: &Peer, over_tls: bool) -> &'static str {
+    match peer {
+        Peer::Vsock { .. } => "vsock",
+        Peer::Unix { .. } => "unix",
+        Peer::Tcp { .. } if over_tls => "tls",
+        Peer::Tcp { .. } => "tcp",
+    }
+}
+
+/// The queue's in-memory half (the durable half is the `jobs` table).
+#[derive(Debug, Default)]
+pub(crate) struct Sched {
+    queue: Queue,
+    running: Option<String>,
+}
+
+/// The job engine's state inside [`Daemon`].
+#[derive(Debug)]
+pub(crate) struct Engine {
+    store: Arc<Store>,
+    sched: Mutex<Sched>,
+    wake: Notify,
+    done: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// The token's serial and certificate fingerprint, from the agent's health.
+    token: Mutex<Option<(Option<String>, Option<String>)>>,
+    /// Set while the host shuts down: no new jobs, the worker starts none.
+    draining: std::sync::atomic::AtomicBool,
+    /// signetd is stopping ([`Daemon::stop`]): uploads are cut, waiting requests are
+    /// told their job stays queued — all but the job at the token's until `Closing`.
+    stopping: watch::Sender<Stopping>,
+    /// Notified whenever the worker ends a job.
+    idle: Notify,
+    /// The id of every job that ends (signed, failed, cancelled), for D-Bus signals.
+    finished: tokio::sync::broadcast::Sender<String>,
+    /// Counts the agent's restarts seen ([`Daemon::agent_restarted`]): a job at the
+    /// agent when it changes will never be answered.
+    agent_epoch: watch::Sender<u64>,
+    /// Jobs that ended in the crash recovery at start (uploads cut short), before
+    /// anything could listen to `finished`: the D-Bus front announces them first.
+    ended_at_start: Vec<String>,
+    /// The job database failed the last time it was written, and why (for the status).
+    store_fault: Mutex<Option<String>>,
+}
+
+/// Where signetd is in stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Stopping {
+    No,
+    /// New work is refused; the job at the token may end.
+    Draining,
+    /// Every waiting request is answered; the process ends.
+    Closing,
+}
+
+/// A finished job's result, ready to stream.
+#[derive(Debug)]
+pub struct Delivery {
+    pub id: String,
+    pub kind: Kind,
+    pub content_type: String,
+    pub len: u64,
+    pub file: tokio::fs::File,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn internal(job: &str, what: &str, e: &dyn std::fmt::Display) -> ErrorBody {
+    tracing::error!(job, error = %e, "{what}");
+    ErrorBody::new(
+        ErrorCode::Internal,
+        format!("the appliance failed internally ({what}); the appliance's operator sees details in signetd's log (job {job})"),
+    )
+}
+
+/// The disk under the state directory is full: the caller may send again later; the
+/// operator is told where.
+fn disk_full(state_dir: &Path, job: &str, e: &dyn std::fmt::Display) -> ErrorBody {
+    tracing::error!(job, error = %e, state_dir = %state_dir.display(), "the disk of the state directory is full; free space on it (old logs, other files) or move state_dir to a bigger disk");
+    ErrorBody::new(
+        ErrorCode::SpoolFull,
+        "the appliance's disk is full, so this upload cannot be spooled; nothing was signed, send it again later. The appliance's operator sees where in signetd's log",
+    )
+    .retryable(true)
+}
+
+impl Engine {
+    /// Opens the store under the configured state directory and recovers what a crash
+    /// left: uploads cut short fail, jobs queued or at the agent are queued again.
+    pub(crate) fn open(state_dir: &Path, quota: u64) -> Result<Engine, StoreError> {
+        let store = Arc::new(Store::open(state_dir, quota)?);
+        let engine = Engine {
+            store,
+            sched: Mutex::default(),
+            wake: Notify::new(),
+            done: Mutex::default(),
+            token: Mutex::default(),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            stopping: watch::channel(Stopping::No).0,
+            idle: Notify::new(),
+            finished: tokio::sync::broadcast::channel(256).0,
+            agent_epoch: watch::channel(0).0,
+            ended_at_start: Vec::new(),
+            store_fault: Mutex::default(),
+        };
+        let ended = engine.recover()?;
+        Ok(Engine {
+            ended_at_start: ended,
+            ..engine
+        })
+    }
+
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Recovers what a crash left; the ids of the jobs that this ended.
+    fn recover(&self) -> Result<Vec<String>, StoreError> {
+        let mut ended = Vec::new();
+        for row in self.store.in_state(JobState::Receiving)? {
+            let e = ErrorBody::new(
+                ErrorCode::TruncatedInput,
+                "signetd restarted while this file was being uploaded; nothing was signed, send it again",
+            );
+            self.store.finish(
+                &row.id,
+                JobState::Failed,
+                None,
+                Some(&e),
+                &entry(&row, Outcome::Failed, Some(e.code)),
+            )?;
+            self.store.remove_spooled(&self.store.input_path(&row.id));
+            ended.push(row.id.clone());
+        }
+        let mut pending = self.store.in_state(JobState::Running)?;
+        pending.extend(self.store.in_state(JobState::Queued)?);
+        pending.sort_by_key(|r| r.id.parse::<u64>().unwrap_or(0));
+        let mut sched = lock(&self.sched);
+        for row in &pending {
+            if row.state == JobState::Running {
+                tracing::info!(job = %row.id, "the job was at the agent when signetd stopped; it runs again");
+                self.store.requeue(&row.id)?;
+            }
+            sched.queue.push(&row.caller, &row.id);
+        }
+        drop(sched);
+        if !pending.is_empty() {
+            tracing::info!(jobs = pending.len(), "queued jobs resumed");
+        }
+        // Spool files of no live job (a crash between the commit and the removal).
+        let live = self.store.live_ids()?;
+        let pending: std::collections::HashSet<&str> =
+            pending.iter().map(|r| r.id.as_str()).collect();
+        for e in std::fs::read_dir(self.store.spool_dir())? {
+            let path = e?.path();
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+            let is_input = path.extension().is_some_and(|x| x == "in");
+            if !live.contains(stem) || (is_input && !pending.contains(stem)) {
+                self.store.remove_spooled(&path);
+            }
+        }
+        Ok(ended)
+    }
+
+    /// Why the job database failed when last written, while it does.
+    pub(crate) fn store_fault(&self) -> Option<String> {
+        lock(&self.store_fault).clone()
+    }
+
+    /// Notes how the last write to the job database went.
+    fn store_wrote(&self, result: Result<(), &StoreError>) {
+        let mut fault = lock(&self.store_fault);
+        match result {
+            Ok(()) => {
+                if fault.take().is_some() {
+                    tracing::info!("the job database is written again");
+                }
+            }
+            Err(e) => {
+                let why = if e.disk_full() {
+                    "the disk of the state directory is full, so jobs cannot be recorded; free space on it".to_owned()
+                } else {
+                    format!("jobs cannot be recorded: {e}")
+                };
+                *fault = Some(why);
+            }
+        }
+    }
+
+    /// The jobs the crash recovery at start ended.
+    pub(crate) fn ended_at_start(&self) -> &[String] {
+        &self.ended_at_start
+    }
+
+    /// The ids of jobs as they end.
+    pub(crate) fn finished(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.finished.subscribe()
+    }
+
+    fn notify_done(&self, id: &str) {
+        let _ = self.finished.send(id.to_owned());
+        if let Some(tx) = lock(&self.done).remove(id) {
+            tx.send_replace(true);
+        }
+    }
+}
+
+/// What an idempotency key is bound to besides the body: the SHA-256 (hex) of the
+/// job's kind and the request as the caller asked it.
+fn request_sha256(kind: &Kind, asked: &signet_protocol::wire::SignQuery) -> String {
+    let kind = match kind {
+        Kind::Sign => "sign",
+        Kind::Batch => "batch",
+    };
+    let query = serde_urlencoded::to_string(asked).unwrap_or_default();
+    audit::hex(&Sha256::digest(format!("{kind}?{query}").as_bytes()))
+}
+
+/// The audit entry of a job, as far as the row knows it.
+fn entry(row: &JobRow, result: Outcome, error: Option<ErrorCode>) -> Entry {
+    Entry {
+        job: Some(row.id.clone()),
+        caller: row.caller.clone(),
+        transport: row.transport.clone(),
+        profile: Some(row.profile.clone()),
+        filename: row.filename.clone(),
+        input_sha256: row.input_sha256.clone(),
+        input_bytes: row.input_bytes,
+        result: Some(result),
+        error: error.map(|c| c.as_str().to_owned()),
+        ..Entry::default()
+    }
+}
+
+impl Daemon {
+    /// Records a request refused before it became a job (credentials, grant, unknown
+    /// profile, bad name, limits). `caller` is the audit identity: the authenticated
+    /// caller's [`Caller::key`], or what the transport saw when authentication failed.
+    pub fn refuse(
+        &self,
+        caller: &str,
+        transport: &str,
+        profile: Option<&str>,
+        filename: Option<&str>,
+        e: &ErrorBody,
+    ) {
+        let refused = crate::core::refusals::Refused {
+            caller: caller.to_owned(),
+            transport: transport.to_owned(),
+            profile: profile.map(str::to_owned),
+            filename: filename.map(str::to_owned),
+            code: e.code.as_str().to_owned(),
+        };
+        let out = self.refusals().refused(refused, std::time::Instant::now());
+        if out.is_empty() {
+            // Counted; recorded with the others of this caller when the interval ends.
+            tracing::debug!(%caller, transport, code = %e.code, "request refused again: {}", e.message);
+            return;
+        }
+        tracing::info!(
+            %caller,
+            transport,
+            profile = profile.unwrap_or("-"),
+            file = filename.unwrap_or("-"),
+            code = %e.code,
+            "request refused: {}",
+            e.message
+        );
+        self.record_refusals(out);
+    }
+
+    /// Writes coalesced refusals ([`crate::core::refusals`]) to the audit log.
+    fn record_refusals(&self, out: Vec<crate::core::refusals::ToRecord>) {
+        for t in out {
+            let entry = Entry {
+                caller: t.refused.caller,
+                transport: t.refused.transport,
+                profile: t.refused.profile,
+                filename: t.refused.filename,
+                error: Some(t.refused.code),
+                count: t.count,
+                ..Entry::default()
+            };
+            if let Some(n) = t.count {
+                tracing::info!(caller = %entry.caller, code = entry.error.as_deref().unwrap_or("-"), count = n, "more requests were refused in the last interval");
+            }
+            if let Err(err) = audit::record_refusal(&self.engine().store.conn(), &entry) {
+                tracing::error!(error = %err, "a refusal could not be recorded in the audit log");
+            }
+        }
+    }
+
+    /// Records the counts of refusals whose interval has passed, for the daemon's
+    /// life (`[limits] refusal_interval_seconds`).
+    pub async fn run_refusal_flush(self: Arc<Self>) {
+        loop {
+            // Read each time: a reload may change the interval.
+            let interval = self.config().limits.refusal_interval_seconds.max(1);
+            let period = Duration::from_secs(interval.div_ceil(4).clamp(1, 15));
+            tokio::time::sleep(period).await;
+            let due = self.refusals().due(std::time::Instant::now());
+            self.record_refusals(due);
+        }
+    }
+
+    /// Records every refusal still counted (at shutdown).
+    pub fn flush_refusals(&self) {
+        let all = self.refusals().drain();
+        self.record_refusals(all);
+    }
+
+    /// Records the job and spools its input (`body`); answers the job's id once it is
+    /// queued. A request with the idempotency key of one of the caller's jobs gets that
+    /// job, and its body is not read. The job's lane in the queue and its owner is
+    /// `job.caller` ([`Caller::key`]).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn submit(
+        &self,
+        job: &Job,
+        transport: &str,
+        kind: Kind,
+        key: Option<String>,
+        content_type: &str,
+        content_length: Option<u64>,
+        body: Body,
+    ) -> Result<String, ErrorBody> {
+        let engine = self.engine();
+        let store = &engine.store;
+        let caller = job.caller.key();
+        if let Some(k) = &key {
+            if k.is_empty() || k.len() > MAX_KEY_LEN || !k.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} printable ASCII characters, e.g. a UUID"),
+                ));
+            }
+        }
+        if kind == Kind::Batch && multer::parse_boundary(content_type).is_err() {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                "a batch is multipart/form-data with one part per file (curl -F file=@a.exe -F file=@b.dll)",
+            ));
+        }
+        let full = |what: String| {
+            let (used, quota) = store.spool_usage();
+            ErrorBody::new(
+                ErrorCode::SpoolFull,
+                format!("the appliance's spool has no room for {what} now ({} of {} MiB in use); nothing was uploaded or signed, send it again later", used >> 20, quota >> 20),
+            )
+        };
+        if engine.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            let e = ErrorBody::new(
+                ErrorCode::ShuttingDown,
+                "the appliance is stopping (signetd restarts, or its host shuts down or reboots); nothing was uploaded or signed, send it again in a few minutes",
+            )
+            .retryable(true);
+            self.refuse(
+                &caller,
+                transport,
+                Some(&job.profile),
+                job.agent_query.filename.as_deref(),
+                &e,
+            );
+            return Err(e);
+        }
+        let mut reserved = 0u64;
+        if let Some(len) = content_length {
+            if !store.reserve(len) {
+                let e = full(format!("this {len}-byte upload"));
+                self.refuse(
+                    &caller,
+                    transport,
+                    Some(&job.profile),
+                    job.agent_query.filename.as_deref(),
+                    &e,
+                );
+                return Err(e);
+            }
+            reserved = len;
+        }
+        let agent_query = serde_urlencoded::to_string(&job.agent_query)
+            .map_err(|e| internal("-", "encoding the agent query", &e))?;
+        let request = request_sha256(&kind, &job.asked);
+        let inserted = store.insert(&NewJob {
+            caller: caller.clone(),
+            transport: transport.to_owned(),
+            idempotency_key: key.clone(),
+            kind,
+            profile: job.profile.clone(),
+            filename: job.agent_query.filename.clone(),
+            agent_query,
+            content_type: content_type.to_owned(),
+            request_sha256: Some(request.clone()),
+        });
+        engine.store_wrote(inserted.as_ref().map(|_| ()));
+        let id = match inserted {
+            Ok(Inserted::New(id)) => id,
+            Ok(Inserted::Existing(id)) => {
+                store.release(reserved);
+                let same = self
+                    .same_request(&id, key.as_deref().unwrap_or_default(), &request, body)
+                    .await;
+                if let Err(e) = &same {
+                    self.refuse(
+                        &caller,
+                        transport,
+                        Some(&job.profile),
+                        job.agent_query.filename.as_deref(),
+                        e,
+                    );
+                } else {
+                    tracing::info!(job = %id, %caller, "idempotency key seen before, same request: same job");
+                }
+                return same;
+            }
+            Err(e) => {
+                store.release(reserved);
+                return Err(if e.disk_full() {
+                    disk_full(&self.config().state_dir, "-", &e)
+                } else {
+                    internal("-", "recording the job", &e)
+                });
+            }
+        };
+        tracing::info!(job = %id, %caller, profile = %job.profile, file = job.agent_query.filename.as_deref().unwrap_or("-"), "job accepted");
+        let path = store.input_path(&id);
+        let spooled = {
+            let mut stop = engine.stopping.subscribe();
+            tokio::select! {
+                s = spool(store, &path, body, &mut reserved) => s,
+                _ = stop.wait_for(|s| *s != Stopping::No) => Err(Spool::Stopped),
+            }
+        };
+        store.release(reserved);
+        let (sha, n) = match spooled {
+            Ok(done) => done,
+            Err(fault) => {
+                store.remove_spooled(&path);
+                let e = match fault {
+                    Spool::Full => full("this upload".to_owned()),
+                    Spool::Broken(e) => ErrorBody::new(
+                        ErrorCode::TruncatedInput,
+                        format!("the upload broke off before the end ({e}); nothing was signed, send it again"),
+                    ),
+                    Spool::Stopped => ErrorBody::new(
+                        ErrorCode::ShuttingDown,
+                        "signetd is stopping (a restart, or the host's shutdown) and this upload was cut short; nothing was signed, send it again in a few minutes",
+                    )
+                    .retryable(true),
+                    Spool::Disk(e) if store::io_disk_full(&e) => {
+                        disk_full(&self.config().state_dir, &id, &e)
+                    }
+                    Spool::Disk(e) => internal(&id, "spooling the input", &e),
+                };
+                if let Ok(Some(row)) = store.get(&id) {
+                    let _ = store.finish(
+                        &id,
+                        JobState::Failed,
+                        None,
+                        Some(&e),
+                        &entry(&row, Outcome::Failed, Some(e.code)),
+                    );
+                }
+                engine.notify_done(&id);
+                return Err(e);
+            }
+        };
+        let queued = store.queued(&id, &sha, n);
+        engine.store_wrote(queued.as_ref().map(|_| ()));
+        queued.map_err(|e| {
+            if e.disk_full() {
+                disk_full(&self.config().state_dir, &id, &e)
+            } else {
+                internal(&id, "queueing the job", &e)
+            }
+        })?;
+        lock(&engine.sched).queue.push(&caller, &id);
+        engine.wake.notify_one();
+        Ok(id)
+    }
+
+    /// Whether a request with job `id`'s idempotency key asks what that job was asked:
+    /// the same request (kind, profile, options) and the same body, whose SHA-256 is
+    /// taken as it is read. Answers `id` when it does, `idempotency_key_reused` when
+    /// not: a key never hands out another request's result.
+    async fn same_request(
+        &self,
+        id: &str,
+        key: &str,
+        request: &str,
+        body: Body,
+    ) -> Result<String, ErrorBody> {
+        let store = &self.engine().store;
+        let reused = |what: &str| {
+            ErrorBody::new(
+                ErrorCode::IdempotencyKeyReused,
+                format!("the Idempotency-Key {key:?} was used for job {id}, which asked for {what}; a key names one request: send a new key for another file, profile or options"),
+            )
+        };
+        let bound = store
+            .request_sha256(id)
+            .map_err(|e| internal(id, "reading the job", &e))?;
+        if bound.is_some_and(|b| b != request) {
+            return Err(reused("another profile or other options"));
+        }
+        let mut hasher = Sha256::new();
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                ErrorBody::new(
+                    ErrorCode::TruncatedInput,
+                    format!("the upload broke off before the end ({e}); send it again"),
+                )
+            })?;
+            hasher.update(&chunk);
+        }
+        let sha = audit::hex(&hasher.finalize());
+        let row = store
+            .get(id)
+            .map_err(|e| internal(id, "reading the job", &e))?;
+        match row.and_then(|r| r.input_sha256) {
+            Some(s) if s == sha => Ok(id.to_owned()),
+            Some(_) => Err(reused("another file")),
+            None => Err(ErrorBody::new(
+                ErrorCode::TooManyJobs,
+                format!("job {id}, sent with this Idempotency-Key, is still being uploaded; send this request again once that upload has ended"),
+            )
+            .retryable(true)),
+        }
+    }
+
+    /// Waits until the job has ended.
+    pub async fn wait(&self, id: &str) {
+        let engine = self.engine();
+        let mut rx = lock(&engine.done)
+            .entry(id.to_owned())
+            .or_insert_with(|| watch::channel(false).0)
+            .subscribe();
+        let ended = |engine: &Engine| {
+            engine
+                .store
+                .get(id)
+                .ok()
+                .flatten()
+                .is_none_or(|r| r.state.is_final())
+        };
+        let mut stop = engine.stopping.subscribe();
+        loop {
+            if ended(engine) {
+                lock(&engine.done).remove(id);
+                return;
+            }
+            // Stopping: only the job at the token is waited for, and only while it
+            // may still end.
+            let at_token = lock(&engine.sched).running.as_deref() == Some(id);
+            match *stop.borrow_and_update() {
+                Stopping::No => {}
+                Stopping::Draining if at_token => {}
+                _ => return,
+            }
+            tokio::select! {
+                r = rx.wait_for(|d| *d) => if r.is_err() { return },
+                r = stop.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    /// Job `id`, if `caller` sent it: a caller sees and acts on its own jobs only.
+    fn caller_job(&self, id: &str, caller: &Caller) -> Result<JobRow, ErrorBody> {
+        match self.engine().store.get(id) {
+            Ok(Some(row)) if row.caller == caller.key() => Ok(row),
+            Ok(_) => Err(ErrorBody::new(
+                ErrorCode::UnknownJob,
+                format!("there is no job {id:?} of yours; job ids are in the x-signet-job header of the answer to the request that sent it"),
+            )),
+            Err(e) => Err(internal(id, "reading the job", &e)),
+        }
+    }
+
+    /// Job `id`'s result was streamed out whole: it stops counting against the spool
+    /// quota (a copy stays for a retry while there is room, see [`crate::adapters::store`]).
+    pub fn delivered(&self, id: &str) {
+        if self.engine().store.delivered(id) {
+            tracing::debug!(job = id, "result delivered");
+        }
+    }
+
+    /// A job's state, its place in the queue and an estimate.
+    pub fn job(&self, id: &str, caller: &Caller) -> Result<JobView, ErrorBody> {
+        let row = self.caller_job(id, caller)?;
+        Ok(self.view(&row))
+    }
+
+    pub(crate) fn view(&self, row: &JobRow) -> JobView {
+        let sched = lock(&self.engine().sched);
+        let position = (row.state == JobState::Queued)
+            .then(|| sched.queue.position(&row.id))
+            .flatten();
+        let estimate = match row.state {
+            JobState::Queued => sched
+                .queue
+                .estimate_ms(position.unwrap_or(0), sched.running.is_some()),
+            JobState::Running => sched.queue.estimate_ms(0, false),
+            _ => None,
+        };
+        JobView {
+            id: row.id.clone(),
+            state: row.state,
+            profile: row.profile.clone(),
+            filename: row.filename.clone(),
+            created: rfc3339(row.created_ms),
+            finished: row.finished_ms.map(rfc3339),
+            position: position.map(|p| p as u64),
+            estimate_seconds: estimate.map(|ms| ms.div_ceil(1000)),
+            attempts: row.attempts,
+            error: row.error.clone(),
+            result_available: row.state == JobState::Signed && !row.result_gone,
+        }
+    }
+
+    /// Cancels a job that waits for its turn.
+    pub fn cancel(&self, id: &str, caller: &Caller) -> Result<JobView, ErrorBody> {
+        let row = self.caller_job(id, caller)?;
+        self.cancel_row(row)
+    }
+
+    /// Cancels `row`'s job, whoever sent it: the front has checked who may.
+    pub(crate) fn cancel_row(&self, row: JobRow) -> Result<JobView, ErrorBody> {
+        let engine = self.engine();
+        let id = row.id.clone();
+        let id = id.as_str();
+        let removed = lock(&engine.sched).queue.cancel(id);
+        if removed {
+            let e = ErrorBody::new(
+                ErrorCode::Cancelled,
+                format!("job {id} was cancelled before it was signed"),
+            );
+            engine
+                .store
+                .finish(
+                    id,
+                    JobState::Cancelled,
+                    None,
+                    Some(&e),
+                    &entry(&row, Outcome::Cancelled, None),
+                )
+                .map_err(|e| internal(id, "cancelling the job", &e))?;
+            engine.store.remove_spooled(&engine.store.input_path(id));
+            engine.notify_done(id);
+            tracing::info!(job = id, "cancelled");
+        } else if !row.state.is_final() {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!("job {id} is {} and can no longer be cancelled; only a job waiting in the queue can", row.state.as_str()),
+            ));
+        }
+        let row = match engine.store.get(id) {
+            Ok(Some(row)) => row,
+            Ok(None) => row,
+            Err(e) => return Err(internal(id, "reading the job", &e)),
+        };
+        Ok(self.view(&row))
+    }
+
+    /// The result of an ended job: the signed file, or the job's error.
+    pub async fn result(&self, id: &str, caller: &Caller) -> Result<Delivery, ErrorBody> {
+        let row = self.caller_job(id, caller)?;
+        match row.state {
+            JobState::Signed => {
+                let expired = || {
+                    ErrorBody::new(
+                        ErrorCode::ResultExpired,
+                        format!("job {id} was signed, but its result is no longer kept (at most {} s, less for a result already delivered when the spool needs the room); sign the file again", self.config().queue.result_ttl_seconds),
+                    )
+                };
+                if row.result_gone {
+                    return Err(expired());
+                }
+                let store = &self.engine().store;
+                let file = match tokio::fs::File::open(store.output_path(id)).await {
+                    Ok(f) => f,
+                    // Delivered once already: the copy kept for a retry, while it lasts.
+                    Err(_) => tokio::fs::File::open(store.delivered_path(id)).await.map_err(|_| {
+                        ErrorBody::new(
+                            ErrorCode::ResultExpired,
+                            format!("job {id} was signed and its result delivered; the copy kept for a retry is gone (kept at most {} s, and dropped sooner when the spool needs the room); sign the file again", self.config().queue.result_ttl_seconds),
+                        )
+                    })?,
+                };
+                Ok(Delivery {
+                    id: row.id,
+                    kind: row.kind,
+                    content_type: row
+                        .output_type
+                        .unwrap_or_else(|| "application/octet-stream".to_owned()),
+                    len: row.output_bytes.unwrap_or(0),
+                    file,
+                })
+            }
+            JobState::Failed | JobState::Cancelled => Err(row.error.unwrap_or_else(|| {
+                ErrorBody::new(ErrorCode::Internal, format!("job {id} failed"))
+            })),
+            JobState::Queued | JobState::Running if self.stopping() => Err(ErrorBody::new(
+                ErrorCode::ShuttingDown,
+                format!("signetd is stopping (a restart, or the host's shutdown); job {id} stays queued and is signed once it is back: collect it then with GET /v1/jobs/{id}/result"),
+            )
+            .retryable(true)),
+            state => Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!("job {id} is {} and has no result yet", state.as_str()),
+            )),
+        }
+    }
+
+    /// The queue, for `GET /v1/status`.
+    pub fn queue_status(&self) -> QueueStatus {
+        let engine = self.engine();
+        let sched = lock(&engine.sched);
+        let (used, quota) = engine.store.spool_usage();
+        QueueStatus {
+            running: sched.running.clone(),
+            waiting: sched.queue.len() as u64,
+            by_caller: sched
+                .queue
+                .by_caller()
+                .into_iter()
+                .map(|(c, n)| (c, n as u64))
+                .collect(),
+            recent_job_ms: sched.queue.estimate_ms(0, false),
+            spool_used_bytes: used,
+            spool_quota_bytes: quota,
+        }
+    }
+
+    /// Stops taking jobs (new requests get `shutting_down`; queued jobs stay queued, on
+    /// disk) and waits up to `grace` for the job at the agent, if any, to end. Answers
+    /// whether no job is at the agent any more; one still there is run again after the
+    /// restart, as after a crash.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        let engine = self.engine();
+        engine
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!("taking no new jobs");
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let ended = engine.idle.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if lock(&engine.sched).running.is_none() {
+                return true;
+            }
+            tokio::select! {
+                _ = ended => {}
+                _ = tokio::time::sleep_until(deadline) => return lock(&engine.sched).running.is_none(),
+            }
+        }
+    }
+
+    /// Stops signetd's work within `bound` (SIGTERM): new work is refused at once
+    /// (`shutting_down`), uploads in progress are cut, requests waiting for a queued
+    /// job are told it stays queued, the job at the token gets until `bound` to end;
+    /// then every waiting request is answered. Queued jobs stay on disk and run after
+    /// the restart; a job still at the agent runs again then. Answers whether the job
+    /// at the token (if any) ended.
+    pub async fn stop(&self, bound: Duration) -> bool {
+        let engine = self.engine();
+        engine.stopping.send_replace(Stopping::Draining);
+        let ended = self.drain(bound).await;
+        let running = lock(&engine.sched).running.clone();
+        engine.stopping.send_replace(Stopping::Closing);
+        let waiting = lock(&engine.sched).queue.len();
+        match running {
+            Some(id) if !ended => {
+                tracing::warn!(job = %id, bound_seconds = bound.as_secs(), waiting, "stopping with a job still at the agent; it runs again after the restart, as do the queued jobs")
+            }
+            _ => tracing::info!(waiting, "stopping; the queued jobs run after the restart"),
+        }
+        ended
+    }
+
+    /// Whether signetd is stopping ([`Daemon::stop`]).
+    pub fn stopping(&self) -> bool {
+        *self.engine().stopping.borrow() != Stopping::No
+    }
+
+    /// Takes jobs again after [`Daemon::drain`] (a shutdown that was cancelled).
+    pub fn resume(&self) {
+        let engine = self.engine();
+        engine
+            .draining
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        engine.wake.notify_one();
+    }
+
+    /// Wakes the token's worker: the token or the agent may be back.
+    pub fn wake_worker(&self) {
+        self.engine().wake.notify_one();
+    }
+
+    /// The agent is another process than before (its VM was reset, it restarted): the
+    /// job at it, if any, will never be answered — over a hybrid vsock a guest reset
+    /// does not even close the host's side of the connection — so it goes back to the
+    /// head of its lane and runs again (safe: its result was never delivered).
+    pub fn agent_restarted(&self) {
+        self.engine().agent_epoch.send_modify(|e| *e += 1);
+        self.wake_worker();
+    }
+
+    /// Whether the daemon is draining for a host shutdown.
+    pub fn draining(&self) -> bool {
+        self.engine()
+            .draining
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The token's worker: one job at a time, the next by the queue's turns. Runs for
+    /// the daemon's life.
+    pub async fn run_worker(self: Arc<Self>) {
+        loop {
+            let engine = self.engine();
+            if self.draining() {
+                engine.wake.notified().await;
+                continue;
+            }
+            let next = {
+                let mut s = lock(&engine.sched);
+                let n = s.queue.take();
+                s.running = n.as_ref().map(|(_, id)| id.clone());
+                n
+            };
+            let Some((caller, id)) = next else {
+                engine.wake.notified().await;
+                continue;
+            };
+            let again = self.run_job(&id).await;
+            {
+                let mut s = lock(&engine.sched);
+                s.running = None;
+                if again {
+                    s.queue.push_front(&caller, &id);
+                }
+            }
+            engine.idle.notify_waiters();
+            if again {
+                // Sooner when the agent watcher sees the token or the agent come back.
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_PAUSE) => {}
+                    _ = engine.wake.notified() => {}
+                }
+            }
+        }
+    }
+
+    /// Removes expired results now and then. Runs for the daemon's life.
+    pub async fn run_janitor(self: Arc<Self>) {
+        let ttl = self.config().queue.result_ttl_seconds;
+        let period = JANITOR_PERIOD.min(Duration::from_secs(ttl.max(1)));
+        loop {
+            let store = &self.engine().store;
+            match store.expire(store::now_ms().saturating_sub(ttl * 1000)) {
+                Ok(ids) => {
+                    for id in ids {
+                        store.remove_spooled(&store.output_path(&id));
+                        store.remove_spooled(&store.input_path(&id));
+                        store.remove_spooled(&store.delivered_path(&id));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "expired results could not be removed"),
+            }
+            tokio::time::sleep(period).await;
+        }
+    }
+
+    async fn token_facts(&self) -> (Option<String>, Option<String>) {
+        if let Some(f) = lock(&self.engine().token).clone() {
+            return f;
+        }
+        match client::get_json::<AgentHealth>(&self.config().agent, AGENT_HEALTH_PATH).await {
+            Ok(Ok(h)) if h.token.is_some() => {
+                let f = (
+                    h.token.map(|t| t.serial),
+                    h.certificates.first().map(|c| c.sha256.clone()),
+                );
+                *lock(&self.engine().token) = Some(f.clone());
+                f
+            }
+            _ => (None, None),
+        }
+    }
+
+    /// Runs one job at the agent; true when it goes back to the head of its lane.
+    async fn run_job(&self, id: &str) -> bool {
+        let engine = self.engine();
+        let store = &engine.store;
+        let row = match store.get(id) {
+            Ok(Some(row)) if row.state == JobState::Queued => row,
+            Ok(_) => return false,
+            Err(e) => {
+                tracing::error!(job = id, error = %e, "the job cannot be read");
+                return false;
+            }
+        };
+        let attempt = match store.running(id) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(job = id, error = %e, "the job cannot be marked running");
+                return false;
+            }
+        };
+        let span = tracing::info_span!("job", job = %id, profile = %row.profile, attempt);
+        let started = Instant::now();
+        let out_path = store.output_path(id);
+        // From here on a new agent process abandons the job: the old one will never
+        // answer what it was asked (its health for the token's facts, or the job).
+        let mut epoch = self.engine().agent_epoch.subscribe();
+        epoch.mark_unchanged();
+        let mut facts: (Option<String>, Option<String>) = (None, None);
+        let answer = async {
+            facts = self.token_facts().await;
+            let (token_serial, cert) = &facts;
+            match self.config().profiles.get(&row.profile) {
+                // The right token may be put in before the job's deadline: retryable.
+                Some(p) => p
+                    .check_token(&row.profile, token_serial.as_deref(), cert.as_deref())
+                    .map_err(|why| {
+                        tracing::warn!(job = id, "{why}");
+                        ErrorBody::new(ErrorCode::TokenUnavailable, why).retryable(true)
+                    })?,
+                None => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::UnknownProfile,
+                        format!(
+                            "profile {:?} was removed from the configuration while the job waited; nothing was signed",
+                            row.profile
+                        ),
+                    ))
+                }
+            };
+            let file = tokio::fs::File::open(store.input_path(id))
+                .await
+                .map_err(|e| internal(id, "opening the spooled input", &e))?;
+            let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+            let path = match row.kind {
+                Kind::Sign => AGENT_SIGN_PATH,
+                Kind::Batch => AGENT_BATCH_PATH,
+            };
+            let resp = self
+                .relay_to(id, path, &row.agent_query, &row.content_type, body, row.input_bytes)
+                .await?;
+            let ct = resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("application/octet-stream")
+                .to_owned();
+            let (sha, n) = save(resp.into_body(), &out_path).await.map_err(|e| match e {
+                Saved::Broken(e) => {
+                    tracing::warn!(job = id, error = %e, "the agent's answer broke off");
+                    ErrorBody::new(ErrorCode::AgentUnavailable, "the signing VM's agent stopped answering mid-job; nothing was delivered").retryable(true)
+                }
+                Saved::Disk(e) => internal(id, "spooling the result", &e),
+            })?;
+            Ok::<_, ErrorBody>((sha, n, ct))
+        }
+        .instrument(span);
+        let answer = tokio::select! {
+            a = answer => a,
+            _ = epoch.changed() => {
+                tracing::warn!(job = id, "the agent restarted while it had the job; the job runs again");
+                Err(ErrorBody::new(
+                    ErrorCode::AgentUnavailable,
+                    "the signing VM's agent restarted mid-job; nothing was delivered",
+                )
+                .retryable(true))
+            }
+        };
+        let (token_serial, cert) = facts;
+        let ms = started.elapsed().as_millis() as u64;
+        // The timeline counts an outage from the first contact that failed.
+        match &answer {
+            Err(e) if e.code == ErrorCode::AgentUnavailable => {
+                self.timeline().saw(Seen::ContactFailed)
+            }
+            Err(_) => {}
+            Ok(_) => self.timeline().saw(Seen::ContactOk),
+        }
+        match answer {
+            Ok((sha, n, ct)) => {
+                store.charge(n);
+                let mut e = entry(&row, Outcome::Signed, None);
+                e.token_serial = token_serial;
+                e.cert_sha256 = cert;
+                e.output_sha256 = Some(sha.clone());
+                e.output_bytes = Some(n);
+                e.duration_ms = Some(ms);
+                let finished = store.finish(id, JobState::Signed, Some((&sha, n, &ct)), None, &e);
+                engine.store_wrote(finished.as_ref().map(|_| ()));
+                match finished {
+                    Ok(_) => {
+                        store.remove_spooled(&store.input_path(id));
+                        lock(&engine.sched).queue.record_duration(ms);
+                        tracing::info!(job = id, ms, bytes = n, "signed");
+                        self.timeline().saw(Seen::JobSigned(id.to_owned()));
+                    }
+                    Err(err) => {
+                        tracing::error!(job = id, error = %err, "the signed job could not be recorded; it runs again after a restart")
+                    }
+                }
+                engine.notify_done(id);
+                false
+            }
+            Err(e) => {
+                store.remove_spooled(&out_path);
+                let deadline = row.created_ms + self.config().queue.job_deadline_seconds * 1000;
+                *lock(&engine.token) = None;
+                // A lost token and a restarting agent come back by themselves, and so
+                // does a missing PIN when the host has one to give; a wrong PIN needs
+                // the operator.
+                let transient = match e.code {
+                    ErrorCode::TokenUnavailable | ErrorCode::AgentUnavailable => e.retryable,
+                    ErrorCode::PinNeeded => {
+                        self.config().pin_file.is_some() && !self.host_pin_rejected()
+                    }
+                    _ => false,
+                };
+                // The agent has no PIN because the token refused the host's: say that.
+                let e = if e.code == ErrorCode::PinNeeded && self.host_pin_rejected() {
+                    client_view(
+                        id,
+                        ErrorBody::new(ErrorCode::PinRejected, "the host's PIN was refused"),
+                    )
+                } else {
+                    e
+                };
+                if transient && store::now_ms() < deadline {
+                    tracing::warn!(job = id, code = %e.code, "not signed now; the job goes back to the head of its queue");
+                    if let Err(err) = store.requeue(id) {
+                        tracing::error!(job = id, error = %err, "the job cannot be queued again");
+                    }
+                    return true;
+                }
+                let mut en = entry(&row, Outcome::Failed, Some(e.code));
+                en.token_serial = token_serial;
+                en.cert_sha256 = cert;
+                en.duration_ms = Some(ms);
+                if let Err(err) = store.finish(id, JobState::Failed, None, Some(&e), &en) {
+                    tracing::error!(job = id, error = %err, "the failed job could not be recorded");
+                }
+                store.remove_spooled(&store.input_path(id));
+                tracing::warn!(job = id, code = %e.code, "job failed");
+                engine.notify_done(id);
+                false
+            }
+        }
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 (UTC, whole seconds).
+pub fn rfc3339(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        })
+        .unwrap_or_default()
+}
+
+enum Spool {
+    Full,
+    Stopped,
+    Broken(axum::Error),
+    Disk(std::io::Error),
+}
+
+/// Streams `body` to `path` (fsync'd, with its directory), hashing as it goes; space
+/// beyond `reserved` is reserved chunk by chunk. Answers the SHA-256 and the length.
+async fn spool(
+    store: &Store,
+    path: &Path,
+    body: Body,
+    reserved: &mut u64,
+) -> Result<(String, u64), Spool> {
+    let mut file = tokio::fs::File::create(path).await.map_err(Spool::Disk)?;
+    let mut hash = Sha256::new();
+    let mut n = 0u64;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(Spool::Broken)?;
+        let len = chunk.len() as u64;
+        if n + len > *reserved {
+            let more = n + len - *reserved;
+            if !store.reserve(more) {
+                return Err(Spool::Full);
+            }
+            *reserved += more;
+        }
+        hash.update(&chunk);
+        file.write_all(&chunk).await.map_err(Spool::Disk)?;
+        n += len;
+    }
+    file.sync_all().await.map_err(Spool::Disk)?;
+    if let Some(dir) = path.parent() {
+        store::sync_dir(dir).map_err(Spool::Disk)?;
+    }
+    // The file's bytes are counted from now on; the reservation is given back.
+    store.charge(n);
+    Ok((audit::hex(&hash.finalize()), n))
+}
+
+enum Saved {
+    Broken(hyper::Error),
+    Disk(std::io::Error),
+}
+
+/// Streams the agent's answer to `path` (fsync'd), hashing as it goes.
+async fn save(mut body: hyper::body::Incoming, path: &Path) -> Result<(String, u64), Saved> {
+    let mut file = tokio::fs::File::create(path).await.map_err(Saved::Disk)?;
+    let mut hash = Sha256::new();
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(Saved::Broken)?;
+        if let Ok(data) = frame.into_data() {
+            hash.update(&data);
+            file.write_all(&data).await.map_err(Saved::Disk)?;
+            n += data.len() as u64;
+        }
+    }
+    file.sync_all().await.map_err(Saved::Disk)?;
+    if let Some(dir) = path.parent() {
+        store::sync_dir(dir).map_err(Saved::Disk)?;
+    }
+    Ok((audit::hex(&hash.finalize()), n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transports_are_named_for_the_audit() {
+        let tcp = Peer::Tcp {
+            addr: "10.0.0.5:4000".parse().unwrap(),
+        };
+        assert_eq!(transport(&tcp, false), "tcp");
+        assert_eq!(transport(&tcp, true), "tls");
+        assert_eq!(
+            transport(&Peer::Vsock { cid: 105, port: 1 }, false),
+            "vsock"
+        );
+        let unix = Peer::Unix {
+            uid: 1000,
+            gid: 1000,
+            pid: Some(4),
+        };
+        assert_eq!(transport(&unix, false), "unix");
+    }
+
+    #[test]
+    fn times_read_as_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_000_000_123), "2026-11-18T11:06:40Z");
+    }
+}

@@ -1,0 +1,14 @@
+//! The use cases: the job path, the token service, the agent's view, the operator's
+//! actions and reads, the host checks, the daemon's tasks and its stop. Fronts call
+//! these and nothing below them.
+
+pub mod agent_watch;
+pub mod daemon;
+pub mod doctor;
+pub mod jobs;
+pub mod operate;
+pub mod ops;
+pub mod shutdown;
+pub mod supervise;
+pub mod timeline;
+pub mod tokens;

@@ -1,0 +1,341 @@
+//! The operator's actions, audited: attach, detach and re-attach a token, cancel a
+//! job, enroll a VM. Every front (the web UI, D-Bus and so `signetctl`, the operator's
+//! HTTP routes) calls these, never the bare commands, so each action leaves one record
+//! in the audit chain naming who did it ([`Operator`]) and, when it was refused or
+//! failed, the error code ([`crate::adapters::audit::record_action`]).
+//!
+//! Enrolling is the core command behind `signetd enroll` for a running daemon: the
+//! VM's change is planned through the [`Proxmox`](crate::adapters::proxmox::Proxmox) port (the
+//! `qm` of `[doctor] qm`), shown first ([`Daemon::enroll`] with `apply: false`, a dry
+//! run that changes nothing and is not audited), then applied; `signetd.toml` gets the
+//! build VM's grant or the signing VM's `[[tokens]]` entry ([`crate::config::edit`]).
+
+use signet_protocol::wire::{ErrorBody, ErrorCode, HostToken, JobView};
+
+use crate::adapters::audit::Action;
+use crate::adapters::proxmox::{self, EnrollFailure, Qm};
+use crate::config::edit::{self, EditError};
+use crate::core::policy::Caller;
+use crate::services::daemon::Daemon;
+
+/// Who acts, and through which front.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    /// `pve:USER@REALM` (web UI), `uid:N` (D-Bus, HTTP).
+    pub who: String,
+    /// `web`, `dbus`, `unix`.
+    pub via: &'static str,
+}
+
+impl Operator {
+    /// A PVE user, through the web UI.
+    pub fn pve(user: &str) -> Self {
+        Operator {
+            who: format!("pve:{user}"),
+            via: "web",
+        }
+    }
+
+    /// A D-Bus caller, by the uid the bus reports (`None`: the bus did not say).
+    pub fn dbus(uid: Option<u32>) -> Self {
+        Operator {
+            who: uid.map_or_else(|| "dbus:unknown".to_owned(), |u| format!("uid:{u}")),
+            via: "dbus",
+        }
+    }
+
+    /// A caller of the operator's HTTP routes (local root).
+    pub fn local(caller: &Caller) -> Self {
+        Operator {
+            who: caller.key(),
+            via: "unix",
+        }
+    }
+}
+
+/// What to enroll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnrollRequest {
+    /// The VM that holds the token `serial` (plugged into this host now).
+    SigningVm { vmid: u32, serial: String },
+    /// A VM that asks for signatures with `profiles` (empty: the default profile).
+    BuildVm { vmid: u32, profiles: Vec<String> },
+}
+
+impl EnrollRequest {
+    pub fn vmid(&self) -> u32 {
+        match self {
+            EnrollRequest::SigningVm { vmid, .. } | EnrollRequest::BuildVm { vmid, .. } => *vmid,
+        }
+    }
+
+    /// `signing VM` or `build VM`.
+    pub fn role(&self) -> &'static str {
+        match self {
+            EnrollRequest::SigningVm { .. } => "signing VM",
+            EnrollRequest::BuildVm { .. } => "build VM",
+        }
+    }
+}
+
+pub use signet_protocol::operator::{EnrollReport, KeyChange};
+
+fn internal(what: &str, e: &dyn std::fmt::Display) -> ErrorBody {
+    tracing::error!(error = %e, "{what}");
+    ErrorBody::new(
+        ErrorCode::Internal,
+        format!("signetd failed {what}; its log says why"),
+    )
+}
+
+fn edit_error(e: EditError) -> ErrorBody {
+    let code = match &e {
+        EditError::UnknownProfile { .. } => ErrorCode::UnknownProfile,
+        EditError::OtherVm { .. } => ErrorCode::BadRequest,
+        EditError::Write { .. } | EditError::Invalid { .. } => ErrorCode::Internal,
+    };
+    ErrorBody::new(code, e.to_string())
+}
+
+impl Daemon {
+    /// Writes the audit record of an operator's action that answered `result`.
+    fn record_action<T>(&self, op: &Operator, mut action: Action, result: &Result<T, ErrorBody>) {
+        action.operator = op.who.clone();
+        action.transport = op.via.to_owned();
+        action.error = result.as_ref().err().map(|e| e.code.as_str().to_owned());
+        match crate::adapters::audit::record_action(&self.store().conn(), &action) {
+            Ok(rec) => tracing::info!(
+                action = action.action,
+                operator = %op.who,
+                seq = rec.seq,
+                error = action.error,
+                "operator's action audited"
+            ),
+            Err(e) => tracing::error!(
+                action = action.action,
+                operator = %op.who,
+                error = %e,
+                "an operator's action could not be audited"
+            ),
+        }
+    }
+
+    fn token_action(name: &'static str, serial: &str) -> Action {
+        Action {
+            action: name,
+            token_serial: Some(serial.to_owned()),
+            ..Action::default()
+        }
+    }
+
+    /// [`Daemon::attach`], audited.
+    pub async fn attach_by(
+        &self,
+        op: &Operator,
+        serial: &str,
+        vm: Option<u32>,
+    ) -> Result<HostToken, ErrorBody> {
+        let r = self.attach(serial, vm).await;
+        let mut a = Self::token_action("attach", serial);
+        a.target = vm.map(|v| format!("VM {v}"));
+        self.record_action(op, a, &r);
+        r
+    }
+
+    /// [`Daemon::detach`], audited.
+    pub async fn detach_by(&self, op: &Operator, serial: &str) -> Result<HostToken, ErrorBody> {
+        let r = self.detach(serial).await;
+        self.record_action(op, Self::token_action("detach", serial), &r);
+        r
+    }
+
+    /// [`Daemon::reattach`], audited.
+    pub async fn reattach_by(&self, op: &Operator, serial: &str) -> Result<HostToken, ErrorBody> {
+        let r = self.reattach(serial).await;
+        self.record_action(op, Self::token_action("reattach", serial), &r);
+        r
+    }
+
+    /// [`Daemon::cancel_any`], audited (beside the job's own `cancelled` record, which
+    /// names its caller).
+    pub fn cancel_by(&self, op: &Operator, id: &str) -> Result<JobView, ErrorBody> {
+        let r = self.cancel_any(id);
+        let a = Action {
+            action: "cancel",
+            job: Some(id.to_owned()),
+            ..Action::default()
+        };
+        self.record_action(op, a, &r);
+        r
+    }
+
+    /// Enrolls a VM: plans the change to its configuration (through `[doctor] qm`) and
+    /// to `signetd.toml`, and with `apply` makes both (audited); without, changes
+    /// nothing (the dry run shown for confirmation).
+    pub async fn enroll(
+        &self,
+        op: &Operator,
+        req: &EnrollRequest,
+        apply: bool,
+    ) -> Result<EnrollReport, ErrorBody> {
+        let r = self.enroll_inner(req, apply).await;
+        if apply {
+            let a = Action {
+                action: "enroll",
+                token_serial: match req {
+                    EnrollRequest::SigningVm { serial, .. } => Some(serial.clone()),
+                    EnrollRequest::BuildVm { .. } => None,
+                },
+                target: Some(format!("VM {} as {}", req.vmid(), req.role())),
+                ..Action::default()
+            };
+            self.record_action(op, a, &r);
+        }
+        r
+    }
+
+    async fn enroll_inner(
+        &self,
+        req: &EnrollRequest,
+        apply: bool,
+    ) -> Result<EnrollReport, ErrorBody> {
+        let vmid = req.vmid();
+        if vmid == 0 {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                "give the VM's id (qm list shows them)".to_owned(),
+            ));
+        }
+        let path = self.config().path.clone();
+        // As the file is now: an earlier enrolment may have added to it.
+        let cfg = crate::config::Config::load(&path).map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!("{e}; fix signetd.toml before enrolling"),
+            )
+        })?;
+        let qm = Qm {
+            program: cfg.doctor.qm.clone(),
+        };
+        let (stanza, host_port) = match req {
+            EnrollRequest::SigningVm { serial, .. } => {
+                let report = self.tokens();
+                let port = report
+                    .tokens
+                    .iter()
+                    .find(|t| &t.serial == serial)
+                    .and_then(|t| t.host_port.clone())
+                    .ok_or_else(|| {
+                        ErrorBody::new(
+                            ErrorCode::UnknownToken,
+                            format!("token {serial} is not plugged into this host{}; plug it in, then enroll its signing VM", report.detail.map(|d| format!(" ({d})")).unwrap_or_default()),
+                        )
+                    })?;
+                let stanza = edit::assignment(&cfg, serial, vmid).map_err(edit_error)?;
+                (stanza, Some(port))
+            }
+            EnrollRequest::BuildVm { profiles, .. } => {
+                let wanted = if profiles.is_empty() {
+                    vec![cfg.default_profile.clone()]
+                } else {
+                    profiles.clone()
+                };
+                let missing = edit::missing(&cfg, vmid, &wanted).map_err(edit_error)?;
+                let stanza = (!missing.is_empty()).then(|| edit::stanza(vmid, &missing));
+                (stanza, None)
+            }
+        };
+        let monitor = proxmox::monitor_path(&cfg.passthrough.monitor_dir, vmid)
+            .to_string_lossy()
+            .into_owned();
+        let qm2 = qm.clone();
+        let planned = tokio::task::spawn_blocking(move || {
+            proxmox::enroll(
+                &qm2,
+                vmid,
+                |c| match &host_port {
+                    Some(port) => proxmox::plan_signing_vm(vmid, c, port, &monitor),
+                    None => proxmox::plan_build_vm(vmid, c),
+                },
+                !apply,
+            )
+        })
+        .await
+        .map_err(|e| internal("running qm", &e))?;
+        let plan = planned.map_err(|e| match e {
+            EnrollFailure::Refused(e) => ErrorBody::new(ErrorCode::BadRequest, e.to_string()),
+            EnrollFailure::Pve(e) => ErrorBody::new(ErrorCode::Internal, e.to_string()),
+        })?;
+        let mut notes = Vec::new();
+        if apply {
+            if let Some(s) = &stanza {
+                edit::append(&path, s).map_err(edit_error)?;
+                // Put in force at once, as `systemctl reload signetd` would.
+                notes.push(match self.reload() {
+                    Ok(changes) if changes.applied.contains(&"tokens") => {
+                        let serial = match req {
+                            EnrollRequest::SigningVm { serial, .. } => serial.as_str(),
+                            EnrollRequest::BuildVm { .. } => "",
+                        };
+                        format!(
+                            "{} changed and applied at once: signetd keeps token {serial} in VM {vmid} from now on, and its recovery ladder covers it (running and queued jobs are kept)",
+                            path.display()
+                        )
+                    }
+                    Ok(_) => format!("{} changed and applied at once", path.display()),
+                    Err(e) => format!(
+                        "{} changed but not applied: {e}; fix the file, then systemctl reload signetd",
+                        path.display()
+                    ),
+                });
+            }
+            if plan.changes.iter().any(|c| c.key == "args") {
+                notes.push(format!(
+                    "args: takes effect when VM {vmid} next starts (qm stop {vmid} && qm start {vmid})"
+                ));
+            }
+        }
+        Ok(EnrollReport {
+            vmid,
+            role: req.role().to_owned(),
+            qm_command: (!plan.changes.is_empty()).then(|| qm.shell_line(&Qm::set_args(&plan))),
+            changes: plan
+                .changes
+                .into_iter()
+                .map(|c| KeyChange {
+                    key: c.key,
+                    old: c.old,
+                    new: c.new,
+                })
+                .collect(),
+            config_stanza: stanza,
+            config_path: path.display().to_string(),
+            applied: apply,
+            notes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operators_are_named_by_their_front() {
+        assert_eq!(Operator::pve("root@pam").who, "pve:root@pam");
+        assert_eq!(Operator::dbus(Some(0)).who, "uid:0");
+        assert_eq!(Operator::dbus(None).who, "dbus:unknown");
+        let root = Caller::Local {
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+        };
+        assert_eq!(
+            (
+                Operator::local(&root).who.as_str(),
+                Operator::local(&root).via
+            ),
+            ("uid:0", "unix")
+        );
+    }
+}
