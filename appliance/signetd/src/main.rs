@@ -682,9 +682,15 @@ async fn main() -> anyhow::Result<()> {
             tracing::warn!(error = %e, "SIGHUP is not handled, so `systemctl reload signetd` does nothing; restart signetd to apply a changed configuration")
         }
     }
-    tasks.spawn("the token's worker", daemon.clone().run_worker());
-    tasks.spawn("result janitor", daemon.clone().run_janitor());
-    tasks.spawn("refusal records", daemon.clone().run_refusal_flush());
+    tasks.spawn(
+        "the token's worker",
+        daemon.job_service().clone().run_worker(),
+    );
+    tasks.spawn("result janitor", daemon.job_service().clone().run_janitor());
+    tasks.spawn(
+        "refusal records",
+        daemon.job_service().clone().run_refusal_flush(),
+    );
     tasks.spawn("audit head keeper", daemon.clone().run_head_keeper());
     // The D-Bus front is for host tools; signing works without it.
     let _bus = match signetd::fronts::dbus::serve(daemon.clone(), &bus, &mut tasks).await {
@@ -772,8 +778,8 @@ async fn main() -> anyhow::Result<()> {
     let bound = cfg.shutdown.stop;
     let close = std::time::Duration::from_secs(1).min(bound / 2);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    daemon.stop(bound.saturating_sub(close)).await;
-    daemon.flush_refusals();
+    daemon.job_service().stop(bound.saturating_sub(close)).await;
+    daemon.job_service().flush_refusals();
     if let Some(web) = &web_ui {
         web.close();
     }

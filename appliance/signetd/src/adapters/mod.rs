@@ -2,6 +2,7 @@
 //! monitor, udev and USB, Proxmox's `qm`, file modes, TLS. They know nothing of jobs
 //! or services.
 
+pub mod agent;
 pub mod audit;
 pub mod bus;
 pub mod clients;

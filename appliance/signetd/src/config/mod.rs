@@ -36,6 +36,34 @@ pub const DEFAULT_JOB_DEADLINE_SECONDS: u64 = 600;
 /// The profile that exists when none is configured.
 pub const IMPLICIT_PROFILE: &str = "default";
 
+/// The configuration in force: swapped whole by a reload, read per request (a reader
+/// keeps the `Arc` it took for as long as it needs it). Shared by the services.
+#[derive(Debug)]
+pub struct Current(std::sync::RwLock<std::sync::Arc<Config>>);
+
+impl Current {
+    pub fn new(cfg: Config) -> Self {
+        Current(std::sync::RwLock::new(std::sync::Arc::new(cfg)))
+    }
+
+    /// The configuration in force now.
+    pub fn get(&self) -> std::sync::Arc<Config> {
+        std::sync::Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Holds the configuration against other writers while `f` replaces it.
+    pub fn replace<R>(
+        &self,
+        f: impl FnOnce(&Config) -> (Config, R),
+    ) -> (std::sync::Arc<Config>, R) {
+        let mut cfg = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let (new, r) = f(&cfg);
+        let new = std::sync::Arc::new(new);
+        *cfg = new.clone();
+        (new, r)
+    }
+}
+
 /// `signetd.toml`.
 #[derive(Debug, Clone)]
 pub struct Config {

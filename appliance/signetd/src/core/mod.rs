@@ -8,4 +8,5 @@ pub mod queue;
 pub mod recovery;
 pub mod refusals;
 pub mod roles;
+pub mod time;
 pub mod timeline;

@@ -108,7 +108,7 @@ impl Manager {
             gid: user.groups.first().copied().unwrap_or(u32::MAX),
             groups: user.groups.clone(),
         };
-        json(self.daemon.cancel(id, &caller))
+        json(self.daemon.job_service().cancel(id, &caller))
     }
 
     /// The newest `n` audit records (0: the default), a JSON array of `AuditRecord`.
@@ -262,6 +262,7 @@ impl Manager {
         };
         if let Err(e) = crate::core::roles::may_enroll(&user) {
             self.daemon
+                .job_service()
                 .refuse(&format!("uid:{}", user.uid), "dbus", None, None, &e);
             return Err(e.into());
         }
@@ -323,8 +324,13 @@ impl Manager {
         ) {
             Ok(()) => Ok((user, role)),
             Err(e) => {
-                self.daemon
-                    .refuse(&format!("uid:{}", user.uid), "dbus", None, None, &e);
+                self.daemon.job_service().refuse(
+                    &format!("uid:{}", user.uid),
+                    "dbus",
+                    None,
+                    None,
+                    &e,
+                );
                 Err(e.into())
             }
         }

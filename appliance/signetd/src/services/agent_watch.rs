@@ -30,10 +30,11 @@ use sha2::Sha256;
 use signet_protocol::client;
 use signet_protocol::wire::{
     AgentEvent, AgentEventKind, AgentHealth, AgentLogin, AgentState, ErrorCode, TokenPlace,
-    AGENT_EVENTS_PATH, AGENT_HEALTH_PATH, AGENT_LOGIN_PATH, AGENT_REINIT_PATH,
+    AGENT_EVENTS_PATH, AGENT_LOGIN_PATH, AGENT_REINIT_PATH,
 };
 use tokio::sync::{broadcast, mpsc, watch};
 
+use crate::adapters::agent::Health;
 use crate::core::life::{Action, Event, Host, Life};
 use crate::core::recovery::Step;
 use crate::core::timeline::Seen;
@@ -498,7 +499,7 @@ async fn act(
     match action {
         Action::Refollow => refollow.send_modify(|n| *n += 1),
         Action::Record(seen) => daemon.timeline().saw(seen),
-        Action::ResumeQueue => daemon.wake_worker(),
+        Action::ResumeQueue => daemon.job_service().wake_worker(),
         Action::DeliverPin => deliver_pin(daemon, pins).await,
         Action::Alert(why) => tracing::error!(alert = true, "{why}"),
         Action::Run(step) => {
@@ -573,7 +574,7 @@ async fn follow(
 /// and the next agent seen is not taken for another restart.
 fn agent_gone(daemon: &Daemon, instance: &mut Option<String>) {
     *instance = None;
-    daemon.agent_restarted();
+    daemon.job_service().agent_restarted();
 }
 
 /// True once the agent was gone since this was last asked.
@@ -691,15 +692,10 @@ async fn follow_once(
 
 /// The agent's health within [`HEALTH_LIMIT`]: `None` when it did not answer.
 async fn health(agent: &signet_protocol::Endpoint) -> Option<Result<AgentHealth, ()>> {
-    match tokio::time::timeout(
-        HEALTH_LIMIT,
-        client::get_json::<AgentHealth>(agent, AGENT_HEALTH_PATH),
-    )
-    .await
-    {
-        Ok(Ok(Ok(h))) => Some(Ok(h)),
-        Ok(Ok(Err(_))) => Some(Err(())),
-        Ok(Err(_)) | Err(_) => None,
+    match crate::adapters::agent::health(agent, HEALTH_LIMIT).await {
+        Health::Answered(h) => Some(Ok(*h)),
+        Health::Refused(_) => Some(Err(())),
+        Health::Unreachable(_) | Health::Silent(_) => None,
     }
 }
 
@@ -713,7 +709,7 @@ fn seen_instance(daemon: &Daemon, known: &mut Option<String>, h: &AgentHealth) -
     *known = Some(now.clone());
     if changed {
         tracing::info!(instance = %now, "the agent is a new process (its VM was reset, or it restarted)");
-        daemon.agent_restarted();
+        daemon.job_service().agent_restarted();
     }
     changed
 }
@@ -765,7 +761,7 @@ async fn deliver_pin(daemon: &Daemon, pins: &mut PinMemory) {
     let hash = pins.fingerprint(pin);
     if pins.rejected == Some(hash) {
         // Refused before (perhaps before a restart): never sent again.
-        daemon.set_host_pin_rejected(true);
+        daemon.job_service().set_host_pin_rejected(true);
         if !pins.said_refused {
             pins.said_refused = true;
             tracing::error!(path = %path.display(), "the PIN in the PIN file is one the token refused before; it is not sent again. Put the right PIN in that file (check the token's PIN counter with `signetctl status` first)");
@@ -789,13 +785,13 @@ async fn deliver_pin(daemon: &Daemon, pins: &mut PinMemory) {
     };
     match answer {
         Ok(()) => {
-            daemon.set_host_pin_rejected(false);
+            daemon.job_service().set_host_pin_rejected(false);
             daemon.timeline().saw(Seen::PinDelivered);
-            daemon.wake_worker();
+            daemon.job_service().wake_worker();
         }
         Err(Some(e)) if e.code == ErrorCode::PinRejected => {
             pins.refused(hash);
-            daemon.set_host_pin_rejected(true);
+            daemon.job_service().set_host_pin_rejected(true);
             daemon.timeline().saw(Seen::PinRejected(format!(
                 "PIN rejected — operator action needed: the token refused the PIN in {}; it is not tried again. Put the right PIN in that file (check the token's PIN counter with `signetctl status` first)",
                 path.display()

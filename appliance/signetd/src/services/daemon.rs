@@ -5,20 +5,22 @@
 //! sent to the agent by the token's worker ([`Daemon::relay_to`]), its result spooled
 //! and streamed to the caller.
 
-use bytes::Bytes;
-use http::{header, Request, Response};
-use hyper::body::{Body, Incoming};
-use signet_protocol::client::{self, ClientError};
 use signet_protocol::transport::Peer;
 use signet_protocol::wire::{
-    AgentHealth, AgentReport, AgentSignQuery, AgentState, DaemonStatus, ErrorBody, ErrorCode,
-    ProfileOptions, SignQuery, AGENT_HEALTH_PATH,
+    AgentReport, AgentSignQuery, AgentState, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions,
+    SignQuery,
 };
 
 use crate::adapters::store::StoreError;
 use crate::config::{Config, Profile};
 use crate::core::policy::{self, Caller, Slot, Slots};
-use crate::services::jobs::Engine;
+use std::sync::Arc;
+
+use crate::config::Current;
+use crate::services::agent::AgentLink;
+use crate::services::jobs::{Job, JobService};
+use crate::services::timeline::Timeline;
+use crate::services::tokens::Handle;
 
 /// How long the status waits for the agent's health: status must answer even when the
 /// signing VM hangs.
@@ -27,23 +29,19 @@ const STATUS_AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// How many of the newest timeline entries the status carries.
 const STATUS_TIMELINE_ENTRIES: usize = 10;
 
-/// The running daemon.
+/// The running daemon: the services, composed. Fronts reach each use case through it.
 #[derive(Debug)]
 pub struct Daemon {
-    /// The configuration in force: swapped whole by [`Daemon::reload`], read per
-    /// request (a reader keeps the `Arc` it took for as long as it needs it).
-    cfg: std::sync::RwLock<std::sync::Arc<Config>>,
-    slots: std::sync::Arc<Slots>,
+    /// The configuration in force, shared with the services.
+    config: Arc<Current>,
+    slots: Arc<Slots>,
     /// The client database, when remote clients are served (`[tls]`).
     clients: Option<std::sync::Mutex<rusqlite::Connection>>,
-    engine: Engine,
-    timeline: crate::services::timeline::Timeline,
-    /// The token refused the PIN in the host's `pin_file` (until another is given).
-    host_pin_rejected: std::sync::atomic::AtomicBool,
+    jobs: Arc<JobService>,
+    agent: AgentLink,
+    timeline: Arc<Timeline>,
     /// The token service's door ([`crate::services::tokens`]), or why it is not running.
-    tokens: crate::services::tokens::Handle,
-    /// Refusals waiting to be recorded with their count ([`crate::core::refusals`]).
-    refusals: std::sync::Mutex<crate::core::refusals::Coalescer>,
+    tokens: Handle,
     /// Wrong client secrets per source address.
     throttle: std::sync::Mutex<crate::core::refusals::Throttle>,
     /// The audit head kept outside the database, and the chain's check
@@ -51,43 +49,24 @@ pub struct Daemon {
     head: std::sync::Mutex<Option<crate::adapters::head::Keeper>>,
 }
 
-/// A signing request accepted against its profile, not yet recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Job {
-    pub profile: String,
-    pub caller: Caller,
-    /// The largest input the profile takes, in bytes.
-    pub max_input_size: u64,
-    pub agent_query: AgentSignQuery,
-    /// The request as the caller asked it, its profile resolved: what an
-    /// idempotency key is bound to, with the body.
-    pub asked: SignQuery,
-}
-
 impl Daemon {
     /// Opens the job database and spool under `state_dir` and resumes what a previous
     /// run left queued.
     pub fn open(cfg: Config) -> Result<Self, StoreError> {
-        let quota = cfg.queue.spool_quota_mb.saturating_mul(1 << 20);
-        let engine = Engine::open(&cfg.state_dir, quota)?;
-        let timeline = crate::services::timeline::Timeline::new(engine.store().clone())?;
         let slots = Slots::new(cfg.limits.max_jobs_per_caller);
-        let refusals = crate::core::refusals::Coalescer::new(std::time::Duration::from_secs(
-            cfg.limits.refusal_interval_seconds,
-        ));
         let throttle = crate::core::refusals::Throttle::new(cfg.limits.auth_failures_per_minute);
+        let config = Arc::new(Current::new(cfg));
+        let jobs = JobService::open(config.clone())?;
+        let timeline = jobs.timeline().clone();
         Ok(Daemon {
-            refusals: std::sync::Mutex::new(refusals),
             throttle: std::sync::Mutex::new(throttle),
-            cfg: std::sync::RwLock::new(std::sync::Arc::new(cfg)),
+            agent: AgentLink::new(config.clone()),
+            config,
             slots,
             clients: None,
-            engine,
+            jobs: Arc::new(jobs),
             timeline,
-            host_pin_rejected: std::sync::atomic::AtomicBool::new(false),
-            tokens: crate::services::tokens::Handle::off(
-                "signetd was started without the token service",
-            ),
+            tokens: Handle::off("signetd was started without the token service"),
             head: std::sync::Mutex::new(None),
         })
     }
@@ -133,7 +112,7 @@ impl Daemon {
     /// each with the fix.
     pub fn faults(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if let Some(f) = self.engine.store_fault() {
+        if let Some(f) = self.jobs.store_fault() {
             out.push(f);
         }
         let keeper = self.head.lock().unwrap_or_else(|p| p.into_inner());
@@ -143,30 +122,20 @@ impl Daemon {
         out
     }
 
-    pub(crate) fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
-    /// Whether the token refused the host's PIN (see [`crate::services::agent_watch`]).
-    pub fn host_pin_rejected(&self) -> bool {
-        self.host_pin_rejected
-            .load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    pub(crate) fn set_host_pin_rejected(&self, rejected: bool) {
-        self.host_pin_rejected
-            .store(rejected, std::sync::atomic::Ordering::SeqCst);
+    /// The job path ([`JobService`]).
+    pub fn job_service(&self) -> &Arc<JobService> {
+        &self.jobs
     }
 
     /// The recovery timeline.
-    pub fn timeline(&self) -> &crate::services::timeline::Timeline {
+    pub fn timeline(&self) -> &Arc<Timeline> {
         &self.timeline
     }
 
     /// The job database, for modules that keep their own tables in it (and for the
     /// audit log: [`crate::adapters::audit::record_refusal`]).
-    pub fn store(&self) -> &std::sync::Arc<crate::adapters::store::Store> {
-        self.engine.store()
+    pub fn store(&self) -> &Arc<crate::adapters::store::Store> {
+        self.jobs.store()
     }
 
     /// The daemon with remote clients checked against `conn` (see [`crate::adapters::clients`]).
@@ -176,13 +145,19 @@ impl Daemon {
     }
 
     /// The daemon with the token service behind `handle` ([`crate::services::tokens::start`]).
-    pub fn with_tokens(mut self, handle: crate::services::tokens::Handle) -> Self {
+    pub fn with_tokens(mut self, handle: Handle) -> Self {
+        self.jobs.set_tokens(handle.clone());
         self.tokens = handle;
         self
     }
 
+    /// Every token the daemon knows and where it is.
+    pub fn tokens(&self) -> signet_protocol::wire::TokensReport {
+        self.tokens.report()
+    }
+
     /// The token service's door, for the token commands ([`crate::services::tokens`]).
-    pub fn token_service(&self) -> &crate::services::tokens::Handle {
+    pub fn token_service(&self) -> &Handle {
         &self.tokens
     }
 
@@ -302,7 +277,7 @@ impl Daemon {
 
     /// The configuration in force now.
     pub fn config(&self) -> std::sync::Arc<Config> {
-        std::sync::Arc::clone(&self.cfg.read().unwrap_or_else(|e| e.into_inner()))
+        self.config.get()
     }
 
     /// Reads the configuration file again, checks it as `signetd check-config` does
@@ -318,9 +293,8 @@ impl Daemon {
             tracing::error!(config = %path.display(), error = %e, "the configuration was not reloaded: the file is not valid, so the configuration in force stays as it was; fix it (signetd check-config shows the error) and reload again");
             e
         })?;
-        let (merged, changes) = {
-            let mut cfg = self.cfg.write().unwrap_or_else(|e| e.into_inner());
-            let (merged, changes) = crate::config::reload::merge(&cfg, new);
+        let (merged, changes) = self.config.replace(|cfg| {
+            let (merged, changes) = crate::config::reload::merge(cfg, new);
             if changes.applied.contains(&"tokens") {
                 // The kept [passthrough] and [[known_tokens]] with the new assignments,
                 // handed over under the lock so two reloads reach the service in order
@@ -328,17 +302,17 @@ impl Daemon {
                 self.tokens
                     .reassign(crate::services::tokens::Setup::from_config(&merged));
             }
-            let merged = std::sync::Arc::new(merged);
-            *cfg = merged.clone();
             (merged, changes)
-        };
+        });
         let limits = &merged.limits;
         // Outside the configuration's lock: no other lock is taken under it but the
         // token service's hand-over above.
         self.slots.set_max(limits.max_jobs_per_caller);
-        self.refusals().set_interval(std::time::Duration::from_secs(
-            limits.refusal_interval_seconds,
-        ));
+        self.jobs
+            .refusals()
+            .set_interval(std::time::Duration::from_secs(
+                limits.refusal_interval_seconds,
+            ));
         self.throttle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -353,11 +327,6 @@ impl Daemon {
         60_u64.div_ceil(u64::from(
             self.config().limits.auth_failures_per_minute.max(1),
         ))
-    }
-
-    /// The coalescer of refusals ([`crate::core::refusals`]), for the job path.
-    pub(crate) fn refusals(&self) -> std::sync::MutexGuard<'_, crate::core::refusals::Coalescer> {
-        self.refusals.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The profile `name` (`None`: the default) if it exists and the caller has a
@@ -447,73 +416,17 @@ impl Daemon {
         })
     }
 
-    /// Sends job `id` to the agent at `path?query` with `body` as its body; answers the
-    /// agent's streaming response, or the agent's error as the caller may see it.
-    pub async fn relay_to<B>(
-        &self,
-        id: &str,
-        path: &str,
-        query: &str,
-        content_type: &str,
-        body: B,
-        content_length: Option<u64>,
-    ) -> Result<Response<Incoming>, ErrorBody>
-    where
-        B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        let mut req = Request::post(format!("{path}?{query}"))
-            .header(header::CONTENT_TYPE, content_type)
-            .header("x-signet-job", id);
-        if let Some(len) = content_length {
-            req = req.header(header::CONTENT_LENGTH, len);
-        }
-        let req = req.body(body).map_err(|e| {
-            ErrorBody::new(
-                ErrorCode::Internal,
-                format!("cannot build the agent request: {e}"),
-            )
-        })?;
-        let cfg = self.config();
-        let resp = client::send(&cfg.agent, req)
-            .await
-            .map_err(|e| self.agent_unreachable(&e))?;
-        if resp.status().is_success() {
-            Ok(resp)
-        } else {
-            Err(client_view(id, client::error_body(&cfg.agent, resp).await))
-        }
-    }
-
     /// The appliance's status as the daemon sees it now.
     pub async fn status(&self) -> DaemonStatus {
         let cfg = self.config();
-        let health = tokio::time::timeout(
-            STATUS_AGENT_TIMEOUT,
-            client::get_json::<AgentHealth>(&cfg.agent, AGENT_HEALTH_PATH),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Ok(Err(ErrorBody::new(
-                ErrorCode::AgentUnavailable,
-                format!(
-                    "the signing agent did not answer within {} s; check that the signing VM is not hung (its console, `qm status VMID`) and see signet-agent's log",
-                    STATUS_AGENT_TIMEOUT.as_secs()
-                ),
-            )))
-        });
-        let agent = match health {
-            Ok(Ok(health)) => AgentReport::Reachable {
+        let agent = match self.agent.health(STATUS_AGENT_TIMEOUT).await {
+            Ok(health) => AgentReport::Reachable {
                 endpoint: cfg.agent.to_string(),
                 health: Box::new(health),
             },
-            Ok(Err(error)) => AgentReport::Unreachable {
+            Err(error) => AgentReport::Unreachable {
                 endpoint: cfg.agent.to_string(),
                 error,
-            },
-            Err(e) => AgentReport::Unreachable {
-                endpoint: cfg.agent.to_string(),
-                error: self.agent_unreachable(&e),
             },
         };
         // Any read of the health is a contact: the timeline dates an outage from the
@@ -525,39 +438,18 @@ impl Daemon {
             _ => crate::core::timeline::Seen::ContactOk,
         });
         let signing_works = matches!(&agent, AgentReport::Reachable { health, .. } if health.state == AgentState::Ready)
-            && self.engine.store_fault().is_none();
+            && self.jobs.store_fault().is_none();
         DaemonStatus {
             version: signet_protocol::VERSION.to_owned(),
             signing_works,
             default_profile: Some(cfg.default_profile.clone()),
             profiles: cfg.profiles.keys().cloned().collect(),
             agent,
-            queue: Some(self.queue_status()),
+            queue: Some(self.jobs.queue_status()),
             recovery: self.timeline.recent(STATUS_TIMELINE_ENTRIES),
             tokens: Some(self.tokens()),
             faults: self.faults(),
         }
-    }
-
-    fn agent_unreachable(&self, e: &ClientError) -> ErrorBody {
-        let cfg = self.config();
-        let hint = match cfg.agent.vsock_cid() {
-            Some(cid) => format!(
-                "check that the signing VM (vsock CID {cid}) is running with signet-agent started, and that `agent` in {} names it",
-                cfg.path.display()
-            ),
-            _ => format!(
-                "check that signet-agent is running and that `agent` in {} names its endpoint",
-                cfg.path.display()
-            ),
-        };
-        tracing::warn!(agent = %cfg.agent, error = %e, "the signing agent is not reachable; {hint}");
-        ErrorBody::new(
-            ErrorCode::AgentUnavailable,
-            "the signing VM's agent is not reachable (the signing VM is down or signet-agent is not running in it); nothing is signed until it is back. Why is in signetd's log on the Proxmox host (journalctl -u signetd)",
-        )
-        // A signing VM that reboots comes back: jobs wait for it until their deadline.
-        .retryable(true)
     }
 }
 
@@ -567,23 +459,4 @@ pub fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
-}
-
-/// What a caller is told about an agent-side error. Faults the caller can fix (its
-/// input) pass through; the appliance's own faults are told without its internals
-/// (paths, endpoints), which go to the log with the job id.
-pub fn client_view(job: &str, e: ErrorBody) -> ErrorBody {
-    let operator = format!("the appliance's operator finds the details in signetd's log on the Proxmox host (journalctl -u signetd, job {job})");
-    let message = match e.code {
-        ErrorCode::PinRejected => format!("the appliance's token refused its configured PIN, which will not be tried again; nothing was signed. {operator}"),
-        ErrorCode::PinNeeded => format!("the appliance's signing agent has no token PIN yet; nothing was signed. {operator}"),
-        ErrorCode::PinLocked => format!("the appliance's token PIN is locked or on its final try, so Signet does not log in; nothing was signed. {operator}"),
-        ErrorCode::TokenUnavailable if e.retryable => format!("the appliance's token is not available (unplugged, not passed to the signing VM, or lost); nothing was signed and the job may be sent again once it is back. {operator}"),
-        ErrorCode::TokenUnavailable => format!("the appliance's token is not available (unplugged, not passed to the signing VM, or lost); nothing was signed. {operator}"),
-        ErrorCode::AgentUnavailable => format!("the signing VM's agent is not reachable; nothing was signed. {operator}"),
-        ErrorCode::Internal => format!("the appliance failed internally; nothing was signed. {operator}"),
-        _ => return e,
-    };
-    tracing::warn!(job, code = %e.code, detail = %e.message, "job failed on the agent");
-    ErrorBody::new(e.code, message).retryable(e.retryable)
 }

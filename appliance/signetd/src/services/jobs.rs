@@ -3,7 +3,7 @@
 //! input to the agent, spools the result and ends the job with its audit record; the
 //! request that is waiting (or any later `GET /v1/jobs/{id}/result`) streams the result.
 //!
-//! These are [`Daemon`] commands; the HTTP front calls them and renders the results.
+//! [`JobService`] owns this use case; the fronts call it and render the results.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,11 +15,9 @@ use futures_util::StreamExt;
 use http::header;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
-use signet_protocol::client;
 use signet_protocol::transport::Peer;
 use signet_protocol::wire::{
-    AgentHealth, ErrorBody, ErrorCode, JobState, JobView, QueueStatus, AGENT_BATCH_PATH,
-    AGENT_HEALTH_PATH, AGENT_SIGN_PATH,
+    ErrorBody, ErrorCode, JobState, JobView, QueueStatus, AGENT_BATCH_PATH, AGENT_SIGN_PATH,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Notify};
@@ -27,10 +25,14 @@ use tracing::Instrument;
 
 use crate::adapters::audit::{self, Entry, Outcome};
 use crate::adapters::store::{self, Inserted, JobRow, Kind, NewJob, Store, StoreError};
+use crate::config::{Config, Current};
 use crate::core::policy::Caller;
 use crate::core::queue::Queue;
+use crate::core::time::rfc3339;
 use crate::core::timeline::Seen;
-use crate::services::daemon::{client_view, Daemon, Job};
+use crate::services::agent::{client_view, AgentLink};
+use crate::services::timeline::Timeline;
+use crate::services::tokens::Handle;
 
 /// How long the worker waits before it sends a job back to a token that was lost.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
@@ -57,7 +59,7 @@ pub(crate) struct Sched {
     running: Option<String>,
 }
 
-/// The job engine's state inside [`Daemon`].
+/// The job engine's state inside [`JobService`].
 #[derive(Debug)]
 pub(crate) struct Engine {
     store: Arc<Store>,
@@ -68,14 +70,14 @@ pub(crate) struct Engine {
     token: Mutex<Option<(Option<String>, Option<String>)>>,
     /// Set while the host shuts down: no new jobs, the worker starts none.
     draining: std::sync::atomic::AtomicBool,
-    /// signetd is stopping ([`Daemon::stop`]): uploads are cut, waiting requests are
+    /// signetd is stopping ([`JobService::stop`]): uploads are cut, waiting requests are
     /// told their job stays queued — all but the job at the token's until `Closing`.
     stopping: watch::Sender<Stopping>,
     /// Notified whenever the worker ends a job.
     idle: Notify,
     /// The id of every job that ends (signed, failed, cancelled), for D-Bus signals.
     finished: tokio::sync::broadcast::Sender<String>,
-    /// Counts the agent's restarts seen ([`Daemon::agent_restarted`]): a job at the
+    /// Counts the agent's restarts seen ([`JobService::agent_restarted`]): a job at the
     /// agent when it changes will never be answered.
     agent_epoch: watch::Sender<u64>,
     /// Jobs that ended in the crash recovery at start (uploads cut short), before
@@ -276,7 +278,104 @@ fn entry(row: &JobRow, result: Outcome, error: Option<ErrorCode>) -> Entry {
     }
 }
 
-impl Daemon {
+/// A signing request accepted against its profile, not yet recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub profile: String,
+    pub caller: Caller,
+    /// The largest input the profile takes, in bytes.
+    pub max_input_size: u64,
+    pub agent_query: signet_protocol::wire::AgentSignQuery,
+    /// The request as the caller asked it, its profile resolved: what an
+    /// idempotency key is bound to, with the body.
+    pub asked: signet_protocol::wire::SignQuery,
+}
+
+/// How long the token's facts for an audit record may take to read from the agent.
+const FACTS_LIMIT: Duration = Duration::from_secs(10);
+
+/// The job path: records, the queue, the token's worker, results, refusals.
+#[derive(Debug)]
+pub struct JobService {
+    engine: Engine,
+    config: Arc<Current>,
+    timeline: Arc<Timeline>,
+    agent: AgentLink,
+    /// Refusals waiting to be recorded with their count ([`crate::core::refusals`]).
+    refusals: Mutex<crate::core::refusals::Coalescer>,
+    /// The token refused the PIN in the host's `pin_file` (until another is given).
+    host_pin_rejected: std::sync::atomic::AtomicBool,
+    /// The token service's door (the token's facts for the audit log).
+    tokens: Mutex<Handle>,
+}
+
+impl JobService {
+    /// Opens the job database and spool under the configured `state_dir` and resumes
+    /// what a previous run left queued.
+    pub fn open(config: Arc<Current>) -> Result<Self, StoreError> {
+        let cfg = config.get();
+        let quota = cfg.queue.spool_quota_mb.saturating_mul(1 << 20);
+        let engine = Engine::open(&cfg.state_dir, quota)?;
+        let timeline = Arc::new(Timeline::new(engine.store().clone()));
+        let refusals = crate::core::refusals::Coalescer::new(Duration::from_secs(
+            cfg.limits.refusal_interval_seconds,
+        ));
+        Ok(JobService {
+            engine,
+            agent: AgentLink::new(config.clone()),
+            config,
+            timeline,
+            refusals: Mutex::new(refusals),
+            host_pin_rejected: std::sync::atomic::AtomicBool::new(false),
+            tokens: Mutex::new(Handle::off("signetd was started without the token service")),
+        })
+    }
+
+    /// Reads the token's facts for audit records through `tokens` from now on.
+    pub fn set_tokens(&self, tokens: Handle) {
+        *lock(&self.tokens) = tokens;
+    }
+
+    fn config(&self) -> Arc<Config> {
+        self.config.get()
+    }
+
+    /// The recovery timeline, kept in the job database.
+    pub fn timeline(&self) -> &Arc<Timeline> {
+        &self.timeline
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The job database, for modules that keep their own tables in it (and for the
+    /// audit log: [`crate::adapters::audit::record_refusal`]).
+    pub fn store(&self) -> &Arc<Store> {
+        self.engine.store()
+    }
+
+    /// Whether the token refused the host's PIN (see [`crate::services::agent_watch`]).
+    pub fn host_pin_rejected(&self) -> bool {
+        self.host_pin_rejected
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_host_pin_rejected(&self, rejected: bool) {
+        self.host_pin_rejected
+            .store(rejected, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The coalescer of refusals ([`crate::core::refusals`]).
+    pub(crate) fn refusals(&self) -> MutexGuard<'_, crate::core::refusals::Coalescer> {
+        lock(&self.refusals)
+    }
+
+    /// Why the job database failed the last time it was written, if it did.
+    pub fn store_fault(&self) -> Option<String> {
+        self.engine.store_fault()
+    }
+
     /// Records a request refused before it became a job (credentials, grant, unknown
     /// profile, bad name, limits). `caller` is the audit identity: the authenticated
     /// caller's [`Caller::key`], or what the transport saw when authentication failed.
@@ -823,7 +922,7 @@ impl Daemon {
         ended
     }
 
-    /// Whether signetd is stopping ([`Daemon::stop`]).
+    /// Whether signetd is stopping ([`JobService::stop`]).
     pub fn stopping(&self) -> bool {
         *self.engine().stopping.borrow() != Stopping::No
     }
@@ -920,8 +1019,8 @@ impl Daemon {
         if let Some(f) = lock(&self.engine().token).clone() {
             return f;
         }
-        match client::get_json::<AgentHealth>(&self.config().agent, AGENT_HEALTH_PATH).await {
-            Ok(Ok(h)) if h.token.is_some() => {
+        match self.agent.health(FACTS_LIMIT).await {
+            Ok(h) if h.token.is_some() => {
                 let f = (
                     h.token.map(|t| t.serial),
                     h.certificates.first().map(|c| c.sha256.clone()),
@@ -990,7 +1089,7 @@ impl Daemon {
                 Kind::Batch => AGENT_BATCH_PATH,
             };
             let resp = self
-                .relay_to(id, path, &row.agent_query, &row.content_type, body, row.input_bytes)
+                .agent.relay_to(id, path, &row.agent_query, &row.content_type, body, row.input_bytes)
                 .await?;
             let ct = resp
                 .headers()
@@ -1100,23 +1199,6 @@ impl Daemon {
     }
 }
 
-/// Milliseconds since the epoch as RFC 3339 (UTC, whole seconds).
-pub fn rfc3339(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .map(|t| {
-            format!(
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-                t.year(),
-                u8::from(t.month()),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second()
-            )
-        })
-        .unwrap_or_default()
-}
-
 enum Spool {
     Full,
     Stopped,
@@ -1205,11 +1287,5 @@ mod tests {
             pid: Some(4),
         };
         assert_eq!(transport(&unix, false), "unix");
-    }
-
-    #[test]
-    fn times_read_as_rfc3339() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_795_000_000_123), "2026-11-18T11:06:40Z");
     }
 }

@@ -2,6 +2,7 @@
 //! actions and reads, the host checks, the daemon's tasks and its stop. Fronts call
 //! these and nothing below them.
 
+pub mod agent;
 pub mod agent_watch;
 pub mod daemon;
 pub mod doctor;

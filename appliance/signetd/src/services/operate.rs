@@ -135,7 +135,7 @@ impl Daemon {
         serial: &str,
         vm: Option<u32>,
     ) -> Result<HostToken, ErrorBody> {
-        let r = self.attach(serial, vm).await;
+        let r = self.token_service().attach(serial, vm).await;
         let mut a = Self::token_action("attach", serial);
         a.target = vm.map(|v| format!("VM {v}"));
         self.record_action(op, a, &r);
@@ -144,14 +144,14 @@ impl Daemon {
 
     /// [`Daemon::detach`], audited.
     pub async fn detach_by(&self, op: &Operator, serial: &str) -> Result<HostToken, ErrorBody> {
-        let r = self.detach(serial).await;
+        let r = self.token_service().detach(serial).await;
         self.record_action(op, Self::token_action("detach", serial), &r);
         r
     }
 
     /// [`Daemon::reattach`], audited.
     pub async fn reattach_by(&self, op: &Operator, serial: &str) -> Result<HostToken, ErrorBody> {
-        let r = self.reattach(serial).await;
+        let r = self.token_service().reattach(serial).await;
         self.record_action(op, Self::token_action("reattach", serial), &r);
         r
     }

@@ -62,7 +62,7 @@ impl Daemon {
         let mut list = JobList::default();
         for state in [JobState::Receiving, JobState::Running] {
             for row in store.in_state(state).map_err(read)? {
-                let view = self.view(&row);
+                let view = self.job_service().view(&row);
                 list.running.push(self.summary(&row, &view, now));
             }
         }
@@ -70,7 +70,7 @@ impl Daemon {
             .in_state(JobState::Queued)
             .map_err(read)?
             .iter()
-            .map(|row| self.summary(row, &self.view(row), now))
+            .map(|row| self.summary(row, &self.job_service().view(row), now))
             .collect();
         queued.sort_by_key(|j| {
             (
@@ -80,7 +80,7 @@ impl Daemon {
         });
         list.queued = queued;
         for row in store.ended(recent).map_err(read)? {
-            let view = self.view(&row);
+            let view = self.job_service().view(&row);
             list.recent.push(self.summary(&row, &view, now));
         }
         Ok(list)
@@ -91,7 +91,7 @@ impl Daemon {
         match self.store().get(id) {
             Ok(Some(row)) => {
                 let who = row.caller.clone();
-                let view = self.cancel_row(row)?;
+                let view = self.job_service().cancel_row(row)?;
                 tracing::info!(job = id, caller = %who, "cancelled by the operator");
                 Ok(view)
             }
@@ -185,19 +185,19 @@ impl Daemon {
 
     /// The ids of jobs as they end (signed, failed, cancelled).
     pub fn job_finished(&self) -> tokio::sync::broadcast::Receiver<String> {
-        self.engine().finished()
+        self.job_service().engine().finished()
     }
 
     /// The jobs that ended when signetd started (their uploads were cut short by its
     /// stop), before anyone could hear of them.
     pub fn jobs_ended_at_start(&self) -> Vec<String> {
-        self.engine().ended_at_start().to_vec()
+        self.job_service().engine().ended_at_start().to_vec()
     }
 
     /// Job `id` as the operator sees it, for the job-finished signal.
     pub fn job_summary(&self, id: &str) -> Option<JobSummary> {
         let row = self.store().get(id).ok().flatten()?;
-        let view = self.view(&row);
+        let view = self.job_service().view(&row);
         Some(self.summary(&row, &view, store::now_ms()))
     }
 }

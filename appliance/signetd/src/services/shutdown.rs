@@ -94,12 +94,12 @@ pub async fn run(daemon: Arc<Daemon>, bus: Bus, grace: Duration) -> Result<(), S
                 continue;
             }
         };
-        match decide(start, daemon.draining()) {
+        match decide(start, daemon.job_service().draining()) {
             Step::Drain => {
                 daemon
                     .timeline()
                     .saw(crate::core::timeline::Seen::ShutdownDrain);
-                let job_ended = daemon.drain(grace).await;
+                let job_ended = daemon.job_service().drain(grace).await;
                 daemon
                     .timeline()
                     .saw(crate::core::timeline::Seen::ShutdownReleased { job_ended });
@@ -108,7 +108,7 @@ pub async fn run(daemon: Arc<Daemon>, bus: Bus, grace: Duration) -> Result<(), S
             }
             Step::Resume => {
                 tracing::info!("the host shutdown was cancelled: taking jobs again");
-                daemon.resume();
+                daemon.job_service().resume();
                 inhibitor = match logind.inhibit("shutdown", WHO, WHY, "delay").await {
                     Ok(fd) => Some(fd),
                     Err(e) => {

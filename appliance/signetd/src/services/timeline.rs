@@ -20,12 +20,12 @@ pub struct Timeline {
 }
 
 impl Timeline {
-    pub fn new(store: Arc<Store>) -> rusqlite::Result<Self> {
-        Ok(Timeline {
+    pub fn new(store: Arc<Store>) -> Self {
+        Timeline {
             store,
             clock: Mutex::default(),
             steps: tokio::sync::broadcast::channel(64).0,
-        })
+        }
     }
 
     /// Records what was seen, if it makes an entry.
@@ -50,7 +50,7 @@ impl Timeline {
             tracing::error!(error = %err, "a timeline entry could not be written");
         }
         let _ = self.steps.send(TimelineEntry {
-            time: crate::services::jobs::rfc3339(e.time_ms),
+            time: crate::core::time::rfc3339(e.time_ms),
             event: e.event.to_owned(),
             detail: e.detail,
             duration_ms: e.duration_ms,
@@ -101,7 +101,7 @@ impl Timeline {
             .and_then(|mut st| {
                 st.query_map([n as i64], |r| {
                     Ok(TimelineEntry {
-                        time: crate::services::jobs::rfc3339(r.get::<_, i64>(0)? as u64),
+                        time: crate::core::time::rfc3339(r.get::<_, i64>(0)? as u64),
                         event: r.get(1)?,
                         detail: r.get(2)?,
                         duration_ms: r.get::<_, Option<i64>>(3)?.map(|d| d as u64),
@@ -125,7 +125,7 @@ mod tests {
     fn entries_are_stored_and_read_back_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
-        let t = Timeline::new(store).unwrap();
+        let t = Timeline::new(store);
         let mut steps = t.subscribe();
         t.saw(Seen::AgentDown("connection refused".into()));
         assert_eq!(steps.try_recv().unwrap().event, "agent_unreachable");

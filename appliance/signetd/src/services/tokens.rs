@@ -34,7 +34,6 @@ use crate::adapters::usb::{
 };
 use crate::config::VidPid;
 use crate::core::passthrough::{Action, Input, Refusal, State, Token};
-use crate::services::daemon::Daemon;
 
 /// Every token's state as the status API shows it, by serial.
 pub type Status = BTreeMap<String, HostToken>;
@@ -419,12 +418,8 @@ pub fn view(t: &Token, seen: Option<&(VidPid, TokenKind)>) -> HostToken {
     }
 }
 
-impl Daemon {
-    /// Every token the daemon knows and where it is.
-    pub fn tokens(&self) -> TokensReport {
-        self.token_service().report()
-    }
-
+/// The operator's token commands, logged.
+impl Handle {
     /// Puts the token into its signing VM (`vm`: the VM the operator expects; another
     /// one is refused, never attached to).
     pub async fn attach(&self, serial: &str, vm: Option<u32>) -> Result<HostToken, ErrorBody> {
@@ -443,7 +438,7 @@ impl Daemon {
     }
 
     async fn token_command(&self, serial: &str, op: Op) -> Result<HostToken, ErrorBody> {
-        let r = self.token_service().ask(serial, op).await;
+        let r = self.ask(serial, op).await;
         match &r {
             Ok(t) => tracing::info!(serial, ?op, place = %t.place.words(), "token command"),
             Err(e) => tracing::warn!(serial, ?op, error = %e, "token command refused"),

@@ -26,7 +26,8 @@ use crate::adapters::store::Kind;
 use crate::core::policy::Caller;
 use crate::limits;
 use crate::serve::OverTls;
-use crate::services::daemon::{client_view, Daemon};
+use crate::services::agent::client_view;
+use crate::services::daemon::Daemon;
 use crate::services::jobs;
 use signet_protocol::batch;
 
@@ -72,7 +73,7 @@ fn tls_reader(
                 .key(),
                 other => daemon.identify(other).key(),
             };
-            daemon.refuse(&who, "tls", None, None, &e);
+            daemon.job_service().refuse(&who, "tls", None, None, &e);
             Err(Box::new(error_response(daemon, e)))
         }
     }
@@ -298,7 +299,13 @@ async fn job(
     let (job, slot) = match started {
         Ok(started) => started,
         Err(e) => {
-            daemon.refuse(&who, transport, profile.as_deref(), filename.as_deref(), &e);
+            daemon.job_service().refuse(
+                &who,
+                transport,
+                profile.as_deref(),
+                filename.as_deref(),
+                &e,
+            );
             // Answered at once, from the headers: the body is not read first. The
             // connection then reads and drops what the client still sends before it
             // closes (`serve`), so the client reads this answer, not a reset.
@@ -315,6 +322,7 @@ async fn job(
     };
     let kind = if is_batch { Kind::Batch } else { Kind::Sign };
     let submitted = daemon
+        .job_service()
         .submit(
             &job,
             transport,
@@ -340,7 +348,7 @@ async fn job(
         .any(|v| v.split(',').any(|p| p.trim() == "respond-async"));
     if respond_async {
         // RFC 7240: answer now with the job; the result is fetched later.
-        let mut resp = match daemon.job(&id, &job.caller) {
+        let mut resp = match daemon.job_service().job(&id, &job.caller) {
             Ok(v) => (http::StatusCode::ACCEPTED, Json(v)).into_response(),
             Err(e) => e.into_response(),
         };
@@ -349,7 +357,7 @@ async fn job(
         }
         return resp;
     }
-    daemon.wait(&id).await;
+    daemon.job_service().wait(&id).await;
     let mut resp = deliver(&daemon, &id, &job.caller).await;
     if resp.status().is_success() && !is_batch && job.agent_query.response == SignResponse::Pkcs7 {
         resp.headers_mut().insert(
@@ -363,7 +371,7 @@ async fn job(
 /// The result of job `id` as an answer: the signed file (a batch's parts re-framed),
 /// or the job's error; both carry the job id.
 async fn deliver(daemon: &Arc<Daemon>, id: &str, caller: &Caller) -> Response {
-    let mut resp = match daemon.result(id, caller).await {
+    let mut resp = match daemon.job_service().result(id, caller).await {
         Ok(d) => {
             let stream = tokio_util::io::ReaderStream::new(d.file);
             match d.kind {
@@ -424,7 +432,7 @@ async fn get_job(
     Path(id): Path<String>,
 ) -> Response {
     let view = authenticate(&daemon, &peer, tls.is_some(), &headers)
-        .and_then(|caller| daemon.job(&id, &caller));
+        .and_then(|caller| daemon.job_service().job(&id, &caller));
     match view {
         Ok(v) => Json(v).into_response(),
         Err(e) => error_response(&daemon, e),
@@ -439,7 +447,7 @@ async fn cancel_job(
     Path(id): Path<String>,
 ) -> Response {
     let view = authenticate(&daemon, &peer, tls.is_some(), &headers)
-        .and_then(|caller| daemon.cancel(&id, &caller));
+        .and_then(|caller| daemon.job_service().cancel(&id, &caller));
     match view {
         Ok(v) => Json(v).into_response(),
         Err(e) => error_response(&daemon, e),
@@ -458,10 +466,10 @@ async fn job_result(
         Err(e) => return error_response(&daemon, e),
     };
     // Known to the caller: wait for it to end, then answer as POST /v1/sign would have.
-    if let Err(e) = daemon.job(&id, &caller) {
+    if let Err(e) = daemon.job_service().job(&id, &caller) {
         return e.into_response();
     }
-    daemon.wait(&id).await;
+    daemon.job_service().wait(&id).await;
     deliver(&daemon, &id, &caller).await
 }
 
@@ -589,7 +597,7 @@ where
         move |(mut stream, mut done, mut sent)| async move {
             let told = |done: &mut Option<(Arc<Daemon>, String)>| {
                 if let Some((daemon, id)) = done.take() {
-                    daemon.delivered(&id);
+                    daemon.job_service().delivered(&id);
                 }
             };
             match stream.next().await {

@@ -301,6 +301,7 @@ async fn authorize_enroll(
         );
         let e = ErrorBody::new(ErrorCode::Forbidden, message.clone());
         web.daemon
+            .job_service()
             .refuse(&format!("pve:{}", s.user), "web", None, None, &e);
         return Err(problem(StatusCode::FORBIDDEN, "Not allowed", message, None));
     }
@@ -430,7 +431,7 @@ async fn jobs(
     let active = rows
         .iter()
         .map(|row| {
-            let view = web.daemon.view(row);
+            let view = web.daemon.job_service().view(row);
             ActiveLine {
                 id: row.id.clone(),
                 state: row.state.as_str(),

@@ -1,0 +1,82 @@
+//! The signing VM's agent as signetd reaches it: its health read within a bound, and a
+//! job's request sent. Every call goes over the paired link ([`signet_protocol::link`],
+//! registered for the agent's endpoint at start), so nothing here sees a key.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, Response};
+use hyper::body::{Body, Incoming};
+use signet_protocol::client::{self, ClientError};
+use signet_protocol::endpoint::Endpoint;
+use signet_protocol::wire::{AgentHealth, ErrorBody, AGENT_HEALTH_PATH};
+
+/// The header that carries signetd's job id to the agent, so both logs name one job.
+pub const JOB_HEADER: &str = "x-signet-job";
+
+/// What a health read found.
+#[derive(Debug)]
+pub enum Health {
+    /// The agent answered with its health.
+    Answered(Box<AgentHealth>),
+    /// The agent answered with an error.
+    Refused(ErrorBody),
+    /// The agent could not be reached.
+    Unreachable(ClientError),
+    /// The agent did not answer within the bound.
+    Silent(Duration),
+}
+
+/// The agent's health at `agent`, within `within`.
+pub async fn health(agent: &Endpoint, within: Duration) -> Health {
+    match tokio::time::timeout(
+        within,
+        client::get_json::<AgentHealth>(agent, AGENT_HEALTH_PATH),
+    )
+    .await
+    {
+        Ok(Ok(Ok(h))) => Health::Answered(Box::new(h)),
+        Ok(Ok(Err(e))) => Health::Refused(e),
+        Ok(Err(e)) => Health::Unreachable(e),
+        Err(_) => Health::Silent(within),
+    }
+}
+
+/// What sending a job's request found.
+#[derive(Debug)]
+pub enum Sent {
+    /// The agent's streaming answer (success).
+    Answer(Response<Incoming>),
+    /// The agent's error answer.
+    Refused(ErrorBody),
+    /// The agent could not be reached.
+    Unreachable(ClientError),
+}
+
+/// Sends job `id` to the agent at `path?query` with `body` (its length, when known).
+pub async fn send_job<B>(
+    agent: &Endpoint,
+    id: &str,
+    path: &str,
+    query: &str,
+    content_type: &str,
+    body: B,
+    content_length: Option<u64>,
+) -> Result<Sent, http::Error>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut req = Request::post(format!("{path}?{query}"))
+        .header(header::CONTENT_TYPE, content_type)
+        .header(JOB_HEADER, id);
+    if let Some(len) = content_length {
+        req = req.header(header::CONTENT_LENGTH, len);
+    }
+    let req = req.body(body)?;
+    Ok(match client::send(agent, req).await {
+        Err(e) => Sent::Unreachable(e),
+        Ok(resp) if resp.status().is_success() => Sent::Answer(resp),
+        Ok(resp) => Sent::Refused(client::error_body(agent, resp).await),
+    })
+}
