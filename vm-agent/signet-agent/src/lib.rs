@@ -40,3 +40,4 @@ pub mod server;
 pub mod signer;
 pub mod signtool;
 pub mod token;
+pub mod token_state;

@@ -29,6 +29,7 @@ use signet_protocol::wire::{
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast::error::RecvError;
+use tracing::Instrument;
 
 use crate::agent::{Agent, JobKey, Spool};
 
@@ -228,30 +229,39 @@ async fn sign(
             format!("bad query: {}", e.body_text()),
         )
     })?;
-    let span = tracing::info_span!("job", file = query.filename.as_deref().unwrap_or("-"));
-    let _g = span.enter();
-    drop(_g);
-    let (body, limit) = limited(&gate, &headers, body)?;
-    let spool = agent.spool()?;
-    let (_, input_sha256) = receive(&spool, body).await.map_err(|e| limit.explain(e))?;
-    // A job the host sends again (it was restarted, or lost the connection, while the
-    // agent signed) gets the result kept for it instead of a second signature: the
-    // host's job id, bound to the exact request and input.
-    let once = headers
-        .get(JOB_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(|job| JobKey::new(job, raw_query.as_deref().unwrap_or(""), input_sha256));
-    // Signing runs to its end in a task of its own, even when the host drops the
-    // request: killing a signing process mid-operation can leave the token (or
-    // SoftHSM's object store) half-written. A dropped request only drops the result.
-    let signed = {
-        use tracing::Instrument;
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.sign_once(once, spool, &query).await }.instrument(span))
+    let host_job = headers.get(JOB_HEADER).and_then(|v| v.to_str().ok());
+    // Every line of the job, the token's work included, carries the host's job id.
+    let span = tracing::info_span!(
+        "job",
+        job = %agent.job_id(host_job),
+        file = query.filename.as_deref().unwrap_or("-")
+    );
+    async move {
+        let (body, limit) = limited(&gate, &headers, body)?;
+        let spool = agent.spool()?;
+        let (_, input_sha256) = receive(&spool, body).await.map_err(|e| limit.explain(e))?;
+        // A job the host sends again (it was restarted, or lost the connection, while
+        // the agent signed) gets the result kept for it instead of a second signature:
+        // the host's job id, bound to the exact request and input.
+        let once = headers
+            .get(JOB_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(|job| JobKey::new(job, raw_query.as_deref().unwrap_or(""), input_sha256));
+        // Signing runs to its end in a task of its own, even when the host drops the
+        // request: killing a signing process mid-operation can leave the token (or
+        // SoftHSM's object store) half-written. A dropped request only drops the result.
+        let signed = {
+            let agent = agent.clone();
+            tokio::spawn(
+                async move { agent.sign_once(once, spool, &query).await }.in_current_span(),
+            )
             .await
             .map_err(task_ended)?
-    };
-    send(signed?).await
+        };
+        send(signed?).await
+    }
+    .instrument(span)
+    .await
 }
 
 /// A signing task that panicked or was cancelled.
@@ -273,6 +283,25 @@ async fn batch(
     axum::Extension(gate): axum::Extension<Gate>,
     query: Result<Query<AgentSignQuery>, QueryRejection>,
     headers: axum::http::HeaderMap,
+    body: Body,
+) -> Result<Response, ErrorBody> {
+    let host_job = headers.get(JOB_HEADER).and_then(|v| v.to_str().ok());
+    let span = tracing::info_span!(
+        "batch",
+        job = %agent.job_id(host_job),
+        files = tracing::field::Empty
+    );
+    batch_in(agent, gate, query, headers, body)
+        .instrument(span)
+        .await
+}
+
+/// The batch call, under the job's span.
+async fn batch_in(
+    agent: Arc<Agent>,
+    gate: Gate,
+    query: Result<Query<AgentSignQuery>, QueryRejection>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ErrorBody> {
     let (body, limit) = limited(&gate, &headers, body)?;
@@ -329,17 +358,16 @@ async fn batch(
         file.flush().await.map_err(spool_error)?;
         items.push((spool, q));
     }
-    let span = tracing::info_span!("batch", files = items.len());
+    tracing::Span::current().record("files", items.len());
     // As for one file: the batch is signed to its end even when the host goes away.
     let (items, results) = {
-        use tracing::Instrument;
         let agent = agent.clone();
         tokio::spawn(
             async move {
                 let results = agent.sign_batch(&items).await;
                 (items, results)
             }
-            .instrument(span),
+            .in_current_span(),
         )
         .await
         .map_err(task_ended)?
