@@ -310,15 +310,10 @@ impl Agent {
     pub fn job_id(&self, from_host: Option<&str>) -> String {
         match from_host {
             Some(id) if usable_job_id(id) => id.to_owned(),
-            other => {
-                let n = self.next_request.fetch_add(1, Ordering::Relaxed);
-                if other.is_some() {
-                    tracing::debug!(
-                        "the host's job id is not 1 to {MAX_JOB_ID} letters, digits and -_.:; numbering the request agent-{n}"
-                    );
-                }
-                format!("agent-{n}")
-            }
+            _ => format!(
+                "agent-{}",
+                self.next_request.fetch_add(1, Ordering::Relaxed)
+            ),
         }
     }
 
@@ -900,6 +895,230 @@ mod tests {
         assert_eq!(st.signtool.reader.as_deref(), Some("AKS ifdh 0"));
         assert_eq!(st.signtool.csp, crate::signtool::SAFENET_CSP);
         assert_eq!(st.timeout, Duration::from_secs(42));
+    }
+
+    // The sign, batch and loss paths with a stand-in token and signer.
+
+    use crate::stand_in::{self, Outcome};
+
+    const SCRIPT: &[u8] = b"Write-Host 'hello'\r\n";
+
+    fn query(name: &str) -> AgentSignQuery {
+        AgentSignQuery {
+            filename: Some(name.into()),
+            ..AgentSignQuery::default()
+        }
+    }
+
+    fn spooled(agent: &Agent, content: &[u8]) -> Spool {
+        let spool = agent.spool().unwrap();
+        std::fs::write(spool.input(), content).unwrap();
+        spool
+    }
+
+    /// The names of the events published so far.
+    fn published(rx: &mut broadcast::Receiver<AgentEvent>) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            names.push(e.kind.name());
+        }
+        names
+    }
+
+    fn signed(spool: &Spool) -> Vec<u8> {
+        std::fs::read(spool.output()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_job_is_signed_with_the_session_and_told_to_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, signer) = stand_in::agent(dir.path()).await;
+        let mut events = agent.subscribe();
+        let spool = spooled(&agent, SCRIPT);
+        let done = agent.sign_once(None, spool, &query("a.ps1")).await.unwrap();
+        assert_eq!(signed(&done), b"Write-Host 'hello'\r\n+signed");
+        assert_eq!(token.take_calls(), ["ensure_ready"]);
+        assert_eq!(
+            signer.lock().unwrap().signed,
+            ["input.ps1"],
+            "named with its format's extension"
+        );
+        assert_eq!(
+            published(&mut events),
+            [
+                "token_appeared",
+                "logged_in",
+                "signing_started",
+                "signing_finished"
+            ]
+        );
+        assert_eq!(agent.health().await.state, AgentState::Ready);
+        assert_eq!(agent.watch_plan().await, Watch::Check);
+
+        // The same job again (same id, options and input) gets its kept result.
+        let key = || Some(JobKey::new("7", "filename=a.ps1", [1; 32]));
+        let first = agent
+            .sign_once(key(), spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+        let again = agent
+            .sign_once(key(), spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(signer.lock().unwrap().signed.len(), 2, "signed once");
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_signed_in_order_and_a_bad_file_stops_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, signer) = stand_in::agent(dir.path()).await;
+        let items = vec![
+            (spooled(&agent, b"# one\n"), query("one.ps1")),
+            (spooled(&agent, b""), query("empty.ps1")),
+            (spooled(&agent, b"# three\n"), query("three.psm1")),
+        ];
+        let results = agent.sign_batch(&items).await;
+        assert!(results[0].is_ok(), "{:?}", results[0]);
+        assert_eq!(results[1].as_ref().unwrap_err().code, ErrorCode::EmptyInput);
+        assert!(results[2].is_ok(), "{:?}", results[2]);
+        assert_eq!(signed(&items[0].0), b"# one\n+signed");
+        assert_eq!(signed(&items[2].0), b"# three\n+signed");
+        assert_eq!(
+            signer.lock().unwrap().signed,
+            ["input.ps1", "input.psm1"],
+            "in the batch's order, the empty file not at all"
+        );
+        assert_eq!(token.take_calls(), ["ensure_ready", "ensure_ready"]);
+    }
+
+    #[tokio::test]
+    async fn a_token_lost_mid_job_makes_the_job_retryable_and_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, signer) = stand_in::agent(dir.path()).await;
+        let mut events = agent.subscribe();
+        signer.lock().unwrap().outcome = Outcome::PullToken;
+        let e = agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::TokenUnavailable);
+        assert!(e.retryable, "{e:?}");
+        assert!(
+            e.message
+                .contains("the token was lost while signing; nothing was signed"),
+            "{}",
+            e.message
+        );
+        assert_eq!(token.take_calls(), ["ensure_ready", "lost"]);
+        let names = published(&mut events);
+        assert!(
+            names.ends_with(&["token_lost", "signing_finished"]),
+            "{names:?}"
+        );
+        assert_eq!(agent.health().await.state, AgentState::TokenLost);
+        assert_eq!(agent.watch_plan().await, Watch::Reopen);
+
+        // While it is gone, a job is refused as retryable before the signer runs.
+        let e = agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap_err();
+        assert_eq!((e.code, e.retryable), (ErrorCode::TokenUnavailable, true));
+        assert_eq!(signer.lock().unwrap().signed.len(), 1);
+
+        // Back: the watcher's open finds it, logs in, and jobs are signed again.
+        token.get().plugged = true;
+        signer.lock().unwrap().outcome = Outcome::Sign;
+        assert_eq!(agent.open_token().await.state, AgentState::Ready);
+        assert_eq!(published(&mut events), ["token_appeared", "logged_in"]);
+        let done = agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+        assert_eq!(signed(&done), b"Write-Host 'hello'\r\n+signed");
+    }
+
+    #[tokio::test]
+    async fn a_pin_refused_while_signing_is_not_tried_again_until_the_host_sends_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, signer) = stand_in::agent(dir.path()).await;
+        let mut events = agent.subscribe();
+        signer.lock().unwrap().outcome = Outcome::RefusePin;
+        let e = agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap_err();
+        assert_eq!((e.code, e.retryable), (ErrorCode::PinRejected, false));
+        assert_eq!(
+            token.take_calls(),
+            ["ensure_ready", "refused 1234"],
+            "the session hears which PIN was refused"
+        );
+        assert!(published(&mut events).contains(&"pin_problem"));
+        assert_eq!(agent.health().await.state, AgentState::PinRejected);
+        assert_eq!(
+            agent.watch_plan().await,
+            Watch::Wait,
+            "no PIN try is spent unattended"
+        );
+
+        // The next job does not reach the signer.
+        signer.lock().unwrap().outcome = Outcome::Sign;
+        let e = agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::PinNeeded);
+        assert_eq!(signer.lock().unwrap().signed.len(), 1);
+
+        // A wrong PIN from the host is refused; the right one logs in.
+        let e = agent.login(AuthPin::new("9999".into())).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::PinRejected);
+        let h = agent.login(AuthPin::new("1234".into())).await.unwrap();
+        assert_eq!(h.state, AgentState::Ready);
+        agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_signature_is_not_a_token_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, signer) = stand_in::agent(dir.path()).await;
+        signer.lock().unwrap().outcome = Outcome::Fail;
+        let e = agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap_err();
+        assert_eq!((e.code, e.retryable), (ErrorCode::SigningFailed, false));
+        assert_eq!(token.take_calls(), ["ensure_ready"]);
+        assert_eq!(agent.health().await.state, AgentState::Ready);
+    }
+
+    #[tokio::test]
+    async fn reinit_closes_the_session_and_module_and_logs_in_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, _signer) = stand_in::agent(dir.path()).await;
+        assert_eq!(agent.open_token().await.state, AgentState::Ready);
+        token.take_calls();
+        let mut events = agent.subscribe();
+        let h = agent.reinit().await;
+        assert_eq!(h.state, AgentState::Ready);
+        assert_eq!(token.take_calls(), ["close", "ensure_ready"]);
+        assert_eq!(
+            published(&mut events),
+            ["logged_in"],
+            "a re-initialisation is not a loss"
+        );
+
+        // A token that is gone stays lost through a re-initialisation.
+        token.get().plugged = false;
+        let h = agent.reinit().await;
+        assert_eq!(h.state, AgentState::TokenLost);
+        assert!(h.detail.contains("no slot holds"), "{}", h.detail);
+        assert_eq!(agent.watch_plan().await, Watch::Reopen);
     }
 
     fn key(job: &str, query: &str, byte: u8) -> JobKey {
