@@ -5,11 +5,106 @@
 //!
 //! States, as the host sees them ([`TokenState::state`]): not opened yet (token
 //! missing), ready (logged in), lost, and the failure the last try to open ended in
-//! (token missing, module error, PIN needed, PIN refused, PIN locked).
+//! (token missing, module error, PIN needed, PIN refused, PIN locked): a
+//! [`TokenError`], defined here with the rest of the machine's words.
 
-use signet_protocol::wire::{AgentEventKind, AgentState};
+use std::path::PathBuf;
 
-use crate::token::{PinSource, TokenError};
+use signet_protocol::wire::{AgentEventKind, AgentState, ErrorCode};
+
+/// Where the PIN of a login came from; named in messages, never the PIN itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinSource {
+    /// `POST /agent/v1/login`.
+    Host,
+    /// `token.pin_file`.
+    File(PathBuf),
+}
+
+impl std::fmt::Display for PinSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PinSource::Host => f.write_str("the PIN sent by the host"),
+            PinSource::File(p) => write!(f, "the PIN in {}", p.display()),
+        }
+    }
+}
+
+/// Why the token cannot be used right now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the PKCS#11 module {module} cannot be used: {detail}; check token.module in the agent's configuration")]
+    Module { module: PathBuf, detail: String },
+    #[error("no token matches {wanted}; tokens present: {found}")]
+    NotFound { wanted: String, found: String },
+    #[error("cannot read the PIN file {path}: {detail}; write the token's user PIN into it (readable by the agent only)")]
+    PinFile { path: PathBuf, detail: String },
+    #[error("the agent has no PIN for the token: the host sends it (POST /agent/v1/login), or name a file with token.pin_file")]
+    PinNeeded,
+    #[error("the token refused {from}; Signet will not try that PIN again: supply the right PIN (host login or PIN file)")]
+    PinRejected { from: PinSource },
+    #[error(
+        "the token's user PIN is {why}; Signet does not log in to it, so no try is spent: {fix}"
+    )]
+    PinLocked {
+        why: &'static str,
+        fix: &'static str,
+    },
+    #[error("{0}")]
+    Key(String),
+    #[error("the token was lost ({0}); the agent re-initialises the module and logs in again when it returns: retry the job then")]
+    Lost(String),
+}
+
+impl TokenError {
+    /// The wire error class of this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            TokenError::PinRejected { .. } | TokenError::PinFile { .. } => ErrorCode::PinRejected,
+            TokenError::PinNeeded => ErrorCode::PinNeeded,
+            TokenError::PinLocked { .. } => ErrorCode::PinLocked,
+            TokenError::Module { .. }
+            | TokenError::NotFound { .. }
+            | TokenError::Lost(_)
+            | TokenError::Key(_) => ErrorCode::TokenUnavailable,
+        }
+    }
+
+    /// Nothing was signed and the same job may succeed later without anyone acting.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            TokenError::Lost(_) | TokenError::NotFound { .. } | TokenError::PinNeeded
+        )
+    }
+
+    /// Whether trying to open the token again, unattended, can end this fault.
+    pub fn retry_worth_it(&self) -> bool {
+        matches!(
+            self,
+            TokenError::Module { .. } | TokenError::NotFound { .. } | TokenError::Lost(_)
+        )
+    }
+
+    /// The agent state this failure leaves behind.
+    pub fn state(&self) -> AgentState {
+        match self {
+            TokenError::Module { .. } => AgentState::ModuleError,
+            TokenError::PinRejected { .. } | TokenError::PinFile { .. } => AgentState::PinRejected,
+            TokenError::PinNeeded => AgentState::PinNeeded,
+            TokenError::PinLocked { .. } => AgentState::PinLocked,
+            TokenError::Lost(_) => AgentState::TokenLost,
+            TokenError::NotFound { .. } | TokenError::Key(_) => AgentState::TokenMissing,
+        }
+    }
+
+    pub(crate) fn is_pin_problem(&self) -> bool {
+        matches!(
+            self.state(),
+            AgentState::PinNeeded | AgentState::PinRejected | AgentState::PinLocked
+        )
+    }
+}
 
 /// What happened to the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,7 +287,6 @@ impl TokenState {
 mod tests {
     use super::*;
     use crate::loss::{watch, Watch};
-    use std::path::PathBuf;
 
     fn found() -> TokenEvent {
         TokenEvent::Found {
