@@ -63,6 +63,22 @@ pub trait BackendError: std::error::Error + Send + Sync + 'static {
     fn code(&self) -> ErrorCode;
 }
 
+/// A backend's own failure, boxed: shown as the backend words it, with its cause.
+#[derive(Debug)]
+pub struct BackendFailure(pub Box<dyn BackendError>);
+
+impl std::fmt::Display for BackendFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BackendFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
 /// One signature to make.
 #[derive(Debug, Clone)]
 pub struct SignSpec<'a> {
@@ -107,8 +123,8 @@ pub enum SignError {
     #[error("osslsigncode could not sign the file: {0}")]
     Failed(String),
     /// Another backend's own failure (signtool's), in its words and class.
-    #[error("{0}")]
-    Backend(Box<dyn BackendError>),
+    #[error(transparent)]
+    Backend(BackendFailure),
 }
 
 impl SignError {
@@ -118,7 +134,7 @@ impl SignError {
             SignError::PinRejected => ErrorCode::PinRejected,
             SignError::TokenLost(_) => ErrorCode::TokenUnavailable,
             SignError::Damaged(_) => ErrorCode::BadInput,
-            SignError::Backend(e) => e.code(),
+            SignError::Backend(e) => e.0.code(),
             SignError::Timestamp { .. }
             | SignError::NothingToNest
             | SignError::TimedOut(_)

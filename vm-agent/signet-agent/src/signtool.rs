@@ -39,7 +39,7 @@ use secrecy::ExposeSecret;
 use signet_protocol::format::Format;
 use signet_protocol::wire::{DigestAlgorithm, ErrorCode, SignMode, SignResponse, SignerFeatures};
 
-use crate::backend::{BackendError, SignError, SignSpec, Signer};
+use crate::backend::{BackendError, BackendFailure, SignError, SignSpec, Signer};
 use crate::config::Config;
 use crate::token::KeyRef;
 
@@ -655,7 +655,7 @@ impl From<SigntoolError> for SignError {
         match e {
             SigntoolError::PinRejected(_) => SignError::PinRejected,
             SigntoolError::TokenLost(detail) => SignError::TokenLost(detail),
-            other => SignError::Backend(Box::new(other)),
+            other => SignError::Backend(BackendFailure(Box::new(other))),
         }
     }
 }
@@ -1124,6 +1124,11 @@ mod backend_tests {
         let e = s.version().await.unwrap_err();
         assert!(e.to_string().contains("/nonexistent/signtool.exe"), "{e}");
         assert!(e.to_string().contains("Windows SDK"), "{e}");
+        let cause = std::error::Error::source(&e).map(|c| c.to_string());
+        assert!(
+            cause.is_some(),
+            "the spawn error is kept as the cause: {e:?}"
+        );
     }
 
     /// A stand-in signtool: records each run's arguments, fails the way a dead
