@@ -21,12 +21,13 @@ use signet_protocol::wire::{
 use tokio::io::AsyncReadExt;
 use tokio::sync::broadcast;
 
-use crate::backend::Backend;
-use crate::config::Config;
+use crate::backend::{SignError, SignSpec, Signer};
+use crate::config::{self, Config};
 use crate::job;
 use crate::loss::{self, Backoff, Watch};
-use crate::signer::{SignError, SignSpec};
-use crate::token::{Token, TokenError};
+use crate::signer::Osslsigncode;
+use crate::signtool::SigntoolBackend;
+use crate::token::{Token, TokenError, TokenSession};
 
 /// How often a ready session (or a token waiting for a person) is checked.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -178,6 +179,27 @@ impl<T: Clone> Kept<T> {
     }
 }
 
+/// The signer `[signer] backend` chooses, set up from the configuration.
+pub fn signer_for(cfg: &Config) -> Box<dyn Signer> {
+    match cfg.signer.backend {
+        config::Backend::Osslsigncode => Box::new(Osslsigncode::from_config(cfg)),
+        config::Backend::Signtool => Box::new(SigntoolBackend::from_config(cfg)),
+    }
+}
+
+/// The longest job id taken from the host.
+const MAX_JOB_ID: usize = 64;
+
+/// Whether `id`, sent by the host in [`signet_protocol::wire::JOB_HEADER`], may name a
+/// job in the agent's log: 1 to 64 letters, digits and `-_.:`.
+fn usable_job_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_JOB_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
 /// A name for this agent process, different at every start: its pid and start time.
 fn new_instance() -> String {
     let since = std::time::SystemTime::now()
@@ -192,10 +214,10 @@ const JOB_DIR_PREFIX: &str = "signet-job-";
 /// The running agent.
 #[derive(Debug)]
 pub struct Agent {
-    token: Arc<Mutex<Token>>,
+    token: Arc<Mutex<Box<dyn TokenSession>>>,
     /// One job at a time touches the token.
     jobs: tokio::sync::Mutex<()>,
-    signer: Backend,
+    signer: Box<dyn Signer>,
     signer_version: String,
     /// What the signing backend can do (detected at start).
     signer_features: SignerFeatures,
@@ -205,6 +227,8 @@ pub struct Agent {
     spool_dir: PathBuf,
     events: Arc<EventBus>,
     next_job: AtomicU64,
+    /// Numbers the requests that come without a usable job id from the host.
+    next_request: AtomicU64,
     /// Wakes the watcher at once (a job saw the token go).
     wake: tokio::sync::Notify,
     /// Run before a re-initialisation the host asks for (`token.reinit_command`).
@@ -219,7 +243,29 @@ impl Agent {
     /// Builds the agent from its configuration. Checks the signer is runnable; the
     /// token is opened by [`Agent::open_token`], and its absence is a state, not an error.
     pub async fn new(cfg: Config) -> Result<Self, SignError> {
-        let signer = Backend::from_config(&cfg);
+        let signer = signer_for(&cfg);
+        let token: Box<dyn TokenSession> = Box::new(Token::new(cfg.token.clone()));
+        let spool_dir = cfg.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
+        Agent::with_parts(
+            signer,
+            token,
+            cfg.token.module,
+            spool_dir,
+            cfg.token.reinit_command,
+        )
+        .await
+    }
+
+    /// Builds the agent around a signer and a token session; [`Agent::new`] gives it
+    /// the configured ones. `module` is named in health; `reinit_command` runs before
+    /// a re-initialisation the host asks for.
+    pub async fn with_parts(
+        signer: Box<dyn Signer>,
+        token: Box<dyn TokenSession>,
+        module: PathBuf,
+        spool_dir: PathBuf,
+        reinit_command: Option<Vec<String>>,
+    ) -> Result<Self, SignError> {
         let (signer_version, signer_features) = signer.version().await?;
         let modes = signer_features
             .modes
@@ -240,21 +286,35 @@ impl Agent {
             "signing backend detected; serving modes: {modes}"
         );
         Ok(Agent {
-            reinit_command: cfg.token.reinit_command.clone(),
-            module: cfg.token.module.clone(),
-            token: Arc::new(Mutex::new(Token::new(cfg.token))),
+            reinit_command,
+            module,
+            token: Arc::new(Mutex::new(token)),
             jobs: tokio::sync::Mutex::new(()),
             signer,
             signer_version,
             signer_features,
             instance: new_instance(),
-            spool_dir: cfg.spool_dir.unwrap_or_else(std::env::temp_dir),
+            spool_dir,
             events: Arc::new(EventBus::new()),
             next_job: AtomicU64::new(1),
+            next_request: AtomicU64::new(1),
             wake: tokio::sync::Notify::new(),
             stopping: tokio::sync::watch::channel(false).0,
             kept: Mutex::new(Kept::default()),
         })
+    }
+
+    /// The id a request's log lines carry: the host's job id (`x-signet-job`) when it
+    /// sent a usable one, so one job reads as one trace on both sides; else the
+    /// agent's own number, `agent-N`.
+    pub fn job_id(&self, from_host: Option<&str>) -> String {
+        match from_host {
+            Some(id) if usable_job_id(id) => id.to_owned(),
+            _ => format!(
+                "agent-{}",
+                self.next_request.fetch_add(1, Ordering::Relaxed)
+            ),
+        }
     }
 
     /// The agent stops: event streams end (so a graceful stop does not wait for the
@@ -277,7 +337,7 @@ impl Agent {
     }
 
     /// Takes the token's PIN from the host and logs in with it (see
-    /// [`Token::login`]); answers the resulting health.
+    /// [`TokenSession::login`]); answers the resulting health.
     pub async fn login(&self, pin: AuthPin) -> Result<AgentHealth, ErrorBody> {
         {
             let _job = self.jobs.lock().await;
@@ -677,24 +737,32 @@ impl Agent {
     /// Runs blocking PKCS#11 work on the token off the async threads.
     async fn with_token<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Token) -> Result<T, TokenError> + Send + 'static,
+        f: impl FnOnce(&mut dyn TokenSession) -> Result<T, TokenError> + Send + 'static,
     ) -> Result<T, TokenError> {
         self.with_token_quiet(f).await
     }
 
+    /// As [`Agent::with_token`], for work that cannot fail. What the token work logs
+    /// goes under the caller's span (the job's), on the caller's subscriber.
     async fn with_token_quiet<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Token) -> T + Send + 'static,
+        f: impl FnOnce(&mut dyn TokenSession) -> T + Send + 'static,
     ) -> T {
         let token = self.token.clone();
         let events = self.events.clone();
+        let span = tracing::Span::current();
+        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         tokio::task::spawn_blocking(move || {
-            let mut t = token.lock().unwrap_or_else(|p| p.into_inner());
-            let out = f(&mut t);
-            for e in t.take_events() {
-                events.emit(e);
-            }
-            out
+            tracing::dispatcher::with_default(&dispatch, || {
+                span.in_scope(|| {
+                    let mut t = token.lock().unwrap_or_else(|p| p.into_inner());
+                    let out = f(t.as_mut());
+                    for e in t.take_events() {
+                        events.emit(e);
+                    }
+                    out
+                })
+            })
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
@@ -800,6 +868,258 @@ async fn run_reinit_command(cmd: &[String]) {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    fn cfg(extra: &str) -> Config {
+        toml::from_str(&format!(
+            "[token]\nmodule = \"C:/SoftHSM2/lib/softhsm2-x64.dll\"\nlabel = \"t\"\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_configuration_chooses_the_backend_and_its_settings() {
+        let o = signer_for(&cfg(""));
+        assert!(format!("{o:?}").starts_with("Osslsigncode"), "{o:?}");
+        assert_eq!(o.program(), Path::new("osslsigncode"));
+        assert_eq!(o.certificate_file(), None);
+
+        let c = cfg(
+            "[signer]\nbackend = \"signtool\"\nsigntool = \"C:/sdk/signtool.exe\"\ncertificate = \"C:/signet/cs.cer\"\ncontainer = \"te-1\"\nreader = \"AKS ifdh 0\"\ntimeout_seconds = 42\n",
+        );
+        let s = signer_for(&c);
+        assert!(format!("{s:?}").starts_with("SigntoolBackend"), "{s:?}");
+        assert_eq!(s.program(), Path::new("C:/sdk/signtool.exe"));
+        assert_eq!(s.certificate_file(), Some(Path::new("C:/signet/cs.cer")));
+        let st = SigntoolBackend::from_config(&c);
+        assert_eq!(st.signtool.container, "te-1");
+        assert_eq!(st.signtool.reader.as_deref(), Some("AKS ifdh 0"));
+        assert_eq!(st.signtool.csp, crate::signtool::SAFENET_CSP);
+        assert_eq!(st.timeout, Duration::from_secs(42));
+    }
+
+    // The sign, batch and loss paths with a stand-in token and signer.
+
+    use crate::stand_in::{self, Outcome};
+
+    const SCRIPT: &[u8] = b"Write-Host 'hello'\r\n";
+
+    fn query(name: &str) -> AgentSignQuery {
+        AgentSignQuery {
+            filename: Some(name.into()),
+            ..AgentSignQuery::default()
+        }
+    }
+
+    fn spooled(agent: &Agent, content: &[u8]) -> Spool {
+        let spool = agent.spool().unwrap();
+        std::fs::write(spool.input(), content).unwrap();
+        spool
+    }
+
+    /// The names of the events published so far.
+    fn published(rx: &mut broadcast::Receiver<AgentEvent>) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            names.push(e.kind.name());
+        }
+        names
+    }
+
+    fn signed(spool: &Spool) -> Vec<u8> {
+        std::fs::read(spool.output()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_job_is_signed_with_the_session_and_told_to_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, signer) = stand_in::agent(dir.path()).await;
+        let mut events = agent.subscribe();
+        let spool = spooled(&agent, SCRIPT);
+        let done = agent.sign_once(None, spool, &query("a.ps1")).await.unwrap();
+        assert_eq!(signed(&done), b"Write-Host 'hello'\r\n+signed");
+        assert_eq!(token.take_calls(), ["ensure_ready"]);
+        assert_eq!(
+            signer.lock().unwrap().signed,
+            ["input.ps1"],
+            "named with its format's extension"
+        );
+        assert_eq!(
+            published(&mut events),
+            [
+                "token_appeared",
+                "logged_in",
+                "signing_started",
+                "signing_finished"
+            ]
+        );
+        assert_eq!(agent.health().await.state, AgentState::Ready);
+        assert_eq!(agent.watch_plan().await, Watch::Check);
+
+        // The same job again (same id, options and input) gets its kept result.
+        let key = || Some(JobKey::new("7", "filename=a.ps1", [1; 32]));
+        let first = agent
+            .sign_once(key(), spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+        let again = agent
+            .sign_once(key(), spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(signer.lock().unwrap().signed.len(), 2, "signed once");
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_signed_in_order_and_a_bad_file_stops_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, signer) = stand_in::agent(dir.path()).await;
+        let items = vec![
+            (spooled(&agent, b"# one\n"), query("one.ps1")),
+            (spooled(&agent, b""), query("empty.ps1")),
+            (spooled(&agent, b"# three\n"), query("three.psm1")),
+        ];
+        let results = agent.sign_batch(&items).await;
+        assert!(results[0].is_ok(), "{:?}", results[0]);
+        assert_eq!(results[1].as_ref().unwrap_err().code, ErrorCode::EmptyInput);
+        assert!(results[2].is_ok(), "{:?}", results[2]);
+        assert_eq!(signed(&items[0].0), b"# one\n+signed");
+        assert_eq!(signed(&items[2].0), b"# three\n+signed");
+        assert_eq!(
+            signer.lock().unwrap().signed,
+            ["input.ps1", "input.psm1"],
+            "in the batch's order, the empty file not at all"
+        );
+        assert_eq!(token.take_calls(), ["ensure_ready", "ensure_ready"]);
+    }
+
+    #[tokio::test]
+    async fn a_token_lost_mid_job_makes_the_job_retryable_and_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, signer) = stand_in::agent(dir.path()).await;
+        let mut events = agent.subscribe();
+        signer.lock().unwrap().outcome = Outcome::PullToken;
+        let e = agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::TokenUnavailable);
+        assert!(e.retryable, "{e:?}");
+        assert!(
+            e.message
+                .contains("the token was lost while signing; nothing was signed"),
+            "{}",
+            e.message
+        );
+        assert_eq!(token.take_calls(), ["ensure_ready", "lost"]);
+        let names = published(&mut events);
+        assert!(
+            names.ends_with(&["token_lost", "signing_finished"]),
+            "{names:?}"
+        );
+        assert_eq!(agent.health().await.state, AgentState::TokenLost);
+        assert_eq!(agent.watch_plan().await, Watch::Reopen);
+
+        // While it is gone, a job is refused as retryable before the signer runs.
+        let e = agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap_err();
+        assert_eq!((e.code, e.retryable), (ErrorCode::TokenUnavailable, true));
+        assert_eq!(signer.lock().unwrap().signed.len(), 1);
+
+        // Back: the watcher's open finds it, logs in, and jobs are signed again.
+        token.get().plugged = true;
+        signer.lock().unwrap().outcome = Outcome::Sign;
+        assert_eq!(agent.open_token().await.state, AgentState::Ready);
+        assert_eq!(published(&mut events), ["token_appeared", "logged_in"]);
+        let done = agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+        assert_eq!(signed(&done), b"Write-Host 'hello'\r\n+signed");
+    }
+
+    #[tokio::test]
+    async fn a_pin_refused_while_signing_is_not_tried_again_until_the_host_sends_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, signer) = stand_in::agent(dir.path()).await;
+        let mut events = agent.subscribe();
+        signer.lock().unwrap().outcome = Outcome::RefusePin;
+        let e = agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap_err();
+        assert_eq!((e.code, e.retryable), (ErrorCode::PinRejected, false));
+        assert_eq!(
+            token.take_calls(),
+            ["ensure_ready", "refused 1234"],
+            "the session hears which PIN was refused"
+        );
+        assert!(published(&mut events).contains(&"pin_problem"));
+        assert_eq!(agent.health().await.state, AgentState::PinRejected);
+        assert_eq!(
+            agent.watch_plan().await,
+            Watch::Wait,
+            "no PIN try is spent unattended"
+        );
+
+        // The next job does not reach the signer.
+        signer.lock().unwrap().outcome = Outcome::Sign;
+        let e = agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::PinNeeded);
+        assert_eq!(signer.lock().unwrap().signed.len(), 1);
+
+        // A wrong PIN from the host is refused; the right one logs in.
+        let e = agent.login(AuthPin::new("9999".into())).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::PinRejected);
+        let h = agent.login(AuthPin::new("1234".into())).await.unwrap();
+        assert_eq!(h.state, AgentState::Ready);
+        agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_signature_is_not_a_token_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, signer) = stand_in::agent(dir.path()).await;
+        signer.lock().unwrap().outcome = Outcome::Fail;
+        let e = agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap_err();
+        assert_eq!((e.code, e.retryable), (ErrorCode::SigningFailed, false));
+        assert_eq!(token.take_calls(), ["ensure_ready"]);
+        assert_eq!(agent.health().await.state, AgentState::Ready);
+    }
+
+    #[tokio::test]
+    async fn reinit_closes_the_session_and_module_and_logs_in_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, _signer) = stand_in::agent(dir.path()).await;
+        assert_eq!(agent.open_token().await.state, AgentState::Ready);
+        token.take_calls();
+        let mut events = agent.subscribe();
+        let h = agent.reinit().await;
+        assert_eq!(h.state, AgentState::Ready);
+        assert_eq!(token.take_calls(), ["close", "ensure_ready"]);
+        assert_eq!(
+            published(&mut events),
+            ["logged_in"],
+            "a re-initialisation is not a loss"
+        );
+
+        // A token that is gone stays lost through a re-initialisation.
+        token.get().plugged = false;
+        let h = agent.reinit().await;
+        assert_eq!(h.state, AgentState::TokenLost);
+        assert!(h.detail.contains("no slot holds"), "{}", h.detail);
+        assert_eq!(agent.watch_plan().await, Watch::Reopen);
+    }
 
     fn key(job: &str, query: &str, byte: u8) -> JobKey {
         JobKey::new(job, query, [byte; 32])

@@ -1,4 +1,7 @@
 //! The agent's TOML configuration, and errors that name the file, the key and the fix.
+//!
+//! Owns its types, defaults and constants; imports nothing of the rest of the agent
+//! (the signers and the token session import it).
 
 use std::path::{Path, PathBuf};
 
@@ -183,8 +186,11 @@ fn default_signtool() -> PathBuf {
     PathBuf::from("signtool.exe")
 }
 
+/// The CSP SafeNet Authentication Client registers for eTokens (`signer.csp`'s default).
+pub const SAFENET_CSP: &str = "eToken Base Cryptographic Provider";
+
 fn default_csp() -> String {
-    crate::signtool::SAFENET_CSP.to_owned()
+    SAFENET_CSP.to_owned()
 }
 
 impl SignerConfig {
@@ -229,8 +235,11 @@ impl SignerConfig {
     }
 }
 
+/// The longest one signing run may take when `signer.timeout_seconds` is not set.
+pub const DEFAULT_SIGN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 fn default_timeout_seconds() -> u64 {
-    crate::signer::DEFAULT_TIMEOUT.as_secs()
+    DEFAULT_SIGN_TIMEOUT.as_secs()
 }
 
 fn default_listen() -> Endpoint {
@@ -504,7 +513,7 @@ mod tests {
         let chosen: Config = toml::from_str(&native(&signtool)).unwrap();
         assert_eq!(chosen.signer.backend, Backend::Signtool);
         assert_eq!(chosen.signer.signtool, PathBuf::from("signtool.exe"));
-        assert_eq!(chosen.signer.csp, crate::signtool::SAFENET_CSP);
+        assert_eq!(chosen.signer.csp, SAFENET_CSP);
         assert_eq!(chosen.signer.check_backend(true), Ok(()));
         let (key, fix) = chosen.signer.check_backend(false).unwrap_err();
         assert_eq!(key, "signer.backend");

@@ -29,6 +29,7 @@ use signet_protocol::wire::{
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast::error::RecvError;
+use tracing::Instrument;
 
 use crate::agent::{Agent, JobKey, Spool};
 
@@ -228,30 +229,39 @@ async fn sign(
             format!("bad query: {}", e.body_text()),
         )
     })?;
-    let span = tracing::info_span!("job", file = query.filename.as_deref().unwrap_or("-"));
-    let _g = span.enter();
-    drop(_g);
-    let (body, limit) = limited(&gate, &headers, body)?;
-    let spool = agent.spool()?;
-    let (_, input_sha256) = receive(&spool, body).await.map_err(|e| limit.explain(e))?;
-    // A job the host sends again (it was restarted, or lost the connection, while the
-    // agent signed) gets the result kept for it instead of a second signature: the
-    // host's job id, bound to the exact request and input.
-    let once = headers
-        .get(JOB_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(|job| JobKey::new(job, raw_query.as_deref().unwrap_or(""), input_sha256));
-    // Signing runs to its end in a task of its own, even when the host drops the
-    // request: killing a signing process mid-operation can leave the token (or
-    // SoftHSM's object store) half-written. A dropped request only drops the result.
-    let signed = {
-        use tracing::Instrument;
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.sign_once(once, spool, &query).await }.instrument(span))
+    let host_job = headers.get(JOB_HEADER).and_then(|v| v.to_str().ok());
+    // Every line of the job, the token's work included, carries the host's job id.
+    let span = tracing::info_span!(
+        "job",
+        job = %agent.job_id(host_job),
+        file = query.filename.as_deref().unwrap_or("-")
+    );
+    async move {
+        let (body, limit) = limited(&gate, &headers, body)?;
+        let spool = agent.spool()?;
+        let (_, input_sha256) = receive(&spool, body).await.map_err(|e| limit.explain(e))?;
+        // A job the host sends again (it was restarted, or lost the connection, while
+        // the agent signed) gets the result kept for it instead of a second signature:
+        // the host's job id, bound to the exact request and input.
+        let once = headers
+            .get(JOB_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(|job| JobKey::new(job, raw_query.as_deref().unwrap_or(""), input_sha256));
+        // Signing runs to its end in a task of its own, even when the host drops the
+        // request: killing a signing process mid-operation can leave the token (or
+        // SoftHSM's object store) half-written. A dropped request only drops the result.
+        let signed = {
+            let agent = agent.clone();
+            tokio::spawn(
+                async move { agent.sign_once(once, spool, &query).await }.in_current_span(),
+            )
             .await
             .map_err(task_ended)?
-    };
-    send(signed?).await
+        };
+        send(signed?).await
+    }
+    .instrument(span)
+    .await
 }
 
 /// A signing task that panicked or was cancelled.
@@ -273,6 +283,25 @@ async fn batch(
     axum::Extension(gate): axum::Extension<Gate>,
     query: Result<Query<AgentSignQuery>, QueryRejection>,
     headers: axum::http::HeaderMap,
+    body: Body,
+) -> Result<Response, ErrorBody> {
+    let host_job = headers.get(JOB_HEADER).and_then(|v| v.to_str().ok());
+    let span = tracing::info_span!(
+        "batch",
+        job = %agent.job_id(host_job),
+        files = tracing::field::Empty
+    );
+    batch_in(agent, gate, query, headers, body)
+        .instrument(span)
+        .await
+}
+
+/// The batch call, under the job's span.
+async fn batch_in(
+    agent: Arc<Agent>,
+    gate: Gate,
+    query: Result<Query<AgentSignQuery>, QueryRejection>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ErrorBody> {
     let (body, limit) = limited(&gate, &headers, body)?;
@@ -329,17 +358,16 @@ async fn batch(
         file.flush().await.map_err(spool_error)?;
         items.push((spool, q));
     }
-    let span = tracing::info_span!("batch", files = items.len());
+    tracing::Span::current().record("files", items.len());
     // As for one file: the batch is signed to its end even when the host goes away.
     let (items, results) = {
-        use tracing::Instrument;
         let agent = agent.clone();
         tokio::spawn(
             async move {
                 let results = agent.sign_batch(&items).await;
                 (items, results)
             }
-            .instrument(span),
+            .in_current_span(),
         )
         .await
         .map_err(task_ended)?
@@ -484,4 +512,180 @@ async fn send(spool: Arc<Spool>) -> Result<Response, ErrorBody> {
     resp.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stand_in;
+    use http_body_util::BodyExt;
+    use std::sync::Mutex;
+    use tower::ServiceExt;
+
+    /// Log lines as the agent writes them, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Lines {
+        fn take(&self) -> String {
+            String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
+        }
+    }
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Lines {
+        type Writer = Lines;
+        fn make_writer(&'a self) -> Lines {
+            self.clone()
+        }
+    }
+
+    const HOST: Fingerprint = Fingerprint([7; 32]);
+
+    /// The agent's router around a stand-in agent, paired with `HOST`.
+    async fn app(dir: &std::path::Path) -> Router {
+        let spool = dir.join("spool");
+        std::fs::create_dir(&spool).unwrap();
+        let (agent, _token, _signer) = stand_in::agent(&spool).await;
+        link::write_pin(&dir.join(link::HOST_PIN_FILE), &HOST).unwrap();
+        let gate = Gate {
+            state_dir: dir.to_owned(),
+            own: Fingerprint([9; 32]),
+            max_input_size: 1 << 20,
+            idle: std::time::Duration::from_secs(30),
+        };
+        router(Arc::new(agent), gate)
+    }
+
+    fn request(
+        path: &str,
+        job: Option<&str>,
+        content_type: &str,
+        body: &'static [u8],
+    ) -> axum::http::Request<Body> {
+        let mut b = axum::http::Request::post(path).header(header::CONTENT_TYPE, content_type);
+        if let Some(job) = job {
+            b = b.header(JOB_HEADER, job);
+        }
+        let mut req = b.body(Body::from(body)).unwrap();
+        req.extensions_mut().insert(PeerKey(HOST));
+        req
+    }
+
+    fn sign(job: Option<&str>) -> axum::http::Request<Body> {
+        request(
+            &format!("{AGENT_SIGN_PATH}?filename=a.ps1"),
+            job,
+            "application/octet-stream",
+            b"Write-Host 'hello'\r\n",
+        )
+    }
+
+    /// Every line logged, each under the job span with `job`; answers them.
+    fn all_under(text: &str, job: &str) -> Vec<String> {
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        assert!(!lines.is_empty(), "nothing was logged");
+        for l in &lines {
+            assert!(
+                l.contains(&format!("job{{job={job} "))
+                    || l.contains(&format!("batch{{job={job} ")),
+                "a line outside job {job}'s span: {l}\nall:\n{text}"
+            );
+        }
+        lines
+    }
+
+    #[tokio::test]
+    async fn every_line_of_a_job_carries_the_job_id_the_host_sent() {
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(lines.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path()).await;
+        lines.take();
+
+        let resp = app.clone().oneshot(sign(Some("42"))).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"Write-Host 'hello'\r\n+signed");
+        let text = lines.take();
+        let logged = all_under(&text, "42").join("\n");
+        // The job's checks, the token's work (on the blocking pool), the signer, the
+        // events and the outcome.
+        for what in [
+            "input accepted",
+            "stand-in token: ensure_ready",
+            "event=\"logged_in\"",
+            "stand-in signer",
+            "signing_started",
+            "signed",
+        ] {
+            assert!(logged.contains(what), "no {what:?} in:\n{logged}");
+        }
+
+        // Without the header, or with one that cannot name a job: the agent's own
+        // numbering, one number per request.
+        let resp = app.clone().oneshot(sign(None)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(all_under(&lines.take(), "agent-1")
+            .iter()
+            .any(|l| l.contains("stand-in signer")));
+        let resp = app.clone().oneshot(sign(Some("7 OR 1=1"))).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        all_under(&lines.take(), "agent-2");
+
+        // A batch likewise, all its files under the one id.
+        let batch = request(
+            AGENT_BATCH_PATH,
+            Some("43"),
+            "multipart/form-data; boundary=XyZ",
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"one.ps1\"\r\n\r\n# one\r\n\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"two.ps1\"\r\n\r\n# two\r\n\r\n--XyZ--\r\n",
+        );
+        let resp = app.clone().oneshot(batch).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            String::from_utf8_lossy(&body).matches("+signed").count(),
+            2,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        let text = lines.take();
+        let signed = all_under(&text, "43")
+            .iter()
+            .filter(|l| l.contains("stand-in signer"))
+            .count();
+        assert_eq!(signed, 2, "{text}");
+        assert!(text.contains("batch{job=43 files=2}"), "{text}");
+    }
+
+    #[test]
+    fn a_job_id_from_the_host_is_taken_only_when_it_can_name_a_job() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, _, _) = rt.block_on(stand_in::agent(dir.path()));
+        assert_eq!(agent.job_id(Some("1234")), "1234");
+        assert_eq!(agent.job_id(Some("job-7.a_b:c")), "job-7.a_b:c");
+        assert_eq!(agent.job_id(None), "agent-1");
+        assert_eq!(agent.job_id(Some("")), "agent-2");
+        assert_eq!(agent.job_id(Some("a b")), "agent-3");
+        assert_eq!(agent.job_id(Some("x\u{7f}")), "agent-4");
+        assert_eq!(agent.job_id(Some(&"9".repeat(64))), "9".repeat(64));
+        assert_eq!(agent.job_id(Some(&"9".repeat(65))), "agent-5");
+    }
 }

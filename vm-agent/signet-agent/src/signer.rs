@@ -19,78 +19,17 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use cryptoki::types::AuthPin;
+use futures_util::future::BoxFuture;
 use signet_protocol::format::Format;
-use signet_protocol::wire::{DigestAlgorithm, ErrorCode, SignMode, SignerFeatures};
+use signet_protocol::wire::{SignMode, SignResponse, SignerFeatures};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::backend::{SignError, SignSpec, Signer};
+use crate::config::Config;
 use crate::token::KeyRef;
 
 /// The longest tail of osslsigncode's stderr kept for an error message.
 const STDERR_TAIL: usize = 2048;
-
-/// One signature to make.
-#[derive(Debug, Clone)]
-pub struct SignSpec<'a> {
-    /// The input, named with the extension of its format (osslsigncode tells
-    /// PowerShell files apart by it).
-    pub input: &'a Path,
-    pub output: &'a Path,
-    /// The input's format; `None` for digest mode's Authenticode data.
-    pub format: Option<Format>,
-    pub hash: DigestAlgorithm,
-    pub description: Option<&'a str>,
-    pub url: Option<&'a str>,
-    /// Page hashes; applied to PE files only.
-    pub page_hashes: bool,
-    /// Keep an existing signature and add this one beside it.
-    pub nested: bool,
-    /// RFC 3161 timestamp servers, in the order to try them.
-    pub timestamp: &'a [String],
-}
-
-/// How a signing run failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SignError {
-    #[error("cannot run {program}: {source}; install osslsigncode or set signer.osslsigncode in the agent's configuration")]
-    Spawn {
-        program: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the token refused the PIN while signing")]
-    PinRejected,
-    #[error("the token was lost while signing: {0}")]
-    TokenLost(String),
-    #[error("no timestamp server gave a timestamp (tried in this order: {}); nothing was signed. Check that the signing VM reaches them, or change the profile's timestamp list", .tried.join(", "))]
-    Timestamp { tried: Vec<String> },
-    #[error("the file has no signature to keep beside a nested one")]
-    NothingToNest,
-    #[error("osslsigncode did not finish within {} s and was stopped; nothing was signed. A timestamp server that accepts connections but never answers does this: check the profile's timestamp servers (signer.timeout_seconds in the agent's configuration sets the limit)", .0.as_secs())]
-    TimedOut(Duration),
-    #[error("osslsigncode found the file damaged or cut short, and signed nothing: {0}. Copy or build it again")]
-    Damaged(String),
-    #[error("osslsigncode could not sign the file: {0}")]
-    Failed(String),
-    /// The signtool backend's failure ([`crate::backend`]), in signtool's words.
-    #[error(transparent)]
-    Signtool(crate::signtool::SigntoolError),
-}
-
-impl SignError {
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            SignError::Spawn { .. } => ErrorCode::Internal,
-            SignError::PinRejected => ErrorCode::PinRejected,
-            SignError::TokenLost(_) => ErrorCode::TokenUnavailable,
-            SignError::Damaged(_) => ErrorCode::BadInput,
-            SignError::Signtool(e) => e.code(),
-            SignError::Timestamp { .. }
-            | SignError::NothingToNest
-            | SignError::TimedOut(_)
-            | SignError::Failed(_) => ErrorCode::SigningFailed,
-        }
-    }
-}
 
 /// osslsigncode with a PKCS#11 module.
 #[derive(Debug, Clone)]
@@ -104,9 +43,20 @@ pub struct Osslsigncode {
 }
 
 /// The default of [`Osslsigncode::timeout`].
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+pub use crate::config::DEFAULT_SIGN_TIMEOUT as DEFAULT_TIMEOUT;
 
 impl Osslsigncode {
+    /// osslsigncode as `cfg` sets it up: its program, the token's module, the
+    /// certificate file if one is given, the time limit of a run.
+    pub fn from_config(cfg: &Config) -> Osslsigncode {
+        Osslsigncode {
+            program: cfg.signer.osslsigncode.clone(),
+            module: cfg.token.module.clone(),
+            certificate: cfg.signer.certificate.clone(),
+            timeout: Duration::from_secs(cfg.signer.timeout_seconds),
+        }
+    }
+
     /// The arguments of one `osslsigncode sign` run. Contains no secret.
     pub fn args(&self, key: &KeyRef, spec: &SignSpec<'_>) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec![
@@ -295,6 +245,48 @@ impl Osslsigncode {
     }
 }
 
+impl Signer for Osslsigncode {
+    fn program(&self) -> &Path {
+        &self.program
+    }
+
+    fn certificate_file(&self) -> Option<&Path> {
+        self.certificate.as_deref()
+    }
+
+    fn version(&self) -> BoxFuture<'_, Result<(String, SignerFeatures), SignError>> {
+        Box::pin(Osslsigncode::version(self))
+    }
+
+    /// osslsigncode goes by what its version can do ([`unsupported`]).
+    fn refuses(
+        &self,
+        features: &SignerFeatures,
+        mode: SignMode,
+        format: Option<Format>,
+        _response: SignResponse,
+    ) -> Option<String> {
+        unsupported(features, mode, format)
+    }
+
+    fn sign<'a>(
+        &'a self,
+        key: &'a KeyRef,
+        pin: &'a AuthPin,
+        spec: &'a SignSpec<'a>,
+    ) -> BoxFuture<'a, Result<(), SignError>> {
+        Box::pin(Osslsigncode::sign(self, key, pin, spec))
+    }
+
+    fn extract_signature<'a>(
+        &'a self,
+        signed: &'a Path,
+        out: &'a Path,
+    ) -> BoxFuture<'a, Result<(), SignError>> {
+        Box::pin(Osslsigncode::extract_signature(self, signed, out))
+    }
+}
+
 /// What an osslsigncode can do, from its `--version` and `--help` outputs (pure).
 ///
 /// Debian 12's osslsigncode is 2.5: it signs PE, MSI, CAB and CAT files and has
@@ -456,6 +448,7 @@ fn pct(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use signet_protocol::wire::{DigestAlgorithm, ErrorCode};
 
     macro_rules! recorded {
         ($name:literal) => {

@@ -9,7 +9,7 @@
 //! token again by label and serial. `Token` queues what happened to it
 //! ([`Token::take_events`]); the agent publishes those events.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -20,103 +20,89 @@ use cryptoki::types::AuthPin;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use signet_protocol::wire::{
-    AgentEventKind, AgentState, CertificateSummary, ErrorCode, PinFlags, TokenSummary,
+    AgentEventKind, AgentState, CertificateSummary, PinFlags, TokenSummary,
 };
 
 use crate::config::TokenConfig;
 use crate::loss::{classify, Call, Observation, Verdict};
+use crate::token_state::{Action, TokenEvent, TokenState};
+pub use crate::token_state::{PinSource, TokenError};
 
-/// Where the PIN of a login came from; named in messages, never the PIN itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PinSource {
-    /// `POST /agent/v1/login`.
-    Host,
-    /// `token.pin_file`.
-    File(PathBuf),
+/// The token as the agent uses it: one logged-in session for the agent's life, and
+/// what the token says about itself. [`Token`] is the PKCS#11 (cryptoki) one; the
+/// agent's unit tests use a stand-in. Its calls block: the agent makes them off the
+/// async threads, one at a time.
+pub trait TokenSession: Send + std::fmt::Debug {
+    /// The agent state and what it means.
+    fn state(&self) -> (AgentState, String);
+
+    /// Whether opening the token again, unattended, may end the current fault.
+    fn retry_worth_it(&self) -> bool;
+
+    /// What happened since the last call, oldest first.
+    fn take_events(&mut self) -> Vec<AgentEventKind>;
+
+    /// The token as it is now (asks the token; no login, no PIN try).
+    fn health(&mut self) -> TokenHealth;
+
+    /// The token as last seen, without asking it anything.
+    fn known_health(&self) -> TokenHealth;
+
+    /// Makes sure there is a logged-in session; answers the key to sign with and the
+    /// PIN that logged in. Opens the module, finds the token and logs in as needed.
+    fn ensure_ready(&mut self) -> Result<(KeyRef, AuthPin), TokenError>;
+
+    /// Takes the PIN sent by the host and logs in with it, unless the token refused
+    /// that PIN before.
+    fn login(&mut self, pin: AuthPin) -> Result<(), TokenError>;
+
+    /// The token refused `pin` outside the session's own login (the signer's).
+    fn refused(&mut self, pin: &AuthPin);
+
+    /// A job saw the token vanish (the signer said so).
+    fn lost(&mut self, detail: String);
+
+    /// Checks the session (logged in, key still there) or the token's presence;
+    /// records a loss. True when a logged-in session is usable.
+    fn check(&mut self) -> bool;
+
+    /// Drops the session and finalises the module (before a re-initialisation).
+    fn close(&mut self);
 }
 
-impl std::fmt::Display for PinSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PinSource::Host => f.write_str("the PIN sent by the host"),
-            PinSource::File(p) => write!(f, "the PIN in {}", p.display()),
-        }
+impl TokenSession for Token {
+    fn state(&self) -> (AgentState, String) {
+        Token::state(self)
     }
-}
-
-/// Why the token cannot be used right now.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
-    #[error("the PKCS#11 module {module} cannot be used: {detail}; check token.module in the agent's configuration")]
-    Module { module: PathBuf, detail: String },
-    #[error("no token matches {wanted}; tokens present: {found}")]
-    NotFound { wanted: String, found: String },
-    #[error("cannot read the PIN file {path}: {detail}; write the token's user PIN into it (readable by the agent only)")]
-    PinFile { path: PathBuf, detail: String },
-    #[error("the agent has no PIN for the token: the host sends it (POST /agent/v1/login), or name a file with token.pin_file")]
-    PinNeeded,
-    #[error("the token refused {from}; Signet will not try that PIN again: supply the right PIN (host login or PIN file)")]
-    PinRejected { from: PinSource },
-    #[error(
-        "the token's user PIN is {why}; Signet does not log in to it, so no try is spent: {fix}"
-    )]
-    PinLocked {
-        why: &'static str,
-        fix: &'static str,
-    },
-    #[error("{0}")]
-    Key(String),
-    #[error("the token was lost ({0}); the agent re-initialises the module and logs in again when it returns: retry the job then")]
-    Lost(String),
-}
-
-impl TokenError {
-    /// The wire error class of this failure.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            TokenError::PinRejected { .. } | TokenError::PinFile { .. } => ErrorCode::PinRejected,
-            TokenError::PinNeeded => ErrorCode::PinNeeded,
-            TokenError::PinLocked { .. } => ErrorCode::PinLocked,
-            TokenError::Module { .. }
-            | TokenError::NotFound { .. }
-            | TokenError::Lost(_)
-            | TokenError::Key(_) => ErrorCode::TokenUnavailable,
-        }
+    fn retry_worth_it(&self) -> bool {
+        Token::retry_worth_it(self)
     }
-
-    /// Nothing was signed and the same job may succeed later without anyone acting.
-    pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            TokenError::Lost(_) | TokenError::NotFound { .. } | TokenError::PinNeeded
-        )
+    fn take_events(&mut self) -> Vec<AgentEventKind> {
+        Token::take_events(self)
     }
-
-    /// Whether trying to open the token again, unattended, can end this fault.
-    pub fn retry_worth_it(&self) -> bool {
-        matches!(
-            self,
-            TokenError::Module { .. } | TokenError::NotFound { .. } | TokenError::Lost(_)
-        )
+    fn health(&mut self) -> TokenHealth {
+        Token::health(self)
     }
-
-    /// The agent state this failure leaves behind.
-    pub fn state(&self) -> AgentState {
-        match self {
-            TokenError::Module { .. } => AgentState::ModuleError,
-            TokenError::PinRejected { .. } | TokenError::PinFile { .. } => AgentState::PinRejected,
-            TokenError::PinNeeded => AgentState::PinNeeded,
-            TokenError::PinLocked { .. } => AgentState::PinLocked,
-            TokenError::Lost(_) => AgentState::TokenLost,
-            TokenError::NotFound { .. } | TokenError::Key(_) => AgentState::TokenMissing,
-        }
+    fn known_health(&self) -> TokenHealth {
+        Token::known_health(self)
     }
-
-    fn is_pin_problem(&self) -> bool {
-        matches!(
-            self.state(),
-            AgentState::PinNeeded | AgentState::PinRejected | AgentState::PinLocked
-        )
+    fn ensure_ready(&mut self) -> Result<(KeyRef, AuthPin), TokenError> {
+        Token::ensure_ready(self)
+    }
+    fn login(&mut self, pin: AuthPin) -> Result<(), TokenError> {
+        Token::login(self, pin)
+    }
+    fn refused(&mut self, pin: &AuthPin) {
+        Token::refused(self, pin)
+    }
+    fn lost(&mut self, detail: String) {
+        Token::lost(self, detail)
+    }
+    fn check(&mut self) -> bool {
+        Token::check(self)
+    }
+    fn close(&mut self) {
+        Token::close(self)
     }
 }
 
@@ -238,14 +224,12 @@ pub struct Token {
     found: Option<Found>,
     /// The PIN counter flags as last read.
     flags: Option<PinFlags>,
-    /// The configured token is present, as far as the agent knows.
-    present: bool,
+    /// The logged-in session; open exactly when `state` says logged in.
     open: Option<Open>,
     /// The PIN the host sent; used before the PIN file. Zeroed when dropped.
     host_pin: Option<AuthPin>,
-    /// Why the token, which was there, is gone; cleared when it is found again.
-    lost: Option<String>,
-    last_error: Option<TokenError>,
+    /// Present, lost, logged in, the last failure: the pure part.
+    state: TokenState,
     events: Vec<AgentEventKind>,
 }
 
@@ -253,10 +237,8 @@ impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Token")
             .field("module", &self.cfg.module)
-            .field("present", &self.present)
             .field("open", &self.open.is_some())
-            .field("lost", &self.lost)
-            .field("last_error", &self.last_error)
+            .field("state", &self.state)
             .finish_non_exhaustive()
     }
 }
@@ -270,39 +252,50 @@ impl Token {
             no_slot_events: false,
             found: None,
             flags: None,
-            present: false,
             open: None,
             host_pin: None,
-            lost: None,
-            last_error: None,
+            state: TokenState::default(),
             events: Vec::new(),
+        }
+    }
+
+    /// Takes `event` into the state machine and carries out what it answers.
+    fn apply(&mut self, event: TokenEvent) {
+        for action in self.state.on(event) {
+            match action {
+                Action::Publish(e) => {
+                    match &e {
+                        AgentEventKind::LoggedIn { label, serial } => {
+                            tracing::info!(token = %serial, %label, "logged in to the token")
+                        }
+                        AgentEventKind::TokenAppeared { label, .. } => {
+                            tracing::info!(%label, "the token is present")
+                        }
+                        AgentEventKind::TokenLost { serial, detail } => {
+                            tracing::warn!(token = %serial, %detail, "the token was lost; re-initialising the module until it returns")
+                        }
+                        _ => {}
+                    }
+                    self.events.push(e);
+                }
+                Action::CloseSession => self.open = None,
+                Action::FinaliseModule => {
+                    if let Some(ctx) = self.ctx.take() {
+                        let _ = ctx.finalize();
+                    }
+                }
+            }
         }
     }
 
     /// The agent state and what it means.
     pub fn state(&self) -> (AgentState, String) {
-        if self.open.is_some() {
-            return (
-                AgentState::Ready,
-                "logged in to the token; jobs are signed".to_owned(),
-            );
-        }
-        if let Some(why) = &self.lost {
-            let e = TokenError::Lost(why.clone());
-            return (e.state(), e.to_string());
-        }
-        match &self.last_error {
-            Some(e) => (e.state(), e.to_string()),
-            None => (
-                AgentState::TokenMissing,
-                "the token has not been opened yet".to_owned(),
-            ),
-        }
+        self.state.state()
     }
 
     /// Whether opening the token again, unattended, may end the current fault.
     pub fn retry_worth_it(&self) -> bool {
-        self.lost.is_some() || self.last_error.as_ref().is_none_or(|e| e.retry_worth_it())
+        self.state.retry_worth_it()
     }
 
     /// What happened since the last call, oldest first.
@@ -314,7 +307,7 @@ impl Token {
     /// logged in, checks that the session and key still answer.
     pub fn health(&mut self) -> TokenHealth {
         self.check();
-        if let (Some(ctx), Some(found), true) = (&self.ctx, &self.found, self.present) {
+        if let (Some(ctx), Some(found), true) = (&self.ctx, &self.found, self.state.present()) {
             match ctx.get_token_info(found.slot) {
                 Ok(info) => self.flags = Some(pin_flags(&info)),
                 Err(e) => self.failed(Call::Token, &e),
@@ -331,10 +324,10 @@ impl Token {
             detail,
             module_loaded: self.ctx.is_some(),
             slot: self.found.as_ref().map(|f| f.slot.id()),
-            present: self.present,
+            present: self.state.present(),
             token: self.found.as_ref().map(|f| f.summary.clone()),
             logged_in: self.open.is_some(),
-            pin: self.flags.filter(|_| self.present),
+            pin: self.flags.filter(|_| self.state.present()),
             certificates: self
                 .found
                 .as_ref()
@@ -355,27 +348,16 @@ impl Token {
         let result = self.open_and_login();
         match result {
             Ok(open) => {
-                tracing::info!(token = %open.key.token_serial, label = %open.key.token_label, "logged in to the token");
-                self.events.push(AgentEventKind::LoggedIn {
+                self.apply(TokenEvent::LoggedIn {
                     label: open.key.token_label.clone(),
                     serial: open.key.token_serial.clone(),
                 });
-                self.last_error = None;
                 let out = (open.key.clone(), open.pin.clone());
                 self.open = Some(open);
                 Ok(out)
             }
             Err(e) => {
-                if e.is_pin_problem() && self.last_error.as_ref() != Some(&e) {
-                    self.events.push(AgentEventKind::PinProblem {
-                        state: e.state(),
-                        detail: e.to_string(),
-                    });
-                }
-                if let TokenError::Lost(why) = &e {
-                    self.mark_lost(why.clone());
-                }
-                self.last_error = Some(e.clone());
+                self.apply(TokenEvent::OpenFailed(e.clone()));
                 Err(e)
             }
         }
@@ -413,18 +395,12 @@ impl Token {
     pub fn refused(&mut self, pin: &AuthPin) {
         self.guard.rejected(pin.expose_secret().as_bytes());
         let source = self.forget_host_pin(pin);
-        self.close_session();
-        let e = TokenError::PinRejected { from: source };
-        self.events.push(AgentEventKind::PinProblem {
-            state: e.state(),
-            detail: e.to_string(),
-        });
-        self.last_error = Some(e);
+        self.apply(TokenEvent::PinRefused(source));
     }
 
     /// A job saw the token vanish (the signer said so).
     pub fn lost(&mut self, detail: String) {
-        self.mark_lost(detail);
+        self.apply(TokenEvent::Lost(detail));
     }
 
     /// Checks what the agent holds: with a session, that it is logged in and the key
@@ -442,7 +418,7 @@ impl Token {
                     ) => {}
                 Ok(_) => {
                     tracing::warn!("the token session is no longer logged in; logging in again");
-                    self.close_session();
+                    self.apply(TokenEvent::SessionClosed);
                     return false;
                 }
                 Err(e) => {
@@ -460,7 +436,7 @@ impl Token {
             }
             return true;
         }
-        if let (Some(ctx), Some(found), true) = (&self.ctx, &self.found, self.present) {
+        if let (Some(ctx), Some(found), true) = (&self.ctx, &self.found, self.state.present()) {
             if let Err(e) = ctx.get_token_info(found.slot) {
                 self.failed(Call::Token, &e);
             }
@@ -493,49 +469,21 @@ impl Token {
     /// A PKCS#11 call failed outside a login attempt: record a loss if it is one.
     fn failed(&mut self, call: Call, e: &CkError) {
         let verdict = match e {
-            CkError::Pkcs11(rv, _) => classify(Observation::Returned(call, *rv), self.had_token()),
+            CkError::Pkcs11(rv, _) => {
+                classify(Observation::Returned(call, *rv), self.state.had_token())
+            }
             _ => Verdict::SigningFailed,
         };
         match verdict {
-            Verdict::TokenLost => self.mark_lost(ck(e)),
-            Verdict::LoggedOut => self.close_session(),
+            Verdict::TokenLost => self.apply(TokenEvent::Lost(ck(e))),
+            Verdict::LoggedOut => self.apply(TokenEvent::SessionClosed),
             _ => tracing::warn!(error = %ck(e), "PKCS#11 call failed"),
         }
     }
 
-    fn had_token(&self) -> bool {
-        self.present || self.lost.is_some() || self.open.is_some()
-    }
-
-    /// The token is gone: forget the session and the module so both start afresh.
-    fn mark_lost(&mut self, detail: String) {
-        if self.present || self.open.is_some() {
-            let serial = self
-                .found
-                .as_ref()
-                .map(|f| f.summary.serial.clone())
-                .unwrap_or_default();
-            tracing::warn!(token = %serial, %detail, "the token was lost; re-initialising the module until it returns");
-            self.events.push(AgentEventKind::TokenLost {
-                serial,
-                detail: detail.clone(),
-            });
-        }
-        self.present = false;
-        self.lost = Some(detail);
-        self.close();
-    }
-
     /// Forgets the session and finalises the module.
     pub fn close(&mut self) {
-        self.close_session();
-        if let Some(ctx) = self.ctx.take() {
-            let _ = ctx.finalize();
-        }
-    }
-
-    fn close_session(&mut self) {
-        self.open = None;
+        self.apply(TokenEvent::ModuleClosed);
     }
 
     fn forget_host_pin(&mut self, pin: &AuthPin) -> PinSource {
@@ -560,7 +508,7 @@ impl Token {
     /// finalised, so the next try initialises it afresh (some modules only see a
     /// returned token after that).
     fn open_and_login(&mut self) -> Result<Open, TokenError> {
-        self.close_session();
+        self.apply(TokenEvent::SessionClosed);
         let result = self.try_open();
         if let Err(e) = &result {
             if !e.is_pin_problem() {
@@ -579,7 +527,7 @@ impl Token {
                 ctx
             }
         };
-        let had = self.had_token();
+        let had = self.state.had_token();
         let module = self.cfg.module.clone();
         // A failure that is not a loss is the module misbehaving.
         let lost = |call: Call, e: CkError| -> TokenError {
@@ -649,15 +597,10 @@ impl Token {
             .open_ro_session(slot)
             .map_err(|e| lost(Call::Token, e))?;
         let certificates = read_certificates(&session).map_err(|e| lost(Call::Token, e))?;
-        if !self.present {
-            tracing::info!(label = %token_label, "the token is present");
-            self.events.push(AgentEventKind::TokenAppeared {
-                label: token_label.clone(),
-                serial: token_serial.clone(),
-            });
-        }
-        self.present = true;
-        self.lost = None;
+        self.apply(TokenEvent::Found {
+            label: token_label.clone(),
+            serial: token_serial.clone(),
+        });
         self.found = Some(Found {
             slot,
             summary,
@@ -717,7 +660,7 @@ impl Token {
                 CkError::Pkcs11(rv, _)
                     if classify(
                         Observation::Returned(Call::Initialize, *rv),
-                        self.had_token(),
+                        self.state.had_token(),
                     ) == Verdict::TokenLost =>
                 {
                     TokenError::Lost(ck(&e))
