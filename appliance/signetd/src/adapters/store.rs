@@ -70,7 +70,7 @@ pub fn io_disk_full(e: &std::io::Error) -> bool {
 }
 
 /// What a job asks of the agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Sign,
     Batch,

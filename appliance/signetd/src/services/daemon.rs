@@ -5,20 +5,16 @@
 //! sent to the agent by the token's worker ([`Daemon::relay_to`]), its result spooled
 //! and streamed to the caller.
 
-use signet_protocol::transport::Peer;
-use signet_protocol::wire::{
-    AgentReport, AgentSignQuery, AgentState, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions,
-    SignQuery,
-};
+use signet_protocol::wire::{AgentReport, AgentState, DaemonStatus, ErrorCode};
 
 use crate::adapters::store::StoreError;
-use crate::config::{Config, Profile};
-use crate::core::policy::{self, Caller, Slot, Slots};
+use crate::config::Config;
 use std::sync::Arc;
 
 use crate::config::Current;
 use crate::services::agent::AgentLink;
-use crate::services::jobs::{Job, JobService};
+use crate::services::callers::Callers;
+use crate::services::jobs::JobService;
 use crate::services::timeline::Timeline;
 use crate::services::tokens::Handle;
 
@@ -34,16 +30,12 @@ const STATUS_TIMELINE_ENTRIES: usize = 10;
 pub struct Daemon {
     /// The configuration in force, shared with the services.
     config: Arc<Current>,
-    slots: Arc<Slots>,
-    /// The client database, when remote clients are served (`[tls]`).
-    clients: Option<std::sync::Mutex<rusqlite::Connection>>,
+    callers: Arc<Callers>,
     jobs: Arc<JobService>,
     agent: AgentLink,
     timeline: Arc<Timeline>,
     /// The token service's door ([`crate::services::tokens`]), or why it is not running.
     tokens: Handle,
-    /// Wrong client secrets per source address.
-    throttle: std::sync::Mutex<crate::core::refusals::Throttle>,
     /// The audit head kept outside the database, and the chain's check
     /// ([`crate::adapters::head`]); `None` until [`Daemon::keep_head`].
     head: std::sync::Mutex<Option<crate::adapters::head::Keeper>>,
@@ -53,17 +45,14 @@ impl Daemon {
     /// Opens the job database and spool under `state_dir` and resumes what a previous
     /// run left queued.
     pub fn open(cfg: Config) -> Result<Self, StoreError> {
-        let slots = Slots::new(cfg.limits.max_jobs_per_caller);
-        let throttle = crate::core::refusals::Throttle::new(cfg.limits.auth_failures_per_minute);
         let config = Arc::new(Current::new(cfg));
-        let jobs = JobService::open(config.clone())?;
+        let callers = Arc::new(Callers::new(config.clone()));
+        let jobs = JobService::open(config.clone(), callers.clone())?;
         let timeline = jobs.timeline().clone();
         Ok(Daemon {
-            throttle: std::sync::Mutex::new(throttle),
             agent: AgentLink::new(config.clone()),
             config,
-            slots,
-            clients: None,
+            callers,
             jobs: Arc::new(jobs),
             timeline,
             tokens: Handle::off("signetd was started without the token service"),
@@ -139,9 +128,14 @@ impl Daemon {
     }
 
     /// The daemon with remote clients checked against `conn` (see [`crate::adapters::clients`]).
-    pub fn with_clients(mut self, conn: rusqlite::Connection) -> Self {
-        self.clients = Some(std::sync::Mutex::new(conn));
+    pub fn with_clients(self, conn: rusqlite::Connection) -> Self {
+        self.callers.use_clients(conn);
         self
+    }
+
+    /// Who is calling ([`Callers`]).
+    pub fn callers(&self) -> &Arc<Callers> {
+        &self.callers
     }
 
     /// The daemon with the token service behind `handle` ([`crate::services::tokens::start`]).
@@ -159,120 +153,6 @@ impl Daemon {
     /// The token service's door, for the token commands ([`crate::services::tokens`]).
     pub fn token_service(&self) -> &Handle {
         &self.tokens
-    }
-
-    /// Who is calling: over TLS the client named by HTTP Basic credentials
-    /// (`authorization`), which must be valid; otherwise what the transport vouches
-    /// for ([`Daemon::identify`]).
-    pub fn authenticate(
-        &self,
-        peer: &Peer,
-        over_tls: bool,
-        authorization: Option<&str>,
-    ) -> Result<Caller, ErrorBody> {
-        if !over_tls {
-            return Ok(self.identify(peer));
-        }
-        let refused = |why: &str| {
-            ErrorBody::new(
-                ErrorCode::Forbidden,
-                format!("{why}; send the client's name and secret with HTTP Basic authentication (curl -u NAME:SECRET). The appliance's operator adds clients with `signetd client add`"),
-            )
-        };
-        let Some((name, secret)) = authorization.and_then(crate::adapters::clients::parse_basic)
-        else {
-            return Err(refused("no client credentials were sent"));
-        };
-        let source = match peer {
-            Peer::Tcp { addr } => Some(addr.ip()),
-            _ => None,
-        };
-        if let Some(ip) = source {
-            let now = std::time::Instant::now();
-            let throttle = self.throttle.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(wait) = throttle.check(ip, now) {
-                return Err(ErrorBody::new(
-                    ErrorCode::TooManyAttempts,
-                    format!(
-                        "too many wrong client secrets came from {ip}; the next one is checked in {} s (Retry-After). Check the client's name and SIGNET_SECRET",
-                        wait.as_secs().max(1)
-                    ),
-                )
-                .retryable(true));
-            }
-        }
-        let Some(db) = &self.clients else {
-            return Err(refused("this appliance has no client database"));
-        };
-        let now = unix_now();
-        let checked = {
-            let conn = db.lock().unwrap_or_else(|e| e.into_inner());
-            crate::adapters::clients::authenticate(&conn, &name, &secret, now)
-        };
-        match checked {
-            Ok(Ok(granted)) => Ok(Caller::Client { name, granted }),
-            Ok(Err(why)) => {
-                if let Some(ip) = source {
-                    self.throttle
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .failed(ip, std::time::Instant::now());
-                }
-                // Which of unknown / wrong / expired it was is for the log only; the
-                // front records the refusal in the audit log (`Daemon::refuse`).
-                tracing::warn!(%peer, client = %name, reason = %why, "refused client credentials");
-                Err(refused(&format!(
-                    "the credentials of client {name:?} are not valid (unknown name, wrong secret, or an expired secret)"
-                )))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "client database");
-                Err(ErrorBody::new(
-                    ErrorCode::Internal,
-                    "the appliance could not check client credentials; its operator sees why in signetd's log",
-                ))
-            }
-        }
-    }
-
-    /// Who is calling, as far as the connection's transport vouches for it.
-    pub fn identify(&self, peer: &Peer) -> Caller {
-        match peer {
-            Peer::Vsock { cid, .. } => Caller::of_vsock(&self.config().cid_to_vmid, *cid),
-            Peer::Unix { uid, gid, pid } => Caller::Local {
-                uid: *uid,
-                gid: *gid,
-                // The process may be gone already; then only its primary group counts.
-                groups: pid
-                    .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-                    .map(|s| policy::parse_proc_groups(&s))
-                    .unwrap_or_default(),
-            },
-            Peer::Tcp { addr } => match &self.config().insecure_tcp_as {
-                Some(name) => Caller::Client {
-                    name: name.clone(),
-                    granted: Vec::new(),
-                },
-                None => Caller::Anonymous {
-                    addr: addr.to_string(),
-                },
-            },
-        }
-    }
-
-    /// Takes one of the caller's job slots for as long as the [`Slot`] lives.
-    pub fn start(&self, job: &Job) -> Result<Slot, ErrorBody> {
-        self.slots.take(&job.caller.key()).ok_or_else(|| {
-            ErrorBody::new(
-                ErrorCode::TooManyJobs,
-                format!(
-                    "{} already has {} jobs running, as many as one caller may; nothing was signed. Send this one again when one of them has ended",
-                    job.caller,
-                    self.slots.max()
-                ),
-            )
-            .retryable(true)
-        })
     }
 
     /// The configuration in force now.
@@ -307,113 +187,10 @@ impl Daemon {
         let limits = &merged.limits;
         // Outside the configuration's lock: no other lock is taken under it but the
         // token service's hand-over above.
-        self.slots.set_max(limits.max_jobs_per_caller);
-        self.jobs
-            .refusals()
-            .set_interval(std::time::Duration::from_secs(
-                limits.refusal_interval_seconds,
-            ));
-        self.throttle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_per_minute(limits.auth_failures_per_minute);
+        self.jobs.set_limits(limits);
+        self.callers.set_per_minute(limits.auth_failures_per_minute);
         tracing::info!(config = %path.display(), changes = %changes.summary(), "configuration reloaded");
         Ok(changes)
-    }
-
-    /// How long a throttled address waits at most for its next try, in seconds (the
-    /// `Retry-After` of `too_many_attempts`).
-    pub fn retry_after_seconds(&self) -> u64 {
-        60_u64.div_ceil(u64::from(
-            self.config().limits.auth_failures_per_minute.max(1),
-        ))
-    }
-
-    /// The profile `name` (`None`: the default) if it exists and the caller has a
-    /// grant for it.
-    fn profile(
-        &self,
-        name: Option<&str>,
-        caller: &Caller,
-    ) -> Result<(String, Profile, std::sync::Arc<Config>), ErrorBody> {
-        let cfg = self.config();
-        let name = name.unwrap_or(&cfg.default_profile);
-        let Some(profile) = cfg.profiles.get(name) else {
-            return Err(ErrorBody::new(
-                ErrorCode::UnknownProfile,
-                format!(
-                    "there is no signing profile {name:?}; profiles: {} (the default is {:?})",
-                    cfg.profiles.keys().cloned().collect::<Vec<_>>().join(", "),
-                    cfg.default_profile
-                ),
-            ));
-        };
-        if let Err(refusal) = cfg.policy.decide(caller, name) {
-            tracing::warn!(caller = %refusal.caller, key = %caller.key(), profile = name, "refused: the caller has no grant for this profile");
-            return Err(ErrorBody::new(ErrorCode::Forbidden, refusal.to_string()));
-        }
-        let (name, profile) = (name.to_owned(), profile.clone());
-        Ok((name, profile, cfg))
-    }
-
-    /// How profile `name` (`None`: the default) signs, for a caller that may use it:
-    /// what digest mode applies on the client's side.
-    pub fn profile_options(
-        &self,
-        name: Option<&str>,
-        caller: &Caller,
-    ) -> Result<ProfileOptions, ErrorBody> {
-        let (name, profile, _) = self.profile(name, caller)?;
-        Ok(ProfileOptions {
-            name,
-            hash: profile.hash,
-            page_hashes: profile.page_hashes,
-            nested: profile.nested,
-            formats: profile.allowed_formats(),
-        })
-    }
-
-    /// Checks a signing request against the profiles and the grants and turns it into a
-    /// job.
-    pub fn accept(&self, query: &SignQuery, caller: &Caller) -> Result<Job, ErrorBody> {
-        let (name, profile, cfg) = self.profile(query.profile.as_deref(), caller)?;
-        let name = name.as_str();
-        let profile = &profile;
-        let filename = match &query.filename {
-            Some(f) if f.contains(['/', '\\', '\0']) || f.len() > 255 => {
-                return Err(ErrorBody::new(
-                    ErrorCode::BadRequest,
-                    "filename must be a bare file name of at most 255 bytes, without directories",
-                ))
-            }
-            f => f.clone(),
-        };
-        tracing::info!(%caller, profile = name, file = filename.as_deref().unwrap_or("-"), "request accepted");
-        Ok(Job {
-            asked: SignQuery {
-                profile: Some(name.to_owned()),
-                ..query.clone()
-            },
-            profile: name.to_owned(),
-            caller: caller.clone(),
-            max_input_size: cfg.max_input_size(profile),
-            agent_query: AgentSignQuery {
-                profile: Some(name.to_owned()),
-                filename,
-                description: query
-                    .description
-                    .clone()
-                    .or_else(|| profile.description.clone()),
-                url: query.url.clone().or_else(|| profile.url.clone()),
-                hash: profile.hash,
-                mode: query.mode,
-                response: query.response,
-                page_hashes: profile.page_hashes,
-                nested: profile.nested,
-                timestamp: profile.timestamp.clone(),
-                formats: profile.allowed_formats(),
-            },
-        })
     }
 
     /// The appliance's status as the daemon sees it now.
@@ -451,12 +228,4 @@ impl Daemon {
             faults: self.faults(),
         }
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

@@ -17,7 +17,8 @@ use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 use signet_protocol::transport::Peer;
 use signet_protocol::wire::{
-    ErrorBody, ErrorCode, JobState, JobView, QueueStatus, AGENT_BATCH_PATH, AGENT_SIGN_PATH,
+    AgentSignQuery, ErrorBody, ErrorCode, JobState, JobView, ProfileOptions, QueueStatus,
+    SignQuery, AGENT_BATCH_PATH, AGENT_SIGN_PATH,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Notify};
@@ -25,12 +26,13 @@ use tracing::Instrument;
 
 use crate::adapters::audit::{self, Entry, Outcome};
 use crate::adapters::store::{self, Inserted, JobRow, Kind, NewJob, Store, StoreError};
-use crate::config::{Config, Current};
-use crate::core::policy::Caller;
+use crate::config::{Config, Current, Profile};
+use crate::core::policy::{Caller, Slot, Slots};
 use crate::core::queue::Queue;
 use crate::core::time::rfc3339;
 use crate::core::timeline::Seen;
 use crate::services::agent::{client_view, AgentLink};
+use crate::services::callers::Callers;
 use crate::services::timeline::Timeline;
 use crate::services::tokens::Handle;
 
@@ -285,10 +287,54 @@ pub struct Job {
     pub caller: Caller,
     /// The largest input the profile takes, in bytes.
     pub max_input_size: u64,
-    pub agent_query: signet_protocol::wire::AgentSignQuery,
+    pub agent_query: AgentSignQuery,
     /// The request as the caller asked it, its profile resolved: what an
     /// idempotency key is bound to, with the body.
-    pub asked: signet_protocol::wire::SignQuery,
+    pub asked: SignQuery,
+}
+
+/// A signing request as a front received it: who sent it over what, what it asks (or
+/// why its query could not be read), and its body, not yet read.
+#[derive(Debug)]
+pub struct SubmitRequest {
+    pub peer: Peer,
+    /// Whether TLS carried it (then the caller proves who it is with credentials).
+    pub over_tls: bool,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
+    pub query: Result<SignQuery, ErrorBody>,
+    pub kind: Kind,
+    /// A batch's multipart content type.
+    pub content_type: Option<String>,
+    pub content_length: Option<u64>,
+    pub idempotency_key: Option<String>,
+    /// `Prefer: respond-async`: answer with the queued job, not its result.
+    pub respond_async: bool,
+    pub body: Body,
+}
+
+/// How a signing request ended for the caller.
+#[derive(Debug)]
+pub enum Signing {
+    /// Refused from the headers, before the body was read (audited).
+    Refused(ErrorBody),
+    /// Refused while the body came (too large, too slow, spool full, bad key, ...).
+    Failed(ErrorBody),
+    /// Queued; the caller fetches the result later (`Prefer: respond-async`).
+    Queued {
+        id: String,
+        job: Result<JobView, ErrorBody>,
+    },
+    /// The job ended: its result (or its error), with the caller's job slot, to be
+    /// held until the answer is streamed out.
+    Ended {
+        id: String,
+        caller: Caller,
+        result: Result<Delivery, ErrorBody>,
+        slot: Slot,
+        /// The caller asked for the signature alone (`response=pkcs7`).
+        pkcs7: bool,
+    },
 }
 
 /// How long the token's facts for an audit record may take to read from the agent.
@@ -307,12 +353,16 @@ pub struct JobService {
     host_pin_rejected: std::sync::atomic::AtomicBool,
     /// The token service's door (the token's facts for the audit log).
     tokens: Mutex<Handle>,
+    /// Who is calling.
+    callers: Arc<Callers>,
+    /// Each caller's job slots.
+    slots: Arc<Slots>,
 }
 
 impl JobService {
     /// Opens the job database and spool under the configured `state_dir` and resumes
     /// what a previous run left queued.
-    pub fn open(config: Arc<Current>) -> Result<Self, StoreError> {
+    pub fn open(config: Arc<Current>, callers: Arc<Callers>) -> Result<Self, StoreError> {
         let cfg = config.get();
         let quota = cfg.queue.spool_quota_mb.saturating_mul(1 << 20);
         let engine = Engine::open(&cfg.state_dir, quota)?;
@@ -328,7 +378,16 @@ impl JobService {
             refusals: Mutex::new(refusals),
             host_pin_rejected: std::sync::atomic::AtomicBool::new(false),
             tokens: Mutex::new(Handle::off("signetd was started without the token service")),
+            callers,
+            slots: Slots::new(cfg.limits.max_jobs_per_caller),
         })
+    }
+
+    /// Takes reloaded `[limits]`: job slots per caller, the refusals' interval.
+    pub fn set_limits(&self, limits: &crate::config::Limits) {
+        self.slots.set_max(limits.max_jobs_per_caller);
+        self.refusals()
+            .set_interval(Duration::from_secs(limits.refusal_interval_seconds));
     }
 
     /// Reads the token's facts for audit records through `tokens` from now on.
@@ -374,6 +433,180 @@ impl JobService {
     /// Why the job database failed the last time it was written, if it did.
     pub fn store_fault(&self) -> Option<String> {
         self.engine.store_fault()
+    }
+
+    /// Takes one of the caller's job slots for as long as the [`Slot`] lives.
+    pub fn start(&self, job: &Job) -> Result<Slot, ErrorBody> {
+        self.slots.take(&job.caller.key()).ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::TooManyJobs,
+                format!(
+                    "{} already has {} jobs running, as many as one caller may; nothing was signed. Send this one again when one of them has ended",
+                    job.caller,
+                    self.slots.max()
+                ),
+            )
+            .retryable(true)
+        })
+    }
+
+    /// The profile `name` (`None`: the default) if it exists and the caller has a
+    /// grant for it.
+    fn profile(
+        &self,
+        name: Option<&str>,
+        caller: &Caller,
+    ) -> Result<(String, Profile, std::sync::Arc<Config>), ErrorBody> {
+        let cfg = self.config();
+        let name = name.unwrap_or(&cfg.default_profile);
+        let Some(profile) = cfg.profiles.get(name) else {
+            return Err(ErrorBody::new(
+                ErrorCode::UnknownProfile,
+                format!(
+                    "there is no signing profile {name:?}; profiles: {} (the default is {:?})",
+                    cfg.profiles.keys().cloned().collect::<Vec<_>>().join(", "),
+                    cfg.default_profile
+                ),
+            ));
+        };
+        if let Err(refusal) = cfg.policy.decide(caller, name) {
+            tracing::warn!(caller = %refusal.caller, key = %caller.key(), profile = name, "refused: the caller has no grant for this profile");
+            return Err(ErrorBody::new(ErrorCode::Forbidden, refusal.to_string()));
+        }
+        let (name, profile) = (name.to_owned(), profile.clone());
+        Ok((name, profile, cfg))
+    }
+
+    /// How profile `name` (`None`: the default) signs, for a caller that may use it:
+    /// what digest mode applies on the client's side.
+    pub fn profile_options(
+        &self,
+        name: Option<&str>,
+        caller: &Caller,
+    ) -> Result<ProfileOptions, ErrorBody> {
+        let (name, profile, _) = self.profile(name, caller)?;
+        Ok(ProfileOptions {
+            name,
+            hash: profile.hash,
+            page_hashes: profile.page_hashes,
+            nested: profile.nested,
+            formats: profile.allowed_formats(),
+        })
+    }
+
+    /// Checks a signing request against the profiles and the grants and turns it into a
+    /// job.
+    pub fn accept(&self, query: &SignQuery, caller: &Caller) -> Result<Job, ErrorBody> {
+        let (name, profile, cfg) = self.profile(query.profile.as_deref(), caller)?;
+        let name = name.as_str();
+        let profile = &profile;
+        let filename = match &query.filename {
+            Some(f) if f.contains(['/', '\\', '\0']) || f.len() > 255 => {
+                return Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    "filename must be a bare file name of at most 255 bytes, without directories",
+                ))
+            }
+            f => f.clone(),
+        };
+        tracing::info!(%caller, profile = name, file = filename.as_deref().unwrap_or("-"), "request accepted");
+        Ok(Job {
+            asked: SignQuery {
+                profile: Some(name.to_owned()),
+                ..query.clone()
+            },
+            profile: name.to_owned(),
+            caller: caller.clone(),
+            max_input_size: cfg.max_input_size(profile),
+            agent_query: AgentSignQuery {
+                profile: Some(name.to_owned()),
+                filename,
+                description: query
+                    .description
+                    .clone()
+                    .or_else(|| profile.description.clone()),
+                url: query.url.clone().or_else(|| profile.url.clone()),
+                hash: profile.hash,
+                mode: query.mode,
+                response: query.response,
+                page_hashes: profile.page_hashes,
+                nested: profile.nested,
+                timestamp: profile.timestamp.clone(),
+                formats: profile.allowed_formats(),
+            },
+        })
+    }
+
+    /// The signing use case, whole: who is calling, which profile and whether they may
+    /// use it, the declared size, a job slot, the refusal audited, the body limited as
+    /// it streams, the job recorded and queued, then either the queued job or, once it
+    /// ended, its result.
+    pub async fn sign(&self, req: SubmitRequest) -> Signing {
+        let transport = transport(&req.peer, req.over_tls);
+        let kind = req.kind;
+        let caller =
+            self.callers
+                .authenticate(&req.peer, req.over_tls, req.authorization.as_deref());
+        let who = self.callers.audit_name(&caller, &req.peer);
+        let (profile, filename) = req
+            .query
+            .as_ref()
+            .map(|q| (q.profile.clone(), q.filename.clone()))
+            .unwrap_or_default();
+        let started = caller
+            .and_then(|caller| req.query.and_then(|q| self.accept(&q, &caller)))
+            .and_then(|job| {
+                if req.content_length.is_some_and(|n| n > job.max_input_size) {
+                    return Err(crate::limits::too_large(job.max_input_size));
+                }
+                self.start(&job).map(|slot| (job, slot))
+            });
+        let (job, slot) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                self.refuse(&who, transport, profile.as_deref(), filename.as_deref(), &e);
+                return Signing::Refused(e);
+            }
+        };
+        let idle = Duration::from_secs(self.config().limits.body_idle_timeout_seconds);
+        let (body, tripped) = crate::limits::limit(req.body, job.max_input_size, idle);
+        let content_type = match kind {
+            Kind::Batch => req.content_type.unwrap_or_default(),
+            Kind::Sign => "application/octet-stream".to_owned(),
+        };
+        let submitted = self
+            .submit(
+                &job,
+                transport,
+                kind,
+                req.idempotency_key,
+                &content_type,
+                req.content_length,
+                body,
+            )
+            .await;
+        let id = match submitted {
+            Ok(id) => id,
+            Err(e) => {
+                let e = tripped.error(job.max_input_size, idle).unwrap_or(e);
+                tracing::info!(caller = %job.caller.key(), transport, profile = %job.profile, code = %e.code, "upload refused part-way: {}", e.message);
+                return Signing::Failed(e);
+            }
+        };
+        if req.respond_async {
+            let view = self.job(&id, &job.caller);
+            return Signing::Queued { id, job: view };
+        }
+        self.wait(&id).await;
+        let result = self.result(&id, &job.caller).await;
+        Signing::Ended {
+            id,
+            result,
+            slot,
+            pkcs7: kind == Kind::Sign
+                && job.agent_query.response == signet_protocol::wire::SignResponse::Pkcs7,
+            caller: job.caller,
+        }
     }
 
     /// Records a request refused before it became a job (credentials, grant, unknown

@@ -170,7 +170,7 @@ impl Daemon {
         });
         let (used, quota) = self.store().spool_usage();
         facts.spool = (used, quota, doctor::free_bytes(&cfg.state_dir));
-        facts.now = crate::services::daemon::unix_now();
+        facts.now = crate::core::time::unix_now();
         facts.newest_audit = self
             .store()
             .conn()

@@ -6,7 +6,6 @@ pub mod handtokening;
 pub mod operator;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
@@ -18,17 +17,16 @@ use axum::{Extension, Json, Router};
 use futures_util::StreamExt;
 use signet_protocol::transport::Peer;
 use signet_protocol::wire::{
-    ErrorBody, ErrorCode, SignQuery, SignResponse, BATCH_PATH, IDEMPOTENCY_HEADER, JOB_HEADER,
-    JOB_PATH, JOB_RESULT_PATH, SIGN_PATH, STATUS_PATH,
+    ErrorBody, ErrorCode, SignQuery, BATCH_PATH, IDEMPOTENCY_HEADER, JOB_HEADER, JOB_PATH,
+    JOB_RESULT_PATH, SIGN_PATH, STATUS_PATH,
 };
 
 use crate::adapters::store::Kind;
 use crate::core::policy::Caller;
-use crate::limits;
 use crate::serve::OverTls;
 use crate::services::agent::client_view;
 use crate::services::daemon::Daemon;
-use crate::services::jobs;
+use crate::services::jobs::{Delivery, Signing, SubmitRequest};
 use signet_protocol::batch;
 
 pub fn router(daemon: Arc<Daemon>) -> Router {
@@ -71,7 +69,7 @@ fn tls_reader(
                     addr: addr.to_string(),
                 }
                 .key(),
-                other => daemon.identify(other).key(),
+                other => daemon.callers().identify(other).key(),
             };
             daemon.job_service().refuse(&who, "tls", None, None, &e);
             Err(Box::new(error_response(daemon, e)))
@@ -86,7 +84,7 @@ pub fn error_response(daemon: &Daemon, e: ErrorBody) -> Response {
     if throttled {
         resp.headers_mut().insert(
             header::RETRY_AFTER,
-            HeaderValue::from(daemon.retry_after_seconds()),
+            HeaderValue::from(daemon.callers().retry_after_seconds()),
         );
     }
     resp
@@ -131,8 +129,11 @@ async fn profile(
         )
     });
     let options = query.and_then(|q| {
-        authenticate(&daemon, &peer, tls.is_some(), &headers)
-            .and_then(|caller| daemon.profile_options(q.profile.as_deref(), &caller))
+        authenticate(&daemon, &peer, tls.is_some(), &headers).and_then(|caller| {
+            daemon
+                .job_service()
+                .profile_options(q.profile.as_deref(), &caller)
+        })
     });
     match options {
         Ok(o) => Json(o).into_response(),
@@ -148,20 +149,20 @@ async fn sign(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let over_tls = tls.is_some();
-    let caller = authenticate(&daemon, &peer, over_tls, &headers);
-    let transport = jobs::transport(&peer, over_tls);
-    job(
-        daemon,
-        &peer,
-        transport,
-        caller,
-        v1_query(query),
-        headers,
-        body,
-        false,
+    let query = v1_query(query);
+    v1_answer(
+        &daemon,
+        job(
+            &daemon,
+            peer,
+            tls.is_some(),
+            query,
+            headers,
+            body,
+            Kind::Sign,
+        )
+        .await,
     )
-    .await
 }
 
 async fn sign_batch(
@@ -172,20 +173,35 @@ async fn sign_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let over_tls = tls.is_some();
-    let caller = authenticate(&daemon, &peer, over_tls, &headers);
-    let transport = jobs::transport(&peer, over_tls);
-    job(
-        daemon,
-        &peer,
-        transport,
-        caller,
-        v1_query(query),
-        headers,
-        body,
-        true,
+    let query = v1_query(query);
+    v1_answer(
+        &daemon,
+        job(
+            &daemon,
+            peer,
+            tls.is_some(),
+            query,
+            headers,
+            body,
+            Kind::Batch,
+        )
+        .await,
     )
-    .await
+}
+
+/// The client API's answer: the job's, or its error (with the job's id when there is a
+/// job; `Retry-After` when throttled).
+fn v1_answer(daemon: &Daemon, answer: Result<Response, (ErrorBody, Option<String>)>) -> Response {
+    match answer {
+        Ok(resp) => resp,
+        Err((e, id)) => {
+            let mut resp = error_response(daemon, e);
+            if let Some(v) = id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+                resp.headers_mut().insert(JOB_HEADER, v);
+            }
+            resp
+        }
+    }
 }
 
 /// `POST /api/sign`, the Handtokening-compatible front: the same job, its query
@@ -198,26 +214,24 @@ async fn api_sign(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let over_tls = tls.is_some();
-    let caller = authenticate(&daemon, &peer, over_tls, &headers);
-    let transport = jobs::transport(&peer, over_tls);
     let disposition = headers
         .get(header::CONTENT_DISPOSITION)
         .and_then(|v| v.to_str().ok());
     let query = handtokening::sign_query(query.as_deref().unwrap_or(""), disposition);
-    let resp = job(
-        daemon, &peer, transport, caller, query, headers, body, false,
+    let e = match job(
+        &daemon,
+        peer,
+        tls.is_some(),
+        query,
+        headers,
+        body,
+        Kind::Sign,
     )
-    .await;
-    if resp.status().is_success() {
-        return resp;
-    }
-    let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
-    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 10)
-        .await
-        .unwrap_or_default();
-    let e = serde_json::from_slice::<ErrorBody>(&bytes)
-        .unwrap_or_else(|_| ErrorBody::new(ErrorCode::Internal, "the job failed"));
+    .await
+    {
+        Ok(resp) => return resp,
+        Err((e, _)) => e,
+    };
     let (status, body) = handtokening::detail(&e);
     let mut resp = (
         axum::http::StatusCode::from_u16(status)
@@ -225,8 +239,11 @@ async fn api_sign(
         Json(body),
     )
         .into_response();
-    if let Some(v) = retry_after {
-        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    if e.code == ErrorCode::TooManyAttempts {
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(daemon.callers().retry_after_seconds()),
+        );
     }
     resp
 }
@@ -240,7 +257,7 @@ fn authenticate(
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    daemon.authenticate(peer, over_tls, authorization)
+    daemon.callers().authenticate(peer, over_tls, authorization)
 }
 
 fn v1_query(query: Result<Query<SignQuery>, QueryRejection>) -> Result<SignQuery, ErrorBody> {
@@ -255,173 +272,133 @@ fn v1_query(query: Result<Query<SignQuery>, QueryRejection>) -> Result<SignQuery
     })
 }
 
-/// A job from any front: who is calling (or why they are refused), what they ask.
-#[allow(clippy::too_many_arguments)]
+/// A job from any front: the request handed to the signing use case
+/// ([`JobService::sign`](crate::services::jobs::JobService::sign)), its outcome rendered:
+/// the result streamed, or the error with the job's id when there is a job.
 async fn job(
-    daemon: Arc<Daemon>,
-    peer: &Peer,
-    transport: &'static str,
-    caller: Result<Caller, ErrorBody>,
+    daemon: &Arc<Daemon>,
+    peer: Peer,
+    over_tls: bool,
     query: Result<SignQuery, ErrorBody>,
     headers: HeaderMap,
     body: Body,
-    is_batch: bool,
-) -> Response {
-    let (profile, filename) = query
-        .as_ref()
-        .map(|q| (q.profile.clone(), q.filename.clone()))
-        .unwrap_or_default();
+    kind: Kind,
+) -> Result<Response, (ErrorBody, Option<String>)> {
     let header_str = |name: &str| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    let content_length: Option<u64> =
-        header_str(header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok());
-    // The audit's name for the caller: who it proved to be, else what the transport saw.
-    let who = match (&caller, peer) {
-        (Ok(c), _) => c.key(),
-        // Only credentials over TLS can fail: the peer is a TCP address.
-        (Err(_), Peer::Tcp { addr }) => Caller::Anonymous {
-            addr: addr.to_string(),
-        }
-        .key(),
-        (Err(_), other) => daemon.identify(other).key(),
+    let req = SubmitRequest {
+        peer,
+        over_tls,
+        authorization: header_str(header::AUTHORIZATION.as_str()),
+        query,
+        kind,
+        content_type: header_str(header::CONTENT_TYPE.as_str()),
+        content_length: header_str(header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok()),
+        idempotency_key: header_str(IDEMPOTENCY_HEADER),
+        respond_async: headers
+            .get_all("prefer")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|p| p.trim() == "respond-async")),
+        body,
     };
-    let accepted = caller.and_then(|caller| query.and_then(|q| daemon.accept(&q, &caller)));
-    let started = accepted.and_then(|job| {
-        if content_length.is_some_and(|n| n > job.max_input_size) {
-            return Err(limits::too_large(job.max_input_size));
+    // A refusal is answered at once, from the headers: the body is not read first. The
+    // connection then reads and drops what the client still sends before it closes
+    // (`serve`), so the client reads this answer, not a reset.
+    match daemon.job_service().sign(req).await {
+        Signing::Refused(e) | Signing::Failed(e) => Err((e, None)),
+        Signing::Queued { id, job } => {
+            // RFC 7240: answer now with the job; the result is fetched later.
+            let view = job.map_err(|e| (e, Some(id.clone())))?;
+            let mut resp = (http::StatusCode::ACCEPTED, Json(view)).into_response();
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                resp.headers_mut().insert(JOB_HEADER, v);
+            }
+            Ok(resp)
         }
-        daemon.start(&job).map(|slot| (job, slot))
-    });
-    let (job, slot) = match started {
-        Ok(started) => started,
-        Err(e) => {
-            daemon.job_service().refuse(
-                &who,
-                transport,
-                profile.as_deref(),
-                filename.as_deref(),
-                &e,
-            );
-            // Answered at once, from the headers: the body is not read first. The
-            // connection then reads and drops what the client still sends before it
-            // closes (`serve`), so the client reads this answer, not a reset.
-            drop(body);
-            return error_response(&daemon, e);
+        Signing::Ended {
+            id,
+            caller: _,
+            result,
+            slot,
+            pkcs7,
+        } => {
+            let mut resp = render_result(daemon, &id, result).map_err(|e| (e, Some(id.clone())))?;
+            if pkcs7 {
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/pkcs7-signature"),
+                );
+            }
+            Ok(hold_until_sent(resp, slot))
         }
-    };
-    let idle = Duration::from_secs(daemon.config().limits.body_idle_timeout_seconds);
-    let (body, tripped) = limits::limit(body, job.max_input_size, idle);
-    let content_type = if is_batch {
-        header_str(header::CONTENT_TYPE.as_str()).unwrap_or_default()
-    } else {
-        "application/octet-stream".to_owned()
-    };
-    let kind = if is_batch { Kind::Batch } else { Kind::Sign };
-    let submitted = daemon
-        .job_service()
-        .submit(
-            &job,
-            transport,
-            kind,
-            header_str(IDEMPOTENCY_HEADER),
-            &content_type,
-            content_length,
-            body,
-        )
-        .await;
-    let id = match submitted {
-        Ok(id) => id,
-        Err(e) => {
-            let e = tripped.error(job.max_input_size, idle).unwrap_or(e);
-            tracing::info!(caller = %job.caller.key(), transport, profile = %job.profile, code = %e.code, "upload refused part-way: {}", e.message);
-            return e.into_response();
-        }
-    };
-    let respond_async = headers
-        .get_all("prefer")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|p| p.trim() == "respond-async"));
-    if respond_async {
-        // RFC 7240: answer now with the job; the result is fetched later.
-        let mut resp = match daemon.job_service().job(&id, &job.caller) {
-            Ok(v) => (http::StatusCode::ACCEPTED, Json(v)).into_response(),
-            Err(e) => e.into_response(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&id) {
-            resp.headers_mut().insert(JOB_HEADER, v);
-        }
-        return resp;
     }
-    daemon.job_service().wait(&id).await;
-    let mut resp = deliver(&daemon, &id, &job.caller).await;
-    if resp.status().is_success() && !is_batch && job.agent_query.response == SignResponse::Pkcs7 {
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/pkcs7-signature"),
-        );
-    }
-    hold_until_sent(resp, slot)
 }
 
 /// The result of job `id` as an answer: the signed file (a batch's parts re-framed),
 /// or the job's error; both carry the job id.
 async fn deliver(daemon: &Arc<Daemon>, id: &str, caller: &Caller) -> Response {
-    let mut resp = match daemon.job_service().result(id, caller).await {
-        Ok(d) => {
-            let stream = tokio_util::io::ReaderStream::new(d.file);
-            match d.kind {
-                Kind::Batch => {
-                    let Ok(boundary) = multer::parse_boundary(&d.content_type) else {
-                        return ErrorBody::new(
-                            ErrorCode::Internal,
-                            "the agent answered a batch without parts",
-                        )
-                        .into_response();
-                    };
-                    let out = batch::new_boundary();
-                    let mut r = Body::from_stream(reframe(
-                        Body::from_stream(stream),
-                        boundary,
-                        out.clone(),
-                        d.id.clone(),
-                    ))
-                    .into_response();
-                    if let Ok(v) = HeaderValue::from_str(&batch::content_type(&out)) {
-                        r.headers_mut().insert(header::CONTENT_TYPE, v);
-                    }
-                    r
-                }
-                Kind::Sign => {
-                    let mut r = Body::from_stream(stream).into_response();
-                    if let Ok(v) = HeaderValue::from_str(&d.content_type) {
-                        r.headers_mut().insert(header::CONTENT_TYPE, v);
-                    }
-                    r.headers_mut()
-                        .insert(header::CONTENT_LENGTH, HeaderValue::from(d.len));
-                    r
-                }
+    let result = daemon.job_service().result(id, caller).await;
+    v1_answer(
+        daemon,
+        render_result(daemon, id, result).map_err(|e| (e, Some(id.to_owned()))),
+    )
+}
+
+/// A job's result as an answer that tells the job service once it was streamed out
+/// whole; an error stays an error for the front to render.
+fn render_result(
+    daemon: &Arc<Daemon>,
+    id: &str,
+    result: Result<Delivery, ErrorBody>,
+) -> Result<Response, ErrorBody> {
+    let d = result?;
+    let stream = tokio_util::io::ReaderStream::new(d.file);
+    let mut resp = match d.kind {
+        Kind::Batch => {
+            let Ok(boundary) = multer::parse_boundary(&d.content_type) else {
+                return Err(ErrorBody::new(
+                    ErrorCode::Internal,
+                    "the agent answered a batch without parts",
+                ));
+            };
+            let out = batch::new_boundary();
+            let mut r = Body::from_stream(reframe(
+                Body::from_stream(stream),
+                boundary,
+                out.clone(),
+                d.id.clone(),
+            ))
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&batch::content_type(&out)) {
+                r.headers_mut().insert(header::CONTENT_TYPE, v);
             }
+            r
         }
-        Err(e) => e.into_response(),
+        Kind::Sign => {
+            let mut r = Body::from_stream(stream).into_response();
+            if let Ok(v) = HeaderValue::from_str(&d.content_type) {
+                r.headers_mut().insert(header::CONTENT_TYPE, v);
+            }
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(d.len));
+            r
+        }
     };
-    if resp.status().is_success() {
-        let len = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        resp =
-            resp.map(|b| Body::from_stream(when_streamed(b.into_data_stream(), len, daemon, id)));
-    }
+    let len = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    resp = resp.map(|b| Body::from_stream(when_streamed(b.into_data_stream(), len, daemon, id)));
     if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert(JOB_HEADER, v);
     }
-    resp
+    Ok(resp)
 }
 
 async fn get_job(

@@ -38,7 +38,9 @@ fn operator(
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let caller = daemon.authenticate(peer, tls.is_some(), authorization)?;
+    let caller = daemon
+        .callers()
+        .authenticate(peer, tls.is_some(), authorization)?;
     check_operator(&caller)?;
     Ok(crate::services::operate::Operator::local(&caller))
 }
