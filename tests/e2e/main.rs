@@ -908,3 +908,48 @@ fn digest_mode_keeps_the_profiles_format_list() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(verify(&w, &file).0);
 }
+
+/// One job, one trace: the job's id travels to the agent, and every line either daemon
+/// logs about the job is under a span that carries that id.
+#[test]
+fn every_log_line_of_a_job_in_either_daemon_carries_its_id() {
+    let mut w = World::new();
+    let ep = unix_appliance(&mut w);
+    let file = w.pe("traced.exe");
+    let out = signet(&ep, &["sign", "--json", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = report["job"]
+        .as_str()
+        .expect("the report names the job")
+        .to_owned();
+    let span = format!("job{{job={id}");
+    for (name, wanted) in [
+        ("signetd", ["job accepted", "signed"].as_slice()),
+        ("signet-agent", ["signed"].as_slice()),
+    ] {
+        let log = w.log(name);
+        // A line names the job by a `job` field (`job=ID`, `job="ID"`) or by its span.
+        let names_it = |l: &str| {
+            l.contains(&span)
+                || l.split_whitespace().any(|w| {
+                    w.trim_end_matches(['}', ':', ','])
+                        .strip_prefix("job=")
+                        .is_some_and(|v| v.trim_matches('"') == id)
+                })
+        };
+        let lines: Vec<&str> = log.lines().filter(|l| names_it(l)).collect();
+        for want in wanted {
+            assert!(
+                lines.iter().any(|l| l.contains(want)),
+                "{name} logged no {want:?} line for job {id}:\n{log}"
+            );
+        }
+        for l in &lines {
+            assert!(
+                l.contains(&span),
+                "{name} logged a line of job {id} outside its span: {l}\n{log}"
+            );
+        }
+    }
+}

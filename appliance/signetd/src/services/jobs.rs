@@ -798,61 +798,67 @@ impl JobService {
                 });
             }
         };
-        tracing::info!(job = %id, %caller, profile = %job.profile, file = job.agent_query.filename.as_deref().unwrap_or("-"), "job accepted");
-        let path = store.input_path(&id);
-        let spooled = {
-            let mut stop = engine.stopping.subscribe();
-            tokio::select! {
-                s = spool(store, &path, body, &mut reserved) => s,
-                _ = stop.wait_for(|s| *s != Stopping::No) => Err(Spool::Stopped),
-            }
-        };
-        store.release(reserved);
-        let (sha, n) = match spooled {
-            Ok(done) => done,
-            Err(fault) => {
-                store.remove_spooled(&path);
-                let e = match fault {
-                    Spool::Full => full("this upload".to_owned()),
-                    Spool::Broken(e) => ErrorBody::new(
-                        ErrorCode::TruncatedInput,
-                        format!("the upload broke off before the end ({e}); nothing was signed, send it again"),
-                    ),
-                    Spool::Stopped => ErrorBody::new(
-                        ErrorCode::ShuttingDown,
-                        "signetd is stopping (a restart, or the host's shutdown) and this upload was cut short; nothing was signed, send it again in a few minutes",
-                    )
-                    .retryable(true),
-                    Spool::Disk(e) if store::io_disk_full(&e) => {
-                        disk_full(&self.config().state_dir, &id, &e)
-                    }
-                    Spool::Disk(e) => internal(&id, "spooling the input", &e),
-                };
-                if let Ok(Some(row)) = store.get(&id) {
-                    let _ = store.finish(
-                        &id,
-                        JobState::Failed,
-                        None,
-                        Some(&e),
-                        &entry(&row, Outcome::Failed, Some(e.code)),
-                    );
+        // Every line of the job from here on, under one span with its id.
+        let span = tracing::info_span!("job", job = %id);
+        async {
+            tracing::info!(job = %id, %caller, profile = %job.profile, file = job.agent_query.filename.as_deref().unwrap_or("-"), "job accepted");
+            let path = store.input_path(&id);
+            let spooled = {
+                let mut stop = engine.stopping.subscribe();
+                tokio::select! {
+                    s = spool(store, &path, body, &mut reserved) => s,
+                    _ = stop.wait_for(|s| *s != Stopping::No) => Err(Spool::Stopped),
                 }
-                engine.notify_done(&id);
-                return Err(e);
-            }
-        };
-        let queued = store.queued(&id, &sha, n);
-        engine.store_wrote(queued.as_ref().map(|_| ()));
-        queued.map_err(|e| {
-            if e.disk_full() {
-                disk_full(&self.config().state_dir, &id, &e)
-            } else {
-                internal(&id, "queueing the job", &e)
-            }
-        })?;
-        lock(&engine.sched).queue.push(&caller, &id);
-        engine.wake.notify_one();
-        Ok(id)
+            };
+            store.release(reserved);
+            let (sha, n) = match spooled {
+                Ok(done) => done,
+                Err(fault) => {
+                    store.remove_spooled(&path);
+                    let e = match fault {
+                        Spool::Full => full("this upload".to_owned()),
+                        Spool::Broken(e) => ErrorBody::new(
+                            ErrorCode::TruncatedInput,
+                            format!("the upload broke off before the end ({e}); nothing was signed, send it again"),
+                        ),
+                        Spool::Stopped => ErrorBody::new(
+                            ErrorCode::ShuttingDown,
+                            "signetd is stopping (a restart, or the host's shutdown) and this upload was cut short; nothing was signed, send it again in a few minutes",
+                        )
+                        .retryable(true),
+                        Spool::Disk(e) if store::io_disk_full(&e) => {
+                            disk_full(&self.config().state_dir, &id, &e)
+                        }
+                        Spool::Disk(e) => internal(&id, "spooling the input", &e),
+                    };
+                    if let Ok(Some(row)) = store.get(&id) {
+                        let _ = store.finish(
+                            &id,
+                            JobState::Failed,
+                            None,
+                            Some(&e),
+                            &entry(&row, Outcome::Failed, Some(e.code)),
+                        );
+                    }
+                    engine.notify_done(&id);
+                    return Err(e);
+                }
+            };
+            let queued = store.queued(&id, &sha, n);
+            engine.store_wrote(queued.as_ref().map(|_| ()));
+            queued.map_err(|e| {
+                if e.disk_full() {
+                    disk_full(&self.config().state_dir, &id, &e)
+                } else {
+                    internal(&id, "queueing the job", &e)
+                }
+            })?;
+            lock(&engine.sched).queue.push(&caller, &id);
+            engine.wake.notify_one();
+            Ok(id)
+        }
+        .instrument(span)
+        .await
     }
 
     /// Whether a request with job `id`'s idempotency key asks what that job was asked:
@@ -1267,6 +1273,12 @@ impl JobService {
 
     /// Runs one job at the agent; true when it goes back to the head of its lane.
     async fn run_job(&self, id: &str) -> bool {
+        let span = tracing::info_span!("job", job = %id);
+        self.run_job_here(id).instrument(span).await
+    }
+
+    /// [`Self::run_job`], inside the job's span.
+    async fn run_job_here(&self, id: &str) -> bool {
         let engine = self.engine();
         let store = &engine.store;
         let row = match store.get(id) {
@@ -1284,7 +1296,7 @@ impl JobService {
                 return false;
             }
         };
-        let span = tracing::info_span!("job", job = %id, profile = %row.profile, attempt);
+        let span = tracing::info_span!("attempt", profile = %row.profile, attempt);
         let started = Instant::now();
         let out_path = store.output_path(id);
         // From here on a new agent process abandons the job: the old one will never
