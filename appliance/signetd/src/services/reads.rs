@@ -318,7 +318,7 @@ mod tests {
         for _ in 0..3 {
             sign_one(daemon.store());
         }
-        let (walked, mut started) = tokio::sync::oneshot::channel();
+        let (walked, started) = tokio::sync::oneshot::channel();
         let (release, held) = std::sync::mpsc::channel::<()>();
         // A walk of the chain through the read model, held open until released.
         let d = daemon.clone();
@@ -333,22 +333,22 @@ mod tests {
                 })
                 .await
         });
-        assert_eq!((&mut started).await.unwrap(), 3);
+        assert_eq!(started.await.unwrap(), 3);
         // The writer records and ends a job while the read is open. (Were the read on
         // the writer's connection, this would wait for it for ever: the guard turns
         // that into a failure.)
         let store = daemon.store().clone();
         let write = tokio::task::spawn_blocking(move || sign_one(&store));
-        let id = tokio::time::timeout(std::time::Duration::from_secs(60), write)
-            .await
-            .expect("the write waited for the read")
-            .unwrap();
-        assert!(!long_read.is_finished(), "the read is still open");
+        let wrote = tokio::time::timeout(std::time::Duration::from_secs(60), write).await;
+        let still_open = !long_read.is_finished();
+        // Let the read go before any assertion, so a failure is reported, not hung.
+        release.send(()).unwrap();
+        let id = wrote.expect("the write waited for the read").unwrap();
+        assert!(still_open, "the write completed while the read was open");
         assert_eq!(
             daemon.store().get(&id).unwrap().unwrap().state,
             JobState::Signed
         );
-        release.send(()).unwrap();
         assert_eq!(long_read.await.unwrap().unwrap(), (3, 3));
         // A read that begins now sees the new job and its record.
         let reads = daemon.reads();
