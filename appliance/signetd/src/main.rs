@@ -467,15 +467,14 @@ enum AuditCommand {
 /// Runs an `audit` subcommand; answers the exit code.
 fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
     let db = cfg.state_dir.join(signetd::adapters::store::DB_FILE);
-    let conn =
-        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .with_context(|| {
-                format!(
-                    "opening {}; is `state_dir` in {} right?",
-                    db.display(),
-                    cfg.path.display()
-                )
-            })?;
+    // Read-only, opened as the daemon's readers open it.
+    let conn = signetd::adapters::store::Reader::open(&db).with_context(|| {
+        format!(
+            "opening {}; is `state_dir` in {} right?",
+            db.display(),
+            cfg.path.display()
+        )
+    })?;
     match cmd {
         AuditCommand::Verify { json, head } => {
             // The same AuditCheck the D-Bus and HTTP fronts answer, also held against
