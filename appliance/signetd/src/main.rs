@@ -289,12 +289,14 @@ fn config_if_any(path: &std::path::Path) -> anyhow::Result<Option<Config>> {
     }
 }
 
+/// `signetd enroll`: the enroll use case the daemon runs for the web UI and D-Bus
+/// ([`operate::enroll_change`]), the token found through udev, the change applied and
+/// audited here with the uid that ran it.
 fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
-    use signetd::adapters::proxmox::{self, Qm};
-    use signetd::config::edit;
+    use signetd::adapters::proxmox::Qm;
+    use signetd::services::operate::{self, EnrollRequest, EnrollSite};
     let cfg = config_if_any(config)?;
-    // What goes into signetd.toml, decided (and refused) before the VM is changed.
-    let (vmid, dry_run, qm, plan, stanza) = match cmd {
+    let (req, dry_run, pve, monitor_dir, grant, host_port) = match cmd {
         Enroll::SigningVm {
             vmid,
             token,
@@ -308,31 +310,17 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
                 None => signetd::adapters::usb::Catalog::default(),
             };
             let found = signetd::adapters::usb::find_token(&catalog, &devices, &token)?;
-            let stanza = match &cfg {
-                Some(c) => edit::assignment(c, &token, vmid)?,
-                None => None,
-            };
-            let monitor_dir = monitor_dir.unwrap_or_else(|| match &cfg {
-                Some(c) => c.passthrough.monitor_dir.clone(),
-                None => signetd::config::DEFAULT_MONITOR_DIR.into(),
-            });
-            let qm = Qm { program: pve.qm };
-            let monitor = proxmox::monitor_path(&monitor_dir, vmid);
-            let monitor = monitor.to_string_lossy().into_owned();
-            let host_port = found.device.host_port();
-            let plan = proxmox::enroll(
-                &qm,
-                vmid,
-                |cfg| proxmox::plan_signing_vm(vmid, cfg, &host_port, &monitor),
+            (
+                EnrollRequest::SigningVm {
+                    vmid,
+                    serial: token,
+                },
                 dry_run,
-            )?;
-            if cfg.is_none() {
-                println!(
-                    "{} does not exist yet; give it this entry so signetd keeps the token in VM {vmid}:\n[[tokens]]\nserial = {token:?}\nvm = {vmid}",
-                    config.display()
-                );
-            }
-            (vmid, dry_run, qm, plan, stanza)
+                pve,
+                monitor_dir,
+                true,
+                Some(found.device.host_port()),
+            )
         }
         Enroll::BuildVm {
             vmid,
@@ -340,49 +328,57 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
             no_grant,
             dry_run,
             pve,
-        } => {
-            let stanza = match (&cfg, no_grant) {
-                (_, true) => None,
-                (Some(c), false) => {
-                    let wanted = if profiles.is_empty() {
-                        vec![c.default_profile.clone()]
-                    } else {
-                        profiles
-                    };
-                    let missing = edit::missing(c, vmid, &wanted)?;
-                    if missing.is_empty() {
-                        println!(
-                            "VM {vmid} may use {} already: no grant to add",
-                            wanted.join(", ")
-                        );
-                        None
-                    } else {
-                        Some(edit::stanza(vmid, &missing))
-                    }
-                }
-                (None, false) => {
-                    let wanted = if profiles.is_empty() {
-                        vec![config::IMPLICIT_PROFILE.to_owned()]
-                    } else {
-                        profiles
-                    };
-                    println!(
-                        "{} does not exist yet; give it this grant so VM {vmid} may sign:\n{}",
-                        config.display(),
-                        edit::stanza(vmid, &wanted)
-                    );
-                    None
-                }
-            };
-            let qm = Qm { program: pve.qm };
-            let plan =
-                proxmox::enroll(&qm, vmid, |cfg| proxmox::plan_build_vm(vmid, cfg), dry_run)?;
-            (vmid, dry_run, qm, plan, stanza)
-        }
+        } => (
+            EnrollRequest::BuildVm { vmid, profiles },
+            dry_run,
+            pve,
+            None,
+            !no_grant,
+            None,
+        ),
     };
+    let vmid = req.vmid();
+    let monitor_dir = monitor_dir.unwrap_or_else(|| match &cfg {
+        Some(c) => c.passthrough.monitor_dir.clone(),
+        None => signetd::config::DEFAULT_MONITOR_DIR.into(),
+    });
+    let qm = Qm { program: pve.qm };
+    let site = EnrollSite {
+        cfg: cfg.as_ref(),
+        path: config,
+        qm: &qm,
+        monitor_dir: &monitor_dir,
+        grant,
+    };
+    let result = operate::enroll_change(&site, &req, host_port.as_deref(), !dry_run);
+    // As the daemon's enroll: an applied (or refused) enrolment is audited, a dry run
+    // is not.
+    let audited = if dry_run {
+        Ok(())
+    } else {
+        audit_enroll(cfg.as_ref(), &req, &result)
+    };
+    let done = result.map_err(|e| anyhow::anyhow!(e.message))?;
+    let (plan, stanza) = (&done.plan, &done.stanza);
+    match (&req, &cfg) {
+        (EnrollRequest::SigningVm { serial, .. }, None) => println!(
+            "{} does not exist yet; give it this entry so signetd keeps the token in VM {vmid}:\n[[tokens]]\nserial = {serial:?}\nvm = {vmid}",
+            config.display()
+        ),
+        (EnrollRequest::BuildVm { .. }, None) if grant => println!(
+            "{} does not exist yet; give it this grant so VM {vmid} may sign:\n{}",
+            config.display(),
+            signetd::config::edit::stanza(vmid, &done.wanted)
+        ),
+        (EnrollRequest::BuildVm { .. }, Some(_)) if grant && stanza.is_none() => println!(
+            "VM {vmid} may use {} already: no grant to add",
+            done.wanted.join(", ")
+        ),
+        _ => {}
+    }
     print!("{plan}");
     if !plan.changes.is_empty() {
-        let line = qm.shell_line(&Qm::set_args(&plan));
+        let line = qm.shell_line(&Qm::set_args(plan));
         if dry_run {
             println!("would run: {line}");
         } else {
@@ -397,22 +393,49 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
     if let Some(stanza) = stanza {
         if dry_run {
             println!("would add to {}:\n{stanza}", config.display());
+        } else if stanza.contains("[[tokens]]") {
+            println!(
+                "added to {}:\n{stanza}apply it with systemctl reload signetd: signetd then keeps the token in VM {vmid}; running and queued jobs are kept (the reload's log line names anything that waits for a restart)",
+                config.display()
+            );
         } else {
-            edit::append(config, &stanza)?;
-            if stanza.contains("[[tokens]]") {
-                println!(
-                    "added to {}:\n{stanza}apply it with systemctl reload signetd: signetd then keeps the token in VM {vmid}; running and queued jobs are kept (the reload's log line names anything that waits for a restart)",
-                    config.display()
-                );
-            } else {
-                println!(
-                    "added to {}:\n{stanza}apply it with systemctl reload signetd (running and queued jobs are kept)",
-                    config.display()
-                );
-            }
+            println!(
+                "added to {}:\n{stanza}apply it with systemctl reload signetd (running and queued jobs are kept)",
+                config.display()
+            );
         }
     }
-    Ok(())
+    audited
+}
+
+/// Writes the audit record of `signetd enroll`'s change into the state directory of
+/// `cfg`, as the daemon's enroll does, naming the uid that ran it.
+fn audit_enroll<T>(
+    cfg: Option<&Config>,
+    req: &signetd::services::operate::EnrollRequest,
+    result: &Result<T, signet_protocol::wire::ErrorBody>,
+) -> anyhow::Result<()> {
+    use signetd::services::operate::{self, Operator};
+    let Some(cfg) = cfg else {
+        eprintln!("signetd: not audited: there is no signetd.toml yet, so no state directory to keep the record in");
+        return Ok(());
+    };
+    let why = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "the enrolment's audit record could not be written to {}: {e}; the change stands, so note it by hand",
+            cfg.state_dir.join(signetd::adapters::store::DB_FILE).display()
+        )
+    };
+    // The same guard as at the daemon's start: a lost database is not started afresh.
+    signetd::adapters::head::guard(&cfg.state_dir, false).map_err(|e| why(&e))?;
+    let store = signetd::adapters::store::Store::open(
+        &cfg.state_dir,
+        cfg.queue.spool_quota_mb.saturating_mul(1 << 20),
+    )
+    .map_err(|e| why(&e))?;
+    let op = Operator::cli(nix::unistd::getuid().as_raw());
+    let recorded = operate::record(&store.conn(), &op, operate::enroll_action(req), result);
+    recorded.map_err(|e| why(&e))
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -444,15 +467,14 @@ enum AuditCommand {
 /// Runs an `audit` subcommand; answers the exit code.
 fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
     let db = cfg.state_dir.join(signetd::adapters::store::DB_FILE);
-    let conn =
-        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .with_context(|| {
-                format!(
-                    "opening {}; is `state_dir` in {} right?",
-                    db.display(),
-                    cfg.path.display()
-                )
-            })?;
+    // Read-only, opened as the daemon's readers open it.
+    let conn = signetd::adapters::store::Reader::open(&db).with_context(|| {
+        format!(
+            "opening {}; is `state_dir` in {} right?",
+            db.display(),
+            cfg.path.display()
+        )
+    })?;
     match cmd {
         AuditCommand::Verify { json, head } => {
             // The same AuditCheck the D-Bus and HTTP fronts answer, also held against

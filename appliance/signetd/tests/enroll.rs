@@ -35,6 +35,33 @@ impl Pve {
         self.dir.path().join("signetd.toml")
     }
 
+    /// A state directory for the daemon's database, in this test's temp dir.
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The audit log in the state directory, as `signetd audit export` writes it, and
+    /// whether its chain verifies.
+    fn audit(&self) -> (Vec<serde_json::Value>, bool) {
+        let run = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_signetd"))
+                .arg("--config")
+                .arg(self.signetd_toml())
+                .arg("audit")
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let export = run(&["export"]);
+        assert!(export.status.success(), "{:?}", text(&export));
+        let records = String::from_utf8(export.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (records, run(&["verify"]).status.success())
+    }
+
     fn calls(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("calls")).unwrap_or_default()
     }
@@ -239,8 +266,8 @@ fn tokens_lists_identical_tokens_by_serial_with_conflicts() {
 fn build_vm_gets_its_grant_in_signetd_toml() {
     let pve = Pve::with(200, "simple1.conf");
     let toml = pve.signetd_toml();
-    let base = "# the operator's file\nagent = \"vsock:105:7711\"\ndefault_profile = \"release\"\n[profiles.release]\n[profiles.nightly]\n";
-    std::fs::write(&toml, base).unwrap();
+    let base = format!("# the operator's file\nstate_dir = {:?}\nagent = \"vsock:105:7711\"\ndefault_profile = \"release\"\n[profiles.release]\n[profiles.nightly]\n", pve.state_dir());
+    std::fs::write(&toml, &base).unwrap();
 
     let o = pve.enroll(&["build-vm", "200", "--dry-run"], &[]);
     let (out, err) = text(&o);
@@ -271,7 +298,7 @@ fn build_vm_gets_its_grant_in_signetd_toml() {
     assert!(o.status.success(), "{out}{err}");
     assert!(out.contains("systemctl reload signetd"), "{out}");
     let after = std::fs::read_to_string(&toml).unwrap();
-    assert!(after.starts_with(base), "{after}");
+    assert!(after.starts_with(&base), "{after}");
     assert!(
         after.ends_with(
             "[[grants]]\ncallers = [\"vm:200\"]\nprofiles = [\"release\", \"nightly\"]\n"
@@ -279,6 +306,31 @@ fn build_vm_gets_its_grant_in_signetd_toml() {
         "{after}"
     );
     assert!(pve.config(200).contains("vhost-vsock-pci,guest-cid=200"));
+    // Audited as the daemon's enroll is, under the uid that ran it: the refusal with its
+    // code, the change; the dry runs not at all.
+    let (records, intact) = pve.audit();
+    assert!(intact, "the chain verifies");
+    let uid = nix::unistd::getuid().as_raw();
+    let enrolls: Vec<(&str, &str, Option<&str>)> = records
+        .iter()
+        .filter(|r| r["result"] == "enroll")
+        .map(|r| {
+            assert_eq!(r["caller"], format!("uid:{uid}"), "{r}");
+            (
+                r["transport"].as_str().unwrap(),
+                r["filename"].as_str().unwrap_or_default(),
+                r["error"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        enrolls,
+        [
+            ("cli", "VM 200 as build VM", Some("unknown_profile")),
+            ("cli", "VM 200 as build VM", None)
+        ],
+        "{records:#?}"
+    );
     // Again, with the file as it is now: it parses, and nothing is left to add.
     let check = Command::new(env!("CARGO_BIN_EXE_signetd"))
         .args([
@@ -306,7 +358,10 @@ fn signing_vm_gets_its_token_assignment_in_signetd_toml() {
     let toml = pve.signetd_toml();
     std::fs::write(
         &toml,
-        "agent = \"vsock:105:7711\"\n[passthrough]\nmonitor_dir = \"/srv/signet-monitors\"\n",
+        format!(
+            "state_dir = {:?}\nagent = \"vsock:105:7711\"\n[passthrough]\nmonitor_dir = \"/srv/signet-monitors\"\n",
+            pve.state_dir()
+        ),
     )
     .unwrap();
     let o = pve.enroll(&["signing-vm", "105", "--token", "0123ABCD"], &[&token]);
@@ -335,6 +390,32 @@ fn signing_vm_gets_its_token_assignment_in_signetd_toml() {
     );
     assert!(!other.calls().contains("set"));
     assert_eq!(std::fs::read_to_string(other.signetd_toml()).unwrap(), cfg);
+    // Both in the audit log: the token, the VM, the refusal's code.
+    let (records, intact) = pve.audit();
+    assert!(intact);
+    let enrolls: Vec<_> = records
+        .iter()
+        .filter(|r| r["result"] == "enroll")
+        .map(|r| {
+            (
+                r["token_serial"].as_str(),
+                r["filename"].as_str(),
+                r["error"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        enrolls,
+        [
+            (Some("0123ABCD"), Some("VM 105 as signing VM"), None),
+            (
+                Some("0123ABCD"),
+                Some("VM 106 as signing VM"),
+                Some("bad_request")
+            )
+        ],
+        "{records:#?}"
+    );
 }
 
 #[test]

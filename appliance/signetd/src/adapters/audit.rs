@@ -379,7 +379,7 @@ pub struct Action {
     pub action: &'static str,
     /// Who: `pve:root@pam`, `uid:0`.
     pub operator: String,
-    /// The front: `web`, `dbus`, `unix`.
+    /// The front: `web`, `dbus`, `unix`, `cli` (`signetd enroll`).
     pub transport: String,
     pub job: Option<String>,
     pub token_serial: Option<String>,
@@ -389,9 +389,12 @@ pub struct Action {
     pub error: Option<String>,
 }
 
-/// Records an operator's action in a transaction of its own.
+/// Records an operator's action in a transaction of its own. The transaction takes the
+/// write lock first (`BEGIN IMMEDIATE`): `signetd enroll` records from a process of its
+/// own beside the running daemon, and the chain's newest record must not change between
+/// reading it and appending after it.
 pub fn record_action(conn: &Connection, a: &Action) -> Result<Record, AuditError> {
-    let tx = conn.unchecked_transaction()?;
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
     let entry = Entry {
         job: a.job.clone(),
         caller: a.operator.clone(),

@@ -10,6 +10,7 @@ pub mod head;
 pub mod private;
 pub mod proxmox;
 pub mod qmp;
+pub mod queries;
 pub mod store;
 pub mod tls;
 pub mod usb;

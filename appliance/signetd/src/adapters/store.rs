@@ -143,6 +143,8 @@ pub enum Inserted {
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Read-only connections for the readers ([`Store::reader`]).
+    reader: std::sync::Arc<Reader>,
     spool: PathBuf,
     quota: u64,
     /// Inputs and undelivered results (reserved or written).
@@ -238,6 +240,7 @@ impl Store {
         let (used, kept) = spool_sizes(&spool)?;
         Ok(Store {
             conn: Mutex::new(conn),
+            reader: std::sync::Arc::new(Reader::new(state_dir.join(DB_FILE))),
             spool,
             quota: spool_quota,
             used: AtomicU64::new(used),
@@ -249,6 +252,13 @@ impl Store {
     /// The connection, for modules that keep tables of their own in the same database.
     pub fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The read-only connections: a read taken there (a page of the audit log, a walk
+    /// of its chain) does not hold the writer's lock, so jobs go on being recorded
+    /// while it runs.
+    pub fn reader(&self) -> std::sync::Arc<Reader> {
+        self.reader.clone()
     }
 
     pub fn input_path(&self, id: &str) -> PathBuf {
@@ -505,28 +515,17 @@ impl Store {
         let Ok(seq) = id.parse::<i64>() else {
             return Ok(None);
         };
-        Ok(self
-            .conn()
-            .query_row(&select("WHERE seq = ?1"), [seq], row)
-            .optional()?)
+        Ok(job(&self.conn(), seq)?)
     }
 
     /// Jobs in `state`, oldest first.
     pub fn in_state(&self, state: JobState) -> Result<Vec<JobRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&select("WHERE state = ?1 ORDER BY seq"))?;
-        let rows = stmt.query_map([state_name(state)], row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        Ok(jobs_in_state(&self.conn(), state)?)
     }
 
     /// The `limit` jobs that ended last, newest first.
     pub fn ended(&self, limit: u64) -> Result<Vec<JobRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&select(
-            "WHERE finished_ms IS NOT NULL ORDER BY finished_ms DESC, seq DESC LIMIT ?1",
-        ))?;
-        let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        Ok(jobs_ended(&self.conn(), limit)?)
     }
 
     /// Marks the results of jobs that ended before `before_ms` as gone; answers their ids.
@@ -557,6 +556,85 @@ impl Store {
             .map(|r| r.map(|s| s.to_string()))
             .collect::<Result<_, _>>()?)
     }
+}
+
+/// A small pool of read-only connections to `signet.db`. SQLite's WAL lets them read
+/// beside the writer: a reader sees what was committed when its read began, and
+/// neither waits for the other.
+#[derive(Debug)]
+pub struct Reader {
+    db: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+/// How many idle read connections are kept open.
+const IDLE_READERS: usize = 4;
+
+impl Reader {
+    fn new(db: PathBuf) -> Reader {
+        Reader {
+            db,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Opens a read-only connection to the database (it must exist).
+    pub fn open(db: &Path) -> rusqlite::Result<Connection> {
+        let conn = Connection::open_with_flags(
+            db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(conn)
+    }
+
+    /// Runs `f` in one read transaction (one consistent view of the database) on a
+    /// read-only connection. It blocks: async callers run it in
+    /// `tokio::task::spawn_blocking`.
+    pub fn read<T, E: From<rusqlite::Error>>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match taken {
+            Some(c) => c,
+            None => Reader::open(&self.db)?,
+        };
+        let result = {
+            let tx = conn.unchecked_transaction()?;
+            let r = f(&tx);
+            // A read transaction: nothing to commit, only the snapshot to let go.
+            drop(tx);
+            r
+        };
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_READERS {
+            idle.push(conn);
+        }
+        result
+    }
+}
+
+/// Job `seq`.
+pub fn job(conn: &Connection, seq: i64) -> rusqlite::Result<Option<JobRow>> {
+    conn.query_row(&select("WHERE seq = ?1"), [seq], row)
+        .optional()
+}
+
+/// Jobs in `state`, oldest first.
+pub fn jobs_in_state(conn: &Connection, state: JobState) -> rusqlite::Result<Vec<JobRow>> {
+    let mut stmt = conn.prepare(&select("WHERE state = ?1 ORDER BY seq"))?;
+    let rows = stmt.query_map([state_name(state)], row)?;
+    rows.collect()
+}
+
+/// The `limit` jobs that ended last, newest first.
+pub fn jobs_ended(conn: &Connection, limit: u64) -> rusqlite::Result<Vec<JobRow>> {
+    let mut stmt = conn.prepare(&select(
+        "WHERE finished_ms IS NOT NULL ORDER BY finished_ms DESC, seq DESC LIMIT ?1",
+    ))?;
+    let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], row)?;
+    rows.collect()
 }
 
 fn select(filter: &str) -> String {

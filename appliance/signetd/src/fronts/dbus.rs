@@ -76,7 +76,7 @@ impl Manager {
         } else {
             u64::from(recent)
         };
-        let mut list = self.daemon.jobs(n)?;
+        let mut list = self.daemon.reads().jobs(n).await?;
         if role < Role::Operator {
             let own = format!("uid:{}", user.uid);
             for v in [&mut list.running, &mut list.queued, &mut list.recent] {
@@ -125,7 +125,7 @@ impl Manager {
         } else {
             u64::from(n)
         };
-        json(self.daemon.audit_tail(n))
+        json(self.daemon.reads().audit_tail(n).await)
     }
 
     /// The audit records since an RFC 3339 time ("": all), a JSON array.
@@ -139,7 +139,9 @@ impl Manager {
             .await?;
         json(
             self.daemon
-                .audit_since((!since.is_empty()).then_some(since)),
+                .reads()
+                .audit_since((!since.is_empty()).then_some(since))
+                .await,
         )
     }
 
@@ -151,7 +153,7 @@ impl Manager {
     ) -> Result<String, Error> {
         self.allow(conn, &header, Role::Operator, "check the audit log")
             .await?;
-        json(self.daemon.audit_verify())
+        json(self.daemon.reads().audit_verify().await)
     }
 
     /// The host checks, a `DoctorReport` as JSON (it shows the host's devices, paths
@@ -473,7 +475,7 @@ async fn forward_job_finished(conn: zbus::Connection, daemon: Arc<Daemon>) {
 
 /// `JobFinished` for job `id`.
 async fn announce_job(emitter: &zbus::object_server::SignalEmitter<'_>, daemon: &Daemon, id: &str) {
-    let Some(job) = daemon.job_summary(id) else {
+    let Some(job) = daemon.reads().job_summary(id).await else {
         return;
     };
     let text = serde_json::to_string(&job).unwrap_or_default();

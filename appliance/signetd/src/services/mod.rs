@@ -10,6 +10,7 @@ pub mod doctor;
 pub mod jobs;
 pub mod operate;
 pub mod ops;
+pub mod reads;
 pub mod shutdown;
 pub mod supervise;
 pub mod timeline;

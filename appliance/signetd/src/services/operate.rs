@@ -4,26 +4,32 @@
 //! in the audit chain naming who did it ([`Operator`]) and, when it was refused or
 //! failed, the error code ([`crate::adapters::audit::record_action`]).
 //!
-//! Enrolling is the core command behind `signetd enroll` for a running daemon: the
+//! Enrolling is one use case, [`enroll_change`], for the running daemon
+//! ([`Daemon::enroll`]: the web UI, D-Bus) and for `signetd enroll` on the host: the
 //! VM's change is planned through the [`Proxmox`](crate::adapters::proxmox::Proxmox) port (the
-//! `qm` of `[doctor] qm`), shown first ([`Daemon::enroll`] with `apply: false`, a dry
-//! run that changes nothing and is not audited), then applied; `signetd.toml` gets the
-//! build VM's grant or the signing VM's `[[tokens]]` entry ([`crate::config::edit`]).
+//! `qm` of `[doctor] qm`), shown first (`apply: false`, a dry run that changes nothing
+//! and is not audited), then applied; `signetd.toml` gets the build VM's grant or the
+//! signing VM's `[[tokens]]` entry ([`crate::config::edit`]). Both write the same audit
+//! record ([`enroll_action`], [`record`]); `signetd enroll`'s names the uid that ran it,
+//! through `cli` ([`Operator::cli`]).
+
+use std::path::Path;
 
 use signet_protocol::wire::{ErrorBody, ErrorCode, HostToken, JobView};
 
 use crate::adapters::audit::Action;
 use crate::adapters::proxmox::{self, EnrollFailure, Qm};
 use crate::config::edit::{self, EditError};
+use crate::config::Config;
 use crate::core::policy::Caller;
 use crate::services::daemon::Daemon;
 
 /// Who acts, and through which front.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Operator {
-    /// `pve:USER@REALM` (web UI), `uid:N` (D-Bus, HTTP).
+    /// `pve:USER@REALM` (web UI), `uid:N` (D-Bus, HTTP, `signetd enroll`).
     pub who: String,
-    /// `web`, `dbus`, `unix`.
+    /// `web`, `dbus`, `unix`, `cli`.
     pub via: &'static str,
 }
 
@@ -41,6 +47,14 @@ impl Operator {
         Operator {
             who: uid.map_or_else(|| "dbus:unknown".to_owned(), |u| format!("uid:{u}")),
             via: "dbus",
+        }
+    }
+
+    /// A user of `signetd enroll` on the host, by its uid.
+    pub fn cli(uid: u32) -> Self {
+        Operator {
+            who: format!("uid:{uid}"),
+            via: "cli",
         }
     }
 
@@ -97,26 +111,153 @@ fn edit_error(e: EditError) -> ErrorBody {
     ErrorBody::new(code, e.to_string())
 }
 
+/// Writes, on `conn`, the audit record of `op`'s action that answered `result`.
+pub fn record<T>(
+    conn: &rusqlite::Connection,
+    op: &Operator,
+    mut action: Action,
+    result: &Result<T, ErrorBody>,
+) -> Result<(), crate::adapters::audit::AuditError> {
+    action.operator = op.who.clone();
+    action.transport = op.via.to_owned();
+    action.error = result.as_ref().err().map(|e| e.code.as_str().to_owned());
+    let rec = crate::adapters::audit::record_action(conn, &action)?;
+    tracing::info!(
+        action = action.action,
+        operator = %op.who,
+        seq = rec.seq,
+        error = action.error,
+        "operator's action audited"
+    );
+    Ok(())
+}
+
+/// The audit record of an enrolment (applied or refused; a dry run has none).
+pub fn enroll_action(req: &EnrollRequest) -> Action {
+    Action {
+        action: "enroll",
+        token_serial: match req {
+            EnrollRequest::SigningVm { serial, .. } => Some(serial.clone()),
+            EnrollRequest::BuildVm { .. } => None,
+        },
+        target: Some(format!("VM {} as {}", req.vmid(), req.role())),
+        ..Action::default()
+    }
+}
+
+fn check_vmid(vmid: u32) -> Result<(), ErrorBody> {
+    if vmid == 0 {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            "give the VM's id (qm list shows them)".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Where an enrolment is worked out: by the daemon, or by `signetd enroll` on the host.
+#[derive(Debug, Clone, Copy)]
+pub struct EnrollSite<'a> {
+    /// `signetd.toml` as it is now; `None` when there is none yet (nothing is added to
+    /// it).
+    pub cfg: Option<&'a Config>,
+    /// Where `signetd.toml` is.
+    pub path: &'a Path,
+    pub qm: &'a Qm,
+    /// Where Signet's monitor sockets are (`[passthrough] monitor_dir`).
+    pub monitor_dir: &'a Path,
+    /// Whether a build VM's grant goes into `signetd.toml` (`--no-grant`: not).
+    pub grant: bool,
+}
+
+/// The change an enrolment made (or, in a dry run, would make).
+#[derive(Debug, Clone)]
+pub struct Enrolment {
+    /// The change to the VM's configuration.
+    pub plan: proxmox::Plan,
+    /// What goes into `signetd.toml`, when anything does.
+    pub stanza: Option<String>,
+    /// The profiles a build VM asked for (the default profile when it named none).
+    pub wanted: Vec<String>,
+}
+
+/// The enroll use case, up to its change: plans the VM's change (through `qm`) and
+/// what goes into `signetd.toml`, refusing either before anything changes, and with
+/// `apply` makes both. `host_port` is the USB port of a signing VM's token (the
+/// daemon's token service, or udev, found it). It blocks (it runs `qm`).
+pub fn enroll_change(
+    site: &EnrollSite<'_>,
+    req: &EnrollRequest,
+    host_port: Option<&str>,
+    apply: bool,
+) -> Result<Enrolment, ErrorBody> {
+    let vmid = req.vmid();
+    check_vmid(vmid)?;
+    let (stanza, wanted) = match req {
+        EnrollRequest::SigningVm { serial, .. } => {
+            let stanza = match site.cfg {
+                Some(c) => edit::assignment(c, serial, vmid).map_err(edit_error)?,
+                None => None,
+            };
+            (stanza, Vec::new())
+        }
+        EnrollRequest::BuildVm { profiles, .. } => {
+            let wanted = match (profiles.is_empty(), site.cfg) {
+                (false, _) => profiles.clone(),
+                (true, Some(c)) => vec![c.default_profile.clone()],
+                (true, None) => vec![crate::config::IMPLICIT_PROFILE.to_owned()],
+            };
+            let stanza = match site.cfg.filter(|_| site.grant) {
+                Some(c) => {
+                    let missing = edit::missing(c, vmid, &wanted).map_err(edit_error)?;
+                    (!missing.is_empty()).then(|| edit::stanza(vmid, &missing))
+                }
+                None => None,
+            };
+            (stanza, wanted)
+        }
+    };
+    let monitor = proxmox::monitor_path(site.monitor_dir, vmid)
+        .to_string_lossy()
+        .into_owned();
+    let plan = proxmox::enroll(
+        site.qm,
+        vmid,
+        |c| match (req, host_port) {
+            (EnrollRequest::SigningVm { .. }, Some(port)) => {
+                proxmox::plan_signing_vm(vmid, c, port, &monitor)
+            }
+            _ => proxmox::plan_build_vm(vmid, c),
+        },
+        !apply,
+    )
+    .map_err(|e| match e {
+        EnrollFailure::Refused(e) => ErrorBody::new(ErrorCode::BadRequest, e.to_string()),
+        EnrollFailure::Pve(e) => ErrorBody::new(ErrorCode::Internal, e.to_string()),
+    })?;
+    if apply {
+        if let Some(s) = &stanza {
+            edit::append(site.path, s).map_err(edit_error)?;
+        }
+    }
+    Ok(Enrolment {
+        plan,
+        stanza,
+        wanted,
+    })
+}
+
 impl Daemon {
     /// Writes the audit record of an operator's action that answered `result`.
-    fn record_action<T>(&self, op: &Operator, mut action: Action, result: &Result<T, ErrorBody>) {
-        action.operator = op.who.clone();
-        action.transport = op.via.to_owned();
-        action.error = result.as_ref().err().map(|e| e.code.as_str().to_owned());
-        match crate::adapters::audit::record_action(&self.store().conn(), &action) {
-            Ok(rec) => tracing::info!(
-                action = action.action,
-                operator = %op.who,
-                seq = rec.seq,
-                error = action.error,
-                "operator's action audited"
-            ),
-            Err(e) => tracing::error!(
-                action = action.action,
+    fn record_action<T>(&self, op: &Operator, action: Action, result: &Result<T, ErrorBody>) {
+        let what = action.action;
+        if let Err(e) = record(&self.store().conn(), op, action, result) {
+            tracing::error!(
+                action = what,
                 operator = %op.who,
                 error = %e,
                 "an operator's action could not be audited"
-            ),
+            );
         }
     }
 
@@ -180,16 +321,7 @@ impl Daemon {
     ) -> Result<EnrollReport, ErrorBody> {
         let r = self.enroll_inner(req, apply).await;
         if apply {
-            let a = Action {
-                action: "enroll",
-                token_serial: match req {
-                    EnrollRequest::SigningVm { serial, .. } => Some(serial.clone()),
-                    EnrollRequest::BuildVm { .. } => None,
-                },
-                target: Some(format!("VM {} as {}", req.vmid(), req.role())),
-                ..Action::default()
-            };
-            self.record_action(op, a, &r);
+            self.record_action(op, enroll_action(req), &r);
         }
         r
     }
@@ -200,12 +332,7 @@ impl Daemon {
         apply: bool,
     ) -> Result<EnrollReport, ErrorBody> {
         let vmid = req.vmid();
-        if vmid == 0 {
-            return Err(ErrorBody::new(
-                ErrorCode::BadRequest,
-                "give the VM's id (qm list shows them)".to_owned(),
-            ));
-        }
+        check_vmid(vmid)?;
         let path = self.config().path.clone();
         // As the file is now: an earlier enrolment may have added to it.
         let cfg = crate::config::Config::load(&path).map_err(|e| {
@@ -217,7 +344,7 @@ impl Daemon {
         let qm = Qm {
             program: cfg.doctor.qm.clone(),
         };
-        let (stanza, host_port) = match req {
+        let host_port = match req {
             EnrollRequest::SigningVm { serial, .. } => {
                 let report = self.tokens();
                 let port = report
@@ -231,45 +358,27 @@ impl Daemon {
                             format!("token {serial} is not plugged into this host{}; plug it in, then enroll its signing VM", report.detail.map(|d| format!(" ({d})")).unwrap_or_default()),
                         )
                     })?;
-                let stanza = edit::assignment(&cfg, serial, vmid).map_err(edit_error)?;
-                (stanza, Some(port))
+                Some(port)
             }
-            EnrollRequest::BuildVm { profiles, .. } => {
-                let wanted = if profiles.is_empty() {
-                    vec![cfg.default_profile.clone()]
-                } else {
-                    profiles.clone()
-                };
-                let missing = edit::missing(&cfg, vmid, &wanted).map_err(edit_error)?;
-                let stanza = (!missing.is_empty()).then(|| edit::stanza(vmid, &missing));
-                (stanza, None)
-            }
+            EnrollRequest::BuildVm { .. } => None,
         };
-        let monitor = proxmox::monitor_path(&cfg.passthrough.monitor_dir, vmid)
-            .to_string_lossy()
-            .into_owned();
-        let qm2 = qm.clone();
-        let planned = tokio::task::spawn_blocking(move || {
-            proxmox::enroll(
-                &qm2,
-                vmid,
-                |c| match &host_port {
-                    Some(port) => proxmox::plan_signing_vm(vmid, c, port, &monitor),
-                    None => proxmox::plan_build_vm(vmid, c),
-                },
-                !apply,
-            )
+        let (req2, qm2, path2) = (req.clone(), qm.clone(), path.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            let site = EnrollSite {
+                cfg: Some(&cfg),
+                path: &path2,
+                qm: &qm2,
+                monitor_dir: &cfg.passthrough.monitor_dir,
+                grant: true,
+            };
+            enroll_change(&site, &req2, host_port.as_deref(), apply)
         })
         .await
-        .map_err(|e| internal("running qm", &e))?;
-        let plan = planned.map_err(|e| match e {
-            EnrollFailure::Refused(e) => ErrorBody::new(ErrorCode::BadRequest, e.to_string()),
-            EnrollFailure::Pve(e) => ErrorBody::new(ErrorCode::Internal, e.to_string()),
-        })?;
+        .map_err(|e| internal("running qm", &e))??;
+        let (plan, stanza) = (done.plan, done.stanza);
         let mut notes = Vec::new();
         if apply {
-            if let Some(s) = &stanza {
-                edit::append(&path, s).map_err(edit_error)?;
+            if stanza.is_some() {
                 // Put in force at once, as `systemctl reload signetd` would.
                 notes.push(match self.reload() {
                     Ok(changes) if changes.applied.contains(&"tokens") => {

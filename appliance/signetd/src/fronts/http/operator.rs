@@ -64,10 +64,16 @@ async fn jobs(
     headers: HeaderMap,
     Query(q): Query<JobsQuery>,
 ) -> Response {
-    answer(
-        operator(&daemon, &peer, tls, &headers)
-            .and_then(|_| daemon.jobs(q.recent.unwrap_or(ops::RECENT_JOBS))),
-    )
+    let r = match operator(&daemon, &peer, tls, &headers) {
+        Ok(_) => {
+            daemon
+                .reads()
+                .jobs(q.recent.unwrap_or(ops::RECENT_JOBS))
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    answer(r)
 }
 
 async fn cancel(
@@ -93,12 +99,19 @@ async fn audit(
     headers: HeaderMap,
     Query(q): Query<AuditQuery>,
 ) -> Response {
-    answer(
-        operator(&daemon, &peer, tls, &headers).and_then(|_| match (&q.since, q.n) {
-            (Some(since), _) => daemon.audit_since(Some(since)),
-            (None, n) => daemon.audit_tail(n.unwrap_or(ops::AUDIT_TAIL)),
-        }),
-    )
+    let r = match operator(&daemon, &peer, tls, &headers) {
+        Ok(_) => match (&q.since, q.n) {
+            (Some(since), _) => daemon.reads().audit_since(Some(since)).await,
+            (None, n) => {
+                daemon
+                    .reads()
+                    .audit_tail(n.unwrap_or(ops::AUDIT_TAIL))
+                    .await
+            }
+        },
+        Err(e) => Err(e),
+    };
+    answer(r)
 }
 
 async fn audit_verify(
@@ -107,7 +120,11 @@ async fn audit_verify(
     tls: Option<Extension<OverTls>>,
     headers: HeaderMap,
 ) -> Response {
-    answer(operator(&daemon, &peer, tls, &headers).and_then(|_| daemon.audit_verify()))
+    let r = match operator(&daemon, &peer, tls, &headers) {
+        Ok(_) => daemon.reads().audit_verify().await,
+        Err(e) => Err(e),
+    };
+    answer(r)
 }
 
 async fn doctor(

@@ -90,18 +90,7 @@ async fn signed_last_hour(daemon: &Daemon) -> u64 {
     // As the audit log writes times (RFC 3339, UTC, milliseconds), which sort as text.
     let hour_ago = crate::adapters::store::now_ms().saturating_sub(3_600_000);
     let since = format!("{}.000Z", super::model::time_ms(hour_ago).replace(' ', "T"));
-    let db = daemon
-        .config()
-        .state_dir
-        .join(crate::adapters::store::DB_FILE);
-    tokio::task::spawn_blocking(move || {
-        let conn = super::pages::open_read_only(&db).ok()?;
-        super::query::signed_since(&conn, &since).ok()
-    })
-    .await
-    .ok()
-    .flatten()
-    .unwrap_or(0)
+    daemon.reads().signed_since(&since).await.unwrap_or(0)
 }
 
 /// Re-reads the overview every `period` while anyone watches. Runs for the daemon's

@@ -14,14 +14,14 @@
 //! - [`model`] — pure: the verdict in plain words (from the agent's health and where the
 //!   host sees the token), the overview's content.
 //! - [`chart`] — pure: the recovery page's 24-hour chart as SVG.
-//! - [`query`] — read-only queries on `signet.db` (recent jobs, audit pages, the
-//!   timeline, signing latencies).
 //! - [`pages`] — the handlers: overview, queue and jobs, cancel, token actions, enroll,
 //!   recovery timeline, audit (its chain walked on from the last walk), export, events.
 //! - [`live`] — the overview's state, re-read while someone watches, sent on change.
 //!
-//! Handlers are thin: reading goes through [`Daemon::status`] and the database, actions
-//! through the audited commands of [`crate::services::operate`], the same as the other fronts.
+//! Handlers are thin: reading goes through [`Daemon::status`] and the read model of
+//! [`crate::services::reads`] (the same methods as D-Bus and the operator's routes, on a
+//! read-only connection), actions through the audited commands of
+//! [`crate::services::operate`], the same as the other fronts.
 
 pub mod auth;
 pub mod certs;
@@ -29,7 +29,6 @@ pub mod chart;
 pub mod live;
 pub mod model;
 pub mod pages;
-pub mod query;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -27,7 +27,6 @@
 //! and `signetctl`), as the PVE user who asked (`pve:USER@REALM`).
 
 use std::convert::Infallible;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,9 +42,10 @@ use signet_protocol::wire::{ErrorBody, ErrorCode, JobState};
 
 use super::auth::{self, AuthError, Need};
 use super::model::{self, Overview};
-use super::query::{self, AuditRow, FinishedJob};
 use super::{chart, Web};
+use crate::adapters::queries::AuditRow;
 use crate::services::operate::{EnrollReport, EnrollRequest, Operator};
+use crate::services::reads::JobLine;
 
 /// Audit records per page.
 pub const AUDIT_PER_PAGE: u32 = 50;
@@ -394,7 +394,10 @@ struct ActiveLine {
 /// A job that ended.
 #[derive(Debug)]
 struct RecentLine {
-    job: FinishedJob,
+    id: String,
+    caller: String,
+    profile: String,
+    state: &'static str,
     file: String,
     finished: String,
     error: String,
@@ -422,46 +425,53 @@ async fn jobs(
     Query(q): Query<JobsQuery>,
 ) -> Result<Response, Problem> {
     let s = authorize(&web, &headers, Need::Read, None).await?;
-    let store = web.daemon.store();
-    let mut rows = Vec::new();
-    for state in [JobState::Running, JobState::Queued, JobState::Receiving] {
-        rows.extend(store.in_state(state).map_err(internal)?);
-    }
-    let now = crate::adapters::store::now_ms();
-    let active = rows
+    let board = web
+        .daemon
+        .reads()
+        .board(u64::from(RECENT_JOBS))
+        .await
+        .map_err(internal)?;
+    let now = board.now_ms;
+    // At the agent first, then waiting in the order they will run, then being sent.
+    let (receiving, at_agent): (Vec<&JobLine>, Vec<&JobLine>) = board
+        .running
         .iter()
-        .map(|row| {
-            let view = web.daemon.job_service().view(row);
-            ActiveLine {
-                id: row.id.clone(),
-                state: row.state.as_str(),
-                caller: row.caller.clone(),
-                profile: row.profile.clone(),
-                file: row.filename.clone().unwrap_or_else(|| "—".into()),
-                position: match (row.state, view.position) {
-                    (JobState::Running, _) => "at the agent".into(),
-                    (_, Some(0)) => "next".into(),
-                    (_, Some(p)) => format!("{p} before it"),
-                    (_, None) => "—".into(),
-                },
-                age: model::age(now, row.created_ms),
-                cancellable: row.state == JobState::Queued,
-            }
+        .partition(|l| l.row.state == JobState::Receiving);
+    let active = at_agent
+        .into_iter()
+        .chain(board.queued.iter())
+        .chain(receiving)
+        .map(|JobLine { row, view }| ActiveLine {
+            id: row.id.clone(),
+            state: row.state.as_str(),
+            caller: row.caller.clone(),
+            profile: row.profile.clone(),
+            file: row.filename.clone().unwrap_or_else(|| "—".into()),
+            position: match (row.state, view.position) {
+                (JobState::Running, _) => "at the agent".into(),
+                (_, Some(0)) => "next".into(),
+                (_, Some(p)) => format!("{p} before it"),
+                (_, None) => "—".into(),
+            },
+            age: model::age(now, row.created_ms),
+            cancellable: row.state == JobState::Queued,
         })
         .collect();
-    let db = web
-        .daemon
-        .config()
-        .state_dir
-        .join(crate::adapters::store::DB_FILE);
-    let recent = blocking(move || query::recent_jobs(&open_read_only(&db)?, RECENT_JOBS))
-        .await?
-        .into_iter()
-        .map(|job| RecentLine {
-            file: job.filename.clone().unwrap_or_else(|| "—".into()),
-            finished: job.finished_ms.map(model::time_ms).unwrap_or_default(),
-            error: job.error_code.clone().unwrap_or_default(),
-            job,
+    let recent = board
+        .recent
+        .iter()
+        .map(|JobLine { row, .. }| RecentLine {
+            id: row.id.clone(),
+            caller: row.caller.clone(),
+            profile: row.profile.clone(),
+            state: row.state.as_str(),
+            file: row.filename.clone().unwrap_or_else(|| "—".into()),
+            finished: row.finished_ms.map(model::time_ms).unwrap_or_default(),
+            error: row
+                .error
+                .as_ref()
+                .map(|e| e.code.as_str().to_owned())
+                .unwrap_or_default(),
         })
         .collect();
     Ok(render(&JobsPage {
@@ -558,17 +568,30 @@ pub struct ChainCache {
 
 /// Checks the chain for the audit page: on from the last walk's mark, or whole when
 /// there is none, it is older than [`WHOLE_WALK_EVERY`], or `whole` is asked for.
-fn check_chain(
+async fn check_chain(
     web: &Web,
-    conn: &rusqlite::Connection,
     whole: bool,
-) -> Result<(crate::adapters::audit::Verified, String, bool), crate::adapters::audit::AuditError> {
+) -> Result<
+    Result<(crate::adapters::audit::Verified, String, bool), crate::adapters::audit::AuditError>,
+    Problem,
+> {
     let now = crate::adapters::store::now_ms();
+    let fresh = web
+        .chain
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .filter(|c| {
+            !whole && now.saturating_sub(c.whole_at_ms) < WHOLE_WALK_EVERY.as_millis() as u64
+        });
+    let walked = web
+        .daemon
+        .reads()
+        .audit_verify_after(fresh.as_ref().map(|c| c.mark.clone()))
+        .await
+        .map_err(internal)?;
     let mut cache = web.chain.lock().unwrap_or_else(|p| p.into_inner());
-    let fresh = cache.as_ref().filter(|c| {
-        !whole && now.saturating_sub(c.whole_at_ms) < WHOLE_WALK_EVERY.as_millis() as u64
-    });
-    match crate::adapters::audit::verify_after(conn, fresh.map(|c| &c.mark)) {
+    Ok(match walked {
         Ok((v, mark, walk)) => {
             let (whole_at_ms, words, partial) = match (walk, fresh) {
                 (crate::adapters::audit::Walk::Appended(n), Some(c)) => (
@@ -590,7 +613,7 @@ fn check_chain(
             *cache = None;
             Err(e)
         }
-    }
+    })
 }
 
 async fn audit(
@@ -600,25 +623,14 @@ async fn audit(
 ) -> Result<Response, Problem> {
     let s = authorize(&web, &headers, Need::Read, None).await?;
     let page = q.page.unwrap_or(1).max(1);
-    let db = web
-        .daemon
-        .config()
-        .state_dir
-        .join(crate::adapters::store::DB_FILE);
-    let search = q.q.clone();
     let whole = q.verify.as_deref() == Some("full");
-    let w = web.clone();
-    let (found, verified) = blocking(move || {
-        let conn = open_read_only(&db)?;
-        let found = query::audit_page(
-            &conn,
-            &search,
-            (page - 1) * u64::from(AUDIT_PER_PAGE),
-            AUDIT_PER_PAGE,
-        )?;
-        Ok((found, check_chain(&w, &conn, whole)))
-    })
-    .await?;
+    let found = web
+        .daemon
+        .reads()
+        .audit_page(&q.q, (page - 1) * u64::from(AUDIT_PER_PAGE), AUDIT_PER_PAGE)
+        .await
+        .map_err(internal)?;
+    let verified = check_chain(&web, whole).await?;
     let pages = found.total.div_ceil(u64::from(AUDIT_PER_PAGE)).max(1);
     let link = |p: u64| {
         format!(
@@ -668,23 +680,7 @@ async fn audit(
 
 async fn export(State(web): State<Arc<Web>>, headers: HeaderMap) -> Result<Response, Problem> {
     authorize(&web, &headers, Need::Read, None).await?;
-    let db = web
-        .daemon
-        .config()
-        .state_dir
-        .join(crate::adapters::store::DB_FILE);
-    let body = blocking(move || {
-        let conn = open_read_only(&db)?;
-        let mut out = Vec::new();
-        crate::adapters::audit::export(&conn, None, &mut out).map_err(|e| match e {
-            crate::adapters::audit::AuditError::Db(e) => e,
-            other => rusqlite::Error::ToSqlConversionFailure(Box::new(std::io::Error::other(
-                other.to_string(),
-            ))),
-        })?;
-        Ok(out)
-    })
-    .await?;
+    let body = web.daemon.reads().audit_export().await.map_err(internal)?;
     Ok((
         [
             (header::CONTENT_TYPE, "application/x-ndjson"),
@@ -696,25 +692,6 @@ async fn export(State(web): State<Arc<Web>>, headers: HeaderMap) -> Result<Respo
         body,
     )
         .into_response())
-}
-
-/// A read-only connection to `signet.db`: pages read beside the daemon's writer (WAL)
-/// without taking its lock.
-pub fn open_read_only(db: &Path) -> rusqlite::Result<rusqlite::Connection> {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    Ok(conn)
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> rusqlite::Result<T> + Send + 'static,
-) -> Result<T, Problem> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(internal(e)),
-        Err(e) => Err(internal(e)),
-    }
 }
 
 fn internal(e: impl std::fmt::Display) -> Problem {
@@ -1180,20 +1157,16 @@ struct TimelinePage<'a> {
 
 /// The timeline's live part, read from the database now.
 async fn timeline_fragment(web: &Web) -> Result<String, Problem> {
-    let db = web
-        .daemon
-        .config()
-        .state_dir
-        .join(crate::adapters::store::DB_FILE);
     let now = crate::adapters::store::now_ms();
-    let (entries, signed) = blocking(move || {
-        let conn = open_read_only(&db)?;
-        Ok((
-            query::timeline_since(&conn, now.saturating_sub(TIMELINE_TABLE_MS))?,
-            query::signed_since_ms(&conn, now.saturating_sub(chart::WINDOW_MS))?,
-        ))
-    })
-    .await?;
+    let reads = web.daemon.reads();
+    let entries = reads
+        .timeline_since(now.saturating_sub(TIMELINE_TABLE_MS))
+        .await
+        .map_err(internal)?;
+    let signed = reads
+        .signed_since_ms(now.saturating_sub(chart::WINDOW_MS))
+        .await
+        .map_err(internal)?;
     let points: Vec<chart::Point> = entries
         .iter()
         .map(|e| chart::Point {

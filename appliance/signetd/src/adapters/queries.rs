@@ -1,46 +1,10 @@
-//! Read-only queries the pages need from `signet.db`: recent jobs, signatures per
-//! hour, a page of the audit log with a search. Nothing here writes.
+//! Read-only queries on `signet.db` beside the job and audit tables' own
+//! ([`crate::adapters::store`], [`crate::adapters::audit`]): signatures per hour, the
+//! recovery timeline, signing latencies, a page of the audit log with a search. Nothing
+//! here writes; [`crate::services::reads`] runs them on a read-only connection.
 
 use rusqlite::{params, Connection};
 use serde::Serialize;
-
-/// A finished job as the queue page lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FinishedJob {
-    pub id: String,
-    pub caller: String,
-    pub profile: String,
-    pub filename: Option<String>,
-    pub state: String,
-    pub created_ms: u64,
-    pub finished_ms: Option<u64>,
-    /// The error's code, for failed and cancelled jobs.
-    pub error_code: Option<String>,
-}
-
-/// The `limit` most recently ended jobs, newest first.
-pub fn recent_jobs(conn: &Connection, limit: u32) -> rusqlite::Result<Vec<FinishedJob>> {
-    let mut stmt = conn.prepare(
-        "SELECT seq, caller, profile, filename, state, created_ms, finished_ms, error
-         FROM jobs WHERE finished_ms IS NOT NULL ORDER BY finished_ms DESC, seq DESC LIMIT ?1",
-    )?;
-    let rows = stmt.query_map([limit], |r| {
-        let error: Option<String> = r.get(7)?;
-        Ok(FinishedJob {
-            id: r.get::<_, i64>(0)?.to_string(),
-            caller: r.get(1)?,
-            profile: r.get(2)?,
-            filename: r.get(3)?,
-            state: r.get(4)?,
-            created_ms: r.get(5)?,
-            finished_ms: r.get(6)?,
-            error_code: error
-                .and_then(|e| serde_json::from_str::<serde_json::Value>(&e).ok())
-                .and_then(|v| v["code"].as_str().map(str::to_owned)),
-        })
-    })?;
-    rows.collect()
-}
 
 /// Files signed since `since` (an RFC 3339 time as the audit log writes it).
 pub fn signed_since(conn: &Connection, since: &str) -> rusqlite::Result<u64> {
@@ -49,6 +13,26 @@ pub fn signed_since(conn: &Connection, since: &str) -> rusqlite::Result<u64> {
         [since],
         |r| r.get(0),
     )
+}
+
+/// The serial of the token that signed last.
+pub fn last_token_serial(conn: &Connection) -> rusqlite::Result<Option<String>> {
+    use rusqlite::OptionalExtension;
+    conn.query_row(
+        "SELECT token_serial FROM audit WHERE token_serial IS NOT NULL ORDER BY id DESC LIMIT 1",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// The time of the newest audit record (RFC 3339).
+pub fn newest_audit_time(conn: &Connection) -> rusqlite::Result<Option<String>> {
+    use rusqlite::OptionalExtension;
+    conn.query_row("SELECT time FROM audit ORDER BY id DESC LIMIT 1", [], |r| {
+        r.get(0)
+    })
+    .optional()
 }
 
 /// One entry of the recovery timeline.
