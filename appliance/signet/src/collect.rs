@@ -15,8 +15,8 @@ use http_body_util::Empty;
 use hyper::body::{Body, Incoming};
 use indicatif::ProgressBar;
 use sha2::{Digest, Sha256};
+use signet_api::wire::{ErrorBody, ErrorCode, SignQuery, IDEMPOTENCY_HEADER, JOB_HEADER};
 use signet_protocol::client::{self, ClientError};
-use signet_protocol::wire::{ErrorBody, ErrorCode, SignQuery, IDEMPOTENCY_HEADER, JOB_HEADER};
 use signet_protocol::Endpoint;
 
 /// The first pause before trying a restarting appliance again; it doubles up to

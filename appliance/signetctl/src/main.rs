@@ -1,6 +1,6 @@
 //! `signetctl`: the host CLI. A thin client of `signetd`'s D-Bus front
 //! (`org.signet.Signet1`): it calls a method, gets the daemon's result type as JSON and
-//! renders it with the same code as `signet` (`signet_protocol::render`). The
+//! renders it with the same code as `signet` (`signet_api::render`). The
 //! operator's commands (`jobs`, `cancel`, `audit`, `doctor`) are in [`ops`]. The man
 //! page and shell completions are generated from these definitions (`signetctl man`,
 //! `signetctl completions SHELL`).
@@ -11,9 +11,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use signet_protocol::operator::{EnrollReport, JobList};
-use signet_protocol::render;
-use signet_protocol::wire::{DaemonStatus, ErrorBody, ErrorCode, HostToken, TokensReport};
+use signet_api::operator::{EnrollReport, JobList};
+use signet_api::render;
+use signet_api::wire::{DaemonStatus, ErrorBody, ErrorCode, HostToken, TokensReport};
 
 /// Exit codes, for monitoring.
 const EXIT_CODES: &str = "\
@@ -103,7 +103,7 @@ enum Command {
     #[command(after_help = EXIT_CODES)]
     Doctor(ops::DoctorArgs),
     #[command(flatten)]
-    Docs(signet_protocol::docs::DocsCommand),
+    Docs(signet_api::docs::DocsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -269,7 +269,7 @@ async fn run(cli: Cli) -> u8 {
                     !(l.running.is_empty() && l.queued.is_empty() && l.recent.is_empty())
                 }) {
                     println!("  jobs:");
-                    for line in signet_protocol::operator::jobs_text(&list).lines() {
+                    for line in signet_api::operator::jobs_text(&list).lines() {
                         println!("    {line}");
                     }
                 }
@@ -327,7 +327,7 @@ async fn run(cli: Cli) -> u8 {
                     0
                 }
                 Ok(r) => {
-                    print!("{}", signet_protocol::operator::enroll_text(&r));
+                    print!("{}", signet_api::operator::enroll_text(&r));
                     0
                 }
                 Err(code) => code,

@@ -1,10 +1,10 @@
 //! The operator's commands: `jobs`, `cancel`, `audit`, `doctor`. Each calls one
 //! method of `org.signet.Signet1.Manager`, reads the daemon's result type
-//! ([`signet_protocol::operator`]) and prints it as text or JSON.
+//! ([`signet_api::operator`]) and prints it as text or JSON.
 
 use futures_util::StreamExt;
-use signet_protocol::operator::{self, AuditCheck, AuditRecord, DoctorReport, JobList};
-use signet_protocol::wire::JobView;
+use signet_api::operator::{self, AuditCheck, AuditRecord, DoctorReport, JobList};
+use signet_api::wire::JobView;
 
 /// A command's outcome: what it printed is done; the exit code says how it went.
 pub type Code = u8;

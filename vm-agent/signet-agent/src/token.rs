@@ -19,7 +19,7 @@ use cryptoki::slot::{Slot, TokenInfo};
 use cryptoki::types::AuthPin;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
-use signet_protocol::wire::{
+use signet_api::wire::{
     AgentEventKind, AgentState, CertificateSummary, PinFlags, TokenSummary,
 };
 
