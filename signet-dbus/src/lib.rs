@@ -218,7 +218,7 @@ impl<S: Service> Server<S> {
     /// A job ended (signed, failed or cancelled): its id, its state and its
     /// `JobSummary` as JSON.
     #[zbus(signal)]
-    async fn job_finished(
+    pub async fn job_finished(
         emitter: &SignalEmitter<'_>,
         id: &str,
         state: &str,
@@ -228,7 +228,7 @@ impl<S: Service> Server<S> {
     /// A step of recovery was seen or taken: the `TimelineEntry` as JSON (its
     /// `event`, `detail` and, for a return, `duration_ms`).
     #[zbus(signal)]
-    async fn recovery_step(
+    pub async fn recovery_step(
         emitter: &SignalEmitter<'_>,
         event: &str,
         entry: &str,
@@ -306,7 +306,7 @@ impl<S: Service> Server<S> {
 
     /// A token's state changed: the token as `Tokens` lists it (JSON).
     #[zbus(signal)]
-    async fn token_changed(emitter: &SignalEmitter<'_>, token: &str) -> zbus::Result<()>;
+    pub async fn token_changed(emitter: &SignalEmitter<'_>, token: &str) -> zbus::Result<()>;
 
     /// The daemon's version.
     #[zbus(property)]

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use cryptoki::types::AuthPin;
 use futures_util::future::BoxFuture;
-use signet_format::Format;
 use signet_api::wire::{SignMode, SignResponse, SignerFeatures};
+use signet_format::Format;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::backend::{SignError, SignSpec, Signer};

@@ -36,8 +36,8 @@ use std::time::Duration;
 use cryptoki::types::AuthPin;
 use futures_util::future::BoxFuture;
 use secrecy::ExposeSecret;
-use signet_format::Format;
 use signet_api::wire::{DigestAlgorithm, ErrorCode, SignMode, SignResponse, SignerFeatures};
+use signet_format::Format;
 
 use crate::backend::{BackendError, BackendFailure, SignError, SignSpec, Signer};
 use crate::config::Config;

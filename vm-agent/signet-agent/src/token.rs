@@ -19,9 +19,7 @@ use cryptoki::slot::{Slot, TokenInfo};
 use cryptoki::types::AuthPin;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
-use signet_api::wire::{
-    AgentEventKind, AgentState, CertificateSummary, PinFlags, TokenSummary,
-};
+use signet_api::wire::{AgentEventKind, AgentState, CertificateSummary, PinFlags, TokenSummary};
 
 use crate::config::TokenConfig;
 use crate::loss::{classify, Call, Observation, Verdict};
