@@ -4,7 +4,7 @@
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
 
-use signet_tests::*;
+use signet_test_support::*;
 
 /// A private bus, stopped on drop.
 pub(crate) struct Bus {

@@ -33,7 +33,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use signet_tests::*;
+use signet_test_support::*;
 use signetd::adapters::qmp::{Monitor, MonitorEvent, Qmp};
 
 /// The signing VM: its VMID and vsock CID (Signet's convention: CID = VMID).
