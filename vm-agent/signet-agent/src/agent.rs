@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cryptoki::types::AuthPin;
+/// The time now, RFC 3339 in UTC.
+pub use signet_api::rfc3339::now as now_rfc3339;
 use signet_api::wire::{
     AgentEvent, AgentEventKind, AgentHealth, AgentSignQuery, AgentState, ErrorBody, ErrorCode,
     SignMode, SignResponse, SignerFeatures,
@@ -63,13 +65,6 @@ impl EventBus {
             kind,
         });
     }
-}
-
-/// The time now, RFC 3339 in UTC.
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 fn token_error(e: TokenError) -> ErrorBody {

@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{Config, TokenConfig};
 use crate::modules::{self, Candidate, Platform};
 use crate::token::{ck, pin_flags};
+use signet_api::hex::upper_joined as hex;
 use signet_api::wire::PinFlags;
 
 /// The oldest osslsigncode the agent is known to work with (Debian 12's): it signs
@@ -679,14 +680,6 @@ fn cert_form(bytes: &[u8]) -> FileCertProbe {
     } else {
         FileCertProbe::NotACertificate
     }
-}
-
-fn hex(bytes: &[u8], sep: &str) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(sep)
 }
 
 /// The present known modules other than `configured`, as detail lines.
