@@ -4,7 +4,7 @@
 //! file, each with a `filename`; the answer carries one part per input part, in the
 //! same order, each with an `x-signet-result` header: `signed` (the body is the signed
 //! file, or the signature in digest mode) or `error` (the body is an
-//! [`ErrorBody`](crate::wire::ErrorBody) in JSON). Parts are read from files one after
+//! [`ErrorBody`](signet_api::wire::ErrorBody) in JSON). Parts are read from files one after
 //! the other, so memory stays constant whatever the batch's size.
 
 use std::io;

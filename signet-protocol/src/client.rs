@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::endpoint::Endpoint;
 use crate::transport::{self, TransportError};
-use crate::wire::{ErrorBody, ErrorCode};
+use signet_api::wire::{ErrorBody, ErrorCode};
 
 /// The most of an error or JSON answer that is read into memory.
 const MAX_SMALL_BODY: usize = 1 << 20;

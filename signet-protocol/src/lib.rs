@@ -1,4 +1,6 @@
-//! Everything the Signet pieces agree on, in one place.
+//! `signet-protocol`: how the Signet pieces reach each other — addresses, transports,
+//! the authenticated host↔agent link and HTTP over them. The types they exchange are
+//! `signet-api`'s; recognising files is `signet-format`'s.
 //!
 //! - [`endpoint`] — the `vsock:CID:PORT` / `unix:PATH` / `tcp:HOST:PORT` /
 //!   `tls:HOST:PORT` address syntax.
@@ -11,38 +13,29 @@
 //! - [`serve`] — the connection loop both servers use (header timeout, connection
 //!   cap, TLS, lingering close); [`limits`] — an upload's size and idle limits.
 //! - [`tls`] — the client side of `tls:` endpoints: trusted CAs, client credentials.
-//! - [`wire`] — the JSON types and query parameters of the client API (`/v1/...`) and
-//!   the agent API (`/agent/v1/...`), the stable error codes and what each maps to.
-//! - [`operator`] — the operator's result types (job list, audit, host checks) and
-//!   their text, the same over HTTP, D-Bus and `signetctl`.
 //! - [`batch`] — many files in one request: multipart framing streamed from disk.
-//! - [`render`] — the status as text, the same in every front.
-//! - [`format`] — recognising the file formats Signet signs from their first bytes.
-//! - [`structure`] — whether a file's headers point only inside it (damaged or cut
-//!   short files are refused).
+//! - [`pin_file`] — the checks a PIN file must pass (owner, mode).
 //!
-//! The host daemon, the signing-VM agent and the client all link this crate, so a
-//! change to the wire is a change in one file.
+//! The host daemon, the signing-VM agent and the client link this crate; `signetctl`,
+//! which speaks D-Bus only, does not.
 
 pub mod batch;
 pub mod client;
-#[cfg(feature = "cli")]
-pub mod docs;
 pub mod endpoint;
-pub mod format;
 pub mod limits;
 pub mod link;
-pub mod operator;
 pub mod pairing;
 pub mod pin_file;
-pub mod render;
 pub mod serve;
-pub mod structure;
 pub mod tls;
 pub mod transport;
-pub mod wire;
 
 pub use endpoint::Endpoint;
 
-/// Version of the Signet wire protocol and binaries.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+// re-exported for signetd until its imports move
+#[cfg(feature = "cli")]
+pub use signet_api::docs;
+// re-exported for signetd until its imports move
+pub use signet_api::{operator, render, wire, VERSION};
+// re-exported for signetd until its imports move
+pub use signet_format::{self as format, structure};

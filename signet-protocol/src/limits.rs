@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::wire::{ErrorBody, ErrorCode};
 use axum::body::Body;
 use futures_util::StreamExt;
+use signet_api::wire::{ErrorBody, ErrorCode};
 
 /// Which limit an upload ran into, if any.
 #[derive(Debug, Default)]

@@ -44,7 +44,8 @@ pub async fn pair(
     let body = PairRequest {
         proof: proof(&code, Side::Host, &link.identity().fingerprint, &agent_fp),
     };
-    let req = crate::client::json_request(http::Method::POST, crate::wire::AGENT_PAIR_PATH, &body);
+    let req =
+        crate::client::json_request(http::Method::POST, signet_api::wire::AGENT_PAIR_PATH, &body);
     let resp = crate::client::send_over(stream, endpoint, req)
         .await
         .map_err(|e| {

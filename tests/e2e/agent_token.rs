@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use serde_json::json;
-use signet_tests::*;
+use signet_test_support::*;
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -4,7 +4,7 @@
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
 
-use signet_tests::*;
+use signet_test_support::*;
 
 /// A private bus, stopped on drop.
 pub(crate) struct Bus {
@@ -183,6 +183,49 @@ pub(crate) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// signetd's object as the bus daemon's `Introspect` describes it, asked as root.
+fn introspect(bus: &Bus) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(bus.address.as_str())
+            .build()
+            .await
+            .unwrap();
+        zbus::fdo::IntrospectableProxy::builder(&conn)
+            .destination(signet_dbus::BUS_NAME)
+            .path(signet_dbus::OBJECT_PATH)
+            .build()
+            .await
+            .unwrap()
+            .introspect()
+            .await
+            .unwrap()
+    })
+}
+
+/// The sorted names of the members of kind `kind` (`method`, `signal`, `property`) of
+/// Signet's interface in an introspection document.
+fn members(xml: &str, kind: &str) -> Vec<String> {
+    let start = xml
+        .find(&format!("<interface name=\"{}\">", signet_dbus::INTERFACE))
+        .unwrap_or_else(|| panic!("no {} in {xml}", signet_dbus::INTERFACE));
+    let iface = &xml[start..];
+    let iface = &iface[..iface.find("</interface>").unwrap()];
+    let open = format!("<{kind} name=\"");
+    let mut names: Vec<String> = iface
+        .match_indices(&open)
+        .map(|(i, _)| {
+            let rest = &iface[i + open.len()..];
+            rest[..rest.find('"').unwrap()].to_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 #[test]
 fn signetctl_status_over_the_system_style_bus_with_the_real_policy() {
     let mut w = World::new();
@@ -210,6 +253,26 @@ fn signetctl_status_over_the_system_style_bus_with_the_real_policy() {
     let over_http: serde_json::Value = serde_json::from_slice(&over_http.stdout).unwrap();
     assert_eq!(over_dbus, over_http, "one command, two fronts, one result");
     assert_eq!(over_dbus["signing_works"], true);
+
+    // The daemon serves the interface signet-dbus declares, the one signetctl's proxy
+    // calls: the same methods, signals and property, nothing more.
+    let xml = introspect(&bus);
+    let names = |l: &[&str]| {
+        let mut v: Vec<String> = l.iter().map(|m| m.to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        members(&xml, "method"),
+        names(&signet_dbus::METHODS),
+        "{xml}"
+    );
+    assert_eq!(
+        members(&xml, "signal"),
+        names(&signet_dbus::SIGNALS),
+        "{xml}"
+    );
+    assert_eq!(members(&xml, "property"), names(&["Version"]), "{xml}");
 
     let out = signetctl(&bus, &["status"], None);
     assert_eq!(out.status.code(), Some(0));

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use signet_tests::*;
+use signet_test_support::*;
 
 /// Writes an agent configuration for `module` and `label`, with the world's PIN file.
 fn agent_config(w: &World, name: &str, module: &str, label: &str) -> PathBuf {

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use signet_tests::*;
+use signet_test_support::*;
 
 use crate::{code, post_sign, stderr, unix_appliance};
 

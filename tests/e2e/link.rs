@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use signet_protocol::link::{self, HostLink};
 use signet_protocol::Endpoint;
-use signet_tests::*;
+use signet_test_support::*;
 
 fn unix(w: &World, name: &str) -> String {
     format!("unix:{}", w.path(name).display())

@@ -6,7 +6,7 @@
 
 use std::process::Output;
 
-use signet_tests::*;
+use signet_test_support::*;
 
 mod dbus;
 mod doctor;

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use signet_protocol::operator::{AuditCheck, AuditRecord, DoctorReport, JobList};
-use signet_protocol::wire::{DaemonStatus, JobView};
+use signet_api::operator::{AuditCheck, AuditRecord, DoctorReport, JobList};
+use signet_api::wire::{DaemonStatus, JobView};
 
 use super::dbus::{text, Bus};
 use super::*;
@@ -299,9 +299,8 @@ fn jobs_and_cancel_over_dbus_follow_the_policy_and_signal_each_ended_job() {
         no_ages(over_http),
         "one command, one result"
     );
-    let ids = |v: &[signet_protocol::operator::JobSummary]| {
-        v.iter().map(|j| j.id.clone()).collect::<Vec<_>>()
-    };
+    let ids =
+        |v: &[signet_api::operator::JobSummary]| v.iter().map(|j| j.id.clone()).collect::<Vec<_>>();
     assert_eq!(ids(&over_dbus.running), vec![first.clone()]);
     assert_eq!(ids(&over_dbus.queued), [second.clone(), third.clone()]);
     assert_eq!(over_dbus.queued[1].position, Some(1));
@@ -683,7 +682,7 @@ fn doctor_over_dbus_on_a_healthy_and_a_broken_host() {
     let failed: Vec<&str> = report
         .checks
         .iter()
-        .filter(|c| c.status == signet_protocol::operator::CheckStatus::Fail)
+        .filter(|c| c.status == signet_api::operator::CheckStatus::Fail)
         .map(|c| c.name.as_str())
         .collect();
     assert_eq!(
@@ -709,7 +708,7 @@ fn doctor_over_dbus_on_a_healthy_and_a_broken_host() {
         &["enroll", "build-vm", "200", "--dry-run", "--json"],
     );
     assert_eq!(code(&out), 0, "{}", text(&out.stderr));
-    let dry: signet_protocol::operator::EnrollReport = json(&out);
+    let dry: signet_api::operator::EnrollReport = json(&out);
     assert!(!dry.applied);
     assert_eq!(dry.changes[0].key, "args", "{dry:?}");
     assert_eq!(
@@ -719,7 +718,7 @@ fn doctor_over_dbus_on_a_healthy_and_a_broken_host() {
     let conf = || std::fs::read_to_string(host.qm_dir.join("200.conf")).unwrap();
     assert!(!conf().contains("args:"), "the dry run changed nothing");
     // The same over raw D-Bus.
-    let raw: signet_protocol::operator::EnrollReport = serde_json::from_str(
+    let raw: signet_api::operator::EnrollReport = serde_json::from_str(
         &dbus_call(&bus, "Enroll", &("build-vm", 200u32, "", &profiles, false)).unwrap(),
     )
     .unwrap();
@@ -916,7 +915,7 @@ fn the_man_pages_and_completions_come_from_the_clap_definitions() {
 }
 
 /// The packages ship a man page and completions for every binary: signet, signetd and
-/// signet-agent generate them like signetctl (the shared `signet_protocol::docs`).
+/// signet-agent generate them like signetctl (the shared `signet_api::docs`).
 #[test]
 fn every_binary_writes_its_man_pages_and_completions() {
     let w = World::new();

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use signet_tests::*;
+use signet_test_support::*;
 use signetd::adapters::qmp::{Monitor, MonitorEvent, Qmp};
 use signetd::core::passthrough::device_id;
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
-use signet_tests::*;
+use signet_test_support::*;
 
 /// How long a test waits for the daemon to reach a state, before it fails.
 const STATE_TIMEOUT: Duration = Duration::from_secs(120);

@@ -33,7 +33,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use signet_tests::*;
+use signet_test_support::*;
 use signetd::adapters::qmp::{Monitor, MonitorEvent, Qmp};
 
 /// The signing VM: its VMID and vsock CID (Signet's convention: CID = VMID).
@@ -324,7 +324,7 @@ impl Guest {
 
     /// Whether the token's reader is in the VM, as QEMU says (`qom-get … attached`).
     fn reader_attached(&self) -> bool {
-        let id = signetd::adapters::qmp::device_id(SERIAL);
+        let id = signetd::core::passthrough::device_id(SERIAL);
         self.rt
             .block_on(self.qmp.attached(&id))
             .ok()
@@ -875,7 +875,7 @@ fn token_pulled_mid_queue_is_put_back_and_every_job_is_signed_once() {
     let ids = lab.queue_with_one_at_agent(4, "pull");
     let pulled = Instant::now();
     // device_del and QEMU's DEVICE_DELETED for it, on the test's monitor.
-    let id = signetd::adapters::qmp::device_id(SERIAL);
+    let id = signetd::core::passthrough::device_id(SERIAL);
     lab.guest
         .rt
         .block_on(lab.guest.qmp.detach(&id))

@@ -15,8 +15,9 @@ use http_body_util::Empty;
 use hyper::body::{Body, Incoming};
 use indicatif::ProgressBar;
 use sha2::{Digest, Sha256};
+use signet_api::hex::lower as hex;
+use signet_api::wire::{ErrorBody, ErrorCode, SignQuery, IDEMPOTENCY_HEADER, JOB_HEADER};
 use signet_protocol::client::{self, ClientError};
-use signet_protocol::wire::{ErrorBody, ErrorCode, SignQuery, IDEMPOTENCY_HEADER, JOB_HEADER};
 use signet_protocol::Endpoint;
 
 /// The first pause before trying a restarting appliance again; it doubles up to
@@ -57,10 +58,6 @@ pub async fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(hex(&h.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How one job's exchange ended.

@@ -16,9 +16,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use signet_api::render;
+use signet_api::wire::{exit, DaemonStatus, STATUS_PATH};
 use signet_protocol::client;
-use signet_protocol::render;
-use signet_protocol::wire::{exit, DaemonStatus, STATUS_PATH};
 use signet_protocol::Endpoint;
 
 const EXIT_CODES: &str = "\
@@ -78,7 +78,7 @@ enum Command {
         json: bool,
     },
     #[command(flatten)]
-    Docs(signet_protocol::docs::DocsCommand),
+    Docs(signet_api::docs::DocsCommand),
 }
 
 fn main() -> ExitCode {

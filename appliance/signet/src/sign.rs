@@ -11,13 +11,13 @@ use http::{header, Request};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use signet_protocol::batch;
-use signet_protocol::client::{self, ClientError};
-use signet_protocol::format;
-use signet_protocol::wire::{
+use signet_api::wire::{
     exit, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions, ProfileQuery, SignMode, SignQuery,
     BATCH_PATH, PROFILE_PATH, SIGN_PATH, STATUS_PATH,
 };
+use signet_format as format;
+use signet_protocol::batch;
+use signet_protocol::client::{self, ClientError};
 use signet_protocol::Endpoint;
 use tokio::io::AsyncWriteExt;
 
@@ -1089,7 +1089,7 @@ impl Progress {
                 .await;
                 if let Ok(Ok(Ok(status))) = asked {
                     bar.set_message(
-                        signet_protocol::render::waiting_for(&status)
+                        signet_api::render::waiting_for(&status)
                             .unwrap_or_else(|| "signing on the token".to_owned()),
                     );
                 }
@@ -1135,8 +1135,8 @@ fn human(bytes: u64) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use signet_protocol::format::Format;
-    use signet_protocol::wire::DigestAlgorithm;
+    use signet_api::wire::DigestAlgorithm;
+    use signet_format::Format;
 
     #[test]
     fn a_transport_this_system_lacks_is_named_with_the_way_to_choose_another() {

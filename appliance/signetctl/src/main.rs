@@ -1,6 +1,6 @@
 //! `signetctl`: the host CLI. A thin client of `signetd`'s D-Bus front
 //! (`org.signet.Signet1`): it calls a method, gets the daemon's result type as JSON and
-//! renders it with the same code as `signet` (`signet_protocol::render`). The
+//! renders it with the same code as `signet` (`signet_api::render`). The
 //! operator's commands (`jobs`, `cancel`, `audit`, `doctor`) are in [`ops`]. The man
 //! page and shell completions are generated from these definitions (`signetctl man`,
 //! `signetctl completions SHELL`).
@@ -11,9 +11,10 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use signet_protocol::operator::{EnrollReport, JobList};
-use signet_protocol::render;
-use signet_protocol::wire::{DaemonStatus, ErrorBody, ErrorCode, HostToken, TokensReport};
+use signet_api::operator::{EnrollReport, JobList};
+use signet_api::render;
+use signet_api::wire::{DaemonStatus, ErrorBody, ErrorCode, HostToken, TokensReport};
+use signet_dbus::ManagerProxy;
 
 /// Exit codes, for monitoring.
 const EXIT_CODES: &str = "\
@@ -103,7 +104,7 @@ enum Command {
     #[command(after_help = EXIT_CODES)]
     Doctor(ops::DoctorArgs),
     #[command(flatten)]
-    Docs(signet_protocol::docs::DocsCommand),
+    Docs(signet_api::docs::DocsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,27 +138,6 @@ enum EnrollCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-#[zbus::proxy(
-    interface = "org.signet.Signet1.Manager",
-    default_service = "org.signet.Signet1",
-    default_path = "/org/signet/Signet1"
-)]
-trait Manager {
-    async fn status(&self) -> zbus::Result<String>;
-    async fn tokens(&self) -> zbus::Result<String>;
-    async fn attach(&self, serial: &str, vmid: u32) -> zbus::Result<String>;
-    async fn detach(&self, serial: &str) -> zbus::Result<String>;
-    async fn reattach(&self, serial: &str) -> zbus::Result<String>;
-    async fn enroll(
-        &self,
-        role: &str,
-        vmid: u32,
-        serial: &str,
-        profiles: Vec<String>,
-        apply: bool,
-    ) -> zbus::Result<String>;
 }
 
 fn main() -> ExitCode {
@@ -213,26 +193,17 @@ async fn run(cli: Cli) -> u8 {
             return 3;
         }
     };
-    let operator = match ops::OperatorProxy::new(&conn).await {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("signetctl: {e}");
-            return 3;
-        }
-    };
     match cli.command {
-        Command::Jobs(args) => ops::jobs(&operator, &args).await,
-        Command::Cancel(args) => ops::cancel(&operator, &args).await,
-        Command::Audit(cmd) => ops::audit(&operator, &cmd).await,
-        Command::Doctor(args) => ops::doctor(&operator, &args).await,
+        Command::Jobs(args) => ops::jobs(&proxy, &args).await,
+        Command::Cancel(args) => ops::cancel(&proxy, &args).await,
+        Command::Audit(cmd) => ops::audit(&proxy, &cmd).await,
+        Command::Doctor(args) => ops::doctor(&proxy, &args).await,
         Command::Docs(_) => 0,
         Command::Status { json } => {
             let text = match proxy.status().await {
                 Ok(t) => t,
                 // signetd's own refusal (the caller's role): its message, exit 4.
-                Err(zbus::Error::MethodError(name, message, _))
-                    if name.starts_with("org.signet.Signet1.Error.") =>
-                {
+                Err(zbus::Error::MethodError(name, message, _)) if signetd_error(name.as_str()) => {
                     eprintln!("signetctl: {}", message.as_deref().unwrap_or(name.as_str()));
                     return 4;
                 }
@@ -260,7 +231,7 @@ async fn run(cli: Cli) -> u8 {
                     render::status_text(&status, &source, std::io::stdout().is_terminal())
                 );
                 // The last jobs, for the one screen (the JSON stays the status alone).
-                let jobs = operator
+                let jobs = proxy
                     .jobs(STATUS_RECENT_JOBS)
                     .await
                     .ok()
@@ -269,7 +240,7 @@ async fn run(cli: Cli) -> u8 {
                     !(l.running.is_empty() && l.queued.is_empty() && l.recent.is_empty())
                 }) {
                     println!("  jobs:");
-                    for line in signet_protocol::operator::jobs_text(&list).lines() {
+                    for line in signet_api::operator::jobs_text(&list).lines() {
                         println!("    {line}");
                     }
                 }
@@ -327,7 +298,7 @@ async fn run(cli: Cli) -> u8 {
                     0
                 }
                 Ok(r) => {
-                    print!("{}", signet_protocol::operator::enroll_text(&r));
+                    print!("{}", signet_api::operator::enroll_text(&r));
                     0
                 }
                 Err(code) => code,
@@ -363,14 +334,9 @@ fn token_done(r: Result<HostToken, u8>, json: bool) -> u8 {
 fn read<T: serde::de::DeserializeOwned>(answer: zbus::Result<String>, json: bool) -> Result<T, u8> {
     let text = match answer {
         Ok(t) => t,
-        Err(zbus::Error::MethodError(name, desc, _))
-            if name.starts_with("org.signet.Signet1.Error.") =>
-        {
+        Err(zbus::Error::MethodError(name, desc, _)) if signetd_error(name.as_str()) => {
             let message = desc.unwrap_or_default();
-            let code = ErrorCode::ALL
-                .into_iter()
-                .find(|c| name.ends_with(&format!(".{}", camel(c.as_str()))))
-                .unwrap_or(ErrorCode::Internal);
+            let code = signet_dbus::error_code(name.as_str()).unwrap_or(ErrorCode::Internal);
             if json {
                 let body = ErrorBody::new(code, message.clone());
                 println!(
@@ -392,16 +358,10 @@ fn read<T: serde::de::DeserializeOwned>(answer: zbus::Result<String>, json: bool
     })
 }
 
-/// `unknown_token` → `UnknownToken`, as signetd names its D-Bus errors.
-fn camel(code: &str) -> String {
-    code.split('_')
-        .map(|w| {
-            let mut c = w.chars();
-            c.next()
-                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
-                .unwrap_or_default()
-        })
-        .collect()
+/// Whether a D-Bus error is one of signetd's own (`org.signet.Signet1.Error.<Code>`).
+fn signetd_error(name: &str) -> bool {
+    name.strip_prefix(signet_dbus::ERROR_PREFIX)
+        .is_some_and(|rest| rest.starts_with('.'))
 }
 
 /// A failed call in words, with the fix for the usual causes.

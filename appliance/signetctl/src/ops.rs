@@ -1,10 +1,11 @@
 //! The operator's commands: `jobs`, `cancel`, `audit`, `doctor`. Each calls one
 //! method of `org.signet.Signet1.Manager`, reads the daemon's result type
-//! ([`signet_protocol::operator`]) and prints it as text or JSON.
+//! ([`signet_api::operator`]) and prints it as text or JSON.
 
 use futures_util::StreamExt;
-use signet_protocol::operator::{self, AuditCheck, AuditRecord, DoctorReport, JobList};
-use signet_protocol::wire::JobView;
+use signet_api::operator::{self, AuditCheck, AuditRecord, DoctorReport, JobList};
+use signet_api::wire::JobView;
+use signet_dbus::ManagerProxy;
 
 /// A command's outcome: what it printed is done; the exit code says how it went.
 pub type Code = u8;
@@ -76,26 +77,10 @@ pub struct DoctorArgs {
     pub json: bool,
 }
 
-#[zbus::proxy(
-    interface = "org.signet.Signet1.Manager",
-    default_service = "org.signet.Signet1",
-    default_path = "/org/signet/Signet1"
-)]
-pub trait Operator {
-    async fn jobs(&self, recent: u32) -> zbus::Result<String>;
-    async fn cancel(&self, id: &str) -> zbus::Result<String>;
-    async fn audit_tail(&self, n: u32) -> zbus::Result<String>;
-    async fn audit_export(&self, since: &str) -> zbus::Result<String>;
-    async fn audit_verify(&self) -> zbus::Result<String>;
-    async fn doctor(&self) -> zbus::Result<String>;
-    #[zbus(signal)]
-    fn job_finished(&self, id: &str, state: &str, job: &str) -> zbus::Result<()>;
-}
-
 /// A failed call: the daemon's own error (its message, exit 4) or the bus's (exit 3).
 fn failed(e: &zbus::Error) -> Code {
     if let zbus::Error::MethodError(name, message, _) = e {
-        if name.as_str().starts_with("org.signet.Signet1.Error.") {
+        if crate::signetd_error(name.as_str()) {
             eprintln!("signetctl: {}", message.as_deref().unwrap_or(name.as_str()));
             return REFUSED;
         }
@@ -133,7 +118,7 @@ macro_rules! read {
     };
 }
 
-pub async fn jobs(proxy: &OperatorProxy<'_>, args: &JobsArgs) -> Code {
+pub async fn jobs(proxy: &ManagerProxy<'_>, args: &JobsArgs) -> Code {
     let show = |list: &JobList, clear: bool| {
         if args.json {
             println!("{}", serde_json::to_string(list).unwrap_or_default());
@@ -174,7 +159,7 @@ pub async fn jobs(proxy: &OperatorProxy<'_>, args: &JobsArgs) -> Code {
     }
 }
 
-pub async fn cancel(proxy: &OperatorProxy<'_>, args: &CancelArgs) -> Code {
+pub async fn cancel(proxy: &ManagerProxy<'_>, args: &CancelArgs) -> Code {
     let text = call!(proxy.cancel(&args.job));
     let view = read!(JobView, text);
     if args.json {
@@ -185,7 +170,7 @@ pub async fn cancel(proxy: &OperatorProxy<'_>, args: &CancelArgs) -> Code {
     OK
 }
 
-pub async fn audit(proxy: &OperatorProxy<'_>, cmd: &AuditCommand) -> Code {
+pub async fn audit(proxy: &ManagerProxy<'_>, cmd: &AuditCommand) -> Code {
     match cmd {
         AuditCommand::Tail { n, json } => {
             let text = call!(proxy.audit_tail(*n));
@@ -222,7 +207,7 @@ pub async fn audit(proxy: &OperatorProxy<'_>, cmd: &AuditCommand) -> Code {
     }
 }
 
-pub async fn doctor(proxy: &OperatorProxy<'_>, args: &DoctorArgs) -> Code {
+pub async fn doctor(proxy: &ManagerProxy<'_>, args: &DoctorArgs) -> Code {
     let text = call!(proxy.doctor());
     let report = read!(DoctorReport, text);
     if args.json {

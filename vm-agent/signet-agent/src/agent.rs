@@ -13,11 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cryptoki::types::AuthPin;
-use signet_protocol::format;
-use signet_protocol::wire::{
+/// The time now, RFC 3339 in UTC.
+pub use signet_api::rfc3339::now as now_rfc3339;
+use signet_api::wire::{
     AgentEvent, AgentEventKind, AgentHealth, AgentSignQuery, AgentState, ErrorBody, ErrorCode,
     SignMode, SignResponse, SignerFeatures,
 };
+use signet_format as format;
 use tokio::io::AsyncReadExt;
 use tokio::sync::broadcast;
 
@@ -63,13 +65,6 @@ impl EventBus {
             kind,
         });
     }
-}
-
-/// The time now, RFC 3339 in UTC.
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 fn token_error(e: TokenError) -> ErrorBody {
@@ -190,7 +185,7 @@ pub fn signer_for(cfg: &Config) -> Box<dyn Signer> {
 /// The longest job id taken from the host.
 const MAX_JOB_ID: usize = 64;
 
-/// Whether `id`, sent by the host in [`signet_protocol::wire::JOB_HEADER`], may name a
+/// Whether `id`, sent by the host in [`signet_api::wire::JOB_HEADER`], may name a
 /// job in the agent's log: 1 to 64 letters, digits and `-_.:`.
 fn usable_job_id(id: &str) -> bool {
     !id.is_empty()
@@ -713,7 +708,7 @@ impl Agent {
             Err(_) => self.with_token_quiet(|t| t.known_health()).await,
         };
         AgentHealth {
-            version: signet_protocol::VERSION.to_owned(),
+            version: signet_api::VERSION.to_owned(),
             instance: Some(self.instance.clone()),
             state: t.state,
             detail: t.detail,
@@ -829,7 +824,7 @@ async fn read_head(input: &Path) -> Result<Vec<u8>, ErrorBody> {
 #[derive(Debug)]
 pub struct Checked {
     input: PathBuf,
-    format: Option<signet_protocol::format::Format>,
+    format: Option<signet_format::Format>,
 }
 
 /// How long `token.reinit_command` may take.

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use cryptoki::types::AuthPin;
 use futures_util::future::BoxFuture;
-use signet_protocol::format::Format;
-use signet_protocol::wire::{DigestAlgorithm, ErrorCode, SignMode, SignResponse, SignerFeatures};
+use signet_api::wire::{DigestAlgorithm, ErrorCode, SignMode, SignResponse, SignerFeatures};
+use signet_format::Format;
 
 use crate::token::KeyRef;
 

@@ -26,7 +26,8 @@ use sha2::{Digest, Sha256};
 use crate::config::{Config, TokenConfig};
 use crate::modules::{self, Candidate, Platform};
 use crate::token::{ck, pin_flags};
-use signet_protocol::wire::PinFlags;
+use signet_api::hex::upper_joined as hex;
+use signet_api::wire::PinFlags;
 
 /// The oldest osslsigncode the agent is known to work with (Debian 12's): it signs
 /// with a PKCS#11 module and reads the PIN from a file (`-readpass /dev/stdin`).
@@ -681,14 +682,6 @@ fn cert_form(bytes: &[u8]) -> FileCertProbe {
     }
 }
 
-fn hex(bytes: &[u8], sep: &str) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(sep)
-}
-
 /// The present known modules other than `configured`, as detail lines.
 fn suggestions(configured: &Path, present: &[Candidate]) -> Vec<String> {
     present
@@ -709,7 +702,7 @@ fn suggestions(configured: &Path, present: &[Candidate]) -> Vec<String> {
 /// Remote Desktop on a Windows signing VM: a connected session with smart-card
 /// redirection allowed has taken the token (fail); redirection allowed is a token lost
 /// at the next connection (warn).
-pub fn judge_remote_desktop(s: &signet_protocol::wire::WindowsSessions) -> Check {
+pub fn judge_remote_desktop(s: &signet_api::wire::WindowsSessions) -> Check {
     match s.problem() {
         None if s.remote_desktop_active => Check::ok(
             "remote_desktop",
@@ -1419,7 +1412,7 @@ mod tests {
 
     #[test]
     fn remote_desktop_fails_when_it_holds_the_token_and_warns_before() {
-        use signet_protocol::wire::WindowsSessions;
+        use signet_api::wire::WindowsSessions;
         let c = judge_remote_desktop(&WindowsSessions {
             remote_desktop_active: true,
             smart_card_redirection_disabled: Some(false),

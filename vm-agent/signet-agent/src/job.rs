@@ -2,10 +2,10 @@
 //! options as they arrive from the host, and whether the profile signs the format the
 //! input turned out to be (a damaged file of that format is `bad_input`). Pure; [`crate::agent`] calls it.
 
-use signet_protocol::format::{BlobOptions, Detected, Format, FormatError};
-use signet_protocol::wire::{
+use signet_api::wire::{
     check_timestamp_url, AgentSignQuery, ErrorBody, ErrorCode, MAX_TIMESTAMP_SERVERS,
 };
+use signet_format::{BlobOptions, Detected, Format, FormatError};
 
 /// Checks the options of a job. The daemon checked them in its configuration already;
 /// the agent does not take that on trust.
@@ -166,7 +166,7 @@ mod tests {
             (
                 FormatError::Damaged {
                     format: Format::Pe,
-                    damage: signet_protocol::structure::Damage("cut".into()),
+                    damage: signet_format::structure::Damage("cut".into()),
                 },
                 ErrorCode::BadInput,
             ),
@@ -178,7 +178,7 @@ mod tests {
 
     #[test]
     fn digest_data_must_be_made_as_the_profile_signs() {
-        use signet_protocol::wire::DigestAlgorithm::*;
+        use signet_api::wire::DigestAlgorithm::*;
         let q = AgentSignQuery {
             profile: Some("release".into()),
             hash: Sha512,

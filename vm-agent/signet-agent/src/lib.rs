@@ -28,7 +28,7 @@
 //! for tests only); the real ones run against SoftHSM and osslsigncode in the e2e suite.
 //!
 //! Flow of a job: `server` spools the uploaded body → `agent::sign` detects the format
-//! from the content (`signet_protocol::format`), checks it and the profile's options
+//! from the content (`signet_format`), checks it and the profile's options
 //! with `job`, names the spooled file with the format's extension, takes the job lock,
 //! makes sure the token session is logged in → the `Signer` runs osslsigncode
 //! (`signer`) or signtool (`signtool`) → `server`

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use cryptoki::error::RvError;
-use signet_protocol::wire::AgentState;
+use signet_api::wire::AgentState;
 
 /// Where a PKCS#11 call failed: some return values mean loss only in some places.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,9 +6,9 @@ use clap::{Parser, Subcommand};
 use signet_agent::agent::Agent;
 use signet_agent::config::{self, Config};
 use signet_agent::doctor;
+use signet_api::wire::AgentState;
 use signet_protocol::link;
 use signet_protocol::transport::Listener;
-use signet_protocol::wire::AgentState;
 
 /// Signet's signing agent: runs in the signing VM, holds the token's PKCS#11 session
 /// and signs the jobs the host daemon relays.
@@ -85,7 +85,7 @@ enum Command {
     /// starts.
     CheckConfig,
     #[command(flatten)]
-    Docs(signet_protocol::docs::DocsCommand),
+    Docs(signet_api::docs::DocsCommand),
 }
 
 #[tokio::main]

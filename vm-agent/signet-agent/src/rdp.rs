@@ -8,7 +8,7 @@
 //! outputs). Only [`probe`] runs them, and only on Windows; elsewhere it answers
 //! `None`. What the facts mean is [`WindowsSessions::problem`], shared with the host.
 
-use signet_protocol::wire::{WindowsSessions, TERMINAL_SERVICES_POLICY_KEY};
+use signet_api::wire::{WindowsSessions, TERMINAL_SERVICES_POLICY_KEY};
 
 /// The policy value that turns smart-card redirection off when 0.
 pub const SMART_CARD_VALUE: &str = "fEnableSmartCard";

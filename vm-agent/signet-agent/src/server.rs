@@ -18,15 +18,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt, TryStreamExt};
-use signet_protocol::batch::{self, Part, PartBody, RESULT_HEADER};
-use signet_protocol::limits;
-use signet_protocol::link::{self, Fingerprint};
-use signet_protocol::serve::PeerKey;
-use signet_protocol::wire::{
+use signet_api::wire::{
     AgentLogin, AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_EVENTS_PATH,
     AGENT_HEALTH_PATH, AGENT_LOGIN_PATH, AGENT_PAIR_PATH, AGENT_REINIT_PATH, AGENT_SIGN_PATH,
     JOB_HEADER,
 };
+use signet_protocol::batch::{self, Part, PartBody, RESULT_HEADER};
+use signet_protocol::limits;
+use signet_protocol::link::{self, Fingerprint};
+use signet_protocol::serve::PeerKey;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast::error::RecvError;
 use tracing::Instrument;

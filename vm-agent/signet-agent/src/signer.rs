@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use cryptoki::types::AuthPin;
 use futures_util::future::BoxFuture;
-use signet_protocol::format::Format;
-use signet_protocol::wire::{SignMode, SignResponse, SignerFeatures};
+use signet_api::wire::{SignMode, SignResponse, SignerFeatures};
+use signet_format::Format;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::backend::{SignError, SignSpec, Signer};
@@ -448,7 +448,7 @@ fn pct(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use signet_protocol::wire::{DigestAlgorithm, ErrorCode};
+    use signet_api::wire::{DigestAlgorithm, ErrorCode};
 
     macro_rules! recorded {
         ($name:literal) => {

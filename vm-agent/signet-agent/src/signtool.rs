@@ -36,8 +36,8 @@ use std::time::Duration;
 use cryptoki::types::AuthPin;
 use futures_util::future::BoxFuture;
 use secrecy::ExposeSecret;
-use signet_protocol::format::Format;
-use signet_protocol::wire::{DigestAlgorithm, ErrorCode, SignMode, SignResponse, SignerFeatures};
+use signet_api::wire::{DigestAlgorithm, ErrorCode, SignMode, SignResponse, SignerFeatures};
+use signet_format::Format;
 
 use crate::backend::{BackendError, BackendFailure, SignError, SignSpec, Signer};
 use crate::config::Config;
@@ -1017,7 +1017,7 @@ mod tests {
 mod backend_tests {
     use super::*;
     use crate::signer::Osslsigncode;
-    use signet_protocol::wire::{DigestAlgorithm, ErrorCode};
+    use signet_api::wire::{DigestAlgorithm, ErrorCode};
 
     const MINIMAL: &str = "[token]\nmodule = \"C:/SoftHSM2/lib/softhsm2-x64.dll\"\nlabel = \"t\"\n";
 

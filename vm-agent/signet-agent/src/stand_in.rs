@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cryptoki::types::AuthPin;
 use futures_util::future::BoxFuture;
 use secrecy::ExposeSecret;
-use signet_protocol::format::Format;
-use signet_protocol::wire::{AgentEventKind, AgentState, SignMode, SignResponse, SignerFeatures};
+use signet_api::wire::{AgentEventKind, AgentState, SignMode, SignResponse, SignerFeatures};
+use signet_format::Format;
 
 use crate::backend::{SignError, SignSpec, Signer};
 use crate::token::{KeyRef, PinSource, TokenError, TokenHealth, TokenSession};

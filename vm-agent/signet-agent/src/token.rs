@@ -19,9 +19,9 @@ use cryptoki::slot::{Slot, TokenInfo};
 use cryptoki::types::AuthPin;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
-use signet_protocol::wire::{
-    AgentEventKind, AgentState, CertificateSummary, PinFlags, TokenSummary,
-};
+use signet_api::hex::lower as hex;
+use signet_api::rfc3339::format as rfc3339;
+use signet_api::wire::{AgentEventKind, AgentState, CertificateSummary, PinFlags, TokenSummary};
 
 use crate::config::TokenConfig;
 use crate::loss::{classify, Call, Observation, Verdict};
@@ -812,10 +812,6 @@ pub fn describe_certificate(
     now: time::OffsetDateTime,
 ) -> Result<CertificateSummary, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
-    let rfc3339 = |t: time::OffsetDateTime| {
-        t.format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default()
-    };
     let not_after = cert.validity().not_after.to_datetime();
     Ok(CertificateSummary {
         label: label.to_owned(),
@@ -827,10 +823,6 @@ pub fn describe_certificate(
         not_after: rfc3339(not_after),
         days_left: (not_after - now).whole_days(),
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Reads the PIN file: the first line, without its line ending.

@@ -10,7 +10,7 @@
 
 use std::path::PathBuf;
 
-use signet_protocol::wire::{AgentEventKind, AgentState, ErrorCode};
+use signet_api::wire::{AgentEventKind, AgentState, ErrorCode};
 
 /// Where the PIN of a login came from; named in messages, never the PIN itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

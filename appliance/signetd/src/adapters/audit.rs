@@ -208,13 +208,7 @@ impl Chained for Record {
 }
 
 /// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
+pub use signet_api::hex::lower as hex;
 
 /// The audit log cannot be read, or its chain is broken.
 #[derive(Debug, thiserror::Error)]
@@ -271,23 +265,7 @@ impl AuditError {
 }
 
 /// Now, as the records write it: RFC 3339, UTC, milliseconds (sorts as it reads).
-pub fn now_rfc3339() -> String {
-    format_time(time::OffsetDateTime::now_utc())
-}
-
-fn format_time(t: time::OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
-}
+pub use signet_api::rfc3339::now_millis as now_rfc3339;
 
 /// Appends one record after the newest; call inside the transaction that changes the
 /// job's state. Answers the record written.
@@ -707,9 +685,9 @@ fn rows_before_time(conn: &Connection, id: i64, time: &str) -> Result<bool, Audi
 }
 
 fn normalise_time(s: &str) -> Result<String, AuditError> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map(format_time)
-        .map_err(|_| AuditError::BadTime(s.to_owned()))
+    signet_api::rfc3339::parse(s)
+        .map(signet_api::rfc3339::millis)
+        .ok_or_else(|| AuditError::BadTime(s.to_owned()))
 }
 
 /// The pure walk behind [`verify`].

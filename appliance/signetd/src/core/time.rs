@@ -1,21 +1,7 @@
 //! Times as the records and the wire write them.
 
 /// Milliseconds since the epoch as RFC 3339 (UTC, whole seconds).
-pub fn rfc3339(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .map(|t| {
-            format!(
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-                t.year(),
-                u8::from(t.month()),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second()
-            )
-        })
-        .unwrap_or_default()
-}
+pub use signet_api::rfc3339::whole_seconds_from_ms as rfc3339;
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> i64 {

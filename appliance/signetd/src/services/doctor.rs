@@ -469,21 +469,11 @@ fn clock(now: i64, newest_audit: Option<i64>) -> DoctorCheck {
     }
 }
 
-fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| t.to_string())
-}
+use signet_api::rfc3339::from_unix_seconds as rfc3339;
 
 /// An RFC 3339 time as Unix seconds.
 pub fn parse_time(s: &str) -> Option<i64> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .map(|t| t.unix_timestamp())
+    signet_api::rfc3339::parse(s).map(|t| t.unix_timestamp())
 }
 
 /// The USB devices under `root/sys/bus/usb/devices`, as sysfs describes them.

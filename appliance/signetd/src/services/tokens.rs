@@ -398,9 +398,7 @@ pub fn view(t: &Token, seen: Option<&(VidPid, TokenKind)>) -> HostToken {
             conflicts: conflicts.clone(),
         },
     };
-    let at = time::OffsetDateTime::from(t.last_change.at)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let at = signet_api::rfc3339::format(time::OffsetDateTime::from(t.last_change.at));
     HostToken {
         serial: t.serial.clone(),
         model: seen.and_then(|(_, k)| match k {

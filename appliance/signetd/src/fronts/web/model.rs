@@ -169,7 +169,7 @@ pub fn main_token(status: &DaemonStatus) -> Option<&HostToken> {
 
 /// An RFC 3339 time in ms since the epoch.
 pub fn parse_ms(at: &str) -> Option<u64> {
-    let t = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()?;
+    let t = signet_api::rfc3339::parse(at)?;
     u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }
 

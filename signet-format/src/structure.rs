@@ -6,7 +6,7 @@
 //! The checks read only headers and tables through [`Source`], never the file's
 //! content, so a multi-GiB file costs a few reads (an MSI's sector allocation table is
 //! read sector by sector: 1/128 of the file at most). They are pure: the caller brings
-//! the bytes and the file's length. [`crate::format::detect`] runs them once it knows
+//! the bytes and the file's length. [`crate::detect`] runs them once it knows
 //! the format.
 //!
 //! What is checked:
@@ -25,7 +25,7 @@
 
 use std::io;
 
-use crate::format::{Format, Source};
+use crate::{Format, Source};
 
 /// What is wrong with a file's structure, in words that name the part and the byte.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -19,8 +19,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::format::Format;
-
 mod tokens;
 pub use tokens::*;
 
@@ -194,7 +192,7 @@ pub struct AgentSignQuery {
     /// The profile's name, for messages and the agent's log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
-    /// The file's bare name; it tells PowerShell scripts apart (see [`crate::format`]).
+    /// The file's bare name; it tells PowerShell scripts apart (see the `signet-format` crate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filename: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -270,7 +268,7 @@ mod space_separated {
 mod comma_separated {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    use crate::format::Format;
+    use super::Format;
 
     pub fn serialize<S: Serializer>(v: &[Format], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&v.iter().map(|f| f.name()).collect::<Vec<_>>().join(","))
@@ -282,6 +280,74 @@ mod comma_separated {
             .filter(|p| !p.trim().is_empty())
             .map(|p| p.parse().map_err(serde::de::Error::custom))
             .collect()
+    }
+}
+
+/// A format Signet signs.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Windows Portable Executable: EXE, DLL, SYS, OCX...
+    Pe,
+    /// Windows Installer package or patch (MSI, MSM, MSP).
+    Msi,
+    /// Cabinet archive.
+    Cab,
+    /// Security catalog.
+    Cat,
+    /// PowerShell script, module, manifest or XML file.
+    PowerShell,
+}
+
+impl Format {
+    /// Every format, in the order they are listed to people.
+    pub const ALL: [Format; 5] = [
+        Format::Pe,
+        Format::Msi,
+        Format::Cab,
+        Format::Cat,
+        Format::PowerShell,
+    ];
+
+    /// The name used in configuration files and on the wire (`pe`, `msi`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Pe => "pe",
+            Format::Msi => "msi",
+            Format::Cab => "cab",
+            Format::Cat => "cat",
+            Format::PowerShell => "powershell",
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Pe => "PE (EXE/DLL/SYS)",
+            Format::Msi => "MSI (Windows Installer package or patch)",
+            Format::Cab => "CAB (cabinet archive)",
+            Format::Cat => "CAT (security catalog)",
+            Format::PowerShell => "PowerShell script",
+        })
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Format::ALL
+            .into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                format!(
+                    "unknown format {s:?}; the formats are {}",
+                    Format::ALL.map(Format::name).join(", ")
+                )
+            })
     }
 }
 
@@ -499,11 +565,23 @@ impl std::fmt::Display for ErrorBody {
 
 impl std::error::Error for ErrorBody {}
 
-impl axum::response::IntoResponse for ErrorBody {
-    fn into_response(self) -> axum::response::Response {
+/// The servers' error answer: the code's HTTP status and the body as JSON (feature
+/// `axum`, which the servers' crates turn on; the CLIs do without).
+#[cfg(feature = "axum")]
+impl axum_core::response::IntoResponse for ErrorBody {
+    fn into_response(self) -> axum_core::response::Response {
+        use http::header::{HeaderValue, CONTENT_TYPE};
         let status = http::StatusCode::from_u16(self.code.http_status())
             .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(self)).into_response()
+        match serde_json::to_vec(&self) {
+            Ok(body) => (
+                status,
+                [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+                body,
+            )
+                .into_response(),
+            Err(e) => (http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        }
     }
 }
 

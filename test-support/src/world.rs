@@ -1,11 +1,9 @@
-//! The harness of the end-to-end tests: a SoftHSM token per test, the real
+//! The world of the end-to-end tests (`signet-tests`): a SoftHSM token per test, the real
 //! `signet-agent`, `signetd` and `signet` binaries as child processes, readiness
 //! through the systemd notify protocol, and cleanup of every child on drop.
 //!
 //! The binaries come from the workspace's target directory; `make test` builds them
 //! before the tests run.
-
-#![allow(clippy::unwrap_used)]
 
 use std::io::Read;
 use std::os::unix::net::UnixDatagram;
@@ -1044,7 +1042,7 @@ impl Testbed {
     pub fn start_daemon(w: &mut World) -> (Endpoint, Testbed) {
         let sock = w.path("testbed.sock");
         let _ = std::fs::remove_file(&sock);
-        let driver = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/umockdev-driver.py");
+        let driver = repo_root().join("tests/fixtures/umockdev-driver.py");
         let ep = w
             .restart_daemon_under(&[
                 "umockdev-wrapper".as_ref(),

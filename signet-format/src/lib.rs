@@ -1,4 +1,4 @@
-//! Recognising a file's format from its content, never from its name.
+//! `signet-format`: recognising a file's format from its content, never from its name.
 //!
 //! Signet signs what osslsigncode signs, told apart by their bytes:
 //! - PE (EXE, DLL, SYS, ...): `MZ`, then `PE\0\0` where the DOS header points, with a
@@ -18,94 +18,22 @@
 //! the file's structure holds together ([`crate::structure`]): a file cut short or
 //! damaged is [`FormatError::Damaged`]. It is pure: the caller brings the bytes (a
 //! file, or a slice in tests).
+//!
+//! The formats themselves ([`Format`]) and the digest algorithms
+//! ([`DigestAlgorithm`]) are words of the wire and live in `signet-api`; this crate
+//! reads files. It depends on `signet-api` only.
 
 use std::io;
+
+pub use signet_api::wire::{DigestAlgorithm, Format};
+
+pub mod structure;
 
 /// How many leading bytes [`detect`] reads first.
 pub const HEAD_LEN: usize = 4096;
 
 /// The extensions of the PowerShell files osslsigncode signs, lower case, without dot.
 pub const POWERSHELL_EXTENSIONS: [&str; 6] = ["ps1", "psm1", "psd1", "ps1xml", "psc1", "cdxml"];
-
-/// A format Signet signs.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// Windows Portable Executable: EXE, DLL, SYS, OCX...
-    Pe,
-    /// Windows Installer package or patch (MSI, MSM, MSP).
-    Msi,
-    /// Cabinet archive.
-    Cab,
-    /// Security catalog.
-    Cat,
-    /// PowerShell script, module, manifest or XML file.
-    PowerShell,
-}
-
-impl Format {
-    /// Every format, in the order they are listed to people.
-    pub const ALL: [Format; 5] = [
-        Format::Pe,
-        Format::Msi,
-        Format::Cab,
-        Format::Cat,
-        Format::PowerShell,
-    ];
-
-    /// The name used in configuration files and on the wire (`pe`, `msi`, ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Pe => "pe",
-            Format::Msi => "msi",
-            Format::Cab => "cab",
-            Format::Cat => "cat",
-            Format::PowerShell => "powershell",
-        }
-    }
-
-    /// The extension a file of this format is given for the signer, which may rely
-    /// on it. PowerShell files keep their own (see [`Detected::extension`]).
-    fn extension(self) -> &'static str {
-        match self {
-            Format::Pe => "exe",
-            Format::Msi => "msi",
-            Format::Cab => "cab",
-            Format::Cat => "cat",
-            Format::PowerShell => "ps1",
-        }
-    }
-}
-
-impl std::fmt::Display for Format {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Format::Pe => "PE (EXE/DLL/SYS)",
-            Format::Msi => "MSI (Windows Installer package or patch)",
-            Format::Cab => "CAB (cabinet archive)",
-            Format::Cat => "CAT (security catalog)",
-            Format::PowerShell => "PowerShell script",
-        })
-    }
-}
-
-impl std::str::FromStr for Format {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Format::ALL
-            .into_iter()
-            .find(|f| f.name().eq_ignore_ascii_case(s.trim()))
-            .ok_or_else(|| {
-                format!(
-                    "unknown format {s:?}; the formats are {}",
-                    Format::ALL.map(Format::name).join(", ")
-                )
-            })
-    }
-}
 
 /// What [`detect`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +61,7 @@ pub enum FormatError {
     #[error("this {format} file is damaged or cut short: {damage}; nothing was signed. Copy or build it again")]
     Damaged {
         format: Format,
-        damage: crate::structure::Damage,
+        damage: structure::Damage,
     },
     #[error("the file cannot be read: {0}")]
     Unreadable(String),
@@ -239,14 +167,26 @@ pub fn detect<S: Source + ?Sized>(
     let len = src
         .size()
         .map_err(|e| FormatError::Unreadable(e.to_string()))?;
-    crate::structure::check(src, len, format).map_err(|e| match e {
-        crate::structure::CheckError::Damaged(damage) => FormatError::Damaged { format, damage },
-        crate::structure::CheckError::Io(e) => FormatError::Unreadable(e.to_string()),
+    structure::check(src, len, format).map_err(|e| match e {
+        structure::CheckError::Damaged(damage) => FormatError::Damaged { format, damage },
+        structure::CheckError::Io(e) => FormatError::Unreadable(e.to_string()),
     })?;
     Ok(Detected {
         format,
-        extension: format.extension(),
+        extension: extension(format),
     })
+}
+
+/// The extension a file of this format is given for the signer, which may rely on it.
+/// PowerShell files keep their own (see [`Detected::extension`]).
+fn extension(format: Format) -> &'static str {
+    match format {
+        Format::Pe => "exe",
+        Format::Msi => "msi",
+        Format::Cab => "cab",
+        Format::Cat => "cat",
+        Format::PowerShell => "ps1",
+    }
 }
 
 /// DER of the `SpcIndirectDataContent` OID (1.3.6.1.4.1.311.2.1.4), which every
@@ -309,7 +249,7 @@ pub fn detect_digest_blob(head: &[u8]) -> Result<Option<Format>, FormatError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlobOptions {
     /// `None`: an algorithm Signet does not sign with (MD5, SHA-1).
-    pub hash: Option<crate::wire::DigestAlgorithm>,
+    pub hash: Option<DigestAlgorithm>,
     pub page_hashes: bool,
 }
 
@@ -348,15 +288,9 @@ pub fn digest_blob_options<S: Source + ?Sized>(src: &S) -> Result<BlobOptions, F
     let oid = read(src, pos, 11)?;
     let hash = match oid.get(..2) {
         Some([0x06, 9]) => match oid.get(2..11) {
-            Some(b"\x60\x86\x48\x01\x65\x03\x04\x02\x01") => {
-                Some(crate::wire::DigestAlgorithm::Sha256)
-            }
-            Some(b"\x60\x86\x48\x01\x65\x03\x04\x02\x02") => {
-                Some(crate::wire::DigestAlgorithm::Sha384)
-            }
-            Some(b"\x60\x86\x48\x01\x65\x03\x04\x02\x03") => {
-                Some(crate::wire::DigestAlgorithm::Sha512)
-            }
+            Some(b"\x60\x86\x48\x01\x65\x03\x04\x02\x01") => Some(DigestAlgorithm::Sha256),
+            Some(b"\x60\x86\x48\x01\x65\x03\x04\x02\x02") => Some(DigestAlgorithm::Sha384),
+            Some(b"\x60\x86\x48\x01\x65\x03\x04\x02\x03") => Some(DigestAlgorithm::Sha512),
             _ => None,
         },
         Some([0x06, _]) => None,
@@ -462,8 +396,7 @@ fn compound_file<S: Source + ?Sized>(src: &S, head: &[u8]) -> Result<Format, For
         let len = src
             .size()
             .map_err(|e| FormatError::Unreadable(e.to_string()))?;
-        if let Err(crate::structure::CheckError::Damaged(damage)) =
-            crate::structure::check(src, len, Format::Msi)
+        if let Err(structure::CheckError::Damaged(damage)) = structure::check(src, len, Format::Msi)
         {
             return Err(FormatError::Damaged {
                 format: Format::Msi,
@@ -492,13 +425,9 @@ fn guid(b: &[u8; 16]) -> String {
         u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
         u16::from_le_bytes([b[4], b[5]]),
         u16::from_le_bytes([b[6], b[7]]),
-        hex(&b[8..10]),
-        hex(&b[10..16])
+        signet_api::hex::upper(&b[8..10]),
+        signet_api::hex::upper(&b[10..16])
     )
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02X}")).collect()
 }
 
 /// `MSCF`: a cabinet header with reserved fields zero and format version 1.3.
@@ -859,7 +788,7 @@ mod tests {
 
     #[test]
     fn digest_blobs_say_how_they_were_made() {
-        use crate::wire::DigestAlgorithm::*;
+        use DigestAlgorithm::*;
         let sha = |last: u8| [b"\x60\x86\x48\x01\x65\x03\x04\x02".as_slice(), &[last]].concat();
         for (alg, want) in [(1, Sha256), (2, Sha384), (3, Sha512)] {
             let b = blob(&sha(alg), None);
