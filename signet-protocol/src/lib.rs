@@ -31,11 +31,3 @@ pub mod tls;
 pub mod transport;
 
 pub use endpoint::Endpoint;
-
-// re-exported for signetd until its imports move
-#[cfg(feature = "cli")]
-pub use signet_api::docs;
-// re-exported for signetd until its imports move
-pub use signet_api::{operator, render, wire, VERSION};
-// re-exported for signetd until its imports move
-pub use signet_format::{self as format, structure};

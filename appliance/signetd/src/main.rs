@@ -71,7 +71,7 @@ enum Cmd {
     /// starts.
     CheckConfig,
     #[command(flatten)]
-    Docs(signet_protocol::docs::DocsCommand),
+    Docs(signet_api::docs::DocsCommand),
     /// TLS for remote clients.
     #[command(subcommand)]
     Tls(TlsCommand),
@@ -413,7 +413,7 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
 fn audit_enroll<T>(
     cfg: Option<&Config>,
     req: &signetd::services::operate::EnrollRequest,
-    result: &Result<T, signet_protocol::wire::ErrorBody>,
+    result: &Result<T, signet_api::wire::ErrorBody>,
 ) -> anyhow::Result<()> {
     use signetd::services::operate::{self, Operator};
     let Some(cfg) = cfg else {
@@ -491,7 +491,7 @@ fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
             if *json {
                 println!("{}", serde_json::to_string(&check)?);
             } else {
-                print!("{}", signet_protocol::operator::audit_check_text(&check));
+                print!("{}", signet_api::operator::audit_check_text(&check));
             }
             Ok(if check.ok { 0 } else { 1 })
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use signet_protocol::wire::TokenPlace as State;
+use signet_api::wire::TokenPlace as State;
 use signetd::adapters::qmp::{Monitor, MonitorEvent};
 use signetd::adapters::usb::udev::UdevWatcher;
 use signetd::adapters::usb::{Catalog, TokenKind, TokenSighting, TokenWatcher, UsbEvent};

@@ -42,7 +42,7 @@ use std::io::Write;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use signet_protocol::operator::AuditCheck;
+use signet_api::operator::AuditCheck;
 
 const DOMAIN: &[u8] = b"signet-audit-v1\n";
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -138,9 +138,9 @@ pub struct Entry {
     pub count: Option<u64>,
 }
 
-/// A record as stored and exported ([`signet_protocol::operator::AuditRecord`], the
+/// A record as stored and exported ([`signet_api::operator::AuditRecord`], the
 /// type every front carries). Field order is the canonical order.
-pub use signet_protocol::operator::AuditRecord as Record;
+pub use signet_api::operator::AuditRecord as Record;
 
 /// The hashed part of a record: every field but `hash`, in this order.
 #[derive(Serialize)]

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
-use signet_protocol::wire::{ErrorBody, JobState};
+use signet_api::wire::{ErrorBody, JobState};
 
 use crate::adapters::audit::{self, Entry};
 

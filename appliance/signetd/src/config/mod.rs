@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::core::policy::{CallerPattern, Grant, NameKind, Policy};
+use signet_api::wire::{check_timestamp_url, DigestAlgorithm, MAX_TIMESTAMP_SERVERS};
+use signet_format::Format;
 use signet_protocol::endpoint::{Endpoint, DEFAULT_DAEMON_PORT, VSOCK_CID_ANY};
-use signet_protocol::format::Format;
-use signet_protocol::wire::{check_timestamp_url, DigestAlgorithm, MAX_TIMESTAMP_SERVERS};
 
 /// Where the daemon looks when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/signet/signetd.toml";

@@ -14,7 +14,7 @@
 //! (`packaging/dbus/org.signet.Signet1.conf`), so a policy file that lets too much
 //! through does not make a signer an operator.
 
-use signet_protocol::wire::{ErrorBody, ErrorCode};
+use signet_api::wire::{ErrorBody, ErrorCode};
 
 /// The default group of the appliance's operators.
 pub const DEFAULT_ADMIN_GROUP: &str = "signet-admin";

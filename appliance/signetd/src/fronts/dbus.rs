@@ -28,8 +28,8 @@
 
 use std::sync::Arc;
 
+use signet_api::wire::{ErrorBody, ErrorCode};
 use signet_dbus::{Call, Enroll, Server, Service};
-use signet_protocol::wire::{ErrorBody, ErrorCode};
 use zbus::object_server::SignalEmitter;
 
 pub use signet_dbus::{

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Incoming};
+use signet_api::wire::{AgentHealth, ErrorBody, ErrorCode};
 use signet_protocol::client::ClientError;
-use signet_protocol::wire::{AgentHealth, ErrorBody, ErrorCode};
 
 use crate::adapters::agent::{self, Health, Sent};
 use crate::config::Current;

@@ -27,11 +27,11 @@ use http_body_util::{BodyExt, Empty};
 use secrecy::zeroize::Zeroizing;
 use secrecy::SecretString;
 use sha2::Sha256;
-use signet_protocol::client;
-use signet_protocol::wire::{
+use signet_api::wire::{
     AgentEvent, AgentEventKind, AgentHealth, AgentLogin, AgentState, ErrorCode, TokenPlace,
     AGENT_EVENTS_PATH, AGENT_LOGIN_PATH, AGENT_REINIT_PATH,
 };
+use signet_protocol::client;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::adapters::agent::Health;
@@ -913,7 +913,7 @@ mod tests {
 
     #[test]
     fn the_host_has_the_token_in_the_vm_when_one_of_its_tokens_is() {
-        use signet_protocol::wire::{HostToken, TokenChange};
+        use signet_api::wire::{HostToken, TokenChange};
         let t = |serial: &str, place| HostToken {
             serial: serial.into(),
             model: None,

@@ -4,8 +4,8 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use signet_api::wire::{ErrorBody, ErrorCode};
 use signet_protocol::transport::Peer;
-use signet_protocol::wire::{ErrorBody, ErrorCode};
 
 use crate::config::{Config, Current};
 use crate::core::policy::{self, Caller};

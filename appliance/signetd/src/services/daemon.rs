@@ -5,7 +5,7 @@
 //! sent to the agent by the token's worker ([`Daemon::relay_to`]), its result spooled
 //! and streamed to the caller.
 
-use signet_protocol::wire::{AgentReport, AgentState, DaemonStatus, ErrorCode};
+use signet_api::wire::{AgentReport, AgentState, DaemonStatus, ErrorCode};
 
 use crate::adapters::store::StoreError;
 use crate::config::Config;
@@ -146,7 +146,7 @@ impl Daemon {
     }
 
     /// Every token the daemon knows and where it is.
-    pub fn tokens(&self) -> signet_protocol::wire::TokensReport {
+    pub fn tokens(&self) -> signet_api::wire::TokensReport {
         self.tokens.report()
     }
 
@@ -217,7 +217,7 @@ impl Daemon {
         let signing_works = matches!(&agent, AgentReport::Reachable { health, .. } if health.state == AgentState::Ready)
             && self.jobs.store_fault().is_none();
         DaemonStatus {
-            version: signet_protocol::VERSION.to_owned(),
+            version: signet_api::VERSION.to_owned(),
             signing_works,
             default_profile: Some(cfg.default_profile.clone()),
             profiles: cfg.profiles.keys().cloned().collect(),

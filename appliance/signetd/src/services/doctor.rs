@@ -9,8 +9,8 @@
 
 use std::path::Path;
 
-use signet_protocol::operator::{CheckStatus, DoctorCheck};
-use signet_protocol::wire::{AgentReport, AgentState, DaemonStatus};
+use signet_api::operator::{CheckStatus, DoctorCheck};
+use signet_api::wire::{AgentReport, AgentState, DaemonStatus};
 
 use crate::adapters::proxmox::{self, Proxmox, VmConfig};
 use crate::adapters::usb::{self, Interface, UsbDevice};
@@ -337,7 +337,7 @@ fn agent_checks(status: Option<&DaemonStatus>) -> Vec<DoctorCheck> {
     v
 }
 
-fn agent_state(h: &signet_protocol::wire::AgentHealth) -> Vec<DoctorCheck> {
+fn agent_state(h: &signet_api::wire::AgentHealth) -> Vec<DoctorCheck> {
     let mut out = Vec::new();
     out.push(if h.logged_in {
         pass("logged_in", "the agent is logged in to the token")
@@ -577,7 +577,7 @@ pub fn gather(cfg: &DoctorConfig, pve: &dyn Proxmox, signing_vm: Option<u32>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use signet_protocol::wire::{AgentHealth, CertificateSummary, ErrorBody, ErrorCode, PinFlags};
+    use signet_api::wire::{AgentHealth, CertificateSummary, ErrorBody, ErrorCode, PinFlags};
 
     fn find<'a>(checks: &'a [DoctorCheck], name: &str) -> &'a DoctorCheck {
         checks
@@ -1010,7 +1010,7 @@ mod tests {
             agent_state(&h).iter().all(|c| c.name != "remote_desktop"),
             "not on Linux"
         );
-        h.windows = Some(signet_protocol::wire::WindowsSessions {
+        h.windows = Some(signet_api::wire::WindowsSessions {
             remote_desktop_active: true,
             smart_card_redirection_disabled: Some(false),
         });
@@ -1021,7 +1021,7 @@ mod tests {
             c.fix.as_deref().unwrap().contains("fEnableSmartCard"),
             "{c:?}"
         );
-        h.windows = Some(signet_protocol::wire::WindowsSessions {
+        h.windows = Some(signet_api::wire::WindowsSessions {
             remote_desktop_active: true,
             smart_card_redirection_disabled: Some(true),
         });

@@ -15,11 +15,11 @@ use futures_util::StreamExt;
 use http::header;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
-use signet_protocol::transport::Peer;
-use signet_protocol::wire::{
+use signet_api::wire::{
     AgentSignQuery, ErrorBody, ErrorCode, JobState, JobView, ProfileOptions, QueueStatus,
     SignQuery, AGENT_BATCH_PATH, AGENT_SIGN_PATH,
 };
+use signet_protocol::transport::Peer;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
@@ -255,7 +255,7 @@ impl Engine {
 
 /// What an idempotency key is bound to besides the body: the SHA-256 (hex) of the
 /// job's kind and the request as the caller asked it.
-fn request_sha256(kind: &Kind, asked: &signet_protocol::wire::SignQuery) -> String {
+fn request_sha256(kind: &Kind, asked: &signet_api::wire::SignQuery) -> String {
     let kind = match kind {
         Kind::Sign => "sign",
         Kind::Batch => "batch",
@@ -604,7 +604,7 @@ impl JobService {
             result,
             slot,
             pkcs7: kind == Kind::Sign
-                && job.agent_query.response == signet_protocol::wire::SignResponse::Pkcs7,
+                && job.agent_query.response == signet_api::wire::SignResponse::Pkcs7,
             caller: job.caller,
         }
     }

@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use signet_protocol::wire::{ErrorBody, ErrorCode, HostToken, JobView};
+use signet_api::wire::{ErrorBody, ErrorCode, HostToken, JobView};
 
 use crate::adapters::audit::Action;
 use crate::adapters::proxmox::{self, EnrollFailure, Qm};
@@ -92,7 +92,7 @@ impl EnrollRequest {
     }
 }
 
-pub use signet_protocol::operator::{EnrollReport, KeyChange};
+pub use signet_api::operator::{EnrollReport, KeyChange};
 
 fn internal(what: &str, e: &dyn std::fmt::Display) -> ErrorBody {
     tracing::error!(error = %e, "{what}");

@@ -3,10 +3,10 @@
 //! ([`crate::services::reads`]). The fronts that carry them — D-Bus
 //! ([`crate::fronts::dbus`], for root and the `signet-admin` group: [`crate::core::roles`]), HTTP
 //! ([`crate::fronts::http::operator`], local root only) and `signetctl` — call these and render
-//! their results ([`signet_protocol::operator`]).
+//! their results ([`signet_api::operator`]).
 
-use signet_protocol::operator::DoctorReport;
-use signet_protocol::wire::{AgentReport, ErrorBody, ErrorCode, JobView};
+use signet_api::operator::DoctorReport;
+use signet_api::wire::{AgentReport, ErrorBody, ErrorCode, JobView};
 
 use crate::core::policy::Caller;
 use crate::services::daemon::Daemon;

@@ -9,8 +9,8 @@
 //! [`Store::reader`]: crate::adapters::store::Store::reader
 
 use rusqlite::Connection;
-use signet_protocol::operator::{AuditCheck, AuditRecord, JobList, JobSummary};
-use signet_protocol::wire::{ErrorBody, ErrorCode, JobState, JobView};
+use signet_api::operator::{AuditCheck, AuditRecord, JobList, JobSummary};
+use signet_api::wire::{ErrorBody, ErrorCode, JobState, JobView};
 
 use crate::adapters::audit::{self, AuditError, Mark, Verified, Walk};
 use crate::adapters::queries::{self, AuditPage, TimelineRow};

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use rusqlite::params;
-use signet_protocol::wire::TimelineEntry;
+use signet_api::wire::TimelineEntry;
 
 use crate::adapters::store::{self, Store};
 use crate::core::timeline::{Clock, Seen};

@@ -23,9 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use signet_protocol::wire::{
-    ErrorBody, ErrorCode, HostToken, TokenChange, TokenPlace, TokensReport,
-};
+use signet_api::wire::{ErrorBody, ErrorCode, HostToken, TokenChange, TokenPlace, TokensReport};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::adapters::qmp::{Monitor, MonitorEvent, Qmp};

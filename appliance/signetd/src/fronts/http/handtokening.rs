@@ -4,7 +4,7 @@
 //! Pure: the HTTP handler in [`crate::fronts::http`] does the I/O.
 
 use serde::Deserialize;
-use signet_protocol::wire::{ErrorBody, ErrorCode, SignQuery, SignResponse};
+use signet_api::wire::{ErrorBody, ErrorCode, SignQuery, SignResponse};
 
 /// Where Handtokening's clients send files.
 pub const PATH: &str = "/api/sign";

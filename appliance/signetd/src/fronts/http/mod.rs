@@ -15,11 +15,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use futures_util::StreamExt;
-use signet_protocol::transport::Peer;
-use signet_protocol::wire::{
+use signet_api::wire::{
     ErrorBody, ErrorCode, SignQuery, BATCH_PATH, IDEMPOTENCY_HEADER, JOB_HEADER, JOB_PATH,
     JOB_RESULT_PATH, SIGN_PATH, STATUS_PATH,
 };
+use signet_protocol::transport::Peer;
 
 use crate::adapters::store::Kind;
 use crate::core::policy::Caller;
@@ -35,8 +35,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(BATCH_PATH, post(sign_batch))
         .route(handtokening::PATH, post(api_sign))
         .route(STATUS_PATH, get(status))
-        .route(signet_protocol::wire::PROFILE_PATH, get(profile))
-        .route(signet_protocol::wire::TOKENS_PATH, get(tokens))
+        .route(signet_api::wire::PROFILE_PATH, get(profile))
+        .route(signet_api::wire::TOKENS_PATH, get(tokens))
         .route(JOB_PATH, get(get_job).delete(cancel_job))
         .route(JOB_RESULT_PATH, get(job_result))
         .merge(crate::fronts::http::operator::routes())
@@ -119,7 +119,7 @@ async fn profile(
     State(daemon): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     tls: Option<Extension<OverTls>>,
-    query: Result<Query<signet_protocol::wire::ProfileQuery>, QueryRejection>,
+    query: Result<Query<signet_api::wire::ProfileQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let query = query.map(|Query(q)| q).map_err(|e| {

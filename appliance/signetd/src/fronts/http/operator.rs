@@ -10,11 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
-use signet_protocol::operator::{
-    AUDIT_PATH, AUDIT_VERIFY_PATH, CANCEL_PATH, DOCTOR_PATH, JOBS_PATH,
-};
+use signet_api::operator::{AUDIT_PATH, AUDIT_VERIFY_PATH, CANCEL_PATH, DOCTOR_PATH, JOBS_PATH};
+use signet_api::wire::ErrorBody;
 use signet_protocol::transport::Peer;
-use signet_protocol::wire::ErrorBody;
 
 use crate::serve::OverTls;
 use crate::services::daemon::Daemon;

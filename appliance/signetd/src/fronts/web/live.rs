@@ -107,7 +107,7 @@ pub async fn run(web: Arc<Web>, period: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use signet_protocol::wire::{AgentReport, DaemonStatus, ErrorBody, ErrorCode};
+    use signet_api::wire::{AgentReport, DaemonStatus, ErrorBody, ErrorCode};
 
     fn overview(reachable: bool, signed: u64) -> Overview {
         let agent = if reachable {

@@ -8,8 +8,8 @@
 //! of it when it is the agent's token).
 
 use serde::Serialize;
-use signet_protocol::render::pin_flags_text;
-use signet_protocol::wire::{AgentReport, AgentState, DaemonStatus, HostToken, TokenPlace};
+use signet_api::render::pin_flags_text;
+use signet_api::wire::{AgentReport, AgentState, DaemonStatus, HostToken, TokenPlace};
 
 /// Days before a certificate's expiry from which the overview warns.
 pub const CERT_WARN_DAYS: i64 = 30;
@@ -270,7 +270,7 @@ fn state_name(p: &TokenPlace) -> &'static str {
 impl HostTokenLine {
     /// The line for `t`, with `agent`'s view when `t` is the agent's token
     /// ([`agents_token`]).
-    pub fn of(t: &HostToken, agent: Option<&signet_protocol::wire::AgentHealth>) -> Self {
+    pub fn of(t: &HostToken, agent: Option<&signet_api::wire::AgentHealth>) -> Self {
         let agents = agent;
         let assigned = t.assigned_vm.map_or_else(
             || "assigned to no VM".to_owned(),
@@ -572,7 +572,7 @@ pub fn age(now_ms: u64, then_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use signet_protocol::wire::{
+    use signet_api::wire::{
         AgentHealth, CertificateSummary, ErrorBody, ErrorCode, PinFlags, QueueStatus, TokenSummary,
     };
 
@@ -735,7 +735,7 @@ mod tests {
 
     fn with_host_token(state: AgentState, place: TokenPlace) -> DaemonStatus {
         let mut s = reachable(state, 300);
-        s.tokens = Some(signet_protocol::wire::TokensReport {
+        s.tokens = Some(signet_api::wire::TokensReport {
             watching: true,
             detail: None,
             tokens: vec![HostToken {
@@ -745,7 +745,7 @@ mod tests {
                 host_port: (place != TokenPlace::Absent).then(|| "1-2".to_owned()),
                 assigned_vm: Some(105),
                 place,
-                last_change: signet_protocol::wire::TokenChange {
+                last_change: signet_api::wire::TokenChange {
                     at: "2026-11-23T10:42:00Z".into(),
                     reason: "unplugged".into(),
                 },

@@ -38,7 +38,7 @@ use axum::routing::{get, post};
 use axum::{Form, Router};
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde::Deserialize;
-use signet_protocol::wire::{ErrorBody, ErrorCode, JobState};
+use signet_api::wire::{ErrorBody, ErrorCode, JobState};
 
 use super::auth::{self, AuthError, Need};
 use super::model::{self, Overview};
@@ -731,7 +731,7 @@ impl TokenAction {
     }
 
     /// The question and what will happen, for the confirmation.
-    fn ask(self, t: &signet_protocol::wire::HostToken) -> (String, String, &'static str) {
+    fn ask(self, t: &signet_api::wire::HostToken) -> (String, String, &'static str) {
         let serial = &t.serial;
         let vm = t
             .assigned_vm
@@ -801,7 +801,7 @@ fn no_such_page() -> Problem {
     )
 }
 
-fn refused(title: &str, e: signet_protocol::wire::ErrorBody) -> Problem {
+fn refused(title: &str, e: signet_api::wire::ErrorBody) -> Problem {
     problem(
         StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
         title,
@@ -811,7 +811,7 @@ fn refused(title: &str, e: signet_protocol::wire::ErrorBody) -> Problem {
 }
 
 /// The token `serial` as the daemon knows it, or the refusal naming the known ones.
-fn find_token(web: &Web, serial: &str) -> Result<signet_protocol::wire::HostToken, Problem> {
+fn find_token(web: &Web, serial: &str) -> Result<signet_api::wire::HostToken, Problem> {
     let report = web.daemon.tokens();
     report
         .tokens
