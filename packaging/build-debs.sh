@@ -15,10 +15,13 @@ cargo_version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 [[ ${version%%[-+~]*} == "$cargo_version" ]] ||
   die "debian/changelog says $version but Cargo.toml says $cargo_version; add a changelog entry (dch -v $cargo_version)"
 # The udev rule names every token of signetd's built-in table.
+builtin=appliance/signetd/src/adapters/usb/mod.rs
+tokens=$(sed -n '/^pub const BUILTIN/,/^];/s/.*(0x\([0-9a-f]\{4\}\), 0x\([0-9a-f]\{4\}\),.*/\1 \2/p' "$builtin")
+[[ -n $tokens ]] || die "found no BUILTIN token table in $builtin; point this check at the table"
 while read -r vid pid; do
   grep -q "ATTR{idVendor}==\"$vid\", ATTR{idProduct}==\"$pid\"" debian/signet.udev ||
-    die "debian/signet.udev lacks the token $vid:$pid of appliance/signetd/src/usb/mod.rs's BUILTIN table; add its line"
-done < <(sed -n '/^pub const BUILTIN/,/^];/s/.*(0x\([0-9a-f]\{4\}\), 0x\([0-9a-f]\{4\}\),.*/\1 \2/p' appliance/signetd/src/usb/mod.rs)
+    die "debian/signet.udev lacks the token $vid:$pid of $builtin's BUILTIN table; add its line"
+done <<<"$tokens"
 rm -rf target/debian && mkdir -p target/debian
 # From scratch every time: dh skips the steps its stamps say are done, and would
 # package the binaries of the last build.

@@ -6,13 +6,16 @@
 //! - [`operator`] — the operator's result types (job list, audit, host checks) and
 //!   their text, the same over HTTP, D-Bus and `signetctl`.
 //! - [`render`] — the status as text, the same in every front.
-//! - [`docs`] — (feature `cli`) the hidden `man` and `completions` subcommands.
+//! - [`docs`] — (feature `cli`) the hidden `man` and `completions` subcommands;
+//!   [`args`] — (feature `cli`) the arguments `signetctl` and `signetd` share.
 //! - [`hex`], [`rfc3339`] — bytes and times as text.
 //!
 //! It has no async runtime, HTTP stack or TLS, so a CLI that only speaks D-Bus links
 //! it alone; `signet-protocol` carries these types over the wire. The feature `axum`
 //! makes an [`wire::ErrorBody`] an HTTP answer, for the servers.
 
+#[cfg(feature = "cli")]
+pub mod args;
 #[cfg(feature = "cli")]
 pub mod docs;
 pub mod hex;

@@ -2,6 +2,7 @@
 //! the authenticated host↔agent link and HTTP over them. The types they exchange are
 //! `signet-api`'s; recognising files is `signet-format`'s.
 //!
+//! - `bootstrap` (feature `daemon`) — how both daemons start: umask, logs, TOML configuration.
 //! - [`endpoint`] — the `vsock:CID:PORT` / `unix:PATH` / `tcp:HOST:PORT` /
 //!   `tls:HOST:PORT` address syntax.
 //! - [`transport`] — connecting to and listening on an endpoint; the peer identity a
@@ -20,6 +21,8 @@
 //! which speaks D-Bus only, does not.
 
 pub mod batch;
+#[cfg(feature = "daemon")]
+pub mod bootstrap;
 pub mod client;
 pub mod endpoint;
 pub mod limits;

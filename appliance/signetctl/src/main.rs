@@ -112,13 +112,8 @@ enum EnrollCommand {
     /// The VM that holds the token: its USB port as usbN, the vsock device and Signet's
     /// monitor in args:, and the token's [[tokens]] entry in signetd.toml.
     SigningVm {
-        vmid: u32,
-        /// Serial number of the token (plugged in now; `signetctl tokens` lists them).
-        #[arg(long)]
-        token: String,
-        /// Show the exact change and change nothing.
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        vm: signet_api::args::SigningVmArgs,
         /// Print the change as JSON.
         #[arg(long)]
         json: bool,
@@ -126,14 +121,8 @@ enum EnrollCommand {
     /// A VM that asks for signatures: the vsock device in args:, and a grant for it in
     /// signetd.toml.
     BuildVm {
-        vmid: u32,
-        /// A profile the VM may use (repeat for more; "*" for all); default: the
-        /// default profile.
-        #[arg(long = "profile", short)]
-        profiles: Vec<String>,
-        /// Show the exact change and change nothing.
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        vm: signet_api::args::BuildVmArgs,
         /// Print the change as JSON.
         #[arg(long)]
         json: bool,
@@ -278,18 +267,22 @@ async fn run(cli: Cli) -> u8 {
         }
         Command::Enroll(cmd) => {
             let (role, vmid, serial, profiles, dry_run, json) = match cmd {
-                EnrollCommand::SigningVm {
-                    vmid,
-                    token,
-                    dry_run,
+                EnrollCommand::SigningVm { vm, json } => (
+                    "signing-vm",
+                    vm.vmid,
+                    vm.token,
+                    Vec::new(),
+                    vm.dry_run,
                     json,
-                } => ("signing-vm", vmid, token, Vec::new(), dry_run, json),
-                EnrollCommand::BuildVm {
-                    vmid,
-                    profiles,
-                    dry_run,
+                ),
+                EnrollCommand::BuildVm { vm, json } => (
+                    "build-vm",
+                    vm.vmid,
+                    String::new(),
+                    vm.profiles,
+                    vm.dry_run,
                     json,
-                } => ("build-vm", vmid, String::new(), profiles, dry_run, json),
+                ),
             };
             let answer = proxy.enroll(role, vmid, &serial, profiles, !dry_run).await;
             match read::<EnrollReport>(answer, json) {

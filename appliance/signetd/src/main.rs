@@ -124,13 +124,8 @@ enum Enroll {
     /// The VM that holds the token: its USB port as usbN, the vsock device and Signet's
     /// monitor in args:.
     SigningVm {
-        vmid: u32,
-        /// Serial number of the token (plugged in now) to give this VM.
-        #[arg(long)]
-        token: String,
-        /// Show the exact change and change nothing.
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        vm: signet_api::args::SigningVmArgs,
         #[command(flatten)]
         pve: PveArgs,
         /// Directory of Signet's monitor sockets (QEMU creates vm-VMID.qmp in it);
@@ -141,17 +136,11 @@ enum Enroll {
     /// A VM that asks for signatures: the vsock device in args:, and a grant for it in
     /// signetd.toml.
     BuildVm {
-        vmid: u32,
-        /// A profile the VM may use (repeat for more; "*" for all); default: the
-        /// default profile.
-        #[arg(long = "profile", short)]
-        profiles: Vec<String>,
+        #[command(flatten)]
+        vm: signet_api::args::BuildVmArgs,
         /// Leave signetd.toml alone (grant the VM by hand).
         #[arg(long)]
         no_grant: bool,
-        /// Show the exact change and change nothing.
-        #[arg(long)]
-        dry_run: bool,
         #[command(flatten)]
         pve: PveArgs,
     },
@@ -280,11 +269,7 @@ fn tokens(json: bool, catalog: signetd::adapters::usb::Catalog) -> anyhow::Resul
 fn config_if_any(path: &std::path::Path) -> anyhow::Result<Option<Config>> {
     match Config::load(path) {
         Ok(cfg) => Ok(Some(cfg)),
-        Err(config::ConfigError::Read { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            Ok(None)
-        }
+        Err(config::ConfigError::File(e)) if e.is_missing() => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -298,9 +283,12 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
     let cfg = config_if_any(config)?;
     let (req, dry_run, pve, monitor_dir, grant, host_port) = match cmd {
         Enroll::SigningVm {
-            vmid,
-            token,
-            dry_run,
+            vm:
+                signet_api::args::SigningVmArgs {
+                    vmid,
+                    token,
+                    dry_run,
+                },
             pve,
             monitor_dir,
         } => {
@@ -323,10 +311,13 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
             )
         }
         Enroll::BuildVm {
-            vmid,
-            profiles,
+            vm:
+                signet_api::args::BuildVmArgs {
+                    vmid,
+                    profiles,
+                    dry_run,
+                },
             no_grant,
-            dry_run,
             pve,
         } => (
             EnrollRequest::BuildVm { vmid, profiles },
@@ -529,14 +520,7 @@ fn check_config(path: &std::path::Path) -> i32 {
 async fn main() -> anyhow::Result<()> {
     // What signetd creates (database, spool, keys, exports) is its own whatever the
     // umask it was started with.
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    signet_protocol::bootstrap::start_daemon();
     let cli = Cli::parse();
     match cli.command {
         Some(Cmd::Enroll(cmd)) => return enroll(cmd, &cli.config),

@@ -254,16 +254,14 @@ fn default_osslsigncode() -> PathBuf {
 }
 
 /// A configuration that cannot be used.
+/// How to give the configuration, when it cannot be read.
+const HINT: &str =
+    "pass the agent's configuration with --config PATH (see packaging/agent.toml for an example)";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}; pass the agent's configuration with --config PATH (see packaging/agent.toml for an example)")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] signet_protocol::bootstrap::FileError),
     #[error("{path}: key {key}: {message}")]
     Invalid {
         path: PathBuf,
@@ -275,20 +273,14 @@ pub enum ConfigError {
 impl Config {
     /// Reads and checks the configuration at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = signet_protocol::bootstrap::read(path, HINT)?;
         Self::parse(path, &text)
     }
 
     /// Parses and checks configuration text; `path` is used in messages and to
     /// resolve relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', "\n  "),
-        })?;
+        let mut cfg: Config = signet_protocol::bootstrap::parse_toml(path, text)?;
         let invalid = |key, message: &str| ConfigError::Invalid {
             path: path.to_owned(),
             key,

@@ -91,15 +91,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // The spool and whatever else the agent writes are its own whatever the umask.
-    #[cfg(unix)]
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    signet_protocol::bootstrap::start_daemon();
     let cli = Cli::parse();
     if let Some(command) = cli.command {
         std::process::exit(run_command(command, &cli.config)?);

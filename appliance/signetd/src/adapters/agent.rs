@@ -7,12 +7,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Request, Response};
 use hyper::body::{Body, Incoming};
-use signet_api::wire::{AgentHealth, ErrorBody, AGENT_HEALTH_PATH};
+use signet_api::wire::{AgentHealth, ErrorBody, AGENT_HEALTH_PATH, JOB_HEADER};
 use signet_protocol::client::{self, ClientError};
 use signet_protocol::endpoint::Endpoint;
-
-/// The header that carries signetd's job id to the agent, so both logs name one job.
-pub const JOB_HEADER: &str = "x-signet-job";
 
 /// What a health read found.
 #[derive(Debug)]

@@ -7,7 +7,7 @@
 //! connection up across QEMU restarts and reports `Connected` / `Disconnected` beside
 //! QEMU's events. The USB helpers ([`Qmp::attach_usb_host`], [`Qmp::attached`],
 //! [`Qmp::detach`]) hot-plug a host USB device by bus and port under an id derived from
-//! the token's serial ([`device_id`]). A token's [`DeviceKind`] says which devices
+//! the token's serial ([`device_id`](crate::core::passthrough::device_id)). A token's [`DeviceKind`] says which devices
 //! stand for it in the VM: `usb-host` for a real token, or — for a lab without a
 //! physical token — QEMU's emulated smart card (`usb-ccid` reader + `ccid-card-emulated`);
 //! only the `device_add` arguments differ ([`attach_commands`]). QMP is JSON lines; `serde_json` by hand is

@@ -327,16 +327,13 @@ struct Raw {
 }
 
 /// A configuration that cannot be used.
+/// How to give the configuration, when it cannot be read.
+const HINT: &str = "pass the daemon's configuration with --config PATH (see packaging/signetd.toml for an example)";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}; pass the daemon's configuration with --config PATH (see packaging/signetd.toml for an example)")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] signet_protocol::bootstrap::FileError),
     #[error("{path}: key {key}: {message}")]
     Invalid {
         path: PathBuf,
@@ -347,18 +344,12 @@ pub enum ConfigError {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = signet_protocol::bootstrap::read(path, HINT)?;
         Self::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', "\n  "),
-        })?;
+        let raw: Raw = signet_protocol::bootstrap::parse_toml(path, text)?;
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: path.to_owned(),
             key: key.to_owned(),

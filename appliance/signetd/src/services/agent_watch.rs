@@ -1,7 +1,7 @@
 //! The daemon follows the signing agent for its life: its event stream
 //! (`GET /agent/v1/events`) and its health, the host's view of the agent VM's tokens
 //! (the token service's status) and that VM's QEMU (resets, shutdowns). All of it is
-//! fed, one event at a time, to the token's life ([`life::Life`], pure), and its
+//! fed, one event at a time, to the token's life ([`Life`], pure), and its
 //! actions are carried out here: timeline entries ([timeline]), the PIN from the
 //! host's `pin_file` given to the agent whenever it needs one — after a signing-VM
 //! reboot or an agent restart — so no person types it, the worker woken when signing
@@ -700,7 +700,7 @@ async fn health(agent: &signet_protocol::Endpoint) -> Option<Result<AgentHealth,
 }
 
 /// Notes which agent process answered; true (and the job at the old one abandoned:
-/// [`Daemon::agent_restarted`]) when it is another than before.
+/// [`JobService::agent_restarted`](crate::services::jobs::JobService::agent_restarted)) when it is another than before.
 fn seen_instance(daemon: &Daemon, known: &mut Option<String>, h: &AgentHealth) -> bool {
     let Some(now) = &h.instance else {
         return false;

@@ -1,9 +1,11 @@
-//! The daemon's core commands. Every front end (HTTP now; D-Bus and the CLI later)
-//! calls these and renders their results.
+//! The composition root: [`Daemon`] opens and holds the services (the job path, who is
+//! calling, the agent link, the timeline, the token service, the audit head) and answers
+//! the status. Fronts reach every use case through it; no service imports it.
 //!
-//! A job goes through the durable queue ([`crate::services::jobs`]): recorded, spooled, queued,
-//! sent to the agent by the token's worker ([`Daemon::relay_to`]), its result spooled
-//! and streamed to the caller.
+//! A job goes through the durable queue ([`crate::services::jobs`]): recorded, spooled,
+//! queued, sent to the agent by the token's worker
+//! ([`AgentLink::relay_to`](crate::services::agent::AgentLink::relay_to)), its result
+//! spooled and streamed to the caller.
 
 use signet_api::wire::{AgentReport, AgentState, DaemonStatus, ErrorCode};
 

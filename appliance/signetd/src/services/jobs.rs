@@ -1166,7 +1166,7 @@ impl JobService {
         *self.engine().stopping.borrow() != Stopping::No
     }
 
-    /// Takes jobs again after [`Daemon::drain`] (a shutdown that was cancelled).
+    /// Takes jobs again after [`JobService::drain`] (a shutdown that was cancelled).
     pub fn resume(&self) {
         let engine = self.engine();
         engine

@@ -269,7 +269,7 @@ impl Daemon {
         }
     }
 
-    /// [`Daemon::attach`], audited.
+    /// [`Handle::attach`](crate::services::tokens::Handle::attach), audited.
     pub async fn attach_by(
         &self,
         op: &Operator,
@@ -283,14 +283,14 @@ impl Daemon {
         r
     }
 
-    /// [`Daemon::detach`], audited.
+    /// [`Handle::detach`](crate::services::tokens::Handle::detach), audited.
     pub async fn detach_by(&self, op: &Operator, serial: &str) -> Result<HostToken, ErrorBody> {
         let r = self.token_service().detach(serial).await;
         self.record_action(op, Self::token_action("detach", serial), &r);
         r
     }
 
-    /// [`Daemon::reattach`], audited.
+    /// [`Handle::reattach`](crate::services::tokens::Handle::reattach), audited.
     pub async fn reattach_by(&self, op: &Operator, serial: &str) -> Result<HostToken, ErrorBody> {
         let r = self.token_service().reattach(serial).await;
         self.record_action(op, Self::token_action("reattach", serial), &r);

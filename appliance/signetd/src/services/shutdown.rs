@@ -1,6 +1,6 @@
 //! Host shutdown and reboot, through logind on the system bus: the daemon holds a
 //! *delay* inhibitor for `shutdown`; when logind announces `PrepareForShutdown(true)`
-//! it stops taking jobs ([`Daemon::drain`]), gives the job at the agent up to the
+//! it stops taking jobs ([`JobService::drain`](crate::services::jobs::JobService::drain)), gives the job at the agent up to the
 //! grace time to end, and releases the inhibitor so the shutdown goes on. Queued jobs
 //! stay in the durable queue and run after the boot; a job still at the agent runs
 //! again then. `PrepareForShutdown(false)` (a cancelled shutdown) takes jobs again and

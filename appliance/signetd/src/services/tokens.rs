@@ -1,5 +1,5 @@
 //! The token service: the host's USB devices ([`TokenWatcher`]), the signing VMs'
-//! monitors ([`Monitor`]) and one [`passthrough::Token`] per token serial, put
+//! monitors ([`Monitor`]) and one [`Token`] per token serial, put
 //! together. It feeds every udev and QMP event to the tokens it concerns, carries
 //! their actions out over QMP, and publishes every token's state on a watch channel
 //! (for the status API). One loop does all of it, so the tokens' state machines see
@@ -14,8 +14,8 @@
 //! removed one is no longer managed — one in a VM is left there, since taking it out
 //! could cut a job short — and the monitors of VMs new to `[[tokens]]` are followed.
 //! Jobs are not tied to a token (one agent, one worker), so none moves. Without udev the daemon runs on and its status says why
-//! tokens are not followed. The core commands [`Daemon::tokens`], [`Daemon::attach`],
-//! [`Daemon::detach`] and [`Daemon::reattach`] are what the HTTP, D-Bus and CLI fronts
+//! tokens are not followed. The commands [`Handle::report`], [`Handle::attach`],
+//! [`Handle::detach`] and [`Handle::reattach`] are what the HTTP, D-Bus and CLI fronts
 //! call.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};

@@ -1,6 +1,6 @@
 //! The daemon's HTTP front (`/v1/...`, and `/api/sign` for Handtokening's clients),
 //! served on every configured endpoint.
-//! It translates requests into [`Daemon`] commands and results into answers.
+//! It parses requests, calls one service (through [`Daemon`]) and renders its answer.
 
 pub mod handtokening;
 pub mod operator;
@@ -557,7 +557,7 @@ fn reframe(
 }
 
 /// `stream`, telling the daemon once it has been read to its end without an error
-/// ([`Daemon::delivered`]); a stream dropped before (the client went away) tells nothing.
+/// ([`JobService::delivered`](crate::services::jobs::JobService::delivered)); a stream dropped before (the client went away) tells nothing.
 fn when_streamed<S, E>(
     stream: S,
     len: Option<u64>,

@@ -2,7 +2,7 @@
 //! use for Proxmox VE.
 //!
 //! `signetd` serves it on its own listener (`[web]` in `signetd.toml`; off when the
-//! section is absent, port [`DEFAULT_PORT`] when it names none), always over TLS
+//! section is absent, port [`DEFAULT_PORT`](crate::config::DEFAULT_PORT) when it names none), always over TLS
 //! ([`certs`]: the node's PVE certificate when there is one, so the panel inside the PVE
 //! UI loads without a warning). Pages are rendered on the server (askama templates in
 //! `templates/web/`); a small script adds live updates (server-sent events) and
