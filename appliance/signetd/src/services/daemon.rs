@@ -135,6 +135,11 @@ impl Daemon {
         self
     }
 
+    /// The read model (jobs, audit log) the fronts call.
+    pub fn reads(&self) -> crate::services::reads::Reads<'_> {
+        crate::services::reads::Reads::new(&self.jobs)
+    }
+
     /// Who is calling ([`Callers`]).
     pub fn callers(&self) -> &Arc<Callers> {
         &self.callers

@@ -395,7 +395,8 @@ impl JobService {
         *lock(&self.tokens) = tokens;
     }
 
-    fn config(&self) -> Arc<Config> {
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
         self.config.get()
     }
 

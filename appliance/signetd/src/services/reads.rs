@@ -15,7 +15,7 @@ use signet_api::wire::{ErrorBody, ErrorCode, JobState, JobView};
 use crate::adapters::audit::{self, AuditError, Mark, Verified, Walk};
 use crate::adapters::queries::{self, AuditPage, TimelineRow};
 use crate::adapters::store::{self, JobRow, StoreError};
-use crate::services::daemon::Daemon;
+use crate::services::jobs::JobService;
 
 /// A job as read, with its place in the queue.
 #[derive(Debug, Clone)]
@@ -36,16 +36,16 @@ pub struct Board {
     pub now_ms: u64,
 }
 
-/// The read model over a daemon's database ([`Daemon::reads`]).
+/// The read model over the job database ([`Daemon::reads`](crate::services::daemon::Daemon::reads)).
 #[derive(Debug, Clone, Copy)]
 pub struct Reads<'d> {
-    daemon: &'d Daemon,
+    jobs: &'d JobService,
 }
 
-impl Daemon {
-    /// The read model (jobs, audit log) the fronts call.
-    pub fn reads(&self) -> Reads<'_> {
-        Reads { daemon: self }
+impl<'d> Reads<'d> {
+    /// The read model of `jobs`' database (its queue gives the positions).
+    pub fn new(jobs: &'d JobService) -> Self {
+        Reads { jobs }
     }
 }
 
@@ -81,7 +81,7 @@ impl Reads<'_> {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let reader = self.daemon.store().reader();
+        let reader = self.jobs.store().reader();
         match tokio::task::spawn_blocking(move || reader.read(f)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(internal(what, &e)),
@@ -90,7 +90,7 @@ impl Reads<'_> {
     }
 
     fn line(&self, row: JobRow) -> JobLine {
-        let view = self.daemon.job_service().view(&row);
+        let view = self.jobs.view(&row);
         JobLine { row, view }
     }
 
@@ -164,7 +164,7 @@ impl Reads<'_> {
 
     /// Walks the whole audit chain, held against the head kept in the state directory.
     pub async fn audit_verify(&self) -> Result<AuditCheck, ErrorBody> {
-        let dir = self.daemon.config().state_dir.clone();
+        let dir = self.jobs.config().state_dir.clone();
         let known = crate::adapters::head::read(&dir)
             .ok()
             .flatten()
@@ -259,6 +259,7 @@ mod tests {
     use super::*;
     use crate::adapters::audit::{Entry, Outcome};
     use crate::adapters::store::{Inserted, Kind, NewJob, Store};
+    use crate::services::daemon::Daemon;
 
     fn daemon(dir: &std::path::Path) -> Arc<Daemon> {
         let path = dir.join("signetd.toml");
