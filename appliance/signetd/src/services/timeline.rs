@@ -60,16 +60,17 @@ impl Timeline {
     /// When each step of the escalation ladder last ran (ms since the epoch), read
     /// back from the stored timeline: a step's rate limit holds across a restart.
     pub fn last_steps(&self) -> Vec<(crate::core::recovery::Step, u64)> {
-        let conn = self.store.conn();
-        let rows = conn
-            .prepare(
+        // On a read-only connection: reading never waits for the job path's writes.
+        let rows = self.store.reader().read(|conn| {
+            conn.prepare(
                 "SELECT detail, MAX(time_ms) FROM timeline WHERE event = 'recovery_step'
                  GROUP BY substr(detail, 1, instr(detail, ':'))",
             )
             .and_then(|mut st| {
                 st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
                     .collect::<rusqlite::Result<Vec<_>>>()
-            });
+            })
+        });
         match rows {
             Ok(rows) => rows
                 .into_iter()
@@ -92,9 +93,9 @@ impl Timeline {
 
     /// The newest `n` entries, oldest first.
     pub fn recent(&self, n: usize) -> Vec<TimelineEntry> {
-        let conn = self.store.conn();
-        let rows = conn
-            .prepare(
+        // On a read-only connection: the status never waits for the job path's writes.
+        let rows = self.store.reader().read(|conn| {
+            conn.prepare(
                 "SELECT time_ms, event, detail, duration_ms FROM
                  (SELECT * FROM timeline ORDER BY id DESC LIMIT ?1) ORDER BY id",
             )
@@ -108,7 +109,8 @@ impl Timeline {
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()
-            });
+            })
+        });
         rows.unwrap_or_else(|e| {
             tracing::error!(error = %e, "the timeline cannot be read");
             Vec::new()
