@@ -520,6 +520,20 @@ async fn act(
 }
 
 async fn run_step(daemon: &Daemon, serials: &[String], step: Step) -> Result<(), String> {
+    // The step was decided on the loss; the token may have come back since (the agent
+    // found it again while a job held it, and said both at once). A token the agent
+    // holds ready again is not disturbed.
+    if step == Step::AgentReinit {
+        if let Ok(h) = daemon.agent().health(HEALTH_LIMIT).await {
+            if h.state == AgentState::Ready {
+                tracing::info!(
+                    step = step.name(),
+                    "recovery: the token is back and ready before the step ran; nothing to do"
+                );
+                return Ok(());
+            }
+        }
+    }
     tracing::warn!(step = step.name(), "recovery: {}", step.words());
     let host = |op: Op| async move {
         let Some(serial) = serials.first() else {

@@ -148,6 +148,11 @@ impl Daemon {
         crate::services::reads::Reads::new(&self.jobs)
     }
 
+    /// The agent as the services reach it ([`AgentLink`]).
+    pub fn agent(&self) -> &AgentLink {
+        &self.agent
+    }
+
     /// Who is calling ([`Callers`]).
     pub fn callers(&self) -> &Arc<Callers> {
         &self.callers
