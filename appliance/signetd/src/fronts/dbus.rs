@@ -96,7 +96,12 @@ impl Service for Manager {
             gid: user.groups.first().copied().unwrap_or(u32::MAX),
             groups: user.groups.clone(),
         };
-        json(self.daemon.job_service().cancel(id, &caller))
+        json(
+            self.daemon
+                .job_service()
+                .cancel(id, &caller)
+                .map_err(ErrorBody::from),
+        )
     }
 
     /// The newest `n` audit records (0: the default), a JSON array of `AuditRecord`.

@@ -4,12 +4,12 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use signet_api::wire::{ErrorBody, ErrorCode};
 use signet_protocol::transport::Peer;
 
 use crate::config::{Config, Current};
 use crate::core::policy::{self, Caller};
 use crate::core::refusals::Throttle;
+use crate::services::errors::AuthError;
 
 /// The callers' door: identification and authentication.
 #[derive(Debug)]
@@ -61,7 +61,7 @@ impl Callers {
 
     /// The audit log's name for a caller: who it proved to be, else what the transport
     /// saw (only credentials over TLS can fail, and there the peer is a TCP address).
-    pub fn audit_name(&self, caller: &Result<Caller, ErrorBody>, peer: &Peer) -> String {
+    pub fn audit_name<E>(&self, caller: &Result<Caller, E>, peer: &Peer) -> String {
         match (caller, peer) {
             (Ok(c), _) => c.key(),
             (Err(_), Peer::Tcp { addr }) => Caller::Anonymous {
@@ -80,19 +80,13 @@ impl Callers {
         peer: &Peer,
         over_tls: bool,
         authorization: Option<&str>,
-    ) -> Result<Caller, ErrorBody> {
+    ) -> Result<Caller, AuthError> {
         if !over_tls {
             return Ok(self.identify(peer));
         }
-        let refused = |why: &str| {
-            ErrorBody::new(
-                ErrorCode::Forbidden,
-                format!("{why}; send the client's name and secret with HTTP Basic authentication (curl -u NAME:SECRET). The appliance's operator adds clients with `signetd client add`"),
-            )
-        };
         let Some((name, secret)) = authorization.and_then(crate::adapters::clients::parse_basic)
         else {
-            return Err(refused("no client credentials were sent"));
+            return Err(AuthError::NoCredentials);
         };
         let source = match peer {
             Peer::Tcp { addr } => Some(addr.ip()),
@@ -101,18 +95,11 @@ impl Callers {
         if let Some(ip) = source {
             let now = std::time::Instant::now();
             if let Err(wait) = self.throttle().check(ip, now) {
-                return Err(ErrorBody::new(
-                    ErrorCode::TooManyAttempts,
-                    format!(
-                        "too many wrong client secrets came from {ip}; the next one is checked in {} s (Retry-After). Check the client's name and SIGNET_SECRET",
-                        wait.as_secs().max(1)
-                    ),
-                )
-                .retryable(true));
+                return Err(AuthError::Throttled { ip, wait });
             }
         }
         let Some(db) = self.clients.get() else {
-            return Err(refused("this appliance has no client database"));
+            return Err(AuthError::NoClientDatabase);
         };
         let now = crate::core::time::unix_now();
         let checked = {
@@ -128,16 +115,11 @@ impl Callers {
                 // Which of unknown / wrong / expired it was is for the log only; the
                 // front records the refusal in the audit log (`JobService::refuse`).
                 tracing::warn!(%peer, client = %name, reason = %why, "refused client credentials");
-                Err(refused(&format!(
-                    "the credentials of client {name:?} are not valid (unknown name, wrong secret, or an expired secret)"
-                )))
+                Err(AuthError::Invalid { name })
             }
             Err(e) => {
                 tracing::error!(error = %e, "client database");
-                Err(ErrorBody::new(
-                    ErrorCode::Internal,
-                    "the appliance could not check client credentials; its operator sees why in signetd's log",
-                ))
+                Err(AuthError::Database)
             }
         }
     }

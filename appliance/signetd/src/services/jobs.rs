@@ -33,6 +33,7 @@ use crate::core::time::rfc3339;
 use crate::core::timeline::Seen;
 use crate::services::agent::{client_view, AgentLink};
 use crate::services::callers::Callers;
+use crate::services::errors::{JobError, MAX_KEY_LEN};
 use crate::services::timeline::Timeline;
 use crate::services::tokens::Handle;
 
@@ -40,8 +41,6 @@ use crate::services::tokens::Handle;
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// How often expired results are removed, at most.
 const JANITOR_PERIOD: Duration = Duration::from_secs(60);
-/// The longest idempotency key accepted.
-const MAX_KEY_LEN: usize = 200;
 
 /// The transport a request came over, as the audit log names it: `vsock`, `unix`,
 /// `tcp`, or `tls` (TCP with TLS).
@@ -111,25 +110,6 @@ pub struct Delivery {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn internal(job: &str, what: &str, e: &dyn std::fmt::Display) -> ErrorBody {
-    tracing::error!(job, error = %e, "{what}");
-    ErrorBody::new(
-        ErrorCode::Internal,
-        format!("the appliance failed internally ({what}); the appliance's operator sees details in signetd's log (job {job})"),
-    )
-}
-
-/// The disk under the state directory is full: the caller may send again later; the
-/// operator is told where.
-fn disk_full(state_dir: &Path, job: &str, e: &dyn std::fmt::Display) -> ErrorBody {
-    tracing::error!(job, error = %e, state_dir = %state_dir.display(), "the disk of the state directory is full; free space on it (old logs, other files) or move state_dir to a bigger disk");
-    ErrorBody::new(
-        ErrorCode::SpoolFull,
-        "the appliance's disk is full, so this upload cannot be spooled; nothing was signed, send it again later. The appliance's operator sees where in signetd's log",
-    )
-    .retryable(true)
 }
 
 impl Engine {
@@ -317,20 +297,20 @@ pub struct SubmitRequest {
 #[derive(Debug)]
 pub enum Signing {
     /// Refused from the headers, before the body was read (audited).
-    Refused(ErrorBody),
+    Refused(JobError),
     /// Refused while the body came (too large, too slow, spool full, bad key, ...).
-    Failed(ErrorBody),
+    Failed(JobError),
     /// Queued; the caller fetches the result later (`Prefer: respond-async`).
     Queued {
         id: String,
-        job: Result<JobView, ErrorBody>,
+        job: Result<JobView, JobError>,
     },
     /// The job ended: its result (or its error), with the caller's job slot, to be
     /// held until the answer is streamed out.
     Ended {
         id: String,
         caller: Caller,
-        result: Result<Delivery, ErrorBody>,
+        result: Result<Delivery, JobError>,
         slot: Slot,
         /// The caller asked for the signature alone (`response=pkcs7`).
         pkcs7: bool,
@@ -437,18 +417,13 @@ impl JobService {
     }
 
     /// Takes one of the caller's job slots for as long as the [`Slot`] lives.
-    pub fn start(&self, job: &Job) -> Result<Slot, ErrorBody> {
-        self.slots.take(&job.caller.key()).ok_or_else(|| {
-            ErrorBody::new(
-                ErrorCode::TooManyJobs,
-                format!(
-                    "{} already has {} jobs running, as many as one caller may; nothing was signed. Send this one again when one of them has ended",
-                    job.caller,
-                    self.slots.max()
-                ),
-            )
-            .retryable(true)
-        })
+    pub fn start(&self, job: &Job) -> Result<Slot, JobError> {
+        self.slots
+            .take(&job.caller.key())
+            .ok_or_else(|| JobError::TooManyJobs {
+                caller: job.caller.to_string(),
+                max: self.slots.max(),
+            })
     }
 
     /// The profile `name` (`None`: the default) if it exists and the caller has a
@@ -457,22 +432,19 @@ impl JobService {
         &self,
         name: Option<&str>,
         caller: &Caller,
-    ) -> Result<(String, Profile, std::sync::Arc<Config>), ErrorBody> {
+    ) -> Result<(String, Profile, std::sync::Arc<Config>), JobError> {
         let cfg = self.config();
         let name = name.unwrap_or(&cfg.default_profile);
         let Some(profile) = cfg.profiles.get(name) else {
-            return Err(ErrorBody::new(
-                ErrorCode::UnknownProfile,
-                format!(
-                    "there is no signing profile {name:?}; profiles: {} (the default is {:?})",
-                    cfg.profiles.keys().cloned().collect::<Vec<_>>().join(", "),
-                    cfg.default_profile
-                ),
-            ));
+            return Err(JobError::UnknownProfile {
+                name: name.to_owned(),
+                known: cfg.profiles.keys().cloned().collect(),
+                default: cfg.default_profile.clone(),
+            });
         };
         if let Err(refusal) = cfg.policy.decide(caller, name) {
             tracing::warn!(caller = %refusal.caller, key = %caller.key(), profile = name, "refused: the caller has no grant for this profile");
-            return Err(ErrorBody::new(ErrorCode::Forbidden, refusal.to_string()));
+            return Err(JobError::Forbidden(refusal));
         }
         let (name, profile) = (name.to_owned(), profile.clone());
         Ok((name, profile, cfg))
@@ -484,7 +456,7 @@ impl JobService {
         &self,
         name: Option<&str>,
         caller: &Caller,
-    ) -> Result<ProfileOptions, ErrorBody> {
+    ) -> Result<ProfileOptions, JobError> {
         let (name, profile, _) = self.profile(name, caller)?;
         Ok(ProfileOptions {
             name,
@@ -497,16 +469,13 @@ impl JobService {
 
     /// Checks a signing request against the profiles and the grants and turns it into a
     /// job.
-    pub fn accept(&self, query: &SignQuery, caller: &Caller) -> Result<Job, ErrorBody> {
+    pub fn accept(&self, query: &SignQuery, caller: &Caller) -> Result<Job, JobError> {
         let (name, profile, cfg) = self.profile(query.profile.as_deref(), caller)?;
         let name = name.as_str();
         let profile = &profile;
         let filename = match &query.filename {
             Some(f) if f.contains(['/', '\\', '\0']) || f.len() > 255 => {
-                return Err(ErrorBody::new(
-                    ErrorCode::BadRequest,
-                    "filename must be a bare file name of at most 255 bytes, without directories",
-                ))
+                return Err(JobError::BadFilename)
             }
             f => f.clone(),
         };
@@ -555,17 +524,30 @@ impl JobService {
             .map(|q| (q.profile.clone(), q.filename.clone()))
             .unwrap_or_default();
         let started = caller
-            .and_then(|caller| req.query.and_then(|q| self.accept(&q, &caller)))
+            .map_err(JobError::from)
+            .and_then(|caller| {
+                req.query
+                    .map_err(JobError::Request)
+                    .and_then(|q| self.accept(&q, &caller))
+            })
             .and_then(|job| {
                 if req.content_length.is_some_and(|n| n > job.max_input_size) {
-                    return Err(crate::limits::too_large(job.max_input_size));
+                    return Err(JobError::TooLarge {
+                        max: job.max_input_size,
+                    });
                 }
                 self.start(&job).map(|slot| (job, slot))
             });
         let (job, slot) = match started {
             Ok(started) => started,
             Err(e) => {
-                self.refuse(&who, transport, profile.as_deref(), filename.as_deref(), &e);
+                self.refuse(
+                    &who,
+                    transport,
+                    profile.as_deref(),
+                    filename.as_deref(),
+                    &ErrorBody::from(&e),
+                );
                 return Signing::Refused(e);
             }
         };
@@ -589,8 +571,12 @@ impl JobService {
         let id = match submitted {
             Ok(id) => id,
             Err(e) => {
-                let e = tripped.error(job.max_input_size, idle).unwrap_or(e);
-                tracing::info!(caller = %job.caller.key(), transport, profile = %job.profile, code = %e.code, "upload refused part-way: {}", e.message);
+                let e = tripped
+                    .error(job.max_input_size, idle)
+                    .map(JobError::Limit)
+                    .unwrap_or(e);
+                let told = ErrorBody::from(&e);
+                tracing::info!(caller = %job.caller.key(), transport, profile = %job.profile, code = %told.code, "upload refused part-way: {}", told.message);
                 return Signing::Failed(e);
             }
         };
@@ -700,63 +686,47 @@ impl JobService {
         content_type: &str,
         content_length: Option<u64>,
         body: Body,
-    ) -> Result<String, ErrorBody> {
+    ) -> Result<String, JobError> {
         let engine = self.engine();
         let store = &engine.store;
         let caller = job.caller.key();
         if let Some(k) = &key {
             if k.is_empty() || k.len() > MAX_KEY_LEN || !k.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(ErrorBody::new(
-                    ErrorCode::BadRequest,
-                    format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} printable ASCII characters, e.g. a UUID"),
-                ));
+                return Err(JobError::BadIdempotencyKey);
             }
         }
         if kind == Kind::Batch && multer::parse_boundary(content_type).is_err() {
-            return Err(ErrorBody::new(
-                ErrorCode::BadRequest,
-                "a batch is multipart/form-data with one part per file (curl -F file=@a.exe -F file=@b.dll)",
-            ));
+            return Err(JobError::BadBatch);
         }
-        let full = |what: String| {
+        let full = |len: Option<u64>| {
             let (used, quota) = store.spool_usage();
-            ErrorBody::new(
-                ErrorCode::SpoolFull,
-                format!("the appliance's spool has no room for {what} now ({} of {} MiB in use); nothing was uploaded or signed, send it again later", used >> 20, quota >> 20),
-            )
+            JobError::SpoolFull { len, used, quota }
         };
-        if engine.draining.load(std::sync::atomic::Ordering::SeqCst) {
-            let e = ErrorBody::new(
-                ErrorCode::ShuttingDown,
-                "the appliance is stopping (signetd restarts, or its host shuts down or reboots); nothing was uploaded or signed, send it again in a few minutes",
-            )
-            .retryable(true);
+        let refused = |e: &JobError| {
             self.refuse(
                 &caller,
                 transport,
                 Some(&job.profile),
                 job.agent_query.filename.as_deref(),
-                &e,
-            );
+                &ErrorBody::from(e),
+            )
+        };
+        if engine.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            let e = JobError::ShuttingDown;
+            refused(&e);
             return Err(e);
         }
         let mut reserved = 0u64;
         if let Some(len) = content_length {
             if !store.reserve(len) {
-                let e = full(format!("this {len}-byte upload"));
-                self.refuse(
-                    &caller,
-                    transport,
-                    Some(&job.profile),
-                    job.agent_query.filename.as_deref(),
-                    &e,
-                );
+                let e = full(Some(len));
+                refused(&e);
                 return Err(e);
             }
             reserved = len;
         }
         let agent_query = serde_urlencoded::to_string(&job.agent_query)
-            .map_err(|e| internal("-", "encoding the agent query", &e))?;
+            .map_err(|e| JobError::internal("-", "encoding the agent query", &e))?;
         let request = request_sha256(&kind, &job.asked);
         let inserted = store.insert(&NewJob {
             caller: caller.clone(),
@@ -778,13 +748,7 @@ impl JobService {
                     .same_request(&id, key.as_deref().unwrap_or_default(), &request, body)
                     .await;
                 if let Err(e) = &same {
-                    self.refuse(
-                        &caller,
-                        transport,
-                        Some(&job.profile),
-                        job.agent_query.filename.as_deref(),
-                        e,
-                    );
+                    refused(e);
                 } else {
                     tracing::info!(job = %id, %caller, "idempotency key seen before, same request: same job");
                 }
@@ -793,9 +757,9 @@ impl JobService {
             Err(e) => {
                 store.release(reserved);
                 return Err(if e.disk_full() {
-                    disk_full(&self.config().state_dir, "-", &e)
+                    JobError::disk_full(&self.config().state_dir, "-", &e)
                 } else {
-                    internal("-", "recording the job", &e)
+                    JobError::internal("-", "recording the job", &e)
                 });
             }
         };
@@ -817,28 +781,23 @@ impl JobService {
                 Err(fault) => {
                     store.remove_spooled(&path);
                     let e = match fault {
-                        Spool::Full => full("this upload".to_owned()),
-                        Spool::Broken(e) => ErrorBody::new(
-                            ErrorCode::TruncatedInput,
-                            format!("the upload broke off before the end ({e}); nothing was signed, send it again"),
-                        ),
-                        Spool::Stopped => ErrorBody::new(
-                            ErrorCode::ShuttingDown,
-                            "signetd is stopping (a restart, or the host's shutdown) and this upload was cut short; nothing was signed, send it again in a few minutes",
-                        )
-                        .retryable(true),
+                        Spool::Full => full(None),
+                        Spool::Broken(e) => JobError::Truncated { why: e.to_string() },
+                        Spool::Stopped => JobError::UploadCut,
                         Spool::Disk(e) if store::io_disk_full(&e) => {
-                            disk_full(&self.config().state_dir, &id, &e)
+                            JobError::disk_full(&self.config().state_dir, &id, &e)
                         }
-                        Spool::Disk(e) => internal(&id, "spooling the input", &e),
+                        Spool::Disk(e) => JobError::internal(&id, "spooling the input", &e),
                     };
+                    // The job's record keeps the error as the caller is told it.
+                    let recorded = ErrorBody::from(&e);
                     if let Ok(Some(row)) = store.get(&id) {
                         let _ = store.finish(
                             &id,
                             JobState::Failed,
                             None,
-                            Some(&e),
-                            &entry(&row, Outcome::Failed, Some(e.code)),
+                            Some(&recorded),
+                            &entry(&row, Outcome::Failed, Some(recorded.code)),
                         );
                     }
                     engine.notify_done(&id);
@@ -849,9 +808,9 @@ impl JobService {
             engine.store_wrote(queued.as_ref().map(|_| ()));
             queued.map_err(|e| {
                 if e.disk_full() {
-                    disk_full(&self.config().state_dir, &id, &e)
+                    JobError::disk_full(&self.config().state_dir, &id, &e)
                 } else {
-                    internal(&id, "queueing the job", &e)
+                    JobError::internal(&id, "queueing the job", &e)
                 }
             })?;
             lock(&engine.sched).queue.push(&caller, &id);
@@ -872,43 +831,33 @@ impl JobService {
         key: &str,
         request: &str,
         body: Body,
-    ) -> Result<String, ErrorBody> {
+    ) -> Result<String, JobError> {
         let store = &self.engine().store;
-        let reused = |what: &str| {
-            ErrorBody::new(
-                ErrorCode::IdempotencyKeyReused,
-                format!("the Idempotency-Key {key:?} was used for job {id}, which asked for {what}; a key names one request: send a new key for another file, profile or options"),
-            )
+        let reused = |what: &'static str| JobError::KeyReused {
+            key: key.to_owned(),
+            id: id.to_owned(),
+            what,
         };
         let bound = store
             .request_sha256(id)
-            .map_err(|e| internal(id, "reading the job", &e))?;
+            .map_err(|e| JobError::internal(id, "reading the job", &e))?;
         if bound.is_some_and(|b| b != request) {
             return Err(reused("another profile or other options"));
         }
         let mut hasher = Sha256::new();
         let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                ErrorBody::new(
-                    ErrorCode::TruncatedInput,
-                    format!("the upload broke off before the end ({e}); send it again"),
-                )
-            })?;
+            let chunk = chunk.map_err(|e| JobError::TruncatedRepeat { why: e.to_string() })?;
             hasher.update(&chunk);
         }
         let sha = audit::hex(&hasher.finalize());
         let row = store
             .get(id)
-            .map_err(|e| internal(id, "reading the job", &e))?;
+            .map_err(|e| JobError::internal(id, "reading the job", &e))?;
         match row.and_then(|r| r.input_sha256) {
             Some(s) if s == sha => Ok(id.to_owned()),
             Some(_) => Err(reused("another file")),
-            None => Err(ErrorBody::new(
-                ErrorCode::TooManyJobs,
-                format!("job {id}, sent with this Idempotency-Key, is still being uploaded; send this request again once that upload has ended"),
-            )
-            .retryable(true)),
+            None => Err(JobError::StillUploading { id: id.to_owned() }),
         }
     }
 
@@ -949,14 +898,11 @@ impl JobService {
     }
 
     /// Job `id`, if `caller` sent it: a caller sees and acts on its own jobs only.
-    fn caller_job(&self, id: &str, caller: &Caller) -> Result<JobRow, ErrorBody> {
+    fn caller_job(&self, id: &str, caller: &Caller) -> Result<JobRow, JobError> {
         match self.engine().store.get(id) {
             Ok(Some(row)) if row.caller == caller.key() => Ok(row),
-            Ok(_) => Err(ErrorBody::new(
-                ErrorCode::UnknownJob,
-                format!("there is no job {id:?} of yours; job ids are in the x-signet-job header of the answer to the request that sent it"),
-            )),
-            Err(e) => Err(internal(id, "reading the job", &e)),
+            Ok(_) => Err(JobError::UnknownJob { id: id.to_owned() }),
+            Err(e) => Err(JobError::internal(id, "reading the job", &e)),
         }
     }
 
@@ -969,7 +915,7 @@ impl JobService {
     }
 
     /// A job's state, its place in the queue and an estimate.
-    pub fn job(&self, id: &str, caller: &Caller) -> Result<JobView, ErrorBody> {
+    pub fn job(&self, id: &str, caller: &Caller) -> Result<JobView, JobError> {
         let row = self.caller_job(id, caller)?;
         Ok(self.view(&row))
     }
@@ -1002,13 +948,13 @@ impl JobService {
     }
 
     /// Cancels a job that waits for its turn.
-    pub fn cancel(&self, id: &str, caller: &Caller) -> Result<JobView, ErrorBody> {
+    pub fn cancel(&self, id: &str, caller: &Caller) -> Result<JobView, JobError> {
         let row = self.caller_job(id, caller)?;
         self.cancel_row(row)
     }
 
     /// Cancels `row`'s job, whoever sent it: the front has checked who may.
-    pub(crate) fn cancel_row(&self, row: JobRow) -> Result<JobView, ErrorBody> {
+    pub(crate) fn cancel_row(&self, row: JobRow) -> Result<JobView, JobError> {
         let engine = self.engine();
         let id = row.id.clone();
         let id = id.as_str();
@@ -1027,48 +973,46 @@ impl JobService {
                     Some(&e),
                     &entry(&row, Outcome::Cancelled, None),
                 )
-                .map_err(|e| internal(id, "cancelling the job", &e))?;
+                .map_err(|e| JobError::internal(id, "cancelling the job", &e))?;
             engine.store.remove_spooled(&engine.store.input_path(id));
             engine.notify_done(id);
             tracing::info!(job = id, "cancelled");
         } else if !row.state.is_final() {
-            return Err(ErrorBody::new(
-                ErrorCode::BadRequest,
-                format!("job {id} is {} and can no longer be cancelled; only a job waiting in the queue can", row.state.as_str()),
-            ));
+            return Err(JobError::NotCancellable {
+                id: id.to_owned(),
+                state: row.state,
+            });
         }
         let row = match engine.store.get(id) {
             Ok(Some(row)) => row,
             Ok(None) => row,
-            Err(e) => return Err(internal(id, "reading the job", &e)),
+            Err(e) => return Err(JobError::internal(id, "reading the job", &e)),
         };
         Ok(self.view(&row))
     }
 
     /// The result of an ended job: the signed file, or the job's error.
-    pub async fn result(&self, id: &str, caller: &Caller) -> Result<Delivery, ErrorBody> {
+    pub async fn result(&self, id: &str, caller: &Caller) -> Result<Delivery, JobError> {
         let row = self.caller_job(id, caller)?;
         match row.state {
             JobState::Signed => {
-                let expired = || {
-                    ErrorBody::new(
-                        ErrorCode::ResultExpired,
-                        format!("job {id} was signed, but its result is no longer kept (at most {} s, less for a result already delivered when the spool needs the room); sign the file again", self.config().queue.result_ttl_seconds),
-                    )
-                };
+                let ttl = self.config().queue.result_ttl_seconds;
                 if row.result_gone {
-                    return Err(expired());
+                    return Err(JobError::ResultExpired {
+                        id: id.to_owned(),
+                        ttl,
+                    });
                 }
                 let store = &self.engine().store;
                 let file = match tokio::fs::File::open(store.output_path(id)).await {
                     Ok(f) => f,
                     // Delivered once already: the copy kept for a retry, while it lasts.
-                    Err(_) => tokio::fs::File::open(store.delivered_path(id)).await.map_err(|_| {
-                        ErrorBody::new(
-                            ErrorCode::ResultExpired,
-                            format!("job {id} was signed and its result delivered; the copy kept for a retry is gone (kept at most {} s, and dropped sooner when the spool needs the room); sign the file again", self.config().queue.result_ttl_seconds),
-                        )
-                    })?,
+                    Err(_) => tokio::fs::File::open(store.delivered_path(id))
+                        .await
+                        .map_err(|_| JobError::DeliveredCopyGone {
+                            id: id.to_owned(),
+                            ttl,
+                        })?,
                 };
                 Ok(Delivery {
                     id: row.id,
@@ -1080,18 +1024,18 @@ impl JobService {
                     file,
                 })
             }
-            JobState::Failed | JobState::Cancelled => Err(row.error.unwrap_or_else(|| {
-                ErrorBody::new(ErrorCode::Internal, format!("job {id} failed"))
-            })),
-            JobState::Queued | JobState::Running if self.stopping() => Err(ErrorBody::new(
-                ErrorCode::ShuttingDown,
-                format!("signetd is stopping (a restart, or the host's shutdown); job {id} stays queued and is signed once it is back: collect it then with GET /v1/jobs/{id}/result"),
-            )
-            .retryable(true)),
-            state => Err(ErrorBody::new(
-                ErrorCode::BadRequest,
-                format!("job {id} is {} and has no result yet", state.as_str()),
-            )),
+            JobState::Failed | JobState::Cancelled => {
+                Err(JobError::Failed(row.error.unwrap_or_else(|| {
+                    ErrorBody::new(ErrorCode::Internal, format!("job {id} failed"))
+                })))
+            }
+            JobState::Queued | JobState::Running if self.stopping() => {
+                Err(JobError::StaysQueued { id: id.to_owned() })
+            }
+            state => Err(JobError::NoResultYet {
+                id: id.to_owned(),
+                state,
+            }),
         }
     }
 
@@ -1328,7 +1272,7 @@ impl JobService {
             };
             let file = tokio::fs::File::open(store.input_path(id))
                 .await
-                .map_err(|e| internal(id, "opening the spooled input", &e))?;
+                .map_err(|e| ErrorBody::from(JobError::internal(id, "opening the spooled input", &e)))?;
             let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
             let path = match row.kind {
                 Kind::Sign => AGENT_SIGN_PATH,
@@ -1348,7 +1292,7 @@ impl JobService {
                     tracing::warn!(job = id, error = %e, "the agent's answer broke off");
                     ErrorBody::new(ErrorCode::AgentUnavailable, "the signing VM's agent stopped answering mid-job; nothing was delivered").retryable(true)
                 }
-                Saved::Disk(e) => internal(id, "spooling the result", &e),
+                Saved::Disk(e) => JobError::internal(id, "spooling the result", &e).into(),
             })?;
             Ok::<_, ErrorBody>((sha, n, ct))
         }

@@ -7,6 +7,7 @@ pub mod agent_watch;
 pub mod callers;
 pub mod daemon;
 pub mod doctor;
+pub mod errors;
 pub mod jobs;
 pub mod operate;
 pub mod ops;

@@ -26,6 +26,7 @@ use crate::core::policy::Caller;
 use crate::serve::OverTls;
 use crate::services::agent::client_view;
 use crate::services::daemon::Daemon;
+use crate::services::errors::JobError;
 use crate::services::jobs::{Delivery, Signing, SubmitRequest};
 use signet_protocol::batch;
 
@@ -71,14 +72,17 @@ fn tls_reader(
                 .key(),
                 other => daemon.callers().identify(other).key(),
             };
+            let e = ErrorBody::from(e);
             daemon.job_service().refuse(&who, "tls", None, None, &e);
             Err(Box::new(error_response(daemon, e)))
         }
     }
 }
 
-/// An error's answer; `too_many_attempts` carries `Retry-After`.
-pub fn error_response(daemon: &Daemon, e: ErrorBody) -> Response {
+/// An error's answer (a service's error told as the wire's [`ErrorBody`]);
+/// `too_many_attempts` carries `Retry-After`.
+pub fn error_response(daemon: &Daemon, e: impl Into<ErrorBody>) -> Response {
+    let e: ErrorBody = e.into();
     let throttled = e.code == ErrorCode::TooManyAttempts;
     let mut resp = e.into_response();
     if throttled {
@@ -128,7 +132,7 @@ async fn profile(
             format!("bad query: {}", e.body_text()),
         )
     });
-    let options = query.and_then(|q| {
+    let options = query.map_err(JobError::Request).and_then(|q| {
         authenticate(&daemon, &peer, tls.is_some(), &headers).and_then(|caller| {
             daemon
                 .job_service()
@@ -253,11 +257,13 @@ fn authenticate(
     peer: &Peer,
     over_tls: bool,
     headers: &HeaderMap,
-) -> Result<Caller, ErrorBody> {
+) -> Result<Caller, JobError> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    daemon.callers().authenticate(peer, over_tls, authorization)
+    Ok(daemon
+        .callers()
+        .authenticate(peer, over_tls, authorization)?)
 }
 
 fn v1_query(query: Result<Query<SignQuery>, QueryRejection>) -> Result<SignQuery, ErrorBody> {
@@ -310,10 +316,10 @@ async fn job(
     // connection then reads and drops what the client still sends before it closes
     // (`serve`), so the client reads this answer, not a reset.
     match daemon.job_service().sign(req).await {
-        Signing::Refused(e) | Signing::Failed(e) => Err((e, None)),
+        Signing::Refused(e) | Signing::Failed(e) => Err((e.into(), None)),
         Signing::Queued { id, job } => {
             // RFC 7240: answer now with the job; the result is fetched later.
-            let view = job.map_err(|e| (e, Some(id.clone())))?;
+            let view = job.map_err(|e| (e.into(), Some(id.clone())))?;
             let mut resp = (http::StatusCode::ACCEPTED, Json(view)).into_response();
             if let Ok(v) = HeaderValue::from_str(&id) {
                 resp.headers_mut().insert(JOB_HEADER, v);
@@ -354,7 +360,7 @@ async fn deliver(daemon: &Arc<Daemon>, id: &str, caller: &Caller) -> Response {
 fn render_result(
     daemon: &Arc<Daemon>,
     id: &str,
-    result: Result<Delivery, ErrorBody>,
+    result: Result<Delivery, JobError>,
 ) -> Result<Response, ErrorBody> {
     let d = result?;
     let stream = tokio_util::io::ReaderStream::new(d.file);
@@ -444,7 +450,7 @@ async fn job_result(
     };
     // Known to the caller: wait for it to end, then answer as POST /v1/sign would have.
     if let Err(e) = daemon.job_service().job(&id, &caller) {
-        return e.into_response();
+        return ErrorBody::from(e).into_response();
     }
     daemon.job_service().wait(&id).await;
     deliver(&daemon, &id, &caller).await
