@@ -454,7 +454,7 @@ async fn live(daemon: Arc<Daemon>, mut agent: mpsc::Receiver<Event>, refollow: w
                 .as_deref()
                 .is_some_and(|p| pins.file_changed(p));
         if changed {
-            if let Some(Ok(h)) = health(&cfg.agent).await {
+            if let Some(Ok(h)) = health(&daemon).await {
                 if matches!(h.state, AgentState::PinNeeded | AgentState::PinRejected) {
                     tracing::info!("the PIN file changed; giving the agent its PIN");
                     for a in life.on(Event::PinNeeded, Instant::now()) {
@@ -641,7 +641,7 @@ async fn follow_once(
     }
     *connected = true;
     let _ = life.send(Event::AgentUp).await;
-    let health_now = health(agent).await;
+    let health_now = health(daemon).await;
     // Gone while connecting: this is already the next agent, or none.
     if went_away(gone) {
         agent_gone(daemon, instance);
@@ -666,10 +666,17 @@ async fn follow_once(
                 };
                 let Ok(data) = frame.into_data() else { continue };
                 buf.extend_from_slice(&data);
+                let mut heard = false;
                 for event in take_events(&mut buf) {
+                    heard = true;
                     if let Some(ev) = react(&event.kind) {
                         let _ = life.send(ev).await;
                     }
+                }
+                // What the agent said changes what it reports: the daemon's view of it
+                // (the web's overview, the worker's token facts) reads it anew.
+                if heard {
+                    let _ = health(daemon).await;
                 }
             }
             _ = goes_away(gone) => {
@@ -677,7 +684,7 @@ async fn follow_once(
                 return Err("the signing VM was reset or stopped; following the agent that comes next".to_owned());
             }
             _ = recheck.tick() => {
-                let h = health(agent).await;
+                let h = health(daemon).await;
                 if h.is_none() {
                     // A stream can stay open, silent, behind an agent that is gone
                     // (a killed process behind a vsock backend): no answer is an
@@ -705,8 +712,10 @@ async fn follow_once(
 }
 
 /// The agent's health within [`HEALTH_LIMIT`]: `None` when it did not answer.
-async fn health(agent: &signet_protocol::Endpoint) -> Option<Result<AgentHealth, ()>> {
-    match crate::adapters::agent::health(agent, HEALTH_LIMIT).await {
+/// The agent's health within [`HEALTH_LIMIT`], read through the daemon's view of the
+/// agent (which learns it): `None` when it did not answer.
+async fn health(daemon: &Daemon) -> Option<Result<AgentHealth, ()>> {
+    match daemon.agent().read_health(HEALTH_LIMIT).await {
         Health::Answered(h) => Some(Ok(*h)),
         Health::Refused(_) => Some(Err(())),
         Health::Unreachable(_) | Health::Silent(_) => None,

@@ -7,14 +7,14 @@
 //! ([`AgentLink::relay_to`](crate::services::agent::AgentLink::relay_to)), its result
 //! spooled and streamed to the caller.
 
-use signet_api::wire::{AgentReport, AgentState, DaemonStatus, ErrorCode};
+use signet_api::wire::{AgentReport, AgentState, DaemonStatus, ErrorBody, ErrorCode};
 
 use crate::adapters::store::StoreError;
 use crate::config::Config;
 use std::sync::Arc;
 
 use crate::config::Current;
-use crate::services::agent::AgentLink;
+use crate::services::agent::{AgentLink, AgentSeen};
 use crate::services::callers::Callers;
 use crate::services::jobs::JobService;
 use crate::services::timeline::Timeline;
@@ -49,10 +49,11 @@ impl Daemon {
     pub fn open(cfg: Config) -> Result<Self, StoreError> {
         let config = Arc::new(Current::new(cfg));
         let callers = Arc::new(Callers::new(config.clone()));
-        let jobs = JobService::open(config.clone(), callers.clone())?;
+        let agent = AgentLink::new(config.clone());
+        let jobs = JobService::open(config.clone(), callers.clone(), agent.clone())?;
         let timeline = jobs.timeline().clone();
         Ok(Daemon {
-            agent: AgentLink::new(config.clone()),
+            agent,
             config,
             callers,
             jobs: Arc::new(jobs),
@@ -234,6 +235,31 @@ impl Daemon {
             }
             _ => crate::core::timeline::Seen::ContactOk,
         });
+        self.status_with(agent)
+    }
+
+    /// The status from what the daemon already knows of the agent ([`AgentLink::seen`]),
+    /// without asking it: for readers that follow the appliance (the web's overview), not
+    /// a contact.
+    pub fn status_seen(&self) -> DaemonStatus {
+        let endpoint = self.config().agent.to_string();
+        let agent = match self.agent.seen() {
+            AgentSeen::Answered(health) => AgentReport::Reachable { endpoint, health },
+            AgentSeen::Unreachable(error) => AgentReport::Unreachable { endpoint, error },
+            AgentSeen::NotYet => AgentReport::Unreachable {
+                endpoint,
+                error: ErrorBody::new(
+                    ErrorCode::AgentUnavailable,
+                    "signetd has not reached the signing agent yet; it keeps trying",
+                )
+                .retryable(true),
+            },
+        };
+        self.status_with(agent)
+    }
+
+    fn status_with(&self, agent: AgentReport) -> DaemonStatus {
+        let cfg = self.config();
         let signing_works = matches!(&agent, AgentReport::Reachable { health, .. } if health.state == AgentState::Ready)
             && self.jobs.store_fault().is_none();
         DaemonStatus {

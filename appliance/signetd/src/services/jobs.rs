@@ -342,7 +342,11 @@ pub struct JobService {
 impl JobService {
     /// Opens the job database and spool under the configured `state_dir` and resumes
     /// what a previous run left queued.
-    pub fn open(config: Arc<Current>, callers: Arc<Callers>) -> Result<Self, StoreError> {
+    pub fn open(
+        config: Arc<Current>,
+        callers: Arc<Callers>,
+        agent: AgentLink,
+    ) -> Result<Self, StoreError> {
         let cfg = config.get();
         let quota = cfg.queue.spool_quota_mb.saturating_mul(1 << 20);
         let engine = Engine::open(&cfg.state_dir, quota)?;
@@ -352,7 +356,7 @@ impl JobService {
         ));
         Ok(JobService {
             engine,
-            agent: AgentLink::new(config.clone()),
+            agent,
             config,
             timeline,
             refusals: Mutex::new(refusals),
@@ -1203,7 +1207,12 @@ impl JobService {
         if let Some(f) = lock(&self.engine().token).clone() {
             return f;
         }
-        match self.agent.health(FACTS_LIMIT).await {
+        // What the daemon already knows of the agent, else a read (which it then knows).
+        let known = match self.agent.seen() {
+            crate::services::agent::AgentSeen::Answered(h) if h.token.is_some() => Ok(*h),
+            _ => self.agent.health(FACTS_LIMIT).await,
+        };
+        match known {
             Ok(h) if h.token.is_some() => {
                 let f = (
                     h.token.map(|t| t.serial),

@@ -32,7 +32,9 @@ impl Default for Live {
 impl Live {
     /// Reads the overview now and tells the watchers if it changed.
     pub async fn refresh(&self, daemon: &Daemon) -> Arc<Overview> {
-        let status = daemon.status().await;
+        // What the daemon knows of the agent (its watcher follows every event), not a
+        // contact of its own: watching the page does not ask the agent anything.
+        let status = daemon.status_seen();
         let signed = signed_last_hour(daemon).await;
         self.publish(
             Overview::of(&status, signed),
