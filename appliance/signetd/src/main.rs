@@ -349,7 +349,7 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
     } else {
         audit_enroll(cfg.as_ref(), &req, &result)
     };
-    let done = result.map_err(|e| anyhow::anyhow!(e.message))?;
+    let done = result.map_err(|e| anyhow::anyhow!(signet_api::wire::ErrorBody::from(e).message))?;
     let (plan, stanza) = (&done.plan, &done.stanza);
     match (&req, &cfg) {
         (EnrollRequest::SigningVm { serial, .. }, None) => println!(
@@ -404,7 +404,7 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
 fn audit_enroll<T>(
     cfg: Option<&Config>,
     req: &signetd::services::operate::EnrollRequest,
-    result: &Result<T, signet_api::wire::ErrorBody>,
+    result: &Result<T, signetd::services::errors::OperatorError>,
 ) -> anyhow::Result<()> {
     use signetd::services::operate::{self, Operator};
     let Some(cfg) = cfg else {

@@ -68,14 +68,14 @@ impl Service for Manager {
         } else {
             u64::from(recent)
         };
-        let mut list = self.daemon.reads().jobs(n).await?;
+        let mut list = self.daemon.reads().jobs(n).await.map_err(ErrorBody::from)?;
         if role < Role::Operator {
             let own = format!("uid:{}", user.uid);
             for v in [&mut list.running, &mut list.queued, &mut list.recent] {
                 v.retain(|j| j.caller == own);
             }
         }
-        json(Ok(list))
+        json(Ok::<_, ErrorBody>(list))
     }
 
     /// Cancels a queued job (an operator: anyone's; a signer: its own); answers its
@@ -311,8 +311,9 @@ async fn operator(conn: &zbus::Connection, header: &zbus::message::Header<'_>) -
     Operator::dbus(uid)
 }
 
-fn json<T: serde::Serialize>(r: Result<T, ErrorBody>) -> Result<String, Error> {
-    let v = r?;
+/// The answer: `r`'s value as JSON, or its error told as the wire's [`ErrorBody`].
+fn json<T: serde::Serialize, E: Into<ErrorBody>>(r: Result<T, E>) -> Result<String, Error> {
+    let v = r.map_err(Into::into)?;
     Ok(serde_json::to_string(&v).unwrap_or_default())
 }
 

@@ -1,21 +1,27 @@
-//! What goes wrong on the signing path, as the job service and the callers' door say
-//! it: [`JobError`] and [`AuthError`], each variant with the facts of its case. The
+//! What goes wrong in the services, as they say it: on the signing path, the job
+//! service and the callers' door ([`JobError`], [`AuthError`]); for the operator, the
+//! audited actions and commands ([`OperatorError`]), the read model ([`ReadError`]) and
+//! the token service ([`TokenError`]). Each variant carries the facts of its case. The
 //! services return these; the fronts turn them into the wire's [`ErrorBody`] (code,
 //! message, retryable) with `ErrorBody::from`, below, as they answer.
 //!
-//! The mapping lives here, one layer under the fronts, for one reason: a job's error
-//! is also recorded in the job database (`GET /v1/jobs/{id}` returns it verbatim, the
-//! audit log keeps its code), and the job service writes those records with the same
-//! words it answers with. Errors that come from the agent are the wire's already: the
-//! worker keeps them as [`ErrorBody`] (after [`crate::services::agent::client_view`]),
-//! and a failed job's recorded error comes back as [`JobError::Failed`].
+//! The mapping lives here, one layer under the fronts, because some services record
+//! the words they answer with: a job's error is also recorded in the job database
+//! (`GET /v1/jobs/{id}` returns it verbatim, the audit log keeps its code), and an
+//! operator's refused action is audited with its code ([`crate::services::operate::record`]).
+//! Errors that come from the agent are the wire's already: the worker keeps them as
+//! [`ErrorBody`] (after [`crate::services::agent::client_view`]), and a failed job's
+//! recorded error comes back as [`JobError::Failed`].
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use signet_api::wire::{ErrorBody, ErrorCode, JobState};
 
+use crate::config::edit::EditError;
+use crate::core::passthrough;
 use crate::core::policy::Refusal;
+use crate::services::tokens::TokenError;
 
 /// The longest idempotency key accepted.
 pub const MAX_KEY_LEN: usize = 200;
@@ -302,6 +308,182 @@ impl From<&JobError> for ErrorBody {
     }
 }
 
+/// Why the read model ([`crate::services::reads`]) could not answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// The read `what` ("reading the jobs") failed (why is in the log).
+    #[error("signetd failed {what}")]
+    Failed { what: &'static str },
+    /// The request asked for something the read cannot take (a malformed time): why.
+    #[error("{why}")]
+    BadRequest { why: String },
+}
+
+impl ReadError {
+    /// The read `what` failed: logs `e`.
+    pub(crate) fn failed(what: &'static str, e: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "{what}");
+        ReadError::Failed { what }
+    }
+}
+
+impl From<ReadError> for ErrorBody {
+    fn from(e: ReadError) -> Self {
+        ErrorBody::from(&e)
+    }
+}
+
+impl From<&ReadError> for ErrorBody {
+    fn from(e: &ReadError) -> Self {
+        match e {
+            ReadError::Failed { what } => internal(what),
+            ReadError::BadRequest { why } => ErrorBody::new(ErrorCode::BadRequest, why.clone()),
+        }
+    }
+}
+
+/// signetd failed at `what`: the words every operator's command answers with.
+fn internal(what: &str) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Internal,
+        format!("signetd failed {what}; its log says why"),
+    )
+}
+
+impl From<TokenError> for ErrorBody {
+    fn from(e: TokenError) -> Self {
+        ErrorBody::from(&e)
+    }
+}
+
+impl From<&TokenError> for ErrorBody {
+    fn from(e: &TokenError) -> Self {
+        let code = match e {
+            TokenError::Unknown { .. } => ErrorCode::UnknownToken,
+            TokenError::Refused(
+                passthrough::Refusal::NotAssigned { .. } | passthrough::Refusal::OtherVm { .. },
+            ) => ErrorCode::Forbidden,
+            TokenError::Refused(_)
+            | TokenError::NotRunning(_)
+            | TokenError::NotOnHost { .. }
+            | TokenError::NoVm { .. }
+            | TokenError::VmNotConnected { .. } => ErrorCode::TokenUnavailable,
+            TokenError::NoAnswer | TokenError::PortReset { .. } | TokenError::VmReset { .. } => {
+                ErrorCode::Internal
+            }
+        };
+        ErrorBody::new(code, e.to_string())
+    }
+}
+
+/// Why an operator's command or action ([`crate::services::ops`],
+/// [`crate::services::operate`]) was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// `caller` may not use the operator's commands over HTTP.
+    #[error("{caller} may not use the operator's commands")]
+    NotOperator { caller: String },
+    #[error("there is no job {id:?}")]
+    UnknownJob { id: String },
+    /// The job service refused or failed the command.
+    #[error(transparent)]
+    Job(#[from] JobError),
+    /// The token service refused or failed the command.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// A read the command needed failed.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// signetd failed at `what` (why is in the log).
+    #[error("signetd failed {what}")]
+    Internal { what: &'static str },
+    /// An enrolment named no VM.
+    #[error("no VM id was given")]
+    NoVmid,
+    /// `signetd.toml` cannot take the enrolment's change.
+    #[error(transparent)]
+    Edit(#[from] EditError),
+    /// The VM's configuration cannot take the enrolment's change: why.
+    #[error("{why}")]
+    EnrollRefused { why: String },
+    /// Proxmox VE (`qm`) failed: why.
+    #[error("{why}")]
+    Pve { why: String },
+    /// `signetd.toml` does not load: why.
+    #[error("{why}")]
+    BadConfig { why: String },
+    /// The signing VM's token is not plugged into this host (`detail`: the token
+    /// service's own words, when it has them).
+    #[error("token {serial} is not plugged into this host")]
+    NotPlugged {
+        serial: String,
+        detail: Option<String>,
+    },
+}
+
+impl OperatorError {
+    /// signetd failed at `what`: logs `e`.
+    pub(crate) fn internal(what: &'static str, e: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "{what}");
+        OperatorError::Internal { what }
+    }
+}
+
+impl From<OperatorError> for ErrorBody {
+    fn from(e: OperatorError) -> Self {
+        match e {
+            OperatorError::Job(j) => j.into(),
+            e => ErrorBody::from(&e),
+        }
+    }
+}
+
+impl From<&OperatorError> for ErrorBody {
+    fn from(e: &OperatorError) -> Self {
+        match e {
+            OperatorError::NotOperator { caller } => ErrorBody::new(
+                ErrorCode::Forbidden,
+                format!("{caller} may not use the operator's commands; over HTTP they are for root on the host's unix socket, and members of the signet-admin group use signetctl"),
+            ),
+            OperatorError::UnknownJob { id } => ErrorBody::new(
+                ErrorCode::UnknownJob,
+                format!("there is no job {id:?}; `signetctl jobs` lists the jobs"),
+            ),
+            OperatorError::Job(j) => j.into(),
+            OperatorError::Token(t) => t.into(),
+            OperatorError::Read(r) => r.into(),
+            OperatorError::Internal { what } => internal(what),
+            OperatorError::NoVmid => ErrorBody::new(
+                ErrorCode::BadRequest,
+                "give the VM's id (qm list shows them)".to_owned(),
+            ),
+            OperatorError::Edit(e) => {
+                let code = match e {
+                    EditError::UnknownProfile { .. } => ErrorCode::UnknownProfile,
+                    EditError::OtherVm { .. } => ErrorCode::BadRequest,
+                    EditError::Write { .. } | EditError::Invalid { .. } => ErrorCode::Internal,
+                };
+                ErrorBody::new(code, e.to_string())
+            }
+            OperatorError::EnrollRefused { why } => {
+                ErrorBody::new(ErrorCode::BadRequest, why.clone())
+            }
+            OperatorError::Pve { why } => ErrorBody::new(ErrorCode::Internal, why.clone()),
+            OperatorError::BadConfig { why } => ErrorBody::new(
+                ErrorCode::Internal,
+                format!("{why}; fix signetd.toml before enrolling"),
+            ),
+            OperatorError::NotPlugged { serial, detail } => ErrorBody::new(
+                ErrorCode::UnknownToken,
+                format!(
+                    "token {serial} is not plugged into this host{}; plug it in, then enroll its signing VM",
+                    detail.as_ref().map(|d| format!(" ({d})")).unwrap_or_default()
+                ),
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,5 +593,85 @@ mod tests {
         let agent = ErrorBody::new(ErrorCode::PinLocked, "the PIN is locked").retryable(true);
         assert_eq!(ErrorBody::from(JobError::Failed(agent.clone())), agent);
         assert_eq!(ErrorBody::from(&JobError::Limit(agent.clone())), agent);
+    }
+
+    #[test]
+    fn the_operator_is_told_what_it_was_told_before() {
+        let told = |e: OperatorError| {
+            let b = ErrorBody::from(e);
+            (b.code, b.retryable, b.message)
+        };
+        assert_eq!(
+            told(OperatorError::UnknownJob { id: "7".into() }),
+            (
+                ErrorCode::UnknownJob,
+                false,
+                r#"there is no job "7"; `signetctl jobs` lists the jobs"#.into()
+            )
+        );
+        assert_eq!(
+            told(OperatorError::NotPlugged {
+                serial: "0A1B".into(),
+                detail: Some("udev is not there".into()),
+            }),
+            (
+                ErrorCode::UnknownToken,
+                false,
+                "token 0A1B is not plugged into this host (udev is not there); plug it in, then enroll its signing VM".into()
+            )
+        );
+        assert_eq!(
+            told(OperatorError::NoVmid),
+            (
+                ErrorCode::BadRequest,
+                false,
+                "give the VM's id (qm list shows them)".into()
+            )
+        );
+        assert_eq!(
+            told(OperatorError::Internal { what: "running qm" }),
+            (
+                ErrorCode::Internal,
+                false,
+                "signetd failed running qm; its log says why".into()
+            )
+        );
+        // The job service's and the token service's refusals keep their own words.
+        let (code, _, message) = told(
+            JobError::NotCancellable {
+                id: "3".into(),
+                state: JobState::Signed,
+            }
+            .into(),
+        );
+        assert_eq!(code, ErrorCode::BadRequest);
+        assert!(message.starts_with("job 3 is signed and can no longer be cancelled"));
+        let (code, _, message) = told(TokenError::NoVm { serial: "X".into() }.into());
+        assert_eq!(code, ErrorCode::TokenUnavailable);
+        assert_eq!(
+            message,
+            "token X has no signing VM in signetd.toml ([[tokens]] vm = ...)"
+        );
+    }
+
+    #[test]
+    fn the_read_models_errors_are_told_as_before() {
+        let b = ErrorBody::from(ReadError::Failed {
+            what: "reading the audit log",
+        });
+        assert_eq!(
+            (b.code, b.message.as_str()),
+            (
+                ErrorCode::Internal,
+                "signetd failed reading the audit log; its log says why"
+            )
+        );
+        let b = ErrorBody::from(ReadError::BadRequest {
+            why: "not a time".into(),
+        });
+        assert_eq!(
+            (b.code, b.message.as_str()),
+            (ErrorCode::BadRequest, "not a time")
+        );
     }
 }

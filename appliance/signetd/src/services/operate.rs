@@ -15,14 +15,15 @@
 
 use std::path::Path;
 
-use signet_api::wire::{ErrorBody, ErrorCode, HostToken, JobView};
+use signet_api::wire::{ErrorBody, HostToken, JobView};
 
 use crate::adapters::audit::Action;
 use crate::adapters::proxmox::{self, EnrollFailure, Qm};
-use crate::config::edit::{self, EditError};
+use crate::config::edit;
 use crate::config::Config;
 use crate::core::policy::Caller;
 use crate::services::daemon::Daemon;
+use crate::services::errors::OperatorError;
 
 /// Who acts, and through which front.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,33 +95,19 @@ impl EnrollRequest {
 
 pub use signet_api::operator::{EnrollReport, KeyChange};
 
-fn internal(what: &str, e: &dyn std::fmt::Display) -> ErrorBody {
-    tracing::error!(error = %e, "{what}");
-    ErrorBody::new(
-        ErrorCode::Internal,
-        format!("signetd failed {what}; its log says why"),
-    )
-}
-
-fn edit_error(e: EditError) -> ErrorBody {
-    let code = match &e {
-        EditError::UnknownProfile { .. } => ErrorCode::UnknownProfile,
-        EditError::OtherVm { .. } => ErrorCode::BadRequest,
-        EditError::Write { .. } | EditError::Invalid { .. } => ErrorCode::Internal,
-    };
-    ErrorBody::new(code, e.to_string())
-}
-
 /// Writes, on `conn`, the audit record of `op`'s action that answered `result`.
 pub fn record<T>(
     conn: &rusqlite::Connection,
     op: &Operator,
     mut action: Action,
-    result: &Result<T, ErrorBody>,
+    result: &Result<T, OperatorError>,
 ) -> Result<(), crate::adapters::audit::AuditError> {
     action.operator = op.who.clone();
     action.transport = op.via.to_owned();
-    action.error = result.as_ref().err().map(|e| e.code.as_str().to_owned());
+    action.error = result
+        .as_ref()
+        .err()
+        .map(|e| ErrorBody::from(e).code.as_str().to_owned());
     let rec = crate::adapters::audit::record_action(conn, &action)?;
     tracing::info!(
         action = action.action,
@@ -145,12 +132,9 @@ pub fn enroll_action(req: &EnrollRequest) -> Action {
     }
 }
 
-fn check_vmid(vmid: u32) -> Result<(), ErrorBody> {
+fn check_vmid(vmid: u32) -> Result<(), OperatorError> {
     if vmid == 0 {
-        return Err(ErrorBody::new(
-            ErrorCode::BadRequest,
-            "give the VM's id (qm list shows them)".to_owned(),
-        ));
+        return Err(OperatorError::NoVmid);
     }
     Ok(())
 }
@@ -190,13 +174,13 @@ pub fn enroll_change(
     req: &EnrollRequest,
     host_port: Option<&str>,
     apply: bool,
-) -> Result<Enrolment, ErrorBody> {
+) -> Result<Enrolment, OperatorError> {
     let vmid = req.vmid();
     check_vmid(vmid)?;
     let (stanza, wanted) = match req {
         EnrollRequest::SigningVm { serial, .. } => {
             let stanza = match site.cfg {
-                Some(c) => edit::assignment(c, serial, vmid).map_err(edit_error)?,
+                Some(c) => edit::assignment(c, serial, vmid)?,
                 None => None,
             };
             (stanza, Vec::new())
@@ -209,7 +193,7 @@ pub fn enroll_change(
             };
             let stanza = match site.cfg.filter(|_| site.grant) {
                 Some(c) => {
-                    let missing = edit::missing(c, vmid, &wanted).map_err(edit_error)?;
+                    let missing = edit::missing(c, vmid, &wanted)?;
                     (!missing.is_empty()).then(|| edit::stanza(vmid, &missing))
                 }
                 None => None,
@@ -232,12 +216,12 @@ pub fn enroll_change(
         !apply,
     )
     .map_err(|e| match e {
-        EnrollFailure::Refused(e) => ErrorBody::new(ErrorCode::BadRequest, e.to_string()),
-        EnrollFailure::Pve(e) => ErrorBody::new(ErrorCode::Internal, e.to_string()),
+        EnrollFailure::Refused(e) => OperatorError::EnrollRefused { why: e.to_string() },
+        EnrollFailure::Pve(e) => OperatorError::Pve { why: e.to_string() },
     })?;
     if apply {
         if let Some(s) = &stanza {
-            edit::append(site.path, s).map_err(edit_error)?;
+            edit::append(site.path, s)?;
         }
     }
     Ok(Enrolment {
@@ -249,7 +233,7 @@ pub fn enroll_change(
 
 impl Daemon {
     /// Writes the audit record of an operator's action that answered `result`.
-    fn record_action<T>(&self, op: &Operator, action: Action, result: &Result<T, ErrorBody>) {
+    fn record_action<T>(&self, op: &Operator, action: Action, result: &Result<T, OperatorError>) {
         let what = action.action;
         if let Err(e) = record(&self.store().conn(), op, action, result) {
             tracing::error!(
@@ -275,8 +259,12 @@ impl Daemon {
         op: &Operator,
         serial: &str,
         vm: Option<u32>,
-    ) -> Result<HostToken, ErrorBody> {
-        let r = self.token_service().attach(serial, vm).await;
+    ) -> Result<HostToken, OperatorError> {
+        let r = self
+            .token_service()
+            .attach(serial, vm)
+            .await
+            .map_err(Into::into);
         let mut a = Self::token_action("attach", serial);
         a.target = vm.map(|v| format!("VM {v}"));
         self.record_action(op, a, &r);
@@ -284,22 +272,34 @@ impl Daemon {
     }
 
     /// [`Handle::detach`](crate::services::tokens::Handle::detach), audited.
-    pub async fn detach_by(&self, op: &Operator, serial: &str) -> Result<HostToken, ErrorBody> {
-        let r = self.token_service().detach(serial).await;
+    pub async fn detach_by(&self, op: &Operator, serial: &str) -> Result<HostToken, OperatorError> {
+        let r = self
+            .token_service()
+            .detach(serial)
+            .await
+            .map_err(Into::into);
         self.record_action(op, Self::token_action("detach", serial), &r);
         r
     }
 
     /// [`Handle::reattach`](crate::services::tokens::Handle::reattach), audited.
-    pub async fn reattach_by(&self, op: &Operator, serial: &str) -> Result<HostToken, ErrorBody> {
-        let r = self.token_service().reattach(serial).await;
+    pub async fn reattach_by(
+        &self,
+        op: &Operator,
+        serial: &str,
+    ) -> Result<HostToken, OperatorError> {
+        let r = self
+            .token_service()
+            .reattach(serial)
+            .await
+            .map_err(Into::into);
         self.record_action(op, Self::token_action("reattach", serial), &r);
         r
     }
 
     /// [`Daemon::cancel_any`], audited (beside the job's own `cancelled` record, which
     /// names its caller).
-    pub fn cancel_by(&self, op: &Operator, id: &str) -> Result<JobView, ErrorBody> {
+    pub fn cancel_by(&self, op: &Operator, id: &str) -> Result<JobView, OperatorError> {
         let r = self.cancel_any(id);
         let a = Action {
             action: "cancel",
@@ -318,7 +318,7 @@ impl Daemon {
         op: &Operator,
         req: &EnrollRequest,
         apply: bool,
-    ) -> Result<EnrollReport, ErrorBody> {
+    ) -> Result<EnrollReport, OperatorError> {
         let r = self.enroll_inner(req, apply).await;
         if apply {
             self.record_action(op, enroll_action(req), &r);
@@ -330,17 +330,13 @@ impl Daemon {
         &self,
         req: &EnrollRequest,
         apply: bool,
-    ) -> Result<EnrollReport, ErrorBody> {
+    ) -> Result<EnrollReport, OperatorError> {
         let vmid = req.vmid();
         check_vmid(vmid)?;
         let path = self.config().path.clone();
         // As the file is now: an earlier enrolment may have added to it.
-        let cfg = crate::config::Config::load(&path).map_err(|e| {
-            ErrorBody::new(
-                ErrorCode::Internal,
-                format!("{e}; fix signetd.toml before enrolling"),
-            )
-        })?;
+        let cfg = crate::config::Config::load(&path)
+            .map_err(|e| OperatorError::BadConfig { why: e.to_string() })?;
         let qm = Qm {
             program: cfg.doctor.qm.clone(),
         };
@@ -352,11 +348,9 @@ impl Daemon {
                     .iter()
                     .find(|t| &t.serial == serial)
                     .and_then(|t| t.host_port.clone())
-                    .ok_or_else(|| {
-                        ErrorBody::new(
-                            ErrorCode::UnknownToken,
-                            format!("token {serial} is not plugged into this host{}; plug it in, then enroll its signing VM", report.detail.map(|d| format!(" ({d})")).unwrap_or_default()),
-                        )
+                    .ok_or_else(|| OperatorError::NotPlugged {
+                        serial: serial.clone(),
+                        detail: report.detail.clone(),
                     })?;
                 Some(port)
             }
@@ -374,7 +368,7 @@ impl Daemon {
             enroll_change(&site, &req2, host_port.as_deref(), apply)
         })
         .await
-        .map_err(|e| internal("running qm", &e))??;
+        .map_err(|e| OperatorError::internal("running qm", &e))??;
         let (plan, stanza) = (done.plan, done.stanza);
         let mut notes = Vec::new();
         if apply {

@@ -6,40 +6,32 @@
 //! their results ([`signet_api::operator`]).
 
 use signet_api::operator::DoctorReport;
-use signet_api::wire::{AgentReport, ErrorBody, ErrorCode, JobView};
+use signet_api::wire::{AgentReport, JobView};
 
 use crate::core::policy::Caller;
 use crate::services::daemon::Daemon;
 use crate::services::doctor;
+use crate::services::errors::OperatorError;
 
 /// How many ended jobs the job list shows by default.
 pub const RECENT_JOBS: u64 = 20;
 /// How many audit records a tail shows by default.
 pub const AUDIT_TAIL: u64 = 20;
 
-fn internal(what: &str, e: &dyn std::fmt::Display) -> ErrorBody {
-    tracing::error!(error = %e, "{what}");
-    ErrorBody::new(
-        ErrorCode::Internal,
-        format!("signetd failed {what}; its log says why"),
-    )
-}
-
 /// Whether `caller` may use the operator's commands over HTTP: root on the host's unix
 /// socket. (On D-Bus: root and the `signet-admin` group, [`crate::core::roles`].)
-pub fn check_operator(caller: &Caller) -> Result<(), ErrorBody> {
+pub fn check_operator(caller: &Caller) -> Result<(), OperatorError> {
     match caller {
         Caller::Local { uid: 0, .. } => Ok(()),
-        other => Err(ErrorBody::new(
-            ErrorCode::Forbidden,
-            format!("{other} may not use the operator's commands; over HTTP they are for root on the host's unix socket, and members of the signet-admin group use signetctl"),
-        )),
+        other => Err(OperatorError::NotOperator {
+            caller: other.to_string(),
+        }),
     }
 }
 
 impl Daemon {
     /// Cancels any caller's job that waits for its turn (the operator's cancel).
-    pub fn cancel_any(&self, id: &str) -> Result<JobView, ErrorBody> {
+    pub fn cancel_any(&self, id: &str) -> Result<JobView, OperatorError> {
         match self.store().get(id) {
             Ok(Some(row)) => {
                 let who = row.caller.clone();
@@ -47,11 +39,8 @@ impl Daemon {
                 tracing::info!(job = id, caller = %who, "cancelled by the operator");
                 Ok(view)
             }
-            Ok(None) => Err(ErrorBody::new(
-                ErrorCode::UnknownJob,
-                format!("there is no job {id:?}; `signetctl jobs` lists the jobs"),
-            )),
-            Err(e) => Err(internal("reading the job", &e)),
+            Ok(None) => Err(OperatorError::UnknownJob { id: id.to_owned() }),
+            Err(e) => Err(OperatorError::internal("reading the job", &e)),
         }
     }
 
@@ -128,8 +117,8 @@ mod tests {
                 granted: vec![],
             },
         ] {
-            let e = check_operator(&other).unwrap_err();
-            assert_eq!(e.code, ErrorCode::Forbidden);
+            let e = signet_api::wire::ErrorBody::from(check_operator(&other).unwrap_err());
+            assert_eq!(e.code, signet_api::wire::ErrorCode::Forbidden);
             assert!(e.message.contains("signetctl"), "{}", e.message);
         }
     }

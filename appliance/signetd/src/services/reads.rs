@@ -10,11 +10,12 @@
 
 use rusqlite::Connection;
 use signet_api::operator::{AuditCheck, AuditRecord, JobList, JobSummary};
-use signet_api::wire::{ErrorBody, ErrorCode, JobState, JobView};
+use signet_api::wire::{JobState, JobView};
 
 use crate::adapters::audit::{self, AuditError, Mark, Verified, Walk};
 use crate::adapters::queries::{self, AuditPage, TimelineRow};
 use crate::adapters::store::{self, JobRow, StoreError};
+use crate::services::errors::ReadError;
 use crate::services::jobs::JobService;
 
 /// A job as read, with its place in the queue.
@@ -49,14 +50,6 @@ impl<'d> Reads<'d> {
     }
 }
 
-fn internal(what: &str, e: &dyn std::fmt::Display) -> ErrorBody {
-    tracing::error!(error = %e, "{what}");
-    ErrorBody::new(
-        ErrorCode::Internal,
-        format!("signetd failed {what}; its log says why"),
-    )
-}
-
 fn summary(line: &JobLine, now_ms: u64) -> JobSummary {
     let (row, view) = (&line.row, &line.view);
     JobSummary {
@@ -76,7 +69,7 @@ fn summary(line: &JobLine, now_ms: u64) -> JobSummary {
 impl Reads<'_> {
     /// Runs `f` on a read-only connection, in one read transaction, off the runtime.
     /// `what` names the read for the error ("reading the jobs").
-    pub async fn read<T, F>(&self, what: &'static str, f: F) -> Result<T, ErrorBody>
+    pub async fn read<T, F>(&self, what: &'static str, f: F) -> Result<T, ReadError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
@@ -84,8 +77,8 @@ impl Reads<'_> {
         let reader = self.jobs.store().reader();
         match tokio::task::spawn_blocking(move || reader.read(f)).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(internal(what, &e)),
-            Err(e) => Err(internal(what, &e)),
+            Ok(Err(e)) => Err(ReadError::failed(what, &e)),
+            Err(e) => Err(ReadError::failed(what, &e)),
         }
     }
 
@@ -95,7 +88,7 @@ impl Reads<'_> {
     }
 
     /// Every caller's jobs, with the `recent` that ended last.
-    pub async fn board(&self, recent: u64) -> Result<Board, ErrorBody> {
+    pub async fn board(&self, recent: u64) -> Result<Board, ReadError> {
         let (live, queued, ended) = self
             .read("reading the jobs", move |conn| {
                 let mut live = store::jobs_in_state(conn, JobState::Receiving)?;
@@ -120,7 +113,7 @@ impl Reads<'_> {
     }
 
     /// Every caller's jobs as the operator's commands answer them (`JobList`).
-    pub async fn jobs(&self, recent: u64) -> Result<JobList, ErrorBody> {
+    pub async fn jobs(&self, recent: u64) -> Result<JobList, ReadError> {
         let b = self.board(recent).await?;
         let all = |v: &[JobLine]| v.iter().map(|l| summary(l, b.now_ms)).collect();
         Ok(JobList {
@@ -142,7 +135,7 @@ impl Reads<'_> {
     }
 
     /// The newest `n` audit records, oldest first.
-    pub async fn audit_tail(&self, n: u64) -> Result<Vec<AuditRecord>, ErrorBody> {
+    pub async fn audit_tail(&self, n: u64) -> Result<Vec<AuditRecord>, ReadError> {
         self.read("reading the audit log", move |conn| {
             Ok(audit::tail(conn, n)?)
         })
@@ -150,20 +143,20 @@ impl Reads<'_> {
     }
 
     /// The audit records since `since` (RFC 3339; all when `None`), oldest first.
-    pub async fn audit_since(&self, since: Option<&str>) -> Result<Vec<AuditRecord>, ErrorBody> {
+    pub async fn audit_since(&self, since: Option<&str>) -> Result<Vec<AuditRecord>, ReadError> {
         let since = since.map(str::to_owned);
         self.read("reading the audit log", move |conn| {
             Ok(audit::since(conn, since.as_deref()))
         })
         .await?
         .map_err(|e| match e {
-            e @ AuditError::BadTime(_) => ErrorBody::new(ErrorCode::BadRequest, e.to_string()),
-            e => internal("reading the audit log", &e),
+            e @ AuditError::BadTime(_) => ReadError::BadRequest { why: e.to_string() },
+            e => ReadError::failed("reading the audit log", &e),
         })
     }
 
     /// Walks the whole audit chain, held against the head kept in the state directory.
-    pub async fn audit_verify(&self) -> Result<AuditCheck, ErrorBody> {
+    pub async fn audit_verify(&self) -> Result<AuditCheck, ReadError> {
         let dir = self.jobs.config().state_dir.clone();
         let known = crate::adapters::head::read(&dir)
             .ok()
@@ -180,7 +173,7 @@ impl Reads<'_> {
     pub async fn audit_verify_after(
         &self,
         from: Option<Mark>,
-    ) -> Result<Result<(Verified, Mark, Walk), AuditError>, ErrorBody> {
+    ) -> Result<Result<(Verified, Mark, Walk), AuditError>, ReadError> {
         self.read("reading the audit log", move |conn| {
             Ok(audit::verify_after(conn, from.as_ref()))
         })
@@ -193,7 +186,7 @@ impl Reads<'_> {
         search: &str,
         offset: u64,
         per_page: u32,
-    ) -> Result<AuditPage, ErrorBody> {
+    ) -> Result<AuditPage, ReadError> {
         let search = search.to_owned();
         self.read("reading the audit log", move |conn| {
             Ok(queries::audit_page(conn, &search, offset, per_page)?)
@@ -202,7 +195,7 @@ impl Reads<'_> {
     }
 
     /// The whole audit log as JSON lines.
-    pub async fn audit_export(&self) -> Result<Vec<u8>, ErrorBody> {
+    pub async fn audit_export(&self) -> Result<Vec<u8>, ReadError> {
         self.read("exporting the audit log", |conn| {
             let mut out = Vec::new();
             audit::export(conn, None, &mut out)?;
@@ -212,7 +205,7 @@ impl Reads<'_> {
     }
 
     /// Files signed since `since` (RFC 3339).
-    pub async fn signed_since(&self, since: &str) -> Result<u64, ErrorBody> {
+    pub async fn signed_since(&self, since: &str) -> Result<u64, ReadError> {
         let since = since.to_owned();
         self.read("reading the audit log", move |conn| {
             Ok(queries::signed_since(conn, &since)?)
@@ -221,7 +214,7 @@ impl Reads<'_> {
     }
 
     /// The recovery timeline since `from_ms`, oldest first.
-    pub async fn timeline_since(&self, from_ms: u64) -> Result<Vec<TimelineRow>, ErrorBody> {
+    pub async fn timeline_since(&self, from_ms: u64) -> Result<Vec<TimelineRow>, ReadError> {
         self.read("reading the timeline", move |conn| {
             Ok(queries::timeline_since(conn, from_ms)?)
         })
@@ -232,7 +225,7 @@ impl Reads<'_> {
     pub async fn signed_since_ms(
         &self,
         from_ms: u64,
-    ) -> Result<Vec<(String, u64, u64)>, ErrorBody> {
+    ) -> Result<Vec<(String, u64, u64)>, ReadError> {
         self.read("reading the jobs", move |conn| {
             Ok(queries::signed_since_ms(conn, from_ms)?)
         })
@@ -374,7 +367,7 @@ mod tests {
         assert_eq!(tail[0].job.as_deref(), Some(id.as_str()));
         assert_eq!(reads.audit_since(None).await.unwrap(), tail);
         let e = reads.audit_since(Some("yesterday")).await.unwrap_err();
-        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(matches!(e, ReadError::BadRequest { .. }), "{e:?}");
         let page = reads.audit_page("vm:101", 0, 10).await.unwrap();
         assert_eq!(page.total, 1);
         let export = reads.audit_export().await.unwrap();

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use signet_api::wire::{ErrorBody, ErrorCode, HostToken, TokenChange, TokenPlace, TokensReport};
+use signet_api::wire::{HostToken, TokenChange, TokenPlace, TokensReport};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::adapters::qmp::{Monitor, MonitorEvent, Qmp};
@@ -224,27 +224,6 @@ pub enum TokenError {
     VmReset { vmid: u32, why: String },
 }
 
-impl TokenError {
-    /// The error as every front gives it.
-    pub fn to_body(&self) -> ErrorBody {
-        let code = match self {
-            TokenError::Unknown { .. } => ErrorCode::UnknownToken,
-            TokenError::Refused(Refusal::NotAssigned { .. } | Refusal::OtherVm { .. }) => {
-                ErrorCode::Forbidden
-            }
-            TokenError::Refused(_)
-            | TokenError::NotRunning(_)
-            | TokenError::NotOnHost { .. }
-            | TokenError::NoVm { .. }
-            | TokenError::VmNotConnected { .. } => ErrorCode::TokenUnavailable,
-            TokenError::NoAnswer | TokenError::PortReset { .. } | TokenError::VmReset { .. } => {
-                ErrorCode::Internal
-            }
-        };
-        ErrorBody::new(code, self.to_string())
-    }
-}
-
 /// The door to the running token service (or the reason it is not running).
 #[derive(Debug, Clone)]
 pub struct Handle {
@@ -418,28 +397,28 @@ pub fn view(t: &Token, seen: Option<&(VidPid, TokenKind)>) -> HostToken {
 impl Handle {
     /// Puts the token into its signing VM (`vm`: the VM the operator expects; another
     /// one is refused, never attached to).
-    pub async fn attach(&self, serial: &str, vm: Option<u32>) -> Result<HostToken, ErrorBody> {
+    pub async fn attach(&self, serial: &str, vm: Option<u32>) -> Result<HostToken, TokenError> {
         self.token_command(serial, Op::Attach(vm)).await
     }
 
     /// Takes the token out of its VM and keeps it on the host until it is attached
     /// again.
-    pub async fn detach(&self, serial: &str) -> Result<HostToken, ErrorBody> {
+    pub async fn detach(&self, serial: &str) -> Result<HostToken, TokenError> {
         self.token_command(serial, Op::Detach).await
     }
 
     /// Detaches the token from its VM and attaches it anew.
-    pub async fn reattach(&self, serial: &str) -> Result<HostToken, ErrorBody> {
+    pub async fn reattach(&self, serial: &str) -> Result<HostToken, TokenError> {
         self.token_command(serial, Op::Reattach).await
     }
 
-    async fn token_command(&self, serial: &str, op: Op) -> Result<HostToken, ErrorBody> {
+    async fn token_command(&self, serial: &str, op: Op) -> Result<HostToken, TokenError> {
         let r = self.ask(serial, op).await;
         match &r {
             Ok(t) => tracing::info!(serial, ?op, place = %t.place.words(), "token command"),
             Err(e) => tracing::warn!(serial, ?op, error = %e, "token command refused"),
         }
-        r.map_err(|e| e.to_body())
+        r
     }
 }
 
@@ -893,6 +872,7 @@ impl<W: TokenWatcher> TokenService<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use signet_api::wire::{ErrorBody, ErrorCode};
 
     fn setup(tokens: &[(&str, u32)]) -> Setup {
         let text = tokens
@@ -1087,14 +1067,16 @@ mod tests {
             serial: "X".into(),
             known: "none".into(),
         };
-        assert_eq!(unknown.to_body().code, ErrorCode::UnknownToken);
+        assert_eq!(ErrorBody::from(&unknown).code, ErrorCode::UnknownToken);
         let other = TokenError::Refused(Refusal::OtherVm {
             serial: "X".into(),
             assigned: 105,
             asked: 106,
         });
-        assert_eq!(other.to_body().code, ErrorCode::Forbidden);
-        assert!(other.to_body().message.contains("VM 105, not VM 106"));
+        assert_eq!(ErrorBody::from(&other).code, ErrorCode::Forbidden);
+        assert!(ErrorBody::from(&other)
+            .message
+            .contains("VM 105, not VM 106"));
         let off = Handle::off("udev is not there");
         let report = off.report();
         assert!(!report.watching);
@@ -1103,7 +1085,7 @@ mod tests {
             .build()
             .unwrap();
         let e = rt.block_on(off.ask("X", Op::Detach)).unwrap_err();
-        assert_eq!(e.to_body().code, ErrorCode::TokenUnavailable);
+        assert_eq!(ErrorBody::from(&e).code, ErrorCode::TokenUnavailable);
         assert!(e.to_string().contains("udev is not there"), "{e}");
     }
 }

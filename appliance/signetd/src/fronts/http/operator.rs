@@ -43,10 +43,11 @@ fn operator(
     Ok(crate::services::operate::Operator::local(&caller))
 }
 
-fn answer<T: serde::Serialize>(r: Result<T, ErrorBody>) -> Response {
+/// The answer: `r`'s value as JSON, or its error told as the wire's [`ErrorBody`].
+fn answer<T: serde::Serialize, E: Into<ErrorBody>>(r: Result<T, E>) -> Response {
     match r {
         Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
+        Err(e) => e.into().into_response(),
     }
 }
 
@@ -63,12 +64,11 @@ async fn jobs(
     Query(q): Query<JobsQuery>,
 ) -> Response {
     let r = match operator(&daemon, &peer, tls, &headers) {
-        Ok(_) => {
-            daemon
-                .reads()
-                .jobs(q.recent.unwrap_or(ops::RECENT_JOBS))
-                .await
-        }
+        Ok(_) => daemon
+            .reads()
+            .jobs(q.recent.unwrap_or(ops::RECENT_JOBS))
+            .await
+            .map_err(ErrorBody::from),
         Err(e) => Err(e),
     };
     answer(r)
@@ -81,7 +81,10 @@ async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    answer(operator(&daemon, &peer, tls, &headers).and_then(|op| daemon.cancel_by(&op, &id)))
+    answer(
+        operator(&daemon, &peer, tls, &headers)
+            .and_then(|op| daemon.cancel_by(&op, &id).map_err(ErrorBody::from)),
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,7 +109,8 @@ async fn audit(
                     .audit_tail(n.unwrap_or(ops::AUDIT_TAIL))
                     .await
             }
-        },
+        }
+        .map_err(ErrorBody::from),
         Err(e) => Err(e),
     };
     answer(r)
@@ -119,7 +123,7 @@ async fn audit_verify(
     headers: HeaderMap,
 ) -> Response {
     let r = match operator(&daemon, &peer, tls, &headers) {
-        Ok(_) => daemon.reads().audit_verify().await,
+        Ok(_) => daemon.reads().audit_verify().await.map_err(ErrorBody::from),
         Err(e) => Err(e),
     };
     answer(r)

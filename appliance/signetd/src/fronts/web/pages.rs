@@ -513,12 +513,7 @@ async fn cancel(
             tokio::spawn(async move { w.live.refresh(&w.daemon).await });
             Ok(Redirect::to(&format!("/jobs?cancelled={id}")).into_response())
         }
-        Err(e) => Err(problem(
-            StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
-            "The job was not cancelled",
-            e.message,
-            None,
-        )),
+        Err(e) => Err(refused("The job was not cancelled", e)),
     }
 }
 
@@ -801,7 +796,9 @@ fn no_such_page() -> Problem {
     )
 }
 
-fn refused(title: &str, e: signet_api::wire::ErrorBody) -> Problem {
+/// The page of a refused or failed action: its error, told as the wire's [`ErrorBody`].
+fn refused(title: &str, e: impl Into<ErrorBody>) -> Problem {
+    let e: ErrorBody = e.into();
     problem(
         StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
         title,
