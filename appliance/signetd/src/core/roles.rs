@@ -14,8 +14,6 @@
 //! (`packaging/dbus/org.signet.Signet1.conf`), so a policy file that lets too much
 //! through does not make a signer an operator.
 
-use signet_api::wire::{ErrorBody, ErrorCode};
-
 /// The default group of the appliance's operators.
 pub const DEFAULT_ADMIN_GROUP: &str = "signet-admin";
 /// The default group of local signers (it also owns the unix socket).
@@ -61,6 +59,28 @@ impl LocalUser {
     }
 }
 
+/// Why a local user may not do something; each names what would allow it (a refusal,
+/// `forbidden` on the wire: `services::errors` maps it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoleRefusal {
+    #[error("uid {uid} may not {what}: that is for root and the {admin} group (usermod -aG {admin} USER, then log in again); members of the {signer} group read the status and their own jobs")]
+    NotOperator {
+        uid: u32,
+        what: String,
+        admin: String,
+        signer: String,
+    },
+    #[error("uid {uid} may not {what}: that is for root and the {signer} and {admin} groups (usermod -aG {signer} USER, then log in again)")]
+    NotSigner {
+        uid: u32,
+        what: String,
+        admin: String,
+        signer: String,
+    },
+    #[error("uid {uid} may not enroll a VM: enrolling sets the VM's args (which Proxmox VE allows only root@pam) and adds grants, so it is root's alone; run it as root (sudo signetctl enroll ...)")]
+    NotRoot { uid: u32 },
+}
+
 /// Whether `user` may do what needs `needed`; the refusal names the group to join.
 pub fn require(
     user: &LocalUser,
@@ -68,37 +88,40 @@ pub fn require(
     needed: Role,
     what: &str,
     names: (&str, &str),
-) -> Result<(), ErrorBody> {
+) -> Result<(), RoleRefusal> {
     if user.role(g) >= needed {
         return Ok(());
     }
     let (admin, signer) = names;
-    let message = match needed {
-        Role::Operator => format!(
-            "uid {} may not {what}: that is for root and the {admin} group (usermod -aG {admin} USER, then log in again); members of the {signer} group read the status and their own jobs",
-            user.uid
-        ),
-        _ => format!(
-            "uid {} may not {what}: that is for root and the {signer} and {admin} groups (usermod -aG {signer} USER, then log in again)",
-            user.uid
-        ),
-    };
-    Err(ErrorBody::new(ErrorCode::Forbidden, message))
+    let (uid, what, admin, signer) = (
+        user.uid,
+        what.to_owned(),
+        admin.to_owned(),
+        signer.to_owned(),
+    );
+    Err(match needed {
+        Role::Operator => RoleRefusal::NotOperator {
+            uid,
+            what,
+            admin,
+            signer,
+        },
+        _ => RoleRefusal::NotSigner {
+            uid,
+            what,
+            admin,
+            signer,
+        },
+    })
 }
 
 /// Whether `user` may enroll a VM: root alone, since it changes the VM's `args`, which
 /// Proxmox VE keeps for root@pam, and adds grants to `signetd.toml`.
-pub fn may_enroll(user: &LocalUser) -> Result<(), ErrorBody> {
+pub fn may_enroll(user: &LocalUser) -> Result<(), RoleRefusal> {
     if user.uid == 0 {
         return Ok(());
     }
-    Err(ErrorBody::new(
-        ErrorCode::Forbidden,
-        format!(
-            "uid {} may not enroll a VM: enrolling sets the VM's args (which Proxmox VE allows only root@pam) and adds grants, so it is root's alone; run it as root (sudo signetctl enroll ...)",
-            user.uid
-        ),
-    ))
+    Err(RoleRefusal::NotRoot { uid: user.uid })
 }
 
 /// The id of group `name` on this host, `None` when it does not exist.
@@ -158,20 +181,18 @@ mod tests {
     fn refusals_name_the_group_that_would_allow_it() {
         let signer = user(1000, &[990]);
         assert!(require(&signer, G, Role::Signer, "read the status", NAMES).is_ok());
-        let e = require(&signer, G, Role::Operator, "detach a token", NAMES).unwrap_err();
-        assert_eq!(e.code, ErrorCode::Forbidden);
+        let e = require(&signer, G, Role::Operator, "detach a token", NAMES)
+            .unwrap_err()
+            .to_string();
         assert!(
-            e.message.starts_with("uid 1000 may not detach a token")
-                && e.message.contains("usermod -aG signet-admin"),
-            "{}",
-            e.message
+            e.starts_with("uid 1000 may not detach a token")
+                && e.contains("usermod -aG signet-admin"),
+            "{e}"
         );
-        let e = require(&user(5, &[]), G, Role::Signer, "read the status", NAMES).unwrap_err();
-        assert!(
-            e.message.contains("usermod -aG signet USER"),
-            "{}",
-            e.message
-        );
+        let e = require(&user(5, &[]), G, Role::Signer, "read the status", NAMES)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("usermod -aG signet USER"), "{e}");
         assert!(require(&user(7, &[991]), G, Role::Operator, "x", NAMES).is_ok());
     }
 
@@ -179,8 +200,8 @@ mod tests {
     fn only_root_enrolls() {
         assert!(may_enroll(&user(0, &[])).is_ok());
         let e = may_enroll(&user(1000, &[990, 991])).unwrap_err();
-        assert_eq!(e.code, ErrorCode::Forbidden);
-        assert!(e.message.contains("root@pam"), "{}", e.message);
+        assert_eq!(e, RoleRefusal::NotRoot { uid: 1000 });
+        assert!(e.to_string().contains("root@pam"), "{e}");
     }
 
     #[test]

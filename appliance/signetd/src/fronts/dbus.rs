@@ -205,6 +205,7 @@ impl Service for Manager {
             .into());
         };
         if let Err(e) = crate::core::roles::may_enroll(&user) {
+            let e = ErrorBody::from(e);
             self.daemon
                 .job_service()
                 .refuse(&format!("uid:{}", user.uid), "dbus", None, None, &e);
@@ -255,6 +256,7 @@ impl Manager {
         ) {
             Ok(()) => Ok((user, role)),
             Err(e) => {
+                let e = ErrorBody::from(e);
                 self.daemon.job_service().refuse(
                     &format!("uid:{}", user.uid),
                     "dbus",

@@ -21,6 +21,7 @@ use signet_api::wire::{ErrorBody, ErrorCode, JobState};
 use crate::config::edit::EditError;
 use crate::core::passthrough;
 use crate::core::policy::Refusal;
+use crate::core::roles::RoleRefusal;
 use crate::services::tokens::TokenError;
 
 /// The longest idempotency key accepted.
@@ -327,6 +328,19 @@ impl ReadError {
     }
 }
 
+/// A local user's role does not allow it: `forbidden`, in the refusal's words.
+impl From<RoleRefusal> for ErrorBody {
+    fn from(e: RoleRefusal) -> Self {
+        ErrorBody::from(&e)
+    }
+}
+
+impl From<&RoleRefusal> for ErrorBody {
+    fn from(e: &RoleRefusal) -> Self {
+        ErrorBody::new(ErrorCode::Forbidden, e.to_string())
+    }
+}
+
 impl From<ReadError> for ErrorBody {
     fn from(e: ReadError) -> Self {
         ErrorBody::from(&e)
@@ -487,6 +501,27 @@ impl From<&OperatorError> for ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_role_refusal_is_forbidden_in_its_own_words() {
+        let b = ErrorBody::from(RoleRefusal::NotRoot { uid: 1000 });
+        assert_eq!(b.code, ErrorCode::Forbidden);
+        assert!(!b.retryable);
+        assert_eq!(
+            b.message,
+            "uid 1000 may not enroll a VM: enrolling sets the VM's args (which Proxmox VE allows only root@pam) and adds grants, so it is root's alone; run it as root (sudo signetctl enroll ...)"
+        );
+        let b = ErrorBody::from(RoleRefusal::NotOperator {
+            uid: 5,
+            what: "detach a token".into(),
+            admin: "signet-admin".into(),
+            signer: "signet".into(),
+        });
+        assert_eq!(b.code, ErrorCode::Forbidden);
+        assert!(b.message.starts_with(
+            "uid 5 may not detach a token: that is for root and the signet-admin group"
+        ));
+    }
 
     fn told(e: JobError) -> (ErrorCode, bool, String) {
         let b = ErrorBody::from(e);
