@@ -191,7 +191,7 @@ fn client_command(cfg: &Config, cmd: ClientCommand) -> anyhow::Result<()> {
                 &name,
                 &profiles,
                 valid,
-                signetd::core::time::unix_now(),
+                signetd::adapters::store::unix_now(),
             )?;
             eprintln!(
                 "client {name:?} added; its secret is shown only now. Give it to the client as SIGNET_SECRET (or curl -u {name}:SECRET):"
@@ -199,7 +199,7 @@ fn client_command(cfg: &Config, cmd: ClientCommand) -> anyhow::Result<()> {
             println!("{secret}");
         }
         ClientCommand::List => {
-            let now = signetd::core::time::unix_now();
+            let now = signetd::adapters::store::unix_now();
             for c in clients::list(&conn)? {
                 let left = c.expires - now;
                 let state = if left > 0 {

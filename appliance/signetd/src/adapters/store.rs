@@ -158,10 +158,16 @@ pub struct Store {
 /// The extension of a delivered result's kept copy.
 const DELIVERED_EXT: &str = "delivered";
 
+/// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    i64::try_from(now_ms() / 1000).unwrap_or(i64::MAX)
 }
 
 fn state_name(s: JobState) -> &'static str {

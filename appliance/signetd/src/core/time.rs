@@ -1,15 +1,8 @@
-//! Times as the records and the wire write them.
+//! Times as the records and the wire write them (pure: the clock is read by the
+//! adapters, `adapters::store::now_ms`).
 
 /// Milliseconds since the epoch as RFC 3339 (UTC, whole seconds).
 pub use signet_api::rfc3339::whole_seconds_from_ms as rfc3339;
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
 
 #[cfg(test)]
 mod tests {

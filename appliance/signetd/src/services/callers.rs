@@ -101,7 +101,7 @@ impl Callers {
         let Some(db) = self.clients.get() else {
             return Err(AuthError::NoClientDatabase);
         };
-        let now = crate::core::time::unix_now();
+        let now = crate::adapters::store::unix_now();
         let checked = {
             let conn = db.lock().unwrap_or_else(|e| e.into_inner());
             crate::adapters::clients::authenticate(&conn, &name, &secret, now)

@@ -75,7 +75,7 @@ impl Daemon {
         .or(last_serial);
         let (used, quota) = self.store().spool_usage();
         facts.spool = (used, quota, doctor::free_bytes(&cfg.state_dir));
-        facts.now = crate::core::time::unix_now();
+        facts.now = crate::adapters::store::unix_now();
         facts.newest_audit = newest.and_then(|t| doctor::parse_time(&t));
         facts.status = Some(status);
         DoctorReport::new(doctor::judge(&facts))
