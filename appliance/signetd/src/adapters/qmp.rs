@@ -86,6 +86,49 @@ impl QmpEvent {
     }
 }
 
+/// One line QEMU sent after its greeting, read (pure: the monitor's reader acts on it).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Line {
+    /// Not JSON: logged and skipped.
+    NotJson,
+    /// An event.
+    Event(QmpEvent),
+    /// The answer to the command sent with `id`: its `return`, or its error's class and
+    /// description.
+    Answer {
+        id: u64,
+        answer: Result<Value, (String, String)>,
+    },
+    /// JSON that is neither (no id, or neither `return` nor `error`): skipped.
+    Other,
+}
+
+/// Reads one line from QEMU's monitor. Any bytes are safe to give it (fuzzed:
+/// `fuzz/fuzz_targets/qmp_line.rs`).
+pub fn read_line(line: &str) -> Line {
+    let Ok(msg) = serde_json::from_str::<Value>(line) else {
+        return Line::NotJson;
+    };
+    if let Some(ev) = QmpEvent::parse(&msg) {
+        return Line::Event(ev);
+    }
+    let Some(id) = msg.get("id").and_then(Value::as_u64) else {
+        return Line::Other;
+    };
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    match (msg.get("return"), msg.get("error")) {
+        (Some(r), _) => Line::Answer {
+            id,
+            answer: Ok(r.clone()),
+        },
+        (None, Some(e)) => Line::Answer {
+            id,
+            answer: Err((text(e, "class"), text(e, "desc"))),
+        },
+        (None, None) => Line::Other,
+    }
+}
+
 /// What went wrong talking to QEMU.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -210,30 +253,17 @@ impl Qmp {
                             break;
                         }
                     };
-                    let Ok(msg) = serde_json::from_str::<Value>(&line) else {
-                        tracing::warn!(line, "the VM's monitor sent a line that is not JSON");
-                        continue;
-                    };
-                    if let Some(ev) = QmpEvent::parse(&msg) {
-                        let _ = events.send(ev);
-                        continue;
-                    }
-                    let Some(id) = msg.get("id").and_then(Value::as_u64) else {
-                        continue;
-                    };
-                    let answer = match (msg.get("return"), msg.get("error")) {
-                        (Some(r), _) => Ok(r.clone()),
-                        (None, Some(e)) => Err((
-                            e.get("class")
-                                .and_then(Value::as_str)
-                                .unwrap_or("")
-                                .to_owned(),
-                            e.get("desc")
-                                .and_then(Value::as_str)
-                                .unwrap_or("")
-                                .to_owned(),
-                        )),
-                        (None, None) => continue,
+                    let (id, answer) = match read_line(&line) {
+                        Line::NotJson => {
+                            tracing::warn!(line, "the VM's monitor sent a line that is not JSON");
+                            continue;
+                        }
+                        Line::Event(ev) => {
+                            let _ = events.send(ev);
+                            continue;
+                        }
+                        Line::Answer { id, answer } => (id, answer),
+                        Line::Other => continue,
                     };
                     let waiter = pending
                         .lock()
@@ -598,6 +628,44 @@ impl Monitor {
 mod tests {
     use super::*;
     use crate::core::passthrough::device_id;
+
+    /// Lines as QEMU 10 prints them (recorded from `qemu-system-x86_64 -qmp`).
+    #[test]
+    fn monitor_lines_are_read_as_events_answers_or_skipped() {
+        assert_eq!(
+            read_line(r#"{"return": {}, "id": 3}"#),
+            Line::Answer {
+                id: 3,
+                answer: Ok(serde_json::json!({}))
+            }
+        );
+        assert_eq!(
+            read_line(
+                r#"{"id": 4, "error": {"class": "GenericError", "desc": "Duplicate device ID 'signet-0123'"}}"#
+            ),
+            Line::Answer {
+                id: 4,
+                answer: Err((
+                    "GenericError".into(),
+                    "Duplicate device ID 'signet-0123'".into()
+                ))
+            }
+        );
+        assert_eq!(
+            read_line(
+                r#"{"timestamp": {"seconds": 1764690000, "microseconds": 5}, "event": "RESET", "data": {"guest": true, "reason": "guest-reset"}}"#
+            ),
+            Line::Event(QmpEvent::Reset {
+                guest: true,
+                reason: "guest-reset".into()
+            })
+        );
+        assert_eq!(read_line("garbage {"), Line::NotJson);
+        assert_eq!(read_line(r#"{"return": {}}"#), Line::Other);
+        assert_eq!(read_line(r#"{"id": 5}"#), Line::Other);
+        assert_eq!(read_line(r#"{"id": -1, "return": 1}"#), Line::Other);
+        assert_eq!(read_line(r#"[1, 2]"#), Line::Other);
+    }
 
     #[test]
     fn device_ids_are_valid_stable_and_distinct() {
