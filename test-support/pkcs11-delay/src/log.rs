@@ -206,6 +206,21 @@ impl Report {
         }
     }
 
+    /// C_Initialize calls per successful job (per signature without `JOB` lines): 1.00
+    /// when every job loads the module again.
+    pub fn initializes_per_job(&self) -> f64 {
+        let per = if self.jobs_ok > 0 {
+            self.jobs_ok
+        } else {
+            self.total.sign
+        };
+        if per == 0 {
+            0.0
+        } else {
+            self.total.initialize as f64 / per as f64
+        }
+    }
+
     /// A table per process, then the totals.
     pub fn text(&self) -> String {
         let mut s = String::from("pid        C_Initialize C_OpenSession C_Login C_Sign\n");
@@ -240,7 +255,7 @@ impl Report {
     /// One line of `key=value` words, for scripts.
     pub fn fields(&self) -> String {
         format!(
-            "processes={} initialize={} open_session={} login={} sign={} jobs_ok={} jobs_failed={} wall_s={:.3} jobs_per_s={:.2} sign_per_s={:.2} sign_ms={:.1} busy_pct={:.1} logins_per_job={:.2}",
+            "processes={} initialize={} open_session={} login={} sign={} jobs_ok={} jobs_failed={} wall_s={:.3} jobs_per_s={:.2} sign_per_s={:.2} sign_ms={:.1} busy_pct={:.1} logins_per_job={:.2} initializes_per_job={:.2}",
             self.per_process.len(),
             self.total.initialize,
             self.total.open_session,
@@ -254,6 +269,7 @@ impl Report {
             self.sign_ms_mean,
             self.busy_fraction * 100.0,
             self.logins_per_job(),
+            self.initializes_per_job(),
         )
     }
 }
@@ -321,6 +337,7 @@ mod tests {
         assert!((r.sign_rate - 3.0).abs() < 1e-9);
         assert!((r.jobs_rate - 2.0).abs() < 1e-9);
         assert!((r.logins_per_job() - 0.5).abs() < 1e-9);
+        assert!((r.initializes_per_job() - 0.5).abs() < 1e-9);
         assert!(r.fields().contains("busy_pct=25.0"));
     }
 }
