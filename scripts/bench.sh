@@ -247,5 +247,6 @@ hwm() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
     echo "| $be | $(($(hwm "${agent_pid[softhsm-$be]}") / 1024)) MiB | $(($(hwm "${daemon_pid[softhsm-$be]}") / 1024)) MiB | $(($(cat "$W/client.rss") / 1024)) MiB | $((ms / 1000)).$(printf %03d $((ms % 1000))) |"
   done
   echo
-  echo "Peak RSS (VmHWM) of the agent and signetd since they started (every run above included); the client's maximum RSS."
+  echo "Peak RSS (VmHWM) of the agent and signetd since they started (every run above"
+  echo "included); the client's maximum RSS."
 } | tee "$out/memory.md"
