@@ -1,6 +1,7 @@
 //! What the shipped binaries link, read from `cargo tree` (offline, from Cargo.lock):
 //! `signetctl` speaks D-Bus only, so nothing of the HTTP stack, TLS or vsock may reach
-//! it; and no shipped binary links the stand-ins of `signet-test-support`.
+//! it; and no shipped binary links the stand-ins of `signet-test-support` or the
+//! PKCS#11 shim `signet-pkcs11-delay`.
 
 use std::process::Command;
 
@@ -70,9 +71,11 @@ fn no_shipped_binary_links_the_test_stand_ins() {
             names.iter().any(|n| n == "signet-api"),
             "{package}: {names:?}"
         );
-        assert!(
-            !names.iter().any(|n| n == "signet-test-support"),
-            "{package} links signet-test-support: stand-ins belong in dev-dependencies only"
-        );
+        for stand_in in ["signet-test-support", "signet-pkcs11-delay"] {
+            assert!(
+                !names.iter().any(|n| n == stand_in),
+                "{package} links {stand_in}: stand-ins belong in dev-dependencies only"
+            );
+        }
     }
 }
