@@ -1,0 +1,551 @@
+//! The native engine against the real osslsigncode, with one SoftHSM key: for each
+//! file of the corpus and each option set, sign natively (a logged-in cryptoki session
+//! as the RawSigner) and with osslsigncode (its PKCS#11 engine), then parse both
+//! outputs and compare them; and `osslsigncode verify` every native output.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use cms::content_info::ContentInfo;
+use cms::signed_data::SignedData;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use der::{Decode, Encode};
+use sha2::Digest;
+use signet_authenticode::{
+    asn1, sign_pe, HashAlg, KeyKind, PeImage, RawSigner, SignOptions, Statement,
+};
+use signet_test_support::{World, PIN, SOFTHSM};
+
+const KEY: &str = "pkcs11:token=signet-demo;object=signkey;type=private";
+const CERT: &str = "pkcs11:token=signet-demo;object=signkey;type=cert";
+
+/// The token's RSA key on a logged-in session.
+struct TokenSigner {
+    session: Mutex<Session>,
+    key: ObjectHandle,
+    cert: Vec<u8>,
+    chain: Vec<Vec<u8>>,
+    signs: Mutex<usize>,
+}
+
+impl RawSigner for TokenSigner {
+    type Error = cryptoki::error::Error;
+    fn key(&self) -> KeyKind {
+        KeyKind::Rsa
+    }
+    fn sign(&self, hash: HashAlg, data: &[u8]) -> Result<Vec<u8>, Self::Error> {
+        let mech = match hash {
+            HashAlg::Sha256 => Mechanism::Sha256RsaPkcs,
+            HashAlg::Sha384 => Mechanism::Sha384RsaPkcs,
+            HashAlg::Sha512 => Mechanism::Sha512RsaPkcs,
+        };
+        *self.signs.lock().unwrap() += 1;
+        self.session.lock().unwrap().sign(&mech, self.key, data)
+    }
+    fn certificate(&self) -> &[u8] {
+        &self.cert
+    }
+    fn chain(&self) -> &[Vec<u8>] {
+        &self.chain
+    }
+}
+
+/// One token for the whole test process (SoftHSM's configuration is per process).
+struct Env {
+    world: World,
+    signer: TokenSigner,
+    _ctx: Pkcs11,
+    /// Fixture files made once: name -> path.
+    files: Mutex<BTreeMap<String, PathBuf>>,
+}
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let world = World::new();
+        std::env::set_var("SOFTHSM2_CONF", world.softhsm_conf());
+        let ctx = Pkcs11::new(SOFTHSM).unwrap();
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .unwrap();
+        let slot = ctx.get_slots_with_token().unwrap()[0];
+        let session = ctx.open_ro_session(slot).unwrap();
+        session
+            .login(UserType::User, Some(&AuthPin::new(PIN.into())))
+            .unwrap();
+        let key = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Label(b"signkey".to_vec()),
+            ])
+            .unwrap()[0];
+        let cert_obj = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::CERTIFICATE),
+                Attribute::Label(b"signkey".to_vec()),
+            ])
+            .unwrap()[0];
+        let cert = match session
+            .get_attributes(cert_obj, &[AttributeType::Value])
+            .unwrap()
+            .remove(0)
+        {
+            Attribute::Value(v) => v,
+            other => panic!("certificate value: {other:?}"),
+        };
+        std::fs::write(world.path("pin"), PIN).unwrap();
+        Env {
+            signer: TokenSigner {
+                session: Mutex::new(session),
+                key,
+                cert,
+                chain: Vec::new(),
+                signs: Mutex::new(0),
+            },
+            _ctx: ctx,
+            world,
+            files: Mutex::new(BTreeMap::new()),
+        }
+    })
+}
+
+fn osslsigncode(args: &[&std::ffi::OsStr]) -> String {
+    let e = env();
+    let out = Command::new("osslsigncode")
+        .args(args)
+        .env("SOFTHSM2_CONF", e.world.softhsm_conf())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "osslsigncode {args:?} failed: {text}");
+    text
+}
+
+fn os(s: &str) -> &std::ffi::OsStr {
+    s.as_ref()
+}
+
+/// `osslsigncode sign` with the token's key (as the agent's osslsigncode backend runs it).
+fn ossl_sign(input: &Path, output: &Path, o: &SignOptions) {
+    let e = env();
+    let pin = e.world.path("pin");
+    let mut a: Vec<&std::ffi::OsStr> = vec![
+        os("sign"),
+        os("-pkcs11module"),
+        os(SOFTHSM),
+        os("-key"),
+        os(KEY),
+        os("-readpass"),
+        pin.as_os_str(),
+        os("-pkcs11cert"),
+        os(CERT),
+        os("-h"),
+        os(o.hash.as_str()),
+    ];
+    if let Some(d) = &o.description {
+        a.extend([os("-n"), os(d)]);
+    }
+    if let Some(u) = &o.url {
+        a.extend([os("-i"), os(u)]);
+    }
+    if o.statement == Statement::Commercial {
+        a.push(os("-comm"));
+    }
+    if o.page_hashes {
+        a.push(os("-ph"));
+    }
+    if o.nested {
+        a.push(os("-nest"));
+    }
+    a.extend([os("-in"), input.as_os_str(), os("-out"), output.as_os_str()]);
+    osslsigncode(&a);
+}
+
+/// `osslsigncode verify` against the fixture certificate, requiring its leaf hash.
+fn verify(file: &Path) {
+    let e = env();
+    let leaf = format!("sha256:{}", hex(&sha2::Sha256::digest(&e.signer.cert)));
+    let ca = e.world.path("cert.pem");
+    let text = osslsigncode(&[
+        os("verify"),
+        os("-CAfile"),
+        ca.as_os_str(),
+        os("-require-leaf-hash"),
+        os(&leaf),
+        os("-in"),
+        file.as_os_str(),
+    ]);
+    assert!(text.contains("Succeeded"), "{text}");
+    assert!(!text.contains("MISMATCH"), "{text}");
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A fixture made once per process.
+fn fixture(name: &str, make: impl FnOnce(&Path)) -> PathBuf {
+    let e = env();
+    let mut files = e.files.lock().unwrap();
+    if let Some(p) = files.get(name) {
+        return p.clone();
+    }
+    let p = e.world.path(name);
+    make(&p);
+    files.insert(name.into(), p.clone());
+    p
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn make_pe(out: &Path, cc: &str, size: Option<u64>) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/make-pe.sh");
+    let mut c = Command::new("bash");
+    c.arg(script).arg(out).env("CC_MINGW", cc);
+    if let Some(s) = size {
+        c.arg(s.to_string());
+    }
+    run(&mut c);
+}
+
+/// The corpus: PE32+ and PE32 programs, a DLL, a larger program (several buffers).
+fn corpus(name: &str) -> PathBuf {
+    match name {
+        "pe32plus.exe" => fixture(name, |p| make_pe(p, "x86_64-w64-mingw32-gcc", None)),
+        "pe32.exe" => fixture(name, |p| make_pe(p, "i686-w64-mingw32-gcc", None)),
+        "big.exe" => fixture(name, |p| {
+            make_pe(p, "x86_64-w64-mingw32-gcc", Some(3 * 1024 * 1024 + 4321))
+        }),
+        "lib.dll" => fixture(name, |p| {
+            let src = env().world.path("lib.c");
+            std::fs::write(
+                &src,
+                "__declspec(dllexport) int add(int a, int b) { return a + b; }\n",
+            )
+            .unwrap();
+            run(Command::new("x86_64-w64-mingw32-gcc")
+                .args(["-shared", "-O2", "-s", "-o"])
+                .arg(p)
+                .arg(&src));
+        }),
+        signed if signed.starts_with("signed-") => {
+            let base = corpus(&signed["signed-".len()..]);
+            fixture(name, |p| {
+                ossl_sign(&base, p, &SignOptions::new(HashAlg::Sha256))
+            })
+        }
+        nested if nested.starts_with("nested-") => {
+            let base = corpus(&format!("signed-{}", &nested["nested-".len()..]));
+            fixture(name, |p| {
+                let mut o = SignOptions::new(HashAlg::Sha384);
+                o.nested = true;
+                ossl_sign(&base, p, &o)
+            })
+        }
+        other => panic!("no corpus file {other}"),
+    }
+}
+
+fn options(hash: HashAlg, page_hashes: bool, nested: bool) -> SignOptions {
+    let mut o = SignOptions::new(hash);
+    o.description = Some("Signet test".into());
+    o.url = Some("https://signet.example/".into());
+    o.page_hashes = page_hashes;
+    o.nested = nested;
+    o
+}
+
+/// The signature in a signed PE file (its certificate table's PKCS#7).
+fn pe_signature(file: &Path) -> Vec<u8> {
+    let mut f = File::open(file).unwrap();
+    let image = PeImage::parse(&mut f).unwrap();
+    image.existing_signature(&mut f).unwrap().unwrap()
+}
+
+fn signed_data(der: &[u8]) -> SignedData {
+    let ci = ContentInfo::from_der(der).unwrap();
+    assert_eq!(ci.content_type, asn1::SIGNED_DATA);
+    ci.content.decode_as().unwrap()
+}
+
+/// The nested signatures inside `sd`'s first signer.
+fn nested_of(sd: &SignedData) -> Vec<Vec<u8>> {
+    let si = sd.signer_infos.0.get(0).unwrap();
+    let Some(attrs) = si.unsigned_attrs.as_ref() else {
+        return Vec::new();
+    };
+    attrs
+        .iter()
+        .filter(|a| a.oid == asn1::SPC_NESTED_SIGNATURE)
+        .flat_map(|a| a.values.iter().map(|v| v.to_der().unwrap()))
+        .collect()
+}
+
+/// Asserts that two signatures are the same but for the signing time and the signature.
+fn assert_same_signature(native: &[u8], reference: &[u8]) {
+    let (n, r) = (signed_data(native), signed_data(reference));
+    let nc = n
+        .encap_content_info
+        .econtent
+        .as_ref()
+        .unwrap()
+        .to_der()
+        .unwrap();
+    let rc = r
+        .encap_content_info
+        .econtent
+        .as_ref()
+        .unwrap()
+        .to_der()
+        .unwrap();
+    // The same SpcIndirectDataContent, so the same file digest (and page hashes).
+    assert_eq!(hex(&nc), hex(&rc), "SpcIndirectDataContent differs");
+    assert_eq!(
+        n.encap_content_info.econtent_type,
+        r.encap_content_info.econtent_type
+    );
+    assert_eq!(n.version, r.version);
+    assert_eq!(n.digest_algorithms, r.digest_algorithms);
+    assert_eq!(n.certificates, r.certificates);
+    assert_eq!(n.crls, r.crls);
+    let (ns, rs) = (
+        n.signer_infos.0.get(0).unwrap(),
+        r.signer_infos.0.get(0).unwrap(),
+    );
+    assert_eq!(n.signer_infos.0.len(), 1);
+    assert_eq!(ns.version, rs.version);
+    assert_eq!(ns.sid, rs.sid);
+    assert_eq!(ns.digest_alg, rs.digest_alg);
+    assert_eq!(ns.signature_algorithm, rs.signature_algorithm);
+    assert_eq!(ns.signature.as_bytes().len(), rs.signature.as_bytes().len());
+    let attrs = |si: &cms::signed_data::SignerInfo| {
+        si.signed_attrs
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                let v = if a.oid == asn1::SIGNING_TIME {
+                    Vec::new()
+                } else {
+                    a.values.to_der().unwrap()
+                };
+                (a.oid.to_string(), hex(&v))
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(attrs(ns), attrs(rs), "authenticated attributes differ");
+    assert!(attrs(ns)
+        .iter()
+        .any(|(o, _)| *o == asn1::SIGNING_TIME.to_string()));
+    // The messageDigest is over the SpcIndirectDataContent's content octets.
+    let content = n.encap_content_info.econtent.as_ref().unwrap();
+    let md = ns
+        .signed_attrs
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|a| a.oid == asn1::MESSAGE_DIGEST)
+        .unwrap()
+        .values
+        .get(0)
+        .unwrap()
+        .decode_as::<der::asn1::OctetString>()
+        .unwrap();
+    let alg = HashAlg::from_oid(&ns.digest_alg.oid).unwrap();
+    assert_eq!(md.as_bytes(), alg.digest(content.value()));
+}
+
+/// The PE checksum of `bytes`, computed here on its own.
+fn pe_checksum(bytes: &[u8]) -> u32 {
+    let at = u32::from_le_bytes(bytes[60..64].try_into().unwrap()) as usize + 88;
+    let mut sum: u64 = 0;
+    for (i, w) in bytes.chunks(2).enumerate() {
+        if i * 2 == at || i * 2 == at + 2 {
+            continue;
+        }
+        let v = if w.len() == 2 {
+            u16::from_le_bytes([w[0], w[1]])
+        } else {
+            u16::from(w[0])
+        };
+        sum += u64::from(v);
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    (sum as u32).wrapping_add(bytes.len() as u32)
+}
+
+/// (security directory offset, size, checksum field) of a PE in memory.
+fn layout(bytes: &[u8]) -> (u32, u32, u32) {
+    let pe = u32::from_le_bytes(bytes[60..64].try_into().unwrap()) as usize;
+    let plus = u16::from_le_bytes([bytes[pe + 24], bytes[pe + 25]]) == 0x20b;
+    let sd = pe + 152 + if plus { 16 } else { 0 };
+    let u = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+    (u(sd), u(sd + 4), u(pe + 88))
+}
+
+/// Signs `input` natively and with osslsigncode and compares everything.
+fn compare_pe(input_name: &str, hash: HashAlg, page_hashes: bool, nested: bool) {
+    let e = env();
+    let input = corpus(input_name);
+    let has_signature = input_name.starts_with("signed-") || input_name.starts_with("nested-");
+    let tag = format!(
+        "{input_name}-{}-{}-{}",
+        hash.as_str(),
+        if page_hashes { "ph" } else { "noph" },
+        if nested { "nest" } else { "plain" }
+    );
+    let native = e.world.path(&format!("native-{tag}"));
+    let reference = e.world.path(&format!("ossl-{tag}"));
+    let o = options(hash, page_hashes, nested);
+    let before = *e.signer.signs.lock().unwrap();
+    {
+        let mut i = File::open(&input).unwrap();
+        let mut out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&native)
+            .unwrap();
+        let signed = sign_pe(&mut i, &mut out, &o, &e.signer).unwrap();
+        assert_eq!(signed.nested, nested && has_signature);
+    }
+    assert!(*e.signer.signs.lock().unwrap() > before);
+    // osslsigncode refuses to nest in a file without a signature; the agent then
+    // signs plainly, which is what the native engine does on its own.
+    let mut reference_options = o.clone();
+    reference_options.nested = nested && has_signature;
+    ossl_sign(&input, &reference, &reference_options);
+
+    let nb = std::fs::read(&native).unwrap();
+    let rb = std::fs::read(&reference).unwrap();
+    // The same embedding: length, security directory, padding, and everything before
+    // the certificate table but the checksum.
+    assert_eq!(nb.len(), rb.len(), "{tag}: lengths differ");
+    let (n_off, n_size, n_sum) = layout(&nb);
+    let (r_off, r_size, r_sum) = layout(&rb);
+    assert_eq!(
+        (n_off, n_size),
+        (r_off, r_size),
+        "{tag}: security directory differs"
+    );
+    assert_eq!(n_off % 8, 0);
+    assert_eq!(n_off as usize + n_size as usize, nb.len());
+    let pe = u32::from_le_bytes(nb[60..64].try_into().unwrap()) as usize;
+    let mut a = nb[..n_off as usize + 8].to_vec();
+    let mut b = rb[..r_off as usize + 8].to_vec();
+    a[pe + 88..pe + 92].fill(0);
+    b[pe + 88..pe + 92].fill(0);
+    assert!(a == b, "{tag}: the files differ before the signature");
+    assert_eq!(n_sum, pe_checksum(&nb), "{tag}: native checksum wrong");
+    assert_eq!(r_sum, pe_checksum(&rb), "{tag}: reference checksum wrong");
+
+    let ns = pe_signature(&native);
+    let rs = pe_signature(&reference);
+    // The DER is padded with zeros to 8 in the table.
+    assert_eq!(n_size as usize, 8 + ns.len().div_ceil(8) * 8);
+    if nested && has_signature {
+        let old = pe_signature(&input);
+        let (nsd, rsd) = (signed_data(&ns), signed_data(&rs));
+        let strip = |mut sd: SignedData| {
+            let mut infos = sd.signer_infos.0.into_vec();
+            infos[0].unsigned_attrs = None;
+            sd.signer_infos = cms::signed_data::SignerInfos(infos.try_into().unwrap());
+            sd.to_der().unwrap()
+        };
+        // The outer signature is the one the file had.
+        assert_eq!(strip(nsd.clone()), strip(signed_data(&old)));
+        // The nested ones it had are kept, and one is added.
+        let had = nested_of(&signed_data(&old));
+        let added = |sd: &SignedData| {
+            let all = nested_of(sd);
+            assert_eq!(all.len(), had.len() + 1, "{tag}: nested signatures");
+            for h in &had {
+                assert!(all.contains(h), "{tag}: a nested signature was lost");
+            }
+            all.into_iter().find(|n| !had.contains(n)).unwrap()
+        };
+        assert_same_signature(&added(&nsd), &added(&rsd));
+    } else {
+        assert_same_signature(&ns, &rs);
+    }
+    verify(&native);
+}
+
+macro_rules! pe_case {
+    ($name:ident, $file:expr, $hash:ident, $ph:expr, $nest:expr) => {
+        #[test]
+        fn $name() {
+            compare_pe($file, HashAlg::$hash, $ph, $nest);
+        }
+    };
+}
+
+pe_case!(pe32plus_sha256, "pe32plus.exe", Sha256, false, false);
+pe_case!(pe32plus_sha256_ph, "pe32plus.exe", Sha256, true, false);
+pe_case!(pe32plus_sha384, "pe32plus.exe", Sha384, false, false);
+pe_case!(pe32plus_sha512_ph, "pe32plus.exe", Sha512, true, false);
+pe_case!(pe32_sha256, "pe32.exe", Sha256, false, false);
+pe_case!(pe32_sha384_ph, "pe32.exe", Sha384, true, false);
+pe_case!(dll_sha256_ph, "lib.dll", Sha256, true, false);
+pe_case!(dll_sha512, "lib.dll", Sha512, false, false);
+pe_case!(big_sha256_ph, "big.exe", Sha256, true, false);
+pe_case!(
+    signed_replace_sha256,
+    "signed-pe32plus.exe",
+    Sha256,
+    false,
+    false
+);
+pe_case!(
+    signed_nest_sha256,
+    "signed-pe32plus.exe",
+    Sha256,
+    false,
+    true
+);
+pe_case!(
+    signed_nest_sha384_ph,
+    "signed-pe32plus.exe",
+    Sha384,
+    true,
+    true
+);
+pe_case!(
+    signed_pe32_nest_sha512,
+    "signed-pe32.exe",
+    Sha512,
+    false,
+    true
+);
+pe_case!(
+    signed_dll_nest_sha256_ph,
+    "signed-lib.dll",
+    Sha256,
+    true,
+    true
+);
+pe_case!(
+    second_nest_sha256_ph,
+    "nested-pe32plus.exe",
+    Sha256,
+    true,
+    true
+);
+pe_case!(unsigned_nest_is_plain, "pe32plus.exe", Sha256, false, true);
