@@ -17,7 +17,10 @@ pub fn sign_blob<S: RawSigner>(
     signer: &S,
 ) -> Result<Vec<u8>, Error> {
     let bad = |e: der::Error| Error::NotBlob(e.to_string());
-    let ci = ContentInfo::from_der(blob).map_err(bad)?;
+    // osslsigncode 2.9's extract-data of a cabinet writes the blob followed by the
+    // rest of the file; like osslsigncode, read the first DER object.
+    let mut reader = der::SliceReader::new(blob).map_err(bad)?;
+    let ci = ContentInfo::decode(&mut reader).map_err(bad)?;
     if ci.content_type != asn1::SIGNED_DATA {
         return Err(Error::NotBlob(format!(
             "its content type is {}, not signedData",

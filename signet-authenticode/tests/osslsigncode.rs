@@ -20,7 +20,7 @@ use cryptoki::types::AuthPin;
 use der::{Decode, Encode};
 use sha2::Digest;
 use signet_authenticode::{
-    asn1, sign_pe, HashAlg, KeyKind, PeImage, RawSigner, SignOptions, Statement,
+    asn1, sign_blob, sign_pe, HashAlg, KeyKind, PeImage, RawSigner, SignOptions, Statement,
 };
 use signet_test_support::{World, PIN, SOFTHSM};
 
@@ -166,6 +166,9 @@ fn ossl_sign(input: &Path, output: &Path, o: &SignOptions) {
         a.push(os("-nest"));
     }
     a.extend([os("-in"), input.as_os_str(), os("-out"), output.as_os_str()]);
+    // SoftHSM's file store is not for processes using it at once: one at a time,
+    // this process's session included.
+    let _token = e.signer.session.lock().unwrap();
     osslsigncode(&a);
 }
 
@@ -549,3 +552,193 @@ pe_case!(
     true
 );
 pe_case!(unsigned_nest_is_plain, "pe32plus.exe", Sha256, false, true);
+
+/// The blob formats' fixtures: an MSI, a cabinet, a PowerShell script.
+fn blob_corpus(name: &str) -> PathBuf {
+    let e = env();
+    match name {
+        "a.msi" => fixture(name, |_| {
+            e.world.msi(name);
+        }),
+        "a.cab" => fixture(name, |_| {
+            e.world.cab(name);
+        }),
+        "a.ps1" => fixture(name, |_| {
+            e.world.file(
+                name,
+                b"param([string]$Name = 'World')\r\nWrite-Host \"Hello, $Name\"\r\n",
+            );
+        }),
+        pe => corpus(pe),
+    }
+}
+
+/// Digest mode: `osslsigncode extract-data`, the native engine signs the blob,
+/// `osslsigncode attach-signature` puts it in, `osslsigncode verify` passes; and the
+/// signature is the one `osslsigncode sign` makes of the whole file (but the time).
+fn compare_blob(input_name: &str, hash: HashAlg, page_hashes: bool, nest: bool) {
+    let e = env();
+    let input = blob_corpus(input_name);
+    let tag = format!(
+        "blob-{input_name}-{}-{}-{}",
+        hash.as_str(),
+        if page_hashes { "ph" } else { "noph" },
+        if nest { "nest" } else { "plain" }
+    );
+    let blob = e.world.path(&format!("{tag}.blob"));
+    let mut a = vec![os("extract-data"), os("-h"), os(hash.as_str())];
+    if page_hashes {
+        a.push(os("-ph"));
+    }
+    a.extend([os("-in"), input.as_os_str(), os("-out"), blob.as_os_str()]);
+    osslsigncode(&a);
+
+    let mut o = options(hash, page_hashes, false);
+    o.statement = Statement::Commercial;
+    let sig = sign_blob(&std::fs::read(&blob).unwrap(), &o, &e.signer).unwrap();
+    let sig_path = e.world.path(&format!("{tag}.p7"));
+    std::fs::write(&sig_path, &sig).unwrap();
+    // osslsigncode goes by the name's extension too (a script's output needs .ps1).
+    let ext = input_name.rsplit('.').next().unwrap();
+    let attached = e.world.path(&format!("{tag}-attached.{ext}"));
+    let ca = e.world.path("cert.pem");
+    let mut a = vec![
+        os("attach-signature"),
+        os("-sigin"),
+        sig_path.as_os_str(),
+        os("-CAfile"),
+        ca.as_os_str(),
+    ];
+    if nest {
+        a.push(os("-nest"));
+    }
+    a.extend([
+        os("-in"),
+        input.as_os_str(),
+        os("-out"),
+        attached.as_os_str(),
+    ]);
+    let text = osslsigncode(&a);
+    assert!(text.contains("Signature successfully attached"), "{text}");
+    verify(&attached);
+
+    // The blob's content is signed as it is.
+    let blob_bytes = std::fs::read(&blob).unwrap();
+    let mut reader = der::SliceReader::new(&blob_bytes).unwrap();
+    let blob_sd: SignedData = ContentInfo::decode(&mut reader)
+        .unwrap()
+        .content
+        .decode_as()
+        .unwrap();
+    let sd = signed_data(&sig);
+    assert_eq!(
+        blob_sd
+            .encap_content_info
+            .econtent
+            .unwrap()
+            .to_der()
+            .unwrap(),
+        sd.encap_content_info
+            .econtent
+            .clone()
+            .unwrap()
+            .to_der()
+            .unwrap()
+    );
+    if nest {
+        let text = osslsigncode(&[
+            os("verify"),
+            os("-CAfile"),
+            ca.as_os_str(),
+            os("-in"),
+            attached.as_os_str(),
+        ]);
+        assert!(text.contains("Number of verified signatures: 2"), "{text}");
+        return;
+    }
+    let reference = e.world.path(&format!("{tag}-ossl.{ext}"));
+    ossl_sign(&input, &reference, &o);
+    let reference_sig = e.world.path(&format!("{tag}-ossl.p7"));
+    osslsigncode(&[
+        os("extract-signature"),
+        os("-in"),
+        reference.as_os_str(),
+        os("-out"),
+        reference_sig.as_os_str(),
+    ]);
+    assert_same_signature(&sig, &std::fs::read(&reference_sig).unwrap());
+}
+
+macro_rules! blob_case {
+    ($name:ident, $file:expr, $hash:ident, $ph:expr, $nest:expr) => {
+        #[test]
+        fn $name() {
+            compare_blob($file, HashAlg::$hash, $ph, $nest);
+        }
+    };
+}
+
+blob_case!(blob_pe_sha256, "pe32plus.exe", Sha256, false, false);
+blob_case!(blob_pe_sha384_ph, "pe32plus.exe", Sha384, true, false);
+blob_case!(blob_pe32_sha512_ph, "pe32.exe", Sha512, true, false);
+blob_case!(blob_pe_nest, "signed-pe32plus.exe", Sha256, false, true);
+blob_case!(blob_msi_sha256, "a.msi", Sha256, false, false);
+blob_case!(blob_msi_sha512, "a.msi", Sha512, false, false);
+blob_case!(blob_cab_sha256, "a.cab", Sha256, false, false);
+blob_case!(blob_cab_sha384, "a.cab", Sha384, false, false);
+blob_case!(blob_ps1_sha256, "a.ps1", Sha256, false, false);
+blob_case!(blob_ps1_sha512, "a.ps1", Sha512, false, false);
+
+/// What is not a blob is refused with how to make one.
+#[test]
+fn not_a_blob() {
+    let e = env();
+    let err = sign_blob(
+        b"\x30\x03\x02\x01\x01",
+        &SignOptions::new(HashAlg::Sha256),
+        &e.signer,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("extract-data"), "{err}");
+    let pe = std::fs::read(corpus("pe32plus.exe")).unwrap();
+    assert!(sign_blob(&pe, &SignOptions::new(HashAlg::Sha256), &e.signer).is_err());
+}
+
+/// Damaged PE files are refused with what is wrong and what to do.
+#[test]
+fn damaged_pe_is_refused() {
+    let e = env();
+    let good = std::fs::read(corpus("pe32plus.exe")).unwrap();
+    let signed = std::fs::read(corpus("signed-pe32plus.exe")).unwrap();
+    let pe = u32::from_le_bytes(good[60..64].try_into().unwrap()) as usize;
+    let mut bad_magic = good.clone();
+    bad_magic[pe + 24] = 0x07;
+    let mut no_pe = good.clone();
+    no_pe[pe] = b'X';
+    let mut trailing = signed.clone();
+    trailing.extend_from_slice(b"appended");
+    for (bytes, says) in [
+        (good[..40].to_vec(), "shorter than a DOS header"),
+        (b"ZM".repeat(64), "does not start with \"MZ\""),
+        (good[..pe + 100].to_vec(), "truncated"),
+        (bad_magic, "neither PE32"),
+        (no_pe, "no \"PE\\0\\0\""),
+        (trailing, "not at the end of the file"),
+    ] {
+        let mut out = std::io::Cursor::new(Vec::new());
+        let err = sign_pe(
+            &mut std::io::Cursor::new(bytes),
+            &mut out,
+            &SignOptions::new(HashAlg::Sha256),
+            &e.signer,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(says), "{text}");
+        assert!(text.contains("damaged"), "{text}");
+        assert!(
+            out.get_ref().is_empty(),
+            "nothing is written for a damaged file"
+        );
+    }
+}
