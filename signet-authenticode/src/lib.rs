@@ -192,3 +192,21 @@ pub enum Error {
     #[error("encoding the signature failed: {0}")]
     Encoding(#[from] der::Error),
 }
+
+/// The certificates in a file's bytes, DER each: one DER certificate, or PEM with one
+/// or more (the signer's first, then its chain, as osslsigncode's `-certs` takes them).
+pub fn certificates(bytes: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
+    use der::{Decode, Encode};
+    use x509_cert::Certificate;
+    if bytes.starts_with(b"-----BEGIN") || bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+        let certs = Certificate::load_pem_chain(bytes)
+            .map_err(|e| Error::Certificate(format!("not PEM certificates: {e}")))?;
+        if certs.is_empty() {
+            return Err(Error::Certificate("the PEM holds no certificate".into()));
+        }
+        return certs.iter().map(|c| Ok(c.to_der()?)).collect();
+    }
+    let c = Certificate::from_der(bytes)
+        .map_err(|e| Error::Certificate(format!("neither PEM nor one DER certificate: {e}")))?;
+    Ok(vec![c.to_der()?])
+}
