@@ -109,7 +109,8 @@ pub enum KeyKind {
 }
 
 /// The key: signs data, hashing it itself (the token does hash and signature in one
-/// operation, e.g. CKM_SHA256_RSA_PKCS or CKM_ECDSA_SHA256).
+/// operation, e.g. CKM_SHA256_RSA_PKCS; for ECDSA a signer may hash with
+/// [`HashAlg::digest`] and sign the digest with CKM_ECDSA, which more tokens have).
 pub trait RawSigner {
     /// What the signer's errors are.
     type Error: std::error::Error + Send + Sync + 'static;

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cms::content_info::ContentInfo;
 use cms::signed_data::SignedData;
@@ -24,28 +24,56 @@ use signet_authenticode::{
 };
 use signet_test_support::{World, PIN, SOFTHSM};
 
-const KEY: &str = "pkcs11:token=signet-demo;object=signkey;type=private";
-const CERT: &str = "pkcs11:token=signet-demo;object=signkey;type=cert";
-
-/// The token's RSA key on a logged-in session.
+/// A key of the token on the test's one logged-in session.
 struct TokenSigner {
-    session: Mutex<Session>,
+    session: Arc<Mutex<Session>>,
     key: ObjectHandle,
+    kind: KeyKind,
     cert: Vec<u8>,
     chain: Vec<Vec<u8>>,
     signs: Mutex<usize>,
 }
 
+/// The token's keys: the fixture's RSA-3072 one, and EC keys on P-256 and P-384 made
+/// here, each with a self-signed code-signing certificate of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Key {
+    Rsa,
+    P256,
+    P384,
+}
+
+impl Key {
+    fn label(self) -> &'static str {
+        match self {
+            Key::Rsa => "signkey",
+            Key::P256 => "ec256",
+            Key::P384 => "ec384",
+        }
+    }
+}
+
 impl RawSigner for TokenSigner {
     type Error = cryptoki::error::Error;
     fn key(&self) -> KeyKind {
-        KeyKind::Rsa
+        self.kind
     }
     fn sign(&self, hash: HashAlg, data: &[u8]) -> Result<Vec<u8>, Self::Error> {
-        let mech = match hash {
-            HashAlg::Sha256 => Mechanism::Sha256RsaPkcs,
-            HashAlg::Sha384 => Mechanism::Sha384RsaPkcs,
-            HashAlg::Sha512 => Mechanism::Sha512RsaPkcs,
+        let mech = match (self.kind, hash) {
+            (KeyKind::Rsa, HashAlg::Sha256) => Mechanism::Sha256RsaPkcs,
+            (KeyKind::Rsa, HashAlg::Sha384) => Mechanism::Sha384RsaPkcs,
+            (KeyKind::Rsa, HashAlg::Sha512) => Mechanism::Sha512RsaPkcs,
+            // SoftHSM (like many tokens) has CKM_ECDSA only: hash here, as libp11
+            // does for osslsigncode.
+            _ => {
+                *self.signs.lock().unwrap() += 1;
+                let digest = hash.digest(data);
+                return self
+                    .session
+                    .lock()
+                    .unwrap()
+                    .sign(&Mechanism::Ecdsa, self.key, &digest);
+            }
         };
         *self.signs.lock().unwrap() += 1;
         self.session.lock().unwrap().sign(&mech, self.key, data)
@@ -62,6 +90,8 @@ impl RawSigner for TokenSigner {
 struct Env {
     world: World,
     signer: TokenSigner,
+    p256: TokenSigner,
+    p384: TokenSigner,
     _ctx: Pkcs11,
     /// Fixture files made once: name -> path.
     files: Mutex<BTreeMap<String, PathBuf>>,
@@ -72,6 +102,9 @@ fn env() -> &'static Env {
     ENV.get_or_init(|| {
         let world = World::new();
         std::env::set_var("SOFTHSM2_CONF", world.softhsm_conf());
+        std::fs::copy(world.path("cert.pem"), world.path("signkey.pem")).unwrap();
+        make_ec_key(&world, "EC:prime256v1", "02", "ec256", "sha256");
+        make_ec_key(&world, "EC:secp384r1", "03", "ec384", "sha384");
         let ctx = Pkcs11::new(SOFTHSM).unwrap();
         ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
             .unwrap();
@@ -80,40 +113,117 @@ fn env() -> &'static Env {
         session
             .login(UserType::User, Some(&AuthPin::new(PIN.into())))
             .unwrap();
-        let key = session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::Label(b"signkey".to_vec()),
-            ])
-            .unwrap()[0];
-        let cert_obj = session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::CERTIFICATE),
-                Attribute::Label(b"signkey".to_vec()),
-            ])
-            .unwrap()[0];
-        let cert = match session
-            .get_attributes(cert_obj, &[AttributeType::Value])
-            .unwrap()
-            .remove(0)
-        {
-            Attribute::Value(v) => v,
-            other => panic!("certificate value: {other:?}"),
-        };
-        std::fs::write(world.path("pin"), PIN).unwrap();
-        Env {
-            signer: TokenSigner {
-                session: Mutex::new(session),
-                key,
+        let session = Arc::new(Mutex::new(session));
+        let signer = |key: Key, kind: KeyKind| {
+            let s = session.lock().unwrap();
+            let label = key.label().as_bytes().to_vec();
+            let handle = s
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::Label(label.clone()),
+                ])
+                .unwrap()[0];
+            let cert_obj = s
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::CERTIFICATE),
+                    Attribute::Label(label),
+                ])
+                .unwrap()[0];
+            let cert = match s
+                .get_attributes(cert_obj, &[AttributeType::Value])
+                .unwrap()
+                .remove(0)
+            {
+                Attribute::Value(v) => v,
+                other => panic!("certificate value: {other:?}"),
+            };
+            TokenSigner {
+                session: session.clone(),
+                key: handle,
+                kind,
                 cert,
                 chain: Vec::new(),
                 signs: Mutex::new(0),
-            },
+            }
+        };
+        std::fs::write(world.path("pin"), PIN).unwrap();
+        Env {
+            signer: signer(Key::Rsa, KeyKind::Rsa),
+            p256: signer(Key::P256, KeyKind::EcdsaP256),
+            p384: signer(Key::P384, KeyKind::EcdsaP384),
             _ctx: ctx,
             world,
             files: Mutex::new(BTreeMap::new()),
         }
     })
+}
+
+/// An EC key pair on the token and a self-signed code-signing certificate made with
+/// it (OpenSSL's PKCS#11 engine), the certificate also on the token and in LABEL.pem.
+fn make_ec_key(world: &World, kind: &str, id: &str, label: &str, digest: &str) {
+    let p11 = |args: &[&str]| {
+        run(Command::new("pkcs11-tool")
+            .args([
+                "--module",
+                SOFTHSM,
+                "--token-label",
+                "signet-demo",
+                "--login",
+                "--pin",
+                PIN,
+            ])
+            .args(args)
+            .env("SOFTHSM2_CONF", world.softhsm_conf()));
+    };
+    p11(&[
+        "--keypairgen",
+        "--key-type",
+        kind,
+        "--id",
+        id,
+        "--label",
+        label,
+    ]);
+    let pem = world.path(&format!("{label}.pem"));
+    let der = world.path(&format!("{label}.der"));
+    run(Command::new("openssl")
+        .args(["req", "-new", "-x509", "-days", "30", &format!("-{digest}")])
+        .args(["-engine", "pkcs11", "-keyform", "engine", "-key"])
+        .arg(format!(
+            "pkcs11:token=signet-demo;object={label};type=private;pin-value={PIN}"
+        ))
+        .args(["-subj", &format!("/CN=Signet Test {label}/O=Signet")])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "keyUsage=critical,digitalSignature"])
+        .args(["-addext", "extendedKeyUsage=codeSigning"])
+        .arg("-out")
+        .arg(&pem)
+        .env("PKCS11_MODULE_PATH", SOFTHSM)
+        .env("SOFTHSM2_CONF", world.softhsm_conf()));
+    run(Command::new("openssl")
+        .args(["x509", "-outform", "DER", "-in"])
+        .arg(&pem)
+        .arg("-out")
+        .arg(&der));
+    p11(&[
+        "--write-object",
+        der.to_str().unwrap(),
+        "--type",
+        "cert",
+        "--id",
+        id,
+        "--label",
+        label,
+    ]);
+}
+
+fn key_signer(key: Key) -> &'static TokenSigner {
+    let e = env();
+    match key {
+        Key::Rsa => &e.signer,
+        Key::P256 => &e.p256,
+        Key::P384 => &e.p384,
+    }
 }
 
 fn osslsigncode(args: &[&std::ffi::OsStr]) -> String {
@@ -135,18 +245,29 @@ fn os(s: &str) -> &std::ffi::OsStr {
 
 /// `osslsigncode sign` with the token's key (as the agent's osslsigncode backend runs it).
 fn ossl_sign(input: &Path, output: &Path, o: &SignOptions) {
+    ossl_sign_with(Key::Rsa, input, output, o)
+}
+
+fn ossl_sign_with(key: Key, input: &Path, output: &Path, o: &SignOptions) {
     let e = env();
     let pin = e.world.path("pin");
+    let uri = |kind: &str| {
+        format!(
+            "pkcs11:token=signet-demo;object={};type={kind}",
+            key.label()
+        )
+    };
+    let (private, cert) = (uri("private"), uri("cert"));
     let mut a: Vec<&std::ffi::OsStr> = vec![
         os("sign"),
         os("-pkcs11module"),
         os(SOFTHSM),
         os("-key"),
-        os(KEY),
+        os(&private),
         os("-readpass"),
         pin.as_os_str(),
         os("-pkcs11cert"),
-        os(CERT),
+        os(&cert),
         os("-h"),
         os(o.hash.as_str()),
     ];
@@ -169,14 +290,22 @@ fn ossl_sign(input: &Path, output: &Path, o: &SignOptions) {
     // SoftHSM's file store is not for processes using it at once: one at a time,
     // this process's session included.
     let _token = e.signer.session.lock().unwrap();
+    let _ = key;
     osslsigncode(&a);
 }
 
 /// `osslsigncode verify` against the fixture certificate, requiring its leaf hash.
 fn verify(file: &Path) {
+    verify_with(Key::Rsa, file)
+}
+
+fn verify_with(key: Key, file: &Path) {
     let e = env();
-    let leaf = format!("sha256:{}", hex(&sha2::Sha256::digest(&e.signer.cert)));
-    let ca = e.world.path("cert.pem");
+    let leaf = format!(
+        "sha256:{}",
+        hex(&sha2::Sha256::digest(&key_signer(key).cert))
+    );
+    let ca = e.world.path(&format!("{}.pem", key.label()));
     let text = osslsigncode(&[
         os("verify"),
         os("-CAfile"),
@@ -335,7 +464,9 @@ fn assert_same_signature(native: &[u8], reference: &[u8]) {
     assert_eq!(ns.sid, rs.sid);
     assert_eq!(ns.digest_alg, rs.digest_alg);
     assert_eq!(ns.signature_algorithm, rs.signature_algorithm);
-    assert_eq!(ns.signature.as_bytes().len(), rs.signature.as_bytes().len());
+    if ns.signature_algorithm.oid == asn1::RSA_ENCRYPTION {
+        assert_eq!(ns.signature.as_bytes().len(), rs.signature.as_bytes().len());
+    }
     let attrs = |si: &cms::signed_data::SignerInfo| {
         si.signed_attrs
             .as_ref()
@@ -404,11 +535,17 @@ fn layout(bytes: &[u8]) -> (u32, u32, u32) {
 
 /// Signs `input` natively and with osslsigncode and compares everything.
 fn compare_pe(input_name: &str, hash: HashAlg, page_hashes: bool, nested: bool) {
+    compare_pe_with(Key::Rsa, input_name, hash, page_hashes, nested)
+}
+
+fn compare_pe_with(key: Key, input_name: &str, hash: HashAlg, page_hashes: bool, nested: bool) {
     let e = env();
+    let signer = key_signer(key);
     let input = corpus(input_name);
     let has_signature = input_name.starts_with("signed-") || input_name.starts_with("nested-");
     let tag = format!(
-        "{input_name}-{}-{}-{}",
+        "{}-{input_name}-{}-{}-{}",
+        key.label(),
         hash.as_str(),
         if page_hashes { "ph" } else { "noph" },
         if nested { "nest" } else { "plain" }
@@ -416,7 +553,7 @@ fn compare_pe(input_name: &str, hash: HashAlg, page_hashes: bool, nested: bool) 
     let native = e.world.path(&format!("native-{tag}"));
     let reference = e.world.path(&format!("ossl-{tag}"));
     let o = options(hash, page_hashes, nested);
-    let before = *e.signer.signs.lock().unwrap();
+    let before = *signer.signs.lock().unwrap();
     {
         let mut i = File::open(&input).unwrap();
         let mut out = OpenOptions::new()
@@ -426,28 +563,28 @@ fn compare_pe(input_name: &str, hash: HashAlg, page_hashes: bool, nested: bool) 
             .truncate(true)
             .open(&native)
             .unwrap();
-        let signed = sign_pe(&mut i, &mut out, &o, &e.signer).unwrap();
+        let signed = sign_pe(&mut i, &mut out, &o, signer).unwrap();
         assert_eq!(signed.nested, nested && has_signature);
     }
-    assert!(*e.signer.signs.lock().unwrap() > before);
+    assert!(*signer.signs.lock().unwrap() > before);
     // osslsigncode refuses to nest in a file without a signature; the agent then
     // signs plainly, which is what the native engine does on its own.
     let mut reference_options = o.clone();
     reference_options.nested = nested && has_signature;
-    ossl_sign(&input, &reference, &reference_options);
+    ossl_sign_with(key, &input, &reference, &reference_options);
 
     let nb = std::fs::read(&native).unwrap();
     let rb = std::fs::read(&reference).unwrap();
     // The same embedding: length, security directory, padding, and everything before
     // the certificate table but the checksum.
-    assert_eq!(nb.len(), rb.len(), "{tag}: lengths differ");
+    // (An ECDSA signature's DER length varies by a byte or two from one to the next.)
     let (n_off, n_size, n_sum) = layout(&nb);
     let (r_off, r_size, r_sum) = layout(&rb);
-    assert_eq!(
-        (n_off, n_size),
-        (r_off, r_size),
-        "{tag}: security directory differs"
-    );
+    assert_eq!(n_off, r_off, "{tag}: security directory differs");
+    if key == Key::Rsa {
+        assert_eq!(nb.len(), rb.len(), "{tag}: lengths differ");
+        assert_eq!(n_size, r_size, "{tag}: security directory differs");
+    }
     assert_eq!(n_off % 8, 0);
     assert_eq!(n_off as usize + n_size as usize, nb.len());
     let pe = u32::from_le_bytes(nb[60..64].try_into().unwrap()) as usize;
@@ -455,6 +592,16 @@ fn compare_pe(input_name: &str, hash: HashAlg, page_hashes: bool, nested: bool) 
     let mut b = rb[..r_off as usize + 8].to_vec();
     a[pe + 88..pe + 92].fill(0);
     b[pe + 88..pe + 92].fill(0);
+    if key != Key::Rsa {
+        // The sizes that follow the ECDSA signature's length: the security
+        // directory's and the certificate table's own.
+        let plus = u16::from_le_bytes([nb[pe + 24], nb[pe + 25]]) == 0x20b;
+        let size_at = pe + 156 + if plus { 16 } else { 0 };
+        for v in [&mut a, &mut b] {
+            v[size_at..size_at + 4].fill(0);
+            v[n_off as usize..n_off as usize + 4].fill(0);
+        }
+    }
     assert!(a == b, "{tag}: the files differ before the signature");
     assert_eq!(n_sum, pe_checksum(&nb), "{tag}: native checksum wrong");
     assert_eq!(r_sum, pe_checksum(&rb), "{tag}: reference checksum wrong");
@@ -488,7 +635,7 @@ fn compare_pe(input_name: &str, hash: HashAlg, page_hashes: bool, nested: bool) 
     } else {
         assert_same_signature(&ns, &rs);
     }
-    verify(&native);
+    verify_with(key, &native);
 }
 
 macro_rules! pe_case {
@@ -551,6 +698,21 @@ pe_case!(
     true,
     true
 );
+#[test]
+fn ecdsa_p256_pe32plus_sha256_ph() {
+    compare_pe_with(Key::P256, "pe32plus.exe", HashAlg::Sha256, true, false);
+}
+
+#[test]
+fn ecdsa_p384_pe32_sha384() {
+    compare_pe_with(Key::P384, "pe32.exe", HashAlg::Sha384, false, false);
+}
+
+#[test]
+fn ecdsa_p256_nest_in_rsa_sha512() {
+    compare_pe_with(Key::P256, "signed-lib.dll", HashAlg::Sha512, false, true);
+}
+
 pe_case!(unsigned_nest_is_plain, "pe32plus.exe", Sha256, false, true);
 
 /// The blob formats' fixtures: an MSI, a cabinet, a PowerShell script.

@@ -82,8 +82,8 @@ pub trait TokenSession: Send + std::fmt::Debug {
     }
 
     /// One signature operation on the resident logged-in session: `data` hashed with
-    /// `hash` and signed with the key (CKM_SHA*_RSA_PKCS, CKM_ECDSA_SHA*). No login,
-    /// no new session.
+    /// `hash` and signed with the key (CKM_SHA*_RSA_PKCS; ECDSA: hashed here, then
+    /// CKM_ECDSA). No login, no new session.
     fn sign_raw(&mut self, hash: HashAlg, data: &[u8]) -> Result<Vec<u8>, TokenError> {
         let _ = (hash, data);
         Err(TokenError::Key(NO_RAW.to_owned()))
@@ -810,16 +810,17 @@ impl Token {
         let Some(open) = self.open.as_ref() else {
             return Err(TokenError::Lost("no logged-in session".into()));
         };
-        let mechanism = match (kind, hash) {
-            (KeyKind::Rsa, HashAlg::Sha256) => Mechanism::Sha256RsaPkcs,
-            (KeyKind::Rsa, HashAlg::Sha384) => Mechanism::Sha384RsaPkcs,
-            (KeyKind::Rsa, HashAlg::Sha512) => Mechanism::Sha512RsaPkcs,
-            (_, HashAlg::Sha256) => Mechanism::EcdsaSha256,
-            (_, HashAlg::Sha384) => Mechanism::EcdsaSha384,
-            (_, HashAlg::Sha512) => Mechanism::EcdsaSha512,
+        // RSA: the token hashes and signs (CKM_SHA*_RSA_PKCS). ECDSA: hashed here and
+        // signed with CKM_ECDSA, which every EC token has (SoftHSM 2.6 and many cards
+        // have no CKM_ECDSA_SHA*), as libp11 does for osslsigncode.
+        let (mechanism, input) = match (kind, hash) {
+            (KeyKind::Rsa, HashAlg::Sha256) => (Mechanism::Sha256RsaPkcs, data.to_vec()),
+            (KeyKind::Rsa, HashAlg::Sha384) => (Mechanism::Sha384RsaPkcs, data.to_vec()),
+            (KeyKind::Rsa, HashAlg::Sha512) => (Mechanism::Sha512RsaPkcs, data.to_vec()),
+            (_, h) => (Mechanism::Ecdsa, h.digest(data)),
         };
         open.session
-            .sign(&mechanism, open.key_handle, data)
+            .sign(&mechanism, open.key_handle, &input)
             .map_err(|e| match e {
                 CkError::Pkcs11(rv, _)
                     if classify(Observation::Returned(Call::Other, rv), true)
