@@ -904,3 +904,28 @@ fn damaged_pe_is_refused() {
         );
     }
 }
+
+/// A certificate file is PEM (one or more, the signer's first) or one DER certificate.
+#[test]
+fn certificate_files_are_pem_or_der() {
+    let e = env();
+    let pem = std::fs::read(e.world.path("cert.pem")).unwrap();
+    let ec = std::fs::read(e.world.path("ec256.pem")).unwrap();
+    assert_eq!(
+        signet_authenticode::certificates(&pem).unwrap(),
+        vec![e.signer.cert.clone()]
+    );
+    assert_eq!(
+        signet_authenticode::certificates(&[pem, ec].concat()).unwrap(),
+        vec![e.signer.cert.clone(), e.p256.cert.clone()]
+    );
+    assert_eq!(
+        signet_authenticode::certificates(&e.signer.cert).unwrap(),
+        vec![e.signer.cert.clone()]
+    );
+    let err = signet_authenticode::certificates(b"not a certificate").unwrap_err();
+    assert!(
+        err.to_string().contains("give the signer's certificate"),
+        "{err}"
+    );
+}
