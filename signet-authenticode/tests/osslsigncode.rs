@@ -636,6 +636,9 @@ fn compare_pe_with(key: Key, input_name: &str, hash: HashAlg, page_hashes: bool,
         assert_same_signature(&ns, &rs);
     }
     verify_with(key, &native);
+    // The world outlives the tests (it is the process's): keep /tmp small.
+    let _ = std::fs::remove_file(&native);
+    let _ = std::fs::remove_file(&reference);
 }
 
 macro_rules! pe_case {
