@@ -11,6 +11,8 @@ needs=(
   "p11tool gnutls-bin"
   "osslsigncode osslsigncode"
   "x86_64-w64-mingw32-gcc gcc-mingw-w64-x86-64"
+  # 32-bit PE (PE32) fixtures of signet-authenticode's tests
+  "i686-w64-mingw32-gcc gcc-mingw-w64-i686"
   "/usr/include/libudev.h libudev-dev"
   "/usr/include/libusb-1.0/libusb.h libusb-1.0-0-dev"
   "pkg-config pkg-config"

@@ -14,6 +14,7 @@ mod exactly_once;
 mod formats;
 mod jobs_api;
 mod link;
+mod native;
 mod operator;
 mod passthrough;
 mod queue;

@@ -179,6 +179,7 @@ pub fn signer_for(cfg: &Config) -> Box<dyn Signer> {
     match cfg.signer.backend {
         config::Backend::Osslsigncode => Box::new(Osslsigncode::from_config(cfg)),
         config::Backend::Signtool => Box::new(SigntoolBackend::from_config(cfg)),
+        config::Backend::Native => Box::new(crate::native::Native::from_config(cfg)),
     }
 }
 
@@ -255,7 +256,7 @@ impl Agent {
     /// the configured ones. `module` is named in health; `reinit_command` runs before
     /// a re-initialisation the host asks for.
     pub async fn with_parts(
-        signer: Box<dyn Signer>,
+        mut signer: Box<dyn Signer>,
         token: Box<dyn TokenSession>,
         module: PathBuf,
         spool_dir: PathBuf,
@@ -280,10 +281,12 @@ impl Agent {
             powershell = signer_features.powershell,
             "signing backend detected; serving modes: {modes}"
         );
+        let token: crate::backend::SharedToken = Arc::new(Mutex::new(token));
+        signer.use_token(token.clone());
         Ok(Agent {
             reinit_command,
             module,
-            token: Arc::new(Mutex::new(token)),
+            token,
             jobs: tokio::sync::Mutex::new(()),
             signer,
             signer_version,
@@ -885,6 +888,9 @@ mod tests {
         assert!(format!("{s:?}").starts_with("SigntoolBackend"), "{s:?}");
         assert_eq!(s.program(), Path::new("C:/sdk/signtool.exe"));
         assert_eq!(s.certificate_file(), Some(Path::new("C:/signet/cs.cer")));
+        let n = signer_for(&cfg("[signer]\nbackend = \"native\"\n"));
+        assert!(format!("{n:?}").starts_with("Native"), "{n:?}");
+        assert_eq!(n.program(), Path::new("osslsigncode"));
         let st = SigntoolBackend::from_config(&c);
         assert_eq!(st.signtool.container, "te-1");
         assert_eq!(st.signtool.reader.as_deref(), Some("AKS ifdh 0"));

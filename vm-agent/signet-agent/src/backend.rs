@@ -3,7 +3,8 @@
 //! agent acts on.
 //!
 //! The backends: [`crate::signer::Osslsigncode`] (every platform, the token's PKCS#11
-//! module) and [`crate::signtool::SigntoolBackend`] (Windows, the token's CSP);
+//! module), [`crate::native::Native`] (the built-in engine on the agent's own logged-in
+//! session) and [`crate::signtool::SigntoolBackend`] (Windows, the token's CSP);
 //! `[signer] backend` chooses ([`crate::agent::signer_for`]). A refused PIN and a lost
 //! token are the same [`SignError`] whichever backend saw them, so the agent's handling
 //! does not depend on the backend. What a backend cannot do is refused before the token
@@ -17,7 +18,10 @@ use futures_util::future::BoxFuture;
 use signet_api::wire::{DigestAlgorithm, ErrorCode, SignMode, SignResponse, SignerFeatures};
 use signet_format::Format;
 
-use crate::token::KeyRef;
+use crate::token::{KeyRef, TokenSession};
+
+/// The agent's token session, shared with a backend that signs on it.
+pub type SharedToken = std::sync::Arc<std::sync::Mutex<Box<dyn TokenSession>>>;
 
 /// A program (or engine) that makes Authenticode signatures with the token's key.
 pub trait Signer: std::fmt::Debug + Send + Sync {
@@ -55,6 +59,12 @@ pub trait Signer: std::fmt::Debug + Send + Sync {
         signed: &'a Path,
         out: &'a Path,
     ) -> BoxFuture<'a, Result<(), SignError>>;
+
+    /// The agent's token session, given once at start to a backend that signs on it
+    /// (the native one); the others log in on their own and ignore it.
+    fn use_token(&mut self, token: SharedToken) {
+        let _ = token;
+    }
 }
 
 /// A backend's own failure, kept in its words, with the wire class it maps to.

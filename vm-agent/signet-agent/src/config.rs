@@ -120,14 +120,20 @@ pub struct TokenConfig {
     pub reinit_command: Option<Vec<String>>,
 }
 
-/// Which program signs: `backend = "osslsigncode"` (the default, every platform) or
-/// `"signtool"` (Windows only).
+/// Which program signs: `backend = "osslsigncode"` (the default, every platform),
+/// `"native"` (the built-in engine on the agent's own token session) or `"signtool"`
+/// (Windows only).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// osslsigncode with the token's PKCS#11 module (`token.module`).
     #[default]
     Osslsigncode,
+    /// The built-in Authenticode engine (signet-authenticode): one signature operation
+    /// on the agent's logged-in session per job. PE files and digest-mode data are
+    /// signed natively; MSI, CAB and PowerShell files through osslsigncode's
+    /// token-free `extract-data` and `attach-signature`.
+    Native,
     /// The Windows SDK's signtool with the token's CSP (`signer.csp`, `signer.container`)
     /// and the certificate exported to a file (`signer.certificate`).
     Signtool,
@@ -198,7 +204,7 @@ impl SignerConfig {
     /// the key and the fix. `windows` is a parameter so both cases are tested anywhere.
     pub fn check_backend(&self, windows: bool) -> Result<(), (&'static str, String)> {
         match self.backend {
-            Backend::Osslsigncode => {
+            Backend::Osslsigncode | Backend::Native => {
                 for (key, set) in [
                     ("signer.container", self.container.is_some()),
                     ("signer.reader", self.reader.is_some()),
@@ -485,6 +491,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("token.reinit_command"), "{e}");
+    }
+
+    #[test]
+    fn the_native_backend_is_chosen_by_name_on_every_system() {
+        let p = Path::new("/etc/signet/agent.toml");
+        let cfg = parse(p, &format!("{MINIMAL}\n[signer]\nbackend = \"native\"\n")).unwrap();
+        assert_eq!(cfg.signer.backend, Backend::Native);
+        assert_eq!(cfg.signer.check_backend(false), Ok(()));
+        assert_eq!(cfg.signer.check_backend(true), Ok(()));
+        let e = parse(
+            p,
+            &format!("{MINIMAL}\n[signer]\nbackend = \"native\"\ncontainer = \"te-1\"\n"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("signer.container"), "{e}");
     }
 
     #[test]

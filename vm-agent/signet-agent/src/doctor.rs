@@ -383,7 +383,9 @@ pub fn run(config_path: &Path) -> Report {
                 ),
             });
             checks.push(match cfg.signer.backend {
-                crate::config::Backend::Osslsigncode => {
+                // The native engine runs osslsigncode's token-free steps for MSI,
+                // CAB and PowerShell files.
+                crate::config::Backend::Osslsigncode | crate::config::Backend::Native => {
                     let program = &cfg.signer.osslsigncode;
                     judge_osslsigncode(program, &probe_osslsigncode(program))
                 }

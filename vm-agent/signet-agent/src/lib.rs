@@ -41,6 +41,7 @@ pub mod doctor;
 pub mod job;
 pub mod loss;
 pub mod modules;
+pub mod native;
 pub mod rdp;
 pub mod server;
 pub mod signer;

@@ -38,7 +38,8 @@ enum Command {
     /// Checks the configuration, the PKCS#11 module (suggesting the known modules
     /// present when it does not load), the tokens present, the configured token and
     /// its PIN counter, the PIN file (present, not open to group or others),
-    /// osslsigncode (2.9 or later) or signtool (signer.backend = "signtool", Windows) and
+    /// osslsigncode (2.9 or later; the native backend uses it for MSI, CAB and PowerShell
+    /// files) or signtool (signer.backend = "signtool", Windows) and
     /// the signing certificate.
     ///
     /// It never logs in to the token: no PIN try is spent, whatever state the token is

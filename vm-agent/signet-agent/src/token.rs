@@ -24,6 +24,12 @@ use signet_api::rfc3339::format as rfc3339;
 use signet_api::wire::{AgentEventKind, AgentState, CertificateSummary, PinFlags, TokenSummary};
 
 use crate::config::TokenConfig;
+use cryptoki::mechanism::Mechanism;
+use signet_authenticode::{HashAlg, KeyKind};
+
+/// CKA_EC_PARAMS of P-256 and P-384: their named-curve OIDs, DER.
+const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const P384_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
 use crate::loss::{classify, Call, Observation, Verdict};
 use crate::token_state::{Action, TokenEvent, TokenState};
 pub use crate::token_state::{PinSource, TokenError};
@@ -68,6 +74,31 @@ pub trait TokenSession: Send + std::fmt::Debug {
 
     /// Drops the session and finalises the module (before a re-initialisation).
     fn close(&mut self);
+
+    /// The logged-in key's kind and the certificate with its id on the token, for
+    /// the native engine; read once per session and kept.
+    fn raw_key(&mut self) -> Result<RawKey, TokenError> {
+        Err(TokenError::Key(NO_RAW.to_owned()))
+    }
+
+    /// One signature operation on the resident logged-in session: `data` hashed with
+    /// `hash` and signed with the key (CKM_SHA*_RSA_PKCS; ECDSA: hashed here, then
+    /// CKM_ECDSA). No login, no new session.
+    fn sign_raw(&mut self, hash: HashAlg, data: &[u8]) -> Result<Vec<u8>, TokenError> {
+        let _ = (hash, data);
+        Err(TokenError::Key(NO_RAW.to_owned()))
+    }
+}
+
+const NO_RAW: &str =
+    "this token session cannot sign for the native engine; use signer.backend = \"osslsigncode\"";
+
+/// What the native engine needs of the token's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawKey {
+    pub kind: KeyKind,
+    /// The DER certificate with the key's id on the token, if there is one.
+    pub certificate: Option<Vec<u8>>,
 }
 
 impl TokenSession for Token {
@@ -103,6 +134,12 @@ impl TokenSession for Token {
     }
     fn close(&mut self) {
         Token::close(self)
+    }
+    fn raw_key(&mut self) -> Result<RawKey, TokenError> {
+        Token::raw_key(self)
+    }
+    fn sign_raw(&mut self, hash: HashAlg, data: &[u8]) -> Result<Vec<u8>, TokenError> {
+        Token::sign_raw(self, hash, data)
     }
 }
 
@@ -197,6 +234,8 @@ struct Open {
     key: KeyRef,
     key_handle: ObjectHandle,
     pin: AuthPin,
+    /// The key's kind and certificate, once the native engine asked.
+    raw: Option<RawKey>,
 }
 
 /// What the token looks like now, for the health report.
@@ -646,6 +685,7 @@ impl Token {
             key,
             key_handle,
             pin,
+            raw: None,
         })
     }
 
@@ -689,6 +729,107 @@ impl Token {
             (None, Some(s)) => format!("serial {s}"),
             (None, None) => "any token".to_owned(),
         }
+    }
+
+    /// See [`TokenSession::raw_key`].
+    pub fn raw_key(&mut self) -> Result<RawKey, TokenError> {
+        let Some(open) = self.open.as_mut() else {
+            return Err(TokenError::Lost("no logged-in session".into()));
+        };
+        if let Some(raw) = &open.raw {
+            return Ok(raw.clone());
+        }
+        let ckerr = |e: CkError| match e {
+            CkError::Pkcs11(rv, _)
+                if classify(Observation::Returned(Call::Other, rv), true) == Verdict::TokenLost =>
+            {
+                TokenError::Lost(ck(&e))
+            }
+            _ => TokenError::Key(format!("cannot read the key: {}", ck(&e))),
+        };
+        let mut kind = None;
+        let mut ec_params = Vec::new();
+        for a in open
+            .session
+            .get_attributes(
+                open.key_handle,
+                &[AttributeType::KeyType, AttributeType::EcParams],
+            )
+            .map_err(ckerr)?
+        {
+            match a {
+                Attribute::KeyType(k) => kind = Some(k),
+                Attribute::EcParams(p) => ec_params = p,
+                _ => {}
+            }
+        }
+        let kind = match kind {
+            Some(k) if k == cryptoki::object::KeyType::RSA => KeyKind::Rsa,
+            Some(k) if k == cryptoki::object::KeyType::EC => match ec_params.as_slice() {
+                P256_PARAMS => KeyKind::EcdsaP256,
+                P384_PARAMS => KeyKind::EcdsaP384,
+                _ => {
+                    return Err(TokenError::Key(
+                        "the key is on a curve the native engine does not sign with (P-256 and P-384 only); use signer.backend = \"osslsigncode\"".into(),
+                    ))
+                }
+            },
+            other => {
+                return Err(TokenError::Key(format!(
+                    "the key is of type {other:?}, neither RSA nor EC; use signer.backend = \"osslsigncode\""
+                )))
+            }
+        };
+        let certs = open
+            .session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::CERTIFICATE),
+                Attribute::Id(open.key.id.clone()),
+            ])
+            .map_err(ckerr)?;
+        let certificate = match certs.first() {
+            Some(&h) => open
+                .session
+                .get_attributes(h, &[AttributeType::Value])
+                .map_err(ckerr)?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::Value(v) => Some(v),
+                    _ => None,
+                }),
+            None => None,
+        };
+        let raw = RawKey { kind, certificate };
+        open.raw = Some(raw.clone());
+        Ok(raw)
+    }
+
+    /// See [`TokenSession::sign_raw`].
+    pub fn sign_raw(&mut self, hash: HashAlg, data: &[u8]) -> Result<Vec<u8>, TokenError> {
+        let kind = self.raw_key()?.kind;
+        let Some(open) = self.open.as_ref() else {
+            return Err(TokenError::Lost("no logged-in session".into()));
+        };
+        // RSA: the token hashes and signs (CKM_SHA*_RSA_PKCS). ECDSA: hashed here and
+        // signed with CKM_ECDSA, which every EC token has (SoftHSM 2.6 and many cards
+        // have no CKM_ECDSA_SHA*), as libp11 does for osslsigncode.
+        let (mechanism, input) = match (kind, hash) {
+            (KeyKind::Rsa, HashAlg::Sha256) => (Mechanism::Sha256RsaPkcs, data.to_vec()),
+            (KeyKind::Rsa, HashAlg::Sha384) => (Mechanism::Sha384RsaPkcs, data.to_vec()),
+            (KeyKind::Rsa, HashAlg::Sha512) => (Mechanism::Sha512RsaPkcs, data.to_vec()),
+            (_, h) => (Mechanism::Ecdsa, h.digest(data)),
+        };
+        open.session
+            .sign(&mechanism, open.key_handle, &input)
+            .map_err(|e| match e {
+                CkError::Pkcs11(rv, _)
+                    if classify(Observation::Returned(Call::Other, rv), true)
+                        == Verdict::TokenLost =>
+                {
+                    TokenError::Lost(ck(&e))
+                }
+                _ => TokenError::Key(format!("the token could not sign: {}", ck(&e))),
+            })
     }
 
     fn find_key(

@@ -1,0 +1,472 @@
+//! The native backend: the built-in Authenticode engine (`signet-authenticode`) signs
+//! on the agent's own logged-in session, so the token sees one signature operation
+//! per job and nothing else (no C_Initialize, C_OpenSession or C_Login per job).
+//!
+//! PE files are signed natively, whole (hashed and copied in constant memory), and so
+//! is digest mode's data. MSI, CAB and PowerShell files go through osslsigncode's
+//! token-free steps: `extract-data` makes the data, the engine signs it, and
+//! `attach-signature` puts the signature in. Timestamps come from `osslsigncode add`
+//! on the signed file (token-free too). Catalogs have no digest data in osslsigncode
+//! and are refused with the fix.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use cryptoki::types::AuthPin;
+use futures_util::future::BoxFuture;
+use signet_api::wire::{SignMode, SignResponse, SignerFeatures};
+use signet_authenticode::{HashAlg, KeyKind, RawSigner, SignOptions};
+use signet_format::Format;
+
+use crate::backend::{SharedToken, SignError, SignSpec, Signer};
+use crate::config::Config;
+use crate::signer::Osslsigncode;
+use crate::token::{KeyRef, TokenError};
+
+/// The native engine, with osslsigncode for the token-free steps.
+#[derive(Debug)]
+pub struct Native {
+    /// Runs `extract-data`, `attach-signature`, `add` and `extract-signature`.
+    pub osslsigncode: Osslsigncode,
+    /// Certificate file (PEM or DER; the signer's first, then its chain); `None`: the
+    /// certificate on the token with the key's id.
+    pub certificate: Option<PathBuf>,
+    token: Option<SharedToken>,
+}
+
+impl Native {
+    /// The native engine as `cfg` sets it up.
+    pub fn from_config(cfg: &Config) -> Native {
+        Native {
+            osslsigncode: Osslsigncode::from_config(cfg),
+            certificate: cfg.signer.certificate.clone(),
+            token: None,
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.osslsigncode.timeout
+    }
+
+    /// Runs a token-free osslsigncode step; answers its output.
+    async fn tool(&self, args: Vec<OsString>) -> Result<(bool, String), SignError> {
+        let program = &self.osslsigncode.program;
+        let run = tokio::process::Command::new(program)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(self.timeout(), run)
+            .await
+            .map_err(|_| SignError::TimedOut(self.timeout()))?
+            .map_err(|source| SignError::Spawn {
+                program: program.clone(),
+                source,
+            })?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        Ok((out.status.success(), text))
+    }
+
+    /// The key to sign with: the token's session, the key's kind, the certificates.
+    async fn key(&self) -> Result<AgentKey, SignError> {
+        let Some(token) = self.token.clone() else {
+            return Err(SignError::Failed(
+                "the native engine was not given the agent's token session".into(),
+            ));
+        };
+        let t = token.clone();
+        let raw = tokio::task::spawn_blocking(move || {
+            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+            t.raw_key()
+        })
+        .await
+        .map_err(|e| SignError::Failed(format!("the token task failed: {e}")))?
+        .map_err(token_failure)?;
+        let (certificate, chain) = match &self.certificate {
+            Some(path) => {
+                let bytes = tokio::fs::read(path).await.map_err(|e| {
+                    SignError::Failed(format!(
+                        "cannot read the certificate file {}: {e}; fix signer.certificate in the agent's configuration",
+                        path.display()
+                    ))
+                })?;
+                let mut certs = signet_authenticode::certificates(&bytes).map_err(|e| {
+                    SignError::Failed(format!(
+                        "the certificate file {}: {e}; fix signer.certificate in the agent's configuration",
+                        path.display()
+                    ))
+                })?;
+                let first = certs.remove(0);
+                (first, certs)
+            }
+            None => match raw.certificate {
+                Some(c) => (c, Vec::new()),
+                None => {
+                    return Err(SignError::Failed(
+                        "the token holds no certificate with the key's id; write it to the token or set signer.certificate in the agent's configuration".into(),
+                    ))
+                }
+            },
+        };
+        Ok(AgentKey {
+            token,
+            kind: raw.kind,
+            certificate,
+            chain,
+        })
+    }
+
+    async fn sign_spec(&self, spec: &SignSpec<'_>) -> Result<(), SignError> {
+        if !spec.timestamp.is_empty() && spec.format.is_none() {
+            return Err(SignError::Failed(
+                "the native engine does not timestamp digest-mode signatures: send the whole file, use a profile without timestamp servers, or set signer.backend = \"osslsigncode\"".into(),
+            ));
+        }
+        let key = self.key().await?;
+        let hash: HashAlg = spec
+            .hash
+            .as_str()
+            .parse()
+            .map_err(|e: signet_authenticode::Error| SignError::Failed(e.to_string()))?;
+        let mut options = SignOptions::new(hash);
+        options.description = spec.description.map(str::to_owned);
+        options.url = spec.url.map(str::to_owned);
+        options.page_hashes = spec.page_hashes && spec.format == Some(Format::Pe);
+        options.nested = spec.nested;
+        let signed = spec.output.with_file_name("native-signed");
+        let signed = match spec.input.extension() {
+            Some(ext) => signed.with_extension(ext),
+            None => signed,
+        };
+        match spec.format {
+            None => {
+                let (input, output) = (spec.input.to_owned(), signed.clone());
+                blocking(move || {
+                    let blob = std::fs::read(&input)?;
+                    let sig = signet_authenticode::sign_blob(&blob, &options, &key)?;
+                    std::fs::write(&output, sig)?;
+                    Ok(())
+                })
+                .await?;
+            }
+            Some(Format::Pe) => {
+                let (input, output) = (spec.input.to_owned(), signed.clone());
+                let nested = blocking(move || {
+                    let mut i = std::fs::File::open(&input)?;
+                    let mut o = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&output)?;
+                    let done = signet_authenticode::sign_pe(&mut i, &mut o, &options, &key)?;
+                    o.sync_all()?;
+                    Ok(done.nested)
+                })
+                .await?;
+                if spec.nested && !nested {
+                    tracing::info!("the file has no signature yet; signed it without nesting");
+                }
+            }
+            Some(_) => self.sign_through_blob(spec, options, key, &signed).await?,
+        }
+        let done = if spec.timestamp.is_empty() {
+            signed
+        } else {
+            self.timestamp(spec, &signed).await?
+        };
+        tokio::fs::rename(&done, spec.output)
+            .await
+            .map_err(|e| SignError::Failed(format!("cannot keep the signed file: {e}")))
+    }
+
+    /// MSI, CAB, PowerShell: extract-data, sign natively, attach-signature.
+    async fn sign_through_blob(
+        &self,
+        spec: &SignSpec<'_>,
+        options: SignOptions,
+        key: AgentKey,
+        signed: &Path,
+    ) -> Result<(), SignError> {
+        let blob = spec.output.with_file_name("native.blob");
+        let sig = spec.output.with_file_name("native.p7");
+        let (ok, text) = self
+            .tool(vec![
+                "extract-data".into(),
+                "-h".into(),
+                spec.hash.as_str().into(),
+                "-in".into(),
+                spec.input.into(),
+                "-out".into(),
+                blob.clone().into(),
+            ])
+            .await?;
+        if !ok {
+            return Err(crate::signer::classify(&text, None, &[]));
+        }
+        let (b, s) = (blob.clone(), sig.clone());
+        blocking(move || {
+            let data = std::fs::read(&b)?;
+            let p7 = signet_authenticode::sign_blob(&data, &options, &key)?;
+            std::fs::write(&s, p7)?;
+            Ok(())
+        })
+        .await?;
+        let attach = |nest: bool| {
+            let mut a: Vec<OsString> = vec!["attach-signature".into(), "-sigin".into()];
+            a.push(sig.clone().into());
+            if nest {
+                a.push("-nest".into());
+            }
+            a.extend(["-in".into(), spec.input.into(), "-out".into()]);
+            a.push(signed.into());
+            a
+        };
+        let mut run = self.tool(attach(spec.nested)).await?;
+        if !run.0 && spec.nested && run.1.contains("Unable to extract existing signature") {
+            tracing::info!("the file has no signature yet; signing it without nesting");
+            let _ = tokio::fs::remove_file(signed).await;
+            run = self.tool(attach(false)).await?;
+        }
+        let (ok, text) = run;
+        // attach-signature verifies what it attached and fails when the certificate
+        // does not chain to this machine's roots (the signing VM has none of the
+        // publisher's); a signature that matches the file is kept, a mismatch is not.
+        let kept = ok || (matches_file(&text) && signed.exists());
+        if !kept {
+            let _ = tokio::fs::remove_file(signed).await;
+            return Err(crate::signer::classify(&text, None, &[]));
+        }
+        let _ = tokio::fs::remove_file(&blob).await;
+        let _ = tokio::fs::remove_file(&sig).await;
+        Ok(())
+    }
+
+    /// `osslsigncode add -ts …`: the RFC 3161 timestamp on the signed file (no token).
+    async fn timestamp(&self, spec: &SignSpec<'_>, signed: &Path) -> Result<PathBuf, SignError> {
+        let out = spec.output.with_file_name("native-timestamped");
+        let out = match signed.extension() {
+            Some(ext) => out.with_extension(ext),
+            None => out,
+        };
+        let mut a: Vec<OsString> = vec!["add".into()];
+        for url in spec.timestamp {
+            a.push("-ts".into());
+            a.push(url.into());
+        }
+        a.extend([
+            "-in".into(),
+            signed.into(),
+            "-out".into(),
+            out.clone().into(),
+        ]);
+        let (ok, text) = self.tool(a).await?;
+        if !ok {
+            return Err(crate::signer::classify(&text, None, spec.timestamp));
+        }
+        Ok(out)
+    }
+}
+
+/// Whether attach-signature's output says the signature's digests are the file's
+/// ("Current" and "Calculated" digests printed, none marked MISMATCH).
+fn matches_file(output: &str) -> bool {
+    let lines: Vec<&str> = output.lines().map(str::trim).collect();
+    !lines.iter().any(|l| l.contains("MISMATCH"))
+        && lines.iter().any(|l| l.starts_with("Current "))
+        && lines.iter().any(|l| l.starts_with("Calculated "))
+}
+
+/// Runs the engine's blocking work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, signet_authenticode::Error> + Send + 'static,
+) -> Result<T, SignError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SignError::Failed(format!("the signing task failed: {e}")))?
+        .map_err(engine_failure)
+}
+
+fn engine_failure(e: signet_authenticode::Error) -> SignError {
+    match e {
+        signet_authenticode::Error::DamagedPe(what) => SignError::Damaged(what),
+        signet_authenticode::Error::Signer(inner) => match inner.downcast::<TokenError>() {
+            Ok(t) => token_failure(*t),
+            Err(other) => SignError::Failed(format!("the key cannot sign: {other}")),
+        },
+        other => SignError::Failed(other.to_string()),
+    }
+}
+
+fn token_failure(e: TokenError) -> SignError {
+    match e {
+        TokenError::Lost(detail) => SignError::TokenLost(detail),
+        other => SignError::Failed(other.to_string()),
+    }
+}
+
+/// The token's key as the engine's [`RawSigner`]: one C_Sign on the agent's session.
+struct AgentKey {
+    token: SharedToken,
+    kind: KeyKind,
+    certificate: Vec<u8>,
+    chain: Vec<Vec<u8>>,
+}
+
+impl RawSigner for AgentKey {
+    type Error = TokenError;
+    fn key(&self) -> KeyKind {
+        self.kind
+    }
+    fn sign(&self, hash: HashAlg, data: &[u8]) -> Result<Vec<u8>, TokenError> {
+        let mut t = self.token.lock().unwrap_or_else(|p| p.into_inner());
+        t.sign_raw(hash, data)
+    }
+    fn certificate(&self) -> &[u8] {
+        &self.certificate
+    }
+    fn chain(&self) -> &[Vec<u8>] {
+        &self.chain
+    }
+}
+
+impl Signer for Native {
+    fn program(&self) -> &Path {
+        &self.osslsigncode.program
+    }
+
+    fn certificate_file(&self) -> Option<&Path> {
+        self.certificate.as_deref()
+    }
+
+    /// The engine signs PE files and digest-mode data whatever osslsigncode can do;
+    /// osslsigncode's version decides the other formats.
+    fn version(&self) -> BoxFuture<'_, Result<(String, SignerFeatures), SignError>> {
+        Box::pin(async move {
+            let (line, mut features) = self.osslsigncode.version().await?;
+            features.modes = vec![SignMode::Whole, SignMode::Digest];
+            Ok((
+                format!(
+                    "signet-authenticode {} (native; {line} for MSI, CAB and PowerShell files)",
+                    env!("CARGO_PKG_VERSION")
+                ),
+                features,
+            ))
+        })
+    }
+
+    fn refuses(
+        &self,
+        features: &SignerFeatures,
+        mode: SignMode,
+        format: Option<Format>,
+        _response: SignResponse,
+    ) -> Option<String> {
+        let version = if features.version.is_empty() {
+            "of unknown version".to_owned()
+        } else {
+            features.version.clone()
+        };
+        match (mode, format) {
+            (SignMode::Digest, _) | (_, None) | (_, Some(Format::Pe)) => None,
+            (_, Some(Format::Cat)) => Some(
+                "the native engine cannot sign catalogs (osslsigncode makes no digest data of them): sign catalogs on an agent with signer.backend = \"osslsigncode\"".into(),
+            ),
+            (_, Some(f)) if !(features.extract_data && features.attach_signature) => Some(format!(
+                "the native engine signs {f} files through osslsigncode's extract-data and attach-signature, which this signing VM's osslsigncode {version} lacks: install osslsigncode 2.8 or later in the signing VM"
+            )),
+            (_, Some(Format::PowerShell)) if !features.powershell => Some(format!(
+                "this signing VM's osslsigncode {version} cannot handle PowerShell files (2.8 or later can): install osslsigncode 2.8 or later in the signing VM"
+            )),
+            _ => None,
+        }
+    }
+
+    /// The PIN is the session's: the engine never logs in.
+    fn sign<'a>(
+        &'a self,
+        _key: &'a KeyRef,
+        _pin: &'a AuthPin,
+        spec: &'a SignSpec<'a>,
+    ) -> BoxFuture<'a, Result<(), SignError>> {
+        Box::pin(self.sign_spec(spec))
+    }
+
+    fn extract_signature<'a>(
+        &'a self,
+        signed: &'a Path,
+        out: &'a Path,
+    ) -> BoxFuture<'a, Result<(), SignError>> {
+        Box::pin(self.osslsigncode.extract_signature(signed, out))
+    }
+
+    fn use_token(&mut self, token: SharedToken) {
+        self.token = Some(token);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_that_matches_the_file_is_kept_whatever_its_chain() {
+        let untrusted = "Current message digest    : C8\nCalculated message digest : C8\n\tError: self-signed certificate\nPKCS7_verify error\nSignature mismatch\nFailed\n";
+        assert!(matches_file(untrusted));
+        let mismatch = "Current message digest    : C8\nCalculated message digest : C9    MISMATCH!!!\nFailed\n";
+        assert!(!matches_file(mismatch));
+        assert!(!matches_file(
+            "Unable to extract existing signature\nFailed\n"
+        ));
+    }
+
+    #[test]
+    fn catalogs_and_old_osslsigncode_are_refused_with_the_fix() {
+        let n = Native {
+            osslsigncode: Osslsigncode {
+                program: "osslsigncode".into(),
+                module: "m.so".into(),
+                certificate: None,
+                timeout: Duration::from_secs(1),
+            },
+            certificate: None,
+            token: None,
+        };
+        let new = SignerFeatures {
+            version: "2.9".into(),
+            modes: vec![SignMode::Whole, SignMode::Digest],
+            extract_data: true,
+            attach_signature: true,
+            powershell: true,
+        };
+        let old = SignerFeatures {
+            version: "2.5".into(),
+            modes: vec![SignMode::Whole],
+            extract_data: false,
+            attach_signature: true,
+            powershell: false,
+        };
+        let file = SignResponse::Complete;
+        for f in [Format::Pe, Format::Msi, Format::Cab, Format::PowerShell] {
+            assert_eq!(n.refuses(&new, SignMode::Whole, Some(f), file), None);
+        }
+        assert_eq!(
+            n.refuses(&old, SignMode::Whole, Some(Format::Pe), file),
+            None
+        );
+        assert_eq!(n.refuses(&old, SignMode::Digest, None, file), None);
+        let cat = n
+            .refuses(&new, SignMode::Whole, Some(Format::Cat), file)
+            .unwrap();
+        assert!(cat.contains("backend = \"osslsigncode\""), "{cat}");
+        let msi = n
+            .refuses(&old, SignMode::Whole, Some(Format::Msi), file)
+            .unwrap();
+        assert!(msi.contains("2.8 or later"), "{msi}");
+    }
+}
