@@ -8,6 +8,7 @@ use std::process::Output;
 
 use signet_test_support::*;
 
+mod cli;
 mod dbus;
 mod doctor;
 mod exactly_once;

@@ -59,9 +59,10 @@ pub struct SignArgs {
     /// URL embedded in the signature (signtool /du).
     #[arg(long, short)]
     url: Option<String>,
-    /// Print one JSON object per file on stdout instead of a line of text.
-    #[arg(long)]
-    json: bool,
+    /// On stdout, one JSON object per file (json: one line each; json-pretty); the
+    /// text goes to stderr.
+    #[command(flatten)]
+    format: signet_api::output::OutputArgs,
     /// Digest mode: send only the file's Authenticode data (a few hundred bytes,
     /// whatever the file's size) and attach the returned signature here, as the
     /// profile signs (hash, page hashes, nested). Needs osslsigncode 2.8 or later on
@@ -218,7 +219,7 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
         if o.seconds == 0.0 {
             o.seconds = started.elapsed().as_secs_f64();
         }
-        report(o, args.json);
+        report(o, args.format);
         if o.exit_code != exit::SIGNED && first_failure == exit::SIGNED {
             first_failure = o.exit_code;
         }
@@ -260,9 +261,9 @@ impl Outcome {
     }
 }
 
-fn report(o: &Outcome, json: bool) {
-    if json {
-        println!("{}", serde_json::to_string(o).unwrap_or_default());
+fn report(o: &Outcome, format: signet_api::output::OutputArgs) {
+    if format.is_json() {
+        signet_api::outln!("{}", format.to_json(o));
     } else if o.signed {
         let out = o.output.as_ref().filter(|p| **p != o.file);
         eprintln!(
