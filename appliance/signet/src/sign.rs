@@ -12,8 +12,8 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use signet_api::wire::{
-    exit, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions, ProfileQuery, SignMode, SignQuery,
-    BATCH_PATH, PROFILE_PATH, SIGN_PATH, STATUS_PATH,
+    exit, osslsigncode, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions, ProfileQuery, SignMode,
+    SignQuery, BATCH_PATH, PROFILE_PATH, SIGN_PATH, STATUS_PATH,
 };
 use signet_format as format;
 use signet_protocol::batch;
@@ -66,7 +66,7 @@ pub struct SignArgs {
     /// Digest mode: send only the file's Authenticode data (a few hundred bytes,
     /// whatever the file's size) and attach the returned signature here, as the
     /// profile signs (hash, page hashes, nested). Needs osslsigncode 2.8 or later on
-    /// this machine; catalogs (CAT) are signed without it.
+    /// this machine and in the signing VM; catalogs (CAT) are signed without it.
     #[arg(long)]
     digest: bool,
     /// CA certificate(s) the attached signature is verified against in digest mode: a
@@ -969,7 +969,7 @@ async fn osslsigncode<S: AsRef<std::ffi::OsStr>>(
         .output()
         .await
         .map_err(|e| RunFailure {
-            summary: format!("cannot run {}: {e}; digest mode needs osslsigncode 2.8 or later on this machine (--osslsigncode PATH)", program.display()),
+            summary: format!("cannot run {}: {e}; digest mode needs osslsigncode {} or later on this machine (--osslsigncode PATH)", program.display(), osslsigncode::shown(osslsigncode::DIGEST)),
             output: String::new(),
         })?;
     if out.status.success() {
@@ -993,7 +993,10 @@ async fn osslsigncode<S: AsRef<std::ffi::OsStr>>(
         msg = format!("{} exited with {}", program.display(), out.status);
     }
     if text.contains("Unknown command") || text.contains("extract-data") && text.contains("Usage") {
-        msg.push_str("; digest mode needs osslsigncode 2.8 or later");
+        msg.push_str(&format!(
+            "; digest mode needs osslsigncode {} or later",
+            osslsigncode::shown(osslsigncode::DIGEST)
+        ));
     }
     Err(RunFailure {
         summary: msg,

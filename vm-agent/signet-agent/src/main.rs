@@ -44,8 +44,9 @@ enum Command {
     /// Checks the configuration, the PKCS#11 module (suggesting the known modules
     /// present when it does not load), the tokens present, the configured token and
     /// its PIN counter, the PIN file (present, not open to group or others),
-    /// osslsigncode (2.9 or later) or signtool (signer.backend = "signtool", Windows) and
-    /// the signing certificate.
+    /// osslsigncode (2.5 or later for whole files, 2.8 or later for PowerShell and digest
+    /// mode) or signtool (signer.backend = "signtool", Windows) and the signing
+    /// certificate.
     ///
     /// It never logs in to the token: no PIN try is spent, whatever state the token is
     /// in, and the PIN file's content is not read. Files are checked as the user running
