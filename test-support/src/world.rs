@@ -356,7 +356,11 @@ impl World {
         sock.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let log = std::fs::File::create(self.path(&format!("{name}.log"))).unwrap();
+        // Logs to the file below, also when the tests run under systemd (a CI
+        // runner's unit): a daemon started by systemd logs to the journal.
         cmd.env("NOTIFY_SOCKET", &sock_path)
+            .env_remove("INVOCATION_ID")
+            .env_remove("JOURNAL_STREAM")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -14,6 +14,7 @@ mod doctor;
 mod exactly_once;
 mod formats;
 mod jobs_api;
+mod journal;
 mod link;
 mod operator;
 mod passthrough;

@@ -15,7 +15,8 @@ use signetd::services::supervise::Supervisor;
 #[command(
     version,
     after_help = concat!(
-        "Example configuration: packaging/signetd.toml. Logs: set RUST_LOG=debug for more.
+        "Example configuration: packaging/signetd.toml. Logs: set RUST_LOG=debug for more;
+to the journal when started by systemd, else to stderr.
 
 Exit codes of the commands that print to stdout also:
 ",

@@ -21,7 +21,8 @@ use signet_protocol::transport::Listener;
 #[command(
     version,
     after_help = concat!(
-        "Example configuration: packaging/agent.toml. Logs: set RUST_LOG=debug for more.
+        "Example configuration: packaging/agent.toml. Logs: set RUST_LOG=debug for more;
+to the journal when started by systemd, else to stderr.
 
 Exit codes of the commands that print to stdout also:
 ",

@@ -1,0 +1,169 @@
+//! signetd started as systemd starts it (`INVOCATION_ID` set) logs to the journal in
+//! its native protocol: each line with its priority and its fields. The journal here
+//! is a datagram socket the test binds; tracing-journald writes to the fixed path
+//! /run/systemd/journal/socket, so signetd runs in a mount namespace of its own
+//! (`unshare --mount`, as root) whose /run is the test's directory.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use signet_test_support::*;
+
+/// One journal entry: each field's values.
+type Entry = HashMap<String, Vec<String>>;
+
+/// Reads one datagram of the journal's native protocol: `KEY=value` lines, or `KEY`,
+/// a little-endian u64 length, the value's bytes and a newline.
+fn parse(mut data: &[u8]) -> Entry {
+    let mut entry = Entry::new();
+    while !data.is_empty() {
+        let end = data.iter().position(|&b| b == b'\n').expect("a field ends");
+        let line = &data[..end];
+        data = &data[end + 1..];
+        let (key, value) = match line.iter().position(|&b| b == b'=') {
+            Some(eq) => (&line[..eq], line[eq + 1..].to_vec()),
+            None => {
+                let len = u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
+                let value = data[8..8 + len].to_vec();
+                assert_eq!(data[8 + len], b'\n');
+                data = &data[8 + len + 1..];
+                (line, value)
+            }
+        };
+        entry
+            .entry(String::from_utf8(key.to_vec()).unwrap())
+            .or_default()
+            .push(String::from_utf8(value).unwrap());
+    }
+    entry
+}
+
+fn field<'a>(e: &'a Entry, key: &str) -> Option<&'a str> {
+    e.get(key).and_then(|v| v.first()).map(String::as_str)
+}
+
+/// The journal: a bound datagram socket at `run/systemd/journal/socket`.
+struct Journal {
+    socket: UnixDatagram,
+    entries: Vec<Entry>,
+}
+
+/// How long a test waits for a line it expects.
+const LINE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Journal {
+    fn bind(run: &Path) -> Journal {
+        std::fs::create_dir_all(run.join("systemd/journal")).unwrap();
+        let socket = UnixDatagram::bind(run.join("systemd/journal/socket")).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Journal {
+            socket,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Reads entries until one matches `want`; returns it.
+    fn wait_for(&mut self, what: &str, want: impl Fn(&Entry) -> bool) -> Entry {
+        let started = Instant::now();
+        if let Some(e) = self.entries.iter().find(|e| want(e)) {
+            return e.clone();
+        }
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match self.socket.recv(&mut buf) {
+                // tracing-journald checks the socket with an empty datagram.
+                Ok(0) => {}
+                Ok(n) => {
+                    let e = parse(&buf[..n]);
+                    self.entries.push(e.clone());
+                    if want(&e) {
+                        return e;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("journal socket: {e}"),
+            }
+            assert!(
+                started.elapsed() < LINE_TIMEOUT,
+                "no journal entry {what}; got: {:#?}",
+                self.entries
+            );
+        }
+    }
+}
+
+/// Starts signetd with `profiles` in a mount namespace whose /run is `run`, as a unit
+/// of systemd's (`INVOCATION_ID`).
+fn daemon_under_systemd(w: &mut World, run: &Path, agent: &Endpoint) -> Endpoint {
+    w.write_daemon_config(&format!(
+        "listen = [\"unix:{}\"]\nagent = \"{agent}\"\ndbus = \"none\"\n\
+         [shutdown]\nlogind = \"none\"\n\
+         [profiles.release]\ndescription = \"Signet test\"\n\
+         [[grants]]\ncallers = [\"uid:0\"]\nprofiles = [\"*\"]\n",
+        w.path("signetd.sock").display()
+    ));
+    let wrapper: Vec<&OsStr> = vec![
+        "unshare".as_ref(),
+        "--mount".as_ref(),
+        "--propagation".as_ref(),
+        "private".as_ref(),
+        "sh".as_ref(),
+        "-c".as_ref(),
+        r#"mount --bind "$0" /run && exec env INVOCATION_ID=5f1e0c1d2b3a49e8a7f6e5d4c3b2a190 "$@""#
+            .as_ref(),
+        run.as_os_str(),
+    ];
+    w.restart_daemon_under(&wrapper).remove(0)
+}
+
+#[test]
+fn signetd_under_systemd_logs_to_the_journal_with_priorities_and_fields() {
+    let mut w = World::new();
+    let run = w.path("run");
+    let mut journal = Journal::bind(&run);
+    // No agent yet: unreachable at start is a warning.
+    let nowhere: Endpoint = format!("unix:{}", w.path("agent.sock").display())
+        .parse()
+        .unwrap();
+    let ep = daemon_under_systemd(&mut w, &run, &nowhere);
+
+    let listening = journal.wait_for("listening", |e| field(e, "MESSAGE") == Some("listening"));
+    assert_eq!(field(&listening, "PRIORITY"), Some("6"), "{listening:?}");
+    assert_eq!(field(&listening, "SYSLOG_IDENTIFIER"), Some("signetd"));
+    assert_eq!(field(&listening, "ENDPOINT"), Some(ep.to_string().as_str()));
+    let unreachable = journal.wait_for("agent_unreachable", |e| {
+        field(e, "EVENT") == Some("agent_unreachable")
+    });
+    assert_eq!(
+        field(&unreachable, "PRIORITY"),
+        Some("4"),
+        "{unreachable:?}"
+    );
+    assert!(
+        field(&unreachable, "MESSAGE").is_some_and(|m| m.contains("agent.sock")),
+        "{unreachable:?}"
+    );
+
+    // A job: its lines carry its id (the job span's field) and the caller.
+    let pe = std::fs::read(w.pe("a.exe")).unwrap();
+    let job = sign_async(&ep, "a.exe", &pe);
+    let accepted = journal.wait_for("job accepted", |e| {
+        field(e, "MESSAGE") == Some("job accepted")
+    });
+    assert_eq!(field(&accepted, "JOB"), Some(job.as_str()), "{accepted:?}");
+    assert_eq!(field(&accepted, "CALLER"), Some("uid:0"), "{accepted:?}");
+    assert_eq!(field(&accepted, "SPAN_NAME"), Some("job"), "{accepted:?}");
+    assert_eq!(field(&accepted, "PRIORITY"), Some("6"));
+
+    // Nothing went to stderr as text.
+    assert_eq!(w.log("signetd"), "", "signetd's stderr");
+}
