@@ -1,8 +1,9 @@
-//! signetd started as systemd starts it (`INVOCATION_ID` set) logs to the journal in
-//! its native protocol: each line with its priority and its fields. The journal here
-//! is a datagram socket the test binds; tracing-journald writes to the fixed path
-//! /run/systemd/journal/socket, so signetd runs in a mount namespace of its own
-//! (`unshare --mount`, as root) whose /run is the test's directory.
+//! signetd and signet-agent started as systemd starts them (`INVOCATION_ID` set) log
+//! to the journal in its native protocol: each line with its priority and its fields.
+//! The journal here is a datagram socket the test binds; tracing-journald writes to
+//! the fixed path /run/systemd/journal/socket, so each daemon runs in a mount
+//! namespace of its own (`unshare --mount`, as root) whose /run is the test's
+//! directory.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -45,9 +46,11 @@ fn field<'a>(e: &'a Entry, key: &str) -> Option<&'a str> {
     e.get(key).and_then(|v| v.first()).map(String::as_str)
 }
 
-/// The journal: a bound datagram socket at `run/systemd/journal/socket`.
+/// The journal: a datagram socket bound at `run/systemd/journal/socket`, read on a
+/// thread of its own as journald reads it (a daemon's send blocks once a few
+/// datagrams wait unread).
 struct Journal {
-    socket: UnixDatagram,
+    rx: std::sync::mpsc::Receiver<Entry>,
     entries: Vec<Entry>,
 }
 
@@ -61,8 +64,36 @@ impl Journal {
         socket
             .set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                match socket.recv(&mut buf) {
+                    // tracing-journald checks the socket with an empty datagram.
+                    Ok(0) => {}
+                    Ok(n) => {
+                        if tx.send(parse(&buf[..n])).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        // A heartbeat, which fails once the test has ended
+                        // (the receiver dropped): then stop reading.
+                        if tx.send(Entry::new()).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => panic!("journal socket: {e}"),
+                }
+            }
+        });
         Journal {
-            socket,
+            rx,
             entries: Vec::new(),
         }
     }
@@ -73,45 +104,26 @@ impl Journal {
         if let Some(e) = self.entries.iter().find(|e| want(e)) {
             return e.clone();
         }
-        let mut buf = vec![0u8; 256 * 1024];
         loop {
-            match self.socket.recv(&mut buf) {
-                // tracing-journald checks the socket with an empty datagram.
-                Ok(0) => {}
-                Ok(n) => {
-                    let e = parse(&buf[..n]);
+            let left = LINE_TIMEOUT.saturating_sub(started.elapsed());
+            match self.rx.recv_timeout(left) {
+                Ok(e) if e.is_empty() => {}
+                Ok(e) => {
                     self.entries.push(e.clone());
                     if want(&e) {
                         return e;
                     }
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => panic!("journal socket: {e}"),
+                Err(_) => panic!("no journal entry {what}; got: {:#?}", self.entries),
             }
-            assert!(
-                started.elapsed() < LINE_TIMEOUT,
-                "no journal entry {what}; got: {:#?}",
-                self.entries
-            );
         }
     }
 }
 
-/// Starts signetd with `profiles` in a mount namespace whose /run is `run`, as a unit
-/// of systemd's (`INVOCATION_ID`).
-fn daemon_under_systemd(w: &mut World, run: &Path, agent: &Endpoint) -> Endpoint {
-    w.write_daemon_config(&format!(
-        "listen = [\"unix:{}\"]\nagent = \"{agent}\"\ndbus = \"none\"\n\
-         [shutdown]\nlogind = \"none\"\n\
-         [profiles.release]\ndescription = \"Signet test\"\n\
-         [[grants]]\ncallers = [\"uid:0\"]\nprofiles = [\"*\"]\n",
-        w.path("signetd.sock").display()
-    ));
-    let wrapper: Vec<&OsStr> = vec![
+/// A wrapper that runs its command in a mount namespace whose /run is `run`, as a
+/// unit of systemd's (`INVOCATION_ID`).
+fn under_systemd(run: &Path) -> Vec<&OsStr> {
+    vec![
         "unshare".as_ref(),
         "--mount".as_ref(),
         "--propagation".as_ref(),
@@ -121,8 +133,19 @@ fn daemon_under_systemd(w: &mut World, run: &Path, agent: &Endpoint) -> Endpoint
         r#"mount --bind "$0" /run && exec env INVOCATION_ID=5f1e0c1d2b3a49e8a7f6e5d4c3b2a190 "$@""#
             .as_ref(),
         run.as_os_str(),
-    ];
-    w.restart_daemon_under(&wrapper).remove(0)
+    ]
+}
+
+/// Starts signetd under systemd's ways ([`under_systemd`]).
+fn daemon_under_systemd(w: &mut World, run: &Path, agent: &Endpoint) -> Endpoint {
+    w.write_daemon_config(&format!(
+        "listen = [\"unix:{}\"]\nagent = \"{agent}\"\ndbus = \"none\"\n\
+         [shutdown]\nlogind = \"none\"\n\
+         [profiles.release]\ndescription = \"Signet test\"\n\
+         [[grants]]\ncallers = [\"uid:0\"]\nprofiles = [\"*\"]\n",
+        w.path("signetd.sock").display()
+    ));
+    w.restart_daemon_under(&under_systemd(run)).remove(0)
 }
 
 #[test]
@@ -166,4 +189,35 @@ fn signetd_under_systemd_logs_to_the_journal_with_priorities_and_fields() {
 
     // Nothing went to stderr as text.
     assert_eq!(w.log("signetd"), "", "signetd's stderr");
+}
+
+#[test]
+fn signet_agent_under_systemd_logs_a_job_under_its_id() {
+    let mut w = World::new();
+    let run = w.path("run");
+    let mut journal = Journal::bind(&run);
+    let pin = w.path("pin");
+    let agent = w.start_agent_under(
+        &under_systemd(&run),
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        Some(&pin),
+        &[],
+        "",
+    );
+    let ep = daemon_under_systemd(&mut w, &run, &agent);
+    let ready = journal.wait_for("token ready", |e| {
+        field(e, "MESSAGE") == Some("token ready")
+            && field(e, "SYSLOG_IDENTIFIER") == Some("signet-agent")
+    });
+    assert_eq!(field(&ready, "PRIORITY"), Some("6"), "{ready:?}");
+
+    let pe = std::fs::read(w.pe("a.exe")).unwrap();
+    let job = sign_async(&ep, "a.exe", &pe);
+    // The agent's lines of the job carry the host's job id, from its job span.
+    let signed = journal.wait_for("the agent's line of the job", |e| {
+        field(e, "SYSLOG_IDENTIFIER") == Some("signet-agent") && field(e, "JOB") == Some(&job)
+    });
+    assert_eq!(field(&signed, "SPAN_NAME"), Some("job"), "{signed:?}");
+    assert_eq!(w.log("signet-agent"), "", "signet-agent's stderr");
 }
