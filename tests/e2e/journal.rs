@@ -1,9 +1,10 @@
 //! signetd and signet-agent started as systemd starts them (`INVOCATION_ID` set) log
 //! to the journal in its native protocol: each line with its priority and its fields.
-//! The journal here is a datagram socket the test binds; tracing-journald writes to
-//! the fixed path /run/systemd/journal/socket, so each daemon runs in a mount
-//! namespace of its own (`unshare --mount`, as root) whose /run is the test's
-//! directory.
+//! tracing-journald writes to the fixed path /run/systemd/journal/socket, so each
+//! daemon runs in a mount namespace of its own (`unshare --mount`, as root) whose /run
+//! is the test's directory. There the journal is a datagram socket the test binds and
+//! reads (the native protocol's fields as sent), or a private systemd-journald, read
+//! back with `journalctl --directory` (what journald keeps of them).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -220,4 +221,110 @@ fn signet_agent_under_systemd_logs_a_job_under_its_id() {
     });
     assert_eq!(field(&signed, "SPAN_NAME"), Some("job"), "{signed:?}");
     assert_eq!(w.log("signet-agent"), "", "signet-agent's stderr");
+}
+
+/// systemd-journald itself, private to the test: in a mount namespace whose /run is
+/// the test's directory, so it listens at `run/systemd/journal/socket` and keeps its
+/// files in `run/log/journal`; stopped on drop.
+struct Journald {
+    child: std::process::Child,
+    run: std::path::PathBuf,
+}
+
+/// Where Debian installs journald.
+const JOURNALD: &str = "/lib/systemd/systemd-journald";
+
+impl Journald {
+    fn start(w: &World) -> Journald {
+        assert!(
+            Path::new(JOURNALD).exists(),
+            "{JOURNALD} is missing: apt-get install systemd"
+        );
+        let run = w.path("run");
+        std::fs::create_dir_all(run.join("systemd/journal")).unwrap();
+        let log = std::fs::File::create(w.path("journald.log")).unwrap();
+        let child = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$0" /run && exec "$1""#)
+            .arg(&run)
+            .arg(JOURNALD)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let socket = run.join("systemd/journal/socket");
+        wait_until("journald's socket", || socket.exists());
+        Journald { child, run }
+    }
+
+    /// Every entry journald keeps, as `journalctl --output=json` gives them.
+    fn entries(&self) -> Vec<serde_json::Value> {
+        let out = std::process::Command::new("journalctl")
+            .arg("--directory")
+            .arg(
+                self.run
+                    .join("log/journal")
+                    .read_dir()
+                    .unwrap()
+                    .next()
+                    .unwrap()
+                    .unwrap()
+                    .path(),
+            )
+            .args(["--output=json", "--no-pager"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Journald {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_private_journald_keeps_signetd_lines_with_their_priority_and_fields() {
+    let mut w = World::new();
+    let journald = Journald::start(&w);
+    let run = w.path("run");
+    let nowhere: Endpoint = format!("unix:{}", w.path("agent.sock").display())
+        .parse()
+        .unwrap();
+    daemon_under_systemd(&mut w, &run, &nowhere);
+    let from_signetd = |e: &serde_json::Value| e["SYSLOG_IDENTIFIER"] == "signetd";
+    wait_until("journald keeps signetd's agent_unreachable", || {
+        journald
+            .entries()
+            .iter()
+            .any(|e| from_signetd(e) && e["EVENT"] == "agent_unreachable")
+    });
+    let entries = journald.entries();
+    let unreachable = entries
+        .iter()
+        .find(|e| from_signetd(e) && e["EVENT"] == "agent_unreachable")
+        .unwrap();
+    assert_eq!(unreachable["PRIORITY"], "4", "{unreachable:#}");
+    assert_eq!(unreachable["_TRANSPORT"], "journal", "{unreachable:#}");
+    let listening = entries
+        .iter()
+        .find(|e| from_signetd(e) && e["MESSAGE"] == "listening")
+        .unwrap_or_else(|| panic!("no listening line: {entries:#?}"));
+    assert_eq!(listening["PRIORITY"], "6", "{listening:#}");
+    assert!(
+        listening["ENDPOINT"]
+            .as_str()
+            .is_some_and(|e| e.ends_with("signetd.sock")),
+        "{listening:#}"
+    );
+    assert_eq!(w.log("signetd"), "", "signetd's stderr");
 }
