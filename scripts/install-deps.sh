@@ -16,6 +16,8 @@ needs=(
   "pkg-config pkg-config"
   "openssl openssl"
   "dbus-daemon dbus"
+  # the e2e journal tests run a private journald (and unshare, journalctl)
+  "/lib/systemd/systemd-journald systemd"
   "wixl wixl"
   "msiinfo msitools"
   "gcab gcab"
