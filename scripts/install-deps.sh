@@ -18,6 +18,8 @@ needs=(
   "pkg-config pkg-config"
   "openssl openssl"
   "dbus-daemon dbus"
+  # the e2e journal tests run a private journald (and unshare, journalctl)
+  "/lib/systemd/systemd-journald systemd"
   "wixl wixl"
   "msiinfo msitools"
   "gcab gcab"
@@ -70,6 +72,15 @@ if ((${#missing[@]})); then
     [[ -n $utils ]] && extra=(--allow-downgrades "qemu-utils=$utils")
   fi
   apt-get install -y -qq --no-install-recommends "${extra[@]}" "${missing[@]}" >/dev/null
+fi
+
+# The tests sign PowerShell files and use digest mode, which need osslsigncode 2.8 or
+# later (README.md, "osslsigncode versions"); Debian 12's own is 2.5.
+ossl=$(osslsigncode --version 2>/dev/null | sed -n '1s/^osslsigncode \([0-9]*\)\.\([0-9]*\).*/\1 \2/p' || true)
+read -r major minor <<<"${ossl:-0 0}"
+if ((major < 2 || (major == 2 && minor < 8))); then
+  echo "install-deps: osslsigncode $major.$minor is too old for the tests (PowerShell and digest mode need 2.8 or later); on Debian 12: apt-get install -t bookworm-backports osslsigncode" >&2
+  exit 1
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

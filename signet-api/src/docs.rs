@@ -1,24 +1,23 @@
-//! The hidden `man` and `completions` subcommands every Signet binary has, so the
-//! packages generate man pages and shell completions from the command-line
-//! definitions at build time (`debian/rules`). A binary flattens [`DocsCommand`] into
-//! its own subcommands and hands [`DocsCommand::run`] its whole `clap::Command`.
+//! The `man` and `completions` subcommands every Signet binary has (listed in its
+//! `--help`), so the packages generate man pages and shell completions from the
+//! command-line definitions at build time (`debian/rules`), and an admin can make them
+//! for a binary installed otherwise. A binary flattens [`DocsCommand`] into its own
+//! subcommands and hands [`DocsCommand::run`] its whole `clap::Command`.
 
 use std::io::Write;
 use std::path::PathBuf;
 
-/// `man [--dir DIR]` and `completions SHELL`, hidden from `--help`.
+/// `man [--dir DIR]` and `completions SHELL`.
 #[derive(Debug, clap::Subcommand)]
 pub enum DocsCommand {
     /// Print the man page (roff) to stdout, or write every page (NAME.1,
     /// NAME-SUBCOMMAND.1, ...) to --dir.
-    #[command(hide = true)]
     Man {
         /// Write all pages into this directory.
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Print shell completions to stdout.
-    #[command(hide = true)]
+    /// Print the shell completions to stdout.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
@@ -27,9 +26,15 @@ pub enum DocsCommand {
 
 impl DocsCommand {
     /// Writes what was asked for the program `cmd` describes (its name names the pages
-    /// and the completed command) to stdout or the directory.
+    /// and the completed command) to stdout or the directory. A failed write to stdout
+    /// ends the program as [`crate::output`] says (quietly, 141, when a pipe's reader
+    /// has gone); the error returned is the directory's.
     pub fn run(&self, cmd: clap::Command) -> std::io::Result<()> {
-        self.write_to(cmd, &mut std::io::stdout())
+        let to_stdout = !matches!(self, DocsCommand::Man { dir: Some(_) });
+        match self.write_to(cmd, &mut std::io::stdout().lock()) {
+            Err(e) if to_stdout => crate::output::stdout_failed(&e),
+            other => other,
+        }
     }
 
     fn write_to(&self, mut cmd: clap::Command, out: &mut dyn Write) -> std::io::Result<()> {
@@ -38,14 +43,18 @@ impl DocsCommand {
                 std::fs::create_dir_all(dir)?;
                 clap_mangen::generate_to(cmd, dir)
             }
-            DocsCommand::Man { dir: None } => clap_mangen::Man::new(cmd).render(out),
+            DocsCommand::Man { dir: None } => {
+                clap_mangen::Man::new(cmd).render(out)?;
+                out.flush()
+            }
             DocsCommand::Completions { shell } => {
                 // Into memory first: clap_complete panics when its writer fails (a
                 // closed pipe); this way the error is returned.
                 let name = cmd.get_name().to_string();
                 let mut script = Vec::new();
                 clap_complete::generate(*shell, &mut cmd, name, &mut script);
-                out.write_all(&script)
+                out.write_all(&script)?;
+                out.flush()
             }
         }
     }

@@ -6,8 +6,10 @@
 //! - [`operator`] — the operator's result types (job list, audit, host checks) and
 //!   their text, the same over HTTP, D-Bus and `signetctl`.
 //! - [`render`] — the status as text, the same in every front.
-//! - [`docs`] — (feature `cli`) the hidden `man` and `completions` subcommands;
-//!   [`args`] — (feature `cli`) the arguments `signetctl` and `signetd` share.
+//! - [`docs`] — (feature `cli`) the `man` and `completions` subcommands;
+//!   [`args`] — (feature `cli`) the arguments `signetctl` and `signetd` share;
+//!   [`output`] — (feature `cli`) `--output-format`, and printing to stdout that ends
+//!   the program quietly instead of panicking when a pipe's reader has gone.
 //! - [`hex`], [`rfc3339`] — bytes and times as text.
 //!
 //! It has no async runtime, HTTP stack or TLS, so a CLI that only speaks D-Bus links
@@ -20,6 +22,8 @@ pub mod args;
 pub mod docs;
 pub mod hex;
 pub mod operator;
+#[cfg(feature = "cli")]
+pub mod output;
 pub mod render;
 pub mod rfc3339;
 pub mod wire;

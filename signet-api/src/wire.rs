@@ -697,6 +697,28 @@ pub struct AgentHealth {
     pub windows: Option<WindowsSessions>,
 }
 
+/// The osslsigncode each mode needs, stated once; README.md's "osslsigncode
+/// versions" says the same (a test holds the two together), and every message that
+/// names a version takes it from here.
+pub mod osslsigncode {
+    /// `(major, minor)`.
+    pub type Version = (u32, u32);
+
+    /// Whole files (PE, MSI, CAB, CAT) in the signing VM: a PKCS#11 module, the PIN
+    /// from `-readpass /dev/stdin`, `-nest`, several `-ts`. Debian 12's osslsigncode.
+    pub const WHOLE_FILE: Version = (2, 5);
+    /// PowerShell scripts in the signing VM: 2.8 added signing them.
+    pub const POWERSHELL: Version = (2, 8);
+    /// Digest mode: `extract-data` in the build VM (2.8 added it, and `sign` of its
+    /// blob, which the signing VM then runs), `attach-signature` there too.
+    pub const DIGEST: Version = (2, 8);
+
+    /// `2.8`.
+    pub fn shown(v: Version) -> String {
+        format!("{}.{}", v.0, v.1)
+    }
+}
+
 /// What the signing VM's osslsigncode can do, detected when the agent starts
 /// (`osslsigncode --version` and `--help`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -704,13 +726,13 @@ pub struct SignerFeatures {
     /// `MAJOR.MINOR`, e.g. "2.9"; empty when the version could not be read.
     pub version: String,
     /// The modes the agent serves with it: `whole` always, `digest` when osslsigncode
-    /// signs the data blob of `extract-data` (2.8 and later).
+    /// signs the data blob of `extract-data` ([`osslsigncode::DIGEST`]).
     pub modes: Vec<SignMode>,
     /// It has `extract-data` (make a digest-mode blob).
     pub extract_data: bool,
     /// It has `attach-signature` (put a detached signature into a file).
     pub attach_signature: bool,
-    /// It signs PowerShell files (2.8 and later).
+    /// It signs PowerShell files ([`osslsigncode::POWERSHELL`]).
     pub powershell: bool,
 }
 

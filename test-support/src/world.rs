@@ -167,6 +167,21 @@ impl World {
         envs: &[(&str, &str)],
         extra: &str,
     ) -> Endpoint {
+        self.start_agent_under(&[], listen, module, pin_file, envs, extra)
+    }
+
+    /// Like [`World::start_agent_config`], with `signet-agent` started by `wrapper` (a
+    /// program and its arguments), which must pass on its environment and stop the
+    /// agent when it gets SIGTERM.
+    pub fn start_agent_under(
+        &mut self,
+        wrapper: &[&std::ffi::OsStr],
+        listen: &str,
+        module: &str,
+        pin_file: Option<&Path>,
+        envs: &[(&str, &str)],
+        extra: &str,
+    ) -> Endpoint {
         let cfg = self.path("agent.toml");
         let pin_line = pin_file
             .map(|p| format!("pin_file = \"{}\"\n", p.display()))
@@ -180,8 +195,12 @@ impl World {
             ),
         )
         .unwrap();
-        let mut cmd = Command::new(bin("signet-agent"));
-        cmd.arg("--config")
+        let agent = bin("signet-agent");
+        let mut argv: Vec<&std::ffi::OsStr> = wrapper.to_vec();
+        argv.push(agent.as_os_str());
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..])
+            .arg("--config")
             .arg(&cfg)
             .env("SOFTHSM2_CONF", self.softhsm_conf());
         for (k, v) in envs {
@@ -356,7 +375,11 @@ impl World {
         sock.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let log = std::fs::File::create(self.path(&format!("{name}.log"))).unwrap();
+        // Logs to the file below, also when the tests run under systemd (a CI
+        // runner's unit): a daemon started by systemd logs to the journal.
         cmd.env("NOTIFY_SOCKET", &sock_path)
+            .env_remove("INVOCATION_ID")
+            .env_remove("JOURNAL_STREAM")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

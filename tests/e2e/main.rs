@@ -8,11 +8,13 @@ use std::process::Output;
 
 use signet_test_support::*;
 
+mod cli;
 mod dbus;
 mod doctor;
 mod exactly_once;
 mod formats;
 mod jobs_api;
+mod journal;
 mod link;
 mod native;
 mod operator;

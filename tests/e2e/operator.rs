@@ -288,10 +288,27 @@ fn jobs_and_cancel_over_dbus_follow_the_policy_and_signal_each_ended_job() {
     let second = sign_async(&unix, "second.exe", &pe);
     let third = sign_async(&unix, "third.exe", &pe);
 
-    // The list: the same JobList over D-Bus (signetctl) and HTTP.
+    // The list: the same JobList over D-Bus (signetctl) and HTTP; --json is one line,
+    // --output-format json-pretty the same document indented.
     let out = ctl(&bus, As::Root, &["jobs", "--json"]);
     assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        1,
+        "{}",
+        text(&out.stdout)
+    );
     let over_dbus: JobList = json(&out);
+    let pretty = ctl(&bus, As::Root, &["jobs", "--output-format", "json-pretty"]);
+    assert!(text(&pretty.stdout).lines().count() > 1);
+    assert_eq!(no_ages(json(&pretty)), no_ages(over_dbus.clone()));
+    // Into a pipe whose reader has gone (`signetctl jobs --json | head -1`): quietly 141.
+    let mut closed = Command::new(bin("signetctl"));
+    closed
+        .env("SIGNET_DBUS", &bus.address)
+        .args(["jobs", "--json"]);
+    let out = super::cli::with_closed_stdout(&mut closed);
+    super::cli::assert_quiet_broken_pipe("signetctl jobs --json", &out);
     let (status, over_http): (u16, JobList) = http(&unix, "GET", "/v1/operator/jobs");
     assert_eq!(status, 200);
     assert_eq!(
@@ -647,7 +664,11 @@ fn doctor_over_dbus_on_a_healthy_and_a_broken_host() {
     let out = ctl(&bus, As::Root, &["doctor"]);
     assert_eq!(code(&out), 0, "{}{}", text(&out.stdout), text(&out.stderr));
     golden("doctor-healthy.txt", &text(&out.stdout), &w);
-    let out = ctl(&bus, As::Root, &["doctor", "--json"]);
+    let out = ctl(
+        &bus,
+        As::Root,
+        &["doctor", "--output-format", "json-pretty"],
+    );
     assert_eq!(code(&out), 0);
     let over_dbus: DoctorReport = json(&out);
     let (_, over_http): (u16, DoctorReport) = http(&unix, "GET", "/v1/operator/doctor");
@@ -676,7 +697,11 @@ fn doctor_over_dbus_on_a_healthy_and_a_broken_host() {
     assert_eq!(code(&out), 1);
     let status: DaemonStatus = json(&out);
     assert!(!status.signing_works);
-    let out = ctl(&bus, As::Root, &["doctor", "--json"]);
+    let out = ctl(
+        &bus,
+        As::Root,
+        &["doctor", "--output-format", "json-pretty"],
+    );
     assert_eq!(code(&out), 1);
     let report: DoctorReport = json(&out);
     let failed: Vec<&str> = report
@@ -946,9 +971,9 @@ fn every_binary_writes_its_man_pages_and_completions() {
             script.contains(sub.split('-').next().unwrap()),
             "{binary}: {script}"
         );
-        // Hidden from --help: they are for packagers.
+        // Listed in --help (cli::every_binary_lists_man_and_completions_in_its_help).
         let help = Command::new(bin(binary)).arg("--help").output().unwrap();
-        assert!(!text(&help.stdout).contains("completions"), "{binary}");
+        assert!(text(&help.stdout).contains("completions"), "{binary}");
     }
 }
 

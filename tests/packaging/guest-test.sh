@@ -204,6 +204,11 @@ check "systemctl restart signetd" systemctl restart signetd
 check "/run/signet survives the restart (same directory)" test "$(stat -c %i /run/signet)" = "$ino"
 check "a VM's monitor socket in /run/signet survives it" test -e /run/signet/vm-999.qmp
 check "signetd is active after the restart" systemctl is-active signetd
+# Logged to the journal natively: each line keeps its priority and fields.
+check "signetd's lines keep their fields in the journal" \
+  bash -c 'journalctl -b --no-pager -u signetd MESSAGE=listening -o json | grep -q "\"ENDPOINT\":\""'
+check "signet-agent's lines keep their fields in the journal" \
+  bash -c 'journalctl -b --no-pager -u signet-agent MESSAGE=listening -o json | grep -q "\"ENDPOINT\":\""'
 rm -f /run/signet/vm-999.qmp
 
 # --- check-config before each start: a PIN file open to others stops the agent's start

@@ -16,12 +16,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use signet_api::output::OutputArgs;
 use signet_api::render;
 use signet_api::wire::{exit, DaemonStatus, STATUS_PATH};
+use signet_api::{out, outln};
 use signet_protocol::client;
 use signet_protocol::Endpoint;
 
-const EXIT_CODES: &str = "\
+const EXIT_CODES: &str = concat!(
+    "\
 Exit codes:
   0  signed (every file)
   2  usage: the command line is wrong
@@ -29,9 +32,13 @@ Exit codes:
   4  bad input file: missing, empty, or not a format Signet signs
   5  signing failed on the appliance
   6  appliance unavailable: daemon, agent or token cannot be reached, or the PIN needs fixing
+",
+    signet_api::exit_codes_stdout!(),
+    "
 
 Endpoints: vsock:CID:PORT (default vsock:2:771, the Proxmox host), unix:PATH, tcp:HOST:PORT,
-tls:HOST:PORT (a remote appliance: --client NAME with SIGNET_SECRET, --tls-ca).";
+tls:HOST:PORT (a remote appliance: --client NAME with SIGNET_SECRET, --tls-ca)."
+);
 
 /// Sign Windows binaries with the code-signing token of a Signet appliance.
 ///
@@ -73,9 +80,10 @@ enum Command {
     /// Show whether the appliance can sign right now.
     #[command(after_help = "Exit code 0 when signing works, 6 when it does not.")]
     Status {
-        /// Print the status as JSON.
-        #[arg(long)]
-        json: bool,
+        /// As JSON: the document of GET /v1/status, also when the appliance cannot be
+        /// reached ({"endpoint", "reachable": false, "signing_works": false, "error"}).
+        #[command(flatten)]
+        output: OutputArgs,
     },
     #[command(flatten)]
     Docs(signet_api::docs::DocsCommand),
@@ -137,22 +145,22 @@ async fn run(cli: Cli) -> i32 {
     signet_protocol::tls::configure(cli.tls_ca, credentials);
     match cli.command {
         Command::Sign(args) => sign::run(&endpoint, args, &file_cfg).await,
-        Command::Status { json } => status(&endpoint, json).await,
+        Command::Status { output } => status(&endpoint, output).await,
         Command::Docs(_) => 0,
     }
 }
 
-async fn status(endpoint: &Endpoint, json: bool) -> i32 {
-    // With --json, a document whatever happened: scripts parse stdout, not stderr.
+async fn status(endpoint: &Endpoint, output: OutputArgs) -> i32 {
+    // As JSON, a document whatever happened: scripts parse stdout, not stderr.
     let failed = |reachable: bool, error: serde_json::Value, message: &str, exit_code: i32| {
-        if json {
+        if output.is_json() {
             let doc = serde_json::json!({
                 "endpoint": endpoint.to_string(),
                 "reachable": reachable,
                 "signing_works": false,
                 "error": error,
             });
-            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            outln!("{}", output.to_json(&doc));
         }
         eprintln!("signet: {message}");
         exit_code
@@ -169,14 +177,11 @@ async fn status(endpoint: &Endpoint, json: bool) -> i32 {
             return failed(false, doc, &message, exit::UNAVAILABLE);
         }
     };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&status).unwrap_or_default()
-        );
+    if output.is_json() {
+        outln!("{}", output.to_json(&status));
     } else {
         let color = std::io::stdout().is_terminal();
-        print!(
+        out!(
             "{}",
             render::status_text(&status, &endpoint.to_string(), color)
         );

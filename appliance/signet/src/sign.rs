@@ -12,8 +12,8 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use signet_api::wire::{
-    exit, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions, ProfileQuery, SignMode, SignQuery,
-    BATCH_PATH, PROFILE_PATH, SIGN_PATH, STATUS_PATH,
+    exit, osslsigncode, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions, ProfileQuery, SignMode,
+    SignQuery, BATCH_PATH, PROFILE_PATH, SIGN_PATH, STATUS_PATH,
 };
 use signet_format as format;
 use signet_protocol::batch;
@@ -59,13 +59,14 @@ pub struct SignArgs {
     /// URL embedded in the signature (signtool /du).
     #[arg(long, short)]
     url: Option<String>,
-    /// Print one JSON object per file on stdout instead of a line of text.
-    #[arg(long)]
-    json: bool,
+    /// On stdout, one JSON object per file (json: one line each; json-pretty); the
+    /// text goes to stderr.
+    #[command(flatten)]
+    format: signet_api::output::OutputArgs,
     /// Digest mode: send only the file's Authenticode data (a few hundred bytes,
     /// whatever the file's size) and attach the returned signature here, as the
     /// profile signs (hash, page hashes, nested). Needs osslsigncode 2.8 or later on
-    /// this machine; catalogs (CAT) are signed without it.
+    /// this machine and in the signing VM; catalogs (CAT) are signed without it.
     #[arg(long)]
     digest: bool,
     /// CA certificate(s) the attached signature is verified against in digest mode: a
@@ -218,7 +219,7 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
         if o.seconds == 0.0 {
             o.seconds = started.elapsed().as_secs_f64();
         }
-        report(o, args.json);
+        report(o, args.format);
         if o.exit_code != exit::SIGNED && first_failure == exit::SIGNED {
             first_failure = o.exit_code;
         }
@@ -260,9 +261,9 @@ impl Outcome {
     }
 }
 
-fn report(o: &Outcome, json: bool) {
-    if json {
-        println!("{}", serde_json::to_string(o).unwrap_or_default());
+fn report(o: &Outcome, format: signet_api::output::OutputArgs) {
+    if format.is_json() {
+        signet_api::outln!("{}", format.to_json(o));
     } else if o.signed {
         let out = o.output.as_ref().filter(|p| **p != o.file);
         eprintln!(
@@ -968,7 +969,7 @@ async fn osslsigncode<S: AsRef<std::ffi::OsStr>>(
         .output()
         .await
         .map_err(|e| RunFailure {
-            summary: format!("cannot run {}: {e}; digest mode needs osslsigncode 2.8 or later on this machine (--osslsigncode PATH)", program.display()),
+            summary: format!("cannot run {}: {e}; digest mode needs osslsigncode {} or later on this machine (--osslsigncode PATH)", program.display(), osslsigncode::shown(osslsigncode::DIGEST)),
             output: String::new(),
         })?;
     if out.status.success() {
@@ -992,7 +993,10 @@ async fn osslsigncode<S: AsRef<std::ffi::OsStr>>(
         msg = format!("{} exited with {}", program.display(), out.status);
     }
     if text.contains("Unknown command") || text.contains("extract-data") && text.contains("Usage") {
-        msg.push_str("; digest mode needs osslsigncode 2.8 or later");
+        msg.push_str(&format!(
+            "; digest mode needs osslsigncode {} or later",
+            osslsigncode::shown(osslsigncode::DIGEST)
+        ));
     }
     Err(RunFailure {
         summary: msg,

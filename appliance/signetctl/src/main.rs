@@ -12,12 +12,15 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use signet_api::operator::{EnrollReport, JobList};
+use signet_api::output::OutputArgs;
 use signet_api::render;
 use signet_api::wire::{DaemonStatus, ErrorBody, ErrorCode, HostToken, TokensReport};
+use signet_api::{out, outln};
 use signet_dbus::ManagerProxy;
 
 /// Exit codes, for monitoring.
-const EXIT_CODES: &str = "\
+const EXIT_CODES: &str = concat!(
+    "\
 Exit codes:
   0  signing works (status) / all checks passed (doctor) / the command succeeded
   1  signing does not work right now (status), a check failed (doctor), the audit
@@ -25,7 +28,14 @@ Exit codes:
   2  usage: the command line is wrong
   3  the daemon cannot be reached on the bus, or the bus refused the call
   4  the daemon refused the command or could not carry it out: no such job or
-     token, a job that can no longer be cancelled, a time that is not RFC 3339";
+     token, a job that can no longer be cancelled, a time that is not RFC 3339
+",
+    signet_api::exit_codes_stdout!(),
+    "
+
+--output-format json (or --json) prints the document the HTTP API answers on one
+line; json-pretty indents it."
+);
 
 /// Status and control of a Signet appliance on this Proxmox host, over D-Bus.
 ///
@@ -44,18 +54,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Is signing working, and if not, why? One screen; --json for scripts.
+    /// Is signing working, and if not, why? One screen; --output-format json (the
+    /// document of GET /v1/status) for scripts.
     #[command(after_help = EXIT_CODES)]
     Status {
-        /// Print the status as JSON (the same document as GET /v1/status).
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
-    /// The host's tokens: serial, model, host port, where each one is and why.
+    /// The host's tokens: serial, model, host port, where each one is and why (as JSON:
+    /// the document of GET /v1/tokens).
     Tokens {
-        /// Print the list as JSON (the same document as GET /v1/tokens).
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Put a token into its signing VM (Signet attaches a token only to the VM it is
     /// assigned to).
@@ -65,23 +75,20 @@ enum Command {
         /// The VM you expect it to go to; refused when the token belongs to another.
         #[arg(long)]
         vm: Option<u32>,
-        /// Print the token as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Take a token out of its VM and keep it on the host until `attach`.
     Detach {
         serial: String,
-        /// Print the token as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Detach a token from its VM and attach it again (e.g. when the guest lost it).
     Reattach {
         serial: String,
-        /// Print the token as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Every caller's jobs: running, queued (in the order they will run), recently
     /// ended. --watch follows them.
@@ -114,18 +121,16 @@ enum EnrollCommand {
     SigningVm {
         #[command(flatten)]
         vm: signet_api::args::SigningVmArgs,
-        /// Print the change as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// A VM that asks for signatures: the vsock device in args:, and a grant for it in
     /// signetd.toml.
     BuildVm {
         #[command(flatten)]
         vm: signet_api::args::BuildVmArgs,
-        /// Print the change as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
 }
 
@@ -188,7 +193,7 @@ async fn run(cli: Cli) -> u8 {
         Command::Audit(cmd) => ops::audit(&proxy, &cmd).await,
         Command::Doctor(args) => ops::doctor(&proxy, &args).await,
         Command::Docs(_) => 0,
-        Command::Status { json } => {
+        Command::Status { output } => {
             let text = match proxy.status().await {
                 Ok(t) => t,
                 // signetd's own refusal (the caller's role): its message, exit 4.
@@ -208,14 +213,11 @@ async fn run(cli: Cli) -> u8 {
                     return 3;
                 }
             };
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&status).unwrap_or_default()
-                );
+            if output.is_json() {
+                outln!("{}", output.to_json(&status));
             } else {
                 let source = format!("{} bus", cli.bus);
-                print!(
+                out!(
                     "{}",
                     render::status_text(&status, &source, std::io::stdout().is_terminal())
                 );
@@ -228,9 +230,9 @@ async fn run(cli: Cli) -> u8 {
                 if let Some(list) = jobs.filter(|l| {
                     !(l.running.is_empty() && l.queued.is_empty() && l.recent.is_empty())
                 }) {
-                    println!("  jobs:");
+                    outln!("  jobs:");
                     for line in signet_api::operator::jobs_text(&list).lines() {
-                        println!("    {line}");
+                        outln!("    {line}");
                     }
                 }
             }
@@ -240,58 +242,55 @@ async fn run(cli: Cli) -> u8 {
                 1
             }
         }
-        Command::Tokens { json } => {
-            let report: TokensReport = match read(proxy.tokens().await, json) {
+        Command::Tokens { output } => {
+            let report: TokensReport = match read(proxy.tokens().await, output) {
                 Ok(r) => r,
                 Err(code) => return code,
             };
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
+            if output.is_json() {
+                outln!("{}", output.to_json(&report));
             } else {
-                print!("{}", render::tokens_text(&report));
+                out!("{}", render::tokens_text(&report));
             }
             0
         }
-        Command::Attach { serial, vm, json } => token_done(
-            read(proxy.attach(&serial, vm.unwrap_or(0)).await, json),
-            json,
+        Command::Attach { serial, vm, output } => token_done(
+            read(proxy.attach(&serial, vm.unwrap_or(0)).await, output),
+            output,
         ),
-        Command::Detach { serial, json } => {
-            token_done(read(proxy.detach(&serial).await, json), json)
+        Command::Detach { serial, output } => {
+            token_done(read(proxy.detach(&serial).await, output), output)
         }
-        Command::Reattach { serial, json } => {
-            token_done(read(proxy.reattach(&serial).await, json), json)
+        Command::Reattach { serial, output } => {
+            token_done(read(proxy.reattach(&serial).await, output), output)
         }
         Command::Enroll(cmd) => {
-            let (role, vmid, serial, profiles, dry_run, json) = match cmd {
-                EnrollCommand::SigningVm { vm, json } => (
+            let (role, vmid, serial, profiles, dry_run, output) = match cmd {
+                EnrollCommand::SigningVm { vm, output } => (
                     "signing-vm",
                     vm.vmid,
                     vm.token,
                     Vec::new(),
                     vm.dry_run,
-                    json,
+                    output,
                 ),
-                EnrollCommand::BuildVm { vm, json } => (
+                EnrollCommand::BuildVm { vm, output } => (
                     "build-vm",
                     vm.vmid,
                     String::new(),
                     vm.profiles,
                     vm.dry_run,
-                    json,
+                    output,
                 ),
             };
             let answer = proxy.enroll(role, vmid, &serial, profiles, !dry_run).await;
-            match read::<EnrollReport>(answer, json) {
-                Ok(r) if json => {
-                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            match read::<EnrollReport>(answer, output) {
+                Ok(r) if output.is_json() => {
+                    outln!("{}", output.to_json(&r));
                     0
                 }
                 Ok(r) => {
-                    print!("{}", signet_api::operator::enroll_text(&r));
+                    out!("{}", signet_api::operator::enroll_text(&r));
                     0
                 }
                 Err(code) => code,
@@ -303,10 +302,10 @@ async fn run(cli: Cli) -> u8 {
 /// How many ended jobs `signetctl status` shows.
 const STATUS_RECENT_JOBS: u32 = 5;
 /// A token command's answer: the token, as text or JSON.
-fn token_done(r: Result<HostToken, u8>, json: bool) -> u8 {
+fn token_done(r: Result<HostToken, u8>, output: OutputArgs) -> u8 {
     match r {
-        Ok(t) if json => {
-            println!("{}", serde_json::to_string_pretty(&t).unwrap_or_default());
+        Ok(t) if output.is_json() => {
+            outln!("{}", output.to_json(&t));
             0
         }
         Ok(t) => {
@@ -315,27 +314,27 @@ fn token_done(r: Result<HostToken, u8>, json: bool) -> u8 {
                 detail: None,
                 tokens: vec![t],
             };
-            print!("{}", render::tokens_text(&report));
+            out!("{}", render::tokens_text(&report));
             0
         }
         Err(code) => code,
     }
 }
 
-/// A method's JSON answer as `T`; on failure, says why (as JSON too with `--json`) and
-/// answers the exit code.
-fn read<T: serde::de::DeserializeOwned>(answer: zbus::Result<String>, json: bool) -> Result<T, u8> {
+/// A method's JSON answer as `T`; on failure, says why (as JSON too with
+/// `--output-format json`) and answers the exit code.
+fn read<T: serde::de::DeserializeOwned>(
+    answer: zbus::Result<String>,
+    output: OutputArgs,
+) -> Result<T, u8> {
     let text = match answer {
         Ok(t) => t,
         Err(zbus::Error::MethodError(name, desc, _)) if signetd_error(name.as_str()) => {
             let message = desc.unwrap_or_default();
             let code = signet_dbus::error_code(name.as_str()).unwrap_or(ErrorCode::Internal);
-            if json {
+            if output.is_json() {
                 let body = ErrorBody::new(code, message.clone());
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&body).unwrap_or_default()
-                );
+                outln!("{}", output.to_json(&body));
             }
             eprintln!("signetctl: {message}");
             return Err(4);

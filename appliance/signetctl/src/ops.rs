@@ -4,7 +4,9 @@
 
 use futures_util::StreamExt;
 use signet_api::operator::{self, AuditCheck, AuditRecord, DoctorReport, JobList};
+use signet_api::output::OutputArgs;
 use signet_api::wire::JobView;
+use signet_api::{out, outln};
 use signet_dbus::ManagerProxy;
 
 /// A command's outcome: what it printed is done; the exit code says how it went.
@@ -30,19 +32,18 @@ pub struct JobsArgs {
     /// How many ended jobs to show.
     #[arg(long, default_value_t = 20)]
     pub recent: u32,
-    /// Print JSON (the same document as GET /v1/operator/jobs); one line per refresh
-    /// with --watch.
-    #[arg(long)]
-    pub json: bool,
+    /// As JSON: the same document as GET /v1/operator/jobs, one per refresh with
+    /// --watch.
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct CancelArgs {
     /// The job's id (as `signetctl jobs` shows it).
     pub job: String,
-    /// Print the cancelled job as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -52,15 +53,13 @@ pub enum AuditCommand {
         /// How many.
         #[arg(short, default_value_t = 20)]
         n: u32,
-        /// Print a JSON array.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Walks the hash chain; names the first record changed, deleted or reordered.
     Verify {
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Writes the records as JSON lines (as `signetd audit export` does).
     Export {
@@ -72,9 +71,8 @@ pub enum AuditCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct DoctorArgs {
-    /// Print the checks as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// A failed call: the daemon's own error (its message, exit 4) or the bus's (exit 3).
@@ -94,10 +92,6 @@ fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Code> {
         eprintln!("signetctl: signetd answered something this signetctl cannot read ({e}); are both the same version?");
         UNREACHABLE
     })
-}
-
-fn pretty<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
 macro_rules! call {
@@ -120,26 +114,22 @@ macro_rules! read {
 
 pub async fn jobs(proxy: &ManagerProxy<'_>, args: &JobsArgs) -> Code {
     let show = |list: &JobList, clear: bool| {
-        if args.json {
-            println!("{}", serde_json::to_string(list).unwrap_or_default());
+        if args.output.is_json() {
+            outln!("{}", args.output.to_json(list));
         } else {
             if clear {
-                print!("\x1b[H\x1b[2J");
+                out!("\x1b[H\x1b[2J");
             }
-            print!("{}", operator::jobs_text(list));
+            out!("{}", operator::jobs_text(list));
         }
     };
     let text = call!(proxy.jobs(args.recent));
     let list = read!(JobList, text);
     if !args.watch {
-        if args.json {
-            println!("{}", pretty(&list));
-        } else {
-            show(&list, false);
-        }
+        show(&list, false);
         return OK;
     }
-    let clear = !args.json && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let clear = !args.output.is_json() && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut ended = match proxy.receive_job_finished().await {
         Ok(s) => s,
         Err(e) => return failed(&e),
@@ -154,41 +144,39 @@ pub async fn jobs(proxy: &ManagerProxy<'_>, args: &JobsArgs) -> Code {
         }
         let text = call!(proxy.jobs(args.recent));
         show(&read!(JobList, text), clear);
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
     }
 }
 
 pub async fn cancel(proxy: &ManagerProxy<'_>, args: &CancelArgs) -> Code {
     let text = call!(proxy.cancel(&args.job));
     let view = read!(JobView, text);
-    if args.json {
-        println!("{}", pretty(&view));
+    if args.output.is_json() {
+        outln!("{}", args.output.to_json(&view));
     } else {
-        println!("job {} is {}", view.id, view.state.as_str());
+        outln!("job {} is {}", view.id, view.state.as_str());
     }
     OK
 }
 
 pub async fn audit(proxy: &ManagerProxy<'_>, cmd: &AuditCommand) -> Code {
     match cmd {
-        AuditCommand::Tail { n, json } => {
+        AuditCommand::Tail { n, output } => {
             let text = call!(proxy.audit_tail(*n));
             let records = read!(Vec<AuditRecord>, text);
-            if *json {
-                println!("{}", pretty(&records));
+            if output.is_json() {
+                outln!("{}", output.to_json(&records));
             } else {
-                print!("{}", operator::audit_text(&records));
+                out!("{}", operator::audit_text(&records));
             }
             OK
         }
-        AuditCommand::Verify { json } => {
+        AuditCommand::Verify { output } => {
             let text = call!(proxy.audit_verify());
             let check = read!(AuditCheck, text);
-            if *json {
-                println!("{}", pretty(&check));
+            if output.is_json() {
+                outln!("{}", output.to_json(&check));
             } else {
-                print!("{}", operator::audit_check_text(&check));
+                out!("{}", operator::audit_check_text(&check));
             }
             if check.ok {
                 OK
@@ -200,7 +188,7 @@ pub async fn audit(proxy: &ManagerProxy<'_>, cmd: &AuditCommand) -> Code {
             let text = call!(proxy.audit_export(since.as_deref().unwrap_or("")));
             let records = read!(Vec<AuditRecord>, text);
             for r in &records {
-                println!("{}", serde_json::to_string(r).unwrap_or_default());
+                outln!("{}", serde_json::to_string(r).unwrap_or_default());
             }
             OK
         }
@@ -210,10 +198,10 @@ pub async fn audit(proxy: &ManagerProxy<'_>, cmd: &AuditCommand) -> Code {
 pub async fn doctor(proxy: &ManagerProxy<'_>, args: &DoctorArgs) -> Code {
     let text = call!(proxy.doctor());
     let report = read!(DoctorReport, text);
-    if args.json {
-        println!("{}", pretty(&report));
+    if args.output.is_json() {
+        outln!("{}", args.output.to_json(&report));
     } else {
-        print!("{}", operator::doctor_text(&report));
+        out!("{}", operator::doctor_text(&report));
     }
     if report.ok {
         OK

@@ -14,7 +14,14 @@ use signetd::services::supervise::Supervisor;
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Example configuration: packaging/signetd.toml. Logs: set RUST_LOG=debug for more."
+    after_help = concat!(
+        "Example configuration: packaging/signetd.toml. Logs: set RUST_LOG=debug for more;
+to the journal when started by systemd, else to stderr.
+
+Exit codes of the commands that print to stdout also:
+",
+        signet_api::exit_codes_stdout!()
+    )
 )]
 struct Cli {
     /// Configuration file.
@@ -106,12 +113,12 @@ fn tls_command(cmd: TlsCommand) -> anyhow::Result<()> {
         made.cert.display(),
         made.key.display()
     );
-    println!(
+    signet_api::outln!(
         "# signetd.toml:\n[tls]\nlisten = [\"{listen}\"]\ncert = \"{}\"\nkey = \"{}\"\n",
         made.cert.display(),
         made.key.display()
     );
-    println!(
+    signet_api::outln!(
         "# clients: copy {} to them, then\n#   signet --endpoint tls:{}:{port} --tls-ca ca.pem --client NAME sign FILE   (SIGNET_SECRET from `signetd client add NAME`)\n#   curl --cacert ca.pem -u NAME:SECRET ...",
         made.ca.display(),
         hosts[0]
@@ -196,7 +203,7 @@ fn client_command(cfg: &Config, cmd: ClientCommand) -> anyhow::Result<()> {
             eprintln!(
                 "client {name:?} added; its secret is shown only now. Give it to the client as SIGNET_SECRET (or curl -u {name}:SECRET):"
             );
-            println!("{secret}");
+            signet_api::outln!("{secret}");
         }
         ClientCommand::List => {
             let now = signetd::adapters::store::unix_now();
@@ -207,7 +214,7 @@ fn client_command(cfg: &Config, cmd: ClientCommand) -> anyhow::Result<()> {
                 } else {
                     "expired".to_owned()
                 };
-                println!("{}\t{}\t{state}", c.name, c.profiles.join(","));
+                signet_api::outln!("{}\t{}\t{state}", c.name, c.profiles.join(","));
             }
         }
         ClientCommand::Remove { name } => {
@@ -236,11 +243,11 @@ fn tokens(json: bool, catalog: signetd::adapters::usb::Catalog) -> anyhow::Resul
     let host = usb::host_program_conflict(&usb::running_programs());
     if json {
         let v = serde_json::json!({"tokens": found, "host_conflict": host});
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        signet_api::outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     if found.is_empty() {
-        println!("no tokens plugged into this host");
+        signet_api::outln!("no tokens plugged into this host");
     }
     for t in &found {
         let d = &t.device;
@@ -248,7 +255,7 @@ fn tokens(json: bool, catalog: signetd::adapters::usb::Catalog) -> anyhow::Resul
             TokenKind::Known { model } => model.clone(),
             TokenKind::Candidate => "unknown smart-card device (CCID): a candidate".to_owned(),
         };
-        println!(
+        signet_api::outln!(
             "{serial}  {what}  {id} at {port} (device {devnum})",
             serial = d.serial.as_deref().unwrap_or("(no serial)"),
             id = d.id,
@@ -256,11 +263,11 @@ fn tokens(json: bool, catalog: signetd::adapters::usb::Catalog) -> anyhow::Resul
             devnum = d.devnum,
         );
         for c in &t.conflicts {
-            println!("  conflict: {c}");
+            signet_api::outln!("  conflict: {c}");
         }
     }
     if let Some(h) = host {
-        println!("conflict: {h}");
+        signet_api::outln!("conflict: {h}");
     }
     Ok(())
 }
@@ -352,30 +359,30 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
     let done = result.map_err(|e| anyhow::anyhow!(signet_api::wire::ErrorBody::from(e).message))?;
     let (plan, stanza) = (&done.plan, &done.stanza);
     match (&req, &cfg) {
-        (EnrollRequest::SigningVm { serial, .. }, None) => println!(
+        (EnrollRequest::SigningVm { serial, .. }, None) => signet_api::outln!(
             "{} does not exist yet; give it this entry so signetd keeps the token in VM {vmid}:\n[[tokens]]\nserial = {serial:?}\nvm = {vmid}",
             config.display()
         ),
-        (EnrollRequest::BuildVm { .. }, None) if grant => println!(
+        (EnrollRequest::BuildVm { .. }, None) if grant => signet_api::outln!(
             "{} does not exist yet; give it this grant so VM {vmid} may sign:\n{}",
             config.display(),
             signetd::config::edit::stanza(vmid, &done.wanted)
         ),
-        (EnrollRequest::BuildVm { .. }, Some(_)) if grant && stanza.is_none() => println!(
+        (EnrollRequest::BuildVm { .. }, Some(_)) if grant && stanza.is_none() => signet_api::outln!(
             "VM {vmid} may use {} already: no grant to add",
             done.wanted.join(", ")
         ),
         _ => {}
     }
-    print!("{plan}");
+    signet_api::out!("{plan}");
     if !plan.changes.is_empty() {
         let line = qm.shell_line(&Qm::set_args(plan));
         if dry_run {
-            println!("would run: {line}");
+            signet_api::outln!("would run: {line}");
         } else {
-            println!("ran: {line}");
+            signet_api::outln!("ran: {line}");
             if plan.changes.iter().any(|c| c.key == "args") {
-                println!(
+                signet_api::outln!(
                     "args: takes effect when VM {vmid} next starts (qm stop {vmid} && qm start {vmid})"
                 );
             }
@@ -383,14 +390,14 @@ fn enroll(cmd: Enroll, config: &std::path::Path) -> anyhow::Result<()> {
     }
     if let Some(stanza) = stanza {
         if dry_run {
-            println!("would add to {}:\n{stanza}", config.display());
+            signet_api::outln!("would add to {}:\n{stanza}", config.display());
         } else if stanza.contains("[[tokens]]") {
-            println!(
+            signet_api::outln!(
                 "added to {}:\n{stanza}apply it with systemctl reload signetd: signetd then keeps the token in VM {vmid}; running and queued jobs are kept (the reload's log line names anything that waits for a restart)",
                 config.display()
             );
         } else {
-            println!(
+            signet_api::outln!(
                 "added to {}:\n{stanza}apply it with systemctl reload signetd (running and queued jobs are kept)",
                 config.display()
             );
@@ -480,20 +487,20 @@ fn audit_command(cfg: &Config, cmd: &AuditCommand) -> anyhow::Result<i32> {
             };
             let check = audit::check_with(&conn, known.as_ref())?;
             if *json {
-                println!("{}", serde_json::to_string(&check)?);
+                signet_api::outln!("{}", serde_json::to_string(&check)?);
             } else {
-                print!("{}", signet_api::operator::audit_check_text(&check));
+                signet_api::out!("{}", signet_api::operator::audit_check_text(&check));
             }
             Ok(if check.ok { 0 } else { 1 })
         }
         AuditCommand::Head => {
             let v = audit::verify(&conn)?;
-            println!("{}:{}", v.head, v.records);
+            signet_api::outln!("{}:{}", v.head, v.records);
             Ok(0)
         }
         AuditCommand::Export { since } => {
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
+            // A closed stdout (`| head`) ends signetd quietly (signet_api::output).
+            let mut out = std::io::BufWriter::new(signet_api::output::Stdout);
             audit::export(&conn, since.as_deref(), &mut out)?;
             std::io::Write::flush(&mut out)?;
             Ok(0)
@@ -506,7 +513,7 @@ fn check_config(path: &std::path::Path) -> i32 {
     // The same check a reload (SIGHUP) makes before it applies anything.
     match signetd::config::reload::check(path) {
         Ok(_) => {
-            println!("{}: the configuration is valid", path.display());
+            signet_api::outln!("{}: the configuration is valid", path.display());
             0
         }
         Err(e) => {
@@ -549,15 +556,17 @@ async fn main() -> anyhow::Result<()> {
                 .context("this host's link key")?;
             let agent = signet_protocol::pairing::pair(&link, &cfg.agent, &code).await?;
             if json {
-                println!(
+                signet_api::outln!(
                     "{}",
                     serde_json::json!({"agent": agent, "host": link.fingerprint(), "endpoint": cfg.agent.to_string()})
                 );
             } else {
-                println!("Paired with the agent at {}.", cfg.agent);
-                println!("  agent key: {agent}  (check: `signet-agent pair` showed this key)");
-                println!("  this host's key: {}", link.fingerprint());
-                println!(
+                signet_api::outln!("Paired with the agent at {}.", cfg.agent);
+                signet_api::outln!(
+                    "  agent key: {agent}  (check: `signet-agent pair` showed this key)"
+                );
+                signet_api::outln!("  this host's key: {}", link.fingerprint());
+                signet_api::outln!(
                     "signetd takes it at its next contact with the agent; no restart is needed."
                 );
             }

@@ -27,13 +27,14 @@ use crate::config::{Config, TokenConfig};
 use crate::modules::{self, Candidate, Platform};
 use crate::token::{ck, pin_flags};
 use signet_api::hex::upper_joined as hex;
-use signet_api::wire::PinFlags;
+use signet_api::wire::{osslsigncode, PinFlags};
 
 /// The oldest osslsigncode the agent is known to work with (Debian 12's): it signs
-/// with a PKCS#11 module and reads the PIN from a file (`-readpass /dev/stdin`).
-pub const OSSLSIGNCODE_MIN: (u32, u32) = (2, 5);
-/// The first osslsigncode with `extract-data` (digest mode).
-pub const OSSLSIGNCODE_EXTRACT_DATA: (u32, u32) = (2, 8);
+/// whole files with a PKCS#11 module and reads the PIN from a file
+/// (`-readpass /dev/stdin`).
+pub const OSSLSIGNCODE_MIN: osslsigncode::Version = osslsigncode::WHOLE_FILE;
+/// The first osslsigncode with `extract-data` (digest mode) and PowerShell.
+pub const OSSLSIGNCODE_EXTRACT_DATA: osslsigncode::Version = osslsigncode::DIGEST;
 
 /// How one check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -929,7 +930,10 @@ pub fn osslsigncode_version(output: &str) -> Option<(u32, u32)> {
 
 /// Judges osslsigncode from its `--version` run.
 pub fn judge_osslsigncode(program: &Path, probe: &Result<String, String>) -> Check {
-    let install = "install osslsigncode 2.8 or later for digest mode (Debian 12 has 2.5; bookworm-backports has 2.9), or set signer.osslsigncode to it";
+    let install = &format!(
+        "install osslsigncode {} or later for digest mode and PowerShell (Debian 12 has 2.5; bookworm-backports has 2.9), or set signer.osslsigncode to it",
+        osslsigncode::shown(osslsigncode::DIGEST)
+    );
     let output = match probe {
         Err(e) => {
             return Check::fail(
@@ -955,20 +959,20 @@ pub fn judge_osslsigncode(program: &Path, probe: &Result<String, String>) -> Che
     if v < OSSLSIGNCODE_MIN {
         return Check::fail(
             "osslsigncode",
-            format!("osslsigncode {major}.{minor} is older than {}.{}, the oldest the agent is known to work with", OSSLSIGNCODE_MIN.0, OSSLSIGNCODE_MIN.1),
+            format!("osslsigncode {major}.{minor} is older than {}, the oldest the agent is known to work with", osslsigncode::shown(OSSLSIGNCODE_MIN)),
             install,
         );
     }
     if v < OSSLSIGNCODE_EXTRACT_DATA {
         return Check::warn(
             "osslsigncode",
-            format!("osslsigncode {major}.{minor} signs whole files, but lacks the detached signing digest mode needs (2.8)"),
+            format!("osslsigncode {major}.{minor} signs whole PE, MSI, CAB and CAT files, but not PowerShell files nor the detached data digest mode needs ({})", osslsigncode::shown(OSSLSIGNCODE_EXTRACT_DATA)),
             install,
         );
     }
     Check::ok(
         "osslsigncode",
-        format!("osslsigncode {major}.{minor}: whole files, and digest mode (extract-data, attach-signature)"),
+        format!("osslsigncode {major}.{minor}: whole files, PowerShell files, and digest mode (extract-data, attach-signature)"),
     )
 }
 

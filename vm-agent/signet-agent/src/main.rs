@@ -20,7 +20,14 @@ use signet_protocol::transport::Listener;
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Example configuration: packaging/agent.toml. Logs: set RUST_LOG=debug for more."
+    after_help = concat!(
+        "Example configuration: packaging/agent.toml. Logs: set RUST_LOG=debug for more;
+to the journal when started by systemd, else to stderr.
+
+Exit codes of the commands that print to stdout also:
+",
+        signet_api::exit_codes_stdout!()
+    )
 )]
 struct Cli {
     /// Configuration file.
@@ -38,9 +45,9 @@ enum Command {
     /// Checks the configuration, the PKCS#11 module (suggesting the known modules
     /// present when it does not load), the tokens present, the configured token and
     /// its PIN counter, the PIN file (present, not open to group or others),
-    /// osslsigncode (2.9 or later; the native backend uses it for MSI, CAB and PowerShell
-    /// files) or signtool (signer.backend = "signtool", Windows) and
-    /// the signing certificate.
+    /// osslsigncode (2.5 or later for whole files, 2.8 or later for PowerShell and digest
+    /// mode; the native backend uses it, 2.8 or later, for MSI, CAB and PowerShell files)
+    /// or signtool (signer.backend = "signtool", Windows) and the signing certificate.
     ///
     /// It never logs in to the token: no PIN try is spent, whatever state the token is
     /// in, and the PIN file's content is not read. Files are checked as the user running
@@ -212,7 +219,7 @@ fn run_command(command: Command, config_path: &std::path::Path) -> anyhow::Resul
                 )
             })?;
             if json {
-                println!(
+                signet_api::outln!(
                     "{}",
                     serde_json::json!({
                         "fingerprint": identity.fingerprint,
@@ -221,15 +228,15 @@ fn run_command(command: Command, config_path: &std::path::Path) -> anyhow::Resul
                     })
                 );
             } else {
-                println!("This agent's key: {}", identity.fingerprint);
-                println!(
+                signet_api::outln!("This agent's key: {}", identity.fingerprint);
+                signet_api::outln!(
                     "Pairing code: {} (valid {} minutes, for one attempt)",
                     window.code,
                     link::PAIRING_WINDOW.as_secs() / 60
                 );
-                println!("On the Proxmox host, as root, run:");
-                println!("  signetd pair {}", window.code);
-                println!("and check that it names the key above.");
+                signet_api::outln!("On the Proxmox host, as root, run:");
+                signet_api::outln!("  signetd pair {}", window.code);
+                signet_api::outln!("and check that it names the key above.");
             }
             Ok(0)
         }
@@ -239,15 +246,15 @@ fn run_command(command: Command, config_path: &std::path::Path) -> anyhow::Resul
                 .context("the agent's link key")?;
             let host = link::read_pin(&cfg.state_dir.join(link::HOST_PIN_FILE))?;
             if json {
-                println!(
+                signet_api::outln!(
                     "{}",
                     serde_json::json!({"fingerprint": identity.fingerprint, "host": host})
                 );
             } else {
-                println!("This agent's key: {}", identity.fingerprint);
+                signet_api::outln!("This agent's key: {}", identity.fingerprint);
                 match host {
-                    Some(h) => println!("Paired with the host key: {h}"),
-                    None => println!("Not paired with a host: run `signet-agent pair`."),
+                    Some(h) => signet_api::outln!("Paired with the host key: {h}"),
+                    None => signet_api::outln!("Not paired with a host: run `signet-agent pair`."),
                 }
             }
             Ok(0)
@@ -261,7 +268,7 @@ fn run_command(command: Command, config_path: &std::path::Path) -> anyhow::Resul
                 });
             Ok(match checked {
                 Ok(()) => {
-                    println!("{}: the configuration is valid", config_path.display());
+                    signet_api::outln!("{}: the configuration is valid", config_path.display());
                     0
                 }
                 Err(e) => {
@@ -273,9 +280,9 @@ fn run_command(command: Command, config_path: &std::path::Path) -> anyhow::Resul
         Command::Doctor { json } => {
             let report = doctor::run(config_path);
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                signet_api::outln!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", report.render());
+                signet_api::out!("{}", report.render());
             }
             Ok(if report.ok { 0 } else { 1 })
         }
@@ -290,8 +297,8 @@ fn run_command(command: Command, config_path: &std::path::Path) -> anyhow::Resul
                 },
             };
             match doctor::list_tokens(&module) {
-                Ok(list) if json => println!("{}", serde_json::to_string_pretty(&list)?),
-                Ok(list) => print!("{}", list.render()),
+                Ok(list) if json => signet_api::outln!("{}", serde_json::to_string_pretty(&list)?),
+                Ok(list) => signet_api::out!("{}", list.render()),
                 Err(check) => {
                     eprintln!("signet-agent: {}", check.summary);
                     for d in &check.details {

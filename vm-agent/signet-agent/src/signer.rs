@@ -6,7 +6,8 @@
 //! `-readpass /dev/stdin`, which works with every version that has `-readpass`
 //! (`-readpass -` needs 2.9).
 //!
-//! Profile options map to osslsigncode 2.9 flags: `-h` (hash), `-ph` (page hashes, PE
+//! Profile options map to osslsigncode flags that 2.5 has (README.md, "osslsigncode
+//! versions"): `-h` (hash), `-ph` (page hashes, PE
 //! only), `-nest` (keep an existing signature and add ours beside it), `-n`/`-i`
 //! (description, URL) and one `-ts URL` per RFC 3161 server. osslsigncode itself tries
 //! the `-ts` servers in the order given and stops at the first that returns a
@@ -20,7 +21,7 @@ use std::time::Duration;
 
 use cryptoki::types::AuthPin;
 use futures_util::future::BoxFuture;
-use signet_api::wire::{SignMode, SignResponse, SignerFeatures};
+use signet_api::wire::{osslsigncode, SignMode, SignResponse, SignerFeatures};
 use signet_format::Format;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -291,7 +292,8 @@ impl Signer for Osslsigncode {
 ///
 /// Debian 12's osslsigncode is 2.5: it signs PE, MSI, CAB and CAT files and has
 /// `attach-signature`, but no `extract-data` and no PowerShell. 2.8 added both, and
-/// `sign` of the `extract-data` blob, which is what digest mode needs.
+/// `sign` of the `extract-data` blob, which is what digest mode needs
+/// (`signet_api::wire::osslsigncode`).
 pub fn features(version_output: &str, help_output: &str) -> SignerFeatures {
     let version = parse_version(version_output);
     let at_least = |want: (u32, u32)| version.is_some_and(|v| v >= want);
@@ -311,7 +313,7 @@ pub fn features(version_output: &str, help_output: &str) -> SignerFeatures {
         modes,
         extract_data,
         attach_signature: has_command("attach-signature"),
-        powershell: at_least((2, 8)),
+        powershell: at_least(osslsigncode::POWERSHELL),
     }
 }
 
@@ -341,13 +343,15 @@ pub fn unsupported(
         features.version.clone()
     };
     if !features.modes.contains(&mode) {
+        let digest = osslsigncode::shown(osslsigncode::DIGEST);
         return Some(format!(
-            "this signing VM's osslsigncode {version} cannot sign digest-mode data (it has no extract-data; 2.8 or later does): send the whole file instead, or install osslsigncode 2.8 or later in the signing VM"
+            "this signing VM's osslsigncode {version} cannot sign digest-mode data (it has no extract-data; {digest} or later does): send the whole file instead, or install osslsigncode {digest} or later in the signing VM"
         ));
     }
     if format == Some(Format::PowerShell) && !features.powershell {
+        let powershell = osslsigncode::shown(osslsigncode::POWERSHELL);
         return Some(format!(
-            "this signing VM's osslsigncode {version} cannot sign PowerShell files (2.8 or later can): install osslsigncode 2.8 or later in the signing VM"
+            "this signing VM's osslsigncode {version} cannot sign PowerShell files ({powershell} or later can): install osslsigncode {powershell} or later in the signing VM"
         ));
     }
     None

@@ -60,6 +60,31 @@ pub struct Entry {
     pub duration_ms: Option<u64>,
 }
 
+/// How much an entry matters to whoever reads the log: its level there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// Signing works, or came back.
+    Info,
+    /// Signing stopped (the agent, the token or its VM went away, a step failed); jobs
+    /// wait for it to come back.
+    Warning,
+    /// Only a person can bring it back (a PIN refused, the ladder gave up).
+    Error,
+}
+
+impl Entry {
+    /// How much this entry matters ([`Severity`]).
+    pub fn severity(&self) -> Severity {
+        match self.event {
+            "agent_unreachable" | "token_lost" | "vm_down" | "recovery_step_failed" => {
+                Severity::Warning
+            }
+            "pin_rejected" | "recovery_stopped" => Severity::Error,
+            _ => Severity::Info,
+        }
+    }
+}
+
 /// The pairing state.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Clock {
@@ -206,6 +231,25 @@ impl Clock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_is_a_warning_and_what_needs_a_person_an_error() {
+        let mut clock = Clock::default();
+        let down = clock.on(Seen::AgentDown("refused".into()), 1).unwrap();
+        assert_eq!(down.severity(), Severity::Warning, "{down:?}");
+        let up = clock.on(Seen::AgentUp, 2).unwrap();
+        assert_eq!(up.severity(), Severity::Info, "{up:?}");
+        let lost = clock.on(Seen::TokenLost("gone".into()), 3).unwrap();
+        assert_eq!(lost.severity(), Severity::Warning);
+        let pin = clock.on(Seen::PinRejected("fix it".into()), 4).unwrap();
+        assert_eq!(pin.severity(), Severity::Error);
+        let stopped = clock
+            .on(Seen::RecoveryStopped("gave up".into()), 5)
+            .unwrap();
+        assert_eq!(stopped.severity(), Severity::Error);
+        let vm = clock.on(Seen::VmDown, 6).unwrap();
+        assert_eq!(vm.severity(), Severity::Warning);
+    }
 
     #[test]
     fn an_agent_outage_counts_from_the_first_failed_contact() {

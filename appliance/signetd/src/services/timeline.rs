@@ -8,7 +8,7 @@ use rusqlite::params;
 use signet_api::wire::TimelineEntry;
 
 use crate::adapters::store::{self, Store};
-use crate::core::timeline::{Clock, Seen};
+use crate::core::timeline::{Clock, Seen, Severity};
 
 /// The daemon's timeline.
 #[derive(Debug)]
@@ -36,7 +36,18 @@ impl Timeline {
             .unwrap_or_else(|p| p.into_inner())
             .on(seen, store::now_ms());
         let Some(e) = entry else { return };
-        tracing::info!(event = e.event, duration_ms = e.duration_ms, "{}", e.detail);
+        // An agent unreachable at start is a warning, as every outage is.
+        match e.severity() {
+            Severity::Info => {
+                tracing::info!(event = e.event, duration_ms = e.duration_ms, "{}", e.detail)
+            }
+            Severity::Warning => {
+                tracing::warn!(event = e.event, duration_ms = e.duration_ms, "{}", e.detail)
+            }
+            Severity::Error => {
+                tracing::error!(event = e.event, duration_ms = e.duration_ms, "{}", e.detail)
+            }
+        }
         let written = self.store.conn().execute(
             "INSERT INTO timeline (time_ms, event, detail, duration_ms) VALUES (?1, ?2, ?3, ?4)",
             params![
