@@ -223,9 +223,7 @@ fn read_token(token: &[u8]) -> Result<(TstInfo, Vec<SignerInfo>), String> {
 /// The TSTInfo of `token`, a TimeStampToken (DER ContentInfo): what a timestamp says
 /// (time, message imprint, serial number, …).
 pub fn tst_info(token: &[u8]) -> Result<TstInfo, Error> {
-    read_token(token)
-        .map(|(t, _)| t)
-        .map_err(Error::Options)
+    read_token(token).map(|(t, _)| t).map_err(Error::Options)
 }
 
 /// `signature` (a DER ContentInfo) with the TimeStampToken of `response` (a DER

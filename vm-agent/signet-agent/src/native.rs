@@ -3,11 +3,12 @@
 //! per job and nothing else (no C_Initialize, C_OpenSession or C_Login per job).
 //!
 //! PE files are signed natively, whole (hashed and copied in constant memory), and so
-//! is digest mode's data. MSI, CAB and PowerShell files go through osslsigncode's
-//! token-free steps: `extract-data` makes the data, the engine signs it, and
-//! `attach-signature` puts the signature in. Timestamps come from `osslsigncode add`
-//! on the signed file (token-free too). Catalogs have no digest data in osslsigncode
-//! and are refused with the fix.
+//! are security catalogs and digest mode's data. MSI, CAB and PowerShell files go
+//! through osslsigncode's token-free steps: `extract-data` makes the data, the engine
+//! signs it, and `attach-signature` puts the signature in. Timestamps are the engine's
+//! own: it asks the profile's RFC 3161 servers over HTTP ([`crate::tsa`]) right after
+//! the key signed, and counter-signs the signature as osslsigncode's `-ts` does, in
+//! every mode; when no server answers nothing is signed.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -17,13 +18,14 @@ use std::time::Duration;
 use cryptoki::types::AuthPin;
 use futures_util::future::BoxFuture;
 use signet_api::wire::{SignMode, SignResponse, SignerFeatures};
-use signet_authenticode::{HashAlg, KeyKind, RawSigner, SignOptions};
+use signet_authenticode::{HashAlg, KeyKind, RawSigner, SignOptions, Timestamper};
 use signet_format::Format;
 
 use crate::backend::{SharedToken, SignError, SignSpec, Signer};
 use crate::config::Config;
 use crate::signer::Osslsigncode;
 use crate::token::{KeyRef, TokenError};
+use crate::tsa::TsaClient;
 
 /// The native engine, with osslsigncode for the token-free steps.
 #[derive(Debug)]
@@ -122,11 +124,6 @@ impl Native {
     }
 
     async fn sign_spec(&self, spec: &SignSpec<'_>) -> Result<(), SignError> {
-        if !spec.timestamp.is_empty() && spec.format.is_none() {
-            return Err(SignError::Failed(
-                "the native engine does not timestamp digest-mode signatures: send the whole file, use a profile without timestamp servers, or set signer.backend = \"osslsigncode\"".into(),
-            ));
-        }
         let key = self.key().await?;
         let hash: HashAlg = spec
             .hash
@@ -138,6 +135,9 @@ impl Native {
         options.url = spec.url.map(str::to_owned);
         options.page_hashes = spec.page_hashes && spec.format == Some(Format::Pe);
         options.nested = spec.nested;
+        if !spec.timestamp.is_empty() {
+            options.timestamp = Some(self.timestamper(spec.timestamp));
+        }
         let signed = spec.output.with_file_name("native-signed");
         let signed = match spec.input.extension() {
             Some(ext) => signed.with_extension(ext),
@@ -173,14 +173,19 @@ impl Native {
                     tracing::info!("the file has no signature yet; signed it without nesting");
                 }
             }
+            Some(Format::Cat) => {
+                let (input, output) = (spec.input.to_owned(), signed.clone());
+                blocking(move || {
+                    let cat = std::fs::read(&input)?;
+                    let sig = signet_authenticode::sign_catalog(&cat, &options, &key)?;
+                    std::fs::write(&output, sig)?;
+                    Ok(())
+                })
+                .await?;
+            }
             Some(_) => self.sign_through_blob(spec, options, key, &signed).await?,
         }
-        let done = if spec.timestamp.is_empty() {
-            signed
-        } else {
-            self.timestamp(spec, &signed).await?
-        };
-        tokio::fs::rename(&done, spec.output)
+        tokio::fs::rename(&signed, spec.output)
             .await
             .map_err(|e| SignError::Failed(format!("cannot keep the signed file: {e}")))
     }
@@ -247,29 +252,20 @@ impl Native {
         Ok(())
     }
 
-    /// `osslsigncode add -ts …`: the RFC 3161 timestamp on the signed file (no token).
-    async fn timestamp(&self, spec: &SignSpec<'_>, signed: &Path) -> Result<PathBuf, SignError> {
-        let out = spec.output.with_file_name("native-timestamped");
-        let out = match signed.extension() {
-            Some(ext) => out.with_extension(ext),
-            None => out,
-        };
-        let mut a: Vec<OsString> = vec!["add".into()];
-        for url in spec.timestamp {
-            a.push("-ts".into());
-            a.push(url.into());
-        }
-        a.extend([
-            "-in".into(),
-            signed.into(),
-            "-out".into(),
-            out.clone().into(),
-        ]);
-        let (ok, text) = self.tool(a).await?;
-        if !ok {
-            return Err(crate::signer::classify(&text, None, spec.timestamp));
-        }
-        Ok(out)
+    /// The engine's timestamper: the profile's servers in order, over HTTP, within
+    /// signer.timeout_seconds all told ([`crate::tsa`]). It runs on the engine's
+    /// blocking thread and waits there for the answer.
+    fn timestamper(&self, servers: &[String]) -> Timestamper {
+        let client = TsaClient::new(servers, self.timeout());
+        let handle = tokio::runtime::Handle::current();
+        Timestamper::new(move |request| {
+            handle.block_on(client.fetch(request)).map_err(|why| {
+                signet_authenticode::Error::Timestamp {
+                    tried: client.servers.clone(),
+                    why,
+                }
+            })
+        })
     }
 }
 
@@ -299,6 +295,10 @@ fn engine_failure(e: signet_authenticode::Error) -> SignError {
             Ok(t) => token_failure(*t),
             Err(other) => SignError::Failed(format!("the key cannot sign: {other}")),
         },
+        signet_authenticode::Error::Timestamp { tried, why } => {
+            tracing::warn!("no timestamp server gave a timestamp: {why}");
+            SignError::Timestamp { tried }
+        }
         other => SignError::Failed(other.to_string()),
     }
 }
@@ -373,10 +373,7 @@ impl Signer for Native {
             features.version.clone()
         };
         match (mode, format) {
-            (SignMode::Digest, _) | (_, None) | (_, Some(Format::Pe)) => None,
-            (_, Some(Format::Cat)) => Some(
-                "the native engine cannot sign catalogs (osslsigncode makes no digest data of them): sign catalogs on an agent with signer.backend = \"osslsigncode\"".into(),
-            ),
+            (SignMode::Digest, _) | (_, None) | (_, Some(Format::Pe | Format::Cat)) => None,
             (_, Some(f)) if !(features.extract_data && features.attach_signature) => Some(format!(
                 "the native engine signs {f} files through osslsigncode's extract-data and attach-signature, which this signing VM's osslsigncode {version} lacks: install osslsigncode 2.8 or later in the signing VM"
             )),
@@ -426,7 +423,7 @@ mod tests {
     }
 
     #[test]
-    fn catalogs_and_old_osslsigncode_are_refused_with_the_fix() {
+    fn catalogs_are_signed_and_old_osslsigncode_is_refused_with_the_fix() {
         let n = Native {
             osslsigncode: Osslsigncode {
                 program: "osslsigncode".into(),
@@ -460,10 +457,12 @@ mod tests {
             None
         );
         assert_eq!(n.refuses(&old, SignMode::Digest, None, file), None);
-        let cat = n
-            .refuses(&new, SignMode::Whole, Some(Format::Cat), file)
-            .unwrap();
-        assert!(cat.contains("backend = \"osslsigncode\""), "{cat}");
+        for features in [&new, &old] {
+            assert_eq!(
+                n.refuses(features, SignMode::Whole, Some(Format::Cat), file),
+                None
+            );
+        }
         let msi = n
             .refuses(&old, SignMode::Whole, Some(Format::Msi), file)
             .unwrap();
