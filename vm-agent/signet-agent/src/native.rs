@@ -30,7 +30,7 @@ use crate::tsa::TsaClient;
 /// The native engine, with osslsigncode for the token-free steps.
 #[derive(Debug)]
 pub struct Native {
-    /// Runs `extract-data`, `attach-signature`, `add` and `extract-signature`.
+    /// Runs `extract-data`, `attach-signature` and `extract-signature`.
     pub osslsigncode: Osslsigncode,
     /// Certificate file (PEM or DER; the signer's first, then its chain); `None`: the
     /// certificate on the token with the key's id.
@@ -124,6 +124,12 @@ impl Native {
     }
 
     async fn sign_spec(&self, spec: &SignSpec<'_>) -> Result<(), SignError> {
+        if !spec.timestamp.is_empty() && !spec.timestamp.iter().any(|u| u.starts_with("http://")) {
+            return Err(SignError::Failed(format!(
+                "the native engine reaches http:// timestamp servers only, and the profile lists none ({}); nothing was signed. Add an http:// server to the profile (RFC 3161 replies are signed, so plain HTTP is safe) or set signer.backend = \"osslsigncode\"",
+                spec.timestamp.join(", ")
+            )));
+        }
         let key = self.key().await?;
         let hash: HashAlg = spec
             .hash
@@ -420,6 +426,46 @@ mod tests {
         assert!(!matches_file(
             "Unable to extract existing signature\nFailed\n"
         ));
+    }
+
+    #[tokio::test]
+    async fn https_only_timestamp_lists_are_refused_before_the_token_is_asked() {
+        let n = Native {
+            osslsigncode: Osslsigncode {
+                program: "osslsigncode".into(),
+                module: "m.so".into(),
+                certificate: None,
+                timeout: Duration::from_secs(1),
+            },
+            certificate: None,
+            token: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (input, output) = (dir.path().join("in.exe"), dir.path().join("out.exe"));
+        let spec = |timestamp| SignSpec {
+            input: &input,
+            output: &output,
+            format: Some(Format::Pe),
+            hash: signet_api::wire::DigestAlgorithm::Sha256,
+            description: None,
+            url: None,
+            page_hashes: false,
+            nested: false,
+            timestamp,
+        };
+        let https = ["https://tsa.example/".to_owned()];
+        let err = n.sign_spec(&spec(&https)).await.unwrap_err().to_string();
+        assert!(
+            err.contains("http:// timestamp servers only") && err.contains("https://tsa.example/"),
+            "{err}"
+        );
+        // With an http:// server beside it, it goes on (to the token, absent here).
+        let both = [
+            "https://tsa.example/".to_owned(),
+            "http://tsa.example/".to_owned(),
+        ];
+        let err = n.sign_spec(&spec(&both)).await.unwrap_err().to_string();
+        assert!(err.contains("token session"), "{err}");
     }
 
     #[test]
