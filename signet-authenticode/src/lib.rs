@@ -16,12 +16,16 @@
 
 pub mod asn1;
 mod blob;
+mod catalog;
 mod pe;
 mod signature;
+mod timestamp;
 
 pub use blob::sign_blob;
+pub use catalog::sign_catalog;
 pub use pe::{sign_pe, PeImage, PeSigned};
 pub use signature::{add_nested, nested_count, sign_indirect_data};
+pub use timestamp::{add_timestamp, tst_info, TimestampRequest, Timestamper};
 
 use std::time::SystemTime;
 
@@ -152,10 +156,14 @@ pub struct SignOptions {
     /// formats nest at `attach-signature -nest`). A file without a signature is
     /// signed plainly.
     pub nested: bool,
+    /// `-ts`: who fetches the RFC 3161 timestamp of each signature made (the
+    /// signature is counter-signed as osslsigncode's `-ts` does); `None`: none.
+    pub timestamp: Option<Timestamper>,
 }
 
 impl SignOptions {
-    /// `hash`, no description or URL, individual, signed now, no page hashes, not nested.
+    /// `hash`, no description or URL, individual, signed now, no page hashes, not
+    /// nested, no timestamp.
     pub fn new(hash: HashAlg) -> SignOptions {
         SignOptions {
             hash,
@@ -165,6 +173,7 @@ impl SignOptions {
             signing_time: SystemTime::now(),
             page_hashes: false,
             nested: false,
+            timestamp: None,
         }
     }
 }
@@ -190,6 +199,10 @@ pub enum Error {
     BadSignature(String),
     #[error("{0}")]
     Options(String),
+    #[error("no timestamp server gave a timestamp (tried in this order: {}): {why}; nothing was signed. Check that the signing host reaches them, or change the timestamp list", .tried.join(", "))]
+    Timestamp { tried: Vec<String>, why: String },
+    #[error("not a security catalog: {0}; give a catalog made by makecat (a PKCS#7 certificate trust list)")]
+    NotCatalog(String),
     #[error("encoding the signature failed: {0}")]
     Encoding(#[from] der::Error),
 }

@@ -37,16 +37,28 @@ pub(crate) fn sign_with_sequence<S: RawSigner>(
     let content = Any::from_der(indirect)?;
     // Checks that it is one.
     content.decode_as::<asn1::SpcIndirectDataContent>()?;
+    sign_content(content, asn1::SPC_INDIRECT_DATA, options, signer, sequence)
+}
+
+/// The DER ContentInfo (PKCS#7 SignedData) carrying `content` (of type
+/// `content_type`) signed by `signer`: contentType, signingTime, statement type,
+/// messageDigest over `content`'s octets (without its own tag and length, as
+/// osslsigncode hashes it), the sequence number and description when given; with the
+/// RFC 3161 counter-signature of `options.timestamp` when set.
+pub(crate) fn sign_content<S: RawSigner>(
+    content: Any,
+    content_type: const_oid::ObjectIdentifier,
+    options: &SignOptions,
+    signer: &S,
+    sequence: Option<u32>,
+) -> Result<Vec<u8>, Error> {
     let hash = options.hash;
     let digest = hash.digest(content.value());
     let cert = Certificate::from_der(signer.certificate())
         .map_err(|e| Error::Certificate(e.to_string()))?;
 
     let mut attrs = vec![
-        attribute(
-            asn1::CONTENT_TYPE,
-            Any::encode_from(&asn1::SPC_INDIRECT_DATA)?,
-        )?,
+        attribute(asn1::CONTENT_TYPE, Any::encode_from(&content_type)?)?,
         attribute(
             asn1::SIGNING_TIME,
             Any::encode_from(&UtcTime::from_system_time(options.signing_time)?)?,
@@ -140,18 +152,22 @@ pub(crate) fn sign_with_sequence<S: RawSigner>(
         version: CmsVersion::V1,
         digest_algorithms: SetOfVec::try_from(vec![alg(hash.oid(), true)?])?,
         encap_content_info: EncapsulatedContentInfo {
-            econtent_type: asn1::SPC_INDIRECT_DATA,
+            econtent_type: content_type,
             econtent: Some(content),
         },
         certificates: Some(CertificateSet(SetOfVec::try_from(certs)?)),
         crls: None,
         signer_infos: SignerInfos(SetOfVec::try_from(vec![signer_info])?),
     };
-    Ok(ContentInfo {
+    let signed = ContentInfo {
         content_type: asn1::SIGNED_DATA,
         content: Any::encode_from(&signed_data)?,
     }
-    .to_der()?)
+    .to_der()?;
+    match &options.timestamp {
+        Some(ts) => crate::timestamp::timestamp_with(&signed, hash, ts),
+        None => Ok(signed),
+    }
 }
 
 /// How many signatures are nested in `outer` (a DER ContentInfo): the values of its

@@ -1,6 +1,8 @@
 //! The native backend (`[signer] backend = "native"`) through the whole path, as
-//! `formats` does it with osslsigncode: PE, MSI, CAB and PowerShell files, page hashes,
-//! nested signatures and digest mode, each verified with `osslsigncode verify`; and,
+//! `formats` does it with osslsigncode: PE, MSI, CAB, PowerShell and catalog files, page
+//! hashes, nested signatures, digest mode and RFC 3161 timestamps (the engine's own,
+//! from a real TSA after a dead one, whole and in digest mode), each verified with
+//! `osslsigncode verify`; and,
 //! through OpenSC's PKCS#11 logger, the token sees one signature operation per
 //! signature and no
 //! other login, session or initialisation of the module than the agent's own.
@@ -38,6 +40,8 @@ fn calls(spy_log: &str, function: &str) -> usize {
 #[test]
 fn the_native_backend_signs_every_format_on_the_agents_session_one_c_sign_each() {
     let mut w = World::new();
+    let tsa = Tsa::start(&w.path("tsa"));
+    let dead = refused_url();
     let spy_log = w.path("spy.log");
     let pin = w.path("pin");
     let agent = w.start_agent_with(
@@ -54,9 +58,13 @@ fn the_native_backend_signs_every_format_on_the_agents_session_one_c_sign_each()
         .start_daemon_with(
             &[&format!("unix:{}", w.path("signetd.sock").display())],
             &agent,
-            "default_profile = \"first\"\n[profiles.first]\nhash = \"sha256\"\n\
-             [profiles.second]\nhash = \"sha512\"\nnested = true\n\
-             [profiles.paged]\nhash = \"sha384\"\npage_hashes = true\n",
+            &format!(
+                "default_profile = \"first\"\n[profiles.first]\nhash = \"sha256\"\n\
+                 [profiles.second]\nhash = \"sha512\"\nnested = true\n\
+                 [profiles.paged]\nhash = \"sha384\"\npage_hashes = true\n\
+                 [profiles.stamped]\nhash = \"sha256\"\ntimestamp = [\"{dead}\", \"{}\"]\n",
+                tsa.url
+            ),
         )
         .remove(0);
 
@@ -119,22 +127,56 @@ fn the_native_backend_signs_every_format_on_the_agents_session_one_c_sign_each()
         );
     }
 
-    // A catalog is refused with the fix, before the token is touched.
+    // A catalog, signed natively.
     let cat = w.cat("drivers.cat");
     let out = signet(&ep, &["sign", arg(&cat)]);
-    assert_ne!(code(&out), 0);
-    assert!(
-        stderr(&out).contains("cannot sign catalogs") && stderr(&out).contains("osslsigncode"),
-        "{}",
-        stderr(&out)
-    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let (ok, text) = verify(&w, &cat);
+    assert!(ok && signatures(&text) == 1, "{text}");
 
-    // Eight signatures, one signature operation each (C_SignInit, then C_Sign asked
+    // Timestamps from the TSA after the dead server: whole files (PE, MSI through
+    // attach-signature, a catalog) and digest mode, one timestamp per signature.
+    let stamped = [
+        w.pe("stamped.exe"),
+        w.msi("stamped.msi"),
+        w.cat("stamped.cat"),
+    ];
+    let mut args = vec!["sign", "-p", "stamped"];
+    args.extend(stamped.iter().map(|f| arg(f)));
+    let out = signet(&ep, &args);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let digest_stamped = w.pe("digest-stamped.exe");
+    let out = signet(
+        &ep,
+        &[
+            "sign",
+            "--digest",
+            "--ca-file",
+            arg(&ca),
+            "-p",
+            "stamped",
+            arg(&digest_stamped),
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(tsa.replies(), 4, "one timestamp per signature");
+    let tsa_ca = tsa.cert.to_str().unwrap();
+    for f in stamped.iter().chain([&digest_stamped]) {
+        let (ok, text) = verify_with(&w, f, &["-TSA-CAfile", tsa_ca]);
+        assert!(
+            ok && text.contains("Timestamp Server Signature verification: ok")
+                && text.contains("Timestamp time:"),
+            "{}: {text}",
+            f.display()
+        );
+    }
+
+    // Thirteen signatures, one signature operation each (C_SignInit, then C_Sign asked
     // for the length and then for the signature); one login, one session, one
     // C_Initialize: the agent's own.
     let log = std::fs::read_to_string(&spy_log).unwrap();
-    assert_eq!(calls(&log, "C_SignInit"), 8, "{log}");
-    assert_eq!(calls(&log, "C_Sign"), 16, "{log}");
+    assert_eq!(calls(&log, "C_SignInit"), 13, "{log}");
+    assert_eq!(calls(&log, "C_Sign"), 26, "{log}");
     assert_eq!(calls(&log, "C_Login"), 1, "{log}");
     assert_eq!(calls(&log, "C_Initialize"), 1, "{log}");
     assert_eq!(calls(&log, "C_OpenSession"), 1, "{log}");

@@ -50,3 +50,4 @@ pub mod signtool;
 mod stand_in;
 pub mod token;
 pub mod token_state;
+pub mod tsa;

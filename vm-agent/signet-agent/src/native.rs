@@ -3,11 +3,12 @@
 //! per job and nothing else (no C_Initialize, C_OpenSession or C_Login per job).
 //!
 //! PE files are signed natively, whole (hashed and copied in constant memory), and so
-//! is digest mode's data. MSI, CAB and PowerShell files go through osslsigncode's
-//! token-free steps: `extract-data` makes the data, the engine signs it, and
-//! `attach-signature` puts the signature in. Timestamps come from `osslsigncode add`
-//! on the signed file (token-free too). Catalogs have no digest data in osslsigncode
-//! and are refused with the fix.
+//! are security catalogs and digest mode's data. MSI, CAB and PowerShell files go
+//! through osslsigncode's token-free steps: `extract-data` makes the data, the engine
+//! signs it, and `attach-signature` puts the signature in. Timestamps are the engine's
+//! own: it asks the profile's RFC 3161 servers over HTTP ([`crate::tsa`]) right after
+//! the key signed, and counter-signs the signature as osslsigncode's `-ts` does, in
+//! every mode; when no server answers nothing is signed.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -17,18 +18,19 @@ use std::time::Duration;
 use cryptoki::types::AuthPin;
 use futures_util::future::BoxFuture;
 use signet_api::wire::{SignMode, SignResponse, SignerFeatures};
-use signet_authenticode::{HashAlg, KeyKind, RawSigner, SignOptions};
+use signet_authenticode::{HashAlg, KeyKind, RawSigner, SignOptions, Timestamper};
 use signet_format::Format;
 
 use crate::backend::{SharedToken, SignError, SignSpec, Signer};
 use crate::config::Config;
 use crate::signer::Osslsigncode;
 use crate::token::{KeyRef, TokenError};
+use crate::tsa::TsaClient;
 
 /// The native engine, with osslsigncode for the token-free steps.
 #[derive(Debug)]
 pub struct Native {
-    /// Runs `extract-data`, `attach-signature`, `add` and `extract-signature`.
+    /// Runs `extract-data`, `attach-signature` and `extract-signature`.
     pub osslsigncode: Osslsigncode,
     /// Certificate file (PEM or DER; the signer's first, then its chain); `None`: the
     /// certificate on the token with the key's id.
@@ -122,10 +124,11 @@ impl Native {
     }
 
     async fn sign_spec(&self, spec: &SignSpec<'_>) -> Result<(), SignError> {
-        if !spec.timestamp.is_empty() && spec.format.is_none() {
-            return Err(SignError::Failed(
-                "the native engine does not timestamp digest-mode signatures: send the whole file, use a profile without timestamp servers, or set signer.backend = \"osslsigncode\"".into(),
-            ));
+        if !spec.timestamp.is_empty() && !spec.timestamp.iter().any(|u| u.starts_with("http://")) {
+            return Err(SignError::Failed(format!(
+                "the native engine reaches http:// timestamp servers only, and the profile lists none ({}); nothing was signed. Add an http:// server to the profile (RFC 3161 replies are signed, so plain HTTP is safe) or set signer.backend = \"osslsigncode\"",
+                spec.timestamp.join(", ")
+            )));
         }
         let key = self.key().await?;
         let hash: HashAlg = spec
@@ -138,6 +141,9 @@ impl Native {
         options.url = spec.url.map(str::to_owned);
         options.page_hashes = spec.page_hashes && spec.format == Some(Format::Pe);
         options.nested = spec.nested;
+        if !spec.timestamp.is_empty() {
+            options.timestamp = Some(self.timestamper(spec.timestamp));
+        }
         let signed = spec.output.with_file_name("native-signed");
         let signed = match spec.input.extension() {
             Some(ext) => signed.with_extension(ext),
@@ -173,14 +179,19 @@ impl Native {
                     tracing::info!("the file has no signature yet; signed it without nesting");
                 }
             }
+            Some(Format::Cat) => {
+                let (input, output) = (spec.input.to_owned(), signed.clone());
+                blocking(move || {
+                    let cat = std::fs::read(&input)?;
+                    let sig = signet_authenticode::sign_catalog(&cat, &options, &key)?;
+                    std::fs::write(&output, sig)?;
+                    Ok(())
+                })
+                .await?;
+            }
             Some(_) => self.sign_through_blob(spec, options, key, &signed).await?,
         }
-        let done = if spec.timestamp.is_empty() {
-            signed
-        } else {
-            self.timestamp(spec, &signed).await?
-        };
-        tokio::fs::rename(&done, spec.output)
+        tokio::fs::rename(&signed, spec.output)
             .await
             .map_err(|e| SignError::Failed(format!("cannot keep the signed file: {e}")))
     }
@@ -247,29 +258,20 @@ impl Native {
         Ok(())
     }
 
-    /// `osslsigncode add -ts …`: the RFC 3161 timestamp on the signed file (no token).
-    async fn timestamp(&self, spec: &SignSpec<'_>, signed: &Path) -> Result<PathBuf, SignError> {
-        let out = spec.output.with_file_name("native-timestamped");
-        let out = match signed.extension() {
-            Some(ext) => out.with_extension(ext),
-            None => out,
-        };
-        let mut a: Vec<OsString> = vec!["add".into()];
-        for url in spec.timestamp {
-            a.push("-ts".into());
-            a.push(url.into());
-        }
-        a.extend([
-            "-in".into(),
-            signed.into(),
-            "-out".into(),
-            out.clone().into(),
-        ]);
-        let (ok, text) = self.tool(a).await?;
-        if !ok {
-            return Err(crate::signer::classify(&text, None, spec.timestamp));
-        }
-        Ok(out)
+    /// The engine's timestamper: the profile's servers in order, over HTTP, within
+    /// signer.timeout_seconds all told ([`crate::tsa`]). It runs on the engine's
+    /// blocking thread and waits there for the answer.
+    fn timestamper(&self, servers: &[String]) -> Timestamper {
+        let client = TsaClient::new(servers, self.timeout());
+        let handle = tokio::runtime::Handle::current();
+        Timestamper::new(move |request| {
+            handle.block_on(client.fetch(request)).map_err(|why| {
+                signet_authenticode::Error::Timestamp {
+                    tried: client.servers.clone(),
+                    why,
+                }
+            })
+        })
     }
 }
 
@@ -299,6 +301,10 @@ fn engine_failure(e: signet_authenticode::Error) -> SignError {
             Ok(t) => token_failure(*t),
             Err(other) => SignError::Failed(format!("the key cannot sign: {other}")),
         },
+        signet_authenticode::Error::Timestamp { tried, why } => {
+            tracing::warn!("no timestamp server gave a timestamp: {why}");
+            SignError::Timestamp { tried }
+        }
         other => SignError::Failed(other.to_string()),
     }
 }
@@ -373,10 +379,7 @@ impl Signer for Native {
             features.version.clone()
         };
         match (mode, format) {
-            (SignMode::Digest, _) | (_, None) | (_, Some(Format::Pe)) => None,
-            (_, Some(Format::Cat)) => Some(
-                "the native engine cannot sign catalogs (osslsigncode makes no digest data of them): sign catalogs on an agent with signer.backend = \"osslsigncode\"".into(),
-            ),
+            (SignMode::Digest, _) | (_, None) | (_, Some(Format::Pe | Format::Cat)) => None,
             (_, Some(f)) if !(features.extract_data && features.attach_signature) => Some(format!(
                 "the native engine signs {f} files through osslsigncode's extract-data and attach-signature, which this signing VM's osslsigncode {version} lacks: install osslsigncode 2.8 or later in the signing VM"
             )),
@@ -425,8 +428,48 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn https_only_timestamp_lists_are_refused_before_the_token_is_asked() {
+        let n = Native {
+            osslsigncode: Osslsigncode {
+                program: "osslsigncode".into(),
+                module: "m.so".into(),
+                certificate: None,
+                timeout: Duration::from_secs(1),
+            },
+            certificate: None,
+            token: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (input, output) = (dir.path().join("in.exe"), dir.path().join("out.exe"));
+        let spec = |timestamp| SignSpec {
+            input: &input,
+            output: &output,
+            format: Some(Format::Pe),
+            hash: signet_api::wire::DigestAlgorithm::Sha256,
+            description: None,
+            url: None,
+            page_hashes: false,
+            nested: false,
+            timestamp,
+        };
+        let https = ["https://tsa.example/".to_owned()];
+        let err = n.sign_spec(&spec(&https)).await.unwrap_err().to_string();
+        assert!(
+            err.contains("http:// timestamp servers only") && err.contains("https://tsa.example/"),
+            "{err}"
+        );
+        // With an http:// server beside it, it goes on (to the token, absent here).
+        let both = [
+            "https://tsa.example/".to_owned(),
+            "http://tsa.example/".to_owned(),
+        ];
+        let err = n.sign_spec(&spec(&both)).await.unwrap_err().to_string();
+        assert!(err.contains("token session"), "{err}");
+    }
+
     #[test]
-    fn catalogs_and_old_osslsigncode_are_refused_with_the_fix() {
+    fn catalogs_are_signed_and_old_osslsigncode_is_refused_with_the_fix() {
         let n = Native {
             osslsigncode: Osslsigncode {
                 program: "osslsigncode".into(),
@@ -460,10 +503,12 @@ mod tests {
             None
         );
         assert_eq!(n.refuses(&old, SignMode::Digest, None, file), None);
-        let cat = n
-            .refuses(&new, SignMode::Whole, Some(Format::Cat), file)
-            .unwrap();
-        assert!(cat.contains("backend = \"osslsigncode\""), "{cat}");
+        for features in [&new, &old] {
+            assert_eq!(
+                n.refuses(features, SignMode::Whole, Some(Format::Cat), file),
+                None
+            );
+        }
         let msi = n
             .refuses(&old, SignMode::Whole, Some(Format::Msi), file)
             .unwrap();
