@@ -132,13 +132,14 @@ fn main() -> Result<()> {
                 ms.push(signer.sign_ms()?);
             }
             let s = Stats::of(&ms, 0);
-            println!(
+            writeln!(
+                std::io::stdout(),
                 "runs={runs} median_ms={:.2} mean_ms={:.2} min_ms={:.2} sign_per_s={:.2}",
                 s.median,
                 s.mean,
                 s.min,
                 1000.0 / s.mean
-            );
+            )?;
             Ok(())
         }
         Cmd::Report { log, fields } => {
@@ -150,9 +151,9 @@ fn main() -> Result<()> {
             })?;
             let r = Report::from_log(&text);
             if fields {
-                println!("{}", r.fields());
+                writeln!(std::io::stdout(), "{}", r.fields())?;
             } else {
-                print!("{}", r.text());
+                write!(std::io::stdout(), "{}", r.text())?;
             }
             Ok(())
         }
@@ -468,7 +469,7 @@ fn interleave(
             w.group, w.name, s.median, s.mean, s.sd, s.min, s.n, s.failed
         );
     }
-    print!("{t}");
+    write!(std::io::stdout(), "{t}")?;
     if let Some(md) = md {
         std::fs::write(&md, &t).with_context(|| format!("cannot write {}", md.display()))?;
     }
@@ -524,10 +525,11 @@ fn throughput(callers: u32, jobs: u64, log: Option<&Path>, argv: &[String]) -> R
     let wall = (monotonic_ns() - t0) as f64 / 1e9;
     let ok = ok.load(Ordering::Relaxed);
     let failed = failed.load(Ordering::Relaxed);
-    println!(
+    writeln!(
+        std::io::stdout(),
         "callers={callers} jobs={jobs} ok={ok} failed={failed} wall_s={wall:.3} jobs_per_s={:.2}",
         ok as f64 / wall
-    );
+    )?;
     if let Some(log) = log {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
