@@ -1282,7 +1282,10 @@ impl JobService {
             let file = tokio::fs::File::open(store.input_path(id))
                 .await
                 .map_err(|e| ErrorBody::from(JobError::internal(id, "opening the spooled input", &e)))?;
-            let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+            let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+                file,
+                signet_protocol::IO_BLOCK,
+            ));
             let path = match row.kind {
                 Kind::Sign => AGENT_SIGN_PATH,
                 Kind::Batch => AGENT_BATCH_PATH,
@@ -1413,7 +1416,11 @@ async fn spool(
     body: Body,
     reserved: &mut u64,
 ) -> Result<(String, u64), Spool> {
-    let mut file = tokio::fs::File::create(path).await.map_err(Spool::Disk)?;
+    // tokio's file writes each cost a trip to the blocking pool: write big blocks.
+    let mut file = tokio::io::BufWriter::with_capacity(
+        signet_protocol::IO_BLOCK,
+        tokio::fs::File::create(path).await.map_err(Spool::Disk)?,
+    );
     let mut hash = Sha256::new();
     let mut n = 0u64;
     let mut stream = body.into_data_stream();
@@ -1431,7 +1438,8 @@ async fn spool(
         file.write_all(&chunk).await.map_err(Spool::Disk)?;
         n += len;
     }
-    file.sync_all().await.map_err(Spool::Disk)?;
+    file.flush().await.map_err(Spool::Disk)?;
+    file.get_ref().sync_all().await.map_err(Spool::Disk)?;
     if let Some(dir) = path.parent() {
         store::sync_dir(dir).map_err(Spool::Disk)?;
     }
@@ -1447,7 +1455,10 @@ enum Saved {
 
 /// Streams the agent's answer to `path` (fsync'd), hashing as it goes.
 async fn save(mut body: hyper::body::Incoming, path: &Path) -> Result<(String, u64), Saved> {
-    let mut file = tokio::fs::File::create(path).await.map_err(Saved::Disk)?;
+    let mut file = tokio::io::BufWriter::with_capacity(
+        signet_protocol::IO_BLOCK,
+        tokio::fs::File::create(path).await.map_err(Saved::Disk)?,
+    );
     let mut hash = Sha256::new();
     let mut n = 0u64;
     while let Some(frame) = body.frame().await {
@@ -1458,7 +1469,8 @@ async fn save(mut body: hyper::body::Incoming, path: &Path) -> Result<(String, u
             n += data.len() as u64;
         }
     }
-    file.sync_all().await.map_err(Saved::Disk)?;
+    file.flush().await.map_err(Saved::Disk)?;
+    file.get_ref().sync_all().await.map_err(Saved::Disk)?;
     if let Some(dir) = path.parent() {
         store::sync_dir(dir).map_err(Saved::Disk)?;
     }
