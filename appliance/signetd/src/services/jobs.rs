@@ -974,7 +974,7 @@ impl JobService {
         let sched = lock(&self.engine().sched);
         // The job sent to the agent behind the one at the token is next, and runs
         // before every job in the queue.
-        let behind = sched.at_agent.len().saturating_sub(1);
+        let behind = sched.at_agent.iter().filter(|a| a.gate.is_held()).count();
         let position = (row.state == JobState::Queued)
             .then(|| {
                 if sched.held(&row.id) {
@@ -1207,19 +1207,27 @@ impl JobService {
 
     /// The token's worker: the next job by the queue's turns, each caller with at most
     /// `limits.max_jobs_per_caller` jobs at the agent. While one job is at the token
-    /// the next one's input is sent to the agent ([`IN_FLIGHT`] jobs at most), all
-    /// but its last byte until the one before it is answered ([`upload`]): the agent
-    /// gets the jobs whole, and reaches its job lock with them, in the queue's order,
-    /// and the token has the next job as soon as it is free. Runs for the daemon's life.
+    /// the next one's input is sent to the agent ([`UNANSWERED`] jobs not yet answered
+    /// at most), all but its last byte until the one before it is answered
+    /// ([`upload`]): the agent gets the jobs whole, and reaches its job lock with them,
+    /// in the queue's order, and the token has the next job as soon as it is free. A
+    /// job that was answered spools its result meanwhile ([`AT_AGENT`] jobs in all at
+    /// most). Runs for the daemon's life.
     pub async fn run_worker(self: Arc<Self>) {
         let mut flights: VecDeque<Flight> = VecDeque::new();
         loop {
             let engine = self.engine();
-            // The next job starts once the last one's input is sent.
-            let last_sent = flights
-                .back_mut()
-                .is_none_or(|f| f.phase.borrow_and_update().sent());
-            if !self.draining() && flights.len() < IN_FLIGHT && last_sent {
+            // The next job starts once the last one's input is sent, and while fewer
+            // than UNANSWERED wait for the token.
+            let mut unanswered = 0;
+            let mut last_sent = true;
+            for f in flights.iter_mut() {
+                let p = *f.phase.borrow_and_update();
+                unanswered += usize::from(!p.answered());
+                last_sent = p.sent();
+            }
+            if !self.draining() && flights.len() < AT_AGENT && unanswered < UNANSWERED && last_sent
+            {
                 let per_caller = self.config().limits.max_jobs_per_caller;
                 // Behind a job at the agent, a job's last byte is held until it is
                 // released, and it counts as running from then on.
@@ -1245,26 +1253,23 @@ impl JobService {
                     continue;
                 }
             }
-            let watch_last = flights
-                .back()
-                .filter(|f| !f.phase.borrow().sent())
-                .map(|f| f.phase.clone());
+            let mut phases: Vec<_> = flights.iter().map(|f| f.phase.clone()).collect();
             let Some(front) = flights.front_mut() else {
                 engine.wake.notified().await;
                 continue;
             };
-            let ended = tokio::select! {
-                r = &mut front.task => Some(r),
-                _ = async {
+            // Any job's next phase may let the next job start.
+            let changed = futures_util::future::select_all(phases.iter_mut().map(|p| {
+                Box::pin(async move {
                     // A phase that can no longer change wakes nothing.
-                    let changed = match watch_last {
-                        Some(mut p) => p.changed().await.is_ok(),
-                        None => false,
-                    };
-                    if !changed {
+                    if p.changed().await.is_err() {
                         std::future::pending::<()>().await;
                     }
-                } => None,
+                })
+            }));
+            let ended = tokio::select! {
+                r = &mut front.task => Some(r),
+                _ = changed => None,
                 _ = engine.wake.notified() => None,
             };
             let Some(ended) = ended else { continue };
@@ -1580,9 +1585,12 @@ impl JobService {
     }
 }
 
-/// How many jobs the worker has at the agent at once: the one at the token and the
-/// next, whose input is sent meanwhile.
-const IN_FLIGHT: usize = 2;
+/// How many jobs the worker has at the agent at once that it has not answered yet:
+/// the one at the token and the next, whose input is sent meanwhile.
+const UNANSWERED: usize = 2;
+/// How many jobs the worker has at the agent at once in all: those not answered yet,
+/// and those whose answer (the signed file) is still being spooled.
+const AT_AGENT: usize = 4;
 /// The longest the last byte of a job's input waits for the job before it to be
 /// answered. By then that one is at the agent's job lock (its input was sent whole
 /// before this one's began), and the lock is taken in turn; the hold stays well
@@ -1605,6 +1613,10 @@ enum Phase {
 impl Phase {
     fn sent(self) -> bool {
         self != Phase::Sending
+    }
+
+    fn answered(self) -> bool {
+        matches!(self, Phase::Answered | Phase::Ended { .. })
     }
 }
 
