@@ -122,9 +122,10 @@ pub fn body(
                 match part.body {
                     PartBody::Bytes(b) => Box::pin(stream::once(async move { Ok(b) })),
                     PartBody::File(path) => match tokio::fs::File::open(&path).await {
-                        Ok(f) => {
-                            Box::pin(tokio_util::io::ReaderStream::with_capacity(f, 256 << 10))
-                        }
+                        Ok(f) => Box::pin(tokio_util::io::ReaderStream::with_capacity(
+                            f,
+                            crate::IO_BLOCK,
+                        )),
                         Err(e) => Box::pin(stream::once(async move { Err(e) })),
                     },
                 };

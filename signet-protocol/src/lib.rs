@@ -34,3 +34,9 @@ pub mod tls;
 pub mod transport;
 
 pub use endpoint::Endpoint;
+
+/// The block every hop reads a file in, and buffers its writes to a file in: a file's
+/// bytes are copied in blocks of this size (constant memory whatever its size). tokio's
+/// file I/O goes through the blocking pool once per call, and each chunk read becomes
+/// one body frame: 4 KiB blocks cost a thread hand-off and a socket write per 4 KiB.
+pub const IO_BLOCK: usize = 256 << 10;

@@ -262,7 +262,7 @@ fn truncated_and_abandoned_uploads_do_not_hurt_the_daemon() {
 }
 
 #[test]
-fn slow_clients_are_cut_off_and_callers_have_a_job_limit() {
+fn slow_clients_are_cut_off_and_a_caller_at_its_job_limit_is_not_refused() {
     let (unix, tcp, w) = appliance(&format!(
         "insecure_tcp_as = \"loopback\"\n{PROFILES}[limits]\nheader_timeout_seconds = 1\nbody_idle_timeout_seconds = 1\nmax_jobs_per_caller = 1\n\
          [[grants]]\ncallers = [\"uid:0\", \"client:loopback\"]\nprofiles = [\"*\"]\n"
@@ -295,17 +295,10 @@ fn slow_clients_are_cut_off_and_callers_have_a_job_limit() {
     .unwrap();
     slow.write_all(&pe[..100]).unwrap();
     wait_for_log(&w, "job accepted");
-    // While it runs, the same caller may not start another.
+    // While it uploads, the same caller sends another: queued and signed, not refused
+    // (its limit bounds its jobs at the agent, not what it sends).
     let (status, body) = call(&tcp, "POST", "/v1/sign", pe.clone());
-    assert_eq!(status, 429, "{body}");
-    assert_eq!(body["code"], "too_many_jobs");
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("client \"loopback\" already has 1 jobs running"),
-        "{body}"
-    );
+    assert_eq!(status, 200, "{body}");
     let mut answer = Vec::new();
     let _ = slow.read_to_end(&mut answer);
     let answer = String::from_utf8_lossy(&answer);
@@ -313,7 +306,7 @@ fn slow_clients_are_cut_off_and_callers_have_a_job_limit() {
         answer.contains("truncated_input") && answer.contains("sent nothing for 1 s"),
         "{answer}"
     );
-    // The slot is free again, and other callers were never affected.
+    // Other callers were never affected.
     still_signs(&w, &unix, "open");
     let (status, _) = call(&tcp, "POST", "/v1/sign", pe);
     assert_eq!(status, 200);

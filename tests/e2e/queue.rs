@@ -400,8 +400,10 @@ fn a_daemon_killed_mid_job_and_mid_queue_loses_nothing_and_signs_once() {
             })
         })
         .collect();
-    // The first job is at the agent (held before it signs), five wait in the queue.
-    // Ids count up from 1 in a fresh state directory.
+    // The first job is at the agent (held before it signs), five wait in the queue
+    // (the second's input goes to the agent meanwhile, all but its last byte: it is
+    // queued until the first is answered). Ids count up from 1 in a fresh state
+    // directory.
     events.wait_for("signing_started");
     // The status answers while a job signs, with the agent's last known state.
     let (status, s) = call_json(&ep, "GET", "/v1/status", None);
@@ -480,8 +482,9 @@ fn a_daemon_killed_mid_job_and_mid_queue_loses_nothing_and_signs_once() {
         assert!(ok, "job {id}: {text}");
     }
     // Every job signed once as far as anyone can see: one audit record each. Only the
-    // job that was at the agent when the daemon died may have been signed twice (a
-    // first signature that was never delivered); no other job was.
+    // job that was at the token when the daemon died may have been signed twice (a
+    // first signature that was never delivered); no other job was, not even the one
+    // sent to the agent behind it.
     let records = audit_records(&w);
     let jobs: Vec<&str> = records.iter().map(|r| r["job"].as_str().unwrap()).collect();
     assert_eq!(
@@ -647,4 +650,164 @@ fn audit_verify_names_a_changed_a_deleted_and_swapped_records() {
         "{v}"
     );
     assert!(text.contains("reordered"), "{text}");
+}
+
+/// A PE of its own (about `size` bytes) under `name`: each differs from the others.
+fn own_pe(w: &World, name: &str, size: usize) -> PathBuf {
+    let p = w.path(name);
+    fixture("make-pe.sh", &[&p, Path::new(&size.to_string())]);
+    p
+}
+
+/// `signed` is `input` signed: it verifies, and without its signature it is `input`
+/// byte for byte (so it is no other job's file).
+fn signed_from(w: &World, signed: &Path, input: &[u8]) {
+    let (ok, text) = verify(w, signed);
+    assert!(ok, "{}: {text}", signed.display());
+    let bare = signed.with_extension("bare");
+    let out = std::process::Command::new("osslsigncode")
+        .arg("remove-signature")
+        .arg("-in")
+        .arg(signed)
+        .arg("-out")
+        .arg(&bare)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(&bare).unwrap() == input,
+        "{} is not its own input signed",
+        signed.display()
+    );
+}
+
+#[test]
+fn one_caller_with_more_jobs_than_its_limit_gets_them_all_signed_each_once() {
+    const JOBS: usize = 8;
+    let mut w = World::new();
+    let pin = w.path("pin");
+    let agent = w.start_agent(&unix(&w, "agent.sock"), SOFTHSM, &pin, &[]);
+    let sock = unix(&w, "signetd.sock");
+    let ep = w.start_daemon_config(&format!(
+        "listen = [\"{sock}\"]\nagent = \"{agent}\"\ndbus = \"none\"\n\
+         [profiles.release]\ndescription = \"Signet test\"\n[limits]\nmax_jobs_per_caller = 2\n\
+         [[grants]]\ncallers = [\"uid:0\"]\nprofiles = [\"*\"]\n"
+    ))[0]
+        .clone();
+    let files: Vec<(PathBuf, Vec<u8>)> = (0..JOBS)
+        .map(|i| {
+            let p = own_pe(&w, &format!("app{i}.exe"), 20_000 + i * 3_000);
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
+    // All at once from one caller (local root), four times its limit.
+    let clients: Vec<_> = files
+        .iter()
+        .map(|(p, _)| {
+            std::process::Command::new(bin("signet"))
+                .env("SIGNET_ENDPOINT", ep.to_string())
+                .env_remove("SIGNET_CONFIG")
+                .args(["sign", p.to_str().unwrap()])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (c, (p, input)) in clients.into_iter().zip(&files) {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            p.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        signed_from(&w, p, input);
+    }
+    // Exactly once: one signature at the agent and one audit record per job.
+    assert_eq!(agent_signatures(&w), JOBS);
+    let records = audit_records(&w);
+    assert_eq!(records.len(), JOBS, "{records:#?}");
+    for r in &records {
+        assert_eq!(r["result"], "signed", "{r}");
+        assert_eq!(r["caller"], "uid:0", "{r}");
+    }
+    assert!(!w.log("signetd").contains("too_many_jobs"));
+}
+
+#[test]
+fn the_next_job_reaches_the_agent_while_one_is_at_the_token_and_both_sign_in_order() {
+    let mut w = World::new();
+    let pin = w.path("pin");
+    let signer = HeldSigner::new(&w);
+    let agent = w.start_agent_with(
+        &unix(&w, "agent.sock"),
+        SOFTHSM,
+        &pin,
+        &[],
+        &signer.agent_config(),
+    );
+    let ep = w
+        .start_daemon(&[&unix(&w, "signetd.sock")], &agent)
+        .remove(0);
+    let a = std::fs::read(own_pe(&w, "a.exe", 30_000)).unwrap();
+    // Several blocks, so that it is sent as the first one signs.
+    let b = std::fs::read(own_pe(&w, "b.exe", 3 << 20)).unwrap();
+    let first = sign_async(&ep, "a.exe", &a);
+    wait_until("the first job is at the token", || signer.held.exists());
+    let second = sign_async(&ep, "b.exe", &b);
+    // The second job's input is at the agent while the first is being signed (all of
+    // it but the last byte, which waits for the first's answer, and what the agent
+    // still buffers, at most one block): two jobs at the agent at once.
+    let block = 256 << 10;
+    let spooled_but_one = || {
+        std::fs::read_dir(w.path(""))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("signet-job-"))
+            .any(|e| {
+                std::fs::metadata(e.path().join("input"))
+                    .is_ok_and(|m| m.len() + block + 1 >= b.len() as u64)
+            })
+    };
+    wait_until("the second job's input is at the agent", spooled_but_one);
+    let (_, s) = call_json(&ep, "GET", "/v1/status", None);
+    assert_eq!(s["queue"]["running"], first.as_str(), "{s:#}");
+    assert_eq!(pending(&s), 2, "{s:#}");
+    // Callers see it queued and next until its last byte goes.
+    let (_, job) = call_json(&ep, "GET", &format!("/v1/jobs/{second}"), None);
+    assert_eq!(
+        (&job["state"], &job["position"]),
+        (&"queued".into(), &0.into()),
+        "{job:#}"
+    );
+    assert_eq!(agent_signatures(&w), 0, "nothing is signed yet");
+
+    signer.release();
+    for (id, input, name) in [(&first, &a, "a-signed.exe"), (&second, &b, "b-signed.exe")] {
+        let (status, body) = fetch_when_done(&ep, id);
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let f = w.file(name, &body);
+        signed_from(&w, &f, input);
+    }
+    assert_eq!(agent_signatures(&w), 2);
+    // Signed and audited in the queue's order.
+    let records = audit_records(&w);
+    let order: Vec<&str> = records.iter().map(|r| r["job"].as_str().unwrap()).collect();
+    assert_eq!(order, [first.as_str(), second.as_str()]);
+}
+
+/// `GET /v1/jobs/{id}/result` once job `id` has ended.
+fn fetch_when_done(ep: &Endpoint, id: &str) -> (u16, Vec<u8>) {
+    wait_until("the job ends", || {
+        let (_, j) = call_json(ep, "GET", &format!("/v1/jobs/{id}"), None);
+        matches!(j["state"].as_str(), Some("signed" | "failed" | "cancelled"))
+    });
+    fetch(ep, &format!("/v1/jobs/{id}/result"))
 }

@@ -49,7 +49,7 @@ pub async fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
     use tokio::io::AsyncReadExt;
     let mut f = tokio::fs::File::open(path).await?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 << 10];
+    let mut buf = vec![0u8; signet_protocol::IO_BLOCK];
     loop {
         let n = f.read(&mut buf).await?;
         if n == 0 {

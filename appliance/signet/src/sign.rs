@@ -18,7 +18,7 @@ use signet_api::wire::{
 use signet_format as format;
 use signet_protocol::batch;
 use signet_protocol::client::{self, ClientError};
-use signet_protocol::Endpoint;
+use signet_protocol::{Endpoint, IO_BLOCK};
 use tokio::io::AsyncWriteExt;
 
 use crate::collect;
@@ -768,16 +768,23 @@ async fn receive_part(
         });
         return Err(e.into());
     }
-    let mut out = tokio::fs::File::create(p.received())
-        .await
-        .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
+    let mut out = tokio::io::BufWriter::with_capacity(
+        IO_BLOCK,
+        tokio::fs::File::create(p.received())
+            .await
+            .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?,
+    );
     while let Some(chunk) = field.chunk().await.map_err(broke)? {
         o.bytes_received += chunk.len() as u64;
         out.write_all(&chunk)
             .await
             .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
     }
-    out.sync_all()
+    out.flush()
+        .await
+        .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
+    out.get_ref()
+        .sync_all()
         .await
         .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))
 }
@@ -833,17 +840,14 @@ async fn exchange(
         let counter = counter.clone();
         let body = match std::fs::File::open(&path) {
             Ok(f) => StreamBody::new(
-                tokio_util::io::ReaderStream::with_capacity(
-                    tokio::fs::File::from_std(f),
-                    256 << 10,
-                )
-                .map_ok(move |chunk: Bytes| {
-                    counter.inc(chunk.len() as u64);
-                    if counter.position() >= counter.length().unwrap_or(u64::MAX) {
-                        counter.set_message("signing on the token");
-                    }
-                    Frame::data(chunk)
-                }),
+                tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(f), IO_BLOCK)
+                    .map_ok(move |chunk: Bytes| {
+                        counter.inc(chunk.len() as u64);
+                        if counter.position() >= counter.length().unwrap_or(u64::MAX) {
+                            counter.set_message("signing on the token");
+                        }
+                        Frame::data(chunk)
+                    }),
             )
             .boxed(),
             Err(e) => StreamBody::new(futures_util::stream::once(async move {
@@ -934,7 +938,11 @@ async fn receive(
     let local = |e: std::io::Error| {
         Received::Local(bad_input(format!("cannot write the signed file: {e}")))
     };
-    let mut out = tokio::fs::File::create(received).await.map_err(local)?;
+    // tokio's file writes each cost a trip to the blocking pool: write big blocks.
+    let mut out = tokio::io::BufWriter::with_capacity(
+        IO_BLOCK,
+        tokio::fs::File::create(received).await.map_err(local)?,
+    );
     let mut body = resp.into_body();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Received::Broke(e.to_string()))?;
@@ -943,7 +951,8 @@ async fn receive(
             out.write_all(&data).await.map_err(local)?;
         }
     }
-    out.sync_all().await.map_err(local)
+    out.flush().await.map_err(local)?;
+    out.get_ref().sync_all().await.map_err(local)
 }
 
 /// How an osslsigncode run failed: its error lines, and all it printed.

@@ -27,6 +27,7 @@ use signet_protocol::batch::{self, Part, PartBody, RESULT_HEADER};
 use signet_protocol::limits;
 use signet_protocol::link::{self, Fingerprint};
 use signet_protocol::serve::PeerKey;
+use signet_protocol::IO_BLOCK;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast::error::RecvError;
 use tracing::Instrument;
@@ -272,9 +273,6 @@ fn task_ended(e: tokio::task::JoinError) -> ErrorBody {
     )
 }
 
-/// The block size of spool reads and writes.
-const IO_BLOCK: usize = 256 << 10;
-
 /// The most files one batch may carry.
 const MAX_BATCH: usize = 1000;
 
@@ -340,9 +338,13 @@ async fn batch_in(
         let spool = agent.spool()?;
         let mut q = query.clone();
         q.filename = field.file_name().map(str::to_owned);
-        let mut file = tokio::fs::File::create(spool.input())
-            .await
-            .map_err(spool_error)?;
+        // tokio's file writes each cost a trip to the blocking pool: write big blocks.
+        let mut file = tokio::io::BufWriter::with_capacity(
+            IO_BLOCK,
+            tokio::fs::File::create(spool.input())
+                .await
+                .map_err(spool_error)?,
+        );
         loop {
             match field.chunk().await {
                 Ok(Some(chunk)) => file.write_all(&chunk).await.map_err(spool_error)?,

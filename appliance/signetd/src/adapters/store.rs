@@ -476,11 +476,16 @@ impl Store {
         )
     }
 
-    /// The job goes back to waiting (a retryable failure, or a restart).
+    /// The job goes back to waiting (a retryable failure, or a restart); one that has
+    /// ended meanwhile (cancelled) stays ended.
     pub fn requeue(&self, id: &str) -> Result<(), StoreError> {
         self.conn().execute(
-            "UPDATE jobs SET state = ?2 WHERE seq = ?1",
-            params![id, state_name(JobState::Queued)],
+            "UPDATE jobs SET state = ?2 WHERE seq = ?1 AND state IN (?2, ?3)",
+            params![
+                id,
+                state_name(JobState::Queued),
+                state_name(JobState::Running)
+            ],
         )?;
         Ok(())
     }

@@ -163,7 +163,8 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Jobs one caller may have running at once; more are refused `too_many_jobs`.
+    /// Jobs of one caller the worker has at the agent at once; its other jobs wait in
+    /// its lane (never refused for this).
     pub max_jobs_per_caller: usize,
     /// Largest input in bytes, unless the profile says otherwise.
     pub max_input_size: u64,

@@ -9,11 +9,8 @@
 //!
 //! [`Policy::decide`] checks a caller against the `[[grants]]`; with none configured
 //! only local root may sign (the safe default: VMs and clients need a grant).
-//! [`Slots`] counts each caller's running jobs against `limits.max_jobs_per_caller`.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -247,71 +244,6 @@ impl Policy {
     }
 }
 
-/// Running jobs per caller, bounded.
-#[derive(Debug)]
-pub struct Slots {
-    /// Changed by a reload; slots already taken stay taken.
-    max: std::sync::atomic::AtomicUsize,
-    running: Mutex<HashMap<String, usize>>,
-}
-
-/// One running job of a caller; the slot is free again when this is dropped.
-#[derive(Debug)]
-pub struct Slot {
-    slots: Arc<Slots>,
-    key: String,
-}
-
-impl Slots {
-    pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(Slots {
-            max: std::sync::atomic::AtomicUsize::new(max),
-            running: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// Takes a slot for `key`, or `None` when it already runs `max` jobs.
-    pub fn take(self: &Arc<Self>, key: &str) -> Option<Slot> {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        let n = running.entry(key.to_owned()).or_default();
-        if *n >= self.max() {
-            return None;
-        }
-        *n += 1;
-        Some(Slot {
-            slots: Arc::clone(self),
-            key: key.to_owned(),
-        })
-    }
-
-    /// How many jobs `key` runs now.
-    pub fn running(&self, key: &str) -> usize {
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        running.get(key).copied().unwrap_or(0)
-    }
-
-    pub fn max(&self) -> usize {
-        self.max.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Jobs one caller may run from now on (a reload of `[limits]`).
-    pub fn set_max(&self, max: usize) {
-        self.max.store(max, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut running = self.slots.running.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = running.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                running.remove(&self.key);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -501,18 +433,5 @@ mod tests {
         assert_eq!(parse_proc_groups(status), [4, 24, 990]);
         assert_eq!(parse_proc_groups("Groups:\t\n"), Vec::<u32>::new());
         assert_eq!(parse_proc_groups(""), Vec::<u32>::new());
-    }
-
-    #[test]
-    fn slots_bound_running_jobs_per_caller_and_free_on_drop() {
-        let slots = Slots::new(2);
-        let a1 = slots.take("vm:1").unwrap();
-        let _a2 = slots.take("vm:1").unwrap();
-        assert!(slots.take("vm:1").is_none(), "a third job waits");
-        let _b = slots.take("vm:2").expect("another caller is not affected");
-        assert_eq!(slots.running("vm:1"), 2);
-        drop(a1);
-        assert_eq!(slots.running("vm:1"), 1);
-        assert!(slots.take("vm:1").is_some());
     }
 }

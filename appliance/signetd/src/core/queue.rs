@@ -5,7 +5,11 @@
 //! one wait for all of them. A job sent back because the token was lost goes to the head
 //! of its lane and its caller to the head of the turn order, so it runs next.
 //!
-//! One [`Queue`] per token; its worker takes one job at a time ([`Queue::take`]).
+//! One [`Queue`] per token; its worker takes the next job ([`Queue::take_where`]) among
+//! the callers that may have another job at the agent: a caller at its limit
+//! (`limits.max_jobs_per_caller` jobs at the agent) keeps its place in the turns, and
+//! its jobs wait in its lane, until one of them ends. Being at the limit never refuses
+//! a job; it only decides which lane's turn comes first.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -48,7 +52,15 @@ impl Queue {
 
     /// Takes the next job to run: the head of the lane whose turn it is.
     pub fn take(&mut self) -> Option<(String, String)> {
-        let caller = self.turns.pop_front()?;
+        self.take_where(|_| true)
+    }
+
+    /// Takes the next job to run among the callers `may_run` lets run another: the head
+    /// of the first such lane in turn order. A caller passed over keeps its place, so
+    /// it is first once it may run again.
+    pub fn take_where(&mut self, may_run: impl Fn(&str) -> bool) -> Option<(String, String)> {
+        let at = self.turns.iter().position(|c| may_run(c))?;
+        let caller = self.turns.remove(at)?;
         let lane = self.lanes.get_mut(&caller)?;
         let job = lane.pop_front()?;
         if lane.is_empty() {
@@ -214,6 +226,46 @@ mod tests {
         }
         assert_eq!(q.position("zz"), None);
         assert_eq!(drain(&mut q), expected);
+    }
+
+    #[test]
+    fn a_caller_at_its_limit_waits_in_its_lane_and_keeps_its_turn() {
+        let mut q = Queue::new();
+        for j in ["a1", "a2", "a3"] {
+            q.push("a", j);
+        }
+        q.push("b", "b1");
+        q.push("b", "b2");
+        // a has a job at the agent and may have no other: b runs meanwhile.
+        let busy = |c: &str| c != "a";
+        assert_eq!(
+            q.take_where(busy).unwrap(),
+            ("b".to_owned(), "b1".to_owned())
+        );
+        assert_eq!(q.take_where(busy).unwrap().1, "b2");
+        assert_eq!(
+            q.take_where(busy),
+            None,
+            "only a's jobs wait, and a is at its limit"
+        );
+        assert_eq!(q.len(), 3, "nothing was dropped");
+        assert_eq!(q.position("a1"), Some(0));
+        // a's job ended: a's lane runs in order.
+        q.push("b", "b3");
+        assert_eq!(drain(&mut q), ["a1", "b3", "a2", "a3"]);
+    }
+
+    #[test]
+    fn a_caller_passed_over_is_first_when_it_may_run_again() {
+        let mut q = Queue::new();
+        q.push("a", "a1");
+        q.push("a", "a2");
+        q.push("b", "b1");
+        q.push("c", "c1");
+        // a is at its limit: b takes its turn, a keeps its place before c.
+        assert_eq!(q.take_where(|c| c != "a").unwrap().1, "b1");
+        assert_eq!(q.position("a1"), Some(0));
+        assert_eq!(drain(&mut q), ["a1", "c1", "a2"]);
     }
 
     #[test]

@@ -69,8 +69,6 @@ pub enum JobError {
     /// The upload ran into a limit as it streamed ([`crate::limits`]): its words.
     #[error("the upload ran into a limit: {}", .0.message)]
     Limit(ErrorBody),
-    #[error("{caller} already has {max} jobs running")]
-    TooManyJobs { caller: String, max: usize },
     #[error("a malformed Idempotency-Key")]
     BadIdempotencyKey,
     #[error("a batch that is not multipart/form-data")]
@@ -219,13 +217,6 @@ impl From<&JobError> for ErrorBody {
                 "filename must be a bare file name of at most 255 bytes, without directories",
             ),
             JobError::TooLarge { max } => crate::limits::too_large(*max),
-            JobError::TooManyJobs { caller, max } => ErrorBody::new(
-                ErrorCode::TooManyJobs,
-                format!(
-                    "{caller} already has {max} jobs running, as many as one caller may; nothing was signed. Send this one again when one of them has ended",
-                ),
-            )
-            .retryable(true),
             JobError::BadIdempotencyKey => ErrorBody::new(
                 ErrorCode::BadRequest,
                 format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} printable ASCII characters, e.g. a UUID"),
@@ -540,17 +531,6 @@ mod tests {
                 ErrorCode::UnknownProfile,
                 false,
                 r#"there is no signing profile "nope"; profiles: default, release (the default is "default")"#.into()
-            )
-        );
-        assert_eq!(
-            told(JobError::TooManyJobs {
-                caller: "VM 105".into(),
-                max: 4
-            }),
-            (
-                ErrorCode::TooManyJobs,
-                true,
-                "VM 105 already has 4 jobs running, as many as one caller may; nothing was signed. Send this one again when one of them has ended".into()
             )
         );
         assert_eq!(

@@ -5,7 +5,7 @@
 //!
 //! [`JobService`] owns this use case; the fronts call it and render the results.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use tracing::Instrument;
 use crate::adapters::audit::{self, Entry, Outcome};
 use crate::adapters::store::{self, Inserted, JobRow, Kind, NewJob, Store, StoreError};
 use crate::config::{Config, Current, Profile};
-use crate::core::policy::{Caller, Slot, Slots};
+use crate::core::policy::Caller;
 use crate::core::queue::Queue;
 use crate::core::time::rfc3339;
 use crate::core::timeline::Seen;
@@ -57,7 +57,68 @@ pub fn transport(peer: &Peer, over_tls: bool) -> &'static str {
 #[derive(Debug, Default)]
 pub(crate) struct Sched {
     queue: Queue,
-    running: Option<String>,
+    /// The jobs at the agent, oldest first: the first is the one at the token, the
+    /// second (if any) is being sent to the agent meanwhile.
+    at_agent: Vec<AtAgent>,
+}
+
+/// A job the worker has sent to the agent.
+#[derive(Debug)]
+struct AtAgent {
+    caller: String,
+    id: String,
+    /// Whether its input went to the agent whole ([`upload`]).
+    gate: Arc<Gate>,
+}
+
+impl Sched {
+    /// The job at the token, if any.
+    fn running(&self) -> Option<&str> {
+        self.at_agent.first().map(|a| a.id.as_str())
+    }
+
+    /// Takes the next job by the queue's turns among the callers with fewer than
+    /// `per_caller` jobs at the agent; `gate` makes its gate, and it counts at the agent.
+    fn take(
+        &mut self,
+        per_caller: usize,
+        gate: impl FnOnce(&str) -> Arc<Gate>,
+    ) -> Option<(String, String, Arc<Gate>)> {
+        let at_agent = &self.at_agent;
+        let (caller, id) = self
+            .queue
+            .take_where(|c| at_agent.iter().filter(|a| a.caller == c).count() < per_caller)?;
+        let gate = gate(&id);
+        self.at_agent.push(AtAgent {
+            caller: caller.clone(),
+            id: id.clone(),
+            gate: Arc::clone(&gate),
+        });
+        Some((caller, id, gate))
+    }
+
+    /// Job `id` is no longer at the agent.
+    fn left(&mut self, id: &str) {
+        self.at_agent.retain(|a| a.id != id);
+    }
+
+    /// Whether job `id` is the one sent behind the job at the token and still held
+    /// (it is queued as far as callers see: not yet at the token).
+    fn held(&self, id: &str) -> bool {
+        self.at_agent
+            .iter()
+            .skip(1)
+            .any(|a| a.id == id && a.gate.is_held())
+    }
+
+    /// Calls back job `id` if it is held behind the job at the token: it goes no
+    /// further to the agent. False when it is not held (any more).
+    fn call_back(&self, id: &str) -> bool {
+        self.at_agent
+            .iter()
+            .skip(1)
+            .any(|a| a.id == id && a.gate.send_back())
+    }
 }
 
 /// The job engine's state inside [`JobService`].
@@ -69,8 +130,9 @@ pub(crate) struct Engine {
     done: Mutex<HashMap<String, watch::Sender<bool>>>,
     /// The token's serial and certificate fingerprint, from the agent's health.
     token: Mutex<Option<(Option<String>, Option<String>)>>,
-    /// Set while the host shuts down: no new jobs, the worker starts none.
-    draining: std::sync::atomic::AtomicBool,
+    /// Set while the host shuts down: no new jobs, the worker starts none, and a job
+    /// sent to the agent behind the one at the token goes back to the queue.
+    draining: Arc<std::sync::atomic::AtomicBool>,
     /// signetd is stopping ([`JobService::stop`]): uploads are cut, waiting requests are
     /// told their job stays queued — all but the job at the token's until `Closing`.
     stopping: watch::Sender<Stopping>,
@@ -123,7 +185,7 @@ impl Engine {
             wake: Notify::new(),
             done: Mutex::default(),
             token: Mutex::default(),
-            draining: std::sync::atomic::AtomicBool::new(false),
+            draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             stopping: watch::channel(Stopping::No).0,
             idle: Notify::new(),
             finished: tokio::sync::broadcast::channel(256).0,
@@ -305,13 +367,11 @@ pub enum Signing {
         id: String,
         job: Result<JobView, JobError>,
     },
-    /// The job ended: its result (or its error), with the caller's job slot, to be
-    /// held until the answer is streamed out.
+    /// The job ended: its result (or its error).
     Ended {
         id: String,
         caller: Caller,
         result: Result<Delivery, JobError>,
-        slot: Slot,
         /// The caller asked for the signature alone (`response=pkcs7`).
         pkcs7: bool,
     },
@@ -335,8 +395,6 @@ pub struct JobService {
     tokens: Mutex<Handle>,
     /// Who is calling.
     callers: Arc<Callers>,
-    /// Each caller's job slots.
-    slots: Arc<Slots>,
 }
 
 impl JobService {
@@ -363,13 +421,12 @@ impl JobService {
             host_pin_rejected: std::sync::atomic::AtomicBool::new(false),
             tokens: Mutex::new(Handle::off("signetd was started without the token service")),
             callers,
-            slots: Slots::new(cfg.limits.max_jobs_per_caller),
         })
     }
 
-    /// Takes reloaded `[limits]`: job slots per caller, the refusals' interval.
+    /// Takes reloaded `[limits]`: the refusals' interval (the worker reads
+    /// `max_jobs_per_caller` each time it takes a job).
     pub fn set_limits(&self, limits: &crate::config::Limits) {
-        self.slots.set_max(limits.max_jobs_per_caller);
         self.refusals()
             .set_interval(Duration::from_secs(limits.refusal_interval_seconds));
     }
@@ -418,16 +475,6 @@ impl JobService {
     /// Why the job database failed the last time it was written, if it did.
     pub fn store_fault(&self) -> Option<String> {
         self.engine.store_fault()
-    }
-
-    /// Takes one of the caller's job slots for as long as the [`Slot`] lives.
-    pub fn start(&self, job: &Job) -> Result<Slot, JobError> {
-        self.slots
-            .take(&job.caller.key())
-            .ok_or_else(|| JobError::TooManyJobs {
-                caller: job.caller.to_string(),
-                max: self.slots.max(),
-            })
     }
 
     /// The profile `name` (`None`: the default) if it exists and the caller has a
@@ -512,7 +559,7 @@ impl JobService {
     }
 
     /// The signing use case, whole: who is calling, which profile and whether they may
-    /// use it, the declared size, a job slot, the refusal audited, the body limited as
+    /// use it, the declared size, the refusal audited, the body limited as
     /// it streams, the job recorded and queued, then either the queued job or, once it
     /// ended, its result.
     pub async fn sign(&self, req: SubmitRequest) -> Signing {
@@ -540,9 +587,9 @@ impl JobService {
                         max: job.max_input_size,
                     });
                 }
-                self.start(&job).map(|slot| (job, slot))
+                Ok(job)
             });
-        let (job, slot) = match started {
+        let job = match started {
             Ok(started) => started,
             Err(e) => {
                 self.refuse(
@@ -593,7 +640,6 @@ impl JobService {
         Signing::Ended {
             id,
             result,
-            slot,
             pkcs7: kind == Kind::Sign
                 && job.agent_query.response == signet_api::wire::SignResponse::Pkcs7,
             caller: job.caller,
@@ -888,7 +934,7 @@ impl JobService {
             }
             // Stopping: only the job at the token is waited for, and only while it
             // may still end.
-            let at_token = lock(&engine.sched).running.as_deref() == Some(id);
+            let at_token = lock(&engine.sched).at_agent.iter().any(|a| a.id == id);
             match *stop.borrow_and_update() {
                 Stopping::No => {}
                 Stopping::Draining if at_token => {}
@@ -926,13 +972,22 @@ impl JobService {
 
     pub(crate) fn view(&self, row: &JobRow) -> JobView {
         let sched = lock(&self.engine().sched);
+        // The job sent to the agent behind the one at the token is next, and runs
+        // before every job in the queue.
+        let behind = sched.at_agent.iter().filter(|a| a.gate.is_held()).count();
         let position = (row.state == JobState::Queued)
-            .then(|| sched.queue.position(&row.id))
+            .then(|| {
+                if sched.held(&row.id) {
+                    Some(0)
+                } else {
+                    sched.queue.position(&row.id).map(|p| p + behind)
+                }
+            })
             .flatten();
         let estimate = match row.state {
             JobState::Queued => sched
                 .queue
-                .estimate_ms(position.unwrap_or(0), sched.running.is_some()),
+                .estimate_ms(position.unwrap_or(0), sched.running().is_some()),
             JobState::Running => sched.queue.estimate_ms(0, false),
             _ => None,
         };
@@ -962,7 +1017,11 @@ impl JobService {
         let engine = self.engine();
         let id = row.id.clone();
         let id = id.as_str();
-        let removed = lock(&engine.sched).queue.cancel(id);
+        let removed = {
+            let mut s = lock(&engine.sched);
+            // Waiting in the queue, or held behind the job at the token.
+            s.queue.cancel(id) || s.call_back(id)
+        };
         if removed {
             let e = ErrorBody::new(
                 ErrorCode::Cancelled,
@@ -1049,8 +1108,9 @@ impl JobService {
         let sched = lock(&engine.sched);
         let (used, quota) = engine.store.spool_usage();
         QueueStatus {
-            running: sched.running.clone(),
-            waiting: sched.queue.len() as u64,
+            running: sched.running().map(str::to_owned),
+            // The job being sent to the agent while another is at the token waits too.
+            waiting: (sched.queue.len() + sched.at_agent.len().saturating_sub(1)) as u64,
             by_caller: sched
                 .queue
                 .by_caller()
@@ -1078,12 +1138,12 @@ impl JobService {
             let ended = engine.idle.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            if lock(&engine.sched).running.is_none() {
+            if lock(&engine.sched).at_agent.is_empty() {
                 return true;
             }
             tokio::select! {
                 _ = ended => {}
-                _ = tokio::time::sleep_until(deadline) => return lock(&engine.sched).running.is_none(),
+                _ = tokio::time::sleep_until(deadline) => return lock(&engine.sched).at_agent.is_empty(),
             }
         }
     }
@@ -1098,7 +1158,7 @@ impl JobService {
         let engine = self.engine();
         engine.stopping.send_replace(Stopping::Draining);
         let ended = self.drain(bound).await;
-        let running = lock(&engine.sched).running.clone();
+        let running = lock(&engine.sched).running().map(str::to_owned);
         engine.stopping.send_replace(Stopping::Closing);
         let waiting = lock(&engine.sched).queue.len();
         match running {
@@ -1145,31 +1205,99 @@ impl JobService {
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// The token's worker: one job at a time, the next by the queue's turns. Runs for
-    /// the daemon's life.
+    /// The token's worker: the next job by the queue's turns, each caller with at most
+    /// `limits.max_jobs_per_caller` jobs at the agent. While one job is at the token
+    /// the next one's input is sent to the agent ([`UNANSWERED`] jobs not yet answered
+    /// at most), all but its last byte until the one before it is answered
+    /// ([`upload`]): the agent gets the jobs whole, and reaches its job lock with them,
+    /// in the queue's order, and the token has the next job as soon as it is free. A
+    /// job that was answered spools its result meanwhile ([`AT_AGENT`] jobs in all at
+    /// most). Runs for the daemon's life.
     pub async fn run_worker(self: Arc<Self>) {
+        let mut flights: VecDeque<Flight> = VecDeque::new();
         loop {
             let engine = self.engine();
-            if self.draining() {
-                engine.wake.notified().await;
-                continue;
+            // The next job starts once the last one's input is sent, and while fewer
+            // than UNANSWERED wait for the token.
+            let mut unanswered = 0;
+            let mut last_sent = true;
+            for f in flights.iter_mut() {
+                let p = *f.phase.borrow_and_update();
+                unanswered += usize::from(!p.answered());
+                last_sent = p.sent();
             }
-            let next = {
-                let mut s = lock(&engine.sched);
-                let n = s.queue.take();
-                s.running = n.as_ref().map(|(_, id)| id.clone());
-                n
-            };
-            let Some((caller, id)) = next else {
+            if !self.draining() && flights.len() < AT_AGENT && unanswered < UNANSWERED && last_sent
+            {
+                let per_caller = self.config().limits.max_jobs_per_caller;
+                // Behind a job at the agent, a job's last byte is held until it is
+                // released, and it counts as running from then on.
+                let held = !flights.is_empty();
+                let next = lock(&engine.sched).take(per_caller, |id| {
+                    Arc::new(Gate::new(
+                        held.then(|| (Arc::clone(engine.store()), id.to_owned())),
+                    ))
+                });
+                if let Some((caller, id, gate)) = next {
+                    let prev = flights.back().map(|f| f.phase.clone());
+                    let (tx, rx) = watch::channel(Phase::Sending);
+                    let this = Arc::clone(&self);
+                    let job = id.clone();
+                    let task =
+                        tokio::spawn(async move { this.run_job(&job, prev, gate, tx).await });
+                    flights.push_back(Flight {
+                        caller,
+                        id,
+                        phase: rx,
+                        task,
+                    });
+                    continue;
+                }
+            }
+            let mut phases: Vec<_> = flights.iter().map(|f| f.phase.clone()).collect();
+            let Some(front) = flights.front_mut() else {
                 engine.wake.notified().await;
                 continue;
             };
-            let again = self.run_job(&id).await;
+            // Any job's next phase may let the next job start.
+            let changed = futures_util::future::select_all(phases.iter_mut().map(|p| {
+                Box::pin(async move {
+                    // A phase that can no longer change wakes nothing.
+                    if p.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                })
+            }));
+            let ended = tokio::select! {
+                r = &mut front.task => Some(r),
+                _ = changed => None,
+                _ = engine.wake.notified() => None,
+            };
+            let Some(ended) = ended else { continue };
+            let Some(done) = flights.pop_front() else {
+                continue;
+            };
+            let again = ended.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            let mut back = Vec::new();
+            if again {
+                // The job after it was sent back with it (or runs to its end first):
+                // both go back to the head of the queue in their order.
+                back.push((done.caller, done.id.clone()));
+                while let Some(f) = flights.pop_front() {
+                    let a = f
+                        .task
+                        .await
+                        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                    lock(&engine.sched).left(&f.id);
+                    if a {
+                        back.push((f.caller, f.id));
+                    }
+                }
+            }
             {
                 let mut s = lock(&engine.sched);
-                s.running = None;
-                if again {
-                    s.queue.push_front(&caller, &id);
+                s.left(&done.id);
+                for (caller, id) in back.iter().rev() {
+                    s.queue.push_front(caller, id);
                 }
             }
             engine.idle.notify_waiters();
@@ -1226,13 +1354,33 @@ impl JobService {
     }
 
     /// Runs one job at the agent; true when it goes back to the head of its lane.
-    async fn run_job(&self, id: &str) -> bool {
+    /// `prev` is the phase of the job sent to the agent before it, if that one is
+    /// still there; `phase` says this one's.
+    async fn run_job(
+        &self,
+        id: &str,
+        prev: Option<watch::Receiver<Phase>>,
+        gate: Arc<Gate>,
+        phase: watch::Sender<Phase>,
+    ) -> bool {
         let span = tracing::info_span!("job", job = %id);
-        self.run_job_here(id).instrument(span).await
+        let phase = Arc::new(phase);
+        let again = self
+            .run_job_here(id, prev, gate, &phase)
+            .instrument(span)
+            .await;
+        phase.send_replace(Phase::Ended { again });
+        again
     }
 
     /// [`Self::run_job`], inside the job's span.
-    async fn run_job_here(&self, id: &str) -> bool {
+    async fn run_job_here(
+        &self,
+        id: &str,
+        prev: Option<watch::Receiver<Phase>>,
+        gate: Arc<Gate>,
+        phase: &Arc<watch::Sender<Phase>>,
+    ) -> bool {
         let engine = self.engine();
         let store = &engine.store;
         let row = match store.get(id) {
@@ -1243,11 +1391,16 @@ impl JobService {
                 return false;
             }
         };
-        let attempt = match store.running(id) {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::error!(job = id, error = %e, "the job cannot be marked running");
-                return false;
+        // A job held behind another is marked running once it is released.
+        let attempt = if gate.is_held() {
+            row.attempts + 1
+        } else {
+            match store.running(id) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!(job = id, error = %e, "the job cannot be marked running");
+                    return false;
+                }
             }
         };
         let span = tracing::info_span!("attempt", profile = %row.profile, attempt);
@@ -1282,14 +1435,26 @@ impl JobService {
             let file = tokio::fs::File::open(store.input_path(id))
                 .await
                 .map_err(|e| ErrorBody::from(JobError::internal(id, "opening the spooled input", &e)))?;
-            let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+            let body = Body::from_stream(upload(
+                file,
+                row.input_bytes,
+                prev.clone(),
+                Arc::clone(&gate),
+                Arc::clone(phase),
+                Arc::clone(&engine.draining),
+            ));
             let path = match row.kind {
                 Kind::Sign => AGENT_SIGN_PATH,
                 Kind::Batch => AGENT_BATCH_PATH,
             };
-            let resp = self
-                .agent.relay_to(id, path, &row.agent_query, &row.content_type, body, row.input_bytes)
-                .await?;
+            let resp = tokio::select! {
+                r = self.agent.relay_to(id, path, &row.agent_query, &row.content_type, body, row.input_bytes) => r?,
+                _ = gate.wait_sent_back() => {
+                    return Err(ErrorBody::new(ErrorCode::AgentUnavailable, "sent back to the queue").retryable(true))
+                }
+            };
+            // Signed: the job after it may reach the token.
+            phase.send_replace(Phase::Answered);
             let ct = resp
                 .headers()
                 .get(header::CONTENT_TYPE)
@@ -1318,7 +1483,29 @@ impl JobService {
             }
         };
         let (token_serial, cert) = facts;
-        let ms = started.elapsed().as_millis() as u64;
+        // The job before it ends first, so jobs end (and are audited) in the queue's order.
+        if let Some(mut p) = prev {
+            let _ = p.wait_for(|p| matches!(p, Phase::Ended { .. })).await;
+        }
+        if gate.sent_back() {
+            // Called back before it reached the agent whole (the agent drops the upload
+            // unsigned): cancelled, or the job before it went back to the queue, or the
+            // host shuts down; then it goes back to the head of its lane (behind that one).
+            store.remove_spooled(&out_path);
+            if matches!(store.get(id), Ok(Some(r)) if r.state.is_final()) {
+                tracing::info!(job = id, "cancelled before it reached the agent whole");
+                return false;
+            }
+            tracing::info!(
+                job = id,
+                "not sent whole to the agent; the job goes back to the head of its queue"
+            );
+            if let Err(err) = store.requeue(id) {
+                tracing::error!(job = id, error = %err, "the job cannot be queued again");
+            }
+            return true;
+        }
+        let ms = gate.since(started).elapsed().as_millis() as u64;
         // The timeline counts an outage from the first contact that failed.
         match &answer {
             Err(e) if e.code == ErrorCode::AgentUnavailable => {
@@ -1398,6 +1585,232 @@ impl JobService {
     }
 }
 
+/// How many jobs the worker has at the agent at once that it has not answered yet:
+/// the one at the token and the next, whose input is sent meanwhile.
+const UNANSWERED: usize = 2;
+/// How many jobs the worker has at the agent at once in all: those not answered yet,
+/// and those whose answer (the signed file) is still being spooled.
+const AT_AGENT: usize = 4;
+/// The longest the last byte of a job's input waits for the job before it to be
+/// answered. By then that one is at the agent's job lock (its input was sent whole
+/// before this one's began), and the lock is taken in turn; the hold stays well
+/// inside the agent's `limits.idle_seconds` (60 by default).
+const HOLD_MAX: Duration = Duration::from_secs(30);
+
+/// Where a job sent to the agent is, as the worker and the job after it see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Its input is being sent.
+    Sending,
+    /// Its input was handed to the connection whole (or it never went to the agent).
+    Sent,
+    /// The agent answered with its result: the token is free for the next job.
+    Answered,
+    /// Its end is recorded; `again`: it went back to the head of its lane.
+    Ended { again: bool },
+}
+
+impl Phase {
+    fn sent(self) -> bool {
+        self != Phase::Sending
+    }
+
+    fn answered(self) -> bool {
+        matches!(self, Phase::Answered | Phase::Ended { .. })
+    }
+}
+
+/// A job the worker has at the agent.
+#[derive(Debug)]
+struct Flight {
+    caller: String,
+    id: String,
+    phase: watch::Receiver<Phase>,
+    task: tokio::task::JoinHandle<bool>,
+}
+
+/// Whether a job's last input byte went to the agent, and when.
+#[derive(Debug)]
+struct Gate {
+    /// [`Gate::HELD`], [`Gate::RELEASED`] or [`Gate::SENT_BACK`].
+    state: watch::Sender<u8>,
+    released: Mutex<Option<Instant>>,
+    /// For a held job: where it is marked running once released.
+    mark: Option<(Arc<Store>, String)>,
+}
+
+impl Gate {
+    const HELD: u8 = 0;
+    const RELEASED: u8 = 1;
+    const SENT_BACK: u8 = 2;
+
+    /// A gate that holds job `mark.1` (marked running in `mark.0` once released), or,
+    /// without `mark`, one already open.
+    fn new(mark: Option<(Arc<Store>, String)>) -> Gate {
+        let state = if mark.is_some() {
+            Self::HELD
+        } else {
+            Self::RELEASED
+        };
+        Gate {
+            state: watch::channel(state).0,
+            released: Mutex::new(None),
+            mark,
+        }
+    }
+
+    /// Moves from held to `to`; false when it was not held any more.
+    fn leave_hold(&self, to: u8) -> bool {
+        self.state.send_if_modified(|s| {
+            let held = *s == Self::HELD;
+            if held {
+                *s = to;
+            }
+            held
+        })
+    }
+
+    /// Lets the last byte go: the job is at the token next, and running.
+    fn release(&self) -> bool {
+        if !self.leave_hold(Self::RELEASED) {
+            return false;
+        }
+        *lock(&self.released) = Some(Instant::now());
+        if let Some((store, id)) = &self.mark {
+            if let Err(e) = store.running(id) {
+                tracing::error!(job = %id, error = %e, "the job cannot be marked running");
+            }
+        }
+        true
+    }
+
+    /// Calls the job back before its last byte went; false when it already went.
+    fn send_back(&self) -> bool {
+        self.leave_hold(Self::SENT_BACK)
+    }
+
+    fn is_held(&self) -> bool {
+        *self.state.borrow() == Self::HELD
+    }
+
+    fn sent_back(&self) -> bool {
+        *self.state.borrow() == Self::SENT_BACK
+    }
+
+    /// Waits until the job is sent back (it may never be).
+    async fn wait_sent_back(&self) {
+        let mut rx = self.state.subscribe();
+        let _ = rx.wait_for(|s| *s == Self::SENT_BACK).await;
+    }
+
+    /// When the job had the token's attention: its start, or the release of its last
+    /// byte when it waited for the job before it.
+    fn since(&self, started: Instant) -> Instant {
+        lock(&self.released).map_or(started, |r| r.max(started))
+    }
+}
+
+/// Waits while the job before may still be ahead of this one at the agent: true when
+/// this one goes on, false when it goes back to the queue, with that one or because
+/// the host shuts down (`draining`: the shutdown waits for the job at the token only),
+/// or was called back (cancelled) meanwhile.
+async fn hold(
+    prev: &mut watch::Receiver<Phase>,
+    draining: &std::sync::atomic::AtomicBool,
+    gate: &Gate,
+) -> bool {
+    let until = tokio::time::Instant::now() + HOLD_MAX;
+    let go_on = loop {
+        match *prev.borrow_and_update() {
+            Phase::Answered | Phase::Ended { again: false } => break true,
+            Phase::Ended { again: true } => break false,
+            Phase::Sending | Phase::Sent => {}
+        }
+        tokio::select! {
+            r = prev.changed() => if r.is_err() { break true },
+            _ = gate.wait_sent_back() => break false,
+            _ = tokio::time::sleep_until(until) => break true,
+        }
+    };
+    go_on && !draining.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// A job's spooled input as the body sent to the agent, read in [`signet_protocol::IO_BLOCK`]s.
+/// With a job before it at the agent (`prev`), its last byte waits for that one's
+/// answer ([`hold`]): the agent takes a job to its lock only once it has it whole, so
+/// this one cannot overtake it. When that one goes back to the queue instead, the
+/// gate says so and the request is dropped unfinished: the agent drops this upload
+/// unsigned. `phase` becomes
+/// [`Phase::Sent`] once the input is handed over whole.
+fn upload(
+    file: tokio::fs::File,
+    len: Option<u64>,
+    prev: Option<watch::Receiver<Phase>>,
+    gate: Arc<Gate>,
+    phase: Arc<watch::Sender<Phase>>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    let sent = move |phase: &watch::Sender<Phase>| {
+        phase.send_if_modified(|p| {
+            let was = *p == Phase::Sending;
+            if was {
+                *p = Phase::Sent;
+            }
+            was
+        });
+    };
+    if len == Some(0) {
+        sent(&phase);
+    }
+    let len = len.unwrap_or(u64::MAX);
+    let blocks = tokio_util::io::ReaderStream::with_capacity(file, signet_protocol::IO_BLOCK);
+    futures_util::stream::unfold(
+        (blocks, 0u64, prev, None::<bytes::Bytes>, false),
+        move |(mut blocks, mut n, mut prev, tail, done)| {
+            let gate = Arc::clone(&gate);
+            let phase = Arc::clone(&phase);
+            let draining = Arc::clone(&draining);
+            async move {
+                if done {
+                    return None;
+                }
+                if let Some(tail) = tail {
+                    let go_on = match prev.as_mut() {
+                        Some(p) => hold(p, &draining, &gate).await,
+                        None => true,
+                    };
+                    if go_on && gate.release() {
+                        sent(&phase);
+                        return Some((Ok(tail), (blocks, n, None, None, false)));
+                    }
+                    // The job's relay is dropped (and the agent drops the upload).
+                    gate.send_back();
+                    std::future::pending::<()>().await;
+                    return None;
+                }
+                match blocks.next().await {
+                    None => {
+                        sent(&phase);
+                        None
+                    }
+                    Some(Err(e)) => Some((Err(e), (blocks, n, None, None, true))),
+                    Some(Ok(mut chunk)) => {
+                        n += chunk.len() as u64;
+                        if n >= len {
+                            if prev.is_some() && gate.is_held() && !chunk.is_empty() {
+                                let last = chunk.split_off(chunk.len() - 1);
+                                return Some((Ok(chunk), (blocks, n, prev, Some(last), false)));
+                            }
+                            sent(&phase);
+                        }
+                        Some((Ok(chunk), (blocks, n, prev, None, false)))
+                    }
+                }
+            }
+        },
+    )
+}
+
 enum Spool {
     Full,
     Stopped,
@@ -1413,7 +1826,11 @@ async fn spool(
     body: Body,
     reserved: &mut u64,
 ) -> Result<(String, u64), Spool> {
-    let mut file = tokio::fs::File::create(path).await.map_err(Spool::Disk)?;
+    // tokio's file writes each cost a trip to the blocking pool: write big blocks.
+    let mut file = tokio::io::BufWriter::with_capacity(
+        signet_protocol::IO_BLOCK,
+        tokio::fs::File::create(path).await.map_err(Spool::Disk)?,
+    );
     let mut hash = Sha256::new();
     let mut n = 0u64;
     let mut stream = body.into_data_stream();
@@ -1431,7 +1848,8 @@ async fn spool(
         file.write_all(&chunk).await.map_err(Spool::Disk)?;
         n += len;
     }
-    file.sync_all().await.map_err(Spool::Disk)?;
+    file.flush().await.map_err(Spool::Disk)?;
+    file.get_ref().sync_all().await.map_err(Spool::Disk)?;
     if let Some(dir) = path.parent() {
         store::sync_dir(dir).map_err(Spool::Disk)?;
     }
@@ -1447,7 +1865,10 @@ enum Saved {
 
 /// Streams the agent's answer to `path` (fsync'd), hashing as it goes.
 async fn save(mut body: hyper::body::Incoming, path: &Path) -> Result<(String, u64), Saved> {
-    let mut file = tokio::fs::File::create(path).await.map_err(Saved::Disk)?;
+    let mut file = tokio::io::BufWriter::with_capacity(
+        signet_protocol::IO_BLOCK,
+        tokio::fs::File::create(path).await.map_err(Saved::Disk)?,
+    );
     let mut hash = Sha256::new();
     let mut n = 0u64;
     while let Some(frame) = body.frame().await {
@@ -1458,7 +1879,8 @@ async fn save(mut body: hyper::body::Incoming, path: &Path) -> Result<(String, u
             n += data.len() as u64;
         }
     }
-    file.sync_all().await.map_err(Saved::Disk)?;
+    file.flush().await.map_err(Saved::Disk)?;
+    file.get_ref().sync_all().await.map_err(Saved::Disk)?;
     if let Some(dir) = path.parent() {
         store::sync_dir(dir).map_err(Saved::Disk)?;
     }

@@ -330,7 +330,6 @@ async fn job(
             id,
             caller: _,
             result,
-            slot,
             pkcs7,
         } => {
             let mut resp = render_result(daemon, &id, result).map_err(|e| (e, Some(id.clone())))?;
@@ -340,7 +339,7 @@ async fn job(
                     HeaderValue::from_static("application/pkcs7-signature"),
                 );
             }
-            Ok(hold_until_sent(resp, slot))
+            Ok(resp)
         }
     }
 }
@@ -363,7 +362,7 @@ fn render_result(
     result: Result<Delivery, JobError>,
 ) -> Result<Response, ErrorBody> {
     let d = result?;
-    let stream = tokio_util::io::ReaderStream::new(d.file);
+    let stream = tokio_util::io::ReaderStream::with_capacity(d.file, signet_protocol::IO_BLOCK);
     let mut resp = match d.kind {
         Kind::Batch => {
             let Ok(boundary) = multer::parse_boundary(&d.content_type) else {
@@ -601,14 +600,4 @@ where
             }
         },
     )
-}
-
-/// Keeps the caller's job slot until the answer has been streamed out.
-fn hold_until_sent(resp: Response, slot: crate::core::policy::Slot) -> Response {
-    let (parts, body) = resp.into_parts();
-    let stream = body.into_data_stream().map(move |chunk| {
-        let _slot = &slot;
-        chunk
-    });
-    Response::from_parts(parts, Body::from_stream(stream))
 }
