@@ -996,7 +996,8 @@ formats = ["msi", "pe", "msi"]
         assert!(err.contains("at most 8"), "{err}");
         let err = parse("agent = \"unix:/a\"\n[profiles.r]\nformats = []").unwrap_err();
         assert!(
-            err.contains("key profiles.r.formats") && err.contains("pe, msi, cab, cat, powershell"),
+            err.contains("key profiles.r.formats")
+                && err.contains("pe, msi, cab, cat, powershell, appx"),
             "{err}"
         );
         let err = parse("agent = \"unix:/a\"\n[profiles.r]\nformats = [\"exe\"]").unwrap_err();
