@@ -521,18 +521,14 @@ pub fn zip_facts<S: Source + ?Sized>(src: &S, len: u64) -> Result<ZipFacts, Chec
             ));
         }
         if u64le(&rec, 24) != u64le(&rec, 32) || le32(&rec, 16) != le32(&rec, 20) {
-            return damaged(format!(
-                "the ZIP64 end record describes an archive split over several disks, which APPX packages never are"
-            ));
+            return damaged("the ZIP64 end record describes an archive split over several disks, which APPX packages never are".to_owned());
         }
         count = u64le(&rec, 32);
         cd_size = u64le(&rec, 40);
         cd_at = u64le(&rec, 48);
         cd_end_limit = rec_at;
     } else if le16(&end, 4) != 0 || le16(&end, 6) != 0 || le16(&end, 8) != le16(&end, 10) {
-        return damaged(format!(
-            "the ZIP end record describes an archive split over several disks, which APPX packages never are"
-        ));
+        return damaged("the ZIP end record describes an archive split over several disks, which APPX packages never are".to_owned());
     }
     let cd_end = cd_at.saturating_add(cd_size);
     if cd_end > cd_end_limit {
@@ -685,9 +681,7 @@ fn no_end_record<S: Source + ?Sized>(src: &S, len: u64) -> Result<String, CheckE
             "the ZIP archive ends in a {}-byte comment after its end record, which APPX packages never have and osslsigncode cannot read: {REMAKE} without the comment",
             le16(&tail, i + 20)
         ),
-        None => format!(
-            "the ZIP archive has no end of central directory record in its last bytes: it was cut short"
-        ),
+        None => "the ZIP archive has no end of central directory record in its last bytes: it was cut short".to_owned(),
     })
 }
 

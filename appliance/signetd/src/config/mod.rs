@@ -974,7 +974,7 @@ formats = ["msi", "pe", "msi"]
         assert!(!p.page_hashes && !p.nested && p.timestamp.is_empty());
         assert!(p.allowed_formats().is_empty(), "absent: every format");
         let all = parse(
-            "agent = \"unix:/a\"\n[profiles.a]\nformats = [\"pe\", \"msi\", \"cab\", \"cat\", \"powershell\"]\n",
+            "agent = \"unix:/a\"\n[profiles.a]\nformats = [\"pe\", \"msi\", \"cab\", \"cat\", \"powershell\", \"appx\"]\n",
         )
         .unwrap();
         assert!(all.profiles["a"].allowed_formats().is_empty());
