@@ -1270,6 +1270,19 @@ mod tests {
         many[n - 14..n - 12].copy_from_slice(&900u16.to_le_bytes());
         let m = damage(&many);
         assert!(m.contains("counts 900 entries"), "{m}");
+        // ZIP64 marks without the ZIP64 records.
+        let mut marked = p.clone();
+        let n = marked.len();
+        marked[n - 6..n - 2].copy_from_slice(&u32::MAX.to_le_bytes());
+        let m = damage(&marked);
+        assert!(
+            m.contains("the archive is ZIP64, and there is no ZIP64 locator at byte"),
+            "{m}"
+        );
+        // The structure check reads the same.
+        let len = p.len() as u64;
+        assert!(structure::check(&p[..], len, Format::Appx).is_ok());
+        assert!(structure::check(&marked[..], len, Format::Appx).is_err());
         // Parts signing needs.
         let no_map = zip(
             &[
