@@ -1,5 +1,5 @@
 //! The native backend (`[signer] backend = "native"`) through the whole path, as
-//! `formats` does it with osslsigncode: PE, MSI, CAB and PowerShell files, page hashes,
+//! `formats` does it with osslsigncode: PE, MSI, CAB, PowerShell and APPX/MSIX files, page hashes,
 //! nested signatures and digest mode, each verified with `osslsigncode verify`; and,
 //! through OpenSC's PKCS#11 logger, the token sees one signature operation per
 //! signature and no
