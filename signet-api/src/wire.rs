@@ -299,16 +299,19 @@ pub enum Format {
     Cat,
     /// PowerShell script, module, manifest or XML file.
     PowerShell,
+    /// APPX/MSIX package or bundle (.appx, .msix, .appxbundle, .msixbundle).
+    Appx,
 }
 
 impl Format {
     /// Every format, in the order they are listed to people.
-    pub const ALL: [Format; 5] = [
+    pub const ALL: [Format; 6] = [
         Format::Pe,
         Format::Msi,
         Format::Cab,
         Format::Cat,
         Format::PowerShell,
+        Format::Appx,
     ];
 
     /// The name used in configuration files and on the wire (`pe`, `msi`, ...).
@@ -319,6 +322,7 @@ impl Format {
             Format::Cab => "cab",
             Format::Cat => "cat",
             Format::PowerShell => "powershell",
+            Format::Appx => "appx",
         }
     }
 }
@@ -331,6 +335,7 @@ impl std::fmt::Display for Format {
             Format::Cab => "CAB (cabinet archive)",
             Format::Cat => "CAT (security catalog)",
             Format::PowerShell => "PowerShell script",
+            Format::Appx => "APPX/MSIX (package or bundle)",
         })
     }
 }
@@ -709,6 +714,8 @@ pub mod osslsigncode {
     pub const WHOLE_FILE: Version = (2, 5);
     /// PowerShell scripts in the signing VM: 2.8 added signing them.
     pub const POWERSHELL: Version = (2, 8);
+    /// APPX/MSIX packages and bundles in the signing VM: 2.7 added signing them.
+    pub const APPX: Version = (2, 7);
     /// Digest mode: `extract-data` in the build VM (2.8 added it, and `sign` of its
     /// blob, which the signing VM then runs), `attach-signature` there too.
     pub const DIGEST: Version = (2, 8);

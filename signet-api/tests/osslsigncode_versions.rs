@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use signet_api::wire::osslsigncode::{shown, DIGEST, POWERSHELL, WHOLE_FILE};
+use signet_api::wire::osslsigncode::{shown, APPX, DIGEST, POWERSHELL, WHOLE_FILE};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -27,6 +27,7 @@ fn the_readme_table_states_the_versions_the_code_holds() {
     for (mode, version) in [
         ("| whole files: PE, MSI, CAB, CAT |", WHOLE_FILE),
         ("| PowerShell scripts |", POWERSHELL),
+        ("| APPX/MSIX packages and bundles |", APPX),
         ("| digest mode (`signet sign --digest`) |", DIGEST),
     ] {
         let row = section
@@ -45,7 +46,12 @@ fn the_readme_table_states_the_versions_the_code_holds() {
 /// agent's and client's sources names a version the code holds.
 #[test]
 fn every_stated_requirement_is_one_the_code_holds() {
-    let known = [shown(WHOLE_FILE), shown(POWERSHELL), shown(DIGEST)];
+    let known = [
+        shown(WHOLE_FILE),
+        shown(POWERSHELL),
+        shown(APPX),
+        shown(DIGEST),
+    ];
     let mut files = vec![
         root().join("README.md"),
         root().join("ARCHITECTURE.md"),

@@ -8,6 +8,9 @@
 //! - CAB: `MSCF` with the cabinet format version 1.3;
 //! - CAT: a DER PKCS#7 signed-data structure whose content is a Microsoft certificate
 //!   trust list (OID 1.3.6.1.4.1.311.10.1), as `makecat` writes security catalogs;
+//! - APPX/MSIX packages and bundles: a ZIP archive whose central directory names
+//!   `AppxManifest.xml` (a package) or `AppxMetadata/AppxBundleManifest.xml` (a
+//!   bundle), read from the end record back, never whole;
 //! - PowerShell scripts: text (UTF-8, UTF-8 with BOM, UTF-16LE with BOM) *and* a
 //!   PowerShell extension in the file's name. Text says nothing about its language, and
 //!   osslsigncode picks the comment style of the signature block from the extension,
@@ -68,7 +71,7 @@ pub enum FormatError {
 }
 
 fn supported() -> String {
-    "Windows PE files (EXE, DLL, SYS), MSI packages, CAB archives, security catalogs (CAT) and PowerShell scripts".to_owned()
+    "Windows PE files (EXE, DLL, SYS), MSI packages, CAB archives, security catalogs (CAT), PowerShell scripts and APPX/MSIX packages and bundles".to_owned()
 }
 
 fn name_note(name: &Option<String>) -> String {
@@ -157,6 +160,8 @@ pub fn detect<S: Source + ?Sized>(
         compound_file(src, &head)?
     } else if head.starts_with(b"MSCF") {
         cab(&head)?
+    } else if head.starts_with(ZIP_MAGIC) {
+        return appx(src);
     } else if let Some(found) = pkcs7(&head) {
         found?
     } else if let Some(text) = text(&head, whole) {
@@ -167,10 +172,7 @@ pub fn detect<S: Source + ?Sized>(
     let len = src
         .size()
         .map_err(|e| FormatError::Unreadable(e.to_string()))?;
-    structure::check(src, len, format).map_err(|e| match e {
-        structure::CheckError::Damaged(damage) => FormatError::Damaged { format, damage },
-        structure::CheckError::Io(e) => FormatError::Unreadable(e.to_string()),
-    })?;
+    structure::check(src, len, format).map_err(damaged_as(format))?;
     Ok(Detected {
         format,
         extension: extension(format),
@@ -186,7 +188,43 @@ fn extension(format: Format) -> &'static str {
         Format::Cab => "cab",
         Format::Cat => "cat",
         Format::PowerShell => "ps1",
+        Format::Appx => "appx",
     }
+}
+
+/// A ZIP archive's first local header.
+const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
+
+fn damaged_as(format: Format) -> impl Fn(structure::CheckError) -> FormatError {
+    move |e| match e {
+        structure::CheckError::Damaged(damage) => FormatError::Damaged { format, damage },
+        structure::CheckError::Io(e) => FormatError::Unreadable(e.to_string()),
+    }
+}
+
+/// A ZIP archive: an APPX/MSIX package or bundle when its central directory names a
+/// manifest. A ZIP whose directory cannot be read is taken for a damaged package.
+fn appx<S: Source + ?Sized>(src: &S) -> Result<Detected, FormatError> {
+    let len = src
+        .size()
+        .map_err(|e| FormatError::Unreadable(e.to_string()))?;
+    let facts = structure::zip_facts(src, len).map_err(damaged_as(Format::Appx))?;
+    if !facts.is_appx() {
+        return Err(unsupported(format!(
+            "a ZIP archive without {} or {}, so not an APPX/MSIX package or bundle (NuGet packages, JAR files and Office documents are ZIP archives too)",
+            structure::APPX_MANIFEST,
+            structure::BUNDLE_MANIFEST
+        )));
+    }
+    structure::appx_parts(&facts).map_err(damaged_as(Format::Appx))?;
+    Ok(Detected {
+        format: Format::Appx,
+        extension: if facts.bundle_manifest {
+            "appxbundle"
+        } else {
+            "appx"
+        },
+    })
 }
 
 /// DER of the `SpcIndirectDataContent` OID (1.3.6.1.4.1.311.2.1.4), which every
@@ -203,6 +241,10 @@ const SPC_SIPINFO: u8 = 30;
 const SIP_MSI: [u8; 16] = *b"\xf1\x10\x0c\x00\x00\x00\x00\x00\xc0\x00\x00\x00\x00\x00\x00\x46";
 const SIP_POWERSHELL: [u8; 16] =
     *b"\x1f\xcc\x3b\x60\x59\x4b\x08\x4e\xb7\x24\xd2\xc6\x29\x7e\xf3\x51";
+/// ... of APPX/MSIX packages and of bundles, as osslsigncode writes them.
+const SIP_APPX: [u8; 16] = *b"\x4b\xdf\xc5\x0a\x07\xce\xe2\x4d\xb7\x6e\x23\xc8\x39\xa0\x9f\xd1";
+const SIP_APPX_BUNDLE: [u8; 16] =
+    *b"\xb3\x58\x5f\x0f\xde\xaa\x9a\x4b\xa4\x34\x95\x74\x2d\x92\xec\xeb";
 
 /// Checks that `head` is an Authenticode data blob (digest mode's input): a DER
 /// PKCS#7 structure carrying `SpcIndirectDataContent`. Answers the kind of file it
@@ -230,13 +272,15 @@ pub fn detect_digest_blob(head: &[u8]) -> Result<Option<Format>, FormatError> {
         SPC_PE_IMAGE_DATA => Some(Format::Pe),
         SPC_CAB_DATA => Some(Format::Cab),
         SPC_SIPINFO => {
-            let sip = after
-                .windows(16)
-                .take(32)
-                .find(|w| *w == SIP_MSI || *w == SIP_POWERSHELL);
+            let sip = after.windows(16).take(32).find(|w| {
+                [SIP_MSI, SIP_POWERSHELL, SIP_APPX, SIP_APPX_BUNDLE]
+                    .iter()
+                    .any(|s| w == s)
+            });
             match sip {
                 Some(w) if w == SIP_MSI => Some(Format::Msi),
-                Some(_) => Some(Format::PowerShell),
+                Some(w) if w == SIP_POWERSHELL => Some(Format::PowerShell),
+                Some(_) => Some(Format::Appx),
                 None => None,
             }
         }
@@ -606,10 +650,7 @@ fn script(text: Text, filename: Option<&str>) -> Result<Detected, FormatError> {
 /// Names what the bytes look like, for the refusal message.
 fn describe(head: &[u8]) -> &'static str {
     const KNOWN: &[(&[u8], &str)] = &[
-        (
-            b"PK\x03\x04",
-            "a ZIP archive, such as APPX/MSIX, NuGet or JAR",
-        ),
+        (b"PK\x05\x06", "an empty ZIP archive"),
         (b"\x7fELF", "a Linux ELF binary"),
         (b"\xcf\xfa\xed\xfe", "a macOS Mach-O binary"),
         (
@@ -1005,7 +1046,7 @@ mod tests {
             ),
             (pe(0x80, 512, 0x107), "magic 0x0107"),
             (b"\x7fELF\x02\x01\x01".to_vec(), "ELF"),
-            (b"PK\x03\x04rest".to_vec(), "ZIP"),
+            (b"PK\x05\x06".to_vec(), "empty ZIP"),
             (vec![0xff, 0xfe, 0x00, 0xd8], "unrecognised"),
             (vec![0x00, 0x01, 0x02], "unrecognised"),
         ];
@@ -1044,6 +1085,237 @@ mod tests {
         assert!(err.to_string().contains("cbCabinet"), "{err}");
     }
 
+    /// A ZIP archive of stored `entries` as the packaging tools write one; `zip64`
+    /// adds the ZIP64 record and locator and marks the end record's fields.
+    fn zip(entries: &[(&str, &[u8])], zip64: bool) -> Vec<u8> {
+        let mut v = Vec::new();
+        let mut cd = Vec::new();
+        for (name, data) in entries {
+            let at = v.len() as u32;
+            v.extend(b"PK\x03\x04");
+            v.extend([20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            v.extend((data.len() as u32).to_le_bytes());
+            v.extend((data.len() as u32).to_le_bytes());
+            v.extend((name.len() as u16).to_le_bytes());
+            v.extend([0, 0]);
+            v.extend(name.as_bytes());
+            v.extend(*data);
+            cd.extend(b"PK\x01\x02");
+            cd.extend([20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            cd.extend((data.len() as u32).to_le_bytes());
+            cd.extend((data.len() as u32).to_le_bytes());
+            cd.extend((name.len() as u16).to_le_bytes());
+            cd.extend([0u8; 12]);
+            cd.extend(at.to_le_bytes());
+            cd.extend(name.as_bytes());
+        }
+        let (cd_at, cd_len, n) = (v.len() as u64, cd.len() as u64, entries.len() as u64);
+        v.extend(cd);
+        if zip64 {
+            let rec_at = v.len() as u64;
+            v.extend(b"PK\x06\x06");
+            v.extend(44u64.to_le_bytes());
+            v.extend([45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            for x in [n, n, cd_len, cd_at] {
+                v.extend(x.to_le_bytes());
+            }
+            v.extend(b"PK\x06\x07");
+            v.extend(0u32.to_le_bytes());
+            v.extend(rec_at.to_le_bytes());
+            v.extend(1u32.to_le_bytes());
+        }
+        v.extend(b"PK\x05\x06");
+        v.extend([0, 0, 0, 0]);
+        let (n16, size32, at32) = if zip64 {
+            (0xffff, 0xffff_ffff, 0xffff_ffff)
+        } else {
+            (n as u16, cd_len as u32, cd_at as u32)
+        };
+        v.extend(n16.to_le_bytes());
+        v.extend(n16.to_le_bytes());
+        v.extend(size32.to_le_bytes());
+        v.extend(at32.to_le_bytes());
+        v.extend([0, 0]);
+        v
+    }
+
+    const PAYLOAD: &[u8] = b"MZ payload of the package";
+
+    fn package(manifest: &str) -> Vec<u8> {
+        zip(
+            &[
+                ("app.exe", PAYLOAD),
+                (manifest, b"<Package/>"),
+                ("AppxBlockMap.xml", b"<BlockMap/>"),
+                ("[Content_Types].xml", b"<Types></Types>"),
+            ],
+            false,
+        )
+    }
+
+    fn damage(bytes: &[u8]) -> String {
+        match detect(bytes, Some("x.appx")) {
+            Err(FormatError::Damaged {
+                format: Format::Appx,
+                damage,
+            }) => damage.0,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn appx_packages_and_bundles_are_zips_with_a_manifest() {
+        let p = package("AppxManifest.xml");
+        let d = detect(&p[..], Some("setup.exe")).unwrap();
+        assert_eq!((d.format, d.extension), (Format::Appx, "appx"));
+        let b = package("AppxMetadata/AppxBundleManifest.xml");
+        let d = detect(&b[..], None).unwrap();
+        assert_eq!((d.format, d.extension), (Format::Appx, "appxbundle"));
+        let big = zip(
+            &[
+                ("AppxManifest.xml", b"<Package/>"),
+                ("AppxBlockMap.xml", b"<BlockMap/>"),
+                ("[Content_Types].xml", b"<Types></Types>"),
+            ],
+            true,
+        );
+        assert_eq!(detect_bytes(&big, None), Ok(Format::Appx), "ZIP64");
+        // Many entries: the directory is read in pieces.
+        let names: Vec<String> = (0..3000)
+            .map(|i| format!("Assets/file{i:05}.png"))
+            .collect();
+        let mut entries: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), PAYLOAD)).collect();
+        entries.extend([
+            ("AppxManifest.xml", b"<Package/>".as_slice()),
+            ("AppxBlockMap.xml", b"<BlockMap/>"),
+            ("[Content_Types].xml", b"<Types></Types>"),
+        ]);
+        assert_eq!(detect_bytes(&zip(&entries, false), None), Ok(Format::Appx));
+    }
+
+    #[test]
+    fn a_zip_without_a_manifest_is_not_an_appx() {
+        let jar = zip(
+            &[("META-INF/MANIFEST.MF", b"Manifest-Version: 1.0\n")],
+            false,
+        );
+        let err = detect_bytes(&jar, Some("a.appx")).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, FormatError::Unsupported { .. }), "{err:?}");
+        assert!(
+            msg.contains(
+                "a ZIP archive without AppxManifest.xml or AppxMetadata/AppxBundleManifest.xml"
+            ) && msg.contains("Signet signs")
+                && msg.contains("APPX/MSIX"),
+            "{msg}"
+        );
+        // A manifest in a folder is not the package's manifest.
+        let nested = package("sub/AppxManifest.xml");
+        assert!(matches!(
+            detect_bytes(&nested, None),
+            Err(FormatError::Unsupported { .. })
+        ));
+    }
+
+    #[test]
+    fn damaged_appx_packages_say_what_is_wrong() {
+        let p = package("AppxManifest.xml");
+        for cut in [p.len() - 1, p.len() - 30, p.len() / 2, 25] {
+            let m = damage(&p[..cut]);
+            assert!(
+                m.contains("no end of central directory record"),
+                "{cut}: {m}"
+            );
+        }
+        let msg = detect(&p[..10], None).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("this APPX/MSIX (package or bundle) file is damaged or cut short: the file is 10 bytes, shorter than a ZIP archive's end record"),
+            "{msg}"
+        );
+        // A directory said to lie past where the end record starts.
+        let mut far = p.clone();
+        let n = far.len();
+        far[n - 6..n - 2].copy_from_slice(&(n as u32).to_le_bytes());
+        let m = damage(&far);
+        assert!(
+            m.contains("ends at byte") && m.contains("past where the end record starts"),
+            "{m}"
+        );
+        // A comment after the end record.
+        let mut commented = p.clone();
+        let n = commented.len();
+        commented[n - 2..].copy_from_slice(&5u16.to_le_bytes());
+        commented.extend(b"hello");
+        let m = damage(&commented);
+        assert!(m.contains("ends in a 5-byte comment"), "{m}");
+        // An entry whose local header is not where the directory says.
+        let mut moved = p.clone();
+        let cd = moved.windows(4).position(|w| w == b"PK\x01\x02").unwrap();
+        moved[cd + 42..cd + 46].copy_from_slice(&5u32.to_le_bytes());
+        let m = damage(&moved);
+        assert!(
+            m.contains("puts \"app.exe\" at byte 5, where there is no local header"),
+            "{m}"
+        );
+        // An entry whose data runs into the directory.
+        let mut long = p.clone();
+        let cd = long.windows(4).position(|w| w == b"PK\x01\x02").unwrap();
+        long[cd + 20..cd + 24].copy_from_slice(&100_000u32.to_le_bytes());
+        let m = damage(&long);
+        assert!(m.contains("the data of \"app.exe\" (100000 bytes"), "{m}");
+        // More entries than the directory has room for.
+        let mut many = p.clone();
+        let n = many.len();
+        many[n - 12..n - 10].copy_from_slice(&900u16.to_le_bytes());
+        many[n - 14..n - 12].copy_from_slice(&900u16.to_le_bytes());
+        let m = damage(&many);
+        assert!(m.contains("counts 900 entries"), "{m}");
+        // ZIP64 marks without the ZIP64 records.
+        let mut marked = p.clone();
+        let n = marked.len();
+        marked[n - 6..n - 2].copy_from_slice(&u32::MAX.to_le_bytes());
+        let m = damage(&marked);
+        assert!(
+            m.contains("the archive is ZIP64, and there is no ZIP64 locator at byte"),
+            "{m}"
+        );
+        // The structure check reads the same.
+        let len = p.len() as u64;
+        assert!(structure::check(&p[..], len, Format::Appx).is_ok());
+        assert!(structure::check(&marked[..], len, Format::Appx).is_err());
+        // Parts signing needs.
+        let no_map = zip(
+            &[
+                ("AppxManifest.xml", b"<Package/>"),
+                ("[Content_Types].xml", b"<Types></Types>"),
+            ],
+            false,
+        );
+        let m = damage(&no_map);
+        assert!(m.contains("the package has no AppxBlockMap.xml"), "{m}");
+    }
+
+    #[test]
+    fn appx_digest_blobs_are_known() {
+        let hex = |s: &str| -> Vec<u8> {
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let indirect = "300906052b0e03021a0500060a2b060104018237020104";
+        let appx = hex(&format!(
+            "3081930609{indirect}3038060a2b06010401823702011e302a0204010100000410{}",
+            "4bdfc50a07cee24db76e23c839a09fd1"
+        ));
+        assert_eq!(detect_digest_blob(&appx), Ok(Some(Format::Appx)));
+        let bundle = hex(&format!(
+            "3081930609{indirect}3038060a2b06010401823702011e302a0204010100000410{}",
+            "b3585f0fdeaa9a4ba43495742d92eceb"
+        ));
+        assert_eq!(detect_digest_blob(&bundle), Ok(Some(Format::Appx)));
+    }
+
     #[test]
     fn format_names_round_trip() {
         for f in Format::ALL {
@@ -1052,7 +1324,7 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", f.name()));
         }
         let err = "exe".parse::<Format>().unwrap_err();
-        assert!(err.contains("pe, msi, cab, cat, powershell"), "{err}");
+        assert!(err.contains("pe, msi, cab, cat, powershell, appx"), "{err}");
     }
 
     #[test]

@@ -18,7 +18,14 @@
 //!   table), and every sector the allocation table marks as used lie within the file;
 //! - CAB: the length the cabinet header declares (`cbCabinet`), its folder and file
 //!   tables, and a signature appended after the cabinet lie within the file;
-//! - CAT: the DER structure's outer length fits in the file.
+//! - CAT: the DER structure's outer length fits in the file;
+//! - APPX/MSIX (a ZIP archive): the end of central directory record is where the
+//!   packaging tools put it (the file's last 22 bytes, no comment; ZIP64's record and
+//!   locator before it), the central directory lies within the file, every entry's
+//!   local header is where the directory says and its data ends before the directory,
+//!   and the package has the parts osslsigncode and Windows read
+//!   (`[Content_Types].xml`, `AppxBlockMap.xml`, and `AppxManifest.xml` or
+//!   `AppxMetadata/AppxBundleManifest.xml`). The directory is read in bounded pieces.
 //!
 //! Bytes after the end a header declares are not a fault (a PE overlay, an installer's
 //! payload); only what a header points to and the file lacks is.
@@ -58,6 +65,7 @@ pub fn check<S: Source + ?Sized>(src: &S, len: u64, format: Format) -> Result<()
         Format::Cab => cab(src, len),
         Format::Cat => der(src, len),
         Format::PowerShell => Ok(()),
+        Format::Appx => appx(src, len).map(|_| ()),
     }
 }
 
@@ -410,6 +418,300 @@ fn der<S: Source + ?Sized>(src: &S, len: u64) -> Result<(), CheckError> {
         return damaged(format!(
             "the catalog's DER structure declares {end} bytes, and the file has only {len}"
         ));
+    }
+    Ok(())
+}
+
+/// What an APPX/MSIX package must hold, and says what it is.
+const CONTENT_TYPES: &str = "[Content_Types].xml";
+const BLOCK_MAP: &str = "AppxBlockMap.xml";
+/// A package's manifest.
+pub const APPX_MANIFEST: &str = "AppxManifest.xml";
+/// A bundle's manifest.
+pub const BUNDLE_MANIFEST: &str = "AppxMetadata/AppxBundleManifest.xml";
+
+/// The end of central directory record, its ZIP64 locator and ZIP64 record.
+const EOCD: &[u8; 4] = b"PK\x05\x06";
+const EOCD_LEN: u64 = 22;
+const ZIP64_LOCATOR: &[u8; 4] = b"PK\x06\x07";
+const ZIP64_LOCATOR_LEN: u64 = 20;
+const ZIP64_EOCD: &[u8; 4] = b"PK\x06\x06";
+const CENTRAL_ENTRY: &[u8; 4] = b"PK\x01\x02";
+const LOCAL_HEADER: &[u8; 4] = b"PK\x03\x04";
+/// How much of the central directory is read at once.
+const DIRECTORY_PIECE: usize = 64 * 1024;
+/// The fix for a package that is not whole.
+const REMAKE: &str = "make the package again (MakeAppx pack, or the build that made it)";
+
+/// What the central directory of a ZIP archive names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZipFacts {
+    /// How many entries the directory holds.
+    pub entries: u64,
+    /// It has `AppxManifest.xml` (a package).
+    pub manifest: bool,
+    /// It has `AppxMetadata/AppxBundleManifest.xml` (a bundle).
+    pub bundle_manifest: bool,
+    pub block_map: bool,
+    pub content_types: bool,
+}
+
+impl ZipFacts {
+    /// An APPX/MSIX package or bundle, by the manifest it holds.
+    pub fn is_appx(&self) -> bool {
+        self.manifest || self.bundle_manifest
+    }
+}
+
+fn u64le(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// Reads a ZIP archive's central directory, `len` bytes long, through `src`: where
+/// it is, that it and every entry's local header and data lie within the file, and
+/// the names that matter to APPX. Reads the directory in [`DIRECTORY_PIECE`] pieces
+/// and one local header per entry; no length is trusted before it is checked.
+pub fn zip_facts<S: Source + ?Sized>(src: &S, len: u64) -> Result<ZipFacts, CheckError> {
+    if len < EOCD_LEN {
+        return damaged(format!(
+            "the file is {len} bytes, shorter than a ZIP archive's end record (22 bytes): it was cut short"
+        ));
+    }
+    let end = need(
+        src,
+        len,
+        len - EOCD_LEN,
+        EOCD_LEN as usize,
+        "the ZIP end record",
+    )?;
+    if &end[..4] != EOCD {
+        return damaged(no_end_record(src, len)?);
+    }
+    let mut count = u64::from(le16(&end, 10));
+    let mut cd_size = u64::from(le32(&end, 12));
+    let mut cd_at = u64::from(le32(&end, 16));
+    let mut cd_end_limit = len - EOCD_LEN;
+    if count == 0xffff || cd_size == 0xffff_ffff || cd_at == 0xffff_ffff {
+        // ZIP64: a locator just before the end record points at the ZIP64 record.
+        if len < EOCD_LEN + ZIP64_LOCATOR_LEN {
+            return damaged(format!(
+                "the ZIP end record says the archive is ZIP64, and the file ({len} bytes) has no room for the ZIP64 locator before it"
+            ));
+        }
+        let loc_at = len - EOCD_LEN - ZIP64_LOCATOR_LEN;
+        let loc = need(
+            src,
+            len,
+            loc_at,
+            ZIP64_LOCATOR_LEN as usize,
+            "the ZIP64 locator",
+        )?;
+        if &loc[..4] != ZIP64_LOCATOR {
+            return damaged(format!(
+                "the ZIP end record says the archive is ZIP64, and there is no ZIP64 locator at byte {loc_at}"
+            ));
+        }
+        let rec_at = u64le(&loc, 8);
+        let rec = need(src, len, rec_at, 56, "the ZIP64 end record")?;
+        if &rec[..4] != ZIP64_EOCD || rec_at + 56 > loc_at {
+            return damaged(format!(
+                "the ZIP64 locator points at byte {rec_at}, where there is no ZIP64 end record"
+            ));
+        }
+        if u64le(&rec, 24) != u64le(&rec, 32) || le32(&rec, 16) != le32(&rec, 20) {
+            return damaged("the ZIP64 end record describes an archive split over several disks, which APPX packages never are".to_owned());
+        }
+        count = u64le(&rec, 32);
+        cd_size = u64le(&rec, 40);
+        cd_at = u64le(&rec, 48);
+        cd_end_limit = rec_at;
+    } else if le16(&end, 4) != 0 || le16(&end, 6) != 0 || le16(&end, 8) != le16(&end, 10) {
+        return damaged("the ZIP end record describes an archive split over several disks, which APPX packages never are".to_owned());
+    }
+    let cd_end = cd_at.saturating_add(cd_size);
+    if cd_end > cd_end_limit {
+        return damaged(format!(
+            "the ZIP central directory ({cd_size} bytes from byte {cd_at}) ends at byte {cd_end}, past where the end record starts (byte {cd_end_limit}): the file was cut short or its start is missing"
+        ));
+    }
+    // Each entry takes at least 46 bytes: a count the directory cannot hold is a lie.
+    if count.saturating_mul(46) > cd_size {
+        return damaged(format!(
+            "the ZIP end record counts {count} entries, and its central directory of {cd_size} bytes has room for {} at most",
+            cd_size / 46
+        ));
+    }
+
+    let mut facts = ZipFacts {
+        entries: count,
+        ..ZipFacts::default()
+    };
+    let mut piece: Vec<u8> = Vec::new();
+    let mut piece_at = cd_at;
+    let mut at = cd_at;
+    for n in 0..count {
+        // The fixed part of the entry, then its variable part, from the piece in hand.
+        let fixed = directory_bytes(src, len, &mut piece, &mut piece_at, at, 46, cd_end, n)?;
+        if &fixed[..4] != CENTRAL_ENTRY {
+            return damaged(format!(
+                "the ZIP central directory's entry {n} at byte {at} does not start with its signature"
+            ));
+        }
+        let method = le16(&fixed, 10);
+        let mut csize = u64::from(le32(&fixed, 20));
+        let name_len = usize::from(le16(&fixed, 28));
+        let extra_len = usize::from(le16(&fixed, 30));
+        let comment_len = usize::from(le16(&fixed, 32));
+        let mut local_at = u64::from(le32(&fixed, 42));
+        let usize_ = u64::from(le32(&fixed, 24));
+        let var = directory_bytes(
+            src,
+            len,
+            &mut piece,
+            &mut piece_at,
+            at + 46,
+            name_len + extra_len,
+            cd_end,
+            n,
+        )?;
+        let name = String::from_utf8_lossy(&var[..name_len]).into_owned();
+        // ZIP64 sizes and offset, in the order the standard gives, for the fields
+        // that are 0xffffffff.
+        let mut extra = &var[name_len..];
+        while extra.len() >= 4 {
+            let id = le16(extra, 0);
+            let size = usize::from(le16(extra, 2));
+            let body = extra.get(4..4 + size).unwrap_or(&[]);
+            if id == 1 {
+                let mut pos = 0;
+                let mut take = |field: &mut u64| {
+                    if *field == 0xffff_ffff {
+                        *field = u64le(body, pos);
+                        pos += 8;
+                    }
+                };
+                let mut uncompressed = usize_;
+                take(&mut uncompressed);
+                take(&mut csize);
+                take(&mut local_at);
+            }
+            extra = extra.get(4 + size..).unwrap_or(&[]);
+        }
+        let local = need(
+            src,
+            len,
+            local_at,
+            30,
+            &format!("the local header of {name:?}"),
+        )?;
+        if &local[..4] != LOCAL_HEADER {
+            return damaged(format!(
+                "the ZIP central directory puts {name:?} at byte {local_at}, where there is no local header"
+            ));
+        }
+        let data_at = local_at + 30 + u64::from(le16(&local, 26)) + u64::from(le16(&local, 28));
+        let data_end = data_at.saturating_add(csize);
+        if data_end > cd_at {
+            return damaged(format!(
+                "the data of {name:?} ({csize} bytes from byte {data_at}) ends at byte {data_end}, past the start of the central directory (byte {cd_at})"
+            ));
+        }
+        if !matches!(method, 0 | 8) {
+            return damaged(format!(
+                "{name:?} is compressed with ZIP method {method}; APPX packages use only stored (0) and deflated (8) entries"
+            ));
+        }
+        match name.as_str() {
+            APPX_MANIFEST => facts.manifest = true,
+            BUNDLE_MANIFEST => facts.bundle_manifest = true,
+            BLOCK_MAP => facts.block_map = true,
+            CONTENT_TYPES => facts.content_types = true,
+            _ => {}
+        }
+        at += 46 + (name_len + extra_len + comment_len) as u64;
+    }
+    Ok(facts)
+}
+
+/// `n` bytes of the central directory at `at` (entry `entry`), from the piece in hand
+/// or a new piece read there; refuses bytes past the directory's end.
+#[allow(clippy::too_many_arguments)]
+fn directory_bytes<S: Source + ?Sized>(
+    src: &S,
+    len: u64,
+    piece: &mut Vec<u8>,
+    piece_at: &mut u64,
+    at: u64,
+    n: usize,
+    cd_end: u64,
+    entry: u64,
+) -> Result<Vec<u8>, CheckError> {
+    if at.saturating_add(n as u64) > cd_end {
+        return damaged(format!(
+            "the ZIP central directory's entry {entry} runs past the directory's end (byte {cd_end})"
+        ));
+    }
+    let start = at.checked_sub(*piece_at).map(|s| s as usize);
+    if let Some(s) = start {
+        if let Some(bytes) = piece.get(s..s + n) {
+            return Ok(bytes.to_vec());
+        }
+    }
+    let want = (cd_end - at).min(DIRECTORY_PIECE.max(n) as u64) as usize;
+    *piece = need(src, len, at, want, "the ZIP central directory")?;
+    *piece_at = at;
+    Ok(piece[..n].to_vec())
+}
+
+/// Why the last 22 bytes are not the end record: a comment after it (which APPX
+/// packages never have, and osslsigncode cannot read), or no end record at all.
+fn no_end_record<S: Source + ?Sized>(src: &S, len: u64) -> Result<String, CheckError> {
+    // A comment is at most 65535 bytes: the record can only be that far back.
+    let back = len.min(EOCD_LEN + 0xffff);
+    let tail = need(src, len, len - back, back as usize, "the ZIP end record")?;
+    let found = (0..tail.len().saturating_sub(EOCD_LEN as usize - 1))
+        .rev()
+        .find(|&i| {
+            &tail[i..i + 4] == EOCD && i + 22 + usize::from(le16(&tail, i + 20)) == tail.len()
+        });
+    Ok(match found {
+        Some(i) => format!(
+            "the ZIP archive ends in a {}-byte comment after its end record, which APPX packages never have and osslsigncode cannot read: {REMAKE} without the comment",
+            le16(&tail, i + 20)
+        ),
+        None => "the ZIP archive has no end of central directory record in its last bytes: it was cut short".to_owned(),
+    })
+}
+
+/// An APPX/MSIX package or bundle: a whole ZIP archive with the parts signing reads.
+fn appx<S: Source + ?Sized>(src: &S, len: u64) -> Result<ZipFacts, CheckError> {
+    let facts = zip_facts(src, len)?;
+    appx_parts(&facts)?;
+    Ok(facts)
+}
+
+/// The parts every APPX/MSIX package or bundle has and signing reads.
+pub fn appx_parts(facts: &ZipFacts) -> Result<(), CheckError> {
+    let kind = if facts.bundle_manifest {
+        "bundle"
+    } else {
+        "package"
+    };
+    for (has, part) in [
+        (
+            facts.is_appx(),
+            "AppxManifest.xml (or, in a bundle, AppxMetadata/AppxBundleManifest.xml)",
+        ),
+        (facts.block_map, BLOCK_MAP),
+        (facts.content_types, CONTENT_TYPES),
+    ] {
+        if !has {
+            return damaged(format!(
+                "the {kind} has no {part}, which every APPX/MSIX {kind} has and signing reads; {REMAKE}"
+            ));
+        }
     }
     Ok(())
 }

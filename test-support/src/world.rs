@@ -645,6 +645,14 @@ impl World {
         p
     }
 
+    /// An unsigned APPX/MSIX package (`bundle` false) or bundle, under `name`.
+    pub fn appx(&self, name: &str, bundle: bool) -> PathBuf {
+        let p = self.path(name);
+        let kind = Path::new(if bundle { "bundle" } else { "package" });
+        fixture("make-appx.sh", &[&p, kind]);
+        p
+    }
+
     /// A file under `name` with `bytes` in it.
     pub fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let p = self.path(name);

@@ -137,7 +137,8 @@ fn what_is_not_signed_is_refused_and_named_by_client_and_appliance() {
     let root = ((dir as usize) + 1) << shift;
     doc[root + 0x50..root + 0x54].copy_from_slice(&[0x06, 0x09, 0x02, 0x00]);
     let doc = w.file("letter.doc", &doc);
-    let zip = w.file("app.msix", b"PK\x03\x04\x14\x00\x00\x00");
+    let zip = w.path("app.msix");
+    zip_of(&zip, &[("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n")]);
     for (file, want) in [
         (
             &notes,
@@ -702,4 +703,123 @@ fn digest_mode_signs_as_the_profile_says_like_the_whole_file() {
     let out = digest("nightly", &fresh);
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     assert!(stderr(&out).contains("\"nightly\""), "{}", stderr(&out));
+}
+
+#[test]
+fn appx_packages_and_bundles_are_signed_whole_and_in_digest_mode() {
+    let mut w = World::new();
+    let ep = appliance_with(
+        &mut w,
+        "default_profile = \"first\"\n[profiles.first]\nhash = \"sha256\"\n\
+         [profiles.nested]\nhash = \"sha256\"\nnested = true\n\
+         [profiles.pe_only]\nformats = [\"pe\"]\n",
+        "",
+    );
+    let package = w.appx("app.msix", false);
+    let bundle = w.appx("app.appxbundle", true);
+    for f in [&package, &bundle] {
+        assert!(!verify(&w, f).0, "{} starts unsigned", f.display());
+    }
+    let out = signet(&ep, &["sign", "--json", arg(&package), arg(&bundle)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for f in [&package, &bundle] {
+        let (ok, text) = verify(&w, f);
+        assert!(ok, "{}: {text}", f.display());
+        assert!(text.contains("Signet Demo Code Signing"), "{text}");
+        assert_eq!(signatures(&text), 1, "{text}");
+        let names: Vec<String> = zip_names(f);
+        assert_eq!(
+            names.last().map(String::as_str),
+            Some("AppxSignature.p7x"),
+            "{names:?}"
+        );
+    }
+    let log = w.log("signet-agent");
+    assert!(
+        log.contains("APPX/MSIX"),
+        "the agent logs the format: {log}"
+    );
+
+    // A package holds one signature: a nested profile signs it again in its place.
+    let out = signet(&ep, &["sign", "-p", "nested", arg(&package)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let (ok, text) = verify(&w, &package);
+    assert!(ok && signatures(&text) == 1, "{text}");
+
+    // Digest mode: osslsigncode extracts the package's data and attaches the signature.
+    let fresh = w.appx("fresh.appx", false);
+    let fresh_bundle = w.appx("fresh.msixbundle", true);
+    for f in [&fresh, &fresh_bundle] {
+        let ca = w.path("cert.pem");
+        let out = signet(&ep, &["sign", "--digest", "--ca-file", arg(&ca), arg(f)]);
+        assert_eq!(code(&out), 0, "{}: {}", f.display(), stderr(&out));
+        let (ok, text) = verify(&w, f);
+        assert!(ok, "{}: {text}", f.display());
+    }
+
+    // A profile without APPX in its formats refuses it.
+    let other = w.appx("other.appx", false);
+    let out = signet(&ep, &["sign", "-p", "pe_only", arg(&other)]);
+    assert_ne!(code(&out), 0);
+    assert!(stderr(&out).contains("APPX/MSIX"), "{}", stderr(&out));
+
+    // A ZIP that is not a package, and a package cut short, are refused by the client
+    // and the appliance alike, nothing signed.
+    let jar = w.path("lib.zip");
+    zip_of(&jar, &[("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n")]);
+    let bytes = std::fs::read(&other).unwrap();
+    let cut = w.file("cut.appx", &bytes[..bytes.len() - 40]);
+    for (f, want, http) in [
+        (&jar, "not an APPX/MSIX package", 415),
+        (&cut, "no end of central directory record", 422),
+    ] {
+        let before = std::fs::read(f).unwrap();
+        let out = signet(&ep, &["sign", arg(f)]);
+        assert_eq!(code(&out), 4, "{}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{}", stderr(&out));
+        assert_eq!(std::fs::read(f).unwrap(), before, "untouched");
+        let (status, body) = post_sign(&ep, "profile=first", before);
+        assert_eq!(status, http, "{body}");
+        assert!(body["message"].as_str().unwrap().contains(want), "{body}");
+    }
+}
+
+/// The names in a ZIP archive's central directory, in order (`python3 -m zipfile -l`).
+fn zip_names(f: &Path) -> Vec<String> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys,zipfile\nfor n in zipfile.ZipFile(sys.argv[1]).namelist(): print(n)",
+        ])
+        .arg(f)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A ZIP archive of `entries` (name, text), made with python3's zipfile.
+fn zip_of(f: &Path, entries: &[(&str, &str)]) {
+    let mut script = String::from("import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1],'w')\n");
+    for (name, text) in entries {
+        script.push_str(&format!("z.writestr({name:?},{text:?})\n"));
+    }
+    script.push_str("z.close()\n");
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .arg(f)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -1,5 +1,5 @@
 //! The native backend (`[signer] backend = "native"`) through the whole path, as
-//! `formats` does it with osslsigncode: PE, MSI, CAB, PowerShell and catalog files, page
+//! `formats` does it with osslsigncode: PE, MSI, CAB, PowerShell, APPX/MSIX and catalog files, page
 //! hashes, nested signatures, digest mode and RFC 3161 timestamps (the engine's own,
 //! from a real TSA after a dead one, whole and in digest mode), each verified with
 //! `osslsigncode verify`; and,
@@ -182,4 +182,34 @@ fn the_native_backend_signs_every_format_on_the_agents_session_one_c_sign_each()
     assert_eq!(calls(&log, "C_OpenSession"), 1, "{log}");
     let health = w.log("signet-agent");
     assert!(health.contains("signet-authenticode"), "{health}");
+}
+
+#[test]
+fn the_native_backend_signs_appx_packages_and_bundles_through_osslsigncodes_data() {
+    let mut w = World::new();
+    let pin = w.path("pin");
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+        NATIVE,
+    );
+    let ep = w
+        .start_daemon_with(
+            &[&format!("unix:{}", w.path("signetd.sock").display())],
+            &agent,
+            "default_profile = \"first\"\n[profiles.first]\nhash = \"sha256\"\n",
+        )
+        .remove(0);
+    let package = w.appx("app.msix", false);
+    let bundle = w.appx("app.msixbundle", true);
+    let out = signet(&ep, &["sign", arg(&package), arg(&bundle)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for f in [&package, &bundle] {
+        let (ok, text) = verify(&w, f);
+        assert!(ok, "{}: {text}", f.display());
+        assert!(text.contains("Signet Demo Code Signing"), "{text}");
+        assert_eq!(signatures(&text), 1, "{text}");
+    }
 }

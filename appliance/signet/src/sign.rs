@@ -94,8 +94,9 @@ pub struct SignArgs {
     )]
     reconnect_for: u64,
     /// Files to sign: Windows PE files (EXE, DLL, SYS), MSI packages, CAB archives,
-    /// security catalogs (CAT) and PowerShell scripts (.ps1, .psm1, .psd1, .ps1xml,
-    /// .psc1, .cdxml). The format is told from the content; a script's name counts too.
+    /// security catalogs (CAT), PowerShell scripts (.ps1, .psm1, .psd1, .ps1xml,
+    /// .psc1, .cdxml) and APPX/MSIX packages and bundles. The format is told from the
+    /// content; a script's name counts too.
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
 }

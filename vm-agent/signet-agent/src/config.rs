@@ -131,7 +131,7 @@ pub enum Backend {
     Osslsigncode,
     /// The built-in Authenticode engine (signet-authenticode): one signature operation
     /// on the agent's logged-in session per job. PE files and digest-mode data are
-    /// signed natively; MSI, CAB and PowerShell files through osslsigncode's
+    /// signed natively; MSI, CAB, PowerShell and APPX/MSIX files through osslsigncode's
     /// token-free `extract-data` and `attach-signature`.
     Native,
     /// The Windows SDK's signtool with the token's CSP (`signer.csp`, `signer.container`)

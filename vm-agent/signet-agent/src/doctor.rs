@@ -384,8 +384,8 @@ pub fn run(config_path: &Path) -> Report {
                 ),
             });
             checks.push(match cfg.signer.backend {
-                // The native engine runs osslsigncode's token-free steps for MSI,
-                // CAB and PowerShell files.
+                // The native engine runs osslsigncode's token-free steps for MSI, CAB,
+                // PowerShell and APPX/MSIX files.
                 crate::config::Backend::Osslsigncode | crate::config::Backend::Native => {
                     let program = &cfg.signer.osslsigncode;
                     judge_osslsigncode(program, &probe_osslsigncode(program))

@@ -46,7 +46,9 @@ pub fn admit(
 
 /// Whether digest mode's Authenticode data was made as the profile signs: with its
 /// hash, and for a PE with page hashes exactly when it asks for them. Otherwise the
-/// signature would not be the one the whole file would get.
+/// signature would not be the one the whole file would get. An APPX/MSIX package's
+/// data is hashed as its AppxBlockMap.xml says, whole or in digest mode, whatever
+/// the profile's hash: any algorithm Signet signs with is taken.
 pub fn digest_matches(
     query: &AgentSignQuery,
     kind: Option<Format>,
@@ -58,7 +60,8 @@ pub fn digest_matches(
     );
     let fix = "signet does this itself from GET /v1/profile; update it if it did not";
     let want = query.hash.as_str();
-    if blob.hash != Some(query.hash) {
+    let package = kind == Some(Format::Appx) && blob.hash.is_some();
+    if blob.hash != Some(query.hash) && !package {
         let made = blob
             .hash
             .map_or("an algorithm Signet does not sign with", |h| h.as_str());
@@ -204,6 +207,9 @@ mod tests {
             "{}",
             e.message
         );
+        // A package's block map names its hash, in both modes alike.
+        assert!(digest_matches(&q, Some(Format::Appx), blob(Some(Sha256), false)).is_ok());
+        assert!(digest_matches(&q, Some(Format::Appx), blob(None, false)).is_err());
         let e = digest_matches(&q, None, blob(None, false)).unwrap_err();
         assert!(
             e.message.contains("an algorithm Signet does not sign with"),

@@ -46,7 +46,7 @@ enum Command {
     /// present when it does not load), the tokens present, the configured token and
     /// its PIN counter, the PIN file (present, not open to group or others),
     /// osslsigncode (2.5 or later for whole files, 2.8 or later for PowerShell and digest
-    /// mode; the native backend uses it, 2.8 or later, for MSI, CAB and PowerShell files)
+    /// mode; the native backend uses it, 2.8 or later, for MSI, CAB, PowerShell and APPX/MSIX files)
     /// or signtool (signer.backend = "signtool", Windows) and the signing certificate.
     ///
     /// It never logs in to the token: no PIN try is spent, whatever state the token is

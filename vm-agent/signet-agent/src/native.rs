@@ -3,7 +3,7 @@
 //! per job and nothing else (no C_Initialize, C_OpenSession or C_Login per job).
 //!
 //! PE files are signed natively, whole (hashed and copied in constant memory), and so
-//! are security catalogs and digest mode's data. MSI, CAB and PowerShell files go
+//! are security catalogs and digest mode's data. MSI, CAB, PowerShell and APPX/MSIX files go
 //! through osslsigncode's token-free steps: `extract-data` makes the data, the engine
 //! signs it, and `attach-signature` puts the signature in. Timestamps are the engine's
 //! own: it asks the profile's RFC 3161 servers over HTTP ([`crate::tsa`]) right after
@@ -196,7 +196,7 @@ impl Native {
             .map_err(|e| SignError::Failed(format!("cannot keep the signed file: {e}")))
     }
 
-    /// MSI, CAB, PowerShell: extract-data, sign natively, attach-signature.
+    /// MSI, CAB, PowerShell, APPX/MSIX: extract-data, sign natively, attach-signature.
     async fn sign_through_blob(
         &self,
         spec: &SignSpec<'_>,
@@ -358,7 +358,7 @@ impl Signer for Native {
             features.modes = vec![SignMode::Whole, SignMode::Digest];
             Ok((
                 format!(
-                    "signet-authenticode {} (native; {line} for MSI, CAB and PowerShell files)",
+                    "signet-authenticode {} (native; {line} for MSI, CAB, PowerShell and APPX/MSIX files)",
                     env!("CARGO_PKG_VERSION")
                 ),
                 features,

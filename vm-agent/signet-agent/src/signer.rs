@@ -92,8 +92,14 @@ impl Osslsigncode {
         if spec.page_hashes && spec.format == Some(Format::Pe) {
             a.push("-ph".into());
         }
-        // osslsigncode 2.9 cannot nest in a catalog: it warns and replaces the signature.
-        if spec.nested && spec.format.is_some_and(|f| f != Format::Cat) {
+        // osslsigncode 2.9 cannot nest in a catalog or an APPX package: it warns and
+        // replaces the signature. (Nor does `-h` apply to APPX: the package's
+        // AppxBlockMap.xml names its hash, and osslsigncode signs with that.)
+        if spec.nested
+            && spec
+                .format
+                .is_some_and(|f| !matches!(f, Format::Cat | Format::Appx))
+        {
             a.push("-nest".into());
         }
         for url in spec.timestamp {
@@ -354,7 +360,18 @@ pub fn unsupported(
             "this signing VM's osslsigncode {version} cannot sign PowerShell files ({powershell} or later can): install osslsigncode {powershell} or later in the signing VM"
         ));
     }
+    if format == Some(Format::Appx) && !at_least(features, osslsigncode::APPX) {
+        let appx = osslsigncode::shown(osslsigncode::APPX);
+        return Some(format!(
+            "this signing VM's osslsigncode {version} cannot sign APPX/MSIX packages ({appx} or later can): install osslsigncode {appx} or later in the signing VM"
+        ));
+    }
     None
+}
+
+/// Whether the osslsigncode `features` describe is `want` or later.
+fn at_least(features: &SignerFeatures, want: osslsigncode::Version) -> bool {
+    parse_version(&format!("osslsigncode {}", features.version)).is_some_and(|v| v >= want)
 }
 
 /// Classifies a failed run from osslsigncode's stderr; `timestamp` are the servers
@@ -522,6 +539,12 @@ mod tests {
             unsupported(&new, SignMode::Whole, Some(Format::PowerShell)),
             None
         );
+        let msg = unsupported(&old, SignMode::Whole, Some(Format::Appx)).unwrap();
+        assert!(
+            msg.contains("osslsigncode 2.5 cannot sign APPX/MSIX") && msg.contains("2.7 or later"),
+            "{msg}"
+        );
+        assert_eq!(unsupported(&new, SignMode::Whole, Some(Format::Appx)), None);
     }
     use super::*;
 
@@ -649,16 +672,18 @@ mod tests {
                 "{format}: {j}"
             );
         }
-        // Catalogs hold one signature.
-        let j = joined(
-            &signer(None),
-            &SignSpec {
-                format: Some(Format::Cat),
-                ..full.clone()
-            },
-        );
-        assert!(!j.contains("-ph") && !j.contains("-nest"), "{j}");
-        assert!(j.contains("-ts http://tsa1.example/ -ts"), "{j}");
+        // Catalogs and APPX packages hold one signature.
+        for format in [Format::Cat, Format::Appx] {
+            let j = joined(
+                &signer(None),
+                &SignSpec {
+                    format: Some(format),
+                    ..full.clone()
+                },
+            );
+            assert!(!j.contains("-ph") && !j.contains("-nest"), "{j}");
+            assert!(j.contains("-ts http://tsa1.example/ -ts"), "{j}");
+        }
         let j = joined(&signer(None), &spec(Format::Pe));
         assert!(
             !j.contains("-ph") && !j.contains("-nest") && !j.contains("-ts"),

@@ -975,7 +975,7 @@ formats = ["msi", "pe", "msi"]
         assert!(!p.page_hashes && !p.nested && p.timestamp.is_empty());
         assert!(p.allowed_formats().is_empty(), "absent: every format");
         let all = parse(
-            "agent = \"unix:/a\"\n[profiles.a]\nformats = [\"pe\", \"msi\", \"cab\", \"cat\", \"powershell\"]\n",
+            "agent = \"unix:/a\"\n[profiles.a]\nformats = [\"pe\", \"msi\", \"cab\", \"cat\", \"powershell\", \"appx\"]\n",
         )
         .unwrap();
         assert!(all.profiles["a"].allowed_formats().is_empty());
@@ -997,7 +997,8 @@ formats = ["msi", "pe", "msi"]
         assert!(err.contains("at most 8"), "{err}");
         let err = parse("agent = \"unix:/a\"\n[profiles.r]\nformats = []").unwrap_err();
         assert!(
-            err.contains("key profiles.r.formats") && err.contains("pe, msi, cab, cat, powershell"),
+            err.contains("key profiles.r.formats")
+                && err.contains("pe, msi, cab, cat, powershell, appx"),
             "{err}"
         );
         let err = parse("agent = \"unix:/a\"\n[profiles.r]\nformats = [\"exe\"]").unwrap_err();
