@@ -1,7 +1,7 @@
 # Signet — the two entry points are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: all deps build demo test lint bench clean lab lab-test deb test-packaging
+.PHONY: all deps build demo test lint bench fuzz clean lab lab-test deb test-packaging
 
 all: build
 
@@ -35,6 +35,11 @@ bench: deps
 	@command -v curl >/dev/null && test -x /usr/bin/time || apt-get install -y -qq --no-install-recommends curl time >/dev/null
 	$(CARGO) build --release -p signetd -p signet-agent -p signet -p signet-pkcs11-delay
 	@bash scripts/bench.sh
+
+# Every reader of untrusted bytes under libFuzzer, FUZZ_SECONDS each (docs/FUZZING.md).
+FUZZ_SECONDS ?= 600
+fuzz: deps
+	@bash scripts/fuzz.sh $(FUZZ_SECONDS)
 
 # The full-system lab (docs/LAB.md): a TCG signing VM built from Debian packages with
 # signet-agent, an emulated smart card hot-plugged by signetd, guest vsock through
