@@ -703,3 +703,80 @@ fn digest_mode_signs_as_the_profile_says_like_the_whole_file() {
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     assert!(stderr(&out).contains("\"nightly\""), "{}", stderr(&out));
 }
+
+#[test]
+fn digest_mode_signs_pe_files_without_osslsigncode() {
+    let mut w = World::new();
+    let ep = appliance_with(
+        &mut w,
+        "default_profile = \"first\"\n[profiles.first]\nhash = \"sha256\"\n\
+         [profiles.second]\nhash = \"sha384\"\nnested = true\npage_hashes = true\n",
+        "",
+    );
+    let ca = w.path("cert.pem");
+    // No osslsigncode for the client: PE files are extracted and attached natively.
+    let none = w.path("no-osslsigncode");
+    let digest = |profile: &str, file: &Path| {
+        signet(
+            &ep,
+            &[
+                "sign",
+                "--digest",
+                "--osslsigncode",
+                arg(&none),
+                "--ca-file",
+                arg(&ca),
+                "-p",
+                profile,
+                arg(file),
+            ],
+        )
+    };
+    let exe = w.pe("app.exe");
+    let out = digest("first", &exe);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let (ok, text) = verify(&w, &exe);
+    assert!(ok && signatures(&text) == 1, "{text}");
+    // Nested beside it, with page hashes.
+    let out = digest("second", &exe);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let (ok, text) = verify(&w, &exe);
+    assert!(
+        ok && signatures(&text) == 2
+            && text.contains("Message digest algorithm  : SHA384")
+            && text.contains("Calculated page hash"),
+        "{text}"
+    );
+    // Without --ca-file: signed, with the warning that the chain was not verified here.
+    let fresh = w.pe("fresh.exe");
+    let out = signet(
+        &ep,
+        &[
+            "sign",
+            "--json",
+            "--digest",
+            "--osslsigncode",
+            arg(&none),
+            arg(&fresh),
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("not verified here") && w.contains("--ca-file")),
+        "{report}"
+    );
+    assert!(verify(&w, &fresh).0);
+
+    // Other formats still need osslsigncode, and say so.
+    let msi = w.msi("setup.msi");
+    let out = digest("first", &msi);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("needs osslsigncode 2.8 or later"),
+        "{}",
+        stderr(&out)
+    );
+}
