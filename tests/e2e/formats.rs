@@ -780,3 +780,57 @@ fn digest_mode_signs_pe_files_without_osslsigncode() {
         stderr(&out)
     );
 }
+
+/// The client's memory in digest mode does not grow with the file: a PE twice the
+/// 64 MiB bound is extracted, attached and checked (each a pass over the file) in
+/// under 64 MiB of peak RSS, measured by `/usr/bin/time` (GNU time, as `make bench`;
+/// which measures 1 GiB with release builds).
+#[test]
+fn digest_mode_of_a_large_pe_stays_under_64_mib() {
+    let mut w = World::new();
+    let ep = appliance_with(
+        &mut w,
+        "default_profile = \"paged\"\n[profiles.paged]\nhash = \"sha256\"\npage_hashes = true\n",
+        "",
+    );
+    let big = w.path("big.exe");
+    let made = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/make-pe.sh"))
+        .arg(&big)
+        .arg((128u64 << 20).to_string())
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let size = std::fs::metadata(&big).unwrap().len();
+    assert!(size >= 128 << 20, "{size}");
+    let rss = w.path("client.rss");
+    let ca = w.path("cert.pem");
+    let out = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "%M", "-o"])
+        .arg(&rss)
+        .arg(bin("signet"))
+        .env("SIGNET_ENDPOINT", ep.to_string())
+        .env_remove("SIGNET_CONFIG")
+        .args([
+            "sign",
+            "--digest",
+            "--osslsigncode",
+            "/nonexistent/osslsigncode",
+        ])
+        .arg("--ca-file")
+        .arg(&ca)
+        .arg(&big)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let kib: u64 = std::fs::read_to_string(&rss)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(kib < 64 * 1024, "the client peaked at {kib} KiB");
+    let (ok, text) = verify(&w, &big);
+    assert!(ok && text.contains("Calculated page hash"), "{text}");
+    std::fs::remove_file(&big).unwrap();
+}

@@ -65,8 +65,9 @@ pub struct SignArgs {
     json: bool,
     /// Digest mode: send only the file's Authenticode data (a few hundred bytes,
     /// whatever the file's size) and attach the returned signature here, as the
-    /// profile signs (hash, page hashes, nested). Needs osslsigncode 2.8 or later on
-    /// this machine; catalogs (CAT) are signed without it.
+    /// profile signs (hash, page hashes, nested). PE files need nothing more; MSI, CAB
+    /// and PowerShell files need osslsigncode 2.8 or later on this machine; catalogs
+    /// (CAT) are signed without it.
     #[arg(long)]
     digest: bool,
     /// CA certificate(s) the attached signature is verified against in digest mode: a
@@ -75,7 +76,8 @@ pub struct SignArgs {
     /// attached with a warning that it was not verified here.
     #[arg(long, value_name = "PEM", requires = "digest")]
     ca_file: Option<PathBuf>,
-    /// The osslsigncode program used in digest mode.
+    /// The osslsigncode program used in digest mode for MSI, CAB and PowerShell files
+    /// (PE files are done here without it).
     #[arg(
         long,
         value_name = "PATH",
