@@ -1096,6 +1096,60 @@ fn attach_ecdsa_p384_nested_sha384() {
     compare_attach(Key::P384, "signed-pe32.exe", HashAlg::Sha384, false, true);
 }
 
+/// Nested beside a SHA-1 signature (a file signed long ago): attached as osslsigncode
+/// attaches it; the SHA-1 one is kept and not checked.
+#[test]
+fn attach_nests_beside_a_sha1_signature() {
+    let e = env();
+    // Made before: fixture() holds the corpus lock while it makes one.
+    let base = corpus("pe32.exe");
+    let old = fixture("sha1-pe32.exe", |p| {
+        let pin = e.world.path("pin");
+        let _token = e.signer.session.lock().unwrap();
+        osslsigncode(&[
+            os("sign"),
+            os("-pkcs11module"),
+            os(SOFTHSM),
+            os("-key"),
+            os("pkcs11:token=signet-demo;object=signkey;type=private"),
+            os("-readpass"),
+            pin.as_os_str(),
+            os("-pkcs11cert"),
+            os("pkcs11:token=signet-demo;object=signkey;type=cert"),
+            os("-h"),
+            os("sha1"),
+            os("-in"),
+            base.as_os_str(),
+            os("-out"),
+            p.as_os_str(),
+        ]);
+    });
+    let blob = extract_blob(&mut File::open(&old).unwrap(), HashAlg::Sha256, false).unwrap();
+    let sig = sign_blob(&blob, &options(HashAlg::Sha256, false, false), &e.signer).unwrap();
+    let out_path = e.world.path("sha1-nested.exe");
+    let mut out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&out_path)
+        .unwrap();
+    let signed = attach_pe(&mut File::open(&old).unwrap(), &mut out, &sig, true).unwrap();
+    assert!(signed.nested);
+    let mut f = File::open(&out_path).unwrap();
+    let image = PeImage::parse(&mut f).unwrap();
+    assert_eq!(image.check_signatures(&mut f).unwrap(), 1);
+    let text = osslsigncode(&[
+        os("verify"),
+        os("-CAfile"),
+        e.world.path("cert.pem").as_os_str(),
+        os("-in"),
+        out_path.as_os_str(),
+    ]);
+    assert!(text.contains("Number of verified signatures: 2"), "{text}");
+    let _ = std::fs::remove_file(&out_path);
+}
+
 /// A signature made for another file, or one whose bytes were altered, is refused
 /// before anything is written.
 #[test]
