@@ -829,6 +829,7 @@ fn digest_mode_of_a_large_pe_stays_under_64_mib() {
         .trim()
         .parse()
         .unwrap();
+    eprintln!("signet sign --digest of a {size}-byte PE: peak RSS {kib} KiB");
     assert!(kib < 64 * 1024, "the client peaked at {kib} KiB");
     let (ok, text) = verify(&w, &big);
     assert!(ok && text.contains("Calculated page hash"), "{text}");
