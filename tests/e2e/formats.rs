@@ -769,6 +769,29 @@ fn digest_mode_signs_pe_files_without_osslsigncode() {
         "{report}"
     );
     assert!(verify(&w, &fresh).0);
+    // The system's roots are OpenSSL's: SSL_CERT_FILE naming a bundle (text around the
+    // certificates) that holds the CA, and the chain is verified without --ca-file.
+    let bundle = w.path("bundle.pem");
+    let mut text = b"# the system's roots\n".to_vec();
+    text.extend(std::fs::read(&ca).unwrap());
+    text.extend(b"\nnot a certificate\n");
+    std::fs::write(&bundle, text).unwrap();
+    let trusted = w.pe("trusted.exe");
+    let out = std::process::Command::new(bin("signet"))
+        .env("SIGNET_ENDPOINT", ep.to_string())
+        .env_remove("SIGNET_CONFIG")
+        .env("SSL_CERT_FILE", &bundle)
+        .args(["sign", "--json", "--digest", "--osslsigncode", arg(&none)])
+        .arg(&trusted)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["signed"] == true && report.get("warning").is_none(),
+        "{report}"
+    );
 
     // Other formats still need osslsigncode, and say so.
     let msi = w.msi("setup.msi");
