@@ -249,4 +249,17 @@ hwm() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
   echo
   echo "Peak RSS (VmHWM) of the agent and signetd since they started (every run above"
   echo "included); the client's maximum RSS."
+  echo
+  echo "Digest mode, the same 1 GiB PE: the client extracts and attaches"
+  echo "natively (no osslsigncode); its maximum RSS and time."
+  echo
+  echo "| way | signet (client) | seconds |"
+  echo "|---|---|---|"
+  d=$W/softhsm-${ran[0]}
+  start=$(date +%s%N)
+  /usr/bin/time -f "%M" -o "$W/client.rss" "$bin/signet" --endpoint "unix:$d/signetd.sock" sign --digest --ca-file "$W/token/cert.pem" -o "$W/big-signed.exe" "$W/big.exe"
+  ms=$((($(date +%s%N) - start) / 1000000))
+  osslsigncode verify -CAfile "$W/token/cert.pem" -in "$W/big-signed.exe" >/dev/null
+  rm -f "$W/big-signed.exe"
+  echo "| digest (native PE) | $(($(cat "$W/client.rss") / 1024)) MiB | $((ms / 1000)).$(printf %03d $((ms % 1000))) |"
 } | tee "$out/memory.md"

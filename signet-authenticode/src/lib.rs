@@ -8,6 +8,11 @@
 //! - [`sign_pe`] signs a PE file whole: it hashes it in one pass in constant memory
 //!   (page hashes optional), signs, and writes the signed copy with the certificate
 //!   table appended and the checksum recomputed; [`PeImage`] is the hashing alone.
+//! - [`extract_blob`] and [`attach_pe`] are digest mode's two ends for a PE without
+//!   osslsigncode: the blob `extract-data` writes, byte for byte, and the returned
+//!   signature put into the file (replacing or nested) after checking it is the
+//!   file's; [`verify_signature`] and [`verify_chain`] check a signature's signer and
+//!   certificate chain.
 //! - [`sign_indirect_data`] is the common core: the PKCS#7 SignedData over an
 //!   `SpcIndirectDataContent`, as `osslsigncode sign` builds it.
 //!
@@ -20,12 +25,14 @@ mod catalog;
 mod pe;
 mod signature;
 mod timestamp;
+mod verify;
 
 pub use blob::sign_blob;
 pub use catalog::sign_catalog;
-pub use pe::{sign_pe, PeImage, PeSigned};
+pub use pe::{attach_pe, extract_blob, sign_pe, PeImage, PeSigned};
 pub use signature::{add_nested, nested_count, sign_indirect_data};
 pub use timestamp::{add_timestamp, tst_info, TimestampRequest, Timestamper};
+pub use verify::{verify_chain, verify_signature, VerifiedSignature};
 
 use std::time::SystemTime;
 
@@ -203,6 +210,14 @@ pub enum Error {
     Timestamp { tried: Vec<String>, why: String },
     #[error("not a security catalog: {0}; give a catalog made by makecat (a PKCS#7 certificate trust list)")]
     NotCatalog(String),
+    #[error("the signature is not this file's: {0}; sign the file again (it changed since its data was extracted, or the signature is another file's)")]
+    WrongFile(String),
+    #[error(
+        "not an Authenticode signature: {0}; give the DER PKCS#7 SignedData the appliance returned"
+    )]
+    NotSignature(String),
+    #[error("{0}")]
+    Untrusted(String),
     #[error("encoding the signature failed: {0}")]
     Encoding(#[from] der::Error),
 }

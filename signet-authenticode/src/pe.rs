@@ -13,6 +13,8 @@ use crate::asn1::{
 };
 use crate::signature::sign_with_sequence;
 use crate::{add_nested, nested_count, Error, HashAlg, RawSigner, SignOptions};
+use cms::content_info::{CmsVersion, ContentInfo};
+use cms::signed_data::{EncapsulatedContentInfo, SignedData, SignerInfos};
 
 /// The size of the buffer the file is read and copied with.
 const BUF: usize = 1 << 20;
@@ -255,12 +257,7 @@ impl PeImage {
         page_hashes: bool,
     ) -> Result<Vec<u8>, Error> {
         let file = if page_hashes {
-            let table = self.page_hashes(r)?;
-            let serialized = SetOfVec::try_from(vec![PageHashes {
-                hash_type: asn1::PAGE_HASHES_V2,
-                hashes: SetOfVec::try_from(vec![OctetString::new(table)?])?,
-            }])?
-            .to_der()?;
+            let serialized = self.serialized_page_hashes(r)?;
             SpcLink::Moniker(SpcSerializedObject {
                 class_id: OctetString::new(asn1::PAGE_HASHES_CLASS.to_vec())?,
                 serialized_data: OctetString::new(serialized)?,
@@ -288,6 +285,94 @@ impl PeImage {
             },
         }
         .to_der()?)
+    }
+
+    /// The page hashes as SpcSerializedObject.serializedData carries them (v2, SHA-256).
+    fn serialized_page_hashes<R: Read + Seek>(&self, r: &mut R) -> Result<Vec<u8>, Error> {
+        let table = self.page_hashes(r)?;
+        Ok(SetOfVec::try_from(vec![PageHashes {
+            hash_type: asn1::PAGE_HASHES_V2,
+            hashes: SetOfVec::try_from(vec![OctetString::new(table)?])?,
+        }])?
+        .to_der()?)
+    }
+
+    /// Checks that `signature` (a DER PKCS#7 SignedData) signs this file, as
+    /// osslsigncode does before it attaches one: its SpcIndirectDataContent is a PE's,
+    /// its digest is this file's (computed with the signature's algorithm), its page
+    /// hashes (when it has them) are this file's, and its signer's messageDigest is
+    /// that content's. [`Error::WrongFile`] says what differs;
+    /// [`Error::NotSignature`]: it cannot be read. The signer's key and certificate
+    /// are [`crate::verify_signature`]'s.
+    pub fn check_signature<R: Read + Seek>(
+        &self,
+        r: &mut R,
+        signature: &[u8],
+    ) -> Result<(), Error> {
+        let signed = crate::verify::SignedContent::parse(signature)?;
+        let indirect = &signed.indirect;
+        if indirect.data.value_type != asn1::SPC_PE_IMAGE_DATA {
+            return Err(Error::WrongFile(format!(
+                "it signs a file of another kind (data type {}), not a PE file",
+                indirect.data.value_type
+            )));
+        }
+        let oid = &indirect.message_digest.digest_algorithm.oid;
+        let Some(hash) = HashAlg::from_oid(oid) else {
+            return Err(Error::NotSignature(format!(
+                "its file digest is {oid}, not SHA-256/384/512"
+            )));
+        };
+        let ours = self.digest(r, hash)?;
+        let theirs = indirect.message_digest.digest.as_bytes();
+        if ours != theirs {
+            return Err(Error::WrongFile(format!(
+                "it signs the {} digest {}, and this file's is {}",
+                hash.as_str(),
+                hex(theirs),
+                hex(&ours)
+            )));
+        }
+        let data: Option<SpcPeImageData> = indirect
+            .data
+            .value
+            .as_ref()
+            .map(|v| v.decode_as())
+            .transpose()
+            .map_err(|e| Error::NotSignature(format!("its SpcPeImageData: {e}")))?;
+        if let Some(SpcLink::Moniker(obj)) = data.and_then(|d| d.file) {
+            if obj.class_id.as_bytes() == asn1::PAGE_HASHES_CLASS
+                && obj.serialized_data.as_bytes() != self.serialized_page_hashes(r)?
+            {
+                return Err(Error::WrongFile(
+                    "its page hashes are not this file's (its digest is)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every signature the file has (the first and those nested in it) with
+    /// [`PeImage::check_signature`] and [`crate::verify_signature`], but those whose
+    /// file digest is not SHA-256/384/512 (an older SHA-1 one a file was signed with
+    /// before, kept beside the new): answers how many were checked.
+    pub fn check_signatures<R: Read + Seek>(&self, r: &mut R) -> Result<usize, Error> {
+        let Some(outer) = self.existing_signature(r)? else {
+            return Err(Error::WrongFile("it has no signature".into()));
+        };
+        let mut all = vec![outer.clone()];
+        all.extend(crate::verify::nested_signatures(&outer)?);
+        let mut checked = 0;
+        for s in &all {
+            let content = crate::verify::SignedContent::parse(s)?;
+            if HashAlg::from_oid(&content.indirect.message_digest.digest_algorithm.oid).is_none() {
+                continue;
+            }
+            self.check_signature(r, s)?;
+            crate::verify_signature(s)?;
+            checked += 1;
+        }
+        Ok(checked)
     }
 
     /// The DER PKCS#7 of the file's signature (the first WIN_CERTIFICATE), if it has one.
@@ -359,6 +444,20 @@ pub fn sign_pe<R: Read + Seek, W: Read + Write + Seek, S: RawSigner>(
         None => ours,
     };
 
+    embed(&image, input, output, signature, nested)
+}
+
+/// Writes `input` (laid out as `image`) to `output` with `signature` as its only
+/// certificate table entry: the file up to its existing signature, zero-padded to 8,
+/// then the certificate table (8-aligned), the security directory set and the checksum
+/// recomputed (reading `output` back once). Constant memory: one buffer of [`BUF`].
+fn embed<R: Read + Seek, W: Read + Write + Seek>(
+    image: &PeImage,
+    input: &mut R,
+    output: &mut W,
+    signature: Vec<u8>,
+    nested: bool,
+) -> Result<PeSigned, Error> {
     let end = image.file_end();
     let pad = (8 - end % 8) % 8;
     let table_offset = end + pad;
@@ -398,6 +497,66 @@ pub fn sign_pe<R: Read + Seek, W: Read + Write + Seek, S: RawSigner>(
         checksum,
         nested,
     })
+}
+
+/// The Authenticode data blob of the PE file `input`: byte for byte what
+/// `osslsigncode extract-data -h HASH [-ph] -in FILE` writes for it (a PKCS#7
+/// SignedData without signers carrying the file's SpcIndirectDataContent), made in
+/// one pass (two with page hashes) with a fixed buffer. A signed file's blob is its
+/// unsigned self's: the signature is not hashed.
+pub fn extract_blob<R: Read + Seek>(
+    input: &mut R,
+    hash: HashAlg,
+    page_hashes: bool,
+) -> Result<Vec<u8>, Error> {
+    let image = PeImage::parse(input)?;
+    let indirect = image.indirect_data(input, hash, page_hashes)?;
+    let signed_data = SignedData {
+        version: CmsVersion::V1,
+        digest_algorithms: SetOfVec::new(),
+        encap_content_info: EncapsulatedContentInfo {
+            econtent_type: asn1::SPC_INDIRECT_DATA,
+            econtent: Some(Any::from_der(&indirect)?),
+        },
+        certificates: None,
+        crls: None,
+        signer_infos: SignerInfos(SetOfVec::new()),
+    };
+    Ok(ContentInfo {
+        content_type: asn1::SIGNED_DATA,
+        content: Any::encode_from(&signed_data)?,
+    }
+    .to_der()?)
+}
+
+/// Puts `signature` (a DER PKCS#7 SignedData over a PE's SpcIndirectDataContent, as
+/// [`crate::sign_blob`] makes it of [`extract_blob`]'s blob) into the PE file `input`
+/// and writes the signed copy to `output`, in constant memory, as `osslsigncode
+/// attach-signature [-nest]` does: replacing the file's signature, or with `nested`
+/// beside it (inside the existing one; a file without one is signed plainly).
+///
+/// First checks that the signature is this file's ([`PeImage::check_signature`]):
+/// one made for another file, or another version of it, is refused with
+/// [`Error::WrongFile`] and nothing is written.
+pub fn attach_pe<R: Read + Seek, W: Read + Write + Seek>(
+    input: &mut R,
+    output: &mut W,
+    signature: &[u8],
+    nested: bool,
+) -> Result<PeSigned, Error> {
+    let image = PeImage::parse(input)?;
+    image.check_signature(input, signature)?;
+    let existing = if nested {
+        image.existing_signature(input)?
+    } else {
+        None
+    };
+    let nested = existing.is_some();
+    let signature = match existing {
+        Some(outer) => add_nested(&outer, signature)?,
+        None => signature.to_vec(),
+    };
+    embed(&image, input, output, signature, nested)
 }
 
 /// The PE checksum of the first `len` bytes of `r`, with the field at `at` taken as 0.
@@ -494,6 +653,10 @@ fn read_at<R: Read + Seek>(r: &mut R, at: u64, n: usize) -> Result<Vec<u8>, Erro
         }
     })?;
     Ok(v)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {

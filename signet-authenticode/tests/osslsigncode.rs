@@ -20,7 +20,8 @@ use cryptoki::types::AuthPin;
 use der::{Decode, Encode};
 use sha2::Digest;
 use signet_authenticode::{
-    asn1, sign_blob, sign_pe, HashAlg, KeyKind, PeImage, RawSigner, SignOptions, Statement,
+    asn1, attach_pe, extract_blob, sign_blob, sign_pe, verify_chain, verify_signature, Error,
+    HashAlg, KeyKind, PeImage, RawSigner, SignOptions, Statement,
 };
 use signet_test_support::{World, PIN, SOFTHSM};
 
@@ -931,4 +932,294 @@ fn certificate_files_are_pem_or_der() {
         err.to_string().contains("give the signer's certificate"),
         "{err}"
     );
+}
+
+/// `extract_blob` writes what `osslsigncode extract-data` writes, byte for byte: PE32
+/// and PE32+, a DLL, a file of several buffers, signed and nested-signed files, each
+/// hash, with and without page hashes.
+#[test]
+fn extract_blob_is_osslsigncodes() {
+    let e = env();
+    for name in [
+        "pe32plus.exe",
+        "pe32.exe",
+        "lib.dll",
+        "big.exe",
+        "signed-pe32.exe",
+        "nested-pe32plus.exe",
+    ] {
+        let input = corpus(name);
+        for hash in [HashAlg::Sha256, HashAlg::Sha384, HashAlg::Sha512] {
+            for ph in [false, true] {
+                let tag = format!("extract-{name}-{}-{ph}", hash.as_str());
+                let reference = e.world.path(&format!("{tag}.p7"));
+                let mut a = vec![os("extract-data"), os("-h"), os(hash.as_str())];
+                if ph {
+                    a.push(os("-ph"));
+                }
+                a.extend([
+                    os("-in"),
+                    input.as_os_str(),
+                    os("-out"),
+                    reference.as_os_str(),
+                ]);
+                osslsigncode(&a);
+                let native = extract_blob(&mut File::open(&input).unwrap(), hash, ph).unwrap();
+                assert!(
+                    native == std::fs::read(&reference).unwrap(),
+                    "{tag}: the blobs differ"
+                );
+                let _ = std::fs::remove_file(&reference);
+            }
+        }
+    }
+}
+
+/// Digest mode without osslsigncode: the native blob signed, then `attach_pe` writes
+/// the very bytes `osslsigncode attach-signature [-nest]` writes with that signature;
+/// `osslsigncode verify` passes, and so do the engine's own checks.
+fn compare_attach(key: Key, input_name: &str, hash: HashAlg, page_hashes: bool, nest: bool) {
+    let e = env();
+    let signer = key_signer(key);
+    let input = corpus(input_name);
+    let has_signature = input_name.starts_with("signed-") || input_name.starts_with("nested-");
+    let tag = format!(
+        "attach-{}-{input_name}-{}-{page_hashes}-{nest}",
+        key.label(),
+        hash.as_str()
+    );
+    let blob = extract_blob(&mut File::open(&input).unwrap(), hash, page_hashes).unwrap();
+    let sig = sign_blob(&blob, &options(hash, page_hashes, false), signer).unwrap();
+    let sig_path = e.world.path(&format!("{tag}.p7"));
+    std::fs::write(&sig_path, &sig).unwrap();
+
+    let native = e.world.path(&format!("{tag}-native.exe"));
+    let signed = {
+        let mut out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&native)
+            .unwrap();
+        attach_pe(&mut File::open(&input).unwrap(), &mut out, &sig, nest).unwrap()
+    };
+    assert_eq!(signed.nested, nest && has_signature, "{tag}");
+
+    let reference = e.world.path(&format!("{tag}-ossl.exe"));
+    let ca = e.world.path(&format!("{}.pem", key.label()));
+    let mut a = vec![
+        os("attach-signature"),
+        os("-sigin"),
+        sig_path.as_os_str(),
+        os("-CAfile"),
+        ca.as_os_str(),
+    ];
+    // osslsigncode refuses to nest in a file without a signature; the client then
+    // attaches plainly, which is what attach_pe does on its own.
+    if nest && has_signature {
+        a.push(os("-nest"));
+    }
+    a.extend([
+        os("-in"),
+        input.as_os_str(),
+        os("-out"),
+        reference.as_os_str(),
+    ]);
+    osslsigncode(&a);
+    assert!(
+        std::fs::read(&native).unwrap() == std::fs::read(&reference).unwrap(),
+        "{tag}: attach_pe and osslsigncode attach-signature wrote different files"
+    );
+    verify_with(key, &native);
+    let mut f = File::open(&native).unwrap();
+    let image = PeImage::parse(&mut f).unwrap();
+    let expected = if nest && has_signature {
+        1 + nested_of(&signed_data(&pe_signature(&input))).len() + 1
+    } else {
+        1
+    };
+    assert_eq!(image.check_signatures(&mut f).unwrap(), expected, "{tag}");
+    for p in [&native, &reference, &sig_path] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[test]
+fn attach_pe32plus_sha256() {
+    compare_attach(Key::Rsa, "pe32plus.exe", HashAlg::Sha256, false, false);
+}
+
+#[test]
+fn attach_pe32_sha384_ph() {
+    compare_attach(Key::Rsa, "pe32.exe", HashAlg::Sha384, true, false);
+}
+
+#[test]
+fn attach_big_sha512_ph() {
+    compare_attach(Key::Rsa, "big.exe", HashAlg::Sha512, true, false);
+}
+
+#[test]
+fn attach_replaces_a_signature() {
+    compare_attach(
+        Key::Rsa,
+        "signed-pe32plus.exe",
+        HashAlg::Sha256,
+        true,
+        false,
+    );
+}
+
+#[test]
+fn attach_nests_beside_a_signature() {
+    compare_attach(Key::Rsa, "signed-lib.dll", HashAlg::Sha384, false, true);
+}
+
+#[test]
+fn attach_nests_a_second_time() {
+    compare_attach(Key::Rsa, "nested-pe32plus.exe", HashAlg::Sha256, true, true);
+}
+
+#[test]
+fn attach_nest_in_unsigned_is_plain() {
+    compare_attach(Key::Rsa, "pe32.exe", HashAlg::Sha256, false, true);
+}
+
+#[test]
+fn attach_ecdsa_p256_sha256_ph() {
+    compare_attach(Key::P256, "pe32plus.exe", HashAlg::Sha256, true, false);
+}
+
+#[test]
+fn attach_ecdsa_p384_nested_sha384() {
+    compare_attach(Key::P384, "signed-pe32.exe", HashAlg::Sha384, false, true);
+}
+
+/// Nested beside a SHA-1 signature (a file signed long ago): attached as osslsigncode
+/// attaches it; the SHA-1 one is kept and not checked.
+#[test]
+fn attach_nests_beside_a_sha1_signature() {
+    let e = env();
+    // Made before: fixture() holds the corpus lock while it makes one.
+    let base = corpus("pe32.exe");
+    let old = fixture("sha1-pe32.exe", |p| {
+        let pin = e.world.path("pin");
+        let _token = e.signer.session.lock().unwrap();
+        osslsigncode(&[
+            os("sign"),
+            os("-pkcs11module"),
+            os(SOFTHSM),
+            os("-key"),
+            os("pkcs11:token=signet-demo;object=signkey;type=private"),
+            os("-readpass"),
+            pin.as_os_str(),
+            os("-pkcs11cert"),
+            os("pkcs11:token=signet-demo;object=signkey;type=cert"),
+            os("-h"),
+            os("sha1"),
+            os("-in"),
+            base.as_os_str(),
+            os("-out"),
+            p.as_os_str(),
+        ]);
+    });
+    let blob = extract_blob(&mut File::open(&old).unwrap(), HashAlg::Sha256, false).unwrap();
+    let sig = sign_blob(&blob, &options(HashAlg::Sha256, false, false), &e.signer).unwrap();
+    let out_path = e.world.path("sha1-nested.exe");
+    let mut out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&out_path)
+        .unwrap();
+    let signed = attach_pe(&mut File::open(&old).unwrap(), &mut out, &sig, true).unwrap();
+    assert!(signed.nested);
+    let mut f = File::open(&out_path).unwrap();
+    let image = PeImage::parse(&mut f).unwrap();
+    assert_eq!(image.check_signatures(&mut f).unwrap(), 1);
+    let text = osslsigncode(&[
+        os("verify"),
+        os("-CAfile"),
+        e.world.path("cert.pem").as_os_str(),
+        os("-in"),
+        out_path.as_os_str(),
+    ]);
+    assert!(text.contains("Number of verified signatures: 2"), "{text}");
+    let _ = std::fs::remove_file(&out_path);
+}
+
+/// A signature made for another file, or one whose bytes were altered, is refused
+/// before anything is written.
+#[test]
+fn attach_refuses_what_is_not_the_files() {
+    let e = env();
+    let a = corpus("pe32plus.exe");
+    let b = corpus("pe32.exe");
+    let blob = extract_blob(&mut File::open(&a).unwrap(), HashAlg::Sha256, true).unwrap();
+    let sig = sign_blob(&blob, &options(HashAlg::Sha256, true, false), &e.signer).unwrap();
+    let mut out = std::io::Cursor::new(Vec::new());
+    let err = attach_pe(&mut File::open(&b).unwrap(), &mut out, &sig, false).unwrap_err();
+    assert!(matches!(err, Error::WrongFile(_)), "{err}");
+    assert!(err.to_string().contains("not this file's"), "{err}");
+    assert!(out.get_ref().is_empty(), "nothing is written");
+
+    // The same file changed in one byte of a section: its digest differs.
+    let mut changed = std::fs::read(&a).unwrap();
+    let at = changed.len() / 2;
+    changed[at] ^= 0xff;
+    let err = attach_pe(&mut std::io::Cursor::new(changed), &mut out, &sig, false).unwrap_err();
+    assert!(matches!(err, Error::WrongFile(_)), "{err}");
+    assert!(out.get_ref().is_empty(), "nothing is written");
+
+    // Not a signature at all.
+    let err = attach_pe(&mut File::open(&a).unwrap(), &mut out, &blob[..40], false).unwrap_err();
+    assert!(matches!(err, Error::NotSignature(_)), "{err}");
+
+    // A signature whose signed attributes were altered: its signer's key does not
+    // verify it (the file's digest is still the file's).
+    let mut altered = sig.clone();
+    let needle = b"Signet test";
+    let at = altered
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap();
+    altered[at] = b's';
+    attach_pe(&mut File::open(&a).unwrap(), &mut out, &altered, false).unwrap();
+    let err = verify_signature(&altered).unwrap_err();
+    assert!(matches!(err, Error::BadSignature(_)), "{err}");
+    assert!(verify_signature(&sig).is_ok());
+}
+
+/// The signer's certificate chains to the CA given, and not to another.
+#[test]
+fn verify_chain_to_the_ca_given() {
+    let e = env();
+    let a = corpus("pe32plus.exe");
+    let blob = extract_blob(&mut File::open(&a).unwrap(), HashAlg::Sha256, false).unwrap();
+    let now = std::time::SystemTime::now();
+    for key in [Key::Rsa, Key::P256, Key::P384] {
+        let signer = key_signer(key);
+        let sig = sign_blob(&blob, &SignOptions::new(HashAlg::Sha256), signer).unwrap();
+        let v = verify_signature(&sig).unwrap();
+        assert_eq!(v.signer, signer.cert);
+        assert_eq!(v.hash, HashAlg::Sha256);
+        verify_chain(&sig, std::slice::from_ref(&signer.cert), now).unwrap();
+        let other = if key == Key::Rsa { &e.p256 } else { &e.signer };
+        let err = verify_chain(&sig, std::slice::from_ref(&other.cert), now).unwrap_err();
+        assert!(
+            matches!(&err, Error::Untrusted(why) if why == "self-signed certificate"),
+            "{err}"
+        );
+        let err = verify_chain(&sig, &[], now).unwrap_err();
+        assert!(matches!(err, Error::Untrusted(_)), "{err}");
+        // Long after the certificate expired.
+        let later = now + std::time::Duration::from_secs(200 * 365 * 24 * 3600);
+        let err = verify_chain(&sig, std::slice::from_ref(&signer.cert), later).unwrap_err();
+        assert!(
+            matches!(&err, Error::Untrusted(why) if why.contains("expired")),
+            "{err}"
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //!
 //! - `main`: the command line and exit codes.
 //! - [`config`] — the optional `/etc/signet/signet.toml` (endpoint, profile).
+//! - [`native`] — digest mode for PE files with the Authenticode engine, no osslsigncode.
 //! - [`sign`] — one file: local checks, streamed upload with progress, atomic write of
 //!   the signed result.
 //! - [`collect`] — a job's idempotency key, and its result collected across a
@@ -9,6 +10,7 @@
 
 mod collect;
 mod config;
+mod native;
 mod sign;
 
 use std::io::IsTerminal;

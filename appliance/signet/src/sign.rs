@@ -23,6 +23,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::collect;
 use crate::config::ClientConfig;
+use crate::native;
 
 /// How long an upload runs before a progress bar appears; `SIGNET_PROGRESS_AFTER_MS`
 /// changes it (0: at once).
@@ -65,8 +66,9 @@ pub struct SignArgs {
     format: signet_api::output::OutputArgs,
     /// Digest mode: send only the file's Authenticode data (a few hundred bytes,
     /// whatever the file's size) and attach the returned signature here, as the
-    /// profile signs (hash, page hashes, nested). Needs osslsigncode 2.8 or later on
-    /// this machine and in the signing VM; catalogs (CAT) are signed without it.
+    /// profile signs (hash, page hashes, nested). PE files need nothing more; MSI, CAB
+    /// and PowerShell files need osslsigncode 2.8 or later on this machine; catalogs
+    /// (CAT) are signed without it.
     #[arg(long)]
     digest: bool,
     /// CA certificate(s) the attached signature is verified against in digest mode: a
@@ -75,7 +77,8 @@ pub struct SignArgs {
     /// attached with a warning that it was not verified here.
     #[arg(long, value_name = "PEM", requires = "digest")]
     ca_file: Option<PathBuf>,
-    /// The osslsigncode program used in digest mode.
+    /// The osslsigncode program used in digest mode for MSI, CAB and PowerShell files
+    /// (PE files are done here without it).
     #[arg(
         long,
         value_name = "PATH",
@@ -352,6 +355,7 @@ struct Prepared {
     file: PathBuf,
     target: PathBuf,
     meta: std::fs::Metadata,
+    format: format::Format,
     /// Digest mode: attach the signature beside the one the file has (`-nest`).
     nest: bool,
     work: tempfile::TempDir,
@@ -429,20 +433,27 @@ async fn prepare(
                 });
             }
             let data = work.path().join("data.p7");
-            osslsigncode(
-                &args.osslsigncode,
-                &extract_args(profile, detected),
-                file,
-                &data,
-            )
-            .await
-            .map_err(|e| Failure {
+            let extracted = if detected == format::Format::Pe {
+                // PE files: the engine, no osslsigncode.
+                let (file, out) = (file.to_owned(), data.clone());
+                let (hash, ph) = (profile.hash.as_str(), profile.page_hashes);
+                tokio::task::spawn_blocking(move || native::extract(&file, hash, ph, &out))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the extraction stopped: {e}")))
+            } else {
+                osslsigncode(
+                    &args.osslsigncode,
+                    &extract_args(profile, detected),
+                    file,
+                    &data,
+                )
+                .await
+                .map_err(|e| e.summary)
+            };
+            extracted.map_err(|e| Failure {
                 code: None,
                 exit_code: exit::USAGE,
-                message: format!(
-                    "digest mode cannot extract the file's Authenticode data: {}",
-                    e.summary
-                ),
+                message: format!("digest mode cannot extract the file's Authenticode data: {e}"),
             })?;
             nest = profile.nested;
             data
@@ -453,6 +464,7 @@ async fn prepare(
         file: file.to_owned(),
         target: target.to_owned(),
         meta,
+        format: detected,
         nest,
         work,
         upload,
@@ -464,7 +476,39 @@ async fn prepare(
 /// signed but could not be verified here.
 async fn finish(p: &Prepared, args: &SignArgs) -> Result<Option<String>, Failure> {
     let mut warning = None;
-    let signed = if args.digest {
+    let signed = if args.digest && p.format == format::Format::Pe {
+        let signed = p.work.path().join("signed");
+        let (file, received, out) = (p.file.clone(), p.received(), signed.clone());
+        let (nest, ca_file) = (p.nest, args.ca_file.clone());
+        let attached = tokio::task::spawn_blocking(move || {
+            native::attach(&file, &received, nest, &out, ca_file.as_deref())
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(native::AttachError::Other(format!(
+                "attaching stopped: {e}"
+            )))
+        });
+        let (verdict, detail) = match attached {
+            Ok(untrusted) => {
+                warning = untrusted.map(|why| untrusted_warning(&why));
+                (None, String::new())
+            }
+            Err(native::AttachError::Mismatch(e)) => (Some(AttachVerdict::Mismatch), e),
+            Err(native::AttachError::Untrusted(why)) => {
+                (Some(AttachVerdict::Untrusted(why)), String::new())
+            }
+            Err(native::AttachError::Other(e)) => (Some(AttachVerdict::Other), e),
+        };
+        if let Some(verdict) = verdict {
+            return Err(Failure {
+                code: Some(ErrorCode::SigningFailed),
+                exit_code: exit::SIGNING_FAILED,
+                message: attach_failure(&verdict, args.ca_file.as_deref(), &detail),
+            });
+        }
+        signed
+    } else if args.digest {
         // Named as the file is: osslsigncode knows a script's kind by its extension.
         let signed = p
             .work
@@ -506,7 +550,11 @@ async fn finish(p: &Prepared, args: &SignArgs) -> Result<Option<String>, Failure
                     return Err(Failure {
                         code: Some(ErrorCode::SigningFailed),
                         exit_code: exit::SIGNING_FAILED,
-                        message: attach_failure(&verdict, args.ca_file.as_deref(), &e.summary),
+                        message: attach_failure(
+                            &verdict,
+                            args.ca_file.as_deref(),
+                            &format!("osslsigncode: {}", e.summary),
+                        ),
                     })
                 }
             }
@@ -570,17 +618,19 @@ fn untrusted_warning(why: &str) -> String {
     )
 }
 
-fn attach_failure(verdict: &AttachVerdict, ca_file: Option<&Path>, summary: &str) -> String {
+/// The message for a signature that was not attached; `detail`: what the attaching
+/// tool said, named (e.g. "osslsigncode: ...").
+fn attach_failure(verdict: &AttachVerdict, ca_file: Option<&Path>, detail: &str) -> String {
     match (verdict, ca_file) {
         (AttachVerdict::Mismatch, _) => format!(
-            "the appliance signed, but the signature it sent does not match this file, so it was not attached and the file is untouched; sign it again, or without --digest (osslsigncode: {summary})"
+            "the appliance signed, but the signature it sent does not match this file, so it was not attached and the file is untouched; sign it again, or without --digest ({detail})"
         ),
         (AttachVerdict::Untrusted(why), Some(ca)) => format!(
             "the appliance signed, but the signature's certificate does not chain to the CA in {} ({why}), so it was not attached and the file is untouched; pass the CA that issued the signing certificate with --ca-file",
             ca.display()
         ),
         _ => format!(
-            "the appliance signed, but attaching the signature failed and the file is untouched (osslsigncode: {summary})"
+            "the appliance signed, but attaching the signature failed and the file is untouched ({detail})"
         ),
     }
 }
@@ -1249,7 +1299,7 @@ mod tests {
             "",
         );
         assert!(m.contains("does not chain to the CA in /ca.pem"), "{m}");
-        let m = attach_failure(&AttachVerdict::Mismatch, None, "raw");
+        let m = attach_failure(&AttachVerdict::Mismatch, None, "osslsigncode: raw");
         assert!(
             m.contains("does not match this file") && m.ends_with("(osslsigncode: raw)"),
             "{m}"
