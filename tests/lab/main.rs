@@ -581,9 +581,15 @@ device = {{ kind = "emulated-ccid", db = "sql:{nssdb}", certs = ["lab-id", "lab-
     /// Waits for every job to be signed, fetches each result and checks it with
     /// `osslsigncode verify` against the card's certificate.
     fn collect(&self, ids: &[String]) {
-        wait_until_within("every job signed", LONG, EVERY, || {
-            ids.iter().all(|id| self.job_state(id) == "signed")
-        });
+        let started = Instant::now();
+        while !ids.iter().all(|id| self.job_state(id) == "signed") {
+            assert!(
+                started.elapsed() < LONG,
+                "never happened within {LONG:?}: every job signed\n{}",
+                self.jobs_report(ids)
+            );
+            std::thread::sleep(EVERY);
+        }
         for id in ids {
             let (code, body) = fetch(&self.build, &format!("/v1/jobs/{id}/result"));
             assert_eq!(code, 200, "job {id}: {}", String::from_utf8_lossy(&body));
@@ -598,6 +604,39 @@ device = {{ kind = "emulated-ccid", db = "sql:{nssdb}", certs = ["lab-id", "lab-
             );
             assert!(ok, "job {id}: {text}");
         }
+    }
+
+    /// Each job's state and error as its owner sees them, the status's recovery
+    /// timeline, and the last lines of the agent's and `signetd`'s logs: what a
+    /// failed wait for the queue shows.
+    fn jobs_report(&self, ids: &[String]) -> String {
+        let mut out = String::new();
+        for id in ids {
+            let (code, job) = call_json(&self.build, "GET", &format!("/v1/jobs/{id}"), None);
+            out.push_str(&format!(
+                "job {id}: HTTP {code}, state {}, attempts {}, error {}\n",
+                job["state"], job["attempts"], job["error"]
+            ));
+        }
+        out.push_str(&format!("timeline: {:?}\n", self.timeline_events()));
+        for (name, text) in [
+            ("agent (guest)", self.guest.agent_log()),
+            (
+                "signetd",
+                std::fs::read_to_string(self.w.path("signetd.log")).unwrap_or_default(),
+            ),
+        ] {
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("the signing agent is not reachable"))
+                .collect();
+            out.push_str(&format!("--- {name}, last lines:\n"));
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// The audit log's records, by job: each job's results.
