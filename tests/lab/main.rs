@@ -938,6 +938,54 @@ fn token_pulled_mid_queue_is_put_back_and_every_job_is_signed_once() {
     );
 }
 
+/// Scenario 2b: the reader is pulled while the signer hangs on the token (osslsigncode
+/// waiting on a reader pulled mid-command does): the agent's check of the token during
+/// the run sees the loss and stops the signer — the job goes back to the queue as a
+/// token loss, without waiting for the signer's time limit — and every job is signed
+/// once. The hanging signer is a script put in osslsigncode's place in the guest, the
+/// real one put back once the reader is back.
+#[test]
+fn token_pulled_while_the_signer_hangs_stops_it_and_every_job_is_signed_once() {
+    let lab = Lab::signing();
+    lab.guest.shell_ok(
+        "p=$(command -v osslsigncode) && echo $p >/tmp/osslsigncode.path && \
+         cp $p /tmp/osslsigncode.real && printf '#!/bin/sh\\nexec sleep 3600\\n' >$p",
+    );
+    let ids = lab.submit(3, "hang");
+    wait_until_within("the signer running", LONG, EVERY, || {
+        lab.guest.agent_log().contains("input accepted")
+    });
+    let pulled = Instant::now();
+    let id = signetd::core::passthrough::device_id(SERIAL);
+    lab.guest
+        .rt
+        .block_on(lab.guest.qmp.detach(&id))
+        .expect("the reader removed");
+    wait_until_within("the reader put back", LONG, EVERY, || {
+        lab.guest.reader_attached()
+    });
+    lab.guest
+        .shell_ok("cp /tmp/osslsigncode.real $(cat /tmp/osslsigncode.path)");
+    lab.drained(
+        &ids,
+        "2b token pulled, signer hung",
+        "device_del -> 3 queued jobs signed",
+        pulled,
+        0,
+    );
+    let log = lab.guest.agent_log();
+    assert!(
+        log.contains("the token went away while the signer ran; the signer is stopped"),
+        "the agent stopped the hung signer at the loss:\n{}",
+        lab.jobs_report(&ids)
+    );
+    assert!(
+        !log.contains("did not finish within"),
+        "the signer was not left to its time limit:\n{}",
+        lab.jobs_report(&ids)
+    );
+}
+
 /// Scenario 4: the signing VM is reset (`system_reset`) with a job at the agent and
 /// others queued: the guest reboots with the reader still attached, the agent comes
 /// back as a new process, signetd notices (the old connections stay silent behind a
