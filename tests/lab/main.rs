@@ -581,9 +581,15 @@ device = {{ kind = "emulated-ccid", db = "sql:{nssdb}", certs = ["lab-id", "lab-
     /// Waits for every job to be signed, fetches each result and checks it with
     /// `osslsigncode verify` against the card's certificate.
     fn collect(&self, ids: &[String]) {
-        wait_until_within("every job signed", LONG, EVERY, || {
-            ids.iter().all(|id| self.job_state(id) == "signed")
-        });
+        let started = Instant::now();
+        while !ids.iter().all(|id| self.job_state(id) == "signed") {
+            assert!(
+                started.elapsed() < LONG,
+                "never happened within {LONG:?}: every job signed\n{}",
+                self.jobs_report(ids)
+            );
+            std::thread::sleep(EVERY);
+        }
         for id in ids {
             let (code, body) = fetch(&self.build, &format!("/v1/jobs/{id}/result"));
             assert_eq!(code, 200, "job {id}: {}", String::from_utf8_lossy(&body));
@@ -598,6 +604,39 @@ device = {{ kind = "emulated-ccid", db = "sql:{nssdb}", certs = ["lab-id", "lab-
             );
             assert!(ok, "job {id}: {text}");
         }
+    }
+
+    /// Each job's state and error as its owner sees them, the status's recovery
+    /// timeline, and the last lines of the agent's and `signetd`'s logs: what a
+    /// failed wait for the queue shows.
+    fn jobs_report(&self, ids: &[String]) -> String {
+        let mut out = String::new();
+        for id in ids {
+            let (code, job) = call_json(&self.build, "GET", &format!("/v1/jobs/{id}"), None);
+            out.push_str(&format!(
+                "job {id}: HTTP {code}, state {}, attempts {}, error {}\n",
+                job["state"], job["attempts"], job["error"]
+            ));
+        }
+        out.push_str(&format!("timeline: {:?}\n", self.timeline_events()));
+        for (name, text) in [
+            ("agent (guest)", self.guest.agent_log()),
+            (
+                "signetd",
+                std::fs::read_to_string(self.w.path("signetd.log")).unwrap_or_default(),
+            ),
+        ] {
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("the signing agent is not reachable"))
+                .collect();
+            out.push_str(&format!("--- {name}, last lines:\n"));
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// The audit log's records, by job: each job's results.
@@ -896,6 +935,54 @@ fn token_pulled_mid_queue_is_put_back_and_every_job_is_signed_once() {
         "device_del -> 4 queued jobs signed",
         pulled,
         0,
+    );
+}
+
+/// Scenario 2b: the reader is pulled while the signer hangs on the token (osslsigncode
+/// waiting on a reader pulled mid-command does): the agent's check of the token during
+/// the run sees the loss and stops the signer — the job goes back to the queue as a
+/// token loss, without waiting for the signer's time limit — and every job is signed
+/// once. The hanging signer is a script put in osslsigncode's place in the guest, the
+/// real one put back once the reader is back.
+#[test]
+fn token_pulled_while_the_signer_hangs_stops_it_and_every_job_is_signed_once() {
+    let lab = Lab::signing();
+    lab.guest.shell_ok(
+        "p=$(command -v osslsigncode) && echo $p >/tmp/osslsigncode.path && \
+         cp $p /tmp/osslsigncode.real && printf '#!/bin/sh\\nexec sleep 3600\\n' >$p",
+    );
+    let ids = lab.submit(3, "hang");
+    wait_until_within("the signer running", LONG, EVERY, || {
+        lab.guest.agent_log().contains("input accepted")
+    });
+    let pulled = Instant::now();
+    let id = signetd::core::passthrough::device_id(SERIAL);
+    lab.guest
+        .rt
+        .block_on(lab.guest.qmp.detach(&id))
+        .expect("the reader removed");
+    wait_until_within("the reader put back", LONG, EVERY, || {
+        lab.guest.reader_attached()
+    });
+    lab.guest
+        .shell_ok("cp /tmp/osslsigncode.real $(cat /tmp/osslsigncode.path)");
+    lab.drained(
+        &ids,
+        "2b token pulled, signer hung",
+        "device_del -> 3 queued jobs signed",
+        pulled,
+        0,
+    );
+    let log = lab.guest.agent_log();
+    assert!(
+        log.contains("the token went away while the signer ran; the signer is stopped"),
+        "the agent stopped the hung signer at the loss:\n{}",
+        lab.jobs_report(&ids)
+    );
+    assert!(
+        !log.contains("did not finish within"),
+        "the signer was not left to its time limit:\n{}",
+        lab.jobs_report(&ids)
     );
 }
 

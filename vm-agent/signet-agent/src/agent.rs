@@ -33,6 +33,8 @@ use crate::token::{Token, TokenError, TokenSession};
 
 /// How often a ready session (or a token waiting for a person) is checked.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the token is checked while a signer runs on it.
+const RUN_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// First and longest wait between tries to re-open a lost or missing token.
 const REOPEN_MIN: Duration = Duration::from_millis(100);
 const REOPEN_MAX: Duration = Duration::from_secs(2);
@@ -630,7 +632,18 @@ impl Agent {
             filename: query.filename.clone(),
         });
         let started = std::time::Instant::now();
-        let mut result = self.signer.sign(&key, &pin, &spec).await;
+        // The token is checked while the signer runs: a signer whose token went away
+        // mid-run may wait on it until its time limit (osslsigncode through pcscd does
+        // for a reader pulled mid-command), and every job behind it with it. A loss
+        // stops the run (the signer's process is killed) and the job goes back to the
+        // host as a token loss, at once.
+        let mut result = tokio::select! {
+            r = self.signer.sign(&key, &pin, &spec) => r,
+            detail = self.token_left() => {
+                tracing::warn!(token = %key.token_serial, detail = %detail, "the token went away while the signer ran; the signer is stopped");
+                Err(SignError::TokenLost(detail))
+            }
+        };
         if result.is_ok() && query.response == SignResponse::Pkcs7 && checked.format.is_some() {
             // Only the new signature is answered: it replaces the signed file.
             let sig = spool.dir.path().join("signature.p7");
@@ -664,6 +677,26 @@ impl Agent {
             ms: started.elapsed().as_millis() as u64,
         });
         result
+    }
+
+    /// Resolves once a check of the token, every [`RUN_CHECK_INTERVAL`] while a signer
+    /// runs, finds it lost; answers what the check saw. The check is the watcher's
+    /// between jobs (the session and the key still valid, the module's slot events):
+    /// no login and no PIN try.
+    async fn token_left(&self) -> String {
+        loop {
+            tokio::time::sleep(RUN_CHECK_INTERVAL).await;
+            let lost = self
+                .with_token_quiet(|t| {
+                    t.check();
+                    let (state, detail) = t.state();
+                    (state == AgentState::TokenLost).then_some(detail)
+                })
+                .await;
+            if let Some(detail) = lost {
+                return detail;
+            }
+        }
     }
 
     /// What a failed signer run means. A token that went away during the run makes
@@ -1033,6 +1066,53 @@ mod tests {
         signer.lock().unwrap().outcome = Outcome::Sign;
         assert_eq!(agent.open_token().await.state, AgentState::Ready);
         assert_eq!(published(&mut events), ["token_appeared", "logged_in"]);
+        let done = agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+        assert_eq!(signed(&done), b"Write-Host 'hello'\r\n+signed");
+    }
+
+    #[tokio::test]
+    async fn a_token_pulled_while_the_signer_hangs_stops_it_and_makes_the_job_retryable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, signer) = stand_in::agent(dir.path()).await;
+        let agent = Arc::new(agent);
+        let mut events = agent.subscribe();
+        // The signer never finishes by itself (it has no time limit here): only the
+        // agent's check of the token during the run can end it.
+        signer.lock().unwrap().outcome = Outcome::Hang;
+        let running = {
+            let agent = agent.clone();
+            let spool = spooled(&agent, SCRIPT);
+            tokio::spawn(async move { agent.sign_once(None, spool, &query("a.ps1")).await })
+        };
+        while events.recv().await.unwrap().kind.name() != "signing_started" {}
+        token.get().plugged = false;
+        // A guard against a hang only: the stand-in signer would wait forever.
+        let e = tokio::time::timeout(Duration::from_secs(120), running)
+            .await
+            .expect("the run is stopped once the token is gone")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            (e.code, e.retryable),
+            (ErrorCode::TokenUnavailable, true),
+            "{e:?}"
+        );
+        assert!(
+            e.message
+                .contains("the token was lost while signing; nothing was signed"),
+            "{}",
+            e.message
+        );
+        assert_eq!(agent.health().await.state, AgentState::TokenLost);
+        assert_eq!(agent.watch_plan().await, Watch::Reopen);
+
+        // Back: the next job is signed.
+        token.get().plugged = true;
+        signer.lock().unwrap().outcome = Outcome::Sign;
+        assert_eq!(agent.open_token().await.state, AgentState::Ready);
         let done = agent
             .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
             .await

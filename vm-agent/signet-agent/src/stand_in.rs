@@ -228,6 +228,8 @@ pub enum Outcome {
     RefusePin,
     /// Fails as a signature fails.
     Fail,
+    /// Never finishes, as osslsigncode waiting on a reader pulled mid-command.
+    Hang,
 }
 
 /// The signer's script and record.
@@ -323,6 +325,7 @@ impl Signer for StandInSigner {
                 }
                 Outcome::RefusePin => Err(SignError::PinRejected),
                 Outcome::Fail => Err(SignError::Failed("the stand-in failed".into())),
+                Outcome::Hang => std::future::pending().await,
             }
         })
     }
