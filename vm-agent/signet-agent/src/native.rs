@@ -428,9 +428,9 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn https_only_timestamp_lists_are_refused_before_the_token_is_asked() {
-        let n = Native {
+    /// A native backend with no token session, for what is refused before the token.
+    fn without_token() -> Native {
+        Native {
             osslsigncode: Osslsigncode {
                 program: "osslsigncode".into(),
                 module: "m.so".into(),
@@ -439,7 +439,12 @@ mod tests {
             },
             certificate: None,
             token: None,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn https_only_timestamp_lists_are_refused_before_the_token_is_asked() {
+        let n = without_token();
         let dir = tempfile::tempdir().unwrap();
         let (input, output) = (dir.path().join("in.exe"), dir.path().join("out.exe"));
         let spec = |timestamp| SignSpec {
@@ -470,16 +475,7 @@ mod tests {
 
     #[test]
     fn catalogs_are_signed_and_old_osslsigncode_is_refused_with_the_fix() {
-        let n = Native {
-            osslsigncode: Osslsigncode {
-                program: "osslsigncode".into(),
-                module: "m.so".into(),
-                certificate: None,
-                timeout: Duration::from_secs(1),
-            },
-            certificate: None,
-            token: None,
-        };
+        let n = without_token();
         let new = SignerFeatures {
             version: "2.9".into(),
             modes: vec![SignMode::Whole, SignMode::Digest],

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use signet_authenticode::TimestampRequest;
+use signet_protocol::client::send_over;
+use signet_protocol::Endpoint;
 
 /// How many times one server is tried when it cannot be reached or does not answer.
 pub const ATTEMPTS: u32 = 2;
@@ -103,10 +104,10 @@ async fn post(url: &str, body: &[u8]) -> Result<Vec<u8>, Failure> {
     let stream = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
         .map_err(|e| Failure::Retry(format!("cannot connect: {e}")))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| Failure::Retry(format!("HTTP failed: {e}")))?;
-    let conn = tokio::spawn(conn);
+    let endpoint = Endpoint::Tcp {
+        host: host.clone(),
+        port,
+    };
     let authority = uri
         .authority()
         .map(|a| a.as_str().to_owned())
@@ -120,8 +121,7 @@ async fn post(url: &str, body: &[u8]) -> Result<Vec<u8>, Failure> {
         .header(http::header::ACCEPT, "application/timestamp-reply")
         .body(Full::new(Bytes::copy_from_slice(body)))
         .map_err(|e| Failure::Final(format!("cannot make the request: {e}")))?;
-    let resp = send
-        .send_request(req)
+    let resp = send_over(stream, &endpoint, req)
         .await
         .map_err(|e| Failure::Retry(format!("HTTP failed: {e}")))?;
     let status = resp.status();
@@ -130,7 +130,6 @@ async fn post(url: &str, body: &[u8]) -> Result<Vec<u8>, Failure> {
         .await
         .map_err(|e| Failure::Retry(format!("the reply was cut short: {e}")))?
         .to_bytes();
-    conn.abort();
     if status.is_server_error() {
         return Err(Failure::Retry(format!("HTTP status {status}")));
     }
