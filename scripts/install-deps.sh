@@ -20,6 +20,8 @@ needs=(
   "dbus-daemon dbus"
   # the e2e journal tests run a private journald (and unshare, journalctl)
   "/lib/systemd/systemd-journald systemd"
+  # tests/fixtures/make-appx.sh writes APPX/MSIX packages with python3's zipfile
+  "python3 python3"
   "wixl wixl"
   "msiinfo msitools"
   "gcab gcab"
