@@ -3,6 +3,7 @@
 //! or services.
 
 pub mod agent;
+pub mod alerts;
 pub mod audit;
 pub mod bus;
 pub mod clients;

@@ -1,5 +1,6 @@
 //! `signetd.toml`, and errors that name the file, the key and the fix.
 
+pub mod alerts;
 pub mod edit;
 pub mod reload;
 mod sections;
@@ -112,6 +113,8 @@ pub struct Config {
     pub socket_group: String,
     /// The group of the appliance's operators (`admin_group`, default `signet-admin`).
     pub admin_group: String,
+    /// `[alerts]`: when an operator is told, and where.
+    pub alerts: crate::config::alerts::AlertsConfig,
 }
 
 impl Config {
@@ -325,6 +328,8 @@ struct Raw {
     socket_group: Option<String>,
     #[serde(default)]
     admin_group: Option<String>,
+    #[serde(default)]
+    alerts: crate::config::alerts::AlertsConfig,
 }
 
 /// A configuration that cannot be used.
@@ -554,7 +559,11 @@ impl Config {
         raw.recovery
             .check()
             .map_err(|(key, message)| invalid(&key, message))?;
+        raw.alerts
+            .check()
+            .map_err(|(key, message)| invalid(&format!("alerts.{key}"), message))?;
         Ok(Config {
+            alerts: raw.alerts,
             web: raw.web,
             pin_file: raw.pin_file,
             shutdown,

@@ -85,6 +85,10 @@ pub fn merge(old: &Config, new: Config) -> (Config, Changes) {
         changes.applied.push("limits");
         out.limits = limits;
     }
+    if new.alerts != old.alerts {
+        changes.applied.push("alerts");
+        out.alerts = new.alerts.clone();
+    }
     if new.tokens != old.tokens {
         changes.applied.push("tokens");
         out.tokens = new.tokens.clone();
