@@ -724,6 +724,8 @@ async fn main() -> anyhow::Result<()> {
         "agent watcher",
         signetd::services::agent_watch::run(daemon.clone()),
     );
+    // Operators are told: alerts raised once per incident and resolved once.
+    tasks.spawn("alerts", signetd::services::alerts::run(daemon.clone()));
     // Host shutdowns: a logind delay inhibitor, and a drain when one is announced.
     {
         let (daemon, shutdown) = (daemon.clone(), cfg.shutdown.clone());

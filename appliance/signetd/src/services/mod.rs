@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod agent_watch;
+pub mod alerts;
 pub mod callers;
 pub mod daemon;
 pub mod doctor;

@@ -8,6 +8,7 @@
 
 pub mod mail;
 pub mod pve;
+pub mod state;
 pub mod webhook;
 
 use std::time::Duration;
