@@ -8,6 +8,7 @@ use std::process::Output;
 
 use signet_test_support::*;
 
+mod alerts;
 mod cli;
 mod dbus;
 mod doctor;

@@ -719,13 +719,13 @@ async fn main() -> anyhow::Result<()> {
             None
         }
     };
+    // Operators are told: alerts raised once per incident and resolved once.
+    tasks.spawn("alerts", signetd::services::alerts::run(daemon.clone()));
     // The agent: its events and health, the timeline, the PIN when it needs one.
     tasks.spawn(
         "agent watcher",
         signetd::services::agent_watch::run(daemon.clone()),
     );
-    // Operators are told: alerts raised once per incident and resolved once.
-    tasks.spawn("alerts", signetd::services::alerts::run(daemon.clone()));
     // Host shutdowns: a logind delay inhibitor, and a drain when one is announced.
     {
         let (daemon, shutdown) = (daemon.clone(), cfg.shutdown.clone());

@@ -6,9 +6,12 @@
 //! - the timeline's entries as they are written ([`crate::services::timeline`]): the
 //!   token lost and back, the agent unreachable and back, a PIN the token refused, a
 //!   login, the recovery ladder exhausted or recovered;
-//! - the one view of the agent ([`AgentSeen`]) whenever it changes: its state (ready,
-//!   token lost or missing, PIN refused or locked), the certificates on its token (30
-//!   and 7 days before their end) and whether it answers;
+//! - the one view of the agent ([`AgentSeen`]): the certificates on its token (30 and
+//!   7 days before their end) whenever it changes; and its first answer after a start
+//!   (ready, token lost or missing, PIN refused or locked, unreachable), which settles
+//!   the incidents a previous run left open. After that the timeline alone says the
+//!   token's, the PIN's and the agent's conditions: a health read answered just before
+//!   an event would otherwise undo it;
 //! - every second: the audit head's check ([`Daemon::faults`]) and the spool's use
 //!   against its quota ([`crate::services::jobs::JobService::queue_status`]).
 //!
@@ -138,23 +141,32 @@ pub fn message(n: &Notice, hostname: &str) -> Message {
 }
 
 /// Follows the facts for the daemon's life and tells whoever `[alerts]` names.
-pub async fn run(daemon: Arc<Daemon>) {
-    let (outbox, rx) = mpsc::channel(OUTBOX);
-    let mut delivery = tokio::spawn(deliver_all(daemon.clone(), rx));
-    tokio::select! {
-        ended = &mut delivery => {
-            if let Err(e) = ended {
-                if e.is_panic() {
-                    std::panic::resume_unwind(e.into_panic());
+/// The timeline is listened to from this call on (before the agent's watcher starts, so
+/// its first entries are heard).
+pub fn run(daemon: Arc<Daemon>) -> impl std::future::Future<Output = ()> {
+    let timeline = daemon.timeline().subscribe();
+    async move {
+        let (outbox, rx) = mpsc::channel(OUTBOX);
+        let mut delivery = tokio::spawn(deliver_all(daemon.clone(), rx));
+        tokio::select! {
+            ended = &mut delivery => {
+                if let Err(e) = ended {
+                    if e.is_panic() {
+                        std::panic::resume_unwind(e.into_panic());
+                    }
                 }
             }
+            () = watch(&daemon, timeline, outbox) => {}
         }
-        () = watch(&daemon, outbox) => {}
+        delivery.abort();
     }
-    delivery.abort();
 }
 
-async fn watch(daemon: &Arc<Daemon>, outbox: mpsc::Sender<Message>) {
+async fn watch(
+    daemon: &Arc<Daemon>,
+    mut timeline: tokio::sync::broadcast::Receiver<signet_api::wire::TimelineEntry>,
+    outbox: mpsc::Sender<Message>,
+) {
     let mut cfg = daemon.config();
     let dir = cfg.state_dir.clone();
     let hostname = doors::hostname();
@@ -169,8 +181,9 @@ async fn watch(daemon: &Arc<Daemon>, outbox: mpsc::Sender<Message>) {
             detail: k.detail,
         })
     }));
-    let mut timeline = daemon.timeline().subscribe();
     let mut seen = daemon.agent().watch();
+    // Whether the agent's view has said its first word since the start.
+    let mut settled = false;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut first = true;
@@ -194,13 +207,13 @@ async fn watch(daemon: &Arc<Daemon>, outbox: mpsc::Sender<Message>) {
                     return;
                 }
                 let now = seen.borrow_and_update().clone();
-                of_seen(&now, &alerts)
+                of_seen(&now, &alerts, &mut settled)
             }
             _ = tick.tick() => {
                 if first {
                     first = false;
                     let now = seen.borrow_and_update().clone();
-                    let mut out = of_seen(&now, &alerts);
+                    let mut out = of_seen(&now, &alerts, &mut settled);
                     out.extend(appliance(daemon, &cfg.alerts));
                     out
                 } else {
@@ -243,14 +256,22 @@ async fn watch(daemon: &Arc<Daemon>, outbox: mpsc::Sender<Message>) {
     }
 }
 
-/// The conditions the agent's view says.
-fn of_seen(seen: &AgentSeen, alerts: &Alerts) -> Vec<Seen> {
-    match seen {
-        AgentSeen::NotYet => Vec::new(),
+/// The conditions the agent's view says: all of them in its first word (`settled`
+/// then), the certificates' afterwards.
+fn of_seen(seen: &AgentSeen, alerts: &Alerts, settled: &mut bool) -> Vec<Seen> {
+    let all = match seen {
+        AgentSeen::NotYet => return Vec::new(),
         AgentSeen::Answered(h) => from_health(h, &alerts.subjects(Kind::CertExpires30)),
         AgentSeen::Unreachable(e) => {
             vec![(Key::of(Kind::AgentUnreachable), true, e.message.clone())]
         }
+    };
+    if std::mem::replace(settled, true) {
+        all.into_iter()
+            .filter(|(k, _, _)| matches!(k.kind, Kind::CertExpires30 | Kind::CertExpires7))
+            .collect()
+    } else {
+        all
     }
 }
 
