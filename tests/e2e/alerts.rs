@@ -314,3 +314,60 @@ fn alerts_a_token_flapping_inside_the_hold_down_raises_nothing_new() {
     );
     assert_eq!(count_mails(&mail_log, "token-lost", "resolved"), 1);
 }
+
+#[test]
+fn alerts_check_config_accepts_the_section_and_names_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new();
+    let hook = Hook::start();
+    let (sendmail, _) = stand_in_sendmail(&w);
+    let base = format!("agent = \"{}\"\ndbus = \"none\"\n", unix(&w, "agent.sock"));
+    let good = format!("{base}{}", config(&w, &hook, &sendmail, None, 600));
+    w.write_daemon_config(&good);
+    let out = w.signetd(&["check-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The webhook's token open to others.
+    std::fs::set_permissions(
+        w.path("webhook.token"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let out = w.signetd(&["check-config"]);
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("webhook_token_file") && stderr(&out).contains("chmod 0600"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("hook-s3cret-42"), "{}", stderr(&out));
+
+    for (bad, key, fix) in [
+        (
+            "[alerts]\nwebhook = \"ftp://x/\"\n",
+            "alerts.webhook",
+            "https://",
+        ),
+        (
+            "[alerts]\nsendmail = \"/usr/sbin/sendmail\"\n",
+            "alerts.mail_to",
+            "mail_to = [",
+        ),
+        (
+            "[alerts]\nspool_percent = 101\n",
+            "alerts.spool_percent",
+            "1 to 100",
+        ),
+        (
+            "[alerts]\nhold_down = 5\n",
+            "hold_down",
+            "hold_down_seconds",
+        ),
+    ] {
+        w.write_daemon_config(&format!("{base}{bad}"));
+        let out = w.signetd(&["check-config"]);
+        assert_eq!(code(&out), 1, "{bad}");
+        let e = stderr(&out);
+        assert!(e.contains(key) && e.contains(fix), "{bad}: {e}");
+    }
+}

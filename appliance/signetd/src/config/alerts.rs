@@ -143,6 +143,29 @@ impl WebhookUrl {
     }
 }
 
+/// Checks the webhook's token file without reading it: a regular file owned by the
+/// daemon's user and open to nobody else; the error names the fix.
+pub fn check_token_file(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    let fix = format!("write the webhook's token into {shown} as root: (umask 077; cat > {shown})");
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("alerts.webhook_token_file {shown}: {e}; {fix}"))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "alerts.webhook_token_file {shown} is not a regular file; {fix}"
+        ));
+    }
+    if meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "alerts.webhook_token_file {shown} is open to others (mode {:o}, owner uid {}); make it root's and 0600: chown root: {shown}; chmod 0600 {shown}",
+            meta.mode() & 0o7777,
+            meta.uid()
+        ));
+    }
+    Ok(())
+}
+
 impl AlertsConfig {
     /// The rules of [`crate::core::alerts`] this section makes.
     pub fn rules(&self) -> Rules {

@@ -14,7 +14,8 @@
 //! directory, the VMs' USB bus, QMP's time limit and sysfs are taken at start),
 //! `[[known_tokens]]` (the catalog the watcher sorts devices with). The recovery
 //! ladder follows the agent VM's tokens as reloaded (the agent watcher reads them anew
-//! when the configuration changes).
+//! when the configuration changes). `[alerts]` applies whole at once: its delays and
+//! hold-down to the incidents in course, its targets to the next notice delivered.
 
 use std::path::Path;
 
@@ -50,12 +51,15 @@ impl Changes {
 }
 
 /// The configuration in `path`, checked as `signetd check-config` checks it (its
-/// syntax and values, and the PIN file's owner and mode); the error says what is
-/// wrong and the fix.
+/// syntax and values, and the owner and mode of the PIN file and of the webhook's
+/// token file); the error says what is wrong and the fix.
 pub fn check(path: &Path) -> Result<Config, String> {
     let cfg = Config::load(path).map_err(|e| e.to_string())?;
     if let Some(pin) = &cfg.pin_file {
         signet_protocol::pin_file::check_own(pin)?;
+    }
+    if let Some(token) = &cfg.alerts.webhook_token_file {
+        crate::config::alerts::check_token_file(token)?;
     }
     Ok(cfg)
 }

@@ -16,23 +16,9 @@ use crate::config::alerts::WebhookUrl;
 /// Reads the webhook's bearer token: the first line of a regular file owned by the
 /// daemon's user and open to nobody else.
 pub fn read_token(path: &Path) -> Result<SecretString, DeliveryError> {
-    use std::os::unix::fs::MetadataExt;
+    crate::config::alerts::check_token_file(path).map_err(DeliveryError::Setup)?;
     let shown = path.display();
     let fix = format!("write the webhook's token into {shown} as root: (umask 077; cat > {shown})");
-    let meta = std::fs::metadata(path)
-        .map_err(|e| DeliveryError::Setup(format!("webhook_token_file {shown}: {e}; {fix}")))?;
-    if !meta.is_file() {
-        return Err(DeliveryError::Setup(format!(
-            "webhook_token_file {shown} is not a regular file; {fix}"
-        )));
-    }
-    if meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
-        return Err(DeliveryError::Setup(format!(
-            "webhook_token_file {shown} is open to others (mode {:o}, owner {}); make it root's and 0600: chown root: {shown}; chmod 0600 {shown}",
-            meta.mode() & 0o7777,
-            meta.uid()
-        )));
-    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| DeliveryError::Setup(format!("webhook_token_file {shown}: {e}; {fix}")))?;
     let token = text.lines().next().unwrap_or("").trim().to_owned();
