@@ -59,6 +59,11 @@ mode 644 root:root /lib/systemd/system/signet-agent.service
 mode 644 root:root /usr/share/dbus-1/system.d/org.signet.Signet1.conf
 mode 644 root:root /lib/udev/rules.d/60-signet.rules
 mode 755 root:root /usr/share/signet/proxmox-plugin/install.sh
+mode 755 root:root /usr/lib/signet/signet-notify
+for t in subject.txt body.txt body.html; do
+  mode 644 root:root /usr/share/pve-manager/templates/default/signet-alert-$t.hbs
+done
+check "signet-notify hands alerts to PVE::Notify" grep -q 'PVE::Notify::notify' /usr/lib/signet/signet-notify
 mode 644 root:root /usr/share/doc/signet-agent/examples/agent.toml
 check "/etc/signet/signetd.toml is a conffile of signet" \
   grep -q '^ /etc/signet/signetd.toml ' <(dpkg-query -W -f '${Conffiles}\n' signet)
