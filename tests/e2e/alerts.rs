@@ -371,3 +371,40 @@ fn alerts_check_config_accepts_the_section_and_names_the_fix() {
         assert!(e.contains(key) && e.contains(fix), "{bad}: {e}");
     }
 }
+
+#[test]
+fn alerts_an_unreachable_agent_is_told_once_and_resolved_once() {
+    let mut w = World::new();
+    let mut hook = Hook::start();
+    let (sendmail, mail_log) = stand_in_sendmail(&w);
+    let pin = w.path("pin");
+    let agent = w.start_agent(&unix(&w, "agent.sock"), SOFTHSM, &pin, &[]);
+    w.start_daemon_with(
+        &[&unix(&w, "signetd.sock")],
+        &agent,
+        &config(&w, &hook, &sendmail, None, 0),
+    );
+    wait_until("signing works", || fetch_status_ready(&w));
+    w.kill("signet-agent");
+    let down = hook.wait("agent-unreachable", "raised");
+    assert_eq!(down["severity"], "warning", "{down}");
+    w.start_agent(&unix(&w, "agent.sock"), SOFTHSM, &pin, &[]);
+    hook.wait("agent-unreachable", "resolved");
+    assert_eq!(
+        hook.count("agent-unreachable", "raised"),
+        1,
+        "{:#?}",
+        hook.seen
+    );
+    wait_until("the resolved notice by mail", || {
+        count_mails(&mail_log, "agent-unreachable", "resolved") > 0
+    });
+    assert_eq!(count_mails(&mail_log, "agent-unreachable", "raised"), 1);
+}
+
+/// Whether the daemon's status says signing works.
+fn fetch_status_ready(w: &World) -> bool {
+    let ep = Endpoint::Unix(w.path("signetd.sock"));
+    let (_, s) = call_json(&ep, "GET", "/v1/status", None);
+    s["signing_works"] == true
+}
