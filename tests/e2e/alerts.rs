@@ -1,8 +1,9 @@
 //! Operators are told, with real processes: signetd, the agent and a SoftHSM token,
 //! alerts delivered to a stand-in sendmail (a script in the test's directory that
 //! appends its stdin to a file) and to a webhook receiver on 127.0.0.1:0. A PIN the
-//! token refused and a token lost are each raised once and resolved once, on both
-//! targets; a token that comes and goes inside the hold-down raises nothing new.
+//! token refused, a token lost and an agent gone are each raised once and resolved
+//! once, on both targets; a token that comes and goes inside the hold-down raises
+//! nothing new.
 
 use std::io::{Read, Write};
 use std::sync::mpsc;
