@@ -8,8 +8,8 @@
 //!   login, the recovery ladder exhausted or recovered;
 //! - the one view of the agent ([`AgentSeen`]): the certificates on its token (30 and
 //!   7 days before their end) whenever it changes; and its first answer after a start
-//!   (ready, token lost or missing, PIN refused or locked, unreachable), which settles
-//!   the incidents a previous run left open. After that the timeline alone says the
+//!   (ready, token lost or missing, PIN refused or locked), which settles the
+//!   incidents a previous run left open (until then, an agent that does not answer). After that the timeline alone says the
 //!   token's, the PIN's and the agent's conditions: a health read answered just before
 //!   an event would otherwise undo it;
 //! - every second: the audit head's check ([`Daemon::faults`]) and the spool's use
@@ -256,22 +256,26 @@ async fn watch(
     }
 }
 
-/// The conditions the agent's view says: all of them in its first word (`settled`
-/// then), the certificates' afterwards.
+/// The conditions the agent's view says. Its first answer since the start settles
+/// them all (`settled` then); until then an agent that does not answer is said so;
+/// afterwards only the certificates are read from it.
 fn of_seen(seen: &AgentSeen, alerts: &Alerts, settled: &mut bool) -> Vec<Seen> {
-    let all = match seen {
-        AgentSeen::NotYet => return Vec::new(),
-        AgentSeen::Answered(h) => from_health(h, &alerts.subjects(Kind::CertExpires30)),
+    match seen {
+        AgentSeen::NotYet => Vec::new(),
+        AgentSeen::Unreachable(_) if *settled => Vec::new(),
         AgentSeen::Unreachable(e) => {
             vec![(Key::of(Kind::AgentUnreachable), true, e.message.clone())]
         }
-    };
-    if std::mem::replace(settled, true) {
-        all.into_iter()
-            .filter(|(k, _, _)| matches!(k.kind, Kind::CertExpires30 | Kind::CertExpires7))
-            .collect()
-    } else {
-        all
+        AgentSeen::Answered(h) => {
+            let all = from_health(h, &alerts.subjects(Kind::CertExpires30));
+            if std::mem::replace(settled, true) {
+                all.into_iter()
+                    .filter(|(k, _, _)| matches!(k.kind, Kind::CertExpires30 | Kind::CertExpires7))
+                    .collect()
+            } else {
+                all
+            }
+        }
     }
 }
 
@@ -555,6 +559,47 @@ mod tests {
         // An absent token says nothing of its certificates.
         h.token_present = false;
         assert_eq!(from_health(&h, &["bb".into()]).len(), 1);
+    }
+
+    #[test]
+    fn alerts_the_agents_first_answer_settles_then_the_timeline_speaks() {
+        let a = Alerts::new(crate::config::alerts::AlertsConfig::default().rules());
+        let mut settled = false;
+        assert!(of_seen(&AgentSeen::NotYet, &a, &mut settled).is_empty());
+        let down = AgentSeen::Unreachable(signet_api::wire::ErrorBody::new(
+            signet_api::wire::ErrorCode::AgentUnavailable,
+            "no agent",
+        ));
+        assert_eq!(
+            active(&of_seen(&down, &a, &mut settled)),
+            vec![(Kind::AgentUnreachable, true)]
+        );
+        assert!(!settled, "no answer settles nothing");
+        let lost = AgentSeen::Answered(Box::new(health(AgentState::TokenMissing)));
+        assert_eq!(
+            active(&of_seen(&lost, &a, &mut settled)),
+            vec![(Kind::AgentUnreachable, false), (Kind::TokenLost, true)]
+        );
+        assert!(settled);
+        // Afterwards a health read (maybe answered before an event the timeline has
+        // already said) changes nothing but the certificates.
+        let ready = AgentSeen::Answered(Box::new(health(AgentState::Ready)));
+        assert!(of_seen(&ready, &a, &mut settled).is_empty());
+        assert!(of_seen(&down, &a, &mut settled).is_empty());
+        let mut h = health(AgentState::Ready);
+        h.certificates = vec![CertificateSummary {
+            sha256: "aa".into(),
+            days_left: 3,
+            ..CertificateSummary::default()
+        }];
+        assert_eq!(
+            active(&of_seen(
+                &AgentSeen::Answered(Box::new(h)),
+                &a,
+                &mut settled
+            )),
+            vec![(Kind::CertExpires30, true), (Kind::CertExpires7, true)]
+        );
     }
 
     #[test]
