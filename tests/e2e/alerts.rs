@@ -409,3 +409,38 @@ fn fetch_status_ready(w: &World) -> bool {
     let (_, s) = call_json(&ep, "GET", "/v1/status", None);
     s["signing_works"] == true
 }
+
+#[test]
+fn alerts_an_incident_open_across_a_restart_is_not_raised_again_and_resolved_once() {
+    let mut w = World::new();
+    let mut hook = Hook::start();
+    let (sendmail, _) = stand_in_sendmail(&w);
+    let agent = w.start_agent_config(&unix(&w, "agent.sock"), SOFTHSM, None, &[], "");
+    let pin_file = host_pin(&w, "000000");
+    let cfg = config(&w, &hook, &sendmail, Some(&pin_file), 0);
+    w.start_daemon_with(&[&unix(&w, "signetd.sock")], &agent, &cfg);
+    hook.wait("pin-rejected", "raised");
+    assert!(
+        std::fs::read_to_string(w.path("state/alerts.json"))
+            .unwrap()
+            .contains("pin-rejected"),
+        "the open incident is kept"
+    );
+    // signetd dies and comes back while the PIN is still the refused one.
+    w.kill("signetd");
+    w.restart_daemon();
+    wait_until("the restarted daemon sees the refused PIN", || {
+        let ep = Endpoint::Unix(w.path("signetd.sock"));
+        let (_, s) = call_json(&ep, "GET", "/v1/status", None);
+        s["agent"]["health"]["state"] == "pin_rejected"
+    });
+    host_pin(&w, PIN);
+    hook.wait("pin-rejected", "resolved");
+    assert_eq!(hook.count("pin-rejected", "raised"), 1, "{:#?}", hook.seen);
+    assert_eq!(
+        hook.count("pin-rejected", "resolved"),
+        1,
+        "{:#?}",
+        hook.seen
+    );
+}
