@@ -197,8 +197,12 @@ async fn watch(
             entry = timeline.recv() => match entry {
                 Ok(e) => from_entry(&e.event, &e.detail),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "the alerts missed timeline entries; the agent's next health read sets them right");
-                    Vec::new()
+                    // Entries were missed: the agent's view as it is now settles the
+                    // conditions again.
+                    tracing::warn!(missed = n, "the alerts missed timeline entries; they take the agent's last health read instead");
+                    settled = false;
+                    let now = seen.borrow_and_update().clone();
+                    of_seen(&now, &alerts, &mut settled)
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
@@ -250,7 +254,7 @@ async fn watch(
                 continue;
             }
             if outbox.try_send(msg).is_err() {
-                tracing::warn!(alert = n.key.kind.name(), "too many alerts wait for delivery; this one is in the log only: check that the alert targets in [alerts] answer");
+                tracing::warn!(alert_kind = n.key.kind.name(), "too many alerts wait for delivery; this one is in the log only: check that the alert targets in [alerts] answer");
             }
         }
     }
