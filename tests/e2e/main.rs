@@ -16,6 +16,7 @@ mod formats;
 mod jobs_api;
 mod journal;
 mod link;
+mod metrics;
 mod native;
 mod operator;
 mod passthrough;

@@ -264,6 +264,7 @@ pub struct Snapshot {
     /// (step, result: ran, skipped or failed, how often), over the stored timeline.
     pub recovery_steps: Vec<(&'static str, &'static str, u64)>,
     pub spool_used_bytes: u64,
+    pub spool_kept_bytes: u64,
     pub spool_quota_bytes: u64,
 }
 
@@ -340,6 +341,7 @@ impl Snapshot {
             profile_certificates,
             recovery_steps: Vec::new(),
             spool_used_bytes: 0,
+            spool_kept_bytes: 0,
             spool_quota_bytes: 0,
         }
     }
@@ -518,9 +520,15 @@ pub fn render(jobs: &JobMetrics, snap: &Snapshot) -> String {
     );
     r.register_with_unit(
         "signet_spool_used",
-        "Room the spooled inputs and results take",
+        "Room the spooled inputs and the results not yet delivered take, counted against the quota",
         Unit::Bytes,
         gauge(snap.spool_used_bytes as i64),
+    );
+    r.register_with_unit(
+        "signet_spool_kept",
+        "Room the delivered results kept for a retry take (until result_ttl_seconds; dropped first when the spool needs room)",
+        Unit::Bytes,
+        gauge(snap.spool_kept_bytes as i64),
     );
     r.register_with_unit(
         "signet_spool_quota",
@@ -764,6 +772,7 @@ mod tests {
         ];
         snap.recovery_steps = vec![("reattach", "ran", 2), ("vm_reset", "failed", 1)];
         snap.spool_used_bytes = 4096;
+        snap.spool_kept_bytes = 512;
         snap.spool_quota_bytes = 2 << 30;
         let text = render(&JobMetrics::default(), &snap);
         let s = samples(&text);
@@ -787,6 +796,7 @@ mod tests {
             "signet_recovery_steps_total{step=\"vm_reset\",result=\"failed\"} 1".to_owned(),
             "signet_recovery_steps_total{step=\"agent_reinit\",result=\"ran\"} 0".to_owned(),
             "signet_spool_used_bytes 4096".to_owned(),
+            "signet_spool_kept_bytes 512".to_owned(),
             format!("signet_spool_quota_bytes {}", 2u64 << 30),
         ] {
             assert!(s.contains(&want.as_str()), "{want} in\n{text}");

@@ -76,6 +76,7 @@ pub async fn snapshot(daemon: &Daemon) -> Snapshot {
     }
     let (used, quota) = daemon.store().spool_usage();
     snap.spool_used_bytes = used;
+    snap.spool_kept_bytes = daemon.store().spool_kept();
     snap.spool_quota_bytes = quota;
     snap
 }
