@@ -258,8 +258,7 @@ fn metrics_count_the_jobs_and_read_the_agent_token_certificate_and_spool() {
     assert_eq!(jobs("release", "signed"), 2.0, "{}", m.text);
     assert_eq!(jobs("test", "signed"), 1.0, "{}", m.text);
     assert_eq!(jobs("release", "failed"), 1.0, "{}", m.text);
-    assert_eq!(jobs("", "refused"), 1.0, "{}", m.text);
-    assert_eq!(jobs("release", "refused") + jobs("test", "failed"), 0.0);
+    assert_eq!(jobs("test", "failed") + jobs("release", "cancelled"), 0.0);
     assert_eq!(
         m.value(
             "signet_job_errors_total",
@@ -269,7 +268,7 @@ fn metrics_count_the_jobs_and_read_the_agent_token_certificate_and_spool() {
     );
     assert_eq!(
         m.value(
-            "signet_job_errors_total",
+            "signet_refusals_total",
             &[("profile", ""), ("code", "unknown_profile")]
         ),
         1.0

@@ -60,6 +60,7 @@ fn signing_buckets() -> Histogram {
 pub struct JobMetrics {
     jobs: Family<JobLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
+    refusals: Family<ErrorLabels, Counter>,
     wait: Histograms,
     signing: Histograms,
 }
@@ -69,6 +70,7 @@ impl Default for JobMetrics {
         JobMetrics {
             jobs: Family::default(),
             errors: Family::default(),
+            refusals: Family::default(),
             wait: Family::new_with_constructor(wait_buckets),
             signing: Family::new_with_constructor(signing_buckets),
         }
@@ -127,7 +129,8 @@ impl JobMetrics {
         }
     }
 
-    /// Counts a request refused before it became a job. `profile` is taken only when
+    /// Counts a refused request: a signing request before it became a job, or an
+    /// operator's (every refusal the audit log records). `profile` is taken only when
     /// it is configured (`profiles`), so that what callers send cannot make labels.
     pub fn refused<'p>(
         &self,
@@ -139,13 +142,7 @@ impl JobMetrics {
             .filter(|p| profiles.any(|known| known == p))
             .unwrap_or_default()
             .to_owned();
-        self.jobs
-            .get_or_create(&JobLabels {
-                profile: profile.clone(),
-                result: "refused".into(),
-            })
-            .inc();
-        self.errors
+        self.refusals
             .get_or_create(&ErrorLabels {
                 profile,
                 code: code.as_str().into(),
@@ -396,13 +393,18 @@ pub fn render(jobs: &JobMetrics, snap: &Snapshot) -> String {
     let mut r = Registry::default();
     r.register(
         "signet_jobs",
-        "Jobs that ended, by profile and result (signed, failed, cancelled), and requests refused before they became jobs (result refused; profile empty unless configured)",
+        "Jobs that ended, by profile and result (signed, failed, cancelled)",
         jobs.jobs.clone(),
     );
     r.register(
         "signet_job_errors",
-        "Jobs that failed and requests refused, by profile and error code",
+        "Jobs that failed, by profile and error code",
         jobs.errors.clone(),
+    );
+    r.register(
+        "signet_refusals",
+        "Requests refused (signing requests before they became jobs, and operators'), by profile (empty unless a configured one) and error code",
+        jobs.refusals.clone(),
     );
     r.register_with_unit(
         "signet_job_wait",
@@ -641,10 +643,9 @@ mod tests {
             "signet_jobs_total{profile=\"release\",result=\"signed\"} 2",
             "signet_jobs_total{profile=\"release\",result=\"failed\"} 1",
             "signet_jobs_total{profile=\"test\",result=\"cancelled\"} 1",
-            "signet_jobs_total{profile=\"release\",result=\"refused\"} 1",
-            "signet_jobs_total{profile=\"\",result=\"refused\"} 1",
+            "signet_refusals_total{profile=\"release\",code=\"forbidden\"} 1",
+            "signet_refusals_total{profile=\"\",code=\"unknown_profile\"} 1",
             "signet_job_errors_total{profile=\"release\",code=\"token_unavailable\"} 1",
-            "signet_job_errors_total{profile=\"\",code=\"unknown_profile\"} 1",
             "signet_job_wait_seconds_count{profile=\"release\"} 3",
             "signet_job_wait_seconds_sum{profile=\"release\"} 2.7",
             "signet_job_signing_seconds_count{profile=\"release\"} 2",
@@ -660,7 +661,12 @@ mod tests {
             "a job that never reached the agent did not wait for it"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
-        for name in ["signet_jobs", "signet_job_errors", "signet_recovery_steps"] {
+        for name in [
+            "signet_jobs",
+            "signet_job_errors",
+            "signet_refusals",
+            "signet_recovery_steps",
+        ] {
             assert!(text.contains(&format!("# TYPE {name} counter\n")), "{name}");
         }
         assert!(text.contains(
