@@ -524,6 +524,12 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["tcp:0.0.0.0:9000"]
         );
+        let (_, changes) = crate::config::reload::merge(&cfg, wide);
+        assert_eq!(
+            changes.need_restart,
+            ["metrics"],
+            "the listeners are bound at start"
+        );
         for (text, fix) in [
             ("listen = [\"unix:/run/m.sock\"]", "list TCP endpoints"),
             ("listen = []", "enabled = false"),

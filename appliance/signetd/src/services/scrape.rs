@@ -80,3 +80,81 @@ pub async fn snapshot(daemon: &Daemon) -> Snapshot {
     snap.spool_quota_bytes = quota;
     snap
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::store::{Kind, NewJob};
+
+    #[tokio::test]
+    async fn the_jobs_not_ended_and_the_recovery_steps_are_read_from_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::config::Config::parse(
+            &dir.path().join("signetd.toml"),
+            &format!(
+                "agent = \"unix:{0}/agent.sock\"\nstate_dir = \"{0}/state\"\ndbus = \"none\"\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        let daemon = Daemon::open(cfg).unwrap();
+        let store = daemon.store();
+        for _ in 0..2 {
+            store
+                .insert(&NewJob {
+                    caller: "uid:0".into(),
+                    transport: "unix".into(),
+                    idempotency_key: None,
+                    kind: Kind::Sign,
+                    profile: "default".into(),
+                    filename: Some("a.exe".into()),
+                    agent_query: "profile=default".into(),
+                    content_type: "application/octet-stream".into(),
+                    request_sha256: None,
+                })
+                .unwrap();
+        }
+        store.queued("2", "abc", 10).unwrap();
+        for (event, detail) in [
+            (
+                "recovery_step",
+                "reattach: the host detaches and re-attaches",
+            ),
+            ("recovery_step", "reattach: again"),
+            ("recovery_step_failed", "vm_reset: qm reset failed"),
+            ("recovery_step_skipped", "usb_port_reset: skipped"),
+            ("recovery_step", "no_such_step: not a step"),
+            ("token_lost", "reattach: not a step's entry"),
+        ] {
+            store
+                .conn()
+                .execute(
+                    "INSERT INTO timeline (time_ms, event, detail) VALUES (1, ?1, ?2)",
+                    [event, detail],
+                )
+                .unwrap();
+        }
+        let snap = snapshot(&daemon).await;
+        assert_eq!(
+            snap.jobs,
+            [
+                (JobState::Receiving, 1),
+                (JobState::Queued, 1),
+                (JobState::Running, 0)
+            ]
+        );
+        let mut steps = snap.recovery_steps.clone();
+        steps.sort();
+        assert_eq!(
+            steps,
+            [
+                ("reattach", "ran", 2),
+                ("usb_port_reset", "skipped", 1),
+                ("vm_reset", "failed", 1)
+            ]
+        );
+        assert!(!snap.agent_up, "the agent has not answered");
+        assert_eq!(snap.spool_quota_bytes, 2048 << 20);
+    }
+}
