@@ -1,7 +1,7 @@
 //! Prometheus metrics from a real signetd, agent and SoftHSM token: jobs signed,
 //! failed and refused are counted by profile; the queue, the agent, the token, the PIN,
 //! the certificate's expiry and the spool are read at the scrape; a metrics port that
-//! cannot be bound leaves signing working.
+//! cannot be bound leaves signing working; `enabled = false` serves nothing.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -418,4 +418,27 @@ fn a_metrics_port_that_cannot_be_bound_leaves_signing_working() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(verify(&w, &file).0);
     drop(taken);
+}
+
+#[test]
+fn metrics_turned_off_are_not_served() {
+    let mut w = World::new();
+    let pin = w.path("pin");
+    let agent = w.start_agent(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+    );
+    w.start_daemon_with(
+        &[&format!("unix:{}", w.path("signetd.sock").display())],
+        &agent,
+        "[profiles.release]\n[metrics]\nenabled = false\nlisten = [\"tcp:127.0.0.1:0\"]\n",
+    );
+    let log = w.log("signetd");
+    assert!(
+        log.contains("metrics are not served ([metrics] enabled = false)"),
+        "{log}"
+    );
+    assert!(!log.contains("serving metrics"), "{log}");
 }
