@@ -515,6 +515,8 @@ impl JobService {
             page_hashes: profile.page_hashes,
             nested: profile.nested,
             formats: profile.allowed_formats(),
+            timestamp: Some(profile.timestamp.clone()),
+            certificate: profile.certificate.clone(),
         })
     }
 
