@@ -470,4 +470,20 @@ fn ci_kit_cmake_post_build_signs_a_mingw_program() {
     assert_ne!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
     assert!(said.contains("cannot reach the Signet daemon"), "{said}");
+
+    // SIGNET_SIGN=OFF: a developer's build without the appliance, unsigned.
+    let out = run_script(
+        &dir,
+        &gone,
+        "cmake -S . -B plain -DCMAKE_TOOLCHAIN_FILE=mingw-w64.cmake -DSIGNET_SIGN=OFF && cmake --build plain",
+        &[("CMAKE_PREFIX_PATH", prefix)],
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(code(&out), 0, "{said}{}", stderr(&out));
+    assert!(
+        said.contains("Signet: not signing hello (SIGNET_SIGN is OFF)"),
+        "{said}"
+    );
+    let (signed, _) = verify(&w, &dir.join("plain/hello.exe"));
+    assert!(!signed, "built unsigned");
 }

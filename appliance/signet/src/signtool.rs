@@ -920,6 +920,30 @@ mod tests {
     }
 
     #[test]
+    fn the_help_names_every_option_taken_or_refused() {
+        for o in OPTIONS {
+            let (Opt::Taken(n, _) | Opt::Refused(n, _, _)) = o;
+            let shown = format!("/{n}");
+            let named = HELP
+                .split(|c: char| c.is_whitespace() || matches!(c, ',' | '(' | ')' | '.'))
+                .any(|w| w == shown || (n.starts_with("p7") && w == "/p7"));
+            assert!(named, "signet signtool --help names {shown}");
+        }
+    }
+
+    #[test]
+    fn every_value_an_option_takes_is_consumed() {
+        // An option's values never become files, whatever they look like.
+        for o in OPTIONS {
+            if let Opt::Taken(n, true) = o {
+                let value = if *n == "sha1" { THUMB } else { "sha256" };
+                let r = sign(&format!("sign /tr http://ts /{n} {value} a.exe"));
+                assert_eq!(r.files, [PathBuf::from("a.exe")], "/{n}");
+            }
+        }
+    }
+
+    #[test]
     fn a_non_utf8_word_is_a_file() {
         #[cfg(unix)]
         {
