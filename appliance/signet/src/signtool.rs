@@ -367,10 +367,8 @@ fn value_of<'a>(
     }
 }
 
-fn ask_the_operator(profile: &str, what: &str) -> String {
-    format!(
-        "drop {what} or ask the operator for a profile that allows it (this one is '{profile}')"
-    )
+fn ask_the_operator(what: &str) -> String {
+    format!("drop {what} or ask the operator for a profile that allows it")
 }
 
 /// Holds what the command line asks to what the profile does. `Ok`: what to tell the
@@ -383,7 +381,7 @@ pub fn check(r: &Request, p: &ProfileOptions) -> Result<Vec<String>, Usage> {
         if fd != hash {
             return Err(Usage(format!(
                 "the profile '{name}' signs with {hash}; /fd {fd} is not allowed — {}",
-                ask_the_operator(name, "/fd")
+                ask_the_operator("/fd")
             )));
         }
     }
@@ -397,7 +395,7 @@ pub fn check(r: &Request, p: &ProfileOptions) -> Result<Vec<String>, Usage> {
             Some(servers) if servers.is_empty() => {
                 return Err(Usage(format!(
                     "the profile '{name}' does not timestamp; /tr {url} is not allowed — {}",
-                    ask_the_operator(name, "/tr and /td")
+                    ask_the_operator("/tr and /td")
                 )))
             }
             Some(servers) if !servers.iter().any(|s| same_url(s, url)) => notes.push(format!(
@@ -411,27 +409,27 @@ pub fn check(r: &Request, p: &ProfileOptions) -> Result<Vec<String>, Usage> {
         if td != hash {
             return Err(Usage(format!(
                 "the profile '{name}' timestamps with {hash}; /td {td} is not allowed — {}",
-                ask_the_operator(name, "/td")
+                ask_the_operator("/td")
             )));
         }
     }
     if r.append && !p.nested {
         return Err(Usage(format!(
             "the profile '{name}' replaces a signature the file has; /as is not allowed — {}",
-            ask_the_operator(name, "/as")
+            ask_the_operator("/as")
         )));
     }
     match r.page_hashes {
         Some(true) if !p.page_hashes => {
             return Err(Usage(format!(
                 "the profile '{name}' signs without page hashes; /ph is not allowed — {}",
-                ask_the_operator(name, "/ph")
+                ask_the_operator("/ph")
             )))
         }
         Some(false) if p.page_hashes => {
             return Err(Usage(format!(
                 "the profile '{name}' signs PE files with page hashes; /nph is not allowed — {}",
-                ask_the_operator(name, "/nph")
+                ask_the_operator("/nph")
             )))
         }
         _ => {}
@@ -506,7 +504,7 @@ pub fn check_certificate(
         let fix = if several {
             "ask the operator to pin the profile's certificate, or drop it".to_owned()
         } else {
-            ask_the_operator(name, "it")
+            ask_the_operator("it")
         };
         if let Some(n) = &r.subject {
             if !contains_ignoring_case(&c.subject, n) {
@@ -969,7 +967,7 @@ mod tests {
         );
         assert_eq!(
             check(&sign("sign /fd sha1 a.exe"), &p),
-            Err(Usage("the profile 'release' signs with sha256; /fd sha1 is not allowed — drop /fd or ask the operator for a profile that allows it (this one is 'release')".into()))
+            Err(Usage("the profile 'release' signs with sha256; /fd sha1 is not allowed — drop /fd or ask the operator for a profile that allows it".into()))
         );
         let m = check(&sign("sign /fd sha384 a.exe"), &p).unwrap_err().0;
         assert!(
@@ -1073,7 +1071,7 @@ mod tests {
         let m = check_certificate(&sign("sign /n Contoso a.exe"), &p, &one)
             .unwrap_err()
             .0;
-        assert_eq!(m, "the profile 'release' signs with the certificate of CN=Signet Demo Code Signing, O=Signet; /n \"Contoso\" does not match it — drop it or ask the operator for a profile that allows it (this one is 'release')");
+        assert_eq!(m, "the profile 'release' signs with the certificate of CN=Signet Demo Code Signing, O=Signet; /n \"Contoso\" does not match it — drop it or ask the operator for a profile that allows it");
         let m = check_certificate(&sign("sign /i Contoso a.exe"), &p, &one)
             .unwrap_err()
             .0;
