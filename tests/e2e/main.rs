@@ -8,6 +8,7 @@ use std::process::Output;
 
 use signet_test_support::*;
 
+mod ci_kit;
 mod cli;
 mod dbus;
 mod doctor;

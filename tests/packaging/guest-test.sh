@@ -60,6 +60,8 @@ mode 644 root:root /usr/share/dbus-1/system.d/org.signet.Signet1.conf
 mode 644 root:root /lib/udev/rules.d/60-signet.rules
 mode 755 root:root /usr/share/signet/proxmox-plugin/install.sh
 mode 644 root:root /usr/share/doc/signet-agent/examples/agent.toml
+mode 644 root:root /usr/share/cmake/Signet/SignetConfig.cmake
+mode 644 root:root /usr/share/cmake/Signet/SignetSign.cmake
 check "/etc/signet/signetd.toml is a conffile of signet" \
   grep -q '^ /etc/signet/signetd.toml ' <(dpkg-query -W -f '${Conffiles}\n' signet)
 check "the signet group exists" getent group signet

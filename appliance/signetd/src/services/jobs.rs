@@ -531,6 +531,8 @@ impl JobService {
             page_hashes: profile.page_hashes,
             nested: profile.nested,
             formats: profile.allowed_formats(),
+            timestamp: Some(profile.timestamp.clone()),
+            certificate: profile.certificate.clone(),
         })
     }
 
