@@ -22,6 +22,8 @@ needs=(
   "/lib/systemd/systemd-journald systemd"
   # tests/fixtures/make-appx.sh writes APPX/MSIX packages with python3's zipfile
   "python3 python3"
+  # the e2e ci_kit test builds a mingw-w64 program with CMake (packaging/cmake)
+  "cmake cmake"
   "wixl wixl"
   "msiinfo msitools"
   "gcab gcab"

@@ -135,6 +135,14 @@ pub struct ProfileOptions {
     /// The formats the profile signs; empty: all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub formats: Vec<Format>,
+    /// The RFC 3161 timestamp servers the profile's signatures are timestamped by, in
+    /// order (empty: no timestamp); absent from daemons that do not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<Vec<String>>,
+    /// The SHA-256 fingerprint of the only certificate the profile signs with, as
+    /// configured (colons optional); absent: the token's certificate, whichever it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }
 
 /// Query of `POST /v1/sign`. An unknown parameter (a typo such as `profil=`) is an
@@ -649,6 +657,10 @@ pub struct CertificateSummary {
     pub issuer: String,
     /// SHA-256 of the DER encoding, lowercase hex.
     pub sha256: String,
+    /// SHA-1 of the DER encoding (the "thumbprint" Windows shows and signtool's `/sha1`
+    /// takes), lowercase hex; empty from agents that do not say.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sha1: String,
     /// notBefore, RFC 3339.
     pub not_before: String,
     /// notAfter, RFC 3339.

@@ -284,14 +284,18 @@ impl World {
     }
 
     /// Writes `config` as `signetd.toml` (with a `state_dir` in the test's directory
-    /// unless it names one), for [`World::restart_daemon`] and
-    /// [`World::restart_daemon_under`].
+    /// unless it names one, and metrics on a free loopback port unless it has a
+    /// `[metrics]`: tests running at once do not meet on the default port), for
+    /// [`World::restart_daemon`] and [`World::restart_daemon_under`].
     pub fn write_daemon_config(&self, config: &str) {
-        let config = if config.contains("state_dir") {
+        let mut config = if config.contains("state_dir") {
             config.to_owned()
         } else {
             format!("state_dir = \"{}\"\n{config}", self.path("state").display())
         };
+        if !config.contains("[metrics]") {
+            config.push_str("\n[metrics]\nlisten = [\"tcp:127.0.0.1:0\"]\n");
+        }
         std::fs::write(self.path("signetd.toml"), config).unwrap();
     }
 
@@ -426,6 +430,22 @@ impl World {
                 self.log(name)
             );
         }
+    }
+
+    /// The URL of the running daemon's metrics (`http://127.0.0.1:PORT/metrics`), from
+    /// the endpoint it logs before it says it is ready.
+    pub fn metrics_url(&self) -> String {
+        let log = self.log("signetd");
+        let ep = log
+            .lines()
+            .rev()
+            .find_map(|l| l.split("serving metrics endpoint=").nth(1))
+            .unwrap_or_else(|| panic!("the metrics' endpoint in the log:\n{log}"))
+            .trim();
+        let Ok(Endpoint::Tcp { host, port }) = ep.parse::<Endpoint>() else {
+            panic!("not a TCP endpoint: {ep}")
+        };
+        format!("http://{host}:{port}/metrics")
     }
 
     /// The log of a child started by this world.

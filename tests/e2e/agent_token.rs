@@ -75,6 +75,11 @@ fn health_reports_token_pin_flags_and_certificates_without_logging_in() {
         .replace(':', "")
         .to_lowercase();
     assert_eq!(c["sha256"], fingerprint);
+    // The thumbprint Windows shows and signtool's /sha1 takes.
+    let thumbprint = openssl_x509(&w, &["-fingerprint", "-sha1"])
+        .replace(':', "")
+        .to_lowercase();
+    assert_eq!(c["sha1"], thumbprint);
     let days = c["days_left"].as_i64().unwrap();
     assert!((363..=365).contains(&days), "made for 365 days: {days}");
     assert!(

@@ -9,6 +9,7 @@ use std::process::Output;
 use signet_test_support::*;
 
 mod alerts;
+mod ci_kit;
 mod cli;
 mod dbus;
 mod doctor;
@@ -17,6 +18,7 @@ mod formats;
 mod jobs_api;
 mod journal;
 mod link;
+mod metrics;
 mod native;
 mod operator;
 mod passthrough;

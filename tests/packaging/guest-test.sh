@@ -65,6 +65,8 @@ for t in subject.txt body.txt body.html; do
 done
 check "signet-notify hands alerts to PVE::Notify" grep -q 'PVE::Notify::notify' /usr/lib/signet/signet-notify
 mode 644 root:root /usr/share/doc/signet-agent/examples/agent.toml
+mode 644 root:root /usr/share/cmake/Signet/SignetConfig.cmake
+mode 644 root:root /usr/share/cmake/Signet/SignetSign.cmake
 check "/etc/signet/signetd.toml is a conffile of signet" \
   grep -q '^ /etc/signet/signetd.toml ' <(dpkg-query -W -f '${Conffiles}\n' signet)
 check "the signet group exists" getent group signet

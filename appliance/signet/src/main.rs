@@ -7,11 +7,14 @@
 //!   the signed result.
 //! - [`collect`] — a job's idempotency key, and its result collected across a
 //!   restarting appliance.
+//! - [`signtool`] — `signet signtool sign ...`: signtool's options held to the profile,
+//!   then signed as `signet sign` signs.
 
 mod collect;
 mod config;
 mod native;
 mod sign;
+mod signtool;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -79,6 +82,23 @@ enum Command {
     /// Sign files, replacing each with its signed version (or writing to --output).
     #[command(after_help = EXIT_CODES)]
     Sign(sign::SignArgs),
+    /// signtool's `sign` command line, signed by the appliance: `signet signtool sign
+    /// /fd sha256 /tr URL /d DESC app.exe` (options held to the profile).
+    #[command(
+        after_long_help = signtool::HELP,
+        disable_help_flag = true,
+        arg_required_else_help = true
+    )]
+    Signtool {
+        /// `sign`, then signtool's options and the files (`signet signtool --help`).
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            num_args = 0..,
+            value_name = "ARGS"
+        )]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Show whether the appliance can sign right now.
     #[command(after_help = "Exit code 0 when signing works, 6 when it does not.")]
     Status {
@@ -147,6 +167,7 @@ async fn run(cli: Cli) -> i32 {
     signet_protocol::tls::configure(cli.tls_ca, credentials);
     match cli.command {
         Command::Sign(args) => sign::run(&endpoint, args, &file_cfg).await,
+        Command::Signtool { args } => signtool::run(&endpoint, &args, &file_cfg).await,
         Command::Status { output } => status(&endpoint, output).await,
         Command::Docs(_) => 0,
     }

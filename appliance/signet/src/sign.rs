@@ -104,6 +104,36 @@ pub struct SignArgs {
     files: Vec<PathBuf>,
 }
 
+impl SignArgs {
+    /// What `signet signtool sign` asks for, the rest as `signet sign` defaults it
+    /// (the environment's SIGNET_OSSLSIGNCODE and SIGNET_RECONNECT_FOR included).
+    pub fn from_signtool(
+        files: Vec<PathBuf>,
+        profile: Option<String>,
+        description: Option<String>,
+        url: Option<String>,
+        digest: bool,
+    ) -> Self {
+        SignArgs {
+            profile,
+            output: None,
+            description,
+            url,
+            format: signet_api::output::OutputArgs::default(),
+            digest,
+            ca_file: None,
+            osslsigncode: std::env::var_os("SIGNET_OSSLSIGNCODE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("osslsigncode")),
+            reconnect_for: std::env::var("SIGNET_RECONNECT_FOR")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(600),
+            files,
+        }
+    }
+}
+
 /// What happened to one file.
 #[derive(Debug, serde::Serialize)]
 struct Outcome {
@@ -317,10 +347,10 @@ fn gone_message(endpoint: &Endpoint, job: Option<&str>, e: &ClientError) -> Stri
 
 /// Why one file was not signed, and the exit code that says so.
 #[derive(Clone)]
-struct Failure {
+pub(crate) struct Failure {
     code: Option<ErrorCode>,
-    exit_code: i32,
-    message: String,
+    pub(crate) exit_code: i32,
+    pub(crate) message: String,
 }
 
 impl From<ErrorBody> for Failure {
@@ -370,7 +400,7 @@ impl Prepared {
 }
 
 /// How the profile signs (`GET /v1/profile`), which digest mode applies here.
-async fn profile_options(
+pub(crate) async fn profile_options(
     endpoint: &Endpoint,
     profile: Option<&str>,
 ) -> Result<ProfileOptions, Failure> {
@@ -1229,6 +1259,8 @@ mod tests {
             page_hashes: true,
             nested: true,
             formats: vec![],
+            timestamp: None,
+            certificate: None,
         };
         assert_eq!(
             extract_args(&p, Format::Pe),

@@ -4,7 +4,8 @@
 //! it, and no two modules import each other (`tests/layers.rs` holds the rule):
 //!
 //! - [`fronts`] — the doors callers use: HTTP (client API, Handtokening's `/api/sign`,
-//!   the operator's routes), D-Bus for `signetctl`, the web UI. Parse, call, render.
+//!   the operator's routes), D-Bus for `signetctl`, the web UI, `/metrics`. Parse,
+//!   call, render.
 //! - [`services`] — the use cases: the job path and its worker, the token service, the
 //!   agent's view, the operator's actions and reads, the host checks, the daemon's
 //!   tasks, its reload and its stop.

@@ -768,6 +768,15 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
+    // Metrics are for monitoring; signing works without them.
+    signetd::fronts::metrics::start(
+        daemon.clone(),
+        &cfg.metrics,
+        header_timeout,
+        &stop_rx,
+        &mut tasks,
+    )
+    .await;
     for ((l, tls), endpoint) in listeners.into_iter().zip(&bound) {
         let app = app.clone();
         let stop = stop_rx.clone();

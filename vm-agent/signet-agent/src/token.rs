@@ -960,6 +960,7 @@ pub fn describe_certificate(
         subject: cert.subject().to_string(),
         issuer: cert.issuer().to_string(),
         sha256: hex(&Sha256::digest(der)),
+        sha1: hex(ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, der).as_ref()),
         not_before: rfc3339(cert.validity().not_before.to_datetime()),
         not_after: rfc3339(not_after),
         days_left: (not_after - now).whole_days(),

@@ -1,7 +1,8 @@
 //! Read-only queries on `signet.db` beside the job and audit tables' own
 //! ([`crate::adapters::store`], [`crate::adapters::audit`]): signatures per hour, the
-//! recovery timeline, signing latencies, a page of the audit log with a search. Nothing
-//! here writes; [`crate::services::reads`] runs them on a read-only connection.
+//! recovery timeline, signing latencies, a page of the audit log with a search, the
+//! counts the metrics read at each scrape. Nothing here writes;
+//! [`crate::services::reads`] runs them on a read-only connection.
 
 use rusqlite::{params, Connection};
 use serde::Serialize;
@@ -172,6 +173,29 @@ pub fn audit_page(
         rows: rows.collect::<Result<_, _>>()?,
         total,
     })
+}
+
+/// How many jobs are in each state that has not ended (`receiving`, `queued`,
+/// `running`), by the state's name.
+pub fn live_jobs_by_state(conn: &Connection) -> rusqlite::Result<Vec<(String, u64)>> {
+    let mut stmt = conn.prepare(
+        "SELECT state, COUNT(*) FROM jobs WHERE state IN ('receiving', 'queued', 'running')
+         GROUP BY state",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// How often each recovery step ran, was skipped or failed, from the whole timeline:
+/// (event, the step's name as its detail begins, count).
+pub fn recovery_steps(conn: &Connection) -> rusqlite::Result<Vec<(String, String, u64)>> {
+    let mut stmt = conn.prepare(
+        "SELECT event, substr(detail, 1, instr(detail, ':') - 1), COUNT(*) FROM timeline
+         WHERE event IN ('recovery_step', 'recovery_step_skipped', 'recovery_step_failed')
+         GROUP BY 1, 2",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    rows.collect()
 }
 
 #[cfg(test)]

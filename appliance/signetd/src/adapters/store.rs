@@ -289,6 +289,12 @@ impl Store {
         (self.used.load(Ordering::Relaxed), self.quota)
     }
 
+    /// The delivered results kept for a retry, in bytes (outside the quota's count:
+    /// dropped to make room).
+    pub fn spool_kept(&self) -> u64 {
+        self.kept.load(Ordering::Relaxed)
+    }
+
     /// Reserves `n` bytes of spool; false when that would pass the quota. Delivered
     /// results kept for a retry make room: the oldest go first.
     pub fn reserve(&self, n: u64) -> bool {

@@ -11,6 +11,7 @@ pub use sections::{
     DEFAULT_PVE_API, DEFAULT_PVE_LOCAL_DIR, DEFAULT_QMP_TIMEOUT, DEFAULT_REFRESH_SECONDS,
     DEFAULT_STOP,
 };
+pub use sections::{MetricsConfig, DEFAULT_METRICS_PORT};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -102,6 +103,8 @@ pub struct Config {
     pub doctor: crate::config::DoctorConfig,
     /// The web UI (`[web]`); off when the section is absent.
     pub web: Option<crate::config::WebConfig>,
+    /// `[metrics]`: Prometheus metrics, on loopback unless configured otherwise.
+    pub metrics: crate::config::MetricsConfig,
     /// `[passthrough]`: how the daemon keeps tokens in their signing VMs.
     pub passthrough: crate::config::PassthroughConfig,
     /// `[recovery]`: the escalation ladder for a token lost in its signing VM.
@@ -318,6 +321,8 @@ struct Raw {
     #[serde(default)]
     doctor: crate::config::DoctorConfig,
     web: Option<crate::config::WebConfig>,
+    #[serde(default)]
+    metrics: crate::config::MetricsConfig,
     #[serde(default)]
     passthrough: crate::config::PassthroughConfig,
     #[serde(default)]
@@ -554,6 +559,9 @@ impl Config {
             web.check()
                 .map_err(|(key, message)| invalid(&format!("web.{key}"), message))?;
         }
+        raw.metrics
+            .check()
+            .map_err(|(key, message)| invalid(&format!("metrics.{key}"), message))?;
         crate::config::check_config(&raw.passthrough, &raw.tokens)
             .map_err(|(key, message)| invalid(&key, message))?;
         raw.recovery
@@ -565,6 +573,7 @@ impl Config {
         Ok(Config {
             alerts: raw.alerts,
             web: raw.web,
+            metrics: raw.metrics,
             pin_file: raw.pin_file,
             shutdown,
             doctor: raw.doctor,

@@ -107,7 +107,7 @@ pub fn merge(old: &Config, new: Config) -> (Config, Changes) {
     // their debug form: not every section has an equality.
     let differs =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-    let fixed: [(&'static str, bool); 17] = [
+    let fixed: [(&'static str, bool); 18] = [
         ("listen", differs(&old.listen, &new.listen)),
         ("agent", differs(&old.agent, &new.agent)),
         ("dbus", differs(&old.dbus, &new.dbus)),
@@ -127,6 +127,7 @@ pub fn merge(old: &Config, new: Config) -> (Config, Changes) {
         ("pin_file", differs(&old.pin_file, &new.pin_file)),
         ("doctor", differs(&old.doctor, &new.doctor)),
         ("web", differs(&old.web, &new.web)),
+        ("metrics", differs(&old.metrics, &new.metrics)),
         ("passthrough", differs(&old.passthrough, &new.passthrough)),
         ("recovery", differs(&old.recovery, &new.recovery)),
         (

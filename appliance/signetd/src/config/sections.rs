@@ -241,6 +241,75 @@ impl Default for DoctorConfig {
     }
 }
 
+// ---- [metrics] ----
+
+/// The port Prometheus metrics are served on when `[metrics] listen` is not given.
+pub const DEFAULT_METRICS_PORT: u16 = 7722;
+
+fn default_metrics_listen() -> Vec<Endpoint> {
+    vec![Endpoint::Tcp {
+        host: "127.0.0.1".into(),
+        port: DEFAULT_METRICS_PORT,
+    }]
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `[metrics]`: Prometheus metrics over plain HTTP (`GET /metrics`); on, on loopback,
+/// unless `enabled = false`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve the metrics (on by default).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// TCP endpoints, served without TLS; default `tcp:127.0.0.1:7722`.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: Vec<Endpoint>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// Checks the section; the error names the key and the fix.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.enabled
+            && (self.listen.is_empty()
+                || self
+                    .listen
+                    .iter()
+                    .any(|e| !matches!(e, Endpoint::Tcp { .. })))
+        {
+            return Err((
+                "listen",
+                format!("list TCP endpoints to serve the metrics on (plain HTTP), e.g. listen = [\"tcp:127.0.0.1:{DEFAULT_METRICS_PORT}\"], or set enabled = false"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The endpoints that are not on loopback: anyone who reaches them reads the
+    /// metrics.
+    pub fn beyond_loopback(&self) -> Vec<&Endpoint> {
+        self.listen
+            .iter()
+            .filter(|e| {
+                matches!(e, Endpoint::Tcp { host, .. }
+                    if !(host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())))
+            })
+            .collect()
+    }
+}
+
 // ---- [web] ----
 
 /// The web UI's port when `[web] listen` is not given.
@@ -421,6 +490,57 @@ mod tests {
             assert!(e.starts_with(key), "{text}: {e}");
         }
         assert!(parse("colour = \"blue\"").is_err());
+    }
+
+    #[test]
+    fn metrics_are_on_at_loopback_unless_turned_off_and_bad_keys_are_named() {
+        let path = Path::new("/etc/signet/signetd.toml");
+        let base = "agent = \"unix:/run/a.sock\"\ndbus = \"none\"\n";
+        let cfg = crate::config::Config::parse(path, base).unwrap();
+        assert!(cfg.metrics.enabled, "on without [metrics]");
+        assert_eq!(
+            cfg.metrics
+                .listen
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["tcp:127.0.0.1:7722"]
+        );
+        assert!(cfg.metrics.beyond_loopback().is_empty());
+        let off =
+            crate::config::Config::parse(path, &format!("{base}[metrics]\nenabled = false\n"))
+                .unwrap();
+        assert!(!off.metrics.enabled);
+        let wide = crate::config::Config::parse(
+            path,
+            &format!("{base}[metrics]\nlisten = [\"tcp:0.0.0.0:9000\", \"tcp:[::1]:9001\"]\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            wide.metrics
+                .beyond_loopback()
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>(),
+            ["tcp:0.0.0.0:9000"]
+        );
+        let (_, changes) = crate::config::reload::merge(&cfg, wide);
+        assert_eq!(
+            changes.need_restart,
+            ["metrics"],
+            "the listeners are bound at start"
+        );
+        for (text, fix) in [
+            ("listen = [\"unix:/run/m.sock\"]", "list TCP endpoints"),
+            ("listen = []", "enabled = false"),
+            ("port = 1", "port"),
+        ] {
+            let e = crate::config::Config::parse(path, &format!("{base}[metrics]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(fix), "{text}: {e}");
+            assert!(fix == "port" || e.contains("key metrics.listen"), "{e}");
+        }
     }
 
     #[test]

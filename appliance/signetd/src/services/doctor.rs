@@ -605,6 +605,7 @@ mod tests {
                 subject: "CN=Test".into(),
                 issuer: "CN=Test".into(),
                 sha256: "ab".into(),
+                sha1: String::new(),
                 not_before: "2026-01-01T00:00:00Z".into(),
                 not_after: "2027-01-01T00:00:00Z".into(),
                 days_left,

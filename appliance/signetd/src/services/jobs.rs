@@ -148,6 +148,8 @@ pub(crate) struct Engine {
     ended_at_start: Vec<String>,
     /// The job database failed the last time it was written, and why (for the status).
     store_fault: Mutex<Option<String>>,
+    /// What the metrics count as jobs end ([`crate::services::metrics`]).
+    metrics: crate::services::metrics::JobMetrics,
 }
 
 /// Where signetd is in stopping.
@@ -192,6 +194,7 @@ impl Engine {
             agent_epoch: watch::channel(0).0,
             ended_at_start: Vec::new(),
             store_fault: Mutex::default(),
+            metrics: Default::default(),
         };
         let ended = engine.recover()?;
         Ok(Engine {
@@ -288,6 +291,14 @@ impl Engine {
     }
 
     fn notify_done(&self, id: &str) {
+        // Counted as recorded: a job whose end could not be written is not counted.
+        match self.store.get(id) {
+            Ok(Some(row)) => self.metrics.job_ended(&row),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(job = id, error = %e, "the job's end is not counted in the metrics")
+            }
+        }
         let _ = self.finished.send(id.to_owned());
         if let Some(tx) = lock(&self.done).remove(id) {
             tx.send_replace(true);
@@ -472,6 +483,11 @@ impl JobService {
         lock(&self.refusals)
     }
 
+    /// What the metrics count as jobs end and requests are refused.
+    pub fn metrics(&self) -> &crate::services::metrics::JobMetrics {
+        &self.engine.metrics
+    }
+
     /// Why the job database failed the last time it was written, if it did.
     pub fn store_fault(&self) -> Option<String> {
         self.engine.store_fault()
@@ -515,6 +531,8 @@ impl JobService {
             page_hashes: profile.page_hashes,
             nested: profile.nested,
             formats: profile.allowed_formats(),
+            timestamp: Some(profile.timestamp.clone()),
+            certificate: profile.certificate.clone(),
         })
     }
 
@@ -657,6 +675,9 @@ impl JobService {
         filename: Option<&str>,
         e: &ErrorBody,
     ) {
+        self.engine
+            .metrics
+            .refused(profile, self.config().profiles.keys(), e.code);
         let refused = crate::core::refusals::Refused {
             caller: caller.to_owned(),
             transport: transport.to_owned(),
