@@ -189,7 +189,15 @@ impl Fixture {
     }
 }
 
-const PAGES: [&str; 5] = ["/", "/jobs", "/audit", "/audit/export", "/events"];
+const PAGES: [&str; 7] = [
+    "/",
+    "/jobs",
+    "/audit",
+    "/audit/export",
+    "/events",
+    "/jobs/events",
+    "/audit/events?q=&page=1",
+];
 
 #[tokio::test]
 async fn a_visitor_without_a_pve_login_is_sent_to_the_pve_login() {
@@ -477,6 +485,76 @@ async fn the_overview_streams_its_state_and_a_cancel_arrives_live() {
     assert_eq!(status, StatusCode::SEE_OTHER);
     let second = next_event(&mut body).await;
     assert!(second.contains("<dd id=\"waiting\">1</dd>"), "{second}");
+}
+
+/// An event stream of the UI, opened as `ticket`.
+async fn stream(f: &Fixture, uri: &str, ticket: &str) -> Body {
+    let req = Request::get(uri)
+        .header(
+            header::COOKIE,
+            format!("PVEAuthCookie={}", encode_ticket(ticket)),
+        )
+        .body(Body::empty())
+        .unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{uri}");
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+    resp.into_body()
+}
+
+/// The events on `body` until one contains `what` (each a whole page part; a stream
+/// also sends again when only a job's age changed).
+async fn event_with(body: &mut Body, what: &str) -> String {
+    loop {
+        let e = next_event(body).await;
+        if e.contains(what) {
+            return e;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_queue_and_the_audit_pages_stream_their_parts_for_the_same_search() {
+    let f = fixture(3).await;
+    let t = f.admin();
+    // The pages carry their streams; the audit page's for the same search and page,
+    // the search field outside the part that is replaced.
+    let (_, jobs) = f.get("/jobs", Some(&t)).await;
+    assert!(
+        jobs.contains("data-events=\"/jobs/events\" data-event=\"jobs\""),
+        "{jobs}"
+    );
+    let (_, audit) = f.get("/audit?q=app2&page=1", Some(&t)).await;
+    assert!(
+        audit.contains("data-events=\"/audit/events?q=app2&#38;page=1\""),
+        "{audit}"
+    );
+    let live_at = audit.find("id=\"live\"").unwrap();
+    assert!(audit.find("type=\"search\"").unwrap() < live_at);
+
+    let mut jobs = stream(&f, "/jobs/events", &t).await;
+    let first = next_event(&mut jobs).await;
+    assert!(first.starts_with("event: jobs\n"), "{first}");
+    assert!(
+        first.contains("id=\"job-2\"") && first.contains("app1.exe"),
+        "{first}"
+    );
+    let mut audit = stream(&f, "/audit/events?q=app2&page=1", &t).await;
+    let first = next_event(&mut audit).await;
+    assert!(first.starts_with("event: audit\n"), "{first}");
+    assert!(first.contains("0 records match"), "{first}");
+
+    // Job 3 (app2.exe) is cancelled: both streams bring it without a reload.
+    let csrf = f.csrf(&t).await;
+    let (status, _, _) = f
+        .post("/jobs/3/cancel", Some(&t), &format!("csrf={csrf}"))
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let e = event_with(&mut jobs, "id=\"ended-3\"").await;
+    assert!(!e.contains("id=\"job-3\""), "no longer waiting: {e}");
+    let e = event_with(&mut audit, "app2.exe").await;
+    assert!(e.contains("1 record matches"), "{e}");
+    assert!(!e.contains("app1.exe"), "the search holds: {e}");
 }
 
 /// The next whole event on a server-sent event stream (keep-alive comments skipped).

@@ -7,6 +7,7 @@
 //! | `GET /` | `Sys.Audit` | overview: verdict, the host's tokens (where, which VM, in the guest, PIN, certificate), agent, queue |
 //! | `GET /events` | `Sys.Audit` | the overview's live part as server-sent events (`overview`) |
 //! | `GET /jobs` | `Sys.Audit` | running and waiting jobs, recent ones |
+//! | `GET /jobs/events` | `Sys.Audit` | its live part as server-sent events (`jobs`) |
 //! | `POST /jobs/{id}/cancel` | `Sys.Modify` + CSRF | cancels a waiting job |
 //! | `GET /tokens/{serial}/{attach,detach,reattach}` | `Sys.Modify` | asks to confirm the token action |
 //! | `POST /tokens/{serial}/{attach,detach,reattach}` | `Sys.Modify` + CSRF | does it |
@@ -16,6 +17,7 @@
 //! | `GET /timeline` | `Sys.Audit` | the recovery timeline and the 24-hour chart (SVG) |
 //! | `GET /timeline/events` | `Sys.Audit` | its live part as server-sent events (`timeline`) |
 //! | `GET /audit?q=&page=&verify=full` | `Sys.Audit` | the audit log, searched and paged; chain status |
+//! | `GET /audit/events?q=&page=` | `Sys.Audit` | that page's live part as server-sent events (`audit`) |
 //! | `GET /audit/export` | `Sys.Audit` | the audit log as JSON lines |
 //! | `GET /static/*` | — | the style sheet and the script |
 //!
@@ -64,6 +66,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/", get(overview))
         .route("/events", get(events))
         .route("/jobs", get(jobs))
+        .route("/jobs/events", get(jobs_events))
         .route("/jobs/{id}/cancel", post(cancel))
         .route(
             "/tokens/{serial}/{action}",
@@ -74,6 +77,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/timeline", get(timeline))
         .route("/timeline/events", get(timeline_events))
         .route("/audit", get(audit))
+        .route("/audit/events", get(audit_events))
         .route("/audit/export", get(export))
         .route(
             "/static/signet.css",
@@ -407,11 +411,17 @@ struct RecentLine {
 #[template(path = "web/jobs.html")]
 struct JobsPage<'a> {
     nav: Nav<'a>,
+    live: &'a str,
+    notice: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "web/jobs_live.html")]
+struct JobsLive<'a> {
     active: Vec<ActiveLine>,
     recent: Vec<RecentLine>,
     csrf: &'a str,
     can_act: bool,
-    notice: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -419,12 +429,9 @@ struct JobsQuery {
     cancelled: Option<String>,
 }
 
-async fn jobs(
-    State(web): State<Arc<Web>>,
-    headers: HeaderMap,
-    Query(q): Query<JobsQuery>,
-) -> Result<Response, Problem> {
-    let s = authorize(&web, &headers, Need::Read, None).await?;
+/// The queue page's live part, read now, with the cancel buttons for a visitor who
+/// may act (`can_act`, forms carrying `csrf`).
+async fn jobs_fragment(web: &Web, csrf: &str, can_act: bool) -> Result<String, Problem> {
     let board = web
         .daemon
         .reads()
@@ -474,21 +481,48 @@ async fn jobs(
                 .unwrap_or_default(),
         })
         .collect();
+    JobsLive {
+        active,
+        recent,
+        csrf,
+        can_act,
+    }
+    .render()
+    .map_err(internal)
+}
+
+async fn jobs(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Query(q): Query<JobsQuery>,
+) -> Result<Response, Problem> {
+    let s = authorize(&web, &headers, Need::Read, None).await?;
+    let live = jobs_fragment(&web, &s.csrf, s.can_act).await?;
     Ok(render(&JobsPage {
         nav: Nav {
             active: "jobs",
             node: &web.node,
             user: &s.user,
         },
-        active,
-        recent,
-        csrf: &s.csrf,
-        can_act: s.can_act,
+        live: &live,
         notice: q
             .cancelled
             .filter(|id| id.chars().all(|c| c.is_ascii_digit()))
             .map(|id| format!("Job {id} was cancelled.")),
     }))
+}
+
+/// The queue page's live part again whenever it changes: jobs queued, started, ended.
+async fn jobs_events(State(web): State<Arc<Web>>, headers: HeaderMap) -> Result<Response, Problem> {
+    let s = authorize(&web, &headers, Need::Read, None).await?;
+    let (csrf, can_act) = (Arc::<str>::from(s.csrf), s.can_act);
+    let stream = super::live::polled(web, "jobs", EVENT_STREAM_LIFETIME, move |web| {
+        let csrf = csrf.clone();
+        async move { jobs_fragment(&web, &csrf, can_act).await.ok() }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -532,6 +566,15 @@ struct AuditQuery {
 #[template(path = "web/audit.html")]
 struct AuditPageT<'a> {
     nav: Nav<'a>,
+    q: &'a str,
+    /// The live part's event stream, for the same search and page.
+    events: String,
+    live: &'a str,
+}
+
+#[derive(Template)]
+#[template(path = "web/audit_live.html")]
+struct AuditLive<'a> {
     q: &'a str,
     rows: Vec<AuditRow>,
     total: u64,
@@ -611,29 +654,19 @@ async fn check_chain(
     })
 }
 
-async fn audit(
-    State(web): State<Arc<Web>>,
-    headers: HeaderMap,
-    Query(q): Query<AuditQuery>,
-) -> Result<Response, Problem> {
-    let s = authorize(&web, &headers, Need::Read, None).await?;
-    let page = q.page.unwrap_or(1).max(1);
-    let whole = q.verify.as_deref() == Some("full");
+/// The audit page's live part for the search `q` and `page` (from 1), its chain
+/// walked on from the last walk, or whole when `whole`.
+async fn audit_fragment(web: &Web, q: &str, page: u64, whole: bool) -> Result<String, Problem> {
+    let page = page.max(1);
     let found = web
         .daemon
         .reads()
-        .audit_page(&q.q, (page - 1) * u64::from(AUDIT_PER_PAGE), AUDIT_PER_PAGE)
+        .audit_page(q, (page - 1) * u64::from(AUDIT_PER_PAGE), AUDIT_PER_PAGE)
         .await
         .map_err(internal)?;
-    let verified = check_chain(&web, whole).await?;
+    let verified = check_chain(web, whole).await?;
     let pages = found.total.div_ceil(u64::from(AUDIT_PER_PAGE)).max(1);
-    let link = |p: u64| {
-        format!(
-            "/audit?{}",
-            serde_urlencoded::to_string([("q", q.q.as_str()), ("page", &p.to_string())])
-                .unwrap_or_default()
-        )
-    };
+    let link = |p: u64| format!("/audit?{}", audit_query(q, p));
     let (chain_ok, chain, chain_walk, chain_partial) = match verified {
         Ok((v, walk, partial)) => (
             true,
@@ -652,13 +685,8 @@ async fn audit(
             false,
         ),
     };
-    Ok(render(&AuditPageT {
-        nav: Nav {
-            active: "audit",
-            node: &web.node,
-            user: &s.user,
-        },
-        q: &q.q,
+    AuditLive {
+        q,
         total: found.total,
         rows: found.rows,
         page,
@@ -670,7 +698,53 @@ async fn audit(
         chain_partial,
         chain_walk,
         records: model::count(found.total, "record"),
+    }
+    .render()
+    .map_err(internal)
+}
+
+/// `q=…&page=…`, encoded.
+fn audit_query(q: &str, page: u64) -> String {
+    serde_urlencoded::to_string([("q", q), ("page", &page.to_string())]).unwrap_or_default()
+}
+
+async fn audit(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Result<Response, Problem> {
+    let s = authorize(&web, &headers, Need::Read, None).await?;
+    let page = q.page.unwrap_or(1).max(1);
+    let whole = q.verify.as_deref() == Some("full");
+    let live = audit_fragment(&web, &q.q, page, whole).await?;
+    Ok(render(&AuditPageT {
+        nav: Nav {
+            active: "audit",
+            node: &web.node,
+            user: &s.user,
+        },
+        q: &q.q,
+        events: format!("/audit/events?{}", audit_query(&q.q, page)),
+        live: &live,
     }))
+}
+
+/// The audit page's live part again whenever it changes (new records, for the same
+/// search and page): the search field and the reader's place stay.
+async fn audit_events(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Result<Response, Problem> {
+    authorize(&web, &headers, Need::Read, None).await?;
+    let (search, page) = (Arc::<str>::from(q.q), q.page.unwrap_or(1).max(1));
+    let stream = super::live::polled(web, "audit", EVENT_STREAM_LIFETIME, move |web| {
+        let search = search.clone();
+        async move { audit_fragment(&web, &search, page, false).await.ok() }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 async fn export(State(web): State<Arc<Web>>, headers: HeaderMap) -> Result<Response, Problem> {
