@@ -11,6 +11,12 @@
 //! sends the browser on to `next`. Cookies are per host, not per port, so the browser
 //! sends it to the web UI on its own port too — as it does on a real node.
 //!
+//! For the "Signing" tab's tests it also answers `GET /api2/json/cluster/status` with
+//! the nodes set by [`StandInPveApi::set_cluster`] (as PVE does, to a valid ticket
+//! only), and serves files the test names ([`StandInPveApi::serve_file`]): the
+//! installed `signet-panel.js` under `/pve2/js/`, and a page standing in for PVE's
+//! node view.
+//!
 //! It reads the cookie and makes its certificate on its own, as PVE does, not with
 //! the web UI's code under test.
 
@@ -76,12 +82,25 @@ pub struct Call {
     pub path: Option<String>,
 }
 
+/// A node of the stand-in's cluster, as `GET /cluster/status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub name: String,
+    /// The address PVE resolves the node's name to.
+    pub ip: String,
+    /// The node that answers (the one the browser is on).
+    pub local: bool,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     /// ticket → (user, ACL path → privileges)
     tickets: BTreeMap<String, (String, BTreeMap<String, BTreeSet<String>>)>,
     calls: Vec<Call>,
     issued: u64,
+    cluster: Vec<ClusterNode>,
+    /// URL path → file served there.
+    files: BTreeMap<String, std::path::PathBuf>,
 }
 
 /// The stand-in PVE API, serving until dropped.
@@ -117,6 +136,8 @@ impl StandInPveApi {
         let app = Router::new()
             .route("/api2/json/access/permissions", get(permissions))
             .route("/standin/login", get(browser_login))
+            .route("/api2/json/cluster/status", get(cluster_status))
+            .fallback(get(file))
             .with_state(inner.clone());
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(signet_protocol::serve::serve(
@@ -170,7 +191,19 @@ impl StandInPveApi {
         lock(&self.inner).tickets.remove(ticket);
     }
 
-    /// The requests received so far.
+    /// The cluster `GET /cluster/status` lists.
+    pub fn set_cluster(&self, nodes: &[ClusterNode]) {
+        lock(&self.inner).cluster = nodes.to_vec();
+    }
+
+    /// Serves the file at `path` under the URL path `at` (e.g. `/pve2/js/signet-panel.js`).
+    pub fn serve_file(&self, at: &str, path: &std::path::Path) {
+        lock(&self.inner)
+            .files
+            .insert(at.to_owned(), path.to_owned());
+    }
+
+    /// The permission checks received so far.
     pub fn calls(&self) -> Vec<Call> {
         lock(&self.inner).calls.clone()
     }
@@ -247,6 +280,48 @@ async fn permissions(
             .collect(),
     };
     axum::Json(serde_json::json!({ "data": data })).into_response()
+}
+
+/// `GET /api2/json/cluster/status`, to a valid ticket: the cluster's entry and a
+/// `node` entry per node, with PVE's fields.
+async fn cluster_status(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap) -> Response {
+    let inner = lock(&inner);
+    let known = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(ticket_from_cookies)
+        .is_some_and(|c| inner.tickets.contains_key(&decode(c)));
+    if !known {
+        return (StatusCode::UNAUTHORIZED, r#"{"data":null}"#).into_response();
+    }
+    let mut data = vec![serde_json::json!({
+        "type": "cluster", "id": "cluster", "name": "standin",
+        "nodes": inner.cluster.len(), "quorate": 1, "version": 2,
+    })];
+    for (i, n) in inner.cluster.iter().enumerate() {
+        data.push(serde_json::json!({
+            "type": "node", "id": format!("node/{}", n.name), "name": n.name,
+            "ip": n.ip, "local": u8::from(n.local), "nodeid": i + 1, "online": 1,
+            "level": "",
+        }));
+    }
+    axum::Json(serde_json::json!({ "data": data })).into_response()
+}
+
+/// A file the test asked to serve.
+async fn file(State(inner): State<Arc<Mutex<Inner>>>, uri: http::Uri) -> Response {
+    let path = lock(&inner).files.get(uri.path()).cloned();
+    let Some(body) = path.and_then(|p| std::fs::read(p).ok()) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let kind = match uri.path().rsplit('.').next() {
+        Some("js") => "text/javascript",
+        Some("html") => "text/html; charset=utf-8",
+        Some("css") => "text/css",
+        _ => "application/octet-stream",
+    };
+    ([(header::CONTENT_TYPE, kind)], body).into_response()
 }
 
 #[derive(Deserialize)]

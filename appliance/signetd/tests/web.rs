@@ -487,6 +487,86 @@ async fn the_overview_streams_its_state_and_a_cancel_arrives_live() {
     assert!(second.contains("<dd id=\"waiting\">1</dd>"), "{second}");
 }
 
+#[tokio::test]
+async fn a_pve_tab_of_another_node_hands_over_its_login_and_only_signetds_own_script_can() {
+    let f = fixture(0).await;
+    // The browser has no PVE login for this node's address: the page says so, names
+    // the node, and asks a framing PVE tab for the login.
+    let (status, page) = f.get("/", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        page.contains("data-node=\"pve1\" data-login=\"needed\""),
+        "{page}"
+    );
+    let hand_over = |ticket: String, header: bool| {
+        let app = f.app.clone();
+        async move {
+            let mut req = Request::post("/login")
+                .header(header::HOST, "192.0.2.1:7720")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+            if header {
+                req = req.header("x-signet-login", "1");
+            }
+            let form = format!("ticket={}", encode_ticket(&ticket));
+            app.oneshot(req.body(Body::from(form)).unwrap())
+                .await
+                .unwrap()
+        }
+    };
+    let t = f.admin();
+    // A form of another page (no header: a cross-origin page cannot send one) is refused.
+    let resp = hand_over(t.clone(), false).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(resp.headers().get(header::SET_COOKIE).is_none());
+    // A forged ticket, or one that may not see this node, sets nothing.
+    let resp = hand_over("PVE:root@pam:00000000::forged".into(), true).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(resp.headers().get(header::SET_COOKIE).is_none());
+    let resp = hand_over(f.elsewhere(), true).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(resp.headers().get(header::SET_COOKIE).is_none());
+    let resp = hand_over("not a ticket".into(), true).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    // The tab's ticket, checked by PVE: kept in a cookie of this origin, partitioned.
+    let resp = hand_over(t.clone(), true).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let cookie = resp.headers()[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(cookie.starts_with("SignetPVEAuth="), "{cookie}");
+    for attr in [
+        "Secure",
+        "HttpOnly",
+        "SameSite=None",
+        "Partitioned",
+        "Path=/",
+    ] {
+        assert!(cookie.contains(attr), "{attr}: {cookie}");
+    }
+    // With it, the pages are the user's, as with PVE's own cookie.
+    let value = cookie.split(';').next().unwrap();
+    let req = Request::get("/")
+        .header(header::COOKIE, value)
+        .body(Body::empty())
+        .unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let page = String::from_utf8_lossy(&body);
+    assert!(page.contains("root@pam on pve1"), "{page}");
+    assert!(page.contains("Node pve1"), "{page}");
+    // It is checked as PVE's cookie is: once expired, it lets nobody in.
+    f.api.expire(&t);
+    let req = Request::get("/jobs")
+        .header(header::COOKIE, value)
+        .body(Body::empty())
+        .unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
 /// An event stream of the UI, opened as `ticket`.
 async fn stream(f: &Fixture, uri: &str, ticket: &str) -> Body {
     let req = Request::get(uri)

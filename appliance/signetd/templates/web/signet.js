@@ -10,35 +10,64 @@
   var THEMES = { "auto": true, "crisp": true, "proxmox-dark": true };
   var root = document.documentElement;
   function theme(t) {
-    if (!Object.prototype.hasOwnProperty.call(THEMES, t)) { return; }
+    if (!Object.prototype.hasOwnProperty.call(THEMES, t)) { return false; }
     root.setAttribute("data-theme", t);
     try { window.sessionStorage.setItem("signet-theme", t); } catch (e) { /* storage off */ }
+    return true;
   }
   var asked = null;
   try { asked = new URLSearchParams(window.location.search).get("theme"); } catch (e) { /* old browser */ }
   var kept = null;
   try { kept = window.sessionStorage.getItem("signet-theme"); } catch (e) { /* storage off */ }
-  theme(asked || kept);
+  if (!theme(asked)) { theme(kept); }
 
   var framed = window.parent !== window;
+  // This page asks for a PVE login: the browser has none for this address.
+  var needsLogin = root.getAttribute("data-login") === "needed";
+  var handedOver = false;
+  function logIn(ticket) {
+    if (!needsLogin || handedOver || typeof ticket !== "string" || !ticket) { return; }
+    handedOver = true;
+    // signetd has the local PVE API check it and keeps it for this frame; a page of
+    // another origin could not send this header.
+    window.fetch("/login", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/x-www-form-urlencoded", "X-Signet-Login": "1" },
+      body: "ticket=" + encodeURIComponent(ticket)
+    }).then(function (r) {
+      if (r.ok) {
+        window.location.reload();
+        return null;
+      }
+      return r.text().then(function (html) {
+        var page = new DOMParser().parseFromString(html, "text/html");
+        var said = page.querySelector(".verdict");
+        var here = document.querySelector(".verdict");
+        if (said && here) { here.innerHTML = said.innerHTML; }
+      });
+    }).catch(function () { /* the page says to log in already */ });
+  }
   if (framed) {
     // Only the tab that frames this page (CSP frame-ancestors says who may) speaks to
-    // it, and only to set the theme.
+    // it: PVE's theme, and the PVE login when this page asked for one.
     window.addEventListener("message", function (e) {
-      if (e.source === window.parent && e.data && e.data.signet === "theme") {
-        theme(String(e.data.theme));
-      }
+      if (e.source !== window.parent || !e.data) { return; }
+      if (e.data.signet === "theme") { theme(String(e.data.theme)); }
+      if (e.data.signet === "login") { logIn(e.data.ticket); }
     });
   }
 
   document.addEventListener("DOMContentLoaded", function () {
     if (framed) {
       // The tab waits for this to know signetd answered (its help for an unreachable
-      // port is shown otherwise). It says nothing secret: the node and the page.
+      // port is shown otherwise). It says nothing secret: the node, the page, and
+      // whether it wants a PVE login.
       window.parent.postMessage({
         signet: "ready",
         node: root.getAttribute("data-node") || "",
-        page: window.location.pathname
+        page: window.location.pathname,
+        login: needsLogin
       }, "*");
     }
     var live = document.getElementById("live");

@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `GET /` | `Sys.Audit` | overview: verdict, the host's tokens (where, which VM, in the guest, PIN, certificate), agent, queue |
 //! | `GET /events` | `Sys.Audit` | the overview's live part as server-sent events (`overview`) |
+//! | `POST /login` | `Sys.Audit` (the ticket sent) | keeps a PVE ticket a PVE tab of another node handed over |
 //! | `GET /jobs` | `Sys.Audit` | running and waiting jobs, recent ones |
 //! | `GET /jobs/events` | `Sys.Audit` | its live part as server-sent events (`jobs`) |
 //! | `POST /jobs/{id}/cancel` | `Sys.Modify` + CSRF | cancels a waiting job |
@@ -65,6 +66,7 @@ pub fn router(web: Arc<Web>) -> Router {
     Router::new()
         .route("/", get(overview))
         .route("/events", get(events))
+        .route("/login", post(login))
         .route("/jobs", get(jobs))
         .route("/jobs/events", get(jobs_events))
         .route("/jobs/{id}/cancel", post(cancel))
@@ -156,6 +158,8 @@ struct ProblemPage<'a> {
     title: &'a str,
     message: &'a str,
     login: Option<&'a str>,
+    /// The node, on the page that asks for a login (a framing PVE tab compares it).
+    node: Option<&'a str>,
 }
 
 fn problem(status: StatusCode, title: &str, message: String, login: Option<String>) -> Problem {
@@ -163,8 +167,25 @@ fn problem(status: StatusCode, title: &str, message: String, login: Option<Strin
         title,
         message: &message,
         login: login.as_deref(),
+        node: None,
     };
     Problem(Box::new((status, render(&page)).into_response()))
+}
+
+/// The page for a visitor without a (valid) PVE login here: the link to PVE's login;
+/// framed by a PVE tab, its script asks the tab for the login it has.
+fn login_needed(web: &Web, headers: &HeaderMap, e: &AuthError) -> Problem {
+    let login = login_url(headers);
+    let message = e.to_string();
+    let page = ProblemPage {
+        title: "Log in to Proxmox VE",
+        message: &message,
+        login: Some(&login),
+        node: Some(&web.node),
+    };
+    Problem(Box::new(
+        (StatusCode::UNAUTHORIZED, render(&page)).into_response(),
+    ))
 }
 
 fn render(t: &impl Template) -> Response {
@@ -200,30 +221,23 @@ pub async fn authorize(
     need: Need,
     csrf: Option<&str>,
 ) -> Result<Session, Problem> {
-    let ticket = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(auth::ticket_from_cookies);
+    // PVE's own cookie (a login on this host), else the one a PVE tab handed over.
+    let cookies = || {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+    };
+    let ticket = cookies()
+        .find_map(auth::ticket_from_cookies)
+        .or_else(|| cookies().find_map(|c| auth::cookie_named(c, auth::HANDED_COOKIE)));
     let Some(ticket) = ticket else {
-        return Err(problem(
-            StatusCode::UNAUTHORIZED,
-            "Log in to Proxmox VE",
-            AuthError::NotLoggedIn.to_string(),
-            Some(login_url(headers)),
-        ));
+        return Err(login_needed(web, headers, &AuthError::NotLoggedIn));
     };
     let path = auth::node_path(&web.node);
     let privileges = match web.auth.privileges(ticket, &path).await {
         Ok(p) => p,
-        Err(e @ AuthError::NotLoggedIn) => {
-            return Err(problem(
-                StatusCode::UNAUTHORIZED,
-                "Log in to Proxmox VE",
-                e.to_string(),
-                Some(login_url(headers)),
-            ))
-        }
+        Err(e @ AuthError::NotLoggedIn) => return Err(login_needed(web, headers, &e)),
         Err(e @ AuthError::Unavailable(_)) => {
             return Err(problem(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -259,6 +273,64 @@ pub async fn authorize(
         can_act: privileges.has(auth::ACT_PRIVILEGE),
         user,
     })
+}
+
+/// The header a hand-over must carry: a page of another origin cannot send it without
+/// CORS's permission, which signetd never gives, so only signetd's own script logs in.
+pub const LOGIN_HEADER: &str = "x-signet-login";
+
+#[derive(Debug, Deserialize)]
+struct LoginForm {
+    #[serde(default)]
+    ticket: String,
+}
+
+/// `POST /login`: a PVE ticket handed over by the "Signing" tab of a PVE UI on another
+/// node (the browser has no PVE login for this node's address). The local PVE API
+/// checks it as it checks the cookie; a ticket that may see this node is kept in
+/// [`auth::HANDED_COOKIE`], for this origin only, partitioned under the framing page.
+async fn login(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Result<Response, Problem> {
+    if headers.get(LOGIN_HEADER).is_none() {
+        return Err(problem(
+            StatusCode::FORBIDDEN,
+            "Not from this page",
+            "A login is handed over by this web UI's own script only.".into(),
+            None,
+        ));
+    }
+    let Some(ticket) = auth::encode_ticket(form.ticket.trim()) else {
+        return Err(login_needed(&web, &headers, &AuthError::NotLoggedIn));
+    };
+    let path = auth::node_path(&web.node);
+    match web.auth.privileges(&ticket, &path).await {
+        Ok(p) if p.has(auth::READ_PRIVILEGE) => {}
+        Ok(_) => {
+            let user = auth::ticket_user(&ticket).unwrap_or_else(|| "(unknown user)".into());
+            return Err(forbidden(&user, Need::Read, &web.node));
+        }
+        Err(e @ AuthError::NotLoggedIn) => return Err(login_needed(&web, &headers, &e)),
+        Err(e @ AuthError::Unavailable(_)) => {
+            return Err(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The login cannot be checked",
+                e.to_string(),
+                None,
+            ))
+        }
+    }
+    tracing::info!(
+        user = auth::ticket_user(&ticket).unwrap_or_default(),
+        "a PVE login was handed over by a Signing tab"
+    );
+    let cookie = format!(
+        "{}={ticket}; Path=/; Secure; HttpOnly; SameSite=None; Partitioned",
+        auth::HANDED_COOKIE
+    );
+    Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response())
 }
 
 /// The refusal for a user without the privilege `need` asks for.
