@@ -117,7 +117,8 @@ Ext.define('Signet.node.Signing', {
         var frame = document.createElement('iframe');
         frame.className = 'signet-frame';
         frame.title = 'Signet on ' + me.nodename;
-        frame.style.cssText = 'border: 0; width: 100%; height: 100%; display: block;';
+        // Shown once the page said it loaded, for this PVE user.
+        frame.style.cssText = 'border: 0; width: 100%; height: 100%; display: block; visibility: hidden;';
         var help = document.createElement('div');
         help.className = 'signet-help';
         help.setAttribute('role', 'alert');
@@ -135,7 +136,12 @@ Ext.define('Signet.node.Signing', {
                 help.style.display = 'none';
                 frame.style.display = 'block';
                 frame.contentWindow.postMessage({ signet: 'theme', theme: me.theme }, origin);
-                if (said.login && said.node === me.nodename && !handedOver) {
+                var text = gettext('Node') + ' ' + me.nodename;
+                var user = window.Proxmox && Proxmox.UserName ? Proxmox.UserName : '';
+                // A login handed over before PVE's user changed (a logout and another
+                // login): the page shows the other user's session.
+                var stale = !!(said.user && user && said.user !== user);
+                if ((said.login || stale) && said.node === me.nodename && !handedOver) {
                     // signetd on this node has no PVE login from the browser (cookies
                     // belong to the host name in the address bar): hand it PVE's ticket,
                     // once, to the exact origin this tab framed. The ticket is valid on
@@ -146,7 +152,13 @@ Ext.define('Signet.node.Signing', {
                         frame.contentWindow.postMessage({ signet: 'login', ticket: ticket }, origin);
                     }
                 }
-                var text = gettext('Node') + ' ' + me.nodename;
+                // Nothing of another user's session is shown.
+                frame.style.visibility = stale ? 'hidden' : 'visible';
+                if (stale) {
+                    text += ' — ' + Ext.String.format(
+                        gettext("signetd there still has the login of {0}; log in to that node's Proxmox VE UI, or close the browser"),
+                        said.user);
+                }
                 if (said.node && said.node !== me.nodename) {
                     // signetd names another node: the address leads elsewhere, or its
                     // [web] node is set to another name.
@@ -239,10 +251,56 @@ Ext.define('Signet.Plugin', {
         return node;
     },
 
-    // Asks PVE for the cluster's status and calls back with the node's host.
+    // Which address of a node's network (GET /nodes/NODE/network) the browser reaches
+    // it at: the interface's with the default gateway, else the first one's up with an
+    // IPv4 address (not the loopback); the name in the address bar when it is one of
+    // them.
+    hostFromNetwork: function(node, interfaces, browsed) {
+        var gateway = null;
+        var first = null;
+        var i;
+        for (i = 0; interfaces && i < interfaces.length; i++) {
+            var n = interfaces[i];
+            if (!n || !n.address || n.type === 'loopback' || n.iface === 'lo') {
+                continue;
+            }
+            if (n.address === browsed) {
+                return browsed;
+            }
+            if (n.gateway && !gateway) {
+                gateway = n.address;
+            }
+            if (n.active && !first) {
+                first = n.address;
+            }
+        }
+        return gateway || first || node;
+    },
+
+    // Asks PVE where the node is and calls back with its host: the cluster's status
+    // (it needs Sys.Audit on /); without it, the name in the address bar when its
+    // first label is the node's name, else the node's own network (any PVE user may
+    // list it).
     nodeHost: function(node, callback) {
         var me = this;
         var browsed = window.location.hostname;
+        var network = function() {
+            if (browsed.split('.')[0].toLowerCase() === String(node).toLowerCase()) {
+                callback(browsed);
+                return;
+            }
+            Proxmox.Utils.API2Request({
+                url: '/nodes/' + encodeURIComponent(node) + '/network',
+                method: 'GET',
+                success: function(response) {
+                    var data = response && response.result ? response.result.data : [];
+                    callback(me.hostFromNetwork(node, data, browsed));
+                },
+                failure: function() {
+                    callback(node);
+                },
+            });
+        };
         Proxmox.Utils.API2Request({
             url: '/cluster/status',
             method: 'GET',
@@ -250,9 +308,7 @@ Ext.define('Signet.Plugin', {
                 var data = response && response.result ? response.result.data : [];
                 callback(me.hostFor(node, data, browsed));
             },
-            failure: function() {
-                callback(me.hostFor(node, [], browsed));
-            },
+            failure: network,
         });
     },
 
@@ -328,6 +384,7 @@ Ext.define('Signet.Plugin', {
             opts.ready({
                 node: String(e.data.node || ''),
                 page: String(e.data.page || ''),
+                user: String(e.data.user || ''),
                 login: e.data.login === true,
             });
         };

@@ -114,6 +114,17 @@ assert.strictEqual(P.hostFor('pve1', status, 'pve1.example.com'), 'pve1.example.
 assert.strictEqual(P.hostFor('pve2', status, 'pve1.example.com'), '192.0.2.2');
 assert.strictEqual(P.hostFor('pve9', status, 'pve1.example.com'), 'pve9');
 assert.strictEqual(P.hostFor('pve2', [], 'pve1.example.com'), 'pve2');
+// Without the cluster's status (Sys.Audit on / is needed), the node's own network.
+const network = [
+    { iface: 'lo', type: 'loopback', address: '127.0.0.1', active: 1 },
+    { iface: 'eno1', active: 1 },
+    { iface: 'vmbr1', address: '10.0.0.2', active: 1 },
+    { iface: 'vmbr0', address: '192.0.2.2', gateway: '192.0.2.254', active: 1 },
+];
+assert.strictEqual(P.hostFromNetwork('pve2', network, 'pve1.example.com'), '192.0.2.2', 'the gateway\'s');
+assert.strictEqual(P.hostFromNetwork('pve2', network.slice(0, 3), 'pve1.example.com'), '10.0.0.2');
+assert.strictEqual(P.hostFromNetwork('pve2', network, '10.0.0.2'), '10.0.0.2', 'the address browsed');
+assert.strictEqual(P.hostFromNetwork('pve2', [], 'x'), 'pve2');
 const port = instance.signetPort;
 assert.ok(/^[0-9]+$/.test(port), port);
 console.log(P.url(P.hostFor('pve1', status, sandbox.window.location.hostname), port));

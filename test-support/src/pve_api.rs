@@ -12,8 +12,10 @@
 //! sends it to the web UI on its own port too — as it does on a real node.
 //!
 //! For the "Signing" tab's tests it also answers `GET /api2/json/cluster/status` with
-//! the nodes set by [`StandInPveApi::set_cluster`] (as PVE does, to a valid ticket
-//! only), and serves files the test names ([`StandInPveApi::serve_file`]): the
+//! the nodes set by [`StandInPveApi::set_cluster`] (as PVE does, to a ticket with
+//! `Sys.Audit` on `/` only), `GET /api2/json/nodes/NODE/network` (to any valid ticket,
+//! as PVE: one bridge with the node's address and a gateway), and serves files the
+//! test names ([`StandInPveApi::serve_file`]): the
 //! installed `signet-panel.js` under `/pve2/js/`, and a page standing in for PVE's
 //! node view.
 //!
@@ -137,6 +139,7 @@ impl StandInPveApi {
             .route("/api2/json/access/permissions", get(permissions))
             .route("/standin/login", get(browser_login))
             .route("/api2/json/cluster/status", get(cluster_status))
+            .route("/api2/json/nodes/{node}/network", get(network))
             .fallback(get(file))
             .with_state(inner.clone());
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -184,6 +187,16 @@ impl StandInPveApi {
             .tickets
             .insert(ticket.clone(), (user.to_owned(), privs));
         ticket
+    }
+
+    /// Gives the user of `ticket` `privileges` on `path` too.
+    pub fn grant(&self, ticket: &str, path: &str, privileges: &[&str]) {
+        if let Some((_, paths)) = lock(&self.inner).tickets.get_mut(ticket) {
+            paths.insert(
+                path.to_owned(),
+                privileges.iter().map(|p| (*p).to_owned()).collect(),
+            );
+        }
     }
 
     /// Makes a ticket invalid, as its expiry would.
@@ -282,18 +295,25 @@ async fn permissions(
     axum::Json(serde_json::json!({ "data": data })).into_response()
 }
 
-/// `GET /api2/json/cluster/status`, to a valid ticket: the cluster's entry and a
-/// `node` entry per node, with PVE's fields.
-async fn cluster_status(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap) -> Response {
-    let inner = lock(&inner);
-    let known = headers
+/// The privileges on each path of the cookie's ticket, `None` for no valid ticket.
+fn ticket_paths(inner: &Inner, headers: &HeaderMap) -> Option<BTreeMap<String, BTreeSet<String>>> {
+    let cookie = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .find_map(ticket_from_cookies)
-        .is_some_and(|c| inner.tickets.contains_key(&decode(c)));
-    if !known {
+        .find_map(ticket_from_cookies)?;
+    inner.tickets.get(&decode(cookie)).map(|(_, p)| p.clone())
+}
+
+/// `GET /api2/json/cluster/status`, to a ticket with `Sys.Audit` on `/`: the cluster's
+/// entry and a `node` entry per node, with PVE's fields.
+async fn cluster_status(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap) -> Response {
+    let inner = lock(&inner);
+    let Some(paths) = ticket_paths(&inner, &headers) else {
         return (StatusCode::UNAUTHORIZED, r#"{"data":null}"#).into_response();
+    };
+    if !paths.get("/").is_some_and(|p| p.contains("Sys.Audit")) {
+        return (StatusCode::FORBIDDEN, r#"{"data":null}"#).into_response();
     }
     let mut data = vec![serde_json::json!({
         "type": "cluster", "id": "cluster", "name": "standin",
@@ -306,6 +326,28 @@ async fn cluster_status(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderM
             "level": "",
         }));
     }
+    axum::Json(serde_json::json!({ "data": data })).into_response()
+}
+
+/// `GET /api2/json/nodes/NODE/network`, to any valid ticket: the loopback and a
+/// bridge with the node's address and a gateway.
+async fn network(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    axum::extract::Path(node): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let inner = lock(&inner);
+    if ticket_paths(&inner, &headers).is_none() {
+        return (StatusCode::UNAUTHORIZED, r#"{"data":null}"#).into_response();
+    }
+    let Some(n) = inner.cluster.iter().find(|n| n.name == node) else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, r#"{"data":null}"#).into_response();
+    };
+    let data = serde_json::json!([
+        {"iface": "lo", "type": "loopback", "address": "127.0.0.1", "active": 1},
+        {"iface": "vmbr0", "type": "bridge", "address": n.ip, "cidr": format!("{}/8", n.ip),
+         "gateway": "127.0.0.254", "active": 1},
+    ]);
     axum::Json(serde_json::json!({ "data": data })).into_response()
 }
 

@@ -269,14 +269,17 @@ fn in_a_browser_the_tab_frames_the_node_it_is_opened_on_and_says_how_to_reach_on
             local: false,
         },
     ]);
+    // root@pam may see the cluster's status (Sys.Audit on /); alice@pve only pve2.
     let admin = ui
         .api
         .login("root@pam", "/nodes/pve2", &["Sys.Audit", "Sys.Modify"]);
-    let login = |page: &str| {
+    ui.api.grant(&admin, "/", &["Sys.Audit"]);
+    let alice = ui.api.login("alice@pve", "/nodes/pve2", &["Sys.Audit"]);
+    let login = |ticket: &str, page: &str| {
         format!(
             "{}/standin/login?{}&{}",
             ui.api.url(),
-            web::serde_urlencoded_pair("ticket", &admin),
+            web::serde_urlencoded_pair("ticket", ticket),
             web::serde_urlencoded_pair("next", &format!("{}{page}", ui.api.url()))
         )
     };
@@ -286,7 +289,7 @@ fn in_a_browser_the_tab_frames_the_node_it_is_opened_on_and_says_how_to_reach_on
     // PVE shows its dark theme (its "Color Theme" cookie).
     b.set_cookie(&ui.api.url(), "PVEThemeCookie", "proxmox-dark");
     // Browsing pve1, the tab of node pve2 frames pve2's signetd, not the browsed host.
-    b.open(&login("/standin/pve.html?node=pve2"));
+    b.open(&login(&admin, "/standin/pve.html?node=pve2"));
     let text = b.wait_until("document.querySelector('iframe.signet-frame') !== null");
     assert!(text.contains("Node pve2"), "{text}");
     let src = b.eval("document.querySelector('iframe.signet-frame').src");
@@ -324,6 +327,23 @@ fn in_a_browser_the_tab_frames_the_node_it_is_opened_on_and_says_how_to_reach_on
         "no help while signetd answers"
     );
     b.screenshot("plugin-node-pve2-dark.png");
+
+    // Another PVE user logs in (without Sys.Audit on /: the tab finds pve2 in its
+    // network instead). pve2's signetd still has root@pam's login: the tab hides that
+    // page, hands over alice@pve's ticket, and shows pve2 for alice@pve.
+    b.open(&login(&alice, "/standin/pve.html?node=pve2"));
+    b.wait_until("document.querySelector('iframe.signet-frame') !== null");
+    assert_eq!(
+        b.eval("document.querySelector('iframe.signet-frame').src"),
+        format!("https://127.0.0.2:{port}/?theme=proxmox-dark").as_str(),
+        "pve2's address from its network"
+    );
+    let frame = b.frame_session(&format!("https://127.0.0.2:{port}/"));
+    let text = b.in_session(&frame, |b| {
+        b.wait_until_across_loads("document.body.innerText.includes('alice@pve on pve2')")
+    });
+    assert!(!text.contains("root@pam"), "{text}");
+    b.wait_until("document.querySelector('iframe.signet-frame').style.visibility === 'visible'");
 
     // The tab of pve1 (the browsed node, reached under the address bar's name): nothing
     // listens on its port, so the tab says how to reach signetd.

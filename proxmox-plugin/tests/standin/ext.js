@@ -65,7 +65,11 @@
             },
         },
     };
+    // As PVE's index.html.tpl sets it for the logged-in user.
+    var ticket = window.Ext.util.Cookies.get('PVEAuthCookie') || '';
     window.Proxmox = {
+        Setup: { auth_cookie_name: 'PVEAuthCookie' },
+        UserName: ticket.split(':')[1] || '',
         Utils: {
             API2Request: function(opts) {
                 fetch('/api2/json' + opts.url, { credentials: 'same-origin' })

@@ -25,8 +25,10 @@
   // This page asks for a PVE login: the browser has none for this address.
   var needsLogin = root.getAttribute("data-login") === "needed";
   var handedOver = false;
+  // The PVE tab's ticket: when this page asks for a login, or shows another PVE user
+  // than the tab's (a login handed over before the user changed).
   function logIn(ticket) {
-    if (!needsLogin || handedOver || typeof ticket !== "string" || !ticket) { return; }
+    if (handedOver || typeof ticket !== "string" || !ticket) { return; }
     handedOver = true;
     // signetd has the local PVE API check it and keeps it for this frame; a page of
     // another origin could not send this header.
@@ -61,12 +63,13 @@
   document.addEventListener("DOMContentLoaded", function () {
     if (framed) {
       // The tab waits for this to know signetd answered (its help for an unreachable
-      // port is shown otherwise). It says nothing secret: the node, the page, and
-      // whether it wants a PVE login.
+      // port is shown otherwise). It says nothing secret: the node, the page, the
+      // PVE user it shows, and whether it wants a PVE login.
       window.parent.postMessage({
         signet: "ready",
         node: root.getAttribute("data-node") || "",
         page: window.location.pathname,
+        user: root.getAttribute("data-user") || "",
         login: needsLogin
       }, "*");
     }
