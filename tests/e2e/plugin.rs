@@ -268,6 +268,12 @@ fn in_a_browser_the_tab_frames_the_node_it_is_opened_on_and_says_how_to_reach_on
             ip: "127.0.0.2".into(),
             local: false,
         },
+        // A node whose address leads to pve2's signetd (a stale address, say).
+        ClusterNode {
+            name: "pve3".into(),
+            ip: "127.0.0.2".into(),
+            local: false,
+        },
     ]);
     // root@pam may see the cluster's status (Sys.Audit on /); alice@pve only pve2.
     let admin = ui
@@ -344,6 +350,19 @@ fn in_a_browser_the_tab_frames_the_node_it_is_opened_on_and_says_how_to_reach_on
     });
     assert!(!text.contains("root@pam"), "{text}");
     b.wait_until("document.querySelector('iframe.signet-frame').style.visibility === 'visible'");
+
+    // The tab of pve3 frames what answers at pve3's address: pve2's signetd, which says
+    // so; the toolbar shows the mismatch.
+    b.open(&format!("{}/standin/pve.html?node=pve3", ui.api.url()));
+    let text = b.wait_until(
+        "document.getElementById('signetNode').textContent.includes('says it runs on')",
+    );
+    assert!(
+        text.contains(&format!(
+            "Node pve3 — but signetd at https://127.0.0.2:{port}/ says it runs on node 'pve2'"
+        )),
+        "{text}"
+    );
 
     // The tab of pve1 (the browsed node, reached under the address bar's name): nothing
     // listens on its port, so the tab says how to reach signetd.
