@@ -23,8 +23,8 @@ Ext.define('Signet.node.Signing', {
     extend: 'Ext.panel.Panel',
     alias: 'widget.signetNodeSigning',
 
+    layout: 'fit',
     border: false,
-    scrollable: false,
 
     // signetd's [web] listen port; install.sh fills it in.
     signetPort: '@SIGNET_WEB_PORT@',
@@ -75,6 +75,14 @@ Ext.define('Signet.node.Signing', {
                     text: '',
                 },
             ],
+            // Sized by the fit layout; showFrame puts the frame and the help in it.
+            items: [
+                {
+                    xtype: 'component',
+                    itemId: 'signetView',
+                    style: 'position: relative;',
+                },
+            ],
         });
         me.callParent();
         me.on('afterrender', me.locate, me);
@@ -109,7 +117,7 @@ Ext.define('Signet.node.Signing', {
         me.down('#signetOpen').setDisabled(false);
         me.down('#signetNode').setText(Ext.String.htmlEncode(gettext('Node') + ' ' + me.nodename));
 
-        var body = me.body.dom;
+        var body = me.down('#signetView').getEl().dom;
         while (body.firstChild) {
             body.removeChild(body.firstChild);
         }

@@ -100,6 +100,8 @@ panel.initComponent.call(instance);
 assert.ok(instance.built);
 assert.strictEqual(instance.nodename, 'pve2', 'the node PVE selected');
 assert.strictEqual(instance.tbar[0].text, 'Node pve2', 'the toolbar names the node');
+assert.strictEqual(instance.layout, 'fit');
+assert.strictEqual(JSON.stringify(instance.items.map((i) => i.itemId)), '["signetView"]', 'the frame goes in one sized item');
 const P = sandbox.Signet.Plugin;
 
 // Where a node is reached: the node PVE answers from (local) under the name in the

@@ -100,6 +100,9 @@
     Item.prototype.setDisabled = function(d) {
         this.el.disabled = !!d;
     };
+    Item.prototype.getEl = function() {
+        return { dom: this.el };
+    };
 
     window.StandIn = {
         // The tab PVE's node view would add for `node`, through the plugin's override
@@ -155,6 +158,15 @@
             });
             var body = document.createElement('div');
             body.className = 'standin-body';
+            // The fit layout: each item fills the body.
+            (me.items || []).forEach(function(c) {
+                var el = document.createElement('div');
+                el.style.cssText = 'width: 100%; height: 100%; ' + (c.style || '');
+                if (c.itemId) {
+                    items[c.itemId] = new Item(el, c);
+                }
+                body.appendChild(el);
+            });
             root.appendChild(bar);
             root.appendChild(body);
             parent.appendChild(root);
