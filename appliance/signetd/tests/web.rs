@@ -439,11 +439,19 @@ async fn the_audit_page_searches_and_pages() {
         "{page}"
     );
     assert!(
-        page.contains("the 2 records added since then were checked now."),
+        page.contains("the 2 records added since then were checked too."),
+        "{page}"
+    );
+    // Looked at again with nothing new: still counted from the whole walk.
+    let (_, page) = f.get("/audit", Some(&t)).await;
+    assert!(
+        page.contains("the 2 records added since then were checked too."),
         "{page}"
     );
     let (_, page) = f.get("/audit?verify=full", Some(&t)).await;
     assert!(page.contains("Every record was checked now."), "{page}");
+    let (_, page) = f.get("/audit", Some(&t)).await;
+    assert!(page.contains("; none was added since."), "{page}");
 
     // A changed record shows as a broken chain, though it is older than the last walk.
     let db = f.dir.path().join("state/signet.db");

@@ -674,6 +674,8 @@ pub struct ChainCache {
     pub mark: crate::adapters::audit::Mark,
     /// When the whole chain was last walked (ms since the epoch).
     pub whole_at_ms: u64,
+    /// How many records it had then.
+    pub whole_records: u64,
 }
 
 /// Checks the chain for the audit page: on from the last walk's mark, or whole when
@@ -703,20 +705,42 @@ async fn check_chain(
     let mut cache = web.chain.lock().unwrap_or_else(|p| p.into_inner());
     Ok(match walked {
         Ok((v, mark, walk)) => {
-            let (whole_at_ms, words, partial) = match (walk, fresh) {
-                (crate::adapters::audit::Walk::Appended(n), Some(c)) => (
-                    c.whole_at_ms,
-                    format!(
-                        "Every record was checked at {} UTC; the {} added since then {} checked now.",
-                        model::time_ms(c.whole_at_ms),
-                        model::count(n, "record"),
-                        if n == 1 { "was" } else { "were" }
-                    ),
-                    true,
+            let (whole_at_ms, whole_records, words, partial) = match (walk, fresh) {
+                (crate::adapters::audit::Walk::Appended(_), Some(c)) => {
+                    // Counted from the whole walk, not from the last look: the page
+                    // (live, it looks every few seconds) says what that walk left out.
+                    let n = v.records.saturating_sub(c.whole_records);
+                    let since = if n == 0 {
+                        "none was added since".to_owned()
+                    } else {
+                        format!(
+                            "the {} added since then {} checked too",
+                            model::count(n, "record"),
+                            if n == 1 { "was" } else { "were" }
+                        )
+                    };
+                    (
+                        c.whole_at_ms,
+                        c.whole_records,
+                        format!(
+                            "Every record was checked at {} UTC; {since}.",
+                            model::time_ms(c.whole_at_ms)
+                        ),
+                        true,
+                    )
+                }
+                _ => (
+                    now,
+                    v.records,
+                    "Every record was checked now.".to_owned(),
+                    false,
                 ),
-                _ => (now, "Every record was checked now.".to_owned(), false),
             };
-            *cache = Some(ChainCache { mark, whole_at_ms });
+            *cache = Some(ChainCache {
+                mark,
+                whole_at_ms,
+                whole_records,
+            });
             Ok((v, words, partial))
         }
         Err(e) => {
