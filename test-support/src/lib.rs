@@ -17,5 +17,5 @@
 pub mod pve_api;
 pub mod world;
 
-pub use pve_api::{encode_ticket, Call, StandInPveApi};
+pub use pve_api::{encode_ticket, Call, ClusterNode, StandInPveApi};
 pub use world::*;

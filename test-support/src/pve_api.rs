@@ -11,6 +11,14 @@
 //! sends the browser on to `next`. Cookies are per host, not per port, so the browser
 //! sends it to the web UI on its own port too — as it does on a real node.
 //!
+//! For the "Signing" tab's tests it also answers `GET /api2/json/cluster/status` with
+//! the nodes set by [`StandInPveApi::set_cluster`] (as PVE does, to a ticket with
+//! `Sys.Audit` on `/` only), `GET /api2/json/nodes/NODE/network` (to any valid ticket,
+//! as PVE: one bridge with the node's address and a gateway), and serves files the
+//! test names ([`StandInPveApi::serve_file`]): the
+//! installed `signet-panel.js` under `/pve2/js/`, and a page standing in for PVE's
+//! node view.
+//!
 //! It reads the cookie and makes its certificate on its own, as PVE does, not with
 //! the web UI's code under test.
 
@@ -76,12 +84,25 @@ pub struct Call {
     pub path: Option<String>,
 }
 
+/// A node of the stand-in's cluster, as `GET /cluster/status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub name: String,
+    /// The address PVE resolves the node's name to.
+    pub ip: String,
+    /// The node that answers (the one the browser is on).
+    pub local: bool,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     /// ticket → (user, ACL path → privileges)
     tickets: BTreeMap<String, (String, BTreeMap<String, BTreeSet<String>>)>,
     calls: Vec<Call>,
     issued: u64,
+    cluster: Vec<ClusterNode>,
+    /// URL path → file served there.
+    files: BTreeMap<String, std::path::PathBuf>,
 }
 
 /// The stand-in PVE API, serving until dropped.
@@ -117,6 +138,9 @@ impl StandInPveApi {
         let app = Router::new()
             .route("/api2/json/access/permissions", get(permissions))
             .route("/standin/login", get(browser_login))
+            .route("/api2/json/cluster/status", get(cluster_status))
+            .route("/api2/json/nodes/{node}/network", get(network))
+            .fallback(get(file))
             .with_state(inner.clone());
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(signet_protocol::serve::serve(
@@ -165,12 +189,34 @@ impl StandInPveApi {
         ticket
     }
 
+    /// Gives the user of `ticket` `privileges` on `path` too.
+    pub fn grant(&self, ticket: &str, path: &str, privileges: &[&str]) {
+        if let Some((_, paths)) = lock(&self.inner).tickets.get_mut(ticket) {
+            paths.insert(
+                path.to_owned(),
+                privileges.iter().map(|p| (*p).to_owned()).collect(),
+            );
+        }
+    }
+
     /// Makes a ticket invalid, as its expiry would.
     pub fn expire(&self, ticket: &str) {
         lock(&self.inner).tickets.remove(ticket);
     }
 
-    /// The requests received so far.
+    /// The cluster `GET /cluster/status` lists.
+    pub fn set_cluster(&self, nodes: &[ClusterNode]) {
+        lock(&self.inner).cluster = nodes.to_vec();
+    }
+
+    /// Serves the file at `path` under the URL path `at` (e.g. `/pve2/js/signet-panel.js`).
+    pub fn serve_file(&self, at: &str, path: &std::path::Path) {
+        lock(&self.inner)
+            .files
+            .insert(at.to_owned(), path.to_owned());
+    }
+
+    /// The permission checks received so far.
     pub fn calls(&self) -> Vec<Call> {
         lock(&self.inner).calls.clone()
     }
@@ -247,6 +293,77 @@ async fn permissions(
             .collect(),
     };
     axum::Json(serde_json::json!({ "data": data })).into_response()
+}
+
+/// The privileges on each path of the cookie's ticket, `None` for no valid ticket.
+fn ticket_paths(inner: &Inner, headers: &HeaderMap) -> Option<BTreeMap<String, BTreeSet<String>>> {
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(ticket_from_cookies)?;
+    inner.tickets.get(&decode(cookie)).map(|(_, p)| p.clone())
+}
+
+/// `GET /api2/json/cluster/status`, to a ticket with `Sys.Audit` on `/`: the cluster's
+/// entry and a `node` entry per node, with PVE's fields.
+async fn cluster_status(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap) -> Response {
+    let inner = lock(&inner);
+    let Some(paths) = ticket_paths(&inner, &headers) else {
+        return (StatusCode::UNAUTHORIZED, r#"{"data":null}"#).into_response();
+    };
+    if !paths.get("/").is_some_and(|p| p.contains("Sys.Audit")) {
+        return (StatusCode::FORBIDDEN, r#"{"data":null}"#).into_response();
+    }
+    let mut data = vec![serde_json::json!({
+        "type": "cluster", "id": "cluster", "name": "standin",
+        "nodes": inner.cluster.len(), "quorate": 1, "version": 2,
+    })];
+    for (i, n) in inner.cluster.iter().enumerate() {
+        data.push(serde_json::json!({
+            "type": "node", "id": format!("node/{}", n.name), "name": n.name,
+            "ip": n.ip, "local": u8::from(n.local), "nodeid": i + 1, "online": 1,
+            "level": "",
+        }));
+    }
+    axum::Json(serde_json::json!({ "data": data })).into_response()
+}
+
+/// `GET /api2/json/nodes/NODE/network`, to any valid ticket: the loopback and a
+/// bridge with the node's address and a gateway.
+async fn network(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    axum::extract::Path(node): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let inner = lock(&inner);
+    if ticket_paths(&inner, &headers).is_none() {
+        return (StatusCode::UNAUTHORIZED, r#"{"data":null}"#).into_response();
+    }
+    let Some(n) = inner.cluster.iter().find(|n| n.name == node) else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, r#"{"data":null}"#).into_response();
+    };
+    let data = serde_json::json!([
+        {"iface": "lo", "type": "loopback", "address": "127.0.0.1", "active": 1},
+        {"iface": "vmbr0", "type": "bridge", "address": n.ip, "cidr": format!("{}/8", n.ip),
+         "gateway": "127.0.0.254", "active": 1},
+    ]);
+    axum::Json(serde_json::json!({ "data": data })).into_response()
+}
+
+/// A file the test asked to serve.
+async fn file(State(inner): State<Arc<Mutex<Inner>>>, uri: http::Uri) -> Response {
+    let path = lock(&inner).files.get(uri.path()).cloned();
+    let Some(body) = path.and_then(|p| std::fs::read(p).ok()) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let kind = match uri.path().rsplit('.').next() {
+        Some("js") => "text/javascript",
+        Some("html") => "text/html; charset=utf-8",
+        Some("css") => "text/css",
+        _ => "application/octet-stream",
+    };
+    ([(header::CONTENT_TYPE, kind)], body).into_response()
 }
 
 #[derive(Deserialize)]

@@ -13,11 +13,11 @@ use super::*;
 
 const CHROMIUM: &str = "chromium";
 
-struct Ui {
+pub(super) struct Ui {
     _rt: tokio::runtime::Runtime,
-    api: StandInPveApi,
+    pub(super) api: StandInPveApi,
     /// `https://127.0.0.1:PORT` of the web UI.
-    url: String,
+    pub(super) url: String,
 }
 
 /// Agent (SoftHSM) and daemon with `[web]` on a free loopback port, its logins checked
@@ -48,20 +48,29 @@ fn appliance_with_web_and(w: &mut World, extra_toml: &str) -> Ui {
 
 /// The `[web]` section for a UI checking logins with `api`.
 fn web_section(w: &World, api: &StandInPveApi) -> String {
+    web_section_for(w, api, "pve1", "127.0.0.1")
+}
+
+/// The `[web]` section for node `node`'s UI on `host` (a free port), checking logins
+/// with `api`, and framed by PVE's UI or by `api`'s pages (the stand-in PVE UI is not
+/// on port 8006).
+pub(super) fn web_section_for(w: &World, api: &StandInPveApi, node: &str, host: &str) -> String {
     let pin_file = w.path("pve-api.pem");
     std::fs::write(&pin_file, api.cert_pem()).unwrap();
     std::fs::create_dir_all(w.path("pve-local")).unwrap();
     format!(
-        "[web]\nlisten = [\"tcp:127.0.0.1:0\"]\nnode = \"pve1\"\npve_api = \"{}\"\n\
-         pve_api_cert = \"{}\"\npve_local_dir = \"{}\"\nrefresh_seconds = 1\n",
+        "[web]\nlisten = [\"tcp:{host}:0\"]\nnode = \"{node}\"\npve_api = \"{}\"\n\
+         pve_api_cert = \"{}\"\npve_local_dir = \"{}\"\nrefresh_seconds = 1\n\
+         frame_ancestors = [\"https://*:8006\", \"{}\"]\n",
         api.url(),
         pin_file.display(),
-        w.path("pve-local").display()
+        w.path("pve-local").display(),
+        api.url()
     )
 }
 
 /// The running daemon's web UI, found in its log.
-fn web_ui(w: &World, rt: tokio::runtime::Runtime, api: StandInPveApi) -> Ui {
+pub(super) fn web_ui(w: &World, rt: tokio::runtime::Runtime, api: StandInPveApi) -> Ui {
     // signetd logs the web UI's endpoint before it says it is ready.
     let log = w.log("signetd");
     let ep = log
@@ -83,7 +92,7 @@ fn web_ui(w: &World, rt: tokio::runtime::Runtime, api: StandInPveApi) -> Ui {
     }
 }
 
-fn screenshots() -> PathBuf {
+pub(super) fn screenshots() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .parent()
         .unwrap()
@@ -103,7 +112,7 @@ impl Ui {
     }
 }
 
-fn serde_urlencoded_pair(k: &str, v: &str) -> String {
+pub(super) fn serde_urlencoded_pair(k: &str, v: &str) -> String {
     let enc: String = v
         .bytes()
         .map(|b| {
@@ -186,11 +195,11 @@ fn the_overview_says_signing_works_in_a_real_browser_and_every_page_renders() {
 /// Headless Chromium driven over the DevTools protocol on a pipe
 /// (`--remote-debugging-pipe`: the browser reads commands on fd 3 and writes answers
 /// and events on fd 4, each a JSON message ended by a NUL byte).
-struct Browser {
+pub(super) struct Browser {
     child: std::process::Child,
     input: std::process::ChildStdin,
     output: std::sync::mpsc::Receiver<serde_json::Value>,
-    events: std::collections::VecDeque<serde_json::Value>,
+    pub(super) events: std::collections::VecDeque<serde_json::Value>,
     next_id: u64,
     session: String,
 }
@@ -199,7 +208,7 @@ struct Browser {
 const BROWSER_STEP: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Browser {
-    fn start(w: &World) -> Browser {
+    pub(super) fn start(w: &World) -> Browser {
         use std::io::Read;
         let mut child = Command::new("sh")
             .arg("-c")
@@ -271,7 +280,7 @@ impl Browser {
     }
 
     /// Sends a command (to the page once attached) and answers its result.
-    fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+    pub(super) fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
         use std::io::Write;
         self.next_id += 1;
         let id = self.next_id;
@@ -296,13 +305,13 @@ impl Browser {
     }
 
     /// Opens `url` and waits for its page (after any HTTP redirects) to load.
-    fn open(&mut self, url: &str) {
+    pub(super) fn open(&mut self, url: &str) {
         self.events.clear();
         self.call("Page.navigate", serde_json::json!({"url": url}));
         self.wait_event("Page.loadEventFired");
     }
 
-    fn wait_event(&mut self, method: &str) -> serde_json::Value {
+    pub(super) fn wait_event(&mut self, method: &str) -> serde_json::Value {
         if let Some(i) = self.events.iter().position(|e| e["method"] == method) {
             return self.events.remove(i).unwrap();
         }
@@ -319,7 +328,7 @@ impl Browser {
     }
 
     /// Evaluates `expr` in the page, awaiting it when it is a promise.
-    fn eval(&mut self, expr: &str) -> serde_json::Value {
+    pub(super) fn eval(&mut self, expr: &str) -> serde_json::Value {
         let r = self.call(
             "Runtime.evaluate",
             serde_json::json!({"expression": expr, "awaitPromise": true, "returnByValue": true}),
@@ -330,7 +339,7 @@ impl Browser {
 
     /// Waits until `cond` (a JavaScript expression) is true on the page, checking it
     /// whenever the page's content changes; answers the page's text then.
-    fn wait_until(&mut self, cond: &str) -> String {
+    pub(super) fn wait_until(&mut self, cond: &str) -> String {
         self.eval(&format!(
             "new Promise(resolve => {{
                 const check = () => {{ if ({cond}) {{ observer.disconnect(); resolve(document.body.innerText); }} }};
@@ -344,7 +353,108 @@ impl Browser {
         .to_owned()
     }
 
-    fn screenshot(&mut self, name: &str) {
+    /// [`Browser::wait_until`] that outlives navigations (a frame that reloads): an
+    /// evaluation cut short by a new document is asked again in it.
+    pub(super) fn wait_until_across_loads(&mut self, cond: &str) -> String {
+        let expr = format!(
+            "new Promise(resolve => {{
+                const start = () => {{
+                    const check = () => {{ if ({cond}) {{ observer.disconnect(); resolve(document.body.innerText); }} }};
+                    const observer = new MutationObserver(check);
+                    observer.observe(document.documentElement, {{subtree: true, childList: true, characterData: true, attributes: true}});
+                    check();
+                }};
+                if (document.body) {{ start(); }} else {{ document.addEventListener('DOMContentLoaded', start); }}
+            }})"
+        );
+        let mut last = serde_json::Value::Null;
+        for _ in 0..20 {
+            use std::io::Write;
+            self.next_id += 1;
+            let id = self.next_id;
+            let msg = serde_json::json!({"id": id, "method": "Runtime.evaluate", "sessionId": self.session,
+                "params": {"expression": expr, "awaitPromise": true, "returnByValue": true}});
+            let mut bytes = serde_json::to_vec(&msg).unwrap();
+            bytes.push(0);
+            self.input.write_all(&bytes).unwrap();
+            let answer = loop {
+                let v = self
+                    .output
+                    .recv_timeout(BROWSER_STEP)
+                    .unwrap_or_else(|e| panic!("{cond}: no answer from chromium: {e}"));
+                if v["id"] == id {
+                    break v;
+                }
+                self.events.push_back(v);
+            };
+            if answer.get("error").is_none() && answer["result"].get("exceptionDetails").is_none() {
+                return answer["result"]["result"]["value"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+            }
+            last = answer; // the document went away while waiting: ask the next one
+        }
+        panic!("{cond}: {last}")
+    }
+
+    /// Sets the cookie `name` for `url`'s host (a cookie PVE's UI would have set).
+    pub(super) fn set_cookie(&mut self, url: &str, name: &str, value: &str) {
+        self.call(
+            "Network.setCookie",
+            serde_json::json!({"url": url, "name": name, "value": value, "secure": true}),
+        );
+    }
+
+    /// Makes the frames of other sites (out-of-process frames) attach as they appear.
+    pub(super) fn attach_frames(&mut self) {
+        self.call(
+            "Target.setAutoAttach",
+            serde_json::json!({"autoAttach": true, "waitForDebuggerOnStart": false, "flatten": true}),
+        );
+    }
+
+    /// The session of the frame whose URL starts with `prefix` (after
+    /// [`Browser::attach_frames`]), waiting for it to appear.
+    pub(super) fn frame_session(&mut self, prefix: &str) -> String {
+        loop {
+            let e = self.wait_event("Target.attachedToTarget");
+            let info = &e["params"]["targetInfo"];
+            // A frame may attach before it has its address.
+            let url = info["url"].as_str().unwrap_or("");
+            if info["type"] == "iframe"
+                && (url.starts_with(prefix) || url.is_empty() || url == "about:blank")
+            {
+                return e["params"]["sessionId"].as_str().unwrap().to_owned();
+            }
+        }
+    }
+
+    /// Runs `f` with commands going to `session` (a frame's) instead of the page's.
+    pub(super) fn in_session<R>(&mut self, session: &str, f: impl FnOnce(&mut Browser) -> R) -> R {
+        let page = std::mem::replace(&mut self.session, session.to_owned());
+        let r = f(self);
+        self.session = page;
+        r
+    }
+
+    /// Lets the page see the system's colour scheme as `scheme` (`light`, `dark`).
+    pub(super) fn prefer_color_scheme(&mut self, scheme: &str) {
+        self.call(
+            "Emulation.setEmulatedMedia",
+            serde_json::json!({"features": [{"name": "prefers-color-scheme", "value": scheme}]}),
+        );
+    }
+
+    /// The page body's computed background colour (`rgb(R, G, B)`).
+    pub(super) fn background(&mut self) -> String {
+        self.eval("getComputedStyle(document.body).backgroundColor")
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    pub(super) fn screenshot(&mut self, name: &str) {
         use base64::Engine;
         let shot = self.call(
             "Page.captureScreenshot",
@@ -783,4 +893,93 @@ fn only_root_at_pam_may_enroll_from_the_web_ui() {
                 && l.contains("\"error\":\"forbidden\"")),
         "{text}"
     );
+}
+
+#[test]
+fn in_a_browser_the_pages_follow_pves_theme_and_else_the_systems_preference() {
+    let mut w = World::new();
+    let ui = appliance_with_web(&mut w);
+    let admin = ui.api.login("root@pam", "/nodes/pve1", &["Sys.Audit"]);
+    const DARK: &str = "rgb(27, 27, 27)";
+    const LIGHT: &str = "rgb(245, 245, 245)";
+
+    let mut b = Browser::start(&w);
+    // The system prefers light; PVE shows its dark theme: the tab passes ?theme=.
+    b.prefer_color_scheme("light");
+    b.open(&ui.via_login(&admin, "/?theme=proxmox-dark"));
+    b.wait_until("document.getElementById('verdict') !== null");
+    assert_eq!(b.background(), DARK);
+    b.screenshot("overview-dark.png");
+    // The pages after it keep the theme for the session.
+    b.open(&format!("{}/jobs", ui.url));
+    b.wait_until("document.getElementById('live') !== null");
+    assert_eq!(b.background(), DARK);
+    // PVE's light theme, though the system prefers dark.
+    b.prefer_color_scheme("dark");
+    b.open(&format!("{}/?theme=crisp", ui.url));
+    b.wait_until("document.getElementById('verdict') !== null");
+    assert_eq!(b.background(), LIGHT);
+    // PVE's "auto", like a page opened on its own, follows the system.
+    b.open(&format!("{}/audit?theme=auto", ui.url));
+    b.wait_until("document.getElementById('chain') !== null");
+    assert_eq!(b.background(), DARK);
+    b.screenshot("audit-dark.png");
+    b.prefer_color_scheme("light");
+    assert_eq!(b.background(), LIGHT);
+    // A theme PVE does not have changes nothing.
+    b.open(&format!("{}/?theme=neon", ui.url));
+    b.wait_until("document.getElementById('verdict') !== null");
+    assert_eq!(b.eval("document.documentElement.dataset.theme"), "auto");
+}
+
+#[test]
+fn in_a_browser_the_queue_and_audit_pages_show_new_jobs_and_records_without_a_reload() {
+    let mut w = World::new();
+    let ui = appliance_with_web(&mut w);
+    let admin = ui.api.login("root@pam", "/nodes/pve1", &["Sys.Audit"]);
+    let ep = Endpoint::Unix(w.path("signetd.sock"));
+    let sign = |w: &World, name: &str| {
+        let file = w.pe(name);
+        let out = signet(&ep, &["sign", file.to_str().unwrap()]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    };
+
+    // The queue page is open; a job is signed: it is listed as ended, no reload.
+    let mut b = Browser::start(&w);
+    b.open(&ui.via_login(&admin, "/jobs"));
+    let text = b.wait_until("document.getElementById('live') !== null");
+    assert!(text.contains("No job has ended yet."), "{text}");
+    b.eval("window.signetSamePage = true");
+    sign(&w, "queued.exe");
+    let text = b.wait_until(
+        "[...document.querySelectorAll('tr[id^=ended-]')]
+             .some(r => r.innerText.includes('queued.exe') && r.innerText.includes('signed'))",
+    );
+    assert!(!text.contains("No job has ended yet."), "{text}");
+    assert_eq!(b.eval("window.signetSamePage === true"), true, "no reload");
+    b.screenshot("jobs-live.png");
+
+    // The audit page, searched for "wanted", with more typed in the search field and
+    // not sent yet: a matching record appears, one that does not match does not, and
+    // the field keeps what was typed.
+    b.open(&format!("{}/audit?q=wanted", ui.url));
+    let text = b.wait_until("document.getElementById('chain') !== null");
+    assert!(text.contains("0 records match"), "{text}");
+    b.eval("window.signetSamePage = true");
+    b.eval("document.querySelector('input[name=q]').value = 'wanted.exe and more'");
+    sign(&w, "other.exe");
+    sign(&w, "wanted.exe");
+    let text = b.wait_until("document.getElementById('live').innerText.includes('wanted.exe')");
+    assert!(text.contains("1 record matches"), "{text}");
+    assert!(!text.contains("other.exe"), "the search holds: {text}");
+    assert!(
+        text.contains("The hash chain is intact: 3 records"),
+        "{text}"
+    );
+    assert_eq!(
+        b.eval("document.querySelector('input[name=q]').value"),
+        "wanted.exe and more"
+    );
+    assert_eq!(b.eval("window.signetSamePage === true"), true, "no reload");
+    b.screenshot("audit-live.png");
 }

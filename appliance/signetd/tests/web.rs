@@ -189,7 +189,15 @@ impl Fixture {
     }
 }
 
-const PAGES: [&str; 5] = ["/", "/jobs", "/audit", "/audit/export", "/events"];
+const PAGES: [&str; 7] = [
+    "/",
+    "/jobs",
+    "/audit",
+    "/audit/export",
+    "/events",
+    "/jobs/events",
+    "/audit/events?q=&page=1",
+];
 
 #[tokio::test]
 async fn a_visitor_without_a_pve_login_is_sent_to_the_pve_login() {
@@ -431,11 +439,19 @@ async fn the_audit_page_searches_and_pages() {
         "{page}"
     );
     assert!(
-        page.contains("the 2 records added since then were checked now."),
+        page.contains("the 2 records added since then were checked too."),
+        "{page}"
+    );
+    // Looked at again with nothing new: still counted from the whole walk.
+    let (_, page) = f.get("/audit", Some(&t)).await;
+    assert!(
+        page.contains("the 2 records added since then were checked too."),
         "{page}"
     );
     let (_, page) = f.get("/audit?verify=full", Some(&t)).await;
     assert!(page.contains("Every record was checked now."), "{page}");
+    let (_, page) = f.get("/audit", Some(&t)).await;
+    assert!(page.contains("; none was added since."), "{page}");
 
     // A changed record shows as a broken chain, though it is older than the last walk.
     let db = f.dir.path().join("state/signet.db");
@@ -477,6 +493,156 @@ async fn the_overview_streams_its_state_and_a_cancel_arrives_live() {
     assert_eq!(status, StatusCode::SEE_OTHER);
     let second = next_event(&mut body).await;
     assert!(second.contains("<dd id=\"waiting\">1</dd>"), "{second}");
+}
+
+#[tokio::test]
+async fn a_pve_tab_of_another_node_hands_over_its_login_and_only_signetds_own_script_can() {
+    let f = fixture(0).await;
+    // The browser has no PVE login for this node's address: the page says so, names
+    // the node, and asks a framing PVE tab for the login.
+    let (status, page) = f.get("/", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        page.contains("data-node=\"pve1\" data-login=\"needed\""),
+        "{page}"
+    );
+    let hand_over = |ticket: String, header: bool| {
+        let app = f.app.clone();
+        async move {
+            let mut req = Request::post("/login")
+                .header(header::HOST, "192.0.2.1:7720")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+            if header {
+                req = req.header("x-signet-login", "1");
+            }
+            let form = format!("ticket={}", encode_ticket(&ticket));
+            app.oneshot(req.body(Body::from(form)).unwrap())
+                .await
+                .unwrap()
+        }
+    };
+    let t = f.admin();
+    // A form of another page (no header: a cross-origin page cannot send one) is refused.
+    let resp = hand_over(t.clone(), false).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(resp.headers().get(header::SET_COOKIE).is_none());
+    // A forged ticket, or one that may not see this node, sets nothing.
+    let resp = hand_over("PVE:root@pam:00000000::forged".into(), true).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(resp.headers().get(header::SET_COOKIE).is_none());
+    let resp = hand_over(f.elsewhere(), true).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(resp.headers().get(header::SET_COOKIE).is_none());
+    let resp = hand_over("not a ticket".into(), true).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    // The tab's ticket, checked by PVE: kept in a cookie of this origin, partitioned.
+    let resp = hand_over(t.clone(), true).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let cookie = resp.headers()[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(cookie.starts_with("SignetPVEAuth="), "{cookie}");
+    for attr in [
+        "Secure",
+        "HttpOnly",
+        "SameSite=None",
+        "Partitioned",
+        "Path=/",
+    ] {
+        assert!(cookie.contains(attr), "{attr}: {cookie}");
+    }
+    // With it, the pages are the user's, as with PVE's own cookie.
+    let value = cookie.split(';').next().unwrap();
+    let req = Request::get("/")
+        .header(header::COOKIE, value)
+        .body(Body::empty())
+        .unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let page = String::from_utf8_lossy(&body);
+    assert!(page.contains("root@pam on pve1"), "{page}");
+    assert!(page.contains("Node pve1"), "{page}");
+    // It is checked as PVE's cookie is: once expired, it lets nobody in.
+    f.api.expire(&t);
+    let req = Request::get("/jobs")
+        .header(header::COOKIE, value)
+        .body(Body::empty())
+        .unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// An event stream of the UI, opened as `ticket`.
+async fn stream(f: &Fixture, uri: &str, ticket: &str) -> Body {
+    let req = Request::get(uri)
+        .header(
+            header::COOKIE,
+            format!("PVEAuthCookie={}", encode_ticket(ticket)),
+        )
+        .body(Body::empty())
+        .unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{uri}");
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+    resp.into_body()
+}
+
+/// The events on `body` until one contains `what` (each a whole page part; a stream
+/// also sends again when only a job's age changed).
+async fn event_with(body: &mut Body, what: &str) -> String {
+    loop {
+        let e = next_event(body).await;
+        if e.contains(what) {
+            return e;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_queue_and_the_audit_pages_stream_their_parts_for_the_same_search() {
+    let f = fixture(3).await;
+    let t = f.admin();
+    // The pages carry their streams; the audit page's for the same search and page,
+    // the search field outside the part that is replaced.
+    let (_, jobs) = f.get("/jobs", Some(&t)).await;
+    assert!(
+        jobs.contains("data-events=\"/jobs/events\" data-event=\"jobs\""),
+        "{jobs}"
+    );
+    let (_, audit) = f.get("/audit?q=app2&page=1", Some(&t)).await;
+    assert!(
+        audit.contains("data-events=\"/audit/events?q=app2&#38;page=1\""),
+        "{audit}"
+    );
+    let live_at = audit.find("id=\"live\"").unwrap();
+    assert!(audit.find("type=\"search\"").unwrap() < live_at);
+
+    let mut jobs = stream(&f, "/jobs/events", &t).await;
+    let first = next_event(&mut jobs).await;
+    assert!(first.starts_with("event: jobs\n"), "{first}");
+    assert!(
+        first.contains("id=\"job-2\"") && first.contains("app1.exe"),
+        "{first}"
+    );
+    let mut audit = stream(&f, "/audit/events?q=app2&page=1", &t).await;
+    let first = next_event(&mut audit).await;
+    assert!(first.starts_with("event: audit\n"), "{first}");
+    assert!(first.contains("0 records match"), "{first}");
+
+    // Job 3 (app2.exe) is cancelled: both streams bring it without a reload.
+    let csrf = f.csrf(&t).await;
+    let (status, _, _) = f
+        .post("/jobs/3/cancel", Some(&t), &format!("csrf={csrf}"))
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let e = event_with(&mut jobs, "id=\"ended-3\"").await;
+    assert!(!e.contains("id=\"job-3\""), "no longer waiting: {e}");
+    let e = event_with(&mut audit, "app2.exe").await;
+    assert!(e.contains("1 record matches"), "{e}");
+    assert!(!e.contains("app1.exe"), "the search holds: {e}");
 }
 
 /// The next whole event on a server-sent event stream (keep-alive comments skipped).

@@ -35,6 +35,11 @@ use tokio_rustls::rustls::pki_types::ServerName;
 
 /// The cookie PVE's login sets.
 pub const COOKIE: &str = "PVEAuthCookie";
+/// The cookie signetd sets for a PVE ticket handed over by the "Signing" tab of
+/// another node's PVE UI (`POST /login`): the browser has no PVE login for this node's
+/// address, and a framed page gets its own cookies only, partitioned under the PVE
+/// page that frames it.
+pub const HANDED_COOKIE: &str = "SignetPVEAuth";
 /// The privilege the read-only pages need on `/nodes/NODE`.
 pub const READ_PRIVILEGE: &str = "Sys.Audit";
 /// The privilege actions need on `/nodes/NODE`.
@@ -94,12 +99,41 @@ pub fn node_path(node: &str) -> String {
 /// The `PVEAuthCookie` value in a `Cookie` header, as the browser sent it (still
 /// percent-encoded, as PVE's UI stores it).
 pub fn ticket_from_cookies(cookie_header: &str) -> Option<&str> {
+    cookie_named(cookie_header, COOKIE)
+}
+
+/// The value of the cookie `name` in a `Cookie` header, as sent.
+pub fn cookie_named<'a>(cookie_header: &'a str, name: &str) -> Option<&'a str> {
     cookie_header
         .split(';')
         .filter_map(|c| c.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .find(|(n, _)| *n == name)
         .map(|(_, v)| v.trim_matches('"'))
         .filter(|v| !v.is_empty())
+}
+
+/// A ticket as PVE's UI stores it in its cookie (percent-encoded like `escape()`),
+/// from one as sent (encoded or not); `None` for what is no PVE ticket.
+pub fn encode_ticket(ticket: &str) -> Option<String> {
+    let decoded = if ticket.contains('%') {
+        percent_decode(ticket)?
+    } else {
+        ticket.to_owned()
+    };
+    if decoded.len() > 4096 || !decoded.starts_with("PVE:") {
+        return None;
+    }
+    let encoded = decoded
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.@*/+".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    Some(encoded)
 }
 
 /// The user a ticket names (`PVE:root@pam:65F0A1B2::SIGNATURE` → `root@pam`). Only
@@ -343,6 +377,25 @@ mod tests {
     const AUDITOR: &str = include_str!("../../../tests/data/pve-api/permissions-auditor.json");
     const NOBODY: &str = include_str!("../../../tests/data/pve-api/permissions-none.json");
     const EXPIRED: &str = include_str!("../../../tests/data/pve-api/permissions-401.json");
+
+    #[test]
+    fn a_handed_over_ticket_is_stored_as_pves_ui_stores_it_and_nothing_else_passes() {
+        let t = "PVE:root@pam:6571A1B2::abc+/def==";
+        let e = encode_ticket(t).unwrap();
+        assert_eq!(e, "PVE%3Aroot@pam%3A6571A1B2%3A%3Aabc+/def%3D%3D");
+        assert_eq!(
+            encode_ticket(&e).as_deref(),
+            Some(e.as_str()),
+            "encoded already"
+        );
+        assert_eq!(ticket_user(&e).as_deref(), Some("root@pam"));
+        // Nothing that could end the cookie or the header passes through.
+        let evil = encode_ticket("PVE:a@b:1::x;\r\nSet-Cookie: y=1").unwrap();
+        assert!(!evil.contains([';', '\r', '\n', ' ']), "{evil}");
+        for bad in ["", "not a ticket", "%ZZ", &"PVE:".repeat(2000)] {
+            assert_eq!(encode_ticket(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn the_request_forwards_the_cookie_and_asks_for_the_node_path() {

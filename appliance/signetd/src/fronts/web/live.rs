@@ -2,11 +2,19 @@
 //! holding `GET /events` open), every `refresh_seconds` and right after an action, and
 //! sent to the watchers when it changed. It also remembers since when the verdict has
 //! been what it is ("Token unplugged since 10:42").
+//!
+//! The queue's and the audit log's pages are live the same way, per watcher
+//! ([`polled`]): their part is rendered again every `refresh_seconds` and as soon as a
+//! job ends, and sent when it differs from what that browser has.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use axum::response::sse::Event;
+use futures_util::Stream;
+use tokio::sync::{broadcast, watch};
 
 use super::model::Overview;
 use super::Web;
@@ -104,6 +112,66 @@ pub async fn run(web: Arc<Web>, period: Duration) {
             web.live.refresh(&web.daemon).await;
         }
     }
+}
+
+/// A page's live part as server-sent events named `event`, for one watcher: `render`
+/// makes it now (first at once, then every [`Web::refresh`] and whenever a job ends),
+/// and it is sent when it differs from the last one sent. The stream ends after
+/// `lifetime` (the browser reconnects, and its login is checked again), when signetd
+/// stops, or when `render` answers `None` (it could not read).
+pub fn polled<F, Fut>(
+    web: Arc<Web>,
+    event: &'static str,
+    lifetime: Duration,
+    render: F,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send
+where
+    F: Fn(Arc<Web>) -> Fut + Send + 'static,
+    Fut: Future<Output = Option<String>> + Send,
+{
+    struct State<F> {
+        web: Arc<Web>,
+        finished: broadcast::Receiver<String>,
+        closing: watch::Receiver<bool>,
+        tick: tokio::time::Interval,
+        last: Option<String>,
+        render: F,
+    }
+    let deadline = tokio::time::Instant::now() + lifetime;
+    let mut tick = tokio::time::interval(web.refresh);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let state = State {
+        finished: web.daemon.job_finished(),
+        closing: web.closing(),
+        web,
+        tick,
+        last: None,
+        render,
+    };
+    futures_util::stream::unfold(state, move |mut s| async move {
+        loop {
+            // The first tick is at once: the browser gets what is current now, which
+            // may be newer than the page it loaded.
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return None,
+                _ = s.closing.wait_for(|c| *c) => return None,
+                _ = s.tick.tick() => {}
+                r = s.finished.recv() => {
+                    if matches!(r, Err(broadcast::error::RecvError::Closed)) {
+                        return None;
+                    }
+                }
+            }
+            // One rendering for a burst of ended jobs.
+            while s.finished.try_recv().is_ok() {}
+            let html = (s.render)(s.web.clone()).await?;
+            if s.last.as_deref() != Some(html.as_str()) {
+                s.last = Some(html.clone());
+                let e = Event::default().event(event).data(html);
+                return Some((Ok(e), s));
+            }
+        }
+    })
 }
 
 #[cfg(test)]

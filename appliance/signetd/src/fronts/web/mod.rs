@@ -16,7 +16,8 @@
 //! - [`chart`] — pure: the recovery page's 24-hour chart as SVG.
 //! - [`pages`] — the handlers: overview, queue and jobs, cancel, token actions, enroll,
 //!   recovery timeline, audit (its chain walked on from the last walk), export, events.
-//! - [`live`] — the overview's state, re-read while someone watches, sent on change.
+//! - [`live`] — the overview's state, re-read while someone watches, sent on change;
+//!   the queue's and the audit log's live parts, re-read while watched ([`live::polled`]).
 //!
 //! Handlers are thin: reading goes through [`Daemon::status`] and the read model of
 //! [`crate::services::reads`] (the same methods as D-Bus and the operator's routes, on a
@@ -54,6 +55,8 @@ pub struct Web {
     pub chain: std::sync::Mutex<Option<pages::ChainCache>>,
     /// The pages' `Content-Security-Policy`.
     csp: http::HeaderValue,
+    /// How often a watched page's live part is read again (`refresh_seconds`).
+    pub refresh: Duration,
     /// Turns true when signetd stops: event streams end, so the server's graceful
     /// shutdown does not wait for them.
     closing: tokio::sync::watch::Sender<bool>,
@@ -72,6 +75,23 @@ impl Web {
         auth: Arc<dyn auth::PveAuth>,
         node: String,
         frame_ancestors: &[String],
+    ) -> Arc<Web> {
+        Web::with(
+            daemon,
+            auth,
+            node,
+            frame_ancestors,
+            Duration::from_secs(crate::config::DEFAULT_REFRESH_SECONDS),
+        )
+    }
+
+    /// [`Web::framed_by`], the live parts read again every `refresh`.
+    pub fn with(
+        daemon: Arc<Daemon>,
+        auth: Arc<dyn auth::PveAuth>,
+        node: String,
+        frame_ancestors: &[String],
+        refresh: Duration,
     ) -> Arc<Web> {
         let csp = format!(
             "default-src 'self'; frame-ancestors 'self' {}; form-action 'self'",
@@ -93,6 +113,7 @@ impl Web {
             live: live::Live::default(),
             chain: std::sync::Mutex::new(None),
             csp,
+            refresh,
             closing: tokio::sync::watch::channel(false).0,
         })
     }
@@ -181,11 +202,9 @@ pub async fn start(
         timeout: Duration::from_secs(5),
     };
     let auth = auth::Cached::new(api, auth::DEFAULT_CACHE_TTL);
-    let web = Web::framed_by(daemon, Arc::new(auth), node, &cfg.frame_ancestors);
-    tasks.spawn(
-        "web UI overview watcher",
-        live::run(web.clone(), Duration::from_secs(cfg.refresh_seconds)),
-    );
+    let refresh = Duration::from_secs(cfg.refresh_seconds);
+    let web = Web::with(daemon, Arc::new(auth), node, &cfg.frame_ancestors, refresh);
+    tasks.spawn("web UI overview watcher", live::run(web.clone(), refresh));
     Ok(Started {
         listeners,
         acceptor,

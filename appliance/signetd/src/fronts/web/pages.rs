@@ -6,7 +6,9 @@
 //! |---|---|---|
 //! | `GET /` | `Sys.Audit` | overview: verdict, the host's tokens (where, which VM, in the guest, PIN, certificate), agent, queue |
 //! | `GET /events` | `Sys.Audit` | the overview's live part as server-sent events (`overview`) |
+//! | `POST /login` | `Sys.Audit` (the ticket sent) | keeps a PVE ticket a PVE tab of another node handed over |
 //! | `GET /jobs` | `Sys.Audit` | running and waiting jobs, recent ones |
+//! | `GET /jobs/events` | `Sys.Audit` | its live part as server-sent events (`jobs`) |
 //! | `POST /jobs/{id}/cancel` | `Sys.Modify` + CSRF | cancels a waiting job |
 //! | `GET /tokens/{serial}/{attach,detach,reattach}` | `Sys.Modify` | asks to confirm the token action |
 //! | `POST /tokens/{serial}/{attach,detach,reattach}` | `Sys.Modify` + CSRF | does it |
@@ -16,6 +18,7 @@
 //! | `GET /timeline` | `Sys.Audit` | the recovery timeline and the 24-hour chart (SVG) |
 //! | `GET /timeline/events` | `Sys.Audit` | its live part as server-sent events (`timeline`) |
 //! | `GET /audit?q=&page=&verify=full` | `Sys.Audit` | the audit log, searched and paged; chain status |
+//! | `GET /audit/events?q=&page=` | `Sys.Audit` | that page's live part as server-sent events (`audit`) |
 //! | `GET /audit/export` | `Sys.Audit` | the audit log as JSON lines |
 //! | `GET /static/*` | — | the style sheet and the script |
 //!
@@ -63,7 +66,9 @@ pub fn router(web: Arc<Web>) -> Router {
     Router::new()
         .route("/", get(overview))
         .route("/events", get(events))
+        .route("/login", post(login))
         .route("/jobs", get(jobs))
+        .route("/jobs/events", get(jobs_events))
         .route("/jobs/{id}/cancel", post(cancel))
         .route(
             "/tokens/{serial}/{action}",
@@ -74,6 +79,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/timeline", get(timeline))
         .route("/timeline/events", get(timeline_events))
         .route("/audit", get(audit))
+        .route("/audit/events", get(audit_events))
         .route("/audit/export", get(export))
         .route(
             "/static/signet.css",
@@ -152,6 +158,8 @@ struct ProblemPage<'a> {
     title: &'a str,
     message: &'a str,
     login: Option<&'a str>,
+    /// The node, on the page that asks for a login (a framing PVE tab compares it).
+    node: Option<&'a str>,
 }
 
 fn problem(status: StatusCode, title: &str, message: String, login: Option<String>) -> Problem {
@@ -159,8 +167,25 @@ fn problem(status: StatusCode, title: &str, message: String, login: Option<Strin
         title,
         message: &message,
         login: login.as_deref(),
+        node: None,
     };
     Problem(Box::new((status, render(&page)).into_response()))
+}
+
+/// The page for a visitor without a (valid) PVE login here: the link to PVE's login;
+/// framed by a PVE tab, its script asks the tab for the login it has.
+fn login_needed(web: &Web, headers: &HeaderMap, e: &AuthError) -> Problem {
+    let login = login_url(headers);
+    let message = e.to_string();
+    let page = ProblemPage {
+        title: "Log in to Proxmox VE",
+        message: &message,
+        login: Some(&login),
+        node: Some(&web.node),
+    };
+    Problem(Box::new(
+        (StatusCode::UNAUTHORIZED, render(&page)).into_response(),
+    ))
 }
 
 fn render(t: &impl Template) -> Response {
@@ -196,30 +221,23 @@ pub async fn authorize(
     need: Need,
     csrf: Option<&str>,
 ) -> Result<Session, Problem> {
-    let ticket = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(auth::ticket_from_cookies);
+    // PVE's own cookie (a login on this host), else the one a PVE tab handed over.
+    let cookies = || {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+    };
+    let ticket = cookies()
+        .find_map(auth::ticket_from_cookies)
+        .or_else(|| cookies().find_map(|c| auth::cookie_named(c, auth::HANDED_COOKIE)));
     let Some(ticket) = ticket else {
-        return Err(problem(
-            StatusCode::UNAUTHORIZED,
-            "Log in to Proxmox VE",
-            AuthError::NotLoggedIn.to_string(),
-            Some(login_url(headers)),
-        ));
+        return Err(login_needed(web, headers, &AuthError::NotLoggedIn));
     };
     let path = auth::node_path(&web.node);
     let privileges = match web.auth.privileges(ticket, &path).await {
         Ok(p) => p,
-        Err(e @ AuthError::NotLoggedIn) => {
-            return Err(problem(
-                StatusCode::UNAUTHORIZED,
-                "Log in to Proxmox VE",
-                e.to_string(),
-                Some(login_url(headers)),
-            ))
-        }
+        Err(e @ AuthError::NotLoggedIn) => return Err(login_needed(web, headers, &e)),
         Err(e @ AuthError::Unavailable(_)) => {
             return Err(problem(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -255,6 +273,64 @@ pub async fn authorize(
         can_act: privileges.has(auth::ACT_PRIVILEGE),
         user,
     })
+}
+
+/// The header a hand-over must carry: a page of another origin cannot send it without
+/// CORS's permission, which signetd never gives, so only signetd's own script logs in.
+pub const LOGIN_HEADER: &str = "x-signet-login";
+
+#[derive(Debug, Deserialize)]
+struct LoginForm {
+    #[serde(default)]
+    ticket: String,
+}
+
+/// `POST /login`: a PVE ticket handed over by the "Signing" tab of a PVE UI on another
+/// node (the browser has no PVE login for this node's address). The local PVE API
+/// checks it as it checks the cookie; a ticket that may see this node is kept in
+/// [`auth::HANDED_COOKIE`], for this origin only, partitioned under the framing page.
+async fn login(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Result<Response, Problem> {
+    if headers.get(LOGIN_HEADER).is_none() {
+        return Err(problem(
+            StatusCode::FORBIDDEN,
+            "Not from this page",
+            "A login is handed over by this web UI's own script only.".into(),
+            None,
+        ));
+    }
+    let Some(ticket) = auth::encode_ticket(form.ticket.trim()) else {
+        return Err(login_needed(&web, &headers, &AuthError::NotLoggedIn));
+    };
+    let path = auth::node_path(&web.node);
+    match web.auth.privileges(&ticket, &path).await {
+        Ok(p) if p.has(auth::READ_PRIVILEGE) => {}
+        Ok(_) => {
+            let user = auth::ticket_user(&ticket).unwrap_or_else(|| "(unknown user)".into());
+            return Err(forbidden(&user, Need::Read, &web.node));
+        }
+        Err(e @ AuthError::NotLoggedIn) => return Err(login_needed(&web, &headers, &e)),
+        Err(e @ AuthError::Unavailable(_)) => {
+            return Err(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The login cannot be checked",
+                e.to_string(),
+                None,
+            ))
+        }
+    }
+    tracing::info!(
+        user = auth::ticket_user(&ticket).unwrap_or_default(),
+        "a PVE login was handed over by a Signing tab"
+    );
+    let cookie = format!(
+        "{}={ticket}; Path=/; Secure; HttpOnly; SameSite=None; Partitioned",
+        auth::HANDED_COOKIE
+    );
+    Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response())
 }
 
 /// The refusal for a user without the privilege `need` asks for.
@@ -407,11 +483,17 @@ struct RecentLine {
 #[template(path = "web/jobs.html")]
 struct JobsPage<'a> {
     nav: Nav<'a>,
+    live: &'a str,
+    notice: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "web/jobs_live.html")]
+struct JobsLive<'a> {
     active: Vec<ActiveLine>,
     recent: Vec<RecentLine>,
     csrf: &'a str,
     can_act: bool,
-    notice: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -419,12 +501,9 @@ struct JobsQuery {
     cancelled: Option<String>,
 }
 
-async fn jobs(
-    State(web): State<Arc<Web>>,
-    headers: HeaderMap,
-    Query(q): Query<JobsQuery>,
-) -> Result<Response, Problem> {
-    let s = authorize(&web, &headers, Need::Read, None).await?;
+/// The queue page's live part, read now, with the cancel buttons for a visitor who
+/// may act (`can_act`, forms carrying `csrf`).
+async fn jobs_fragment(web: &Web, csrf: &str, can_act: bool) -> Result<String, Problem> {
     let board = web
         .daemon
         .reads()
@@ -474,21 +553,48 @@ async fn jobs(
                 .unwrap_or_default(),
         })
         .collect();
+    JobsLive {
+        active,
+        recent,
+        csrf,
+        can_act,
+    }
+    .render()
+    .map_err(internal)
+}
+
+async fn jobs(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Query(q): Query<JobsQuery>,
+) -> Result<Response, Problem> {
+    let s = authorize(&web, &headers, Need::Read, None).await?;
+    let live = jobs_fragment(&web, &s.csrf, s.can_act).await?;
     Ok(render(&JobsPage {
         nav: Nav {
             active: "jobs",
             node: &web.node,
             user: &s.user,
         },
-        active,
-        recent,
-        csrf: &s.csrf,
-        can_act: s.can_act,
+        live: &live,
         notice: q
             .cancelled
             .filter(|id| id.chars().all(|c| c.is_ascii_digit()))
             .map(|id| format!("Job {id} was cancelled.")),
     }))
+}
+
+/// The queue page's live part again whenever it changes: jobs queued, started, ended.
+async fn jobs_events(State(web): State<Arc<Web>>, headers: HeaderMap) -> Result<Response, Problem> {
+    let s = authorize(&web, &headers, Need::Read, None).await?;
+    let (csrf, can_act) = (Arc::<str>::from(s.csrf), s.can_act);
+    let stream = super::live::polled(web, "jobs", EVENT_STREAM_LIFETIME, move |web| {
+        let csrf = csrf.clone();
+        async move { jobs_fragment(&web, &csrf, can_act).await.ok() }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -533,6 +639,15 @@ struct AuditQuery {
 struct AuditPageT<'a> {
     nav: Nav<'a>,
     q: &'a str,
+    /// The live part's event stream, for the same search and page.
+    events: String,
+    live: &'a str,
+}
+
+#[derive(Template)]
+#[template(path = "web/audit_live.html")]
+struct AuditLive<'a> {
+    q: &'a str,
     rows: Vec<AuditRow>,
     total: u64,
     page: u64,
@@ -559,6 +674,8 @@ pub struct ChainCache {
     pub mark: crate::adapters::audit::Mark,
     /// When the whole chain was last walked (ms since the epoch).
     pub whole_at_ms: u64,
+    /// How many records it had then.
+    pub whole_records: u64,
 }
 
 /// Checks the chain for the audit page: on from the last walk's mark, or whole when
@@ -588,20 +705,42 @@ async fn check_chain(
     let mut cache = web.chain.lock().unwrap_or_else(|p| p.into_inner());
     Ok(match walked {
         Ok((v, mark, walk)) => {
-            let (whole_at_ms, words, partial) = match (walk, fresh) {
-                (crate::adapters::audit::Walk::Appended(n), Some(c)) => (
-                    c.whole_at_ms,
-                    format!(
-                        "Every record was checked at {} UTC; the {} added since then {} checked now.",
-                        model::time_ms(c.whole_at_ms),
-                        model::count(n, "record"),
-                        if n == 1 { "was" } else { "were" }
-                    ),
-                    true,
+            let (whole_at_ms, whole_records, words, partial) = match (walk, fresh) {
+                (crate::adapters::audit::Walk::Appended(_), Some(c)) => {
+                    // Counted from the whole walk, not from the last look: the page
+                    // (live, it looks every few seconds) says what that walk left out.
+                    let n = v.records.saturating_sub(c.whole_records);
+                    let since = if n == 0 {
+                        "none was added since".to_owned()
+                    } else {
+                        format!(
+                            "the {} added since then {} checked too",
+                            model::count(n, "record"),
+                            if n == 1 { "was" } else { "were" }
+                        )
+                    };
+                    (
+                        c.whole_at_ms,
+                        c.whole_records,
+                        format!(
+                            "Every record was checked at {} UTC; {since}.",
+                            model::time_ms(c.whole_at_ms)
+                        ),
+                        true,
+                    )
+                }
+                _ => (
+                    now,
+                    v.records,
+                    "Every record was checked now.".to_owned(),
+                    false,
                 ),
-                _ => (now, "Every record was checked now.".to_owned(), false),
             };
-            *cache = Some(ChainCache { mark, whole_at_ms });
+            *cache = Some(ChainCache {
+                mark,
+                whole_at_ms,
+                whole_records,
+            });
             Ok((v, words, partial))
         }
         Err(e) => {
@@ -611,29 +750,19 @@ async fn check_chain(
     })
 }
 
-async fn audit(
-    State(web): State<Arc<Web>>,
-    headers: HeaderMap,
-    Query(q): Query<AuditQuery>,
-) -> Result<Response, Problem> {
-    let s = authorize(&web, &headers, Need::Read, None).await?;
-    let page = q.page.unwrap_or(1).max(1);
-    let whole = q.verify.as_deref() == Some("full");
+/// The audit page's live part for the search `q` and `page` (from 1), its chain
+/// walked on from the last walk, or whole when `whole`.
+async fn audit_fragment(web: &Web, q: &str, page: u64, whole: bool) -> Result<String, Problem> {
+    let page = page.max(1);
     let found = web
         .daemon
         .reads()
-        .audit_page(&q.q, (page - 1) * u64::from(AUDIT_PER_PAGE), AUDIT_PER_PAGE)
+        .audit_page(q, (page - 1) * u64::from(AUDIT_PER_PAGE), AUDIT_PER_PAGE)
         .await
         .map_err(internal)?;
-    let verified = check_chain(&web, whole).await?;
+    let verified = check_chain(web, whole).await?;
     let pages = found.total.div_ceil(u64::from(AUDIT_PER_PAGE)).max(1);
-    let link = |p: u64| {
-        format!(
-            "/audit?{}",
-            serde_urlencoded::to_string([("q", q.q.as_str()), ("page", &p.to_string())])
-                .unwrap_or_default()
-        )
-    };
+    let link = |p: u64| format!("/audit?{}", audit_query(q, p));
     let (chain_ok, chain, chain_walk, chain_partial) = match verified {
         Ok((v, walk, partial)) => (
             true,
@@ -652,13 +781,8 @@ async fn audit(
             false,
         ),
     };
-    Ok(render(&AuditPageT {
-        nav: Nav {
-            active: "audit",
-            node: &web.node,
-            user: &s.user,
-        },
-        q: &q.q,
+    AuditLive {
+        q,
         total: found.total,
         rows: found.rows,
         page,
@@ -670,7 +794,53 @@ async fn audit(
         chain_partial,
         chain_walk,
         records: model::count(found.total, "record"),
+    }
+    .render()
+    .map_err(internal)
+}
+
+/// `q=…&page=…`, encoded.
+fn audit_query(q: &str, page: u64) -> String {
+    serde_urlencoded::to_string([("q", q), ("page", &page.to_string())]).unwrap_or_default()
+}
+
+async fn audit(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Result<Response, Problem> {
+    let s = authorize(&web, &headers, Need::Read, None).await?;
+    let page = q.page.unwrap_or(1).max(1);
+    let whole = q.verify.as_deref() == Some("full");
+    let live = audit_fragment(&web, &q.q, page, whole).await?;
+    Ok(render(&AuditPageT {
+        nav: Nav {
+            active: "audit",
+            node: &web.node,
+            user: &s.user,
+        },
+        q: &q.q,
+        events: format!("/audit/events?{}", audit_query(&q.q, page)),
+        live: &live,
     }))
+}
+
+/// The audit page's live part again whenever it changes (new records, for the same
+/// search and page): the search field and the reader's place stay.
+async fn audit_events(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Result<Response, Problem> {
+    authorize(&web, &headers, Need::Read, None).await?;
+    let (search, page) = (Arc::<str>::from(q.q), q.page.unwrap_or(1).max(1));
+    let stream = super::live::polled(web, "audit", EVENT_STREAM_LIFETIME, move |web| {
+        let search = search.clone();
+        async move { audit_fragment(&web, &search, page, false).await.ok() }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 async fn export(State(web): State<Arc<Web>>, headers: HeaderMap) -> Result<Response, Problem> {
