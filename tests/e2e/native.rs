@@ -279,3 +279,43 @@ fn the_native_backend_timestamps_from_an_https_tsa_its_ca_file_trusts() {
         );
     }
 }
+
+#[test]
+fn the_native_backend_trusts_an_https_tsa_through_the_systems_roots() {
+    let mut w = World::new();
+    let tsa = Tsa::start(&w.path("tsa"));
+    let tls = w.path("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    let (tls_ca, cert, key) = make_tls(&tls);
+    let front = TlsFront::start(&tsa.url, &cert, &key);
+    // The system's roots are OpenSSL's: SSL_CERT_FILE naming a bundle that holds the
+    // test CA, and no timestamp_ca_file.
+    let pin = w.path("pin");
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[("SSL_CERT_FILE", arg(&tls_ca))],
+        NATIVE,
+    );
+    let ep = w
+        .start_daemon_with(
+            &[&format!("unix:{}", w.path("signetd.sock").display())],
+            &agent,
+            &format!(
+                "default_profile = \"stamped\"\n[profiles.stamped]\nhash = \"sha256\"\n\
+                 timestamp = [\"{}\"]\n",
+                front.url
+            ),
+        )
+        .remove(0);
+    let exe = w.pe("https.exe");
+    let out = signet(&ep, &["sign", arg(&exe)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!((front.connections(), tsa.replies()), (1, 1));
+    let (ok, text) = verify_with(&w, &exe, &["-TSA-CAfile", tsa.cert.to_str().unwrap()]);
+    assert!(
+        ok && text.contains("Timestamp Server Signature verification: ok"),
+        "{text}"
+    );
+}
