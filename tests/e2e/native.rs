@@ -242,8 +242,9 @@ fn the_native_backend_timestamps_from_an_https_tsa_its_ca_file_trusts() {
             &agent,
             &format!(
                 "default_profile = \"stamped\"\n[profiles.stamped]\nhash = \"sha256\"\n\
-                 timestamp = [\"{}\", \"{}\"]\n",
-                unknown.url, front.url
+                 timestamp = [\"{}\", \"{}\"]\n\
+                 [profiles.unknown]\nhash = \"sha256\"\ntimestamp = [\"{}\"]\n",
+                unknown.url, front.url, unknown.url
             ),
         )
         .remove(0);
@@ -268,6 +269,19 @@ fn the_native_backend_timestamps_from_an_https_tsa_its_ca_file_trusts() {
         log.contains("does not chain to the system's roots or signer.timestamp_ca_file"),
         "{log}"
     );
+    // Only the unknown CA's: nothing is signed, and the caller is told why and the fix.
+    let refused = w.pe("refused.exe");
+    let before = std::fs::read(&refused).unwrap();
+    let out = signet(&ep, &["sign", "-p", "unknown", arg(&refused)]);
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not chain to the system's roots")
+            && stderr(&out).contains("set signer.timestamp_ca_file"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&refused).unwrap(), before);
+    assert_eq!((unknown.connections(), tsa.replies()), (3, 2));
     let tsa_ca = tsa.cert.to_str().unwrap();
     for f in [&exe, &digest] {
         let (ok, text) = verify_with(&w, f, &["-TSA-CAfile", tsa_ca]);

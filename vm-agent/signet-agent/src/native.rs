@@ -302,7 +302,10 @@ fn engine_failure(e: signet_authenticode::Error) -> SignError {
         },
         signet_authenticode::Error::Timestamp { tried, why } => {
             tracing::warn!("no timestamp server gave a timestamp: {why}");
-            SignError::Timestamp { tried }
+            SignError::Timestamp {
+                tried,
+                why: Some(why),
+            }
         }
         other => SignError::Failed(other.to_string()),
     }
