@@ -1,7 +1,8 @@
 //! The native backend (`[signer] backend = "native"`) through the whole path, as
 //! `formats` does it with osslsigncode: PE, MSI, CAB, PowerShell, APPX/MSIX and catalog files, page
 //! hashes, nested signatures, digest mode and RFC 3161 timestamps (the engine's own,
-//! from a real TSA after a dead one, whole and in digest mode), each verified with
+//! from a real TSA after a dead one, whole and in digest mode, and over https from a
+//! TSA behind TLS its CA file trusts after one of an unknown CA), each verified with
 //! `osslsigncode verify`; and,
 //! through OpenSC's PKCS#11 logger, the token sees one signature operation per
 //! signature and no
@@ -212,4 +213,123 @@ fn the_native_backend_signs_appx_packages_and_bundles_through_osslsigncodes_data
         assert!(text.contains("Signet Demo Code Signing"), "{text}");
         assert_eq!(signatures(&text), 1, "{text}");
     }
+}
+
+#[test]
+fn the_native_backend_timestamps_from_an_https_tsa_its_ca_file_trusts() {
+    let mut w = World::new();
+    let tsa = Tsa::start(&w.path("tsa"));
+    // The same TSA behind two TLS listeners: one with a certificate of the CA the agent
+    // is given, one of a CA it does not know.
+    let (ours, stranger) = (w.path("tls-ours"), w.path("tls-stranger"));
+    std::fs::create_dir_all(&ours).unwrap();
+    std::fs::create_dir_all(&stranger).unwrap();
+    let (tls_ca, cert, key) = make_tls(&ours);
+    let (_, other_cert, other_key) = make_tls(&stranger);
+    let front = TlsFront::start(&tsa.url, &cert, &key);
+    let unknown = TlsFront::start(&tsa.url, &other_cert, &other_key);
+    let pin = w.path("pin");
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+        &format!("{NATIVE}timestamp_ca_file = \"{}\"\n", tls_ca.display()),
+    );
+    let ep = w
+        .start_daemon_with(
+            &[&format!("unix:{}", w.path("signetd.sock").display())],
+            &agent,
+            &format!(
+                "default_profile = \"stamped\"\n[profiles.stamped]\nhash = \"sha256\"\n\
+                 timestamp = [\"{}\", \"{}\"]\n\
+                 [profiles.unknown]\nhash = \"sha256\"\ntimestamp = [\"{}\"]\n",
+                unknown.url, front.url, unknown.url
+            ),
+        )
+        .remove(0);
+
+    let exe = w.pe("https.exe");
+    let out = signet(&ep, &["sign", arg(&exe)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let digest = w.pe("https-digest.exe");
+    let ca = w.path("cert.pem");
+    let out = signet(
+        &ep,
+        &["sign", "--digest", "--ca-file", arg(&ca), arg(&digest)],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // Each signature: the unknown CA's listener refused once, the TSA asked through ours.
+    assert_eq!(
+        (unknown.connections(), front.connections(), tsa.replies()),
+        (2, 2, 2)
+    );
+    let log = w.log("signet-agent");
+    assert!(
+        log.contains("does not chain to the system's roots or signer.timestamp_ca_file"),
+        "{log}"
+    );
+    // Only the unknown CA's: nothing is signed, and the caller is told why and the fix.
+    let refused = w.pe("refused.exe");
+    let before = std::fs::read(&refused).unwrap();
+    let out = signet(&ep, &["sign", "-p", "unknown", arg(&refused)]);
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not chain to the system's roots")
+            && stderr(&out).contains("set signer.timestamp_ca_file"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&refused).unwrap(), before);
+    assert_eq!((unknown.connections(), tsa.replies()), (3, 2));
+    let tsa_ca = tsa.cert.to_str().unwrap();
+    for f in [&exe, &digest] {
+        let (ok, text) = verify_with(&w, f, &["-TSA-CAfile", tsa_ca]);
+        assert!(
+            ok && text.contains("Timestamp Server Signature verification: ok")
+                && text.contains("Timestamp time:"),
+            "{}: {text}",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn the_native_backend_trusts_an_https_tsa_through_the_systems_roots() {
+    let mut w = World::new();
+    let tsa = Tsa::start(&w.path("tsa"));
+    let tls = w.path("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    let (tls_ca, cert, key) = make_tls(&tls);
+    let front = TlsFront::start(&tsa.url, &cert, &key);
+    // The system's roots are OpenSSL's: SSL_CERT_FILE naming a bundle that holds the
+    // test CA, and no timestamp_ca_file.
+    let pin = w.path("pin");
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[("SSL_CERT_FILE", arg(&tls_ca))],
+        NATIVE,
+    );
+    let ep = w
+        .start_daemon_with(
+            &[&format!("unix:{}", w.path("signetd.sock").display())],
+            &agent,
+            &format!(
+                "default_profile = \"stamped\"\n[profiles.stamped]\nhash = \"sha256\"\n\
+                 timestamp = [\"{}\"]\n",
+                front.url
+            ),
+        )
+        .remove(0);
+    let exe = w.pe("https.exe");
+    let out = signet(&ep, &["sign", arg(&exe)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!((front.connections(), tsa.replies()), (1, 1));
+    let (ok, text) = verify_with(&w, &exe, &["-TSA-CAfile", tsa.cert.to_str().unwrap()]);
+    assert!(
+        ok && text.contains("Timestamp Server Signature verification: ok"),
+        "{text}"
+    );
 }

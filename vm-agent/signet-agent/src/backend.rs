@@ -122,8 +122,12 @@ pub enum SignError {
     PinRejected,
     #[error("the token was lost while signing: {0}")]
     TokenLost(String),
-    #[error("no timestamp server gave a timestamp (tried in this order: {}); nothing was signed. Check that the signing VM reaches them, or change the profile's timestamp list", .tried.join(", "))]
-    Timestamp { tried: Vec<String> },
+    /// `why`: what each server did, when the backend knows (the native engine's).
+    #[error("no timestamp server gave a timestamp (tried in this order: {}){}; nothing was signed. Check that the signing VM reaches them, or change the profile's timestamp list", .tried.join(", "), .why.as_deref().map(|w| format!(": {w}")).unwrap_or_default())]
+    Timestamp {
+        tried: Vec<String>,
+        why: Option<String>,
+    },
     #[error("the file has no signature to keep beside a nested one")]
     NothingToNest,
     #[error("osslsigncode did not finish within {} s and was stopped; nothing was signed. A timestamp server that accepts connections but never answers does this: check the profile's timestamp servers (signer.timeout_seconds in the agent's configuration sets the limit)", .0.as_secs())]

@@ -157,6 +157,10 @@ pub struct SignerConfig {
     /// stopped and the job fails. Default: 600.
     #[serde(default = "default_timeout_seconds")]
     pub timeout_seconds: u64,
+    /// A PEM file of CA certificates trusted for `https://` timestamp servers besides
+    /// the system's roots: a private TSA's CA. The native engine's only. Optional.
+    #[serde(default)]
+    pub timestamp_ca_file: Option<PathBuf>,
     /// signtool: the program. Default: `signtool.exe` from `PATH`.
     #[serde(default = "default_signtool")]
     pub signtool: PathBuf,
@@ -180,6 +184,7 @@ impl Default for SignerConfig {
             osslsigncode: default_osslsigncode(),
             certificate: None,
             timeout_seconds: default_timeout_seconds(),
+            timestamp_ca_file: None,
             signtool: default_signtool(),
             csp: default_csp(),
             container: None,
@@ -305,6 +310,7 @@ impl Config {
             Some(&mut cfg.token.module),
             cfg.token.pin_file.as_mut(),
             cfg.signer.certificate.as_mut(),
+            cfg.signer.timestamp_ca_file.as_mut(),
             cfg.spool_dir.as_mut(),
             Some(&mut cfg.state_dir),
         ]
@@ -338,6 +344,9 @@ impl Config {
                 "give the time limit of one signing run in seconds, at least 1 (default 600)",
             ));
         }
+        if let Some(ca) = &cfg.signer.timestamp_ca_file {
+            check_ca_file(ca).map_err(|message| invalid("signer.timestamp_ca_file", &message))?;
+        }
         if let Err((key, message)) = cfg.signer.check_backend(cfg!(windows)) {
             return Err(invalid(key, &message));
         }
@@ -360,6 +369,26 @@ impl Config {
         }
         Ok(cfg)
     }
+}
+
+/// That `path` is a PEM file holding at least one certificate; or why not, with the fix.
+fn check_ca_file(path: &Path) -> Result<(), String> {
+    use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            format!(
+                "cannot read the CA certificates in {}: {e}; give a PEM file of the CA certificates that issued your https:// timestamp servers' certificates, or leave it out",
+                path.display()
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----); give the CA certificates that issued your https:// timestamp servers' certificates, or leave it out",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -564,5 +593,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(typo.contains("signtol"), "{typo}");
+    }
+
+    #[test]
+    fn the_timestamp_ca_file_is_resolved_and_must_hold_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        let with = |file: &str| format!("{MINIMAL}\n[signer]\ntimestamp_ca_file = \"{file}\"\n");
+        let missing = parse(&p, &with("tsa/ca.pem")).unwrap_err().to_string();
+        assert!(
+            missing.contains("key signer.timestamp_ca_file")
+                && missing.contains(&dir.path().join("tsa/ca.pem").display().to_string())
+                && missing.contains("give a PEM file"),
+            "{missing}"
+        );
+        std::fs::create_dir(dir.path().join("tsa")).unwrap();
+        std::fs::write(dir.path().join("tsa/ca.pem"), "not a certificate\n").unwrap();
+        let empty = parse(&p, &with("tsa/ca.pem")).unwrap_err().to_string();
+        assert!(
+            empty.contains("key signer.timestamp_ca_file") && empty.contains("no PEM certificate"),
+            "{empty}"
+        );
+        // A CA certificate (whether it is the server's, TLS tells when one is asked).
+        let (ca, _, _) = signet_test_support::make_tls(&dir.path().join("tsa"));
+        std::fs::rename(ca, dir.path().join("tsa/ca.pem")).unwrap();
+        let cfg = parse(&p, &with("tsa/ca.pem")).unwrap();
+        assert_eq!(
+            cfg.signer.timestamp_ca_file,
+            Some(dir.path().join("tsa/ca.pem"))
+        );
+        assert_eq!(parse(&p, MINIMAL).unwrap().signer.timestamp_ca_file, None);
     }
 }

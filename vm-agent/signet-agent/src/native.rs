@@ -6,7 +6,7 @@
 //! are security catalogs and digest mode's data. MSI, CAB, PowerShell and APPX/MSIX files go
 //! through osslsigncode's token-free steps: `extract-data` makes the data, the engine
 //! signs it, and `attach-signature` puts the signature in. Timestamps are the engine's
-//! own: it asks the profile's RFC 3161 servers over HTTP ([`crate::tsa`]) right after
+//! own: it asks the profile's RFC 3161 servers over HTTP or HTTPS ([`crate::tsa`]) right after
 //! the key signed, and counter-signs the signature as osslsigncode's `-ts` does, in
 //! every mode; when no server answers nothing is signed.
 
@@ -25,7 +25,7 @@ use crate::backend::{SharedToken, SignError, SignSpec, Signer};
 use crate::config::Config;
 use crate::signer::Osslsigncode;
 use crate::token::{KeyRef, TokenError};
-use crate::tsa::TsaClient;
+use crate::tsa::{Trust, TsaClient};
 
 /// The native engine, with osslsigncode for the token-free steps.
 #[derive(Debug)]
@@ -35,6 +35,8 @@ pub struct Native {
     /// Certificate file (PEM or DER; the signer's first, then its chain); `None`: the
     /// certificate on the token with the key's id.
     pub certificate: Option<PathBuf>,
+    /// What `https://` timestamp servers must chain to.
+    pub timestamp_trust: Trust,
     token: Option<SharedToken>,
 }
 
@@ -44,6 +46,9 @@ impl Native {
         Native {
             osslsigncode: Osslsigncode::from_config(cfg),
             certificate: cfg.signer.certificate.clone(),
+            timestamp_trust: Trust {
+                ca_file: cfg.signer.timestamp_ca_file.clone(),
+            },
             token: None,
         }
     }
@@ -124,12 +129,6 @@ impl Native {
     }
 
     async fn sign_spec(&self, spec: &SignSpec<'_>) -> Result<(), SignError> {
-        if !spec.timestamp.is_empty() && !spec.timestamp.iter().any(|u| u.starts_with("http://")) {
-            return Err(SignError::Failed(format!(
-                "the native engine reaches http:// timestamp servers only, and the profile lists none ({}); nothing was signed. Add an http:// server to the profile (RFC 3161 replies are signed, so plain HTTP is safe) or set signer.backend = \"osslsigncode\"",
-                spec.timestamp.join(", ")
-            )));
-        }
         let key = self.key().await?;
         let hash: HashAlg = spec
             .hash
@@ -258,11 +257,11 @@ impl Native {
         Ok(())
     }
 
-    /// The engine's timestamper: the profile's servers in order, over HTTP, within
+    /// The engine's timestamper: the profile's servers in order, over HTTP or HTTPS, within
     /// signer.timeout_seconds all told ([`crate::tsa`]). It runs on the engine's
     /// blocking thread and waits there for the answer.
     fn timestamper(&self, servers: &[String]) -> Timestamper {
-        let client = TsaClient::new(servers, self.timeout());
+        let client = TsaClient::new(servers, self.timeout(), self.timestamp_trust.clone());
         let handle = tokio::runtime::Handle::current();
         Timestamper::new(move |request| {
             handle.block_on(client.fetch(request)).map_err(|why| {
@@ -303,7 +302,10 @@ fn engine_failure(e: signet_authenticode::Error) -> SignError {
         },
         signet_authenticode::Error::Timestamp { tried, why } => {
             tracing::warn!("no timestamp server gave a timestamp: {why}");
-            SignError::Timestamp { tried }
+            SignError::Timestamp {
+                tried,
+                why: Some(why),
+            }
         }
         other => SignError::Failed(other.to_string()),
     }
@@ -438,39 +440,9 @@ mod tests {
                 timeout: Duration::from_secs(1),
             },
             certificate: None,
+            timestamp_trust: Trust::default(),
             token: None,
         }
-    }
-
-    #[tokio::test]
-    async fn https_only_timestamp_lists_are_refused_before_the_token_is_asked() {
-        let n = without_token();
-        let dir = tempfile::tempdir().unwrap();
-        let (input, output) = (dir.path().join("in.exe"), dir.path().join("out.exe"));
-        let spec = |timestamp| SignSpec {
-            input: &input,
-            output: &output,
-            format: Some(Format::Pe),
-            hash: signet_api::wire::DigestAlgorithm::Sha256,
-            description: None,
-            url: None,
-            page_hashes: false,
-            nested: false,
-            timestamp,
-        };
-        let https = ["https://tsa.example/".to_owned()];
-        let err = n.sign_spec(&spec(&https)).await.unwrap_err().to_string();
-        assert!(
-            err.contains("http:// timestamp servers only") && err.contains("https://tsa.example/"),
-            "{err}"
-        );
-        // With an http:// server beside it, it goes on (to the token, absent here).
-        let both = [
-            "https://tsa.example/".to_owned(),
-            "http://tsa.example/".to_owned(),
-        ];
-        let err = n.sign_spec(&spec(&both)).await.unwrap_err().to_string();
-        assert!(err.contains("token session"), "{err}");
     }
 
     #[test]

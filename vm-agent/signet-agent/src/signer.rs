@@ -384,6 +384,7 @@ pub fn classify(stderr: &str, code: Option<i32>, timestamp: &[String]) -> SignEr
     if lower.contains("rfc 3161 timestamping failed") {
         return SignError::Timestamp {
             tried: timestamp.to_vec(),
+            why: None,
         };
     }
     if lower.contains("unable to extract existing signature") {
@@ -706,7 +707,7 @@ mod tests {
             4060D29CCA7F0000:error:8000006F:system library:BIO_connect:Connection refused:../crypto/bio/bio_sock2.c:117:calling connect()\n";
         let e = classify(ts, Some(255), &servers);
         assert!(
-            matches!(&e, SignError::Timestamp { tried } if tried == &servers),
+            matches!(&e, SignError::Timestamp { tried, .. } if tried == &servers),
             "{e:?}"
         );
         assert_eq!(e.code(), ErrorCode::SigningFailed);

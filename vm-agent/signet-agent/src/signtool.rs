@@ -624,6 +624,7 @@ impl Signer for SigntoolBackend {
             let _ = tokio::fs::remove_file(spec.output).await;
             Err(SignError::Timestamp {
                 tried: spec.timestamp.to_vec(),
+                why: None,
             })
         })
     }
@@ -1204,7 +1205,7 @@ printf signed >> "$last"
             .await
             .unwrap_err();
         assert!(
-            matches!(&e, SignError::Timestamp { tried } if tried == &dead),
+            matches!(&e, SignError::Timestamp { tried, .. } if tried == &dead),
             "{e:?}"
         );
         assert!(!output.exists());
