@@ -20,16 +20,30 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let (pe, signature) = rest.split_at(len);
-    let _ = verify_signature(signature);
-    let _ = nested_count(signature);
+    let verifies = verify_signature(signature).is_ok();
+    let alone = nested_count(signature).is_ok_and(|n| n == 0);
     let mut out = Cursor::new(Vec::new());
-    if attach_pe(&mut Cursor::new(pe), &mut out, signature, flags & 1 == 1).is_ok() {
-        // What was written reads back as a PE holding that signature.
+    let nested = flags & 1 == 1;
+    if let Ok(done) = attach_pe(&mut Cursor::new(pe), &mut out, signature, nested) {
+        // What was written reads back as a PE holding that signature. attach_pe checks
+        // that the signature is the file's (digest, page hashes); whether its signer's
+        // key verifies it is the caller's next check (verify_signature), as it is with
+        // `osslsigncode attach-signature`. So: replaced by a signature that verifies
+        // (and holds no nested ones), the file's whole check passes; nested, the
+        // signature the file had is kept as it was, whether it verifies or not.
         let signed = out.into_inner();
         let mut r = Cursor::new(signed.as_slice());
         let image = PeImage::parse(&mut r).expect("attach_pe wrote a PE");
-        image
-            .check_signatures(&mut r)
-            .expect("attach_pe wrote a signature that is the file's");
+        if done.nested {
+            let outer = image
+                .existing_signature(&mut r)
+                .expect("the signature table reads")
+                .expect("a signature");
+            assert!(nested_count(&outer).expect("the outer signature reads") >= 1);
+        } else if verifies && alone {
+            image
+                .check_signatures(&mut r)
+                .expect("attach_pe wrote a signature that is the file's");
+        }
     }
 });

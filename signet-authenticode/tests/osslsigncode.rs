@@ -960,3 +960,63 @@ fn verify_chain_to_the_ca_given() {
         );
     }
 }
+
+/// Nested beside a signature that no longer verifies (a byte of its value altered):
+/// attached as `osslsigncode attach-signature -nest` attaches it, the same bytes, the
+/// old signature kept as it was; the check of the whole file then names the bad one.
+/// (The attach_pe fuzz target found that its own check assumed otherwise.)
+#[test]
+fn attach_nests_beside_an_altered_signature_as_osslsigncode_does() {
+    let e = env();
+    let good = corpus("signed-pe32plus.exe");
+    let mut bytes = std::fs::read(&good).unwrap();
+    let (off, _, _) = layout(&bytes);
+    let old = pe_signature(&good);
+    // The last bytes of the DER are the signer's signature value.
+    let at = off as usize + 8 + old.len() - 10;
+    bytes[at] ^= 0x55;
+    let input = e.token.world.path("altered-signature.exe");
+    std::fs::write(&input, &bytes).unwrap();
+    assert!(verify_signature(&pe_signature(&input)).is_err());
+
+    let blob = extract_blob(&mut File::open(&input).unwrap(), HashAlg::Sha256, false).unwrap();
+    let sig = sign_blob(&blob, &options(HashAlg::Sha256, false, false), &e.signer).unwrap();
+    let sig_path = e.token.world.path("altered-signature.p7");
+    std::fs::write(&sig_path, &sig).unwrap();
+    let native = e.token.world.path("altered-nested-native.exe");
+    let done = {
+        let mut out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&native)
+            .unwrap();
+        attach_pe(&mut File::open(&input).unwrap(), &mut out, &sig, true).unwrap()
+    };
+    assert!(done.nested);
+    let reference = e.token.world.path("altered-nested-ossl.exe");
+    // osslsigncode verifies what it attached and says the old signature is bad; the
+    // file it wrote is kept all the same.
+    let _ = e.token.osslsigncode(&[
+        os("attach-signature"),
+        os("-sigin"),
+        sig_path.as_os_str(),
+        os("-nest"),
+        os("-in"),
+        input.as_os_str(),
+        os("-out"),
+        reference.as_os_str(),
+    ]);
+    assert!(
+        std::fs::read(&native).unwrap() == std::fs::read(&reference).unwrap(),
+        "attach_pe and osslsigncode attach-signature -nest wrote different files"
+    );
+    let mut f = File::open(&native).unwrap();
+    let image = PeImage::parse(&mut f).unwrap();
+    let err = image.check_signatures(&mut f).unwrap_err();
+    assert!(matches!(err, Error::BadSignature(_)), "{err}");
+    // The nested one is the new signature, unchanged.
+    let outer = pe_signature(&native);
+    assert_eq!(nested_of(&signed_data(&outer)).last().unwrap(), &sig);
+}
