@@ -48,8 +48,75 @@ if [[ ! -d $seeds/files ]]; then
   printf 'cores: 1\nostype: l26\n# comment\nmemory: 2048\n' >"$seeds/qm/linux"
 fi
 
+# The engine's readers of returned bytes: RFC 3161 replies to the request the
+# timestamp_reply target makes (SHA-256 over "signet fuzz signature value", nonce
+# "ABCDEFGH"), and PE files with the signature made for them (attach_pe's framing).
+if [[ ! -d $seeds/tsa ]]; then
+  work=$(mktemp -d)
+  mkdir -p "$work/tsa-seeds"
+  bash tests/fixtures/make-tsa.sh "$work/tsa"
+  python3 - "$work" <<'PY'
+import hashlib, sys
+def der(tag, body):
+    n = len(body)
+    if n < 128:
+        head = bytes([n])
+    else:
+        b = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        head = bytes([0x80 | len(b)]) + b
+    return bytes([tag]) + head + body
+def request(nonce, cert_req):
+    sha256 = der(0x06, bytes.fromhex("608648016503040201"))
+    alg = der(0x30, sha256 + b"\x05\x00")
+    imprint = der(0x30, alg + der(0x04, hashlib.sha256(b"signet fuzz signature value").digest()))
+    body = der(0x02, b"\x01") + imprint + der(0x02, nonce)
+    if cert_req:
+        body += der(0x01, b"\xff")
+    return der(0x30, body)
+work = sys.argv[1]
+open(f"{work}/q-certs.tsq", "wb").write(request(b"ABCDEFGH", True))
+open(f"{work}/q-nocerts.tsq", "wb").write(request(b"ABCDEFGH", False))
+open(f"{work}/q-other.tsq", "wb").write(request(b"HGFEDCBA", True))
+PY
+  for q in certs nocerts other; do
+    openssl ts -reply -config "$work/tsa/ts.cnf" -queryfile "$work/q-$q.tsq" \
+      -out "$work/tsa-seeds/reply-$q.tsr" 2>/dev/null
+  done
+  mkdir -p "$seeds/tsa"
+  mv "$work"/tsa-seeds/* "$seeds/tsa/"
+  rm -rf "$work"
+fi
+if [[ ! -d $seeds/attach ]]; then
+  work=$(mktemp -d)
+  openssl req -x509 -newkey rsa:2048 -nodes -days 365 -sha256 -subj "/CN=Signet fuzz" \
+    -addext "extendedKeyUsage=codeSigning" -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+  bash tests/fixtures/make-pe.sh "$work/app.exe"
+  sign() { # IN OUT [options]: signs with the fuzz key
+    local in=$1 out=$2
+    shift 2
+    osslsigncode sign -certs "$work/cert.pem" -key "$work/key.pem" "$@" -in "$in" -out "$out" >/dev/null
+  }
+  seed() { # NAME FLAGS PE SIGNED: flags, the PE's length, the PE, SIGNED's signature
+    osslsigncode extract-signature -in "$4" -out "$work/$1.p7" >/dev/null
+    python3 -c 'import struct,sys; pe=open(sys.argv[3],"rb").read(); sig=open(sys.argv[4],"rb").read(); open(sys.argv[1],"wb").write(bytes([int(sys.argv[2])])+struct.pack("<I",len(pe))+pe+sig)' \
+      "$work/$1.seed" "$2" "$3" "$work/$1.p7"
+  }
+  sign "$work/app.exe" "$work/signed.exe" -h sha256
+  sign "$work/app.exe" "$work/signed-ph.exe" -h sha384 -ph
+  sign "$work/signed.exe" "$work/again.exe" -h sha256
+  seed plain 0 "$work/app.exe" "$work/signed.exe"
+  seed page-hashes 0 "$work/app.exe" "$work/signed-ph.exe"
+  seed replace 0 "$work/signed.exe" "$work/again.exe"
+  seed nested 1 "$work/signed.exe" "$work/again.exe"
+  mkdir -p "$seeds/attach"
+  mv "$work"/*.seed "$seeds/attach/"
+  rm -rf "$work"
+fi
+
 seed_dir() {
   case $1 in
+    timestamp_reply) echo "$seeds/tsa" ;;
+    attach_pe) echo "$seeds/attach" ;;
     format_detect | engine_*) echo "$seeds/files" ;;
     query_strings) echo "$seeds/queries" ;;
     qmp_line) echo "$seeds/qmp" ;;
@@ -59,8 +126,14 @@ seed_dir() {
 }
 
 # Built once, then each target's binary run directly: a source edited meanwhile does
-# not rebuild anything under a running fuzzer.
-(cd fuzz && cargo fuzz build -O)
+# not rebuild anything under a running fuzzer. Targets that need neither daemon
+# (FUZZ_NO_DAEMONS=1 and only such targets named) are built without signetd and
+# signet-agent, which saves most of the build.
+if [[ ${FUZZ_NO_DAEMONS:-} == 1 ]]; then
+  (cd fuzz && for t in "${targets[@]}"; do cargo fuzz build -O --no-default-features "$t"; done)
+else
+  (cd fuzz && cargo fuzz build -O)
+fi
 bin=fuzz/target/$(rustc -vV | sed -n 's/^host: //p')/release
 mkdir -p fuzz/logs
 for t in "${targets[@]}"; do

@@ -73,13 +73,33 @@ impl TimestampRequest {
 
     /// The request whose messageImprint is `hash` of `signature_value`.
     pub fn over(signature_value: &[u8], hash: HashAlg) -> Result<TimestampRequest, Error> {
-        let imprint = hash.digest(signature_value);
         let mut n = [0u8; 8];
         getrandom::fill(&mut n).map_err(|e| {
             Error::Options(format!(
                 "no randomness for the timestamp nonce: {e}; check the system's random source"
             ))
         })?;
+        TimestampRequest::with_nonce_bytes(signature_value, hash, n)
+    }
+
+    /// [`TimestampRequest::over`] with a nonce chosen by the caller, so that recorded
+    /// replies answer it: for fuzz targets only (feature `fuzzing`), never in a
+    /// shipped build, where the nonce must be unpredictable.
+    #[cfg(feature = "fuzzing")]
+    pub fn with_nonce(
+        signature_value: &[u8],
+        hash: HashAlg,
+        nonce: [u8; 8],
+    ) -> Result<TimestampRequest, Error> {
+        TimestampRequest::with_nonce_bytes(signature_value, hash, nonce)
+    }
+
+    fn with_nonce_bytes(
+        signature_value: &[u8],
+        hash: HashAlg,
+        mut n: [u8; 8],
+    ) -> Result<TimestampRequest, Error> {
+        let imprint = hash.digest(signature_value);
         // Positive, and minimal (the first byte is neither 0 nor ≥ 0x80).
         n[0] = (n[0] & 0x7f) | 0x40;
         let nonce = Int::new(&n)?;

@@ -4,36 +4,26 @@
 //! outputs and compare them; and `osslsigncode verify` every native output.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 
-use cms::content_info::ContentInfo;
 use cms::signed_data::SignedData;
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
-use cryptoki::types::AuthPin;
 use der::{Decode, Encode};
 use sha2::Digest;
 use signet_authenticode::{
     asn1, attach_pe, extract_blob, sign_blob, sign_pe, verify_chain, verify_signature, Error,
-    HashAlg, KeyKind, PeImage, RawSigner, SignOptions, Statement,
+    HashAlg, KeyKind, PeImage, SignOptions, Statement,
 };
 use signet_test_support::{World, PIN, SOFTHSM};
 
-/// A key of the token on the test's one logged-in session.
-struct TokenSigner {
-    session: Arc<Mutex<Session>>,
-    key: ObjectHandle,
-    kind: KeyKind,
-    cert: Vec<u8>,
-    chain: Vec<Vec<u8>>,
-    signs: Mutex<usize>,
-}
+use common::{
+    assert_same_embedding, assert_same_signature, hex, os, pe_signature, run, sign_args,
+    signed_data, Token, TokenSigner,
+};
 
 /// The token's keys: the fixture's RSA-3072 one, and EC keys on P-256 and P-384 made
 /// here, each with a self-signed code-signing certificate of its own.
@@ -54,107 +44,27 @@ impl Key {
     }
 }
 
-impl RawSigner for TokenSigner {
-    type Error = cryptoki::error::Error;
-    fn key(&self) -> KeyKind {
-        self.kind
-    }
-    fn sign(&self, hash: HashAlg, data: &[u8]) -> Result<Vec<u8>, Self::Error> {
-        let mech = match (self.kind, hash) {
-            (KeyKind::Rsa, HashAlg::Sha256) => Mechanism::Sha256RsaPkcs,
-            (KeyKind::Rsa, HashAlg::Sha384) => Mechanism::Sha384RsaPkcs,
-            (KeyKind::Rsa, HashAlg::Sha512) => Mechanism::Sha512RsaPkcs,
-            // SoftHSM (like many tokens) has CKM_ECDSA only: hash here, as libp11
-            // does for osslsigncode.
-            _ => {
-                *self.signs.lock().unwrap() += 1;
-                let digest = hash.digest(data);
-                return self
-                    .session
-                    .lock()
-                    .unwrap()
-                    .sign(&Mechanism::Ecdsa, self.key, &digest);
-            }
-        };
-        *self.signs.lock().unwrap() += 1;
-        self.session.lock().unwrap().sign(&mech, self.key, data)
-    }
-    fn certificate(&self) -> &[u8] {
-        &self.cert
-    }
-    fn chain(&self) -> &[Vec<u8>] {
-        &self.chain
-    }
-}
-
-/// One token for the whole test process (SoftHSM's configuration is per process).
+/// One token for the whole test process.
 struct Env {
-    world: World,
+    token: Token,
     signer: TokenSigner,
     p256: TokenSigner,
     p384: TokenSigner,
-    _ctx: Pkcs11,
-    /// Fixture files made once: name -> path.
-    files: Mutex<BTreeMap<String, PathBuf>>,
 }
 
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
         let world = World::new();
-        std::env::set_var("SOFTHSM2_CONF", world.softhsm_conf());
         std::fs::copy(world.path("cert.pem"), world.path("signkey.pem")).unwrap();
         make_ec_key(&world, "EC:prime256v1", "02", "ec256", "sha256");
         make_ec_key(&world, "EC:secp384r1", "03", "ec384", "sha384");
-        let ctx = Pkcs11::new(SOFTHSM).unwrap();
-        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .unwrap();
-        let slot = ctx.get_slots_with_token().unwrap()[0];
-        let session = ctx.open_ro_session(slot).unwrap();
-        session
-            .login(UserType::User, Some(&AuthPin::new(PIN.into())))
-            .unwrap();
-        let session = Arc::new(Mutex::new(session));
-        let signer = |key: Key, kind: KeyKind| {
-            let s = session.lock().unwrap();
-            let label = key.label().as_bytes().to_vec();
-            let handle = s
-                .find_objects(&[
-                    Attribute::Class(ObjectClass::PRIVATE_KEY),
-                    Attribute::Label(label.clone()),
-                ])
-                .unwrap()[0];
-            let cert_obj = s
-                .find_objects(&[
-                    Attribute::Class(ObjectClass::CERTIFICATE),
-                    Attribute::Label(label),
-                ])
-                .unwrap()[0];
-            let cert = match s
-                .get_attributes(cert_obj, &[AttributeType::Value])
-                .unwrap()
-                .remove(0)
-            {
-                Attribute::Value(v) => v,
-                other => panic!("certificate value: {other:?}"),
-            };
-            TokenSigner {
-                session: session.clone(),
-                key: handle,
-                kind,
-                cert,
-                chain: Vec::new(),
-                signs: Mutex::new(0),
-            }
-        };
-        std::fs::write(world.path("pin"), PIN).unwrap();
+        let token = Token::open(world);
         Env {
-            signer: signer(Key::Rsa, KeyKind::Rsa),
-            p256: signer(Key::P256, KeyKind::EcdsaP256),
-            p384: signer(Key::P384, KeyKind::EcdsaP384),
-            _ctx: ctx,
-            world,
-            files: Mutex::new(BTreeMap::new()),
+            signer: token.signer(Key::Rsa.label(), KeyKind::Rsa),
+            p256: token.signer(Key::P256.label(), KeyKind::EcdsaP256),
+            p384: token.signer(Key::P384.label(), KeyKind::EcdsaP384),
+            token,
         }
     })
 }
@@ -228,20 +138,7 @@ fn key_signer(key: Key) -> &'static TokenSigner {
 }
 
 fn osslsigncode(args: &[&std::ffi::OsStr]) -> String {
-    let e = env();
-    let out = Command::new("osslsigncode")
-        .args(args)
-        .env("SOFTHSM2_CONF", e.world.softhsm_conf())
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "osslsigncode {args:?} failed: {text}");
-    text
-}
-
-fn os(s: &str) -> &std::ffi::OsStr {
-    s.as_ref()
+    env().token.osslsigncode_ok(args)
 }
 
 /// `osslsigncode sign` with the token's key (as the agent's osslsigncode backend runs it).
@@ -250,49 +147,9 @@ fn ossl_sign(input: &Path, output: &Path, o: &SignOptions) {
 }
 
 fn ossl_sign_with(key: Key, input: &Path, output: &Path, o: &SignOptions) {
-    let e = env();
-    let pin = e.world.path("pin");
-    let uri = |kind: &str| {
-        format!(
-            "pkcs11:token=signet-demo;object={};type={kind}",
-            key.label()
-        )
-    };
-    let (private, cert) = (uri("private"), uri("cert"));
-    let mut a: Vec<&std::ffi::OsStr> = vec![
-        os("sign"),
-        os("-pkcs11module"),
-        os(SOFTHSM),
-        os("-key"),
-        os(&private),
-        os("-readpass"),
-        pin.as_os_str(),
-        os("-pkcs11cert"),
-        os(&cert),
-        os("-h"),
-        os(o.hash.as_str()),
-    ];
-    if let Some(d) = &o.description {
-        a.extend([os("-n"), os(d)]);
-    }
-    if let Some(u) = &o.url {
-        a.extend([os("-i"), os(u)]);
-    }
-    if o.statement == Statement::Commercial {
-        a.push(os("-comm"));
-    }
-    if o.page_hashes {
-        a.push(os("-ph"));
-    }
-    if o.nested {
-        a.push(os("-nest"));
-    }
-    a.extend([os("-in"), input.as_os_str(), os("-out"), output.as_os_str()]);
-    // SoftHSM's file store is not for processes using it at once: one at a time,
-    // this process's session included.
-    let _token = e.signer.session.lock().unwrap();
-    let _ = key;
-    osslsigncode(&a);
+    env()
+        .token
+        .ossl_sign(key.label(), input, output, &sign_args(o));
 }
 
 /// `osslsigncode verify` against the fixture certificate, requiring its leaf hash.
@@ -306,7 +163,7 @@ fn verify_with(key: Key, file: &Path) {
         "sha256:{}",
         hex(&sha2::Sha256::digest(&key_signer(key).cert))
     );
-    let ca = e.world.path(&format!("{}.pem", key.label()));
+    let ca = e.token.world.path(&format!("{}.pem", key.label()));
     let text = osslsigncode(&[
         os("verify"),
         os("-CAfile"),
@@ -320,62 +177,18 @@ fn verify_with(key: Key, file: &Path) {
     assert!(!text.contains("MISMATCH"), "{text}");
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// A fixture made once per process.
 fn fixture(name: &str, make: impl FnOnce(&Path)) -> PathBuf {
-    let e = env();
-    let mut files = e.files.lock().unwrap();
-    if let Some(p) = files.get(name) {
-        return p.clone();
-    }
-    let p = e.world.path(name);
-    make(&p);
-    files.insert(name.into(), p.clone());
-    p
+    env().token.fixture(name, make)
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn make_pe(out: &Path, cc: &str, size: Option<u64>) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/make-pe.sh");
-    let mut c = Command::new("bash");
-    c.arg(script).arg(out).env("CC_MINGW", cc);
-    if let Some(s) = size {
-        c.arg(s.to_string());
-    }
-    run(&mut c);
-}
-
-/// The corpus: PE32+ and PE32 programs, a DLL, a larger program (several buffers).
+/// The corpus: PE32+ and PE32 programs, a DLL, a larger program (several buffers), a
+/// kernel driver; each also signed (`signed-NAME`) and signed twice (`nested-NAME`).
 fn corpus(name: &str) -> PathBuf {
+    if let Some(p) = env().token.unsigned(name) {
+        return p;
+    }
     match name {
-        "pe32plus.exe" => fixture(name, |p| make_pe(p, "x86_64-w64-mingw32-gcc", None)),
-        "pe32.exe" => fixture(name, |p| make_pe(p, "i686-w64-mingw32-gcc", None)),
-        "big.exe" => fixture(name, |p| {
-            make_pe(p, "x86_64-w64-mingw32-gcc", Some(3 * 1024 * 1024 + 4321))
-        }),
-        "lib.dll" => fixture(name, |p| {
-            let src = env().world.path("lib.c");
-            std::fs::write(
-                &src,
-                "__declspec(dllexport) int add(int a, int b) { return a + b; }\n",
-            )
-            .unwrap();
-            run(Command::new("x86_64-w64-mingw32-gcc")
-                .args(["-shared", "-O2", "-s", "-o"])
-                .arg(p)
-                .arg(&src));
-        }),
         signed if signed.starts_with("signed-") => {
             let base = corpus(&signed["signed-".len()..]);
             fixture(name, |p| {
@@ -403,19 +216,6 @@ fn options(hash: HashAlg, page_hashes: bool, nested: bool) -> SignOptions {
     o
 }
 
-/// The signature in a signed PE file (its certificate table's PKCS#7).
-fn pe_signature(file: &Path) -> Vec<u8> {
-    let mut f = File::open(file).unwrap();
-    let image = PeImage::parse(&mut f).unwrap();
-    image.existing_signature(&mut f).unwrap().unwrap()
-}
-
-fn signed_data(der: &[u8]) -> SignedData {
-    let ci = ContentInfo::from_der(der).unwrap();
-    assert_eq!(ci.content_type, asn1::SIGNED_DATA);
-    ci.content.decode_as().unwrap()
-}
-
 /// The nested signatures inside `sd`'s first signer.
 fn nested_of(sd: &SignedData) -> Vec<Vec<u8>> {
     let si = sd.signer_infos.0.get(0).unwrap();
@@ -427,82 +227,6 @@ fn nested_of(sd: &SignedData) -> Vec<Vec<u8>> {
         .filter(|a| a.oid == asn1::SPC_NESTED_SIGNATURE)
         .flat_map(|a| a.values.iter().map(|v| v.to_der().unwrap()))
         .collect()
-}
-
-/// Asserts that two signatures are the same but for the signing time and the signature.
-fn assert_same_signature(native: &[u8], reference: &[u8]) {
-    let (n, r) = (signed_data(native), signed_data(reference));
-    let nc = n
-        .encap_content_info
-        .econtent
-        .as_ref()
-        .unwrap()
-        .to_der()
-        .unwrap();
-    let rc = r
-        .encap_content_info
-        .econtent
-        .as_ref()
-        .unwrap()
-        .to_der()
-        .unwrap();
-    // The same SpcIndirectDataContent, so the same file digest (and page hashes).
-    assert_eq!(hex(&nc), hex(&rc), "SpcIndirectDataContent differs");
-    assert_eq!(
-        n.encap_content_info.econtent_type,
-        r.encap_content_info.econtent_type
-    );
-    assert_eq!(n.version, r.version);
-    assert_eq!(n.digest_algorithms, r.digest_algorithms);
-    assert_eq!(n.certificates, r.certificates);
-    assert_eq!(n.crls, r.crls);
-    let (ns, rs) = (
-        n.signer_infos.0.get(0).unwrap(),
-        r.signer_infos.0.get(0).unwrap(),
-    );
-    assert_eq!(n.signer_infos.0.len(), 1);
-    assert_eq!(ns.version, rs.version);
-    assert_eq!(ns.sid, rs.sid);
-    assert_eq!(ns.digest_alg, rs.digest_alg);
-    assert_eq!(ns.signature_algorithm, rs.signature_algorithm);
-    if ns.signature_algorithm.oid == asn1::RSA_ENCRYPTION {
-        assert_eq!(ns.signature.as_bytes().len(), rs.signature.as_bytes().len());
-    }
-    let attrs = |si: &cms::signed_data::SignerInfo| {
-        si.signed_attrs
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|a| {
-                let v = if a.oid == asn1::SIGNING_TIME {
-                    Vec::new()
-                } else {
-                    a.values.to_der().unwrap()
-                };
-                (a.oid.to_string(), hex(&v))
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(attrs(ns), attrs(rs), "authenticated attributes differ");
-    assert!(attrs(ns)
-        .iter()
-        .any(|(o, _)| *o == asn1::SIGNING_TIME.to_string()));
-    // The messageDigest is over the SpcIndirectDataContent's content octets.
-    let content = n.encap_content_info.econtent.as_ref().unwrap();
-    let md = ns
-        .signed_attrs
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|a| a.oid == asn1::MESSAGE_DIGEST)
-        .unwrap()
-        .values
-        .get(0)
-        .unwrap()
-        .decode_as::<der::asn1::OctetString>()
-        .unwrap();
-    let alg = HashAlg::from_oid(&ns.digest_alg.oid).unwrap();
-    assert_eq!(md.as_bytes(), alg.digest(content.value()));
 }
 
 /// The PE checksum of `bytes`, computed here on its own.
@@ -551,8 +275,8 @@ fn compare_pe_with(key: Key, input_name: &str, hash: HashAlg, page_hashes: bool,
         if page_hashes { "ph" } else { "noph" },
         if nested { "nest" } else { "plain" }
     );
-    let native = e.world.path(&format!("native-{tag}"));
-    let reference = e.world.path(&format!("ossl-{tag}"));
+    let native = e.token.world.path(&format!("native-{tag}"));
+    let reference = e.token.world.path(&format!("ossl-{tag}"));
     let o = options(hash, page_hashes, nested);
     let before = *signer.signs.lock().unwrap();
     {
@@ -660,6 +384,15 @@ pe_case!(pe32_sha384_ph, "pe32.exe", Sha384, true, false);
 pe_case!(dll_sha256_ph, "lib.dll", Sha256, true, false);
 pe_case!(dll_sha512, "lib.dll", Sha512, false, false);
 pe_case!(big_sha256_ph, "big.exe", Sha256, true, false);
+pe_case!(driver_sha256_ph, "driver.sys", Sha256, true, false);
+pe_case!(driver_sha384, "driver.sys", Sha384, false, false);
+pe_case!(
+    signed_driver_nest_sha512_ph,
+    "signed-driver.sys",
+    Sha512,
+    true,
+    true
+);
 pe_case!(
     signed_replace_sha256,
     "signed-pe32plus.exe",
@@ -719,98 +452,45 @@ fn ecdsa_p256_nest_in_rsa_sha512() {
 
 pe_case!(unsigned_nest_is_plain, "pe32plus.exe", Sha256, false, true);
 
-/// The blob formats' fixtures: an MSI, a cabinet, a PowerShell script.
-fn blob_corpus(name: &str) -> PathBuf {
-    let e = env();
-    match name {
-        "a.msi" => fixture(name, |_| {
-            e.world.msi(name);
-        }),
-        "a.cab" => fixture(name, |_| {
-            e.world.cab(name);
-        }),
-        "a.ps1" => fixture(name, |_| {
-            e.world.file(
-                name,
-                b"param([string]$Name = 'World')\r\nWrite-Host \"Hello, $Name\"\r\n",
-            );
-        }),
-        pe => corpus(pe),
-    }
-}
-
-/// Digest mode: `osslsigncode extract-data`, the native engine signs the blob,
-/// `osslsigncode attach-signature` puts it in, `osslsigncode verify` passes; and the
-/// signature is the one `osslsigncode sign` makes of the whole file (but the time).
+/// Digest mode, and the native agent path for MSI, CAB and PowerShell files:
+/// `osslsigncode extract-data`, the native engine signs the blob, `osslsigncode
+/// attach-signature` puts it in, `osslsigncode verify` passes; the signature is the one
+/// `osslsigncode sign` makes of the whole file (but the time), and so is where it is put.
 fn compare_blob(input_name: &str, hash: HashAlg, page_hashes: bool, nest: bool) {
     let e = env();
-    let input = blob_corpus(input_name);
+    let input = corpus(input_name);
     let tag = format!(
         "blob-{input_name}-{}-{}-{}",
         hash.as_str(),
         if page_hashes { "ph" } else { "noph" },
         if nest { "nest" } else { "plain" }
     );
-    let blob = e.world.path(&format!("{tag}.blob"));
-    let mut a = vec![os("extract-data"), os("-h"), os(hash.as_str())];
-    if page_hashes {
-        a.push(os("-ph"));
-    }
-    a.extend([os("-in"), input.as_os_str(), os("-out"), blob.as_os_str()]);
-    osslsigncode(&a);
-
     let mut o = options(hash, page_hashes, false);
     o.statement = Statement::Commercial;
-    let sig = sign_blob(&std::fs::read(&blob).unwrap(), &o, &e.signer).unwrap();
-    let sig_path = e.world.path(&format!("{tag}.p7"));
-    std::fs::write(&sig_path, &sig).unwrap();
     // osslsigncode goes by the name's extension too (a script's output needs .ps1).
     let ext = input_name.rsplit('.').next().unwrap();
-    let attached = e.world.path(&format!("{tag}-attached.{ext}"));
-    let ca = e.world.path("cert.pem");
-    let mut a = vec![
-        os("attach-signature"),
-        os("-sigin"),
-        sig_path.as_os_str(),
-        os("-CAfile"),
-        ca.as_os_str(),
-    ];
-    if nest {
-        a.push(os("-nest"));
-    }
-    a.extend([
-        os("-in"),
-        input.as_os_str(),
-        os("-out"),
-        attached.as_os_str(),
-    ]);
-    let text = osslsigncode(&a);
-    assert!(text.contains("Signature successfully attached"), "{text}");
+    let attached = e.token.world.path(&format!("{tag}-attached.{ext}"));
+    let mut blob = Vec::new();
+    let sig = e
+        .token
+        .native_through_blob(&input, &attached, hash, page_hashes, nest, |b| {
+            blob = b.to_vec();
+            sign_blob(b, &o, &e.signer).unwrap()
+        });
     verify(&attached);
 
     // The blob's content is signed as it is.
-    let blob_bytes = std::fs::read(&blob).unwrap();
-    let mut reader = der::SliceReader::new(&blob_bytes).unwrap();
-    let blob_sd: SignedData = ContentInfo::decode(&mut reader)
+    let mut reader = der::SliceReader::new(&blob).unwrap();
+    let blob_sd: SignedData = cms::content_info::ContentInfo::decode(&mut reader)
         .unwrap()
         .content
         .decode_as()
         .unwrap();
-    let sd = signed_data(&sig);
     assert_eq!(
-        blob_sd
-            .encap_content_info
-            .econtent
-            .unwrap()
-            .to_der()
-            .unwrap(),
-        sd.encap_content_info
-            .econtent
-            .clone()
-            .unwrap()
-            .to_der()
-            .unwrap()
+        common::content_der(&blob_sd),
+        common::content_der(&signed_data(&sig))
     );
+    let ca = e.token.world.path("cert.pem");
     if nest {
         let text = osslsigncode(&[
             os("verify"),
@@ -822,17 +502,23 @@ fn compare_blob(input_name: &str, hash: HashAlg, page_hashes: bool, nest: bool) 
         assert!(text.contains("Number of verified signatures: 2"), "{text}");
         return;
     }
-    let reference = e.world.path(&format!("{tag}-ossl.{ext}"));
+    let reference = e.token.world.path(&format!("{tag}-ossl.{ext}"));
     ossl_sign(&input, &reference, &o);
-    let reference_sig = e.world.path(&format!("{tag}-ossl.p7"));
-    osslsigncode(&[
-        os("extract-signature"),
-        os("-in"),
-        reference.as_os_str(),
-        os("-out"),
-        reference_sig.as_os_str(),
-    ]);
-    assert_same_signature(&sig, &std::fs::read(&reference_sig).unwrap());
+    assert_same_signature(&sig, &e.token.ossl_signature(&reference));
+    // What the agent answers is what osslsigncode would have written, but the
+    // signature's bytes: the same file around it, the same encoding and place.
+    if input_name.ends_with(".exe") || input_name.ends_with(".sys") {
+        assert_same_signature(&pe_signature(&attached), &pe_signature(&reference));
+    } else {
+        assert_same_embedding(&attached, &reference, sig.len());
+    }
+    assert_eq!(
+        e.token.ossl_signature(&attached),
+        sig,
+        "{tag}: the signature attached is the engine's, unchanged"
+    );
+    let _ = std::fs::remove_file(&attached);
+    let _ = std::fs::remove_file(&reference);
 }
 
 macro_rules! blob_case {
@@ -848,12 +534,69 @@ blob_case!(blob_pe_sha256, "pe32plus.exe", Sha256, false, false);
 blob_case!(blob_pe_sha384_ph, "pe32plus.exe", Sha384, true, false);
 blob_case!(blob_pe32_sha512_ph, "pe32.exe", Sha512, true, false);
 blob_case!(blob_pe_nest, "signed-pe32plus.exe", Sha256, false, true);
+blob_case!(blob_driver_sha256_ph, "driver.sys", Sha256, true, false);
 blob_case!(blob_msi_sha256, "a.msi", Sha256, false, false);
 blob_case!(blob_msi_sha512, "a.msi", Sha512, false, false);
 blob_case!(blob_cab_sha256, "a.cab", Sha256, false, false);
 blob_case!(blob_cab_sha384, "a.cab", Sha384, false, false);
-blob_case!(blob_ps1_sha256, "a.ps1", Sha256, false, false);
-blob_case!(blob_ps1_sha512, "a.ps1", Sha512, false, false);
+blob_case!(blob_ps1_utf8_sha256, "utf8.ps1", Sha256, false, false);
+blob_case!(blob_ps1_utf8_sha512, "utf8.ps1", Sha512, false, false);
+blob_case!(
+    blob_ps1_utf8_bom_sha256,
+    "utf8bom.ps1",
+    Sha256,
+    false,
+    false
+);
+blob_case!(
+    blob_ps1_utf8_bom_sha384,
+    "utf8bom.ps1",
+    Sha384,
+    false,
+    false
+);
+blob_case!(blob_ps1_utf16_sha256, "utf16.ps1", Sha256, false, false);
+blob_case!(blob_ps1_utf16_sha512, "utf16.ps1", Sha512, false, false);
+
+/// Each PowerShell encoding keeps its encoding signed: the script's bytes come first,
+/// unchanged, and the signature block follows in the same encoding (UTF-16LE for a
+/// UTF-16 script), as osslsigncode writes it.
+#[test]
+fn powershell_scripts_keep_their_encoding() {
+    let e = env();
+    for (name, utf16) in [
+        ("utf8.ps1", false),
+        ("utf8bom.ps1", false),
+        ("utf16.ps1", true),
+    ] {
+        let input = corpus(name);
+        let attached = e.token.world.path(&format!("enc-{name}"));
+        e.token
+            .native_through_blob(&input, &attached, HashAlg::Sha256, false, false, |b| {
+                sign_blob(b, &SignOptions::new(HashAlg::Sha256), &e.signer).unwrap()
+            });
+        let original = std::fs::read(&input).unwrap();
+        let signed = std::fs::read(&attached).unwrap();
+        assert!(signed.starts_with(&original), "{name}: the script is kept");
+        let block = &signed[original.len()..];
+        let text = if utf16 {
+            let units: Vec<u16> = block
+                .chunks(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            String::from_utf16(&units).unwrap()
+        } else {
+            String::from_utf8(block.to_vec()).unwrap()
+        };
+        assert!(
+            text.contains("# SIG # Begin signature block")
+                && text.contains("# SIG # End signature block"),
+            "{name}: {text}"
+        );
+        verify(&attached);
+        let _ = std::fs::remove_file(&attached);
+    }
+}
 
 /// What is not a blob is refused with how to make one.
 #[test]
@@ -913,8 +656,8 @@ fn damaged_pe_is_refused() {
 #[test]
 fn certificate_files_are_pem_or_der() {
     let e = env();
-    let pem = std::fs::read(e.world.path("cert.pem")).unwrap();
-    let ec = std::fs::read(e.world.path("ec256.pem")).unwrap();
+    let pem = std::fs::read(e.token.world.path("cert.pem")).unwrap();
+    let ec = std::fs::read(e.token.world.path("ec256.pem")).unwrap();
     assert_eq!(
         signet_authenticode::certificates(&pem).unwrap(),
         vec![e.signer.cert.clone()]
@@ -944,6 +687,7 @@ fn extract_blob_is_osslsigncodes() {
         "pe32plus.exe",
         "pe32.exe",
         "lib.dll",
+        "driver.sys",
         "big.exe",
         "signed-pe32.exe",
         "nested-pe32plus.exe",
@@ -952,7 +696,7 @@ fn extract_blob_is_osslsigncodes() {
         for hash in [HashAlg::Sha256, HashAlg::Sha384, HashAlg::Sha512] {
             for ph in [false, true] {
                 let tag = format!("extract-{name}-{}-{ph}", hash.as_str());
-                let reference = e.world.path(&format!("{tag}.p7"));
+                let reference = e.token.world.path(&format!("{tag}.p7"));
                 let mut a = vec![os("extract-data"), os("-h"), os(hash.as_str())];
                 if ph {
                     a.push(os("-ph"));
@@ -990,10 +734,10 @@ fn compare_attach(key: Key, input_name: &str, hash: HashAlg, page_hashes: bool, 
     );
     let blob = extract_blob(&mut File::open(&input).unwrap(), hash, page_hashes).unwrap();
     let sig = sign_blob(&blob, &options(hash, page_hashes, false), signer).unwrap();
-    let sig_path = e.world.path(&format!("{tag}.p7"));
+    let sig_path = e.token.world.path(&format!("{tag}.p7"));
     std::fs::write(&sig_path, &sig).unwrap();
 
-    let native = e.world.path(&format!("{tag}-native.exe"));
+    let native = e.token.world.path(&format!("{tag}-native.exe"));
     let signed = {
         let mut out = OpenOptions::new()
             .read(true)
@@ -1006,8 +750,8 @@ fn compare_attach(key: Key, input_name: &str, hash: HashAlg, page_hashes: bool, 
     };
     assert_eq!(signed.nested, nest && has_signature, "{tag}");
 
-    let reference = e.world.path(&format!("{tag}-ossl.exe"));
-    let ca = e.world.path(&format!("{}.pem", key.label()));
+    let reference = e.token.world.path(&format!("{tag}-ossl.exe"));
+    let ca = e.token.world.path(&format!("{}.pem", key.label()));
     let mut a = vec![
         os("attach-signature"),
         os("-sigin"),
@@ -1061,6 +805,16 @@ fn attach_big_sha512_ph() {
 }
 
 #[test]
+fn attach_driver_sha256_ph() {
+    compare_attach(Key::Rsa, "driver.sys", HashAlg::Sha256, true, false);
+}
+
+#[test]
+fn attach_ecdsa_p256_driver_nested() {
+    compare_attach(Key::P256, "signed-driver.sys", HashAlg::Sha256, false, true);
+}
+
+#[test]
 fn attach_replaces_a_signature() {
     compare_attach(
         Key::Rsa,
@@ -1104,29 +858,12 @@ fn attach_nests_beside_a_sha1_signature() {
     // Made before: fixture() holds the corpus lock while it makes one.
     let base = corpus("pe32.exe");
     let old = fixture("sha1-pe32.exe", |p| {
-        let pin = e.world.path("pin");
-        let _token = e.signer.session.lock().unwrap();
-        osslsigncode(&[
-            os("sign"),
-            os("-pkcs11module"),
-            os(SOFTHSM),
-            os("-key"),
-            os("pkcs11:token=signet-demo;object=signkey;type=private"),
-            os("-readpass"),
-            pin.as_os_str(),
-            os("-pkcs11cert"),
-            os("pkcs11:token=signet-demo;object=signkey;type=cert"),
-            os("-h"),
-            os("sha1"),
-            os("-in"),
-            base.as_os_str(),
-            os("-out"),
-            p.as_os_str(),
-        ]);
+        e.token
+            .ossl_sign("signkey", &base, p, &["-h".to_owned(), "sha1".to_owned()])
     });
     let blob = extract_blob(&mut File::open(&old).unwrap(), HashAlg::Sha256, false).unwrap();
     let sig = sign_blob(&blob, &options(HashAlg::Sha256, false, false), &e.signer).unwrap();
-    let out_path = e.world.path("sha1-nested.exe");
+    let out_path = e.token.world.path("sha1-nested.exe");
     let mut out = OpenOptions::new()
         .read(true)
         .write(true)
@@ -1142,7 +879,7 @@ fn attach_nests_beside_a_sha1_signature() {
     let text = osslsigncode(&[
         os("verify"),
         os("-CAfile"),
-        e.world.path("cert.pem").as_os_str(),
+        e.token.world.path("cert.pem").as_os_str(),
         os("-in"),
         out_path.as_os_str(),
     ]);
@@ -1222,4 +959,64 @@ fn verify_chain_to_the_ca_given() {
             "{err}"
         );
     }
+}
+
+/// Nested beside a signature that no longer verifies (a byte of its value altered):
+/// attached as `osslsigncode attach-signature -nest` attaches it, the same bytes, the
+/// old signature kept as it was; the check of the whole file then names the bad one.
+/// (The attach_pe fuzz target found that its own check assumed otherwise.)
+#[test]
+fn attach_nests_beside_an_altered_signature_as_osslsigncode_does() {
+    let e = env();
+    let good = corpus("signed-pe32plus.exe");
+    let mut bytes = std::fs::read(&good).unwrap();
+    let (off, _, _) = layout(&bytes);
+    let old = pe_signature(&good);
+    // The last bytes of the DER are the signer's signature value.
+    let at = off as usize + 8 + old.len() - 10;
+    bytes[at] ^= 0x55;
+    let input = e.token.world.path("altered-signature.exe");
+    std::fs::write(&input, &bytes).unwrap();
+    assert!(verify_signature(&pe_signature(&input)).is_err());
+
+    let blob = extract_blob(&mut File::open(&input).unwrap(), HashAlg::Sha256, false).unwrap();
+    let sig = sign_blob(&blob, &options(HashAlg::Sha256, false, false), &e.signer).unwrap();
+    let sig_path = e.token.world.path("altered-signature.p7");
+    std::fs::write(&sig_path, &sig).unwrap();
+    let native = e.token.world.path("altered-nested-native.exe");
+    let done = {
+        let mut out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&native)
+            .unwrap();
+        attach_pe(&mut File::open(&input).unwrap(), &mut out, &sig, true).unwrap()
+    };
+    assert!(done.nested);
+    let reference = e.token.world.path("altered-nested-ossl.exe");
+    // osslsigncode verifies what it attached and says the old signature is bad; the
+    // file it wrote is kept all the same.
+    let _ = e.token.osslsigncode(&[
+        os("attach-signature"),
+        os("-sigin"),
+        sig_path.as_os_str(),
+        os("-nest"),
+        os("-in"),
+        input.as_os_str(),
+        os("-out"),
+        reference.as_os_str(),
+    ]);
+    assert!(
+        std::fs::read(&native).unwrap() == std::fs::read(&reference).unwrap(),
+        "attach_pe and osslsigncode attach-signature -nest wrote different files"
+    );
+    let mut f = File::open(&native).unwrap();
+    let image = PeImage::parse(&mut f).unwrap();
+    let err = image.check_signatures(&mut f).unwrap_err();
+    assert!(matches!(err, Error::BadSignature(_)), "{err}");
+    // The nested one is the new signature, unchanged.
+    let outer = pe_signature(&native);
+    assert_eq!(nested_of(&signed_data(&outer)).last().unwrap(), &sig);
 }

@@ -546,7 +546,8 @@ impl TokenDir {
 
 /// An osslsigncode that holds its first signing run until the test releases it, so a
 /// job stays at the agent for as long as the test needs: give the agent
-/// `[signer] osslsigncode = "<program>"` ([`HeldSigner::agent_config`]).
+/// `[signer] backend = "osslsigncode"`, `osslsigncode = "<program>"`
+/// ([`HeldSigner::agent_config`]; the native engine runs no program to hold).
 #[derive(Debug)]
 pub struct HeldSigner {
     pub program: PathBuf,
@@ -580,9 +581,12 @@ impl HeldSigner {
         }
     }
 
-    /// The agent's configuration that uses this signer.
+    /// The agent's configuration that uses this signer (the osslsigncode backend).
     pub fn agent_config(&self) -> String {
-        format!("[signer]\nosslsigncode = \"{}\"\n", self.program.display())
+        format!(
+            "[signer]\nbackend = \"osslsigncode\"\nosslsigncode = \"{}\"\n",
+            self.program.display()
+        )
     }
 
     /// Lets the held run (and every later one) go on.

@@ -319,7 +319,11 @@ fn a_job_in_flight_when_the_token_vanishes_is_reported_retryable() {
         SOFTHSM,
         &pin,
         &[],
-        &format!("[signer]\nosslsigncode = \"{}\"\n", wrapper.display()),
+        // osslsigncode's run is what the gate holds (the native engine runs none).
+        &format!(
+            "[signer]\nbackend = \"osslsigncode\"\nosslsigncode = \"{}\"\n",
+            wrapper.display()
+        ),
     );
     // No retries: the test sees the agent's own answer to a job while the token is away.
     let ep = w

@@ -267,13 +267,20 @@ fn unknown_profile_is_refused_with_exit_3_and_names_the_profiles() {
 
 #[test]
 fn a_wrong_pin_is_tried_once_and_never_again_until_it_changes() {
+    // The native engine (the default) signs on the agent's session; osslsigncode logs
+    // in once more per job, with the PIN on its stdin.
+    wrong_pin_tried_once("native", 0);
+    wrong_pin_tried_once("osslsigncode", 1);
+}
+
+fn wrong_pin_tried_once(backend: &str, signer_logins: usize) {
     let mut w = World::new();
     let spy_log = w.path("spy.log");
     let pin = w.path("agent-pin");
     std::fs::write(&pin, "000000").unwrap();
     // The agent uses a PIN file only its own user may read.
     std::fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let agent = w.start_agent(
+    let agent = w.start_agent_with(
         &format!("unix:{}", w.path("agent.sock").display()),
         PKCS11_SPY,
         &pin,
@@ -281,6 +288,7 @@ fn a_wrong_pin_is_tried_once_and_never_again_until_it_changes() {
             ("PKCS11SPY", SOFTHSM),
             ("PKCS11SPY_OUTPUT", spy_log.to_str().unwrap()),
         ],
+        &format!("[signer]\nbackend = \"{backend}\"\n"),
     );
     let ep = w
         .start_daemon(
@@ -329,10 +337,11 @@ fn a_wrong_pin_is_tried_once_and_never_again_until_it_changes() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(verify(&w, &file).0);
     let logins = count_logins(&spy_log);
-    // One login by the agent's own session plus one by the osslsigncode child.
+    // One login by the agent's own session (plus one by an osslsigncode child).
     assert_eq!(
-        logins, 3,
-        "exactly one new agent login and one signer login"
+        logins,
+        2 + signer_logins,
+        "{backend}: exactly one new agent login and {signer_logins} signer login"
     );
 }
 
@@ -460,40 +469,46 @@ fn status_reports_the_token_when_signing_works() {
 
 #[test]
 fn the_certificate_may_come_from_a_file_instead_of_the_token() {
-    let mut w = World::new();
-    // A second certificate for the same key would be needed to tell the two apart;
-    // instead, prove the file is used by pointing at it and checking osslsigncode
-    // was given -certs (the token's copy is identical).
-    let cert = w.path("cert.pem");
-    let pin = w.path("pin");
-    let agent = w.start_agent_with(
-        &format!("unix:{}", w.path("agent.sock").display()),
-        SOFTHSM,
-        &pin,
-        &[],
-        &format!("[signer]\ncertificate = \"{}\"\n", cert.display()),
-    );
-    let ep = w
-        .start_daemon(
-            &[&format!("unix:{}", w.path("signetd.sock").display())],
-            &agent,
-        )
-        .remove(0);
-    let file = w.pe("app.exe");
-    let out = signet(&ep, &["sign", file.to_str().unwrap()]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert!(verify(&w, &file).0);
+    // Both backends read signer.certificate: the native engine (the default) and
+    // osslsigncode (given -certs), each failing in its own words once the file is gone.
+    for (backend, gone) in [
+        ("native", "cannot read the certificate file"),
+        ("osslsigncode", "osslsigncode could not sign"),
+    ] {
+        let mut w = World::new();
+        // A second certificate for the same key would be needed to tell the two apart;
+        // instead, prove the file is used by pointing at it and removing it (the
+        // token's copy is identical).
+        let cert = w.path("cert.pem");
+        let pin = w.path("pin");
+        let agent = w.start_agent_with(
+            &format!("unix:{}", w.path("agent.sock").display()),
+            SOFTHSM,
+            &pin,
+            &[],
+            &format!(
+                "[signer]\nbackend = \"{backend}\"\ncertificate = \"{}\"\n",
+                cert.display()
+            ),
+        );
+        let ep = w
+            .start_daemon(
+                &[&format!("unix:{}", w.path("signetd.sock").display())],
+                &agent,
+            )
+            .remove(0);
+        let file = w.pe("app.exe");
+        let out = signet(&ep, &["sign", file.to_str().unwrap()]);
+        assert_eq!(code(&out), 0, "{backend}: {}", stderr(&out));
+        assert!(verify(&w, &file).0, "{backend}");
 
-    // With the file gone, signing fails on the file — so it was the file that was used.
-    std::fs::remove_file(&cert).unwrap();
-    let file2 = w.pe("app2.exe");
-    let out = signet(&ep, &["sign", file2.to_str().unwrap()]);
-    assert_eq!(code(&out), 5, "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("osslsigncode could not sign"),
-        "{}",
-        stderr(&out)
-    );
+        // With the file gone, signing fails on the file — so it was the file that was used.
+        std::fs::remove_file(&cert).unwrap();
+        let file2 = w.pe("app2.exe");
+        let out = signet(&ep, &["sign", file2.to_str().unwrap()]);
+        assert_eq!(code(&out), 5, "{backend}: {}", stderr(&out));
+        assert!(stderr(&out).contains(gone), "{backend}: {}", stderr(&out));
+    }
 }
 
 #[test]

@@ -943,10 +943,27 @@ fn token_pulled_mid_queue_is_put_back_and_every_job_is_signed_once() {
 /// the run sees the loss and stops the signer — the job goes back to the queue as a
 /// token loss, without waiting for the signer's time limit — and every job is signed
 /// once. The hanging signer is a script put in osslsigncode's place in the guest, the
-/// real one put back once the reader is back.
+/// real one put back once the reader is back. osslsigncode's own run is what hangs,
+/// so the guest's agent is switched to the osslsigncode backend first (the image's
+/// `agent.toml` leaves the native default) and restarted.
 #[test]
 fn token_pulled_while_the_signer_hangs_stops_it_and_every_job_is_signed_once() {
     let lab = Lab::signing();
+    let starts = |log: &str| log.matches("LAB: starting signet-agent").count();
+    let before = starts(&lab.guest.agent_log());
+    lab.guest.shell_ok(
+        "printf 'backend = \"osslsigncode\"\\n' >>/etc/signet/agent.toml && \
+         kill $(pidof signet-agent)",
+    );
+    wait_until_within("the agent restarted on osslsigncode", LONG, EVERY, || {
+        let log = lab.guest.agent_log();
+        starts(&log) > before
+            && log
+                .rsplit("LAB: starting signet-agent")
+                .next()
+                .is_some_and(|run| run.contains("signer=osslsigncode"))
+    });
+    lab.wait_signing_works("the restarted agent logged in");
     lab.guest.shell_ok(
         "p=$(command -v osslsigncode) && echo $p >/tmp/osslsigncode.path && \
          cp $p /tmp/osslsigncode.real && printf '#!/bin/sh\\nexec sleep 3600\\n' >$p",
@@ -1231,7 +1248,10 @@ fn an_agent_with_debian_osslsigncode_2_5_signs_whole_files_and_refuses_digest_mo
         SOFTHSM,
         &w.path("pin"),
         &[],
-        &format!("[signer]\nosslsigncode = \"{}\"\n", ossl.display()),
+        &format!(
+            "[signer]\nbackend = \"osslsigncode\"\nosslsigncode = \"{}\"\n",
+            ossl.display()
+        ),
     );
     let (code, health) = call_json(&agent, "GET", "/agent/v1/health", None);
     assert_eq!(code, 200, "{health:#}");

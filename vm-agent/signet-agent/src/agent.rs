@@ -909,7 +909,11 @@ mod tests {
 
     #[test]
     fn the_configuration_chooses_the_backend_and_its_settings() {
-        let o = signer_for(&cfg(""));
+        let d = signer_for(&cfg(""));
+        assert!(format!("{d:?}").starts_with("Native"), "the default: {d:?}");
+        assert_eq!(d.program(), Path::new("osslsigncode"));
+        assert_eq!(d.certificate_file(), None);
+        let o = signer_for(&cfg("[signer]\nbackend = \"osslsigncode\"\n"));
         assert!(format!("{o:?}").starts_with("Osslsigncode"), "{o:?}");
         assert_eq!(o.program(), Path::new("osslsigncode"));
         assert_eq!(o.certificate_file(), None);

@@ -132,10 +132,13 @@ pub enum SignError {
     NothingToNest,
     #[error("osslsigncode did not finish within {} s and was stopped; nothing was signed. A timestamp server that accepts connections but never answers does this: check the profile's timestamp servers (signer.timeout_seconds in the agent's configuration sets the limit)", .0.as_secs())]
     TimedOut(Duration),
-    #[error("osslsigncode found the file damaged or cut short, and signed nothing: {0}. Copy or build it again")]
+    #[error("the signer found the file damaged or cut short, and signed nothing: {0}. Copy or build it again")]
     Damaged(String),
     #[error("osslsigncode could not sign the file: {0}")]
     Failed(String),
+    /// The native engine's own failure (not osslsigncode's, not the token's loss).
+    #[error("the native signing engine could not sign the file: {0}")]
+    Engine(String),
     /// Another backend's own failure (signtool's), in its words and class.
     #[error(transparent)]
     Backend(BackendFailure),
@@ -152,7 +155,8 @@ impl SignError {
             SignError::Timestamp { .. }
             | SignError::NothingToNest
             | SignError::TimedOut(_)
-            | SignError::Failed(_) => ErrorCode::SigningFailed,
+            | SignError::Failed(_)
+            | SignError::Engine(_) => ErrorCode::SigningFailed,
         }
     }
 }

@@ -120,19 +120,20 @@ pub struct TokenConfig {
     pub reinit_command: Option<Vec<String>>,
 }
 
-/// Which program signs: `backend = "osslsigncode"` (the default, every platform),
-/// `"native"` (the built-in engine on the agent's own token session) or `"signtool"`
-/// (Windows only).
+/// Which program signs: `backend = "native"` (the default, every platform: the built-in
+/// engine on the agent's own token session), `"osslsigncode"` or `"signtool"` (Windows
+/// only, never the default).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// osslsigncode with the token's PKCS#11 module (`token.module`).
-    #[default]
+    /// osslsigncode with the token's PKCS#11 module (`token.module`), which logs in to
+    /// the token itself for every job (the PIN on its stdin).
     Osslsigncode,
     /// The built-in Authenticode engine (signet-authenticode): one signature operation
     /// on the agent's logged-in session per job. PE files and digest-mode data are
     /// signed natively; MSI, CAB, PowerShell and APPX/MSIX files through osslsigncode's
-    /// token-free `extract-data` and `attach-signature`.
+    /// token-free `extract-data` and `attach-signature`. The default.
+    #[default]
     Native,
     /// The Windows SDK's signtool with the token's CSP (`signer.csp`, `signer.container`)
     /// and the certificate exported to a file (`signer.certificate`).
@@ -143,10 +144,12 @@ pub enum Backend {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignerConfig {
-    /// The program that signs. Default: osslsigncode.
+    /// The program that signs. Default: the native engine.
     #[serde(default)]
     pub backend: Backend,
-    /// The osslsigncode program. Default: `osslsigncode` from `PATH`.
+    /// The osslsigncode program (the osslsigncode backend's signer; the native
+    /// engine's `extract-data` and `attach-signature` for MSI, CAB, PowerShell and
+    /// APPX/MSIX). Default: `osslsigncode` from `PATH`.
     #[serde(default = "default_osslsigncode")]
     pub osslsigncode: PathBuf,
     /// The signing certificate (PEM or DER) when it is not on the token. When absent,
@@ -225,7 +228,7 @@ impl SignerConfig {
             }
             Backend::Signtool if !windows => Err((
                 "signer.backend",
-                "signtool runs on Windows only (it is part of the Windows SDK); on this system sign with backend = \"osslsigncode\" (the default), or run the agent in a Windows signing VM".to_owned(),
+                "signtool runs on Windows only (it is part of the Windows SDK); on this system sign with backend = \"native\" (the default) or \"osslsigncode\", or run the agent in a Windows signing VM".to_owned(),
             )),
             Backend::Signtool => {
                 if self.container.as_deref().unwrap_or("").is_empty() {
@@ -538,10 +541,11 @@ mod tests {
     }
 
     #[test]
-    fn the_backend_is_osslsigncode_unless_signtool_is_chosen_on_windows() {
+    fn the_backend_is_native_unless_another_is_chosen_and_signtool_only_on_windows() {
         let p = Path::new("/etc/signet/agent.toml");
         let cfg = parse(p, MINIMAL).unwrap();
-        assert_eq!(cfg.signer.backend, Backend::Osslsigncode);
+        assert_eq!(cfg.signer.backend, Backend::Native);
+        assert_eq!(SignerConfig::default().backend, Backend::Native);
         let explicit = parse(
             p,
             &format!("{MINIMAL}\n[signer]\nbackend = \"osslsigncode\"\n"),
@@ -560,7 +564,9 @@ mod tests {
         let (key, fix) = chosen.signer.check_backend(false).unwrap_err();
         assert_eq!(key, "signer.backend");
         assert!(
-            fix.contains("Windows only") && fix.contains("backend = \"osslsigncode\""),
+            fix.contains("Windows only")
+                && fix.contains("backend = \"native\" (the default)")
+                && fix.contains("\"osslsigncode\""),
             "{fix}"
         );
         // What this system says, through the whole parse.

@@ -384,11 +384,15 @@ pub fn run(config_path: &Path) -> Report {
                 ),
             });
             checks.push(match cfg.signer.backend {
-                // The native engine runs osslsigncode's token-free steps for MSI, CAB,
-                // PowerShell and APPX/MSIX files.
-                crate::config::Backend::Osslsigncode | crate::config::Backend::Native => {
+                crate::config::Backend::Osslsigncode => {
                     let program = &cfg.signer.osslsigncode;
                     judge_osslsigncode(program, &probe_osslsigncode(program))
+                }
+                // The native engine runs osslsigncode's token-free steps for MSI, CAB,
+                // PowerShell and APPX/MSIX files, and signs the rest without it.
+                crate::config::Backend::Native => {
+                    let program = &cfg.signer.osslsigncode;
+                    judge_osslsigncode_for_native(program, &probe_osslsigncode(program))
                 }
                 crate::config::Backend::Signtool => {
                     let program = &cfg.signer.signtool;
@@ -976,6 +980,50 @@ pub fn judge_osslsigncode(program: &Path, probe: &Result<String, String>) -> Che
     )
 }
 
+/// Judges osslsigncode for the native engine, which needs it only for MSI, CAB,
+/// PowerShell and APPX/MSIX files (`extract-data` and `attach-signature`): without it,
+/// or too old for them, PE files, catalogs and digest mode are still signed (a warning).
+pub fn judge_osslsigncode_for_native(program: &Path, probe: &Result<String, String>) -> Check {
+    let install = &format!(
+        "install osslsigncode {} or later in the signing VM (Debian 12 has 2.5; bookworm-backports has 2.9), or set signer.osslsigncode to it",
+        osslsigncode::shown(OSSLSIGNCODE_EXTRACT_DATA)
+    );
+    let native = "the native engine signs PE files, catalogs and digest mode without it";
+    let output = match probe {
+        Err(e) => {
+            return Check::warn(
+                "osslsigncode",
+                format!(
+                    "cannot run {}: {e}; {native}, and refuses MSI, CAB, PowerShell and APPX/MSIX files",
+                    program.display()
+                ),
+                install,
+            )
+        }
+        Ok(o) => o,
+    };
+    match osslsigncode_version(output) {
+        Some((major, minor)) if (major, minor) >= OSSLSIGNCODE_EXTRACT_DATA => Check::ok(
+            "osslsigncode",
+            format!("osslsigncode {major}.{minor}: the native engine's extract-data and attach-signature for MSI, CAB, PowerShell and APPX/MSIX files"),
+        ),
+        Some((major, minor)) => Check::warn(
+            "osslsigncode",
+            format!("osslsigncode {major}.{minor} has no extract-data: {native}, and refuses MSI, CAB, PowerShell and APPX/MSIX files"),
+            install,
+        ),
+        None => Check::warn(
+            "osslsigncode",
+            format!(
+                "cannot tell the version of {} from: {}; {native}",
+                program.display(),
+                output.lines().next().unwrap_or("(no output)")
+            ),
+            install,
+        ),
+    }
+}
+
 /// Judges a certificate given as a file (`signer.certificate`).
 pub fn judge_file_cert(path: &Path, probe: &FileCertProbe) -> Check {
     let shown = path.display();
@@ -1316,6 +1364,28 @@ mod tests {
             c.fix.as_deref().unwrap().contains("signer.osslsigncode"),
             "{c:?}"
         );
+    }
+
+    #[test]
+    fn the_native_engine_needs_osslsigncode_only_for_the_formats_it_embeds() {
+        let p = Path::new("osslsigncode");
+        let c = judge_osslsigncode_for_native(p, &Ok("osslsigncode 2.9, using:".into()));
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        assert!(c.summary.contains("extract-data"), "{c:?}");
+        for probe in [
+            Ok("osslsigncode 2.5, using:".to_owned()),
+            Ok("osslsigncode 2.4".to_owned()),
+            Ok("something else".to_owned()),
+            Err("No such file or directory".to_owned()),
+        ] {
+            let c = judge_osslsigncode_for_native(p, &probe);
+            assert_eq!(c.status, Status::Warn, "{c:?}");
+            assert!(
+                c.summary.contains("PE files, catalogs and digest mode"),
+                "{c:?}"
+            );
+            assert!(c.fix.as_deref().unwrap().contains("2.8 or later"), "{c:?}");
+        }
     }
 
     #[test]

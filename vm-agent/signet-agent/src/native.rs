@@ -82,7 +82,7 @@ impl Native {
     /// The key to sign with: the token's session, the key's kind, the certificates.
     async fn key(&self) -> Result<AgentKey, SignError> {
         let Some(token) = self.token.clone() else {
-            return Err(SignError::Failed(
+            return Err(SignError::Engine(
                 "the native engine was not given the agent's token session".into(),
             ));
         };
@@ -92,18 +92,18 @@ impl Native {
             t.raw_key()
         })
         .await
-        .map_err(|e| SignError::Failed(format!("the token task failed: {e}")))?
+        .map_err(|e| SignError::Engine(format!("the token task failed: {e}")))?
         .map_err(token_failure)?;
         let (certificate, chain) = match &self.certificate {
             Some(path) => {
                 let bytes = tokio::fs::read(path).await.map_err(|e| {
-                    SignError::Failed(format!(
+                    SignError::Engine(format!(
                         "cannot read the certificate file {}: {e}; fix signer.certificate in the agent's configuration",
                         path.display()
                     ))
                 })?;
                 let mut certs = signet_authenticode::certificates(&bytes).map_err(|e| {
-                    SignError::Failed(format!(
+                    SignError::Engine(format!(
                         "the certificate file {}: {e}; fix signer.certificate in the agent's configuration",
                         path.display()
                     ))
@@ -114,7 +114,7 @@ impl Native {
             None => match raw.certificate {
                 Some(c) => (c, Vec::new()),
                 None => {
-                    return Err(SignError::Failed(
+                    return Err(SignError::Engine(
                         "the token holds no certificate with the key's id; write it to the token or set signer.certificate in the agent's configuration".into(),
                     ))
                 }
@@ -134,7 +134,7 @@ impl Native {
             .hash
             .as_str()
             .parse()
-            .map_err(|e: signet_authenticode::Error| SignError::Failed(e.to_string()))?;
+            .map_err(|e: signet_authenticode::Error| SignError::Engine(e.to_string()))?;
         let mut options = SignOptions::new(hash);
         options.description = spec.description.map(str::to_owned);
         options.url = spec.url.map(str::to_owned);
@@ -192,7 +192,7 @@ impl Native {
         }
         tokio::fs::rename(&signed, spec.output)
             .await
-            .map_err(|e| SignError::Failed(format!("cannot keep the signed file: {e}")))
+            .map_err(|e| SignError::Engine(format!("cannot keep the signed file: {e}")))
     }
 
     /// MSI, CAB, PowerShell, APPX/MSIX: extract-data, sign natively, attach-signature.
@@ -289,7 +289,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, SignError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| SignError::Failed(format!("the signing task failed: {e}")))?
+        .map_err(|e| SignError::Engine(format!("the signing task failed: {e}")))?
         .map_err(engine_failure)
 }
 
@@ -298,7 +298,7 @@ fn engine_failure(e: signet_authenticode::Error) -> SignError {
         signet_authenticode::Error::DamagedPe(what) => SignError::Damaged(what),
         signet_authenticode::Error::Signer(inner) => match inner.downcast::<TokenError>() {
             Ok(t) => token_failure(*t),
-            Err(other) => SignError::Failed(format!("the key cannot sign: {other}")),
+            Err(other) => SignError::Engine(format!("the key cannot sign: {other}")),
         },
         signet_authenticode::Error::Timestamp { tried, why } => {
             tracing::warn!("no timestamp server gave a timestamp: {why}");
@@ -307,14 +307,14 @@ fn engine_failure(e: signet_authenticode::Error) -> SignError {
                 why: Some(why),
             }
         }
-        other => SignError::Failed(other.to_string()),
+        other => SignError::Engine(other.to_string()),
     }
 }
 
 fn token_failure(e: TokenError) -> SignError {
     match e {
         TokenError::Lost(detail) => SignError::TokenLost(detail),
-        other => SignError::Failed(other.to_string()),
+        other => SignError::Engine(other.to_string()),
     }
 }
 
@@ -352,19 +352,28 @@ impl Signer for Native {
         self.certificate.as_deref()
     }
 
-    /// The engine signs PE files and digest-mode data whatever osslsigncode can do;
-    /// osslsigncode's version decides the other formats.
+    /// The engine signs PE files, catalogs and digest-mode data whatever osslsigncode
+    /// can do, and without it; osslsigncode's version decides the other formats (none
+    /// when it is not installed: [`Signer::refuses`] names the fix).
     fn version(&self) -> BoxFuture<'_, Result<(String, SignerFeatures), SignError>> {
         Box::pin(async move {
-            let (line, mut features) = self.osslsigncode.version().await?;
+            let engine = format!("signet-authenticode {} (native", env!("CARGO_PKG_VERSION"));
+            let (line, mut features) = match self.osslsigncode.version().await {
+                Ok((line, features)) => (format!("{engine}; {line})"), features),
+                Err(SignError::Spawn { program, source }) => {
+                    tracing::warn!(
+                        "cannot run {} ({source}): PE files, catalogs and digest mode are signed, other formats refused; install osslsigncode 2.8 or later or set signer.osslsigncode to sign them",
+                        program.display()
+                    );
+                    (
+                        format!("{engine}; no osslsigncode)"),
+                        SignerFeatures::default(),
+                    )
+                }
+                Err(other) => return Err(other),
+            };
             features.modes = vec![SignMode::Whole, SignMode::Digest];
-            Ok((
-                format!(
-                    "signet-authenticode {} (native; {line} for MSI, CAB, PowerShell and APPX/MSIX files)",
-                    env!("CARGO_PKG_VERSION")
-                ),
-                features,
-            ))
+            Ok((line, features))
         })
     }
 
@@ -382,6 +391,10 @@ impl Signer for Native {
         };
         match (mode, format) {
             (SignMode::Digest, _) | (_, None) | (_, Some(Format::Pe | Format::Cat)) => None,
+            (_, Some(f)) if !features.extract_data && !features.attach_signature => Some(format!(
+                "the native engine signs {f} files through osslsigncode's extract-data and attach-signature, and this signing VM has no osslsigncode it can run ({}): install osslsigncode 2.8 or later in the signing VM, or set signer.osslsigncode",
+                self.osslsigncode.program.display()
+            )),
             (_, Some(f)) if !(features.extract_data && features.attach_signature) => Some(format!(
                 "the native engine signs {f} files through osslsigncode's extract-data and attach-signature, which this signing VM's osslsigncode {version} lacks: install osslsigncode 2.8 or later in the signing VM"
             )),
@@ -442,6 +455,29 @@ mod tests {
             certificate: None,
             timestamp_trust: Trust::default(),
             token: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn without_osslsigncode_pe_catalogs_and_digest_mode_are_served_and_the_rest_refused() {
+        let mut n = without_token();
+        n.osslsigncode.program = "/nonexistent/osslsigncode".into();
+        let (line, features) = n.version().await.unwrap();
+        assert!(line.contains("no osslsigncode"), "{line}");
+        assert_eq!(features.modes, vec![SignMode::Whole, SignMode::Digest]);
+        let file = SignResponse::Complete;
+        for f in [Format::Pe, Format::Cat] {
+            assert_eq!(n.refuses(&features, SignMode::Whole, Some(f), file), None);
+        }
+        assert_eq!(n.refuses(&features, SignMode::Digest, None, file), None);
+        for f in [Format::Msi, Format::Cab, Format::PowerShell] {
+            let why = n
+                .refuses(&features, SignMode::Whole, Some(f), file)
+                .unwrap();
+            assert!(
+                why.contains("/nonexistent/osslsigncode") && why.contains("2.8 or later"),
+                "{why}"
+            );
         }
     }
 

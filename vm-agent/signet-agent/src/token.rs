@@ -152,6 +152,13 @@ const FINAL_TRY: TokenError = TokenError::PinLocked {
     fix: "log in once by hand with the right PIN to reset the counter, then send the PIN again or restart the agent",
 };
 
+/// Whether `C_GetSlotInfo` or `C_GetTokenInfo` on the token's slot answering `rv`
+/// means the token is gone (the agent had it: CKR_GENERAL_ERROR from a token call
+/// counts, as [`crate::loss::classify`] says).
+fn token_info_says_gone(rv: cryptoki::error::RvError) -> bool {
+    classify(Observation::Returned(Call::Token, rv), true) == Verdict::TokenLost
+}
+
 /// The PIN counter flags a token reports.
 pub fn pin_flags(t: &TokenInfo) -> PinFlags {
     PinFlags {
@@ -806,6 +813,54 @@ impl Token {
 
     /// See [`TokenSession::sign_raw`].
     pub fn sign_raw(&mut self, hash: HashAlg, data: &[u8]) -> Result<Vec<u8>, TokenError> {
+        let first = match self.sign_on_session(hash, data)? {
+            Ok(signature) => return Ok(signature),
+            Err(e) => e,
+        };
+        if let Some(lost) = self.loss_after(&first) {
+            return Err(lost);
+        }
+        // A module may say nothing more than CKR_GENERAL_ERROR for a reader pulled a
+        // moment ago, before it knows of the removal: log in on a new session (which
+        // reaches the token, and fails as a loss when it is gone) and sign once more.
+        tracing::warn!(error = %ck(&first), "the signature failed; logging in on a new session to tell a failing token from a lost one, and signing once more");
+        self.apply(TokenEvent::SessionClosed);
+        match self.ensure_ready() {
+            Ok(_) => {}
+            Err(e @ TokenError::Lost(_)) => return Err(e),
+            Err(e) if e.is_pin_problem() => return Err(e),
+            // A token that signed until now, then fails a signature and a new login
+            // (OpenSC: CKR_GENERAL_ERROR from C_Login on a reader being pulled) is
+            // treated as lost: the job waits, and the agent opens the token afresh.
+            Err(e) => {
+                return Err(TokenError::Lost(format!(
+                    "{}; then a new login failed: {e}",
+                    ck(&first)
+                )))
+            }
+        }
+        match self.sign_on_session(hash, data)? {
+            Ok(signature) => {
+                tracing::info!("signed on the new session");
+                Ok(signature)
+            }
+            Err(e) => Err(self.loss_after(&e).unwrap_or_else(|| {
+                TokenError::Key(format!(
+                    "the token could not sign: {} (and on a new session: {})",
+                    ck(&first),
+                    ck(&e)
+                ))
+            })),
+        }
+    }
+
+    /// One C_Sign on the logged-in session; the outer error is a session or key that
+    /// is not there.
+    fn sign_on_session(
+        &mut self,
+        hash: HashAlg,
+        data: &[u8],
+    ) -> Result<Result<Vec<u8>, CkError>, TokenError> {
         let kind = self.raw_key()?.kind;
         let Some(open) = self.open.as_ref() else {
             return Err(TokenError::Lost("no logged-in session".into()));
@@ -819,17 +874,38 @@ impl Token {
             (KeyKind::Rsa, HashAlg::Sha512) => (Mechanism::Sha512RsaPkcs, data.to_vec()),
             (_, h) => (Mechanism::Ecdsa, h.digest(data)),
         };
-        open.session
-            .sign(&mechanism, open.key_handle, &input)
-            .map_err(|e| match e {
-                CkError::Pkcs11(rv, _)
-                    if classify(Observation::Returned(Call::Other, rv), true)
-                        == Verdict::TokenLost =>
-                {
-                    TokenError::Lost(ck(&e))
-                }
-                _ => TokenError::Key(format!("the token could not sign: {}", ck(&e))),
-            })
+        Ok(open.session.sign(&mechanism, open.key_handle, &input))
+    }
+
+    /// The loss a failed C_Sign means: its return value says so, or (some modules
+    /// answer a signature on a token that went away with a plain failure, OpenSC with
+    /// pcscd gone CKR_GENERAL_ERROR, while the session checks answer from the module's
+    /// memory) the token itself, asked, says it is gone.
+    fn loss_after(&self, e: &CkError) -> Option<TokenError> {
+        if let CkError::Pkcs11(rv, _) = e {
+            if classify(Observation::Returned(Call::Other, *rv), true) == Verdict::TokenLost {
+                return Some(TokenError::Lost(ck(e)));
+            }
+        }
+        let gone = self.token_gone()?;
+        tracing::warn!(error = %ck(e), token = %gone, "the signature failed and the token is gone");
+        Some(TokenError::Lost(format!("{}; then {gone}", ck(e))))
+    }
+
+    /// Asks the module about the token's slot, in the calls that reach the reader
+    /// (`C_GetSlotInfo`, which OpenSC answers by asking pcscd, then `C_GetTokenInfo`);
+    /// answers what they said when that means the token is gone.
+    fn token_gone(&self) -> Option<String> {
+        let (ctx, found) = (self.ctx.as_ref()?, self.found.as_ref()?);
+        match ctx.get_slot_info(found.slot) {
+            Err(e @ CkError::Pkcs11(rv, _)) if token_info_says_gone(rv) => return Some(ck(&e)),
+            Ok(info) if !info.token_present() => return Some("the slot holds no token".to_owned()),
+            _ => {}
+        }
+        match ctx.get_token_info(found.slot) {
+            Err(e @ CkError::Pkcs11(rv, _)) if token_info_says_gone(rv) => Some(ck(&e)),
+            _ => None,
+        }
     }
 
     fn find_key(
@@ -1045,6 +1121,30 @@ fn ckr_name(rv: &RvError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_signature_is_a_loss_when_the_token_info_says_the_token_is_gone() {
+        use cryptoki::error::RvError;
+        // OpenSC with pcscd gone, a pulled reader, a module that forgot the token.
+        for rv in [
+            RvError::GeneralError,
+            RvError::TokenNotPresent,
+            RvError::DeviceRemoved,
+            RvError::DeviceError,
+            RvError::SlotIdInvalid,
+            RvError::CryptokiNotInitialized,
+        ] {
+            assert!(token_info_says_gone(rv), "{rv:?}");
+        }
+        // The token still answers about itself: the signature failed on its own.
+        for rv in [
+            RvError::FunctionFailed,
+            RvError::HostMemory,
+            RvError::ArgumentsBad,
+        ] {
+            assert!(!token_info_says_gone(rv), "{rv:?}");
+        }
+    }
 
     #[test]
     fn guard_never_allows_the_same_rejected_pin_twice() {
