@@ -327,10 +327,12 @@ mod tests {
 
     /// A paired agent's stand-in on a unix socket: its key in `dir/agent`, the host's
     /// in `dir/host`, pinned both ways; it counts the connections it accepts (each a
-    /// TLS handshake) and answers every request with "ok".
+    /// TLS handshake) and answers every request with "ok" (closing the connection
+    /// after each answer without `keep_alive`).
     #[cfg(unix)]
     async fn paired_agent(
         dir: &std::path::Path,
+        keep_alive: bool,
     ) -> (
         Endpoint,
         std::sync::Arc<crate::link::HostLink>,
@@ -363,6 +365,7 @@ mod tests {
                         )))
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keep_alive)
                         .serve_connection(TokioIo::new(tls), svc)
                         .await;
                 });
@@ -378,7 +381,7 @@ mod tests {
     async fn the_link_keeps_its_connection_while_the_agent_key_stays_pinned() {
         use std::sync::atomic::Ordering;
         let dir = tempfile::tempdir().unwrap();
-        let (ep, host, accepted) = paired_agent(dir.path()).await;
+        let (ep, host, accepted) = paired_agent(dir.path(), true).await;
         let get = || async {
             let req = Request::get("/agent/v1/health")
                 .body(Empty::<Bytes>::new())
@@ -468,6 +471,23 @@ mod tests {
             assert_eq!(err.code, ErrorCode::AgentUnavailable);
             assert!(err.message.contains("<h1>proxy</h1>"), "{}", err.message);
             server.abort();
+        }
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn an_agent_that_closes_its_connections_still_answers_every_request() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let (ep, _host, accepted) = paired_agent(dir.path(), false).await;
+        for n in 1..=4 {
+            let req = Request::get("/agent/v1/health")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let resp = send(&ep, req).await.unwrap();
+            assert_eq!(read_small(&ep, resp.into_body()).await.unwrap(), "ok");
+            // A connection the agent closed is never used again.
+            assert_eq!(accepted.load(Ordering::SeqCst), n);
         }
     }
 }
