@@ -6,6 +6,7 @@
 #   make bench                              (or: bash scripts/bench.sh [--quick] [--memory])
 #   --quick     few runs and jobs, no 1 GiB run (needs a release build)
 #   --memory    with --quick: the 1 GiB run all the same
+#   --slow-only only the slow token's rows (the shim): its latency and throughput
 #
 # Environment:
 #   SIGNET_BENCH_BACKENDS   the agent's [signer] backend values to run, one column each
@@ -14,6 +15,7 @@
 #   SIGNET_SHIM_SIGN_MS     the slow token's time per signature (default 140, YubiKey 5
 #                           RSA-2048), SIGNET_SHIM_LOGIN_MS its login (default 200)
 #   SIGNET_BIN_DIR          where the binaries are (default target/release)
+#   SIGNET_BENCH_SLOW_JOBS  jobs per throughput row with the shim (default 32, --quick 12)
 #
 # One SoftHSM token (RSA-3072), PEs of 15 KiB, 1 MiB and 50 MiB. Ways:
 #   raw C_Sign       one signature on a resident, logged-in session (signet-bench, in process)
@@ -29,11 +31,13 @@ root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 bin=${SIGNET_BIN_DIR:-$root/target/release}
 quick=0
 memory=1
+slow_only=0
 for a in "$@"; do
   case $a in
     --quick) quick=1; memory=0 ;;
     --memory) memory=2 ;;
-    *) echo "usage: $0 [--quick] [--memory]" >&2; exit 2 ;;
+    --slow-only) slow_only=1 ;;
+    *) echo "usage: $0 [--quick] [--memory] [--slow-only]" >&2; exit 2 ;;
   esac
 done
 ((memory == 2)) && memory=1
@@ -143,7 +147,9 @@ done
 
 runs=20 warmup=3 jobs=64 slow_runs=10 slow_jobs=32
 ((quick)) && { runs=5; warmup=1; jobs=24; slow_runs=3; slow_jobs=12; }
+slow_jobs=${SIGNET_BENCH_SLOW_JOBS:-$slow_jobs}
 
+if ((!slow_only)); then
 echo "== SoftHSM: all ways interleaved, $runs rounds ($warmup warm-up), median ms and × direct osslsigncode"
 spec=()
 for s in "${sizes[@]}"; do
@@ -157,6 +163,7 @@ done
   --module "$MOD" --pin-file "$W/token/pin" \
   --verify "osslsigncode verify -CAfile $W/token/cert.pem -in {out}" \
   --md "$out/latency.md" "${spec[@]}"
+fi
 
 # throughput_rows LOG RATE NAME COMMAND...: a table row each for 1, 4 and 8 callers. With
 # the shim's LOG (emptied before each) and its C_Sign RATE, also what the log says.
@@ -182,8 +189,9 @@ throughput_rows() {
   done
 }
 
-echo "== SoftHSM: throughput, 15 KiB PE, 1/4/8 concurrent callers"
 small=$(pe "15 KiB")
+if ((!slow_only)); then
+echo "== SoftHSM: throughput, 15 KiB PE, 1/4/8 concurrent callers"
 {
   echo "| way | callers | jobs | jobs/s | failed |"
   echo "|---|---|---|---|---|"
@@ -195,6 +203,8 @@ small=$(pe "15 KiB")
     throughput_rows "" "" "digest ($be)" "$bin/signet" --endpoint "unix:$d/signetd.sock" sign --description "tp-{n}" --digest --ca-file "$W/token/cert.pem" -o "{out}" "$small"
   done
 } | tee "$out/throughput.md"
+
+fi
 
 echo "== a token as slow as a real one: the shim, ${sign_ms} ms per signature, ${login_ms} ms per login"
 export SIGNET_SHIM_MODULE=$MOD SIGNET_SHIM_SIGN_MS=$sign_ms SIGNET_SHIM_LOGIN_MS=$login_ms
@@ -227,8 +237,8 @@ done
 } | tee "$out/slow-throughput.md"
 unset SIGNET_SHIM_MODULE SIGNET_SHIM_SIGN_MS SIGNET_SHIM_LOGIN_MS SIGNET_SHIM_LOG SIGNET_SHIM_LOCK
 
-if ((!memory)); then
-  echo "(--quick: skipping the 1 GiB memory run; add --memory for it)"
+if ((!memory || slow_only)); then
+  ((slow_only)) || echo "(--quick: skipping the 1 GiB memory run; add --memory for it)"
   exit 0
 fi
 echo "== memory while a 1 GiB PE goes through the whole path (whole file)"

@@ -1,7 +1,11 @@
 //! HTTP/1.1 requests over any [`Endpoint`], with streamed bodies.
 //!
-//! One connection per request: the calls are few and long (a signature takes as long
-//! as the token needs), so pooling would buy nothing and cost state.
+//! One connection per request, but to the agent through the paired link: there a
+//! connection is kept open after its answer and used again for the next request
+//! ([`crate::link::HostLink::take_idle`]), so a job does not pay a TLS handshake (and
+//! the agent's health reads between jobs neither). A kept connection is still the
+//! pinned agent's: it was made with the key pinned now, and the agent checks the
+//! host's key on every request.
 
 use std::error::Error as StdError;
 
@@ -45,16 +49,8 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let stream = transport::connect(endpoint).await?;
     match crate::link::registered(endpoint) {
-        Some(link) => {
-            let tls = link.handshake(endpoint, stream).await.map_err(|source| {
-                ClientError::Connect(TransportError::Connect {
-                    endpoint: endpoint.clone(),
-                    source,
-                })
-            })?;
-            send_over(tls, endpoint, req).await.map_err(|e| {
+        Some(link) => send_linked(&link, endpoint, req).await.map_err(|e| {
                 if crate::link::refused_by_peer(&e) {
                     ClientError::Connect(TransportError::Connect {
                         endpoint: endpoint.clone(),
@@ -71,9 +67,135 @@ where
                 } else {
                     e
                 }
-            })
+            }),
+        None => send_over(transport::connect(endpoint).await?, endpoint, req).await,
+    }
+}
+
+/// Sends `req` to the agent at `endpoint` through `link`: on a kept connection when
+/// one is ready (a request it could not take — the agent closed it meanwhile — goes
+/// on the next, or a new one), else on a new connection, which is kept afterwards.
+async fn send_linked<B>(
+    link: &crate::link::HostLink,
+    endpoint: &Endpoint,
+    req: Request<B>,
+) -> Result<Response<Incoming>, ClientError>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    use bytes::Buf;
+    let mut req = req.map(|b| {
+        b.map_frame(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))
+            .map_err(Into::into)
+            .boxed_unsync()
+    });
+    set_host(&mut req, endpoint);
+    let http_err = |source| ClientError::Http {
+        endpoint: endpoint.clone(),
+        source,
+    };
+    while let Some(mut conn) = link.take_idle() {
+        match conn.sender.try_send_request(req).await {
+            Ok(resp) => {
+                link.keep(conn);
+                return Ok(resp);
+            }
+            Err(mut e) => match e.take_message() {
+                Some(r) => req = r,
+                None => return Err(http_err(e.into_error())),
+            },
         }
-        None => send_over(stream, endpoint, req).await,
+    }
+    let stream = transport::connect(endpoint).await?;
+    let (tls, pinned) = link
+        .handshake_pinned(endpoint, stream)
+        .await
+        .map_err(|source| {
+            ClientError::Connect(TransportError::Connect {
+                endpoint: endpoint.clone(),
+                source,
+            })
+        })?;
+    let (mut sender, conn_err_rx) = open(tls, endpoint).await?;
+    match sender.send_request(req).await {
+        Ok(resp) => {
+            link.keep(crate::link::Idle {
+                sender,
+                pinned,
+                since: std::time::Instant::now(),
+            });
+            Ok(resp)
+        }
+        Err(e) => Err(http_err(connection_error(conn_err_rx, e).await)),
+    }
+}
+
+/// An HTTP/1.1 connection over `io`, driven by a task of its own; the receiver gets
+/// the connection's error if it ends with one.
+async fn open<S, B>(
+    io: S,
+    endpoint: &Endpoint,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<B>,
+        tokio::sync::oneshot::Receiver<hyper::Error>,
+    ),
+    ClientError,
+>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|source| ClientError::Http {
+            endpoint: endpoint.clone(),
+            source,
+        })?;
+    let span = tracing::debug_span!("http-client", %endpoint);
+    // The connection's own error says more than the request's "canceled" when the
+    // peer ends the connection (a TLS alert refusing our key, say).
+    let (conn_err_tx, conn_err_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            let _g = span.enter();
+            tracing::debug!(error = %e, "connection ended with an error");
+            let _ = conn_err_tx.send(e);
+        }
+    });
+    Ok((sender, conn_err_rx))
+}
+
+/// The connection's error if it ends with one soon, else the request's `e`.
+async fn connection_error(
+    conn_err_rx: tokio::sync::oneshot::Receiver<hyper::Error>,
+    e: hyper::Error,
+) -> hyper::Error {
+    tokio::time::timeout(std::time::Duration::from_secs(1), conn_err_rx)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(e)
+}
+
+/// Names the host in `req` when it does not.
+fn set_host<B>(req: &mut Request<B>, endpoint: &Endpoint) {
+    if !req.headers().contains_key(header::HOST) {
+        let host = match endpoint {
+            Endpoint::Tcp { host, port } | Endpoint::Tls { host, port } => {
+                format!("{host}:{port}")
+            }
+            _ => "signet".to_owned(),
+        };
+        req.headers_mut().insert(
+            header::HOST,
+            header::HeaderValue::from_str(&host)
+                .unwrap_or(header::HeaderValue::from_static("signet")),
+        );
     }
 }
 
@@ -89,38 +211,12 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let stream = io;
     let http_err = |source| ClientError::Http {
         endpoint: endpoint.clone(),
         source,
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(http_err)?;
-    let span = tracing::debug_span!("http-client", %endpoint);
-    // The connection's own error says more than the request's "canceled" when the
-    // peer ends the connection (a TLS alert refusing our key, say).
-    let (conn_err_tx, conn_err_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            let _g = span.enter();
-            tracing::debug!(error = %e, "connection ended with an error");
-            let _ = conn_err_tx.send(e);
-        }
-    });
-    if !req.headers().contains_key(header::HOST) {
-        let host = match endpoint {
-            Endpoint::Tcp { host, port } | Endpoint::Tls { host, port } => {
-                format!("{host}:{port}")
-            }
-            _ => "signet".to_owned(),
-        };
-        req.headers_mut().insert(
-            header::HOST,
-            header::HeaderValue::from_str(&host)
-                .unwrap_or(header::HeaderValue::from_static("signet")),
-        );
-    }
+    let (mut sender, conn_err_rx) = open(io, endpoint).await?;
+    set_host(&mut req, endpoint);
     if matches!(endpoint, Endpoint::Tls { .. })
         && !req.headers().contains_key(header::AUTHORIZATION)
     {
@@ -132,13 +228,7 @@ where
     }
     match sender.send_request(req).await {
         Ok(resp) => Ok(resp),
-        Err(e) => {
-            let conn_err = tokio::time::timeout(std::time::Duration::from_secs(1), conn_err_rx)
-                .await
-                .ok()
-                .and_then(Result::ok);
-            Err(http_err(conn_err.unwrap_or(e)))
-        }
+        Err(e) => Err(http_err(connection_error(conn_err_rx, e).await)),
     }
 }
 
@@ -235,6 +325,110 @@ mod tests {
     use crate::transport::Listener;
     use axum::{routing::get, Json, Router};
 
+    /// A paired agent's stand-in on a unix socket: its key in `dir/agent`, the host's
+    /// in `dir/host`, pinned both ways; it counts the connections it accepts (each a
+    /// TLS handshake) and answers every request with "ok" (closing the connection
+    /// after each answer without `keep_alive`).
+    #[cfg(unix)]
+    async fn paired_agent(
+        dir: &std::path::Path,
+        keep_alive: bool,
+    ) -> (
+        Endpoint,
+        std::sync::Arc<crate::link::HostLink>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use crate::link::{self, HostLink, Identity};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let (agent_dir, host_dir) = (dir.join("agent"), dir.join("host"));
+        let agent = Identity::load_or_create(&agent_dir, "signet-agent").unwrap();
+        let host = HostLink::open(&host_dir).unwrap();
+        link::write_pin(&host_dir.join(link::AGENT_PIN_FILE), &agent.fingerprint).unwrap();
+        link::write_pin(&agent_dir.join(link::HOST_PIN_FILE), &host.fingerprint()).unwrap();
+        let acceptor = link::acceptor(&agent, &agent_dir).unwrap();
+        let ep = Endpoint::Unix(dir.join("agent.sock"));
+        let mut listener = Listener::bind(&ep).await.unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((io, _)) = listener.accept_peer().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(io).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keep_alive)
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        let host = Arc::new(host);
+        crate::link::register(ep.clone(), host.clone());
+        (ep, host, accepted)
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_link_keeps_its_connection_while_the_agent_key_stays_pinned() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let (ep, host, accepted) = paired_agent(dir.path(), true).await;
+        let get = || async {
+            let req = Request::get("/agent/v1/health")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let resp = send(&ep, req).await?;
+            read_small(&ep, resp.into_body()).await
+        };
+        // Requests one after another: one connection, one handshake.
+        for _ in 0..3 {
+            assert_eq!(get().await.unwrap(), "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Two at once: a second connection, kept as well.
+        let (a, b) = tokio::join!(get(), get());
+        assert_eq!(
+            (a.unwrap(), b.unwrap()),
+            (Bytes::from("ok"), Bytes::from("ok"))
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(get().await.unwrap(), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // The host now pins another agent key: no kept connection is used, the new
+        // handshake refuses the agent's key.
+        let pin = dir.path().join("host").join(crate::link::AGENT_PIN_FILE);
+        let agent_key = crate::link::read_pin(&pin).unwrap().unwrap();
+        crate::link::write_pin(&pin, &crate::link::Fingerprint::of(b"another agent")).unwrap();
+        let e = get().await.unwrap_err().to_string();
+        assert!(
+            e.contains("it is not the agent this host was paired with"),
+            "{e}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+
+        // Paired again with it: a new connection, kept again.
+        crate::link::write_pin(&pin, &agent_key).unwrap();
+        assert_eq!(get().await.unwrap(), "ok");
+        assert_eq!(get().await.unwrap(), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+
+        // Connections dropped (as when the agent restarts): the next request connects
+        // anew and is answered.
+        host.forget_connections();
+        assert_eq!(get().await.unwrap(), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
     #[tokio::test]
     async fn get_json_over_unix_and_tcp_and_error_bodies() {
         let app = Router::new()
@@ -277,6 +471,23 @@ mod tests {
             assert_eq!(err.code, ErrorCode::AgentUnavailable);
             assert!(err.message.contains("<h1>proxy</h1>"), "{}", err.message);
             server.abort();
+        }
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn an_agent_that_closes_its_connections_still_answers_every_request() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let (ep, _host, accepted) = paired_agent(dir.path(), false).await;
+        for n in 1..=4 {
+            let req = Request::get("/agent/v1/health")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let resp = send(&ep, req).await.unwrap();
+            assert_eq!(read_small(&ep, resp.into_body()).await.unwrap(), "ok");
+            // A connection the agent closed is never used again.
+            assert_eq!(accepted.load(Ordering::SeqCst), n);
         }
     }
 }

@@ -696,12 +696,38 @@ pub(crate) fn connector(
 /// The fix for a host that is not paired, in one sentence.
 pub const PAIR_FIX: &str = "pair them: in the signing VM, as root, run `signet-agent pair`; on this host, as root, run `signetd pair CODE` with the code it shows";
 
-/// The host's side of the link to one agent: its key and where it pins the agent's.
+/// The host's side of the link to one agent: its key, where it pins the agent's, and
+/// the connections to the agent that are open and idle ([`HostLink::take_idle`]).
 #[derive(Debug)]
 pub struct HostLink {
     identity: Identity,
     pin_path: PathBuf,
+    idle: Mutex<Vec<Idle>>,
 }
+
+/// A request body as the kept connections carry it (any body, boxed).
+pub(crate) type LinkBody = http_body_util::combinators::UnsyncBoxBody<
+    bytes::Bytes,
+    Box<dyn std::error::Error + Send + Sync>,
+>;
+
+/// An open, authenticated connection to the agent, kept for the next request: the
+/// agent's key it was made with (it is used again only while that key is still the
+/// pinned one) and when it was last handed back.
+#[derive(Debug)]
+pub(crate) struct Idle {
+    pub(crate) sender: hyper::client::conn::http1::SendRequest<LinkBody>,
+    pub(crate) pinned: Fingerprint,
+    pub(crate) since: std::time::Instant,
+}
+
+/// How long a kept connection may stay unused and still be used again: well inside
+/// the agent's `limits.header_timeout_seconds` (10 by default), after which it closes
+/// a connection that sends nothing.
+pub(crate) const IDLE_MAX: Duration = Duration::from_secs(4);
+/// The most connections kept at once (a job at the token, the next one's upload, a
+/// result still being read, the health reads and the event stream).
+const IDLE_KEPT: usize = 8;
 
 impl HostLink {
     /// The host's key in `state_dir` (made when there is none) and the agent's pin there.
@@ -709,6 +735,7 @@ impl HostLink {
         Ok(HostLink {
             identity: Identity::load_or_create(state_dir, "signetd")?,
             pin_path: state_dir.join(AGENT_PIN_FILE),
+            idle: Mutex::new(Vec::new()),
         })
     }
 
@@ -728,6 +755,20 @@ impl HostLink {
         endpoint: &Endpoint,
         stream: S,
     ) -> io::Result<tokio_rustls::client::TlsStream<S>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        self.handshake_pinned(endpoint, stream)
+            .await
+            .map(|(s, _)| s)
+    }
+
+    /// [`Self::handshake`], and the agent key it was made with.
+    pub(crate) async fn handshake_pinned<S>(
+        &self,
+        endpoint: &Endpoint,
+        stream: S,
+    ) -> io::Result<(tokio_rustls::client::TlsStream<S>, Fingerprint)>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -753,7 +794,44 @@ impl HostLink {
             .flush()
             .await
             .map_err(|e| explain(e, endpoint, Some(pinned), &seen))?;
-        Ok(stream)
+        Ok((stream, pinned))
+    }
+
+    /// A kept connection that is ready for a request: made with the agent key that is
+    /// pinned now, unused for less than [`IDLE_MAX`], its last answer read whole.
+    /// Connections that are closed, too old or made with another key are dropped;
+    /// those still busy with an answer stay. None when there is none: connect anew.
+    pub(crate) fn take_idle(&self) -> Option<Idle> {
+        let pinned = self.pinned().ok().flatten();
+        let mut idle = self.idle.lock().ok()?;
+        idle.retain(|c| {
+            !c.sender.is_closed()
+                && Some(c.pinned) == pinned
+                && (!c.sender.is_ready() || c.since.elapsed() < IDLE_MAX)
+        });
+        let at = idle.iter().rposition(|c| c.sender.is_ready())?;
+        Some(idle.swap_remove(at))
+    }
+
+    /// Keeps `conn` for a later request (when there is room).
+    pub(crate) fn keep(&self, mut conn: Idle) {
+        if conn.sender.is_closed() {
+            return;
+        }
+        conn.since = std::time::Instant::now();
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|c| !c.sender.is_closed());
+            if idle.len() < IDLE_KEPT {
+                idle.push(conn);
+            }
+        }
+    }
+
+    /// Closes every kept connection (each one's next request connects anew).
+    pub fn forget_connections(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
     }
 
     /// This host's key, for pairing.

@@ -903,6 +903,9 @@ async fn exchange(
         .await
         .map_err(|e| bad_input(format!("cannot read it: {e}")))?
         .len();
+    // A whole signed file becomes the target as it is received; a signature is
+    // attached into a file that is made durable itself.
+    let durable = !matches!(query.mode, SignMode::Digest);
     let sha = collect::file_sha256(upload)
         .await
         .map_err(|e| bad_input(format!("cannot read it: {e}")))?;
@@ -974,7 +977,7 @@ async fn exchange(
             }
         };
         outcome.bytes_received = 0;
-        match receive(resp, received, outcome).await {
+        match receive(resp, received, durable, outcome).await {
             Ok(()) => break,
             Err(Received::Local(f)) => {
                 progress.finish();
@@ -1010,10 +1013,12 @@ enum Received {
     Local(Failure),
 }
 
-/// Writes a result's body to `received` (fsync'd).
+/// Writes a result's body to `received` (fsync'd when `durable`: a signed file that is
+/// renamed over the target as it is; a signature to attach is only read here).
 async fn receive(
     resp: http::Response<hyper::body::Incoming>,
     received: &Path,
+    durable: bool,
     outcome: &mut Outcome,
 ) -> Result<(), Received> {
     let local = |e: std::io::Error| {
@@ -1033,7 +1038,10 @@ async fn receive(
         }
     }
     out.flush().await.map_err(local)?;
-    out.get_ref().sync_all().await.map_err(local)
+    if durable {
+        out.get_ref().sync_all().await.map_err(local)?;
+    }
+    Ok(())
 }
 
 /// How an osslsigncode run failed: its error lines, and all it printed.

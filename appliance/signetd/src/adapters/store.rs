@@ -469,12 +469,21 @@ impl Store {
     }
 
     /// The job goes to the agent; answers its attempt number.
+    ///
+    /// The one commit that is not flushed to disk by itself (`synchronous = NORMAL` for
+    /// it alone): after a crash a job that was `running` is queued again exactly as one
+    /// that was `queued` ([`crate::services::jobs`]' recovery), so losing this change to
+    /// a power cut loses only the attempt's count and start time; the job's next commit
+    /// (`signed`, failed, queued again), with `FULL`, flushes the log with it.
     pub fn running(&self, id: &str) -> Result<u32, StoreError> {
         let conn = self.conn();
-        conn.execute(
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let changed = conn.execute(
             "UPDATE jobs SET state = ?2, started_ms = ?3, attempts = attempts + 1 WHERE seq = ?1",
             params![id, state_name(JobState::Running), now_ms()],
-        )?;
+        );
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        changed?;
         Ok(
             conn.query_row("SELECT attempts FROM jobs WHERE seq = ?1", [id], |r| {
                 r.get(0)
@@ -773,6 +782,12 @@ mod tests {
         assert_eq!(store.get(&id).unwrap().unwrap().state, JobState::Receiving);
         store.queued(&id, "ab", 3).unwrap();
         assert_eq!(store.running(&id).unwrap(), 1);
+        // Marking a job running is the one unflushed commit; every other stays FULL (2).
+        let sync: i64 = store
+            .conn()
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2);
         store.requeue(&id).unwrap();
         assert_eq!(store.running(&id).unwrap(), 2);
         drop(store);

@@ -75,6 +75,16 @@ pub fn react(event: &AgentEventKind) -> Option<Event> {
     }
 }
 
+/// Whether the agent's health may read otherwise after `event`. A job's start and end
+/// do not change it (a token lost meanwhile has events of its own), and a health read
+/// then would take the token between two jobs, when the next one needs it.
+pub fn changes_health(event: &AgentEventKind) -> bool {
+    !matches!(
+        event,
+        AgentEventKind::SigningStarted { .. } | AgentEventKind::SigningFinished { .. }
+    )
+}
+
 /// What the agent's health, read when the daemon connects, says of the token.
 pub fn health_event(h: &AgentHealth) -> Option<Event> {
     match h.state {
@@ -668,7 +678,7 @@ async fn follow_once(
                 buf.extend_from_slice(&data);
                 let mut heard = false;
                 for event in take_events(&mut buf) {
-                    heard = true;
+                    heard |= changes_health(&event.kind);
                     if let Some(ev) = react(&event.kind) {
                         let _ = life.send(ev).await;
                     }
@@ -829,6 +839,47 @@ async fn deliver_pin(daemon: &Daemon, pins: &mut PinMemory) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_jobs_start_and_end_leave_the_health_as_read_and_the_tokens_news_not() {
+        use signet_api::wire::{AgentEventKind as K, AgentState};
+        let serial = || "s".to_owned();
+        for job in [
+            K::SigningStarted {
+                job: 1,
+                filename: None,
+            },
+            K::SigningFinished {
+                job: 1,
+                ok: true,
+                code: None,
+                retryable: false,
+                ms: 3,
+            },
+        ] {
+            assert!(!super::changes_health(&job), "{job:?}");
+        }
+        for news in [
+            K::TokenAppeared {
+                label: "l".into(),
+                serial: serial(),
+            },
+            K::TokenLost {
+                serial: serial(),
+                detail: "d".into(),
+            },
+            K::LoggedIn {
+                label: "l".into(),
+                serial: serial(),
+            },
+            K::PinProblem {
+                state: AgentState::PinNeeded,
+                detail: "d".into(),
+            },
+        ] {
+            assert!(super::changes_health(&news), "{news:?}");
+        }
+    }
+
     #[test]
     fn a_refused_pin_is_remembered_on_disk_keyed_per_install() {
         use std::os::unix::fs::PermissionsExt;
