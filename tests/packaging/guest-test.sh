@@ -134,6 +134,13 @@ check "sendmail got the composed mail" grep -q '^X-Signet-Alert: token-lost$' "$
 check "postdrop's setgid took effect in the relay (no NoNewPrivileges)" \
   test "$(cat "${m%.mail}.egid" 2>&1)" = mail
 check "sendmail ran in signet-notify@.service" grep -q 'signet-notify@' "${m%.mail}.cgroup"
+check "under NoNewPrivileges, as in signetd's sandbox, the same setgid does not take effect" \
+  test "$(systemd-run --wait --pipe --quiet -p NoNewPrivileges=yes /usr/local/sbin/signet-test-postdrop -gn 2>&1)" = root
+# The PVE door runs the shipped helper; this guest has neither PVE nor Perl's JSON::PP,
+# so its error (with the helper's words) is the answer.
+check "a PVE request runs /usr/lib/signet/signet-notify and brings back its error" \
+  bash -c '[[ $(perl /usr/local/lib/signet-test-relay.pl "${1/"\"door\":\"mail\",\"to\":[\"root\"],"/"\"door\":\"pve\","}") == "failed: /usr/lib/signet/signet-notify failed"*"Can'"'"'t locate"* ]]' \
+  _ "$req"
 # (the whole journal: a process this short may be gone before journald sees its unit)
 check "the relay logged the delivery" \
   bash -c 'for _ in $(seq 100); do
