@@ -135,11 +135,14 @@ pub async fn send(socket: &Path, req: &Request) -> Result<(), DeliveryError> {
     };
     // The relay gives up its program after DELIVERY_LIMIT and says so: wait a little
     // longer for that answer.
-    let reply = tokio::time::timeout(DELIVERY_LIMIT + std::time::Duration::from_secs(5), exchange)
-        .await
-        .map_err(|_| DeliveryError::Hung {
-            program: format!("the alert relay at {shown}"),
-        })??;
+    let wait = DELIVERY_LIMIT + std::time::Duration::from_secs(5);
+    let reply =
+        tokio::time::timeout(wait, exchange)
+            .await
+            .map_err(|_| DeliveryError::Relay {
+                socket: shown.clone(),
+                detail: format!("no verdict within {} s", wait.as_secs()),
+            })??;
     let reply = String::from_utf8_lossy(&reply);
     let line = reply.lines().next().unwrap_or("").trim();
     match line {
