@@ -60,6 +60,8 @@ mode 644 root:root /usr/share/dbus-1/system.d/org.signet.Signet1.conf
 mode 644 root:root /lib/udev/rules.d/60-signet.rules
 mode 755 root:root /usr/share/signet/proxmox-plugin/install.sh
 mode 755 root:root /usr/lib/signet/signet-notify
+mode 644 root:root /lib/systemd/system/signet-notify.socket
+mode 644 root:root /lib/systemd/system/signet-notify@.service
 for t in subject.txt body.txt body.html; do
   mode 644 root:root /usr/share/pve-manager/templates/default/signet-alert-$t.hbs
 done
@@ -74,7 +76,8 @@ check "the signet-admin group exists" getent group signet-admin
 udev_test=$(udevadm test /sys/class/mem/null 2>&1)
 check "udev reads 60-signet.rules" grep -q 60-signet.rules <<<"$udev_test"
 check "udev finds nothing wrong in it" bash -c '! grep -Ei "60-signet.rules.*(invalid|error|unknown|fail)" <<<"$1"' _ "$udev_test"
-check "signetd and signet-agent are enabled" systemctl is-enabled signetd signet-agent
+check "signetd, signet-agent and signet-notify.socket are enabled" \
+  systemctl is-enabled signetd signet-agent signet-notify.socket
 check "apt installed the three packages and nothing else" \
   test "$(comm -13 /root/packages.before <(dpkg-query -W -f '${Package}\n' | sort) | tr '\n' ' ')" = "signet signet-agent signet-client "
 check "their dependencies name no test tooling" \
@@ -92,11 +95,77 @@ check "the agent waits for its configuration (condition not met, not failed)" \
 mode 755 root:root /run/signet
 mode 660 root:signet /run/signet/signetd.sock
 
+# --- the alert relay (docs/ALERTS.md): signet-notify.socket listens, root's only; a
+# connection starts signet-notify@.service, which delivers outside signetd's sandbox.
+# Postfix stands in: /usr/sbin/sendmail records its arguments, its mail and its cgroup,
+# and runs a setgid stand-in for postdrop (a copy of id, setgid mail) whose effective
+# group shows whether setgid took effect (NoNewPrivileges would keep it root).
+check "signet-notify.socket is listening" systemctl is-active signet-notify.socket
+mode 600 root:root /run/signet/notify.sock
+install -d -m 0755 /var/spool/signet-test-mail
+install -m 2755 -g mail /usr/bin/id /usr/local/sbin/signet-test-postdrop
+cat >/usr/sbin/sendmail <<'SH'
+#!/bin/sh
+# The packaging test's stand-in for Postfix's sendmail.
+n=/var/spool/signet-test-mail/$(date +%s%N)-$$
+echo "$*" >"$n.args"
+/usr/local/sbin/signet-test-postdrop -gn >"$n.egid"
+cat /proc/self/cgroup >"$n.cgroup"
+cat >"$n.mail"
+SH
+chmod 0755 /usr/sbin/sendmail
+# relay JSON: one request to the socket as the user running it; prints the answer.
+cat >/usr/local/lib/signet-test-relay.pl <<'PL'
+use strict;
+use IO::Socket::UNIX;
+my $s = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Peer => '/run/signet/notify.sock')
+    or die "connect: $!\n";
+print $s $ARGV[0];
+shutdown($s, 1);
+print while <$s>;
+PL
+relay() { perl /usr/local/lib/signet-test-relay.pl "$1"; }
+mails() { ls /var/spool/signet-test-mail/*.mail 2>/dev/null | wc -l; }
+req='{"door":"mail","to":["root"],"message":{"kind":"token-lost","state":"raised","severity":"warning","title":"the signing token is lost","detail":"packaging test","subject":"","since":"2026-12-02T22:00:00Z","at":"2026-12-02T22:02:00Z","hostname":"guest"}}'
+check "a mail request through the socket is answered ok" test "$(relay "$req")" = ok
+m=$(ls /var/spool/signet-test-mail/*.mail 2>/dev/null | head -1)
+check "the relay ran sendmail -t -oi" test "$(cat "${m%.mail}.args" 2>&1)" = "-t -oi"
+check "sendmail got the composed mail" grep -q '^X-Signet-Alert: token-lost$' "$m"
+check "postdrop's setgid took effect in the relay (no NoNewPrivileges)" \
+  test "$(cat "${m%.mail}.egid" 2>&1)" = mail
+check "sendmail ran in signet-notify@.service" grep -q 'signet-notify@' "${m%.mail}.cgroup"
+check "under NoNewPrivileges, as in signetd's sandbox, the same setgid does not take effect" \
+  test "$(systemd-run --wait --pipe --quiet -p NoNewPrivileges=yes /usr/local/sbin/signet-test-postdrop -gn 2>&1)" = root
+# The PVE door runs the shipped helper; this guest has neither PVE nor Perl's JSON::PP,
+# so its error (with the helper's words) is the answer.
+check "a PVE request runs /usr/lib/signet/signet-notify and brings back its error" \
+  bash -c '[[ $(perl /usr/local/lib/signet-test-relay.pl "${1/"\"door\":\"mail\",\"to\":[\"root\"],"/"\"door\":\"pve\","}") == "failed: /usr/lib/signet/signet-notify failed"*"Can'"'"'t locate"* ]]' \
+  _ "$req"
+# (the whole journal: a process this short may be gone before journald sees its unit)
+check "the relay logged the delivery" \
+  bash -c 'for _ in $(seq 100); do
+    journalctl -b --no-pager | grep -q "alert handed to sendmail" && exit 0
+    sleep 0.1
+  done; exit 1'
+n0=$(mails)
+check "a request naming a program is refused, and nothing runs" \
+  bash -c '[[ $(perl /usr/local/lib/signet-test-relay.pl "$1") == "failed: the request is not an alert relay request"* ]]' \
+  _ '{"door":"exec","program":"/bin/sh"}'
+check "a mail address with a line end is refused" \
+  bash -c '[[ $(perl /usr/local/lib/signet-test-relay.pl "$1") == *"is not a mail address"* ]]' \
+  _ "${req/'"to":["root"]'/'"to":["root\nBcc: x@y"]'}"
+check "nothing was sent for the refused requests" test "$(mails)" = "$n0"
+out=$(runuser -u nobody -- perl /usr/local/lib/signet-test-relay.pl "$req" 2>&1)
+check "another user cannot connect to the relay" bash -c '[[ $1 == "connect: Permission denied"* ]]' _ "$out"
+check "nothing was sent for that user" test "$(mails)" = "$n0"
+
 # --- scores: signetd <= 4.0, signet-agent <= 2.0 (offline, the unit files as shipped)
 s=$(score --offline=true /lib/systemd/system/signetd.service)
 if le "$s" 4.0; then ok "signetd.service exposure $s <= 4.0"; else bad "signetd.service exposure '$s' <= 4.0"; fi
 s=$(score --offline=true /lib/systemd/system/signet-agent.service)
 if le "$s" 2.0; then ok "signet-agent.service exposure $s <= 2.0"; else bad "signet-agent.service exposure '$s' <= 2.0"; fi
+s=$(score --offline=true /lib/systemd/system/signet-notify@.service)
+if le "$s" 3.0; then ok "signet-notify@.service exposure $s <= 3.0"; else bad "signet-notify@.service exposure '$s' <= 3.0"; fi
 s=$(score signetd.service)
 if le "$s" 4.0; then ok "signetd.service exposure as loaded $s <= 4.0"; else bad "signetd.service exposure as loaded '$s' <= 4.0"; fi
 
@@ -146,6 +215,12 @@ description = "Signet packaging test"
 [[grants]]
 callers = ["uid:0", "group:signet"]
 profiles = ["*"]
+[alerts]
+pve = "off"
+sendmail = "/usr/sbin/sendmail"
+mail_to = ["root"]
+agent_unreachable_seconds = 0
+hold_down_seconds = 0
 CONF
 systemctl daemon-reload
 check "signet-agent starts (READY) with its configuration" systemctl start signet-agent
@@ -218,6 +293,30 @@ check "signet-agent's lines keep their fields in the journal" \
   bash -c 'journalctl -b --no-pager -u signet-agent MESSAGE=listening -o json | grep -q "\"ENDPOINT\":\""'
 rm -f /run/signet/vm-999.qmp
 
+# --- an alert from signetd itself: its sandbox cannot run postdrop, so the mail of
+# an agent that is gone, and of its return, leaves through the relay.
+rm -f /var/spool/signet-test-mail/*
+# mailed KIND STATE: a mail of it was sent (wait for it, at most 120 s)
+mailed() {
+  for _ in $(seq 240); do
+    for m in /var/spool/signet-test-mail/*.mail; do
+      grep -q "^X-Signet-Alert: $1$" "$m" 2>/dev/null && grep -q "^X-Signet-State: $2$" "$m" &&
+        grep -q '^To: root$' "$m" && test "$(cat "${m%.mail}.egid")" = mail &&
+        grep -q 'signet-notify@' "${m%.mail}.cgroup" && return 0
+    done
+    sleep 0.5
+  done
+  ls -l /var/spool/signet-test-mail/
+  journalctl -b --no-pager -n 20 -u signetd -u "signet-notify@*"
+  return 1
+}
+check "systemctl stop signet-agent" systemctl stop signet-agent
+check "signetd's alert of the agent's outage is mailed through the relay" mailed agent-unreachable raised
+check "systemctl start signet-agent" systemctl start signet-agent
+check "its resolution is mailed through the relay" mailed agent-unreachable resolved
+check "signetd logged no failed delivery" \
+  bash -c '! journalctl -b --no-pager -u signetd | grep -q "alert.*not delivered\|could not be reached"'
+
 # --- check-config before each start: a PIN file open to others stops the agent's start
 check "signetd check-config passes the test configuration" signetd check-config
 check "signet-agent check-config passes its configuration" signet-agent check-config
@@ -260,6 +359,7 @@ check "purge removed /var/lib/signet-agent" test ! -e /var/lib/signet-agent
 check "purge removed /etc/signet/signetd.toml" test ! -e /etc/signet/signetd.toml
 check "purge removed the PIN directory" test ! -e /etc/signet/private
 check "purge removed the units" test ! -e /lib/systemd/system/signetd.service
+check "the relay's socket is gone" bash -c '! systemctl is-active -q signet-notify.socket && test ! -e /run/signet/notify.sock'
 
 echo "1..$n"
 if ((fails)); then

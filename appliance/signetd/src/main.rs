@@ -77,6 +77,10 @@ enum Cmd {
     /// when it is good, 1 with the error and its fix. The unit runs it before signetd
     /// starts.
     CheckConfig,
+    /// Delivers one alert outside signetd's sandbox: the request on stdin, the verdict
+    /// on stdout. signet-notify@.service runs it for each connection to
+    /// /run/signet/notify.sock (docs/ALERTS.md); it is not meant to be run by hand.
+    AlertRelay,
     #[command(flatten)]
     Docs(signet_api::docs::DocsCommand),
     /// TLS for remote clients.
@@ -573,6 +577,20 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Cmd::CheckConfig) => std::process::exit(check_config(&cli.config)),
+        Some(Cmd::AlertRelay) => {
+            use signetd::adapters::alerts::relay;
+            use std::os::fd::AsFd;
+            // stdin and stdout: the connection (a socket), or pipes when run by hand.
+            let stdin = std::io::stdin().as_fd().try_clone_to_owned()?;
+            let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
+            let ok = relay::serve(
+                tokio::fs::File::from_std(stdin.into()),
+                tokio::fs::File::from_std(stdout.into()),
+                &relay::Programs::default(),
+            )
+            .await;
+            std::process::exit(if ok { 0 } else { 1 });
+        }
         Some(Cmd::Docs(docs)) => {
             return docs
                 .run(<Cli as clap::CommandFactory>::command())

@@ -26,6 +26,16 @@ pub const DEFAULT_PVE_HELPER: &str = "/usr/lib/signet/signet-notify";
 /// The Perl module PVE >= 8.1 ships its notification system's entry in.
 pub const PVE_NOTIFY_MODULE: &str = "/usr/share/perl5/PVE/Notify.pm";
 
+/// Whether `a` is one plain mail address: no line end, space or list separator that
+/// would add a header or a recipient.
+pub fn mail_address_ok(a: &str) -> bool {
+    !a.is_empty()
+        && a.len() <= 254
+        && !a
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || "<>,;\"()".contains(c))
+}
+
 /// Whether alerts go through PVE's notification system.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -212,13 +222,7 @@ impl AlertsConfig {
                 "mail_to is set, so name the program that sends the mail, e.g. sendmail = \"/usr/sbin/sendmail\"".to_owned(),
             ));
         }
-        let address_ok = |a: &str| {
-            !a.is_empty()
-                && a.len() <= 254
-                && !a
-                    .chars()
-                    .any(|c| c.is_control() || c.is_whitespace() || "<>,;\"()".contains(c))
-        };
+        let address_ok = mail_address_ok;
         if let Some(a) = self.mail_to.iter().find(|a| !address_ok(a)) {
             return Err((
                 "mail_to",

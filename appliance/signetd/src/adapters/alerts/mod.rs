@@ -2,18 +2,20 @@
 //! ([`pve`]: its `PVE::Notify` through a helper shipped with the package), a mail
 //! ([`mail`]: a sendmail-compatible program) and a webhook ([`webhook`]: a JSON POST).
 //! Each hands over one [`Message`] and says whether it was taken; none retries (the
-//! caller does) and none holds anything else up.
+//! caller does) and none holds anything else up. Under systemd the local doors (PVE's
+//! helper, sendmail) go through [`relay`], which runs them outside signetd's sandbox.
 //!
 //! A message carries no secret: what happened, to what, since when and what to do.
 
 pub mod mail;
 pub mod pve;
+pub mod relay;
 pub mod state;
 pub mod webhook;
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How long one delivery may take: a helper, sendmail or a webhook that hangs is given
 /// up (and tried again later).
@@ -24,7 +26,8 @@ const MAX_STDERR: usize = 4096;
 
 /// One notice as every door hands it over (and the helper and the webhook read it:
 /// the JSON's field names are part of the interface).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Message {
     /// The kind's stable name (`token-lost`, `pin-rejected`, ...).
     pub kind: String,
@@ -78,6 +81,12 @@ pub enum DeliveryError {
     Unreachable { url: String, detail: String },
     #[error("the webhook {url} answered {status}; check the receiver's log")]
     Refused { url: String, status: u16 },
+    #[error("the alert relay at {socket} could not be reached: {detail}; check `systemctl status signet-notify.socket`")]
+    Relay { socket: String, detail: String },
+    #[error(
+        "{answer} (said by signet-notify@.service: `journalctl -u 'signet-notify@*'` has its log)"
+    )]
+    Relayed { answer: String },
     #[error("{0}")]
     Setup(String),
 }
