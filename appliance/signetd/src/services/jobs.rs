@@ -1,7 +1,8 @@
-//! The durable job path: a request is recorded, its input spooled, the job queued;
-//! one worker per token takes the next job ([`crate::core::queue`]), streams the spooled
-//! input to the agent, spools the result and ends the job with its audit record; the
-//! request that is waiting (or any later `GET /v1/jobs/{id}/result`) streams the result.
+//! The durable job path: a request is recorded, its input kept (in the database when
+//! small, [`store::INLINE_MAX`], else spooled to a file), the job queued; one worker per
+//! token takes the next job ([`crate::core::queue`]), streams the input to the agent,
+//! keeps the result the same way and ends the job with its audit record; the request
+//! that is waiting (or any later `GET /v1/jobs/{id}/result`) streams the result.
 //!
 //! [`JobService`] owns this use case; the fronts call it and render the results.
 
@@ -163,13 +164,24 @@ pub(crate) enum Stopping {
 }
 
 /// A finished job's result, ready to stream.
-#[derive(Debug)]
 pub struct Delivery {
     pub id: String,
     pub kind: Kind,
     pub content_type: String,
     pub len: u64,
-    pub file: tokio::fs::File,
+    /// Its spool file, or its bytes from the database.
+    pub body: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("content_type", &self.content_type)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -847,7 +859,7 @@ impl JobService {
                 }
             };
             store.release(reserved);
-            let (sha, n) = match spooled {
+            let landed = match spooled {
                 Ok(done) => done,
                 Err(fault) => {
                     store.remove_spooled(&path);
@@ -875,7 +887,17 @@ impl JobService {
                     return Err(e);
                 }
             };
-            let queued = store.queued(&id, &sha, n);
+            // A small input and `queued` in one transaction; a large one is in its file.
+            let queued = match &landed.inline {
+                Some(data) => {
+                    let q = store.queued_inline(&id, &landed.sha, data);
+                    if q.is_err() {
+                        store.release(landed.n);
+                    }
+                    q
+                }
+                None => store.queued(&id, &landed.sha, landed.n),
+            };
             engine.store_wrote(queued.as_ref().map(|_| ()));
             queued.map_err(|e| {
                 if e.disk_full() {
@@ -1088,16 +1110,27 @@ impl JobService {
                     });
                 }
                 let store = &self.engine().store;
-                let file = match tokio::fs::File::open(store.output_path(id)).await {
-                    Ok(f) => f,
-                    // Delivered once already: the copy kept for a retry, while it lasts.
-                    Err(_) => tokio::fs::File::open(store.delivered_path(id))
-                        .await
-                        .map_err(|_| JobError::DeliveredCopyGone {
-                            id: id.to_owned(),
-                            ttl,
-                        })?,
+                let gone = || JobError::DeliveredCopyGone {
+                    id: id.to_owned(),
+                    ttl,
                 };
+                let body: Box<dyn tokio::io::AsyncRead + Send + Unpin> =
+                    match tokio::fs::File::open(store.output_path(id)).await {
+                        Ok(f) => Box::new(f),
+                        // Kept in the database (delivered or not), or delivered once
+                        // already: the copy kept for a retry, while it lasts.
+                        Err(_) => match store
+                            .inline_output(id)
+                            .map_err(|e| JobError::internal(id, "reading the result", &e))?
+                        {
+                            Some(data) => Box::new(std::io::Cursor::new(data)),
+                            None => Box::new(
+                                tokio::fs::File::open(store.delivered_path(id))
+                                    .await
+                                    .map_err(|_| gone())?,
+                            ),
+                        },
+                    };
                 Ok(Delivery {
                     id: row.id,
                     kind: row.kind,
@@ -1105,7 +1138,7 @@ impl JobService {
                         .output_type
                         .unwrap_or_else(|| "application/octet-stream".to_owned()),
                     len: row.output_bytes.unwrap_or(0),
-                    file,
+                    body,
                 })
             }
             JobState::Failed | JobState::Cancelled => {
@@ -1453,11 +1486,17 @@ impl JobService {
                     ))
                 }
             };
-            let file = tokio::fs::File::open(store.input_path(id))
-                .await
-                .map_err(|e| ErrorBody::from(JobError::internal(id, "opening the spooled input", &e)))?;
+            let input: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match store.inline_input(id) {
+                Ok(Some(data)) => Box::new(std::io::Cursor::new(data)),
+                Ok(None) => Box::new(
+                    tokio::fs::File::open(store.input_path(id))
+                        .await
+                        .map_err(|e| ErrorBody::from(JobError::internal(id, "opening the spooled input", &e)))?,
+                ),
+                Err(e) => return Err(JobError::internal(id, "reading the input", &e).into()),
+            };
             let body = Body::from_stream(upload(
-                file,
+                input,
                 row.input_bytes,
                 prev.clone(),
                 Arc::clone(&gate),
@@ -1482,14 +1521,14 @@ impl JobService {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/octet-stream")
                 .to_owned();
-            let (sha, n) = save(resp.into_body(), &out_path).await.map_err(|e| match e {
+            let landed = save(resp.into_body(), &out_path).await.map_err(|e| match e {
                 Saved::Broken(e) => {
                     tracing::warn!(job = id, error = %e, "the agent's answer broke off");
                     ErrorBody::new(ErrorCode::AgentUnavailable, "the signing VM's agent stopped answering mid-job; nothing was delivered").retryable(true)
                 }
                 Saved::Disk(e) => JobError::internal(id, "spooling the result", &e).into(),
             })?;
-            Ok::<_, ErrorBody>((sha, n, ct))
+            Ok::<_, ErrorBody>((landed, ct))
         }
         .instrument(span);
         let answer = tokio::select! {
@@ -1536,15 +1575,25 @@ impl JobService {
             Ok(_) => self.timeline().saw(Seen::ContactOk),
         }
         match answer {
-            Ok((sha, n, ct)) => {
-                store.charge(n);
+            Ok((Landed { sha, n, inline }, ct)) => {
+                // A small result is kept in the transaction that ends the job.
+                if inline.is_none() {
+                    store.charge(n);
+                }
                 let mut e = entry(&row, Outcome::Signed, None);
                 e.token_serial = token_serial;
                 e.cert_sha256 = cert;
                 e.output_sha256 = Some(sha.clone());
                 e.output_bytes = Some(n);
                 e.duration_ms = Some(ms);
-                let finished = store.finish(id, JobState::Signed, Some((&sha, n, &ct)), None, &e);
+                let finished = store.finish_with(
+                    id,
+                    JobState::Signed,
+                    Some((&sha, n, &ct)),
+                    inline.as_deref(),
+                    None,
+                    &e,
+                );
                 engine.store_wrote(finished.as_ref().map(|_| ()));
                 match finished {
                     Ok(_) => {
@@ -1756,7 +1805,8 @@ async fn hold(
     go_on && !draining.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-/// A job's spooled input as the body sent to the agent, read in [`signet_protocol::IO_BLOCK`]s.
+/// A job's input (its spool file, or its bytes from the database) as the body sent to
+/// the agent, read in [`signet_protocol::IO_BLOCK`]s.
 /// With a job before it at the agent (`prev`), its last byte waits for that one's
 /// answer ([`hold`]): the agent takes a job to its lock only once it has it whole, so
 /// this one cannot overtake it. When that one goes back to the queue instead, the
@@ -1764,7 +1814,7 @@ async fn hold(
 /// unsigned. `phase` becomes
 /// [`Phase::Sent`] once the input is handed over whole.
 fn upload(
-    file: tokio::fs::File,
+    input: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
     len: Option<u64>,
     prev: Option<watch::Receiver<Phase>>,
     gate: Arc<Gate>,
@@ -1784,7 +1834,7 @@ fn upload(
         sent(&phase);
     }
     let len = len.unwrap_or(u64::MAX);
-    let blocks = tokio_util::io::ReaderStream::with_capacity(file, signet_protocol::IO_BLOCK);
+    let blocks = tokio_util::io::ReaderStream::with_capacity(input, signet_protocol::IO_BLOCK);
     futures_util::stream::unfold(
         (blocks, 0u64, prev, None::<bytes::Bytes>, false),
         move |(mut blocks, mut n, mut prev, tail, done)| {
@@ -1839,44 +1889,107 @@ enum Spool {
     Disk(std::io::Error),
 }
 
-/// Streams `body` to `path` (fsync'd, with its directory), hashing as it goes; space
-/// beyond `reserved` is reserved chunk by chunk. Answers the SHA-256 and the length.
+/// An input or a result as it was kept: its SHA-256 (hex), its length, and its bytes
+/// when they are few enough for the database ([`store::INLINE_MAX`]); else they are in
+/// the spool file, fsync'd with its directory.
+#[derive(Debug)]
+struct Landed {
+    sha: String,
+    n: u64,
+    inline: Option<Vec<u8>>,
+}
+
+/// Where the bytes of an input or a result go: memory while they are at most
+/// [`store::INLINE_MAX`], else (all of them) the spool file at `path`.
+struct Sink<'a> {
+    path: &'a Path,
+    buf: Vec<u8>,
+    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
+    hash: Sha256,
+    n: u64,
+}
+
+impl<'a> Sink<'a> {
+    fn new(path: &'a Path) -> Sink<'a> {
+        Sink {
+            path,
+            buf: Vec::new(),
+            file: None,
+            hash: Sha256::new(),
+            n: 0,
+        }
+    }
+
+    async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        self.hash.update(chunk);
+        self.n += chunk.len() as u64;
+        if self.file.is_none() {
+            if self.n <= store::INLINE_MAX {
+                self.buf.extend_from_slice(chunk);
+                return Ok(());
+            }
+            // tokio's file writes each cost a trip to the blocking pool: write big blocks.
+            let mut file = tokio::io::BufWriter::with_capacity(
+                signet_protocol::IO_BLOCK,
+                tokio::fs::File::create(self.path).await?,
+            );
+            file.write_all(&std::mem::take(&mut self.buf)).await?;
+            self.file = Some(file);
+        }
+        match self.file.as_mut() {
+            Some(file) => file.write_all(chunk).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The end: a file is flushed and fsync'd, with its directory.
+    async fn end(self) -> std::io::Result<Landed> {
+        let inline = match self.file {
+            None => Some(self.buf),
+            Some(mut file) => {
+                file.flush().await?;
+                file.get_ref().sync_all().await?;
+                if let Some(dir) = self.path.parent() {
+                    store::sync_dir(dir)?;
+                }
+                None
+            }
+        };
+        Ok(Landed {
+            sha: audit::hex(&self.hash.finalize()),
+            n: self.n,
+            inline,
+        })
+    }
+}
+
+/// Streams `body` into memory, or to `path` (fsync'd, with its directory) once it is
+/// more than [`store::INLINE_MAX`], hashing as it goes; space beyond `reserved` is
+/// reserved chunk by chunk.
 async fn spool(
     store: &Store,
     path: &Path,
     body: Body,
     reserved: &mut u64,
-) -> Result<(String, u64), Spool> {
-    // tokio's file writes each cost a trip to the blocking pool: write big blocks.
-    let mut file = tokio::io::BufWriter::with_capacity(
-        signet_protocol::IO_BLOCK,
-        tokio::fs::File::create(path).await.map_err(Spool::Disk)?,
-    );
-    let mut hash = Sha256::new();
-    let mut n = 0u64;
+) -> Result<Landed, Spool> {
+    let mut sink = Sink::new(path);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(Spool::Broken)?;
         let len = chunk.len() as u64;
-        if n + len > *reserved {
-            let more = n + len - *reserved;
+        if sink.n + len > *reserved {
+            let more = sink.n + len - *reserved;
             if !store.reserve(more) {
                 return Err(Spool::Full);
             }
             *reserved += more;
         }
-        hash.update(&chunk);
-        file.write_all(&chunk).await.map_err(Spool::Disk)?;
-        n += len;
+        sink.write(&chunk).await.map_err(Spool::Disk)?;
     }
-    file.flush().await.map_err(Spool::Disk)?;
-    file.get_ref().sync_all().await.map_err(Spool::Disk)?;
-    if let Some(dir) = path.parent() {
-        store::sync_dir(dir).map_err(Spool::Disk)?;
-    }
-    // The file's bytes are counted from now on; the reservation is given back.
-    store.charge(n);
-    Ok((audit::hex(&hash.finalize()), n))
+    let landed = sink.end().await.map_err(Spool::Disk)?;
+    // The input's bytes are counted from now on; the reservation is given back.
+    store.charge(landed.n);
+    Ok(landed)
 }
 
 enum Saved {
@@ -1884,33 +1997,98 @@ enum Saved {
     Disk(std::io::Error),
 }
 
-/// Streams the agent's answer to `path` (fsync'd), hashing as it goes.
-async fn save(mut body: hyper::body::Incoming, path: &Path) -> Result<(String, u64), Saved> {
-    let mut file = tokio::io::BufWriter::with_capacity(
-        signet_protocol::IO_BLOCK,
-        tokio::fs::File::create(path).await.map_err(Saved::Disk)?,
-    );
-    let mut hash = Sha256::new();
-    let mut n = 0u64;
+/// Streams the agent's answer into memory, or to `path` (fsync'd, with its directory)
+/// once it is more than [`store::INLINE_MAX`], hashing as it goes.
+async fn save(mut body: hyper::body::Incoming, path: &Path) -> Result<Landed, Saved> {
+    let mut sink = Sink::new(path);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(Saved::Broken)?;
         if let Ok(data) = frame.into_data() {
-            hash.update(&data);
-            file.write_all(&data).await.map_err(Saved::Disk)?;
-            n += data.len() as u64;
+            sink.write(&data).await.map_err(Saved::Disk)?;
         }
     }
-    file.flush().await.map_err(Saved::Disk)?;
-    file.get_ref().sync_all().await.map_err(Saved::Disk)?;
-    if let Some(dir) = path.parent() {
-        store::sync_dir(dir).map_err(Saved::Disk)?;
-    }
-    Ok((audit::hex(&hash.finalize()), n))
+    sink.end().await.map_err(Saved::Disk)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn new_job() -> NewJob {
+        NewJob {
+            caller: "uid:0".into(),
+            transport: "unix".into(),
+            idempotency_key: None,
+            kind: Kind::Sign,
+            profile: "release".into(),
+            filename: Some("app.exe".into()),
+            agent_query: "profile=release".into(),
+            content_type: "application/octet-stream".into(),
+            request_sha256: None,
+        }
+    }
+
+    /// What a `kill -9` leaves between the steps of jobs whose input is in the
+    /// database: recovery queues again those queued or at the agent, with their input,
+    /// fails the upload cut short, and leaves a signed job's result alone.
+    #[test]
+    fn recovery_after_a_crash_queues_inline_jobs_again_with_their_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let id = |i: Inserted| match i {
+            Inserted::New(id) => id,
+            Inserted::Existing(_) => panic!("a new job"),
+        };
+        let receiving = id(store.insert(&new_job()).unwrap());
+        let queued = id(store.insert(&new_job()).unwrap());
+        store.charge(3);
+        store.queued_inline(&queued, "q", b"abc").unwrap();
+        let running = id(store.insert(&new_job()).unwrap());
+        store.charge(4);
+        store.queued_inline(&running, "r", b"abcd").unwrap();
+        store.running(&running).unwrap();
+        let signed = id(store.insert(&new_job()).unwrap());
+        store.charge(5);
+        store.queued_inline(&signed, "s", b"abcde").unwrap();
+        store.running(&signed).unwrap();
+        store
+            .finish_with(
+                &signed,
+                JobState::Signed,
+                Some(("o", 2, "application/octet-stream")),
+                Some(b"ok"),
+                None,
+                &Entry::default(),
+            )
+            .unwrap();
+        drop(store);
+
+        let engine = Engine::open(dir.path(), 1 << 20).unwrap();
+        let store = engine.store();
+        assert_eq!(engine.ended_at_start(), std::slice::from_ref(&receiving));
+        assert_eq!(
+            store.get(&receiving).unwrap().unwrap().state,
+            JobState::Failed
+        );
+        for (job, input) in [(&queued, &b"abc"[..]), (&running, &b"abcd"[..])] {
+            assert_eq!(store.get(job).unwrap().unwrap().state, JobState::Queued);
+            assert_eq!(store.inline_input(job).unwrap().as_deref(), Some(input));
+        }
+        // In the order they were sent, once each.
+        let sched = lock(&engine.sched);
+        assert_eq!(sched.queue.position(&queued), Some(0));
+        assert_eq!(sched.queue.position(&running), Some(1));
+        assert_eq!(sched.queue.position(&signed), None);
+        assert_eq!(sched.queue.len(), 2);
+        drop(sched);
+        assert_eq!(store.inline_input(&signed).unwrap(), None);
+        assert_eq!(
+            store.inline_output(&signed).unwrap().as_deref(),
+            Some(&b"ok"[..])
+        );
+        // The two inputs and the undelivered result count against the quota.
+        assert_eq!(store.spool_usage().0, 3 + 4 + 2);
+    }
 
     #[test]
     fn transports_are_named_for_the_audit() {

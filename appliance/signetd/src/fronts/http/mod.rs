@@ -362,7 +362,7 @@ fn render_result(
     result: Result<Delivery, JobError>,
 ) -> Result<Response, ErrorBody> {
     let d = result?;
-    let stream = tokio_util::io::ReaderStream::with_capacity(d.file, signet_protocol::IO_BLOCK);
+    let stream = tokio_util::io::ReaderStream::with_capacity(d.body, signet_protocol::IO_BLOCK);
     let mut resp = match d.kind {
         Kind::Batch => {
             let Ok(boundary) = multer::parse_boundary(&d.content_type) else {
