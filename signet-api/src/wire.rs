@@ -40,6 +40,11 @@ pub const JOB_RESULT_PATH: &str = "/v1/jobs/{id}/result";
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 /// Response header: the job's id.
 pub const JOB_HEADER: &str = "x-signet-job";
+/// Response header of `GET /v1/profile` and of a job's result: the SHA-256 (hex) of the
+/// profile's `GET /v1/profile` answer body as it is now. A client that kept that answer
+/// compares it with the SHA-256 of the body it used: the same, the profile has not
+/// changed; another (or none), it asks again.
+pub const PROFILE_HEADER: &str = "x-signet-profile";
 /// Client → daemon path of the batch call (many files, one request).
 pub const BATCH_PATH: &str = "/v1/batch";
 /// Daemon → agent path of the batch call.

@@ -559,6 +559,95 @@ fn damaged_files_are_refused_as_bad_input_naming_what_is_wrong() {
     }
 }
 
+/// Digest mode keeps the profile's answer between runs, privately, and a stale one
+/// never makes a wrong signature: the result says the profile changed (a reload), the
+/// client asks again and attaches, or signs once more, as the profile says now.
+#[test]
+fn digest_mode_keeps_the_profile_between_runs_and_follows_a_changed_one() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut w = World::new();
+    let ep = appliance_with(&mut w, "[profiles.release]\nhash = \"sha256\"\n", "");
+    let (ca, cache) = (w.path("cert.pem"), w.path("cache"));
+    let digest = |file: &Path| {
+        let out = std::process::Command::new(bin("signet"))
+            .env("SIGNET_ENDPOINT", ep.to_string())
+            .env("XDG_CACHE_HOME", &cache)
+            .env_remove("SIGNET_CONFIG")
+            .env_remove("SIGNET_PROFILE_CACHE")
+            .args(["sign", "--digest", "--ca-file", arg(&ca), arg(file)])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let (ok, text) = verify(&w, file);
+        assert!(ok, "{text}");
+        text
+    };
+    let kept = || {
+        let dir = cache.join("signet").join("profiles");
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&dir), mode(&cache.join("signet"))), (0o700, 0o700));
+        assert_eq!(mode(&files[0]), 0o600);
+        let text = std::fs::read_to_string(&files[0]).unwrap();
+        (std::fs::metadata(&files[0]).unwrap().ino(), text)
+    };
+    let reload = |w: &World, from: &str, to: &str, n: usize| {
+        let cfg = w.path("signetd.toml");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        assert!(text.contains(from), "{text}");
+        std::fs::write(&cfg, text.replace(from, to)).unwrap();
+        w.hangup("signetd");
+        wait_until("the reload is logged", || {
+            w.log("signetd").matches("configuration reloaded").count() == n
+        });
+    };
+
+    // The first run asks and keeps the answer; the second signs with it.
+    let a = w.pe("a.exe");
+    assert!(signatures(&digest(&a)) == 1);
+    let (first, text) = kept();
+    assert!(text.contains("sha256"), "{text}");
+    let b = w.pe("b.exe");
+    digest(&b);
+    assert_eq!(
+        kept().0,
+        first,
+        "the kept answer was used, not asked for again"
+    );
+
+    // The profile now nests: the data to sign is the same, so the result is attached
+    // beside the signature b.exe has, as the profile says now, and the answer renewed.
+    reload(
+        &w,
+        "hash = \"sha256\"",
+        "hash = \"sha256\"\nnested = true",
+        1,
+    );
+    let text = digest(&b);
+    assert_eq!(signatures(&text), 2, "{text}");
+    let (second, kept_text) = kept();
+    assert_ne!(second, first, "asked again");
+    assert!(kept_text.contains("\"nested\":true"), "{kept_text}");
+
+    // The profile now signs with SHA-512: the data made with SHA-256 is refused, and
+    // the file is signed once more as the profile says.
+    reload(
+        &w,
+        "hash = \"sha256\"\nnested = true",
+        "hash = \"sha512\"",
+        2,
+    );
+    let c = w.pe("c.exe");
+    let text = digest(&c);
+    assert!(signatures(&text) == 1 && text.contains("SHA512"), "{text}");
+    assert!(kept().1.contains("sha512"));
+}
+
 #[test]
 fn digest_mode_signs_as_the_profile_says_like_the_whole_file() {
     let mut w = World::new();

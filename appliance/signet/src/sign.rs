@@ -13,7 +13,7 @@ use hyper::body::Frame;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use signet_api::wire::{
     exit, osslsigncode, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions, ProfileQuery, SignMode,
-    SignQuery, BATCH_PATH, PROFILE_PATH, SIGN_PATH, STATUS_PATH,
+    SignQuery, BATCH_PATH, PROFILE_HEADER, PROFILE_PATH, SIGN_PATH, STATUS_PATH,
 };
 use signet_format as format;
 use signet_protocol::batch;
@@ -21,6 +21,7 @@ use signet_protocol::client::{self, ClientError};
 use signet_protocol::{Endpoint, IO_BLOCK};
 use tokio::io::AsyncWriteExt;
 
+use crate::cache;
 use crate::collect;
 use crate::config::ClientConfig;
 use crate::native;
@@ -155,6 +156,9 @@ struct Outcome {
     bytes_received: u64,
     seconds: f64,
     exit_code: i32,
+    /// The SHA-256 of the profile's answer as the daemon said it with the result.
+    #[serde(skip)]
+    profile_sha256: Option<String>,
 }
 
 pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32 {
@@ -170,8 +174,11 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
 
     // Local work first: a bad file never costs an upload, and never stops the others.
     // Digest mode signs as the profile says on this side too: it asks how, once a file
-    // has passed its checks.
+    // has passed its checks. One file may sign with the answer kept from an earlier
+    // run ([`cache`]), checked against the one its result comes with.
     let mut options: Option<Result<ProfileOptions, Failure>> = None;
+    let cache_dir = cache::dir();
+    let mut kept: Option<cache::Kept> = None;
     let mut ready = Vec::new();
     for (i, file) in args.files.iter().enumerate() {
         let target = match &args.output {
@@ -187,7 +194,14 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
         };
         let how = if args.digest {
             if options.is_none() {
-                options = Some(profile_options(endpoint, profile.as_deref()).await);
+                kept = cache_dir
+                    .as_deref()
+                    .filter(|_| args.files.len() == 1)
+                    .and_then(|d| cache::load(d, endpoint, profile.as_deref()));
+                options = Some(match &kept {
+                    Some(k) => Ok(k.options.clone()),
+                    None => profile_options(endpoint, profile.as_deref()).await,
+                });
             }
             match &options {
                 Some(Ok(o)) => Some(o),
@@ -219,21 +233,64 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
         ..SignQuery::default()
     };
     if args.files.len() == 1 {
-        if let Some((i, p)) = ready.first() {
-            let o = &mut outcomes[*i];
-            let result = match exchange(
-                endpoint,
-                &p.upload,
-                &query(&p.file),
-                &p.received(),
-                &p.file,
-                o,
-                Duration::from_secs(args.reconnect_for),
-            )
-            .await
-            {
-                Ok(()) => finish(p, &args).await.map(|w| o.warning = w),
-                Err(f) => Err(f),
+        if let Some((i, mut p)) = ready.pop() {
+            let o = &mut outcomes[i];
+            let result = loop {
+                let sent = exchange(
+                    endpoint,
+                    &p.upload,
+                    &query(&p.file),
+                    &p.received(),
+                    &p.file,
+                    o,
+                    Duration::from_secs(args.reconnect_for),
+                )
+                .await;
+                // Signed with a kept answer: the result says whether the profile is
+                // still the one it describes. If not (or the job failed), ask again.
+                if let Some(used) = kept.take() {
+                    let same = sent.is_ok() && o.profile_sha256.as_deref() == Some(&used.sha256);
+                    if !same {
+                        match fetch_profile(endpoint, profile.as_deref()).await {
+                            Ok(now) if now.sha256 != used.sha256 => {
+                                let data_same = now.options.hash == used.options.hash
+                                    && now.options.page_hashes == used.options.page_hashes;
+                                if sent.is_ok() && data_same {
+                                    // The data signed is the same: attach as it says now.
+                                    p.nest = now.options.nested;
+                                } else {
+                                    // Once more, as the profile says now.
+                                    let redone = match check_input(&p.file).await {
+                                        Ok(checked) => {
+                                            prepare(
+                                                &p.file,
+                                                &p.target,
+                                                checked,
+                                                Some(&now.options),
+                                                &args,
+                                            )
+                                            .await
+                                        }
+                                        Err(f) => Err(f),
+                                    };
+                                    match redone {
+                                        Ok(again) => {
+                                            p = again;
+                                            continue;
+                                        }
+                                        Err(f) => break Err(f),
+                                    }
+                                }
+                            }
+                            // Unchanged, or the daemon cannot say now: as it is.
+                            _ => {}
+                        }
+                    }
+                }
+                break match sent {
+                    Ok(()) => finish(&p, &args).await.map(|w| o.warning = w),
+                    Err(f) => Err(f),
+                };
             };
             o.done(result, &p.target);
         }
@@ -275,6 +332,7 @@ impl Outcome {
             bytes_received: 0,
             seconds: 0.0,
             exit_code: exit::SIGNED,
+            profile_sha256: None,
         }
     }
 
@@ -404,12 +462,57 @@ pub(crate) async fn profile_options(
     endpoint: &Endpoint,
     profile: Option<&str>,
 ) -> Result<ProfileOptions, Failure> {
+    fetch_profile(endpoint, profile).await.map(|k| k.options)
+}
+
+/// `GET /v1/profile`, its answer kept for the next runs ([`cache`]) when the daemon
+/// says its SHA-256 (and so will say it with each result, for the check).
+async fn fetch_profile(endpoint: &Endpoint, profile: Option<&str>) -> Result<cache::Kept, Failure> {
     let query = ProfileQuery {
         profile: profile.map(str::to_owned),
     };
     let qs = serde_urlencoded::to_string(&query)
         .map_err(|e| unavailable(format!("cannot encode the request: {e}")))?;
-    match client::get_json::<ProfileOptions>(endpoint, &format!("{PROFILE_PATH}?{qs}")).await {
+    let got = async {
+        let req = Request::get(format!("{PROFILE_PATH}?{qs}"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| ClientError::Protocol {
+                endpoint: endpoint.clone(),
+                detail: e.to_string(),
+            })?;
+        let resp = client::send(endpoint, req).await?;
+        if !resp.status().is_success() {
+            return Ok(Err(client::error_body(endpoint, resp).await));
+        }
+        let said = resp
+            .headers()
+            .get(PROFILE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = http_body_util::Limited::new(resp.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol {
+                endpoint: endpoint.clone(),
+                detail: format!("reading the answer failed: {e}"),
+            })?
+            .to_bytes();
+        let Some(kept) = cache::read(&body) else {
+            return Err(ClientError::Protocol {
+                endpoint: endpoint.clone(),
+                detail: "undecodable JSON".to_owned(),
+            });
+        };
+        if let Some(dir) = cache::dir() {
+            if said.as_deref() == Some(&kept.sha256) {
+                cache::store(&dir, endpoint, profile, &body);
+            } else {
+                cache::forget(&dir, endpoint, profile);
+            }
+        }
+        Ok(Ok(kept))
+    };
+    match got.await {
         Ok(Ok(o)) => Ok(o),
         Ok(Err(e)) if e.code == ErrorCode::BadRequest => Err(Failure {
             code: Some(e.code),
@@ -1029,6 +1132,11 @@ async fn receive(
         IO_BLOCK,
         tokio::fs::File::create(received).await.map_err(local)?,
     );
+    outcome.profile_sha256 = resp
+        .headers()
+        .get(PROFILE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let mut body = resp.into_body();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Received::Broke(e.to_string()))?;

@@ -169,6 +169,9 @@ pub struct Delivery {
     pub kind: Kind,
     pub content_type: String,
     pub len: u64,
+    /// The SHA-256 of its profile's `GET /v1/profile` answer as it is now
+    /// ([`profile_answer`]), when the caller may still use the profile.
+    pub profile_sha256: Option<String>,
     /// Its spool file, or its bytes from the database.
     pub body: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
 }
@@ -180,6 +183,7 @@ impl std::fmt::Debug for Delivery {
             .field("kind", &self.kind)
             .field("content_type", &self.content_type)
             .field("len", &self.len)
+            .field("profile_sha256", &self.profile_sha256)
             .finish_non_exhaustive()
     }
 }
@@ -316,6 +320,15 @@ impl Engine {
             tx.send_replace(true);
         }
     }
+}
+
+/// The body of `GET /v1/profile` for `options`, and its SHA-256 (hex), which the
+/// answer and each result of a job with that profile carry
+/// ([`signet_api::wire::PROFILE_HEADER`]).
+pub fn profile_answer(options: &ProfileOptions) -> (Vec<u8>, String) {
+    let body = serde_json::to_vec(options).unwrap_or_default();
+    let sha = audit::hex(&Sha256::digest(&body));
+    (body, sha)
 }
 
 /// What an idempotency key is bound to besides the body: the SHA-256 (hex) of the
@@ -1138,6 +1151,10 @@ impl JobService {
                         .output_type
                         .unwrap_or_else(|| "application/octet-stream".to_owned()),
                     len: row.output_bytes.unwrap_or(0),
+                    profile_sha256: self
+                        .profile_options(Some(&row.profile), caller)
+                        .ok()
+                        .map(|o| profile_answer(&o).1),
                     body,
                 })
             }
