@@ -106,7 +106,8 @@ pub fn forget(dir: &Path, endpoint: &Endpoint, profile: Option<&str>) {
     let _ = std::fs::remove_file(file(dir, endpoint, profile));
 }
 
-/// Makes `dir` and the `signet` directory above it, 0700 (tempfile makes its files 0600).
+/// Makes `dir`, 0700, and the `signet` directory above it when it is the one [`dir`]
+/// names (tempfile makes the files 0600). No other directory's mode is touched.
 fn make_dir(dir: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
@@ -115,7 +116,10 @@ fn make_dir(dir: &Path) -> std::io::Result<()> {
             .recursive(true)
             .mode(0o700)
             .create(dir)?;
-        for d in [Some(dir), dir.parent()].into_iter().flatten() {
+        let ours = dir.parent().filter(|p| {
+            dir.file_name() == Some("profiles".as_ref()) && p.file_name() == Some("signet".as_ref())
+        });
+        for d in [Some(dir), ours].into_iter().flatten() {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
         }
         Ok(())
@@ -194,7 +198,7 @@ mod tests {
     #[test]
     fn an_old_or_unreadable_answer_is_not_used() {
         let home = tempfile::tempdir().unwrap();
-        let dir = home.path().to_owned();
+        let dir = home.path().join("kept");
         let ep: Endpoint = "unix:/run/a.sock".parse().unwrap();
         store(&dir, &ep, None, &options(true));
         let f = std::fs::File::options()
@@ -206,6 +210,21 @@ mod tests {
         assert_eq!(load(&dir, &ep, None), None, "too old");
         store(&dir, &ep, None, b"not json");
         assert_eq!(load(&dir, &ep, None), None, "not an answer");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn no_directory_above_the_cache_changes_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let home = tempfile::tempdir().unwrap();
+        let above = home.path().join("shared");
+        std::fs::create_dir(&above).unwrap();
+        std::fs::set_permissions(&above, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let ep: Endpoint = "unix:/run/a.sock".parse().unwrap();
+        store(&above.join("x"), &ep, None, &options(true));
+        let mode = std::fs::metadata(&above).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o1777);
+        assert!(load(&above.join("x"), &ep, None).is_some());
     }
 
     #[test]

@@ -627,7 +627,7 @@ impl Store {
 
     /// The job goes to the agent; answers its attempt number.
     ///
-    /// The one commit that is not flushed to disk by itself (`synchronous = NORMAL` for
+    /// A commit that is not flushed to disk by itself (`synchronous = NORMAL` for
     /// it alone): after a crash a job that was `running` is queued again exactly as one
     /// that was `queued` ([`crate::services::jobs`]' recovery), so losing this change to
     /// a power cut loses only the attempt's count and start time; the job's next commit
@@ -1027,7 +1027,8 @@ mod tests {
         assert_eq!(store.get(&id).unwrap().unwrap().state, JobState::Receiving);
         store.queued(&id, "ab", 3).unwrap();
         assert_eq!(store.running(&id).unwrap(), 1);
-        // Marking a job running is the one unflushed commit; every other stays FULL (2).
+        // Marking a job running is not flushed by itself (nor is its record); the
+        // connection goes back to FULL (2) after each.
         let sync: i64 = store
             .conn()
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
