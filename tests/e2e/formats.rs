@@ -560,10 +560,11 @@ fn damaged_files_are_refused_as_bad_input_naming_what_is_wrong() {
 }
 
 /// Digest mode keeps the profile's answer between runs, privately, and a stale one
-/// never makes a wrong signature: the result says the profile changed (a reload), the
-/// client asks again and attaches, or signs once more, as the profile says now.
+/// never makes a signature thrown away: the upload names the answer its data was made
+/// with, signetd refuses it at intake when the profile changed since (a reload), and the
+/// client asks again, makes the data as the profile says now and has it signed once.
 #[test]
-fn digest_mode_keeps_the_profile_between_runs_and_follows_a_changed_one() {
+fn digest_mode_keeps_the_profile_between_runs_and_a_changed_one_is_signed_once() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let mut w = World::new();
     let ep = appliance_with(&mut w, "[profiles.release]\nhash = \"sha256\"\n", "");
@@ -596,15 +597,22 @@ fn digest_mode_keeps_the_profile_between_runs_and_follows_a_changed_one() {
         let text = std::fs::read_to_string(&files[0]).unwrap();
         (std::fs::metadata(&files[0]).unwrap().ino(), text)
     };
-    let reload = |w: &World, from: &str, to: &str, n: usize| {
-        let cfg = w.path("signetd.toml");
-        let text = std::fs::read_to_string(&cfg).unwrap();
-        assert!(text.contains(from), "{text}");
-        std::fs::write(&cfg, text.replace(from, to)).unwrap();
-        w.hangup("signetd");
-        wait_until("the reload is logged", || {
-            w.log("signetd").matches("configuration reloaded").count() == n
-        });
+    // What the audit log says: signatures made, and refusals for a changed profile.
+    let audited = |w: &World| {
+        let out = w.signetd(&["audit", "export"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let records: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let signed = records.iter().filter(|r| r["result"] == "signed").count();
+        let changed: u64 = records
+            .iter()
+            .filter(|r| r["error"] == "profile_changed")
+            .map(|r| r["count"].as_u64().unwrap_or(1))
+            .sum();
+        (signed, changed)
     };
 
     // The first run asks and keeps the answer; the second signs with it.
@@ -619,33 +627,45 @@ fn digest_mode_keeps_the_profile_between_runs_and_follows_a_changed_one() {
         first,
         "the kept answer was used, not asked for again"
     );
-
-    // The profile now nests: the data to sign is the same, so the result is attached
-    // beside the signature b.exe has, as the profile says now, and the answer renewed.
-    reload(
-        &w,
-        "hash = \"sha256\"",
-        "hash = \"sha256\"\nnested = true",
-        1,
-    );
-    let text = digest(&b);
-    assert_eq!(signatures(&text), 2, "{text}");
-    let (second, kept_text) = kept();
-    assert_ne!(second, first, "asked again");
-    assert!(kept_text.contains("\"nested\":true"), "{kept_text}");
-
-    // The profile now signs with SHA-512: the data made with SHA-256 is refused, and
-    // the file is signed once more as the profile says.
-    reload(
-        &w,
-        "hash = \"sha256\"\nnested = true",
-        "hash = \"sha512\"",
-        2,
-    );
+    // c.exe is signed once in whole mode: the digest run below is a new request (a
+    // file whose data was sent in digest mode before is that job again, by its key).
     let c = w.pe("c.exe");
+    let out = signet(&ep, &["sign", arg(&c)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(audited(&w), (3, 0));
+
+    // A reload: the profile now nests and signs with SHA-512. The next run's data,
+    // made with the kept answer (SHA-256), is refused at intake; the client asks again
+    // and the token signs once, with SHA-512, attached beside c.exe's signature.
+    let cfg = w.path("signetd.toml");
+    let toml = std::fs::read_to_string(&cfg).unwrap();
+    assert!(toml.contains("hash = \"sha256\""), "{toml}");
+    std::fs::write(
+        &cfg,
+        toml.replace("hash = \"sha256\"", "hash = \"sha512\"\nnested = true"),
+    )
+    .unwrap();
+    w.hangup("signetd");
+    wait_until("the reload is logged", || {
+        w.log("signetd").contains("configuration reloaded")
+    });
     let text = digest(&c);
-    assert!(signatures(&text) == 1 && text.contains("SHA512"), "{text}");
-    assert!(kept().1.contains("sha512"));
+    assert!(
+        signatures(&text) == 2 && text.contains("SHA512") && text.contains("SHA256"),
+        "{text}"
+    );
+    assert_eq!(
+        audited(&w),
+        (4, 1),
+        "one refusal at intake, then exactly one signature"
+    );
+    assert!(w.log("signetd").contains("profile_changed"));
+    // Asked again and kept anew (forgotten first, so the inode may be the old one's).
+    let (_, kept_text) = kept();
+    assert!(
+        kept_text.contains("sha512") && kept_text.contains("\"nested\":true"),
+        "{kept_text}"
+    );
 }
 
 #[test]

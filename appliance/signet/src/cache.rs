@@ -4,12 +4,13 @@
 //! directories 0700, files 0600, each the answer's body as it came, for at most
 //! [`VALID`]. `SIGNET_PROFILE_CACHE=off` turns it off.
 //!
-//! A kept answer is a guess, never trusted: the daemon says with every job's result the
-//! SHA-256 of the profile's answer as it is then (`x-signet-profile`); a client that
-//! signed with a kept one compares it with the SHA-256 of the body it used (computed
-//! here from the bytes, so a file changed by hand cannot pass for the daemon's), and
-//! asks again when they differ ([`crate::sign`]). A file that is not the user's own,
-//! or that others may write, is not read.
+//! A kept answer is a guess, never trusted: the upload made with it names the SHA-256
+//! of the body it used (`x-signet-profile`, computed here from the bytes, so a file
+//! changed by hand cannot pass for the daemon's), and signetd refuses it at intake,
+//! before anything is queued or signed, when the profile's answer is another one now
+//! (`profile_changed`); the client then forgets it, asks again and sends once more
+//! ([`crate::sign`]). A result whose header differs only forgets it. A file that is not
+//! the user's own, or that others may write, is not read.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};

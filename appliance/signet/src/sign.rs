@@ -175,10 +175,13 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
     // Local work first: a bad file never costs an upload, and never stops the others.
     // Digest mode signs as the profile says on this side too: it asks how, once a file
     // has passed its checks. One file may sign with the answer kept from an earlier
-    // run ([`cache`]), checked against the one its result comes with.
+    // run ([`cache`]); its upload names the answer it was made with, a precondition the
+    // daemon checks before anything is signed.
     let mut options: Option<Result<ProfileOptions, Failure>> = None;
     let cache_dir = cache::dir();
-    let mut kept: Option<cache::Kept> = None;
+    let single = args.files.len() == 1;
+    // The answer one file's data is made with, when the daemon vouched for it.
+    let mut used: Option<cache::Kept> = None;
     let mut ready = Vec::new();
     for (i, file) in args.files.iter().enumerate() {
         let target = match &args.output {
@@ -194,14 +197,21 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
         };
         let how = if args.digest {
             if options.is_none() {
-                kept = cache_dir
+                used = cache_dir
                     .as_deref()
-                    .filter(|_| args.files.len() == 1)
+                    .filter(|_| single)
                     .and_then(|d| cache::load(d, endpoint, profile.as_deref()));
-                options = Some(match &kept {
-                    Some(k) => Ok(k.options.clone()),
-                    None => profile_options(endpoint, profile.as_deref()).await,
-                });
+                options =
+                    Some(match &used {
+                        Some(k) => Ok(k.options.clone()),
+                        None => fetch_profile(endpoint, profile.as_deref()).await.map(
+                            |(now, vouched)| {
+                                let options = now.options.clone();
+                                used = vouched.then_some(now).filter(|_| single);
+                                options
+                            },
+                        ),
+                    });
             }
             match &options {
                 Some(Ok(o)) => Some(o),
@@ -235,6 +245,7 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
     if args.files.len() == 1 {
         if let Some((i, mut p)) = ready.pop() {
             let o = &mut outcomes[i];
+            let mut asked_again = false;
             let result = loop {
                 let sent = exchange(
                     endpoint,
@@ -244,47 +255,50 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
                     &p.file,
                     o,
                     Duration::from_secs(args.reconnect_for),
+                    used.as_ref().map(|u| u.sha256.as_str()),
                 )
                 .await;
-                // Signed with a kept answer: the result says whether the profile is
-                // still the one it describes. If not (or the job failed), ask again.
-                if let Some(used) = kept.take() {
-                    let same = sent.is_ok() && o.profile_sha256.as_deref() == Some(&used.sha256);
-                    if !same {
-                        match fetch_profile(endpoint, profile.as_deref()).await {
-                            Ok(now) if now.sha256 != used.sha256 => {
-                                let data_same = now.options.hash == used.options.hash
-                                    && now.options.page_hashes == used.options.page_hashes;
-                                if sent.is_ok() && data_same {
-                                    // The data signed is the same: attach as it says now.
-                                    p.nest = now.options.nested;
-                                } else {
-                                    // Once more, as the profile says now.
-                                    let redone = match check_input(&p.file).await {
-                                        Ok(checked) => {
-                                            prepare(
-                                                &p.file,
-                                                &p.target,
-                                                checked,
-                                                Some(&now.options),
-                                                &args,
-                                            )
-                                            .await
-                                        }
-                                        Err(f) => Err(f),
-                                    };
-                                    match redone {
-                                        Ok(again) => {
-                                            p = again;
-                                            continue;
-                                        }
-                                        Err(f) => break Err(f),
-                                    }
-                                }
+                let forget = || {
+                    if let Some(d) = &cache_dir {
+                        cache::forget(d, endpoint, profile.as_deref());
+                    }
+                };
+                // Refused at intake (`profile_changed`): nothing was queued or signed.
+                // Forget the answer, ask again, make the data as it says and send once
+                // more; a second refusal is the run's error.
+                if let Err(f) = &sent {
+                    if f.code == Some(ErrorCode::ProfileChanged) && !asked_again {
+                        asked_again = true;
+                        forget();
+                        let again = async {
+                            let (now, vouched) =
+                                fetch_profile(endpoint, profile.as_deref()).await?;
+                            let checked = check_input(&p.file).await?;
+                            let again =
+                                prepare(&p.file, &p.target, checked, Some(&now.options), &args)
+                                    .await?;
+                            Ok::<_, Failure>((again, vouched.then_some(now)))
+                        };
+                        match again.await {
+                            Ok((again, now)) => {
+                                p = again;
+                                used = now;
+                                continue;
                             }
-                            // Unchanged, or the daemon cannot say now: as it is.
-                            _ => {}
+                            Err(f) => break Err(f),
                         }
+                    }
+                }
+                // Past intake the job was signed as the profile said there, which the
+                // precondition held to the answer the data was made with: the result is
+                // attached as that answer says (nested or not), whatever the result's
+                // header says. Another header can only mean a reload between intake and
+                // result (or a key that named a job taken before, over the same data, or
+                // a daemon that checks no precondition): the kept answer is forgotten so
+                // that the next run asks, and nothing is signed again.
+                if let Some(u) = &used {
+                    if sent.is_err() || o.profile_sha256.as_deref() != Some(u.sha256.as_str()) {
+                        forget();
                     }
                 }
                 break match sent {
@@ -462,12 +476,18 @@ pub(crate) async fn profile_options(
     endpoint: &Endpoint,
     profile: Option<&str>,
 ) -> Result<ProfileOptions, Failure> {
-    fetch_profile(endpoint, profile).await.map(|k| k.options)
+    fetch_profile(endpoint, profile)
+        .await
+        .map(|(k, _)| k.options)
 }
 
-/// `GET /v1/profile`, its answer kept for the next runs ([`cache`]) when the daemon
-/// says its SHA-256 (and so will say it with each result, for the check).
-async fn fetch_profile(endpoint: &Endpoint, profile: Option<&str>) -> Result<cache::Kept, Failure> {
+/// `GET /v1/profile`, and whether the daemon vouched for the answer: said its SHA-256
+/// (`x-signet-profile`), the same as that of the bytes received. Such an answer is kept
+/// for the next runs ([`cache`]) and named as the precondition of an upload made with it.
+async fn fetch_profile(
+    endpoint: &Endpoint,
+    profile: Option<&str>,
+) -> Result<(cache::Kept, bool), Failure> {
     let query = ProfileQuery {
         profile: profile.map(str::to_owned),
     };
@@ -503,14 +523,15 @@ async fn fetch_profile(endpoint: &Endpoint, profile: Option<&str>) -> Result<cac
                 detail: "undecodable JSON".to_owned(),
             });
         };
+        let vouched = said.as_deref() == Some(&kept.sha256);
         if let Some(dir) = cache::dir() {
-            if said.as_deref() == Some(&kept.sha256) {
+            if vouched {
                 cache::store(&dir, endpoint, profile, &body);
             } else {
                 cache::forget(&dir, endpoint, profile);
             }
         }
-        Ok(Ok(kept))
+        Ok(Ok((kept, vouched)))
     };
     match got.await {
         Ok(Ok(o)) => Ok(o),
@@ -1001,6 +1022,7 @@ async fn exchange(
     shown_as: &Path,
     outcome: &mut Outcome,
     reconnect_for: Duration,
+    if_profile: Option<&str>,
 ) -> Result<(), Failure> {
     let size = tokio::fs::metadata(upload)
         .await
@@ -1022,6 +1044,7 @@ async fn exchange(
     let counter = progress.bar.clone();
     let uri = format!("{SIGN_PATH}?{qs}");
     let path = upload.to_owned();
+    let if_profile = if_profile.and_then(|h| header::HeaderValue::from_str(h).ok());
     let make = move || {
         counter.set_position(0);
         let counter = counter.clone();
@@ -1051,6 +1074,9 @@ async fn exchange(
         );
         req.headers_mut()
             .insert(header::CONTENT_LENGTH, header::HeaderValue::from(size));
+        if let Some(v) = &if_profile {
+            req.headers_mut().insert(PROFILE_HEADER, v.clone());
+        }
         req
     };
     let mut collector = collect::Collector::new(

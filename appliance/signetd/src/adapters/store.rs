@@ -516,6 +516,26 @@ impl Store {
         inserted
     }
 
+    /// The caller's job with idempotency key `key` that [`Store::insert`] would answer
+    /// with ([`Inserted::Existing`]): one that neither failed nor was cancelled and whose
+    /// result is still kept.
+    pub fn keyed_job(&self, caller: &str, key: &str) -> Result<Option<String>, StoreError> {
+        let found: Option<(i64, String, bool)> = self
+            .conn()
+            .query_row(
+                "SELECT seq, state, result_gone FROM jobs WHERE caller = ?1 AND idempotency_key = ?2",
+                params![caller, key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? != 0)),
+            )
+            .optional()?;
+        Ok(found.and_then(|(seq, state, gone)| {
+            let ended = gone
+                || state == state_name(JobState::Failed)
+                || state == state_name(JobState::Cancelled);
+            (!ended).then(|| seq.to_string())
+        }))
+    }
+
     fn insert_on(conn: &Connection, job: &NewJob) -> Result<Inserted, StoreError> {
         let tx = conn.unchecked_transaction()?;
         if let Some(key) = &job.idempotency_key {

@@ -322,9 +322,23 @@ impl Engine {
     }
 }
 
+/// How profile `name` signs, as `GET /v1/profile` answers it.
+fn options_of(name: String, profile: &Profile) -> ProfileOptions {
+    ProfileOptions {
+        name,
+        hash: profile.hash,
+        page_hashes: profile.page_hashes,
+        nested: profile.nested,
+        formats: profile.allowed_formats(),
+        timestamp: Some(profile.timestamp.clone()),
+        certificate: profile.certificate.clone(),
+    }
+}
+
 /// The body of `GET /v1/profile` for `options`, and its SHA-256 (hex), which the
 /// answer and each result of a job with that profile carry
-/// ([`signet_api::wire::PROFILE_HEADER`]).
+/// ([`signet_api::wire::PROFILE_HEADER`]); a signing request may carry it as its
+/// precondition ([`JobService::submit`]).
 pub fn profile_answer(options: &ProfileOptions) -> (Vec<u8>, String) {
     let body = serde_json::to_vec(options).unwrap_or_default();
     let sha = audit::hex(&Sha256::digest(&body));
@@ -369,6 +383,12 @@ pub struct Job {
     /// The request as the caller asked it, its profile resolved: what an
     /// idempotency key is bound to, with the body.
     pub asked: SignQuery,
+    /// The SHA-256 of the profile's `GET /v1/profile` answer ([`profile_answer`]) as
+    /// the job was accepted: what it is signed as.
+    pub profile_sha256: String,
+    /// The request's precondition (`x-signet-profile`): the SHA-256 of the answer the
+    /// caller made its data with.
+    pub if_profile: Option<String>,
 }
 
 /// A signing request as a front received it: who sent it over what, what it asks (or
@@ -386,6 +406,9 @@ pub struct SubmitRequest {
     pub content_type: Option<String>,
     pub content_length: Option<u64>,
     pub idempotency_key: Option<String>,
+    /// `x-signet-profile`: the SHA-256 of the profile answer the caller made its data
+    /// with, a precondition of a new job ([`JobService::submit`]).
+    pub if_profile: Option<String>,
     /// `Prefer: respond-async`: answer with the queued job, not its result.
     pub respond_async: bool,
     pub body: Body,
@@ -550,15 +573,7 @@ impl JobService {
         caller: &Caller,
     ) -> Result<ProfileOptions, JobError> {
         let (name, profile, _) = self.profile(name, caller)?;
-        Ok(ProfileOptions {
-            name,
-            hash: profile.hash,
-            page_hashes: profile.page_hashes,
-            nested: profile.nested,
-            formats: profile.allowed_formats(),
-            timestamp: Some(profile.timestamp.clone()),
-            certificate: profile.certificate.clone(),
-        })
+        Ok(options_of(name, &profile))
     }
 
     /// Checks a signing request against the profiles and the grants and turns it into a
@@ -574,7 +589,12 @@ impl JobService {
             f => f.clone(),
         };
         tracing::info!(%caller, profile = name, file = filename.as_deref().unwrap_or("-"), "request accepted");
+        // From the same configuration as the job's agent query below: the answer the
+        // job is signed as, whatever a reload does after.
+        let (_, profile_sha256) = profile_answer(&options_of(name.to_owned(), profile));
         Ok(Job {
+            profile_sha256,
+            if_profile: None,
             asked: SignQuery {
                 profile: Some(name.to_owned()),
                 ..query.clone()
@@ -623,6 +643,10 @@ impl JobService {
                 req.query
                     .map_err(JobError::Request)
                     .and_then(|q| self.accept(&q, &caller))
+            })
+            .map(|job| Job {
+                if_profile: req.if_profile,
+                ..job
             })
             .and_then(|job| {
                 if req.content_length.is_some_and(|n| n > job.max_input_size) {
@@ -811,6 +835,29 @@ impl JobService {
             let e = JobError::ShuttingDown;
             refused(&e);
             return Err(e);
+        }
+        // The precondition (`x-signet-profile`, as HTTP's If-Match): data made with an
+        // answer the profile no longer gives is refused here, before a record, a byte
+        // of the body or the token, so nothing is signed that the caller would throw
+        // away. It guards a new job only: a request whose key names a job already taken
+        // (sent again across a restart) gets that job, which passed it at its own
+        // intake; refusing it would have the caller send the file as a second job.
+        if job
+            .if_profile
+            .as_deref()
+            .is_some_and(|h| !h.eq_ignore_ascii_case(&job.profile_sha256))
+        {
+            let taken = match &key {
+                Some(k) => store.keyed_job(&caller, k).ok().flatten().is_some(),
+                None => false,
+            };
+            if !taken {
+                let e = JobError::ProfileChanged {
+                    name: job.profile.clone(),
+                };
+                refused(&e);
+                return Err(e);
+            }
         }
         let mut reserved = 0u64;
         if let Some(len) = content_length {
@@ -2030,6 +2077,110 @@ async fn save(mut body: hyper::body::Incoming, path: &Path) -> Result<Landed, Sa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A daemon with one profile (`release`, SHA-256), no worker running: what is
+    /// queued stays queued.
+    fn daemon(dir: &Path) -> Arc<crate::services::daemon::Daemon> {
+        let path = dir.join("signetd.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "state_dir = \"{}\"\nagent = \"unix:/run/a.sock\"\nlisten = [\"unix:/run/s.sock\"]\ndefault_profile = \"release\"\n\n[profiles.release]\nhash = \"sha256\"\n",
+                dir.join("state").display()
+            ),
+        )
+        .unwrap();
+        let cfg = crate::config::Config::load(&path).unwrap();
+        Arc::new(crate::services::daemon::Daemon::open(cfg).unwrap())
+    }
+
+    fn request(if_profile: Option<&str>, key: Option<&str>) -> SubmitRequest {
+        SubmitRequest {
+            peer: Peer::Unix {
+                uid: 0,
+                gid: 0,
+                pid: None,
+            },
+            over_tls: false,
+            authorization: None,
+            query: Ok(SignQuery {
+                filename: Some("data.p7".into()),
+                mode: signet_api::wire::SignMode::Digest,
+                ..SignQuery::default()
+            }),
+            kind: Kind::Sign,
+            content_type: None,
+            content_length: Some(4),
+            idempotency_key: key.map(str::to_owned),
+            if_profile: if_profile.map(str::to_owned),
+            respond_async: true,
+            body: Body::from(&b"data"[..]),
+        }
+    }
+
+    fn jobs(store: &Store) -> i64 {
+        store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_profile_changed_since_the_caller_asked_is_refused_before_a_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = daemon(dir.path());
+        let jobs_svc = daemon.job_service();
+        let caller = daemon
+            .callers()
+            .authenticate(
+                &Peer::Unix {
+                    uid: 0,
+                    gid: 0,
+                    pid: None,
+                },
+                false,
+                None,
+            )
+            .unwrap();
+        // The intake compares with exactly what GET /v1/profile says.
+        let (_, now) = profile_answer(&jobs_svc.profile_options(None, &caller).unwrap());
+        let stale = audit::hex(&Sha256::digest(b"an answer of before"));
+
+        let Signing::Failed(e) = jobs_svc.sign(request(Some(&stale), None)).await else {
+            panic!("a stale precondition is refused")
+        };
+        let told = ErrorBody::from(&e);
+        assert_eq!(
+            (told.code, told.code.http_status()),
+            (ErrorCode::ProfileChanged, 412)
+        );
+        assert!(told.message.contains("ask again"), "{}", told.message);
+        assert_eq!(jobs(jobs_svc.store()), 0, "no job record, nothing queued");
+        assert_eq!(jobs_svc.queue_status().waiting, 0);
+        let tail = daemon.reads().audit_tail(10).await.unwrap();
+        assert!(
+            tail.len() == 1 && tail[0].error.as_deref() == Some("profile_changed"),
+            "the refusal is audited as the others before a job are: {tail:?}"
+        );
+
+        // The answer as it is now: queued. No precondition: as before.
+        for (if_profile, key) in [(Some(now.as_str()), Some("k1")), (None, None)] {
+            let Signing::Queued { job, .. } = jobs_svc.sign(request(if_profile, key)).await else {
+                panic!("queued")
+            };
+            assert_eq!(job.unwrap().state, JobState::Queued);
+        }
+        assert_eq!(jobs(jobs_svc.store()), 2);
+
+        // The same request sent again with its key (across a restart) gets its job
+        // whatever the profile is now: refusing it would make the caller sign twice.
+        let Signing::Queued { id, .. } = jobs_svc.sign(request(Some(&stale), Some("k1"))).await
+        else {
+            panic!("the key's job")
+        };
+        assert_eq!(id, "1");
+        assert_eq!(jobs(jobs_svc.store()), 2);
+    }
 
     fn new_job() -> NewJob {
         NewJob {

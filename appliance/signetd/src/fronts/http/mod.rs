@@ -316,6 +316,7 @@ async fn job(
         content_type: header_str(header::CONTENT_TYPE.as_str()),
         content_length: header_str(header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok()),
         idempotency_key: header_str(IDEMPOTENCY_HEADER),
+        if_profile: header_str(signet_api::wire::PROFILE_HEADER),
         respond_async: headers
             .get_all("prefer")
             .iter()
