@@ -66,6 +66,8 @@ SHIM=$bin/libsignet_pkcs11_delay.so
 
 bash "$root/tests/fixtures/make-token.sh" "$W/token"
 export SOFTHSM2_CONF=$W/token/softhsm2.conf
+# signet keeps digest mode's profile answers here (not in the user's ~/.cache).
+export XDG_CACHE_HOME=$W/cache
 MOD=/usr/lib/softhsm/libsofthsm2.so
 KEY="pkcs11:token=signet-demo;object=signkey;type=private"
 sizes=("15 KiB:0" "1 MiB:$((1 << 20))" "50 MiB:$((50 << 20))")

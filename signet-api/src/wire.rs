@@ -40,6 +40,12 @@ pub const JOB_RESULT_PATH: &str = "/v1/jobs/{id}/result";
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 /// Response header: the job's id.
 pub const JOB_HEADER: &str = "x-signet-job";
+/// Response header of `GET /v1/profile` and of a job's result: the SHA-256 (hex) of the
+/// profile's `GET /v1/profile` answer body as it is now. Also a request header of a
+/// signing request, a precondition as HTTP's `If-Match` is one: the SHA-256 of the
+/// answer the data was made with; when the profile's answer is another one now, the
+/// request is refused at intake (`profile_changed`, 412) and nothing is signed.
+pub const PROFILE_HEADER: &str = "x-signet-profile";
 /// Client → daemon path of the batch call (many files, one request).
 pub const BATCH_PATH: &str = "/v1/batch";
 /// Daemon → agent path of the batch call.
@@ -419,6 +425,10 @@ pub enum ErrorCode {
     /// Too many wrong client secrets came from this address; the next is not checked
     /// before `Retry-After` seconds.
     TooManyAttempts,
+    /// The request's `x-signet-profile` is not the profile's answer as it is now: the
+    /// profile changed since the client asked how it signs. Nothing was signed; ask
+    /// again (`GET /v1/profile`) and make the data as it says.
+    ProfileChanged,
 }
 
 impl ErrorCode {
@@ -447,6 +457,7 @@ impl ErrorCode {
             ErrorCode::ResultExpired => 410,
             ErrorCode::Cancelled => 409,
             ErrorCode::UnknownToken => 404,
+            ErrorCode::ProfileChanged => 412,
         }
     }
 
@@ -474,7 +485,8 @@ impl ErrorCode {
             | ErrorCode::ResultExpired
             | ErrorCode::Cancelled
             | ErrorCode::UnknownToken
-            | ErrorCode::IdempotencyKeyReused => exit::REFUSED,
+            | ErrorCode::IdempotencyKeyReused
+            | ErrorCode::ProfileChanged => exit::REFUSED,
         }
     }
 
@@ -505,11 +517,12 @@ impl ErrorCode {
             ErrorCode::UnknownToken => "unknown_token",
             ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
             ErrorCode::TooManyAttempts => "too_many_attempts",
+            ErrorCode::ProfileChanged => "profile_changed",
         }
     }
 
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownProfile,
         ErrorCode::Forbidden,
@@ -534,6 +547,7 @@ impl ErrorCode {
         ErrorCode::UnknownToken,
         ErrorCode::IdempotencyKeyReused,
         ErrorCode::TooManyAttempts,
+        ErrorCode::ProfileChanged,
     ];
 }
 

@@ -600,6 +600,9 @@ pub fn signet(endpoint: &Endpoint, args: &[&str]) -> Output {
     Command::new(bin("signet"))
         .env("SIGNET_ENDPOINT", endpoint.to_string())
         .env_remove("SIGNET_CONFIG")
+        // Each run asks for the profile: no test reads what another one left in the
+        // user's cache (the cache has its own test).
+        .env("SIGNET_PROFILE_CACHE", "off")
         .args(args)
         .stdin(Stdio::null())
         .output()

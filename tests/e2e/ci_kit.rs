@@ -124,6 +124,8 @@ fn run_script(dir: &Path, ep: &Endpoint, script: &str, env: &[(&str, &str)]) -> 
         .env("PATH", path)
         .env("SIGNET_ENDPOINT", ep.to_string())
         .env_remove("SIGNET_CONFIG")
+        // As a CI job's runner would: the profile cache in the job's own directory.
+        .env("XDG_CACHE_HOME", dir.join(".cache"))
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()

@@ -559,6 +559,115 @@ fn damaged_files_are_refused_as_bad_input_naming_what_is_wrong() {
     }
 }
 
+/// Digest mode keeps the profile's answer between runs, privately, and a stale one
+/// never makes a signature thrown away: the upload names the answer its data was made
+/// with, signetd refuses it at intake when the profile changed since (a reload), and the
+/// client asks again, makes the data as the profile says now and has it signed once.
+#[test]
+fn digest_mode_keeps_the_profile_between_runs_and_a_changed_one_is_signed_once() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut w = World::new();
+    let ep = appliance_with(&mut w, "[profiles.release]\nhash = \"sha256\"\n", "");
+    let (ca, cache) = (w.path("cert.pem"), w.path("cache"));
+    let digest = |file: &Path| {
+        let out = std::process::Command::new(bin("signet"))
+            .env("SIGNET_ENDPOINT", ep.to_string())
+            .env("XDG_CACHE_HOME", &cache)
+            .env_remove("SIGNET_CONFIG")
+            .env_remove("SIGNET_PROFILE_CACHE")
+            .args(["sign", "--digest", "--ca-file", arg(&ca), arg(file)])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let (ok, text) = verify(&w, file);
+        assert!(ok, "{text}");
+        text
+    };
+    let kept = || {
+        let dir = cache.join("signet").join("profiles");
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&dir), mode(&cache.join("signet"))), (0o700, 0o700));
+        assert_eq!(mode(&files[0]), 0o600);
+        let text = std::fs::read_to_string(&files[0]).unwrap();
+        (std::fs::metadata(&files[0]).unwrap().ino(), text)
+    };
+    // What the audit log says: signatures made, and refusals for a changed profile.
+    let audited = |w: &World| {
+        let out = w.signetd(&["audit", "export"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let records: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let signed = records.iter().filter(|r| r["result"] == "signed").count();
+        let changed: u64 = records
+            .iter()
+            .filter(|r| r["error"] == "profile_changed")
+            .map(|r| r["count"].as_u64().unwrap_or(1))
+            .sum();
+        (signed, changed)
+    };
+
+    // The first run asks and keeps the answer; the second signs with it.
+    let a = w.pe("a.exe");
+    assert!(signatures(&digest(&a)) == 1);
+    let (first, text) = kept();
+    assert!(text.contains("sha256"), "{text}");
+    let b = w.pe("b.exe");
+    digest(&b);
+    assert_eq!(
+        kept().0,
+        first,
+        "the kept answer was used, not asked for again"
+    );
+    // c.exe is signed once in whole mode: the digest run below is a new request (a
+    // file whose data was sent in digest mode before is that job again, by its key).
+    let c = w.pe("c.exe");
+    let out = signet(&ep, &["sign", arg(&c)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(audited(&w), (3, 0));
+
+    // A reload: the profile now nests and signs with SHA-512. The next run's data,
+    // made with the kept answer (SHA-256), is refused at intake; the client asks again
+    // and the token signs once, with SHA-512, attached beside c.exe's signature.
+    let cfg = w.path("signetd.toml");
+    let toml = std::fs::read_to_string(&cfg).unwrap();
+    assert!(toml.contains("hash = \"sha256\""), "{toml}");
+    std::fs::write(
+        &cfg,
+        toml.replace("hash = \"sha256\"", "hash = \"sha512\"\nnested = true"),
+    )
+    .unwrap();
+    w.hangup("signetd");
+    wait_until("the reload is logged", || {
+        w.log("signetd").contains("configuration reloaded")
+    });
+    let text = digest(&c);
+    assert!(
+        signatures(&text) == 2 && text.contains("SHA512") && text.contains("SHA256"),
+        "{text}"
+    );
+    assert_eq!(
+        audited(&w),
+        (4, 1),
+        "one refusal at intake, then exactly one signature"
+    );
+    assert!(w.log("signetd").contains("profile_changed"));
+    // Asked again and kept anew (forgotten first, so the inode may be the old one's).
+    let (_, kept_text) = kept();
+    assert!(
+        kept_text.contains("sha512") && kept_text.contains("\"nested\":true"),
+        "{kept_text}"
+    );
+}
+
 #[test]
 fn digest_mode_signs_as_the_profile_says_like_the_whole_file() {
     let mut w = World::new();

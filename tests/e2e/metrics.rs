@@ -333,13 +333,26 @@ fn metrics_count_the_jobs_and_read_the_agent_token_certificate_and_spool() {
         not_after as f64
     );
 
-    // Every result was delivered: the spool keeps them for a retry, outside the quota.
-    let kept: u64 = std::fs::read_dir(w.path("state/spool"))
+    // Every result was delivered: the spool keeps them for a retry, outside the quota,
+    // as files or (small ones) in the database.
+    let files: u64 = std::fs::read_dir(w.path("state/spool"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "delivered"))
         .map(|p| std::fs::metadata(p).unwrap().len())
         .sum();
+    let inline: u64 = rusqlite::Connection::open_with_flags(
+        w.path("state/signet.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap()
+    .query_row(
+        "SELECT COALESCE(SUM(length(data)), 0) FROM blobs WHERE part = 'out' AND kept = 1",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap();
+    let kept = files + inline;
     assert!(kept > 0);
     assert_eq!(
         m.value("signet_spool_kept_bytes", &[]),

@@ -340,8 +340,29 @@ fn eight_callers_fifty_jobs_each_signed_once_in_turns() {
     );
 }
 
+/// Where a job's input and result are kept: in the database (small ones) or spool files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    Inline,
+    Files,
+}
+
 #[test]
 fn a_daemon_killed_mid_job_and_mid_queue_loses_nothing_and_signs_once() {
+    // The 15 KiB fixture: inputs and results in the database, nothing in the spool.
+    killed_mid_job_and_mid_queue(Kept::Inline);
+}
+
+#[test]
+fn a_daemon_killed_mid_job_and_mid_queue_with_spool_files_loses_nothing_and_signs_once() {
+    // 200 KB, over signetd's bound for the database: inputs and results as spool files.
+    killed_mid_job_and_mid_queue(Kept::Files);
+}
+
+/// Six jobs, one at the token and five queued, then `kill -9`: after the restart each
+/// is signed once, every result is its own file's, the audit log verifies, and no
+/// input is left.
+fn killed_mid_job_and_mid_queue(kept: Kept) {
     let mut w = World::new();
     // osslsigncode's first run waits until the test releases it, once the daemon is dead.
     let signer = HeldSigner::new(&w);
@@ -361,7 +382,14 @@ fn a_daemon_killed_mid_job_and_mid_queue_loses_nothing_and_signs_once() {
         )
         .remove(0);
     let mut events = Events::follow(&agent);
-    let pe = std::fs::read(w.path("hello.exe")).unwrap();
+    let pe = match kept {
+        Kept::Inline => std::fs::read(w.path("hello.exe")).unwrap(),
+        Kept::Files => std::fs::read(own_pe(&w, "big.exe", 200_000)).unwrap(),
+    };
+    assert_eq!(
+        pe.len() <= signetd::adapters::store::INLINE_MAX as usize,
+        kept == Kept::Inline
+    );
     let me = None;
     let rt = runtime();
 
@@ -478,8 +506,7 @@ fn a_daemon_killed_mid_job_and_mid_queue_loses_nothing_and_signs_once() {
     assert_eq!(results.len(), 6);
     for (id, body) in &results {
         let f = w.file(&format!("job-{id}.exe"), body);
-        let (ok, text) = verify(&w, &f);
-        assert!(ok, "job {id}: {text}");
+        signed_from(&w, &f, &pe);
     }
     // Every job signed once as far as anyone can see: one audit record each. Only the
     // job that was at the token when the daemon died may have been signed twice (a
@@ -499,7 +526,8 @@ fn a_daemon_killed_mid_job_and_mid_queue_loses_nothing_and_signs_once() {
     let made = agent_signatures(&w);
     assert!((6..=7).contains(&made), "{made} signatures for 6 jobs");
     assert_eq!(audit_verifies(&w)["ok"], true);
-    // The spool holds results only (delivered or not), no inputs.
+    // The spool holds results only (delivered or not), no inputs; small ones are
+    // all in the database, and of those only the results are left.
     let spool: Vec<String> = std::fs::read_dir(w.path("state/spool"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -510,6 +538,30 @@ fn a_daemon_killed_mid_job_and_mid_queue_loses_nothing_and_signs_once() {
             .all(|f| f.ends_with(".out") || f.ends_with(".delivered")),
         "{spool:?}"
     );
+    let db = rusqlite::Connection::open_with_flags(
+        w.path("state/signet.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let inline = |part: &str| -> i64 {
+        db.query_row("SELECT COUNT(*) FROM blobs WHERE part = ?1", [part], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    match kept {
+        Kept::Inline => {
+            assert!(spool.is_empty(), "{spool:?}");
+            assert_eq!((inline("in"), inline("out")), (0, 6));
+        }
+        Kept::Files => {
+            assert_eq!(spool.len(), 6, "{spool:?}");
+            assert_eq!((inline("in"), inline("out")), (0, 0));
+        }
+    }
+    // Every result was delivered: none counts against the quota.
+    let (_, st) = call_json(&ep, "GET", "/v1/status", None);
+    assert_eq!(st["queue"]["spool_used_bytes"], 0, "{st:#}");
 }
 
 /// Copies the stopped daemon's state to `name/` and answers a configuration for it.

@@ -7,9 +7,12 @@
 //!   the signed result.
 //! - [`collect`] — a job's idempotency key, and its result collected across a
 //!   restarting appliance.
+//! - [`cache`] — the profiles digest mode signs with, kept between runs and named as
+//!   each upload's precondition.
 //! - [`signtool`] — `signet signtool sign ...`: signtool's options held to the profile,
 //!   then signed as `signet sign` signs.
 
+mod cache;
 mod collect;
 mod config;
 mod native;

@@ -13,7 +13,7 @@ use hyper::body::Frame;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use signet_api::wire::{
     exit, osslsigncode, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions, ProfileQuery, SignMode,
-    SignQuery, BATCH_PATH, PROFILE_PATH, SIGN_PATH, STATUS_PATH,
+    SignQuery, BATCH_PATH, PROFILE_HEADER, PROFILE_PATH, SIGN_PATH, STATUS_PATH,
 };
 use signet_format as format;
 use signet_protocol::batch;
@@ -21,6 +21,7 @@ use signet_protocol::client::{self, ClientError};
 use signet_protocol::{Endpoint, IO_BLOCK};
 use tokio::io::AsyncWriteExt;
 
+use crate::cache;
 use crate::collect;
 use crate::config::ClientConfig;
 use crate::native;
@@ -155,6 +156,9 @@ struct Outcome {
     bytes_received: u64,
     seconds: f64,
     exit_code: i32,
+    /// The SHA-256 of the profile's answer as the daemon said it with the result.
+    #[serde(skip)]
+    profile_sha256: Option<String>,
 }
 
 pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32 {
@@ -170,8 +174,14 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
 
     // Local work first: a bad file never costs an upload, and never stops the others.
     // Digest mode signs as the profile says on this side too: it asks how, once a file
-    // has passed its checks.
+    // has passed its checks. One file may sign with the answer kept from an earlier
+    // run ([`cache`]); its upload names the answer it was made with, a precondition the
+    // daemon checks before anything is signed.
     let mut options: Option<Result<ProfileOptions, Failure>> = None;
+    let cache_dir = cache::dir();
+    let single = args.files.len() == 1;
+    // The answer one file's data is made with, when the daemon vouched for it.
+    let mut used: Option<cache::Kept> = None;
     let mut ready = Vec::new();
     for (i, file) in args.files.iter().enumerate() {
         let target = match &args.output {
@@ -187,7 +197,21 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
         };
         let how = if args.digest {
             if options.is_none() {
-                options = Some(profile_options(endpoint, profile.as_deref()).await);
+                used = cache_dir
+                    .as_deref()
+                    .filter(|_| single)
+                    .and_then(|d| cache::load(d, endpoint, profile.as_deref()));
+                options =
+                    Some(match &used {
+                        Some(k) => Ok(k.options.clone()),
+                        None => fetch_profile(endpoint, profile.as_deref()).await.map(
+                            |(now, vouched)| {
+                                let options = now.options.clone();
+                                used = vouched.then_some(now).filter(|_| single);
+                                options
+                            },
+                        ),
+                    });
             }
             match &options {
                 Some(Ok(o)) => Some(o),
@@ -219,21 +243,68 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
         ..SignQuery::default()
     };
     if args.files.len() == 1 {
-        if let Some((i, p)) = ready.first() {
-            let o = &mut outcomes[*i];
-            let result = match exchange(
-                endpoint,
-                &p.upload,
-                &query(&p.file),
-                &p.received(),
-                &p.file,
-                o,
-                Duration::from_secs(args.reconnect_for),
-            )
-            .await
-            {
-                Ok(()) => finish(p, &args).await.map(|w| o.warning = w),
-                Err(f) => Err(f),
+        if let Some((i, mut p)) = ready.pop() {
+            let o = &mut outcomes[i];
+            let mut asked_again = false;
+            let result = loop {
+                let sent = exchange(
+                    endpoint,
+                    &p.upload,
+                    &query(&p.file),
+                    &p.received(),
+                    &p.file,
+                    o,
+                    Duration::from_secs(args.reconnect_for),
+                    used.as_ref().map(|u| u.sha256.as_str()),
+                )
+                .await;
+                let forget = || {
+                    if let Some(d) = &cache_dir {
+                        cache::forget(d, endpoint, profile.as_deref());
+                    }
+                };
+                // Refused at intake (`profile_changed`): nothing was queued or signed.
+                // Forget the answer, ask again, make the data as it says and send once
+                // more; a second refusal is the run's error.
+                if let Err(f) = &sent {
+                    if f.code == Some(ErrorCode::ProfileChanged) && !asked_again {
+                        asked_again = true;
+                        forget();
+                        let again = async {
+                            let (now, vouched) =
+                                fetch_profile(endpoint, profile.as_deref()).await?;
+                            let checked = check_input(&p.file).await?;
+                            let again =
+                                prepare(&p.file, &p.target, checked, Some(&now.options), &args)
+                                    .await?;
+                            Ok::<_, Failure>((again, vouched.then_some(now)))
+                        };
+                        match again.await {
+                            Ok((again, now)) => {
+                                p = again;
+                                used = now;
+                                continue;
+                            }
+                            Err(f) => break Err(f),
+                        }
+                    }
+                }
+                // Past intake the job was signed as the profile said there, which the
+                // precondition held to the answer the data was made with: the result is
+                // attached as that answer says (nested or not), whatever the result's
+                // header says. Another header can only mean a reload between intake and
+                // result (or a key that named a job taken before, over the same data, or
+                // a daemon that checks no precondition): the kept answer is forgotten so
+                // that the next run asks, and nothing is signed again.
+                if let Some(u) = &used {
+                    if sent.is_err() || o.profile_sha256.as_deref() != Some(u.sha256.as_str()) {
+                        forget();
+                    }
+                }
+                break match sent {
+                    Ok(()) => finish(&p, &args).await.map(|w| o.warning = w),
+                    Err(f) => Err(f),
+                };
             };
             o.done(result, &p.target);
         }
@@ -275,6 +346,7 @@ impl Outcome {
             bytes_received: 0,
             seconds: 0.0,
             exit_code: exit::SIGNED,
+            profile_sha256: None,
         }
     }
 
@@ -404,12 +476,64 @@ pub(crate) async fn profile_options(
     endpoint: &Endpoint,
     profile: Option<&str>,
 ) -> Result<ProfileOptions, Failure> {
+    fetch_profile(endpoint, profile)
+        .await
+        .map(|(k, _)| k.options)
+}
+
+/// `GET /v1/profile`, and whether the daemon vouched for the answer: said its SHA-256
+/// (`x-signet-profile`), the same as that of the bytes received. Such an answer is kept
+/// for the next runs ([`cache`]) and named as the precondition of an upload made with it.
+async fn fetch_profile(
+    endpoint: &Endpoint,
+    profile: Option<&str>,
+) -> Result<(cache::Kept, bool), Failure> {
     let query = ProfileQuery {
         profile: profile.map(str::to_owned),
     };
     let qs = serde_urlencoded::to_string(&query)
         .map_err(|e| unavailable(format!("cannot encode the request: {e}")))?;
-    match client::get_json::<ProfileOptions>(endpoint, &format!("{PROFILE_PATH}?{qs}")).await {
+    let got = async {
+        let req = Request::get(format!("{PROFILE_PATH}?{qs}"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| ClientError::Protocol {
+                endpoint: endpoint.clone(),
+                detail: e.to_string(),
+            })?;
+        let resp = client::send(endpoint, req).await?;
+        if !resp.status().is_success() {
+            return Ok(Err(client::error_body(endpoint, resp).await));
+        }
+        let said = resp
+            .headers()
+            .get(PROFILE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = http_body_util::Limited::new(resp.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol {
+                endpoint: endpoint.clone(),
+                detail: format!("reading the answer failed: {e}"),
+            })?
+            .to_bytes();
+        let Some(kept) = cache::read(&body) else {
+            return Err(ClientError::Protocol {
+                endpoint: endpoint.clone(),
+                detail: "undecodable JSON".to_owned(),
+            });
+        };
+        let vouched = said.as_deref() == Some(&kept.sha256);
+        if let Some(dir) = cache::dir() {
+            if vouched {
+                cache::store(&dir, endpoint, profile, &body);
+            } else {
+                cache::forget(&dir, endpoint, profile);
+            }
+        }
+        Ok(Ok((kept, vouched)))
+    };
+    match got.await {
         Ok(Ok(o)) => Ok(o),
         Ok(Err(e)) if e.code == ErrorCode::BadRequest => Err(Failure {
             code: Some(e.code),
@@ -898,6 +1022,7 @@ async fn exchange(
     shown_as: &Path,
     outcome: &mut Outcome,
     reconnect_for: Duration,
+    if_profile: Option<&str>,
 ) -> Result<(), Failure> {
     let size = tokio::fs::metadata(upload)
         .await
@@ -919,6 +1044,7 @@ async fn exchange(
     let counter = progress.bar.clone();
     let uri = format!("{SIGN_PATH}?{qs}");
     let path = upload.to_owned();
+    let if_profile = if_profile.and_then(|h| header::HeaderValue::from_str(h).ok());
     let make = move || {
         counter.set_position(0);
         let counter = counter.clone();
@@ -948,6 +1074,9 @@ async fn exchange(
         );
         req.headers_mut()
             .insert(header::CONTENT_LENGTH, header::HeaderValue::from(size));
+        if let Some(v) = &if_profile {
+            req.headers_mut().insert(PROFILE_HEADER, v.clone());
+        }
         req
     };
     let mut collector = collect::Collector::new(
@@ -1029,6 +1158,11 @@ async fn receive(
         IO_BLOCK,
         tokio::fs::File::create(received).await.map_err(local)?,
     );
+    outcome.profile_sha256 = resp
+        .headers()
+        .get(PROFILE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let mut body = resp.into_body();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Received::Broke(e.to_string()))?;

@@ -4,11 +4,16 @@
 //! when it returns, so a job the daemon said it accepted survives a power cut, not only
 //! a crash of the daemon. The schema carries its version in `PRAGMA user_version`.
 //!
-//! A job's row is written (state `receiving`) **before** its input is read; the input
-//! is spooled to `spool/<id>.in` and fsync'd with its directory before the job becomes
-//! `queued`; the result goes to `spool/<id>.out` and the job becomes `signed` in the
-//! same transaction as its audit record ([`crate::adapters::audit::append`]). Inputs are removed
-//! when the job ends, results when they expire.
+//! A job's row is written (state `receiving`) **before** its input is read, by a commit
+//! not flushed by itself (the client has been told nothing yet; `kill -9` keeps it, as
+//! the WAL is in the kernel's cache, and the job's next commit flushes it). An input of
+//! at most [`INLINE_MAX`] bytes is kept in the database (table `blobs`) and committed
+//! with `queued` in one transaction; a larger one is spooled to `spool/<id>.in` and
+//! fsync'd with its directory before the job becomes `queued`. Likewise a result of at
+//! most [`INLINE_MAX`] bytes is committed with `signed` and the audit record
+//! ([`crate::adapters::audit::append`]) in one transaction, a larger one goes to
+//! `spool/<id>.out`, fsync'd, before that transaction. Inputs are removed when the job
+//! ends (an inline one in the transaction that ends it), results when they expire.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,8 +24,12 @@ use signet_api::wire::{ErrorBody, JobState};
 
 use crate::adapters::audit::{self, Entry};
 
-/// The schema this code reads and writes.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema this code reads and writes (2: small inputs and results inline, in
+/// `blobs`; a signetd that knows only 1 would not find them, so it refuses to open).
+pub const SCHEMA_VERSION: i64 = 2;
+/// The largest input or result kept in the database instead of a spool file: a
+/// digest-mode body (the Authenticode data, a signature) always, a small signed file.
+pub const INLINE_MAX: u64 = 64 << 10;
 /// The database's file name in the state directory.
 pub const DB_FILE: &str = "signet.db";
 
@@ -158,6 +167,15 @@ pub struct Store {
 /// The extension of a delivered result's kept copy.
 const DELIVERED_EXT: &str = "delivered";
 
+/// A delivered result kept for a retry.
+#[derive(Debug)]
+enum KeptCopy {
+    /// `<id>.delivered` in the spool.
+    File(PathBuf),
+    /// In the database (`blobs`, part `out`, `kept = 1`).
+    Inline,
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -240,10 +258,14 @@ impl Store {
             CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_ms);",
         )?;
         add_request_column(&conn)?;
+        init_blobs(&conn)?;
         audit::init(&conn)?;
         init_timeline(&conn)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        let (used, kept) = spool_sizes(&spool)?;
+        let (mut used, mut kept) = spool_sizes(&spool)?;
+        let (inline_used, inline_kept) = inline_sizes(&conn)?;
+        used += inline_used;
+        kept += inline_kept;
         Ok(Store {
             conn: Mutex::new(conn),
             reader: std::sync::Arc::new(Reader::new(state_dir.join(DB_FILE))),
@@ -314,45 +336,101 @@ impl Store {
             return false;
         }
         let _one = self.evicting.lock().unwrap_or_else(|p| p.into_inner());
-        for (id, path) in self.kept_copies() {
+        for (id, copy) in self.kept_copies() {
             if fits(self.kept.load(Ordering::SeqCst)) {
                 return true;
             }
-            self.remove_spooled(&path);
-            // Its result is no longer available: the job says so.
-            if let Err(e) = self.conn().execute(
-                "UPDATE jobs SET result_gone = 1 WHERE seq = ?1",
-                [i64::try_from(id).unwrap_or(i64::MAX)],
-            ) {
-                tracing::warn!(job = id, error = %e, "a dropped result cannot be marked gone");
+            let seq = i64::try_from(id).unwrap_or(i64::MAX);
+            match copy {
+                KeptCopy::File(path) => {
+                    self.remove_spooled(&path);
+                    // Its result is no longer available: the job says so.
+                    if let Err(e) = self
+                        .conn()
+                        .execute("UPDATE jobs SET result_gone = 1 WHERE seq = ?1", [seq])
+                    {
+                        tracing::warn!(job = id, error = %e, "a dropped result cannot be marked gone");
+                    }
+                    tracing::info!(file = %path.display(), "a delivered result's kept copy dropped to make room in the spool");
+                }
+                KeptCopy::Inline => {
+                    if let Err(e) = self.drop_kept_inline(seq) {
+                        tracing::warn!(job = id, error = %e, "a delivered result kept in the database cannot be dropped");
+                        continue;
+                    }
+                    tracing::info!(job = id, "a delivered result's kept copy (in the database) dropped to make room in the spool");
+                }
             }
-            tracing::info!(file = %path.display(), "a delivered result's kept copy dropped to make room in the spool");
         }
         fits(self.kept.load(Ordering::SeqCst))
     }
 
-    /// The delivered results kept for a retry, oldest job first.
-    fn kept_copies(&self) -> Vec<(u64, PathBuf)> {
-        let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.spool)
+    /// The delivered results kept for a retry, files and inline ones, oldest job first.
+    fn kept_copies(&self) -> Vec<(u64, KeptCopy)> {
+        let mut found: Vec<(u64, KeptCopy)> = std::fs::read_dir(&self.spool)
             .into_iter()
             .flatten()
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == DELIVERED_EXT))
             .filter_map(|p| {
                 let id = p.file_stem()?.to_str()?.parse().ok()?;
-                Some((id, p))
+                Some((id, KeptCopy::File(p)))
             })
             .collect();
-        found.sort();
+        let inline: rusqlite::Result<Vec<i64>> = (|| {
+            let conn = self.conn();
+            let mut stmt = conn.prepare("SELECT job FROM blobs WHERE part = 'out' AND kept = 1")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })();
+        match inline {
+            Ok(ids) => found.extend(
+                ids.into_iter()
+                    .filter_map(|id| Some((u64::try_from(id).ok()?, KeptCopy::Inline))),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "the delivered results kept in the database cannot be listed")
+            }
+        }
+        found.sort_by_key(|(id, _)| *id);
         found
     }
 
-    /// Job `id`'s result was streamed out whole: its file becomes a kept copy, which no
-    /// longer counts against the quota. Answers whether there was a result to move.
+    /// Drops job `seq`'s delivered result kept in the database, and says it is gone.
+    fn drop_kept_inline(&self, seq: i64) -> rusqlite::Result<()> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        let len: Option<u64> = tx
+            .query_row(
+                "DELETE FROM blobs WHERE job = ?1 AND part = 'out' AND kept = 1 RETURNING length(data)",
+                [seq],
+                |r| r.get(0),
+            )
+            .optional()?;
+        tx.execute("UPDATE jobs SET result_gone = 1 WHERE seq = ?1", [seq])?;
+        tx.commit()?;
+        if let Some(len) = len {
+            self.unkeep(len);
+        }
+        Ok(())
+    }
+
+    /// `n` bytes of kept copies are gone.
+    fn unkeep(&self, n: u64) {
+        let _ = self
+            .kept
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| {
+                Some(k.saturating_sub(n))
+            });
+    }
+
+    /// Job `id`'s result was streamed out whole: its file (or its copy in the database)
+    /// becomes a kept copy, which no longer counts against the quota. Answers whether
+    /// there was a result to move.
     pub fn delivered(&self, id: &str) -> bool {
         let (out, kept) = (self.output_path(id), self.delivered_path(id));
         let Ok(meta) = std::fs::metadata(&out) else {
-            return false;
+            return self.delivered_inline(id);
         };
         if std::fs::rename(&out, &kept).is_err() {
             return false;
@@ -360,6 +438,38 @@ impl Store {
         self.release(meta.len());
         self.kept.fetch_add(meta.len(), Ordering::SeqCst);
         true
+    }
+
+    /// [`Store::delivered`] for a result kept in the database. Not flushed by itself
+    /// (`synchronous = NORMAL`, as a file's rename is not): lost to a power cut, the
+    /// result only counts against the quota again until it expires.
+    fn delivered_inline(&self, id: &str) -> bool {
+        let conn = self.conn();
+        let marked = (|| {
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            let len = conn
+                .query_row(
+                    "UPDATE blobs SET kept = 1 WHERE job = ?1 AND part = 'out' AND kept = 0
+                     RETURNING length(data)",
+                    [id],
+                    |r| r.get::<_, u64>(0),
+                )
+                .optional();
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            len
+        })();
+        match marked {
+            Ok(Some(len)) => {
+                self.release(len);
+                self.kept.fetch_add(len, Ordering::SeqCst);
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(job = id, error = %e, "a delivered result kept in the database cannot be marked so");
+                false
+            }
+        }
     }
 
     /// Counts `n` bytes of spool that must be kept whatever the quota (results).
@@ -381,11 +491,7 @@ impl Store {
         if let Ok(meta) = std::fs::metadata(path) {
             if std::fs::remove_file(path).is_ok() {
                 if path.extension().is_some_and(|x| x == DELIVERED_EXT) {
-                    let _ = self
-                        .kept
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| {
-                            Some(k.saturating_sub(meta.len()))
-                        });
+                    self.unkeep(meta.len());
                 } else {
                     self.release(meta.len());
                 }
@@ -396,8 +502,41 @@ impl Store {
     /// Records a job in state `receiving`, or finds the caller's job with the same
     /// idempotency key. A key whose job failed or was cancelled (nothing signed), or
     /// whose result is no longer kept, is given to the new job.
+    ///
+    /// Not flushed by itself (`synchronous = NORMAL` for it alone): the caller is told
+    /// nothing of the job before its input is accepted, which commits `queued` with
+    /// `FULL` and so flushes this record with it. A `kill -9` loses nothing (the WAL is
+    /// in the kernel's cache: recovery fails the cut-off upload); a power cut may lose
+    /// the record of an upload no one heard of.
     pub fn insert(&self, job: &NewJob) -> Result<Inserted, StoreError> {
         let conn = self.conn();
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let inserted = Self::insert_on(&conn, job);
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        inserted
+    }
+
+    /// The caller's job with idempotency key `key` that [`Store::insert`] would answer
+    /// with ([`Inserted::Existing`]): one that neither failed nor was cancelled and whose
+    /// result is still kept.
+    pub fn keyed_job(&self, caller: &str, key: &str) -> Result<Option<String>, StoreError> {
+        let found: Option<(i64, String, bool)> = self
+            .conn()
+            .query_row(
+                "SELECT seq, state, result_gone FROM jobs WHERE caller = ?1 AND idempotency_key = ?2",
+                params![caller, key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? != 0)),
+            )
+            .optional()?;
+        Ok(found.and_then(|(seq, state, gone)| {
+            let ended = gone
+                || state == state_name(JobState::Failed)
+                || state == state_name(JobState::Cancelled);
+            (!ended).then(|| seq.to_string())
+        }))
+    }
+
+    fn insert_on(conn: &Connection, job: &NewJob) -> Result<Inserted, StoreError> {
         let tx = conn.unchecked_transaction()?;
         if let Some(key) = &job.idempotency_key {
             let existing: Option<(i64, String, bool)> = tx
@@ -468,9 +607,47 @@ impl Store {
         Ok(())
     }
 
+    /// The input (at most [`INLINE_MAX`] bytes) is kept in the database and the job
+    /// waits for its turn: both in one transaction, flushed when it returns.
+    pub fn queued_inline(&self, id: &str, sha256: &str, data: &[u8]) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        tx.execute(
+            "UPDATE jobs SET state = ?2, input_sha256 = ?3, input_bytes = ?4 WHERE seq = ?1",
+            params![id, state_name(JobState::Queued), sha256, data.len() as u64],
+        )?;
+        tx.execute(
+            "INSERT INTO blobs (job, part, data) VALUES (?1, 'in', ?2)",
+            params![id, data],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Job `id`'s input, if it is kept in the database.
+    pub fn inline_input(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inline(id, "in")
+    }
+
+    /// Job `id`'s result, if it is kept in the database (delivered or not).
+    pub fn inline_output(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inline(id, "out")
+    }
+
+    fn inline(&self, id: &str, part: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT data FROM blobs WHERE job = ?1 AND part = ?2",
+                params![id, part],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// The job goes to the agent; answers its attempt number.
     ///
-    /// The one commit that is not flushed to disk by itself (`synchronous = NORMAL` for
+    /// A commit that is not flushed to disk by itself (`synchronous = NORMAL` for
     /// it alone): after a crash a job that was `running` is queued again exactly as one
     /// that was `queued` ([`crate::services::jobs`]' recovery), so losing this change to
     /// a power cut loses only the attempt's count and start time; the job's next commit
@@ -506,7 +683,8 @@ impl Store {
     }
 
     /// Ends a job (signed, failed or cancelled) and appends its audit record, in one
-    /// transaction: there is no signed job without its record.
+    /// transaction: there is no signed job without its record. An input kept in the
+    /// database goes in the same transaction.
     pub fn finish(
         &self,
         id: &str,
@@ -515,8 +693,35 @@ impl Store {
         error: Option<&ErrorBody>,
         entry: &Entry,
     ) -> Result<audit::Record, StoreError> {
+        self.finish_with(id, state, output, None, error, entry)
+    }
+
+    /// [`Store::finish`], with the result itself (at most [`INLINE_MAX`] bytes) kept in
+    /// the database in the same transaction, when `inline` has it.
+    pub fn finish_with(
+        &self,
+        id: &str,
+        state: JobState,
+        output: Option<(&str, u64, &str)>,
+        inline: Option<&[u8]>,
+        error: Option<&ErrorBody>,
+        entry: &Entry,
+    ) -> Result<audit::Record, StoreError> {
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
+        let input: Option<u64> = tx
+            .query_row(
+                "DELETE FROM blobs WHERE job = ?1 AND part = 'in' RETURNING length(data)",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(data) = inline {
+            tx.execute(
+                "INSERT OR REPLACE INTO blobs (job, part, data) VALUES (?1, 'out', ?2)",
+                params![id, data],
+            )?;
+        }
         let error_json = error.map(|e| serde_json::to_string(e).unwrap_or_default());
         tx.execute(
             "UPDATE jobs SET state = ?2, finished_ms = ?3, output_sha256 = ?4,
@@ -534,6 +739,12 @@ impl Store {
         )?;
         let rec = audit::append(&tx, entry)?;
         tx.commit()?;
+        if let Some(n) = input {
+            self.release(n);
+        }
+        if let Some(data) = inline {
+            self.charge(data.len() as u64);
+        }
         Ok(rec)
     }
 
@@ -566,10 +777,24 @@ impl Store {
             let rows = stmt.query_map([before], |r| r.get(0))?;
             rows.collect::<Result<_, _>>()?
         };
+        let (mut used, mut kept) = (0, 0);
         for id in &ids {
             tx.execute("UPDATE jobs SET result_gone = 1 WHERE seq = ?1", [id])?;
+            let mut stmt =
+                tx.prepare("DELETE FROM blobs WHERE job = ?1 RETURNING kept, length(data)")?;
+            let gone = stmt.query_map([id], |r| {
+                Ok((r.get::<_, i64>(0)? != 0, r.get::<_, u64>(1)?))
+            })?;
+            for g in gone {
+                match g? {
+                    (true, n) => kept += n,
+                    (false, n) => used += n,
+                }
+            }
         }
         tx.commit()?;
+        self.release(used);
+        self.unkeep(kept);
         Ok(ids.iter().map(ToString::to_string).collect())
     }
 
@@ -718,6 +943,46 @@ fn add_request_column(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Creates the table of inputs and results kept in the database (at most
+/// [`INLINE_MAX`] bytes each; `part` `in` or `out`, `kept`: a result delivered and kept
+/// for a retry), and drops what no job needs any more. Every change to it is in the
+/// transaction that changes its job, so that finds nothing unless a bug left it.
+fn init_blobs(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS blobs (
+            job INTEGER NOT NULL,
+            part TEXT NOT NULL CHECK (part IN ('in', 'out')),
+            data BLOB NOT NULL,
+            kept INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (job, part)
+        );",
+    )?;
+    let stale = conn.execute(
+        "DELETE FROM blobs WHERE job NOT IN (SELECT seq FROM jobs WHERE result_gone = 0)
+            OR (part = 'in' AND job NOT IN
+                (SELECT seq FROM jobs WHERE state IN ('receiving', 'queued', 'running')))",
+        [],
+    )?;
+    if stale > 0 {
+        tracing::warn!(
+            rows = stale,
+            "inputs or results kept in the database for no job were removed"
+        );
+    }
+    Ok(())
+}
+
+/// The bytes kept in the database: (inputs and undelivered results, delivered results kept).
+fn inline_sizes(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
+    conn.query_row(
+        "SELECT COALESCE(SUM(CASE WHEN kept = 0 THEN length(data) END), 0),
+                COALESCE(SUM(CASE WHEN kept = 1 THEN length(data) END), 0)
+         FROM blobs",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+}
+
 /// The spool's bytes: (inputs and undelivered results, delivered results kept).
 fn spool_sizes(dir: &Path) -> std::io::Result<(u64, u64)> {
     let (mut used, mut kept) = (0, 0);
@@ -782,7 +1047,8 @@ mod tests {
         assert_eq!(store.get(&id).unwrap().unwrap().state, JobState::Receiving);
         store.queued(&id, "ab", 3).unwrap();
         assert_eq!(store.running(&id).unwrap(), 1);
-        // Marking a job running is the one unflushed commit; every other stays FULL (2).
+        // Marking a job running is not flushed by itself (nor is its record); the
+        // connection goes back to FULL (2) after each.
         let sync: i64 = store
             .conn()
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
@@ -942,6 +1208,157 @@ mod tests {
         assert_eq!(store.spool_usage().0, 0);
         assert!(store.reserve(100));
         assert!(!store.delivered_path("2").exists());
+    }
+
+    #[test]
+    fn a_small_input_and_result_live_in_the_database_until_they_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 100).unwrap();
+        let Inserted::New(id) = store.insert(&job("uid:0", None)).unwrap() else {
+            panic!()
+        };
+        assert!(store.reserve(30));
+        store.charge(30);
+        store.release(30);
+        store.queued_inline(&id, "ab", &[7u8; 30]).unwrap();
+        assert_eq!(store.spool_usage().0, 30);
+        // The input and `queued` survive a reopen together, and count again.
+        drop(store);
+        let store = Store::open(dir.path(), 100).unwrap();
+        assert_eq!(store.spool_usage().0, 30);
+        let row = store.get(&id).unwrap().unwrap();
+        assert_eq!((row.state, row.input_bytes), (JobState::Queued, Some(30)));
+        assert_eq!(store.inline_input(&id).unwrap(), Some(vec![7u8; 30]));
+        assert!(!store.input_path(&id).exists());
+        // Signed with its result in the same transaction; the input goes with it.
+        store.running(&id).unwrap();
+        store
+            .finish_with(
+                &id,
+                JobState::Signed,
+                Some(("cd", 20, "application/pkcs7-signature")),
+                Some(&[9u8; 20]),
+                None,
+                &Entry {
+                    job: Some(id.clone()),
+                    caller: "uid:0".into(),
+                    transport: "unix".into(),
+                    result: Some(audit::Outcome::Signed),
+                    ..Entry::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(store.inline_input(&id).unwrap(), None);
+        assert_eq!(store.inline_output(&id).unwrap(), Some(vec![9u8; 20]));
+        assert_eq!(store.spool_usage().0, 20);
+        // Delivered: kept for a retry, outside the quota, still there to read.
+        assert!(store.delivered(&id));
+        assert!(!store.delivered(&id), "moved once");
+        assert_eq!((store.spool_usage().0, store.spool_kept()), (0, 20));
+        assert_eq!(store.inline_output(&id).unwrap(), Some(vec![9u8; 20]));
+        drop(store);
+        let store = Store::open(dir.path(), 100).unwrap();
+        assert_eq!((store.spool_usage().0, store.spool_kept()), (0, 20));
+        // It expires with the job's result.
+        assert_eq!(store.expire(u64::MAX).unwrap(), vec![id.clone()]);
+        assert_eq!(store.inline_output(&id).unwrap(), None);
+        assert_eq!((store.spool_usage().0, store.spool_kept()), (0, 0));
+        assert!(audit::verify(&store.conn()).is_ok());
+    }
+
+    #[test]
+    fn an_ended_job_keeps_no_inline_input_and_kept_results_make_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 100).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let Inserted::New(id) = store.insert(&job("uid:0", None)).unwrap() else {
+                panic!()
+            };
+            store.charge(10);
+            store.queued_inline(&id, "ab", &[1u8; 10]).unwrap();
+            ids.push(id);
+        }
+        assert_eq!(store.spool_usage().0, 30);
+        // Cancelled and failed jobs drop their input in the transaction that ends them.
+        store
+            .finish(&ids[0], JobState::Cancelled, None, None, &Entry::default())
+            .unwrap();
+        store
+            .finish(&ids[1], JobState::Failed, None, None, &Entry::default())
+            .unwrap();
+        assert_eq!(store.spool_usage().0, 10);
+        assert_eq!(store.inline_input(&ids[0]).unwrap(), None);
+        store
+            .finish_with(
+                &ids[2],
+                JobState::Signed,
+                Some(("cd", 60, "application/octet-stream")),
+                Some(&[2u8; 60]),
+                None,
+                &Entry::default(),
+            )
+            .unwrap();
+        assert_eq!(store.spool_usage().0, 60);
+        assert!(
+            !store.reserve(50),
+            "60 of 100 in use by an undelivered result"
+        );
+        assert!(store.delivered(&ids[2]));
+        // 50 fits only once the kept copy goes: it is dropped and the job says so.
+        assert!(store.reserve(50));
+        assert_eq!(store.inline_output(&ids[2]).unwrap(), None);
+        assert!(store.get(&ids[2]).unwrap().unwrap().result_gone);
+        assert_eq!(store.spool_kept(), 0);
+    }
+
+    #[test]
+    fn inline_data_of_no_job_is_dropped_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let Inserted::New(id) = store.insert(&job("uid:0", None)).unwrap() else {
+            panic!()
+        };
+        store.queued_inline(&id, "ab", &[1u8; 10]).unwrap();
+        // Rows no transaction of the store would leave: an input of an ended job, and
+        // data of a job that does not exist.
+        store
+            .conn()
+            .execute_batch(&format!(
+                "UPDATE jobs SET state = 'failed' WHERE seq = {id};
+                 INSERT INTO blobs (job, part, data) VALUES (999, 'out', x'00');"
+            ))
+            .unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let left: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM blobs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+        assert_eq!(store.spool_usage().0, 0);
+    }
+
+    #[test]
+    fn a_version_1_database_is_opened_and_marked_version_2() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), 1).unwrap());
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch("DROP TABLE blobs; PRAGMA user_version = 1;")
+                .unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let v: i64 = store
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 2);
+        let Inserted::New(id) = store.insert(&job("uid:0", None)).unwrap() else {
+            panic!()
+        };
+        store.queued_inline(&id, "ab", b"x").unwrap();
+        assert_eq!(store.inline_input(&id).unwrap().as_deref(), Some(&b"x"[..]));
     }
 
     #[test]

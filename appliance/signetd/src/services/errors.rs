@@ -83,6 +83,10 @@ pub enum JobError {
     /// The key's job `id` is still being uploaded.
     #[error("job {id} of this Idempotency-Key is still being uploaded")]
     StillUploading { id: String },
+    /// The request's `x-signet-profile` precondition is not profile `name`'s answer
+    /// as it is now.
+    #[error("profile {name:?} changed since the client asked how it signs")]
+    ProfileChanged { name: String },
     /// The spool has no room for the upload (`len` bytes, when declared).
     #[error("the spool has no room ({used} of {quota} bytes in use)")]
     SpoolFull {
@@ -234,6 +238,10 @@ impl From<&JobError> for ErrorBody {
                 format!("job {id}, sent with this Idempotency-Key, is still being uploaded; send this request again once that upload has ended"),
             )
             .retryable(true),
+            JobError::ProfileChanged { name } => ErrorBody::new(
+                ErrorCode::ProfileChanged,
+                format!("profile {name:?} changed since this client asked how it signs (x-signet-profile is not its answer now); nothing was uploaded or signed: ask again (GET /v1/profile), make the data as it says and send it again"),
+            ),
             JobError::SpoolFull { len, used, quota } => {
                 let what = match len {
                     Some(len) => format!("this {len}-byte upload"),

@@ -1,7 +1,8 @@
-//! The durable job path: a request is recorded, its input spooled, the job queued;
-//! one worker per token takes the next job ([`crate::core::queue`]), streams the spooled
-//! input to the agent, spools the result and ends the job with its audit record; the
-//! request that is waiting (or any later `GET /v1/jobs/{id}/result`) streams the result.
+//! The durable job path: a request is recorded, its input kept (in the database when
+//! small, [`store::INLINE_MAX`], else spooled to a file), the job queued; one worker per
+//! token takes the next job ([`crate::core::queue`]), streams the input to the agent,
+//! keeps the result the same way and ends the job with its audit record; the request
+//! that is waiting (or any later `GET /v1/jobs/{id}/result`) streams the result.
 //!
 //! [`JobService`] owns this use case; the fronts call it and render the results.
 
@@ -163,13 +164,28 @@ pub(crate) enum Stopping {
 }
 
 /// A finished job's result, ready to stream.
-#[derive(Debug)]
 pub struct Delivery {
     pub id: String,
     pub kind: Kind,
     pub content_type: String,
     pub len: u64,
-    pub file: tokio::fs::File,
+    /// The SHA-256 of its profile's `GET /v1/profile` answer as it is now
+    /// ([`profile_answer`]), when the caller may still use the profile.
+    pub profile_sha256: Option<String>,
+    /// Its spool file, or its bytes from the database.
+    pub body: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("content_type", &self.content_type)
+            .field("len", &self.len)
+            .field("profile_sha256", &self.profile_sha256)
+            .finish_non_exhaustive()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -306,6 +322,29 @@ impl Engine {
     }
 }
 
+/// How profile `name` signs, as `GET /v1/profile` answers it.
+fn options_of(name: String, profile: &Profile) -> ProfileOptions {
+    ProfileOptions {
+        name,
+        hash: profile.hash,
+        page_hashes: profile.page_hashes,
+        nested: profile.nested,
+        formats: profile.allowed_formats(),
+        timestamp: Some(profile.timestamp.clone()),
+        certificate: profile.certificate.clone(),
+    }
+}
+
+/// The body of `GET /v1/profile` for `options`, and its SHA-256 (hex), which the
+/// answer and each result of a job with that profile carry
+/// ([`signet_api::wire::PROFILE_HEADER`]); a signing request may carry it as its
+/// precondition ([`JobService::submit`]).
+pub fn profile_answer(options: &ProfileOptions) -> (Vec<u8>, String) {
+    let body = serde_json::to_vec(options).unwrap_or_default();
+    let sha = audit::hex(&Sha256::digest(&body));
+    (body, sha)
+}
+
 /// What an idempotency key is bound to besides the body: the SHA-256 (hex) of the
 /// job's kind and the request as the caller asked it.
 fn request_sha256(kind: &Kind, asked: &signet_api::wire::SignQuery) -> String {
@@ -344,6 +383,12 @@ pub struct Job {
     /// The request as the caller asked it, its profile resolved: what an
     /// idempotency key is bound to, with the body.
     pub asked: SignQuery,
+    /// The SHA-256 of the profile's `GET /v1/profile` answer ([`profile_answer`]) as
+    /// the job was accepted: what it is signed as.
+    pub profile_sha256: String,
+    /// The request's precondition (`x-signet-profile`): the SHA-256 of the answer the
+    /// caller made its data with.
+    pub if_profile: Option<String>,
 }
 
 /// A signing request as a front received it: who sent it over what, what it asks (or
@@ -361,6 +406,9 @@ pub struct SubmitRequest {
     pub content_type: Option<String>,
     pub content_length: Option<u64>,
     pub idempotency_key: Option<String>,
+    /// `x-signet-profile`: the SHA-256 of the profile answer the caller made its data
+    /// with, a precondition of a new job ([`JobService::submit`]).
+    pub if_profile: Option<String>,
     /// `Prefer: respond-async`: answer with the queued job, not its result.
     pub respond_async: bool,
     pub body: Body,
@@ -525,15 +573,7 @@ impl JobService {
         caller: &Caller,
     ) -> Result<ProfileOptions, JobError> {
         let (name, profile, _) = self.profile(name, caller)?;
-        Ok(ProfileOptions {
-            name,
-            hash: profile.hash,
-            page_hashes: profile.page_hashes,
-            nested: profile.nested,
-            formats: profile.allowed_formats(),
-            timestamp: Some(profile.timestamp.clone()),
-            certificate: profile.certificate.clone(),
-        })
+        Ok(options_of(name, &profile))
     }
 
     /// Checks a signing request against the profiles and the grants and turns it into a
@@ -549,7 +589,12 @@ impl JobService {
             f => f.clone(),
         };
         tracing::info!(%caller, profile = name, file = filename.as_deref().unwrap_or("-"), "request accepted");
+        // From the same configuration as the job's agent query below: the answer the
+        // job is signed as, whatever a reload does after.
+        let (_, profile_sha256) = profile_answer(&options_of(name.to_owned(), profile));
         Ok(Job {
+            profile_sha256,
+            if_profile: None,
             asked: SignQuery {
                 profile: Some(name.to_owned()),
                 ..query.clone()
@@ -598,6 +643,10 @@ impl JobService {
                 req.query
                     .map_err(JobError::Request)
                     .and_then(|q| self.accept(&q, &caller))
+            })
+            .map(|job| Job {
+                if_profile: req.if_profile,
+                ..job
             })
             .and_then(|job| {
                 if req.content_length.is_some_and(|n| n > job.max_input_size) {
@@ -787,6 +836,29 @@ impl JobService {
             refused(&e);
             return Err(e);
         }
+        // The precondition (`x-signet-profile`, as HTTP's If-Match): data made with an
+        // answer the profile no longer gives is refused here, before a record, a byte
+        // of the body or the token, so nothing is signed that the caller would throw
+        // away. It guards a new job only: a request whose key names a job already taken
+        // (sent again across a restart) gets that job, which passed it at its own
+        // intake; refusing it would have the caller send the file as a second job.
+        if job
+            .if_profile
+            .as_deref()
+            .is_some_and(|h| !h.eq_ignore_ascii_case(&job.profile_sha256))
+        {
+            let taken = match &key {
+                Some(k) => store.keyed_job(&caller, k).ok().flatten().is_some(),
+                None => false,
+            };
+            if !taken {
+                let e = JobError::ProfileChanged {
+                    name: job.profile.clone(),
+                };
+                refused(&e);
+                return Err(e);
+            }
+        }
         let mut reserved = 0u64;
         if let Some(len) = content_length {
             if !store.reserve(len) {
@@ -847,7 +919,7 @@ impl JobService {
                 }
             };
             store.release(reserved);
-            let (sha, n) = match spooled {
+            let landed = match spooled {
                 Ok(done) => done,
                 Err(fault) => {
                     store.remove_spooled(&path);
@@ -875,7 +947,17 @@ impl JobService {
                     return Err(e);
                 }
             };
-            let queued = store.queued(&id, &sha, n);
+            // A small input and `queued` in one transaction; a large one is in its file.
+            let queued = match &landed.inline {
+                Some(data) => {
+                    let q = store.queued_inline(&id, &landed.sha, data);
+                    if q.is_err() {
+                        store.release(landed.n);
+                    }
+                    q
+                }
+                None => store.queued(&id, &landed.sha, landed.n),
+            };
             engine.store_wrote(queued.as_ref().map(|_| ()));
             queued.map_err(|e| {
                 if e.disk_full() {
@@ -1088,16 +1170,27 @@ impl JobService {
                     });
                 }
                 let store = &self.engine().store;
-                let file = match tokio::fs::File::open(store.output_path(id)).await {
-                    Ok(f) => f,
-                    // Delivered once already: the copy kept for a retry, while it lasts.
-                    Err(_) => tokio::fs::File::open(store.delivered_path(id))
-                        .await
-                        .map_err(|_| JobError::DeliveredCopyGone {
-                            id: id.to_owned(),
-                            ttl,
-                        })?,
+                let gone = || JobError::DeliveredCopyGone {
+                    id: id.to_owned(),
+                    ttl,
                 };
+                let body: Box<dyn tokio::io::AsyncRead + Send + Unpin> =
+                    match tokio::fs::File::open(store.output_path(id)).await {
+                        Ok(f) => Box::new(f),
+                        // Kept in the database (delivered or not), or delivered once
+                        // already: the copy kept for a retry, while it lasts.
+                        Err(_) => match store
+                            .inline_output(id)
+                            .map_err(|e| JobError::internal(id, "reading the result", &e))?
+                        {
+                            Some(data) => Box::new(std::io::Cursor::new(data)),
+                            None => Box::new(
+                                tokio::fs::File::open(store.delivered_path(id))
+                                    .await
+                                    .map_err(|_| gone())?,
+                            ),
+                        },
+                    };
                 Ok(Delivery {
                     id: row.id,
                     kind: row.kind,
@@ -1105,7 +1198,11 @@ impl JobService {
                         .output_type
                         .unwrap_or_else(|| "application/octet-stream".to_owned()),
                     len: row.output_bytes.unwrap_or(0),
-                    file,
+                    profile_sha256: self
+                        .profile_options(Some(&row.profile), caller)
+                        .ok()
+                        .map(|o| profile_answer(&o).1),
+                    body,
                 })
             }
             JobState::Failed | JobState::Cancelled => {
@@ -1453,11 +1550,17 @@ impl JobService {
                     ))
                 }
             };
-            let file = tokio::fs::File::open(store.input_path(id))
-                .await
-                .map_err(|e| ErrorBody::from(JobError::internal(id, "opening the spooled input", &e)))?;
+            let input: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match store.inline_input(id) {
+                Ok(Some(data)) => Box::new(std::io::Cursor::new(data)),
+                Ok(None) => Box::new(
+                    tokio::fs::File::open(store.input_path(id))
+                        .await
+                        .map_err(|e| ErrorBody::from(JobError::internal(id, "opening the spooled input", &e)))?,
+                ),
+                Err(e) => return Err(JobError::internal(id, "reading the input", &e).into()),
+            };
             let body = Body::from_stream(upload(
-                file,
+                input,
                 row.input_bytes,
                 prev.clone(),
                 Arc::clone(&gate),
@@ -1482,14 +1585,14 @@ impl JobService {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/octet-stream")
                 .to_owned();
-            let (sha, n) = save(resp.into_body(), &out_path).await.map_err(|e| match e {
+            let landed = save(resp.into_body(), &out_path).await.map_err(|e| match e {
                 Saved::Broken(e) => {
                     tracing::warn!(job = id, error = %e, "the agent's answer broke off");
                     ErrorBody::new(ErrorCode::AgentUnavailable, "the signing VM's agent stopped answering mid-job; nothing was delivered").retryable(true)
                 }
                 Saved::Disk(e) => JobError::internal(id, "spooling the result", &e).into(),
             })?;
-            Ok::<_, ErrorBody>((sha, n, ct))
+            Ok::<_, ErrorBody>((landed, ct))
         }
         .instrument(span);
         let answer = tokio::select! {
@@ -1536,15 +1639,25 @@ impl JobService {
             Ok(_) => self.timeline().saw(Seen::ContactOk),
         }
         match answer {
-            Ok((sha, n, ct)) => {
-                store.charge(n);
+            Ok((Landed { sha, n, inline }, ct)) => {
+                // A small result is kept in the transaction that ends the job.
+                if inline.is_none() {
+                    store.charge(n);
+                }
                 let mut e = entry(&row, Outcome::Signed, None);
                 e.token_serial = token_serial;
                 e.cert_sha256 = cert;
                 e.output_sha256 = Some(sha.clone());
                 e.output_bytes = Some(n);
                 e.duration_ms = Some(ms);
-                let finished = store.finish(id, JobState::Signed, Some((&sha, n, &ct)), None, &e);
+                let finished = store.finish_with(
+                    id,
+                    JobState::Signed,
+                    Some((&sha, n, &ct)),
+                    inline.as_deref(),
+                    None,
+                    &e,
+                );
                 engine.store_wrote(finished.as_ref().map(|_| ()));
                 match finished {
                     Ok(_) => {
@@ -1756,7 +1869,8 @@ async fn hold(
     go_on && !draining.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-/// A job's spooled input as the body sent to the agent, read in [`signet_protocol::IO_BLOCK`]s.
+/// A job's input (its spool file, or its bytes from the database) as the body sent to
+/// the agent, read in [`signet_protocol::IO_BLOCK`]s.
 /// With a job before it at the agent (`prev`), its last byte waits for that one's
 /// answer ([`hold`]): the agent takes a job to its lock only once it has it whole, so
 /// this one cannot overtake it. When that one goes back to the queue instead, the
@@ -1764,7 +1878,7 @@ async fn hold(
 /// unsigned. `phase` becomes
 /// [`Phase::Sent`] once the input is handed over whole.
 fn upload(
-    file: tokio::fs::File,
+    input: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
     len: Option<u64>,
     prev: Option<watch::Receiver<Phase>>,
     gate: Arc<Gate>,
@@ -1784,7 +1898,7 @@ fn upload(
         sent(&phase);
     }
     let len = len.unwrap_or(u64::MAX);
-    let blocks = tokio_util::io::ReaderStream::with_capacity(file, signet_protocol::IO_BLOCK);
+    let blocks = tokio_util::io::ReaderStream::with_capacity(input, signet_protocol::IO_BLOCK);
     futures_util::stream::unfold(
         (blocks, 0u64, prev, None::<bytes::Bytes>, false),
         move |(mut blocks, mut n, mut prev, tail, done)| {
@@ -1839,44 +1953,107 @@ enum Spool {
     Disk(std::io::Error),
 }
 
-/// Streams `body` to `path` (fsync'd, with its directory), hashing as it goes; space
-/// beyond `reserved` is reserved chunk by chunk. Answers the SHA-256 and the length.
+/// An input or a result as it was kept: its SHA-256 (hex), its length, and its bytes
+/// when they are few enough for the database ([`store::INLINE_MAX`]); else they are in
+/// the spool file, fsync'd with its directory.
+#[derive(Debug)]
+struct Landed {
+    sha: String,
+    n: u64,
+    inline: Option<Vec<u8>>,
+}
+
+/// Where the bytes of an input or a result go: memory while they are at most
+/// [`store::INLINE_MAX`], else (all of them) the spool file at `path`.
+struct Sink<'a> {
+    path: &'a Path,
+    buf: Vec<u8>,
+    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
+    hash: Sha256,
+    n: u64,
+}
+
+impl<'a> Sink<'a> {
+    fn new(path: &'a Path) -> Sink<'a> {
+        Sink {
+            path,
+            buf: Vec::new(),
+            file: None,
+            hash: Sha256::new(),
+            n: 0,
+        }
+    }
+
+    async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        self.hash.update(chunk);
+        self.n += chunk.len() as u64;
+        if self.file.is_none() {
+            if self.n <= store::INLINE_MAX {
+                self.buf.extend_from_slice(chunk);
+                return Ok(());
+            }
+            // tokio's file writes each cost a trip to the blocking pool: write big blocks.
+            let mut file = tokio::io::BufWriter::with_capacity(
+                signet_protocol::IO_BLOCK,
+                tokio::fs::File::create(self.path).await?,
+            );
+            file.write_all(&std::mem::take(&mut self.buf)).await?;
+            self.file = Some(file);
+        }
+        match self.file.as_mut() {
+            Some(file) => file.write_all(chunk).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The end: a file is flushed and fsync'd, with its directory.
+    async fn end(self) -> std::io::Result<Landed> {
+        let inline = match self.file {
+            None => Some(self.buf),
+            Some(mut file) => {
+                file.flush().await?;
+                file.get_ref().sync_all().await?;
+                if let Some(dir) = self.path.parent() {
+                    store::sync_dir(dir)?;
+                }
+                None
+            }
+        };
+        Ok(Landed {
+            sha: audit::hex(&self.hash.finalize()),
+            n: self.n,
+            inline,
+        })
+    }
+}
+
+/// Streams `body` into memory, or to `path` (fsync'd, with its directory) once it is
+/// more than [`store::INLINE_MAX`], hashing as it goes; space beyond `reserved` is
+/// reserved chunk by chunk.
 async fn spool(
     store: &Store,
     path: &Path,
     body: Body,
     reserved: &mut u64,
-) -> Result<(String, u64), Spool> {
-    // tokio's file writes each cost a trip to the blocking pool: write big blocks.
-    let mut file = tokio::io::BufWriter::with_capacity(
-        signet_protocol::IO_BLOCK,
-        tokio::fs::File::create(path).await.map_err(Spool::Disk)?,
-    );
-    let mut hash = Sha256::new();
-    let mut n = 0u64;
+) -> Result<Landed, Spool> {
+    let mut sink = Sink::new(path);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(Spool::Broken)?;
         let len = chunk.len() as u64;
-        if n + len > *reserved {
-            let more = n + len - *reserved;
+        if sink.n + len > *reserved {
+            let more = sink.n + len - *reserved;
             if !store.reserve(more) {
                 return Err(Spool::Full);
             }
             *reserved += more;
         }
-        hash.update(&chunk);
-        file.write_all(&chunk).await.map_err(Spool::Disk)?;
-        n += len;
+        sink.write(&chunk).await.map_err(Spool::Disk)?;
     }
-    file.flush().await.map_err(Spool::Disk)?;
-    file.get_ref().sync_all().await.map_err(Spool::Disk)?;
-    if let Some(dir) = path.parent() {
-        store::sync_dir(dir).map_err(Spool::Disk)?;
-    }
-    // The file's bytes are counted from now on; the reservation is given back.
-    store.charge(n);
-    Ok((audit::hex(&hash.finalize()), n))
+    let landed = sink.end().await.map_err(Spool::Disk)?;
+    // The input's bytes are counted from now on; the reservation is given back.
+    store.charge(landed.n);
+    Ok(landed)
 }
 
 enum Saved {
@@ -1884,33 +2061,202 @@ enum Saved {
     Disk(std::io::Error),
 }
 
-/// Streams the agent's answer to `path` (fsync'd), hashing as it goes.
-async fn save(mut body: hyper::body::Incoming, path: &Path) -> Result<(String, u64), Saved> {
-    let mut file = tokio::io::BufWriter::with_capacity(
-        signet_protocol::IO_BLOCK,
-        tokio::fs::File::create(path).await.map_err(Saved::Disk)?,
-    );
-    let mut hash = Sha256::new();
-    let mut n = 0u64;
+/// Streams the agent's answer into memory, or to `path` (fsync'd, with its directory)
+/// once it is more than [`store::INLINE_MAX`], hashing as it goes.
+async fn save(mut body: hyper::body::Incoming, path: &Path) -> Result<Landed, Saved> {
+    let mut sink = Sink::new(path);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(Saved::Broken)?;
         if let Ok(data) = frame.into_data() {
-            hash.update(&data);
-            file.write_all(&data).await.map_err(Saved::Disk)?;
-            n += data.len() as u64;
+            sink.write(&data).await.map_err(Saved::Disk)?;
         }
     }
-    file.flush().await.map_err(Saved::Disk)?;
-    file.get_ref().sync_all().await.map_err(Saved::Disk)?;
-    if let Some(dir) = path.parent() {
-        store::sync_dir(dir).map_err(Saved::Disk)?;
-    }
-    Ok((audit::hex(&hash.finalize()), n))
+    sink.end().await.map_err(Saved::Disk)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A daemon with one profile (`release`, SHA-256), no worker running: what is
+    /// queued stays queued.
+    fn daemon(dir: &Path) -> Arc<crate::services::daemon::Daemon> {
+        let path = dir.join("signetd.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "state_dir = \"{}\"\nagent = \"unix:/run/a.sock\"\nlisten = [\"unix:/run/s.sock\"]\ndefault_profile = \"release\"\n\n[profiles.release]\nhash = \"sha256\"\n",
+                dir.join("state").display()
+            ),
+        )
+        .unwrap();
+        let cfg = crate::config::Config::load(&path).unwrap();
+        Arc::new(crate::services::daemon::Daemon::open(cfg).unwrap())
+    }
+
+    fn request(if_profile: Option<&str>, key: Option<&str>) -> SubmitRequest {
+        SubmitRequest {
+            peer: Peer::Unix {
+                uid: 0,
+                gid: 0,
+                pid: None,
+            },
+            over_tls: false,
+            authorization: None,
+            query: Ok(SignQuery {
+                filename: Some("data.p7".into()),
+                mode: signet_api::wire::SignMode::Digest,
+                ..SignQuery::default()
+            }),
+            kind: Kind::Sign,
+            content_type: None,
+            content_length: Some(4),
+            idempotency_key: key.map(str::to_owned),
+            if_profile: if_profile.map(str::to_owned),
+            respond_async: true,
+            body: Body::from(&b"data"[..]),
+        }
+    }
+
+    fn jobs(store: &Store) -> i64 {
+        store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_profile_changed_since_the_caller_asked_is_refused_before_a_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = daemon(dir.path());
+        let jobs_svc = daemon.job_service();
+        let caller = daemon
+            .callers()
+            .authenticate(
+                &Peer::Unix {
+                    uid: 0,
+                    gid: 0,
+                    pid: None,
+                },
+                false,
+                None,
+            )
+            .unwrap();
+        // The intake compares with exactly what GET /v1/profile says.
+        let (_, now) = profile_answer(&jobs_svc.profile_options(None, &caller).unwrap());
+        let stale = audit::hex(&Sha256::digest(b"an answer of before"));
+
+        let Signing::Failed(e) = jobs_svc.sign(request(Some(&stale), None)).await else {
+            panic!("a stale precondition is refused")
+        };
+        let told = ErrorBody::from(&e);
+        assert_eq!(
+            (told.code, told.code.http_status()),
+            (ErrorCode::ProfileChanged, 412)
+        );
+        assert!(told.message.contains("ask again"), "{}", told.message);
+        assert_eq!(jobs(jobs_svc.store()), 0, "no job record, nothing queued");
+        assert_eq!(jobs_svc.queue_status().waiting, 0);
+        let tail = daemon.reads().audit_tail(10).await.unwrap();
+        assert!(
+            tail.len() == 1 && tail[0].error.as_deref() == Some("profile_changed"),
+            "the refusal is audited as the others before a job are: {tail:?}"
+        );
+
+        // The answer as it is now: queued. No precondition: as before.
+        for (if_profile, key) in [(Some(now.as_str()), Some("k1")), (None, None)] {
+            let Signing::Queued { job, .. } = jobs_svc.sign(request(if_profile, key)).await else {
+                panic!("queued")
+            };
+            assert_eq!(job.unwrap().state, JobState::Queued);
+        }
+        assert_eq!(jobs(jobs_svc.store()), 2);
+
+        // The same request sent again with its key (across a restart) gets its job
+        // whatever the profile is now: refusing it would make the caller sign twice.
+        let Signing::Queued { id, .. } = jobs_svc.sign(request(Some(&stale), Some("k1"))).await
+        else {
+            panic!("the key's job")
+        };
+        assert_eq!(id, "1");
+        assert_eq!(jobs(jobs_svc.store()), 2);
+    }
+
+    fn new_job() -> NewJob {
+        NewJob {
+            caller: "uid:0".into(),
+            transport: "unix".into(),
+            idempotency_key: None,
+            kind: Kind::Sign,
+            profile: "release".into(),
+            filename: Some("app.exe".into()),
+            agent_query: "profile=release".into(),
+            content_type: "application/octet-stream".into(),
+            request_sha256: None,
+        }
+    }
+
+    /// What a `kill -9` leaves between the steps of jobs whose input is in the
+    /// database: recovery queues again those queued or at the agent, with their input,
+    /// fails the upload cut short, and leaves a signed job's result alone.
+    #[test]
+    fn recovery_after_a_crash_queues_inline_jobs_again_with_their_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let id = |i: Inserted| match i {
+            Inserted::New(id) => id,
+            Inserted::Existing(_) => panic!("a new job"),
+        };
+        let receiving = id(store.insert(&new_job()).unwrap());
+        let queued = id(store.insert(&new_job()).unwrap());
+        store.charge(3);
+        store.queued_inline(&queued, "q", b"abc").unwrap();
+        let running = id(store.insert(&new_job()).unwrap());
+        store.charge(4);
+        store.queued_inline(&running, "r", b"abcd").unwrap();
+        store.running(&running).unwrap();
+        let signed = id(store.insert(&new_job()).unwrap());
+        store.charge(5);
+        store.queued_inline(&signed, "s", b"abcde").unwrap();
+        store.running(&signed).unwrap();
+        store
+            .finish_with(
+                &signed,
+                JobState::Signed,
+                Some(("o", 2, "application/octet-stream")),
+                Some(b"ok"),
+                None,
+                &Entry::default(),
+            )
+            .unwrap();
+        drop(store);
+
+        let engine = Engine::open(dir.path(), 1 << 20).unwrap();
+        let store = engine.store();
+        assert_eq!(engine.ended_at_start(), std::slice::from_ref(&receiving));
+        assert_eq!(
+            store.get(&receiving).unwrap().unwrap().state,
+            JobState::Failed
+        );
+        for (job, input) in [(&queued, &b"abc"[..]), (&running, &b"abcd"[..])] {
+            assert_eq!(store.get(job).unwrap().unwrap().state, JobState::Queued);
+            assert_eq!(store.inline_input(job).unwrap().as_deref(), Some(input));
+        }
+        // In the order they were sent, once each.
+        let sched = lock(&engine.sched);
+        assert_eq!(sched.queue.position(&queued), Some(0));
+        assert_eq!(sched.queue.position(&running), Some(1));
+        assert_eq!(sched.queue.position(&signed), None);
+        assert_eq!(sched.queue.len(), 2);
+        drop(sched);
+        assert_eq!(store.inline_input(&signed).unwrap(), None);
+        assert_eq!(
+            store.inline_output(&signed).unwrap().as_deref(),
+            Some(&b"ok"[..])
+        );
+        // The two inputs and the undelivered result count against the quota.
+        assert_eq!(store.spool_usage().0, 3 + 4 + 2);
+    }
 
     #[test]
     fn transports_are_named_for_the_audit() {

@@ -140,7 +140,18 @@ async fn profile(
         })
     });
     match options {
-        Ok(o) => Json(o).into_response(),
+        Ok(o) => {
+            let (body, sha) = crate::services::jobs::profile_answer(&o);
+            let mut r = Body::from(body).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&sha) {
+                r.headers_mut().insert(signet_api::wire::PROFILE_HEADER, v);
+            }
+            r
+        }
         Err(e) => error_response(&daemon, e),
     }
 }
@@ -305,6 +316,7 @@ async fn job(
         content_type: header_str(header::CONTENT_TYPE.as_str()),
         content_length: header_str(header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok()),
         idempotency_key: header_str(IDEMPOTENCY_HEADER),
+        if_profile: header_str(signet_api::wire::PROFILE_HEADER),
         respond_async: headers
             .get_all("prefer")
             .iter()
@@ -362,7 +374,8 @@ fn render_result(
     result: Result<Delivery, JobError>,
 ) -> Result<Response, ErrorBody> {
     let d = result?;
-    let stream = tokio_util::io::ReaderStream::with_capacity(d.file, signet_protocol::IO_BLOCK);
+    let profile = d.profile_sha256;
+    let stream = tokio_util::io::ReaderStream::with_capacity(d.body, signet_protocol::IO_BLOCK);
     let mut resp = match d.kind {
         Kind::Batch => {
             let Ok(boundary) = multer::parse_boundary(&d.content_type) else {
@@ -402,6 +415,10 @@ fn render_result(
     resp = resp.map(|b| Body::from_stream(when_streamed(b.into_data_stream(), len, daemon, id)));
     if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert(JOB_HEADER, v);
+    }
+    if let Some(v) = profile.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        resp.headers_mut()
+            .insert(signet_api::wire::PROFILE_HEADER, v);
     }
     Ok(resp)
 }
