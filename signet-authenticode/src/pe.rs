@@ -256,35 +256,13 @@ impl PeImage {
         hash: HashAlg,
         page_hashes: bool,
     ) -> Result<Vec<u8>, Error> {
-        let file = if page_hashes {
-            let serialized = self.serialized_page_hashes(r)?;
-            SpcLink::Moniker(SpcSerializedObject {
-                class_id: OctetString::new(asn1::PAGE_HASHES_CLASS.to_vec())?,
-                serialized_data: OctetString::new(serialized)?,
-            })
+        let pages = if page_hashes {
+            Some(self.serialized_page_hashes(r)?)
         } else {
-            SpcLink::File(SpcString::Unicode(BmpString::from_utf8("<<<Obsolete>>>")?))
-        };
-        let data = SpcPeImageData {
-            // includeResources, as osslsigncode writes it (03 02 07 80).
-            flags: BitString::new(7, vec![0x80])?,
-            file: Some(file),
+            None
         };
         let digest = self.digest(r, hash)?;
-        Ok(SpcIndirectDataContent {
-            data: SpcAttributeTypeAndOptionalValue {
-                value_type: asn1::SPC_PE_IMAGE_DATA,
-                value: Some(Any::encode_from(&data)?),
-            },
-            message_digest: DigestInfo {
-                digest_algorithm: spki::AlgorithmIdentifierOwned {
-                    oid: hash.oid(),
-                    parameters: Some(Any::null()),
-                },
-                digest: OctetString::new(digest)?,
-            },
-        }
-        .to_der()?)
+        indirect_data_of(hash, digest, pages)
     }
 
     /// The page hashes as SpcSerializedObject.serializedData carries them (v2, SHA-256).
@@ -402,6 +380,41 @@ impl PeImage {
     }
 }
 
+/// The DER SpcIndirectDataContent of a PE file whose Authenticode digest is `digest`
+/// (made with `hash`), with its serialized page hashes when given.
+fn indirect_data_of(
+    hash: HashAlg,
+    digest: Vec<u8>,
+    page_hashes: Option<Vec<u8>>,
+) -> Result<Vec<u8>, Error> {
+    let file = match page_hashes {
+        Some(serialized) => SpcLink::Moniker(SpcSerializedObject {
+            class_id: OctetString::new(asn1::PAGE_HASHES_CLASS.to_vec())?,
+            serialized_data: OctetString::new(serialized)?,
+        }),
+        None => SpcLink::File(SpcString::Unicode(BmpString::from_utf8("<<<Obsolete>>>")?)),
+    };
+    let data = SpcPeImageData {
+        // includeResources, as osslsigncode writes it (03 02 07 80).
+        flags: BitString::new(7, vec![0x80])?,
+        file: Some(file),
+    };
+    Ok(SpcIndirectDataContent {
+        data: SpcAttributeTypeAndOptionalValue {
+            value_type: asn1::SPC_PE_IMAGE_DATA,
+            value: Some(Any::encode_from(&data)?),
+        },
+        message_digest: DigestInfo {
+            digest_algorithm: spki::AlgorithmIdentifierOwned {
+                oid: hash.oid(),
+                parameters: Some(Any::null()),
+            },
+            digest: OctetString::new(digest)?,
+        },
+    }
+    .to_der()?)
+}
+
 /// What [`sign_pe`] wrote.
 #[derive(Debug, Clone)]
 pub struct PeSigned {
@@ -416,10 +429,12 @@ pub struct PeSigned {
     pub nested: bool,
 }
 
-/// Signs the PE file `input` as `options` say and writes the signed copy to `output`
-/// (read back once for the checksum): the file up to its existing signature,
-/// zero-padded to 8, then the certificate table (8-aligned) holding the new signature;
-/// or, nested, the existing signature with the new one inside it.
+/// Signs the PE file `input` as `options` say and writes the signed copy to `output`:
+/// the file up to its existing signature, zero-padded to 8, then the certificate table
+/// (8-aligned) holding the new signature; or, nested, the existing signature with the
+/// new one inside it. The file is read once: copied to `output` while its digest and
+/// checksum are computed, then signed (page hashes, when asked, take a pass of their
+/// own first). On an error `output` holds an unfinished copy.
 pub fn sign_pe<R: Read + Seek, W: Read + Write + Seek, S: RawSigner>(
     input: &mut R,
     output: &mut W,
@@ -437,26 +452,112 @@ pub fn sign_pe<R: Read + Seek, W: Read + Write + Seek, S: RawSigner>(
         Some(outer) => Some(u32::try_from(nested_count(outer)? + 1).unwrap_or(u32::MAX)),
         None => None,
     };
-    let indirect = image.indirect_data(input, options.hash, options.page_hashes)?;
+    let pages = if options.page_hashes {
+        Some(image.serialized_page_hashes(input)?)
+    } else {
+        None
+    };
+    let mut buf = vec![0u8; BUF];
+    let copied = copy(&image, input, output, Some(options.hash), &mut buf)?;
+    let digest = match copied.digest.clone() {
+        Some(d) => d,
+        None => image.digest(input, options.hash)?,
+    };
+    let indirect = indirect_data_of(options.hash, digest, pages)?;
     let ours = sign_with_sequence(&indirect, options, signer, sequence)?;
     let signature = match existing {
         Some(outer) => add_nested(&outer, &ours)?,
         None => ours,
     };
-
-    embed(&image, input, output, signature, nested)
+    finish(&image, output, copied, signature, nested, &mut buf)
 }
 
-/// Writes `input` (laid out as `image`) to `output` with `signature` as its only
-/// certificate table entry: the file up to its existing signature, zero-padded to 8,
-/// then the certificate table (8-aligned), the security directory set and the checksum
-/// recomputed (reading `output` back once). Constant memory: one buffer of [`BUF`].
-fn embed<R: Read + Seek, W: Read + Write + Seek>(
+/// What [`copy`] did: the file's digest (when asked and its layout allows it in the
+/// same pass) and its checksum's sum so far.
+#[derive(Debug, Clone)]
+struct Copied {
+    digest: Option<Vec<u8>>,
+    /// The words written, the checksum field and the security directory entry left
+    /// out; `None` when the layout keeps them from being left out (the security
+    /// directory entry past the copied part): the checksum is then read back.
+    sum: Option<WordSum>,
+}
+
+/// Copies `input` (laid out as `image`) up to its existing signature to the start of
+/// `output`, in constant memory (`buf`), computing in the same pass its Authenticode
+/// digest with `hash` and the checksum's sum of what was written.
+fn copy<R: Read + Seek, W: Write + Seek>(
     image: &PeImage,
     input: &mut R,
     output: &mut W,
+    hash: Option<HashAlg>,
+    buf: &mut [u8],
+) -> Result<Copied, Error> {
+    let end = image.file_end();
+    let cs = image.checksum_at();
+    let sd = image.security_dir_at();
+    // The usual layout: the checksum field and the security directory entry inside
+    // what is copied. Otherwise the digest (which hashes the headers even past a
+    // signature) and the checksum are made the way that holds for any layout.
+    let usual = sd + 8 <= end;
+    let mut h = hash.filter(|_| usual).map(HashAlg::hasher);
+    let mut sum = WordSum::default();
+    let (checksum_field, security_dir) = if usual {
+        (read_at(input, cs, 4)?, read_at(input, sd, 8)?)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    output.seek(SeekFrom::Start(0))?;
+    input.seek(SeekFrom::Start(0))?;
+    let even = buf.len() & !1;
+    let mut at = 0u64;
+    while at < end {
+        let n = (even as u64).min(end - at) as usize;
+        let chunk = &mut buf[..n];
+        input.read_exact(chunk)?;
+        if let Some(h) = h.as_deref_mut() {
+            // The checksum field and the security directory entry are not hashed.
+            for (from, to) in [(0, cs), (cs + 4, sd), (sd + 8, end)] {
+                let (from, to) = (from.max(at), to.min(at + n as u64));
+                if from < to {
+                    h.update(&chunk[(from - at) as usize..(to - at) as usize]);
+                }
+            }
+        }
+        if usual {
+            sum.add(at, chunk);
+        }
+        output.write_all(chunk)?;
+        at += n as u64;
+    }
+    let digest = h.map(|mut h| {
+        let pad = (8 - end % 8) % 8;
+        h.update(&[0u8; 8][..pad as usize]);
+        h.finalize().to_vec()
+    });
+    let sum = usual.then(|| {
+        // The checksum field counts as 0 (as osslsigncode counts it: the two words
+        // at its offset when that is even), the security directory entry as what
+        // [`finish`] writes there.
+        if cs % 2 == 0 {
+            sum.sub(cs, &checksum_field);
+        }
+        sum.sub(sd, &security_dir);
+        sum
+    });
+    Ok(Copied { digest, sum })
+}
+
+/// Ends the signed copy [`copy`] began: the padding to 8, the certificate table
+/// (8-aligned) with `signature` as its only entry, the security directory set and
+/// the checksum written.
+fn finish<W: Read + Write + Seek>(
+    image: &PeImage,
+    output: &mut W,
+    copied: Copied,
     signature: Vec<u8>,
     nested: bool,
+    buf: &mut [u8],
 ) -> Result<PeSigned, Error> {
     let end = image.file_end();
     let pad = (8 - end % 8) % 8;
@@ -470,22 +571,29 @@ fn embed<R: Read + Seek, W: Read + Write + Seek>(
             "it would be larger than 4 GiB with its signature, more than a PE file can address; split it",
         ));
     };
-
-    output.seek(SeekFrom::Start(0))?;
-    input.seek(SeekFrom::Start(0))?;
-    let mut buf = vec![0u8; BUF];
-    copy_exact(input, output, end, &mut buf)?;
-    output.write_all(&[0u8; 8][..pad as usize])?;
-    output.write_all(&table_size.to_le_bytes())?;
-    output.write_all(&WIN_CERT_REVISION_2.to_le_bytes())?;
-    output.write_all(&WIN_CERT_TYPE_PKCS.to_le_bytes())?;
-    output.write_all(&signature)?;
-    output.write_all(&[0u8; 8][..body_pad])?;
+    let mut table = Vec::with_capacity(pad as usize + table_size as usize);
+    table.extend_from_slice(&[0u8; 8][..pad as usize]);
+    table.extend_from_slice(&table_size.to_le_bytes());
+    table.extend_from_slice(&WIN_CERT_REVISION_2.to_le_bytes());
+    table.extend_from_slice(&WIN_CERT_TYPE_PKCS.to_le_bytes());
+    table.extend_from_slice(&signature);
+    table.extend_from_slice(&[0u8; 8][..body_pad]);
+    output.seek(SeekFrom::Start(end))?;
+    output.write_all(&table)?;
     let total = u64::from(table_offset) + u64::from(table_size);
+    let mut security_dir = [0u8; 8];
+    security_dir[..4].copy_from_slice(&table_offset.to_le_bytes());
+    security_dir[4..].copy_from_slice(&table_size.to_le_bytes());
     output.seek(SeekFrom::Start(image.security_dir_at()))?;
-    output.write_all(&table_offset.to_le_bytes())?;
-    output.write_all(&table_size.to_le_bytes())?;
-    let checksum = checksum(output, image.checksum_at(), total, &mut buf)?;
+    output.write_all(&security_dir)?;
+    let checksum = match copied.sum {
+        Some(mut sum) => {
+            sum.add(end, &table);
+            sum.add(image.security_dir_at(), &security_dir);
+            sum.checksum(total)
+        }
+        None => checksum(output, image.checksum_at(), total, buf)?,
+    };
     output.seek(SeekFrom::Start(image.checksum_at()))?;
     output.write_all(&checksum.to_le_bytes())?;
     output.seek(SeekFrom::Start(total))?;
@@ -556,10 +664,13 @@ pub fn attach_pe<R: Read + Seek, W: Read + Write + Seek>(
         Some(outer) => add_nested(&outer, signature)?,
         None => signature.to_vec(),
     };
-    embed(&image, input, output, signature, nested)
+    let mut buf = vec![0u8; BUF];
+    let copied = copy(&image, input, output, None, &mut buf)?;
+    finish(&image, output, copied, signature, nested, &mut buf)
 }
 
-/// The PE checksum of the first `len` bytes of `r`, with the field at `at` taken as 0.
+/// The PE checksum of the first `len` bytes of `r`, with the field at `at` taken as 0
+/// (the two words at `at` when it is even, as osslsigncode takes it), read back.
 pub(crate) fn checksum<R: Read + Seek>(
     r: &mut R,
     at: u64,
@@ -567,30 +678,79 @@ pub(crate) fn checksum<R: Read + Seek>(
     buf: &mut [u8],
 ) -> Result<u32, Error> {
     r.seek(SeekFrom::Start(0))?;
-    let mut sum: u32 = 0;
+    let mut sum = WordSum::default();
     let mut offset: u64 = 0;
-    let mut left = len;
     // Reads in even-sized chunks so words never straddle two reads.
     let even = buf.len() & !1;
-    while left > 0 {
-        let n = (even as u64).min(left) as usize;
+    while offset < len {
+        let n = (even as u64).min(len - offset) as usize;
         r.read_exact(&mut buf[..n])?;
-        for w in buf[..n].chunks(2) {
-            let v = if offset == at || offset == at + 2 {
-                0
-            } else if w.len() == 2 {
-                u32::from(u16::from_le_bytes([w[0], w[1]]))
-            } else {
-                u32::from(w[0])
-            };
-            sum += v;
-            sum = 0xffff & (sum + (sum >> 16));
-            offset += 2;
+        if at % 2 == 0 && at < offset + n as u64 && offset < at + 4 {
+            // The field's bytes within this chunk count as 0.
+            let from = at.max(offset);
+            let to = (at + 4).min(offset + n as u64);
+            buf[(from - offset) as usize..(to - offset) as usize].fill(0);
         }
-        left -= n as u64;
+        sum.add(offset, &buf[..n]);
+        offset += n as u64;
     }
-    sum = 0xffff & (sum + (sum >> 16));
-    Ok(sum.wrapping_add(len as u32))
+    Ok(sum.checksum(len))
+}
+
+/// The PE checksum's running sum: the file's 16-bit little-endian words added up, a
+/// byte at an odd offset being a word's high byte. Kept whole (a PE file of 4 GiB has
+/// 2^31 words, each below 2^16) and folded once at the end, which gives what the
+/// word-by-word fold of osslsigncode and the PE specification gives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct WordSum(u64);
+
+impl WordSum {
+    /// Adds `bytes`, found at offset `at` of the file.
+    fn add(&mut self, at: u64, bytes: &[u8]) {
+        self.0 += word_sum(at, bytes);
+    }
+
+    /// Takes back `bytes` at `at`, added before.
+    fn sub(&mut self, at: u64, bytes: &[u8]) {
+        self.0 -= word_sum(at, bytes);
+    }
+
+    /// The checksum of a file of `len` bytes whose words these are.
+    fn checksum(self, len: u64) -> u32 {
+        // The fold after every word keeps the sum in 1..=0xffff once it is not 0,
+        // congruent to the whole sum modulo 0xffff.
+        let folded = if self.0 == 0 {
+            0
+        } else {
+            ((self.0 - 1) % 0xffff + 1) as u32
+        };
+        folded.wrapping_add(len as u32)
+    }
+}
+
+/// The words of `bytes` at offset `at` of a file, added up.
+fn word_sum(at: u64, mut bytes: &[u8]) -> u64 {
+    let mut total = 0u64;
+    if at % 2 == 1 {
+        if let Some((first, rest)) = bytes.split_first() {
+            total += u64::from(*first) << 8;
+            bytes = rest;
+        }
+    }
+    // Blocks of 64 KiB sum in 32 bits (32768 words below 2^16 each), which the
+    // compiler turns into vector additions.
+    for block in bytes.chunks(64 << 10) {
+        let mut words = block.chunks_exact(2);
+        let s: u32 = words
+            .by_ref()
+            .map(|w| u32::from(u16::from_le_bytes([w[0], w[1]])))
+            .sum();
+        total += u64::from(s);
+        if let [last] = words.remainder() {
+            total += u64::from(*last);
+        }
+    }
+    total
 }
 
 fn hash_range<R: Read + Seek>(
@@ -623,22 +783,6 @@ fn zeros(h: &mut dyn sha2::digest::DynDigest, mut n: u64) {
     }
 }
 
-fn copy_exact<R: Read, W: Write>(
-    r: &mut R,
-    w: &mut W,
-    len: u64,
-    buf: &mut [u8],
-) -> Result<(), Error> {
-    let mut left = len;
-    while left > 0 {
-        let n = (buf.len() as u64).min(left) as usize;
-        r.read_exact(&mut buf[..n])?;
-        w.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    Ok(())
-}
-
 fn read_at<R: Read + Seek>(r: &mut R, at: u64, n: usize) -> Result<Vec<u8>, Error> {
     r.seek(SeekFrom::Start(at))?;
     let mut v = vec![0u8; n];
@@ -665,4 +809,159 @@ fn u16_at(b: &[u8], at: usize) -> u16 {
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    /// The checksum as osslsigncode (and this crate before) computes it: folded after
+    /// every word, the two words at `at` (when even) counted as 0.
+    fn word_by_word(bytes: &[u8], at: u64) -> u32 {
+        let mut sum: u32 = 0;
+        for (i, w) in bytes.chunks(2).enumerate() {
+            let offset = 2 * i as u64;
+            let v = if offset == at || offset == at + 2 {
+                0
+            } else if w.len() == 2 {
+                u32::from(u16::from_le_bytes([w[0], w[1]]))
+            } else {
+                u32::from(w[0])
+            };
+            sum += v;
+            sum = 0xffff & (sum + (sum >> 16));
+        }
+        sum = 0xffff & (sum + (sum >> 16));
+        sum.wrapping_add(bytes.len() as u32)
+    }
+
+    /// Bytes that look random enough, the same on every run.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_whole_sum_folded_once_is_the_word_by_word_checksum() {
+        let mut cases: Vec<Vec<u8>> = vec![Vec::new(), vec![0; 7], vec![0xff; 300_001]];
+        for (i, len) in [1usize, 2, 3, 64, 65, 4095, 70_000, 200_003]
+            .iter()
+            .enumerate()
+        {
+            cases.push(noise(*len, i as u64));
+        }
+        for bytes in &cases {
+            for at in [0u64, 1, 6, 7, 88, 89, 65_534, 65_535, 1 << 40] {
+                let mut buf = vec![0u8; 4096 + 2];
+                let ours =
+                    checksum(&mut Cursor::new(bytes), at, bytes.len() as u64, &mut buf).unwrap();
+                assert_eq!(ours, word_by_word(bytes, at), "len {} at {at}", bytes.len());
+            }
+        }
+    }
+
+    /// A PE32 file that parses: `e_lfanew` where asked, one section, `body` bytes
+    /// after the headers, and a certificate table of `sig` bytes at its end when given.
+    fn pe(e_lfanew: u32, body: usize, sig: Option<usize>) -> Vec<u8> {
+        let headers = 0x400usize;
+        let mut f = noise(headers + body, u64::from(e_lfanew) + body as u64);
+        f[..2].copy_from_slice(b"MZ");
+        f[60..64].copy_from_slice(&e_lfanew.to_le_bytes());
+        let pe = e_lfanew as usize;
+        f[pe..pe + 4].copy_from_slice(b"PE\0\0");
+        f[pe + 6..pe + 8].copy_from_slice(&1u16.to_le_bytes());
+        f[pe + 20..pe + 22].copy_from_slice(&224u16.to_le_bytes());
+        f[pe + 24..pe + 26].copy_from_slice(&0x10bu16.to_le_bytes());
+        f[pe + 24 + 32..pe + 24 + 36].copy_from_slice(&0x1000u32.to_le_bytes());
+        f[pe + 24 + 60..pe + 24 + 64].copy_from_slice(&(headers as u32).to_le_bytes());
+        f[pe + 116..pe + 120].copy_from_slice(&16u32.to_le_bytes());
+        let table = pe + 24 + 224;
+        f[table + 16..table + 20].copy_from_slice(&(body as u32).to_le_bytes());
+        f[table + 20..table + 24].copy_from_slice(&(headers as u32).to_le_bytes());
+        let (pos, len) = match sig {
+            Some(n) => {
+                let pos = f.len();
+                f.extend(noise(n, 99));
+                (pos as u32, n as u32)
+            }
+            None => (0, 0),
+        };
+        f[pe + 152..pe + 156].copy_from_slice(&pos.to_le_bytes());
+        f[pe + 156..pe + 160].copy_from_slice(&len.to_le_bytes());
+        f
+    }
+
+    #[test]
+    fn the_one_pass_copy_writes_the_bytes_digest_and_checksum_of_the_reading_back() {
+        for (e_lfanew, body, sig) in [
+            (0x80, 3 * BUF + 5, None),
+            (0x81, 1001, None),
+            (0x80, 4096, Some(123)),
+            (0xf9, 17, Some(8)),
+        ] {
+            let file = pe(e_lfanew, body, sig);
+            let image = PeImage::parse(&mut Cursor::new(&file)).unwrap();
+            let signature = noise(777, 5);
+            let mut buf = vec![0u8; BUF];
+            let mut one_pass = Cursor::new(Vec::new());
+            let copied = copy(
+                &image,
+                &mut Cursor::new(&file),
+                &mut one_pass,
+                Some(HashAlg::Sha256),
+                &mut buf,
+            )
+            .unwrap();
+            assert!(copied.sum.is_some());
+            assert_eq!(
+                copied.digest.as_deref(),
+                Some(
+                    &image
+                        .digest(&mut Cursor::new(&file), HashAlg::Sha256)
+                        .unwrap()[..]
+                )
+            );
+            // The same copy, ended with the checksum read back.
+            let mut read_back = one_pass.clone();
+            let a = finish(
+                &image,
+                &mut one_pass,
+                copied.clone(),
+                signature.clone(),
+                false,
+                &mut buf,
+            )
+            .unwrap();
+            let unsummed = Copied {
+                sum: None,
+                ..copied
+            };
+            let b = finish(&image, &mut read_back, unsummed, signature, false, &mut buf).unwrap();
+            assert_eq!(a.checksum, b.checksum, "e_lfanew {e_lfanew:#x}");
+            assert_eq!(
+                one_pass.get_ref(),
+                read_back.get_ref(),
+                "e_lfanew {e_lfanew:#x}"
+            );
+            // The checksum is that of the file before the field was written: at an
+            // odd offset (no field osslsigncode leaves out) its bytes then were the
+            // input's.
+            let at = image.checksum_at() as usize;
+            let mut before = one_pass.get_ref().clone();
+            before[at..at + 4].copy_from_slice(&file[at..at + 4]);
+            assert_eq!(
+                a.checksum,
+                word_by_word(&before, at as u64),
+                "e_lfanew {e_lfanew:#x}"
+            );
+        }
+    }
 }
