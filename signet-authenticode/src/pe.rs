@@ -472,6 +472,50 @@ pub fn sign_pe<R: Read + Seek, W: Read + Write + Seek, S: RawSigner>(
     finish(&image, output, copied, signature, nested, &mut buf)
 }
 
+/// Signs the PE file `file` where it lies, as [`sign_pe`] would sign a copy of it: the
+/// file is read once (its digest and checksum's sum), signed, and only then written
+/// to: the certificate table at the end of its content (over its existing signature,
+/// which a nested signature keeps inside the new table), the security directory and
+/// the checksum. The signed file is the first `table_offset + table_size` bytes; the
+/// caller cuts it there (a table shorter than the signature it replaces leaves bytes
+/// after it). The bytes are those [`sign_pe`] writes. When signing fails, nothing
+/// has been written.
+pub fn sign_pe_in_place<F: Read + Write + Seek, S: RawSigner>(
+    file: &mut F,
+    options: &SignOptions,
+    signer: &S,
+) -> Result<PeSigned, Error> {
+    let image = PeImage::parse(file)?;
+    let existing = if options.nested {
+        image.existing_signature(file)?
+    } else {
+        None
+    };
+    let nested = existing.is_some();
+    let sequence = match &existing {
+        Some(outer) => Some(u32::try_from(nested_count(outer)? + 1).unwrap_or(u32::MAX)),
+        None => None,
+    };
+    let pages = if options.page_hashes {
+        Some(image.serialized_page_hashes(file)?)
+    } else {
+        None
+    };
+    let mut buf = vec![0u8; BUF];
+    let scanned = scan(&image, file, Some(options.hash), &mut buf, |_| Ok(()))?;
+    let digest = match scanned.digest.clone() {
+        Some(d) => d,
+        None => image.digest(file, options.hash)?,
+    };
+    let indirect = indirect_data_of(options.hash, digest, pages)?;
+    let ours = sign_with_sequence(&indirect, options, signer, sequence)?;
+    let signature = match existing {
+        Some(outer) => add_nested(&outer, &ours)?,
+        None => ours,
+    };
+    finish(&image, file, scanned, signature, nested, &mut buf)
+}
+
 /// What [`copy`] did: the file's digest (when asked and its layout allows it in the
 /// same pass) and its checksum's sum so far.
 #[derive(Debug, Clone)]
@@ -493,6 +537,20 @@ fn copy<R: Read + Seek, W: Write + Seek>(
     hash: Option<HashAlg>,
     buf: &mut [u8],
 ) -> Result<Copied, Error> {
+    output.seek(SeekFrom::Start(0))?;
+    scan(image, input, hash, buf, |block| output.write_all(block))
+}
+
+/// Reads `input` (laid out as `image`) up to its existing signature once, in constant
+/// memory (`buf`), computing its Authenticode digest with `hash` and the checksum's
+/// sum, and hands each block read to `sink`.
+fn scan<R: Read + Seek>(
+    image: &PeImage,
+    input: &mut R,
+    hash: Option<HashAlg>,
+    buf: &mut [u8],
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<Copied, Error> {
     let end = image.file_end();
     let cs = image.checksum_at();
     let sd = image.security_dir_at();
@@ -507,7 +565,6 @@ fn copy<R: Read + Seek, W: Write + Seek>(
     } else {
         (Vec::new(), Vec::new())
     };
-    output.seek(SeekFrom::Start(0))?;
     input.seek(SeekFrom::Start(0))?;
     let even = buf.len() & !1;
     let mut at = 0u64;
@@ -527,7 +584,7 @@ fn copy<R: Read + Seek, W: Write + Seek>(
         if usual {
             sum.add(at, chunk);
         }
-        output.write_all(chunk)?;
+        sink(chunk)?;
         at += n as u64;
     }
     let digest = h.map(|mut h| {
@@ -906,6 +963,7 @@ mod tests {
             (0x81, 1001, None),
             (0x80, 4096, Some(123)),
             (0xf9, 17, Some(8)),
+            (0x80, 5000, Some(4000)),
         ] {
             let file = pe(e_lfanew, body, sig);
             let image = PeImage::parse(&mut Cursor::new(&file)).unwrap();
@@ -951,6 +1009,29 @@ mod tests {
                 read_back.get_ref(),
                 "e_lfanew {e_lfanew:#x}"
             );
+            // The file itself read once and ended where it lies, then cut at the
+            // table's end: the same bytes (over an old signature longer or shorter).
+            let mut in_place = Cursor::new(file.clone());
+            let scanned = scan(
+                &image,
+                &mut in_place,
+                Some(HashAlg::Sha256),
+                &mut buf,
+                |_| Ok(()),
+            )
+            .unwrap();
+            let c = finish(
+                &image,
+                &mut in_place,
+                scanned,
+                noise(777, 5),
+                false,
+                &mut buf,
+            )
+            .unwrap();
+            let mut cut = in_place.into_inner();
+            cut.truncate((u64::from(c.table_offset) + u64::from(c.table_size)) as usize);
+            assert_eq!(&cut, one_pass.get_ref(), "e_lfanew {e_lfanew:#x}");
             // The checksum is that of the file before the field was written: at an
             // odd offset (no field osslsigncode leaves out) its bytes then were the
             // input's.
