@@ -12,7 +12,7 @@ use std::io::Read;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
 use crate::IO_BLOCK;
@@ -40,9 +40,14 @@ impl FileBody {
             let mut left = len;
             while left > 0 {
                 let n = (IO_BLOCK as u64).min(left) as usize;
-                let mut block = BytesMut::zeroed(n);
-                let read = match file.read_exact(&mut block) {
-                    Ok(()) => Ok(block.freeze()),
+                // read_to_end fills the block's spare capacity: not zeroed first.
+                let mut block = Vec::with_capacity(n);
+                let read = match (&mut file).take(n as u64).read_to_end(&mut block) {
+                    Ok(got) if got == n => Ok(Bytes::from(block)),
+                    Ok(got) => Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the file ended {} bytes early", left - got as u64),
+                    )),
                     Err(e) => Err(e),
                 };
                 let failed = read.is_err();
