@@ -485,6 +485,18 @@ pub fn sign_pe_in_place<F: Read + Write + Seek, S: RawSigner>(
     options: &SignOptions,
     signer: &S,
 ) -> Result<PeSigned, Error> {
+    sign_pe_in_place_digested(file, options, signer, None)
+}
+
+/// [`sign_pe_in_place`] with what a [`PeDigester`] made of the file's bytes as they were
+/// written: when it read the layout the file has, for the file's length and the
+/// options' hash, the file is not read again for its digest and checksum.
+pub fn sign_pe_in_place_digested<F: Read + Write + Seek, S: RawSigner>(
+    file: &mut F,
+    options: &SignOptions,
+    signer: &S,
+    digested: Option<&PeDigested>,
+) -> Result<PeSigned, Error> {
     let image = PeImage::parse(file)?;
     let existing = if options.nested {
         image.existing_signature(file)?
@@ -502,7 +514,10 @@ pub fn sign_pe_in_place<F: Read + Write + Seek, S: RawSigner>(
         None
     };
     let mut buf = vec![0u8; BUF];
-    let scanned = scan(&image, file, Some(options.hash), &mut buf, |_| Ok(()))?;
+    let scanned = match digested.and_then(|d| d.for_image(&image, options.hash)) {
+        Some(known) => known,
+        None => scan(&image, file, Some(options.hash), &mut buf, |_| Ok(()))?,
+    };
     let digest = match scanned.digest.clone() {
         Some(d) => d,
         None => image.digest(file, options.hash)?,
@@ -514,6 +529,207 @@ pub fn sign_pe_in_place<F: Read + Write + Seek, S: RawSigner>(
         None => ours,
     };
     finish(&image, file, scanned, signature, nested, &mut buf)
+}
+
+/// A PE file's Authenticode digest and checksum's sum, computed from its bytes as they
+/// arrive, in order (as a spool is written), so that [`sign_pe_in_place_digested`]
+/// need not read the file again. Its layout (where the checksum field, the security
+/// directory entry and the signature are) is read from the first bytes; bytes that are
+/// not a PE's, or whose headers do not fit in the first 64 KiB, make it give up
+/// (`finish` answers `None`) and cost nothing more. Constant memory.
+pub struct PeDigester {
+    hash: HashAlg,
+    /// The first bytes, until the layout is known.
+    head: Vec<u8>,
+    layout: Option<HeadLayout>,
+    given_up: bool,
+    h: Box<dyn sha2::digest::DynDigest>,
+    sum: WordSum,
+    /// How many bytes were given.
+    at: u64,
+}
+
+impl std::fmt::Debug for PeDigester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeDigester")
+            .field("hash", &self.hash)
+            .field("layout", &self.layout)
+            .field("given_up", &self.given_up)
+            .field("at", &self.at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the first bytes of a PE file say of its layout.
+#[derive(Debug, Clone)]
+struct HeadLayout {
+    /// The checksum field's offset and its bytes.
+    cs: u64,
+    checksum_field: [u8; 4],
+    /// The security directory entry's offset and its bytes.
+    sd: u64,
+    security_dir: [u8; 8],
+    /// Where the existing signature starts (the end of what is hashed); 0: none.
+    sig_pos: u64,
+}
+
+/// The most of a file's start kept to read its layout.
+const DIGEST_HEAD_MAX: usize = 64 << 10;
+
+/// What a [`PeDigester`] made of a whole file.
+#[derive(Debug, Clone)]
+pub struct PeDigested {
+    hash: HashAlg,
+    len: u64,
+    cs: u64,
+    sd: u64,
+    end: u64,
+    digest: Vec<u8>,
+    sum: WordSum,
+}
+
+impl PeDigester {
+    /// A digester for the digest made with `hash`.
+    pub fn new(hash: HashAlg) -> PeDigester {
+        PeDigester {
+            hash,
+            head: Vec::new(),
+            layout: None,
+            given_up: false,
+            h: hash.hasher(),
+            sum: WordSum::default(),
+            at: 0,
+        }
+    }
+
+    /// The file's next bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        if self.given_up {
+            return;
+        }
+        if self.layout.is_some() {
+            self.feed(bytes);
+            return;
+        }
+        self.head.extend_from_slice(bytes);
+        match head_layout(&self.head) {
+            Some(Some(layout)) => {
+                self.layout = Some(layout);
+                let head = std::mem::take(&mut self.head);
+                self.feed(&head);
+            }
+            Some(None) => self.give_up(),
+            None if self.head.len() > DIGEST_HEAD_MAX => self.give_up(),
+            None => {}
+        }
+    }
+
+    fn give_up(&mut self) {
+        self.given_up = true;
+        self.head = Vec::new();
+    }
+
+    /// Hashes and sums `bytes`, the next ones after `self.at`, as far as they are
+    /// before the signature.
+    fn feed(&mut self, bytes: &[u8]) {
+        let Some(l) = &self.layout else { return };
+        let at = self.at;
+        self.at += bytes.len() as u64;
+        let end = if l.sig_pos != 0 { l.sig_pos } else { u64::MAX };
+        let upto = (end.min(self.at) - at.min(end)) as usize;
+        let bytes = &bytes[..upto];
+        for (from, to) in [(0, l.cs), (l.cs + 4, l.sd), (l.sd + 8, end)] {
+            let (from, to) = (from.max(at), to.min(at + bytes.len() as u64));
+            if from < to {
+                self.h
+                    .update(&bytes[(from - at) as usize..(to - at) as usize]);
+            }
+        }
+        self.sum.add(at, bytes);
+    }
+
+    /// The file's digest and sum, once all its bytes were given; `None` when it gave
+    /// up or the layout is one [`sign_pe_in_place`] reads for itself.
+    pub fn finish(mut self) -> Option<PeDigested> {
+        let l = self.layout.take()?;
+        if self.given_up {
+            return None;
+        }
+        let len = self.at;
+        let end = if l.sig_pos != 0 { l.sig_pos } else { len };
+        if l.sd + 8 > end || end > len {
+            return None;
+        }
+        let pad = (8 - end % 8) % 8;
+        self.h.update(&[0u8; 8][..pad as usize]);
+        let mut sum = self.sum;
+        if l.cs % 2 == 0 {
+            sum.sub(l.cs, &l.checksum_field);
+        }
+        sum.sub(l.sd, &l.security_dir);
+        Some(PeDigested {
+            hash: self.hash,
+            len,
+            cs: l.cs,
+            sd: l.sd,
+            end,
+            digest: self.h.finalize().to_vec(),
+            sum,
+        })
+    }
+}
+
+impl PeDigested {
+    /// What [`scan`] would answer for `image` with `hash`, if this is that file's.
+    fn for_image(&self, image: &PeImage, hash: HashAlg) -> Option<Copied> {
+        let same = self.hash == hash
+            && self.len == image.len
+            && self.cs == image.checksum_at()
+            && self.sd == image.security_dir_at()
+            && self.end == image.file_end();
+        same.then(|| Copied {
+            digest: Some(self.digest.clone()),
+            sum: Some(self.sum),
+        })
+    }
+}
+
+/// The layout the first bytes `head` of a file give: `None` when more bytes are
+/// needed, `Some(None)` when they are not a PE's start.
+fn head_layout(head: &[u8]) -> Option<Option<HeadLayout>> {
+    if head.len() < 64 {
+        return None;
+    }
+    if &head[..2] != b"MZ" {
+        return Some(None);
+    }
+    let pe = u64::from(u32_at(head, 60));
+    let magic_end = pe + 26;
+    if (head.len() as u64) < magic_end {
+        return None;
+    }
+    let pe = pe as usize;
+    let extra = match u16_at(head, pe + 24) {
+        0x10b => 0,
+        0x20b => 16,
+        _ => return Some(None),
+    };
+    let sd = pe + 152 + extra;
+    if head.len() < sd + 8 {
+        return None;
+    }
+    let cs = pe + 88;
+    let mut checksum_field = [0u8; 4];
+    checksum_field.copy_from_slice(&head[cs..cs + 4]);
+    let mut security_dir = [0u8; 8];
+    security_dir.copy_from_slice(&head[sd..sd + 8]);
+    Some(Some(HeadLayout {
+        cs: cs as u64,
+        checksum_field,
+        sd: sd as u64,
+        security_dir,
+        sig_pos: u64::from(u32_at(head, sd)),
+    }))
 }
 
 /// What [`copy`] did: the file's digest (when asked and its layout allows it in the
@@ -954,6 +1170,52 @@ mod tests {
         f[pe + 152..pe + 156].copy_from_slice(&pos.to_le_bytes());
         f[pe + 156..pe + 160].copy_from_slice(&len.to_le_bytes());
         f
+    }
+
+    #[test]
+    fn a_digester_fed_the_bytes_in_any_pieces_finds_what_the_scan_of_the_file_finds() {
+        for (e_lfanew, body, sig) in [
+            (0x80, 2 * BUF + 3, None),
+            (0x81, 1001, None),
+            (0x80, 4096, Some(123)),
+            (0xf9, 17, Some(8)),
+        ] {
+            let file = pe(e_lfanew, body, sig);
+            let image = PeImage::parse(&mut Cursor::new(&file)).unwrap();
+            let mut buf = vec![0u8; BUF];
+            let scanned = scan(
+                &image,
+                &mut Cursor::new(&file),
+                Some(HashAlg::Sha384),
+                &mut buf,
+                |_| Ok(()),
+            )
+            .unwrap();
+            for piece in [1usize, 7, 4096, 65_537, file.len()] {
+                let mut d = PeDigester::new(HashAlg::Sha384);
+                for p in file.chunks(piece) {
+                    d.update(p);
+                }
+                let done = d.finish().expect("a PE is digested");
+                let known = done.for_image(&image, HashAlg::Sha384).unwrap();
+                assert_eq!(known.digest, scanned.digest, "{e_lfanew:#x} in {piece}");
+                assert_eq!(known.sum, scanned.sum, "{e_lfanew:#x} in {piece}");
+                // Not for another hash, nor another file.
+                assert!(done.for_image(&image, HashAlg::Sha256).is_none());
+                let other = PeImage::parse(&mut Cursor::new(pe(e_lfanew, body + 8, sig))).unwrap();
+                assert!(done.for_image(&other, HashAlg::Sha384).is_none());
+            }
+        }
+        // What is not a PE, or whose headers are past 64 KiB, is given up.
+        let mut d = PeDigester::new(HashAlg::Sha256);
+        d.update(&noise(100_000, 1));
+        assert!(d.finish().is_none());
+        let mut far = noise(100_000, 2);
+        far[..2].copy_from_slice(b"MZ");
+        far[60..64].copy_from_slice(&0x2_0000u32.to_le_bytes());
+        let mut d = PeDigester::new(HashAlg::Sha256);
+        d.update(&far);
+        assert!(d.finish().is_none());
     }
 
     #[test]

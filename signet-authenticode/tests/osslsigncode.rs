@@ -15,8 +15,9 @@ use cms::signed_data::SignedData;
 use der::{Decode, Encode};
 use sha2::Digest;
 use signet_authenticode::{
-    asn1, attach_pe, extract_blob, sign_blob, sign_pe, sign_pe_in_place, verify_chain,
-    verify_signature, Error, HashAlg, KeyKind, PeImage, SignOptions, Statement,
+    asn1, attach_pe, extract_blob, sign_blob, sign_pe, sign_pe_in_place, sign_pe_in_place_digested,
+    verify_chain, verify_signature, Error, HashAlg, KeyKind, PeDigester, PeImage, SignOptions,
+    Statement,
 };
 use signet_test_support::{World, PIN, SOFTHSM};
 
@@ -294,16 +295,28 @@ fn compare_pe_with(key: Key, input_name: &str, hash: HashAlg, page_hashes: bool,
     assert!(*signer.signs.lock().unwrap() > before);
     // Signed where it lies (as the agent signs its spooled input), the file is the
     // same: byte for byte with a (deterministic) RSA signature, else up to the
-    // signature's length and what follows from it.
-    {
-        let in_place = e.token.world.path(&format!("in-place-{tag}"));
+    // signature's length and what follows from it. Also with the digest and checksum
+    // made as the file's bytes were written (the agent's spool).
+    for digested in [false, true] {
+        let in_place = e.token.world.path(&format!("in-place-{digested}-{tag}"));
         std::fs::copy(&input, &in_place).unwrap();
         let mut f = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&in_place)
             .unwrap();
-        let signed = sign_pe_in_place(&mut f, &o, signer).unwrap();
+        let signed = if digested {
+            let mut d = PeDigester::new(hash);
+            for piece in std::fs::read(&input).unwrap().chunks(100_003) {
+                d.update(piece);
+            }
+            let d = d
+                .finish()
+                .expect("the corpus's PEs are digested as written");
+            sign_pe_in_place_digested(&mut f, &o, signer, Some(&d)).unwrap()
+        } else {
+            sign_pe_in_place(&mut f, &o, signer).unwrap()
+        };
         assert_eq!(signed.nested, nested && has_signature);
         f.set_len(u64::from(signed.table_offset) + u64::from(signed.table_size))
             .unwrap();
