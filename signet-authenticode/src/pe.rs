@@ -680,14 +680,19 @@ impl PeDigester {
 }
 
 impl PeDigested {
-    /// What [`scan`] would answer for `image` with `hash`, if this is that file's.
-    fn for_image(&self, image: &PeImage, hash: HashAlg) -> Option<Copied> {
-        let same = self.hash == hash
+    /// Whether [`sign_pe_in_place_digested`] takes this for the file laid out as
+    /// `image`, signed with `hash`: the same layout, length and hash.
+    pub fn fits(&self, image: &PeImage, hash: HashAlg) -> bool {
+        self.hash == hash
             && self.len == image.len
             && self.cs == image.checksum_at()
             && self.sd == image.security_dir_at()
-            && self.end == image.file_end();
-        same.then(|| Copied {
+            && self.end == image.file_end()
+    }
+
+    /// What [`scan`] would answer for `image` with `hash`, if this is that file's.
+    fn for_image(&self, image: &PeImage, hash: HashAlg) -> Option<Copied> {
+        self.fits(image, hash).then(|| Copied {
             digest: Some(self.digest.clone()),
             sum: Some(self.sum),
         })

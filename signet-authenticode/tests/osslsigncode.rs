@@ -313,6 +313,11 @@ fn compare_pe_with(key: Key, input_name: &str, hash: HashAlg, page_hashes: bool,
             let d = d
                 .finish()
                 .expect("the corpus's PEs are digested as written");
+            let image = PeImage::parse(&mut File::open(&input).unwrap()).unwrap();
+            assert!(
+                d.fits(&image, hash),
+                "{tag}: the digester read another layout"
+            );
             sign_pe_in_place_digested(&mut f, &o, signer, Some(&d)).unwrap()
         } else {
             sign_pe_in_place(&mut f, &o, signer).unwrap()
