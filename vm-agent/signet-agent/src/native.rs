@@ -161,16 +161,23 @@ impl Native {
                 .await?;
             }
             Some(Format::Pe) => {
-                // The spooled input is signed where it lies, not copied: read once,
-                // written to only once the signature is made, cut at the table's
-                // end, flushed, and then it is the signed file.
+                // The spooled input is signed where it lies, not copied: its digest
+                // and checksum made as it was spooled (else read once), written to
+                // only once the signature is made, cut at the table's end, flushed,
+                // and then it is the signed file.
                 let (input, output) = (spec.input.to_owned(), signed.clone());
+                let digested = spec.digested.cloned();
                 let nested = blocking(move || {
                     let mut f = std::fs::OpenOptions::new()
                         .read(true)
                         .write(true)
                         .open(&input)?;
-                    let done = signet_authenticode::sign_pe_in_place(&mut f, &options, &key)?;
+                    let done = signet_authenticode::sign_pe_in_place_digested(
+                        &mut f,
+                        &options,
+                        &key,
+                        digested.as_ref(),
+                    )?;
                     f.set_len(u64::from(done.table_offset) + u64::from(done.table_size))?;
                     f.sync_all()?;
                     std::fs::rename(&input, &output)?;

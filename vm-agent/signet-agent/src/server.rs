@@ -18,11 +18,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt, TryStreamExt};
+use signet_api::wire::SignMode;
 use signet_api::wire::{
     AgentLogin, AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_EVENTS_PATH,
     AGENT_HEALTH_PATH, AGENT_LOGIN_PATH, AGENT_PAIR_PATH, AGENT_REINIT_PATH, AGENT_SIGN_PATH,
     JOB_HEADER,
 };
+use signet_authenticode::{HashAlg, PeDigested, PeDigester};
 use signet_protocol::batch::{self, Part, PartBody, RESULT_HEADER};
 use signet_protocol::file_body::FileBody;
 use signet_protocol::limits;
@@ -240,8 +242,16 @@ async fn sign(
     );
     async move {
         let (body, limit) = limited(&gate, &headers, body)?;
-        let spool = agent.spool()?;
-        let (_, input_sha256) = receive(&spool, body).await.map_err(|e| limit.explain(e))?;
+        let mut spool = agent.spool()?;
+        // A whole file's Authenticode digest is made as it is spooled (when it is a PE).
+        let digest_as = match query.mode {
+            SignMode::Whole => query.hash.as_str().parse::<HashAlg>().ok(),
+            SignMode::Digest => None,
+        };
+        let (_, input_sha256, digested) = receive(&spool, body, digest_as)
+            .await
+            .map_err(|e| limit.explain(e))?;
+        spool.set_digested(digested);
         // A job the host sends again (it was restarted, or lost the connection, while
         // the agent signed) gets the result kept for it instead of a second signature:
         // the host's job id, bound to the exact request and input.
@@ -450,12 +460,17 @@ fn spool_error(e: std::io::Error) -> ErrorBody {
     )
 }
 
-/// Streams the request body into the spool, in constant memory; answers its length
-/// and SHA-256. The body's pieces are gathered into blocks of [`IO_BLOCK`] and handed
-/// to one blocking thread that hashes and writes them, so the async thread only
-/// receives (and decrypts) while the blocks before are hashed and written; at most
+/// Streams the request body into the spool, in constant memory; answers its length,
+/// its SHA-256 and, with `digest_as`, what a [`PeDigester`] made of it (when it is a
+/// PE). The body's pieces are gathered into blocks of [`IO_BLOCK`] and handed to one
+/// blocking thread that hashes and writes them, so the async thread only receives
+/// (and decrypts) while the blocks before are hashed and written; at most
 /// [`SPOOL_AHEAD`] blocks wait for it.
-async fn receive(spool: &Spool, body: Body) -> Result<(u64, [u8; 32]), ErrorBody> {
+async fn receive(
+    spool: &Spool,
+    body: Body,
+    digest_as: Option<HashAlg>,
+) -> Result<(u64, [u8; 32], Option<PeDigested>), ErrorBody> {
     let internal = |e: std::io::Error| {
         ErrorBody::new(
             ErrorCode::Internal,
@@ -464,16 +479,21 @@ async fn receive(spool: &Spool, body: Body) -> Result<(u64, [u8; 32]), ErrorBody
     };
     let (tx, mut blocks) = tokio::sync::mpsc::channel::<Bytes>(SPOOL_AHEAD);
     let path = spool.input();
-    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<[u8; 32]> {
+    type Written = ([u8; 32], Option<PeDigested>);
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<Written> {
         use sha2::Digest;
         use std::io::Write;
         let mut sha = sha2::Sha256::new();
+        let mut pe = digest_as.map(PeDigester::new);
         let mut file = std::fs::File::create(path)?;
         while let Some(block) = blocks.blocking_recv() {
             sha.update(&block);
+            if let Some(pe) = &mut pe {
+                pe.update(&block);
+            }
             file.write_all(&block)?;
         }
-        Ok(sha.finalize().into())
+        Ok((sha.finalize().into(), pe.and_then(PeDigester::finish)))
     });
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
@@ -522,8 +542,8 @@ async fn receive(spool: &Spool, body: Body) -> Result<(u64, [u8; 32]), ErrorBody
     if let Some(e) = upload_error {
         return Err(e);
     }
-    let sha = written.map_err(internal)?;
-    Ok((total, sha))
+    let (sha, digested) = written.map_err(internal)?;
+    Ok((total, sha, digested))
 }
 
 /// How many blocks of [`IO_BLOCK`] an upload may be ahead of its spool's writer.
