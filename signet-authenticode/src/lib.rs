@@ -7,7 +7,9 @@
 //!   the result into the file.
 //! - [`sign_pe`] signs a PE file whole: it hashes it in one pass in constant memory
 //!   (page hashes optional), signs, and writes the signed copy with the certificate
-//!   table appended and the checksum recomputed; [`PeImage`] is the hashing alone.
+//!   table appended and the checksum recomputed; [`sign_pe_in_place`] signs the file
+//!   itself instead of a copy (read once, written only once signed); [`PeImage`] is
+//!   the hashing alone.
 //! - [`extract_blob`] and [`attach_pe`] are digest mode's two ends for a PE without
 //!   osslsigncode: the blob `extract-data` writes, byte for byte, and the returned
 //!   signature put into the file (replacing or nested) after checking it is the
@@ -29,7 +31,10 @@ mod verify;
 
 pub use blob::sign_blob;
 pub use catalog::sign_catalog;
-pub use pe::{attach_pe, extract_blob, sign_pe, PeImage, PeSigned};
+pub use pe::{
+    attach_pe, extract_blob, sign_pe, sign_pe_in_place, sign_pe_in_place_digested, PeDigested,
+    PeDigester, PeImage, PeSigned,
+};
 pub use signature::{add_nested, nested_count, sign_indirect_data};
 pub use timestamp::{add_timestamp, tst_info, TimestampRequest, Timestamper};
 pub use verify::{verify_chain, verify_signature, VerifiedSignature};

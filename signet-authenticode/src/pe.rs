@@ -256,35 +256,13 @@ impl PeImage {
         hash: HashAlg,
         page_hashes: bool,
     ) -> Result<Vec<u8>, Error> {
-        let file = if page_hashes {
-            let serialized = self.serialized_page_hashes(r)?;
-            SpcLink::Moniker(SpcSerializedObject {
-                class_id: OctetString::new(asn1::PAGE_HASHES_CLASS.to_vec())?,
-                serialized_data: OctetString::new(serialized)?,
-            })
+        let pages = if page_hashes {
+            Some(self.serialized_page_hashes(r)?)
         } else {
-            SpcLink::File(SpcString::Unicode(BmpString::from_utf8("<<<Obsolete>>>")?))
-        };
-        let data = SpcPeImageData {
-            // includeResources, as osslsigncode writes it (03 02 07 80).
-            flags: BitString::new(7, vec![0x80])?,
-            file: Some(file),
+            None
         };
         let digest = self.digest(r, hash)?;
-        Ok(SpcIndirectDataContent {
-            data: SpcAttributeTypeAndOptionalValue {
-                value_type: asn1::SPC_PE_IMAGE_DATA,
-                value: Some(Any::encode_from(&data)?),
-            },
-            message_digest: DigestInfo {
-                digest_algorithm: spki::AlgorithmIdentifierOwned {
-                    oid: hash.oid(),
-                    parameters: Some(Any::null()),
-                },
-                digest: OctetString::new(digest)?,
-            },
-        }
-        .to_der()?)
+        indirect_data_of(hash, digest, pages)
     }
 
     /// The page hashes as SpcSerializedObject.serializedData carries them (v2, SHA-256).
@@ -402,6 +380,41 @@ impl PeImage {
     }
 }
 
+/// The DER SpcIndirectDataContent of a PE file whose Authenticode digest is `digest`
+/// (made with `hash`), with its serialized page hashes when given.
+fn indirect_data_of(
+    hash: HashAlg,
+    digest: Vec<u8>,
+    page_hashes: Option<Vec<u8>>,
+) -> Result<Vec<u8>, Error> {
+    let file = match page_hashes {
+        Some(serialized) => SpcLink::Moniker(SpcSerializedObject {
+            class_id: OctetString::new(asn1::PAGE_HASHES_CLASS.to_vec())?,
+            serialized_data: OctetString::new(serialized)?,
+        }),
+        None => SpcLink::File(SpcString::Unicode(BmpString::from_utf8("<<<Obsolete>>>")?)),
+    };
+    let data = SpcPeImageData {
+        // includeResources, as osslsigncode writes it (03 02 07 80).
+        flags: BitString::new(7, vec![0x80])?,
+        file: Some(file),
+    };
+    Ok(SpcIndirectDataContent {
+        data: SpcAttributeTypeAndOptionalValue {
+            value_type: asn1::SPC_PE_IMAGE_DATA,
+            value: Some(Any::encode_from(&data)?),
+        },
+        message_digest: DigestInfo {
+            digest_algorithm: spki::AlgorithmIdentifierOwned {
+                oid: hash.oid(),
+                parameters: Some(Any::null()),
+            },
+            digest: OctetString::new(digest)?,
+        },
+    }
+    .to_der()?)
+}
+
 /// What [`sign_pe`] wrote.
 #[derive(Debug, Clone)]
 pub struct PeSigned {
@@ -416,10 +429,12 @@ pub struct PeSigned {
     pub nested: bool,
 }
 
-/// Signs the PE file `input` as `options` say and writes the signed copy to `output`
-/// (read back once for the checksum): the file up to its existing signature,
-/// zero-padded to 8, then the certificate table (8-aligned) holding the new signature;
-/// or, nested, the existing signature with the new one inside it.
+/// Signs the PE file `input` as `options` say and writes the signed copy to `output`:
+/// the file up to its existing signature, zero-padded to 8, then the certificate table
+/// (8-aligned) holding the new signature; or, nested, the existing signature with the
+/// new one inside it. The file is read once: copied to `output` while its digest and
+/// checksum are computed, then signed (page hashes, when asked, take a pass of their
+/// own first). On an error `output` holds an unfinished copy.
 pub fn sign_pe<R: Read + Seek, W: Read + Write + Seek, S: RawSigner>(
     input: &mut R,
     output: &mut W,
@@ -437,26 +452,390 @@ pub fn sign_pe<R: Read + Seek, W: Read + Write + Seek, S: RawSigner>(
         Some(outer) => Some(u32::try_from(nested_count(outer)? + 1).unwrap_or(u32::MAX)),
         None => None,
     };
-    let indirect = image.indirect_data(input, options.hash, options.page_hashes)?;
+    let pages = if options.page_hashes {
+        Some(image.serialized_page_hashes(input)?)
+    } else {
+        None
+    };
+    let mut buf = vec![0u8; BUF];
+    let copied = copy(&image, input, output, Some(options.hash), &mut buf)?;
+    let digest = match copied.digest.clone() {
+        Some(d) => d,
+        None => image.digest(input, options.hash)?,
+    };
+    let indirect = indirect_data_of(options.hash, digest, pages)?;
     let ours = sign_with_sequence(&indirect, options, signer, sequence)?;
     let signature = match existing {
         Some(outer) => add_nested(&outer, &ours)?,
         None => ours,
     };
-
-    embed(&image, input, output, signature, nested)
+    finish(&image, output, copied, signature, nested, &mut buf)
 }
 
-/// Writes `input` (laid out as `image`) to `output` with `signature` as its only
-/// certificate table entry: the file up to its existing signature, zero-padded to 8,
-/// then the certificate table (8-aligned), the security directory set and the checksum
-/// recomputed (reading `output` back once). Constant memory: one buffer of [`BUF`].
-fn embed<R: Read + Seek, W: Read + Write + Seek>(
+/// Signs the PE file `file` where it lies, as [`sign_pe`] would sign a copy of it: the
+/// file is read once (its digest and checksum's sum), signed, and only then written
+/// to: the certificate table at the end of its content (over its existing signature,
+/// which a nested signature keeps inside the new table), the security directory and
+/// the checksum. The signed file is the first `table_offset + table_size` bytes; the
+/// caller cuts it there (a table shorter than the signature it replaces leaves bytes
+/// after it). The bytes are those [`sign_pe`] writes. When signing fails, nothing
+/// has been written.
+pub fn sign_pe_in_place<F: Read + Write + Seek, S: RawSigner>(
+    file: &mut F,
+    options: &SignOptions,
+    signer: &S,
+) -> Result<PeSigned, Error> {
+    sign_pe_in_place_digested(file, options, signer, None)
+}
+
+/// [`sign_pe_in_place`] with what a [`PeDigester`] made of the file's bytes as they were
+/// written: when it read the layout the file has, for the file's length and the
+/// options' hash, the file is not read again for its digest and checksum.
+pub fn sign_pe_in_place_digested<F: Read + Write + Seek, S: RawSigner>(
+    file: &mut F,
+    options: &SignOptions,
+    signer: &S,
+    digested: Option<&PeDigested>,
+) -> Result<PeSigned, Error> {
+    let image = PeImage::parse(file)?;
+    let existing = if options.nested {
+        image.existing_signature(file)?
+    } else {
+        None
+    };
+    let nested = existing.is_some();
+    let sequence = match &existing {
+        Some(outer) => Some(u32::try_from(nested_count(outer)? + 1).unwrap_or(u32::MAX)),
+        None => None,
+    };
+    let pages = if options.page_hashes {
+        Some(image.serialized_page_hashes(file)?)
+    } else {
+        None
+    };
+    let mut buf = vec![0u8; BUF];
+    let scanned = match digested.and_then(|d| d.for_image(&image, options.hash)) {
+        Some(known) => known,
+        None => scan(&image, file, Some(options.hash), &mut buf, |_| Ok(()))?,
+    };
+    let digest = match scanned.digest.clone() {
+        Some(d) => d,
+        None => image.digest(file, options.hash)?,
+    };
+    let indirect = indirect_data_of(options.hash, digest, pages)?;
+    let ours = sign_with_sequence(&indirect, options, signer, sequence)?;
+    let signature = match existing {
+        Some(outer) => add_nested(&outer, &ours)?,
+        None => ours,
+    };
+    finish(&image, file, scanned, signature, nested, &mut buf)
+}
+
+/// A PE file's Authenticode digest and checksum's sum, computed from its bytes as they
+/// arrive, in order (as a spool is written), so that [`sign_pe_in_place_digested`]
+/// need not read the file again. Its layout (where the checksum field, the security
+/// directory entry and the signature are) is read from the first bytes; bytes that are
+/// not a PE's, or whose headers do not fit in the first 64 KiB, make it give up
+/// (`finish` answers `None`) and cost nothing more. Constant memory.
+pub struct PeDigester {
+    hash: HashAlg,
+    /// The first bytes, until the layout is known.
+    head: Vec<u8>,
+    layout: Option<HeadLayout>,
+    given_up: bool,
+    h: Box<dyn sha2::digest::DynDigest>,
+    sum: WordSum,
+    /// How many bytes were given.
+    at: u64,
+}
+
+impl std::fmt::Debug for PeDigester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeDigester")
+            .field("hash", &self.hash)
+            .field("layout", &self.layout)
+            .field("given_up", &self.given_up)
+            .field("at", &self.at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the first bytes of a PE file say of its layout.
+#[derive(Debug, Clone)]
+struct HeadLayout {
+    /// The checksum field's offset and its bytes.
+    cs: u64,
+    checksum_field: [u8; 4],
+    /// The security directory entry's offset and its bytes.
+    sd: u64,
+    security_dir: [u8; 8],
+    /// Where the existing signature starts (the end of what is hashed); 0: none.
+    sig_pos: u64,
+}
+
+/// The most of a file's start kept to read its layout.
+const DIGEST_HEAD_MAX: usize = 64 << 10;
+
+/// What a [`PeDigester`] made of a whole file.
+#[derive(Debug, Clone)]
+pub struct PeDigested {
+    hash: HashAlg,
+    len: u64,
+    cs: u64,
+    sd: u64,
+    end: u64,
+    digest: Vec<u8>,
+    sum: WordSum,
+}
+
+impl PeDigester {
+    /// A digester for the digest made with `hash`.
+    pub fn new(hash: HashAlg) -> PeDigester {
+        PeDigester {
+            hash,
+            head: Vec::new(),
+            layout: None,
+            given_up: false,
+            h: hash.hasher(),
+            sum: WordSum::default(),
+            at: 0,
+        }
+    }
+
+    /// The file's next bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        if self.given_up {
+            return;
+        }
+        if self.layout.is_some() {
+            self.feed(bytes);
+            return;
+        }
+        self.head.extend_from_slice(bytes);
+        match head_layout(&self.head) {
+            Some(Some(layout)) => {
+                self.layout = Some(layout);
+                let head = std::mem::take(&mut self.head);
+                self.feed(&head);
+            }
+            Some(None) => self.give_up(),
+            None if self.head.len() > DIGEST_HEAD_MAX => self.give_up(),
+            None => {}
+        }
+    }
+
+    fn give_up(&mut self) {
+        self.given_up = true;
+        self.head = Vec::new();
+    }
+
+    /// Hashes and sums `bytes`, the next ones after `self.at`, as far as they are
+    /// before the signature.
+    fn feed(&mut self, bytes: &[u8]) {
+        let Some(l) = &self.layout else { return };
+        let at = self.at;
+        self.at += bytes.len() as u64;
+        let end = if l.sig_pos != 0 { l.sig_pos } else { u64::MAX };
+        let upto = (end.min(self.at) - at.min(end)) as usize;
+        let bytes = &bytes[..upto];
+        for (from, to) in [(0, l.cs), (l.cs + 4, l.sd), (l.sd + 8, end)] {
+            let (from, to) = (from.max(at), to.min(at + bytes.len() as u64));
+            if from < to {
+                self.h
+                    .update(&bytes[(from - at) as usize..(to - at) as usize]);
+            }
+        }
+        self.sum.add(at, bytes);
+    }
+
+    /// The file's digest and sum, once all its bytes were given; `None` when it gave
+    /// up or the layout is one [`sign_pe_in_place`] reads for itself.
+    pub fn finish(mut self) -> Option<PeDigested> {
+        let l = self.layout.take()?;
+        if self.given_up {
+            return None;
+        }
+        let len = self.at;
+        let end = if l.sig_pos != 0 { l.sig_pos } else { len };
+        if l.sd + 8 > end || end > len {
+            return None;
+        }
+        let pad = (8 - end % 8) % 8;
+        self.h.update(&[0u8; 8][..pad as usize]);
+        let mut sum = self.sum;
+        if l.cs % 2 == 0 {
+            sum.sub(l.cs, &l.checksum_field);
+        }
+        sum.sub(l.sd, &l.security_dir);
+        Some(PeDigested {
+            hash: self.hash,
+            len,
+            cs: l.cs,
+            sd: l.sd,
+            end,
+            digest: self.h.finalize().to_vec(),
+            sum,
+        })
+    }
+}
+
+impl PeDigested {
+    /// Whether [`sign_pe_in_place_digested`] takes this for the file laid out as
+    /// `image`, signed with `hash`: the same layout, length and hash.
+    pub fn fits(&self, image: &PeImage, hash: HashAlg) -> bool {
+        self.hash == hash
+            && self.len == image.len
+            && self.cs == image.checksum_at()
+            && self.sd == image.security_dir_at()
+            && self.end == image.file_end()
+    }
+
+    /// What [`scan`] would answer for `image` with `hash`, if this is that file's.
+    fn for_image(&self, image: &PeImage, hash: HashAlg) -> Option<Copied> {
+        self.fits(image, hash).then(|| Copied {
+            digest: Some(self.digest.clone()),
+            sum: Some(self.sum),
+        })
+    }
+}
+
+/// The layout the first bytes `head` of a file give: `None` when more bytes are
+/// needed, `Some(None)` when they are not a PE's start.
+fn head_layout(head: &[u8]) -> Option<Option<HeadLayout>> {
+    if head.len() < 64 {
+        return None;
+    }
+    if &head[..2] != b"MZ" {
+        return Some(None);
+    }
+    let pe = u64::from(u32_at(head, 60));
+    let magic_end = pe + 26;
+    if (head.len() as u64) < magic_end {
+        return None;
+    }
+    let pe = pe as usize;
+    let extra = match u16_at(head, pe + 24) {
+        0x10b => 0,
+        0x20b => 16,
+        _ => return Some(None),
+    };
+    let sd = pe + 152 + extra;
+    if head.len() < sd + 8 {
+        return None;
+    }
+    let cs = pe + 88;
+    let mut checksum_field = [0u8; 4];
+    checksum_field.copy_from_slice(&head[cs..cs + 4]);
+    let mut security_dir = [0u8; 8];
+    security_dir.copy_from_slice(&head[sd..sd + 8]);
+    Some(Some(HeadLayout {
+        cs: cs as u64,
+        checksum_field,
+        sd: sd as u64,
+        security_dir,
+        sig_pos: u64::from(u32_at(head, sd)),
+    }))
+}
+
+/// What [`copy`] did: the file's digest (when asked and its layout allows it in the
+/// same pass) and its checksum's sum so far.
+#[derive(Debug, Clone)]
+struct Copied {
+    digest: Option<Vec<u8>>,
+    /// The words written, the checksum field and the security directory entry left
+    /// out; `None` when the layout keeps them from being left out (the security
+    /// directory entry past the copied part): the checksum is then read back.
+    sum: Option<WordSum>,
+}
+
+/// Copies `input` (laid out as `image`) up to its existing signature to the start of
+/// `output`, in constant memory (`buf`), computing in the same pass its Authenticode
+/// digest with `hash` and the checksum's sum of what was written.
+fn copy<R: Read + Seek, W: Write + Seek>(
     image: &PeImage,
     input: &mut R,
     output: &mut W,
+    hash: Option<HashAlg>,
+    buf: &mut [u8],
+) -> Result<Copied, Error> {
+    output.seek(SeekFrom::Start(0))?;
+    scan(image, input, hash, buf, |block| output.write_all(block))
+}
+
+/// Reads `input` (laid out as `image`) up to its existing signature once, in constant
+/// memory (`buf`), computing its Authenticode digest with `hash` and the checksum's
+/// sum, and hands each block read to `sink`.
+fn scan<R: Read + Seek>(
+    image: &PeImage,
+    input: &mut R,
+    hash: Option<HashAlg>,
+    buf: &mut [u8],
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<Copied, Error> {
+    let end = image.file_end();
+    let cs = image.checksum_at();
+    let sd = image.security_dir_at();
+    // The usual layout: the checksum field and the security directory entry inside
+    // what is copied. Otherwise the digest (which hashes the headers even past a
+    // signature) and the checksum are made the way that holds for any layout.
+    let usual = sd + 8 <= end;
+    let mut h = hash.filter(|_| usual).map(HashAlg::hasher);
+    let mut sum = WordSum::default();
+    let (checksum_field, security_dir) = if usual {
+        (read_at(input, cs, 4)?, read_at(input, sd, 8)?)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    input.seek(SeekFrom::Start(0))?;
+    let even = buf.len() & !1;
+    let mut at = 0u64;
+    while at < end {
+        let n = (even as u64).min(end - at) as usize;
+        let chunk = &mut buf[..n];
+        input.read_exact(chunk)?;
+        if let Some(h) = h.as_deref_mut() {
+            // The checksum field and the security directory entry are not hashed.
+            for (from, to) in [(0, cs), (cs + 4, sd), (sd + 8, end)] {
+                let (from, to) = (from.max(at), to.min(at + n as u64));
+                if from < to {
+                    h.update(&chunk[(from - at) as usize..(to - at) as usize]);
+                }
+            }
+        }
+        if usual {
+            sum.add(at, chunk);
+        }
+        sink(chunk)?;
+        at += n as u64;
+    }
+    let digest = h.map(|mut h| {
+        let pad = (8 - end % 8) % 8;
+        h.update(&[0u8; 8][..pad as usize]);
+        h.finalize().to_vec()
+    });
+    let sum = usual.then(|| {
+        // The checksum field counts as 0 (as osslsigncode counts it: the two words
+        // at its offset when that is even), the security directory entry as what
+        // [`finish`] writes there.
+        if cs % 2 == 0 {
+            sum.sub(cs, &checksum_field);
+        }
+        sum.sub(sd, &security_dir);
+        sum
+    });
+    Ok(Copied { digest, sum })
+}
+
+/// Ends the signed copy [`copy`] began: the padding to 8, the certificate table
+/// (8-aligned) with `signature` as its only entry, the security directory set and
+/// the checksum written.
+fn finish<W: Read + Write + Seek>(
+    image: &PeImage,
+    output: &mut W,
+    copied: Copied,
     signature: Vec<u8>,
     nested: bool,
+    buf: &mut [u8],
 ) -> Result<PeSigned, Error> {
     let end = image.file_end();
     let pad = (8 - end % 8) % 8;
@@ -470,22 +849,29 @@ fn embed<R: Read + Seek, W: Read + Write + Seek>(
             "it would be larger than 4 GiB with its signature, more than a PE file can address; split it",
         ));
     };
-
-    output.seek(SeekFrom::Start(0))?;
-    input.seek(SeekFrom::Start(0))?;
-    let mut buf = vec![0u8; BUF];
-    copy_exact(input, output, end, &mut buf)?;
-    output.write_all(&[0u8; 8][..pad as usize])?;
-    output.write_all(&table_size.to_le_bytes())?;
-    output.write_all(&WIN_CERT_REVISION_2.to_le_bytes())?;
-    output.write_all(&WIN_CERT_TYPE_PKCS.to_le_bytes())?;
-    output.write_all(&signature)?;
-    output.write_all(&[0u8; 8][..body_pad])?;
+    let mut table = Vec::with_capacity(pad as usize + table_size as usize);
+    table.extend_from_slice(&[0u8; 8][..pad as usize]);
+    table.extend_from_slice(&table_size.to_le_bytes());
+    table.extend_from_slice(&WIN_CERT_REVISION_2.to_le_bytes());
+    table.extend_from_slice(&WIN_CERT_TYPE_PKCS.to_le_bytes());
+    table.extend_from_slice(&signature);
+    table.extend_from_slice(&[0u8; 8][..body_pad]);
+    output.seek(SeekFrom::Start(end))?;
+    output.write_all(&table)?;
     let total = u64::from(table_offset) + u64::from(table_size);
+    let mut security_dir = [0u8; 8];
+    security_dir[..4].copy_from_slice(&table_offset.to_le_bytes());
+    security_dir[4..].copy_from_slice(&table_size.to_le_bytes());
     output.seek(SeekFrom::Start(image.security_dir_at()))?;
-    output.write_all(&table_offset.to_le_bytes())?;
-    output.write_all(&table_size.to_le_bytes())?;
-    let checksum = checksum(output, image.checksum_at(), total, &mut buf)?;
+    output.write_all(&security_dir)?;
+    let checksum = match copied.sum {
+        Some(mut sum) => {
+            sum.add(end, &table);
+            sum.add(image.security_dir_at(), &security_dir);
+            sum.checksum(total)
+        }
+        None => checksum(output, image.checksum_at(), total, buf)?,
+    };
     output.seek(SeekFrom::Start(image.checksum_at()))?;
     output.write_all(&checksum.to_le_bytes())?;
     output.seek(SeekFrom::Start(total))?;
@@ -556,10 +942,13 @@ pub fn attach_pe<R: Read + Seek, W: Read + Write + Seek>(
         Some(outer) => add_nested(&outer, signature)?,
         None => signature.to_vec(),
     };
-    embed(&image, input, output, signature, nested)
+    let mut buf = vec![0u8; BUF];
+    let copied = copy(&image, input, output, None, &mut buf)?;
+    finish(&image, output, copied, signature, nested, &mut buf)
 }
 
-/// The PE checksum of the first `len` bytes of `r`, with the field at `at` taken as 0.
+/// The PE checksum of the first `len` bytes of `r`, with the field at `at` taken as 0
+/// (the two words at `at` when it is even, as osslsigncode takes it), read back.
 pub(crate) fn checksum<R: Read + Seek>(
     r: &mut R,
     at: u64,
@@ -567,30 +956,79 @@ pub(crate) fn checksum<R: Read + Seek>(
     buf: &mut [u8],
 ) -> Result<u32, Error> {
     r.seek(SeekFrom::Start(0))?;
-    let mut sum: u32 = 0;
+    let mut sum = WordSum::default();
     let mut offset: u64 = 0;
-    let mut left = len;
     // Reads in even-sized chunks so words never straddle two reads.
     let even = buf.len() & !1;
-    while left > 0 {
-        let n = (even as u64).min(left) as usize;
+    while offset < len {
+        let n = (even as u64).min(len - offset) as usize;
         r.read_exact(&mut buf[..n])?;
-        for w in buf[..n].chunks(2) {
-            let v = if offset == at || offset == at + 2 {
-                0
-            } else if w.len() == 2 {
-                u32::from(u16::from_le_bytes([w[0], w[1]]))
-            } else {
-                u32::from(w[0])
-            };
-            sum += v;
-            sum = 0xffff & (sum + (sum >> 16));
-            offset += 2;
+        if at % 2 == 0 && at < offset + n as u64 && offset < at + 4 {
+            // The field's bytes within this chunk count as 0.
+            let from = at.max(offset);
+            let to = (at + 4).min(offset + n as u64);
+            buf[(from - offset) as usize..(to - offset) as usize].fill(0);
         }
-        left -= n as u64;
+        sum.add(offset, &buf[..n]);
+        offset += n as u64;
     }
-    sum = 0xffff & (sum + (sum >> 16));
-    Ok(sum.wrapping_add(len as u32))
+    Ok(sum.checksum(len))
+}
+
+/// The PE checksum's running sum: the file's 16-bit little-endian words added up, a
+/// byte at an odd offset being a word's high byte. Kept whole (a PE file of 4 GiB has
+/// 2^31 words, each below 2^16) and folded once at the end, which gives what the
+/// word-by-word fold of osslsigncode and the PE specification gives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct WordSum(u64);
+
+impl WordSum {
+    /// Adds `bytes`, found at offset `at` of the file.
+    fn add(&mut self, at: u64, bytes: &[u8]) {
+        self.0 += word_sum(at, bytes);
+    }
+
+    /// Takes back `bytes` at `at`, added before.
+    fn sub(&mut self, at: u64, bytes: &[u8]) {
+        self.0 -= word_sum(at, bytes);
+    }
+
+    /// The checksum of a file of `len` bytes whose words these are.
+    fn checksum(self, len: u64) -> u32 {
+        // The fold after every word keeps the sum in 1..=0xffff once it is not 0,
+        // congruent to the whole sum modulo 0xffff.
+        let folded = if self.0 == 0 {
+            0
+        } else {
+            ((self.0 - 1) % 0xffff + 1) as u32
+        };
+        folded.wrapping_add(len as u32)
+    }
+}
+
+/// The words of `bytes` at offset `at` of a file, added up.
+fn word_sum(at: u64, mut bytes: &[u8]) -> u64 {
+    let mut total = 0u64;
+    if at % 2 == 1 {
+        if let Some((first, rest)) = bytes.split_first() {
+            total += u64::from(*first) << 8;
+            bytes = rest;
+        }
+    }
+    // Blocks of 64 KiB sum in 32 bits (32768 words below 2^16 each), which the
+    // compiler turns into vector additions.
+    for block in bytes.chunks(64 << 10) {
+        let mut words = block.chunks_exact(2);
+        let s: u32 = words
+            .by_ref()
+            .map(|w| u32::from(u16::from_le_bytes([w[0], w[1]])))
+            .sum();
+        total += u64::from(s);
+        if let [last] = words.remainder() {
+            total += u64::from(*last);
+        }
+    }
+    total
 }
 
 fn hash_range<R: Read + Seek>(
@@ -623,22 +1061,6 @@ fn zeros(h: &mut dyn sha2::digest::DynDigest, mut n: u64) {
     }
 }
 
-fn copy_exact<R: Read, W: Write>(
-    r: &mut R,
-    w: &mut W,
-    len: u64,
-    buf: &mut [u8],
-) -> Result<(), Error> {
-    let mut left = len;
-    while left > 0 {
-        let n = (buf.len() as u64).min(left) as usize;
-        r.read_exact(&mut buf[..n])?;
-        w.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    Ok(())
-}
-
 fn read_at<R: Read + Seek>(r: &mut R, at: u64, n: usize) -> Result<Vec<u8>, Error> {
     r.seek(SeekFrom::Start(at))?;
     let mut v = vec![0u8; n];
@@ -665,4 +1087,229 @@ fn u16_at(b: &[u8], at: usize) -> u16 {
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    /// The checksum as osslsigncode (and this crate before) computes it: folded after
+    /// every word, the two words at `at` (when even) counted as 0.
+    fn word_by_word(bytes: &[u8], at: u64) -> u32 {
+        let mut sum: u32 = 0;
+        for (i, w) in bytes.chunks(2).enumerate() {
+            let offset = 2 * i as u64;
+            let v = if offset == at || offset == at + 2 {
+                0
+            } else if w.len() == 2 {
+                u32::from(u16::from_le_bytes([w[0], w[1]]))
+            } else {
+                u32::from(w[0])
+            };
+            sum += v;
+            sum = 0xffff & (sum + (sum >> 16));
+        }
+        sum = 0xffff & (sum + (sum >> 16));
+        sum.wrapping_add(bytes.len() as u32)
+    }
+
+    /// Bytes that look random enough, the same on every run.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_whole_sum_folded_once_is_the_word_by_word_checksum() {
+        let mut cases: Vec<Vec<u8>> = vec![Vec::new(), vec![0; 7], vec![0xff; 300_001]];
+        for (i, len) in [1usize, 2, 3, 64, 65, 4095, 70_000, 200_003]
+            .iter()
+            .enumerate()
+        {
+            cases.push(noise(*len, i as u64));
+        }
+        for bytes in &cases {
+            for at in [0u64, 1, 6, 7, 88, 89, 65_534, 65_535, 1 << 40] {
+                let mut buf = vec![0u8; 4096 + 2];
+                let ours =
+                    checksum(&mut Cursor::new(bytes), at, bytes.len() as u64, &mut buf).unwrap();
+                assert_eq!(ours, word_by_word(bytes, at), "len {} at {at}", bytes.len());
+            }
+        }
+    }
+
+    /// A PE32 file that parses: `e_lfanew` where asked, one section, `body` bytes
+    /// after the headers, and a certificate table of `sig` bytes at its end when given.
+    fn pe(e_lfanew: u32, body: usize, sig: Option<usize>) -> Vec<u8> {
+        let headers = 0x400usize;
+        let mut f = noise(headers + body, u64::from(e_lfanew) + body as u64);
+        f[..2].copy_from_slice(b"MZ");
+        f[60..64].copy_from_slice(&e_lfanew.to_le_bytes());
+        let pe = e_lfanew as usize;
+        f[pe..pe + 4].copy_from_slice(b"PE\0\0");
+        f[pe + 6..pe + 8].copy_from_slice(&1u16.to_le_bytes());
+        f[pe + 20..pe + 22].copy_from_slice(&224u16.to_le_bytes());
+        f[pe + 24..pe + 26].copy_from_slice(&0x10bu16.to_le_bytes());
+        f[pe + 24 + 32..pe + 24 + 36].copy_from_slice(&0x1000u32.to_le_bytes());
+        f[pe + 24 + 60..pe + 24 + 64].copy_from_slice(&(headers as u32).to_le_bytes());
+        f[pe + 116..pe + 120].copy_from_slice(&16u32.to_le_bytes());
+        let table = pe + 24 + 224;
+        f[table + 16..table + 20].copy_from_slice(&(body as u32).to_le_bytes());
+        f[table + 20..table + 24].copy_from_slice(&(headers as u32).to_le_bytes());
+        let (pos, len) = match sig {
+            Some(n) => {
+                let pos = f.len();
+                f.extend(noise(n, 99));
+                (pos as u32, n as u32)
+            }
+            None => (0, 0),
+        };
+        f[pe + 152..pe + 156].copy_from_slice(&pos.to_le_bytes());
+        f[pe + 156..pe + 160].copy_from_slice(&len.to_le_bytes());
+        f
+    }
+
+    #[test]
+    fn a_digester_fed_the_bytes_in_any_pieces_finds_what_the_scan_of_the_file_finds() {
+        for (e_lfanew, body, sig) in [
+            (0x80, 2 * BUF + 3, None),
+            (0x81, 1001, None),
+            (0x80, 4096, Some(123)),
+            (0xf9, 17, Some(8)),
+        ] {
+            let file = pe(e_lfanew, body, sig);
+            let image = PeImage::parse(&mut Cursor::new(&file)).unwrap();
+            let mut buf = vec![0u8; BUF];
+            let scanned = scan(
+                &image,
+                &mut Cursor::new(&file),
+                Some(HashAlg::Sha384),
+                &mut buf,
+                |_| Ok(()),
+            )
+            .unwrap();
+            for piece in [1usize, 7, 4096, 65_537, file.len()] {
+                let mut d = PeDigester::new(HashAlg::Sha384);
+                for p in file.chunks(piece) {
+                    d.update(p);
+                }
+                let done = d.finish().expect("a PE is digested");
+                let known = done.for_image(&image, HashAlg::Sha384).unwrap();
+                assert_eq!(known.digest, scanned.digest, "{e_lfanew:#x} in {piece}");
+                assert_eq!(known.sum, scanned.sum, "{e_lfanew:#x} in {piece}");
+                // Not for another hash, nor another file.
+                assert!(done.for_image(&image, HashAlg::Sha256).is_none());
+                let other = PeImage::parse(&mut Cursor::new(pe(e_lfanew, body + 8, sig))).unwrap();
+                assert!(done.for_image(&other, HashAlg::Sha384).is_none());
+            }
+        }
+        // What is not a PE, or whose headers are past 64 KiB, is given up.
+        let mut d = PeDigester::new(HashAlg::Sha256);
+        d.update(&noise(100_000, 1));
+        assert!(d.finish().is_none());
+        let mut far = noise(100_000, 2);
+        far[..2].copy_from_slice(b"MZ");
+        far[60..64].copy_from_slice(&0x2_0000u32.to_le_bytes());
+        let mut d = PeDigester::new(HashAlg::Sha256);
+        d.update(&far);
+        assert!(d.finish().is_none());
+    }
+
+    #[test]
+    fn the_one_pass_copy_writes_the_bytes_digest_and_checksum_of_the_reading_back() {
+        for (e_lfanew, body, sig) in [
+            (0x80, 3 * BUF + 5, None),
+            (0x81, 1001, None),
+            (0x80, 4096, Some(123)),
+            (0xf9, 17, Some(8)),
+            (0x80, 5000, Some(4000)),
+        ] {
+            let file = pe(e_lfanew, body, sig);
+            let image = PeImage::parse(&mut Cursor::new(&file)).unwrap();
+            let signature = noise(777, 5);
+            let mut buf = vec![0u8; BUF];
+            let mut one_pass = Cursor::new(Vec::new());
+            let copied = copy(
+                &image,
+                &mut Cursor::new(&file),
+                &mut one_pass,
+                Some(HashAlg::Sha256),
+                &mut buf,
+            )
+            .unwrap();
+            assert!(copied.sum.is_some());
+            assert_eq!(
+                copied.digest.as_deref(),
+                Some(
+                    &image
+                        .digest(&mut Cursor::new(&file), HashAlg::Sha256)
+                        .unwrap()[..]
+                )
+            );
+            // The same copy, ended with the checksum read back.
+            let mut read_back = one_pass.clone();
+            let a = finish(
+                &image,
+                &mut one_pass,
+                copied.clone(),
+                signature.clone(),
+                false,
+                &mut buf,
+            )
+            .unwrap();
+            let unsummed = Copied {
+                sum: None,
+                ..copied
+            };
+            let b = finish(&image, &mut read_back, unsummed, signature, false, &mut buf).unwrap();
+            assert_eq!(a.checksum, b.checksum, "e_lfanew {e_lfanew:#x}");
+            assert_eq!(
+                one_pass.get_ref(),
+                read_back.get_ref(),
+                "e_lfanew {e_lfanew:#x}"
+            );
+            // The file itself read once and ended where it lies, then cut at the
+            // table's end: the same bytes (over an old signature longer or shorter).
+            let mut in_place = Cursor::new(file.clone());
+            let scanned = scan(
+                &image,
+                &mut in_place,
+                Some(HashAlg::Sha256),
+                &mut buf,
+                |_| Ok(()),
+            )
+            .unwrap();
+            let c = finish(
+                &image,
+                &mut in_place,
+                scanned,
+                noise(777, 5),
+                false,
+                &mut buf,
+            )
+            .unwrap();
+            let mut cut = in_place.into_inner();
+            cut.truncate((u64::from(c.table_offset) + u64::from(c.table_size)) as usize);
+            assert_eq!(&cut, one_pass.get_ref(), "e_lfanew {e_lfanew:#x}");
+            // The checksum is that of the file before the field was written: at an
+            // odd offset (no field osslsigncode leaves out) its bytes then were the
+            // input's.
+            let at = image.checksum_at() as usize;
+            let mut before = one_pass.get_ref().clone();
+            before[at..at + 4].copy_from_slice(&file[at..at + 4]);
+            assert_eq!(
+                a.checksum,
+                word_by_word(&before, at as u64),
+                "e_lfanew {e_lfanew:#x}"
+            );
+        }
+    }
 }

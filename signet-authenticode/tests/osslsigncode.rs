@@ -15,8 +15,9 @@ use cms::signed_data::SignedData;
 use der::{Decode, Encode};
 use sha2::Digest;
 use signet_authenticode::{
-    asn1, attach_pe, extract_blob, sign_blob, sign_pe, verify_chain, verify_signature, Error,
-    HashAlg, KeyKind, PeImage, SignOptions, Statement,
+    asn1, attach_pe, extract_blob, sign_blob, sign_pe, sign_pe_in_place, sign_pe_in_place_digested,
+    verify_chain, verify_signature, Error, HashAlg, KeyKind, PeDigester, PeImage, SignOptions,
+    Statement,
 };
 use signet_test_support::{World, PIN, SOFTHSM};
 
@@ -292,6 +293,70 @@ fn compare_pe_with(key: Key, input_name: &str, hash: HashAlg, page_hashes: bool,
         assert_eq!(signed.nested, nested && has_signature);
     }
     assert!(*signer.signs.lock().unwrap() > before);
+    // Signed where it lies (as the agent signs its spooled input), the file is the
+    // same: byte for byte with a (deterministic) RSA signature, else up to the
+    // signature's length and what follows from it. Also with the digest and checksum
+    // made as the file's bytes were written (the agent's spool).
+    for digested in [false, true] {
+        let in_place = e.token.world.path(&format!("in-place-{digested}-{tag}"));
+        std::fs::copy(&input, &in_place).unwrap();
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&in_place)
+            .unwrap();
+        let signed = if digested {
+            let mut d = PeDigester::new(hash);
+            for piece in std::fs::read(&input).unwrap().chunks(100_003) {
+                d.update(piece);
+            }
+            let d = d
+                .finish()
+                .expect("the corpus's PEs are digested as written");
+            let image = PeImage::parse(&mut File::open(&input).unwrap()).unwrap();
+            assert!(
+                d.fits(&image, hash),
+                "{tag}: the digester read another layout"
+            );
+            sign_pe_in_place_digested(&mut f, &o, signer, Some(&d)).unwrap()
+        } else {
+            sign_pe_in_place(&mut f, &o, signer).unwrap()
+        };
+        assert_eq!(signed.nested, nested && has_signature);
+        f.set_len(u64::from(signed.table_offset) + u64::from(signed.table_size))
+            .unwrap();
+        drop(f);
+        let (copied, in_place) = (
+            std::fs::read(&native).unwrap(),
+            std::fs::read(&in_place).unwrap(),
+        );
+        if key == Key::Rsa {
+            assert!(
+                copied == in_place,
+                "{tag}: sign_pe_in_place wrote another file"
+            );
+        } else {
+            let at = signed.table_offset as usize;
+            let pe = u32::from_le_bytes(copied[60..64].try_into().unwrap()) as usize;
+            let plus = u16::from_le_bytes([copied[pe + 24], copied[pe + 25]]) == 0x20b;
+            let size_at = pe + 156 + if plus { 16 } else { 0 };
+            let blank = |v: &[u8]| {
+                let mut v = v[..at].to_vec();
+                v[pe + 88..pe + 92].fill(0);
+                v[size_at..size_at + 4].fill(0);
+                v
+            };
+            assert!(
+                blank(&copied) == blank(&in_place),
+                "{tag}: sign_pe_in_place wrote another file"
+            );
+            assert_eq!(
+                layout(&in_place).2,
+                pe_checksum(&in_place),
+                "{tag}: checksum wrong in place"
+            );
+        }
+    }
     // osslsigncode refuses to nest in a file without a signature; the agent then
     // signs plainly, which is what the native engine does on its own.
     let mut reference_options = o.clone();

@@ -19,8 +19,8 @@ use cms::signed_data::{SignedData, SignerInfo};
 use der::asn1::OctetString;
 use der::{Decode, Encode};
 use signet_authenticode::{
-    add_timestamp, asn1, sign_blob, sign_catalog, sign_pe, Error, HashAlg, KeyKind, SignOptions,
-    TimestampRequest, Timestamper,
+    add_timestamp, asn1, sign_blob, sign_catalog, sign_pe, Error, HashAlg, KeyKind, PeImage,
+    SignOptions, TimestampRequest, Timestamper,
 };
 use signet_test_support::{fixture, Tsa, World};
 
@@ -389,7 +389,18 @@ fn a_reply_for_another_imprint_is_refused_and_nothing_is_signed_without_one() {
         matches!(&err, Error::Timestamp { tried, .. } if tried.len() == 1),
         "{err}"
     );
-    assert_eq!(std::fs::metadata(&out_path).unwrap().len(), 0);
+    // What was written is at most the file copied on the way (it is read once): no
+    // certificate table, nothing signed.
+    let written = std::fs::read(&out_path).unwrap();
+    let original = std::fs::read(&input).unwrap();
+    assert!(original.starts_with(&written));
+    assert!(
+        written.is_empty()
+            || PeImage::parse(&mut std::io::Cursor::new(&written))
+                .unwrap()
+                .signature_range()
+                .is_none()
+    );
 }
 
 #[test]

@@ -15,6 +15,7 @@
 //!   cap, TLS, lingering close); [`limits`] — an upload's size and idle limits.
 //! - [`tls`] — the client side of `tls:` endpoints: trusted CAs, client credentials.
 //! - [`batch`] — many files in one request: multipart framing streamed from disk.
+//! - [`file_body`] — a file as a body, read ahead on a blocking thread.
 //! - [`pin_file`] — the checks a PIN file must pass (owner, mode).
 //!
 //! The host daemon, the signing-VM agent and the client link this crate; `signetctl`,
@@ -25,6 +26,7 @@ pub mod batch;
 pub mod bootstrap;
 pub mod client;
 pub mod endpoint;
+pub mod file_body;
 pub mod limits;
 pub mod link;
 pub mod pairing;

@@ -78,9 +78,17 @@ fn token_error(e: TokenError) -> ErrorBody {
 #[derive(Debug)]
 pub struct Spool {
     dir: tempfile::TempDir,
+    /// The input's digest and checksum's sum, when made as it was spooled.
+    digested: Option<signet_authenticode::PeDigested>,
 }
 
 impl Spool {
+    /// Keeps what a [`signet_authenticode::PeDigester`] made of the input as it was
+    /// spooled, for the native engine.
+    pub fn set_digested(&mut self, digested: Option<signet_authenticode::PeDigested>) {
+        self.digested = digested;
+    }
+
     pub fn input(&self) -> PathBuf {
         self.dir.path().join("input")
     }
@@ -458,7 +466,10 @@ impl Agent {
         tempfile::Builder::new()
             .prefix(JOB_DIR_PREFIX)
             .tempdir_in(&self.spool_dir)
-            .map(|dir| Spool { dir })
+            .map(|dir| Spool {
+                dir,
+                digested: None,
+            })
             .map_err(|e| {
                 ErrorBody::new(
                     ErrorCode::Internal,
@@ -625,6 +636,7 @@ impl Agent {
             page_hashes: query.page_hashes,
             nested: query.nested,
             timestamp: &query.timestamp,
+            digested: spool.digested.as_ref(),
         };
         let job = self.next_job.fetch_add(1, Ordering::Relaxed);
         self.events.emit(AgentEventKind::SigningStarted {

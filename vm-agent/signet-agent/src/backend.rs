@@ -107,6 +107,9 @@ pub struct SignSpec<'a> {
     pub nested: bool,
     /// RFC 3161 timestamp servers, in the order to try them.
     pub timestamp: &'a [String],
+    /// A PE input's digest and checksum's sum, made as it was spooled (the native
+    /// engine then does not read it again); `None`: not made.
+    pub digested: Option<&'a signet_authenticode::PeDigested>,
 }
 
 /// How a signing run failed.

@@ -2,7 +2,8 @@
 //! on the agent's own logged-in session, so the token sees one signature operation
 //! per job and nothing else (no C_Initialize, C_OpenSession or C_Login per job).
 //!
-//! PE files are signed natively, whole (hashed and copied in constant memory), and so
+//! PE files are signed natively, whole (the spooled input read once and signed where it
+//! lies, in constant memory), and so
 //! are security catalogs and digest mode's data. MSI, CAB, PowerShell and APPX/MSIX files go
 //! through osslsigncode's token-free steps: `extract-data` makes the data, the engine
 //! signs it, and `attach-signature` puts the signature in. Timestamps are the engine's
@@ -160,17 +161,26 @@ impl Native {
                 .await?;
             }
             Some(Format::Pe) => {
+                // The spooled input is signed where it lies, not copied: its digest
+                // and checksum made as it was spooled (else read once), written to
+                // only once the signature is made, cut at the table's end, flushed,
+                // and then it is the signed file.
                 let (input, output) = (spec.input.to_owned(), signed.clone());
+                let digested = spec.digested.cloned();
                 let nested = blocking(move || {
-                    let mut i = std::fs::File::open(&input)?;
-                    let mut o = std::fs::OpenOptions::new()
+                    let mut f = std::fs::OpenOptions::new()
                         .read(true)
                         .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .open(&output)?;
-                    let done = signet_authenticode::sign_pe(&mut i, &mut o, &options, &key)?;
-                    o.sync_all()?;
+                        .open(&input)?;
+                    let done = signet_authenticode::sign_pe_in_place_digested(
+                        &mut f,
+                        &options,
+                        &key,
+                        digested.as_ref(),
+                    )?;
+                    f.set_len(u64::from(done.table_offset) + u64::from(done.table_size))?;
+                    f.sync_all()?;
+                    std::fs::rename(&input, &output)?;
                     Ok(done.nested)
                 })
                 .await?;

@@ -18,12 +18,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt, TryStreamExt};
+use signet_api::wire::SignMode;
 use signet_api::wire::{
     AgentLogin, AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_EVENTS_PATH,
     AGENT_HEALTH_PATH, AGENT_LOGIN_PATH, AGENT_PAIR_PATH, AGENT_REINIT_PATH, AGENT_SIGN_PATH,
     JOB_HEADER,
 };
+use signet_authenticode::{HashAlg, PeDigested, PeDigester};
 use signet_protocol::batch::{self, Part, PartBody, RESULT_HEADER};
+use signet_protocol::file_body::FileBody;
 use signet_protocol::limits;
 use signet_protocol::link::{self, Fingerprint};
 use signet_protocol::serve::PeerKey;
@@ -239,8 +242,16 @@ async fn sign(
     );
     async move {
         let (body, limit) = limited(&gate, &headers, body)?;
-        let spool = agent.spool()?;
-        let (_, input_sha256) = receive(&spool, body).await.map_err(|e| limit.explain(e))?;
+        let mut spool = agent.spool()?;
+        // A whole file's Authenticode digest is made as it is spooled (when it is a PE).
+        let digest_as = match query.mode {
+            SignMode::Whole => query.hash.as_str().parse::<HashAlg>().ok(),
+            SignMode::Digest => None,
+        };
+        let (_, input_sha256, digested) = receive(&spool, body, digest_as)
+            .await
+            .map_err(|e| limit.explain(e))?;
+        spool.set_digested(digested);
         // A job the host sends again (it was restarted, or lost the connection, while
         // the agent signed) gets the result kept for it instead of a second signature:
         // the host's job id, bound to the exact request and input.
@@ -449,48 +460,98 @@ fn spool_error(e: std::io::Error) -> ErrorBody {
     )
 }
 
-/// Streams the request body into the spool, in constant memory; answers its length
-/// and SHA-256.
-async fn receive(spool: &Spool, body: Body) -> Result<(u64, [u8; 32]), ErrorBody> {
-    use sha2::Digest;
-    let mut sha = sha2::Sha256::new();
+/// Streams the request body into the spool, in constant memory; answers its length,
+/// its SHA-256 and, with `digest_as`, what a [`PeDigester`] made of it (when it is a
+/// PE). The body's pieces are gathered into blocks of [`IO_BLOCK`] and handed to one
+/// blocking thread that hashes and writes them, so the async thread only receives
+/// (and decrypts) while the blocks before are hashed and written; at most
+/// [`SPOOL_AHEAD`] blocks wait for it.
+async fn receive(
+    spool: &Spool,
+    body: Body,
+    digest_as: Option<HashAlg>,
+) -> Result<(u64, [u8; 32], Option<PeDigested>), ErrorBody> {
     let internal = |e: std::io::Error| {
         ErrorBody::new(
             ErrorCode::Internal,
             format!("the agent cannot write its spool: {e}"),
         )
     };
-    // tokio's file writes each cost a trip to the blocking pool: write big blocks.
-    let mut file = tokio::io::BufWriter::with_capacity(
-        IO_BLOCK,
-        tokio::fs::File::create(spool.input())
-            .await
-            .map_err(internal)?,
-    );
+    let (tx, mut blocks) = tokio::sync::mpsc::channel::<Bytes>(SPOOL_AHEAD);
+    let path = spool.input();
+    type Written = ([u8; 32], Option<PeDigested>);
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<Written> {
+        use sha2::Digest;
+        use std::io::Write;
+        let mut sha = sha2::Sha256::new();
+        let mut pe = digest_as.map(PeDigester::new);
+        let mut file = std::fs::File::create(path)?;
+        while let Some(block) = blocks.blocking_recv() {
+            sha.update(&block);
+            if let Some(pe) = &mut pe {
+                pe.update(&block);
+            }
+            file.write_all(&block)?;
+        }
+        Ok((sha.finalize().into(), pe.and_then(PeDigester::finish)))
+    });
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
+    let mut block = bytes::BytesMut::new();
+    let mut upload_error = None;
     loop {
         match stream.try_next().await {
             Ok(Some(chunk)) => {
                 total += chunk.len() as u64;
-                sha.update(&chunk);
-                file.write_all(&chunk).await.map_err(internal)?;
+                let full = if block.is_empty() && chunk.len() >= IO_BLOCK {
+                    chunk
+                } else {
+                    if block.capacity() == 0 {
+                        block.reserve(IO_BLOCK);
+                    }
+                    block.extend_from_slice(&chunk);
+                    if block.len() < IO_BLOCK {
+                        continue;
+                    }
+                    block.split().freeze()
+                };
+                if tx.send(full).await.is_err() {
+                    // The writer stopped: its error says why.
+                    break;
+                }
             }
-            Ok(None) => break,
+            Ok(None) => {
+                if !block.is_empty() {
+                    let _ = tx.send(block.split().freeze()).await;
+                }
+                break;
+            }
             Err(e) => {
-                return Err(ErrorBody::new(
+                upload_error = Some(ErrorBody::new(
                     ErrorCode::TruncatedInput,
                     format!("the upload ended early after {total} bytes ({e}); nothing was signed"),
-                ))
+                ));
+                break;
             }
         }
     }
-    file.flush().await.map_err(internal)?;
-    Ok((total, sha.finalize().into()))
+    drop(tx);
+    let written = writer
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    if let Some(e) = upload_error {
+        return Err(e);
+    }
+    let (sha, digested) = written.map_err(internal)?;
+    Ok((total, sha, digested))
 }
 
-/// Streams the signed file back; the spool is deleted when the stream ends and no
-/// kept result holds it any more.
+/// How many blocks of [`IO_BLOCK`] an upload may be ahead of its spool's writer.
+const SPOOL_AHEAD: usize = 4;
+
+/// Streams the signed file back, read ahead on a blocking thread
+/// ([`signet_protocol::file_body`]); the spool is deleted there once the file has been
+/// read and no kept result holds it any more.
 async fn send(spool: Arc<Spool>) -> Result<Response, ErrorBody> {
     let internal = |e: std::io::Error| {
         ErrorBody::new(
@@ -498,15 +559,16 @@ async fn send(spool: Arc<Spool>) -> Result<Response, ErrorBody> {
             format!("the signed file cannot be read: {e}"),
         )
     };
-    let file = tokio::fs::File::open(spool.output())
-        .await
-        .map_err(internal)?;
-    let len = file.metadata().await.map_err(internal)?.len();
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, IO_BLOCK).map_ok(move |chunk| {
-        let _keep = &spool;
-        chunk
-    });
-    let mut resp = Body::from_stream(stream).into_response();
+    let path = spool.output();
+    let (file, len) = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok::<_, std::io::Error>((file, len))
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    .map_err(internal)?;
+    let mut resp = Body::new(FileBody::new(file, len, spool)).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),

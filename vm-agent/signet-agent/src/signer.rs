@@ -595,6 +595,7 @@ mod tests {
             page_hashes: false,
             nested: false,
             timestamp: &[],
+            digested: None,
         }
     }
 
@@ -648,6 +649,7 @@ mod tests {
             page_hashes: true,
             nested: true,
             timestamp: &servers,
+            digested: None,
             ..spec(Format::Pe)
         };
         let j = joined(&signer(None), &full);

@@ -1055,6 +1055,7 @@ mod backend_tests {
             page_hashes: true,
             nested: false,
             timestamp,
+            digested: None,
         }
     }
 
