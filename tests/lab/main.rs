@@ -685,9 +685,21 @@ device = {{ kind = "emulated-ccid", db = "sql:{nssdb}", certs = ["lab-id", "lab-
     }
 
     /// The recovery timeline's events after the last `from` (the newest entries in
-    /// the status), each of `then` among them.
+    /// the status), each of `then` among them. News from the agent may trail the
+    /// jobs' results by a moment: it is waited for, up to `LONG`.
     fn assert_timeline_after(&self, from: &str, then: &[&str]) {
-        let events = self.timeline_events();
+        let complete = |events: &[String]| {
+            events
+                .iter()
+                .rposition(|e| e == from)
+                .is_some_and(|start| then.iter().all(|e| events[start..].iter().any(|a| a == e)))
+        };
+        let started = Instant::now();
+        let mut events = self.timeline_events();
+        while !complete(&events) && started.elapsed() < LONG {
+            std::thread::sleep(EVERY);
+            events = self.timeline_events();
+        }
         let start = events
             .iter()
             .rposition(|e| e == from)
@@ -859,9 +871,13 @@ fn cold_start_token_plugged_after_boot_signs_in_the_guest() {
         "token plugged -> signing works",
         plugged.elapsed(),
     );
-    let events = lab.timeline_events();
+    // The agent's news of the login can reach the status before the answer to the
+    // PIN's delivery reaches signetd (the agent reads its health before answering):
+    // both land in the timeline, in either order.
     for e in ["pin_delivered", "logged_in"] {
-        assert!(events.iter().any(|x| x == e), "{e}: {events:?}");
+        wait_until_within(&format!("{e} in the timeline"), LONG, EVERY, || {
+            lab.timeline_events().iter().any(|x| x == e)
+        });
     }
     let s = lab.status();
     let health = &s["agent"]["health"];
