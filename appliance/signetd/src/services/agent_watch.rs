@@ -60,6 +60,10 @@ const TICK: Duration = Duration::from_millis(250);
 /// How long the agent may take to re-initialise PKCS#11 (it waits for the job at the
 /// token first).
 const REINIT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the agent may take to answer the PIN's delivery: it waits for the job at
+/// the token first, then the token's own login (a second on a slow card). The watcher
+/// hears nothing else meanwhile, so a hung token must not hold it for ever.
+const LOGIN_LIMIT: Duration = Duration::from_secs(120);
 
 /// The token's life event an agent event is, if any.
 pub fn react(event: &AgentEventKind) -> Option<Event> {
@@ -806,13 +810,20 @@ async fn deliver_pin(daemon: &Daemon, pins: &mut PinMemory) {
     let body = AgentLogin {
         pin: SecretString::from(pin.to_owned()),
     };
-    let req = client::json_request(http::Method::POST, AGENT_LOGIN_PATH, &body);
+    let req = login_request(&body);
     let agent = &daemon.config().agent;
-    let answer = match client::send(agent, req).await {
-        Ok(resp) if resp.status().is_success() => Ok(()),
-        Ok(resp) => Err(Some(client::error_body(agent, resp).await)),
-        Err(e) => {
+    let answer = match send_within(LOGIN_LIMIT, client::send(agent, req)).await {
+        Some(Ok(resp)) if resp.status().is_success() => Ok(()),
+        Some(Ok(resp)) => Err(Some(client::error_body(agent, resp).await)),
+        Some(Err(e)) => {
             tracing::warn!(error = %e, "the PIN could not be given to the agent");
+            Err(None)
+        }
+        None => {
+            tracing::warn!(
+                limit_s = LOGIN_LIMIT.as_secs(),
+                "the agent did not answer the PIN's delivery in time (its token may hang); it is given again when the agent asks for it"
+            );
             Err(None)
         }
     };
@@ -837,8 +848,99 @@ async fn deliver_pin(daemon: &Daemon, pins: &mut PinMemory) {
     }
 }
 
+/// The request that gives the agent the PIN. Its body is serialised into a buffer
+/// sized first (a buffer that grows leaves copies behind) and wiped when hyper drops
+/// the last reference to it; hyper's and TLS's own buffers are beyond its reach.
+fn login_request(body: &AgentLogin) -> http::Request<http_body_util::Full<Bytes>> {
+    let json = secret_json(body);
+    let mut req = http::Request::new(http_body_util::Full::new(Bytes::from_owner(json)));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = http::Uri::from_static(AGENT_LOGIN_PATH);
+    req.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    req
+}
+
+/// `value` as JSON in memory wiped when dropped, allocated once at its exact size.
+fn secret_json<T: serde::Serialize>(value: &T) -> Zeroizing<Vec<u8>> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Neither write fails: both writers take everything, and the value is plain data.
+    let _ = serde_json::to_writer(&mut count, value);
+    let mut out = Zeroizing::new(Vec::with_capacity(count.0));
+    let _ = serde_json::to_writer(&mut *out, value);
+    out
+}
+
+/// `request`'s answer, or `None` when it takes longer than `limit` (the request is
+/// dropped, its connection closed).
+async fn send_within<T>(
+    limit: Duration,
+    request: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::time::timeout(limit, request).await.ok()
+}
+
 #[cfg(test)]
 mod tests {
+    /// The PIN's body is the same JSON the agent reads, in a buffer that never grew.
+    #[test]
+    fn the_pins_body_is_made_once_at_its_size() {
+        let body = signet_api::wire::AgentLogin {
+            pin: secrecy::SecretString::from("12345678".to_owned()),
+        };
+        let json = super::secret_json(&body);
+        assert_eq!(json.capacity(), json.len());
+        let back: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, serde_json::json!({"pin": "12345678"}));
+        let req = super::login_request(&body);
+        assert_eq!(req.uri().path(), signet_api::wire::AGENT_LOGIN_PATH);
+        assert_eq!(req.method(), http::Method::POST);
+    }
+
+    /// An agent that takes the PIN's delivery and never answers holds the watcher
+    /// for [`super::LOGIN_LIMIT`], no longer.
+    #[tokio::test(start_paused = true)]
+    async fn a_pin_delivery_the_agent_never_answers_ends_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let hold = tokio::spawn(async move {
+            let (conn, _) = listener.accept().await.unwrap();
+            std::future::pending::<()>().await;
+            drop(conn);
+        });
+        let agent = signet_protocol::Endpoint::Unix(path);
+        let body = signet_api::wire::AgentLogin {
+            pin: secrecy::SecretString::from("1234".to_owned()),
+        };
+        let req = super::login_request(&body);
+        let started = tokio::time::Instant::now();
+        let answer = super::send_within(
+            super::LOGIN_LIMIT,
+            signet_protocol::client::send(&agent, req),
+        )
+        .await;
+        assert!(answer.is_none(), "no answer, so none is taken");
+        let waited = started.elapsed();
+        assert!(
+            waited >= super::LOGIN_LIMIT && waited < super::LOGIN_LIMIT * 2,
+            "{waited:?}"
+        );
+        hold.abort();
+    }
+
     #[test]
     fn a_jobs_start_and_end_leave_the_health_as_read_and_the_tokens_news_not() {
         use signet_api::wire::{AgentEventKind as K, AgentState};
