@@ -217,6 +217,42 @@ fn the_operator_pairs_a_new_host_with_the_real_commands() {
     // The code worked once.
     let out = signetd_pair(shown["code"].as_str().unwrap());
     assert!(!out.status.success());
+    // Every attempt is in the host's audit log under the uid that made it: the two
+    // refused ones and the one that pinned the agent's key, which it names.
+    let out = Command::new(bin("signetd"))
+        .arg("--config")
+        .arg(&config)
+        .args(["audit", "export"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pairs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["result"] == "pair")
+        .collect();
+    let me = format!("uid:{}", nix::unistd::getuid().as_raw());
+    assert_eq!(pairs.len(), 4, "{pairs:#?}");
+    assert!(pairs
+        .iter()
+        .all(|r| r["caller"] == me.as_str() && r["transport"] == "cli"));
+    let pinned: Vec<_> = pairs.iter().filter(|r| r["error"].is_null()).collect();
+    assert_eq!(pinned.len(), 1, "{pairs:#?}");
+    assert!(
+        pinned[0]["filename"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("key {}", shown["fingerprint"].as_str().unwrap())),
+        "{pairs:#?}"
+    );
+    assert!(pairs
+        .iter()
+        .filter(|r| !r["error"].is_null())
+        .all(|r| r["error"] == "pairing_failed"));
     // `signet-agent key` names both keys.
     let out = Command::new(bin("signet-agent"))
         .arg("--config")

@@ -428,16 +428,52 @@ fn audit_enroll<T>(
             cfg.state_dir.join(signetd::adapters::store::DB_FILE).display()
         )
     };
-    // The same guard as at the daemon's start: a lost database is not started afresh.
-    signetd::adapters::head::guard(&cfg.state_dir, false).map_err(|e| why(&e))?;
-    let store = signetd::adapters::store::Store::open(
-        &cfg.state_dir,
-        cfg.queue.spool_quota_mb.saturating_mul(1 << 20),
-    )
-    .map_err(|e| why(&e))?;
+    let store = audit_store(cfg).map_err(|e| why(&e))?;
     let op = Operator::cli(nix::unistd::getuid().as_raw());
     let recorded = operate::record(&store.conn(), &op, operate::enroll_action(req), result);
     recorded.map_err(|e| why(&e))
+}
+
+/// The job database of `cfg`'s state directory, for a command that audits from a
+/// process of its own beside the daemon.
+fn audit_store(cfg: &Config) -> anyhow::Result<signetd::adapters::store::Store> {
+    // The same guard as at the daemon's start: a lost database is not started afresh.
+    signetd::adapters::head::guard(&cfg.state_dir, false)?;
+    Ok(signetd::adapters::store::Store::open(
+        &cfg.state_dir,
+        cfg.queue.spool_quota_mb.saturating_mul(1 << 20),
+    )?)
+}
+
+/// Writes the audit record of a `signetd pair` attempt (`agent`: the key pinned, or
+/// `None` when the pairing failed): which uid paired this
+/// host with which agent key. Pinning a key decides who may sign, so it is audited like
+/// an enrolment; a record that cannot be written is an error, the pin stands.
+fn audit_pair(
+    cfg: &Config,
+    agent: Option<&signet_protocol::link::Fingerprint>,
+) -> anyhow::Result<()> {
+    let action = signetd::adapters::audit::Action {
+        action: "pair",
+        operator: format!("uid:{}", nix::unistd::getuid().as_raw()),
+        transport: "cli".to_owned(),
+        target: Some(match agent {
+            Some(key) => format!("agent {} key {key}", cfg.agent),
+            None => format!("agent {}", cfg.agent),
+        }),
+        error: agent.is_none().then(|| "pairing_failed".to_owned()),
+        ..Default::default()
+    };
+    audit_store(cfg)
+        .and_then(|store| Ok(signetd::adapters::audit::record_action(&store.conn(), &action)?))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the pairing's audit record could not be written to {}: {e}; the pairing stands ({}), so note it by hand",
+                cfg.state_dir.join(signetd::adapters::store::DB_FILE).display(),
+                if agent.is_some() { "the agent's key is pinned" } else { "nothing was pinned" }
+            )
+        })?;
+    Ok(())
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -558,7 +594,15 @@ async fn main() -> anyhow::Result<()> {
             let cfg = Config::load(&cli.config)?;
             let link = signet_protocol::link::HostLink::open(&cfg.state_dir)
                 .context("this host's link key")?;
-            let agent = signet_protocol::pairing::pair(&link, &cfg.agent, &code).await?;
+            let paired = signet_protocol::pairing::pair(&link, &cfg.agent, &code).await;
+            if let Err(e) = audit_pair(&cfg, paired.as_ref().ok()) {
+                // A failed pairing's own error says more; its record's loss is told too.
+                if paired.is_ok() {
+                    return Err(e);
+                }
+                eprintln!("signetd: {e:#}");
+            }
+            let agent = paired?;
             if json {
                 signet_api::outln!(
                     "{}",

@@ -353,7 +353,7 @@ pub fn record_refusal(conn: &Connection, entry: &Entry) -> Result<Record, AuditE
 /// An operator's action, for its record (see the module docs).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Action {
-    /// `attach`, `detach`, `reattach`, `cancel`, `enroll`.
+    /// `attach`, `detach`, `reattach`, `cancel`, `enroll`, `pair`.
     pub action: &'static str,
     /// Who: `pve:root@pam`, `uid:0`.
     pub operator: String,
