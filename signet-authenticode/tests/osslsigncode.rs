@@ -56,7 +56,7 @@ struct Env {
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let world = World::new();
+        let world = World::new().shared_for_the_process();
         std::fs::copy(world.path("cert.pem"), world.path("signkey.pem")).unwrap();
         make_ec_key(&world, "EC:prime256v1", "02", "ec256", "sha256");
         make_ec_key(&world, "EC:secp384r1", "03", "ec384", "sha384");

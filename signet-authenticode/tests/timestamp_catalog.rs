@@ -48,7 +48,7 @@ struct Env {
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let token = Token::open(World::new());
+        let token = Token::open(World::new().shared_for_the_process());
         let tsa_dir = token.world.path("tsa-direct");
         fixture("make-tsa.sh", &[&tsa_dir]);
         let tsa = Tsa::start(&token.world.path("tsa-http"));

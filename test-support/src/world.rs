@@ -47,6 +47,38 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// A token made once per test process; each test gets its own copy.
+/// Directories removed when the test process ends: what a `static` holds (the
+/// master token, a `World` a file's tests share) is never dropped.
+static REMOVE_AT_EXIT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes `dir` (and what is in it) when the process exits, as the test harness ends
+/// (a return from `main` or `exit`; not a kill).
+pub fn remove_at_exit(dir: PathBuf) {
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    extern "C" fn remove_all() {
+        let dirs = std::mem::take(
+            &mut *REMOVE_AT_EXIT
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for dir in dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    REGISTER.call_once(|| {
+        // SAFETY: `remove_all` is a plain `extern "C" fn()` that never unwinds (a
+        // poisoned lock is taken as it is, removal errors are ignored); `atexit` only
+        // stores the pointer.
+        #[allow(unsafe_code)]
+        let failed = unsafe { libc::atexit(remove_all) } != 0;
+        assert!(!failed, "atexit refused a handler");
+    });
+    REMOVE_AT_EXIT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(dir);
+}
+
 fn master_token() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -55,6 +87,7 @@ fn master_token() -> &'static Path {
             .tempdir()
             .unwrap()
             .keep();
+        remove_at_exit(dir.clone());
         let out = Command::new("bash")
             .arg(repo_root().join("tests/fixtures/make-token.sh"))
             .arg(&dir)
@@ -116,6 +149,18 @@ impl World {
             dbus: None,
             children: Vec::new(),
         }
+    }
+
+    /// This world, for a `static` that the tests of one file share (never dropped):
+    /// its directory is removed when the process exits. It must start no children
+    /// (nothing would stop them).
+    pub fn shared_for_the_process(self) -> Self {
+        assert!(
+            self.children.is_empty(),
+            "a shared world starts no children"
+        );
+        remove_at_exit(self.dir.path().to_owned());
+        self
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
