@@ -917,8 +917,19 @@ fn cold_start_token_plugged_after_boot_signs_in_the_guest() {
         "token plugged -> first file signed",
         plugged.elapsed(),
     );
+    // One job, signed once; and the pairing, audited under the uid that ran it.
     let audited = lab.audited();
-    assert_eq!(audited.len(), 1, "{audited:?}");
+    assert_eq!(
+        audited.get("1").map(Vec::as_slice),
+        Some(&["signed".to_owned()][..]),
+        "{audited:?}"
+    );
+    assert_eq!(
+        audited.get("-").map(Vec::as_slice),
+        Some(&["pair".to_owned()][..]),
+        "{audited:?}"
+    );
+    assert_eq!(audited.len(), 2, "{audited:?}");
     assert_eq!(lab.guest.signatures(), 1);
 }
 
