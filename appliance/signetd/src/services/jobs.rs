@@ -20,8 +20,8 @@ use signet_api::wire::{
     AgentSignQuery, ErrorBody, ErrorCode, JobState, JobView, ProfileOptions, QueueStatus,
     SignQuery, AGENT_BATCH_PATH, AGENT_SIGN_PATH,
 };
+use signet_protocol::file_body::FileBody;
 use signet_protocol::transport::Peer;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
@@ -172,8 +172,8 @@ pub struct Delivery {
     /// The SHA-256 of its profile's `GET /v1/profile` answer as it is now
     /// ([`profile_answer`]), when the caller may still use the profile.
     pub profile_sha256: Option<String>,
-    /// Its spool file, or its bytes from the database.
-    pub body: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    /// Its spool file (read ahead by a [`FileBody`]), or its bytes from the database.
+    pub body: Body,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -1174,23 +1174,22 @@ impl JobService {
                     id: id.to_owned(),
                     ttl,
                 };
-                let body: Box<dyn tokio::io::AsyncRead + Send + Unpin> =
-                    match tokio::fs::File::open(store.output_path(id)).await {
-                        Ok(f) => Box::new(f),
-                        // Kept in the database (delivered or not), or delivered once
-                        // already: the copy kept for a retry, while it lasts.
-                        Err(_) => match store
-                            .inline_output(id)
-                            .map_err(|e| JobError::internal(id, "reading the result", &e))?
-                        {
-                            Some(data) => Box::new(std::io::Cursor::new(data)),
-                            None => Box::new(
-                                tokio::fs::File::open(store.delivered_path(id))
-                                    .await
-                                    .map_err(|_| gone())?,
-                            ),
-                        },
-                    };
+                let body = match open_spooled(store.output_path(id)).await {
+                    Ok(f) => Body::new(f),
+                    // Kept in the database (delivered or not), or delivered once
+                    // already: the copy kept for a retry, while it lasts.
+                    Err(_) => match store
+                        .inline_output(id)
+                        .map_err(|e| JobError::internal(id, "reading the result", &e))?
+                    {
+                        Some(data) => Body::from(data),
+                        None => Body::new(
+                            open_spooled(store.delivered_path(id))
+                                .await
+                                .map_err(|_| gone())?,
+                        ),
+                    },
+                };
                 Ok(Delivery {
                     id: row.id,
                     kind: row.kind,
@@ -1550,13 +1549,14 @@ impl JobService {
                     ))
                 }
             };
-            let input: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match store.inline_input(id) {
-                Ok(Some(data)) => Box::new(std::io::Cursor::new(data)),
-                Ok(None) => Box::new(
-                    tokio::fs::File::open(store.input_path(id))
-                        .await
-                        .map_err(|e| ErrorBody::from(JobError::internal(id, "opening the spooled input", &e)))?,
-                ),
+            let input: Blocks = match store.inline_input(id) {
+                Ok(Some(data)) if data.is_empty() => futures_util::stream::empty().boxed(),
+                Ok(Some(data)) => futures_util::stream::once(std::future::ready(Ok(bytes::Bytes::from(data)))).boxed(),
+                Ok(None) => open_spooled(store.input_path(id))
+                    .await
+                    .map_err(|e| ErrorBody::from(JobError::internal(id, "opening the spooled input", &e)))?
+                    .into_data_stream()
+                    .boxed(),
                 Err(e) => return Err(JobError::internal(id, "reading the input", &e).into()),
             };
             let body = Body::from_stream(upload(
@@ -1869,8 +1869,24 @@ async fn hold(
     go_on && !draining.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-/// A job's input (its spool file, or its bytes from the database) as the body sent to
-/// the agent, read in [`signet_protocol::IO_BLOCK`]s.
+/// The blocks of a job's input or result as they are read.
+type Blocks = futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>;
+
+/// A spool file, whole, as a body read ahead in blocks on a blocking thread
+/// ([`FileBody`]).
+async fn open_spooled(path: std::path::PathBuf) -> std::io::Result<FileBody> {
+    let (file, len) = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok::<_, std::io::Error>((file, len))
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    Ok(FileBody::new(file, len, ()))
+}
+
+/// A job's input (its spool file, read ahead by a [`FileBody`], or its bytes from the
+/// database) as the body sent to the agent, in [`signet_protocol::IO_BLOCK`]s.
 /// With a job before it at the agent (`prev`), its last byte waits for that one's
 /// answer ([`hold`]): the agent takes a job to its lock only once it has it whole, so
 /// this one cannot overtake it. When that one goes back to the queue instead, the
@@ -1878,7 +1894,7 @@ async fn hold(
 /// unsigned. `phase` becomes
 /// [`Phase::Sent`] once the input is handed over whole.
 fn upload(
-    input: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    input: Blocks,
     len: Option<u64>,
     prev: Option<watch::Receiver<Phase>>,
     gate: Arc<Gate>,
@@ -1898,7 +1914,7 @@ fn upload(
         sent(&phase);
     }
     let len = len.unwrap_or(u64::MAX);
-    let blocks = tokio_util::io::ReaderStream::with_capacity(input, signet_protocol::IO_BLOCK);
+    let blocks = input;
     futures_util::stream::unfold(
         (blocks, 0u64, prev, None::<bytes::Bytes>, false),
         move |(mut blocks, mut n, mut prev, tail, done)| {
@@ -1964,12 +1980,12 @@ struct Landed {
 }
 
 /// Where the bytes of an input or a result go: memory while they are at most
-/// [`store::INLINE_MAX`], else (all of them) the spool file at `path`.
+/// [`store::INLINE_MAX`], else (all of them) the spool file at `path`, written by a
+/// [`SpoolWriter`] on a blocking thread.
 struct Sink<'a> {
     path: &'a Path,
     buf: Vec<u8>,
-    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
-    hash: Sha256,
+    writer: Option<SpoolWriter>,
     n: u64,
 }
 
@@ -1978,52 +1994,149 @@ impl<'a> Sink<'a> {
         Sink {
             path,
             buf: Vec::new(),
-            file: None,
-            hash: Sha256::new(),
+            writer: None,
             n: 0,
         }
     }
 
-    async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
-        self.hash.update(chunk);
+    async fn write(&mut self, chunk: bytes::Bytes) -> std::io::Result<()> {
         self.n += chunk.len() as u64;
-        if self.file.is_none() {
+        if self.writer.is_none() {
             if self.n <= store::INLINE_MAX {
-                self.buf.extend_from_slice(chunk);
+                self.buf.extend_from_slice(&chunk);
                 return Ok(());
             }
-            // tokio's file writes each cost a trip to the blocking pool: write big blocks.
-            let mut file = tokio::io::BufWriter::with_capacity(
-                signet_protocol::IO_BLOCK,
-                tokio::fs::File::create(self.path).await?,
-            );
-            file.write_all(&std::mem::take(&mut self.buf)).await?;
-            self.file = Some(file);
+            let mut writer = SpoolWriter::create(self.path)?;
+            writer
+                .write(bytes::Bytes::from(std::mem::take(&mut self.buf)))
+                .await?;
+            self.writer = Some(writer);
         }
-        match self.file.as_mut() {
-            Some(file) => file.write_all(chunk).await,
+        match self.writer.as_mut() {
+            Some(w) => w.write(chunk).await,
             None => Ok(()),
         }
     }
 
     /// The end: a file is flushed and fsync'd, with its directory.
     async fn end(self) -> std::io::Result<Landed> {
-        let inline = match self.file {
-            None => Some(self.buf),
-            Some(mut file) => {
-                file.flush().await?;
-                file.get_ref().sync_all().await?;
-                if let Some(dir) = self.path.parent() {
-                    store::sync_dir(dir)?;
-                }
-                None
-            }
+        let (sha, inline) = match self.writer {
+            None => (Sha256::digest(&self.buf).into(), Some(self.buf)),
+            Some(w) => (w.end().await?, None),
         };
         Ok(Landed {
-            sha: audit::hex(&self.hash.finalize()),
+            sha: audit::hex(&sha),
             n: self.n,
             inline,
         })
+    }
+}
+
+/// What the spool's writer thread is given.
+enum ToWrite {
+    Block(bytes::Bytes),
+    /// The last block was given: flush the file and its directory.
+    End,
+}
+
+/// How many blocks of [`signet_protocol::IO_BLOCK`] may wait for the spool's writer.
+const SPOOL_AHEAD: usize = 4;
+
+/// A spool file written and hashed on one blocking thread, in blocks of
+/// [`signet_protocol::IO_BLOCK`] gathered from the pieces the socket gives: the async
+/// thread only receives, while the blocks before are hashed and written with std's
+/// I/O (no trip to tokio's blocking pool per block, no copy into its buffer). At most
+/// [`SPOOL_AHEAD`] blocks wait for it. Dropped before [`SpoolWriter::end`], the thread
+/// stops without flushing; the caller removes the file.
+struct SpoolWriter {
+    tx: tokio::sync::mpsc::Sender<ToWrite>,
+    block: bytes::BytesMut,
+    thread: tokio::task::JoinHandle<std::io::Result<[u8; 32]>>,
+}
+
+impl SpoolWriter {
+    /// Creates the file here (so that no thread creates it after the caller removed
+    /// it) and starts its writer.
+    fn create(path: &Path) -> std::io::Result<SpoolWriter> {
+        use std::io::Write;
+        let mut file = std::fs::File::create(path)?;
+        let dir = path.parent().map(Path::to_owned);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<ToWrite>(SPOOL_AHEAD);
+        let thread = tokio::task::spawn_blocking(move || {
+            let mut sha = Sha256::new();
+            loop {
+                match rx.blocking_recv() {
+                    Some(ToWrite::Block(b)) => {
+                        sha.update(&b);
+                        file.write_all(&b)?;
+                    }
+                    Some(ToWrite::End) => break,
+                    None => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::Interrupted,
+                            "the spool file was given up",
+                        ))
+                    }
+                }
+            }
+            file.sync_all()?;
+            if let Some(dir) = dir {
+                store::sync_dir(&dir)?;
+            }
+            Ok(sha.finalize().into())
+        });
+        Ok(SpoolWriter {
+            tx,
+            block: bytes::BytesMut::new(),
+            thread,
+        })
+    }
+
+    /// The writer thread's error, once it stopped.
+    async fn failed(&mut self) -> std::io::Error {
+        match (&mut self.thread).await {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => std::io::Error::other("the spool's writer ended early"),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    async fn send(&mut self, b: bytes::Bytes) -> std::io::Result<()> {
+        if self.tx.send(ToWrite::Block(b)).await.is_err() {
+            return Err(self.failed().await);
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, chunk: bytes::Bytes) -> std::io::Result<()> {
+        const BLOCK: usize = signet_protocol::IO_BLOCK;
+        if self.block.is_empty() && chunk.len() >= BLOCK {
+            return self.send(chunk).await;
+        }
+        if self.block.capacity() == 0 {
+            self.block.reserve(BLOCK);
+        }
+        self.block.extend_from_slice(&chunk);
+        if self.block.len() >= BLOCK {
+            let full = self.block.split().freeze();
+            self.send(full).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is left, then flushes the file and its directory; its SHA-256.
+    async fn end(mut self) -> std::io::Result<[u8; 32]> {
+        if !self.block.is_empty() {
+            let last = self.block.split().freeze();
+            self.send(last).await?;
+        }
+        if self.tx.send(ToWrite::End).await.is_err() {
+            return Err(self.failed().await);
+        }
+        match (&mut self.thread).await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
     }
 }
 
@@ -2048,7 +2161,7 @@ async fn spool(
             }
             *reserved += more;
         }
-        sink.write(&chunk).await.map_err(Spool::Disk)?;
+        sink.write(chunk).await.map_err(Spool::Disk)?;
     }
     let landed = sink.end().await.map_err(Spool::Disk)?;
     // The input's bytes are counted from now on; the reservation is given back.
@@ -2068,7 +2181,7 @@ async fn save(mut body: hyper::body::Incoming, path: &Path) -> Result<Landed, Sa
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(Saved::Broken)?;
         if let Ok(data) = frame.into_data() {
-            sink.write(&data).await.map_err(Saved::Disk)?;
+            sink.write(data).await.map_err(Saved::Disk)?;
         }
     }
     sink.end().await.map_err(Saved::Disk)
@@ -2194,6 +2307,46 @@ mod tests {
             content_type: "application/octet-stream".into(),
             request_sha256: None,
         }
+    }
+
+    /// A body over [`store::INLINE_MAX`] in pieces of every size lands whole in its
+    /// spool file, with the SHA-256 of all of it; a small one stays in memory.
+    #[tokio::test]
+    async fn a_sink_spools_a_large_body_whole_on_its_writer_and_keeps_a_small_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("1.out");
+        let bytes: Vec<u8> = (0..(3 * signet_protocol::IO_BLOCK + 70_001))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let mut sink = Sink::new(&path);
+        let mut at = 0;
+        for (i, size) in [1usize, 17, 65_536, signet_protocol::IO_BLOCK + 5, 3]
+            .into_iter()
+            .cycle()
+            .enumerate()
+        {
+            if at == bytes.len() || i > 1000 {
+                break;
+            }
+            let end = (at + size).min(bytes.len());
+            sink.write(bytes::Bytes::copy_from_slice(&bytes[at..end]))
+                .await
+                .unwrap();
+            at = end;
+        }
+        let landed = sink.end().await.unwrap();
+        assert!(landed.inline.is_none());
+        assert_eq!(landed.n, bytes.len() as u64);
+        assert_eq!(landed.sha, audit::hex(&Sha256::digest(&bytes)));
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+
+        let small = dir.path().join("2.out");
+        let mut sink = Sink::new(&small);
+        sink.write(bytes::Bytes::from_static(b"abc")).await.unwrap();
+        let landed = sink.end().await.unwrap();
+        assert_eq!(landed.inline.as_deref(), Some(&b"abc"[..]));
+        assert_eq!(landed.sha, audit::hex(&Sha256::digest(b"abc")));
+        assert!(!small.exists());
     }
 
     /// What a `kill -9` leaves between the steps of jobs whose input is in the

@@ -375,7 +375,6 @@ fn render_result(
 ) -> Result<Response, ErrorBody> {
     let d = result?;
     let profile = d.profile_sha256;
-    let stream = tokio_util::io::ReaderStream::with_capacity(d.body, signet_protocol::IO_BLOCK);
     let mut resp = match d.kind {
         Kind::Batch => {
             let Ok(boundary) = multer::parse_boundary(&d.content_type) else {
@@ -385,20 +384,15 @@ fn render_result(
                 ));
             };
             let out = batch::new_boundary();
-            let mut r = Body::from_stream(reframe(
-                Body::from_stream(stream),
-                boundary,
-                out.clone(),
-                d.id.clone(),
-            ))
-            .into_response();
+            let mut r = Body::from_stream(reframe(d.body, boundary, out.clone(), d.id.clone()))
+                .into_response();
             if let Ok(v) = HeaderValue::from_str(&batch::content_type(&out)) {
                 r.headers_mut().insert(header::CONTENT_TYPE, v);
             }
             r
         }
         Kind::Sign => {
-            let mut r = Body::from_stream(stream).into_response();
+            let mut r = d.body.into_response();
             if let Ok(v) = HeaderValue::from_str(&d.content_type) {
                 r.headers_mut().insert(header::CONTENT_TYPE, v);
             }
