@@ -129,6 +129,11 @@ pub(crate) struct Engine {
     sched: Mutex<Sched>,
     wake: Notify,
     done: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// The results being spooled from the agent now, by job: what a waiting
+    /// `GET /v1/jobs/{id}/result` streams before the job is signed ([`Live`]).
+    live: Mutex<HashMap<String, Live>>,
+    /// Changes whenever a result starts being spooled (wakes [`JobService::wait_result`]).
+    live_news: watch::Sender<u64>,
     /// The token's serial and certificate fingerprint, from the agent's health.
     token: Mutex<Option<(Option<String>, Option<String>)>>,
     /// Set while the host shuts down: no new jobs, the worker starts none, and a job
@@ -168,7 +173,9 @@ pub struct Delivery {
     pub id: String,
     pub kind: Kind,
     pub content_type: String,
-    pub len: u64,
+    /// Its length; unknown for a result streamed while it is spooled (the answer
+    /// is chunked, its end withheld until the job is signed).
+    pub len: Option<u64>,
     /// The SHA-256 of its profile's `GET /v1/profile` answer as it is now
     /// ([`profile_answer`]), when the caller may still use the profile.
     pub profile_sha256: Option<String>,
@@ -202,6 +209,8 @@ impl Engine {
             sched: Mutex::default(),
             wake: Notify::new(),
             done: Mutex::default(),
+            live: Mutex::default(),
+            live_news: watch::channel(0).0,
             token: Mutex::default(),
             draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             stopping: watch::channel(Stopping::No).0,
@@ -1050,6 +1059,73 @@ impl JobService {
         }
     }
 
+    /// Waits until the job has ended, as [`Self::wait`] does, or until its signed file
+    /// is being spooled from the agent: then answers it, to be streamed as it lands
+    /// ([`Self::live_result`]).
+    pub async fn wait_result(&self, id: &str) -> Option<Live> {
+        let engine = self.engine();
+        let mut rx = lock(&engine.done)
+            .entry(id.to_owned())
+            .or_insert_with(|| watch::channel(false).0)
+            .subscribe();
+        let mut news = engine.live_news.subscribe();
+        let mut stop = engine.stopping.subscribe();
+        loop {
+            news.mark_unchanged();
+            if engine
+                .store
+                .get(id)
+                .ok()
+                .flatten()
+                .is_none_or(|r| r.state.is_final())
+            {
+                lock(&engine.done).remove(id);
+                return None;
+            }
+            let live = lock(&engine.live).get(id).cloned();
+            if let Some(live) = live {
+                let mut p = live.progress.clone();
+                // Written to its file: streamed from there. Kept in the database
+                // (small), or failed: the job's end says.
+                let now = p.wait_for(|p| *p != Progress::Pending).await.map(|p| *p);
+                if let Ok(Progress::Writing(_)) = now {
+                    return Some(live);
+                }
+            }
+            let at_token = lock(&engine.sched).at_agent.iter().any(|a| a.id == id);
+            match *stop.borrow_and_update() {
+                Stopping::No => {}
+                Stopping::Draining if at_token => {}
+                _ => return None,
+            }
+            tokio::select! {
+                r = rx.wait_for(|d| *d) => if r.is_err() { return None },
+                r = stop.changed() => if r.is_err() { return None },
+                r = news.changed() => if r.is_err() { return None },
+            }
+        }
+    }
+
+    /// Job `id`'s result as it is spooled from the agent ([`Self::wait_result`]): its
+    /// bytes are sent as they are written; the body ends only once the job is `signed`
+    /// with its audit record, and breaks off (the client collects again) if the job
+    /// does not end signed with these bytes.
+    pub fn live_result(&self, id: &str, caller: &Caller, live: Live) -> Result<Delivery, JobError> {
+        let row = self.caller_job(id, caller)?;
+        let delivered = self.engine().store.delivered_path(id);
+        Ok(Delivery {
+            id: row.id,
+            kind: row.kind,
+            content_type: live.content_type.clone(),
+            len: None,
+            profile_sha256: self
+                .profile_options(Some(&row.profile), caller)
+                .ok()
+                .map(|o| profile_answer(&o).1),
+            body: Body::from_stream(live.blocks(delivered)),
+        })
+    }
+
     /// Job `id`, if `caller` sent it: a caller sees and acts on its own jobs only.
     fn caller_job(&self, id: &str, caller: &Caller) -> Result<JobRow, JobError> {
         match self.engine().store.get(id) {
@@ -1196,7 +1272,7 @@ impl JobService {
                     content_type: row
                         .output_type
                         .unwrap_or_else(|| "application/octet-stream".to_owned()),
-                    len: row.output_bytes.unwrap_or(0),
+                    len: Some(row.output_bytes.unwrap_or(0)),
                     profile_sha256: self
                         .profile_options(Some(&row.profile), caller)
                         .ok()
@@ -1528,6 +1604,8 @@ impl JobService {
         let mut epoch = self.engine().agent_epoch.subscribe();
         epoch.mark_unchanged();
         let mut facts: (Option<String>, Option<String>) = (None, None);
+        // Dropped before the job is committed signed, it breaks off what was streamed.
+        let mut live: Option<LiveGuard<'_>> = None;
         let answer = async {
             facts = self.token_facts().await;
             let (token_serial, cert) = &facts;
@@ -1585,7 +1663,13 @@ impl JobService {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/octet-stream")
                 .to_owned();
-            let landed = save(resp.into_body(), &out_path).await.map_err(|e| match e {
+            // A signed file (not a batch's parts) may be streamed to a waiting
+            // client as it lands.
+            if row.kind == Kind::Sign {
+                live = Some(LiveGuard::start(engine, id, &out_path, &ct));
+            }
+            let progress = live.as_ref().map(|l| Arc::clone(&l.progress));
+            let landed = save(resp.into_body(), &out_path, progress).await.map_err(|e| match e {
                 Saved::Broken(e) => {
                     tracing::warn!(job = id, error = %e, "the agent's answer broke off");
                     ErrorBody::new(ErrorCode::AgentUnavailable, "the signing VM's agent stopped answering mid-job; nothing was delivered").retryable(true)
@@ -1661,6 +1745,9 @@ impl JobService {
                 engine.store_wrote(finished.as_ref().map(|_| ()));
                 match finished {
                     Ok(_) => {
+                        if let Some(live) = &live {
+                            live.signed(n);
+                        }
                         store.remove_spooled(&store.input_path(id));
                         lock(&engine.sched).queue.record_duration(ms);
                         tracing::info!(job = id, ms, bytes = n, "signed");
@@ -1979,6 +2066,170 @@ struct Landed {
     inline: Option<Vec<u8>>,
 }
 
+/// How far a result being spooled from the agent is ([`Live`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// Not in a file (yet): a small result stays in memory.
+    Pending,
+    /// Its first `n` bytes are in its spool file.
+    Writing(u64),
+    /// The job is `signed` with its audit record, its result `n` bytes long.
+    Signed(u64),
+    /// The job did not end signed with it (it failed, or runs again).
+    Failed,
+}
+
+/// A result being spooled from the agent to `<id>.out`, which a waiting
+/// `GET /v1/jobs/{id}/result` streams as it lands ([`JobService::wait_result`]).
+#[derive(Debug, Clone)]
+pub struct Live {
+    path: std::path::PathBuf,
+    content_type: String,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Live {
+    /// The result's bytes as they are written; ends once the job is signed, breaks
+    /// off once it is known it will not be (or signetd stops). The file is opened at
+    /// the first read; if a stream before this one delivered it whole meanwhile, it
+    /// was moved to `delivered`.
+    fn blocks(
+        self,
+        delivered: std::path::PathBuf,
+    ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+        let broke = |why: &str| {
+            std::io::Error::other(format!(
+                "{why}; nothing of it counts, collect the job's result again"
+            ))
+        };
+        let (path, rx) = (self.path, self.progress);
+        futures_util::stream::unfold(
+            (None::<Arc<std::fs::File>>, 0u64, rx, false),
+            move |(mut file, sent, mut rx, done)| {
+                let (path, delivered) = (path.clone(), delivered.clone());
+                async move {
+                    if done {
+                        return None;
+                    }
+                    loop {
+                        let now = *rx.borrow_and_update();
+                        let (ready, end) = match now {
+                            Progress::Pending => (0, false),
+                            Progress::Writing(n) => (n, false),
+                            Progress::Signed(n) => (n, true),
+                            Progress::Failed => {
+                                let e = broke("the job did not end signed");
+                                return Some((Err(e), (file, sent, rx, true)));
+                            }
+                        };
+                        if ready > sent {
+                            let want = (ready - sent).min(signet_protocol::IO_BLOCK as u64);
+                            let read = read_at(&mut file, path, delivered, sent, want).await;
+                            return match read {
+                                Ok(b) => {
+                                    let n = b.len() as u64;
+                                    Some((Ok(b), (file, sent + n, rx, false)))
+                                }
+                                Err(e) => Some((Err(e), (file, sent, rx, true))),
+                            };
+                        }
+                        if end {
+                            return None;
+                        }
+                        if rx.changed().await.is_err() {
+                            let e = broke("the job's result stopped being written");
+                            return Some((Err(e), (file, sent, rx, true)));
+                        }
+                    }
+                }
+            },
+        )
+    }
+}
+
+/// `want` bytes at `at` of a result's spool file (opened first if need be: at
+/// `path`, or at `delivered` once another answer delivered it), on a blocking thread.
+async fn read_at(
+    file: &mut Option<Arc<std::fs::File>>,
+    path: std::path::PathBuf,
+    delivered: std::path::PathBuf,
+    at: u64,
+    want: u64,
+) -> std::io::Result<bytes::Bytes> {
+    use std::os::unix::fs::FileExt;
+    let f = file.clone();
+    let (f, b) = tokio::task::spawn_blocking(move || {
+        let f = match f {
+            Some(f) => f,
+            None => {
+                Arc::new(std::fs::File::open(&path).or_else(|_| std::fs::File::open(&delivered))?)
+            }
+        };
+        let mut b = vec![0u8; want as usize];
+        f.read_exact_at(&mut b, at)?;
+        Ok::<_, std::io::Error>((f, b))
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    *file = Some(f);
+    Ok(bytes::Bytes::from(b))
+}
+
+/// The worker's side of a [`Live`] result: registered while the answer is spooled,
+/// it says `Signed` only once the job is committed signed; dropped before, it says
+/// `Failed`. Either way it leaves the engine's map.
+struct LiveGuard<'a> {
+    engine: &'a Engine,
+    id: &'a str,
+    progress: Arc<watch::Sender<Progress>>,
+}
+
+impl<'a> LiveGuard<'a> {
+    fn start(engine: &'a Engine, id: &'a str, path: &Path, content_type: &str) -> LiveGuard<'a> {
+        let (tx, rx) = watch::channel(Progress::Pending);
+        lock(&engine.live).insert(
+            id.to_owned(),
+            Live {
+                path: path.to_owned(),
+                content_type: content_type.to_owned(),
+                progress: rx,
+            },
+        );
+        engine.live_news.send_modify(|n| *n = n.wrapping_add(1));
+        LiveGuard {
+            engine,
+            id,
+            progress: Arc::new(tx),
+        }
+    }
+
+    fn signed(&self, n: u64) {
+        self.progress.send_replace(Progress::Signed(n));
+    }
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        {
+            let mut live = lock(&self.engine.live);
+            let ours = self.progress.subscribe();
+            if live
+                .get(self.id)
+                .is_some_and(|l| l.progress.same_channel(&ours))
+            {
+                live.remove(self.id);
+            }
+        }
+        self.progress.send_if_modified(|p| {
+            let open = matches!(p, Progress::Pending | Progress::Writing(_));
+            if open {
+                *p = Progress::Failed;
+            }
+            open
+        });
+    }
+}
+
 /// Where the bytes of an input or a result go: memory while they are at most
 /// [`store::INLINE_MAX`], else (all of them) the spool file at `path`, written by a
 /// [`SpoolWriter`] on a blocking thread.
@@ -1987,6 +2238,8 @@ struct Sink<'a> {
     buf: Vec<u8>,
     writer: Option<SpoolWriter>,
     n: u64,
+    /// Told how many bytes are in the file as they are written.
+    progress: Option<Arc<watch::Sender<Progress>>>,
 }
 
 impl<'a> Sink<'a> {
@@ -1996,6 +2249,7 @@ impl<'a> Sink<'a> {
             buf: Vec::new(),
             writer: None,
             n: 0,
+            progress: None,
         }
     }
 
@@ -2006,7 +2260,7 @@ impl<'a> Sink<'a> {
                 self.buf.extend_from_slice(&chunk);
                 return Ok(());
             }
-            let mut writer = SpoolWriter::create(self.path)?;
+            let mut writer = SpoolWriter::create(self.path, self.progress.clone())?;
             writer
                 .write(bytes::Bytes::from(std::mem::take(&mut self.buf)))
                 .await?;
@@ -2057,18 +2311,34 @@ struct SpoolWriter {
 impl SpoolWriter {
     /// Creates the file here (so that no thread creates it after the caller removed
     /// it) and starts its writer.
-    fn create(path: &Path) -> std::io::Result<SpoolWriter> {
+    /// `progress` is told how many bytes are in the file after each block (while it
+    /// says the file is being written).
+    fn create(
+        path: &Path,
+        progress: Option<Arc<watch::Sender<Progress>>>,
+    ) -> std::io::Result<SpoolWriter> {
         use std::io::Write;
         let mut file = std::fs::File::create(path)?;
         let dir = path.parent().map(Path::to_owned);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<ToWrite>(SPOOL_AHEAD);
         let thread = tokio::task::spawn_blocking(move || {
             let mut sha = Sha256::new();
+            let mut written = 0u64;
             loop {
                 match rx.blocking_recv() {
                     Some(ToWrite::Block(b)) => {
                         sha.update(&b);
                         file.write_all(&b)?;
+                        written += b.len() as u64;
+                        if let Some(p) = &progress {
+                            p.send_if_modified(|p| {
+                                let open = matches!(p, Progress::Pending | Progress::Writing(_));
+                                if open {
+                                    *p = Progress::Writing(written);
+                                }
+                                open
+                            });
+                        }
                     }
                     Some(ToWrite::End) => break,
                     None => {
@@ -2176,8 +2446,13 @@ enum Saved {
 
 /// Streams the agent's answer into memory, or to `path` (fsync'd, with its directory)
 /// once it is more than [`store::INLINE_MAX`], hashing as it goes.
-async fn save(mut body: hyper::body::Incoming, path: &Path) -> Result<Landed, Saved> {
+async fn save(
+    mut body: hyper::body::Incoming,
+    path: &Path,
+    progress: Option<Arc<watch::Sender<Progress>>>,
+) -> Result<Landed, Saved> {
     let mut sink = Sink::new(path);
+    sink.progress = progress;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(Saved::Broken)?;
         if let Ok(data) = frame.into_data() {
@@ -2347,6 +2622,46 @@ mod tests {
         assert_eq!(landed.inline.as_deref(), Some(&b"abc"[..]));
         assert_eq!(landed.sha, audit::hex(&Sha256::digest(b"abc")));
         assert!(!small.exists());
+    }
+
+    /// A result streamed as it is spooled gives its bytes as they are written, ends
+    /// only once the job is signed, and breaks off when the attempt ends otherwise.
+    #[tokio::test]
+    async fn a_live_result_ends_only_once_signed_and_breaks_off_otherwise() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), 1 << 30).unwrap();
+        let bytes: Vec<u8> = (0..(2 * signet_protocol::IO_BLOCK + 100_001))
+            .map(|i| (i % 249) as u8)
+            .collect();
+        for signed in [true, false] {
+            let path = dir.path().join(format!("{signed}.out"));
+            let guard = LiveGuard::start(&engine, "7", &path, "application/x-test");
+            let live = lock(&engine.live).get("7").cloned().unwrap();
+            assert_eq!(live.content_type, "application/x-test");
+            let mut sink = Sink::new(&path);
+            sink.progress = Some(Arc::clone(&guard.progress));
+            sink.write(bytes::Bytes::from(bytes.clone())).await.unwrap();
+            let landed = sink.end().await.unwrap();
+            let mut blocks = Box::pin(live.blocks(dir.path().join("none")));
+            let mut got = Vec::new();
+            while got.len() < bytes.len() {
+                got.extend_from_slice(&blocks.next().await.unwrap().unwrap());
+            }
+            assert_eq!(got, bytes);
+            // All of it is there, and still the answer does not end.
+            assert!(blocks.next().now_or_never().is_none());
+            if signed {
+                guard.signed(landed.n);
+                drop(guard);
+                assert!(blocks.next().await.is_none());
+            } else {
+                drop(guard);
+                assert!(blocks.next().await.unwrap().is_err());
+                assert!(blocks.next().await.is_none());
+            }
+            assert!(lock(&engine.live).is_empty());
+        }
     }
 
     /// What a `kill -9` leaves between the steps of jobs whose input is in the

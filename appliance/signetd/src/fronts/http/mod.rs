@@ -396,8 +396,10 @@ fn render_result(
             if let Ok(v) = HeaderValue::from_str(&d.content_type) {
                 r.headers_mut().insert(header::CONTENT_TYPE, v);
             }
-            r.headers_mut()
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(d.len));
+            if let Some(len) = d.len {
+                r.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            }
             r
         }
     };
@@ -462,7 +464,15 @@ async fn job_result(
     if let Err(e) = daemon.job_service().job(&id, &caller) {
         return ErrorBody::from(e).into_response();
     }
-    daemon.job_service().wait(&id).await;
+    // Its signed file is streamed as it lands from the agent, its end withheld until
+    // the job is signed; or, once it ended, answered from where it is kept.
+    if let Some(live) = daemon.job_service().wait_result(&id).await {
+        let result = daemon.job_service().live_result(&id, &caller, live);
+        return v1_answer(
+            &daemon,
+            render_result(&daemon, &id, result).map_err(|e| (e, Some(id.clone()))),
+        );
+    }
     deliver(&daemon, &id, &caller).await
 }
 
