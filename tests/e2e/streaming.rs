@@ -298,6 +298,10 @@ fn a_job_that_fails_while_its_result_streams_leaves_its_client_no_file_and_an_er
     let out = run.finish();
     assert!(!out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
+    assert!(
+        err.contains("the signed file broke off; collecting job 1 again"),
+        "{err}"
+    );
     assert!(err.contains("nothing was delivered"), "{err}");
     assert!(err.contains("big.exe"), "{err}");
     // The file is as it was, and nothing of the broken answer is left beside it.
@@ -330,6 +334,11 @@ fn a_result_broken_off_mid_stream_is_collected_again_from_the_job_run_again() {
     // The job goes back to its queue and runs again; the client collects that result.
     let out = run.finish();
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the signed file broke off; collecting job 1 again"),
+        "{}",
+        stderr(&out)
+    );
     let (ok, text) = verify(&w, &pe);
     assert!(ok, "{text}");
     let (status, again) = fetch(&ep, "/v1/jobs/1/result");
