@@ -255,12 +255,33 @@ fn a_result_streams_to_its_waiting_client_before_the_job_is_signed_and_verifies(
     assert_eq!(job["state"], "running", "{job:#}");
     assert_eq!(job["filename"], "big.exe", "{job:#}");
     assert!(audit(&w).iter().all(|r| r["result"] != "signed"));
+    // An HTTP/1.0 caller, whose answer would end with the connection, waits for the
+    // job's end and gets a length.
+    let mut old = UnixStream::connect(w.path("signetd.sock")).unwrap();
+    old.write_all(b"GET /v1/jobs/1/result HTTP/1.0\r\nHost: signetd\r\n\r\n")
+        .unwrap();
+    let old = std::thread::spawn(move || {
+        let mut answer = Vec::new();
+        old.read_to_end(&mut answer).unwrap();
+        answer
+    });
     relay.decide(Hold::Go);
 
     let out = run.finish();
     assert!(out.status.success(), "{}", stderr(&out));
     let (ok, text) = verify(&w, &pe);
     assert!(ok, "{text}");
+    let answer = old.join().unwrap();
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&answer[..split]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.0 200"), "{head}");
+    assert!(!head.contains("chunked"), "{head}");
+    let signed = std::fs::read(&pe).unwrap();
+    assert!(
+        head.contains(&format!("content-length: {}", signed.len())),
+        "{head}"
+    );
+    assert!(answer[split + 4..] == signed[..]);
     // What the client kept is the job's result, as collected again.
     let (status, again) = fetch(&ep, "/v1/jobs/1/result");
     assert_eq!(status, 200);

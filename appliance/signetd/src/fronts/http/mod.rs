@@ -453,6 +453,7 @@ async fn job_result(
     State(daemon): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     tls: Option<Extension<OverTls>>,
+    version: http::Version,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
@@ -463,6 +464,12 @@ async fn job_result(
     // Known to the caller: wait for it to end, then answer as POST /v1/sign would have.
     if let Err(e) = daemon.job_service().job(&id, &caller) {
         return ErrorBody::from(e).into_response();
+    }
+    // An HTTP/1.0 answer without a length ends with the connection: a break would look
+    // like the end. Such a client gets the result once the job has ended.
+    if version < http::Version::HTTP_11 {
+        daemon.job_service().wait(&id).await;
+        return deliver(&daemon, &id, &caller).await;
     }
     // Its signed file is streamed as it lands from the agent, its end withheld until
     // the job is signed; or, once it ended, answered from where it is kept.
