@@ -27,6 +27,7 @@ mod recovery;
 mod reload;
 mod shutdown;
 mod state;
+mod streaming;
 
 mod agent_token;
 mod plugin;

@@ -222,13 +222,28 @@ impl<'a> Collector<'a> {
     /// The appliance is away: waits a little, or gives up with `e` once it has been
     /// away longer than the reconnect time.
     pub async fn away(&mut self, e: &ClientError) -> Result<(), ClientError> {
-        if self.last_contact.elapsed() >= self.reconnect_for {
-            return Err(clone_error(self.endpoint, e));
-        }
         let msg = match &self.job {
             Some(id) => format!("appliance restarting; job {id} stays queued"),
             None => "appliance restarting; sending again".to_owned(),
         };
+        self.pause_then(msg, e).await
+    }
+
+    /// The signed file broke off before its end (the job did not end signed with it,
+    /// or the connection broke): nothing of it is kept; waits a little before the job's
+    /// result is collected again, as [`Self::away`] does.
+    pub async fn broke_off(&mut self, e: &ClientError) -> Result<(), ClientError> {
+        let msg = match &self.job {
+            Some(id) => format!("the signed file broke off; collecting job {id} again"),
+            None => "the signed file broke off; sending again".to_owned(),
+        };
+        self.pause_then(msg, e).await
+    }
+
+    async fn pause_then(&mut self, msg: String, e: &ClientError) -> Result<(), ClientError> {
+        if self.last_contact.elapsed() >= self.reconnect_for {
+            return Err(clone_error(self.endpoint, e));
+        }
         if !self.said {
             self.said = true;
             self.bar.set_message(msg.clone());

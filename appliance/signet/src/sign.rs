@@ -1123,7 +1123,7 @@ async fn exchange(
                         "the connection to {endpoint} broke while receiving the signed file: {e}"
                     )));
                 }
-                answer = match collector.away(&broke).await {
+                answer = match collector.broke_off(&broke).await {
                     Ok(()) => collector.collect().await,
                     Err(e) => Err(e),
                 };

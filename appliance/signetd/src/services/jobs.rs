@@ -20,8 +20,8 @@ use signet_api::wire::{
     AgentSignQuery, ErrorBody, ErrorCode, JobState, JobView, ProfileOptions, QueueStatus,
     SignQuery, AGENT_BATCH_PATH, AGENT_SIGN_PATH,
 };
+use signet_protocol::file_body::FileBody;
 use signet_protocol::transport::Peer;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
@@ -129,6 +129,11 @@ pub(crate) struct Engine {
     sched: Mutex<Sched>,
     wake: Notify,
     done: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// The results being spooled from the agent now, by job: what a waiting
+    /// `GET /v1/jobs/{id}/result` streams before the job is signed ([`Live`]).
+    live: Mutex<HashMap<String, Live>>,
+    /// Changes whenever a result starts being spooled (wakes [`JobService::wait_result`]).
+    live_news: watch::Sender<u64>,
     /// The token's serial and certificate fingerprint, from the agent's health.
     token: Mutex<Option<(Option<String>, Option<String>)>>,
     /// Set while the host shuts down: no new jobs, the worker starts none, and a job
@@ -168,12 +173,14 @@ pub struct Delivery {
     pub id: String,
     pub kind: Kind,
     pub content_type: String,
-    pub len: u64,
+    /// Its length; unknown for a result streamed while it is spooled (the answer
+    /// is chunked, its end withheld until the job is signed).
+    pub len: Option<u64>,
     /// The SHA-256 of its profile's `GET /v1/profile` answer as it is now
     /// ([`profile_answer`]), when the caller may still use the profile.
     pub profile_sha256: Option<String>,
-    /// Its spool file, or its bytes from the database.
-    pub body: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    /// Its spool file (read ahead by a [`FileBody`]), or its bytes from the database.
+    pub body: Body,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -202,6 +209,8 @@ impl Engine {
             sched: Mutex::default(),
             wake: Notify::new(),
             done: Mutex::default(),
+            live: Mutex::default(),
+            live_news: watch::channel(0).0,
             token: Mutex::default(),
             draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             stopping: watch::channel(Stopping::No).0,
@@ -1050,6 +1059,73 @@ impl JobService {
         }
     }
 
+    /// Waits until the job has ended, as [`Self::wait`] does, or until its signed file
+    /// is being spooled from the agent: then answers it, to be streamed as it lands
+    /// ([`Self::live_result`]).
+    pub async fn wait_result(&self, id: &str) -> Option<Live> {
+        let engine = self.engine();
+        let mut rx = lock(&engine.done)
+            .entry(id.to_owned())
+            .or_insert_with(|| watch::channel(false).0)
+            .subscribe();
+        let mut news = engine.live_news.subscribe();
+        let mut stop = engine.stopping.subscribe();
+        loop {
+            news.mark_unchanged();
+            if engine
+                .store
+                .get(id)
+                .ok()
+                .flatten()
+                .is_none_or(|r| r.state.is_final())
+            {
+                lock(&engine.done).remove(id);
+                return None;
+            }
+            let live = lock(&engine.live).get(id).cloned();
+            if let Some(live) = live {
+                let mut p = live.progress.clone();
+                // Written to its file: streamed from there. Kept in the database
+                // (small), or failed: the job's end says.
+                let now = p.wait_for(|p| *p != Progress::Pending).await.map(|p| *p);
+                if let Ok(Progress::Writing(_)) = now {
+                    return Some(live);
+                }
+            }
+            let at_token = lock(&engine.sched).at_agent.iter().any(|a| a.id == id);
+            match *stop.borrow_and_update() {
+                Stopping::No => {}
+                Stopping::Draining if at_token => {}
+                _ => return None,
+            }
+            tokio::select! {
+                r = rx.wait_for(|d| *d) => if r.is_err() { return None },
+                r = stop.changed() => if r.is_err() { return None },
+                r = news.changed() => if r.is_err() { return None },
+            }
+        }
+    }
+
+    /// Job `id`'s result as it is spooled from the agent ([`Self::wait_result`]): its
+    /// bytes are sent as they are written; the body ends only once the job is `signed`
+    /// with its audit record, and breaks off (the client collects again) if the job
+    /// does not end signed with these bytes.
+    pub fn live_result(&self, id: &str, caller: &Caller, live: Live) -> Result<Delivery, JobError> {
+        let row = self.caller_job(id, caller)?;
+        let delivered = self.engine().store.delivered_path(id);
+        Ok(Delivery {
+            id: row.id,
+            kind: row.kind,
+            content_type: live.content_type.clone(),
+            len: None,
+            profile_sha256: self
+                .profile_options(Some(&row.profile), caller)
+                .ok()
+                .map(|o| profile_answer(&o).1),
+            body: Body::from_stream(live.blocks(delivered)),
+        })
+    }
+
     /// Job `id`, if `caller` sent it: a caller sees and acts on its own jobs only.
     fn caller_job(&self, id: &str, caller: &Caller) -> Result<JobRow, JobError> {
         match self.engine().store.get(id) {
@@ -1174,30 +1250,29 @@ impl JobService {
                     id: id.to_owned(),
                     ttl,
                 };
-                let body: Box<dyn tokio::io::AsyncRead + Send + Unpin> =
-                    match tokio::fs::File::open(store.output_path(id)).await {
-                        Ok(f) => Box::new(f),
-                        // Kept in the database (delivered or not), or delivered once
-                        // already: the copy kept for a retry, while it lasts.
-                        Err(_) => match store
-                            .inline_output(id)
-                            .map_err(|e| JobError::internal(id, "reading the result", &e))?
-                        {
-                            Some(data) => Box::new(std::io::Cursor::new(data)),
-                            None => Box::new(
-                                tokio::fs::File::open(store.delivered_path(id))
-                                    .await
-                                    .map_err(|_| gone())?,
-                            ),
-                        },
-                    };
+                let body = match open_spooled(store.output_path(id)).await {
+                    Ok(f) => Body::new(f),
+                    // Kept in the database (delivered or not), or delivered once
+                    // already: the copy kept for a retry, while it lasts.
+                    Err(_) => match store
+                        .inline_output(id)
+                        .map_err(|e| JobError::internal(id, "reading the result", &e))?
+                    {
+                        Some(data) => Body::from(data),
+                        None => Body::new(
+                            open_spooled(store.delivered_path(id))
+                                .await
+                                .map_err(|_| gone())?,
+                        ),
+                    },
+                };
                 Ok(Delivery {
                     id: row.id,
                     kind: row.kind,
                     content_type: row
                         .output_type
                         .unwrap_or_else(|| "application/octet-stream".to_owned()),
-                    len: row.output_bytes.unwrap_or(0),
+                    len: Some(row.output_bytes.unwrap_or(0)),
                     profile_sha256: self
                         .profile_options(Some(&row.profile), caller)
                         .ok()
@@ -1529,6 +1604,8 @@ impl JobService {
         let mut epoch = self.engine().agent_epoch.subscribe();
         epoch.mark_unchanged();
         let mut facts: (Option<String>, Option<String>) = (None, None);
+        // Dropped before the job is committed signed, it breaks off what was streamed.
+        let mut live: Option<LiveGuard<'_>> = None;
         let answer = async {
             facts = self.token_facts().await;
             let (token_serial, cert) = &facts;
@@ -1550,13 +1627,14 @@ impl JobService {
                     ))
                 }
             };
-            let input: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match store.inline_input(id) {
-                Ok(Some(data)) => Box::new(std::io::Cursor::new(data)),
-                Ok(None) => Box::new(
-                    tokio::fs::File::open(store.input_path(id))
-                        .await
-                        .map_err(|e| ErrorBody::from(JobError::internal(id, "opening the spooled input", &e)))?,
-                ),
+            let input: Blocks = match store.inline_input(id) {
+                Ok(Some(data)) if data.is_empty() => futures_util::stream::empty().boxed(),
+                Ok(Some(data)) => futures_util::stream::once(std::future::ready(Ok(bytes::Bytes::from(data)))).boxed(),
+                Ok(None) => open_spooled(store.input_path(id))
+                    .await
+                    .map_err(|e| ErrorBody::from(JobError::internal(id, "opening the spooled input", &e)))?
+                    .into_data_stream()
+                    .boxed(),
                 Err(e) => return Err(JobError::internal(id, "reading the input", &e).into()),
             };
             let body = Body::from_stream(upload(
@@ -1585,7 +1663,13 @@ impl JobService {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/octet-stream")
                 .to_owned();
-            let landed = save(resp.into_body(), &out_path).await.map_err(|e| match e {
+            // A signed file (not a batch's parts) may be streamed to a waiting
+            // client as it lands.
+            if row.kind == Kind::Sign {
+                live = Some(LiveGuard::start(engine, id, &out_path, &ct));
+            }
+            let progress = live.as_ref().map(|l| Arc::clone(&l.progress));
+            let landed = save(resp.into_body(), &out_path, progress).await.map_err(|e| match e {
                 Saved::Broken(e) => {
                     tracing::warn!(job = id, error = %e, "the agent's answer broke off");
                     ErrorBody::new(ErrorCode::AgentUnavailable, "the signing VM's agent stopped answering mid-job; nothing was delivered").retryable(true)
@@ -1661,6 +1745,9 @@ impl JobService {
                 engine.store_wrote(finished.as_ref().map(|_| ()));
                 match finished {
                     Ok(_) => {
+                        if let Some(live) = &live {
+                            live.signed(n);
+                        }
                         store.remove_spooled(&store.input_path(id));
                         lock(&engine.sched).queue.record_duration(ms);
                         tracing::info!(job = id, ms, bytes = n, "signed");
@@ -1869,8 +1956,24 @@ async fn hold(
     go_on && !draining.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-/// A job's input (its spool file, or its bytes from the database) as the body sent to
-/// the agent, read in [`signet_protocol::IO_BLOCK`]s.
+/// The blocks of a job's input or result as they are read.
+type Blocks = futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>;
+
+/// A spool file, whole, as a body read ahead in blocks on a blocking thread
+/// ([`FileBody`]).
+async fn open_spooled(path: std::path::PathBuf) -> std::io::Result<FileBody> {
+    let (file, len) = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok::<_, std::io::Error>((file, len))
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    Ok(FileBody::new(file, len, ()))
+}
+
+/// A job's input (its spool file, read ahead by a [`FileBody`], or its bytes from the
+/// database) as the body sent to the agent, in [`signet_protocol::IO_BLOCK`]s.
 /// With a job before it at the agent (`prev`), its last byte waits for that one's
 /// answer ([`hold`]): the agent takes a job to its lock only once it has it whole, so
 /// this one cannot overtake it. When that one goes back to the queue instead, the
@@ -1878,7 +1981,7 @@ async fn hold(
 /// unsigned. `phase` becomes
 /// [`Phase::Sent`] once the input is handed over whole.
 fn upload(
-    input: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    input: Blocks,
     len: Option<u64>,
     prev: Option<watch::Receiver<Phase>>,
     gate: Arc<Gate>,
@@ -1898,7 +2001,7 @@ fn upload(
         sent(&phase);
     }
     let len = len.unwrap_or(u64::MAX);
-    let blocks = tokio_util::io::ReaderStream::with_capacity(input, signet_protocol::IO_BLOCK);
+    let blocks = input;
     futures_util::stream::unfold(
         (blocks, 0u64, prev, None::<bytes::Bytes>, false),
         move |(mut blocks, mut n, mut prev, tail, done)| {
@@ -1963,14 +2066,180 @@ struct Landed {
     inline: Option<Vec<u8>>,
 }
 
+/// How far a result being spooled from the agent is ([`Live`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// Not in a file (yet): a small result stays in memory.
+    Pending,
+    /// Its first `n` bytes are in its spool file.
+    Writing(u64),
+    /// The job is `signed` with its audit record, its result `n` bytes long.
+    Signed(u64),
+    /// The job did not end signed with it (it failed, or runs again).
+    Failed,
+}
+
+/// A result being spooled from the agent to `<id>.out`, which a waiting
+/// `GET /v1/jobs/{id}/result` streams as it lands ([`JobService::wait_result`]).
+#[derive(Debug, Clone)]
+pub struct Live {
+    path: std::path::PathBuf,
+    content_type: String,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Live {
+    /// The result's bytes as they are written; ends once the job is signed, breaks
+    /// off once it is known it will not be (or signetd stops). The file is opened at
+    /// the first read; if a stream before this one delivered it whole meanwhile, it
+    /// was moved to `delivered`.
+    fn blocks(
+        self,
+        delivered: std::path::PathBuf,
+    ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+        let broke = |why: &str| {
+            std::io::Error::other(format!(
+                "{why}; nothing of it counts, collect the job's result again"
+            ))
+        };
+        let (path, rx) = (self.path, self.progress);
+        futures_util::stream::unfold(
+            (None::<Arc<std::fs::File>>, 0u64, rx, false),
+            move |(mut file, sent, mut rx, done)| {
+                let (path, delivered) = (path.clone(), delivered.clone());
+                async move {
+                    if done {
+                        return None;
+                    }
+                    loop {
+                        let now = *rx.borrow_and_update();
+                        let (ready, end) = match now {
+                            Progress::Pending => (0, false),
+                            Progress::Writing(n) => (n, false),
+                            Progress::Signed(n) => (n, true),
+                            Progress::Failed => {
+                                let e = broke("the job did not end signed");
+                                return Some((Err(e), (file, sent, rx, true)));
+                            }
+                        };
+                        if ready > sent {
+                            let want = (ready - sent).min(signet_protocol::IO_BLOCK as u64);
+                            let read = read_at(&mut file, path, delivered, sent, want).await;
+                            return match read {
+                                Ok(b) => {
+                                    let n = b.len() as u64;
+                                    Some((Ok(b), (file, sent + n, rx, false)))
+                                }
+                                Err(e) => Some((Err(e), (file, sent, rx, true))),
+                            };
+                        }
+                        if end {
+                            return None;
+                        }
+                        if rx.changed().await.is_err() {
+                            let e = broke("the job's result stopped being written");
+                            return Some((Err(e), (file, sent, rx, true)));
+                        }
+                    }
+                }
+            },
+        )
+    }
+}
+
+/// `want` bytes at `at` of a result's spool file (opened first if need be: at
+/// `path`, or at `delivered` once another answer delivered it), on a blocking thread.
+async fn read_at(
+    file: &mut Option<Arc<std::fs::File>>,
+    path: std::path::PathBuf,
+    delivered: std::path::PathBuf,
+    at: u64,
+    want: u64,
+) -> std::io::Result<bytes::Bytes> {
+    use std::os::unix::fs::FileExt;
+    let f = file.clone();
+    let (f, b) = tokio::task::spawn_blocking(move || {
+        let f = match f {
+            Some(f) => f,
+            None => {
+                Arc::new(std::fs::File::open(&path).or_else(|_| std::fs::File::open(&delivered))?)
+            }
+        };
+        let mut b = vec![0u8; want as usize];
+        f.read_exact_at(&mut b, at)?;
+        Ok::<_, std::io::Error>((f, b))
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    *file = Some(f);
+    Ok(bytes::Bytes::from(b))
+}
+
+/// The worker's side of a [`Live`] result: registered while the answer is spooled,
+/// it says `Signed` only once the job is committed signed; dropped before, it says
+/// `Failed`. Either way it leaves the engine's map.
+struct LiveGuard<'a> {
+    engine: &'a Engine,
+    id: &'a str,
+    progress: Arc<watch::Sender<Progress>>,
+}
+
+impl<'a> LiveGuard<'a> {
+    fn start(engine: &'a Engine, id: &'a str, path: &Path, content_type: &str) -> LiveGuard<'a> {
+        let (tx, rx) = watch::channel(Progress::Pending);
+        lock(&engine.live).insert(
+            id.to_owned(),
+            Live {
+                path: path.to_owned(),
+                content_type: content_type.to_owned(),
+                progress: rx,
+            },
+        );
+        engine.live_news.send_modify(|n| *n = n.wrapping_add(1));
+        LiveGuard {
+            engine,
+            id,
+            progress: Arc::new(tx),
+        }
+    }
+
+    fn signed(&self, n: u64) {
+        self.progress.send_replace(Progress::Signed(n));
+    }
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        {
+            let mut live = lock(&self.engine.live);
+            let ours = self.progress.subscribe();
+            if live
+                .get(self.id)
+                .is_some_and(|l| l.progress.same_channel(&ours))
+            {
+                live.remove(self.id);
+            }
+        }
+        self.progress.send_if_modified(|p| {
+            let open = matches!(p, Progress::Pending | Progress::Writing(_));
+            if open {
+                *p = Progress::Failed;
+            }
+            open
+        });
+    }
+}
+
 /// Where the bytes of an input or a result go: memory while they are at most
-/// [`store::INLINE_MAX`], else (all of them) the spool file at `path`.
+/// [`store::INLINE_MAX`], else (all of them) the spool file at `path`, written by a
+/// [`SpoolWriter`] on a blocking thread.
 struct Sink<'a> {
     path: &'a Path,
     buf: Vec<u8>,
-    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
-    hash: Sha256,
+    writer: Option<SpoolWriter>,
     n: u64,
+    /// Told how many bytes are in the file as they are written.
+    progress: Option<Arc<watch::Sender<Progress>>>,
 }
 
 impl<'a> Sink<'a> {
@@ -1978,52 +2247,166 @@ impl<'a> Sink<'a> {
         Sink {
             path,
             buf: Vec::new(),
-            file: None,
-            hash: Sha256::new(),
+            writer: None,
             n: 0,
+            progress: None,
         }
     }
 
-    async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
-        self.hash.update(chunk);
+    async fn write(&mut self, chunk: bytes::Bytes) -> std::io::Result<()> {
         self.n += chunk.len() as u64;
-        if self.file.is_none() {
+        if self.writer.is_none() {
             if self.n <= store::INLINE_MAX {
-                self.buf.extend_from_slice(chunk);
+                self.buf.extend_from_slice(&chunk);
                 return Ok(());
             }
-            // tokio's file writes each cost a trip to the blocking pool: write big blocks.
-            let mut file = tokio::io::BufWriter::with_capacity(
-                signet_protocol::IO_BLOCK,
-                tokio::fs::File::create(self.path).await?,
-            );
-            file.write_all(&std::mem::take(&mut self.buf)).await?;
-            self.file = Some(file);
+            let mut writer = SpoolWriter::create(self.path, self.progress.clone())?;
+            writer
+                .write(bytes::Bytes::from(std::mem::take(&mut self.buf)))
+                .await?;
+            self.writer = Some(writer);
         }
-        match self.file.as_mut() {
-            Some(file) => file.write_all(chunk).await,
+        match self.writer.as_mut() {
+            Some(w) => w.write(chunk).await,
             None => Ok(()),
         }
     }
 
     /// The end: a file is flushed and fsync'd, with its directory.
     async fn end(self) -> std::io::Result<Landed> {
-        let inline = match self.file {
-            None => Some(self.buf),
-            Some(mut file) => {
-                file.flush().await?;
-                file.get_ref().sync_all().await?;
-                if let Some(dir) = self.path.parent() {
-                    store::sync_dir(dir)?;
-                }
-                None
-            }
+        let (sha, inline) = match self.writer {
+            None => (Sha256::digest(&self.buf).into(), Some(self.buf)),
+            Some(w) => (w.end().await?, None),
         };
         Ok(Landed {
-            sha: audit::hex(&self.hash.finalize()),
+            sha: audit::hex(&sha),
             n: self.n,
             inline,
         })
+    }
+}
+
+/// What the spool's writer thread is given.
+enum ToWrite {
+    Block(bytes::Bytes),
+    /// The last block was given: flush the file and its directory.
+    End,
+}
+
+/// How many blocks of [`signet_protocol::IO_BLOCK`] may wait for the spool's writer.
+const SPOOL_AHEAD: usize = 4;
+
+/// A spool file written and hashed on one blocking thread, in blocks of
+/// [`signet_protocol::IO_BLOCK`] gathered from the pieces the socket gives: the async
+/// thread only receives, while the blocks before are hashed and written with std's
+/// I/O (no trip to tokio's blocking pool per block, no copy into its buffer). At most
+/// [`SPOOL_AHEAD`] blocks wait for it. Dropped before [`SpoolWriter::end`], the thread
+/// stops without flushing; the caller removes the file.
+struct SpoolWriter {
+    tx: tokio::sync::mpsc::Sender<ToWrite>,
+    block: bytes::BytesMut,
+    thread: tokio::task::JoinHandle<std::io::Result<[u8; 32]>>,
+}
+
+impl SpoolWriter {
+    /// Creates the file here (so that no thread creates it after the caller removed
+    /// it) and starts its writer.
+    /// `progress` is told how many bytes are in the file after each block (while it
+    /// says the file is being written).
+    fn create(
+        path: &Path,
+        progress: Option<Arc<watch::Sender<Progress>>>,
+    ) -> std::io::Result<SpoolWriter> {
+        use std::io::Write;
+        let mut file = std::fs::File::create(path)?;
+        let dir = path.parent().map(Path::to_owned);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<ToWrite>(SPOOL_AHEAD);
+        let thread = tokio::task::spawn_blocking(move || {
+            let mut sha = Sha256::new();
+            let mut written = 0u64;
+            loop {
+                match rx.blocking_recv() {
+                    Some(ToWrite::Block(b)) => {
+                        sha.update(&b);
+                        file.write_all(&b)?;
+                        written += b.len() as u64;
+                        if let Some(p) = &progress {
+                            p.send_if_modified(|p| {
+                                let open = matches!(p, Progress::Pending | Progress::Writing(_));
+                                if open {
+                                    *p = Progress::Writing(written);
+                                }
+                                open
+                            });
+                        }
+                    }
+                    Some(ToWrite::End) => break,
+                    None => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::Interrupted,
+                            "the spool file was given up",
+                        ))
+                    }
+                }
+            }
+            file.sync_all()?;
+            if let Some(dir) = dir {
+                store::sync_dir(&dir)?;
+            }
+            Ok(sha.finalize().into())
+        });
+        Ok(SpoolWriter {
+            tx,
+            block: bytes::BytesMut::new(),
+            thread,
+        })
+    }
+
+    /// The writer thread's error, once it stopped.
+    async fn failed(&mut self) -> std::io::Error {
+        match (&mut self.thread).await {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => std::io::Error::other("the spool's writer ended early"),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    async fn send(&mut self, b: bytes::Bytes) -> std::io::Result<()> {
+        if self.tx.send(ToWrite::Block(b)).await.is_err() {
+            return Err(self.failed().await);
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, chunk: bytes::Bytes) -> std::io::Result<()> {
+        const BLOCK: usize = signet_protocol::IO_BLOCK;
+        if self.block.is_empty() && chunk.len() >= BLOCK {
+            return self.send(chunk).await;
+        }
+        if self.block.capacity() == 0 {
+            self.block.reserve(BLOCK);
+        }
+        self.block.extend_from_slice(&chunk);
+        if self.block.len() >= BLOCK {
+            let full = self.block.split().freeze();
+            self.send(full).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is left, then flushes the file and its directory; its SHA-256.
+    async fn end(mut self) -> std::io::Result<[u8; 32]> {
+        if !self.block.is_empty() {
+            let last = self.block.split().freeze();
+            self.send(last).await?;
+        }
+        if self.tx.send(ToWrite::End).await.is_err() {
+            return Err(self.failed().await);
+        }
+        match (&mut self.thread).await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
     }
 }
 
@@ -2048,7 +2431,7 @@ async fn spool(
             }
             *reserved += more;
         }
-        sink.write(&chunk).await.map_err(Spool::Disk)?;
+        sink.write(chunk).await.map_err(Spool::Disk)?;
     }
     let landed = sink.end().await.map_err(Spool::Disk)?;
     // The input's bytes are counted from now on; the reservation is given back.
@@ -2063,12 +2446,17 @@ enum Saved {
 
 /// Streams the agent's answer into memory, or to `path` (fsync'd, with its directory)
 /// once it is more than [`store::INLINE_MAX`], hashing as it goes.
-async fn save(mut body: hyper::body::Incoming, path: &Path) -> Result<Landed, Saved> {
+async fn save(
+    mut body: hyper::body::Incoming,
+    path: &Path,
+    progress: Option<Arc<watch::Sender<Progress>>>,
+) -> Result<Landed, Saved> {
     let mut sink = Sink::new(path);
+    sink.progress = progress;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(Saved::Broken)?;
         if let Ok(data) = frame.into_data() {
-            sink.write(&data).await.map_err(Saved::Disk)?;
+            sink.write(data).await.map_err(Saved::Disk)?;
         }
     }
     sink.end().await.map_err(Saved::Disk)
@@ -2193,6 +2581,86 @@ mod tests {
             agent_query: "profile=release".into(),
             content_type: "application/octet-stream".into(),
             request_sha256: None,
+        }
+    }
+
+    /// A body over [`store::INLINE_MAX`] in pieces of every size lands whole in its
+    /// spool file, with the SHA-256 of all of it; a small one stays in memory.
+    #[tokio::test]
+    async fn a_sink_spools_a_large_body_whole_on_its_writer_and_keeps_a_small_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("1.out");
+        let bytes: Vec<u8> = (0..(3 * signet_protocol::IO_BLOCK + 70_001))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let mut sink = Sink::new(&path);
+        let mut at = 0;
+        for (i, size) in [1usize, 17, 65_536, signet_protocol::IO_BLOCK + 5, 3]
+            .into_iter()
+            .cycle()
+            .enumerate()
+        {
+            if at == bytes.len() || i > 1000 {
+                break;
+            }
+            let end = (at + size).min(bytes.len());
+            sink.write(bytes::Bytes::copy_from_slice(&bytes[at..end]))
+                .await
+                .unwrap();
+            at = end;
+        }
+        let landed = sink.end().await.unwrap();
+        assert!(landed.inline.is_none());
+        assert_eq!(landed.n, bytes.len() as u64);
+        assert_eq!(landed.sha, audit::hex(&Sha256::digest(&bytes)));
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+
+        let small = dir.path().join("2.out");
+        let mut sink = Sink::new(&small);
+        sink.write(bytes::Bytes::from_static(b"abc")).await.unwrap();
+        let landed = sink.end().await.unwrap();
+        assert_eq!(landed.inline.as_deref(), Some(&b"abc"[..]));
+        assert_eq!(landed.sha, audit::hex(&Sha256::digest(b"abc")));
+        assert!(!small.exists());
+    }
+
+    /// A result streamed as it is spooled gives its bytes as they are written, ends
+    /// only once the job is signed, and breaks off when the attempt ends otherwise.
+    #[tokio::test]
+    async fn a_live_result_ends_only_once_signed_and_breaks_off_otherwise() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), 1 << 30).unwrap();
+        let bytes: Vec<u8> = (0..(2 * signet_protocol::IO_BLOCK + 100_001))
+            .map(|i| (i % 249) as u8)
+            .collect();
+        for signed in [true, false] {
+            let path = dir.path().join(format!("{signed}.out"));
+            let guard = LiveGuard::start(&engine, "7", &path, "application/x-test");
+            let live = lock(&engine.live).get("7").cloned().unwrap();
+            assert_eq!(live.content_type, "application/x-test");
+            let mut sink = Sink::new(&path);
+            sink.progress = Some(Arc::clone(&guard.progress));
+            sink.write(bytes::Bytes::from(bytes.clone())).await.unwrap();
+            let landed = sink.end().await.unwrap();
+            let mut blocks = Box::pin(live.blocks(dir.path().join("none")));
+            let mut got = Vec::new();
+            while got.len() < bytes.len() {
+                got.extend_from_slice(&blocks.next().await.unwrap().unwrap());
+            }
+            assert_eq!(got, bytes);
+            // All of it is there, and still the answer does not end.
+            assert!(blocks.next().now_or_never().is_none());
+            if signed {
+                guard.signed(landed.n);
+                drop(guard);
+                assert!(blocks.next().await.is_none());
+            } else {
+                drop(guard);
+                assert!(blocks.next().await.unwrap().is_err());
+                assert!(blocks.next().await.is_none());
+            }
+            assert!(lock(&engine.live).is_empty());
         }
     }
 

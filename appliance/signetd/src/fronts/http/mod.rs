@@ -375,7 +375,6 @@ fn render_result(
 ) -> Result<Response, ErrorBody> {
     let d = result?;
     let profile = d.profile_sha256;
-    let stream = tokio_util::io::ReaderStream::with_capacity(d.body, signet_protocol::IO_BLOCK);
     let mut resp = match d.kind {
         Kind::Batch => {
             let Ok(boundary) = multer::parse_boundary(&d.content_type) else {
@@ -385,25 +384,22 @@ fn render_result(
                 ));
             };
             let out = batch::new_boundary();
-            let mut r = Body::from_stream(reframe(
-                Body::from_stream(stream),
-                boundary,
-                out.clone(),
-                d.id.clone(),
-            ))
-            .into_response();
+            let mut r = Body::from_stream(reframe(d.body, boundary, out.clone(), d.id.clone()))
+                .into_response();
             if let Ok(v) = HeaderValue::from_str(&batch::content_type(&out)) {
                 r.headers_mut().insert(header::CONTENT_TYPE, v);
             }
             r
         }
         Kind::Sign => {
-            let mut r = Body::from_stream(stream).into_response();
+            let mut r = d.body.into_response();
             if let Ok(v) = HeaderValue::from_str(&d.content_type) {
                 r.headers_mut().insert(header::CONTENT_TYPE, v);
             }
-            r.headers_mut()
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(d.len));
+            if let Some(len) = d.len {
+                r.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            }
             r
         }
     };
@@ -457,6 +453,7 @@ async fn job_result(
     State(daemon): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     tls: Option<Extension<OverTls>>,
+    version: http::Version,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
@@ -468,7 +465,21 @@ async fn job_result(
     if let Err(e) = daemon.job_service().job(&id, &caller) {
         return ErrorBody::from(e).into_response();
     }
-    daemon.job_service().wait(&id).await;
+    // An HTTP/1.0 answer without a length ends with the connection: a break would look
+    // like the end. Such a client gets the result once the job has ended.
+    if version < http::Version::HTTP_11 {
+        daemon.job_service().wait(&id).await;
+        return deliver(&daemon, &id, &caller).await;
+    }
+    // Its signed file is streamed as it lands from the agent, its end withheld until
+    // the job is signed; or, once it ended, answered from where it is kept.
+    if let Some(live) = daemon.job_service().wait_result(&id).await {
+        let result = daemon.job_service().live_result(&id, &caller, live);
+        return v1_answer(
+            &daemon,
+            render_result(&daemon, &id, result).map_err(|e| (e, Some(id.clone()))),
+        );
+    }
     deliver(&daemon, &id, &caller).await
 }
 
