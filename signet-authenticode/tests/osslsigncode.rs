@@ -357,6 +357,33 @@ fn compare_pe_with(key: Key, input_name: &str, hash: HashAlg, page_hashes: bool,
             );
         }
     }
+    // Signed in a buffer (as the agent signs a small input it holds in memory): the
+    // same file, byte for byte with a (deterministic) RSA signature, else up to the
+    // certificate table with its checksum right.
+    {
+        let mut c = std::io::Cursor::new(std::fs::read(&input).unwrap());
+        let signed = sign_pe_in_place_digested(&mut c, &o, signer, None).unwrap();
+        assert_eq!(signed.nested, nested && has_signature);
+        let mut memory = c.into_inner();
+        memory.resize((signed.table_offset + signed.table_size) as usize, 0);
+        let copied = std::fs::read(&native).unwrap();
+        if key == Key::Rsa {
+            assert!(copied == memory, "{tag}: signed in memory, another file");
+        } else {
+            let at = signed.table_offset as usize;
+            let pe = u32::from_le_bytes(copied[60..64].try_into().unwrap()) as usize;
+            assert!(
+                copied[..pe + 88] == memory[..pe + 88],
+                "{tag}: signed in memory, another file"
+            );
+            assert_eq!(memory.len(), at + signed.table_size as usize);
+            assert_eq!(
+                layout(&memory).2,
+                pe_checksum(&memory),
+                "{tag}: checksum wrong in memory"
+            );
+        }
+    }
     // osslsigncode refuses to nest in a file without a signature; the agent then
     // signs plainly, which is what the native engine does on its own.
     let mut reference_options = o.clone();

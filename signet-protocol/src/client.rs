@@ -199,6 +199,112 @@ fn set_host<B>(req: &mut Request<B>, endpoint: &Endpoint) {
     }
 }
 
+/// A request body of any kind, boxed, so one connection carries requests whose
+/// bodies differ (an upload, then an empty `GET`).
+pub type AnyBody =
+    http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn StdError + Send + Sync>>;
+
+/// One HTTP/1.1 connection to an endpoint, used for several requests in turn
+/// (keep-alive): a client that uploads a job and then collects its result asks both on
+/// one connection instead of connecting twice. A request the connection cannot take
+/// any more (the server closed it after its answer, or the answer before was not read
+/// to its end) goes on a new connection, which is kept in its place.
+#[derive(Debug)]
+pub struct Connection {
+    endpoint: Endpoint,
+    sender: Option<hyper::client::conn::http1::SendRequest<AnyBody>>,
+}
+
+impl Connection {
+    /// A connection to `endpoint`, made at its first request.
+    pub fn new(endpoint: &Endpoint) -> Self {
+        Connection {
+            endpoint: endpoint.clone(),
+            sender: None,
+        }
+    }
+
+    /// Sends `req` on the kept connection when it can take it, else on a new one
+    /// (kept afterwards). An endpoint reached through a paired link goes through it
+    /// ([`send`]), which keeps its own connections.
+    pub async fn send<B>(&mut self, req: Request<B>) -> Result<Response<Incoming>, ClientError>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    {
+        use bytes::Buf;
+        if crate::link::registered(&self.endpoint).is_some() {
+            return send(&self.endpoint, req).await;
+        }
+        let mut req: Request<AnyBody> = req.map(|b| {
+            b.map_frame(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))
+                .map_err(Into::into)
+                .boxed_unsync()
+        });
+        set_host(&mut req, &self.endpoint);
+        authorize(&mut req, &self.endpoint);
+        let endpoint = self.endpoint.clone();
+        let http_err = |source| ClientError::Http {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        if let Some(mut sender) = self.sender.take() {
+            // Ready once the answer before was read to its end; an error: closed.
+            if sender.ready().await.is_ok() {
+                match sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        self.sender = Some(sender);
+                        return Ok(resp);
+                    }
+                    // Not sent at all (the server closed the connection meanwhile):
+                    // it goes on a new one.
+                    Err(mut e) => match e.take_message() {
+                        Some(r) => req = r,
+                        None => return Err(http_err(e.into_error())),
+                    },
+                }
+            }
+        }
+        let io = transport::connect(&self.endpoint).await?;
+        let (mut sender, conn_err_rx) = open(io, &self.endpoint).await?;
+        match sender.send_request(req).await {
+            Ok(resp) => {
+                self.sender = Some(sender);
+                Ok(resp)
+            }
+            Err(e) => Err(http_err(connection_error(conn_err_rx, e).await)),
+        }
+    }
+
+    /// Forgets the kept connection: the next request connects anew.
+    pub fn close(&mut self) {
+        self.sender = None;
+    }
+}
+
+/// Adds the TLS endpoint's basic authorization to `req` when it has none.
+fn authorize<B>(req: &mut Request<B>, endpoint: &Endpoint) {
+    if matches!(endpoint, Endpoint::Tls { .. })
+        && !req.headers().contains_key(header::AUTHORIZATION)
+    {
+        if let Some(v) =
+            crate::tls::basic_authorization().and_then(|v| header::HeaderValue::from_str(&v).ok())
+        {
+            req.headers_mut().insert(header::AUTHORIZATION, v);
+        }
+    }
+}
+
+/// Reads a small answer (an error or JSON body, at most 1 MiB) to its end; a
+/// connection is ready for its next request only then.
+pub async fn read_answer(
+    endpoint: &Endpoint,
+    resp: Response<Incoming>,
+) -> Result<Bytes, ClientError> {
+    read_small(endpoint, resp.into_body()).await
+}
+
 /// Sends `req` over `io`, a stream already connected to `endpoint`.
 pub async fn send_over<S, B>(
     io: S,
@@ -217,15 +323,7 @@ where
     };
     let (mut sender, conn_err_rx) = open(io, endpoint).await?;
     set_host(&mut req, endpoint);
-    if matches!(endpoint, Endpoint::Tls { .. })
-        && !req.headers().contains_key(header::AUTHORIZATION)
-    {
-        if let Some(v) =
-            crate::tls::basic_authorization().and_then(|v| header::HeaderValue::from_str(&v).ok())
-        {
-            req.headers_mut().insert(header::AUTHORIZATION, v);
-        }
-    }
+    authorize(&mut req, endpoint);
     match sender.send_request(req).await {
         Ok(resp) => Ok(resp),
         Err(e) => Err(http_err(connection_error(conn_err_rx, e).await)),
@@ -427,6 +525,97 @@ mod tests {
         host.forget_connections();
         assert_eq!(get().await.unwrap(), "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
+    /// A plain server on a unix socket counting the connections it accepts; it
+    /// answers `POST` with `202` and a small body, anything else with its path
+    /// (closing the connection after each answer without `keep_alive`).
+    #[cfg(unix)]
+    async fn counting_server(
+        dir: &std::path::Path,
+        keep_alive: bool,
+    ) -> (Endpoint, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let ep = Endpoint::Unix(dir.join("d.sock"));
+        let mut listener = Listener::bind(&ep).await.unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((io, _)) = listener.accept_peer().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let post = req.method() == http::Method::POST;
+                        let path = req.uri().path().to_owned();
+                        // The upload is read whole before the answer, as signetd does.
+                        let _ = req.into_body().collect().await;
+                        let mut resp = Response::new(Full::new(Bytes::from(if post {
+                            "{\"job\":\"1\"}".to_owned()
+                        } else {
+                            path
+                        })));
+                        if post {
+                            *resp.status_mut() = StatusCode::ACCEPTED;
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keep_alive)
+                        .serve_connection(TokioIo::new(io), svc)
+                        .await;
+                });
+            }
+        });
+        (ep, accepted)
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_connection_carries_the_upload_and_the_collection_in_turn() {
+        use std::sync::atomic::Ordering;
+        for keep_alive in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (ep, accepted) = counting_server(dir.path(), keep_alive).await;
+            let mut conn = Connection::new(&ep);
+            for n in 1..=3 {
+                let post = Request::post("/v1/sign")
+                    .body(Full::new(Bytes::from(vec![7u8; 100_000])))
+                    .unwrap();
+                let resp = conn.send(post).await.unwrap();
+                assert_eq!(resp.status(), StatusCode::ACCEPTED);
+                assert_eq!(read_answer(&ep, resp).await.unwrap(), "{\"job\":\"1\"}");
+                let get = Request::get(format!("/v1/jobs/{n}/result"))
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let resp = conn.send(get).await.unwrap();
+                assert_eq!(
+                    read_answer(&ep, resp).await.unwrap(),
+                    format!("/v1/jobs/{n}/result")
+                );
+                // Kept alive: one connection for everything; else one per request,
+                // each request still answered.
+                let want = if keep_alive { 1 } else { 2 * n };
+                assert_eq!(
+                    accepted.load(Ordering::SeqCst),
+                    want,
+                    "keep_alive {keep_alive}"
+                );
+            }
+            // Forgotten: the next request connects anew.
+            conn.close();
+            let resp = conn
+                .send(Request::get("/x").body(Empty::<Bytes>::new()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(read_answer(&ep, resp).await.unwrap(), "/x");
+            let want = if keep_alive { 2 } else { 7 };
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                want,
+                "keep_alive {keep_alive}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -1,7 +1,9 @@
 //! A job sent so that it is never lost and never signed twice: the request carries an
 //! idempotency key a re-run of the same command reproduces ([`idempotency_key`]) and
 //! `Prefer: respond-async`, so the client knows its job's id as soon as the appliance
-//! has queued it; the result is then collected with `GET /v1/jobs/{id}/result`. When
+//! has queued it; the result is then collected with `GET /v1/jobs/{id}/result`, on the
+//! connection the upload went on (HTTP/1.1 keep-alive; a new one when the appliance
+//! closed it). When
 //! the connection drops (the appliance restarts), the request is sent again with the
 //! same key, or the result collected again, until the appliance is back or the
 //! reconnect time runs out.
@@ -88,6 +90,8 @@ pub struct Collector<'a> {
     /// A line was printed for the outage now going on.
     said: bool,
     pause: Duration,
+    /// The connection the job was uploaded on, kept to collect its result.
+    conn: client::Connection,
 }
 
 impl<'a> Collector<'a> {
@@ -109,6 +113,7 @@ impl<'a> Collector<'a> {
             reached: false,
             said: false,
             pause: FIRST_PAUSE,
+            conn: client::Connection::new(endpoint),
         }
     }
 
@@ -128,13 +133,18 @@ impl<'a> Collector<'a> {
             if let Ok(v) = http::HeaderValue::from_str(&self.key) {
                 req.headers_mut().insert(IDEMPOTENCY_HEADER, v);
             }
-            match client::send(self.endpoint, req).await {
+            match self.conn.send(req).await {
                 Ok(resp) => {
                     self.contact();
                     if let Some(id) = job_id(&resp) {
                         self.job = Some(id);
                     }
                     if resp.status() == StatusCode::ACCEPTED {
+                        // Read to its end, so the connection takes the `GET` next; a
+                        // connection that broke here is replaced by a new one.
+                        if client::read_answer(self.endpoint, resp).await.is_err() {
+                            self.conn.close();
+                        }
                         break;
                     }
                     if resp.status().is_success() {
@@ -182,7 +192,7 @@ impl<'a> Collector<'a> {
                     endpoint: self.endpoint.clone(),
                     detail: e.to_string(),
                 })?;
-            match client::send(self.endpoint, req).await {
+            match self.conn.send(req).await {
                 Ok(resp) if resp.status().is_success() => {
                     self.contact();
                     return Ok(Answer::Result(resp));
@@ -241,6 +251,8 @@ impl<'a> Collector<'a> {
     }
 
     async fn pause_then(&mut self, msg: String, e: &ClientError) -> Result<(), ClientError> {
+        // The next try connects anew.
+        self.conn.close();
         if self.last_contact.elapsed() >= self.reconnect_for {
             return Err(clone_error(self.endpoint, e));
         }

@@ -75,14 +75,41 @@ fn token_error(e: TokenError) -> ErrorBody {
 
 /// A job's working directory: the spooled input and, once signed, the output.
 /// Everything in it is deleted when it is dropped.
+///
+/// A small input ([`MEMORY_INPUT`] bytes at most) the signer signs in memory
+/// ([`Signer::signs_in_memory`]) has no directory: the input is held in memory, its
+/// checks read that buffer, and the signed result is kept in memory too. Such an
+/// input of a format the signer does not sign in memory is written to a directory
+/// once its format is known ([`Agent::sign_once`]), and goes on as any other.
 #[derive(Debug)]
 pub struct Spool {
-    dir: tempfile::TempDir,
+    /// `None` while the input is held in memory.
+    dir: Option<tempfile::TempDir>,
+    /// The input, held in memory (no directory).
+    memory: Option<bytes::Bytes>,
+    /// The signed result, when it was made in memory.
+    signed: Option<bytes::Bytes>,
     /// The input's digest and checksum's sum, when made as it was spooled.
     digested: Option<signet_authenticode::PeDigested>,
 }
 
+/// The largest input held in memory instead of a job directory: every digest-mode
+/// input and small whole files.
+pub const MEMORY_INPUT: u64 = 64 * 1024;
+
 impl Spool {
+    /// The signed result when it was made in memory (`None`: it is the file at
+    /// [`Spool::output`]).
+    pub fn signed(&self) -> Option<&bytes::Bytes> {
+        self.signed.as_ref()
+    }
+
+    /// The directory's path (empty for an input held in memory, which has none and
+    /// whose paths are never used).
+    fn path(&self) -> &Path {
+        self.dir.as_ref().map_or(Path::new(""), |d| d.path())
+    }
+
     /// Keeps what a [`signet_authenticode::PeDigester`] made of the input as it was
     /// spooled, for the native engine.
     pub fn set_digested(&mut self, digested: Option<signet_authenticode::PeDigested>) {
@@ -90,16 +117,16 @@ impl Spool {
     }
 
     pub fn input(&self) -> PathBuf {
-        self.dir.path().join("input")
+        self.path().join("input")
     }
 
     pub fn output(&self) -> PathBuf {
-        self.dir.path().join("signed")
+        self.path().join("signed")
     }
 
     /// The input's path once it carries the extension of its format.
     fn input_with_extension(&self, extension: &str) -> PathBuf {
-        self.dir.path().join(format!("input.{extension}"))
+        self.path().join(format!("input.{extension}"))
     }
 }
 
@@ -461,15 +488,57 @@ impl Agent {
         removed
     }
 
+    /// Whether an upload of `declared` bytes for a job of `mode` is held in memory:
+    /// small enough, and the signer signs in memory what it will most likely be
+    /// (digest mode's data; a PE file for a whole file).
+    pub fn keeps_in_memory(&self, mode: SignMode, declared: Option<u64>) -> bool {
+        let format = match mode {
+            SignMode::Digest => None,
+            SignMode::Whole => Some(format::Format::Pe),
+        };
+        declared.is_some_and(|n| n <= MEMORY_INPUT) && self.signer.signs_in_memory(format)
+    }
+
+    /// A job whose input is held in memory ([`Agent::keeps_in_memory`]).
+    pub fn memory_spool(&self, input: bytes::Bytes) -> Spool {
+        Spool {
+            dir: None,
+            memory: Some(input),
+            signed: None,
+            digested: None,
+        }
+    }
+
     /// A fresh working directory for one job.
     pub fn spool(&self) -> Result<Spool, ErrorBody> {
+        self.job_dir().map(|dir| Spool {
+            dir: Some(dir),
+            memory: None,
+            signed: None,
+            digested: None,
+        })
+    }
+
+    /// Writes an input held in memory to a job directory of its own, as `name`: its
+    /// signer signs files only.
+    async fn to_directory(&self, spool: &mut Spool, name: &str) -> Result<PathBuf, ErrorBody> {
+        let dir = self.job_dir()?;
+        let path = dir.path().join(name);
+        let data = spool.memory.take().unwrap_or_default();
+        spool.dir = Some(dir);
+        tokio::fs::write(&path, &data).await.map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!("the agent cannot write its spool: {e}"),
+            )
+        })?;
+        Ok(path)
+    }
+
+    fn job_dir(&self) -> Result<tempfile::TempDir, ErrorBody> {
         tempfile::Builder::new()
             .prefix(JOB_DIR_PREFIX)
             .tempdir_in(&self.spool_dir)
-            .map(|dir| Spool {
-                dir,
-                digested: None,
-            })
             .map_err(|e| {
                 ErrorBody::new(
                     ErrorCode::Internal,
@@ -487,10 +556,22 @@ impl Agent {
     pub async fn sign_once(
         &self,
         key: Option<JobKey>,
-        spool: Spool,
+        mut spool: Spool,
         query: &AgentSignQuery,
     ) -> Result<Arc<Spool>, ErrorBody> {
-        let input = self.check_input(&spool, query).await?;
+        let mut input = self.check_input(&spool, query).await?;
+        if spool.memory.is_some() {
+            // Signed in memory when the signer can, and the whole answer is wanted
+            // (a signature alone is cut from a signed file by a program).
+            let pkcs7 = query.response == SignResponse::Pkcs7 && input.format.is_some();
+            if pkcs7 || !self.signer.signs_in_memory(input.format) {
+                let name = match input.extension {
+                    Some(ext) => format!("input.{ext}"),
+                    None => "input".to_owned(),
+                };
+                input.input = self.to_directory(&mut spool, &name).await?;
+            }
+        }
         // Looked up under the token's lock: a second copy of a job that is signing now
         // waits for the first and then takes its result.
         let _job = self.jobs.lock().await;
@@ -509,8 +590,11 @@ impl Agent {
                 return Ok(kept);
             }
         }
-        self.sign_locked(&spool, &input, query).await?;
-        let bytes = std::fs::metadata(spool.output()).map_or(0, |m| m.len());
+        spool.signed = self.sign_locked(&spool, &input, query).await?;
+        let bytes = match &spool.signed {
+            Some(b) => b.len() as u64,
+            None => std::fs::metadata(spool.output()).map_or(0, |m| m.len()),
+        };
         let spool = Arc::new(spool);
         if let (Some(key), Ok(mut kept)) = (key, self.kept.lock()) {
             kept.keep(key, spool.clone(), bytes, std::time::Instant::now());
@@ -532,7 +616,7 @@ impl Agent {
         let mut results = Vec::with_capacity(items.len());
         for ((spool, query), input) in items.iter().zip(checked) {
             results.push(match input {
-                Ok(input) => self.sign_locked(spool, &input, query).await,
+                Ok(input) => self.sign_locked(spool, &input, query).await.map(|_| ()),
                 Err(e) => Err(e),
             });
         }
@@ -552,6 +636,9 @@ impl Agent {
                 .refuses(&self.signer_features, query.mode, None, query.response)
         {
             return Err(ErrorBody::new(ErrorCode::UnsupportedFormat, why));
+        }
+        if let Some(data) = &spool.memory {
+            return self.check_memory(data, query);
         }
         match query.mode {
             SignMode::Whole => {
@@ -579,6 +666,7 @@ impl Agent {
                 Ok(Checked {
                     input,
                     format: Some(detected.format),
+                    extension: Some(detected.extension),
                 })
             }
             SignMode::Digest => {
@@ -599,18 +687,64 @@ impl Agent {
                 Ok(Checked {
                     input: spool.input(),
                     format: None,
+                    extension: None,
                 })
             }
         }
     }
 
-    /// Signs one checked input; the caller holds the job lock.
+    /// [`Agent::check_input`] for an input held in memory: the same checks, on the
+    /// buffer.
+    fn check_memory(&self, data: &[u8], query: &AgentSignQuery) -> Result<Checked, ErrorBody> {
+        match query.mode {
+            SignMode::Whole => {
+                let detected = job::admit(query, format::detect(data, query.filename.as_deref()))?;
+                if let Some(why) = self.signer.refuses(
+                    &self.signer_features,
+                    query.mode,
+                    Some(detected.format),
+                    query.response,
+                ) {
+                    return Err(ErrorBody::new(ErrorCode::UnsupportedFormat, why));
+                }
+                tracing::info!(format = %detected.format, profile = query.profile.as_deref().unwrap_or("-"), "input accepted");
+                Ok(Checked {
+                    input: PathBuf::new(),
+                    format: Some(detected.format),
+                    extension: Some(detected.extension),
+                })
+            }
+            SignMode::Digest => {
+                let head = &data[..data.len().min(format::HEAD_LEN)];
+                let kind = format::detect_digest_blob(head)
+                    .map_err(|e| ErrorBody::new(ErrorCode::UnsupportedFormat, e.to_string()))?;
+                job::allowed(query, kind)?;
+                let options = format::digest_blob_options(data)
+                    .map_err(|e| ErrorBody::new(ErrorCode::UnsupportedFormat, e.to_string()))?;
+                job::digest_matches(query, kind, options)?;
+                tracing::info!(
+                    profile = query.profile.as_deref().unwrap_or("-"),
+                    kind = kind.map_or("unknown".to_owned(), |k| k.to_string()),
+                    "digest-mode input accepted"
+                );
+                Ok(Checked {
+                    input: PathBuf::new(),
+                    format: None,
+                    extension: None,
+                })
+            }
+        }
+    }
+
+    /// Signs one checked input; the caller holds the job lock. Answers the signed
+    /// result when it was made in memory (an input held in memory), else `None`: it is
+    /// the spool's output file.
     async fn sign_locked(
         &self,
         spool: &Spool,
         checked: &Checked,
         query: &AgentSignQuery,
-    ) -> Result<(), ErrorBody> {
+    ) -> Result<Option<bytes::Bytes>, ErrorBody> {
         let input = &checked.input;
         let (key, pin) = self
             .with_token(|t| t.ensure_ready())
@@ -649,16 +783,34 @@ impl Agent {
         // for a reader pulled mid-command), and every job behind it with it. A loss
         // stops the run (the signer's process is killed) and the job goes back to the
         // host as a token loss, at once.
+        let mut in_memory = None;
+        let run = async {
+            match &spool.memory {
+                Some(data) => {
+                    let signed = self
+                        .signer
+                        .sign_in_memory(&key, &pin, &spec, data.clone())
+                        .await?;
+                    in_memory = Some(bytes::Bytes::from(signed));
+                    Ok(())
+                }
+                None => self.signer.sign(&key, &pin, &spec).await,
+            }
+        };
         let mut result = tokio::select! {
-            r = self.signer.sign(&key, &pin, &spec) => r,
+            r = run => r,
             detail = self.token_left() => {
                 tracing::warn!(token = %key.token_serial, detail = %detail, "the token went away while the signer ran; the signer is stopped");
                 Err(SignError::TokenLost(detail))
             }
         };
-        if result.is_ok() && query.response == SignResponse::Pkcs7 && checked.format.is_some() {
+        if result.is_ok()
+            && query.response == SignResponse::Pkcs7
+            && checked.format.is_some()
+            && spool.memory.is_none()
+        {
             // Only the new signature is answered: it replaces the signed file.
-            let sig = spool.dir.path().join("signature.p7");
+            let sig = spool.path().join("signature.p7");
             result = match self.signer.extract_signature(&output, &sig).await {
                 Ok(()) => tokio::fs::rename(&sig, &output).await.map_err(|e| {
                     SignError::Failed(format!("cannot keep the extracted signature: {e}"))
@@ -688,7 +840,7 @@ impl Agent {
             retryable: result.as_ref().is_err_and(|e| e.retryable),
             ms: started.elapsed().as_millis() as u64,
         });
-        result
+        result.map(|()| in_memory)
     }
 
     /// Resolves once a check of the token, every [`RUN_CHECK_INTERVAL`] while a signer
@@ -734,8 +886,12 @@ impl Agent {
             }
         };
         // The spool's paths mean nothing to the caller.
-        let spool_path = spool.dir.path().to_string_lossy().into_owned();
-        let detail = e.to_string().replace(&spool_path, "<job>");
+        let detail = match &spool.dir {
+            Some(dir) => e
+                .to_string()
+                .replace(&*dir.path().to_string_lossy(), "<job>"),
+            None => e.to_string(),
+        };
         if lost {
             self.wake.notify_one();
             return ErrorBody::new(
@@ -873,6 +1029,8 @@ async fn read_head(input: &Path) -> Result<Vec<u8>, ErrorBody> {
 pub struct Checked {
     input: PathBuf,
     format: Option<signet_format::Format>,
+    /// The extension of the format's files (`None` for digest mode's data).
+    extension: Option<&'static str>,
 }
 
 /// How long `token.reinit_command` may take.
@@ -1017,6 +1175,109 @@ mod tests {
             .unwrap();
         assert!(Arc::ptr_eq(&first, &again));
         assert_eq!(signer.lock().unwrap().signed.len(), 2, "signed once");
+    }
+
+    fn in_memory(agent: &Agent, content: &'static [u8]) -> Spool {
+        agent.memory_spool(bytes::Bytes::from_static(content))
+    }
+
+    #[tokio::test]
+    async fn a_small_input_is_signed_in_memory_without_a_job_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, signer) = stand_in::agent(dir.path()).await;
+        signer.lock().unwrap().in_memory = vec![format::Format::PowerShell];
+        let mut events = agent.subscribe();
+        let done = agent
+            .sign_once(None, in_memory(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+        assert_eq!(
+            done.signed().map(|b| b.to_vec()),
+            Some(b"Write-Host 'hello'\r\n+signed".to_vec())
+        );
+        assert_eq!(signer.lock().unwrap().signed, ["<memory>"]);
+        assert_eq!(token.take_calls(), ["ensure_ready"]);
+        assert_eq!(
+            published(&mut events),
+            [
+                "token_appeared",
+                "logged_in",
+                "signing_started",
+                "signing_finished"
+            ]
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "no job directory was made"
+        );
+
+        // Its checks read the buffer as they read a file: an empty input is refused.
+        let e = agent
+            .sign_once(None, in_memory(&agent, b""), &query("e.ps1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::EmptyInput);
+
+        // The same job again gets its kept result.
+        let key = || Some(JobKey::new("8", "filename=a.ps1", [2; 32]));
+        let first = agent
+            .sign_once(key(), in_memory(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+        let again = agent
+            .sign_once(key(), in_memory(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(signer.lock().unwrap().signed.len(), 2, "signed once");
+        token.take_calls();
+
+        // A token lost while signing in memory: the same retryable answer, the token
+        // marked lost, as for a spooled input.
+        signer.lock().unwrap().outcome = Outcome::PullToken;
+        let e = agent
+            .sign_once(None, in_memory(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::TokenUnavailable);
+        assert!(e.retryable, "{e:?}");
+        assert_eq!(token.take_calls(), ["ensure_ready", "lost"]);
+        assert_eq!(agent.health().await.state, AgentState::TokenLost);
+    }
+
+    #[tokio::test]
+    async fn a_small_input_the_signer_signs_from_files_goes_to_a_job_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, _token, signer) = stand_in::agent(dir.path()).await;
+        signer.lock().unwrap().in_memory = vec![format::Format::Pe];
+        let done = agent
+            .sign_once(None, in_memory(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+        assert_eq!(done.signed(), None);
+        assert_eq!(signed(&done), b"Write-Host 'hello'\r\n+signed");
+        assert_eq!(
+            signer.lock().unwrap().signed,
+            ["input.ps1"],
+            "written with its format's extension"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        drop(done);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "the directory goes with the job"
+        );
+
+        // Which uploads are held in memory: a declared length within the bound, of a
+        // mode whose likely format the signer signs in memory.
+        assert!(agent.keeps_in_memory(SignMode::Whole, Some(MEMORY_INPUT)));
+        assert!(!agent.keeps_in_memory(SignMode::Whole, Some(MEMORY_INPUT + 1)));
+        assert!(!agent.keeps_in_memory(SignMode::Whole, None));
+        assert!(!agent.keeps_in_memory(SignMode::Digest, Some(100)));
+        signer.lock().unwrap().in_memory.clear();
+        assert!(!agent.keeps_in_memory(SignMode::Whole, Some(100)));
     }
 
     #[tokio::test]

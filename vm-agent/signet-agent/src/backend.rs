@@ -65,6 +65,32 @@ pub trait Signer: std::fmt::Debug + Send + Sync {
     fn use_token(&mut self, token: SharedToken) {
         let _ = token;
     }
+
+    /// Whether [`Signer::sign_in_memory`] signs an input of `format` (`None`: digest
+    /// mode's data). A backend that runs a program on files answers `false`, the
+    /// default: the agent then spools a small input to a file as any other.
+    fn signs_in_memory(&self, format: Option<Format>) -> bool {
+        let _ = format;
+        false
+    }
+
+    /// Signs `input`, held in memory, as `spec` says (its `input` and `output` paths
+    /// are not used), and answers the signed file (digest mode: the signature). Only
+    /// for the formats [`Signer::signs_in_memory`] takes.
+    fn sign_in_memory<'a>(
+        &'a self,
+        key: &'a KeyRef,
+        pin: &'a AuthPin,
+        spec: &'a SignSpec<'a>,
+        input: bytes::Bytes,
+    ) -> BoxFuture<'a, Result<Vec<u8>, SignError>> {
+        let _ = (key, pin, spec, input);
+        Box::pin(async {
+            Err(SignError::Engine(
+                "this signing backend signs files only".into(),
+            ))
+        })
+    }
 }
 
 /// A backend's own failure, kept in its words, with the wire class it maps to.

@@ -129,8 +129,8 @@ impl Native {
         })
     }
 
-    async fn sign_spec(&self, spec: &SignSpec<'_>) -> Result<(), SignError> {
-        let key = self.key().await?;
+    /// The engine's options for `spec`.
+    fn options(&self, spec: &SignSpec<'_>) -> Result<SignOptions, SignError> {
         let hash: HashAlg = spec
             .hash
             .as_str()
@@ -144,6 +144,51 @@ impl Native {
         if !spec.timestamp.is_empty() {
             options.timestamp = Some(self.timestamper(spec.timestamp));
         }
+        Ok(options)
+    }
+
+    /// Signs `input`, held in memory: digest mode's data, a PE file (signed as
+    /// [`signet_authenticode::sign_pe_in_place_digested`] signs a file, in a buffer)
+    /// or a catalog. The same bytes as the spooled way.
+    async fn sign_memory(
+        &self,
+        spec: &SignSpec<'_>,
+        input: bytes::Bytes,
+    ) -> Result<Vec<u8>, SignError> {
+        let key = self.key().await?;
+        let options = self.options(spec)?;
+        match spec.format {
+            None => blocking(move || signet_authenticode::sign_blob(&input, &options, &key)).await,
+            Some(Format::Cat) => {
+                blocking(move || signet_authenticode::sign_catalog(&input, &options, &key)).await
+            }
+            Some(Format::Pe) => {
+                let wanted_nested = spec.nested;
+                let (signed, nested) = blocking(move || {
+                    let mut f = std::io::Cursor::new(input.to_vec());
+                    let done = signet_authenticode::sign_pe_in_place_digested(
+                        &mut f, &options, &key, None,
+                    )?;
+                    let mut signed = f.into_inner();
+                    let end = u64::from(done.table_offset) + u64::from(done.table_size);
+                    signed.resize(usize::try_from(end).unwrap_or(usize::MAX), 0);
+                    Ok((signed, done.nested))
+                })
+                .await?;
+                if wanted_nested && !nested {
+                    tracing::info!("the file has no signature yet; signed it without nesting");
+                }
+                Ok(signed)
+            }
+            Some(f) => Err(SignError::Engine(format!(
+                "{f} files are not signed in memory"
+            ))),
+        }
+    }
+
+    async fn sign_spec(&self, spec: &SignSpec<'_>) -> Result<(), SignError> {
+        let key = self.key().await?;
+        let options = self.options(spec)?;
         let signed = spec.output.with_file_name("native-signed");
         let signed = match spec.input.extension() {
             Some(ext) => signed.with_extension(ext),
@@ -435,6 +480,21 @@ impl Signer for Native {
 
     fn use_token(&mut self, token: SharedToken) {
         self.token = Some(token);
+    }
+
+    /// Digest mode's data, PE files and catalogs: the engine's own formats.
+    fn signs_in_memory(&self, format: Option<Format>) -> bool {
+        matches!(format, None | Some(Format::Pe | Format::Cat))
+    }
+
+    fn sign_in_memory<'a>(
+        &'a self,
+        _key: &'a KeyRef,
+        _pin: &'a AuthPin,
+        spec: &'a SignSpec<'a>,
+        input: bytes::Bytes,
+    ) -> BoxFuture<'a, Result<Vec<u8>, SignError>> {
+        Box::pin(self.sign_memory(spec, input))
     }
 }
 

@@ -242,16 +242,24 @@ async fn sign(
     );
     async move {
         let (body, limit) = limited(&gate, &headers, body)?;
-        let mut spool = agent.spool()?;
-        // A whole file's Authenticode digest is made as it is spooled (when it is a PE).
-        let digest_as = match query.mode {
-            SignMode::Whole => query.hash.as_str().parse::<HashAlg>().ok(),
-            SignMode::Digest => None,
+        let (spool, input_sha256) = if agent.keeps_in_memory(query.mode, declared_length(&headers))
+        {
+            // A small input is held in memory: no job directory written and read again.
+            let (data, sha) = receive_memory(body).await.map_err(|e| limit.explain(e))?;
+            (agent.memory_spool(data), sha)
+        } else {
+            let mut spool = agent.spool()?;
+            // A whole file's Authenticode digest is made as it is spooled (when it is a PE).
+            let digest_as = match query.mode {
+                SignMode::Whole => query.hash.as_str().parse::<HashAlg>().ok(),
+                SignMode::Digest => None,
+            };
+            let (_, input_sha256, digested) = receive(&spool, body, digest_as)
+                .await
+                .map_err(|e| limit.explain(e))?;
+            spool.set_digested(digested);
+            (spool, input_sha256)
         };
-        let (_, input_sha256, digested) = receive(&spool, body, digest_as)
-            .await
-            .map_err(|e| limit.explain(e))?;
-        spool.set_digested(digested);
         // A job the host sends again (it was restarted, or lost the connection, while
         // the agent signed) gets the result kept for it instead of a second signature:
         // the host's job id, bound to the exact request and input.
@@ -421,10 +429,7 @@ async fn batch_in(
 /// before the body is read; the body itself is cut off past the limit or when silent,
 /// and [`Limit::explain`] then says which.
 fn limited(gate: &Gate, headers: &HeaderMap, body: Body) -> Result<(Body, Limit), ErrorBody> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(headers);
     if declared.is_some_and(|n| n > gate.max_input_size) {
         return Err(limits::too_large(gate.max_input_size));
     }
@@ -437,6 +442,33 @@ fn limited(gate: &Gate, headers: &HeaderMap, body: Body) -> Result<(Body, Limit)
             idle: gate.idle,
         },
     ))
+}
+
+/// The upload's length as its `Content-Length` declares it (the body is held to it).
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Receives a small upload whole into memory (its length declared and at most
+/// [`crate::agent::MEMORY_INPUT`]: the body cannot be longer); answers it and its SHA-256.
+async fn receive_memory(body: Body) -> Result<(Bytes, [u8; 32]), ErrorBody> {
+    use http_body_util::BodyExt;
+    use sha2::Digest;
+    let data = body
+        .collect()
+        .await
+        .map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::TruncatedInput,
+                format!("the upload ended early ({e}); nothing was signed"),
+            )
+        })?
+        .to_bytes();
+    let sha: [u8; 32] = sha2::Sha256::digest(&data).into();
+    Ok((data, sha))
 }
 
 /// The limits an upload runs under.
@@ -553,6 +585,18 @@ const SPOOL_AHEAD: usize = 4;
 /// ([`signet_protocol::file_body`]); the spool is deleted there once the file has been
 /// read and no kept result holds it any more.
 async fn send(spool: Arc<Spool>) -> Result<Response, ErrorBody> {
+    if let Some(signed) = spool.signed() {
+        // Made in memory: answered from there.
+        let len = signed.len();
+        let mut resp = Body::from(signed.clone()).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        return Ok(resp);
+    }
     let internal = |e: std::io::Error| {
         ErrorBody::new(
             ErrorCode::Internal,
@@ -734,6 +778,52 @@ mod tests {
             .count();
         assert_eq!(signed, 2, "{text}");
         assert!(text.contains("batch{job=43 files=2}"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_small_upload_with_its_length_declared_is_signed_in_memory() {
+        // Logging as the test above does: a callsite first met with no subscriber
+        // at all may be cached as of no interest while that test reads its lines.
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(Lines::default())
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        std::fs::create_dir(&spool).unwrap();
+        let (agent, _token, signer) = stand_in::agent(&spool).await;
+        signer.lock().unwrap().in_memory =
+            vec![signet_format::Format::Pe, signet_format::Format::PowerShell];
+        link::write_pin(&dir.path().join(link::HOST_PIN_FILE), &HOST).unwrap();
+        let gate = Gate {
+            state_dir: dir.path().to_owned(),
+            own: Fingerprint([9; 32]),
+            max_input_size: 1 << 20,
+            idle: std::time::Duration::from_secs(30),
+        };
+        let app = router(Arc::new(agent), gate);
+        let script: &'static [u8] = b"Write-Host 'hello'\r\n";
+        for (declared, job) in [(true, "9"), (false, "10")] {
+            let mut req = sign(Some(job));
+            if declared {
+                req.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(script.len()));
+            }
+            let resp = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(
+                resp.headers().get(header::CONTENT_LENGTH).unwrap(),
+                &HeaderValue::from(script.len() + 7)
+            );
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"Write-Host 'hello'\r\n+signed");
+        }
+        // Held in memory when its length was declared; else spooled to a file.
+        assert_eq!(signer.lock().unwrap().signed, ["<memory>", "input.ps1"]);
+        // Only the spooled job's directory is left, its result kept for a host that
+        // asks again; the job held in memory never had one.
+        assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 1);
     }
 
     #[test]

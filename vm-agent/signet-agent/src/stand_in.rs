@@ -236,8 +236,11 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct SignerDesk {
     pub outcome: Outcome,
-    /// The input file name of every run, in order.
+    /// The input file name of every run, in order (`<memory>` for an input signed in
+    /// memory).
     pub signed: Vec<String>,
+    /// The formats it signs in memory (none unless a test sets them).
+    pub in_memory: Vec<Format>,
 }
 
 /// A signer without a program.
@@ -253,6 +256,7 @@ impl StandInSigner {
         let desk = Arc::new(Mutex::new(SignerDesk {
             outcome: Outcome::Sign,
             signed: Vec::new(),
+            in_memory: Vec::new(),
         }));
         (
             StandInSigner {
@@ -261,6 +265,37 @@ impl StandInSigner {
             },
             desk,
         )
+    }
+}
+
+impl StandInSigner {
+    /// One run: recorded as `name`, then as the desk's outcome says; signing appends
+    /// "+signed" to what `read` answers.
+    async fn run(
+        &self,
+        name: &str,
+        read: impl FnOnce() -> Result<Vec<u8>, SignError>,
+    ) -> Result<Vec<u8>, SignError> {
+        let outcome = {
+            let mut d = self.desk.lock().unwrap_or_else(|p| p.into_inner());
+            d.signed.push(name.to_owned());
+            d.outcome
+        };
+        tracing::info!(?outcome, "stand-in signer");
+        match outcome {
+            Outcome::Sign => {
+                let mut data = read()?;
+                data.extend_from_slice(b"+signed");
+                Ok(data)
+            }
+            Outcome::PullToken => {
+                self.token.get().plugged = false;
+                Err(SignError::TokenLost("Failed to enumerate slots".into()))
+            }
+            Outcome::RefusePin => Err(SignError::PinRejected),
+            Outcome::Fail => Err(SignError::Failed("the stand-in failed".into())),
+            Outcome::Hang => std::future::pending().await,
+        }
     }
 }
 
@@ -305,29 +340,30 @@ impl Signer for StandInSigner {
         spec: &'a SignSpec<'a>,
     ) -> BoxFuture<'a, Result<(), SignError>> {
         Box::pin(async move {
-            let outcome = {
-                let mut d = self.desk.lock().unwrap_or_else(|p| p.into_inner());
-                let name = spec.input.file_name().unwrap_or_default();
-                d.signed.push(name.to_string_lossy().into_owned());
-                d.outcome
-            };
-            tracing::info!(?outcome, "stand-in signer");
-            match outcome {
-                Outcome::Sign => {
-                    let mut data =
-                        std::fs::read(spec.input).map_err(|e| SignError::Failed(e.to_string()))?;
-                    data.extend_from_slice(b"+signed");
-                    std::fs::write(spec.output, data).map_err(|e| SignError::Failed(e.to_string()))
-                }
-                Outcome::PullToken => {
-                    self.token.get().plugged = false;
-                    Err(SignError::TokenLost("Failed to enumerate slots".into()))
-                }
-                Outcome::RefusePin => Err(SignError::PinRejected),
-                Outcome::Fail => Err(SignError::Failed("the stand-in failed".into())),
-                Outcome::Hang => std::future::pending().await,
-            }
+            let name = spec.input.file_name().unwrap_or_default();
+            let name = name.to_string_lossy().into_owned();
+            let data = self
+                .run(&name, || {
+                    std::fs::read(spec.input).map_err(|e| SignError::Failed(e.to_string()))
+                })
+                .await?;
+            std::fs::write(spec.output, data).map_err(|e| SignError::Failed(e.to_string()))
         })
+    }
+
+    fn signs_in_memory(&self, format: Option<Format>) -> bool {
+        let d = self.desk.lock().unwrap_or_else(|p| p.into_inner());
+        format.is_some_and(|f| d.in_memory.contains(&f))
+    }
+
+    fn sign_in_memory<'a>(
+        &'a self,
+        _key: &'a KeyRef,
+        _pin: &'a AuthPin,
+        _spec: &'a SignSpec<'a>,
+        input: bytes::Bytes,
+    ) -> BoxFuture<'a, Result<Vec<u8>, SignError>> {
+        Box::pin(self.run("<memory>", move || Ok(input.to_vec())))
     }
 
     fn extract_signature<'a>(
