@@ -643,15 +643,7 @@ impl Agent {
         match query.mode {
             SignMode::Whole => {
                 let detected =
-                    job::admit(query, detect(spool.input(), query.filename.clone()).await?)?;
-                if let Some(why) = self.signer.refuses(
-                    &self.signer_features,
-                    query.mode,
-                    Some(detected.format),
-                    query.response,
-                ) {
-                    return Err(ErrorBody::new(ErrorCode::UnsupportedFormat, why));
-                }
+                    self.admit_whole(query, detect(spool.input(), query.filename.clone()).await?)?;
                 // osslsigncode may go by the extension (it does for PowerShell files).
                 let input = spool.input_with_extension(detected.extension);
                 tokio::fs::rename(spool.input(), &input)
@@ -662,7 +654,6 @@ impl Agent {
                             format!("the agent cannot rename its spooled input: {e}"),
                         )
                     })?;
-                tracing::info!(format = %detected.format, profile = query.profile.as_deref().unwrap_or("-"), "input accepted");
                 Ok(Checked {
                     input,
                     format: Some(detected.format),
@@ -670,20 +661,8 @@ impl Agent {
                 })
             }
             SignMode::Digest => {
-                let head = read_head(&spool.input()).await?;
-                let kind = format::detect_digest_blob(&head)
-                    .map_err(|e| ErrorBody::new(ErrorCode::UnsupportedFormat, e.to_string()))?;
-                // The profile's formats hold in digest mode too: the blob says what
-                // kind of file it came from.
-                job::allowed(query, kind)?;
-                // And its options: the data must be made with the profile's hash and
-                // page hashes, as the whole file would be signed.
-                job::digest_matches(query, kind, blob_options(spool.input()).await?)?;
-                tracing::info!(
-                    profile = query.profile.as_deref().unwrap_or("-"),
-                    kind = kind.map_or("unknown".to_owned(), |k| k.to_string()),
-                    "digest-mode input accepted"
-                );
+                let kind = digest_kind(query, &read_head(&spool.input()).await?)?;
+                digest_accepted(query, kind, blob_options(spool.input()).await?)?;
                 Ok(Checked {
                     input: spool.input(),
                     format: None,
@@ -696,44 +675,45 @@ impl Agent {
     /// [`Agent::check_input`] for an input held in memory: the same checks, on the
     /// buffer.
     fn check_memory(&self, data: &[u8], query: &AgentSignQuery) -> Result<Checked, ErrorBody> {
-        match query.mode {
+        let (format, extension) = match query.mode {
             SignMode::Whole => {
-                let detected = job::admit(query, format::detect(data, query.filename.as_deref()))?;
-                if let Some(why) = self.signer.refuses(
-                    &self.signer_features,
-                    query.mode,
-                    Some(detected.format),
-                    query.response,
-                ) {
-                    return Err(ErrorBody::new(ErrorCode::UnsupportedFormat, why));
-                }
-                tracing::info!(format = %detected.format, profile = query.profile.as_deref().unwrap_or("-"), "input accepted");
-                Ok(Checked {
-                    input: PathBuf::new(),
-                    format: Some(detected.format),
-                    extension: Some(detected.extension),
-                })
+                let detected =
+                    self.admit_whole(query, format::detect(data, query.filename.as_deref()))?;
+                (Some(detected.format), Some(detected.extension))
             }
             SignMode::Digest => {
-                let head = &data[..data.len().min(format::HEAD_LEN)];
-                let kind = format::detect_digest_blob(head)
-                    .map_err(|e| ErrorBody::new(ErrorCode::UnsupportedFormat, e.to_string()))?;
-                job::allowed(query, kind)?;
+                let kind = digest_kind(query, &data[..data.len().min(format::HEAD_LEN)])?;
                 let options = format::digest_blob_options(data)
                     .map_err(|e| ErrorBody::new(ErrorCode::UnsupportedFormat, e.to_string()))?;
-                job::digest_matches(query, kind, options)?;
-                tracing::info!(
-                    profile = query.profile.as_deref().unwrap_or("-"),
-                    kind = kind.map_or("unknown".to_owned(), |k| k.to_string()),
-                    "digest-mode input accepted"
-                );
-                Ok(Checked {
-                    input: PathBuf::new(),
-                    format: None,
-                    extension: None,
-                })
+                digest_accepted(query, kind, options)?;
+                (None, None)
             }
+        };
+        Ok(Checked {
+            input: PathBuf::new(),
+            format,
+            extension,
+        })
+    }
+
+    /// A whole file's checks once its format is detected (from its spool file or its
+    /// buffer): the profile's formats, and what the signer serves.
+    fn admit_whole(
+        &self,
+        query: &AgentSignQuery,
+        detected: Result<format::Detected, format::FormatError>,
+    ) -> Result<format::Detected, ErrorBody> {
+        let detected = job::admit(query, detected)?;
+        if let Some(why) = self.signer.refuses(
+            &self.signer_features,
+            query.mode,
+            Some(detected.format),
+            query.response,
+        ) {
+            return Err(ErrorBody::new(ErrorCode::UnsupportedFormat, why));
         }
+        tracing::info!(format = %detected.format, profile = query.profile.as_deref().unwrap_or("-"), "input accepted");
+        Ok(detected)
     }
 
     /// Signs one checked input; the caller holds the job lock. Answers the signed
@@ -969,6 +949,31 @@ impl Agent {
 }
 
 /// Detects the spooled input's format from its content (and, for text, its name).
+/// The kind of file digest mode's data came from, read from its `head`: the profile's
+/// formats hold in digest mode too.
+fn digest_kind(query: &AgentSignQuery, head: &[u8]) -> Result<Option<format::Format>, ErrorBody> {
+    let kind = format::detect_digest_blob(head)
+        .map_err(|e| ErrorBody::new(ErrorCode::UnsupportedFormat, e.to_string()))?;
+    job::allowed(query, kind)?;
+    Ok(kind)
+}
+
+/// Digest mode's data accepted when it was made with the profile's hash and page
+/// hashes (`options`), as the whole file would be signed.
+fn digest_accepted(
+    query: &AgentSignQuery,
+    kind: Option<format::Format>,
+    options: format::BlobOptions,
+) -> Result<(), ErrorBody> {
+    job::digest_matches(query, kind, options)?;
+    tracing::info!(
+        profile = query.profile.as_deref().unwrap_or("-"),
+        kind = kind.map_or("unknown".to_owned(), |k| k.to_string()),
+        "digest-mode input accepted"
+    );
+    Ok(())
+}
+
 async fn detect(
     input: PathBuf,
     filename: Option<String>,
