@@ -47,6 +47,27 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// A token made once per test process; each test gets its own copy.
+/// The audit log of the signetd configured by `config`, as `signetd audit export`
+/// writes it: one JSON record per line.
+pub fn audit_export(config: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(bin("signetd"))
+        .arg("--config")
+        .arg(config)
+        .args(["audit", "export"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "signetd audit export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// Directories removed when the test process ends: what a `static` holds (the
 /// master token, a `World` a file's tests share) is never dropped.
 static REMOVE_AT_EXIT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
@@ -404,6 +425,11 @@ impl World {
             .args(args)
             .output()
             .unwrap()
+    }
+
+    /// The audit log as `signetd audit export` writes it: one JSON record per line.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        audit_export(&self.path("signetd.toml"))
     }
 
     /// Kills a child by name with SIGKILL, as a crash would, and reaps it.

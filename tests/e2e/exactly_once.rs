@@ -79,16 +79,6 @@ fn tagged_pe(w: &World, name: &str, tag: u32) -> PathBuf {
     p
 }
 
-fn audit(w: &World) -> Vec<serde_json::Value> {
-    let out = w.signetd(&["audit", "export"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn an_idempotency_key_is_bound_to_the_file_profile_and_options_it_was_sent_with() {
     let mut w = World::new();
@@ -130,7 +120,7 @@ fn an_idempotency_key_is_bound_to_the_file_profile_and_options_it_was_sent_with(
     // Stopping writes the counts of refusals still coalescing (docs/SECURITY.md).
     let stopped = w.sigterm("signetd", std::time::Duration::from_secs(60));
     assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
-    let records = audit(&w);
+    let records = w.audit_records();
     let signed = records.iter().filter(|r| r["result"] == "signed").count();
     assert_eq!(signed, 1, "{records:#?}");
     let reused: u64 = records
@@ -428,7 +418,7 @@ fn signet_survives_signetd_killed_9_five_times_nothing_lost_nothing_signed_twice
         assert!(verify(&w, f).0, "{} is signed", f.display());
     }
     // Nothing signed twice: one signature per input, and the chain is whole.
-    let records = audit(&w);
+    let records = w.audit_records();
     let mut per_input = std::collections::HashMap::<String, usize>::new();
     for r in records.iter().filter(|r| r["result"] == "signed") {
         *per_input
@@ -499,6 +489,10 @@ fn on_a_terminal_signet_says_its_job_stays_queued_while_signetd_restarts() {
     assert!(client.success(), "{}", client.screen());
     assert!(client.screen().contains("job 1"), "{}", client.screen());
     assert!(verify(&w, &file).0);
-    let signed = audit(&w).iter().filter(|r| r["result"] == "signed").count();
+    let signed = w
+        .audit_records()
+        .iter()
+        .filter(|r| r["result"] == "signed")
+        .count();
     assert_eq!(signed, 1);
 }

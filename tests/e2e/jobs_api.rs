@@ -52,16 +52,6 @@ fn wait_job(ep: &Endpoint, id: &str, what: &str, cond: impl Fn(&Value) -> bool) 
 
 use serde_json::Value;
 
-fn audit(w: &World) -> Vec<Value> {
-    let out = w.signetd(&["audit", "export"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn spool_files(w: &World) -> Vec<String> {
     std::fs::read_dir(w.path("state/spool"))
         .unwrap()
@@ -133,7 +123,7 @@ fn a_queued_job_is_cancelled_by_its_caller_and_no_other() {
     let f = w.file("first.exe", &signed);
     assert!(verify(&w, &f).0);
 
-    let records = audit(&w);
+    let records = w.audit_records();
     let result_of = |id: &str| {
         records
             .iter()
@@ -227,7 +217,7 @@ fn a_full_spool_refuses_uploads_before_they_start_and_while_they_stream() {
 
     // Nothing was kept, both refusals are in the audit log, and a file that fits signs.
     assert!(spool_files(&w).is_empty(), "{:?}", spool_files(&w));
-    let records = audit(&w);
+    let records = w.audit_records();
     let full = records
         .iter()
         .filter(|r| r["result"] != "signed" && r["error"] == "spool_full")
@@ -282,7 +272,7 @@ fn a_daemon_killed_during_an_upload_fails_that_job_says_so_on_the_bus_and_signs_
     assert!(spool_files(&w).is_empty(), "{:?}", spool_files(&w));
     let (status, signed) = call(&tcp, "POST", "/v1/sign?filename=next.exe", pe);
     assert_eq!(status, 200, "{signed}");
-    let records = audit(&w);
+    let records = w.audit_records();
     assert_eq!(records.len(), 2, "{records:#?}");
     assert_eq!(
         (&records[0]["job"], &records[0]["result"]),
@@ -344,7 +334,7 @@ fn a_profile_signs_only_with_the_token_and_certificate_it_names() {
         w.log("signetd")
     );
 
-    let records = audit(&w);
+    let records = w.audit_records();
     let signed = records.iter().find(|r| r["result"] == "signed").unwrap();
     assert_eq!(
         (&signed["token_serial"], &signed["cert_sha256"]),

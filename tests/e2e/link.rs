@@ -217,22 +217,10 @@ fn the_operator_pairs_a_new_host_with_the_real_commands() {
     // The code worked once.
     let out = signetd_pair(shown["code"].as_str().unwrap());
     assert!(!out.status.success());
-    // Every attempt is in the host's audit log under the uid that made it: the two
+    // Every attempt is in the host's audit log under the uid that made it: the three
     // refused ones and the one that pinned the agent's key, which it names.
-    let out = Command::new(bin("signetd"))
-        .arg("--config")
-        .arg(&config)
-        .args(["audit", "export"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pairs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let pairs: Vec<serde_json::Value> = signet_test_support::audit_export(&config)
+        .into_iter()
         .filter(|r| r["result"] == "pair")
         .collect();
     let me = format!("uid:{}", nix::unistd::getuid().as_raw());

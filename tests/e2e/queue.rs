@@ -178,21 +178,6 @@ fn agent_signatures(w: &World) -> usize {
         .count()
 }
 
-/// The audit log, exported.
-fn audit_records(w: &World) -> Vec<Value> {
-    let out = w.signetd(&["audit", "export"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn audit_verifies(w: &World) -> Value {
     let out = w.signetd(&["audit", "verify", "--json"]);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
@@ -311,7 +296,7 @@ fn eight_callers_fifty_jobs_each_signed_once_in_turns() {
 
     // Signed exactly once each: the agent made one signature per job.
     assert_eq!(agent_signatures(&w), ids.len());
-    let records = audit_records(&w);
+    let records = w.audit_records();
     assert_eq!(records.len(), ids.len(), "one audit record per job");
     let audited: HashSet<String> = records
         .iter()
@@ -512,7 +497,7 @@ fn killed_mid_job_and_mid_queue(kept: Kept) {
     // job that was at the token when the daemon died may have been signed twice (a
     // first signature that was never delivered); no other job was, not even the one
     // sent to the agent behind it.
-    let records = audit_records(&w);
+    let records = w.audit_records();
     let jobs: Vec<&str> = records.iter().map(|r| r["job"].as_str().unwrap()).collect();
     assert_eq!(
         jobs.iter().copied().collect::<HashSet<_>>(),
@@ -630,7 +615,7 @@ fn audit_verify_names_a_changed_a_deleted_and_swapped_records() {
     let out = signet(&ep, &["sign", "--profile", "nope", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3));
     w.stop("signetd");
-    let records = audit_records(&w);
+    let records = w.audit_records();
     assert_eq!(records.len(), 5);
     assert!(
         records[0]["token_serial"]
@@ -784,7 +769,7 @@ fn one_caller_with_more_jobs_than_its_limit_gets_them_all_signed_each_once() {
     }
     // Exactly once: one signature at the agent and one audit record per job.
     assert_eq!(agent_signatures(&w), JOBS);
-    let records = audit_records(&w);
+    let records = w.audit_records();
     assert_eq!(records.len(), JOBS, "{records:#?}");
     for r in &records {
         assert_eq!(r["result"], "signed", "{r}");
@@ -850,7 +835,7 @@ fn the_next_job_reaches_the_agent_while_one_is_at_the_token_and_both_sign_in_ord
     }
     assert_eq!(agent_signatures(&w), 2);
     // Signed and audited in the queue's order.
-    let records = audit_records(&w);
+    let records = w.audit_records();
     let order: Vec<&str> = records.iter().map(|r| r["job"].as_str().unwrap()).collect();
     assert_eq!(order, [first.as_str(), second.as_str()]);
 }

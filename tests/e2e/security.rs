@@ -53,15 +53,6 @@ fn appliance_on(w: &mut World, bus: &Bus, extra: &str) -> Endpoint {
     .remove(0)
 }
 
-fn audit_records(w: &World) -> Vec<serde_json::Value> {
-    let out = w.signetd(&["audit", "export"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn a_signer_cannot_operate_cancel_others_jobs_or_enroll_over_dbus() {
     let mut w = World::new();
@@ -206,7 +197,7 @@ fn signetd_checks_roles_itself_when_the_bus_lets_everyone_through() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 
     // The refusals are in the audit log, coalesced per caller and reason.
-    let records = audit_records(&w);
+    let records = w.audit_records();
     let mine: Vec<_> = records
         .iter()
         .filter(|r| r["caller"] == format!("uid:{NOBODY}") && r["transport"] == "dbus")
@@ -285,7 +276,7 @@ fn a_granted_non_root_uid_signs_over_the_unix_socket_and_state_stays_private_und
     let out = sign_as(signet_gid());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(verify(&w, &work.join("a.exe")).0);
-    let records = audit_records(&w);
+    let records = w.audit_records();
     assert!(
         records
             .iter()
@@ -393,7 +384,7 @@ fn ten_thousand_refused_requests_leave_a_few_audit_records_and_a_whole_chain() {
     let stopped = w.sigterm("signetd", Duration::from_secs(60));
     assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
 
-    let records = audit_records(&w);
+    let records = w.audit_records();
     let refused: Vec<_> = records
         .iter()
         .filter(|r| r["result"] == "refused")

@@ -219,16 +219,6 @@ fn received(file: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn audit(w: &World) -> Vec<Value> {
-    let out = w.signetd(&["audit", "export"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// The only job's view (`GET /v1/jobs/1`).
 fn the_job(ep: &Endpoint) -> Value {
     let (status, v) = call_json(ep, "GET", "/v1/jobs/1", None);
@@ -254,7 +244,7 @@ fn a_result_streams_to_its_waiting_client_before_the_job_is_signed_and_verifies(
     let job = the_job(&ep);
     assert_eq!(job["state"], "running", "{job:#}");
     assert_eq!(job["filename"], "big.exe", "{job:#}");
-    assert!(audit(&w).iter().all(|r| r["result"] != "signed"));
+    assert!(w.audit_records().iter().all(|r| r["result"] != "signed"));
     // An HTTP/1.0 caller, whose answer would end with the connection, waits for the
     // job's end and gets a length.
     let mut old = UnixStream::connect(w.path("signetd.sock")).unwrap();
@@ -286,7 +276,8 @@ fn a_result_streams_to_its_waiting_client_before_the_job_is_signed_and_verifies(
     let (status, again) = fetch(&ep, "/v1/jobs/1/result");
     assert_eq!(status, 200);
     assert_eq!(std::fs::read(&pe).unwrap(), again);
-    let signed: Vec<_> = audit(&w)
+    let signed: Vec<_> = w
+        .audit_records()
         .into_iter()
         .filter(|r| r["result"] == "signed")
         .collect();
@@ -334,7 +325,7 @@ fn a_job_that_fails_while_its_result_streams_leaves_its_client_no_file_and_an_er
     assert_eq!(left, ["big.exe"]);
     let job = the_job(&ep);
     assert_eq!(job["state"], "failed", "{job:#}");
-    assert!(audit(&w).iter().all(|r| r["result"] != "signed"));
+    assert!(w.audit_records().iter().all(|r| r["result"] != "signed"));
     let (status, body) = fetch(&ep, "/v1/jobs/1/result");
     assert_ne!(status, 200, "{}", String::from_utf8_lossy(&body));
 }
@@ -370,7 +361,8 @@ fn a_result_broken_off_mid_stream_is_collected_again_from_the_job_run_again() {
         (&job["state"], &job["attempts"]),
         (&"signed".into(), &2.into())
     );
-    let signed = audit(&w)
+    let signed = w
+        .audit_records()
         .into_iter()
         .filter(|r| r["result"] == "signed")
         .count();
