@@ -446,24 +446,16 @@ fn audit_store(cfg: &Config) -> anyhow::Result<signetd::adapters::store::Store> 
 }
 
 /// Writes the audit record of a `signetd pair` attempt (`agent`: the key pinned, or
-/// `None` when the pairing failed): which uid paired this
-/// host with which agent key. Pinning a key decides who may sign, so it is audited like
-/// an enrolment; a record that cannot be written is an error, the pin stands.
+/// `None` when the pairing failed) under the uid that ran it
+/// ([`signetd::services::operate::pair_action`]); a record that cannot be written is
+/// an error, the pin stands.
 fn audit_pair(
     cfg: &Config,
     agent: Option<&signet_protocol::link::Fingerprint>,
 ) -> anyhow::Result<()> {
-    let action = signetd::adapters::audit::Action {
-        action: "pair",
-        operator: format!("uid:{}", nix::unistd::getuid().as_raw()),
-        transport: "cli".to_owned(),
-        target: Some(match agent {
-            Some(key) => format!("agent {} key {key}", cfg.agent),
-            None => format!("agent {}", cfg.agent),
-        }),
-        error: agent.is_none().then(|| "pairing_failed".to_owned()),
-        ..Default::default()
-    };
+    use signetd::services::operate::{self, Operator};
+    let op = Operator::cli(nix::unistd::getuid().as_raw());
+    let action = operate::pair_action(&op, &cfg.agent, agent);
     audit_store(cfg)
         .and_then(|store| Ok(signetd::adapters::audit::record_action(&store.conn(), &action)?))
         .map_err(|e| {

@@ -132,6 +132,27 @@ pub fn enroll_action(req: &EnrollRequest) -> Action {
     }
 }
 
+/// The audit record of a `signetd pair` attempt by `op` with the agent at `agent`:
+/// the key it pinned, or `None` when the pairing failed. Pinning a key decides who
+/// may make signatures, so every attempt is recorded.
+pub fn pair_action(
+    op: &Operator,
+    agent: &signet_protocol::Endpoint,
+    pinned: Option<&signet_protocol::link::Fingerprint>,
+) -> Action {
+    Action {
+        action: "pair",
+        operator: op.who.clone(),
+        transport: op.via.to_owned(),
+        target: Some(match pinned {
+            Some(key) => format!("agent {agent} key {key}"),
+            None => format!("agent {agent}"),
+        }),
+        error: pinned.is_none().then(|| "pairing_failed".to_owned()),
+        ..Action::default()
+    }
+}
+
 fn check_vmid(vmid: u32) -> Result<(), OperatorError> {
     if vmid == 0 {
         return Err(OperatorError::NoVmid);
@@ -421,6 +442,23 @@ impl Daemon {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_pairing_is_recorded_with_the_key_it_pinned_or_as_failed() {
+        let op = super::Operator::cli(0);
+        let agent = signet_protocol::Endpoint::Unix("/run/a.sock".into());
+        let key = signet_protocol::link::Fingerprint([7; 32]);
+        let done = super::pair_action(&op, &agent, Some(&key));
+        assert_eq!(
+            (done.action, done.operator.as_str(), done.transport.as_str()),
+            ("pair", "uid:0", "cli")
+        );
+        assert_eq!(done.target, Some(format!("agent {agent} key {key}")));
+        assert_eq!(done.error, None);
+        let failed = super::pair_action(&op, &agent, None);
+        assert_eq!(failed.target, Some(format!("agent {agent}")));
+        assert_eq!(failed.error.as_deref(), Some("pairing_failed"));
+    }
+
     use super::*;
 
     #[test]
