@@ -17,6 +17,8 @@
 //! - [`batch`] — many files in one request: multipart framing streamed from disk.
 //! - [`file_body`] — a file as a body, read ahead on a blocking thread.
 //! - [`pin_file`] — the checks a PIN file must pass (owner, mode).
+//! - [`writeback`] — a large file sent to the disk while it is written, so that its
+//!   closing `fsync` is short.
 //!
 //! The host daemon, the signing-VM agent and the client link this crate; `signetctl`,
 //! which speaks D-Bus only, does not.
@@ -34,6 +36,7 @@ pub mod pin_file;
 pub mod serve;
 pub mod tls;
 pub mod transport;
+pub mod writeback;
 
 pub use endpoint::Endpoint;
 

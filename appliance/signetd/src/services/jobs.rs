@@ -2318,7 +2318,8 @@ impl SpoolWriter {
         progress: Option<Arc<watch::Sender<Progress>>>,
     ) -> std::io::Result<SpoolWriter> {
         use std::io::Write;
-        let mut file = std::fs::File::create(path)?;
+        // Sent to the disk as it is written: the closing fsync waits for the tail only.
+        let mut file = signet_protocol::writeback::WriteBehind::new(std::fs::File::create(path)?);
         let dir = path.parent().map(Path::to_owned);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<ToWrite>(SPOOL_AHEAD);
         let thread = tokio::task::spawn_blocking(move || {
@@ -2349,7 +2350,7 @@ impl SpoolWriter {
                     }
                 }
             }
-            file.sync_all()?;
+            file.get_ref().sync_all()?;
             if let Some(dir) = dir {
                 store::sync_dir(&dir)?;
             }
