@@ -209,6 +209,9 @@ impl Store {
         let spool = state_dir.join("spool");
         std::fs::create_dir_all(&spool)?;
         let conn = Connection::open(state_dir.join(DB_FILE))?;
+        // Another process may have the database (signetd and `signetd pair` run just
+        // after its start both open it): wait for it rather than fail.
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         // A damaged page is found now, not by the jobs that would fail on it.
         let problems: Vec<String> = {
             let mut stmt = conn.prepare("PRAGMA quick_check")?;
@@ -221,14 +224,17 @@ impl Store {
                 detail: problems.into_iter().take(3).collect::<Vec<_>>().join("; "),
             });
         }
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        wal(&conn)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        // The schema is set up in one write transaction: a second process setting it
+        // up at the same time waits, then finds it done.
+        let setup =
+            rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)?;
+        let version: i64 = setup.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::Schema { found: version });
         }
-        conn.execute_batch(
+        setup.execute_batch(
             "CREATE TABLE IF NOT EXISTS jobs (
                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
                 caller TEXT NOT NULL,
@@ -261,7 +267,8 @@ impl Store {
         init_blobs(&conn)?;
         audit::init(&conn)?;
         init_timeline(&conn)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        setup.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        setup.commit()?;
         let (mut used, mut kept) = spool_sizes(&spool)?;
         let (inline_used, inline_kept) = inline_sizes(&conn)?;
         used += inline_used;
@@ -929,6 +936,24 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     })
 }
 
+/// Puts the database in WAL mode. Switching a new database's journal needs it to
+/// itself, and SQLite answers "busy" at once, without waiting, while another process
+/// opens it too: tried again for up to 10 s.
+fn wal(conn: &Connection) -> rusqlite::Result<()> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < until =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Adds `jobs.request_sha256` (what an idempotency key is bound to) to a database
 /// written before it existed; its old rows keep NULL there.
 fn add_request_column(conn: &Connection) -> rusqlite::Result<()> {
@@ -1021,6 +1046,28 @@ fn init_timeline(conn: &Connection) -> rusqlite::Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn processes_opening_a_new_database_at_once_all_get_it() {
+        // signetd starting and `signetd pair` run just after it both set the schema
+        // up; each must wait for the other's, not trip on the column it added.
+        for _ in 0..12 {
+            let dir = tempfile::tempdir().unwrap();
+            let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let opened: Vec<_> = (0..4)
+                .map(|_| {
+                    let (dir, start) = (dir.path().to_owned(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        Store::open(&dir, 1 << 20).map(|_| ())
+                    })
+                })
+                .collect();
+            for o in opened {
+                o.join().unwrap().unwrap();
+            }
+        }
+    }
     use super::*;
 
     fn job(caller: &str, key: Option<&str>) -> NewJob {
