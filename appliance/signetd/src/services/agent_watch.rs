@@ -515,7 +515,9 @@ async fn act(
         Action::Record(seen) => daemon.timeline().saw(seen),
         Action::ResumeQueue => daemon.job_service().wake_worker(),
         Action::DeliverPin => deliver_pin(daemon, pins).await,
-        Action::Alert(why) => tracing::error!(alert = true, "{why}"),
+        // The operator's alert for it is the alerts service's (`operator-needed`,
+        // raised from the timeline's `recovery_exhausted`): one alert line per incident.
+        Action::Alert(why) => tracing::error!("{why}"),
         Action::Run(step) => {
             // A step takes a while (the agent waits for the job at the token, QEMU
             // answers in its time): it runs beside the loop, which goes on hearing.
