@@ -1649,6 +1649,33 @@ mod tests {
     }
 
     #[test]
+    fn a_signature_longer_than_digest_mode_takes_is_refused_with_its_limit() {
+        let mut sink = Sink::Memory(Vec::new());
+        let block = vec![0u8; 1 << 20];
+        for _ in 0..(native::MAX_SIGNATURE >> 20) {
+            assert!(sink.write(&block).is_ok());
+        }
+        let Err(f) = sink.write(&[0u8]) else {
+            panic!("one byte past the limit is taken");
+        };
+        assert_eq!(f.exit_code, exit::SIGNING_FAILED);
+        assert!(
+            f.message.contains("longer than 33 MiB")
+                && f.message.contains("digest mode takes no more"),
+            "{}",
+            f.message
+        );
+        let Sink::Memory(held) = sink else {
+            panic!("not in memory");
+        };
+        assert_eq!(
+            held.len(),
+            native::MAX_SIGNATURE,
+            "nothing past the limit is held"
+        );
+    }
+
+    #[test]
     fn digest_data_is_extracted_as_the_profile_signs() {
         let mut p = ProfileOptions {
             name: "release".into(),
