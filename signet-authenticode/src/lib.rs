@@ -32,8 +32,8 @@ mod verify;
 pub use blob::sign_blob;
 pub use catalog::sign_catalog;
 pub use pe::{
-    attach_pe, extract_blob, sign_pe, sign_pe_in_place, sign_pe_in_place_digested, PeDigested,
-    PeDigester, PeImage, PeSigned,
+    attach_pe, extract_blob, extract_blob_and_rest, sign_pe, sign_pe_in_place,
+    sign_pe_in_place_digested, PeDigested, PeDigester, PeImage, PeSigned,
 };
 pub use signature::{add_nested, nested_count, sign_indirect_data};
 pub use timestamp::{add_timestamp, tst_info, TimestampRequest, Timestamper};

@@ -896,6 +896,39 @@ pub fn extract_blob<R: Read + Seek>(
     page_hashes: bool,
 ) -> Result<Vec<u8>, Error> {
     let image = PeImage::parse(input)?;
+    blob_of(&image, input, hash, page_hashes)
+}
+
+/// [`extract_blob`]'s blob, and the SHA-256 of all the blob leaves out of the file:
+/// the checksum field, the certificate table's directory entry and the certificate
+/// table itself (a signed file's signature), each as it is in the file, taken in the
+/// same pass. Two files with the same blob and the same rest are the same file.
+pub fn extract_blob_and_rest<R: Read + Seek>(
+    input: &mut R,
+    hash: HashAlg,
+    page_hashes: bool,
+) -> Result<(Vec<u8>, [u8; 32]), Error> {
+    let image = PeImage::parse(input)?;
+    let blob = blob_of(&image, input, hash, page_hashes)?;
+    let mut h = HashAlg::Sha256.hasher();
+    let mut buf = vec![0u8; BUF.min(image.len as usize)];
+    let (cs, sd) = (image.checksum_at(), image.security_dir_at());
+    for (from, to) in [(cs, cs + 4), (sd, sd + 8), (image.file_end(), image.len)] {
+        // Each part's length first: the parts cannot run into each other.
+        h.update(&(to - from).to_le_bytes());
+        hash_range(input, &mut *h, from, to, &mut buf)?;
+    }
+    let mut rest = [0u8; 32];
+    rest.copy_from_slice(&h.finalize());
+    Ok((blob, rest))
+}
+
+fn blob_of<R: Read + Seek>(
+    image: &PeImage,
+    input: &mut R,
+    hash: HashAlg,
+    page_hashes: bool,
+) -> Result<Vec<u8>, Error> {
     let indirect = image.indirect_data(input, hash, page_hashes)?;
     let signed_data = SignedData {
         version: CmsVersion::V1,

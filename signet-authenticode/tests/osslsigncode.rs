@@ -15,9 +15,9 @@ use cms::signed_data::SignedData;
 use der::{Decode, Encode};
 use sha2::Digest;
 use signet_authenticode::{
-    asn1, attach_pe, extract_blob, sign_blob, sign_pe, sign_pe_in_place, sign_pe_in_place_digested,
-    verify_chain, verify_signature, Error, HashAlg, KeyKind, PeDigester, PeImage, SignOptions,
-    Statement,
+    asn1, attach_pe, extract_blob, extract_blob_and_rest, sign_blob, sign_pe, sign_pe_in_place,
+    sign_pe_in_place_digested, verify_chain, verify_signature, Error, HashAlg, KeyKind, PeDigester,
+    PeImage, SignOptions, Statement,
 };
 use signet_test_support::{World, PIN, SOFTHSM};
 
@@ -977,6 +977,43 @@ fn attach_nests_beside_a_sha1_signature() {
     ]);
     assert!(text.contains("Number of verified signatures: 2"), "{text}");
     let _ = std::fs::remove_file(&out_path);
+}
+
+/// The blob leaves out a file's signature and the header fields Authenticode skips;
+/// the rest's SHA-256 names exactly those: a signed file and its unsigned self share
+/// a blob and differ in the rest, as does a file whose checksum alone changed.
+#[test]
+fn the_rest_names_what_the_blob_leaves_out() {
+    let e = env();
+    let base = corpus("pe32.exe");
+    let signed = fixture("sha1-pe32.exe", |p| {
+        e.token
+            .ossl_sign("signkey", &base, p, &["-h".to_owned(), "sha1".to_owned()])
+    });
+    let of = |bytes: Vec<u8>| {
+        extract_blob_and_rest(&mut std::io::Cursor::new(bytes), HashAlg::Sha256, false).unwrap()
+    };
+    let plain = std::fs::read(&base).unwrap();
+    let (blob, rest) = of(plain.clone());
+    assert_eq!(
+        blob,
+        extract_blob(&mut File::open(&base).unwrap(), HashAlg::Sha256, false).unwrap(),
+        "the same blob as extract_blob"
+    );
+    assert_eq!(
+        (blob.clone(), rest),
+        of(plain.clone()),
+        "the same file: the same"
+    );
+    let (signed_blob, signed_rest) = of(std::fs::read(&signed).unwrap());
+    assert_eq!(signed_blob, blob, "the signature is not in the blob");
+    assert_ne!(signed_rest, rest, "and it is in the rest");
+    let mut checksum = plain;
+    let pe = u32::from_le_bytes(checksum[60..64].try_into().unwrap()) as usize;
+    checksum[pe + 88] ^= 0x5a;
+    let (changed_blob, changed_rest) = of(checksum);
+    assert_eq!(changed_blob, blob);
+    assert_ne!(changed_rest, rest);
 }
 
 /// A signature made for another file, or one whose bytes were altered, is refused

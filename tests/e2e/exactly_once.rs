@@ -496,3 +496,126 @@ fn on_a_terminal_signet_says_its_job_stays_queued_while_signetd_restarts() {
         .count();
     assert_eq!(signed, 1);
 }
+
+/// Digest mode's key names the whole file, not only the data it sends: that data is
+/// the same before and after a file is signed (the signature is not hashed), so a key
+/// made of it alone would hand a nesting re-run the first run's signature back, and
+/// the file would carry the same signature twice instead of a second one.
+#[test]
+fn digest_mode_signs_an_already_signed_file_again_under_a_new_key() {
+    let mut w = World::new();
+    let ep = appliance(
+        &mut w,
+        "default_profile = \"nested\"\n[profiles.nested]\nnested = true\n",
+    );
+    let file = w.pe("app.exe");
+    let ca = w.path("cert.pem");
+    let sign = || {
+        let out = signet(
+            &ep,
+            &[
+                "sign",
+                "--json",
+                "--digest",
+                "--ca-file",
+                ca.to_str().unwrap(),
+                "-d",
+                "the same description",
+                file.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let report = json(&out.stdout);
+        report["job"].as_str().unwrap().to_owned()
+    };
+    let first = sign();
+    let once = std::fs::read(&file).unwrap();
+    let second = sign();
+    assert_ne!(
+        first, second,
+        "the signed file is another request: a new job"
+    );
+    let twice = std::fs::read(&file).unwrap();
+    assert_ne!(once, twice);
+    let (ok, text) = verify(&w, &file);
+    assert!(ok, "{text}");
+    assert_eq!(
+        text.matches("Signature Index: ").count(),
+        2,
+        "the first signature and one nested: {text}"
+    );
+    let stopped = w.sigterm("signetd", std::time::Duration::from_secs(60));
+    assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
+    let signed = w
+        .audit_records()
+        .iter()
+        .filter(|r| r["result"] == "signed")
+        .count();
+    assert_eq!(signed, 2, "two jobs signed, one per run");
+}
+
+/// A whole file's key names its identity (device, inode, size, modification and
+/// change times), which costs no read before the upload. Where that identity named
+/// other content before — a file rewritten at the same size within one tick of the
+/// file system's clock — the appliance refuses the key for the new body
+/// (`idempotency_key_reused`), and `signet` sends the file once more keyed by its
+/// content's SHA-256: signed, and never the other content's result. The collision is
+/// made here by sending another file first under the key `signet` makes of this file's
+/// identity (collect::idempotency_key over collect::file_identity).
+#[test]
+fn a_whole_file_whose_identity_key_names_other_content_is_sent_again_keyed_by_its_content() {
+    use std::os::unix::fs::MetadataExt;
+    let mut w = World::new();
+    let ep = appliance(
+        &mut w,
+        "default_profile = \"release\"\n[profiles.release]\n",
+    );
+    let a = tagged_pe(&w, "a.exe", 1);
+    let other = std::fs::read(tagged_pe(&w, "b.exe", 2)).unwrap();
+    let m = std::fs::metadata(&a).unwrap();
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    let identity = format!(
+        "id:{}:{}:{}:{}:{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        ns(m.mtime(), m.mtime_nsec()),
+        ns(m.ctime(), m.ctime_nsec())
+    );
+    let key = format!(
+        "signet1-{}",
+        sha256_hex(format!("sign\nfilename=a.exe\na.exe\0{identity}").as_bytes())
+    );
+    let (status, taken, _) = post(
+        &ep,
+        "/v1/sign?filename=a.exe",
+        &[("idempotency-key", key.as_str())],
+        other,
+    );
+    assert_eq!(status, 200);
+    let taken = taken.unwrap();
+
+    let out_path = w.path("signed.exe");
+    let out = signet(
+        &ep,
+        &[
+            "sign",
+            "--json",
+            "-o",
+            out_path.to_str().unwrap(),
+            a.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("sending it again keyed by its content"),
+        "the identity key was refused and the content's taken: {}",
+        stderr(&out)
+    );
+    let report = json(&out.stdout);
+    assert_ne!(report["job"].as_str(), Some(taken.as_str()), "{report}");
+    let (ok, text) = verify(&w, &out_path);
+    assert!(ok, "{text}");
+    let signed = std::fs::read(&out_path).unwrap();
+    assert_eq!(&signed[0x4e..0x56], b"00000001", "a.exe's content, signed");
+}

@@ -213,7 +213,8 @@ fn received(file: &Path) -> u64 {
     };
     dir.filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().starts_with(".signet-"))
-        .filter_map(|e| std::fs::metadata(e.path().join("received")).ok())
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
         .map(|m| m.len())
         .max()
         .unwrap_or(0)

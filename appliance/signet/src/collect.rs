@@ -29,9 +29,12 @@ const MAX_PAUSE: Duration = Duration::from_secs(2);
 
 /// The key of a request: `signet1-` and the SHA-256 (hex) of what is asked — the
 /// kind of request, the profile and options as given on the command line, each file's
-/// name and the SHA-256 of what is uploaded for it. Running the same command on the
-/// same files gives the same key; the appliance scopes keys per caller and keeps one
-/// while it keeps the job's result.
+/// name and what names its content: a whole file's identity ([`file_identity`]) or,
+/// after the appliance refused that key, its SHA-256; in digest mode the SHA-256 of
+/// the data uploaded and of what that data leaves out of the file (a PE's signature
+/// and the header fields Authenticode skips; for other formats, the whole file's
+/// SHA-256). Running the same command on the same files gives the same key; the
+/// appliance scopes keys per caller and keeps one while it keeps the job's result.
 pub fn idempotency_key(kind: &str, query: &SignQuery, files: &[(String, String)]) -> String {
     let mut h = Sha256::new();
     h.update(kind.as_bytes());
@@ -44,6 +47,36 @@ pub fn idempotency_key(kind: &str, query: &SignQuery, files: &[(String, String)]
         h.update(sha.as_bytes());
     }
     format!("signet1-{}", hex(&h.finalize()))
+}
+
+/// What a whole-file request's key names of a file before anything of it is read: its
+/// identity — device, inode, size, and modification and change times in ns —
+/// `id:DEV:INO:SIZE:MTIME:CTIME`. A file written again has another change time (which
+/// no one can set back), another file another inode: the same identity is the same
+/// content, but where times are coarser than two writes of the same size (or an inode
+/// is reused within one tick). The appliance binds a key to the SHA-256 of the body it
+/// was sent with and refuses another body under it (`idempotency_key_reused`); the
+/// request is then sent once more keyed by [`file_sha256`]. None where the system
+/// tells no inode (the content's SHA-256 is the key's from the start).
+pub fn file_identity(meta: &std::fs::Metadata) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Some(format!(
+            "id:{}:{}:{}:{}:{}",
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            ns(meta.mtime(), meta.mtime_nsec()),
+            ns(meta.ctime(), meta.ctime_nsec())
+        ))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        None
+    }
 }
 
 /// The SHA-256 (hex) of a file's content.
@@ -318,5 +351,51 @@ mod tests {
             k,
             idempotency_key("sign", &q, &[("b.exe".to_owned(), "aa".to_owned())])
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_files_identity_changes_with_every_write_and_not_with_reading() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.exe");
+        std::fs::write(&path, b"MZ first").unwrap();
+        let id = |p: &std::path::Path| file_identity(&std::fs::metadata(p).unwrap()).unwrap();
+        let first = id(&path);
+        assert!(first.starts_with("id:"), "{first}");
+        let _ = std::fs::read(&path).unwrap();
+        assert_eq!(first, id(&path), "reading changes nothing");
+        // Written again, same size, its times set back: the change time still moves.
+        let times = std::fs::metadata(&path).unwrap();
+        let (atime, mtime) = (times.accessed().unwrap(), times.modified().unwrap());
+        // The file system's clock ticks coarser than a write: past its tick first.
+        use std::os::unix::fs::MetadataExt;
+        let ctime = |p: &std::path::Path| {
+            let m = std::fs::metadata(p).unwrap();
+            (m.ctime(), m.ctime_nsec())
+        };
+        let probe = dir.path().join("probe");
+        loop {
+            std::fs::write(&probe, b"").unwrap();
+            if ctime(&probe) != ctime(&path) {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all(b"MZ other").unwrap();
+        f.set_times(
+            std::fs::FileTimes::new()
+                .set_accessed(atime)
+                .set_modified(mtime),
+        )
+        .unwrap();
+        drop(f);
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+        assert_ne!(first, id(&path), "the change time is not set back");
+        // Another file of the same content and times: another inode.
+        let copy = dir.path().join("b.exe");
+        std::fs::copy(&path, &copy).unwrap();
+        assert_ne!(id(&path), id(&copy));
     }
 }

@@ -2,10 +2,11 @@
 //! data `osslsigncode extract-data` would, and attaches the returned signature as
 //! `attach-signature` would, after checking it is the file's; then the result is
 //! checked again and the signer's certificate chain verified against the CA given, or
-//! this machine's trusted roots. Blocking (file I/O in constant memory): run it on a
-//! blocking thread.
+//! this machine's trusted roots. Blocking (a small file in memory, a large one
+//! streamed in constant memory): run a file above [`INLINE`] on a blocking thread.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
+use std::io::{Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -20,13 +21,44 @@ const SYSTEM_ROOTS: [&str; 4] = [
     "/etc/ssl/cert.pem",
 ];
 
-/// Writes the PE `file`'s Authenticode data blob to `out`, made as `hash` and
-/// `page_hashes` say.
-pub fn extract(file: &Path, hash: &str, page_hashes: bool, out: &Path) -> Result<(), String> {
+/// The largest Authenticode data blob digest mode sends (and so holds in memory): a
+/// blob is a few hundred bytes, or with page hashes 36 bytes per 4 KiB page of the
+/// file (9 MiB for 1 GiB).
+pub const MAX_BLOB: usize = 32 << 20;
+/// The largest signature accepted back: the blob's content, signed, and certificates.
+pub const MAX_SIGNATURE: usize = MAX_BLOB + (1 << 20);
+/// Files up to this size are done on the caller's thread (a few ms at most): a trip to
+/// a blocking thread costs more than it saves.
+pub const INLINE: u64 = 1 << 20;
+/// Files up to this size are read once into memory, signed there and checked there;
+/// larger ones are streamed through a file next to the target, in constant memory.
+const IN_MEMORY: u64 = 8 << 20;
+
+/// The PE `file`'s Authenticode data blob, made as `hash` and `page_hashes` say, and
+/// the SHA-256 of what the blob leaves out of the file (its checksum field, the
+/// certificate table's entry and the table: an existing signature), taken in the same
+/// pass.
+pub fn extract(file: &Path, hash: &str, page_hashes: bool) -> Result<(Vec<u8>, [u8; 32]), String> {
     let hash: HashAlg = hash.parse().map_err(|e: EngineError| e.to_string())?;
-    let mut input = File::open(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    let blob = engine::extract_blob(&mut input, hash, page_hashes).map_err(|e| e.to_string())?;
-    std::fs::write(out, blob).map_err(|e| format!("cannot write {}: {e}", out.display()))
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", file.display());
+    let mut input = File::open(file).map_err(cannot)?;
+    let len = input.metadata().map_err(cannot)?.len();
+    let (blob, rest) = if len <= IN_MEMORY {
+        let mut bytes = Vec::with_capacity(len as usize);
+        input.read_to_end(&mut bytes).map_err(cannot)?;
+        engine::extract_blob_and_rest(&mut Cursor::new(bytes), hash, page_hashes)
+    } else {
+        engine::extract_blob_and_rest(&mut input, hash, page_hashes)
+    }
+    .map_err(|e| e.to_string())?;
+    if blob.len() > MAX_BLOB {
+        return Err(format!(
+            "its Authenticode data is {} MiB, more than digest mode sends ({} MiB); sign it without --digest, or with a profile without page hashes",
+            blob.len() >> 20,
+            MAX_BLOB >> 20
+        ));
+    }
+    Ok((blob, rest))
 }
 
 /// Why attaching failed.
@@ -40,20 +72,95 @@ pub enum AttachError {
     Other(String),
 }
 
-/// Attaches the signature in `signature` (DER PKCS#7) to the PE `file`, writing the
-/// signed copy to `output` (nested beside the file's signature with `nest`). Answers
-/// `Some(why)` when the result is signed and its signature matches the file, but the
-/// certificate does not chain to this machine's trusted roots (no `ca_file` given).
+/// Where a signed file goes: the target, its permissions (set before the rename).
+pub struct Destination<'a> {
+    pub target: &'a Path,
+    pub permissions: std::fs::Permissions,
+}
+
+/// Attaches `signature` (DER PKCS#7) to the PE `file` (nested beside the file's
+/// signature with `nest`) and puts the signed file in place of `dest.target`: only
+/// once it is checked — every signature in it matches it and was made by its signer's
+/// key, and the signer's chain verifies (against `ca_file`, else this machine's
+/// roots) — and written, with the target's permissions, and fsync'd. A file up to
+/// [`IN_MEMORY`] is read once and signed and checked in memory, the bytes checked being
+/// the bytes written; a larger one is written next to the target and read back from
+/// there. Answers `Some(why)` when the signature matches the file but its certificate
+/// does not chain to this machine's trusted roots (no `ca_file` given). Blocking.
 pub fn attach(
     file: &Path,
-    signature: &Path,
+    signature: &[u8],
     nest: bool,
-    output: &Path,
+    dest: Destination<'_>,
     ca_file: Option<&Path>,
 ) -> Result<Option<String>, AttachError> {
     let other = AttachError::Other;
-    let sig = std::fs::read(signature)
-        .map_err(|e| other(format!("cannot read the signature received: {e}")))?;
+    let engine_error = |e: EngineError| match e {
+        EngineError::WrongFile(_) => AttachError::Mismatch(e.to_string()),
+        e => other(e.to_string()),
+    };
+    let does_not_verify = |e: EngineError| other(format!("the signed file does not verify: {e}"));
+    let cannot_read = |e: std::io::Error| other(format!("cannot read {}: {e}", file.display()));
+    let dir = match dest.target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let cannot_write = |e: std::io::Error| {
+        other(format!(
+            "cannot write next to {}: {e}",
+            dest.target.display()
+        ))
+    };
+    let mut input = File::open(file).map_err(cannot_read)?;
+    let len = input.metadata().map_err(cannot_read)?.len();
+    let (out, untrusted) = if len <= IN_MEMORY {
+        let mut bytes = Vec::with_capacity(len as usize);
+        input.read_to_end(&mut bytes).map_err(cannot_read)?;
+        drop(input);
+        let mut signed = Cursor::new(Vec::with_capacity(bytes.len() + signature.len() + 4096));
+        engine::attach_pe(&mut Cursor::new(bytes), &mut signed, signature, nest)
+            .map_err(engine_error)?;
+        PeImage::parse(&mut signed)
+            .and_then(|image| image.check_signatures(&mut signed))
+            .map_err(does_not_verify)?;
+        let untrusted = chain(signature, ca_file)?;
+        let mut out = tempfile::Builder::new()
+            .prefix(".signet-")
+            .tempfile_in(dir)
+            .map_err(cannot_write)?;
+        out.write_all(signed.get_ref()).map_err(cannot_write)?;
+        (out, untrusted)
+    } else {
+        let mut out = tempfile::Builder::new()
+            .prefix(".signet-")
+            .tempfile_in(dir)
+            .map_err(cannot_write)?;
+        engine::attach_pe(&mut input, out.as_file_mut(), signature, nest).map_err(engine_error)?;
+        // Read back from what was written.
+        let written = out.as_file_mut();
+        PeImage::parse(written)
+            .and_then(|image| image.check_signatures(written))
+            .map_err(does_not_verify)?;
+        (out, chain(signature, ca_file)?)
+    };
+    out.as_file()
+        .set_permissions(dest.permissions)
+        .and_then(|()| out.as_file().sync_all())
+        .map_err(cannot_write)?;
+    out.persist(dest.target).map_err(|e| {
+        other(format!(
+            "cannot replace {}: {}",
+            dest.target.display(),
+            e.error
+        ))
+    })?;
+    Ok(untrusted)
+}
+
+/// Verifies the signer's chain of `signature` against `ca_file`'s CAs, else this
+/// machine's trusted roots: `Some(why)` for a chain those roots do not take.
+fn chain(signature: &[u8], ca_file: Option<&Path>) -> Result<Option<String>, AttachError> {
+    let other = AttachError::Other;
     let anchors = match ca_file {
         Some(ca) => {
             let bytes = std::fs::read(ca).map_err(|e| {
@@ -71,30 +178,7 @@ pub fn attach(
         }
         None => system_roots(),
     };
-    {
-        let mut input =
-            File::open(file).map_err(|e| other(format!("cannot read {}: {e}", file.display())))?;
-        let mut out = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(output)
-            .map_err(|e| other(format!("cannot write {}: {e}", output.display())))?;
-        engine::attach_pe(&mut input, &mut out, &sig, nest).map_err(|e| match e {
-            EngineError::WrongFile(_) => AttachError::Mismatch(e.to_string()),
-            e => other(e.to_string()),
-        })?;
-        out.sync_all()
-            .map_err(|e| other(format!("cannot write {}: {e}", output.display())))?;
-    }
-    // What was written is read back: every signature in it matches the file and was
-    // made by its signer's key.
-    let mut written =
-        File::open(output).map_err(|e| other(format!("cannot read back the result: {e}")))?;
-    PeImage::parse(&mut written)
-        .and_then(|image| image.check_signatures(&mut written))
-        .map_err(|e| other(format!("the signed file does not verify: {e}")))?;
-    match engine::verify_chain(&sig, &anchors, SystemTime::now()) {
+    match engine::verify_chain(signature, &anchors, SystemTime::now()) {
         Ok(()) => Ok(None),
         Err(EngineError::Untrusted(why)) if ca_file.is_some() => Err(AttachError::Untrusted(why)),
         Err(EngineError::Untrusted(why)) => Ok(Some(why)),

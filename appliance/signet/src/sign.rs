@@ -11,6 +11,7 @@ use http::{header, Request};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sha2::Digest;
 use signet_api::wire::{
     exit, osslsigncode, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions, ProfileQuery, SignMode,
     SignQuery, BATCH_PATH, PROFILE_HEADER, PROFILE_PATH, SIGN_PATH, STATUS_PATH,
@@ -19,7 +20,6 @@ use signet_format as format;
 use signet_protocol::batch;
 use signet_protocol::client::{self, ClientError};
 use signet_protocol::{Endpoint, IO_BLOCK};
-use tokio::io::AsyncWriteExt;
 
 use crate::cache;
 use crate::collect;
@@ -249,10 +249,8 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
             let result = loop {
                 let sent = exchange(
                     endpoint,
-                    &p.upload,
+                    &p,
                     &query(&p.file),
-                    &p.received(),
-                    &p.file,
                     o,
                     Duration::from_secs(args.reconnect_for),
                     used.as_ref().map(|u| u.sha256.as_str()),
@@ -289,6 +287,23 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
                         }
                     }
                 }
+                // Another body under the key: the file's identity named other content
+                // before. Keyed by its content now, sent once more.
+                if let Err(f) = &sent {
+                    if f.code == Some(ErrorCode::IdempotencyKeyReused) && keyed_by_identity(&p) {
+                        match content_sha256(&p.file).await {
+                            Ok(sha) => {
+                                let _ = std::io::Write::write_all(
+                                    &mut std::io::stderr().lock(),
+                                    rekeyed(&p.file).as_bytes(),
+                                );
+                                p.content = sha;
+                                continue;
+                            }
+                            Err(f) => break Err(f),
+                        }
+                    }
+                }
                 // Past intake the job was signed as the profile said there, which the
                 // precondition held to the answer the data was made with: the result is
                 // attached as that answer says (nested or not), whatever the result's
@@ -302,7 +317,7 @@ pub async fn run(endpoint: &Endpoint, args: SignArgs, cfg: &ClientConfig) -> i32
                     }
                 }
                 break match sent {
-                    Ok(()) => finish(&p, &args).await.map(|w| o.warning = w),
+                    Ok(got) => finish(&p, got, &args).await.map(|w| o.warning = w),
                     Err(f) => Err(f),
                 };
             };
@@ -369,11 +384,14 @@ impl Outcome {
 
 fn report(o: &Outcome, format: signet_api::output::OutputArgs) {
     if format.is_json() {
-        signet_api::outln!("{}", format.to_json(o));
-    } else if o.signed {
+        signet_api::output::write_stdout_bytes(format!("{}\n", format.to_json(o)).as_bytes());
+        return;
+    }
+    // Made whole first, then written at once: one write(2), not one per piece.
+    let text = if o.signed {
         let out = o.output.as_ref().filter(|p| **p != o.file);
-        eprintln!(
-            "signet: signed {}{} ({}, {:.2} s{})",
+        let mut text = format!(
+            "signet: signed {}{} ({}, {:.2} s{})\n",
             o.file.display(),
             out.map(|p| format!(" -> {}", p.display()))
                 .unwrap_or_default(),
@@ -385,15 +403,17 @@ fn report(o: &Outcome, format: signet_api::output::OutputArgs) {
                 .unwrap_or_default()
         );
         if let Some(w) = &o.warning {
-            eprintln!("signet: {}: {w}", o.file.display());
+            text.push_str(&format!("signet: {}: {w}\n", o.file.display()));
         }
+        text
     } else {
-        eprintln!(
-            "signet: {}: {}",
+        format!(
+            "signet: {}: {}\n",
             o.file.display(),
             o.message.as_deref().unwrap_or("failed")
-        );
-    }
+        )
+    };
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), text.as_bytes());
 }
 
 /// Where signing `file` in place writes: the file itself, or for a symbolic link the
@@ -451,8 +471,8 @@ fn unavailable(message: String) -> Failure {
     }
 }
 
-/// A file checked and ready to go: its work dir (next to the target, so the result
-/// is renamed into place on one filesystem) and what is uploaded for it.
+/// A file checked and ready to go, and what is uploaded for it. Results are written
+/// next to the target (so they are renamed into place on one filesystem).
 struct Prepared {
     file: PathBuf,
     target: PathBuf,
@@ -460,14 +480,56 @@ struct Prepared {
     format: format::Format,
     /// Digest mode: attach the signature beside the one the file has (`-nest`).
     nest: bool,
-    work: tempfile::TempDir,
-    /// The file itself, or its Authenticode data in digest mode.
-    upload: PathBuf,
+    /// The file itself, or its Authenticode data in digest mode (held in memory).
+    upload: Upload,
+    /// What the idempotency key names of the file's content, hex: digest mode, the
+    /// SHA-256 of the data sent and of what it leaves out of the file.
+    content: String,
+    /// Digest mode through osslsigncode (formats other than PE): its work dir.
+    work: Option<tempfile::TempDir>,
+}
+
+/// What is uploaded for a file.
+enum Upload {
+    /// The file, streamed from disk.
+    File(PathBuf),
+    /// Digest mode's data, small and bounded ([`native::MAX_BLOB`]).
+    Data(Bytes),
+}
+
+/// What came back for a file.
+enum Got {
+    /// Digest mode: the signature, in memory (at most [`native::MAX_SIGNATURE`]).
+    Signature(Vec<u8>),
+    /// A whole signed file, written (fsync'd) next to its target.
+    File(tempfile::NamedTempFile),
 }
 
 impl Prepared {
-    fn received(&self) -> PathBuf {
-        self.work.path().join("received")
+    /// The directory the result is written in: the target's.
+    fn dir(&self) -> &Path {
+        match self.target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        }
+    }
+
+    fn digest(&self) -> bool {
+        matches!(self.upload, Upload::Data(_))
+    }
+
+    /// A file next to the target a whole signed file is received into: private (0600)
+    /// until its permissions are set, removed unless it is renamed over the target.
+    fn receiver(&self) -> Result<tempfile::NamedTempFile, Failure> {
+        tempfile::Builder::new()
+            .prefix(".signet-")
+            .tempfile_in(self.dir())
+            .map_err(|e| {
+                bad_input(format!(
+                    "cannot write next to {}: {e}",
+                    self.target.display()
+                ))
+            })
     }
 }
 
@@ -559,8 +621,8 @@ fn extract_args(profile: &ProfileOptions, format: format::Format) -> Vec<&'stati
     a
 }
 
-/// Makes the work dir for a checked file and, in digest mode, extracts its data as
-/// `profile` signs.
+/// Makes a checked file ready to send: in digest mode, extracts its data as `profile`
+/// signs, in memory.
 async fn prepare(
     file: &Path,
     target: &Path,
@@ -568,160 +630,261 @@ async fn prepare(
     profile: Option<&ProfileOptions>,
     args: &SignArgs,
 ) -> Result<Prepared, Failure> {
-    let dir = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let work = tempfile::Builder::new()
-        .prefix(".signet-")
-        .tempdir_in(&dir)
-        .map_err(|e| bad_input(format!("cannot write next to {}: {e}", target.display())))?;
-    let mut nest = false;
-    let upload = match profile {
-        Some(profile) => {
-            if detected == format::Format::Cat {
-                return Err(Failure {
-                    code: None,
-                    exit_code: exit::USAGE,
-                    message: "digest mode cannot sign a security catalog: osslsigncode extracts no Authenticode data from one. Sign it without --digest (catalogs are small)".to_owned(),
-                });
-            }
-            let data = work.path().join("data.p7");
-            let extracted = if detected == format::Format::Pe {
-                // PE files: the engine, no osslsigncode.
-                let (file, out) = (file.to_owned(), data.clone());
-                let (hash, ph) = (profile.hash.as_str(), profile.page_hashes);
-                tokio::task::spawn_blocking(move || native::extract(&file, hash, ph, &out))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("the extraction stopped: {e}")))
-            } else {
-                osslsigncode(
-                    &args.osslsigncode,
-                    &extract_args(profile, detected),
-                    file,
-                    &data,
-                )
-                .await
-                .map_err(|e| e.summary)
-            };
-            extracted.map_err(|e| Failure {
-                code: None,
-                exit_code: exit::USAGE,
-                message: format!("digest mode cannot extract the file's Authenticode data: {e}"),
-            })?;
-            nest = profile.nested;
-            data
-        }
-        None => file.to_owned(),
-    };
-    Ok(Prepared {
+    let mut p = Prepared {
         file: file.to_owned(),
         target: target.to_owned(),
         meta,
         format: detected,
-        nest,
-        work,
-        upload,
-    })
+        nest: false,
+        upload: Upload::File(file.to_owned()),
+        content: String::new(),
+        work: None,
+    };
+    let Some(profile) = profile else {
+        // Whole: the key names the file's identity; nothing is read before the upload.
+        p.content = match collect::file_identity(&p.meta) {
+            Some(id) => id,
+            None => content_sha256(file).await?,
+        };
+        return Ok(p);
+    };
+    if detected == format::Format::Cat {
+        return Err(Failure {
+            code: None,
+            exit_code: exit::USAGE,
+            message: "digest mode cannot sign a security catalog: osslsigncode extracts no Authenticode data from one. Sign it without --digest (catalogs are small)".to_owned(),
+        });
+    }
+    let extracted = if detected == format::Format::Pe {
+        // PE files: the engine, no osslsigncode; a small file here, a large one in
+        // one trip to a blocking thread.
+        let (hash, ph) = (profile.hash.as_str(), profile.page_hashes);
+        if p.meta.len() <= native::INLINE {
+            native::extract(file, hash, ph)
+        } else {
+            let file = file.to_owned();
+            tokio::task::spawn_blocking(move || native::extract(&file, hash, ph))
+                .await
+                .unwrap_or_else(|e| Err(format!("the extraction stopped: {e}")))
+        }
+        .map(|(blob, rest)| (blob, signet_api::hex::lower(&rest)))
+    } else {
+        // Other formats: osslsigncode writes the data to a file of a work dir next to
+        // the target, where its attach-signature writes the signed file later; the key
+        // covers the whole file (what the data leaves out of it is not known here).
+        let work = tempfile::Builder::new()
+            .prefix(".signet-")
+            .tempdir_in(p.dir())
+            .map_err(|e| bad_input(format!("cannot write next to {}: {e}", target.display())))?;
+        let data = work.path().join("data.p7");
+        p.work = Some(work);
+        let whole = collect::file_sha256(file)
+            .await
+            .map_err(|e| bad_input(format!("cannot read it: {e}")))?;
+        match osslsigncode(
+            &args.osslsigncode,
+            &extract_args(profile, detected),
+            file,
+            &data,
+        )
+        .await
+        {
+            Ok(()) => read_capped(&data, native::MAX_BLOB)
+                .await
+                .map(|blob| (blob, whole)),
+            Err(e) => Err(e.summary),
+        }
+    };
+    let (blob, rest) = extracted.map_err(|e| Failure {
+        code: None,
+        exit_code: exit::USAGE,
+        message: format!("digest mode cannot extract the file's Authenticode data: {e}"),
+    })?;
+    p.content = format!(
+        "{}+{rest}",
+        signet_api::hex::lower(&sha2::Sha256::digest(&blob))
+    );
+    p.upload = Upload::Data(Bytes::from(blob));
+    p.nest = profile.nested;
+    Ok(p)
+}
+
+/// The SHA-256 (hex) of a file sent whole, for its key.
+async fn content_sha256(file: &Path) -> Result<String, Failure> {
+    collect::file_sha256(file)
+        .await
+        .map_err(|e| bad_input(format!("cannot read it: {e}")))
+}
+
+/// Whether `p` is keyed by its identity ([`collect::file_identity`]).
+fn keyed_by_identity(p: &Prepared) -> bool {
+    p.content.starts_with("id:")
+}
+
+/// The note for a request sent once more keyed by its content.
+fn rekeyed(file: &Path) -> String {
+    format!(
+        "signet: {}: the appliance knows this file's identity key from other content (the file was rewritten within one tick of its clock); sending it again keyed by its content\n",
+        file.display()
+    )
+}
+
+/// Reads `path`, refused beyond `cap` bytes.
+async fn read_capped(path: &Path, cap: usize) -> Result<Vec<u8>, String> {
+    let len = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .len();
+    if len > cap as u64 {
+        return Err(format!(
+            "the Authenticode data is {} MiB, more than digest mode sends ({} MiB); sign it without --digest",
+            len >> 20,
+            cap >> 20
+        ));
+    }
+    tokio::fs::read(path)
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 /// Turns what came back into the signed target: attaches the signature in digest
 /// mode, then renames the result over the target. Answers a warning for a file that is
 /// signed but could not be verified here.
-async fn finish(p: &Prepared, args: &SignArgs) -> Result<Option<String>, Failure> {
-    let mut warning = None;
-    let signed = if args.digest && p.format == format::Format::Pe {
-        let signed = p.work.path().join("signed");
-        let (file, received, out) = (p.file.clone(), p.received(), signed.clone());
-        let (nest, ca_file) = (p.nest, args.ca_file.clone());
-        let attached = tokio::task::spawn_blocking(move || {
-            native::attach(&file, &received, nest, &out, ca_file.as_deref())
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(native::AttachError::Other(format!(
-                "attaching stopped: {e}"
-            )))
-        });
-        let (verdict, detail) = match attached {
-            Ok(untrusted) => {
-                warning = untrusted.map(|why| untrusted_warning(&why));
-                (None, String::new())
-            }
-            Err(native::AttachError::Mismatch(e)) => (Some(AttachVerdict::Mismatch), e),
-            Err(native::AttachError::Untrusted(why)) => {
-                (Some(AttachVerdict::Untrusted(why)), String::new())
-            }
-            Err(native::AttachError::Other(e)) => (Some(AttachVerdict::Other), e),
-        };
-        if let Some(verdict) = verdict {
-            return Err(Failure {
-                code: Some(ErrorCode::SigningFailed),
-                exit_code: exit::SIGNING_FAILED,
-                message: attach_failure(&verdict, args.ca_file.as_deref(), &detail),
-            });
+async fn finish(p: &Prepared, got: Got, args: &SignArgs) -> Result<Option<String>, Failure> {
+    let signature = match got {
+        Got::File(signed) => {
+            // A whole signed file, received and fsync'd: it takes the target's place
+            // with the target's permissions.
+            let perms = std::fs::metadata(&p.target)
+                .map(|m| m.permissions())
+                .unwrap_or(p.meta.permissions());
+            let _ = signed.as_file().set_permissions(perms);
+            signed.persist(&p.target).map_err(|e| {
+                bad_input(format!(
+                    "cannot replace {}: {}",
+                    p.target.display(),
+                    e.error
+                ))
+            })?;
+            return Ok(None);
         }
-        signed
-    } else if args.digest {
-        // Named as the file is: osslsigncode knows a script's kind by its extension.
-        let signed = p
-            .work
-            .path()
-            .join(p.file.file_name().unwrap_or("signed".as_ref()));
-        let received = p.received();
-        let attach = |nest: bool| {
-            let mut a: Vec<&std::ffi::OsStr> = vec!["attach-signature".as_ref()];
-            a.push("-sigin".as_ref());
-            a.push(received.as_os_str());
-            if let Some(ca) = &args.ca_file {
-                a.push("-CAfile".as_ref());
-                a.push(ca.as_os_str());
-            }
-            if nest {
-                a.push("-nest".as_ref());
-            }
-            a.push("-in".as_ref());
-            a
-        };
-        let mut run = osslsigncode(&args.osslsigncode, &attach(p.nest), &p.file, &signed).await;
-        if p.nest
-            && run
-                .as_ref()
-                .is_err_and(|e| e.output.contains("Unable to extract existing signature"))
-        {
-            // A file without a signature is signed plainly, as the agent does.
-            let _ = tokio::fs::remove_file(&signed).await;
-            run = osslsigncode(&args.osslsigncode, &attach(false), &p.file, &signed).await;
-        }
-        if let Err(e) = run {
-            match attach_verdict(&e.output) {
-                AttachVerdict::Untrusted(why)
-                    if args.ca_file.is_none() && tokio::fs::metadata(&signed).await.is_ok() =>
-                {
-                    warning = Some(untrusted_warning(&why));
-                }
-                verdict => {
-                    return Err(Failure {
-                        code: Some(ErrorCode::SigningFailed),
-                        exit_code: exit::SIGNING_FAILED,
-                        message: attach_failure(
-                            &verdict,
-                            args.ca_file.as_deref(),
-                            &format!("osslsigncode: {}", e.summary),
-                        ),
-                    })
-                }
-            }
-        }
-        signed
-    } else {
-        p.received()
+        Got::Signature(s) => s,
     };
+    if p.format == format::Format::Pe {
+        let (file, target, nest, ca_file) = (
+            p.file.clone(),
+            p.target.clone(),
+            p.nest,
+            args.ca_file.clone(),
+        );
+        let fallback = p.meta.permissions();
+        // Attached, checked, written and renamed: a small file here, a large one in one
+        // trip to a blocking thread.
+        let attach = move || {
+            let permissions = std::fs::metadata(&target)
+                .map(|m| m.permissions())
+                .unwrap_or(fallback);
+            native::attach(
+                &file,
+                &signature,
+                nest,
+                native::Destination {
+                    target: &target,
+                    permissions,
+                },
+                ca_file.as_deref(),
+            )
+        };
+        let attached = if p.meta.len() <= native::INLINE {
+            attach()
+        } else {
+            tokio::task::spawn_blocking(attach)
+                .await
+                .unwrap_or_else(|e| {
+                    Err(native::AttachError::Other(format!(
+                        "attaching stopped: {e}"
+                    )))
+                })
+        };
+        let (verdict, detail) = match attached {
+            Ok(untrusted) => return Ok(untrusted.map(|why| untrusted_warning(&why))),
+            Err(native::AttachError::Mismatch(e)) => (AttachVerdict::Mismatch, e),
+            Err(native::AttachError::Untrusted(why)) => {
+                (AttachVerdict::Untrusted(why), String::new())
+            }
+            Err(native::AttachError::Other(e)) => (AttachVerdict::Other, e),
+        };
+        return Err(Failure {
+            code: Some(ErrorCode::SigningFailed),
+            exit_code: exit::SIGNING_FAILED,
+            message: attach_failure(&verdict, args.ca_file.as_deref(), &detail),
+        });
+    }
+    // Other formats through osslsigncode, in the work dir the data was extracted in.
+    let Some(work) = &p.work else {
+        return Err(bad_input("digest mode lost its work dir".to_owned()));
+    };
+    let mut warning = None;
+    let received = work.path().join("received");
+    tokio::fs::write(&received, &signature)
+        .await
+        .map_err(|e| bad_input(format!("cannot write the signature received: {e}")))?;
+    // Named as the file is: osslsigncode knows a script's kind by its extension.
+    let signed = work
+        .path()
+        .join(p.file.file_name().unwrap_or("signed".as_ref()));
+    let attach = |nest: bool| {
+        let mut a: Vec<&std::ffi::OsStr> = vec!["attach-signature".as_ref()];
+        a.push("-sigin".as_ref());
+        a.push(received.as_os_str());
+        if let Some(ca) = &args.ca_file {
+            a.push("-CAfile".as_ref());
+            a.push(ca.as_os_str());
+        }
+        if nest {
+            a.push("-nest".as_ref());
+        }
+        a.push("-in".as_ref());
+        a
+    };
+    let mut run = osslsigncode(&args.osslsigncode, &attach(p.nest), &p.file, &signed).await;
+    if p.nest
+        && run
+            .as_ref()
+            .is_err_and(|e| e.output.contains("Unable to extract existing signature"))
+    {
+        // A file without a signature is signed plainly, as the agent does.
+        let _ = tokio::fs::remove_file(&signed).await;
+        run = osslsigncode(&args.osslsigncode, &attach(false), &p.file, &signed).await;
+    }
+    if let Err(e) = run {
+        match attach_verdict(&e.output) {
+            AttachVerdict::Untrusted(why)
+                if args.ca_file.is_none() && tokio::fs::metadata(&signed).await.is_ok() =>
+            {
+                warning = Some(untrusted_warning(&why));
+            }
+            verdict => {
+                return Err(Failure {
+                    code: Some(ErrorCode::SigningFailed),
+                    exit_code: exit::SIGNING_FAILED,
+                    message: attach_failure(
+                        &verdict,
+                        args.ca_file.as_deref(),
+                        &format!("osslsigncode: {}", e.summary),
+                    ),
+                })
+            }
+        }
+    }
     let perms = tokio::fs::metadata(&p.target)
         .await
         .map(|m| m.permissions())
         .unwrap_or(p.meta.permissions());
-    let _ = tokio::fs::set_permissions(&signed, perms).await;
+    let cannot = |e: std::io::Error| bad_input(format!("cannot write the signed file: {e}"));
+    let out = tokio::fs::File::open(&signed).await.map_err(cannot)?;
+    out.set_permissions(perms).await.map_err(cannot)?;
+    out.sync_all().await.map_err(cannot)?;
     tokio::fs::rename(&signed, &p.target)
         .await
         .map_err(|e| bad_input(format!("cannot replace {}: {e}", p.target.display())))?;
@@ -815,10 +978,16 @@ async fn batch(
     let mut total = 0;
     let mut parts = Vec::new();
     for (i, p) in ready {
-        let size = tokio::fs::metadata(&p.upload)
-            .await
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let (size, body) = match &p.upload {
+            Upload::File(path) => (
+                tokio::fs::metadata(path)
+                    .await
+                    .map(|m| m.len())
+                    .unwrap_or(0),
+                batch::PartBody::File(path.clone()),
+            ),
+            Upload::Data(data) => (data.len() as u64, batch::PartBody::Bytes(data.clone())),
+        };
         outcomes[*i].bytes_sent = size;
         total += size;
         parts.push(batch::Part {
@@ -829,7 +998,7 @@ async fn batch(
                 .unwrap_or_default(),
             headers: Vec::new(),
             content_type: "application/octet-stream",
-            body: batch::PartBody::File(p.upload.clone()),
+            body,
         });
     }
     let qs = match serde_urlencoded::to_string(&query) {
@@ -841,55 +1010,78 @@ async fn batch(
             )
         }
     };
-    let mut hashed = Vec::new();
-    for (_, p) in ready {
-        let name = p
-            .file
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        match collect::file_sha256(&p.upload).await {
-            Ok(sha) => hashed.push((name, sha)),
-            Err(e) => {
-                return fail_all(outcomes, &bad_input(format!("cannot read it: {e}")));
-            }
-        }
-    }
-    let key = collect::idempotency_key("batch", &query, &hashed);
-    // The body is the same bytes each time it is sent: the appliance binds the key
-    // to the body's SHA-256.
-    let boundary = format!("signet-{}", &key[key.len() - 32..]);
+    let names: Vec<String> = ready
+        .iter()
+        .map(|(_, p)| {
+            p.file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
+    let mut contents: Vec<String> = ready.iter().map(|(_, p)| p.content.clone()).collect();
     let label = format!("{} files", ready.len());
-    let mut progress = Progress::start(Path::new(&label), total);
-    progress.watch_waiting(endpoint);
-    let counter = progress.bar.clone();
-    let uri = format!("{BATCH_PATH}?{qs}");
-    let make = move || {
-        counter.set_position(0);
-        let counter = counter.clone();
-        let body = StreamBody::new(batch::body(boundary.clone(), parts.clone()).map_ok(
-            move |chunk: Bytes| {
-                counter.inc(chunk.len() as u64);
-                Frame::data(chunk)
-            },
-        ));
-        let mut req = Request::new(body);
-        *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = uri.parse().unwrap_or_default();
-        if let Ok(v) = header::HeaderValue::from_str(&batch::content_type(&boundary)) {
-            req.headers_mut().insert(header::CONTENT_TYPE, v);
+    let (answer, job, progress) = loop {
+        let hashed: Vec<(String, String)> = names
+            .iter()
+            .cloned()
+            .zip(contents.iter().cloned())
+            .collect();
+        let key = collect::idempotency_key("batch", &query, &hashed);
+        // The body is the same bytes each time it is sent: the appliance binds the key
+        // to the body's SHA-256.
+        let boundary = format!("signet-{}", &key[key.len() - 32..]);
+        let mut progress = Progress::start(Path::new(&label), total);
+        progress.watch_waiting(endpoint);
+        let counter = progress.bar.clone();
+        let uri = format!("{BATCH_PATH}?{qs}");
+        let parts = parts.clone();
+        let make = move || {
+            counter.set_position(0);
+            let counter = counter.clone();
+            let body = StreamBody::new(batch::body(boundary.clone(), parts.clone()).map_ok(
+                move |chunk: Bytes| {
+                    counter.inc(chunk.len() as u64);
+                    Frame::data(chunk)
+                },
+            ));
+            let mut req = Request::new(body);
+            *req.method_mut() = http::Method::POST;
+            *req.uri_mut() = uri.parse().unwrap_or_default();
+            if let Ok(v) = header::HeaderValue::from_str(&batch::content_type(&boundary)) {
+                req.headers_mut().insert(header::CONTENT_TYPE, v);
+            }
+            req
+        };
+        let mut collector = collect::Collector::new(
+            endpoint,
+            key,
+            label.clone(),
+            progress.bar.clone(),
+            Duration::from_secs(args.reconnect_for),
+        );
+        let answer = collector.run(make).await;
+        // Another body under the key: a file's identity named other content before.
+        // Keyed by the files' contents now, sent once more.
+        let reused = matches!(&answer, Ok(collect::Answer::Error(e)) if e.code == ErrorCode::IdempotencyKeyReused);
+        if reused && contents.iter().any(|c| c.starts_with("id:")) {
+            progress.finish();
+            for ((_, p), content) in ready.iter().zip(contents.iter_mut()) {
+                if content.starts_with("id:") {
+                    match content_sha256(&p.file).await {
+                        Ok(sha) => *content = sha,
+                        Err(f) => return fail_all(outcomes, &f),
+                    }
+                }
+            }
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr().lock(),
+                rekeyed(Path::new(&label)).as_bytes(),
+            );
+            continue;
         }
-        req
+        break (answer, collector.job.clone(), progress);
     };
-    let mut collector = collect::Collector::new(
-        endpoint,
-        key,
-        label,
-        progress.bar.clone(),
-        Duration::from_secs(args.reconnect_for),
-    );
-    let answer = collector.run(make).await;
-    let job = collector.job.clone();
     let resp = match answer {
         Ok(collect::Answer::Result(r)) => r,
         Ok(collect::Answer::Error(e)) => {
@@ -923,7 +1115,7 @@ async fn batch(
         o.job = job.clone();
         let result = receive_part(&mut answer, p, o, endpoint).await;
         let result = match result {
-            Ok(()) => finish(p, args).await.map(|w| o.warning = w),
+            Ok(got) => finish(p, got, args).await.map(|w| o.warning = w),
             Err(f) => Err(f),
         };
         o.seconds = started.elapsed().as_secs_f64();
@@ -942,13 +1134,13 @@ async fn batch(
     progress.finish();
 }
 
-/// Reads the next answer part into `p`'s work dir, or its error.
+/// Receives the next answer part for `p` ([`receive`]), or its error.
 async fn receive_part(
     answer: &mut multer::Multipart<'static>,
     p: &Prepared,
     o: &mut Outcome,
     endpoint: &Endpoint,
-) -> Result<(), Failure> {
+) -> Result<Got, Failure> {
     let broke = |e: multer::Error| {
         unavailable(format!(
             "the connection to {endpoint} broke while receiving the signed files: {e}"
@@ -973,25 +1165,12 @@ async fn receive_part(
         });
         return Err(e.into());
     }
-    let mut out = tokio::io::BufWriter::with_capacity(
-        IO_BLOCK,
-        tokio::fs::File::create(p.received())
-            .await
-            .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?,
-    );
+    let mut sink = Sink::new(p)?;
     while let Some(chunk) = field.chunk().await.map_err(broke)? {
         o.bytes_received += chunk.len() as u64;
-        out.write_all(&chunk)
-            .await
-            .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
+        sink.write(&chunk)?;
     }
-    out.flush()
-        .await
-        .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))?;
-    out.get_ref()
-        .sync_all()
-        .await
-        .map_err(|e| bad_input(format!("cannot write the signed file: {e}")))
+    sink.finish()
 }
 
 /// Checks that `file` is a regular file in a format Signet signs. The appliance
@@ -1010,60 +1189,92 @@ async fn check_input(file: &Path) -> Result<(std::fs::Metadata, format::Format),
     Ok((meta, detected.format))
 }
 
-/// Uploads `upload` and writes the answer's body to `received` (fsync'd). The job
-/// goes through a [`collect::Collector`]: when the appliance restarts on the way, the
-/// job is collected (or sent again with the same key) once it is back.
-#[allow(clippy::too_many_arguments)]
+/// Uploads what `p` sends and receives the answer: a whole signed file next to the
+/// target (fsync'd), or digest mode's signature in memory. The job goes through a
+/// [`collect::Collector`]: when the appliance restarts on the way, the job is collected
+/// (or sent again with the same key) once it is back.
 async fn exchange(
     endpoint: &Endpoint,
-    upload: &Path,
+    p: &Prepared,
     query: &SignQuery,
-    received: &Path,
-    shown_as: &Path,
     outcome: &mut Outcome,
     reconnect_for: Duration,
     if_profile: Option<&str>,
-) -> Result<(), Failure> {
-    let size = tokio::fs::metadata(upload)
-        .await
-        .map_err(|e| bad_input(format!("cannot read it: {e}")))?
-        .len();
-    // A whole signed file becomes the target as it is received; a signature is
-    // attached into a file that is made durable itself.
-    let durable = !matches!(query.mode, SignMode::Digest);
-    let sha = collect::file_sha256(upload)
-        .await
-        .map_err(|e| bad_input(format!("cannot read it: {e}")))?;
+) -> Result<Got, Failure> {
+    let size = match &p.upload {
+        Upload::File(path) => std::fs::metadata(path)
+            .map_err(|e| bad_input(format!("cannot read it: {e}")))?
+            .len(),
+        Upload::Data(data) => data.len() as u64,
+    };
     let name = query.filename.clone().unwrap_or_default();
-    let key = collect::idempotency_key("sign", query, &[(name, sha)]);
+    let key = collect::idempotency_key("sign", query, &[(name, p.content.clone())]);
     let qs = serde_urlencoded::to_string(query)
         .map_err(|e| unavailable(format!("cannot encode the request: {e}")))?;
 
+    let shown_as = &p.file;
     let mut progress = Progress::start(shown_as, size);
     progress.watch_waiting(endpoint);
     let counter = progress.bar.clone();
     let uri = format!("{SIGN_PATH}?{qs}");
-    let path = upload.to_owned();
+    let upload = match &p.upload {
+        Upload::File(path) => Upload::File(path.clone()),
+        Upload::Data(data) => Upload::Data(data.clone()),
+    };
     let if_profile = if_profile.and_then(|h| header::HeaderValue::from_str(h).ok());
     let make = move || {
         counter.set_position(0);
         let counter = counter.clone();
-        let body = match std::fs::File::open(&path) {
-            Ok(f) => StreamBody::new(
-                tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(f), IO_BLOCK)
-                    .map_ok(move |chunk: Bytes| {
-                        counter.inc(chunk.len() as u64);
-                        if counter.position() >= counter.length().unwrap_or(u64::MAX) {
-                            counter.set_message("signing on the token");
-                        }
-                        Frame::data(chunk)
-                    }),
-            )
-            .boxed(),
-            Err(e) => StreamBody::new(futures_util::stream::once(async move {
+        let count = move |chunk: Bytes| {
+            counter.inc(chunk.len() as u64);
+            if counter.position() >= counter.length().unwrap_or(u64::MAX) {
+                counter.set_message("signing on the token");
+            }
+            Frame::data(chunk)
+        };
+        // A small file is read here at once (one read, no trip to the blocking pool);
+        // a larger one streams from disk.
+        let small = match &upload {
+            Upload::File(path) if size <= native::INLINE => Some(std::fs::read(path)),
+            _ => None,
+        };
+        let body = match (&upload, small) {
+            (_, Some(Ok(bytes))) => {
+                StreamBody::new(futures_util::stream::once(std::future::ready(Ok::<
+                    _,
+                    std::io::Error,
+                >(
+                    count(Bytes::from(bytes)),
+                ))))
+                .boxed()
+            }
+            (_, Some(Err(e))) => StreamBody::new(futures_util::stream::once(async move {
                 Err::<Frame<Bytes>, _>(e)
             }))
             .boxed(),
+            (Upload::Data(data), None) => {
+                StreamBody::new(futures_util::stream::once(std::future::ready(Ok::<
+                    _,
+                    std::io::Error,
+                >(
+                    count(data.clone()),
+                ))))
+                .boxed()
+            }
+            (Upload::File(path), None) => match std::fs::File::open(path) {
+                Ok(f) => StreamBody::new(
+                    tokio_util::io::ReaderStream::with_capacity(
+                        tokio::fs::File::from_std(f),
+                        IO_BLOCK,
+                    )
+                    .map_ok(count),
+                )
+                .boxed(),
+                Err(e) => StreamBody::new(futures_util::stream::once(async move {
+                    Err::<Frame<Bytes>, _>(e)
+                }))
+                .boxed(),
+            },
         };
         let mut req = Request::new(body);
         *req.method_mut() = http::Method::POST;
@@ -1106,8 +1317,11 @@ async fn exchange(
             }
         };
         outcome.bytes_received = 0;
-        match receive(resp, received, durable, outcome).await {
-            Ok(()) => break,
+        match receive(resp, p, outcome).await {
+            Ok(got) => {
+                progress.finish();
+                return Ok(got);
+            }
             Err(Received::Local(f)) => {
                 progress.finish();
                 return Err(f);
@@ -1130,8 +1344,6 @@ async fn exchange(
             }
         }
     }
-    progress.finish();
-    Ok(())
 }
 
 /// Why a result was not received.
@@ -1142,40 +1354,83 @@ enum Received {
     Local(Failure),
 }
 
-/// Writes a result's body to `received` (fsync'd when `durable`: a signed file that is
-/// renamed over the target as it is; a signature to attach is only read here).
+/// Receives a result's body: digest mode's signature in memory (refused beyond
+/// [`native::MAX_SIGNATURE`]), a whole signed file into a file next to the target,
+/// fsync'd (it is renamed over the target as it is).
 async fn receive(
     resp: http::Response<hyper::body::Incoming>,
-    received: &Path,
-    durable: bool,
+    p: &Prepared,
     outcome: &mut Outcome,
-) -> Result<(), Received> {
-    let local = |e: std::io::Error| {
-        Received::Local(bad_input(format!("cannot write the signed file: {e}")))
-    };
-    // tokio's file writes each cost a trip to the blocking pool: write big blocks.
-    let mut out = tokio::io::BufWriter::with_capacity(
-        IO_BLOCK,
-        tokio::fs::File::create(received).await.map_err(local)?,
-    );
+) -> Result<Got, Received> {
     outcome.profile_sha256 = resp
         .headers()
         .get(PROFILE_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let mut sink = Sink::new(p).map_err(Received::Local)?;
     let mut body = resp.into_body();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Received::Broke(e.to_string()))?;
         if let Ok(data) = frame.into_data() {
             outcome.bytes_received += data.len() as u64;
-            out.write_all(&data).await.map_err(local)?;
+            sink.write(&data).map_err(Received::Local)?;
         }
     }
-    out.flush().await.map_err(local)?;
-    if durable {
-        out.get_ref().sync_all().await.map_err(local)?;
+    sink.finish().map_err(Received::Local)
+}
+
+/// Where a result's body goes as it is received.
+enum Sink {
+    Memory(Vec<u8>),
+    /// Written here, on the runtime's own thread: a block written to the page cache
+    /// costs less than a trip to the blocking pool, and nothing else waits meanwhile.
+    File(std::io::BufWriter<tempfile::NamedTempFile>),
+}
+
+impl Sink {
+    fn new(p: &Prepared) -> Result<Sink, Failure> {
+        if p.digest() {
+            return Ok(Sink::Memory(Vec::new()));
+        }
+        Ok(Sink::File(std::io::BufWriter::with_capacity(
+            IO_BLOCK,
+            p.receiver()?,
+        )))
     }
-    Ok(())
+
+    fn write(&mut self, data: &[u8]) -> Result<(), Failure> {
+        match self {
+            Sink::Memory(v) => {
+                if v.len() + data.len() > native::MAX_SIGNATURE {
+                    return Err(Failure {
+                        code: None,
+                        exit_code: exit::SIGNING_FAILED,
+                        message: format!(
+                            "the appliance sent a signature longer than {} MiB; digest mode takes no more",
+                            native::MAX_SIGNATURE >> 20
+                        ),
+                    });
+                }
+                v.extend_from_slice(data);
+                Ok(())
+            }
+            Sink::File(out) => std::io::Write::write_all(out, data)
+                .map_err(|e| bad_input(format!("cannot write the signed file: {e}"))),
+        }
+    }
+
+    fn finish(self) -> Result<Got, Failure> {
+        match self {
+            Sink::Memory(v) => Ok(Got::Signature(v)),
+            Sink::File(out) => {
+                let local =
+                    |e: std::io::Error| bad_input(format!("cannot write the signed file: {e}"));
+                let file = out.into_inner().map_err(|e| local(e.into_error()))?;
+                file.as_file().sync_all().map_err(local)?;
+                Ok(Got::File(file))
+            }
+        }
+    }
 }
 
 /// How an osslsigncode run failed: its error lines, and all it printed.
@@ -1390,6 +1645,33 @@ mod tests {
                 && msg.contains("--endpoint")
                 && !msg.contains("vhost-vsock-pci"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_signature_longer_than_digest_mode_takes_is_refused_with_its_limit() {
+        let mut sink = Sink::Memory(Vec::new());
+        let block = vec![0u8; 1 << 20];
+        for _ in 0..(native::MAX_SIGNATURE >> 20) {
+            assert!(sink.write(&block).is_ok());
+        }
+        let Err(f) = sink.write(&[0u8]) else {
+            panic!("one byte past the limit is taken");
+        };
+        assert_eq!(f.exit_code, exit::SIGNING_FAILED);
+        assert!(
+            f.message.contains("longer than 33 MiB")
+                && f.message.contains("digest mode takes no more"),
+            "{}",
+            f.message
+        );
+        let Sink::Memory(held) = sink else {
+            panic!("not in memory");
+        };
+        assert_eq!(
+            held.len(),
+            native::MAX_SIGNATURE,
+            "nothing past the limit is held"
         );
     }
 
