@@ -26,7 +26,7 @@ pub struct WriteBehind<W> {
     kicked: u64,
 }
 
-impl<W: Write + AsFile> WriteBehind<W> {
+impl<W: Write + OnDisk> WriteBehind<W> {
     /// Writes to `inner`, which is at offset 0 of its file.
     pub fn new(inner: W) -> Self {
         WriteBehind {
@@ -53,17 +53,14 @@ impl<W: Write + AsFile> WriteBehind<W> {
 
     fn kick(&mut self) {
         if self.written - self.kicked >= KICK {
-            start_writeback(
-                self.inner.as_file(),
-                self.kicked,
-                self.written - self.kicked,
-            );
+            self.inner
+                .start_writeback(self.kicked, self.written - self.kicked);
             self.kicked = self.written;
         }
     }
 }
 
-impl<W: Write + AsFile> Write for WriteBehind<W> {
+impl<W: Write + OnDisk> Write for WriteBehind<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.written += n as u64;
@@ -76,45 +73,41 @@ impl<W: Write + AsFile> Write for WriteBehind<W> {
     }
 }
 
-/// Something that writes to one file, which it can name.
-pub trait AsFile {
-    /// The file written to.
-    fn as_file(&self) -> &std::fs::File;
+/// A file whose write-out can be started: any open file on Linux; elsewhere the
+/// closing `fsync` writes the whole file.
+pub trait OnDisk {
+    /// Asks the kernel to start writing `len` bytes from `offset` to the disk, without
+    /// waiting for them. Errors are ignored: it is a hint, the `fsync` that follows is
+    /// what counts.
+    fn start_writeback(&self, offset: u64, len: u64);
 }
 
-impl AsFile for std::fs::File {
-    fn as_file(&self) -> &std::fs::File {
-        self
-    }
-}
-
-impl AsFile for &std::fs::File {
-    fn as_file(&self) -> &std::fs::File {
-        self
-    }
-}
-
-/// Asks the kernel to start writing `len` bytes of `file` from `offset` to the disk,
-/// without waiting for them. Errors are ignored: it is a hint, the `fsync` that follows
-/// is what counts.
 #[cfg(target_os = "linux")]
-pub fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-        return;
-    };
-    // Neither nix nor rustix wraps sync_file_range(2).
-    // SAFETY: the call reads and writes no memory of this process; the descriptor is
-    // borrowed from `file`, open for the whole call.
-    #[allow(unsafe_code)]
-    let _ = unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
-    };
+impl<T: std::os::fd::AsFd> OnDisk for T {
+    fn start_writeback(&self, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // Neither nix nor rustix wraps sync_file_range(2).
+        // SAFETY: the call reads and writes no memory of this process; the descriptor
+        // is borrowed from `self`, open for the whole call.
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            libc::sync_file_range(
+                self.as_fd().as_raw_fd(),
+                offset,
+                len,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+    }
 }
 
-/// Elsewhere the closing `fsync` writes the whole file.
 #[cfg(not(target_os = "linux"))]
-pub fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
+impl<T> OnDisk for T {
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
+}
 
 #[cfg(test)]
 mod tests {

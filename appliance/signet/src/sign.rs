@@ -1,6 +1,7 @@
 //! `signet sign`: one file per request, or many in one batch request; streamed both
 //! ways, results written next to their targets and renamed into place.
 
+use signet_protocol::writeback::WriteBehind;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -1384,7 +1385,8 @@ enum Sink {
     Memory(Vec<u8>),
     /// Written here, on the runtime's own thread: a block written to the page cache
     /// costs less than a trip to the blocking pool, and nothing else waits meanwhile.
-    File(std::io::BufWriter<tempfile::NamedTempFile>),
+    /// Sent to the disk as it is written: the fsync at its end waits for the tail only.
+    File(std::io::BufWriter<WriteBehind<tempfile::NamedTempFile>>),
 }
 
 impl Sink {
@@ -1394,7 +1396,7 @@ impl Sink {
         }
         Ok(Sink::File(std::io::BufWriter::with_capacity(
             IO_BLOCK,
-            p.receiver()?,
+            WriteBehind::new(p.receiver()?),
         )))
     }
 
@@ -1425,7 +1427,10 @@ impl Sink {
             Sink::File(out) => {
                 let local =
                     |e: std::io::Error| bad_input(format!("cannot write the signed file: {e}"));
-                let file = out.into_inner().map_err(|e| local(e.into_error()))?;
+                let file = out
+                    .into_inner()
+                    .map_err(|e| local(e.into_error()))?
+                    .into_inner();
                 file.as_file().sync_all().map_err(local)?;
                 Ok(Got::File(file))
             }
