@@ -40,6 +40,10 @@ pub const JOB_RESULT_PATH: &str = "/v1/jobs/{id}/result";
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 /// Response header: the job's id.
 pub const JOB_HEADER: &str = "x-signet-job";
+/// Daemon → agent request header of a signing request: the SHA-256 (hex) of the input
+/// as the daemon spooled it, beside [`JOB_HEADER`]. The agent keys its kept results on
+/// it instead of hashing the input a second time; without it the agent hashes the input.
+pub const INPUT_SHA256_HEADER: &str = "x-signet-input-sha256";
 /// Response header of `GET /v1/profile` and of a job's result: the SHA-256 (hex) of the
 /// profile's `GET /v1/profile` answer body as it is now. Also a request header of a
 /// signing request, a precondition as HTTP's `If-Match` is one: the SHA-256 of the

@@ -270,6 +270,9 @@ pub struct Agent {
     stopping: tokio::sync::watch::Sender<bool>,
     /// Results kept for a host that asks for the same job again.
     kept: Mutex<Kept<Arc<Spool>>>,
+    /// When a job last found the token's session ready (its own check, in
+    /// `ensure_ready`): the watcher leaves the token to the jobs meanwhile.
+    job_checked: Mutex<Option<std::time::Instant>>,
 }
 
 impl Agent {
@@ -336,6 +339,7 @@ impl Agent {
             wake: tokio::sync::Notify::new(),
             stopping: tokio::sync::watch::channel(false).0,
             kept: Mutex::new(Kept::default()),
+            job_checked: Mutex::new(None),
         })
     }
 
@@ -400,9 +404,20 @@ impl Agent {
                     CHECK_INTERVAL
                 }
             };
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.wake.notified() => backoff.reset(),
+            let woken = tokio::select! {
+                _ = tokio::time::sleep(delay) => false,
+                _ = self.wake.notified() => {
+                    backoff.reset();
+                    true
+                }
+            };
+            let checked_ago = self
+                .job_checked
+                .lock()
+                .ok()
+                .and_then(|t| t.map(|t| t.elapsed()));
+            if !watcher_checks(plan, woken, checked_ago) {
+                continue;
             }
             let _job = self.jobs.lock().await;
             // A job may have changed the state while the watcher waited.
@@ -726,10 +741,11 @@ impl Agent {
         query: &AgentSignQuery,
     ) -> Result<Option<bytes::Bytes>, ErrorBody> {
         let input = &checked.input;
-        let (key, pin) = self
-            .with_token(|t| t.ensure_ready())
-            .await
-            .map_err(token_error)?;
+        let ready = self.with_token(|t| t.ensure_ready()).await;
+        if let Ok(mut at) = self.job_checked.lock() {
+            *at = ready.is_ok().then(std::time::Instant::now);
+        }
+        let (key, pin) = ready.map_err(token_error)?;
         if self.signer.certificate_file().is_none() && !key.cert_on_token {
             return Err(ErrorBody::new(
                 ErrorCode::SigningFailed,
@@ -946,6 +962,16 @@ impl Agent {
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
+}
+
+/// Whether the watcher checks the token this round (taking the job lock, between two
+/// jobs). Not while jobs come one after another: each job checks the session itself
+/// (`ensure_ready`) before it signs, and the signer's run is watched
+/// ([`RUN_CHECK_INTERVAL`]), so a check between them would only make the next job wait
+/// for it. Always when it was woken (a job saw the token go), when the token is to be
+/// re-opened, and once no job has checked within [`CHECK_INTERVAL`].
+fn watcher_checks(plan: Watch, woken: bool, job_checked_ago: Option<Duration>) -> bool {
+    woken || plan != Watch::Check || job_checked_ago.is_none_or(|ago| ago >= CHECK_INTERVAL)
 }
 
 /// Detects the spooled input's format from its content (and, for text, its name).
@@ -1482,6 +1508,21 @@ mod tests {
         assert_eq!(h.state, AgentState::TokenLost);
         assert!(h.detail.contains("no slot holds"), "{}", h.detail);
         assert_eq!(agent.watch_plan().await, Watch::Reopen);
+    }
+
+    #[test]
+    fn the_watcher_leaves_the_token_to_jobs_that_check_it_themselves() {
+        let just = Some(Duration::from_millis(200));
+        // Jobs one after another, each checking the session: no check between them.
+        assert!(!watcher_checks(Watch::Check, false, just));
+        // No job lately (or none ever, or the last one's check failed): checked.
+        assert!(watcher_checks(Watch::Check, false, Some(CHECK_INTERVAL)));
+        assert!(watcher_checks(Watch::Check, false, None));
+        // A job saw the token go (it woke the watcher), or the token is to be re-opened
+        // or waited for: at once, whatever the jobs did.
+        assert!(watcher_checks(Watch::Check, true, just));
+        assert!(watcher_checks(Watch::Reopen, false, just));
+        assert!(watcher_checks(Watch::Wait, false, just));
     }
 
     fn key(job: &str, query: &str, byte: u8) -> JobKey {

@@ -208,8 +208,12 @@ impl Native {
             Some(Format::Pe) => {
                 // The spooled input is signed where it lies, not copied: its digest
                 // and checksum made as it was spooled (else read once), written to
-                // only once the signature is made, cut at the table's end, flushed,
-                // and then it is the signed file.
+                // only once the signature is made, cut at the table's end, and then
+                // it is the signed file. Not flushed to the disk: the spool is the
+                // agent's scratch (removed at start, kept results live in memory),
+                // the answer is read from the page cache, and signetd makes the
+                // signed file durable on its side before it commits `signed`; an
+                // agent that dies before answering has the job sent again.
                 let (input, output) = (spec.input.to_owned(), signed.clone());
                 let digested = spec.digested.cloned();
                 let nested = blocking(move || {
@@ -224,7 +228,6 @@ impl Native {
                         digested.as_ref(),
                     )?;
                     f.set_len(u64::from(done.table_offset) + u64::from(done.table_size))?;
-                    f.sync_all()?;
                     std::fs::rename(&input, &output)?;
                     Ok(done.nested)
                 })

@@ -22,7 +22,7 @@ use signet_api::wire::SignMode;
 use signet_api::wire::{
     AgentLogin, AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_EVENTS_PATH,
     AGENT_HEALTH_PATH, AGENT_LOGIN_PATH, AGENT_PAIR_PATH, AGENT_REINIT_PATH, AGENT_SIGN_PATH,
-    JOB_HEADER,
+    INPUT_SHA256_HEADER, JOB_HEADER,
 };
 use signet_authenticode::{HashAlg, PeDigested, PeDigester};
 use signet_protocol::batch::{self, Part, PartBody, RESULT_HEADER};
@@ -242,10 +242,17 @@ async fn sign(
     );
     async move {
         let (body, limit) = limited(&gate, &headers, body)?;
-        let (spool, input_sha256) = if agent.keeps_in_memory(query.mode, declared_length(&headers))
-        {
+        // The input's SHA-256 keys the result kept for a job the host sends again: the
+        // host declares it (it hashed the input as it spooled it), else it is made here
+        // as the input is received. Without a job id nothing is kept: no hash at all.
+        let host_job = headers.get(JOB_HEADER).and_then(|v| v.to_str().ok());
+        let declared = declared_sha256(&headers)?;
+        let hash_input = host_job.is_some() && declared.is_none();
+        let (spool, made) = if agent.keeps_in_memory(query.mode, declared_length(&headers)) {
             // A small input is held in memory: no job directory written and read again.
-            let (data, sha) = receive_memory(body).await.map_err(|e| limit.explain(e))?;
+            let (data, sha) = receive_memory(body, hash_input)
+                .await
+                .map_err(|e| limit.explain(e))?;
             (agent.memory_spool(data), sha)
         } else {
             let mut spool = agent.spool()?;
@@ -254,19 +261,18 @@ async fn sign(
                 SignMode::Whole => query.hash.as_str().parse::<HashAlg>().ok(),
                 SignMode::Digest => None,
             };
-            let (_, input_sha256, digested) = receive(&spool, body, digest_as)
+            let (_, sha, digested) = receive(&spool, body, digest_as, hash_input)
                 .await
                 .map_err(|e| limit.explain(e))?;
             spool.set_digested(digested);
-            (spool, input_sha256)
+            (spool, sha)
         };
         // A job the host sends again (it was restarted, or lost the connection, while
         // the agent signed) gets the result kept for it instead of a second signature:
         // the host's job id, bound to the exact request and input.
-        let once = headers
-            .get(JOB_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(|job| JobKey::new(job, raw_query.as_deref().unwrap_or(""), input_sha256));
+        let once = host_job.zip(declared.or(made)).map(|(job, input_sha256)| {
+            JobKey::new(job, raw_query.as_deref().unwrap_or(""), input_sha256)
+        });
         // Signing runs to its end in a task of its own, even when the host drops the
         // request: killing a signing process mid-operation can leave the token (or
         // SoftHSM's object store) half-written. A dropped request only drops the result.
@@ -452,9 +458,34 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse::<u64>().ok())
 }
 
+/// The input's SHA-256 as the host declares it in [`INPUT_SHA256_HEADER`] (64 hex
+/// digits); a header that is not one is refused.
+fn declared_sha256(headers: &HeaderMap) -> Result<Option<[u8; 32]>, ErrorBody> {
+    let Some(v) = headers.get(INPUT_SHA256_HEADER) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("{INPUT_SHA256_HEADER} is not a SHA-256 in hex (64 hex digits)"),
+        )
+    };
+    let text = v.as_bytes();
+    if text.len() != 64 {
+        return Err(bad());
+    }
+    let mut sha = [0u8; 32];
+    for (byte, pair) in sha.iter_mut().zip(text.chunks(2)) {
+        let pair = std::str::from_utf8(pair).map_err(|_| bad())?;
+        *byte = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
+    }
+    Ok(Some(sha))
+}
+
 /// Receives a small upload whole into memory (its length declared and at most
-/// [`crate::agent::MEMORY_INPUT`]: the body cannot be longer); answers it and its SHA-256.
-async fn receive_memory(body: Body) -> Result<(Bytes, [u8; 32]), ErrorBody> {
+/// [`crate::agent::MEMORY_INPUT`]: the body cannot be longer); answers it and, with
+/// `hash`, its SHA-256.
+async fn receive_memory(body: Body, hash: bool) -> Result<(Bytes, Option<[u8; 32]>), ErrorBody> {
     use http_body_util::BodyExt;
     use sha2::Digest;
     let data = body
@@ -467,7 +498,7 @@ async fn receive_memory(body: Body) -> Result<(Bytes, [u8; 32]), ErrorBody> {
             )
         })?
         .to_bytes();
-    let sha: [u8; 32] = sha2::Sha256::digest(&data).into();
+    let sha = hash.then(|| sha2::Sha256::digest(&data).into());
     Ok((data, sha))
 }
 
@@ -493,8 +524,8 @@ fn spool_error(e: std::io::Error) -> ErrorBody {
 }
 
 /// Streams the request body into the spool, in constant memory; answers its length,
-/// its SHA-256 and, with `digest_as`, what a [`PeDigester`] made of it (when it is a
-/// PE). The body's pieces are gathered into blocks of [`IO_BLOCK`] and handed to one
+/// with `hash` its SHA-256 and, with `digest_as`, what a [`PeDigester`] made of it
+/// (when it is a PE). The body's pieces are gathered into blocks of [`IO_BLOCK`] and handed to one
 /// blocking thread that hashes and writes them, so the async thread only receives
 /// (and decrypts) while the blocks before are hashed and written; at most
 /// [`SPOOL_AHEAD`] blocks wait for it.
@@ -502,7 +533,8 @@ async fn receive(
     spool: &Spool,
     body: Body,
     digest_as: Option<HashAlg>,
-) -> Result<(u64, [u8; 32], Option<PeDigested>), ErrorBody> {
+    hash: bool,
+) -> Result<(u64, Option<[u8; 32]>, Option<PeDigested>), ErrorBody> {
     let internal = |e: std::io::Error| {
         ErrorBody::new(
             ErrorCode::Internal,
@@ -511,21 +543,26 @@ async fn receive(
     };
     let (tx, mut blocks) = tokio::sync::mpsc::channel::<Bytes>(SPOOL_AHEAD);
     let path = spool.input();
-    type Written = ([u8; 32], Option<PeDigested>);
+    type Written = (Option<[u8; 32]>, Option<PeDigested>);
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<Written> {
         use sha2::Digest;
         use std::io::Write;
-        let mut sha = sha2::Sha256::new();
+        let mut sha = hash.then(sha2::Sha256::new);
         let mut pe = digest_as.map(PeDigester::new);
         let mut file = std::fs::File::create(path)?;
         while let Some(block) = blocks.blocking_recv() {
-            sha.update(&block);
+            if let Some(sha) = &mut sha {
+                sha.update(&block);
+            }
             if let Some(pe) = &mut pe {
                 pe.update(&block);
             }
             file.write_all(&block)?;
         }
-        Ok((sha.finalize().into(), pe.and_then(PeDigester::finish)))
+        Ok((
+            sha.map(|s| s.finalize().into()),
+            pe.and_then(PeDigester::finish),
+        ))
     });
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
@@ -824,6 +861,94 @@ mod tests {
         // Only the spooled job's directory is left, its result kept for a host that
         // asks again; the job held in memory never had one.
         assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_job_sent_again_is_known_by_the_input_sha256_the_host_declares() {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(Lines::default())
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        std::fs::create_dir(&spool).unwrap();
+        let (agent, _token, signer) = stand_in::agent(&spool).await;
+        link::write_pin(&dir.path().join(link::HOST_PIN_FILE), &HOST).unwrap();
+        let gate = Gate {
+            state_dir: dir.path().to_owned(),
+            own: Fingerprint([9; 32]),
+            max_input_size: 1 << 20,
+            idle: std::time::Duration::from_secs(30),
+        };
+        let app = router(Arc::new(agent), gate);
+        let hello: &'static [u8] = b"Write-Host 'hello'\r\n";
+        let other: &'static [u8] = b"Write-Host 'other'\r\n";
+        let send = |job: &str, sha: Option<&str>, body: &'static [u8]| {
+            let mut req = request(
+                &format!("{AGENT_SIGN_PATH}?filename=a.ps1"),
+                Some(job),
+                "application/octet-stream",
+                body,
+            );
+            if let Some(sha) = sha {
+                req.headers_mut()
+                    .insert(INPUT_SHA256_HEADER, HeaderValue::from_str(sha).unwrap());
+            }
+            let app = app.clone();
+            async move {
+                let resp = app.oneshot(req).await.unwrap();
+                let status = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                (status.as_u16(), body)
+            }
+        };
+        let signed = || signer.lock().unwrap().signed.len();
+        let one = "ab".repeat(32);
+        let two = "CD".repeat(32);
+
+        assert_eq!(
+            send("50", Some(&one), hello).await,
+            (200, Bytes::from_static(b"Write-Host 'hello'\r\n+signed"))
+        );
+        assert_eq!(signed(), 1);
+        // The same job id and declared hash: the kept result, on the host's word (the
+        // body is not hashed again, so even another body gets it).
+        assert_eq!(
+            send("50", Some(&one), other).await,
+            (200, Bytes::from_static(b"Write-Host 'hello'\r\n+signed"))
+        );
+        assert_eq!(signed(), 1, "not signed again");
+        // The same job id with another declared hash (a host whose state was reset
+        // numbering its jobs again): signed anew.
+        assert_eq!(
+            send("50", Some(&two), other).await,
+            (200, Bytes::from_static(b"Write-Host 'other'\r\n+signed"))
+        );
+        assert_eq!(signed(), 2);
+
+        // Without the header the agent hashes the input itself: the same input again
+        // gets the kept result, another input is signed anew.
+        assert_eq!(send("51", None, hello).await.0, 200);
+        assert_eq!(signed(), 3);
+        assert_eq!(send("51", None, hello).await.0, 200);
+        assert_eq!(signed(), 3, "not signed again");
+        assert_eq!(
+            send("51", None, other).await,
+            (200, Bytes::from_static(b"Write-Host 'other'\r\n+signed"))
+        );
+        assert_eq!(signed(), 4);
+
+        // A header that is no SHA-256 is refused, nothing signed.
+        for bad in ["ab", "zz".repeat(32).as_str(), &"ab".repeat(33)] {
+            let (status, body) = send("52", Some(bad), hello).await;
+            assert_eq!(status, 400, "{bad}");
+            assert!(
+                String::from_utf8_lossy(&body).contains(INPUT_SHA256_HEADER),
+                "{body:?}"
+            );
+        }
+        assert_eq!(signed(), 4);
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Request, Response};
 use hyper::body::{Body, Incoming};
-use signet_api::wire::{AgentHealth, ErrorBody, AGENT_HEALTH_PATH, JOB_HEADER};
+use signet_api::wire::{
+    AgentHealth, ErrorBody, AGENT_HEALTH_PATH, INPUT_SHA256_HEADER, JOB_HEADER,
+};
 use signet_protocol::client::{self, ClientError};
 use signet_protocol::endpoint::Endpoint;
 
@@ -50,7 +52,9 @@ pub enum Sent {
     Unreachable(ClientError),
 }
 
-/// Sends job `id` to the agent at `path?query` with `body` (its length, when known).
+/// Sends job `id` to the agent at `path?query` with `body` (its length, and its
+/// SHA-256 in hex, when known).
+#[allow(clippy::too_many_arguments)]
 pub async fn send_job<B>(
     agent: &Endpoint,
     id: &str,
@@ -59,6 +63,7 @@ pub async fn send_job<B>(
     content_type: &str,
     body: B,
     content_length: Option<u64>,
+    input_sha256: Option<&str>,
 ) -> Result<Sent, http::Error>
 where
     B: Body<Data = Bytes> + Send + 'static,
@@ -69,6 +74,9 @@ where
         .header(JOB_HEADER, id);
     if let Some(len) = content_length {
         req = req.header(header::CONTENT_LENGTH, len);
+    }
+    if let Some(sha) = input_sha256 {
+        req = req.header(INPUT_SHA256_HEADER, sha);
     }
     let req = req.body(body)?;
     Ok(match client::send(agent, req).await {

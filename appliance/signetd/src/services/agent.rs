@@ -79,8 +79,10 @@ impl AgentLink {
         h
     }
 
-    /// Sends job `id` to the agent at `path?query` with `body` as its body; answers the
-    /// agent's streaming response, or the agent's error as the caller may see it.
+    /// Sends job `id` to the agent at `path?query` with `body` as its body (its length
+    /// and SHA-256 in hex, when known); answers the agent's streaming response, or the
+    /// agent's error as the caller may see it.
+    #[allow(clippy::too_many_arguments)]
     pub async fn relay_to<B>(
         &self,
         id: &str,
@@ -89,6 +91,7 @@ impl AgentLink {
         content_type: &str,
         body: B,
         content_length: Option<u64>,
+        input_sha256: Option<&str>,
     ) -> Result<http::Response<Incoming>, ErrorBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
@@ -103,6 +106,7 @@ impl AgentLink {
             content_type,
             body,
             content_length,
+            input_sha256,
         )
         .await
         .map_err(|e| {

@@ -1649,8 +1649,14 @@ impl JobService {
                 Kind::Sign => AGENT_SIGN_PATH,
                 Kind::Batch => AGENT_BATCH_PATH,
             };
+            // The input's SHA-256, made as it was spooled: the agent keys the result it
+            // keeps for a job sent again on it without hashing the input again.
+            let sha = match row.kind {
+                Kind::Sign => row.input_sha256.as_deref(),
+                Kind::Batch => None,
+            };
             let resp = tokio::select! {
-                r = self.agent.relay_to(id, path, &row.agent_query, &row.content_type, body, row.input_bytes) => r?,
+                r = self.agent.relay_to(id, path, &row.agent_query, &row.content_type, body, row.input_bytes, sha) => r?,
                 _ = gate.wait_sent_back() => {
                     return Err(ErrorBody::new(ErrorCode::AgentUnavailable, "sent back to the queue").retryable(true))
                 }
