@@ -280,11 +280,8 @@ pub fn append(conn: &Connection, entry: &Entry) -> Result<Record, AuditError> {
 /// [`append`] with `result` written as given.
 fn append_as(conn: &Connection, entry: &Entry, result: &str) -> Result<Record, AuditError> {
     let last: Option<(u64, String)> = conn
-        .query_row(
-            "SELECT seq, hash FROM audit ORDER BY id DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+        .prepare_cached("SELECT seq, hash FROM audit ORDER BY id DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     let (seq, prev) = last.map_or((1, GENESIS.to_owned()), |(s, h)| (s + 1, h));
     let mut rec = Record {
@@ -309,12 +306,10 @@ fn append_as(conn: &Connection, entry: &Entry, result: &str) -> Result<Record, A
         hash: String::new(),
     };
     rec.hash = rec.compute_hash();
-    conn.execute(
-        "INSERT INTO audit (seq, time, job, caller, transport, profile, token_serial,
+    conn.prepare_cached("INSERT INTO audit (seq, time, job, caller, transport, profile, token_serial,
             cert_sha256, filename, input_sha256, input_bytes, output_sha256, output_bytes,
             duration_ms, result, error, prev, hash, count)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
-        params![
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)")?.execute(params![
             rec.seq,
             rec.time,
             rec.job,
