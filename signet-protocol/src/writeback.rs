@@ -41,11 +41,6 @@ impl<W: Write + OnDisk> WriteBehind<W> {
         &self.inner
     }
 
-    /// The writer.
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.inner
-    }
-
     /// The writer, given back.
     pub fn into_inner(self) -> W {
         self.inner

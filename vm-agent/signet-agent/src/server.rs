@@ -698,9 +698,16 @@ mod tests {
 
     /// The agent's router around a stand-in agent, paired with `HOST`.
     async fn app(dir: &std::path::Path) -> Router {
+        app_with_desks(dir).await.0
+    }
+
+    /// [`app`], and the stand-in token's and signer's desks.
+    async fn app_with_desks(
+        dir: &std::path::Path,
+    ) -> (Router, stand_in::Desk, Arc<Mutex<stand_in::SignerDesk>>) {
         let spool = dir.join("spool");
         std::fs::create_dir(&spool).unwrap();
-        let (agent, _token, _signer) = stand_in::agent(&spool).await;
+        let (agent, token, signer) = stand_in::agent(&spool).await;
         link::write_pin(&dir.join(link::HOST_PIN_FILE), &HOST).unwrap();
         let gate = Gate {
             state_dir: dir.to_owned(),
@@ -708,7 +715,7 @@ mod tests {
             max_input_size: 1 << 20,
             idle: std::time::Duration::from_secs(30),
         };
-        router(Arc::new(agent), gate)
+        (router(Arc::new(agent), gate), token, signer)
     }
 
     fn request(
@@ -828,18 +835,9 @@ mod tests {
         let _guard = tracing::subscriber::set_default(subscriber);
         let dir = tempfile::tempdir().unwrap();
         let spool = dir.path().join("spool");
-        std::fs::create_dir(&spool).unwrap();
-        let (agent, _token, signer) = stand_in::agent(&spool).await;
+        let (app, _token, signer) = app_with_desks(dir.path()).await;
         signer.lock().unwrap().in_memory =
             vec![signet_format::Format::Pe, signet_format::Format::PowerShell];
-        link::write_pin(&dir.path().join(link::HOST_PIN_FILE), &HOST).unwrap();
-        let gate = Gate {
-            state_dir: dir.path().to_owned(),
-            own: Fingerprint([9; 32]),
-            max_input_size: 1 << 20,
-            idle: std::time::Duration::from_secs(30),
-        };
-        let app = router(Arc::new(agent), gate);
         let script: &'static [u8] = b"Write-Host 'hello'\r\n";
         for (declared, job) in [(true, "9"), (false, "10")] {
             let mut req = sign(Some(job));
@@ -871,17 +869,7 @@ mod tests {
             .finish();
         let _guard = tracing::subscriber::set_default(subscriber);
         let dir = tempfile::tempdir().unwrap();
-        let spool = dir.path().join("spool");
-        std::fs::create_dir(&spool).unwrap();
-        let (agent, _token, signer) = stand_in::agent(&spool).await;
-        link::write_pin(&dir.path().join(link::HOST_PIN_FILE), &HOST).unwrap();
-        let gate = Gate {
-            state_dir: dir.path().to_owned(),
-            own: Fingerprint([9; 32]),
-            max_input_size: 1 << 20,
-            idle: std::time::Duration::from_secs(30),
-        };
-        let app = router(Arc::new(agent), gate);
+        let (app, _token, signer) = app_with_desks(dir.path()).await;
         let hello: &'static [u8] = b"Write-Host 'hello'\r\n";
         let other: &'static [u8] = b"Write-Host 'other'\r\n";
         let send = |job: &str, sha: Option<&str>, body: &'static [u8]| {

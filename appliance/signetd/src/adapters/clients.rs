@@ -63,8 +63,9 @@ pub fn open(state_dir: &std::path::Path) -> Result<Connection, ClientError> {
         message: e.to_string(),
     })?;
     let conn = Connection::open(state_dir.join("signet.db"))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // signetd may be opening the database at the same time: wait for it.
     conn.busy_timeout(Duration::from_secs(5))?;
+    crate::adapters::store::wal(&conn)?;
     init(&conn)?;
     Ok(conn)
 }

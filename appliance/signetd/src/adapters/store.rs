@@ -930,7 +930,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
 /// Puts the database in WAL mode. Switching a new database's journal needs it to
 /// itself, and SQLite answers "busy" at once, without waiting, while another process
 /// opens it too: tried again for up to 10 s.
-fn wal(conn: &Connection) -> rusqlite::Result<()> {
+pub fn wal(conn: &Connection) -> rusqlite::Result<()> {
     let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match conn.pragma_update(None, "journal_mode", "WAL") {
