@@ -19,6 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod patch;
 mod tokens;
 pub use tokens::*;
 

@@ -427,6 +427,13 @@ pub struct PeSigned {
     pub checksum: u32,
     /// Whether the signature was nested beside one the file had.
     pub nested: bool,
+    /// How many of the input's first bytes the signed file begins with (its content,
+    /// up to the signature it had), unchanged but for the checksum field at
+    /// `checksum_at` and the security directory entry at `security_dir_at`; the rest of
+    /// the signed file follows them (padding to 8, the certificate table).
+    pub kept: u64,
+    pub checksum_at: u64,
+    pub security_dir_at: u64,
 }
 
 /// Signs the PE file `input` as `options` say and writes the signed copy to `output`:
@@ -882,6 +889,9 @@ fn finish<W: Read + Write + Seek>(
         table_size,
         checksum,
         nested,
+        kept: end,
+        checksum_at: image.checksum_at(),
+        security_dir_at: image.security_dir_at(),
     })
 }
 

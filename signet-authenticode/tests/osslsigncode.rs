@@ -330,6 +330,30 @@ fn compare_pe_with(key: Key, input_name: &str, hash: HashAlg, page_hashes: bool,
             std::fs::read(&native).unwrap(),
             std::fs::read(&in_place).unwrap(),
         );
+        // What the agent answers instead of the signed file: the input's first `kept`
+        // bytes with the checksum and the security directory entry written over, then
+        // the rest of the signed file.
+        let original = std::fs::read(&input).unwrap();
+        let kept = usize::try_from(signed.kept).unwrap();
+        assert!(kept <= original.len() && kept <= in_place.len(), "{tag}");
+        let mut made = original[..kept].to_vec();
+        let fields = [(signed.checksum_at, 4), (signed.security_dir_at, 8)];
+        for (at, n) in fields {
+            let at = usize::try_from(at).unwrap();
+            assert!(at + n <= kept, "{tag}: a header field after the content");
+            made[at..at + n].copy_from_slice(&in_place[at..at + n]);
+        }
+        made.extend_from_slice(&in_place[kept..]);
+        assert!(made == in_place, "{tag}: PeSigned does not tell the change");
+        let field = |at: u64, n: usize| in_place[at as usize..at as usize + n].to_vec();
+        assert_eq!(
+            field(signed.checksum_at, 4),
+            signed.checksum.to_le_bytes(),
+            "{tag}"
+        );
+        let mut dir = signed.table_offset.to_le_bytes().to_vec();
+        dir.extend_from_slice(&signed.table_size.to_le_bytes());
+        assert_eq!(field(signed.security_dir_at, 8), dir, "{tag}");
         if key == Key::Rsa {
             assert!(
                 copied == in_place,

@@ -333,3 +333,54 @@ fn the_native_backend_trusts_an_https_tsa_through_the_systems_roots() {
         "{text}"
     );
 }
+
+/// A PE the agent spools (more than it holds in memory) comes back from it as what
+/// signing changed, and signetd makes the signed file of the input it spooled: signed
+/// plainly, nested beside that signature, and that pair replaced by a new one, each
+/// verifies, checksum included.
+#[test]
+fn a_spooled_pe_comes_back_as_its_changes_and_signetd_makes_the_signed_file() {
+    let mut w = World::new();
+    let pin = w.path("pin");
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &pin,
+        &[],
+        NATIVE,
+    );
+    let ep = w
+        .start_daemon_with(
+            &[&format!("unix:{}", w.path("signetd.sock").display())],
+            &agent,
+            "default_profile = \"first\"\n[profiles.first]\nhash = \"sha256\"\n\
+             [profiles.second]\nhash = \"sha512\"\nnested = true\n",
+        )
+        .remove(0);
+    let exe = w.path("large.exe");
+    let made = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/make-pe.sh"))
+        .arg(&exe)
+        .arg((1u64 << 20).to_string())
+        .status()
+        .unwrap();
+    assert!(made.success());
+
+    let mut sizes = Vec::new();
+    for (profile, want) in [("first", 1), ("second", 2), ("first", 1)] {
+        let out = signet(&ep, &["sign", "-p", profile, arg(&exe)]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let (ok, text) = verify(&w, &exe);
+        assert!(ok, "{profile}: {text}");
+        assert!(!text.contains("MISMATCH"), "{profile}: {text}");
+        assert_eq!(signatures(&text), want, "{profile}: {text}");
+        sizes.push(std::fs::metadata(&exe).unwrap().len());
+    }
+    assert!(sizes[1] > sizes[0] && sizes[2] < sizes[1], "{sizes:?}");
+    let log = w.log("signetd");
+    let made_here = log
+        .lines()
+        .filter(|l| l.contains(" signed ") && l.contains("answer=\"patch\""))
+        .count();
+    assert_eq!(made_here, 3, "{log}");
+}

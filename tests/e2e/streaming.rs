@@ -5,7 +5,9 @@
 //!
 //! A relay of the tests' own between signetd and the agent holds the agent's answer
 //! at a given byte and then passes it on or cuts the connection there, so that the
-//! tests reach each moment by its condition, not by time.
+//! tests reach each moment by its condition, not by time. The agent signs with
+//! osslsigncode, whose signed file comes back whole (the native engine's PE comes back
+//! as what signing changed, and signetd makes the file: `native`).
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -140,11 +142,14 @@ fn answer(mut up: UnixStream, mut down: UnixStream, st: &(Mutex<Hold>, Condvar))
 fn appliance(w: &mut World, queue: &str) -> (Endpoint, Relay) {
     let pin = w.path("pin");
     let agent_sock = w.path("agent.sock");
-    w.start_agent(
+    // osslsigncode's signed file comes back whole, which the relay holds; a PE the
+    // native engine signs comes back as what signing changed, a few KiB.
+    w.start_agent_with(
         &format!("unix:{}", agent_sock.display()),
         SOFTHSM,
         &pin,
         &[],
+        "[signer]\nbackend = \"osslsigncode\"\n",
     );
     let relay = Relay::start(&w.path("relay.sock"), &agent_sock);
     let relayed: Endpoint = format!("unix:{}", w.path("relay.sock").display())

@@ -15,6 +15,7 @@ use std::time::Duration;
 use cryptoki::types::AuthPin;
 /// The time now, RFC 3339 in UTC.
 pub use signet_api::rfc3339::now as now_rfc3339;
+use signet_api::wire::patch::Patch;
 use signet_api::wire::{
     AgentEvent, AgentEventKind, AgentHealth, AgentSignQuery, AgentState, ErrorBody, ErrorCode,
     SignMode, SignResponse, SignerFeatures,
@@ -91,6 +92,8 @@ pub struct Spool {
     signed: Option<bytes::Bytes>,
     /// The input's digest and checksum's sum, when made as it was spooled.
     digested: Option<signet_authenticode::PeDigested>,
+    /// The signed file as what signing changed in the input, when the signer told it.
+    patch: Option<Patch>,
 }
 
 /// The largest input held in memory instead of a job directory: every digest-mode
@@ -102,6 +105,12 @@ impl Spool {
     /// [`Spool::output`]).
     pub fn signed(&self) -> Option<&bytes::Bytes> {
         self.signed.as_ref()
+    }
+
+    /// The signed file as what signing changed in the input, when the signer told it
+    /// (the native engine's PE); the file at [`Spool::output`] is the same bytes.
+    pub fn patch(&self) -> Option<&Patch> {
+        self.patch.as_ref()
     }
 
     /// The directory's path (empty for an input held in memory, which has none and
@@ -180,17 +189,25 @@ impl<T> Default for Kept<T> {
 }
 
 impl<T: Clone> Kept<T> {
-    fn find(&mut self, key: &JobKey, now: std::time::Instant) -> Option<T> {
-        self.expire(now);
-        self.results
+    /// The result kept for `key`, and those that expired (the caller drops them
+    /// where dropping costs nothing: a kept spool's files go with it).
+    fn find(&mut self, key: &JobKey, now: std::time::Instant) -> (Option<T>, Vec<T>) {
+        let gone = self.expire(now);
+        let found = self
+            .results
             .iter()
             .find(|r| r.key == *key)
-            .map(|r| r.result.clone())
+            .map(|r| r.result.clone());
+        (found, gone)
     }
 
-    fn keep(&mut self, key: JobKey, result: T, bytes: u64, now: std::time::Instant) {
-        self.expire(now);
-        self.results.retain(|r| r.key != key);
+    /// Keeps `result` for `key`; answers the results it pushed out (see
+    /// [`Kept::find`]).
+    fn keep(&mut self, key: JobKey, result: T, bytes: u64, now: std::time::Instant) -> Vec<T> {
+        let mut gone = self.expire(now);
+        if let Some(at) = self.results.iter().position(|r| r.key == key) {
+            gone.extend(self.results.remove(at).map(|r| r.result));
+        }
         self.results.push_back(KeptResult {
             key,
             at: now,
@@ -201,13 +218,30 @@ impl<T: Clone> Kept<T> {
             || (self.results.len() > 1
                 && self.results.iter().map(|r| r.bytes).sum::<u64>() > KEPT_BYTES)
         {
-            self.results.pop_front();
+            gone.extend(self.results.pop_front().map(|r| r.result));
         }
+        gone
     }
 
-    fn expire(&mut self, now: std::time::Instant) {
-        self.results
-            .retain(|r| now.saturating_duration_since(r.at) < KEPT_FOR);
+    fn expire(&mut self, now: std::time::Instant) -> Vec<T> {
+        let mut gone = Vec::new();
+        while let Some(at) = self
+            .results
+            .iter()
+            .position(|r| now.saturating_duration_since(r.at) >= KEPT_FOR)
+        {
+            gone.extend(self.results.remove(at).map(|r| r.result));
+        }
+        gone
+    }
+}
+
+/// Drops results the kept list let go on a blocking thread: a spool's files are
+/// removed as it is dropped, which for a large file takes milliseconds that would
+/// otherwise be spent under the job lock, before the job's answer.
+fn drop_elsewhere<T: Send + 'static>(gone: Vec<T>) {
+    if !gone.is_empty() {
+        tokio::task::spawn_blocking(move || drop(gone));
     }
 }
 
@@ -521,6 +555,7 @@ impl Agent {
             memory: Some(input),
             signed: None,
             digested: None,
+            patch: None,
         }
     }
 
@@ -531,6 +566,7 @@ impl Agent {
             memory: None,
             signed: None,
             digested: None,
+            patch: None,
         })
     }
 
@@ -591,28 +627,29 @@ impl Agent {
         // waits for the first and then takes its result.
         let _job = self.jobs.lock().await;
         if let Some(key) = &key {
-            let found = self
-                .kept
-                .lock()
-                .ok()
-                .and_then(|mut k| k.find(key, std::time::Instant::now()));
+            let (found, gone) = match self.kept.lock() {
+                Ok(mut k) => k.find(key, std::time::Instant::now()),
+                Err(_) => (None, Vec::new()),
+            };
+            drop_elsewhere(gone);
             if let Some(kept) = found {
                 tracing::info!(
                     job = key.job(),
                     "the host sent job {} again; its kept result goes back and nothing is signed twice",
                     key.job()
                 );
+                drop_elsewhere(vec![spool]);
                 return Ok(kept);
             }
         }
-        spool.signed = self.sign_locked(&spool, &input, query).await?;
+        (spool.signed, spool.patch) = self.sign_locked(&spool, &input, query).await?;
         let bytes = match &spool.signed {
             Some(b) => b.len() as u64,
             None => std::fs::metadata(spool.output()).map_or(0, |m| m.len()),
         };
         let spool = Arc::new(spool);
         if let (Some(key), Ok(mut kept)) = (key, self.kept.lock()) {
-            kept.keep(key, spool.clone(), bytes, std::time::Instant::now());
+            drop_elsewhere(kept.keep(key, spool.clone(), bytes, std::time::Instant::now()));
         }
         Ok(spool)
     }
@@ -733,13 +770,14 @@ impl Agent {
 
     /// Signs one checked input; the caller holds the job lock. Answers the signed
     /// result when it was made in memory (an input held in memory), else `None`: it is
-    /// the spool's output file.
+    /// the spool's output file; and what signing changed in the input, when the signer
+    /// told it and the answer is the signed file.
     async fn sign_locked(
         &self,
         spool: &Spool,
         checked: &Checked,
         query: &AgentSignQuery,
-    ) -> Result<Option<bytes::Bytes>, ErrorBody> {
+    ) -> Result<(Option<bytes::Bytes>, Option<Patch>), ErrorBody> {
         let input = &checked.input;
         let ready = self.with_token(|t| t.ensure_ready()).await;
         if let Ok(mut at) = self.job_checked.lock() {
@@ -780,6 +818,7 @@ impl Agent {
         // stops the run (the signer's process is killed) and the job goes back to the
         // host as a token loss, at once.
         let mut in_memory = None;
+        let mut patch = None;
         let run = async {
             match &spool.memory {
                 Some(data) => {
@@ -790,7 +829,10 @@ impl Agent {
                     in_memory = Some(bytes::Bytes::from(signed));
                     Ok(())
                 }
-                None => self.signer.sign(&key, &pin, &spec).await,
+                None => {
+                    patch = self.signer.sign(&key, &pin, &spec).await?.patch;
+                    Ok(())
+                }
             }
         };
         let mut result = tokio::select! {
@@ -836,7 +878,11 @@ impl Agent {
             retryable: result.as_ref().is_err_and(|e| e.retryable),
             ms: started.elapsed().as_millis() as u64,
         });
-        result.map(|()| in_memory)
+        // A signature alone answered is not the signed file the patch tells.
+        if query.response == SignResponse::Pkcs7 {
+            patch = None;
+        }
+        result.map(|()| (in_memory, patch))
     }
 
     /// Resolves once a check of the token, every [`RUN_CHECK_INTERVAL`] while a signer
@@ -1534,18 +1580,25 @@ mod tests {
         let now = Instant::now();
         let mut kept = Kept::default();
         kept.keep(key("7", "profile=a", 1), "signed-7", 10, now);
-        assert_eq!(kept.find(&key("7", "profile=a", 1), now), Some("signed-7"));
         assert_eq!(
-            kept.find(&key("7", "profile=b", 1), now),
+            kept.find(&key("7", "profile=a", 1), now).0,
+            Some("signed-7")
+        );
+        assert_eq!(
+            kept.find(&key("7", "profile=b", 1), now).0,
             None,
             "other options"
         );
         assert_eq!(
-            kept.find(&key("7", "profile=a", 2), now),
+            kept.find(&key("7", "profile=a", 2), now).0,
             None,
             "other input"
         );
-        assert_eq!(kept.find(&key("8", "profile=a", 1), now), None, "other job");
+        assert_eq!(
+            kept.find(&key("8", "profile=a", 1), now).0,
+            None,
+            "other job"
+        );
         assert_eq!(key("7", "q", 1).job(), "7");
     }
 
@@ -1553,25 +1606,27 @@ mod tests {
     fn kept_results_are_bounded_by_count_bytes_and_age() {
         let now = Instant::now();
         let mut kept = Kept::default();
+        let mut gone = Vec::new();
         for i in 0..KEPT_RESULTS + 2 {
-            kept.keep(key(&i.to_string(), "", 0), i, 1, now);
+            gone.extend(kept.keep(key(&i.to_string(), "", 0), i, 1, now));
         }
         assert_eq!(kept.results.len(), KEPT_RESULTS);
-        assert_eq!(
-            kept.find(&key("0", "", 0), now),
-            None,
-            "the oldest went first"
-        );
-        assert_eq!(kept.find(&key("9", "", 0), now), Some(9));
+        assert_eq!(gone, [0, 1], "the oldest went first, to the caller");
+        assert_eq!(kept.find(&key("0", "", 0), now), (None, vec![]));
+        assert_eq!(kept.find(&key("9", "", 0), now).0, Some(9));
+
+        // The same job kept again replaces its result, handed back.
+        assert_eq!(kept.keep(key("9", "", 0), 90, 1, now), [9]);
 
         // One result over the byte budget is kept alone; the others make room.
-        kept.keep(key("big", "", 0), 100, KEPT_BYTES + 1, now);
+        let gone = kept.keep(key("big", "", 0), 100, KEPT_BYTES + 1, now);
+        assert_eq!(gone.len(), KEPT_RESULTS);
         assert_eq!(kept.results.len(), 1);
-        assert_eq!(kept.find(&key("big", "", 0), now), Some(100));
+        assert_eq!(kept.find(&key("big", "", 0), now).0, Some(100));
 
-        // And nothing outlives KEPT_FOR.
+        // And nothing outlives KEPT_FOR: it is handed back too.
         let later = now + KEPT_FOR;
-        assert_eq!(kept.find(&key("big", "", 0), later), None);
+        assert_eq!(kept.find(&key("big", "", 0), later), (None, vec![100]));
         assert!(kept.results.is_empty());
     }
 }

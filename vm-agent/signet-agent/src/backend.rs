@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use cryptoki::types::AuthPin;
 use futures_util::future::BoxFuture;
+use signet_api::wire::patch::Patch;
 use signet_api::wire::{DigestAlgorithm, ErrorCode, SignMode, SignResponse, SignerFeatures};
 use signet_format::Format;
 
@@ -45,13 +46,14 @@ pub trait Signer: std::fmt::Debug + Send + Sync {
         response: SignResponse,
     ) -> Option<String>;
 
-    /// Signs as `spec` says with the token's key `key` and `pin`.
+    /// Signs as `spec` says with the token's key `key` and `pin`; answers what it knows
+    /// of the signed file besides the file.
     fn sign<'a>(
         &'a self,
         key: &'a KeyRef,
         pin: &'a AuthPin,
         spec: &'a SignSpec<'a>,
-    ) -> BoxFuture<'a, Result<(), SignError>>;
+    ) -> BoxFuture<'a, Result<Made, SignError>>;
 
     /// Writes the signature of the signed file `signed` to `out` (DER PKCS#7).
     fn extract_signature<'a>(
@@ -91,6 +93,15 @@ pub trait Signer: std::fmt::Debug + Send + Sync {
             ))
         })
     }
+}
+
+/// What a signer knows of a file it signed, besides the file.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Made {
+    /// The signed file as what signing changed in the input
+    /// ([`signet_api::wire::patch`]); `None` when the signer does not know (a program
+    /// signed a copy).
+    pub patch: Option<Patch>,
 }
 
 /// A backend's own failure, kept in its words, with the wire class it maps to.

@@ -18,11 +18,12 @@ use std::time::Duration;
 
 use cryptoki::types::AuthPin;
 use futures_util::future::BoxFuture;
+use signet_api::wire::patch::Patch;
 use signet_api::wire::{SignMode, SignResponse, SignerFeatures};
 use signet_authenticode::{HashAlg, KeyKind, RawSigner, SignOptions, Timestamper};
 use signet_format::Format;
 
-use crate::backend::{SharedToken, SignError, SignSpec, Signer};
+use crate::backend::{Made, SharedToken, SignError, SignSpec, Signer};
 use crate::config::Config;
 use crate::signer::Osslsigncode;
 use crate::token::{KeyRef, TokenError};
@@ -186,9 +187,10 @@ impl Native {
         }
     }
 
-    async fn sign_spec(&self, spec: &SignSpec<'_>) -> Result<(), SignError> {
+    async fn sign_spec(&self, spec: &SignSpec<'_>) -> Result<Made, SignError> {
         let key = self.key().await?;
         let options = self.options(spec)?;
+        let mut made = Made::default();
         let signed = spec.output.with_file_name("native-signed");
         let signed = match spec.input.extension() {
             Some(ext) => signed.with_extension(ext),
@@ -214,9 +216,12 @@ impl Native {
                 // the answer is read from the page cache, and signetd makes the
                 // signed file durable on its side before it commits `signed`; an
                 // agent that dies before answering has the job sent again.
+                // What it changed is told too (the bytes after its content, two header
+                // fields): signetd, which has the input, makes the signed file of it.
                 let (input, output) = (spec.input.to_owned(), signed.clone());
                 let digested = spec.digested.cloned();
-                let nested = blocking(move || {
+                let (nested, patch) = blocking(move || {
+                    use std::io::{Read, Seek};
                     let mut f = std::fs::OpenOptions::new()
                         .read(true)
                         .write(true)
@@ -228,13 +233,27 @@ impl Native {
                         digested.as_ref(),
                     )?;
                     f.set_len(u64::from(done.table_offset) + u64::from(done.table_size))?;
+                    let mut tail = Vec::new();
+                    f.seek(std::io::SeekFrom::Start(done.kept))?;
+                    f.read_to_end(&mut tail)?;
+                    let mut dir = done.table_offset.to_le_bytes().to_vec();
+                    dir.extend_from_slice(&done.table_size.to_le_bytes());
+                    let patch = Patch::new(
+                        done.kept,
+                        &[
+                            (done.checksum_at, &done.checksum.to_le_bytes()),
+                            (done.security_dir_at, &dir),
+                        ],
+                        &tail,
+                    );
                     std::fs::rename(&input, &output)?;
-                    Ok(done.nested)
+                    Ok((done.nested, patch))
                 })
                 .await?;
                 if spec.nested && !nested {
                     tracing::info!("the file has no signature yet; signed it without nesting");
                 }
+                made.patch = Some(patch);
             }
             Some(Format::Cat) => {
                 let (input, output) = (spec.input.to_owned(), signed.clone());
@@ -250,7 +269,8 @@ impl Native {
         }
         tokio::fs::rename(&signed, spec.output)
             .await
-            .map_err(|e| SignError::Engine(format!("cannot keep the signed file: {e}")))
+            .map_err(|e| SignError::Engine(format!("cannot keep the signed file: {e}")))?;
+        Ok(made)
     }
 
     /// MSI, CAB, PowerShell, APPX/MSIX: extract-data, sign natively, attach-signature.
@@ -469,7 +489,7 @@ impl Signer for Native {
         _key: &'a KeyRef,
         _pin: &'a AuthPin,
         spec: &'a SignSpec<'a>,
-    ) -> BoxFuture<'a, Result<(), SignError>> {
+    ) -> BoxFuture<'a, Result<Made, SignError>> {
         Box::pin(self.sign_spec(spec))
     }
 

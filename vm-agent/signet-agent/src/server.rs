@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt, TryStreamExt};
+use signet_api::wire::patch::PATCH_MEDIA_TYPE;
 use signet_api::wire::SignMode;
 use signet_api::wire::{
     AgentLogin, AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_EVENTS_PATH,
@@ -284,10 +285,21 @@ async fn sign(
             .await
             .map_err(task_ended)?
         };
-        send(signed?).await
+        send(signed?, accepts_patch(&headers)).await
     }
     .instrument(span)
     .await
+}
+
+/// Whether the host takes a signed file told as what signing changed in its input
+/// ([`signet_api::wire::patch`]): it says so in `Accept`.
+fn accepts_patch(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.split(';').next().unwrap_or("").trim() == PATCH_MEDIA_TYPE)
 }
 
 /// A signing task that panicked or was cancelled.
@@ -620,8 +632,29 @@ const SPOOL_AHEAD: usize = 4;
 
 /// Streams the signed file back, read ahead on a blocking thread
 /// ([`signet_protocol::file_body`]); the spool is deleted there once the file has been
-/// read and no kept result holds it any more.
-async fn send(spool: Arc<Spool>) -> Result<Response, ErrorBody> {
+/// read and no kept result holds it any more. A host that takes it (`patch`) is told
+/// what signing changed instead, when the signer told it: a few KiB for a PE of any
+/// size, made into the signed file from the host's own copy of the input.
+async fn send(spool: Arc<Spool>, patch: bool) -> Result<Response, ErrorBody> {
+    if let Some(p) = spool.patch().filter(|_| patch) {
+        let body = serde_json::to_vec(p).map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!("the signed file's changes cannot be written: {e}"),
+            )
+        })?;
+        let len = body.len();
+        let mut resp = Body::from(body).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(PATCH_MEDIA_TYPE),
+        );
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        // The spool goes on a blocking thread: its files are removed with it.
+        tokio::task::spawn_blocking(move || drop(spool));
+        return Ok(resp);
+    }
     if let Some(signed) = spool.signed() {
         // Made in memory: answered from there.
         let len = signed.len();

@@ -25,7 +25,7 @@ use signet_api::wire::{osslsigncode, SignMode, SignResponse, SignerFeatures};
 use signet_format::Format;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::backend::{SignError, SignSpec, Signer};
+use crate::backend::{Made, SignError, SignSpec, Signer};
 use crate::config::Config;
 use crate::token::KeyRef;
 
@@ -281,8 +281,11 @@ impl Signer for Osslsigncode {
         key: &'a KeyRef,
         pin: &'a AuthPin,
         spec: &'a SignSpec<'a>,
-    ) -> BoxFuture<'a, Result<(), SignError>> {
-        Box::pin(Osslsigncode::sign(self, key, pin, spec))
+    ) -> BoxFuture<'a, Result<Made, SignError>> {
+        Box::pin(async move {
+            Osslsigncode::sign(self, key, pin, spec).await?;
+            Ok(Made::default())
+        })
     }
 
     fn extract_signature<'a>(

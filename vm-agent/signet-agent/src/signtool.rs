@@ -35,11 +35,12 @@ use std::time::Duration;
 
 use cryptoki::types::AuthPin;
 use futures_util::future::BoxFuture;
+use futures_util::TryFutureExt;
 use secrecy::ExposeSecret;
 use signet_api::wire::{DigestAlgorithm, ErrorCode, SignMode, SignResponse, SignerFeatures};
 use signet_format::Format;
 
-use crate::backend::{BackendError, BackendFailure, SignError, SignSpec, Signer};
+use crate::backend::{BackendError, BackendFailure, Made, SignError, SignSpec, Signer};
 use crate::config::Config;
 use crate::token::KeyRef;
 
@@ -574,7 +575,7 @@ impl Signer for SigntoolBackend {
         _key: &'a KeyRef,
         pin: &'a AuthPin,
         spec: &'a SignSpec<'a>,
-    ) -> BoxFuture<'a, Result<(), SignError>> {
+    ) -> BoxFuture<'a, Result<Made, SignError>> {
         Box::pin(async move {
             if spec.format.is_none() {
                 return Err(SignError::Failed(
@@ -626,7 +627,8 @@ impl Signer for SigntoolBackend {
                 tried: spec.timestamp.to_vec(),
                 why: None,
             })
-        })
+        }
+        .map_ok(|()| Made::default()))
     }
 
     fn extract_signature<'a>(

@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cryptoki::types::AuthPin;
 use futures_util::future::BoxFuture;
+use futures_util::TryFutureExt;
 use secrecy::ExposeSecret;
 use signet_api::wire::{AgentEventKind, AgentState, SignMode, SignResponse, SignerFeatures};
 use signet_format::Format;
 
-use crate::backend::{SignError, SignSpec, Signer};
+use crate::backend::{Made, SignError, SignSpec, Signer};
 use crate::token::{KeyRef, PinSource, TokenError, TokenHealth, TokenSession};
 use crate::token_state::{Action, TokenEvent, TokenState};
 
@@ -338,17 +339,20 @@ impl Signer for StandInSigner {
         _key: &'a KeyRef,
         _pin: &'a AuthPin,
         spec: &'a SignSpec<'a>,
-    ) -> BoxFuture<'a, Result<(), SignError>> {
-        Box::pin(async move {
-            let name = spec.input.file_name().unwrap_or_default();
-            let name = name.to_string_lossy().into_owned();
-            let data = self
-                .run(&name, || {
-                    std::fs::read(spec.input).map_err(|e| SignError::Failed(e.to_string()))
-                })
-                .await?;
-            std::fs::write(spec.output, data).map_err(|e| SignError::Failed(e.to_string()))
-        })
+    ) -> BoxFuture<'a, Result<Made, SignError>> {
+        Box::pin(
+            async move {
+                let name = spec.input.file_name().unwrap_or_default();
+                let name = name.to_string_lossy().into_owned();
+                let data = self
+                    .run(&name, || {
+                        std::fs::read(spec.input).map_err(|e| SignError::Failed(e.to_string()))
+                    })
+                    .await?;
+                std::fs::write(spec.output, data).map_err(|e| SignError::Failed(e.to_string()))
+            }
+            .map_ok(|()| Made::default()),
+        )
     }
 
     fn signs_in_memory(&self, format: Option<Format>) -> bool {

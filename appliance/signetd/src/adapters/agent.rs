@@ -7,8 +7,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Request, Response};
 use hyper::body::{Body, Incoming};
+use signet_api::wire::patch::PATCH_MEDIA_TYPE;
 use signet_api::wire::{
-    AgentHealth, ErrorBody, AGENT_HEALTH_PATH, INPUT_SHA256_HEADER, JOB_HEADER,
+    AgentHealth, ErrorBody, AGENT_HEALTH_PATH, AGENT_SIGN_PATH, INPUT_SHA256_HEADER, JOB_HEADER,
 };
 use signet_protocol::client::{self, ClientError};
 use signet_protocol::endpoint::Endpoint;
@@ -77,6 +78,12 @@ where
     }
     if let Some(sha) = input_sha256 {
         req = req.header(INPUT_SHA256_HEADER, sha);
+    }
+    if path == AGENT_SIGN_PATH {
+        // A PE signed natively comes back as what signing changed; the worker makes the
+        // signed file from the input it spooled (`services::jobs`).
+        let accept = format!("{PATCH_MEDIA_TYPE}, application/octet-stream");
+        req = req.header(header::ACCEPT, accept);
     }
     let req = req.body(body)?;
     Ok(match client::send(agent, req).await {

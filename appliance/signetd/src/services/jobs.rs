@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use http::header;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
+use signet_api::wire::patch::{Patch, PATCH_MAX, PATCH_MEDIA_TYPE};
 use signet_api::wire::{
     AgentSignQuery, ErrorBody, ErrorCode, JobState, JobView, ProfileOptions, QueueStatus,
     SignQuery, AGENT_BATCH_PATH, AGENT_SIGN_PATH,
@@ -1604,6 +1605,9 @@ impl JobService {
         let mut epoch = self.engine().agent_epoch.subscribe();
         epoch.mark_unchanged();
         let mut facts: (Option<String>, Option<String>) = (None, None);
+        // How the signed file came: whole from the agent, or made here of the input and
+        // what the agent changed in it.
+        let mut came = "whole";
         // Dropped before the job is committed signed, it breaks off what was streamed.
         let mut live: Option<LiveGuard<'_>> = None;
         let answer = async {
@@ -1627,16 +1631,7 @@ impl JobService {
                     ))
                 }
             };
-            let input: Blocks = match store.inline_input(id) {
-                Ok(Some(data)) if data.is_empty() => futures_util::stream::empty().boxed(),
-                Ok(Some(data)) => futures_util::stream::once(std::future::ready(Ok(bytes::Bytes::from(data)))).boxed(),
-                Ok(None) => open_spooled(store.input_path(id))
-                    .await
-                    .map_err(|e| ErrorBody::from(JobError::internal(id, "opening the spooled input", &e)))?
-                    .into_data_stream()
-                    .boxed(),
-                Err(e) => return Err(JobError::internal(id, "reading the input", &e).into()),
-            };
+            let (input, _) = input_blocks(store, id).await?;
             let body = Body::from_stream(upload(
                 input,
                 row.input_bytes,
@@ -1669,13 +1664,28 @@ impl JobService {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/octet-stream")
                 .to_owned();
+            // The signed file as what signing changed (a PE signed natively): made
+            // here from the input spooled, instead of streamed whole from the agent.
+            let (answer, ct): (Blocks, String) = if is_patch(&ct) {
+                let patch = read_patch(id, resp.into_body()).await?;
+                let (input, len) = input_blocks(store, id).await?;
+                let patch = patch.check(len).map_err(|why| {
+                    tracing::error!(job = id, "the agent's answer does not fit the input: {why}");
+                    ErrorBody::new(ErrorCode::AgentUnavailable, "the signing VM's agent answered a signed file that does not fit the input; nothing was delivered; update signet-agent to signetd's version").retryable(false)
+                })?;
+                came = "patch";
+                (patched(input, patch), "application/octet-stream".to_owned())
+            } else {
+                let answer = resp.into_body().into_data_stream().map(|r| r.map_err(std::io::Error::other));
+                (answer.boxed(), ct)
+            };
             // A signed file (not a batch's parts) may be streamed to a waiting
             // client as it lands.
             if row.kind == Kind::Sign {
                 live = Some(LiveGuard::start(engine, id, &out_path, &ct));
             }
             let progress = live.as_ref().map(|l| Arc::clone(&l.progress));
-            let landed = save(resp.into_body(), &out_path, progress).await.map_err(|e| match e {
+            let landed = save(answer, &out_path, progress).await.map_err(|e| match e {
                 Saved::Broken(e) => {
                     tracing::warn!(job = id, error = %e, "the agent's answer broke off");
                     ErrorBody::new(ErrorCode::AgentUnavailable, "the signing VM's agent stopped answering mid-job; nothing was delivered").retryable(true)
@@ -1754,9 +1764,13 @@ impl JobService {
                         if let Some(live) = &live {
                             live.signed(n);
                         }
-                        store.remove_spooled(&store.input_path(id));
+                        // Off the runtime's threads: unlinking a large file takes
+                        // milliseconds, which the jobs around this one need.
+                        let (store, input) = (Arc::clone(store), store.input_path(id));
+                        let _ =
+                            tokio::task::spawn_blocking(move || store.remove_spooled(&input)).await;
                         lock(&engine.sched).queue.record_duration(ms);
-                        tracing::info!(job = id, ms, bytes = n, "signed");
+                        tracing::info!(job = id, ms, bytes = n, answer = came, "signed");
                         self.timeline().saw(Seen::JobSigned(id.to_owned()));
                     }
                     Err(err) => {
@@ -2447,26 +2461,114 @@ async fn spool(
 }
 
 enum Saved {
-    Broken(hyper::Error),
+    /// The answer broke off (or the input it is made of could not be read).
+    Broken(std::io::Error),
     Disk(std::io::Error),
 }
 
-/// Streams the agent's answer into memory, or to `path` (fsync'd, with its directory)
-/// once it is more than [`store::INLINE_MAX`], hashing as it goes.
+/// Streams the signed file (the agent's answer, or made of the input and the agent's
+/// patch) into memory, or to `path` (fsync'd, with its directory) once it is more than
+/// [`store::INLINE_MAX`], hashing as it goes.
 async fn save(
-    mut body: hyper::body::Incoming,
+    mut answer: Blocks,
     path: &Path,
     progress: Option<Arc<watch::Sender<Progress>>>,
 ) -> Result<Landed, Saved> {
     let mut sink = Sink::new(path);
     sink.progress = progress;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(Saved::Broken)?;
-        if let Ok(data) = frame.into_data() {
-            sink.write(data).await.map_err(Saved::Disk)?;
-        }
+    while let Some(block) = answer.next().await {
+        let block = block.map_err(Saved::Broken)?;
+        sink.write(block).await.map_err(Saved::Disk)?;
     }
     sink.end().await.map_err(Saved::Disk)
+}
+
+/// A job's input as it was kept (its bytes from the database, or its spool file read
+/// ahead by a [`FileBody`]), and its length.
+async fn input_blocks(store: &Store, id: &str) -> Result<(Blocks, u64), ErrorBody> {
+    match store.inline_input(id) {
+        Ok(Some(data)) => {
+            let len = data.len() as u64;
+            let blocks = match data.is_empty() {
+                true => futures_util::stream::empty().boxed(),
+                false => {
+                    futures_util::stream::once(std::future::ready(Ok(bytes::Bytes::from(data))))
+                        .boxed()
+                }
+            };
+            Ok((blocks, len))
+        }
+        Ok(None) => {
+            let body = open_spooled(store.input_path(id)).await.map_err(|e| {
+                ErrorBody::from(JobError::internal(id, "opening the spooled input", &e))
+            })?;
+            let len = hyper::body::Body::size_hint(&body).exact().unwrap_or(0);
+            Ok((body.into_data_stream().boxed(), len))
+        }
+        Err(e) => Err(JobError::internal(id, "reading the input", &e).into()),
+    }
+}
+
+/// Whether a `Content-Type` is a patch's ([`PATCH_MEDIA_TYPE`]).
+fn is_patch(content_type: &str) -> bool {
+    content_type.split(';').next().unwrap_or("").trim() == PATCH_MEDIA_TYPE
+}
+
+/// Reads the agent's patch answer, at most [`PATCH_MAX`] bytes.
+async fn read_patch(id: &str, body: hyper::body::Incoming) -> Result<Patch, ErrorBody> {
+    let bytes = http_body_util::Limited::new(body, PATCH_MAX)
+        .collect()
+        .await
+        .map_err(|e| {
+            tracing::warn!(job = id, error = %e, "the agent's answer broke off or was too long");
+            ErrorBody::new(
+                ErrorCode::AgentUnavailable,
+                "the signing VM's agent stopped answering mid-job; nothing was delivered",
+            )
+            .retryable(true)
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| {
+        tracing::error!(job = id, error = %e, "the agent's patch answer cannot be read");
+        ErrorBody::new(ErrorCode::AgentUnavailable, "the signing VM's agent answered a signed file signetd cannot read; nothing was delivered; update signet-agent to signetd's version").retryable(false)
+    })
+}
+
+/// The signed file a checked patch makes of the input: the input's first bytes, those
+/// the patch edits written over, then the patch's tail.
+fn patched(input: Blocks, patch: signet_api::wire::patch::Checked) -> Blocks {
+    let patch = Arc::new(patch);
+    let keep = patch.keep();
+    let tail = bytes::Bytes::copy_from_slice(patch.tail());
+    let kept = futures_util::stream::unfold((input, 0u64), move |(mut input, at)| {
+        let patch = Arc::clone(&patch);
+        async move {
+            if at >= keep {
+                return None;
+            }
+            let block = match input.next().await {
+                Some(Ok(block)) => block,
+                Some(Err(e)) => return Some((Err(e), (input, keep))),
+                None => {
+                    let short = std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the spooled input ends at {at} bytes, before the {keep} the agent's answer keeps"),
+                    );
+                    return Some((Err(short), (input, keep)));
+                }
+            };
+            let take = usize::try_from(keep - at).map_or(block.len(), |left| left.min(block.len()));
+            let mut block = block.slice(..take);
+            if patch.touches(at, take as u64) {
+                let mut edited = bytes::BytesMut::from(&block[..]);
+                patch.apply(at, &mut edited);
+                block = edited.freeze();
+            }
+            Some((Ok(block), (input, at + take as u64)))
+        }
+    });
+    kept.chain(futures_util::stream::once(std::future::ready(Ok(tail))))
+        .boxed()
 }
 
 #[cfg(test)]
@@ -2731,6 +2833,59 @@ mod tests {
         );
         // The two inputs and the undelivered result count against the quota.
         assert_eq!(store.spool_usage().0, 3 + 4 + 2);
+    }
+
+    /// `data` as blocks of the sizes in `sizes`, in turn.
+    fn blocks_of(data: &[u8], sizes: &[usize]) -> Blocks {
+        let mut out = Vec::new();
+        let (mut at, mut i) = (0, 0);
+        while at < data.len() {
+            let n = sizes[i % sizes.len()].min(data.len() - at);
+            out.push(Ok(bytes::Bytes::copy_from_slice(&data[at..at + n])));
+            at += n;
+            i += 1;
+        }
+        futures_util::stream::iter(out).boxed()
+    }
+
+    async fn collected(mut blocks: Blocks) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(b) = blocks.next().await {
+            out.extend_from_slice(&b?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_patch_answer_makes_the_signed_file_of_the_input_whatever_its_blocks() {
+        use signet_api::wire::patch::Patch;
+        let input: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        // A signature replaced: the content ends at 4000, before the old table.
+        let patch = Patch::new(4000, &[(88, &[1, 2, 3, 4]), (152, &[9; 8])], &[7; 1234]);
+        let mut want = input[..4000].to_vec();
+        want[88..92].copy_from_slice(&[1, 2, 3, 4]);
+        want[152..160].copy_from_slice(&[9; 8]);
+        want.extend_from_slice(&[7; 1234]);
+        for sizes in [
+            &[5000][..],
+            &[1],
+            &[90, 3, 61, 7],
+            &[152, 8, 3840, 1000],
+            &[4000],
+        ] {
+            let made = patched(blocks_of(&input, sizes), patch.check(5000).unwrap());
+            assert_eq!(collected(made).await.unwrap(), want, "blocks of {sizes:?}");
+        }
+        // An input shorter than the patch keeps (a spool file cut) is an error, not
+        // a shorter file.
+        let made = patched(
+            blocks_of(&input[..3000], &[1000]),
+            patch.check(5000).unwrap(),
+        );
+        let e = collected(made).await.unwrap_err();
+        assert!(e.to_string().contains("ends at 3000 bytes"), "{e}");
+        // A patch that reaches past the input is refused before anything is made.
+        assert!(patch.check(3999).is_err());
     }
 
     #[test]
