@@ -12,6 +12,8 @@
 # there. Ways, on the 15 KiB PE (and SIGNET_AB_SIZES, bytes, e.g. "1048576"): direct
 # osslsigncode (the reference), whole file and digest mode before and after; raw C_Sign
 # on a resident session. The markdown table goes to target/bench/ab.md.
+# SIGNET_AB_SETTLE=1: `sync` before each run, untimed (signet-bench --settle), so that
+# what one way left unflushed is not written back during the next one's run.
 set -euo pipefail
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 (($# >= 2)) || { echo "usage: $0 BEFORE_DIR AFTER_DIR [ROUNDS] [WARMUP]" >&2; exit 2; }
@@ -103,5 +105,5 @@ echo "== A/B: $runs rounds ($warmup warm-up); load average: $(cut -d' ' -f1-3 /p
 "$after/signet-bench" interleave --runs "$runs" --warmup "$warmup" --ref "direct osslsigncode" \
   --module "$MOD" --pin-file "$W/token/pin" \
   --verify "osslsigncode verify -CAfile $W/token/cert.pem -in {out}" \
-  --md "$out/ab.md" "${spec[@]}"
+  --md "$out/ab.md" ${SIGNET_AB_SETTLE:+--settle} "${spec[@]}"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

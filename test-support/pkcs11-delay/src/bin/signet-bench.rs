@@ -78,6 +78,11 @@ enum Cmd {
         /// Where the markdown table goes (also printed).
         #[arg(long)]
         md: Option<PathBuf>,
+        /// Flushes the system's written data (`sync`) before each run, not timed: what
+        /// one way wrote and did not flush (osslsigncode writes without an fsync) is
+        /// not written back to the disk during the next way's run.
+        #[arg(long)]
+        settle: bool,
     },
     /// One command, N concurrent callers, J jobs.
     Throughput {
@@ -118,7 +123,17 @@ fn main() -> Result<()> {
             raw,
             verify,
             md,
-        } => interleave(runs, warmup, &ways, &reference, &raw, verify.as_deref(), md),
+            settle,
+        } => interleave(
+            runs,
+            warmup,
+            &ways,
+            &reference,
+            &raw,
+            verify.as_deref(),
+            md,
+            settle,
+        ),
         Cmd::Throughput {
             callers,
             jobs,
@@ -331,6 +346,7 @@ fn interleave(
     raw: &TokenArgs,
     verify: Option<&str>,
     md: Option<PathBuf>,
+    settle: bool,
 ) -> Result<()> {
     let scratch = scratch_dir()?;
     let mut ways = Vec::new();
@@ -371,6 +387,9 @@ fn interleave(
         for k in 0..n {
             let i = (k + round as usize) % n;
             let w = &mut ways[i];
+            if settle && !Command::new("sync").status()?.success() {
+                bail!("sync failed");
+            }
             let (ok, ms, out) = if w.argv.is_empty() {
                 let signer = signer.as_ref().context("raw way without a session")?;
                 match signer.sign_ms() {
