@@ -335,9 +335,9 @@ fn the_native_backend_trusts_an_https_tsa_through_the_systems_roots() {
 }
 
 /// A PE the agent spools (more than it holds in memory) comes back from it as what
-/// signing changed, and signetd makes the signed file of the input it spooled: signed
-/// plainly, nested beside that signature, and that pair replaced by a new one, each
-/// verifies, checksum included.
+/// signing changed, and signetd makes the signed file over the input it spooled:
+/// signed plainly, nested beside that signature, and that pair replaced by a new one,
+/// each verifies, checksum included.
 #[test]
 fn a_spooled_pe_comes_back_as_its_changes_and_signetd_makes_the_signed_file() {
     let mut w = World::new();
@@ -380,7 +380,7 @@ fn a_spooled_pe_comes_back_as_its_changes_and_signetd_makes_the_signed_file() {
     let log = w.log("signetd");
     let made_here = log
         .lines()
-        .filter(|l| l.contains(" signed ") && l.contains("answer=\"patch\""))
+        .filter(|l| l.contains(" signed ") && l.contains("answer=\"patch in place\""))
         .count();
     assert_eq!(made_here, 3, "{log}");
 }

@@ -112,6 +112,11 @@ impl Checked {
         self.keep
     }
 
+    /// The edits: offset and bytes, in order.
+    pub fn edits(&self) -> &[(u64, Vec<u8>)] {
+        &self.edits
+    }
+
     /// The bytes after those kept.
     pub fn tail(&self) -> &[u8] {
         &self.tail

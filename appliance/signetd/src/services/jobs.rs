@@ -27,6 +27,7 @@ use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
 use crate::adapters::audit::{self, Entry, Outcome};
+use crate::adapters::in_place;
 use crate::adapters::store::{self, Inserted, JobRow, Kind, NewJob, Store, StoreError};
 use crate::config::{Config, Current, Profile};
 use crate::core::policy::Caller;
@@ -236,6 +237,31 @@ impl Engine {
     /// Recovers what a crash left; the ids of the jobs that this ended.
     fn recover(&self) -> Result<Vec<String>, StoreError> {
         let mut ended = Vec::new();
+        // A signed file made over its input where it lies and not committed: the
+        // input is made back, for the job to run again.
+        for e in std::fs::read_dir(self.store.spool_dir())? {
+            let path = e?.path();
+            if path.extension().is_none_or(|x| x != "undo") {
+                continue;
+            }
+            let id = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("")
+                .to_owned();
+            let (input, output) = (self.store.input_path(&id), self.store.output_path(&id));
+            match self.store.get(&id)? {
+                Some(row) if !row.state.is_final() => match in_place::restore(&input, &output) {
+                    Ok(_) => {
+                        tracing::info!(job = %id, "the signed file made over the input was not committed; the input is back")
+                    }
+                    Err(e) => {
+                        tracing::error!(job = %id, error = %e, "the input under the signed file made over it cannot be made back")
+                    }
+                },
+                _ => in_place::done(&input),
+            }
+        }
         for row in self.store.in_state(JobState::Receiving)? {
             let e = ErrorBody::new(
                 ErrorCode::TruncatedInput,
@@ -1665,7 +1691,9 @@ impl JobService {
                 .unwrap_or("application/octet-stream")
                 .to_owned();
             // The signed file as what signing changed (a PE signed natively): made
-            // here from the input spooled, instead of streamed whole from the agent.
+            // here from the input spooled, instead of streamed whole from the agent;
+            // written over the spool file itself when what it overwrites is small
+            // (after this block: it must not be dropped half done).
             let (answer, ct): (Blocks, String) = if is_patch(&ct) {
                 let patch = read_patch(id, resp.into_body()).await?;
                 let (input, len) = input_blocks(store, id).await?;
@@ -1673,8 +1701,14 @@ impl JobService {
                     tracing::error!(job = id, "the agent's answer does not fit the input: {why}");
                     ErrorBody::new(ErrorCode::AgentUnavailable, "the signing VM's agent answered a signed file that does not fit the input; nothing was delivered; update signet-agent to signetd's version").retryable(false)
                 })?;
+                let ct = "application/octet-stream".to_owned();
+                if store.inline_input(id).ok().flatten().is_none() && in_place::fits(&patch, len) {
+                    came = "patch in place";
+                    live = Some(LiveGuard::start(engine, id, &out_path, &ct));
+                    return Ok((Answer::InPlace { patch, len }, ct));
+                }
                 came = "patch";
-                (patched(input, patch), "application/octet-stream".to_owned())
+                (patched(input, patch), ct)
             } else {
                 let answer = resp.into_body().into_data_stream().map(|r| r.map_err(std::io::Error::other));
                 (answer.boxed(), ct)
@@ -1692,7 +1726,7 @@ impl JobService {
                 }
                 Saved::Disk(e) => JobError::internal(id, "spooling the result", &e).into(),
             })?;
-            Ok::<_, ErrorBody>((landed, ct))
+            Ok::<_, ErrorBody>((Answer::Landed(landed), ct))
         }
         .instrument(span);
         let answer = tokio::select! {
@@ -1729,6 +1763,32 @@ impl JobService {
             }
             return true;
         }
+        let answer = match answer {
+            Ok((Answer::Landed(landed), ct)) => Ok((landed, ct)),
+            Ok((Answer::InPlace { patch, len }, ct)) => {
+                let (input, output) = (store.input_path(id), out_path.clone());
+                let progress = live.as_ref().map(|l| Arc::clone(&l.progress));
+                let made = tokio::task::spawn_blocking(move || {
+                    made_in_place(&input, &output, len, &patch, progress)
+                })
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                match made {
+                    Ok(landed) => {
+                        // The input's bytes are the result's now.
+                        store.release(len);
+                        Ok((landed, ct))
+                    }
+                    Err(e) => {
+                        Err(
+                            JobError::internal(id, "making the signed file of the input", &e)
+                                .into(),
+                        )
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
         let ms = gate.since(started).elapsed().as_millis() as u64;
         // The timeline counts an outage from the first contact that failed.
         match &answer {
@@ -1767,8 +1827,11 @@ impl JobService {
                         // Off the runtime's threads: unlinking a large file takes
                         // milliseconds, which the jobs around this one need.
                         let (store, input) = (Arc::clone(store), store.input_path(id));
-                        let _ =
-                            tokio::task::spawn_blocking(move || store.remove_spooled(&input)).await;
+                        let _ = tokio::task::spawn_blocking(move || {
+                            in_place::done(&input);
+                            store.remove_spooled(&input)
+                        })
+                        .await;
                         lock(&engine.sched).queue.record_duration(ms);
                         tracing::info!(job = id, ms, bytes = n, answer = came, "signed");
                         self.timeline().saw(Seen::JobSigned(id.to_owned()));
@@ -2460,6 +2523,66 @@ async fn spool(
     Ok(landed)
 }
 
+/// What the agent's answer became: a signed file landed in the spool, or a patch to
+/// write over the spooled input (of `len` bytes) where it lies ([`in_place`]).
+enum Answer {
+    Landed(Landed),
+    InPlace {
+        patch: signet_api::wire::patch::Checked,
+        len: u64,
+    },
+}
+
+/// Makes the spooled `input` the signed file `output` where it lies ([`in_place::make`]),
+/// then hashes it; `progress` hears of it whole before the hashing, so that a waiting
+/// client streams it meanwhile. On an error the input is there as it was.
+fn made_in_place(
+    input: &Path,
+    output: &Path,
+    len: u64,
+    patch: &signet_api::wire::patch::Checked,
+    progress: Option<Arc<watch::Sender<Progress>>>,
+) -> std::io::Result<Landed> {
+    use std::io::Read;
+    in_place::make(input, output, len, patch)?;
+    let n = patch.len();
+    if let Some(p) = &progress {
+        p.send_if_modified(|p| {
+            let open = matches!(p, Progress::Pending | Progress::Writing(_));
+            if open {
+                *p = Progress::Writing(n);
+            }
+            open
+        });
+    }
+    let hashed = (|| {
+        let mut file = std::fs::File::open(output)?;
+        let mut sha = Sha256::new();
+        let mut buf = vec![0u8; signet_protocol::IO_BLOCK];
+        loop {
+            match file.read(&mut buf)? {
+                0 => break,
+                k => sha.update(&buf[..k]),
+            }
+        }
+        Ok::<_, std::io::Error>(sha.finalize())
+    })();
+    match hashed {
+        Ok(sha) => Ok(Landed {
+            sha: audit::hex(&sha),
+            n,
+            inline: None,
+        }),
+        Err(e) => {
+            if let Some(p) = &progress {
+                p.send_replace(Progress::Failed);
+            }
+            in_place::restore(input, output)?;
+            Err(e)
+        }
+    }
+}
+
 enum Saved {
     /// The answer broke off (or the input it is made of could not be read).
     Broken(std::io::Error),
@@ -2833,6 +2956,70 @@ mod tests {
         );
         // The two inputs and the undelivered result count against the quota.
         assert_eq!(store.spool_usage().0, 3 + 4 + 2);
+    }
+
+    #[test]
+    fn a_signed_file_made_over_its_input_and_not_committed_gives_the_input_back_at_start() {
+        use signet_api::wire::patch::Patch;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 30).unwrap();
+        let id = |i: Inserted| match i {
+            Inserted::New(id) => id,
+            Inserted::Existing(_) => panic!("a new job"),
+        };
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 249) as u8).collect();
+        let patch = Patch::new(150_000, &[(88, &[1, 2, 3, 4])], &[7; 999])
+            .check(200_000)
+            .unwrap();
+        // One at the agent when signetd stopped (its signed file made, not committed),
+        // one committed signed before its undo was removed.
+        let mut jobs = Vec::new();
+        for _ in 0..2 {
+            let job = id(store.insert(&new_job()).unwrap());
+            std::fs::write(store.input_path(&job), &data).unwrap();
+            store.charge(200_000);
+            store.queued(&job, "in", 200_000).unwrap();
+            store.running(&job).unwrap();
+            in_place::make(
+                &store.input_path(&job),
+                &store.output_path(&job),
+                200_000,
+                &patch,
+            )
+            .unwrap();
+            jobs.push(job);
+        }
+        let (running, signed) = (&jobs[0], &jobs[1]);
+        store
+            .finish_with(
+                signed,
+                JobState::Signed,
+                Some(("o", patch.len(), "application/octet-stream")),
+                None,
+                None,
+                &Entry::default(),
+            )
+            .unwrap();
+        drop(store);
+
+        let engine = Engine::open(dir.path(), 1 << 30).unwrap();
+        let store = engine.store();
+        assert_eq!(store.get(running).unwrap().unwrap().state, JobState::Queued);
+        assert_eq!(std::fs::read(store.input_path(running)).unwrap(), data);
+        assert!(!store.output_path(running).exists());
+        assert_eq!(lock(&engine.sched).queue.position(running), Some(0));
+        // The signed one keeps its result; nothing of its input is left.
+        assert_eq!(store.get(signed).unwrap().unwrap().state, JobState::Signed);
+        assert_eq!(
+            std::fs::read(store.output_path(signed)).unwrap().len() as u64,
+            patch.len()
+        );
+        let left: Vec<String> = std::fs::read_dir(store.spool_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".undo") || n.ends_with(".in"))
+            .collect();
+        assert_eq!(left, [format!("{running}.in")]);
     }
 
     /// `data` as blocks of the sizes in `sizes`, in turn.
