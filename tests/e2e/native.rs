@@ -185,9 +185,9 @@ fn the_native_backend_signs_every_format_on_the_agents_session_one_c_sign_each()
     assert!(health.contains("signet-authenticode"), "{health}");
 }
 
-#[test]
-fn the_native_backend_signs_appx_packages_and_bundles_through_osslsigncodes_data() {
-    let mut w = World::new();
+/// Agent (native backend, SoftHSM) and daemon on unix sockets, `profiles` the
+/// daemon's profile tables.
+fn native_appliance(w: &mut World, profiles: &str) -> Endpoint {
     let pin = w.path("pin");
     let agent = w.start_agent_with(
         &format!("unix:{}", w.path("agent.sock").display()),
@@ -196,13 +196,21 @@ fn the_native_backend_signs_appx_packages_and_bundles_through_osslsigncodes_data
         &[],
         NATIVE,
     );
-    let ep = w
-        .start_daemon_with(
-            &[&format!("unix:{}", w.path("signetd.sock").display())],
-            &agent,
-            "default_profile = \"first\"\n[profiles.first]\nhash = \"sha256\"\n",
-        )
-        .remove(0);
+    w.start_daemon_with(
+        &[&format!("unix:{}", w.path("signetd.sock").display())],
+        &agent,
+        profiles,
+    )
+    .remove(0)
+}
+
+#[test]
+fn the_native_backend_signs_appx_packages_and_bundles_through_osslsigncodes_data() {
+    let mut w = World::new();
+    let ep = native_appliance(
+        &mut w,
+        "default_profile = \"first\"\n[profiles.first]\nhash = \"sha256\"\n",
+    );
     let package = w.appx("app.msix", false);
     let bundle = w.appx("app.msixbundle", true);
     let out = signet(&ep, &["sign", arg(&package), arg(&bundle)]);
@@ -341,30 +349,13 @@ fn the_native_backend_trusts_an_https_tsa_through_the_systems_roots() {
 #[test]
 fn a_spooled_pe_comes_back_as_its_changes_and_signetd_makes_the_signed_file() {
     let mut w = World::new();
-    let pin = w.path("pin");
-    let agent = w.start_agent_with(
-        &format!("unix:{}", w.path("agent.sock").display()),
-        SOFTHSM,
-        &pin,
-        &[],
-        NATIVE,
+    let ep = native_appliance(
+        &mut w,
+        "default_profile = \"first\"\n[profiles.first]\nhash = \"sha256\"\n\
+         [profiles.second]\nhash = \"sha512\"\nnested = true\n",
     );
-    let ep = w
-        .start_daemon_with(
-            &[&format!("unix:{}", w.path("signetd.sock").display())],
-            &agent,
-            "default_profile = \"first\"\n[profiles.first]\nhash = \"sha256\"\n\
-             [profiles.second]\nhash = \"sha512\"\nnested = true\n",
-        )
-        .remove(0);
     let exe = w.path("large.exe");
-    let made = std::process::Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/make-pe.sh"))
-        .arg(&exe)
-        .arg((1u64 << 20).to_string())
-        .status()
-        .unwrap();
-    assert!(made.success());
+    fixture("make-pe.sh", &[&exe, Path::new(&(1u64 << 20).to_string())]);
 
     let mut sizes = Vec::new();
     for (profile, want) in [("first", 1), ("second", 2), ("first", 1)] {

@@ -14,6 +14,12 @@ use serde::{Deserialize, Serialize};
 /// beside `application/octet-stream`.
 pub const PATCH_MEDIA_TYPE: &str = "application/vnd.signet.patch+json";
 
+/// Whether a media type (a `Content-Type`, or one of `Accept`'s) names a patch
+/// ([`PATCH_MEDIA_TYPE`]), whatever its parameters.
+pub fn is_patch_type(media_type: &str) -> bool {
+    media_type.split(';').next().unwrap_or("").trim() == PATCH_MEDIA_TYPE
+}
+
 /// The largest patch answer read: a certificate table holds one signature (with those
 /// nested in it), far below this.
 pub const PATCH_MAX: usize = 16 << 20;
@@ -187,6 +193,9 @@ mod tests {
             assert_eq!(made(&p, &input, block), want, "blocks of {block}");
         }
         assert_eq!(p.len(), 94);
+        assert!(is_patch_type(PATCH_MEDIA_TYPE));
+        assert!(is_patch_type(" application/vnd.signet.patch+json; q=1"));
+        assert!(!is_patch_type("application/octet-stream"));
         assert!(p.touches(0, 4) && p.touches(12, 1) && !p.touches(5, 4) && !p.touches(13, 50));
     }
 

@@ -224,22 +224,18 @@ impl<T: Clone> Kept<T> {
     }
 
     fn expire(&mut self, now: std::time::Instant) -> Vec<T> {
-        let mut gone = Vec::new();
-        while let Some(at) = self
-            .results
-            .iter()
-            .position(|r| now.saturating_duration_since(r.at) >= KEPT_FOR)
-        {
-            gone.extend(self.results.remove(at).map(|r| r.result));
-        }
-        gone
+        let (gone, kept): (std::collections::VecDeque<_>, _) = std::mem::take(&mut self.results)
+            .into_iter()
+            .partition(|r| now.saturating_duration_since(r.at) >= KEPT_FOR);
+        self.results = kept;
+        gone.into_iter().map(|r| r.result).collect()
     }
 }
 
 /// Drops results the kept list let go on a blocking thread: a spool's files are
 /// removed as it is dropped, which for a large file takes milliseconds that would
 /// otherwise be spent under the job lock, before the job's answer.
-fn drop_elsewhere<T: Send + 'static>(gone: Vec<T>) {
+pub(crate) fn drop_elsewhere<T: Send + 'static>(gone: Vec<T>) {
     if !gone.is_empty() {
         tokio::task::spawn_blocking(move || drop(gone));
     }

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt, TryStreamExt};
-use signet_api::wire::patch::PATCH_MEDIA_TYPE;
+use signet_api::wire::patch::{is_patch_type, PATCH_MEDIA_TYPE};
 use signet_api::wire::SignMode;
 use signet_api::wire::{
     AgentLogin, AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_EVENTS_PATH,
@@ -299,7 +299,7 @@ fn accepts_patch(headers: &HeaderMap) -> bool {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.split(';').next().unwrap_or("").trim() == PATCH_MEDIA_TYPE)
+        .any(is_patch_type)
 }
 
 /// A signing task that panicked or was cancelled.
@@ -651,8 +651,8 @@ async fn send(spool: Arc<Spool>, patch: bool) -> Result<Response, ErrorBody> {
         );
         resp.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-        // The spool goes on a blocking thread: its files are removed with it.
-        tokio::task::spawn_blocking(move || drop(spool));
+        // Its files go with the spool, off this thread.
+        crate::agent::drop_elsewhere(vec![spool]);
         return Ok(resp);
     }
     if let Some(signed) = spool.signed() {

@@ -106,10 +106,9 @@ pub fn restore(input: &Path, output: &Path) -> std::io::Result<bool> {
     let back: Patch = serde_json::from_slice(&text).map_err(std::io::Error::other)?;
     let at = if input.exists() { input } else { output };
     let file = OpenOptions::new().write(true).open(at)?;
+    // The forward change never cuts the file below the bytes it keeps.
     let len = file.metadata()?.len();
-    let back = back
-        .check(len.max(back.keep))
-        .map_err(std::io::Error::other)?;
+    let back = back.check(len).map_err(std::io::Error::other)?;
     apply(&file, &back)?;
     if at != input {
         std::fs::rename(at, input)?;

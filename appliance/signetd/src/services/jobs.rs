@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use http::header;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
-use signet_api::wire::patch::{Patch, PATCH_MAX, PATCH_MEDIA_TYPE};
+use signet_api::wire::patch::{is_patch_type, Patch, PATCH_MAX};
 use signet_api::wire::{
     AgentSignQuery, ErrorBody, ErrorCode, JobState, JobView, ProfileOptions, QueueStatus,
     SignQuery, AGENT_BATCH_PATH, AGENT_SIGN_PATH,
@@ -1657,7 +1657,7 @@ impl JobService {
                     ))
                 }
             };
-            let (input, _) = input_blocks(store, id).await?;
+            let input = input_blocks(store, id).await?;
             let body = Body::from_stream(upload(
                 input,
                 row.input_bytes,
@@ -1694,20 +1694,21 @@ impl JobService {
             // here from the input spooled, instead of streamed whole from the agent;
             // written over the spool file itself when what it overwrites is small
             // (after this block: it must not be dropped half done).
-            let (answer, ct): (Blocks, String) = if is_patch(&ct) {
+            let (answer, ct): (Blocks, String) = if is_patch_type(&ct) {
                 let patch = read_patch(id, resp.into_body()).await?;
-                let (input, len) = input_blocks(store, id).await?;
+                let (spooled, len) = input_kept(store, id).await?;
                 let patch = patch.check(len).map_err(|why| {
                     tracing::error!(job = id, "the agent's answer does not fit the input: {why}");
                     ErrorBody::new(ErrorCode::AgentUnavailable, "the signing VM's agent answered a signed file that does not fit the input; nothing was delivered; update signet-agent to signetd's version").retryable(false)
                 })?;
                 let ct = "application/octet-stream".to_owned();
-                if store.inline_input(id).ok().flatten().is_none() && in_place::fits(&patch, len) {
+                if spooled && in_place::fits(&patch, len) {
                     came = "patch in place";
                     live = Some(LiveGuard::start(engine, id, &out_path, &ct));
                     return Ok((Answer::InPlace { patch, len }, ct));
                 }
                 came = "patch";
+                let input = input_blocks(store, id).await?;
                 (patched(input, patch), ct)
             } else {
                 let answer = resp.into_body().into_data_stream().map(|r| r.map_err(std::io::Error::other));
@@ -2606,35 +2607,40 @@ async fn save(
     sink.end().await.map_err(Saved::Disk)
 }
 
-/// A job's input as it was kept (its bytes from the database, or its spool file read
-/// ahead by a [`FileBody`]), and its length.
-async fn input_blocks(store: &Store, id: &str) -> Result<(Blocks, u64), ErrorBody> {
+/// Whether a job's input is in its spool file (else in the database), and its length.
+async fn input_kept(store: &Store, id: &str) -> Result<(bool, u64), ErrorBody> {
     match store.inline_input(id) {
-        Ok(Some(data)) => {
-            let len = data.len() as u64;
-            let blocks = match data.is_empty() {
-                true => futures_util::stream::empty().boxed(),
-                false => {
-                    futures_util::stream::once(std::future::ready(Ok(bytes::Bytes::from(data))))
-                        .boxed()
-                }
-            };
-            Ok((blocks, len))
-        }
+        Ok(Some(data)) => Ok((false, data.len() as u64)),
         Ok(None) => {
-            let body = open_spooled(store.input_path(id)).await.map_err(|e| {
-                ErrorBody::from(JobError::internal(id, "opening the spooled input", &e))
-            })?;
-            let len = hyper::body::Body::size_hint(&body).exact().unwrap_or(0);
-            Ok((body.into_data_stream().boxed(), len))
+            let path = store.input_path(id);
+            let len = tokio::task::spawn_blocking(move || std::fs::metadata(path).map(|m| m.len()))
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+                .map_err(|e| {
+                    ErrorBody::from(JobError::internal(id, "opening the spooled input", &e))
+                })?;
+            Ok((true, len))
         }
         Err(e) => Err(JobError::internal(id, "reading the input", &e).into()),
     }
 }
 
-/// Whether a `Content-Type` is a patch's ([`PATCH_MEDIA_TYPE`]).
-fn is_patch(content_type: &str) -> bool {
-    content_type.split(';').next().unwrap_or("").trim() == PATCH_MEDIA_TYPE
+/// A job's input as it was kept: its bytes from the database, or its spool file read
+/// ahead by a [`FileBody`].
+async fn input_blocks(store: &Store, id: &str) -> Result<Blocks, ErrorBody> {
+    match store.inline_input(id) {
+        Ok(Some(data)) if data.is_empty() => Ok(futures_util::stream::empty().boxed()),
+        Ok(Some(data)) => Ok(futures_util::stream::once(std::future::ready(Ok(
+            bytes::Bytes::from(data),
+        )))
+        .boxed()),
+        Ok(None) => Ok(open_spooled(store.input_path(id))
+            .await
+            .map_err(|e| ErrorBody::from(JobError::internal(id, "opening the spooled input", &e)))?
+            .into_data_stream()
+            .boxed()),
+        Err(e) => Err(JobError::internal(id, "reading the input", &e).into()),
+    }
 }
 
 /// Reads the agent's patch answer, at most [`PATCH_MAX`] bytes.
