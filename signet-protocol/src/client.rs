@@ -108,7 +108,10 @@ where
             },
         }
     }
-    let stream = transport::connect(endpoint).await?;
+    let stream = tokio::io::BufReader::with_capacity(
+        crate::TLS_READ_AHEAD,
+        transport::connect(endpoint).await?,
+    );
     let (tls, pinned) = link
         .handshake_pinned(endpoint, stream)
         .await

@@ -45,3 +45,9 @@ pub use endpoint::Endpoint;
 /// file I/O goes through the blocking pool once per call, and each chunk read becomes
 /// one body frame: 4 KiB blocks cost a thread hand-off and a socket write per 4 KiB.
 pub const IO_BLOCK: usize = 256 << 10;
+
+/// The read buffer under a TLS connection. rustls reads one record (16 KiB at most) per
+/// read; from the socket directly that is a system call per record, 64 per MiB, on
+/// the path of every upload to the agent. Read through this buffer, one call takes
+/// what the socket holds and the records are cut from memory.
+pub const TLS_READ_AHEAD: usize = IO_BLOCK;

@@ -74,6 +74,7 @@ pub async fn serve(
                 tokio::spawn(async move {
                     let _permit = permit;
                     // The handshake is bounded like the headers that follow it.
+                    let io = tokio::io::BufReader::with_capacity(crate::TLS_READ_AHEAD, io);
                     match tokio::time::timeout(header_timeout, acceptor.accept(io)).await {
                         Ok(Ok(io)) => {
                             let key = io
