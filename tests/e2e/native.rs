@@ -371,7 +371,7 @@ fn a_spooled_pe_comes_back_as_its_changes_and_signetd_makes_the_signed_file() {
     let log = w.log("signetd");
     let made_here = log
         .lines()
-        .filter(|l| l.contains(" signed ") && l.contains("answer=\"patch in place\""))
+        .filter(|l| l.contains(" signed ") && l.contains("answer=\"patch kept\""))
         .count();
     assert_eq!(made_here, 3, "{log}");
 }

@@ -118,6 +118,16 @@ impl Checked {
         self.keep
     }
 
+    /// The patch this was read from, to be kept and read again.
+    pub fn to_patch(&self) -> Patch {
+        let edits: Vec<(u64, &[u8])> = self
+            .edits
+            .iter()
+            .map(|(at, b)| (*at, b.as_slice()))
+            .collect();
+        Patch::new(self.keep, &edits, &self.tail)
+    }
+
     /// The edits: offset and bytes, in order.
     pub fn edits(&self) -> &[(u64, Vec<u8>)] {
         &self.edits
@@ -193,6 +203,7 @@ mod tests {
             assert_eq!(made(&p, &input, block), want, "blocks of {block}");
         }
         assert_eq!(p.len(), 94);
+        assert_eq!(p.to_patch().check(100).unwrap(), p);
         assert!(is_patch_type(PATCH_MEDIA_TYPE));
         assert!(is_patch_type(" application/vnd.signet.patch+json; q=1"));
         assert!(!is_patch_type("application/octet-stream"));

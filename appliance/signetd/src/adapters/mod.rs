@@ -8,7 +8,7 @@ pub mod audit;
 pub mod bus;
 pub mod clients;
 pub mod head;
-pub mod in_place;
+pub mod patched;
 pub mod private;
 pub mod proxmox;
 pub mod qmp;

@@ -12,21 +12,26 @@
 //! fsync'd with its directory before the job becomes `queued`. Likewise a result of at
 //! most [`INLINE_MAX`] bytes is committed with `signed` and the audit record
 //! ([`crate::adapters::audit::append`]) in one transaction, a larger one goes to
-//! `spool/<id>.out`, fsync'd, before that transaction. Inputs are removed when the job
-//! ends (an inline one in the transaction that ends it), results when they expire.
+//! `spool/<id>.out`, fsync'd, before that transaction. A PE the agent signed natively
+//! is kept as its spooled input and what signing changed in it (table `patches`,
+//! committed with `signed`; see [`crate::adapters::patched`]): nothing of the input is
+//! written over. Inputs are removed when the job ends (an inline one in the transaction
+//! that ends it), results when they expire.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
+use signet_api::wire::patch::{Checked, Patch};
 use signet_api::wire::{ErrorBody, JobState};
 
 use crate::adapters::audit::{self, Entry};
 
 /// The schema this code reads and writes (2: small inputs and results inline, in
-/// `blobs`; a signetd that knows only 1 would not find them, so it refuses to open).
-pub const SCHEMA_VERSION: i64 = 2;
+/// `blobs`; 3: results kept as their input and a patch, in `patches`). A signetd that
+/// knows an older one would not find them, so it refuses to open.
+pub const SCHEMA_VERSION: i64 = 3;
 /// The largest input or result kept in the database instead of a spool file: a
 /// digest-mode body (the Authenticode data, a signature) always, a small signed file.
 pub const INLINE_MAX: u64 = 64 << 10;
@@ -268,6 +273,7 @@ impl Store {
         )?;
         add_request_column(&conn)?;
         init_blobs(&conn)?;
+        init_patches(&conn)?;
         audit::init(&conn)?;
         init_timeline(&conn)?;
         setup.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -705,6 +711,41 @@ impl Store {
         error: Option<&ErrorBody>,
         entry: &Entry,
     ) -> Result<audit::Record, StoreError> {
+        self.finish_in(id, state, output, inline, None, error, entry)
+    }
+
+    /// Ends job `id` signed with `output`, its result kept as its spooled input and
+    /// `patch` (a [`signet_api::wire::patch::Patch`] as JSON), which goes in the same
+    /// transaction ([`crate::adapters::patched`]).
+    pub fn finish_patched(
+        &self,
+        id: &str,
+        output: (&str, u64, &str),
+        patch: &[u8],
+        entry: &Entry,
+    ) -> Result<audit::Record, StoreError> {
+        self.finish_in(
+            id,
+            JobState::Signed,
+            Some(output),
+            None,
+            Some(patch),
+            None,
+            entry,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_in(
+        &self,
+        id: &str,
+        state: JobState,
+        output: Option<(&str, u64, &str)>,
+        inline: Option<&[u8]>,
+        patch: Option<&[u8]>,
+        error: Option<&ErrorBody>,
+        entry: &Entry,
+    ) -> Result<audit::Record, StoreError> {
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
         let input: Option<u64> = tx
@@ -718,6 +759,10 @@ impl Store {
                 "INSERT OR REPLACE INTO blobs (job, part, data) VALUES (?1, 'out', ?2)",
             )?
             .execute(params![id, data])?;
+        }
+        if let Some(data) = patch {
+            tx.prepare_cached("INSERT OR REPLACE INTO patches (job, data) VALUES (?1, ?2)")?
+                .execute(params![id, data])?;
         }
         let error_json = error.map(|e| serde_json::to_string(e).unwrap_or_default());
         tx.prepare_cached(
@@ -743,6 +788,41 @@ impl Store {
             self.charge(data.len() as u64);
         }
         Ok(rec)
+    }
+
+    /// Job `id`'s result as a patch to its spooled input, when it is kept so
+    /// ([`Store::finish_patched`]), checked against the input's recorded length.
+    pub fn result_patch(&self, id: &str) -> Result<Option<Checked>, StoreError> {
+        let row: Option<(Vec<u8>, Option<u64>)> = self
+            .conn()
+            .prepare_cached(
+                "SELECT p.data, j.input_bytes FROM patches p JOIN jobs j ON j.seq = p.job
+                 WHERE p.job = ?1",
+            )?
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((data, len)) = row else {
+            return Ok(None);
+        };
+        let damaged = |why: String| {
+            StoreError::Io(std::io::Error::other(format!(
+                "the patch kept for job {id}'s result cannot be read: {why}"
+            )))
+        };
+        let patch: Patch = serde_json::from_slice(&data).map_err(|e| damaged(e.to_string()))?;
+        patch.check(len.unwrap_or(0)).map(Some).map_err(damaged)
+    }
+
+    /// The jobs whose result is kept as a patch to their input, and not gone.
+    pub fn patched_jobs(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT p.job FROM patches p JOIN jobs j ON j.seq = p.job WHERE j.result_gone = 0",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, i64>(0))?;
+        Ok(rows
+            .map(|r| r.map(|s| s.to_string()))
+            .collect::<Result<_, _>>()?)
     }
 
     pub fn get(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
@@ -777,6 +857,7 @@ impl Store {
         let (mut used, mut kept) = (0, 0);
         for id in &ids {
             tx.execute("UPDATE jobs SET result_gone = 1 WHERE seq = ?1", [id])?;
+            tx.execute("DELETE FROM patches WHERE job = ?1", [id])?;
             let mut stmt =
                 tx.prepare("DELETE FROM blobs WHERE job = ?1 RETURNING kept, length(data)")?;
             let gone = stmt.query_map([id], |r| {
@@ -986,6 +1067,18 @@ fn init_blobs(conn: &Connection) -> rusqlite::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Creates the table of results kept as a patch to their spooled input (JSON of a
+/// [`Patch`]; [`crate::adapters::patched`]), and drops the patches of results gone.
+fn init_patches(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS patches (
+            job INTEGER PRIMARY KEY,
+            data BLOB NOT NULL
+        );
+        DELETE FROM patches WHERE job NOT IN (SELECT seq FROM jobs WHERE result_gone = 0);",
+    )
 }
 
 /// The bytes kept in the database: (inputs and undelivered results, delivered results kept).
@@ -1378,12 +1471,12 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_database_is_opened_and_marked_version_2() {
+    fn an_older_database_is_opened_and_marked_with_this_version() {
         let dir = tempfile::tempdir().unwrap();
         drop(Store::open(dir.path(), 1).unwrap());
         {
             let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-            conn.execute_batch("DROP TABLE blobs; PRAGMA user_version = 1;")
+            conn.execute_batch("DROP TABLE blobs; DROP TABLE patches; PRAGMA user_version = 1;")
                 .unwrap();
         }
         let store = Store::open(dir.path(), 1 << 20).unwrap();
@@ -1391,7 +1484,7 @@ mod tests {
             .conn()
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(v, 2);
+        assert_eq!(v, SCHEMA_VERSION);
         let Inserted::New(id) = store.insert(&job("uid:0", None)).unwrap() else {
             panic!()
         };

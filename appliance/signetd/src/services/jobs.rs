@@ -27,7 +27,7 @@ use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
 use crate::adapters::audit::{self, Entry, Outcome};
-use crate::adapters::in_place;
+use crate::adapters::patched;
 use crate::adapters::store::{self, Inserted, JobRow, Kind, NewJob, Store, StoreError};
 use crate::config::{Config, Current, Profile};
 use crate::core::policy::Caller;
@@ -237,29 +237,16 @@ impl Engine {
     /// Recovers what a crash left; the ids of the jobs that this ended.
     fn recover(&self) -> Result<Vec<String>, StoreError> {
         let mut ended = Vec::new();
-        // A signed file made over its input where it lies and not committed: the
-        // input is made back, for the job to run again.
-        for e in std::fs::read_dir(self.store.spool_dir())? {
-            let path = e?.path();
-            if path.extension().is_none_or(|x| x != "undo") {
-                continue;
-            }
-            let id = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("")
-                .to_owned();
-            let (input, output) = (self.store.input_path(&id), self.store.output_path(&id));
-            match self.store.get(&id)? {
-                Some(row) if !row.state.is_final() => match in_place::restore(&input, &output) {
-                    Ok(_) => {
-                        tracing::info!(job = %id, "the signed file made over the input was not committed; the input is back")
-                    }
-                    Err(e) => {
-                        tracing::error!(job = %id, error = %e, "the input under the signed file made over it cannot be made back")
-                    }
-                },
-                _ => in_place::done(&input),
+        // A result kept as its input and a patch, committed before the input's file was
+        // renamed to the result: renamed now (its readers find it under either name).
+        let patched: std::collections::HashSet<String> =
+            self.store.patched_jobs()?.into_iter().collect();
+        for id in &patched {
+            let (input, output) = (self.store.input_path(id), self.store.output_path(id));
+            if input.exists() && !output.exists() {
+                if let Err(e) = std::fs::rename(&input, &output) {
+                    tracing::warn!(job = %id, error = %e, "the signed job's input cannot be renamed to its result; it is read where it is");
+                }
             }
         }
         for row in self.store.in_state(JobState::Receiving)? {
@@ -300,7 +287,9 @@ impl Engine {
             let path = e?.path();
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
             let is_input = path.extension().is_some_and(|x| x == "in");
-            if !live.contains(stem) || (is_input && !pending.contains(stem)) {
+            if !live.contains(stem)
+                || (is_input && !pending.contains(stem) && !patched.contains(stem))
+            {
                 self.store.remove_spooled(&path);
             }
         }
@@ -1139,7 +1128,6 @@ impl JobService {
     /// does not end signed with these bytes.
     pub fn live_result(&self, id: &str, caller: &Caller, live: Live) -> Result<Delivery, JobError> {
         let row = self.caller_job(id, caller)?;
-        let delivered = self.engine().store.delivered_path(id);
         Ok(Delivery {
             id: row.id,
             kind: row.kind,
@@ -1149,7 +1137,7 @@ impl JobService {
                 .profile_options(Some(&row.profile), caller)
                 .ok()
                 .map(|o| profile_answer(&o).1),
-            body: Body::from_stream(live.blocks(delivered)),
+            body: Body::from_stream(live.blocks()),
         })
     }
 
@@ -1277,20 +1265,42 @@ impl JobService {
                     id: id.to_owned(),
                     ttl,
                 };
-                let body = match open_spooled(store.output_path(id)).await {
-                    Ok(f) => Body::new(f),
-                    // Kept in the database (delivered or not), or delivered once
-                    // already: the copy kept for a retry, while it lasts.
-                    Err(_) => match store
-                        .inline_output(id)
-                        .map_err(|e| JobError::internal(id, "reading the result", &e))?
-                    {
-                        Some(data) => Body::from(data),
-                        None => Body::new(
-                            open_spooled(store.delivered_path(id))
-                                .await
-                                .map_err(|_| gone())?,
-                        ),
+                let patch = store
+                    .result_patch(id)
+                    .map_err(|e| JobError::internal(id, "reading the result", &e))?;
+                let body = match patch {
+                    // Kept as the input and a patch: made as it is read.
+                    Some(patch) => {
+                        let paths = [
+                            store.output_path(id),
+                            store.input_path(id),
+                            store.delivered_path(id),
+                        ];
+                        let mut opened = Err(gone());
+                        for p in paths {
+                            if let Ok(f) = open_spooled(p).await {
+                                opened = Ok(f);
+                                break;
+                            }
+                        }
+                        let input = opened?.into_data_stream().boxed();
+                        Body::from_stream(patched_blocks(input, patch))
+                    }
+                    None => match open_spooled(store.output_path(id)).await {
+                        Ok(f) => Body::new(f),
+                        // Kept in the database (delivered or not), or delivered once
+                        // already: the copy kept for a retry, while it lasts.
+                        Err(_) => match store
+                            .inline_output(id)
+                            .map_err(|e| JobError::internal(id, "reading the result", &e))?
+                        {
+                            Some(data) => Body::from(data),
+                            None => Body::new(
+                                open_spooled(store.delivered_path(id))
+                                    .await
+                                    .map_err(|_| gone())?,
+                            ),
+                        },
                     },
                 };
                 Ok(Delivery {
@@ -1702,14 +1712,20 @@ impl JobService {
                     ErrorBody::new(ErrorCode::AgentUnavailable, "the signing VM's agent answered a signed file that does not fit the input; nothing was delivered; update signet-agent to signetd's version").retryable(false)
                 })?;
                 let ct = "application/octet-stream".to_owned();
-                if spooled && in_place::fits(&patch, len) {
-                    came = "patch in place";
-                    live = Some(LiveGuard::start(engine, id, &out_path, &ct));
-                    return Ok((Answer::InPlace { patch, len }, ct));
+                if spooled && patched::fits(&patch) {
+                    // Kept as the input and the patch: whole already, a waiting client
+                    // streams it now, while it is hashed and committed.
+                    came = "patch kept";
+                    let patch = Arc::new(patch);
+                    let paths = vec![store.input_path(id), out_path.clone(), store.delivered_path(id)];
+                    let guard = LiveGuard::start(engine, id, paths, Some(Arc::clone(&patch)), &ct);
+                    guard.written(patch.len());
+                    live = Some(guard);
+                    return Ok((Answer::Kept(patch), ct));
                 }
                 came = "patch";
                 let input = input_blocks(store, id).await?;
-                (patched(input, patch), ct)
+                (patched_blocks(input, patch), ct)
             } else {
                 let answer = resp.into_body().into_data_stream().map(|r| r.map_err(std::io::Error::other));
                 (answer.boxed(), ct)
@@ -1717,7 +1733,8 @@ impl JobService {
             // A signed file (not a batch's parts) may be streamed to a waiting
             // client as it lands.
             if row.kind == Kind::Sign {
-                live = Some(LiveGuard::start(engine, id, &out_path, &ct));
+                let paths = vec![out_path.clone(), store.delivered_path(id)];
+                live = Some(LiveGuard::start(engine, id, paths, None, &ct));
             }
             let progress = live.as_ref().map(|l| Arc::clone(&l.progress));
             let landed = save(answer, &out_path, progress).await.map_err(|e| match e {
@@ -1764,28 +1781,28 @@ impl JobService {
             }
             return true;
         }
+        // A result kept as a patch is hashed as it is read, while a waiting client
+        // reads it too.
         let answer = match answer {
-            Ok((Answer::Landed(landed), ct)) => Ok((landed, ct)),
-            Ok((Answer::InPlace { patch, len }, ct)) => {
-                let (input, output) = (store.input_path(id), out_path.clone());
-                let progress = live.as_ref().map(|l| Arc::clone(&l.progress));
-                let made = tokio::task::spawn_blocking(move || {
-                    made_in_place(&input, &output, len, &patch, progress)
+            Ok((Answer::Landed(landed), ct)) => Ok((landed, ct, None)),
+            Ok((Answer::Kept(patch), ct)) => {
+                let (input, p) = (store.input_path(id), Arc::clone(&patch));
+                let hashed = tokio::task::spawn_blocking(move || {
+                    patched::sha256(&std::fs::File::open(input)?, &p)
                 })
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-                match made {
-                    Ok(landed) => {
-                        // The input's bytes are the result's now.
-                        store.release(len);
-                        Ok((landed, ct))
-                    }
-                    Err(e) => {
-                        Err(
-                            JobError::internal(id, "making the signed file of the input", &e)
-                                .into(),
-                        )
-                    }
+                match hashed {
+                    Ok(sha) => Ok((
+                        Landed {
+                            sha: audit::hex(&sha),
+                            n: patch.len(),
+                            inline: None,
+                        },
+                        ct,
+                        Some(patch),
+                    )),
+                    Err(e) => Err(JobError::internal(id, "reading the spooled input", &e).into()),
                 }
             }
             Err(e) => Err(e),
@@ -1800,9 +1817,10 @@ impl JobService {
             Ok(_) => self.timeline().saw(Seen::ContactOk),
         }
         match answer {
-            Ok((Landed { sha, n, inline }, ct)) => {
-                // A small result is kept in the transaction that ends the job.
-                if inline.is_none() {
+            Ok((Landed { sha, n, inline }, ct, kept)) => {
+                // A small result is kept in the transaction that ends the job; one kept
+                // as a patch is the input's file, counted already.
+                if inline.is_none() && kept.is_none() {
                     store.charge(n);
                 }
                 let mut e = entry(&row, Outcome::Signed, None);
@@ -1811,28 +1829,50 @@ impl JobService {
                 e.output_sha256 = Some(sha.clone());
                 e.output_bytes = Some(n);
                 e.duration_ms = Some(ms);
-                let finished = store.finish_with(
-                    id,
-                    JobState::Signed,
-                    Some((&sha, n, &ct)),
-                    inline.as_deref(),
-                    None,
-                    &e,
-                );
+                let finished = match &kept {
+                    Some(p) => {
+                        let patch = serde_json::to_vec(&p.to_patch()).unwrap_or_default();
+                        store.finish_patched(id, (&sha, n, &ct), &patch, &e)
+                    }
+                    None => store.finish_with(
+                        id,
+                        JobState::Signed,
+                        Some((&sha, n, &ct)),
+                        inline.as_deref(),
+                        None,
+                        &e,
+                    ),
+                };
                 engine.store_wrote(finished.as_ref().map(|_| ()));
                 match finished {
                     Ok(_) => {
-                        if let Some(live) = &live {
-                            live.signed(n);
+                        let input = store.input_path(id);
+                        if kept.is_some() {
+                            // The input's file is the result's: named so before the
+                            // stream ends, which marks the result delivered. Not flushed:
+                            // the next start renames what a crash left.
+                            let output = out_path.clone();
+                            let renamed =
+                                tokio::task::spawn_blocking(move || std::fs::rename(input, output))
+                                    .await
+                                    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                            if let Err(e) = renamed {
+                                tracing::warn!(job = id, error = %e, "the signed job's input cannot be renamed to its result; it is read where it is");
+                            }
+                            if let Some(live) = &live {
+                                live.signed(n);
+                            }
+                        } else {
+                            if let Some(live) = &live {
+                                live.signed(n);
+                            }
+                            // Off the runtime's threads: unlinking a large file takes
+                            // milliseconds, which the jobs around this one need.
+                            let store = Arc::clone(store);
+                            let _ =
+                                tokio::task::spawn_blocking(move || store.remove_spooled(&input))
+                                    .await;
                         }
-                        // Off the runtime's threads: unlinking a large file takes
-                        // milliseconds, which the jobs around this one need.
-                        let (store, input) = (Arc::clone(store), store.input_path(id));
-                        let _ = tokio::task::spawn_blocking(move || {
-                            in_place::done(&input);
-                            store.remove_spooled(&input)
-                        })
-                        .await;
                         lock(&engine.sched).queue.record_duration(ms);
                         tracing::info!(job = id, ms, bytes = n, answer = came, "signed");
                         self.timeline().saw(Seen::JobSigned(id.to_owned()));
@@ -2163,11 +2203,16 @@ enum Progress {
     Failed,
 }
 
-/// A result being spooled from the agent to `<id>.out`, which a waiting
-/// `GET /v1/jobs/{id}/result` streams as it lands ([`JobService::wait_result`]).
+/// A result being spooled from the agent to `<id>.out` (or kept as the input and a
+/// patch: whole at once), which a waiting `GET /v1/jobs/{id}/result` streams as it
+/// lands ([`JobService::wait_result`]).
 #[derive(Debug, Clone)]
 pub struct Live {
-    path: std::path::PathBuf,
+    /// Where its file is: the first as it is written, the others where it may have
+    /// been moved to meanwhile.
+    paths: Vec<std::path::PathBuf>,
+    /// The patch the result is made of, with the file (the input), when kept so.
+    patch: Option<Arc<signet_api::wire::patch::Checked>>,
     content_type: String,
     progress: watch::Receiver<Progress>,
 }
@@ -2175,22 +2220,21 @@ pub struct Live {
 impl Live {
     /// The result's bytes as they are written; ends once the job is signed, breaks
     /// off once it is known it will not be (or signetd stops). The file is opened at
-    /// the first read; if a stream before this one delivered it whole meanwhile, it
-    /// was moved to `delivered`.
+    /// the first read, under the first of its paths it has (a stream before this one
+    /// may have delivered it whole meanwhile, which moved it).
     fn blocks(
         self,
-        delivered: std::path::PathBuf,
     ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
         let broke = |why: &str| {
             std::io::Error::other(format!(
                 "{why}; nothing of it counts, collect the job's result again"
             ))
         };
-        let (path, rx) = (self.path, self.progress);
+        let (paths, patch, rx) = (Arc::new(self.paths), self.patch, self.progress);
         futures_util::stream::unfold(
             (None::<Arc<std::fs::File>>, 0u64, rx, false),
             move |(mut file, sent, mut rx, done)| {
-                let (path, delivered) = (path.clone(), delivered.clone());
+                let (paths, patch) = (Arc::clone(&paths), patch.clone());
                 async move {
                     if done {
                         return None;
@@ -2208,7 +2252,7 @@ impl Live {
                         };
                         if ready > sent {
                             let want = (ready - sent).min(signet_protocol::IO_BLOCK as u64);
-                            let read = read_at(&mut file, path, delivered, sent, want).await;
+                            let read = read_at(&mut file, paths, patch, sent, want).await;
                             return match read {
                                 Ok(b) => {
                                     let n = b.len() as u64;
@@ -2231,12 +2275,13 @@ impl Live {
     }
 }
 
-/// `want` bytes at `at` of a result's spool file (opened first if need be: at
-/// `path`, or at `delivered` once another answer delivered it), on a blocking thread.
+/// `want` bytes at `at` of a result (its file opened first if need be, under the
+/// first of `paths` it has; made of it and `patch` when it is kept so), on a blocking
+/// thread.
 async fn read_at(
     file: &mut Option<Arc<std::fs::File>>,
-    path: std::path::PathBuf,
-    delivered: std::path::PathBuf,
+    paths: Arc<Vec<std::path::PathBuf>>,
+    patch: Option<Arc<signet_api::wire::patch::Checked>>,
     at: u64,
     want: u64,
 ) -> std::io::Result<bytes::Bytes> {
@@ -2245,12 +2290,16 @@ async fn read_at(
     let (f, b) = tokio::task::spawn_blocking(move || {
         let f = match f {
             Some(f) => f,
+            None => Arc::new(patched::open(&paths)?),
+        };
+        let b = match &patch {
+            Some(p) => patched::read(&f, p, at, want as usize)?,
             None => {
-                Arc::new(std::fs::File::open(&path).or_else(|_| std::fs::File::open(&delivered))?)
+                let mut b = vec![0u8; want as usize];
+                f.read_exact_at(&mut b, at)?;
+                b
             }
         };
-        let mut b = vec![0u8; want as usize];
-        f.read_exact_at(&mut b, at)?;
         Ok::<_, std::io::Error>((f, b))
     })
     .await
@@ -2269,12 +2318,19 @@ struct LiveGuard<'a> {
 }
 
 impl<'a> LiveGuard<'a> {
-    fn start(engine: &'a Engine, id: &'a str, path: &Path, content_type: &str) -> LiveGuard<'a> {
+    fn start(
+        engine: &'a Engine,
+        id: &'a str,
+        paths: Vec<std::path::PathBuf>,
+        patch: Option<Arc<signet_api::wire::patch::Checked>>,
+        content_type: &str,
+    ) -> LiveGuard<'a> {
         let (tx, rx) = watch::channel(Progress::Pending);
         lock(&engine.live).insert(
             id.to_owned(),
             Live {
-                path: path.to_owned(),
+                paths,
+                patch,
                 content_type: content_type.to_owned(),
                 progress: rx,
             },
@@ -2285,6 +2341,11 @@ impl<'a> LiveGuard<'a> {
             id,
             progress: Arc::new(tx),
         }
+    }
+
+    /// Its first `n` bytes can be read.
+    fn written(&self, n: u64) {
+        self.progress.send_replace(Progress::Writing(n));
     }
 
     fn signed(&self, n: u64) {
@@ -2524,64 +2585,11 @@ async fn spool(
     Ok(landed)
 }
 
-/// What the agent's answer became: a signed file landed in the spool, or a patch to
-/// write over the spooled input (of `len` bytes) where it lies ([`in_place`]).
+/// What the agent's answer became: a signed file landed in the spool, or a patch the
+/// result is kept as, with the spooled input ([`patched`]).
 enum Answer {
     Landed(Landed),
-    InPlace {
-        patch: signet_api::wire::patch::Checked,
-        len: u64,
-    },
-}
-
-/// Makes the spooled `input` the signed file `output` where it lies ([`in_place::make`]),
-/// then hashes it; `progress` hears of it whole before the hashing, so that a waiting
-/// client streams it meanwhile. On an error the input is there as it was.
-fn made_in_place(
-    input: &Path,
-    output: &Path,
-    len: u64,
-    patch: &signet_api::wire::patch::Checked,
-    progress: Option<Arc<watch::Sender<Progress>>>,
-) -> std::io::Result<Landed> {
-    use std::io::Read;
-    in_place::make(input, output, len, patch)?;
-    let n = patch.len();
-    if let Some(p) = &progress {
-        p.send_if_modified(|p| {
-            let open = matches!(p, Progress::Pending | Progress::Writing(_));
-            if open {
-                *p = Progress::Writing(n);
-            }
-            open
-        });
-    }
-    let hashed = (|| {
-        let mut file = std::fs::File::open(output)?;
-        let mut sha = Sha256::new();
-        let mut buf = vec![0u8; signet_protocol::IO_BLOCK];
-        loop {
-            match file.read(&mut buf)? {
-                0 => break,
-                k => sha.update(&buf[..k]),
-            }
-        }
-        Ok::<_, std::io::Error>(sha.finalize())
-    })();
-    match hashed {
-        Ok(sha) => Ok(Landed {
-            sha: audit::hex(&sha),
-            n,
-            inline: None,
-        }),
-        Err(e) => {
-            if let Some(p) = &progress {
-                p.send_replace(Progress::Failed);
-            }
-            in_place::restore(input, output)?;
-            Err(e)
-        }
-    }
+    Kept(Arc<signet_api::wire::patch::Checked>),
 }
 
 enum Saved {
@@ -2665,7 +2673,7 @@ async fn read_patch(id: &str, body: hyper::body::Incoming) -> Result<Patch, Erro
 
 /// The signed file a checked patch makes of the input: the input's first bytes, those
 /// the patch edits written over, then the patch's tail.
-fn patched(input: Blocks, patch: signet_api::wire::patch::Checked) -> Blocks {
+fn patched_blocks(input: Blocks, patch: signet_api::wire::patch::Checked) -> Blocks {
     let patch = Arc::new(patch);
     let keep = patch.keep();
     let tail = bytes::Bytes::copy_from_slice(patch.tail());
@@ -2874,14 +2882,15 @@ mod tests {
             .collect();
         for signed in [true, false] {
             let path = dir.path().join(format!("{signed}.out"));
-            let guard = LiveGuard::start(&engine, "7", &path, "application/x-test");
+            let paths = vec![path.clone(), dir.path().join("none")];
+            let guard = LiveGuard::start(&engine, "7", paths, None, "application/x-test");
             let live = lock(&engine.live).get("7").cloned().unwrap();
             assert_eq!(live.content_type, "application/x-test");
             let mut sink = Sink::new(&path);
             sink.progress = Some(Arc::clone(&guard.progress));
             sink.write(bytes::Bytes::from(bytes.clone())).await.unwrap();
             let landed = sink.end().await.unwrap();
-            let mut blocks = Box::pin(live.blocks(dir.path().join("none")));
+            let mut blocks = Box::pin(live.blocks());
             let mut got = Vec::new();
             while got.len() < bytes.len() {
                 got.extend_from_slice(&blocks.next().await.unwrap().unwrap());
@@ -2964,8 +2973,55 @@ mod tests {
         assert_eq!(store.spool_usage().0, 3 + 4 + 2);
     }
 
+    /// A result kept as its input and a patch is whole at once: a waiting client
+    /// streams it as soon as the agent answered, from the input wherever it was moved
+    /// to, and the stream ends only once the job is signed.
+    #[tokio::test]
+    async fn a_result_kept_as_a_patch_streams_at_once_from_its_input_wherever_it_is() {
+        use futures_util::FutureExt;
+        use signet_api::wire::patch::Patch;
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), 1 << 30).unwrap();
+        let input: Vec<u8> = (0..(signet_protocol::IO_BLOCK + 5000))
+            .map(|i| (i % 241) as u8)
+            .collect();
+        let len = input.len() as u64;
+        let patch = Arc::new(
+            Patch::new(len - 1000, &[(88, &[1, 2, 3, 4])], &[7; 2500])
+                .check(len)
+                .unwrap(),
+        );
+        let mut want = input[..input.len() - 1000].to_vec();
+        want[88..92].copy_from_slice(&[1, 2, 3, 4]);
+        want.extend_from_slice(&[7; 2500]);
+        let (input_path, out) = (dir.path().join("7.in"), dir.path().join("7.out"));
+        std::fs::write(&input_path, &input).unwrap();
+        let paths = vec![input_path.clone(), out.clone()];
+        let guard = LiveGuard::start(&engine, "7", paths, Some(Arc::clone(&patch)), "x/y");
+        guard.written(patch.len());
+        let live = lock(&engine.live).get("7").cloned().unwrap();
+        // Renamed to the result (after the commit) before this client read a byte.
+        std::fs::rename(&input_path, &out).unwrap();
+        let mut blocks = Box::pin(live.blocks());
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            got.extend_from_slice(&blocks.next().await.unwrap().unwrap());
+        }
+        assert_eq!(got, want);
+        assert!(blocks.next().now_or_never().is_none());
+        guard.signed(patch.len());
+        drop(guard);
+        assert!(blocks.next().await.is_none());
+        // Nothing of the input was written over.
+        assert_eq!(std::fs::read(&out).unwrap(), input);
+    }
+
+    /// What a crash leaves of a job whose result is kept as its input and a patch: none
+    /// of its input written over, whatever the step. Committed signed, the input is
+    /// renamed to the result at start and read with the patch; not committed, it is
+    /// the input of a job that runs again.
     #[test]
-    fn a_signed_file_made_over_its_input_and_not_committed_gives_the_input_back_at_start() {
+    fn a_result_kept_as_a_patch_survives_a_crash_and_an_uncommitted_one_leaves_the_input() {
         use signet_api::wire::patch::Patch;
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 30).unwrap();
@@ -2977,8 +3033,8 @@ mod tests {
         let patch = Patch::new(150_000, &[(88, &[1, 2, 3, 4])], &[7; 999])
             .check(200_000)
             .unwrap();
-        // One at the agent when signetd stopped (its signed file made, not committed),
-        // one committed signed before its undo was removed.
+        // One at the agent when signetd stopped, one committed signed before its input
+        // was renamed to the result.
         let mut jobs = Vec::new();
         for _ in 0..2 {
             let job = id(store.insert(&new_job()).unwrap());
@@ -2986,23 +3042,15 @@ mod tests {
             store.charge(200_000);
             store.queued(&job, "in", 200_000).unwrap();
             store.running(&job).unwrap();
-            in_place::make(
-                &store.input_path(&job),
-                &store.output_path(&job),
-                200_000,
-                &patch,
-            )
-            .unwrap();
             jobs.push(job);
         }
         let (running, signed) = (&jobs[0], &jobs[1]);
+        let json = serde_json::to_vec(&patch.to_patch()).unwrap();
         store
-            .finish_with(
+            .finish_patched(
                 signed,
-                JobState::Signed,
-                Some(("o", patch.len(), "application/octet-stream")),
-                None,
-                None,
+                ("o", patch.len(), "application/octet-stream"),
+                &json,
                 &Entry::default(),
             )
             .unwrap();
@@ -3012,20 +3060,30 @@ mod tests {
         let store = engine.store();
         assert_eq!(store.get(running).unwrap().unwrap().state, JobState::Queued);
         assert_eq!(std::fs::read(store.input_path(running)).unwrap(), data);
-        assert!(!store.output_path(running).exists());
+        assert_eq!(store.result_patch(running).unwrap(), None);
         assert_eq!(lock(&engine.sched).queue.position(running), Some(0));
-        // The signed one keeps its result; nothing of its input is left.
+        // The signed one is its input, renamed, and the patch kept with it.
         assert_eq!(store.get(signed).unwrap().unwrap().state, JobState::Signed);
+        assert!(!store.input_path(signed).exists());
+        assert_eq!(std::fs::read(store.output_path(signed)).unwrap(), data);
+        let kept = store.result_patch(signed).unwrap().unwrap();
+        assert_eq!(kept, patch);
+        let mut want = data[..150_000].to_vec();
+        want[88..92].copy_from_slice(&[1, 2, 3, 4]);
+        want.extend_from_slice(&[7; 999]);
+        let file = std::fs::File::open(store.output_path(signed)).unwrap();
         assert_eq!(
-            std::fs::read(store.output_path(signed)).unwrap().len() as u64,
-            patch.len()
+            patched::read(&file, &kept, 0, 1 << 20).unwrap(),
+            want,
+            "the signed file, made of the input and the patch"
         );
-        let left: Vec<String> = std::fs::read_dir(store.spool_dir())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".undo") || n.ends_with(".in"))
-            .collect();
-        assert_eq!(left, [format!("{running}.in")]);
+        // Its result counts as the input's file did, until it is delivered.
+        assert_eq!(store.spool_usage().0, 2 * 200_000);
+        assert!(store.delivered(signed));
+        assert_eq!(store.spool_usage().0, 200_000);
+        // Gone with the result.
+        assert_eq!(store.expire(u64::MAX).unwrap().len(), 1);
+        assert_eq!(store.result_patch(signed).unwrap(), None);
     }
 
     /// `data` as blocks of the sizes in `sizes`, in turn.
@@ -3066,12 +3124,12 @@ mod tests {
             &[152, 8, 3840, 1000],
             &[4000],
         ] {
-            let made = patched(blocks_of(&input, sizes), patch.check(5000).unwrap());
+            let made = patched_blocks(blocks_of(&input, sizes), patch.check(5000).unwrap());
             assert_eq!(collected(made).await.unwrap(), want, "blocks of {sizes:?}");
         }
         // An input shorter than the patch keeps (a spool file cut) is an error, not
         // a shorter file.
-        let made = patched(
+        let made = patched_blocks(
             blocks_of(&input[..3000], &[1000]),
             patch.check(5000).unwrap(),
         );

@@ -1,0 +1,126 @@
+//! A signed file kept as its spooled input and what signing changed in it.
+//!
+//! Signing a PE changes two header fields and what follows its content; an agent that
+//! signed natively answers those changes (`signet_api::wire::patch`). signetd keeps
+//! them in the database, committed with `signed` and the audit record
+//! ([`crate::adapters::store::Store::finish_patched`]), beside the input it spooled
+//! (`<id>.in`, fsync'd before `queued`). Nothing of the input is ever written over, so
+//! there is nothing to undo whatever a crash interrupts: the signed file is made as it
+//! is read ([`read`]), by a waiting client as soon as the agent answered and by the
+//! SHA-256 for the audit meanwhile ([`sha256`]). After the commit the file is renamed
+//! to the result (`<id>.out`) without a flush: a crash may leave it `<id>.in`, which
+//! the next start renames. Readers look for it under each name ([`open`]).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+use signet_api::wire::patch::Checked;
+
+/// The longest tail (the certificate table) of a result kept as a patch in the
+/// database; a longer one is made into a file of its own.
+pub const KEPT_MAX: usize = 1 << 20;
+
+/// Whether a result is kept as `patch` (its tail is at most [`KEPT_MAX`]).
+pub fn fits(patch: &Checked) -> bool {
+    patch.tail().len() <= KEPT_MAX
+}
+
+/// The first of `paths` that opens: where the input is now.
+pub fn open(paths: &[PathBuf]) -> io::Result<File> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no path to open");
+    for p in paths {
+        match File::open(p) {
+            Ok(f) => return Ok(f),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// The signed file's bytes from `at`, at most `want` of them (fewer at its end), made
+/// of the input `file` and `patch`.
+pub fn read(file: &File, patch: &Checked, at: u64, want: usize) -> io::Result<Vec<u8>> {
+    let keep = patch.keep();
+    let end = at.saturating_add(want as u64).min(patch.len());
+    let mut out = Vec::new();
+    if at < keep {
+        let kept_end = end.min(keep);
+        out = vec![0u8; (kept_end - at) as usize];
+        file.read_exact_at(&mut out, at).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("the spooled input cannot be read up to the {keep} bytes the signed file keeps of it: {e}"),
+            )
+        })?;
+        patch.apply(at, &mut out);
+    }
+    if end > keep {
+        let from = (at.max(keep) - keep) as usize;
+        out.extend_from_slice(&patch.tail()[from..(end - keep) as usize]);
+    }
+    Ok(out)
+}
+
+/// The signed file's SHA-256, read in blocks of [`signet_protocol::IO_BLOCK`].
+pub fn sha256(file: &File, patch: &Checked) -> io::Result<[u8; 32]> {
+    let mut sha = Sha256::new();
+    let mut at = 0u64;
+    while at < patch.len() {
+        let block = read(file, patch, at, signet_protocol::IO_BLOCK)?;
+        sha.update(&block);
+        at += block.len() as u64;
+    }
+    Ok(sha.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use signet_api::wire::patch::Patch;
+
+    #[test]
+    fn the_signed_file_is_read_of_the_input_and_the_patch_from_anywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("1.in");
+        let input: Vec<u8> = (0..700_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &input).unwrap();
+        // An old signature replaced: the content ends at 600 000, before the old table.
+        let patch = Patch::new(600_000, &[(88, &[1, 2, 3, 4]), (152, &[9; 8])], &[7; 3000])
+            .check(700_000)
+            .unwrap();
+        let mut want = input[..600_000].to_vec();
+        want[88..92].copy_from_slice(&[1, 2, 3, 4]);
+        want[152..160].copy_from_slice(&[9; 8]);
+        want.extend_from_slice(&[7; 3000]);
+        let file = open(&[dir.path().join("1.out"), path.clone()]).unwrap();
+        for step in [1usize, 7, 90, 4096, 599_999, 1 << 20] {
+            let mut made = Vec::new();
+            let mut at = 0;
+            while at < patch.len() {
+                let b = read(&file, &patch, at, step.min(5000)).unwrap();
+                assert!(!b.is_empty());
+                at += b.len() as u64;
+                made.extend_from_slice(&b);
+            }
+            assert_eq!(made, want, "reads of {step}");
+        }
+        assert!(read(&file, &patch, patch.len(), 10).unwrap().is_empty());
+        let sha: [u8; 32] = Sha256::digest(&want).into();
+        assert_eq!(sha256(&file, &patch).unwrap(), sha);
+        // The input is left as it was.
+        assert_eq!(std::fs::read(&path).unwrap(), input);
+        // An input cut shorter than what the patch keeps is an error, not a short file.
+        std::fs::write(&path, &input[..500_000]).unwrap();
+        let e = sha256(&File::open(&path).unwrap(), &patch).unwrap_err();
+        assert!(e.to_string().contains("600000 bytes"), "{e}");
+        assert!(open(&[dir.path().join("none")]).is_err());
+        assert!(fits(&patch));
+        let big = Patch::new(10, &[], &vec![0; KEPT_MAX + 1])
+            .check(10)
+            .unwrap();
+        assert!(!fits(&big));
+    }
+}
