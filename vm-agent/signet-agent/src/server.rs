@@ -582,21 +582,30 @@ async fn receive(
     let mut upload_error = None;
     loop {
         match stream.try_next().await {
-            Ok(Some(chunk)) => {
+            Ok(Some(mut chunk)) => {
                 total += chunk.len() as u64;
-                let full = if block.is_empty() && chunk.len() >= IO_BLOCK {
-                    chunk
-                } else {
+                if block.is_empty() && chunk.len() >= IO_BLOCK {
+                    if tx.send(chunk).await.is_err() {
+                        // The writer stopped: its error says why.
+                        break;
+                    }
+                    continue;
+                }
+                // Filled up to a block and no further: a block that grew past its
+                // capacity would be copied whole into a larger one.
+                let mut stopped = false;
+                while !chunk.is_empty() {
                     if block.capacity() == 0 {
                         block.reserve(IO_BLOCK);
                     }
-                    block.extend_from_slice(&chunk);
-                    if block.len() < IO_BLOCK {
-                        continue;
+                    let take = (IO_BLOCK - block.len()).min(chunk.len());
+                    block.extend_from_slice(&chunk.split_to(take));
+                    if block.len() >= IO_BLOCK && tx.send(block.split().freeze()).await.is_err() {
+                        stopped = true;
+                        break;
                     }
-                    block.split().freeze()
-                };
-                if tx.send(full).await.is_err() {
+                }
+                if stopped {
                     // The writer stopped: its error says why.
                     break;
                 }

@@ -28,7 +28,9 @@ pub fn fits(patch: &Checked) -> bool {
     patch.tail().len() <= KEPT_MAX
 }
 
-/// The first of `paths` that opens: where the input is now.
+/// The first of `paths` that opens: where the input is now. `paths` come in the order
+/// the file is moved through them (`.in`, `.out`, `.delivered`), so that a move
+/// between two tries cannot hide it.
 pub fn open(paths: &[PathBuf]) -> io::Result<File> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no path to open");
     for p in paths {
@@ -43,35 +45,51 @@ pub fn open(paths: &[PathBuf]) -> io::Result<File> {
 /// The signed file's bytes from `at`, at most `want` of them (fewer at its end), made
 /// of the input `file` and `patch`.
 pub fn read(file: &File, patch: &Checked, at: u64, want: usize) -> io::Result<Vec<u8>> {
+    let mut out = vec![0u8; want.min(patch.len().saturating_sub(at) as usize)];
+    let n = fill(file, patch, at, &mut out)?;
+    out.truncate(n);
+    Ok(out)
+}
+
+/// Fills `out` with the signed file's bytes from `at` (made of the input `file` and
+/// `patch`); answers how many there were (fewer than `out` at its end).
+pub fn fill(file: &File, patch: &Checked, at: u64, out: &mut [u8]) -> io::Result<usize> {
     let keep = patch.keep();
-    let end = at.saturating_add(want as u64).min(patch.len());
-    let mut out = Vec::new();
-    if at < keep {
-        let kept_end = end.min(keep);
-        out = vec![0u8; (kept_end - at) as usize];
-        file.read_exact_at(&mut out, at).map_err(|e| {
+    let end = at.saturating_add(out.len() as u64).min(patch.len());
+    if at >= end {
+        return Ok(0);
+    }
+    let n = (end - at) as usize;
+    let kept = (end.min(keep).saturating_sub(at)) as usize;
+    if kept > 0 {
+        file.read_exact_at(&mut out[..kept], at).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("the spooled input cannot be read up to the {keep} bytes the signed file keeps of it: {e}"),
             )
         })?;
-        patch.apply(at, &mut out);
+        patch.apply(at, &mut out[..kept]);
     }
-    if end > keep {
-        let from = (at.max(keep) - keep) as usize;
-        out.extend_from_slice(&patch.tail()[from..(end - keep) as usize]);
+    if kept < n {
+        let from = (at + kept as u64 - keep) as usize;
+        out[kept..n].copy_from_slice(&patch.tail()[from..from + (n - kept)]);
     }
-    Ok(out)
+    Ok(n)
 }
 
-/// The signed file's SHA-256, read in blocks of [`signet_protocol::IO_BLOCK`].
+/// The signed file's SHA-256, read in blocks of [`signet_protocol::IO_BLOCK`] into one
+/// buffer.
 pub fn sha256(file: &File, patch: &Checked) -> io::Result<[u8; 32]> {
     let mut sha = Sha256::new();
+    let mut buf = vec![0u8; signet_protocol::IO_BLOCK];
     let mut at = 0u64;
-    while at < patch.len() {
-        let block = read(file, patch, at, signet_protocol::IO_BLOCK)?;
-        sha.update(&block);
-        at += block.len() as u64;
+    loop {
+        let n = fill(file, patch, at, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+        at += n as u64;
     }
     Ok(sha.finalize().into())
 }

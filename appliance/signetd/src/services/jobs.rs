@@ -1271,9 +1271,11 @@ impl JobService {
                 let body = match patch {
                     // Kept as the input and a patch: made as it is read.
                     Some(patch) => {
+                        // In the order the file moves through them: tried in that
+                        // order, a move between two tries cannot hide it.
                         let paths = [
-                            store.output_path(id),
                             store.input_path(id),
+                            store.output_path(id),
                             store.delivered_path(id),
                         ];
                         let mut opened = Err(gone());
@@ -2524,18 +2526,23 @@ impl SpoolWriter {
         Ok(())
     }
 
-    async fn write(&mut self, chunk: bytes::Bytes) -> std::io::Result<()> {
+    async fn write(&mut self, mut chunk: bytes::Bytes) -> std::io::Result<()> {
         const BLOCK: usize = signet_protocol::IO_BLOCK;
         if self.block.is_empty() && chunk.len() >= BLOCK {
             return self.send(chunk).await;
         }
-        if self.block.capacity() == 0 {
-            self.block.reserve(BLOCK);
-        }
-        self.block.extend_from_slice(&chunk);
-        if self.block.len() >= BLOCK {
-            let full = self.block.split().freeze();
-            self.send(full).await?;
+        // Filled up to a block and no further: a block that grew past its capacity
+        // would be copied whole into a larger one.
+        while !chunk.is_empty() {
+            if self.block.capacity() == 0 {
+                self.block.reserve(BLOCK);
+            }
+            let take = (BLOCK - self.block.len()).min(chunk.len());
+            self.block.extend_from_slice(&chunk.split_to(take));
+            if self.block.len() >= BLOCK {
+                let full = self.block.split().freeze();
+                self.send(full).await?;
+            }
         }
         Ok(())
     }
@@ -3084,6 +3091,70 @@ mod tests {
         // Gone with the result.
         assert_eq!(store.expire(u64::MAX).unwrap().len(), 1);
         assert_eq!(store.result_patch(signed).unwrap(), None);
+    }
+
+    /// A result kept as its input and a patch is collected the same wherever its file
+    /// is in its life (`.in` until the worker renames it after the commit, `.out`,
+    /// `.delivered` once streamed whole), and is gone only when none is left.
+    #[tokio::test]
+    async fn a_result_kept_as_a_patch_is_collected_under_each_name_of_its_file() {
+        use http_body_util::BodyExt;
+        use signet_api::wire::patch::Patch;
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = daemon(dir.path());
+        let svc = daemon.job_service();
+        let store = svc.store();
+        let caller = daemon
+            .callers()
+            .authenticate(
+                &Peer::Unix {
+                    uid: 0,
+                    gid: 0,
+                    pid: None,
+                },
+                false,
+                None,
+            )
+            .unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 239) as u8).collect();
+        let patch = Patch::new(300_000, &[(152, &[5; 8])], &[3; 2048])
+            .check(300_000)
+            .unwrap();
+        let mut want = data.clone();
+        want[152..160].copy_from_slice(&[5; 8]);
+        want.extend_from_slice(&[3; 2048]);
+        let Inserted::New(id) = store.insert(&new_job()).unwrap() else {
+            panic!("a new job")
+        };
+        std::fs::write(store.input_path(&id), &data).unwrap();
+        store.charge(300_000);
+        store.queued(&id, "in", 300_000).unwrap();
+        store.running(&id).unwrap();
+        let json = serde_json::to_vec(&patch.to_patch()).unwrap();
+        let sha = audit::hex(&Sha256::digest(&want));
+        store
+            .finish_patched(
+                &id,
+                (&sha, patch.len(), "application/octet-stream"),
+                &json,
+                &Entry::default(),
+            )
+            .unwrap();
+        let collect = || async {
+            let d = svc.result(&id, &caller).await?;
+            assert_eq!(d.len, Some(want.len() as u64));
+            Ok::<_, JobError>(d.body.collect().await.unwrap().to_bytes().to_vec())
+        };
+        assert_eq!(collect().await.unwrap(), want, "from <id>.in");
+        std::fs::rename(store.input_path(&id), store.output_path(&id)).unwrap();
+        assert_eq!(collect().await.unwrap(), want, "from <id>.out");
+        assert!(store.delivered(&id));
+        assert_eq!(collect().await.unwrap(), want, "from <id>.delivered");
+        std::fs::remove_file(store.delivered_path(&id)).unwrap();
+        assert!(matches!(
+            collect().await,
+            Err(JobError::DeliveredCopyGone { .. })
+        ));
     }
 
     /// `data` as blocks of the sizes in `sizes`, in turn.
