@@ -757,6 +757,10 @@ async fn main() -> anyhow::Result<()> {
     );
     tasks.spawn("result janitor", daemon.job_service().clone().run_janitor());
     tasks.spawn(
+        "database checkpoints",
+        daemon.job_service().clone().run_checkpointer(),
+    );
+    tasks.spawn(
         "refusal records",
         daemon.job_service().clone().run_refusal_flush(),
     );

@@ -44,6 +44,8 @@ use crate::services::tokens::Handle;
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// How often expired results are removed, at most.
 const JANITOR_PERIOD: Duration = Duration::from_secs(60);
+/// How often the job database's WAL is copied into it ([`JobService::run_checkpointer`]).
+const CHECKPOINT_PERIOD: Duration = Duration::from_secs(1);
 
 /// The transport a request came over, as the audit log names it: `vsock`, `unix`,
 /// `tcp`, or `tls` (TCP with TLS).
@@ -1560,6 +1562,32 @@ impl JobService {
                 Err(e) => tracing::warn!(error = %e, "expired results could not be removed"),
             }
             tokio::time::sleep(period).await;
+        }
+    }
+
+    /// Copies the job database's WAL into its file every [`CHECKPOINT_PERIOD`], off the
+    /// runtime's threads and beside the writer ([`Store::checkpoint`]), so that no job's
+    /// commit runs a checkpoint.
+    pub async fn run_checkpointer(self: Arc<Self>) {
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(CHECKPOINT_PERIOD).await;
+            let store = Arc::clone(&self.engine().store);
+            let done = tokio::task::spawn_blocking(move || store.checkpoint())
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            match done {
+                Ok(_) if failing => {
+                    failing = false;
+                    tracing::info!("the job database's log is copied into it again");
+                }
+                Ok(_) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "the job database's log cannot be copied into it now; the writer does it itself once the log is large");
+                }
+                Err(_) => {}
+            }
         }
     }
 
