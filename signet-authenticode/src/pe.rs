@@ -16,8 +16,14 @@ use crate::{add_nested, nested_count, Error, HashAlg, RawSigner, SignOptions};
 use cms::content_info::{CmsVersion, ContentInfo};
 use cms::signed_data::{EncapsulatedContentInfo, SignedData, SignerInfos};
 
-/// The size of the buffer the file is read and copied with.
+/// The size of the buffer the file is read and copied with (at most).
 const BUF: usize = 1 << 20;
+
+/// The buffer a file of `len` bytes is read and copied with: no larger than the file
+/// (a 15 KiB file does not have a MiB zeroed for it, three times), at most [`BUF`].
+fn buffer(len: u64) -> Vec<u8> {
+    vec![0u8; usize::try_from(len).unwrap_or(BUF).clamp(4096, BUF)]
+}
 /// WIN_CERT_REVISION_2_0.
 const WIN_CERT_REVISION_2: u16 = 0x0200;
 /// WIN_CERT_TYPE_PKCS_SIGNED_DATA.
@@ -174,7 +180,7 @@ impl PeImage {
     /// entry, up to its signature, zero-padded to a multiple of 8.
     pub fn digest<R: Read + Seek>(&self, r: &mut R, hash: HashAlg) -> Result<Vec<u8>, Error> {
         let mut h = hash.hasher();
-        let mut buf = vec![0u8; BUF];
+        let mut buf = buffer(self.len);
         let cs = self.checksum_at();
         let sd = self.security_dir_at();
         let end = self.file_end();
@@ -206,7 +212,7 @@ impl PeImage {
                 "its SizeOfHeaders ({hdr}) is not between the end of the headers ({sd_end}) and the page size ({page}); sign it without page hashes or rebuild it"
             )));
         }
-        let mut buf = vec![0u8; BUF];
+        let mut buf = buffer(self.len);
         let mut out = Vec::new();
         let mut h = HashAlg::Sha256.hasher();
         let cs = self.checksum_at();
@@ -464,7 +470,7 @@ pub fn sign_pe<R: Read + Seek, W: Read + Write + Seek, S: RawSigner>(
     } else {
         None
     };
-    let mut buf = vec![0u8; BUF];
+    let mut buf = buffer(image.len);
     let copied = copy(&image, input, output, Some(options.hash), &mut buf)?;
     let digest = match copied.digest.clone() {
         Some(d) => d,
@@ -520,7 +526,7 @@ pub fn sign_pe_in_place_digested<F: Read + Write + Seek, S: RawSigner>(
     } else {
         None
     };
-    let mut buf = vec![0u8; BUF];
+    let mut buf = buffer(image.len);
     let scanned = match digested.and_then(|d| d.for_image(&image, options.hash)) {
         Some(known) => known,
         None => scan(&image, file, Some(options.hash), &mut buf, |_| Ok(()))?,
@@ -921,7 +927,7 @@ pub fn extract_blob_and_rest<R: Read + Seek>(
     let image = PeImage::parse(input)?;
     let blob = blob_of(&image, input, hash, page_hashes)?;
     let mut h = HashAlg::Sha256.hasher();
-    let mut buf = vec![0u8; BUF.min(image.len as usize)];
+    let mut buf = buffer(image.len);
     let (cs, sd) = (image.checksum_at(), image.security_dir_at());
     for (from, to) in [(cs, cs + 4), (sd, sd + 8), (image.file_end(), image.len)] {
         // Each part's length first: the parts cannot run into each other.
@@ -985,7 +991,7 @@ pub fn attach_pe<R: Read + Seek, W: Read + Write + Seek>(
         Some(outer) => add_nested(&outer, signature)?,
         None => signature.to_vec(),
     };
-    let mut buf = vec![0u8; BUF];
+    let mut buf = buffer(image.len);
     let copied = copy(&image, input, output, None, &mut buf)?;
     finish(&image, output, copied, signature, nested, &mut buf)
 }
@@ -1230,7 +1236,7 @@ mod tests {
         ] {
             let file = pe(e_lfanew, body, sig);
             let image = PeImage::parse(&mut Cursor::new(&file)).unwrap();
-            let mut buf = vec![0u8; BUF];
+            let mut buf = buffer(image.len);
             let scanned = scan(
                 &image,
                 &mut Cursor::new(&file),
@@ -1278,7 +1284,7 @@ mod tests {
             let file = pe(e_lfanew, body, sig);
             let image = PeImage::parse(&mut Cursor::new(&file)).unwrap();
             let signature = noise(777, 5);
-            let mut buf = vec![0u8; BUF];
+            let mut buf = buffer(image.len);
             let mut one_pass = Cursor::new(Vec::new());
             let copied = copy(
                 &image,

@@ -81,7 +81,11 @@ pub fn fill(file: &File, patch: &Checked, at: u64, out: &mut [u8]) -> io::Result
 /// buffer.
 pub fn sha256(file: &File, patch: &Checked) -> io::Result<[u8; 32]> {
     let mut sha = Sha256::new();
-    let mut buf = vec![0u8; signet_protocol::IO_BLOCK];
+    let mut buf = vec![
+        0u8;
+        usize::try_from(patch.len()).map_or(signet_protocol::IO_BLOCK, |n| n
+            .clamp(1, signet_protocol::IO_BLOCK))
+    ];
     let mut at = 0u64;
     loop {
         let n = fill(file, patch, at, &mut buf)?;
