@@ -3,7 +3,10 @@
 //! `Prefer: respond-async`, so the client knows its job's id as soon as the appliance
 //! has queued it; the result is then collected with `GET /v1/jobs/{id}/result`, on the
 //! connection the upload went on (HTTP/1.1 keep-alive; a new one when the appliance
-//! closed it). When
+//! closed it). A small body held in memory (digest mode's data) is sent without it
+//! ([`Collector::answer_at_once`]): the appliance answers the result to the upload
+//! itself, one request instead of two, and a request cut off is sent again whole,
+//! which costs no more than a `GET`. When
 //! the connection drops (the appliance restarts), the request is sent again with the
 //! same key, or the result collected again, until the appliance is back or the
 //! reconnect time runs out.
@@ -125,6 +128,8 @@ pub struct Collector<'a> {
     pause: Duration,
     /// The connection the job was uploaded on, kept to collect its result.
     conn: client::Connection,
+    /// The upload asks for the result in its own answer (no `Prefer: respond-async`).
+    at_once: bool,
 }
 
 impl<'a> Collector<'a> {
@@ -147,7 +152,16 @@ impl<'a> Collector<'a> {
             said: false,
             pause: FIRST_PAUSE,
             conn: client::Connection::new(endpoint),
+            at_once: false,
         }
+    }
+
+    /// Has the upload answered with the result itself: for a small body held in
+    /// memory, which is cheap to send again if the connection drops meanwhile. The
+    /// job's id then comes with the result (or its error).
+    pub fn answer_at_once(mut self) -> Self {
+        self.at_once = true;
+        self
     }
 
     /// Sends the request `make` builds (again, with the same key, while the appliance
@@ -161,8 +175,10 @@ impl<'a> Collector<'a> {
     {
         loop {
             let mut req = make();
-            req.headers_mut()
-                .insert("prefer", http::HeaderValue::from_static("respond-async"));
+            if !self.at_once {
+                req.headers_mut()
+                    .insert("prefer", http::HeaderValue::from_static("respond-async"));
+            }
             if let Ok(v) = http::HeaderValue::from_str(&self.key) {
                 req.headers_mut().insert(IDEMPOTENCY_HEADER, v);
             }
@@ -350,6 +366,121 @@ mod tests {
         assert_ne!(
             k,
             idempotency_key("sign", &q, &[("b.exe".to_owned(), "aa".to_owned())])
+        );
+    }
+
+    /// A fake appliance on a unix socket: answers each request as `answers` says, in
+    /// turn, and hands back each request's head (lower-cased) as it was read.
+    fn appliance(
+        dir: &std::path::Path,
+        answers: &'static [&'static str],
+    ) -> (Endpoint, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let path = dir.join("signetd.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let accept = || {
+                let (conn, _) = listener.accept().unwrap();
+                (BufReader::new(conn.try_clone().unwrap()), conn)
+            };
+            let (mut reader, mut out) = accept();
+            let mut heads = Vec::new();
+            for answer in answers {
+                let mut head = String::new();
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap() == 0 {
+                        // The client closed this connection: the request comes on a new one.
+                        (reader, out) = accept();
+                        continue;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    head.push_str(&lower);
+                }
+                let mut body = vec![0u8; len];
+                std::io::Read::read_exact(&mut reader, &mut body).unwrap();
+                if head.contains("transfer-encoding: chunked") {
+                    // Chunks up to the last (empty) one and the blank line after it.
+                    let mut line = String::new();
+                    while line != "0\r\n" {
+                        line.clear();
+                        reader.read_line(&mut line).unwrap();
+                    }
+                    reader.read_line(&mut line).unwrap();
+                }
+                heads.push(head);
+                out.write_all(answer.as_bytes()).unwrap();
+            }
+            heads
+        });
+        (Endpoint::Unix(path), server)
+    }
+
+    fn upload() -> Request<http_body_util::Full<Bytes>> {
+        let mut req = Request::new(http_body_util::Full::new(Bytes::from_static(b"data")));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = "/v1/sign?profile=release".parse().unwrap();
+        req
+    }
+
+    async fn body_of(answer: Answer) -> Vec<u8> {
+        use http_body_util::BodyExt;
+        match answer {
+            Answer::Result(r) => r.into_body().collect().await.unwrap().to_bytes().to_vec(),
+            Answer::Error(e) => panic!("an error: {e:?}"),
+        }
+    }
+
+    /// A small body in memory is answered with its result in one request; any other
+    /// upload asks to be answered early and collects the result with a `GET` on the
+    /// same connection.
+    #[tokio::test]
+    async fn a_small_body_is_answered_at_once_and_a_file_collected_after_its_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ep, server) = appliance(
+            dir.path(),
+            &["HTTP/1.1 200 OK\r\nx-signet-job: 7\r\ncontent-length: 3\r\n\r\nsig"],
+        );
+        let bar = ProgressBar::hidden();
+        let mut c = Collector::new(&ep, "k".into(), "a.exe".into(), bar.clone(), Duration::ZERO)
+            .answer_at_once();
+        let answer = c.run(upload).await.unwrap();
+        assert_eq!(body_of(answer).await, b"sig");
+        assert_eq!(
+            c.job.as_deref(),
+            Some("7"),
+            "the job's id comes with the result"
+        );
+        let heads = server.join().unwrap();
+        assert_eq!(heads.len(), 1);
+        assert!(heads[0].starts_with("post /v1/sign"), "{}", heads[0]);
+        assert!(!heads[0].contains("prefer:"), "{}", heads[0]);
+        assert!(heads[0].contains("idempotency-key: k"), "{}", heads[0]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let (ep, server) = appliance(
+            dir.path(),
+            &[
+                "HTTP/1.1 202 Accepted\r\nx-signet-job: 8\r\ncontent-length: 2\r\n\r\n{}",
+                "HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nfile",
+            ],
+        );
+        let mut c = Collector::new(&ep, "k".into(), "a.exe".into(), bar, Duration::ZERO);
+        let answer = c.run(upload).await.unwrap();
+        assert_eq!(body_of(answer).await, b"file");
+        let heads = server.join().unwrap();
+        assert!(heads[0].contains("prefer: respond-async"), "{}", heads[0]);
+        assert!(
+            heads[1].starts_with("get /v1/jobs/8/result"),
+            "{}",
+            heads[1]
         );
     }
 

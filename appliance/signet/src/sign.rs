@@ -1298,6 +1298,10 @@ async fn exchange(
         progress.bar.clone(),
         reconnect_for,
     );
+    // Digest mode's data, in memory: answered with the signature in one request.
+    if matches!(p.upload, Upload::Data(_)) {
+        collector = collector.answer_at_once();
+    }
     let mut answer = collector.run(make).await;
     loop {
         outcome.bytes_sent = progress.bar.position();
