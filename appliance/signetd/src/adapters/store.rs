@@ -350,6 +350,17 @@ impl Store {
         self.spool.join(format!("{id}.{DELIVERED_EXT}"))
     }
 
+    /// Where the input file of a result kept as a patch ([`Store::finish_patched`]) may
+    /// be, in the order it is moved through them (`.in`, `.out`, `.delivered`): tried
+    /// in that order, a move between two tries cannot hide it.
+    pub fn kept_paths(&self, id: &str) -> Vec<PathBuf> {
+        vec![
+            self.input_path(id),
+            self.output_path(id),
+            self.delivered_path(id),
+        ]
+    }
+
     pub fn spool_dir(&self) -> &Path {
         &self.spool
     }

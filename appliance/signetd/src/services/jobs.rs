@@ -1273,15 +1273,8 @@ impl JobService {
                 let body = match patch {
                     // Kept as the input and a patch: made as it is read.
                     Some(patch) => {
-                        // In the order the file moves through them: tried in that
-                        // order, a move between two tries cannot hide it.
-                        let paths = [
-                            store.input_path(id),
-                            store.output_path(id),
-                            store.delivered_path(id),
-                        ];
                         let mut opened = Err(gone());
-                        for p in paths {
+                        for p in store.kept_paths(id) {
                             if let Ok(f) = open_spooled(p).await {
                                 opened = Ok(f);
                                 break;
@@ -1747,7 +1740,7 @@ impl JobService {
                     // streams it now, while it is hashed and committed.
                     came = "patch kept";
                     let patch = Arc::new(patch);
-                    let paths = vec![store.input_path(id), out_path.clone(), store.delivered_path(id)];
+                    let paths = store.kept_paths(id);
                     let guard = LiveGuard::start(engine, id, paths, Some(Arc::clone(&patch)), &ct);
                     guard.written(patch.len());
                     live = Some(guard);
@@ -2225,7 +2218,8 @@ struct Landed {
 enum Progress {
     /// Not in a file (yet): a small result stays in memory.
     Pending,
-    /// Its first `n` bytes are in its spool file.
+    /// Its first `n` bytes can be read: from its spool file, or (a result kept as a
+    /// patch) made of the input and the patch.
     Writing(u64),
     /// The job is `signed` with its audit record, its result `n` bytes long.
     Signed(u64),
@@ -2799,18 +2793,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let daemon = daemon(dir.path());
         let jobs_svc = daemon.job_service();
-        let caller = daemon
-            .callers()
-            .authenticate(
-                &Peer::Unix {
-                    uid: 0,
-                    gid: 0,
-                    pid: None,
-                },
-                false,
-                None,
-            )
-            .unwrap();
+        let caller = root(&daemon);
         // The intake compares with exactly what GET /v1/profile says.
         let (_, now) = profile_answer(&jobs_svc.profile_options(None, &caller).unwrap());
         let stale = audit::hex(&Sha256::digest(b"an answer of before"));
@@ -2849,6 +2832,22 @@ mod tests {
         };
         assert_eq!(id, "1");
         assert_eq!(jobs(jobs_svc.store()), 2);
+    }
+
+    /// The caller root is over the unix socket.
+    fn root(daemon: &crate::services::daemon::Daemon) -> Caller {
+        daemon
+            .callers()
+            .authenticate(
+                &Peer::Unix {
+                    uid: 0,
+                    gid: 0,
+                    pid: None,
+                },
+                false,
+                None,
+            )
+            .unwrap()
     }
 
     fn new_job() -> NewJob {
@@ -3132,18 +3131,7 @@ mod tests {
         let daemon = daemon(dir.path());
         let svc = daemon.job_service();
         let store = svc.store();
-        let caller = daemon
-            .callers()
-            .authenticate(
-                &Peer::Unix {
-                    uid: 0,
-                    gid: 0,
-                    pid: None,
-                },
-                false,
-                None,
-            )
-            .unwrap();
+        let caller = root(&daemon);
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 239) as u8).collect();
         let patch = Patch::new(300_000, &[(152, &[5; 8])], &[3; 2048])
             .check(300_000)
