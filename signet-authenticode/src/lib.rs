@@ -75,7 +75,7 @@ impl HashAlg {
         h.finalize().to_vec()
     }
 
-    pub(crate) fn hasher(self) -> Box<dyn sha2::digest::DynDigest> {
+    pub(crate) fn hasher(self) -> Box<dyn sha2::digest::DynDigest + Send> {
         match self {
             HashAlg::Sha256 => Box::new(sha2::Sha256::default()),
             HashAlg::Sha384 => Box::new(sha2::Sha384::default()),

@@ -556,7 +556,7 @@ pub struct PeDigester {
     head: Vec<u8>,
     layout: Option<HeadLayout>,
     given_up: bool,
-    h: Box<dyn sha2::digest::DynDigest>,
+    h: Box<dyn sha2::digest::DynDigest + Send>,
     sum: WordSum,
     /// How many bytes were given.
     at: u64,

@@ -40,15 +40,27 @@ impl FileBody {
             let mut left = len;
             while left > 0 {
                 let n = (IO_BLOCK as u64).min(left) as usize;
-                // read_to_end fills the block's spare capacity: not zeroed first.
-                let mut block = Vec::with_capacity(n);
-                let read = match (&mut file).take(n as u64).read_to_end(&mut block) {
-                    Ok(got) if got == n => Ok(Bytes::from(block)),
-                    Ok(got) => Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("the file ended {} bytes early", left - got as u64),
-                    )),
-                    Err(e) => Err(e),
+                // Read whole blocks: one read a block from the page cache (a reader that
+                // grows its reads from 8 KiB makes five).
+                let mut block = vec![0u8; n];
+                let mut got = 0;
+                let read = loop {
+                    match file.read(&mut block[got..]) {
+                        Ok(0) => {
+                            break Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                format!("the file ended {} bytes early", left - got as u64),
+                            ))
+                        }
+                        Ok(k) => {
+                            got += k;
+                            if got == n {
+                                break Ok(Bytes::from(block));
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
                 };
                 let failed = read.is_err();
                 if tx.blocking_send(read).is_err() || failed {

@@ -19,6 +19,7 @@
 //! - [`pin_file`] — the checks a PIN file must pass (owner, mode).
 //! - [`writeback`] — a large file sent to the disk while it is written, so that its
 //!   closing `fsync` is short.
+//! - [`whole`] — a small file read whole into memory faulted in at once.
 //!
 //! The host daemon, the signing-VM agent and the client link this crate; `signetctl`,
 //! which speaks D-Bus only, does not.
@@ -36,6 +37,7 @@ pub mod pin_file;
 pub mod serve;
 pub mod tls;
 pub mod transport;
+pub mod whole;
 pub mod writeback;
 
 pub use endpoint::Endpoint;

@@ -342,36 +342,53 @@ fn the_native_backend_trusts_an_https_tsa_through_the_systems_roots() {
     );
 }
 
-/// A PE the agent spools (more than it holds in memory) comes back from it as what
-/// signing changed, and signetd makes the signed file over the input it spooled:
-/// signed plainly, nested beside that signature, and that pair replaced by a new one,
-/// each verifies, checksum included.
+/// A PE comes back from the agent as what signing changed, whether the agent held it
+/// in memory (up to 1 MiB) or spooled it, and signetd makes the signed file of the
+/// input it has: for a small one, held in its database, as the result's bytes; for a
+/// larger one, spooled, as that file and the patch (kept). Signed plainly, nested
+/// beside that signature, and that pair replaced by a new one: each verifies, checksum
+/// included.
 #[test]
-fn a_spooled_pe_comes_back_as_its_changes_and_signetd_makes_the_signed_file() {
+fn a_signed_pe_comes_back_as_its_changes_and_signetd_makes_the_signed_file() {
     let mut w = World::new();
     let ep = native_appliance(
         &mut w,
         "default_profile = \"first\"\n[profiles.first]\nhash = \"sha256\"\n\
          [profiles.second]\nhash = \"sha512\"\nnested = true\n",
     );
-    let exe = w.path("large.exe");
-    fixture("make-pe.sh", &[&exe, Path::new(&(1u64 << 20).to_string())]);
-
-    let mut sizes = Vec::new();
-    for (profile, want) in [("first", 1), ("second", 2), ("first", 1)] {
-        let out = signet(&ep, &["sign", "-p", profile, arg(&exe)]);
-        assert_eq!(code(&out), 0, "{}", stderr(&out));
-        let (ok, text) = verify(&w, &exe);
-        assert!(ok, "{profile}: {text}");
-        assert!(!text.contains("MISMATCH"), "{profile}: {text}");
-        assert_eq!(signatures(&text), want, "{profile}: {text}");
-        sizes.push(std::fs::metadata(&exe).unwrap().len());
+    // Held in memory on both sides; in memory at the agent and spooled by signetd;
+    // spooled on both sides.
+    for (name, size, answer) in [
+        ("small.exe", None, "answer=\"patch\""),
+        ("medium.exe", Some(512u64 << 10), "answer=\"patch kept\""),
+        ("large.exe", Some(2 << 20), "answer=\"patch kept\""),
+    ] {
+        let exe = w.path(name);
+        match size {
+            Some(n) => fixture("make-pe.sh", &[&exe, Path::new(&n.to_string())]),
+            None => fixture("make-pe.sh", &[exe.as_path()]),
+        }
+        let made_here = |log: &str| {
+            log.lines()
+                .filter(|l| l.contains(" signed ") && l.contains(answer))
+                .count()
+        };
+        let before = made_here(&w.log("signetd"));
+        let mut sizes = Vec::new();
+        for (profile, want) in [("first", 1), ("second", 2), ("first", 1)] {
+            let out = signet(&ep, &["sign", "-p", profile, arg(&exe)]);
+            assert_eq!(code(&out), 0, "{name} {profile}: {}", stderr(&out));
+            let (ok, text) = verify(&w, &exe);
+            assert!(ok, "{name} {profile}: {text}");
+            assert!(!text.contains("MISMATCH"), "{name} {profile}: {text}");
+            assert_eq!(signatures(&text), want, "{name} {profile}: {text}");
+            sizes.push(std::fs::metadata(&exe).unwrap().len());
+        }
+        assert!(
+            sizes[1] > sizes[0] && sizes[2] < sizes[1],
+            "{name}: {sizes:?}"
+        );
+        let log = w.log("signetd");
+        assert_eq!(made_here(&log) - before, 3, "{name}: {log}");
     }
-    assert!(sizes[1] > sizes[0] && sizes[2] < sizes[1], "{sizes:?}");
-    let log = w.log("signetd");
-    let made_here = log
-        .lines()
-        .filter(|l| l.contains(" signed ") && l.contains("answer=\"patch kept\""))
-        .count();
-    assert_eq!(made_here, 3, "{log}");
 }

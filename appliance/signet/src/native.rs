@@ -6,7 +6,7 @@
 //! streamed in constant memory): run a file above [`INLINE`] on a blocking thread.
 
 use std::fs::File;
-use std::io::{Cursor, Read, Write};
+use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -44,8 +44,8 @@ pub fn extract(file: &Path, hash: &str, page_hashes: bool) -> Result<(Vec<u8>, [
     let mut input = File::open(file).map_err(cannot)?;
     let len = input.metadata().map_err(cannot)?.len();
     let (blob, rest) = if len <= IN_MEMORY {
-        let mut bytes = Vec::with_capacity(len as usize);
-        input.read_to_end(&mut bytes).map_err(cannot)?;
+        drop(input);
+        let bytes = signet_protocol::whole::read(file).map_err(cannot)?;
         engine::extract_blob_and_rest(&mut Cursor::new(bytes), hash, page_hashes)
     } else {
         engine::extract_blob_and_rest(&mut input, hash, page_hashes)
@@ -114,9 +114,8 @@ pub fn attach(
     let mut input = File::open(file).map_err(cannot_read)?;
     let len = input.metadata().map_err(cannot_read)?.len();
     let (out, untrusted) = if len <= IN_MEMORY {
-        let mut bytes = Vec::with_capacity(len as usize);
-        input.read_to_end(&mut bytes).map_err(cannot_read)?;
         drop(input);
+        let bytes = signet_protocol::whole::read(file).map_err(cannot_read)?;
         let mut signed = Cursor::new(Vec::with_capacity(bytes.len() + signature.len() + 4096));
         engine::attach_pe(&mut Cursor::new(bytes), &mut signed, signature, nest)
             .map_err(engine_error)?;

@@ -1236,7 +1236,9 @@ async fn exchange(
         // A small file is read here at once (one read, no trip to the blocking pool);
         // a larger one streams from disk.
         let small = match &upload {
-            Upload::File(path) if size <= native::INLINE => Some(std::fs::read(path)),
+            Upload::File(path) if size <= native::INLINE => {
+                Some(signet_protocol::whole::read(path))
+            }
             _ => None,
         };
         let body = match (&upload, small) {

@@ -97,8 +97,9 @@ pub struct Spool {
 }
 
 /// The largest input held in memory instead of a job directory: every digest-mode
-/// input and small whole files.
-pub const MEMORY_INPUT: u64 = 64 * 1024;
+/// input and whole files up to 1 MiB. Memory stays bounded: signetd has at most four
+/// jobs at the agent, and at most [`KEPT_RESULTS`] results are kept.
+pub const MEMORY_INPUT: u64 = 1 << 20;
 
 impl Spool {
     /// The signed result when it was made in memory (`None`: it is the file at
@@ -639,6 +640,10 @@ impl Agent {
             }
         }
         (spool.signed, spool.patch) = self.sign_locked(&spool, &input, query).await?;
+        if spool.signed.is_some() {
+            // Signed in memory: the result is all that is kept of it.
+            spool.memory = None;
+        }
         let bytes = match &spool.signed {
             Some(b) => b.len() as u64,
             None => std::fs::metadata(spool.output()).map_or(0, |m| m.len()),
@@ -818,11 +823,12 @@ impl Agent {
         let run = async {
             match &spool.memory {
                 Some(data) => {
-                    let signed = self
+                    let (signed, made) = self
                         .signer
                         .sign_in_memory(&key, &pin, &spec, data.clone())
                         .await?;
                     in_memory = Some(bytes::Bytes::from(signed));
+                    patch = made.patch;
                     Ok(())
                 }
                 None => {

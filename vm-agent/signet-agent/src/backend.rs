@@ -77,15 +77,16 @@ pub trait Signer: std::fmt::Debug + Send + Sync {
     }
 
     /// Signs `input`, held in memory, as `spec` says (its `input` and `output` paths
-    /// are not used), and answers the signed file (digest mode: the signature). Only
-    /// for the formats [`Signer::signs_in_memory`] takes.
+    /// are not used), and answers the signed file (digest mode: the signature) and
+    /// what it knows of it besides (a PE file: what signing changed in the input).
+    /// Only for the formats [`Signer::signs_in_memory`] takes.
     fn sign_in_memory<'a>(
         &'a self,
         key: &'a KeyRef,
         pin: &'a AuthPin,
         spec: &'a SignSpec<'a>,
         input: bytes::Bytes,
-    ) -> BoxFuture<'a, Result<Vec<u8>, SignError>> {
+    ) -> BoxFuture<'a, Result<(Vec<u8>, Made), SignError>> {
         let _ = (key, pin, spec, input);
         Box::pin(async {
             Err(SignError::Engine(

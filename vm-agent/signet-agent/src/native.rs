@@ -149,37 +149,52 @@ impl Native {
     }
 
     /// Signs `input`, held in memory: digest mode's data, a PE file (signed as
-    /// [`signet_authenticode::sign_pe_in_place_digested`] signs a file, in a buffer)
-    /// or a catalog. The same bytes as the spooled way.
+    /// [`signet_authenticode::sign_pe_in_place_digested`] signs a file, in a buffer,
+    /// its digest made as it was received when it was) or a catalog. The same bytes
+    /// as the spooled way, and for a PE file the same patch.
     async fn sign_memory(
         &self,
         spec: &SignSpec<'_>,
         input: bytes::Bytes,
-    ) -> Result<Vec<u8>, SignError> {
+    ) -> Result<(Vec<u8>, Made), SignError> {
         let key = self.key().await?;
         let options = self.options(spec)?;
+        let made = Made::default();
         match spec.format {
-            None => blocking(move || signet_authenticode::sign_blob(&input, &options, &key)).await,
+            None => blocking(move || signet_authenticode::sign_blob(&input, &options, &key))
+                .await
+                .map(|sig| (sig, made)),
             Some(Format::Cat) => {
-                blocking(move || signet_authenticode::sign_catalog(&input, &options, &key)).await
+                blocking(move || signet_authenticode::sign_catalog(&input, &options, &key))
+                    .await
+                    .map(|sig| (sig, made))
             }
             Some(Format::Pe) => {
                 let wanted_nested = spec.nested;
-                let (signed, nested) = blocking(move || {
+                let digested = spec.digested.cloned();
+                let (signed, nested, patch) = blocking(move || {
                     let mut f = std::io::Cursor::new(input.to_vec());
                     let done = signet_authenticode::sign_pe_in_place_digested(
-                        &mut f, &options, &key, None,
+                        &mut f,
+                        &options,
+                        &key,
+                        digested.as_ref(),
                     )?;
                     let mut signed = f.into_inner();
                     let end = u64::from(done.table_offset) + u64::from(done.table_size);
                     signed.resize(usize::try_from(end).unwrap_or(usize::MAX), 0);
-                    Ok((signed, done.nested))
+                    let tail = usize::try_from(done.kept)
+                        .ok()
+                        .and_then(|kept| signed.get(kept..))
+                        .unwrap_or_default();
+                    let patch = patch_of(&done, tail);
+                    Ok((signed, done.nested, patch))
                 })
                 .await?;
                 if wanted_nested && !nested {
                     tracing::info!("the file has no signature yet; signed it without nesting");
                 }
-                Ok(signed)
+                Ok((signed, Made { patch: Some(patch) }))
             }
             Some(f) => Err(SignError::Engine(format!(
                 "{f} files are not signed in memory"
@@ -236,16 +251,7 @@ impl Native {
                     let mut tail = Vec::new();
                     f.seek(std::io::SeekFrom::Start(done.kept))?;
                     f.read_to_end(&mut tail)?;
-                    let mut dir = done.table_offset.to_le_bytes().to_vec();
-                    dir.extend_from_slice(&done.table_size.to_le_bytes());
-                    let patch = Patch::new(
-                        done.kept,
-                        &[
-                            (done.checksum_at, &done.checksum.to_le_bytes()),
-                            (done.security_dir_at, &dir),
-                        ],
-                        &tail,
-                    );
+                    let patch = patch_of(&done, &tail);
                     std::fs::rename(&input, &output)?;
                     Ok((done.nested, patch))
                 })
@@ -359,6 +365,22 @@ fn matches_file(output: &str) -> bool {
     !lines.iter().any(|l| l.contains("MISMATCH"))
         && lines.iter().any(|l| l.starts_with("Current "))
         && lines.iter().any(|l| l.starts_with("Calculated "))
+}
+
+/// What signing changed in a PE file, as `done` tells it and `tail` (the signed
+/// file's bytes from `done.kept` to its end): the patch signetd makes the signed file
+/// of, from the input it has.
+fn patch_of(done: &signet_authenticode::PeSigned, tail: &[u8]) -> Patch {
+    let mut dir = done.table_offset.to_le_bytes().to_vec();
+    dir.extend_from_slice(&done.table_size.to_le_bytes());
+    Patch::new(
+        done.kept,
+        &[
+            (done.checksum_at, &done.checksum.to_le_bytes()),
+            (done.security_dir_at, &dir),
+        ],
+        tail,
+    )
 }
 
 /// Runs the engine's blocking work off the async threads.
@@ -516,7 +538,7 @@ impl Signer for Native {
         _pin: &'a AuthPin,
         spec: &'a SignSpec<'a>,
         input: bytes::Bytes,
-    ) -> BoxFuture<'a, Result<Vec<u8>, SignError>> {
+    ) -> BoxFuture<'a, Result<(Vec<u8>, Made), SignError>> {
         Box::pin(self.sign_memory(spec, input))
     }
 }

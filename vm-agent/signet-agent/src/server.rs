@@ -249,19 +249,23 @@ async fn sign(
         let host_job = headers.get(JOB_HEADER).and_then(|v| v.to_str().ok());
         let declared = declared_sha256(&headers)?;
         let hash_input = host_job.is_some() && declared.is_none();
-        let (spool, made) = if agent.keeps_in_memory(query.mode, declared_length(&headers)) {
+        // A whole file's Authenticode digest is made as it is received (when it is a PE).
+        let digest_as = match query.mode {
+            SignMode::Whole => query.hash.as_str().parse::<HashAlg>().ok(),
+            SignMode::Digest => None,
+        };
+        let declared_len = declared_length(&headers);
+        let (spool, made) = if agent.keeps_in_memory(query.mode, declared_len) {
             // A small input is held in memory: no job directory written and read again.
-            let (data, sha) = receive_memory(body, hash_input)
-                .await
-                .map_err(|e| limit.explain(e))?;
-            (agent.memory_spool(data), sha)
+            let (data, sha, digested) =
+                receive_memory(body, declared_len.unwrap_or(0), digest_as, hash_input)
+                    .await
+                    .map_err(|e| limit.explain(e))?;
+            let mut spool = agent.memory_spool(data);
+            spool.set_digested(digested);
+            (spool, sha)
         } else {
             let mut spool = agent.spool()?;
-            // A whole file's Authenticode digest is made as it is spooled (when it is a PE).
-            let digest_as = match query.mode {
-                SignMode::Whole => query.hash.as_str().parse::<HashAlg>().ok(),
-                SignMode::Digest => None,
-            };
             let (_, sha, digested) = receive(&spool, body, digest_as, hash_input)
                 .await
                 .map_err(|e| limit.explain(e))?;
@@ -494,24 +498,51 @@ fn declared_sha256(headers: &HeaderMap) -> Result<Option<[u8; 32]>, ErrorBody> {
     Ok(Some(sha))
 }
 
-/// Receives a small upload whole into memory (its length declared and at most
-/// [`crate::agent::MEMORY_INPUT`]: the body cannot be longer); answers it and, with
-/// `hash`, its SHA-256.
-async fn receive_memory(body: Body, hash: bool) -> Result<(Bytes, Option<[u8; 32]>), ErrorBody> {
-    use http_body_util::BodyExt;
+/// Receives a small upload whole into memory (its length declared, `declared`, and at
+/// most [`crate::agent::MEMORY_INPUT`]: the body cannot be longer); answers it and,
+/// with `hash`, its SHA-256 and, with `digest_as`, what a [`PeDigester`] made of it
+/// (when it is a PE), both made as it is received. Hashed on this thread: a
+/// megabyte at most, less than a trip to the blocking pool would hold up the job.
+async fn receive_memory(
+    body: Body,
+    declared: u64,
+    digest_as: Option<HashAlg>,
+    hash: bool,
+) -> Result<(Bytes, Option<[u8; 32]>, Option<PeDigested>), ErrorBody> {
     use sha2::Digest;
-    let data = body
-        .collect()
-        .await
-        .map_err(|e| {
-            ErrorBody::new(
-                ErrorCode::TruncatedInput,
-                format!("the upload ended early ({e}); nothing was signed"),
-            )
-        })?
-        .to_bytes();
-    let sha = hash.then(|| sha2::Sha256::digest(&data).into());
-    Ok((data, sha))
+    let mut sha = hash.then(sha2::Sha256::new);
+    let mut pe = digest_as.map(PeDigester::new);
+    let cap = usize::try_from(declared.min(crate::agent::MEMORY_INPUT)).unwrap_or(0);
+    let mut data = Vec::with_capacity(cap);
+    let mut stream = body.into_data_stream();
+    loop {
+        match stream.try_next().await {
+            Ok(Some(chunk)) => {
+                if let Some(sha) = &mut sha {
+                    sha.update(&chunk);
+                }
+                if let Some(pe) = &mut pe {
+                    pe.update(&chunk);
+                }
+                data.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::TruncatedInput,
+                    format!(
+                        "the upload ended early after {} bytes ({e}); nothing was signed",
+                        data.len()
+                    ),
+                ))
+            }
+        }
+    }
+    Ok((
+        Bytes::from(data),
+        sha.map(|s| s.finalize().into()),
+        pe.and_then(PeDigester::finish),
+    ))
 }
 
 /// The limits an upload runs under.

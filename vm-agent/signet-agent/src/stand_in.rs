@@ -366,8 +366,11 @@ impl Signer for StandInSigner {
         _pin: &'a AuthPin,
         _spec: &'a SignSpec<'a>,
         input: bytes::Bytes,
-    ) -> BoxFuture<'a, Result<Vec<u8>, SignError>> {
-        Box::pin(self.run("<memory>", move || Ok(input.to_vec())))
+    ) -> BoxFuture<'a, Result<(Vec<u8>, Made), SignError>> {
+        Box::pin(
+            self.run("<memory>", move || Ok(input.to_vec()))
+                .map_ok(|signed| (signed, Made::default())),
+        )
     }
 
     fn extract_signature<'a>(
