@@ -8,7 +8,8 @@
 //! - [`sign_pe`] signs a PE file whole: it hashes it in one pass in constant memory
 //!   (page hashes optional), signs, and writes the signed copy with the certificate
 //!   table appended and the checksum recomputed; [`sign_pe_in_place`] signs the file
-//!   itself instead of a copy (read once, written only once signed); [`PeImage`] is
+//!   itself instead of a copy (read once, written only once signed), and
+//!   [`sign_pe_in_memory`] a file held in memory without copying it; [`PeImage`] is
 //!   the hashing alone.
 //! - [`extract_blob`] and [`attach_pe`] are digest mode's two ends for a PE without
 //!   osslsigncode: the blob `extract-data` writes, byte for byte, and the returned
@@ -32,7 +33,7 @@ mod verify;
 pub use blob::sign_blob;
 pub use catalog::sign_catalog;
 pub use pe::{
-    attach_pe, extract_blob, extract_blob_and_rest, sign_pe, sign_pe_in_place,
+    attach_pe, extract_blob, extract_blob_and_rest, sign_pe, sign_pe_in_memory, sign_pe_in_place,
     sign_pe_in_place_digested, PeDigested, PeDigester, PeImage, PeSigned,
 };
 pub use signature::{add_nested, nested_count, sign_indirect_data};

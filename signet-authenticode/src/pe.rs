@@ -526,10 +526,14 @@ pub fn sign_pe_in_place_digested<F: Read + Write + Seek, S: RawSigner>(
     } else {
         None
     };
-    let mut buf = buffer(image.len);
+    // A buffer only when the file is read: what was digested as it arrived is not.
+    let mut buf = Vec::new();
     let scanned = match digested.and_then(|d| d.for_image(&image, options.hash)) {
         Some(known) => known,
-        None => scan(&image, file, Some(options.hash), &mut buf, |_| Ok(()))?,
+        None => {
+            buf = buffer(image.len);
+            scan(&image, file, Some(options.hash), &mut buf, |_| Ok(()))?
+        }
     };
     let digest = match scanned.digest.clone() {
         Some(d) => d,
@@ -542,6 +546,110 @@ pub fn sign_pe_in_place_digested<F: Read + Write + Seek, S: RawSigner>(
         None => ours,
     };
     finish(&image, file, scanned, signature, nested, &mut buf)
+}
+
+/// A PE file held in memory (`input`) signed as [`sign_pe_in_place_digested`] signs a
+/// file, without a copy of it: the signed file is the input's first [`PeSigned::kept`]
+/// bytes with its checksum and security directory entry written over (the values in
+/// [`PeSigned`]), then the answered tail (padding to 8 and the certificate table).
+/// The same bytes as signing a copy where it lies.
+pub fn sign_pe_in_memory<S: RawSigner>(
+    input: &[u8],
+    options: &SignOptions,
+    signer: &S,
+    digested: Option<&PeDigested>,
+) -> Result<(PeSigned, Vec<u8>), Error> {
+    let mut file = Overlay::new(input);
+    let done = sign_pe_in_place_digested(&mut file, options, signer, digested)?;
+    let end = u64::from(done.table_offset) + u64::from(done.table_size);
+    let mut tail = vec![0u8; usize::try_from(end.saturating_sub(done.kept)).unwrap_or(0)];
+    file.seek(SeekFrom::Start(done.kept))?;
+    file.read_exact(&mut tail)?;
+    Ok((done, tail))
+}
+
+/// Bytes read as `base` with the writes made since over them, as a file would read
+/// them (grown by writes past its end, zeros in a gap): signing in place without a
+/// copy of the input. The writes are few and small (a certificate table, two header
+/// fields); a read applies them over what it copies from `base`.
+struct Overlay<'a> {
+    base: &'a [u8],
+    /// Each write's offset and bytes, in the order made (a later one wins).
+    writes: Vec<(u64, Vec<u8>)>,
+    len: u64,
+    pos: u64,
+}
+
+impl<'a> Overlay<'a> {
+    fn new(base: &'a [u8]) -> Overlay<'a> {
+        Overlay {
+            base,
+            writes: Vec::new(),
+            len: base.len() as u64,
+            pos: 0,
+        }
+    }
+}
+
+impl Read for Overlay<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = usize::try_from(self.len.saturating_sub(self.pos))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let (at, out) = (self.pos, &mut buf[..n]);
+        let from_base = usize::try_from(at)
+            .ok()
+            .and_then(|at| self.base.get(at..))
+            .unwrap_or_default();
+        let m = from_base.len().min(n);
+        out[..m].copy_from_slice(&from_base[..m]);
+        out[m..].fill(0);
+        let end = at + n as u64;
+        for (w_at, bytes) in &self.writes {
+            let w_end = w_at + bytes.len() as u64;
+            if w_end <= at || *w_at >= end {
+                continue;
+            }
+            let from = (w_at.max(&at) - at) as usize;
+            let to = (w_end.min(end) - at) as usize;
+            let skip = at.saturating_sub(*w_at) as usize;
+            out[from..to].copy_from_slice(&bytes[skip..skip + to - from]);
+        }
+        self.pos = end;
+        Ok(n)
+    }
+}
+
+impl Write for Overlay<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !buf.is_empty() {
+            self.writes.push((self.pos, buf.to_vec()));
+            self.pos += buf.len() as u64;
+            self.len = self.len.max(self.pos);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for Overlay<'_> {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let pos = match to {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = pos.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a seek before the start of the file",
+            )
+        })?;
+        Ok(self.pos)
+    }
 }
 
 /// A PE file's Authenticode digest and checksum's sum, computed from its bytes as they
@@ -848,7 +956,7 @@ fn finish<W: Read + Write + Seek>(
     copied: Copied,
     signature: Vec<u8>,
     nested: bool,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
 ) -> Result<PeSigned, Error> {
     let end = image.file_end();
     let pad = (8 - end % 8) % 8;
@@ -883,7 +991,12 @@ fn finish<W: Read + Write + Seek>(
             sum.add(image.security_dir_at(), &security_dir);
             sum.checksum(total)
         }
-        None => checksum(output, image.checksum_at(), total, buf)?,
+        None => {
+            if buf.is_empty() {
+                *buf = buffer(total);
+            }
+            checksum(output, image.checksum_at(), total, buf)?
+        }
     };
     output.seek(SeekFrom::Start(image.checksum_at()))?;
     output.write_all(&checksum.to_le_bytes())?;
@@ -1361,4 +1474,45 @@ mod tests {
             );
         }
     }
+
+    /// An overlay reads as a file written the same way: over its bytes, past its end,
+    /// with a gap, read back across the writes in pieces of any size.
+    #[test]
+    fn an_overlay_reads_as_a_file_written_the_same_way() {
+        let base = noise(5000, 9);
+        let mut file = Cursor::new(base.clone());
+        let mut overlay = Overlay::new(&base);
+        let writes: [(u64, Vec<u8>); 5] = [
+            (100, noise(8, 1)),
+            (4990, noise(40, 2)),
+            (5100, noise(30, 3)),
+            (104, noise(12, 4)),
+            (0, noise(3, 5)),
+        ];
+        for (at, bytes) in &writes {
+            for f in [&mut file as &mut dyn SeekWrite, &mut overlay] {
+                f.seek(SeekFrom::Start(*at)).unwrap();
+                f.write_all(bytes).unwrap();
+            }
+        }
+        let want = file.into_inner();
+        assert_eq!(overlay.seek(SeekFrom::End(0)).unwrap(), want.len() as u64);
+        for piece in [1usize, 7, 100, 4096, 10_000] {
+            overlay.seek(SeekFrom::Start(0)).unwrap();
+            let mut got = Vec::new();
+            let mut buf = vec![0xaa; piece];
+            loop {
+                let n = overlay.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(got == want, "read in pieces of {piece}");
+        }
+        assert!(overlay.seek(SeekFrom::Current(-1_000_000)).is_err());
+    }
+
+    trait SeekWrite: Seek + Write {}
+    impl<T: Seek + Write> SeekWrite for T {}
 }

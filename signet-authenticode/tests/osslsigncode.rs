@@ -15,9 +15,9 @@ use cms::signed_data::SignedData;
 use der::{Decode, Encode};
 use sha2::Digest;
 use signet_authenticode::{
-    asn1, attach_pe, extract_blob, extract_blob_and_rest, sign_blob, sign_pe, sign_pe_in_place,
-    sign_pe_in_place_digested, verify_chain, verify_signature, Error, HashAlg, KeyKind, PeDigester,
-    PeImage, SignOptions, Statement,
+    asn1, attach_pe, extract_blob, extract_blob_and_rest, sign_blob, sign_pe, sign_pe_in_memory,
+    sign_pe_in_place, sign_pe_in_place_digested, verify_chain, verify_signature, Error, HashAlg,
+    KeyKind, PeDigester, PeImage, SignOptions, Statement,
 };
 use signet_test_support::{World, PIN, SOFTHSM};
 
@@ -381,15 +381,35 @@ fn compare_pe_with(key: Key, input_name: &str, hash: HashAlg, page_hashes: bool,
             );
         }
     }
-    // Signed in a buffer (as the agent signs a small input it holds in memory): the
-    // same file, byte for byte with a (deterministic) RSA signature, else up to the
-    // certificate table with its checksum right.
-    {
-        let mut c = std::io::Cursor::new(std::fs::read(&input).unwrap());
-        let signed = sign_pe_in_place_digested(&mut c, &o, signer, None).unwrap();
+    // Signed held in memory (as the agent signs an input of up to 1 MiB), without a
+    // copy, digested as it arrived or not: the input's first `kept` bytes with the
+    // two fields, then the tail, are the same file, byte for byte with a
+    // (deterministic) RSA signature, else up to the certificate table with its
+    // checksum right.
+    for digested in [false, true] {
+        let original = std::fs::read(&input).unwrap();
+        let d = digested.then(|| {
+            let mut d = PeDigester::new(hash);
+            for piece in original.chunks(65_521) {
+                d.update(piece);
+            }
+            d.finish()
+                .expect("the corpus's PEs are digested as they arrive")
+        });
+        let (signed, tail) = sign_pe_in_memory(&original, &o, signer, d.as_ref()).unwrap();
         assert_eq!(signed.nested, nested && has_signature);
-        let mut memory = c.into_inner();
-        memory.resize((signed.table_offset + signed.table_size) as usize, 0);
+        let mut memory = original[..signed.kept as usize].to_vec();
+        let at = signed.checksum_at as usize;
+        memory[at..at + 4].copy_from_slice(&signed.checksum.to_le_bytes());
+        let at = signed.security_dir_at as usize;
+        memory[at..at + 4].copy_from_slice(&signed.table_offset.to_le_bytes());
+        memory[at + 4..at + 8].copy_from_slice(&signed.table_size.to_le_bytes());
+        memory.extend_from_slice(&tail);
+        assert_eq!(
+            memory.len(),
+            (signed.table_offset + signed.table_size) as usize,
+            "{tag}: the tail does not end at the table's end"
+        );
         let copied = std::fs::read(&native).unwrap();
         if key == Key::Rsa {
             assert!(copied == memory, "{tag}: signed in memory, another file");

@@ -392,3 +392,74 @@ fn a_signed_pe_comes_back_as_its_changes_and_signetd_makes_the_signed_file() {
         assert_eq!(made_here(&log) - before, 3, "{name}: {log}");
     }
 }
+
+/// The agent answers a PE it signed held in memory (kept as the input and what
+/// signing changed, not copied) as the signed file to a host that does not take the
+/// patch, as the patch to one that does, and as the same bytes to a job sent again:
+/// each the file osslsigncode verifies, the token signing once.
+#[test]
+fn an_agent_answers_a_pe_signed_in_memory_whole_or_as_its_changes_the_same_file() {
+    use http_body_util::{BodyExt, Full};
+    use signet_api::wire::{patch, INPUT_SHA256_HEADER, JOB_HEADER};
+    let mut w = World::new();
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &w.path("pin"),
+        &[],
+        NATIVE,
+    );
+    let exe = w.path("app.exe");
+    fixture("make-pe.sh", &[exe.as_path()]);
+    let input = std::fs::read(&exe).unwrap();
+    let sha = signet_api::hex::lower(&<sha2::Sha256 as sha2::Digest>::digest(&input));
+    let ask = |job: &str, accept_patch: bool| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut req = http::Request::post("/agent/v1/sign?profile=release&filename=app.exe")
+                .header(JOB_HEADER, job)
+                .header(INPUT_SHA256_HEADER, &sha);
+            if accept_patch {
+                req = req.header(http::header::ACCEPT, patch::PATCH_MEDIA_TYPE);
+            }
+            let req = req
+                .body(Full::new(bytes::Bytes::from(input.clone())))
+                .unwrap();
+            let resp = signet_protocol::client::send(&agent, req).await.unwrap();
+            let status = resp.status().as_u16();
+            let ct = resp
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            (ct, body.to_vec())
+        })
+    };
+    let signs = || {
+        w.log("signet-agent")
+            .matches(": signed file=\"app.exe\"")
+            .count()
+    };
+    let (ct, whole) = ask("job-1", false);
+    assert_eq!(ct, "application/octet-stream");
+    let out = w.path("whole.exe");
+    std::fs::write(&out, &whole).unwrap();
+    let (ok, text) = verify(&w, &out);
+    assert!(ok && !text.contains("MISMATCH"), "{text}");
+    // The same job again: its kept result, the same bytes; the token signs nothing.
+    assert_eq!(ask("job-1", false).1, whole, "the kept result differs");
+    let (ct, made) = ask("job-1", true);
+    assert!(patch::is_patch_type(&ct), "{ct}");
+    let p: patch::Patch = serde_json::from_slice(&made).unwrap();
+    let p = p.check(input.len() as u64).unwrap();
+    assert!(
+        p.signed_file(&input) == whole,
+        "the patch makes another file"
+    );
+    assert_eq!(signs(), 1, "{}", w.log("signet-agent"));
+}

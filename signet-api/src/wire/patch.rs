@@ -164,6 +164,18 @@ impl Checked {
         }
     }
 
+    /// The signed file made of the whole `input` it was checked against, in one buffer.
+    pub fn signed_file(&self, input: &[u8]) -> Vec<u8> {
+        let keep = usize::try_from(self.keep)
+            .unwrap_or(usize::MAX)
+            .min(input.len());
+        let mut out = Vec::with_capacity(keep + self.tail.len());
+        out.extend_from_slice(&input[..keep]);
+        self.apply(0, &mut out);
+        out.extend_from_slice(&self.tail);
+        out
+    }
+
     /// Whether any edit falls in the input's bytes `at..at + len`.
     pub fn touches(&self, at: u64, len: u64) -> bool {
         self.edits
@@ -202,6 +214,7 @@ mod tests {
         for block in [1, 2, 3, 4, 7, 10, 64, 1000] {
             assert_eq!(made(&p, &input, block), want, "blocks of {block}");
         }
+        assert_eq!(p.signed_file(&input), want);
         assert_eq!(p.len(), 94);
         assert_eq!(p.to_patch().check(100).unwrap(), p);
         assert!(is_patch_type(PATCH_MEDIA_TYPE));

@@ -24,7 +24,7 @@ use signet_format as format;
 use tokio::io::AsyncReadExt;
 use tokio::sync::broadcast;
 
-use crate::backend::{SignError, SignSpec, Signer};
+use crate::backend::{InMemory, SignError, SignSpec, Signer};
 use crate::config::{self, Config};
 use crate::job;
 use crate::loss::{self, Backoff, Watch};
@@ -86,7 +86,8 @@ fn token_error(e: TokenError) -> ErrorBody {
 pub struct Spool {
     /// `None` while the input is held in memory.
     dir: Option<tempfile::TempDir>,
-    /// The input, held in memory (no directory).
+    /// The input, held in memory (no directory); kept once signed when the result is
+    /// the input and [`Spool::patch`] (a PE signed in memory).
     memory: Option<bytes::Bytes>,
     /// The signed result, when it was made in memory.
     signed: Option<bytes::Bytes>,
@@ -103,9 +104,15 @@ pub const MEMORY_INPUT: u64 = 1 << 20;
 
 impl Spool {
     /// The signed result when it was made in memory (`None`: it is the file at
-    /// [`Spool::output`]).
-    pub fn signed(&self) -> Option<&bytes::Bytes> {
-        self.signed.as_ref()
+    /// [`Spool::output`]): kept whole, or made here of the input it was signed from
+    /// without a copy and the patch (for a host that does not take the patch).
+    pub fn signed(&self) -> Option<bytes::Bytes> {
+        if let Some(signed) = &self.signed {
+            return Some(signed.clone());
+        }
+        let (input, patch) = (self.memory.as_ref()?, self.patch.as_ref()?);
+        let checked = patch.check(input.len() as u64).ok()?;
+        Some(bytes::Bytes::from(checked.signed_file(input)))
     }
 
     /// The signed file as what signing changed in the input, when the signer told it
@@ -641,12 +648,13 @@ impl Agent {
         }
         (spool.signed, spool.patch) = self.sign_locked(&spool, &input, query).await?;
         if spool.signed.is_some() {
-            // Signed in memory: the result is all that is kept of it.
+            // Signed in memory: the result is all that is kept of it. (A PE signed
+            // in memory is kept as its input and the patch: `signed` is `None`.)
             spool.memory = None;
         }
-        let bytes = match &spool.signed {
-            Some(b) => b.len() as u64,
-            None => std::fs::metadata(spool.output()).map_or(0, |m| m.len()),
+        let bytes = match (&spool.signed, &spool.memory) {
+            (Some(b), _) | (None, Some(b)) => b.len() as u64,
+            (None, None) => std::fs::metadata(spool.output()).map_or(0, |m| m.len()),
         };
         let spool = Arc::new(spool);
         if let (Some(key), Ok(mut kept)) = (key, self.kept.lock()) {
@@ -823,12 +831,15 @@ impl Agent {
         let run = async {
             match &spool.memory {
                 Some(data) => {
-                    let (signed, made) = self
+                    match self
                         .signer
                         .sign_in_memory(&key, &pin, &spec, data.clone())
-                        .await?;
-                    in_memory = Some(bytes::Bytes::from(signed));
-                    patch = made.patch;
+                        .await?
+                    {
+                        InMemory::Signed(signed) => in_memory = Some(bytes::Bytes::from(signed)),
+                        // The input it was signed from is the rest of the result.
+                        InMemory::Patched(p) => patch = Some(p),
+                    }
                     Ok(())
                 }
                 None => {

@@ -77,16 +77,16 @@ pub trait Signer: std::fmt::Debug + Send + Sync {
     }
 
     /// Signs `input`, held in memory, as `spec` says (its `input` and `output` paths
-    /// are not used), and answers the signed file (digest mode: the signature) and
-    /// what it knows of it besides (a PE file: what signing changed in the input).
-    /// Only for the formats [`Signer::signs_in_memory`] takes.
+    /// are not used), and answers the signed file (digest mode: the signature), or,
+    /// for a file signed without a copy (a PE file), what signing changed in the
+    /// input. Only for the formats [`Signer::signs_in_memory`] takes.
     fn sign_in_memory<'a>(
         &'a self,
         key: &'a KeyRef,
         pin: &'a AuthPin,
         spec: &'a SignSpec<'a>,
         input: bytes::Bytes,
-    ) -> BoxFuture<'a, Result<(Vec<u8>, Made), SignError>> {
+    ) -> BoxFuture<'a, Result<InMemory, SignError>> {
         let _ = (key, pin, spec, input);
         Box::pin(async {
             Err(SignError::Engine(
@@ -94,6 +94,16 @@ pub trait Signer: std::fmt::Debug + Send + Sync {
             ))
         })
     }
+}
+
+/// What [`Signer::sign_in_memory`] made.
+#[derive(Debug)]
+pub enum InMemory {
+    /// The signed file (digest mode: the signature).
+    Signed(Vec<u8>),
+    /// The signed file is the input with this patch applied: nothing of the input was
+    /// copied.
+    Patched(Patch),
 }
 
 /// What a signer knows of a file it signed, besides the file.

@@ -23,7 +23,7 @@ use signet_api::wire::{SignMode, SignResponse, SignerFeatures};
 use signet_authenticode::{HashAlg, KeyKind, RawSigner, SignOptions, Timestamper};
 use signet_format::Format;
 
-use crate::backend::{Made, SharedToken, SignError, SignSpec, Signer};
+use crate::backend::{InMemory, Made, SharedToken, SignError, SignSpec, Signer};
 use crate::config::Config;
 use crate::signer::Osslsigncode;
 use crate::token::{KeyRef, TokenError};
@@ -148,53 +148,43 @@ impl Native {
         Ok(options)
     }
 
-    /// Signs `input`, held in memory: digest mode's data, a PE file (signed as
-    /// [`signet_authenticode::sign_pe_in_place_digested`] signs a file, in a buffer,
-    /// its digest made as it was received when it was) or a catalog. The same bytes
-    /// as the spooled way, and for a PE file the same patch.
+    /// Signs `input`, held in memory: digest mode's data and a catalog (answered
+    /// whole), or a PE file, signed without a copy of it
+    /// ([`signet_authenticode::sign_pe_in_memory`], its digest made as it was received
+    /// when it was) and answered as the patch the spooled way answers.
     async fn sign_memory(
         &self,
         spec: &SignSpec<'_>,
         input: bytes::Bytes,
-    ) -> Result<(Vec<u8>, Made), SignError> {
+    ) -> Result<InMemory, SignError> {
         let key = self.key().await?;
         let options = self.options(spec)?;
-        let made = Made::default();
         match spec.format {
             None => blocking(move || signet_authenticode::sign_blob(&input, &options, &key))
                 .await
-                .map(|sig| (sig, made)),
+                .map(InMemory::Signed),
             Some(Format::Cat) => {
                 blocking(move || signet_authenticode::sign_catalog(&input, &options, &key))
                     .await
-                    .map(|sig| (sig, made))
+                    .map(InMemory::Signed)
             }
             Some(Format::Pe) => {
                 let wanted_nested = spec.nested;
                 let digested = spec.digested.cloned();
-                let (signed, nested, patch) = blocking(move || {
-                    let mut f = std::io::Cursor::new(input.to_vec());
-                    let done = signet_authenticode::sign_pe_in_place_digested(
-                        &mut f,
+                let (nested, patch) = blocking(move || {
+                    let (done, tail) = signet_authenticode::sign_pe_in_memory(
+                        &input,
                         &options,
                         &key,
                         digested.as_ref(),
                     )?;
-                    let mut signed = f.into_inner();
-                    let end = u64::from(done.table_offset) + u64::from(done.table_size);
-                    signed.resize(usize::try_from(end).unwrap_or(usize::MAX), 0);
-                    let tail = usize::try_from(done.kept)
-                        .ok()
-                        .and_then(|kept| signed.get(kept..))
-                        .unwrap_or_default();
-                    let patch = patch_of(&done, tail);
-                    Ok((signed, done.nested, patch))
+                    Ok((done.nested, patch_of(&done, &tail)))
                 })
                 .await?;
                 if wanted_nested && !nested {
                     tracing::info!("the file has no signature yet; signed it without nesting");
                 }
-                Ok((signed, Made { patch: Some(patch) }))
+                Ok(InMemory::Patched(patch))
             }
             Some(f) => Err(SignError::Engine(format!(
                 "{f} files are not signed in memory"
@@ -538,7 +528,7 @@ impl Signer for Native {
         _pin: &'a AuthPin,
         spec: &'a SignSpec<'a>,
         input: bytes::Bytes,
-    ) -> BoxFuture<'a, Result<(Vec<u8>, Made), SignError>> {
+    ) -> BoxFuture<'a, Result<InMemory, SignError>> {
         Box::pin(self.sign_memory(spec, input))
     }
 }

@@ -698,7 +698,7 @@ async fn send(spool: Arc<Spool>, patch: bool) -> Result<Response, ErrorBody> {
     if let Some(signed) = spool.signed() {
         // Made in memory: answered from there.
         let len = signed.len();
-        let mut resp = Body::from(signed.clone()).into_response();
+        let mut resp = Body::from(signed).into_response();
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),

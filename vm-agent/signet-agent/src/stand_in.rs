@@ -14,7 +14,7 @@ use secrecy::ExposeSecret;
 use signet_api::wire::{AgentEventKind, AgentState, SignMode, SignResponse, SignerFeatures};
 use signet_format::Format;
 
-use crate::backend::{Made, SignError, SignSpec, Signer};
+use crate::backend::{InMemory, Made, SignError, SignSpec, Signer};
 use crate::token::{KeyRef, PinSource, TokenError, TokenHealth, TokenSession};
 use crate::token_state::{Action, TokenEvent, TokenState};
 
@@ -366,10 +366,10 @@ impl Signer for StandInSigner {
         _pin: &'a AuthPin,
         _spec: &'a SignSpec<'a>,
         input: bytes::Bytes,
-    ) -> BoxFuture<'a, Result<(Vec<u8>, Made), SignError>> {
+    ) -> BoxFuture<'a, Result<InMemory, SignError>> {
         Box::pin(
             self.run("<memory>", move || Ok(input.to_vec()))
-                .map_ok(|signed| (signed, Made::default())),
+                .map_ok(InMemory::Signed),
         )
     }
 
