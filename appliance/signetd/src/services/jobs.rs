@@ -65,6 +65,38 @@ pub(crate) struct Sched {
     /// The jobs at the agent, oldest first: the first is the one at the token, the
     /// second (if any) is being sent to the agent meanwhile.
     at_agent: Vec<AtAgent>,
+    /// Jobs in the queue whose spooled input is being flushed (still `receiving`),
+    /// until the worker takes them or they are queued.
+    landing: HashMap<String, Landing>,
+}
+
+/// The largest spooled input sent on to the agent while its file is flushed
+/// ([`Landing`]): what the agent holds in memory. A larger one the agent writes to its
+/// own spool, and the flush here (ext4 commits the data of files written meanwhile
+/// with it) would wait for the agent's writes: measured, 50 MiB jobs took longer so.
+const LANDING_MAX: u64 = 1 << 20;
+
+/// A job queued while its input's file is flushed and `queued` committed: what the
+/// worker sends the agent before the job's record says it, and whether it may end.
+#[derive(Debug)]
+struct Landing {
+    /// The input's SHA-256 (hex) and length.
+    sha: String,
+    n: u64,
+    /// `Some(true)` once the input is durable and the job queued, `Some(false)` (or
+    /// closed) when it will not be: then the job is the intake's to end, and its last
+    /// byte never goes to the agent.
+    durable: watch::Receiver<Option<bool>>,
+}
+
+impl Landing {
+    /// Waits until it is known whether the job is queued.
+    async fn queued(mut self) -> bool {
+        matches!(
+            self.durable.wait_for(Option::is_some).await.map(|v| *v),
+            Ok(Some(true))
+        )
+    }
 }
 
 /// A job the worker has sent to the agent.
@@ -83,23 +115,26 @@ impl Sched {
     }
 
     /// Takes the next job by the queue's turns among the callers with fewer than
-    /// `per_caller` jobs at the agent; `gate` makes its gate, and it counts at the agent.
+    /// `per_caller` jobs at the agent, with its [`Landing`] when it is not queued
+    /// durably yet; `gate` makes its gate (told whether it lands), and it counts at the
+    /// agent.
     fn take(
         &mut self,
         per_caller: usize,
-        gate: impl FnOnce(&str) -> Arc<Gate>,
-    ) -> Option<(String, String, Arc<Gate>)> {
+        gate: impl FnOnce(&str, bool) -> Arc<Gate>,
+    ) -> Option<(String, String, Arc<Gate>, Option<Landing>)> {
         let at_agent = &self.at_agent;
         let (caller, id) = self
             .queue
             .take_where(|c| at_agent.iter().filter(|a| a.caller == c).count() < per_caller)?;
-        let gate = gate(&id);
+        let landing = self.landing.remove(&id);
+        let gate = gate(&id, landing.is_some());
         self.at_agent.push(AtAgent {
             caller: caller.clone(),
             id: id.clone(),
             gate: Arc::clone(&gate),
         });
-        Some((caller, id, gate))
+        Some((caller, id, gate, landing))
     }
 
     /// Job `id` is no longer at the agent.
@@ -946,55 +981,111 @@ impl JobService {
                 }
             };
             store.release(reserved);
-            let landed = match spooled {
+            // A job whose input was not kept ends failed, as the caller is told.
+            let spool_failed = |fault: Spool| {
+                store.remove_spooled(&path);
+                let e = match fault {
+                    Spool::Full => full(None),
+                    Spool::Broken(e) => JobError::Truncated { why: e.to_string() },
+                    Spool::Stopped => JobError::UploadCut,
+                    Spool::Disk(e) if store::io_disk_full(&e) => {
+                        JobError::disk_full(&self.config().state_dir, &id, &e)
+                    }
+                    Spool::Disk(e) => JobError::internal(&id, "spooling the input", &e),
+                };
+                // The job's record keeps the error as the caller is told it.
+                let recorded = ErrorBody::from(&e);
+                if let Ok(Some(row)) = store.get(&id) {
+                    let _ = store.finish(
+                        &id,
+                        JobState::Failed,
+                        None,
+                        Some(&recorded),
+                        &entry(&row, Outcome::Failed, Some(recorded.code)),
+                    );
+                }
+                engine.notify_done(&id);
+                e
+            };
+            let (landed, flush) = match spooled {
                 Ok(done) => done,
-                Err(fault) => {
-                    store.remove_spooled(&path);
-                    let e = match fault {
-                        Spool::Full => full(None),
-                        Spool::Broken(e) => JobError::Truncated { why: e.to_string() },
-                        Spool::Stopped => JobError::UploadCut,
-                        Spool::Disk(e) if store::io_disk_full(&e) => {
-                            JobError::disk_full(&self.config().state_dir, &id, &e)
-                        }
-                        Spool::Disk(e) => JobError::internal(&id, "spooling the input", &e),
-                    };
-                    // The job's record keeps the error as the caller is told it.
-                    let recorded = ErrorBody::from(&e);
-                    if let Ok(Some(row)) = store.get(&id) {
-                        let _ = store.finish(
-                            &id,
-                            JobState::Failed,
-                            None,
-                            Some(&recorded),
-                            &entry(&row, Outcome::Failed, Some(recorded.code)),
-                        );
-                    }
-                    engine.notify_done(&id);
-                    return Err(e);
-                }
+                Err(fault) => return Err(spool_failed(fault)),
             };
-            // A small input and `queued` in one transaction; a large one is in its file.
-            let queued = match &landed.inline {
-                Some(data) => {
-                    let q = store.queued_inline(&id, &landed.sha, data);
-                    if q.is_err() {
-                        store.release(landed.n);
-                    }
-                    q
-                }
-                None => store.queued(&id, &landed.sha, landed.n),
-            };
-            engine.store_wrote(queued.as_ref().map(|_| ()));
-            queued.map_err(|e| {
+            let queue_error = |e: StoreError| {
                 if e.disk_full() {
                     JobError::disk_full(&self.config().state_dir, &id, &e)
                 } else {
                     JobError::internal(&id, "queueing the job", &e)
                 }
-            })?;
-            lock(&engine.sched).queue.push(&caller, &id);
+            };
+            // A small input and `queued` in one transaction.
+            if let Some(data) = &landed.inline {
+                let queued = store.queued_inline(&id, &landed.sha, data);
+                if queued.is_err() {
+                    store.release(landed.n);
+                }
+                engine.store_wrote(queued.as_ref().map(|_| ()));
+                queued.map_err(queue_error)?;
+                lock(&engine.sched).queue.push(&caller, &id);
+                engine.wake.notify_one();
+                return Ok(id);
+            }
+            // A larger one is in its file, whose flush is under way.
+            if landed.n > LANDING_MAX {
+                if let Some(flush) = flush {
+                    if let Err(e) = flush.done().await {
+                        return Err(spool_failed(Spool::Disk(e)));
+                    }
+                }
+                let queued = store.queued(&id, &landed.sha, landed.n);
+                engine.store_wrote(queued.as_ref().map(|_| ()));
+                queued.map_err(queue_error)?;
+                lock(&engine.sched).queue.push(&caller, &id);
+                engine.wake.notify_one();
+                return Ok(id);
+            }
+            // Up to LANDING_MAX, the job takes its place in the queue now, and its
+            // input goes on to the agent meanwhile all but its last byte, which waits
+            // until the file is flushed and `queued` committed ([`Landing`]). Nothing
+            // is signed before the input is durable and the job queued; a crash before
+            // leaves the job `receiving` (failed at the next start, as an upload cut
+            // short) and the agent an upload that never ended.
+            let (durable_tx, durable) = watch::channel(None);
+            {
+                let mut s = lock(&engine.sched);
+                s.landing.insert(
+                    id.clone(),
+                    Landing {
+                        sha: landed.sha.clone(),
+                        n: landed.n,
+                        durable,
+                    },
+                );
+                s.queue.push(&caller, &id);
+            }
             engine.wake.notify_one();
+            let landed_off = |ok: bool| {
+                {
+                    let mut s = lock(&engine.sched);
+                    if s.landing.remove(&id).is_some() && !ok {
+                        // Not taken by the worker yet: it never will be.
+                        s.queue.cancel(&id);
+                    }
+                }
+                durable_tx.send_replace(Some(ok));
+            };
+            let flushed = match flush {
+                Some(flush) => flush.done().await,
+                None => Ok(()),
+            };
+            if let Err(e) = flushed {
+                landed_off(false);
+                return Err(spool_failed(Spool::Disk(e)));
+            }
+            let queued = store.queued(&id, &landed.sha, landed.n);
+            engine.store_wrote(queued.as_ref().map(|_| ()));
+            landed_off(queued.is_ok());
+            queued.map_err(queue_error)?;
             Ok(id)
         }
         .instrument(span)
@@ -1215,8 +1306,9 @@ impl JobService {
         let id = id.as_str();
         let removed = {
             let mut s = lock(&engine.sched);
-            // Waiting in the queue, or held behind the job at the token.
-            s.queue.cancel(id) || s.call_back(id)
+            // Waiting in the queue, or held behind the job at the token; not while
+            // its input is flushed (it is `receiving` until then).
+            !s.landing.contains_key(id) && (s.queue.cancel(id) || s.call_back(id))
         };
         if removed {
             let e = ErrorBody::new(
@@ -1458,19 +1550,22 @@ impl JobService {
                 let per_caller = self.config().limits.max_jobs_per_caller;
                 // Behind a job at the agent, a job's last byte is held until it is
                 // released, and it counts as running from then on.
+                // So is a job's whose input is still being flushed ([`Landing`]).
                 let held = !flights.is_empty();
-                let next = lock(&engine.sched).take(per_caller, |id| {
+                let next = lock(&engine.sched).take(per_caller, |id, landing| {
                     Arc::new(Gate::new(
-                        held.then(|| (Arc::clone(engine.store()), id.to_owned())),
+                        (held || landing).then(|| (Arc::clone(engine.store()), id.to_owned())),
                     ))
                 });
-                if let Some((caller, id, gate)) = next {
+                if let Some((caller, id, gate, landing)) = next {
                     let prev = flights.back().map(|f| f.phase.clone());
                     let (tx, rx) = watch::channel(Phase::Sending);
                     let this = Arc::clone(&self);
                     let job = id.clone();
                     let task =
-                        tokio::spawn(async move { this.run_job(&job, prev, gate, tx).await });
+                        tokio::spawn(
+                            async move { this.run_job(&job, prev, gate, landing, tx).await },
+                        );
                     flights.push_back(Flight {
                         caller,
                         id,
@@ -1614,12 +1709,13 @@ impl JobService {
         id: &str,
         prev: Option<watch::Receiver<Phase>>,
         gate: Arc<Gate>,
+        landing: Option<Landing>,
         phase: watch::Sender<Phase>,
     ) -> bool {
         let span = tracing::info_span!("job", job = %id);
         let phase = Arc::new(phase);
         let again = self
-            .run_job_here(id, prev, gate, &phase)
+            .run_job_here(id, prev, gate, landing, &phase)
             .instrument(span)
             .await;
         phase.send_replace(Phase::Ended { again });
@@ -1632,19 +1728,28 @@ impl JobService {
         id: &str,
         prev: Option<watch::Receiver<Phase>>,
         gate: Arc<Gate>,
+        landing: Option<Landing>,
         phase: &Arc<watch::Sender<Phase>>,
     ) -> bool {
         let engine = self.engine();
         let store = &engine.store;
-        let row = match store.get(id) {
-            Ok(Some(row)) if row.state == JobState::Queued => row,
-            Ok(_) => return false,
-            Err(e) => {
+        let row = match (store.get(id), &landing) {
+            (Ok(Some(row)), _) if row.state == JobState::Queued => row,
+            // Its record says `queued` once its input is durable: what it will say.
+            (Ok(Some(mut row)), Some(l)) if row.state == JobState::Receiving => {
+                row.input_sha256 = Some(l.sha.clone());
+                row.input_bytes = Some(l.n);
+                row
+            }
+            (Ok(_), _) => return false,
+            (Err(e), _) => {
                 tracing::error!(job = id, error = %e, "the job cannot be read");
                 return false;
             }
         };
-        // A job held behind another is marked running once it is released.
+        let durable = landing.as_ref().map(|l| l.durable.clone());
+        // A job held behind another (or until it is queued) is marked running once it
+        // is released.
         let attempt = if gate.is_held() {
             row.attempts + 1
         } else {
@@ -1695,6 +1800,7 @@ impl JobService {
                 input,
                 row.input_bytes,
                 prev.clone(),
+                durable.clone(),
                 Arc::clone(&gate),
                 Arc::clone(phase),
                 Arc::clone(&engine.draining),
@@ -1785,6 +1891,15 @@ impl JobService {
         // The job before it ends first, so jobs end (and are audited) in the queue's order.
         if let Some(mut p) = prev {
             let _ = p.wait_for(|p| matches!(p, Phase::Ended { .. })).await;
+        }
+        // A job taken while its input was flushed is the intake's to end when it was
+        // not queued (its last byte never went to the agent).
+        if let Some(landing) = landing {
+            if !landing.queued().await {
+                tracing::info!(job = id, "its input was not kept; the intake ends the job");
+                store.remove_spooled(&out_path);
+                return false;
+            }
         }
         if gate.sent_back() {
             // Called back before it reached the agent whole (the agent drops the upload
@@ -2125,12 +2240,14 @@ async fn open_spooled(path: std::path::PathBuf) -> std::io::Result<FileBody> {
 /// answer ([`hold`]): the agent takes a job to its lock only once it has it whole, so
 /// this one cannot overtake it. When that one goes back to the queue instead, the
 /// gate says so and the request is dropped unfinished: the agent drops this upload
-/// unsigned. `phase` becomes
-/// [`Phase::Sent`] once the input is handed over whole.
+/// unsigned. A job whose input is still being flushed (`durable`, [`Landing`]) holds
+/// its last byte until it is queued, and is called back when it is not. `phase`
+/// becomes [`Phase::Sent`] once the input is handed over whole.
 fn upload(
     input: Blocks,
     len: Option<u64>,
     prev: Option<watch::Receiver<Phase>>,
+    durable: Option<watch::Receiver<Option<bool>>>,
     gate: Arc<Gate>,
     phase: Arc<watch::Sender<Phase>>,
     draining: Arc<std::sync::atomic::AtomicBool>,
@@ -2155,15 +2272,24 @@ fn upload(
             let gate = Arc::clone(&gate);
             let phase = Arc::clone(&phase);
             let draining = Arc::clone(&draining);
+            let mut durable = durable.clone();
             async move {
                 if done {
                     return None;
                 }
                 if let Some(tail) = tail {
-                    let go_on = match prev.as_mut() {
-                        Some(p) => hold(p, &draining, &gate).await,
+                    let queued = match durable.as_mut() {
+                        Some(d) => matches!(
+                            d.wait_for(Option::is_some).await.map(|v| *v),
+                            Ok(Some(true))
+                        ),
                         None => true,
                     };
+                    let go_on = queued
+                        && match prev.as_mut() {
+                            Some(p) => hold(p, &draining, &gate).await,
+                            None => true,
+                        };
                     if go_on && gate.release() {
                         sent(&phase);
                         return Some((Ok(tail), (blocks, n, None, None, false)));
@@ -2182,7 +2308,8 @@ fn upload(
                     Some(Ok(mut chunk)) => {
                         n += chunk.len() as u64;
                         if n >= len {
-                            if prev.is_some() && gate.is_held() && !chunk.is_empty() {
+                            // Held behind the job before it, or until it is queued.
+                            if gate.is_held() && !chunk.is_empty() {
                                 let last = chunk.split_off(chunk.len() - 1);
                                 return Some((Ok(chunk), (blocks, n, prev, Some(last), false)));
                             }
@@ -2443,15 +2570,30 @@ impl<'a> Sink<'a> {
 
     /// The end: a file is flushed and fsync'd, with its directory.
     async fn end(self) -> std::io::Result<Landed> {
-        let (sha, inline) = match self.writer {
-            None => (Sha256::digest(&self.buf).into(), Some(self.buf)),
-            Some(w) => (w.end().await?, None),
+        let (landed, flush) = self.written().await?;
+        if let Some(flush) = flush {
+            flush.done().await?;
+        }
+        Ok(landed)
+    }
+
+    /// The end once every byte is written: a file's flush is under way.
+    async fn written(self) -> std::io::Result<(Landed, Option<Flush>)> {
+        let (sha, inline, flush) = match self.writer {
+            None => (Sha256::digest(&self.buf).into(), Some(self.buf), None),
+            Some(w) => {
+                let (sha, flush) = w.written().await?;
+                (sha, None, Some(flush))
+            }
         };
-        Ok(Landed {
-            sha: audit::hex(&sha),
-            n: self.n,
-            inline,
-        })
+        Ok((
+            Landed {
+                sha: audit::hex(&sha),
+                n: self.n,
+                inline,
+            },
+            flush,
+        ))
     }
 }
 
@@ -2469,12 +2611,27 @@ const SPOOL_AHEAD: usize = 4;
 /// [`signet_protocol::IO_BLOCK`] gathered from the pieces the socket gives: the async
 /// thread only receives, while the blocks before are hashed and written with std's
 /// I/O (no trip to tokio's blocking pool per block, no copy into its buffer). At most
-/// [`SPOOL_AHEAD`] blocks wait for it. Dropped before [`SpoolWriter::end`], the thread
+/// [`SPOOL_AHEAD`] blocks wait for it. Dropped before [`SpoolWriter::written`], the thread
 /// stops without flushing; the caller removes the file.
 struct SpoolWriter {
     tx: tokio::sync::mpsc::Sender<ToWrite>,
     block: bytes::BytesMut,
-    thread: tokio::task::JoinHandle<std::io::Result<[u8; 32]>>,
+    /// The file's SHA-256, sent once every byte is written, before the flush.
+    hashed: tokio::sync::oneshot::Receiver<[u8; 32]>,
+    thread: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// A spool file's flush (the file and its directory fsync'd) under way on its
+/// writer's thread, after every byte was written ([`SpoolWriter::written`]).
+struct Flush(tokio::task::JoinHandle<std::io::Result<()>>);
+
+impl Flush {
+    async fn done(self) -> std::io::Result<()> {
+        match self.0.await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
 }
 
 impl SpoolWriter {
@@ -2491,6 +2648,7 @@ impl SpoolWriter {
         let mut file = signet_protocol::writeback::WriteBehind::new(std::fs::File::create(path)?);
         let dir = path.parent().map(Path::to_owned);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<ToWrite>(SPOOL_AHEAD);
+        let (hashed_tx, hashed) = tokio::sync::oneshot::channel();
         let thread = tokio::task::spawn_blocking(move || {
             let mut sha = Sha256::new();
             let mut written = 0u64;
@@ -2519,15 +2677,17 @@ impl SpoolWriter {
                     }
                 }
             }
+            let _ = hashed_tx.send(sha.finalize().into());
             file.get_ref().sync_all()?;
             if let Some(dir) = dir {
                 store::sync_dir(&dir)?;
             }
-            Ok(sha.finalize().into())
+            Ok(())
         });
         Ok(SpoolWriter {
             tx,
             block: bytes::BytesMut::new(),
+            hashed,
             thread,
         })
     }
@@ -2569,8 +2729,9 @@ impl SpoolWriter {
         Ok(())
     }
 
-    /// Writes what is left, then flushes the file and its directory; its SHA-256.
-    async fn end(mut self) -> std::io::Result<[u8; 32]> {
+    /// Writes what is left; its SHA-256 once every byte is written, and the flush of
+    /// the file and its directory, under way.
+    async fn written(mut self) -> std::io::Result<([u8; 32], Flush)> {
         if !self.block.is_empty() {
             let last = self.block.split().freeze();
             self.send(last).await?;
@@ -2578,22 +2739,23 @@ impl SpoolWriter {
         if self.tx.send(ToWrite::End).await.is_err() {
             return Err(self.failed().await);
         }
-        match (&mut self.thread).await {
-            Ok(r) => r,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        match (&mut self.hashed).await {
+            Ok(sha) => Ok((sha, Flush(self.thread))),
+            Err(_) => Err(self.failed().await),
         }
     }
 }
 
-/// Streams `body` into memory, or to `path` (fsync'd, with its directory) once it is
-/// more than [`store::INLINE_MAX`], hashing as it goes; space beyond `reserved` is
-/// reserved chunk by chunk.
+/// Streams `body` into memory, or to `path` once it is more than
+/// [`store::INLINE_MAX`], hashing as it goes; space beyond `reserved` is reserved chunk
+/// by chunk. Answers once every byte is written: a file's flush (fsync'd, with its
+/// directory) is then under way.
 async fn spool(
     store: &Store,
     path: &Path,
     body: Body,
     reserved: &mut u64,
-) -> Result<Landed, Spool> {
+) -> Result<(Landed, Option<Flush>), Spool> {
     let mut sink = Sink::new(path);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
@@ -2608,9 +2770,9 @@ async fn spool(
         }
         sink.write(chunk).await.map_err(Spool::Disk)?;
     }
-    let landed = sink.end().await.map_err(Spool::Disk)?;
+    let landed = sink.written().await.map_err(Spool::Disk)?;
     // The input's bytes are counted from now on; the reservation is given back.
-    store.charge(landed.n);
+    store.charge(landed.0.n);
     Ok(landed)
 }
 
@@ -3192,6 +3354,61 @@ mod tests {
             out.extend_from_slice(&b?);
         }
         Ok(out)
+    }
+
+    /// An input sent on while it is flushed goes to the agent all but its last byte,
+    /// which goes once the job is queued, marking it running; when it is not queued,
+    /// the last byte never goes and the job is called back.
+    #[tokio::test]
+    async fn an_input_sent_while_it_is_flushed_ends_only_once_the_job_is_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 30).unwrap());
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        for queued in [true, false] {
+            let id = match store.insert(&new_job()).unwrap() {
+                Inserted::New(id) => id,
+                Inserted::Existing(id) => panic!("{id} again"),
+            };
+            let (durable_tx, durable) = watch::channel(None);
+            let gate = Arc::new(Gate::new(Some((Arc::clone(&store), id.clone()))));
+            let phase = Arc::new(watch::channel(Phase::Sending).0);
+            let mut sent = Box::pin(upload(
+                blocks_of(&data, &[65_536, 100_000]),
+                Some(data.len() as u64),
+                None,
+                Some(durable),
+                Arc::clone(&gate),
+                Arc::clone(&phase),
+                Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            ));
+            let mut got = Vec::new();
+            while got.len() < data.len() - 1 {
+                got.extend_from_slice(&sent.next().await.unwrap().unwrap());
+            }
+            assert!(got[..] == data[..data.len() - 1]);
+            // Nothing more until it is known whether the job is queued.
+            let waiting = tokio::time::timeout(Duration::from_millis(50), sent.next()).await;
+            assert!(
+                waiting.is_err(),
+                "the last byte went before the job was queued"
+            );
+            assert!(gate.is_held() && *phase.borrow() == Phase::Sending);
+            if queued {
+                store.queued(&id, "00", data.len() as u64).unwrap();
+                durable_tx.send_replace(Some(true));
+                got.extend_from_slice(&sent.next().await.unwrap().unwrap());
+                assert!(got == data);
+                assert!(sent.next().await.is_none());
+                assert_eq!(*phase.borrow(), Phase::Sent);
+                assert_eq!(store.get(&id).unwrap().unwrap().state, JobState::Running);
+            } else {
+                drop(durable_tx);
+                let last = tokio::time::timeout(Duration::from_millis(200), sent.next()).await;
+                assert!(last.is_err(), "the last byte of a job not queued went");
+                assert!(gate.sent_back());
+                assert_eq!(store.get(&id).unwrap().unwrap().state, JobState::Receiving);
+            }
+        }
     }
 
     #[tokio::test]
