@@ -383,6 +383,22 @@ fn a_signed_pe_comes_back_as_its_changes_and_signetd_makes_the_signed_file() {
             assert!(!text.contains("MISMATCH"), "{name} {profile}: {text}");
             assert_eq!(signatures(&text), want, "{name} {profile}: {text}");
             sizes.push(std::fs::metadata(&exe).unwrap().len());
+            // The audit record names the signed file delivered, made here of the
+            // input (held in memory or read from its file) and the patch.
+            let signed = std::fs::read(&exe).unwrap();
+            let sha = signet_api::hex::lower(&<sha2::Sha256 as sha2::Digest>::digest(&signed));
+            let records = w.audit_records();
+            let last = records.last().unwrap();
+            assert_eq!(
+                last["output_sha256"],
+                sha.as_str(),
+                "{name} {profile}: {last}"
+            );
+            assert_eq!(
+                last["output_bytes"],
+                signed.len() as u64,
+                "{name} {profile}: {last}"
+            );
         }
         assert!(
             sizes[1] > sizes[0] && sizes[2] < sizes[1],

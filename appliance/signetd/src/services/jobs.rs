@@ -87,6 +87,9 @@ struct Landing {
     /// closed) when it will not be: then the job is the intake's to end, and its last
     /// byte never goes to the agent.
     durable: watch::Receiver<Option<bool>>,
+    /// The input as it was written, whole (empty: read from its file): sent to the
+    /// agent, and the signed file's SHA-256 made of it, without reading the file.
+    input: Vec<bytes::Bytes>,
 }
 
 impl Landing {
@@ -1007,7 +1010,11 @@ impl JobService {
                 engine.notify_done(&id);
                 e
             };
-            let (landed, flush) = match spooled {
+            let Written {
+                landed,
+                flush,
+                blocks,
+            } = match spooled {
                 Ok(done) => done,
                 Err(fault) => return Err(spool_failed(fault)),
             };
@@ -1059,6 +1066,7 @@ impl JobService {
                         sha: landed.sha.clone(),
                         n: landed.n,
                         durable,
+                        input: blocks.unwrap_or_default(),
                     },
                 );
                 s.queue.push(&caller, &id);
@@ -1728,7 +1736,7 @@ impl JobService {
         id: &str,
         prev: Option<watch::Receiver<Phase>>,
         gate: Arc<Gate>,
-        landing: Option<Landing>,
+        mut landing: Option<Landing>,
         phase: &Arc<watch::Sender<Phase>>,
     ) -> bool {
         let engine = self.engine();
@@ -1748,6 +1756,13 @@ impl JobService {
             }
         };
         let durable = landing.as_ref().map(|l| l.durable.clone());
+        // Its input as it was written, when it is held: not read from its file again.
+        let held: Arc<Vec<bytes::Bytes>> = Arc::new(
+            landing
+                .as_mut()
+                .map(|l| std::mem::take(&mut l.input))
+                .unwrap_or_default(),
+        );
         // A job held behind another (or until it is queued) is marked running once it
         // is released.
         let attempt = if gate.is_held() {
@@ -1795,7 +1810,12 @@ impl JobService {
                     ))
                 }
             };
-            let input = input_blocks(store, id).await?;
+            let input = if held.is_empty() {
+                input_blocks(store, id).await?
+            } else {
+                let blocks: Vec<_> = held.iter().cloned().map(Ok).collect();
+                futures_util::stream::iter(blocks).boxed()
+            };
             let body = Body::from_stream(upload(
                 input,
                 row.input_bytes,
@@ -1925,8 +1945,13 @@ impl JobService {
             Ok((Answer::Landed(landed), ct)) => Ok((landed, ct, None)),
             Ok((Answer::Kept(patch), ct)) => {
                 let (input, p) = (store.input_path(id), Arc::clone(&patch));
+                let held = Arc::clone(&held);
                 let hashed = tokio::task::spawn_blocking(move || {
-                    patched::sha256(&std::fs::File::open(input)?, &p)
+                    if held.is_empty() {
+                        patched::sha256(&std::fs::File::open(input)?, &p)
+                    } else {
+                        patched::sha256_of_blocks(&held, &p)
+                    }
                 })
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
@@ -2570,31 +2595,41 @@ impl<'a> Sink<'a> {
 
     /// The end: a file is flushed and fsync'd, with its directory.
     async fn end(self) -> std::io::Result<Landed> {
-        let (landed, flush) = self.written().await?;
-        if let Some(flush) = flush {
+        let w = self.written().await?;
+        if let Some(flush) = w.flush {
             flush.done().await?;
         }
-        Ok(landed)
+        Ok(w.landed)
     }
 
     /// The end once every byte is written: a file's flush is under way.
-    async fn written(self) -> std::io::Result<(Landed, Option<Flush>)> {
-        let (sha, inline, flush) = match self.writer {
-            None => (Sha256::digest(&self.buf).into(), Some(self.buf), None),
+    async fn written(self) -> std::io::Result<Written> {
+        let (sha, inline, flush, blocks) = match self.writer {
+            None => (Sha256::digest(&self.buf).into(), Some(self.buf), None, None),
             Some(w) => {
-                let (sha, flush) = w.written().await?;
-                (sha, None, Some(flush))
+                let (sha, flush, blocks) = w.written().await?;
+                (sha, None, Some(flush), blocks)
             }
         };
-        Ok((
-            Landed {
+        Ok(Written {
+            landed: Landed {
                 sha: audit::hex(&sha),
                 n: self.n,
                 inline,
             },
             flush,
-        ))
+            blocks,
+        })
     }
+}
+
+/// A body whose every byte is written ([`Sink::written`]).
+struct Written {
+    landed: Landed,
+    /// A file's flush, under way.
+    flush: Option<Flush>,
+    /// A file's blocks, when it is [`LANDING_MAX`] bytes at most.
+    blocks: Option<Vec<bytes::Bytes>>,
 }
 
 /// What the spool's writer thread is given.
@@ -2619,6 +2654,10 @@ struct SpoolWriter {
     /// The file's SHA-256, sent once every byte is written, before the flush.
     hashed: tokio::sync::oneshot::Receiver<[u8; 32]>,
     thread: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The blocks written, while they are [`LANDING_MAX`] bytes at most: the input
+    /// held for its way to the agent ([`Landing`]); `None` past that.
+    kept: Option<Vec<bytes::Bytes>>,
+    sent: u64,
 }
 
 /// A spool file's flush (the file and its directory fsync'd) under way on its
@@ -2689,6 +2728,8 @@ impl SpoolWriter {
             block: bytes::BytesMut::new(),
             hashed,
             thread,
+            kept: Some(Vec::new()),
+            sent: 0,
         })
     }
 
@@ -2702,6 +2743,12 @@ impl SpoolWriter {
     }
 
     async fn send(&mut self, b: bytes::Bytes) -> std::io::Result<()> {
+        self.sent += b.len() as u64;
+        if self.sent > LANDING_MAX {
+            self.kept = None;
+        } else if let Some(kept) = &mut self.kept {
+            kept.push(b.clone());
+        }
         if self.tx.send(ToWrite::Block(b)).await.is_err() {
             return Err(self.failed().await);
         }
@@ -2729,9 +2776,10 @@ impl SpoolWriter {
         Ok(())
     }
 
-    /// Writes what is left; its SHA-256 once every byte is written, and the flush of
-    /// the file and its directory, under way.
-    async fn written(mut self) -> std::io::Result<([u8; 32], Flush)> {
+    /// Writes what is left; its SHA-256 once every byte is written, the flush of the
+    /// file and its directory, under way, and its blocks when it is [`LANDING_MAX`]
+    /// bytes at most.
+    async fn written(mut self) -> std::io::Result<([u8; 32], Flush, Option<Vec<bytes::Bytes>>)> {
         if !self.block.is_empty() {
             let last = self.block.split().freeze();
             self.send(last).await?;
@@ -2740,7 +2788,7 @@ impl SpoolWriter {
             return Err(self.failed().await);
         }
         match (&mut self.hashed).await {
-            Ok(sha) => Ok((sha, Flush(self.thread))),
+            Ok(sha) => Ok((sha, Flush(self.thread), self.kept)),
             Err(_) => Err(self.failed().await),
         }
     }
@@ -2755,7 +2803,7 @@ async fn spool(
     path: &Path,
     body: Body,
     reserved: &mut u64,
-) -> Result<(Landed, Option<Flush>), Spool> {
+) -> Result<Written, Spool> {
     let mut sink = Sink::new(path);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
@@ -2770,10 +2818,10 @@ async fn spool(
         }
         sink.write(chunk).await.map_err(Spool::Disk)?;
     }
-    let landed = sink.written().await.map_err(Spool::Disk)?;
+    let written = sink.written().await.map_err(Spool::Disk)?;
     // The input's bytes are counted from now on; the reservation is given back.
-    store.charge(landed.0.n);
-    Ok(landed)
+    store.charge(written.landed.n);
+    Ok(written)
 }
 
 /// What the agent's answer became: a signed file landed in the spool, or a patch the
