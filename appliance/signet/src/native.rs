@@ -41,13 +41,12 @@ const IN_MEMORY: u64 = 8 << 20;
 pub fn extract(file: &Path, hash: &str, page_hashes: bool) -> Result<(Vec<u8>, [u8; 32]), String> {
     let hash: HashAlg = hash.parse().map_err(|e: EngineError| e.to_string())?;
     let cannot = |e: std::io::Error| format!("cannot read {}: {e}", file.display());
-    let mut input = File::open(file).map_err(cannot)?;
-    let len = input.metadata().map_err(cannot)?.len();
+    let len = std::fs::metadata(file).map_err(cannot)?.len();
     let (blob, rest) = if len <= IN_MEMORY {
-        drop(input);
         let bytes = signet_protocol::whole::read(file).map_err(cannot)?;
         engine::extract_blob_and_rest(&mut Cursor::new(bytes), hash, page_hashes)
     } else {
+        let mut input = File::open(file).map_err(cannot)?;
         engine::extract_blob_and_rest(&mut input, hash, page_hashes)
     }
     .map_err(|e| e.to_string())?;
@@ -111,10 +110,8 @@ pub fn attach(
             dest.target.display()
         ))
     };
-    let mut input = File::open(file).map_err(cannot_read)?;
-    let len = input.metadata().map_err(cannot_read)?.len();
+    let len = std::fs::metadata(file).map_err(cannot_read)?.len();
     let (out, untrusted) = if len <= IN_MEMORY {
-        drop(input);
         let bytes = signet_protocol::whole::read(file).map_err(cannot_read)?;
         let mut signed = Cursor::new(Vec::with_capacity(bytes.len() + signature.len() + 4096));
         engine::attach_pe(&mut Cursor::new(bytes), &mut signed, signature, nest)
@@ -130,6 +127,7 @@ pub fn attach(
         out.write_all(signed.get_ref()).map_err(cannot_write)?;
         (out, untrusted)
     } else {
+        let mut input = File::open(file).map_err(cannot_read)?;
         let mut out = tempfile::Builder::new()
             .prefix(".signet-")
             .tempfile_in(dir)

@@ -92,14 +92,13 @@ struct Landing {
     input: Vec<bytes::Bytes>,
 }
 
-impl Landing {
-    /// Waits until it is known whether the job is queued.
-    async fn queued(mut self) -> bool {
-        matches!(
-            self.durable.wait_for(Option::is_some).await.map(|v| *v),
-            Ok(Some(true))
-        )
-    }
+/// Waits until it is known whether a [`Landing`] job is queued: false when it will not
+/// be (or its intake is gone).
+async fn queued(durable: &mut watch::Receiver<Option<bool>>) -> bool {
+    matches!(
+        durable.wait_for(Option::is_some).await.map(|v| *v),
+        Ok(Some(true))
+    )
 }
 
 /// A job the worker has sent to the agent.
@@ -1914,8 +1913,8 @@ impl JobService {
         }
         // A job taken while its input was flushed is the intake's to end when it was
         // not queued (its last byte never went to the agent).
-        if let Some(landing) = landing {
-            if !landing.queued().await {
+        if let Some(mut landing) = landing {
+            if !queued(&mut landing.durable).await {
                 tracing::info!(job = id, "its input was not kept; the intake ends the job");
                 store.remove_spooled(&out_path);
                 return false;
@@ -2303,14 +2302,11 @@ fn upload(
                     return None;
                 }
                 if let Some(tail) = tail {
-                    let queued = match durable.as_mut() {
-                        Some(d) => matches!(
-                            d.wait_for(Option::is_some).await.map(|v| *v),
-                            Ok(Some(true))
-                        ),
+                    let is_queued = match durable.as_mut() {
+                        Some(d) => queued(d).await,
                         None => true,
                     };
-                    let go_on = queued
+                    let go_on = is_queued
                         && match prev.as_mut() {
                             Some(p) => hold(p, &draining, &gate).await,
                             None => true,
