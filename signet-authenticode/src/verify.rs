@@ -178,18 +178,27 @@ pub fn verify_signature(signature: &[u8]) -> Result<VerifiedSignature, Error> {
 /// Checks that the signer's certificate of `signature` (DER PKCS#7) chains to one of
 /// `anchors` (DER certificates; those that cannot be read are skipped) through the
 /// certificates the signature carries, each valid at `now` and signed by the next.
-/// [`Error::Untrusted`] says why not, as OpenSSL would.
+/// [`Error::Untrusted`] says why not, as OpenSSL would. Only the anchors that can be
+/// the one sought are parsed (a system's bundle holds a hundred or more): those whose
+/// bytes hold the certificate's signature (the certificate itself) or the DER of its
+/// issuer's name (its issuer), which a certificate the `der` crate reads always does,
+/// its encoding being the one DER allows.
 pub fn verify_chain(signature: &[u8], anchors: &[Vec<u8>], now: SystemTime) -> Result<(), Error> {
     let signed = SignedContent::parse(signature)?;
     let (_, mut cur) = signed.signer()?;
-    let anchors: Vec<Certificate> = anchors
-        .iter()
-        .filter_map(|a| Certificate::from_der(a).ok())
-        .collect();
     let carried = signed.certificates();
     let now = now
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
+    // The anchors holding `needle`, parsed.
+    let holding = |needle: &[u8]| -> Vec<Certificate> {
+        let finder = memchr::memmem::Finder::new(needle);
+        anchors
+            .iter()
+            .filter(|a| finder.find(a).is_some())
+            .filter_map(|a| Certificate::from_der(a).ok())
+            .collect()
+    };
     for _ in 0..16 {
         let validity = &cur.tbs_certificate.validity;
         if now < validity.not_before.to_unix_duration() {
@@ -198,7 +207,7 @@ pub fn verify_chain(signature: &[u8], anchors: &[Vec<u8>], now: SystemTime) -> R
         if now > validity.not_after.to_unix_duration() {
             return Err(Error::Untrusted("certificate has expired".into()));
         }
-        if anchors.iter().any(|a| a == cur) {
+        if holding(cur.signature.raw_bytes()).iter().any(|a| a == cur) {
             return Ok(());
         }
         let issued_by = |c: &Certificate| {
@@ -206,7 +215,10 @@ pub fn verify_chain(signature: &[u8], anchors: &[Vec<u8>], now: SystemTime) -> R
                 && c != cur
                 && check_cert(cur, c).is_ok()
         };
-        if anchors.iter().any(issued_by) {
+        if holding(&cur.tbs_certificate.issuer.to_der()?)
+            .iter()
+            .any(issued_by)
+        {
             return Ok(());
         }
         match carried.iter().find(|c| issued_by(c)) {

@@ -8,7 +8,11 @@
 use std::fs::File;
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Once, OnceLock};
 use std::time::SystemTime;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 
 use signet_authenticode::{self as engine, Error as EngineError, HashAlg, PeImage};
 
@@ -158,7 +162,8 @@ pub fn attach(
 /// machine's trusted roots: `Some(why)` for a chain those roots do not take.
 fn chain(signature: &[u8], ca_file: Option<&Path>) -> Result<Option<String>, AttachError> {
     let other = AttachError::Other;
-    let anchors = match ca_file {
+    let given;
+    let anchors: &[Vec<u8>] = match ca_file {
         Some(ca) => {
             let bytes = std::fs::read(ca).map_err(|e| {
                 other(format!(
@@ -166,16 +171,17 @@ fn chain(signature: &[u8], ca_file: Option<&Path>) -> Result<Option<String>, Att
                     ca.display()
                 ))
             })?;
-            engine::certificates(&bytes).map_err(|e| {
+            given = engine::certificates(&bytes).map_err(|e| {
                 other(format!(
                     "--ca-file {} holds no certificate: {e}",
                     ca.display()
                 ))
-            })?
+            })?;
+            &given
         }
         None => system_roots(),
     };
-    match engine::verify_chain(signature, &anchors, SystemTime::now()) {
+    match engine::verify_chain(signature, anchors, SystemTime::now()) {
         Ok(()) => Ok(None),
         Err(EngineError::Untrusted(why)) if ca_file.is_some() => Err(AttachError::Untrusted(why)),
         Err(EngineError::Untrusted(why)) => Ok(Some(why)),
@@ -184,24 +190,34 @@ fn chain(signature: &[u8], ca_file: Option<&Path>) -> Result<Option<String>, Att
 }
 
 /// The trusted roots OpenSSL would use: `SSL_CERT_FILE`, else the distribution's
-/// bundle; none when there is none (nothing then chains).
-fn system_roots() -> Vec<Vec<u8>> {
-    let file = std::env::var_os("SSL_CERT_FILE")
-        .map(PathBuf::from)
-        .or_else(|| SYSTEM_ROOTS.iter().map(PathBuf::from).find(|p| p.is_file()));
-    let Some(bytes) = file.and_then(|f| std::fs::read(f).ok()) else {
-        return Vec::new();
-    };
-    // One at a time: a certificate that cannot be read costs only itself.
-    let text = String::from_utf8_lossy(&bytes);
-    let end = "-----END CERTIFICATE-----";
-    text.split_inclusive(end)
-        .filter_map(|block| {
-            block
-                .find("-----BEGIN CERTIFICATE-----")
-                .map(|at| &block[at..])
-        })
-        .filter_map(|pem| engine::certificates(pem.as_bytes()).ok())
-        .flatten()
-        .collect()
+/// bundle; none when there is none (nothing then chains). Read once per process: the
+/// first caller reads them, or waits for [`preload_roots`]'s thread to.
+fn system_roots() -> &'static [Vec<u8>] {
+    static ROOTS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let file = std::env::var_os("SSL_CERT_FILE")
+            .map(PathBuf::from)
+            .or_else(|| SYSTEM_ROOTS.iter().map(PathBuf::from).find(|p| p.is_file()));
+        let Some(bytes) = file.and_then(|f| std::fs::read(f).ok()) else {
+            return Vec::new();
+        };
+        // Decoded, not parsed: the chain's check parses the few it may need. A block
+        // that cannot be decoded costs only itself.
+        CertificateDer::pem_slice_iter(&bytes)
+            .filter_map(Result::ok)
+            .map(|c| c.to_vec())
+            .collect()
+    })
+}
+
+/// Starts reading this machine's trusted roots on a thread of their own (a bundle of
+/// a hundred or more takes a millisecond or so), while the signature is made: a PE
+/// signed in digest mode without `--ca-file` is checked against them.
+pub fn preload_roots() {
+    static STARTED: Once = Once::new();
+    STARTED.call_once(|| {
+        let _ = std::thread::Builder::new().name("roots".into()).spawn(|| {
+            system_roots();
+        });
+    });
 }

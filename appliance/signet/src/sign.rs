@@ -658,7 +658,11 @@ async fn prepare(
     }
     let extracted = if detected == format::Format::Pe {
         // PE files: the engine, no osslsigncode; a small file here, a large one in
-        // one trip to a blocking thread.
+        // one trip to a blocking thread. The roots its signature is checked against
+        // are read meanwhile.
+        if args.ca_file.is_none() {
+            native::preload_roots();
+        }
         let (hash, ph) = (profile.hash.as_str(), profile.page_hashes);
         if p.meta.len() <= native::INLINE {
             native::extract(file, hash, ph)
