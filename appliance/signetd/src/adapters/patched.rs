@@ -131,6 +131,49 @@ pub fn sha256_of_blocks(blocks: &[bytes::Bytes], patch: &Checked) -> io::Result<
     Ok(sha.finalize().into())
 }
 
+/// The signed file's bytes from `at`, at most `want` of them (fewer at the end of a
+/// block of the input, and at the file's end, where there are none), made of the input
+/// held in memory as `blocks` (in order, the whole input) and `patch`: a part of a block
+/// no edit touches is answered where it is, without a copy.
+pub fn slice_of_blocks(
+    blocks: &[bytes::Bytes],
+    patch: &Checked,
+    at: u64,
+    want: usize,
+) -> io::Result<bytes::Bytes> {
+    let keep = patch.keep();
+    let end = at.saturating_add(want as u64).min(patch.len());
+    if at >= end {
+        return Ok(bytes::Bytes::new());
+    }
+    if at >= keep {
+        let from = (at - keep) as usize;
+        let to = (end - keep) as usize;
+        return Ok(bytes::Bytes::copy_from_slice(&patch.tail()[from..to]));
+    }
+    let mut start = 0u64;
+    for b in blocks {
+        let b_end = start + b.len() as u64;
+        if at < b_end {
+            let to = end.min(keep).min(b_end);
+            let part = b.slice((at - start) as usize..(to - start) as usize);
+            if !patch.touches(at, to - at) {
+                return Ok(part);
+            }
+            let mut edited = bytes::BytesMut::from(&part[..]);
+            patch.apply(at, &mut edited);
+            return Ok(edited.freeze());
+        }
+        start = b_end;
+    }
+    Err(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!(
+            "the input held is {start} bytes, fewer than the {keep} the signed file keeps of it"
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,8 +220,42 @@ mod tests {
                 "blocks of {step}"
             );
         }
+        // Read in slices of any size of blocks of any size: the same file, and the
+        // parts no edit touches are the blocks' own bytes, not copies.
+        for (step, wants) in [
+            (89usize, &[4096usize, 1 << 20][..]),
+            (90, &[1 << 20]),
+            (4096, &[7, 4096, 1 << 20]),
+            (599_999, &[7, 4096]),
+            (1 << 20, &[4096, 1 << 20]),
+        ] {
+            let blocks: Vec<bytes::Bytes> = input
+                .chunks(step)
+                .map(bytes::Bytes::copy_from_slice)
+                .collect();
+            for &want_n in wants {
+                let mut made = Vec::new();
+                let mut at = 0;
+                while at < patch.len() {
+                    let b = slice_of_blocks(&blocks, &patch, at, want_n).unwrap();
+                    assert!(!b.is_empty() && b.len() <= want_n);
+                    if at >= 4096 && at + (b.len() as u64) < 600_000 {
+                        let within = blocks
+                            .iter()
+                            .any(|blk| blk.as_ptr_range().contains(&b.as_ptr()));
+                        assert!(within, "a copy at {at} (blocks of {step})");
+                    }
+                    at += b.len() as u64;
+                    made.extend_from_slice(&b);
+                }
+                assert_eq!(made, want, "blocks of {step}, slices of {want_n}");
+                assert!(slice_of_blocks(&blocks, &patch, at, 10).unwrap().is_empty());
+            }
+        }
         let short = [bytes::Bytes::copy_from_slice(&input[..500_000])];
         let e = sha256_of_blocks(&short, &patch).unwrap_err();
+        assert!(e.to_string().contains("600000"), "{e}");
+        let e = slice_of_blocks(&short, &patch, 550_000, 10).unwrap_err();
         assert!(e.to_string().contains("600000"), "{e}");
         // The input is left as it was.
         assert_eq!(std::fs::read(&path).unwrap(), input);

@@ -1866,7 +1866,13 @@ impl JobService {
                     came = "patch kept";
                     let patch = Arc::new(patch);
                     let paths = store.kept_paths(id);
-                    let guard = LiveGuard::start(engine, id, paths, Some(Arc::clone(&patch)), &ct);
+                    let guard = LiveGuard::start(
+                        engine,
+                        id,
+                        paths,
+                        Some((Arc::clone(&patch), Arc::clone(&held))),
+                        &ct,
+                    );
                     guard.written(patch.len());
                     live = Some(guard);
                     return Ok((Answer::Kept(patch), ct));
@@ -2385,6 +2391,9 @@ pub struct Live {
     paths: Vec<std::path::PathBuf>,
     /// The patch the result is made of, with the file (the input), when kept so.
     patch: Option<Arc<signet_api::wire::patch::Checked>>,
+    /// The input as the intake wrote it, when it is held (a job taken while its input
+    /// was flushed): the result kept as a patch is made of it, not read from the file.
+    held: Arc<Vec<bytes::Bytes>>,
     content_type: String,
     progress: watch::Receiver<Progress>,
 }
@@ -2403,10 +2412,11 @@ impl Live {
             ))
         };
         let (paths, patch, rx) = (Arc::new(self.paths), self.patch, self.progress);
+        let held = self.held;
         futures_util::stream::unfold(
             (None::<Arc<std::fs::File>>, 0u64, rx, false),
             move |(mut file, sent, mut rx, done)| {
-                let (paths, patch) = (Arc::clone(&paths), patch.clone());
+                let (paths, patch, held) = (Arc::clone(&paths), patch.clone(), Arc::clone(&held));
                 async move {
                     if done {
                         return None;
@@ -2424,7 +2434,14 @@ impl Live {
                         };
                         if ready > sent {
                             let want = (ready - sent).min(signet_protocol::IO_BLOCK as u64);
-                            let read = read_at(&mut file, paths, patch, sent, want).await;
+                            let read = match &patch {
+                                // Of the input in memory: no trip to a blocking thread,
+                                // no copy of what the patch leaves alone.
+                                Some(p) if !held.is_empty() => {
+                                    patched::slice_of_blocks(&held, p, sent, want as usize)
+                                }
+                                _ => read_at(&mut file, paths, patch, sent, want).await,
+                            };
                             return match read {
                                 Ok(b) => {
                                     let n = b.len() as u64;
@@ -2494,15 +2511,23 @@ impl<'a> LiveGuard<'a> {
         engine: &'a Engine,
         id: &'a str,
         paths: Vec<std::path::PathBuf>,
-        patch: Option<Arc<signet_api::wire::patch::Checked>>,
+        patch: Option<(
+            Arc<signet_api::wire::patch::Checked>,
+            Arc<Vec<bytes::Bytes>>,
+        )>,
         content_type: &str,
     ) -> LiveGuard<'a> {
         let (tx, rx) = watch::channel(Progress::Pending);
+        let (patch, held) = match patch {
+            Some((p, held)) => (Some(p), held),
+            None => (None, Arc::default()),
+        };
         lock(&engine.live).insert(
             id.to_owned(),
             Live {
                 paths,
                 patch,
+                held,
                 content_type: content_type.to_owned(),
                 progress: rx,
             },
@@ -3237,7 +3262,13 @@ mod tests {
         let (input_path, out) = (dir.path().join("7.in"), dir.path().join("7.out"));
         std::fs::write(&input_path, &input).unwrap();
         let paths = vec![input_path.clone(), out.clone()];
-        let guard = LiveGuard::start(&engine, "7", paths, Some(Arc::clone(&patch)), "x/y");
+        let guard = LiveGuard::start(
+            &engine,
+            "7",
+            paths,
+            Some((Arc::clone(&patch), Arc::default())),
+            "x/y",
+        );
         guard.written(patch.len());
         let live = lock(&engine.live).get("7").cloned().unwrap();
         // Renamed to the result (after the commit) before this client read a byte.
@@ -3254,6 +3285,33 @@ mod tests {
         assert!(blocks.next().await.is_none());
         // Nothing of the input was written over.
         assert_eq!(std::fs::read(&out).unwrap(), input);
+
+        // The input held in memory as the intake wrote it: the result is made of it,
+        // whatever became of the file.
+        std::fs::remove_file(&out).unwrap();
+        let held: Vec<bytes::Bytes> = input
+            .chunks(100_000)
+            .map(bytes::Bytes::copy_from_slice)
+            .collect();
+        let guard = LiveGuard::start(
+            &engine,
+            "8",
+            vec![out.clone()],
+            Some((Arc::clone(&patch), Arc::new(held))),
+            "x/y",
+        );
+        guard.written(patch.len());
+        let live = lock(&engine.live).get("8").cloned().unwrap();
+        let mut blocks = Box::pin(live.blocks());
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            got.extend_from_slice(&blocks.next().await.unwrap().unwrap());
+        }
+        assert_eq!(got, want);
+        assert!(blocks.next().now_or_never().is_none());
+        guard.signed(patch.len());
+        drop(guard);
+        assert!(blocks.next().await.is_none());
     }
 
     /// What a crash leaves of a job whose result is kept as its input and a patch: none
