@@ -3261,57 +3261,46 @@ mod tests {
         want.extend_from_slice(&[7; 2500]);
         let (input_path, out) = (dir.path().join("7.in"), dir.path().join("7.out"));
         std::fs::write(&input_path, &input).unwrap();
-        let paths = vec![input_path.clone(), out.clone()];
-        let guard = LiveGuard::start(
-            &engine,
-            "7",
-            paths,
-            Some((Arc::clone(&patch), Arc::default())),
-            "x/y",
-        );
-        guard.written(patch.len());
-        let live = lock(&engine.live).get("7").cloned().unwrap();
+        // Streamed whole before the job is signed, its end only after: the file, or
+        // the blocks held, read with the patch.
+        let start = |id: &'static str, paths, held: Vec<bytes::Bytes>| {
+            let guard = LiveGuard::start(
+                &engine,
+                id,
+                paths,
+                Some((Arc::clone(&patch), Arc::new(held))),
+                "x/y",
+            );
+            guard.written(patch.len());
+            guard
+        };
+        async fn read_whole(engine: &Engine, guard: LiveGuard<'_>, id: &str, want: &[u8]) {
+            let live = lock(&engine.live).get(id).cloned().unwrap();
+            let mut blocks = Box::pin(live.blocks());
+            let mut got = Vec::new();
+            while got.len() < want.len() {
+                got.extend_from_slice(&blocks.next().await.unwrap().unwrap());
+            }
+            assert_eq!(got, want);
+            assert!(blocks.next().now_or_never().is_none());
+            guard.signed(want.len() as u64);
+            drop(guard);
+            assert!(blocks.next().await.is_none());
+        }
+        let guard = start("7", vec![input_path.clone(), out.clone()], Vec::new());
         // Renamed to the result (after the commit) before this client read a byte.
         std::fs::rename(&input_path, &out).unwrap();
-        let mut blocks = Box::pin(live.blocks());
-        let mut got = Vec::new();
-        while got.len() < want.len() {
-            got.extend_from_slice(&blocks.next().await.unwrap().unwrap());
-        }
-        assert_eq!(got, want);
-        assert!(blocks.next().now_or_never().is_none());
-        guard.signed(patch.len());
-        drop(guard);
-        assert!(blocks.next().await.is_none());
+        read_whole(&engine, guard, "7", &want).await;
         // Nothing of the input was written over.
         assert_eq!(std::fs::read(&out).unwrap(), input);
-
         // The input held in memory as the intake wrote it: the result is made of it,
         // whatever became of the file.
         std::fs::remove_file(&out).unwrap();
-        let held: Vec<bytes::Bytes> = input
+        let held = input
             .chunks(100_000)
             .map(bytes::Bytes::copy_from_slice)
             .collect();
-        let guard = LiveGuard::start(
-            &engine,
-            "8",
-            vec![out.clone()],
-            Some((Arc::clone(&patch), Arc::new(held))),
-            "x/y",
-        );
-        guard.written(patch.len());
-        let live = lock(&engine.live).get("8").cloned().unwrap();
-        let mut blocks = Box::pin(live.blocks());
-        let mut got = Vec::new();
-        while got.len() < want.len() {
-            got.extend_from_slice(&blocks.next().await.unwrap().unwrap());
-        }
-        assert_eq!(got, want);
-        assert!(blocks.next().now_or_never().is_none());
-        guard.signed(patch.len());
-        drop(guard);
-        assert!(blocks.next().await.is_none());
+        read_whole(&engine, start("8", vec![out.clone()], held), "8", &want).await;
     }
 
     /// What a crash leaves of a job whose result is kept as its input and a patch: none
