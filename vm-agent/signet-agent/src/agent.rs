@@ -23,6 +23,7 @@ use signet_api::wire::{
 use signet_format as format;
 use tokio::io::AsyncReadExt;
 use tokio::sync::broadcast;
+use tracing::Instrument;
 
 use crate::backend::{InMemory, SignError, SignSpec, Signer};
 use crate::config::{self, Config};
@@ -311,7 +312,24 @@ pub struct Agent {
     /// When a job last found the token's session ready (its own check, in
     /// `ensure_ready`): the watcher leaves the token to the jobs meanwhile.
     job_checked: Mutex<Option<std::time::Instant>>,
+    /// How many times the job lock was taken ([`Agent::lock_jobs`]).
+    turns: AtomicU64,
+    /// The session found ready while a job's input arrived ([`Agent::ready_ahead`]).
+    ahead: Mutex<Option<Ahead>>,
 }
+
+/// The token's session checked ready ahead of a job, under the job lock's turn
+/// `turn`: it holds for the job that takes the lock next, for [`AHEAD_FOR`] at most.
+#[derive(Debug)]
+struct Ahead {
+    turn: u64,
+    at: std::time::Instant,
+    ready: (crate::token::KeyRef, AuthPin),
+}
+
+/// How long a check made ahead of a job ([`Agent::ready_ahead`]) stands for the job's
+/// own: a token pulled meanwhile fails the signature as a loss, retried as one.
+const AHEAD_FOR: Duration = Duration::from_secs(2);
 
 impl Agent {
     /// Builds the agent from its configuration. Checks the signer is runnable; the
@@ -378,6 +396,8 @@ impl Agent {
             stopping: tokio::sync::watch::channel(false).0,
             kept: Mutex::new(Kept::default()),
             job_checked: Mutex::new(None),
+            turns: AtomicU64::new(0),
+            ahead: Mutex::new(None),
         })
     }
 
@@ -417,7 +437,7 @@ impl Agent {
     /// [`TokenSession::login`]); answers the resulting health.
     pub async fn login(&self, pin: AuthPin) -> Result<AgentHealth, ErrorBody> {
         {
-            let _job = self.jobs.lock().await;
+            let _job = self.lock_jobs().await.0;
             self.with_token(move |t| t.login(pin))
                 .await
                 .map_err(token_error)?;
@@ -457,7 +477,7 @@ impl Agent {
             if !watcher_checks(plan, woken, checked_ago) {
                 continue;
             }
-            let _job = self.jobs.lock().await;
+            let _job = self.lock_jobs().await.0;
             // A job may have changed the state while the watcher waited.
             match self.watch_plan().await {
                 Watch::Check | Watch::Wait => {
@@ -492,7 +512,7 @@ impl Agent {
     /// lost); returns the resulting state. Waits for the job at the token.
     pub async fn reinit(&self) -> AgentHealth {
         {
-            let _job = self.jobs.lock().await;
+            let _job = self.lock_jobs().await.0;
             tracing::info!("re-initialising PKCS#11, as the host asked");
             if let Some(cmd) = &self.reinit_command {
                 run_reinit_command(cmd).await;
@@ -511,7 +531,7 @@ impl Agent {
     /// Tries to open and log in to the token now; returns the resulting state.
     pub async fn open_token(&self) -> AgentHealth {
         {
-            let _job = self.jobs.lock().await;
+            let _job = self.lock_jobs().await.0;
             let _ = self.with_token(|t| t.ensure_ready().map(|_| ())).await;
         }
         self.health().await
@@ -629,7 +649,7 @@ impl Agent {
         }
         // Looked up under the token's lock: a second copy of a job that is signing now
         // waits for the first and then takes its result.
-        let _job = self.jobs.lock().await;
+        let (_job, turn) = self.lock_jobs().await;
         if let Some(key) = &key {
             let (found, gone) = match self.kept.lock() {
                 Ok(mut k) => k.find(key, std::time::Instant::now()),
@@ -646,7 +666,7 @@ impl Agent {
                 return Ok(kept);
             }
         }
-        (spool.signed, spool.patch) = self.sign_locked(&spool, &input, query).await?;
+        (spool.signed, spool.patch) = self.sign_locked(&spool, &input, query, Some(turn)).await?;
         if spool.signed.is_some() {
             // Signed in memory: the result is all that is kept of it. (A PE signed
             // in memory is kept as its input and the patch: `signed` is `None`.)
@@ -673,11 +693,14 @@ impl Agent {
         for (spool, query) in items {
             checked.push(self.check_input(spool, query).await);
         }
-        let _job = self.jobs.lock().await;
+        let _job = self.lock_jobs().await.0;
         let mut results = Vec::with_capacity(items.len());
         for ((spool, query), input) in items.iter().zip(checked) {
             results.push(match input {
-                Ok(input) => self.sign_locked(spool, &input, query).await.map(|_| ()),
+                Ok(input) => self
+                    .sign_locked(spool, &input, query, None)
+                    .await
+                    .map(|_| ()),
                 Err(e) => Err(e),
             });
         }
@@ -777,7 +800,54 @@ impl Agent {
         Ok(detected)
     }
 
-    /// Signs one checked input; the caller holds the job lock. Answers the signed
+    /// Takes the job lock; answers its guard and the turn it is.
+    async fn lock_jobs(&self) -> (tokio::sync::MutexGuard<'_, ()>, u64) {
+        let guard = self.jobs.lock().await;
+        (guard, self.turns.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// Checks the token's session while a job's input arrives, when no job (and not
+    /// the watcher) holds the token: the job that takes the lock next signs on that
+    /// check instead of making its own, if it is that job's turn within [`AHEAD_FOR`]
+    /// ([`Agent::sign_locked`]). The host holds a small job's last byte while it
+    /// commits the job, so the check is made meanwhile. Nothing is held for long: the
+    /// lock is only tried, and let go once the check is made.
+    pub fn ready_ahead(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let agent = Arc::clone(self);
+        tokio::spawn(
+            async move {
+                let turn = match agent.jobs.try_lock() {
+                    Ok(guard) => (guard, agent.turns.fetch_add(1, Ordering::SeqCst) + 1),
+                    Err(_) => return,
+                };
+                let ready = agent.with_token(|t| t.ensure_ready()).await;
+                if let Ok(ready) = ready {
+                    let at = std::time::Instant::now();
+                    if let Ok(mut c) = agent.job_checked.lock() {
+                        *c = Some(at);
+                    }
+                    if let Ok(mut a) = agent.ahead.lock() {
+                        *a = Some(Ahead {
+                            turn: turn.1,
+                            at,
+                            ready,
+                        });
+                    }
+                }
+            }
+            .in_current_span(),
+        )
+    }
+
+    /// The check made ahead of the job in lock turn `turn` ([`Agent::ready_ahead`]),
+    /// if it was made in the turn just before and not too long ago.
+    fn take_ahead(&self, turn: u64) -> Option<(crate::token::KeyRef, AuthPin)> {
+        let ahead = self.ahead.lock().ok()?.take()?;
+        (ahead.turn + 1 == turn && ahead.at.elapsed() < AHEAD_FOR).then_some(ahead.ready)
+    }
+
+    /// Signs one checked input; the caller holds the job lock (in turn `turn`, for a
+    /// check made ahead of it). Answers the signed
     /// result when it was made in memory (an input held in memory), else `None`: it is
     /// the spool's output file; and what signing changed in the input, when the signer
     /// told it and the answer is the signed file.
@@ -786,9 +856,13 @@ impl Agent {
         spool: &Spool,
         checked: &Checked,
         query: &AgentSignQuery,
+        turn: Option<u64>,
     ) -> Result<(Option<bytes::Bytes>, Option<Patch>), ErrorBody> {
         let input = &checked.input;
-        let ready = self.with_token(|t| t.ensure_ready()).await;
+        let ready = match turn.and_then(|t| self.take_ahead(t)) {
+            Some(ready) => Ok(ready),
+            None => self.with_token(|t| t.ensure_ready()).await,
+        };
         if let Ok(mut at) = self.job_checked.lock() {
             *at = ready.is_ok().then(std::time::Instant::now);
         }
@@ -1265,6 +1339,49 @@ mod tests {
             .unwrap();
         assert!(Arc::ptr_eq(&first, &again));
         assert_eq!(signer.lock().unwrap().signed.len(), 2, "signed once");
+    }
+
+    /// A check made while the input arrives is the job's own when the job takes the
+    /// lock next; after anything else took it (the watcher, a login), or when a job
+    /// held the lock, the job checks itself.
+    #[tokio::test]
+    async fn a_check_made_ahead_of_a_job_is_its_own_only_in_the_next_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token, _signer) = stand_in::agent(dir.path()).await;
+        let agent = Arc::new(agent);
+        agent.ready_ahead().await.unwrap();
+        assert_eq!(token.take_calls(), ["ensure_ready"]);
+        let done = agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+        assert_eq!(signed(&done), b"Write-Host 'hello'\r\n+signed");
+        assert_eq!(
+            token.take_calls(),
+            Vec::<String>::new(),
+            "no check of its own"
+        );
+
+        // Another turn between: the check ahead is stale.
+        agent.ready_ahead().await.unwrap();
+        agent.open_token().await;
+        assert_eq!(token.take_calls(), ["ensure_ready", "ensure_ready"]);
+        agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+        assert_eq!(token.take_calls(), ["ensure_ready"]);
+
+        // A job holds the lock: nothing is checked ahead, and the job checks itself.
+        let held = agent.jobs.lock().await;
+        agent.ready_ahead().await.unwrap();
+        drop(held);
+        assert_eq!(token.take_calls(), Vec::<String>::new());
+        agent
+            .sign_once(None, spooled(&agent, SCRIPT), &query("a.ps1"))
+            .await
+            .unwrap();
+        assert_eq!(token.take_calls(), ["ensure_ready"]);
     }
 
     fn in_memory(agent: &Agent, content: &'static [u8]) -> Spool {

@@ -243,6 +243,8 @@ async fn sign(
     );
     async move {
         let (body, limit) = limited(&gate, &headers, body)?;
+        // The token's session is checked while the input arrives.
+        agent.ready_ahead();
         // The input's SHA-256 keys the result kept for a job the host sends again: the
         // host declares it (it hashed the input as it spooled it), else it is made here
         // as the input is received. Without a job id nothing is kept: no hash at all.

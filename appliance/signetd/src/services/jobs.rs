@@ -76,8 +76,9 @@ pub(crate) struct Sched {
 /// with it) would wait for the agent's writes: measured, 50 MiB jobs took longer so.
 const LANDING_MAX: u64 = 1 << 20;
 
-/// A job queued while its input's file is flushed and `queued` committed: what the
-/// worker sends the agent before the job's record says it, and whether it may end.
+/// A job queued while its input's file is flushed and `queued` committed (or, a small
+/// input, while it is committed with `queued` in one transaction): what the worker
+/// sends the agent before the job's record says it, and whether it may end.
 #[derive(Debug)]
 struct Landing {
     /// The input's SHA-256 (hex) and length.
@@ -88,7 +89,7 @@ struct Landing {
     /// byte never goes to the agent.
     durable: watch::Receiver<Option<bool>>,
     /// The input as it was written, whole (empty: read from its file): sent to the
-    /// agent, and the signed file's SHA-256 made of it, without reading the file.
+    /// agent, and the signed file made of it, without reading the file or the database.
     input: Vec<bytes::Bytes>,
 }
 
@@ -1024,12 +1025,11 @@ impl JobService {
                     JobError::internal(&id, "queueing the job", &e)
                 }
             };
-            // A small input and `queued` in one transaction.
-            if let Some(data) = &landed.inline {
+            // A small input is kept with `queued` in one transaction: an empty one
+            // before the job takes its place (it has no last byte to hold).
+            let inline = landed.inline.map(bytes::Bytes::from);
+            if let Some(data) = inline.as_ref().filter(|d| d.is_empty()) {
                 let queued = store.queued_inline(&id, &landed.sha, data);
-                if queued.is_err() {
-                    store.release(landed.n);
-                }
                 engine.store_wrote(queued.as_ref().map(|_| ()));
                 queued.map_err(queue_error)?;
                 lock(&engine.sched).queue.push(&caller, &id);
@@ -1037,7 +1037,7 @@ impl JobService {
                 return Ok(id);
             }
             // A larger one is in its file, whose flush is under way.
-            if landed.n > LANDING_MAX {
+            if inline.is_none() && landed.n > LANDING_MAX {
                 if let Some(flush) = flush {
                     if let Err(e) = flush.done().await {
                         return Err(spool_failed(Spool::Disk(e)));
@@ -1052,10 +1052,11 @@ impl JobService {
             }
             // Up to LANDING_MAX, the job takes its place in the queue now, and its
             // input goes on to the agent meanwhile all but its last byte, which waits
-            // until the file is flushed and `queued` committed ([`Landing`]). Nothing
-            // is signed before the input is durable and the job queued; a crash before
-            // leaves the job `receiving` (failed at the next start, as an upload cut
-            // short) and the agent an upload that never ended.
+            // until the file is flushed and `queued` committed, or (a small input) until
+            // the input and `queued` are committed in one transaction ([`Landing`]).
+            // Nothing is signed before the input is durable and the job queued; a crash
+            // before leaves the job `receiving` (failed at the next start, as an upload
+            // cut short) and the agent an upload that never ended.
             let (durable_tx, durable) = watch::channel(None);
             {
                 let mut s = lock(&engine.sched);
@@ -1065,7 +1066,10 @@ impl JobService {
                         sha: landed.sha.clone(),
                         n: landed.n,
                         durable,
-                        input: blocks.unwrap_or_default(),
+                        input: match &inline {
+                            Some(data) => vec![data.clone()],
+                            None => blocks.unwrap_or_default(),
+                        },
                     },
                 );
                 s.queue.push(&caller, &id);
@@ -1081,6 +1085,16 @@ impl JobService {
                 }
                 durable_tx.send_replace(Some(ok));
             };
+            if let Some(data) = &inline {
+                let queued = store.queued_inline(&id, &landed.sha, data);
+                if queued.is_err() {
+                    store.release(landed.n);
+                }
+                engine.store_wrote(queued.as_ref().map(|_| ()));
+                landed_off(queued.is_ok());
+                queued.map_err(queue_error)?;
+                return Ok(id);
+            }
             let flushed = match flush {
                 Some(flush) => flush.done().await,
                 None => Ok(()),
@@ -1878,7 +1892,13 @@ impl JobService {
                     return Ok((Answer::Kept(patch), ct));
                 }
                 came = "patch";
-                let input = input_blocks(store, id).await?;
+                // The input as it was received when it is held, else read again.
+                let input = if held.is_empty() {
+                    input_blocks(store, id).await?
+                } else {
+                    let blocks: Vec<_> = held.iter().cloned().map(Ok).collect();
+                    futures_util::stream::iter(blocks).boxed()
+                };
                 (patched_blocks(input, patch), ct)
             } else {
                 let answer = resp.into_body().into_data_stream().map(|r| r.map_err(std::io::Error::other));
