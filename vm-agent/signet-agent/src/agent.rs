@@ -807,7 +807,7 @@ impl Agent {
     }
 
     /// Checks the token's session while a job's input arrives, when no job (and not
-    /// the watcher) holds the token: the job that takes the lock next signs on that
+    /// the watcher) holds the token and the session is ready: the job that takes the lock next signs on that
     /// check instead of making its own, if it is that job's turn within [`AHEAD_FOR`]
     /// ([`Agent::sign_locked`]). The host holds a small job's last byte while it
     /// commits the job, so the check is made meanwhile. Nothing is held for long: the
@@ -820,8 +820,16 @@ impl Agent {
                     Ok(guard) => (guard, agent.turns.fetch_add(1, Ordering::SeqCst) + 1),
                     Err(_) => return,
                 };
-                let ready = agent.with_token(|t| t.ensure_ready()).await;
-                if let Ok(ready) = ready {
+                // Only a session that is ready now: a token to be opened or logged in
+                // again is left to the job, which tells the host what it found.
+                let ready = agent
+                    .with_token_quiet(|t| {
+                        (t.state().0 == AgentState::Ready)
+                            .then(|| t.ensure_ready().ok())
+                            .flatten()
+                    })
+                    .await;
+                if let Some(ready) = ready {
                     let at = std::time::Instant::now();
                     if let Ok(mut c) = agent.job_checked.lock() {
                         *c = Some(at);
@@ -1342,13 +1350,18 @@ mod tests {
     }
 
     /// A check made while the input arrives is the job's own when the job takes the
-    /// lock next; after anything else took it (the watcher, a login), or when a job
-    /// held the lock, the job checks itself.
+    /// lock next; after anything else took it (the watcher, a login), when a job held
+    /// the lock, or before the token was ever opened, the job checks itself.
     #[tokio::test]
     async fn a_check_made_ahead_of_a_job_is_its_own_only_in_the_next_turn() {
         let dir = tempfile::tempdir().unwrap();
         let (agent, token, _signer) = stand_in::agent(dir.path()).await;
         let agent = Arc::new(agent);
+        // Not ready yet (never opened): left to the job.
+        agent.ready_ahead().await.unwrap();
+        assert_eq!(token.take_calls(), Vec::<String>::new());
+        agent.open_token().await;
+        assert_eq!(token.take_calls(), ["ensure_ready"]);
         agent.ready_ahead().await.unwrap();
         assert_eq!(token.take_calls(), ["ensure_ready"]);
         let done = agent

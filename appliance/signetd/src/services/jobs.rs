@@ -2055,11 +2055,16 @@ impl JobService {
                                 live.signed(n);
                             }
                             // Off the runtime's threads: unlinking a large file takes
-                            // milliseconds, which the jobs around this one need.
-                            let store = Arc::clone(store);
-                            let _ =
-                                tokio::task::spawn_blocking(move || store.remove_spooled(&input))
-                                    .await;
+                            // milliseconds, which the jobs around this one need. An
+                            // input kept in the database has no file, and went with
+                            // the transaction.
+                            if row.input_bytes.is_none_or(|n| n > store::INLINE_MAX) {
+                                let store = Arc::clone(store);
+                                let _ = tokio::task::spawn_blocking(move || {
+                                    store.remove_spooled(&input)
+                                })
+                                .await;
+                            }
                         }
                         lock(&engine.sched).queue.record_duration(ms);
                         tracing::info!(job = id, ms, bytes = n, answer = came, "signed");
