@@ -803,23 +803,28 @@ impl Agent {
     /// Takes the job lock; answers its guard and the turn it is.
     async fn lock_jobs(&self) -> (tokio::sync::MutexGuard<'_, ()>, u64) {
         let guard = self.jobs.lock().await;
-        (guard, self.turns.fetch_add(1, Ordering::SeqCst) + 1)
+        (guard, self.next_turn())
+    }
+
+    /// Counts one more hold of the job lock; answers its turn.
+    fn next_turn(&self) -> u64 {
+        self.turns.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     /// Checks the token's session while a job's input arrives, when no job (and not
-    /// the watcher) holds the token and the session is ready: the job that takes the lock next signs on that
-    /// check instead of making its own, if it is that job's turn within [`AHEAD_FOR`]
-    /// ([`Agent::sign_locked`]). The host holds a small job's last byte while it
-    /// commits the job, so the check is made meanwhile. Nothing is held for long: the
-    /// lock is only tried, and let go once the check is made.
+    /// the watcher) holds the token and the session is ready: the job that takes the
+    /// lock next signs on that check instead of making its own, if it is that job's
+    /// turn within [`AHEAD_FOR`] ([`Agent::sign_locked`]). The host holds a small job's
+    /// last byte while it commits the job, so the check is made meanwhile. Nothing is
+    /// held for long: the lock is only tried, and let go once the check is made.
     pub fn ready_ahead(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let agent = Arc::clone(self);
         tokio::spawn(
             async move {
-                let turn = match agent.jobs.try_lock() {
-                    Ok(guard) => (guard, agent.turns.fetch_add(1, Ordering::SeqCst) + 1),
-                    Err(_) => return,
+                let Ok(_job) = agent.jobs.try_lock() else {
+                    return;
                 };
+                let turn = agent.next_turn();
                 // Only a session that is ready now: a token to be opened or logged in
                 // again is left to the job, which tells the host what it found.
                 let ready = agent
@@ -835,11 +840,7 @@ impl Agent {
                         *c = Some(at);
                     }
                     if let Ok(mut a) = agent.ahead.lock() {
-                        *a = Some(Ahead {
-                            turn: turn.1,
-                            at,
-                            ready,
-                        });
+                        *a = Some(Ahead { turn, at, ready });
                     }
                 }
             }
@@ -855,10 +856,10 @@ impl Agent {
     }
 
     /// Signs one checked input; the caller holds the job lock (in turn `turn`, for a
-    /// check made ahead of it). Answers the signed
-    /// result when it was made in memory (an input held in memory), else `None`: it is
-    /// the spool's output file; and what signing changed in the input, when the signer
-    /// told it and the answer is the signed file.
+    /// check made ahead of it). Answers the signed result when it was made in memory
+    /// (an input held in memory), else `None`: it is the spool's output file; and what
+    /// signing changed in the input, when the signer told it and the answer is the
+    /// signed file.
     async fn sign_locked(
         &self,
         spool: &Spool,

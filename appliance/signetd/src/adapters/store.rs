@@ -37,6 +37,12 @@ pub const SCHEMA_VERSION: i64 = 3;
 /// The largest input or result kept in the database instead of a spool file: a
 /// digest-mode body (the Authenticode data, a signature) always, a small signed file.
 pub const INLINE_MAX: u64 = 64 << 10;
+
+/// Whether an input or result of `n` bytes is kept in the database ([`INLINE_MAX`]),
+/// not in a spool file.
+pub fn kept_inline(n: u64) -> bool {
+    n <= INLINE_MAX
+}
 /// The database's file name in the state directory.
 pub const DB_FILE: &str = "signet.db";
 

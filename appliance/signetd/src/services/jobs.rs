@@ -1823,12 +1823,7 @@ impl JobService {
                     ))
                 }
             };
-            let input = if held.is_empty() {
-                input_blocks(store, id).await?
-            } else {
-                let blocks: Vec<_> = held.iter().cloned().map(Ok).collect();
-                futures_util::stream::iter(blocks).boxed()
-            };
+            let input = held_or_kept(store, id, &held).await?;
             let body = Body::from_stream(upload(
                 input,
                 row.input_bytes,
@@ -1892,13 +1887,7 @@ impl JobService {
                     return Ok((Answer::Kept(patch), ct));
                 }
                 came = "patch";
-                // The input as it was received when it is held, else read again.
-                let input = if held.is_empty() {
-                    input_blocks(store, id).await?
-                } else {
-                    let blocks: Vec<_> = held.iter().cloned().map(Ok).collect();
-                    futures_util::stream::iter(blocks).boxed()
-                };
+                let input = held_or_kept(store, id, &held).await?;
                 (patched_blocks(input, patch), ct)
             } else {
                 let answer = resp.into_body().into_data_stream().map(|r| r.map_err(std::io::Error::other));
@@ -2058,7 +2047,7 @@ impl JobService {
                             // milliseconds, which the jobs around this one need. An
                             // input kept in the database has no file, and went with
                             // the transaction.
-                            if row.input_bytes.is_none_or(|n| n > store::INLINE_MAX) {
+                            if !row.input_bytes.is_some_and(store::kept_inline) {
                                 let store = Arc::clone(store);
                                 let _ = tokio::task::spawn_blocking(move || {
                                     store.remove_spooled(&input)
@@ -2623,7 +2612,7 @@ impl<'a> Sink<'a> {
     async fn write(&mut self, chunk: bytes::Bytes) -> std::io::Result<()> {
         self.n += chunk.len() as u64;
         if self.writer.is_none() {
-            if self.n <= store::INLINE_MAX {
+            if store::kept_inline(self.n) {
                 self.buf.extend_from_slice(&chunk);
                 return Ok(());
             }
@@ -2934,6 +2923,16 @@ async fn input_blocks(store: &Store, id: &str) -> Result<Blocks, ErrorBody> {
             .boxed()),
         Err(e) => Err(JobError::internal(id, "reading the input", &e).into()),
     }
+}
+
+/// A job's input: its blocks as the intake received them when they are held
+/// ([`Landing`]), else as it was kept ([`input_blocks`]).
+async fn held_or_kept(store: &Store, id: &str, held: &[bytes::Bytes]) -> Result<Blocks, ErrorBody> {
+    if held.is_empty() {
+        return input_blocks(store, id).await;
+    }
+    let blocks: Vec<_> = held.iter().cloned().map(Ok).collect();
+    Ok(futures_util::stream::iter(blocks).boxed())
 }
 
 /// Reads the agent's patch answer, at most [`PATCH_MAX`] bytes.
