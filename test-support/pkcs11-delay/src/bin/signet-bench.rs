@@ -1,7 +1,9 @@
 //! scripts/bench.sh's driver:
 //!
-//! - `interleave`: runs every way of signing once per round, the ways' order rotating
-//!   from round to round, so all of them see the same machine load; a way can be a
+//! - `interleave`: runs every way of signing once per round, the ways' order shuffled
+//!   anew each round, so all of them see the same machine load and none always runs
+//!   after the same other way (what one way leaves behind, e.g. unflushed writes or
+//!   cold caches, falls on the others alike); a way can be a
 //!   command or signing on a resident, logged-in PKCS#11 session in this process
 //!   (raw `C_Sign`). Writes a markdown table with each way's median and its ratio to
 //!   the reference way of its group (e.g. direct osslsigncode at the same file size).
@@ -83,6 +85,9 @@ enum Cmd {
         /// not written back to the disk during the next way's run.
         #[arg(long)]
         settle: bool,
+        /// The seed of the rounds' order (printed; the same seed gives the same order).
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// One command, N concurrent callers, J jobs.
     Throughput {
@@ -124,6 +129,7 @@ fn main() -> Result<()> {
             verify,
             md,
             settle,
+            seed,
         } => interleave(
             runs,
             warmup,
@@ -133,6 +139,7 @@ fn main() -> Result<()> {
             verify.as_deref(),
             md,
             settle,
+            seed,
         ),
         Cmd::Throughput {
             callers,
@@ -347,6 +354,7 @@ fn interleave(
     verify: Option<&str>,
     md: Option<PathBuf>,
     settle: bool,
+    seed: Option<u64>,
 ) -> Result<()> {
     let scratch = scratch_dir()?;
     let mut ways = Vec::new();
@@ -383,9 +391,19 @@ fn interleave(
         None => None,
     };
     let n = ways.len();
+    // Shuffled, not rotated: a rotation keeps each way behind the same other way in
+    // every round (measured: two pairs of the same binaries then differed by 0.3 ms).
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    eprintln!("bench: the ways' order is shuffled each round (--seed {seed})");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut order: Vec<usize> = (0..n).collect();
     for round in 0..warmup + runs {
-        for k in 0..n {
-            let i = (k + round as usize) % n;
+        rng.shuffle(&mut order);
+        for &i in &order {
             let w = &mut ways[i];
             if settle && !Command::new("sync").status()?.success() {
                 bail!("sync failed");
