@@ -16,6 +16,8 @@
 # machine's trusted roots, as `signet sign --digest` does by default).
 # SIGNET_AB_SETTLE=1: `sync` before each run, untimed (signet-bench --settle), so that
 # what one way left unflushed is not written back during the next one's run.
+# SIGNET_AB_SEED=N: the seed of the rounds' shuffled order (printed by each run).
+# The same directory as BEFORE and AFTER (an A/A run) shows what the noise alone gives.
 set -euo pipefail
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 (($# >= 2)) || { echo "usage: $0 BEFORE_DIR AFTER_DIR [ROUNDS] [WARMUP]" >&2; exit 2; }
@@ -112,5 +114,5 @@ echo "== A/B: $runs rounds ($warmup warm-up); load average: $(cut -d' ' -f1-3 /p
 "$after/signet-bench" interleave --runs "$runs" --warmup "$warmup" --ref "direct osslsigncode" \
   --module "$MOD" --pin-file "$W/token/pin" \
   --verify "osslsigncode verify -CAfile $W/token/cert.pem -in {out}" \
-  --md "$out/ab.md" ${SIGNET_AB_SETTLE:+--settle} "${spec[@]}"
+  --md "$out/ab.md" ${SIGNET_AB_SETTLE:+--settle} ${SIGNET_AB_SEED:+--seed "$SIGNET_AB_SEED"} "${spec[@]}"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
