@@ -42,6 +42,11 @@ pub enum Peer {
         uid: u32,
         gid: u32,
         pid: Option<i32>,
+        /// Its supplementary groups when it connected (`SO_PEERGROUPS`): what the
+        /// kernel recorded with the connection, not what its pid names later (a pid
+        /// can be another process's by the time a request comes).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        groups: Vec<u32>,
     },
     /// A TCP peer; its address alone proves nothing.
     Tcp { addr: std::net::SocketAddr },
@@ -421,10 +426,16 @@ impl Listener {
             Listener::Unix(l, _) => {
                 let (stream, _) = l.accept().await?;
                 let cred = stream.peer_cred()?;
+                // Unknown groups count as none: only the uid and primary group grant.
+                let groups = peer_groups(&stream).unwrap_or_else(|e| {
+                    tracing::warn!(uid = cred.uid(), error = %e, "the peer's supplementary groups cannot be read (SO_PEERGROUPS, Linux 4.13 or later); only its uid and primary group count");
+                    Vec::new()
+                });
                 let peer = Peer::Unix {
                     uid: cred.uid(),
                     gid: cred.gid(),
                     pid: cred.pid(),
+                    groups,
                 };
                 Ok((Stream::Unix(stream), peer))
             }
@@ -533,6 +544,7 @@ impl axum::serve::Listener for Listener {
                 uid: nix_uid(),
                 gid: nix_gid(),
                 pid: Some(std::process::id() as i32),
+                groups: Vec::new(),
             },
             #[cfg(target_os = "linux")]
             Listener::Vsock(l) => {
@@ -555,6 +567,52 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, List
     fn connect_info(stream: axum::serve::IncomingStream<'_, Listener>) -> Self {
         stream.remote_addr().clone()
     }
+}
+
+/// The supplementary groups the peer of `stream` had when it connected
+/// (`SO_PEERGROUPS`), as the kernel recorded them with the connection.
+#[cfg(target_os = "linux")]
+fn peer_groups(stream: &UnixStream) -> io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    const GID: usize = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    loop {
+        let mut len = (groups.len() * GID) as libc::socklen_t;
+        // Neither nix nor rustix wraps SO_PEERGROUPS.
+        // SAFETY: the kernel writes at most `len` bytes into `groups`, which holds
+        // that many, and `len` itself; the descriptor is borrowed from `stream`, open
+        // for the whole call.
+        #[allow(unsafe_code)]
+        let r = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / GID;
+        if r == 0 {
+            groups.truncate(n);
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        // Too small: the kernel said how large.
+        if e.raw_os_error() == Some(libc::ERANGE) && n > groups.len() {
+            groups.resize(n, 0);
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+#[cfg(all(unix, not(target_os = "linux")))]
+fn peer_groups(_: &UnixStream) -> io::Result<Vec<u32>> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "SO_PEERGROUPS is Linux's",
+    ))
 }
 
 #[cfg(unix)]
@@ -750,7 +808,13 @@ mod tests {
             Peer::Unix {
                 uid: nix_uid(),
                 gid: nix_gid(),
-                pid: Some(std::process::id() as i32)
+                pid: Some(std::process::id() as i32),
+                // This process's supplementary groups, as getgroups(2) tells them.
+                groups: nix::unistd::getgroups()
+                    .unwrap()
+                    .into_iter()
+                    .map(|g| g.as_raw())
+                    .collect(),
             }
         );
     }

@@ -283,6 +283,35 @@ fn a_granted_non_root_uid_signs_over_the_unix_socket_and_state_stays_private_und
             .any(|r| r["caller"] == format!("uid:{NOBODY}") && r["result"] == "signed"),
         "{records:?}"
     );
+    // A member by a supplementary group (its primary group its own) is granted by
+    // the groups the kernel recorded when it connected.
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            &format!("--groups={}", signet_gid()),
+            "--",
+        ])
+        .arg(bin("signet"))
+        .env("SIGNET_ENDPOINT", format!("unix:{}", sock.display()))
+        .env_remove("SIGNET_CONFIG")
+        .env("HOME", &work)
+        .args([
+            "sign",
+            "--description",
+            "by its group",
+            work.join("a.exe").to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let signed_by_nobody = w
+        .audit_records()
+        .iter()
+        .filter(|r| r["caller"] == format!("uid:{NOBODY}") && r["result"] == "signed")
+        .count();
+    assert_eq!(signed_by_nobody, 2);
     // Outside the group the socket is closed to it.
     let out = sign_as(NOBODY);
     assert_ne!(out.status.code(), Some(0), "{}", text(&out.stdout));

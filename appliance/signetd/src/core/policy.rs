@@ -90,19 +90,6 @@ pub fn vmid_for_cid(map: &std::collections::BTreeMap<u32, u32>, cid: u32) -> u32
     map.get(&cid).copied().unwrap_or(cid)
 }
 
-/// The supplementary groups in a `/proc/PID/status` text (`Groups:` line).
-pub fn parse_proc_groups(status: &str) -> Vec<u32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// One entry of a grant's `callers`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallerPattern {
@@ -425,13 +412,5 @@ mod tests {
         assert_eq!(vm, Caller::Vm { cid: 3, vmid: 3 });
         assert!(pat("vm:*").matches(&vm));
         assert!(p.decide(&Caller::of_vsock(&map, 104), "release").is_ok());
-    }
-
-    #[test]
-    fn supplementary_groups_come_from_proc_status() {
-        let status = "Name:\tsh\nUid:\t1000\t1000\t1000\t1000\nGroups:\t4 24 990 \nNgid:\t0\n";
-        assert_eq!(parse_proc_groups(status), [4, 24, 990]);
-        assert_eq!(parse_proc_groups("Groups:\t\n"), Vec::<u32>::new());
-        assert_eq!(parse_proc_groups(""), Vec::<u32>::new());
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use signet_protocol::transport::Peer;
 
 use crate::config::{Config, Current};
-use crate::core::policy::{self, Caller};
+use crate::core::policy::Caller;
 use crate::core::refusals::Throttle;
 use crate::services::errors::AuthError;
 
@@ -128,14 +128,14 @@ impl Callers {
     pub fn identify(&self, peer: &Peer) -> Caller {
         match peer {
             Peer::Vsock { cid, .. } => Caller::of_vsock(&self.config().cid_to_vmid, *cid),
-            Peer::Unix { uid, gid, pid } => Caller::Local {
+            // Its groups as the kernel recorded them when it connected: not read from
+            // /proc/PID at the request, where the pid may name another process by then.
+            Peer::Unix {
+                uid, gid, groups, ..
+            } => Caller::Local {
                 uid: *uid,
                 gid: *gid,
-                // The process may be gone already; then only its primary group counts.
-                groups: pid
-                    .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-                    .map(|s| policy::parse_proc_groups(&s))
-                    .unwrap_or_default(),
+                groups: groups.clone(),
             },
             Peer::Tcp { addr } => match &self.config().insecure_tcp_as {
                 Some(name) => Caller::Client {

@@ -3018,6 +3018,7 @@ mod tests {
                 uid: 0,
                 gid: 0,
                 pid: None,
+                groups: Vec::new(),
             },
             over_tls: false,
             authorization: None,
@@ -3098,6 +3099,7 @@ mod tests {
                     uid: 0,
                     gid: 0,
                     pid: None,
+                    groups: Vec::new(),
                 },
                 false,
                 None,
@@ -3573,6 +3575,7 @@ mod tests {
             uid: 1000,
             gid: 1000,
             pid: Some(4),
+            groups: Vec::new(),
         };
         assert_eq!(transport(&unix, false), "unix");
     }
