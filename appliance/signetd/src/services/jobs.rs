@@ -1659,17 +1659,22 @@ impl JobService {
         let ttl = self.config().queue.result_ttl_seconds;
         let period = JANITOR_PERIOD.min(Duration::from_secs(ttl.max(1)));
         loop {
-            let store = &self.engine().store;
-            match store.expire(store::now_ms().saturating_sub(ttl * 1000)) {
-                Ok(ids) => {
-                    for id in ids {
-                        store.remove_spooled(&store.output_path(&id));
-                        store.remove_spooled(&store.input_path(&id));
-                        store.remove_spooled(&store.delivered_path(&id));
+            // Off the runtime's threads: unlinking large files takes milliseconds.
+            let store = Arc::clone(&self.engine().store);
+            tokio::task::spawn_blocking(move || {
+                match store.expire(store::now_ms().saturating_sub(ttl * 1000)) {
+                    Ok(ids) => {
+                        for id in ids {
+                            store.remove_spooled(&store.output_path(&id));
+                            store.remove_spooled(&store.input_path(&id));
+                            store.remove_spooled(&store.delivered_path(&id));
+                        }
                     }
+                    Err(e) => tracing::warn!(error = %e, "expired results could not be removed"),
                 }
-                Err(e) => tracing::warn!(error = %e, "expired results could not be removed"),
-            }
+            })
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
             tokio::time::sleep(period).await;
         }
     }
