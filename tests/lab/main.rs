@@ -481,8 +481,8 @@ logind = "none"
 [queue]
 job_deadline_seconds = 600
 # The guest is emulated (TCG): its PKCS#11 re-init and pcscd's start take ~1.5 s
-# here, but up to 30 s on a loaded machine, past the default 10 s after which the
-# ladder tries its next step. The ladder's test is about that first step.
+# on an idle machine but took 36 s on a loaded one, past the default 10 s after
+# which the ladder tries its next step. The ladder's test is about that first step.
 [recovery.agent_reinit]
 cooldown_seconds = 90
 [profiles.release]

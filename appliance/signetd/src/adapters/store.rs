@@ -43,6 +43,7 @@ pub const INLINE_MAX: u64 = 64 << 10;
 pub fn kept_inline(n: u64) -> bool {
     n <= INLINE_MAX
 }
+
 /// The database's file name in the state directory.
 pub const DB_FILE: &str = "signet.db";
 
