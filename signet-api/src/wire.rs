@@ -44,6 +44,8 @@ pub const JOB_HEADER: &str = "x-signet-job";
 /// Daemon → agent request header of a signing request: the SHA-256 (hex) of the input
 /// as the daemon spooled it, beside [`JOB_HEADER`]. The agent keys its kept results on
 /// it instead of hashing the input a second time; without it the agent hashes the input.
+/// Also a response header of a job's result answered as a patch ([`patch`]): the SHA-256
+/// of the input the patch changes, which the client checks against the bytes it sent.
 pub const INPUT_SHA256_HEADER: &str = "x-signet-input-sha256";
 /// Response header of `GET /v1/profile` and of a job's result: the SHA-256 (hex) of the
 /// profile's `GET /v1/profile` answer body as it is now. Also a request header of a

@@ -357,11 +357,18 @@ fn a_signed_pe_comes_back_as_its_changes_and_signetd_makes_the_signed_file() {
          [profiles.second]\nhash = \"sha512\"\nnested = true\n",
     );
     // Held in memory on both sides; in memory at the agent and spooled by signetd;
-    // spooled on both sides.
-    for (name, size, answer) in [
-        ("small.exe", None, "answer=\"patch\""),
-        ("medium.exe", Some(512u64 << 10), "answer=\"patch kept\""),
-        ("large.exe", Some(2 << 20), "answer=\"patch kept\""),
+    // spooled on both sides. `signet` holds a file of at most 1 MiB it sends, and
+    // makes the signed file of it and the patch when signetd keeps the result so (a
+    // small one is kept whole in its database); a larger one comes whole.
+    for (name, size, answer, as_patch) in [
+        ("small.exe", None, "answer=\"patch\"", false),
+        (
+            "medium.exe",
+            Some(512u64 << 10),
+            "answer=\"patch kept\"",
+            true,
+        ),
+        ("large.exe", Some(2 << 20), "answer=\"patch kept\"", false),
     ] {
         let exe = w.path(name);
         match size {
@@ -376,8 +383,19 @@ fn a_signed_pe_comes_back_as_its_changes_and_signetd_makes_the_signed_file() {
         let before = made_here(&w.log("signetd"));
         let mut sizes = Vec::new();
         for (profile, want) in [("first", 1), ("second", 2), ("first", 1)] {
-            let out = signet(&ep, &["sign", "-p", profile, arg(&exe)]);
+            let out = signet(&ep, &["sign", "--json", "-p", profile, arg(&exe)]);
             assert_eq!(code(&out), 0, "{name} {profile}: {}", stderr(&out));
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let received = report["bytes_received"].as_u64().unwrap();
+            let signed_len = std::fs::metadata(&exe).unwrap().len();
+            if as_patch {
+                assert!(
+                    received < 64 << 10 && received < signed_len,
+                    "{name} {profile}: the patch alone crossed: {report}"
+                );
+            } else {
+                assert_eq!(received, signed_len, "{name} {profile}: {report}");
+            }
             let (ok, text) = verify(&w, &exe);
             assert!(ok, "{name} {profile}: {text}");
             assert!(!text.contains("MISMATCH"), "{name} {profile}: {text}");

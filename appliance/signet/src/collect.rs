@@ -130,6 +130,10 @@ pub struct Collector<'a> {
     conn: client::Connection,
     /// The upload asks for the result in its own answer (no `Prefer: respond-async`).
     at_once: bool,
+    /// The `Accept` of the result's `GET`, when not any.
+    accept: Option<&'static str>,
+    /// Told once the job is queued (its upload answered `202`).
+    pub on_queued: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl<'a> Collector<'a> {
@@ -153,7 +157,15 @@ impl<'a> Collector<'a> {
             pause: FIRST_PAUSE,
             conn: client::Connection::new(endpoint),
             at_once: false,
+            accept: None,
+            on_queued: None,
         }
+    }
+
+    /// Collects the result with `Accept: accept`.
+    pub fn accepting(mut self, accept: &'static str) -> Self {
+        self.accept = Some(accept);
+        self
     }
 
     /// Has the upload answered with the result itself: for a small body held in
@@ -189,6 +201,9 @@ impl<'a> Collector<'a> {
                         self.job = Some(id);
                     }
                     if resp.status() == StatusCode::ACCEPTED {
+                        if let Some(tell) = self.on_queued.take() {
+                            let _ = tell.send(());
+                        }
                         // Read to its end, so the connection takes the `GET` next; a
                         // connection that broke here is replaced by a new one.
                         if client::read_answer(self.endpoint, resp).await.is_err() {
@@ -235,7 +250,11 @@ impl<'a> Collector<'a> {
             });
         };
         loop {
-            let req = Request::get(format!("/v1/jobs/{id}/result"))
+            let mut req = Request::get(format!("/v1/jobs/{id}/result"));
+            if let Some(accept) = self.accept {
+                req = req.header(http::header::ACCEPT, accept);
+            }
+            let req = req
                 .body(Empty::<Bytes>::new())
                 .map_err(|e| ClientError::Protocol {
                     endpoint: self.endpoint.clone(),

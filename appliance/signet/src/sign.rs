@@ -14,8 +14,9 @@ use hyper::body::Frame;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sha2::Digest;
 use signet_api::wire::{
-    exit, osslsigncode, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions, ProfileQuery, SignMode,
-    SignQuery, BATCH_PATH, PROFILE_HEADER, PROFILE_PATH, SIGN_PATH, STATUS_PATH,
+    exit, osslsigncode, patch, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions, ProfileQuery,
+    SignMode, SignQuery, BATCH_PATH, INPUT_SHA256_HEADER, PROFILE_HEADER, PROFILE_PATH, SIGN_PATH,
+    STATUS_PATH,
 };
 use signet_format as format;
 use signet_protocol::batch;
@@ -1226,6 +1227,24 @@ async fn exchange(
         Upload::File(path) => Upload::File(path.clone()),
         Upload::Data(data) => Upload::Data(data.clone()),
     };
+    // A whole PE of more than `HELD_FROM` and at most `INLINE` bytes is read once and
+    // held: every try sends these very bytes, and a signed file answered as a patch is
+    // made of them.
+    let mut held = match &upload {
+        Upload::File(path)
+            if size > HELD_FROM && size <= native::INLINE && p.format == format::Format::Pe =>
+        {
+            signet_protocol::whole::read(path).ok().map(|b| Held {
+                bytes: Bytes::from(b),
+                dir: p.dir().to_owned(),
+                written: None,
+            })
+        }
+        _ => None,
+    };
+    let size = held.as_ref().map_or(size, |h| h.bytes.len() as u64);
+    progress.bar.set_length(size);
+    let held_bytes = held.as_ref().map(|h| h.bytes.clone());
     let if_profile = if_profile.and_then(|h| header::HeaderValue::from_str(h).ok());
     let make = move || {
         counter.set_position(0);
@@ -1239,9 +1258,10 @@ async fn exchange(
         };
         // A small file is read here at once (one read, no trip to the blocking pool);
         // a larger one streams from disk.
-        let small = match &upload {
-            Upload::File(path) if size <= native::INLINE => {
-                Some(signet_protocol::whole::read(path))
+        let small = match (&held_bytes, &upload) {
+            (Some(bytes), _) => Some(Ok(bytes.clone())),
+            (None, Upload::File(path)) if size <= native::INLINE => {
+                Some(signet_protocol::whole::read(path).map(Bytes::from))
             }
             _ => None,
         };
@@ -1251,7 +1271,7 @@ async fn exchange(
                     _,
                     std::io::Error,
                 >(
-                    count(Bytes::from(bytes)),
+                    count(bytes),
                 ))))
                 .boxed()
             }
@@ -1308,6 +1328,59 @@ async fn exchange(
     if matches!(p.upload, Upload::Data(_)) {
         collector = collector.answer_at_once();
     }
+    // A held input: the signed file may come as a patch to it. Once the job is queued,
+    // the input is written next to the target while the token signs, so that the patch
+    // and the flush are all that is left when the answer comes.
+    if let Some(h) = &mut held {
+        collector = collector.accepting(PATCH_ACCEPT);
+        let (tell, queued) = tokio::sync::oneshot::channel();
+        collector.on_queued = Some(tell);
+        let (dir, bytes) = (h.dir.clone(), h.bytes.clone());
+        h.written = Some(tokio::spawn(async move {
+            queued.await.ok()?;
+            Some(
+                tokio::task::spawn_blocking(move || write_held(&dir, &bytes))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            )
+        }));
+    }
+    let got = collect_result(
+        endpoint,
+        p,
+        outcome,
+        &mut progress,
+        &mut collector,
+        make,
+        held.as_mut(),
+    )
+    .await;
+    // A held input written for a patch that did not come: its file goes now, before
+    // the process may end (a job never queued never writes it).
+    collector.on_queued = None;
+    if let Some(task) = held.and_then(|h| h.written) {
+        drop(task.await);
+    }
+    got
+}
+
+/// Runs `collector` with the request `make` builds and receives the result (see
+/// [`exchange`]), collecting it again when its download broke off.
+async fn collect_result<B, F>(
+    endpoint: &Endpoint,
+    p: &Prepared,
+    outcome: &mut Outcome,
+    progress: &mut Progress,
+    collector: &mut collect::Collector<'_>,
+    make: F,
+    mut held: Option<&mut Held>,
+) -> Result<Got, Failure>
+where
+    F: Fn() -> Request<B>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut answer = collector.run(make).await;
     loop {
         outcome.bytes_sent = progress.bar.position();
@@ -1328,7 +1401,7 @@ async fn exchange(
             }
         };
         outcome.bytes_received = 0;
-        match receive(resp, p, outcome).await {
+        match receive(resp, p, held.as_deref_mut(), outcome).await {
             Ok(got) => {
                 progress.finish();
                 return Ok(got);
@@ -1365,12 +1438,162 @@ enum Received {
     Local(Failure),
 }
 
+/// The size a PE must exceed to be held for a patch: signetd keeps the signed file of an
+/// input of at most 64 KiB whole in its database (docs/API.md), never as a patch, and
+/// writing such an input beside the target for nothing costs more than its answer does.
+const HELD_FROM: u64 = 64 << 10;
+
+/// The `Accept` of a result that may come as a patch to the input held.
+const PATCH_ACCEPT: &str = "application/vnd.signet.patch+json, application/octet-stream";
+
+/// A whole PE of at most [`native::INLINE`] bytes, read once: what every try uploads,
+/// and what a signed file answered as a patch is made of.
+struct Held {
+    bytes: Bytes,
+    /// Where the signed file is made: the target's directory.
+    dir: PathBuf,
+    /// The input written next to the target, started once the job is queued (`None`
+    /// from it when the job was never answered as queued).
+    written: Option<tokio::task::JoinHandle<Option<std::io::Result<Prewritten>>>>,
+}
+
+/// The held input written to a file next to the target, its write-out started.
+struct Prewritten {
+    file: tempfile::NamedTempFile,
+    /// Its SHA-256, hex.
+    sha256: String,
+}
+
+/// Writes `bytes` to a new private file in `dir` (see [`Prepared::receiver`]), starts
+/// its write-out and hashes them.
+fn write_held(dir: &Path, bytes: &[u8]) -> std::io::Result<Prewritten> {
+    use signet_protocol::writeback::OnDisk;
+    let file = tempfile::Builder::new()
+        .prefix(".signet-")
+        .tempfile_in(dir)?;
+    std::io::Write::write_all(&mut file.as_file(), bytes)?;
+    file.as_file().start_writeback(0, bytes.len() as u64);
+    let sha256 = signet_api::hex::lower(&sha2::Sha256::digest(bytes));
+    Ok(Prewritten { file, sha256 })
+}
+
+/// Receives a signed file answered as a patch to the input `held`: the patch (at most
+/// [`patch::PATCH_MAX`]), checked against the input, made into the signed file next to
+/// the target and fsync'd. The daemon names the input it patched by its SHA-256; a file
+/// made of any other input is never written.
+async fn receive_patch(
+    resp: http::Response<hyper::body::Incoming>,
+    held: &mut Held,
+    outcome: &mut Outcome,
+) -> Result<Got, Received> {
+    let failed = |message: String| {
+        Received::Local(Failure {
+            code: None,
+            exit_code: exit::SIGNING_FAILED,
+            message,
+        })
+    };
+    let declared = resp
+        .headers()
+        .get(INPUT_SHA256_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut json = Vec::new();
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Received::Broke(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            outcome.bytes_received += data.len() as u64;
+            if json.len() + data.len() > patch::PATCH_MAX {
+                return Err(failed(format!(
+                    "the appliance sent a patch longer than {} MiB",
+                    patch::PATCH_MAX >> 20
+                )));
+            }
+            json.extend_from_slice(&data);
+        }
+    }
+    let written = match held.written.take() {
+        Some(task) => task.await.ok().flatten(),
+        None => None,
+    };
+    let local = |e: std::io::Error| {
+        Received::Local(bad_input(format!("cannot write the signed file: {e}")))
+    };
+    let written = match written {
+        Some(w) => w.map_err(local)?,
+        // Never answered as queued: written now.
+        None => {
+            let (dir, bytes) = (held.dir.clone(), held.bytes.clone());
+            tokio::task::spawn_blocking(move || write_held(&dir, &bytes))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(local)?
+        }
+    };
+    match patch_held(written, held.bytes.len() as u64, &json, declared.as_deref()) {
+        Ok(file) => Ok(Got::File(file)),
+        Err(PatchError::Io(e)) => Err(local(e)),
+        Err(PatchError::Answer(why)) => Err(failed(why)),
+    }
+}
+
+/// Why a patch did not make the signed file.
+#[derive(Debug)]
+enum PatchError {
+    /// The answer does not fit the input held (nothing was written).
+    Answer(String),
+    Io(std::io::Error),
+}
+
+/// Makes the signed file of the input `written` (of `input_len` bytes) and the patch
+/// `json`, whose input the daemon named by its SHA-256 `declared`, and fsyncs it. An
+/// answer that does not fit that input, or names another, writes nothing: its file is
+/// removed.
+fn patch_held(
+    written: Prewritten,
+    input_len: u64,
+    json: &[u8],
+    declared: Option<&str>,
+) -> Result<tempfile::NamedTempFile, PatchError> {
+    use std::os::unix::fs::FileExt;
+    if declared != Some(written.sha256.as_str()) {
+        return Err(PatchError::Answer(format!(
+            "the appliance made the signed file of another input (SHA-256 {}) than the file sent (SHA-256 {}); nothing was written, sign it again",
+            declared.unwrap_or("not named"),
+            written.sha256
+        )));
+    }
+    let checked = serde_json::from_slice::<patch::Patch>(json)
+        .map_err(|e| e.to_string())
+        .and_then(|p| p.check(input_len))
+        .map_err(|why| {
+            PatchError::Answer(format!(
+                "the appliance's answer cannot make the signed file: {why}"
+            ))
+        })?;
+    let file = written.file;
+    let f = file.as_file();
+    if checked.keep() < input_len {
+        f.set_len(checked.keep()).map_err(PatchError::Io)?;
+    }
+    for (at, bytes) in checked.edits() {
+        f.write_all_at(bytes, *at).map_err(PatchError::Io)?;
+    }
+    f.write_all_at(checked.tail(), checked.keep())
+        .map_err(PatchError::Io)?;
+    f.sync_all().map_err(PatchError::Io)?;
+    Ok(file)
+}
+
 /// Receives a result's body: digest mode's signature in memory (refused beyond
 /// [`native::MAX_SIGNATURE`]), a whole signed file into a file next to the target,
-/// fsync'd (it is renamed over the target as it is).
+/// fsync'd (it is renamed over the target as it is), or made of the input `held` when
+/// it comes as a patch to it ([`receive_patch`]).
 async fn receive(
     resp: http::Response<hyper::body::Incoming>,
     p: &Prepared,
+    held: Option<&mut Held>,
     outcome: &mut Outcome,
 ) -> Result<Got, Received> {
     outcome.profile_sha256 = resp
@@ -1378,6 +1601,21 @@ async fn receive(
         .get(PROFILE_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let as_patch = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(patch::is_patch_type);
+    if as_patch {
+        let Some(held) = held else {
+            return Err(Received::Local(Failure {
+                code: None,
+                exit_code: exit::SIGNING_FAILED,
+                message: "the appliance answered a patch, which was not asked for".to_owned(),
+            }));
+        };
+        return receive_patch(resp, held, outcome).await;
+    }
     let mut sink = Sink::new(p).map_err(Received::Local)?;
     let mut body = resp.into_body();
     while let Some(frame) = body.frame().await {
@@ -1643,6 +1881,72 @@ mod tests {
     use super::*;
     use signet_api::wire::DigestAlgorithm;
     use signet_format::Format;
+
+    #[test]
+    fn a_held_input_and_its_patch_make_the_signed_file_only_when_the_input_is_the_one_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let input: Vec<u8> = (0..200u8).collect();
+        let count = || std::fs::read_dir(dir.path()).unwrap().count();
+        // The signed file keeps 150 bytes, two of them written over, then a new tail:
+        // the signature it had (the last 50 bytes) replaced.
+        let json = serde_json::to_vec(&patch::Patch::new(
+            150,
+            &[(4, b"ab".as_slice()), (100, b"c".as_slice())],
+            b"TAIL",
+        ))
+        .unwrap();
+        let written = write_held(dir.path(), &input).unwrap();
+        let sha = written.sha256.clone();
+        assert_eq!(
+            sha,
+            signet_api::hex::lower(&sha2::Sha256::digest(&input)),
+            "the input is named by its SHA-256"
+        );
+        let made = patch_held(written, 200, &json, Some(&sha)).unwrap();
+        let mut want = input[..150].to_vec();
+        want[4..6].copy_from_slice(b"ab");
+        want[100] = b'c';
+        want.extend_from_slice(b"TAIL");
+        assert_eq!(std::fs::read(made.path()).unwrap(), want);
+        drop(made);
+        assert_eq!(count(), 0);
+
+        // Another input named: nothing is written, the file made of this one goes.
+        let other = signet_api::hex::lower(&sha2::Sha256::digest(b"another file"));
+        let written = write_held(dir.path(), &input).unwrap();
+        match patch_held(written, 200, &json, Some(&other)) {
+            Err(PatchError::Answer(why)) => {
+                assert!(why.contains("another input"), "{why}");
+                assert!(why.contains(&other) && why.contains(&sha), "{why}");
+            }
+            r => panic!("{r:?}"),
+        }
+        let written = write_held(dir.path(), &input).unwrap();
+        assert!(matches!(
+            patch_held(written, 200, &json, None),
+            Err(PatchError::Answer(_))
+        ));
+        // A patch that does not fit the input: it keeps more than there is.
+        let long = serde_json::to_vec(&patch::Patch::new(201, &[], b"")).unwrap();
+        let written = write_held(dir.path(), &input).unwrap();
+        match patch_held(written, 200, &long, Some(&sha)) {
+            Err(PatchError::Answer(why)) => assert!(why.contains("keeps 201 bytes"), "{why}"),
+            r => panic!("{r:?}"),
+        }
+        let written = write_held(dir.path(), &input).unwrap();
+        assert!(matches!(
+            patch_held(written, 200, b"{not json", Some(&sha)),
+            Err(PatchError::Answer(_))
+        ));
+        assert_eq!(count(), 0, "every refused answer's file was removed");
+    }
+
+    #[test]
+    fn the_result_is_asked_for_as_a_patch_or_the_whole_file() {
+        let types: Vec<&str> = PATCH_ACCEPT.split(',').map(str::trim).collect();
+        assert!(patch::is_patch_type(types[0]), "{PATCH_ACCEPT}");
+        assert_eq!(types[1], "application/octet-stream");
+    }
 
     #[test]
     fn a_transport_this_system_lacks_is_named_with_the_way_to_choose_another() {

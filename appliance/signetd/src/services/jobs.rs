@@ -221,6 +221,9 @@ pub struct Delivery {
     /// The SHA-256 of its profile's `GET /v1/profile` answer as it is now
     /// ([`profile_answer`]), when the caller may still use the profile.
     pub profile_sha256: Option<String>,
+    /// A result answered as a patch (`signet_api::wire::patch`): the SHA-256 (hex) of
+    /// the input it changes, as signetd spooled it, for the caller to check its copy.
+    pub input_sha256: Option<String>,
     /// Its spool file (read ahead by a [`FileBody`]), or its bytes from the database.
     pub body: Body,
 }
@@ -233,6 +236,7 @@ impl std::fmt::Debug for Delivery {
             .field("content_type", &self.content_type)
             .field("len", &self.len)
             .field("profile_sha256", &self.profile_sha256)
+            .field("input_sha256", &self.input_sha256)
             .finish_non_exhaustive()
     }
 }
@@ -1251,6 +1255,7 @@ impl JobService {
                 .profile_options(Some(&row.profile), caller)
                 .ok()
                 .map(|o| profile_answer(&o).1),
+            input_sha256: None,
             body: Body::from_stream(live.blocks()),
         })
     }
@@ -1365,6 +1370,19 @@ impl JobService {
 
     /// The result of an ended job: the signed file, or the job's error.
     pub async fn result(&self, id: &str, caller: &Caller) -> Result<Delivery, JobError> {
+        self.result_as(id, caller, false).await
+    }
+
+    /// [`Self::result`]; with `patch_ok`, a signed file kept as its input and a patch is
+    /// answered as that patch (of media type [`signet_api::wire::patch::PATCH_MEDIA_TYPE`],
+    /// with the input's SHA-256 in [`Delivery::input_sha256`]), for a caller that holds
+    /// the input it sent and makes the signed file itself.
+    pub async fn result_as(
+        &self,
+        id: &str,
+        caller: &Caller,
+        patch_ok: bool,
+    ) -> Result<Delivery, JobError> {
         let row = self.caller_job(id, caller)?;
         match row.state {
             JobState::Signed => {
@@ -1383,6 +1401,25 @@ impl JobService {
                 let patch = store
                     .result_patch(id)
                     .map_err(|e| JobError::internal(id, "reading the result", &e))?;
+                let profile_sha256 = self
+                    .profile_options(Some(&row.profile), caller)
+                    .ok()
+                    .map(|o| profile_answer(&o).1);
+                if let (true, Kind::Sign, Some(patch), Some(sha)) =
+                    (patch_ok, row.kind, &patch, &row.input_sha256)
+                {
+                    let json = serde_json::to_vec(&patch.to_patch())
+                        .map_err(|e| JobError::internal(id, "writing the patch", &e))?;
+                    return Ok(Delivery {
+                        id: row.id,
+                        kind: row.kind,
+                        content_type: signet_api::wire::patch::PATCH_MEDIA_TYPE.to_owned(),
+                        len: Some(json.len() as u64),
+                        profile_sha256,
+                        input_sha256: Some(sha.clone()),
+                        body: Body::from(json),
+                    });
+                }
                 let body = match patch {
                     // Kept as the input and a patch: made as it is read.
                     Some(patch) => {
@@ -1420,10 +1457,8 @@ impl JobService {
                         .output_type
                         .unwrap_or_else(|| "application/octet-stream".to_owned()),
                     len: Some(row.output_bytes.unwrap_or(0)),
-                    profile_sha256: self
-                        .profile_options(Some(&row.profile), caller)
-                        .ok()
-                        .map(|o| profile_answer(&o).1),
+                    profile_sha256,
+                    input_sha256: None,
                     body,
                 })
             }
@@ -2418,6 +2453,11 @@ pub struct Live {
 }
 
 impl Live {
+    /// Whether the result is kept as the input and a patch (it is whole at once).
+    pub fn is_patch(&self) -> bool {
+        self.patch.is_some()
+    }
+
     /// The result's bytes as they are written; ends once the job is signed, breaks
     /// off once it is known it will not be (or signetd stops). The file is opened at
     /// the first read, under the first of its paths it has (a stream before this one
@@ -3461,10 +3501,29 @@ mod tests {
         assert_eq!(collect().await.unwrap(), want, "from <id>.out");
         assert!(store.delivered(&id));
         assert_eq!(collect().await.unwrap(), want, "from <id>.delivered");
+        // A caller that takes a patch gets the patch and the SHA-256 of the input it
+        // changes, to make the signed file of its own copy.
+        let as_patch = || async {
+            let d = svc.result_as(&id, &caller, true).await?;
+            assert_eq!(d.content_type, signet_api::wire::patch::PATCH_MEDIA_TYPE);
+            assert_eq!(d.input_sha256.as_deref(), Some("in"));
+            let body = d.body.collect().await.unwrap().to_bytes().to_vec();
+            assert_eq!(d.len, Some(body.len() as u64));
+            Ok::<_, JobError>(body)
+        };
+        assert_eq!(as_patch().await.unwrap(), json);
         std::fs::remove_file(store.delivered_path(&id)).unwrap();
         assert!(matches!(
             collect().await,
             Err(JobError::DeliveredCopyGone { .. })
+        ));
+        // The patch needs no copy of the input here.
+        assert_eq!(as_patch().await.unwrap(), json);
+        // Gone once the result expires, as the signed file is.
+        assert_eq!(store.expire(u64::MAX).unwrap().len(), 1);
+        assert!(matches!(
+            svc.result_as(&id, &caller, true).await,
+            Err(JobError::ResultExpired { .. })
         ));
     }
 

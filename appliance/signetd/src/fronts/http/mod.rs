@@ -358,8 +358,8 @@ async fn job(
 
 /// The result of job `id` as an answer: the signed file (a batch's parts re-framed),
 /// or the job's error; both carry the job id.
-async fn deliver(daemon: &Arc<Daemon>, id: &str, caller: &Caller) -> Response {
-    let result = daemon.job_service().result(id, caller).await;
+async fn deliver(daemon: &Arc<Daemon>, id: &str, caller: &Caller, patch_ok: bool) -> Response {
+    let result = daemon.job_service().result_as(id, caller, patch_ok).await;
     v1_answer(
         daemon,
         render_result(daemon, id, result).map_err(|e| (e, Some(id.to_owned()))),
@@ -416,6 +416,10 @@ fn render_result(
         resp.headers_mut()
             .insert(signet_api::wire::PROFILE_HEADER, v);
     }
+    if let Some(v) = d.input_sha256.and_then(|s| HeaderValue::from_str(&s).ok()) {
+        resp.headers_mut()
+            .insert(signet_api::wire::INPUT_SHA256_HEADER, v);
+    }
     Ok(resp)
 }
 
@@ -467,20 +471,38 @@ async fn job_result(
     }
     // An HTTP/1.0 answer without a length ends with the connection: a break would look
     // like the end. Such a client gets the result once the job has ended.
+    // A caller that holds the input it sent may take a signed file kept as its input
+    // and a patch as that patch (`signet` does, for a file it read whole).
+    let patch_ok = accepts_patch(&headers);
     if version < http::Version::HTTP_11 {
         daemon.job_service().wait(&id).await;
-        return deliver(&daemon, &id, &caller).await;
+        return deliver(&daemon, &id, &caller, patch_ok).await;
     }
     // Its signed file is streamed as it lands from the agent, its end withheld until
-    // the job is signed; or, once it ended, answered from where it is kept.
+    // the job is signed; or, once it ended, answered from where it is kept. A patch is
+    // answered once the job is signed.
     if let Some(live) = daemon.job_service().wait_result(&id).await {
+        if patch_ok && live.is_patch() {
+            drop(live);
+            daemon.job_service().wait(&id).await;
+            return deliver(&daemon, &id, &caller, true).await;
+        }
         let result = daemon.job_service().live_result(&id, &caller, live);
         return v1_answer(
             &daemon,
             render_result(&daemon, &id, result).map_err(|e| (e, Some(id.clone()))),
         );
     }
-    deliver(&daemon, &id, &caller).await
+    deliver(&daemon, &id, &caller, patch_ok).await
+}
+
+/// Whether a request's `Accept` names a patch (`signet_api::wire::patch`).
+fn accepts_patch(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(signet_api::wire::patch::is_patch_type))
 }
 
 /// Re-frames the agent's batch answer for the caller, part by part as it streams:
