@@ -1498,21 +1498,52 @@ async fn receive_patch(
         .get(INPUT_SHA256_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    // The signed file is made and flushed as soon as the patch is whole, while the
+    // daemon still commits the job; it counts only once the answer ends (the daemon
+    // ends it after `signed` is committed). Broken off, the file made goes with it.
     let mut json = Vec::new();
+    let mut made = None;
     let mut body = resp.into_body();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Received::Broke(e.to_string()))?;
-        if let Ok(data) = frame.into_data() {
-            outcome.bytes_received += data.len() as u64;
-            if json.len() + data.len() > patch::PATCH_MAX {
-                return Err(failed(format!(
-                    "the appliance sent a patch longer than {} MiB",
-                    patch::PATCH_MAX >> 20
-                )));
-            }
-            json.extend_from_slice(&data);
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        outcome.bytes_received += data.len() as u64;
+        if data.is_empty() {
+            continue;
+        }
+        if made.is_some() {
+            return Err(failed(
+                "the appliance sent more after its patch; nothing was written".to_owned(),
+            ));
+        }
+        if json.len() + data.len() > patch::PATCH_MAX {
+            return Err(failed(format!(
+                "the appliance sent a patch longer than {} MiB",
+                patch::PATCH_MAX >> 20
+            )));
+        }
+        json.extend_from_slice(&data);
+        if serde_json::from_slice::<patch::Patch>(&json).is_ok() {
+            made = Some(make_signed(held, &json, declared.as_deref()).await?);
         }
     }
+    match made {
+        Some(file) => Ok(Got::File(file)),
+        None => Ok(Got::File(
+            make_signed(held, &json, declared.as_deref()).await?,
+        )),
+    }
+}
+
+/// The signed file made of the input `held` (written beside the target once the job
+/// was queued, or now) and the patch `json` ([`patch_held`]).
+async fn make_signed(
+    held: &mut Held,
+    json: &[u8],
+    declared: Option<&str>,
+) -> Result<tempfile::NamedTempFile, Received> {
     let written = match held.written.take() {
         Some(task) => task.await.ok().flatten(),
         None => None,
@@ -1522,7 +1553,7 @@ async fn receive_patch(
     };
     let written = match written {
         Some(w) => w.map_err(local)?,
-        // Never answered as queued: written now.
+        // Never answered as queued, or a patch collected again: written now.
         None => {
             let (dir, bytes) = (held.dir.clone(), held.bytes.clone());
             tokio::task::spawn_blocking(move || write_held(&dir, &bytes))
@@ -1531,11 +1562,14 @@ async fn receive_patch(
                 .map_err(local)?
         }
     };
-    match patch_held(written, held.bytes.len() as u64, &json, declared.as_deref()) {
-        Ok(file) => Ok(Got::File(file)),
-        Err(PatchError::Io(e)) => Err(local(e)),
-        Err(PatchError::Answer(why)) => Err(failed(why)),
-    }
+    patch_held(written, held.bytes.len() as u64, json, declared).map_err(|e| match e {
+        PatchError::Io(e) => local(e),
+        PatchError::Answer(message) => Received::Local(Failure {
+            code: None,
+            exit_code: exit::SIGNING_FAILED,
+            message,
+        }),
+    })
 }
 
 /// Why a patch did not make the signed file.

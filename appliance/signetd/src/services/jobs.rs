@@ -1260,6 +1260,26 @@ impl JobService {
         })
     }
 
+    /// Job `id`'s result kept as the input and a patch ([`Live::is_patch`]), answered as
+    /// that patch to a caller that holds the input: the patch at once, the body's end
+    /// only once the job is `signed` with its audit record, broken off if it does not
+    /// end so (as [`Self::live_result`]).
+    pub fn live_patch(&self, id: &str, caller: &Caller, live: Live) -> Result<Delivery, JobError> {
+        let row = self.caller_job(id, caller)?;
+        Ok(Delivery {
+            id: row.id,
+            kind: row.kind,
+            content_type: signet_api::wire::patch::PATCH_MEDIA_TYPE.to_owned(),
+            len: None,
+            profile_sha256: self
+                .profile_options(Some(&row.profile), caller)
+                .ok()
+                .map(|o| profile_answer(&o).1),
+            input_sha256: live.input_sha256.clone(),
+            body: Body::from_stream(live.patch_answer()),
+        })
+    }
+
     /// Job `id`, if `caller` sent it: a caller sees and acts on its own jobs only.
     fn caller_job(&self, id: &str, caller: &Caller) -> Result<JobRow, JobError> {
         match self.engine().store.get(id) {
@@ -1919,7 +1939,7 @@ impl JobService {
                         engine,
                         id,
                         paths,
-                        Some((Arc::clone(&patch), Arc::clone(&held))),
+                        Some((Arc::clone(&patch), Arc::clone(&held), sha.map(str::to_owned))),
                         &ct,
                     );
                     guard.written(patch.len());
@@ -2448,6 +2468,8 @@ pub struct Live {
     /// The input as the intake wrote it, when it is held (a job taken while its input
     /// was flushed): the result kept as a patch is made of it, not read from the file.
     held: Arc<Vec<bytes::Bytes>>,
+    /// The input's SHA-256 (hex), with a patch.
+    input_sha256: Option<String>,
     content_type: String,
     progress: watch::Receiver<Progress>,
 }
@@ -2455,7 +2477,47 @@ pub struct Live {
 impl Live {
     /// Whether the result is kept as the input and a patch (it is whole at once).
     pub fn is_patch(&self) -> bool {
-        self.patch.is_some()
+        self.patch.is_some() && self.input_sha256.is_some()
+    }
+
+    /// The patch as its JSON at once, then the end once the job is signed; breaks off
+    /// once it is known it will not be (or signetd stops), as [`Self::blocks`] does.
+    fn patch_answer(
+        self,
+    ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+        let json = self
+            .patch
+            .as_ref()
+            .map(|p| serde_json::to_vec(&p.to_patch()).map_err(std::io::Error::other));
+        let rx = self.progress;
+        futures_util::stream::unfold((json, rx, false), |(json, mut rx, done)| async move {
+            if done {
+                return None;
+            }
+            if let Some(json) = json {
+                return Some((json.map(bytes::Bytes::from), (None, rx, false)));
+            }
+            let broke = |why: &str| {
+                std::io::Error::other(format!(
+                    "{why}; nothing of it counts, collect the job's result again"
+                ))
+            };
+            loop {
+                let now = *rx.borrow_and_update();
+                match now {
+                    Progress::Signed(_) => return None,
+                    Progress::Failed => {
+                        let e = broke("the job did not end signed");
+                        return Some((Err(e), (None, rx, true)));
+                    }
+                    Progress::Pending | Progress::Writing(_) => {}
+                }
+                if rx.changed().await.is_err() {
+                    let e = broke("the job's result stopped being written");
+                    return Some((Err(e), (None, rx, true)));
+                }
+            }
+        })
     }
 
     /// The result's bytes as they are written; ends once the job is signed, breaks
@@ -2556,6 +2618,14 @@ async fn read_at(
     Ok(bytes::Bytes::from(b))
 }
 
+/// A result kept as the input and a patch: the patch, the input's blocks when they are
+/// held (else none: read from its file), the input's SHA-256 (hex).
+type KeptPatch = (
+    Arc<signet_api::wire::patch::Checked>,
+    Arc<Vec<bytes::Bytes>>,
+    Option<String>,
+);
+
 /// The worker's side of a [`Live`] result: registered while the answer is spooled,
 /// it says `Signed` only once the job is committed signed; dropped before, it says
 /// `Failed`. Either way it leaves the engine's map.
@@ -2570,16 +2640,13 @@ impl<'a> LiveGuard<'a> {
         engine: &'a Engine,
         id: &'a str,
         paths: Vec<std::path::PathBuf>,
-        patch: Option<(
-            Arc<signet_api::wire::patch::Checked>,
-            Arc<Vec<bytes::Bytes>>,
-        )>,
+        patch: Option<KeptPatch>,
         content_type: &str,
     ) -> LiveGuard<'a> {
         let (tx, rx) = watch::channel(Progress::Pending);
-        let (patch, held) = match patch {
-            Some((p, held)) => (Some(p), held),
-            None => (None, Arc::default()),
+        let (patch, held, input_sha256) = match patch {
+            Some((p, held, sha)) => (Some(p), held, sha),
+            None => (None, Arc::default(), None),
         };
         lock(&engine.live).insert(
             id.to_owned(),
@@ -2587,6 +2654,7 @@ impl<'a> LiveGuard<'a> {
                 paths,
                 patch,
                 held,
+                input_sha256,
                 content_type: content_type.to_owned(),
                 progress: rx,
             },
@@ -3320,6 +3388,61 @@ mod tests {
         assert_eq!(store.spool_usage().0, 3 + 4 + 2);
     }
 
+    /// A result kept as its input and a patch goes to a caller that takes the patch as
+    /// the patch at once, with the input's SHA-256; its end comes only once the job is
+    /// signed, and it breaks off when the job does not end signed.
+    #[tokio::test]
+    async fn a_patch_goes_at_once_and_ends_only_once_signed() {
+        use futures_util::FutureExt;
+        use signet_api::wire::patch::Patch;
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), 1 << 30).unwrap();
+        let patch = Arc::new(
+            Patch::new(900, &[(88, &[1, 2])], &[7; 50])
+                .check(1000)
+                .unwrap(),
+        );
+        let json = serde_json::to_vec(&patch.to_patch()).unwrap();
+        for signed in [true, false] {
+            let guard = LiveGuard::start(
+                &engine,
+                "7",
+                vec![dir.path().join("7.in")],
+                Some((Arc::clone(&patch), Arc::default(), Some("in".to_owned()))),
+                "x/y",
+            );
+            guard.written(patch.len());
+            let live = lock(&engine.live).get("7").cloned().unwrap();
+            assert!(live.is_patch());
+            assert_eq!(live.input_sha256.as_deref(), Some("in"));
+            let mut body = Box::pin(live.patch_answer());
+            assert_eq!(body.next().await.unwrap().unwrap(), json);
+            assert!(body.next().now_or_never().is_none(), "no end before signed");
+            if signed {
+                guard.signed(patch.len());
+                drop(guard);
+                assert!(body.next().await.is_none());
+            } else {
+                drop(guard);
+                let e = body.next().await.unwrap().unwrap_err();
+                assert!(
+                    e.to_string().contains("collect the job's result again"),
+                    "{e}"
+                );
+                assert!(body.next().await.is_none());
+            }
+        }
+        // Without the input's SHA-256 it is no patch to answer.
+        let _guard = LiveGuard::start(
+            &engine,
+            "8",
+            vec![dir.path().join("8.in")],
+            Some((Arc::clone(&patch), Arc::default(), None)),
+            "x/y",
+        );
+        assert!(!lock(&engine.live).get("8").unwrap().is_patch());
+    }
+
     /// A result kept as its input and a patch is whole at once: a waiting client
     /// streams it as soon as the agent answered, from the input wherever it was moved
     /// to, and the stream ends only once the job is signed.
@@ -3350,7 +3473,7 @@ mod tests {
                 &engine,
                 id,
                 paths,
-                Some((Arc::clone(&patch), Arc::new(held))),
+                Some((Arc::clone(&patch), Arc::new(held), None)),
                 "x/y",
             );
             guard.written(patch.len());

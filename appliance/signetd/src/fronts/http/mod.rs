@@ -479,15 +479,14 @@ async fn job_result(
         return deliver(&daemon, &id, &caller, patch_ok).await;
     }
     // Its signed file is streamed as it lands from the agent, its end withheld until
-    // the job is signed; or, once it ended, answered from where it is kept. A patch is
-    // answered once the job is signed.
+    // the job is signed; or, once it ended, answered from where it is kept. A patch
+    // likewise: at once, its end once the job is signed.
     if let Some(live) = daemon.job_service().wait_result(&id).await {
-        if patch_ok && live.is_patch() {
-            drop(live);
-            daemon.job_service().wait(&id).await;
-            return deliver(&daemon, &id, &caller, true).await;
-        }
-        let result = daemon.job_service().live_result(&id, &caller, live);
+        let result = if patch_ok && live.is_patch() {
+            daemon.job_service().live_patch(&id, &caller, live)
+        } else {
+            daemon.job_service().live_result(&id, &caller, live)
+        };
         return v1_answer(
             &daemon,
             render_result(&daemon, &id, result).map_err(|e| (e, Some(id.clone()))),
