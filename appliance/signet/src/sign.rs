@@ -1446,8 +1446,8 @@ const HELD_FROM: u64 = 64 << 10;
 /// The `Accept` of a result that may come as a patch to the input held.
 const PATCH_ACCEPT: &str = "application/vnd.signet.patch+json, application/octet-stream";
 
-/// A whole PE of at most [`native::INLINE`] bytes, read once: what every try uploads,
-/// and what a signed file answered as a patch is made of.
+/// A whole PE of more than [`HELD_FROM`] and at most [`native::INLINE`] bytes, read
+/// once: what every try uploads, and what a signed file answered as a patch is made of.
 struct Held {
     bytes: Bytes,
     /// Where the signed file is made: the target's directory.
