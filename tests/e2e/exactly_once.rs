@@ -14,12 +14,18 @@ use super::*;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn appliance(w: &mut World, profiles: &str) -> Endpoint {
+    appliance_with(w, profiles, "")
+}
+
+/// [`appliance`] with `agent_extra` in the agent's configuration.
+fn appliance_with(w: &mut World, profiles: &str, agent_extra: &str) -> Endpoint {
     let pin = w.path("pin");
-    let agent = w.start_agent(
+    let agent = w.start_agent_with(
         &format!("unix:{}", w.path("agent.sock").display()),
         SOFTHSM,
         &pin,
         &[],
+        agent_extra,
     );
     w.start_daemon_with(
         &[&format!("unix:{}", w.path("signetd.sock").display())],
@@ -67,7 +73,19 @@ fn json(bytes: &[u8]) -> serde_json::Value {
 /// The fixture PE with `tag` written into its DOS stub's text: a valid PE of its own
 /// content (its own SHA-256), signed like the original.
 fn tagged_pe(w: &World, name: &str, tag: u32) -> PathBuf {
-    let p = w.pe(name);
+    tagged_pe_of(w, name, tag, None)
+}
+
+/// [`tagged_pe`] of `size` bytes (`tests/fixtures/make-pe.sh`), or the fixture's.
+fn tagged_pe_of(w: &World, name: &str, tag: u32, size: Option<u64>) -> PathBuf {
+    let p = match size {
+        Some(n) => {
+            let p = w.path(name);
+            fixture("make-pe.sh", &[&p, Path::new(&n.to_string())]);
+            p
+        }
+        None => w.pe(name),
+    };
     let mut bytes = std::fs::read(&p).unwrap();
     assert_eq!(
         &bytes[0x4e..0x52],
@@ -346,19 +364,34 @@ fn sign_as_ci(ep: &Endpoint, sock: &Path, file: &Path) -> usize {
 
 #[test]
 fn signet_survives_signetd_killed_9_five_times_nothing_lost_nothing_signed_twice() {
+    survives_kills("", None);
+}
+
+/// The same with the native engine and files of 256 KiB: their signed files come
+/// back to `signet` as patches to the input it holds, sent before `signed` is
+/// committed, its end only after; a kill between the two leaves no file made of them.
+#[test]
+fn signet_takes_patches_across_signetd_killed_9_nothing_lost_nothing_signed_twice() {
+    survives_kills("[signer]\nbackend = \"native\"\n", Some(256 << 10));
+}
+
+/// Three callers sign eight files each as CI jobs would while signetd is killed with
+/// -9 five times: every file is signed, each input once.
+fn survives_kills(agent_extra: &str, size: Option<u64>) {
     const CALLERS: u32 = 3;
     const FILES: u32 = 8;
     const KILLS: usize = 5;
     let mut w = World::new();
-    let ep = appliance(
+    let ep = appliance_with(
         &mut w,
         "[profiles.release]\ndescription = \"Signet test\"\n[limits]\nmax_jobs_per_caller = 16\n",
+        agent_extra,
     );
     let sock = w.path("signetd.sock");
     let files: Vec<Vec<PathBuf>> = (0..CALLERS)
         .map(|c| {
             (0..FILES)
-                .map(|f| tagged_pe(&w, &format!("c{c}-f{f}.exe"), c * 100 + f))
+                .map(|f| tagged_pe_of(&w, &format!("c{c}-f{f}.exe"), c * 100 + f, size))
                 .collect()
         })
         .collect();
@@ -429,6 +462,25 @@ fn signet_survives_signetd_killed_9_five_times_nothing_lost_nothing_signed_twice
     assert!(twice.is_empty(), "signed twice: {twice:?}");
     let signed: std::collections::HashSet<String> = per_input.into_keys().collect();
     assert_eq!(signed, hashes, "one signature for each input, none else");
+    if size.is_some() {
+        let log = w.log("signetd");
+        assert!(log.contains("answer=\"patch kept\""), "{log}");
+    }
+    // Each file in place is the signed file its audit record names, whether it came
+    // whole or was made here of the input and a patch.
+    let outputs: std::collections::HashSet<&str> = records
+        .iter()
+        .filter(|r| r["result"] == "signed")
+        .filter_map(|r| r["output_sha256"].as_str())
+        .collect();
+    for f in files.iter().flatten() {
+        let sha = sha256_hex(&std::fs::read(f).unwrap());
+        assert!(
+            outputs.contains(sha.as_str()),
+            "{} is no signed file the audit names",
+            f.display()
+        );
+    }
     let out = w.signetd(&["audit", "verify"]);
     assert!(
         out.status.success(),
