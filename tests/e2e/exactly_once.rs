@@ -671,3 +671,63 @@ fn a_whole_file_whose_identity_key_names_other_content_is_sent_again_keyed_by_it
     let signed = std::fs::read(&out_path).unwrap();
     assert_eq!(&signed[0x4e..0x56], b"00000001", "a.exe's content, signed");
 }
+
+/// `signet sign` interrupted (SIGINT) while its job waits at the appliance: it says so
+/// and how to collect the job, exits 130, and leaves nothing beside the target — not
+/// even the held input it wrote there for the patch it waited for.
+#[test]
+fn interrupted_while_its_job_waits_signet_leaves_nothing_behind_and_says_how_to_collect() {
+    let mut w = World::new();
+    let ep = appliance_with(
+        &mut w,
+        "[profiles.release]\n",
+        "[signer]\nbackend = \"native\"\n",
+    );
+    // The job waits in the queue: the agent is away.
+    w.stop("signet-agent");
+    let file = tagged_pe_of(&w, "big.exe", 1, Some(256 << 10));
+    let before = std::fs::read(&file).unwrap();
+    let dir = w.path("out");
+    std::fs::create_dir(&dir).unwrap();
+    let target = dir.join("big-signed.exe");
+    let child = std::process::Command::new(bin("signet"))
+        .env("SIGNET_ENDPOINT", ep.to_string())
+        .env_remove("SIGNET_CONFIG")
+        .env("SIGNET_PROFILE_CACHE", "off")
+        .args([
+            "sign",
+            "-o",
+            target.to_str().unwrap(),
+            file.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let beside = || {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+    };
+    wait_until("the held input written beside the target", || {
+        beside().iter().any(|n| n.starts_with(".signet-"))
+    });
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("interrupted")
+            && stderr(&out).contains("run the same command again to collect it"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        beside(),
+        Vec::<String>::new(),
+        "nothing left beside the target"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), before, "the input untouched");
+}

@@ -40,6 +40,8 @@ Exit codes:
   4  bad input file: missing, empty, or not a format Signet signs
   5  signing failed on the appliance
   6  appliance unavailable: daemon, agent or token cannot be reached, or the PIN needs fixing
+  130, 143  interrupted (SIGINT, SIGTERM): nothing written over the files; a job already
+     sent is signed, and the same command run again collects it
 ",
     signet_api::exit_codes_stdout!(),
     "
@@ -132,8 +134,42 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::UNAVAILABLE as u8);
         }
     };
-    let code = rt.block_on(run(cli));
+    let signs = matches!(cli.command, Command::Sign(_) | Command::Signtool { .. });
+    let code = rt.block_on(async {
+        tokio::select! {
+            code = run(cli) => code,
+            signo = interrupted() => {
+                // What was being received is dropped with the run (its files removed);
+                // the runtime's blocking threads end their work before it ends.
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr().lock(),
+                    if signs { INTERRUPTED_SIGNING } else { INTERRUPTED }.as_bytes(),
+                );
+                128 + signo
+            }
+        }
+    });
+    drop(rt);
     ExitCode::from(code as u8)
+}
+
+const INTERRUPTED: &str = "signet: interrupted\n";
+const INTERRUPTED_SIGNING: &str = "signet: interrupted; nothing was written over the files. A job already sent stays queued at the appliance and is signed: run the same command again to collect it (the same files give the same job)\n";
+
+/// The signal number of the first SIGINT (2) or SIGTERM (15); never, when they cannot
+/// be watched.
+async fn interrupted() -> i32 {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => 2,
+        _ = term.recv() => 15,
+    }
 }
 
 async fn run(cli: Cli) -> i32 {
