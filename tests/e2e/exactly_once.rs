@@ -720,7 +720,7 @@ fn interrupted_while_its_job_waits_signet_leaves_nothing_behind_and_says_how_to_
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("interrupted")
-            && stderr(&out).contains("run the same command again to collect it"),
+            && stderr(&out).contains("run the command again for the files not yet written"),
         "{}",
         stderr(&out)
     );

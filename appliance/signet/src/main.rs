@@ -40,8 +40,8 @@ Exit codes:
   4  bad input file: missing, empty, or not a format Signet signs
   5  signing failed on the appliance
   6  appliance unavailable: daemon, agent or token cannot be reached, or the PIN needs fixing
-  130, 143  interrupted (SIGINT, SIGTERM): nothing written over the files; a job already
-     sent is signed, and the same command run again collects it
+  130, 143  interrupted (SIGINT, SIGTERM): no file left half-written; a job already sent
+     is signed, and the command run again for the files not yet written collects it
 ",
     signet_api::exit_codes_stdout!(),
     "
@@ -154,7 +154,7 @@ fn main() -> ExitCode {
 }
 
 const INTERRUPTED: &str = "signet: interrupted\n";
-const INTERRUPTED_SIGNING: &str = "signet: interrupted; nothing was written over the files. A job already sent stays queued at the appliance and is signed: run the same command again to collect it (the same files give the same job)\n";
+const INTERRUPTED_SIGNING: &str = "signet: interrupted; no file is left half-written. A job already sent stays queued at the appliance and is signed: run the command again for the files not yet written to collect their jobs (the same files give the same jobs)\n";
 
 /// The signal number of the first SIGINT (2) or SIGTERM (15); never, when they cannot
 /// be watched.
