@@ -388,6 +388,10 @@ fn a_signed_pe_comes_back_as_its_changes_and_signetd_makes_the_signed_file() {
             let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             let received = report["bytes_received"].as_u64().unwrap();
             let signed_len = std::fs::metadata(&exe).unwrap().len();
+            assert_eq!(
+                report["output_bytes"], signed_len,
+                "{name} {profile}: {report}"
+            );
             if as_patch {
                 assert!(
                     received < 64 << 10 && received < signed_len,

@@ -156,6 +156,9 @@ struct Outcome {
     warning: Option<String>,
     bytes_sent: u64,
     bytes_received: u64,
+    /// The signed file's size, as written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_bytes: Option<u64>,
     seconds: f64,
     exit_code: i32,
     /// The SHA-256 of the profile's answer as the daemon said it with the result.
@@ -361,6 +364,7 @@ impl Outcome {
             warning: None,
             bytes_sent: 0,
             bytes_received: 0,
+            output_bytes: None,
             seconds: 0.0,
             exit_code: exit::SIGNED,
             profile_sha256: None,
@@ -378,6 +382,7 @@ impl Outcome {
             Ok(()) => {
                 self.signed = true;
                 self.output = Some(target.to_owned());
+                self.output_bytes = std::fs::metadata(target).ok().map(|m| m.len());
             }
             Err(f) => self.failed(f),
         }
@@ -397,7 +402,7 @@ fn report(o: &Outcome, format: signet_api::output::OutputArgs) {
             o.file.display(),
             out.map(|p| format!(" -> {}", p.display()))
                 .unwrap_or_default(),
-            human(o.bytes_received),
+            human(o.output_bytes.unwrap_or(o.bytes_received)),
             o.seconds,
             o.job
                 .as_ref()
