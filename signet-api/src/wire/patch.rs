@@ -14,10 +14,21 @@ use serde::{Deserialize, Serialize};
 /// beside `application/octet-stream`.
 pub const PATCH_MEDIA_TYPE: &str = "application/vnd.signet.patch+json";
 
+/// The `Accept` of a request whose answer may be a patch, or else the whole file.
+pub const ACCEPT_PATCH: &str = "application/vnd.signet.patch+json, application/octet-stream";
+
 /// Whether a media type (a `Content-Type`, or one of `Accept`'s) names a patch
 /// ([`PATCH_MEDIA_TYPE`]), whatever its parameters.
 pub fn is_patch_type(media_type: &str) -> bool {
     media_type.split(';').next().unwrap_or("").trim() == PATCH_MEDIA_TYPE
+}
+
+/// Whether a request's `Accept` values (each a comma-separated list) name a patch.
+pub fn accepts_patch<'a>(accept: impl IntoIterator<Item = &'a str>) -> bool {
+    accept
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .any(is_patch_type)
 }
 
 /// The largest patch answer read: a certificate table holds one signature (with those
@@ -220,6 +231,17 @@ mod tests {
         assert!(is_patch_type(PATCH_MEDIA_TYPE));
         assert!(is_patch_type(" application/vnd.signet.patch+json; q=1"));
         assert!(!is_patch_type("application/octet-stream"));
+        assert!(accepts_patch([ACCEPT_PATCH]));
+        assert!(
+            ACCEPT_PATCH.ends_with(", application/octet-stream"),
+            "or else the file"
+        );
+        assert!(accepts_patch([
+            "text/plain",
+            "application/octet-stream, application/vnd.signet.patch+json"
+        ]));
+        assert!(!accepts_patch(["application/octet-stream"]));
+        assert!(!accepts_patch([]));
         assert!(p.touches(0, 4) && p.touches(12, 1) && !p.touches(5, 4) && !p.touches(13, 50));
     }
 

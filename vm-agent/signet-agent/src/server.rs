@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt, TryStreamExt};
-use signet_api::wire::patch::{is_patch_type, PATCH_MEDIA_TYPE};
+use signet_api::wire::patch::PATCH_MEDIA_TYPE;
 use signet_api::wire::SignMode;
 use signet_api::wire::{
     AgentLogin, AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_EVENTS_PATH,
@@ -300,12 +300,12 @@ async fn sign(
 /// Whether the host takes a signed file told as what signing changed in its input
 /// ([`signet_api::wire::patch`]): it says so in `Accept`.
 fn accepts_patch(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(is_patch_type)
+    signet_api::wire::patch::accepts_patch(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
 }
 
 /// A signing task that panicked or was cancelled.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Request, Response};
 use hyper::body::{Body, Incoming};
-use signet_api::wire::patch::PATCH_MEDIA_TYPE;
+use signet_api::wire::patch::ACCEPT_PATCH;
 use signet_api::wire::{
     AgentHealth, ErrorBody, AGENT_HEALTH_PATH, AGENT_SIGN_PATH, INPUT_SHA256_HEADER, JOB_HEADER,
 };
@@ -82,8 +82,7 @@ where
     if path == AGENT_SIGN_PATH {
         // A PE signed natively comes back as what signing changed; the worker makes the
         // signed file from the input it spooled (`services::jobs`).
-        let accept = format!("{PATCH_MEDIA_TYPE}, application/octet-stream");
-        req = req.header(header::ACCEPT, accept);
+        req = req.header(header::ACCEPT, ACCEPT_PATCH);
     }
     let req = req.body(body)?;
     Ok(match client::send(agent, req).await {

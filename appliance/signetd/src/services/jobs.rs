@@ -1243,41 +1243,48 @@ impl JobService {
     /// Job `id`'s result as it is spooled from the agent ([`Self::wait_result`]): its
     /// bytes are sent as they are written; the body ends only once the job is `signed`
     /// with its audit record, and breaks off (the client collects again) if the job
-    /// does not end signed with these bytes.
-    pub fn live_result(&self, id: &str, caller: &Caller, live: Live) -> Result<Delivery, JobError> {
+    /// does not end signed with these bytes. With `patch_ok`, a result kept as the
+    /// input and a patch ([`Live::is_patch`]) is that patch, at once, with the input's
+    /// SHA-256, for a caller that holds the input; its end likewise.
+    pub fn live_result(
+        &self,
+        id: &str,
+        caller: &Caller,
+        live: Live,
+        patch_ok: bool,
+    ) -> Result<Delivery, JobError> {
         let row = self.caller_job(id, caller)?;
+        let profile_sha256 = self.profile_sha256(&row, caller);
+        let (content_type, input_sha256, body) = if patch_ok && live.is_patch() {
+            (
+                signet_api::wire::patch::PATCH_MEDIA_TYPE.to_owned(),
+                live.input_sha256.clone(),
+                Body::from_stream(live.patch_answer()),
+            )
+        } else {
+            (
+                live.content_type.clone(),
+                None,
+                Body::from_stream(live.blocks()),
+            )
+        };
         Ok(Delivery {
             id: row.id,
             kind: row.kind,
-            content_type: live.content_type.clone(),
+            content_type,
             len: None,
-            profile_sha256: self
-                .profile_options(Some(&row.profile), caller)
-                .ok()
-                .map(|o| profile_answer(&o).1),
-            input_sha256: None,
-            body: Body::from_stream(live.blocks()),
+            profile_sha256,
+            input_sha256,
+            body,
         })
     }
 
-    /// Job `id`'s result kept as the input and a patch ([`Live::is_patch`]), answered as
-    /// that patch to a caller that holds the input: the patch at once, the body's end
-    /// only once the job is `signed` with its audit record, broken off if it does not
-    /// end so (as [`Self::live_result`]).
-    pub fn live_patch(&self, id: &str, caller: &Caller, live: Live) -> Result<Delivery, JobError> {
-        let row = self.caller_job(id, caller)?;
-        Ok(Delivery {
-            id: row.id,
-            kind: row.kind,
-            content_type: signet_api::wire::patch::PATCH_MEDIA_TYPE.to_owned(),
-            len: None,
-            profile_sha256: self
-                .profile_options(Some(&row.profile), caller)
-                .ok()
-                .map(|o| profile_answer(&o).1),
-            input_sha256: live.input_sha256.clone(),
-            body: Body::from_stream(live.patch_answer()),
-        })
+    /// The SHA-256 of `row`'s profile's `GET /v1/profile` answer as it is now, when
+    /// `caller` may still use the profile.
+    fn profile_sha256(&self, row: &JobRow, caller: &Caller) -> Option<String> {
+        self.profile_options(Some(&row.profile), caller)
+            .ok()
+            .map(|o| profile_answer(&o).1)
     }
 
     /// Job `id`, if `caller` sent it: a caller sees and acts on its own jobs only.
@@ -1421,10 +1428,7 @@ impl JobService {
                 let patch = store
                     .result_patch(id)
                     .map_err(|e| JobError::internal(id, "reading the result", &e))?;
-                let profile_sha256 = self
-                    .profile_options(Some(&row.profile), caller)
-                    .ok()
-                    .map(|o| profile_answer(&o).1);
+                let profile_sha256 = self.profile_sha256(&row, caller);
                 if let (true, Kind::Sign, Some(patch), Some(sha)) =
                     (patch_ok, row.kind, &patch, &row.input_sha256)
                 {

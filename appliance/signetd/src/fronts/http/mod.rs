@@ -482,11 +482,9 @@ async fn job_result(
     // the job is signed; or, once it ended, answered from where it is kept. A patch
     // likewise: at once, its end once the job is signed.
     if let Some(live) = daemon.job_service().wait_result(&id).await {
-        let result = if patch_ok && live.is_patch() {
-            daemon.job_service().live_patch(&id, &caller, live)
-        } else {
-            daemon.job_service().live_result(&id, &caller, live)
-        };
+        let result = daemon
+            .job_service()
+            .live_result(&id, &caller, live, patch_ok);
         return v1_answer(
             &daemon,
             render_result(&daemon, &id, result).map_err(|e| (e, Some(id.clone()))),
@@ -497,11 +495,12 @@ async fn job_result(
 
 /// Whether a request's `Accept` names a patch (`signet_api::wire::patch`).
 fn accepts_patch(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(signet_api::wire::patch::is_patch_type))
+    signet_api::wire::patch::accepts_patch(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
 }
 
 /// Re-frames the agent's batch answer for the caller, part by part as it streams:
