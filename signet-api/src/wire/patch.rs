@@ -31,6 +31,17 @@ pub fn accepts_patch<'a>(accept: impl IntoIterator<Item = &'a str>) -> bool {
         .any(is_patch_type)
 }
 
+/// [`accepts_patch`] of a request's headers, for the servers.
+#[cfg(feature = "axum")]
+pub fn headers_accept_patch(headers: &http::HeaderMap) -> bool {
+    accepts_patch(
+        headers
+            .get_all(http::header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
+}
+
 /// The largest patch answer read: a certificate table holds one signature (with those
 /// nested in it), far below this.
 pub const PATCH_MAX: usize = 16 << 20;
@@ -243,6 +254,17 @@ mod tests {
         assert!(!accepts_patch(["application/octet-stream"]));
         assert!(!accepts_patch([]));
         assert!(p.touches(0, 4) && p.touches(12, 1) && !p.touches(5, 4) && !p.touches(13, 50));
+    }
+
+    #[cfg(feature = "axum")]
+    #[test]
+    fn a_request_takes_a_patch_when_one_of_its_accept_headers_names_it() {
+        let mut headers = http::HeaderMap::new();
+        assert!(!headers_accept_patch(&headers));
+        headers.append(http::header::ACCEPT, "text/plain".parse().unwrap());
+        assert!(!headers_accept_patch(&headers));
+        headers.append(http::header::ACCEPT, ACCEPT_PATCH.parse().unwrap());
+        assert!(headers_accept_patch(&headers));
     }
 
     #[test]

@@ -291,21 +291,15 @@ async fn sign(
             .await
             .map_err(task_ended)?
         };
-        send(signed?, accepts_patch(&headers)).await
+        // The host takes a signed file told as what signing changed in its input.
+        send(
+            signed?,
+            signet_api::wire::patch::headers_accept_patch(&headers),
+        )
+        .await
     }
     .instrument(span)
     .await
-}
-
-/// Whether the host takes a signed file told as what signing changed in its input
-/// ([`signet_api::wire::patch`]): it says so in `Accept`.
-fn accepts_patch(headers: &HeaderMap) -> bool {
-    signet_api::wire::patch::accepts_patch(
-        headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    )
 }
 
 /// A signing task that panicked or was cancelled.

@@ -473,7 +473,7 @@ async fn job_result(
     // like the end. Such a client gets the result once the job has ended.
     // A caller that holds the input it sent may take a signed file kept as its input
     // and a patch as that patch (`signet` does, for a file it read whole).
-    let patch_ok = accepts_patch(&headers);
+    let patch_ok = signet_api::wire::patch::headers_accept_patch(&headers);
     if version < http::Version::HTTP_11 {
         daemon.job_service().wait(&id).await;
         return deliver(&daemon, &id, &caller, patch_ok).await;
@@ -491,16 +491,6 @@ async fn job_result(
         );
     }
     deliver(&daemon, &id, &caller, patch_ok).await
-}
-
-/// Whether a request's `Accept` names a patch (`signet_api::wire::patch`).
-fn accepts_patch(headers: &HeaderMap) -> bool {
-    signet_api::wire::patch::accepts_patch(
-        headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    )
 }
 
 /// Re-frames the agent's batch answer for the caller, part by part as it streams:
