@@ -33,7 +33,7 @@ test: build lint
 # test-support/pkcs11-delay), memory on a 1 GiB input (docs/BENCHMARKS.md).
 bench: deps
 	@command -v curl >/dev/null && test -x /usr/bin/time || apt-get install -y -qq --no-install-recommends curl time >/dev/null
-	$(CARGO) build --release -p signetd -p signet-agent -p signet -p signet-pkcs11-delay
+	@CARGO=$(CARGO) bash scripts/build-release.sh --bench >/dev/null
 	@bash scripts/bench.sh
 
 # Every reader of untrusted bytes under libFuzzer, FUZZ_SECONDS each (docs/FUZZING.md).

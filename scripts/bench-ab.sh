@@ -8,10 +8,11 @@
 #
 # BEFORE_DIR and AFTER_DIR hold release builds of signet, signetd and signet-agent
 # (AFTER_DIR also signet-bench): e.g. `git archive OLD | tar -x -C /tmp/old`, then
-# `cargo build --release -p signetd -p signet-agent -p signet -p signet-pkcs11-delay`
-# there. Ways, on the 15 KiB PE (and SIGNET_AB_SIZES, bytes, e.g. "1048576"): direct
-# osslsigncode (the reference), whole file and digest mode before and after; raw C_Sign
-# on a resident session. The markdown table goes to target/bench/ab.md.
+# `bash scripts/build-release.sh --bench` there, which leaves them in target/shipped/
+# (older checkouts: `cargo build --release -p signetd -p signet-agent -p signet
+# -p signet-pkcs11-delay`, in target/release/). Ways, on the 15 KiB PE (and
+# SIGNET_AB_SIZES, bytes, e.g. "1048576"): direct osslsigncode (the reference), whole
+# file and digest mode before and after; raw C_Sign on a resident session. The markdown table goes to target/bench/ab.md.
 # SIGNET_AB_SYSTEM_ROOTS=1: digest mode without --ca-file (checked against this
 # machine's trusted roots, as `signet sign --digest` does by default).
 # SIGNET_AB_SETTLE=1: `sync` before each run, untimed (signet-bench --settle), so that

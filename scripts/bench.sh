@@ -4,7 +4,7 @@
 # a token as slow as a real one; memory on a 1 GiB input. docs/BENCHMARKS.md reads it.
 #
 #   make bench                              (or: bash scripts/bench.sh [--quick] [--memory])
-#   --quick     few runs and jobs, no 1 GiB run (needs a release build)
+#   --quick     few runs and jobs, no 1 GiB run (needs the release build: scripts/build-release.sh --bench)
 #   --memory    with --quick: the 1 GiB run all the same
 #   --slow-only only the slow token's rows (the shim): its latency and throughput
 #
@@ -14,7 +14,8 @@
 #                           start is reported and skipped
 #   SIGNET_SHIM_SIGN_MS     the slow token's time per signature (default 140, YubiKey 5
 #                           RSA-2048), SIGNET_SHIM_LOGIN_MS its login (default 200)
-#   SIGNET_BIN_DIR          where the binaries are (default target/release)
+#   SIGNET_BIN_DIR          where the binaries are (default target/shipped, as
+#                           scripts/build-release.sh --bench leaves them)
 #   SIGNET_BENCH_SLOW_JOBS  jobs per throughput row with the shim (default 32, --quick 12)
 #
 # One SoftHSM token (RSA-3072), PEs of 15 KiB, 1 MiB and 50 MiB. Ways:
@@ -28,7 +29,7 @@
 # Results go to stdout and target/bench/ (markdown tables).
 set -euo pipefail
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
-bin=${SIGNET_BIN_DIR:-$root/target/release}
+bin=${SIGNET_BIN_DIR:-$root/target/shipped}
 quick=0
 memory=1
 slow_only=0

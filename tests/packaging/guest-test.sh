@@ -50,6 +50,13 @@ for b in signetd signetctl signet-agent signet; do
   check "fish completion of $b" test -s /usr/share/fish/vendor_completions.d/$b.fish
 done
 check "man signetd-enroll-signing-vm" test -s /usr/share/man/man1/signetd-enroll-signing-vm.1.gz
+# The client is linked statically (scripts/build-release.sh) and still resolves host
+# names through NSS (here /etc/hosts): refused at that address's port 9, not left
+# without one.
+check "signet is linked statically" bash -c 'ldd /usr/bin/signet 2>&1 | grep -q "statically linked"'
+grep -q signet-resolve-test /etc/hosts 2>/dev/null || echo "127.0.0.1 signet-resolve-test" >>/etc/hosts
+check "the static signet resolves a host name" bash -c \
+  'out=$(signet --endpoint tcp:signet-resolve-test:9 status 2>&1); echo "$out"; grep -q "Connection refused" <<<"$out"'
 mode 700 root:root /var/lib/signet
 mode 755 root:root /etc/signet
 mode 644 root:root /etc/signet/signetd.toml

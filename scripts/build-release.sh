@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The release binaries as they ship, gathered in one directory (default
+# target/shipped/): signetd, signetctl and signet-agent as cargo builds them, and
+# signet, the client, linked statically (static-pie, glibc included). The Debian
+# packages (debian/rules) and the benchmarks (make bench) take their binaries from
+# here, so what is measured is what is installed.
+#
+#   bash scripts/build-release.sh [--bench] [DIR]
+#   --bench   also the benchmark's own tools: signet-bench and the slow token's shim
+#             (libsignet_pkcs11_delay.so)
+#
+# Why the client is static: build systems start `signet sign` once per file, in a
+# VM. Started dynamically linked, it loads libgcc_s and libm and binds their symbols,
+# and libgcc_s's start-up probes the CPU with cpuid, which traps to the hypervisor:
+# about 0.3 ms of each call on the benchmark's machine, a twentieth of signing a
+# 15 KiB file (docs/BENCHMARKS.md, "a client that starts statically linked"). The
+# daemons run for days and link libudev and libusb; they stay dynamic.
+set -euo pipefail
+root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+die() { echo "build-release: $*" >&2; exit 1; }
+bench=0
+dir=
+for a in "$@"; do
+  case $a in
+    --bench) bench=1 ;;
+    -*) die "unknown option $a; usage: $0 [--bench] [DIR]" ;;
+    *) dir=$a ;;
+  esac
+done
+cargo=${CARGO:-cargo}
+target=${CARGO_TARGET_DIR:-$root/target}
+dir=${dir:-$target/shipped}
+host=$(rustc -vV | sed -n 's/^host: //p')
+[[ $host == *-linux-gnu ]] ||
+  die "the release build is made for glibc Linux (a *-linux-gnu host); this toolchain's host is '$host'"
+cd "$root"
+dynamic=(-p signetd -p signetctl -p signet-agent)
+((bench)) && dynamic+=(-p signet-pkcs11-delay)
+"$cargo" build --release --locked "${dynamic[@]}"
+# An explicit --target keeps RUSTFLAGS off the build scripts and proc-macros, which
+# must stay dynamic; the client's own objects land in target/<host>/release/.
+RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+  "$cargo" build --release --locked -p signet --target "$host"
+client=$target/$host/release/signet
+ldd "$client" 2>&1 | grep -q 'statically linked' ||
+  die "$client came out dynamically linked ($(ldd "$client" 2>&1 | head -1)); a RUSTFLAGS or .cargo/config setting may override crt-static"
+mkdir -p "$dir"
+bins=(signetd signetctl signet-agent)
+((bench)) && bins+=(signet-bench libsignet_pkcs11_delay.so)
+for b in "${bins[@]}"; do
+  [[ -e $target/release/$b ]] || die "$target/release/$b was not built"
+  cp -f "$target/release/$b" "$dir/$b"
+done
+cp -f "$client" "$dir/signet"
+echo "$dir"
