@@ -14,7 +14,11 @@
 # and libgcc_s's start-up probes the CPU with cpuid, which traps to the hypervisor:
 # about 0.3 ms of each call on the benchmark's machine, a twentieth of signing a
 # 15 KiB file (docs/BENCHMARKS.md, "a client that starts statically linked"). The
-# daemons run for days and link libudev and libusb; they stay dynamic.
+# daemons run for days and link libudev and libusb; they stay dynamic. For the same
+# reason the client's httparse is built without its SIMD path (its build script takes
+# `httparse_disable_simd="1"`): that path is chosen at run time by std's CPU feature
+# detection, some twenty cpuid at the first response, on every call's path; the client
+# parses a few short responses, which the plain path does as fast.
 set -euo pipefail
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 die() { echo "build-release: $*" >&2; exit 1; }
@@ -39,7 +43,7 @@ dynamic=(-p signetd -p signetctl -p signet-agent)
 "$cargo" build --release --locked "${dynamic[@]}"
 # An explicit --target keeps RUSTFLAGS off the build scripts and proc-macros, which
 # must stay dynamic; the client's own objects land in target/<host>/release/.
-RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static --cfg httparse_disable_simd=\"1\"" \
   "$cargo" build --release --locked -p signet --target "$host"
 client=$target/$host/release/signet
 ldd "$client" 2>&1 | grep -q 'statically linked' ||
