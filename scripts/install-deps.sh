@@ -40,6 +40,9 @@ needs=(
   "certutil libnss3-tools"
   "cpio cpio"
   "objcopy binutils"
+  # the release build links the client statically (scripts/build-release.sh): glibc's
+  # static libraries
+  "/usr/lib/x86_64-linux-gnu/libc.a libc6-dev"
   # make deb (debhelper, lintian) and make test-packaging (a Debian 12 guest made with
   # debootstrap and mkfs.ext4 -d)
   "dh debhelper"
