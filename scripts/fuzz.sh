@@ -113,10 +113,61 @@ if [[ ! -d $seeds/attach ]]; then
   rm -rf "$work"
 fi
 
+# pe_digester: a PE after the byte that chooses the hash, page hashes, nesting and
+# the pieces (SHA-256, SHA-384, SHA-512 with page hashes; a signed PE to nest into).
+# patch_answer: patches of a PE's kind (the checksum and the security directory
+# written over, a certificate table after the content) as JSON after their length,
+# and drawn from bytes, each before its input.
+if [[ ! -d $seeds/digester || ! -d $seeds/patch ]]; then
+  work=$(mktemp -d)
+  openssl req -x509 -newkey rsa:2048 -nodes -days 365 -sha256 -subj "/CN=Signet fuzz" \
+    -addext "extendedKeyUsage=codeSigning" -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+  bash tests/fixtures/make-pe.sh "$work/app.exe"
+  osslsigncode sign -certs "$work/cert.pem" -key "$work/key.pem" -h sha256 \
+    -in "$work/app.exe" -out "$work/signed.exe" >/dev/null
+  mkdir -p "$work/digester" "$work/patch"
+  python3 - "$work" <<'PY'
+import json, struct, sys
+work = sys.argv[1]
+app = open(f"{work}/app.exe", "rb").read()
+signed = open(f"{work}/signed.exe", "rb").read()
+for name, choice, pe in [("sha256", 0, app), ("sha384", 1, app), ("sha512-ph", 6, app),
+                         ("nested", 8, signed), ("replace", 4, signed)]:
+    open(f"{work}/digester/{name}", "wb").write(bytes([choice]) + pe)
+# The signed file as osslsigncode made it, told as a patch to its input.
+edits = [i for i in range(len(app)) if app[i] != signed[i]]
+runs = []
+for i in edits:
+    if runs and i <= runs[-1][1] + 1:
+        runs[-1][1] = i
+    else:
+        runs.append([i, i])
+patch = {"keep": len(app),
+         "edits": [{"at": a, "bytes": signed[a:b + 1].hex()} for a, b in runs],
+         "tail": signed[len(app):].hex()}
+text = json.dumps(patch).encode()
+for name, choice in [("real", 7), ("real-blocks", 200)]:
+    open(f"{work}/patch/{name}", "wb").write(
+        bytes([choice, 0]) + struct.pack("<H", len(text)) + text + app)
+small = json.dumps({"keep": 90, "edits": [{"at": 3, "bytes": "aabb"}, {"at": 9, "bytes": "01020304"}],
+                    "tail": "5441494c"}).encode()
+open(f"{work}/patch/small", "wb").write(bytes([1, 0]) + struct.pack("<H", len(small)) + small + bytes(range(100)))
+drawn = struct.pack("<H", 200) + bytes([2, 16]) + struct.pack("<H", 8) + bytes([3]) + b"EDIT" \
+    + struct.pack("<H", 40) + bytes([7]) + b"EDITEDIT" + b"T" * 16 + bytes(range(256))
+open(f"{work}/patch/drawn", "wb").write(bytes([3, 1]) + drawn)
+PY
+  mkdir -p "$seeds/digester" "$seeds/patch"
+  mv "$work"/digester/* "$seeds/digester/"
+  mv "$work"/patch/* "$seeds/patch/"
+  rm -rf "$work"
+fi
+
 seed_dir() {
   case $1 in
     timestamp_reply) echo "$seeds/tsa" ;;
     attach_pe) echo "$seeds/attach" ;;
+    pe_digester) echo "$seeds/digester" ;;
+    patch_answer) echo "$seeds/patch" ;;
     format_detect | engine_*) echo "$seeds/files" ;;
     query_strings) echo "$seeds/queries" ;;
     qmp_line) echo "$seeds/qmp" ;;
