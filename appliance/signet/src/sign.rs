@@ -1503,7 +1503,10 @@ async fn receive_patch(
     // The signed file is made and flushed as soon as the patch is whole, while the
     // daemon still commits the job; it counts only once the answer ends (the daemon
     // ends it after `signed` is committed). Broken off, the file made goes with it.
+    // Whole is told by the JSON's closing brace ([`JsonEnd`]): the patch is read once,
+    // however the answer is cut into frames.
     let mut json = Vec::new();
+    let mut end = JsonEnd::default();
     let mut made = None;
     let mut body = resp.into_body();
     while let Some(frame) = body.frame().await {
@@ -1515,7 +1518,7 @@ async fn receive_patch(
         if data.is_empty() {
             continue;
         }
-        if made.is_some() {
+        if made.is_some() && !data.iter().all(u8::is_ascii_whitespace) {
             return Err(failed(
                 "the appliance sent more after its patch; nothing was written".to_owned(),
             ));
@@ -1527,7 +1530,7 @@ async fn receive_patch(
             )));
         }
         json.extend_from_slice(&data);
-        if serde_json::from_slice::<patch::Patch>(&json).is_ok() {
+        if made.is_none() && end.feed(&data) {
             made = Some(make_signed(held, &json, declared.as_deref()).await?);
         }
     }
@@ -1536,6 +1539,51 @@ async fn receive_patch(
         None => Ok(Got::File(
             make_signed(held, &json, declared.as_deref()).await?,
         )),
+    }
+}
+
+/// Tells when the bytes of a JSON object, given in pieces, are whole: its closing
+/// brace, found by counting braces and brackets outside strings, in one pass over the
+/// bytes whatever the pieces. What the bytes hold is read afterwards, once.
+#[derive(Debug, Default)]
+struct JsonEnd {
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    whole: bool,
+}
+
+impl JsonEnd {
+    /// Takes the next bytes; answers whether the object is whole with them (a value
+    /// that is not an object is whole at its first byte: reading it then says what
+    /// it is).
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            if self.whole {
+                break;
+            }
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    self.whole = self.depth == 0;
+                }
+                b if b.is_ascii_whitespace() => {}
+                _ if self.depth == 0 => self.whole = true,
+                _ => {}
+            }
+        }
+        self.whole
     }
 }
 
@@ -1917,6 +1965,29 @@ mod tests {
     use super::*;
     use signet_api::wire::DigestAlgorithm;
     use signet_format::Format;
+
+    #[test]
+    fn a_patch_is_whole_at_its_closing_brace_however_it_is_cut() {
+        let patch = patch::Patch::new(90, &[(3, &[0xaa, 0xbb]), (9, &[1, 2, 3, 4])], b"TAIL");
+        let mut json = serde_json::to_vec(&patch).unwrap();
+        // Strings that hold braces, brackets and escaped quotes count for nothing.
+        json.pop();
+        json.extend_from_slice(br#","note":"} ] { [ \" \\","n":[1,{"a":[]}]}"#);
+        assert!(serde_json::from_slice::<serde_json::Value>(&json).is_ok());
+        for piece in 1..=json.len() {
+            let mut end = JsonEnd::default();
+            let mut seen = 0;
+            for chunk in json.chunks(piece) {
+                let whole = end.feed(chunk);
+                seen += chunk.len();
+                assert_eq!(whole, seen == json.len(), "pieces of {piece}, {seen} bytes");
+            }
+        }
+        // Not an object: whole at once, for the reading that refuses it.
+        assert!(JsonEnd::default().feed(b" 12"));
+        assert!(JsonEnd::default().feed(b"]"));
+        assert!(!JsonEnd::default().feed(b" \n{\"keep\": 1"));
+    }
 
     #[test]
     fn a_held_input_and_its_patch_make_the_signed_file_only_when_the_input_is_the_one_named() {
