@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use signet_authenticode::{nested_count, sign_catalog, HashAlg, SignOptions};
 
 fuzz_target!(|data: &[u8]| {
-    let mut options = SignOptions::new(if data.len() % 2 == 0 {
+    let mut options = SignOptions::new(if data.len().is_multiple_of(2) {
         HashAlg::Sha256
     } else {
         HashAlg::Sha384

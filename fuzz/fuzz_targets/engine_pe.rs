@@ -27,8 +27,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = add_nested(&existing, &existing);
     }
     let mut options = SignOptions::new(HashAlg::Sha256);
-    options.page_hashes = data.len() % 2 == 0;
-    options.nested = data.len() % 3 == 0;
+    options.page_hashes = data.len().is_multiple_of(2);
+    options.nested = data.len().is_multiple_of(3);
     let mut out = Cursor::new(Vec::new());
     let copied = sign_pe(&mut Cursor::new(data), &mut out, &options, common::signer());
     let held = sign_pe_in_memory(data, &options, common::signer(), None);

@@ -19,8 +19,7 @@ const NONCE: [u8; 8] = *b"ABCDEFGH";
 fn request() -> &'static TimestampRequest {
     static REQUEST: OnceLock<TimestampRequest> = OnceLock::new();
     REQUEST.get_or_init(|| {
-        TimestampRequest::with_nonce(SIGNATURE_VALUE, HashAlg::Sha256, NONCE)
-            .expect("the request")
+        TimestampRequest::with_nonce(SIGNATURE_VALUE, HashAlg::Sha256, NONCE).expect("the request")
     })
 }
 
