@@ -162,6 +162,30 @@ PY
   rm -rf "$work"
 fi
 
+# attach_pe with roots (flags bit 1): the fixture PE signed by a leaf certificate
+# that a CA issued, the signature carrying both, the CA the root.
+if [[ ! -f $seeds/attach/chain.seed ]]; then
+  work=$(mktemp -d)
+  openssl req -x509 -newkey rsa:2048 -nodes -days 365 -sha256 -subj "/CN=Signet fuzz CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" \
+    -keyout "$work/ca.key" -out "$work/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=Signet fuzz leaf" \
+    -keyout "$work/leaf.key" -out "$work/leaf.csr" 2>/dev/null
+  printf 'extendedKeyUsage=codeSigning\n' >"$work/leaf.ext"
+  openssl x509 -req -in "$work/leaf.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" \
+    -CAcreateserial -days 365 -sha256 -extfile "$work/leaf.ext" -out "$work/leaf.pem" 2>/dev/null
+  cat "$work/leaf.pem" "$work/ca.pem" >"$work/chain.pem"
+  bash tests/fixtures/make-pe.sh "$work/app.exe"
+  osslsigncode sign -certs "$work/chain.pem" -key "$work/leaf.key" -h sha256 \
+    -in "$work/app.exe" -out "$work/chain.exe" >/dev/null
+  osslsigncode extract-signature -in "$work/chain.exe" -out "$work/chain.p7" >/dev/null
+  python3 -c 'import struct,sys; pe=open(sys.argv[2],"rb").read(); sig=open(sys.argv[3],"rb").read(); open(sys.argv[1],"wb").write(bytes([2])+struct.pack("<I",len(pe))+pe+sig)' \
+    "$work/chain.seed" "$work/app.exe" "$work/chain.p7"
+  mkdir -p "$seeds/attach"
+  mv "$work/chain.seed" "$seeds/attach/"
+  rm -rf "$work"
+fi
+
 seed_dir() {
   case $1 in
     timestamp_reply) echo "$seeds/tsa" ;;
