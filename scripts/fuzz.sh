@@ -86,28 +86,36 @@ PY
   mv "$work"/tsa-seeds/* "$seeds/tsa/"
   rm -rf "$work"
 fi
+# A throw-away code-signing key and its self-signed certificate: DIR/key.pem, DIR/cert.pem.
+throwaway_key() {
+  openssl req -x509 -newkey rsa:2048 -nodes -days 365 -sha256 -subj "/CN=Signet fuzz" \
+    -addext "extendedKeyUsage=codeSigning" -keyout "$1/key.pem" -out "$1/cert.pem" 2>/dev/null
+}
+# sign DIR IN OUT [options]: signs IN with DIR's throw-away key.
+sign() {
+  local dir=$1 in=$2 out=$3
+  shift 3
+  osslsigncode sign -certs "$dir/cert.pem" -key "$dir/key.pem" "$@" -in "$in" -out "$out" >/dev/null
+}
+# attach_seed OUT FLAGS PE SIGNED: attach_pe's framing: FLAGS, the PE's length, the PE,
+# then SIGNED's signature.
+attach_seed() {
+  osslsigncode extract-signature -in "$4" -out "$1.p7" >/dev/null
+  python3 -c 'import struct,sys; pe=open(sys.argv[3],"rb").read(); sig=open(sys.argv[4],"rb").read(); open(sys.argv[1],"wb").write(bytes([int(sys.argv[2])])+struct.pack("<I",len(pe))+pe+sig)' \
+    "$1" "$2" "$3" "$1.p7"
+  rm -f "$1.p7"
+}
 if [[ ! -d $seeds/attach ]]; then
   work=$(mktemp -d)
-  openssl req -x509 -newkey rsa:2048 -nodes -days 365 -sha256 -subj "/CN=Signet fuzz" \
-    -addext "extendedKeyUsage=codeSigning" -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+  throwaway_key "$work"
   bash tests/fixtures/make-pe.sh "$work/app.exe"
-  sign() { # IN OUT [options]: signs with the fuzz key
-    local in=$1 out=$2
-    shift 2
-    osslsigncode sign -certs "$work/cert.pem" -key "$work/key.pem" "$@" -in "$in" -out "$out" >/dev/null
-  }
-  seed() { # NAME FLAGS PE SIGNED: flags, the PE's length, the PE, SIGNED's signature
-    osslsigncode extract-signature -in "$4" -out "$work/$1.p7" >/dev/null
-    python3 -c 'import struct,sys; pe=open(sys.argv[3],"rb").read(); sig=open(sys.argv[4],"rb").read(); open(sys.argv[1],"wb").write(bytes([int(sys.argv[2])])+struct.pack("<I",len(pe))+pe+sig)' \
-      "$work/$1.seed" "$2" "$3" "$work/$1.p7"
-  }
-  sign "$work/app.exe" "$work/signed.exe" -h sha256
-  sign "$work/app.exe" "$work/signed-ph.exe" -h sha384 -ph
-  sign "$work/signed.exe" "$work/again.exe" -h sha256
-  seed plain 0 "$work/app.exe" "$work/signed.exe"
-  seed page-hashes 0 "$work/app.exe" "$work/signed-ph.exe"
-  seed replace 0 "$work/signed.exe" "$work/again.exe"
-  seed nested 1 "$work/signed.exe" "$work/again.exe"
+  sign "$work" "$work/app.exe" "$work/signed.exe" -h sha256
+  sign "$work" "$work/app.exe" "$work/signed-ph.exe" -h sha384 -ph
+  sign "$work" "$work/signed.exe" "$work/again.exe" -h sha256
+  attach_seed "$work/plain.seed" 0 "$work/app.exe" "$work/signed.exe"
+  attach_seed "$work/page-hashes.seed" 0 "$work/app.exe" "$work/signed-ph.exe"
+  attach_seed "$work/replace.seed" 0 "$work/signed.exe" "$work/again.exe"
+  attach_seed "$work/nested.seed" 1 "$work/signed.exe" "$work/again.exe"
   mkdir -p "$seeds/attach"
   mv "$work"/*.seed "$seeds/attach/"
   rm -rf "$work"
@@ -120,11 +128,9 @@ fi
 # and drawn from bytes, each before its input.
 if [[ ! -d $seeds/digester || ! -d $seeds/patch ]]; then
   work=$(mktemp -d)
-  openssl req -x509 -newkey rsa:2048 -nodes -days 365 -sha256 -subj "/CN=Signet fuzz" \
-    -addext "extendedKeyUsage=codeSigning" -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+  throwaway_key "$work"
   bash tests/fixtures/make-pe.sh "$work/app.exe"
-  osslsigncode sign -certs "$work/cert.pem" -key "$work/key.pem" -h sha256 \
-    -in "$work/app.exe" -out "$work/signed.exe" >/dev/null
+  sign "$work" "$work/app.exe" "$work/signed.exe" -h sha256
   mkdir -p "$work/digester" "$work/patch"
   python3 - "$work" <<'PY'
 import json, struct, sys
@@ -178,9 +184,7 @@ if [[ ! -f $seeds/attach/chain.seed ]]; then
   bash tests/fixtures/make-pe.sh "$work/app.exe"
   osslsigncode sign -certs "$work/chain.pem" -key "$work/leaf.key" -h sha256 \
     -in "$work/app.exe" -out "$work/chain.exe" >/dev/null
-  osslsigncode extract-signature -in "$work/chain.exe" -out "$work/chain.p7" >/dev/null
-  python3 -c 'import struct,sys; pe=open(sys.argv[2],"rb").read(); sig=open(sys.argv[3],"rb").read(); open(sys.argv[1],"wb").write(bytes([2])+struct.pack("<I",len(pe))+pe+sig)' \
-    "$work/chain.seed" "$work/app.exe" "$work/chain.p7"
+  attach_seed "$work/chain.seed" 2 "$work/app.exe" "$work/chain.exe"
   mkdir -p "$seeds/attach"
   mv "$work/chain.seed" "$seeds/attach/"
   rm -rf "$work"

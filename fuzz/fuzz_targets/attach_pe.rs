@@ -2,10 +2,11 @@
 //! signature the daemon returns (checking it is the file's: digest, page hashes, the
 //! signer) and puts it into the file, replacing or nested; `verify_chain` reads the
 //! signer's chain from it, as the client then checks it against its trusted roots.
-//! The input is a PE and a signature together: one byte of flags (bit 0: nested; bit
-//! 1: the roots are the self-signed certificates the signature carries, else none), the PE's
-//! length (4 bytes, little-endian), the PE, then the signature; the seeds
-//! (scripts/fuzz.sh) are the fixture PE with the signature osslsigncode made for it.
+//! The input is a PE and a signature together: one byte of flags (bit 0: nested;
+//! bit 1: the roots are the self-signed certificates the signature carries, else
+//! none), the PE's length (4 bytes, little-endian), the PE, then the signature; the
+//! seeds (scripts/fuzz.sh) are the fixture PE with the signature osslsigncode made for
+//! it.
 #![no_main]
 
 use std::io::Cursor;
