@@ -47,6 +47,11 @@ pub const JOB_HEADER: &str = "x-signet-job";
 /// Also a response header of a job's result answered as a patch ([`patch`]): the SHA-256
 /// of the input the patch changes, which the client checks against the bytes it sent.
 pub const INPUT_SHA256_HEADER: &str = "x-signet-input-sha256";
+/// Daemon → agent request header of a signing request sent before the daemon has
+/// hashed its input: the input's length (the body is chunked, so that
+/// [`INPUT_SHA256_HEADER`] can follow it as a trailer, named in `Trailer`). The agent
+/// holds the body to exactly this length.
+pub const INPUT_LENGTH_HEADER: &str = "x-signet-input-length";
 /// Response header of `GET /v1/profile` and of a job's result: the SHA-256 (hex) of the
 /// profile's `GET /v1/profile` answer body as it is now. Also a request header of a
 /// signing request, a precondition as HTTP's `If-Match` is one: the SHA-256 of the

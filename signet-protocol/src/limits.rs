@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use futures_util::StreamExt;
+use http_body_util::{BodyStream, StreamBody};
 use signet_api::wire::{ErrorBody, ErrorCode};
 
 /// Which limit an upload ran into, if any.
@@ -54,11 +55,12 @@ pub fn too_large(max_size: u64) -> ErrorBody {
 }
 
 /// `body`, cut off with an error after `max_size` bytes or `idle` without data.
+/// Trailers (after the last byte) pass through as they came.
 pub fn limit(body: Body, max_size: u64, idle: Duration) -> (Body, Arc<Tripped>) {
     let tripped = Arc::new(Tripped::default());
     let t = Arc::clone(&tripped);
     let stream = futures_util::stream::unfold(
-        (body.into_data_stream(), 0u64, false),
+        (BodyStream::new(body), 0u64, false),
         move |(mut s, seen, done)| {
             let t = Arc::clone(&t);
             async move {
@@ -78,8 +80,8 @@ pub fn limit(body: Body, max_size: u64, idle: Duration) -> (Body, Arc<Tripped>) 
                         t.0.store(BROKE_OFF, Ordering::SeqCst);
                         Some((Err(std::io::Error::other(e)), (s, seen, true)))
                     }
-                    Ok(Some(Ok(chunk))) => {
-                        let seen = seen + chunk.len() as u64;
+                    Ok(Some(Ok(frame))) => {
+                        let seen = seen + frame.data_ref().map_or(0, |d| d.len() as u64);
                         if seen > max_size {
                             t.0.compare_exchange(
                                 NONE,
@@ -93,14 +95,14 @@ pub fn limit(body: Body, max_size: u64, idle: Duration) -> (Body, Arc<Tripped>) 
                                 (s, seen, true),
                             ))
                         } else {
-                            Some((Ok(chunk), (s, seen, false)))
+                            Some((Ok(frame), (s, seen, false)))
                         }
                     }
                 }
             }
         },
     );
-    (Body::from_stream(stream), tripped)
+    (Body::new(StreamBody::new(stream)), tripped)
 }
 
 #[cfg(test)]
@@ -127,6 +129,29 @@ mod tests {
         let e = t.error(100, Duration::from_secs(60)).unwrap();
         assert_eq!(e.code, ErrorCode::InputTooLarge);
         assert!(e.message.contains("100 bytes"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn passes_trailers_on_after_the_data() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(
+            "x-signet-input-sha256",
+            http::HeaderValue::from_static("ab"),
+        );
+        let frames = futures_util::stream::iter([
+            Ok::<_, std::io::Error>(hyper::body::Frame::data(bytes::Bytes::from(vec![1u8; 60]))),
+            Ok(hyper::body::Frame::data(bytes::Bytes::from(vec![2u8; 40]))),
+            Ok(hyper::body::Frame::trailers(trailers.clone())),
+        ]);
+        let (b, t) = limit(
+            Body::new(StreamBody::new(frames)),
+            100,
+            Duration::from_secs(60),
+        );
+        let got = b.collect().await.unwrap();
+        assert_eq!(got.trailers(), Some(&trailers));
+        assert_eq!(got.to_bytes().len(), 100);
+        assert!(t.error(100, Duration::from_secs(60)).is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -501,3 +501,80 @@ fn an_agent_answers_a_pe_signed_in_memory_whole_or_as_its_changes_the_same_file(
     );
     assert_eq!(signs(), 1, "{}", w.log("signet-agent"));
 }
+
+/// A host that sends an input on before it has hashed it (signetd does, for an input
+/// of at most 1 MiB, while it hashes and flushes its spool file) sends the input's
+/// SHA-256 as a trailer, announced in `Trailer`, the body chunked and its length in
+/// `x-signet-input-length`: the real agent keys the result it keeps on it as on the
+/// header, so the same job sent again is answered without a second signature, and a
+/// trailer announced and never sent signs nothing.
+#[test]
+fn an_agent_keys_a_job_on_the_input_sha256_sent_after_the_input() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use signet_api::wire::{INPUT_LENGTH_HEADER, INPUT_SHA256_HEADER, JOB_HEADER};
+    let mut w = World::new();
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &w.path("pin"),
+        &[],
+        NATIVE,
+    );
+    let exe = w.path("app.exe");
+    fixture(
+        "make-pe.sh",
+        &[exe.as_path(), std::path::Path::new("300000")],
+    );
+    let input = std::fs::read(&exe).unwrap();
+    let sha = signet_api::hex::lower(&<sha2::Sha256 as sha2::Digest>::digest(&input));
+    let ask = |job: &str, trailer: Option<&str>| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // In pieces, as the spool's blocks go, the trailer last.
+            let mut frames: Vec<Result<Frame<bytes::Bytes>, std::io::Error>> = input
+                .chunks(100_000)
+                .map(|c| Ok(Frame::data(bytes::Bytes::copy_from_slice(c))))
+                .collect();
+            if let Some(t) = trailer {
+                let mut map = http::HeaderMap::new();
+                map.insert(INPUT_SHA256_HEADER, http::HeaderValue::from_str(t).unwrap());
+                frames.push(Ok(Frame::trailers(map)));
+            }
+            let req = http::Request::post("/agent/v1/sign?profile=release&filename=app.exe")
+                .header(JOB_HEADER, job)
+                .header(http::header::TRAILER, INPUT_SHA256_HEADER)
+                .header(INPUT_LENGTH_HEADER, input.len())
+                .body(StreamBody::new(futures_util::stream::iter(frames)))
+                .unwrap();
+            let resp = signet_protocol::client::send(&agent, req).await.unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, body.to_vec())
+        })
+    };
+    let signs = || {
+        w.log("signet-agent")
+            .matches(": signed file=\"app.exe\"")
+            .count()
+    };
+    let (status, signed) = ask("job-1", Some(&sha));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&signed));
+    let out = w.path("signed.exe");
+    std::fs::write(&out, &signed).unwrap();
+    let (ok, text) = verify(&w, &out);
+    assert!(ok && !text.contains("MISMATCH"), "{text}");
+    assert_eq!(signs(), 1);
+    // The same job and trailer again: the kept result, the token signs nothing.
+    assert_eq!(ask("job-1", Some(&sha)), (200, signed.clone()));
+    assert_eq!(signs(), 1, "{}", w.log("signet-agent"));
+    // Announced and never sent: refused, nothing signed.
+    let (status, body) = ask("job-2", None);
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("as a trailer and sent none"), "{body}");
+    assert_eq!(signs(), 1, "{}", w.log("signet-agent"));
+}

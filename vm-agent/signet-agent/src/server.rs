@@ -23,7 +23,7 @@ use signet_api::wire::SignMode;
 use signet_api::wire::{
     AgentLogin, AgentSignQuery, ErrorBody, ErrorCode, AGENT_BATCH_PATH, AGENT_EVENTS_PATH,
     AGENT_HEALTH_PATH, AGENT_LOGIN_PATH, AGENT_PAIR_PATH, AGENT_REINIT_PATH, AGENT_SIGN_PATH,
-    INPUT_SHA256_HEADER, JOB_HEADER,
+    INPUT_LENGTH_HEADER, INPUT_SHA256_HEADER, JOB_HEADER,
 };
 use signet_authenticode::{HashAlg, PeDigested, PeDigester};
 use signet_protocol::batch::{self, Part, PartBody, RESULT_HEADER};
@@ -250,7 +250,10 @@ async fn sign(
         // as the input is received. Without a job id nothing is kept: no hash at all.
         let host_job = headers.get(JOB_HEADER).and_then(|v| v.to_str().ok());
         let declared = declared_sha256(&headers)?;
-        let hash_input = host_job.is_some() && declared.is_none();
+        // A host that sends the input on before it has hashed it names the hash in
+        // `Trailer` and sends it after the last byte.
+        let in_trailer = declared.is_none() && announces_trailer(&headers, INPUT_SHA256_HEADER);
+        let hash_input = host_job.is_some() && declared.is_none() && !in_trailer;
         // A whole file's Authenticode digest is made as it is received (when it is a PE).
         let digest_as = match query.mode {
             SignMode::Whole => query.hash.as_str().parse::<HashAlg>().ok(),
@@ -259,20 +262,21 @@ async fn sign(
         let declared_len = declared_length(&headers);
         let (spool, made) = if agent.keeps_in_memory(query.mode, declared_len) {
             // A small input is held in memory: no job directory written and read again.
-            let (data, sha, digested) =
+            let (data, sha, digested, trailers) =
                 receive_memory(body, declared_len.unwrap_or(0), digest_as, hash_input)
                     .await
                     .map_err(|e| limit.explain(e))?;
             let mut spool = agent.memory_spool(data);
             spool.set_digested(digested);
-            (spool, sha)
+            (spool, sha.or(trailed(in_trailer, trailers)?))
         } else {
             let mut spool = agent.spool()?;
-            let (_, sha, digested) = receive(&spool, body, digest_as, hash_input)
-                .await
-                .map_err(|e| limit.explain(e))?;
+            let (_, sha, digested, trailers) =
+                receive(&spool, body, declared_len, digest_as, hash_input)
+                    .await
+                    .map_err(|e| limit.explain(e))?;
             spool.set_digested(digested);
-            (spool, sha)
+            (spool, sha.or(trailed(in_trailer, trailers)?))
         };
         // A job the host sends again (it was restarted, or lost the connection, while
         // the agent signed) gets the result kept for it instead of a second signature:
@@ -462,12 +466,48 @@ fn limited(gate: &Gate, headers: &HeaderMap, body: Body) -> Result<(Body, Limit)
     ))
 }
 
-/// The upload's length as its `Content-Length` declares it (the body is held to it).
+/// The upload's length as its `Content-Length` declares it, or for a chunked body
+/// [`INPUT_LENGTH_HEADER`]: the body is held to it either way (by HTTP, or by
+/// [`receive_memory`] and [`receive`]).
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
+        .or_else(|| headers.get(INPUT_LENGTH_HEADER))
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Whether the request's `Trailer` header names `name`: it comes after the body.
+fn announces_trailer(headers: &HeaderMap, name: &str) -> bool {
+    headers
+        .get_all(header::TRAILER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|n| n.trim().eq_ignore_ascii_case(name))
+}
+
+/// The input's SHA-256 the host sent as a trailer, when it announced one
+/// (`in_trailer`): a trailer announced and not sent, or not a SHA-256, is refused.
+fn trailed(in_trailer: bool, trailers: Option<HeaderMap>) -> Result<Option<[u8; 32]>, ErrorBody> {
+    if !in_trailer {
+        return Ok(None);
+    }
+    match declared_sha256(&trailers.unwrap_or_default())? {
+        Some(sha) => Ok(Some(sha)),
+        None => Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("the host announced {INPUT_SHA256_HEADER} as a trailer and sent none after the input; nothing was signed"),
+        )),
+    }
+}
+
+/// The error of an upload longer or shorter than the length its request declared.
+fn not_declared_length(declared: u64, got: u64) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::TruncatedInput,
+        format!("the upload declared {declared} bytes and sent {got} or more; nothing was signed"),
+    )
 }
 
 /// The input's SHA-256 as the host declares it in [`INPUT_SHA256_HEADER`] (64 hex
@@ -494,26 +534,49 @@ fn declared_sha256(headers: &HeaderMap) -> Result<Option<[u8; 32]>, ErrorBody> {
     Ok(Some(sha))
 }
 
+/// What an upload left after its bytes: its trailers, if it sent any.
+type Trailers = Option<HeaderMap>;
+
 /// Receives a small upload whole into memory (its length declared, `declared`, and at
-/// most [`crate::agent::MEMORY_INPUT`]: the body cannot be longer); answers it and,
-/// with `hash`, its SHA-256 and, with `digest_as`, what a [`PeDigester`] made of it
-/// (when it is a PE), both made as it is received. Hashed on this thread: a
-/// megabyte at most, less than a trip to the blocking pool would hold up the job.
+/// most [`crate::agent::MEMORY_INPUT`]: a body of any other length is refused); answers
+/// it and, with `hash`, its SHA-256 and, with `digest_as`, what a [`PeDigester`] made
+/// of it (when it is a PE), both made as it is received, and its trailers. Hashed on
+/// this thread: a megabyte at most, less than a trip to the blocking pool would hold
+/// up the job.
 async fn receive_memory(
     body: Body,
     declared: u64,
     digest_as: Option<HashAlg>,
     hash: bool,
-) -> Result<(Bytes, Option<[u8; 32]>, Option<PeDigested>), ErrorBody> {
+) -> Result<(Bytes, Option<[u8; 32]>, Option<PeDigested>, Trailers), ErrorBody> {
+    use http_body_util::BodyExt;
     use sha2::Digest;
     let mut sha = hash.then(sha2::Sha256::new);
     let mut pe = digest_as.map(PeDigester::new);
     let cap = usize::try_from(declared.min(crate::agent::MEMORY_INPUT)).unwrap_or(0);
     let mut data = Vec::with_capacity(cap);
-    let mut stream = body.into_data_stream();
+    let mut body = body;
+    let mut trailers = None;
     loop {
-        match stream.try_next().await {
+        let chunk = match body.frame().await.transpose() {
+            Ok(Some(frame)) => match frame.into_data() {
+                Ok(chunk) => Ok(Some(chunk)),
+                Err(frame) => {
+                    trailers = frame.into_trailers().ok();
+                    continue;
+                }
+            },
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match chunk {
             Ok(Some(chunk)) => {
+                if (data.len() + chunk.len()) as u64 > declared {
+                    return Err(not_declared_length(
+                        declared,
+                        (data.len() + chunk.len()) as u64,
+                    ));
+                }
                 if let Some(sha) = &mut sha {
                     sha.update(&chunk);
                 }
@@ -534,10 +597,20 @@ async fn receive_memory(
             }
         }
     }
+    if data.len() as u64 != declared {
+        return Err(ErrorBody::new(
+            ErrorCode::TruncatedInput,
+            format!(
+                "the upload ended early after {} of its {declared} bytes; nothing was signed",
+                data.len()
+            ),
+        ));
+    }
     Ok((
         Bytes::from(data),
         sha.map(|s| s.finalize().into()),
         pe.and_then(PeDigester::finish),
+        trailers,
     ))
 }
 
@@ -564,16 +637,19 @@ fn spool_error(e: std::io::Error) -> ErrorBody {
 
 /// Streams the request body into the spool, in constant memory; answers its length,
 /// with `hash` its SHA-256 and, with `digest_as`, what a [`PeDigester`] made of it
-/// (when it is a PE). The body's pieces are gathered into blocks of [`IO_BLOCK`] and handed to one
+/// (when it is a PE), and its trailers. A body of another length than `declared` (when
+/// declared) is refused. The body's pieces are gathered into blocks of [`IO_BLOCK`] and handed to one
 /// blocking thread that hashes and writes them, so the async thread only receives
 /// (and decrypts) while the blocks before are hashed and written; at most
 /// [`SPOOL_AHEAD`] blocks wait for it.
 async fn receive(
     spool: &Spool,
     body: Body,
+    declared: Option<u64>,
     digest_as: Option<HashAlg>,
     hash: bool,
-) -> Result<(u64, Option<[u8; 32]>, Option<PeDigested>), ErrorBody> {
+) -> Result<(u64, Option<[u8; 32]>, Option<PeDigested>, Trailers), ErrorBody> {
+    use http_body_util::BodyExt;
     let internal = |e: std::io::Error| {
         ErrorBody::new(
             ErrorCode::Internal,
@@ -603,14 +679,30 @@ async fn receive(
             pe.and_then(PeDigester::finish),
         ))
     });
-    let mut stream = body.into_data_stream();
+    let mut body = body;
+    let mut trailers = None;
     let mut total = 0u64;
     let mut block = bytes::BytesMut::new();
     let mut upload_error = None;
     loop {
-        match stream.try_next().await {
+        let chunk = match body.frame().await.transpose() {
+            Ok(Some(frame)) => match frame.into_data() {
+                Ok(chunk) => Ok(Some(chunk)),
+                Err(frame) => {
+                    trailers = frame.into_trailers().ok();
+                    continue;
+                }
+            },
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match chunk {
             Ok(Some(mut chunk)) => {
                 total += chunk.len() as u64;
+                if declared.is_some_and(|d| total > d) {
+                    upload_error = declared.map(|d| not_declared_length(d, total));
+                    break;
+                }
                 if block.is_empty() && chunk.len() >= IO_BLOCK {
                     if tx.send(chunk).await.is_err() {
                         // The writer stopped: its error says why.
@@ -659,8 +751,14 @@ async fn receive(
     if let Some(e) = upload_error {
         return Err(e);
     }
+    if let Some(d) = declared.filter(|d| *d != total) {
+        return Err(ErrorBody::new(
+            ErrorCode::TruncatedInput,
+            format!("the upload ended early after {total} of its {d} bytes; nothing was signed"),
+        ));
+    }
     let (sha, digested) = written.map_err(internal)?;
-    Ok((total, sha, digested))
+    Ok((total, sha, digested, trailers))
 }
 
 /// How many blocks of [`IO_BLOCK`] an upload may be ahead of its spool's writer.
@@ -1006,6 +1104,110 @@ mod tests {
             );
         }
         assert_eq!(signed(), 4);
+    }
+
+    /// A signing request for job `job` whose body is `pieces` and then `trailers`, its
+    /// length declared as `declared` in [`INPUT_LENGTH_HEADER`] (chunked, as a host
+    /// sends an input it has not hashed yet), its SHA-256 announced as a trailer.
+    fn sign_with_trailer(
+        job: &str,
+        declared: usize,
+        pieces: &[&'static [u8]],
+        trailers: Option<HeaderMap>,
+    ) -> axum::http::Request<Body> {
+        let mut frames: Vec<Result<hyper::body::Frame<Bytes>, std::io::Error>> = pieces
+            .iter()
+            .map(|p| Ok(hyper::body::Frame::data(Bytes::from_static(p))))
+            .collect();
+        frames.extend(trailers.map(|t| Ok(hyper::body::Frame::trailers(t))));
+        let body = Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )));
+        let mut req = axum::http::Request::post(format!("{AGENT_SIGN_PATH}?filename=a.ps1"))
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(JOB_HEADER, job)
+            .header(INPUT_LENGTH_HEADER, declared)
+            .header(header::TRAILER, INPUT_SHA256_HEADER)
+            .body(body)
+            .unwrap();
+        req.extensions_mut().insert(PeerKey(HOST));
+        req
+    }
+
+    #[tokio::test]
+    async fn a_job_sent_again_is_known_by_the_input_sha256_the_host_sends_after_the_input() {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(Lines::default())
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let dir = tempfile::tempdir().unwrap();
+        let (app, _token, signer) = app_with_desks(dir.path()).await;
+        let hello: &'static [u8] = b"Write-Host 'hello'\r\n";
+        let sha = |hex: &str| {
+            let mut t = HeaderMap::new();
+            t.insert(INPUT_SHA256_HEADER, HeaderValue::from_str(hex).unwrap());
+            Some(t)
+        };
+        let one = "ab".repeat(32);
+        let send = |req: axum::http::Request<Body>| {
+            let app = app.clone();
+            async move {
+                let resp = app.oneshot(req).await.unwrap();
+                let status = resp.status().as_u16();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            }
+        };
+        let signed = || signer.lock().unwrap().signed.clone();
+        // Held in memory (its length declared in the header) and spooled to a file
+        // (a format not signed in memory), in pieces: the trailer keys the result.
+        for (in_memory, job) in [(true, "60"), (false, "61")] {
+            signer.lock().unwrap().in_memory = if in_memory {
+                vec![signet_format::Format::Pe, signet_format::Format::PowerShell]
+            } else {
+                Vec::new()
+            };
+            let before = signed().len();
+            let first = sign_with_trailer(job, hello.len(), &[&hello[..5], &hello[5..]], sha(&one));
+            let answer = send(first).await;
+            assert_eq!(answer, (200, "Write-Host 'hello'\r\n+signed".to_owned()));
+            assert_eq!(signed().len(), before + 1);
+            // The same job and the same hash after the input: its kept result, not a
+            // second signature.
+            let again = sign_with_trailer(job, hello.len(), &[hello], sha(&one));
+            assert_eq!(send(again).await, answer);
+            assert_eq!(signed().len(), before + 1, "not signed again");
+        }
+        assert_eq!(signed()[signed().len() - 2..], ["<memory>", "input.ps1"]);
+
+        let before = signed().len();
+        for in_memory in [true, false] {
+            signer.lock().unwrap().in_memory = if in_memory {
+                vec![signet_format::Format::Pe, signet_format::Format::PowerShell]
+            } else {
+                Vec::new()
+            };
+            // Announced and not sent, or not a SHA-256: refused, nothing signed.
+            let (status, body) = send(sign_with_trailer("62", hello.len(), &[hello], None)).await;
+            assert_eq!(status, 400, "{body}");
+            assert!(body.contains("as a trailer and sent none"), "{body}");
+            let (status, body) =
+                send(sign_with_trailer("63", hello.len(), &[hello], sha("ab"))).await;
+            assert_eq!(status, 400, "{body}");
+            assert!(body.contains(INPUT_SHA256_HEADER), "{body}");
+            // A body longer or shorter than it declared: refused, nothing signed.
+            for declared in [hello.len() - 1, hello.len() + 1] {
+                let (status, body) =
+                    send(sign_with_trailer("64", declared, &[hello], sha(&one))).await;
+                assert_ne!(status, 200, "{declared}: {body}");
+                assert!(
+                    body.contains(&format!("{declared} bytes")),
+                    "{declared}: {body}"
+                );
+            }
+        }
+        assert_eq!(signed().len(), before, "nothing signed");
     }
 
     #[test]

@@ -9,7 +9,8 @@ use http::{header, Request, Response};
 use hyper::body::{Body, Incoming};
 use signet_api::wire::patch::ACCEPT_PATCH;
 use signet_api::wire::{
-    AgentHealth, ErrorBody, AGENT_HEALTH_PATH, AGENT_SIGN_PATH, INPUT_SHA256_HEADER, JOB_HEADER,
+    AgentHealth, ErrorBody, AGENT_HEALTH_PATH, AGENT_SIGN_PATH, INPUT_LENGTH_HEADER,
+    INPUT_SHA256_HEADER, JOB_HEADER,
 };
 use signet_protocol::client::{self, ClientError};
 use signet_protocol::endpoint::Endpoint;
@@ -56,6 +57,20 @@ pub enum Sent {
 /// Sends job `id` to the agent at `path?query` with `body` (its length, and its
 /// SHA-256 in hex, when known).
 #[allow(clippy::too_many_arguments)]
+/// How the agent learns the SHA-256 of a job's input, which keys the result it keeps
+/// for a job sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputSha<'a> {
+    /// Not from here: the agent hashes the input itself when it keeps a result.
+    None,
+    /// In [`INPUT_SHA256_HEADER`], before the input (hex).
+    Header(&'a str),
+    /// As a trailer after the input, which goes on while it is hashed here: the body
+    /// is chunked, its length in [`INPUT_LENGTH_HEADER`] instead of `Content-Length`.
+    Trailer,
+}
+
+#[allow(clippy::too_many_arguments)]
 pub async fn send_job<B>(
     agent: &Endpoint,
     id: &str,
@@ -64,7 +79,7 @@ pub async fn send_job<B>(
     content_type: &str,
     body: B,
     content_length: Option<u64>,
-    input_sha256: Option<&str>,
+    input_sha256: InputSha<'_>,
 ) -> Result<Sent, http::Error>
 where
     B: Body<Data = Bytes> + Send + 'static,
@@ -73,11 +88,21 @@ where
     let mut req = Request::post(format!("{path}?{query}"))
         .header(header::CONTENT_TYPE, content_type)
         .header(JOB_HEADER, id);
-    if let Some(len) = content_length {
-        req = req.header(header::CONTENT_LENGTH, len);
-    }
-    if let Some(sha) = input_sha256 {
-        req = req.header(INPUT_SHA256_HEADER, sha);
+    match (input_sha256, content_length) {
+        (InputSha::Trailer, len) => {
+            req = req.header(header::TRAILER, INPUT_SHA256_HEADER);
+            if let Some(len) = len {
+                req = req.header(INPUT_LENGTH_HEADER, len);
+            }
+        }
+        (sha, len) => {
+            if let Some(len) = len {
+                req = req.header(header::CONTENT_LENGTH, len);
+            }
+            if let InputSha::Header(sha) = sha {
+                req = req.header(INPUT_SHA256_HEADER, sha);
+            }
+        }
     }
     if path == AGENT_SIGN_PATH {
         // A PE signed natively comes back as what signing changed; the worker makes the

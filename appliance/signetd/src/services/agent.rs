@@ -16,7 +16,7 @@ use hyper::body::{Body, Incoming};
 use signet_api::wire::{AgentHealth, ErrorBody, ErrorCode};
 use signet_protocol::client::ClientError;
 
-use crate::adapters::agent::{self, Health, Sent};
+use crate::adapters::agent::{self, Health, InputSha, Sent};
 use crate::config::Current;
 
 /// What the daemon last learnt of the agent.
@@ -91,7 +91,7 @@ impl AgentLink {
         content_type: &str,
         body: B,
         content_length: Option<u64>,
-        input_sha256: Option<&str>,
+        input_sha256: InputSha<'_>,
     ) -> Result<http::Response<Incoming>, ErrorBody>
     where
         B: Body<Data = Bytes> + Send + 'static,

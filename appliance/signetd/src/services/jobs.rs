@@ -26,6 +26,7 @@ use signet_protocol::transport::Peer;
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
+use crate::adapters::agent::InputSha;
 use crate::adapters::audit::{self, Entry, Outcome};
 use crate::adapters::patched;
 use crate::adapters::store::{self, Inserted, JobRow, Kind, NewJob, Store, StoreError};
@@ -81,8 +82,9 @@ const LANDING_MAX: u64 = 1 << 20;
 /// sends the agent before the job's record says it, and whether it may end.
 #[derive(Debug)]
 struct Landing {
-    /// The input's SHA-256 (hex) and length.
-    sha: String,
+    /// The input's SHA-256 (hex), once made (a file's is made while the job is
+    /// taken: it is known by the time the job is queued), and its length.
+    sha: Arc<std::sync::OnceLock<String>>,
     n: u64,
     /// `Some(true)` once the input is durable and the job queued, `Some(false)` (or
     /// closed) when it will not be: then the job is the intake's to end, and its last
@@ -1014,8 +1016,10 @@ impl JobService {
                 engine.notify_done(&id);
                 e
             };
-            let Written {
-                landed,
+            let Received {
+                n,
+                sha: hashing,
+                inline,
                 flush,
                 blocks,
             } = match spooled {
@@ -1031,9 +1035,13 @@ impl JobService {
             };
             // A small input is kept with `queued` in one transaction: an empty one
             // before the job takes its place (it has no last byte to hold).
-            let inline = landed.inline.map(bytes::Bytes::from);
+            let inline = inline.map(bytes::Bytes::from);
             if let Some(data) = inline.as_ref().filter(|d| d.is_empty()) {
-                let queued = store.queued_inline(&id, &landed.sha, data);
+                let sha = hashing
+                    .made()
+                    .await
+                    .map_err(|e| spool_failed(Spool::Disk(e)))?;
+                let queued = store.queued_inline(&id, &sha, data);
                 engine.store_wrote(queued.as_ref().map(|_| ()));
                 queued.map_err(queue_error)?;
                 lock(&engine.sched).queue.push(&caller, &id);
@@ -1041,13 +1049,17 @@ impl JobService {
                 return Ok(id);
             }
             // A larger one is in its file, whose flush is under way.
-            if inline.is_none() && landed.n > LANDING_MAX {
+            if inline.is_none() && n > LANDING_MAX {
+                let sha = hashing
+                    .made()
+                    .await
+                    .map_err(|e| spool_failed(Spool::Disk(e)))?;
                 if let Some(flush) = flush {
                     if let Err(e) = flush.done().await {
                         return Err(spool_failed(Spool::Disk(e)));
                     }
                 }
-                let queued = store.queued(&id, &landed.sha, landed.n);
+                let queued = store.queued(&id, &sha, n);
                 engine.store_wrote(queued.as_ref().map(|_| ()));
                 queued.map_err(queue_error)?;
                 lock(&engine.sched).queue.push(&caller, &id);
@@ -1056,19 +1068,24 @@ impl JobService {
             }
             // Up to LANDING_MAX, the job takes its place in the queue now, and its
             // input goes on to the agent meanwhile all but its last byte, which waits
-            // until the file is flushed and `queued` committed, or (a small input) until
-            // the input and `queued` are committed in one transaction ([`Landing`]).
+            // until the file is hashed and flushed and `queued` committed, or (a small
+            // input) until the input and `queued` are committed in one transaction
+            // ([`Landing`]); the SHA-256 of a file follows its input as a trailer.
             // Nothing is signed before the input is durable and the job queued; a crash
             // before leaves the job `receiving` (failed at the next start, as an upload
             // cut short) and the agent an upload that never ended.
+            let sha = Arc::new(std::sync::OnceLock::new());
+            if let Hashing::Made(made) = &hashing {
+                let _ = sha.set(audit::hex(made));
+            }
             let (durable_tx, durable) = watch::channel(None);
             {
                 let mut s = lock(&engine.sched);
                 s.landing.insert(
                     id.clone(),
                     Landing {
-                        sha: landed.sha.clone(),
-                        n: landed.n,
+                        sha: Arc::clone(&sha),
+                        n,
                         durable,
                         input: match &inline {
                             Some(data) => vec![data.clone()],
@@ -1089,10 +1106,18 @@ impl JobService {
                 }
                 durable_tx.send_replace(Some(ok));
             };
+            let made = match hashing.made().await {
+                Ok(made) => made,
+                Err(e) => {
+                    landed_off(false);
+                    return Err(spool_failed(Spool::Disk(e)));
+                }
+            };
+            let _ = sha.set(made.clone());
             if let Some(data) = &inline {
-                let queued = store.queued_inline(&id, &landed.sha, data);
+                let queued = store.queued_inline(&id, &made, data);
                 if queued.is_err() {
-                    store.release(landed.n);
+                    store.release(n);
                 }
                 engine.store_wrote(queued.as_ref().map(|_| ()));
                 landed_off(queued.is_ok());
@@ -1107,7 +1132,7 @@ impl JobService {
                 landed_off(false);
                 return Err(spool_failed(Spool::Disk(e)));
             }
-            let queued = store.queued(&id, &landed.sha, landed.n);
+            let queued = store.queued(&id, &made, n);
             engine.store_wrote(queued.as_ref().map(|_| ()));
             landed_off(queued.is_ok());
             queued.map_err(queue_error)?;
@@ -1818,11 +1843,12 @@ impl JobService {
     ) -> bool {
         let engine = self.engine();
         let store = &engine.store;
-        let row = match (store.get(id), &landing) {
+        let mut row = match (store.get(id), &landing) {
             (Ok(Some(row)), _) if row.state == JobState::Queued => row,
-            // Its record says `queued` once its input is durable: what it will say.
+            // Its record says `queued` once its input is durable: what it will say (its
+            // SHA-256 once made, if it is not yet).
             (Ok(Some(mut row)), Some(l)) if row.state == JobState::Receiving => {
-                row.input_sha256 = Some(l.sha.clone());
+                row.input_sha256 = l.sha.get().cloned();
                 row.input_bytes = Some(l.n);
                 row
             }
@@ -1833,6 +1859,7 @@ impl JobService {
             }
         };
         let durable = landing.as_ref().map(|l| l.durable.clone());
+        let landing_sha = landing.as_ref().map(|l| Arc::clone(&l.sha));
         // Its input as it was written, when it is held: not read from its file again.
         let held: Arc<Vec<bytes::Bytes>> = Arc::new(
             landing
@@ -1888,11 +1915,25 @@ impl JobService {
                 }
             };
             let input = held_or_kept(store, id, &held).await?;
-            let body = Body::from_stream(upload(
+            // The input's SHA-256, made as it was spooled: the agent keys the result it
+            // keeps for a job sent again on it without hashing the input again. One
+            // still being made (an input sent on as it is hashed and flushed) follows
+            // the input as a trailer.
+            let sha = match (row.kind, row.input_sha256.as_deref(), &landing_sha) {
+                (Kind::Batch, ..) => InputSha::None,
+                (Kind::Sign, Some(sha), _) => InputSha::Header(sha),
+                (Kind::Sign, None, Some(_)) => InputSha::Trailer,
+                (Kind::Sign, None, None) => InputSha::None,
+            };
+            let trailer = matches!(sha, InputSha::Trailer)
+                .then(|| landing_sha.clone())
+                .flatten();
+            let body = http_body_util::StreamBody::new(upload(
                 input,
                 row.input_bytes,
                 prev.clone(),
                 durable.clone(),
+                trailer,
                 Arc::clone(&gate),
                 Arc::clone(phase),
                 Arc::clone(&engine.draining),
@@ -1900,12 +1941,6 @@ impl JobService {
             let path = match row.kind {
                 Kind::Sign => AGENT_SIGN_PATH,
                 Kind::Batch => AGENT_BATCH_PATH,
-            };
-            // The input's SHA-256, made as it was spooled: the agent keys the result it
-            // keeps for a job sent again on it without hashing the input again.
-            let sha = match row.kind {
-                Kind::Sign => row.input_sha256.as_deref(),
-                Kind::Batch => None,
             };
             let resp = tokio::select! {
                 r = self.agent.relay_to(id, path, &row.agent_query, &row.content_type, body, row.input_bytes, sha) => r?,
@@ -1939,11 +1974,17 @@ impl JobService {
                     came = "patch kept";
                     let patch = Arc::new(patch);
                     let paths = store.kept_paths(id);
+                    // Answered, the input went whole: a landing job is queued, its
+                    // SHA-256 made.
+                    let input_sha = row
+                        .input_sha256
+                        .clone()
+                        .or_else(|| landing_sha.as_ref().and_then(|s| s.get().cloned()));
                     let guard = LiveGuard::start(
                         engine,
                         id,
                         paths,
-                        Some((Arc::clone(&patch), Arc::clone(&held), sha.map(str::to_owned))),
+                        Some((Arc::clone(&patch), Arc::clone(&held), input_sha)),
                         &ct,
                     );
                     guard.written(patch.len());
@@ -1997,6 +2038,10 @@ impl JobService {
                 tracing::info!(job = id, "its input was not kept; the intake ends the job");
                 store.remove_spooled(&out_path);
                 return false;
+            }
+            // Queued: its SHA-256 is made, for its audit record.
+            if row.input_sha256.is_none() {
+                row.input_sha256 = landing.sha.get().cloned();
             }
         }
         if gate.sent_back() {
@@ -2351,15 +2396,18 @@ async fn open_spooled(path: std::path::PathBuf) -> std::io::Result<FileBody> {
 /// unsigned. A job whose input is still being flushed (`durable`, [`Landing`]) holds
 /// its last byte until it is queued, and is called back when it is not. `phase`
 /// becomes [`Phase::Sent`] once the input is handed over whole.
+#[allow(clippy::too_many_arguments)]
 fn upload(
     input: Blocks,
     len: Option<u64>,
     prev: Option<watch::Receiver<Phase>>,
     durable: Option<watch::Receiver<Option<bool>>>,
+    trailer: Option<Arc<std::sync::OnceLock<String>>>,
     gate: Arc<Gate>,
     phase: Arc<watch::Sender<Phase>>,
     draining: Arc<std::sync::atomic::AtomicBool>,
-) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+) -> impl futures_util::Stream<Item = std::io::Result<hyper::body::Frame<bytes::Bytes>>> + Send + 'static
+{
     let sent = move |phase: &watch::Sender<Phase>| {
         phase.send_if_modified(|p| {
             let was = *p == Phase::Sending;
@@ -2374,9 +2422,10 @@ fn upload(
     }
     let len = len.unwrap_or(u64::MAX);
     let blocks = input;
+    use hyper::body::Frame;
     futures_util::stream::unfold(
-        (blocks, 0u64, prev, None::<bytes::Bytes>, false),
-        move |(mut blocks, mut n, mut prev, tail, done)| {
+        (blocks, 0u64, prev, None::<bytes::Bytes>, false, trailer),
+        move |(mut blocks, mut n, mut prev, tail, done, mut trailer)| {
             let gate = Arc::clone(&gate);
             let phase = Arc::clone(&phase);
             let draining = Arc::clone(&draining);
@@ -2397,7 +2446,10 @@ fn upload(
                         };
                     if go_on && gate.release() {
                         sent(&phase);
-                        return Some((Ok(tail), (blocks, n, None, None, false)));
+                        return Some((
+                            Ok(Frame::data(tail)),
+                            (blocks, n, None, None, false, trailer),
+                        ));
                     }
                     // The job's relay is dropped (and the agent drops the upload).
                     gate.send_back();
@@ -2407,20 +2459,45 @@ fn upload(
                 match blocks.next().await {
                     None => {
                         sent(&phase);
-                        None
+                        // The input's SHA-256 after it: made by now (the job is queued
+                        // before its last byte goes).
+                        let sha = trailer.take()?;
+                        if sha.get().is_none() {
+                            if let Some(d) = durable.as_mut() {
+                                queued(d).await;
+                            }
+                        }
+                        let header = sha
+                            .get()
+                            .and_then(|s| http::HeaderValue::from_str(s).ok())
+                            .ok_or_else(|| {
+                                std::io::Error::other("the input's SHA-256 was never made")
+                            });
+                        let frame = header.map(|v| {
+                            let mut t = http::HeaderMap::new();
+                            t.insert(signet_api::wire::INPUT_SHA256_HEADER, v);
+                            Frame::trailers(t)
+                        });
+                        Some((frame, (blocks, n, None, None, true, None)))
                     }
-                    Some(Err(e)) => Some((Err(e), (blocks, n, None, None, true))),
+                    Some(Err(e)) => Some((Err(e), (blocks, n, None, None, true, None))),
                     Some(Ok(mut chunk)) => {
                         n += chunk.len() as u64;
                         if n >= len {
                             // Held behind the job before it, or until it is queued.
                             if gate.is_held() && !chunk.is_empty() {
                                 let last = chunk.split_off(chunk.len() - 1);
-                                return Some((Ok(chunk), (blocks, n, prev, Some(last), false)));
+                                return Some((
+                                    Ok(Frame::data(chunk)),
+                                    (blocks, n, prev, Some(last), false, trailer),
+                                ));
                             }
                             sent(&phase);
                         }
-                        Some((Ok(chunk), (blocks, n, prev, None, false)))
+                        Some((
+                            Ok(Frame::data(chunk)),
+                            (blocks, n, prev, None, false, trailer),
+                        ))
                     }
                 }
             }
@@ -2756,22 +2833,72 @@ impl<'a> Sink<'a> {
 
     /// The end once every byte is written: a file's flush is under way.
     async fn written(self) -> std::io::Result<Written> {
-        let (sha, inline, flush, blocks) = match self.writer {
-            None => (Sha256::digest(&self.buf).into(), Some(self.buf), None, None),
-            Some(w) => {
-                let (sha, flush, blocks) = w.written().await?;
-                (sha, None, Some(flush), blocks)
-            }
-        };
+        let r = self.received().await?;
+        let sha = r.sha.made().await?;
         Ok(Written {
             landed: Landed {
-                sha: audit::hex(&sha),
-                n: self.n,
-                inline,
+                sha,
+                n: r.n,
+                inline: r.inline,
             },
-            flush,
-            blocks,
+            flush: r.flush,
         })
+    }
+
+    /// The end once every byte is handed to the file's writer: its SHA-256 and its
+    /// flush under way.
+    async fn received(self) -> std::io::Result<Received> {
+        Ok(match self.writer {
+            None => Received {
+                n: self.n,
+                sha: Hashing::Made(Sha256::digest(&self.buf).into()),
+                inline: Some(self.buf),
+                flush: None,
+                blocks: None,
+            },
+            Some(w) => {
+                let (hashing, flush, blocks) = w.received().await?;
+                Received {
+                    n: self.n,
+                    sha: hashing,
+                    inline: None,
+                    flush: Some(flush),
+                    blocks,
+                }
+            }
+        })
+    }
+}
+
+/// A body whose every byte is handed to its writer ([`Sink::received`]).
+struct Received {
+    n: u64,
+    /// Its SHA-256, made or being made.
+    sha: Hashing,
+    /// Its bytes, when they are kept in the database.
+    inline: Option<Vec<u8>>,
+    /// A file's flush, under way.
+    flush: Option<Flush>,
+    /// A file's blocks, when it is [`LANDING_MAX`] bytes at most.
+    blocks: Option<Vec<bytes::Bytes>>,
+}
+
+/// A body's SHA-256: made, or being made on its spool's hashing thread.
+enum Hashing {
+    Made([u8; 32]),
+    Making(tokio::sync::oneshot::Receiver<[u8; 32]>),
+}
+
+impl Hashing {
+    /// The SHA-256, hex, once made.
+    async fn made(self) -> std::io::Result<String> {
+        match self {
+            Hashing::Made(sha) => Ok(audit::hex(&sha)),
+            Hashing::Making(rx) => rx
+                .await
+                .map(|sha| audit::hex(&sha))
+                .map_err(|_| std::io::Error::other("the spool's hashing thread ended early")),
+        }
     }
 }
 
@@ -2780,8 +2907,6 @@ struct Written {
     landed: Landed,
     /// A file's flush, under way.
     flush: Option<Flush>,
-    /// A file's blocks, when it is [`LANDING_MAX`] bytes at most.
-    blocks: Option<Vec<bytes::Bytes>>,
 }
 
 /// What the spool's writer thread is given.
@@ -2794,16 +2919,19 @@ enum ToWrite {
 /// How many blocks of [`signet_protocol::IO_BLOCK`] may wait for the spool's writer.
 const SPOOL_AHEAD: usize = 4;
 
-/// A spool file written and hashed on one blocking thread, in blocks of
+/// A spool file written on one blocking thread and hashed on another, in blocks of
 /// [`signet_protocol::IO_BLOCK`] gathered from the pieces the socket gives: the async
-/// thread only receives, while the blocks before are hashed and written with std's
-/// I/O (no trip to tokio's blocking pool per block, no copy into its buffer). At most
-/// [`SPOOL_AHEAD`] blocks wait for it. Dropped before [`SpoolWriter::written`], the thread
-/// stops without flushing; the caller removes the file.
+/// thread only receives, while the blocks before are written with std's I/O (no trip
+/// to tokio's blocking pool per block, no copy into its buffer) and hashed. The file's
+/// flush starts once its last block is written, while that block may still be hashed.
+/// At most [`SPOOL_AHEAD`] blocks wait for either. Dropped before
+/// [`SpoolWriter::received`], the writer stops without flushing; the caller removes the
+/// file.
 struct SpoolWriter {
     tx: tokio::sync::mpsc::Sender<ToWrite>,
+    to_hash: tokio::sync::mpsc::Sender<bytes::Bytes>,
     block: bytes::BytesMut,
-    /// The file's SHA-256, sent once every byte is written, before the flush.
+    /// The file's SHA-256, sent once every byte is hashed.
     hashed: tokio::sync::oneshot::Receiver<[u8; 32]>,
     thread: tokio::task::JoinHandle<std::io::Result<()>>,
     /// The blocks written, while they are [`LANDING_MAX`] bytes at most: the input
@@ -2848,14 +2976,21 @@ impl SpoolWriter {
             synced
         });
         let (tx, mut rx) = tokio::sync::mpsc::channel::<ToWrite>(SPOOL_AHEAD);
+        let (to_hash, mut blocks) = tokio::sync::mpsc::channel::<bytes::Bytes>(SPOOL_AHEAD);
         let (hashed_tx, hashed) = tokio::sync::oneshot::channel();
-        let thread = tokio::task::spawn_blocking(move || {
+        // Its sender dropped early (the body broke off), it sends nothing.
+        tokio::task::spawn_blocking(move || {
             let mut sha = Sha256::new();
+            while let Some(b) = blocks.blocking_recv() {
+                sha.update(&b);
+            }
+            let _ = hashed_tx.send(sha.finalize().into());
+        });
+        let thread = tokio::task::spawn_blocking(move || {
             let mut written = 0u64;
             loop {
                 match rx.blocking_recv() {
                     Some(ToWrite::Block(b)) => {
-                        sha.update(&b);
                         file.write_all(&b)?;
                         written += b.len() as u64;
                         if let Some(p) = &progress {
@@ -2877,7 +3012,6 @@ impl SpoolWriter {
                     }
                 }
             }
-            let _ = hashed_tx.send(sha.finalize().into());
             file.get_ref().sync_all()?;
             if let Some(synced) = dir_synced {
                 synced.recv().map_err(|_| {
@@ -2888,6 +3022,7 @@ impl SpoolWriter {
         });
         Ok(SpoolWriter {
             tx,
+            to_hash,
             block: bytes::BytesMut::new(),
             hashed,
             thread,
@@ -2912,8 +3047,13 @@ impl SpoolWriter {
         } else if let Some(kept) = &mut self.kept {
             kept.push(b.clone());
         }
-        if self.tx.send(ToWrite::Block(b)).await.is_err() {
+        if self.tx.send(ToWrite::Block(b.clone())).await.is_err() {
             return Err(self.failed().await);
+        }
+        if self.to_hash.send(b).await.is_err() {
+            return Err(std::io::Error::other(
+                "the spool's hashing thread ended early",
+            ));
         }
         Ok(())
     }
@@ -2939,10 +3079,10 @@ impl SpoolWriter {
         Ok(())
     }
 
-    /// Writes what is left; its SHA-256 once every byte is written, the flush of the
-    /// file and its directory, under way, and its blocks when it is [`LANDING_MAX`]
-    /// bytes at most.
-    async fn written(mut self) -> std::io::Result<([u8; 32], Flush, Option<Vec<bytes::Bytes>>)> {
+    /// Hands over what is left; answers its SHA-256 being made, the flush of the
+    /// file and its directory, under way once every byte is written, and its blocks
+    /// when it is [`LANDING_MAX`] bytes at most.
+    async fn received(mut self) -> std::io::Result<(Hashing, Flush, Option<Vec<bytes::Bytes>>)> {
         if !self.block.is_empty() {
             let last = self.block.split().freeze();
             self.send(last).await?;
@@ -2950,23 +3090,22 @@ impl SpoolWriter {
         if self.tx.send(ToWrite::End).await.is_err() {
             return Err(self.failed().await);
         }
-        match (&mut self.hashed).await {
-            Ok(sha) => Ok((sha, Flush(self.thread), self.kept)),
-            Err(_) => Err(self.failed().await),
-        }
+        // The hashing thread ends with the last block.
+        drop(self.to_hash);
+        Ok((Hashing::Making(self.hashed), Flush(self.thread), self.kept))
     }
 }
 
 /// Streams `body` into memory, or to `path` once it is more than
 /// [`store::INLINE_MAX`], hashing as it goes; space beyond `reserved` is reserved chunk
-/// by chunk. Answers once every byte is written: a file's flush (fsync'd, with its
-/// directory) is then under way.
+/// by chunk. Answers once every byte is received: a file's SHA-256 may still be being
+/// made, its flush (fsync'd, with its directory) is under way once it is written.
 async fn spool(
     store: &Store,
     path: &Path,
     body: Body,
     reserved: &mut u64,
-) -> Result<Written, Spool> {
+) -> Result<Received, Spool> {
     let mut sink = Sink::new(path);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
@@ -2981,10 +3120,10 @@ async fn spool(
         }
         sink.write(chunk).await.map_err(Spool::Disk)?;
     }
-    let written = sink.written().await.map_err(Spool::Disk)?;
+    let received = sink.received().await.map_err(Spool::Disk)?;
     // The input's bytes are counted from now on; the reservation is given back.
-    store.charge(written.landed.n);
-    Ok(written)
+    store.charge(received.n);
+    Ok(received)
 }
 
 /// What the agent's answer became: a signed file landed in the spool, or a patch the
@@ -3691,18 +3830,24 @@ mod tests {
             let (durable_tx, durable) = watch::channel(None);
             let gate = Arc::new(Gate::new(Some((Arc::clone(&store), id.clone()))));
             let phase = Arc::new(watch::channel(Phase::Sending).0);
+            // Its SHA-256 is made while it is sent, and follows it as a trailer.
+            let sha = Arc::new(std::sync::OnceLock::new());
             let mut sent = Box::pin(upload(
                 blocks_of(&data, &[65_536, 100_000]),
                 Some(data.len() as u64),
                 None,
                 Some(durable),
+                Some(Arc::clone(&sha)),
                 Arc::clone(&gate),
                 Arc::clone(&phase),
                 Arc::new(std::sync::atomic::AtomicBool::new(false)),
             ));
+            let data_of = |frame: Option<std::io::Result<hyper::body::Frame<bytes::Bytes>>>| {
+                frame.unwrap().unwrap().into_data().unwrap()
+            };
             let mut got = Vec::new();
             while got.len() < data.len() - 1 {
-                got.extend_from_slice(&sent.next().await.unwrap().unwrap());
+                got.extend_from_slice(&data_of(sent.next().await));
             }
             assert!(got[..] == data[..data.len() - 1]);
             // Nothing more until it is known whether the job is queued.
@@ -3713,10 +3858,17 @@ mod tests {
             );
             assert!(gate.is_held() && *phase.borrow() == Phase::Sending);
             if queued {
-                store.queued(&id, "00", data.len() as u64).unwrap();
+                let hex = "ab".repeat(32);
+                sha.set(hex.clone()).unwrap();
+                store.queued(&id, &hex, data.len() as u64).unwrap();
                 durable_tx.send_replace(Some(true));
-                got.extend_from_slice(&sent.next().await.unwrap().unwrap());
+                got.extend_from_slice(&data_of(sent.next().await));
                 assert!(got == data);
+                let trailers = sent.next().await.unwrap().unwrap().into_trailers().unwrap();
+                assert_eq!(
+                    trailers.get(signet_api::wire::INPUT_SHA256_HEADER).unwrap(),
+                    hex.as_str()
+                );
                 assert!(sent.next().await.is_none());
                 assert_eq!(*phase.borrow(), Phase::Sent);
                 assert_eq!(store.get(&id).unwrap().unwrap().state, JobState::Running);
