@@ -1962,7 +1962,12 @@ impl JobService {
             // (after this block: it must not be dropped half done).
             let (answer, ct): (Blocks, String) = if is_patch_type(&ct) {
                 let patch = read_patch(id, resp.into_body()).await?;
-                let (spooled, len) = input_kept(store, id).await?;
+                // An input held as the intake received it is known without a look:
+                // in its spool file beyond what the database keeps.
+                let (spooled, len) = match row.input_bytes {
+                    Some(n) if !held.is_empty() => (!store::kept_inline(n), n),
+                    _ => input_kept(store, id).await?,
+                };
                 let patch = patch.check(len).map_err(|why| {
                     tracing::error!(job = id, "the agent's answer does not fit the input: {why}");
                     ErrorBody::new(ErrorCode::AgentUnavailable, "the signing VM's agent answered a signed file that does not fit the input; nothing was delivered; update signet-agent to signetd's version").retryable(false)
