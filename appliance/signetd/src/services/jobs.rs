@@ -95,6 +95,18 @@ struct Landing {
     input: Vec<bytes::Bytes>,
 }
 
+/// Runs `f`, which blocks (a commit waiting for its flush), without holding up the
+/// tasks this thread woke: a task woken from a worker thread runs next on that thread
+/// and is not taken by another, so on a multi-threaded runtime the worker's tasks go
+/// on on another thread meanwhile ([`tokio::task::block_in_place`]). Measured: a small
+/// job's way to the agent started ~0.4 ms late, after its `queued` commit.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Waits until it is known whether a [`Landing`] job is queued: false when it will not
 /// be (or its intake is gone).
 async fn queued(durable: &mut watch::Receiver<Option<bool>>) -> bool {
@@ -1114,8 +1126,16 @@ impl JobService {
                 }
             };
             let _ = sha.set(made.clone());
+            // The commit waits for its flush: the worker, woken above, takes the job and
+            // starts its way to the agent meanwhile ([`blocking`]).
+            let commit = |input: Option<&bytes::Bytes>| {
+                blocking(|| match input {
+                    Some(data) => store.queued_inline(&id, &made, data),
+                    None => store.queued(&id, &made, n),
+                })
+            };
             if let Some(data) = &inline {
-                let queued = store.queued_inline(&id, &made, data);
+                let queued = commit(Some(data));
                 if queued.is_err() {
                     store.release(n);
                 }
@@ -1132,7 +1152,7 @@ impl JobService {
                 landed_off(false);
                 return Err(spool_failed(Spool::Disk(e)));
             }
-            let queued = store.queued(&id, &made, n);
+            let queued = commit(None);
             engine.store_wrote(queued.as_ref().map(|_| ()));
             landed_off(queued.is_ok());
             queued.map_err(queue_error)?;
