@@ -431,6 +431,25 @@ fn a_signed_pe_comes_back_as_its_changes_and_signetd_makes_the_signed_file() {
     }
 }
 
+/// A native agent on its unix socket, and the fixture PE (`make-pe.sh` with `args`)
+/// as `app.exe`: the agent's endpoint, the PE's bytes and their SHA-256 (hex).
+fn native_agent_and_pe(w: &mut World, args: &[&str]) -> (Endpoint, Vec<u8>, String) {
+    let agent = w.start_agent_with(
+        &format!("unix:{}", w.path("agent.sock").display()),
+        SOFTHSM,
+        &w.path("pin"),
+        &[],
+        NATIVE,
+    );
+    let exe = w.path("app.exe");
+    let mut fixture_args = vec![exe.as_path()];
+    fixture_args.extend(args.iter().map(Path::new));
+    fixture("make-pe.sh", &fixture_args);
+    let input = std::fs::read(&exe).unwrap();
+    let sha = signet_api::hex::lower(&<sha2::Sha256 as sha2::Digest>::digest(&input));
+    (agent, input, sha)
+}
+
 /// The agent answers a PE it signed held in memory (kept as the input and what
 /// signing changed, not copied) as the signed file to a host that does not take the
 /// patch, as the patch to one that does, and as the same bytes to a job sent again:
@@ -440,17 +459,7 @@ fn an_agent_answers_a_pe_signed_in_memory_whole_or_as_its_changes_the_same_file(
     use http_body_util::{BodyExt, Full};
     use signet_api::wire::{patch, INPUT_SHA256_HEADER, JOB_HEADER};
     let mut w = World::new();
-    let agent = w.start_agent_with(
-        &format!("unix:{}", w.path("agent.sock").display()),
-        SOFTHSM,
-        &w.path("pin"),
-        &[],
-        NATIVE,
-    );
-    let exe = w.path("app.exe");
-    fixture("make-pe.sh", &[exe.as_path()]);
-    let input = std::fs::read(&exe).unwrap();
-    let sha = signet_api::hex::lower(&<sha2::Sha256 as sha2::Digest>::digest(&input));
+    let (agent, input, sha) = native_agent_and_pe(&mut w, &[]);
     let ask = |job: &str, accept_patch: bool| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -514,20 +523,7 @@ fn an_agent_keys_a_job_on_the_input_sha256_sent_after_the_input() {
     use hyper::body::Frame;
     use signet_api::wire::{INPUT_LENGTH_HEADER, INPUT_SHA256_HEADER, JOB_HEADER};
     let mut w = World::new();
-    let agent = w.start_agent_with(
-        &format!("unix:{}", w.path("agent.sock").display()),
-        SOFTHSM,
-        &w.path("pin"),
-        &[],
-        NATIVE,
-    );
-    let exe = w.path("app.exe");
-    fixture(
-        "make-pe.sh",
-        &[exe.as_path(), std::path::Path::new("300000")],
-    );
-    let input = std::fs::read(&exe).unwrap();
-    let sha = signet_api::hex::lower(&<sha2::Sha256 as sha2::Digest>::digest(&input));
+    let (agent, input, sha) = native_agent_and_pe(&mut w, &["300000"]);
     let ask = |job: &str, trailer: Option<&str>| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -537,6 +537,21 @@ fn declared_sha256(headers: &HeaderMap) -> Result<Option<[u8; 32]>, ErrorBody> {
 /// What an upload left after its bytes: its trailers, if it sent any.
 type Trailers = Option<HeaderMap>;
 
+/// The body's next piece of data (`None` at its end); trailers that come go to
+/// `trailers`.
+async fn next_data(body: &mut Body, trailers: &mut Trailers) -> Result<Option<Bytes>, axum::Error> {
+    use http_body_util::BodyExt;
+    loop {
+        match body.frame().await.transpose()? {
+            None => return Ok(None),
+            Some(frame) => match frame.into_data() {
+                Ok(chunk) => return Ok(Some(chunk)),
+                Err(frame) => *trailers = frame.into_trailers().ok(),
+            },
+        }
+    }
+}
+
 /// Receives a small upload whole into memory (its length declared, `declared`, and at
 /// most [`crate::agent::MEMORY_INPUT`]: a body of any other length is refused); answers
 /// it and, with `hash`, its SHA-256 and, with `digest_as`, what a [`PeDigester`] made
@@ -549,7 +564,6 @@ async fn receive_memory(
     digest_as: Option<HashAlg>,
     hash: bool,
 ) -> Result<(Bytes, Option<[u8; 32]>, Option<PeDigested>, Trailers), ErrorBody> {
-    use http_body_util::BodyExt;
     use sha2::Digest;
     let mut sha = hash.then(sha2::Sha256::new);
     let mut pe = digest_as.map(PeDigester::new);
@@ -558,18 +572,7 @@ async fn receive_memory(
     let mut body = body;
     let mut trailers = None;
     loop {
-        let chunk = match body.frame().await.transpose() {
-            Ok(Some(frame)) => match frame.into_data() {
-                Ok(chunk) => Ok(Some(chunk)),
-                Err(frame) => {
-                    trailers = frame.into_trailers().ok();
-                    continue;
-                }
-            },
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
-        };
-        match chunk {
+        match next_data(&mut body, &mut trailers).await {
             Ok(Some(chunk)) => {
                 if (data.len() + chunk.len()) as u64 > declared {
                     return Err(not_declared_length(
@@ -649,7 +652,6 @@ async fn receive(
     digest_as: Option<HashAlg>,
     hash: bool,
 ) -> Result<(u64, Option<[u8; 32]>, Option<PeDigested>, Trailers), ErrorBody> {
-    use http_body_util::BodyExt;
     let internal = |e: std::io::Error| {
         ErrorBody::new(
             ErrorCode::Internal,
@@ -685,18 +687,7 @@ async fn receive(
     let mut block = bytes::BytesMut::new();
     let mut upload_error = None;
     loop {
-        let chunk = match body.frame().await.transpose() {
-            Ok(Some(frame)) => match frame.into_data() {
-                Ok(chunk) => Ok(Some(chunk)),
-                Err(frame) => {
-                    trailers = frame.into_trailers().ok();
-                    continue;
-                }
-            },
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
-        };
-        match chunk {
+        match next_data(&mut body, &mut trailers).await {
             Ok(Some(mut chunk)) => {
                 total += chunk.len() as u64;
                 if declared.is_some_and(|d| total > d) {
@@ -861,6 +852,17 @@ mod tests {
         }
     }
 
+    /// Logs at debug level to a sink no one reads, for as long as the guard lives: a
+    /// callsite first met with no subscriber at all may be cached as of no interest
+    /// while another test reads its lines.
+    fn logging_to_nowhere() -> tracing::subscriber::DefaultGuard {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(Lines::default())
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
     const HOST: Fingerprint = Fingerprint([7; 32]);
 
     /// The agent's router around a stand-in agent, paired with `HOST`.
@@ -993,13 +995,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_small_upload_with_its_length_declared_is_signed_in_memory() {
-        // Logging as the test above does: a callsite first met with no subscriber
-        // at all may be cached as of no interest while that test reads its lines.
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(Lines::default())
-            .with_max_level(tracing::Level::DEBUG)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let _guard = logging_to_nowhere();
         let dir = tempfile::tempdir().unwrap();
         let spool = dir.path().join("spool");
         let (app, _token, signer) = app_with_desks(dir.path()).await;
@@ -1030,11 +1026,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_sent_again_is_known_by_the_input_sha256_the_host_declares() {
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(Lines::default())
-            .with_max_level(tracing::Level::DEBUG)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let _guard = logging_to_nowhere();
         let dir = tempfile::tempdir().unwrap();
         let (app, _token, signer) = app_with_desks(dir.path()).await;
         let hello: &'static [u8] = b"Write-Host 'hello'\r\n";
@@ -1136,11 +1128,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_sent_again_is_known_by_the_input_sha256_the_host_sends_after_the_input() {
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(Lines::default())
-            .with_max_level(tracing::Level::DEBUG)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let _guard = logging_to_nowhere();
         let dir = tempfile::tempdir().unwrap();
         let (app, _token, signer) = app_with_desks(dir.path()).await;
         let hello: &'static [u8] = b"Write-Host 'hello'\r\n";
