@@ -502,12 +502,15 @@ fn trailed(in_trailer: bool, trailers: Option<HeaderMap>) -> Result<Option<[u8; 
     }
 }
 
-/// The error of an upload longer or shorter than the length its request declared.
+/// The error of an upload longer (`got` bytes or more sent) or shorter (it ended after
+/// `got`) than the length its request declared.
 fn not_declared_length(declared: u64, got: u64) -> ErrorBody {
-    ErrorBody::new(
-        ErrorCode::TruncatedInput,
-        format!("the upload declared {declared} bytes and sent {got} or more; nothing was signed"),
-    )
+    let message = if got > declared {
+        format!("the upload declared {declared} bytes and sent {got} or more; nothing was signed")
+    } else {
+        format!("the upload ended early after {got} of its {declared} bytes; nothing was signed")
+    };
+    ErrorBody::new(ErrorCode::TruncatedInput, message)
 }
 
 /// The input's SHA-256 as the host declares it in [`INPUT_SHA256_HEADER`] (64 hex
@@ -601,13 +604,7 @@ async fn receive_memory(
         }
     }
     if data.len() as u64 != declared {
-        return Err(ErrorBody::new(
-            ErrorCode::TruncatedInput,
-            format!(
-                "the upload ended early after {} of its {declared} bytes; nothing was signed",
-                data.len()
-            ),
-        ));
+        return Err(not_declared_length(declared, data.len() as u64));
     }
     Ok((
         Bytes::from(data),
@@ -743,10 +740,7 @@ async fn receive(
         return Err(e);
     }
     if let Some(d) = declared.filter(|d| *d != total) {
-        return Err(ErrorBody::new(
-            ErrorCode::TruncatedInput,
-            format!("the upload ended early after {total} of its {d} bytes; nothing was signed"),
-        ));
+        return Err(not_declared_length(d, total));
     }
     let (sha, digested) = written.map_err(internal)?;
     Ok((total, sha, digested, trailers))

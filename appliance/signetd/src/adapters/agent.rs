@@ -54,9 +54,6 @@ pub enum Sent {
     Unreachable(ClientError),
 }
 
-/// Sends job `id` to the agent at `path?query` with `body` (its length, and its
-/// SHA-256 in hex, when known).
-#[allow(clippy::too_many_arguments)]
 /// How the agent learns the SHA-256 of a job's input, which keys the result it keeps
 /// for a job sent again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +67,8 @@ pub enum InputSha<'a> {
     Trailer,
 }
 
+/// Sends job `id` to the agent at `path?query` with `body` (its length, when known),
+/// telling it the input's SHA-256 as `input_sha256` says.
 #[allow(clippy::too_many_arguments)]
 pub async fn send_job<B>(
     agent: &Endpoint,
