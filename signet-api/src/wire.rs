@@ -52,6 +52,32 @@ pub const INPUT_SHA256_HEADER: &str = "x-signet-input-sha256";
 /// [`INPUT_SHA256_HEADER`] can follow it as a trailer, named in `Trailer`). The agent
 /// holds the body to exactly this length.
 pub const INPUT_LENGTH_HEADER: &str = "x-signet-input-length";
+/// Response header of a job's result that comes before its end (asked for with
+/// [`EARLY_RESULT`]): the result's length in bytes, sent when signetd has the result whole
+/// in memory as it answers. The body is chunked and its end still comes only once the job
+/// is `signed`: a client may write (and flush) the result once it has this many bytes, and
+/// keeps it only once the end comes.
+pub const RESULT_LENGTH_HEADER: &str = "x-signet-result-length";
+/// The preference (`Prefer: early-result`, RFC 7240) of a `POST /v1/sign` answered with
+/// its result or of a `GET /v1/jobs/{id}/result`: the result's bytes as soon as signetd has
+/// them, its end withheld until the job is `signed`, a small one with
+/// [`RESULT_LENGTH_HEADER`]. Over HTTP/1.1 only.
+pub const EARLY_RESULT: &str = "early-result";
+
+/// Whether a request's `Prefer` headers name the preference `token` (RFC 7240: a
+/// comma-separated list, each preference possibly with `=value` and parameters).
+#[cfg(feature = "axum")]
+pub fn prefers(headers: &http::HeaderMap, token: &str) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| {
+            let name = p.split([';', '=']).next().unwrap_or("").trim();
+            name.eq_ignore_ascii_case(token)
+        })
+}
 /// Response header of `GET /v1/profile` and of a job's result: the SHA-256 (hex) of the
 /// profile's `GET /v1/profile` answer body as it is now. Also a request header of a
 /// signing request, a precondition as HTTP's `If-Match` is one: the SHA-256 of the
@@ -1043,6 +1069,34 @@ pub struct QueueStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "axum")]
+    #[test]
+    fn a_preference_is_found_among_others_whatever_its_case_value_or_parameters() {
+        let headers = |values: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append("prefer", http::HeaderValue::from_str(v).unwrap());
+            }
+            h
+        };
+        assert!(prefers(&headers(&["early-result"]), EARLY_RESULT));
+        assert!(prefers(
+            &headers(&["respond-async, Early-Result"]),
+            EARLY_RESULT
+        ));
+        assert!(prefers(
+            &headers(&["wait=10", "early-result; x=1"]),
+            EARLY_RESULT
+        ));
+        assert!(prefers(&headers(&["respond-async"]), "respond-async"));
+        assert!(!prefers(&headers(&["respond-async"]), EARLY_RESULT));
+        assert!(!prefers(
+            &headers(&["early-results", "x=early-result"]),
+            EARLY_RESULT
+        ));
+        assert!(!prefers(&headers(&[]), EARLY_RESULT));
+    }
 
     #[test]
     fn codes_have_stable_names_statuses_and_exit_codes() {

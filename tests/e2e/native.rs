@@ -574,3 +574,80 @@ fn an_agent_keys_a_job_on_the_input_sha256_sent_after_the_input() {
     assert!(body.contains("as a trailer and sent none"), "{body}");
     assert_eq!(signs(), 1, "{}", w.log("signet-agent"));
 }
+
+/// A small result (kept in signetd's database) asked for with `Prefer: early-result`
+/// comes with its length in `x-signet-result-length` (chunked, when it comes before the
+/// job is committed), from the upload's own answer and from the result's `GET`; without
+/// the preference it comes once the job has ended, with its `Content-Length`. Each is the
+/// signed file, and verifies.
+#[test]
+fn a_small_result_asked_for_early_comes_with_its_length_and_otherwise_as_before() {
+    use http_body_util::{BodyExt, Full};
+    use signet_api::wire::{EARLY_RESULT, JOB_HEADER, RESULT_LENGTH_HEADER};
+    let mut w = World::new();
+    let ep = native_appliance(&mut w, "");
+    let exe = w.path("small.exe");
+    fixture("make-pe.sh", &[exe.as_path()]);
+    let input = std::fs::read(&exe).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // (the upload's `Prefer`, whether the result is fetched with a `GET`, early)
+    for (n, (prefer, fetch, early)) in [
+        (None, false, false),
+        (Some(EARLY_RESULT), false, true),
+        (Some("respond-async"), true, false),
+        (Some("respond-async"), true, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (length, result_length, body) = rt.block_on(async {
+            let mut conn = signet_protocol::client::Connection::new(&ep);
+            let mut req =
+                http::Request::post(format!("/v1/sign?filename=small.exe&description=run-{n}"));
+            if let Some(p) = prefer {
+                req = req.header("prefer", p);
+            }
+            let req = req
+                .body(Full::new(bytes::Bytes::from(input.clone())))
+                .unwrap();
+            let mut resp = conn.send(req).await.unwrap();
+            if fetch {
+                assert_eq!(resp.status().as_u16(), 202);
+                let id = resp.headers()[JOB_HEADER].to_str().unwrap().to_owned();
+                resp.into_body().collect().await.unwrap();
+                let mut get = http::Request::get(format!("/v1/jobs/{id}/result"));
+                if early {
+                    get = get.header("prefer", EARLY_RESULT);
+                }
+                let get = get.body(Full::new(bytes::Bytes::new())).unwrap();
+                resp = conn.send(get).await.unwrap();
+            }
+            assert_eq!(resp.status().as_u16(), 200);
+            let header = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .map(|v| v.to_str().unwrap().parse::<u64>().unwrap())
+            };
+            let (length, result_length) = (header("content-length"), header(RESULT_LENGTH_HEADER));
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (length, result_length, body.to_vec())
+        });
+        let case = format!("prefer {prefer:?}, fetched {fetch}, early {early}");
+        if early {
+            // Chunked when it came before the job was committed signed; with its
+            // `Content-Length` too when the job ended first.
+            assert!(length.is_none_or(|n| n == body.len() as u64), "{case}");
+            assert_eq!(result_length, Some(body.len() as u64), "{case}");
+        } else {
+            assert_eq!(length, Some(body.len() as u64), "{case}");
+            assert_eq!(result_length, None, "{case}");
+        }
+        let out = w.path(&format!("signed-{n}.exe"));
+        std::fs::write(&out, &body).unwrap();
+        let (ok, text) = verify(&w, &out);
+        assert!(ok && !text.contains("MISMATCH"), "{case}: {text}");
+    }
+}

@@ -187,10 +187,15 @@ impl<'a> Collector<'a> {
     {
         loop {
             let mut req = make();
-            if !self.at_once {
-                req.headers_mut()
-                    .insert("prefer", http::HeaderValue::from_static("respond-async"));
-            }
+            // Answered with the job at once, or with its result: then that comes
+            // before its end, as the result's `GET` does.
+            let prefer = if self.at_once {
+                signet_api::wire::EARLY_RESULT
+            } else {
+                "respond-async"
+            };
+            req.headers_mut()
+                .insert("prefer", http::HeaderValue::from_static(prefer));
             if let Ok(v) = http::HeaderValue::from_str(&self.key) {
                 req.headers_mut().insert(IDEMPOTENCY_HEADER, v);
             }
@@ -250,7 +255,10 @@ impl<'a> Collector<'a> {
             });
         };
         loop {
-            let mut req = Request::get(format!("/v1/jobs/{id}/result"));
+            // Its bytes as soon as the appliance has them, a small result's with its
+            // length: it is written while the appliance commits the job.
+            let mut req = Request::get(format!("/v1/jobs/{id}/result"))
+                .header("prefer", signet_api::wire::EARLY_RESULT);
             if let Some(accept) = self.accept {
                 req = req.header(http::header::ACCEPT, accept);
             }
@@ -358,7 +366,7 @@ fn clone_error(endpoint: &Endpoint, e: &ClientError) -> ClientError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -390,7 +398,7 @@ mod tests {
 
     /// A fake appliance on a unix socket: answers each request as `answers` says, in
     /// turn, and hands back each request's head (lower-cased) as it was read.
-    fn appliance(
+    pub(crate) fn appliance(
         dir: &std::path::Path,
         answers: &'static [&'static str],
     ) -> (Endpoint, std::thread::JoinHandle<Vec<String>>) {
@@ -480,7 +488,8 @@ mod tests {
         let heads = server.join().unwrap();
         assert_eq!(heads.len(), 1);
         assert!(heads[0].starts_with("post /v1/sign"), "{}", heads[0]);
-        assert!(!heads[0].contains("prefer:"), "{}", heads[0]);
+        assert!(heads[0].contains("prefer: early-result"), "{}", heads[0]);
+        assert!(!heads[0].contains("respond-async"), "{}", heads[0]);
         assert!(heads[0].contains("idempotency-key: k"), "{}", heads[0]);
 
         let dir = tempfile::tempdir().unwrap();
@@ -501,6 +510,7 @@ mod tests {
             "{}",
             heads[1]
         );
+        assert!(heads[1].contains("prefer: early-result"), "{}", heads[1]);
     }
 
     #[cfg(unix)]

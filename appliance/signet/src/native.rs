@@ -81,22 +81,31 @@ pub struct Destination<'a> {
     pub permissions: std::fs::Permissions,
 }
 
+/// Puts a signed file made by [`attach_beside`] in place of `target`.
+pub fn place(out: tempfile::NamedTempFile, target: &Path) -> Result<(), AttachError> {
+    out.persist(target).map_err(|e| {
+        AttachError::Other(format!("cannot replace {}: {}", target.display(), e.error))
+    })?;
+    Ok(())
+}
+
 /// Attaches `signature` (DER PKCS#7) to the PE `file` (nested beside the file's
-/// signature with `nest`) and puts the signed file in place of `dest.target`: only
-/// once it is checked — every signature in it matches it and was made by its signer's
-/// key, and the signer's chain verifies (against `ca_file`, else this machine's
-/// roots) — and written, with the target's permissions, and fsync'd. A file up to
-/// [`IN_MEMORY`] is read once and signed and checked in memory, the bytes checked being
-/// the bytes written; a larger one is written next to the target and read back from
-/// there. Answers `Some(why)` when the signature matches the file but its certificate
-/// does not chain to this machine's trusted roots (no `ca_file` given). Blocking.
-pub fn attach(
+/// signature with `nest`) and writes the signed file next to `dest.target`, to be put
+/// in its place ([`place`]) only once it is checked — every signature in it matches it
+/// and was made by its signer's key, and the signer's chain verifies (against
+/// `ca_file`, else this machine's roots) — and written, with the target's permissions,
+/// and fsync'd: what is left is its rename. A file up to [`IN_MEMORY`] is read once and
+/// signed and checked in memory, the bytes checked being the bytes written; a larger one
+/// is written next to the target and read back from there. Answers `Some(why)` with it
+/// when the signature matches the file but its certificate does not chain to this
+/// machine's trusted roots (no `ca_file` given). Blocking.
+pub fn attach_beside(
     file: &Path,
     signature: &[u8],
     nest: bool,
     dest: Destination<'_>,
     ca_file: Option<&Path>,
-) -> Result<Option<String>, AttachError> {
+) -> Result<(tempfile::NamedTempFile, Option<String>), AttachError> {
     let other = AttachError::Other;
     let engine_error = |e: EngineError| match e {
         EngineError::WrongFile(_) => AttachError::Mismatch(e.to_string()),
@@ -148,14 +157,7 @@ pub fn attach(
         .set_permissions(dest.permissions)
         .and_then(|()| out.as_file().sync_all())
         .map_err(cannot_write)?;
-    out.persist(dest.target).map_err(|e| {
-        other(format!(
-            "cannot replace {}: {}",
-            dest.target.display(),
-            e.error
-        ))
-    })?;
-    Ok(untrusted)
+    Ok((out, untrusted))
 }
 
 /// Verifies the signer's chain of `signature` against `ca_file`'s CAs, else this

@@ -15,8 +15,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sha2::Digest;
 use signet_api::wire::{
     exit, osslsigncode, patch, DaemonStatus, ErrorBody, ErrorCode, ProfileOptions, ProfileQuery,
-    SignMode, SignQuery, BATCH_PATH, INPUT_SHA256_HEADER, PROFILE_HEADER, PROFILE_PATH, SIGN_PATH,
-    STATUS_PATH,
+    SignMode, SignQuery, BATCH_PATH, INPUT_SHA256_HEADER, PROFILE_HEADER, PROFILE_PATH,
+    RESULT_LENGTH_HEADER, SIGN_PATH, STATUS_PATH,
 };
 use signet_format as format;
 use signet_protocol::batch;
@@ -494,6 +494,9 @@ struct Prepared {
     content: String,
     /// Digest mode through osslsigncode (formats other than PE): its work dir.
     work: Option<tempfile::TempDir>,
+    /// Digest mode: the CAs the signature's chain is checked against (`--ca-file`),
+    /// else this machine's roots.
+    ca_file: Option<PathBuf>,
 }
 
 /// What is uploaded for a file.
@@ -510,6 +513,10 @@ enum Got {
     Signature(Vec<u8>),
     /// A whole signed file, written (fsync'd) next to its target.
     File(tempfile::NamedTempFile),
+    /// Digest mode, a PE: the signature attached, the signed file checked and written
+    /// (fsync'd) next to its target ([`attach_pe`]), with a warning when its chain is
+    /// not trusted here.
+    Attached(tempfile::NamedTempFile, Option<String>),
 }
 
 impl Prepared {
@@ -646,6 +653,7 @@ async fn prepare(
         upload: Upload::File(file.to_owned()),
         content: String::new(),
         work: None,
+        ca_file: args.ca_file.clone(),
     };
     let Some(profile) = profile else {
         // Whole: the key names the file's identity; nothing is read before the upload.
@@ -779,57 +787,16 @@ async fn finish(p: &Prepared, got: Got, args: &SignArgs) -> Result<Option<String
             })?;
             return Ok(None);
         }
+        Got::Attached(signed, untrusted) => {
+            native::place(signed, &p.target).map_err(|e| attach_error(e, p))?;
+            return Ok(untrusted);
+        }
         Got::Signature(s) => s,
     };
     if p.format == format::Format::Pe {
-        let (file, target, nest, ca_file) = (
-            p.file.clone(),
-            p.target.clone(),
-            p.nest,
-            args.ca_file.clone(),
-        );
-        let fallback = p.meta.permissions();
-        // Attached, checked, written and renamed: a small file here, a large one in one
-        // trip to a blocking thread.
-        let attach = move || {
-            let permissions = std::fs::metadata(&target)
-                .map(|m| m.permissions())
-                .unwrap_or(fallback);
-            native::attach(
-                &file,
-                &signature,
-                nest,
-                native::Destination {
-                    target: &target,
-                    permissions,
-                },
-                ca_file.as_deref(),
-            )
-        };
-        let attached = if p.meta.len() <= native::INLINE {
-            attach()
-        } else {
-            tokio::task::spawn_blocking(attach)
-                .await
-                .unwrap_or_else(|e| {
-                    Err(native::AttachError::Other(format!(
-                        "attaching stopped: {e}"
-                    )))
-                })
-        };
-        let (verdict, detail) = match attached {
-            Ok(untrusted) => return Ok(untrusted.map(|why| untrusted_warning(&why))),
-            Err(native::AttachError::Mismatch(e)) => (AttachVerdict::Mismatch, e),
-            Err(native::AttachError::Untrusted(why)) => {
-                (AttachVerdict::Untrusted(why), String::new())
-            }
-            Err(native::AttachError::Other(e)) => (AttachVerdict::Other, e),
-        };
-        return Err(Failure {
-            code: Some(ErrorCode::SigningFailed),
-            exit_code: exit::SIGNING_FAILED,
-            message: attach_failure(&verdict, args.ca_file.as_deref(), &detail),
-        });
+        let (signed, untrusted) = attach_pe(p, signature).await?;
+        native::place(signed, &p.target).map_err(|e| attach_error(e, p))?;
+        return Ok(untrusted);
     }
     // Other formats through osslsigncode, in the work dir the data was extracted in.
     let Some(work) = &p.work else {
@@ -900,6 +867,63 @@ async fn finish(p: &Prepared, got: Got, args: &SignArgs) -> Result<Option<String
         .await
         .map_err(|e| bad_input(format!("cannot replace {}: {e}", p.target.display())))?;
     Ok(warning)
+}
+
+/// Attaches digest mode's `signature` to the PE `p.file` ([`native::attach_beside`]): the
+/// signed file checked, written next to the target with the target's permissions and
+/// fsync'd, and a warning when its chain is not trusted here; a small file here, a large
+/// one in one trip to a blocking thread. Its rename is left ([`native::place`]).
+async fn attach_pe(
+    p: &Prepared,
+    signature: Vec<u8>,
+) -> Result<(tempfile::NamedTempFile, Option<String>), Failure> {
+    let (file, target, nest, ca_file) =
+        (p.file.clone(), p.target.clone(), p.nest, p.ca_file.clone());
+    let fallback = p.meta.permissions();
+    let attach = move || {
+        let permissions = std::fs::metadata(&target)
+            .map(|m| m.permissions())
+            .unwrap_or(fallback);
+        native::attach_beside(
+            &file,
+            &signature,
+            nest,
+            native::Destination {
+                target: &target,
+                permissions,
+            },
+            ca_file.as_deref(),
+        )
+    };
+    let attached = if p.meta.len() <= native::INLINE {
+        attach()
+    } else {
+        tokio::task::spawn_blocking(attach)
+            .await
+            .unwrap_or_else(|e| {
+                Err(native::AttachError::Other(format!(
+                    "attaching stopped: {e}"
+                )))
+            })
+    };
+    match attached {
+        Ok((signed, untrusted)) => Ok((signed, untrusted.map(|why| untrusted_warning(&why)))),
+        Err(e) => Err(attach_error(e, p)),
+    }
+}
+
+/// Why digest mode's signature was not attached, as the failure the user reads.
+fn attach_error(e: native::AttachError, p: &Prepared) -> Failure {
+    let (verdict, detail) = match e {
+        native::AttachError::Mismatch(e) => (AttachVerdict::Mismatch, e),
+        native::AttachError::Untrusted(why) => (AttachVerdict::Untrusted(why), String::new()),
+        native::AttachError::Other(e) => (AttachVerdict::Other, e),
+    };
+    Failure {
+        code: Some(ErrorCode::SigningFailed),
+        exit_code: exit::SIGNING_FAILED,
+        message: attach_failure(&verdict, p.ca_file.as_deref(), &detail),
+    }
 }
 
 /// What `osslsigncode attach-signature` found when it verified the attached signature
@@ -1700,16 +1724,69 @@ async fn receive(
         };
         return receive_patch(resp, held, outcome).await;
     }
-    let mut sink = Sink::new(p).map_err(Received::Local)?;
+    // A result sent before its end with its length (`Prefer: early-result`) is made as
+    // soon as it is whole — flushed, or in digest mode attached, checked and flushed —
+    // while the daemon commits the job; it counts only once the answer ends (the daemon
+    // ends it once the job is `signed`). Broken off, what was made goes with it.
+    let whole_at = resp
+        .headers()
+        .get(RESULT_LENGTH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let longer = || {
+        Received::Local(Failure {
+            code: None,
+            exit_code: exit::SIGNING_FAILED,
+            message:
+                "the appliance sent more than the result's length it gave; nothing was written"
+                    .to_owned(),
+        })
+    };
+    let mut sink = Some(Sink::new(p).map_err(Received::Local)?);
+    let mut made = None;
+    let mut received = 0u64;
     let mut body = resp.into_body();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Received::Broke(e.to_string()))?;
-        if let Ok(data) = frame.into_data() {
-            outcome.bytes_received += data.len() as u64;
-            sink.write(&data).map_err(Received::Local)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        outcome.bytes_received += data.len() as u64;
+        if data.is_empty() {
+            continue;
+        }
+        let Some(into) = sink.as_mut() else {
+            return Err(longer());
+        };
+        into.write(&data).map_err(Received::Local)?;
+        received += data.len() as u64;
+        match whole_at {
+            Some(n) if received > n => return Err(longer()),
+            Some(n) if received == n => {
+                if let Some(whole) = sink.take() {
+                    made = Some(make(whole, p).await.map_err(Received::Local)?);
+                }
+            }
+            _ => {}
         }
     }
-    sink.finish().map_err(Received::Local)
+    match (made, sink) {
+        (Some(got), _) => Ok(got),
+        (None, Some(whole)) => make(whole, p).await.map_err(Received::Local),
+        (None, None) => Err(longer()),
+    }
+}
+
+/// What a result received whole is made into: the signed file flushed, or digest mode's
+/// signature, attached to a PE ([`attach_pe`]).
+async fn make(sink: Sink, p: &Prepared) -> Result<Got, Failure> {
+    match sink.finish()? {
+        Got::Signature(signature) if p.format == format::Format::Pe => {
+            let (signed, untrusted) = attach_pe(p, signature).await?;
+            Ok(Got::Attached(signed, untrusted))
+        }
+        got => Ok(got),
+    }
 }
 
 /// Where a result's body goes as it is received.
@@ -1987,6 +2064,82 @@ mod tests {
         assert!(JsonEnd::default().feed(b" 12"));
         assert!(JsonEnd::default().feed(b"]"));
         assert!(!JsonEnd::default().feed(b" \n{\"keep\": 1"));
+    }
+
+    /// A result answered with its length before its end is made once it is whole, and
+    /// counts only once the answer ends: broken off after all its bytes, or longer than
+    /// it said, nothing of it is left.
+    #[tokio::test]
+    async fn a_result_sent_with_its_length_counts_only_once_its_answer_ends() {
+        const HEAD: &str =
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-signet-result-length: 6\r\n\r\n";
+        let answers: [(&'static str, Option<&[u8]>); 3] = [
+            ("6\r\nsigned\r\n0\r\n\r\n", Some(b"signed")),
+            // All its bytes, then the connection closes without the end.
+            ("6\r\nsigned\r\n", None),
+            ("6\r\nsigned\r\n1\r\n!\r\n0\r\n\r\n", None),
+        ];
+        for (rest, want) in answers {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("app.exe");
+            std::fs::write(&file, b"MZ input").unwrap();
+            let p = Prepared {
+                file: file.clone(),
+                target: file.clone(),
+                meta: std::fs::metadata(&file).unwrap(),
+                format: Format::Pe,
+                nest: false,
+                upload: Upload::File(file.clone()),
+                content: String::new(),
+                work: None,
+                ca_file: None,
+            };
+            let answer: &'static str = Box::leak(format!("{HEAD}{rest}").into_boxed_str());
+            let answers: &'static [&'static str] = Box::leak(Box::new([answer]));
+            let (ep, server) = crate::collect::tests::appliance(dir.path(), answers);
+            let mut conn = signet_protocol::client::Connection::new(&ep);
+            let req = http::Request::get("/v1/jobs/1/result")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let resp = conn.send(req).await.unwrap();
+            let mut outcome = Outcome::new(&file);
+            let got = receive(resp, &p, None, &mut outcome).await;
+            server.join().unwrap();
+            drop(conn);
+            let left = || {
+                let mut names: Vec<_> = std::fs::read_dir(dir.path())
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .filter(|n| n != "signetd.sock")
+                    .collect();
+                names.sort();
+                names
+            };
+            match (got, want) {
+                (Ok(Got::File(made)), Some(want)) => {
+                    assert_eq!(std::fs::read(made.path()).unwrap(), want);
+                }
+                (Err(Received::Broke(_)), None) if !rest.contains("!") => {
+                    assert_eq!(left(), ["app.exe"], "nothing of a broken answer is left");
+                }
+                (Err(Received::Local(f)), None) => {
+                    assert!(
+                        f.message.contains("more than the result's length"),
+                        "{}",
+                        f.message
+                    );
+                    assert_eq!(left(), ["app.exe"], "nothing of a longer answer is left");
+                }
+                (Ok(_), _) => panic!("{rest:?}: kept"),
+                (Err(Received::Broke(e)), _) => panic!("{rest:?}: broke: {e}"),
+                (Err(Received::Local(f)), _) => panic!("{rest:?}: {}", f.message),
+            }
+            assert_eq!(
+                std::fs::read(&file).unwrap(),
+                b"MZ input",
+                "the target is untouched"
+            );
+        }
     }
 
     #[test]

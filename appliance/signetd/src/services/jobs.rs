@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -232,6 +232,9 @@ pub struct Delivery {
     /// Its length; unknown for a result streamed while it is spooled (the answer
     /// is chunked, its end withheld until the job is signed).
     pub len: Option<u64>,
+    /// Its length when it is streamed before its end and known (a small result, whole
+    /// in memory): said in `x-signet-result-length`.
+    pub whole_len: Option<u64>,
     /// The SHA-256 of its profile's `GET /v1/profile` answer as it is now
     /// ([`profile_answer`]), when the caller may still use the profile.
     pub profile_sha256: Option<String>,
@@ -249,6 +252,7 @@ impl std::fmt::Debug for Delivery {
             .field("kind", &self.kind)
             .field("content_type", &self.content_type)
             .field("len", &self.len)
+            .field("whole_len", &self.whole_len)
             .field("profile_sha256", &self.profile_sha256)
             .field("input_sha256", &self.input_sha256)
             .finish_non_exhaustive()
@@ -494,6 +498,9 @@ pub struct SubmitRequest {
     pub if_profile: Option<String>,
     /// `Prefer: respond-async`: answer with the queued job, not its result.
     pub respond_async: bool,
+    /// `Prefer: early-result` over HTTP/1.1: the result's bytes as soon as they are
+    /// here, its end withheld until the job is signed ([`JobService::wait_result`]).
+    pub early_result: bool,
     pub body: Body,
 }
 
@@ -785,8 +792,22 @@ impl JobService {
             let view = self.job(&id, &job.caller);
             return Signing::Queued { id, job: view };
         }
-        self.wait(&id).await;
-        let result = self.result(&id, &job.caller).await;
+        // Asked for early: streamed as `GET /v1/jobs/{id}/result` streams it.
+        let live = match (req.early_result, kind) {
+            (true, Kind::Sign) => self.wait_result(&id, true).await,
+            _ => {
+                self.wait(&id).await;
+                None
+            }
+        };
+        let result = match live {
+            Some(live) => self.live_result(&id, &job.caller, live, false),
+            None => self.result(&id, &job.caller).await.map(|d| Delivery {
+                // Asked for early, and it ended first: its length all the same.
+                whole_len: d.len.filter(|_| req.early_result && kind == Kind::Sign),
+                ..d
+            }),
+        };
         Signing::Ended {
             id,
             result,
@@ -1240,8 +1261,9 @@ impl JobService {
 
     /// Waits until the job has ended, as [`Self::wait`] does, or until its signed file
     /// is being spooled from the agent: then answers it, to be streamed as it lands
-    /// ([`Self::live_result`]).
-    pub async fn wait_result(&self, id: &str) -> Option<Live> {
+    /// ([`Self::live_result`]). With `small`, also a result small enough to be kept in
+    /// the database, once it is here whole (before the job is committed signed).
+    pub async fn wait_result(&self, id: &str, small: bool) -> Option<Live> {
         let engine = self.engine();
         let mut rx = lock(&engine.done)
             .entry(id.to_owned())
@@ -1264,11 +1286,14 @@ impl JobService {
             let live = lock(&engine.live).get(id).cloned();
             if let Some(live) = live {
                 let mut p = live.progress.clone();
-                // Written to its file: streamed from there. Kept in the database
-                // (small), or failed: the job's end says.
+                // Written to its file: streamed from there. Whole in memory (small,
+                // kept in the database): streamed from there when asked for, else the
+                // job's end says, as it does when it failed.
                 let now = p.wait_for(|p| *p != Progress::Pending).await.map(|p| *p);
                 if let Ok(Progress::Writing(_)) = now {
-                    return Some(live);
+                    if small || live.whole.get().is_none() {
+                        return Some(live);
+                    }
                 }
             }
             let at_token = lock(&engine.sched).at_agent.iter().any(|a| a.id == id);
@@ -1300,16 +1325,18 @@ impl JobService {
     ) -> Result<Delivery, JobError> {
         let row = self.caller_job(id, caller)?;
         let profile_sha256 = self.profile_sha256(&row, caller);
-        let (content_type, input_sha256, body) = if patch_ok && live.is_patch() {
+        let (content_type, input_sha256, whole_len, body) = if patch_ok && live.is_patch() {
             (
                 signet_api::wire::patch::PATCH_MEDIA_TYPE.to_owned(),
                 live.input_sha256.clone(),
+                None,
                 Body::from_stream(live.patch_answer()),
             )
         } else {
             (
                 live.content_type.clone(),
                 None,
+                live.whole.get().map(|b| b.len() as u64),
                 Body::from_stream(live.blocks()),
             )
         };
@@ -1318,6 +1345,7 @@ impl JobService {
             kind: row.kind,
             content_type,
             len: None,
+            whole_len,
             profile_sha256,
             input_sha256,
             body,
@@ -1484,6 +1512,7 @@ impl JobService {
                         kind: row.kind,
                         content_type: signet_api::wire::patch::PATCH_MEDIA_TYPE.to_owned(),
                         len: Some(json.len() as u64),
+                        whole_len: None,
                         profile_sha256,
                         input_sha256: Some(sha.clone()),
                         body: Body::from(json),
@@ -1526,6 +1555,7 @@ impl JobService {
                         .output_type
                         .unwrap_or_else(|| "application/octet-stream".to_owned()),
                     len: Some(row.output_bytes.unwrap_or(0)),
+                    whole_len: None,
                     profile_sha256,
                     input_sha256: None,
                     body,
@@ -2037,6 +2067,14 @@ impl JobService {
                 }
                 Saved::Disk(e) => JobError::internal(id, "spooling the result", &e).into(),
             })?;
+            // A small result, whole in memory: a client that asked for it early has it
+            // now, while the job is committed.
+            if let (Some(live), Some(bytes)) = (&live, &landed.inline) {
+                live.whole(bytes::Bytes::copy_from_slice(bytes));
+                // Woken on this thread, where it runs only once this task yields: it
+                // sends the result before the commit starts, not after it ends.
+                tokio::task::yield_now().await;
+            }
             Ok::<_, ErrorBody>((Answer::Landed(landed), ct))
         }
         .instrument(span);
@@ -2140,7 +2178,10 @@ impl JobService {
                 e.output_sha256 = Some(sha.clone());
                 e.output_bytes = Some(n);
                 e.duration_ms = Some(ms);
-                let finished = match &kept {
+                // The commit waits for its flush: a request streaming the result (woken
+                // on this thread, where no other thread takes it) sends it meanwhile
+                // ([`blocking`]).
+                let finished = blocking(|| match &kept {
                     Some(p) => {
                         let patch = serde_json::to_vec(&p.to_patch()).unwrap_or_default();
                         store.finish_patched(id, (&sha, n, &ct), &patch, &e)
@@ -2153,7 +2194,7 @@ impl JobService {
                         None,
                         &e,
                     ),
-                };
+                });
                 engine.store_wrote(finished.as_ref().map(|_| ()));
                 match finished {
                     Ok(_) => {
@@ -2576,6 +2617,9 @@ pub struct Live {
     held: Arc<Vec<bytes::Bytes>>,
     /// The input's SHA-256 (hex), with a patch.
     input_sha256: Option<String>,
+    /// A small result (kept in the database), once it is here whole: streamed from
+    /// memory ([`LiveGuard::whole`]).
+    whole: Arc<OnceLock<bytes::Bytes>>,
     content_type: String,
     progress: watch::Receiver<Progress>,
 }
@@ -2639,11 +2683,12 @@ impl Live {
             ))
         };
         let (paths, patch, rx) = (Arc::new(self.paths), self.patch, self.progress);
-        let held = self.held;
+        let (held, whole) = (self.held, self.whole);
         futures_util::stream::unfold(
             (None::<Arc<std::fs::File>>, 0u64, rx, false),
             move |(mut file, sent, mut rx, done)| {
                 let (paths, patch, held) = (Arc::clone(&paths), patch.clone(), Arc::clone(&held));
+                let whole = Arc::clone(&whole);
                 async move {
                     if done {
                         return None;
@@ -2661,13 +2706,15 @@ impl Live {
                         };
                         if ready > sent {
                             let want = (ready - sent).min(signet_protocol::IO_BLOCK as u64);
-                            let read = match &patch {
+                            let read = match (whole.get(), &patch) {
+                                // Whole in memory: at once.
+                                (Some(b), _) => Ok(b.slice(sent as usize..ready as usize)),
                                 // Of the input in memory: no trip to a blocking thread,
                                 // no copy of what the patch leaves alone.
-                                Some(p) if !held.is_empty() => {
+                                (None, Some(p)) if !held.is_empty() => {
                                     patched::slice_of_blocks(&held, p, sent, want as usize)
                                 }
-                                _ => read_at(&mut file, paths, patch, sent, want).await,
+                                (None, _) => read_at(&mut file, paths, patch, sent, want).await,
                             };
                             return match read {
                                 Ok(b) => {
@@ -2739,6 +2786,7 @@ struct LiveGuard<'a> {
     engine: &'a Engine,
     id: &'a str,
     progress: Arc<watch::Sender<Progress>>,
+    whole: Arc<OnceLock<bytes::Bytes>>,
 }
 
 impl<'a> LiveGuard<'a> {
@@ -2750,6 +2798,7 @@ impl<'a> LiveGuard<'a> {
         content_type: &str,
     ) -> LiveGuard<'a> {
         let (tx, rx) = watch::channel(Progress::Pending);
+        let whole = Arc::new(OnceLock::new());
         let (patch, held, input_sha256) = match patch {
             Some((p, held, sha)) => (Some(p), held, sha),
             None => (None, Arc::default(), None),
@@ -2761,6 +2810,7 @@ impl<'a> LiveGuard<'a> {
                 patch,
                 held,
                 input_sha256,
+                whole: Arc::clone(&whole),
                 content_type: content_type.to_owned(),
                 progress: rx,
             },
@@ -2770,6 +2820,16 @@ impl<'a> LiveGuard<'a> {
             engine,
             id,
             progress: Arc::new(tx),
+            whole,
+        }
+    }
+
+    /// A small result (kept in the database) is here whole: it can be read from
+    /// memory, before the job is committed signed.
+    fn whole(&self, bytes: bytes::Bytes) {
+        let n = bytes.len() as u64;
+        if self.whole.set(bytes).is_ok() {
+            self.written(n);
         }
     }
 
@@ -3325,6 +3385,7 @@ mod tests {
             idempotency_key: key.map(str::to_owned),
             if_profile: if_profile.map(str::to_owned),
             respond_async: true,
+            early_result: false,
             body: Body::from(&b"data"[..]),
         }
     }
@@ -3489,6 +3550,68 @@ mod tests {
                 drop(guard);
                 assert!(blocks.next().await.unwrap().is_err());
                 assert!(blocks.next().await.is_none());
+            }
+            assert!(lock(&engine.live).is_empty());
+        }
+    }
+
+    /// A small result, whole in memory before the job is committed, streams at once
+    /// to a caller that asked for it early (with its length), and to no other; its end
+    /// comes only once the job is signed, and it breaks off when the job is not.
+    #[tokio::test]
+    async fn a_small_result_streams_before_its_commit_only_when_asked_and_ends_once_signed() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = daemon(dir.path());
+        let svc = daemon.job_service();
+        let engine = svc.engine();
+        let signature: Vec<u8> = (0..3000).map(|i| (i % 251) as u8).collect();
+        for signed in [true, false] {
+            // A job at the agent: its result is awaited.
+            let Inserted::New(id) = engine.store.insert(&new_job()).unwrap() else {
+                panic!("a new job");
+            };
+            engine.store.queued_inline(&id, "q", b"abc").unwrap();
+            engine.store.running(&id).unwrap();
+            let out = dir.path().join(format!("{id}.out"));
+            let paths = vec![out.clone(), dir.path().join("none")];
+            let guard = LiveGuard::start(engine, &id, paths, None, "application/x-test");
+            let mut sink = Sink::new(&out);
+            sink.progress = Some(Arc::clone(&guard.progress));
+            sink.write(bytes::Bytes::from(signature.clone()))
+                .await
+                .unwrap();
+            let landed = sink.end().await.unwrap();
+            let inline = landed
+                .inline
+                .clone()
+                .expect("a small result stays in memory");
+            // Not yet here whole: neither kind of caller has it.
+            assert!(svc.wait_result(&id, true).now_or_never().is_none());
+            guard.whole(bytes::Bytes::from(inline));
+            // Asked for early: at once, with its length.
+            let live = svc
+                .wait_result(&id, true)
+                .now_or_never()
+                .expect("answered at once")
+                .expect("a live result");
+            assert_eq!(live.whole.get().map(|b| b.len()), Some(signature.len()));
+            // Not asked for: the caller waits for the job's end.
+            assert!(svc.wait_result(&id, false).now_or_never().is_none());
+            let mut blocks = Box::pin(live.blocks());
+            let mut got = Vec::new();
+            while got.len() < signature.len() {
+                got.extend_from_slice(&blocks.next().await.unwrap().unwrap());
+            }
+            assert_eq!(got, signature);
+            assert!(blocks.next().now_or_never().is_none());
+            if signed {
+                guard.signed(landed.n);
+                drop(guard);
+                assert!(blocks.next().await.is_none());
+            } else {
+                drop(guard);
+                assert!(blocks.next().await.unwrap().is_err());
             }
             assert!(lock(&engine.live).is_empty());
         }

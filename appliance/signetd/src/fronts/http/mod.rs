@@ -160,6 +160,7 @@ async fn sign(
     State(daemon): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     tls: Option<Extension<OverTls>>,
+    version: http::Version,
     query: Result<Query<SignQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
@@ -170,7 +171,7 @@ async fn sign(
         job(
             &daemon,
             peer,
-            tls.is_some(),
+            (tls.is_some(), version),
             query,
             headers,
             body,
@@ -184,6 +185,7 @@ async fn sign_batch(
     State(daemon): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     tls: Option<Extension<OverTls>>,
+    version: http::Version,
     query: Result<Query<SignQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
@@ -194,7 +196,7 @@ async fn sign_batch(
         job(
             &daemon,
             peer,
-            tls.is_some(),
+            (tls.is_some(), version),
             query,
             headers,
             body,
@@ -225,6 +227,7 @@ async fn api_sign(
     State(daemon): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     tls: Option<Extension<OverTls>>,
+    version: http::Version,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
@@ -236,7 +239,7 @@ async fn api_sign(
     let e = match job(
         &daemon,
         peer,
-        tls.is_some(),
+        (tls.is_some(), version),
         query,
         headers,
         body,
@@ -295,7 +298,7 @@ fn v1_query(query: Result<Query<SignQuery>, QueryRejection>) -> Result<SignQuery
 async fn job(
     daemon: &Arc<Daemon>,
     peer: Peer,
-    over_tls: bool,
+    (over_tls, version): (bool, http::Version),
     query: Result<SignQuery, ErrorBody>,
     headers: HeaderMap,
     body: Body,
@@ -317,11 +320,11 @@ async fn job(
         content_length: header_str(header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok()),
         idempotency_key: header_str(IDEMPOTENCY_HEADER),
         if_profile: header_str(signet_api::wire::PROFILE_HEADER),
-        respond_async: headers
-            .get_all("prefer")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|p| p.trim() == "respond-async")),
+        respond_async: signet_api::wire::prefers(&headers, "respond-async"),
+        // An HTTP/1.0 answer without a length ends with the connection: a break would
+        // look like the end.
+        early_result: version >= http::Version::HTTP_11
+            && signet_api::wire::prefers(&headers, signet_api::wire::EARLY_RESULT),
         body,
     };
     // A refusal is answered at once, from the headers: the body is not read first. The
@@ -358,8 +361,21 @@ async fn job(
 
 /// The result of job `id` as an answer: the signed file (a batch's parts re-framed),
 /// or the job's error; both carry the job id.
-async fn deliver(daemon: &Arc<Daemon>, id: &str, caller: &Caller, patch_ok: bool) -> Response {
-    let result = daemon.job_service().result_as(id, caller, patch_ok).await;
+async fn deliver(
+    daemon: &Arc<Daemon>,
+    id: &str,
+    caller: &Caller,
+    (patch_ok, early): (bool, bool),
+) -> Response {
+    let result = daemon
+        .job_service()
+        .result_as(id, caller, patch_ok)
+        .await
+        .map(|d| Delivery {
+            // Asked for early, and it ended first: its length all the same.
+            whole_len: d.len.filter(|_| early && d.kind == Kind::Sign),
+            ..d
+        });
     v1_answer(
         daemon,
         render_result(daemon, id, result).map_err(|e| (e, Some(id.to_owned()))),
@@ -399,6 +415,12 @@ fn render_result(
             if let Some(len) = d.len {
                 r.headers_mut()
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            }
+            if let Some(len) = d.whole_len {
+                r.headers_mut().insert(
+                    signet_api::wire::RESULT_LENGTH_HEADER,
+                    HeaderValue::from(len),
+                );
             }
             r
         }
@@ -476,12 +498,14 @@ async fn job_result(
     let patch_ok = signet_api::wire::patch::headers_accept_patch(&headers);
     if version < http::Version::HTTP_11 {
         daemon.job_service().wait(&id).await;
-        return deliver(&daemon, &id, &caller, patch_ok).await;
+        return deliver(&daemon, &id, &caller, (patch_ok, false)).await;
     }
     // Its signed file is streamed as it lands from the agent, its end withheld until
     // the job is signed; or, once it ended, answered from where it is kept. A patch
     // likewise: at once, its end once the job is signed.
-    if let Some(live) = daemon.job_service().wait_result(&id).await {
+    // With `Prefer: early-result`, a small one too, once signetd has it whole.
+    let early = signet_api::wire::prefers(&headers, signet_api::wire::EARLY_RESULT);
+    if let Some(live) = daemon.job_service().wait_result(&id, early).await {
         let result = daemon
             .job_service()
             .live_result(&id, &caller, live, patch_ok);
@@ -490,7 +514,7 @@ async fn job_result(
             render_result(&daemon, &id, result).map_err(|e| (e, Some(id.clone()))),
         );
     }
-    deliver(&daemon, &id, &caller, patch_ok).await
+    deliver(&daemon, &id, &caller, (patch_ok, early)).await
 }
 
 /// Re-frames the agent's batch answer for the caller, part by part as it streams:
