@@ -1480,27 +1480,19 @@ struct Held {
     dir: PathBuf,
     /// The input written next to the target, started once the job is queued (`None`
     /// from it when the job was never answered as queued).
-    written: Option<tokio::task::JoinHandle<Option<std::io::Result<Prewritten>>>>,
+    written: Option<tokio::task::JoinHandle<Option<std::io::Result<tempfile::NamedTempFile>>>>,
 }
 
-/// The held input written to a file next to the target, its write-out started.
-struct Prewritten {
-    file: tempfile::NamedTempFile,
-    /// Its SHA-256, hex.
-    sha256: String,
-}
-
-/// Writes `bytes` to a new private file in `dir` (see [`Prepared::receiver`]), starts
-/// its write-out and hashes them.
-fn write_held(dir: &Path, bytes: &[u8]) -> std::io::Result<Prewritten> {
+/// Writes `bytes` to a new private file in `dir` (see [`Prepared::receiver`]) and
+/// starts its write-out.
+fn write_held(dir: &Path, bytes: &[u8]) -> std::io::Result<tempfile::NamedTempFile> {
     use signet_protocol::writeback::OnDisk;
     let file = tempfile::Builder::new()
         .prefix(".signet-")
         .tempfile_in(dir)?;
     std::io::Write::write_all(&mut file.as_file(), bytes)?;
     file.as_file().start_writeback(0, bytes.len() as u64);
-    let sha256 = signet_api::hex::lower(&sha2::Sha256::digest(bytes));
-    Ok(Prewritten { file, sha256 })
+    Ok(file)
 }
 
 /// Receives a signed file answered as a patch to the input `held`: the patch (at most
@@ -1636,7 +1628,7 @@ async fn make_signed(
                 .map_err(local)?
         }
     };
-    patch_held(written, held.bytes.len() as u64, json, declared).map_err(|e| match e {
+    patch_held(written, &held.bytes, json, declared).map_err(|e| match e {
         PatchError::Io(e) => local(e),
         PatchError::Answer(message) => Received::Local(Failure {
             code: None,
@@ -1654,24 +1646,19 @@ enum PatchError {
     Io(std::io::Error),
 }
 
-/// Makes the signed file of the input `written` (of `input_len` bytes) and the patch
-/// `json`, whose input the daemon named by its SHA-256 `declared`, and fsyncs it. An
-/// answer that does not fit that input, or names another, writes nothing: its file is
-/// removed.
+/// Makes the signed file of the input `input`, written beside the target as `file`,
+/// and the patch `json`, whose input the daemon named by its SHA-256 `declared`, and
+/// fsyncs it. An answer that does not fit that input, or names another, leaves nothing:
+/// its file is removed. The input is hashed while the file is flushed, and the answer
+/// checked against it before the file is answered (and may take the target's place).
 fn patch_held(
-    written: Prewritten,
-    input_len: u64,
+    file: tempfile::NamedTempFile,
+    input: &[u8],
     json: &[u8],
     declared: Option<&str>,
 ) -> Result<tempfile::NamedTempFile, PatchError> {
     use std::os::unix::fs::FileExt;
-    if declared != Some(written.sha256.as_str()) {
-        return Err(PatchError::Answer(format!(
-            "the appliance made the signed file of another input (SHA-256 {}) than the file sent (SHA-256 {}); nothing was written, sign it again",
-            declared.unwrap_or("not named"),
-            written.sha256
-        )));
-    }
+    let input_len = input.len() as u64;
     let checked = serde_json::from_slice::<patch::Patch>(json)
         .map_err(|e| e.to_string())
         .and_then(|p| p.check(input_len))
@@ -1680,7 +1667,6 @@ fn patch_held(
                 "the appliance's answer cannot make the signed file: {why}"
             ))
         })?;
-    let file = written.file;
     let f = file.as_file();
     if checked.keep() < input_len {
         f.set_len(checked.keep()).map_err(PatchError::Io)?;
@@ -1690,7 +1676,19 @@ fn patch_held(
     }
     f.write_all_at(checked.tail(), checked.keep())
         .map_err(PatchError::Io)?;
-    f.sync_all().map_err(PatchError::Io)?;
+    let (synced, sha256) = std::thread::scope(|s| {
+        let hashing = s.spawn(|| signet_api::hex::lower(&sha2::Sha256::digest(input)));
+        let synced = f.sync_all();
+        (synced, hashing.join())
+    });
+    let sha256 = sha256.map_err(|_| PatchError::Io(std::io::Error::other("hashing stopped")))?;
+    if declared != Some(sha256.as_str()) {
+        return Err(PatchError::Answer(format!(
+            "the appliance made the signed file of another input (SHA-256 {}) than the file sent (SHA-256 {sha256}); nothing was written, sign it again",
+            declared.unwrap_or("not named"),
+        )));
+    }
+    synced.map_err(PatchError::Io)?;
     Ok(file)
 }
 
@@ -2155,14 +2153,9 @@ mod tests {
             b"TAIL",
         ))
         .unwrap();
+        let sha = signet_api::hex::lower(&sha2::Sha256::digest(&input));
         let written = write_held(dir.path(), &input).unwrap();
-        let sha = written.sha256.clone();
-        assert_eq!(
-            sha,
-            signet_api::hex::lower(&sha2::Sha256::digest(&input)),
-            "the input is named by its SHA-256"
-        );
-        let made = patch_held(written, 200, &json, Some(&sha)).unwrap();
+        let made = patch_held(written, &input, &json, Some(&sha)).unwrap();
         let mut want = input[..150].to_vec();
         want[4..6].copy_from_slice(b"ab");
         want[100] = b'c';
@@ -2174,7 +2167,7 @@ mod tests {
         // Another input named: nothing is written, the file made of this one goes.
         let other = signet_api::hex::lower(&sha2::Sha256::digest(b"another file"));
         let written = write_held(dir.path(), &input).unwrap();
-        match patch_held(written, 200, &json, Some(&other)) {
+        match patch_held(written, &input, &json, Some(&other)) {
             Err(PatchError::Answer(why)) => {
                 assert!(why.contains("another input"), "{why}");
                 assert!(why.contains(&other) && why.contains(&sha), "{why}");
@@ -2183,19 +2176,19 @@ mod tests {
         }
         let written = write_held(dir.path(), &input).unwrap();
         assert!(matches!(
-            patch_held(written, 200, &json, None),
+            patch_held(written, &input, &json, None),
             Err(PatchError::Answer(_))
         ));
         // A patch that does not fit the input: it keeps more than there is.
         let long = serde_json::to_vec(&patch::Patch::new(201, &[], b"")).unwrap();
         let written = write_held(dir.path(), &input).unwrap();
-        match patch_held(written, 200, &long, Some(&sha)) {
+        match patch_held(written, &input, &long, Some(&sha)) {
             Err(PatchError::Answer(why)) => assert!(why.contains("keeps 201 bytes"), "{why}"),
             r => panic!("{r:?}"),
         }
         let written = write_held(dir.path(), &input).unwrap();
         assert!(matches!(
-            patch_held(written, 200, b"{not json", Some(&sha)),
+            patch_held(written, &input, b"{not json", Some(&sha)),
             Err(PatchError::Answer(_))
         ));
         assert_eq!(count(), 0, "every refused answer's file was removed");
