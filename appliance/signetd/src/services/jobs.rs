@@ -296,6 +296,16 @@ impl Engine {
         &self.store
     }
 
+    /// Whether the spooled input of `row` is the one its record names: its length and
+    /// its SHA-256.
+    fn input_whole(&self, row: &JobRow) -> bool {
+        let Ok(data) = std::fs::read(self.store.input_path(&row.id)) else {
+            return false;
+        };
+        row.input_bytes == Some(data.len() as u64)
+            && row.input_sha256.as_deref() == Some(audit::hex(&Sha256::digest(&data)).as_str())
+    }
+
     /// Recovers what a crash left; the ids of the jobs that this ended.
     fn recover(&self) -> Result<Vec<String>, StoreError> {
         let mut ended = Vec::new();
@@ -329,6 +339,33 @@ impl Engine {
         let mut pending = self.store.in_state(JobState::Running)?;
         pending.extend(self.store.in_state(JobState::Queued)?);
         pending.sort_by_key(|r| r.id.parse::<u64>().unwrap_or(0));
+        // An input of at most LANDING_MAX in its file was recorded queued while the file
+        // was flushed: a crash between the two may have left it short or torn. It is
+        // signed only when it is the input its record names.
+        let mut kept = Vec::with_capacity(pending.len());
+        for row in pending {
+            let landed = row
+                .input_bytes
+                .is_some_and(|n| !store::kept_inline(n) && n <= LANDING_MAX);
+            if landed && !self.input_whole(&row) {
+                let e = ErrorBody::new(
+                    ErrorCode::TruncatedInput,
+                    "signetd stopped before this file's upload was on its disk whole; nothing was signed, send it again",
+                );
+                self.store.finish(
+                    &row.id,
+                    JobState::Failed,
+                    None,
+                    Some(&e),
+                    &entry(&row, Outcome::Failed, Some(e.code)),
+                )?;
+                self.store.remove_spooled(&self.store.input_path(&row.id));
+                ended.push(row.id.clone());
+                continue;
+            }
+            kept.push(row);
+        }
+        let pending = kept;
         let mut sched = lock(&self.sched);
         for row in &pending {
             if row.state == JobState::Running {
@@ -1165,6 +1202,12 @@ impl JobService {
                 queued.map_err(queue_error)?;
                 return Ok(id);
             }
+            // `queued` is committed while the file is flushed, and counts (the last byte
+            // goes to the agent, the caller is answered) only once both are done. A
+            // crash between the two leaves a job recorded queued whose file may not be
+            // whole: the next start checks it against its SHA-256 ([`Engine::recover`]).
+            let queued = commit(None);
+            engine.store_wrote(queued.as_ref().map(|_| ()));
             let flushed = match flush {
                 Some(flush) => flush.done().await,
                 None => Ok(()),
@@ -1173,8 +1216,6 @@ impl JobService {
                 landed_off(false);
                 return Err(spool_failed(Spool::Disk(e)));
             }
-            let queued = commit(None);
-            engine.store_wrote(queued.as_ref().map(|_| ()));
             landed_off(queued.is_ok());
             queued.map_err(queue_error)?;
             Ok(id)
@@ -3679,6 +3720,56 @@ mod tests {
         assert_eq!(store.spool_usage().0, 3 + 4 + 2);
     }
 
+    /// A spooled input of at most `LANDING_MAX` is recorded queued while its file is
+    /// flushed: after a crash, a job whose file is not the input its record names (cut
+    /// short, torn, gone) fails as an upload cut short, and one whose file is goes back
+    /// to the queue.
+    #[test]
+    fn recovery_fails_a_landed_job_whose_file_is_not_the_input_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 30).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let sha = audit::hex(&Sha256::digest(&data));
+        let mut torn = data.clone();
+        torn[70_000] ^= 1;
+        let mut jobs = Vec::new();
+        for file in [
+            Some(&data[..]),
+            Some(&data[..90_000]),
+            Some(&torn[..]),
+            None,
+        ] {
+            let Inserted::New(id) = store.insert(&new_job()).unwrap() else {
+                panic!("a new job");
+            };
+            if let Some(file) = file {
+                std::fs::write(store.input_path(&id), file).unwrap();
+            }
+            store.charge(data.len() as u64);
+            store.queued(&id, &sha, data.len() as u64).unwrap();
+            jobs.push(id);
+        }
+        store.running(&jobs[1]).unwrap();
+        drop(store);
+
+        let engine = Engine::open(dir.path(), 1 << 30).unwrap();
+        let store = engine.store();
+        assert_eq!(engine.ended_at_start(), &jobs[1..]);
+        assert_eq!(
+            store.get(&jobs[0]).unwrap().unwrap().state,
+            JobState::Queued
+        );
+        assert_eq!(lock(&engine.sched).queue.position(&jobs[0]), Some(0));
+        for id in &jobs[1..] {
+            let row = store.get(id).unwrap().unwrap();
+            assert_eq!(row.state, JobState::Failed, "{id}");
+            assert_eq!(row.error.unwrap().code, ErrorCode::TruncatedInput, "{id}");
+            assert!(!store.input_path(id).exists(), "{id}");
+            assert_eq!(lock(&engine.sched).queue.position(id), None, "{id}");
+        }
+        assert_eq!(std::fs::read(store.input_path(&jobs[0])).unwrap(), data);
+    }
+
     /// A result kept as its input and a patch goes to a caller that takes the patch as
     /// the patch at once, with the input's SHA-256; its end comes only once the job is
     /// signed, and it breaks off when the job does not end signed.
@@ -3818,12 +3909,13 @@ mod tests {
             .unwrap();
         // One at the agent when signetd stopped, one committed signed before its input
         // was renamed to the result.
+        let sha = audit::hex(&Sha256::digest(&data));
         let mut jobs = Vec::new();
         for _ in 0..2 {
             let job = id(store.insert(&new_job()).unwrap());
             std::fs::write(store.input_path(&job), &data).unwrap();
             store.charge(200_000);
-            store.queued(&job, "in", 200_000).unwrap();
+            store.queued(&job, &sha, 200_000).unwrap();
             store.running(&job).unwrap();
             jobs.push(job);
         }
