@@ -306,6 +306,21 @@ impl Engine {
             && row.input_sha256.as_deref() == Some(audit::hex(&Sha256::digest(&data)).as_str())
     }
 
+    /// Ends `row`'s job failed as an upload cut short (`message` says why) and removes
+    /// its spooled input.
+    fn fail_cut_short(&self, row: &JobRow, message: &str) -> Result<(), StoreError> {
+        let e = ErrorBody::new(ErrorCode::TruncatedInput, message);
+        self.store.finish(
+            &row.id,
+            JobState::Failed,
+            None,
+            Some(&e),
+            &entry(row, Outcome::Failed, Some(e.code)),
+        )?;
+        self.store.remove_spooled(&self.store.input_path(&row.id));
+        Ok(())
+    }
+
     /// Recovers what a crash left; the ids of the jobs that this ended.
     fn recover(&self) -> Result<Vec<String>, StoreError> {
         let mut ended = Vec::new();
@@ -322,18 +337,10 @@ impl Engine {
             }
         }
         for row in self.store.in_state(JobState::Receiving)? {
-            let e = ErrorBody::new(
-                ErrorCode::TruncatedInput,
+            self.fail_cut_short(
+                &row,
                 "signetd restarted while this file was being uploaded; nothing was signed, send it again",
-            );
-            self.store.finish(
-                &row.id,
-                JobState::Failed,
-                None,
-                Some(&e),
-                &entry(&row, Outcome::Failed, Some(e.code)),
             )?;
-            self.store.remove_spooled(&self.store.input_path(&row.id));
             ended.push(row.id.clone());
         }
         let mut pending = self.store.in_state(JobState::Running)?;
@@ -348,18 +355,10 @@ impl Engine {
                 .input_bytes
                 .is_some_and(|n| !store::kept_inline(n) && n <= LANDING_MAX);
             if landed && !self.input_whole(&row) {
-                let e = ErrorBody::new(
-                    ErrorCode::TruncatedInput,
+                self.fail_cut_short(
+                    &row,
                     "signetd stopped before this file's upload was on its disk whole; nothing was signed, send it again",
-                );
-                self.store.finish(
-                    &row.id,
-                    JobState::Failed,
-                    None,
-                    Some(&e),
-                    &entry(&row, Outcome::Failed, Some(e.code)),
                 )?;
-                self.store.remove_spooled(&self.store.input_path(&row.id));
                 ended.push(row.id.clone());
                 continue;
             }
@@ -3559,7 +3558,6 @@ mod tests {
     /// only once the job is signed, and breaks off when the attempt ends otherwise.
     #[tokio::test]
     async fn a_live_result_ends_only_once_signed_and_breaks_off_otherwise() {
-        use futures_util::FutureExt;
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(dir.path(), 1 << 30).unwrap();
         let bytes: Vec<u8> = (0..(2 * signet_protocol::IO_BLOCK + 100_001))
@@ -3575,25 +3573,38 @@ mod tests {
             sink.progress = Some(Arc::clone(&guard.progress));
             sink.write(bytes::Bytes::from(bytes.clone())).await.unwrap();
             let landed = sink.end().await.unwrap();
-            let mut blocks = Box::pin(live.blocks());
-            let mut got = Vec::new();
-            while got.len() < bytes.len() {
-                got.extend_from_slice(&blocks.next().await.unwrap().unwrap());
-            }
-            assert_eq!(got, bytes);
-            // All of it is there, and still the answer does not end.
-            assert!(blocks.next().now_or_never().is_none());
-            if signed {
-                guard.signed(landed.n);
-                drop(guard);
-                assert!(blocks.next().await.is_none());
-            } else {
-                drop(guard);
-                assert!(blocks.next().await.unwrap().is_err());
-                assert!(blocks.next().await.is_none());
-            }
-            assert!(lock(&engine.live).is_empty());
+            streamed_then_ended(&engine, live, &bytes, (guard, landed.n), signed).await;
         }
+    }
+
+    /// Reads a live result's stream until it has `want` (all of it there, and still the
+    /// answer does not end), then ends the attempt: committed signed with its `n` bytes,
+    /// the stream ends; not, it breaks off. Either way the result leaves the engine's map.
+    async fn streamed_then_ended(
+        engine: &Engine,
+        live: Live,
+        want: &[u8],
+        (guard, n): (LiveGuard<'_>, u64),
+        signed: bool,
+    ) {
+        use futures_util::FutureExt;
+        let mut blocks = Box::pin(live.blocks());
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            got.extend_from_slice(&blocks.next().await.unwrap().unwrap());
+        }
+        assert_eq!(got, want);
+        assert!(blocks.next().now_or_never().is_none());
+        if signed {
+            guard.signed(n);
+            drop(guard);
+            assert!(blocks.next().await.is_none());
+        } else {
+            drop(guard);
+            assert!(blocks.next().await.unwrap().is_err());
+            assert!(blocks.next().await.is_none());
+        }
+        assert!(lock(&engine.live).is_empty());
     }
 
     /// A small result, whole in memory before the job is committed, streams at once
@@ -3639,22 +3650,7 @@ mod tests {
             assert_eq!(live.whole.get().map(|b| b.len()), Some(signature.len()));
             // Not asked for: the caller waits for the job's end.
             assert!(svc.wait_result(&id, false).now_or_never().is_none());
-            let mut blocks = Box::pin(live.blocks());
-            let mut got = Vec::new();
-            while got.len() < signature.len() {
-                got.extend_from_slice(&blocks.next().await.unwrap().unwrap());
-            }
-            assert_eq!(got, signature);
-            assert!(blocks.next().now_or_never().is_none());
-            if signed {
-                guard.signed(landed.n);
-                drop(guard);
-                assert!(blocks.next().await.is_none());
-            } else {
-                drop(guard);
-                assert!(blocks.next().await.unwrap().is_err());
-            }
-            assert!(lock(&engine.live).is_empty());
+            streamed_then_ended(engine, live, &signature, (guard, landed.n), signed).await;
         }
     }
 
@@ -3830,7 +3826,6 @@ mod tests {
     /// to, and the stream ends only once the job is signed.
     #[tokio::test]
     async fn a_result_kept_as_a_patch_streams_at_once_from_its_input_wherever_it_is() {
-        use futures_util::FutureExt;
         use signet_api::wire::patch::Patch;
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(dir.path(), 1 << 30).unwrap();
@@ -3863,16 +3858,7 @@ mod tests {
         };
         async fn read_whole(engine: &Engine, guard: LiveGuard<'_>, id: &str, want: &[u8]) {
             let live = lock(&engine.live).get(id).cloned().unwrap();
-            let mut blocks = Box::pin(live.blocks());
-            let mut got = Vec::new();
-            while got.len() < want.len() {
-                got.extend_from_slice(&blocks.next().await.unwrap().unwrap());
-            }
-            assert_eq!(got, want);
-            assert!(blocks.next().now_or_never().is_none());
-            guard.signed(want.len() as u64);
-            drop(guard);
-            assert!(blocks.next().await.is_none());
+            streamed_then_ended(engine, live, want, (guard, want.len() as u64), true).await;
         }
         let guard = start("7", vec![input_path.clone(), out.clone()], Vec::new());
         // Renamed to the result (after the commit) before this client read a byte.
