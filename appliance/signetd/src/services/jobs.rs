@@ -2238,6 +2238,9 @@ impl JobService {
                 engine.store_wrote(finished.as_ref().map(|_| ()));
                 match finished {
                     Ok(_) => {
+                        // Signed: no longer at the token, as the status says from before
+                        // the answer's end (a caller may ask at once).
+                        lock(&engine.sched).left(id);
                         let input = store.input_path(id);
                         if kept.is_some() {
                             // The input's file is the result's: named so before the
