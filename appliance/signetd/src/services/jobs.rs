@@ -2238,9 +2238,16 @@ impl JobService {
                 engine.store_wrote(finished.as_ref().map(|_| ()));
                 match finished {
                     Ok(_) => {
-                        // Signed: no longer at the token, as the status says from before
-                        // the answer's end (a caller may ask at once).
-                        lock(&engine.sched).left(id);
+                        // Signed: its end is recorded and told (the status, the log, the
+                        // metrics, those waiting for it) before the answer's end, which
+                        // its caller may act on at once.
+                        {
+                            let mut s = lock(&engine.sched);
+                            s.left(id);
+                            s.queue.record_duration(ms);
+                        }
+                        tracing::info!(job = id, ms, bytes = n, answer = came, "signed");
+                        self.timeline().saw(Seen::JobSigned(id.to_owned()));
                         let input = store.input_path(id);
                         if kept.is_some() {
                             // The input's file is the result's: named so before the
@@ -2254,10 +2261,12 @@ impl JobService {
                             if let Err(e) = renamed {
                                 tracing::warn!(job = id, error = %e, "the signed job's input cannot be renamed to its result; it is read where it is");
                             }
+                            engine.notify_done(id);
                             if let Some(live) = &live {
                                 live.signed(n);
                             }
                         } else {
+                            engine.notify_done(id);
                             if let Some(live) = &live {
                                 live.signed(n);
                             }
@@ -2273,15 +2282,12 @@ impl JobService {
                                 .await;
                             }
                         }
-                        lock(&engine.sched).queue.record_duration(ms);
-                        tracing::info!(job = id, ms, bytes = n, answer = came, "signed");
-                        self.timeline().saw(Seen::JobSigned(id.to_owned()));
                     }
                     Err(err) => {
-                        tracing::error!(job = id, error = %err, "the signed job could not be recorded; it runs again after a restart")
+                        tracing::error!(job = id, error = %err, "the signed job could not be recorded; it runs again after a restart");
+                        engine.notify_done(id);
                     }
                 }
-                engine.notify_done(id);
                 false
             }
             Err(e) => {
