@@ -245,6 +245,19 @@ pub struct Delivery {
     pub body: Body,
 }
 
+impl Delivery {
+    /// As answered to a request that asked for its result early (`Prefer:
+    /// early-result`): a single file's length, when known, said as
+    /// [`Self::whole_len`] too, also when the job ended before the request looked.
+    pub fn asked_early(self, early: bool) -> Delivery {
+        let said = self.len.filter(|_| early && self.kind == Kind::Sign);
+        Delivery {
+            whole_len: self.whole_len.or(said),
+            ..self
+        }
+    }
+}
+
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Delivery")
@@ -838,11 +851,10 @@ impl JobService {
         };
         let result = match live {
             Some(live) => self.live_result(&id, &job.caller, live, false),
-            None => self.result(&id, &job.caller).await.map(|d| Delivery {
-                // Asked for early, and it ended first: its length all the same.
-                whole_len: d.len.filter(|_| req.early_result && kind == Kind::Sign),
-                ..d
-            }),
+            None => self
+                .result(&id, &job.caller)
+                .await
+                .map(|d| d.asked_early(req.early_result)),
         };
         Signing::Ended {
             id,

@@ -371,11 +371,7 @@ async fn deliver(
         .job_service()
         .result_as(id, caller, patch_ok)
         .await
-        .map(|d| Delivery {
-            // Asked for early, and it ended first: its length all the same.
-            whole_len: d.len.filter(|_| early && d.kind == Kind::Sign),
-            ..d
-        });
+        .map(|d| d.asked_early(early));
     v1_answer(
         daemon,
         render_result(daemon, id, result).map_err(|e| (e, Some(id.to_owned()))),
