@@ -1256,15 +1256,14 @@ async fn exchange(
         Upload::File(path) => Upload::File(path.clone()),
         Upload::Data(data) => Upload::Data(data.clone()),
     };
-    // A whole PE of more than `HELD_FROM` and at most `INLINE` bytes is read once and
-    // held: every try sends these very bytes, and a signed file answered as a patch is
-    // made of them.
+    // A whole PE of more than `HELD_FROM` and at most `INLINE` bytes is held ([`hold`]):
+    // every try sends it, and a signed file answered as a patch is made of it.
     let mut held = match &upload {
         Upload::File(path)
             if size > HELD_FROM && size <= native::INLINE && p.format == format::Format::Pe =>
         {
-            signet_protocol::whole::read(path).ok().map(|b| Held {
-                bytes: Bytes::from(b),
+            hold(path).ok().map(|bytes| Held {
+                bytes,
                 dir: p.dir().to_owned(),
                 written: None,
             })
@@ -1483,6 +1482,19 @@ struct Held {
     written: Option<tokio::task::JoinHandle<Option<std::io::Result<tempfile::NamedTempFile>>>>,
 }
 
+/// A held input's bytes. On Linux the file is mapped ([`signet_protocol::whole::map`]):
+/// they are copied on by the kernel, to the socket and into the file written beside the
+/// target, and never filled into new pages of this process's own (for a megabyte that
+/// was a quarter of a millisecond before the upload could start). The signed file's
+/// input is then hashed as it was written ([`patch_held`]): a file changed meanwhile
+/// is told, not signed. Elsewhere it is read whole.
+fn hold(path: &Path) -> std::io::Result<Bytes> {
+    #[cfg(target_os = "linux")]
+    return signet_protocol::whole::map(path).map(Bytes::from_owner);
+    #[cfg(not(target_os = "linux"))]
+    return signet_protocol::whole::read(path).map(Bytes::from);
+}
+
 /// Writes `bytes` to a new private file in `dir` (see [`Prepared::receiver`]) and
 /// starts its write-out.
 fn write_held(dir: &Path, bytes: &[u8]) -> std::io::Result<tempfile::NamedTempFile> {
@@ -1628,7 +1640,7 @@ async fn make_signed(
                 .map_err(local)?
         }
     };
-    patch_held(written, &held.bytes, json, declared).map_err(|e| match e {
+    patch_held(written, held.bytes.len() as u64, json, declared).map_err(|e| match e {
         PatchError::Io(e) => local(e),
         PatchError::Answer(message) => Received::Local(Failure {
             code: None,
@@ -1646,19 +1658,26 @@ enum PatchError {
     Io(std::io::Error),
 }
 
-/// Makes the signed file of the input `input`, written beside the target as `file`,
-/// and the patch `json`, whose input the daemon named by its SHA-256 `declared`, and
-/// fsyncs it. An answer that does not fit that input, or names another, leaves nothing:
-/// its file is removed. The input is hashed while the file is flushed, and the answer
-/// checked against it before the file is answered (and may take the target's place).
+/// How far into the input the edits of a patch may reach for the input's hash to be
+/// made while they are written: a PE's are in its headers.
+const EDITS_BEFORE: u64 = 64 << 10;
+
+/// Makes the signed file of the input written beside the target as `file` (its first
+/// `input_len` bytes) and the patch `json`, whose input the daemon named by its SHA-256
+/// `declared`, and fsyncs it. An answer that does not fit that input, or names another,
+/// leaves nothing: its file is removed. The input is hashed as it is in that file —
+/// the bytes the signed file is made of, whatever became of the file they were read
+/// from — while the file is patched and flushed when the edits keep to its first
+/// [`EDITS_BEFORE`] bytes (read first) and nothing of it is cut, else before; the
+/// answer is checked against it before the file is answered (and may take the
+/// target's place).
 fn patch_held(
     file: tempfile::NamedTempFile,
-    input: &[u8],
+    input_len: u64,
     json: &[u8],
     declared: Option<&str>,
 ) -> Result<tempfile::NamedTempFile, PatchError> {
     use std::os::unix::fs::FileExt;
-    let input_len = input.len() as u64;
     let checked = serde_json::from_slice::<patch::Patch>(json)
         .map_err(|e| e.to_string())
         .and_then(|p| p.check(input_len))
@@ -1668,23 +1687,55 @@ fn patch_held(
             ))
         })?;
     let f = file.as_file();
-    if checked.keep() < input_len {
-        f.set_len(checked.keep()).map_err(PatchError::Io)?;
-    }
-    for (at, bytes) in checked.edits() {
-        f.write_all_at(bytes, *at).map_err(PatchError::Io)?;
-    }
-    f.write_all_at(checked.tail(), checked.keep())
-        .map_err(PatchError::Io)?;
-    let (synced, sha256) = std::thread::scope(|s| {
-        let hashing = s.spawn(|| signet_api::hex::lower(&sha2::Sha256::digest(input)));
-        let synced = f.sync_all();
-        (synced, hashing.join())
-    });
-    let sha256 = sha256.map_err(|_| PatchError::Io(std::io::Error::other("hashing stopped")))?;
+    // The input's SHA-256 from `from` on, after `head` (its bytes before `from`).
+    let hash = |head: &[u8], from: u64| -> std::io::Result<String> {
+        let mut sha = sha2::Sha256::new();
+        sha.update(head);
+        let mut block = vec![0u8; IO_BLOCK];
+        let mut at = from;
+        while at < input_len {
+            let n = usize::try_from(input_len - at).map_or(IO_BLOCK, |left| left.min(IO_BLOCK));
+            f.read_exact_at(&mut block[..n], at)?;
+            sha.update(&block[..n]);
+            at += n as u64;
+        }
+        Ok(signet_api::hex::lower(&sha.finalize()))
+    };
+    let patch = || -> std::io::Result<()> {
+        if checked.keep() < input_len {
+            f.set_len(checked.keep())?;
+        }
+        for (at, bytes) in checked.edits() {
+            f.write_all_at(bytes, *at)?;
+        }
+        f.write_all_at(checked.tail(), checked.keep())
+    };
+    let reach = checked
+        .edits()
+        .iter()
+        .map(|(at, bytes)| at + bytes.len() as u64)
+        .max()
+        .unwrap_or(0);
+    let (synced, sha256) = if checked.keep() == input_len && reach <= EDITS_BEFORE {
+        // What the edits write over is read first; the rest is hashed beside them.
+        let mut head = vec![0u8; reach as usize];
+        f.read_exact_at(&mut head, 0).map_err(PatchError::Io)?;
+        std::thread::scope(|s| {
+            let hashing = s.spawn(|| hash(&head, reach));
+            let synced = patch().and_then(|()| f.sync_all());
+            let sha256 = hashing
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("hashing stopped")));
+            (synced, sha256)
+        })
+    } else {
+        let sha256 = hash(&[], 0);
+        (patch().and_then(|()| f.sync_all()), sha256)
+    };
+    let sha256 = sha256.map_err(PatchError::Io)?;
     if declared != Some(sha256.as_str()) {
         return Err(PatchError::Answer(format!(
-            "the appliance made the signed file of another input (SHA-256 {}) than the file sent (SHA-256 {sha256}); nothing was written, sign it again",
+            "the appliance made the signed file of another input (SHA-256 {}) than the file written here (SHA-256 {sha256}; was it changed while it was signed?); nothing was written, sign it again",
             declared.unwrap_or("not named"),
         )));
     }
@@ -2155,7 +2206,7 @@ mod tests {
         .unwrap();
         let sha = signet_api::hex::lower(&sha2::Sha256::digest(&input));
         let written = write_held(dir.path(), &input).unwrap();
-        let made = patch_held(written, &input, &json, Some(&sha)).unwrap();
+        let made = patch_held(written, input.len() as u64, &json, Some(&sha)).unwrap();
         let mut want = input[..150].to_vec();
         want[4..6].copy_from_slice(b"ab");
         want[100] = b'c';
@@ -2167,7 +2218,7 @@ mod tests {
         // Another input named: nothing is written, the file made of this one goes.
         let other = signet_api::hex::lower(&sha2::Sha256::digest(b"another file"));
         let written = write_held(dir.path(), &input).unwrap();
-        match patch_held(written, &input, &json, Some(&other)) {
+        match patch_held(written, input.len() as u64, &json, Some(&other)) {
             Err(PatchError::Answer(why)) => {
                 assert!(why.contains("another input"), "{why}");
                 assert!(why.contains(&other) && why.contains(&sha), "{why}");
@@ -2176,22 +2227,65 @@ mod tests {
         }
         let written = write_held(dir.path(), &input).unwrap();
         assert!(matches!(
-            patch_held(written, &input, &json, None),
+            patch_held(written, input.len() as u64, &json, None),
             Err(PatchError::Answer(_))
         ));
         // A patch that does not fit the input: it keeps more than there is.
         let long = serde_json::to_vec(&patch::Patch::new(201, &[], b"")).unwrap();
         let written = write_held(dir.path(), &input).unwrap();
-        match patch_held(written, &input, &long, Some(&sha)) {
+        match patch_held(written, input.len() as u64, &long, Some(&sha)) {
             Err(PatchError::Answer(why)) => assert!(why.contains("keeps 201 bytes"), "{why}"),
             r => panic!("{r:?}"),
         }
         let written = write_held(dir.path(), &input).unwrap();
         assert!(matches!(
-            patch_held(written, &input, b"{not json", Some(&sha)),
+            patch_held(written, input.len() as u64, b"{not json", Some(&sha)),
             Err(PatchError::Answer(_))
         ));
         assert_eq!(count(), 0, "every refused answer's file was removed");
+    }
+
+    #[test]
+    fn a_held_input_is_hashed_as_it_was_written_beside_its_edits_or_before_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let len = (EDITS_BEFORE as usize) * 2 + 123;
+        let input: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+        let sha = signet_api::hex::lower(&sha2::Sha256::digest(&input));
+        let expect = |edits: &[(u64, &[u8])], tail: &[u8]| {
+            let mut want = input.clone();
+            for (at, bytes) in edits {
+                want[*at as usize..*at as usize + bytes.len()].copy_from_slice(bytes);
+            }
+            want.extend_from_slice(tail);
+            want
+        };
+        // A PE's edits, in its headers, nothing cut: hashed while they are written.
+        let head: [(u64, &[u8]); 2] = [(0xd8, b"CSUM"), (0x128, b"DIRENTRY")];
+        // An edit past the first EDITS_BEFORE bytes: hashed before it is written.
+        let far: [(u64, &[u8]); 2] = [(0xd8, b"CSUM"), (EDITS_BEFORE + 5, b"far")];
+        for edits in [&head[..], &far[..]] {
+            let json = serde_json::to_vec(&patch::Patch::new(len as u64, edits, b"SIG")).unwrap();
+            let written = write_held(dir.path(), &input).unwrap();
+            let made = patch_held(written, len as u64, &json, Some(&sha)).unwrap();
+            assert_eq!(std::fs::read(made.path()).unwrap(), expect(edits, b"SIG"));
+        }
+        // The file written beside the target is not the input the appliance signed (the
+        // file it was read from changed meanwhile): refused, and it goes.
+        let json = serde_json::to_vec(&patch::Patch::new(len as u64, &head, b"SIG")).unwrap();
+        let mut changed = input.clone();
+        changed[len - 1] ^= 1;
+        let written = write_held(dir.path(), &changed).unwrap();
+        match patch_held(written, len as u64, &json, Some(&sha)) {
+            Err(PatchError::Answer(why)) => {
+                assert!(why.contains("changed while it was signed"), "{why}")
+            }
+            r => panic!("{r:?}"),
+        }
+        // Shorter than the input it should hold (cut short meanwhile): refused, as an
+        // error reading it or as another input, never a signed file.
+        let written = write_held(dir.path(), &input[..len - 10]).unwrap();
+        assert!(patch_held(written, len as u64, &json, Some(&sha)).is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
