@@ -40,8 +40,9 @@ needs=(
   "certutil libnss3-tools"
   "cpio cpio"
   "objcopy binutils"
-  # the release build links the client statically (scripts/build-release.sh): glibc's
-  # static libraries
+  # the release build links the client statically (scripts/build-release.sh): with musl
+  # (its C compiler wrapper, for the crates with C in them), else glibc's static libraries
+  "musl-gcc musl-tools"
   "/usr/lib/x86_64-linux-gnu/libc.a libc6-dev"
   # make deb (debhelper, lintian) and make test-packaging (a Debian 12 guest made with
   # debootstrap and mkfs.ext4 -d)
@@ -93,6 +94,15 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "install-deps: cargo not found; install a Rust toolchain (rustup) first" >&2
   exit 1
+fi
+
+# The release build links the client with musl (scripts/build-release.sh says why):
+# Rust's standard library for it comes with rustup. Without it the client is linked
+# with glibc, which works the same and starts slower.
+musl_target=x86_64-unknown-linux-musl
+if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed 2>/dev/null | grep -qx "$musl_target"; then
+  rustup target add "$musl_target" >/dev/null 2>&1 ||
+    echo "install-deps: could not add Rust's $musl_target target (rustup target add $musl_target); the release build links the client with glibc instead" >&2
 fi
 
 # The lab's vsock backend for the signing VM (vhost-user-vsock over unix sockets, the

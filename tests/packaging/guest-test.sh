@@ -50,9 +50,9 @@ for b in signetd signetctl signet-agent signet; do
   check "fish completion of $b" test -s /usr/share/fish/vendor_completions.d/$b.fish
 done
 check "man signetd-enroll-signing-vm" test -s /usr/share/man/man1/signetd-enroll-signing-vm.1.gz
-# The client is linked statically (scripts/build-release.sh) and still resolves host
-# names through NSS (here /etc/hosts): refused at that address's port 9, not left
-# without one.
+# The client is linked statically (scripts/build-release.sh: with musl, else glibc)
+# and still resolves host names (here through /etc/hosts): refused at that address's
+# port 9, not left without one.
 check "signet is linked statically" bash -c 'ldd /usr/bin/signet 2>&1 | grep -q "statically linked"'
 grep -q signet-resolve-test /etc/hosts 2>/dev/null || echo "127.0.0.1 signet-resolve-test" >>/etc/hosts
 check "the static signet resolves a host name" bash -c \
