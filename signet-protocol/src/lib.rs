@@ -2,7 +2,8 @@
 //! the authenticated host↔agent link and HTTP over them. The types they exchange are
 //! `signet-api`'s; recognising files is `signet-format`'s.
 //!
-//! - `bootstrap` (feature `daemon`) — how both daemons start: umask, logs, TOML configuration.
+//! - `bootstrap` (feature `daemon`) — how both daemons start: umask, malloc's thresholds, logs,
+//!   TOML configuration.
 //! - [`endpoint`] — the `vsock:CID:PORT` / `unix:PATH` / `tcp:HOST:PORT` /
 //!   `tls:HOST:PORT` address syntax.
 //! - [`transport`] — connecting to and listening on an endpoint; the peer identity a
@@ -19,7 +20,8 @@
 //! - [`pin_file`] — the checks a PIN file must pass (owner, mode).
 //! - [`writeback`] — a large file sent to the disk while it is written, so that its
 //!   closing `fsync` is short.
-//! - [`whole`] — a small file read whole into memory faulted in at once.
+//! - [`whole`] — a small file read whole into memory faulted in at once, or mapped
+//!   read-only for bytes the kernel copies on.
 //!
 //! The host daemon, the signing-VM agent and the client link this crate; `signetctl`,
 //! which speaks D-Bus only, does not.

@@ -2265,7 +2265,7 @@ impl JobService {
                             // The input's file is the result's: named so before the
                             // stream ends, which marks the result delivered. Not flushed:
                             // the next start renames what a crash left.
-                            let output = out_path.clone();
+                            let (input, output) = (input.clone(), out_path.clone());
                             let renamed =
                                 tokio::task::spawn_blocking(move || std::fs::rename(input, output))
                                     .await
@@ -2273,26 +2273,20 @@ impl JobService {
                             if let Err(e) = renamed {
                                 tracing::warn!(job = id, error = %e, "the signed job's input cannot be renamed to its result; it is read where it is");
                             }
-                            engine.notify_done(id);
-                            if let Some(live) = &live {
-                                live.signed(n);
-                            }
-                        } else {
-                            engine.notify_done(id);
-                            if let Some(live) = &live {
-                                live.signed(n);
-                            }
-                            // Off the runtime's threads: unlinking a large file takes
-                            // milliseconds, which the jobs around this one need. An
-                            // input kept in the database has no file, and went with
-                            // the transaction.
-                            if !row.input_bytes.is_some_and(store::kept_inline) {
-                                let store = Arc::clone(store);
-                                let _ = tokio::task::spawn_blocking(move || {
-                                    store.remove_spooled(&input)
-                                })
-                                .await;
-                            }
+                        }
+                        engine.notify_done(id);
+                        if let Some(live) = &live {
+                            live.signed(n);
+                        }
+                        // Off the runtime's threads: unlinking a large file takes
+                        // milliseconds, which the jobs around this one need. An input
+                        // kept as the result is its file now; one kept in the database
+                        // has no file, and went with the transaction.
+                        if kept.is_none() && !row.input_bytes.is_some_and(store::kept_inline) {
+                            let store = Arc::clone(store);
+                            let _ =
+                                tokio::task::spawn_blocking(move || store.remove_spooled(&input))
+                                    .await;
                         }
                     }
                     Err(err) => {
